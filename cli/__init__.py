@@ -1,0 +1,1 @@
+"""The geomprobe command line (installed as ``geomprobe.cli``, console script ``geomprobe``)."""

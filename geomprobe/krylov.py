@@ -1,0 +1,469 @@
+"""Krylov kernels: pure functions of a symmetric matvec, with no knowledge of models.
+
+A *matvec* maps a flat vector ``(d,)`` to ``H v`` and a block ``(k, d)`` to ``(H V^T)^T`` (row-wise
+products). In tests it is a dense matrix, in use :meth:`geomprobe.Landscape.hvp`. Randomness comes from an
+explicit ``torch.Generator`` on the CPU, so the same seed gives the same vectors on every device and rank.
+
+Contents: :func:`lanczos` (extreme eigenvalues with residual bounds), :func:`slq` and :func:`slq_density`
+(spectral density, Ghorbani et al. 2019), :func:`hutchinson_trace` and :func:`hutchpp_trace` (trace with a
+standard error; Meyer et al. 2021), :func:`bekas_diagonal` (diagonal, Bekas et al. 2007),
+:func:`hessian_columns`, :func:`exact_diagonal` and :func:`dense_matrix` (exact entries).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from .errors import ConfigurationError
+
+__all__ = [
+    "Matvec",
+    "LanczosResult",
+    "lanczos",
+    "SLQResult",
+    "slq",
+    "slq_density",
+    "TraceEstimate",
+    "hutchinson_trace",
+    "hutchpp_trace",
+    "bekas_diagonal",
+    "hessian_columns",
+    "exact_diagonal",
+    "dense_matrix",
+    "rademacher",
+    "default_generator",
+]
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+def default_generator(seed: int = 0) -> torch.Generator:
+    """A fresh CPU generator: randomness local to the call, never the global RNG."""
+    return torch.Generator().manual_seed(seed)
+
+
+def rademacher(shape: Sequence[int] | int, generator: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:
+    """Entries +-1 with equal probability, drawn on the CPU from ``generator`` then moved."""
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    z = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).to(dtype) * 2 - 1
+    return z.to(device)
+
+
+def _gaussian(shape, generator, dtype, device) -> torch.Tensor:
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+
+
+def _check_dim(dim: int) -> None:
+    if not isinstance(dim, int) or dim < 1:
+        raise ConfigurationError(f"dim must be a positive integer, got {dim!r}")
+
+
+def _apply(matvec: Matvec, V: torch.Tensor, batch: int) -> torch.Tensor:
+    """``matvec`` on the rows of ``V``, ``batch`` rows per call."""
+    return torch.cat([matvec(V[s : s + batch]).reshape(-1, V.shape[1]) for s in range(0, V.shape[0], batch)])
+
+
+# ---------------------------------------------------------------------------------------------- Lanczos
+@dataclass
+class LanczosResult:
+    """Ritz values of ``T_m`` (ascending, float64) with residual bounds ``|lambda - theta_i| <= bounds[i]``."""
+
+    ritz_values: torch.Tensor
+    bounds: torch.Tensor
+    steps: int
+    converged: bool
+    matvecs: int
+    alpha: torch.Tensor
+    beta: torch.Tensor
+    U: torch.Tensor
+    basis: torch.Tensor | None = field(default=None, repr=False)
+
+    def top(self, k: int = 1) -> tuple[list[float], list[float]]:
+        """The ``k`` largest Ritz values (descending) and their bounds."""
+        idx = list(range(len(self.ritz_values) - 1, max(len(self.ritz_values) - k, 0) - 1, -1))
+        return [float(self.ritz_values[i]) for i in idx], [float(self.bounds[i]) for i in idx]
+
+    def bottom(self, k: int = 1) -> tuple[list[float], list[float]]:
+        """The ``k`` smallest Ritz values (ascending) and their bounds."""
+        idx = list(range(min(k, len(self.ritz_values))))
+        return [float(self.ritz_values[i]) for i in idx], [float(self.bounds[i]) for i in idx]
+
+    def ritz_vector(self, i: int) -> torch.Tensor:
+        """The unit Ritz vector ``V_m u_i`` of Ritz value ``i`` (negative ``i`` counts from the top).
+
+        Needs ``keep_basis=True``.
+        """
+        if self.basis is None:
+            raise ConfigurationError("Ritz vectors need lanczos(..., keep_basis=True)")
+        u = self.U[:, i].to(self.basis.dtype)
+        x = u @ self.basis
+        return x / x.norm()
+
+
+def lanczos(
+    matvec: Matvec,
+    dim: int,
+    *,
+    k: int = 1,
+    tol: float = 1e-3,
+    max_iter: int | None = None,
+    which: str = "both",
+    v0: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    keep_basis: bool = False,
+) -> LanczosResult:
+    """Lanczos with full reorthogonalization (twice) for the extreme eigenvalues of a symmetric matvec.
+
+    Runs ``v_{j+1} beta_j = H v_j - alpha_j v_j - beta_{j-1} v_{j-1}`` and reorthogonalizes against every
+    earlier vector; the tridiagonal ``T_m`` is diagonalized in float64. Each Ritz value ``theta_i`` carries
+    the residual bound ``beta_m |u_{m,i}|``: some eigenvalue of H lies within it. Iteration stops once the
+    ``k`` Ritz values at the requested end(s) (``which`` = ``"both"``, ``"largest"``, ``"smallest"``) have
+    bounds below ``tol * max(|theta_i|, theta_max - theta_min)``, on an exact invariant subspace
+    (``beta_m ~ 0``), or after ``max_iter`` steps (default ``min(dim, 300)``) with ``converged=False``.
+
+    Cost: one matvec per step (5-9 steps for an outlying top eigenvalue to 1e-3, 100+ for a bulk edge), plus
+    O(m d) for reorthogonalization; memory ``m d`` in ``dtype``. ``tol=0`` runs exactly ``max_iter`` steps.
+
+    >>> H = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+    >>> r = lanczos(lambda v: v @ H, 100, tol=1e-8)
+    >>> round(r.top(1)[0][0], 6), round(r.bottom(1)[0][0], 6), r.converged
+    (100.0, 1.0, True)
+    """
+    _check_dim(dim)
+    if which not in ("both", "largest", "smallest"):
+        raise ConfigurationError(f"which must be 'both', 'largest' or 'smallest', got {which!r}")
+    if k < 1 or tol < 0:
+        raise ConfigurationError(f"need k >= 1 and tol >= 0, got k={k}, tol={tol}")
+    m_max = min(dim, max_iter if max_iter is not None else 300)
+    if m_max < 1:
+        raise ConfigurationError(f"max_iter must be >= 1, got {max_iter}")
+    generator = generator or default_generator()
+    if v0 is None:
+        q = _gaussian(dim, generator, dtype, device)
+    else:
+        if v0.shape != (dim,):
+            raise ConfigurationError(f"v0 must have shape ({dim},), got {tuple(v0.shape)}")
+        q = v0.to(dtype=dtype, device=device if device is not None else v0.device).clone()
+    qn = q.norm()
+    if not torch.isfinite(qn) or qn == 0:
+        raise ConfigurationError("the Lanczos start vector is zero or not finite")
+    cap = min(m_max + 1, 32)
+    V = q.new_empty(cap, dim)
+    V[0] = q / qn
+    alphas: list[float] = []
+    betas: list[float] = []
+    converged = False
+    matvecs = 0
+    theta = U = bounds = None
+    for j in range(m_max):
+        w = matvec(V[j]).reshape(dim).to(dtype)
+        matvecs += 1
+        if not torch.isfinite(w).all():
+            raise FloatingPointError(f"the matvec returned non-finite values at Lanczos step {j + 1}")
+        if j > 0:
+            w = w - betas[-1] * V[j - 1]
+        alpha = float(w.double() @ V[j].double())
+        w = w - alpha * V[j]
+        Vj = V[: j + 1]
+        for _ in range(2):
+            w = w - (Vj @ w) @ Vj
+        beta = float(w.double().norm())
+        alphas.append(alpha)
+        betas.append(beta)
+        T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
+        if j > 0:
+            off = torch.tensor(betas[:-1], dtype=torch.float64)
+            T += torch.diag(off, 1) + torch.diag(off, -1)
+        theta, U = torch.linalg.eigh(T)
+        bounds = beta * U[-1, :].abs()
+        scale = max(float(theta.abs().max()), 1e-300)
+        invariant = beta <= 1e-12 * scale * math.sqrt(dim) or j + 1 == dim
+        if invariant:
+            converged = True
+            bounds = torch.zeros_like(bounds) if beta <= 1e-12 * scale * math.sqrt(dim) else bounds
+            break
+        if tol > 0 and _extremes_converged(theta, bounds, k, tol, which):
+            converged = True
+            break
+        if j + 1 >= V.shape[0]:
+            V = torch.cat([V, V.new_empty(min(V.shape[0], m_max + 1 - V.shape[0]), dim)])
+        V[j + 1] = w / beta
+    steps = len(alphas)
+    return LanczosResult(
+        ritz_values=theta,
+        bounds=bounds,
+        steps=steps,
+        converged=converged,
+        matvecs=matvecs,
+        alpha=torch.tensor(alphas, dtype=torch.float64),
+        beta=torch.tensor(betas, dtype=torch.float64),
+        U=U,
+        basis=V[:steps] if keep_basis else None,
+    )
+
+
+def _extremes_converged(theta: torch.Tensor, bounds: torch.Tensor, k: int, tol: float, which: str) -> bool:
+    n = len(theta)
+    need = 2 * k if which == "both" else k
+    if n < need or n < 2:
+        return False
+    spread = float(theta[-1] - theta[0])
+    idx: list[int] = []
+    if which in ("both", "smallest"):
+        idx += list(range(k))
+    if which in ("both", "largest"):
+        idx += list(range(n - k, n))
+    return all(float(bounds[i]) <= tol * max(abs(float(theta[i])), spread) for i in idx)
+
+
+# ---------------------------------------------------------------------------------------------- SLQ
+@dataclass
+class SLQResult:
+    """Gauss quadrature nodes ``theta`` and weights ``tau = U_{1i}^2`` of ``n_v`` Lanczos runs."""
+
+    nodes: list[torch.Tensor]
+    weights: list[torch.Tensor]
+    matvecs: int
+
+    @property
+    def lambda_max(self) -> float:
+        return max(float(n.max()) for n in self.nodes)
+
+    @property
+    def lambda_min(self) -> float:
+        return min(float(n.min()) for n in self.nodes)
+
+    def moment(self, p: int) -> float:
+        """Estimate of ``tr(H^p) / d``: exact in expectation for ``p <= 2m - 1``."""
+        return sum(float((w * n**p).sum()) for n, w in zip(self.nodes, self.weights)) / len(self.nodes)
+
+
+def slq(
+    matvec: Matvec,
+    dim: int,
+    *,
+    n_v: int = 10,
+    m: int = 80,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> SLQResult:
+    """Stochastic Lanczos quadrature: ``n_v`` runs of ``m`` Lanczos steps from Rademacher starts.
+
+    The spectral measure ``(1/d) sum_i delta(t - lambda_i)`` is approximated by ``(1/n_v) sum_l sum_i
+    tau_{l,i} delta(t - theta_{l,i})``; each m-step rule integrates polynomials up to degree ``2m - 1``
+    exactly in expectation, with Monte Carlo error O(1/sqrt(n_v d)). Cost: ``n_v * min(m, dim)`` matvecs.
+    """
+    _check_dim(dim)
+    if n_v < 1 or m < 1:
+        raise ConfigurationError(f"need n_v >= 1 and m >= 1, got n_v={n_v}, m={m}")
+    generator = generator or default_generator()
+    nodes, weights, matvecs = [], [], 0
+    for _ in range(n_v):
+        z = rademacher(dim, generator, dtype, device)
+        r = lanczos(matvec, dim, tol=0.0, max_iter=m, v0=z, dtype=dtype, device=device)
+        nodes.append(r.ritz_values)
+        weights.append(r.U[0, :] ** 2)
+        matvecs += r.matvecs
+    return SLQResult(nodes, weights, matvecs)
+
+
+def slq_density(
+    result: SLQResult, *, grid_size: int = 10_000, sigma2: float | None = None, margin: float = 0.01
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Smoothed density on a grid: ``phi(t) = (1/n_v) sum tau_i N(t; theta_i, s^2)``, renormalized.
+
+    ``s^2 = 1e-5 max(1, lambda_max - lambda_min)`` by default; the grid spans
+    ``[min theta - margin, max theta + margin]`` with ``grid_size`` points. Returns ``(grid, density, s^2)``,
+    the density integrating to 1 over the grid (trapezoid rule).
+    """
+    lo, hi = result.lambda_min, result.lambda_max
+    if sigma2 is None:
+        sigma2 = 1e-5 * max(1.0, hi - lo)
+    grid = torch.linspace(lo - margin, hi + margin, grid_size, dtype=torch.float64)
+    nodes = torch.cat(result.nodes)
+    w = torch.cat(result.weights) / len(result.nodes)
+    dens = torch.zeros(grid_size, dtype=torch.float64)
+    for s in range(0, len(nodes), 256):
+        d = grid[:, None] - nodes[None, s : s + 256]
+        dens += (torch.exp(-(d**2) / (2 * sigma2)) * w[None, s : s + 256]).sum(1)
+    dens /= math.sqrt(2 * math.pi * sigma2)
+    total = float(torch.trapezoid(dens, grid))
+    if total > 0:
+        dens /= total
+    return grid, dens, sigma2
+
+
+# ---------------------------------------------------------------------------------------------- trace
+@dataclass
+class TraceEstimate:
+    """A trace estimate with its standard error and the matvecs it cost."""
+
+    trace: float
+    trace_err: float
+    matvecs: int
+    samples: int
+
+
+def _mean_se(x: torch.Tensor) -> tuple[float, float]:
+    n = x.numel()
+    se = float(x.std(unbiased=True)) / math.sqrt(n) if n > 1 else float("inf")
+    return float(x.mean()), se
+
+
+def hutchinson_trace(
+    matvec: Matvec,
+    dim: int,
+    *,
+    samples: int = 64,
+    batch: int = 16,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> TraceEstimate:
+    """Hutchinson's estimator ``tr H ~ (1/s) sum z^T H z`` with Rademacher ``z``.
+
+    Unbiased; single-probe variance ``2 (||H||_F^2 - sum_i H_ii^2)``. ``trace_err`` is the sample standard
+    error over the ``s`` probes. Cost: ``samples`` matvecs in blocks of ``batch``.
+
+    >>> H = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+    >>> hutchinson_trace(lambda v: v @ H, 10, samples=8).trace   # exact for a diagonal matrix
+    55.0
+    """
+    _check_dim(dim)
+    if samples < 2:
+        raise ConfigurationError(f"a standard error needs samples >= 2, got {samples}")
+    generator = generator or default_generator()
+    Z = rademacher((samples, dim), generator, dtype, device)
+    q = (Z * _apply(matvec, Z, batch)).sum(1).double().cpu()
+    t, se = _mean_se(q)
+    return TraceEstimate(t, se, samples, samples)
+
+
+def hutchpp_trace(
+    matvec: Matvec,
+    dim: int,
+    *,
+    matvecs: int = 96,
+    batch: int = 16,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> TraceEstimate:
+    """Hutch++ (Meyer, Musco, Musco, Woodruff 2021): exact trace on a sketched range plus Hutchinson on the rest.
+
+    With ``s = matvecs // 3``: ``S`` Rademacher ``(d, s)``, ``Q = orth(H S)``, then
+    ``tr H ~ tr(Q^T H Q) + (1/r) sum_j g_j^T (I - QQ^T) H (I - QQ^T) g_j`` with ``r = matvecs - 2s``
+    Rademacher ``g_j``. Unbiased; ``trace_err`` is the standard error of the second term (the first is exact
+    given Q). Variance O(1/matvecs^2) for spectra with decay, against O(1/matvecs) for Hutchinson.
+    """
+    _check_dim(dim)
+    if matvecs < 6:
+        raise ConfigurationError(f"hutch++ needs matvecs >= 6, got {matvecs}")
+    generator = generator or default_generator()
+    s = min(matvecs // 3, dim)
+    r = matvecs - 2 * s
+    S = rademacher((s, dim), generator, dtype, device)
+    Y = _apply(matvec, S, batch)
+    Q = torch.linalg.qr(Y.T.double())[0].to(dtype)  # (d, s)
+    HQ = _apply(matvec, Q.T.contiguous(), batch)   # (s, d)
+    t_top = float((Q.T * HQ).sum().double())
+    G = rademacher((r, dim), generator, dtype, device)
+    G = G - (G @ Q) @ Q.T
+    q = (G * _apply(matvec, G, batch)).sum(1).double().cpu()
+    t_rest, se = _mean_se(q)
+    return TraceEstimate(t_top + t_rest, se, 2 * s + r, r)
+
+
+# ---------------------------------------------------------------------------------------------- diagonal
+def bekas_diagonal(
+    matvec: Matvec,
+    dim: int,
+    *,
+    samples: int = 32,
+    batch: int = 16,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bekas et al. (2007) diagonal estimator ``diag H ~ sum z (.) Hz / sum z (.) z`` with Rademacher ``z``.
+
+    With Rademacher probes ``z (.) z = 1``, so entry i is the mean of ``z_i (Hz)_i``, unbiased with per-probe
+    variance ``sum_{j != i} H_ij^2``. Returns ``(diag, diag_err)``, the error being the per-entry standard
+    error over the probes. Cost: ``samples`` matvecs. A screening tool: the ratio of two noisy entries is
+    biased, so geomprobe recomputes the entries it reports exactly.
+    """
+    _check_dim(dim)
+    if samples < 2:
+        raise ConfigurationError(f"a standard error needs samples >= 2, got {samples}")
+    generator = generator or default_generator()
+    total = torch.zeros(dim, dtype=torch.float64, device=device)
+    total_sq = torch.zeros(dim, dtype=torch.float64, device=device)
+    for s in range(0, samples, batch):
+        Z = rademacher((min(batch, samples - s), dim), generator, dtype, device)
+        P = (Z * matvec(Z).reshape(Z.shape)).double()
+        total += P.sum(0)
+        total_sq += (P**2).sum(0)
+    mean = total / samples
+    var = (total_sq - samples * mean**2).clamp_min(0) / (samples - 1)
+    return mean, (var / samples).sqrt()
+
+
+def hessian_columns(
+    matvec: Matvec,
+    dim: int,
+    indices: Sequence[int] | torch.Tensor,
+    *,
+    batch: int = 16,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Exact columns ``H e_j`` for ``j`` in ``indices``, as rows of a ``(len(indices), d)`` tensor.
+
+    Cost: one matvec per index. Exact up to rounding.
+    """
+    _check_dim(dim)
+    idx = torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    if idx.numel() and (idx.min() < 0 or idx.max() >= dim):
+        raise ConfigurationError(f"column indices must lie in [0, {dim}), got range [{int(idx.min())}, {int(idx.max())}]")
+    out = []
+    for s in range(0, idx.numel(), batch):
+        part = idx[s : s + batch]
+        E = torch.zeros(part.numel(), dim, dtype=dtype, device=device)
+        E[torch.arange(part.numel()), part.to(E.device)] = 1
+        out.append(matvec(E).reshape(part.numel(), dim))
+    return torch.cat(out) if out else torch.zeros(0, dim, dtype=dtype, device=device)
+
+
+def exact_diagonal(
+    matvec: Matvec,
+    dim: int,
+    indices: Sequence[int] | torch.Tensor | None = None,
+    *,
+    batch: int = 16,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Exact diagonal entries ``H_jj = e_j^T H e_j`` for ``indices`` (default: all). Cost: one matvec each."""
+    idx = torch.arange(dim) if indices is None else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
+    cols = hessian_columns(matvec, dim, idx, batch=batch, dtype=dtype, device=device)
+    return cols[torch.arange(idx.numel()), idx.to(cols.device)]
+
+
+def dense_matrix(
+    matvec: Matvec,
+    dim: int,
+    *,
+    batch: int = 16,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """The full ``d x d`` matrix, one matvec per column, symmetrized. For small models only (cost d matvecs)."""
+    H = hessian_columns(matvec, dim, range(dim), batch=batch, dtype=dtype, device=device)
+    return (H + H.T) / 2

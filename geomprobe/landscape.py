@@ -1,0 +1,476 @@
+"""Landscape: the loss surface of one model, at its current parameters, on fixed probe batches.
+
+A Landscape builds the first-order graph once and answers ``loss``, ``grad`` and ``hvp`` for as long as it
+lives; every metric takes a Landscape and returns plain numbers. Over several batches the loss is the
+sample-weighted mean ``L = sum_b n_b L_b / sum_b n_b``, so unequal batches give exactly the Hessian of the
+concatenated batch. HVPs are double backward through the retained graph (``retain_graph=True``), blocks of
+vectors through ``is_grads_batched=True``, chunked to bound memory.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import warnings
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .errors import ConfigurationError, NonFiniteLossError, UnsupportedOperationError
+from .paramspace import Block, ParamSpace, select_parameters
+from .state import MODES, frozen
+
+__all__ = ["Landscape", "ParamSpace", "Block", "unwrap_model", "HVP_METHODS"]
+
+HVP_METHODS = ("autograd", "finite-difference")
+_MODEL_ARG_NAMES = ("model", "module", "net", "network")
+_NO_DOUBLE_BACKWARD = re.compile(
+    r"(derivative for (?P<op>[\w.:]+) is not implemented|(?P<op2>[\w.:]+) does not support double backward"
+    r"|double backward.*not (?:supported|implemented))",
+    re.IGNORECASE,
+)
+_VMAP_FAILURE = re.compile(r"vmap|batching rule|Batched", re.IGNORECASE)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the parameters: strips DistributedDataParallel/DataParallel (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers, whose own forward has no double backward or adds hooks."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, (list, tuple)):
+        moved = [_to_device(o, device) for o in obj]
+        return type(obj)(moved) if not hasattr(obj, "_fields") else type(obj)(*moved)
+    if isinstance(obj, dict):
+        return type(obj)((k, _to_device(v, device)) for k, v in obj.items())
+    return obj
+
+
+def _first_tensor(obj: Any) -> torch.Tensor | None:
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, dict):
+        obj = list(obj.values())
+    if isinstance(obj, (list, tuple)):
+        for o in obj:
+            t = _first_tensor(o)
+            if t is not None:
+                return t
+    return None
+
+
+def batch_size(batch: Any) -> int:
+    """Number of samples in a batch: the leading dimension of its first tensor."""
+    t = _first_tensor(batch)
+    if t is None:
+        raise ConfigurationError(f"cannot find a tensor in the probe batch (got {type(batch).__name__})")
+    return int(t.shape[0]) if t.dim() > 0 else 1
+
+
+def resolve_batches(batches: Any, max_batches: int | None = None) -> list[Any]:
+    """Normalize probe data to a list of batches.
+
+    Accepts one ``(inputs, targets)`` pair, a dict (one batch for a ``loss_fn(model, batch)``), a list of
+    batches, or any iterable of batches such as a DataLoader (read once, up to ``max_batches``).
+    """
+    if isinstance(batches, torch.Tensor):
+        raise ConfigurationError(
+            "probe data is a single tensor; pass an (inputs, targets) pair, a list of pairs or a DataLoader"
+        )
+    if isinstance(batches, dict):
+        out = [batches]
+    elif isinstance(batches, (tuple, list)) and batches and all(
+        isinstance(b, torch.Tensor) or not isinstance(b, (tuple, list, dict)) for b in batches
+    ):
+        out = [tuple(batches)]
+    elif isinstance(batches, (tuple, list)):
+        out = list(batches)
+    else:
+        try:
+            it = iter(batches)
+        except TypeError:
+            raise ConfigurationError(
+                f"probe data of type {type(batches).__name__} is not a batch, a list of batches or an iterable"
+            ) from None
+        out = []
+        for b in it:
+            if max_batches is not None and len(out) >= max_batches:
+                break
+            out.append(b)
+    if max_batches is not None:
+        if max_batches < 1:
+            raise ConfigurationError(f"max_batches must be >= 1, got {max_batches}")
+        out = out[:max_batches]
+    if not out:
+        raise ConfigurationError("probe data is empty: give at least one batch")
+    return out
+
+
+def _loss_form(loss_fn: Callable, loss_form: str) -> str:
+    if loss_form in ("outputs", "model"):
+        return loss_form
+    if loss_form != "auto":
+        raise ConfigurationError(f"loss_form must be 'auto', 'outputs' or 'model', got {loss_form!r}")
+    if isinstance(loss_fn, nn.Module):
+        return "outputs"
+    try:
+        first = next(iter(inspect.signature(loss_fn).parameters))
+    except (TypeError, ValueError, StopIteration):
+        return "outputs"
+    return "model" if first in _MODEL_ARG_NAMES else "outputs"
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple/list, ``model(inputs)`` otherwise."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+class _SavedBytes:
+    """Counts bytes of tensors autograd saves (the graph's memory), each storage once, parameters not."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor]):
+        self.exclude = {t.data_ptr() for t in exclude}
+        self.seen: set[int] = set()
+        self.bytes = 0
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        try:
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in self.seen and t.data_ptr() not in self.exclude:
+                self.seen.add(ptr)
+                self.bytes += t.untyped_storage().nbytes()
+        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. functional wrappers)
+            pass
+        return t
+
+    def hooks(self):
+        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
+
+
+class Landscape:
+    """The loss surface of ``model`` at its current parameters on fixed probe batches.
+
+    Args:
+        model: the network (DDP and ``torch.compile`` wrappers are unwrapped).
+        loss_fn: ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), or ``loss_fn(model, batch)``
+            returning a scalar (detected when its first argument is named ``model``; or say ``loss_form``).
+            The loss must be a mean over the batch's samples, as torch's losses are by default.
+        batches: one ``(inputs, targets)`` pair, a list of batches, or a DataLoader (with ``max_batches``).
+        params: glob pattern(s) selecting parameters by name (default: every trainable parameter).
+        mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"`` (BatchNorm batch
+            statistics, dropout masks frozen for the Landscape's life).
+        group_by: blocks are parameter tensors (``"parameter"``) or modules (``"module"``).
+        chunk_size: vectors per batched HVP call; memory grows with it.
+        graph_budget_bytes: keep first-order graphs of batches while their saved tensors fit this budget;
+            graphs beyond it are rebuilt for each HVP (correct, slower). ``None`` keeps all.
+        hvp_method: ``"autograd"`` (double backward, exact) or ``"finite-difference"``, the central difference
+            ``(grad(w + eps v) - grad(w - eps v)) / 2 eps``: a flagged last resort for smooth models whose
+            layers have no double backward. Wrong on ReLU networks, where a crossed kink gives errors of 100x.
+        seed: fixes dropout masks in ``train`` mode.
+
+    The model is returned exactly as found after every forward pass: training flags, buffers, RNG state and
+    ``.grad`` are untouched. Parameters must not change while the Landscape is used; build a new one.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> model = nn.Linear(3, 1, bias=False).double()
+    >>> X = torch.randn(8, 3, dtype=torch.float64)
+    >>> land = Landscape(model, nn.MSELoss(), (X, torch.zeros(8, 1, dtype=torch.float64)))
+    >>> H = 2 * X.T @ X / 8                     # the MSE Hessian in closed form
+    >>> torch.allclose(land.hvp(torch.eye(3)), H)
+    True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        batches: Any,
+        *,
+        params: str | Sequence[str] | None = None,
+        mode: str = "eval",
+        group_by: str = "parameter",
+        max_batches: int | None = None,
+        loss_form: str = "auto",
+        chunk_size: int = 16,
+        graph_budget_bytes: int | None = None,
+        hvp_method: str = "autograd",
+        fd_eps: float | None = None,
+        seed: int = 0,
+    ):
+        if mode not in MODES:
+            raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
+        if hvp_method not in HVP_METHODS:
+            raise ConfigurationError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
+        if chunk_size < 1:
+            raise ConfigurationError(f"chunk_size must be >= 1, got {chunk_size}")
+        self.model = unwrap_model(model)
+        self.loss_fn = loss_fn
+        self.loss_form = _loss_form(loss_fn, loss_form)
+        self.mode = mode
+        self.seed = int(seed)
+        self.chunk_size = int(chunk_size)
+        self.hvp_method = hvp_method
+        self.fd_eps = fd_eps
+        self.graph_budget_bytes = graph_budget_bytes
+        self.param_names, self.params = select_parameters(self.model, params)
+        self.space = ParamSpace(self.param_names, [p.shape for p in self.params], group_by=group_by)
+        self.device = self.params[0].device
+        self.dtype = self.params[0].dtype
+        self.batches = [_to_device(b, self.device) for b in resolve_batches(batches, max_batches)]
+        self.batch_sizes = [batch_size(b) for b in self.batches]
+        self.n_samples = sum(self.batch_sizes)
+        self.weights = [n / self.n_samples for n in self.batch_sizes]
+        self.hvps = 0
+        self.graph_rebuilds = 0
+        self.graph_bytes = 0
+        self.batched_hvp = True
+        self._graphs: list[list[torch.Tensor | None] | None] = []
+        self._versions = [p._version for p in self.params]
+        self._build()
+
+    # ------------------------------------------------------------------ construction
+    def frozen(self, batch_index: int = 0):
+        """The state guard for a forward pass on probe batch ``batch_index`` (its dropout masks fixed)."""
+        return frozen(self.model, self.mode, seed=self.seed + batch_index)
+
+    def loss_on(self, batch: Any) -> torch.Tensor:
+        """The scalar loss of ``model`` on ``batch``, with its graph; call inside :meth:`frozen`."""
+        if self.loss_form == "model":
+            loss = self.loss_fn(self.model, batch)
+        else:
+            if not isinstance(batch, (tuple, list)) or len(batch) != 2:
+                raise ConfigurationError(
+                    "loss_fn(outputs, targets) needs (inputs, targets) batches; for other batch shapes pass "
+                    "loss_fn(model, batch) (first argument named 'model') or loss_form='model'"
+                )
+            loss = self.loss_fn(call_model(self.model, batch[0]), batch[1])
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ConfigurationError(
+                f"loss_fn must return a scalar tensor, got {type(loss).__name__}"
+                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else "")
+            )
+        return loss.reshape(())
+
+    def _graph(self, b: int, create_graph: bool) -> tuple[list[torch.Tensor | None], torch.Tensor, int]:
+        counter = _SavedBytes(self.params)
+        with self.frozen(b), counter.hooks():
+            loss = self.loss_on(self.batches[b])
+            if not torch.isfinite(loss):
+                raise NonFiniteLossError(
+                    f"the loss on probe batch {b} is {loss.item()} at the current parameters; nothing can be "
+                    "measured here (check the learning rate, the data, or probe an earlier step)"
+                )
+            grads = torch.autograd.grad(
+                loss * self.weights[b], self.params, create_graph=create_graph, allow_unused=True
+            )
+        return list(grads), loss.detach(), counter.bytes
+
+    def _build(self) -> None:
+        create = self.hvp_method == "autograd"
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        grad = torch.zeros(self.space.dim, dtype=self.dtype, device=self.device)
+        for b in range(len(self.batches)):
+            grads, loss_b, nbytes = self._graph(b, create)
+            loss += loss_b.double() * self.weights[b]
+            grad += self.space.flatten([g.detach() if g is not None else None for g in grads])
+            fits = self.graph_budget_bytes is None or self.graph_bytes + nbytes <= self.graph_budget_bytes
+            if create and (fits or b == 0):
+                self._graphs.append(grads)
+                self.graph_bytes += nbytes
+            else:
+                self._graphs.append(None)
+        if not torch.isfinite(grad).all():
+            raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
+        self._loss = float(loss)
+        self._grad = grad
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def dim(self) -> int:
+        """Number of parameters measured, ``d``."""
+        return self.space.dim
+
+    @property
+    def blocks(self) -> list[Block]:
+        return self.space.blocks
+
+    @property
+    def loss(self) -> float:
+        """The sample-weighted mean loss over the probe batches."""
+        return self._loss
+
+    @property
+    def grad(self) -> torch.Tensor:
+        """The gradient of :attr:`loss` as a flat vector of length ``d`` (detached)."""
+        return self._grad
+
+    @property
+    def approximate(self) -> bool:
+        """True when HVPs are finite differences rather than exact double backward."""
+        return self.hvp_method != "autograd"
+
+    def info(self) -> dict:
+        """The probe policy and costs so far, JSON-ready (for run metadata and records)."""
+        return {
+            "mode": self.mode,
+            "batches": len(self.batches),
+            "batch_sizes": self.batch_sizes,
+            "n_samples": self.n_samples,
+            "dim": self.dim,
+            "hvp_method": self.hvp_method,
+            "seed": self.seed,
+            "hvps": self.hvps,
+            "graph_bytes": self.graph_bytes,
+            "graphs_kept": sum(g is not None for g in self._graphs),
+            "graph_rebuilds": self.graph_rebuilds,
+        }
+
+    def matvec(self, v: torch.Tensor) -> torch.Tensor:
+        """Alias of :meth:`hvp`, the matvec the Krylov kernels take."""
+        return self.hvp(v)
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """Hessian-vector products ``H v`` for one flat vector ``(d,)`` or a block ``(k, d)``.
+
+        Cost: ``k`` HVPs (counted in :attr:`hvps`), each about 1-2.5 gradients; vectors go through
+        ``is_grads_batched`` in chunks of :attr:`chunk_size`. Exact up to floating-point rounding (the
+        finite-difference method, if chosen, has truncation error O(eps^2) on smooth models).
+        """
+        if v.dim() not in (1, 2) or v.shape[-1] != self.dim:
+            raise ConfigurationError(f"hvp takes a vector (d,) or a block (k, d) with d = {self.dim}, got {tuple(v.shape)}")
+        self._check_unchanged()
+        single = v.dim() == 1
+        V = v.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
+        out = torch.empty_like(V)
+        for s in range(0, V.shape[0], self.chunk_size):
+            out[s : s + self.chunk_size] = self._hvp_chunk(V[s : s + self.chunk_size])
+        self.hvps += V.shape[0]
+        return out[0] if single else out
+
+    def close(self) -> None:
+        """Release the retained graphs (their memory); the Landscape cannot answer HVPs afterwards."""
+        self._graphs = [None] * len(self._graphs)
+        self._closed = True
+
+    def __enter__(self) -> "Landscape":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+    def _check_unchanged(self) -> None:
+        if getattr(self, "_closed", False):
+            raise ConfigurationError("this Landscape was closed; build a new one to measure again")
+        if any(p._version != v for p, v in zip(self.params, self._versions)):
+            raise ConfigurationError(
+                "the model's parameters changed since this Landscape was built (an optimizer step?); "
+                "build a new Landscape at the new parameters"
+            )
+
+    def _hvp_chunk(self, V: torch.Tensor) -> torch.Tensor:
+        if self.hvp_method == "finite-difference":
+            return torch.stack([self._fd_hvp(v) for v in V])
+        acc = torch.zeros_like(V)
+        for b in range(len(self.batches)):
+            grads = self._graphs[b]
+            if grads is None:
+                grads = self._graph(b, True)[0]
+                self.graph_rebuilds += 1
+            acc += self._hvp_batch(grads, V)
+        return acc
+
+    def _hvp_batch(self, grads: list[torch.Tensor | None], V: torch.Tensor) -> torch.Tensor:
+        parts = self.space.split(V)
+        outs = [(g, p) for g, p in zip(grads, parts) if g is not None and g.requires_grad]
+        if not outs:
+            return torch.zeros_like(V)
+        try:
+            if V.shape[0] > 1 and self.batched_hvp:
+                try:
+                    res = torch.autograd.grad(
+                        [g for g, _ in outs], self.params, [p for _, p in outs],
+                        retain_graph=True, allow_unused=True, is_grads_batched=True,
+                    )
+                    return self._flat(res, V)
+                except RuntimeError as e:
+                    if _NO_DOUBLE_BACKWARD.search(str(e)) or not _VMAP_FAILURE.search(str(e)):
+                        raise
+                    # Some operations have no batching rule; one vector at a time still works.
+                    self.batched_hvp = False
+                    warnings.warn(
+                        f"batched HVPs are not supported by this model ({str(e).splitlines()[0][:120]}); "
+                        "falling back to one vector at a time", RuntimeWarning, stacklevel=3,
+                    )
+            rows = []
+            for i in range(V.shape[0]):
+                res = torch.autograd.grad(
+                    [g for g, _ in outs], self.params, [p[i] for _, p in outs],
+                    retain_graph=True, allow_unused=True,
+                )
+                rows.append(self._flat(res, V[i : i + 1], batched=False))
+            return torch.cat(rows)
+        except RuntimeError as e:
+            m = _NO_DOUBLE_BACKWARD.search(str(e))
+            if m is None:
+                raise
+            op = m.group("op") or m.group("op2") or "an operation in the model"
+            raise UnsupportedOperationError(
+                f"double backward is not implemented for {op}, so exact Hessian-vector products are "
+                "impossible through it; replace that layer, or for a smooth model pass "
+                "hvp_method='finite-difference' (approximate, flagged)"
+            ) from e
+
+    def _flat(self, res: Sequence[torch.Tensor | None], V: torch.Tensor, batched: bool = True) -> torch.Tensor:
+        if all(r is None for r in res):
+            return torch.zeros_like(V)
+        flat = self.space.flatten(res, batch_dims=1 if batched else 0)
+        return flat.reshape(V.shape)
+
+    def _full_grad(self) -> torch.Tensor:
+        g = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        for b in range(len(self.batches)):
+            grads = self._graph(b, False)[0]
+            g += self.space.flatten([x.detach() if x is not None else None for x in grads])
+        return g
+
+    def _fd_hvp(self, v: torch.Tensor) -> torch.Tensor:
+        vnorm = float(v.norm())
+        if vnorm == 0.0:
+            return torch.zeros_like(v)
+        w = torch.cat([p.detach().reshape(-1) for p in self.params])
+        # eps balancing truncation O(eps^2) against rounding O(u/eps) for the central difference
+        eps = self.fd_eps or (torch.finfo(self.dtype).eps ** (1 / 3)) * (1.0 + float(w.norm())) / vnorm
+        saved = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                for p, dv in zip(self.params, self.space.split(v)):
+                    p.add_(dv, alpha=eps)
+            g_plus = self._full_grad()
+            with torch.no_grad():
+                for p, dv in zip(self.params, self.space.split(v)):
+                    p.add_(dv, alpha=-2 * eps)
+            g_minus = self._full_grad()
+        finally:
+            with torch.no_grad():
+                for p, s in zip(self.params, saved):
+                    p.copy_(s)
+            self._versions = [p._version for p in self.params]
+        return (g_plus - g_minus) / (2 * eps)
