@@ -139,6 +139,36 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(inputs)
 
 
+_BROKEN_NODES = {
+    "Error": "a custom autograd Function marked @once_differentiable",
+    "DelayedError": "a custom autograd Function marked @once_differentiable",
+    "NotImplemented": "an operation whose derivative is not implemented",
+}
+
+
+def _check_double_backward(grads: Sequence[torch.Tensor | None]) -> None:
+    """Refuse a first-order graph containing nodes that would fail, or silently drop terms, in an HVP.
+
+    Autograd only runs nodes on a path to the inputs asked for, and a once-differentiable Function detaches
+    its backward from the parameters: its HVP terms would vanish without any error. So look for such nodes.
+    """
+    seen: set = set()
+    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        what = _BROKEN_NODES.get(type(node).__name__)
+        if what is not None:
+            raise UnsupportedOperationError(
+                f"the model's gradient graph contains {what} ({node.name()}): its double backward is missing, "
+                "so exact Hessian-vector products are impossible through it; replace that layer, or for a "
+                "smooth model pass hvp_method='finite-difference' (approximate, flagged)"
+            )
+        stack.extend(f for f, _ in node.next_functions)
+
+
 class _SavedBytes:
     """Counts bytes of tensors autograd saves (the graph's memory), each storage once, parameters not."""
 
@@ -290,6 +320,8 @@ class Landscape:
             grads, loss_b, nbytes = self._graph(b, create)
             loss += loss_b.double() * self.weights[b]
             grad += self.space.flatten([g.detach() if g is not None else None for g in grads])
+            if b == 0 and create:
+                _check_double_backward(grads)
             fits = self.graph_budget_bytes is None or self.graph_bytes + nbytes <= self.graph_budget_bytes
             if create and (fits or b == 0):
                 self._graphs.append(grads)

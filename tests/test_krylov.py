@@ -1,0 +1,172 @@
+"""Krylov kernels on matrices with known spectra: values within their bounds, estimators within their errors."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from geomprobe import ConfigurationError, krylov
+from tolerances import FLOAT64_EXACT, SIGMAS
+
+
+def sym_with_spectrum(eigs, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigs)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return Q @ torch.diag(torch.as_tensor(eigs, dtype=torch.float64)) @ Q.T
+
+
+def mv(A):
+    return lambda v: v @ A
+
+
+def test_lanczos_extremes_and_bounds_cover_truth():
+    eigs = torch.cat([torch.linspace(-1, 3, 198, dtype=torch.float64), torch.tensor([7.0, 9.0], dtype=torch.float64)])
+    A = sym_with_spectrum(eigs)
+    r = krylov.lanczos(mv(A), 200, k=2, tol=1e-8)
+    assert r.converged
+    top, top_err = r.top(2)
+    bot, bot_err = r.bottom(2)
+    for got, err, want in zip(top + bot, top_err + bot_err, [9.0, 7.0, -1.0, eigs[1].item()]):
+        assert abs(got - want) <= max(err, 1e-12) * 1.0001 + 1e-12
+        assert abs(got - want) <= 1e-6 * 10
+
+
+def test_lanczos_outlier_top_needs_few_steps():
+    # SPEC §1: an outlying top eigenvalue converges to 1e-3 relative in 5-9 steps
+    n = 20_000
+    d = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    d[0] = 10.0
+    r = krylov.lanczos(lambda v: v * d, n, which="largest", tol=1e-3)
+    assert r.converged and r.steps <= 10
+    assert abs(r.top(1)[0][0] - 10.0) <= 1e-3 * 10
+
+
+def test_lanczos_reports_not_converged_when_cut_short():
+    d = torch.linspace(0, 1, 5000, dtype=torch.float64)
+    r = krylov.lanczos(lambda v: v * d, 5000, which="smallest", tol=1e-9, max_iter=15)
+    assert not r.converged and r.steps == 15
+    # the bound still covers the truth: some eigenvalue lies within it
+    val, err = r.bottom(1)
+    assert abs(val[0] - 0.0) <= err[0] + 1e-12 or err[0] > 0
+
+
+def test_lanczos_exact_on_invariant_subspace_and_ritz_vectors():
+    A = torch.diag(torch.tensor([1.0, 1.0, 5.0, 5.0], dtype=torch.float64))
+    r = krylov.lanczos(mv(A), 4, tol=1e-10, keep_basis=True)
+    assert r.converged and r.steps <= 3
+    assert r.top(1)[0][0] == pytest.approx(5.0, abs=FLOAT64_EXACT)
+    u = r.ritz_vector(-1)
+    assert torch.allclose(A @ u, 5.0 * u, atol=1e-10)
+
+
+def test_lanczos_float32_matvec():
+    A = sym_with_spectrum(torch.linspace(0, 10, 100)).float()
+    r = krylov.lanczos(lambda v: v @ A, 100, tol=1e-4, dtype=torch.float32)
+    assert r.converged
+    assert r.top(1)[0][0] == pytest.approx(10.0, rel=1e-4)
+
+
+@settings(max_examples=25, deadline=None)
+@given(n=st.integers(2, 40), seed=st.integers(0, 10_000))
+def test_lanczos_random_symmetric_matrices(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    B = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = (B + B.T) / 2
+    eig = torch.linalg.eigvalsh(A)
+    r = krylov.lanczos(mv(A), n, tol=1e-10, generator=g)
+    scale = eig.abs().max().item()
+    assert abs(r.top(1)[0][0] - eig[-1].item()) <= 1e-8 * scale
+    assert abs(r.bottom(1)[0][0] - eig[0].item()) <= 1e-8 * scale
+
+
+def test_lanczos_bad_input():
+    A = torch.eye(3, dtype=torch.float64)
+    with pytest.raises(ConfigurationError, match="which must be"):
+        krylov.lanczos(mv(A), 3, which="middle")
+    with pytest.raises(ConfigurationError, match="v0 must have shape"):
+        krylov.lanczos(mv(A), 3, v0=torch.ones(4, dtype=torch.float64))
+    with pytest.raises(ConfigurationError, match="zero or not finite"):
+        krylov.lanczos(mv(A), 3, v0=torch.zeros(3, dtype=torch.float64))
+    with pytest.raises(ConfigurationError, match="dim must be a positive integer"):
+        krylov.lanczos(mv(A), 0)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        krylov.lanczos(lambda v: v * float("nan"), 3)
+    with pytest.raises(ConfigurationError, match="keep_basis"):
+        krylov.lanczos(mv(A), 3).ritz_vector(0)
+
+
+def _coverage_check(estimates, errors, truth):
+    """Unbiased (mean within SIGMAS standard errors of the truth) and the errors honest (coverage)."""
+    est = torch.tensor(estimates, dtype=torch.float64)
+    err = torch.tensor(errors, dtype=torch.float64)
+    n = len(estimates)
+    assert abs(est.mean().item() - truth) <= SIGMAS * est.std().item() / math.sqrt(n)
+    # a standard error is honest when ~95 % of the +-2 se intervals cover the truth
+    covered = ((est - truth).abs() <= 2 * err).double().mean().item()
+    assert covered >= 0.85
+    # and not grossly inflated either
+    assert (est - truth).abs().mean().item() >= 0.3 * err.mean().item()
+
+
+def test_hutchinson_unbiased_with_honest_standard_error():
+    A = sym_with_spectrum(torch.linspace(-2, 5, 60), seed=1)
+    runs = [krylov.hutchinson_trace(mv(A), 60, samples=30, generator=torch.Generator().manual_seed(s)) for s in range(200)]
+    _coverage_check([r.trace for r in runs], [r.trace_err for r in runs], torch.trace(A).item())
+    assert runs[0].matvecs == 30
+
+
+def test_hutchpp_unbiased_and_better_than_hutchinson_on_decaying_spectrum():
+    eigs = 1.0 / torch.arange(1, 121, dtype=torch.float64) ** 2 * 100
+    A = sym_with_spectrum(eigs, seed=2)
+    truth = torch.trace(A).item()
+    pp = [krylov.hutchpp_trace(mv(A), 120, matvecs=30, generator=torch.Generator().manual_seed(s)) for s in range(200)]
+    hu = [krylov.hutchinson_trace(mv(A), 120, samples=30, generator=torch.Generator().manual_seed(s)) for s in range(200)]
+    _coverage_check([r.trace for r in pp], [r.trace_err for r in pp], truth)
+    err_pp = torch.tensor([r.trace - truth for r in pp]).pow(2).mean().sqrt()
+    err_hu = torch.tensor([r.trace - truth for r in hu]).pow(2).mean().sqrt()
+    assert err_pp < 0.25 * err_hu
+    assert pp[0].matvecs == 30
+
+
+def test_bekas_diagonal_unbiased_with_honest_errors():
+    A = sym_with_spectrum(torch.linspace(0.5, 4, 40), seed=3)
+    truth = torch.diagonal(A)
+    zs = []
+    for s in range(100):
+        est, err = krylov.bekas_diagonal(mv(A), 40, samples=20, generator=torch.Generator().manual_seed(s))
+        zs.append((est - truth) / err)
+    z = torch.stack(zs)
+    assert (z.abs() <= 2).double().mean() >= 0.9
+    assert z.mean().abs() <= 0.1
+
+
+def test_exact_columns_diagonal_and_dense():
+    A = sym_with_spectrum(torch.linspace(-1, 1, 30), seed=4)
+    cols = krylov.hessian_columns(mv(A), 30, [3, 7, 29], batch=2)
+    assert torch.allclose(cols, A[[3, 7, 29]], atol=FLOAT64_EXACT)
+    assert torch.allclose(krylov.exact_diagonal(mv(A), 30, [0, 5]), A.diagonal()[[0, 5]], atol=FLOAT64_EXACT)
+    assert torch.allclose(krylov.dense_matrix(mv(A), 30, batch=7), A, atol=FLOAT64_EXACT)
+    with pytest.raises(ConfigurationError, match="column indices must lie in"):
+        krylov.hessian_columns(mv(A), 30, [30])
+
+
+def test_slq_density_moments_and_normalization():
+    eigs = torch.cat([torch.linspace(-0.5, 1.0, 390, dtype=torch.float64), torch.tensor([20.0] * 10, dtype=torch.float64)])
+    A = sym_with_spectrum(eigs, seed=5)
+    res = krylov.slq(mv(A), 400, n_v=20, m=40, generator=torch.Generator().manual_seed(0))
+    assert res.matvecs == 800
+    for p in (1, 2, 3):
+        truth = (eigs**p).mean().item()
+        per_run = torch.tensor([float((w * n**p).sum()) for n, w in zip(res.nodes, res.weights)])
+        se = per_run.std().item() / math.sqrt(len(per_run))
+        assert abs(res.moment(p) - truth) <= SIGMAS * se
+    grid, dens, s2 = krylov.slq_density(res, grid_size=5000)
+    assert torch.trapezoid(dens, grid).item() == pytest.approx(1.0, abs=1e-9)
+    assert s2 == pytest.approx(1e-5 * (res.lambda_max - res.lambda_min))
+    assert res.lambda_max == pytest.approx(20.0, rel=1e-8)
+    # mass below zero: 1/3 of the bulk (130 / 400 eigenvalues)
+    neg = sum(float(w[n < 0].sum()) for n, w in zip(res.nodes, res.weights)) / len(res.nodes)
+    assert neg == pytest.approx(130 / 400, abs=0.05)
