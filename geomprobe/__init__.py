@@ -12,6 +12,9 @@ from .errors import (
 )
 from .landscape import Landscape, unwrap_model
 from .paramspace import Block, ParamSpace
+from .probe import GeometryProbe
+from .runs import RunReader, RunWriter
+from .schedule import at, budget, every, log_spaced
 from .state import frozen
 
 try:
@@ -28,6 +31,14 @@ __all__ = [
     "unwrap_model",
     "krylov",
     "metrics",
+    # profiling along training
+    "GeometryProbe",
+    "every",
+    "log_spaced",
+    "at",
+    "budget",
+    "RunWriter",
+    "RunReader",
     # errors
     "GeomprobeError",
     "ConfigurationError",

@@ -1,0 +1,250 @@
+"""GeometryProbe: bit-identical training, failure isolation, crash safety, schedules, probe data."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+from torch import nn
+
+import geomprobe as gp
+from geomprobe.metrics import registry
+
+
+class BNDropNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(6, 16)
+        self.bn = nn.BatchNorm1d(16)
+        self.drop = nn.Dropout(0.2)
+        self.fc2 = nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.fc2(self.drop(torch.tanh(self.bn(self.fc1(x)))))
+
+
+def data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 6, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def train(steps, probe_kwargs=None, tmp=None, seed=0):
+    torch.manual_seed(seed)
+    model = BNDropNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    X, y = data()
+    loss_fn = nn.CrossEntropyLoss()
+    probe = None
+    if probe_kwargs is not None:
+        probe = gp.GeometryProbe(model, loss_fn, (X[:32], y[:32]), **probe_kwargs)
+        probe.attach(opt)
+    for t in range(steps):
+        idx = torch.randint(0, 96, (16,))
+        opt.zero_grad()
+        loss_fn(model(X[idx]), y[idx]).backward()
+        opt.step()
+    if probe is not None:
+        probe.close()
+    return model, opt, probe
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_training_is_bit_identical_with_a_probe(tmp_path, mode):
+    metrics = {"spectrum": {"k": 2, "max_iter": 30}}
+    for extra in ("rmed", "diagshare", "density"):
+        if extra in registry.available():
+            metrics[extra] = {}
+    ref_model, ref_opt, _ = train(200)
+    model, opt, probe = train(200, dict(metrics=metrics, schedule=gp.every(10), run_dir=tmp_path / "run", mode=mode))
+    for a, b in zip(ref_model.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    for (ka, sa), (kb, sb) in zip(ref_opt.state_dict()["state"].items(), opt.state_dict()["state"].items()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert all(torch.equal(p.grad, q.grad) for p, q in zip(ref_model.parameters(), model.parameters()))
+    records = gp.RunReader(tmp_path / "run").records
+    assert [r["step"] for r in records] == list(range(0, 201, 10))
+    assert all("errors" not in r for r in records), records[0].get("errors")
+    r = records[-1]
+    assert r["spectrum"]["lambda_max"] >= r["spectrum"]["lambda_min"]
+    assert r["cost"]["hvps"] >= r["spectrum"]["hvps"] > 0 and r["cost"]["seconds"] > 0
+    assert r["lr"] == [1e-2]
+
+
+def test_meta_names_model_optimizer_policy_and_data(tmp_path):
+    X, y = data()
+    model = BNDropNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=16, shuffle=True)
+    rng = torch.get_rng_state()
+    with gp.GeometryProbe(model, nn.CrossEntropyLoss(), dl, probe_samples=40, seed=7,
+                          schedule=gp.at([0]), run_dir=tmp_path / "r") as probe:
+        probe.attach(opt)
+    assert torch.equal(rng, torch.get_rng_state())  # drawing probe data did not move the user's RNG
+    meta = gp.RunReader(tmp_path / "r").meta
+    assert meta["model"] == "BNDropNet" and meta["optimizer"] == "SGD"
+    assert meta["optimizer_hparams"][0]["momentum"] == 0.9
+    assert meta["probe"]["data"]["seed"] == 7 and len(meta["probe"]["data"]["indices"]) == 40
+    assert meta["probe"]["batches"] == 3 and meta["probe"]["mode"] == "eval"
+    assert [b["name"] for b in meta["blocks"]][:2] == ["fc1.weight", "fc1.bias"]
+    # the same seed draws the same samples
+    again = gp.GeometryProbe(model, nn.CrossEntropyLoss(), dl, probe_samples=40, seed=7)
+    assert again.data_policy["indices"] == meta["probe"]["data"]["indices"]
+
+
+def test_schedules_fire_at_the_right_steps():
+    steps = {}
+    for name, sched in [("log", gp.log_spaced(1, 100, 3)), ("at", gp.at([0, 7, 33]))]:
+        _, _, probe = train(100, dict(schedule=sched, metrics={"spectrum": {"max_iter": 5}}))
+        steps[name] = [r["step"] for r in probe.records]
+    assert steps["log"] == [1, 10, 100]
+    assert steps["at"] == [0, 7, 33]
+
+
+def test_budget_keeps_probe_time_under_five_percent_on_a_controlled_clock(monkeypatch):
+    clock = {"t": 0.0}
+    now = lambda: clock["t"]
+    X, y = data()
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+
+    def slow_metric(land, **_):
+        clock["t"] += 0.8          # each probe costs 0.8 s ...
+        return {"value": 1.0}
+
+    monkeypatch.setitem(registry.REGISTRY, "slow", registry.Metric("slow", slow_metric, "none"))
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), metrics=["slow"],
+                             schedule=gp.every(1) | gp.budget(0.05, clock=now), clock=now)
+    probe.attach(opt)
+    for _ in range(2000):
+        clock["t"] += 0.1          # ... and each training step 0.1 s
+        opt.step()
+    probe.close()
+    spent = sum(r["cost"]["seconds"] for r in probe.records)
+    assert spent <= 0.05 * clock["t"] + 0.8          # within budget (up to the one probe allowed first)
+    assert spent >= 0.04 * clock["t"]                # and the budget is used, not wasted
+    assert probe.overhead() <= 0.05 + 0.8 / clock["t"]
+
+
+def test_failures_are_recorded_and_training_continues(tmp_path, monkeypatch):
+    calls = {"n": 0}
+
+    def flaky(land, **_):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return {"value": float(land.loss)}
+
+    monkeypatch.setitem(registry.REGISTRY, "flaky", registry.Metric("flaky", flaky, "none"))
+    X, y = data()
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), metrics=["flaky", "spectrum"],
+                             schedule=gp.every(2), run_dir=tmp_path / "run", chunk_size=8)
+    with pytest.warns(RuntimeWarning, match="flaky failed at step 0"):
+        probe.attach(opt)
+    for _ in range(4):
+        opt.step()
+    probe.close()
+    recs = gp.RunReader(tmp_path / "run").records
+    assert recs[0]["errors"]["flaky"].startswith("OutOfMemory")
+    assert "spectrum" in recs[0]                           # the other metric still ran
+    assert recs[0]["cost"]["chunk_size"] == 4 and recs[1]["cost"]["chunk_size"] == 4   # retried with 8 / 2
+    assert "errors" not in recs[1] and recs[1]["flaky"]["value"] > 0
+
+
+class _Once(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.pow(3)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x.pow(2) * g
+
+
+def test_nan_loss_and_unsupported_op_are_recorded(tmp_path):
+    X, y = data()
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    bad = (X[:8] * float("nan"), y[:8])
+    with pytest.warns(RuntimeWarning, match="landscape failed"):
+        with gp.GeometryProbe(model, nn.CrossEntropyLoss(), bad, schedule=gp.every(1), run_dir=tmp_path / "nan") as p:
+            p.attach(opt)
+            opt.step()
+    recs = gp.RunReader(tmp_path / "nan").records
+    assert len(recs) == 2 and all("NonFiniteLossError" in r["errors"]["landscape"] for r in recs)
+
+    lin = nn.Linear(6, 3)
+    loss_fn = lambda model, batch: _Once.apply(model(batch[0])).pow(2).mean()
+    opt = torch.optim.SGD(lin.parameters(), lr=0.01)
+    with pytest.warns(RuntimeWarning, match="once_differentiable"):
+        with gp.GeometryProbe(lin, loss_fn, (X, y), schedule=gp.every(1), run_dir=tmp_path / "op") as p:
+            p.attach(opt)
+    rec = gp.RunReader(tmp_path / "op").records[0]
+    assert "UnsupportedOperationError" in rec["errors"]["landscape"]
+
+
+def test_bad_configuration_is_refused_before_training(tmp_path):
+    X, y = data()
+    model = nn.Linear(6, 3)
+    with pytest.raises(gp.ConfigurationError, match="unknown metric 'nope'"):
+        gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), metrics=["nope"])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "records.jsonl").write_text("{}\n")
+    with pytest.raises(gp.ConfigurationError, match="refusing to overwrite"):
+        gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), run_dir=tmp_path / "old")
+    assert (tmp_path / "old" / "records.jsonl").read_text() == "{}\n"
+    with pytest.raises(gp.ConfigurationError, match="schedule must be"):
+        gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), schedule=10)
+
+
+def test_wrapped_models_are_unwrapped():
+    model = nn.Linear(6, 3)
+    X, y = data()
+    compiled = torch.compile(model)
+    probe = gp.GeometryProbe(compiled, nn.CrossEntropyLoss(), (X, y))
+    assert probe.model is model
+    probe = gp.GeometryProbe(nn.DataParallel(model), nn.CrossEntropyLoss(), (X, y))
+    assert probe.model is model
+
+
+_KILLED = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    import geomprobe as gp
+    torch.manual_seed(0)
+    X, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), schedule=gp.every(1),
+                             metrics={"spectrum": {"max_iter": 5}}, run_dir=sys.argv[1])
+    probe.attach(opt)
+    while True:
+        opt.zero_grad(); nn.functional.cross_entropy(model(X), y).backward(); opt.step()
+    """
+)
+
+
+def test_a_killed_training_process_leaves_a_readable_run(tmp_path):
+    run = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-c", _KILLED, str(run)])
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if (run / "records.jsonl").exists() and (run / "records.jsonl").read_text().count("\n") >= 5:
+            break
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    recs = gp.RunReader(run).records
+    assert len(recs) >= 5
+    assert [r["step"] for r in recs] == list(range(len(recs)))
+    json.dumps(recs[-1])
