@@ -130,6 +130,10 @@ def _loss_form(loss_fn: Callable, loss_form: str) -> str:
     return "model" if first in _MODEL_ARG_NAMES else "outputs"
 
 
+def _is_pair(batch: Any) -> bool:
+    return isinstance(batch, (tuple, list)) and len(batch) == 2
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
     """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple/list, ``model(inputs)`` otherwise."""
     if isinstance(inputs, dict):
@@ -197,7 +201,8 @@ class Landscape:
     Args:
         model: the network (DDP and ``torch.compile`` wrappers are unwrapped).
         loss_fn: ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), or ``loss_fn(model, batch)``
-            returning a scalar (detected when its first argument is named ``model``; or say ``loss_form``).
+            returning a scalar (detected when its first argument is named ``model``, or when batches are not
+            ``(inputs, targets)`` pairs; or say ``loss_form``).
             The loss must be a mean over the batch's samples, as torch's losses are by default.
         batches: one ``(inputs, targets)`` pair, a list of batches, or a DataLoader (with ``max_batches``).
         params: glob pattern(s) selecting parameters by name (default: every trainable parameter).
@@ -264,6 +269,9 @@ class Landscape:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.batches = [_to_device(b, self.device) for b in resolve_batches(batches, max_batches)]
+        if loss_form == "auto" and self.loss_form == "outputs" and not _is_pair(self.batches[0]):
+            # loss_fn(outputs, targets) cannot take a dict or a longer tuple: the user meant loss_fn(model, batch)
+            self.loss_form = "model"
         self.batch_sizes = [batch_size(b) for b in self.batches]
         self.n_samples = sum(self.batch_sizes)
         self.weights = [n / self.n_samples for n in self.batch_sizes]
