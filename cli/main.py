@@ -1,4 +1,8 @@
-"""Entry point of the ``geomprobe`` command."""
+"""Entry point of the ``geomprobe`` command: the click group and its commands.
+
+Conventions: data on stdout (``--json`` for one JSON document), progress and messages on stderr; exit 0 on
+success, 1 on an error (one clear line), 2 on a usage error.
+"""
 
 from __future__ import annotations
 
@@ -10,8 +14,15 @@ from geomprobe import __version__
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="geomprobe")
 def cli() -> None:
-    """Measure the local geometry of a neural network's loss along its training trajectory."""
+    """Measure the local geometry of a neural network's loss along its training trajectory.
+
+    Start with `geomprobe demo`: it trains a small MLP on scikit-learn's digits with SGD, Adam and an
+    ellipsoidal trust region, probes the geometry along each run, and prints the comparison.
+    """
 
 
 def main() -> None:
     cli()
+
+
+# Each command lives in its own module (cli/commands_*.py) and is added here, one import and one line each.

@@ -1,0 +1,53 @@
+"""What every command shares: library errors become one clear line and exit 1; messages go to stderr."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from typing import Any, Callable
+
+import click
+from rich.console import Console
+
+from geomprobe.errors import GeomprobeError
+
+__all__ = ["handle_errors", "err_console", "out_console", "emit_json", "plain_output"]
+
+
+def plain_output() -> bool:
+    """Plain text when stdout is not a terminal or NO_COLOR is set."""
+    return bool(os.environ.get("NO_COLOR")) or not sys.stdout.isatty()
+
+
+def err_console() -> Console:
+    """Progress and messages: stderr, no colour when NO_COLOR is set or stderr is not a terminal."""
+    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+
+
+def out_console(width: int | None = None) -> Console:
+    """Data: stdout; plain when not a terminal or NO_COLOR (fixed width so tables do not wrap in pipes)."""
+    plain = plain_output()
+    return Console(no_color=plain, highlight=False, width=width or (120 if plain else None),
+                   force_terminal=False if plain else None)
+
+
+def emit_json(doc: Any) -> None:
+    """One JSON document on stdout."""
+    click.echo(json.dumps(doc, indent=2, default=str, allow_nan=True))
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn geomprobe's errors (and missing files) into click's one-line error and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except click.exceptions.ClickException:
+            raise
+        except (GeomprobeError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
+            raise click.ClickException(str(e)) from None
+
+    return wrapper
