@@ -94,6 +94,8 @@ class GeometryProbe:
         tensorboard: a log folder for TensorBoard scalars (needs tensorboard installed).
         meta: extra JSON-ready metadata for the run.
         clock: the clock probe time is measured with (the schedule's budget sees the same seconds).
+        annotate: called at each probe; its JSON-ready dict is added to the record (e.g. backprops so far,
+            an epoch number, a validation accuracy the loop keeps).
 
     A probe changes nothing: it uses ``torch.autograd.grad`` (never ``.backward()``), runs every forward under
     the state guard, draws randomness from its own generators, and leaves parameters, buffers, ``.grad``,
@@ -127,6 +129,7 @@ class GeometryProbe:
         tensorboard: str | None = None,
         meta: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        annotate: Callable[[], Mapping[str, Any]] | None = None,
     ):
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
@@ -155,6 +158,7 @@ class GeometryProbe:
         self._grad_norm0: float | None = None
         self._probe_seconds = 0.0
         self.clock = clock
+        self.annotate = annotate
         self._t_start = clock()
         self._closed = False
         # The run folder is checked now (a refusal before training starts) but written at the first probe,
@@ -257,6 +261,8 @@ class GeometryProbe:
             torch.cuda.reset_peak_memory_stats()
         t0 = self.clock()
         record: dict[str, Any] = {"step": step, "time": time.time(), "wall": t0 - self._t_start}
+        if self.annotate is not None:
+            record.update(self.annotate())
         errors: dict[str, str] = {}
         land = None
         try:
