@@ -3,6 +3,6 @@ import importlib.util
 
 collect_ignore = []
 if importlib.util.find_spec("lightning") is None:
-    collect_ignore.append("integrations/lightning.py")
+    collect_ignore.append("geomprobe/integrations/lightning.py")
 if importlib.util.find_spec("transformers") is None:
-    collect_ignore.append("integrations/transformers.py")
+    collect_ignore.append("geomprobe/integrations/transformers.py")
