@@ -6,7 +6,9 @@ import torch
 # Numbers in tests are deterministic and computed in exact float32/float64, never TF32.
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests use tiny models, where a second intra-op thread costs more in synchronization than it saves
+# (30x on a loaded 2-core machine); the benchmarks set their own thread counts.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -109,7 +109,8 @@ def _check(g: torch.Tensor, radius: float, a: torch.Tensor | None, kappa: float,
     if not isinstance(g, torch.Tensor) or g.ndim != 1 or not g.is_floating_point():
         raise ConfigurationError(
             f"steihaug_cg expects g as a 1-D floating tensor, got "
-            f"{type(g).__name__} {tuple(getattr(g, 'shape', ()))}; flatten with torch.cat([t.reshape(-1) ...])"
+            f"{type(g).__name__} {tuple(getattr(g, 'shape', ()))}; "
+            f"flatten with torch.cat([t.reshape(-1) ...])"
         )
     if not (isinstance(radius, (int, float)) and math.isfinite(radius) and radius > 0.0):
         raise ConfigurationError(f"trust-region radius must be positive and finite, got {radius!r}")
