@@ -7,5 +7,14 @@ short, ``hvps`` for its cost, and ``blocks`` per parameter block.
 
 from .registry import REGISTRY, Metric, available, get, register
 from .spectrum import spectrum
+from .density import density
+from .rmed import rmed
+from .diagshare import diagshare
+from .precond import precond
+from .saddle import saddle
 
 __all__ = ["Metric", "REGISTRY", "available", "get", "register", "spectrum"]
+__all__ += ["density", "rmed", "diagshare", "precond", "saddle"]
+from .noise import noise
+from .isotropy import isotropy
+__all__ += ["noise", "isotropy"]

@@ -1,0 +1,175 @@
+"""Helpers the geometry metrics share: block selection, local randomness, order-statistic intervals.
+
+Private: the metrics re-export nothing from here. Everything is plain Python/numpy on small arrays; the
+HVP-heavy work stays in :mod:`geomprobe.krylov`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigurationError, NonFiniteLossError
+from ..krylov import default_generator, hessian_columns
+
+Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+
+def resolve_generator(seed: int, generator: torch.Generator | None) -> torch.Generator:
+    """``generator`` when given, else a fresh CPU generator seeded with ``seed`` (never the global RNG)."""
+    return generator if generator is not None else default_generator(seed)
+
+
+def numpy_rng(generator: torch.Generator) -> np.random.Generator:
+    """A numpy generator seeded from ``generator``, so bootstrap draws follow the metric's one seed."""
+    seed = int(torch.randint(0, 2**62, (1,), generator=generator, dtype=torch.int64))
+    return np.random.default_rng(seed)
+
+
+def select_blocks(blocks: Sequence[Any], patterns: str | Sequence[str] | None) -> list[Any]:
+    """The blocks whose names match one of the glob ``patterns`` (all blocks for ``None``).
+
+    Raises ConfigurationError naming the available blocks when nothing matches, since a metric over no
+    coordinates has nothing to report.
+    """
+    blocks = list(blocks)
+    if not blocks:
+        raise ConfigurationError("the Landscape has no parameter blocks; select parameters with params=")
+    if patterns is None:
+        return blocks
+    pats = [patterns] if isinstance(patterns, str) else list(patterns)
+    chosen = [b for b in blocks if any(fnmatch.fnmatchcase(b.name, p) for p in pats)]
+    if not chosen:
+        shown = ", ".join(b.name for b in blocks[:12]) + (" ..." if len(blocks) > 12 else "")
+        raise ConfigurationError(
+            f"no parameter block matches blocks={pats!r}; available blocks: {shown}. "
+            "Pass glob patterns of block names, or blocks=None for all"
+        )
+    return chosen
+
+
+def checked(matvec: Matvec, what: str = "Hessian-vector product") -> Matvec:
+    """Wrap ``matvec`` so a NaN/inf result raises NonFiniteLossError instead of poisoning the statistic."""
+
+    def mv(v: torch.Tensor) -> torch.Tensor:
+        out = matvec(v)
+        if not bool(torch.isfinite(out).all()):
+            raise NonFiniteLossError(
+                f"a {what} returned NaN or infinite entries at the current parameters; the curvature is "
+                "not defined here (check the loss for overflow, or probe an earlier step)"
+            )
+        return out
+
+    return mv
+
+
+def exact_diagonal_chunked(matvec: Matvec, dim: int, idx: torch.Tensor, *, batch: int, dtype: torch.dtype,
+                           device: Any) -> torch.Tensor:
+    """Exact ``H_jj`` for ``j`` in ``idx`` (float64, CPU), ``batch`` columns at a time.
+
+    Same values and cost (one HVP per index) as :func:`geomprobe.krylov.exact_diagonal`, but only one chunk
+    of full columns ``(batch, d)`` is alive at once, so thousands of entries of a large model fit in memory.
+    """
+    idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    out = torch.empty(idx.numel(), dtype=torch.float64)
+    for s in range(0, idx.numel(), batch):
+        part = idx[s : s + batch]
+        cols = hessian_columns(matvec, dim, part, batch=batch, dtype=dtype, device=device)
+        out[s : s + batch] = cols[torch.arange(part.numel()), part.to(cols.device)].double().cpu()
+    return out
+
+
+def ratio(num: float, den: float) -> float | None:
+    """``num / den``, or None when the ratio is undefined (den = 0) or not finite (JSON has no inf)."""
+    if den == 0 or not math.isfinite(num) or not math.isfinite(den):
+        return None
+    return num / den
+
+
+def half_width(x: float | None, lo: float | None, hi: float | None) -> float | None:
+    """The larger distance from ``x`` to an interval end: ``[x - err, x + err]`` covers ``[lo, hi]``."""
+    if x is None or lo is None or hi is None:
+        return None
+    return max(x - lo, hi - x, 0.0)
+
+
+def _binom_cdf(n: int, p: float) -> list[float]:
+    """``P(Bin(n, p) <= j)`` for ``j = 0..n``, via log-space terms (n up to a few 1e4 is instant)."""
+    if p <= 0.0:
+        return [1.0] * (n + 1)
+    if p >= 1.0:
+        return [0.0] * n + [1.0]
+    lp, lq = math.log(p), math.log1p(-p)
+    terms = [
+        math.exp(math.lgamma(n + 1) - math.lgamma(j + 1) - math.lgamma(n - j + 1) + j * lp + (n - j) * lq)
+        for j in range(n + 1)
+    ]
+    out, acc = [], 0.0
+    for t in terms:
+        acc += t
+        out.append(min(acc, 1.0))
+    return out
+
+
+def order_stat_ranks(n: int, p: float, level: float) -> tuple[int, int]:
+    """1-based ranks ``(l, u)`` with ``P(x_(l) <= xi_p <= x_(u)) >= level`` for a sample of size ``n``.
+
+    Distribution-free: the number of sample points below the population ``p``-quantile ``xi_p`` is
+    Binomial(n, p), so ``l`` is the largest rank with ``P(B <= l - 1) <= alpha/2`` and ``u`` the smallest
+    with ``P(B <= u - 1) >= 1 - alpha/2``. Sampling without replacement from a finite block only tightens
+    the coverage (the hypergeometric law is more concentrated). Ranks may fall outside ``[1, n]`` (0 or
+    ``n + 1``) when the sample is too small for that side: the interval is then open on that side.
+
+    >>> order_stat_ranks(100, 0.5, 0.95)
+    (40, 61)
+    """
+    alpha = 1.0 - level
+    cdf = _binom_cdf(n, p)
+    lower = 0
+    for r in range(1, n + 1):
+        if cdf[r - 1] <= alpha / 2:
+            lower = r
+        else:
+            break
+    upper = n + 1
+    for r in range(1, n + 1):
+        if cdf[r - 1] >= 1 - alpha / 2:
+            upper = r
+            break
+    return lower, upper
+
+
+def quantile_ci(
+    sample: np.ndarray, p: float, level: float, *, floor: float = 0.0, ceiling: float | None = None
+) -> tuple[float, float]:
+    """Order-statistic interval for the population ``p``-quantile; open sides become ``floor``/``ceiling``."""
+    x = np.sort(np.asarray(sample, dtype=np.float64))
+    lo_r, hi_r = order_stat_ranks(len(x), p, level)
+    lo = float(x[lo_r - 1]) if lo_r >= 1 else floor
+    if hi_r <= len(x):
+        hi = float(x[hi_r - 1])
+    else:
+        hi = float(ceiling) if ceiling is not None else math.inf
+    return lo, hi
+
+
+def weighted_quantile(values: np.ndarray, weights: np.ndarray, p: float) -> float:
+    """The smallest value whose cumulative weight reaches ``p`` of the total (inverted-CDF quantile)."""
+    order = np.argsort(values, kind="stable")
+    v, w = values[order], weights[order]
+    cw = np.cumsum(w)
+    i = int(np.searchsorted(cw, p * cw[-1], side="left"))
+    return float(v[min(i, len(v) - 1)])
+
+
+def z_of(level: float) -> float:
+    """Two-sided normal quantile for a confidence ``level`` (0.95 -> 1.96)."""
+    if not 0.0 < level < 1.0:
+        raise ConfigurationError(f"confidence level must lie in (0, 1), got {level!r}")
+    from statistics import NormalDist
+
+    return NormalDist().inv_cdf(0.5 + level / 2)

@@ -1,0 +1,262 @@
+"""Diagonal mass share of the Hessian, with its random-matrix baselines (SPEC §4).
+
+::
+
+    delta(A) = sum_i |a_ii| / sum_ij |a_ij|  in (0, 1]
+
+Reference: Kohler, Adolphs, Lucchi, "Adaptive norms for deep learning with regularized Newton methods":
+network Hessians keep a diagonal share above both baselines below, which is why diagonal (adaptive)
+norms fit them. Also reported: ``delta`` per block (of the block's own sub-matrix ``H_ll``) and the
+block-diagonal share ``beta = sum_l sum_{i,j in l} |h_ij| / sum_ij |h_ij|``.
+
+Estimators:
+
+* ``d <= exact_threshold`` (the selected coordinates): the dense Hessian from ``d`` HVPs, symmetrized, and
+  every share exactly (errors 0, up to rounding).
+* larger: column sampling, stratified by block. Per block ``l`` of ``n_l`` coordinates, ``k_l = min(k, n_l)``
+  columns ``H e_j`` drawn uniformly without replacement (all columns when ``n_l <= k``: an exact stratum).
+  With stratum weights ``w_l = n_l / k_l`` (``sum_j`` over the sampled columns)::
+
+      delta_hat   = sum_l w_l sum_j |H_jj|          / sum_l w_l sum_j ||H e_j||_1
+      delta_hat_l = sum_j |H_jj|                    / sum_j ||(H e_j)_l||_1
+      beta_hat    = sum_l w_l sum_j ||(H e_j)_l||_1 / sum_l w_l sum_j ||H e_j||_1
+
+  (``sum_i |a_ii| / sum_ij |a_ij| = sum_j |a_jj| / sum_j ||a_:j||_1``, so sampling whole columns is
+  unbiased for numerator and denominator; a random principal sub-block would not be.) Errors: a
+  stratified percentile bootstrap over the sampled columns at ``level``; ``x_ci`` is the interval and
+  ``x_err`` its half-width about ``x``. Ratio estimators carry an O(1/k) bias, small against that interval.
+  The interval is only as good as the sample's view of the heaviest columns: over repeated draws the
+  nominal 95 % covered 92-95 % when the diagonal's log-scale sd is 1 (k = 150-256 per block), but 87 %
+  with a log-scale sd of 2 at k = 256 and 78 % at k = 96. Heavy-tailed curvature needs a larger ``k``.
+
+Cost in HVPs: ``d`` (exact) or ``sum_l min(k, n_l)`` (sampled). Rows are restricted to the selected
+blocks, so with ``blocks=`` the statistic is that of the selected coordinates' sub-Hessian.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigurationError
+from ..krylov import hessian_columns
+from ._common import checked, half_width, numpy_rng, resolve_generator, select_blocks
+from .registry import register
+
+__all__ = ["diagshare", "diagonal_share", "wigner_baseline", "ols_baseline"]
+
+
+def _check_d(d: int) -> None:
+    if isinstance(d, bool) or not isinstance(d, (int, np.integer)) or d < 1:
+        raise ConfigurationError(f"the dimension d must be a positive integer, got {d!r}")
+
+
+def wigner_baseline(d: int, *, sigma_diag: float = 1.0, sigma_off: float = 1.0) -> float:
+    """Diagonal share of a Wigner matrix's entrywise mean: ``delta(E|A|) = s1 / (s1 + (d - 1) s2)``.
+
+    ``A`` symmetric with independent zero-mean Gaussian entries, diagonal sd ``sigma_diag = s1`` and
+    off-diagonal sd ``sigma_off = s2`` (``E|a| = sqrt(2/pi) sd``, the constant cancels). With equal scales this
+    is ``1/d``: the share of a Hessian with no diagonal structure at all. Reference: Kohler et al. (SPEC §4).
+    Monte Carlo of ``E delta(A)`` at d = 100 gives 0.0100-0.0101.
+
+    >>> wigner_baseline(100)
+    0.01
+    """
+    _check_d(d)
+    if sigma_diag <= 0 or sigma_off < 0:
+        raise ConfigurationError(f"need sigma_diag > 0 and sigma_off >= 0, got {sigma_diag}, {sigma_off}")
+    return sigma_diag / (sigma_diag + (d - 1) * sigma_off)
+
+
+def ols_baseline(d: int, n: int) -> float:
+    """Diagonal share of a least-squares Hessian ``H = X^T X / n``: ``1 / (1 + (d - 1) sqrt(2 / (pi n)))``.
+
+    ``X`` is ``n x d`` with i.i.d. zero-mean unit-variance inputs; ``n`` is the Hessian's batch size (the
+    number of samples it averages over, ``Landscape.n_samples``). For large ``n``, ``H_ii -> 1`` and
+    ``H_ij ~ N(0, 1/n)`` with ``E|H_ij| = sqrt(2 / (pi n))``. Monte Carlo (SPEC §4): d=50, n=128 gives 0.2250
+    against 0.2244 here; d=10, n=32 0.4420 vs 0.4406; d=100, n=4096 0.4474 vs 0.4476.
+
+    >>> round(ols_baseline(50, 128), 4)
+    0.2244
+    """
+    _check_d(d)
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+        raise ConfigurationError(f"the batch size n must be a positive integer, got {n!r}")
+    return 1.0 / (1.0 + (d - 1) * math.sqrt(2.0 / (math.pi * n)))
+
+
+def _blockdiag_baselines(sizes: Sequence[int], n: int) -> tuple[float, float]:
+    # Expected block-diagonal mass share under the same two models: every |a_ij| alike (Wigner), or
+    # diagonal 1 and off-diagonal sqrt(2/(pi n)) (OLS).
+    d = sum(sizes)
+    inner = sum(s * s for s in sizes)
+    c = math.sqrt(2.0 / (math.pi * n))
+    return inner / d**2, (d + c * (inner - d)) / (d + c * (d * d - d))
+
+
+def diagonal_share(A: torch.Tensor) -> float:
+    """``delta(A) = sum_i |a_ii| / sum_ij |a_ij|`` of a dense square matrix (None-free: 0/0 gives NaN).
+
+    >>> diagonal_share(torch.tensor([[2.0, -1.0], [-1.0, 2.0]]))
+    0.6666666666666666
+    """
+    if A.dim() != 2 or A.shape[0] != A.shape[1]:
+        raise ConfigurationError(f"diagonal_share needs a square matrix, got shape {tuple(A.shape)}")
+    A = A.double().abs()
+    return float(torch.diagonal(A).sum() / A.sum())
+
+
+def _share(num: float, den: float) -> float | None:
+    return num / den if den > 0 else None
+
+
+def _exact(land: Any, chosen: list, idx: torch.Tensor, batch: int, mv) -> dict:
+    # Columns chunk by chunk, keeping only the selected rows: never the full (D, d) block of columns.
+    M = torch.empty(len(idx), len(idx), dtype=torch.float64)
+    for s in range(0, len(idx), batch):
+        cols = hessian_columns(mv, land.dim, idx[s : s + batch], batch=batch, dtype=land.dtype, device=land.device)
+        M[s : s + batch] = cols[:, idx.to(cols.device)].double().cpu()
+    M = ((M + M.T) / 2).abs()
+    total = float(M.sum())
+    out, inner, at = {}, 0.0, 0
+    for b in chosen:
+        sub = M[at : at + b.size, at : at + b.size]
+        mass = float(sub.sum())
+        inner += mass
+        d = _share(float(torch.diagonal(sub).sum()), mass)
+        out[b.name] = {"diagshare": d, "diagshare_err": 0.0, "diagshare_ci": [d, d], "exact": True,
+                       "columns": b.size}
+        at += b.size
+    d = _share(float(torch.diagonal(M).sum()), total)
+    bd = _share(inner, total)
+    return {"diagshare": d, "diagshare_err": 0.0, "diagshare_ci": [d, d], "blockdiag_share": bd,
+            "blockdiag_share_err": 0.0, "blockdiag_share_ci": [bd, bd], "exact": True, "columns": len(idx),
+            "blocks": out}
+
+
+def _sampled(land: Any, chosen: list, k: int, level: float, bootstrap: int, gen: torch.Generator,
+             batch: int, mv) -> dict:
+    sel = torch.cat([torch.arange(b.start, b.stop) for b in chosen])
+    strata = []
+    for b in chosen:
+        local = torch.arange(b.size) if b.size <= k else torch.randperm(b.size, generator=gen)[:k].sort().values
+        cols = b.start + local
+        diag_, tot, inner = [], [], []
+        # Columns in chunks: only three numbers per column are kept, never the k x d block.
+        for s in range(0, len(cols), batch):
+            part = cols[s : s + batch]
+            C = hessian_columns(mv, land.dim, part, batch=batch, dtype=land.dtype, device=land.device)
+            C = C.double().cpu().abs()
+            diag_.append(C[torch.arange(len(part)), part])
+            tot.append(C[:, sel].sum(1))
+            inner.append(C[:, b.start : b.stop].sum(1))
+        strata.append({"block": b, "exact": b.size <= k, "w": b.size / len(cols),
+                       "diag": torch.cat(diag_).numpy(), "tot": torch.cat(tot).numpy(),
+                       "inner": torch.cat(inner).numpy()})
+
+    def stats(draws: list[np.ndarray]) -> tuple[float, float, list[float]]:
+        num = den = inn = 0.0
+        per = []
+        for st, ix in zip(strata, draws):
+            dg, tt, ii = st["diag"][ix].sum(), st["tot"][ix].sum(), st["inner"][ix].sum()
+            num, den, inn = num + st["w"] * dg, den + st["w"] * tt, inn + st["w"] * ii
+            per.append(dg / ii if ii > 0 else np.nan)
+        return (num / den if den > 0 else np.nan), (inn / den if den > 0 else np.nan), per
+
+    full = [np.arange(len(st["diag"])) for st in strata]
+    d0, bd0, per0 = stats(full)
+    rng = numpy_rng(gen)
+    boots = []
+    for _ in range(bootstrap):
+        draws = [f if st["exact"] else rng.integers(0, len(f), len(f)) for st, f in zip(strata, full)]
+        dd, bb, pp = stats(draws)
+        boots.append([dd, bb] + pp)
+    B = np.array(boots)
+    a = 1 - level
+    lo, hi = np.nanquantile(B, a / 2, axis=0), np.nanquantile(B, 1 - a / 2, axis=0)
+
+    def pack(x: float, j: int) -> tuple[float | None, float | None, list]:
+        if not np.isfinite(x):
+            return None, None, [None, None]
+        ci = [float(min(lo[j], x)), float(max(hi[j], x))]
+        return float(x), half_width(float(x), *ci), ci
+
+    blocks = {}
+    for j, st in enumerate(strata):
+        x, err, ci = pack(per0[j], 2 + j)
+        if st["exact"]:
+            err, ci = 0.0, [x, x]
+        blocks[st["block"].name] = {"diagshare": x, "diagshare_err": err, "diagshare_ci": ci,
+                                    "exact": st["exact"], "columns": len(st["diag"])}
+    dx, derr, dci = pack(d0, 0)
+    bx, berr, bci = pack(bd0, 1)
+    return {"diagshare": dx, "diagshare_err": derr, "diagshare_ci": dci, "blockdiag_share": bx,
+            "blockdiag_share_err": berr, "blockdiag_share_ci": bci, "exact": all(st["exact"] for st in strata),
+            "columns": int(sum(len(st["diag"]) for st in strata)), "blocks": blocks}
+
+
+@register("diagshare", cost="d HVPs up to exact_threshold (2048); above it min(k, n_l) (256) per block")
+def diagshare(
+    land: Any,
+    *,
+    blocks: str | Sequence[str] | None = None,
+    exact_threshold: int = 2048,
+    k: int = 256,
+    level: float = 0.95,
+    bootstrap: int = 1000,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """Diagonal mass share ``delta`` of the Hessian, per block, and the block-diagonal share, with baselines.
+
+    Args:
+        land: the Landscape.
+        blocks: glob patterns of block names (default all); shares are of the selected coordinates.
+        exact_threshold: up to this many selected coordinates the dense Hessian is built (``d`` HVPs).
+        k: sampled columns per block above it.
+        level, bootstrap: confidence level and resamples of the bootstrap interval.
+        seed, generator: the randomness (column draws, bootstrap).
+
+    Returns ``diagshare``, ``diagshare_err``, ``diagshare_ci``, ``blockdiag_share`` (``_err``, ``_ci``), ``exact``,
+    ``columns``, ``hvps``; the baselines for the same ``d`` and ``n = land.n_samples``: ``wigner``
+    (:func:`wigner_baseline`), ``ols`` (:func:`ols_baseline`) and for the block-diagonal share
+    ``blockdiag_wigner = sum n_l^2 / d^2`` and ``blockdiag_ols`` (every diagonal entry 1, every off-diagonal
+    one ``sqrt(2/(pi n))``); and ``blocks`` with each block's share and its own ``d``, ``wigner``, ``ols``.
+    Errors: 0 when exact, else bootstrap half-widths (module docstring).
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from geomprobe import Landscape
+    >>> model = nn.Linear(2, 1, bias=False).double()
+    >>> X = torch.tensor([[1.0, 1.0], [1.0, -1.0], [2.0, 0.0]], dtype=torch.float64)
+    >>> land = Landscape(model, nn.MSELoss(), (X, torch.zeros(3, 1, dtype=torch.float64)))
+    >>> out = diagshare(land)          # H = 2 X^T X / 3 = [[4, 0], [0, 4/3]]: purely diagonal
+    >>> out["diagshare"], out["exact"], out["n"], round(out["ols"], 4)
+    (1.0, True, 3, 0.6846)
+    """
+    if k < 2 or bootstrap < 10 or not 0.0 < level < 1.0 or exact_threshold < 0:
+        raise ConfigurationError(
+            f"diagshare needs k >= 2, bootstrap >= 10, 0 < level < 1 and exact_threshold >= 0; got k={k}, "
+            f"bootstrap={bootstrap}, level={level}, exact_threshold={exact_threshold}"
+        )
+    chosen = select_blocks(land.space.blocks, blocks)
+    gen = resolve_generator(seed, generator)
+    batch = getattr(land, "chunk_size", 16)
+    mv = checked(land.hvp)
+    d = sum(b.size for b in chosen)
+    if d <= exact_threshold:
+        idx = torch.cat([torch.arange(b.start, b.stop) for b in chosen])
+        out = _exact(land, chosen, idx, batch, mv)
+    else:
+        out = _sampled(land, chosen, k, level, bootstrap, gen, batch, mv)
+    n = int(land.n_samples)
+    bw, bo = _blockdiag_baselines([b.size for b in chosen], n)
+    out.update({"d": d, "n": n, "wigner": wigner_baseline(d), "ols": ols_baseline(d, n),
+                "blockdiag_wigner": bw, "blockdiag_ols": bo, "hvps": out["columns"]})
+    for b in chosen:
+        out["blocks"][b.name].update({"d": b.size, "wigner": wigner_baseline(b.size),
+                                      "ols": ols_baseline(b.size, n)})
+    return out

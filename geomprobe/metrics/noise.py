@@ -1,0 +1,250 @@
+"""Gradient noise at a frozen iterate: tail indices, noise scale, signal-to-noise ratio (SPEC §5).
+
+The registered ``noise`` metric draws P ≥ 50 stochastic gradients ``g_p`` at the Landscape's parameters and
+studies the noise ``ξ_p = g_p − ḡ``. The estimators of the tail index are public here too:
+:func:`tail_index` (Mohammadi et al. 2015), :func:`hill_index` and the SαS sampler :func:`sample_sas`.
+
+How the probe passes noise data: the keyword ``noise_data=`` (the registry lists the need as
+``noise_batches``) takes an iterable of batches of the **training batch size**, e.g. P batches of a
+shuffled DataLoader with ``drop_last=True`` or :func:`geomprobe.persample.sample_minibatches`; each gives one
+sample ``g_p`` (the first ``max_samples``, default 256, are read: a DataLoader that reshuffles gives fresh
+batches at every probe). With ``noise_data=None`` the samples are per-example gradients on the Landscape's own probe
+batches (``torch.func.vmap``, or micro-batches of one where vmap cannot run; ``method`` says which).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from ..errors import ConfigurationError
+from ..noisestats import (
+    DEFAULT_MAX_ELEMENTS,
+    NoiseStats,
+    collect_noise,
+    ratio,
+    trace_estimates,
+    with_error,
+)
+from ..persample import MinibatchGradients, PerExampleGradients
+from ..tails import MIN_HILL_SAMPLES, hill_index, sample_sas, tail_index
+from .registry import register
+
+__all__ = ["noise", "tail_index", "hill_index", "sample_sas", "noise_tail_indices", "gradient_source",
+           "HETEROGENEITY_GAP", "MIN_NOISE_SAMPLES", "DEFAULT_MAX_SAMPLES"]
+
+MIN_NOISE_SAMPLES = 50     # SPEC §5: P >= 50 noise samples
+DEFAULT_MAX_SAMPLES = 256  # a DataLoader given as noise_data is read this far, not for a whole epoch
+HETEROGENEITY_GAP = 0.2    # alpha_standardized - alpha_pooled above this: scale heterogeneity, not heavy tails
+
+
+def gradient_source(
+    land: Any,
+    noise_data: Any = None,
+    *,
+    min_samples: int,
+    max_samples: int | None = None,
+    chunk_size: int = 32,
+    method: str = "auto",
+) -> PerExampleGradients | MinibatchGradients:
+    """The gradient samples a noise metric reads: minibatches of ``noise_data``, or per-example gradients of
+    the Landscape's probe batches when it is None; a clear error when there are fewer than ``min_samples``."""
+    if noise_data is None:
+        src: Any = PerExampleGradients(land, chunk_size=chunk_size, method=method, max_samples=max_samples)
+        hint = "probe with more examples, or pass noise_data= (P batches of the training batch size)"
+    else:
+        batches = noise_data
+        if max_samples is not None:
+            batches = [b for _, b in zip(range(max_samples), iter(noise_data))]
+        src = MinibatchGradients(land, batches)
+        hint = "pass more batches in noise_data="
+    if len(src) < min_samples:
+        raise ConfigurationError(
+            f"gradient noise needs at least {min_samples} samples, got {len(src)} {src.source} gradients; {hint}"
+        )
+    return src
+
+
+def noise_tail_indices(xi: torch.Tensor, *, partitions: int = 16, seed: int = 0) -> dict:
+    """α̂ of a noise sample ``xi`` (P × m: samples × coordinates), pooled and per-coordinate standardized.
+
+    Pooled: every entry in one sample (comparable with Simsekli et al. 2019). Standardized: each column
+    divided by its standard deviation over samples first, so coordinates of different scales no longer
+    look like a heavy tail; columns with zero variance carry no noise and are left out. ``gap`` =
+    standardized − pooled; ``scale_heterogeneity`` when it exceeds :data:`HETEROGENEITY_GAP`: the pooled
+    sample looks heavier-tailed than its standardized coordinates, so unequal scales, not heavy tails,
+    made it so. (SPEC §5 writes the difference the other way round, pooled − standardized, yet its own
+    example, 1.52 pooled for Gaussians of log-normal scales, has pooled below standardized; the sign here
+    is the one that flags that example.)
+
+    >>> g = torch.Generator().manual_seed(0)
+    >>> scales = torch.exp(torch.randn(400, generator=g, dtype=torch.float64))    # log-normal, sd 1
+    >>> xi = torch.randn(250, 400, generator=g, dtype=torch.float64) * scales
+    >>> out = noise_tail_indices(xi)
+    >>> round(out["alpha_pooled"], 1), round(out["alpha_standardized"], 1), out["scale_heterogeneity"]
+    (1.5, 2.0, True)
+    """
+    if xi.dim() != 2:
+        raise ConfigurationError(f"noise_tail_indices takes a P x m matrix, got shape {tuple(xi.shape)}")
+    xi = xi.detach().double().cpu()
+    pooled = tail_index(xi.reshape(-1), partitions=partitions, seed=seed)
+    sd = xi.std(0)
+    live = sd > 0
+    standardized = tail_index((xi[:, live] / sd[live]).reshape(-1), partitions=partitions, seed=seed + 1)
+    a_p, a_s = pooled["alpha"], standardized["alpha"]
+    gap = a_s - a_p if a_p is not None and a_s is not None else None
+    gap_err = None
+    if gap is not None and pooled["alpha_err"] is not None and standardized["alpha_err"] is not None:
+        gap_err = (pooled["alpha_err"] ** 2 + standardized["alpha_err"] ** 2) ** 0.5
+    return {
+        "alpha_pooled": a_p,
+        "alpha_pooled_err": pooled["alpha_err"],
+        "alpha_standardized": a_s,
+        "alpha_standardized_err": standardized["alpha_err"],
+        "gap": gap,
+        "gap_err": gap_err,
+        "scale_heterogeneity": bool(gap is not None and gap > HETEROGENEITY_GAP),
+        "values": pooled["n"],
+    }
+
+
+def _block_tails(stats: NoiseStats, partitions: int, seed: int) -> dict[str, dict]:
+    out: dict[str, dict] = {}
+    for j, b in enumerate(stats.blocks):
+        cols = (stats.coords >= b.start) & (stats.coords < b.stop)
+        entry: dict[str, Any] = {"coordinates": int(cols.sum())}
+        try:
+            t = noise_tail_indices(stats.sub[:, cols], partitions=partitions, seed=seed + 2 + 2 * j)
+            entry.update(alpha=t["alpha_pooled"], alpha_err=t["alpha_pooled_err"],
+                         alpha_standardized=t["alpha_standardized"],
+                         alpha_standardized_err=t["alpha_standardized_err"],
+                         scale_heterogeneity=t["scale_heterogeneity"])
+        except ConfigurationError as e:  # a block too small, or without noise: say why, keep the others
+            entry.update(alpha=None, alpha_err=None, alpha_standardized=None, alpha_standardized_err=None,
+                         scale_heterogeneity=None, note=str(e))
+        tr = trace_estimates(stats, stats.views["raw"], block=j)
+        entry["trace_cov"], entry["trace_cov_err"] = with_error(tr["trace"], tr["trace_R"])
+        out[b.name] = entry
+    return out
+
+
+@register(
+    "noise",
+    cost="no HVPs; P >= 50 gradients (one per example or per noise batch), twice when P*d > max_elements",
+    needs=("noise_batches",),
+)
+def noise(
+    land: Any,
+    *,
+    noise_data: Any = None,
+    max_samples: int | None = DEFAULT_MAX_SAMPLES,
+    min_samples: int = MIN_NOISE_SAMPLES,
+    dataset_size: int | None = None,
+    method: str = "auto",
+    chunk_size: int = 32,
+    tail_values: int = 2**19,
+    max_elements: int = DEFAULT_MAX_ELEMENTS,
+    partitions: int = 16,
+    hill_k: int | None = None,
+    n_boot: int = 200,
+    seed: int = 0,
+) -> dict:
+    """Statistics of the gradient noise ``ξ_p = g_p − ḡ`` over P ≥ 50 samples at the frozen parameters.
+
+    Samples: ``noise_data`` batches (one gradient each, all of the training batch size B), or per-example
+    gradients of the probe batches (B = 1) when it is None. ``max_samples`` caps P (the first batches of
+    ``noise_data``, the first examples of the probe batches; None: all of them). Estimates:
+
+    - Tail index α̂ (:func:`tail_index`) on a fixed random subset of coordinates (``tail_values`` values at
+      most, so memory stays ``P × m`` whatever d): ``alpha_pooled`` over all, ``alpha_standardized`` after
+      dividing each coordinate by its std, per block in ``blocks``; ``scale_heterogeneity`` when
+      standardized − pooled (``gap``) > 0.2: pooled Gaussian coordinates of unequal scales mimic a heavy
+      tail (SPEC §5; see :func:`noise_tail_indices` for the sign).
+    - ``hill_alpha``: Hill's exponent of the noise norms ``‖ξ_p‖`` with a bootstrap interval.
+    - ``trace_cov = tr Cov(g_p)`` (divisor P−1, unbiased) and ``grad_norm_sq = ‖ḡ‖² − trace_cov/P``, the
+      unbiased ``‖G‖²``.
+    - ``noise_scale = tr Σ / ‖G‖²`` in examples (McCandlish et al. 2018, "An empirical model of large-batch
+      training", B_simple), with the per-example ``tr Σ = B · trace_cov`` (times ``(N−1)/(N−B)``, the
+      finite-population correction, when ``dataset_size`` N is given for minibatches drawn without
+      replacement). None when ``grad_norm_sq ≤ 0`` (the mean gradient is lost in the noise).
+    - ``snr = ‖G‖² / trace_cov``: the signal-to-noise ratio of one sample (one example or one batch).
+
+    Errors: α̂ from :func:`tail_index`; ``*_err`` of the moments and ratios by a delete-a-group jackknife
+    over 20 groups of samples (or over the held groups when P·d > ``max_elements``). ``mean_grad_rel_diff``
+    (per-example source) compares ḡ with the Landscape's gradient: it should be ~1e-7 or less; a large
+    value means the loss is not a per-example mean (e.g. ``reduction="sum"``) or examples interact (BatchNorm
+    in train mode), and per-example gradients are not the noise of the training gradient.
+
+    Cost: no HVPs; P gradients (two passes when ``P·d > max_elements``), counted in ``gradients``.
+    """
+    src = gradient_source(land, noise_data, min_samples=min_samples, max_samples=max_samples,
+                          chunk_size=chunk_size, method=method)
+    gen = torch.Generator().manual_seed(seed)
+    stats = collect_noise(src, land.blocks, tail_values=tail_values, max_elements=max_elements, generator=gen,
+                          device=land.device)
+    raw = stats.views["raw"]
+
+    if not float(raw.sq.sum()) > 0:
+        raise ConfigurationError(
+            f"all {stats.P} gradient samples are equal: there is no noise to measure (identical examples or "
+            "batches, or parameters the loss does not depend on)"
+        )
+    tails = noise_tail_indices(stats.sub, partitions=partitions, seed=seed)
+    norms = raw.sq.sqrt()
+    norms = norms[norms > 0]  # a sample exactly at the mean has no direction, and Hill needs logs
+    if norms.numel() >= MIN_HILL_SAMPLES:
+        hill = hill_index(norms, hill_k, n_boot=n_boot, seed=seed)
+    else:
+        hill = {"alpha": None, "alpha_err": None, "alpha_lo": None, "alpha_hi": None, "k": None}
+
+    tr = trace_estimates(stats, raw)
+    B = src.batch_size
+    fpc = 1.0
+    if dataset_size is not None and src.source == "minibatch":
+        if dataset_size <= B:
+            raise ConfigurationError(f"dataset_size must exceed the batch size {B}, got {dataset_size}")
+        fpc = (dataset_size - 1) / (dataset_size - B)
+    factor = B * fpc
+    scale_R = [ratio(factor * t, g) for t, g in zip(tr["trace_R"], tr["g2_R"])]
+    snr_R = [ratio(g, t) for t, g in zip(tr["trace_R"], tr["g2_R"])]
+    noise_scale, noise_scale_err = with_error(ratio(factor * tr["trace"], tr["g2"]), scale_R)
+    snr, snr_err = with_error(ratio(tr["g2"], tr["trace"]), snr_R)
+    trace_cov, trace_cov_err = with_error(tr["trace"], tr["trace_R"])
+    g2, g2_err = with_error(tr["g2"], tr["g2_R"])
+
+    out: dict[str, Any] = {
+        "source": src.source,
+        "method": src.method,
+        "fallback_reason": src.fallback_reason,
+        "samples": stats.P,
+        "batch_size": B,
+        "dim": stats.d,
+        "coordinates": int(stats.coords.numel()),
+        **tails,
+        "hill_alpha": hill["alpha"],
+        "hill_alpha_err": hill["alpha_err"],
+        "hill_alpha_lo": hill["alpha_lo"],
+        "hill_alpha_hi": hill["alpha_hi"],
+        "hill_k": hill["k"],
+        "trace_cov": trace_cov,
+        "trace_cov_err": trace_cov_err,
+        "grad_norm_sq": g2,
+        "grad_norm_sq_err": g2_err,
+        "noise_scale": noise_scale,
+        "noise_scale_err": noise_scale_err,
+        "snr": snr,
+        "snr_err": snr_err,
+    }
+    if src.source == "per-example":
+        ref = land.grad.detach().to(stats.mean)
+        diff = float((stats.mean - ref).norm()) / max(float(ref.norm()), 1e-300)
+        out["mean_grad_rel_diff"] = diff
+    out.update(
+        blocks=_block_tails(stats, partitions, seed),
+        exact=stats.exact,
+        passes=stats.passes,
+        gradients=stats.P * stats.passes,
+        hvps=0,
+    )
+    return out

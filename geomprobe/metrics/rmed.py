@@ -1,0 +1,318 @@
+"""R_med: the diagonal analogue of a condition number, per parameter block and for the whole model (SPEC §3).
+
+For a block ``l`` with Hessian diagonal ``h = diag(H_ll)``::
+
+    R_med,l = max_i |h_i| / median_i |h_i|          R_q99,l = q_0.99 |h_i| / median_i |h_i|
+
+Absolute values throughout (a diagonal entry of an indefinite Hessian may be negative; the statistic is
+about the spread of curvature scales). The whole-model values use the diagonal of every selected block
+pooled into one vector. Reference: Jiang, Malik, Li, "How Does Adaptive Optimization Impact Local Neural
+Network Geometry?".
+
+How the diagonal is obtained, per block of ``n`` coordinates:
+
+* ``n <= max(exact_threshold, k + top)``: every ``h_i = e_i^T H e_i`` exactly, one HVP each. Errors are 0
+  (up to rounding).
+* larger blocks: the **median** and ``q_0.99`` from ``k`` coordinates drawn uniformly without replacement
+  and computed exactly, with distribution-free order-statistic intervals at ``level``; the **max** by
+  screening: a Bekas estimate ``h_hat`` with per-entry standard error ``se`` (``screen_samples`` HVPs,
+  shared by all blocks), then the ``top`` unknown coordinates with the largest upper bound
+  ``|h_hat_i| + z se_i`` recomputed exactly. The reported max is the largest exactly known ``|h_i|``, so it
+  never exceeds the truth; ``max_upper = max(max, max over the rest of |h_hat_i| + z se_i)`` bounds it from
+  above, and ``max_certified`` says the screen rules out a larger entry (``max_upper == max``).
+  The ratio of two raw Hutchinson/Bekas entries is never reported (biased: a true 16 reads 6 from one probe).
+
+Errors: ``rmed_ci = [max / median_hi, max_upper / median_lo]`` with ``median_lo/hi`` the ``level`` interval of
+the median; ``rmed_err`` is its half-width about ``rmed`` (``None`` when the interval is unbounded because
+``median_lo`` is 0). ``rmed_q99_ci`` combines the q99 and median intervals at ``1 - (1 - level)/2`` each
+(Bonferroni, so jointly at least ``level``). The whole-model median of a partly sampled model is the
+weighted median of the strata (sampled coordinates weigh ``n/k``), its interval a stratified percentile
+bootstrap. An undefined ratio (a zero median) is ``None``.
+
+Cost in HVPs: ``sum_small n + sum_large (k + top) + screen_samples`` (the last only if a block is large).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import ConfigurationError
+from ..krylov import Matvec, bekas_diagonal, default_generator
+from ._common import (
+    checked, exact_diagonal_chunked, half_width, numpy_rng, quantile_ci, ratio, resolve_generator, select_blocks,
+    weighted_quantile,
+)
+from .registry import register
+
+__all__ = ["rmed", "diagonal_ratios"]
+
+
+@dataclass
+class _BlockDiag:
+    """What is known exactly about one block's diagonal (raw, unscaled)."""
+
+    block: Any
+    exact: bool
+    sample: np.ndarray        # local indices computed exactly as a uniform sample (all, if exact)
+    sample_h: np.ndarray      # their h_i
+    cand: np.ndarray          # local indices recomputed after screening
+    cand_h: np.ndarray
+    screen: np.ndarray | None = None      # Bekas mean over the block
+    screen_se: np.ndarray | None = None
+
+
+def _check_options(exact_threshold: int, k: int, top: int, screen_samples: int, z: float, level: float,
+                   bootstrap: int) -> None:
+    if exact_threshold < 0 or k < 3 or top < 0 or screen_samples < 2 or bootstrap < 10:
+        raise ConfigurationError(
+            "rmed needs exact_threshold >= 0, k >= 3, top >= 0, screen_samples >= 2 and bootstrap >= 10; got "
+            f"exact_threshold={exact_threshold}, k={k}, top={top}, screen_samples={screen_samples}, "
+            f"bootstrap={bootstrap}"
+        )
+    if not 0.0 < level < 1.0 or z <= 0:
+        raise ConfigurationError(f"rmed needs 0 < level < 1 and z > 0, got level={level}, z={z}")
+
+
+def _gather(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None], *,
+            exact_threshold: int, k: int, top: int, screen_samples: int, z: float,
+            generator: torch.Generator, dtype: torch.dtype, device: Any, batch: int) -> tuple[list[_BlockDiag], int]:
+    """Compute the exact entries each block needs; returns the per-block knowledge and the HVPs spent."""
+    parts: list[_BlockDiag] = []
+    for b in blocks:
+        if b.size <= max(exact_threshold, k + top):
+            parts.append(_BlockDiag(b, True, np.arange(b.size), np.empty(0), np.empty(0, int), np.empty(0)))
+        else:
+            local = torch.randperm(b.size, generator=generator)[:k].sort().values.numpy()
+            parts.append(_BlockDiag(b, False, local, np.empty(0), np.empty(0, int), np.empty(0)))
+    idx = np.concatenate([p.block.start + p.sample for p in parts])
+    h = exact_diagonal_chunked(matvec, dim, torch.from_numpy(idx), batch=batch, dtype=dtype, device=device).numpy()
+    hvps = len(idx)
+    at = 0
+    for p in parts:
+        p.sample_h = h[at : at + len(p.sample)]
+        at += len(p.sample)
+    large = [p for p in parts if not p.exact]
+    if not large or top == 0:
+        return parts, hvps
+    mean, se = bekas_diagonal(matvec, dim, samples=screen_samples, batch=batch, generator=generator,
+                              dtype=dtype, device=device)
+    mean, se = mean.double().cpu().numpy(), se.double().cpu().numpy()
+    hvps += screen_samples
+    cand_global: list[np.ndarray] = []
+    for p in large:
+        b = p.block
+        p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
+        unknown = np.ones(b.size, dtype=bool)
+        unknown[p.sample] = False
+        chosen: set[int] = set()
+        for s in scalings:
+            sc = np.ones(b.size) if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
+            # Rank by the upper bound, not the point estimate: recomputing the coordinates that could be
+            # largest is what lets the remaining screen certify the max.
+            upper = np.where(unknown, sc * (np.abs(p.screen) + z * p.screen_se), -np.inf)
+            n_top = min(top, int(unknown.sum()))
+            chosen.update(np.argpartition(-upper, n_top - 1)[:n_top].tolist() if n_top else [])
+        p.cand = np.array(sorted(chosen), dtype=int)
+        cand_global.append(b.start + p.cand)
+    cidx = np.concatenate(cand_global)
+    hc = exact_diagonal_chunked(matvec, dim, torch.from_numpy(cidx), batch=batch, dtype=dtype, device=device).numpy()
+    hvps += len(cidx)
+    at = 0
+    for p in large:
+        p.cand_h = hc[at : at + len(p.cand)]
+        at += len(p.cand)
+    return parts, hvps
+
+
+def _ratio_stats(mx: float, mx_upper: float, med: float, med_ci: tuple[float, float], q99: float,
+                 q99_ci: tuple[float, float], med_ci_bonf: tuple[float, float]) -> dict:
+    r = ratio(mx, med)
+    lo, hi = ratio(mx, med_ci[1]), ratio(mx_upper, med_ci[0])
+    rq = ratio(q99, med)
+    qlo, qhi = ratio(q99_ci[0], med_ci_bonf[1]), ratio(q99_ci[1], med_ci_bonf[0])
+    return {
+        "rmed": r, "rmed_err": half_width(r, lo, hi), "rmed_ci": [lo, hi],
+        "rmed_q99": rq, "rmed_q99_err": half_width(rq, qlo, qhi), "rmed_q99_ci": [qlo, qhi],
+    }
+
+
+def _block_result(p: _BlockDiag, s: torch.Tensor | None, z: float, level: float) -> tuple[dict, dict]:
+    """The block's result dict and the raw material (scaled |h| values) the whole-model pooling needs."""
+    b = p.block
+    sc = None if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
+    samp = np.abs(p.sample_h) * (1.0 if sc is None else sc[p.sample])
+    if p.exact:
+        med, q99, mx = float(np.median(samp)), float(np.quantile(samp, 0.99)), float(samp.max())
+        out = {"max": mx, "max_upper": mx, "max_certified": True, "median": med, "median_ci": [med, med],
+               "q99": q99, "exact": True, "size": b.size, "computed": b.size}
+        out.update(_ratio_stats(mx, mx, med, (med, med), q99, (q99, q99), (med, med)))
+        return out, {"values": samp, "weights": np.ones(len(samp)), "exact": True, "mx": mx, "mx_upper": mx,
+                     "computed": b.size, "size": b.size}
+    cand = np.abs(p.cand_h) * (1.0 if sc is None else sc[p.cand])
+    mx = float(max(samp.max(), cand.max() if len(cand) else -np.inf))
+    unknown = np.ones(b.size, dtype=bool)
+    unknown[p.sample] = False
+    unknown[p.cand] = False
+    mx_upper = mx
+    if p.screen is not None and unknown.any():
+        ub = (np.abs(p.screen) + z * p.screen_se)[unknown]
+        mx_upper = max(mx, float((ub * (1.0 if sc is None else sc[unknown])).max()))
+    elif p.screen is None and unknown.any():
+        mx_upper = float("inf")  # top=0: nothing bounds the unseen entries
+    med, q99 = float(np.median(samp)), float(np.quantile(samp, 0.99))
+    bonf = 1 - (1 - level) / 2
+    med_ci = quantile_ci(samp, 0.5, level)
+    ceiling = mx_upper if np.isfinite(mx_upper) else None
+    q99_ci = quantile_ci(samp, 0.99, bonf, ceiling=ceiling)
+    out = {"max": mx, "max_upper": mx_upper if np.isfinite(mx_upper) else None,
+           "max_certified": bool(mx_upper <= mx), "median": med, "median_ci": list(med_ci), "q99": q99,
+           "exact": False, "size": b.size, "computed": int(len(p.sample) + len(p.cand))}
+    out.update(_ratio_stats(mx, mx_upper, med, med_ci, q99, q99_ci, quantile_ci(samp, 0.5, bonf)))
+    return out, {"values": samp, "weights": np.full(len(samp), b.size / len(samp)), "exact": False,
+                 "mx": mx, "mx_upper": mx_upper, "computed": out["computed"], "size": b.size}
+
+
+def _pooled(pieces: list[dict], level: float, bootstrap: int, rng: np.random.Generator) -> dict:
+    """Whole-model statistics from per-block pieces: exact when every block is, else weighted + bootstrap."""
+    mx = max(pc["mx"] for pc in pieces)
+    mx_upper = max(pc["mx_upper"] for pc in pieces)
+    size = sum(pc["size"] for pc in pieces)
+    computed = sum(pc["computed"] for pc in pieces)
+    if all(pc["exact"] for pc in pieces):
+        allv = np.concatenate([pc["values"] for pc in pieces])
+        med, q99 = float(np.median(allv)), float(np.quantile(allv, 0.99))
+        out = {"max": mx, "max_upper": mx, "max_certified": True, "median": med, "median_ci": [med, med],
+               "q99": q99, "exact": True, "size": size, "computed": computed}
+        out.update(_ratio_stats(mx, mx, med, (med, med), q99, (q99, q99), (med, med)))
+        return out
+    vals = np.concatenate([pc["values"] for pc in pieces])
+    wts = np.concatenate([pc["weights"] for pc in pieces])
+    med, q99 = weighted_quantile(vals, wts, 0.5), weighted_quantile(vals, wts, 0.99)
+    fixed = [pc for pc in pieces if pc["exact"]]
+    fixed_v = np.concatenate([pc["values"] for pc in fixed]) if fixed else np.empty(0)
+    boot_med, boot_q = np.empty(bootstrap), np.empty(bootstrap)
+    sampled = [pc for pc in pieces if not pc["exact"]]
+    for r in range(bootstrap):
+        vs = [fixed_v] + [pc["values"][rng.integers(0, len(pc["values"]), len(pc["values"]))] for pc in sampled]
+        ws = [np.ones(len(fixed_v))] + [pc["weights"] for pc in sampled]
+        v, w = np.concatenate(vs), np.concatenate(ws)
+        boot_med[r], boot_q[r] = weighted_quantile(v, w, 0.5), weighted_quantile(v, w, 0.99)
+    a = 1 - level
+    med_ci = (float(np.quantile(boot_med, a / 2)), float(np.quantile(boot_med, 1 - a / 2)))
+    med_bonf = (float(np.quantile(boot_med, a / 4)), float(np.quantile(boot_med, 1 - a / 4)))
+    q_ci = (float(np.quantile(boot_q, a / 4)), min(float(np.quantile(boot_q, 1 - a / 4)), mx_upper))
+    out = {"max": mx, "max_upper": mx_upper if np.isfinite(mx_upper) else None,
+           "max_certified": bool(mx_upper <= mx), "median": med, "median_ci": list(med_ci), "q99": q99,
+           "exact": False, "size": size, "computed": computed}
+    out.update(_ratio_stats(mx, mx_upper, med, med_ci, q99, q_ci, med_bonf))
+    return out
+
+
+def diagonal_ratios(
+    matvec: Matvec,
+    dim: int,
+    blocks: Sequence[Any],
+    *,
+    scalings: Sequence[torch.Tensor | None] = (None,),
+    exact_threshold: int = 1024,
+    k: int = 512,
+    top: int = 64,
+    screen_samples: int = 32,
+    z: float = 4.0,
+    level: float = 0.95,
+    bootstrap: int = 400,
+    generator: torch.Generator | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: Any = None,
+    batch: int = 16,
+) -> tuple[list[dict], int]:
+    """R_med and R_q99 of ``diag(S H S)`` for each ``S = diag(s)`` in ``scalings`` (``None`` = identity).
+
+    The kernel behind :func:`rmed` and the preconditioned R_med of ``precond``: since
+    ``(S H S)_ii = s_i^2 H_ii``, one set of exact diagonal entries serves every scaling; pass
+    ``s^2`` (e.g. the preconditioner ``P``) as the scaling. The screening candidates are the union over
+    scalings. ``blocks`` are objects with ``name``, ``start``, ``stop`` and ``size``. Returns one result dict
+    per scaling (the whole-model values plus ``blocks``) and the HVPs spent. See the module docstring for
+    the estimators and their errors.
+    """
+    _check_options(exact_threshold, k, top, screen_samples, z, level, bootstrap)
+    generator = generator or default_generator(0)
+    mv = checked(matvec)
+    parts, hvps = _gather(mv, dim, blocks, scalings, exact_threshold=exact_threshold, k=k, top=top,
+                          screen_samples=screen_samples, z=z, generator=generator, dtype=dtype, device=device,
+                          batch=batch)
+    rng = numpy_rng(generator)
+    results = []
+    for s in scalings:
+        per_block, pieces = {}, []
+        for p in parts:
+            res, piece = _block_result(p, s, z, level)
+            per_block[p.block.name] = res
+            pieces.append(piece)
+        whole = _pooled(pieces, level, bootstrap, rng)
+        whole["blocks"] = per_block
+        results.append(whole)
+    return results, hvps
+
+
+@register(
+    "rmed",
+    cost="one HVP per coordinate of blocks up to exact_threshold (1024); k + top (576) per larger block, "
+    "plus screen_samples (32) once",
+)
+def rmed(
+    land: Any,
+    *,
+    blocks: str | Sequence[str] | None = None,
+    exact_threshold: int = 1024,
+    k: int = 512,
+    top: int = 64,
+    screen_samples: int = 32,
+    z: float = 4.0,
+    level: float = 0.95,
+    bootstrap: int = 400,
+    seed: int = 0,
+    generator: torch.Generator | None = None,
+) -> dict:
+    """R_med = max|h|/median|h| and R_q99 = q0.99|h|/median|h| of the Hessian diagonal, whole model and per block.
+
+    Args:
+        land: the Landscape.
+        blocks: glob patterns of block names to include (default all); the whole-model value pools these.
+        exact_threshold: blocks up to this size (or up to ``k + top``) get their exact diagonal.
+        k: exactly computed sample coordinates per larger block (median and q99).
+        top: screening candidates recomputed exactly per larger block (max).
+        screen_samples: Rademacher probes of the Bekas screen (shared by all blocks).
+        z: standard errors of the screen above which an unseen entry is ruled out as the max.
+        level: confidence level of the median/q99 intervals.
+        bootstrap: resamples for the whole-model interval when blocks are sampled.
+        seed, generator: the randomness (sampled coordinates, screening probes, bootstrap).
+
+    Returns the whole-model ``rmed``, ``rmed_err``, ``rmed_ci``, ``rmed_q99`` (``_err``, ``_ci``), ``max``,
+    ``max_upper``, ``max_certified``, ``median``, ``median_ci``, ``q99``, ``exact``, ``size``, ``computed``,
+    the same per block under ``blocks``, and ``hvps``. Errors as in the module docstring: ``rmed_err`` is the
+    half-width of an interval that holds the true ratio at ``level`` when ``max_certified``.
+
+    >>> import torch
+    >>> from torch import nn
+    >>> from geomprobe import Landscape
+    >>> model = nn.Linear(4, 1, bias=False).double()
+    >>> X = torch.diag(torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64))
+    >>> land = Landscape(model, nn.MSELoss(), (X, torch.zeros(4, 1, dtype=torch.float64)))
+    >>> out = rmed(land)           # diag H = (0.5, 2, 4.5, 8): max 8, median 3.25
+    >>> round(out["rmed"], 6), out["rmed_err"], out["exact"], out["hvps"]
+    (2.461538, 0.0, True, 4)
+    """
+    chosen = select_blocks(land.space.blocks, blocks)
+    gen = resolve_generator(seed, generator)
+    (res,), hvps = diagonal_ratios(
+        land.hvp, land.dim, chosen, exact_threshold=exact_threshold, k=k, top=top,
+        screen_samples=screen_samples, z=z, level=level, bootstrap=bootstrap, generator=gen,
+        dtype=land.dtype, device=land.device, batch=getattr(land, "chunk_size", 16),
+    )
+    res["hvps"] = hvps
+    return res
