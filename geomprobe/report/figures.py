@@ -1,0 +1,115 @@
+"""A PNG of a run's values against the step, one panel per value, error bands where errors are reported.
+
+matplotlib is imported inside :func:`plot_run`, never at module import, and drawing goes through
+``matplotlib.figure.Figure`` with the Agg canvas: no pyplot, no global backend switch, no window, so it is
+safe inside a notebook or a training script that uses another backend. The sharpness panel (``λ_max``, or
+the preconditioned one for adaptive optimizers) also shows the edge-of-stability threshold when it applies.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ..edge_of_stability import edge_of_stability
+from ..errors import ConfigurationError
+from .document import RunLike, open_run
+from .summary import collect_series
+
+__all__ = ["plot_run", "MAX_PANELS", "LOG_SCALE_SPAN"]
+
+MAX_PANELS = 12        # more values than this: the first 12 (loss and the headline metrics come first)
+LOG_SCALE_SPAN = 100.0  # a positive value spanning more than this factor gets a log axis
+_COLUMNS = 3
+_OVERLAYS = {"diagshare.diagshare": ("diagshare.wigner", "diagshare.ols")}
+
+
+def _target(path: str | os.PathLike[str], overwrite: bool) -> Path:
+    target = Path(path)
+    if target.is_dir():
+        raise ConfigurationError(f"{str(target)!r} is a folder; give a file name such as {str(target / 'run.png')!r}")
+    if target.exists() and not overwrite:
+        raise ConfigurationError(f"figure {str(target)!r} already exists; pass overwrite=True (--force) to replace it "
+                                 "or choose another path")
+    if not target.parent.is_dir():
+        raise ConfigurationError(f"cannot write {str(target)!r}: folder {str(target.parent)!r} does not exist")
+    return target
+
+
+def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[str] | None = None,
+             overwrite: bool = False, dpi: int = 110) -> Path:
+    """Draw ``run``'s series (default: the report's rows; or the dotted ``metrics``) against the step and
+    save a PNG at ``path``; returns the path. An existing file is refused unless ``overwrite``."""
+    target = _target(path, overwrite)
+    reader = open_run(run)
+    records = reader.records
+    if not records:
+        raise ConfigurationError(f"run {str(reader.run_dir)!r} holds no probes yet; nothing to plot")
+    series = collect_series(records, every_leaf=bool(metrics))
+    if metrics:
+        missing = [m for m in metrics if m not in series]
+        if missing:
+            raise ConfigurationError(f"no value named {', '.join(missing)} in the run; present: {', '.join(series)}")
+        series = {m: series[m] for m in metrics}
+    eos = edge_of_stability(records, reader.meta)
+    threshold_panel = None
+    if eos.applicable and len(eos.steps):
+        threshold_panel = "precond.lambda_max" if eos.rule != "sgd" else "spectrum.lambda_max"
+    # Baselines are drawn as reference lines in their metric's panel rather than as panels of their own.
+    overlaid = {p for host, refs in _OVERLAYS.items() if host in series for p in refs}
+    chosen = [s for p, s in series.items() if metrics or p not in overlaid][:MAX_PANELS]
+    if threshold_panel in series and series[threshold_panel] not in chosen:
+        chosen[-1] = series[threshold_panel]  # the edge of stability is worth a panel more than the last value
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    cols = min(_COLUMNS, len(chosen))
+    rows = math.ceil(len(chosen) / cols)
+    height = 2.8 * rows + 0.4
+    fig = Figure(figsize=(4.2 * cols, height))
+    FigureCanvasAgg(fig)
+    # Fixed margins rather than a layout engine: constrained layout measures every tick label and doubles
+    # the drawing time, for a grid whose label sizes are known in advance.
+    axes = fig.subplots(rows, cols, squeeze=False,
+                        gridspec_kw={"left": 0.22 / cols, "right": 0.98, "bottom": 0.5 / height,
+                                     "top": 1 - 0.75 / height, "hspace": 0.6, "wspace": 0.3})
+    for ax, s in zip(axes.flat, chosen):
+        ok = np.isfinite(s.values)
+        ax.plot(s.steps[ok], s.values[ok], marker="o", markersize=3, linewidth=1.2)
+        if s.errors is not None:
+            e = np.where(np.isfinite(s.errors), s.errors, 0.0)[ok]
+            ax.fill_between(s.steps[ok], s.values[ok] - e, s.values[ok] + e, alpha=0.25, linewidth=0)
+        for ref, style in zip(_OVERLAYS.get(s.path, ()), (":", "-.")):
+            if ref in series:
+                r = series[ref]
+                ax.plot(r.steps, r.values, linestyle=style, color="gray", linewidth=1, label=r.label.strip())
+                ax.legend(fontsize=7, loc="best")
+        if s.path == threshold_panel:
+            ax.plot(eos.steps, eos.threshold - eos.weight_decay, linestyle="--", color="tab:red", linewidth=1,
+                    label="stability edge")
+            ax.legend(fontsize=7, loc="best")
+        positive = s.values[ok]
+        if len(positive) and (positive > 0).all() and positive.max() / positive.min() > LOG_SCALE_SPAN:
+            ax.set_yscale("log")
+        ax.set_title(s.label.strip(), fontsize=9)
+        ax.set_xlabel("step", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(chosen):]:
+        ax.set_visible(False)
+    title = reader.meta.get("model") or reader.run_dir.name
+    fig.suptitle(f"{title} · {reader.meta.get('optimizer') or 'no optimizer'} · {reader.run_dir.name}", fontsize=10,
+                 y=1 - 0.15 / height, va="top")
+    # Written beside the target and renamed, so a failed save never leaves half a PNG under the asked name.
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return target
