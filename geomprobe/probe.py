@@ -28,7 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from .errors import ConfigurationError
+from .errors import ConfigurationError, OptimizerStateError
 from .landscape import Landscape, unwrap_model
 from .metrics import registry
 from .paramspace import ParamSpace, select_parameters
@@ -264,6 +264,7 @@ class GeometryProbe:
         if self.annotate is not None:
             record.update(self.annotate())
         errors: dict[str, str] = {}
+        skipped: dict[str, str] = {}
         land = None
         try:
             land = Landscape(self.model, self.loss_fn, self.batches, **self.landscape_options)
@@ -277,6 +278,9 @@ class GeometryProbe:
             for name, opts in self.metric_options.items():
                 try:
                     record[name] = self._run_metric(name, land, opts)
+                except OptimizerStateError as e:
+                    # Not a failure: the optimizer holds no state yet (before its first step).
+                    skipped[name] = str(e).splitlines()[0]
                 except Exception as e:  # a probe never kills training: record, warn once, go on
                     errors[name] = self._failure(name, e, land)
         except Exception as e:
@@ -296,6 +300,8 @@ class GeometryProbe:
         }
         if errors:
             record["errors"] = errors
+        if skipped:
+            record["skipped"] = skipped
         self.schedule.observe(step, seconds, self.clock())
         self.records.append(record)
         if self.run_dir is not None:

@@ -31,9 +31,9 @@ DEMO_OPTIMIZERS: dict[str, dict[str, Any]] = {
 # Cheap settings of each metric for a ~5k-parameter model probed a few dozen times on 2 CPU cores.
 DEMO_METRICS: dict[str, dict[str, Any]] = {
     "spectrum": {"k": 1, "tol": 1e-3},
-    "rmed": {},
-    "diagshare": {},
-    "precond": {},
+    "rmed": {"exact_threshold": 256, "k": 128, "top": 16, "screen_samples": 16},
+    "diagshare": {"k": 64},
+    "precond": {"raw": False, "rmed": False},
 }
 TRAIN_BATCH = 128
 TR_BATCH = 512          # the trust region's default minibatch (SPEC §8)
@@ -138,7 +138,7 @@ def run_demo(
     *,
     optimizers: Sequence[str] = tuple(DEMO_OPTIMIZERS),
     budget: float = 1500.0,
-    probes: int = 8,
+    probes: int = 6,
     metrics: dict[str, dict] | None = None,
     seed: int = 0,
     hidden: tuple[int, ...] = (64,),
