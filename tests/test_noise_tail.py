@@ -1,0 +1,127 @@
+"""Tail-index estimators on samples of known tails: the SPEC §5 accuracy table, Hill, pooling, bad input."""
+
+import math
+
+import pytest
+import torch
+
+import geomprobe as gp
+from geomprobe.metrics.noise import hill_index, noise_tail_indices, sample_sas, tail_index
+from tolerances import (
+    COVERAGE_MIN,
+    POOLED_ALPHA_ABS,
+    SE_CALIBRATION,
+    TAIL_MEAN_1E4,
+    TAIL_MEAN_1E5,
+    TAIL_STD_1E4,
+    TAIL_STD_1E5,
+)
+
+REPS = 20
+ALPHAS = [1.0, 1.5, 1.8, 2.0]
+
+
+def _estimates(alpha, n, reps=REPS, **kw):
+    gen = torch.Generator().manual_seed(int(alpha * 1000) + n)
+    return [tail_index(sample_sas(alpha, n, gen), **kw) for _ in range(reps)]
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+@pytest.mark.parametrize("n, mean_tol, std_tol", [(10**4, TAIL_MEAN_1E4, TAIL_STD_1E4),
+                                                   (10**5, TAIL_MEAN_1E5, TAIL_STD_1E5)])
+def test_spec_accuracy_table(alpha, n, mean_tol, std_tol):
+    a = torch.tensor([r["alpha"] for r in _estimates(alpha, n)])
+    assert abs(float(a.mean()) - alpha) <= mean_tol
+    assert float(a.std()) <= std_tol
+    assert _estimates(alpha, n, reps=1)[0]["k1"] == math.isqrt(n)
+
+
+@pytest.mark.parametrize("alpha", ALPHAS)
+def test_plain_single_partition_estimator(alpha):
+    """The estimator exactly as SPEC §5 writes it (one partition, the sample's order). At N = 1e4 its own
+    std is ~0.1 for alpha = 2 (the table's 0.096), so only the mean is held to the table there."""
+    for n, tol in ((10**4, TAIL_MEAN_1E4), (10**5, TAIL_MEAN_1E5)):
+        a = torch.tensor([r["alpha"] for r in _estimates(alpha, n, partitions=1)])
+        assert abs(float(a.mean()) - alpha) <= tol
+    assert float(a.std()) <= TAIL_STD_1E5
+
+
+@pytest.mark.parametrize("alpha", [1.0, 1.5, 2.0])
+def test_reported_error_matches_the_spread(alpha):
+    res = _estimates(alpha, 10**4, reps=40)
+    a = torch.tensor([r["alpha"] for r in res])
+    err = torch.tensor([r["alpha_err"] for r in res])
+    z = (a - alpha) / err
+    lo, hi = SE_CALIBRATION
+    # The error is a standard error: standardized deviations have unit spread (conservative allowed).
+    assert float(z.std()) <= hi and float(err.mean()) >= lo * float(a.std())
+
+
+def test_k1_trims_to_a_multiple_and_zeros_are_dropped():
+    x = sample_sas(1.5, 1000, torch.Generator().manual_seed(0))
+    out = tail_index(x, k1=30)
+    assert (out["k1"], out["k2"], out["n"], out["zeros"]) == (30, 33, 990, 0)
+    with_zeros = torch.cat([x, torch.zeros(50, dtype=torch.float64)])
+    out = tail_index(with_zeros, partitions=1)
+    assert out["zeros"] == 50 and out["k1"] == 31
+    assert out["alpha"] == tail_index(x, partitions=1)["alpha"]
+
+
+def test_sampler_matches_known_laws():
+    g = torch.Generator().manual_seed(0)
+    assert abs(float(sample_sas(2.0, 200_000, g).var()) - 2.0) < 0.03           # N(0, 2)
+    assert abs(float(sample_sas(1.0, 200_000, g).abs().median()) - 1.0) < 0.02   # standard Cauchy
+    assert sample_sas(1.5, 10, g, dtype=torch.float32).dtype == torch.float32
+    assert torch.equal(sample_sas(1.3, 5, torch.Generator().manual_seed(1)),
+                       sample_sas(1.3, 5, torch.Generator().manual_seed(1)))
+
+
+def test_hill_on_pareto_samples_and_its_interval_covers():
+    covered = 0
+    for seed in range(20):
+        u = torch.rand(5000, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        out = hill_index(u ** (-1 / 1.5), n_boot=100, seed=seed)
+        covered += out["alpha_lo"] <= 1.5 <= out["alpha_hi"]
+        assert out["k"] == 70 and out["alpha_err"] > 0
+    assert covered / 20 >= COVERAGE_MIN
+
+
+@pytest.mark.parametrize("sd, expected", [(0.0, 2.03), (0.5, 1.87), (1.0, 1.52), (2.0, 0.93)])
+def test_pooled_gaussians_with_lognormal_scales(sd, expected):
+    """SPEC §5: pooling Gaussian coordinates of log-normal scales fakes a heavy tail; standardizing removes it."""
+    g = torch.Generator().manual_seed(7)
+    scales = torch.exp(sd * torch.randn(1000, generator=g, dtype=torch.float64))
+    xi = torch.randn(200, 1000, generator=g, dtype=torch.float64) * scales
+    out = noise_tail_indices(xi)
+    assert abs(out["alpha_pooled"] - expected) <= POOLED_ALPHA_ABS
+    assert abs(out["alpha_standardized"] - 2.0) <= POOLED_ALPHA_ABS
+    assert out["scale_heterogeneity"] == (sd >= 1.0)
+    assert out["gap"] == pytest.approx(out["alpha_standardized"] - out["alpha_pooled"])
+
+
+def test_bad_samples_raise_clear_errors():
+    x = sample_sas(1.5, 1000, torch.Generator().manual_seed(0))
+    with pytest.raises(gp.ConfigurationError, match="takes a 1-D sample, got shape"):
+        tail_index(x.reshape(10, 100))
+    with pytest.raises(gp.ConfigurationError, match="at least 100 nonzero values, got 50"):
+        tail_index(x[:50])
+    with pytest.raises(gp.ConfigurationError, match="after dropping 950 exact zeros"):
+        tail_index(torch.cat([x[:50], torch.zeros(950, dtype=torch.float64)]))
+    bad = x.clone()
+    bad[3] = float("nan")
+    with pytest.raises(gp.ConfigurationError, match="1 non-finite value"):
+        tail_index(bad)
+    with pytest.raises(gp.ConfigurationError, match=r"k1 must be an integer in \[2, N/2\]"):
+        tail_index(x, k1=1)
+    with pytest.raises(gp.ConfigurationError, match="partitions must be >= 1"):
+        tail_index(x, partitions=0)
+    with pytest.raises(gp.ConfigurationError, match="alpha must lie in"):
+        sample_sas(2.5, 10)
+    with pytest.raises(gp.ConfigurationError, match="positive values"):
+        hill_index(x)
+    with pytest.raises(gp.ConfigurationError, match="at least 20 values"):
+        hill_index(x.abs()[:10])
+    with pytest.raises(gp.ConfigurationError, match="non-finite"):
+        hill_index(torch.cat([x.abs(), torch.tensor([float("inf")], dtype=torch.float64)]))
+    with pytest.raises(gp.ConfigurationError, match="P x m matrix"):
+        noise_tail_indices(x)
