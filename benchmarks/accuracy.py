@@ -1,0 +1,145 @@
+"""Accuracy per HVP: geomprobe's Lanczos and Hutch++ against a converged reference and PyHessian's defaults.
+
+For each model: the reference is Lanczos run to a 1e-7 residual bound (float32); geomprobe runs Lanczos to its
+default tol 1e-3; PyHessian runs power iteration at its defaults (maxIter 100, tol 1e-3 relative change).
+HVPs are counted for both (PyHessian's by wrapping its hessian_vector_product). The trace part compares
+Hutchinson, Hutch++ and PyHessian's trace on a model small enough for the exact trace (d exact HVPs).
+
+    python benchmarks/accuracy.py --device cuda --out benchmarks/results/accuracy_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import models  # noqa: E402
+from timing import dump, environment  # noqa: E402
+
+import geomprobe as gp  # noqa: E402
+from geomprobe import krylov  # noqa: E402
+
+
+def pyhessian_counted():
+    """PyHessian's ``hessian`` class with its HVP calls counted (None when pyhessian is not installed)."""
+    try:
+        import pyhessian  # noqa: F401  (its __init__ shadows the module name with the class)
+    except ImportError:
+        return None, None
+    ph = sys.modules["pyhessian.hessian"]
+    if hasattr(ph.hessian_vector_product, "count"):
+        return ph.hessian, ph.hessian_vector_product.count
+    count = {"n": 0}
+    original = ph.hessian_vector_product
+
+    def counted(gradsH, params, v):
+        count["n"] += 1
+        return original(gradsH, params, v)
+
+    counted.count = count
+    ph.hessian_vector_product = counted
+    return ph.hessian, count
+
+
+def eigen_rows(name, device, batch, small, seeds):
+    g = torch.Generator().manual_seed(0)
+    model, loss_fn, (x, y) = models.make(name, batch, device, g, small=small)
+    model.eval()
+    land = gp.Landscape(model, loss_fn, (x, y))
+    ref = krylov.lanczos(land.hvp, land.dim, tol=1e-7, max_iter=400, dtype=land.dtype, device=land.device,
+                         generator=krylov.default_generator(123))
+    lmax, lmin = ref.top(1)[0][0], ref.bottom(1)[0][0]
+    spread = lmax - lmin
+    rows = {"model": name, "params": land.dim, "batch": batch, "ref_lambda_max": lmax, "ref_lambda_min": lmin,
+            "ref_converged": ref.converged, "ref_steps": ref.steps,
+            "ref_lambda_max_err": ref.top(1)[1][0], "ref_lambda_min_err": ref.bottom(1)[1][0]}
+    gpm, gpn, gp_err_max, gp_err_min, gp_hvps_max, gp_hvps_min = [], [], [], [], [], []
+    for s in range(seeds):
+        r = krylov.lanczos(land.hvp, land.dim, which="largest", tol=1e-3, dtype=land.dtype, device=land.device,
+                           generator=krylov.default_generator(s))
+        gp_err_max.append(abs(r.top(1)[0][0] - lmax) / abs(lmax))
+        gp_hvps_max.append(r.matvecs)
+        r = krylov.lanczos(land.hvp, land.dim, which="smallest", tol=1e-3, dtype=land.dtype, device=land.device,
+                           generator=krylov.default_generator(s))
+        gp_err_min.append(abs(r.bottom(1)[0][0] - lmin) / spread)
+        gp_hvps_min.append(r.matvecs)
+    rows.update({
+        "gp_lambda_max_rel_err_median": statistics.median(gp_err_max), "gp_lambda_max_rel_err_max": max(gp_err_max),
+        "gp_lambda_max_hvps_median": statistics.median(gp_hvps_max),
+        "gp_lambda_min_err_over_spread_median": statistics.median(gp_err_min),
+        "gp_lambda_min_hvps_median": statistics.median(gp_hvps_min),
+    })
+    H, count = pyhessian_counted()
+    if H is not None:
+        errs, hvps = [], []
+        for s in range(seeds):
+            torch.manual_seed(s)
+            count["n"] = 0
+            h = H(model, loss_fn, data=(x, y), cuda=torch.device(device).type == "cuda")
+            ev, _ = h.eigenvalues(maxIter=100, tol=1e-3, top_n=1)
+            errs.append(abs(ev[0] - lmax) / abs(lmax))
+            hvps.append(count["n"])
+            model.zero_grad(set_to_none=True)   # PyHessian leaves a create_graph .grad behind
+            del h
+        rows.update({"pyhessian_rel_err_median": statistics.median(errs), "pyhessian_rel_err_max": max(errs),
+                     "pyhessian_hvps_median": statistics.median(hvps)})
+    return rows
+
+
+def trace_rows(device, seeds):
+    g = torch.Generator().manual_seed(1)
+    model, loss_fn, (x, y) = models.make("mlp", 256, device, g, small=True)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10)).to(device)
+    land = gp.Landscape(model, loss_fn, (x, y), chunk_size=256)
+    exact = float(krylov.exact_diagonal(land.hvp, land.dim, batch=256, dtype=land.dtype, device=land.device).sum())
+    out = {"model": "mlp784-64-10", "params": land.dim, "exact_trace": exact}
+    for m in (30, 99, 300):
+        hu = [krylov.hutchinson_trace(land.hvp, land.dim, samples=m, batch=64, dtype=land.dtype, device=land.device,
+                                      generator=krylov.default_generator(s)) for s in range(seeds)]
+        pp = [krylov.hutchpp_trace(land.hvp, land.dim, matvecs=m, batch=64, dtype=land.dtype, device=land.device,
+                                   generator=krylov.default_generator(s)) for s in range(seeds)]
+        rms = lambda rs: (sum((r.trace - exact) ** 2 for r in rs) / len(rs)) ** 0.5 / abs(exact)
+        out[f"hutchinson_{m}_rel_rmse"] = rms(hu)
+        out[f"hutchpp_{m}_rel_rmse"] = rms(pp)
+        out[f"hutchpp_{m}_reported_rel_se"] = statistics.median(r.trace_err for r in pp) / abs(exact)
+    H, count = pyhessian_counted()
+    if H is not None:
+        errs, hvps = [], []
+        for s in range(seeds):
+            torch.manual_seed(s)
+            count["n"] = 0
+            h = H(model, loss_fn, data=(x, y), cuda=torch.device(device).type == "cuda")
+            t = sum(h.trace(maxIter=100, tol=1e-3)) / max(1, count["n"])
+            errs.append(abs(t - exact) / abs(exact))
+            hvps.append(count["n"])
+            model.zero_grad(set_to_none=True)
+        out["pyhessian_trace_rel_err_median"] = statistics.median(errs)
+        out["pyhessian_trace_hvps_median"] = statistics.median(hvps)
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default="mlp,resnet18,transformer")
+    ap.add_argument("--batch", type=int, default=None)
+    ap.add_argument("--small", action="store_true")
+    ap.add_argument("--seeds", type=int, default=5)
+    ap.add_argument("--no-trace", action="store_true", help="skip the trace part (d exact HVPs)")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    batch = a.batch or (128 if a.device.startswith("cuda") else 32)
+    rows = [eigen_rows(m, a.device, batch, a.small, a.seeds) for m in a.models.split(",")]
+    dump({"benchmark": "accuracy", "env": environment(a.device), "small": a.small, "eigen": rows,
+          "trace": None if a.no_trace else trace_rows(a.device, a.seeds)}, a.out)
+
+
+if __name__ == "__main__":
+    main()
