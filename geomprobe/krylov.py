@@ -153,26 +153,26 @@ def lanczos(
     qn = q.norm()
     if not torch.isfinite(qn) or qn == 0:
         raise ConfigurationError("the Lanczos start vector is zero or not finite")
-    cap = min(m_max + 1, 32)
-    V = q.new_empty(cap, dim)
-    V[0] = q / qn
+    basis = _Basis(dim, dtype, q.device)
+    basis.append(q / qn)
     alphas: list[float] = []
     betas: list[float] = []
     converged = False
     matvecs = 0
     theta = U = bounds = None
+    prev = None
     for j in range(m_max):
-        w = matvec(V[j]).reshape(dim).to(dtype)
+        vj = basis.last
+        w = matvec(vj).reshape(dim).to(dtype)
         matvecs += 1
         if not torch.isfinite(w).all():
             raise FloatingPointError(f"the matvec returned non-finite values at Lanczos step {j + 1}")
-        if j > 0:
-            w = w - betas[-1] * V[j - 1]
-        alpha = float(w.double() @ V[j].double())
-        w = w - alpha * V[j]
-        Vj = V[: j + 1]
+        if prev is not None:
+            w = w - betas[-1] * prev
+        alpha = float(w.double() @ vj.double())
+        w = w - alpha * vj
         for _ in range(2):
-            w = w - (Vj @ w) @ Vj
+            w = basis.orthogonalize(w)
         beta = float(w.double().norm())
         alphas.append(alpha)
         betas.append(beta)
@@ -183,17 +183,18 @@ def lanczos(
         theta, U = torch.linalg.eigh(T)
         bounds = beta * U[-1, :].abs()
         scale = max(float(theta.abs().max()), 1e-300)
-        invariant = beta <= 1e-12 * scale * math.sqrt(dim) or j + 1 == dim
-        if invariant:
+        exhausted = beta <= 1e-12 * scale * math.sqrt(dim)
+        if exhausted or j + 1 == dim:
             converged = True
-            bounds = torch.zeros_like(bounds) if beta <= 1e-12 * scale * math.sqrt(dim) else bounds
+            if exhausted:
+                bounds = torch.zeros_like(bounds)
             break
         if tol > 0 and _extremes_converged(theta, bounds, k, tol, which):
             converged = True
             break
-        if j + 1 >= V.shape[0]:
-            V = torch.cat([V, V.new_empty(min(V.shape[0], m_max + 1 - V.shape[0]), dim)])
-        V[j + 1] = w / beta
+        if j + 1 < m_max:
+            prev = vj
+            basis.append(w / beta)
     steps = len(alphas)
     return LanczosResult(
         ritz_values=theta,
@@ -204,8 +205,45 @@ def lanczos(
         alpha=torch.tensor(alphas, dtype=torch.float64),
         beta=torch.tensor(betas, dtype=torch.float64),
         U=U,
-        basis=V[:steps] if keep_basis else None,
+        basis=basis.matrix() if keep_basis else None,
     )
+
+
+class _Basis:
+    """Lanczos vectors stored in fixed blocks: growing never copies (a doubling buffer would need the old and
+    the new buffer at once, 3x the basis, which is what runs out first on a 1e8-parameter model)."""
+
+    BLOCK = 16
+
+    def __init__(self, dim: int, dtype: torch.dtype, device):
+        self.dim, self.dtype, self.device = dim, dtype, device
+        self.blocks: list[torch.Tensor] = []
+        self.n = 0
+
+    def append(self, v: torch.Tensor) -> None:
+        i = self.n % self.BLOCK
+        if i == 0:
+            self.blocks.append(torch.empty(self.BLOCK, self.dim, dtype=self.dtype, device=self.device))
+        self.blocks[-1][i] = v
+        self.n += 1
+
+    @property
+    def last(self) -> torch.Tensor:
+        return self.blocks[-1][(self.n - 1) % self.BLOCK]
+
+    def _filled(self):
+        for b, block in enumerate(self.blocks):
+            yield block[: min(self.BLOCK, self.n - b * self.BLOCK)]
+
+    def orthogonalize(self, w: torch.Tensor) -> torch.Tensor:
+        """``w - V V^T w`` (classical Gram-Schmidt against every stored vector, block by block)."""
+        coeffs = [B @ w for B in self._filled()]
+        for B, c in zip(self._filled(), coeffs):
+            w = w - c @ B
+        return w
+
+    def matrix(self) -> torch.Tensor:
+        return torch.cat(list(self._filled()))
 
 
 def _extremes_converged(theta: torch.Tensor, bounds: torch.Tensor, k: int, tol: float, which: str) -> bool:
