@@ -46,6 +46,35 @@ def pyhessian_counted():
     return ph.hessian, count
 
 
+def steps_to_accuracy(land, lmax, seeds, target=1e-3, max_steps=300):
+    """HVPs until lambda_max is within ``target`` (relative, true error) for Lanczos and for power iteration
+    (PyHessian's algorithm: v <- Hv/|Hv|, Rayleigh quotient), median over seeds; None if never reached."""
+    lz, pw = [], []
+    for s in range(seeds):
+        r = krylov.lanczos(land.hvp, land.dim, tol=0.0, max_iter=80, dtype=land.dtype, device=land.device,
+                           generator=krylov.default_generator(s))
+        hit = None
+        for j in range(1, r.steps + 1):
+            T = torch.diag(r.alpha[:j]) + torch.diag(r.beta[: j - 1], 1) + torch.diag(r.beta[: j - 1], -1)
+            if abs(float(torch.linalg.eigvalsh(T)[-1]) - lmax) <= target * abs(lmax):
+                hit = j
+                break
+        lz.append(hit)
+        g = krylov.default_generator(s)
+        v = torch.randn(land.dim, generator=g, dtype=torch.float64).to(device=land.device, dtype=land.dtype)
+        v = v / v.norm()
+        hit = None
+        for i in range(1, max_steps + 1):
+            hv = land.hvp(v)
+            if abs(float(hv @ v) - lmax) <= target * abs(lmax):
+                hit = i
+                break
+            v = hv / hv.norm()
+        pw.append(hit)
+    med = lambda xs: statistics.median(xs) if all(x is not None for x in xs) else None
+    return {"lanczos_hvps_to_1e-3": med(lz), "power_hvps_to_1e-3": med(pw), "power_runs_reaching": sum(x is not None for x in pw)}
+
+
 def eigen_rows(name, device, batch, small, seeds):
     g = torch.Generator().manual_seed(0)
     model, loss_fn, (x, y) = models.make(name, batch, device, g, small=small)
@@ -74,6 +103,7 @@ def eigen_rows(name, device, batch, small, seeds):
         "gp_lambda_min_err_over_spread_median": statistics.median(gp_err_min),
         "gp_lambda_min_hvps_median": statistics.median(gp_hvps_min),
     })
+    rows.update(steps_to_accuracy(land, lmax, seeds))
     H, count = pyhessian_counted()
     if H is not None:
         errs, hvps = [], []

@@ -118,7 +118,7 @@ def scaling(device, widths, batches):
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--steps", type=int, default=600)
+    ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--parts", default="overhead,memory,scaling")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)

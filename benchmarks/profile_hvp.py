@@ -20,6 +20,17 @@ from timing import dump, environment, median_seconds  # noqa: E402
 import geomprobe as gp  # noqa: E402
 
 
+class _tf32:
+    """TF32 matmuls inside the block (a user opt-in: 10-bit mantissa products)."""
+
+    def __enter__(self):
+        self.old = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    def __exit__(self, *exc):
+        torch.backends.cuda.matmul.allow_tf32 = self.old
+
+
 def ratio(model, x, y, loss_fn, device):
     params = list(model.parameters())
     t_grad = median_seconds(lambda: torch.autograd.grad(loss_fn(model(x), y), params), device, repeats=5)
@@ -52,6 +63,12 @@ def main(argv=None):
     res["top_kernels_ms_per_hvp"] = [
         (e.key[:90], round(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0)) / 3e3, 3), e.count // 3)
         for e in rows[:25]]
+    with torch.backends.cudnn.flags(enabled=False):
+        t_nocudnn = median_seconds(lambda: land.hvp(v), a.device, repeats=5)
+    res["variants"]["hvp_without_cudnn"] = {"hvp_x": t_nocudnn / (res["variants"]["baseline"]["grad_ms"] / 1e3)}
+    with torch.backends.cudnn.flags(enabled=True, allow_tf32=True), _tf32():
+        t_tf32 = median_seconds(lambda: land.hvp(v), a.device, repeats=5)
+    res["variants"]["hvp_tf32_allowed"] = {"hvp_x": t_tf32 / (res["variants"]["baseline"]["grad_ms"] / 1e3)}
     del land
     torch.backends.cudnn.benchmark = True
     res["variants"]["cudnn_benchmark"], land, _ = ratio(model, x, y, loss_fn, a.device)
