@@ -248,3 +248,9 @@ def test_a_killed_training_process_leaves_a_readable_run(tmp_path):
     assert len(recs) >= 5
     assert [r["step"] for r in recs] == list(range(len(recs)))
     json.dumps(recs[-1])
+    # and the report reads it too
+    from geomprobe.report import build_report
+
+    doc = build_report(run)
+    assert doc["probes"] == len(recs)
+    assert "spectrum" in json.dumps(doc)
