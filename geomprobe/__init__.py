@@ -2,7 +2,7 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import krylov, metrics
+from . import krylov, metrics, optim
 from .errors import (
     ConfigurationError,
     GeomprobeError,
@@ -31,6 +31,7 @@ __all__ = [
     "unwrap_model",
     "krylov",
     "metrics",
+    "optim",
     # profiling along training
     "GeometryProbe",
     "every",
