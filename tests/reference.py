@@ -133,3 +133,18 @@ def relerr(a: float, b: float, scale: float) -> float:
 
 def isclose_all(x, y, tol):
     return all(math.isclose(a, b, rel_tol=tol, abs_tol=tol) for a, b in zip(x, y))
+
+
+class OnceDifferentiableCube(torch.autograd.Function):
+    """x -> x^3 with a backward marked once-differentiable: a layer whose HVP terms autograd would drop."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.pow(3)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x.pow(2) * g

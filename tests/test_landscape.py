@@ -8,7 +8,7 @@ from torch import nn
 
 import geomprobe as gp
 from geomprobe.metrics import spectrum
-from reference import CASES, dense_hessian, make_case
+from reference import CASES, OnceDifferentiableCube, dense_hessian, make_case
 from tolerances import FLOAT32_REL, FLOAT64_EXACT, FLOAT64_REL
 
 
@@ -208,26 +208,13 @@ def test_wrapped_models_are_unwrapped():
     assert land.model is model
 
 
-class _NoDoubleBackward(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.pow(3)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x.pow(2) * g
-
-
 class _Cube(nn.Module):
     def __init__(self):
         super().__init__()
         self.lin = nn.Linear(3, 1).double()
 
     def forward(self, x):
-        return _NoDoubleBackward.apply(self.lin(x))
+        return OnceDifferentiableCube.apply(self.lin(x))
 
 
 def test_missing_double_backward_names_the_operation():

@@ -20,14 +20,6 @@ from geomprobe.optim import (
 )
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def small_regression(seed=0):
     """A two-layer tanh network on a fixed random regression batch, weights from an explicit generator."""
     gen = torch.Generator().manual_seed(seed)

@@ -12,15 +12,6 @@ from tolerances import FLOAT64_EXACT, TR_MODEL_SLACK
 F64 = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Matrices of at most 40 x 40: intra-op threads only add synchronization.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def model(g, H, s):
     return float(g @ s + 0.5 * s @ (H @ s))
 

@@ -15,15 +15,6 @@ F64 = torch.float64
 ELLIPSOIDS = ["sphere", "adagrad", "rmsprop"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # These problems have at most a few thousand weights; intra-op threads only add synchronization.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rosenbrock(x):
     return (100 * (x[1:] - x[:-1] ** 2) ** 2 + (1 - x[:-1]) ** 2).sum()
 

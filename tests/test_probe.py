@@ -14,6 +14,7 @@ from torch import nn
 
 import geomprobe as gp
 from geomprobe.metrics import registry
+from reference import OnceDifferentiableCube
 
 
 class BNDropNet(nn.Module):
@@ -157,19 +158,6 @@ def test_failures_are_recorded_and_training_continues(tmp_path, monkeypatch):
     assert "errors" not in recs[1] and recs[1]["flaky"]["value"] > 0
 
 
-class _Once(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x.pow(3)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return 3 * x.pow(2) * g
-
-
 def test_nan_loss_and_unsupported_op_are_recorded(tmp_path):
     X, y = data()
     model = nn.Linear(6, 3)
@@ -183,7 +171,7 @@ def test_nan_loss_and_unsupported_op_are_recorded(tmp_path):
     assert len(recs) == 2 and all("NonFiniteLossError" in r["errors"]["landscape"] for r in recs)
 
     lin = nn.Linear(6, 3)
-    loss_fn = lambda model, batch: _Once.apply(model(batch[0])).pow(2).mean()
+    loss_fn = lambda model, batch: OnceDifferentiableCube.apply(model(batch[0])).pow(2).mean()
     opt = torch.optim.SGD(lin.parameters(), lr=0.01)
     with pytest.warns(RuntimeWarning, match="once_differentiable"):
         with gp.GeometryProbe(lin, loss_fn, (X, y), schedule=gp.every(1), run_dir=tmp_path / "op") as p:
