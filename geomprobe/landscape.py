@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
+from .distributed import make_reducer, refuse_sharded
 from .errors import ConfigurationError, NonFiniteLossError, UnsupportedOperationError
 from .paramspace import Block, ParamSpace, select_parameters
 from .state import MODES, frozen
@@ -216,6 +217,10 @@ class Landscape:
             ``(grad(w + eps v) - grad(w - eps v)) / 2 eps``: a flagged last resort for smooth models whose
             layers have no double backward. Wrong on ReLU networks, where a crossed kink gives errors of 100x.
         seed: fixes dropout masks in ``train`` mode.
+        process_group: the ranks whose probe data together make the loss (see :mod:`geomprobe.distributed`).
+            ``None``: the default group when torch.distributed is initialized with several ranks, else this
+            process alone; ``False``: this process alone. Each rank passes its own shard as ``batches``; the
+            loss, gradient and HVPs are those of the union, identical on every rank.
 
     The model is returned exactly as found after every forward pass: training flags, buffers, RNG state and
     ``.grad`` are untouched. Parameters must not change while the Landscape is used; build a new one.
@@ -248,6 +253,7 @@ class Landscape:
         hvp_method: str = "autograd",
         fd_eps: float | None = None,
         seed: int = 0,
+        process_group: Any = None,
     ):
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
@@ -265,6 +271,8 @@ class Landscape:
         self.fd_eps = fd_eps
         self.graph_budget_bytes = graph_budget_bytes
         self.param_names, self.params = select_parameters(self.model, params)
+        refuse_sharded(self.model, zip(self.param_names, self.params))
+        self.reducer = make_reducer(process_group)
         self.space = ParamSpace(self.param_names, [p.shape for p in self.params], group_by=group_by)
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
@@ -273,7 +281,8 @@ class Landscape:
             # loss_fn(outputs, targets) cannot take a dict or a longer tuple: the user meant loss_fn(model, batch)
             self.loss_form = "model"
         self.batch_sizes = [batch_size(b) for b in self.batches]
-        self.n_samples = sum(self.batch_sizes)
+        # over every rank's shard, so that the weights below make the loss of the union of the shards
+        self.n_samples = self.reducer.sum_int(sum(self.batch_sizes))
         self.weights = [n / self.n_samples for n in self.batch_sizes]
         self.hvps = 0
         self.graph_rebuilds = 0
@@ -324,22 +333,33 @@ class Landscape:
         create = self.hvp_method == "autograd"
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
         grad = torch.zeros(self.space.dim, dtype=self.dtype, device=self.device)
-        for b in range(len(self.batches)):
-            grads, loss_b, nbytes = self._graph(b, create)
-            loss += loss_b.double() * self.weights[b]
-            grad += self.space.flatten([g.detach() if g is not None else None for g in grads])
-            if b == 0 and create:
-                _check_double_backward(grads)
-            fits = self.graph_budget_bytes is None or self.graph_bytes + nbytes <= self.graph_budget_bytes
-            if create and (fits or b == 0):
-                self._graphs.append(grads)
-                self.graph_bytes += nbytes
-            else:
-                self._graphs.append(None)
+        try:
+            for b in range(len(self.batches)):
+                self._build_batch(b, create, loss, grad)
+        except Exception:  # every rank must learn of a failure on one, or the others wait forever
+            self.reducer.report_failure()
+            raise
+        self.reducer.check_others()
+        self.reducer.sum_(loss)
+        self.reducer.sum_(grad)
         if not torch.isfinite(grad).all():
             raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
         self._loss = float(loss)
         self._grad = grad
+
+    def _build_batch(self, b: int, create: bool, loss: torch.Tensor, grad: torch.Tensor) -> None:
+        """Add batch ``b``'s weighted loss and gradient to ``loss`` and ``grad``; keep its graph if it fits."""
+        grads, loss_b, nbytes = self._graph(b, create)
+        loss += loss_b.double() * self.weights[b]
+        grad += self.space.flatten([g.detach() if g is not None else None for g in grads])
+        if b == 0 and create:
+            _check_double_backward(grads)
+        fits = self.graph_budget_bytes is None or self.graph_bytes + nbytes <= self.graph_budget_bytes
+        if create and (fits or b == 0):
+            self._graphs.append(grads)
+            self.graph_bytes += nbytes
+        else:
+            self._graphs.append(None)
 
     # ------------------------------------------------------------------ queries
     @property
@@ -401,6 +421,7 @@ class Landscape:
         out = torch.empty_like(V)
         for s in range(0, V.shape[0], self.chunk_size):
             out[s : s + self.chunk_size] = self._hvp_chunk(V[s : s + self.chunk_size])
+        self.reducer.sum_(out)  # one collective per block of vectors, not per vector
         self.hvps += V.shape[0]
         return out[0] if single else out
 

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
+from .distributed import make_reducer
 from .errors import ConfigurationError, OptimizerStateError
 from .landscape import Landscape, unwrap_model
 from .metrics import registry
@@ -96,6 +97,9 @@ class GeometryProbe:
         clock: the clock probe time is measured with (the schedule's budget sees the same seconds).
         annotate: called at each probe; its JSON-ready dict is added to the record (e.g. backprops so far,
             an epoch number, a validation accuracy the loop keeps).
+        process_group: under torch.distributed, each rank passes its shard of the probe data and every rank
+            measures the union (see :class:`Landscape`); only rank 0 writes ``run_dir`` and TensorBoard, the
+            other ranks keep the same records in :attr:`records`. Every rank must call the probe alike.
 
     A probe changes nothing: it uses ``torch.autograd.grad`` (never ``.backward()``), runs every forward under
     the state guard, draws randomness from its own generators, and leaves parameters, buffers, ``.grad``,
@@ -130,6 +134,7 @@ class GeometryProbe:
         meta: Mapping[str, Any] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         annotate: Callable[[], Mapping[str, Any]] | None = None,
+        process_group: Any = None,
     ):
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
@@ -142,7 +147,7 @@ class GeometryProbe:
         self.noise_data = noise_data
         self.landscape_options = dict(
             params=params, mode=mode, group_by=group_by, chunk_size=chunk_size, hvp_method=hvp_method,
-            loss_form=loss_form, seed=seed,
+            loss_form=loss_form, seed=seed, process_group=process_group,
         )
         self.seed = seed
         self.batches, self.data_policy = draw_probe_batches(
@@ -165,10 +170,13 @@ class GeometryProbe:
         # so the metadata can name the optimizer that attach() brings.
         self.run_dir, self._force, self._resume, self._extra_meta = run_dir, force, resume, meta
         self.writer: RunWriter | None = None
-        if run_dir is not None and not (force or resume):
+        # One run log for all ranks: the others hold identical records and must not race on the files.
+        self._reducer = make_reducer(process_group)
+        self.writes = self._reducer.rank == 0
+        if run_dir is not None and self.writes and not (force or resume):
             _refuse_existing(run_dir)
         self._tb = None
-        if tensorboard is not None:
+        if tensorboard is not None and self.writes:
             from .tensorboard import TensorBoardWriter
 
             self._tb = TensorBoardWriter(tensorboard)
@@ -206,6 +214,7 @@ class GeometryProbe:
                 "hvp_method": self.landscape_options["hvp_method"],
                 "params": self.landscape_options["params"],
                 "group_by": self.landscape_options["group_by"],
+                "world_size": self._reducer.world_size,
             },
             "device": str(next(self.model.parameters()).device),
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
@@ -249,7 +258,8 @@ class GeometryProbe:
             raise ConfigurationError("this probe was closed; create a new GeometryProbe")
         step = self._step if step is None else int(step)
         self._step = step
-        if not self.schedule.should_probe(step, self.clock()):
+        # Rank 0's decision binds every rank: a time budget can differ across ranks, and a probe is collective.
+        if not self._reducer.agree(self.schedule.should_probe(step, self.clock())):
             return None
         return self.probe(step)
 
@@ -304,7 +314,7 @@ class GeometryProbe:
             record["skipped"] = skipped
         self.schedule.observe(step, seconds, self.clock())
         self.records.append(record)
-        if self.run_dir is not None:
+        if self.run_dir is not None and self.writes:
             if self.writer is None:
                 self.writer = RunWriter(
                     self.run_dir, self._meta(self._extra_meta), force=self._force, resume=self._resume
