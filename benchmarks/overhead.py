@@ -82,9 +82,23 @@ def memory_ratio(device, batch=128):
     land = gp.Landscape(model, loss_fn, (x, y))
     gp.metrics.spectrum(land)
     probe_peak = torch.cuda.max_memory_allocated() - base2
+    lmax = gp.metrics.spectrum(land)["lambda_max"]
     land.close()
-    return {"train_step_peak_mib": step_peak / 2**20, "probe_peak_mib": probe_peak / 2**20,
-            "ratio": probe_peak / step_peak}
+    out = {"train_step_peak_mib": step_peak / 2**20, "probe_peak_mib": probe_peak / 2**20,
+           "ratio": probe_peak / step_peak}
+    for micro in (32, 16):
+        torch.cuda.reset_peak_memory_stats()
+        base3 = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        land = gp.Landscape(model, loss_fn, (x, y), micro_batch_size=micro, graph_budget_bytes=1)
+        res = gp.metrics.spectrum(land)
+        sync(device)
+        peak = torch.cuda.max_memory_allocated() - base3
+        out[f"micro{micro}"] = {"probe_peak_mib": peak / 2**20, "ratio": peak / step_peak,
+                                "seconds": time.perf_counter() - t0, "hvps": res["hvps"],
+                                "lambda_max_rel_diff": abs(res["lambda_max"] - lmax) / abs(lmax)}
+        land.close()
+    return out
 
 
 def scaling(device, widths, batches):

@@ -131,6 +131,33 @@ def _loss_form(loss_fn: Callable, loss_form: str) -> str:
     return "model" if first in _MODEL_ARG_NAMES else "outputs"
 
 
+def _slice(obj: Any, n: int, a: int, b: int) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj[a:b] if obj.dim() > 0 and obj.shape[0] == n else obj
+    if isinstance(obj, (list, tuple)):
+        parts = [_slice(o, n, a, b) for o in obj]
+        return type(obj)(*parts) if hasattr(obj, "_fields") else type(obj)(parts)
+    if isinstance(obj, dict):
+        return type(obj)((k, _slice(v, n, a, b)) for k, v in obj.items())
+    return obj
+
+
+def _split_batches(batches: list[Any], size: int, model: nn.Module, mode: str) -> list[Any]:
+    """Every batch cut into pieces of at most ``size`` samples (tensors sliced along their first dimension)."""
+    if size < 1:
+        raise ConfigurationError(f"micro_batch_size must be >= 1, got {size}")
+    if mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
+        raise ConfigurationError(
+            "micro_batch_size would change BatchNorm's batch statistics in train mode (a different Hessian); "
+            "use mode='eval' or pass smaller probe batches yourself"
+        )
+    out = []
+    for batch in batches:
+        n = batch_size(batch)
+        out.extend(_slice(batch, n, a, min(a + size, n)) for a in range(0, n, size))
+    return out
+
+
 def _is_pair(batch: Any) -> bool:
     return isinstance(batch, (tuple, list)) and len(batch) == 2
 
@@ -218,6 +245,10 @@ class Landscape:
             layers have no double backward. Wrong on ReLU networks, where a crossed kink gives errors of 100x.
         seed: fixes dropout masks in ``train`` mode.
         process_group: the ranks whose probe data together make the loss (see :mod:`geomprobe.distributed`).
+        micro_batch_size: split every probe batch into pieces of at most this many samples. The Hessian is
+            the same (the loss is sample-weighted), but the double backward works on one piece at a time, so
+            with ``graph_budget_bytes`` the probe fits in the memory of a training step. Not allowed in
+            ``train`` mode with BatchNorm, whose batch statistics would change.
             ``None``: the default group when torch.distributed is initialized with several ranks, else this
             process alone; ``False``: this process alone. Each rank passes its own shard as ``batches``; the
             loss, gradient and HVPs are those of the union, identical on every rank.
@@ -254,6 +285,7 @@ class Landscape:
         fd_eps: float | None = None,
         seed: int = 0,
         process_group: Any = None,
+        micro_batch_size: int | None = None,
     ):
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
@@ -280,6 +312,9 @@ class Landscape:
         if loss_form == "auto" and self.loss_form == "outputs" and not _is_pair(self.batches[0]):
             # loss_fn(outputs, targets) cannot take a dict or a longer tuple: the user meant loss_fn(model, batch)
             self.loss_form = "model"
+        if micro_batch_size is not None:
+            self.batches = _split_batches(self.batches, micro_batch_size, self.model, mode)
+        self.micro_batch_size = micro_batch_size
         self.batch_sizes = [batch_size(b) for b in self.batches]
         # over every rank's shard, so that the weights below make the loss of the union of the shards
         self.n_samples = self.reducer.sum_int(sum(self.batch_sizes))

@@ -30,7 +30,7 @@ from torch import nn
 
 from .distributed import make_reducer
 from .errors import ConfigurationError, OptimizerStateError
-from .landscape import Landscape, unwrap_model
+from .landscape import Landscape, _first_tensor, unwrap_model
 from .metrics import registry
 from .paramspace import ParamSpace, select_parameters
 from .probedata import draw_probe_batches
@@ -307,6 +307,7 @@ class GeometryProbe:
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "graph_mib": land.graph_bytes / 2**20 if land is not None else None,
             "chunk_size": land.chunk_size if land is not None else self.landscape_options["chunk_size"],
+            "micro_batch_size": self.landscape_options.get("micro_batch_size"),
         }
         if errors:
             record["errors"] = errors
@@ -344,6 +345,19 @@ class GeometryProbe:
         out.setdefault("hvps", land.hvps - before)
         return out
 
+    def _shrink_micro_batches(self) -> None:
+        """Halve the probe's micro-batches and keep one first-order graph: the double backward then holds
+        one piece of the batch at a time (same Hessian, slower probes), so it fits where training fits."""
+        opts = self.landscape_options
+        if self.mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            return  # splitting would change BatchNorm's batch statistics: smaller chunks are all we can do
+        current = opts.get("micro_batch_size") or max(
+            (int(t.shape[0]) for b in self.batches for t in [_first_tensor(b)] if t is not None and t.dim() > 0),
+            default=1,
+        )
+        opts["micro_batch_size"] = max(1, current // 2)
+        opts["graph_budget_bytes"] = 1
+
     def _failure(self, where: str, e: BaseException, land: Landscape | None) -> str:
         kind = type(e).__name__
         if _is_oom(e):
@@ -353,6 +367,8 @@ class GeometryProbe:
             self.landscape_options["chunk_size"] = max(1, self.landscape_options["chunk_size"] // 2)
             if land is not None:
                 land.chunk_size = self.landscape_options["chunk_size"]
+            if where == "landscape" or self.landscape_options["chunk_size"] == 1:
+                self._shrink_micro_batches()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         message = f"{kind}: {str(e).splitlines()[0] if str(e) else kind}"

@@ -268,3 +268,22 @@ def test_gpu_matches_cpu():
     out = spectrum(land, tol=1e-10)
     assert abs(out["lambda_max"] - cpu["lambda_max"]) <= FLOAT64_REL * abs(cpu["lambda_max"])
     assert abs(out["lambda_min"] - cpu["lambda_min"]) <= FLOAT64_REL * abs(cpu["lambda_max"])
+
+
+def test_micro_batches_give_the_same_hessian_in_less_memory():
+    model, loss, batches, mode = make_case("transformer")
+    whole = gp.Landscape(model, loss, batches)
+    split = gp.Landscape(model, loss, batches, micro_batch_size=3, graph_budget_bytes=1)
+    assert split.batch_sizes == [3, 3, 3, 3, 3, 1, 3, 3, 1] and split.n_samples == 23
+    V = torch.randn(3, whole.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert abs(split.loss - whole.loss) <= FLOAT64_EXACT
+    assert torch.allclose(split.hvp(V), whole.hvp(V), rtol=0, atol=FLOAT64_EXACT)
+    assert split.info()["graphs_kept"] == 1 and split.graph_bytes < whole.graph_bytes
+
+
+def test_micro_batches_refused_for_batchnorm_in_train_mode():
+    model, loss, batches, _ = make_case("cnn_bn")
+    with pytest.raises(gp.ConfigurationError, match="BatchNorm's batch statistics"):
+        gp.Landscape(model, loss, batches, mode="train", micro_batch_size=4)
+    with pytest.raises(gp.ConfigurationError, match="micro_batch_size must be >= 1"):
+        gp.Landscape(model, loss, batches, micro_batch_size=0)

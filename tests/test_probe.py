@@ -242,3 +242,31 @@ def test_a_killed_training_process_leaves_a_readable_run(tmp_path):
     doc = build_report(run)
     assert doc["probes"] == len(recs)
     assert "spectrum" in json.dumps(doc)
+
+
+def test_out_of_memory_while_building_retries_with_micro_batches(monkeypatch):
+    X, y = data()
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    real = gp.probe.Landscape
+    calls = {"n": 0}
+
+    def oom_once(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(gp.probe, "Landscape", oom_once)
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X[:32], y[:32]), schedule=gp.every(1),
+                             metrics={"spectrum": {"tol": 1e-8}})
+    with pytest.warns(RuntimeWarning, match="landscape failed"):
+        probe.attach(opt)
+    opt.step()
+    probe.close()
+    first, second = probe.records
+    assert first["errors"]["landscape"].startswith("OutOfMemory")
+    assert second["cost"]["micro_batch_size"] == 16 and "errors" not in second
+    # the same Hessian as without micro-batches
+    ref = gp.metrics.spectrum(real(model, nn.CrossEntropyLoss(), (X[:32], y[:32])), tol=1e-8)
+    assert abs(second["spectrum"]["lambda_max"] - ref["lambda_max"]) <= 1e-5 * ref["lambda_max"]
