@@ -109,13 +109,17 @@ def main(argv=None) -> None:
     ap.add_argument("--k", type=int, default=8, help="vectors per batched HVP")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    ap.add_argument("--tf32", choices=["off", "default"], default="off",
+                    help="off: strict fp32; default: torch's own flags (cuDNN TF32 on, matmul TF32 off)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    if a.tf32 == "off":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
     batch = a.batch or (128 if a.device.startswith("cuda") else 32)
     rows = [measure(m, a.device, batch, a.small, a.k, a.repeats, getattr(torch, a.dtype)) for m in a.models.split(",")]
-    dump({"benchmark": "hvp_cost", "env": environment(a.device), "small": a.small, "rows": rows}, a.out)
+    env = {**environment(a.device), "cudnn_tf32": bool(torch.backends.cudnn.allow_tf32)}
+    dump({"benchmark": "hvp_cost", "env": env, "small": a.small, "rows": rows}, a.out)
 
 
 if __name__ == "__main__":
