@@ -17,6 +17,10 @@ NCCL both all-gather one reduced copy), so Lanczos takes the same steps and stop
 every rank; the tests check the results are bitwise equal across ranks. Only rank 0 of the group writes the
 run log (see :class:`~geomprobe.GeometryProbe`); the other ranks keep their records in memory.
 
+The gradient-noise metrics (``noise``, ``isotropy``) stream the union of every rank's gradient samples to
+every rank in rank order (:meth:`Reducer.broadcast_rows`, one block at a time), so they too equal one
+process on the union.
+
 A failure while building the Landscape on one rank (a non-finite loss on its shard) is agreed on by every
 rank, so all of them raise rather than leave the others waiting in an all-reduce. A failure in the middle
 of an HVP on one rank only (out of memory) is not yet agreed on and leaves the other ranks waiting.
@@ -79,6 +83,18 @@ class Reducer:
         """Rank 0's ``flag`` on every rank (a collective decision such as "probe at this step")."""
         return bool(flag)
 
+    def gather_ints(self, n: int) -> list[int]:
+        """Every rank's integer ``n`` (a per-rank sample count), in rank order, on every rank."""
+        return [int(n)]
+
+    def broadcast_rows(self, rows: torch.Tensor, src: int) -> torch.Tensor:
+        """Rank ``src``'s ``(c, ...)`` block of rows on every rank.
+
+        On ``src`` pass the rows; elsewhere an empty ``(0, ...)`` tensor of the same trailing shape, dtype and
+        device, which says what to receive (the number of rows comes from ``src``).
+        """
+        return rows
+
     def report_failure(self) -> None:
         """Tell the other ranks this one failed (it raises its own error next); pairs with :meth:`check_others`."""
 
@@ -113,6 +129,25 @@ class ProcessGroupReducer(Reducer):
 
     def agree(self, flag: bool) -> bool:
         return self.sum_int(int(bool(flag)) if self.rank == 0 else 0) > 0
+
+    def gather_ints(self, n: int) -> list[int]:
+        t = torch.tensor([int(n)], dtype=torch.int64, device=self._device())
+        out = [torch.empty_like(t) for _ in range(self.world_size)]
+        torch.distributed.all_gather(out, t, group=self.group)
+        return [int(x.item()) for x in out]
+
+    def broadcast_rows(self, rows: torch.Tensor, src: int) -> torch.Tensor:
+        # The receivers cannot know how many rows a block holds, so a one-integer header goes first.
+        owner = src if self.group is None else torch.distributed.get_global_rank(self.group, src)
+        header = torch.tensor([rows.shape[0] if self.rank == src else 0], dtype=torch.int64, device=self._device())
+        torch.distributed.broadcast(header, src=owner, group=self.group)
+        if self.rank == src:
+            rows = rows.contiguous()
+        else:
+            rows = rows.new_empty((int(header.item()), *rows.shape[1:]))
+        if rows.shape[0] > 0:
+            torch.distributed.broadcast(rows, src=owner, group=self.group)
+        return rows
 
     def report_failure(self) -> None:
         self.sum_int(1)

@@ -13,6 +13,8 @@ iterated again (a second pass recomputes the same rows):
   has no per-example split) it falls back to micro-batches of one example, and says so in ``method``.
 - :class:`MinibatchGradients`: one row per minibatch of an iterable of batches of the training batch size
   (:func:`sample_minibatches` draws such batches from tensors with a local generator).
+- :class:`GatheredGradients`: under data-parallel probing, the union of every rank's samples of either
+  kind, in rank order, on every rank.
 
 Every forward runs inside ``Landscape.frozen``: the model comes back exactly as found and the global RNG is
 not moved. Cost: one gradient per example (or minibatch) per pass; no HVPs.
@@ -31,7 +33,8 @@ from .errors import ConfigurationError, UnsupportedOperationError
 from .landscape import batch_size as _batch_size
 from .landscape import resolve_batches
 
-__all__ = ["PerExampleGradients", "MinibatchGradients", "sample_minibatches", "PER_EXAMPLE_METHODS"]
+__all__ = ["PerExampleGradients", "MinibatchGradients", "GatheredGradients", "sample_minibatches",
+           "PER_EXAMPLE_METHODS"]
 
 PER_EXAMPLE_METHODS = ("auto", "vmap", "microbatch")
 
@@ -229,6 +232,81 @@ class MinibatchGradients:
             with land.frozen(p):
                 grads = torch.autograd.grad(land.loss_on(batch), land.params, allow_unused=True)
             yield _flat_rows(land, [None if x is None else x.unsqueeze(0) for x in grads], 1)
+
+
+class GatheredGradients:
+    """The union over ranks of each rank's gradient samples ``local``, on every rank, in rank order.
+
+    Rank 0's rows come first, then rank 1's, and so on: the order one process would read the union of the
+    shards in, so every statistic (tail indices split values into consecutive partitions, the jackknife
+    groups are consecutive samples) equals the single-process one on the union, and every rank holds the
+    same bits. ``max_samples`` caps the union as one process would cap it (the first samples in that order).
+
+    Each block of rows is broadcast by the rank that computed it while the others wait, so memory stays one
+    block beyond what the statistics hold (as for a local source), at the price of the ranks computing
+    their gradients in turn rather than at once. Iterating again recomputes and re-broadcasts the rows (the
+    second pass of :func:`~geomprobe.noisestats.collect_noise`). Every rank must iterate in lock-step; they
+    do, since each consumes the same rows.
+    """
+
+    def __init__(self, local: Any, reducer: Any, *, max_samples: int | None = None) -> None:
+        self.local = local
+        self.reducer = reducer
+        self.source = local.source
+        sizes = reducer.gather_ints(local.batch_size)
+        if len(set(sizes)) > 1:  # every rank sees the same sizes, so every rank raises
+            raise ConfigurationError(
+                f"noise batches must have the same training batch size on every rank, got {sizes} by rank"
+            )
+        self.batch_size = sizes[0]
+        left = None if max_samples is None else int(max_samples)
+        self.counts: list[int] = []
+        for n in reducer.gather_ints(len(local)):
+            take = n if left is None else max(0, min(n, left))
+            self.counts.append(take)
+            left = None if left is None else left - take
+        self.count = sum(self.counts)
+
+    @property
+    def method(self) -> str | None:
+        return self.local.method
+
+    @property
+    def fallback_reason(self) -> str | None:
+        return self.local.fallback_reason
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        land = self.local.land
+        empty = torch.empty(0, land.dim, dtype=land.dtype, device=land.device)
+        for r, n in enumerate(self.counts):
+            if n == 0:
+                continue
+            if r == self.reducer.rank:
+                left = n
+                for rows in self.local:
+                    rows = rows.detach()[:left].to(empty)
+                    if rows.shape[0] == 0:
+                        continue  # an empty block would read as "this rank is done" on the others
+                    yield self.reducer.broadcast_rows(rows, r)
+                    left -= rows.shape[0]
+                    if left == 0:
+                        break
+                if left > 0:
+                    # The local source came up short: an empty block tells the others, so that every rank
+                    # ends the pass together and the statistics report the shortfall on every rank.
+                    self.reducer.broadcast_rows(empty, r)
+                    return
+            else:
+                got = 0
+                while got < n:
+                    rows = self.reducer.broadcast_rows(empty, r)
+                    if rows.shape[0] == 0:
+                        return
+                    got += rows.shape[0]
+                    yield rows
 
 
 def sample_minibatches(

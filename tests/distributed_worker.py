@@ -4,6 +4,7 @@
 
 Each rank measures its own shard of the 23 probe samples (rank 0: batches of 8 and 5, rank 1: one of 10)
 and saves what it got to ``OUT_DIR/rank{r}.pt``; the test compares these with one process on the union.
+The noise metrics use a larger set of 64 examples (rank 0: 37 in two batches, rank 1: 27).
 """
 
 from __future__ import annotations
@@ -19,6 +20,16 @@ N_SAMPLES = 23
 SHARDS = ([(0, 8), (8, 13)], [(13, 23)])  # rank -> list of (start, stop) batches: 13 and 10 samples
 HVP_VECTORS = 5
 PROBE_STEPS = 4  # training steps under the probe; the schedule probes every 2
+N_NOISE = 64  # the noise metrics need P >= 32 (isotropy) samples and >= 20 noise norms (Hill)
+NOISE_SHARDS = ([(0, 20), (20, 37)], [(37, 64)])
+# name -> (metric, keyword arguments): held rows, two chunked passes, and a max_samples cap that falls on rank 1
+NOISE_CASES = {
+    "noise": ("noise", {"min_samples": 32, "chunk_size": 8}),
+    "noise_chunked": ("noise", {"min_samples": 32, "chunk_size": 8, "max_elements": 2000}),
+    "noise_capped": ("noise", {"min_samples": 32, "max_samples": 50}),
+    "isotropy": ("isotropy", {"chunk_size": 8, "lanczos_tol": 1e-10}),
+    "isotropy_chunked": ("isotropy", {"u_min": None, "max_elements": 2000}),
+}
 
 
 def make_problem() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
@@ -52,6 +63,30 @@ def _landscape_results(model, loss_fn, batches) -> dict:
     # last: finite differences move the parameters (and restore them), which retires `land`
     out["hvp_fd"] = gp.Landscape(model, loss_fn, batches, hvp_method="finite-difference").hvp(V[0])
     return out
+
+
+def make_noise_problem() -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor, torch.optim.Optimizer]:
+    """The noise metrics' problem: the same model on ``N_NOISE`` examples and an Adam with state, identical
+    in every process (a step with lr = 0 fills its second moments and leaves the parameters as they were)."""
+    model, loss_fn, _, _ = make_problem()
+    g = torch.Generator().manual_seed(1)
+    X = torch.randn(N_NOISE, 5, dtype=torch.float64, generator=g)
+    y = (X[:, 0] > -1.0).long() * 2  # mostly one class: a mean gradient that stands out of the noise
+    opt = torch.optim.Adam(model.parameters(), lr=0.0)
+    loss_fn(model(X), y).backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model, loss_fn, X, y, opt
+
+
+def noise_results(model, loss_fn, batches, opt) -> dict:
+    """Every case of ``NOISE_CASES`` on a Landscape of ``batches`` (distributed when a group is initialized)."""
+    import geomprobe as gp
+    from geomprobe.metrics import isotropy, noise
+
+    land = gp.Landscape(model, loss_fn, batches)
+    metrics = {"noise": lambda **kw: noise(land, **kw), "isotropy": lambda **kw: isotropy(land, optimizer=opt, **kw)}
+    return {name: metrics[metric](**kw) for name, (metric, kw) in NOISE_CASES.items()}
 
 
 def _sharded_parameter_error() -> str:
@@ -134,6 +169,8 @@ def main(out_dir: str) -> None:
     result["sharded_error"] = _sharded_parameter_error()
     result["fsdp_error"] = _fully_sharded_error()
     result["failure"] = _failure_on_one_rank(model, loss_fn, batches, rank)
+    nmodel, nloss, NX, Ny, opt = make_noise_problem()
+    result["noise"] = noise_results(nmodel, nloss, [(NX[a:b], Ny[a:b]) for a, b in NOISE_SHARDS[rank]], opt)
     result["records"] = json.loads(json.dumps(_probe_records(model, loss_fn, batches, f"{out_dir}/run")))
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     dist.destroy_process_group()

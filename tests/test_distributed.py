@@ -19,7 +19,7 @@ import torch
 import geomprobe as gp
 from geomprobe.distributed import Reducer, make_reducer
 from geomprobe.metrics import spectrum
-from distributed_worker import PROBE_STEPS, hvp_vectors, make_problem
+from distributed_worker import NOISE_CASES, PROBE_STEPS, hvp_vectors, make_noise_problem, make_problem, noise_results
 from tolerances import FLOAT64_REL
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -122,6 +122,41 @@ def test_a_failure_on_one_rank_stops_every_rank(ranks):
     (a, b), _ = ranks
     assert b["failure"].startswith("NonFiniteLossError: the loss on probe batch 0 is nan")
     assert a["failure"].startswith("GeomprobeError: building the Landscape failed on 1 other rank(s) of 2")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    """A nested result as ``{"a.b.c": leaf}`` (lists of numbers stay leaves)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_noise_statistics_combine_across_ranks(ranks):
+    (a, b), _ = ranks
+    model, loss_fn, X, y, opt = make_noise_problem()
+    one = noise_results(model, loss_fn, (X, y), opt)  # one process on the union of the two shards
+    assert a["noise"] == b["noise"]  # identical on every rank, not merely close
+    for name in NOISE_CASES:
+        got, want = _flat(a["noise"][name]), _flat(one[name])
+        assert got.keys() == want.keys(), name
+        for key, w in want.items():
+            g = got[key]
+            if isinstance(w, float) and not isinstance(w, bool):
+                # absolute floor: mean_grad_rel_diff is a rounding-level number near 1e-16
+                assert abs(g - w) <= FLOAT64_REL * abs(w) + 1e-12, (name, key, g, w)
+            else:
+                assert g == w, (name, key, g, w)
+    assert a["noise"]["noise"]["samples"] == 64 and a["noise"]["noise_capped"]["samples"] == 50
+    assert a["noise"]["noise_chunked"]["passes"] == 2 and a["noise"]["isotropy_chunked"]["passes"] == 2
+    for name in ("noise", "noise_chunked", "noise_capped"):
+        for key in ("alpha_pooled", "alpha_standardized", "hill_alpha", "noise_scale"):
+            assert a["noise"][name][key] is not None, (name, key)
+    for key in ("cv", "isotropy_index", "escape", "cv_preconditioned", "isotropy_index_preconditioned"):
+        assert a["noise"]["isotropy"][key] is not None, key
 
 
 def test_without_a_process_group_the_reducer_is_the_identity():

@@ -27,7 +27,7 @@ from ..noisestats import (
     trace_estimates,
     with_error,
 )
-from ..persample import MinibatchGradients, PerExampleGradients
+from ..persample import GatheredGradients, MinibatchGradients, PerExampleGradients
 from ..tails import MIN_HILL_SAMPLES, hill_index, sample_sas, tail_index
 from .registry import register
 
@@ -47,9 +47,13 @@ def gradient_source(
     max_samples: int | None = None,
     chunk_size: int = 32,
     method: str = "auto",
-) -> PerExampleGradients | MinibatchGradients:
+) -> PerExampleGradients | MinibatchGradients | GatheredGradients:
     """The gradient samples a noise metric reads: minibatches of ``noise_data``, or per-example gradients of
-    the Landscape's probe batches when it is None; a clear error when there are fewer than ``min_samples``."""
+    the Landscape's probe batches when it is None; a clear error when there are fewer than ``min_samples``.
+
+    On a distributed Landscape each rank reads its own shard (or its own ``noise_data``) and every rank gets
+    the union of all of them (:class:`~geomprobe.persample.GatheredGradients`), so the statistics equal those
+    of one process on the union and are identical on every rank; ``max_samples`` caps the union."""
     if noise_data is None:
         src: Any = PerExampleGradients(land, chunk_size=chunk_size, method=method, max_samples=max_samples)
         hint = "probe with more examples, or pass noise_data= (P batches of the training batch size)"
@@ -59,6 +63,9 @@ def gradient_source(
             batches = [b for _, b in zip(range(max_samples), iter(noise_data))]
         src = MinibatchGradients(land, batches)
         hint = "pass more batches in noise_data="
+    reducer = getattr(land, "reducer", None)
+    if reducer is not None and reducer.active:
+        src = GatheredGradients(src, reducer, max_samples=max_samples)
     if len(src) < min_samples:
         raise ConfigurationError(
             f"gradient noise needs at least {min_samples} samples, got {len(src)} {src.source} gradients; {hint}"
