@@ -15,8 +15,8 @@ data and, for ``precond``, how training built its optimizer.
 
 from __future__ import annotations
 
+import argparse
 import os
-import sys
 
 import torch
 from sklearn.datasets import load_digits
@@ -79,4 +79,7 @@ def train(out_dir: str) -> None:
 
 
 if __name__ == "__main__":
-    train(sys.argv[1] if len(sys.argv) > 1 else os.path.join("runs", "example-ckpts"))
+    parser = argparse.ArgumentParser(description="Train a digits MLP with Adam and save checkpoints to probe.")
+    parser.add_argument("out_dir", nargs="?", default=os.path.join("runs", "example-ckpts"),
+                        help="folder for ckpt-<step>.pt files (default: runs/example-ckpts)")
+    train(parser.parse_args().out_dir)
