@@ -176,6 +176,14 @@ def lanczos(
         beta = float(w.double().norm())
         alphas.append(alpha)
         betas.append(beta)
+        last = j + 1 == m_max or j + 1 == dim
+        # Gershgorin bound on ||T||: lets a fixed-length run (tol=0, as in SLQ) skip the per-step
+        # eigendecomposition and still detect an exhausted Krylov space.
+        gersh = max(abs(a) for a in alphas) + 2 * max(betas)
+        if tol == 0 and not last and beta > 1e-12 * gersh * math.sqrt(dim):
+            prev = vj
+            basis.append(w / beta)
+            continue
         T = torch.diag(torch.tensor(alphas, dtype=torch.float64))
         if j > 0:
             off = torch.tensor(betas[:-1], dtype=torch.float64)
@@ -490,8 +498,13 @@ def exact_diagonal(
 ) -> torch.Tensor:
     """Exact diagonal entries ``H_jj = e_j^T H e_j`` for ``indices`` (default: all). Cost: one matvec each."""
     idx = torch.arange(dim) if indices is None else torch.as_tensor(indices, dtype=torch.long).reshape(-1)
-    cols = hessian_columns(matvec, dim, idx, batch=batch, dtype=dtype, device=device)
-    return cols[torch.arange(idx.numel()), idx.to(cols.device)]
+    # one block of columns at a time: holding all of them would take len(indices) x d memory
+    parts = []
+    for s in range(0, idx.numel(), batch):
+        part = idx[s : s + batch]
+        cols = hessian_columns(matvec, dim, part, batch=batch, dtype=dtype, device=device)
+        parts.append(cols[torch.arange(part.numel()), part.to(cols.device)])
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype, device=device)
 
 
 def dense_matrix(
