@@ -105,11 +105,17 @@ def _at_loss(loss: np.ndarray, vals: np.ndarray, level: float) -> float:
     return float(vals[i - 1] + t * (vals[i] - vals[i - 1]))
 
 
-def analyse(runs: dict[str, list[str]], seeds: list[int]) -> dict[str, Any]:
-    """R_med at matched loss: one loss axis for all runs, mean ± std over seeds per optimizer and level."""
-    names = list(OPTIMIZERS)
+def analyse(runs: dict[str, list[str]], seeds: list[int], *, weights: list[str] | None = None,
+            levels: int | None = None) -> dict[str, Any]:
+    """R_med at matched loss: one loss axis for all runs, mean ± std over seeds per optimizer and level.
+
+    ``weights`` (the weight blocks to match per layer) and ``levels`` default to this study's; the LM half
+    passes its own."""
+    weights = WEIGHTS if weights is None else weights
+    names = list(runs)
     flat = [r for n in names for r in runs[n]]
-    cmp = compare_runs(flat, by="loss", metrics=["rmed.rmed", "rmed.rmed_q99"], levels=LEVELS)
+    cmp = compare_runs(flat, by="loss", metrics=["rmed.rmed", "rmed.rmed_q99"],
+                       levels=LEVELS if levels is None else levels)
     axis = [float(a) for a in cmp.axis]
     # Drop the first level: every run starts there from the same initial weights, so it says nothing.
     keep = list(range(1, len(axis)))
@@ -122,7 +128,7 @@ def analyse(runs: dict[str, list[str]], seeds: list[int]) -> dict[str, Any]:
             "steps": cmp.steps_at[rows][:, keep].tolist(),
             "blocks": {},
         }
-        for block in WEIGHTS:
+        for block in weights:
             entry["blocks"][block] = [
                 [_at_loss(*_block_series(run, block), axis[i]) for i in keep] for run in runs[name]
             ]

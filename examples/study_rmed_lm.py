@@ -30,10 +30,10 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a script: find the study modules
 
 from study_common import fmt, md_table, mean_std, prepare_out, train_with_probes  # noqa: E402
-from study_rmed import CITATION, _at_loss, _block_series, probe_steps  # noqa: E402
+from study_rmed import CITATION, probe_steps  # noqa: E402
+from study_rmed import analyse as analyse_rmed  # noqa: E402
 from study_tail_index import CONTEXT, VOCAB, CharTransformer, stdlib_corpus  # noqa: E402
 
-from geomprobe.report import compare_runs  # noqa: E402
 from geomprobe.runs import RunReader  # noqa: E402
 
 OPTIMIZERS: dict[str, dict[str, Any]] = {
@@ -81,24 +81,10 @@ def run_all(out: str, seeds: list[int]) -> tuple[dict[str, list[str]], dict[str,
 
 
 def analyse(runs: dict[str, list[str]], seeds: list[int]) -> dict[str, Any]:
-    """As study_rmed.analyse: one loss grid for all runs, first level (shared init) dropped."""
-    names = list(OPTIMIZERS)
-    flat = [r for n in names for r in runs[n]]
-    cmp = compare_runs(flat, by="loss", metrics=["rmed.rmed", "rmed.rmed_q99"], levels=LEVELS)
-    axis = [float(a) for a in cmp.axis]
-    keep = list(range(1, len(axis)))
-    per: dict[str, Any] = {"levels": [axis[i] for i in keep], "optimizers": {}}
-    for n_i, name in enumerate(names):
-        rows = slice(n_i * len(seeds), (n_i + 1) * len(seeds))
-        entry: dict[str, Any] = {
-            "rmed": cmp.values["rmed.rmed"][rows][:, keep].tolist(),
-            "rmed_q99": cmp.values["rmed.rmed_q99"][rows][:, keep].tolist(),
-            "steps": cmp.steps_at[rows][:, keep].tolist(),
-            "final_train_loss": [RunReader(r).records[-1]["train_loss"] for r in runs[name]],
-            "blocks": {b: [[_at_loss(*_block_series(run, b), axis[i]) for i in keep] for run in runs[name]]
-                       for b in WEIGHTS},
-        }
-        per["optimizers"][name] = entry
+    """study_rmed.analyse on this half's layers and levels, plus each run's final training loss."""
+    per = analyse_rmed(runs, seeds, weights=WEIGHTS, levels=LEVELS)
+    for name, entry in per["optimizers"].items():
+        entry["final_train_loss"] = [RunReader(r).records[-1]["train_loss"] for r in runs[name]]
     return per
 
 
