@@ -10,6 +10,7 @@ The noise metrics use a larger set of 64 examples (rank 0: 37 in two batches, ra
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -157,6 +158,11 @@ def _probe_records(model, loss_fn, batches, run_dir: str) -> list[dict]:
     return probe.records
 
 
+def _phase(rank: int, name: str) -> None:
+    """Say on stderr which part a rank is in, so that a rank killed by a signal shows where it died."""
+    print(f"[rank {rank}] {name}", file=sys.stderr, flush=True)
+
+
 def main(out_dir: str) -> None:
     import torch.distributed as dist
 
@@ -165,15 +171,27 @@ def main(out_dir: str) -> None:
     rank = dist.get_rank()
     model, loss_fn, X, y = make_problem()
     batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    _phase(rank, "landscape")
     result = _landscape_results(model, loss_fn, batches)
-    result["sharded_error"] = _sharded_parameter_error()
-    result["fsdp_error"] = _fully_sharded_error()
+    _phase(rank, "failure on one rank")
     result["failure"] = _failure_on_one_rank(model, loss_fn, batches, rank)
+    _phase(rank, "noise")
     nmodel, nloss, NX, Ny, opt = make_noise_problem()
     result["noise"] = noise_results(nmodel, nloss, [(NX[a:b], Ny[a:b]) for a, b in NOISE_SHARDS[rank]], opt)
+    _phase(rank, "probe under DDP")
     result["records"] = json.loads(json.dumps(_probe_records(model, loss_fn, batches, f"{out_dir}/run")))
+    _phase(rank, "sharded parameters")
+    result["sharded_error"] = _sharded_parameter_error()
+    result["fsdp_error"] = _fully_sharded_error()
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    _phase(rank, "saved")
+    dist.barrier()
     dist.destroy_process_group()
+    _phase(rank, "done")
+    # Skip interpreter teardown: the checks are saved, and static destructors of the communication threads
+    # are not what this test is about (some sandboxes abort in them).
+    sys.stdout.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
