@@ -18,3 +18,5 @@ __all__ += ["density", "rmed", "diagshare", "precond", "saddle"]
 from .noise import noise
 from .isotropy import isotropy
 __all__ += ["noise", "isotropy"]
+from .trace import trace
+__all__ += ["trace"]
