@@ -217,7 +217,10 @@ class _SavedBytes:
                 self.bytes += t.untyped_storage().nbytes()
         except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. functional wrappers)
             pass
-        return t
+        # Never the tensor itself: a saved output packed as itself refers back to its own grad_fn, a
+        # reference cycle through C++ that the garbage collector cannot see, so every graph would leak.
+        # Autograd restores the autograd metadata on unpacking; only the data must match.
+        return t.detach()
 
     def hooks(self):
         return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
