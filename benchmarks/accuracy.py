@@ -88,12 +88,18 @@ def eigen_rows(name, device, batch, small, seeds):
     rows = {"model": name, "params": land.dim, "batch": batch, "ref_lambda_max": lmax, "ref_lambda_min": lmin,
             "ref_converged": ref.converged, "ref_steps": ref.steps,
             "ref_lambda_max_err": ref.top(1)[1][0], "ref_lambda_min_err": ref.bottom(1)[1][0]}
-    gpm, gpn, gp_err_max, gp_err_min, gp_hvps_max, gp_hvps_min = [], [], [], [], [], []
+    gp_err_max, gp_err_min, gp_hvps_max, gp_hvps_min = [], [], [], []
+    gap_err, gap_hvps, gap_cover = [], [], []
     for s in range(seeds):
         r = krylov.lanczos(land.hvp, land.dim, which="largest", tol=1e-3, dtype=land.dtype, device=land.device,
                            generator=krylov.default_generator(s))
         gp_err_max.append(abs(r.top(1)[0][0] - lmax) / abs(lmax))
         gp_hvps_max.append(r.matvecs)
+        r = krylov.lanczos(land.hvp, land.dim, which="largest", tol=1e-3, bound="gap", dtype=land.dtype,
+                           device=land.device, generator=krylov.default_generator(s))
+        gap_err.append(abs(r.top(1)[0][0] - lmax) / abs(lmax))
+        gap_hvps.append(r.matvecs)
+        gap_cover.append(abs(r.top(1)[0][0] - lmax) <= r.top(1)[1][0] + 1e-7 * abs(lmax))
         r = krylov.lanczos(land.hvp, land.dim, which="smallest", tol=1e-3, dtype=land.dtype, device=land.device,
                            generator=krylov.default_generator(s))
         gp_err_min.append(abs(r.bottom(1)[0][0] - lmin) / spread)
@@ -103,6 +109,9 @@ def eigen_rows(name, device, batch, small, seeds):
         "gp_lambda_max_hvps_median": statistics.median(gp_hvps_max),
         "gp_lambda_min_err_over_spread_median": statistics.median(gp_err_min),
         "gp_lambda_min_hvps_median": statistics.median(gp_hvps_min),
+        "gp_gap_lambda_max_hvps_median": statistics.median(gap_hvps),
+        "gp_gap_lambda_max_rel_err_median": statistics.median(gap_err), "gp_gap_lambda_max_rel_err_max": max(gap_err),
+        "gp_gap_bound_covers_truth": all(gap_cover),
     })
     rows.update(steps_to_accuracy(land, lmax, seeds))
     H, count = pyhessian_counted()

@@ -174,3 +174,24 @@ def test_slq_density_moments_and_normalization():
     # mass below zero: 1/3 of the bulk (130 / 400 eigenvalues)
     neg = sum(float(w[n < 0].sum()) for n, w in zip(res.nodes, res.weights)) / len(res.nodes)
     assert neg == pytest.approx(130 / 400, abs=0.05)
+
+
+def test_gap_bounds_cover_the_truth_at_every_step_and_stop_earlier():
+    # outliers over a bulk: the quadratic bounds must hold at every step, not only at the end
+    eigs = torch.cat([torch.tensor([-2.0], dtype=torch.float64), torch.linspace(0.0, 1.0, 297, dtype=torch.float64),
+                      torch.tensor([1.6, 4.0], dtype=torch.float64)])
+    A = sym_with_spectrum(eigs, seed=7)
+    full = krylov.lanczos(mv(A), 300, tol=0.0, max_iter=40)
+    for m in range(3, 41):
+        T = torch.diag(full.alpha[:m]) + torch.diag(full.beta[: m - 1], 1) + torch.diag(full.beta[: m - 1], -1)
+        theta, U = torch.linalg.eigh(T)
+        refined = krylov.gap_bounds(theta, full.beta[m - 1] * U[-1, :].abs())
+        nearest = (theta[:, None] - eigs[None, :]).abs().min(1).values  # some eigenvalue within each bound
+        assert bool((nearest <= refined * (1 + 1e-9) + 1e-13).all()), m
+        assert refined[-1] <= full.beta[m - 1] * U[-1, -1].abs()
+    res = krylov.lanczos(mv(A), 300, tol=1e-3, which="largest")
+    gap = krylov.lanczos(mv(A), 300, tol=1e-3, which="largest", bound="gap")
+    assert gap.converged and gap.matvecs < res.matvecs
+    assert abs(gap.top(1)[0][0] - 4.0) <= 1e-3 * 4.0
+    with pytest.raises(ConfigurationError, match="bound must be"):
+        krylov.lanczos(mv(A), 300, bound="kato")
