@@ -86,7 +86,7 @@ def memory_ratio(device, batch=128):
     land.close()
     out = {"train_step_peak_mib": step_peak / 2**20, "probe_peak_mib": probe_peak / 2**20,
            "ratio": probe_peak / step_peak}
-    for micro in (32, 16):
+    for micro, basis in ((32, None), (16, None), (16, "cpu")):
         # once untimed: cuDNN's first calls at a new batch shape allocate search workspace
         warm = gp.Landscape(model, loss_fn, (x, y), micro_batch_size=micro, graph_budget_bytes=1)
         warm.hvp(torch.ones(warm.dim, device=device))
@@ -97,13 +97,26 @@ def memory_ratio(device, batch=128):
         base3 = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         land = gp.Landscape(model, loss_fn, (x, y), micro_batch_size=micro, graph_budget_bytes=1)
-        res = gp.metrics.spectrum(land)
+        res = gp.metrics.spectrum(land, basis_device=basis)
         sync(device)
         peak = torch.cuda.max_memory_allocated() - base3
-        out[f"micro{micro}"] = {"probe_peak_mib": peak / 2**20, "ratio": peak / step_peak,
-                                "seconds": time.perf_counter() - t0, "hvps": res["hvps"],
-                                "lambda_max_rel_diff": abs(res["lambda_max"] - lmax) / abs(lmax)}
+        key = f"micro{micro}" + ("_basis_cpu" if basis else "")
+        out[key] = {"probe_peak_mib": peak / 2**20, "ratio": peak / step_peak,
+                    "seconds": time.perf_counter() - t0, "hvps": res["hvps"],
+                    "lambda_max_rel_diff": abs(res["lambda_max"] - lmax) / abs(lmax)}
         land.close()
+    # the whole batch with the basis in host memory: the graph alone
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    base4 = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    land = gp.Landscape(model, loss_fn, (x, y))
+    res = gp.metrics.spectrum(land, basis_device="cpu")
+    sync(device)
+    peak = torch.cuda.max_memory_allocated() - base4
+    out["whole_basis_cpu"] = {"probe_peak_mib": peak / 2**20, "ratio": peak / step_peak,
+                              "seconds": time.perf_counter() - t0, "hvps": res["hvps"]}
+    land.close()
     return out
 
 

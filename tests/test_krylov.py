@@ -195,3 +195,16 @@ def test_gap_bounds_cover_the_truth_at_every_step_and_stop_earlier():
     assert abs(gap.top(1)[0][0] - 4.0) <= 1e-3 * 4.0
     with pytest.raises(ConfigurationError, match="bound must be"):
         krylov.lanczos(mv(A), 300, bound="kato")
+
+
+def test_an_offloaded_basis_gives_the_same_lanczos_run():
+    # "cpu:0" is a different device from "cpu" to torch, so this takes the offloaded path (one pass over the
+    # blocks, reorthogonalizing twice per block) without an accelerator
+    eigs = torch.cat([torch.linspace(-1, 3, 118, dtype=torch.float64), torch.tensor([7.0, 9.0], dtype=torch.float64)])
+    A = sym_with_spectrum(eigs, seed=8)
+    here = krylov.lanczos(mv(A), 120, k=2, tol=1e-9, keep_basis=True)
+    off = krylov.lanczos(mv(A), 120, k=2, tol=1e-9, keep_basis=True, basis_device="cpu:0")
+    assert off.steps == here.steps > 16  # more than one block of the basis
+    assert torch.allclose(off.ritz_values, here.ritz_values, rtol=0, atol=1e-10)
+    V = off.basis
+    assert (V @ V.T - torch.eye(V.shape[0], dtype=torch.float64)).abs().max() < 1e-12

@@ -23,12 +23,13 @@ def run_lanczos(
     generator: torch.Generator | None = None,
     keep_basis: bool = False,
     bound: str = "residual",
+    basis_device: torch.device | str | None = None,
 ) -> LanczosResult:
     """Lanczos on ``land.hvp`` in the Landscape's dtype and device (the raw result, Ritz vectors available)."""
     return lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
         generator=generator or default_generator(seed), dtype=land.dtype, device=land.device,
-        keep_basis=keep_basis, bound=bound,
+        keep_basis=keep_basis, bound=bound, basis_device=basis_device,
     )
 
 
@@ -61,6 +62,7 @@ def spectrum(
     seed: int = 0,
     generator: torch.Generator | None = None,
     bound: str = "residual",
+    basis_device: torch.device | str | None = None,
 ) -> dict:
     """The Hessian's ``k`` largest and ``k`` smallest eigenvalues by Lanczos on HVPs, each with its bound.
 
@@ -70,7 +72,8 @@ def spectrum(
     (default ``min(d, 300)``) ran out first and the bounds say how far off the values may be. Cost: one
     HVP per Lanczos step (``hvps``). ``bound="gap"`` reports and stops on the quadratic bounds
     ``min(r, r^2 / gap)`` of :func:`geomprobe.krylov.lanczos` instead: several HVPs fewer for the same true
-    accuracy, under the assumption stated there.
+    accuracy, under the assumption stated there. ``basis_device="cpu"`` keeps the Lanczos basis in host
+    memory, so that on a GPU the probe needs little more than its graph (``micro_batch_size`` bounds that).
 
     >>> import torch
     >>> from torch import nn
@@ -82,7 +85,8 @@ def spectrum(
     >>> round(out["lambda_max"], 8), round(out["lambda_min"], 8), out["converged"]
     (8.0, 0.5, True)
     """
-    r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, seed=seed, generator=generator, bound=bound)
+    r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, seed=seed, generator=generator, bound=bound,
+                    basis_device=basis_device)
     out = lanczos_summary(r, k)
     if bound != "residual":
         out["bound"] = bound
