@@ -90,6 +90,10 @@ class GeometryProbe:
         optimizer: for preconditioned metrics; :meth:`attach` sets it too.
         noise_data: batches of the training batch size for gradient-noise metrics.
         params, group_by, chunk_size, hvp_method, max_batches, loss_form: passed to :class:`Landscape`.
+        micro_batch_size: measure the probe batches in pieces of this many samples, keeping one first-order
+            graph and rebuilding the others per HVP (the same Hessian, less memory, slower probes).
+        basis_device: where Lanczos bases live (``"cpu"``: host memory), for the metrics that run Lanczos.
+            Both are also reached automatically, one after the other, when a probe runs out of memory.
         seed: seeds probe-data sampling, dropout masks in train mode and every metric's random vectors.
         force / resume: replace or append to an existing run folder.
         tensorboard: a log folder for TensorBoard scalars (needs tensorboard installed).
@@ -125,6 +129,8 @@ class GeometryProbe:
         probe_samples: int | None = None,
         max_batches: int | None = None,
         chunk_size: int = 16,
+        micro_batch_size: int | None = None,
+        basis_device: str | None = None,
         hvp_method: str = "autograd",
         loss_form: str = "auto",
         seed: int = 0,
@@ -149,6 +155,8 @@ class GeometryProbe:
             params=params, mode=mode, group_by=group_by, chunk_size=chunk_size, hvp_method=hvp_method,
             loss_form=loss_form, seed=seed, process_group=process_group,
         )
+        if micro_batch_size is not None:
+            self.landscape_options.update(micro_batch_size=micro_batch_size, graph_budget_bytes=1)
         self.seed = seed
         self.batches, self.data_policy = draw_probe_batches(
             probe_data, samples=probe_samples, max_batches=max_batches, seed=seed
@@ -161,6 +169,7 @@ class GeometryProbe:
         self._step = 0
         self._handle = None
         self._grad_norm0: float | None = None
+        self._basis_device = basis_device  # set to "cpu" when out-of-memory pushes Lanczos bases off the device
         self._probe_seconds = 0.0
         self.clock = clock
         self.annotate = annotate
@@ -276,6 +285,7 @@ class GeometryProbe:
         errors: dict[str, str] = {}
         skipped: dict[str, str] = {}
         land = None
+        basis_device = self._basis_device  # what this probe's metrics got; a failure may change it for the next
         try:
             land = Landscape(self.model, self.loss_fn, self.batches, **self.landscape_options)
             g = float(land.grad.norm())
@@ -308,6 +318,7 @@ class GeometryProbe:
             "graph_mib": land.graph_bytes / 2**20 if land is not None else None,
             "chunk_size": land.chunk_size if land is not None else self.landscape_options["chunk_size"],
             "micro_batch_size": self.landscape_options.get("micro_batch_size"),
+            "basis_device": basis_device,
         }
         if errors:
             record["errors"] = errors
@@ -333,6 +344,7 @@ class GeometryProbe:
             "noise_data": self.noise_data,
             "grad_norm0": self._grad_norm0,
             "seed": self.seed,
+            "basis_device": self._basis_device,
         }
         accepted = inspect.signature(metric.fn).parameters
         for key, value in context.items():
@@ -368,7 +380,11 @@ class GeometryProbe:
             if land is not None:
                 land.chunk_size = self.landscape_options["chunk_size"]
             if where == "landscape" or self.landscape_options["chunk_size"] == 1:
-                self._shrink_micro_batches()
+                if where != "landscape" and self._basis_device is None and self.landscape_options.get("micro_batch_size"):
+                    # the graph is already in pieces: the Lanczos basis is the next largest thing on the device
+                    self._basis_device = "cpu"
+                else:
+                    self._shrink_micro_batches()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         message = f"{kind}: {str(e).splitlines()[0] if str(e) else kind}"

@@ -158,6 +158,35 @@ def test_failures_are_recorded_and_training_continues(tmp_path, monkeypatch):
     assert "errors" not in recs[1] and recs[1]["flaky"]["value"] > 0
 
 
+def test_out_of_memory_ladder_ends_with_the_lanczos_basis_in_host_memory(monkeypatch):
+    # chunk 1 and micro-batches already: the next out-of-memory moves Krylov bases off the device, and the
+    # metrics that take basis_device receive it
+    seen = []
+
+    def hungry(land, basis_device=None, **_):
+        seen.append(basis_device)
+        if len(seen) == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
+        return {"value": 1.0}
+
+    monkeypatch.setitem(registry.REGISTRY, "hungry", registry.Metric("hungry", hungry, "none"))
+    X, y = data()
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X[:32], y[:32]), schedule=gp.every(1),
+                             metrics={"hungry": {}, "spectrum": {"tol": 1e-8}}, chunk_size=1,
+                             micro_batch_size=8)
+    with pytest.warns(RuntimeWarning, match="hungry failed"):
+        probe.attach(opt)
+    opt.step()
+    probe.close()
+    first, second = probe.records
+    assert seen == [None, "cpu"]
+    assert first["cost"]["basis_device"] is None and second["cost"]["basis_device"] == "cpu"
+    assert second["cost"]["micro_batch_size"] == 8  # not split further: the basis went first
+    assert second["spectrum"]["converged"] and "errors" not in second
+
+
 def test_nan_loss_and_unsupported_op_are_recorded(tmp_path):
     X, y = data()
     model = nn.Linear(6, 3)

@@ -91,6 +91,7 @@ def density(
     tol: float = 1e-3,
     seed: int = 0,
     generator: torch.Generator | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> dict:
     """SLQ spectral density with negative mass, |lambda_min|/lambda_max and the outliers above the bulk.
 
@@ -102,6 +103,7 @@ def density(
         edge_threshold: relative density below which the bulk ends (module docstring).
         tol: relative residual bound under which the extremes count as converged.
         seed, generator: the randomness (Rademacher starts).
+        basis_device: where the Lanczos basis lives (``"cpu"``: host memory; see krylov.lanczos).
 
     Returns the keys of the module docstring: ``grid``, ``density`` (numpy), ``arrays``, ``sigma2``,
     ``negative_mass(_err)``, ``lambda_max(_err)``, ``lambda_min(_err)``, ``abs_ratio(_err)``, ``bulk_edge``,
@@ -131,7 +133,8 @@ def density(
     runs = []
     for _ in range(n_v):
         z = rademacher(d, gen, land.dtype, land.device)
-        runs.append(lanczos(mv, d, tol=0.0, max_iter=m, v0=z, dtype=land.dtype, device=land.device))
+        runs.append(lanczos(mv, d, tol=0.0, max_iter=m, v0=z, dtype=land.dtype, device=land.device,
+                            basis_device=basis_device))
     nodes = [r.ritz_values.double().cpu() for r in runs]
     weights = [(r.U[0, :] ** 2).double().cpu() for r in runs]
     slq = SLQResult(nodes, weights, sum(r.matvecs for r in runs))

@@ -192,6 +192,7 @@ def precond(
     rmed_options: dict | None = None,
     seed: int = 0,
     generator: torch.Generator | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> dict:
     """lambda_max, lambda_min and R_med of ``P^{1/2} H P^{1/2}`` from the optimizer's state, beside the raw ones.
 
@@ -204,6 +205,7 @@ def precond(
         blocks: glob patterns of the blocks R_med covers (default all).
         rmed_options: keyword options of :func:`geomprobe.metrics.rmed.diagonal_ratios` (``k``, ``top``, ...).
         seed, generator: the randomness (Lanczos starts, R_med sampling).
+        basis_device: where the Lanczos basis lives (``"cpu"``: host memory; see krylov.lanczos).
 
     Returns the preconditioned ``lambda_max``, ``lambda_min`` with residual bounds (``*_err``), ``top``,
     ``bottom``, ``rmed``, ``rmed_err``, ``rmed_ci``, ``rmed_q99`` (``_err``, ``_ci``), ``rmed_max_certified``,
@@ -234,12 +236,13 @@ def precond(
     gen = resolve_generator(seed, generator)
     # The product in preconditioned coordinates; works for a vector (d,) and a block (k, d) alike.
     mv = checked(lambda v: s * land.hvp(s * v), "preconditioned Hessian-vector product")
-    r = lanczos(mv, land.dim, k=k, tol=tol, max_iter=max_iter, generator=gen, dtype=land.dtype, device=land.device)
+    r = lanczos(mv, land.dim, k=k, tol=tol, max_iter=max_iter, generator=gen, dtype=land.dtype, device=land.device,
+                basis_device=basis_device)
     out = lanczos_summary(r, k)
     hvps = r.matvecs
     converged = bool(r.converged)
     if raw:
-        rr = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, generator=gen)
+        rr = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, generator=gen, basis_device=basis_device)
         out.update({f"raw_{key}": v for key, v in lanczos_summary(rr, k).items() if key not in ("hvps",)})
         hvps += rr.matvecs
         converged = converged and bool(rr.converged)

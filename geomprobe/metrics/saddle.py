@@ -70,6 +70,7 @@ def saddle(
     max_iter: int | None = None,
     seed: int = 0,
     generator: torch.Generator | None = None,
+    basis_device: torch.device | str | None = None,
 ) -> dict:
     """The saddle flag of SPEC §6 with a certified lambda_min.
 
@@ -82,6 +83,7 @@ def saddle(
             because the bound is compared with ``eps_H``, itself 1e-3 of ``lambda_max``.
         max_iter: Lanczos step cap (default ``min(d, 300)``).
         seed, generator: the Lanczos start.
+        basis_device: where the Lanczos basis lives (``"cpu"``: host memory; see krylov.lanczos).
 
     Returns ``saddle`` ("yes"/"no"/"uncertain"), ``flag``, ``grad_norm``, ``eps_g``, ``grad_small``,
     ``grad_norm0``, ``grad_norm0_source`` ("given"/"current"), ``eps_h``, ``negative_curvature``
@@ -106,7 +108,7 @@ def saddle(
     source = "given" if grad_norm0 is not None else "current"
     ref = float(grad_norm0) if grad_norm0 is not None else g
     eps_g = rel_g * ref if eps_g is None else float(eps_g)
-    r = run_lanczos(land, tol=tol, max_iter=max_iter, seed=seed, generator=generator)
+    r = run_lanczos(land, tol=tol, max_iter=max_iter, seed=seed, generator=generator, basis_device=basis_device)
     (lmin,), (lmin_err,) = r.bottom(1)
     (lmax,), (lmax_err,) = r.top(1)
     if eps_h is None:
