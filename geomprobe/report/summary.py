@@ -46,6 +46,7 @@ KNOWN_ROWS: dict[str, list[tuple[str, str]]] = {
                 ("trace", "tr H")],
     "precond": [("lambda_max", "λ_max(P½HP½)"), ("lambda_min", "λ_min(P½HP½)"), ("rmed", "R_med(P½HP½)"),
                 ("raw_rmed", "R_med raw")],
+    "trace": [("trace", "tr H")],
     "saddle": [],  # a verdict, not a value along the run: the findings say where it flagged a saddle
     "noise": [("alpha_standardized", "α standardized"), ("alpha_pooled", "α pooled"),
               ("hill_alpha", "α Hill (norms)"), ("noise_scale", "noise scale"), ("snr", "signal/noise")],
@@ -56,7 +57,7 @@ KNOWN_ROWS: dict[str, list[tuple[str, str]]] = {
 # The per-block value shown for each built-in metric in the per-layer table.
 BLOCK_ROWS: dict[str, list[str]] = {
     "rmed": ["rmed"], "diagshare": ["diagshare"], "noise": ["alpha_standardized"], "precond": ["rmed"],
-    "isotropy": ["cv", "cv_preconditioned"],
+    "isotropy": ["cv", "cv_preconditioned"], "trace": ["trace"],
 }
 TOP_LABELS = {"loss": "loss", "grad_norm": "‖∇L‖", "lr": "learning rate"}
 
