@@ -11,7 +11,6 @@ trace (d exact HVPs), at initialization and after training on structured synthet
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment  # noqa: E402
+from timing import dump, environment, model_benchmark_parser  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 from geomprobe import krylov  # noqa: E402
@@ -200,16 +199,11 @@ def trace_rows(device, seeds, train_steps=500):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--models", default="mlp,resnet18,transformer")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--small", action="store_true")
+    ap = model_benchmark_parser(__doc__, "mlp,resnet18,transformer")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--no-trace", action="store_true", help="skip the trace part (d exact HVPs)")
     ap.add_argument("--no-eigen", action="store_true", help="skip the eigenvalue part")
     ap.add_argument("--trace-seeds", type=int, default=20)
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -10,7 +10,6 @@ The compiled HVP is checked against the eager one before it is timed.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ from torch.func import functional_call, grad, jvp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment, median_seconds, sync  # noqa: E402
+from timing import dump, environment, median_seconds, model_benchmark_parser, sync  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 from geomprobe.state import math_attention  # noqa: E402
@@ -72,14 +71,9 @@ def measure(name: str, device: str, batch: int, small: bool, repeats: int, mode:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--models", default="resnet18,transformer")
-    ap.add_argument("--batch", type=int, default=None)
-    ap.add_argument("--small", action="store_true")
+    ap = model_benchmark_parser(__doc__, "resnet18,transformer")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False

@@ -14,7 +14,6 @@ Routes compared (all in eval mode, fp32 unless --dtype, TF32 off):
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torch.func import functional_call, grad, jvp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment, median_seconds  # noqa: E402
+from timing import dump, environment, median_seconds, model_benchmark_parser  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 from geomprobe.state import math_attention  # noqa: E402
@@ -101,17 +100,12 @@ def measure(name: str, device: str, batch: int, small: bool, k: int, repeats: in
 
 
 def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--models", default="mlp,resnet18,transformer")
-    ap.add_argument("--batch", type=int, default=None, help="default: 128 (GPU) / 32 (CPU)")
-    ap.add_argument("--small", action="store_true", help="narrower models (CPU smoke runs)")
+    ap = model_benchmark_parser(__doc__, "mlp,resnet18,transformer")
     ap.add_argument("--k", type=int, default=8, help="vectors per batched HVP")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--tf32", choices=["off", "default"], default="off",
                     help="off: strict fp32; default: torch's own flags (cuDNN TF32 on, matmul TF32 off)")
-    ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.tf32 == "off":
         torch.backends.cuda.matmul.allow_tf32 = False

@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment, median_seconds, sync  # noqa: E402
+from timing import dump, environment, median_seconds, sync, train_step_peak  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 
@@ -71,12 +71,7 @@ def memory_ratio(device, batch=128):
     g = torch.Generator().manual_seed(0)
     model, loss_fn, (x, y) = models.make("resnet18", batch, device, g)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    opt.zero_grad()
-    loss_fn(model(x), y).backward()
-    opt.step()
-    step_peak = torch.cuda.max_memory_allocated() - base
+    step_peak = train_step_peak(model, loss_fn, x, y, opt)
     torch.cuda.reset_peak_memory_stats()
     base2 = torch.cuda.memory_allocated()
     land = gp.Landscape(model, loss_fn, (x, y))

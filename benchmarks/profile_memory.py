@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment  # noqa: E402
+from timing import dump, environment, train_step_peak  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 
@@ -70,13 +70,7 @@ def one(name: str) -> dict:
     g = torch.Generator().manual_seed(0)
     model, loss_fn, (x, y) = models.make("resnet18", 128, "cuda", g)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    for _ in range(2):  # the second step is the steady one (cuDNN's first calls search)
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        opt.zero_grad()
-        loss_fn(model(x), y).backward()
-        opt.step()
-        step_peak = torch.cuda.max_memory_allocated() - base
+    step_peak = train_step_peak(model, loss_fn, x, y, opt, steps=2)  # the second is the steady one
     kw = {} if micro is None else {"micro_batch_size": micro, "graph_budget_bytes": 1}
     warm = gp.Landscape(model, loss_fn, (x, y), **kw)
     warm.hvp(torch.ones(warm.dim, device="cuda"))

@@ -1,7 +1,9 @@
-"""Timing helpers for the benchmarks: warm-up, device synchronization, median of repeats."""
+"""Helpers the benchmarks share: warm-up, device synchronization, median of repeats, the common command-line
+options, and a training step's peak memory."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -55,3 +57,27 @@ def dump(obj: dict, path: str | None) -> None:
     if path:
         with open(path, "w") as f:
             f.write(text + "\n")
+
+
+def model_benchmark_parser(doc: str | None, models: str) -> argparse.ArgumentParser:
+    """A parser with the options every per-model benchmark takes: device, models, batch, --small, --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default=models)
+    ap.add_argument("--batch", type=int, default=None, help="default: 128 (GPU) / 32 (CPU)")
+    ap.add_argument("--small", action="store_true", help="narrower models (CPU smoke runs)")
+    ap.add_argument("--out", default=None)
+    return ap
+
+
+def train_step_peak(model, loss_fn, x, y, optimizer, steps: int = 1) -> int:
+    """Peak CUDA bytes of the last of ``steps`` training steps, above what was allocated before it."""
+    peak = 0
+    for _ in range(steps):
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        optimizer.zero_grad()
+        loss_fn(model(x), y).backward()
+        optimizer.step()
+        peak = torch.cuda.max_memory_allocated() - base
+    return peak
