@@ -324,6 +324,9 @@ class Landscape:
         self.weights = [n / self.n_samples for n in self.batch_sizes]
         self.hvps = 0
         self.graph_rebuilds = 0
+        # Results computed at these parameters that another metric of the same probe may ask for again
+        # (a seeded Lanczos run): the parameters cannot change under a Landscape, so they stay valid.
+        self.results: dict = {}
         self.graph_bytes = 0
         self.batched_hvp = True
         self._graphs: list[list[torch.Tensor | None] | None] = []

@@ -209,3 +209,22 @@ def test_no_selected_block_is_a_clear_error():
 def test_registered_as_needing_the_optimizer():
     m = get("precond")
     assert m.fn is precond and m.needs == frozenset({"optimizer"}) and "HVP" in m.cost
+
+
+def test_raw_spectrum_is_shared_with_the_spectrum_metric_on_one_landscape():
+    # a probe measuring spectrum and precond runs the raw Lanczos once; the values are the same either way
+    from geomprobe.metrics import spectrum
+
+    model = _model(indefinite(40, neg=6, seed=3))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    _train(model, opt, 2)
+    land = landscape(model)
+    first = spectrum(land, tol=1e-8)
+    before = land.hvps
+    out = precond(land, optimizer=opt, tol=1e-8, rmed=False)
+    assert out["raw_lambda_max"] == first["lambda_max"] and out["raw_lambda_min"] == first["lambda_min"]
+    assert out["hvps"] == land.hvps - before < 2 * first["hvps"]  # only the preconditioned run was paid for
+    again = spectrum(land, tol=1e-8)
+    assert again["hvps"] == 0 and again["lambda_max"] == first["lambda_max"]
+    alone = precond(landscape(model), optimizer=opt, tol=1e-8, rmed=False)  # a fresh Landscape pays for both
+    assert alone["raw_lambda_max"] == first["lambda_max"] and alone["hvps"] > out["hvps"]

@@ -242,9 +242,12 @@ def precond(
     hvps = r.matvecs
     converged = bool(r.converged)
     if raw:
-        rr = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, generator=gen, basis_device=basis_device)
+        # seeded like `spectrum`, so that a probe measuring both runs this Lanczos once (land.results)
+        before = land.hvps
+        rr = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, seed=seed, generator=generator,
+                         basis_device=basis_device)
         out.update({f"raw_{key}": v for key, v in lanczos_summary(rr, k).items() if key not in ("hvps",)})
-        hvps += rr.matvecs
+        hvps += land.hvps - before
         converged = converged and bool(rr.converged)
     per_block: dict[str, dict] = {}
     p64 = p.double().cpu()

@@ -25,12 +25,24 @@ def run_lanczos(
     bound: str = "residual",
     basis_device: torch.device | str | None = None,
 ) -> LanczosResult:
-    """Lanczos on ``land.hvp`` in the Landscape's dtype and device (the raw result, Ritz vectors available)."""
-    return lanczos(
+    """Lanczos on ``land.hvp`` in the Landscape's dtype and device (the raw result, Ritz vectors available).
+
+    A seeded run (no ``generator``, no basis kept) is remembered in ``land.results``: a second metric asking
+    for the same run on the same Landscape (``precond``'s raw spectrum after ``spectrum``) gets it without
+    another HVP. Where the basis lives does not change the result, so it is not part of the key.
+    """
+    key = ("lanczos", k, tol, max_iter, which, seed, bound)
+    cacheable = generator is None and not keep_basis and hasattr(land, "results")
+    if cacheable and key in land.results:
+        return land.results[key]
+    r = lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
         generator=generator or default_generator(seed), dtype=land.dtype, device=land.device,
         keep_basis=keep_basis, bound=bound, basis_device=basis_device,
     )
+    if cacheable:
+        land.results[key] = r
+    return r
 
 
 def lanczos_summary(r: LanczosResult, k: int) -> dict:
@@ -85,9 +97,11 @@ def spectrum(
     >>> round(out["lambda_max"], 8), round(out["lambda_min"], 8), out["converged"]
     (8.0, 0.5, True)
     """
+    before = land.hvps
     r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, seed=seed, generator=generator, bound=bound,
                     basis_device=basis_device)
     out = lanczos_summary(r, k)
+    out["hvps"] = land.hvps - before  # 0 when another metric of this probe already ran the same Lanczos
     if bound != "residual":
         out["bound"] = bound
     return out
