@@ -208,3 +208,12 @@ def test_an_offloaded_basis_gives_the_same_lanczos_run():
     assert torch.allclose(off.ritz_values, here.ritz_values, rtol=0, atol=1e-10)
     V = off.basis
     assert (V @ V.T - torch.eye(V.shape[0], dtype=torch.float64)).abs().max() < 1e-12
+
+
+def test_asymmetry_reports_a_matvec_with_its_own_error():
+    A = sym_with_spectrum(torch.linspace(-1.0, 4.0, 80), seed=9)
+    exact = krylov.lanczos(mv(A), 80, tol=1e-8)
+    assert exact.asymmetry < 1e-13
+    E = torch.randn(80, 80, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    noisy = krylov.lanczos(mv(A + 1e-4 * E / E.norm() * A.norm()), 80, tol=1e-8)  # a non-symmetric error
+    assert 1e-7 < noisy.asymmetry < 1e-3

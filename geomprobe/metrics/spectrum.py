@@ -61,6 +61,7 @@ def lanczos_summary(r: LanczosResult, k: int) -> dict:
         "converged": bool(r.converged),
         "steps": r.steps,
         "hvps": r.matvecs,
+        "hvp_asymmetry": r.asymmetry,
     }
 
 
