@@ -84,6 +84,7 @@ def block_lanczos(
             for B in basis._filled():
                 Wp = Wp - (Wp @ B.T) @ B
         Q, R = torch.linalg.qr(Wp.T.double())
+        R = R.cpu()
         theta, U = torch.linalg.eigh(T)
         last = U[n_old:, :]  # components of each Ritz vector on the newest block
         bounds = (R @ last).norm(dim=0)
