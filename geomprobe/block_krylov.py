@@ -99,7 +99,7 @@ def block_lanczos(
             break
         if matvecs >= m_max:
             break
-        X = Q.T[keep][: m_max - matvecs].to(dtype)
+        X = Q.T[keep.to(Q.device)][: m_max - matvecs].to(dtype)
         if X.shape[0] == 0:
             break
     return LanczosResult(
