@@ -254,6 +254,7 @@ class _Basis:
     the new buffer at once, 3x the basis, which is what runs out first on a 1e8-parameter model)."""
 
     BLOCK = 16
+    STREAM = 2  # basis vectors on the device at once when the basis is offloaded
 
     def __init__(self, dim: int, dtype: torch.dtype, device, compute_device=None):
         self.dim, self.dtype, self.device = dim, dtype, device
@@ -285,15 +286,18 @@ class _Basis:
     def reorthogonalize(self, w: torch.Tensor) -> torch.Tensor:
         """``w`` made orthogonal to every stored vector, twice over (CGS2).
 
-        On the compute device: two global passes. Offloaded: one pass over the blocks, each brought over once
-        and applied twice, so the basis crosses the bus once per step.
+        On the compute device: two global passes. Offloaded: one pass over the basis, ``STREAM`` vectors at a
+        time, each piece brought over once and applied twice, so the basis crosses the bus once per step.
         """
         if not self.offloaded:
             return self.orthogonalize(self.orthogonalize(w))
         for B in self._filled():
-            Bc = B.to(w.device, non_blocking=self.pin)
-            for _ in range(2):
-                w = w - (Bc @ w) @ Bc
+            # a few vectors at a time: a whole block on the device would be the largest allocation of a
+            # memory-bounded probe (16 vectors = 0.7 GB for ResNet-18)
+            for s in range(0, B.shape[0], self.STREAM):
+                Bc = B[s : s + self.STREAM].to(w.device, non_blocking=self.pin)
+                for _ in range(2):
+                    w = w - (Bc @ w) @ Bc
         return w
 
     def matrix(self) -> torch.Tensor:
