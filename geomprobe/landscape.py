@@ -324,6 +324,7 @@ class Landscape:
         self.weights = [n / self.n_samples for n in self.batch_sizes]
         self.hvps = 0
         self.graph_rebuilds = 0
+        self.widest_block = 0  # the most vectors one hvp call has been given (the probe resets it per metric)
         # Results computed at these parameters that another metric of the same probe may ask for again
         # (a seeded Lanczos run): the parameters cannot change under a Landscape, so they stay valid.
         self.results: dict = {}
@@ -459,6 +460,8 @@ class Landscape:
         self._check_unchanged()
         single = v.dim() == 1
         V = v.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
+        # noted before the work, so that an out-of-memory failure can tell whether batching was involved
+        self.widest_block = max(self.widest_block, V.shape[0])
         out = torch.empty_like(V)
         for s in range(0, V.shape[0], self.chunk_size):
             out[s : s + self.chunk_size] = self._hvp_chunk(V[s : s + self.chunk_size])

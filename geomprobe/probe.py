@@ -285,7 +285,10 @@ class GeometryProbe:
         errors: dict[str, str] = {}
         skipped: dict[str, str] = {}
         land = None
-        basis_device = self._basis_device  # what this probe's metrics got; a failure may change it for the next
+        # what this probe ran with; a failure may change them for the next probe
+        basis_device = self._basis_device
+        micro_batch_size = self.landscape_options.get("micro_batch_size")
+        chunk_size = self.landscape_options["chunk_size"]
         try:
             land = Landscape(self.model, self.loss_fn, self.batches, **self.landscape_options)
             g = float(land.grad.norm())
@@ -296,6 +299,7 @@ class GeometryProbe:
             if land.approximate:
                 record["approximate_hvp"] = True
             for name, opts in self.metric_options.items():
+                land.widest_block = 0
                 try:
                     record[name] = self._run_metric(name, land, opts)
                 except OptimizerStateError as e:
@@ -316,8 +320,8 @@ class GeometryProbe:
             "seconds": seconds,
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "graph_mib": land.graph_bytes / 2**20 if land is not None else None,
-            "chunk_size": land.chunk_size if land is not None else self.landscape_options["chunk_size"],
-            "micro_batch_size": self.landscape_options.get("micro_batch_size"),
+            "chunk_size": chunk_size,
+            "micro_batch_size": micro_batch_size,
             "basis_device": basis_device,
         }
         if errors:
@@ -375,11 +379,14 @@ class GeometryProbe:
         if _is_oom(e):
             kind = "OutOfMemory"
             # Retry with half the vectors per batched HVP: the remaining metrics of this probe and every
-            # later probe. The failed metric's temporaries are already released with its frames.
+            # later probe. The failed metric's temporaries are already released with its frames. A metric
+            # that only ever asked for one vector at a time (Lanczos) gains nothing from smaller chunks, so
+            # the next rung is taken at once.
+            single = land is not None and where != "landscape" and land.widest_block <= 1
             self.landscape_options["chunk_size"] = max(1, self.landscape_options["chunk_size"] // 2)
             if land is not None:
                 land.chunk_size = self.landscape_options["chunk_size"]
-            if where == "landscape" or self.landscape_options["chunk_size"] == 1:
+            if where == "landscape" or single or self.landscape_options["chunk_size"] == 1:
                 if where != "landscape" and self._basis_device is None and self.landscape_options.get("micro_batch_size"):
                     # the graph is already in pieces: the Lanczos basis is the next largest thing on the device
                     self._basis_device = "cpu"

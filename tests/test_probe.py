@@ -154,7 +154,7 @@ def test_failures_are_recorded_and_training_continues(tmp_path, monkeypatch):
     recs = gp.RunReader(tmp_path / "run").records
     assert recs[0]["errors"]["flaky"].startswith("OutOfMemory")
     assert "spectrum" in recs[0]                           # the other metric still ran
-    assert recs[0]["cost"]["chunk_size"] == 4 and recs[1]["cost"]["chunk_size"] == 4   # retried with 8 / 2
+    assert recs[0]["cost"]["chunk_size"] == 8 and recs[1]["cost"]["chunk_size"] == 4   # retried with 8 / 2
     assert "errors" not in recs[1] and recs[1]["flaky"]["value"] > 0
 
 
@@ -185,6 +185,34 @@ def test_out_of_memory_ladder_ends_with_the_lanczos_basis_in_host_memory(monkeyp
     assert first["cost"]["basis_device"] is None and second["cost"]["basis_device"] == "cpu"
     assert second["cost"]["micro_batch_size"] == 8  # not split further: the basis went first
     assert second["spectrum"]["converged"] and "errors" not in second
+
+
+def test_out_of_memory_in_single_vector_work_skips_the_chunk_rung(monkeypatch):
+    # a metric that only ever passed one vector at a time cannot be helped by smaller chunks: the first
+    # failure already splits the probe batches
+    calls = {"n": 0}
+
+    def one_at_a_time(land, **_):
+        calls["n"] += 1
+        land.hvp(torch.ones(land.dim))
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+        return {"value": 1.0}
+
+    monkeypatch.setitem(registry.REGISTRY, "single", registry.Metric("single", one_at_a_time, "none"))
+    X, y = data()
+    model = nn.Linear(6, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X[:32], y[:32]), schedule=gp.every(1),
+                             metrics=["single"], chunk_size=16)
+    with pytest.warns(RuntimeWarning, match="single failed"):
+        probe.attach(opt)
+    opt.step()
+    probe.close()
+    first, second = probe.records
+    assert first["cost"]["micro_batch_size"] is None and "errors" in first
+    assert second["cost"]["micro_batch_size"] == 16 and second["cost"]["chunk_size"] == 8
+    assert "errors" not in second
 
 
 def test_nan_loss_and_unsupported_op_are_recorded(tmp_path):
