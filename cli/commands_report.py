@@ -73,7 +73,8 @@ def report(run: Path, per_layer: bool, png: Path | None, force: bool, as_json: b
 @click.option("--by", type=click.Choice(["step", "loss"]), default="step", show_default=True,
               help="Match the runs at the same steps, or where each first reached the same loss.")
 @click.option("--metric", "metrics", multiple=True, metavar="NAME",
-              help="A metric (rmed) or one value (rmed.rmed_q99, loss); repeat for several. "
+              help="A metric (rmed), one value (rmed.rmed_q99, loss) or one block's (rmed[layer1.weight]); "
+              "repeat for several. "
               "Default: the report's rows.")
 @click.option("--levels", type=click.IntRange(2, 1000), default=8, show_default=True,
               help="Loss levels to match at, with --by loss.")

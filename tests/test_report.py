@@ -214,3 +214,20 @@ def test_brackets_in_names_are_printed_literally(tmp_path):
     buf = StringIO()
     render_comparison(compare_runs([tmp_path / "a[1]", tmp_path / "b[bold]"]), Console(file=buf, width=100))
     assert "a[1]" in buf.getvalue() and "b[bold]" in buf.getvalue() and "(custom[x].v[0])" in buf.getvalue()
+
+
+def test_compare_reaches_per_block_values_whose_names_hold_dots(tmp_path):
+    for name, scale in (("sgd", 1.0), ("adam", 0.5)):
+        with RunWriter(tmp_path / name, {"optimizer": name}) as w:
+            for s in range(0, 30, 10):
+                w.append({"step": s, "loss": 1.0 / (1 + s), "rmed": {
+                    "rmed": 10.0, "blocks": {"layer1.0.weight": {"rmed": scale * (5.0 + s)},
+                                             "fc.bias": {"rmed": 2.0}}}})
+    cmp = compare_runs([tmp_path / "sgd", tmp_path / "adam"], metrics=["rmed[layer1.0.weight]"])
+    assert cmp.paths == ["rmed[layer1.0.weight].rmed"]
+    assert cmp.values["rmed[layer1.0.weight].rmed"].tolist() == [[5.0, 15.0, 25.0], [2.5, 7.5, 12.5]]
+    assert "[layer1.0.weight]" in cmp.labels["rmed[layer1.0.weight].rmed"]
+    # the metric named alone stays the whole-model rows
+    assert compare_runs([tmp_path / "sgd", tmp_path / "adam"], metrics=["rmed"]).paths == ["rmed.rmed"]
+    with pytest.raises(ConfigurationError, match=r"rmed\[layer1.weight\]"):
+        compare_runs([tmp_path / "sgd"], metrics=["rmed[nope]"])

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -39,7 +39,7 @@ from rich.text import Text
 from ..errors import ConfigurationError
 from ._format import add_row, fmt, jsonable
 from .document import RunLike, open_run
-from .summary import Series, collect_series
+from .summary import Series, collect_series, block_series
 
 __all__ = ["Comparison", "compare_runs", "render_comparison", "MAX_ROWS"]
 
@@ -78,6 +78,18 @@ def _names(readers: Sequence[Any]) -> list[str]:
     return names
 
 
+def _block_paths(records: Sequence[dict]) -> dict[str, Series]:
+    """Each block's value as ``metric[block].key`` (``rmed[layer1.0.weight].rmed``): block names hold dots,
+    so the block goes in brackets. Named only when asked for; a metric named alone shows whole-model rows."""
+    out: dict[str, Series] = {}
+    for block, rows in block_series(records).items():
+        for path, s in rows.items():
+            metric, key = path.split(".", 1)
+            name = f"{metric}[{block}].{key}"
+            out[name] = replace(s, path=name, label=f"{s.label} [{block}]")
+    return out
+
+
 def _select(wanted: Sequence[str], available: list[dict[str, Series]], headline: list[dict[str, Series]]) -> list[str]:
     """Dotted paths for the names asked for: an exact path, or the rows of a metric named alone (its curated
     rows for a built-in metric, every numeric value otherwise)."""
@@ -86,11 +98,13 @@ def _select(wanted: Sequence[str], available: list[dict[str, Series]], headline:
     chosen: list[str] = []
     for name in wanted:
         matches = [p for p in every if p == name] or [p for p in shown if p.split(".")[0] == name] or \
-            [p for p in every if p.split(".")[0] == name]
+            [p for p in every if p.split(".")[0] == name and "[" not in p] or \
+            [p for p in every if p.startswith(name + ".") and "[" in name]
         if not matches:
-            metrics = sorted({p.split(".")[0] for p in every})
+            metrics = sorted({p.split(".")[0] for p in every if "[" not in p})
             raise ConfigurationError(f"metric {name!r} is in none of the runs; they hold {', '.join(metrics)} "
-                                     "(name a metric, e.g. rmed, or one value, e.g. rmed.rmed_q99)")
+                                     "(name a metric, e.g. rmed, one value, e.g. rmed.rmed_q99, or one block's, "
+                                     "e.g. rmed[layer1.weight])")
         chosen += [p for p in matches if p not in chosen]
     return chosen
 
@@ -152,8 +166,9 @@ def compare_runs(runs: Sequence[RunLike], *, by: str = "step", metrics: Sequence
                  levels: int = 8) -> Comparison:
     """Match ``runs`` by ``"step"`` or ``"loss"`` (module docstring) and collect ``metrics`` on that axis.
 
-    ``metrics``: metric names (``rmed``: its rows) or dotted values (``rmed.rmed_q99``, ``loss``); default
-    every run's headline rows. ``levels``: loss levels for ``by="loss"``.
+    ``metrics``: metric names (``rmed``: its rows), dotted values (``rmed.rmed_q99``, ``loss``) or one
+    parameter block's value (``rmed[layer1.0.weight]``, ``rmed[layer1.0.weight].rmed``); default every run's
+    headline rows. ``levels``: loss levels for ``by="loss"``.
     """
     if by not in ("step", "loss"):
         raise ConfigurationError(f"compare_runs: by must be 'step' or 'loss', got {by!r}")
@@ -162,7 +177,7 @@ def compare_runs(runs: Sequence[RunLike], *, by: str = "step", metrics: Sequence
     readers = [open_run(r) for r in runs]
     names = _names(readers)
     records = [r.records for r in readers]
-    series = [collect_series(rec, every_leaf=True) for rec in records]
+    series = [{**collect_series(rec, every_leaf=True), **_block_paths(rec)} for rec in records]
     headline = [collect_series(rec) for rec in records]
     paths = _select(metrics, series, headline) if metrics else \
         [p for p in dict.fromkeys(p for h in headline for p in h) if p != "lr" and not (by == "loss" and p == "loss")]
