@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment, model_benchmark_parser  # noqa: E402
+from timing import dump, environment, model_benchmark_parser, strict_fp32  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 from geomprobe import krylov  # noqa: E402
@@ -205,8 +205,7 @@ def main(argv=None):
     ap.add_argument("--no-eigen", action="store_true", help="skip the eigenvalue part")
     ap.add_argument("--trace-seeds", type=int, default=20)
     a = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    strict_fp32()
     batch = a.batch or (128 if a.device.startswith("cuda") else 32)
     rows = [] if a.no_eigen else [eigen_rows(m, a.device, batch, a.small, a.seeds) for m in a.models.split(",")]
     dump({"benchmark": "accuracy", "env": environment(a.device), "small": a.small, "eigen": rows,

@@ -16,7 +16,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment, model_benchmark_parser, sync  # noqa: E402
+from timing import dump, environment, model_benchmark_parser, strict_fp32, sync  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 from geomprobe import krylov  # noqa: E402
@@ -61,8 +61,7 @@ def main(argv=None):
     ap.add_argument("--blocks", default="4,8")
     ap.add_argument("--which", default="largest", choices=["largest", "both"])
     a = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    strict_fp32()
     batch = a.batch or (128 if a.device.startswith("cuda") else 32)
     blocks = [int(b) for b in a.blocks.split(",")]
     rows = [measure(m, a.device, batch, a.small, blocks, w) for m in a.models.split(",")

@@ -20,7 +20,7 @@ from torch.func import functional_call, grad, jvp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment, median_seconds, model_benchmark_parser, sync  # noqa: E402
+from timing import dump, environment, median_seconds, model_benchmark_parser, strict_fp32, sync  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 from geomprobe.state import math_attention  # noqa: E402
@@ -86,8 +86,7 @@ def main(argv=None):
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--mode", default="default", help="torch.compile mode (default, max-autotune-no-cudagraphs, ...)")
     a = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    strict_fp32()
     batch = a.batch or (128 if a.device.startswith("cuda") else 32)
     rows = [measure(m, a.device, batch, a.small, a.repeats, a.mode) for m in a.models.split(",")]
     dump({"benchmark": "compile_hvp", "env": environment(a.device), "mode": a.mode, "rows": rows}, a.out)

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment  # noqa: E402
+from timing import dump, environment, strict_fp32  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 
@@ -32,8 +32,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    strict_fp32()
     g = torch.Generator().manual_seed(0)
     model, loss_fn, (x, y) = models.make("resnet18", a.batch, "cuda", g)
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment, median_seconds, sync, train_step_peak  # noqa: E402
+from timing import dump, environment, median_seconds, strict_fp32, sync, train_step_peak  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 
@@ -150,8 +150,7 @@ def main(argv=None):
     ap.add_argument("--parts", default="overhead,memory,scaling")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    strict_fp32()
     res = {"benchmark": "overhead", "env": environment(a.device)}
     parts = a.parts.split(",")
     if "overhead" in parts:

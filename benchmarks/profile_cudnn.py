@@ -15,7 +15,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment, median_seconds  # noqa: E402
+from timing import dump, environment, median_seconds, strict_fp32  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 
@@ -24,8 +24,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    strict_fp32()
     g = torch.Generator().manual_seed(0)
     model, loss_fn, (x, y) = models.make("resnet18", 128, "cuda", g)
     model.eval()

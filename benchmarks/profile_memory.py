@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import models  # noqa: E402
-from timing import dump, environment, train_step_peak  # noqa: E402
+from timing import dump, environment, strict_fp32, train_step_peak  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 
@@ -63,8 +63,7 @@ def _live_at_peak(snapshot: dict, top: int = 8) -> list[dict]:
 
 def one(name: str) -> dict:
     micro, flags, _ = VARIANTS[name]
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
+    strict_fp32()
     for k, v in flags.items():
         setattr(torch.backends.cudnn, k, v)
     g = torch.Generator().manual_seed(0)

@@ -81,3 +81,9 @@ def train_step_peak(model, loss_fn, x, y, optimizer, steps: int = 1) -> int:
         optimizer.step()
         peak = torch.cuda.max_memory_allocated() - base
     return peak
+
+
+def strict_fp32() -> None:
+    """TF32 off for matmuls and cuDNN: every figure is strict fp32 unless a benchmark says otherwise."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False

@@ -158,29 +158,36 @@ def test_failures_are_recorded_and_training_continues(tmp_path, monkeypatch):
     assert "errors" not in recs[1] and recs[1]["flaky"]["value"] > 0
 
 
-def test_out_of_memory_ladder_ends_with_the_lanczos_basis_in_host_memory(monkeypatch):
-    # chunk 1 and micro-batches already: the next out-of-memory moves Krylov bases off the device, and the
-    # metrics that take basis_device receive it
+def _two_probes_with_one_out_of_memory(monkeypatch, work, metrics, **options):
+    """Register a metric ``oom_once`` that does ``work(land, **kw)`` and runs out of memory the first time; run
+    two probes (step 0 and 1) of ``metrics`` with ``options`` and return their records and ``work``'s calls."""
     seen = []
 
-    def hungry(land, basis_device=None, **_):
-        seen.append(basis_device)
+    def oom_once(land, basis_device=None):  # named, so the probe passes it
+        seen.append(work(land, basis_device=basis_device))
         if len(seen) == 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
         return {"value": 1.0}
 
-    monkeypatch.setitem(registry.REGISTRY, "hungry", registry.Metric("hungry", hungry, "none"))
+    monkeypatch.setitem(registry.REGISTRY, "oom_once", registry.Metric("oom_once", oom_once, "none"))
     X, y = data()
     model = nn.Linear(6, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
     probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X[:32], y[:32]), schedule=gp.every(1),
-                             metrics={"hungry": {}, "spectrum": {"tol": 1e-8}}, chunk_size=1,
-                             micro_batch_size=8)
-    with pytest.warns(RuntimeWarning, match="hungry failed"):
+                             metrics=metrics, **options)
+    with pytest.warns(RuntimeWarning, match="oom_once failed"):
         probe.attach(opt)
     opt.step()
     probe.close()
-    first, second = probe.records
+    return probe.records, seen
+
+
+def test_out_of_memory_ladder_ends_with_the_lanczos_basis_in_host_memory(monkeypatch):
+    # chunk 1 and micro-batches already: the next out-of-memory moves Krylov bases off the device, and the
+    # metrics that take basis_device receive it
+    (first, second), seen = _two_probes_with_one_out_of_memory(
+        monkeypatch, lambda land, basis_device=None, **_: basis_device,
+        {"oom_once": {}, "spectrum": {"tol": 1e-8}}, chunk_size=1, micro_batch_size=8)
     assert seen == [None, "cpu"]
     assert first["cost"]["basis_device"] is None and second["cost"]["basis_device"] == "cpu"
     assert second["cost"]["micro_batch_size"] == 8  # not split further: the basis went first
@@ -190,26 +197,8 @@ def test_out_of_memory_ladder_ends_with_the_lanczos_basis_in_host_memory(monkeyp
 def test_out_of_memory_in_single_vector_work_skips_the_chunk_rung(monkeypatch):
     # a metric that only ever passed one vector at a time cannot be helped by smaller chunks: the first
     # failure already splits the probe batches
-    calls = {"n": 0}
-
-    def one_at_a_time(land, **_):
-        calls["n"] += 1
-        land.hvp(torch.ones(land.dim))
-        if calls["n"] == 1:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
-        return {"value": 1.0}
-
-    monkeypatch.setitem(registry.REGISTRY, "single", registry.Metric("single", one_at_a_time, "none"))
-    X, y = data()
-    model = nn.Linear(6, 3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X[:32], y[:32]), schedule=gp.every(1),
-                             metrics=["single"], chunk_size=16)
-    with pytest.warns(RuntimeWarning, match="single failed"):
-        probe.attach(opt)
-    opt.step()
-    probe.close()
-    first, second = probe.records
+    (first, second), _ = _two_probes_with_one_out_of_memory(
+        monkeypatch, lambda land, **_: land.hvp(torch.ones(land.dim)), ["oom_once"], chunk_size=16)
     assert first["cost"]["micro_batch_size"] is None and "errors" in first
     assert second["cost"]["micro_batch_size"] == 16 and second["cost"]["chunk_size"] == 8
     assert "errors" not in second
