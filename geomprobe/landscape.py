@@ -46,15 +46,20 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
-def _to_device(obj: Any, device: torch.device) -> Any:
+def map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """``obj`` with ``fn`` applied to every tensor nested in lists, tuples (named ones too) and dicts."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return fn(obj)
     if isinstance(obj, (list, tuple)):
-        moved = [_to_device(o, device) for o in obj]
+        moved = [map_tensors(o, fn) for o in obj]
         return type(obj)(moved) if not hasattr(obj, "_fields") else type(obj)(*moved)
     if isinstance(obj, dict):
-        return type(obj)((k, _to_device(v, device)) for k, v in obj.items())
+        return type(obj)((k, map_tensors(v, fn)) for k, v in obj.items())
     return obj
+
+
+def _to_device(obj: Any, device: torch.device) -> Any:
+    return map_tensors(obj, lambda t: t.to(device))
 
 
 def _first_tensor(obj: Any) -> torch.Tensor | None:

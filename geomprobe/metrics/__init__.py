@@ -20,3 +20,5 @@ from .isotropy import isotropy
 __all__ += ["noise", "isotropy"]
 from .trace import trace
 __all__ += ["trace"]
+from .precision import precision
+__all__ += ["precision"]

@@ -47,6 +47,7 @@ KNOWN_ROWS: dict[str, list[tuple[str, str]]] = {
     "precond": [("lambda_max", "λ_max(P½HP½)"), ("lambda_min", "λ_min(P½HP½)"), ("rmed", "R_med(P½HP½)"),
                 ("raw_rmed", "R_med raw")],
     "trace": [("trace", "tr H")],
+    "precision": [("hvp_rel_err", "HVP error vs float64")],
     "saddle": [],  # a verdict, not a value along the run: the findings say where it flagged a saddle
     "noise": [("alpha_standardized", "α standardized"), ("alpha_pooled", "α pooled"),
               ("hill_alpha", "α Hill (norms)"), ("noise_scale", "noise scale"), ("snr", "signal/noise")],
