@@ -4,6 +4,7 @@ Routes compared (all in eval mode, fp32 unless --dtype, TF32 off):
   grad           loss + torch.autograd.grad, no graph kept: the unit
   build          geomprobe.Landscape construction: forward + first-order graph (create_graph=True)
   hvp_reuse      Landscape.hvp(v): double backward through the retained graph, one vector
+  hvp_reuse_torchconv  the same with fast_conv=False: torch's own convolution double backward
   hvp_batched    Landscape.hvp(V) with k vectors (is_grads_batched), per vector
   hvp_rebuild    forward + create_graph gradient + double backward for every HVP (no reuse)
   hvp_func       torch.func forward-over-reverse: jvp of grad of a functional_call
@@ -50,6 +51,12 @@ def measure(name: str, device: str, batch: int, small: bool, k: int, repeats: in
     v = torch.randn(d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     V = torch.randn(k, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     t_reuse = median_seconds(lambda: land.hvp(v), device, repeats=repeats)
+    torch_conv = gp.Landscape(model, loss_fn, (x, y), fast_conv=False)
+    t_torchconv = median_seconds(lambda: torch_conv.hvp(v), device, repeats=repeats)
+    fast, slow = land.hvp(v), torch_conv.hvp(v)
+    fast_vs_torch = float((fast - slow).norm() / slow.norm())
+    torch_conv.close()
+    del torch_conv, fast, slow
     try:
         t_batched = median_seconds(lambda: land.hvp(V), device, repeats=max(2, repeats // 2)) / k
     except torch.OutOfMemoryError:
@@ -92,6 +99,8 @@ def measure(name: str, device: str, batch: int, small: bool, k: int, repeats: in
         "grad_ms": round(1e3 * t_grad, 3),
         "build_x": r(t_build),
         "hvp_reuse_x": r(t_reuse),
+        "hvp_reuse_torchconv_x": r(t_torchconv),
+        "fast_vs_torchconv_rel_diff": fast_vs_torch,
         f"hvp_batched{k}_x": r(t_batched),
         "hvp_rebuild_x": r(t_rebuild),
         "hvp_func_x": r(t_func),
