@@ -2,7 +2,10 @@
 
 For each model: the reference is Lanczos run to a 1e-7 residual bound (float32); geomprobe runs Lanczos to its
 default tol 1e-3; PyHessian runs power iteration at its defaults (maxIter 100, tol 1e-3 relative change).
-HVPs are counted for both (PyHessian's by wrapping its hessian_vector_product). The trace part compares
+HVPs are counted for both (PyHessian's by wrapping its hessian_vector_product). The anchors of anchors.py run
+where their libraries import: curvlinops' Hessian into scipy's eigsh (ARPACK, at its default tol 0 and at 1e-3)
+and hessian-eigenthings' power iteration and Lanczos at their defaults, each for lambda_max and, where the
+method has it, lambda_min; a missing library or a failure is recorded as ``<anchor>_failure``. The trace part compares
 Hutchinson, Hutch++, the Krylov-deflated estimator and PyHessian's trace on a model small enough for the exact
 trace (d exact HVPs), at initialization and after training on structured synthetic data.
 
@@ -18,6 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import anchors  # noqa: E402
 import models  # noqa: E402
 from timing import dump, environment, model_benchmark_parser, strict_fp32  # noqa: E402
 
@@ -75,7 +79,54 @@ def steps_to_accuracy(land, lmax, seeds, target=1e-3, max_steps=300):
     return {"lanczos_hvps_to_1e-3": med(lz), "power_hvps_to_1e-3": med(pw), "power_runs_reaching": sum(x is not None for x in pw)}
 
 
+def anchor_rows(model, loss_fn, x, y, device, seeds: int, lmax: float, lmin: float) -> dict:
+    """Each anchor of ``anchors.ANCHORS`` over ``seeds`` seeds against the reference: medians of the HVPs and of
+    the true errors (lambda_max relative; lambda_min relative and over the spread lambda_max - lambda_min, as for
+    geomprobe), the total HVPs and seconds of a call (operator set-up included), and how many runs the library
+    itself called converged. A library that does not import gives ``<anchor>_failure`` "not installed (...)";
+    a run that raises gives its message's first line there, and the seeds before it are still summarized."""
+    rows: dict = {}
+    spread = lmax - lmin
+    med = statistics.median
+    for name, fn in anchors.ANCHORS.items():
+        runs = []
+        for s in range(seeds):
+            try:
+                runs.append(fn(model, loss_fn, x, y, device, s))
+            except ImportError as e:
+                rows[f"{name}_failure"] = f"not installed ({str(e).splitlines()[0][:120]})"
+                break
+            except Exception as e:          # the library's own failure, or anchors.HVPBudgetExceeded
+                rows[f"{name}_failure"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+                break
+            finally:
+                model.zero_grad(set_to_none=True)
+        if not runs:
+            continue
+        rows[f"{name}_runs"] = len(runs)
+        err_max = [abs(r["lmax"] - lmax) / abs(lmax) for r in runs]
+        rows.update({f"{name}_lambda_max_hvps_median": med(r["lmax_hvps"] for r in runs),
+                     f"{name}_lambda_max_rel_err_median": med(err_max), f"{name}_lambda_max_rel_err_max": max(err_max)})
+        if runs[0]["lmin"] is not None:
+            rows.update({
+                f"{name}_lambda_min_hvps_median": med(r["lmin_hvps"] for r in runs),
+                f"{name}_lambda_min_rel_err_median": med(abs(r["lmin"] - lmin) / abs(lmin) for r in runs),
+                f"{name}_lambda_min_err_over_spread_median": med(abs(r["lmin"] - lmin) / spread for r in runs),
+            })
+        if "setup_hvps" in runs[0]:
+            rows[f"{name}_setup_hvps_median"] = med(r["setup_hvps"] for r in runs)
+        rows.update({f"{name}_hvps_median": med(r["hvps"] for r in runs),
+                     f"{name}_seconds_median": med(r["seconds"] for r in runs)})
+        for end in ("lmax", "lmin"):
+            if f"{end}_converged" in runs[0]:
+                key = f"{name}_lambda_{end[1:]}_converged_runs"
+                rows[key] = sum(r[f"{end}_converged"] for r in runs)
+    return rows
+
+
 def eigen_rows(name, device, batch, small, seeds):
+    """lambda_max and lambda_min of one model: the reference, geomprobe's Lanczos, power iteration and Lanczos
+    to a true 1e-3, PyHessian, and the anchors of anchors.py (``anchor_rows``)."""
     g = torch.Generator().manual_seed(0)
     model, loss_fn, (x, y) = models.make(name, batch, device, g, small=small)
     model.eval()
@@ -133,6 +184,7 @@ def eigen_rows(name, device, batch, small, seeds):
         if errs:
             rows.update({"pyhessian_rel_err_median": statistics.median(errs), "pyhessian_rel_err_max": max(errs),
                          "pyhessian_hvps_median": statistics.median(hvps)})
+    rows.update(anchor_rows(model, loss_fn, x, y, device, seeds, lmax, lmin))
     return rows
 
 
