@@ -4,7 +4,7 @@ Routes compared (all in eval mode, fp32 unless --dtype, TF32 off):
   grad           loss + torch.autograd.grad, no graph kept: the unit
   build          geomprobe.Landscape construction: forward + first-order graph (create_graph=True)
   hvp_reuse      Landscape.hvp(v): double backward through the retained graph, one vector
-  hvp_reuse_torchconv  the same with fast_conv=False: torch's own convolution double backward
+  hvp_reuse_torchconv  the same with fast_double_backward=False: torch's own convolution double backward
   hvp_batched    Landscape.hvp(V) with k vectors (is_grads_batched), per vector
   hvp_rebuild    forward + create_graph gradient + double backward for every HVP (no reuse)
   hvp_func       torch.func forward-over-reverse: jvp of grad of a functional_call
@@ -51,7 +51,7 @@ def measure(name: str, device: str, batch: int, small: bool, k: int, repeats: in
     v = torch.randn(d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     V = torch.randn(k, d, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     t_reuse = median_seconds(lambda: land.hvp(v), device, repeats=repeats)
-    torch_conv = gp.Landscape(model, loss_fn, (x, y), fast_conv=False)
+    torch_conv = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
     t_torchconv = median_seconds(lambda: torch_conv.hvp(v), device, repeats=repeats)
     fast, slow = land.hvp(v), torch_conv.hvp(v)
     fast_vs_torch = float((fast - slow).norm() / slow.norm())

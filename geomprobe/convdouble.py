@@ -9,25 +9,23 @@ with ``gx = Dx(gy; W)`` (backward-input) and ``gW = DW(x; gy)`` (backward-weight
 
     d gy = conv(ggx, W) + conv(x, ggW) + ggb      d x = Dx(gy; ggW)      d W = DW(ggx; gy)
 
-four calls of torch's own forward, backward-input and backward-weight convolutions. :func:`fast_conv` routes
-``conv1d/2d/3d`` calls made inside it through this pair of functions; nothing else changes, and the results
-agree with torch's double backward to rounding (tests compare both against float64 dense Hessians).
+four calls of torch's own forward, backward-input and backward-weight convolutions.
+:func:`geomprobe.fastdouble.fast_double_backward` routes ``conv1d/2d/3d`` calls made inside it through this
+pair of functions; values and first derivatives are torch's own, second derivatives agree with torch's to
+rounding (tests compare both against float64 dense Hessians), third derivatives raise.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
-from torch.overrides import TorchFunctionMode
 
-from .errors import UnsupportedOperationError
+from .errors import refuse_third_order
 
-__all__ = ["fast_conv"]
+__all__ = ["conv_call"]
 
 _aten = torch.ops.aten
-_CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 
 
 def _tuple(v: int | Sequence[int], n: int) -> list[int]:
@@ -67,12 +65,7 @@ class _ConvGrads(torch.autograd.Function):
     @staticmethod
     def backward(ctx, ggx, ggw, ggb):
         gy, x, w = ctx.saved_tensors
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (gy, x, w, ggx, ggw, ggb)):
-            # create_graph=True on an HVP: the terms below would be constants, and third derivatives wrong
-            raise UnsupportedOperationError(
-                "third derivatives through geomprobe's fast convolution double backward are not implemented; "
-                "build the Landscape with fast_conv=False to differentiate Hessian-vector products"
-            )
+        refuse_third_order(gy, x, w, ggx, ggw, ggb)
         cfg: _Config = ctx.cfg
         need_gy, need_x, need_w = ctx.needs_input_grad[:3]
         dgy = dx = dw = None
@@ -107,18 +100,7 @@ class _Conv(torch.autograd.Function):
         return (gx if need_x else None), (gw if need_w else None), (gb if need_b else None), None
 
 
-class _FastConvMode(TorchFunctionMode):
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        n = _CONVS.get(func)
-        if n is not None and not torch.is_autocast_enabled():
-            call = _convolution_call(n, args, kwargs)
-            if call is not None:
-                return call()
-        return func(*args, **kwargs)
-
-
-def _convolution_call(n: int, args: tuple, kwargs: dict) -> Any:
+def conv_call(n: int, args: tuple, kwargs: dict) -> Any:
     """A closure running ``torch.conv{n}d(*args, **kwargs)`` through :class:`_Conv`, or None where it cannot
     (string padding, unbatched input, tensor subclasses): those calls keep torch's own path."""
     names = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
@@ -135,15 +117,3 @@ def _convolution_call(n: int, args: tuple, kwargs: dict) -> Any:
         return None
     cfg = _Config(n, w, b, bound["stride"], bound["padding"], bound["dilation"], bound["groups"])
     return lambda: _Conv.apply(x, w, b, cfg)
-
-
-@contextlib.contextmanager
-def fast_conv(enabled: bool = True) -> Iterator[None]:
-    """Inside this context, ``conv1d/2d/3d`` (and so ``nn.Conv*d``) build graphs whose double backward uses
-    forward, backward-input and backward-weight convolutions only (see the module docstring). Values and first
-    derivatives are torch's own; second derivatives agree to rounding; third derivatives raise UnsupportedOperationError."""
-    if not enabled:
-        yield
-        return
-    with _FastConvMode():
-        yield

@@ -33,3 +33,15 @@ class UnsupportedOperationError(GeomprobeError, RuntimeError):
 
 class OptimizerStateError(GeomprobeError, ValueError):
     """The optimizer's state cannot give what a metric needs (wrong type, no step taken yet)."""
+
+
+def refuse_third_order(*tensors) -> None:
+    """Raise inside a hand-written double backward asked for a graph (``create_graph=True`` on an HVP): its terms
+    would be constants there, so third derivatives would be silently wrong."""
+    import torch
+
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors):
+        raise UnsupportedOperationError(
+            "third derivatives through geomprobe's fast double backward are not implemented; build the "
+            "Landscape with fast_double_backward=False to differentiate Hessian-vector products"
+        )

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import geomprobe as gp
-from geomprobe.convdouble import fast_conv
+from geomprobe.fastdouble import fast_double_backward as fast_conv
 from geomprobe.errors import UnsupportedOperationError
 from reference import dense_hessian
 
@@ -66,7 +66,7 @@ def test_fast_path_is_used_and_agrees_with_torchs_double_backward():
     assert _node_names(out) >= {"_ConvBackward"}  # the fast path was taken
     assert "ConvolutionBackward0" not in _node_names(out)
     fast = gp.Landscape(model, loss_fn, (x, y))
-    slow = gp.Landscape(model, loss_fn, (x, y), fast_conv=False)
+    slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
     assert torch.equal(fast.grad, slow.grad)  # first derivatives are torch's own kernels
     v = torch.randn(fast.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     assert torch.allclose(fast.hvp(v), slow.hvp(v), rtol=1e-11, atol=1e-14)
@@ -78,7 +78,7 @@ def test_third_derivatives_are_refused_not_silently_wrong():
     params = list(model.parameters())
     with fast_conv():
         grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
-    with pytest.raises(UnsupportedOperationError, match="third derivatives.*fast_conv=False"):
+    with pytest.raises(UnsupportedOperationError, match="third derivatives.*fast_double_backward=False"):
         torch.autograd.grad(grads, params, [torch.ones_like(p) for p in params], create_graph=True)
 
 
@@ -99,7 +99,7 @@ def test_probe_results_unchanged_by_the_fast_path():
     """The spectrum a probe reports is the same to rounding with and without the fast path."""
     model, loss_fn, x, y = _case(2, seed=5)
     fast = gp.Landscape(model, loss_fn, (x, y))
-    slow = gp.Landscape(model, loss_fn, (x, y), fast_conv=False)
+    slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
     a = gp.krylov.lanczos(fast.hvp, fast.dim, tol=1e-10, dtype=fast.dtype, generator=gp.krylov.default_generator(0))
     b = gp.krylov.lanczos(slow.hvp, slow.dim, tol=1e-10, dtype=slow.dtype, generator=gp.krylov.default_generator(0))
     assert a.ritz_values[-1] == pytest.approx(b.ritz_values[-1], rel=1e-10)
@@ -113,7 +113,7 @@ def test_cuda_float32_matches_torchs_path():
     model, loss_fn, x, y = _case(2)
     model, x, y = model.float().cuda(), x.float().cuda(), y.cuda()
     fast = gp.Landscape(model, loss_fn, (x, y))
-    slow = gp.Landscape(model, loss_fn, (x, y), fast_conv=False)
+    slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
     v = torch.randn(fast.dim, device="cuda")
     a, b = fast.hvp(v), slow.hvp(v)
     assert float((a - b).norm() / b.norm()) < 1e-4

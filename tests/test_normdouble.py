@@ -1,0 +1,107 @@
+"""LayerNorm and GELU with the closed-form double backward (geomprobe.normdouble) against float64 references."""
+
+import pytest
+import torch
+from torch import nn
+
+import geomprobe as gp
+from geomprobe.errors import UnsupportedOperationError
+from geomprobe.fastdouble import fast_double_backward
+from reference import dense_hessian
+from test_convdouble import _node_names
+
+
+class NormNet(nn.Module):
+    """Affine and plain layer norms over one and two trailing dimensions, exact and tanh GELU."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(3, 6)
+        self.ln1 = nn.LayerNorm(6)
+        self.ln2 = nn.LayerNorm([2, 6], elementwise_affine=False)
+        self.ln3 = nn.LayerNorm(6, bias=False)
+        self.act1, self.act2 = nn.GELU(), nn.GELU(approximate="tanh")
+        self.out = nn.Linear(12, 3)
+
+    def forward(self, x):  # x: (B, 2, 3)
+        h = self.act1(self.ln1(self.inp(x)))
+        h = self.act2(self.ln2(h) * 1.5 + 0.3)
+        return self.out(self.ln3(h).flatten(1))
+
+
+def _case(seed=0):
+    torch.manual_seed(seed)
+    model = NormNet().double()
+    with torch.no_grad():  # affine parameters away from their (1, 0) initial values
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    g = torch.Generator().manual_seed(seed + 1)
+    x = 2 * torch.randn(7, 2, 3, generator=g, dtype=torch.float64)
+    return model, nn.CrossEntropyLoss(), x, torch.randint(0, 3, (7,), generator=g)
+
+
+def test_hvp_matches_the_dense_float64_hessian():
+    model, loss_fn, x, y = _case()
+    H = dense_hessian(model, loss_fn, [(x, y)])
+    land = gp.Landscape(model, loss_fn, (x, y))
+    V = torch.randn(5, land.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    tol = 1e-10 * float(H.abs().max())
+    assert torch.allclose(land.hvp(V), V @ H, rtol=1e-9, atol=tol)
+    assert torch.allclose(torch.stack([land.hvp(v) for v in V]), V @ H, rtol=1e-9, atol=tol)
+
+
+def test_fast_path_is_taken_and_first_derivatives_are_torchs():
+    model, loss_fn, x, y = _case(1)
+    with fast_double_backward():
+        names = _node_names(model(x))
+    assert {"_LayerNormBackward", "_GeluBackward"} <= names
+    assert not names & {"NativeLayerNormBackward0", "GeluBackward0"}
+    fast = gp.Landscape(model, loss_fn, (x, y))
+    slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
+    assert torch.equal(fast.grad, slow.grad)
+    v = torch.randn(fast.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    assert torch.allclose(fast.hvp(v), slow.hvp(v), rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_gelu_second_derivative_in_closed_form(approximate):
+    x = torch.linspace(-6, 6, 241, dtype=torch.float64, requires_grad=True)
+    with fast_double_backward():
+        y = nn.functional.gelu(x, approximate=approximate)
+    (d1,) = torch.autograd.grad(y.sum(), x, create_graph=True)
+    (d2,) = torch.autograd.grad(d1.sum(), x)
+    ref = torch.func.vmap(torch.func.grad(torch.func.grad(lambda t: nn.functional.gelu(t, approximate=approximate))))(x.detach())
+    assert torch.allclose(d2, ref, rtol=1e-12, atol=1e-13)  # |d2| <= 0.8: rounding of the tanh form
+
+
+def test_third_derivatives_are_refused():
+    model, loss_fn, x, y = _case(2)
+    params = list(model.parameters())
+    with fast_double_backward():
+        grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
+    with pytest.raises(UnsupportedOperationError, match="third derivatives"):
+        torch.autograd.grad(grads, params, [torch.ones_like(p) for p in params], create_graph=True)
+
+
+def test_calls_it_cannot_take_keep_torchs_path():
+    x = torch.randn(4, 6)
+    ln = nn.LayerNorm(6)
+    with fast_double_backward():
+        assert "NativeLayerNormBackward0" in _node_names(ln.bfloat16()(x.bfloat16()))  # half precision
+        assert "GeluBackward0" in _node_names(nn.functional.gelu(x.bfloat16().requires_grad_()))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert "_LayerNormBackward" not in _node_names(nn.LayerNorm(6)(x))
+        assert "_LayerNormBackward" in _node_names(nn.LayerNorm(6)(x))
+
+
+@pytest.mark.gpu
+def test_cuda_fused_kernels_match_torchs_path():
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model, loss_fn, x, y = _case(3)
+    model, x, y = model.float().cuda(), x.float().cuda(), y.cuda()
+    fast = gp.Landscape(model, loss_fn, (x, y))
+    slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
+    V = torch.randn(3, fast.dim, device="cuda")
+    for v in V:  # the first call compiles; later ones reuse the kernels
+        assert float((fast.hvp(v) - slow.hvp(v)).norm() / slow.hvp(v).norm()) < 1e-5
