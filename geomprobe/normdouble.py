@@ -44,6 +44,8 @@ def _fused(fn: Callable) -> Callable:
         return fn
 
     def run(*args):
+        # detached: third derivatives are refused anyway, and dynamo would inspect the autograd history
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         try:
             return compiled(*args)
         except Exception as e:  # noqa: BLE001 - inductor unavailable (no triton...): fall back once, say why
