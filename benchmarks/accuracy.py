@@ -256,12 +256,26 @@ def main(argv=None):
     ap.add_argument("--no-trace", action="store_true", help="skip the trace part (d exact HVPs)")
     ap.add_argument("--no-eigen", action="store_true", help="skip the eigenvalue part")
     ap.add_argument("--trace-seeds", type=int, default=20)
+    ap.add_argument("--anchors", default="all", help=f"comma list of {', '.join(anchors.ANCHORS)}, or all / none")
     a = ap.parse_args(argv)
     strict_fp32()
+    if a.anchors != "all":
+        chosen = [] if a.anchors == "none" else a.anchors.split(",")
+        unknown = set(chosen) - set(anchors.ANCHORS)
+        if unknown:
+            ap.error(f"unknown anchors {sorted(unknown)}")
+        for name in list(anchors.ANCHORS):
+            if name not in chosen:
+                del anchors.ANCHORS[name]
     batch = a.batch or (128 if a.device.startswith("cuda") else 32)
-    rows = [] if a.no_eigen else [eigen_rows(m, a.device, batch, a.small, a.seeds) for m in a.models.split(",")]
-    dump({"benchmark": "accuracy", "env": environment(a.device), "small": a.small, "eigen": rows,
-          "trace": None if a.no_trace else trace_rows(a.device, a.trace_seeds)}, a.out)
+    result = {"benchmark": "accuracy", "env": environment(a.device), "small": a.small, "eigen": [], "trace": None}
+    for m in [] if a.no_eigen else a.models.split(","):
+        result["eigen"].append(eigen_rows(m, a.device, batch, a.small, a.seeds))
+        if a.out:  # written after every model, so a run cut short keeps what it measured
+            dump(result, a.out)
+    if not a.no_trace:
+        result["trace"] = trace_rows(a.device, a.trace_seeds)
+    dump(result, a.out)
 
 
 if __name__ == "__main__":

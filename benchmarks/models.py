@@ -97,7 +97,14 @@ def lm_loss(logits, targets):
 
 
 def make(name: str, batch: int, device, generator: torch.Generator, small: bool = False):
-    """(model, loss_fn, (inputs, targets)) for a benchmark case; ``small`` shrinks it for CPU runs."""
+    """(model, loss_fn, (inputs, targets)) for a benchmark case; ``small`` shrinks it for CPU runs. The weights
+    come from a generator seeded by ``generator``'s seed, so reruns and separate scripts measure the same model."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(generator.initial_seed())
+        return _make(name, batch, device, generator, small)
+
+
+def _make(name: str, batch: int, device, generator: torch.Generator, small: bool):
     if name == "mlp":
         model = MLP(width=256 if small else 1024)
         x = torch.randn(batch, 784, generator=generator)

@@ -1,7 +1,7 @@
 """The context in which a Landscape builds its graph: layers whose torch double backward is slow get their own.
 
-Inside :func:`fast_double_backward`, calls of ``conv1d/2d/3d`` (:mod:`geomprobe.convdouble`), ``layer_norm`` and
-``gelu`` (:mod:`geomprobe.normdouble`) build autograd functions with the same values and first derivatives as
+Inside :func:`fast_double_backward`, calls of ``conv1d/2d/3d`` (:mod:`geomprobe.convdouble`), and on CUDA of
+``layer_norm`` and ``gelu`` (:mod:`geomprobe.normdouble`), build autograd functions with the same values and first derivatives as
 torch's, and a double backward that costs what the first one does. Every other call, and any call those
 functions cannot take (string padding, half precision, tensor subclasses, autocast), keeps torch's path.
 """

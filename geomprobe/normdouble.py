@@ -13,7 +13,8 @@ the first backward is ``gx = r P(g)``, ``gw = Σ gy ⊙ x̂``, ``gb = Σ gy``; a
     d x   = r (D̂ - mean(D̂) - x̂ mean(D̂ ⊙ x̂)) - (r² / D) Dr x̂
 
 For ``gelu`` (``y = x Φ(x)``, or its tanh form) ``gx = gy y'(x)``, so ``d gy = ggx y'(x)`` and
-``d x = ggx gy y''(x)``. Tests check both against torch's double backward and dense float64 Hessians.
+``d x = ggx gy y''(x)``. Tests check both against torch's double backward and dense float64 Hessians. Only
+tensors on the devices in :data:`DEVICES` (CUDA) take this path: unfused, it is no faster than torch's.
 """
 
 from __future__ import annotations
@@ -29,6 +30,10 @@ from .errors import refuse_third_order
 __all__ = ["layer_norm_call", "gelu_call"]
 
 _aten = torch.ops.aten
+# Where these functions replace torch's: the closed form only pays when fused. On the CPU, eager, it measured
+# 6 % slower than torch's own double backward on the transformer (benchmarks/RESULTS.md), so the CPU keeps
+# torch's path. Tests add "cpu" to check the formulas in float64.
+DEVICES = {"cuda"}
 _compiled: dict[Callable, Callable | None] = {}
 
 
@@ -126,7 +131,7 @@ def layer_norm_call(args: tuple, kwargs: dict) -> Callable[[], torch.Tensor] | N
     bound.update(zip(("input", "normalized_shape", "weight", "bias", "eps"), args))
     bound.update(kwargs)
     x, w, b = bound.get("input"), bound["weight"], bound["bias"]
-    if not _plain(x, w, b):
+    if not _plain(x, w, b) or x.device.type not in DEVICES:
         return None
     shape = [int(s) for s in bound["normalized_shape"]] if not isinstance(bound["normalized_shape"], int) \
         else [int(bound["normalized_shape"])]
@@ -201,7 +206,7 @@ def gelu_call(args: tuple, kwargs: dict) -> Callable[[], torch.Tensor] | None:
     bound.update(zip(("input", "approximate"), args))
     bound.update(kwargs)
     x = bound.get("input")
-    if not _plain(x) or bound["approximate"] not in ("none", "tanh"):
+    if not _plain(x) or x.device.type not in DEVICES or bound["approximate"] not in ("none", "tanh"):
         return None
     return lambda: _Gelu.apply(x, bound["approximate"])
 

@@ -9,6 +9,13 @@ from geomprobe.errors import UnsupportedOperationError
 from geomprobe.fastdouble import fast_double_backward
 from reference import dense_hessian
 from test_convdouble import _node_names
+from geomprobe import normdouble
+
+
+@pytest.fixture(autouse=True)
+def _on_cpu_too(monkeypatch):
+    """The closed forms are used on CUDA only; here they are checked on the CPU in float64."""
+    monkeypatch.setattr(normdouble, "DEVICES", {"cpu", "cuda"})
 
 
 class NormNet(nn.Module):
@@ -81,6 +88,14 @@ def test_third_derivatives_are_refused():
         grads = torch.autograd.grad(loss_fn(model(x), y), params, create_graph=True)
     with pytest.raises(UnsupportedOperationError, match="third derivatives"):
         torch.autograd.grad(grads, params, [torch.ones_like(p) for p in params], create_graph=True)
+
+
+def test_cpu_keeps_torchs_path_by_default(monkeypatch):
+    monkeypatch.setattr(normdouble, "DEVICES", {"cuda"})
+    x = torch.randn(4, 6)
+    with fast_double_backward():
+        assert "NativeLayerNormBackward0" in _node_names(nn.LayerNorm(6)(x))
+        assert "GeluBackward0" in _node_names(nn.functional.gelu(x.requires_grad_()))
 
 
 def test_calls_it_cannot_take_keep_torchs_path():
