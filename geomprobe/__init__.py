@@ -14,7 +14,7 @@ from .landscape import Landscape, unwrap_model
 from .paramspace import Block, ParamSpace
 from .probe import GeometryProbe
 from .runs import RunReader, RunWriter
-from .schedule import at, budget, every, log_spaced
+from .schedule import at, budget, every, log_spaced, manual
 from .state import frozen
 
 try:
@@ -37,6 +37,7 @@ __all__ = [
     "every",
     "log_spaced",
     "at",
+    "manual",
     "budget",
     "RunWriter",
     "RunReader",

@@ -350,6 +350,30 @@ class AllOf(_Combined):
         return all(self._votes(step, now))
 
 
+class Manual(Schedule):
+    """Never fires by itself: the caller decides, calling ``GeometryProbe.probe(step)``. ``description`` says
+    how it decides, for the run's metadata and reports."""
+
+    def __init__(self, description: str = "") -> None:
+        self.description = str(description)
+
+    def should_probe(self, step: int, now: float | None = None) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"manual({self.description!r})" if self.description else "manual()"
+
+
+def manual(description: str = "") -> Manual:
+    """A schedule for code that calls ``probe.probe(step)`` itself (``description`` says when, for reports).
+
+    >>> s = manual("at 6 backprop counts")
+    >>> s.should_probe(0), s
+    (False, manual('at 6 backprop counts'))
+    """
+    return Manual(description)
+
+
 def every(n: int, start: int = 0) -> Every:
     """Probe at ``start, start + n, start + 2n, ...``; ``n`` must be positive.
 

@@ -102,8 +102,8 @@ def test_probe_results_unchanged_by_the_fast_path():
     slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
     a = gp.krylov.lanczos(fast.hvp, fast.dim, tol=1e-10, dtype=fast.dtype, generator=gp.krylov.default_generator(0))
     b = gp.krylov.lanczos(slow.hvp, slow.dim, tol=1e-10, dtype=slow.dtype, generator=gp.krylov.default_generator(0))
-    assert a.ritz_values[-1] == pytest.approx(b.ritz_values[-1], rel=1e-10)
-    assert a.ritz_values[0] == pytest.approx(b.ritz_values[0], rel=1e-8, abs=1e-10)
+    assert float(a.ritz_values[-1]) == pytest.approx(float(b.ritz_values[-1]), rel=1e-10)
+    assert float(a.ritz_values[0]) == pytest.approx(float(b.ritz_values[0]), rel=1e-8, abs=1e-10)
 
 
 @pytest.mark.gpu

@@ -22,6 +22,8 @@ def test_demo_runs_end_to_end_at_reduced_size(tmp_path):
         assert "errors" not in rec, rec.get("errors")
         assert rec["precond"]["lambda_max"] > 0           # the optimizer's own geometry after its first steps
         assert run.meta["demo"]["optimizer"] == r["optimizer"]
+        # the demo picks its own probe points: the run says so instead of the default schedule
+        assert run.meta["probe"]["schedule"] == "manual('at 2 backprop counts from 0 to 40, geometrically spaced')"
     assert "spectrum.lambda_max" in doc["comparison"]["metrics"]
     # step 0 has no optimizer state for Adam: precond is skipped there, not an error
     first = gp.RunReader(out / "adam").records[0]
@@ -37,3 +39,12 @@ def test_demo_refuses_an_existing_folder_and_unknown_optimizers(tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     res = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "x"), "--optimizers", "sgdm,lbfgs"])
     assert res.exit_code == 2 and "unknown optimizer 'lbfgs'" in res.output
+
+
+def test_probe_points_end_at_the_budget():
+    from geomprobe.demo.run import probe_points
+
+    assert probe_points(40, 2) == [0.0, 40.0]  # geomspace of one point would have given its start, 1
+    pts = probe_points(400, 5)
+    assert pts[0] == 0.0 and pts[1] == 10.0 and abs(pts[-1] - 400) < 1e-9 and pts == sorted(pts)
+    assert probe_points(40, 1) == [0.0]

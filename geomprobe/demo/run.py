@@ -17,6 +17,7 @@ from torch import nn
 from .. import optim
 from ..errors import ConfigurationError
 from ..probe import GeometryProbe
+from ..schedule import manual
 from .data import load_digits_tensors
 from .models import DigitsMLP
 
@@ -61,7 +62,8 @@ def probe_points(budget: float, count: int) -> list[float]:
     (early training changes geometry fastest, so probes are denser there)."""
     if count < 2:
         return [0.0]
-    pts = np.geomspace(budget / 40.0, budget, count - 1)
+    # with one point after 0, geomspace would return its start (budget / 40): the last probe belongs at the end
+    pts = np.geomspace(budget / 40.0, budget, count - 1) if count > 2 else [budget]
     return [0.0] + [float(p) for p in pts]
 
 
@@ -94,13 +96,14 @@ def _train_one(
     probe_idx = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed + 1))[:PROBE_SAMPLES]
     batch = TR_BATCH if isinstance(opt, optim.EllipsoidalTR) else TRAIN_BATCH
     state = {"step": 0}
+    points = probe_points(budget, probes)
     probe = GeometryProbe(
         model, loss_fn, (X[probe_idx], y[probe_idx]), metrics=metrics, optimizer=opt, run_dir=run_dir, seed=seed,
+        schedule=manual(f"at {len(points)} backprop counts from 0 to {points[-1]:g}, geometrically spaced"),
         meta={"demo": {"optimizer": name, "hparams": hparams, "train_batch": batch, "budget_backprops": budget,
                        "hidden": list(hidden), "data": "sklearn digits", "probe_samples": PROBE_SAMPLES}},
         annotate=lambda: {"backprops": counter.backprops, "train_accuracy": _accuracy(model, X, y)},
     )
-    points = probe_points(budget, probes)
     t0 = time.perf_counter()
     probe.probe(0)
     next_point = 1
