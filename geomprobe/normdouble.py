@@ -49,8 +49,15 @@ def _fused(fn: Callable) -> Callable:
         return fn
 
     def run(*args):
-        # detached: third derivatives are refused anyway, and dynamo would inspect the autograd history
-        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        # detached: third derivatives are refused anyway, and dynamo would inspect the autograd history.
+        # Batched tensors (is_grads_batched's vmap) cannot be detached, nor run through a compiled graph:
+        # the eager formula batches.
+        if any(_under_transform(a) for a in args):
+            return fn(*args)
+        try:
+            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        except RuntimeError:
+            return fn(*args)
         try:
             return compiled(*args)
         except Exception as e:  # noqa: BLE001 - inductor unavailable (no triton...): fall back once, say why
@@ -60,6 +67,12 @@ def _fused(fn: Callable) -> Callable:
             return fn(*args)
 
     return run
+
+
+def _under_transform(t: Any) -> bool:
+    """Whether ``t`` is a torch.func wrapper (vmap's batched tensor, a grad or jvp level)."""
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return isinstance(t, torch.Tensor) and check is not None and bool(check(t))
 
 
 def _kernel(fn: Callable, *tensors: torch.Tensor) -> Callable:

@@ -120,3 +120,27 @@ def test_cuda_fused_kernels_match_torchs_path():
     V = torch.randn(3, fast.dim, device="cuda")
     for v in V:  # the first call compiles; later ones reuse the kernels
         assert float((fast.hvp(v) - slow.hvp(v)).norm() / slow.hvp(v).norm()) < 1e-5
+
+
+def test_fused_kernels_take_detached_inputs_and_leave_batched_hvps_to_the_eager_formula(monkeypatch):
+    """The CUDA route without CUDA: a stand-in for the compiled kernel records what reaches it."""
+    seen = []
+
+    def stand_in(fn):
+        def compiled(*args):
+            seen.append(all(not (isinstance(a, torch.Tensor) and a.requires_grad) for a in args))
+            return fn(*args)
+        return compiled
+
+    monkeypatch.setattr(normdouble, "_kernel", lambda fn, *t: normdouble._fused(fn))
+    monkeypatch.setattr(normdouble, "_compiled", {})
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: stand_in(fn))
+    model, loss_fn, x, y = _case(4)
+    fast = gp.Landscape(model, loss_fn, (x, y))
+    slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
+    V = torch.randn(3, fast.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    assert torch.allclose(fast.hvp(V[0]), slow.hvp(V[0]), rtol=1e-11, atol=1e-13)
+    assert seen and all(seen)  # single vectors: through the compiled kernel, detached
+    n = len(seen)
+    assert torch.allclose(fast.hvp(V), slow.hvp(V), rtol=1e-11, atol=1e-13)
+    assert fast.batched_hvp and len(seen) == n  # batched vectors: eager formula, batching kept
