@@ -4,7 +4,8 @@ Routes compared (all in eval mode, fp32 unless --dtype, TF32 off):
   grad           loss + torch.autograd.grad, no graph kept: the unit
   build          geomprobe.Landscape construction: forward + first-order graph (create_graph=True)
   hvp_reuse      Landscape.hvp(v): double backward through the retained graph, one vector
-  hvp_reuse_torchconv  the same with fast_double_backward=False: torch's own convolution double backward
+  hvp_reuse_torchconv  the same with fast_double_backward=False: torch's own double backward for every layer
+                       (the key keeps its first name, from when only convolutions were replaced)
   hvp_batched    Landscape.hvp(V) with k vectors (is_grads_batched), per vector
   hvp_rebuild    forward + create_graph gradient + double backward for every HVP (no reuse)
   hvp_func       torch.func forward-over-reverse: jvp of grad of a functional_call

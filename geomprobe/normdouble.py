@@ -49,15 +49,12 @@ def _fused(fn: Callable) -> Callable:
         return fn
 
     def run(*args):
-        # detached: third derivatives are refused anyway, and dynamo would inspect the autograd history.
-        # Batched tensors (is_grads_batched's vmap) cannot be detached, nor run through a compiled graph:
-        # the eager formula batches.
+        # Batched tensors (is_grads_batched's vmap) cannot run through a compiled graph: the eager formula
+        # batches. Others go in detached: third derivatives are refused anyway, and dynamo would inspect
+        # the autograd history.
         if any(_under_transform(a) for a in args):
             return fn(*args)
-        try:
-            args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
-        except RuntimeError:
-            return fn(*args)
+        args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
         try:
             return compiled(*args)
         except Exception as e:  # noqa: BLE001 - inductor unavailable (no triton...): fall back once, say why
@@ -70,9 +67,13 @@ def _fused(fn: Callable) -> Callable:
 
 
 def _under_transform(t: Any) -> bool:
-    """Whether ``t`` is a torch.func wrapper (vmap's batched tensor, a grad or jvp level)."""
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return isinstance(t, torch.Tensor) and check is not None and bool(check(t))
+    """Whether ``t`` is a batched tensor (``is_grads_batched`` uses torch's legacy vmap) or another torch.func
+    wrapper (a vmap, grad or jvp level)."""
+    if not isinstance(t, torch.Tensor):
+        return False
+    ft = torch._C._functorch
+    checks = (getattr(ft, "is_legacy_batchedtensor", None), getattr(ft, "is_functorch_wrapped_tensor", None))
+    return any(check is not None and bool(check(t)) for check in checks)
 
 
 def _kernel(fn: Callable, *tensors: torch.Tensor) -> Callable:

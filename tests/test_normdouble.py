@@ -8,7 +8,7 @@ import geomprobe as gp
 from geomprobe.errors import UnsupportedOperationError
 from geomprobe.fastdouble import fast_double_backward
 from reference import dense_hessian
-from test_convdouble import _node_names
+from test_convdouble import _node_names, fast_and_torch
 from geomprobe import normdouble
 
 
@@ -63,8 +63,7 @@ def test_fast_path_is_taken_and_first_derivatives_are_torchs():
         names = _node_names(model(x))
     assert {"_LayerNormBackward", "_GeluBackward"} <= names
     assert not names & {"NativeLayerNormBackward0", "GeluBackward0"}
-    fast = gp.Landscape(model, loss_fn, (x, y))
-    slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
+    fast, slow = fast_and_torch(model, loss_fn, x, y)
     assert torch.equal(fast.grad, slow.grad)
     v = torch.randn(fast.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     assert torch.allclose(fast.hvp(v), slow.hvp(v), rtol=1e-11, atol=1e-13)
@@ -114,9 +113,7 @@ def test_cuda_fused_kernels_match_torchs_path():
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     model, loss_fn, x, y = _case(3)
-    model, x, y = model.float().cuda(), x.float().cuda(), y.cuda()
-    fast = gp.Landscape(model, loss_fn, (x, y))
-    slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
+    fast, slow = fast_and_torch(model.float().cuda(), loss_fn, x.float().cuda(), y.cuda())
     V = torch.randn(3, fast.dim, device="cuda")
     for v in V:  # the first call compiles; later ones reuse the kernels
         assert float((fast.hvp(v) - slow.hvp(v)).norm() / slow.hvp(v).norm()) < 1e-5
@@ -136,8 +133,7 @@ def test_fused_kernels_take_detached_inputs_and_leave_batched_hvps_to_the_eager_
     monkeypatch.setattr(normdouble, "_compiled", {})
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: stand_in(fn))
     model, loss_fn, x, y = _case(4)
-    fast = gp.Landscape(model, loss_fn, (x, y))
-    slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
+    fast, slow = fast_and_torch(model, loss_fn, x, y)
     V = torch.randn(3, fast.dim, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
     assert torch.allclose(fast.hvp(V[0]), slow.hvp(V[0]), rtol=1e-11, atol=1e-13)
     assert seen and all(seen)  # single vectors: through the compiled kernel, detached
