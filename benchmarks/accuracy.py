@@ -26,7 +26,7 @@ import models  # noqa: E402
 from timing import dump, environment, model_benchmark_parser, strict_fp32  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
-from geomprobe import krylov  # noqa: E402
+from geomprobe import linalg  # noqa: E402
 
 
 def pyhessian_counted():
@@ -55,8 +55,8 @@ def steps_to_accuracy(land, lmax, seeds, target=1e-3, max_steps=300):
     (PyHessian's algorithm: v <- Hv/|Hv|, Rayleigh quotient), median over seeds; None if never reached."""
     lz, pw = [], []
     for s in range(seeds):
-        r = krylov.lanczos(land.hvp, land.dim, tol=0.0, max_iter=80, dtype=land.dtype, device=land.device,
-                           generator=krylov.default_generator(s))
+        r = linalg.lanczos(land.hvp, land.dim, tol=0.0, max_iter=80, dtype=land.dtype, device=land.device,
+                           generator=linalg.default_generator(s))
         hit = None
         for j in range(1, r.steps + 1):
             T = torch.diag(r.alpha[:j]) + torch.diag(r.beta[: j - 1], 1) + torch.diag(r.beta[: j - 1], -1)
@@ -64,7 +64,7 @@ def steps_to_accuracy(land, lmax, seeds, target=1e-3, max_steps=300):
                 hit = j
                 break
         lz.append(hit)
-        g = krylov.default_generator(s)
+        g = linalg.default_generator(s)
         v = torch.randn(land.dim, generator=g, dtype=torch.float64).to(device=land.device, dtype=land.dtype)
         v = v / v.norm()
         hit = None
@@ -131,8 +131,8 @@ def eigen_rows(name, device, batch, small, seeds):
     model, loss_fn, (x, y) = models.make(name, batch, device, g, small=small)
     model.eval()
     land = gp.Landscape(model, loss_fn, (x, y))
-    ref = krylov.lanczos(land.hvp, land.dim, tol=1e-7, max_iter=400, dtype=land.dtype, device=land.device,
-                         generator=krylov.default_generator(123))
+    ref = linalg.lanczos(land.hvp, land.dim, tol=1e-7, max_iter=400, dtype=land.dtype, device=land.device,
+                         generator=linalg.default_generator(123))
     lmax, lmin = ref.top(1)[0][0], ref.bottom(1)[0][0]
     spread = lmax - lmin
     rows = {"model": name, "params": land.dim, "batch": batch, "ref_lambda_max": lmax, "ref_lambda_min": lmin,
@@ -141,17 +141,17 @@ def eigen_rows(name, device, batch, small, seeds):
     gp_err_max, gp_err_min, gp_hvps_max, gp_hvps_min = [], [], [], []
     gap_err, gap_hvps, gap_cover = [], [], []
     for s in range(seeds):
-        r = krylov.lanczos(land.hvp, land.dim, which="largest", tol=1e-3, dtype=land.dtype, device=land.device,
-                           generator=krylov.default_generator(s))
+        r = linalg.lanczos(land.hvp, land.dim, which="largest", tol=1e-3, dtype=land.dtype, device=land.device,
+                           generator=linalg.default_generator(s))
         gp_err_max.append(abs(r.top(1)[0][0] - lmax) / abs(lmax))
         gp_hvps_max.append(r.matvecs)
-        r = krylov.lanczos(land.hvp, land.dim, which="largest", tol=1e-3, bound="gap", dtype=land.dtype,
-                           device=land.device, generator=krylov.default_generator(s))
+        r = linalg.lanczos(land.hvp, land.dim, which="largest", tol=1e-3, bound="gap", dtype=land.dtype,
+                           device=land.device, generator=linalg.default_generator(s))
         gap_err.append(abs(r.top(1)[0][0] - lmax) / abs(lmax))
         gap_hvps.append(r.matvecs)
         gap_cover.append(abs(r.top(1)[0][0] - lmax) <= r.top(1)[1][0] + 1e-7 * abs(lmax))
-        r = krylov.lanczos(land.hvp, land.dim, which="smallest", tol=1e-3, dtype=land.dtype, device=land.device,
-                           generator=krylov.default_generator(s))
+        r = linalg.lanczos(land.hvp, land.dim, which="smallest", tol=1e-3, dtype=land.dtype, device=land.device,
+                           generator=linalg.default_generator(s))
         gp_err_min.append(abs(r.bottom(1)[0][0] - lmin) / spread)
         gp_hvps_min.append(r.matvecs)
     rows.update({
@@ -214,14 +214,14 @@ def trace_rows(device, seeds, train_steps=500):
                 opt.step()
             model.zero_grad(set_to_none=True)
         land = gp.Landscape(model, loss_fn, (x, y), chunk_size=256)
-        exact = float(krylov.exact_diagonal(land.hvp, land.dim, batch=256, dtype=land.dtype, device=land.device).sum())
+        exact = float(linalg.exact_diagonal(land.hvp, land.dim, batch=256, dtype=land.dtype, device=land.device).sum())
         out = {"model": "mlp784-64-10", "state": state, "params": land.dim, "loss": land.loss, "exact_trace": exact,
                "seeds": seeds}
         kw = dict(batch=64, dtype=land.dtype, device=land.device)
         estimators = {
-            "hutchinson": lambda m, s: krylov.hutchinson_trace(land.hvp, land.dim, samples=m, generator=krylov.default_generator(s), **kw),
-            "hutchpp": lambda m, s: krylov.hutchpp_trace(land.hvp, land.dim, matvecs=m, generator=krylov.default_generator(s), **kw),
-            "deflated": lambda m, s: krylov.deflated_trace(land.hvp, land.dim, matvecs=m, generator=krylov.default_generator(s), **kw),
+            "hutchinson": lambda m, s: linalg.hutchinson_trace(land.hvp, land.dim, samples=m, generator=linalg.default_generator(s), **kw),
+            "hutchpp": lambda m, s: linalg.hutchpp_trace(land.hvp, land.dim, matvecs=m, generator=linalg.default_generator(s), **kw),
+            "deflated": lambda m, s: linalg.deflated_trace(land.hvp, land.dim, matvecs=m, generator=linalg.default_generator(s), **kw),
         }
         for m in (30, 99, 300):
             rmse = {}

@@ -19,8 +19,8 @@ import models  # noqa: E402
 from timing import dump, environment, model_benchmark_parser, strict_fp32, sync  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
-from geomprobe import krylov  # noqa: E402
-from geomprobe.block_krylov import block_lanczos  # noqa: E402
+from geomprobe import linalg  # noqa: E402
+from geomprobe.linalg.block_lanczos import block_lanczos  # noqa: E402
 
 
 def _timed(fn, device):
@@ -36,15 +36,15 @@ def measure(name, device, batch, small, blocks, which):
     model, loss_fn, (x, y) = models.make(name, batch, device, g, small=small)
     model.eval()
     land = gp.Landscape(model, loss_fn, (x, y), chunk_size=max(blocks))
-    kw = dict(tol=1e-3, which=which, dtype=land.dtype, device=land.device, generator=krylov.default_generator(0))
-    krylov.lanczos(land.hvp, land.dim, max_iter=3, tol=0.0, dtype=land.dtype, device=land.device)  # warm-up
+    kw = dict(tol=1e-3, which=which, dtype=land.dtype, device=land.device, generator=linalg.default_generator(0))
+    linalg.lanczos(land.hvp, land.dim, max_iter=3, tol=0.0, dtype=land.dtype, device=land.device)  # warm-up
     block_lanczos(land.hvp, land.dim, block=max(blocks), max_iter=max(blocks), tol=0.0, dtype=land.dtype,
                   device=land.device)
-    ref, _ = _timed(lambda: krylov.lanczos(land.hvp, land.dim, tol=1e-7, max_iter=300, dtype=land.dtype,
+    ref, _ = _timed(lambda: linalg.lanczos(land.hvp, land.dim, tol=1e-7, max_iter=300, dtype=land.dtype,
                                            device=land.device), device)
     lmax, lmin = ref.top(1)[0][0], ref.bottom(1)[0][0]
     rows = {"model": name, "params": land.dim, "which": which}
-    r, t = _timed(lambda: krylov.lanczos(land.hvp, land.dim, **kw), device)
+    r, t = _timed(lambda: linalg.lanczos(land.hvp, land.dim, **kw), device)
     rows["single"] = {"hvps": r.matvecs, "seconds": t, "lambda_max_rel_err": abs(r.top(1)[0][0] - lmax) / abs(lmax),
                       "lambda_min_rel_err": abs(r.bottom(1)[0][0] - lmin) / abs(lmax), "converged": r.converged}
     for b in blocks:

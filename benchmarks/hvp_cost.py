@@ -27,7 +27,7 @@ import models  # noqa: E402
 from timing import dump, environment, median_seconds, model_benchmark_parser  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
-from geomprobe.state import math_attention  # noqa: E402
+from geomprobe.engine.state import math_attention  # noqa: E402
 
 
 def measure(name: str, device: str, batch: int, small: bool, k: int, repeats: int, dtype) -> dict:

@@ -7,8 +7,8 @@ Written here (torchvision is not a dependency) with standard shapes: ResNet-18 h
 from __future__ import annotations
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 class MLP(nn.Module):

@@ -7,7 +7,7 @@ from rich.table import Table
 from rich.text import Text
 
 from geomprobe.doctor import Check, diagnose
-from geomprobe.spec import load_spec
+from geomprobe.load.spec import load_spec
 
 from ._common import emit_json, err_console, handle_errors, out_console, plain_output
 from .commands_probe import SPEC_HELP, warnings_to_stderr

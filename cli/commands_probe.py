@@ -22,13 +22,13 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from geomprobe.checkpoints import CheckpointInfo, load_checkpoint, plan_checkpoints
+from geomprobe.engine.landscape import unwrap_model
 from geomprobe.errors import ConfigurationError
-from geomprobe.landscape import unwrap_model
+from geomprobe.load.checkpoints import CheckpointInfo, load_checkpoint, plan_checkpoints
+from geomprobe.load.spec import ProbeSpec, load_spec
 from geomprobe.metrics import registry
-from geomprobe.probe import DEFAULT_METRICS, GeometryProbe
-from geomprobe.schedule import at
-from geomprobe.spec import ProbeSpec, load_spec
+from geomprobe.probe.geometry_probe import DEFAULT_METRICS, GeometryProbe
+from geomprobe.probe.schedule import at
 
 from ._common import emit_json, err_console, handle_errors, out_console
 
@@ -36,7 +36,7 @@ __all__ = ["probe", "warnings_to_stderr", "SPEC_HELP"]
 
 SPEC_HELP = (
     "What to probe: 'package.module:function' or 'path/to/file.py:function', a function returning a "
-    "geomprobe.spec.ProbeSpec(model, loss_fn, probe_data, optimizer_factory=None, noise_data=None); "
+    "geomprobe.load.spec.ProbeSpec(model, loss_fn, probe_data, optimizer_factory=None, noise_data=None); "
     "see examples/probe_spec_example.py."
 )
 

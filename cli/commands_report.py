@@ -17,7 +17,8 @@ import click
 
 from geomprobe.errors import ConfigurationError
 from geomprobe.report import build_report, compare_runs, plot_run, render_comparison, render_report
-from geomprobe.runs import RunReader, export_csv
+from geomprobe.runs.export import export_csv
+from geomprobe.runs.reader import RunReader
 
 from ._common import emit_json, err_console, handle_errors, out_console
 

@@ -27,12 +27,16 @@ def main() -> None:
 
 # Each command lives in its own module (cli/commands_*.py) and is added here, one import and one line each.
 from .commands_probe import probe  # noqa: E402
+
 cli.add_command(probe)
 from .commands_doctor import doctor  # noqa: E402
+
 cli.add_command(doctor)
 from .commands_report import compare, export, report  # noqa: E402
+
 cli.add_command(report)
 cli.add_command(compare)
 cli.add_command(export)
 from .commands_demo import demo  # noqa: E402
+
 cli.add_command(demo)

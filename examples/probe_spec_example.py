@@ -23,7 +23,7 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from geomprobe.spec import ProbeSpec
+from geomprobe.load.spec import ProbeSpec
 
 STEPS, EVERY, BATCH, LR = 200, 50, 64, 1e-3
 

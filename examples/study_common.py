@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from geomprobe import optim
-from geomprobe.probe import GeometryProbe
+from geomprobe.probe.geometry_probe import GeometryProbe
 
 
 def prepare_out(out_dir: str, *, force: bool) -> None:

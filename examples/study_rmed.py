@@ -38,7 +38,7 @@ from study_common import fmt, md_table, mean_std, prepare_out, train_with_probes
 from geomprobe.demo.data import load_digits_tensors  # noqa: E402
 from geomprobe.demo.models import DigitsMLP  # noqa: E402
 from geomprobe.report import compare_runs  # noqa: E402
-from geomprobe.runs import RunReader  # noqa: E402
+from geomprobe.runs.reader import RunReader  # noqa: E402
 
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     # The demo's learning rates: each is a sensible, stable choice for this problem, neither tuned to win.

@@ -34,7 +34,7 @@ from study_rmed import CITATION, probe_steps  # noqa: E402
 from study_rmed import analyse as analyse_rmed  # noqa: E402
 from study_tail_index import CONTEXT, VOCAB, CharTransformer, stdlib_corpus  # noqa: E402
 
-from geomprobe.runs import RunReader  # noqa: E402
+from geomprobe.runs.reader import RunReader  # noqa: E402
 
 OPTIMIZERS: dict[str, dict[str, Any]] = {
     "sgdm": {"lr": 0.1, "momentum": 0.9},

@@ -43,16 +43,28 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # run as a scrip
 
 from study_common import prepare_out  # noqa: E402
 from study_saddle_design import (  # noqa: E402
-    BATCH, D, ESCAPE_F, ESCAPE_R, FRAMES, GAMMA, GRID, LAM, N, OPTIMIZERS, P_NOISE, PROBE_AT, S_ESCAPE, S_OTHER,
-    STEPS, TUNE_SEEDS,
+    BATCH,
+    ESCAPE_F,
+    ESCAPE_R,
+    FRAMES,
+    GAMMA,
+    GRID,
+    LAM,
+    OPTIMIZERS,
+    P_NOISE,
+    PROBE_AT,
+    S_ESCAPE,
+    S_OTHER,
+    STEPS,
+    TUNE_SEEDS,
+    D,
+    N,
 )
 from study_saddle_report import analyse, plot, write_readme  # noqa: E402
 
 from geomprobe import Landscape, optim  # noqa: E402
 from geomprobe.metrics.isotropy import isotropy  # noqa: E402
 from geomprobe.metrics.saddle import saddle  # noqa: E402
-
-
 
 # ----------------------------------------------------------------------------- problem
 

@@ -9,13 +9,27 @@ import os
 from typing import Any
 
 import numpy as np
-
 from study_common import fmt, md_table, mean_std
 from study_saddle_design import (
-    BATCH, CITATION, D, ESCAPE_F, ESCAPE_R, FRAMES, GAMMA, LABELS, LAM, N,
-    NEAR_FROM, OPTIMIZERS, PROBE_AT, P_NOISE, STEPS, S_ESCAPE, S_OTHER, TUNE_SEEDS,
+    BATCH,
+    CITATION,
+    ESCAPE_F,
+    ESCAPE_R,
+    FRAMES,
+    GAMMA,
+    LABELS,
+    LAM,
+    NEAR_FROM,
+    OPTIMIZERS,
+    P_NOISE,
+    PROBE_AT,
+    S_ESCAPE,
+    S_OTHER,
+    STEPS,
+    TUNE_SEEDS,
+    D,
+    N,
 )
-
 
 # ----------------------------------------------------------------------------- analysis
 

@@ -42,8 +42,9 @@ from study_common import fmt, md_table, mean_std, prepare_out  # noqa: E402
 
 from geomprobe import Landscape  # noqa: E402
 from geomprobe.demo.data import load_digits_tensors  # noqa: E402
-from geomprobe.metrics.noise import HETEROGENEITY_GAP, noise, noise_tail_indices, sample_sas  # noqa: E402
-from geomprobe.persample import sample_minibatches  # noqa: E402
+from geomprobe.engine.persample import sample_minibatches  # noqa: E402
+from geomprobe.metrics.noise import HETEROGENEITY_GAP, noise, noise_tail_indices
+from geomprobe.stats.tails import sample_sas
 
 CITATIONS = {
     "simsekli": 'Simsekli, Sagun, Gurbuzbalaban, "A tail-index analysis of stochastic gradient noise in deep '

@@ -38,7 +38,7 @@ from study_common import fmt, md_table, mean_std, prepare_out, train_with_probes
 from geomprobe.demo import probe_points  # noqa: E402
 from geomprobe.demo.data import load_digits_tensors  # noqa: E402
 from geomprobe.demo.models import DigitsMLP  # noqa: E402
-from geomprobe.runs import RunReader  # noqa: E402
+from geomprobe.runs.reader import RunReader  # noqa: E402
 
 OPTIMIZERS = ("tr-sphere", "tr-adagrad", "tr-rmsprop", "sgdm", "adam")
 TRUST_REGIONS = OPTIMIZERS[:3]

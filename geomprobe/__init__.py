@@ -2,7 +2,10 @@
 
 from importlib.metadata import PackageNotFoundError, version
 
-from . import krylov, metrics, optim
+from . import linalg, metrics, optim
+from .engine.landscape import Landscape, unwrap_model
+from .engine.paramspace import Block, ParamSpace
+from .engine.state import frozen
 from .errors import (
     ConfigurationError,
     GeomprobeError,
@@ -10,12 +13,10 @@ from .errors import (
     OptimizerStateError,
     UnsupportedOperationError,
 )
-from .landscape import Landscape, unwrap_model
-from .paramspace import Block, ParamSpace
-from .probe import GeometryProbe
-from .runs import RunReader, RunWriter
-from .schedule import at, budget, every, log_spaced, manual
-from .state import frozen
+from .probe.geometry_probe import GeometryProbe
+from .probe.schedule import at, budget, every, log_spaced, manual
+from .runs.reader import RunReader
+from .runs.writer import RunWriter
 
 try:
     __version__ = version("geomprobe")
@@ -29,7 +30,7 @@ __all__ = [
     "Block",
     "frozen",
     "unwrap_model",
-    "krylov",
+    "linalg",
     "metrics",
     "optim",
     # profiling along training

@@ -1,6 +1,6 @@
 """Can this model be probed? Checks behind ``geomprobe doctor``, each with what to do about a problem.
 
-:func:`diagnose` runs the model of a :class:`~geomprobe.spec.ProbeSpec` through what a probe needs and
+:func:`diagnose` runs the model of a :class:`~geomprobe.load.spec.ProbeSpec` through what a probe needs and
 returns one :class:`Check` per question, with status ``OK``, ``WARN`` (works, but read the note), ``FAIL``
 (probing will not work until fixed) or ``SKIP`` (not reached because an earlier check failed):
 
@@ -15,7 +15,7 @@ returns one :class:`Check` per question, with status ``OK``, ``WARN`` (works, bu
 
 >>> import torch
 >>> from torch import nn
->>> from geomprobe.spec import ProbeSpec
+>>> from geomprobe.load.spec import ProbeSpec
 >>> X = torch.randn(8, 3)
 >>> spec = ProbeSpec(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.CrossEntropyLoss(),
 ...                  (X, torch.zeros(8, dtype=torch.long)))
@@ -33,12 +33,12 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from .engine.landscape import Landscape, unwrap_model
+from .engine.persample import PerExampleGradients
+from .engine.probedata import draw_probe_batches
+from .engine.state import frozen
 from .errors import GeomprobeError, UnsupportedOperationError
-from .landscape import Landscape, unwrap_model
-from .persample import PerExampleGradients
-from .probedata import draw_probe_batches
-from .spec import ProbeSpec
-from .state import frozen
+from .load.spec import ProbeSpec
 
 __all__ = ["Check", "diagnose", "STATUSES"]
 

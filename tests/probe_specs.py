@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from geomprobe.spec import ProbeSpec
+from geomprobe.load.spec import ProbeSpec
 
 SPEC_FILE = str(Path(__file__).resolve())
 NOT_CALLABLE = 3

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from geomprobe.state import frozen
+from geomprobe.engine.state import frozen
 
 
 def dense_hessian(model: nn.Module, loss_fn, batches, *, mode: str = "eval", seed: int = 0) -> torch.Tensor:

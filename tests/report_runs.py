@@ -10,7 +10,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from geomprobe.runs import RunWriter
+from geomprobe.runs.writer import RunWriter
 
 BLOCKS = [{"name": "0.weight", "size": 256, "params": ["0.weight"]},
           {"name": "2.weight", "size": 80, "params": ["2.weight"]}]

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from geomprobe import ConfigurationError, krylov
-from geomprobe.block_krylov import block_lanczos
+from geomprobe import ConfigurationError, linalg
+from geomprobe.linalg.block_lanczos import block_lanczos
 
 
 def sym_with_spectrum(eigs, seed=0):
@@ -34,7 +34,7 @@ def test_block_of_one_is_single_vector_lanczos():
     A = sym_with_spectrum(EIGS, seed=2)
     g = lambda: torch.Generator().manual_seed(5)
     one = block_lanczos(lambda V: V @ A, 200, block=1, tol=1e-6, generator=g())
-    ref = krylov.lanczos(lambda v: v @ A, 200, tol=1e-6, generator=g())
+    ref = linalg.lanczos(lambda v: v @ A, 200, tol=1e-6, generator=g())
     assert one.matvecs == ref.matvecs
     assert torch.allclose(one.ritz_values, ref.ritz_values, rtol=0, atol=1e-9)
 

@@ -4,20 +4,20 @@ import argparse
 import json
 import os
 
+import probe_specs
 import pytest
 import torch
+from probe_specs import TinyNet, adam, one_thread, train  # noqa: F401  (one_thread: an autouse fixture)
 from torch import nn
 
-import probe_specs
-from probe_specs import TinyNet, adam, one_thread, train  # noqa: F401  (one_thread: an autouse fixture)
-from geomprobe.checkpoints import (
+from geomprobe.errors import ConfigurationError
+from geomprobe.load.checkpoints import (
     expand_checkpoint_paths,
     inspect_checkpoint,
     load_checkpoint,
     plan_checkpoints,
     step_from_name,
 )
-from geomprobe.errors import ConfigurationError
 
 
 def trained(steps=3, seed=0):

@@ -6,14 +6,14 @@ import subprocess
 import sysconfig
 from pathlib import Path
 
+import probe_specs
 import pytest
 import torch
 from click.testing import CliRunner
-
-import probe_specs
 from probe_specs import TinyNet, adam, one_thread, train  # noqa: F401  (one_thread: an autouse fixture)
+
 from geomprobe.cli.main import cli
-from geomprobe.runs import RunReader
+from geomprobe.runs.reader import RunReader
 
 SPEC = "probe_specs:mlp_spec"
 
@@ -195,8 +195,8 @@ def test_progress_bar_on_a_terminal():
 
     from rich.console import Console
 
-    from geomprobe.checkpoints import CheckpointInfo
     from geomprobe.cli.commands_probe import _Progress
+    from geomprobe.load.checkpoints import CheckpointInfo
 
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, width=100)

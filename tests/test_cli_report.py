@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from geomprobe.cli.main import cli
 from report_runs import make_run
 
-from geomprobe.runs import RunWriter
+from geomprobe.cli.main import cli
+from geomprobe.runs.writer import RunWriter
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,13 @@
-"""The fast convolution double backward (geomprobe.convdouble) against float64 dense Hessians and torch's own path."""
+"""The fast convolution double backward (geomprobe.engine.autodiff.convdouble) against float64 dense Hessians and torch's own path."""
 
 import pytest
 import torch
+from reference import dense_hessian
 from torch import nn
 
 import geomprobe as gp
-from geomprobe.fastdouble import fast_double_backward
+from geomprobe.engine.autodiff.fastdouble import fast_double_backward
 from geomprobe.errors import UnsupportedOperationError
-from reference import dense_hessian
 
 
 class ConvNet(nn.Module):
@@ -103,8 +103,8 @@ def test_probe_results_unchanged_by_the_fast_path():
     """The spectrum a probe reports is the same to rounding with and without the fast path."""
     model, loss_fn, x, y = _case(2, seed=5)
     fast, slow = fast_and_torch(model, loss_fn, x, y)
-    a = gp.krylov.lanczos(fast.hvp, fast.dim, tol=1e-10, dtype=fast.dtype, generator=gp.krylov.default_generator(0))
-    b = gp.krylov.lanczos(slow.hvp, slow.dim, tol=1e-10, dtype=slow.dtype, generator=gp.krylov.default_generator(0))
+    a = gp.linalg.lanczos(fast.hvp, fast.dim, tol=1e-10, dtype=fast.dtype, generator=gp.linalg.default_generator(0))
+    b = gp.linalg.lanczos(slow.hvp, slow.dim, tol=1e-10, dtype=slow.dtype, generator=gp.linalg.default_generator(0))
     assert float(a.ritz_values[-1]) == pytest.approx(float(b.ritz_values[-1]), rel=1e-10)
     assert float(a.ritz_values[0]) == pytest.approx(float(b.ritz_values[0]), rel=1e-8, abs=1e-10)
 

@@ -9,12 +9,12 @@ import math
 
 import pytest
 import torch
+from tolerances import SIGMAS
 from torch import nn
 
 import geomprobe as gp
-from geomprobe import ConfigurationError, krylov
+from geomprobe import ConfigurationError, linalg
 from geomprobe.metrics import trace
-from tolerances import SIGMAS
 
 SEEDS = 150
 
@@ -32,11 +32,11 @@ def _runs(fn, A, matvecs, seeds=SEEDS, **kw):
 
 
 def _deflated(mv, n, m, **kw):
-    return krylov.deflated_trace(mv, n, matvecs=m, **kw)
+    return linalg.deflated_trace(mv, n, matvecs=m, **kw)
 
 
 def _hutchinson(mv, n, m, **kw):
-    return krylov.hutchinson_trace(mv, n, samples=m, **kw)
+    return linalg.hutchinson_trace(mv, n, samples=m, **kw)
 
 
 def _rmse(runs, truth):
@@ -71,7 +71,7 @@ def trained_hessian() -> torch.Tensor:
         nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
     land = gp.Landscape(model, nn.CrossEntropyLoss(), (X, y))
-    return krylov.dense_matrix(land.hvp, land.dim)
+    return linalg.dense_matrix(land.hvp, land.dim)
 
 
 def test_deflated_unbiased_and_far_better_than_hutchinson_on_decaying_spectrum():
@@ -89,7 +89,7 @@ def test_deflated_beats_hutchinson_and_hutchpp_on_a_trained_network_hessian(trai
     de = _runs(_deflated, H, 48)
     _check_unbiased_and_honest(de, truth)
     hu = _rmse(_runs(_hutchinson, H, 48), truth)
-    pp = _rmse(_runs(lambda mv, n, m, **kw: krylov.hutchpp_trace(mv, n, matvecs=m, **kw), H, 48), truth)
+    pp = _rmse(_runs(lambda mv, n, m, **kw: linalg.hutchpp_trace(mv, n, matvecs=m, **kw), H, 48), truth)
     # at equal HVPs the error is under half of Hutchinson's (measured 0.25): a quarter of the HVPs or fewer
     assert _rmse(de, truth) < 0.5 * hu
     assert _rmse(de, truth) < pp
@@ -106,10 +106,10 @@ def test_deflated_stays_close_to_hutchinson_on_a_flat_spectrum():
 
 def test_deflated_is_exact_on_diagonal_matrices_and_exhausted_krylov_spaces():
     D = torch.diag(torch.linspace(-3.0, 5.0, 70, dtype=torch.float64))
-    r = krylov.deflated_trace(lambda v: v @ D, 70, matvecs=20)
+    r = linalg.deflated_trace(lambda v: v @ D, 70, matvecs=20)
     assert r.trace == pytest.approx(torch.trace(D).item(), rel=1e-12) and r.trace_err <= 1e-10
     A = sym_with_spectrum(torch.linspace(0.5, 2.0, 30), seed=5)
-    r = krylov.deflated_trace(lambda v: v @ A, 30, matvecs=60, krylov_steps=40)  # the basis spans everything
+    r = linalg.deflated_trace(lambda v: v @ A, 30, matvecs=60, krylov_steps=40)  # the basis spans everything
     assert r.trace == pytest.approx(torch.trace(A).item(), rel=1e-10)
     assert r.matvecs == 60  # the Lanczos steps it did not need go to the samples
 
@@ -125,16 +125,16 @@ def test_segments_estimate_block_traces():
         se = torch.tensor([r.segments[i][1] for r in runs])
         assert se.mean().item() == pytest.approx(est.std().item(), rel=0.25)
     with pytest.raises(ConfigurationError, match="segment"):
-        krylov.deflated_trace(lambda v: v @ A, 90, matvecs=20, segments=[(80, 95)])
+        linalg.deflated_trace(lambda v: v @ A, 90, matvecs=20, segments=[(80, 95)])
 
 
 def test_rel_tol_stops_early_and_reports_convergence(trained_hessian):
     H = trained_hessian
     truth = torch.trace(H).item()
-    r = krylov.deflated_trace(lambda v: v @ H, H.shape[0], matvecs=2000, krylov_steps=24, rel_tol=0.01, batch=8)
+    r = linalg.deflated_trace(lambda v: v @ H, H.shape[0], matvecs=2000, krylov_steps=24, rel_tol=0.01, batch=8)
     assert r.converged and r.matvecs < 2000 and r.trace_err <= 0.01 * abs(r.trace)
     assert abs(r.trace - truth) <= SIGMAS * r.trace_err
-    r = krylov.deflated_trace(lambda v: v @ H, H.shape[0], matvecs=20, rel_tol=1e-9)
+    r = linalg.deflated_trace(lambda v: v @ H, H.shape[0], matvecs=20, rel_tol=1e-9)
     assert not r.converged and r.matvecs == 20
 
 
@@ -142,7 +142,7 @@ def test_rel_tol_stops_early_and_reports_convergence(trained_hessian):
                                 dict(matvecs=20, rel_tol=-1.0)])
 def test_bad_options_are_refused(kw):
     with pytest.raises(ConfigurationError, match="deflated_trace needs"):
-        krylov.deflated_trace(lambda v: v, 10, **kw)
+        linalg.deflated_trace(lambda v: v, 10, **kw)
 
 
 def _small_landscape():
@@ -155,7 +155,7 @@ def _small_landscape():
 
 def test_trace_metric_whole_and_per_block():
     land = _small_landscape()
-    H = krylov.dense_matrix(land.hvp, land.dim)
+    H = linalg.dense_matrix(land.hvp, land.dim)
     out = trace(land, hvps=300, rel_tol=1e-6)  # d = 83: the Krylov space is exhausted, the trace exact
     assert out["trace"] == pytest.approx(torch.trace(H).item(), rel=1e-9) and out["converged"]
     assert out["hvps"] <= 300 and out["method"] == "deflated"

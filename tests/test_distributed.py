@@ -16,12 +16,12 @@ from pathlib import Path
 
 import pytest
 import torch
-
-import geomprobe as gp
-from geomprobe.distributed import Reducer, make_reducer
-from geomprobe.metrics import spectrum
 from distributed_worker import NOISE_CASES, PROBE_STEPS, hvp_vectors, make_noise_problem, make_problem, noise_results
 from tolerances import FLOAT64_REL
+
+import geomprobe as gp
+from geomprobe.engine.distributed import Reducer, make_reducer
+from geomprobe.metrics import spectrum
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 LAUNCH_TIMEOUT_S = 120  # a hung collective must fail the test, not the suite

@@ -2,15 +2,15 @@
 
 import json
 
+import probe_specs
 import pytest
 import torch
 from click.testing import CliRunner
-
-import probe_specs
 from probe_specs import one_thread  # noqa: F401  (autouse fixture)
+
 from geomprobe.cli.main import cli
 from geomprobe.doctor import STATUSES, diagnose
-from geomprobe.spec import load_spec
+from geomprobe.load.spec import load_spec
 
 
 def verdicts(spec_name, **kwargs):

@@ -5,13 +5,13 @@ import json
 
 import pytest
 import torch
+from tolerances import FLOAT64_EXACT, FLOAT64_REL, SIGMAS
 from torch import nn
 
 import geomprobe as gp
-from geomprobe.covstats import isotropy_index, jackknife_se, trace_moments
+from geomprobe.engine.persample import PerExampleGradients
 from geomprobe.metrics import isotropy
-from geomprobe.persample import PerExampleGradients
-from tolerances import FLOAT64_EXACT, FLOAT64_REL, SIGMAS
+from geomprobe.stats.covariance import isotropy_index, jackknife_se, trace_moments
 
 D = 12
 

@@ -6,9 +6,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
-from geomprobe import ConfigurationError, krylov
 from tolerances import FLOAT64_EXACT, SIGMAS
+
+from geomprobe import ConfigurationError, linalg
 
 
 def sym_with_spectrum(eigs, seed=0):
@@ -25,7 +25,7 @@ def mv(A):
 def test_lanczos_extremes_and_bounds_cover_truth():
     eigs = torch.cat([torch.linspace(-1, 3, 198, dtype=torch.float64), torch.tensor([7.0, 9.0], dtype=torch.float64)])
     A = sym_with_spectrum(eigs)
-    r = krylov.lanczos(mv(A), 200, k=2, tol=1e-8)
+    r = linalg.lanczos(mv(A), 200, k=2, tol=1e-8)
     assert r.converged
     top, top_err = r.top(2)
     bot, bot_err = r.bottom(2)
@@ -39,14 +39,14 @@ def test_lanczos_outlier_top_needs_few_steps():
     n = 20_000
     d = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     d[0] = 10.0
-    r = krylov.lanczos(lambda v: v * d, n, which="largest", tol=1e-3)
+    r = linalg.lanczos(lambda v: v * d, n, which="largest", tol=1e-3)
     assert r.converged and r.steps <= 10
     assert abs(r.top(1)[0][0] - 10.0) <= 1e-3 * 10
 
 
 def test_lanczos_reports_not_converged_when_cut_short():
     d = torch.linspace(0, 1, 5000, dtype=torch.float64)
-    r = krylov.lanczos(lambda v: v * d, 5000, which="smallest", tol=1e-9, max_iter=15)
+    r = linalg.lanczos(lambda v: v * d, 5000, which="smallest", tol=1e-9, max_iter=15)
     assert not r.converged and r.steps == 15
     val, err = r.bottom(1)
     # a Ritz value lies inside the spectrum's hull, so it is an upper estimate of lambda_min = 0 ...
@@ -59,7 +59,7 @@ def test_lanczos_reports_not_converged_when_cut_short():
 
 def test_lanczos_exact_on_invariant_subspace_and_ritz_vectors():
     A = torch.diag(torch.tensor([1.0, 1.0, 5.0, 5.0], dtype=torch.float64))
-    r = krylov.lanczos(mv(A), 4, tol=1e-10, keep_basis=True)
+    r = linalg.lanczos(mv(A), 4, tol=1e-10, keep_basis=True)
     assert r.converged and r.steps <= 3
     assert r.top(1)[0][0] == pytest.approx(5.0, abs=FLOAT64_EXACT)
     u = r.ritz_vector(-1)
@@ -68,7 +68,7 @@ def test_lanczos_exact_on_invariant_subspace_and_ritz_vectors():
 
 def test_lanczos_float32_matvec():
     A = sym_with_spectrum(torch.linspace(0, 10, 100)).float()
-    r = krylov.lanczos(lambda v: v @ A, 100, tol=1e-4, dtype=torch.float32)
+    r = linalg.lanczos(lambda v: v @ A, 100, tol=1e-4, dtype=torch.float32)
     assert r.converged
     assert r.top(1)[0][0] == pytest.approx(10.0, rel=1e-4)
 
@@ -80,7 +80,7 @@ def test_lanczos_random_symmetric_matrices(n, seed):
     B = torch.randn(n, n, generator=g, dtype=torch.float64)
     A = (B + B.T) / 2
     eig = torch.linalg.eigvalsh(A)
-    r = krylov.lanczos(mv(A), n, tol=1e-10, generator=g)
+    r = linalg.lanczos(mv(A), n, tol=1e-10, generator=g)
     scale = eig.abs().max().item()
     assert abs(r.top(1)[0][0] - eig[-1].item()) <= 1e-8 * scale
     assert abs(r.bottom(1)[0][0] - eig[0].item()) <= 1e-8 * scale
@@ -89,17 +89,17 @@ def test_lanczos_random_symmetric_matrices(n, seed):
 def test_lanczos_bad_input():
     A = torch.eye(3, dtype=torch.float64)
     with pytest.raises(ConfigurationError, match="which must be"):
-        krylov.lanczos(mv(A), 3, which="middle")
+        linalg.lanczos(mv(A), 3, which="middle")
     with pytest.raises(ConfigurationError, match="v0 must have shape"):
-        krylov.lanczos(mv(A), 3, v0=torch.ones(4, dtype=torch.float64))
+        linalg.lanczos(mv(A), 3, v0=torch.ones(4, dtype=torch.float64))
     with pytest.raises(ConfigurationError, match="zero or not finite"):
-        krylov.lanczos(mv(A), 3, v0=torch.zeros(3, dtype=torch.float64))
+        linalg.lanczos(mv(A), 3, v0=torch.zeros(3, dtype=torch.float64))
     with pytest.raises(ConfigurationError, match="dim must be a positive integer"):
-        krylov.lanczos(mv(A), 0)
+        linalg.lanczos(mv(A), 0)
     with pytest.raises(FloatingPointError, match="non-finite"):
-        krylov.lanczos(lambda v: v * float("nan"), 3)
+        linalg.lanczos(lambda v: v * float("nan"), 3)
     with pytest.raises(ConfigurationError, match="keep_basis"):
-        krylov.lanczos(mv(A), 3).ritz_vector(0)
+        linalg.lanczos(mv(A), 3).ritz_vector(0)
 
 
 def _coverage_check(estimates, errors, truth):
@@ -117,7 +117,7 @@ def _coverage_check(estimates, errors, truth):
 
 def test_hutchinson_unbiased_with_honest_standard_error():
     A = sym_with_spectrum(torch.linspace(-2, 5, 60), seed=1)
-    runs = [krylov.hutchinson_trace(mv(A), 60, samples=30, generator=torch.Generator().manual_seed(s)) for s in range(200)]
+    runs = [linalg.hutchinson_trace(mv(A), 60, samples=30, generator=torch.Generator().manual_seed(s)) for s in range(200)]
     _coverage_check([r.trace for r in runs], [r.trace_err for r in runs], torch.trace(A).item())
     assert runs[0].matvecs == 30
 
@@ -126,8 +126,8 @@ def test_hutchpp_unbiased_and_better_than_hutchinson_on_decaying_spectrum():
     eigs = 1.0 / torch.arange(1, 121, dtype=torch.float64) ** 2 * 100
     A = sym_with_spectrum(eigs, seed=2)
     truth = torch.trace(A).item()
-    pp = [krylov.hutchpp_trace(mv(A), 120, matvecs=30, generator=torch.Generator().manual_seed(s)) for s in range(200)]
-    hu = [krylov.hutchinson_trace(mv(A), 120, samples=30, generator=torch.Generator().manual_seed(s)) for s in range(200)]
+    pp = [linalg.hutchpp_trace(mv(A), 120, matvecs=30, generator=torch.Generator().manual_seed(s)) for s in range(200)]
+    hu = [linalg.hutchinson_trace(mv(A), 120, samples=30, generator=torch.Generator().manual_seed(s)) for s in range(200)]
     _coverage_check([r.trace for r in pp], [r.trace_err for r in pp], truth)
     err_pp = torch.tensor([r.trace - truth for r in pp]).pow(2).mean().sqrt()
     err_hu = torch.tensor([r.trace - truth for r in hu]).pow(2).mean().sqrt()
@@ -140,7 +140,7 @@ def test_bekas_diagonal_unbiased_with_honest_errors():
     truth = torch.diagonal(A)
     zs = []
     for s in range(100):
-        est, err = krylov.bekas_diagonal(mv(A), 40, samples=20, generator=torch.Generator().manual_seed(s))
+        est, err = linalg.bekas_diagonal(mv(A), 40, samples=20, generator=torch.Generator().manual_seed(s))
         zs.append((est - truth) / err)
     z = torch.stack(zs)
     assert (z.abs() <= 2).double().mean() >= 0.9
@@ -149,25 +149,25 @@ def test_bekas_diagonal_unbiased_with_honest_errors():
 
 def test_exact_columns_diagonal_and_dense():
     A = sym_with_spectrum(torch.linspace(-1, 1, 30), seed=4)
-    cols = krylov.hessian_columns(mv(A), 30, [3, 7, 29], batch=2)
+    cols = linalg.hessian_columns(mv(A), 30, [3, 7, 29], batch=2)
     assert torch.allclose(cols, A[[3, 7, 29]], atol=FLOAT64_EXACT)
-    assert torch.allclose(krylov.exact_diagonal(mv(A), 30, [0, 5]), A.diagonal()[[0, 5]], atol=FLOAT64_EXACT)
-    assert torch.allclose(krylov.dense_matrix(mv(A), 30, batch=7), A, atol=FLOAT64_EXACT)
+    assert torch.allclose(linalg.exact_diagonal(mv(A), 30, [0, 5]), A.diagonal()[[0, 5]], atol=FLOAT64_EXACT)
+    assert torch.allclose(linalg.dense_matrix(mv(A), 30, batch=7), A, atol=FLOAT64_EXACT)
     with pytest.raises(ConfigurationError, match="column indices must lie in"):
-        krylov.hessian_columns(mv(A), 30, [30])
+        linalg.hessian_columns(mv(A), 30, [30])
 
 
 def test_slq_density_moments_and_normalization():
     eigs = torch.cat([torch.linspace(-0.5, 1.0, 390, dtype=torch.float64), torch.tensor([20.0] * 10, dtype=torch.float64)])
     A = sym_with_spectrum(eigs, seed=5)
-    res = krylov.slq(mv(A), 400, n_v=20, m=40, generator=torch.Generator().manual_seed(0))
+    res = linalg.slq(mv(A), 400, n_v=20, m=40, generator=torch.Generator().manual_seed(0))
     assert res.matvecs == 800
     for p in (1, 2, 3):
         truth = (eigs**p).mean().item()
         per_run = torch.tensor([float((w * n**p).sum()) for n, w in zip(res.nodes, res.weights)])
         se = per_run.std().item() / math.sqrt(len(per_run))
         assert abs(res.moment(p) - truth) <= SIGMAS * se
-    grid, dens, s2 = krylov.slq_density(res, grid_size=5000)
+    grid, dens, s2 = linalg.slq_density(res, grid_size=5000)
     assert torch.trapezoid(dens, grid).item() == pytest.approx(1.0, abs=1e-9)
     assert s2 == pytest.approx(1e-5 * (res.lambda_max - res.lambda_min))
     assert res.lambda_max == pytest.approx(20.0, rel=1e-8)
@@ -181,20 +181,20 @@ def test_gap_bounds_cover_the_truth_at_every_step_and_stop_earlier():
     eigs = torch.cat([torch.tensor([-2.0], dtype=torch.float64), torch.linspace(0.0, 1.0, 297, dtype=torch.float64),
                       torch.tensor([1.6, 4.0], dtype=torch.float64)])
     A = sym_with_spectrum(eigs, seed=7)
-    full = krylov.lanczos(mv(A), 300, tol=0.0, max_iter=40)
+    full = linalg.lanczos(mv(A), 300, tol=0.0, max_iter=40)
     for m in range(3, 41):
         T = torch.diag(full.alpha[:m]) + torch.diag(full.beta[: m - 1], 1) + torch.diag(full.beta[: m - 1], -1)
         theta, U = torch.linalg.eigh(T)
-        refined = krylov.gap_bounds(theta, full.beta[m - 1] * U[-1, :].abs())
+        refined = linalg.gap_bounds(theta, full.beta[m - 1] * U[-1, :].abs())
         nearest = (theta[:, None] - eigs[None, :]).abs().min(1).values  # some eigenvalue within each bound
         assert bool((nearest <= refined * (1 + 1e-9) + 1e-13).all()), m
         assert refined[-1] <= full.beta[m - 1] * U[-1, -1].abs()
-    res = krylov.lanczos(mv(A), 300, tol=1e-3, which="largest")
-    gap = krylov.lanczos(mv(A), 300, tol=1e-3, which="largest", bound="gap")
+    res = linalg.lanczos(mv(A), 300, tol=1e-3, which="largest")
+    gap = linalg.lanczos(mv(A), 300, tol=1e-3, which="largest", bound="gap")
     assert gap.converged and gap.matvecs < res.matvecs
     assert abs(gap.top(1)[0][0] - 4.0) <= 1e-3 * 4.0
     with pytest.raises(ConfigurationError, match="bound must be"):
-        krylov.lanczos(mv(A), 300, bound="kato")
+        linalg.lanczos(mv(A), 300, bound="kato")
 
 
 def test_an_offloaded_basis_gives_the_same_lanczos_run():
@@ -202,8 +202,8 @@ def test_an_offloaded_basis_gives_the_same_lanczos_run():
     # blocks, reorthogonalizing twice per block) without an accelerator
     eigs = torch.cat([torch.linspace(-1, 3, 118, dtype=torch.float64), torch.tensor([7.0, 9.0], dtype=torch.float64)])
     A = sym_with_spectrum(eigs, seed=8)
-    here = krylov.lanczos(mv(A), 120, k=2, tol=1e-9, keep_basis=True)
-    off = krylov.lanczos(mv(A), 120, k=2, tol=1e-9, keep_basis=True, basis_device="cpu:0")
+    here = linalg.lanczos(mv(A), 120, k=2, tol=1e-9, keep_basis=True)
+    off = linalg.lanczos(mv(A), 120, k=2, tol=1e-9, keep_basis=True, basis_device="cpu:0")
     assert off.steps == here.steps > 16  # more than one block of the basis
     assert torch.allclose(off.ritz_values, here.ritz_values, rtol=0, atol=1e-10)
     V = off.basis
@@ -212,8 +212,8 @@ def test_an_offloaded_basis_gives_the_same_lanczos_run():
 
 def test_asymmetry_reports_a_matvec_with_its_own_error():
     A = sym_with_spectrum(torch.linspace(-1.0, 4.0, 80), seed=9)
-    exact = krylov.lanczos(mv(A), 80, tol=1e-8)
+    exact = linalg.lanczos(mv(A), 80, tol=1e-8)
     assert exact.asymmetry < 1e-13
     E = torch.randn(80, 80, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
-    noisy = krylov.lanczos(mv(A + 1e-4 * E / E.norm() * A.norm()), 80, tol=1e-8)  # a non-symmetric error
+    noisy = linalg.lanczos(mv(A + 1e-4 * E / E.norm() * A.norm()), 80, tol=1e-8)  # a non-symmetric error
     assert 1e-7 < noisy.asymmetry < 1e-3

@@ -4,13 +4,12 @@ import copy
 
 import pytest
 import torch
+from reference import CASES, OnceDifferentiableCube, dense_hessian, make_case
+from tolerances import FLOAT32_REL, FLOAT64_EXACT, FLOAT64_REL
 from torch import nn
 
 import geomprobe as gp
 from geomprobe.metrics import spectrum
-from reference import CASES, OnceDifferentiableCube, dense_hessian, make_case
-from tolerances import FLOAT32_REL, FLOAT64_EXACT, FLOAT64_REL
-
 
 _DENSE: dict = {}
 

@@ -5,12 +5,12 @@ import json
 import numpy as np
 import pytest
 import torch
+from quadratic_models import Quadratic, indefinite, landscape, with_spectrum, within
+from tolerances import FLOAT64_EXACT, FLOAT64_REL, SIGMAS
 
 from geomprobe import ConfigurationError, NonFiniteLossError
 from geomprobe.metrics import density, get
 from geomprobe.metrics.density import bulk_edge
-from quadratic_models import Quadratic, indefinite, landscape, with_spectrum, within
-from tolerances import FLOAT64_EXACT, FLOAT64_REL, SIGMAS
 
 F64 = torch.float64
 

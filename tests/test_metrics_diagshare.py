@@ -6,14 +6,21 @@ import math
 import numpy as np
 import pytest
 import torch
+from quadratic_models import Quadratic, covers, dense_share, indefinite, landscape, spd
+from tolerances import (
+    BASELINE_ABS,
+    COVERAGE_MIN,
+    FLOAT64_REL,
+    MC_BASELINE_ABS,
+    OLS_ASYMPTOTIC_ABS,
+    SIGMAS,
+    WIGNER_MC_ABS,
+    Z95,
+)
 
 from geomprobe import ConfigurationError, NonFiniteLossError
 from geomprobe.metrics import diagshare, get
 from geomprobe.metrics.diagshare import diagonal_share, ols_baseline, wigner_baseline
-from quadratic_models import Quadratic, covers, dense_share, indefinite, landscape, spd
-from tolerances import (
-    BASELINE_ABS, COVERAGE_MIN, FLOAT64_REL, MC_BASELINE_ABS, OLS_ASYMPTOTIC_ABS, SIGMAS, WIGNER_MC_ABS, Z95,
-)
 
 F64 = torch.float64
 

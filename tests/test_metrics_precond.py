@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from quadratic_models import Quadratic, exact_rmed, indefinite, landscape, spd, within
+from tolerances import FLOAT64_EXACT, FLOAT64_REL
 
 from geomprobe import ConfigurationError, OptimizerStateError
 from geomprobe.metrics import get, precond
 from geomprobe.metrics.precond import optimizer_preconditioner
-from quadratic_models import Quadratic, exact_rmed, indefinite, landscape, spd, within
-from tolerances import FLOAT64_EXACT, FLOAT64_REL
 
 F64 = torch.float64
 SIZES = [25, 15]

@@ -5,14 +5,20 @@ import json
 import numpy as np
 import pytest
 import torch
+from quadratic_models import (
+    Quadratic,
+    banded,
+    covers,
+    exact_rmed,
+    indefinite,
+    landscape,
+    spd,
+)
+from tolerances import COVERAGE_MIN, FLOAT32_REL, FLOAT64_REL, RMED_LARGE_REL
 
 from geomprobe import ConfigurationError, NonFiniteLossError
 from geomprobe.metrics import get, rmed
 from geomprobe.metrics.rmed import diagonal_ratios
-from quadratic_models import (
-    Quadratic, banded, covers, exact_rmed, indefinite, landscape, spd,
-)
-from tolerances import COVERAGE_MIN, FLOAT32_REL, FLOAT64_REL, RMED_LARGE_REL
 
 SIZES = [30, 23, 7]
 

@@ -4,12 +4,12 @@ import json
 
 import pytest
 import torch
+from quadratic_models import Quadratic, indefinite, landscape, spd, with_spectrum, within
+from tolerances import FLOAT64_REL
 
 from geomprobe import ConfigurationError, NonFiniteLossError
 from geomprobe.metrics import get, saddle
 from geomprobe.metrics.saddle import curvature_verdict
-from quadratic_models import Quadratic, indefinite, landscape, spd, with_spectrum, within
-from tolerances import FLOAT64_REL
 
 F64 = torch.float64
 

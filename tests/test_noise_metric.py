@@ -5,12 +5,12 @@ import json
 
 import pytest
 import torch
+from tolerances import FLOAT64_EXACT, POOLED_ALPHA_ABS, SE_CALIBRATION, SIGMAS
 from torch import nn
 
 import geomprobe as gp
+from geomprobe.engine.persample import sample_minibatches
 from geomprobe.metrics import noise
-from geomprobe.persample import sample_minibatches
-from tolerances import FLOAT64_EXACT, POOLED_ALPHA_ABS, SE_CALIBRATION, SIGMAS
 
 N_IN, SIGMA = 5, 0.5
 

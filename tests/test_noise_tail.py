@@ -4,9 +4,6 @@ import math
 
 import pytest
 import torch
-
-import geomprobe as gp
-from geomprobe.metrics.noise import hill_index, noise_tail_indices, sample_sas, tail_index
 from tolerances import (
     COVERAGE_MIN,
     POOLED_ALPHA_ABS,
@@ -16,6 +13,10 @@ from tolerances import (
     TAIL_STD_1E4,
     TAIL_STD_1E5,
 )
+
+import geomprobe as gp
+from geomprobe.metrics.noise import noise_tail_indices
+from geomprobe.stats.tails import hill_index, sample_sas, tail_index
 
 REPS = 20
 ALPHAS = [1.0, 1.5, 1.8, 2.0]

@@ -1,15 +1,15 @@
-"""LayerNorm and GELU with the closed-form double backward (geomprobe.normdouble) against float64 references."""
+"""LayerNorm and GELU with the closed-form double backward (geomprobe.engine.autodiff.normdouble) against float64 references."""
 
 import pytest
 import torch
+from reference import dense_hessian
+from test_convdouble import _node_names, fast_and_torch
 from torch import nn
 
 import geomprobe as gp
+from geomprobe.engine.autodiff import normdouble
+from geomprobe.engine.autodiff.fastdouble import fast_double_backward
 from geomprobe.errors import UnsupportedOperationError
-from geomprobe.fastdouble import fast_double_backward
-from reference import dense_hessian
-from test_convdouble import _node_names, fast_and_torch
-from geomprobe import normdouble
 
 
 @pytest.fixture(autouse=True)

@@ -4,10 +4,10 @@ import math
 
 import pytest
 import torch
+from tolerances import FLOAT64_EXACT, TR_MODEL_SLACK
 
 from geomprobe.errors import ConfigurationError, NonFiniteLossError
 from geomprobe.optim import cauchy_point, steihaug_cg
-from tolerances import FLOAT64_EXACT, TR_MODEL_SLACK
 
 F64 = torch.float64
 

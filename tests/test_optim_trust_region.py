@@ -6,10 +6,10 @@ import math
 
 import pytest
 import torch
+from tolerances import FLOAT64_EXACT, TR_CONVERGED, TR_CONVERGED_FLOAT32, TR_RHO_ROUNDING
 
 from geomprobe.errors import ConfigurationError, NonFiniteLossError, OptimizerStateError
 from geomprobe.optim import EllipsoidalTR, make, track_backprops
-from tolerances import FLOAT64_EXACT, TR_CONVERGED, TR_CONVERGED_FLOAT32, TR_RHO_ROUNDING
 
 F64 = torch.float64
 ELLIPSOIDS = ["sphere", "adagrad", "rmsprop"]

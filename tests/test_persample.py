@@ -4,11 +4,11 @@ import copy
 
 import pytest
 import torch
+from tolerances import FLOAT64_EXACT
 from torch import nn
 
 import geomprobe as gp
-from geomprobe.persample import MinibatchGradients, PerExampleGradients, sample_minibatches
-from tolerances import FLOAT64_EXACT
+from geomprobe.engine.persample import MinibatchGradients, PerExampleGradients, sample_minibatches
 
 
 def _mlp(seed=0):

@@ -10,11 +10,12 @@ import time
 
 import pytest
 import torch
+from reference import OnceDifferentiableCube
 from torch import nn
 
 import geomprobe as gp
 from geomprobe.metrics import registry
-from reference import OnceDifferentiableCube
+from geomprobe.probe import geometry_probe
 
 
 class BNDropNet(nn.Module):
@@ -294,7 +295,7 @@ def test_out_of_memory_while_building_retries_with_micro_batches(monkeypatch):
     X, y = data()
     model = nn.Linear(6, 3)
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    real = gp.probe.Landscape
+    real = geometry_probe.Landscape
     calls = {"n": 0}
 
     def oom_once(*args, **kwargs):
@@ -303,7 +304,7 @@ def test_out_of_memory_while_building_retries_with_micro_batches(monkeypatch):
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(gp.probe, "Landscape", oom_once)
+    monkeypatch.setattr(geometry_probe, "Landscape", oom_once)
     probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X[:32], y[:32]), schedule=gp.every(1),
                              metrics={"spectrum": {"tol": 1e-8}})
     with pytest.warns(RuntimeWarning, match="landscape failed"):

@@ -22,7 +22,8 @@ from geomprobe.report import (
     sparkline,
     summarize,
 )
-from geomprobe.runs import RunReader, RunWriter
+from geomprobe.runs.reader import RunReader
+from geomprobe.runs.writer import RunWriter
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -190,7 +191,7 @@ def test_importing_the_report_does_not_import_matplotlib():
     assert out.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("name", ["geomprobe.report", "geomprobe.trajectory", "geomprobe.edge_of_stability"])
+@pytest.mark.parametrize("name", ["geomprobe.report", "geomprobe.trajectory", "geomprobe.trajectory.edge_of_stability"])
 def test_public_names_are_unique_public_and_importable(name):
     module = __import__(name, fromlist=["__all__"])
     assert len(module.__all__) == len(set(module.__all__))

@@ -18,7 +18,11 @@ import torch
 
 import geomprobe.runs as runs
 from geomprobe.errors import ConfigurationError
-from geomprobe.runs import ARRAY_KEY, INLINE_MAX, SCHEMA_VERSION, RunReader, RunWriter, export_csv, flatten_record
+from geomprobe.runs.encoding import ARRAY_KEY, flatten_record
+from geomprobe.runs.export import export_csv
+from geomprobe.runs.files import SCHEMA_VERSION
+from geomprobe.runs.reader import RunReader
+from geomprobe.runs.writer import INLINE_MAX, RunWriter
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
@@ -284,7 +288,7 @@ while True:
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="SIGKILL is POSIX-only")
 def test_sigkilled_writer_leaves_a_readable_run(tmp_path):
     run_dir = tmp_path / "run"
-    root = str(Path(runs.__file__).resolve().parents[1])
+    root = str(Path(runs.__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, str(run_dir)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, env=env, text=True)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from geomprobe.errors import ConfigurationError
-from geomprobe.schedule import AllOf, AnyOf, Budget, Schedule, at, budget, every, log_spaced
+from geomprobe.probe.schedule import AllOf, AnyOf, Budget, Schedule, at, budget, every, log_spaced
 
 
 def fired(schedule: Schedule, steps: int) -> list[int]:

@@ -1,13 +1,13 @@
 """Probe specs: every accepted form resolves, and every form of bad spec gets one clear line."""
 
+import probe_specs
 import pytest
 import torch
+from probe_specs import one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 
-import probe_specs
-from probe_specs import one_thread  # noqa: F401  (autouse fixture)
 from geomprobe.errors import ConfigurationError
-from geomprobe.spec import ProbeSpec, load_spec, resolve_callable, spec_from_result
+from geomprobe.load.spec import ProbeSpec, load_spec, resolve_callable, spec_from_result
 
 
 @pytest.mark.parametrize("name", ["probe_specs:mlp_spec", f"{probe_specs.SPEC_FILE}:mlp_spec"])
@@ -52,7 +52,7 @@ BAD = [
     ("/no/such/dir/spec.py:fn", "does not exist"),
     ("probe_specs:missing_function", "has no attribute 'missing_function'"),
     ("probe_specs:NOT_CALLABLE", "names a int, not a function"),
-    ("probe_specs:not_a_spec", "returned int; it must return a geomprobe.spec.ProbeSpec"),
+    ("probe_specs:not_a_spec", "returned int; it must return a geomprobe.load.spec.ProbeSpec"),
     ("probe_specs:not_a_module_spec", "must be a torch.nn.Module"),
     ("probe_specs:raising_spec", r"raised ValueError: boom \(at probe_specs.py:\d+\)"),
 ]

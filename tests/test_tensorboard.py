@@ -8,8 +8,8 @@ import warnings
 
 import pytest
 
-import geomprobe.tensorboard as tb
-from geomprobe.tensorboard import TensorBoardWriter, scalar_leaves
+import geomprobe.runs.tensorboard as tb
+from geomprobe.runs.tensorboard import TensorBoardWriter, scalar_leaves
 
 RECORD = {
     "step": 200,

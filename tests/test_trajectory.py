@@ -7,10 +7,11 @@ import pytest
 import torch
 from tolerances import ENVELOPE_REL, FLOAT64_EXACT, LP_OBJECTIVE_REL
 
-from geomprobe.edge_of_stability import stability_threshold
 from geomprobe.errors import ConfigurationError
-from geomprobe.runs import RunReader, RunWriter
-from geomprobe.trajectory import MIN_FIT_POINTS, edge_of_stability, fit_l0_l1, smoothness_fit, spearman
+from geomprobe.runs.reader import RunReader
+from geomprobe.runs.writer import RunWriter
+from geomprobe.trajectory.edge_of_stability import edge_of_stability, stability_threshold
+from geomprobe.trajectory.smoothness import MIN_FIT_POINTS, fit_l0_l1, smoothness_fit, spearman
 
 # ------------------------------------------------------------------------------------ (L0, L1) fit
 

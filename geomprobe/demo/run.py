@@ -16,8 +16,8 @@ from torch import nn
 
 from .. import optim
 from ..errors import ConfigurationError
-from ..probe import GeometryProbe
-from ..schedule import manual
+from ..probe.geometry_probe import GeometryProbe
+from ..probe.schedule import manual
 from .data import load_digits_tensors
 from .models import DigitsMLP
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..probe import GeometryProbe
+from ..probe.geometry_probe import GeometryProbe
 
 
 class ProbeDriver:

@@ -5,20 +5,23 @@ of DESIGN.md: each estimate ``x`` beside its error ``x_err``, ``converged`` wher
 short, ``hvps`` for its cost, and ``blocks`` per parameter block.
 """
 
-from .registry import REGISTRY, Metric, available, get, register
-from .spectrum import spectrum
 from .density import density
-from .rmed import rmed
 from .diagshare import diagshare
 from .precond import precond
+from .registry import REGISTRY, Metric, available, get, register
+from .rmed import rmed
 from .saddle import saddle
+from .spectrum import spectrum
 
 __all__ = ["Metric", "REGISTRY", "available", "get", "register", "spectrum"]
 __all__ += ["density", "rmed", "diagshare", "precond", "saddle"]
-from .noise import noise
 from .isotropy import isotropy
+from .noise import noise
+
 __all__ += ["noise", "isotropy"]
 from .trace import trace
+
 __all__ += ["trace"]
 from .precision import precision
+
 __all__ += ["precision"]

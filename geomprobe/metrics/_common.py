@@ -1,7 +1,7 @@
 """Helpers the geometry metrics share: block selection, local randomness, order-statistic intervals.
 
 Private: the metrics re-export nothing from here. Everything is plain Python/numpy on small arrays; the
-HVP-heavy work stays in :mod:`geomprobe.krylov`.
+HVP-heavy work stays in :mod:`geomprobe.linalg`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from ..errors import ConfigurationError, NonFiniteLossError
-from ..krylov import default_generator, hessian_columns
+from ..linalg.exact import hessian_columns
+from ..linalg.vectors import default_generator
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
 
@@ -71,7 +72,7 @@ def exact_diagonal_chunked(matvec: Matvec, dim: int, idx: torch.Tensor, *, batch
                            device: Any) -> torch.Tensor:
     """Exact ``H_jj`` for ``j`` in ``idx`` (float64, CPU), ``batch`` columns at a time.
 
-    Same values and cost (one HVP per index) as :func:`geomprobe.krylov.exact_diagonal`, but only one chunk
+    Same values and cost (one HVP per index) as :func:`geomprobe.linalg.exact.exact_diagonal`, but only one chunk
     of full columns ``(batch, d)`` is alive at once, so thousands of entries of a large model fit in memory.
     """
     idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)

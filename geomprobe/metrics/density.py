@@ -39,7 +39,9 @@ import numpy as np
 import torch
 
 from ..errors import ConfigurationError
-from ..krylov import SLQResult, lanczos, rademacher, slq_density
+from ..linalg.lanczos import lanczos
+from ..linalg.slq import SLQResult, slq_density
+from ..linalg.vectors import rademacher
 from ._common import checked, half_width, resolve_generator
 from .registry import register
 

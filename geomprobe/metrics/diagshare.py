@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigurationError
-from ..krylov import hessian_columns
+from ..linalg.exact import hessian_columns
 from ._common import checked, half_width, numpy_rng, resolve_generator, select_blocks
 from .registry import register
 

@@ -8,7 +8,7 @@ saddles. From P ≥ 32 noise samples ``ξ_p = g_p − ḡ`` (per-example gradien
 - ``cv``: the spread ``std(c)/mean(c)`` of the per-coordinate variances ``c_i = Var_p(ξ_i)`` (0 when every
   coordinate is equally noisy), raw and preconditioned (``c_i p_i²``), overall and per block;
 - ``isotropy_index``: ``ι(C) = (tr C)²/(d tr C²) ∈ [1/d, 1]`` (:func:`isotropy_index`), from the unbiased
-  estimates of ``(tr C)²`` and ``tr C²`` of :func:`geomprobe.covstats.trace_moments`;
+  estimates of ``(tr C)²`` and ``tr C²`` of :func:`geomprobe.stats.covariance.trace_moments`;
 - ``escape``: ``E[(u_minᵀ P ξ)²] / (tr C_P / d)``, the noise along the Hessian's most negative direction
   relative to an isotropic share (1 for isotropic noise); ``u_min`` is the Lanczos vector of λ_min.
 
@@ -22,9 +22,9 @@ from typing import Any
 
 import torch
 
-from ..covstats import isotropy_index
 from ..errors import ConfigurationError
-from ..noisestats import (
+from ..stats.covariance import isotropy_index
+from ..stats.gradient_noise import (
     DEFAULT_MAX_ELEMENTS,
     NoiseStats,
     ViewStats,

@@ -6,7 +6,7 @@ studies the noise ``ξ_p = g_p − ḡ``. The estimators of the tail index are p
 
 How the probe passes noise data: the keyword ``noise_data=`` (the registry lists the need as
 ``noise_batches``) takes an iterable of batches of the **training batch size**, e.g. P batches of a
-shuffled DataLoader with ``drop_last=True`` or :func:`geomprobe.persample.sample_minibatches`; each gives one
+shuffled DataLoader with ``drop_last=True`` or :func:`geomprobe.engine.persample.sample_minibatches`; each gives one
 sample ``g_p`` (the first ``max_samples``, default 256, are read: a DataLoader that reshuffles gives fresh
 batches at every probe). With ``noise_data=None`` the samples are per-example gradients on the Landscape's own probe
 batches (``torch.func.vmap``, or micro-batches of one where vmap cannot run; ``method`` says which).
@@ -18,17 +18,10 @@ from typing import Any
 
 import torch
 
+from ..engine.persample import GatheredGradients, MinibatchGradients, PerExampleGradients
 from ..errors import ConfigurationError
-from ..noisestats import (
-    DEFAULT_MAX_ELEMENTS,
-    NoiseStats,
-    collect_noise,
-    ratio,
-    trace_estimates,
-    with_error,
-)
-from ..persample import GatheredGradients, MinibatchGradients, PerExampleGradients
-from ..tails import MIN_HILL_SAMPLES, hill_index, sample_sas, tail_index
+from ..stats.gradient_noise import DEFAULT_MAX_ELEMENTS, NoiseStats, collect_noise, ratio, trace_estimates, with_error
+from ..stats.tails import MIN_HILL_SAMPLES, hill_index, sample_sas, tail_index
 from .registry import register
 
 __all__ = ["noise", "tail_index", "hill_index", "sample_sas", "noise_tail_indices", "gradient_source",
@@ -52,7 +45,7 @@ def gradient_source(
     the Landscape's probe batches when it is None; a clear error when there are fewer than ``min_samples``.
 
     On a distributed Landscape each rank reads its own shard (or its own ``noise_data``) and every rank gets
-    the union of all of them (:class:`~geomprobe.persample.GatheredGradients`), so the statistics equal those
+    the union of all of them (:class:`~geomprobe.engine.persample.GatheredGradients`), so the statistics equal those
     of one process on the union and are identical on every rank; ``max_samples`` caps the union."""
     if noise_data is None:
         src: Any = PerExampleGradients(land, chunk_size=chunk_size, method=method, max_samples=max_samples)

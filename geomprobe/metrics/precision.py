@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..krylov import rademacher
+from ..linalg.vectors import rademacher
 from ._common import resolve_generator
 from .registry import register
 
@@ -43,7 +43,8 @@ def precision(land: Any, *, vectors: int = 2, seed: int = 0, generator: torch.Ge
     """
     if land.dtype == torch.float64:
         return {"hvp_rel_err": 0.0, "hvp_rel_err_median": 0.0, "vectors": 0, "hvps": 0, "reference_hvps": 0}
-    from ..landscape import Landscape, map_tensors  # imported here: landscape imports the metrics package
+    from ..engine.batches import map_tensors
+    from ..engine.landscape import Landscape
 
     model64 = copy.deepcopy(land.model).double()
     loss64 = copy.deepcopy(land.loss_fn)

@@ -32,7 +32,7 @@ from typing import Any, Sequence
 import torch
 
 from ..errors import ConfigurationError, OptimizerStateError
-from ..krylov import lanczos
+from ..linalg.lanczos import lanczos
 from ._common import checked, resolve_generator, select_blocks
 from .registry import register
 from .rmed import diagonal_ratios

@@ -49,7 +49,6 @@ def register(name: str, *, cost: str, needs: tuple[str, ...] = (), description: 
 
 def get(name: str) -> Metric:
     """The metric registered as ``name``; a clear error listing the known names otherwise."""
-    _load_builtin()
     try:
         return REGISTRY[name]
     except KeyError:
@@ -59,10 +58,4 @@ def get(name: str) -> Metric:
 
 def available() -> list[str]:
     """Names of all registered metrics, sorted."""
-    _load_builtin()
     return sorted(REGISTRY)
-
-
-def _load_builtin() -> None:
-    # Importing the package imports every built-in metric module, which registers it.
-    from .. import metrics  # noqa: F401

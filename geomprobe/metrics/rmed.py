@@ -41,9 +41,17 @@ import numpy as np
 import torch
 
 from ..errors import ConfigurationError
-from ..krylov import Matvec, bekas_diagonal, default_generator
+from ..linalg.diagonal import bekas_diagonal
+from ..linalg.vectors import Matvec, default_generator
 from ._common import (
-    checked, exact_diagonal_chunked, half_width, numpy_rng, quantile_ci, ratio, resolve_generator, select_blocks,
+    checked,
+    exact_diagonal_chunked,
+    half_width,
+    numpy_rng,
+    quantile_ci,
+    ratio,
+    resolve_generator,
+    select_blocks,
     weighted_quantile,
 )
 from .registry import register

@@ -6,7 +6,8 @@ from typing import Any
 
 import torch
 
-from ..krylov import LanczosResult, default_generator, lanczos
+from ..linalg.lanczos import LanczosResult, lanczos
+from ..linalg.vectors import default_generator
 from .registry import register
 
 __all__ = ["spectrum", "run_lanczos"]
@@ -84,7 +85,7 @@ def spectrum(
     when every reported value's bound is below ``tol * max(|theta|, spread)``; ``False`` means ``max_iter``
     (default ``min(d, 300)``) ran out first and the bounds say how far off the values may be. Cost: one
     HVP per Lanczos step (``hvps``). ``bound="gap"`` reports and stops on the quadratic bounds
-    ``min(r, r^2 / gap)`` of :func:`geomprobe.krylov.lanczos` instead: several HVPs fewer for the same true
+    ``min(r, r^2 / gap)`` of :func:`geomprobe.linalg.lanczos.lanczos` instead: several HVPs fewer for the same true
     accuracy, under the assumption stated there. ``basis_device="cpu"`` keeps the Lanczos basis in host
     memory, so that on a GPU the probe needs little more than its graph (``micro_batch_size`` bounds that).
 

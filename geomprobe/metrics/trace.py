@@ -1,6 +1,6 @@
 """Trace of the Hessian, whole and per parameter block (SPEC §2).
 
-The default estimator is :func:`geomprobe.traces.deflated_trace`: a Krylov subspace from a short Lanczos run
+The default estimator is :func:`geomprobe.linalg.traces.deflated_trace`: a Krylov subspace from a short Lanczos run
 is taken exactly and Hutchinson estimates the rest, with plain Hutchinson on the same products as a control
 variate. On trained networks, where a few outlying eigenvalues carry most of ``||H||_F``, it reaches a given
 standard error in 2-5x fewer HVPs than plain Hutchinson; near initialization, where the spectrum is a flat
@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigurationError
-from ..traces import deflated_trace, hutchinson_trace, hutchpp_trace
+from ..linalg.traces import deflated_trace, hutchinson_trace, hutchpp_trace
 from ._common import checked, resolve_generator, select_blocks
 from .registry import register
 

@@ -39,7 +39,7 @@ from rich.text import Text
 from ..errors import ConfigurationError
 from ._format import add_row, fmt, jsonable
 from .document import RunLike, open_run
-from .summary import Series, collect_series, block_series
+from .summary import Series, block_series, collect_series
 
 __all__ = ["Comparison", "compare_runs", "render_comparison", "MAX_ROWS"]
 

@@ -18,10 +18,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..edge_of_stability import edge_of_stability
 from ..errors import ConfigurationError
-from ..runs import RunReader
-from ..trajectory import smoothness_fit
+from ..runs.reader import RunReader
+from ..trajectory.edge_of_stability import edge_of_stability
+from ..trajectory.smoothness import smoothness_fit
 from ._format import jsonable
 from .findings import findings
 from .sparkline import sparkline

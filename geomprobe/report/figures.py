@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..edge_of_stability import edge_of_stability
 from ..errors import ConfigurationError
+from ..trajectory.edge_of_stability import edge_of_stability
 from .document import RunLike, open_run
 from .summary import collect_series
 

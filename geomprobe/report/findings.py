@@ -4,7 +4,7 @@ Each finding has a ``kind`` (stable, for programs), a ``level`` (``warning``: an
 wrong; ``note``: something notable about the geometry; ``info``: a check that found nothing), the ``text``
 and the numbers behind it (``data``). The checks:
 
-* ``edge_of_stability``: η·sharpness against the optimizer's threshold (:mod:`geomprobe.edge_of_stability`);
+* ``edge_of_stability``: η·sharpness against the optimizer's threshold (:mod:`geomprobe.trajectory.edge_of_stability`);
 * ``smoothness``: the (L0, L1) envelope and how sharpness follows the gradient norm (:mod:`geomprobe.trajectory`);
 * ``saddle``: probes the ``saddle`` metric flagged;
 * ``noise``: heavy-tailed gradient noise, or scale heterogeneity mistaken for it (SPEC §5);
@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from ..edge_of_stability import edge_of_stability
 from ..errors import ConfigurationError
-from ..trajectory import smoothness_fit
+from ..trajectory.edge_of_stability import edge_of_stability
+from ..trajectory.smoothness import smoothness_fit
 from ._format import fmt, fmt_err, fmt_steps
 from .summary import collect_series, summarize
 

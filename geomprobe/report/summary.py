@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
-from ..runs_export import ARRAY_KEY
-from ..trajectory import spearman
+from ..runs.encoding import ARRAY_KEY
+from ..trajectory.smoothness import spearman
 
 __all__ = ["Series", "collect_series", "block_series", "summarize", "cost_summary", "metric_names",
            "KNOWN_ROWS", "BLOCK_ROWS", "BOOKKEEPING", "TREND_RHO", "TREND_CHANGE"]

@@ -1,0 +1,432 @@
+"""GeometryProbe: the hook that measures geometry at sampled iterates of a user's own training loop.
+
+>>> import torch, tempfile
+>>> from torch import nn
+>>> import geomprobe as gp
+>>> g = torch.Generator().manual_seed(0)
+>>> X, y = torch.randn(64, 4, generator=g), torch.randint(0, 2, (64,), generator=g)
+>>> model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+>>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+>>> with tempfile.TemporaryDirectory() as tmp:
+...     with gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), schedule=gp.every(5),
+...                           run_dir=tmp + "/run") as probe:
+...         _ = probe.attach(opt)                 # probes step 0 now, then every 5 optimizer steps
+...         for _ in range(10):                   # the user's loop, unchanged
+...             opt.zero_grad(); nn.functional.cross_entropy(model(X), y).backward(); opt.step()
+...     [r["step"] for r in gp.RunReader(tmp + "/run").records]
+[0, 5, 10]
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import time
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from ..engine.batches import first_tensor
+from ..engine.distributed import make_reducer
+from ..engine.landscape import Landscape, unwrap_model
+from ..engine.paramspace import ParamSpace, select_parameters
+from ..engine.probedata import draw_probe_batches
+from ..errors import ConfigurationError, OptimizerStateError
+from ..metrics import registry
+from ..runs.writer import RunWriter
+from .schedule import Schedule, budget, every
+
+__all__ = ["GeometryProbe", "DEFAULT_METRICS", "optimizer_hparams"]
+
+DEFAULT_METRICS = ("spectrum",)
+_OOM_TYPES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ()
+
+
+def optimizer_hparams(optimizer: torch.optim.Optimizer | None) -> list[dict] | None:
+    """The optimizer's hyperparameters per param group (everything but the parameters), JSON-ready."""
+    if optimizer is None:
+        return None
+    out = []
+    for group in optimizer.param_groups:
+        h = {}
+        for k, v in group.items():
+            if k == "params":
+                continue
+            if isinstance(v, torch.Tensor):
+                v = v.item() if v.numel() == 1 else v.tolist()
+            if isinstance(v, (bool, int, float, str, type(None))) or (
+                isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v)
+            ):
+                h[k] = list(v) if isinstance(v, tuple) else v
+        out.append(h)
+    return out
+
+
+def _refuse_existing(run_dir: str | os.PathLike) -> None:
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        raise ConfigurationError(
+            f"run folder {str(run_dir)!r} exists and is not empty; refusing to overwrite it. Pass force=True "
+            "to replace it, resume=True to append to it, or choose a new run_dir"
+        )
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, _OOM_TYPES) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+class GeometryProbe:
+    """Measures loss geometry at sampled steps of a training loop and writes each probe to a run log.
+
+    Args:
+        model: the network being trained (DDP and ``torch.compile`` wrappers are unwrapped).
+        loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)`` (see :class:`Landscape`).
+        probe_data: a DataLoader (``probe_samples`` samples are drawn from its dataset once, seeded), an
+            ``(inputs, targets)`` pair or a list of batches. Every probe measures the same fixed batches.
+        metrics: metric names, or a dict mapping names to their options (``{"spectrum": {"k": 3}}``).
+        schedule: when to probe (default ``every(100) | budget(0.05)``); the step counts optimizer steps.
+        run_dir: where the run log goes (``meta.json`` + ``records.jsonl``); ``None`` keeps records in memory.
+        mode: the Landscape's mode policy, ``"eval"`` or ``"train"``.
+        optimizer: for preconditioned metrics; :meth:`attach` sets it too.
+        noise_data: batches of the training batch size for gradient-noise metrics.
+        params, group_by, chunk_size, hvp_method, max_batches, loss_form: passed to :class:`Landscape`.
+        micro_batch_size: measure the probe batches in pieces of this many samples, keeping one first-order
+            graph and rebuilding the others per HVP (the same Hessian, less memory, slower probes).
+        basis_device: where Lanczos bases live (``"cpu"``: host memory), for the metrics that run Lanczos.
+            Both are also reached automatically, one after the other, when a probe runs out of memory.
+        seed: seeds probe-data sampling, dropout masks in train mode and every metric's random vectors.
+        force / resume: replace or append to an existing run folder.
+        tensorboard: a log folder for TensorBoard scalars (needs tensorboard installed).
+        meta: extra JSON-ready metadata for the run.
+        clock: the clock probe time is measured with (the schedule's budget sees the same seconds).
+        annotate: called at each probe; its JSON-ready dict is added to the record (e.g. backprops so far,
+            an epoch number, a validation accuracy the loop keeps).
+        process_group: under torch.distributed, each rank passes its shard of the probe data and every rank
+            measures the union (see :class:`Landscape`); only rank 0 writes ``run_dir`` and TensorBoard, the
+            other ranks keep the same records in :attr:`records`. Every rank must call the probe alike.
+
+    A probe changes nothing: it uses ``torch.autograd.grad`` (never ``.backward()``), runs every forward under
+    the state guard, draws randomness from its own generators, and leaves parameters, buffers, ``.grad``,
+    optimizer state and the global RNG exactly as found. A probe never kills training: a failure inside a
+    probe (out of memory, a non-finite loss, an unsupported layer) is recorded in the run and warned about
+    once, and the next probe retries with half as many HVP vectors at a time.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable,
+        probe_data: Any,
+        *,
+        metrics: Sequence[str] | Mapping[str, Mapping[str, Any]] = DEFAULT_METRICS,
+        schedule: Schedule | None = None,
+        run_dir: str | None = None,
+        mode: str = "eval",
+        optimizer: torch.optim.Optimizer | None = None,
+        noise_data: Any = None,
+        params: str | Sequence[str] | None = None,
+        group_by: str = "parameter",
+        probe_samples: int | None = None,
+        max_batches: int | None = None,
+        chunk_size: int = 16,
+        micro_batch_size: int | None = None,
+        basis_device: str | None = None,
+        hvp_method: str = "autograd",
+        loss_form: str = "auto",
+        seed: int = 0,
+        force: bool = False,
+        resume: bool = False,
+        tensorboard: str | None = None,
+        meta: Mapping[str, Any] | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        annotate: Callable[[], Mapping[str, Any]] | None = None,
+        process_group: Any = None,
+    ):
+        self.model = unwrap_model(model)
+        self.loss_fn = loss_fn
+        self.metric_options = self._resolve_metrics(metrics)
+        self.schedule = schedule if schedule is not None else every(100) | budget(0.05)
+        if not isinstance(self.schedule, Schedule):
+            raise ConfigurationError(f"schedule must be a geomprobe schedule (every, at, ...), got {type(schedule).__name__}")
+        self.mode = mode
+        self.optimizer = optimizer
+        self.noise_data = noise_data
+        self.landscape_options = dict(
+            params=params, mode=mode, group_by=group_by, chunk_size=chunk_size, hvp_method=hvp_method,
+            loss_form=loss_form, seed=seed, process_group=process_group,
+        )
+        if micro_batch_size is not None:
+            self.landscape_options.update(micro_batch_size=micro_batch_size, graph_budget_bytes=1)
+        self.seed = seed
+        self.batches, self.data_policy = draw_probe_batches(
+            probe_data, samples=probe_samples, max_batches=max_batches, seed=seed
+        )
+        names, selected = select_parameters(self.model, params)
+        self.space = ParamSpace(names, [p.shape for p in selected], group_by=group_by)
+        self.records: list[dict] = []
+        self.failures: dict[str, int] = {}
+        self._warned: set[str] = set()
+        self._step = 0
+        self._handle = None
+        self._grad_norm0: float | None = None
+        self._basis_device = basis_device  # set to "cpu" when out-of-memory pushes Lanczos bases off the device
+        self._probe_seconds = 0.0
+        self.clock = clock
+        self.annotate = annotate
+        self._t_start = clock()
+        self._closed = False
+        # The run folder is checked now (a refusal before training starts) but written at the first probe,
+        # so the metadata can name the optimizer that attach() brings.
+        self.run_dir, self._force, self._resume, self._extra_meta = run_dir, force, resume, meta
+        self.writer: RunWriter | None = None
+        # One run log for all ranks: the others hold identical records and must not race on the files.
+        self._reducer = make_reducer(process_group)
+        self.writes = self._reducer.rank == 0
+        if run_dir is not None and self.writes and not (force or resume):
+            _refuse_existing(run_dir)
+        self._tb = None
+        if tensorboard is not None and self.writes:
+            from ..runs.tensorboard import TensorBoardWriter
+
+            self._tb = TensorBoardWriter(tensorboard)
+
+    # ------------------------------------------------------------------ set-up
+    @staticmethod
+    def _resolve_metrics(metrics: Any) -> dict[str, dict]:
+        if isinstance(metrics, str):
+            metrics = [metrics]
+        if isinstance(metrics, Mapping):
+            opts = {str(k): dict(v or {}) for k, v in metrics.items()}
+        else:
+            opts = {str(m): {} for m in metrics}
+        if not opts:
+            raise ConfigurationError(f"no metrics asked for; choose from {', '.join(registry.available())}")
+        for name in opts:
+            registry.get(name)  # a clear error for an unknown name, before training starts
+        return opts
+
+    def _meta(self, extra: Mapping[str, Any] | None) -> dict:
+        return {
+            "model": type(self.model).__name__,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
+            "measured_parameters": self.space.dim,
+            "blocks": [{"name": b.name, "size": b.size, "params": list(b.params)} for b in self.space.blocks],
+            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
+            "optimizer_hparams": optimizer_hparams(self.optimizer),
+            "probe": {
+                "mode": self.mode,
+                "metrics": self.metric_options,
+                "schedule": repr(self.schedule),
+                "batches": len(self.batches),
+                "data": self.data_policy,
+                "seed": self.seed,
+                "hvp_method": self.landscape_options["hvp_method"],
+                "params": self.landscape_options["params"],
+                "group_by": self.landscape_options["group_by"],
+                "world_size": self._reducer.world_size,
+            },
+            "device": str(next(self.model.parameters()).device),
+            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
+            **dict(extra or {}),
+        }
+
+    # ------------------------------------------------------------------ hooking in
+    def attach(self, optimizer: torch.optim.Optimizer, *, probe_now: bool = True) -> "GeometryProbe":
+        """Probe after every optimizer step the schedule selects (a step post-hook); the loop is unchanged.
+
+        With ``probe_now`` the schedule is also asked about step 0, the parameters before training.
+        """
+        if self._handle is not None:
+            raise ConfigurationError("this probe is already attached; call detach() first")
+        if self.writer is not None and self.optimizer is not optimizer:
+            raise ConfigurationError(
+                "the run already started with another optimizer; attach the optimizer before the first probe"
+            )
+        self.optimizer = optimizer
+        self._handle = optimizer.register_step_post_hook(self._after_step)
+        if probe_now:
+            self.step(self._step)
+        return self
+
+    def detach(self) -> None:
+        """Remove the optimizer hook (the run stays open; :meth:`close` ends it)."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self._step += 1
+        self.step(self._step)
+
+    def step(self, step: int | None = None) -> dict | None:
+        """Probe now if the schedule selects ``step`` (default: the probe's own step counter).
+
+        Returns the record written, or ``None`` when the schedule skipped this step.
+        """
+        if self._closed:
+            raise ConfigurationError("this probe was closed; create a new GeometryProbe")
+        step = self._step if step is None else int(step)
+        self._step = step
+        # Rank 0's decision binds every rank: a time budget can differ across ranks, and a probe is collective.
+        if not self._reducer.agree(self.schedule.should_probe(step, self.clock())):
+            return None
+        return self.probe(step)
+
+    # ------------------------------------------------------------------ measuring
+    def probe(self, step: int) -> dict:
+        """Measure every metric at the current parameters now, whatever the schedule, and record it."""
+        cuda = next(self.model.parameters()).device.type == "cuda"
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        t0 = self.clock()
+        record: dict[str, Any] = {"step": step, "time": time.time(), "wall": t0 - self._t_start}
+        if self.annotate is not None:
+            record.update(self.annotate())
+        errors: dict[str, str] = {}
+        skipped: dict[str, str] = {}
+        land = None
+        # what this probe ran with; a failure may change them for the next probe
+        basis_device = self._basis_device
+        micro_batch_size = self.landscape_options.get("micro_batch_size")
+        chunk_size = self.landscape_options["chunk_size"]
+        try:
+            land = Landscape(self.model, self.loss_fn, self.batches, **self.landscape_options)
+            g = float(land.grad.norm())
+            if self._grad_norm0 is None:
+                self._grad_norm0 = g
+            record["loss"] = land.loss
+            record["grad_norm"] = g
+            if land.approximate:
+                record["approximate_hvp"] = True
+            for name, opts in self.metric_options.items():
+                land.widest_block = 0
+                try:
+                    record[name] = self._run_metric(name, land, opts)
+                except OptimizerStateError as e:
+                    # Not a failure: the optimizer holds no state yet (before its first step).
+                    skipped[name] = str(e).splitlines()[0]
+                except Exception as e:  # a probe never kills training: record, warn once, go on
+                    errors[name] = self._failure(name, e, land)
+        except Exception as e:
+            errors["landscape"] = self._failure("landscape", e, land)
+        finally:
+            if land is not None:
+                land.close()
+        seconds = self.clock() - t0
+        self._probe_seconds += seconds
+        record["lr"] = [grp.get("lr") for grp in self.optimizer.param_groups] if self.optimizer is not None else None
+        record["cost"] = {
+            "hvps": land.hvps if land is not None else 0,
+            "seconds": seconds,
+            "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+            "graph_mib": land.graph_bytes / 2**20 if land is not None else None,
+            "chunk_size": chunk_size,
+            "micro_batch_size": micro_batch_size,
+            "basis_device": basis_device,
+        }
+        if errors:
+            record["errors"] = errors
+        if skipped:
+            record["skipped"] = skipped
+        self.schedule.observe(step, seconds, self.clock())
+        self.records.append(record)
+        if self.run_dir is not None and self.writes:
+            if self.writer is None:
+                self.writer = RunWriter(
+                    self.run_dir, self._meta(self._extra_meta), force=self._force, resume=self._resume
+                )
+            self.writer.append(record)
+        if self._tb is not None:
+            self._tb.log(record, step=step)
+        return record
+
+    def _run_metric(self, name: str, land: Landscape, opts: dict) -> dict:
+        metric = registry.get(name)
+        kwargs = dict(opts)
+        context = {
+            "optimizer": self.optimizer,
+            "noise_data": self.noise_data,
+            "grad_norm0": self._grad_norm0,
+            "seed": self.seed,
+            "basis_device": self._basis_device,
+        }
+        accepted = inspect.signature(metric.fn).parameters
+        for key, value in context.items():
+            if key in accepted and key not in kwargs:
+                kwargs[key] = value
+        if "optimizer" in metric.needs and kwargs.get("optimizer") is None:
+            raise ConfigurationError(f"metric {name!r} needs the optimizer: call probe.attach(optimizer) or pass optimizer=")
+        before = land.hvps
+        out = metric(land, **kwargs)
+        out.setdefault("hvps", land.hvps - before)
+        return out
+
+    def _shrink_micro_batches(self) -> None:
+        """Halve the probe's micro-batches and keep one first-order graph: the double backward then holds
+        one piece of the batch at a time (same Hessian, slower probes), so it fits where training fits."""
+        opts = self.landscape_options
+        if self.mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
+            return  # splitting would change BatchNorm's batch statistics: smaller chunks are all we can do
+        current = opts.get("micro_batch_size") or max(
+            (int(t.shape[0]) for b in self.batches for t in [first_tensor(b)] if t is not None and t.dim() > 0),
+            default=1,
+        )
+        opts["micro_batch_size"] = max(1, current // 2)
+        opts["graph_budget_bytes"] = 1
+
+    def _failure(self, where: str, e: BaseException, land: Landscape | None) -> str:
+        kind = type(e).__name__
+        if _is_oom(e):
+            kind = "OutOfMemory"
+            # Retry with half the vectors per batched HVP: the remaining metrics of this probe and every
+            # later probe. The failed metric's temporaries are already released with its frames. A metric
+            # that only ever asked for one vector at a time (Lanczos) gains nothing from smaller chunks, so
+            # the next rung is taken at once.
+            single = land is not None and where != "landscape" and land.widest_block <= 1
+            self.landscape_options["chunk_size"] = max(1, self.landscape_options["chunk_size"] // 2)
+            if land is not None:
+                land.chunk_size = self.landscape_options["chunk_size"]
+            if where == "landscape" or single or self.landscape_options["chunk_size"] == 1:
+                if where != "landscape" and self._basis_device is None and self.landscape_options.get("micro_batch_size"):
+                    # the graph is already in pieces: the Lanczos basis is the next largest thing on the device
+                    self._basis_device = "cpu"
+                else:
+                    self._shrink_micro_batches()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        message = f"{kind}: {str(e).splitlines()[0] if str(e) else kind}"
+        self.failures[where] = self.failures.get(where, 0) + 1
+        key = f"{where}:{kind}"
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(
+                f"geomprobe: {where} failed at step {self._step} and was recorded in the run ({message}); "
+                "training continues, later failures of this kind are recorded without a warning",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return message
+
+    # ------------------------------------------------------------------ accounting and closing
+    def overhead(self) -> float:
+        """Fraction of wall time since the probe was created that was spent probing."""
+        elapsed = self.clock() - self._t_start
+        return self._probe_seconds / elapsed if elapsed > 0 else 0.0
+
+    def close(self) -> None:
+        """Detach from the optimizer and close the run log (idempotent)."""
+        if self._closed:
+            return
+        self.detach()
+        if self.writer is not None:
+            self.writer.close()
+        if self._tb is not None:
+            self._tb.close()
+        self._closed = True
+
+    def __enter__(self) -> "GeometryProbe":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,109 @@
+"""The files of a run folder and how they are written: names, schema version, and crash-safe writes
+(whole-line appends with fsync, sidecars published by rename, repair of a partial last line)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+__all__ = ["ARRAYS_DIR", "META_FILE", "RECORDS_FILE", "SCHEMA_VERSION", "append_line", "fsync_dir", "repair_tail", "save_npy", "write_durable"]
+
+
+SCHEMA_VERSION = 1
+
+
+META_FILE = "meta.json"
+
+
+RECORDS_FILE = "records.jsonl"
+
+
+ARRAYS_DIR = "arrays"
+
+
+def fsync_dir(path: Path) -> None:
+    # Makes a created or renamed entry durable; not possible on every platform (Windows), and not needed
+    # for SIGKILL safety, only for power loss, so failure is ignored.
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _publish(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through a temporary file, fsync and a rename, so ``path`` is always whole or absent."""
+    tmp = path.with_name(f".{path.name}.tmp")  # hidden: readers and listings never mistake it for data
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    """Save ``array`` as ``.npy`` (no pickles) at ``path``, atomically."""
+    _publish(path, lambda f: np.save(f, array, allow_pickle=False))
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path``, atomically."""
+    _publish(path, lambda f: f.write(data))
+
+
+def append_line(path: Path, data: bytes) -> None:
+    """Append ``data`` (one complete line) to ``path`` and fsync before returning."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        view = memoryview(data)
+        while view:  # os.write may write less than asked; finish the line before returning
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def repair_tail(path: Path) -> None:
+    """Before appending to a crashed run: drop a partial last line, so the next record starts on its own line."""
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        # Walk back to the last newline in chunks; records are small, so this reads little.
+        end, chunk, start = size, 65536, 0
+        while end > 0:
+            begin = max(0, end - chunk)
+            f.seek(begin)
+            block = f.read(end - begin)
+            idx = block.rfind(b"\n")
+            if idx >= 0:
+                start = begin + idx + 1
+                break
+            end = begin
+        f.seek(start)
+        tail = f.read()
+        try:
+            complete = isinstance(json.loads(tail), dict)
+        except ValueError:
+            complete = False
+        if complete:  # the write stopped just before its newline: the record is whole, keep it
+            f.seek(size)
+            f.write(b"\n")
+        else:
+            f.truncate(start)
+        f.flush()
+        os.fsync(f.fileno())
