@@ -1,9 +1,12 @@
-"""What every kernel shares: the matvec type, seeded random vectors (Rademacher, Gaussian) that never touch
-the global RNG, and applying a matvec to the rows of a block.
+"""What every kernel shares: the matvec type, seeded random vectors (Rademacher, Gaussian) drawn on the target
+device without touching the global RNG, applying a matvec to the rows of a block, and inner products that
+accumulate in float32 for half-precision vectors.
 
 A *matvec* maps a flat vector ``(d,)`` to ``H v`` and a block ``(k, d)`` to ``(H V^T)^T`` (row-wise
-products). Randomness comes from an explicit ``torch.Generator`` on the CPU, so the same seed gives the same
-vectors on every device and rank."""
+products). Randomness comes from an explicit CPU ``torch.Generator``: each draw takes one 63-bit seed from it
+and seeds a generator on the target device, so the vectors are drawn where they are used (no host copy of a
+d-vector), the same seed gives the same vectors on every rank of one device kind, and the CPU generator's
+stream advances by exactly one number per draw."""
 
 from __future__ import annotations
 
@@ -13,10 +16,19 @@ import torch
 
 from ..errors import ConfigurationError
 
-__all__ = ["Matvec", "apply_rows", "check_dim", "default_generator", "gaussian", "rademacher"]
+__all__ = [
+    "Matvec", "accumulation_dtype", "apply_rows", "check_dim", "default_generator", "device_generator",
+    "gaussian", "rademacher", "row_dots", "sub_rows", "vector_norm",
+]
 
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
+
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+# Half-precision products are accumulated in float32 a slice of columns at a time: this many float32 elements
+# of scratch at most (64 MB), so no full-length float32 copy of a vector or a basis is ever made.
+HALF_CHUNK_ELEMENTS = 1 << 24
 
 
 def default_generator(seed: int = 0) -> torch.Generator:
@@ -24,15 +36,95 @@ def default_generator(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
-def rademacher(shape: Sequence[int] | int, generator: torch.Generator, dtype: torch.dtype, device) -> torch.Tensor:
-    """Entries +-1 with equal probability, drawn on the CPU from ``generator`` then moved."""
-    shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    z = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8).to(dtype) * 2 - 1
-    return z.to(device)
+def _device(device) -> torch.device:
+    return torch.device("cpu") if device is None else torch.device(device)
 
 
-def gaussian(shape, generator, dtype, device) -> torch.Tensor:
-    return torch.randn(shape, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+def device_generator(generator: torch.Generator, device=None) -> torch.Generator:
+    """A generator on ``device`` seeded by one 63-bit integer drawn from ``generator``.
+
+    The draw advances ``generator`` by one number whatever the size of the vectors drawn afterwards, so a
+    sequence of calls stays reproducible per seed; two devices of one kind (every rank of a job) given the
+    same seed produce the same stream.
+    """
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device))
+    dev = _device(device)
+    return torch.Generator(device=dev).manual_seed(seed)
+
+
+def _shape(shape: Sequence[int] | int) -> tuple[int, ...]:
+    return (shape,) if isinstance(shape, int) else tuple(shape)
+
+
+def rademacher(shape: Sequence[int] | int, generator: torch.Generator, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Entries +-1 with equal probability, drawn on ``device`` directly in ``dtype`` (one allocation).
+
+    The stream comes from :func:`device_generator` of ``generator``: reproducible per seed, identical on
+    devices of one kind. Cost: no matvec; memory one tensor of ``shape`` in ``dtype``.
+    """
+    g = device_generator(generator, device)
+    z = torch.empty(_shape(shape), dtype=dtype, device=_device(device))
+    return z.random_(0, 2, generator=g).mul_(2).sub_(1)
+
+
+def gaussian(shape: Sequence[int] | int, generator: torch.Generator, dtype: torch.dtype, device=None) -> torch.Tensor:
+    """Standard normal entries drawn on ``device`` in ``dtype``; half types are drawn in float32 a slice at a
+    time and rounded, so a bf16 and an fp16 vector of one seed are roundings of the same float32 vector.
+
+    Reproducible per seed through :func:`device_generator`; memory one tensor of ``shape`` in ``dtype`` (plus
+    at most ``HALF_CHUNK_ELEMENTS`` float32 of scratch for half types).
+    """
+    g = device_generator(generator, device)
+    dev = _device(device)
+    shape = _shape(shape)
+    if dtype not in HALF_TYPES:
+        return torch.randn(shape, generator=g, dtype=dtype, device=dev)
+    out = torch.empty(shape, dtype=dtype, device=dev)
+    flat = out.view(-1)
+    for s in range(0, flat.numel(), HALF_CHUNK_ELEMENTS):
+        n = min(HALF_CHUNK_ELEMENTS, flat.numel() - s)
+        flat[s : s + n] = torch.randn(n, generator=g, dtype=torch.float32, device=dev)
+    return out
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 vectors, float32 for everything else (half types accumulate in float32)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _column_chunk(rows: int) -> int:
+    return max(1, HALF_CHUNK_ELEMENTS // max(rows, 1))
+
+
+def row_dots(B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``B @ w`` for rows ``B`` ``(n, d)`` and ``w`` ``(d,)`` in :func:`accumulation_dtype` (one matrix-vector
+    product; for half types, float32 products over column slices, never a full float32 copy)."""
+    if w.dtype not in HALF_TYPES:
+        return B @ w
+    acc = torch.zeros(B.shape[0], dtype=torch.float32, device=w.device)
+    step = _column_chunk(B.shape[0])
+    for s in range(0, w.shape[0], step):
+        acc += B[:, s : s + step].float() @ w[s : s + step].float()
+    return acc
+
+
+def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``w - c @ B`` written into ``w`` (no temporary of length d; half types in float32 slices)."""
+    if w.dtype not in HALF_TYPES:
+        return w.addmv_(B.T, c.to(w.dtype), alpha=-1)
+    step = _column_chunk(B.shape[0])
+    for s in range(0, w.shape[0], step):
+        w[s : s + step] = w[s : s + step].float() - c @ B[:, s : s + step].float()
+    return w
+
+
+def vector_norm(w: torch.Tensor) -> torch.Tensor:
+    """``||w||`` as a 0-d tensor on ``w``'s device in :func:`accumulation_dtype` (no host synchronization)."""
+    if w.dtype not in HALF_TYPES:
+        return torch.linalg.vector_norm(w)
+    step = HALF_CHUNK_ELEMENTS
+    parts = [torch.linalg.vector_norm(w[s : s + step].float()) for s in range(0, w.shape[0], step)]
+    return torch.linalg.vector_norm(torch.stack(parts))
 
 
 def check_dim(dim: int) -> None:
