@@ -16,12 +16,11 @@ import math
 import torch
 
 from ..errors import ConfigurationError
-from .lanczos import (
-    LanczosBasis, LanczosResult, check_lanczos_args, extremes_converged, gap_bounds, krylov_step, start_vector,
-)
+from .krylov_basis import LanczosBasis, krylov_step, start_vector
+from .ritz import LanczosResult, check_lanczos_args, extremes_converged, gap_bounds
 from .vectors import Matvec
 
-__all__ = ["restarted_lanczos", "min_basis"]
+__all__ = ["min_basis", "restarted_lanczos"]
 
 
 def min_basis(k: int, which: str) -> int:
@@ -52,7 +51,7 @@ def restarted_lanczos(
     tol: float = 1e-3,
     max_iter: int | None = None,
     which: str = "both",
-    keep: float = 0.5,
+    keep: float = 0.6,
     v0: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
@@ -65,13 +64,13 @@ def restarted_lanczos(
 
     Expands like :func:`geomprobe.linalg.lanczos.lanczos` (each new vector orthogonalized twice against the
     whole stored basis); when ``max_basis`` vectors are stored it keeps the Ritz vectors of the ``keep``
-    share of the basis (half by default, split evenly between the two ends for ``which="both"``, never fewer
+    share of the basis (0.6 by default, split evenly between the two ends for ``which="both"``, never fewer
     than ``k`` per end) and continues from the residual direction ``v_{p+1}``. Bounds: for every reported
     Ritz value, ``|lambda - theta_i| <= ||H y_i - theta_i y_i|| = beta_p |u_{p,i}|`` in the current (restarted)
     basis, exactly as for plain Lanczos, since the decomposition above holds with an orthonormal basis;
     ``bound="gap"`` refines them as there. Stops on the same rule (``tol`` on the ``k`` values at the
-    requested end(s)), on an invariant subspace, or after ``max_iter`` matvecs (default ``min(dim, 300)``)
-    with ``converged=False``.
+    requested end(s)), on an invariant subspace, or after ``max_iter`` matvecs (default ``min(dim, 300)``;
+    unlike the plain run it may exceed ``dim``) with ``converged=False``.
 
     ``asymmetry`` compares each measured coupling ``(H v_j)^T v_i`` with the value the decomposition assumes
     (``beta_{j-1}``, or ``b_i`` right after a restart), relative to a bound on ``||S||``.
@@ -79,14 +78,16 @@ def restarted_lanczos(
     Cost: one matvec per step; a restart costs no matvec, ``2 p l d`` flops for the rotation in place (``l``
     kept vectors) and gives up the discarded directions, so a run takes more matvecs than an unbounded one
     (measured in tests/test_restarted_lanczos.py). Memory: ``max_basis`` d-vectors for the basis plus two
-    (:func:`geomprobe.linalg.lanczos.lanczos_memory_bytes`); the result's ``basis_peak`` never exceeds the cap.
+    (:func:`geomprobe.linalg.krylov_basis.lanczos_memory_bytes`); the result's ``basis_peak`` never exceeds the cap.
 
     >>> H = torch.diag(torch.arange(1.0, 401.0, dtype=torch.float64))
     >>> r = restarted_lanczos(lambda v: v @ H, 400, max_basis=12, tol=1e-6, max_iter=2000)
     >>> round(r.top(1)[0][0], 4), round(r.bottom(1)[0][0], 4), r.converged, r.restarts > 0, r.basis_peak
     (400.0, 1.0, True, True, 12)
     """
-    m_max = check_lanczos_args(dim, k, tol, which, bound, max_iter)
+    check_lanczos_args(dim, k, tol, which, bound, max_iter)
+    # restarts may take more matvecs than dim; the run still ends once the basis spans the whole space
+    m_max = max_iter if max_iter is not None else min(dim, 300)
     need = min_basis(k, which)
     if not isinstance(max_basis, int) or max_basis < need:
         raise ConfigurationError(

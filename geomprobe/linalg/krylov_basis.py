@@ -1,0 +1,218 @@
+"""The Krylov basis of a Lanczos run: its vectors stored in fixed blocks (on the compute device or offloaded),
+one expansion step against it, the start vector, and the memory a run of a given basis size needs."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+
+from ..errors import ConfigurationError
+from .vectors import (
+    HALF_CHUNK_ELEMENTS,
+    Matvec,
+    accumulation_dtype,
+    check_dim,
+    default_generator,
+    gaussian,
+    row_dots,
+    sub_rows,
+    vector_norm,
+)
+
+__all__ = ["LanczosBasis", "LanczosMemory", "krylov_step", "lanczos_memory_bytes", "start_vector"]
+
+
+def start_vector(dim: int, v0: torch.Tensor | None, generator: torch.Generator | None, dtype: torch.dtype,
+                 device) -> torch.Tensor:
+    """The unit start vector: ``v0`` normalized, or a Gaussian drawn on ``device`` in ``dtype``."""
+    if v0 is None:
+        q = gaussian(dim, generator or default_generator(), dtype, device)
+    else:
+        if v0.shape != (dim,):
+            raise ConfigurationError(f"v0 must have shape ({dim},), got {tuple(v0.shape)}")
+        q = v0.to(dtype=dtype, device=device if device is not None else v0.device, copy=True)
+    qn = float(vector_norm(q))
+    if not math.isfinite(qn) or qn == 0:
+        raise ConfigurationError("the Lanczos start vector is zero or not finite")
+    return q.div_(qn)  # a Python scalar: half types scale in float32, not by a norm rounded to their precision
+
+
+# DGKS criterion: a second Gram-Schmidt pass only when the first removed more than this share of the norm
+# (the new vector was nearly in the span of the basis); after the three-term step that is rare.
+REPASS = 1 / math.sqrt(2)
+
+
+def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int, dtype: torch.dtype,
+                step: int, prev: torch.Tensor | None = None, beta_prev: float = 0.0,
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One expansion of the Krylov basis: ``w = H v`` orthogonalized against every stored vector.
+
+    With ``prev`` (the vector before ``v``, coupled to it by ``beta_prev``) the three-term step
+    ``w - alpha v - beta_prev prev`` comes first and one Gram-Schmidt pass over the whole basis removes what
+    rounding left (a second pass follows only when the first removed most of the norm, the DGKS criterion);
+    without it (the first step, or the first after a restart, where ``v`` couples to every kept vector) two
+    passes run (CGS2). Returns ``w`` (unnormalized, on the compute device), the coefficients ``V^T H v``
+    (float64, host) and ``beta = ||w||``. One host synchronization: the coefficients and norms travel in one
+    small tensor (a second only when the DGKS pass runs). A non-finite matvec shows in them (a NaN or inf
+    entry of ``H v`` spreads to the coefficients or the norm), so it is caught without a pass of its own.
+    """
+    w = matvec(cur).reshape(dim).to(dtype=dtype, copy=True)  # a copy: the matvec may return its input or a buffer
+    if prev is None:
+        w, coeffs = basis.reorthogonalize(w, passes=2)
+        before = None
+    else:
+        alpha = row_dots(cur[None], w)
+        w.sub_(prev, alpha=beta_prev)
+        sub_rows(w, alpha, cur[None])
+        before = vector_norm(w)
+        w, coeffs = basis.reorthogonalize(w, passes=1)
+        coeffs[-1] += alpha[0]
+        coeffs[-2] += beta_prev
+    beta = vector_norm(w)
+    extra = [beta.reshape(1)] + ([before.reshape(1)] if before is not None else [])
+    packed = torch.cat([coeffs] + [e.to(coeffs.dtype) for e in extra]).cpu().double()
+    if not bool(torch.isfinite(packed).all()):
+        raise FloatingPointError(f"the matvec returned non-finite values at Lanczos step {step}")
+    n = coeffs.shape[0]
+    coeffs, beta_h = packed[:n], float(packed[n])
+    if before is not None and beta_h < REPASS * float(packed[n + 1]):
+        w, c2 = basis.reorthogonalize(w, passes=1)
+        coeffs = coeffs + c2.cpu().double()
+        beta_h = float(vector_norm(w))
+    return w, coeffs, beta_h
+
+
+class LanczosMemory(NamedTuple):
+    """Bytes a Lanczos run holds: on the compute device and, with an offloaded basis, on the host."""
+
+    device: int
+    host: int
+
+
+def lanczos_memory_bytes(dim: int, dtype: torch.dtype, max_basis: int, *, offloaded: bool = False) -> LanczosMemory:
+    """The memory a Lanczos run of at most ``max_basis`` stored basis vectors needs beyond the matvec's own.
+
+    The basis (``max_basis`` d-vectors in ``dtype``; without a cap the plain run stores one per step, in
+    blocks of ``LanczosBasis.BLOCK``, so pass the step budget rounded up to a block), the new vector and its
+    copy during a step (2 d-vectors; 2 more with an offloaded basis), and the float32 scratch of half-precision products or of a restart's
+    rotation (``HALF_CHUNK_ELEMENTS`` float32 elements, twice). With ``offloaded=True`` the basis is on the
+    host and the device holds ``LanczosBasis.STREAM`` of its vectors at a time.
+    """
+    check_dim(dim)
+    if not isinstance(max_basis, int) or max_basis < 1:
+        raise ConfigurationError(f"max_basis must be a positive integer, got {max_basis!r}")
+    item = torch.empty(0, dtype=dtype).element_size()
+    scratch = 2 * HALF_CHUNK_ELEMENTS * 4
+    work = 2 * dim * item + min(scratch, 2 * 4 * dim * (max_basis + 1))
+    if offloaded:  # the two newest vectors stay on the device for the three-term step
+        work += 2 * dim * item
+        return LanczosMemory(device=work + LanczosBasis.STREAM * dim * item, host=max_basis * dim * item)
+    return LanczosMemory(device=work + max_basis * dim * item, host=0)
+
+
+class LanczosBasis:
+    """Lanczos vectors stored in fixed blocks: growing never copies (a doubling buffer would need the old and
+    the new buffer at once, 3x the basis, which is what runs out first on a 1e8-parameter model).
+
+    ``capacity`` caps the stored vectors (the last block is cut to fit); :meth:`rotate` replaces the basis by
+    a few combinations of itself in place, which is how a thick restart stays within the cap.
+    """
+
+    BLOCK = 16
+    STREAM = 2  # basis vectors on the device at once when the basis is offloaded
+
+    def __init__(self, dim: int, dtype: torch.dtype, device, compute_device=None, capacity: int | None = None):
+        self.dim, self.dtype, self.device = dim, dtype, device
+        self.compute = compute_device if compute_device is not None else device
+        self.offloaded = torch.device(self.compute) != torch.device(device)
+        self.pin = self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
+        self.capacity = capacity
+        self.blocks: list[torch.Tensor] = []
+        self.n = 0
+        self.peak = 0
+
+    def append(self, v: torch.Tensor) -> torch.Tensor:
+        """Store ``v`` as the next basis vector; return it as it lives on the compute device (a row of a
+        block when the basis is there, ``v`` itself when offloaded)."""
+        if self.capacity is not None and self.n >= self.capacity:
+            raise RuntimeError(f"the Lanczos basis is full ({self.capacity} vectors)")
+        b, i = divmod(self.n, self.BLOCK)
+        if b == len(self.blocks):
+            rows = self.BLOCK if self.capacity is None else min(self.BLOCK, self.capacity - b * self.BLOCK)
+            self.blocks.append(torch.empty(rows, self.dim, dtype=self.dtype, device=self.device,
+                                           pin_memory=self.pin))
+        row = self.blocks[b][i]
+        row.copy_(v, non_blocking=self.pin)
+        self.n += 1
+        self.peak = max(self.peak, self.n)
+        return v if self.offloaded else row
+
+    def append_normalized(self, w: torch.Tensor, beta: float) -> torch.Tensor:
+        """Append ``w / beta`` (``w`` is scaled in place, no temporary)."""
+        return self.append(w.div_(beta) if beta != 1.0 else w)
+
+    def _filled(self):
+        for b, block in enumerate(self.blocks):
+            rows = min(block.shape[0], self.n - b * self.BLOCK)
+            if rows <= 0:
+                break
+            yield block[:rows]
+
+    def orthogonalize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w - V V^T w`` in place (classical Gram-Schmidt against every stored vector, one matrix product
+        per block for the coefficients and one for the update) and the coefficients ``V^T w``."""
+        coeffs = [row_dots(B, w) for B in self._filled()]
+        for B, c in zip(self._filled(), coeffs):
+            sub_rows(w, c, B)
+        return w, torch.cat(coeffs)
+
+    def reorthogonalize(self, w: torch.Tensor, passes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+        """``w`` made orthogonal to every stored vector in place, ``passes`` times over (2: CGS2), and the
+        total coefficients of all passes (``V^T w`` to working precision).
+
+        On the compute device: global passes. Offloaded: one pass over the basis, ``STREAM`` vectors at a
+        time, each piece brought over once and applied ``passes`` times, so the basis crosses the bus once.
+        """
+        if not self.offloaded:
+            w, total = self.orthogonalize(w)
+            for _ in range(passes - 1):
+                w, c = self.orthogonalize(w)
+                total = total + c
+            return w, total
+        parts = []
+        for B in self._filled():
+            # a few vectors at a time: a whole block on the device would be the largest allocation of a
+            # memory-bounded probe (16 vectors = 0.7 GB for ResNet-18)
+            for s in range(0, B.shape[0], self.STREAM):
+                Bc = B[s : s + self.STREAM].to(w.device, non_blocking=self.pin)
+                total = None
+                for _ in range(passes):
+                    c = row_dots(Bc, w)
+                    sub_rows(w, c, Bc)
+                    total = c if total is None else total + c
+                parts.append(total)
+        return w, torch.cat(parts)
+
+    def rotate(self, Y: torch.Tensor) -> None:
+        """Replace the basis ``V`` (``n`` rows) by the ``l`` rows of ``Y^T V`` for ``Y`` ``(n, l)``, in place.
+
+        Column slices of the basis pass through the compute device (``HALF_CHUNK_ELEMENTS`` float32 elements
+        of scratch at most), so no second basis is ever allocated. Cost: ``2 n l d`` flops, no matvec.
+        """
+        n, l = self.n, Y.shape[1]
+        acc = accumulation_dtype(self.dtype)
+        Yt = Y.T.to(device=self.compute, dtype=acc)
+        blocks = list(self._filled())
+        step = max(1, HALF_CHUNK_ELEMENTS // (n + l))
+        for s in range(0, self.dim, step):
+            X = torch.cat([B[:, s : s + step] for B in blocks]).to(device=self.compute, dtype=acc)
+            Z = (Yt @ X).to(self.dtype)
+            for b in range(0, l, self.BLOCK):
+                rows = Z[b : b + self.BLOCK]
+                self.blocks[b // self.BLOCK][: rows.shape[0], s : s + step].copy_(rows)
+        self.n = l
+
+    def matrix(self) -> torch.Tensor:
+        return torch.cat(list(self._filled()))
