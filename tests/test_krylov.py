@@ -6,7 +6,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tolerances import FLOAT64_EXACT, SIGMAS
+from tolerances import BF16_REL, FLOAT64_EXACT, SIGMAS
 
 from geomprobe import ConfigurationError, linalg
 
@@ -217,3 +217,34 @@ def test_asymmetry_reports_a_matvec_with_its_own_error():
     E = torch.randn(80, 80, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
     noisy = linalg.lanczos(mv(A + 1e-4 * E / E.norm() * A.norm()), 80, tol=1e-8)  # a non-symmetric error
     assert 1e-7 < noisy.asymmetry < 1e-3
+
+
+def test_matvecs_that_alias_their_input_or_reuse_a_buffer():
+    # the kernel updates the new vector in place: a matvec returning its input, or writing every product
+    # into one buffer, must not corrupt the basis (plain and offloaded)
+    d = torch.arange(1.0, 41.0, dtype=torch.float64)
+    A = torch.diag(d)
+    assert linalg.lanczos(lambda v: v, 40, tol=1e-8).top(1)[0][0] == pytest.approx(1.0, abs=FLOAT64_EXACT)
+    buf = torch.empty(40, dtype=torch.float64)
+    for where in (None, "cpu:0"):
+        r = linalg.lanczos(lambda v: torch.mv(A, v, out=buf), 40, tol=1e-8, basis_device=where)
+        assert r.converged
+        assert r.top(1)[0][0] == pytest.approx(40.0, abs=r.top(1)[1][0] + FLOAT64_EXACT)
+        assert r.bottom(1)[0][0] == pytest.approx(1.0, abs=r.bottom(1)[1][0] + FLOAT64_EXACT)
+
+
+def test_half_precision_lanczos_keeps_its_dtype():
+    # bf16 vectors, float32 accumulation: the values are as good as the bf16 matvec allows, which the
+    # asymmetry evidence reports
+    eigs = torch.cat([torch.linspace(-1, 1, 498, dtype=torch.float64), torch.tensor([5.0, 8.0], dtype=torch.float64)])
+    A = sym_with_spectrum(eigs, seed=11).float()
+    seen = []
+
+    def mv16(v):
+        seen.append(v.dtype)
+        return (v.float() @ A).bfloat16()
+
+    r = linalg.lanczos(mv16, 500, tol=1e-3, dtype=torch.bfloat16, keep_basis=True)
+    assert r.converged and set(seen) == {torch.bfloat16} and r.basis.dtype == torch.bfloat16
+    assert r.top(1)[0][0] == pytest.approx(8.0, rel=BF16_REL)
+    assert 1e-5 < r.asymmetry < BF16_REL

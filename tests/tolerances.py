@@ -4,6 +4,7 @@
 FLOAT64_REL = 1e-6          # eigenvalues from Lanczos/HVP against the dense float64 Hessian
 FLOAT64_EXACT = 1e-10       # two float64 routes to the same product (batched vs single, split vs joined)
 FLOAT32_REL = 1e-3          # the same quantities computed in float32
+BF16_REL = 1e-2             # eigenvalues from a bf16 matvec and bf16 Lanczos vectors (8 bits of mantissa)
 HALF_ACCUMULATION_REL = 1e-5  # a bf16/fp16 inner product accumulated in float32, relative to sum |a_i b_i|
 
 # Stochastic estimators: a reported standard error must cover the truth at this many sigmas.

@@ -58,7 +58,11 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     small tensor (a second only when the DGKS pass runs). A non-finite matvec shows in them (a NaN or inf
     entry of ``H v`` spreads to the coefficients or the norm), so it is caught without a pass of its own.
     """
-    w = matvec(cur).reshape(dim).to(dtype=dtype, copy=True)  # a copy: the matvec may return its input or a buffer
+    w = matvec(cur).reshape(dim).to(dtype)
+    if basis.offloaded or w.untyped_storage().data_ptr() in basis.storages(cur):
+        # w is updated in place below and, offloaded, becomes the next input: it must not be the matvec's
+        # input, the basis, or a buffer the matvec writes again
+        w = w.clone()
     if prev is None:
         w, coeffs = basis.reorthogonalize(w, passes=2)
         before = None
@@ -148,6 +152,12 @@ class LanczosBasis:
         self.n += 1
         self.peak = max(self.peak, self.n)
         return v if self.offloaded else row
+
+    def storages(self, *extra: torch.Tensor) -> set[int]:
+        """Addresses of the storages holding the basis (and ``extra``), to tell a matvec's fresh output
+        from one that aliases them."""
+        return {b.untyped_storage().data_ptr() for b in self.blocks} | {
+            t.untyped_storage().data_ptr() for t in extra}
 
     def append_normalized(self, w: torch.Tensor, beta: float) -> torch.Tensor:
         """Append ``w / beta`` (``w`` is scaled in place, no temporary)."""

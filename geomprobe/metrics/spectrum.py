@@ -25,6 +25,7 @@ def run_lanczos(
     keep_basis: bool = False,
     bound: str = "residual",
     basis_device: torch.device | str | None = None,
+    max_basis: int | None = None,
 ) -> LanczosResult:
     """Lanczos on ``land.hvp`` in the Landscape's dtype and device (the raw result, Ritz vectors available).
 
@@ -32,14 +33,14 @@ def run_lanczos(
     for the same run on the same Landscape (``precond``'s raw spectrum after ``spectrum``) gets it without
     another HVP. Where the basis lives does not change the result, so it is not part of the key.
     """
-    key = ("lanczos", k, tol, max_iter, which, seed, bound)
+    key = ("lanczos", k, tol, max_iter, which, seed, bound, max_basis)
     cacheable = generator is None and not keep_basis and hasattr(land, "results")
     if cacheable and key in land.results:
         return land.results[key]
     r = lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
         generator=generator or default_generator(seed), dtype=land.dtype, device=land.device,
-        keep_basis=keep_basis, bound=bound, basis_device=basis_device,
+        keep_basis=keep_basis, bound=bound, basis_device=basis_device, max_basis=max_basis,
     )
     if cacheable:
         land.results[key] = r
@@ -77,6 +78,7 @@ def spectrum(
     generator: torch.Generator | None = None,
     bound: str = "residual",
     basis_device: torch.device | str | None = None,
+    max_basis: int | None = None,
 ) -> dict:
     """The Hessian's ``k`` largest and ``k`` smallest eigenvalues by Lanczos on HVPs, each with its bound.
 
@@ -88,6 +90,8 @@ def spectrum(
     ``min(r, r^2 / gap)`` of :func:`geomprobe.linalg.lanczos.lanczos` instead: several HVPs fewer for the same true
     accuracy, under the assumption stated there. ``basis_device="cpu"`` keeps the Lanczos basis in host
     memory, so that on a GPU the probe needs little more than its graph (``micro_batch_size`` bounds that).
+    ``max_basis`` caps the stored Lanczos vectors (thick restart beyond it, same bounds, more HVPs; the
+    result then says ``restarts``).
 
     >>> import torch
     >>> from torch import nn
@@ -101,8 +105,10 @@ def spectrum(
     """
     before = land.hvps
     r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, seed=seed, generator=generator, bound=bound,
-                    basis_device=basis_device)
+                    basis_device=basis_device, max_basis=max_basis)
     out = lanczos_summary(r, k)
+    if max_basis is not None:
+        out["restarts"] = r.restarts
     out["hvps"] = land.hvps - before  # 0 when another metric of this probe already ran the same Lanczos
     if bound != "residual":
         out["bound"] = bound
