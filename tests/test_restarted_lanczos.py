@@ -4,7 +4,7 @@ vectors never above the cap, and the matvecs it costs against the full basis."""
 
 import pytest
 import torch
-from tolerances import FLOAT32_REL, FLOAT64_EXACT, FLOAT64_REL
+from tolerances import BF16_REL, FLOAT32_REL, FLOAT64_EXACT, FLOAT64_REL
 
 from geomprobe import ConfigurationError, linalg
 from geomprobe.linalg import krylov_basis
@@ -189,3 +189,27 @@ def test_memory_bytes_for_the_planner():
     assert off.host == 20 * d * 4 and off.device < m32.device
     with pytest.raises(ConfigurationError, match="max_basis must be a positive integer"):
         linalg.lanczos_memory_bytes(d, torch.float32, 0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("max_basis", [None, 6])
+def test_cuda_lanczos_stays_on_the_device_in_its_dtype(dtype, max_basis, monkeypatch):
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    eigs = torch.cat([f64(-4.0), torch.linspace(-1.0, 1.0, N - 2, dtype=torch.float64), f64(5.0)])
+    A = sym_with_spectrum(eigs, seed=12).float().cuda()
+    seen = set()
+
+    def mv(v):
+        seen.add((v.device.type, v.dtype))
+        return (v.float() @ A).to(dtype)
+
+    for where in (None, "cpu"):
+        r = linalg.lanczos(mv, N, tol=1e-3, max_iter=2000, dtype=dtype, device="cuda", max_basis=max_basis,
+                           basis_device=where, generator=torch.Generator().manual_seed(0))
+        assert seen == {("cuda", dtype)}
+        rel = FLOAT32_REL if dtype == torch.float32 else BF16_REL
+        assert r.converged and r.top(1)[0][0] == pytest.approx(5.0, rel=rel)
+        assert r.bottom(1)[0][0] == pytest.approx(-4.0, rel=rel)
+        assert max_basis is None or r.basis_peak <= max_basis

@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .lanczos import lanczos
-from .vectors import Matvec, apply_rows, check_dim, default_generator, rademacher
+from .vectors import Matvec, accumulation_dtype, apply_rows, check_dim, default_generator, rademacher
 
 __all__ = ["TraceEstimate", "hutchinson_trace", "hutchpp_trace", "deflated_trace"]
 
@@ -60,7 +60,7 @@ def hutchinson_trace(
         raise ConfigurationError(f"a standard error needs samples >= 2, got {samples}")
     generator = generator or default_generator()
     Z = rademacher((samples, dim), generator, dtype, device)
-    q = (Z * apply_rows(matvec, Z, batch)).sum(1).double().cpu()
+    q = (Z * apply_rows(matvec, Z, batch)).sum(1, dtype=accumulation_dtype(dtype)).cpu().double()
     t, se = _mean_se(q)
     return TraceEstimate(t, se, samples, samples)
 
@@ -90,12 +90,12 @@ def hutchpp_trace(
     r = matvecs - 2 * s
     S = rademacher((s, dim), generator, dtype, device)
     Y = apply_rows(matvec, S, batch)
-    Q = torch.linalg.qr(Y.T.double())[0].to(dtype)  # (d, s)
+    Q = torch.linalg.qr(Y.T.to(accumulation_dtype(dtype)))[0].to(dtype)  # (d, s); no float64 copy of the sketch
     HQ = apply_rows(matvec, Q.T.contiguous(), batch)   # (s, d)
     t_top = float((Q.T * HQ).sum().double())
     G = rademacher((r, dim), generator, dtype, device)
     G = G - (G @ Q) @ Q.T
-    q = (G * apply_rows(matvec, G, batch)).sum(1).double().cpu()
+    q = (G * apply_rows(matvec, G, batch)).sum(1, dtype=accumulation_dtype(dtype)).cpu().double()
     t_rest, se = _mean_se(q)
     return TraceEstimate(t_top + t_rest, se, 2 * s + r, r)
 
@@ -192,7 +192,7 @@ def deflated_trace(
         Z = rademacher((n, dim), generator, dtype, device)
         HZ = matvec(Z).reshape(n, dim)
         drawn += n
-        a = (Z * HZ).sum(1).double()
+        a = (Z * HZ).sum(1, dtype=accumulation_dtype(dtype)).double()
         c = (Z @ V.T).double()
         e = (HZ @ V.T).double()
         a_parts.append(a.cpu())
