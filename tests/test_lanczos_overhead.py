@@ -6,6 +6,7 @@ once per step, and after: 0.33M parameters, batch 512, 25 steps: 24-25 % outside
 the orthogonalization against the stored basis, two passes over it per step, bound by memory bandwidth."""
 
 import time
+from itertools import pairwise
 
 import pytest
 import torch
@@ -22,7 +23,7 @@ OUTSIDE_SHARE_CPU = 0.18
 def _timed_landscape(widths, batch):
     torch.manual_seed(0)
     layers = []
-    for a, b in zip(widths[:-1], widths[1:]):
+    for a, b in pairwise(widths):
         layers += [nn.Linear(a, b), nn.Tanh()]
     model = nn.Sequential(*layers[:-1])
     X = torch.randn(batch, widths[0])

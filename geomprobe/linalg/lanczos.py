@@ -40,11 +40,11 @@ def lanczos(
     basis_device: torch.device | str | None = None,
     max_basis: int | None = None,
 ) -> LanczosResult:
-    """Lanczos with full reorthogonalization (twice) for the extreme eigenvalues of a symmetric matvec.
+    """Lanczos with full reorthogonalization for the extreme eigenvalues of a symmetric matvec.
 
-    Runs ``v_{j+1} beta_j = H v_j - alpha_j v_j - beta_{j-1} v_{j-1}`` with every earlier vector projected
-    out twice (classical Gram-Schmidt as matrix products over the stored basis, which subtracts the
-    three-term part too); the tridiagonal ``T_m`` is diagonalized in float64. Each Ritz value ``theta_i``
+    Runs ``v_{j+1} beta_j = H v_j - alpha_j v_j - beta_{j-1} v_{j-1}``, then projects every stored vector out
+    of the result by classical Gram-Schmidt as matrix products over the stored blocks (a second pass when
+    the first removed most of the norm, the DGKS criterion, as "twice is enough" asks); the tridiagonal ``T_m`` is diagonalized in float64. Each Ritz value ``theta_i``
     carries the residual bound ``beta_m |u_{m,i}|``: some eigenvalue of H lies within it. Iteration stops once the
     ``k`` Ritz values at the requested end(s) (``which`` = ``"both"``, ``"largest"``, ``"smallest"``) have
     bounds below ``tol * max(|theta_i|, theta_max - theta_min)``, on an exact invariant subspace
@@ -71,11 +71,11 @@ def lanczos(
     stopping test and nothing else.
 
     Cost: one matvec per step (5-9 steps for an outlying top eigenvalue to 1e-3, 100+ for a bulk edge), plus
-    four passes over the stored basis per step (``4 m d`` reads at step ``m``); memory ``m d`` in ``dtype``
-    plus two d-vectors (:func:`lanczos_memory_bytes`). ``tol=0`` runs exactly ``max_iter`` steps.
+    two reads of the stored basis per step (``2 m d`` at step ``m``; four with a second pass); memory
+    ``m d`` in ``dtype`` plus two d-vectors (:func:`~geomprobe.linalg.krylov_basis.lanczos_memory_bytes`). ``tol=0`` runs exactly ``max_iter`` steps.
     ``basis_device="cpu"`` keeps the ``m`` basis vectors in (pinned) host memory, so the accelerator holds
     only a few vectors of length ``d``; each step then streams the basis through once (block by block,
-    reorthogonalizing twice per block), which costs about ``m d`` bytes of transfer per step.
+    each piece applied in place), which costs about ``m d`` bytes of transfer per step.
     ``max_basis``: at most this many basis vectors are stored; when the run may need more steps than that,
     :func:`geomprobe.linalg.restarted_lanczos.restarted_lanczos` runs instead (thick restart, same bounds and
     stopping rule, ``restarts`` counted, more matvecs).

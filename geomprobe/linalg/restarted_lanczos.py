@@ -7,6 +7,12 @@ restart. Expanding adds ``v_{p+1}`` and ``S_{p+1} = [[S_p, b_p], [b_p^T, alpha]]
 the Ritz pairs ``(theta_i, V_p u_i)`` wanted at the requested end(s) replace it (``S = diag(theta)``,
 ``b_i = beta u_{p,i}``) and expansion continues from the residual direction, which keeps the Krylov space of
 the kept Ritz vectors, so nothing the run has learned about the extremes is lost.
+
+Chosen by measurement (tests/test_restarted_lanczos.py's spectra, n = 400, tol = 1e-6, ``which="both"``):
+the full basis takes 91-95 matvecs; thick restart 107-125 with 16 stored vectors and 207-380 with 10 (the
+worst a tight cluster at the top); Lanczos with no stored basis (three vectors) takes 91-101 steps, but its
+bounds are not rigorous once orthogonality is lost, and a valid residual needs the Ritz vector, i.e. a
+second pass of as many matvecs (182-202 in all).
 """
 
 from __future__ import annotations
