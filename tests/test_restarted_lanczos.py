@@ -216,3 +216,23 @@ def test_cuda_lanczos_stays_on_the_device_in_its_dtype(dtype, max_basis, monkeyp
         assert r.converged and r.top(1)[0][0] == pytest.approx(5.0, rel=rel)
         assert r.bottom(1)[0][0] == pytest.approx(-4.0, rel=rel)
         assert max_basis is None or r.basis_peak <= max_basis
+
+
+def test_spectrum_metric_in_bounded_memory_against_the_dense_hessian():
+    # the metric passes max_basis through: on a small network's exact float64 Hessian the bounded run
+    # reaches the extremes within its bounds, says how often it restarted, and caches apart from the plain run
+    from reference import dense_hessian, make_case
+
+    from geomprobe import Landscape
+    from geomprobe.metrics.spectrum import spectrum
+
+    model, loss, batches, mode = make_case("tanh_mlp")
+    eigs = torch.linalg.eigvalsh(dense_hessian(model, loss, batches, mode=mode))
+    land = Landscape(model, loss, batches, mode=mode)
+    plain = spectrum(land, tol=1e-8)
+    out = spectrum(land, tol=1e-8, max_basis=6, max_iter=3000)
+    assert out["converged"] and out["restarts"] > 0 and out["hvps"] > plain["hvps"] > 0
+    scale = float(eigs.abs().max())
+    for key, want in (("lambda_max", eigs[-1]), ("lambda_min", eigs[0])):
+        assert abs(out[key] - float(want)) <= out[key + "_err"] + FLOAT64_REL * scale
+    assert "restarts" not in plain
