@@ -1,0 +1,359 @@
+"""Scale: every named statistic on 100M-1B-parameter language models on one GPU (issue 16).
+
+Random-init Hugging Face models built from configs (no downloads): GPT-2 124M and 355M (8 x 512 tokens),
+a Llama-style 1B (hidden 2048, 16 layers, 32 heads, 8 KV heads, vocab 32000, MLP 8192; 4 x 512), in fp32 and
+bf16 weights; and a 10M-parameter MLP on the CPU. Per model and dtype, measured side by side in one process:
+
+* gradient and HVP seconds (median of repeats) and their ratio;
+* the AdamW training step's seconds and peak memory (everything resident: weights, gradients, optimizer state);
+* one GeometryProbe probe with the chosen metric set under default settings (the probe's own memory plan):
+  its seconds and peak memory, the peak over the training step's, and per metric the HVPs, seconds, seconds
+  inside HVPs and the rest (``outside``: the probe's own work; the ``noise`` metric's time goes to gradients,
+  which are counted apart).
+
+``trajectory`` trains GPT-2 with AdamW and probes ``spectrum`` along the way, cold and warm (from the previous
+probe's Ritz vectors) at each probe point, and measures the probe's overhead on training wall time at the
+default schedule.
+
+    python benchmarks/scale.py models --models gpt2-124m --dtypes fp32,bf16 --metrics full --out r.json
+    python benchmarks/scale.py models --models gpt2-tiny --device cpu --metrics full      # smoke run
+    python benchmarks/scale.py trajectory --model gpt2-124m --steps 400 --every 40 --out t.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import time
+import traceback
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import environment, strict_fp32, sync  # noqa: E402
+
+import geomprobe as gp  # noqa: E402
+from geomprobe.engine.landscape import Landscape  # noqa: E402
+
+FULL = ("spectrum", "trace", "density", "rmed", "diagshare", "noise", "precond")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
+
+
+# ---------------------------------------------------------------------------------------------- models
+def build(name: str, dtype: torch.dtype, device) -> tuple[torch.nn.Module, int, int, int]:
+    """(model, vocab, batch, tokens) for a named case; weights from a fixed seed."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    cases = {
+        "gpt2-124m": (GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257), 8, 512),
+        "gpt2-355m": (GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257), 8, 512),
+        "gpt2-tiny": (GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=256), 4, 32),
+        "llama-1b": (LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                 num_key_value_heads=8, intermediate_size=8192, vocab_size=32000,
+                                 max_position_embeddings=2048), 4, 512),
+        "llama-tiny": (LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   intermediate_size=128, vocab_size=256, max_position_embeddings=64), 4, 32),
+    }
+    config, batch, tokens = cases[name]
+    config.attn_implementation = "sdpa"
+    for attr in ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout"):
+        if hasattr(config, attr):
+            setattr(config, attr, 0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        cls = GPT2LMHeadModel if name.startswith("gpt2") else LlamaForCausalLM
+        model = cls(config)
+    return model.to(device=device, dtype=dtype), config.vocab_size, batch, tokens
+
+
+class MLP(torch.nn.Module):
+    """10.5M parameters: 784 -> 2048 -> 2048 -> 2048 -> 10 with tanh."""
+
+    def __init__(self, width: int = 2048):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(784, width), torch.nn.Tanh(), torch.nn.Linear(width, width),
+                                       torch.nn.Tanh(), torch.nn.Linear(width, width), torch.nn.Tanh(),
+                                       torch.nn.Linear(width, 10))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def lm_loss(model, batch):
+    return model(input_ids=batch["input_ids"], labels=batch["input_ids"]).loss
+
+
+def token_batches(vocab: int, batch: int, tokens: int, n: int, device, seed: int) -> list[dict]:
+    g = torch.Generator().manual_seed(seed)
+    return [{"input_ids": torch.randint(0, vocab, (batch, tokens), generator=g).to(device)} for _ in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------- timing
+class HVPClock:
+    """Seconds spent inside ``Landscape.hvp`` (device-synchronized), counted for every Landscape."""
+
+    def __init__(self, device):
+        self.device, self.seconds, self.calls = device, 0.0, 0
+        self._orig = Landscape.hvp
+
+    def __enter__(self):
+        clock = self
+
+        def timed(land, v):
+            sync(clock.device)
+            t0 = time.perf_counter()
+            out = clock._orig(land, v)
+            sync(clock.device)
+            clock.seconds += time.perf_counter() - t0
+            clock.calls += 1
+            return out
+
+        Landscape.hvp = timed
+        return self
+
+    def __exit__(self, *exc):
+        Landscape.hvp = self._orig
+
+
+def median_time(fn, device, repeats: int = 5) -> float:
+    fn()
+    sync(device)
+    ts = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
+
+
+def peak_of(fn, device) -> tuple[float, int]:
+    """(seconds, peak bytes allocated while ``fn`` ran, everything resident included)."""
+    cuda = torch.device(device).type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0, (torch.cuda.max_memory_allocated() if cuda else 0)
+
+
+# ---------------------------------------------------------------------------------------------- one model
+def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, out_dir: str,
+                  noise_batches: int) -> dict:
+    dtype = DTYPES[dtype_name]
+    if name == "mlp-10m":
+        model = MLP().to(device=device, dtype=dtype)
+        g = torch.Generator().manual_seed(0)
+        batch = (torch.randn(256, 784, generator=g).to(device, dtype), torch.randint(0, 10, (256,), generator=g).to(device))
+        ce = torch.nn.CrossEntropyLoss()
+
+        def loss_fn(model, b):
+            return ce(model(b[0]), b[1])
+
+        noise = [(torch.randn(256, 784, generator=g).to(device, dtype), torch.randint(0, 10, (256,), generator=g).to(device))
+                 for _ in range(noise_batches)]
+    else:
+        model, vocab, b, t = build(name, dtype, device)
+        batch = token_batches(vocab, b, t, 1, device, seed=1)[0]
+        noise = token_batches(vocab, b, t, noise_batches, device, seed=2)
+        loss_fn = lm_loss
+    d = sum(p.numel() for p in model.parameters())
+    res: dict = {"model": name, "dtype": dtype_name, "params": d, "batch": list(batch["input_ids"].shape if isinstance(batch, dict) else batch[0].shape)}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def train_step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        opt.step()
+
+    train_step()  # AdamW state exists from here on, as in a training loop
+    res["train_step_s"] = median_time(train_step, device, repeats=3)
+    _, res["train_peak_bytes"] = peak_of(train_step, device)
+    opt.zero_grad(set_to_none=True)
+
+    def grad():
+        torch.autograd.grad(loss_fn(model, batch), params)
+
+    res["grad_s"] = median_time(grad, device)
+    land = Landscape(model, loss_fn, [batch], mode="eval")
+    v = torch.randn(land.dim, generator=torch.Generator(device=land.device).manual_seed(0) if land.device.type == "cuda"
+                    else torch.Generator().manual_seed(0), device=land.device, dtype=land.dtype)
+    res["hvp_s"] = median_time(lambda: land.hvp(v), device)
+    res["hvp_over_grad"] = res["hvp_s"] / res["grad_s"]
+    land.close()
+    del land, v
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+
+    run_dir = os.path.join(out_dir, f"run-{name}-{dtype_name}")
+    probe = gp.GeometryProbe(model, loss_fn, probe_data=[batch], metrics=list(metrics), noise_data=noise,
+                             schedule=gp.every(10**9), run_dir=run_dir, force=True)
+    probe.attach(opt, probe_now=False)
+    per_metric: dict[str, dict] = {}
+    run_metric = probe._run_metric
+
+    def timed_metric(mname, land, opts):
+        sync(device)
+        h0, c0, t0 = clock.seconds, clock.calls, time.perf_counter()
+        out = run_metric(mname, land, opts)
+        sync(device)
+        per_metric[mname] = {"seconds": time.perf_counter() - t0, "hvp_seconds": clock.seconds - h0,
+                             "hvp_calls": clock.calls - c0, "hvps": out.get("hvps")}
+        return out
+
+    probe._run_metric = timed_metric
+    with HVPClock(device) as clock:
+        seconds, peak = peak_of(lambda: probe.probe(1), device)
+    record = probe.records[-1]
+    probe.close()
+    for mname, m in per_metric.items():
+        m["outside_seconds"] = m["seconds"] - m["hvp_seconds"]
+        m["outside_share"] = m["outside_seconds"] / m["seconds"] if m["seconds"] > 0 else None
+        m["converged"] = record.get(mname, {}).get("converged") if isinstance(record.get(mname), dict) else None
+    res.update(
+        probe_seconds=seconds, probe_peak_bytes=peak,
+        probe_over_train_peak=peak / res["train_peak_bytes"] if res["train_peak_bytes"] else None,
+        probe_hvps=record["cost"]["hvps"], probe_hvp_seconds=clock.seconds, metrics=per_metric,
+        errors=record.get("errors"), cost=record["cost"],
+        spectrum={k: record["spectrum"].get(k) for k in ("lambda_max", "lambda_max_err", "lambda_min",
+                                                          "lambda_min_err", "converged", "hvps")}
+        if isinstance(record.get("spectrum"), dict) else None,
+    )
+    grad_like = per_metric.get("noise", {}).get("seconds", 0.0)  # gradients, not the probe's own work
+    total_hvp_grad = clock.seconds + grad_like
+    res["outside_share"] = (seconds - total_hvp_grad) / seconds if seconds > 0 else None
+    del probe, opt, model
+    return res
+
+
+# ---------------------------------------------------------------------------------------------- trajectory
+def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_dir: str, tol: float) -> dict:
+    """Spectrum cold and warm at each probe point of an AdamW run; then overhead at the default schedule."""
+    from geomprobe.metrics.spectrum import spectrum
+
+    dtype = DTYPES[dtype_name]
+    model, vocab, b, t = build(name, dtype, device)
+    data = token_batches(vocab, b, t, 64, device, seed=3)
+    probe_batch = token_batches(vocab, b, t, 1, device, seed=1)[0]
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+    points = []
+    prev = None
+    for step in range(steps + 1):
+        if step % every == 0:
+            land = Landscape(model, lm_loss, [probe_batch], mode="eval")
+            h0 = land.hvps
+            cold = spectrum(land, tol=tol, seed=step)
+            h1 = land.hvps
+            warm = spectrum(land, tol=tol, seed=step, warm_start=prev) if prev is not None else None
+            h2 = land.hvps
+            prev = warm["warm_state"] if warm is not None and "warm_state" in warm else (
+                cold.get("warm_state") if prev is None else prev)
+            land.close()
+            points.append({"step": step, "cold_hvps": h1 - h0, "warm_hvps": (h2 - h1) if warm else None,
+                           "lambda_max": cold["lambda_max"], "lambda_max_err": cold["lambda_max_err"],
+                           "warm_lambda_max": warm["lambda_max"] if warm else None,
+                           "warm_lambda_max_err": warm["lambda_max_err"] if warm else None,
+                           "lambda_min": cold["lambda_min"], "warm_lambda_min": warm["lambda_min"] if warm else None,
+                           "cold_converged": cold["converged"], "warm_converged": warm["converged"] if warm else None})
+            print(json.dumps(points[-1]), flush=True)
+        if step < steps:
+            opt.zero_grad(set_to_none=True)
+            lm_loss(model, data[step % len(data)]).backward()
+            opt.step()
+    return {"model": name, "dtype": dtype_name, "tol": tol, "points": points}
+
+
+def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str) -> dict:
+    """Training wall time with and without a GeometryProbe at its default schedule and metrics."""
+    out = {}
+    for attached in (False, True):
+        dtype = DTYPES[dtype_name]
+        model, vocab, b, t = build(name, dtype, device)
+        data = token_batches(vocab, b, t, 64, device, seed=3)
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
+        probe = None
+        if attached:
+            probe = gp.GeometryProbe(model, lm_loss, probe_data=[data[0]], run_dir=os.path.join(out_dir, "overhead"),
+                                     force=True)
+            probe.attach(opt)
+        sync(device)
+        t0 = time.perf_counter()
+        for step in range(steps):
+            opt.zero_grad(set_to_none=True)
+            lm_loss(model, data[step % len(data)]).backward()
+            opt.step()
+        sync(device)
+        wall = time.perf_counter() - t0
+        key = "with_probe" if attached else "without"
+        out[key] = {"wall_s": wall}
+        if probe is not None:
+            out[key].update(probes=len(probe.records), probe_seconds=sum(r["cost"]["seconds"] for r in probe.records),
+                            hvps=[r["cost"]["hvps"] for r in probe.records])
+            probe.close()
+        del model, opt, probe
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    out["overhead"] = out["with_probe"]["wall_s"] / out["without"]["wall_s"] - 1
+    out.update(model=name, dtype=dtype_name, steps=steps)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- main
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("what", choices=["models", "trajectory", "overhead"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--models", default="gpt2-124m")
+    ap.add_argument("--model", default="gpt2-124m")
+    ap.add_argument("--dtypes", default="fp32,bf16")
+    ap.add_argument("--metrics", default="full", help="'full' or a comma-separated list")
+    ap.add_argument("--noise-batches", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--every", type=int, default=30)
+    ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    strict_fp32()
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
+    doc = {"environment": environment(args.device), "args": vars(args), "results": []}
+
+    def save():
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(doc, f, indent=2, default=str)
+
+    metrics = FULL if args.metrics == "full" else tuple(args.metrics.split(","))
+    if args.what == "models":
+        for name in args.models.split(","):
+            for dt in args.dtypes.split(","):
+                try:
+                    r = measure_model(name, dt, metrics, args.device, out_dir, args.noise_batches)
+                except Exception as e:  # keep the other models' figures
+                    r = {"model": name, "dtype": dt, "failed": f"{type(e).__name__}: {e}",
+                         "trace": traceback.format_exc()[-2000:]}
+                doc["results"].append(r)
+                save()
+                brief = {k: r.get(k) for k in ("model", "dtype", "params", "hvp_over_grad", "probe_seconds",
+                                                "probe_over_train_peak", "outside_share", "probe_hvps", "failed")}
+                print(json.dumps(brief, default=str), flush=True)
+                if torch.device(args.device).type == "cuda":
+                    torch.cuda.empty_cache()
+    elif args.what == "trajectory":
+        doc["results"].append(trajectory(args.model, args.dtypes.split(",")[0], args.steps, args.every, args.device,
+                                         out_dir, args.tol))
+    else:
+        doc["results"].append(overhead(args.model, args.dtypes.split(",")[0], args.steps, args.device, out_dir))
+    save()
+    print(json.dumps(doc["results"], default=str)[-3000:])
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        main()
