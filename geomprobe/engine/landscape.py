@@ -302,8 +302,8 @@ class Landscape:
                 return unlimited  # nothing limits the probe: no need to measure the graph
             per_sample, source = self._measure_graph_per_sample(can_split)
         plan = plan_memory(graph_bytes_per_sample=per_sample, graph_source=source, **common)
-        for message in plan.warnings:
-            warnings.warn(f"geomprobe memory plan: {message}", RuntimeWarning, stacklevel=4)
+        if plan.warnings and memory.warn:
+            warnings.warn(f"geomprobe memory plan: {'; '.join(plan.warnings)}", RuntimeWarning, stacklevel=4)
         return plan
 
     def _measure_graph_per_sample(self, can_split: bool) -> tuple[float, str]:

@@ -76,8 +76,9 @@ class MemoryBudget:
     training step's peak, when known; ``peak_ratio``: the probe's peak may reach this multiple of it;
     ``graph_bytes_per_sample``: saved bytes of the first-order graph per sample, when a previous probe measured
     them (skips the measuring forward); ``bounded_basis``: the Lanczos runs of the probe can be told to hold at
-    most ``max_basis`` vectors (else a basis that does not fit moves to host memory); ``overrides``: settings fixed by someone other than the plan, name ->
-    (value, who): e.g. ``{"basis_device": ("cpu", "oom-ladder")}``.
+    most ``max_basis`` vectors (else a basis that does not fit moves to host memory); ``overrides``: settings
+    fixed by someone other than the plan, name -> (value, who): e.g. ``{"basis_device": ("cpu", "oom-ladder")}``;
+    ``warn``: the Landscape warns when the plan does not fit (the probe warns once per run itself).
     """
 
     cap_bytes: int | None = None
@@ -86,6 +87,7 @@ class MemoryBudget:
     graph_bytes_per_sample: float | None = None
     bounded_basis: bool = False
     overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    warn: bool = True
 
 
 @dataclass
@@ -297,8 +299,9 @@ def plan_memory(
         return kept, rebuilt, kept_samples, cap
 
     def minimal_phase(m: int) -> int:
+        """The least any phase needs: one HVP with a Lanczos run's working vectors, or one example's row."""
         one_hvp = HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)
-        return one_hvp + lanczos_work
+        return max(one_hvp + lanczos_work, stats_fixed + row)
 
     best = None
     for m in candidates:

@@ -362,6 +362,10 @@ class GeometryProbe:
         self._last_probe_step = step
         if self._first_plan is None and plan is not None:
             self._first_plan = plan.to_dict()
+        if plan is not None and plan.warnings and "memory-plan" not in self._warned:
+            self._warned.add("memory-plan")
+            warnings.warn(f"geomprobe: the memory plan at step {step} does not fit ({'; '.join(plan.warnings)}); "
+                          "later plans are recorded in the run without a warning", RuntimeWarning, stacklevel=3)
         if errors:
             record["errors"] = errors
         if skipped:
@@ -412,7 +416,7 @@ class GeometryProbe:
             fixed["basis_device"] = (self._basis_device, "oom-ladder" if "basis_device" in self._ladder else "user")
         return MemoryBudget(cap_bytes=self.memory_cap, train_peak_bytes=self._train_peak, peak_ratio=self.peak_ratio,
                             graph_bytes_per_sample=self._graph_per_sample, bounded_basis=self._bounded_basis(),
-                            overrides=fixed)
+                            overrides=fixed, warn=False)
 
     def _bounded_basis(self) -> bool:
         """Whether every metric of this probe that runs Lanczos with a placeable basis can also bound it."""
