@@ -250,3 +250,61 @@ def test_on_a_gpu_the_plan_reads_free_memory_and_the_training_peak():
     assert probe.records[1]["cost"]["train_peak_mib"] > 0
     assert probe.records[1]["cost"]["memory_plan"]["budget_source"] == "training peak"
     assert isinstance(land.plan, MemoryPlan)
+
+
+def _tight_cap(n=240, vectors=30):
+    """A cap that holds about half the graph of ``_problem(n)`` and ``vectors`` d-vectors (float64)."""
+    model, loss_fn, batch = _problem(n)
+    plain = gp.Landscape(model, loss_fn, batch, memory=None)
+    return int((plain.graph_bytes / 2 + vectors * plain.dim * 8) / HEADROOM)
+
+
+def test_the_safety_net_starts_from_the_planned_settings_and_is_recorded(monkeypatch):
+    from geomprobe.engine import landscape
+
+    model, loss_fn, batch = _problem(240)
+    cap = _tight_cap()
+    real = landscape.Landscape._build
+    calls = {"n": 0}
+
+    def oom_once(self):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 8.00 GiB")
+        return real(self)
+
+    monkeypatch.setattr(landscape.Landscape, "_build", oom_once)
+    probe = gp.GeometryProbe(model, loss_fn, batch, metrics={"spectrum": {"max_iter": 10}}, schedule=gp.every(1),
+                             memory_cap=cap)
+    with pytest.warns(RuntimeWarning, match="landscape failed"):
+        _train(probe, model, batch, 1)
+    first, second = probe.records
+    planned = first["cost"]["memory_plan"]
+    assert first["errors"]["landscape"].startswith("OutOfMemory") and planned["micro_batch_size"] < 240
+    assert second["cost"]["micro_batch_size"] == planned["micro_batch_size"] // 2 and "errors" not in second
+    assert second["cost"]["memory_plan"]["sources"]["micro_batch_size"] == "oom-ladder"
+    assert second["cost"]["chunk_size"] == max(1, planned["chunk_size"] // 2)
+
+
+def test_metrics_that_can_bound_their_basis_receive_the_plans_max_basis(monkeypatch):
+    from geomprobe.metrics import registry
+
+    seen = []
+
+    def lanczos_like(land, basis_device=None, max_basis=None):
+        seen.append((basis_device, max_basis))
+        return {"value": 1.0}
+
+    monkeypatch.setitem(registry.REGISTRY, "bounded", registry.Metric("bounded", lanczos_like, "none"))
+    model, loss_fn, batch = _problem(240)
+    probe = gp.GeometryProbe(model, loss_fn, batch, metrics=["bounded"], memory_cap=_tight_cap(vectors=80))
+    _train(probe, model, batch, 0)
+    plan = probe.records[0]["cost"]["memory_plan"]
+    assert plan["bounded_basis"] and plan["fits"]
+    assert seen == [(plan["basis_device"], plan["max_basis"])] and plan["max_basis"] >= MIN_BOUNDED_BASIS
+    assert plan["basis_device"] is None and plan["max_basis"] < plan["basis_vectors"]
+    # spectrum cannot bound its basis yet: with it in the probe the basis goes to host memory instead
+    probe = gp.GeometryProbe(model, loss_fn, batch, metrics=["bounded", "spectrum"], memory_cap=_tight_cap(vectors=80))
+    _train(probe, model, batch, 0)
+    plan = probe.records[0]["cost"]["memory_plan"]
+    assert not plan["bounded_basis"] and seen[-1] == ("cpu", None) == (plan["basis_device"], plan["max_basis"])

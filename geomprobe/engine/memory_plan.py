@@ -298,25 +298,33 @@ def plan_memory(
                 rebuilt = max(rebuilt, b)
         return kept, rebuilt, kept_samples, cap
 
-    def minimal_phase(m: int) -> int:
-        """The least any phase needs: one HVP with a Lanczos run's working vectors, or one example's row."""
+    def minimal_phase(m: int, reserve: bool) -> int:
+        """The least any phase needs: one HVP with a Lanczos run's working vectors (and, with ``reserve``, the
+        smallest bounded basis, so that kept graphs do not push Lanczos off the device), or one example's row."""
         one_hvp = HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)
-        return max(one_hvp + lanczos_work, stats_fixed + row)
+        least_basis = MIN_BOUNDED_BASIS * bv if reserve else 0
+        return max(one_hvp + lanczos_work + least_basis, stats_fixed + row)
 
-    best = None
-    for m in candidates:
-        if budget is None:
-            best = (m, *layout(m, None))
-            break
-        kept, rebuilt, kept_samples, cap = layout(m, budget - v - minimal_phase(m))
-        if rebuilt:
-            # some graphs are rebuilt: one of them lives beside the kept ones during its HVPs
-            kept, rebuilt, kept_samples, cap = layout(m, budget - v - minimal_phase(m) - (int(s * m) + v))
-        need = v + kept + rebuilt + minimal_phase(m)
-        if need <= budget and (best is None or kept_samples > best[3]):
-            best = (m, kept, rebuilt, kept_samples, cap)
-        if best is not None and best[3] == total:
-            break  # every graph kept: smaller pieces would only recompute more
+    def search(reserve: bool) -> tuple | None:
+        best = None
+        for m in candidates:
+            if budget is None:
+                return (m, *layout(m, None))
+            least = minimal_phase(m, reserve)
+            kept, rebuilt, kept_samples, cap = layout(m, budget - v - least)
+            if rebuilt:
+                # some graphs are rebuilt: one of them lives beside the kept ones during its HVPs
+                kept, rebuilt, kept_samples, cap = layout(m, budget - v - least - (int(s * m) + v))
+            if v + kept + rebuilt + least <= budget and (best is None or kept_samples > best[3]):
+                best = (m, kept, rebuilt, kept_samples, cap)
+            if best is not None and best[3] == total:
+                break  # every graph kept: smaller pieces would only recompute more
+        return best
+
+    reserve = bounded_basis and m_req > MIN_BOUNDED_BASIS and "basis_device" not in given
+    best = search(True) if reserve else None
+    if best is None:
+        best = search(False)  # a basis in host memory instead
     fits = best is not None
     if best is None:
         m = candidates[-1]
@@ -374,12 +382,14 @@ def plan_memory(
     if budget is not None and not fits:
         limit = {"training peak": f"{peak_ratio:g} x the training step's peak",
                  "free memory": "the device's free memory", "memory cap": "memory_cap"}[source]
+        explicit = sorted(k for k, who in sources.items() if who != "plan")
+        what = f"the settings given ({', '.join(explicit)})" if explicit else "the smallest plan"
         if budget <= 0:
             warns.insert(0, f"{limit} is already used up before the probe starts (budget {_gib(budget)})")
         warns.insert(0,
             f"the probe needs about {_gib(peak)} beyond the {_gib(allocated_bytes or 0)} allocated, but "
-            f"{limit} leaves {_gib(budget)}; it runs with the smallest plan (micro-batches of {m}, chunks of "
-            f"{chunk}, basis {'in host memory' if basis_device == 'cpu' else 'on the device'}) and may run "
+            f"{limit} leaves {_gib(budget)}; it runs with {what} (micro-batches of {micro or n_max}, chunks "
+            f"of {chunk}, basis {'in host memory' if basis_device == 'cpu' else 'on the device'}) and may run "
             "out of memory (recorded; training continues). Use fewer probe samples, or raise memory_cap / "
             "peak_ratio"
         )
