@@ -103,6 +103,17 @@ def test_an_impossible_budget_gives_the_smallest_plan_and_says_what_to_do():
     json.dumps(p.to_dict())  # JSON-ready, warnings included
 
 
+def test_when_vectors_not_graphs_overflow_the_batch_is_not_cut_to_single_samples():
+    # a graph of 1 MiB per sample beside 400 MiB vectors: splitting would save little and recompute much
+    p = plan_memory(dim=10**8, itemsize=4, batch_sizes=[64], graph_bytes_per_sample=2**20,
+                    available_bytes=2 * GiB)
+    assert not p.fits and p.chunk_size == 1
+    assert p.micro_batch_size is None or p.micro_batch_size >= 16
+    graph_bound = plan_memory(dim=10**6, itemsize=4, batch_sizes=[64], graph_bytes_per_sample=GiB,
+                              available_bytes=2 * GiB)
+    assert not graph_bound.fits and graph_bound.micro_batch_size == 1
+
+
 def test_explicit_settings_win_and_are_recorded_as_such():
     p = _plan(14, overrides={"chunk_size": (4, "user"), "micro_batch_size": (2, "oom-ladder"),
                              "basis_device": ("cpu", "user")})
@@ -197,7 +208,8 @@ def test_an_impossible_cap_warns_and_training_continues(tmp_path):
     for r in probe.records:
         plan = r["cost"]["memory_plan"]
         assert plan["budget_source"] == "memory cap" and not plan["fits"]
-        assert r["cost"]["micro_batch_size"] == 1 and r["cost"]["chunk_size"] == 1
+        assert r["cost"]["chunk_size"] == 1 and r["cost"]["basis_device"] == "cpu"
+        assert r["cost"]["micro_batch_size"] == plan["micro_batch_size"] < 24
         assert r["spectrum"]["hvps"] == 10        # the probe still measures (the CPU has the memory)
 
 

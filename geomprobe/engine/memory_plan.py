@@ -327,8 +327,15 @@ def plan_memory(
         best = search(False)  # a basis in host memory instead
     fits = best is not None
     if best is None:
-        m = candidates[-1]
-        best = (m, *layout(m, 0))
+        # Nothing fits: the pieces that need least, but no smaller than they must be. Where the d-vectors
+        # rather than the graph overflow, cutting the batch to single samples saves little and recomputes
+        # almost every graph at every HVP, so the largest pieces within 10 % of the least need are taken.
+        needs = []
+        for m in candidates:
+            kept, rebuilt, kept_samples, cap = layout(m, 0)
+            needs.append((v + kept + rebuilt + minimal_phase(m, False), m, kept, rebuilt, kept_samples, cap))
+        least = min(n[0] for n in needs)
+        best = next(n[1:] for n in needs if n[0] <= 1.1 * least)
     m, kept, rebuilt, _, graph_cap = best
     micro = value("micro_batch_size", m if m < n_max else None)
     graph_budget = value("graph_budget_bytes", graph_cap)
