@@ -46,7 +46,7 @@ def test_the_plan_degrades_step_by_step_as_the_budget_shrinks():
         assert p.peak_bytes <= p.budget_bytes         # the plan's own arithmetic keeps within the budget
 
 
-def test_planned_peaks_stay_within_every_budget_and_settings_only_shrink():
+def test_planned_peaks_stay_within_every_budget_and_chunks_only_shrink():
     last = None
     for free in range(1024, 8, -8):
         p = _plan(free)
@@ -55,8 +55,9 @@ def test_planned_peaks_stay_within_every_budget_and_settings_only_shrink():
         assert p.items["vector"] + p.items["graphs_kept"] + p.items["graph_rebuilt"] + phases == p.peak_bytes
         assert p.fits == (p.peak_bytes <= p.budget_bytes)
         if last is not None:
-            assert (p.micro_batch_size or 8) <= (last.micro_batch_size or 8)
-            if p.micro_batch_size == last.micro_batch_size:  # smaller pieces make each vector cheaper
+            # (pieces may grow as the budget shrinks: a full basis on the device can be worth splitting the
+            # batch for, a basis in host memory is not; and smaller pieces make each vector cheaper)
+            if (p.micro_batch_size, p.basis_device) == (last.micro_batch_size, last.basis_device):
                 assert p.chunk_size <= last.chunk_size
             assert last.fits or not p.fits
         last = p
@@ -142,9 +143,9 @@ def test_a_planned_landscape_gives_the_same_hvps_as_an_unplanned_one():
     d = plain.dim
     # a cap that leaves room for about half the batch's graph and a few dozen vectors
     cap = int((plain.graph_bytes / 2 + 30 * d * 8) / HEADROOM)
-    planned = gp.Landscape(model, loss_fn, batch, memory=MemoryBudget(cap_bytes=cap))
+    planned = gp.Landscape(model, loss_fn, batch, memory=MemoryBudget(cap_bytes=cap, basis_vectors=11))
     plan = planned.plan
-    assert plan.budget_source == "memory cap" and plan.fits
+    assert plan.budget_source == "memory cap" and plan.fits and plan.basis_vectors == 11
     assert planned.micro_batch_size is not None and planned.micro_batch_size < 240
     assert 1 <= planned.chunk_size < 16 and plan.graph_source.startswith("measured on")
     V = torch.randn(20, d, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
@@ -208,7 +209,7 @@ def test_an_impossible_cap_warns_and_training_continues(tmp_path):
     for r in probe.records:
         plan = r["cost"]["memory_plan"]
         assert plan["budget_source"] == "memory cap" and not plan["fits"]
-        assert r["cost"]["chunk_size"] == 1 and r["cost"]["basis_device"] == "cpu"
+        assert r["cost"]["chunk_size"] == 1 and r["cost"]["basis_device"] is None  # the CPU has no host to use
         assert r["cost"]["micro_batch_size"] == plan["micro_batch_size"] < 24
         assert r["spectrum"]["hvps"] == 10        # the probe still measures (the CPU has the memory)
 
@@ -303,7 +304,7 @@ def test_metrics_that_can_bound_their_basis_receive_the_plans_max_basis(monkeypa
 
     seen = []
 
-    def lanczos_like(land, basis_device=None, max_basis=None):
+    def lanczos_like(land, basis_device=None, max_basis=None, max_iter=None):
         seen.append((basis_device, max_basis))
         return {"value": 1.0}
 
@@ -315,8 +316,19 @@ def test_metrics_that_can_bound_their_basis_receive_the_plans_max_basis(monkeypa
     assert plan["bounded_basis"] and plan["fits"]
     assert seen == [(plan["basis_device"], plan["max_basis"])] and plan["max_basis"] >= MIN_BOUNDED_BASIS
     assert plan["basis_device"] is None and plan["max_basis"] < plan["basis_vectors"]
-    # spectrum cannot bound its basis yet: with it in the probe the basis goes to host memory instead
-    probe = gp.GeometryProbe(model, loss_fn, batch, metrics=["bounded", "spectrum"], memory_cap=_tight_cap(vectors=80))
+    assert plan["basis_vectors"] == 301
+    # spectrum cannot bound its basis yet: with it in the probe no metric is told to
+    probe = gp.GeometryProbe(model, loss_fn, batch, metrics={"bounded": {"max_iter": 10}, "spectrum": {"max_iter": 10}},
+                             memory_cap=_tight_cap(vectors=80))
     _train(probe, model, batch, 0)
     plan = probe.records[0]["cost"]["memory_plan"]
-    assert not plan["bounded_basis"] and seen[-1] == ("cpu", None) == (plan["basis_device"], plan["max_basis"])
+    assert not plan["bounded_basis"] and plan["basis_vectors"] == 11 and plan["fits"]
+    assert seen[-1] == (None, None) == (plan["basis_device"], plan["max_basis"])
+
+
+def test_a_basis_moves_to_host_memory_only_off_the_cpu():
+    on_gpu = _plan(30)
+    on_cpu = _plan(30, host_is_device=True)
+    assert on_gpu.basis_device == "cpu" and on_cpu.basis_device is None
+    assert not on_cpu.fits and "does not fit the budget;" in " ".join(on_cpu.warnings)
+    assert _plan(30, host_is_device=True, basis_vectors=0).fits   # no Lanczos: nothing to store

@@ -76,7 +76,8 @@ class MemoryBudget:
     training step's peak, when known; ``peak_ratio``: the probe's peak may reach this multiple of it;
     ``graph_bytes_per_sample``: saved bytes of the first-order graph per sample, when a previous probe measured
     them (skips the measuring forward); ``bounded_basis``: the Lanczos runs of the probe can be told to hold at
-    most ``max_basis`` vectors (else a basis that does not fit moves to host memory); ``overrides``: settings
+    most ``max_basis`` vectors (else a basis that does not fit moves to host memory); ``basis_vectors``: the most
+    vectors a Lanczos run of the probe stores (0: none runs; None: 301, Lanczos' default); ``overrides``: settings
     fixed by someone other than the plan, name -> (value, who): e.g. ``{"basis_device": ("cpu", "oom-ladder")}``;
     ``warn``: the Landscape warns when the plan does not fit (the probe warns once per run itself).
     """
@@ -86,6 +87,7 @@ class MemoryBudget:
     peak_ratio: float = DEFAULT_PEAK_RATIO
     graph_bytes_per_sample: float | None = None
     bounded_basis: bool = False
+    basis_vectors: int | None = None
     overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
     warn: bool = True
 
@@ -232,6 +234,7 @@ def plan_memory(
     basis_itemsize: int | None = None,
     bounded_basis: bool = False,
     can_split: bool = True,
+    host_is_device: bool = False,
     max_chunk: int = DEFAULT_CHUNK_SIZE,
     overrides: Mapping[str, tuple[Any, str]] | None = None,
     graph_source: str | None = None,
@@ -242,7 +245,8 @@ def plan_memory(
     ``overrides`` maps any of ``micro_batch_size``, ``graph_budget_bytes``, ``chunk_size``, ``basis_device``,
     ``max_basis``, ``persample_bytes`` to ``(value, who)``: the value is used as given and ``who`` recorded.
     ``bounded_basis``: the Lanczos kernel can hold at most ``max_basis`` vectors. ``can_split``: probe batches
-    may be cut into micro-batches (not in train mode with BatchNorm). Costs nothing (no HVP, no allocation).
+    may be cut into micro-batches (not in train mode with BatchNorm). ``host_is_device``: the model is on the CPU,
+    so host memory is the budget itself and a basis moved there saves nothing. Costs nothing (no HVP, no allocation).
     """
     if dim < 1 or itemsize < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ConfigurationError(
@@ -298,14 +302,13 @@ def plan_memory(
                 rebuilt = max(rebuilt, b)
         return kept, rebuilt, kept_samples, cap
 
-    def minimal_phase(m: int, reserve: bool) -> int:
-        """The least any phase needs: one HVP with a Lanczos run's working vectors (and, with ``reserve``, the
-        smallest bounded basis, so that kept graphs do not push Lanczos off the device), or one example's row."""
+    def minimal_phase(m: int, reserve: int) -> int:
+        """The least any phase needs: one HVP with a Lanczos run's working vectors and ``reserve`` bytes of its
+        basis on the device, or one example's row."""
         one_hvp = HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)
-        least_basis = MIN_BOUNDED_BASIS * bv if reserve else 0
-        return max(one_hvp + lanczos_work + least_basis, stats_fixed + row)
+        return max(one_hvp + lanczos_work + reserve, stats_fixed + row)
 
-    def search(reserve: bool) -> tuple | None:
+    def search(reserve: int) -> tuple | None:
         best = None
         for m in candidates:
             if budget is None:
@@ -321,10 +324,20 @@ def plan_memory(
                 break  # every graph kept: smaller pieces would only recompute more
         return best
 
-    reserve = bounded_basis and m_req > MIN_BOUNDED_BASIS and "basis_device" not in given
-    best = search(True) if reserve else None
-    if best is None:
-        best = search(False)  # a basis in host memory instead
+    # Lanczos keeps its whole basis on the device where it fits beside the graphs (kept graphs come second),
+    # else its smallest bounded basis, else the basis goes to host memory; only then do graphs crowd it out.
+    reserves = [m_req * bv]
+    if bounded_basis and m_req > MIN_BOUNDED_BASIS:
+        reserves.append(MIN_BOUNDED_BASIS * bv)
+    if not host_is_device:
+        reserves.append(0)
+    if given.get("basis_device", (None,))[0] == "cpu":
+        reserves = [0]
+    best = None
+    for reserve in reserves:
+        best = search(reserve)
+        if best is not None:
+            break
     fits = best is not None
     if best is None:
         # Nothing fits: the pieces that need least, but no smaller than they must be. Where the d-vectors
@@ -333,7 +346,7 @@ def plan_memory(
         needs = []
         for m in candidates:
             kept, rebuilt, kept_samples, cap = layout(m, 0)
-            needs.append((v + kept + rebuilt + minimal_phase(m, False), m, kept, rebuilt, kept_samples, cap))
+            needs.append((v + kept + rebuilt + minimal_phase(m, reserves[-1]), m, kept, rebuilt, kept_samples, cap))
         least = min(n[0] for n in needs)
         best = next(n[1:] for n in needs if n[0] <= 1.1 * least)
     m, kept, rebuilt, _, graph_cap = best
@@ -346,6 +359,8 @@ def plan_memory(
     per_vector = HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)
     if rest is None:
         k = max_chunk
+    elif not fits:
+        k = 1
     else:
         k = int(min(max_chunk, max(1, rest // per_vector)))
     chunk = int(value("chunk_size", k))
@@ -353,20 +368,23 @@ def plan_memory(
     # ---- the Lanczos basis: on the device in full, bounded on the device, in host memory, or bounded there
     room = None if rest is None else rest - per_vector - lanczos_work
     host_room = None if host_bytes is None else int(host_bytes * HOST_SHARE)
+    if host_is_device:
+        host_room = -1  # nothing to move the basis to
     if room is None or m_req * bv <= room:
         where, cap_basis = None, None
     elif bounded_basis and room // bv >= MIN_BOUNDED_BASIS:
         where, cap_basis = None, int(room // bv)
-    elif host_room is None or m_req * bv <= host_room:
+    elif host_room is None or 0 <= host_room and m_req * bv <= host_room:
         where, cap_basis = "cpu", None
     elif bounded_basis and host_room // bv >= MIN_BOUNDED_BASIS:
         where, cap_basis = "cpu", int(host_room // bv)
     else:
-        where, cap_basis = "cpu", MIN_BOUNDED_BASIS if bounded_basis else None
+        where = None if host_is_device else "cpu"
+        cap_basis = MIN_BOUNDED_BASIS if bounded_basis else None
         warns.append(
-            f"a Lanczos basis of {m_req} vectors ({_gib(m_req * bv)}) fits neither the device budget nor "
-            f"{HOST_SHARE:.0%} of the host's available {_gib(host_bytes or 0)}; Lanczos may run out of memory: "
-            "lower the metrics' max_iter"
+            f"a Lanczos basis of {m_req} vectors ({_gib(m_req * bv)}) does not fit the budget"
+            + ("" if host_is_device else f" nor {HOST_SHARE:.0%} of the host's available {_gib(host_bytes or 0)}")
+            + "; Lanczos may run out of memory: lower the metrics' max_iter"
         )
     basis_device = value("basis_device", where)
     max_basis = value("max_basis", cap_basis)
@@ -427,4 +445,7 @@ def plan_memory(
 
 
 def _gib(n: float) -> str:
-    return f"{n / 2**30:.2f} GiB"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n) >= size / 10:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"

@@ -31,7 +31,8 @@ from torch import nn
 from ..engine.batches import first_tensor
 from ..engine.distributed import make_reducer
 from ..engine.landscape import Landscape, unwrap_model
-from ..engine.memory_plan import DEFAULT_CHUNK_SIZE, DEFAULT_PEAK_RATIO, MemoryBudget, read_training_peak
+from ..engine.memory_plan import (DEFAULT_BASIS_VECTORS, DEFAULT_CHUNK_SIZE, DEFAULT_PEAK_RATIO, MemoryBudget,
+                                  read_training_peak)
 from ..engine.paramspace import ParamSpace, select_parameters
 from ..engine.probedata import draw_probe_batches
 from ..errors import ConfigurationError, OptimizerStateError
@@ -416,7 +417,19 @@ class GeometryProbe:
             fixed["basis_device"] = (self._basis_device, "oom-ladder" if "basis_device" in self._ladder else "user")
         return MemoryBudget(cap_bytes=self.memory_cap, train_peak_bytes=self._train_peak, peak_ratio=self.peak_ratio,
                             graph_bytes_per_sample=self._graph_per_sample, bounded_basis=self._bounded_basis(),
-                            overrides=fixed, warn=False)
+                            basis_vectors=self._basis_vectors(), overrides=fixed, warn=False)
+
+    def _basis_vectors(self) -> int:
+        """The most vectors a Lanczos run of this probe's metrics stores: its step limit plus one (0: none runs)."""
+        need = [0]
+        for name, opts in self.metric_options.items():
+            params = inspect.signature(registry.get(name).fn).parameters
+            for key in ("max_iter", "lanczos_max_iter", "m"):  # spectrum/precond/saddle, isotropy, density
+                if key in params:
+                    steps = opts.get(key, params[key].default)
+                    need.append(DEFAULT_BASIS_VECTORS if steps is None else int(steps) + 1)
+                    break
+        return max(need)
 
     def _bounded_basis(self) -> bool:
         """Whether every metric of this probe that runs Lanczos with a placeable basis can also bound it."""
