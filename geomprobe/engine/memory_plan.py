@@ -23,15 +23,22 @@ graphs plus the largest phase. The budget for it is the least of
 - the memory the device can still give (free plus cached by torch's allocator; on the CPU, available RAM),
 - ``memory_cap - allocated`` for a cap the user sets,
 
-times :data:`HEADROOM` for fragmentation. :func:`plan_memory` then chooses, each only as far as needed: pieces
-of the probe batches (``micro_batch_size``: the largest that keeps the most samples' graphs, the others
-recomputed per HVP), how many pieces' graphs to keep (``graph_budget_bytes``), the vector chunk of batched
-HVPs (``chunk_size``, up to 16), where the Lanczos basis lives (``basis_device``) and how many vectors it may
-hold (``max_basis``: the bounded-memory Lanczos when the kernel offers it, else the basis moves to host
-memory), and the bytes per-example gradients may take at once (``persample_bytes``). An explicit setting
-wins and is recorded as such. A budget nothing fits gives the smallest plan and a warning, never an error:
-the probe's out-of-memory handling stays the safety net. The arithmetic is a model, not a measurement; the
-record keeps both (``items`` beside the peak the probe measured).
+times :data:`HEADROOM` for fragmentation. :func:`plan_memory` then chooses, each only as far as needed:
+
+1. where the Lanczos basis lives: whole on the device if it fits beside one piece's graph; else, when the
+   metrics' Lanczos can bound its basis, ``max_basis`` vectors on the device (at least
+   :data:`MIN_BOUNDED_BASIS`); else in host memory (``basis_device="cpu"``, whole, or bounded to what
+   :data:`HOST_SHARE` of the host's RAM holds). A model on the CPU has no host to move it to.
+2. pieces of the probe batches (``micro_batch_size``: the largest that keeps the most samples' graphs beside
+   that basis, the others recomputed per HVP) and how many pieces keep their graph (``graph_budget_bytes``);
+3. the vector chunk of batched HVPs (``chunk_size``, up to 16) in what the graphs leave;
+4. the bytes per-example gradients may take at once (``persample_bytes``).
+
+An explicit setting wins and is recorded as such. A budget nothing fits gives the smallest plan (one vector at
+a time; the largest pieces within 10 % of the least need, so a batch is not cut to single samples where the
+d-vectors, not the graph, overflow) and a warning, never an error: the probe's out-of-memory handling stays
+the safety net. The arithmetic is a model, not a measurement; the record keeps both (``items`` and
+``peak_bytes`` beside the peak the probe measured), so the constants below can be checked on a GPU.
 
 >>> GiB = 2**30
 >>> p = plan_memory(dim=10**8, itemsize=4, batch_sizes=[8], graph_bytes_per_sample=GiB,

@@ -185,7 +185,6 @@ class GeometryProbe:
         self._grad_norm0: float | None = None
         self._basis_device = basis_device  # set to "cpu" when out-of-memory pushes Lanczos bases off the device
         self.memory_plan, self.memory_cap, self.peak_ratio = bool(memory_plan), memory_cap, float(peak_ratio)
-        self._user_basis = basis_device is not None
         self._ladder: set[str] = set()  # settings the out-of-memory safety net changed
         self._train_peak: int | None = None
         self._graph_per_sample: float | None = None
