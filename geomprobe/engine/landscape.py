@@ -452,9 +452,12 @@ class Landscape:
         V = v.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
         # noted before the work, so that an out-of-memory failure can tell whether batching was involved
         self.widest_block = max(self.widest_block, V.shape[0])
-        out = torch.empty_like(V)
-        for s in range(0, V.shape[0], self.chunk_size):
-            out[s : s + self.chunk_size] = self._hvp_chunk(V[s : s + self.chunk_size])
+        if V.shape[0] <= self.chunk_size:
+            out = self._hvp_chunk(V)  # no output buffer beside the result: at 1B parameters each is GBs
+        else:
+            out = torch.empty_like(V)
+            for s in range(0, V.shape[0], self.chunk_size):
+                out[s : s + self.chunk_size] = self._hvp_chunk(V[s : s + self.chunk_size])
         self.reducer.sum_(out)  # one collective per block of vectors, not per vector
         self.hvps += V.shape[0]
         return out[0] if single else out
@@ -483,13 +486,14 @@ class Landscape:
     def _hvp_chunk(self, V: torch.Tensor) -> torch.Tensor:
         if self.hvp_method == "finite-difference":
             return torch.stack([self._fd_hvp(v) for v in V])
-        acc = torch.zeros_like(V)
+        acc = None  # the first batch's product, fresh from autograd, accumulates the others in place
         for b in range(len(self.batches)):
             grads = self._graphs[b]
             if grads is None:
                 grads = self._graph(b, True)[0]
                 self.graph_rebuilds += 1
-            acc += self._hvp_batch(grads, V)
+            part = self._hvp_batch(grads, V)
+            acc = part if acc is None else acc.add_(part)
         return acc
 
     def _hvp_batch(self, grads: list[torch.Tensor | None], V: torch.Tensor) -> torch.Tensor:

@@ -7,8 +7,9 @@ first-order graph saves per sample (measured on a slice of the first probe batch
 - **graphs**: the flat gradient (``v``) and, per kept piece of ``m`` samples, its saved tensors ``s m`` and
   its gradient (``v``). A piece whose graph is not kept is rebuilt at every HVP call and lives during it.
 - **a block of k batched HVPs** (``rmed``, ``diagshare``, traces): ``k (HVP_VECTORS v + HVP_GRAPH_FACTOR s m)``,
-  the vectors in and out, the per-parameter results and their flattening, and each vector's double backward
-  through the piece's graph.
+  the vectors in, the per-parameter results and their flattening, and each vector's double backward through
+  the piece's graph; for ``k > 1`` one more ``k v``, the per-parameter slices of the block (copied, as they
+  are not contiguous).
 - **a Lanczos run** (one vector at a time): one HVP, its working vectors ``LANCZOS_WORK_VECTORS v`` plus two
   float64 d-vectors, and its basis: ``basis_vectors`` vectors on the device, none there when the basis lives in
   host memory, ``max_basis`` vectors when the bounded-memory Lanczos holds fewer.
@@ -69,7 +70,7 @@ DEFAULT_BASIS_VECTORS = 301   # Lanczos' default max_iter (300) plus its start v
 HEADROOM = 0.9                # of the budget planned for: the allocator's fragmentation and small tensors
 HOST_SHARE = 0.5              # of the host's available RAM a host-resident basis may take
 MIN_BOUNDED_BASIS = 20        # fewer stored vectors than this and a restarted Lanczos barely converges
-HVP_VECTORS = 5               # d-vectors per vector of a batched HVP: V, out, accumulator, results, flattening
+HVP_VECTORS = 3               # d-vectors per vector of an HVP: V, the per-parameter results, their flattening
 HVP_GRAPH_FACTOR = 1.0        # a double backward's temporaries per vector, relative to the piece's saved bytes
 LANCZOS_WORK_VECTORS = 4      # w, the newest and previous basis vectors, a Ritz vector (plus 2 float64 vectors)
 PERSAMPLE_GRAPH_FACTOR = 2.0  # one example's forward and backward in vmap, relative to its saved bytes
@@ -363,7 +364,8 @@ def plan_memory(
     rest = None if budget is None else budget - graphs
 
     # ---- batched HVPs: the widest chunk that fits beside the graphs
-    per_vector = HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)
+    one_hvp = HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)
+    per_vector = one_hvp + v  # in a block of several, V's per-parameter slices are copies
     if rest is None:
         k = max_chunk
     elif not fits:
@@ -373,7 +375,7 @@ def plan_memory(
     chunk = int(value("chunk_size", k))
 
     # ---- the Lanczos basis: on the device in full, bounded on the device, in host memory, or bounded there
-    room = None if rest is None else rest - per_vector - lanczos_work
+    room = None if rest is None else rest - one_hvp - lanczos_work
     host_room = None if host_bytes is None else int(host_bytes * HOST_SHARE)
     if host_is_device:
         host_room = -1  # nothing to move the basis to
@@ -405,8 +407,8 @@ def plan_memory(
         per_bytes = int(max(row, rest - stats_fixed))
     per_bytes = value("persample_bytes", per_bytes)
 
-    hvp_phase = chunk * per_vector
-    lanczos_phase = (HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)) + lanczos_work + basis_on_device
+    hvp_phase = one_hvp if chunk == 1 else chunk * per_vector
+    lanczos_phase = one_hvp + lanczos_work + basis_on_device
     persample_phase = stats_fixed + (row if per_bytes is None else max(row, (per_bytes // row) * row))
     peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)
     if budget is not None and peak > budget:
