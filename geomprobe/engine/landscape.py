@@ -9,6 +9,7 @@ vectors through ``is_grads_batched=True``, chunked to bound memory."""
 from __future__ import annotations
 
 import inspect
+import math
 import re
 import warnings
 from typing import Any, Callable, Iterable, Sequence
@@ -18,8 +19,9 @@ from torch import nn
 
 from ..errors import ConfigurationError, NonFiniteLossError, UnsupportedOperationError
 from .autodiff.fastdouble import fast_double_backward
-from .batches import batch_size, call_model, is_pair, resolve_batches, split_batches, to_device
+from .batches import batch_size, call_model, is_pair, resolve_batches, slice_batch, split_batches, to_device
 from .distributed import make_reducer, refuse_sharded
+from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan, device_memory, host_available_bytes, plan_memory
 from .paramspace import Block, ParamSpace, select_parameters
 from .state import MODES, frozen
 
@@ -137,9 +139,18 @@ class Landscape:
         mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"`` (BatchNorm batch
             statistics, dropout masks frozen for the Landscape's life).
         group_by: blocks are parameter tensors (``"parameter"``) or modules (``"module"``).
-        chunk_size: vectors per batched HVP call; memory grows with it.
-        graph_budget_bytes: keep first-order graphs of batches while their saved tensors fit this budget;
-            graphs beyond it are rebuilt for each HVP (correct, slower). ``None`` keeps all.
+        chunk_size: vectors per batched HVP call; memory grows with it. ``None``: the memory plan's choice
+            (16 when memory allows).
+        graph_budget_bytes: keep first-order graphs of batches while their saved tensors and gradients fit
+            this budget; graphs beyond it are rebuilt for each HVP (correct, slower). ``None``: all kept, or
+            the memory plan's choice.
+        memory: how settings left at ``None`` (``chunk_size``, ``micro_batch_size``, ``graph_budget_bytes``)
+            are chosen. ``"auto"`` (default): a :class:`~geomprobe.engine.memory_plan.MemoryPlan` within the
+            memory the device can still give; a :class:`~geomprobe.engine.memory_plan.MemoryBudget`: within it
+            (a cap, the training step's peak and its ratio); a ``MemoryPlan``: exactly its settings; ``None``:
+            no plan (16 vectors per chunk, whole batches, every graph kept). Explicit settings always win. The
+            plan is :attr:`plan`; it measures the graph's bytes per sample on a slice of the first batch
+            (about ``1/8`` of a gradient) unless the budget gives them or sets no limit.
         hvp_method: ``"autograd"`` (double backward, exact) or ``"finite-difference"``, the central difference
             ``(grad(w + eps v) - grad(w - eps v)) / 2 eps``: a flagged last resort for smooth models whose
             layers have no double backward. Wrong on ReLU networks, where a crossed kink gives errors of 100x.
@@ -185,7 +196,7 @@ class Landscape:
         group_by: str = "parameter",
         max_batches: int | None = None,
         loss_form: str = "auto",
-        chunk_size: int = 16,
+        chunk_size: int | None = None,
         graph_budget_bytes: int | None = None,
         hvp_method: str = "autograd",
         fd_eps: float | None = None,
@@ -193,19 +204,19 @@ class Landscape:
         process_group: Any = None,
         micro_batch_size: int | None = None,
         fast_double_backward: bool = True,
+        memory: MemoryBudget | MemoryPlan | str | None = "auto",
     ):
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
         if hvp_method not in HVP_METHODS:
             raise ConfigurationError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
-        if chunk_size < 1:
+        if chunk_size is not None and chunk_size < 1:
             raise ConfigurationError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.loss_form = _loss_form(loss_fn, loss_form)
         self.mode = mode
         self.seed = int(seed)
-        self.chunk_size = int(chunk_size)
         self.hvp_method = hvp_method
         self.fd_eps = fd_eps
         self.graph_budget_bytes = graph_budget_bytes
@@ -220,6 +231,13 @@ class Landscape:
         if loss_form == "auto" and self.loss_form == "outputs" and not is_pair(self.batches[0]):
             # loss_fn(outputs, targets) cannot take a dict or a longer tuple: the user meant loss_fn(model, batch)
             self.loss_form = "model"
+        self.plan = self._plan(memory, chunk_size, micro_batch_size, graph_budget_bytes)
+        if self.plan is not None:  # explicit settings win over a plan given whole, as over a planned one
+            chunk_size = chunk_size if chunk_size is not None else self.plan.chunk_size
+            micro_batch_size = micro_batch_size if micro_batch_size is not None else self.plan.micro_batch_size
+            if graph_budget_bytes is None:
+                self.graph_budget_bytes = self.plan.graph_budget_bytes
+        self.chunk_size = int(chunk_size or DEFAULT_CHUNK_SIZE)
         if micro_batch_size is not None:
             self.batches = split_batches(self.batches, micro_batch_size, self.model, mode)
         self.micro_batch_size = micro_batch_size
@@ -234,10 +252,74 @@ class Landscape:
         # (a seeded Lanczos run): the parameters cannot change under a Landscape, so they stay valid.
         self.results: dict = {}
         self.graph_bytes = 0
+        self._kept_bytes = 0  # saved tensors and gradients of the kept graphs, what graph_budget_bytes bounds
+        self.graph_bytes_per_sample: float | None = None  # measured on the first piece built
         self.batched_hvp = True
         self._graphs: list[list[torch.Tensor | None] | None] = []
         self._versions = [p._version for p in self.params]
-        self._build()
+        try:
+            self._build()
+        except Exception as e:
+            # The probe's out-of-memory safety net starts from the settings this build ran with.
+            e.memory_plan = self.plan  # type: ignore[attr-defined]
+            raise
+
+    # ------------------------------------------------------------------ memory plan
+    def _plan(self, memory: Any, chunk_size: int | None, micro_batch_size: int | None,
+              graph_budget_bytes: int | None) -> MemoryPlan | None:
+        if memory is None or self.hvp_method != "autograd":
+            return None
+        if isinstance(memory, MemoryPlan):
+            return memory
+        if isinstance(memory, str):
+            if memory != "auto":
+                raise ConfigurationError(
+                    f"memory must be 'auto', None, a MemoryBudget or a MemoryPlan, got {memory!r}"
+                )
+            memory = MemoryBudget()
+        if not isinstance(memory, MemoryBudget):
+            raise ConfigurationError(
+                f"memory must be 'auto', None, a MemoryBudget or a MemoryPlan, got {type(memory).__name__}"
+            )
+        overrides = {k: (v, "user") for k, v in (("chunk_size", chunk_size), ("micro_batch_size", micro_batch_size),
+                                                  ("graph_budget_bytes", graph_budget_bytes)) if v is not None}
+        overrides.update({k: v for k, v in memory.overrides.items() if v is not None and v[0] is not None})
+        available, allocated = device_memory(self.device)
+        host = host_available_bytes()
+        sizes = [batch_size(b) for b in self.batches]
+        can_split = not (self.mode == "train" and any(
+            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()))
+        common = dict(
+            dim=self.space.dim, itemsize=self.dtype.itemsize, batch_sizes=sizes, available_bytes=available,
+            allocated_bytes=allocated, train_peak_bytes=memory.train_peak_bytes, peak_ratio=memory.peak_ratio,
+            cap_bytes=memory.cap_bytes, host_bytes=host, bounded_basis=bool(memory.bounded_basis),
+            can_split=can_split, host_is_device=self.device.type == "cpu", overrides=overrides,
+            **({} if memory.basis_vectors is None else {"basis_vectors": memory.basis_vectors}),
+        )
+        per_sample, source = memory.graph_bytes_per_sample, "given"
+        if per_sample is None:
+            unlimited = plan_memory(graph_bytes_per_sample=None, **common)
+            if unlimited.budget_bytes is None:
+                return unlimited  # nothing limits the probe: no need to measure the graph
+            per_sample, source = self._measure_graph_per_sample(can_split)
+        plan = plan_memory(graph_bytes_per_sample=per_sample, graph_source=source, **common)
+        if plan.warnings and memory.warn:
+            warnings.warn(f"geomprobe memory plan: {'; '.join(plan.warnings)}", RuntimeWarning, stacklevel=4)
+        return plan
+
+    def _measure_graph_per_sample(self, can_split: bool) -> tuple[float, str]:
+        """Saved bytes per sample of the first-order graph, from a slice of about 1/8 of the first batch
+        (at least 2 samples, for layers that normalize over the batch)."""
+        batch = self.batches[0]
+        n = batch_size(batch)
+        m = min(n, max(2, math.ceil(n / 8))) if can_split else n
+        piece = slice_batch(batch, n, 0, m)
+        counter = _SavedBytes(self.params)
+        with self.frozen(0), counter.hooks(), fast_double_backward(self.fast_double_backward):
+            loss = self.loss_on(piece)
+            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        del grads, loss
+        return counter.bytes / m, f"measured on {m} of {n} samples"
 
     # ------------------------------------------------------------------ construction
     def frozen(self, batch_index: int = 0):
@@ -301,10 +383,13 @@ class Landscape:
         grad += self.space.flatten([g.detach() if g is not None else None for g in grads])
         if b == 0 and create:
             _check_double_backward(grads)
-        fits = self.graph_budget_bytes is None or self.graph_bytes + nbytes <= self.graph_budget_bytes
+            self.graph_bytes_per_sample = nbytes / max(1, self.batch_sizes[0])
+        kept = nbytes + sum(g.numel() * g.element_size() for g in grads if g is not None)
+        fits = self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes
         if create and (fits or b == 0):
             self._graphs.append(grads)
             self.graph_bytes += nbytes
+            self._kept_bytes += kept
         else:
             self._graphs.append(None)
 
@@ -367,9 +452,12 @@ class Landscape:
         V = v.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
         # noted before the work, so that an out-of-memory failure can tell whether batching was involved
         self.widest_block = max(self.widest_block, V.shape[0])
-        out = torch.empty_like(V)
-        for s in range(0, V.shape[0], self.chunk_size):
-            out[s : s + self.chunk_size] = self._hvp_chunk(V[s : s + self.chunk_size])
+        if V.shape[0] <= self.chunk_size:
+            out = self._hvp_chunk(V)  # no output buffer beside the result: at 1B parameters each is GBs
+        else:
+            out = torch.empty_like(V)
+            for s in range(0, V.shape[0], self.chunk_size):
+                out[s : s + self.chunk_size] = self._hvp_chunk(V[s : s + self.chunk_size])
         self.reducer.sum_(out)  # one collective per block of vectors, not per vector
         self.hvps += V.shape[0]
         return out[0] if single else out
@@ -398,13 +486,14 @@ class Landscape:
     def _hvp_chunk(self, V: torch.Tensor) -> torch.Tensor:
         if self.hvp_method == "finite-difference":
             return torch.stack([self._fd_hvp(v) for v in V])
-        acc = torch.zeros_like(V)
+        acc = None  # the first batch's product, fresh from autograd, accumulates the others in place
         for b in range(len(self.batches)):
             grads = self._graphs[b]
             if grads is None:
                 grads = self._graph(b, True)[0]
                 self.graph_rebuilds += 1
-            acc += self._hvp_batch(grads, V)
+            part = self._hvp_batch(grads, V)
+            acc = part if acc is None else acc.add_(part)
         return acc
 
     def _hvp_batch(self, grads: list[torch.Tensor | None], V: torch.Tensor) -> torch.Tensor:

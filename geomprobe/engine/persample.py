@@ -6,7 +6,8 @@ iterated again (a second pass recomputes the same rows):
 
 - :class:`PerExampleGradients`: one row per example of the probe batches, by ``torch.func``
   (``functional_call`` + ``vmap(grad)``) over chunks of examples, so memory is ``chunk_size x d`` plus one
-  chunk's activations. The per-example loss is ``loss_fn`` on a batch of one, which is the right thing
+  chunk's activations; chunks shrink to fit a byte budget (the Landscape's memory plan gives one), so at
+  100M+ parameters the rows stream into the statistics a few at a time. The per-example loss is ``loss_fn`` on a batch of one, which is the right thing
   when the batch loss is the **mean** of per-example losses (torch's default ``reduction="mean"``): then
   the mean of the rows is the Landscape's gradient. Where ``vmap`` cannot run (BatchNorm in train mode
   writes its running statistics in place, dropout draws random numbers, the ``loss_fn(model, batch)`` form
@@ -32,6 +33,7 @@ from torch.utils._pytree import tree_map
 from ..errors import ConfigurationError, UnsupportedOperationError
 from .batches import batch_size as _batch_size
 from .batches import resolve_batches
+from .memory_plan import persample_row_bytes
 
 __all__ = ["PerExampleGradients", "MinibatchGradients", "GatheredGradients", "sample_minibatches",
            "PER_EXAMPLE_METHODS"]
@@ -63,7 +65,11 @@ class PerExampleGradients:
     Args:
         land: the :class:`~geomprobe.Landscape` (its model, loss, parameter selection and mode policy).
         batches: examples to use instead of the Landscape's probe batches.
-        chunk_size: examples per ``vmap`` call; memory grows with it.
+        chunk_size: examples per ``vmap`` call at most; memory grows with it.
+        max_bytes: bytes a chunk may take while its rows stream into the statistics, ``rows x``
+            :func:`~geomprobe.engine.memory_plan.persample_row_bytes` (the rows in the model's dtype, their
+            flattening, the statistics' float64 copies, each example's forward and backward); the chunk is cut
+            to fit, down to one example. ``None``: the Landscape's memory plan's ``persample_bytes``, if any.
         method: ``"auto"`` (``vmap``, falling back to micro-batches when it cannot run), ``"vmap"`` or
             ``"microbatch"``.
         max_samples: use only the first ``max_samples`` examples.
@@ -97,6 +103,7 @@ class PerExampleGradients:
         chunk_size: int = 32,
         method: str = "auto",
         max_samples: int | None = None,
+        max_bytes: int | None = None,
     ) -> None:
         if method not in PER_EXAMPLE_METHODS:
             raise ConfigurationError(f"method must be one of {PER_EXAMPLE_METHODS}, got {method!r}")
@@ -105,7 +112,19 @@ class PerExampleGradients:
         self.land = land
         self.batches = land.batches if batches is None else resolve_batches(batches)
         self.sizes = [_batch_size(b) for b in self.batches]
-        self.chunk_size = int(chunk_size)
+        plan = getattr(land, "plan", None)
+        if max_bytes is None and plan is not None:
+            max_bytes = plan.persample_bytes
+        if max_bytes is not None and max_bytes < 1:
+            raise ConfigurationError(f"max_bytes must be >= 1, got {max_bytes}")
+        per_sample = getattr(land, "graph_bytes_per_sample", None)
+        if per_sample is None and plan is not None:
+            per_sample = plan.graph_bytes_per_sample
+        #: modelled bytes of one row in flight (see ``max_bytes``)
+        self.row_bytes = persample_row_bytes(land.dim, land.dtype.itemsize, per_sample)
+        self.max_bytes = max_bytes
+        fit = chunk_size if max_bytes is None else max(1, max_bytes // self.row_bytes)
+        self.chunk_size = int(min(chunk_size, fit))
         total = sum(self.sizes)
         self.count = total if max_samples is None else min(total, int(max_samples))
         self.fallback_reason: str | None = None

@@ -31,6 +31,8 @@ from torch import nn
 from ..engine.batches import first_tensor
 from ..engine.distributed import make_reducer
 from ..engine.landscape import Landscape, unwrap_model
+from ..engine.memory_plan import (DEFAULT_BASIS_VECTORS, DEFAULT_CHUNK_SIZE, DEFAULT_PEAK_RATIO, MemoryBudget,
+                                  read_training_peak)
 from ..engine.paramspace import ParamSpace, select_parameters
 from ..engine.probedata import draw_probe_batches
 from ..errors import ConfigurationError, OptimizerStateError
@@ -95,6 +97,14 @@ class GeometryProbe:
             graph and rebuilding the others per HVP (the same Hessian, less memory, slower probes).
         basis_device: where Lanczos bases live (``"cpu"``: host memory), for the metrics that run Lanczos.
             Both are also reached automatically, one after the other, when a probe runs out of memory.
+        memory_plan: plan each probe's memory before it runs (:mod:`geomprobe.engine.memory_plan`): settings
+            left at ``None`` (``chunk_size``, ``micro_batch_size``, ``basis_device``, and the bytes per-example
+            gradients take at once) are chosen so that the probe's peak stays within ``peak_ratio`` times the
+            training step's peak, read from ``torch.cuda.max_memory_allocated()`` over the steps since the last
+            probe (the probe resets that counter when it ends, so the next interval is training alone), and
+            within free memory and ``memory_cap`` (bytes of device memory in use, absolute). The plan is in
+            each record's ``cost.memory_plan`` and the first one in the run's metadata. Out-of-memory
+            failures still shrink the settings for later probes (recorded as ``"oom-ladder"``).
         seed: seeds probe-data sampling, dropout masks in train mode and every metric's random vectors.
         force / resume: replace or append to an existing run folder.
         tensorboard: a log folder for TensorBoard scalars (needs tensorboard installed).
@@ -129,9 +139,12 @@ class GeometryProbe:
         group_by: str = "parameter",
         probe_samples: int | None = None,
         max_batches: int | None = None,
-        chunk_size: int = 16,
+        chunk_size: int | None = None,
         micro_batch_size: int | None = None,
         basis_device: str | None = None,
+        memory_plan: bool = True,
+        memory_cap: int | None = None,
+        peak_ratio: float = DEFAULT_PEAK_RATIO,
         hvp_method: str = "autograd",
         loss_form: str = "auto",
         seed: int = 0,
@@ -171,6 +184,12 @@ class GeometryProbe:
         self._handle = None
         self._grad_norm0: float | None = None
         self._basis_device = basis_device  # set to "cpu" when out-of-memory pushes Lanczos bases off the device
+        self.memory_plan, self.memory_cap, self.peak_ratio = bool(memory_plan), memory_cap, float(peak_ratio)
+        self._ladder: set[str] = set()  # settings the out-of-memory safety net changed
+        self._train_peak: int | None = None
+        self._graph_per_sample: float | None = None
+        self._last_probe_step: int | None = None
+        self._first_plan: dict | None = None
         self._probe_seconds = 0.0
         self.clock = clock
         self.annotate = annotate
@@ -225,6 +244,8 @@ class GeometryProbe:
                 "params": self.landscape_options["params"],
                 "group_by": self.landscape_options["group_by"],
                 "world_size": self._reducer.world_size,
+                "memory": {"planned": self.memory_plan, "memory_cap": self.memory_cap, "peak_ratio": self.peak_ratio,
+                           "first_plan": self._first_plan},
             },
             "device": str(next(self.model.parameters()).device),
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
@@ -276,9 +297,11 @@ class GeometryProbe:
     # ------------------------------------------------------------------ measuring
     def probe(self, step: int) -> dict:
         """Measure every metric at the current parameters now, whatever the schedule, and record it."""
-        cuda = next(self.model.parameters()).device.type == "cuda"
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
+        device = next(self.model.parameters()).device
+        cuda = device.type == "cuda"
+        peak = read_training_peak(device)  # and a reset, so the record's peak is the probe's own
+        if peak is not None and step > 0 and step != self._last_probe_step:
+            self._train_peak = peak  # the training steps since the last probe, which reset the counter at its end
         t0 = self.clock()
         record: dict[str, Any] = {"step": step, "time": time.time(), "wall": t0 - self._t_start}
         if self.annotate is not None:
@@ -290,8 +313,14 @@ class GeometryProbe:
         basis_device = self._basis_device
         micro_batch_size = self.landscape_options.get("micro_batch_size")
         chunk_size = self.landscape_options["chunk_size"]
+        plan = None
         try:
-            land = Landscape(self.model, self.loss_fn, self.batches, **self.landscape_options)
+            land = Landscape(self.model, self.loss_fn, self.batches, memory=self._budget(), **self.landscape_options)
+            plan, chunk_size, micro_batch_size = land.plan, land.chunk_size, land.micro_batch_size
+            if basis_device is None and plan is not None:
+                basis_device = plan.basis_device
+            if land.graph_bytes_per_sample is not None:
+                self._graph_per_sample = land.graph_bytes_per_sample  # the next plan needs no measuring forward
             g = float(land.grad.norm())
             if self._grad_norm0 is None:
                 self._grad_norm0 = g
@@ -309,6 +338,7 @@ class GeometryProbe:
                 except Exception as e:  # a probe never kills training: record, warn once, go on
                     errors[name] = self._failure(name, e, land)
         except Exception as e:
+            plan = plan or getattr(e, "memory_plan", None)
             errors["landscape"] = self._failure("landscape", e, land)
         finally:
             if land is not None:
@@ -324,7 +354,18 @@ class GeometryProbe:
             "chunk_size": chunk_size,
             "micro_batch_size": micro_batch_size,
             "basis_device": basis_device,
+            "train_peak_mib": self._train_peak / 2**20 if self._train_peak is not None else None,
+            "memory_plan": plan.to_dict() if plan is not None else None,
         }
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)  # the next interval measures training alone
+        self._last_probe_step = step
+        if self._first_plan is None and plan is not None:
+            self._first_plan = plan.to_dict()
+        if plan is not None and plan.warnings and "memory-plan" not in self._warned:
+            self._warned.add("memory-plan")
+            warnings.warn(f"geomprobe: the memory plan at step {step} does not fit ({'; '.join(plan.warnings)}); "
+                          "later plans are recorded in the run without a warning", RuntimeWarning, stacklevel=3)
         if errors:
             record["errors"] = errors
         if skipped:
@@ -349,7 +390,8 @@ class GeometryProbe:
             "noise_data": self.noise_data,
             "grad_norm0": self._grad_norm0,
             "seed": self.seed,
-            "basis_device": self._basis_device,
+            "basis_device": self._basis_device if self._basis_device is not None else getattr(land.plan, "basis_device", None),
+            "max_basis": getattr(land.plan, "max_basis", None),  # taken by the metrics whose Lanczos can bound its basis
         }
         accepted = inspect.signature(metric.fn).parameters
         for key, value in context.items():
@@ -362,18 +404,51 @@ class GeometryProbe:
         out.setdefault("hvps", land.hvps - before)
         return out
 
-    def _shrink_micro_batches(self) -> None:
+    def _budget(self) -> MemoryBudget | None:
+        """What the next Landscape plans within: the cap, the training peak, and the settings fixed by the user
+        or by the out-of-memory safety net (which one is recorded in the plan)."""
+        if not self.memory_plan:
+            return None
+        opts = self.landscape_options
+        fixed = {k: (opts.get(k), "oom-ladder") for k in ("chunk_size", "micro_batch_size", "graph_budget_bytes")
+                 if k in self._ladder}
+        if self._basis_device is not None:
+            fixed["basis_device"] = (self._basis_device, "oom-ladder" if "basis_device" in self._ladder else "user")
+        return MemoryBudget(cap_bytes=self.memory_cap, train_peak_bytes=self._train_peak, peak_ratio=self.peak_ratio,
+                            graph_bytes_per_sample=self._graph_per_sample, bounded_basis=self._bounded_basis(),
+                            basis_vectors=self._basis_vectors(), overrides=fixed, warn=False)
+
+    def _basis_vectors(self) -> int:
+        """The most vectors a Lanczos run of this probe's metrics stores: its step limit plus one (0: none runs)."""
+        need = [0]
+        for name, opts in self.metric_options.items():
+            params = inspect.signature(registry.get(name).fn).parameters
+            for key in ("max_iter", "lanczos_max_iter", "m"):  # spectrum/precond/saddle, isotropy, density
+                if key in params:
+                    steps = opts.get(key, params[key].default)
+                    need.append(DEFAULT_BASIS_VECTORS if steps is None else int(steps) + 1)
+                    break
+        return max(need)
+
+    def _bounded_basis(self) -> bool:
+        """Whether every metric of this probe that runs Lanczos with a placeable basis can also bound it."""
+        takes = [inspect.signature(registry.get(n).fn).parameters for n in self.metric_options]
+        lanczos = [p for p in takes if "basis_device" in p]
+        return bool(lanczos) and all("max_basis" in p for p in lanczos)
+
+    def _shrink_micro_batches(self, ran: int | None = None) -> None:
         """Halve the probe's micro-batches and keep one first-order graph: the double backward then holds
         one piece of the batch at a time (same Hessian, slower probes), so it fits where training fits."""
         opts = self.landscape_options
         if self.mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
             return  # splitting would change BatchNorm's batch statistics: smaller chunks are all we can do
-        current = opts.get("micro_batch_size") or max(
+        current = ran or opts.get("micro_batch_size") or max(
             (int(t.shape[0]) for b in self.batches for t in [first_tensor(b)] if t is not None and t.dim() > 0),
             default=1,
         )
         opts["micro_batch_size"] = max(1, current // 2)
         opts["graph_budget_bytes"] = 1
+        self._ladder.update(("micro_batch_size", "graph_budget_bytes"))
 
     def _failure(self, where: str, e: BaseException, land: Landscape | None) -> str:
         kind = type(e).__name__
@@ -384,15 +459,24 @@ class GeometryProbe:
             # that only ever asked for one vector at a time (Lanczos) gains nothing from smaller chunks, so
             # the next rung is taken at once.
             single = land is not None and where != "landscape" and land.widest_block <= 1
-            self.landscape_options["chunk_size"] = max(1, self.landscape_options["chunk_size"] // 2)
+            # from the settings that ran, the plan's included (a failed build carries its plan)
+            plan = land.plan if land is not None else getattr(e, "memory_plan", None)
+            ran_chunk = land.chunk_size if land is not None else (
+                self.landscape_options["chunk_size"] or (plan.chunk_size if plan is not None else DEFAULT_CHUNK_SIZE))
+            ran_micro = land.micro_batch_size if land is not None else (
+                self.landscape_options.get("micro_batch_size") or (plan.micro_batch_size if plan is not None else None))
+            ran_basis = self._basis_device or (plan.basis_device if plan is not None else None)
+            self.landscape_options["chunk_size"] = max(1, ran_chunk // 2)
+            self._ladder.add("chunk_size")
             if land is not None:
                 land.chunk_size = self.landscape_options["chunk_size"]
             if where == "landscape" or single or self.landscape_options["chunk_size"] == 1:
-                if where != "landscape" and self._basis_device is None and self.landscape_options.get("micro_batch_size"):
+                if where != "landscape" and ran_basis is None and ran_micro:
                     # the graph is already in pieces: the Lanczos basis is the next largest thing on the device
                     self._basis_device = "cpu"
+                    self._ladder.add("basis_device")
                 else:
-                    self._shrink_micro_batches()
+                    self._shrink_micro_batches(ran_micro)
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         message = f"{kind}: {str(e).splitlines()[0] if str(e) else kind}"

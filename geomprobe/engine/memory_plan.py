@@ -1,0 +1,460 @@
+"""The memory plan of a probe: how to measure within a byte budget, decided before measuring.
+
+A probe's memory beyond what is already allocated when it starts (the model, its gradients, the optimizer's
+state) is counted in d-vectors of the model's dtype, ``v = d * itemsize`` bytes, and in ``s``, the bytes a
+first-order graph saves per sample (measured on a slice of the first probe batch, or by the previous probe):
+
+- **graphs**: the flat gradient (``v``) and, per kept piece of ``m`` samples, its saved tensors ``s m`` and
+  its gradient (``v``). A piece whose graph is not kept is rebuilt at every HVP call and lives during it.
+- **a block of k batched HVPs** (``rmed``, ``diagshare``, traces): ``k (HVP_VECTORS v + HVP_GRAPH_FACTOR s m)``,
+  the vectors in, the per-parameter results and their flattening, and each vector's double backward through
+  the piece's graph; for ``k > 1`` one more ``k v``, the per-parameter slices of the block (copied, as they
+  are not contiguous).
+- **a Lanczos run** (one vector at a time): one HVP, its working vectors ``LANCZOS_WORK_VECTORS v`` plus two
+  float64 d-vectors, and its basis: ``basis_vectors`` vectors on the device, none there when the basis lives in
+  host memory, ``max_basis`` vectors when the bounded-memory Lanczos holds fewer.
+- **per-example gradients** (``noise``, ``isotropy``): rows of ``d (2 itemsize + 24) + PERSAMPLE_GRAPH_FACTOR s``
+  bytes (the per-parameter results and their flattening, a float64 copy and two float64 temporaries of the
+  streaming statistics, one example's forward and backward), and the statistics' float64 mean and variance.
+
+The graphs stay for the whole probe; the other three phases follow one another, so the probe's peak is the
+graphs plus the largest phase. The budget for it is the least of
+
+- ``peak_ratio x training peak - allocated`` where the training step's peak is known (default ratio 1.5),
+- the memory the device can still give (free plus cached by torch's allocator; on the CPU, available RAM),
+- ``memory_cap - allocated`` for a cap the user sets,
+
+times :data:`HEADROOM` for fragmentation. :func:`plan_memory` then chooses, each only as far as needed:
+
+1. where the Lanczos basis lives: whole on the device if it fits beside one piece's graph; else, when the
+   metrics' Lanczos can bound its basis, ``max_basis`` vectors on the device (at least
+   :data:`MIN_BOUNDED_BASIS`); else in host memory (``basis_device="cpu"``, whole, or bounded to what
+   :data:`HOST_SHARE` of the host's RAM holds). A model on the CPU has no host to move it to.
+2. pieces of the probe batches (``micro_batch_size``: the largest that keeps the most samples' graphs beside
+   that basis, the others recomputed per HVP) and how many pieces keep their graph (``graph_budget_bytes``);
+3. the vector chunk of batched HVPs (``chunk_size``, up to 16) in what the graphs leave;
+4. the bytes per-example gradients may take at once (``persample_bytes``).
+
+An explicit setting wins and is recorded as such. A budget nothing fits gives the smallest plan (one vector at
+a time; the largest pieces within 10 % of the least need, so a batch is not cut to single samples where the
+d-vectors, not the graph, overflow) and a warning, never an error: the probe's out-of-memory handling stays
+the safety net. The arithmetic is a model, not a measurement; the record keeps both (``items`` and
+``peak_bytes`` beside the peak the probe measured), so the constants below can be checked on a GPU.
+
+>>> GiB = 2**30
+>>> p = plan_memory(dim=10**8, itemsize=4, batch_sizes=[8], graph_bytes_per_sample=GiB,
+...                 available_bytes=80 * GiB, allocated_bytes=2 * GiB, train_peak_bytes=16 * GiB)
+>>> p.budget_source, p.micro_batch_size, p.chunk_size, p.basis_device, p.fits
+('training peak', 4, 1, 'cpu', True)
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..errors import ConfigurationError
+
+__all__ = [
+    "MemoryBudget", "MemoryPlan", "plan_memory", "budget_bytes", "device_memory", "host_available_bytes",
+    "read_training_peak", "persample_row_bytes", "DEFAULT_PEAK_RATIO", "DEFAULT_CHUNK_SIZE",
+]
+
+DEFAULT_PEAK_RATIO = 1.5      # probe peak <= 1.5 x the training step's peak (issue 16)
+DEFAULT_CHUNK_SIZE = 16       # vectors per batched HVP when memory allows
+DEFAULT_BASIS_VECTORS = 301   # Lanczos' default max_iter (300) plus its start vector
+HEADROOM = 0.9                # of the budget planned for: the allocator's fragmentation and small tensors
+HOST_SHARE = 0.5              # of the host's available RAM a host-resident basis may take
+MIN_BOUNDED_BASIS = 20        # fewer stored vectors than this and a restarted Lanczos barely converges
+HVP_VECTORS = 3               # d-vectors per vector of an HVP: V, the per-parameter results, their flattening
+HVP_GRAPH_FACTOR = 1.0        # a double backward's temporaries per vector, relative to the piece's saved bytes
+LANCZOS_WORK_VECTORS = 4      # w, the newest and previous basis vectors, a Ritz vector (plus 2 float64 vectors)
+PERSAMPLE_GRAPH_FACTOR = 2.0  # one example's forward and backward in vmap, relative to its saved bytes
+
+
+@dataclass
+class MemoryBudget:
+    """What is known about the memory a probe may use, before planning it (JSON-ready).
+
+    ``cap_bytes``: an absolute cap on device memory in use during the probe; ``train_peak_bytes``: the
+    training step's peak, when known; ``peak_ratio``: the probe's peak may reach this multiple of it;
+    ``graph_bytes_per_sample``: saved bytes of the first-order graph per sample, when a previous probe measured
+    them (skips the measuring forward); ``bounded_basis``: the Lanczos runs of the probe can be told to hold at
+    most ``max_basis`` vectors (else a basis that does not fit moves to host memory); ``basis_vectors``: the most
+    vectors a Lanczos run of the probe stores (0: none runs; None: 301, Lanczos' default); ``overrides``: settings
+    fixed by someone other than the plan, name -> (value, who): e.g. ``{"basis_device": ("cpu", "oom-ladder")}``;
+    ``warn``: the Landscape warns when the plan does not fit (the probe warns once per run itself).
+    """
+
+    cap_bytes: int | None = None
+    train_peak_bytes: int | None = None
+    peak_ratio: float = DEFAULT_PEAK_RATIO
+    graph_bytes_per_sample: float | None = None
+    bounded_basis: bool = False
+    basis_vectors: int | None = None
+    overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
+    warn: bool = True
+
+
+@dataclass
+class MemoryPlan:
+    """The settings a probe runs with and the arithmetic that chose them (bytes), JSON-ready by :meth:`to_dict`.
+
+    ``budget_bytes`` is what the probe may add to ``allocated_bytes`` (None: no limit known);
+    ``items`` the modelled bytes of each part and phase (see the module docstring), ``peak_bytes`` their
+    planned peak above ``allocated_bytes``; ``sources`` says for each setting whether the plan, the user or
+    the out-of-memory safety net chose it; ``fits`` is False when even the smallest plan exceeds the budget.
+    """
+
+    budget_bytes: int | None
+    budget_source: str
+    allocated_bytes: int | None
+    available_bytes: int | None
+    train_peak_bytes: int | None
+    peak_ratio: float
+    cap_bytes: int | None
+    host_available_bytes: int | None
+    dim: int
+    itemsize: int
+    batch_sizes: list[int]
+    graph_bytes_per_sample: float | None
+    micro_batch_size: int | None
+    graph_budget_bytes: int | None
+    chunk_size: int
+    basis_device: str | None
+    max_basis: int | None
+    persample_bytes: int | None
+    basis_vectors: int
+    bounded_basis: bool
+    peak_bytes: int
+    fits: bool
+    items: dict[str, int] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+    graph_source: str | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------- measuring
+def host_available_bytes() -> int | None:
+    """RAM the host can still give (``MemAvailable`` of /proc/meminfo, else free pages); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def device_memory(device: torch.device | str) -> tuple[int | None, int]:
+    """``(available, allocated)`` bytes on ``device``: on CUDA the free memory plus what torch's allocator
+    holds cached but unused, and what tensors hold now; on the CPU the host's available RAM and 0 (what the
+    process holds is already outside the available figure). ``available`` is None where unknown."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        allocated = torch.cuda.memory_allocated(device)
+        cached = torch.cuda.memory_reserved(device) - allocated
+        return int(free + max(cached, 0)), int(allocated)
+    if device.type == "cpu":
+        return host_available_bytes(), 0
+    return None, 0
+
+
+def read_training_peak(device: torch.device | str) -> int | None:
+    """The peak of allocated memory on ``device`` since the last reset, and a reset, so that the next
+    interval measures training alone (CUDA; None elsewhere). The only change made to torch's counters."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    peak = int(torch.cuda.max_memory_allocated(device))
+    torch.cuda.reset_peak_memory_stats(device)
+    return peak
+
+
+def persample_row_bytes(dim: int, itemsize: int, graph_bytes_per_sample: float | None) -> int:
+    """Bytes one per-example gradient costs while it streams into the noise statistics (module docstring)."""
+    return int(dim * (2 * itemsize + 24) + PERSAMPLE_GRAPH_FACTOR * (graph_bytes_per_sample or 0.0))
+
+
+# ---------------------------------------------------------------------------------------------- planning
+def budget_bytes(
+    *,
+    available_bytes: int | None,
+    allocated_bytes: int | None = 0,
+    train_peak_bytes: int | None = None,
+    peak_ratio: float = DEFAULT_PEAK_RATIO,
+    cap_bytes: int | None = None,
+) -> tuple[int | None, str]:
+    """The bytes a probe may add to what is allocated, and which limit set it (module docstring); ``(None,
+    "no limit")`` when nothing is known. Negative when a limit is already exceeded."""
+    if not peak_ratio > 0:
+        raise ConfigurationError(f"peak_ratio must be > 0, got {peak_ratio}")
+    allocated = int(allocated_bytes or 0)
+    limits: list[tuple[float, str]] = []
+    if train_peak_bytes is not None:
+        limits.append((peak_ratio * train_peak_bytes - allocated, "training peak"))
+    if available_bytes is not None:
+        limits.append((available_bytes, "free memory"))
+    if cap_bytes is not None:
+        limits.append((cap_bytes - allocated, "memory cap"))
+    if not limits:
+        return None, "no limit"
+    value, source = min(limits, key=lambda t: t[0])
+    return int(value * HEADROOM) if value > 0 else int(value), source
+
+
+def _pieces(batch_sizes: Sequence[int], m: int) -> list[int]:
+    return [min(m, n - a) for n in batch_sizes for a in range(0, n, m)]
+
+
+def _halvings(n: int) -> list[int]:
+    out = [n]
+    while out[-1] > 1:
+        out.append(max(1, math.ceil(out[-1] / 2)))
+    return out
+
+
+def plan_memory(
+    *,
+    dim: int,
+    itemsize: int,
+    batch_sizes: Sequence[int],
+    graph_bytes_per_sample: float | None,
+    available_bytes: int | None,
+    allocated_bytes: int | None = 0,
+    train_peak_bytes: int | None = None,
+    peak_ratio: float = DEFAULT_PEAK_RATIO,
+    cap_bytes: int | None = None,
+    host_bytes: int | None = None,
+    basis_vectors: int = DEFAULT_BASIS_VECTORS,
+    basis_itemsize: int | None = None,
+    bounded_basis: bool = False,
+    can_split: bool = True,
+    host_is_device: bool = False,
+    max_chunk: int = DEFAULT_CHUNK_SIZE,
+    overrides: Mapping[str, tuple[Any, str]] | None = None,
+    graph_source: str | None = None,
+) -> MemoryPlan:
+    """The settings that keep a probe within its budget, and the arithmetic behind them (module docstring).
+
+    Pure: every figure is an argument, so a plan for an 80 GiB GPU can be computed and tested on a laptop.
+    ``overrides`` maps any of ``micro_batch_size``, ``graph_budget_bytes``, ``chunk_size``, ``basis_device``,
+    ``max_basis``, ``persample_bytes`` to ``(value, who)``: the value is used as given and ``who`` recorded.
+    ``bounded_basis``: the Lanczos kernel can hold at most ``max_basis`` vectors. ``can_split``: probe batches
+    may be cut into micro-batches (not in train mode with BatchNorm). ``host_is_device``: the model is on the CPU,
+    so host memory is the budget itself and a basis moved there saves nothing. Costs nothing (no HVP, no allocation).
+    """
+    if dim < 1 or itemsize < 1 or not batch_sizes or min(batch_sizes) < 1:
+        raise ConfigurationError(
+            f"a memory plan needs dim >= 1, itemsize >= 1 and non-empty batches, got dim={dim}, "
+            f"itemsize={itemsize}, batch_sizes={list(batch_sizes)}"
+        )
+    given = {k: v for k, v in (overrides or {}).items() if v is not None and v[0] is not None}
+    for name in ("micro_batch_size", "chunk_size", "max_basis"):
+        if name in given and int(given[name][0]) < 1:
+            raise ConfigurationError(f"{name} must be >= 1, got {given[name][0]}")
+    budget, source = budget_bytes(available_bytes=available_bytes, allocated_bytes=allocated_bytes,
+                                  train_peak_bytes=train_peak_bytes, peak_ratio=peak_ratio, cap_bytes=cap_bytes)
+    v = dim * itemsize
+    bv = dim * (basis_itemsize or itemsize)
+    m_req = min(int(basis_vectors), dim + 1)
+    s = float(graph_bytes_per_sample or 0.0)
+    n_max = max(batch_sizes)
+    total = sum(batch_sizes)
+    sources = {k: who for k, (_, who) in given.items()}
+    warns: list[str] = []
+    lanczos_work = LANCZOS_WORK_VECTORS * v + 2 * dim * 8
+    stats_fixed = 2 * dim * 8
+    row = persample_row_bytes(dim, itemsize, s)
+
+    def value(name: str, default: Any) -> Any:
+        if name in given:
+            return given[name][0]
+        sources.setdefault(name, "plan")
+        return default
+
+    # ---- graphs: the micro-batch size and how many pieces keep their graph
+    if "micro_batch_size" in given:
+        candidates = [int(given["micro_batch_size"][0])]
+    else:
+        candidates = _halvings(n_max) if can_split else [n_max]
+
+    def layout(m: int, room: float | None) -> tuple[int, int, int, int | None]:
+        """(kept bytes, rebuilt-piece bytes, kept samples, graph budget) for pieces of ``m`` within ``room``."""
+        pieces = _pieces(batch_sizes, m)
+        piece_bytes = [int(s * p) + v for p in pieces]
+        if "graph_budget_bytes" in given:
+            cap = given["graph_budget_bytes"][0]
+        elif room is None or sum(piece_bytes) <= room:
+            cap = None
+        else:
+            cap = max(1, int(room))
+        kept, kept_samples, rebuilt = 0, 0, 0
+        for i, (p, b) in enumerate(zip(pieces, piece_bytes)):
+            if cap is None or kept + b <= cap or i == 0:
+                kept += b
+                kept_samples += p
+            else:
+                rebuilt = max(rebuilt, b)
+        return kept, rebuilt, kept_samples, cap
+
+    def minimal_phase(m: int, reserve: int) -> int:
+        """The least any phase needs: one HVP with a Lanczos run's working vectors and ``reserve`` bytes of its
+        basis on the device, or one example's row."""
+        one_hvp = HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)
+        return max(one_hvp + lanczos_work + reserve, stats_fixed + row)
+
+    def search(reserve: int) -> tuple | None:
+        best = None
+        for m in candidates:
+            if budget is None:
+                return (m, *layout(m, None))
+            least = minimal_phase(m, reserve)
+            kept, rebuilt, kept_samples, cap = layout(m, budget - v - least)
+            if rebuilt:
+                # some graphs are rebuilt: one of them lives beside the kept ones during its HVPs
+                kept, rebuilt, kept_samples, cap = layout(m, budget - v - least - (int(s * m) + v))
+            if v + kept + rebuilt + least <= budget and (best is None or kept_samples > best[3]):
+                best = (m, kept, rebuilt, kept_samples, cap)
+            if best is not None and best[3] == total:
+                break  # every graph kept: smaller pieces would only recompute more
+        return best
+
+    # Lanczos keeps its whole basis on the device where it fits beside the graphs (kept graphs come second),
+    # else its smallest bounded basis, else the basis goes to host memory; only then do graphs crowd it out.
+    reserves = [m_req * bv]
+    if bounded_basis and m_req > MIN_BOUNDED_BASIS:
+        reserves.append(MIN_BOUNDED_BASIS * bv)
+    if not host_is_device:
+        reserves.append(0)
+    if given.get("basis_device", (None,))[0] == "cpu":
+        reserves = [0]
+    best = None
+    for reserve in reserves:
+        best = search(reserve)
+        if best is not None:
+            break
+    fits = best is not None
+    if best is None:
+        # Nothing fits: the pieces that need least, but no smaller than they must be. Where the d-vectors
+        # rather than the graph overflow, cutting the batch to single samples saves little and recomputes
+        # almost every graph at every HVP, so the largest pieces within 10 % of the least need are taken.
+        needs = []
+        for m in candidates:
+            kept, rebuilt, kept_samples, cap = layout(m, 0)
+            needs.append((v + kept + rebuilt + minimal_phase(m, reserves[-1]), m, kept, rebuilt, kept_samples, cap))
+        least = min(n[0] for n in needs)
+        best = next(n[1:] for n in needs if n[0] <= 1.1 * least)
+    m, kept, rebuilt, _, graph_cap = best
+    micro = value("micro_batch_size", m if m < n_max else None)
+    graph_budget = value("graph_budget_bytes", graph_cap)
+    graphs = v + kept + rebuilt
+    rest = None if budget is None else budget - graphs
+
+    # ---- batched HVPs: the widest chunk that fits beside the graphs
+    one_hvp = HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)
+    per_vector = one_hvp + v  # in a block of several, V's per-parameter slices are copies
+    if rest is None:
+        k = max_chunk
+    elif not fits:
+        k = 1
+    else:
+        k = int(min(max_chunk, max(1, rest // per_vector)))
+    chunk = int(value("chunk_size", k))
+
+    # ---- the Lanczos basis: on the device in full, bounded on the device, in host memory, or bounded there
+    room = None if rest is None else rest - one_hvp - lanczos_work
+    host_room = None if host_bytes is None else int(host_bytes * HOST_SHARE)
+    if host_is_device:
+        host_room = -1  # nothing to move the basis to
+    if room is None or m_req * bv <= room:
+        where, cap_basis = None, None
+    elif bounded_basis and room // bv >= MIN_BOUNDED_BASIS:
+        where, cap_basis = None, int(room // bv)
+    elif host_room is None or 0 <= host_room and m_req * bv <= host_room:
+        where, cap_basis = "cpu", None
+    elif bounded_basis and host_room // bv >= MIN_BOUNDED_BASIS:
+        where, cap_basis = "cpu", int(host_room // bv)
+    else:
+        where = None if host_is_device else "cpu"
+        cap_basis = MIN_BOUNDED_BASIS if bounded_basis else None
+        warns.append(
+            f"a Lanczos basis of {m_req} vectors ({_gib(m_req * bv)}) does not fit the budget"
+            + ("" if host_is_device else f" nor {HOST_SHARE:.0%} of the host's available {_gib(host_bytes or 0)}")
+            + "; Lanczos may run out of memory: lower the metrics' max_iter"
+        )
+    basis_device = value("basis_device", where)
+    max_basis = value("max_basis", cap_basis)
+    stored = m_req if max_basis is None else min(m_req, int(max_basis))
+    basis_on_device = 0 if basis_device == "cpu" else stored * bv
+
+    # ---- per-example gradients: what the phase may take once the graphs are in place
+    if rest is None:
+        per_bytes = None
+    else:
+        per_bytes = int(max(row, rest - stats_fixed))
+    per_bytes = value("persample_bytes", per_bytes)
+
+    hvp_phase = one_hvp if chunk == 1 else chunk * per_vector
+    lanczos_phase = one_hvp + lanczos_work + basis_on_device
+    persample_phase = stats_fixed + (row if per_bytes is None else max(row, (per_bytes // row) * row))
+    peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)
+    if budget is not None and peak > budget:
+        fits = False
+    if budget is not None and not fits:
+        limit = {"training peak": f"{peak_ratio:g} x the training step's peak",
+                 "free memory": "the device's free memory", "memory cap": "memory_cap"}[source]
+        explicit = sorted(k for k, who in sources.items() if who != "plan")
+        what = f"the settings given ({', '.join(explicit)})" if explicit else "the smallest plan"
+        if budget <= 0:
+            warns.insert(0, f"{limit} is already used up before the probe starts (budget {_gib(budget)})")
+        warns.insert(0,
+            f"the probe needs about {_gib(peak)} beyond the {_gib(allocated_bytes or 0)} allocated, but "
+            f"{limit} leaves {_gib(budget)}; it runs with {what} (micro-batches of {micro or n_max}, chunks "
+            f"of {chunk}, basis {'in host memory' if basis_device == 'cpu' else 'on the device'}) and may run "
+            "out of memory (recorded; training continues). Use fewer probe samples, or raise memory_cap / "
+            "peak_ratio"
+        )
+    items = {
+        "vector": v,
+        "graph_per_piece": int(s * m) + v,
+        "graphs_kept": kept,
+        "graph_rebuilt": rebuilt,
+        "hvp_per_vector": per_vector,
+        "hvp_phase": hvp_phase,
+        "lanczos_work": lanczos_work,
+        "basis_on_device": basis_on_device,
+        "basis_full": m_req * bv,
+        "lanczos_phase": lanczos_phase,
+        "persample_row": row,
+        "persample_phase": persample_phase,
+    }
+    return MemoryPlan(
+        budget_bytes=budget, budget_source=source, allocated_bytes=allocated_bytes,
+        available_bytes=available_bytes, train_peak_bytes=train_peak_bytes, peak_ratio=float(peak_ratio),
+        cap_bytes=cap_bytes, host_available_bytes=host_bytes, dim=int(dim), itemsize=int(itemsize),
+        batch_sizes=[int(b) for b in batch_sizes], graph_bytes_per_sample=graph_bytes_per_sample,
+        micro_batch_size=micro, graph_budget_bytes=graph_budget, chunk_size=chunk, basis_device=basis_device,
+        max_basis=max_basis, persample_bytes=per_bytes, basis_vectors=m_req, bounded_basis=bool(bounded_basis),
+        peak_bytes=int(peak), fits=bool(fits), items=items, sources=sources, warnings=warns,
+        graph_source=graph_source,
+    )
+
+
+def _gib(n: float) -> str:
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+        if abs(n) >= size / 10:
+            return f"{n / size:.2f} {unit}"
+    return f"{n / 2**10:.1f} KiB"
