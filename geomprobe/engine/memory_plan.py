@@ -10,8 +10,8 @@ first-order graph saves per sample (measured on a slice of the first probe batch
   the vectors in, the per-parameter results and their flattening, and each vector's double backward through
   the piece's graph; for ``k > 1`` one more ``k v``, the per-parameter slices of the block (copied, as they
   are not contiguous).
-- **a Lanczos run** (one vector at a time): one HVP, its working vectors ``LANCZOS_WORK_VECTORS v`` plus two
-  float64 d-vectors, and its basis: ``basis_vectors`` vectors on the device, none there when the basis lives in
+- **a Lanczos run** (one vector at a time): one HVP, its working vectors ``LANCZOS_WORK_VECTORS v`` (the kernel keeps vectors in
+  the model's dtype, no float64 copies), and its basis: ``basis_vectors`` vectors on the device, none there when the basis lives in
   host memory, ``max_basis`` vectors when the bounded-memory Lanczos holds fewer.
 - **per-example gradients** (``noise``, ``isotropy``): rows of ``d (2 itemsize + 24) + PERSAMPLE_GRAPH_FACTOR s``
   bytes (the per-parameter results and their flattening, a float64 copy and two float64 temporaries of the
@@ -45,7 +45,7 @@ the safety net. The arithmetic is a model, not a measurement; the record keeps b
 >>> p = plan_memory(dim=10**8, itemsize=4, batch_sizes=[8], graph_bytes_per_sample=GiB,
 ...                 available_bytes=80 * GiB, allocated_bytes=2 * GiB, train_peak_bytes=16 * GiB)
 >>> p.budget_source, p.micro_batch_size, p.chunk_size, p.basis_device, p.fits
-('training peak', 4, 1, 'cpu', True)
+('training peak', None, 1, 'cpu', True)
 """
 
 from __future__ import annotations
@@ -72,7 +72,7 @@ HOST_SHARE = 0.5              # of the host's available RAM a host-resident basi
 MIN_BOUNDED_BASIS = 20        # fewer stored vectors than this and a restarted Lanczos barely converges
 HVP_VECTORS = 3               # d-vectors per vector of an HVP: V, the per-parameter results, their flattening
 HVP_GRAPH_FACTOR = 1.0        # a double backward's temporaries per vector, relative to the piece's saved bytes
-LANCZOS_WORK_VECTORS = 4      # w, the newest and previous basis vectors, a Ritz vector (plus 2 float64 vectors)
+LANCZOS_WORK_VECTORS = 4      # w, the newest and previous basis vectors, a Ritz vector
 PERSAMPLE_GRAPH_FACTOR = 2.0  # one example's forward and backward in vmap, relative to its saved bytes
 
 
@@ -275,7 +275,7 @@ def plan_memory(
     total = sum(batch_sizes)
     sources = {k: who for k, (_, who) in given.items()}
     warns: list[str] = []
-    lanczos_work = LANCZOS_WORK_VECTORS * v + 2 * dim * 8
+    lanczos_work = LANCZOS_WORK_VECTORS * v
     stats_fixed = 2 * dim * 8
     row = persample_row_bytes(dim, itemsize, s)
 
