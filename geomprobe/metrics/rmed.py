@@ -41,7 +41,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigurationError
-from ..linalg.diagonal import bekas_diagonal
+from ..linalg.diagonal import bekas_diagonal, packed_diagonal
 from ..linalg.vectors import Matvec, default_generator
 from ._common import (
     checked,
@@ -54,6 +54,7 @@ from ._common import (
     select_blocks,
     weighted_quantile,
 )
+from ._budget import RmedPlan, plan_rmed
 from .registry import register
 
 __all__ = ["rmed", "diagonal_ratios"]
@@ -71,10 +72,12 @@ class _BlockDiag:
     cand_h: np.ndarray
     screen: np.ndarray | None = None      # Bekas mean over the block
     screen_se: np.ndarray | None = None
+    sample_err: np.ndarray | None = None  # packed reads: standard error of each h_i (None: exact entries)
+    cand_err: np.ndarray | None = None
 
 
 def _check_options(exact_threshold: int, k: int, top: int, screen_samples: int, z: float, level: float,
-                   bootstrap: int) -> None:
+                   bootstrap: int, hvps: int, signs: int, min_k: int) -> None:
     if exact_threshold < 0 or k < 3 or top < 0 or screen_samples < 2 or bootstrap < 10:
         raise ConfigurationError(
             "rmed needs exact_threshold >= 0, k >= 3, top >= 0, screen_samples >= 2 and bootstrap >= 10; got "
@@ -83,6 +86,9 @@ def _check_options(exact_threshold: int, k: int, top: int, screen_samples: int, 
         )
     if not 0.0 < level < 1.0 or z <= 0:
         raise ConfigurationError(f"rmed needs 0 < level < 1 and z > 0, got level={level}, z={z}")
+    for name, v, least in (("hvps", hvps, 1), ("signs", signs, 2), ("min_k", min_k, 3)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
+            raise ConfigurationError(f"rmed needs an integer {name} >= {least}, got {name}={v!r}")
 
 
 def _gather(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None], *,
@@ -136,10 +142,90 @@ def _gather(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[
     return parts, hvps
 
 
+def _screen_candidates(mean: np.ndarray, se: np.ndarray, b: Any, known: np.ndarray, scalings: Sequence, z: float,
+                       n_top: int) -> np.ndarray:
+    """The ``n_top`` unknown coordinates of block ``b`` with the largest screened upper bound, per scaling."""
+    unknown = np.ones(b.size, dtype=bool)
+    unknown[known] = False
+    chosen: set[int] = set()
+    n = min(n_top, int(unknown.sum()))
+    for s in scalings:
+        sc = np.ones(b.size) if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
+        # Rank by the upper bound, not the point estimate: reading the coordinates that could be largest is
+        # what lets the rest of the screen certify the max.
+        upper = np.where(unknown, sc * (np.abs(mean[b.start : b.stop]) + z * se[b.start : b.stop]), -np.inf)
+        chosen.update(np.argpartition(-upper, n - 1)[:n].tolist() if n else [])
+    return np.array(sorted(chosen), dtype=int)
+
+
+def _rows(blocks: Sequence[Any], local: Sequence[np.ndarray], n_rows: int) -> torch.Tensor:
+    """An ``(n_rows, n_blocks)`` matrix of global coordinates, column ``l`` = block l's list, -1 padded."""
+    R = np.full((n_rows, len(blocks)), -1, dtype=np.int64)
+    for j, (b, loc) in enumerate(zip(blocks, local)):
+        R[: len(loc), j] = b.start + loc
+    return torch.from_numpy(R)
+
+
+def _gather_packed(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None],
+                   plan: RmedPlan, *, z: float, generator: torch.Generator, dtype: torch.dtype, device: Any,
+                   batch: int) -> tuple[list[_BlockDiag], int]:
+    """Packed reads (one coordinate of every block per row, ``plan.signs`` sign patterns): samples, then a
+    Bekas screen and its candidates. Every entry comes with the standard error of its contamination."""
+    parts = []
+    for b in blocks:
+        local = torch.randperm(b.size, generator=generator)[: plan.rows_sample].sort().values.numpy()
+        parts.append(_BlockDiag(b, False, local, np.empty(0), np.empty(0, int), np.empty(0)))
+    est, err = packed_diagonal(matvec, dim, _rows(blocks, [p.sample for p in parts], plan.rows_sample),
+                               signs=plan.signs, batch=batch, generator=generator, dtype=dtype, device=device)
+    hvps = plan.signs * plan.rows_sample
+    for j, p in enumerate(parts):
+        p.sample_h, p.sample_err = est[: len(p.sample), j].numpy(), err[: len(p.sample), j].numpy()
+        p.cand_err = np.empty(0)
+    if plan.rows_cand == 0 or plan.screen == 0:
+        return parts, hvps
+    mean, se = bekas_diagonal(matvec, dim, samples=plan.screen, batch=batch, generator=generator, dtype=dtype,
+                              device=device)
+    mean, se = mean.double().cpu().numpy(), se.double().cpu().numpy()
+    hvps += plan.screen
+    per_scaling = -(-plan.rows_cand // len(scalings))
+    for p in parts:
+        b = p.block
+        p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
+        p.cand = _screen_candidates(mean, se, b, p.sample, scalings, z, per_scaling)[: plan.rows_cand]
+    est, err = packed_diagonal(matvec, dim, _rows(blocks, [p.cand for p in parts], plan.rows_cand),
+                               signs=plan.signs, batch=batch, generator=generator, dtype=dtype, device=device)
+    hvps += plan.signs * plan.rows_cand
+    for j, p in enumerate(parts):
+        p.cand_h, p.cand_err = est[: len(p.cand), j].numpy(), err[: len(p.cand), j].numpy()
+    return parts, hvps
+
+
+def _noise_scale(err: np.ndarray) -> np.ndarray:
+    """Per-entry contamination scale: its own standard error, floored by the group's RMS.
+
+    With two sign patterns a single entry's error has one degree of freedom and can read near 0 by chance;
+    the RMS over the group (the block's samples, or its candidates) is the stable part."""
+    if err.size == 0:
+        return err
+    return np.maximum(err, float(np.sqrt(np.mean(err**2))))
+
+
+def _widen(ci: tuple[float, float], values: np.ndarray, scale: np.ndarray, z: float) -> tuple[float, float]:
+    """Widen a quantile interval of contaminated values by ``z`` times the contamination near it.
+
+    The noise that moves a quantile is that of the entries around it: the RMS scale of the values inside the
+    interval (all values if none)."""
+    lo, hi = ci
+    near = (values >= lo) & (values <= hi)
+    s = scale[near] if near.any() else scale
+    w = z * float(np.sqrt(np.mean(s**2)))
+    return max(lo - w, 0.0), hi + w
+
+
 def _ratio_stats(mx: float, mx_upper: float, med: float, med_ci: tuple[float, float], q99: float,
-                 q99_ci: tuple[float, float], med_ci_bonf: tuple[float, float]) -> dict:
+                 q99_ci: tuple[float, float], med_ci_bonf: tuple[float, float], mx_lower: float | None = None) -> dict:
     r = ratio(mx, med)
-    lo, hi = ratio(mx, med_ci[1]), ratio(mx_upper, med_ci[0])
+    lo, hi = ratio(mx if mx_lower is None else mx_lower, med_ci[1]), ratio(mx_upper, med_ci[0])
     rq = ratio(q99, med)
     qlo, qhi = ratio(q99_ci[0], med_ci_bonf[1]), ratio(q99_ci[1], med_ci_bonf[0])
     return {
@@ -159,35 +245,55 @@ def _block_result(p: _BlockDiag, s: torch.Tensor | None, z: float, level: float)
                "q99": q99, "exact": True, "size": b.size, "computed": b.size}
         out.update(_ratio_stats(mx, mx, med, (med, med), q99, (q99, q99), (med, med)))
         return out, {"values": samp, "weights": np.ones(len(samp)), "exact": True, "mx": mx, "mx_upper": mx,
-                     "computed": b.size, "size": b.size}
+                     "mx_lower": mx, "computed": b.size, "size": b.size, "scale": np.zeros(len(samp))}
+    packed = p.sample_err is not None
     cand = np.abs(p.cand_h) * (1.0 if sc is None else sc[p.cand])
-    mx = float(max(samp.max(), cand.max() if len(cand) else -np.inf))
+    # Contamination scales of packed reads (0 for exact entries): they bracket each read entry by +- z scale.
+    s_samp = _noise_scale(p.sample_err * (1.0 if sc is None else sc[p.sample])) if packed else np.zeros(len(samp))
+    s_cand = _noise_scale(p.cand_err * (1.0 if sc is None else sc[p.cand])) if packed else np.zeros(len(cand))
+    read, read_s = np.concatenate([samp, cand]), np.concatenate([s_samp, s_cand])
+    mx = float(read.max())
+    mx_lower = float(np.max(np.maximum(read - z * read_s, 0.0)))
+    mx_read_upper = float(np.max(read + z * read_s))
     unknown = np.ones(b.size, dtype=bool)
     unknown[p.sample] = False
     unknown[p.cand] = False
-    mx_upper = mx
+    screen_upper = -np.inf
     if p.screen is not None and unknown.any():
         ub = (np.abs(p.screen) + z * p.screen_se)[unknown]
-        mx_upper = max(mx, float((ub * (1.0 if sc is None else sc[unknown])).max()))
+        screen_upper = float((ub * (1.0 if sc is None else sc[unknown])).max())
     elif p.screen is None and unknown.any():
-        mx_upper = float("inf")  # top=0: nothing bounds the unseen entries
+        screen_upper = float("inf")  # no screen: nothing bounds the unseen entries
+    mx_upper = max(mx_read_upper, screen_upper)
     med, q99 = float(np.median(samp)), float(np.quantile(samp, 0.99))
     bonf = 1 - (1 - level) / 2
-    med_ci = quantile_ci(samp, 0.5, level)
+    whole = len(p.sample) == b.size  # every coordinate read: the quantiles are the sample's, up to contamination
+    med_ci = (med, med) if whole else quantile_ci(samp, 0.5, level)
+    med_bonf = (med, med) if whole else quantile_ci(samp, 0.5, bonf)
     ceiling = mx_upper if np.isfinite(mx_upper) else None
-    q99_ci = quantile_ci(samp, 0.99, bonf, ceiling=ceiling)
-    out = {"max": mx, "max_upper": mx_upper if np.isfinite(mx_upper) else None,
-           "max_certified": bool(mx_upper <= mx), "median": med, "median_ci": list(med_ci), "q99": q99,
-           "exact": False, "size": b.size, "computed": int(len(p.sample) + len(p.cand))}
-    out.update(_ratio_stats(mx, mx_upper, med, med_ci, q99, q99_ci, quantile_ci(samp, 0.5, bonf)))
+    q99_ci = (q99, q99) if whole else quantile_ci(samp, 0.99, bonf, ceiling=ceiling)
+    if packed:
+        med_ci, med_bonf = _widen(med_ci, samp, s_samp, z), _widen(med_bonf, samp, s_samp, z)
+        q99_ci = _widen(q99_ci, samp, s_samp, z)
+        q99_ci = (q99_ci[0], min(q99_ci[1], mx_upper))
+    certified = bool(screen_upper <= mx_lower) if packed else bool(mx_upper <= mx)
+    out = {"max": mx, "max_upper": mx_upper if np.isfinite(mx_upper) else None, "max_certified": certified,
+           "median": med, "median_ci": list(med_ci), "q99": q99, "exact": False, "size": b.size,
+           "computed": int(len(p.sample) + len(p.cand))}
+    if packed:
+        out.update({"max_lower": mx_lower, "packed": True,
+                    "contamination": float(np.sqrt(np.mean(s_samp**2)) / med) if med > 0 else None})
+    out.update(_ratio_stats(mx, mx_upper, med, med_ci, q99, q99_ci, med_bonf, mx_lower))
     return out, {"values": samp, "weights": np.full(len(samp), b.size / len(samp)), "exact": False,
-                 "mx": mx, "mx_upper": mx_upper, "computed": out["computed"], "size": b.size}
+                 "mx": mx, "mx_upper": mx_upper, "mx_lower": mx_lower, "computed": out["computed"],
+                 "size": b.size, "scale": s_samp, "certified": certified}
 
 
-def _pooled(pieces: list[dict], level: float, bootstrap: int, rng: np.random.Generator) -> dict:
+def _pooled(pieces: list[dict], level: float, bootstrap: int, rng: np.random.Generator, z: float) -> dict:
     """Whole-model statistics from per-block pieces: exact when every block is, else weighted + bootstrap."""
     mx = max(pc["mx"] for pc in pieces)
     mx_upper = max(pc["mx_upper"] for pc in pieces)
+    mx_lower = max(pc["mx_lower"] for pc in pieces)
     size = sum(pc["size"] for pc in pieces)
     computed = sum(pc["computed"] for pc in pieces)
     if all(pc["exact"] for pc in pieces):
@@ -212,11 +318,19 @@ def _pooled(pieces: list[dict], level: float, bootstrap: int, rng: np.random.Gen
     a = 1 - level
     med_ci = (float(np.quantile(boot_med, a / 2)), float(np.quantile(boot_med, 1 - a / 2)))
     med_bonf = (float(np.quantile(boot_med, a / 4)), float(np.quantile(boot_med, 1 - a / 4)))
-    q_ci = (float(np.quantile(boot_q, a / 4)), min(float(np.quantile(boot_q, 1 - a / 4)), mx_upper))
+    q_ci = (float(np.quantile(boot_q, a / 4)), float(np.quantile(boot_q, 1 - a / 4)))
+    scale = np.concatenate([pc["scale"] for pc in pieces])
+    packed = bool(scale.any())
+    if packed:
+        med_ci, med_bonf, q_ci = (_widen(c, vals, scale, z) for c in (med_ci, med_bonf, q_ci))
+    q_ci = (q_ci[0], min(q_ci[1], mx_upper))
+    certified = all(pc.get("certified", pc["mx_upper"] <= pc["mx"]) for pc in pieces)
     out = {"max": mx, "max_upper": mx_upper if np.isfinite(mx_upper) else None,
-           "max_certified": bool(mx_upper <= mx), "median": med, "median_ci": list(med_ci), "q99": q99,
-           "exact": False, "size": size, "computed": computed}
-    out.update(_ratio_stats(mx, mx_upper, med, med_ci, q99, q_ci, med_bonf))
+           "max_certified": bool(mx_upper <= mx) if not packed else certified, "median": med,
+           "median_ci": list(med_ci), "q99": q99, "exact": False, "size": size, "computed": computed}
+    if packed:
+        out.update({"max_lower": mx_lower, "packed": True})
+    out.update(_ratio_stats(mx, mx_upper, med, med_ci, q99, q_ci, med_bonf, mx_lower))
     return out
 
 
@@ -233,6 +347,9 @@ def diagonal_ratios(
     z: float = 4.0,
     level: float = 0.95,
     bootstrap: int = 400,
+    hvps: int = 1024,
+    signs: int = 2,
+    min_k: int = 64,
     generator: torch.Generator | None = None,
     dtype: torch.dtype = torch.float64,
     device: Any = None,
@@ -244,15 +361,22 @@ def diagonal_ratios(
     ``(S H S)_ii = s_i^2 H_ii``, one set of exact diagonal entries serves every scaling; pass
     ``s^2`` (e.g. the preconditioner ``P``) as the scaling. The screening candidates are the union over
     scalings. ``blocks`` are objects with ``name``, ``start``, ``stop`` and ``size``. Returns one result dict
-    per scaling (the whole-model values plus ``blocks``) and the HVPs spent. See the module docstring for
-    the estimators and their errors.
+    per scaling (the whole-model values plus ``blocks``, ``mode`` and ``budget``) and the HVPs spent, never
+    more than ``hvps``. See the module docstring for the plan, the estimators and their errors.
     """
-    _check_options(exact_threshold, k, top, screen_samples, z, level, bootstrap)
+    _check_options(exact_threshold, k, top, screen_samples, z, level, bootstrap, hvps, signs, min_k)
+    blocks = list(blocks)
+    plan = plan_rmed([b.size for b in blocks], budget=hvps, exact_threshold=exact_threshold, k=k, top=top,
+                     screen_samples=screen_samples, signs=signs, min_k=min_k)
     generator = generator or default_generator(0)
     mv = checked(matvec)
-    parts, hvps = _gather(mv, dim, blocks, scalings, exact_threshold=exact_threshold, k=k, top=top,
-                          screen_samples=screen_samples, z=z, generator=generator, dtype=dtype, device=device,
-                          batch=batch)
+    if plan.mode == "exact":
+        parts, spent = _gather(mv, dim, blocks, scalings, exact_threshold=exact_threshold, k=plan.k, top=plan.top,
+                               screen_samples=screen_samples, z=z, generator=generator, dtype=dtype, device=device,
+                               batch=batch)
+    else:
+        parts, spent = _gather_packed(mv, dim, blocks, scalings, plan, z=z, generator=generator, dtype=dtype,
+                                      device=device, batch=batch)
     rng = numpy_rng(generator)
     results = []
     for s in scalings:
@@ -261,10 +385,10 @@ def diagonal_ratios(
             res, piece = _block_result(p, s, z, level)
             per_block[p.block.name] = res
             pieces.append(piece)
-        whole = _pooled(pieces, level, bootstrap, rng)
-        whole["blocks"] = per_block
+        whole = _pooled(pieces, level, bootstrap, rng, z)
+        whole.update({"blocks": per_block, "mode": plan.mode, "budget": hvps})
         results.append(whole)
-    return results, hvps
+    return results, spent
 
 
 @register(
@@ -283,6 +407,9 @@ def rmed(
     z: float = 4.0,
     level: float = 0.95,
     bootstrap: int = 400,
+    hvps: int = 1024,
+    signs: int = 2,
+    min_k: int = 64,
     seed: int = 0,
     generator: torch.Generator | None = None,
 ) -> dict:
@@ -319,8 +446,8 @@ def rmed(
     gen = resolve_generator(seed, generator)
     (res,), hvps = diagonal_ratios(
         land.hvp, land.dim, chosen, exact_threshold=exact_threshold, k=k, top=top,
-        screen_samples=screen_samples, z=z, level=level, bootstrap=bootstrap, generator=gen,
-        dtype=land.dtype, device=land.device, batch=getattr(land, "chunk_size", 16),
+        screen_samples=screen_samples, z=z, level=level, bootstrap=bootstrap, hvps=hvps, signs=signs,
+        min_k=min_k, generator=gen, dtype=land.dtype, device=land.device, batch=getattr(land, "chunk_size", 16),
     )
     res["hvps"] = hvps
     return res

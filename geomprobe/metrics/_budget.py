@@ -1,0 +1,115 @@
+"""How a budget of HVPs is split across parameter blocks by ``rmed`` and ``diagshare`` (SPEC §3, §4).
+
+Private to the metrics. Pure arithmetic on block sizes: the rules live here, in one place, so that the
+planned cost of a metric can be stated before any HVP is spent and tested against what it spends.
+
+``rmed`` (:func:`plan_rmed`), in order of preference:
+
+1. **exact**: the per-block layout of SPEC §3 (every coordinate of a block up to ``exact_threshold``; ``k``
+   sampled + ``top`` screened coordinates of a larger one; ``screen_samples`` Bekas probes shared) when its
+   cost fits the budget, else the same layout with ``k`` and ``top`` scaled down together while that still
+   buys at least ``min_k`` exact coordinates per sampled block. Every read entry is exact.
+2. **packed**: otherwise. ``screen_samples`` HVPs go to the Bekas screen (if ``top > 0``), the rest to
+   ``rows = (budget - screen) // signs`` rows read under ``signs`` sign patterns each; a row carries one
+   coordinate of *every* block, so every block gets ``min(n_l, rows_sample)`` sampled coordinates and up to
+   ``rows_cand`` screened candidates whatever the number of blocks. Rows are split between sampling and
+   candidates in the ratio ``k : top``.
+
+``diagshare`` (:func:`plan_columns`): ``k_l = min(n_l, k, c)`` exact columns per block with the cap ``c``
+the largest that fits the budget (water-filling: small blocks are taken whole, the rest share equally), the
+columns left by rounding given one each to the largest unfinished blocks. Equal shares give every block's own
+interval the same footing; the whole-model estimate weighs each stratum by ``n_l / k_l``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import ConfigurationError
+
+__all__ = ["RmedPlan", "plan_rmed", "plan_columns"]
+
+
+@dataclass(frozen=True)
+class RmedPlan:
+    """What ``rmed`` will compute: the mode, its per-block sizes and the HVPs it will spend (``hvps``)."""
+
+    mode: str                 # "exact" or "packed"
+    exact_blocks: tuple[bool, ...]
+    k: int                    # exact mode: sampled coordinates per large block
+    top: int                  # exact mode: screened candidates per large block
+    rows_sample: int = 0      # packed mode: rows of sampled coordinates (one per block per row)
+    rows_cand: int = 0        # packed mode: rows of screened candidates
+    screen: int = 0           # Bekas probes
+    signs: int = 2
+    hvps: int = 0
+
+
+def _exact_cost(sizes: Sequence[int], small: Sequence[bool], k: int, top: int, screen_samples: int) -> int:
+    n_large = sum(1 for s in small if not s)
+    screen = screen_samples if n_large and top > 0 else 0
+    return sum(n for n, s in zip(sizes, small) if s) + n_large * (k + top) + screen
+
+
+def plan_rmed(sizes: Sequence[int], *, budget: int, exact_threshold: int, k: int, top: int, screen_samples: int,
+              signs: int, min_k: int) -> RmedPlan:
+    """The cheapest faithful plan for blocks of ``sizes`` within ``budget`` HVPs (module docstring)."""
+    small = tuple(n <= max(exact_threshold, k + top) for n in sizes)
+    cost = _exact_cost(sizes, small, k, top, screen_samples)
+    if cost <= budget:
+        return RmedPlan("exact", small, k, top, screen=screen_samples if not all(small) and top > 0 else 0,
+                        signs=signs, hvps=cost)
+    # Scale k and top together; the small blocks stay whole only while they are within the scaled layout.
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        f = (lo + hi) / 2
+        kf, tf = max(3, int(k * f)), int(top * f)
+        sm = tuple(n <= max(exact_threshold, kf + tf) for n in sizes)
+        lo, hi = (f, hi) if _exact_cost(sizes, sm, kf, tf, screen_samples) <= budget else (lo, f)
+    kf, tf = int(k * lo), int(top * lo)
+    sm = tuple(n <= max(exact_threshold, kf + tf) for n in sizes)
+    if kf >= min_k and _exact_cost(sizes, sm, kf, tf, screen_samples) <= budget:
+        return RmedPlan("exact", sm, kf, tf, screen=screen_samples if not all(sm) and tf > 0 else 0, signs=signs,
+                        hvps=_exact_cost(sizes, sm, kf, tf, screen_samples))
+    screen = screen_samples if top > 0 else 0
+    rows = (budget - screen) // signs
+    if rows < 3:
+        raise ConfigurationError(
+            f"rmed's budget hvps={budget} buys fewer than 3 packed rows after {screen} screening probes at "
+            f"signs={signs}; raise hvps to at least {screen + 3 * signs}, or lower screen_samples or signs"
+        )
+    rows_cand = min(max(1, round(rows * top / (k + top))), rows - 3) if top > 0 else 0
+    rows_sample = rows - rows_cand
+    largest = max(sizes)
+    rows_sample = min(rows_sample, largest)
+    return RmedPlan("packed", tuple(False for _ in sizes), 0, 0, rows_sample, rows_cand, screen, signs,
+                    screen + signs * (rows_sample + rows_cand))
+
+
+def plan_columns(sizes: Sequence[int], *, budget: int, k: int) -> list[int]:
+    """Columns per block: ``min(n_l, k, c)`` with the largest cap ``c`` that fits ``budget`` (module docstring).
+
+    Raises ConfigurationError when the budget cannot give every block one column.
+    """
+    if budget < len(sizes):
+        raise ConfigurationError(
+            f"diagshare's budget hvps={budget} cannot give each of the {len(sizes)} selected blocks one column; "
+            f"raise hvps to at least {len(sizes)} or select fewer blocks with blocks="
+        )
+    want = [min(n, k) for n in sizes]
+    if sum(want) <= budget:
+        return want
+    lo, hi = 1, max(want)
+    while lo < hi:  # the largest cap c with sum min(want, c) <= budget
+        c = (lo + hi + 1) // 2
+        lo, hi = (c, hi) if sum(min(w, c) for w in want) <= budget else (lo, c - 1)
+    cols = [min(w, lo) for w in want]
+    left = budget - sum(cols)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if left == 0:
+            break
+        if cols[i] < want[i]:
+            cols[i] += 1
+            left -= 1
+    return cols
