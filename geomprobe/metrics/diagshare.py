@@ -43,7 +43,8 @@ import torch
 
 from ..errors import ConfigurationError
 from ..linalg.exact import hessian_columns
-from ._common import checked, half_width, numpy_rng, resolve_generator, select_blocks
+from ._common import checked, half_width, numpy_rng, resolve_generator, select_blocks, t_quantile
+from ._budget import plan_columns
 from .registry import register
 
 __all__ = ["diagshare", "diagonal_share", "wigner_baseline", "ols_baseline"]
@@ -137,11 +138,54 @@ def _exact(land: Any, chosen: list, idx: torch.Tensor, batch: int, mv) -> dict:
             "blocks": out}
 
 
-def _sampled(land: Any, chosen: list, k: int, level: float, bootstrap: int, gen: torch.Generator,
+def _linearized(strata: list[dict], level: float) -> tuple[list[tuple[float, float]], tuple[float, float]]:
+    """Student-t intervals of the ratio estimators by linearization (delta method), per block and whole.
+
+    For a ratio ``R = sum a / sum b`` over sampled columns the residuals ``u_j = a_j - R b_j`` carry its
+    error: ``se(R) = sqrt(w^2 k s_u^2 (1 - k/n)) / sum w b`` per stratum, with ``t_{k-1}``. With a handful of
+    columns per block the percentile bootstrap is too narrow (it never sees a column it did not draw); this
+    interval grows as ``k`` shrinks. A stratum of one column borrows the mean per-column variance of the
+    others for the whole-model interval and has no interval of its own."""
+    per: list[tuple[float, float]] = []
+    num = den = 0.0
+    for st in strata:
+        num += st["w"] * st["diag"].sum()
+        den += st["w"] * st["tot"].sum()
+    R = num / den if den > 0 else np.nan
+    var_terms, unit = [], []
+    for st in strata:
+        k, n = len(st["diag"]), st["block"].size
+        a, b = st["diag"], st["inner"]
+        Rb = a.sum() / b.sum() if b.sum() > 0 else np.nan
+        if st["exact"]:
+            per.append((Rb, Rb))
+        elif k >= 2 and np.isfinite(Rb):
+            u = a - Rb * b
+            se = math.sqrt(u.var(ddof=1) / k * (1 - k / n)) / b.mean()
+            t = t_quantile(0.5 + level / 2, k - 1)
+            per.append((max(Rb - t * se, 0.0), min(Rb + t * se, 1.0)))
+        else:
+            per.append((0.0, 1.0))  # one column says nothing about its own spread
+        uw = st["diag"] - R * st["tot"]
+        if not st["exact"] and k >= 2:
+            unit.append(uw.var(ddof=1))
+            var_terms.append((st["w"] ** 2, k, n, uw.var(ddof=1)))
+        elif not st["exact"]:
+            var_terms.append((st["w"] ** 2, k, n, None))
+    pooled = float(np.mean(unit)) if unit else float("inf")
+    var = sum(w2 * k * (pooled if v is None else v) * (1 - k / n) for w2, k, n, v in var_terms)
+    df = max(1, sum(len(st["diag"]) - 1 for st in strata if not st["exact"]))
+    t = t_quantile(0.5 + level / 2, df)
+    se = math.sqrt(var) / den if den > 0 and math.isfinite(var) else float("inf")
+    whole = (max(R - t * se, 0.0), min(R + t * se, 1.0)) if np.isfinite(R) else (np.nan, np.nan)
+    return per, whole
+
+
+def _sampled(land: Any, chosen: list, columns: list[int], level: float, bootstrap: int, gen: torch.Generator,
              batch: int, mv) -> dict:
     sel = torch.cat([torch.arange(b.start, b.stop) for b in chosen])
     strata = []
-    for b in chosen:
+    for b, k in zip(chosen, columns):
         local = torch.arange(b.size) if b.size <= k else torch.randperm(b.size, generator=gen)[:k].sort().values
         cols = b.start + local
         diag_, tot, inner = [], [], []
@@ -177,6 +221,11 @@ def _sampled(land: Any, chosen: list, k: int, level: float, bootstrap: int, gen:
     B = np.array(boots)
     a = 1 - level
     lo, hi = np.nanquantile(B, a / 2, axis=0), np.nanquantile(B, 1 - a / 2, axis=0)
+    lin_per, lin_whole = _linearized(strata, level)
+    # the wider of the bootstrap and the linearized interval: each fails where the other holds (few columns)
+    lo[0], hi[0] = min(lo[0], lin_whole[0]), max(hi[0], lin_whole[1])
+    for j, (l, h) in enumerate(lin_per):
+        lo[2 + j], hi[2 + j] = min(lo[2 + j], l), max(hi[2 + j], h)
 
     def pack(x: float, j: int) -> tuple[float | None, float | None, list]:
         if not np.isfinite(x):
@@ -198,7 +247,8 @@ def _sampled(land: Any, chosen: list, k: int, level: float, bootstrap: int, gen:
             "columns": int(sum(len(st["diag"]) for st in strata)), "blocks": blocks}
 
 
-@register("diagshare", cost="d HVPs up to exact_threshold (2048); above it min(k, n_l) (256) per block")
+@register("diagshare", cost="d HVPs up to exact_threshold (2048) and hvps (1024); above, one exact column per "
+          "HVP, min(n_l, k, c) per block (k = 256) with the cap c fitting hvps (1024) over all blocks")
 def diagshare(
     land: Any,
     *,
@@ -207,6 +257,7 @@ def diagshare(
     k: int = 256,
     level: float = 0.95,
     bootstrap: int = 1000,
+    hvps: int = 1024,
     seed: int = 0,
     generator: torch.Generator | None = None,
 ) -> dict:
@@ -242,20 +293,23 @@ def diagshare(
             f"diagshare needs k >= 2, bootstrap >= 10, 0 < level < 1 and exact_threshold >= 0; got k={k}, "
             f"bootstrap={bootstrap}, level={level}, exact_threshold={exact_threshold}"
         )
+    if isinstance(hvps, bool) or not isinstance(hvps, (int, np.integer)) or hvps < 1:
+        raise ConfigurationError(f"diagshare needs an integer budget hvps >= 1, got hvps={hvps!r}")
     chosen = select_blocks(land.space.blocks, blocks)
     gen = resolve_generator(seed, generator)
     batch = getattr(land, "chunk_size", 16)
     mv = checked(land.hvp)
     d = sum(b.size for b in chosen)
-    if d <= exact_threshold:
+    if d <= min(exact_threshold, hvps):
         idx = torch.cat([torch.arange(b.start, b.stop) for b in chosen])
         out = _exact(land, chosen, idx, batch, mv)
     else:
-        out = _sampled(land, chosen, k, level, bootstrap, gen, batch, mv)
+        columns = plan_columns([b.size for b in chosen], budget=hvps, k=k)
+        out = _sampled(land, chosen, columns, level, bootstrap, gen, batch, mv)
     n = int(land.n_samples)
     bw, bo = _blockdiag_baselines([b.size for b in chosen], n)
     out.update({"d": d, "n": n, "wigner": wigner_baseline(d), "ols": ols_baseline(d, n),
-                "blockdiag_wigner": bw, "blockdiag_ols": bo, "hvps": out["columns"]})
+                "blockdiag_wigner": bw, "blockdiag_ols": bo, "hvps": out["columns"], "budget": hvps})
     for b in chosen:
         out["blocks"][b.name].update({"d": b.size, "wigner": wigner_baseline(b.size),
                                       "ols": ols_baseline(b.size, n)})
