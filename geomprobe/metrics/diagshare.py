@@ -138,47 +138,41 @@ def _exact(land: Any, chosen: list, idx: torch.Tensor, batch: int, mv) -> dict:
             "blocks": out}
 
 
-def _linearized(strata: list[dict], level: float) -> tuple[list[tuple[float, float]], tuple[float, float]]:
-    """Student-t intervals of the ratio estimators by linearization (delta method), per block and whole.
+def _stratified_t(strata: list[dict], a_key: str, b_key: str, level: float) -> tuple[float, float]:
+    """Student-t interval of the stratified ratio ``sum_l w_l sum a / sum_l w_l sum b`` by linearization.
 
-    For a ratio ``R = sum a / sum b`` over sampled columns the residuals ``u_j = a_j - R b_j`` carry its
-    error: ``se(R) = sqrt(w^2 k s_u^2 (1 - k/n)) / sum w b`` per stratum, with ``t_{k-1}``. With a handful of
-    columns per block the percentile bootstrap is too narrow (it never sees a column it did not draw); this
-    interval grows as ``k`` shrinks. A stratum of one column borrows the mean per-column variance of the
-    others for the whole-model interval and has no interval of its own."""
-    per: list[tuple[float, float]] = []
-    num = den = 0.0
-    for st in strata:
-        num += st["w"] * st["diag"].sum()
-        den += st["w"] * st["tot"].sum()
-    R = num / den if den > 0 else np.nan
-    var_terms, unit = [], []
-    for st in strata:
-        k, n = len(st["diag"]), st["block"].size
-        a, b = st["diag"], st["inner"]
-        Rb = a.sum() / b.sum() if b.sum() > 0 else np.nan
-        if st["exact"]:
-            per.append((Rb, Rb))
-        elif k >= 2 and np.isfinite(Rb):
-            u = a - Rb * b
-            se = math.sqrt(u.var(ddof=1) / k * (1 - k / n)) / b.mean()
-            t = t_quantile(0.5 + level / 2, k - 1)
-            per.append((max(Rb - t * se, 0.0), min(Rb + t * se, 1.0)))
-        else:
-            per.append((0.0, 1.0))  # one column says nothing about its own spread
-        uw = st["diag"] - R * st["tot"]
-        if not st["exact"] and k >= 2:
-            unit.append(uw.var(ddof=1))
-            var_terms.append((st["w"] ** 2, k, n, uw.var(ddof=1)))
-        elif not st["exact"]:
-            var_terms.append((st["w"] ** 2, k, n, None))
-    pooled = float(np.mean(unit)) if unit else float("inf")
-    var = sum(w2 * k * (pooled if v is None else v) * (1 - k / n) for w2, k, n, v in var_terms)
-    df = max(1, sum(len(st["diag"]) - 1 for st in strata if not st["exact"]))
-    t = t_quantile(0.5 + level / 2, df)
-    se = math.sqrt(var) / den if den > 0 and math.isfinite(var) else float("inf")
-    whole = (max(R - t * se, 0.0), min(R + t * se, 1.0)) if np.isfinite(R) else (np.nan, np.nan)
-    return per, whole
+    Residuals ``u_j = a_j - R b_j`` carry the ratio's error: ``var = sum_l w_l^2 k_l s_l^2 (1 - k_l/n_l)``,
+    over ``(sum w b)^2``, with Welch-Satterthwaite degrees of freedom (a stratum of few columns that
+    dominates the variance sets them). A stratum of one column borrows the mean per-column variance of the
+    others. With a handful of columns per block the percentile bootstrap is too narrow (it never sees a column
+    it did not draw); this interval grows as the columns get fewer."""
+    num = sum(st["w"] * st[a_key].sum() for st in strata)
+    den = sum(st["w"] * st[b_key].sum() for st in strata)
+    if not den > 0:
+        return (math.nan, math.nan)
+    R = num / den
+    sampled = [st for st in strata if not st["exact"]]
+    unit = [float((st[a_key] - R * st[b_key]).var(ddof=1)) for st in sampled if len(st[a_key]) >= 2]
+    pooled = float(np.mean(unit)) if unit else math.inf
+    parts = []
+    for st in sampled:
+        k, n = len(st[a_key]), st["block"].size
+        v = float((st[a_key] - R * st[b_key]).var(ddof=1)) if k >= 2 else pooled
+        parts.append((st["w"] ** 2 * k * v * (1 - k / n), max(k - 1, 1)))
+    var = sum(v for v, _ in parts)
+    if not parts or not math.isfinite(var):
+        return (0.0, 1.0) if parts else (R, R)
+    spread = sum(v * v / f for v, f in parts)
+    df = max(1, int(var * var / spread)) if spread > 0 else 1
+    h = t_quantile(0.5 + level / 2, df) * math.sqrt(var) / den
+    return max(R - h, 0.0), min(R + h, 1.0)
+
+
+def _own_t(st: dict, level: float) -> tuple[float, float]:
+    """The block's own share ``sum |H_jj| / sum ||(H e_j)_l||_1`` over its columns: the same interval, one stratum."""
+    if len(st["diag"]) < 2:
+        return (0.0, 1.0)  # one column says nothing about its own spread
+    return _stratified_t([{**st, "exact": False, "w": 1.0}], "diag", "inner", level)
 
 
 def _sampled(land: Any, chosen: list, columns: list[int], level: float, bootstrap: int, gen: torch.Generator,
@@ -221,11 +215,12 @@ def _sampled(land: Any, chosen: list, columns: list[int], level: float, bootstra
     B = np.array(boots)
     a = 1 - level
     lo, hi = np.nanquantile(B, a / 2, axis=0), np.nanquantile(B, 1 - a / 2, axis=0)
-    lin_per, lin_whole = _linearized(strata, level)
-    # the wider of the bootstrap and the linearized interval: each fails where the other holds (few columns)
-    lo[0], hi[0] = min(lo[0], lin_whole[0]), max(hi[0], lin_whole[1])
-    for j, (l, h) in enumerate(lin_per):
-        lo[2 + j], hi[2 + j] = min(lo[2 + j], l), max(hi[2 + j], h)
+    # The wider of the bootstrap and the linearized interval: the bootstrap is too narrow at few columns.
+    lin = [_stratified_t(strata, "diag", "tot", level), _stratified_t(strata, "inner", "tot", level)]
+    lin += [_own_t(st, level) if not st["exact"] else (np.nan, np.nan) for st in strata]
+    for j, (l, h) in enumerate(lin):
+        if np.isfinite(l):
+            lo[j], hi[j] = min(lo[j], l), max(hi[j], h)
 
     def pack(x: float, j: int) -> tuple[float | None, float | None, list]:
         if not np.isfinite(x):
