@@ -13,7 +13,8 @@ planned cost of a metric can be stated before any HVP is spent and tested agains
    ``rows = (budget - screen) // signs`` rows read under ``signs`` sign patterns each; a row carries one
    coordinate of *every* block, so every block gets ``min(n_l, rows_sample)`` sampled coordinates and up to
    ``rows_cand`` screened candidates whatever the number of blocks. Rows are split between sampling and
-   candidates in the ratio ``k : top``.
+   candidates in the ratio ``k : top``; when the rows can hold the largest block whole, every coordinate is
+   read and neither screen nor candidates are needed.
 
 ``diagshare`` (:func:`plan_columns`): ``k_l = min(n_l, k, c)`` exact columns per block with the cap ``c``
 the largest that fits the budget (water-filling: small blocks are taken whole, the rest share equally), the
@@ -79,10 +80,12 @@ def plan_rmed(sizes: Sequence[int], *, budget: int, exact_threshold: int, k: int
             f"rmed's budget hvps={budget} buys fewer than 3 packed rows after {screen} screening probes at "
             f"signs={signs}; raise hvps to at least {screen + 3 * signs}, or lower screen_samples or signs"
         )
-    rows_cand = min(max(1, round(rows * top / (k + top))), rows - 3) if top > 0 else 0
-    rows_sample = rows - rows_cand
     largest = max(sizes)
-    rows_sample = min(rows_sample, largest)
+    if largest <= rows:
+        # every coordinate of every block fits in the rows: read them all, nothing is left to screen
+        return RmedPlan("packed", tuple(False for _ in sizes), 0, 0, largest, 0, 0, signs, signs * largest)
+    rows_cand = min(max(1, round(rows * top / (k + top))), rows - 3) if top > 0 else 0
+    rows_sample = min(rows - rows_cand, largest)
     return RmedPlan("packed", tuple(False for _ in sizes), 0, 0, rows_sample, rows_cand, screen, signs,
                     screen + signs * (rows_sample + rows_cand))
 

@@ -253,8 +253,16 @@ def _block_result(p: _BlockDiag, s: torch.Tensor | None, z: float, level: float)
     s_cand = _noise_scale(p.cand_err * (1.0 if sc is None else sc[p.cand])) if packed else np.zeros(len(cand))
     read, read_s = np.concatenate([samp, cand]), np.concatenate([s_samp, s_cand])
     mx = float(read.max())
-    mx_lower = float(np.max(np.maximum(read - z * read_s, 0.0)))
-    mx_read_upper = float(np.max(read + z * read_s))
+    lower, upper = np.maximum(read - z * read_s, 0.0), read + z * read_s
+    if packed and p.screen is not None:
+        # A read's own error has few degrees of freedom and reads 0 whenever the sign patterns happen to
+        # agree on a coupled pair; the screen's bracket (many probes) is independent of it. Either one holding
+        # is enough for the union of the two brackets, which is what bounds the max.
+        at = np.concatenate([p.sample, p.cand])
+        sc_at = 1.0 if sc is None else sc[at]
+        lower = np.minimum(lower, np.maximum(np.abs(p.screen[at]) - z * p.screen_se[at], 0.0) * sc_at)
+        upper = np.maximum(upper, (np.abs(p.screen[at]) + z * p.screen_se[at]) * sc_at)
+    mx_lower, mx_read_upper = float(lower.max()), float(upper.max())
     unknown = np.ones(b.size, dtype=bool)
     unknown[p.sample] = False
     unknown[p.cand] = False
@@ -393,8 +401,9 @@ def diagonal_ratios(
 
 @register(
     "rmed",
-    cost="one HVP per coordinate of blocks up to exact_threshold (1024); k + top (576) per larger block, "
-    "plus screen_samples (32) once",
+    cost="at most hvps (1024) whatever the model: exact entries (one HVP each) for blocks up to exact_threshold "
+    "(1024) and k + top (576) per larger block, plus screen_samples (32), when that fits, k and top scaled down "
+    "while >= min_k (64); else screen_samples + signs (2) HVPs per packed row reading one coordinate of every block",
 )
 def rmed(
     land: Any,
