@@ -93,7 +93,7 @@ def test_packed_error_is_calibrated_against_the_exact_contamination():
 
 
 def test_packed_reads_reject_bad_input():
-    mv = lambda v: v  # noqa: E731
+    mv = lambda v: v
     with pytest.raises(ConfigurationError, match="needs signs >= 2"):
         packed_diagonal(mv, 5, torch.zeros(1, 1, dtype=torch.long), signs=1)
     with pytest.raises(ConfigurationError, match=r"rows must be an \(R, m\) index tensor"):
