@@ -61,19 +61,16 @@ only if a block is large); packed plan: ``screen_samples + signs * rows``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import ConfigurationError
-from ..linalg.diagonal import bekas_diagonal, packed_diagonal
 from ..linalg.vectors import Matvec, default_generator
-from ._budget import RmedPlan, plan_rmed
+from ._budget import plan_rmed
 from ._common import (
     checked,
-    exact_diagonal_chunked,
     half_width,
     numpy_rng,
     quantile_ci,
@@ -82,25 +79,10 @@ from ._common import (
     select_blocks,
     weighted_quantile,
 )
+from ._reads import BlockDiag, read_exact, read_packed
 from .registry import register
 
 __all__ = ["rmed", "diagonal_ratios"]
-
-
-@dataclass
-class _BlockDiag:
-    """What is known exactly about one block's diagonal (raw, unscaled)."""
-
-    block: Any
-    exact: bool
-    sample: np.ndarray        # local indices computed exactly as a uniform sample (all, if exact)
-    sample_h: np.ndarray      # their h_i
-    cand: np.ndarray          # local indices recomputed after screening
-    cand_h: np.ndarray
-    screen: np.ndarray | None = None      # Bekas mean over the block
-    screen_se: np.ndarray | None = None
-    sample_err: np.ndarray | None = None  # packed reads: standard error of each h_i (None: exact entries)
-    cand_err: np.ndarray | None = None
 
 
 def _check_options(exact_threshold: int, k: int, top: int, screen_samples: int, z: float, level: float,
@@ -116,135 +98,6 @@ def _check_options(exact_threshold: int, k: int, top: int, screen_samples: int, 
     for name, v, least in (("hvps", hvps, 1), ("signs", signs, 2), ("min_k", min_k, 3)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < least:
             raise ConfigurationError(f"rmed needs an integer {name} >= {least}, got {name}={v!r}")
-
-
-def _gather(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None], *,
-            exact_threshold: int, k: int, top: int, screen_samples: int, z: float,
-            generator: torch.Generator, dtype: torch.dtype, device: Any, batch: int) -> tuple[list[_BlockDiag], int]:
-    """Compute the exact entries each block needs; returns the per-block knowledge and the HVPs spent."""
-    parts: list[_BlockDiag] = []
-    for b in blocks:
-        if b.size <= max(exact_threshold, k + top):
-            parts.append(_BlockDiag(b, True, np.arange(b.size), np.empty(0), np.empty(0, int), np.empty(0)))
-        else:
-            local = torch.randperm(b.size, generator=generator)[:k].sort().values.numpy()
-            parts.append(_BlockDiag(b, False, local, np.empty(0), np.empty(0, int), np.empty(0)))
-    idx = np.concatenate([p.block.start + p.sample for p in parts])
-    h = exact_diagonal_chunked(matvec, dim, torch.from_numpy(idx), batch=batch, dtype=dtype, device=device).numpy()
-    hvps = len(idx)
-    at = 0
-    for p in parts:
-        p.sample_h = h[at : at + len(p.sample)]
-        at += len(p.sample)
-    large = [p for p in parts if not p.exact]
-    if not large or top == 0:
-        return parts, hvps
-    mean, se = bekas_diagonal(matvec, dim, samples=screen_samples, batch=batch, generator=generator,
-                              dtype=dtype, device=device)
-    mean, se = mean.double().cpu().numpy(), se.double().cpu().numpy()
-    hvps += screen_samples
-    cand_global: list[np.ndarray] = []
-    for p in large:
-        b = p.block
-        p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
-        unknown = np.ones(b.size, dtype=bool)
-        unknown[p.sample] = False
-        chosen: set[int] = set()
-        for s in scalings:
-            sc = np.ones(b.size) if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
-            # Rank by the upper bound, not the point estimate: recomputing the coordinates that could be
-            # largest is what lets the remaining screen certify the max.
-            upper = np.where(unknown, sc * (np.abs(p.screen) + z * p.screen_se), -np.inf)
-            n_top = min(top, int(unknown.sum()))
-            chosen.update(np.argpartition(-upper, n_top - 1)[:n_top].tolist() if n_top else [])
-        p.cand = np.array(sorted(chosen), dtype=int)
-        cand_global.append(b.start + p.cand)
-    cidx = np.concatenate(cand_global)
-    hc = exact_diagonal_chunked(matvec, dim, torch.from_numpy(cidx), batch=batch, dtype=dtype, device=device).numpy()
-    hvps += len(cidx)
-    at = 0
-    for p in large:
-        p.cand_h = hc[at : at + len(p.cand)]
-        at += len(p.cand)
-    return parts, hvps
-
-
-def _screen_candidates(mean: np.ndarray, se: np.ndarray, b: Any, known: np.ndarray, scalings: Sequence, z: float,
-                       n_top: int) -> np.ndarray:
-    """The ``n_top`` unknown coordinates of block ``b`` with the largest screened upper bound, per scaling."""
-    unknown = np.ones(b.size, dtype=bool)
-    unknown[known] = False
-    chosen: set[int] = set()
-    n = min(n_top, int(unknown.sum()))
-    for s in scalings:
-        sc = np.ones(b.size) if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
-        # Rank by the upper bound, not the point estimate: reading the coordinates that could be largest is
-        # what lets the rest of the screen certify the max.
-        upper = np.where(unknown, sc * (np.abs(mean[b.start : b.stop]) + z * se[b.start : b.stop]), -np.inf)
-        chosen.update(np.argpartition(-upper, n - 1)[:n].tolist() if n else [])
-    return np.array(sorted(chosen), dtype=int)
-
-
-def _rows(blocks: Sequence[Any], local: Sequence[np.ndarray], n_rows: int) -> torch.Tensor:
-    """An ``(n_rows, n_blocks)`` matrix of global coordinates, column ``l`` = block l's list, -1 padded."""
-    R = np.full((n_rows, len(blocks)), -1, dtype=np.int64)
-    for j, (b, loc) in enumerate(zip(blocks, local)):
-        R[: len(loc), j] = b.start + loc
-    return torch.from_numpy(R)
-
-
-def _gather_packed(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None],
-                   plan: RmedPlan, *, z: float, generator: torch.Generator, dtype: torch.dtype, device: Any,
-                   batch: int) -> tuple[list[_BlockDiag], int]:
-    """Packed reads (one coordinate of every block per row, ``plan.signs`` sign patterns): samples, then a
-    Bekas screen and its candidates. Every entry comes with the standard error of its contamination."""
-    parts, columns = [], []
-    for b in blocks:
-        local = torch.randperm(b.size, generator=generator)[: plan.rows_sample].sort().values.numpy()
-        parts.append(_BlockDiag(b, False, local, np.empty(0), np.empty(0, int), np.empty(0)))
-        # A block smaller than the rows fills its free slots with repeat reads (fresh signs and companions):
-        # its few entries get many reads, and their errors many degrees of freedom.
-        columns.append(np.resize(local, plan.rows_sample))
-    est, err = packed_diagonal(matvec, dim, _rows(blocks, columns, plan.rows_sample),
-                               signs=plan.signs, batch=batch, generator=generator, dtype=dtype, device=device)
-    hvps = plan.signs * plan.rows_sample
-    for j, p in enumerate(parts):
-        p.sample_h, p.sample_err = _merge_repeats(est[:, j].numpy(), err[:, j].numpy(), len(p.sample))
-        p.cand_err = np.empty(0)
-    if plan.rows_cand == 0 or plan.screen == 0:
-        return parts, hvps
-    mean, se = bekas_diagonal(matvec, dim, samples=plan.screen, batch=batch, generator=generator, dtype=dtype,
-                              device=device)
-    mean, se = mean.double().cpu().numpy(), se.double().cpu().numpy()
-    hvps += plan.screen
-    per_scaling = -(-plan.rows_cand // len(scalings))
-    for p in parts:
-        b = p.block
-        p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
-        p.cand = _screen_candidates(mean, se, b, p.sample, scalings, z, per_scaling)[: plan.rows_cand]
-    est, err = packed_diagonal(matvec, dim, _rows(blocks, [p.cand for p in parts], plan.rows_cand),
-                               signs=plan.signs, batch=batch, generator=generator, dtype=dtype, device=device)
-    hvps += plan.signs * plan.rows_cand
-    for j, p in enumerate(parts):
-        p.cand_h, p.cand_err = est[: len(p.cand), j].numpy(), err[: len(p.cand), j].numpy()
-    return parts, hvps
-
-
-def _merge_repeats(est: np.ndarray, err: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per-entry mean and standard error when row ``r`` read entry ``r mod n`` (``n`` entries, cycled).
-
-    An entry read in several rows takes the spread of its row means (companions and signs both vary);
-    one read once keeps its sign-pattern error."""
-    reads = np.arange(len(est)) % n
-    count = np.bincount(reads, minlength=n)
-    mean = np.bincount(reads, weights=est, minlength=n) / count
-    sq = np.bincount(reads, weights=(est - mean[reads]) ** 2, minlength=n)
-    many = count >= 2
-    se = np.empty(n)
-    se[many] = np.sqrt(sq[many] / (count[many] - 1) / count[many])
-    once = ~many
-    se[once] = err[: n][once]
-    return mean, se
 
 
 def _noise_scale(err: np.ndarray) -> np.ndarray:
@@ -281,7 +134,7 @@ def _ratio_stats(mx: float, mx_upper: float, med: float, med_ci: tuple[float, fl
     }
 
 
-def _block_result(p: _BlockDiag, s: torch.Tensor | None, z: float, level: float) -> tuple[dict, dict]:
+def _block_result(p: BlockDiag, s: torch.Tensor | None, z: float, level: float) -> tuple[dict, dict]:
     """The block's result dict and the raw material (scaled |h| values) the whole-model pooling needs."""
     b = p.block
     sc = None if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
@@ -426,11 +279,11 @@ def diagonal_ratios(
     generator = generator or default_generator(0)
     mv = checked(matvec)
     if plan.mode == "exact":
-        parts, spent = _gather(mv, dim, blocks, scalings, exact_threshold=exact_threshold, k=plan.k, top=plan.top,
+        parts, spent = read_exact(mv, dim, blocks, scalings, exact_threshold=exact_threshold, k=plan.k, top=plan.top,
                                screen_samples=screen_samples, z=z, generator=generator, dtype=dtype, device=device,
                                batch=batch)
     else:
-        parts, spent = _gather_packed(mv, dim, blocks, scalings, plan, z=z, generator=generator, dtype=dtype,
+        parts, spent = read_packed(mv, dim, blocks, scalings, plan, z=z, generator=generator, dtype=dtype,
                                       device=device, batch=batch)
     rng = numpy_rng(generator)
     results = []
