@@ -186,20 +186,20 @@ def _own_t(st: dict, level: float) -> tuple[float, float]:
 
 def _sampled(land: Any, chosen: list, columns: list[int], level: float, bootstrap: int, gen: torch.Generator,
              batch: int, mv) -> dict:
-    sel = torch.cat([torch.arange(b.start, b.stop) for b in chosen])
     strata = []
     for b, k in zip(chosen, columns):
         local = torch.arange(b.size) if b.size <= k else torch.randperm(b.size, generator=gen)[:k].sort().values
         cols = b.start + local
         diag_, tot, inner = [], [], []
-        # Columns in chunks: only three numbers per column are kept, never the k x d block.
+        # Columns in chunks, reduced where they live: three numbers per column leave the device, never the
+        # (chunk, d) block (16 GB of float64 per chunk at 124M parameters).
         for s in range(0, len(cols), batch):
             part = cols[s : s + batch]
-            C = hessian_columns(mv, land.dim, part, batch=batch, dtype=land.dtype, device=land.device)
-            C = C.double().cpu().abs()
-            diag_.append(C[torch.arange(len(part)), part])
-            tot.append(C[:, sel].sum(1))
-            inner.append(C[:, b.start : b.stop].sum(1))
+            C = hessian_columns(mv, land.dim, part, batch=batch, dtype=land.dtype, device=land.device).abs()
+            masses = {c.name: C[:, c.start : c.stop].sum(1, dtype=torch.float64) for c in chosen}
+            diag_.append(C[torch.arange(len(part)), part.to(C.device)].double().cpu())
+            tot.append(torch.stack(list(masses.values())).sum(0).cpu())
+            inner.append(masses[b.name].cpu())
         strata.append({"block": b, "exact": b.size <= k, "w": b.size / len(cols),
                        "diag": torch.cat(diag_).numpy(), "tot": torch.cat(tot).numpy(),
                        "inner": torch.cat(inner).numpy()})
