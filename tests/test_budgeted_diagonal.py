@@ -103,7 +103,7 @@ def test_packed_reads_reject_bad_input():
 
 
 # ------------------------------------------------------------------------------------------- plans
-@pytest.mark.parametrize("n_blocks, mode", [(1, "exact"), (7, "packed"), (200, "packed")])
+@pytest.mark.parametrize("n_blocks, mode", [(1, "exact"), (7, "exact"), (200, "packed")])
 def test_rmed_never_spends_more_than_its_budget(n_blocks, mode):
     sizes = [20_000 // n_blocks] * n_blocks
     a, c = banded(sum(sizes), seed=n_blocks, spread=1.0, coupling=0.3)
@@ -116,22 +116,24 @@ def test_rmed_never_spends_more_than_its_budget(n_blocks, mode):
     assert covers(out["rmed_ci"], exact_rmed(h)[0]) and covers(out["rmed_q99_ci"], exact_rmed(h)[1])
     for size in (60, 600):     # the default budget over 200 blocks, by the plan's arithmetic
         plan = plan_rmed([size] * 200, budget=1024, exact_threshold=1024, k=512, top=64, screen_samples=32,
-                         signs=2, min_k=64)
+                         signs=2, min_k=24)
         assert plan.mode == "packed" and plan.hvps <= 1024 and plan.rows_sample >= min(size, 400)
 
 
 def test_rmed_plan_prefers_exact_entries_while_they_buy_min_k():
-    # 4 blocks of 3000: the full layout costs 4 * 576 + 32; scaled down it still buys >= 64 exact entries each
-    plan = plan_rmed([3000] * 4, budget=1024, exact_threshold=1024, k=512, top=64, screen_samples=32, signs=2,
-                     min_k=64)
-    assert plan.mode == "exact" and plan.hvps <= 1024 and plan.k >= 64 and plan.top >= 1
+    opts = {"budget": 1024, "exact_threshold": 1024, "k": 512, "top": 64, "screen_samples": 32, "signs": 2}
+    # 4 blocks of 3000: the full layout costs 4 * 576 + 32; scaled down it still buys >= 24 exact entries each
+    plan = plan_rmed([3000] * 4, min_k=24, **opts)
+    assert plan.mode == "exact" and plan.hvps <= 1024 and plan.k >= 200 and plan.top >= 1
+    # 29 blocks, most under exact_threshold (a small transformer): sampled exactly, the small ones too
+    plan = plan_rmed([3000] * 4 + [32] * 20 + [1024] * 5, min_k=24, **opts)
+    assert plan.mode == "exact" and plan.hvps <= 1024 and plan.k >= 24 and plan.threshold == 0
+    assert plan.exact_blocks == tuple(n <= plan.k + plan.top for n in [3000] * 4 + [32] * 20 + [1024] * 5)
     # 40 such blocks cannot: packed rows read all of them at once
-    plan = plan_rmed([3000] * 40, budget=1024, exact_threshold=1024, k=512, top=64, screen_samples=32, signs=2,
-                     min_k=64)
+    plan = plan_rmed([3000] * 40, min_k=24, **opts)
     assert plan.mode == "packed" and plan.hvps <= 1024 and plan.rows_sample >= 400 and plan.rows_cand >= 40
     # a small model keeps its exact path at the default budget (existing exactness tests rely on it)
-    assert plan_rmed([60], budget=1024, exact_threshold=1024, k=512, top=64, screen_samples=32, signs=2,
-                     min_k=64).hvps == 60
+    assert plan_rmed([60], min_k=24, **opts).hvps == 60
 
 
 def test_rmed_scaled_exact_plan_covers_the_truth():
@@ -163,7 +165,8 @@ def test_column_plan_water_fills():
 
 
 # ------------------------------------------------------------------------------------------- coverage
-def _rmed_coverage(H: torch.Tensor, sizes: list[int], seeds: int, budget: int) -> dict[str, np.ndarray]:
+def _rmed_coverage(H: torch.Tensor, sizes: list[int], seeds: int, budget: int, mode: str = "packed",
+                   min_k: int = 10_000) -> dict[str, np.ndarray]:
     h = torch.diagonal(H)
     starts = np.cumsum([0] + sizes)
     truth = {"whole": exact_rmed(h)}
@@ -175,9 +178,9 @@ def _rmed_coverage(H: torch.Tensor, sizes: list[int], seeds: int, budget: int) -
     hits = {key: np.zeros(3) for key in truth}
     for s in range(seeds):
         (res,), spent = diagonal_ratios(lambda v: v @ H, H.shape[0], blocks, hvps=budget, k=64, top=8,
-                                        screen_samples=16, bootstrap=100, level=LEVEL,
+                                        screen_samples=16, bootstrap=100, level=LEVEL, min_k=min_k,
                                         generator=torch.Generator().manual_seed(s))
-        assert spent <= budget and res["mode"] == "packed"
+        assert spent <= budget and res["mode"] == mode
         for key, r in [("whole", res)] + list(res["blocks"].items()):
             (R, Q), (lo, hi), (qlo, qhi) = truth[key], r["rmed_ci"], r["rmed_q99_ci"]
             hits[key] += [lo <= R <= (math.inf if hi is None else hi), qlo <= Q <= (math.inf if qhi is None else qhi),
@@ -189,6 +192,14 @@ def test_packed_rmed_intervals_cover_on_a_real_mlp(mlp_hessian):
     H, sizes = mlp_hessian
     seeds = 60
     for key, rate in _rmed_coverage(H, sizes, seeds, budget=256).items():
+        assert (rate >= _floor(seeds)).all(), (key, rate)
+
+
+def test_scaled_exact_rmed_intervals_cover_on_a_real_mlp(mlp_hessian):
+    # 112 HVPs over blocks of 1024, 16, 160, 10: ~30 exact entries per block, the small ones sampled too
+    H, sizes = mlp_hessian
+    seeds = 60
+    for key, rate in _rmed_coverage(H, sizes, seeds, budget=112, mode="exact", min_k=24).items():
         assert (rate >= _floor(seeds)).all(), (key, rate)
 
 

@@ -7,8 +7,11 @@ planned cost of a metric can be stated before any HVP is spent and tested agains
 
 1. **exact**: the per-block layout of SPEC §3 (every coordinate of a block up to ``exact_threshold``; ``k``
    sampled + ``top`` screened coordinates of a larger one; ``screen_samples`` Bekas probes shared) when its
-   cost fits the budget, else the same layout with ``k`` and ``top`` scaled down together while that still
-   buys at least ``min_k`` exact coordinates per sampled block. Every read entry is exact.
+   cost fits the budget, else ``k`` and ``top`` scaled down together, every block larger than ``k + top``
+   sampled (``exact_threshold`` gives way), while that still buys at least ``min_k`` exact coordinates per
+   sampled block. Every read entry is exact. Exact entries are preferred because packed reads of small
+   networks are heavily contaminated (``benchmarks/packed_diagonal.py``): at the default budget this keeps
+   models of up to ~35 blocks exact.
 2. **packed**: otherwise. ``screen_samples`` HVPs go to the Bekas screen (if ``top > 0``), the rest to
    ``rows = (budget - screen) // signs`` rows read under ``signs`` sign patterns each; a row carries one
    coordinate of *every* block, so every block gets ``min(n_l, rows_sample)`` sampled coordinates and up to
@@ -45,6 +48,7 @@ class RmedPlan:
     screen: int = 0           # Bekas probes
     signs: int = 2
     hvps: int = 0
+    threshold: int = -1       # exact mode: blocks up to max(threshold, k + top) are read whole (-1: exact_threshold)
 
 
 def _exact_cost(sizes: Sequence[int], small: Sequence[bool], k: int, top: int, screen_samples: int) -> int:
@@ -61,18 +65,21 @@ def plan_rmed(sizes: Sequence[int], *, budget: int, exact_threshold: int, k: int
     if cost <= budget:
         return RmedPlan("exact", small, k, top, screen=screen_samples if not all(small) and top > 0 else 0,
                         signs=signs, hvps=cost)
-    # Scale k and top together; the small blocks stay whole only while they are within the scaled layout.
+    # Scale k and top together and sample every block larger than the scaled layout (exact_threshold gives
+    # way: whole small blocks are a luxury the budget no longer buys).
+    def scaled(f: float) -> tuple[int, int, tuple[bool, ...], int]:
+        kf, tf = max(3, int(k * f)), int(top * f)
+        sm = tuple(n <= kf + tf for n in sizes)
+        return kf, tf, sm, _exact_cost(sizes, sm, kf, tf, screen_samples)
+
     lo, hi = 0.0, 1.0
     for _ in range(40):
         f = (lo + hi) / 2
-        kf, tf = max(3, int(k * f)), int(top * f)
-        sm = tuple(n <= max(exact_threshold, kf + tf) for n in sizes)
-        lo, hi = (f, hi) if _exact_cost(sizes, sm, kf, tf, screen_samples) <= budget else (lo, f)
-    kf, tf = int(k * lo), int(top * lo)
-    sm = tuple(n <= max(exact_threshold, kf + tf) for n in sizes)
-    if kf >= min_k and _exact_cost(sizes, sm, kf, tf, screen_samples) <= budget:
+        lo, hi = (f, hi) if scaled(f)[3] <= budget else (lo, f)
+    kf, tf, sm, cost = scaled(lo)
+    if (kf >= min_k or all(sm)) and cost <= budget:
         return RmedPlan("exact", sm, kf, tf, screen=screen_samples if not all(sm) and tf > 0 else 0, signs=signs,
-                        hvps=_exact_cost(sizes, sm, kf, tf, screen_samples))
+                        hvps=cost, threshold=0)
     screen = screen_samples if top > 0 else 0
     rows = (budget - screen) // signs
     if rows < 3:
