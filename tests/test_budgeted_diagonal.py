@@ -274,3 +274,23 @@ def test_t_quantile_matches_scipy():
 def test_registered_costs_state_the_budget():
     assert "hvps" in get("rmed").cost and "1024" in get("rmed").cost
     assert "hvps" in get("diagshare").cost and "1024" in get("diagshare").cost
+
+
+def test_stratified_quantile_interval():
+    from geomprobe.metrics._common import stratified_quantile_ci, weighted_quantile
+
+    g = np.random.default_rng(0)
+    a, b = g.lognormal(size=300), g.lognormal(1.0, size=50)
+    # whole strata: no sampling error, the interval collapses on the population quantile
+    q = weighted_quantile(np.concatenate([a, b]), np.ones(350), 0.5)
+    assert stratified_quantile_ci([(a, 300, True), (b, 50, True)], 0.5, LEVEL) == (q, q)
+    # sampled strata: coverage of the population median over draws
+    pop = [g.lognormal(size=5000), g.lognormal(2.0, size=500)]
+    truth = weighted_quantile(np.concatenate(pop), np.ones(5500), 0.5)
+    seeds = 200
+    hits = 0
+    for _ in range(seeds):
+        strata = [(g.choice(p, 30, replace=False), len(p), False) for p in pop]
+        lo, hi = stratified_quantile_ci(strata, 0.5, LEVEL)
+        hits += lo <= truth <= hi
+    assert hits / seeds >= _floor(seeds)

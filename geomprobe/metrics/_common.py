@@ -246,8 +246,9 @@ def stratified_quantile_ci(strata: Sequence[tuple[np.ndarray, int, bool]], p: fl
             pl = (k * Fl + 0.5) / (k + 1)
             var += w * w * pl * (1 - pl) / k * (1 - k / n)
     se = np.sqrt(var)
-    up = np.nonzero(F + z * se >= p)[0]
-    lo_ok = np.nonzero(F - z * se >= p)[0]
+    tie = 1e-12  # F is a sum of rounded fractions: a whole stratum's exact p must not read as just below p
+    up = np.nonzero(F + z * se >= p - tie)[0]
+    lo_ok = np.nonzero(F - z * se >= p - tie)[0]
     lo = floor if not len(up) or up[0] == 0 else float(grid[up[0]])
     hi = float(grid[lo_ok[0]]) if len(lo_ok) else ceiling
     return lo, hi
