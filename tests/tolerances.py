@@ -23,6 +23,8 @@ MC_BASELINE_ABS = 2e-3      # our Monte Carlo of delta(E|H|) against SPEC §4's 
 WIGNER_MC_ABS = 2e-4        # the same for the Wigner baseline at d = 100 (values near 0.0100)
 OLS_ASYMPTOTIC_ABS = 5e-3   # the OLS closed form is a large-n limit: its gap to Monte Carlo at n = 32
 COVERAGE_MIN = 0.85         # share of seeds whose nominal-95 % interval must cover the truth
+COVERAGE_SIGMAS = 3.0       # over n seeds, coverage >= level - this * sqrt(level (1 - level) / n) (binomial noise)
+PACKED_CALIBRATION = (0.8, 1.25)  # mean squared contamination over mean squared reported error, many reads
 
 # Gradient noise (tests/test_noise_*.py, test_persample.py, test_isotropy.py).
 TAIL_MEAN_1E4 = 0.05        # |mean alpha_hat - alpha| over 20 SaS samples of N = 1e4 (SPEC §5 table)

@@ -1,0 +1,125 @@
+"""How a budget of HVPs is split across parameter blocks by ``rmed`` and ``diagshare`` (SPEC §3, §4).
+
+Private to the metrics. Pure arithmetic on block sizes: the rules live here, in one place, so that the
+planned cost of a metric can be stated before any HVP is spent and tested against what it spends.
+
+``rmed`` (:func:`plan_rmed`), in order of preference:
+
+1. **exact**: the per-block layout of SPEC §3 (every coordinate of a block up to ``exact_threshold``; ``k``
+   sampled + ``top`` screened coordinates of a larger one; ``screen_samples`` Bekas probes shared) when its
+   cost fits the budget, else ``k`` and ``top`` scaled down together, every block larger than ``k + top``
+   sampled (``exact_threshold`` gives way), while that still buys at least ``min_k`` exact coordinates per
+   sampled block. Every read entry is exact. Exact entries are preferred because packed reads of small
+   networks are heavily contaminated (``benchmarks/packed_diagonal.py``): at the default budget this keeps
+   models of up to ~35 blocks exact.
+2. **packed**: otherwise. ``screen_samples`` HVPs go to the Bekas screen (if ``top > 0``), the rest to
+   ``rows = (budget - screen) // signs`` rows read under ``signs`` sign patterns each; a row carries one
+   coordinate of *every* block, so every block gets ``min(n_l, rows_sample)`` sampled coordinates and up to
+   ``rows_cand`` screened candidates whatever the number of blocks. Rows are split between sampling and
+   candidates in the ratio ``k : top``; when the rows can hold the largest block whole, every coordinate is
+   read and neither screen nor candidates are needed.
+
+``diagshare`` (:func:`plan_columns`): ``k_l = min(n_l, k, c)`` exact columns per block with the cap ``c``
+the largest that fits the budget (water-filling: small blocks are taken whole, the rest share equally), the
+columns left by rounding given one each to the largest unfinished blocks. Equal shares give every block's own
+interval the same footing; the whole-model estimate weighs each stratum by ``n_l / k_l``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from ..errors import ConfigurationError
+
+__all__ = ["RmedPlan", "plan_rmed", "plan_columns"]
+
+
+@dataclass(frozen=True)
+class RmedPlan:
+    """What ``rmed`` will compute: the mode, its per-block sizes and the HVPs it will spend (``hvps``)."""
+
+    mode: str                 # "exact" or "packed"
+    exact_blocks: tuple[bool, ...]
+    k: int                    # exact mode: sampled coordinates per large block
+    top: int                  # exact mode: screened candidates per large block
+    rows_sample: int = 0      # packed mode: rows of sampled coordinates (one per block per row)
+    rows_cand: int = 0        # packed mode: rows of screened candidates
+    screen: int = 0           # Bekas probes
+    signs: int = 2
+    hvps: int = 0
+    threshold: int = -1       # exact mode: blocks up to max(threshold, k + top) are read whole (-1: exact_threshold)
+
+
+def _exact_cost(sizes: Sequence[int], small: Sequence[bool], k: int, top: int, screen_samples: int) -> int:
+    n_large = sum(1 for s in small if not s)
+    screen = screen_samples if n_large and top > 0 else 0
+    return sum(n for n, s in zip(sizes, small) if s) + n_large * (k + top) + screen
+
+
+def plan_rmed(sizes: Sequence[int], *, budget: int, exact_threshold: int, k: int, top: int, screen_samples: int,
+              signs: int, min_k: int) -> RmedPlan:
+    """The cheapest faithful plan for blocks of ``sizes`` within ``budget`` HVPs (module docstring)."""
+    small = tuple(n <= max(exact_threshold, k + top) for n in sizes)
+    cost = _exact_cost(sizes, small, k, top, screen_samples)
+    if cost <= budget:
+        return RmedPlan("exact", small, k, top, screen=screen_samples if not all(small) and top > 0 else 0,
+                        signs=signs, hvps=cost)
+    # Scale k and top together and sample every block larger than the scaled layout (exact_threshold gives
+    # way: whole small blocks are a luxury the budget no longer buys).
+    def scaled(f: float) -> tuple[int, int, tuple[bool, ...], int]:
+        kf, tf = max(3, int(k * f)), int(top * f)
+        sm = tuple(n <= kf + tf for n in sizes)
+        return kf, tf, sm, _exact_cost(sizes, sm, kf, tf, screen_samples)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        f = (lo + hi) / 2
+        lo, hi = (f, hi) if scaled(f)[3] <= budget else (lo, f)
+    kf, tf, sm, cost = scaled(lo)
+    if (kf >= min_k or all(sm)) and cost <= budget:
+        return RmedPlan("exact", sm, kf, tf, screen=screen_samples if not all(sm) and tf > 0 else 0, signs=signs,
+                        hvps=cost, threshold=0)
+    screen = screen_samples if top > 0 else 0
+    rows = (budget - screen) // signs
+    if rows < 3:
+        raise ConfigurationError(
+            f"rmed's budget hvps={budget} buys fewer than 3 packed rows after {screen} screening probes at "
+            f"signs={signs}; raise hvps to at least {screen + 3 * signs}, or lower screen_samples or signs"
+        )
+    largest = max(sizes)
+    if largest <= rows:
+        # every coordinate of every block fits in the rows: read them all, nothing is left to screen
+        return RmedPlan("packed", tuple(False for _ in sizes), 0, 0, largest, 0, 0, signs, signs * largest)
+    rows_cand = min(max(1, round(rows * top / (k + top))), rows - 3) if top > 0 else 0
+    rows_sample = min(rows - rows_cand, largest)
+    return RmedPlan("packed", tuple(False for _ in sizes), 0, 0, rows_sample, rows_cand, screen, signs,
+                    screen + signs * (rows_sample + rows_cand))
+
+
+def plan_columns(sizes: Sequence[int], *, budget: int, k: int) -> list[int]:
+    """Columns per block: ``min(n_l, k, c)`` with the largest cap ``c`` that fits ``budget`` (module docstring).
+
+    Raises ConfigurationError when the budget cannot give every block one column.
+    """
+    if budget < len(sizes):
+        raise ConfigurationError(
+            f"diagshare's budget hvps={budget} cannot give each of the {len(sizes)} selected blocks one column; "
+            f"raise hvps to at least {len(sizes)} or select fewer blocks with blocks="
+        )
+    want = [min(n, k) for n in sizes]
+    if sum(want) <= budget:
+        return want
+    lo, hi = 1, max(want)
+    while lo < hi:  # the largest cap c with sum min(want, c) <= budget
+        c = (lo + hi + 1) // 2
+        lo, hi = (c, hi) if sum(min(w, c) for w in want) <= budget else (lo, c - 1)
+    cols = [min(w, lo) for w in want]
+    left = budget - sum(cols)
+    for i in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        if left == 0:
+            break
+        if cols[i] < want[i]:
+            cols[i] += 1
+            left -= 1
+    return cols

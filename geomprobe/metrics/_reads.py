@@ -1,0 +1,168 @@
+"""How ``rmed`` reads a Hessian diagonal: exact entries, or packed reads of one coordinate of every block.
+
+Private to the metrics. Each function spends HVPs and returns per-block knowledge (:class:`BlockDiag`): the
+entries read, their errors (none for exact entries) and the Bekas screen. The statistics built on it (median,
+q99, max and their intervals) live in :mod:`geomprobe.metrics.rmed`; the plan that chooses between the two
+reads in :mod:`geomprobe.metrics._budget`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from ..linalg.diagonal import bekas_diagonal, packed_diagonal
+from ..linalg.vectors import Matvec
+from ._budget import RmedPlan
+from ._common import exact_diagonal_chunked
+
+__all__ = ["BlockDiag", "read_exact", "read_packed"]
+
+
+@dataclass
+class BlockDiag:
+    """What is known about one block's diagonal (raw, unscaled): entries read, their errors, the screen."""
+
+    block: Any
+    exact: bool
+    sample: np.ndarray        # local indices computed exactly as a uniform sample (all, if exact)
+    sample_h: np.ndarray      # their h_i
+    cand: np.ndarray          # local indices recomputed after screening
+    cand_h: np.ndarray
+    screen: np.ndarray | None = None      # Bekas mean over the block
+    screen_se: np.ndarray | None = None
+    sample_err: np.ndarray | None = None  # packed reads: standard error of each h_i (None: exact entries)
+    cand_err: np.ndarray | None = None
+
+
+def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None], *,
+               exact_threshold: int, k: int, top: int, screen_samples: int, z: float,
+               generator: torch.Generator, dtype: torch.dtype, device: Any, batch: int) -> tuple[list[BlockDiag], int]:
+    """Exact entries: whole small blocks, ``k`` sampled + ``top`` screened per larger block (one HVP each),
+    and ``screen_samples`` Bekas probes if a block is large. Returns the per-block knowledge and HVPs spent."""
+    parts: list[BlockDiag] = []
+    for b in blocks:
+        if b.size <= max(exact_threshold, k + top):
+            parts.append(BlockDiag(b, True, np.arange(b.size), np.empty(0), np.empty(0, int), np.empty(0)))
+        else:
+            local = torch.randperm(b.size, generator=generator)[:k].sort().values.numpy()
+            parts.append(BlockDiag(b, False, local, np.empty(0), np.empty(0, int), np.empty(0)))
+    idx = np.concatenate([p.block.start + p.sample for p in parts])
+    h = exact_diagonal_chunked(matvec, dim, torch.from_numpy(idx), batch=batch, dtype=dtype, device=device).numpy()
+    hvps = len(idx)
+    at = 0
+    for p in parts:
+        p.sample_h = h[at : at + len(p.sample)]
+        at += len(p.sample)
+    large = [p for p in parts if not p.exact]
+    if not large or top == 0:
+        return parts, hvps
+    mean, se = bekas_diagonal(matvec, dim, samples=screen_samples, batch=batch, generator=generator,
+                              dtype=dtype, device=device)
+    mean, se = mean.double().cpu().numpy(), se.double().cpu().numpy()
+    hvps += screen_samples
+    cand_global: list[np.ndarray] = []
+    for p in large:
+        b = p.block
+        p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
+        unknown = np.ones(b.size, dtype=bool)
+        unknown[p.sample] = False
+        chosen: set[int] = set()
+        for s in scalings:
+            sc = np.ones(b.size) if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
+            # Rank by the upper bound, not the point estimate: recomputing the coordinates that could be
+            # largest is what lets the remaining screen certify the max.
+            upper = np.where(unknown, sc * (np.abs(p.screen) + z * p.screen_se), -np.inf)
+            n_top = min(top, int(unknown.sum()))
+            chosen.update(np.argpartition(-upper, n_top - 1)[:n_top].tolist() if n_top else [])
+        p.cand = np.array(sorted(chosen), dtype=int)
+        cand_global.append(b.start + p.cand)
+    cidx = np.concatenate(cand_global)
+    hc = exact_diagonal_chunked(matvec, dim, torch.from_numpy(cidx), batch=batch, dtype=dtype, device=device).numpy()
+    hvps += len(cidx)
+    at = 0
+    for p in large:
+        p.cand_h = hc[at : at + len(p.cand)]
+        at += len(p.cand)
+    return parts, hvps
+
+
+def _screen_candidates(mean: np.ndarray, se: np.ndarray, b: Any, known: np.ndarray, scalings: Sequence, z: float,
+                       n_top: int) -> np.ndarray:
+    """The ``n_top`` unknown coordinates of block ``b`` with the largest screened upper bound, per scaling."""
+    unknown = np.ones(b.size, dtype=bool)
+    unknown[known] = False
+    chosen: set[int] = set()
+    n = min(n_top, int(unknown.sum()))
+    for s in scalings:
+        sc = np.ones(b.size) if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
+        # Rank by the upper bound, not the point estimate: reading the coordinates that could be largest is
+        # what lets the rest of the screen certify the max.
+        upper = np.where(unknown, sc * (np.abs(mean[b.start : b.stop]) + z * se[b.start : b.stop]), -np.inf)
+        chosen.update(np.argpartition(-upper, n - 1)[:n].tolist() if n else [])
+    return np.array(sorted(chosen), dtype=int)
+
+
+def _rows(blocks: Sequence[Any], local: Sequence[np.ndarray], n_rows: int) -> torch.Tensor:
+    """An ``(n_rows, n_blocks)`` matrix of global coordinates, column ``l`` = block l's list, -1 padded."""
+    R = np.full((n_rows, len(blocks)), -1, dtype=np.int64)
+    for j, (b, loc) in enumerate(zip(blocks, local)):
+        R[: len(loc), j] = b.start + loc
+    return torch.from_numpy(R)
+
+
+def read_packed(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None],
+                plan: RmedPlan, *, z: float, generator: torch.Generator, dtype: torch.dtype, device: Any,
+                batch: int) -> tuple[list[BlockDiag], int]:
+    """Packed reads (one coordinate of every block per row, ``plan.signs`` sign patterns): samples, then a
+    Bekas screen and its candidates. Every entry comes with the standard error of its contamination."""
+    parts, columns = [], []
+    for b in blocks:
+        local = torch.randperm(b.size, generator=generator)[: plan.rows_sample].sort().values.numpy()
+        parts.append(BlockDiag(b, False, local, np.empty(0), np.empty(0, int), np.empty(0)))
+        # A block smaller than the rows fills its free slots with repeat reads (fresh signs and companions):
+        # its few entries get many reads, and their errors many degrees of freedom.
+        columns.append(np.resize(local, plan.rows_sample))
+    est, err = packed_diagonal(matvec, dim, _rows(blocks, columns, plan.rows_sample),
+                               signs=plan.signs, batch=batch, generator=generator, dtype=dtype, device=device)
+    hvps = plan.signs * plan.rows_sample
+    for j, p in enumerate(parts):
+        p.sample_h, p.sample_err = _merge_repeats(est[:, j].numpy(), err[:, j].numpy(), len(p.sample))
+        p.cand_err = np.empty(0)
+    if plan.rows_cand == 0 or plan.screen == 0:
+        return parts, hvps
+    mean, se = bekas_diagonal(matvec, dim, samples=plan.screen, batch=batch, generator=generator, dtype=dtype,
+                              device=device)
+    mean, se = mean.double().cpu().numpy(), se.double().cpu().numpy()
+    hvps += plan.screen
+    per_scaling = max(1, plan.rows_cand // len(scalings))  # their union then fits the candidate rows
+    for p in parts:
+        b = p.block
+        p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
+        p.cand = _screen_candidates(mean, se, b, p.sample, scalings, z, per_scaling)[: plan.rows_cand]
+    est, err = packed_diagonal(matvec, dim, _rows(blocks, [p.cand for p in parts], plan.rows_cand),
+                               signs=plan.signs, batch=batch, generator=generator, dtype=dtype, device=device)
+    hvps += plan.signs * plan.rows_cand
+    for j, p in enumerate(parts):
+        p.cand_h, p.cand_err = est[: len(p.cand), j].numpy(), err[: len(p.cand), j].numpy()
+    return parts, hvps
+
+
+def _merge_repeats(est: np.ndarray, err: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-entry mean and standard error when row ``r`` read entry ``r mod n`` (``n`` entries, cycled).
+
+    An entry read in several rows takes the spread of its row means (companions and signs both vary);
+    one read once keeps its sign-pattern error."""
+    reads = np.arange(len(est)) % n
+    count = np.bincount(reads, minlength=n)
+    mean = np.bincount(reads, weights=est, minlength=n) / count
+    sq = np.bincount(reads, weights=(est - mean[reads]) ** 2, minlength=n)
+    many = count >= 2
+    se = np.empty(n)
+    se[many] = np.sqrt(sq[many] / (count[many] - 1) / count[many])
+    once = ~many
+    se[once] = err[: n][once]
+    return mean, se
