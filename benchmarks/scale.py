@@ -311,6 +311,7 @@ def main() -> None:
     ap.add_argument("what", choices=["models", "trajectory", "overhead"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", default="gpt2-124m")
+    ap.add_argument("--cases", default=None, help="name:dtype[:m1+m2...],...; overrides --models/--dtypes")
     ap.add_argument("--model", default="gpt2-124m")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--metrics", default="full", help="'full' or a comma-separated list")
@@ -331,8 +332,13 @@ def main() -> None:
 
     metrics = FULL if args.metrics == "full" else tuple(args.metrics.split(","))
     if args.what == "models":
-        for name in args.models.split(","):
-            for dt in args.dtypes.split(","):
+        # --cases name:dtype[:metric+metric...], or every --models x --dtypes pair with --metrics
+        cases = [c.split(":") for c in args.cases.split(",")] if args.cases else [
+            [n, dt] for n in args.models.split(",") for dt in args.dtypes.split(",")]
+        for case in cases:
+            name, dt = case[0], case[1]
+            metrics = tuple(case[2].split("+")) if len(case) > 2 else metrics
+            if True:
                 try:
                     r = measure_model(name, dt, metrics, args.device, out_dir, args.noise_batches)
                 except Exception as e:  # keep the other models' figures
