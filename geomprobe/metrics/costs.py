@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
+import torch
+
 from . import registry
 from ._common import select_blocks
 from .registry import CostPlan, PlanContext
@@ -64,7 +66,9 @@ def _saddle(o: dict, c: PlanContext) -> CostPlan:
 
 
 def _precision(o: dict, c: PlanContext) -> CostPlan:
-    # the float64 copy's own HVPs do not go through the Landscape
+    # the float64 copy's own HVPs do not go through the Landscape; a float64 model needs no reference
+    if c.dtype == torch.float64:
+        return CostPlan(0, vectors=0)
     return CostPlan(o["vectors"], vectors=2 * o["vectors"])
 
 

@@ -44,11 +44,12 @@ class CostPlan:
 @dataclass(frozen=True)
 class PlanContext:
     """What a planner knows of the Landscape before it exists: ``dim`` coordinates in ``blocks`` (objects
-    with ``name`` and ``size``) and ``chunk_size`` vectors per batched HVP."""
+    with ``name`` and ``size``), ``chunk_size`` vectors per batched HVP, and the parameters' ``dtype``."""
 
     dim: int
     blocks: Sequence[Any]
     chunk_size: int = 16
+    dtype: Any = None
 
 
 # (options with their defaults filled in, context) -> CostPlan

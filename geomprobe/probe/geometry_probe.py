@@ -180,7 +180,7 @@ class GeometryProbe:
         self.warm = WarmStart() if warm_start else None
         self._progress = resolve_progress(progress)
         self.plan = plan_probe(self.metric_options, self.space, chunk_size=chunk_size,
-                               itemsize=selected[0].element_size() if selected else 4)
+                               dtype=selected[0].dtype if selected else torch.float32)
         self.records: list[dict] = []
         self.failures: dict[str, int] = {}
         self._warned: set[str] = set()

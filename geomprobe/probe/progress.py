@@ -18,6 +18,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import torch
+
+from ..errors import ConfigurationError
 from ..metrics import registry
 from ..metrics.registry import PlanContext
 
@@ -50,11 +53,13 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 def plan_probe(metric_options: Mapping[str, Mapping[str, Any]], space: Any, *, chunk_size: int = 16,
-               itemsize: int = 4) -> dict[str, dict]:
-    """Each metric's planned cost in the parameter space ``space`` (``dim``, ``blocks``): ``hvps``, ``exact``,
-    ``gradients`` and ``vector_bytes`` (``vectors * d * itemsize``, ``None`` where unknown); ``cost`` (the
-    registered description) for a metric without a planner, whose ``hvps`` is then ``None``."""
-    context = PlanContext(space.dim, list(space.blocks), chunk_size)
+               dtype: torch.dtype = torch.float32) -> dict[str, dict]:
+    """Each metric's planned cost in the parameter space ``space`` (``dim``, ``blocks``) with parameters of
+    ``dtype``: ``hvps``, ``exact``, ``gradients`` and ``vector_bytes`` (``vectors * d * itemsize``, ``None``
+    where unknown); ``cost`` (the registered description) for a metric without a planner, whose ``hvps`` is
+    then ``None``."""
+    context = PlanContext(space.dim, list(space.blocks), chunk_size, dtype)
+    itemsize = dtype.itemsize
     out: dict[str, dict] = {}
     for name, options in metric_options.items():
         metric = registry.get(name)
@@ -118,7 +123,10 @@ def resolve_progress(progress: bool | ProgressCallback | None) -> ProgressCallba
         return LineReporter()
     if callable(progress):
         return progress
-    raise TypeError(f"progress must be None, True/False or a callable taking a ProgressEvent, got {progress!r}")
+    raise ConfigurationError(
+        f"progress must be None, True/False or a callable taking a ProgressEvent, got {type(progress).__name__} "
+        f"{progress!r}; pass progress=True for one line per probe on stderr"
+    )
 
 
 class ProbeProgress:

@@ -42,7 +42,8 @@ class WarmStart:
         max_vectors: the most vectors kept (split evenly between the two ends).
 
     :meth:`start` returns ``None`` (a cold start) when nothing is kept yet, or when the vectors were kept
-    for another model or other parameter shapes or dtype; :attr:`reason` then says why.
+    for another model or other parameter shapes or dtype; :attr:`reason` then says why (empty after a warm
+    start).
     :func:`geomprobe.metrics.spectrum` accepts a WarmStart as ``warm=``; :class:`GeometryProbe` keeps one per
     probe unless ``warm_start=False``.
 
@@ -86,6 +87,7 @@ class WarmStart:
     def matches(self, land: Any) -> bool:
         """Whether the kept vectors belong to ``land``'s model and parameter space (sets :attr:`reason`)."""
         if self._signature is None:
+            self.reason = "no vectors kept yet"
             return False
         if self._model is None or self._model() is not land.model:
             self.reason = "the kept vectors are from another model"
@@ -117,6 +119,7 @@ class WarmStart:
         if not torch.isfinite(un) or un == 0:
             self.reason = "the kept vectors cancel or are not finite"
             return None
+        self.reason = ""
         z = gaussian(land.dim, generator, u.dtype, land.device)
         v0 = math.sqrt(1.0 - self.mix**2) * (u / un) + self.mix * (z / z.norm())
         return v0.to(land.dtype)
@@ -128,4 +131,3 @@ class WarmStart:
         self.bottom = bottom[:per_end].detach().to("cpu", dtype=land.dtype, copy=True)
         self._signature = self._signature_of(land)
         self._model = weakref.ref(land.model)
-        self.reason = ""
