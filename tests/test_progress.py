@@ -113,3 +113,17 @@ def test_a_bad_progress_option_is_refused():
     model, _, (X, y) = setting()
     with pytest.raises(gp.ConfigurationError, match="progress must be None, True/False or a callable"):
         gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), progress="yes")
+
+
+def test_a_failing_progress_callback_is_dropped_and_the_probe_goes_on():
+    model, _, (X, y) = setting()
+    calls = []
+
+    def broken(event):
+        calls.append(event.kind)
+        raise RuntimeError("display gone")
+
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), progress=broken)
+    with pytest.warns(RuntimeWarning, match="progress callback failed"):
+        record = probe.probe(0)
+    assert calls == ["plan"] and "errors" not in record and record["spectrum"]["hvps"] > 0

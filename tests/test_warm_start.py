@@ -155,3 +155,18 @@ def test_the_probe_records_warm_starts_and_can_turn_them_off():
     # precond's raw spectrum is spectrum's cold run for free: no warm start for spectrum then
     probe, records = probe_run(metrics=["spectrum", "precond"], optimizer=torch.optim.SGD(TanhMLP().parameters(), lr=0.1))
     assert not any(r["spectrum"]["warm"] for r in records)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_on_a_gpu_the_vectors_stay_on_the_host_in_the_model_dtype(dtype):
+    model, loss_fn, (X, y) = next(trajectory(steps=0, every=1))
+    model = model.to("cuda", dtype)
+    batch = (X.to("cuda", dtype), y.cuda())
+    warm = WarmStart()
+    first = spectrum(gp.Landscape(model, loss_fn, batch), tol=1e-2, warm=warm)
+    assert warm.top.device.type == "cpu" and warm.top.dtype == dtype
+    second = spectrum(gp.Landscape(model, loss_fn, batch), tol=1e-2, warm=warm)
+    assert second["warm"] and not first["warm"]
+    rounding = 16 * torch.finfo(dtype).eps * abs(first["lambda_max"])
+    assert abs(first["lambda_max"] - second["lambda_max"]) <= first["lambda_max_err"] + second["lambda_max_err"] + rounding

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -130,14 +131,27 @@ def resolve_progress(progress: bool | ProgressCallback | None) -> ProgressCallba
 
 
 class ProbeProgress:
-    """Sends a probe's events to ``callback``: the probe calls :meth:`metric` around each metric."""
+    """Sends one probe's events to ``callback``: :meth:`begin`, then :meth:`start` / :meth:`advance` /
+    :meth:`end` around each metric, then :meth:`finish`. A callback that raises is warned about and dropped
+    for the rest of the probe, which goes on."""
 
     def __init__(self, callback: ProgressCallback, plan: Mapping[str, dict], step: int):
-        self.callback, self.plan, self.step = callback, plan, step
+        self._callback, self.plan, self.step = callback, plan, step
         self.t0 = time.perf_counter()
         self.total = 0
         self._name: str | None = None
         self._done = 0
+
+    def callback(self, event: ProgressEvent) -> None:
+        # a probe never kills training: a failing progress callback is dropped for the rest of this probe
+        if self._callback is None:
+            return
+        try:
+            self._callback(event)
+        except Exception as e:
+            self._callback = None
+            warnings.warn(f"geomprobe: the progress callback failed ({type(e).__name__}: {e}); no more progress "
+                          "events this probe", RuntimeWarning, stacklevel=2)
 
     def begin(self) -> None:
         self.callback(ProgressEvent("plan", self.step, plan=self.plan))
