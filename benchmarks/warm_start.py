@@ -3,9 +3,8 @@
 Two GeometryProbes watch the same training run, one with ``warm_start=True`` (the default) and one with
 ``warm_start=False``; both measure ``spectrum`` at the same tol on the same probe batch every ``--every``
 optimizer steps. A probe changes nothing, so both see exactly the same parameters. Reported per case: mean
-HVPs per probe after the first (which is cold for both), their ratio, whether every run converged, and
-whether the warm and cold intervals for lambda_max and lambda_min overlap at every probe (both certify an
-eigenvalue; they must agree up to the float32 rounding of the HVPs).
+HVPs per probe after the first (which is cold for both), their ratio, whether every run converged, and how
+often one start missed an extreme eigenvalue that the other found (see :func:`missed`).
 
     python benchmarks/warm_start.py --out benchmarks/results/warm_start_cpu.json
     python benchmarks/warm_start.py --cases transformer --every 5 --steps 200
@@ -87,14 +86,19 @@ def case(name: str, optimizer: str, seed: int = 0):
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     else:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    return model, loss_fn, X, y, (X[:256], y[:256]), opt, batch
+    probe_n = 64 if name == "transformer" else 256  # 64 sequences of 32 tokens: 2048 predictions
+    return model, loss_fn, X, y, (X[:probe_n], y[:probe_n]), opt, batch
 
 
-def overlap(a, b, key):
-    """Both intervals hold an eigenvalue: they must overlap, up to float32 rounding of the HVPs themselves,
-    which no residual bound includes (16 eps ||H||; the runs differ by ~1e-6 relative where bounds are 0)."""
+def missed(a, b, key):
+    """Whether run ``a`` missed the extreme eigenvalue that run ``b`` found: ``b``'s Ritz value lies beyond
+    ``a``'s interval on the outer side. A Ritz value never lies outside the spectrum, so the more extreme of
+    the two is the better one; a residual bound certifies that *some* eigenvalue lies within it, not that it
+    is the extreme one (a Krylov space can miss an eigenvalue, warm or cold). Up to float32 rounding of the
+    HVPs, which no residual bound includes (16 eps ||H||)."""
     rounding = 16 * torch.finfo(torch.float32).eps * max(abs(a["lambda_max"]), abs(a["lambda_min"]))
-    return abs(a[key] - b[key]) <= a[f"{key}_err"] + b[f"{key}_err"] + rounding
+    sign = 1.0 if key == "lambda_max" else -1.0
+    return sign * (b[key] - a[key]) > a[f"{key}_err"] + rounding
 
 
 def measure(name: str, optimizer: str, *, every: int, steps: int, tol: float, seed: int = 0) -> dict:
@@ -127,7 +131,9 @@ def measure(name: str, optimizer: str, *, every: int, steps: int, tol: float, se
         "cold_mean": cold_mean, "warm_mean": warm_mean, "ratio": cold_mean / warm_mean if warm_mean else None,
         "warm_flags": [r["warm"] for r in warm],
         "all_converged": all(r["converged"] for r in warm + cold),
-        "intervals_agree": all(overlap(a, b, k) for a, b in zip(warm, cold) for k in ("lambda_max", "lambda_min")),
+        # probes where one start missed an extreme eigenvalue the other found (beyond its bound)
+        "warm_missed": sum(missed(a, b, k) for a, b in zip(warm, cold) for k in ("lambda_max", "lambda_min")),
+        "cold_missed": sum(missed(b, a, k) for a, b in zip(warm, cold) for k in ("lambda_max", "lambda_min")),
     }
 
 
@@ -142,17 +148,20 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     rows = []
-    print(f"{'case':12} {'opt':5} {'d':>8} {'every':>5} {'probes':>6} {'cold':>6} {'warm':>6} {'ratio':>6}  ok")
+    print(f"{'case':12} {'opt':5} {'d':>8} {'every':>5} {'probes':>6} {'cold':>6} {'warm':>6} {'ratio':>6} "
+          f"converged  missed (warm/cold)")
     for name in args.cases:
         for optimizer in args.optimizers:
             for every in args.every:
                 r = measure(name, optimizer, every=every, steps=args.steps, tol=args.tol)
                 rows.append(r)
                 print(f"{name:12} {optimizer:5} {r['parameters']:>8} {every:>5} {r['probes']:>6} {r['cold_mean']:>6.1f} "
-                      f"{r['warm_mean']:>6.1f} {r['ratio']:>6.2f}  {r['all_converged'] and r['intervals_agree']}",
+                      f"{r['warm_mean']:>6.1f} {r['ratio']:>6.2f} {str(r['all_converged']):>9}  "
+                      f"{r['warm_missed']}/{r['cold_missed']}",
                       flush=True)
-    if args.out:
-        Path(args.out).write_text(json.dumps({"environment": environment("cpu"), "rows": rows}, indent=1))
+                if args.out:  # after every row, so that a long run keeps what it measured
+                    doc = {"environment": environment("cpu"), "rows": rows}
+                    Path(args.out).write_text(json.dumps(doc, indent=1))
 
 
 if __name__ == "__main__":

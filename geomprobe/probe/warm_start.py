@@ -12,9 +12,13 @@ so that no eigendirection is excluded from the Krylov space: a new outlier ortho
 still emerges, only a few steps later than from a cold start. The residual bounds and ``converged`` do not
 depend on the start, so a warm run certifies exactly what a cold run does.
 
-Chosen by measurement (benchmarks/warm_start.py, a 26k-parameter MLP on digits, tol 1e-3, which="both"):
-one vector per end beat two or four per end (15.6 HVPs per probe against 18.4 and 20.8, cold 26.5, probing
-every 5 SGD steps); ``mix`` between 0.03 and 0.3 made no measurable difference, and 0.1 is kept.
+Chosen by measurement on a 26k-parameter MLP on digits (SGD, tol 1e-3, which="both", a probe every 5
+steps): one vector per end beat two or four per end (15.6 HVPs per probe against 18.4 and 20.8; cold 26.5);
+weighting the two ends 1:1, 1:2, 1:4 or 2:1 changed the mean by under 1 HVP, and the bottom vector alone did
+as well as both (the bottom end, often at a dense bulk edge, takes most steps), so the two are summed with
+equal weights; ``mix`` between 0.03 and 0.3 made no measurable difference, and 0.1 is kept.
+``benchmarks/warm_start.py`` measures warm against cold along training runs of an MLP, a CNN and a small
+transformer (results in ``benchmarks/results/warm_start_cpu.json``).
 
 The vectors live on the host, in the model's dtype (``2 k`` vectors of length ``d``, at most
 ``max_vectors``); they never touch the model, and the random component comes from the metric's own
