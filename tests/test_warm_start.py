@@ -132,11 +132,14 @@ def test_the_lanczos_cache_never_mixes_warm_and_cold_runs():
     assert spectrum(land)["hvps"] == 0  # and a second one reuses that cold run
 
 
-def test_warm_start_needs_a_sensible_mix():
-    with pytest.raises(ValueError, match="mix must lie in"):
+def test_bad_warm_start_options_are_refused_with_the_fix():
+    with pytest.raises(gp.ConfigurationError, match="mix must lie in"):
         WarmStart(mix=0.0)
-    with pytest.raises(ValueError, match="max_vectors"):
+    with pytest.raises(gp.ConfigurationError, match="max_vectors must be >= 1"):
         WarmStart(max_vectors=0)
+    model, loss_fn, batch = next(trajectory(steps=0, every=1))
+    with pytest.raises(gp.ConfigurationError, match="warm must be a geomprobe.probe.WarmStart"):
+        spectrum(gp.Landscape(model, loss_fn, batch), warm=True)
 
 
 def test_the_probe_records_warm_starts_and_can_turn_them_off():

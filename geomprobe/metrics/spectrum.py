@@ -6,6 +6,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigurationError
 from ..linalg.lanczos import LanczosResult, lanczos
 from ..linalg.vectors import default_generator
 from .registry import CostPlan, PlanContext, register
@@ -138,6 +139,11 @@ def _warm_lanczos(land: Any, warm: Any, *, k: int, seed: int, generator: torch.G
     exactly and is stored under its key; when another metric already ran it, it is reused and ``warm``
     keeps its older vectors (still a valid start, as any start is).
     """
+    if not (callable(getattr(warm, "start", None)) and callable(getattr(warm, "keep", None))):
+        raise ConfigurationError(
+            f"warm must be a geomprobe.probe.WarmStart (an object with start() and keep()), got "
+            f"{type(warm).__name__}; pass warm=None for a cold start"
+        )
     gen = generator or default_generator(seed)
     v0 = warm.start(land, which=options.get("which", "both"), generator=gen)
     key = ("lanczos", k, options["tol"], options["max_iter"], options.get("which", "both"), seed, options["bound"])

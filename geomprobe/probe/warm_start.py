@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigurationError
 from ..linalg.vectors import gaussian
 
 __all__ = ["WarmStart"]
@@ -66,9 +67,12 @@ class WarmStart:
 
     def __init__(self, *, mix: float = 0.1, max_vectors: int = 8):
         if not 0.0 < mix < 1.0:
-            raise ValueError(f"mix must lie in (0, 1), got {mix!r}")
+            raise ConfigurationError(
+                f"mix must lie in (0, 1), got {mix!r}: it is the weight of the random part of the start vector "
+                "(0 would exclude directions the kept vectors miss, 1 is a cold start); 0.1 is the default"
+            )
         if max_vectors < 1:
-            raise ValueError(f"max_vectors must be >= 1, got {max_vectors!r}")
+            raise ConfigurationError(f"max_vectors must be >= 1, got {max_vectors!r}; pass warm_start=False for cold starts")
         self.mix = float(mix)
         self.max_vectors = int(max_vectors)
         self.top: torch.Tensor | None = None  # (n, d) on the host, unit rows, descending Ritz values
