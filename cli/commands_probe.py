@@ -262,13 +262,13 @@ def probe(checkpoints: tuple[str, ...], spec_name: str, metrics: tuple[str, ...]
     if dry_run:  # data on stdout, outside the redirection of the user's prints to stderr
         if as_json:
             emit_json({"spec": spec_name, "parameters": geometry.space.dim, "dtype": dtype,
-                       "checkpoints": len(infos), "plan": geometry.plan})
+                       "checkpoints": len(infos), "cost_plan": geometry.cost_plan})
         else:
-            out_console().print(_plan_table(geometry.plan, geometry.space.dim, dtype))
+            out_console().print(_plan_table(geometry.cost_plan, geometry.space.dim, dtype))
         return
     with warnings_to_stderr(err):
         if not quiet:
-            err.print(_plan_table(geometry.plan, geometry.space.dim, dtype))
+            err.print(_plan_table(geometry.cost_plan, geometry.space.dim, dtype))
         rows: list[dict] = []
         notes: set[str] = set()
         with geometry, progress:

@@ -218,7 +218,7 @@ def test_planned_cost_is_shown_before_probing_and_checkpoints_start_warm(tmp_pat
     records = RunReader(tmp_path / "run").records
     assert [r["spectrum"]["warm"] for r in records] == [False, True, True]
     assert all(r["cost"]["hvps"] <= 51 + 96 for r in records)
-    assert RunReader(tmp_path / "run").meta["probe"]["plan"]["trace"]["hvps"] == 96
+    assert RunReader(tmp_path / "run").meta["probe"]["cost_plan"]["trace"]["hvps"] == 96
     cold = run("probe", *ckpts, "--spec", SPEC, "--out", tmp_path / "cold", "--no-warm-start")
     assert cold.exit_code == 0, cold.output
     assert not any(r["spectrum"]["warm"] for r in RunReader(tmp_path / "cold").records)
@@ -229,8 +229,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpts):
                  tmp_path / "run", "--dry-run", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert list(doc["plan"]) == ["spectrum", "rmed"] and doc["parameters"] == 51 and doc["checkpoints"] == 3
-    assert doc["plan"]["rmed"] == {"hvps": 51, "exact": True, "gradients": 0, "vector_bytes": 32 * 51 * 4}
+    assert list(doc["cost_plan"]) == ["spectrum", "rmed"] and doc["parameters"] == 51 and doc["checkpoints"] == 3
+    assert doc["cost_plan"]["rmed"] == {"hvps": 51, "exact": True, "gradients": 0, "vector_bytes": 32 * 51 * 4}
     assert not (tmp_path / "run").exists()
     table = run("probe", ckpts[0], "--spec", SPEC, "--dry-run")
     assert table.exit_code == 0 and "planned cost per probe" in table.stdout and "spectrum" in table.stdout

@@ -57,7 +57,7 @@ def test_progress_of_every_metric_ends_at_its_own_hvps_and_within_its_plan(optio
         assert [e.kind for e in mine[:1] + mine[-1:]] == ["start", "end"]
         assert mine[-1].hvps == record[name]["hvps"], name  # counted by wrapping land.hvp
         assert sum(1 for e in mine if e.kind == "advance") <= mine[-1].hvps
-        planned = probe.plan[name]
+        planned = probe.cost_plan[name]
         assert planned["hvps"] is not None, f"{name} has no planner"
         if planned["exact"]:
             assert record[name]["hvps"] == planned["hvps"], name
@@ -65,7 +65,7 @@ def test_progress_of_every_metric_ends_at_its_own_hvps_and_within_its_plan(optio
             assert record[name]["hvps"] <= planned["hvps"], name
     assert sum(e.hvps for e in events if e.kind == "end") == record["cost"]["hvps"]
     # the plan is kept in the run's metadata too
-    assert probe._meta(None)["probe"]["plan"] == probe.plan
+    assert probe._meta(None)["probe"]["cost_plan"] == probe.cost_plan
 
 
 def test_the_plan_grows_with_the_options_and_states_vector_memory():
@@ -87,7 +87,7 @@ def test_one_line_per_probe_on_request_and_silence_by_default(capsys):
         record = loud.probe(3)
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith(f"geomprobe: step 3: {record['cost']['hvps']} HVPs in ")
-    assert f"spectrum {record['spectrum']['hvps']}/<={loud.plan['spectrum']['hvps']}" in line
+    assert f"spectrum {record['spectrum']['hvps']}/<={loud.cost_plan['spectrum']['hvps']}" in line
 
 
 def test_line_reporter_writes_to_its_stream():

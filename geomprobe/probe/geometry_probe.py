@@ -115,7 +115,7 @@ class GeometryProbe:
         progress: ``None`` (default) prints nothing, so the training loop's output is left alone; ``True``
             prints one line on stderr per probe (HVPs per metric against the plan); a callable receives
             every :class:`~.progress.ProgressEvent` (plan, metric start/advance/end, done). The plan, each
-            metric's planned HVPs and vector memory, is also in :attr:`plan` and the run's ``meta.json``.
+            metric's planned HVPs and vector memory, is also in :attr:`cost_plan` and the run's ``meta.json``.
 
     A probe changes nothing: it uses ``torch.autograd.grad`` (never ``.backward()``), runs every forward under
     the state guard, draws randomness from its own generators, and leaves parameters, buffers, ``.grad``,
@@ -179,7 +179,7 @@ class GeometryProbe:
         self.space = ParamSpace(names, [p.shape for p in selected], group_by=group_by)
         self.warm = WarmStart() if warm_start else None
         self._progress = resolve_progress(progress)
-        self.plan = plan_probe(self.metric_options, self.space, chunk_size=chunk_size,
+        self.cost_plan = plan_probe(self.metric_options, self.space, chunk_size=chunk_size,
                                dtype=selected[0].dtype if selected else torch.float32)
         self.records: list[dict] = []
         self.failures: dict[str, int] = {}
@@ -243,7 +243,7 @@ class GeometryProbe:
                 "group_by": self.landscape_options["group_by"],
                 "world_size": self._reducer.world_size,
                 "warm_start": self.warm is not None,
-                "plan": self.plan,
+                "cost_plan": self.cost_plan,
             },
             "device": str(next(self.model.parameters()).device),
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
@@ -305,7 +305,7 @@ class GeometryProbe:
         errors: dict[str, str] = {}
         skipped: dict[str, str] = {}
         land = None
-        progress = ProbeProgress(self._progress, self.plan, step) if self._progress is not None else None
+        progress = ProbeProgress(self._progress, self.cost_plan, step) if self._progress is not None else None
         if progress is not None:
             progress.begin()
         # what this probe ran with; a failure may change them for the next probe
