@@ -28,6 +28,7 @@ from geomprobe.load.checkpoints import CheckpointInfo, load_checkpoint, plan_che
 from geomprobe.load.spec import ProbeSpec, load_spec
 from geomprobe.metrics import registry
 from geomprobe.probe.geometry_probe import DEFAULT_METRICS, GeometryProbe
+from geomprobe.probe.progress import ProgressEvent, planned_text
 from geomprobe.probe.schedule import at
 
 from ._common import emit_json, err_console, handle_errors, out_console
@@ -96,18 +97,54 @@ def _check_optimizer(spec: ProbeSpec, infos: list[CheckpointInfo], needing: list
         )
 
 
-class _Progress:
-    """A rich progress bar with ETA on a terminal; one plain line per checkpoint otherwise."""
+def _plan_table(plan: dict[str, dict], dim: int, dtype: str) -> Table:
+    """Each metric's planned HVPs, gradients and vector memory (``<=`` marks an iteration's upper bound)."""
+    table = Table(title=f"planned cost per probe ({dim:,} parameters, {dtype})", title_justify="left")
+    for col, justify in (("metric", "left"), ("HVPs", "right"), ("gradients", "right"),
+                         ("vector memory", "right"), ("note", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for name, p in plan.items():
+        table.add_row(name, planned_text(p["hvps"], p["exact"]), str(p["gradients"] or 0) if p["hvps"] is not None
+                      else "?", _bytes_text(p["vector_bytes"]), Text(p.get("cost", "")))
+    return table
 
-    def __init__(self, console: Console, total: int):
+
+def _bytes_text(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+class _Progress:
+    """A rich progress bar with ETA on a terminal, with a second bar for the metric running now (HVPs done
+    of planned); one plain line per checkpoint otherwise. ``quiet``: nothing."""
+
+    def __init__(self, console: Console, total: int, quiet: bool = False):
         self.console, self.total, self.done, self.t0 = console, total, 0, time.perf_counter()
+        self.quiet = quiet
         self.bar: Progress | None = None
-        if console.is_terminal:
+        if console.is_terminal and not quiet:
             self.bar = Progress(
                 TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                 TextColumn("ETA"), TimeRemainingColumn(), console=console, transient=True,
             )
             self.task = self.bar.add_task("probing", total=total)
+            self.metric_task = self.bar.add_task("", total=None, visible=False)
+
+    def event(self, e: ProgressEvent) -> None:
+        """Inside a probe: the metric running and its HVPs done of planned (an upper bound shows as <=)."""
+        if self.bar is None or e.metric is None:
+            return
+        if e.kind == "start":
+            label = f"  {e.metric} HVPs (planned {planned_text(e.planned, e.exact)})"
+            self.bar.reset(self.metric_task, total=e.planned, description=label, visible=True)
+        elif e.kind == "advance":
+            self.bar.update(self.metric_task, completed=e.hvps)
+        elif e.kind == "end":
+            self.bar.update(self.metric_task, visible=False)
 
     def __enter__(self) -> "_Progress":
         if self.bar is not None:
@@ -124,6 +161,8 @@ class _Progress:
 
     def finished(self, info: CheckpointInfo, record: dict) -> None:
         self.done += 1
+        if self.quiet:
+            return
         if self.bar is not None:
             self.bar.advance(self.task)
             return
@@ -133,7 +172,7 @@ class _Progress:
         loss_text = f"loss {loss:.4g}, " if isinstance(loss, float) else ""
         self.console.print(
             f"[{self.done}/{self.total}] step {info.step} {Path(info.path).name}: {loss_text}"
-            f"{record['cost']['seconds']:.1f} s, ETA {eta:.0f} s",
+            f"{record['cost']['hvps']} HVPs, {record['cost']['seconds']:.1f} s, ETA {eta:.0f} s",
             markup=False, highlight=False, soft_wrap=True,
         )
 
@@ -180,37 +219,59 @@ def _table(rows: list[dict]) -> Table:
 @click.option("--trust-pickle", is_flag=True,
               help="Allow checkpoints holding pickled Python objects (weights_only=False): runs code from the file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+@click.option("--dry-run", is_flag=True,
+              help="Check the inputs and print each metric's planned cost (HVPs, gradients, memory); probe nothing.")
+@click.option("--no-warm-start", is_flag=True,
+              help="Start every Lanczos run cold instead of from the previous checkpoint's Ritz vectors.")
+@click.option("-q", "--quiet", is_flag=True, help="No plan, progress or notes on stderr (warnings and errors still).")
 @handle_errors
 def probe(checkpoints: tuple[str, ...], spec_name: str, metrics: tuple[str, ...], out: str | None, force: bool,
-          mode: str, seed: int, samples: int | None, trust_pickle: bool, as_json: bool) -> None:
+          mode: str, seed: int, samples: int | None, trust_pickle: bool, as_json: bool, dry_run: bool,
+          no_warm_start: bool, quiet: bool) -> None:
     """Probe saved checkpoints CKPT... (files, save_pretrained folders or glob patterns) into one run.
 
     Formats: state dicts (.pt/.pth/.bin), training dicts with optimizer state, Lightning .ckpt,
     .safetensors and Hugging Face save_pretrained folders. Checkpoints are ordered by step (recorded in the
-    file, else read from the name) and measured on the same seeded probe data.
+    file, else read from the name) and measured on the same seeded probe data. Before the first probe each
+    metric's planned cost is shown on stderr; on a terminal, progress inside each probe too.
     """
     err = err_console()
     out = out or os.path.join("runs", time.strftime("probe-%Y%m%d-%H%M%S"))
     metric_names = list(dict.fromkeys(metrics)) or list(DEFAULT_METRICS)
-    _check_out(out, force)
+    if not dry_run:
+        _check_out(out, force)
     with warnings_to_stderr(err):
         spec = load_spec(spec_name, seed=seed)
         model = unwrap_model(spec.model)
         infos = plan_checkpoints(checkpoints, model=model, trust_pickle=trust_pickle)
         _check_optimizer(spec, infos, _optimizer_needed(metric_names))
-        if infos[0].step_source == "order":
+        if infos[0].step_source == "order" and not quiet:
             err.print("note: some checkpoints carry no step in the file or its name; steps are their order",
                       markup=False, highlight=False)
         meta = {"source": "checkpoints", "spec": spec_name,
                 "checkpoints": [{"step": i.step, "path": i.path, "format": i.format} for i in infos]}
+        progress = _Progress(err, len(infos), quiet=quiet)
         geometry = GeometryProbe(
             model, spec.loss_fn, spec.probe_data, metrics=metric_names, schedule=at([i.step for i in infos]),
-            run_dir=out, mode=mode, noise_data=spec.noise_data, probe_samples=samples, seed=seed, force=force,
-            meta=meta,
+            run_dir=None if dry_run else out, mode=mode, noise_data=spec.noise_data, probe_samples=samples,
+            seed=seed, force=force, meta=meta, warm_start=not no_warm_start, progress=progress.event,
         )
+        dtype = str(next(model.parameters()).dtype).replace("torch.", "")
+        if dry_run:
+            geometry.close()
+    if dry_run:  # data on stdout, outside the redirection of the user's prints to stderr
+        if as_json:
+            emit_json({"spec": spec_name, "parameters": geometry.space.dim, "dtype": dtype,
+                       "checkpoints": len(infos), "cost_plan": geometry.cost_plan})
+        else:
+            out_console().print(_plan_table(geometry.cost_plan, geometry.space.dim, dtype))
+        return
+    with warnings_to_stderr(err):
+        if not quiet:
+            err.print(_plan_table(geometry.cost_plan, geometry.space.dim, dtype))
         rows: list[dict] = []
         notes: set[str] = set()
-        with geometry, _Progress(err, len(infos)) as progress:
+        with geometry, progress:
             for info in infos:
                 progress.starting(info)
                 fresh = spec.build_optimizer() if spec.optimizer_factory is not None else None
@@ -218,7 +279,7 @@ def probe(checkpoints: tuple[str, ...], spec_name: str, metrics: tuple[str, ...]
                                          trust_pickle=trust_pickle)
                 geometry.optimizer = loaded.optimizer or (fresh if isinstance(fresh, torch.optim.SGD) else None)
                 matched = loaded.match.describe()
-                if matched and matched not in notes:  # say how keys were matched, once per kind of match
+                if matched and matched not in notes and not quiet:  # say how keys were matched, once per kind
                     notes.add(matched)
                     err.print(f"note: {Path(info.path).name}: {matched}", markup=False, highlight=False)
                 record = geometry.probe(info.step)
@@ -237,5 +298,6 @@ def probe(checkpoints: tuple[str, ...], spec_name: str, metrics: tuple[str, ...]
             f"{len(failed)} of {len(rows)} probes recorded errors (step {first['step']}, {where}: {message}); "
             f"the run in {out} keeps them"
         )
-    err.print(f"run written to {out}; read it with: geomprobe report {out}", markup=False, highlight=False,
-              soft_wrap=True)
+    if not quiet:
+        err.print(f"run written to {out}; read it with: geomprobe report {out}", markup=False, highlight=False,
+                  soft_wrap=True)

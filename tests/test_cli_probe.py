@@ -205,3 +205,60 @@ def test_progress_bar_on_a_terminal():
         progress.starting(info)
         progress.finished(info, {"loss": 0.5, "cost": {"seconds": 0.1}})
     assert progress.done == 1 and progress.bar is not None
+
+
+def test_planned_cost_is_shown_before_probing_and_checkpoints_start_warm(tmp_path, ckpts):
+    result = run("probe", *ckpts, "--spec", SPEC, "--metric", "spectrum", "--metric", "trace", "--out", tmp_path / "run")
+    assert result.exit_code == 0, result.output
+    plan_at = result.stderr.index("planned cost per probe (51 parameters, float32)")
+    assert plan_at < result.stderr.index("[1/3]")  # before the first probe
+    cells = {c[0]: c for c in ([x.strip() for x in ln.strip("│ ").split("│")] for ln in result.stderr.splitlines())}
+    assert cells["spectrum"][1] == "<=51" and cells["trace"][1] == "96"  # Lanczos: at most d steps; trace: exact
+    assert cells["spectrum"][3] == f"{(51 + 3) * 51 * 4 / 1024:.1f} KiB"  # the Lanczos basis
+    records = RunReader(tmp_path / "run").records
+    assert [r["spectrum"]["warm"] for r in records] == [False, True, True]
+    assert all(r["cost"]["hvps"] <= 51 + 96 for r in records)
+    assert RunReader(tmp_path / "run").meta["probe"]["cost_plan"]["trace"]["hvps"] == 96
+    cold = run("probe", *ckpts, "--spec", SPEC, "--out", tmp_path / "cold", "--no-warm-start")
+    assert cold.exit_code == 0, cold.output
+    assert not any(r["spectrum"]["warm"] for r in RunReader(tmp_path / "cold").records)
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpts):
+    result = run("probe", *ckpts, "--spec", SPEC, "--metric", "spectrum", "--metric", "rmed", "--out",
+                 tmp_path / "run", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert list(doc["cost_plan"]) == ["spectrum", "rmed"] and doc["parameters"] == 51 and doc["checkpoints"] == 3
+    assert doc["cost_plan"]["rmed"] == {"hvps": 51, "exact": True, "gradients": 0, "vector_bytes": 32 * 51 * 4}
+    assert not (tmp_path / "run").exists()
+    table = run("probe", ckpts[0], "--spec", SPEC, "--dry-run")
+    assert table.exit_code == 0 and "planned cost per probe" in table.stdout and "spectrum" in table.stdout
+
+
+def test_quiet_shows_no_plan_progress_or_notes(tmp_path, ckpts):
+    result = run("probe", ckpts[0], "--spec", SPEC, "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert result.stderr == ""
+
+
+def test_progress_inside_a_probe_on_a_terminal():
+    import io
+
+    from rich.console import Console
+
+    from geomprobe.cli.commands_probe import _Progress
+    from geomprobe.probe.progress import ProgressEvent
+
+    console = Console(file=io.StringIO(), force_terminal=True, width=100)
+    with _Progress(console, 1) as progress:
+        progress.event(ProgressEvent("start", 5, "spectrum", 0, 51, False))
+        for done in (1, 2, 3):
+            progress.event(ProgressEvent("advance", 5, "spectrum", done, 51, False))
+        task = progress.bar.tasks[progress.metric_task]
+        assert (task.completed, task.total, task.visible) == (3, 51, True)
+        assert "spectrum HVPs (planned <=51)" in task.description
+        progress.event(ProgressEvent("end", 5, "spectrum", 3, 51, False))
+        assert not progress.bar.tasks[progress.metric_task].visible
+    quiet = _Progress(Console(file=io.StringIO(), force_terminal=True), 1, quiet=True)
+    assert quiet.bar is None

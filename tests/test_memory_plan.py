@@ -211,7 +211,7 @@ def test_an_impossible_cap_warns_and_training_continues(tmp_path):
         assert plan["budget_source"] == "memory cap" and not plan["fits"]
         assert r["cost"]["chunk_size"] == 1 and r["cost"]["basis_device"] is None  # the CPU has no host to use
         assert r["cost"]["micro_batch_size"] == plan["micro_batch_size"] < 24
-        assert r["spectrum"]["hvps"] == 10        # the probe still measures (the CPU has the memory)
+        assert 0 < r["spectrum"]["hvps"] <= 10    # the probe still measures (the CPU has the memory; warm starts may need fewer)
 
 
 def test_read_training_peak_is_cuda_only():

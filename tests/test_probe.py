@@ -75,6 +75,8 @@ def test_training_is_bit_identical_with_a_probe(tmp_path, mode):
     assert r["spectrum"]["lambda_max"] >= r["spectrum"]["lambda_min"]
     assert r["cost"]["hvps"] >= r["spectrum"]["hvps"] > 0 and r["cost"]["seconds"] > 0
     assert r["lr"] == [1e-2]
+    # Lanczos started warm from the previous probe's Ritz vectors (kept on the host) at every later probe
+    assert [rec["spectrum"]["warm"] for rec in records] == [False] + [True] * (len(records) - 1)
 
 
 def test_meta_names_model_optimizer_policy_and_data(tmp_path):

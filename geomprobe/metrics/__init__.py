@@ -25,3 +25,4 @@ __all__ += ["trace"]
 from .precision import precision
 
 __all__ += ["precision"]
+from . import costs  # noqa: E402,F401  (the planned costs of the metrics above)

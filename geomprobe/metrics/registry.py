@@ -5,16 +5,55 @@ shape of DESIGN.md (``x`` beside ``x_err``, ``converged`` where an iteration can
 cost, ``blocks`` per parameter block). It registers itself with :func:`register`, which records its cost in
 HVPs (a description and, where known, a function of the options) and what it needs beyond the Landscape
 (``optimizer`` for preconditioned metrics, ``noise_batches`` for gradient-noise metrics).
+
+A metric's planned cost, :meth:`Metric.plan`, is a :class:`CostPlan` computed before a probe from its options
+(defaults filled in from its signature) and the parameter space: the HVPs it will spend (exactly, or at most
+where an iteration may stop early), the gradients, and the vectors of length ``d`` it holds at once.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable
+import inspect
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
 
 from ..errors import ConfigurationError
 
-__all__ = ["Metric", "register", "get", "available", "REGISTRY"]
+__all__ = ["CostPlan", "PlanContext", "Metric", "register", "set_plan", "get", "available", "REGISTRY"]
+
+
+@dataclass(frozen=True)
+class CostPlan:
+    """A metric's cost planned before it runs.
+
+    ``hvps``: the HVPs it spends, exactly when ``exact``, else the most it may spend (an iteration that stops
+    once its bounds meet ``tol``). ``gradients``: gradients on other batches (gradient-noise samples).
+    ``vectors``: the most vectors of length ``d`` it holds at once, so ``vectors * d * itemsize`` bytes
+    besides the Landscape's graph (``None`` where unknown).
+    """
+
+    hvps: int
+    exact: bool = True
+    gradients: int = 0
+    vectors: int | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class PlanContext:
+    """What a planner knows of the Landscape before it exists: ``dim`` coordinates in ``blocks`` (objects
+    with ``name`` and ``size``), ``chunk_size`` vectors per batched HVP, and the parameters' ``dtype``."""
+
+    dim: int
+    blocks: Sequence[Any]
+    chunk_size: int = 16
+    dtype: Any = None
+
+
+# (options with their defaults filled in, context) -> CostPlan
+Planner = Callable[[dict, PlanContext], CostPlan]
 
 
 @dataclass(frozen=True)
@@ -26,25 +65,49 @@ class Metric:
     cost: str
     needs: frozenset[str] = field(default_factory=frozenset)
     description: str = ""
+    planner: Planner | None = None
 
     def __call__(self, landscape: Any, **options: Any) -> dict:
         return self.fn(landscape, **options)
+
+    def options(self, given: dict | None = None) -> dict:
+        """``given`` on top of the defaults of the metric's keyword options."""
+        defaults = {
+            n: p.default for n, p in inspect.signature(self.fn).parameters.items()
+            if p.default is not inspect.Parameter.empty
+        }
+        return {**defaults, **dict(given or {})}
+
+    def plan(self, options: dict | None, context: PlanContext) -> CostPlan | None:
+        """The planned cost with ``options`` in ``context``; ``None`` when the metric registered no planner
+        (its ``cost`` text still describes it)."""
+        if self.planner is None:
+            return None
+        return self.planner(self.options(options), context)
 
 
 REGISTRY: dict[str, Metric] = {}
 
 
-def register(name: str, *, cost: str, needs: tuple[str, ...] = (), description: str = "") -> Callable:
-    """Decorator registering ``fn`` under ``name`` with a cost description in HVPs."""
+def register(name: str, *, cost: str, needs: tuple[str, ...] = (), description: str = "",
+             plan: Planner | None = None) -> Callable:
+    """Decorator registering ``fn`` under ``name`` with a cost description in HVPs and, where the cost is a
+    known function of the options and the parameter space, its ``plan`` (see :class:`CostPlan`)."""
 
     def deco(fn: Callable[..., dict]) -> Callable[..., dict]:
         if name in REGISTRY and REGISTRY[name].fn is not fn:
             raise ConfigurationError(f"metric {name!r} is registered twice")
         doc = description or (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else description
-        REGISTRY[name] = Metric(name, fn, cost, frozenset(needs), doc or "")
+        REGISTRY[name] = Metric(name, fn, cost, frozenset(needs), doc or "", plan)
         return fn
 
     return deco
+
+
+def set_plan(name: str, plan: Planner) -> None:
+    """Give the metric registered as ``name`` its cost planner (for metrics registered without one)."""
+    metric = get(name)
+    REGISTRY[name] = Metric(metric.name, metric.fn, metric.cost, metric.needs, metric.description, plan)
 
 
 def get(name: str) -> Metric:

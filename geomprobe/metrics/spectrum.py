@@ -6,9 +6,10 @@ from typing import Any
 
 import torch
 
+from ..errors import ConfigurationError
 from ..linalg.lanczos import LanczosResult, lanczos
 from ..linalg.vectors import default_generator
-from .registry import register
+from .registry import CostPlan, PlanContext, register
 
 __all__ = ["spectrum", "run_lanczos"]
 
@@ -67,7 +68,13 @@ def lanczos_summary(r: LanczosResult, k: int) -> dict:
     }
 
 
-@register("spectrum", cost="Lanczos steps until the bounds meet tol: ~10-150 HVPs (max_iter caps it)")
+def _plan(o: dict, c: PlanContext) -> CostPlan:
+    """At most ``min(d, max_iter or 300)`` Lanczos steps, one HVP each; the basis holds one vector per step."""
+    m = min(c.dim, o["max_iter"] if o["max_iter"] is not None else 300)
+    return CostPlan(m, exact=False, vectors=m + 3)
+
+
+@register("spectrum", cost="Lanczos steps until the bounds meet tol: ~10-150 HVPs (max_iter caps it)", plan=_plan)
 def spectrum(
     land: Any,
     *,
@@ -79,6 +86,7 @@ def spectrum(
     bound: str = "residual",
     basis_device: torch.device | str | None = None,
     max_basis: int | None = None,
+    warm: Any = None,
 ) -> dict:
     """The Hessian's ``k`` largest and ``k`` smallest eigenvalues by Lanczos on HVPs, each with its bound.
 
@@ -93,6 +101,11 @@ def spectrum(
     ``max_basis`` caps the stored Lanczos vectors (thick restart beyond it, same bounds, more HVPs; the
     result then says ``restarts``).
 
+    ``warm``: a :class:`geomprobe.probe.warm_start.WarmStart` (what :class:`GeometryProbe` passes along a
+    trajectory): Lanczos starts from the previous call's extreme Ritz vectors mixed with a random component,
+    and the new ones are kept for the next call; ``warm`` in the result says whether this start was warm.
+    The bounds and ``converged`` mean what they mean for a cold start; only the number of HVPs changes.
+
     >>> import torch
     >>> from torch import nn
     >>> from geomprobe import Landscape
@@ -104,12 +117,54 @@ def spectrum(
     (8.0, 0.5, True)
     """
     before = land.hvps
-    r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, seed=seed, generator=generator, bound=bound,
-                    basis_device=basis_device, max_basis=max_basis)
+    started_warm = False
+    if warm is None:
+        r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, seed=seed, generator=generator, bound=bound,
+                        basis_device=basis_device, max_basis=max_basis)
+    else:
+        r, started_warm = _warm_lanczos(land, warm, k=k, seed=seed, generator=generator, tol=tol,
+                                        max_iter=max_iter, bound=bound, basis_device=basis_device,
+                                        max_basis=max_basis)
     out = lanczos_summary(r, k)
     if max_basis is not None:
         out["restarts"] = r.restarts
     out["hvps"] = land.hvps - before  # 0 when another metric of this probe already ran the same Lanczos
     if bound != "residual":
         out["bound"] = bound
+    if warm is not None:
+        out["warm"] = started_warm
     return out
+
+
+def _warm_lanczos(land: Any, warm: Any, *, k: int, seed: int, generator: torch.Generator | None,
+                  **options: Any) -> tuple[LanczosResult, bool]:
+    """Lanczos from ``warm``'s start vector when it has one, else the seeded cold run; keeps the new extreme
+    Ritz vectors in ``warm`` for the next probe. Returns the result and whether the start was warm.
+
+    A warm run is never stored in ``land.results`` (its start is not part of any key another metric asks
+    for), so a metric asking for the seeded cold run never receives it. A cold run here is that seeded run
+    exactly and is stored under its key; when another metric already ran it, it is reused and ``warm``
+    keeps its older vectors (still a valid start, as any start is).
+    """
+    if not (callable(getattr(warm, "start", None)) and callable(getattr(warm, "keep", None))):
+        raise ConfigurationError(
+            f"warm must be a geomprobe.probe.WarmStart (an object with start() and keep()), got "
+            f"{type(warm).__name__}; pass warm=None for a cold start"
+        )
+    gen = generator or default_generator(seed)
+    v0 = warm.start(land, which=options.get("which", "both"), generator=gen)
+    key = ("lanczos", k, options["tol"], options["max_iter"], options.get("which", "both"), seed, options["bound"],
+           options.get("max_basis"))
+    cacheable = v0 is None and generator is None and hasattr(land, "results")
+    if cacheable and key in land.results:
+        return land.results[key], False
+    r = lanczos(land.hvp, land.dim, k=k, v0=v0, generator=gen, dtype=land.dtype, device=land.device,
+                keep_basis=True, **options)
+    n = len(r.ritz_values)
+    top = [r.ritz_vector(i) for i in range(n - 1, max(n - k, 0) - 1, -1)]
+    bottom = [r.ritz_vector(i) for i in range(min(k, n))]
+    r.basis = None  # the basis is m vectors of length d: never kept past the run, nor in the cache
+    warm.keep(land, torch.stack(top), torch.stack(bottom))
+    if cacheable:
+        land.results[key] = r
+    return r, v0 is not None

@@ -31,14 +31,21 @@ from torch import nn
 from ..engine.batches import first_tensor
 from ..engine.distributed import make_reducer
 from ..engine.landscape import Landscape, unwrap_model
-from ..engine.memory_plan import (DEFAULT_BASIS_VECTORS, DEFAULT_CHUNK_SIZE, DEFAULT_PEAK_RATIO, MemoryBudget,
-                                  read_training_peak)
+from ..engine.memory_plan import (
+    DEFAULT_BASIS_VECTORS,
+    DEFAULT_CHUNK_SIZE,
+    DEFAULT_PEAK_RATIO,
+    MemoryBudget,
+    read_training_peak,
+)
 from ..engine.paramspace import ParamSpace, select_parameters
 from ..engine.probedata import draw_probe_batches
 from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
 from ..runs.writer import RunWriter
+from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
 from .schedule import Schedule, budget, every
+from .warm_start import WarmStart
 
 __all__ = ["GeometryProbe", "DEFAULT_METRICS", "optimizer_hparams"]
 
@@ -115,6 +122,15 @@ class GeometryProbe:
         process_group: under torch.distributed, each rank passes its shard of the probe data and every rank
             measures the union (see :class:`Landscape`); only rank 0 writes ``run_dir`` and TensorBoard, the
             other ranks keep the same records in :attr:`records`. Every rank must call the probe alike.
+        warm_start: Lanczos (``spectrum``) starts from the previous probe's extreme Ritz vectors, kept on the
+            host (:mod:`.warm_start`): fewer HVPs for the same bounds; each result says ``warm``. Falls back
+            to a cold start at the first probe or when the parameters changed shape. ``False``: always cold.
+            Off for ``spectrum`` when ``precond`` (with its raw spectrum) runs too, since a cold
+            ``spectrum`` gives ``precond`` its raw Lanczos run for free.
+        progress: ``None`` (default) prints nothing, so the training loop's output is left alone; ``True``
+            prints one line on stderr per probe (HVPs per metric against the plan); a callable receives
+            every :class:`~.progress.ProgressEvent` (plan, metric start/advance/end, done). The plan, each
+            metric's planned HVPs and vector memory, is also in :attr:`cost_plan` and the run's ``meta.json``.
 
     A probe changes nothing: it uses ``torch.autograd.grad`` (never ``.backward()``), runs every forward under
     the state guard, draws randomness from its own generators, and leaves parameters, buffers, ``.grad``,
@@ -155,6 +171,8 @@ class GeometryProbe:
         clock: Callable[[], float] = time.perf_counter,
         annotate: Callable[[], Mapping[str, Any]] | None = None,
         process_group: Any = None,
+        warm_start: bool = True,
+        progress: bool | ProgressCallback | None = None,
     ):
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
@@ -177,6 +195,11 @@ class GeometryProbe:
         )
         names, selected = select_parameters(self.model, params)
         self.space = ParamSpace(names, [p.shape for p in selected], group_by=group_by)
+        self.warm = WarmStart() if warm_start else None
+        self._progress = resolve_progress(progress)
+        # planned before the memory plan exists: vector memory at the largest chunk the memory plan may choose
+        self.cost_plan = plan_probe(self.metric_options, self.space, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
+                                    dtype=selected[0].dtype if selected else torch.float32)
         self.records: list[dict] = []
         self.failures: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -246,6 +269,8 @@ class GeometryProbe:
                 "world_size": self._reducer.world_size,
                 "memory": {"planned": self.memory_plan, "memory_cap": self.memory_cap, "peak_ratio": self.peak_ratio,
                            "first_plan": self._first_plan},
+                "warm_start": self.warm is not None,
+                "cost_plan": self.cost_plan,
             },
             "device": str(next(self.model.parameters()).device),
             "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
@@ -309,6 +334,9 @@ class GeometryProbe:
         errors: dict[str, str] = {}
         skipped: dict[str, str] = {}
         land = None
+        progress = ProbeProgress(self._progress, self.cost_plan, step) if self._progress is not None else None
+        if progress is not None:
+            progress.begin()
         # what this probe ran with; a failure may change them for the next probe
         basis_device = self._basis_device
         micro_batch_size = self.landscape_options.get("micro_batch_size")
@@ -328,8 +356,12 @@ class GeometryProbe:
             record["grad_norm"] = g
             if land.approximate:
                 record["approximate_hvp"] = True
+            if progress is not None:
+                count_hvps(land, progress.advance)
             for name, opts in self.metric_options.items():
                 land.widest_block = 0
+                if progress is not None:
+                    progress.start(name)
                 try:
                     record[name] = self._run_metric(name, land, opts)
                 except OptimizerStateError as e:
@@ -337,6 +369,9 @@ class GeometryProbe:
                     skipped[name] = str(e).splitlines()[0]
                 except Exception as e:  # a probe never kills training: record, warn once, go on
                     errors[name] = self._failure(name, e, land)
+                finally:
+                    if progress is not None:
+                        progress.end()
         except Exception as e:
             plan = plan or getattr(e, "memory_plan", None)
             errors["landscape"] = self._failure("landscape", e, land)
@@ -380,6 +415,8 @@ class GeometryProbe:
             self.writer.append(record)
         if self._tb is not None:
             self._tb.log(record, step=step)
+        if progress is not None:
+            progress.finish(record["cost"]["hvps"], seconds)
         return record
 
     def _run_metric(self, name: str, land: Landscape, opts: dict) -> dict:
@@ -392,6 +429,7 @@ class GeometryProbe:
             "seed": self.seed,
             "basis_device": self._basis_device if self._basis_device is not None else getattr(land.plan, "basis_device", None),
             "max_basis": getattr(land.plan, "max_basis", None),  # taken by the metrics whose Lanczos can bound its basis
+            "warm": self._warm_for(name),
         }
         accepted = inspect.signature(metric.fn).parameters
         for key, value in context.items():
@@ -402,6 +440,8 @@ class GeometryProbe:
         before = land.hvps
         out = metric(land, **kwargs)
         out.setdefault("hvps", land.hvps - before)
+        if "warm" in accepted:
+            out.setdefault("warm", False)
         return out
 
     def _budget(self) -> MemoryBudget | None:
@@ -435,6 +475,14 @@ class GeometryProbe:
         takes = [inspect.signature(registry.get(n).fn).parameters for n in self.metric_options]
         lanczos = [p for p in takes if "basis_device" in p]
         return bool(lanczos) and all("max_basis" in p for p in lanczos)
+
+    def _warm_for(self, name: str) -> WarmStart | None:
+        """The warm start for metric ``name``, or None when warm starts are off or would cost HVPs: a cold
+        ``spectrum`` run is shared with ``precond``'s raw spectrum (``land.results``), a warm one is not."""
+        if self.warm is None:
+            return None
+        shared = "precond" in self.metric_options and self.metric_options["precond"].get("raw", True)
+        return None if name == "spectrum" and shared else self.warm
 
     def _shrink_micro_batches(self, ran: int | None = None) -> None:
         """Halve the probe's micro-batches and keep one first-order graph: the double backward then holds
