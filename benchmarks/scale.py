@@ -131,10 +131,10 @@ def median_time(fn, device, repeats: int = 5) -> float:
     return sorted(ts)[len(ts) // 2]
 
 
-def peak_of(fn, device) -> tuple[float, int]:
+def peak_of(fn, device, reset: bool = True) -> tuple[float, int]:
     """(seconds, peak bytes allocated while ``fn`` ran, everything resident included)."""
     cuda = torch.device(device).type == "cuda"
-    if cuda:
+    if cuda and reset:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -209,9 +209,13 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         return out
 
     probe._run_metric = timed_metric
+    if torch.device(device).type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    train_step()  # the interval a probe in a loop reads the training peak from (it plans within 1.5x of it)
     with HVPClock(device) as clock:
-        seconds, peak = peak_of(lambda: probe.probe(1), device)
+        seconds, _ = peak_of(lambda: probe.probe(1), device, reset=False)
     record = probe.records[-1]
+    peak = int(record["cost"]["peak_mib"] * 2**20) if record["cost"].get("peak_mib") else 0  # the probe's own
     probe.close()
     for mname, m in per_metric.items():
         m["outside_seconds"] = m["seconds"] - m["hvp_seconds"]
@@ -221,7 +225,7 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         probe_seconds=seconds, probe_peak_bytes=peak,
         probe_over_train_peak=peak / res["train_peak_bytes"] if res["train_peak_bytes"] else None,
         probe_hvps=record["cost"]["hvps"], probe_hvp_seconds=clock.seconds, metrics=per_metric,
-        errors=record.get("errors"), cost=record["cost"],
+        errors=record.get("errors"), cost=record["cost"], train_peak_read_by_probe_mib=record["cost"].get("train_peak_mib"),
         spectrum={k: record["spectrum"].get(k) for k in ("lambda_max", "lambda_max_err", "lambda_min",
                                                           "lambda_min_err", "converged", "hvps")}
         if isinstance(record.get("spectrum"), dict) else None,
@@ -236,7 +240,9 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
 # ---------------------------------------------------------------------------------------------- trajectory
 def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_dir: str, tol: float) -> dict:
     """Spectrum cold and warm at each probe point of an AdamW run; then overhead at the default schedule."""
+    from geomprobe.linalg.vectors import default_generator
     from geomprobe.metrics.spectrum import spectrum
+    from geomprobe.probe.warm_start import WarmStart
 
     dtype = DTYPES[dtype_name]
     model, vocab, b, t = build(name, dtype, device)
@@ -244,30 +250,34 @@ def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_d
     probe_batch = token_batches(vocab, b, t, 1, device, seed=1)[0]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     points = []
-    prev = None
+    ws = WarmStart()
     for step in range(steps + 1):
         if step % every == 0:
             land = Landscape(model, lm_loss, [probe_batch], mode="eval")
             h0 = land.hvps
-            cold = spectrum(land, tol=tol, seed=step)
+            warm = spectrum(land, tol=tol, seed=step, warm=ws)   # first: cold (nothing kept yet), then warm
             h1 = land.hvps
-            warm = spectrum(land, tol=tol, seed=step, warm_start=prev) if prev is not None else None
+            cold = spectrum(land, tol=tol, generator=default_generator(10**6 + step))  # a fresh cold start
             h2 = land.hvps
-            prev = warm["warm_state"] if warm is not None and "warm_state" in warm else (
-                cold.get("warm_state") if prev is None else prev)
             land.close()
-            points.append({"step": step, "cold_hvps": h1 - h0, "warm_hvps": (h2 - h1) if warm else None,
+            points.append({"step": step, "warm_started": warm.get("warm"), "warm_hvps": h1 - h0, "cold_hvps": h2 - h1,
                            "lambda_max": cold["lambda_max"], "lambda_max_err": cold["lambda_max_err"],
-                           "warm_lambda_max": warm["lambda_max"] if warm else None,
-                           "warm_lambda_max_err": warm["lambda_max_err"] if warm else None,
-                           "lambda_min": cold["lambda_min"], "warm_lambda_min": warm["lambda_min"] if warm else None,
-                           "cold_converged": cold["converged"], "warm_converged": warm["converged"] if warm else None})
+                           "warm_lambda_max": warm["lambda_max"], "warm_lambda_max_err": warm["lambda_max_err"],
+                           "lambda_min": cold["lambda_min"], "lambda_min_err": cold["lambda_min_err"],
+                           "warm_lambda_min": warm["lambda_min"], "warm_lambda_min_err": warm["lambda_min_err"],
+                           "cold_converged": cold["converged"], "warm_converged": warm["converged"]})
             print(json.dumps(points[-1]), flush=True)
         if step < steps:
             opt.zero_grad(set_to_none=True)
             lm_loss(model, data[step % len(data)]).backward()
             opt.step()
-    return {"model": name, "dtype": dtype_name, "tol": tol, "points": points}
+    warm_pts = [p for p in points if p["warm_started"]]
+    summary = {"probes": len(warm_pts),
+               "cold_mean_hvps": sum(p["cold_hvps"] for p in warm_pts) / max(len(warm_pts), 1),
+               "warm_mean_hvps": sum(p["warm_hvps"] for p in warm_pts) / max(len(warm_pts), 1)}
+    summary["ratio"] = summary["cold_mean_hvps"] / summary["warm_mean_hvps"] if summary["warm_mean_hvps"] else None
+    print(json.dumps(summary), flush=True)
+    return {"model": name, "dtype": dtype_name, "tol": tol, "points": points, "summary": summary}
 
 
 def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str) -> dict:
