@@ -248,3 +248,13 @@ def test_half_precision_lanczos_keeps_its_dtype():
     assert r.converged and set(seen) == {torch.bfloat16} and r.basis.dtype == torch.bfloat16
     assert r.top(1)[0][0] == pytest.approx(8.0, rel=BF16_REL)
     assert 1e-5 < r.asymmetry < BF16_REL
+
+
+def test_ritz_vectors_follow_the_basis_to_its_device():
+    # T's eigenvectors live on the host while the basis lives where the vectors were computed (a GPU in use);
+    # the meta device stands in for it here. Mixing the two devices failed on CUDA for every warm start.
+    A = torch.diag(torch.arange(1.0, 21.0, dtype=torch.float64))
+    r = linalg.lanczos(mv(A), 20, tol=1e-10, keep_basis=True)
+    r.basis = r.basis.to("meta")
+    x = r.ritz_vector(-1)
+    assert x.device.type == "meta" and x.shape == (20,)

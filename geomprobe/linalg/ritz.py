@@ -52,7 +52,7 @@ class LanczosResult:
         """
         if self.basis is None:
             raise ConfigurationError("Ritz vectors need lanczos(..., keep_basis=True)")
-        u = self.U[:, i].to(self.basis.dtype)
+        u = self.U[:, i].to(device=self.basis.device, dtype=self.basis.dtype)  # U lives on the host
         x = u @ self.basis
         return x / x.norm()
 
