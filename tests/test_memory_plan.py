@@ -332,3 +332,27 @@ def test_a_basis_moves_to_host_memory_only_off_the_cpu():
     assert on_gpu.basis_device == "cpu" and on_cpu.basis_device is None
     assert not on_cpu.fits and "does not fit the budget;" in " ".join(on_cpu.warnings)
     assert _plan(30, host_is_device=True, basis_vectors=0).fits   # no Lanczos: nothing to store
+
+
+def test_a_probe_without_gradient_sample_metrics_does_not_plan_for_them():
+    # GPT-2 124M fp32 on an H200 (8 x 512 tokens, benchmarks/RESULTS.md §6): planning the per-example phase for a
+    # spectrum-only probe made it the largest phase (13.75 GiB planned against 8.9 GiB measured)
+    h200 = dict(dim=124439808, itemsize=4, batch_sizes=[8], graph_bytes_per_sample=1823571970.0,
+                available_bytes=147739357184, allocated_bytes=1583239168, train_peak_bytes=8613979136,
+                host_bytes=132957696000, basis_vectors=301, bounded_basis=True)
+    with_rows, without = plan_memory(**h200), plan_memory(**h200, gradient_samples=False)
+    assert without.persample_bytes is None and without.items["persample_phase"] == 0
+    assert without.peak_bytes < 0.75 * with_rows.peak_bytes
+    assert without.peak_bytes <= 1.1 * 8.9 * GiB  # within 10 % of the probe's measured own peak
+    assert with_rows.items["persample_phase"] > without.items["lanczos_phase"]
+
+
+def test_the_probe_plans_gradient_samples_only_for_metrics_that_stream_them():
+    model, loss_fn, batch = _problem(n=64)  # noise needs >= 50 per-example gradients
+    plans = {}
+    for metrics in (["spectrum"], ["spectrum", "noise"]):
+        probe = gp.GeometryProbe(model, loss_fn, batch, metrics=metrics, memory_cap=10 * GiB)
+        _train(probe, model, batch, 0)
+        plans[len(metrics)] = probe.records[0]["cost"]["memory_plan"]
+    assert plans[1]["persample_bytes"] is None and plans[1]["items"]["persample_phase"] == 0
+    assert plans[2]["persample_bytes"] is not None and plans[2]["items"]["persample_phase"] > 0

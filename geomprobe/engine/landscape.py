@@ -293,7 +293,8 @@ class Landscape:
             dim=self.space.dim, itemsize=self.dtype.itemsize, batch_sizes=sizes, available_bytes=available,
             allocated_bytes=allocated, train_peak_bytes=memory.train_peak_bytes, peak_ratio=memory.peak_ratio,
             cap_bytes=memory.cap_bytes, host_bytes=host, bounded_basis=bool(memory.bounded_basis),
-            can_split=can_split, host_is_device=self.device.type == "cpu", overrides=overrides,
+            can_split=can_split, gradient_samples=memory.gradient_samples, host_is_device=self.device.type == "cpu",
+            overrides=overrides,
             **({} if memory.basis_vectors is None else {"basis_vectors": memory.basis_vectors}),
         )
         per_sample, source = memory.graph_bytes_per_sample, "given"

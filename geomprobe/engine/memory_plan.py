@@ -87,7 +87,9 @@ class MemoryBudget:
     most ``max_basis`` vectors (else a basis that does not fit moves to host memory); ``basis_vectors``: the most
     vectors a Lanczos run of the probe stores (0: none runs; None: 301, Lanczos' default); ``overrides``: settings
     fixed by someone other than the plan, name -> (value, who): e.g. ``{"basis_device": ("cpu", "oom-ladder")}``;
-    ``warn``: the Landscape warns when the plan does not fit (the probe warns once per run itself).
+    ``warn``: the Landscape warns when the plan does not fit (the probe warns once per run itself);
+    ``gradient_samples``: a metric of the probe streams gradient samples (``noise``, ``isotropy``), so their
+    phase is planned; False leaves it out (a probe without such metrics must not shrink for it).
     """
 
     cap_bytes: int | None = None
@@ -98,6 +100,7 @@ class MemoryBudget:
     basis_vectors: int | None = None
     overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
     warn: bool = True
+    gradient_samples: bool = True
 
 
 @dataclass
@@ -242,6 +245,7 @@ def plan_memory(
     basis_itemsize: int | None = None,
     bounded_basis: bool = False,
     can_split: bool = True,
+    gradient_samples: bool = True,
     host_is_device: bool = False,
     max_chunk: int = DEFAULT_CHUNK_SIZE,
     overrides: Mapping[str, tuple[Any, str]] | None = None,
@@ -252,6 +256,8 @@ def plan_memory(
     Pure: every figure is an argument, so a plan for an 80 GiB GPU can be computed and tested on a laptop.
     ``overrides`` maps any of ``micro_batch_size``, ``graph_budget_bytes``, ``chunk_size``, ``basis_device``,
     ``max_basis``, ``persample_bytes`` to ``(value, who)``: the value is used as given and ``who`` recorded.
+    ``gradient_samples=False``: no metric streams gradient samples, so that phase (rows of per-example gradients
+    and the statistics' float64 moments) is not planned and ``persample_bytes`` is None.
     ``bounded_basis``: the Lanczos kernel can hold at most ``max_basis`` vectors. ``can_split``: probe batches
     may be cut into micro-batches (not in train mode with BatchNorm). ``host_is_device``: the model is on the CPU,
     so host memory is the budget itself and a basis moved there saves nothing. Costs nothing (no HVP, no allocation).
@@ -276,8 +282,9 @@ def plan_memory(
     sources = {k: who for k, (_, who) in given.items()}
     warns: list[str] = []
     lanczos_work = LANCZOS_WORK_VECTORS * v
-    stats_fixed = 2 * dim * 8
-    row = persample_row_bytes(dim, itemsize, s)
+    # the gradient-sample phase, only where a metric streams gradient samples
+    stats_fixed = 2 * dim * 8 if gradient_samples else 0
+    row = persample_row_bytes(dim, itemsize, s) if gradient_samples else 0
 
     def value(name: str, default: Any) -> Any:
         if name in given:
@@ -401,7 +408,7 @@ def plan_memory(
     basis_on_device = 0 if basis_device == "cpu" else stored * bv
 
     # ---- per-example gradients: what the phase may take once the graphs are in place
-    if rest is None:
+    if rest is None or not gradient_samples:
         per_bytes = None
     else:
         per_bytes = int(max(row, rest - stats_fixed))
@@ -409,7 +416,7 @@ def plan_memory(
 
     hvp_phase = one_hvp if chunk == 1 else chunk * per_vector
     lanczos_phase = one_hvp + lanczos_work + basis_on_device
-    persample_phase = stats_fixed + (row if per_bytes is None else max(row, (per_bytes // row) * row))
+    persample_phase = stats_fixed + (row if per_bytes is None or row == 0 else max(row, (per_bytes // row) * row))
     peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)
     if budget is not None and peak > budget:
         fits = False

@@ -456,7 +456,12 @@ class GeometryProbe:
             fixed["basis_device"] = (self._basis_device, "oom-ladder" if "basis_device" in self._ladder else "user")
         return MemoryBudget(cap_bytes=self.memory_cap, train_peak_bytes=self._train_peak, peak_ratio=self.peak_ratio,
                             graph_bytes_per_sample=self._graph_per_sample, bounded_basis=self._bounded_basis(),
-                            basis_vectors=self._basis_vectors(), overrides=fixed, warn=False)
+                            basis_vectors=self._basis_vectors(), overrides=fixed, warn=False,
+                            gradient_samples=self._gradient_samples())
+
+    def _gradient_samples(self) -> bool:
+        """Whether a metric of this probe streams gradient samples (``noise``, ``isotropy``)."""
+        return any("noise_batches" in registry.get(n).needs for n in self.metric_options)
 
     def _basis_vectors(self) -> int:
         """The most vectors a Lanczos run of this probe's metrics stores: its step limit plus one (0: none runs)."""
