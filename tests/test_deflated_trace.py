@@ -180,3 +180,20 @@ def test_trace_metric_refuses_unknown_methods_and_misplaced_options():
     with pytest.raises(ConfigurationError, match="no parameter block matches"):
         trace(land, blocks="nope*")
     assert "trace" in gp.metrics.available()
+
+
+def test_the_trace_metric_batches_as_the_landscape_chunks():
+    # the sketches held at once follow the memory plan's chunk instead of a fixed 16
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    land = gp.Landscape(model, nn.CrossEntropyLoss(), (X, y), chunk_size=4)
+    rows, hvp = [], land.hvp
+
+    def counting(V):
+        rows.append(1 if V.dim() == 1 else V.shape[0])
+        return hvp(V)
+
+    land.hvp = counting
+    out = trace(land, hvps=30)
+    assert max(rows) <= 4 and sum(rows) == out["hvps"]

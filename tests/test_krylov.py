@@ -258,3 +258,26 @@ def test_ritz_vectors_follow_the_basis_to_its_device():
     r.basis = r.basis.to("meta")
     x = r.ritz_vector(-1)
     assert x.device.type == "meta" and x.shape == (20,)
+
+
+def test_a_fixed_length_basis_is_handed_back_without_a_copy():
+    # SLQ and the deflated trace keep the basis of a run of known length: a copy at the end would hold it
+    # twice (16 GB more for a 32-step trace of a 124M-parameter model)
+    from geomprobe.linalg.krylov_basis import LanczosBasis
+
+    A = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
+    seen = []
+    real = LanczosBasis.matrix
+
+    def spy(self):
+        out = real(self)
+        seen.append(out.untyped_storage().data_ptr() == self.blocks[0].untyped_storage().data_ptr())
+        return out
+
+    LanczosBasis.matrix = spy
+    try:
+        r = linalg.lanczos(mv(A), 100, tol=0.0, max_iter=40, keep_basis=True)
+    finally:
+        LanczosBasis.matrix = real
+    assert seen == [True] and r.basis.shape == (40, 100)
+    assert torch.allclose(r.basis @ r.basis.T, torch.eye(40, dtype=torch.float64), atol=1e-10)

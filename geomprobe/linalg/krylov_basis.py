@@ -127,8 +127,13 @@ class LanczosBasis:
     BLOCK = 16
     STREAM = 2  # basis vectors on the device at once when the basis is offloaded
 
-    def __init__(self, dim: int, dtype: torch.dtype, device, compute_device=None, capacity: int | None = None):
+    def __init__(self, dim: int, dtype: torch.dtype, device, compute_device=None, capacity: int | None = None,
+                 contiguous: bool = False):
         self.dim, self.dtype, self.device = dim, dtype, device
+        # one block of ``capacity`` rows, so that matrix() is a view: a basis handed back whole (fixed-length runs
+        # of known length) must not be copied, which would hold it twice at the end of the run
+        self.contiguous = contiguous and capacity is not None
+        self.block = capacity if self.contiguous else self.BLOCK
         self.compute = compute_device if compute_device is not None else device
         self.offloaded = torch.device(self.compute) != torch.device(device)
         self.pin = self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
@@ -142,9 +147,9 @@ class LanczosBasis:
         block when the basis is there, ``v`` itself when offloaded)."""
         if self.capacity is not None and self.n >= self.capacity:
             raise RuntimeError(f"the Lanczos basis is full ({self.capacity} vectors)")
-        b, i = divmod(self.n, self.BLOCK)
+        b, i = divmod(self.n, self.block)
         if b == len(self.blocks):
-            rows = self.BLOCK if self.capacity is None else min(self.BLOCK, self.capacity - b * self.BLOCK)
+            rows = self.block if self.capacity is None else min(self.block, self.capacity - b * self.block)
             self.blocks.append(torch.empty(rows, self.dim, dtype=self.dtype, device=self.device,
                                            pin_memory=self.pin))
         row = self.blocks[b][i]
@@ -165,7 +170,7 @@ class LanczosBasis:
 
     def _filled(self):
         for b, block in enumerate(self.blocks):
-            rows = min(block.shape[0], self.n - b * self.BLOCK)
+            rows = min(block.shape[0], self.n - b * self.block)
             if rows <= 0:
                 break
             yield block[:rows]
@@ -219,10 +224,12 @@ class LanczosBasis:
         for s in range(0, self.dim, step):
             X = torch.cat([B[:, s : s + step] for B in blocks]).to(device=self.compute, dtype=acc)
             Z = (Yt @ X).to(self.dtype)
-            for b in range(0, l, self.BLOCK):
-                rows = Z[b : b + self.BLOCK]
-                self.blocks[b // self.BLOCK][: rows.shape[0], s : s + step].copy_(rows)
+            for b in range(0, l, self.block):
+                rows = Z[b : b + self.block]
+                self.blocks[b // self.block][: rows.shape[0], s : s + step].copy_(rows)
         self.n = l
 
     def matrix(self) -> torch.Tensor:
-        return torch.cat(list(self._filled()))
+        """The stored vectors as one ``(n, d)`` tensor: a view when they live in one block, else a copy."""
+        filled = list(self._filled())
+        return filled[0] if len(filled) == 1 else torch.cat(filled)

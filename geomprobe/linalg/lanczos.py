@@ -95,7 +95,9 @@ def lanczos(
             basis_device=basis_device,
         )
     q = start_vector(dim, v0, generator, dtype, device)
-    basis = LanczosBasis(dim, dtype, q.device if basis_device is None else torch.device(basis_device), q.device)
+    # a fixed-length run whose basis is returned (SLQ, the deflated trace) knows its length: one block, no copy
+    basis = LanczosBasis(dim, dtype, q.device if basis_device is None else torch.device(basis_device), q.device,
+                         capacity=m_max if tol == 0 and keep_basis else None, contiguous=tol == 0 and keep_basis)
     cur = basis.append_normalized(q, 1.0)  # the newest basis vector, on the compute device
     prev = None
     del q

@@ -57,7 +57,7 @@ def _density(o: dict, c: PlanContext) -> CostPlan:
 
 
 def _trace(o: dict, c: PlanContext) -> CostPlan:
-    return CostPlan(o["hvps"], exact=not o["rel_tol"], vectors=2 * o["batch"] + o["hvps"] // 3)
+    return CostPlan(o["hvps"], exact=not o["rel_tol"], vectors=2 * (o["batch"] or c.chunk_size) + o["hvps"] // 3)
 
 
 def _saddle(o: dict, c: PlanContext) -> CostPlan:

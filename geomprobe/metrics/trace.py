@@ -36,7 +36,7 @@ def trace(
     krylov_steps: int | None = None,
     rel_tol: float = 0.0,
     blocks: Any = None,
-    batch: int = 16,
+    batch: int | None = None,
     seed: int = 0,
     generator: torch.Generator | None = None,
 ) -> dict:
@@ -49,7 +49,8 @@ def trace(
         krylov_steps: Lanczos steps of the deflated estimator (default ``hvps // 3``).
         rel_tol: stop once ``trace_err <= rel_tol * |trace|`` (deflated only; 0 spends the whole budget).
         blocks: glob patterns of the blocks that get a per-block trace (None: all; deflated only).
-        batch: vectors per batched HVP.
+        batch: vectors per batched HVP (default: the Landscape's chunk, which its memory plan chose; 16 without
+            one), so the sketches held at once follow the plan.
         seed, generator: the randomness.
 
     Returns ``trace``, ``trace_err``, ``converged`` (``rel_tol`` met, or True without one), ``hvps``,
@@ -64,6 +65,8 @@ def trace(
         raise ConfigurationError("rel_tol (stop at a target error) needs method='deflated'")
     gen = resolve_generator(seed, generator)
     mv = checked(land.hvp)
+    if batch is None:
+        batch = getattr(land, "chunk_size", None) or 16
     kw = dict(batch=batch, generator=gen, dtype=land.dtype, device=land.device)
     out: dict[str, Any] = {"method": method}
     if method == "hutchinson":
