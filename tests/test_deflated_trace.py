@@ -197,3 +197,36 @@ def test_the_trace_metric_batches_as_the_landscape_chunks():
     land.hvp = counting
     out = trace(land, hvps=30)
     assert max(rows) <= 4 and sum(rows) == out["hvps"]
+
+
+def test_the_trace_metric_keeps_its_storage_within_the_plans_device_vectors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, y = torch.randn(32, 4, dtype=torch.float64), torch.randint(0, 3, (32,))
+    land = gp.Landscape(model, nn.CrossEntropyLoss(), (X, y), chunk_size=16, memory=None)
+    exact = float(linalg.dense_matrix(land.hvp, land.dim).trace())
+    free = trace(land, hvps=60)
+    tight = trace(land, hvps=60, device_vectors=12)
+    assert free["krylov_steps"] == 20 and tight["krylov_steps"] == 12 - 2 * 3  # batch cut to 12 // 4
+    assert tight["hvps"] <= 60
+    # fewer deflation steps: an honest estimate with its own error, not a smaller one
+    assert abs(tight["trace"] - exact) <= SIGMAS * tight["trace_err"] + 1e-9
+    assert trace(land, hvps=60, device_vectors=12, krylov_steps=20)["krylov_steps"] == 20  # explicit wins
+    with pytest.raises(ConfigurationError, match="device_vectors"):
+        trace(land, hvps=60, device_vectors=-1)
+
+
+def test_the_probe_hands_trace_the_plans_device_vectors():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 64), nn.Tanh(), nn.Linear(64, 3)).double()
+    X, y = torch.randn(64, 4, dtype=torch.float64), torch.randint(0, 3, (64,))
+    plain = gp.Landscape(model, nn.CrossEntropyLoss(), (X, y), memory=None)
+    # a cap leaving room for the graph, one HVP and about 20 stored vectors
+    cap = int(plain.graph_bytes * 3 + 30 * plain.dim * 8)
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), metrics={"trace": {"hvps": 90}}, memory_cap=cap)
+    probe.step(0)
+    probe.close()
+    r = probe.records[0]
+    vectors = r["cost"]["memory_plan"]["device_vectors"]
+    assert vectors is not None and vectors < 30
+    assert r["trace"]["krylov_steps"] <= max(1, vectors - 2)

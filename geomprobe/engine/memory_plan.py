@@ -139,6 +139,9 @@ class MemoryPlan:
     sources: dict[str, str] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
     graph_source: str | None = None
+    # d-vectors (model dtype) left on the device beside the graphs, one HVP and Lanczos' working vectors, for
+    # what a metric stores itself (a Lanczos basis, a trace's Krylov basis and sketches); None: no limit
+    device_vectors: int | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -456,7 +459,7 @@ def plan_memory(
         micro_batch_size=micro, graph_budget_bytes=graph_budget, chunk_size=chunk, basis_device=basis_device,
         max_basis=max_basis, persample_bytes=per_bytes, basis_vectors=m_req, bounded_basis=bool(bounded_basis),
         peak_bytes=int(peak), fits=bool(fits), items=items, sources=sources, warnings=warns,
-        graph_source=graph_source,
+        graph_source=graph_source, device_vectors=None if room is None else max(0, int(room // v)),
     )
 
 

@@ -37,6 +37,7 @@ def trace(
     rel_tol: float = 0.0,
     blocks: Any = None,
     batch: int | None = None,
+    device_vectors: int | None = None,
     seed: int = 0,
     generator: torch.Generator | None = None,
 ) -> dict:
@@ -51,6 +52,11 @@ def trace(
         blocks: glob patterns of the blocks that get a per-block trace (None: all; deflated only).
         batch: vectors per batched HVP (default: the Landscape's chunk, which its memory plan chose; 16 without
             one), so the sketches held at once follow the plan.
+        device_vectors: d-vectors the metric may store on the device (the memory plan's ``device_vectors``,
+            passed by the probe; None: no limit). The deflated estimator holds its Krylov basis and two sketches
+            of ``batch`` vectors, so the default ``krylov_steps`` is cut to ``device_vectors - 2 batch`` (at least 1;
+            ``batch`` to a quarter of ``device_vectors``): less
+            deflation, a larger ``trace_err``, the same unbiased estimate; the result says the steps taken.
         seed, generator: the randomness.
 
     Returns ``trace``, ``trace_err``, ``converged`` (``rel_tol`` met, or True without one), ``hvps``,
@@ -67,6 +73,12 @@ def trace(
     mv = checked(land.hvp)
     if batch is None:
         batch = getattr(land, "chunk_size", None) or 16
+    if device_vectors is not None:
+        if device_vectors < 0:
+            raise ConfigurationError(f"device_vectors must be >= 0 or None, got {device_vectors}")
+        batch = max(1, min(batch, device_vectors // 4 or 1))
+        if method == "deflated" and krylov_steps is None:  # an explicit krylov_steps wins
+            krylov_steps = max(1, min(max(1, hvps // 3), device_vectors - 2 * batch))
     kw = dict(batch=batch, generator=gen, dtype=land.dtype, device=land.device)
     out: dict[str, Any] = {"method": method}
     if method == "hutchinson":

@@ -429,6 +429,7 @@ class GeometryProbe:
             "seed": self.seed,
             "basis_device": self._basis_device if self._basis_device is not None else getattr(land.plan, "basis_device", None),
             "max_basis": getattr(land.plan, "max_basis", None),  # taken by the metrics whose Lanczos can bound its basis
+            "device_vectors": getattr(land.plan, "device_vectors", None),  # a metric's own storage on the device
             "warm": self._warm_for(name),
         }
         accepted = inspect.signature(metric.fn).parameters
