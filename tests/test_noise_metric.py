@@ -182,3 +182,23 @@ def test_bad_inputs_raise_clear_errors():
     same = [(X[:8], Y[:8])] * 50
     with pytest.raises(gp.ConfigurationError, match="all 50 gradient samples are equal"):
         noise(land, noise_data=same)
+
+
+def test_column_slices_change_no_statistic(monkeypatch):
+    # the streamed statistics are taken a slice of columns at a time (float64 rows of a 124M-parameter model
+    # would be 24-32 GB): slices of 5 columns crossing the blocks' edges, against one slice of everything
+    from geomprobe.stats import gradient_noise
+
+    g = torch.Generator().manual_seed(3)
+    X = torch.randn(120, 11, generator=g, dtype=torch.float64) * torch.linspace(0.5, 2.0, 11, dtype=torch.float64)
+    model = _Pooled(4, 7).double()
+    land = gp.Landscape(model, lambda out, _: out.mean(), (X, torch.zeros(120)))
+    sliced = noise(land, max_samples=None, n_boot=10, max_elements=400)  # groups of 20, 5 columns a slice
+    monkeypatch.setattr(gradient_noise, "_column_slices", lambda d, rows, max_elements: iter([slice(0, d)]))
+    whole = noise(land, max_samples=None, n_boot=10, max_elements=400)
+    assert not sliced["exact"] and sliced["passes"] == 2
+    flat_s, flat_w = gp.runs.flatten_record(sliced), gp.runs.flatten_record(whole)
+    assert flat_s.keys() == flat_w.keys()
+    for key, value in flat_w.items():
+        if isinstance(value, float):
+            assert flat_s[key] == pytest.approx(value, rel=1e-10, abs=1e-14), key

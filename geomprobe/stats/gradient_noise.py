@@ -16,8 +16,10 @@ Each statistic is computed for one or more *views* of the noise, ``s ⊙ ξ`` fo
 Memory: when the samples (``P·d``) and their Gram matrix (``P²``) fit in ``max_elements`` they are held
 (float64) and the Gram matrix is exact: one pass. Otherwise two passes over the source (the first finds
 ``ḡ``), holding groups of ``c = max(8, min(max_elements/d, sqrt(max_elements)))`` samples, and the moments
-of ``Σ`` come from each group's own Gram matrix (still unbiased, with more variance). Cost: P gradients
-per pass; O(P·d) arithmetic plus O(P²·d) for an exact Gram matrix.
+of ``Σ`` come from each group's own Gram matrix (still unbiased, with more variance). A group's rows stay in
+the source's dtype and are taken to float64 a slice of columns at a time (``max_elements / 4`` values), so
+beyond the rows themselves the statistics hold a few float64 d-vectors (mean, variance, a group's sums).
+Cost: P gradients per pass; O(P·d) arithmetic plus O(P²·d) for an exact Gram matrix.
 """
 
 from __future__ import annotations
@@ -124,13 +126,15 @@ def _choose(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
 
 
 def _regroup(chunks: Iterable[torch.Tensor], sizes: Sequence[int], f64: dict) -> Iterator[torch.Tensor]:
-    """Re-cut a stream of row blocks into blocks of exactly ``sizes`` rows (float64 on the given device)."""
+    """Re-cut a stream of row blocks into blocks of exactly ``sizes`` rows (on the given device, in their own
+    dtype)."""
     buf: list[torch.Tensor] = []
     have = 0
     it = iter(sizes)
     want = next(it, None)
     for c in chunks:
-        c = c.detach().to(**f64)
+        # kept in the source's dtype and on its device: converted to float64 a slice of columns at a time
+        c = c.detach().to(device=f64["device"])
         while c.shape[0] > 0 and want is not None:
             take = min(want - have, c.shape[0])
             buf.append(c[:take])
@@ -201,22 +205,29 @@ def collect_noise(
     proj = {k: (None if dirs is None else torch.empty(P, dirs.shape[0], **f64)) for k in scales}
     n = 0
     for rows in source:
-        rows = rows.detach().to(**f64)
+        rows = rows.detach().to(device=dev)
         r = rows.shape[0]
         if n + r > P:
             raise ConfigurationError(f"the gradient source gave more than its stated {P} samples")
         _check_finite(rows, n)
-        mc = rows.mean(0)
-        m2c = ((rows - mc) ** 2).sum(0)
-        delta = mc - mean
-        mean += delta * (r / (n + r))
-        M2 += m2c + delta**2 * (n * r / (n + r))
-        sub[n : n + r] = rows[:, coords]
-        for k, s in scales.items():
-            if dirs is not None:
-                proj[k][n : n + r] = rows @ (dirs if s is None else dirs * s).T
-        if held is not None:
-            held[n : n + r] = rows
+        for k in proj:
+            if proj[k] is not None:
+                proj[k][n : n + r] = 0
+        # float64 a slice of columns at a time: a whole block of rows in float64, and its temporaries, would
+        # be several times the rows themselves (24-32 GB at 124M parameters)
+        for cs in _column_slices(d, r, max_elements):
+            x = rows[:, cs].to(**f64)
+            mc = x.mean(0)
+            m2c = ((x - mc) ** 2).sum(0)
+            delta = mc - mean[cs]
+            mean[cs] += delta * (r / (n + r))
+            M2[cs] += m2c + delta**2 * (n * r / (n + r))
+            for k, s in scales.items():
+                if dirs is not None:
+                    proj[k][n : n + r] += x @ (dirs[:, cs] if s is None else dirs[:, cs] * s[cs]).T
+            if held is not None:
+                held[n : n + r, cs] = x
+        sub[n : n + r] = rows[:, coords].to(**f64)
         n += r
     if n != P:
         raise ConfigurationError(f"the gradient source gave {n} samples, expected {P}")
@@ -231,10 +242,9 @@ def collect_noise(
     sizes = [g.stop - g.start for g in group_slices]
     rows_iter = (held[g] for g in group_slices) if exact else _regroup(source, sizes, f64)
     for gi, (g, rows) in enumerate(zip(group_slices, rows_iter)):
-        x = rows - mean
         for k, s in scales.items():
-            _group_sums(stats, stats.views[k], x if s is None else x * s, M2 if s is None else M2 * s * s, g,
-                        mean if s is None else mean * s, gram=not exact)
+            _group_sums(stats, stats.views[k], rows, mean, s, M2 if s is None else M2 * s * s, g,
+                        mean if s is None else mean * s, gram=not exact, max_elements=max_elements)
     for k, s in scales.items():
         v = stats.views[k]
         mv = mean if s is None else mean * s
@@ -256,23 +266,51 @@ def _cv(M2: torch.Tensor) -> float | None:
     return float(M2.std(correction=0)) / m if m > 0 and M2.numel() > 0 else None
 
 
-def _group_sums(stats: NoiseStats, v: ViewStats, y: torch.Tensor, M2v: torch.Tensor, g: slice,
-                mv: torch.Tensor, *, gram: bool) -> None:
-    y2 = y * y
-    v.sq[g] = y2.sum(1)
-    for j, b in enumerate(stats.blocks):
-        v.block_sq[g, j] = y2[:, b.slice].sum(1)
-    sg = y.sum(0)
+def _group_sums(stats: NoiseStats, v: ViewStats, rows: torch.Tensor, mean: torch.Tensor, s: torch.Tensor | None,
+                M2v: torch.Tensor, g: slice, mv: torch.Tensor, *, gram: bool, max_elements: int) -> None:
+    """One group's sums for view ``v``: ``y = (rows - mean) * s``, taken a slice of columns at a time in float64
+    (the group's rows stay in their own dtype), so memory beyond the rows is a few d-vectors and one slice."""
+    f64 = {"dtype": torch.float64, "device": mean.device}
+    r, d = rows.shape[0], mean.shape[0]
+    sq = torch.zeros(r, **f64)
+    block_sq = torch.zeros(r, len(stats.blocks), **f64)
+    sg = torch.empty(d, **f64)
+    y2_sum = torch.empty(d, **f64)
+    G = torch.zeros(r, r, **f64) if gram else None
+    for cs in _column_slices(d, r, max_elements):
+        y = rows[:, cs].to(**f64) - mean[cs]
+        if s is not None:
+            y *= s[cs]
+        y2 = y * y
+        sq += y2.sum(1)
+        for j, b in enumerate(stats.blocks):
+            lo, hi = max(b.start, cs.start), min(b.stop, cs.stop)
+            if lo < hi:
+                block_sq[:, j] += y2[:, lo - cs.start : hi - cs.start].sum(1)
+        sg[cs] = y.sum(0)
+        y2_sum[cs] = y2.sum(0)
+        if G is not None:
+            G += y @ y.T
+    v.sq[g] = sq
+    v.block_sq[g] = block_sq
     v.g_snorm2.append(float(sg @ sg))
     v.g_sdot.append(float(sg @ mv))
     v.g_block_snorm2.append([float(sg[b.slice] @ sg[b.slice]) for b in stats.blocks])
     # Per-coordinate variance without this group: the rest has mean ḡ − s_g/n_R (in ξ units).
-    n_R = stats.P - y.shape[0]
-    M2_R = M2v - y2.sum(0) - sg * sg / n_R
+    n_R = stats.P - r
+    M2_R = M2v - y2_sum - sg * sg / n_R
     v.cv_R.append(_cv(M2_R))
     v.block_cv_R.append([_cv(M2_R[b.slice]) for b in stats.blocks])
-    if gram:
-        v.moments_R.append(trace_moments(y @ y.T))  # this group's own moments; pooled later
+    if G is not None:
+        v.moments_R.append(trace_moments(G))  # this group's own moments; pooled later
+
+
+def _column_slices(d: int, rows: int, max_elements: int) -> Iterator[slice]:
+    """Slices of columns holding about ``max_elements / 4`` entries of ``rows`` rows each (a float64 slice and
+    its temporaries stay within ``max_elements`` values)."""
+    step = max(1, max_elements // (4 * max(rows, 1)))
+    for a in range(0, d, step):
+        yield slice(a, min(a + step, d))
 
 
 def _pooled_moments(stats: NoiseStats, v: ViewStats) -> None:
