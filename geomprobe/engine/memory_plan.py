@@ -11,11 +11,12 @@ first-order graph saves per sample (measured on a slice of the first probe batch
   the piece's graph; for ``k > 1`` one more ``k v``, the per-parameter slices of the block (copied, as they
   are not contiguous).
 - **a Lanczos run** (one vector at a time): one HVP, its working vectors ``LANCZOS_WORK_VECTORS v`` (the kernel keeps vectors in
-  the model's dtype, no float64 copies), and its basis: ``basis_vectors`` vectors on the device, none there when the basis lives in
-  host memory, ``max_basis`` vectors when the bounded-memory Lanczos holds fewer.
-- **per-example gradients** (``noise``, ``isotropy``): rows of ``d (2 itemsize + 24) + PERSAMPLE_GRAPH_FACTOR s``
-  bytes (the per-parameter results and their flattening, a float64 copy and two float64 temporaries of the
-  streaming statistics, one example's forward and backward), and the statistics' float64 mean and variance.
+  the model's dtype, no float64 copies), and its basis: ``basis_vectors`` vectors on the device, none there
+  when the basis lives in host memory, ``max_basis`` vectors when the bounded-memory Lanczos holds fewer.
+- **per-example gradients** (``noise``, ``isotropy``): rows of ``2 d itemsize + PERSAMPLE_GRAPH_FACTOR s``
+  bytes (the per-parameter results and their flattening, one example's forward and backward; the statistics
+  take rows to float64 a slice of columns at a time), and the statistics' ``STATS_VECTORS`` float64 d-vectors.
+  Only when a metric of the probe streams gradient samples.
 
 The graphs stay for the whole probe; the other three phases follow one another, so the probe's peak is the
 graphs plus the largest phase. The budget for it is the least of
@@ -72,6 +73,7 @@ HOST_SHARE = 0.5              # of the host's available RAM a host-resident basi
 MIN_BOUNDED_BASIS = 20        # fewer stored vectors than this and a restarted Lanczos barely converges
 HVP_VECTORS = 3               # d-vectors per vector of an HVP: V, the per-parameter results, their flattening
 HVP_GRAPH_FACTOR = 1.0        # a double backward's temporaries per vector, relative to the piece's saved bytes
+STATS_VECTORS = 6            # float64 d-vectors the gradient-noise statistics hold (see plan_memory)
 LANCZOS_WORK_VECTORS = 4      # w, the newest and previous basis vectors, a Ritz vector
 PERSAMPLE_GRAPH_FACTOR = 2.0  # one example's forward and backward in vmap, relative to its saved bytes
 
@@ -191,7 +193,9 @@ def read_training_peak(device: torch.device | str) -> int | None:
 
 def persample_row_bytes(dim: int, itemsize: int, graph_bytes_per_sample: float | None) -> int:
     """Bytes one per-example gradient costs while it streams into the noise statistics (module docstring)."""
-    return int(dim * (2 * itemsize + 24) + PERSAMPLE_GRAPH_FACTOR * (graph_bytes_per_sample or 0.0))
+    # the per-parameter results and their flattening in the model's dtype; the statistics take rows to float64
+    # a slice of columns at a time, so no float64 copy of a row
+    return int(dim * 2 * itemsize + PERSAMPLE_GRAPH_FACTOR * (graph_bytes_per_sample or 0.0))
 
 
 # ---------------------------------------------------------------------------------------------- planning
@@ -286,7 +290,9 @@ def plan_memory(
     warns: list[str] = []
     lanczos_work = LANCZOS_WORK_VECTORS * v
     # the gradient-sample phase, only where a metric streams gradient samples
-    stats_fixed = 2 * dim * 8 if gradient_samples else 0
+    # float64 d-vectors of the statistics: mean and variance, and in the second pass a group's sums (two),
+    # a view's scaled variance and the variance without the group
+    stats_fixed = STATS_VECTORS * dim * 8 if gradient_samples else 0
     row = persample_row_bytes(dim, itemsize, s) if gradient_samples else 0
 
     def value(name: str, default: Any) -> Any:
