@@ -188,3 +188,19 @@ def test_bad_inputs_raise_clear_errors():
     fresh = torch.optim.Adam(model.parameters())
     with pytest.raises(gp.OptimizerStateError, match="optimizer.step"):
         isotropy(land, optimizer=fresh, u_min=None)
+
+
+def test_escape_direction_with_the_basis_where_the_memory_plan_puts_it():
+    # the plan may put Lanczos' basis in host memory or bound it; the escape direction must not change
+    g = torch.Generator().manual_seed(5)
+    X = torch.randn(200, 12, generator=g, dtype=torch.float64) * torch.linspace(0.3, 3.0, 12, dtype=torch.float64)
+    Y = torch.randn(200, 1, generator=g, dtype=torch.float64)
+    torch.manual_seed(0)
+    model = nn.Linear(12, 1, bias=False).double()
+    land = gp.Landscape(model, nn.MSELoss(), (X, Y))
+    lam = float(torch.linalg.eigvalsh(2 * X.T @ X / 200)[0])
+    plain = isotropy(land, lanczos_tol=1e-10)
+    for kw in ({"basis_device": "cpu"}, {"max_basis": 6}):
+        out = isotropy(land, lanczos_tol=1e-10, **kw)
+        assert out["lambda_min"] == pytest.approx(lam, rel=FLOAT64_REL), kw
+        assert out["escape"] == pytest.approx(plain["escape"], rel=1e-6), kw

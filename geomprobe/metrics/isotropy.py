@@ -76,7 +76,8 @@ def _block_estimates(stats: NoiseStats, views: list[tuple[str, str]]) -> dict[st
     return out
 
 
-def _direction(land: Any, u_min: Any, lanczos_tol: float, lanczos_max_iter: int, seed: int) -> tuple[Any, dict]:
+def _direction(land: Any, u_min: Any, lanczos_tol: float, lanczos_max_iter: int, seed: int,
+               basis_device: Any = None, max_basis: int | None = None) -> tuple[Any, dict]:
     """The unit escape direction and what is known about it (λ_min and its bound when Lanczos ran)."""
     if u_min is None:
         return None, {"lambda_min": None, "lambda_min_err": None, "lanczos_converged": None, "hvps": 0}
@@ -84,7 +85,7 @@ def _direction(land: Any, u_min: Any, lanczos_tol: float, lanczos_max_iter: int,
         if u_min != "lanczos":
             raise ConfigurationError(f"u_min must be a vector, 'lanczos' or None, got {u_min!r}")
         r = run_lanczos(land, tol=lanczos_tol, max_iter=lanczos_max_iter, which="smallest", seed=seed,
-                        keep_basis=True)
+                        keep_basis=True, basis_device=basis_device, max_basis=max_basis)
         lam, err = r.bottom(1)
         u = r.ritz_vector(0)
         return u, {"lambda_min": lam[0], "lambda_min_err": err[0], "lanczos_converged": bool(r.converged),
@@ -116,6 +117,8 @@ def isotropy(
     max_elements: int = DEFAULT_MAX_ELEMENTS,
     lanczos_tol: float = 1e-3,
     lanczos_max_iter: int = 150,
+    basis_device: Any = None,
+    max_basis: int | None = None,
     seed: int = 0,
 ) -> dict:
     """Isotropy of the gradient noise, raw and preconditioned by ``optimizer``'s ``P`` (module docstring).
@@ -128,6 +131,8 @@ def isotropy(
             gradients of the probe batches (see the ``noise`` metric).
         u_min: the escape direction: ``"lanczos"`` (default: λ_min's Ritz vector, ``lanczos_tol`` and
             ``lanczos_max_iter`` apply), a flat vector of length d, or None to skip ``escape``.
+        basis_device, max_basis: where that Lanczos keeps its basis and how many vectors it may hold (thick
+            restart beyond; the same bounds), as the probe's memory plan chooses them.
         max_samples: cap on P, as in the ``noise`` metric (default 256; None: all).
 
     Returns ``cv``, ``isotropy_index``, ``escape``, ``trace_cov`` (each with ``*_err``) and the same with
@@ -144,7 +149,7 @@ def isotropy(
     """
     src = gradient_source(land, noise_data, min_samples=min_samples, max_samples=max_samples,
                           chunk_size=chunk_size, method=method)
-    u, lan = _direction(land, u_min, lanczos_tol, lanczos_max_iter, seed)
+    u, lan = _direction(land, u_min, lanczos_tol, lanczos_max_iter, seed, basis_device, max_basis)
     views: dict[str, torch.Tensor | None] = {"raw": None}
     source = None
     if optimizer is not None:
