@@ -87,6 +87,7 @@ def spectrum(
     basis_device: torch.device | str | None = None,
     max_basis: int | None = None,
     warm: Any = None,
+    which: str = "both",
 ) -> dict:
     """The Hessian's ``k`` largest and ``k`` smallest eigenvalues by Lanczos on HVPs, each with its bound.
 
@@ -106,6 +107,10 @@ def spectrum(
     and the new ones are kept for the next call; ``warm`` in the result says whether this start was warm.
     The bounds and ``converged`` mean what they mean for a cold start; only the number of HVPs changes.
 
+    ``which="largest"`` (or ``"smallest"``) stops once that end's ``k`` values meet ``tol``: the sharpness
+    alone, as edge-of-stability tracking needs, in fewer HVPs. Both ends are still reported with their
+    bounds, which stay true; ``converged`` then speaks for the requested end only (the result says ``which``).
+
     >>> import torch
     >>> from torch import nn
     >>> from geomprobe import Landscape
@@ -116,21 +121,25 @@ def spectrum(
     >>> round(out["lambda_max"], 8), round(out["lambda_min"], 8), out["converged"]
     (8.0, 0.5, True)
     """
+    if which not in ("both", "largest", "smallest"):
+        raise ConfigurationError(f"which must be 'both', 'largest' or 'smallest', got {which!r}")
     before = land.hvps
     started_warm = False
     if warm is None:
-        r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, seed=seed, generator=generator, bound=bound,
-                        basis_device=basis_device, max_basis=max_basis)
+        r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, which=which, seed=seed, generator=generator,
+                        bound=bound, basis_device=basis_device, max_basis=max_basis)
     else:
         r, started_warm = _warm_lanczos(land, warm, k=k, seed=seed, generator=generator, tol=tol,
                                         max_iter=max_iter, bound=bound, basis_device=basis_device,
-                                        max_basis=max_basis)
+                                        max_basis=max_basis, which=which)
     out = lanczos_summary(r, k)
     if max_basis is not None:
         out["restarts"] = r.restarts
     out["hvps"] = land.hvps - before  # 0 when another metric of this probe already ran the same Lanczos
     if bound != "residual":
         out["bound"] = bound
+    if which != "both":
+        out["which"] = which
     if warm is not None:
         out["warm"] = started_warm
     return out
