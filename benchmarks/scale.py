@@ -17,7 +17,7 @@ default schedule.
 
     python benchmarks/scale.py models --models gpt2-124m --dtypes fp32,bf16 --metrics full --out r.json
     python benchmarks/scale.py models --models gpt2-tiny --device cpu --metrics full      # smoke run
-    python benchmarks/scale.py trajectory --model gpt2-124m --steps 400 --every 40 --out t.json
+    python benchmarks/scale.py trajectory --model gpt2-124m --steps 400 --every 40 --which largest --out t.json
 """
 
 from __future__ import annotations
@@ -238,7 +238,8 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
 
 
 # ---------------------------------------------------------------------------------------------- trajectory
-def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_dir: str, tol: float) -> dict:
+def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_dir: str, tol: float,
+               which: str = "both") -> dict:
     """Spectrum cold and warm at each probe point of an AdamW run; then overhead at the default schedule."""
     from geomprobe.linalg.vectors import default_generator
     from geomprobe.metrics.spectrum import spectrum
@@ -255,9 +256,9 @@ def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_d
         if step % every == 0:
             land = Landscape(model, lm_loss, [probe_batch], mode="eval")
             h0 = land.hvps
-            warm = spectrum(land, tol=tol, seed=step, warm=ws)   # first: cold (nothing kept yet), then warm
+            warm = spectrum(land, tol=tol, seed=step, warm=ws, which=which)  # first: cold (nothing kept), then warm
             h1 = land.hvps
-            cold = spectrum(land, tol=tol, generator=default_generator(10**6 + step))  # a fresh cold start
+            cold = spectrum(land, tol=tol, generator=default_generator(10**6 + step), which=which)  # a fresh cold start
             h2 = land.hvps
             land.close()
             points.append({"step": step, "warm_started": warm.get("warm"), "warm_hvps": h1 - h0, "cold_hvps": h2 - h1,
@@ -277,7 +278,7 @@ def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_d
                "warm_mean_hvps": sum(p["warm_hvps"] for p in warm_pts) / max(len(warm_pts), 1)}
     summary["ratio"] = summary["cold_mean_hvps"] / summary["warm_mean_hvps"] if summary["warm_mean_hvps"] else None
     print(json.dumps(summary), flush=True)
-    return {"model": name, "dtype": dtype_name, "tol": tol, "points": points, "summary": summary}
+    return {"model": name, "dtype": dtype_name, "tol": tol, "which": which, "points": points, "summary": summary}
 
 
 def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str) -> dict:
@@ -329,6 +330,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=30)
     ap.add_argument("--tol", type=float, default=1e-3)
+    ap.add_argument("--which", default="both", choices=["both", "largest", "smallest"], help="trajectory: the ends")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     strict_fp32()
@@ -363,7 +365,7 @@ def main() -> None:
                     torch.cuda.empty_cache()
     elif args.what == "trajectory":
         doc["results"].append(trajectory(args.model, args.dtypes.split(",")[0], args.steps, args.every, args.device,
-                                         out_dir, args.tol))
+                                         out_dir, args.tol, args.which))
     else:
         doc["results"].append(overhead(args.model, args.dtypes.split(",")[0], args.steps, args.device, out_dir))
     save()
