@@ -14,7 +14,7 @@ import torch
 from ..errors import ConfigurationError
 from .krylov_basis import LanczosBasis, LanczosMemory, krylov_step, lanczos_memory_bytes, start_vector
 from .restarted_lanczos import restarted_lanczos
-from .ritz import LanczosResult, check_lanczos_args, extremes_converged, gap_bounds, tridiagonal
+from .ritz import LanczosResult, check_lanczos_args, extremes_converged, gap_bounds, ritz_pairs, tridiagonal
 from .vectors import Matvec
 
 __all__ = [
@@ -122,16 +122,9 @@ def lanczos(
         if tol == 0 and not last and beta > 1e-12 * gersh * math.sqrt(dim):
             prev, cur = cur, basis.append_normalized(w, beta)
             continue
-        theta, U = torch.linalg.eigh(tridiagonal(alphas, betas[:-1]))
-        bounds = beta * U[-1, :].abs()
-        if bound == "gap":
-            bounds = gap_bounds(theta, bounds)
-        scale = max(float(theta.abs().max()), 1e-300)
-        exhausted = beta <= 1e-12 * scale * math.sqrt(dim)
+        theta, U, bounds, exhausted = ritz_pairs(tridiagonal(alphas, betas[:-1]), beta, bound, dim)
         if exhausted or j + 1 == dim:
             converged = True
-            if exhausted:
-                bounds = torch.zeros_like(bounds)
             break
         if tol > 0 and extremes_converged(theta, bounds, k, tol, which):
             converged = True

@@ -17,13 +17,11 @@ second pass of as many matvecs (182-202 in all).
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ..errors import ConfigurationError
 from .krylov_basis import LanczosBasis, krylov_step, start_vector
-from .ritz import LanczosResult, check_lanczos_args, extremes_converged, gap_bounds
+from .ritz import LanczosResult, check_lanczos_args, extremes_converged, ritz_pairs
 from .vectors import Matvec
 
 __all__ = ["min_basis", "restarted_lanczos"]
@@ -129,16 +127,9 @@ def restarted_lanczos(
         S_new[p - 1, : p - 1] = b
         S_new[p - 1, p - 1] = alpha
         norm_bound = max(norm_bound, float(S_new.abs().sum(1).max()) + beta)
-        theta, U = torch.linalg.eigh(S_new)
-        bounds = beta * U[-1, :].abs()
-        if bound == "gap":
-            bounds = gap_bounds(theta, bounds)
-        scale = max(float(theta.abs().max()), 1e-300)
-        exhausted = beta <= 1e-12 * scale * math.sqrt(dim)
+        theta, U, bounds, exhausted = ritz_pairs(S_new, beta, bound, dim)
         if exhausted or p == dim:
             converged = True
-            if exhausted:
-                bounds = torch.zeros_like(bounds)
             break
         if tol > 0 and extremes_converged(theta, bounds, k, tol, which):
             converged = True

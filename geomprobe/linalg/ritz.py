@@ -3,6 +3,7 @@ and the checks of the options every Lanczos variant shares."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -10,7 +11,7 @@ import torch
 from ..errors import ConfigurationError
 from .vectors import check_dim
 
-__all__ = ["LanczosResult", "check_lanczos_args", "extremes_converged", "gap_bounds", "tridiagonal"]
+__all__ = ["LanczosResult", "check_lanczos_args", "extremes_converged", "gap_bounds", "ritz_pairs", "tridiagonal"]
 
 
 @dataclass
@@ -111,3 +112,21 @@ def extremes_converged(theta: torch.Tensor, bounds: torch.Tensor, k: int, tol: f
     if which in ("both", "largest"):
         idx += list(range(n - k, n))
     return all(float(bounds[i]) <= tol * max(abs(float(theta[i])), spread) for i in idx)
+
+
+def ritz_pairs(S: torch.Tensor, beta: float, bound: str, dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Ritz values (ascending) and vectors of the projected matrix ``S`` with their bounds, and whether the
+    Krylov space is exhausted (``beta`` at rounding level against ``max |theta|``: the bounds are then 0).
+
+    The bound of ``theta_i`` is ``beta |u_{m,i}|`` (the residual ``||H y_i - theta_i y_i||``), or with
+    ``bound="gap"`` the quadratic :func:`gap_bounds`.
+    """
+    theta, U = torch.linalg.eigh(S)
+    bounds = beta * U[-1, :].abs()
+    if bound == "gap":
+        bounds = gap_bounds(theta, bounds)
+    scale = max(float(theta.abs().max()), 1e-300)
+    exhausted = beta <= 1e-12 * scale * math.sqrt(dim)
+    if exhausted:
+        bounds = torch.zeros_like(bounds)
+    return theta, U, bounds, exhausted
