@@ -29,6 +29,7 @@ __all__ = ["HVP_METHODS", "Landscape", "unwrap_model"]
 
 
 HVP_METHODS = ("autograd", "finite-difference")
+LOSS_FORMS = ("auto", "outputs", "model")
 
 
 _MODEL_ARG_NAMES = ("model", "module", "net", "network")

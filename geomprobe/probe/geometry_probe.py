@@ -43,6 +43,7 @@ from ..engine.probedata import draw_probe_batches
 from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
 from ..runs.writer import RunWriter
+from .options import check_metric_options, check_probe_options
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
 from .schedule import Schedule, budget, every
 from .warm_start import WarmStart
@@ -174,6 +175,9 @@ class GeometryProbe:
         warm_start: bool = True,
         progress: bool | ProgressCallback | None = None,
     ):
+        check_probe_options(mode=mode, hvp_method=hvp_method, loss_form=loss_form, chunk_size=chunk_size,
+                            micro_batch_size=micro_batch_size, basis_device=basis_device, seed=seed, run_dir=run_dir,
+                            memory_cap=memory_cap, peak_ratio=peak_ratio)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.metric_options = self._resolve_metrics(metrics)
@@ -246,6 +250,7 @@ class GeometryProbe:
             raise ConfigurationError(f"no metrics asked for; choose from {', '.join(registry.available())}")
         for name in opts:
             registry.get(name)  # a clear error for an unknown name, before training starts
+        check_metric_options(opts)  # and for an option the metric does not take
         return opts
 
     def _meta(self, extra: Mapping[str, Any] | None) -> dict:
@@ -322,6 +327,11 @@ class GeometryProbe:
     # ------------------------------------------------------------------ measuring
     def probe(self, step: int) -> dict:
         """Measure every metric at the current parameters now, whatever the schedule, and record it."""
+        # an optimizer stepped under no_grad or inference_mode still gets its probe: HVPs need autograd
+        with torch.inference_mode(False), torch.enable_grad():
+            return self._probe(step)
+
+    def _probe(self, step: int) -> dict:
         device = next(self.model.parameters()).device
         cuda = device.type == "cuda"
         peak = read_training_peak(device)  # and a reset, so the record's peak is the probe's own

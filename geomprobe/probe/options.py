@@ -1,0 +1,93 @@
+"""Checks of a GeometryProbe's options at construction.
+
+A probe catches every failure at probe time so that training goes on; an option that can never work would
+then fail at every probe, and a whole run would finish having measured nothing. So whatever can be checked
+before training starts is checked here, each with one message saying what was given and what is accepted.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import numbers
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from ..engine.landscape import HVP_METHODS, LOSS_FORMS
+from ..engine.state import MODES
+from ..errors import ConfigurationError
+from ..metrics import registry
+
+__all__ = ["check_probe_options", "check_metric_options"]
+
+# Options a probe fills in for the metrics that take them (GeometryProbe._run_metric); a user may set them too.
+PROBE_CONTEXT = ("optimizer", "noise_data", "grad_norm0", "seed", "basis_device", "max_basis", "device_vectors", "warm")
+
+
+def _positive_int_or_none(name: str, value: Any) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ConfigurationError(f"{name} must be a positive integer or None, got {value!r}")
+
+
+def check_probe_options(
+    *,
+    mode: Any,
+    hvp_method: Any,
+    loss_form: Any,
+    chunk_size: Any,
+    micro_batch_size: Any,
+    basis_device: Any,
+    seed: Any,
+    run_dir: Any,
+    memory_cap: Any,
+    peak_ratio: Any,
+) -> None:
+    """Raise :class:`ConfigurationError` for the first option that no probe could run with. Costs nothing."""
+    if mode not in MODES:
+        raise ConfigurationError(f"mode must be one of {', '.join(map(repr, MODES))}, got {mode!r}")
+    if hvp_method not in HVP_METHODS:
+        raise ConfigurationError(f"hvp_method must be one of {', '.join(map(repr, HVP_METHODS))}, got {hvp_method!r}")
+    if loss_form not in LOSS_FORMS:
+        raise ConfigurationError(f"loss_form must be one of {', '.join(map(repr, LOSS_FORMS))}, got {loss_form!r}")
+    _positive_int_or_none("chunk_size", chunk_size)
+    _positive_int_or_none("micro_batch_size", micro_batch_size)
+    if memory_cap is not None and (isinstance(memory_cap, bool) or not isinstance(memory_cap, numbers.Real)
+                                   or not (math.isfinite(memory_cap) and memory_cap > 0)):
+        raise ConfigurationError(f"memory_cap must be a positive number of bytes or None, got {memory_cap!r}")
+    if basis_device is not None:
+        try:
+            torch.device(basis_device)
+        except (RuntimeError, TypeError):
+            raise ConfigurationError(
+                f"basis_device must be a torch device such as 'cpu' or 'cuda:0' (or None: the model's), "
+                f"got {basis_device!r}"
+            ) from None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ConfigurationError(f"seed must be an integer, got {seed!r}")
+    if run_dir is not None and (not isinstance(run_dir, (str, os.PathLike)) or not os.fspath(run_dir).strip()):
+        raise ConfigurationError(f"run_dir must be a folder path (or None for no run log), got {run_dir!r}")
+    if isinstance(peak_ratio, bool) or not isinstance(peak_ratio, numbers.Real) or not (
+        math.isfinite(peak_ratio) and peak_ratio > 0
+    ):
+        raise ConfigurationError(f"peak_ratio must be a positive finite number, got {peak_ratio!r}")
+
+
+def check_metric_options(options: Mapping[str, Mapping[str, Any]]) -> None:
+    """Raise :class:`ConfigurationError` for an option no metric of that name takes (a misspelt ``tol`` would
+    otherwise fail at every probe); metrics that take ``**kwargs`` accept anything."""
+    for name, opts in options.items():
+        params = inspect.signature(registry.get(name).fn).parameters
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        known = [p for p in list(params)[1:] if params[p].kind is not inspect.Parameter.VAR_POSITIONAL]
+        unknown = sorted(set(opts) - set(known))
+        if unknown:
+            own = [p for p in known if p not in PROBE_CONTEXT]
+            raise ConfigurationError(
+                f"metric {name!r} has no option {', '.join(map(repr, unknown))}; it takes {', '.join(own)}"
+            )

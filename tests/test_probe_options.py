@@ -1,0 +1,69 @@
+"""Options no probe could run with fail at construction with one clear message, before training starts (a
+probe isolates its failures, so such an option would otherwise fail quietly at every probe); and a probe runs
+whatever autograd mode the optimizer stepped in."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import geomprobe as gp
+from geomprobe import ConfigurationError
+
+
+def _setup():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    g = torch.Generator().manual_seed(1)
+    return model, nn.CrossEntropyLoss(), (torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g))
+
+
+@pytest.mark.parametrize("option, match", [
+    ({"mode": "bogus"}, "mode must be one of 'eval', 'train', got 'bogus'"),
+    ({"hvp_method": "x"}, "hvp_method must be one of"),
+    ({"loss_form": "q"}, "loss_form must be one of 'auto', 'outputs', 'model'"),
+    ({"chunk_size": 0}, "chunk_size must be a positive integer"),
+    ({"chunk_size": 2.5}, "chunk_size must be a positive integer"),
+    ({"micro_batch_size": 0}, "micro_batch_size must be a positive integer"),
+    ({"basis_device": "gpu9"}, "basis_device must be a torch device"),
+    ({"seed": "x"}, "seed must be an integer"),
+    ({"seed": True}, "seed must be an integer"),
+    ({"run_dir": ""}, "run_dir must be a folder path"),
+    ({"run_dir": "   "}, "run_dir must be a folder path"),
+    ({"memory_cap": -1}, "memory_cap must be a positive number"),
+    ({"peak_ratio": float("nan")}, "peak_ratio must be a positive finite number"),
+    ({"peak_ratio": 0}, "peak_ratio must be a positive finite number"),
+    ({"metrics": {"spectrum": {"tolx": 1e-3}}}, "metric 'spectrum' has no option 'tolx'; it takes k, tol"),
+    ({"metrics": {"rmed": {"hvp": 64}}}, "metric 'rmed' has no option 'hvp'"),
+])
+def test_bad_options_fail_at_construction(option, match, tmp_path):
+    model, loss_fn, batch = _setup()
+    with pytest.raises(ConfigurationError, match=match):
+        gp.GeometryProbe(model, loss_fn, batch, **option)
+
+
+def test_good_options_and_probe_filled_ones_are_accepted(tmp_path):
+    model, loss_fn, batch = _setup()
+    probe = gp.GeometryProbe(model, loss_fn, batch, metrics={"spectrum": {"tol": 1e-4, "basis_device": "cpu"}},
+                             mode="train", hvp_method="autograd", loss_form="outputs", chunk_size=4,
+                             micro_batch_size=8, basis_device="cpu", seed=3, run_dir=tmp_path / "run",
+                             memory_cap=2**30, peak_ratio=2)
+    probe.close()
+
+
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_a_step_taken_without_autograd_is_still_probed(context):
+    model, loss_fn, batch = _setup()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = gp.GeometryProbe(model, loss_fn, batch, schedule=gp.every(1), metrics={"spectrum": {"tol": 1e-6}})
+    probe.attach(opt, probe_now=False)
+    loss_fn(model(batch[0]), batch[1]).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a failed probe warns: none may
+        with context():
+            opt.step()
+            assert not torch.is_grad_enabled()  # the caller's mode is as it was after the probe
+    record = probe.records[-1]
+    assert "errors" not in record and record["spectrum"]["converged"]
+    probe.close()
