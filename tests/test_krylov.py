@@ -281,3 +281,10 @@ def test_a_fixed_length_basis_is_handed_back_without_a_copy():
         LanczosBasis.matrix = real
     assert seen == [True] and r.basis.shape == (40, 100)
     assert torch.allclose(r.basis @ r.basis.T, torch.eye(40, dtype=torch.float64), atol=1e-10)
+
+
+@pytest.mark.parametrize("tol", [float("inf"), float("nan"), -1e-3])
+def test_a_tolerance_that_would_certify_anything_is_refused(tol):
+    A = torch.diag(torch.arange(1.0, 11.0, dtype=torch.float64))
+    with pytest.raises(ConfigurationError, match="finite tol >= 0"):
+        linalg.lanczos(mv(A), 10, tol=tol)

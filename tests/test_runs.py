@@ -463,3 +463,19 @@ def test_export_csv(tmp_path):
     stream = io.StringIO()
     export_csv(reader, stream)
     assert stream.getvalue() == out.read_text()
+
+
+@pytest.mark.parametrize("tail, steps", [(b'{"step": 5, "lo', [0, 1, 6]), (b'{"step": 5, "loss": 0.5}', [0, 1, 5, 6])])
+def test_a_partial_last_line_never_swallows_the_next_record(tmp_path, tail, steps):
+    # a write that stopped short (a full disk: ENOSPC after part of the line) leaves a partial last line; the
+    # next record must start on its own line, or both are lost and the run stops parsing there
+    run_dir = tmp_path / "run"
+    with RunWriter(run_dir, {"model": "MLP"}) as w:
+        w.append({"step": 0, "loss": 1.0})
+        w.append({"step": 1, "loss": 0.9})
+        with open(run_dir / "records.jsonl", "ab") as f:
+            f.write(tail)  # a whole record whose newline was lost is kept; a cut one is dropped
+        w.append({"step": 6, "loss": 0.4})
+    lines = (run_dir / "records.jsonl").read_text().splitlines()
+    assert [strict_json(line)["step"] for line in lines] == steps  # every line whole
+    assert [r["step"] for r in RunReader(run_dir).records] == steps

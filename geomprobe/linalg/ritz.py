@@ -63,8 +63,9 @@ def check_lanczos_args(dim: int, k: int, tol: float, which: str, bound: str, max
     check_dim(dim)
     if which not in ("both", "largest", "smallest"):
         raise ConfigurationError(f"which must be 'both', 'largest' or 'smallest', got {which!r}")
-    if k < 1 or tol < 0:
-        raise ConfigurationError(f"need k >= 1 and tol >= 0, got k={k}, tol={tol}")
+    if k < 1 or not (math.isfinite(tol) and tol >= 0):
+        # a NaN tol compares false everywhere and an infinite one accepts any bound: both would "converge"
+        raise ConfigurationError(f"need k >= 1 and a finite tol >= 0, got k={k}, tol={tol}")
     if bound not in ("residual", "gap"):
         raise ConfigurationError(f"bound must be 'residual' or 'gap', got {bound!r}")
     m_max = min(dim, max_iter if max_iter is not None else 300)

@@ -63,7 +63,14 @@ def write_durable(path: Path, data: bytes) -> None:
 
 
 def append_line(path: Path, data: bytes) -> None:
-    """Append ``data`` (one complete line) to ``path`` and fsync before returning."""
+    """Append ``data`` (one complete line) to ``path`` and fsync before returning.
+
+    A line always starts a line: when an earlier write stopped short (a full disk, a killed process) and left
+    a partial last line, that tail is repaired first (:func:`repair_tail`), so the new record is never glued to
+    it and the run stays readable.
+    """
+    if _ends_mid_line(path):
+        repair_tail(path)
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         view = memoryview(data)
@@ -72,6 +79,18 @@ def append_line(path: Path, data: bytes) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _ends_mid_line(path: Path) -> bool:
+    try:
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return False
+    if size == 0:
+        return False
+    with open(path, "rb") as f:
+        f.seek(size - 1)
+        return f.read(1) != b"\n"
 
 
 def repair_tail(path: Path) -> None:
