@@ -226,6 +226,8 @@ class GeometryProbe:
         # so the metadata can name the optimizer that attach() brings.
         self.run_dir, self._force, self._resume, self._extra_meta = run_dir, force, resume, meta
         self.writer: RunWriter | None = None
+        self._unwritten: list[dict] = []  # records a failed write kept in memory, retried at the next probe
+        self._write_error: str | None = None
         # One run log for all ranks: the others hold identical records and must not race on the files.
         self._reducer = make_reducer(process_group)
         self.writes = self._reducer.rank == 0
@@ -418,16 +420,35 @@ class GeometryProbe:
         self.schedule.observe(step, seconds, self.clock())
         self.records.append(record)
         if self.run_dir is not None and self.writes:
-            if self.writer is None:
-                self.writer = RunWriter(
-                    self.run_dir, self._meta(self._extra_meta), force=self._force, resume=self._resume
-                )
-            self.writer.append(record)
+            self._unwritten.append(record)
+            self._write_records()
         if self._tb is not None:
             self._tb.log(record, step=step)
         if progress is not None:
             progress.finish(record["cost"]["hvps"], seconds)
         return record
+
+    def _write_records(self) -> None:
+        """Append the records not yet in the run log, oldest first. A write that fails (a full or read-only
+        disk, a folder that cannot be created) is a probe failure, not a training failure: warned once, the
+        records kept in memory and tried again at the next probe and at :meth:`close`."""
+        try:
+            if self.writer is None:
+                self.writer = RunWriter(
+                    self.run_dir, self._meta(self._extra_meta), force=self._force, resume=self._resume
+                )
+            while self._unwritten:
+                self.writer.append(self._unwritten[0])
+                self._unwritten.pop(0)
+        except OSError as e:
+            self._write_error = f"{type(e).__name__}: {e}"
+            self.failures["run log"] = self.failures.get("run log", 0) + 1
+            if "run log" not in self._warned:
+                self._warned.add("run log")
+                warnings.warn(
+                    f"geomprobe: writing the run log to {str(self.run_dir)!r} failed at step {self._step} "
+                    f"({self._write_error}); training continues, the records are kept in memory and written at "
+                    "the next probe or at close()", RuntimeWarning, stacklevel=4)
 
     def _run_metric(self, name: str, land: Landscape, opts: dict) -> dict:
         metric = registry.get(name)
@@ -567,8 +588,19 @@ class GeometryProbe:
         if self._closed:
             return
         self.detach()
+        if self._unwritten:
+            self._write_records()  # a last try for records a failed write kept in memory
+        if self._unwritten:
+            warnings.warn(
+                f"geomprobe: {len(self._unwritten)} probe record(s) could not be written to {str(self.run_dir)!r} "
+                f"({self._write_error}); they are in probe.records (steps "
+                f"{', '.join(str(r['step']) for r in self._unwritten)}): free space or fix the folder's permissions "
+                "and write them with geomprobe.RunWriter", RuntimeWarning, stacklevel=2)
         if self.writer is not None:
-            self.writer.close()
+            try:
+                self.writer.close()
+            except OSError:
+                pass  # every record that could be written was fsync'd when appended
         if self._tb is not None:
             self._tb.close()
         self._closed = True

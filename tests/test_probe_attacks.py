@@ -1,6 +1,7 @@
-"""Options no probe could run with fail at construction with one clear message, before training starts (a
-probe isolates its failures, so such an option would otherwise fail quietly at every probe); and a probe runs
-whatever autograd mode the optimizer stepped in."""
+"""The probe's promises under attack (issue 18): options no probe could run with fail at construction with one
+clear message (a probe isolates its failures, so they would otherwise fail quietly at every probe); a probe
+runs whatever autograd mode the optimizer stepped in; a run log that cannot be written (a full disk) never
+ends training and loses no record."""
 
 import warnings
 
@@ -67,3 +68,53 @@ def test_a_step_taken_without_autograd_is_still_probed(context):
     record = probe.records[-1]
     assert "errors" not in record and record["spectrum"]["converged"]
     probe.close()
+
+
+def _failing_writes(monkeypatch, fail_for: int):
+    """append_line raising ENOSPC for its first ``fail_for`` calls, as a full disk would."""
+    import errno
+
+    from geomprobe.runs import writer
+
+    real, calls = writer.append_line, {"n": 0}
+
+    def full_disk(path, data):
+        calls["n"] += 1
+        if calls["n"] <= fail_for:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, data)
+
+    monkeypatch.setattr(writer, "append_line", full_disk)
+
+
+def _train(probe, model, loss_fn, batch, steps):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt, probe_now=False)
+    for _ in range(steps):
+        opt.zero_grad()
+        loss_fn(model(batch[0]), batch[1]).backward()
+        opt.step()
+
+
+def test_a_full_disk_is_a_probe_failure_and_the_records_are_written_once_it_clears(monkeypatch, tmp_path):
+    model, loss_fn, batch = _setup()
+    _failing_writes(monkeypatch, fail_for=2)
+    probe = gp.GeometryProbe(model, loss_fn, batch, schedule=gp.every(1), run_dir=tmp_path / "run",
+                             metrics={"spectrum": {"tol": 1e-4}})
+    with pytest.warns(RuntimeWarning, match="writing the run log .* failed at step 1 .*No space left"):
+        _train(probe, model, loss_fn, batch, 4)  # never raises out of optimizer.step()
+    probe.close()
+    assert [r["step"] for r in gp.RunReader(tmp_path / "run").records] == [1, 2, 3, 4]
+    assert probe.failures["run log"] == 2
+
+
+def test_records_that_could_never_be_written_are_kept_and_named_at_close(monkeypatch, tmp_path):
+    model, loss_fn, batch = _setup()
+    _failing_writes(monkeypatch, fail_for=10**6)
+    probe = gp.GeometryProbe(model, loss_fn, batch, schedule=gp.every(1), run_dir=tmp_path / "run",
+                             metrics={"spectrum": {"tol": 1e-4}})
+    with pytest.warns(RuntimeWarning, match="failed at step 1"):
+        _train(probe, model, loss_fn, batch, 3)
+    with pytest.warns(RuntimeWarning, match=r"3 probe record\(s\) could not be written .*\(steps 1, 2, 3\)"):
+        probe.close()
+    assert [r["step"] for r in probe.records] == [1, 2, 3] and all("spectrum" in r for r in probe.records)
