@@ -118,3 +118,42 @@ def test_records_that_could_never_be_written_are_kept_and_named_at_close(monkeyp
     with pytest.warns(RuntimeWarning, match=r"3 probe record\(s\) could not be written .*\(steps 1, 2, 3\)"):
         probe.close()
     assert [r["step"] for r in probe.records] == [1, 2, 3] and all("spectrum" in r for r in probe.records)
+
+
+class _Opaque:
+    """A value the run log cannot store."""
+
+
+@pytest.mark.parametrize("annotate, match", [
+    (lambda: 1 / 0, "ZeroDivisionError"),
+    (lambda: {"note": _Opaque()}, "cannot store"),
+    (lambda: 42, "TypeError"),
+])
+def test_an_annotate_callback_that_fails_is_a_probe_failure(annotate, match, tmp_path):
+    model, loss_fn, batch = _setup()
+    probe = gp.GeometryProbe(model, loss_fn, batch, schedule=gp.every(1), run_dir=tmp_path / "run",
+                             metrics={"spectrum": {"tol": 1e-4}}, annotate=annotate)
+    with pytest.warns(RuntimeWarning, match="annotate failed"):
+        _train(probe, model, loss_fn, batch, 2)
+    probe.close()
+    records = gp.RunReader(tmp_path / "run").records
+    assert [r["step"] for r in records] == [1, 2] and all(r["spectrum"]["converged"] for r in records)
+    assert all(match in r["errors"]["annotate"] for r in records)
+
+
+def test_a_custom_metric_returning_an_unstorable_value_fails_alone(monkeypatch, tmp_path):
+    from geomprobe.metrics import registry
+
+    def opaque(land):
+        return {"value": _Opaque()}
+
+    monkeypatch.setitem(registry.REGISTRY, "opaque", registry.Metric("opaque", opaque, "none"))
+    model, loss_fn, batch = _setup()
+    probe = gp.GeometryProbe(model, loss_fn, batch, schedule=gp.every(1), run_dir=tmp_path / "run",
+                             metrics={"opaque": {}, "spectrum": {"tol": 1e-4}})
+    with pytest.warns(RuntimeWarning, match="opaque failed"):
+        _train(probe, model, loss_fn, batch, 2)
+    probe.close()
+    records = gp.RunReader(tmp_path / "run").records
+    assert [r["step"] for r in records] == [1, 2]
+    assert all("cannot store" in r["errors"]["opaque"] and r["spectrum"]["converged"] for r in records)

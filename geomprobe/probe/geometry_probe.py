@@ -42,6 +42,7 @@ from ..engine.paramspace import ParamSpace, select_parameters
 from ..engine.probedata import draw_probe_batches
 from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
+from ..runs.encoding import Encoder
 from ..runs.writer import RunWriter
 from .options import check_metric_options, check_probe_options
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
@@ -52,6 +53,12 @@ __all__ = ["GeometryProbe", "DEFAULT_METRICS", "optimizer_hparams"]
 
 DEFAULT_METRICS = ("spectrum",)
 _OOM_TYPES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ()
+
+
+def _storable(value: Any, path: str) -> None:
+    """Raise :class:`ConfigurationError` naming the first value the run log cannot store (a dry run of its
+    encoder: arrays are set aside, not converted, so it costs next to nothing)."""
+    Encoder(0).encode(value, path)
 
 
 def optimizer_hparams(optimizer: torch.optim.Optimizer | None) -> list[dict] | None:
@@ -341,10 +348,15 @@ class GeometryProbe:
             self._train_peak = peak  # the training steps since the last probe, which reset the counter at its end
         t0 = self.clock()
         record: dict[str, Any] = {"step": step, "time": time.time(), "wall": t0 - self._t_start}
-        if self.annotate is not None:
-            record.update(self.annotate())
         errors: dict[str, str] = {}
         skipped: dict[str, str] = {}
+        if self.annotate is not None:
+            try:  # user code: a failure or an unstorable value is a probe failure, never a training one
+                extra = dict(self.annotate())
+                _storable(extra, "annotate")
+                record.update(extra)
+            except Exception as e:
+                errors["annotate"] = self._failure("annotate", e, None)
         land = None
         progress = ProbeProgress(self._progress, self.cost_plan, step) if self._progress is not None else None
         if progress is not None:
@@ -474,6 +486,7 @@ class GeometryProbe:
         out.setdefault("hvps", land.hvps - before)
         if "warm" in accepted:
             out.setdefault("warm", False)
+        _storable(out, name)  # a custom metric's unstorable value fails that metric, not the record or training
         return out
 
     def _budget(self) -> MemoryBudget | None:
