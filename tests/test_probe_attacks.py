@@ -157,3 +157,66 @@ def test_a_custom_metric_returning_an_unstorable_value_fails_alone(monkeypatch, 
     records = gp.RunReader(tmp_path / "run").records
     assert [r["step"] for r in records] == [1, 2]
     assert all("cannot store" in r["errors"]["opaque"] and r["spectrum"]["converged"] for r in records)
+
+
+class _Augmenting(torch.utils.data.Dataset):
+    """A dataset that augments with every global RNG a user might reach for."""
+
+    def __init__(self, X, y):
+        self.X, self.y = X, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        import random
+
+        import numpy as np
+
+        jitter = 0.01 * torch.randn(self.X.shape[1]) + 1e-3 * random.random() + 1e-3 * float(np.random.rand())
+        return self.X[i] + jitter.to(self.X.dtype), self.y[i]
+
+
+def _train_with_rng(model, make_probe, steps, seed=5):
+    """A script that seeds, builds its probe, then trains with a loop whose every step draws from the global
+    RNGs (dropout-like noise, shuffles)."""
+    import random
+
+    import numpy as np
+
+    torch.manual_seed(seed)
+    random.seed(seed)
+    np.random.seed(seed)
+    probe = make_probe() if make_probe is not None else None
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if probe is not None:
+        probe.attach(opt, probe_now=False)
+    g = torch.Generator().manual_seed(1)
+    X, y = torch.randn(64, 3, generator=g), torch.randint(0, 2, (64,), generator=g)
+    for _ in range(steps):
+        idx = torch.randperm(64)[:16]
+        noise = 0.01 * torch.randn(16, 3) + 1e-3 * random.random() + 1e-3 * float(np.random.rand())
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[idx] + noise), y[idx]).backward()
+        opt.step()
+    if probe is not None:
+        probe.close()
+    return [p.detach().clone() for p in model.parameters()], probe
+
+
+def test_data_drawn_by_the_probe_leaves_training_bit_identical():
+    # noise_data as a DataLoader (the documented use) and an augmenting dataset as probe data: iterating them
+    # draws from the global RNGs, at construction and at every probe
+    from torch.utils.data import DataLoader
+
+    g = torch.Generator().manual_seed(2)
+    X, y = torch.randn(256, 3, generator=g), torch.randint(0, 2, (256,), generator=g)
+    plain_model, _, _ = _setup()
+    plain, _ = _train_with_rng(plain_model, None, 6)
+    model, loss_fn, _ = _setup()
+    probed, probe = _train_with_rng(model, lambda: gp.GeometryProbe(
+        model, loss_fn, DataLoader(_Augmenting(X, y), batch_size=32, shuffle=True),
+        noise_data=DataLoader(_Augmenting(X, y), batch_size=4, shuffle=True),
+        metrics={"spectrum": {"tol": 1e-4}, "noise": {}}, schedule=gp.every(2), max_batches=2), 6)
+    assert len(probe.records) == 3 and all("errors" not in r for r in probe.records), probe.records[-1].get("errors")
+    assert all(torch.equal(a, b) for a, b in zip(plain, probed))

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import ConfigurationError
 
-__all__ = ["MODES", "frozen", "ModelSnapshot", "math_attention"]
+__all__ = ["MODES", "frozen", "ModelSnapshot", "math_attention", "rng_preserved"]
 
 MODES = ("eval", "train")
 
@@ -88,3 +88,21 @@ def frozen(model: nn.Module, mode: str = "eval", *, seed: int | None = 0) -> Ite
                 yield model
         finally:
             snap.restore()
+
+
+@contextlib.contextmanager
+def rng_preserved(model: nn.Module) -> Iterator[None]:
+    """Context after which every global random state is as found: torch's (CPU and the model's CUDA devices),
+    Python's ``random`` and numpy's. Data drawing runs inside it: iterating a DataLoader draws its seed from
+    torch's global RNG even without shuffling, and a dataset may augment with any of the three."""
+    import random
+
+    import numpy as np
+
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=_devices_of(model)):
+            yield
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)

@@ -40,6 +40,7 @@ from ..engine.memory_plan import (
 )
 from ..engine.paramspace import ParamSpace, select_parameters
 from ..engine.probedata import draw_probe_batches
+from ..engine.state import rng_preserved
 from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
 from ..runs.encoding import Encoder
@@ -201,9 +202,10 @@ class GeometryProbe:
         if micro_batch_size is not None:
             self.landscape_options.update(micro_batch_size=micro_batch_size, graph_budget_bytes=1)
         self.seed = seed
-        self.batches, self.data_policy = draw_probe_batches(
-            probe_data, samples=probe_samples, max_batches=max_batches, seed=seed
-        )
+        with rng_preserved(self.model):  # a DataLoader or an augmenting dataset must not move training's RNG
+            self.batches, self.data_policy = draw_probe_batches(
+                probe_data, samples=probe_samples, max_batches=max_batches, seed=seed
+            )
         names, selected = select_parameters(self.model, params)
         self.space = ParamSpace(names, [p.shape for p in selected], group_by=group_by)
         self.warm = WarmStart() if warm_start else None
@@ -336,8 +338,9 @@ class GeometryProbe:
     # ------------------------------------------------------------------ measuring
     def probe(self, step: int) -> dict:
         """Measure every metric at the current parameters now, whatever the schedule, and record it."""
-        # an optimizer stepped under no_grad or inference_mode still gets its probe: HVPs need autograd
-        with torch.inference_mode(False), torch.enable_grad():
+        # an optimizer stepped under no_grad or inference_mode still gets its probe: HVPs need autograd; and
+        # whatever the probe draws (noise_data batches, a dataset's augmentation) leaves training's RNG alone
+        with torch.inference_mode(False), torch.enable_grad(), rng_preserved(self.model):
             return self._probe(step)
 
     def _probe(self, step: int) -> dict:
