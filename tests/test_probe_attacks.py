@@ -220,3 +220,61 @@ def test_data_drawn_by_the_probe_leaves_training_bit_identical():
         metrics={"spectrum": {"tol": 1e-4}, "noise": {}}, schedule=gp.every(2), max_batches=2), 6)
     assert len(probe.records) == 3 and all("errors" not in r for r in probe.records), probe.records[-1].get("errors")
     assert all(torch.equal(a, b) for a, b in zip(plain, probed))
+
+
+def test_a_resumed_run_continues_its_step_numbering(tmp_path):
+    model, loss_fn, batch = _setup()
+    for steps in (3, 2):  # a script run, then restarted with resume=True
+        probe = gp.GeometryProbe(model, loss_fn, batch, schedule=gp.every(1), run_dir=tmp_path / "run", resume=True,
+                                 metrics={"spectrum": {"tol": 1e-4}})
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        probe.attach(opt)
+        for _ in range(steps):
+            opt.zero_grad()
+            loss_fn(model(batch[0]), batch[1]).backward()
+            opt.step()
+        probe.close()
+    assert [r["step"] for r in gp.RunReader(tmp_path / "run").records] == [0, 1, 2, 3, 4, 5]
+
+
+def test_a_second_process_cannot_write_the_same_run(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from geomprobe.runs import RunWriter
+        w = RunWriter({str(run_dir)!r}, {{"model": "MLP"}})
+        w.append({{"step": 0}})
+        print("ready", flush=True)
+        sys.stdin.readline()
+        w.close()
+    """)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        for kw in ({"resume": True}, {"force": True}):
+            with pytest.raises(ConfigurationError, match=f"being written by process {holder.pid}"):
+                gp.RunWriter(run_dir, **kw)
+    finally:
+        holder.communicate("done\n", timeout=60)
+    with gp.RunWriter(run_dir, resume=True) as w:  # released at close: the run continues
+        w.append({"step": 1})
+    assert [r["step"] for r in gp.RunReader(run_dir).records] == [0, 1]
+
+
+def test_a_lock_left_by_a_dead_writer_does_not_block(tmp_path):
+    import subprocess
+    import sys
+
+    run_dir = tmp_path / "run"
+    with gp.RunWriter(run_dir) as w:
+        w.append({"step": 0})
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    import socket
+
+    (run_dir / ".writer.lock").write_text(f"{int(dead.stdout)} {socket.gethostname()}\n")
+    with gp.RunWriter(run_dir, resume=True) as w:
+        w.append({"step": 1})
+    assert [r["step"] for r in gp.RunReader(run_dir).records] == [0, 1]

@@ -44,6 +44,7 @@ from ..engine.state import rng_preserved
 from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
 from ..runs.encoding import Encoder
+from ..runs.reader import RunReader
 from ..runs.writer import RunWriter
 from .options import check_metric_options, check_probe_options
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
@@ -80,6 +81,16 @@ def optimizer_hparams(optimizer: torch.optim.Optimizer | None) -> list[dict] | N
                 h[k] = list(v) if isinstance(v, tuple) else v
         out.append(h)
     return out
+
+
+def _last_step(run_dir: str | os.PathLike) -> int | None:
+    """The step of the last record of the run in ``run_dir``, or None (no run, no records, no integer step)."""
+    try:
+        records = RunReader(run_dir).records
+    except ConfigurationError:
+        return None
+    step = records[-1].get("step") if records else None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def _refuse_existing(run_dir: str | os.PathLike) -> None:
@@ -242,6 +253,11 @@ class GeometryProbe:
         self.writes = self._reducer.rank == 0
         if run_dir is not None and self.writes and not (force or resume):
             _refuse_existing(run_dir)
+        # A resumed run continues its step numbering (a restarted script counts from 0 again); step()'s own
+        # argument still wins for a caller that keeps the count itself.
+        self._resumed_step = _last_step(run_dir) if resume and run_dir is not None else None
+        if self._resumed_step is not None:
+            self._step = self._resumed_step
         self._tb = None
         if tensorboard is not None and self.writes:
             from ..runs.tensorboard import TensorBoardWriter
@@ -307,7 +323,7 @@ class GeometryProbe:
             )
         self.optimizer = optimizer
         self._handle = optimizer.register_step_post_hook(self._after_step)
-        if probe_now:
+        if probe_now and self._step != self._resumed_step:  # a resumed run already probed its last step
             self.step(self._step)
         return self
 

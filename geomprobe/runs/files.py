@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
 import numpy as np
 
-__all__ = ["ARRAYS_DIR", "META_FILE", "RECORDS_FILE", "SCHEMA_VERSION", "append_line", "fsync_dir", "repair_tail", "save_npy", "write_durable"]
+from ..errors import ConfigurationError
+
+__all__ = ["ARRAYS_DIR", "LOCK_FILE", "META_FILE", "RECORDS_FILE", "SCHEMA_VERSION", "append_line", "check_unlocked",
+           "fsync_dir", "release_lock", "repair_tail", "save_npy", "take_lock", "write_durable"]
 
 
 SCHEMA_VERSION = 1
@@ -24,6 +28,7 @@ RECORDS_FILE = "records.jsonl"
 
 
 ARRAYS_DIR = "arrays"
+LOCK_FILE = ".writer.lock"  # pid and host of the process appending to the run
 
 
 def fsync_dir(path: Path) -> None:
@@ -126,3 +131,52 @@ def repair_tail(path: Path) -> None:
             f.truncate(start)
         f.flush()
         os.fsync(f.fileno())
+
+
+def _lock_holder(run_dir: Path) -> tuple[int, str] | None:
+    """(pid, host) of a live process other than this one holding the run's lock, else None (no lock, ours,
+    or one left by a process that has ended on this host)."""
+    try:
+        pid_s, _, host = (run_dir / LOCK_FILE).read_text().strip().partition(" ")
+        pid = int(pid_s)
+    except (FileNotFoundError, ValueError):
+        return None
+    if pid == os.getpid() and host == socket.gethostname():
+        return None
+    if host == socket.gethostname():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return None  # stale: its writer died without closing
+        except PermissionError:
+            pass  # alive, another user's
+    return pid, host
+
+
+def check_unlocked(run_dir: Path) -> None:
+    """Refuse a run another live process is writing: two writers would interleave their records."""
+    holder = _lock_holder(run_dir)
+    if holder is not None:
+        pid, host = holder
+        raise ConfigurationError(
+            f"run {str(run_dir)!r} is being written by process {pid} on {host}; two writers would interleave "
+            f"their records. Wait for it to finish, choose another run_dir, or, if that process is gone, delete "
+            f"{str(run_dir / LOCK_FILE)!r}"
+        )
+
+
+def take_lock(run_dir: Path) -> None:
+    """Mark the run as written by this process (checked first: :func:`check_unlocked`)."""
+    check_unlocked(run_dir)
+    (run_dir / LOCK_FILE).write_text(f"{os.getpid()} {socket.gethostname()}\n")
+
+
+def release_lock(run_dir: Path) -> None:
+    """Remove this process's lock; leave another's alone."""
+    path = run_dir / LOCK_FILE
+    try:
+        pid_s, _, host = path.read_text().strip().partition(" ")
+        if int(pid_s) == os.getpid() and host == socket.gethostname():
+            path.unlink()
+    except (FileNotFoundError, ValueError, OSError):
+        pass

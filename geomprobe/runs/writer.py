@@ -25,8 +25,11 @@ from .files import (
     RECORDS_FILE,
     SCHEMA_VERSION,
     append_line,
+    check_unlocked,
+    release_lock,
     repair_tail,
     save_npy,
+    take_lock,
     write_durable,
 )
 from .reader import read_meta
@@ -114,8 +117,11 @@ class RunWriter:
         full_meta = {**_base_meta(), **Encoder(None).encode(dict(meta or {}), "meta")}
 
         state = self._inspect()
+        if state == "run" and (resume or force):
+            check_unlocked(self.run_dir)  # another live process appending to it: refuse before touching it
         if state == "run" and resume:
             self.meta: dict[str, Any] = self._resume()
+            take_lock(self.run_dir)
             return
         if state in ("run", "other") and force:
             self._clear()
@@ -136,6 +142,7 @@ class RunWriter:
         write_durable(self.run_dir / META_FILE, (json.dumps(full_meta, indent=2, allow_nan=False) + "\n").encode())
         write_durable(self.records_path, b"")
         self.meta = decode(full_meta)
+        take_lock(self.run_dir)
 
     # The folder's state decides between create, refuse, replace and resume.
     def _inspect(self) -> str:
@@ -225,7 +232,10 @@ class RunWriter:
         return out
 
     def close(self) -> None:
-        """Mark the writer closed (each record is already on disk: no file stays open between appends)."""
+        """Mark the writer closed and release the run (each record is already on disk: no file stays open
+        between appends)."""
+        if not self._closed:
+            release_lock(self.run_dir)
         self._closed = True
 
     @property
