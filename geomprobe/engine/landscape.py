@@ -57,6 +57,27 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             return model
 
 
+REDUCTIONS = ("auto", "mean", "sum")
+
+
+def loss_reduction(loss_fn: Callable, reduction: str = "auto") -> str:
+    """How ``loss_fn`` reduces over a batch's samples: ``"mean"`` or ``"sum"``. ``"auto"`` reads a torch loss
+    module's own ``reduction`` (``nn.MSELoss(reduction="sum")``) and takes ``"mean"`` for anything else, so a
+    ``loss_fn(model, batch)`` that sums must say ``reduction="sum"``; a loss that returns one value per sample
+    (``reduction="none"``) is refused: the Hessian is of a scalar."""
+    if reduction not in REDUCTIONS:
+        raise ConfigurationError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
+    if reduction != "auto":
+        return reduction
+    own = getattr(loss_fn, "reduction", None) if isinstance(loss_fn, nn.Module) else None
+    if own == "none":
+        raise ConfigurationError(
+            f"{type(loss_fn).__name__}(reduction='none') returns one loss per sample; the Hessian is of a scalar "
+            "loss: use reduction='mean' (or 'sum') in the loss"
+        )
+    return "sum" if own == "sum" else "mean"
+
+
 def _loss_form(loss_fn: Callable, loss_form: str) -> str:
     if loss_form in ("outputs", "model"):
         return loss_form
@@ -134,7 +155,9 @@ class Landscape:
         loss_fn: ``loss_fn(outputs, targets)`` (e.g. ``nn.CrossEntropyLoss()``), or ``loss_fn(model, batch)``
             returning a scalar (detected when its first argument is named ``model``, or when batches are not
             ``(inputs, targets)`` pairs; or say ``loss_form``).
-            The loss must be a mean over the batch's samples, as torch's losses are by default.
+            Over several batches the losses are combined by ``reduction``: a mean over each batch's samples (as
+            torch's losses are by default) is weighted ``n_b / N``, a sum is summed, so the result is the loss of
+            the union of the batches either way.
         batches: one ``(inputs, targets)`` pair, a list of batches, or a DataLoader (with ``max_batches``).
         params: glob pattern(s) selecting parameters by name (default: every trainable parameter).
         mode: ``"eval"`` (dropout off, BatchNorm running statistics) or ``"train"`` (BatchNorm batch
@@ -152,6 +175,8 @@ class Landscape:
             no plan (16 vectors per chunk, whole batches, every graph kept). Explicit settings always win. The
             plan is :attr:`plan`; it measures the graph's bytes per sample on a slice of the first batch
             (about ``1/8`` of a gradient) unless the budget gives them or sets no limit.
+        reduction: how the loss reduces over a batch's samples, ``"mean"`` or ``"sum"``; ``"auto"`` reads a
+            torch loss module's own ``reduction`` and takes ``"mean"`` otherwise (:func:`loss_reduction`).
         hvp_method: ``"autograd"`` (double backward, exact) or ``"finite-difference"``, the central difference
             ``(grad(w + eps v) - grad(w - eps v)) / 2 eps``: a flagged last resort for smooth models whose
             layers have no double backward. Wrong on ReLU networks, where a crossed kink gives errors of 100x.
@@ -206,6 +231,7 @@ class Landscape:
         micro_batch_size: int | None = None,
         fast_double_backward: bool = True,
         memory: MemoryBudget | MemoryPlan | str | None = "auto",
+        reduction: str = "auto",
     ):
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
@@ -216,6 +242,7 @@ class Landscape:
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.loss_form = _loss_form(loss_fn, loss_form)
+        self.reduction = loss_reduction(loss_fn, reduction)
         self.mode = mode
         self.seed = int(seed)
         self.hvp_method = hvp_method
@@ -245,7 +272,9 @@ class Landscape:
         self.batch_sizes = [batch_size(b) for b in self.batches]
         # over every rank's shard, so that the weights below make the loss of the union of the shards
         self.n_samples = self.reducer.sum_int(sum(self.batch_sizes))
-        self.weights = [n / self.n_samples for n in self.batch_sizes]
+        # a mean loss weighs each batch by its share of the samples; a sum loss adds up: either way the
+        # combined loss is the loss of the union of the batches (a sum weighted as a mean was 33-50 % off)
+        self.weights = [1.0 if self.reduction == "sum" else n / self.n_samples for n in self.batch_sizes]
         self.hvps = 0
         self.graph_rebuilds = 0
         self.widest_block = 0  # the most vectors one hvp call has been given (the probe resets it per metric)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..engine.batches import first_tensor
 from ..engine.distributed import make_reducer
-from ..engine.landscape import Landscape, unwrap_model
+from ..engine.landscape import Landscape, loss_reduction, unwrap_model
 from ..engine.memory_plan import (
     DEFAULT_BASIS_VECTORS,
     DEFAULT_CHUNK_SIZE,
@@ -119,7 +119,7 @@ class GeometryProbe:
         mode: the Landscape's mode policy, ``"eval"`` or ``"train"``.
         optimizer: for preconditioned metrics; :meth:`attach` sets it too.
         noise_data: batches of the training batch size for gradient-noise metrics.
-        params, group_by, chunk_size, hvp_method, max_batches, loss_form: passed to :class:`Landscape`.
+        params, group_by, chunk_size, hvp_method, max_batches, loss_form, reduction: passed to :class:`Landscape`.
         micro_batch_size: measure the probe batches in pieces of this many samples, keeping one first-order
             graph and rebuilding the others per HVP (the same Hessian, less memory, slower probes).
         basis_device: where Lanczos bases live (``"cpu"``: host memory), for the metrics that run Lanczos.
@@ -183,6 +183,7 @@ class GeometryProbe:
         peak_ratio: float = DEFAULT_PEAK_RATIO,
         hvp_method: str = "autograd",
         loss_form: str = "auto",
+        reduction: str = "auto",
         seed: int = 0,
         force: bool = False,
         resume: bool = False,
@@ -194,6 +195,7 @@ class GeometryProbe:
         warm_start: bool = True,
         progress: bool | ProgressCallback | None = None,
     ):
+        loss_reduction(loss_fn, reduction)  # a bad reduction, or a loss of reduction='none', before training starts
         check_probe_options(mode=mode, hvp_method=hvp_method, loss_form=loss_form, chunk_size=chunk_size,
                             micro_batch_size=micro_batch_size, basis_device=basis_device, seed=seed, run_dir=run_dir,
                             memory_cap=memory_cap, peak_ratio=peak_ratio)
@@ -208,7 +210,7 @@ class GeometryProbe:
         self.noise_data = noise_data
         self.landscape_options = dict(
             params=params, mode=mode, group_by=group_by, chunk_size=chunk_size, hvp_method=hvp_method,
-            loss_form=loss_form, seed=seed, process_group=process_group,
+            loss_form=loss_form, seed=seed, process_group=process_group, reduction=reduction,
         )
         if micro_batch_size is not None:
             self.landscape_options.update(micro_batch_size=micro_batch_size, graph_budget_bytes=1)

@@ -34,6 +34,7 @@ import torch
 from ..errors import ConfigurationError, NonFiniteLossError
 from .covariance import balanced_groups, jackknife_se, moments_from_sums, trace_moments
 
+
 class Block(Protocol):
     """A named slice ``[start, stop)`` of the flat vector (a :class:`geomprobe.engine.paramspace.Block`)."""
 
