@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from pathlib import Path
 
 import click
@@ -46,6 +47,12 @@ def demo(out_dir: Path, optimizers: str, budget: float, probes: int, seed: int, 
       geomprobe report geomprobe-demo/adam
     """
     names = [n.strip() for n in optimizers.split(",") if n.strip()]
+    if not names:
+        raise click.BadParameter(f"name at least one optimizer; choose from {', '.join(optim.available())}",
+                                 param_hint="--optimizers")
+    if not math.isfinite(budget):  # FloatRange(min=1) lets inf through (a run that never ends) and nan too
+        raise click.BadParameter(f"the budget must be a finite number of backprops >= 1, got {budget}",
+                                 param_hint="--budget")
     for n in names:
         if n not in optim.available():
             raise click.BadParameter(f"unknown optimizer {n!r}; choose from {', '.join(optim.available())}",

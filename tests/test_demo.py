@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 from click.testing import CliRunner
 
 import geomprobe as gp
@@ -48,3 +49,14 @@ def test_probe_points_end_at_the_budget():
     pts = probe_points(400, 5)
     assert pts[0] == 0.0 and pts[1] == 10.0 and abs(pts[-1] - 400) < 1e-9 and pts == sorted(pts)
     assert probe_points(40, 1) == [0.0]
+
+
+@pytest.mark.parametrize("args, match", [
+    (["--budget", "inf"], "finite number of backprops"),   # would train forever
+    (["--budget", "nan"], "finite number of backprops"),   # would train nothing
+    (["--optimizers", ","], "name at least one optimizer"),  # would leave an empty folder
+])
+def test_demo_refuses_a_budget_or_optimizer_list_that_cannot_run(tmp_path, args, match):
+    out = tmp_path / "x"
+    res = CliRunner().invoke(cli, ["demo", "--out", str(out), *args])
+    assert res.exit_code == 2 and match in res.output and not out.exists()
