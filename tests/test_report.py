@@ -232,3 +232,22 @@ def test_compare_reaches_per_block_values_whose_names_hold_dots(tmp_path):
     assert compare_runs([tmp_path / "sgd", tmp_path / "adam"], metrics=["rmed"]).paths == ["rmed.rmed"]
     with pytest.raises(ConfigurationError, match=r"rmed\[layer1.weight\]"):
         compare_runs([tmp_path / "sgd"], metrics=["rmed[nope]"])
+
+
+def test_runs_a_report_cannot_place_get_a_message_not_a_traceback(tmp_path):
+    # every probe failed (nothing to plot), and records whose step is not an integer (written by hand)
+    from click.testing import CliRunner
+
+    from geomprobe.cli.main import cli
+    from geomprobe.runs import RunWriter
+
+    with RunWriter(tmp_path / "failed", {"model": "MLP"}) as w:
+        for s in (0, 10, 20):
+            w.append({"step": s, "errors": {"landscape": "OutOfMemory: x"}, "cost": {"hvps": 0, "seconds": 0.1}})
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "failed"), "--png", str(tmp_path / "f.png")])
+    assert res.exit_code == 1 and "every one of its 3 probes failed" in res.output and "Traceback" not in res.output
+    with RunWriter(tmp_path / "odd", {"model": "MLP"}) as w:
+        w.append({"step": "a", "loss": 1.0})
+        w.append({"step": 3, "loss": 0.5, "grad_norm": 1.0})
+    res = CliRunner().invoke(cli, ["report", str(tmp_path / "odd")])
+    assert res.exit_code == 0 and "1 record(s) without an integer step left out" in res.output

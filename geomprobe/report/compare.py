@@ -38,7 +38,7 @@ from rich.text import Text
 
 from ..errors import ConfigurationError
 from ._format import add_row, fmt, jsonable
-from .document import RunLike, open_run
+from .document import RunLike, open_run, placed_records
 from .summary import Series, block_series, collect_series
 
 __all__ = ["Comparison", "compare_runs", "render_comparison", "MAX_ROWS"]
@@ -176,7 +176,7 @@ def compare_runs(runs: Sequence[RunLike], *, by: str = "step", metrics: Sequence
         raise ConfigurationError("compare_runs: give at least one run")
     readers = [open_run(r) for r in runs]
     names = _names(readers)
-    records = [r.records for r in readers]
+    records = [placed_records(r) for r in readers]
     series = [{**collect_series(rec, every_leaf=True), **_block_paths(rec)} for rec in records]
     headline = [collect_series(rec) for rec in records]
     paths = _select(metrics, series, headline) if metrics else \

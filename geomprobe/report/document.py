@@ -39,6 +39,12 @@ def open_run(run: RunLike) -> RunReader:
     return run if isinstance(run, RunReader) else RunReader(run)
 
 
+def placed_records(reader: RunReader) -> list[dict[str, Any]]:
+    """The run's records that carry an integer ``step``, the axis of every report; others (written by hand
+    or by another tool) cannot be placed on it and are left out (``build_report`` counts them)."""
+    return [r for r in reader.records if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)]
+
+
 def header_of(meta: Mapping[str, Any]) -> dict[str, Any]:
     """What the report's header shows: model, sizes, optimizer and its hyperparameters, probe policy."""
     blocks = meta.get("blocks") if isinstance(meta.get("blocks"), list) else []
@@ -84,7 +90,8 @@ def build_report(run: RunLike, *, per_layer: bool = False) -> dict[str, Any]:
     ``per_layer``), ``findings``, ``trajectory`` (the (L0, L1) fit and the edge of stability) and ``cost``.
     """
     reader = open_run(run)
-    records, meta = reader.records, reader.meta
+    records, meta = placed_records(reader), reader.meta
+    unplaced = len(reader.records) - len(records)
     shown = collect_series(records)
     # The curated rows first (their labels and order are the table's), then every other numeric leaf.
     every = {**shown, **{p: s for p, s in collect_series(records, every_leaf=True).items() if p not in shown}}
@@ -98,6 +105,7 @@ def build_report(run: RunLike, *, per_layer: bool = False) -> dict[str, Any]:
         "run": str(Path(reader.run_dir)),
         "header": header_of(meta),
         "probes": len(records),
+        **({"unplaced_records": unplaced} if unplaced else {}),
         "steps": [steps[0], steps[-1]] if steps else None,
         "metrics": metrics,
         "findings": [f.to_dict() for f in findings(records, meta)],

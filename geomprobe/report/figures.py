@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ConfigurationError
 from ..trajectory.edge_of_stability import edge_of_stability
-from .document import RunLike, open_run
+from .document import RunLike, open_run, placed_records
 from .summary import collect_series
 
 __all__ = ["plot_run", "MAX_PANELS", "LOG_SCALE_SPAN"]
@@ -46,7 +46,7 @@ def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[st
     save a PNG at ``path``; returns the path. An existing file is refused unless ``overwrite``."""
     target = _target(path, overwrite)
     reader = open_run(run)
-    records = reader.records
+    records = placed_records(reader)
     if not records:
         raise ConfigurationError(f"run {str(reader.run_dir)!r} holds no probes yet; nothing to plot")
     series = collect_series(records, every_leaf=bool(metrics))
@@ -64,6 +64,14 @@ def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[st
     chosen = [s for p, s in series.items() if metrics or p not in overlaid][:MAX_PANELS]
     if threshold_panel in series and series[threshold_panel] not in chosen:
         chosen[-1] = series[threshold_panel]  # the edge of stability is worth a panel more than the last value
+
+    if not chosen:
+        failed = sum(1 for r in records if r.get("errors"))
+        raise ConfigurationError(
+            f"run {str(reader.run_dir)!r} has no value to plot: "
+            + (f"every one of its {failed} probes failed (see their errors with `geomprobe report`)"
+               if failed == len(records) and records else "its records hold no measured values")
+        )
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure

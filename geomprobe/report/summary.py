@@ -18,6 +18,7 @@ curated rows with readable labels (:data:`KNOWN_ROWS`); any other metric shows e
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -124,8 +125,8 @@ def _series(records: Sequence[Mapping[str, Any]], root: Sequence[str], key: str,
         holder = r
         for part in root:
             holder = holder.get(part) if isinstance(holder, Mapping) else None
-        if not isinstance(holder, Mapping) or "step" not in r:
-            continue
+        if not isinstance(holder, Mapping) or not _is_step(r.get("step")):
+            continue  # a record without an integer step has no place on the axis
         present, value = _get(holder, key)
         if not present:
             continue  # absent at this probe; a None the metric reported is kept, as NaN
@@ -254,3 +255,7 @@ def cost_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     overhead = seconds / end if end else None
     return {"probes": len(records), "hvps": int(hvps), "seconds": seconds, "peak_mib": peak,
             "wall_seconds": end, "overhead": overhead}
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

@@ -69,7 +69,9 @@ def _header(doc: Mapping[str, Any]) -> Table:
               f"seed {p['seed']}" if p.get("seed") is not None else None]
     add_row(grid, "probe", " · ".join(x for x in policy if x) or "policy not recorded")
     steps = doc.get("steps")
-    add_row(grid, "probes", f"{doc['probes']}" + (f" (steps {steps[0]}–{steps[1]})" if steps else ""))
+    add_row(grid, "probes", f"{doc['probes']}" + (f" (steps {steps[0]}–{steps[1]})" if steps else "")
+            + (f"; {doc['unplaced_records']} record(s) without an integer step left out"
+               if doc.get("unplaced_records") else ""))
     return grid
 
 
