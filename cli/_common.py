@@ -39,7 +39,7 @@ def emit_json(doc: Any) -> None:
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn geomprobe's errors (and missing files) into click's one-line error and exit code 1."""
+    """Turn geomprobe's errors and the system's file errors into click's one-line error and exit code 1."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -49,5 +49,8 @@ def handle_errors(fn: Callable) -> Callable:
             raise
         except (GeomprobeError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
             raise click.ClickException(str(e)) from None
+        except OSError as e:  # a full or read-only disk, a path through a file, a name too long
+            where = f" ({e.filename})" if getattr(e, "filename", None) else ""
+            raise click.ClickException(f"{e.strerror or e}{where}: check the path and the disk") from None
 
     return wrapper

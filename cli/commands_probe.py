@@ -290,6 +290,11 @@ def probe(checkpoints: tuple[str, ...], spec_name: str, metrics: tuple[str, ...]
                    "checkpoints": rows})
     else:
         out_console().print(_table(rows))
+    if geometry.unwritten_records:  # the probes ran, but the run log could not take them
+        raise click.ClickException(
+            f"the run could not be written to {out} ({geometry.write_error}); "
+            f"{len(geometry.unwritten_records)} probe record(s) were lost: choose another --out"
+        )
     failed = [r for r in rows if r["errors"]]
     if failed:
         first = failed[0]

@@ -262,3 +262,11 @@ def test_progress_inside_a_probe_on_a_terminal():
         assert not progress.bar.tasks[progress.metric_task].visible
     quiet = _Progress(Console(file=io.StringIO(), force_terminal=True), 1, quiet=True)
     assert quiet.bar is None
+
+
+def test_an_out_path_through_a_file_is_an_error_not_a_success(tmp_path, ckpts):
+    (tmp_path / "afile").write_text("")
+    res = run("probe", ckpts[0], "--spec", SPEC, "--metric", "spectrum", "--out", tmp_path / "afile" / "run")
+    assert res.exit_code == 1 and "could not be written" in res.output and "Traceback" not in res.output
+    res = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "afile" / "run"), "--budget", "10", "--probes", "1"])
+    assert res.exit_code == 1 and "Not a directory" in res.output and "Traceback" not in res.output

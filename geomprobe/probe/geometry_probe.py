@@ -461,6 +461,16 @@ class GeometryProbe:
             progress.finish(record["cost"]["hvps"], seconds)
         return record
 
+    @property
+    def unwritten_records(self) -> list[dict]:
+        """Records a failed write kept in memory (empty when the run log holds every record)."""
+        return list(self._unwritten)
+
+    @property
+    def write_error(self) -> str | None:
+        """The last error writing the run log raised, if any."""
+        return self._write_error
+
     def _write_records(self) -> None:
         """Append the records not yet in the run log, oldest first. A write that fails (a full or read-only
         disk, a folder that cannot be created) is a probe failure, not a training failure: warned once, the
