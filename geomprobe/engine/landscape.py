@@ -8,7 +8,6 @@ vectors through ``is_grads_batched=True``, chunked to bound memory."""
 
 from __future__ import annotations
 
-import inspect
 import math
 import re
 import warnings
@@ -21,6 +20,7 @@ from ..errors import ConfigurationError, NonFiniteLossError, UnsupportedOperatio
 from .autodiff.fastdouble import fast_double_backward
 from .batches import batch_size, call_model, is_pair, resolve_batches, slice_batch, split_batches, to_device
 from .distributed import make_reducer, refuse_sharded
+from .loss import loss_reduction, resolve_loss_form
 from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan, device_memory, host_available_bytes, plan_memory
 from .paramspace import Block, ParamSpace, select_parameters
 from .state import MODES, frozen
@@ -29,10 +29,8 @@ __all__ = ["HVP_METHODS", "Landscape", "unwrap_model"]
 
 
 HVP_METHODS = ("autograd", "finite-difference")
-LOSS_FORMS = ("auto", "outputs", "model")
 
 
-_MODEL_ARG_NAMES = ("model", "module", "net", "network")
 
 
 _NO_DOUBLE_BACKWARD = re.compile(
@@ -55,41 +53,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-REDUCTIONS = ("auto", "mean", "sum")
-
-
-def loss_reduction(loss_fn: Callable, reduction: str = "auto") -> str:
-    """How ``loss_fn`` reduces over a batch's samples: ``"mean"`` or ``"sum"``. ``"auto"`` reads a torch loss
-    module's own ``reduction`` (``nn.MSELoss(reduction="sum")``) and takes ``"mean"`` for anything else, so a
-    ``loss_fn(model, batch)`` that sums must say ``reduction="sum"``; a loss that returns one value per sample
-    (``reduction="none"``) is refused: the Hessian is of a scalar."""
-    if reduction not in REDUCTIONS:
-        raise ConfigurationError(f"reduction must be one of {', '.join(map(repr, REDUCTIONS))}, got {reduction!r}")
-    if reduction != "auto":
-        return reduction
-    own = getattr(loss_fn, "reduction", None) if isinstance(loss_fn, nn.Module) else None
-    if own == "none":
-        raise ConfigurationError(
-            f"{type(loss_fn).__name__}(reduction='none') returns one loss per sample; the Hessian is of a scalar "
-            "loss: use reduction='mean' (or 'sum') in the loss"
-        )
-    return "sum" if own == "sum" else "mean"
-
-
-def _loss_form(loss_fn: Callable, loss_form: str) -> str:
-    if loss_form in ("outputs", "model"):
-        return loss_form
-    if loss_form != "auto":
-        raise ConfigurationError(f"loss_form must be 'auto', 'outputs' or 'model', got {loss_form!r}")
-    if isinstance(loss_fn, nn.Module):
-        return "outputs"
-    try:
-        first = next(iter(inspect.signature(loss_fn).parameters))
-    except (TypeError, ValueError, StopIteration):
-        return "outputs"
-    return "model" if first in _MODEL_ARG_NAMES else "outputs"
 
 
 _BROKEN_NODES = {
@@ -176,7 +139,7 @@ class Landscape:
             plan is :attr:`plan`; it measures the graph's bytes per sample on a slice of the first batch
             (about ``1/8`` of a gradient) unless the budget gives them or sets no limit.
         reduction: how the loss reduces over a batch's samples, ``"mean"`` or ``"sum"``; ``"auto"`` reads a
-            torch loss module's own ``reduction`` and takes ``"mean"`` otherwise (:func:`loss_reduction`).
+            torch loss module's own ``reduction`` and takes ``"mean"`` otherwise (:func:`~geomprobe.engine.loss.loss_reduction`).
         hvp_method: ``"autograd"`` (double backward, exact) or ``"finite-difference"``, the central difference
             ``(grad(w + eps v) - grad(w - eps v)) / 2 eps``: a flagged last resort for smooth models whose
             layers have no double backward. Wrong on ReLU networks, where a crossed kink gives errors of 100x.
@@ -241,7 +204,7 @@ class Landscape:
             raise ConfigurationError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
-        self.loss_form = _loss_form(loss_fn, loss_form)
+        self.loss_form = resolve_loss_form(loss_fn, loss_form)
         self.reduction = loss_reduction(loss_fn, reduction)
         self.mode = mode
         self.seed = int(seed)

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import inspect
-import os
 import time
 import warnings
 from typing import Any, Callable, Mapping, Sequence
@@ -30,9 +29,9 @@ from torch import nn
 
 from ..engine.batches import first_tensor
 from ..engine.distributed import make_reducer
-from ..engine.landscape import Landscape, loss_reduction, unwrap_model
+from ..engine.landscape import Landscape, unwrap_model
+from ..engine.loss import loss_reduction
 from ..engine.memory_plan import (
-    DEFAULT_BASIS_VECTORS,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PEAK_RATIO,
     MemoryBudget,
@@ -43,62 +42,22 @@ from ..engine.probedata import draw_probe_batches
 from ..engine.state import rng_preserved
 from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
-from ..runs.encoding import Encoder
-from ..runs.reader import RunReader
 from ..runs.writer import RunWriter
+from .metric_needs import basis_vectors, bounded_basis, gradient_samples
 from .options import check_metric_options, check_probe_options
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
+from .run_folder import last_step, optimizer_hparams, refuse_existing, storable
 from .schedule import Schedule, budget, every
 from .warm_start import WarmStart
 
-__all__ = ["GeometryProbe", "DEFAULT_METRICS", "optimizer_hparams"]
+__all__ = ["GeometryProbe", "DEFAULT_METRICS"]
 
 DEFAULT_METRICS = ("spectrum",)
 _OOM_TYPES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ()
 
 
-def _storable(value: Any, path: str) -> None:
-    """Raise :class:`ConfigurationError` naming the first value the run log cannot store (a dry run of its
-    encoder: arrays are set aside, not converted, so it costs next to nothing)."""
-    Encoder(0).encode(value, path)
 
 
-def optimizer_hparams(optimizer: torch.optim.Optimizer | None) -> list[dict] | None:
-    """The optimizer's hyperparameters per param group (everything but the parameters), JSON-ready."""
-    if optimizer is None:
-        return None
-    out = []
-    for group in optimizer.param_groups:
-        h = {}
-        for k, v in group.items():
-            if k == "params":
-                continue
-            if isinstance(v, torch.Tensor):
-                v = v.item() if v.numel() == 1 else v.tolist()
-            if isinstance(v, (bool, int, float, str, type(None))) or (
-                isinstance(v, (tuple, list)) and all(isinstance(x, (int, float)) for x in v)
-            ):
-                h[k] = list(v) if isinstance(v, tuple) else v
-        out.append(h)
-    return out
-
-
-def _last_step(run_dir: str | os.PathLike) -> int | None:
-    """The step of the last record of the run in ``run_dir``, or None (no run, no records, no integer step)."""
-    try:
-        records = RunReader(run_dir).records
-    except ConfigurationError:
-        return None
-    step = records[-1].get("step") if records else None
-    return step if isinstance(step, int) and not isinstance(step, bool) else None
-
-
-def _refuse_existing(run_dir: str | os.PathLike) -> None:
-    if os.path.isdir(run_dir) and os.listdir(run_dir):
-        raise ConfigurationError(
-            f"run folder {str(run_dir)!r} exists and is not empty; refusing to overwrite it. Pass force=True "
-            "to replace it, resume=True to append to it, or choose a new run_dir"
-        )
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -254,10 +213,10 @@ class GeometryProbe:
         self._reducer = make_reducer(process_group)
         self.writes = self._reducer.rank == 0
         if run_dir is not None and self.writes and not (force or resume):
-            _refuse_existing(run_dir)
+            refuse_existing(run_dir)
         # A resumed run continues its step numbering (a restarted script counts from 0 again); step()'s own
         # argument still wins for a caller that keeps the count itself.
-        self._resumed_step = _last_step(run_dir) if resume and run_dir is not None else None
+        self._resumed_step = last_step(run_dir) if resume and run_dir is not None else None
         if self._resumed_step is not None:
             self._step = self._resumed_step
         self._tb = None
@@ -374,7 +333,7 @@ class GeometryProbe:
         if self.annotate is not None:
             try:  # user code: a failure or an unstorable value is a probe failure, never a training one
                 extra = dict(self.annotate())
-                _storable(extra, "annotate")
+                storable(extra, "annotate")
                 record.update(extra)
             except Exception as e:
                 errors["annotate"] = self._failure("annotate", e, None)
@@ -517,7 +476,7 @@ class GeometryProbe:
         out.setdefault("hvps", land.hvps - before)
         if "warm" in accepted:
             out.setdefault("warm", False)
-        _storable(out, name)  # a custom metric's unstorable value fails that metric, not the record or training
+        storable(out, name)  # a custom metric's unstorable value fails that metric, not the record or training
         return out
 
     def _budget(self) -> MemoryBudget | None:
@@ -531,31 +490,9 @@ class GeometryProbe:
         if self._basis_device is not None:
             fixed["basis_device"] = (self._basis_device, "oom-ladder" if "basis_device" in self._ladder else "user")
         return MemoryBudget(cap_bytes=self.memory_cap, train_peak_bytes=self._train_peak, peak_ratio=self.peak_ratio,
-                            graph_bytes_per_sample=self._graph_per_sample, bounded_basis=self._bounded_basis(),
-                            basis_vectors=self._basis_vectors(), overrides=fixed, warn=False,
-                            gradient_samples=self._gradient_samples())
-
-    def _gradient_samples(self) -> bool:
-        """Whether a metric of this probe streams gradient samples (``noise``, ``isotropy``)."""
-        return any("noise_batches" in registry.get(n).needs for n in self.metric_options)
-
-    def _basis_vectors(self) -> int:
-        """The most vectors a Lanczos run of this probe's metrics stores: its step limit plus one (0: none runs)."""
-        need = [0]
-        for name, opts in self.metric_options.items():
-            params = inspect.signature(registry.get(name).fn).parameters
-            for key in ("max_iter", "lanczos_max_iter", "m"):  # spectrum/precond/saddle, isotropy, density
-                if key in params:
-                    steps = opts.get(key, params[key].default)
-                    need.append(DEFAULT_BASIS_VECTORS if steps is None else int(steps) + 1)
-                    break
-        return max(need)
-
-    def _bounded_basis(self) -> bool:
-        """Whether every metric of this probe that runs Lanczos with a placeable basis can also bound it."""
-        takes = [inspect.signature(registry.get(n).fn).parameters for n in self.metric_options]
-        lanczos = [p for p in takes if "basis_device" in p]
-        return bool(lanczos) and all("max_basis" in p for p in lanczos)
+                            graph_bytes_per_sample=self._graph_per_sample, bounded_basis=bounded_basis(self.metric_options),
+                            basis_vectors=basis_vectors(self.metric_options), overrides=fixed, warn=False,
+                            gradient_samples=gradient_samples(self.metric_options))
 
     def _warm_for(self, name: str) -> WarmStart | None:
         """The warm start for metric ``name``, or None when warm starts are off or would cost HVPs: a cold

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 
-from ..engine.landscape import HVP_METHODS, LOSS_FORMS
+from ..engine.landscape import HVP_METHODS
+from ..engine.loss import LOSS_FORMS
 from ..engine.state import MODES
 from ..errors import ConfigurationError
 from ..metrics import registry
