@@ -145,7 +145,7 @@ def peak_of(fn, device, reset: bool = True) -> tuple[float, int]:
 
 # ---------------------------------------------------------------------------------------------- one model
 def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, out_dir: str,
-                  noise_batches: int) -> dict:
+                  noise_batches: int, peak_ratio: float = 1.5) -> dict:
     dtype = DTYPES[dtype_name]
     if name == "mlp-10m":
         model = MLP().to(device=device, dtype=dtype)
@@ -164,7 +164,7 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         noise = token_batches(vocab, b, t, noise_batches, device, seed=2)
         loss_fn = lm_loss
     d = sum(p.numel() for p in model.parameters())
-    res: dict = {"model": name, "dtype": dtype_name, "params": d, "batch": list(batch["input_ids"].shape if isinstance(batch, dict) else batch[0].shape)}
+    res: dict = {"model": name, "dtype": dtype_name, "params": d, "peak_ratio": peak_ratio, "batch": list(batch["input_ids"].shape if isinstance(batch, dict) else batch[0].shape)}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -194,7 +194,8 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
 
     run_dir = os.path.join(out_dir, f"run-{name}-{dtype_name}")
     probe = gp.GeometryProbe(model, loss_fn, probe_data=[batch], metrics=list(metrics), noise_data=noise,
-                             schedule=gp.every(10**9), run_dir=run_dir, force=True)
+                             schedule=gp.every(10**9), run_dir=run_dir, force=True,
+                             peak_ratio=peak_ratio)
     probe.attach(opt, probe_now=False)
     per_metric: dict[str, dict] = {}
     run_metric = probe._run_metric
@@ -322,7 +323,7 @@ def main() -> None:
     ap.add_argument("what", choices=["models", "trajectory", "overhead"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", default="gpt2-124m")
-    ap.add_argument("--cases", default=None, help="name:dtype[:m1+m2...],...; overrides --models/--dtypes")
+    ap.add_argument("--cases", default=None, help="name:dtype[:m1+m2...[:peak_ratio]],...; overrides --models/--dtypes")
     ap.add_argument("--model", default="gpt2-124m")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--metrics", default="full", help="'full' or a comma-separated list")
@@ -350,15 +351,16 @@ def main() -> None:
         for case in cases:
             name, dt = case[0], case[1]
             metrics = tuple(case[2].split("+")) if len(case) > 2 else metrics
+            ratio = float(case[3]) if len(case) > 3 else gp.engine.memory_plan.DEFAULT_PEAK_RATIO
             if True:
                 try:
-                    r = measure_model(name, dt, metrics, args.device, out_dir, args.noise_batches)
+                    r = measure_model(name, dt, metrics, args.device, out_dir, args.noise_batches, ratio)
                 except Exception as e:  # keep the other models' figures
                     r = {"model": name, "dtype": dt, "failed": f"{type(e).__name__}: {e}",
                          "trace": traceback.format_exc()[-2000:]}
                 doc["results"].append(r)
                 save()
-                brief = {k: r.get(k) for k in ("model", "dtype", "params", "hvp_over_grad", "probe_seconds",
+                brief = {k: r.get(k) for k in ("model", "dtype", "params", "peak_ratio", "hvp_over_grad", "probe_seconds",
                                                 "probe_over_train_peak", "outside_share", "probe_hvps", "failed")}
                 print(json.dumps(brief, default=str), flush=True)
                 if torch.device(args.device).type == "cuda":
