@@ -59,7 +59,7 @@ def handle_errors(fn: Callable) -> Callable:
         except OSError as e:  # a full or read-only disk, a path through a file, a name too long
             name = getattr(e, "filename", None)
             if e.errno == errno.ENAMETOOLONG and name is not None:
-                raise click.ClickException(f"{shown_path(name)!r}: {name_problem(name, utf8=False) or e.strerror}") from None
+                raise click.ClickException(f"'{shown_path(name)}': {name_problem(name, utf8=False) or e.strerror}") from None
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             raise click.ClickException(f"{e.strerror or e}{where}: check the path and the disk") from None
 

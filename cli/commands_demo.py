@@ -61,7 +61,7 @@ def demo(out_dir: Path, optimizers: str, budget: float, probes: int, seed: int, 
                                      param_hint="--optimizers")
     problem = name_problem(os.path.join(out_dir, max(names, key=len)), utf8=False)  # each run is a folder in it
     if problem is not None:
-        raise click.BadParameter(f"{shown_path(out_dir)!r}: {problem}", param_hint="--out")
+        raise click.BadParameter(f"'{shown_path(out_dir)}': {problem}", param_hint="--out")
     err = err_console()
     err.print(f"geomprobe demo: {len(names)} optimizers x {budget:g} backprops on sklearn digits, "
               f"{probes} probes each ({', '.join(DEMO_METRICS)}) -> {out_dir}/")

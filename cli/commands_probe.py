@@ -67,7 +67,7 @@ def warnings_to_stderr(console: Console) -> Iterator[None]:
 def _check_out(out: str, force: bool) -> None:
     problem = name_problem(out, utf8=False)  # found now, not after every probe has run and found no place to go
     if problem is not None:
-        raise ConfigurationError(f"output folder {shown_path(out)!r}: {problem}")
+        raise ConfigurationError(f"output folder '{shown_path(out)}': {problem}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigurationError(f"output path {out!r} is a file; give a folder for the run with --out")
     if os.path.isdir(out) and os.listdir(out) and not force:

@@ -64,6 +64,9 @@ def resolve_batches(batches: Any, max_batches: int | None = None) -> list[Any]:
         )
     if isinstance(batches, dict):
         out = [batches]
+    elif isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], (dict, tuple, list)) \
+            and isinstance(batches[1], torch.Tensor):
+        out = [batches]  # one (inputs, targets) pair whose inputs are a dict or a tuple, not two batches
     elif isinstance(batches, (tuple, list)) and batches and all(
         isinstance(b, torch.Tensor) or not isinstance(b, (tuple, list, dict)) for b in batches
     ):

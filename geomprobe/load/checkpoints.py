@@ -123,7 +123,7 @@ def expand_checkpoint_paths(patterns: Sequence[str | os.PathLike]) -> list[str]:
     for pattern in map(os.fsdecode, patterns):
         problem = name_problem(pattern)
         if problem is not None:
-            raise ConfigurationError(f"checkpoint {shown_path(pattern)!r}: {problem}")
+            raise ConfigurationError(f"checkpoint '{shown_path(pattern)}': {problem}")
         if os.path.exists(pattern):
             found = [pattern]
         elif _GLOB_CHARS.search(pattern):

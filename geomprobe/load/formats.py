@@ -327,7 +327,7 @@ def read_source(path: str | bytes | Path, *, trust_pickle: bool = False) -> Sour
     """Open one checkpoint (a file of any supported format, or a ``save_pretrained`` folder), by its content."""
     problem = name_problem(path)
     if problem is not None:
-        raise ConfigurationError(f"checkpoint {shown_path(path)!r}: {problem}")
+        raise ConfigurationError(f"checkpoint '{shown_path(path)}': {problem}")
     p = Path(os.fsdecode(path))
     if p.is_dir():
         return _read_hf_folder(p, trust_pickle)
