@@ -189,3 +189,13 @@ def test_cut_discrepancy_separates_a_constant_gap_from_a_step_dependent_one():
     assert not kink.consistent and kink.relative > 1e-6
     clean = cut_discrepancy(hv, lambda e: hv + 1e-9, 1e-3, 1e-6, blocks)
     assert not clean.consistent and clean.blocks == []
+
+
+def test_a_custom_function_in_half_precision_is_flagged_as_unchecked():
+    """Differences of bfloat16 gradients cannot tell a cut from rounding: say so instead of passing silently."""
+    torch.manual_seed(0)
+    model = Net(DetachedSquare, torch.bfloat16)
+    X, Y = _data(torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match=r"DetachedSquare cannot be checked .* in torch\.bfloat16"):
+        land = Landscape(model, nn.MSELoss(), (X, Y))
+    assert land.hvps == 0
