@@ -245,7 +245,8 @@ def _table(rows: list[dict]) -> Table:
               help="Allow checkpoints holding pickled Python objects (weights_only=False): runs code from the file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--dry-run", is_flag=True,
-              help="Check the inputs and print each metric's planned cost (HVPs, gradients, memory); probe nothing.")
+              help="Check the inputs (the loss is computed once on the first checkpoint) and print each metric's planned "
+                   "cost (HVPs, gradients, memory); probe nothing.")
 @click.option("--no-warm-start", is_flag=True,
               help="Start every Lanczos run cold instead of from the previous checkpoint's Ritz vectors.")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, progress or notes on stderr (warnings and errors still).")
@@ -284,6 +285,7 @@ def probe(checkpoints: tuple[str, ...], spec_name: str, metrics: tuple[str, ...]
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         if dry_run:
             geometry.close()
+            _preflight(geometry, model, spec.loss_fn, infos[0], trust_pickle)  # a dry run checks the loss runs too
     if dry_run:  # data on stdout, outside the redirection of the user's prints to stderr
         if as_json:
             emit_json({"spec": spec_name, "parameters": geometry.space.dim, "dtype": dtype,

@@ -137,6 +137,8 @@ def test_force_with_a_broken_loss_leaves_the_good_run_untouched(tmp_path, ckpt):
     assert proc.returncode == 1 and "loss cannot be computed" in script_error(proc)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert [r["step"] for r in RunReader(out).records] == [10]
+    dry = run("probe", ckpt, "--spec", "probe_specs:broken_loss_spec", "--dry-run")
+    assert dry.exit_code == 1 and "loss cannot be computed" in error_line(dry)
 
 
 def test_a_failure_the_probe_records_still_replaces_the_run_under_force(tmp_path, ckpt):
