@@ -90,7 +90,7 @@ def _preflight(geometry: GeometryProbe, model: torch.nn.Module, loss_fn: Any, in
         Landscape(model, loss_fn, geometry.batches, **options).close()
     except (NonFiniteLossError, torch.OutOfMemoryError, MemoryError):
         return
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  the user's loss and model may raise anything
         what = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}" if not isinstance(e, GeomprobeError) else str(e)
         raise ConfigurationError(
             f"the spec's loss cannot be computed on its probe data at {Path(info.path).name} ({what}); nothing "
