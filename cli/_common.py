@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 from rich.console import Console
 
 from geomprobe.errors import GeomprobeError
+from geomprobe.load.pathnames import name_problem, shown_path
+from geomprobe.probe.options import MAX_SEED
 
-__all__ = ["handle_errors", "err_console", "out_console", "emit_json", "plain_output"]
+__all__ = ["SEED", "emit_json", "err_console", "handle_errors", "out_console", "plain_output"]
+
+# One clear line for a seed no generator takes (2**64, -1), before anything runs.
+SEED = click.IntRange(0, MAX_SEED)
 
 
 def plain_output() -> bool:
@@ -50,6 +57,9 @@ def handle_errors(fn: Callable) -> Callable:
         except (GeomprobeError, FileNotFoundError, IsADirectoryError, PermissionError) as e:
             raise click.ClickException(str(e)) from None
         except OSError as e:  # a full or read-only disk, a path through a file, a name too long
+            name = getattr(e, "filename", None)
+            if e.errno == errno.ENAMETOOLONG and name is not None:
+                raise click.ClickException(f"'{shown_path(name)}': {name_problem(name, utf8=False) or e.strerror}") from None
             where = f" ({e.filename})" if getattr(e, "filename", None) else ""
             raise click.ClickException(f"{e.strerror or e}{where}: check the path and the disk") from None
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from pathlib import Path
 
 import click
@@ -13,9 +14,10 @@ from rich.table import Table
 
 from geomprobe import optim
 from geomprobe.demo import DEMO_METRICS, DEMO_OPTIMIZERS, run_demo
+from geomprobe.load.pathnames import name_problem, shown_path
 from geomprobe.report import compare_runs, render_comparison
 
-from ._common import emit_json, err_console, handle_errors, out_console
+from ._common import SEED, emit_json, err_console, handle_errors, out_console
 
 __all__ = ["demo"]
 
@@ -32,7 +34,7 @@ COMPARE = ["spectrum.lambda_max", "spectrum.lambda_min", "rmed.rmed", "diagshare
 @click.option("--budget", type=click.FloatRange(min=1), default=1200, show_default=True,
               help="Training budget per optimizer, in backprops (gradient 1, HVP 1, function value 1/2).")
 @click.option("--probes", type=click.IntRange(min=1), default=6, show_default=True, help="Probes per run.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default=0, show_default=True)
 @click.option("--force", is_flag=True, help="Replace the runs in an existing --out folder.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results and the comparison as one JSON document.")
 @handle_errors
@@ -57,6 +59,9 @@ def demo(out_dir: Path, optimizers: str, budget: float, probes: int, seed: int, 
         if n not in optim.available():
             raise click.BadParameter(f"unknown optimizer {n!r}; choose from {', '.join(optim.available())}",
                                      param_hint="--optimizers")
+    problem = name_problem(os.path.join(out_dir, max(names, key=len)), utf8=False)  # each run is a folder in it
+    if problem is not None:
+        raise click.BadParameter(f"'{shown_path(out_dir)}': {problem}", param_hint="--out")
     err = err_console()
     err.print(f"geomprobe demo: {len(names)} optimizers x {budget:g} backprops on sklearn digits, "
               f"{probes} probes each ({', '.join(DEMO_METRICS)}) -> {out_dir}/")

@@ -9,7 +9,7 @@ from rich.text import Text
 from geomprobe.doctor import Check, diagnose
 from geomprobe.load.spec import load_spec
 
-from ._common import emit_json, err_console, handle_errors, out_console, plain_output
+from ._common import SEED, emit_json, err_console, handle_errors, out_console, plain_output
 from .commands_probe import SPEC_HELP, warnings_to_stderr
 
 __all__ = ["doctor"]
@@ -34,7 +34,7 @@ def _table(checks: list[Check], spec_name: str, mode: str) -> Table:
 @click.option("--spec", "spec_name", required=True, metavar="MODULE:FN|FILE.py:FN", help=SPEC_HELP)
 @click.option("--mode", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
               help="The mode policy to check under.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the spec, probe data and test vectors.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seeds the spec, probe data and test vectors.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Probe examples drawn from the spec's DataLoader (default: one loader batch).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")

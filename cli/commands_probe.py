@@ -22,16 +22,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from geomprobe.engine.landscape import unwrap_model
-from geomprobe.errors import ConfigurationError
+from geomprobe.engine.landscape import Landscape, unwrap_model
+from geomprobe.errors import ConfigurationError, GeomprobeError, NonFiniteLossError
 from geomprobe.load.checkpoints import CheckpointInfo, load_checkpoint, plan_checkpoints
+from geomprobe.load.pathnames import name_problem, shown_path
 from geomprobe.load.spec import ProbeSpec, load_spec
 from geomprobe.metrics import registry
 from geomprobe.probe.geometry_probe import DEFAULT_METRICS, GeometryProbe
 from geomprobe.probe.progress import ProgressEvent, planned_text
 from geomprobe.probe.schedule import at
 
-from ._common import emit_json, err_console, handle_errors, out_console
+from ._common import SEED, emit_json, err_console, handle_errors, out_console
 
 __all__ = ["probe", "warnings_to_stderr", "SPEC_HELP"]
 
@@ -64,6 +65,9 @@ def warnings_to_stderr(console: Console) -> Iterator[None]:
 
 
 def _check_out(out: str, force: bool) -> None:
+    problem = name_problem(out, utf8=False)  # found now, not after every probe has run and found no place to go
+    if problem is not None:
+        raise ConfigurationError(f"output folder '{shown_path(out)}': {problem}")
     if os.path.exists(out) and not os.path.isdir(out):
         raise ConfigurationError(f"output path {out!r} is a file; give a folder for the run with --out")
     if os.path.isdir(out) and os.listdir(out) and not force:
@@ -71,6 +75,27 @@ def _check_out(out: str, force: bool) -> None:
             f"output folder {out!r} exists and is not empty; pass --force to replace the run in it, or choose "
             "another --out"
         )
+
+
+def _preflight(geometry: GeometryProbe, model: torch.nn.Module, loss_fn: Any, info: CheckpointInfo,
+               trust_pickle: bool) -> None:
+    """Load the first checkpoint and compute the loss and its gradient on every probe batch once (no second-order
+    graph: one forward and backward pass per batch), before the run folder is written. A ``loss_fn`` or model
+    that cannot run at all would otherwise, under ``--force``, replace a good run with one holding only errors.
+    A non-finite loss or a lack of memory belongs to that checkpoint or that size: the probe records or works
+    around it, so it is let through."""
+    load_checkpoint(info, model, trust_pickle=trust_pickle)
+    options = {**geometry.landscape_options, "hvp_method": "finite-difference", "memory": None}
+    try:
+        Landscape(model, loss_fn, geometry.batches, **options).close()
+    except (NonFiniteLossError, torch.OutOfMemoryError, MemoryError):
+        return
+    except Exception as e:  # noqa: BLE001  the user's loss and model may raise anything
+        what = f"{type(e).__name__}: {' '.join(str(e).split())[:200]}" if not isinstance(e, GeomprobeError) else str(e)
+        raise ConfigurationError(
+            f"the spec's loss cannot be computed on its probe data at {Path(info.path).name} ({what}); nothing "
+            "was probed or written: fix the spec's loss_fn or model"
+        ) from None
 
 
 def _optimizer_needed(metrics: list[str]) -> list[str]:
@@ -213,14 +238,15 @@ def _table(rows: list[dict]) -> Table:
 @click.option("--force", is_flag=True, help="Replace the run in an existing, non-empty --out folder.")
 @click.option("--mode", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
               help="eval: dropout off, BatchNorm running statistics; train: batch statistics, frozen dropout masks.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the spec, probe data and metrics.")
+@click.option("--seed", type=SEED, default=0, show_default=True, help="Seeds the spec, probe data and metrics.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Probe examples drawn from the spec's DataLoader (default: one loader batch).")
 @click.option("--trust-pickle", is_flag=True,
               help="Allow checkpoints holding pickled Python objects (weights_only=False): runs code from the file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--dry-run", is_flag=True,
-              help="Check the inputs and print each metric's planned cost (HVPs, gradients, memory); probe nothing.")
+              help="Check the inputs (the loss is computed once on the first checkpoint) and print each metric's planned "
+                   "cost (HVPs, gradients, memory); probe nothing.")
 @click.option("--no-warm-start", is_flag=True,
               help="Start every Lanczos run cold instead of from the previous checkpoint's Ritz vectors.")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, progress or notes on stderr (warnings and errors still).")
@@ -259,6 +285,7 @@ def probe(checkpoints: tuple[str, ...], spec_name: str, metrics: tuple[str, ...]
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         if dry_run:
             geometry.close()
+            _preflight(geometry, model, spec.loss_fn, infos[0], trust_pickle)  # a dry run checks the loss runs too
     if dry_run:  # data on stdout, outside the redirection of the user's prints to stderr
         if as_json:
             emit_json({"spec": spec_name, "parameters": geometry.space.dim, "dtype": dtype,
@@ -267,6 +294,7 @@ def probe(checkpoints: tuple[str, ...], spec_name: str, metrics: tuple[str, ...]
             out_console().print(_plan_table(geometry.cost_plan, geometry.space.dim, dtype))
         return
     with warnings_to_stderr(err):
+        _preflight(geometry, model, spec.loss_fn, infos[0], trust_pickle)
         if not quiet:
             err.print(_plan_table(geometry.cost_plan, geometry.space.dim, dtype))
         rows: list[dict] = []

@@ -193,3 +193,27 @@ def not_a_module_spec() -> ProbeSpec:
 
 def raising_spec() -> ProbeSpec:
     raise ValueError("boom")
+
+
+# ------------------------------------------------------------------------------------------ attack specs
+
+
+def broken_loss_spec() -> ProbeSpec:
+    """A loss_fn that cannot run on any checkpoint (a typo in the user's code)."""
+
+    def loss_fn(outputs, targets):
+        return nn.functional.cross_entropy(outputs, targets.float().unsqueze(1))
+
+    return ProbeSpec(TinyNet(), loss_fn, data())
+
+
+class DictNet(TinyNet):
+    """TinyNet whose forward takes the batch's input dict whole: ``forward(self, batch)``."""
+
+    def forward(self, batch):
+        return super().forward(batch["x"] * batch["scale"])
+
+
+def dict_forward_spec() -> ProbeSpec:
+    X, y = data()
+    return ProbeSpec(DictNet(), nn.CrossEntropyLoss(), ({"x": X, "scale": torch.full((len(X), 1), 0.5)}, y))

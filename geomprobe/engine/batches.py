@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError
+from .loss import dict_call_form
 
 __all__ = ["batch_size", "call_model", "first_tensor", "is_pair", "map_tensors", "resolve_batches", "slice_batch", "split_batches", "to_device"]
 
@@ -63,6 +64,9 @@ def resolve_batches(batches: Any, max_batches: int | None = None) -> list[Any]:
         )
     if isinstance(batches, dict):
         out = [batches]
+    elif isinstance(batches, tuple) and len(batches) == 2 and isinstance(batches[0], (dict, tuple, list)) \
+            and isinstance(batches[1], torch.Tensor):
+        out = [batches]  # one (inputs, targets) pair whose inputs are a dict or a tuple, not two batches
     elif isinstance(batches, (tuple, list)) and batches and all(
         isinstance(b, torch.Tensor) or not isinstance(b, (tuple, list, dict)) for b in batches
     ):
@@ -122,8 +126,12 @@ def is_pair(batch: Any) -> bool:
 
 
 def call_model(model: nn.Module, inputs: Any) -> Any:
-    """``model(**inputs)`` for a dict, ``model(*inputs)`` for a tuple/list, ``model(inputs)`` otherwise."""
+    """``model(*inputs)`` for a tuple/list, ``model(inputs)`` for a tensor; a dict as
+    :func:`~geomprobe.engine.loss.dict_call_form` reads ``forward``'s signature: ``model(**inputs)`` when its
+    parameters take the keys, ``model(inputs)`` when it takes one argument (the dict whole)."""
     if isinstance(inputs, dict):
+        if dict_call_form(model, inputs) == "whole":
+            return model(inputs)
         return model(**inputs)
     if isinstance(inputs, (tuple, list)):
         return model(*inputs)

@@ -20,6 +20,7 @@ from ..errors import ConfigurationError, NonFiniteLossError, UnsupportedOperatio
 from .autodiff.fastdouble import fast_double_backward
 from .batches import batch_size, call_model, is_pair, resolve_batches, slice_batch, split_batches, to_device
 from .distributed import make_reducer, refuse_sharded
+from .doublecheck import CustomBackwardWatch, check_broken_nodes, custom_function_nodes, cut_discrepancy, refuse_cut
 from .loss import loss_reduction, resolve_loss_form
 from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan, device_memory, host_available_bytes, plan_memory
 from .paramspace import Block, ParamSpace, select_parameters
@@ -53,36 +54,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-_BROKEN_NODES = {
-    "Error": "a custom autograd Function marked @once_differentiable",
-    "DelayedError": "a custom autograd Function marked @once_differentiable",
-    "NotImplemented": "an operation whose derivative is not implemented",
-}
-
-
-def _check_double_backward(grads: Sequence[torch.Tensor | None]) -> None:
-    """Refuse a first-order graph containing nodes that would fail, or silently drop terms, in an HVP.
-
-    Autograd only runs nodes on a path to the inputs asked for, and a once-differentiable Function detaches
-    its backward from the parameters: its HVP terms would vanish without any error. So look for such nodes.
-    """
-    seen: set = set()
-    stack = [g.grad_fn for g in grads if g is not None and g.grad_fn is not None]
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        what = _BROKEN_NODES.get(type(node).__name__)
-        if what is not None:
-            raise UnsupportedOperationError(
-                f"the model's gradient graph contains {what} ({node.name()}): its double backward is missing, "
-                "so exact Hessian-vector products are impossible through it; replace that layer, or for a "
-                "smooth model pass hvp_method='finite-difference' (approximate, flagged)"
-            )
-        stack.extend(f for f, _ in node.next_functions)
 
 
 class _SavedBytes:
@@ -158,6 +129,11 @@ class Landscape:
             layer norm and GELU in closed form, fused by inductor (CUDA only). On an H100 (strict fp32) an HVP
             drops from 5.1 to 2.3 gradients on ResNet-18 and from 2.9 to 2.3 on a transformer. Same products
             to rounding; ``False`` keeps torch's paths.
+
+    A graph that would drop second-order terms silently is refused by name (:mod:`~geomprobe.engine.doublecheck`):
+    a once-differentiable Function, or a custom autograd Function whose backward leaves autograd (numpy,
+    ``.detach()``, ``torch.no_grad``). With custom Functions in the model, building costs one more HVP and four
+    gradients (the check against differences of the gradient).
 
     The model is returned exactly as found after every forward pass: training flags, buffers, RNG state and
     ``.grad`` are untouched. Parameters must not change while the Landscape is used; build a new one.
@@ -248,6 +224,7 @@ class Landscape:
         self._kept_bytes = 0  # saved tensors and gradients of the kept graphs, what graph_budget_bytes bounds
         self.graph_bytes_per_sample: float | None = None  # measured on the first piece built
         self.batched_hvp = True
+        self.custom_functions: list[str] = []  # user autograd Functions in the graph (checked at build)
         self._graphs: list[list[torch.Tensor | None] | None] = []
         self._versions = [p._version for p in self.params]
         try:
@@ -338,7 +315,7 @@ class Landscape:
             )
         return loss.reshape(())
 
-    def _graph(self, b: int, create_graph: bool) -> tuple[list[torch.Tensor | None], torch.Tensor, int]:
+    def _graph(self, b: int, create_graph: bool, watch: bool = False) -> tuple[list[torch.Tensor | None], torch.Tensor, int]:
         counter = _SavedBytes(self.params)
         with self.frozen(b), counter.hooks(), fast_double_backward(self.fast_double_backward and create_graph):
             loss = self.loss_on(self.batches[b])
@@ -347,9 +324,14 @@ class Landscape:
                     f"the loss on probe batch {b} is {loss.item()} at the current parameters; nothing can be "
                     "measured here (check the learning rate, the data, or probe an earlier step)"
                 )
-            grads = torch.autograd.grad(
-                loss * self.weights[b], self.params, create_graph=create_graph, allow_unused=True
-            )
+            nodes = custom_function_nodes([loss]) if watch else []
+            with CustomBackwardWatch(nodes) as watcher:
+                grads = torch.autograd.grad(
+                    loss * self.weights[b], self.params, create_graph=create_graph, allow_unused=True
+                )
+        if watch:
+            watcher.check()
+            self.custom_functions = list(dict.fromkeys(watcher.names))
         return list(grads), loss.detach(), counter.bytes
 
     def _build(self) -> None:
@@ -369,14 +351,40 @@ class Landscape:
             raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
         self._loss = float(loss)
         self._grad = grad
+        if create and self.reducer.sum_int(len(self.custom_functions)) > 0:
+            self._verify_custom_backward()
+
+    def _verify_custom_backward(self, directions: int = 3) -> None:
+        """Refuse custom autograd Functions whose backward leaves autograd: one HVP against central differences
+        of the gradient at two steps (:func:`~geomprobe.engine.doublecheck.cut_discrepancy`), 4 gradients, on
+        a seeded random direction; another direction (up to ``directions``) only when a step crossed a kink.
+        Detects a missing term above ``100 sqrt(u)`` of ``|H v|`` (1.5e-6 in float64, 3.5e-2 in float32)."""
+        if self.dtype.itemsize < 4:
+            warnings.warn(
+                f"the model's custom autograd Function(s) {', '.join(self.custom_functions)} cannot be checked for "
+                f"a differentiable backward in {self.dtype}: the Hessian is exact only if their backward is "
+                "written in differentiable torch operations", RuntimeWarning, stacklevel=4)
+            return
+        tol = 100 * math.sqrt(torch.finfo(self.dtype).eps)
+        blocks = [(blk.name, blk.slice) for blk in self.space.blocks]
+        gen = torch.Generator().manual_seed(self.seed + 104729)
+        for _ in range(directions):
+            v = torch.randn(self.dim, generator=gen, dtype=torch.float64)
+            v = (v / v.norm()).to(device=self.device, dtype=self.dtype)
+            hv = self.reducer.sum_(self._hvp_chunk(v[None]))[0]
+            found = cut_discrepancy(hv, lambda e, v=v: self.reducer.sum_(self._fd_hvp(v, e)), self._fd_step(v), tol, blocks)
+            if found.consistent:
+                refuse_cut(found, self.custom_functions)
+            if not found.relative > tol:
+                return
 
     def _build_batch(self, b: int, create: bool, loss: torch.Tensor, grad: torch.Tensor) -> None:
         """Add batch ``b``'s weighted loss and gradient to ``loss`` and ``grad``; keep its graph if it fits."""
-        grads, loss_b, nbytes = self._graph(b, create)
+        grads, loss_b, nbytes = self._graph(b, create, watch=create and b == 0)
         loss += loss_b.double() * self.weights[b]
         grad += self.space.flatten([g.detach() if g is not None else None for g in grads])
         if b == 0 and create:
-            _check_double_backward(grads)
+            check_broken_nodes(grads)
             self.graph_bytes_per_sample = nbytes / max(1, self.batch_sizes[0])
         kept = nbytes + sum(g.numel() * g.element_size() for g in grads if g is not None)
         fits = self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes
@@ -544,13 +552,15 @@ class Landscape:
             g += self.space.flatten([x.detach() if x is not None else None for x in grads])
         return g
 
-    def _fd_hvp(self, v: torch.Tensor) -> torch.Tensor:
-        vnorm = float(v.norm())
-        if vnorm == 0.0:
-            return torch.zeros_like(v)
+    def _fd_step(self, v: torch.Tensor) -> float:
+        """The central difference's step: balances truncation O(eps^2) against rounding O(u/eps)."""
         w = torch.cat([p.detach().reshape(-1) for p in self.params])
-        # eps balancing truncation O(eps^2) against rounding O(u/eps) for the central difference
-        eps = self.fd_eps or (torch.finfo(self.dtype).eps ** (1 / 3)) * (1.0 + float(w.norm())) / vnorm
+        return self.fd_eps or (torch.finfo(self.dtype).eps ** (1 / 3)) * (1.0 + float(w.norm())) / float(v.norm())
+
+    def _fd_hvp(self, v: torch.Tensor, eps: float | None = None) -> torch.Tensor:
+        if float(v.norm()) == 0.0:
+            return torch.zeros_like(v)
+        eps = eps or self._fd_step(v)
         saved = [p.detach().clone() for p in self.params]
         try:
             with torch.no_grad():

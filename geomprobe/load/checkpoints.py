@@ -43,9 +43,9 @@ import glob
 import itertools
 import os
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -53,15 +53,16 @@ from torch import nn
 from ..errors import ConfigurationError
 from .formats import Source, _scalar, read_source
 from .keymatch import KeyMatch, match_state_dict
+from .pathnames import name_problem, shown_path
 
 __all__ = [
     "CheckpointInfo",
     "LoadedCheckpoint",
     "expand_checkpoint_paths",
-    "step_from_name",
     "inspect_checkpoint",
-    "plan_checkpoints",
     "load_checkpoint",
+    "step_from_name",
+    "plan_checkpoints",
 ]
 
 STEP_SOURCES = ("global_step", "step", "iteration", "epoch", "file name", "order")
@@ -119,7 +120,10 @@ def expand_checkpoint_paths(patterns: Sequence[str | os.PathLike]) -> list[str]:
         raise ConfigurationError("no checkpoints given; pass one or more files, folders or glob patterns")
     out: list[str] = []
     seen: set[str] = set()
-    for pattern in map(str, patterns):
+    for pattern in map(os.fsdecode, patterns):
+        problem = name_problem(pattern)
+        if problem is not None:
+            raise ConfigurationError(f"checkpoint '{shown_path(pattern)}': {problem}")
         if os.path.exists(pattern):
             found = [pattern]
         elif _GLOB_CHARS.search(pattern):
@@ -154,8 +158,28 @@ def inspect_checkpoint(
     """
     src = read_source(path, trust_pickle=trust_pickle)
     if model is not None:
-        match_state_dict(src.shapes(), model, source=f"checkpoint {src.path!r}")
+        match = match_state_dict(src.shapes(), model, source=f"checkpoint {src.path!r}")
+        _refuse_integer_parameters(src, match, model)
     return _info(src)
+
+
+def _refuse_integer_parameters(src: Source, match: KeyMatch, model: nn.Module) -> None:
+    """Refuse a checkpoint that stores one of the model's (floating-point) parameters as integers or booleans:
+    copying would cast it silently, and the probe would measure a model that never trained (a quantized export,
+    or the wrong file). Integer buffers (BatchNorm's ``num_batches_tracked``) are loaded as torch loads them."""
+    integer = src.integer_keys()
+    if not integer:
+        return
+    params = dict(model.named_parameters(remove_duplicate=False))
+    bad = [(key, ck, integer[ck]) for key, ck in match.mapping.items() if ck in integer and key in params]
+    if bad:
+        key, _, dtype = bad[0]
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ConfigurationError(
+            f"checkpoint {src.path!r} stores the model's parameter {key!r} as {dtype}{more}: trainable parameters are "
+            f"floating point, and loading would cast the integers silently; probe the float checkpoint (not a "
+            "quantized or converted export)"
+        )
 
 
 def plan_checkpoints(
@@ -204,6 +228,7 @@ def load_checkpoint(
     src = read_source(planned.path if planned else checkpoint, trust_pickle=trust_pickle)
     label = f"checkpoint {src.path!r}"
     match = match_state_dict(src.shapes(), model, source=label)
+    _refuse_integer_parameters(src, match, model)
     state = {k: src.tensor(ck) for k, ck in match.mapping.items()}
     result = model.load_state_dict(state, strict=False)
     leftover = sorted(set(result.missing_keys) - set(match.tied)) + list(result.unexpected_keys)

@@ -9,18 +9,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pickle
 import re
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigurationError
+from .pathnames import name_problem, shown_path
 
 __all__ = ["Source", "read_source", "HF_WEIGHT_FILES"]
 
@@ -49,6 +51,17 @@ class Source:
 
     def shapes(self) -> dict[str, tuple[int, ...] | None]:
         return {k: tuple(v.shape) if hasattr(v, "shape") else None for k, v in self.tensors.items()}
+
+    def integer_keys(self) -> dict[str, str]:
+        """Keys of tensors stored as integers or booleans, with their dtype: never trainable weights."""
+        out = {}
+        for k, v in self.tensors.items():
+            dtype = getattr(v, "dtype", None)
+            if isinstance(dtype, torch.dtype) and not (dtype.is_floating_point or dtype.is_complex):
+                out[k] = str(dtype).replace("torch.", "")
+            elif isinstance(dtype, str) and dtype.upper().startswith(_SAFETENSORS_INTEGER):
+                out[k] = dtype
+        return out
 
     def tensor(self, key: str) -> Any:
         return self.loader(key) if self.loader is not None else self.tensors[key]
@@ -207,14 +220,17 @@ class _LazySafetensors(Mapping):
         self.handles: dict[str, Any] = {}
         self.meta: dict[str, str] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
+        self._dtypes: dict[str, str] = {}  # safetensors' names: F32, BF16, I64, BOOL, ...
         for file in sorted(set(self.files.values())):
             h = self.handles[file] = _safetensors_open(file)
             self.meta.update(h.metadata() or {})
             for k in h.keys():
-                self._shapes[k] = tuple(h.get_slice(k).get_shape())
+                piece = h.get_slice(k)
+                self._shapes[k] = tuple(piece.get_shape())
+                self._dtypes[k] = str(piece.get_dtype())
 
     def __getitem__(self, key: str) -> Any:
-        return _Shaped(self._shapes[key])
+        return _Shaped(self._shapes[key], self._dtypes[key])
 
     def __iter__(self):
         return iter(self._shapes)
@@ -233,6 +249,10 @@ class _LazySafetensors(Mapping):
 @dataclass(frozen=True)
 class _Shaped:
     shape: tuple[int, ...]
+    dtype: str = "F32"
+
+
+_SAFETENSORS_INTEGER = ("I", "U", "BOOL")  # I8..I64, U8..U64, BOOL
 
 
 def _read_safetensors(files: Mapping[str, str], path: str, fmt: str) -> Source:
@@ -303,13 +323,16 @@ def _read_hf_folder(folder: Path, trust_pickle: bool) -> Source:
 # ------------------------------------------------------------------------------------------ dispatch
 
 
-def read_source(path: str | Path, *, trust_pickle: bool = False) -> Source:
+def read_source(path: str | bytes | Path, *, trust_pickle: bool = False) -> Source:
     """Open one checkpoint (a file of any supported format, or a ``save_pretrained`` folder), by its content."""
-    p = Path(path)
+    problem = name_problem(path)
+    if problem is not None:
+        raise ConfigurationError(f"checkpoint '{shown_path(path)}': {problem}")
+    p = Path(os.fsdecode(path))
     if p.is_dir():
         return _read_hf_folder(p, trust_pickle)
     if not p.exists():
-        raise ConfigurationError(f"checkpoint {str(path)!r} does not exist")
+        raise ConfigurationError(f"checkpoint {str(p)!r} does not exist")
     with open(p, "rb") as f:
         head = f.read(16)
     if not head:

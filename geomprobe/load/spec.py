@@ -53,10 +53,10 @@ import importlib.util
 import os
 import sys
 import traceback
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -220,6 +220,8 @@ def load_spec(spec: str, *, seed: int = 0) -> ProbeSpec:
 
     The global RNG is restored afterwards, so loading a spec moves no one else's random stream.
     """
+    if not -(2**63) <= seed < 2**64:  # beyond torch's generator, which the spec's own code would be blamed for
+        raise ConfigurationError(f"seed {seed} is outside the range of torch's random generator; use 0 to 2**32 - 1")
     fn = resolve_callable(spec)
     try:
         devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() else []

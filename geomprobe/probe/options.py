@@ -22,7 +22,11 @@ from ..engine.state import MODES
 from ..errors import ConfigurationError
 from ..metrics import registry
 
-__all__ = ["check_probe_options", "check_metric_options"]
+__all__ = ["MAX_SEED", "check_metric_options", "check_probe_options"]
+
+# numpy's legacy seeding and Lightning's seed_everything take this range; offsets added to a seed stay in
+# torch's 64-bit range.
+MAX_SEED = 2**32 - 1
 
 # Options a probe fills in for the metrics that take them (GeometryProbe._run_metric); a user may set them too.
 PROBE_CONTEXT = ("optimizer", "noise_data", "grad_norm0", "seed", "basis_device", "max_basis", "device_vectors", "warm")
@@ -70,6 +74,8 @@ def check_probe_options(
             ) from None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise ConfigurationError(f"seed must be an integer, got {seed!r}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigurationError(f"seed must be between 0 and {MAX_SEED} (2**32 - 1), got {seed}")
     if run_dir is not None and (not isinstance(run_dir, (str, os.PathLike)) or not os.fspath(run_dir).strip()):
         raise ConfigurationError(f"run_dir must be a folder path (or None for no run log), got {run_dir!r}")
     if isinstance(peak_ratio, bool) or not isinstance(peak_ratio, numbers.Real) or not (
