@@ -271,7 +271,7 @@ def test_lightning_callback_with_loss_fn_never_runs_training_step(tmp_path):
     calls: list = []
     cb = GeometryProbeCallback(loss_fn=nn.CrossEntropyLoss(), metrics=METRICS, schedule=gp.every(5),
                                probe_samples=24, run_dir=tmp_path / "run", log_to_trainer=False)
-    module, trainer, _ = _fit_with_csv(L, tmp_path / "fit", False, [cb], calls)
+    _fit_with_csv(L, tmp_path / "fit", False, [cb], calls)
     assert len(calls) == 10  # training's own ten steps, none for the probe
     run = gp.RunReader(tmp_path / "run")
     assert [r["step"] for r in run.records] == [0, 5, 10]

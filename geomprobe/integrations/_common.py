@@ -4,7 +4,8 @@ handing each new record's scalars to the trainer's own loggers without letting o
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from ..probe.geometry_probe import GeometryProbe
 from ..probe.summary import probe_scalars

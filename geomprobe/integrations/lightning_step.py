@@ -29,17 +29,16 @@ import contextlib
 import copy
 import inspect
 import sys
-from collections.abc import Mapping
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ..errors import ConfigurationError
 
-__all__ = ["training_step_loss", "sandboxed"]
+__all__ = ["sandboxed", "training_step_loss"]
 
-_MISSING = object()
 _TORCH_MODULE_DICTS = ("_parameters", "_buffers", "_modules")
 
 

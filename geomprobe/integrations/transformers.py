@@ -7,7 +7,8 @@ is the model's own ``model(**batch).loss`` unless ``loss_fn`` is given.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from transformers import TrainerCallback
 
