@@ -305,3 +305,55 @@ def test_training_step_loss_refuses_no_loss_and_several_losses():
     with pytest.raises(gp.ConfigurationError, match="returned dict and called no backward.*loss_fn="):
         training_step_loss(NoLoss(), torch.ones(3, 2))
     assert torch.Tensor.backward.__name__ == "backward"  # put back after a failure too
+
+
+def test_training_step_sandbox_puts_the_module_back_as_found():
+    """Every effect the sandbox promises to undo, on a module outside a Trainer: plain attributes rebound,
+    appended to, updated, added or changed in place; a direct ``loss.backward()``; a closure given to
+    ``opt.step``; toggling; printing; ``.grad`` left exactly as it was."""
+    L = pytest.importorskip("lightning.pytorch")
+    from geomprobe.integrations.lightning_step import training_step_loss
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.net = nn.Linear(3, 1)
+            self.total = torch.zeros(())
+            self.outputs, self.stats, self.count = [], {"n": 0}, 0
+
+        def training_step(self, batch, batch_idx):
+            opt = self.optimizers()
+            self.toggle_optimizer(opt)
+            self.print("side effect")
+            self.count += 1
+            self.stats["n"] += 1
+            self.stats["last"] = batch_idx
+            self.new_attribute = True
+            loss = self.net(batch).pow(2).mean()
+            self.total += loss.detach()
+            self.outputs.append(loss.detach())
+
+            def closure():
+                opt.zero_grad()
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+            self.untoggle_optimizer(opt)
+            return {"something": 1}
+
+    m = Module()
+    x = torch.randn(4, 3)
+    m.net.weight.grad = torch.full_like(m.net.weight, 0.5)
+    grad, outputs, stats = m.net.weight.grad, m.outputs, m.stats
+    loss = training_step_loss(m, x)
+    # the loss handed to backward, with its graph whole
+    assert torch.equal(loss, m.net(x).pow(2).mean())
+    (g,) = torch.autograd.grad(loss, m.net.bias)
+    assert torch.allclose(g, 2 * m.net(x).mean(0).detach())
+    assert m.net.weight.grad is grad and torch.equal(grad, torch.full_like(grad, 0.5)) and m.net.bias.grad is None
+    assert m.count == 0 and m.outputs is outputs and outputs == [] and m.stats is stats and stats == {"n": 0}
+    assert float(m.total) == 0.0 and not hasattr(m, "new_attribute")
+    assert all(p.requires_grad for p in m.parameters())
+    assert "log" not in m.__dict__ and "optimizers" not in m.__dict__ and torch.Tensor.backward.__name__ == "backward"

@@ -14,8 +14,10 @@ runs it in a sandbox instead, for the length of the call:
 - ``manual_backward(loss)`` and ``loss.backward()`` record the loss instead of running backward, so
   ``.grad`` is untouched and the graph stays whole for the probe's own ``torch.autograd.grad``;
 - ``toggle_optimizer``, ``untoggle_optimizer``, ``toggled_optimizer`` and ``clip_gradients`` do nothing;
-- the module's plain attributes (counters, lists it appends to, dicts, values it rebinds) and the states of
-  its torchmetrics metrics are put back as found afterwards, attributes it added are removed.
+- the module's plain attributes (counters, lists it appends to, dicts, values it rebinds, tensors it
+  changes in place) and the states of its torchmetrics metrics are put back as found afterwards, attributes
+  it added are removed. Plain tensor attributes (not parameters or buffers, which the probe's state guard
+  handles) are copied for each call: one copy of each, usually a few numbers.
 
 The loss is the one tensor handed to ``manual_backward``/``backward`` when there is exactly one, otherwise the
 returned tensor (or the ``"loss"`` of a returned dict). What the sandbox cannot undo are effects outside the
@@ -73,23 +75,23 @@ def _inert(value: Any) -> Any:
 
 class _AttributeState:
     """The plain attributes of a module (not its parameters, buffers or submodules): their bindings, the
-    contents of the lists, dicts and sets they hold, and (``clone_tensors``) copies of tensors changed in place.
+    contents of the lists, dicts and sets they hold, and a copy of each tensor they hold directly. (Tensors
+    inside lists are not copied: lists of outputs grow over an epoch, and their items are appended, not
+    changed in place.)
 
     Restoring rebinds every attribute to the object it held, refills those containers in place (so a list
     the user keeps a reference to is the same list again) and removes attributes added since."""
 
-    def __init__(self, module: nn.Module, clone_tensors: bool):
+    def __init__(self, module: nn.Module):
         self.module = module
         self.bindings = {k: v for k, v in module.__dict__.items() if k not in _TORCH_MODULE_DICTS}
         self.contents: list[tuple[Any, Any]] = []
-        self.tensors: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.tensors: list[tuple[torch.Tensor, int, torch.Tensor]] = []
         for value in self.bindings.values():
             if isinstance(value, (list, dict, set)):
                 self.contents.append((value, copy.copy(value)))
-            if clone_tensors:
-                for t in value if isinstance(value, list) else [value]:
-                    if isinstance(t, torch.Tensor):
-                        self.tensors.append((t, t.detach().clone()))
+            if isinstance(value, torch.Tensor):
+                self.tensors.append((value, value._version, value.detach().clone()))
 
     def restore(self) -> None:
         d = self.module.__dict__
@@ -103,8 +105,9 @@ class _AttributeState:
                 container.clear()
                 container.update(saved)
         with torch.no_grad():
-            for t, saved in self.tensors:
-                t.copy_(saved)  # a metric's state accumulated in place (``self.total += ...``)
+            for t, version, saved in self.tensors:
+                if t._version != version:  # changed in place, as a metric's ``self.total += ...``
+                    t.copy_(saved)
 
 
 def _metric_modules(module: nn.Module) -> list[nn.Module]:
@@ -118,8 +121,7 @@ def sandboxed(module: nn.Module) -> Iterator[list[torch.Tensor]]:
     """Run code on ``module`` with logging, optimizer steps and backward disabled and its plain attributes
     restored afterwards (the module docstring lists what is covered). Yields the list the losses handed to
     ``manual_backward``/``backward`` are appended to."""
-    states = [_AttributeState(module, clone_tensors=False)]
-    states += [_AttributeState(m, clone_tensors=True) for m in _metric_modules(module) if m is not module]
+    states = [_AttributeState(module)] + [_AttributeState(m) for m in _metric_modules(module) if m is not module]
     backwarded: list[torch.Tensor] = []
 
     def record(loss: Any, *args: Any, **kwargs: Any) -> None:
