@@ -313,3 +313,15 @@ def test_summary_line_marks_unconverged_failed_and_skipped():
     scalars = probe_scalars(rec, prefix="gp.")
     assert math.isnan(scalars["gp.loss"]) and scalars["gp.spectrum/converged"] == 0.0
     assert scalars["gp.mine/flag"] == 1.0 and "gp.saddle/saddle" not in scalars and "gp.errors/rmed" not in scalars
+
+
+def test_summary_is_printed_by_the_writing_rank_only():
+    X, y = _data()
+    model = nn.Sequential(nn.Linear(5, 3))
+    stream = io.StringIO()
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), metrics=METRICS, summary=stream)
+    probe.writes = False  # what a rank other than 0 of a process group has
+    probe.probe(0)
+    probe.writes = True
+    probe.probe(1)
+    assert [line.split(":")[0] for line in stream.getvalue().splitlines()] == ["geomprobe step 1"]

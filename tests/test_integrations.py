@@ -357,3 +357,23 @@ def test_training_step_sandbox_puts_the_module_back_as_found():
     assert float(m.total) == 0.0 and not hasattr(m, "new_attribute")
     assert all(p.requires_grad for p in m.parameters())
     assert "log" not in m.__dict__ and "optimizers" not in m.__dict__ and torch.Tensor.backward.__name__ == "backward"
+
+
+def test_training_step_sandbox_restores_after_training_step_raises():
+    L = pytest.importorskip("lightning.pytorch")
+    from geomprobe.integrations.lightning_step import training_step_loss
+
+    class Raises(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net, self.count = nn.Linear(2, 1), 0
+
+        def training_step(self, batch, batch_idx):
+            self.count += 1
+            self.manual_backward(self.net(batch).sum())
+            raise ValueError("bad batch")
+
+    m = Raises()
+    with pytest.raises(ValueError, match="bad batch"):
+        training_step_loss(m, torch.ones(3, 2))
+    assert m.count == 0 and "manual_backward" not in m.__dict__ and torch.Tensor.backward.__name__ == "backward"

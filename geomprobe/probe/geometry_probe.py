@@ -109,7 +109,7 @@ class GeometryProbe:
             metric's planned HVPs and vector memory, is also in :attr:`cost_plan` and the run's ``meta.json``.
         summary: ``True`` prints one line per probe on stderr once it is recorded: the loss and each metric's
             headline values with their errors (:func:`~.summary.summary_line`); a text stream or a callable
-            (``logging.info``) receives the lines instead. Default ``False``: nothing printed.
+            (``logging.info``) receives the lines instead. Default ``False``: nothing printed. Rank 0 only.
 
     A probe changes nothing: it uses ``torch.autograd.grad`` (never ``.backward()``), runs every forward under
     the state guard, draws randomness from its own generators, and leaves parameters, buffers, ``.grad``,
@@ -420,7 +420,7 @@ class GeometryProbe:
             self._tb.log(record, step=step)
         if progress is not None:
             progress.finish(record["cost"]["hvps"], seconds)
-        if self._summary is not None:
+        if self._summary is not None and self.writes:  # one line per probe, not one per rank
             self._summary(record)
         return record
 
