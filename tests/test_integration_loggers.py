@@ -74,7 +74,8 @@ def test_lightning_csv_logger_gets_the_probe_scalars_at_probe_steps_and_user_row
 
     _lightning_fit(L, CSVLogger(tmp_path, name="plain", version=0), [])
     cb = GeometryProbeCallback(metrics=METRICS, schedule=gp.every(3), probe_samples=32, run_dir=tmp_path / "run")
-    _lightning_fit(L, CSVLogger(tmp_path, name="probed", version=0), [cb])
+    _, trainer = _lightning_fit(L, CSVLogger(tmp_path, name="probed", version=0), [cb])
+    assert sorted(trainer.callback_metrics) == ["train_loss"]  # monitors and checkpoints see the user's only
     plain = _csv_rows(tmp_path / "plain" / "version_0" / "metrics.csv")
     probed = _csv_rows(tmp_path / "probed" / "version_0" / "metrics.csv")
     records = gp.RunReader(tmp_path / "run").records
