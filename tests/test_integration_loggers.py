@@ -326,3 +326,17 @@ def test_summary_is_printed_by_the_writing_rank_only():
     probe.writes = True
     probe.probe(1)
     assert [line.split(":")[0] for line in stream.getvalue().splitlines()] == ["geomprobe step 1"]
+
+
+def test_transformers_callback_called_outside_a_trainer_warns_and_still_probes():
+    pytest.importorskip("transformers")
+    from transformers import TrainerControl, TrainerState
+
+    from geomprobe.integrations.transformers import GeometryProbeCallback
+
+    X, y = _data()
+    model = nn.Sequential(nn.Linear(5, 3))
+    cb = GeometryProbeCallback(loss_fn=nn.CrossEntropyLoss(), probe_data=(X, y), metrics=METRICS)
+    with pytest.warns(RuntimeWarning, match="Trainer's callbacks could not be found.*run log only"):
+        cb.on_train_begin(None, TrainerState(), TrainerControl(), model=model)
+    assert [r["step"] for r in cb.probe.records] == [0]
