@@ -48,16 +48,13 @@ from .options import check_metric_options, check_probe_options
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
 from .run_folder import last_step, optimizer_hparams, refuse_existing, storable
 from .schedule import Schedule, budget, every
+from .summary import resolve_summary
 from .warm_start import WarmStart
 
 __all__ = ["GeometryProbe", "DEFAULT_METRICS"]
 
 DEFAULT_METRICS = ("spectrum",)
 _OOM_TYPES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ()
-
-
-
-
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -110,6 +107,9 @@ class GeometryProbe:
             prints one line on stderr per probe (HVPs per metric against the plan); a callable receives
             every :class:`~.progress.ProgressEvent` (plan, metric start/advance/end, done). The plan, each
             metric's planned HVPs and vector memory, is also in :attr:`cost_plan` and the run's ``meta.json``.
+        summary: ``True`` prints one line per probe on stderr once it is recorded: the loss and each metric's
+            headline values with their errors (:func:`~.summary.summary_line`); a text stream or a callable
+            (``logging.info``) receives the lines instead. Default ``False``: nothing printed. Rank 0 only.
 
     A probe changes nothing: it uses ``torch.autograd.grad`` (never ``.backward()``), runs every forward under
     the state guard, draws randomness from its own generators, and leaves parameters, buffers, ``.grad``,
@@ -153,6 +153,7 @@ class GeometryProbe:
         process_group: Any = None,
         warm_start: bool = True,
         progress: bool | ProgressCallback | None = None,
+        summary: Any = False,
     ):
         loss_reduction(loss_fn, reduction)  # a bad reduction, or a loss of reduction='none', before training starts
         check_probe_options(mode=mode, hvp_method=hvp_method, loss_form=loss_form, chunk_size=chunk_size,
@@ -182,6 +183,7 @@ class GeometryProbe:
         self.space = ParamSpace(names, [p.shape for p in selected], group_by=group_by)
         self.warm = WarmStart() if warm_start else None
         self._progress = resolve_progress(progress)
+        self._summary = resolve_summary(summary)
         # planned before the memory plan exists: vector memory at the largest chunk the memory plan may choose
         self.cost_plan = plan_probe(self.metric_options, self.space, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
                                     dtype=selected[0].dtype if selected else torch.float32)
@@ -418,6 +420,8 @@ class GeometryProbe:
             self._tb.log(record, step=step)
         if progress is not None:
             progress.finish(record["cost"]["hvps"], seconds)
+        if self._summary is not None and self.writes:  # one line per probe, not one per rank
+            self._summary(record)
         return record
 
     @property
