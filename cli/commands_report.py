@@ -43,6 +43,8 @@ def _figures(reader: RunReader, png: Path, force: bool) -> list[Path]:
     (or at ``png`` itself when views are all the run holds)."""
     if not has_views(reader):
         return [plot_run(reader, png, overwrite=force)]
+    if reader.meta.get("source") == "views":  # written by `geomprobe view`: the views are its figure
+        return [plot_views(reader, png, overwrite=force)]
     views_png = png.with_name(f"{png.stem}-views.png")
     _guard_output(views_png, [reader])
     try:
