@@ -3,11 +3,13 @@
 A Lanczos run that keeps its basis gives unit Ritz vectors ``V_m u_i``; :func:`spectrum` keeps its extreme
 ones when it runs warm-started (as in a probe) and records them here, so that the ``direction`` metric and the
 ``"top"``/``"bottom"`` directions of :mod:`geomprobe.views` at the same parameters cost no further HVP.
-The parameters cannot change under a Landscape, so what ``land.results`` holds stays valid for its life.
+The parameters cannot change under a Landscape, so what is recorded for it stays valid for its life; the record
+is held beside the Landscape (a weak mapping), not in it, and goes with it.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import torch
@@ -19,6 +21,7 @@ from ..linalg.vectors import default_generator
 __all__ = ["RitzVectors", "extreme_ritz", "keep_ritz"]
 
 ENDS = ("top", "bottom")
+_RECORDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Landscape -> {end: RitzVectors}
 
 
 class RitzVectors:
@@ -36,17 +39,23 @@ class RitzVectors:
         return RitzVectors(self.end, self.values[:k], self.errs[:k], self.vectors[:k])
 
 
-def _key(end: str) -> tuple[str, str]:
-    return ("ritz_vectors", end)
+def _held(land: Any, end: str) -> RitzVectors | None:
+    try:
+        return _RECORDED.get(land, {}).get(end)
+    except TypeError:  # an object that cannot be weakly referenced records nothing
+        return None
 
 
 def keep_ritz(land: Any, end: str, values: list[float], errs: list[float], vectors: torch.Tensor) -> None:
     """Record ``end``'s Ritz pairs of ``land`` for later metrics and views (kept when more than held)."""
-    if not hasattr(land, "results") or end not in ENDS:
+    if end not in ENDS:
         return
-    held = land.results.get(_key(end))
+    held = _held(land, end)
     if held is None or len(held) < len(values):
-        land.results[_key(end)] = RitzVectors(end, values, errs, vectors.detach())
+        try:
+            _RECORDED.setdefault(land, {})[end] = RitzVectors(end, values, errs, vectors.detach())
+        except TypeError:
+            pass
 
 
 def extreme_ritz(land: Any, end: str, k: int = 1, *, tol: float = 1e-3, max_iter: int | None = None,
@@ -64,7 +73,7 @@ def extreme_ritz(land: Any, end: str, k: int = 1, *, tol: float = 1e-3, max_iter
     if not isinstance(k, int) or k < 1:
         raise ConfigurationError(f"k must be a positive integer, got {k!r}")
     k = min(k, land.dim)
-    held = land.results.get(_key(end)) if hasattr(land, "results") else None
+    held = _held(land, end)
     if held is not None and len(held) >= k:
         return held.first(k)
     r = lanczos(land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which="largest" if end == "top" else "smallest",
