@@ -25,7 +25,8 @@ from ..metrics import registry
 __all__ = ["check_probe_options", "check_metric_options"]
 
 # Options a probe fills in for the metrics that take them (GeometryProbe._run_metric); a user may set them too.
-PROBE_CONTEXT = ("optimizer", "noise_data", "grad_norm0", "seed", "basis_device", "max_basis", "device_vectors", "warm")
+PROBE_CONTEXT = ("optimizer", "noise_data", "grad_norm0", "seed", "basis_device", "max_basis", "device_vectors", "warm",
+                 "last_update")
 
 
 def _positive_int_or_none(name: str, value: Any) -> None:
