@@ -131,3 +131,17 @@ def test_an_existing_run_is_refused_without_force(tmp_path, ckpts):
     assert again.exit_code == 1 and "--force" in error_line(again)
     forced = run("view", "line", ckpts[0], "--spec", SPEC, "--out", out, "--points", "5", "--force")
     assert forced.exit_code == 0 and len(view_entries(out)[0][2]["t"]) == 5
+
+
+def test_probe_runs_the_direction_metric_and_view_entries_on_checkpoints(tmp_path, ckpts):
+    out = tmp_path / "probe"
+    result = run("probe", *ckpts[:2], "--spec", SPEC, "--metric", "spectrum", "--metric", "direction",
+                 "--metric", "view_line", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    records = RunReader(out).records
+    for r in records:
+        # checkpoints carry no optimizer step into the probe: the update's entries say so, the rest is measured
+        assert r["direction"]["update_curvature"] is None and r["direction"]["grad_curvature"] > 0
+        assert r["direction"]["lambda_max"] == pytest.approx(r["spectrum"]["lambda_max"], rel=1e-6)
+        assert r["view_line"]["curvature"] == pytest.approx(r["spectrum"]["lambda_max"], rel=1e-2)
+    assert len(view_entries(out)) == 2
