@@ -252,3 +252,18 @@ def test_bad_input_gives_one_clear_message(call, message):
     model, land = quadratic()
     with pytest.raises(ConfigurationError, match=message):
         call(land, copy.deepcopy(model))
+
+
+@pytest.mark.gpu
+def test_views_on_cuda_match_the_cpu():
+    out = {}
+    for device in ("cpu", "cuda"):
+        model, loss_fn, batches, mode = make_case("cnn_bn")
+        model = model.to(device)
+        land = Landscape(model, loss_fn, [(x.to(device), y.to(device)) for x, y in batches], mode=mode)
+        line = views.line(land, "gradient", points=5)
+        plane = views.plane(land, "gradient", "random", points=(3, 3))
+        path = views.interpolate([model, views.parameter_vector(land, model) * 0.9], land, points=3)
+        out[device] = (line["loss"], plane["loss"], path["loss"])
+    for a, b in zip(out["cpu"], out["cuda"]):
+        assert np.allclose(a, b, rtol=1e-10, atol=0)
