@@ -17,6 +17,7 @@ import click
 
 from geomprobe.errors import ConfigurationError
 from geomprobe.report import build_report, compare_runs, plot_run, render_comparison, render_report
+from geomprobe.report.view_figures import has_views, plot_views
 from geomprobe.runs.export import export_csv
 from geomprobe.runs.reader import RunReader
 
@@ -37,11 +38,27 @@ def _guard_output(path: Path, readers: list[RunReader]) -> None:
                                      "choose a path outside the run's own files")
 
 
+def _figures(reader: RunReader, png: Path, force: bool) -> list[Path]:
+    """The run's figure at ``png``; a run with landscape views also gets them, beside it as ``<name>-views.png``
+    (or at ``png`` itself when views are all the run holds)."""
+    if not has_views(reader):
+        return [plot_run(reader, png, overwrite=force)]
+    if reader.meta.get("source") == "views":  # written by `geomprobe view`: the views are its figure
+        return [plot_views(reader, png, overwrite=force)]
+    views_png = png.with_name(f"{png.stem}-views.png")
+    _guard_output(views_png, [reader])
+    try:
+        first = plot_run(reader, png, overwrite=force)
+    except ConfigurationError:  # no series to draw: the views are the run's figure
+        return [plot_views(reader, png, overwrite=force)]
+    return [first, plot_views(reader, views_png, overwrite=force)]
+
+
 @click.command("report")
 @click.argument("run", type=click.Path(path_type=Path))
 @click.option("--per-layer", is_flag=True, help="Add a table of the per-block values (R_med, diagonal share, ...).")
 @click.option("--png", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
-              help="Also write a PNG of the values against the step.")
+              help="Also write a PNG of the values against the step (and of the landscape views, if any).")
 @click.option("--force", is_flag=True, help="Replace an existing --png file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as one JSON document instead of tables.")
 @handle_errors
@@ -60,9 +77,12 @@ def report(run: Path, per_layer: bool, png: Path | None, force: bool, as_json: b
     doc = build_report(reader, per_layer=per_layer)
     if png is not None:
         # The figure is written before anything is printed, so a refused path leaves stdout empty.
-        plot_run(reader, png, overwrite=force)
-        doc["figure"] = str(png)
-        err_console().print(f"wrote figure {png}")
+        figures = _figures(reader, png, force)
+        doc["figure"] = str(figures[0])
+        if len(figures) > 1:
+            doc["view_figure"] = str(figures[1])
+        for f in figures:
+            err_console().print(f"wrote figure {f}")
     if as_json:
         emit_json(doc)
     else:

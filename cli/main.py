@@ -40,3 +40,6 @@ cli.add_command(export)
 from .commands_demo import demo  # noqa: E402
 
 cli.add_command(demo)
+from .commands_view import view  # noqa: E402
+
+cli.add_command(view)

@@ -26,3 +26,6 @@ from .precision import precision
 
 __all__ += ["precision"]
 from . import costs  # noqa: E402,F401  (the planned costs of the metrics above)
+from .direction import direction  # noqa: E402
+
+__all__ += ["direction"]

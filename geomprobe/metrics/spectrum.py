@@ -10,6 +10,7 @@ from ..errors import ConfigurationError
 from ..linalg.lanczos import LanczosResult, lanczos
 from ..linalg.vectors import default_generator
 from .registry import CostPlan, PlanContext, register
+from .ritz_vectors import keep_ritz
 
 __all__ = ["spectrum", "run_lanczos"]
 
@@ -174,6 +175,8 @@ def _warm_lanczos(land: Any, warm: Any, *, k: int, seed: int, generator: torch.G
     bottom = [r.ritz_vector(i) for i in range(min(k, n))]
     r.basis = None  # the basis is m vectors of length d: never kept past the run, nor in the cache
     warm.keep(land, torch.stack(top), torch.stack(bottom))
+    keep_ritz(land, "top", *r.top(k), torch.stack(top))  # the direction metric and views reuse them: no HVP
+    keep_ritz(land, "bottom", *r.bottom(k), torch.stack(bottom))
     if cacheable:
         land.results[key] = r
     return r, v0 is not None

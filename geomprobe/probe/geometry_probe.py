@@ -43,6 +43,7 @@ from ..engine.state import rng_preserved
 from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
 from ..runs.writer import RunWriter
+from .last_update import LastUpdate, wants_last_update
 from .metric_needs import basis_vectors, bounded_basis, gradient_samples
 from .options import check_metric_options, check_probe_options
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
@@ -192,6 +193,7 @@ class GeometryProbe:
         self._warned: set[str] = set()
         self._step = 0
         self._handle = None
+        self._updates: LastUpdate | None = None
         self._grad_norm0: float | None = None
         self._basis_device = basis_device  # set to "cpu" when out-of-memory pushes Lanczos bases off the device
         self.memory_plan, self.memory_cap, self.peak_ratio = bool(memory_plan), memory_cap, float(peak_ratio)
@@ -286,6 +288,8 @@ class GeometryProbe:
             )
         self.optimizer = optimizer
         self._handle = optimizer.register_step_post_hook(self._after_step)
+        if wants_last_update(self.metric_options):  # the step before each probe, for direction and views
+            self._updates = LastUpdate(optimizer, select_parameters(self.model, self.landscape_options["params"])[1])
         if probe_now and self._step != self._resumed_step:  # a resumed run already probed its last step
             self.step(self._step)
         return self
@@ -295,6 +299,8 @@ class GeometryProbe:
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+        if self._updates is not None:
+            self._updates, _ = None, self._updates.remove()
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._step += 1
@@ -468,6 +474,7 @@ class GeometryProbe:
             "max_basis": getattr(land.plan, "max_basis", None),  # taken by the metrics whose Lanczos can bound its basis
             "device_vectors": getattr(land.plan, "device_vectors", None),  # a metric's own storage on the device
             "warm": self._warm_for(name),
+            "last_update": self._updates.step_of(land) if self._updates is not None else None,
         }
         accepted = inspect.signature(metric.fn).parameters
         for key, value in context.items():

@@ -29,7 +29,8 @@ __all__ = ["MAX_SEED", "check_metric_options", "check_probe_options"]
 MAX_SEED = 2**32 - 1
 
 # Options a probe fills in for the metrics that take them (GeometryProbe._run_metric); a user may set them too.
-PROBE_CONTEXT = ("optimizer", "noise_data", "grad_norm0", "seed", "basis_device", "max_basis", "device_vectors", "warm")
+PROBE_CONTEXT = ("optimizer", "noise_data", "grad_norm0", "seed", "basis_device", "max_basis", "device_vectors", "warm",
+                 "last_update")
 
 
 def _positive_int_or_none(name: str, value: Any) -> None:

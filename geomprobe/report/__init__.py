@@ -42,3 +42,6 @@ __all__ = [
     # figures (matplotlib, imported lazily)
     "plot_run",
 ]
+from .view_figures import has_views, plot_views, view_entries  # noqa: E402
+
+__all__ += ["has_views", "plot_views", "view_entries"]

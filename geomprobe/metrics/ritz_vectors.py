@@ -1,0 +1,89 @@
+"""Extreme Ritz vectors of a Landscape's Hessian, shared by the metrics and views that need eigenvectors.
+
+A Lanczos run that keeps its basis gives unit Ritz vectors ``V_m u_i``; :func:`spectrum` keeps its extreme
+ones when it runs warm-started (as in a probe) and records them here, so that the ``direction`` metric and the
+``"top"``/``"bottom"`` directions of :mod:`geomprobe.views` at the same parameters cost no further HVP.
+The parameters cannot change under a Landscape, so what is recorded for it stays valid for its life; the record
+is held beside the Landscape (a weak mapping), not in it, and goes with it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from ..errors import ConfigurationError
+from ..linalg.lanczos import lanczos
+from ..linalg.vectors import default_generator
+
+__all__ = ["RitzVectors", "extreme_ritz", "keep_ritz"]
+
+ENDS = ("top", "bottom")
+_RECORDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Landscape -> {end: RitzVectors}
+
+
+class RitzVectors:
+    """``k`` extreme Ritz pairs of one end: ``values`` (descending for ``"top"``, ascending for
+    ``"bottom"``), their residual bounds ``errs`` (some eigenvalue lies within each) and unit ``vectors``
+    ``(k, d)`` on the Landscape's device."""
+
+    def __init__(self, end: str, values: list[float], errs: list[float], vectors: torch.Tensor):
+        self.end, self.values, self.errs, self.vectors = end, list(values), list(errs), vectors
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def first(self, k: int) -> "RitzVectors":
+        return RitzVectors(self.end, self.values[:k], self.errs[:k], self.vectors[:k])
+
+
+def _held(land: Any, end: str) -> RitzVectors | None:
+    try:
+        return _RECORDED.get(land, {}).get(end)
+    except TypeError:  # an object that cannot be weakly referenced records nothing
+        return None
+
+
+def keep_ritz(land: Any, end: str, values: list[float], errs: list[float], vectors: torch.Tensor) -> None:
+    """Record ``end``'s Ritz pairs of ``land`` for later metrics and views (kept when more than held)."""
+    if end not in ENDS:
+        return
+    held = _held(land, end)
+    if held is None or len(held) < len(values):
+        try:
+            _RECORDED.setdefault(land, {})[end] = RitzVectors(end, values, errs, vectors.detach())
+        except TypeError:
+            pass
+
+
+def extreme_ritz(land: Any, end: str, k: int = 1, *, tol: float = 1e-3, max_iter: int | None = None,
+                 seed: int = 0, basis_device: torch.device | str | None = None) -> RitzVectors:
+    """The ``k`` Ritz pairs at ``end`` (``"top"``: largest, ``"bottom"``: smallest) of ``land``'s Hessian.
+
+    Reuses pairs already recorded on ``land`` (by :func:`spectrum`, or an earlier call) when they number at
+    least ``k``: no HVP. Otherwise one Lanczos run at that end with its basis kept (``min(d, max_iter or 300)``
+    HVPs at most, ``m d`` numbers of basis memory, on ``basis_device`` if given) until the ``k`` values' residual
+    bounds meet ``tol``. Each value is within its bound ``errs[i]`` of an eigenvalue; a vector's angle to the
+    eigenspace is at most its residual over the gap to the rest of the spectrum.
+    """
+    if end not in ENDS:
+        raise ConfigurationError(f"end must be 'top' or 'bottom', got {end!r}")
+    if not isinstance(k, int) or k < 1:
+        raise ConfigurationError(f"k must be a positive integer, got {k!r}")
+    k = min(k, land.dim)
+    held = _held(land, end)
+    if held is not None and len(held) >= k:
+        return held.first(k)
+    r = lanczos(land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which="largest" if end == "top" else "smallest",
+                generator=default_generator(seed), dtype=land.dtype, device=land.device, keep_basis=True,
+                basis_device=basis_device)
+    n = len(r.ritz_values)
+    k = min(k, n)
+    idx = list(range(n - 1, n - 1 - k, -1)) if end == "top" else list(range(k))
+    values, errs = (r.top(k) if end == "top" else r.bottom(k))
+    vectors = torch.stack([r.ritz_vector(i).to(land.device) for i in idx])
+    r.basis = None
+    keep_ritz(land, end, values, errs, vectors)
+    return RitzVectors(end, values, errs, vectors)
