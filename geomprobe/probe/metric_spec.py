@@ -134,8 +134,9 @@ def _from_text(name: str, key: str, text: str, types: set[str]) -> Any:
         return [t for t in text.split("+") if t]
     if types & {"str", "Sequence", "Any"} or "device" in " ".join(types):
         return text
-    want = " or ".join(sorted(t for t in types if t != "None")) + (" or none" if "None" in types else "")
-    raise _bad(name, key, text, f"{want}")
+    words = {"int": "an integer", "float": "a number", "bool": "true or false", "str": "a word"}
+    want = " or ".join(words.get(t, t) for t in sorted(types) if t != "None") + (" or none" if "None" in types else "")
+    raise _bad(name, key, text, want)
 
 
 def parse_metric(text: str) -> tuple[str, dict[str, Any]]:
