@@ -40,3 +40,6 @@ cli.add_command(export)
 from .commands_demo import demo  # noqa: E402
 
 cli.add_command(demo)
+from .commands_explain import explain  # noqa: E402
+
+cli.add_command(explain)

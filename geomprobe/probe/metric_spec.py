@@ -43,7 +43,7 @@ METRIC_SPEC_HELP = ("NAME or NAME:key=value,... (e.g. rmed:hvps=256, spectrum:k=
 # Least values (inclusive) of integer options, by name; (metric, name) overrides the name alone.
 _LEAST: dict[Any, int] = {
     "k": 1, "hvps": 1, "m": 1, "n_v": 1, "grid_size": 2, "bootstrap": 10, "max_iter": 1, "max_samples": 1,
-    "min_samples": 1, "chunk_size": 1, "max_elements": 1, "tail_values": 1, "partitions": 2, "hill_k": 1,
+    "min_samples": 1, "chunk_size": 1, "max_elements": 1, "tail_values": 1, "partitions": 1, "hill_k": 1,
     "n_boot": 10, "vectors": 1, "krylov_steps": 1, "batch": 1, "lanczos_max_iter": 1, "exact_threshold": 0,
     "top": 0, "screen_samples": 2, "signs": 2, "min_k": 3, "dataset_size": 2, "max_basis": 2,
     "device_vectors": 0,
