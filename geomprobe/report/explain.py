@@ -79,7 +79,7 @@ def summary(name: str) -> str:
 
 
 def anchor(name: str) -> str:
-    """Where the section lives in the repository: ``docs/metrics.md#name``."""
+    """Where the section lives in the repository: ``docs/metrics.md#NAME``."""
     return f"{DOC_PATH}#{name}"
 
 
