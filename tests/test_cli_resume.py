@@ -1,6 +1,12 @@
 """Ctrl-C during `geomprobe probe` keeps what is complete, and `probe --resume OUT` finishes the same run."""
 
 import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -8,8 +14,11 @@ from click.testing import CliRunner
 from probe_specs import one_thread  # noqa: F401  (an autouse fixture)
 from test_cli_probe import save_training_checkpoints
 
+import geomprobe as gp
 from geomprobe.cli.main import cli
 from geomprobe.engine.landscape import Landscape
+from geomprobe.load.spec import load_spec
+from geomprobe.probe.schedule import at
 from geomprobe.runs.reader import RunReader
 
 SPEC = "probe_specs:mlp_spec"
@@ -132,7 +141,8 @@ def cut_run(tmp_path, ckpts, monkeypatch):
 
 @pytest.mark.parametrize("extra, message", [
     (["--metric", "spectrum"], "was probed with --metric spectrum trace:hvps=24, not spectrum"),
-    (["--metric", "spectrum", "--metric", "trace:hvps=25", "--no-warm-start"], "trace:hvps=24, not spectrum trace:hvps=25"),
+    (["--metric", "spectrum", "--metric", "trace:hvps=25", "--no-warm-start"],
+     "trace:hvps=24, not spectrum trace:hvps=25"),
     (["--seed", "3"], "was probed with --seed 0, not 3"),
     (["--mode", "train"], "was probed with --mode 'eval', not 'train'"),
     (["--spec", "probe_specs:mlp_loader_spec"], "--spec 'probe_specs:mlp_spec', not 'probe_specs:mlp_loader_spec'"),
@@ -170,8 +180,6 @@ def test_a_keyboard_interrupt_inside_a_probe_is_not_recorded_by_the_python_api(t
     # interrupted probe is not written, the earlier one is, and the run folder is left unlocked.
     from torch import nn
 
-    import geomprobe as gp
-
     X, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
     model = nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3))
     probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), run_dir=tmp_path / "run")
@@ -184,3 +192,78 @@ def test_a_keyboard_interrupt_inside_a_probe_is_not_recorded_by_the_python_api(t
     from geomprobe.runs.files import LOCK_FILE
 
     assert (tmp_path / "run" / "meta.json").exists() and not (tmp_path / "run" / LOCK_FILE).exists()
+
+
+SLOW_SPEC = '''
+import os, time
+import torch
+from torch import nn
+from geomprobe.load.spec import ProbeSpec
+
+
+class TinyNet(nn.Module):
+    def __init__(self, hidden=6):
+        super().__init__()
+        self.fc1 = nn.Linear(4, hidden)
+        self.fc2 = nn.Linear(hidden, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+CALLS = [0]
+
+
+def loss(outputs, targets):
+    # the marker's presence says this call is inside the second checkpoint's probe: wait there for Ctrl-C
+    CALLS[0] += 1
+    if CALLS[0] == int(os.environ["SLOW_AT_CALL"]):
+        open(os.environ["SLOW_MARKER"], "w").close()
+        time.sleep(60)
+    return nn.functional.cross_entropy(outputs, targets)
+
+
+def spec():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(32, 4, generator=g)
+    return ProbeSpec(TinyNet(), loss, (X, torch.randint(0, 3, (32,), generator=g)))
+'''
+
+
+def test_sigint_to_the_installed_command_then_resume(tmp_path, ckpts, monkeypatch):
+    # A real Ctrl-C (SIGINT) to the console script while the second checkpoint's probe runs.
+    exe = shutil.which("geomprobe", path=os.path.dirname(sys.executable))
+    if exe is None:
+        pytest.skip("the geomprobe console script is not installed beside this Python")
+    spec = tmp_path / "slow_spec.py"
+    spec.write_text(SLOW_SPEC)
+    out, marker = tmp_path / "run", tmp_path / "marker"
+    monkeypatch.setenv("SLOW_AT_CALL", "0")  # never slow while counting
+    per_probe = _loss_calls_per_probe(f"{spec}:spec")
+    env = {**os.environ, "SLOW_MARKER": str(marker), "SLOW_AT_CALL": str(per_probe + 1), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([exe, "probe", *map(str, ckpts), "--spec", f"{spec}:spec", "--out", str(out),
+                             "--no-warm-start"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 120
+    while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert marker.exists(), proc.communicate()[1]
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert f"geomprobe probe --resume {out}" in err and "Traceback" not in err
+    assert [r["step"] for r in RunReader(out).records] == [10]
+    env["SLOW_AT_CALL"] = "0"
+    resumed = subprocess.run([exe, "probe", "--resume", str(out)], capture_output=True, text=True, env=env)
+    assert resumed.returncode == 0, resumed.stderr
+    assert [r["step"] for r in RunReader(out).records] == [10, 20, 30]
+
+
+def _loss_calls_per_probe(spec_name: str) -> int:
+    """How many times one probe calls the spec's loss (counted in this process on the same spec file)."""
+    spec = load_spec(spec_name, seed=0)
+    module = sys.modules[spec.loss_fn.__module__]
+    module.CALLS[0] = 0
+    probe = gp.GeometryProbe(spec.model, spec.loss_fn, spec.probe_data, schedule=at([0]))
+    probe.probe(0)
+    probe.close()
+    return module.CALLS[0]

@@ -21,7 +21,8 @@ from geomprobe.runs.reader import RunReader
 
 
 def test_values_are_read_as_the_options_types():
-    assert parse_metric("spectrum:k=3,tol=1e-4,which=largest") == ("spectrum", {"k": 3, "tol": 1e-4, "which": "largest"})
+    assert parse_metric("spectrum:k=3,tol=1e-4,which=largest") == (
+        "spectrum", {"k": 3, "tol": 1e-4, "which": "largest"})
     assert parse_metric("precond:raw=false,rmed=yes,max_iter=none") == (
         "precond", {"raw": False, "rmed": True, "max_iter": None})
     assert parse_metric("rmed:blocks=fc1.*+fc2.weight") == ("rmed", {"blocks": ["fc1.*", "fc2.weight"]})
@@ -99,8 +100,8 @@ def _mlp():
 
 def test_geometry_probe_takes_option_strings_and_refuses_bad_ones_at_construction(tmp_path):
     model, batch = _mlp()
-    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), batch, metrics=["spectrum:k=2", {"name": "rmed", "hvps": 40}],
-                             run_dir=tmp_path / "run")
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), batch,
+                             metrics=["spectrum:k=2", {"name": "rmed", "hvps": 40}], run_dir=tmp_path / "run")
     record = probe.probe(0)
     probe.close()
     assert len(record["spectrum"]["top"]) == 2 and record["rmed"]["hvps"] == 40
