@@ -282,17 +282,19 @@ def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tu
         if dry_run:
             geometry.close()
             load_checkpoint(infos[0], model, trust_pickle=trust_pickle)
-            estimate = estimate_costs(geometry)
+            estimate, failure = _estimate(geometry)
     if dry_run:  # data on stdout, outside the redirection of the user's prints to stderr
         where = f"step {infos[0].step} ({Path(infos[0].path).name})"
         if as_json:
             emit_json({"spec": spec_name, "parameters": geometry.space.dim, "dtype": dtype,
                        "checkpoints": len(infos), "cost_plan": geometry.cost_plan,
-                       "estimate": {**estimate, "measured_on": where, "is_estimate": True}})
+                       "estimate": estimate and {**estimate, "measured_on": where, "is_estimate": True},
+                       "estimate_error": failure})
         else:
             console = out_console()
             console.print(plan_table(geometry.cost_plan, geometry.space.dim, dtype, estimate))
-            console.print(estimate_note(estimate, where, len(infos)), markup=False, highlight=False, soft_wrap=True)
+            note = estimate_note(estimate, where, len(infos)) if estimate else f"time not estimated: {failure}"
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
         return
     rows: list[dict] = []
     current: CheckpointInfo | None = None
@@ -340,6 +342,15 @@ def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tu
     if not quiet:
         err.print(f"run written to {out}; read it with: geomprobe report {out}", markup=False, highlight=False,
                   soft_wrap=True)
+
+
+def _estimate(geometry: GeometryProbe) -> tuple[dict | None, str | None]:
+    """The time estimate, or why there is none: a dry run still shows the plan when one HVP cannot run here
+    (out of memory, a layer without double backward); the probe itself would record that failure."""
+    try:
+        return estimate_costs(geometry), None
+    except Exception as e:
+        return None, f"measuring one HVP failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
 
 
 def _given() -> set[str]:

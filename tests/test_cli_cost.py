@@ -115,3 +115,19 @@ def test_time_and_bytes_text():
     assert time_text(3.21, exact=False) == "<=~3.2 s"
     assert [bytes_text(x) for x in (None, 12, 2048, 3 * 2**20, 5 * 2**30)] == ["-", "12 B", "2.0 KiB", "3.0 MiB",
                                                                                "5.0 GiB"]
+
+
+def test_dry_run_keeps_the_plan_when_one_hvp_cannot_run(tmp_path, ckpts, monkeypatch):
+    from geomprobe.engine.landscape import Landscape
+
+    def broken(self, v):
+        raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Landscape, "hvp", broken)
+    result = run("probe", *ckpts, "--spec", SPEC, "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["estimate"] is None and doc["cost_plan"]["spectrum"]["hvps"] == 51
+    assert doc["estimate_error"].startswith("measuring one HVP failed (RuntimeError: CUDA out of memory")
+    table = run("probe", *ckpts, "--spec", SPEC, "--dry-run")
+    assert "est. time" not in table.stdout and "time not estimated: measuring one HVP failed" in table.stdout

@@ -41,7 +41,8 @@ def estimate_costs(probe: Any) -> dict[str, Any]:
         device = next(probe.model.parameters()).device
         _sync(device)
         t0 = time.perf_counter()
-        land = Landscape(probe.model, probe.loss_fn, probe.batches, memory=None, **options)
+        # planned like a probe's (micro-batches where the whole graph would not fit), so the time is a probe's
+        land = Landscape(probe.model, probe.loss_fn, probe.batches, **options)
         _sync(device)
         t_graph = time.perf_counter() - t0
         try:
