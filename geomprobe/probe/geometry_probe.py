@@ -57,6 +57,10 @@ DEFAULT_METRICS = ("spectrum",)
 _OOM_TYPES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ()
 
 
+
+
+
+
 def _is_oom(e: BaseException) -> bool:
     return isinstance(e, _OOM_TYPES) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 

@@ -24,7 +24,6 @@ from .metric_spec import check_options
 __all__ = ["check_probe_options", "check_metric_options"]
 
 
-
 def _positive_int_or_none(name: str, value: Any) -> None:
     if value is None:
         return
