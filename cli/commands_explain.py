@@ -58,7 +58,10 @@ def explain(name: str | None) -> None:
         return
     parts = [Markdown(section(name))]
     if name in registry.REGISTRY:
-        parts += [Text(""), _options(name)]
+        metric = registry.get(name)
+        parts += [Text(""), _options(name), Text(f"cost per probe: {metric.cost}")]
+        if metric.needs:
+            parts.append(Text(f"needs besides the model and probe data: {', '.join(sorted(metric.needs))}"))
     parts.append(Text(f"source: {anchor(name)}", style="dim"))
     _print(console, Group(*parts))
 

@@ -79,6 +79,8 @@ def test_explain_lists_every_section_and_prints_one_with_its_options():
     assert "R_med = max_i |h_i| / median_i |h_i|" in rmed.stdout and "Source." in rmed.stdout
     assert "Options: --metric rmed:key=value" in rmed.stdout and "hvps" in rmed.stdout and "1024" in rmed.stdout
     assert "docs/metrics.md#rmed" in rmed.stdout
+    assert f"cost per probe: {registry.get('rmed').cost}" in " ".join(rmed.stdout.split())
+    assert "needs besides the model and probe data: optimizer" in run("explain", "precond").stdout
     assert not any(line != line.rstrip() for line in rmed.stdout.splitlines())  # piped: no padding
     assert "Options" not in run("explain", "smoothness").stdout  # not a metric: no --metric options
 
