@@ -1,4 +1,4 @@
-"""How contaminated are packed diagonal reads on real small networks? (SPEC §3, issue 16 item 4.)
+"""How contaminated are packed diagonal reads on real small networks? (docs/metrics.md#rmed, issue 16 item 4.)
 
 A packed read puts +-1 at one random coordinate of every parameter block and reads ``z_i (Hz)_i``: the
 diagonal entry plus the Hessian entries between the chosen coordinates. This script compares packed reads

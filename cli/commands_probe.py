@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
 import sys
 import time
 import warnings
@@ -19,6 +20,7 @@ import click
 import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from click.core import ParameterSource
 from rich.table import Table
 from rich.text import Text
 
@@ -29,10 +31,15 @@ from geomprobe.load.pathnames import name_problem, shown_path
 from geomprobe.load.spec import ProbeSpec, load_spec
 from geomprobe.metrics import registry
 from geomprobe.probe.geometry_probe import DEFAULT_METRICS, GeometryProbe
+from geomprobe.probe.estimate import estimate_costs
+from geomprobe.probe.metric_spec import METRIC_SPEC_HELP, resolve_metrics
 from geomprobe.probe.progress import ProgressEvent, planned_text
 from geomprobe.probe.schedule import at
 
 from ._common import SEED, emit_json, err_console, handle_errors, out_console
+from ._metric_option import METRIC
+from ._plan import estimate_note, plan_table
+from ._resume import resumed_command
 
 __all__ = ["probe", "warnings_to_stderr", "SPEC_HELP"]
 
@@ -122,27 +129,6 @@ def _check_optimizer(spec: ProbeSpec, infos: list[CheckpointInfo], needing: list
         )
 
 
-def _plan_table(plan: dict[str, dict], dim: int, dtype: str) -> Table:
-    """Each metric's planned HVPs, gradients and vector memory (``<=`` marks an iteration's upper bound)."""
-    table = Table(title=f"planned cost per probe ({dim:,} parameters, {dtype})", title_justify="left")
-    for col, justify in (("metric", "left"), ("HVPs", "right"), ("gradients", "right"),
-                         ("vector memory", "right"), ("note", "left")):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
-    for name, p in plan.items():
-        table.add_row(name, planned_text(p["hvps"], p["exact"]), str(p["gradients"] or 0) if p["hvps"] is not None
-                      else "?", _bytes_text(p["vector_bytes"]), Text(p.get("cost", "")))
-    return table
-
-
-def _bytes_text(n: int | None) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
-
-
 class _Progress:
     """A rich progress bar with ETA on a terminal, with a second bar for the metric running now (HVPs done
     of planned); one plain line per checkpoint otherwise. ``quiet``: nothing."""
@@ -230,12 +216,16 @@ def _table(rows: list[dict]) -> Table:
 
 
 @click.command("probe")
-@click.argument("checkpoints", nargs=-1, required=True, metavar="CKPT...")
-@click.option("--spec", "spec_name", required=True, metavar="MODULE:FN|FILE.py:FN", help=SPEC_HELP)
-@click.option("--metric", "metrics", multiple=True, type=click.Choice(registry.available()),
-              help=f"Metric to measure (repeat for several; default: {', '.join(DEFAULT_METRICS)}).")
+@click.argument("checkpoints", nargs=-1, metavar="CKPT...")
+@click.option("--spec", "spec_name", default=None, metavar="MODULE:FN|FILE.py:FN", help=SPEC_HELP)
+@click.option("--metric", "metrics", multiple=True, type=METRIC, metavar="NAME[:key=value,...]",
+              help=f"Metric to measure, with options (repeat for several; default: {', '.join(DEFAULT_METRICS)}): "
+                   f"{METRIC_SPEC_HELP}. Metrics: {', '.join(registry.available())}.")
 @click.option("--out", default=None, metavar="RUN_DIR", help="Run folder to write (default: runs/probe-<time>).")
 @click.option("--force", is_flag=True, help="Replace the run in an existing, non-empty --out folder.")
+@click.option("--resume", default=None, metavar="RUN_DIR",
+              help="Continue an interrupted probe run in RUN_DIR: probe the checkpoints it has not recorded and "
+                   "append them; spec, checkpoints, metrics, mode, seed and samples come from the run.")
 @click.option("--mode", type=click.Choice(["eval", "train"]), default="eval", show_default=True,
               help="eval: dropout off, BatchNorm running statistics; train: batch statistics, frozen dropout masks.")
 @click.option("--seed", type=SEED, default=0, show_default=True, help="Seeds the spec, probe data and metrics.")
@@ -245,74 +235,118 @@ def _table(rows: list[dict]) -> Table:
               help="Allow checkpoints holding pickled Python objects (weights_only=False): runs code from the file.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
 @click.option("--dry-run", is_flag=True,
-              help="Check the inputs (the loss is computed once on the first checkpoint) and print each metric's planned "
-                   "cost (HVPs, gradients, memory); probe nothing.")
+              help="Check the inputs (the loss is computed once on the first checkpoint) and print each metric's "
+                   "planned HVPs, gradients, memory and a time estimated from one HVP measured there; write nothing.")
 @click.option("--no-warm-start", is_flag=True,
               help="Start every Lanczos run cold instead of from the previous checkpoint's Ritz vectors.")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, progress or notes on stderr (warnings and errors still).")
 @handle_errors
-def probe(checkpoints: tuple[str, ...], spec_name: str, metrics: tuple[str, ...], out: str | None, force: bool,
-          mode: str, seed: int, samples: int | None, trust_pickle: bool, as_json: bool, dry_run: bool,
-          no_warm_start: bool, quiet: bool) -> None:
+def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tuple[str, dict], ...], out: str | None,
+          force: bool, resume: str | None, mode: str, seed: int, samples: int | None, trust_pickle: bool,
+          as_json: bool, dry_run: bool, no_warm_start: bool, quiet: bool) -> None:
     """Probe saved checkpoints CKPT... (files, save_pretrained folders or glob patterns) into one run.
 
     Formats: state dicts (.pt/.pth/.bin), training dicts with optimizer state, Lightning .ckpt,
     .safetensors and Hugging Face save_pretrained folders. Checkpoints are ordered by step (recorded in the
     file, else read from the name) and measured on the same seeded probe data. Before the first probe each
-    metric's planned cost is shown on stderr; on a terminal, progress inside each probe too.
+    metric's planned cost is shown on stderr; on a terminal, progress inside each probe too. Ctrl-C keeps
+    the checkpoints already recorded; `geomprobe probe --resume RUN_DIR` continues.
     """
     err = err_console()
+    # every metric option is checked before anything is loaded
+    metric_options = resolve_metrics([{"name": n, **o} for n, o in metrics] or list(DEFAULT_METRICS))
+    command = {"checkpoints": list(checkpoints), "spec": spec_name, "metrics": metric_options, "mode": mode,
+               "seed": seed, "samples": samples, "warm_start": not no_warm_start}
+    if resume is not None:
+        if force or dry_run:
+            raise click.UsageError("--resume continues a run: it takes neither --force nor --dry-run")
+        if out is not None and os.path.abspath(out) != os.path.abspath(resume):
+            raise click.UsageError(f"--resume writes to {resume}; drop --out {out}")
+        out = resume
+        command, recorded = resumed_command(resume, command, given=_given())
+        checkpoints, spec_name, metric_options = tuple(command["checkpoints"]), command["spec"], command["metrics"]
+        mode, seed, samples = command["mode"], command["seed"], command["samples"]
+        no_warm_start = not command["warm_start"]
+    else:
+        recorded = set()
+        if not checkpoints:
+            raise click.UsageError("Missing argument 'CKPT...': the checkpoints to probe (or --resume RUN_DIR)")
+        if spec_name is None:
+            raise click.UsageError("Missing option '--spec': what to probe, MODULE:FN or FILE.py:FN (see --help)")
     out = out or os.path.join("runs", time.strftime("probe-%Y%m%d-%H%M%S"))
-    metric_names = list(dict.fromkeys(metrics)) or list(DEFAULT_METRICS)
-    if not dry_run:
+    metric_names = list(metric_options)
+    if not dry_run and resume is None:
         _check_out(out, force)
     with warnings_to_stderr(err):
         spec = load_spec(spec_name, seed=seed)
         model = unwrap_model(spec.model)
-        infos = plan_checkpoints(checkpoints, model=model, trust_pickle=trust_pickle)
-        _check_optimizer(spec, infos, _optimizer_needed(metric_names))
-        if infos[0].step_source == "order" and not quiet:
+        all_infos = plan_checkpoints(checkpoints, model=model, trust_pickle=trust_pickle)
+        _check_optimizer(spec, all_infos, _optimizer_needed(metric_names))
+        if all_infos[0].step_source == "order" and not quiet:
             err.print("note: some checkpoints carry no step in the file or its name; steps are their order",
                       markup=False, highlight=False)
+        infos = [i for i in all_infos if i.step not in recorded]
+        if resume is not None and not infos:
+            err.print(f"nothing to resume: all {len(all_infos)} checkpoints are recorded in {out}; read it with: "
+                      f"geomprobe report {shlex.quote(out)}", markup=False, highlight=False, soft_wrap=True)
+            return
+        if recorded and not quiet:
+            err.print(f"resuming {out}: {len(all_infos) - len(infos)} of {len(all_infos)} checkpoints already "
+                      "recorded", markup=False, highlight=False, soft_wrap=True)
         meta = {"source": "checkpoints", "spec": spec_name,
-                "checkpoints": [{"step": i.step, "path": i.path, "format": i.format} for i in infos]}
+                "checkpoints": [{"step": i.step, "path": i.path, "format": i.format} for i in all_infos],
+                "probe_command": {**command, "checkpoints": [os.path.abspath(i.path) for i in all_infos]}}
         progress = _Progress(err, len(infos), quiet=quiet)
         geometry = GeometryProbe(
-            model, spec.loss_fn, spec.probe_data, metrics=metric_names, schedule=at([i.step for i in infos]),
+            model, spec.loss_fn, spec.probe_data, metrics=metric_options, schedule=at([i.step for i in infos]),
             run_dir=None if dry_run else out, mode=mode, noise_data=spec.noise_data, probe_samples=samples,
-            seed=seed, force=force, meta=meta, warm_start=not no_warm_start, progress=progress.event,
+            seed=seed, force=force, resume=resume is not None, meta=meta, warm_start=not no_warm_start,
+            progress=progress.event,
         )
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         if dry_run:
             geometry.close()
             _preflight(geometry, model, spec.loss_fn, infos[0], trust_pickle)  # a dry run checks the loss runs too
+            estimate, failure = _estimate(geometry)
     if dry_run:  # data on stdout, outside the redirection of the user's prints to stderr
+        where = f"step {infos[0].step} ({Path(infos[0].path).name})"
         if as_json:
             emit_json({"spec": spec_name, "parameters": geometry.space.dim, "dtype": dtype,
-                       "checkpoints": len(infos), "cost_plan": geometry.cost_plan})
+                       "checkpoints": len(infos), "cost_plan": geometry.cost_plan,
+                       "estimate": estimate and {**estimate, "measured_on": where, "is_estimate": True},
+                       "estimate_error": failure})
         else:
-            out_console().print(_plan_table(geometry.cost_plan, geometry.space.dim, dtype))
+            console = out_console()
+            console.print(plan_table(geometry.cost_plan, geometry.space.dim, dtype, estimate))
+            note = estimate_note(estimate, where, len(infos)) if estimate else f"time not estimated: {failure}"
+            console.print(note, markup=False, highlight=False, soft_wrap=True)
         return
-    with warnings_to_stderr(err):
-        _preflight(geometry, model, spec.loss_fn, infos[0], trust_pickle)
-        if not quiet:
-            err.print(_plan_table(geometry.cost_plan, geometry.space.dim, dtype))
-        rows: list[dict] = []
-        notes: set[str] = set()
-        with geometry, progress:
-            for info in infos:
-                progress.starting(info)
-                fresh = spec.build_optimizer() if spec.optimizer_factory is not None else None
-                loaded = load_checkpoint(info, model, optimizer=fresh if info.has_optimizer else None,
-                                         trust_pickle=trust_pickle)
-                geometry.optimizer = loaded.optimizer or (fresh if isinstance(fresh, torch.optim.SGD) else None)
-                matched = loaded.match.describe()
-                if matched and matched not in notes and not quiet:  # say how keys were matched, once per kind
-                    notes.add(matched)
-                    err.print(f"note: {Path(info.path).name}: {matched}", markup=False, highlight=False)
-                record = geometry.probe(info.step)
-                rows.append({**_summary(info, record), "key_match": matched or "exact"})
-                progress.finished(info, record)
+    rows: list[dict] = []
+    current: CheckpointInfo | None = None
+    try:
+        with warnings_to_stderr(err):
+            _preflight(geometry, model, spec.loss_fn, infos[0], trust_pickle)
+            if not quiet:
+                err.print(plan_table(geometry.cost_plan, geometry.space.dim, dtype))
+            notes: set[str] = set()
+            with geometry, progress:
+                for info in infos:
+                    current = info
+                    progress.starting(info)
+                    fresh = spec.build_optimizer() if spec.optimizer_factory is not None else None
+                    loaded = load_checkpoint(info, model, optimizer=fresh if info.has_optimizer else None,
+                                             trust_pickle=trust_pickle)
+                    geometry.optimizer = loaded.optimizer or (fresh if isinstance(fresh, torch.optim.SGD) else None)
+                    matched = loaded.match.describe()
+                    if matched and matched not in notes and not quiet:  # say how keys were matched, once per kind
+                        notes.add(matched)
+                        err.print(f"note: {Path(info.path).name}: {matched}", markup=False, highlight=False)
+                    record = geometry.probe(info.step)
+                    rows.append({**_summary(info, record), "key_match": matched or "exact"})
+                    progress.finished(info, record)
+    except KeyboardInterrupt:
+        _interrupted(err, out, current, len(all_infos) - len(infos) + len(rows), len(all_infos),
+                     written=geometry.writer is not None and not geometry.unwritten_records)
     if as_json:
         emit_json({"run": out, "spec": spec_name, "mode": mode, "seed": seed, "metrics": metric_names,
                    "checkpoints": rows})
@@ -334,3 +368,35 @@ def probe(checkpoints: tuple[str, ...], spec_name: str, metrics: tuple[str, ...]
     if not quiet:
         err.print(f"run written to {out}; read it with: geomprobe report {out}", markup=False, highlight=False,
                   soft_wrap=True)
+
+
+def _estimate(geometry: GeometryProbe) -> tuple[dict | None, str | None]:
+    """The time estimate, or why there is none: a dry run still shows the plan when one HVP cannot run here
+    (out of memory, a layer without double backward); the probe itself would record that failure."""
+    try:
+        return estimate_costs(geometry), None
+    except Exception as e:
+        return None, f"measuring one HVP failed ({type(e).__name__}: {' '.join(str(e).split())[:200]})"
+
+
+def _given() -> set[str]:
+    """The options the user gave on the command line (or in the environment), not left at their default."""
+    ctx = click.get_current_context()
+    sources = (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT)
+    names = {"checkpoints": "checkpoints", "spec_name": "spec", "metrics": "metrics", "mode": "mode", "seed": "seed",
+             "samples": "samples", "no_warm_start": "warm_start"}
+    return {field for param, field in names.items() if ctx.get_parameter_source(param) in sources}
+
+
+def _interrupted(err: Console, out: str, current: CheckpointInfo | None, recorded: int, total: int,
+                 written: bool) -> None:
+    """Ctrl-C: say what is kept and how to continue, exit 130 (the shell's code for SIGINT)."""
+    at_ = f" during step {current.step} ({Path(current.path).name})" if current is not None else ""
+    if not written and recorded == 0:
+        err.print(f"interrupted{at_}: nothing was recorded, so {out} holds no run; run the command again",
+                  markup=False, highlight=False, soft_wrap=True)
+    else:
+        err.print(f"interrupted{at_}: {recorded} of {total} checkpoints are recorded in {out} (the interrupted "
+                  f"one is not); continue with: geomprobe probe --resume {shlex.quote(out)}",
+                  markup=False, highlight=False, soft_wrap=True)
+    click.get_current_context().exit(130)

@@ -43,3 +43,7 @@ cli.add_command(demo)
 from .commands_view import view  # noqa: E402
 
 cli.add_command(view)
+
+from .commands_explain import explain  # noqa: E402
+
+cli.add_command(explain)

@@ -296,7 +296,7 @@ there.
   reported: first step with f(w) ≤ −γ²/8 = {ESCAPE_F:.3g} (half the well depth). Budget {STEPS} steps;
   runs not escaped by then are censored (counted at the budget in medians).
 - Optimizers: SGD, Adam (β = (0.9, 0.999), ε = 1e-8), trust regions with the sphere and the RMSProp
-  ellipsoid (SPEC §8 defaults; backprops = 1 per gradient + 1 per HVP + ½ per function value). The learning
+  ellipsoid (docs/metrics.md#trust_region; backprops = 1 per gradient + 1 per HVP + ½ per function value). The learning
   rates of SGD and Adam were chosen per frame from a grid by mean backprops to escape on seeds
   {', '.join(map(str, TUNE_SEEDS))} (not used in the results):
 

@@ -487,7 +487,7 @@ def write_readme(out: str, summary: dict[str, Any], seconds: float) -> str:
   α̂ (Mohammadi et al. estimator, pooled over all coordinates) is well below 2, the Gaussian value.
 - {CITATIONS['zhang']}: the noise is heavy-tailed for attention models and near-Gaussian for CNNs.
 
-The caveat tested here (SPEC §5): pooling coordinates of unequal scales makes even Gaussian noise look
+The caveat tested here (docs/metrics.md#noise): pooling coordinates of unequal scales makes even Gaussian noise look
 heavy-tailed to the pooled estimator (sd of the log-scale 1 gives α̂ ≈ 1.5). The standardized α̂ divides
 each coordinate by its std over the P samples first and is the robust number.
 

@@ -6,7 +6,7 @@ backprops and final loss on every network tried, and on autoencoders the spheric
 saddle point that the adaptive methods escape.
 
 Set-up: the digits MLP classifier and a small tanh autoencoder on digits, each trained by tr-sphere,
-tr-adagrad, tr-rmsprop (registry defaults, SPEC §8), SGD with momentum and Adam on the same budget of
+tr-adagrad, tr-rmsprop (registry defaults, docs/metrics.md#trust_region), SGD with momentum and Adam on one budget of
 backprops with the same minibatch size, from the same initial weights per seed; the saddle metric
 (gradient norm, Lanczos λ_min / λ_max with residual bounds) is probed along each trajectory.
 
@@ -42,7 +42,7 @@ from geomprobe.runs.reader import RunReader  # noqa: E402
 
 OPTIMIZERS = ("tr-sphere", "tr-adagrad", "tr-rmsprop", "sgdm", "adam")
 TRUST_REGIONS = OPTIMIZERS[:3]
-BATCH = 512            # the trust region's default minibatch (SPEC §8), used by every method so that a
+BATCH = 512            # the trust region's default minibatch (docs/metrics.md#trust_region), used by all so that a
                        # backprop means the same number of per-sample gradients for all of them
 # Backprops per run: the classifier is solved to ~1e-5 loss well within its budget; the autoencoder gets
 # more, since the question there is whether a method leaves a plateau at all.
@@ -202,7 +202,8 @@ def _verdict(summary: dict[str, Any]) -> tuple[str, list[str]]:
         f"autoencoder: tr-sphere ends ≥ {STALL_FACTOR}× above the best ellipsoid on {int(stall.sum())}/{stall.size} "
         f"seeds; its final λ_min is negative on {int(neg.sum())}/{neg.size} seeds (λ_min/λ_max at the end: "
         f"{', '.join(fmt(a / b, 2) for a, b in zip(sph_ae['final_lambda_min'], sph_ae['final_lambda_max']))}); "
-        f"certified saddle flags (SPEC §6, ‖g‖ ≤ 1e-3‖g0‖) along its runs: {sum(sph_ae['saddle_flags'])}; "
+        f"certified saddle flags (docs/metrics.md#saddle, ‖g‖ ≤ 1e-3‖g0‖) along its runs: "
+        f"{sum(sph_ae['saddle_flags'])}; "
         f"loss at half budget / final loss {', '.join(fmt(x, 3) for x in ae['tr-sphere']['half_to_final'])} "
         "(near 1 would be a plateau) and ‖g‖ end / start "
         f"{', '.join(fmt(x, 2) for x in ae['tr-sphere']['final_grad_ratio'])} (far from a stationary point if ≳ 0.1)."
@@ -302,7 +303,7 @@ stalls at a saddle point that the adaptive methods escape.
 - Data: scikit-learn's digits (1438 training images, pixels standardized), no download.
 - Problems: {labels["mlp"]}; {labels["autoencoder"]}. PyTorch's default initialization, the same initial
   weights and minibatch order for every optimizer of a seed.
-- Optimizers (`geomprobe.optim` registry): `tr-sphere`, `tr-adagrad`, `tr-rmsprop` with SPEC §8 defaults
+- Optimizers (`geomprobe.optim` registry): `tr-sphere`, `tr-adagrad`, `tr-rmsprop` (docs/metrics.md#trust_region)
   (Δ0 0.05 / 0.05 / 1e-4, Δ_max 10, η1 0.01, η2 0.95, γ1 1.1, γ2 1.5 / 1.5 / 1.75, β 0.8, Steihaug–Toint CG
   with κ 0.1 and at most 50 HVPs); `sgdm` (lr 0.05, momentum 0.9) and `adam` (lr 3e-3 on the MLP, 1e-3 on
   the autoencoder), not tuned for this study.
@@ -312,7 +313,7 @@ stalls at a saddle point that the adaptive methods escape.
 - Seeds: {", ".join(map(str, seeds))}. Probes: {PROBES} per run at backprop counts spaced geometrically;
   training loss on the full training set; the `saddle` metric (gradient norm, Lanczos λ_min and λ_max with
   residual bounds, tol 1e-3) on 512 fixed training images. A certified saddle flag needs ‖g‖ ≤ 1e-3·‖g0‖
-  and λ_min ≤ −1e-3·λ_max (SPEC §6).
+  and λ_min ≤ −1e-3·λ_max (docs/metrics.md#saddle).
 
 ## Results
 

@@ -164,4 +164,5 @@ def test_every_sub_package_is_installed():
     tomllib = pytest.importorskip("tomllib")
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {_module_name(p.parent / "__init__.py") for p in PACKAGE.rglob("__init__.py")} | {"geomprobe.cli"}
+    found |= {"geomprobe.docs"}  # docs/ mapped in as package data (docs/metrics.md, read by `geomprobe explain`)
     assert found == listed, f"missing from pyproject: {sorted(found - listed)}; stale: {sorted(listed - found)}"

@@ -35,7 +35,7 @@ def test_lanczos_extremes_and_bounds_cover_truth():
 
 
 def test_lanczos_outlier_top_needs_few_steps():
-    # SPEC §1: an outlying top eigenvalue converges to 1e-3 relative in 5-9 steps
+    # docs/metrics.md#spectrum: an outlying top eigenvalue converges to 1e-3 relative in 5-9 steps
     n = 20_000
     d = torch.rand(n, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     d[0] = 10.0

@@ -1,4 +1,5 @@
-"""diagshare: exact shares from the dense Hessian, column sampling within its interval, SPEC §4 baselines."""
+"""diagshare: exact shares from the dense Hessian, column sampling within its interval, the baselines of
+docs/metrics.md#diagshare."""
 
 import json
 import math
@@ -46,7 +47,7 @@ def test_ols_baseline_monte_carlo():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(20_000, 32, 10, generator=g, dtype=F64)
     mc = _share_of_mean(X.transpose(1, 2) @ X / 32)
-    assert abs(mc - 0.4420) <= MC_BASELINE_ABS                      # SPEC §4's Monte Carlo value
+    assert abs(mc - 0.4420) <= MC_BASELINE_ABS                      # the Monte Carlo value of docs/metrics.md#diagshare
     assert abs(mc - ols_baseline(10, 32)) <= OLS_ASYMPTOTIC_ABS     # the closed form is the large-n limit
 
 

@@ -1,4 +1,4 @@
-"""saddle: the SPEC §6 flag on quadratics whose gradient and spectrum are known."""
+"""saddle: the flag of docs/metrics.md#saddle on quadratics whose gradient and spectrum are known."""
 
 import json
 

@@ -1,4 +1,5 @@
-"""Tail-index estimators on samples of known tails: the SPEC §5 accuracy table, Hill, pooling, bad input."""
+"""Tail-index estimators on samples of known tails (the accuracy table of docs/metrics.md#noise), Hill, pooling,
+bad input."""
 
 import math
 
@@ -39,7 +40,7 @@ def test_spec_accuracy_table(alpha, n, mean_tol, std_tol):
 
 @pytest.mark.parametrize("alpha", ALPHAS)
 def test_plain_single_partition_estimator(alpha):
-    """The estimator exactly as SPEC §5 writes it (one partition, the sample's order). At N = 1e4 its own
+    """The estimator exactly as docs/metrics.md#noise writes it (one partition, the sample's order). At N = 1e4 its own
     std is ~0.1 for alpha = 2 (the table's 0.096), so only the mean is held to the table there."""
     for n, tol in ((10**4, TAIL_MEAN_1E4), (10**5, TAIL_MEAN_1E5)):
         a = torch.tensor([r["alpha"] for r in _estimates(alpha, n, partitions=1)])
@@ -89,7 +90,8 @@ def test_hill_on_pareto_samples_and_its_interval_covers():
 
 @pytest.mark.parametrize("sd, expected", [(0.0, 2.03), (0.5, 1.87), (1.0, 1.52), (2.0, 0.93)])
 def test_pooled_gaussians_with_lognormal_scales(sd, expected):
-    """SPEC §5: pooling Gaussian coordinates of log-normal scales fakes a heavy tail; standardizing removes it."""
+    """Pooling Gaussian coordinates of log-normal scales fakes a heavy tail; standardizing removes it
+    (docs/metrics.md#noise)."""
     g = torch.Generator().manual_seed(7)
     scales = torch.exp(sd * torch.randn(1000, generator=g, dtype=torch.float64))
     xi = torch.randn(200, 1000, generator=g, dtype=torch.float64) * scales

@@ -1,4 +1,4 @@
-"""Batch-size scaling rules (SPEC.md §9): linear for SGD, square root for Adam/AdamW/RMSprop."""
+"""Batch-size scaling rules (docs/metrics.md#batch_scaling): linear for SGD, square root for Adam/AdamW/RMSprop."""
 
 import math
 

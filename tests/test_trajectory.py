@@ -1,4 +1,5 @@
-"""Trajectory analytics (issue 11): the (L0, L1) envelope of SPEC §7 and the edge-of-stability crossing."""
+"""Trajectory analytics (issue 11): the (L0, L1) envelope of docs/metrics.md#smoothness and the edge-of-stability
+crossing."""
 
 from __future__ import annotations
 

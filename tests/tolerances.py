@@ -17,9 +17,12 @@ TR_CONVERGED = 1e-6         # ‖w − w*‖_∞ that counts as converged (Rosen
 TR_CONVERGED_FLOAT32 = 1e-3  # the same in float32
 
 # Geometry metrics (tests/test_metrics_*.py).
-RMED_LARGE_REL = 0.10       # sampled R_med of a 1e5-coordinate block against its exact value (SPEC §3 / issue 3)
-BASELINE_ABS = 1e-4         # closed-form diagonal-share baselines against the values printed in SPEC §4
-MC_BASELINE_ABS = 2e-3      # our Monte Carlo of delta(E|H|) against SPEC §4's Monte Carlo (both carry MC noise)
+# sampled R_med of a 1e5-coordinate block against its exact value (docs/metrics.md#rmed / issue 3)
+RMED_LARGE_REL = 0.10
+# closed-form diagonal-share baselines against the values printed in docs/metrics.md#diagshare
+BASELINE_ABS = 1e-4
+# our Monte Carlo of delta(E|H|) against the Monte Carlo of docs/metrics.md#diagshare (both carry MC noise)
+MC_BASELINE_ABS = 2e-3
 WIGNER_MC_ABS = 2e-4        # the same for the Wigner baseline at d = 100 (values near 0.0100)
 OLS_ASYMPTOTIC_ABS = 5e-3   # the OLS closed form is a large-n limit: its gap to Monte Carlo at n = 32
 COVERAGE_MIN = 0.85         # share of seeds whose nominal-95 % interval must cover the truth
@@ -27,11 +30,12 @@ COVERAGE_SIGMAS = 3.0       # over n seeds, coverage >= level - this * sqrt(leve
 PACKED_CALIBRATION = (0.8, 1.25)  # mean squared contamination over mean squared reported error, many reads
 
 # Gradient noise (tests/test_noise_*.py, test_persample.py, test_isotropy.py).
-TAIL_MEAN_1E4 = 0.05        # |mean alpha_hat - alpha| over 20 SaS samples of N = 1e4 (SPEC §5 table)
+TAIL_MEAN_1E4 = 0.05        # |mean alpha_hat - alpha| over 20 SaS samples of N = 1e4 (docs/metrics.md#noise table)
 TAIL_STD_1E4 = 0.10         # std of alpha_hat over those 20 samples
 TAIL_MEAN_1E5 = 0.03        # the same at N = 1e5
 TAIL_STD_1E5 = 0.05
-POOLED_ALPHA_ABS = 0.10     # pooled Gaussians of log-normal scales vs SPEC §5 (2.03/1.87/1.52/0.93); standardized vs 2
+# pooled Gaussians of log-normal scales vs docs/metrics.md#noise (2.03/1.87/1.52/0.93); standardized vs 2
+POOLED_ALPHA_ABS = 0.10
 SE_CALIBRATION = (0.5, 2.0)  # std of (estimate - truth)/reported error over seeds must fall in this range
 
 # Trajectory analytics and reports (tests/test_trajectory.py, test_report.py).

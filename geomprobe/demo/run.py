@@ -37,7 +37,7 @@ DEMO_METRICS: dict[str, dict[str, Any]] = {
     "precond": {"raw": False, "rmed": False},
 }
 TRAIN_BATCH = 128
-TR_BATCH = 512          # the trust region's default minibatch (SPEC §8)
+TR_BATCH = 512          # the trust region's default minibatch (docs/metrics.md#trust_region)
 PROBE_SAMPLES = 512
 
 

@@ -1,6 +1,7 @@
 """Gradient samples at a frozen iterate: per-example gradients and per-minibatch gradients.
 
-The noise metrics (SPEC §5-6) need many stochastic gradients ``g_1..g_P`` at the same parameters. Two
+The noise metrics (docs/metrics.md#noise, docs/metrics.md#isotropy) need many stochastic gradients ``g_1..g_P``
+at the same parameters. Two
 sources give them, each an iterable of row blocks ``(c, d)`` in the Landscape's flat layout, which can be
 iterated again (a second pass recomputes the same rows):
 

@@ -57,7 +57,7 @@ def lanczos(
     no eigenvalue lies unseen between ``theta_i`` and its neighbours (a Ritz value may still be missing, as
     for any Krylov method). That assumption fails in practice when the top eigenvalues cluster: on a
     6-layer transformer it stopped at a true error of 2.5e-3 for ``tol=1e-3`` (benchmarks/RESULTS.md §2).
-    The default ``"residual"`` is SPEC §1's and makes no such assumption.
+    The default ``"residual"`` is the one of docs/metrics.md#spectrum and makes no such assumption.
 
     ``asymmetry``: ``max_j |(H v_j)^T v_{j-1} - beta_{j-1}|`` relative to a bound on ``||T||``, free evidence
     of the matvec's own error, which the residual bounds do not include: eigenvalues are not known to better

@@ -1,11 +1,12 @@
-"""How a budget of HVPs is split across parameter blocks by ``rmed`` and ``diagshare`` (SPEC §3, §4).
+"""How a budget of HVPs is split across parameter blocks by ``rmed`` and ``diagshare`` (docs/metrics.md#rmed,
+docs/metrics.md#diagshare).
 
 Private to the metrics. Pure arithmetic on block sizes: the rules live here, in one place, so that the
 planned cost of a metric can be stated before any HVP is spent and tested against what it spends.
 
 ``rmed`` (:func:`plan_rmed`), in order of preference:
 
-1. **exact**: the per-block layout of SPEC §3 (every coordinate of a block up to ``exact_threshold``; ``k``
+1. **exact**: the per-block layout of docs/metrics.md#rmed (every coordinate of a block up to ``exact_threshold``; ``k``
    sampled + ``top`` screened coordinates of a larger one; ``screen_samples`` Bekas probes shared) when its
    cost fits the budget, else ``k`` and ``top`` scaled down together, every block larger than ``k + top``
    sampled (``exact_threshold`` gives way), while that still buys at least ``min_k`` exact coordinates per

@@ -13,6 +13,7 @@ from typing import Any, Sequence
 import torch
 
 from . import registry
+from ._budget import plan_columns, plan_rmed
 from ._common import select_blocks
 from .registry import CostPlan, PlanContext
 
@@ -39,16 +40,19 @@ def _rmed_hvps(blocks: Sequence[Any], *, exact_threshold: int = 1024, k: int = 5
 
 
 def _rmed(o: dict, c: PlanContext) -> CostPlan:
+    # the metric's own plan within its budget hvps (exact entries, scaled down, or packed rows)
     chosen = select_blocks(c.blocks, o["blocks"])
-    return CostPlan(_rmed_hvps(chosen, exact_threshold=o["exact_threshold"], k=o["k"], top=o["top"],
-                               screen_samples=o["screen_samples"]), vectors=2 * c.chunk_size)
+    plan = plan_rmed([b.size for b in chosen], budget=o["hvps"], exact_threshold=o["exact_threshold"], k=o["k"],
+                     top=o["top"], screen_samples=o["screen_samples"], signs=o["signs"], min_k=o["min_k"])
+    return CostPlan(plan.hvps, vectors=2 * c.chunk_size)
 
 
 def _diagshare(o: dict, c: PlanContext) -> CostPlan:
     chosen = select_blocks(c.blocks, o["blocks"])
     d = sum(b.size for b in chosen)
-    hvps = d if d <= o["exact_threshold"] else sum(min(o["k"], b.size) for b in chosen)
-    return CostPlan(hvps, vectors=2 * c.chunk_size)
+    if d <= min(o["exact_threshold"], o["hvps"]):
+        return CostPlan(d, vectors=2 * c.chunk_size)
+    return CostPlan(sum(plan_columns([b.size for b in chosen], budget=o["hvps"], k=o["k"])), vectors=2 * c.chunk_size)
 
 
 def _density(o: dict, c: PlanContext) -> CostPlan:

@@ -1,4 +1,4 @@
-"""Spectral density of the Hessian by stochastic Lanczos quadrature, and what it says (SPEC §2).
+"""Spectral density of the Hessian by stochastic Lanczos quadrature, and what it says (docs/metrics.md#density).
 
 ``n_v`` Lanczos runs of ``m`` steps from Rademacher starts ``z_l`` give nodes ``theta_{l,i}`` and weights
 ``tau_{l,i} = U_{1i}^2``; the measure ``mu_hat = (1/n_v) sum_l sum_i tau_{l,i} delta(theta_{l,i})`` estimates
@@ -101,7 +101,8 @@ def density(
         land: the Landscape.
         n_v: Lanczos runs (random starts); errors shrink as 1/sqrt(n_v).
         m: steps per run (moments up to 2m - 1 match); capped at ``d``.
-        grid_size, sigma2: the density grid and the Gaussian smoothing variance (SPEC default if None).
+        grid_size, sigma2: the density grid and the Gaussian smoothing variance (the default of
+            docs/metrics.md#density if None).
         edge_threshold: relative density below which the bulk ends (module docstring).
         tol: relative residual bound under which the extremes count as converged.
         seed, generator: the randomness (Rademacher starts).

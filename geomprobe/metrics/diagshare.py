@@ -1,4 +1,4 @@
-"""Diagonal mass share of the Hessian, with its random-matrix baselines (SPEC §4).
+"""Diagonal mass share of the Hessian, with its random-matrix baselines (docs/metrics.md#diagshare).
 
 ::
 
@@ -69,7 +69,8 @@ def wigner_baseline(d: int, *, sigma_diag: float = 1.0, sigma_off: float = 1.0) 
 
     ``A`` symmetric with independent zero-mean Gaussian entries, diagonal sd ``sigma_diag = s1`` and
     off-diagonal sd ``sigma_off = s2`` (``E|a| = sqrt(2/pi) sd``, the constant cancels). With equal scales this
-    is ``1/d``: the share of a Hessian with no diagonal structure at all. Reference: Kohler et al. (SPEC §4).
+    is ``1/d``: the share of a Hessian with no diagonal structure at all. Reference: Kohler et al.
+    (docs/metrics.md#diagshare).
     Monte Carlo of ``E delta(A)`` at d = 100 gives 0.0100-0.0101.
 
     >>> wigner_baseline(100)
@@ -86,7 +87,8 @@ def ols_baseline(d: int, n: int) -> float:
 
     ``X`` is ``n x d`` with i.i.d. zero-mean unit-variance inputs; ``n`` is the Hessian's batch size (the
     number of samples it averages over, ``Landscape.n_samples``). For large ``n``, ``H_ii -> 1`` and
-    ``H_ij ~ N(0, 1/n)`` with ``E|H_ij| = sqrt(2 / (pi n))``. Monte Carlo (SPEC §4): d=50, n=128 gives 0.2250
+    ``H_ij ~ N(0, 1/n)`` with ``E|H_ij| = sqrt(2 / (pi n))``. Monte Carlo (docs/metrics.md#diagshare): d=50,
+    n=128 gives 0.2250
     against 0.2244 here; d=10, n=32 0.4420 vs 0.4406; d=100, n=4096 0.4474 vs 0.4476.
 
     >>> round(ols_baseline(50, 128), 4)

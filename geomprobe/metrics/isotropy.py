@@ -1,4 +1,5 @@
-"""Isotropy of gradient noise, raw and preconditioned by the optimizer's ``P`` (SPEC §6, Staib et al. 2019).
+"""Isotropy of gradient noise, raw and preconditioned by the optimizer's ``P`` (docs/metrics.md#isotropy,
+Staib et al. 2019).
 
 Adaptive methods are preconditioned SGD, ``x ← x − η P g``; the noise they inject is ``Pξ``. Staib et al.
 argue that the preconditioner makes the noise more isotropic near stationary points, which helps escape
@@ -41,7 +42,7 @@ from .spectrum import run_lanczos
 
 __all__ = ["isotropy", "isotropy_index", "MIN_ISOTROPY_SAMPLES"]
 
-MIN_ISOTROPY_SAMPLES = 32  # SPEC §6: P >= 32 noise samples
+MIN_ISOTROPY_SAMPLES = 32  # docs/metrics.md#isotropy: P >= 32 noise samples
 
 
 def _view_estimates(stats: NoiseStats, v: ViewStats, suffix: str) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Gradient noise at a frozen iterate: tail indices, noise scale, signal-to-noise ratio (SPEC §5).
+"""Gradient noise at a frozen iterate: tail indices, noise scale, signal-to-noise ratio (docs/metrics.md#noise).
 
 The registered ``noise`` metric draws P ≥ 50 stochastic gradients ``g_p`` at the Landscape's parameters and
 studies the noise ``ξ_p = g_p − ḡ``. The estimators of the tail index are public here too:
@@ -27,7 +27,7 @@ from .registry import register
 __all__ = ["noise", "tail_index", "hill_index", "sample_sas", "noise_tail_indices", "gradient_source",
            "HETEROGENEITY_GAP", "MIN_NOISE_SAMPLES", "DEFAULT_MAX_SAMPLES"]
 
-MIN_NOISE_SAMPLES = 50     # SPEC §5: P >= 50 noise samples
+MIN_NOISE_SAMPLES = 50     # docs/metrics.md#noise: P >= 50 noise samples
 DEFAULT_MAX_SAMPLES = 256  # a DataLoader given as noise_data is read this far, not for a whole epoch
 HETEROGENEITY_GAP = 0.2    # alpha_standardized - alpha_pooled above this: scale heterogeneity, not heavy tails
 
@@ -74,8 +74,8 @@ def noise_tail_indices(xi: torch.Tensor, *, partitions: int = 16, seed: int = 0)
     look like a heavy tail; columns with zero variance carry no noise and are left out. ``gap`` =
     standardized − pooled; ``scale_heterogeneity`` when it exceeds :data:`HETEROGENEITY_GAP`: the pooled
     sample looks heavier-tailed than its standardized coordinates, so unequal scales, not heavy tails,
-    made it so. (SPEC §5 writes the difference the other way round, pooled − standardized, yet its own
-    example, 1.52 pooled for Gaussians of log-normal scales, has pooled below standardized; the sign here
+    made it so. (The paper's summary is sometimes read the other way round, pooled − standardized, yet its
+    own example, 1.52 pooled for Gaussians of log-normal scales, has pooled below standardized; the sign here
     is the one that flags that example.)
 
     >>> g = torch.Generator().manual_seed(0)
@@ -160,7 +160,7 @@ def noise(
       most, so memory stays ``P × m`` whatever d): ``alpha_pooled`` over all, ``alpha_standardized`` after
       dividing each coordinate by its std, per block in ``blocks``; ``scale_heterogeneity`` when
       standardized − pooled (``gap``) > 0.2: pooled Gaussian coordinates of unequal scales mimic a heavy
-      tail (SPEC §5; see :func:`noise_tail_indices` for the sign).
+      tail (docs/metrics.md#noise; see :func:`noise_tail_indices` for the sign).
     - ``hill_alpha``: Hill's exponent of the noise norms ``‖ξ_p‖`` with a bootstrap interval.
     - ``trace_cov = tr Cov(g_p)`` (divisor P−1, unbiased) and ``grad_norm_sq = ‖ḡ‖² − trace_cov/P``, the
       unbiased ``‖G‖²``.

@@ -1,4 +1,4 @@
-"""The geometry an optimizer sees: ``P^{1/2} H P^{1/2}`` with ``P`` read from its state (SPEC §6).
+"""The geometry an optimizer sees: ``P^{1/2} H P^{1/2}`` with ``P`` read from its state (docs/metrics.md#precond).
 
 Adaptive methods are preconditioned SGD, ``x <- x - eta P g``; in the coordinates ``u = P^{-1/2} x`` the step
 is plain gradient descent on a loss with Hessian ``P^{1/2} H P^{1/2}``. This metric reports that matrix's
@@ -21,7 +21,7 @@ SGD (any momentum)     ``p = 1``: no state needed
 
 Parameters are matched to optimizer state by tensor identity, so the Landscape's selection and order
 need not match the optimizer's. Reading the state changes nothing (no state entry is created).
-Reference: Staib et al. 2019; Kohler, Adolphs, Lucchi (SPEC §6).
+Reference: Staib et al. 2019; Kohler, Adolphs, Lucchi (docs/metrics.md#precond).
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ where an iteration may stop early), the gradients, and the vectors of length ``d
 
 from __future__ import annotations
 
+import difflib
 import inspect
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Sequence
@@ -116,7 +117,9 @@ def get(name: str) -> Metric:
         return REGISTRY[name]
     except KeyError:
         known = ", ".join(sorted(REGISTRY)) or "(none)"
-        raise ConfigurationError(f"unknown metric {name!r}; known metrics: {known}") from None
+        close = difflib.get_close_matches(str(name), list(REGISTRY), n=3, cutoff=0.6)
+        hint = f"did you mean {' or '.join(map(repr, close))}? " if close else ""
+        raise ConfigurationError(f"unknown metric {name!r}; {hint}known metrics: {known}") from None
 
 
 def available() -> list[str]:

@@ -1,4 +1,5 @@
-"""R_med: the diagonal analogue of a condition number, per parameter block and for the whole model (SPEC §3).
+"""R_med: the diagonal analogue of a condition number, per parameter block and for the whole model
+(docs/metrics.md#rmed).
 
 For a block ``l`` with Hessian diagonal ``h = diag(H_ll)``::
 

@@ -1,4 +1,4 @@
-"""Saddle flag: a small gradient with certified negative curvature (SPEC §6).
+"""Saddle flag: a small gradient with certified negative curvature (docs/metrics.md#saddle).
 
 ::
 
@@ -24,7 +24,7 @@ only at an exact stationary point, so the flag reduces to the curvature test at 
 otherwise "no"; ``grad_norm0_source`` says which reference was used. If ``lambda_max <= 0`` the default
 ``eps_H`` uses ``|lambda_min|`` instead (a region with no positive curvature).
 
-Reference: SPEC §6; Staib et al. 2019 ("Escaping saddle points with adaptive gradient methods").
+Reference: docs/metrics.md#saddle; Staib et al. 2019 ("Escaping saddle points with adaptive gradient methods").
 Cost: the Lanczos steps (``hvps``), 10-150 typically; the gradient is the Landscape's own.
 """
 
@@ -72,7 +72,7 @@ def saddle(
     generator: torch.Generator | None = None,
     basis_device: torch.device | str | None = None,
 ) -> dict:
-    """The saddle flag of SPEC §6 with a certified lambda_min.
+    """The saddle flag of docs/metrics.md#saddle with a certified lambda_min.
 
     Args:
         land: the Landscape.

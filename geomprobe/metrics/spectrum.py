@@ -1,4 +1,4 @@
-"""Extreme eigenvalues of the Hessian by Lanczos on HVPs (SPEC §1)."""
+"""Extreme eigenvalues of the Hessian by Lanczos on HVPs (docs/metrics.md#spectrum)."""
 
 from __future__ import annotations
 

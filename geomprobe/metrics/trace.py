@@ -1,4 +1,4 @@
-"""Trace of the Hessian, whole and per parameter block (SPEC §2).
+"""Trace of the Hessian, whole and per parameter block (docs/metrics.md#trace).
 
 The default estimator is :func:`geomprobe.linalg.traces.deflated_trace`: a Krylov subspace from a short Lanczos run
 is taken exactly and Hutchinson estimates the rest, with plain Hutchinson on the same products as a control

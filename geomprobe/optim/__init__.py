@@ -1,5 +1,6 @@
 """Optimizers whose geometry geomprobe compares: torch's first-order methods by name, and the ellipsoidal
-trust region (SPEC.md §8), with work counted in backprops and the batch-size scaling rules (§9)."""
+trust region (docs/metrics.md#trust_region), with work counted in backprops and the batch-size scaling rules
+(docs/metrics.md#batch_scaling)."""
 
 from .counting import FUNCTION_VALUE_COST, GRADIENT_COST, HVP_COST, BackpropCounter, track_backprops
 from .ellipsoid import ELLIPSOIDS, DiagonalEllipsoid

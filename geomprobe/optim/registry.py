@@ -15,7 +15,7 @@ name             class                                        defaults
 ``tr-rmsprop``   :class:`~geomprobe.optim.EllipsoidalTR`      ellipsoid "rmsprop", Δ0 1e-4, γ2 1.75
 ===============  ===========================================  ============================================
 
-The trust regions share Δ_max 10, η1 0.01, η2 0.95, γ1 1.1, β 0.8, ε 1e-10 (SPEC.md §8).
+The trust regions share Δ_max 10, η1 0.01, η2 0.95, γ1 1.1, β 0.8, ε 1e-10 (docs/metrics.md#trust_region).
 
 Every optimizer here is driven the same way, ``opt.step(make_closure(opt, loss_fn))``: ``loss_fn()``
 returns the minibatch loss and :func:`make_closure` adds ``zero_grad``/``backward`` for the first-order

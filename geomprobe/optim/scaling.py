@@ -1,14 +1,15 @@
 """Hyperparameters for a larger (or smaller) batch: the linear and the square-root scaling rules.
 
 When the batch grows ``B → κB`` (Malladi, Lyu, Panigrahi, Arora, "On the SDEs and Scaling Rules for
-Adaptive Gradient Algorithms", 2022; SPEC.md §9)::
+Adaptive Gradient Algorithms", 2022; docs/metrics.md#batch_scaling)::
 
     SGD (with momentum):   η → κ η                                   (linear rule)
     Adam, AdamW, RMSprop:  η → √κ η,  β → 1 − κ(1 − β),  ε → ε/√κ     (square-root rule)
 
 with ``β`` each of Adam's ``betas`` and RMSprop's ``alpha``. The rule needs ``1 − κ(1 − β) > 0``; a larger κ
 is rejected. Hyperparameters the rules do not mention (momentum, weight decay) are carried over unchanged;
-SPEC.md states no rule for weight decay, so that choice is unconfirmed. Missing hyperparameters are taken
+docs/metrics.md#batch_scaling states no rule for weight decay, so that choice is unconfirmed. Missing
+hyperparameters are taken
 from the registry's stated defaults, because an unstated β still has to move.
 
 >>> out = scale_for_batch("adam", {"lr": 1e-3}, 4)

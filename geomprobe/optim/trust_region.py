@@ -1,6 +1,6 @@
 """The ellipsoidal trust-region method of Kohler, Adolphs, Lucchi as a ``torch.optim.Optimizer``.
 
-One step at ``w_t`` with radius ``Δ_t`` on the minibatch the closure evaluates (SPEC.md §8)::
+One step at ``w_t`` with radius ``Δ_t`` on the minibatch the closure evaluates (docs/metrics.md#trust_region)::
 
     g_t = ∇L_S(w_t)                              graph built once, create_graph=True
     A_t = diag(a_t)                              ellipsoid updated with g_t (also before a rejection)
@@ -233,7 +233,7 @@ class EllipsoidalTR(torch.optim.Optimizer):
         return out
 
     def preconditioner(self) -> list[torch.Tensor]:
-        """``P = A⁻¹ = diag(1/a)`` per trainable parameter, as in ``x ← x − P g`` (SPEC.md §6).
+        """``P = A⁻¹ = diag(1/a)`` per trainable parameter, as in ``x ← x − P g`` (docs/metrics.md#precond).
 
         The geometry this optimizer sees is ``P^{1/2} H P^{1/2}``; same order and errors as
         :meth:`ellipsoid_diagonal`.

@@ -45,7 +45,8 @@ from ..metrics import registry
 from ..runs.writer import RunWriter
 from .last_update import LastUpdate, wants_last_update
 from .metric_needs import basis_vectors, bounded_basis, gradient_samples
-from .options import check_metric_options, check_probe_options
+from .metric_spec import resolve_metrics
+from .options import check_probe_options
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
 from .run_folder import last_step, optimizer_hparams, refuse_existing, storable
 from .schedule import Schedule, budget, every
@@ -70,7 +71,9 @@ class GeometryProbe:
         loss_fn: ``loss_fn(outputs, targets)`` or ``loss_fn(model, batch)`` (see :class:`Landscape`).
         probe_data: a DataLoader (``probe_samples`` samples are drawn from its dataset once, seeded), an
             ``(inputs, targets)`` pair or a list of batches. Every probe measures the same fixed batches.
-        metrics: metric names, or a dict mapping names to their options (``{"spectrum": {"k": 3}}``).
+        metrics: metric names, ``"NAME:key=value,..."`` strings, dicts with ``"name"`` and options, or a dict
+            mapping names to their options (``{"spectrum": {"k": 3}}``); options are checked against each
+            metric's signature at construction (:mod:`.metric_spec`).
         schedule: when to probe (default ``every(100) | budget(0.05)``); the step counts optimizer steps.
         run_dir: where the run log goes (``meta.json`` + ``records.jsonl``); ``None`` keeps records in memory.
         mode: the Landscape's mode policy, ``"eval"`` or ``"train"``.
@@ -162,7 +165,7 @@ class GeometryProbe:
                             memory_cap=memory_cap, peak_ratio=peak_ratio)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
-        self.metric_options = self._resolve_metrics(metrics)
+        self.metric_options = resolve_metrics(metrics)  # every form, checked before training starts
         self.schedule = schedule if schedule is not None else every(100) | budget(0.05)
         if not isinstance(self.schedule, Schedule):
             raise ConfigurationError(f"schedule must be a geomprobe schedule (every, at, ...), got {type(schedule).__name__}")
@@ -230,21 +233,6 @@ class GeometryProbe:
             self._tb = TensorBoardWriter(tensorboard)
 
     # ------------------------------------------------------------------ set-up
-    @staticmethod
-    def _resolve_metrics(metrics: Any) -> dict[str, dict]:
-        if isinstance(metrics, str):
-            metrics = [metrics]
-        if isinstance(metrics, Mapping):
-            opts = {str(k): dict(v or {}) for k, v in metrics.items()}
-        else:
-            opts = {str(m): {} for m in metrics}
-        if not opts:
-            raise ConfigurationError(f"no metrics asked for; choose from {', '.join(registry.available())}")
-        for name in opts:
-            registry.get(name)  # a clear error for an unknown name, before training starts
-        check_metric_options(opts)  # and for an option the metric does not take
-        return opts
-
     def _meta(self, extra: Mapping[str, Any] | None) -> dict:
         return {
             "model": type(self.model).__name__,

@@ -7,7 +7,6 @@ before training starts is checked here, each with one message saying what was gi
 
 from __future__ import annotations
 
-import inspect
 import math
 import numbers
 import os
@@ -20,17 +19,13 @@ from ..engine.landscape import HVP_METHODS
 from ..engine.loss import LOSS_FORMS
 from ..engine.state import MODES
 from ..errors import ConfigurationError
-from ..metrics import registry
+from .metric_spec import check_options
 
 __all__ = ["MAX_SEED", "check_metric_options", "check_probe_options"]
 
 # numpy's legacy seeding and Lightning's seed_everything take this range; offsets added to a seed stay in
 # torch's 64-bit range.
 MAX_SEED = 2**32 - 1
-
-# Options a probe fills in for the metrics that take them (GeometryProbe._run_metric); a user may set them too.
-PROBE_CONTEXT = ("optimizer", "noise_data", "grad_norm0", "seed", "basis_device", "max_basis", "device_vectors", "warm",
-                 "last_update")
 
 
 def _positive_int_or_none(name: str, value: Any) -> None:
@@ -87,15 +82,7 @@ def check_probe_options(
 
 def check_metric_options(options: Mapping[str, Mapping[str, Any]]) -> None:
     """Raise :class:`ConfigurationError` for an option no metric of that name takes (a misspelt ``tol`` would
-    otherwise fail at every probe); metrics that take ``**kwargs`` accept anything."""
+    otherwise fail at every probe), or a value of the wrong type or out of range (:mod:`.metric_spec`);
+    metrics that take ``**kwargs`` accept any key."""
     for name, opts in options.items():
-        params = inspect.signature(registry.get(name).fn).parameters
-        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
-            continue
-        known = [p for p in list(params)[1:] if params[p].kind is not inspect.Parameter.VAR_POSITIONAL]
-        unknown = sorted(set(opts) - set(known))
-        if unknown:
-            own = [p for p in known if p not in PROBE_CONTEXT]
-            raise ConfigurationError(
-                f"metric {name!r} has no option {', '.join(map(repr, unknown))}; it takes {', '.join(own)}"
-            )
+        check_options(name, opts)

@@ -7,9 +7,9 @@ and the numbers behind it (``data``). The checks:
 * ``edge_of_stability``: η·sharpness against the optimizer's threshold (:mod:`geomprobe.trajectory.edge_of_stability`);
 * ``smoothness``: the (L0, L1) envelope and how sharpness follows the gradient norm (:mod:`geomprobe.trajectory`);
 * ``saddle``: probes the ``saddle`` metric flagged;
-* ``noise``: heavy-tailed gradient noise, or scale heterogeneity mistaken for it (SPEC §5);
+* ``noise``: heavy-tailed gradient noise, or scale heterogeneity mistaken for it (docs/metrics.md#noise);
 * ``rmed``: how R_med moved along the run, and what the preconditioner did to it;
-* ``diagshare``: the diagonal share against its Wigner and OLS baselines (SPEC §4);
+* ``diagshare``: the diagonal share against its Wigner and OLS baselines (docs/metrics.md#diagshare);
 * ``unconverged``: estimates whose iteration stopped short; ``failures``: probes that recorded an error.
 """
 
@@ -31,7 +31,7 @@ from .summary import collect_series, summarize
 __all__ = ["Finding", "findings", "HEAVY_TAIL_ALPHA", "CONVERGED_KEYS"]
 
 # Below this standardized tail index the noise is called heavy-tailed (2 is Gaussian; the estimator's spread
-# at N = 1e4 values is about 0.1, SPEC §5), provided the reported error keeps the upper bound below 2.
+# at N = 1e4 values is about 0.1, docs/metrics.md#noise), provided the reported error keeps the upper bound below 2.
 HEAVY_TAIL_ALPHA = 1.8
 HEAVY_TAIL_SIGMAS = 2.0
 # Flags a metric sets when an iteration stopped short.

@@ -27,6 +27,7 @@ from rich.text import Text
 
 from ._format import add_row, fmt, fmt_err
 from .document import RunLike, build_report
+from .explain import explain_command
 
 __all__ = ["render_report", "report_renderable", "print_report", "report_text"]
 
@@ -133,9 +134,16 @@ def _cost(doc: Mapping[str, Any]) -> Text:
     return Text("Cost: " + " · ".join(parts), style="dim")
 
 
+def _explained(doc: Mapping[str, Any]) -> list[Text]:
+    """A pointer under the table to what its rows mean (``geomprobe explain NAME``, docs/metrics.md)."""
+    names = [path.split(".")[0] for path, s in doc["metrics"].items() if s.get("headline", True)]
+    line = explain_command(names)
+    return [Text(line, style="dim")] if line else []
+
+
 def report_renderable(doc: Mapping[str, Any], *, per_layer: bool = False) -> Group:
     """The report as one rich renderable (header, metrics, optional blocks, findings, cost)."""
-    parts: list[Any] = [_header(doc), Text(""), _metrics_table(doc)]
+    parts: list[Any] = [_header(doc), Text(""), _metrics_table(doc), *_explained(doc)]
     if per_layer:
         parts += [_blocks_table(doc)]
     parts += [_findings(doc), Text(""), _cost(doc)]

@@ -1,6 +1,7 @@
 """Unbiased covariance moments from a Gram matrix, the isotropy index, and the delete-a-group jackknife.
 
-Pure tensor functions behind the noise metrics (SPEC §6). From ``n`` i.i.d. samples ``x_p ∈ R^d`` with unknown
+Pure tensor functions behind the noise metrics (docs/metrics.md#isotropy). From ``n`` i.i.d. samples
+``x_p ∈ R^d`` with unknown
 mean and covariance ``Σ`` they estimate ``tr Σ``, ``(tr Σ)²`` and ``tr Σ²`` without bias, through the
 ``n × n`` Gram matrix only, so ``d`` may be huge. Centering by the sample mean biases the naive pair formula
 ``Σ_{p≠q}(ξ_pᵀξ_q)² / (n(n−1))`` by about ``(tr Σ)²/n²`` (for isotropic noise in d = 1000 from 50 samples, +36 %);

@@ -1,4 +1,4 @@
-"""Tail indices of a sample: the α-stable estimator of Mohammadi et al. and the Hill estimator (SPEC §5).
+"""Tail indices of a sample: the α-stable estimator of Mohammadi et al. and the Hill estimator (docs/metrics.md#noise).
 
 Pure functions of a 1-D sample (a tensor, an array or a list), with a symmetric α-stable sampler to test
 them on. Randomness comes from a local ``torch.Generator`` (which seeds a numpy generator: the arithmetic

@@ -1,4 +1,4 @@
-"""The (L0, L1)-smoothness of a training trajectory, fitted from a run's records (SPEC §7).
+"""The (L0, L1)-smoothness of a training trajectory, fitted from a run's records (docs/metrics.md#smoothness).
 
 Two analyses of :mod:`geomprobe.trajectory` read the records a :class:`~geomprobe.GeometryProbe` wrote (plain dicts, so they run on any
 run folder without torch):
@@ -17,7 +17,7 @@ run folder without torch):
 Both take a run's records (and meta): ``reader = RunReader("runs/sgd")``, then
 ``smoothness_fit(reader.records)`` and ``edge_of_stability(reader.records, reader.meta)``; ``geomprobe report``
 turns them into findings and its ``--json`` document carries them under ``trajectory``. The batch-size
-scaling rules of SPEC §9 live with the optimizers: :func:`geomprobe.optim.scale_for_batch`.
+scaling rules of docs/metrics.md#batch_scaling live with the optimizers: :func:`geomprobe.optim.scale_for_batch`.
 
 How the LP is solved: exactly, without an LP library. The objective is ``n·(L0 + L1 Ḡ)``, the height of the
 line ``L0 + L1 G`` at the mean gradient norm ``Ḡ``, so the optimum is a vertex of a 2-D polygon: either an
@@ -148,7 +148,8 @@ def _upper_hull(x: np.ndarray, y: np.ndarray) -> list[int]:
 
 
 def fit_l0_l1(grad_norm: Any, sharpness: Any, steps: Any = None) -> SmoothnessFit:
-    """Fit ``‖∇²f‖ ≤ L0 + L1‖∇f‖`` as the lower envelope of ``(grad_norm, sharpness)`` points (SPEC §7).
+    """Fit ``‖∇²f‖ ≤ L0 + L1‖∇f‖`` as the lower envelope of ``(grad_norm, sharpness)`` points
+    (docs/metrics.md#smoothness).
 
     Solves ``min Σ_t (L0 + L1 G_t)`` s.t. ``L0 + L1 G_t ≥ L̂_t``, ``L0, L1 ≥ 0`` exactly (module docstring).
     Non-finite pairs are dropped; at least :data:`MIN_FIT_POINTS` must remain. Cost: no HVPs, ``O(n log n)``.
