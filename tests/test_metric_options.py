@@ -29,6 +29,9 @@ def test_values_are_read_as_the_options_types():
     assert parse_metric("rmed:blocks=fc1.*") == ("rmed", {"blocks": "fc1.*"})
     assert parse_metric(" trace : hvps = 24 ") == ("trace", {"hvps": 24})
     assert parse_metric("isotropy:u_min=none") == ("isotropy", {"u_min": None})
+    assert parse_metric("view_line:span=-2+0.5") == ("view_line", {"span": (-2.0, 0.5)})
+    with pytest.raises(ConfigurationError, match="numbers joined by"):
+        parse_metric("view_line:span=-2+x")
     eps = parse_metric("saddle:eps_g=1")[1]["eps_g"]
     assert eps == 1.0 and isinstance(eps, float)  # a float option reads "1" as a float
 
@@ -41,7 +44,12 @@ def test_every_option_of_every_metric_reads_back_its_default(name):
         default = params[key].default
         if default is None or key in _OBJECTS:
             continue
-        text = str(default).lower() if isinstance(default, bool) else str(default)
+        if isinstance(default, bool):
+            text = str(default).lower()
+        elif isinstance(default, (tuple, list)):
+            text = "+".join(map(str, default))
+        else:
+            text = str(default)
         assert parse_metric(f"{name}:{key}={text}") == (name, {key: default}), key
 
 

@@ -4,7 +4,7 @@ One metric with options can be written as
 
 * a string ``"NAME"`` or ``"NAME:key=value,key=value"`` (the CLI's ``--metric``; ``"rmed:hvps=256"``,
   ``"spectrum:k=3,tol=1e-4"``): values are read as the type of the option in the metric's signature
-  (``none`` for None, ``true``/``false`` for booleans, ``a+b`` for a list of block patterns);
+  (``none`` for None, ``true``/``false`` for booleans, ``a+b`` for a list of block patterns or of numbers);
 * a dict ``{"name": "rmed", "hvps": 256}``;
 * and a whole selection as a list of those, or a dict of names to options (``{"rmed": {"hvps": 256}}``).
 
@@ -87,7 +87,13 @@ def _types(p: inspect.Parameter) -> set[str]:
     out = set()
     for part in text.split("|"):
         part = part.strip()
-        out.add("Sequence" if part.startswith(("Sequence", "list", "tuple")) else part.split("[")[0])
+        if part.startswith(("Sequence", "list", "tuple")):
+            out.add("Sequence")
+            elem = part.split("[", 1)[-1]
+            if elem.startswith(("float", "int")):
+                out.add("Sequence[" + elem[:elem.index("]")] + "]" if "]" in elem else "Sequence[float]")
+        else:
+            out.add(part.split("[")[0])
     return out
 
 
@@ -131,6 +137,14 @@ def _from_text(name: str, key: str, text: str, types: set[str]) -> Any:
             return float(text)
         except ValueError:
             pass
+    numeric = "Sequence[float]" in types or "Sequence[int]" in types
+    if numeric and ("+" in text or not types & {"int", "float"}):
+        # numbers, written a+b on the command line (span=-1+1, points=21+21)
+        cast = float if "Sequence[float]" in types else int
+        try:
+            return tuple(cast(t) for t in text.split("+") if t.strip())
+        except ValueError:
+            raise _bad(name, key, text, "numbers joined by + (e.g. -1+1)") from None
     if "Sequence" in types and "+" in text:
         return [t for t in text.split("+") if t]
     if types & {"str", "Sequence", "Any"} or "device" in " ".join(types):
@@ -180,6 +194,15 @@ def _check_value(name: str, key: str, value: Any, p: inspect.Parameter) -> None:
     if choices is not None and isinstance(value, str):
         if value not in choices:
             raise _bad(name, key, value, "one of " + ", ".join(map(repr, choices)))
+        return
+    if ("Sequence[float]" in types or "Sequence[int]" in types) and not (
+            isinstance(value, numbers.Real) and types & {"int", "float"}):
+        def finite(v: Any) -> bool:
+            if isinstance(v, Sequence) and not isinstance(v, str):  # per-axis pairs of a plane's span
+                return all(finite(x) for x in v)
+            return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+        if not (isinstance(value, Sequence) and not isinstance(value, str) and finite(value)):
+            raise _bad(name, key, value, "a list of finite numbers")
         return
     is_int = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if types == {"bool"} and not isinstance(value, bool):

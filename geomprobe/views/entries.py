@@ -52,7 +52,8 @@ def view_line(land: Any, *, direction: str = "top", span: Sequence[float] = (-1.
 
 @register("view_plane", plan=_plan_plane,
           cost="points_u x points_v x batches forward passes, 2 HVPs (+ Lanczos for top/bottom)")
-def view_plane(land: Any, *, u: str = "top", v: str = "random", span: Sequence = (-1.0, 1.0),
+def view_plane(land: Any, *, u: str = "top", v: str = "random",
+               span: Sequence[float] | Sequence[Sequence[float]] = (-1.0, 1.0),
                points: int | Sequence[int] = (21, 21), normalize: str | None = None, seed: int = 0,
                tol: float = 1e-3, max_iter: int | None = None, last_update: torch.Tensor | None = None) -> dict:
     """The loss on the plane of ``u`` and ``v`` through the probed parameters, beside the quadratic model
