@@ -21,13 +21,13 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from scale import DTYPES, build, lm_loss, token_batches  # noqa: E402
-from timing import environment, strict_fp32, sync  # noqa: E402
+import importlib
 
-import importlib  # noqa: E402
+from scale import DTYPES, build, lm_loss, token_batches
+from timing import environment, strict_fp32, sync
 
-from geomprobe.engine.landscape import Landscape  # noqa: E402
-from geomprobe.metrics.spectrum import spectrum  # noqa: E402
+from geomprobe.engine.landscape import Landscape
+from geomprobe.metrics.spectrum import spectrum
 
 # the module, not the function of the same name that geomprobe.linalg exports
 lanczos_module = importlib.import_module("geomprobe.linalg.lanczos")
