@@ -103,7 +103,8 @@ def _write_parquet(reader: RunReader, path: Path) -> int:
     missing = [m for m in ("pyarrow", "pandas") if importlib.util.find_spec(m) is None]
     if missing:
         raise click.ClickException(f"writing Parquet needs {' and '.join(missing)}, which is not installed; install "
-                                   f"it with `pip install {' '.join(missing)}`, or export with --csv instead")
+                                   f"it with `pip install {' '.join(missing)}` (or `pip install 'geomprobe[parquet]'`), "
+                                   "or export with --csv instead")
     frame = reader.to_dataframe()
     # Lists (top-k eigenvalues, intervals) become JSON text, as in the CSV: one column type per column.
     for column in frame.columns:
