@@ -44,4 +44,4 @@ class GeometryProbeCallback(TrainerCallback):
         self._driver.step(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._driver.close()
+        self._driver.close(state.global_step)

@@ -48,16 +48,13 @@ from .options import check_metric_options, check_probe_options
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
 from .run_folder import last_step, optimizer_hparams, refuse_existing, storable
 from .schedule import Schedule, budget, every
+from .skips import SkipCounter, open_ended
 from .warm_start import WarmStart
 
 __all__ = ["GeometryProbe", "DEFAULT_METRICS"]
 
 DEFAULT_METRICS = ("spectrum",)
 _OOM_TYPES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ()
-
-
-
-
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -110,6 +107,13 @@ class GeometryProbe:
             prints one line on stderr per probe (HVPs per metric against the plan); a callable receives
             every :class:`~.progress.ProgressEvent` (plan, metric start/advance/end, done). The plan, each
             metric's planned HVPs and vector memory, is also in :attr:`cost_plan` and the run's ``meta.json``.
+        final_probe: :meth:`close` probes the last step when the schedule did not and either a limit
+            vetoed a probe since the last one or the schedule is periodic (``every``, a budget): a short run
+            still ends with a probe; that record has ``"final": true``. Not after an exception in a ``with``
+            block, nor for explicit steps (``at``, ``log_spaced``, :func:`manual`) that all ran.
+
+    Every record carries ``schedule``: the steps the schedule selected so far, how many of them a limit
+    vetoed and which (``{"scheduled": 11, "skipped": 10, "skipped_by": {"overhead budget 5 %": 10}}``).
 
     A probe changes nothing: it uses ``torch.autograd.grad`` (never ``.backward()``), runs every forward under
     the state guard, draws randomness from its own generators, and leaves parameters, buffers, ``.grad``,
@@ -153,6 +157,7 @@ class GeometryProbe:
         process_group: Any = None,
         warm_start: bool = True,
         progress: bool | ProgressCallback | None = None,
+        final_probe: bool = True,
     ):
         loss_reduction(loss_fn, reduction)  # a bad reduction, or a loss of reduction='none', before training starts
         check_probe_options(mode=mode, hvp_method=hvp_method, loss_form=loss_form, chunk_size=chunk_size,
@@ -203,6 +208,10 @@ class GeometryProbe:
         self.annotate = annotate
         self._t_start = clock()
         self._closed = False
+        self.final_probe = bool(final_probe)
+        self.skips = SkipCounter()
+        self._skipped_before = 0  # skips counted when the last probe ran
+        self._stepped = False  # step() was called: there is a training step a final probe could measure
         # The run folder is checked now (a refusal before training starts) but written at the first probe,
         # so the metadata can name the optimizer that attach() brings.
         self.run_dir, self._force, self._resume, self._extra_meta = run_dir, force, resume, meta
@@ -307,20 +316,24 @@ class GeometryProbe:
             raise ConfigurationError("this probe was closed; create a new GeometryProbe")
         step = self._step if step is None else int(step)
         self._step = step
+        self._stepped = True
         # Rank 0's decision binds every rank: a time budget can differ across ranks, and a probe is collective.
-        if not self._reducer.agree(self.schedule.should_probe(step, self.clock())):
+        fired = self._reducer.agree(self.schedule.should_probe(step, self.clock()))
+        self.skips.note(self.schedule, fired)
+        if not fired:
             return None
         return self.probe(step)
 
     # ------------------------------------------------------------------ measuring
-    def probe(self, step: int) -> dict:
-        """Measure every metric at the current parameters now, whatever the schedule, and record it."""
+    def probe(self, step: int, *, final: bool = False) -> dict:
+        """Measure every metric at the current parameters now, whatever the schedule, and record it
+        (``final``: marked as the probe at the end of training)."""
         # an optimizer stepped under no_grad or inference_mode still gets its probe: HVPs need autograd; and
         # whatever the probe draws (noise_data batches, a dataset's augmentation) leaves training's RNG alone
         with torch.inference_mode(False), torch.enable_grad(), rng_preserved(self.model):
-            return self._probe(step)
+            return self._probe(step, final)
 
-    def _probe(self, step: int) -> dict:
+    def _probe(self, step: int, final: bool = False) -> dict:
         device = next(self.model.parameters()).device
         cuda = device.type == "cuda"
         peak = read_training_peak(device)  # and a reset, so the record's peak is the probe's own
@@ -409,6 +422,10 @@ class GeometryProbe:
             record["errors"] = errors
         if skipped:
             record["skipped"] = skipped
+        record["schedule"] = self.skips.to_dict()
+        self._skipped_before = self.skips.skipped
+        if final:
+            record["final"] = True
         self.schedule.observe(step, seconds, self.clock())
         self.records.append(record)
         if self.run_dir is not None and self.writes:
@@ -564,11 +581,20 @@ class GeometryProbe:
         elapsed = self.clock() - self._t_start
         return self._probe_seconds / elapsed if elapsed > 0 else 0.0
 
-    def close(self) -> None:
-        """Detach from the optimizer and close the run log (idempotent)."""
+    def close(self, *, final_probe: bool | None = None) -> None:
+        """Detach from the optimizer, probe the last step if no probe measured it (``final_probe``, default
+        the probe's setting; see the class docstring) and close the run log (idempotent)."""
         if self._closed:
             return
         self.detach()
+        final = self.final_probe if final_probe is None else bool(final_probe)
+        stale = open_ended(self.schedule) or self.skips.skipped > self._skipped_before
+        if final and self._stepped and self._step != self._last_probe_step and stale:
+            self.probe(self._step, final=True)  # a short run, or a budget that vetoed the last steps
+        elif self.skips.skipped > self._skipped_before and self.run_dir is not None and self.writes:
+            # skips after the last probe would be lost with no record to carry them: a compact one, no probe
+            self._unwritten.append({"step": self._step, "kind": "schedule", "time": time.time(),
+                                    "schedule": self.skips.to_dict()})
         if self._unwritten:
             self._write_records()  # a last try for records a failed write kept in memory
         if self._unwritten:
@@ -589,5 +615,5 @@ class GeometryProbe:
     def __enter__(self) -> "GeometryProbe":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(final_probe=False if exc_type is not None else None)  # no probe of a model that just failed

@@ -26,7 +26,7 @@ from ..errors import ConfigurationError
 from ..trajectory.edge_of_stability import edge_of_stability
 from ..trajectory.smoothness import smoothness_fit
 from ._format import fmt, fmt_err, fmt_steps
-from .summary import collect_series, summarize
+from .summary import collect_series, schedule_summary, summarize
 
 __all__ = ["Finding", "findings", "HEAVY_TAIL_ALPHA", "CONVERGED_KEYS"]
 
@@ -204,9 +204,21 @@ def _failures(records: Records) -> list[Finding]:
             for where, items in by_where.items()]
 
 
-def findings(records: Records, meta: Mapping[str, Any]) -> list[Finding]:
-    """Every finding about the run, warnings first, then notes, then the checks that found nothing."""
-    out = _failures(records) + _unconverged(records) + _edge(records, meta)
+def _skipped(records: Records) -> list[Finding]:
+    s = schedule_summary(records)
+    if not s["skipped"]:
+        return []
+    why = ", ".join(s["skipped_by"])
+    return [Finding("schedule", "warning", f"{s['skipped']} of {s['scheduled']} scheduled probes were skipped "
+                    f"({why}): the trajectory is sampled more sparsely than asked; raise the budget or probe "
+                    "less often (a larger every(n)) so the probes you schedule run.", s)]
+
+
+def findings(records: Records, meta: Mapping[str, Any], counted: Records | None = None) -> list[Finding]:
+    """Every finding about the run, warnings first, then notes, then the checks that found nothing.
+    ``counted``: the records that carry the schedule's skip counts (default ``records``)."""
+    out = _failures(records) + _skipped(records if counted is None else counted) + _unconverged(records) \
+        + _edge(records, meta)
     for check in (_saddle, _noise, _rmed, _diagshare, _smoothness):
         out += check(records)
     order = {"warning": 0, "note": 1, "info": 2}

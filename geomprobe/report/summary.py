@@ -28,14 +28,15 @@ import numpy as np
 from ..runs.encoding import ARRAY_KEY
 from ..trajectory.smoothness import spearman
 
-__all__ = ["Series", "collect_series", "block_series", "summarize", "cost_summary", "metric_names",
+__all__ = ["Series", "collect_series", "block_series", "summarize", "cost_summary", "schedule_summary", "metric_names",
            "KNOWN_ROWS", "BLOCK_ROWS", "BOOKKEEPING", "TREND_RHO", "TREND_CHANGE"]
 
 # Counts and sizes that describe how a value was computed, not the geometry: left out of the generic rows.
 BOOKKEEPING = frozenset({"hvps", "steps", "n_v", "m", "passes", "gradients", "samples", "coordinates",
                          "batch_size", "dim", "values", "columns", "hill_k", "size", "computed", "d", "n"})
 # Top-level record keys that are not metrics.
-NOT_METRICS = frozenset({"step", "time", "wall", "loss", "grad_norm", "lr", "cost", "errors", "approximate_hvp"})
+NOT_METRICS = frozenset({"step", "time", "wall", "loss", "grad_norm", "lr", "cost", "errors", "approximate_hvp",
+                         "schedule", "final", "skipped"})
 
 # Curated rows for the built-in metrics: (key, label). Others render every numeric leaf.
 KNOWN_ROWS: dict[str, list[tuple[str, str]]] = {
@@ -255,6 +256,45 @@ def cost_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     overhead = seconds / end if end else None
     return {"probes": len(records), "hvps": int(hvps), "seconds": seconds, "peak_mib": peak,
             "wall_seconds": end, "overhead": overhead}
+
+
+def schedule_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """How the probes came about: ``scheduled`` (steps the schedule selected), ``skipped`` (of those, vetoed
+    by a limit), ``skipped_by`` (per limit), ``final`` (probes at the end of training) and ``recorded``
+    (whether the records carry these counts: runs written before they existed do not).
+
+    The counts in each record are cumulative within one process; a resumed run starts them again, so a
+    count that goes down marks a new segment, and the segments' last counts are added up.
+
+    >>> summary = schedule_summary([{"step": 0, "schedule": {"scheduled": 1, "skipped": 0, "skipped_by": {}}},
+    ...     {"step": 9, "final": True, "schedule": {"scheduled": 5, "skipped": 4, "skipped_by": {"budget": 4}}}])
+    >>> summary["scheduled"], summary["skipped"], summary["skipped_by"], summary["final"]
+    (5, 4, {'budget': 4}, 1)
+    """
+    total = {"scheduled": 0, "skipped": 0}
+    by: dict[str, int] = {}
+    recorded = False
+    previous: Mapping[str, Any] | None = None
+
+    def add(counts: Mapping[str, Any] | None) -> None:
+        if counts is None:
+            return
+        for key in total:
+            total[key] += int(_number(counts.get(key)) or 0)
+        for reason, n in (counts.get("skipped_by") or {}).items():
+            by[str(reason)] = by.get(str(reason), 0) + int(_number(n) or 0)
+
+    for r in records:
+        counts = r.get("schedule")
+        if not isinstance(counts, Mapping):
+            continue
+        recorded = True
+        if previous is not None and (_number(counts.get("scheduled")) or 0) < (_number(previous.get("scheduled")) or 0):
+            add(previous)  # a new process appended to the run: the previous segment is complete
+        previous = counts
+    add(previous)
+    final = sum(1 for r in records if r.get("final") is True)
+    return {"probes": len(records), **total, "skipped_by": by, "final": final, "recorded": recorded}
 
 
 def _is_step(value: Any) -> bool:

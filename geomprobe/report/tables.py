@@ -69,10 +69,32 @@ def _header(doc: Mapping[str, Any]) -> Table:
               f"seed {p['seed']}" if p.get("seed") is not None else None]
     add_row(grid, "probe", " · ".join(x for x in policy if x) or "policy not recorded")
     steps = doc.get("steps")
-    add_row(grid, "probes", f"{doc['probes']}" + (f" (steps {steps[0]}–{steps[1]})" if steps else "")
+    add_row(grid, "probes", probes_text(doc) + (f" · steps {steps[0]}–{steps[1]}" if steps else "")
             + (f"; {doc['unplaced_records']} record(s) without an integer step left out"
                if doc.get("unplaced_records") else ""))
     return grid
+
+
+def probes_text(doc: Mapping[str, Any]) -> str:
+    """``1 of 11 scheduled (10 skipped: overhead budget 5 %)``, or the probe count alone when none was skipped.
+
+    >>> probes_text({"probes": 1, "schedule": {"scheduled": 11, "skipped": 10, "final": 0,
+    ...                                         "skipped_by": {"overhead budget 5 %": 10}}})
+    '1 of 11 scheduled (10 skipped: overhead budget 5 %)'
+    >>> probes_text({"probes": 2, "schedule": {"scheduled": 1, "skipped": 0, "final": 1, "skipped_by": {}}})
+    '2 (1 at the end of training)'
+    """
+    n, s = doc["probes"], doc.get("schedule") or {}
+    scheduled, skipped, final = s.get("scheduled", 0), s.get("skipped", 0), s.get("final", 0)
+    why = ", ".join(f"{reason}" if count == skipped else f"{reason} ×{count}"
+                    for reason, count in (s.get("skipped_by") or {}).items())
+    skips = f"{skipped} skipped: {why}" if skipped else ""
+    if skipped and not final and n == scheduled - skipped:
+        return f"{n} of {scheduled} scheduled ({skips})"
+    parts = [f"{scheduled - skipped} of {scheduled} scheduled, {skips}" if skipped else "",
+             f"{final} at the end of training" if final else ""]
+    detail = "; ".join(p for p in parts if p)
+    return f"{n} ({detail})" if detail else f"{n}"
 
 
 def _metrics_table(doc: Mapping[str, Any]) -> Table | Text:
