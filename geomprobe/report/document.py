@@ -25,7 +25,7 @@ from ..trajectory.smoothness import smoothness_fit
 from ._format import jsonable
 from .findings import findings
 from .sparkline import sparkline
-from .summary import block_series, collect_series, cost_summary, schedule_summary, summarize
+from .summary import block_series, collect_series, cost_summary, dropped_blocks, schedule_summary, summarize
 
 __all__ = ["build_report", "open_run", "header_of", "SPARK_WIDTH"]
 
@@ -122,4 +122,5 @@ def build_report(run: RunLike, *, per_layer: bool = False) -> dict[str, Any]:
     }
     if per_layer:
         doc["blocks"] = {name: _summaries(series, None) for name, series in block_series(records).items()}
+        doc["blocks_dropped"] = dropped_blocks(records)
     return jsonable(doc)

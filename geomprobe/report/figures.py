@@ -17,10 +17,11 @@ import numpy as np
 
 from ..errors import ConfigurationError
 from ..trajectory.edge_of_stability import edge_of_stability
+from ._format import UNRESOLVED_FRACTION
 from .document import RunLike, open_run, placed_records
 from .summary import collect_series
 
-__all__ = ["plot_run", "MAX_PANELS", "LOG_SCALE_SPAN"]
+__all__ = ["plot_run", "panel_note", "MAX_PANELS", "LOG_SCALE_SPAN"]
 
 MAX_PANELS = 12        # more values than this: the first 12 (loss and the headline metrics come first)
 LOG_SCALE_SPAN = 100.0  # a positive value spanning more than this factor gets a log axis
@@ -40,10 +41,24 @@ def _target(path: str | os.PathLike[str], overwrite: bool) -> Path:
     return target
 
 
+def panel_note(shown: int, total: int, left_out: Sequence[str]) -> str:
+    """What the figure says when it shows only some of the run's values (empty when it shows them all).
+
+    >>> panel_note(12, 14, ["noise.snr", "trace.trace"])
+    'showing 12 of 14 values; not shown: noise.snr, trace.trace (choose with --metric)'
+    """
+    if shown >= total:
+        return ""
+    names = ", ".join(left_out[:6]) + (", …" if len(left_out) > 6 else "")
+    return f"showing {shown} of {total} values; not shown: {names} (choose with --metric)"
+
+
 def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[str] | None = None,
              overwrite: bool = False, dpi: int = 110) -> Path:
     """Draw ``run``'s series (default: the report's rows; or the dotted ``metrics``) against the step and
-    save a PNG at ``path``; returns the path. An existing file is refused unless ``overwrite``."""
+    save a PNG at ``path``; returns the path. An existing file is refused unless ``overwrite``. Points whose
+    error exceeds half their value are hollow; when not every value fits (:data:`MAX_PANELS`) the figure says
+    which are left out (also in the PNG's ``Description``, and in :func:`panel_note`)."""
     target = _target(path, overwrite)
     reader = open_run(run)
     records = placed_records(reader)
@@ -61,9 +76,11 @@ def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[st
         threshold_panel = "precond.lambda_max" if eos.rule != "sgd" else "spectrum.lambda_max"
     # Baselines are drawn as reference lines in their metric's panel rather than as panels of their own.
     overlaid = {p for host, refs in _OVERLAYS.items() if host in series for p in refs}
-    chosen = [s for p, s in series.items() if metrics or p not in overlaid][:MAX_PANELS]
+    candidates = [s for p, s in series.items() if metrics or p not in overlaid]
+    chosen = candidates[:MAX_PANELS]
     if threshold_panel in series and series[threshold_panel] not in chosen:
         chosen[-1] = series[threshold_panel]  # the edge of stability is worth a panel more than the last value
+    note = panel_note(len(chosen), len(candidates), [s.path for s in candidates if s not in chosen])
 
     if not chosen:
         failed = sum(1 for r in records if r.get("errors"))
@@ -86,12 +103,19 @@ def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[st
     axes = fig.subplots(rows, cols, squeeze=False,
                         gridspec_kw={"left": 0.22 / cols, "right": 0.98, "bottom": 0.5 / height,
                                      "top": 1 - 0.75 / height, "hspace": 0.6, "wspace": 0.3})
+    any_unresolved = False
     for ax, s in zip(axes.flat, chosen):
         ok = np.isfinite(s.values)
-        ax.plot(s.steps[ok], s.values[ok], marker="o", markersize=3, linewidth=1.2)
+        line = ax.plot(s.steps[ok], s.values[ok], marker="o", markersize=3, linewidth=1.2)[0]
         if s.errors is not None:
             e = np.where(np.isfinite(s.errors), s.errors, 0.0)[ok]
             ax.fill_between(s.steps[ok], s.values[ok] - e, s.values[ok] + e, alpha=0.25, linewidth=0)
+            loose = e > UNRESOLVED_FRACTION * np.abs(s.values[ok])
+            if loose.any():  # hollow markers: the value is not resolved by its own error
+                any_unresolved = True
+                ax.plot(s.steps[ok][loose], s.values[ok][loose], linestyle="none", marker="o", markersize=6,
+                        markerfacecolor="white", markeredgecolor=line.get_color(), label="unresolved")
+                ax.legend(fontsize=7, loc="best")
         for ref, style in zip(_OVERLAYS.get(s.path, ()), (":", "-.")):
             if ref in series:
                 r = series[ref]
@@ -113,10 +137,15 @@ def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[st
     title = reader.meta.get("model") or reader.run_dir.name
     fig.suptitle(f"{title} · {reader.meta.get('optimizer') or 'no optimizer'} · {reader.run_dir.name}", fontsize=10,
                  y=1 - 0.15 / height, va="top")
+    footer = [note] if note else []
+    if any_unresolved:
+        footer.append(f"hollow: unresolved, error above {100 * UNRESOLVED_FRACTION:g} % of the value")
+    if footer:
+        fig.text(0.01, 0.08 / height, " · ".join(footer), fontsize=7, color="dimgray", ha="left", va="bottom")
     # Written beside the target and renamed, so a failed save never leaves half a PNG under the asked name.
     tmp = target.with_name(f".{target.name}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=dpi)
+        fig.savefig(tmp, format="png", dpi=dpi, metadata={"Description": " · ".join(footer) or "all values shown"})
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)

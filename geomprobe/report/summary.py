@@ -28,8 +28,8 @@ import numpy as np
 from ..runs.encoding import ARRAY_KEY
 from ..trajectory.smoothness import spearman
 
-__all__ = ["Series", "collect_series", "block_series", "summarize", "cost_summary", "schedule_summary", "metric_names",
-           "KNOWN_ROWS", "BLOCK_ROWS", "BOOKKEEPING", "TREND_RHO", "TREND_CHANGE"]
+__all__ = ["Series", "collect_series", "block_series", "dropped_blocks", "summarize", "cost_summary", "schedule_summary", "metric_names",
+           "KNOWN_ROWS", "BLOCK_ROWS", "UNRESOLVED_FRACTION", "BOOKKEEPING", "TREND_RHO", "TREND_CHANGE"]
 
 # Counts and sizes that describe how a value was computed, not the geometry: left out of the generic rows.
 BOOKKEEPING = frozenset({"hvps", "steps", "n_v", "m", "passes", "gradients", "samples", "coordinates",
@@ -64,6 +64,8 @@ BLOCK_ROWS: dict[str, list[str]] = {
 }
 TOP_LABELS = {"loss": "loss", "grad_norm": "‖∇L‖", "lr": "learning rate"}
 
+# Above this fraction of its value, an error leaves the value unresolved (report/_format.py: how it is shown).
+UNRESOLVED_FRACTION = 0.5
 # A trend is "rising"/"falling" when the rank correlation with the step is at least TREND_RHO in size and
 # the value moved by more than TREND_CHANGE (relative) from first to last; "flat" when it moved less.
 TREND_RHO = 0.6
@@ -192,6 +194,30 @@ def block_series(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Se
     return out
 
 
+def dropped_blocks(records: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Per block value (``rmed.rmed``), the blocks that report it but never as a finite number (an undefined
+    R_med of a block with too few coordinates): the per-block table cannot show them and lists them instead.
+
+    >>> dropped_blocks([{"step": 0, "rmed": {"blocks": {"w": {"rmed": 2.0}, "b": {"rmed": None}}}}])
+    {'rmed.rmed': ['b']}
+    """
+    shown = block_series(records)
+    out: dict[str, list[str]] = {}
+    for name in metric_names(records):
+        wanted = BLOCK_ROWS.get(name)
+        for r in records:
+            res = r.get(name)
+            if not (isinstance(res, Mapping) and isinstance(res.get("blocks"), Mapping)):
+                continue
+            for bname, bres in res["blocks"].items():
+                for key in (wanted if wanted is not None else list(bres) if isinstance(bres, Mapping) else []):
+                    path = f"{name}.{key}"
+                    if isinstance(bres, Mapping) and key in bres and path not in shown.get(bname, {}) \
+                            and bname not in out.get(path, []):
+                        out.setdefault(path, []).append(bname)
+    return out
+
+
 def _finite_or_none(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
@@ -222,10 +248,15 @@ def summarize(series: Series) -> dict[str, Any]:
         direction = "rising" if rho > 0 else "falling"
     else:
         direction = "mixed"
+    fe = _finite_or_none(err[i0]) if err is not None else None
+    le = _finite_or_none(err[i1]) if err is not None else None
+    unsure = [s for s, v, e in ((int(series.steps[i]), series.values[i], err[i] if err is not None else None)
+                                for i in idx) if e is not None and math.isfinite(e) and e > UNRESOLVED_FRACTION * abs(v)]
     return out | {
-        "first": first, "first_err": _finite_or_none(err[i0]) if err is not None else None,
+        "unresolved_steps": unsure,
+        "first": first, "first_err": fe,
         "first_step": int(series.steps[i0]),
-        "last": last, "last_err": _finite_or_none(err[i1]) if err is not None else None,
+        "last": last, "last_err": le,
         "last_step": int(series.steps[i1]),
         "min": float(series.values[imin]), "min_step": int(series.steps[imin]),
         "max": float(series.values[imax]), "max_step": int(series.steps[imax]),

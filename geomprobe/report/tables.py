@@ -25,7 +25,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ._format import add_row, fmt, fmt_err
+from ._format import UNRESOLVED_LEGEND, add_row, fmt, fmt_err, unresolved
 from .document import RunLike, build_report
 
 __all__ = ["render_report", "report_renderable", "print_report", "report_text"]
@@ -97,6 +97,16 @@ def probes_text(doc: Mapping[str, Any]) -> str:
     return f"{n} ({detail})" if detail else f"{n}"
 
 
+def _cell(s: Mapping[str, Any], which: str) -> Text:
+    """``value ± error`` of the series' first or last value, dim when unresolved."""
+    x, e = s.get(which), s.get(f"{which}_err")
+    return Text(fmt_err(x, e), style="dim" if unresolved(x, e) else "")
+
+
+def _any_unresolved(summaries: Any) -> bool:
+    return any(unresolved(s.get(w), s.get(f"{w}_err")) for s in summaries for w in ("first", "last"))
+
+
 def _metrics_table(doc: Mapping[str, Any]) -> Table | Text:
     rows = [(path, s) for path, s in doc["metrics"].items() if s.get("headline", True)]
     if not rows:
@@ -106,9 +116,10 @@ def _metrics_table(doc: Mapping[str, Any]) -> Table | Text:
                           ("max", "right"), ("trend", "left"), ("along steps", "left")):
         table.add_column(name, justify=justify, no_wrap=name in ("metric", "along steps"))
     for path, s in rows:
-        add_row(table, s.get("label") or path, fmt_err(s.get("first"), s.get("first_err")),
-                      fmt_err(s.get("last"), s.get("last_err")), fmt(s.get("min")), fmt(s.get("max")),
+        add_row(table, s.get("label") or path, _cell(s, "first"), _cell(s, "last"), fmt(s.get("min")), fmt(s.get("max")),
                       _DIRECTION.get(s.get("direction"), ""), s.get("sparkline", ""))
+    if _any_unresolved(s for _, s in rows):
+        table.caption, table.caption_justify = UNRESOLVED_LEGEND, "left"
     return table
 
 
@@ -127,8 +138,13 @@ def _blocks_table(doc: Mapping[str, Any]) -> Table | Text:
         rows = [(name, series[path]) for name, series in blocks.items() if path in series]
         for i, (name, s) in enumerate(rows):
             add_row(table, path if i == 0 else "", name, fmt(sizes.get(name)),
-                    fmt_err(s.get("first"), s.get("first_err")), fmt_err(s.get("last"), s.get("last_err")),
+                    _cell(s, "first"), _cell(s, "last"),
                     _DIRECTION.get(s.get("direction"), ""), s.get("sparkline", ""), end_section=i == len(rows) - 1)
+    notes = [UNRESOLVED_LEGEND] if _any_unresolved(s for series in blocks.values() for s in series.values()) else []
+    for path, names in (doc.get("blocks_dropped") or {}).items():
+        notes.append(f"not shown, {path} never finite: {', '.join(names)}")
+    if notes:
+        table.caption, table.caption_justify = "\n".join(notes), "left"
     return table
 
 
