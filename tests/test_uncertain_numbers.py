@@ -125,8 +125,9 @@ def test_the_png_says_when_it_shows_only_some_panels(tmp_path):
     Image = pytest.importorskip("PIL.Image")
     many = {f"v{i}": float(i + 1) for i in range(MAX_PANELS + 3)}
     run = write(tmp_path, [{"step": s, "rmed": {"rmed": 3.0, "rmed_err": 2.0}, "custom": dict(many)} for s in range(3)])
-    png = plot_run(run, tmp_path / "run.png")
-    note = Image.open(png).text["Description"]
+    with Image.open(plot_run(run, tmp_path / "run.png")) as image:
+        note = image.text["Description"]
     assert f"of {MAX_PANELS + 4} values; not shown:" in note and "hollow: unresolved" in note
     few = write(tmp_path, [{"step": s, "rmed": {"rmed": 3.0, "rmed_err": 0.1}} for s in range(3)], name="few")
-    assert Image.open(plot_run(few, tmp_path / "few.png")).text["Description"] == "all values shown"
+    with Image.open(plot_run(few, tmp_path / "few.png")) as image:
+        assert image.text["Description"] == "all values shown"

@@ -18,10 +18,11 @@ import numpy as np
 from ..errors import ConfigurationError
 from ..trajectory.edge_of_stability import edge_of_stability
 from ._format import UNRESOLVED_FRACTION
+from .compare import Comparison
 from .document import RunLike, open_run, placed_records
 from .summary import collect_series
 
-__all__ = ["plot_run", "panel_note", "MAX_PANELS", "LOG_SCALE_SPAN"]
+__all__ = ["plot_run", "plot_comparison", "panel_note", "MAX_PANELS", "LOG_SCALE_SPAN"]
 
 MAX_PANELS = 12        # more values than this: the first 12 (loss and the headline metrics come first)
 LOG_SCALE_SPAN = 100.0  # a positive value spanning more than this factor gets a log axis
@@ -149,4 +150,60 @@ def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[st
         os.replace(tmp, target)
     finally:
         tmp.unlink(missing_ok=True)
+    return target
+
+
+def _save(fig, target: Path, dpi: int, description: str) -> None:
+    # Written beside the target and renamed, so a failed save never leaves half a PNG under the asked name.
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=dpi, metadata={"Description": description})
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, overwrite: bool = False, dpi: int = 110) -> Path:
+    """Draw a :class:`~.compare.Comparison`: one panel per value, one line per run, against the step or the
+    loss (log axis, falling to the right) it matched the runs at; the comparison's warnings (different probe
+    modes or data) are printed under the panels. Returns the path; an existing file needs ``overwrite``."""
+    target = _target(path, overwrite)
+    if not cmp.paths:
+        raise ConfigurationError("the comparison holds no values to plot")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    shown = cmp.paths[:MAX_PANELS]
+    cols = min(_COLUMNS, len(shown))
+    rows = math.ceil(len(shown) / cols)
+    footer = ([panel_note(len(shown), len(cmp.paths), cmp.paths[len(shown):])] if len(shown) < len(cmp.paths)
+              else []) + [f"warning: {w}" for w in cmp.warnings]
+    height = 2.8 * rows + 0.5 + 0.18 * len(footer)
+    fig = Figure(figsize=(4.2 * cols, height))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(rows, cols, squeeze=False,
+                        gridspec_kw={"left": 0.22 / cols, "right": 0.98, "bottom": (0.5 + 0.18 * len(footer)) / height,
+                                     "top": 1 - 0.75 / height, "hspace": 0.6, "wspace": 0.3})
+    x = np.asarray(cmp.axis, dtype=np.float64)
+    labels = [f"{n} ({o})" if o else n for n, o in zip(cmp.runs, cmp.optimizers)]
+    for ax, p in zip(axes.flat, shown):
+        for label, values in zip(labels, cmp.values[p]):
+            ok = np.isfinite(values)
+            ax.plot(x[ok], values[ok], marker="o", markersize=3, linewidth=1.2, label=label)
+        if cmp.by == "loss":
+            if (x > 0).all():
+                ax.set_xscale("log")
+            ax.invert_xaxis()  # training goes from high loss to low
+        ax.set_title(cmp.labels[p].strip(), fontsize=9)
+        ax.set_xlabel(cmp.by + (" (interpolated)" if cmp.interpolated else ""), fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in list(axes.flat)[len(shown):]:
+        ax.set_visible(False)
+    fig.suptitle(" vs ".join(labels) + f" · by {cmp.by}", fontsize=10, y=1 - 0.15 / height, va="top")
+    for i, line in enumerate(footer):
+        fig.text(0.01, (0.08 + 0.18 * (len(footer) - 1 - i)) / height, line, fontsize=7,
+                 color="tab:red" if line.startswith("warning") else "dimgray", ha="left", va="bottom")
+    _save(fig, target, dpi, " · ".join(footer) or "all values shown")
     return target

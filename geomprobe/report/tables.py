@@ -114,7 +114,7 @@ def _metrics_table(doc: Mapping[str, Any]) -> Table | Text:
     table = Table(box=box.SIMPLE_HEAD, title="Geometry along the run", title_justify="left")
     for name, justify in (("metric", "left"), ("first", "right"), ("last", "right"), ("min", "right"),
                           ("max", "right"), ("trend", "left"), ("along steps", "left")):
-        table.add_column(name, justify=justify, no_wrap=name in ("metric", "along steps"))
+        table.add_column(name, justify=justify, no_wrap=True)  # a value and its error never break across lines
     for path, s in rows:
         add_row(table, s.get("label") or path, _cell(s, "first"), _cell(s, "last"), fmt(s.get("min")), fmt(s.get("max")),
                       _DIRECTION.get(s.get("direction"), ""), s.get("sparkline", ""))
@@ -133,7 +133,7 @@ def _blocks_table(doc: Mapping[str, Any]) -> Table | Text:
     table = Table(box=box.SIMPLE_HEAD, title="Per block", title_justify="left")
     for name, justify in (("value", "left"), ("block", "left"), ("size", "right"), ("first", "right"),
                           ("last", "right"), ("trend", "left"), ("along steps", "left")):
-        table.add_column(name, justify=justify, no_wrap=name in ("value", "block", "along steps"))
+        table.add_column(name, justify=justify, no_wrap=True)  # block names and "x ± e" stay whole
     for path in paths:
         rows = [(name, series[path]) for name, series in blocks.items() if path in series]
         for i, (name, s) in enumerate(rows):
