@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
-SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.S)
+SNIPPETS = re.findall(r"```python\n(.*?)```", README, flags=re.DOTALL)
 
 
 def test_the_readme_has_python_snippets():
@@ -57,7 +57,7 @@ def test_a_missing_framework_is_one_clear_error(monkeypatch):
 
 
 def test_the_quick_start_is_two_command_lines_that_exist():
-    block = re.search(r"## Quick start\n\n```bash\n(.*?)```", README, flags=re.S).group(1).strip().splitlines()
+    block = re.search(r"## Quick start\n\n```bash\n(.*?)```", README, flags=re.DOTALL).group(1).strip().splitlines()
     assert len(block) == 2 and "geomprobe demo" in block[0] and block[1].strip() == "pytest"
     extras = re.findall(r"\.\[([a-z,]+)\]", block[0])[0].split(",")
     import tomllib

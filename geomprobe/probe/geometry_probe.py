@@ -46,7 +46,7 @@ from ..runs.writer import RunWriter
 from .metric_needs import basis_vectors, bounded_basis, gradient_samples
 from .options import check_metric_options, check_probe_options
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
-from .run_folder import last_step, optimizer_hparams, refuse_existing, storable
+from .run_folder import last_step, probe_meta, refuse_existing, storable
 from .schedule import Schedule, budget, every
 from .skips import SkipCounter, open_ended
 from .warm_start import WarmStart
@@ -251,33 +251,7 @@ class GeometryProbe:
         return opts
 
     def _meta(self, extra: Mapping[str, Any] | None) -> dict:
-        return {
-            "model": type(self.model).__name__,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "measured_parameters": self.space.dim,
-            "blocks": [{"name": b.name, "size": b.size, "params": list(b.params)} for b in self.space.blocks],
-            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
-            "optimizer_hparams": optimizer_hparams(self.optimizer),
-            "probe": {
-                "mode": self.mode,
-                "metrics": self.metric_options,
-                "schedule": repr(self.schedule),
-                "batches": len(self.batches),
-                "data": self.data_policy,
-                "seed": self.seed,
-                "hvp_method": self.landscape_options["hvp_method"],
-                "params": self.landscape_options["params"],
-                "group_by": self.landscape_options["group_by"],
-                "world_size": self._reducer.world_size,
-                "memory": {"planned": self.memory_plan, "memory_cap": self.memory_cap, "peak_ratio": self.peak_ratio,
-                           "first_plan": self._first_plan},
-                "warm_start": self.warm is not None,
-                "cost_plan": self.cost_plan,
-            },
-            "device": str(next(self.model.parameters()).device),
-            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
-            **dict(extra or {}),
-        }
+        return probe_meta(self, extra)
 
     # ------------------------------------------------------------------ hooking in
     def attach(self, optimizer: torch.optim.Optimizer, *, probe_now: bool = True) -> "GeometryProbe":
