@@ -165,3 +165,27 @@ def test_doctor_warns_without_omp_num_threads_on_few_cores(monkeypatch):
     assert result.exit_code == 0, result.output  # a warning, not a failure
     threads = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "threads")
     assert threads["status"] == "WARN" and "export OMP_NUM_THREADS=1" in threads["advice"]
+
+
+def test_installed_script_checks_threads(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from geomprobe.doctor import FEW_CORES, _cores, threads_check
+
+    exe = shutil.which("geomprobe")
+    if exe is None:
+        pytest.skip("the geomprobe console script is not installed")
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = f"{tests.parent}{os.pathsep}{tests}"
+    out = subprocess.run([exe, "doctor", "--spec", "probe_specs:mlp_spec", "--json"], capture_output=True, text=True,
+                         env=env, timeout=180, check=False)
+    assert out.returncode == 0, out.stderr
+    threads = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "threads")
+    if _cores() <= FEW_CORES:  # few cores and the variable unset: a warning whatever the load
+        assert threads["status"] == "WARN" and "export OMP_NUM_THREADS=1" in threads["advice"]
+    else:  # many cores: the verdict follows the load, which moves between two readings
+        assert threads["status"] in ("OK", "WARN") and threads_check({}, load=0.0).status == "OK"

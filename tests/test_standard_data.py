@@ -97,3 +97,29 @@ def test_export_parquet_keeps_numeric_columns_and_non_finite_values(tmp_path):
     frame = pd.read_parquet(out)
     assert frame["loss"].dtype == np.float64 and frame["spectrum.lambda_max"].tolist()[1] == math.inf
     assert math.isnan(frame["loss"].tolist()[1]) and "$nonfinite" not in " ".join(frame.columns)
+
+
+def test_installed_script_exports_numeric_tables(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    exe = shutil.which("geomprobe")
+    if exe is None:
+        pytest.skip("the geomprobe console script is not installed")
+    run = _run(tmp_path)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([exe, "export", str(run), "--csv", "-"], capture_output=True, text=True, env=env,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    header, *rows = out.stdout.splitlines()
+    column = header.split(",").index("loss")
+    assert [row.split(",")[column] for row in rows] == ["2.0", "nan", "0.5"]
+    if importlib.util.find_spec("pyarrow") is not None:
+        pd = pytest.importorskip("pandas")
+        target = tmp_path / "run.parquet"
+        done = subprocess.run([exe, "export", str(run), "--parquet", str(target)], capture_output=True, text=True,
+                              env=env, timeout=120, check=False)
+        assert done.returncode == 0, done.stderr
+        assert pd.read_parquet(target)["spectrum.lambda_max"].dtype == np.float64

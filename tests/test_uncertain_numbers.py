@@ -131,3 +131,20 @@ def test_the_png_says_when_it_shows_only_some_panels(tmp_path):
     few = write(tmp_path, [{"step": s, "rmed": {"rmed": 3.0, "rmed_err": 0.1}} for s in range(3)], name="few")
     with Image.open(plot_run(few, tmp_path / "few.png")) as image:
         assert image.text["Description"] == "all values shown"
+
+
+def test_installed_script_marks_unresolved_values_on_a_pipe(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    exe = shutil.which("geomprobe")
+    if exe is None:
+        pytest.skip("the geomprobe console script is not installed")
+    run = write(tmp_path, [{"step": s, "rmed": {"rmed": v, "rmed_err": e}}
+                           for s, (v, e) in enumerate([(12.0, 0.5), (20.0, 1.0), (39.36, 75.0)])])
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([exe, "report", str(run)], capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert out.returncode == 0, out.stderr
+    assert "39.36 ± 75 ?" in out.stdout and "? unresolved: the error exceeds 50 % of the value" in out.stdout
