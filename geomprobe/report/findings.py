@@ -26,7 +26,7 @@ from ..errors import ConfigurationError
 from ..trajectory.edge_of_stability import CONTRADICTED_RATIO, edge_of_stability
 from ..trajectory.smoothness import smoothness_fit
 from ._format import UNRESOLVED_FRACTION, fmt, fmt_err, fmt_steps, unresolved
-from .summary import collect_series, schedule_summary, summarize
+from .summary import MIN_TREND_POINTS, collect_series, schedule_summary, summarize
 
 __all__ = ["Finding", "findings", "rank_interval", "HEAVY_TAIL_ALPHA", "CONVERGED_KEYS", "MIN_TREND_POINTS",
            "MIN_EOS_PROBES"]
@@ -37,9 +37,6 @@ HEAVY_TAIL_ALPHA = 1.8
 HEAVY_TAIL_SIGMAS = 2.0
 # Flags a metric sets when an iteration stopped short.
 CONVERGED_KEYS = ("converged", "lanczos_converged")
-# The fewest probes a finding builds a trend or a rank correlation on: a rank correlation of ±1 from n distinct
-# points has an exact two-sided p of 2/n! (n = 3: 0.33, n = 4: 0.083, n = 5: 0.017), so below 5 it is noise.
-MIN_TREND_POINTS = 5
 # The fewest probes above the stability threshold a crossing is reported on (one probe is one sample).
 MIN_EOS_PROBES = 2
 

@@ -6,13 +6,13 @@ strings, lists, ``blocks`` and bookkeeping counts (:data:`BOOKKEEPING`) are not.
 curated rows with readable labels (:data:`KNOWN_ROWS`); any other metric shows every numeric leaf.
 
 >>> records = [{"step": s, "loss": 1 / (s + 1), "spectrum": {"lambda_max": 2.0 + s, "lambda_max_err": 0.1}}
-...            for s in range(4)]
+...            for s in range(5)]
 >>> series = collect_series(records)
 >>> list(series), series["spectrum.lambda_max"].label
 (['loss', 'spectrum.lambda_max'], 'λ_max')
 >>> s = summarize(series["spectrum.lambda_max"])
 >>> s["first"], s["last"], s["last_err"], s["direction"]
-(2.0, 5.0, 0.1, 'rising')
+(2.0, 6.0, 0.1, 'rising')
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from ..runs.encoding import ARRAY_KEY
 from ..trajectory.smoothness import spearman
 
 __all__ = ["Series", "collect_series", "block_series", "dropped_blocks", "summarize", "cost_summary", "schedule_summary", "metric_names",
-           "KNOWN_ROWS", "BLOCK_ROWS", "UNRESOLVED_FRACTION", "BOOKKEEPING", "TREND_RHO", "TREND_CHANGE"]
+           "KNOWN_ROWS", "BLOCK_ROWS", "UNRESOLVED_FRACTION", "MIN_TREND_POINTS", "BOOKKEEPING", "TREND_RHO", "TREND_CHANGE"]
 
 # Counts and sizes that describe how a value was computed, not the geometry: left out of the generic rows.
 BOOKKEEPING = frozenset({"hvps", "steps", "n_v", "m", "passes", "gradients", "samples", "coordinates",
@@ -66,6 +66,9 @@ TOP_LABELS = {"loss": "loss", "grad_norm": "‖∇L‖", "lr": "learning rate"}
 
 # Above this fraction of its value, an error leaves the value unresolved (report/_format.py: how it is shown).
 UNRESOLVED_FRACTION = 0.5
+# The fewest finite values a direction is named on: a rank correlation of ±1 from n distinct points has an
+# exact two-sided p of 2/n! (n = 3: 0.33, n = 4: 0.083, n = 5: 0.017), so below 5 it is noise.
+MIN_TREND_POINTS = 5
 # A trend is "rising"/"falling" when the rank correlation with the step is at least TREND_RHO in size and
 # the value moved by more than TREND_CHANGE (relative) from first to last; "flat" when it moved less.
 TREND_RHO = 0.6
@@ -227,7 +230,8 @@ def summarize(series: Series) -> dict[str, Any]:
 
     ``trend`` is the Spearman correlation of the value with the step (None below 3 probes), ``ratio`` is
     last/first, ``direction`` one of ``rising``, ``falling``, ``flat``, ``mixed`` (:data:`TREND_RHO`,
-    :data:`TREND_CHANGE`) or None when there are too few values.
+    :data:`TREND_CHANGE`) or None below :data:`MIN_TREND_POINTS` values or when the first or last value is
+    unresolved (its error above :data:`UNRESOLVED_FRACTION` of it); ``unresolved_steps`` lists those steps.
     """
     ok = np.isfinite(series.values)
     idx = np.flatnonzero(ok)
@@ -240,16 +244,17 @@ def summarize(series: Series) -> dict[str, Any]:
     first, last = float(series.values[i0]), float(series.values[i1])
     rho = spearman(series.steps, series.values)
     change = abs(last - first) / max(abs(first), abs(last), np.finfo(np.float64).tiny)
-    if len(idx) < 3:
-        direction = None
+    fe = _finite_or_none(err[i0]) if err is not None else None
+    le = _finite_or_none(err[i1]) if err is not None else None
+    loose_end = any(e is not None and e > UNRESOLVED_FRACTION * abs(v) for v, e in ((first, fe), (last, le)))
+    if len(idx) < MIN_TREND_POINTS or loose_end:
+        direction = None  # a rank correlation of 3 or 4 points is noise, and so is a move within the error
     elif change <= TREND_CHANGE:
         direction = "flat"
     elif math.isfinite(rho) and abs(rho) >= TREND_RHO:
         direction = "rising" if rho > 0 else "falling"
     else:
         direction = "mixed"
-    fe = _finite_or_none(err[i0]) if err is not None else None
-    le = _finite_or_none(err[i1]) if err is not None else None
     unsure = [s for s, v, e in ((int(series.steps[i]), series.values[i], err[i] if err is not None else None)
                                 for i in idx) if e is not None and math.isfinite(e) and e > UNRESOLVED_FRACTION * abs(v)]
     return out | {
