@@ -111,3 +111,22 @@ def test_installed_script_on_a_pipe(runs):
     assert cmp.returncode == 0 and "warning: the runs used different probe modes" in cmp.stderr
     assert all(len(line) > 80 for line in cmp.stderr.splitlines() if line.startswith("warning:"))
     assert_no_trailing_spaces(cmp.stdout)
+
+
+def test_compare_titles_stay_whole_and_unresolved_cells_are_marked(tmp_path):
+    for name, err in (("a", 0.1), ("b", 30.0)):
+        with RunWriter(tmp_path / name, {"model": "MLP", "optimizer": "SGD"}) as w:
+            for s in range(4):
+                w.append({"step": s, "loss": 1.0 / (s + 1), "rmed": {"rmed": 10.0 + s, "rmed_err": err}})
+    result = invoke("compare", tmp_path / "a", tmp_path / "b", "--by", "loss", "--metric", "rmed.rmed")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert "Step at which each run first reached the loss (interpolated)" in lines
+    assert "R_med (rmed.rmed) by loss (interpolated)" in lines
+    rows = [line.split() for line in lines if line.strip().startswith(("1 ", "0."))]
+    marked = [r for r in rows if len(r) == 4]  # loss, run a's value, run b's value, b's "?"
+    assert marked and all(r[-1] == "?" and "?" not in r[1] for r in marked), rows
+    assert any(line.startswith("? unresolved") for line in lines)
+    doc = json.loads(invoke("compare", tmp_path / "a", tmp_path / "b", "--json").stdout)
+    assert doc["metrics"]["rmed.rmed"] and doc["errors"]["rmed.rmed"]["b"][0] == 30.0
+    assert_no_trailing_spaces(result.stdout)

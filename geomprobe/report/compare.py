@@ -37,7 +37,7 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import ConfigurationError
-from ._format import add_row, fmt, jsonable
+from ._format import UNRESOLVED_LEGEND, add_row, fmt, jsonable, unresolved
 from .document import RunLike, open_run, placed_records
 from .summary import Series, block_series, collect_series
 
@@ -60,6 +60,7 @@ class Comparison:
     interpolated: bool = False
     paths: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    errors: dict[str, np.ndarray] = field(default_factory=dict)  # like values, where the runs report errors
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: per metric, per run, the list of values along ``axis``."""
@@ -70,6 +71,7 @@ class Comparison:
             "metrics": {p: {"label": self.labels[p], "values": dict(zip(self.runs, self.values[p]))}
                         for p in self.paths},
             "warnings": self.warnings,
+            "errors": {p: dict(zip(self.runs, e)) for p, e in self.errors.items()},
         })
 
 
@@ -172,6 +174,11 @@ def _first_passage(loss: np.ndarray, level: float) -> tuple[int, float] | None:
     return i, float((loss[i - 1] - level) / (loss[i - 1] - loss[i]))
 
 
+def _errors_of(series: Series | None) -> Series | None:
+    """The series of a value's reported errors, aligned like the value (None when it reports none)."""
+    return None if series is None or series.errors is None else replace(series, values=series.errors, errors=None)
+
+
 def _by_loss(series: list[dict[str, Series]], names: list[str], paths: list[str], levels: int):
     losses = []
     for name, s in zip(names, series):
@@ -186,9 +193,11 @@ def _by_loss(series: list[dict[str, Series]], names: list[str], paths: list[str]
         raise ConfigurationError(f"the runs' loss ranges do not overlap ({ranges}); compare them --by step")
     axis = np.geomspace(hi, lo, levels) if lo > 0 else np.linspace(hi, lo, levels)
     values = {p: np.full((len(names), levels), math.nan) for p in paths}
+    errors = {p: np.full((len(names), levels), math.nan) for p in paths}
     steps_at = np.full((len(names), levels), math.nan)
     for k, (s, (steps, loss)) in enumerate(zip(series, losses)):
         aligned = {p: _at(s.get(p), steps, interpolate=False) for p in paths}
+        aligned_err = {p: _at(_errors_of(s.get(p)), steps, interpolate=False) for p in paths}
         for j, level in enumerate(axis):
             hit = _first_passage(loss, level)
             if hit is None:
@@ -199,7 +208,9 @@ def _by_loss(series: list[dict[str, Series]], names: list[str], paths: list[str]
             for p in paths:
                 a, b = aligned[p][lo_i], aligned[p][i]
                 values[p][k, j] = b if w == 1.0 else a if w == 0.0 else a + w * (b - a)
-    return axis, values, steps_at
+                ea, eb = aligned_err[p][lo_i], aligned_err[p][i]
+                errors[p][k, j] = eb if w == 1.0 else ea if w == 0.0 else max(ea, eb)  # the larger bracket: no less
+    return axis, values, steps_at, {p: e for p, e in errors.items() if np.isfinite(e).any()}
 
 
 def compare_runs(runs: Sequence[RunLike], *, by: str = "step", metrics: Sequence[str] | None = None,
@@ -225,8 +236,8 @@ def compare_runs(runs: Sequence[RunLike], *, by: str = "step", metrics: Sequence
     optimizers = [r.meta.get("optimizer") for r in readers]
     notes = probe_differences([r.meta for r in readers], names)
     if by == "loss":
-        axis, values, steps_at = _by_loss(series, names, paths, levels)
-        return Comparison("loss", names, optimizers, axis, values, labels, steps_at, True, paths, notes)
+        axis, values, steps_at, errors = _by_loss(series, names, paths, levels)
+        return Comparison("loss", names, optimizers, axis, values, labels, steps_at, True, paths, notes, errors)
     step_sets = [set(int(r["step"]) for r in rec if isinstance(r.get("step"), int)) for rec in records]
     if not all(step_sets):
         empty = [n for n, s in zip(names, step_sets) if not s]
@@ -240,7 +251,9 @@ def compare_runs(runs: Sequence[RunLike], *, by: str = "step", metrics: Sequence
             raise ConfigurationError("the runs probed disjoint step ranges; compare them --by loss")
     axis = np.asarray(common, dtype=np.int64)
     values = {p: np.stack([_at(s.get(p), axis, interpolate) for s in series]) for p in paths}
-    return Comparison("step", names, optimizers, axis, values, labels, None, interpolate, paths, notes)
+    errors = {p: np.stack([_at(_errors_of(s.get(p)), axis, interpolate) for s in series]) for p in paths}
+    errors = {p: e for p, e in errors.items() if np.isfinite(e).any()}
+    return Comparison("step", names, optimizers, axis, values, labels, None, interpolate, paths, notes, errors)
 
 
 def _thin(n: int) -> list[int]:
@@ -257,8 +270,8 @@ def render_comparison(cmp: Comparison, console: Console) -> None:
     axis_name = "loss" if cmp.by == "loss" else "step"
     note = " (interpolated)" if cmp.interpolated else ""
     if cmp.steps_at is not None:
-        table = Table(box=box.SIMPLE_HEAD, title=f"Step at which each run first reached the loss{note}",
-                      title_justify="left")
+        console.print(Text(f"Step at which each run first reached the loss{note}", style="italic"))
+        table = Table(box=box.SIMPLE_HEAD)
         table.add_column(axis_name, justify="right")
         for h in heads:
             table.add_column(Text(h), justify="right")
@@ -266,11 +279,22 @@ def render_comparison(cmp: Comparison, console: Console) -> None:
             add_row(table, fmt(cmp.axis[j]), *(fmt(round(s[j])) if math.isfinite(s[j]) else "—" for s in cmp.steps_at))
         console.print(table)
     for p in cmp.paths:
-        table = Table(box=box.SIMPLE_HEAD, title=Text(f"{cmp.labels[p]} ({p}) by {axis_name}{note}"),
-                      title_justify="left")
+        # the title as a line of its own: a table's title wraps to the table's width, even on a pipe
+        console.print(Text(f"{cmp.labels[p]} ({p}) by {axis_name}{note}", style="italic"))
+        table = Table(box=box.SIMPLE_HEAD)
         table.add_column(axis_name, justify="right")
         for h in heads:
             table.add_column(Text(h), justify="right")
+        errs = cmp.errors.get(p)
+        loose = False
         for j in rows:
-            add_row(table, fmt(cmp.axis[j]), *(fmt(v[j]) for v in cmp.values[p]))
+            cells = []
+            for k, v in enumerate(cmp.values[p]):
+                e = errs[k][j] if errs is not None else None
+                mark = unresolved(v[j], e)
+                loose = loose or mark
+                cells.append(Text(fmt(v[j]) + (" ?" if mark else ""), style="dim" if mark else ""))
+            add_row(table, fmt(cmp.axis[j]), *cells)
         console.print(table)
+        if loose:
+            console.print(Text(UNRESOLVED_LEGEND, style="dim"))

@@ -107,30 +107,35 @@ def _any_unresolved(summaries: Any) -> bool:
     return any(unresolved(s.get(w), s.get(f"{w}_err")) for s in summaries for w in ("first", "last"))
 
 
-def _metrics_table(doc: Mapping[str, Any]) -> Table | Text:
+def _metrics_table(doc: Mapping[str, Any]) -> Group | Text:
     rows = [(path, s) for path, s in doc["metrics"].items() if s.get("headline", True)]
     if not rows:
         return Text("No probes recorded yet." if not doc["probes"] else "No numeric values in the records.")
-    table = Table(box=box.SIMPLE_HEAD, title="Geometry along the run", title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD)
     for name, justify in (("metric", "left"), ("first", "right"), ("last", "right"), ("min", "right"),
                           ("max", "right"), ("trend", "left"), ("along steps", "left")):
         table.add_column(name, justify=justify, no_wrap=True)  # a value and its error never break across lines
     for path, s in rows:
         add_row(table, s.get("label") or path, _cell(s, "first"), _cell(s, "last"), fmt(s.get("min")), fmt(s.get("max")),
                       _DIRECTION.get(s.get("direction"), ""), s.get("sparkline", ""))
-    if _any_unresolved(s for _, s in rows):
-        table.caption, table.caption_justify = UNRESOLVED_LEGEND, "left"
-    return table
+    legend = [UNRESOLVED_LEGEND] if _any_unresolved(s for _, s in rows) else []
+    return _titled("Geometry along the run", table, legend)
 
 
-def _blocks_table(doc: Mapping[str, Any]) -> Table | Text:
+def _titled(title: str, table: Table, notes: list[str]) -> Group:
+    # Title and notes as lines of their own, not the table's title and caption, which rich wraps to the
+    # table's width: on a pipe a line is never wrapped, on a terminal it wraps at the terminal's width.
+    return Group(Text(title, style="italic"), table, *(Text(n, style="dim") for n in notes))
+
+
+def _blocks_table(doc: Mapping[str, Any]) -> Group | Text:
     # Long format (one row per value and block) so any number of metrics and blocks fits the width.
     blocks = doc.get("blocks") or {}
     paths = list(dict.fromkeys(p for series in blocks.values() for p in series))
     if not paths:
         return Text("No per-block values in the records (metrics with blocks: rmed, diagshare, noise, precond).")
     sizes = doc["header"].get("block_sizes") or {}
-    table = Table(box=box.SIMPLE_HEAD, title="Per block", title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD)
     for name, justify in (("value", "left"), ("block", "left"), ("size", "right"), ("first", "right"),
                           ("last", "right"), ("trend", "left"), ("along steps", "left")):
         table.add_column(name, justify=justify, no_wrap=True)  # block names and "x ± e" stay whole
@@ -143,9 +148,7 @@ def _blocks_table(doc: Mapping[str, Any]) -> Table | Text:
     notes = [UNRESOLVED_LEGEND] if _any_unresolved(s for series in blocks.values() for s in series.values()) else []
     for path, names in (doc.get("blocks_dropped") or {}).items():
         notes.append(f"not shown, {path} never finite: {', '.join(names)}")
-    if notes:
-        table.caption, table.caption_justify = "\n".join(notes), "left"
-    return table
+    return _titled("Per block", table, notes)
 
 
 def _findings(doc: Mapping[str, Any]) -> Group:
