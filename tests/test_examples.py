@@ -13,11 +13,11 @@ import pytest
 import geomprobe as gp
 
 ROOT = Path(__file__).resolve().parents[1]
-EXAMPLES = {  # script: (the framework it needs, the run folder inside its argument)
-    "plain_loop.py": (None, "."),
-    "lightning_loop.py": ("lightning", "."),
-    "hf_trainer.py": ("transformers", "."),
-    "checkpoint_probing.py": (None, "run"),
+EXAMPLES = {  # script: (the framework it needs, the run folder inside its argument, the last step trained)
+    "plain_loop.py": (None, ".", 100),
+    "lightning_loop.py": ("lightning", ".", 50),
+    "hf_trainer.py": ("transformers", ".", 12),
+    "checkpoint_probing.py": (None, "run", 60),
 }
 
 
@@ -29,7 +29,7 @@ def run_script(path: Path, *args: str, cwd: Path, timeout: int = 240) -> subproc
 
 @pytest.mark.parametrize("script", sorted(EXAMPLES))
 def test_example_runs_and_writes_its_run(script, tmp_path):
-    needs, sub = EXAMPLES[script]
+    needs, sub, last = EXAMPLES[script]
     if needs is not None and importlib.util.find_spec(needs) is None:
         pytest.skip(f"{script} needs {needs}")
     out = tmp_path / "out"
@@ -41,6 +41,7 @@ def test_example_runs_and_writes_its_run(script, tmp_path):
     lam = [r["spectrum"]["lambda_max"] for r in records]
     assert all(x > 0 for x in lam)  # a classifier's loss has positive curvature along its top direction
     assert "Traceback" not in result.stderr
+    assert records[-1]["step"] == last  # the end of training is measured, by the schedule or the final probe
 
 
 def test_examples_are_all_tested():
