@@ -563,7 +563,10 @@ class GeometryProbe:
         self.detach()
         final = self.final_probe if final_probe is None else bool(final_probe)
         stale = open_ended(self.schedule) or self.skips.skipped > self._skipped_before
-        if final and self._stepped and self._step != self._last_probe_step and stale:
+        due = final and self._stepped and self._step != self._last_probe_step and stale
+        if final and self._reducer.world_size > 1:
+            due = self._reducer.agree(due)  # a probe is collective: rank 0's skips decide for every rank
+        if due:
             self.probe(self._step, final=True)  # a short run, or a budget that vetoed the last steps
         elif self.skips.skipped > self._skipped_before and self.run_dir is not None and self.writes:
             # skips after the last probe would be lost with no record to carry them: a compact one, no probe
