@@ -16,8 +16,14 @@ from pathlib import Path
 import click
 
 from geomprobe.errors import ConfigurationError
-from geomprobe.report import build_report, compare_runs, plot_run, render_comparison, render_report
-from geomprobe.report.figures import plot_comparison
+from geomprobe.report import (
+    build_report,
+    compare_runs,
+    plot_comparison,
+    plot_run,
+    render_comparison,
+    render_report,
+)
 from geomprobe.runs.export import export_csv
 from geomprobe.runs.reader import RunReader
 
