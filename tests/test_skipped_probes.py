@@ -156,3 +156,24 @@ def test_installed_script_reports_skips_on_a_pipe(tmp_path):
                          env={**os.environ, "PYTHONPATH": os.getcwd()}, check=False)
     assert out.returncode == 0, out.stderr
     assert "1 of 11 scheduled (10 skipped: overhead budget 5 %)" in out.stdout
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_hugging_face_train_end_probes_a_short_run(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from geomprobe.integrations.transformers import GeometryProbeCallback
+
+    torch.manual_seed(0)
+    config = transformers.BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=16, max_position_embeddings=8, num_labels=2)
+    g = torch.Generator().manual_seed(0)
+    rows = [{"input_ids": torch.randint(1, 30, (6,), generator=g), "attention_mask": torch.ones(6, dtype=torch.long),
+             "labels": int(torch.randint(0, 2, (1,), generator=g))} for _ in range(32)]
+    args = transformers.TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=5, per_device_train_batch_size=8,
+                                          report_to=[], use_cpu=True, save_strategy="no", logging_strategy="no",
+                                          disable_tqdm=True, seed=0)
+    cb = GeometryProbeCallback(metrics=METRICS, schedule=every(100), probe_samples=8, run_dir=tmp_path / "run")
+    transformers.Trainer(model=transformers.BertForSequenceClassification(config), args=args, train_dataset=rows,
+                         callbacks=[cb]).train()
+    records = gp.RunReader(tmp_path / "run").records
+    assert [r["step"] for r in records] == [0, 5] and records[-1]["final"] is True

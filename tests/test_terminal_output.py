@@ -130,3 +130,14 @@ def test_compare_titles_stay_whole_and_unresolved_cells_are_marked(tmp_path):
     doc = json.loads(invoke("compare", tmp_path / "a", tmp_path / "b", "--json").stdout)
     assert doc["metrics"]["rmed.rmed"] and doc["errors"]["rmed.rmed"]["b"][0] == 30.0
     assert_no_trailing_spaces(result.stdout)
+
+
+def test_the_demo_suggests_whole_commands_on_a_pipe(tmp_path):
+    out = tmp_path / ("a-long-folder-name-for-the-demo-runs-" * 2)
+    result = invoke("demo", "--out", out, "--budget", "40", "--probes", "2")
+    assert result.exit_code == 0, result.output
+    nxt = [line for line in result.stderr.splitlines() if line.startswith("Runs written to")]
+    assert len(nxt) == 1 and len(nxt[0]) > 160, result.stderr  # one line however long, not wrapped at 80
+    assert f"geomprobe compare {out}/sgdm {out}/adam {out}/tr-rmsprop --by step" in nxt[0]
+    assert_no_trailing_spaces(result.stdout)
+    assert_no_trailing_spaces(result.stderr)
