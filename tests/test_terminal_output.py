@@ -92,6 +92,9 @@ def test_compare_warns_when_runs_were_probed_differently(runs, tmp_path):
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert any("different probe modes (sgd: eval, adam-train: train)" in w for w in warnings), result.stderr
     assert any("different probe data" in w for w in warnings)
+    Image = pytest.importorskip("PIL.Image")
+    with Image.open(tmp_path / "c.png") as image:  # the figure carries the warnings under its panels
+        assert "warning: the runs used different probe modes" in image.text["Description"]
     doc = json.loads(invoke("compare", runs["sgd"], runs["adam-train"], "--json").stdout)
     assert len(doc["warnings"]) == 2
 
@@ -129,6 +132,10 @@ def test_compare_titles_stay_whole_and_unresolved_cells_are_marked(tmp_path):
     assert any(line.startswith("? unresolved") for line in lines)
     doc = json.loads(invoke("compare", tmp_path / "a", tmp_path / "b", "--json").stdout)
     assert doc["metrics"]["rmed.rmed"] and doc["errors"]["rmed.rmed"]["b"][0] == 30.0
+    Image = pytest.importorskip("PIL.Image")
+    assert invoke("compare", tmp_path / "a", tmp_path / "b", "--png", tmp_path / "ab.png").exit_code == 0
+    with Image.open(tmp_path / "ab.png") as image:
+        assert "hollow: unresolved, error above 50 % of the value" in image.text["Description"]
     assert_no_trailing_spaces(result.stdout)
 
 

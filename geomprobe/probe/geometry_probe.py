@@ -113,7 +113,8 @@ class GeometryProbe:
             block, nor for explicit steps (``at``, ``log_spaced``, :func:`manual`) that all ran.
 
     Every record carries ``schedule``: the steps the schedule selected so far, how many of them a limit
-    vetoed and which (``{"scheduled": 11, "skipped": 10, "skipped_by": {"overhead budget 5 %": 10}}``).
+    vetoed and which (``{"scheduled": 11, "skipped": 10, "skipped_by": {"overhead budget 5 %": 10}}``);
+    :attr:`skips` holds the same counts in memory.
 
     A probe changes nothing: it uses ``torch.autograd.grad`` (never ``.backward()``), runs every forward under
     the state guard, draws randomness from its own generators, and leaves parameters, buffers, ``.grad``,

@@ -94,29 +94,27 @@ def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[st
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
+    footer = [note] if note else []
+    if any(_loose(s).any() for s in chosen):
+        footer.append(UNRESOLVED_NOTE)
     cols = min(_COLUMNS, len(chosen))
     rows = math.ceil(len(chosen) / cols)
-    height = 2.8 * rows + 0.4
+    bottom = 0.5 + 0.2 * len(footer)  # inches under the panels: tick labels, then the footer's lines
+    height = 2.8 * rows + bottom - 0.1
     fig = Figure(figsize=(4.2 * cols, height))
     FigureCanvasAgg(fig)
     # Fixed margins rather than a layout engine: constrained layout measures every tick label and doubles
     # the drawing time, for a grid whose label sizes are known in advance.
     axes = fig.subplots(rows, cols, squeeze=False,
-                        gridspec_kw={"left": 0.22 / cols, "right": 0.98, "bottom": 0.5 / height,
+                        gridspec_kw={"left": 0.22 / cols, "right": 0.98, "bottom": bottom / height,
                                      "top": 1 - 0.75 / height, "hspace": 0.6, "wspace": 0.3})
-    any_unresolved = False
     for ax, s in zip(axes.flat, chosen):
         ok = np.isfinite(s.values)
         line = ax.plot(s.steps[ok], s.values[ok], marker="o", markersize=3, linewidth=1.2)[0]
         if s.errors is not None:
             e = np.where(np.isfinite(s.errors), s.errors, 0.0)[ok]
             ax.fill_between(s.steps[ok], s.values[ok] - e, s.values[ok] + e, alpha=0.25, linewidth=0)
-            loose = e > UNRESOLVED_FRACTION * np.abs(s.values[ok])
-            if loose.any():  # hollow markers: the value is not resolved by its own error
-                any_unresolved = True
-                ax.plot(s.steps[ok][loose], s.values[ok][loose], linestyle="none", marker="o", markersize=6,
-                        markerfacecolor="white", markeredgecolor=line.get_color(), label="unresolved")
-                ax.legend(fontsize=7, loc="best")
+        _hollow(ax, s.steps[ok], s.values[ok], _loose(s)[ok], line.get_color())
         for ref, style in zip(_OVERLAYS.get(s.path, ()), (":", "-.")):
             if ref in series:
                 r = series[ref]
@@ -138,19 +136,34 @@ def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[st
     title = reader.meta.get("model") or reader.run_dir.name
     fig.suptitle(f"{title} · {reader.meta.get('optimizer') or 'no optimizer'} · {reader.run_dir.name}", fontsize=10,
                  y=1 - 0.15 / height, va="top")
-    footer = [note] if note else []
-    if any_unresolved:
-        footer.append(f"hollow: unresolved, error above {100 * UNRESOLVED_FRACTION:g} % of the value")
-    if footer:
-        fig.text(0.01, 0.08 / height, " · ".join(footer), fontsize=7, color="dimgray", ha="left", va="bottom")
-    # Written beside the target and renamed, so a failed save never leaves half a PNG under the asked name.
-    tmp = target.with_name(f".{target.name}.tmp")
-    try:
-        fig.savefig(tmp, format="png", dpi=dpi, metadata={"Description": " · ".join(footer) or "all values shown"})
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
+    _footer(fig, footer, height)
+    _save(fig, target, dpi, " · ".join(footer) or "all values shown")
     return target
+
+
+UNRESOLVED_NOTE = f"hollow: unresolved, error above {100 * UNRESOLVED_FRACTION:g} % of the value"
+
+
+def _loose(s) -> np.ndarray:
+    """Where a series' error exceeds half its value (all False without errors)."""
+    if s.errors is None:
+        return np.zeros(len(s.values), dtype=bool)
+    with np.errstate(invalid="ignore"):
+        return np.isfinite(s.errors) & (s.errors > UNRESOLVED_FRACTION * np.abs(s.values))
+
+
+def _hollow(ax, x: np.ndarray, y: np.ndarray, loose: np.ndarray, color: str) -> None:
+    # hollow markers over the line's: those values are not resolved by their own error
+    if loose.any():
+        ax.plot(x[loose], y[loose], linestyle="none", marker="o", markersize=6, markerfacecolor="white",
+                color=color, label="unresolved")
+        ax.legend(fontsize=7, loc="best")
+
+
+def _footer(fig, lines: list[str], height: float) -> None:
+    for i, line in enumerate(lines):
+        fig.text(0.01, (0.08 + 0.2 * (len(lines) - 1 - i)) / height, line, fontsize=7,
+                 color="tab:red" if line.startswith("warning") else "dimgray", ha="left", va="bottom")
 
 
 def _save(fig, target: Path, dpi: int, description: str) -> None:
@@ -176,20 +189,27 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, overwrite:
     shown = cmp.paths[:MAX_PANELS]
     cols = min(_COLUMNS, len(shown))
     rows = math.ceil(len(shown) / cols)
+    loose = {p: np.isfinite(e) & (e > UNRESOLVED_FRACTION * np.abs(np.nan_to_num(cmp.values[p], nan=np.inf)))
+             for p, e in cmp.errors.items()}
     footer = ([panel_note(len(shown), len(cmp.paths), cmp.paths[len(shown):])] if len(shown) < len(cmp.paths)
-              else []) + [f"warning: {w}" for w in cmp.warnings]
-    height = 2.8 * rows + 0.5 + 0.18 * len(footer)
+              else []) + ([UNRESOLVED_NOTE] if any(loose[p].any() for p in shown if p in loose) else []) \
+        + [f"warning: {w}" for w in cmp.warnings]
+    bottom = 0.5 + 0.2 * len(footer)
+    height = 2.8 * rows + bottom - 0.1
     fig = Figure(figsize=(4.2 * cols, height))
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False,
-                        gridspec_kw={"left": 0.22 / cols, "right": 0.98, "bottom": (0.5 + 0.18 * len(footer)) / height,
+                        gridspec_kw={"left": 0.22 / cols, "right": 0.98, "bottom": bottom / height,
                                      "top": 1 - 0.75 / height, "hspace": 0.6, "wspace": 0.3})
     x = np.asarray(cmp.axis, dtype=np.float64)
     labels = [f"{n} ({o})" if o else n for n, o in zip(cmp.runs, cmp.optimizers)]
     for ax, p in zip(axes.flat, shown):
-        for label, values in zip(labels, cmp.values[p]):
+        for k, (label, values) in enumerate(zip(labels, cmp.values[p])):
             ok = np.isfinite(values)
-            ax.plot(x[ok], values[ok], marker="o", markersize=3, linewidth=1.2, label=label)
+            line = ax.plot(x[ok], values[ok], marker="o", markersize=3, linewidth=1.2, label=label)[0]
+            if p in loose and loose[p][k].any():
+                ax.plot(x[ok & loose[p][k]], values[ok & loose[p][k]], linestyle="none", marker="o", markersize=6,
+                        color=line.get_color(), markerfacecolor="white")  # color: the next run keeps its own
         if cmp.by == "loss":
             if (x > 0).all():
                 ax.set_xscale("log")
@@ -202,8 +222,6 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, overwrite:
     for ax in list(axes.flat)[len(shown):]:
         ax.set_visible(False)
     fig.suptitle(" vs ".join(labels) + f" · by {cmp.by}", fontsize=10, y=1 - 0.15 / height, va="top")
-    for i, line in enumerate(footer):
-        fig.text(0.01, (0.08 + 0.18 * (len(footer) - 1 - i)) / height, line, fontsize=7,
-                 color="tab:red" if line.startswith("warning") else "dimgray", ha="left", va="bottom")
+    _footer(fig, footer, height)
     _save(fig, target, dpi, " · ".join(footer) or "all values shown")
     return target
