@@ -17,7 +17,8 @@ from geomprobe.errors import GeomprobeError
 from geomprobe.load.pathnames import name_problem, shown_path
 from geomprobe.probe.options import MAX_SEED
 
-__all__ = ["SEED", "emit_json", "err_console", "handle_errors", "out_console", "plain_output"]
+__all__ = ["SEED", "emit_json", "err_console", "handle_errors", "out_console", "plain_output", "TrimmedLines",
+           "PIPE_WIDTH"]
 
 # One clear line for a seed no generator takes (2**64, -1), before anything runs.
 SEED = click.IntRange(0, MAX_SEED)
@@ -28,16 +29,60 @@ def plain_output() -> bool:
     return bool(os.environ.get("NO_COLOR")) or not sys.stdout.isatty()
 
 
+# Width given to rich when output is not a terminal: wide enough that nothing is wrapped (a command a user
+# copies from a log stays on one line); the trimming stream drops the padding rich adds up to that width.
+PIPE_WIDTH = 10_000
+
+
+class TrimmedLines:
+    """A text stream that drops trailing spaces from every line it passes on to ``stream`` (rich pads table
+    rows and grid cells to their width, which a pipe, a log file or ``diff`` should not see)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self._pending = ""
+
+    def write(self, text: str) -> int:
+        lines = (self._pending + text).split("\n")
+        self._pending = lines.pop()
+        if lines:
+            self.stream.write("".join(line.rstrip(" ") + "\n" for line in lines))
+        return len(text)
+
+    def flush(self) -> None:
+        if self._pending.strip(" "):
+            self.stream.write(self._pending.rstrip(" "))
+            self._pending = ""
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    @property
+    def encoding(self) -> str:
+        return getattr(self.stream, "encoding", "utf-8")
+
+
 def err_console() -> Console:
-    """Progress and messages: stderr, no colour when NO_COLOR is set or stderr is not a terminal."""
-    return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+    """Progress and messages: stderr, no colour when NO_COLOR is set or stderr is not a terminal; on a pipe
+    messages are not wrapped (a suggested command stays whole) nor padded."""
+    if sys.stderr.isatty():
+        return Console(stderr=True, no_color=bool(os.environ.get("NO_COLOR")), highlight=False)
+    return Console(file=TrimmedLines(sys.stderr), no_color=True, highlight=False, width=PIPE_WIDTH,
+                   force_terminal=False, soft_wrap=True)
 
 
 def out_console(width: int | None = None) -> Console:
-    """Data: stdout; plain when not a terminal or NO_COLOR (fixed width so tables do not wrap in pipes)."""
+    """Data: stdout; plain when not a terminal or NO_COLOR. On a pipe nothing is wrapped and no line carries
+    trailing spaces (tables take their natural width)."""
     plain = plain_output()
-    return Console(no_color=plain, highlight=False, width=width or (120 if plain else None),
-                   force_terminal=False if plain else None)
+    if not sys.stdout.isatty():
+        return Console(file=TrimmedLines(sys.stdout), no_color=True, highlight=False, width=width or PIPE_WIDTH,
+                       force_terminal=False)
+    return Console(no_color=plain, highlight=False, width=width, force_terminal=False if plain else None)
 
 
 def emit_json(doc: Any) -> None:

@@ -16,7 +16,14 @@ from pathlib import Path
 import click
 
 from geomprobe.errors import ConfigurationError
-from geomprobe.report import build_report, compare_runs, plot_run, render_comparison, render_report
+from geomprobe.report import (
+    build_report,
+    compare_runs,
+    plot_comparison,
+    plot_run,
+    render_comparison,
+    render_report,
+)
 from geomprobe.report.view_figures import has_views, plot_views
 from geomprobe.runs.export import export_csv
 from geomprobe.runs.reader import RunReader
@@ -99,20 +106,36 @@ def report(run: Path, per_layer: bool, png: Path | None, force: bool, as_json: b
               "Default: the report's rows.")
 @click.option("--levels", type=click.IntRange(2, 1000), default=8, show_default=True,
               help="Loss levels to match at, with --by loss.")
+@click.option("--png", type=click.Path(path_type=Path, dir_okay=False), metavar="FILE",
+              help="Also write a PNG: one panel per value, one line per run.")
+@click.option("--force", is_flag=True, help="Replace an existing --png file.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as one JSON document.")
 @handle_errors
-def compare(runs: tuple[Path, ...], by: str, metrics: tuple[str, ...], levels: int, as_json: bool) -> None:
+def compare(runs: tuple[Path, ...], by: str, metrics: tuple[str, ...], levels: int, png: Path | None, force: bool,
+            as_json: bool) -> None:
     """Put two or more RUNS side by side, e.g. R_med of SGD against Adam.
+
+    Warns (on stderr) when the runs were probed differently (mode, probe data, seed, HVP method, measured
+    parameters): their values then differ for more reasons than the trajectory.
 
     \b
     Examples:
       geomprobe compare runs/sgd runs/adam --metric rmed
-      geomprobe compare runs/sgd runs/adam --by loss --metric rmed.rmed
+      geomprobe compare runs/sgd runs/adam --by loss --metric rmed.rmed --png rmed.png
     """
     if len(runs) < 2:
         raise click.UsageError("compare needs at least two runs, e.g. `geomprobe compare runs/sgd runs/adam`; "
                                "for one run use `geomprobe report`")
-    cmp = compare_runs([RunReader(r) for r in runs], by=by, metrics=list(metrics) or None, levels=levels)
+    readers = [RunReader(r) for r in runs]
+    if png is not None:
+        _guard_output(png, readers)
+    cmp = compare_runs(readers, by=by, metrics=list(metrics) or None, levels=levels)
+    err = err_console()
+    for warning in cmp.warnings:
+        err.print(f"warning: {warning}", markup=False)
+    if png is not None:
+        plot_comparison(cmp, png, overwrite=force)  # before stdout: a refused path leaves stdout empty
+        err.print(f"wrote figure {png}", markup=False)
     if as_json:
         emit_json(cmp.to_dict())
     else:
@@ -123,7 +146,8 @@ def _write_parquet(reader: RunReader, path: Path) -> int:
     missing = [m for m in ("pyarrow", "pandas") if importlib.util.find_spec(m) is None]
     if missing:
         raise click.ClickException(f"writing Parquet needs {' and '.join(missing)}, which is not installed; install "
-                                   f"it with `pip install {' '.join(missing)}`, or export with --csv instead")
+                                   f"it with `pip install {' '.join(missing)}` (or `pip install 'geomprobe[parquet]'`), "
+                                   "or export with --csv instead")
     frame = reader.to_dataframe()
     # Lists (top-k eigenvalues, intervals) become JSON text, as in the CSV: one column type per column.
     for column in frame.columns:

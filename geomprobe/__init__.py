@@ -18,6 +18,17 @@ from .probe.schedule import at, budget, every, log_spaced, manual
 from .runs.reader import RunReader
 from .runs.writer import RunWriter
 
+
+def __getattr__(name: str):
+    # ``gp.integrations.lightning.GeometryProbeCallback`` works after a bare ``import geomprobe as gp``, yet
+    # importing geomprobe imports neither lightning nor transformers: the sub-package loads when first named.
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module(".integrations", __name__)
+    raise AttributeError(f"module 'geomprobe' has no attribute {name!r}")
+
+
 try:
     __version__ = version("geomprobe")
 except PackageNotFoundError:  # pragma: no cover - running from a source tree without install

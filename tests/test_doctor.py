@@ -25,14 +25,15 @@ def doctor(*args):
     return result
 
 
-def test_a_plain_mlp_passes_everything_and_exits_0():
+def test_a_plain_mlp_passes_everything_and_exits_0(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     result = doctor("--spec", "probe_specs:mlp_spec", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["ok"] is True
     names = [c["name"] for c in doc["checks"]]
     for name in ("parameters", "loss", "double backward", "attention", "BatchNorm", "dropout",
-                 "per-example gradients", "optimizer"):
+                 "per-example gradients", "optimizer", "threads"):
         assert name in names
     assert {c["status"] for c in doc["checks"]} == {"OK"}
     assert "Adam" in next(c["detail"] for c in doc["checks"] if c["name"] == "optimizer")
@@ -137,3 +138,54 @@ def test_the_model_comes_back_unchanged():
     assert torch.equal(torch.random.get_rng_state(), rng)
     assert spec.model.training  # a fresh module's flag, as found
     assert probe_specs.SPEC_FILE.endswith("probe_specs.py")
+
+
+@pytest.mark.parametrize("env, cores, load, status, text", [
+    ({}, 2, 0.1, "WARN", "OMP_NUM_THREADS is unset"),
+    ({}, 64, 50.0, "WARN", "under a load of 50.0"),
+    ({}, 64, 1.0, "OK", "unset; 64 cores"),
+    ({"OMP_NUM_THREADS": "1"}, 2, 9.0, "OK", "OMP_NUM_THREADS=1"),
+    ({"OMP_NUM_THREADS": "8"}, 2, 0.0, "WARN", "more than the 2 core(s)"),
+    ({"OMP_NUM_THREADS": "lots"}, 2, 0.0, "WARN", "not a positive integer"),
+])
+def test_threads_check(env, cores, load, status, text):
+    from geomprobe.doctor import threads_check
+
+    check = threads_check(env, cores=cores, load=load)
+    assert check.status == status and text in check.detail
+    assert (status == "OK") == (check.advice == "") and ("OMP_NUM_THREADS=1" in check.advice or status == "OK")
+
+
+def test_doctor_warns_without_omp_num_threads_on_few_cores(monkeypatch):
+    import geomprobe.doctor as doctor_module
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(doctor_module, "_cores", lambda: 2)
+    result = doctor("--spec", "probe_specs:mlp_spec", "--json")
+    assert result.exit_code == 0, result.output  # a warning, not a failure
+    threads = next(c for c in json.loads(result.stdout)["checks"] if c["name"] == "threads")
+    assert threads["status"] == "WARN" and "export OMP_NUM_THREADS=1" in threads["advice"]
+
+
+def test_installed_script_checks_threads(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from geomprobe.doctor import FEW_CORES, _cores, threads_check
+
+    exe = shutil.which("geomprobe")
+    if exe is None:
+        pytest.skip("the geomprobe console script is not installed")
+    tests = Path(__file__).resolve().parent
+    env = {k: v for k, v in os.environ.items() if k != "OMP_NUM_THREADS"}
+    env["PYTHONPATH"] = f"{tests.parent}{os.pathsep}{tests}"
+    out = subprocess.run([exe, "doctor", "--spec", "probe_specs:mlp_spec", "--json"], capture_output=True, text=True,
+                         env=env, timeout=180, check=False)
+    assert out.returncode == 0, out.stderr
+    threads = next(c for c in json.loads(out.stdout)["checks"] if c["name"] == "threads")
+    if _cores() <= FEW_CORES:  # few cores and the variable unset: a warning whatever the load
+        assert threads["status"] == "WARN" and "export OMP_NUM_THREADS=1" in threads["advice"]
+    else:  # many cores: the verdict follows the load, which moves between two readings
+        assert threads["status"] in ("OK", "WARN") and threads_check({}, load=0.0).status == "OK"

@@ -59,10 +59,12 @@ def test_generic_metric_gives_every_numeric_leaf_with_its_error():
 
 def test_summary_is_nan_safe_and_names_the_trend():
     records = [{"step": s, "rmed": {"rmed": v, "rmed_err": None}}
-               for s, v in enumerate([float("nan"), 5.0, 7.0, None, 20.0, 40.0])]
+               for s, v in enumerate([float("nan"), 5.0, 7.0, None, 20.0, 40.0, 60.0])]
     s = summarize(collect_series(records)["rmed.rmed"])
-    assert (s["first"], s["first_step"], s["last"], s["min"], s["max_step"]) == (5.0, 1, 40.0, 5.0, 5)
-    assert s["direction"] == "rising" and s["ratio"] == 8.0 and s["first_err"] is None
+    assert (s["first"], s["first_step"], s["last"], s["min"], s["max_step"]) == (5.0, 1, 60.0, 5.0, 6)
+    assert s["direction"] == "rising" and s["ratio"] == 12.0 and s["first_err"] is None
+    four = summarize(collect_series(records[:-1])["rmed.rmed"])   # 4 finite values: too few to name a trend
+    assert four["direction"] is None and four["last"] == 40.0
     flat = summarize(collect_series([{"step": i, "loss": 1.0 + 0.01 * i} for i in range(5)])["loss"])
     assert flat["direction"] == "flat"
 

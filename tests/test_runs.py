@@ -178,7 +178,7 @@ def test_load_array_refuses_missing_and_escaping_paths(tmp_path):
 # ------------------------------------------------------------------------------------------------ non-finite
 
 
-def test_nan_and_inf_round_trip_as_strings(tmp_path):
+def test_nan_and_inf_round_trip_as_null_with_a_flag(tmp_path):
     record = {
         "step": 0,
         "loss": float("nan"),
@@ -191,8 +191,12 @@ def test_nan_and_inf_round_trip_as_strings(tmp_path):
         writer.append(record)
     line = (tmp_path / "run" / "records.jsonl").read_text()
     parsed = strict_json(line)  # the file is strict JSON
-    assert parsed["loss"] == "NaN" and parsed["grad_norm"] == "Infinity" and parsed["lambda_min"] == "-Infinity"
-    strict_json((tmp_path / "run" / "meta.json").read_text())
+    assert parsed["loss"] is None and parsed["grad_norm"] is None and parsed["lambda_min"] is None
+    assert parsed["top"] == [1.0, None] and parsed["nested"]["values"] == [None, 2.0]
+    assert parsed["$nonfinite"] == {"/loss": "NaN", "/grad_norm": "Infinity", "/lambda_min": "-Infinity",
+                                    "/top/1": "NaN", "/nested/values/0": "Infinity"}
+    meta = strict_json((tmp_path / "run" / "meta.json").read_text())
+    assert meta["lr"] is None and meta["$nonfinite"] == {"/lr": "NaN"} and meta["schema_version"] == 2
 
     reader = RunReader(tmp_path / "run")
     got = reader.records[0]
@@ -350,7 +354,7 @@ def test_resume_refuses_another_schema_and_leaves_files_byte_identical(tmp_path)
     meta["schema_version"] = 0
     (run_dir / "meta.json").write_text(json.dumps(meta))
     before = snapshot(run_dir)
-    with pytest.raises(ConfigurationError, match=r"cannot resume .* schema version 0, this geomprobe writes 1"):
+    with pytest.raises(ConfigurationError, match=r"cannot resume .* schema version 0, this geomprobe writes 2"):
         RunWriter(run_dir, {}, resume=True)
     assert snapshot(run_dir) == before
 
@@ -404,7 +408,7 @@ def test_reader_errors(tmp_path):
     with pytest.raises(ConfigurationError, match=r"has no integer schema_version"):
         RunReader(tmp_path / "bare")
     (tmp_path / "bare" / "meta.json").write_text('{"schema_version": 99}')
-    with pytest.raises(ConfigurationError, match=r"schema version 99, newer than the 1 this geomprobe reads"):
+    with pytest.raises(ConfigurationError, match=r"schema version 99, newer than the 2 this geomprobe reads"):
         RunReader(tmp_path / "bare")
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigurationError, match=r"is a file; a run is a folder"):

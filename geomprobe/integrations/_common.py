@@ -47,8 +47,12 @@ class ProbeDriver:
         self._last_step = step
         return self.probe.step(step)
 
-    def close(self) -> None:
+    def close(self, step: int | None = None) -> None:
+        """At train end: ask the schedule about the last step (if the step hook never saw it), then close,
+        which probes that step when the schedule skipped it (a short run, a vetoing budget)."""
         if self.probe is not None:
+            if step is not None and step != self._last_step:
+                self.step(step)
             self.probe.close()
 
     @property

@@ -82,4 +82,4 @@ class GeometryProbeCallback(pl.Callback):
         self._send(trainer, self._driver.step(trainer.global_step))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._driver.close()
+        self._driver.close(trainer.global_step)

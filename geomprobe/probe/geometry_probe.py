@@ -48,9 +48,10 @@ from .metric_needs import basis_vectors, bounded_basis, gradient_samples
 from .metric_spec import resolve_metrics
 from .options import check_probe_options
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
-from .run_folder import last_step, optimizer_hparams, refuse_existing, storable
+from .run_folder import last_step, probe_meta, refuse_existing, storable
 from .schedule import Schedule, budget, every
 from .summary import resolve_summary
+from .skips import SkipCounter, open_ended
 from .warm_start import WarmStart
 
 __all__ = ["GeometryProbe", "DEFAULT_METRICS"]
@@ -114,6 +115,14 @@ class GeometryProbe:
         summary: ``True`` prints one line per probe on stderr once it is recorded: the loss and each metric's
             headline values with their errors (:func:`~.summary.summary_line`); a text stream or a callable
             (``logging.info``) receives the lines instead. Default ``False``: nothing printed. Rank 0 only.
+        final_probe: :meth:`close` probes the last step when the schedule did not and either a limit
+            vetoed a probe since the last one or the schedule is periodic (``every``, a budget): a short run
+            still ends with a probe; that record has ``"final": true``. Not after an exception in a ``with``
+            block, nor for explicit steps (``at``, ``log_spaced``, :func:`manual`) that all ran.
+
+    Every record carries ``schedule``: the steps the schedule selected so far, how many of them a limit
+    vetoed and which (``{"scheduled": 11, "skipped": 10, "skipped_by": {"overhead budget 5 %": 10}}``);
+    :attr:`skips` holds the same counts in memory.
 
     A probe changes nothing: it uses ``torch.autograd.grad`` (never ``.backward()``), runs every forward under
     the state guard, draws randomness from its own generators, and leaves parameters, buffers, ``.grad``,
@@ -158,6 +167,7 @@ class GeometryProbe:
         warm_start: bool = True,
         progress: bool | ProgressCallback | None = None,
         summary: Any = False,
+        final_probe: bool = True,
     ):
         loss_reduction(loss_fn, reduction)  # a bad reduction, or a loss of reduction='none', before training starts
         check_probe_options(mode=mode, hvp_method=hvp_method, loss_form=loss_form, chunk_size=chunk_size,
@@ -210,6 +220,10 @@ class GeometryProbe:
         self.annotate = annotate
         self._t_start = clock()
         self._closed = False
+        self.final_probe = bool(final_probe)
+        self.skips = SkipCounter()
+        self._skipped_before = 0  # skips counted when the last probe ran
+        self._stepped = False  # step() was called: there is a training step a final probe could measure
         # The run folder is checked now (a refusal before training starts) but written at the first probe,
         # so the metadata can name the optimizer that attach() brings.
         self.run_dir, self._force, self._resume, self._extra_meta = run_dir, force, resume, meta
@@ -234,33 +248,7 @@ class GeometryProbe:
 
     # ------------------------------------------------------------------ set-up
     def _meta(self, extra: Mapping[str, Any] | None) -> dict:
-        return {
-            "model": type(self.model).__name__,
-            "parameters": sum(p.numel() for p in self.model.parameters()),
-            "measured_parameters": self.space.dim,
-            "blocks": [{"name": b.name, "size": b.size, "params": list(b.params)} for b in self.space.blocks],
-            "optimizer": type(self.optimizer).__name__ if self.optimizer is not None else None,
-            "optimizer_hparams": optimizer_hparams(self.optimizer),
-            "probe": {
-                "mode": self.mode,
-                "metrics": self.metric_options,
-                "schedule": repr(self.schedule),
-                "batches": len(self.batches),
-                "data": self.data_policy,
-                "seed": self.seed,
-                "hvp_method": self.landscape_options["hvp_method"],
-                "params": self.landscape_options["params"],
-                "group_by": self.landscape_options["group_by"],
-                "world_size": self._reducer.world_size,
-                "memory": {"planned": self.memory_plan, "memory_cap": self.memory_cap, "peak_ratio": self.peak_ratio,
-                           "first_plan": self._first_plan},
-                "warm_start": self.warm is not None,
-                "cost_plan": self.cost_plan,
-            },
-            "device": str(next(self.model.parameters()).device),
-            "dtype": str(next(self.model.parameters()).dtype).replace("torch.", ""),
-            **dict(extra or {}),
-        }
+        return probe_meta(self, extra)
 
     # ------------------------------------------------------------------ hooking in
     def attach(self, optimizer: torch.optim.Optimizer, *, probe_now: bool = True) -> "GeometryProbe":
@@ -303,20 +291,24 @@ class GeometryProbe:
             raise ConfigurationError("this probe was closed; create a new GeometryProbe")
         step = self._step if step is None else int(step)
         self._step = step
+        self._stepped = True
         # Rank 0's decision binds every rank: a time budget can differ across ranks, and a probe is collective.
-        if not self._reducer.agree(self.schedule.should_probe(step, self.clock())):
+        fired = self._reducer.agree(self.schedule.should_probe(step, self.clock()))
+        self.skips.note(self.schedule, fired)
+        if not fired:
             return None
         return self.probe(step)
 
     # ------------------------------------------------------------------ measuring
-    def probe(self, step: int) -> dict:
-        """Measure every metric at the current parameters now, whatever the schedule, and record it."""
+    def probe(self, step: int, *, final: bool = False) -> dict:
+        """Measure every metric at the current parameters now, whatever the schedule, and record it
+        (``final``: marked as the probe at the end of training)."""
         # an optimizer stepped under no_grad or inference_mode still gets its probe: HVPs need autograd; and
         # whatever the probe draws (noise_data batches, a dataset's augmentation) leaves training's RNG alone
         with torch.inference_mode(False), torch.enable_grad(), rng_preserved(self.model):
-            return self._probe(step)
+            return self._probe(step, final)
 
-    def _probe(self, step: int) -> dict:
+    def _probe(self, step: int, final: bool = False) -> dict:
         device = next(self.model.parameters()).device
         cuda = device.type == "cuda"
         peak = read_training_peak(device)  # and a reset, so the record's peak is the probe's own
@@ -405,6 +397,10 @@ class GeometryProbe:
             record["errors"] = errors
         if skipped:
             record["skipped"] = skipped
+        record["schedule"] = self.skips.to_dict()
+        self._skipped_before = self.skips.skipped
+        if final:
+            record["final"] = True
         self.schedule.observe(step, seconds, self.clock())
         self.records.append(record)
         if self.run_dir is not None and self.writes:
@@ -563,11 +559,23 @@ class GeometryProbe:
         elapsed = self.clock() - self._t_start
         return self._probe_seconds / elapsed if elapsed > 0 else 0.0
 
-    def close(self) -> None:
-        """Detach from the optimizer and close the run log (idempotent)."""
+    def close(self, *, final_probe: bool | None = None) -> None:
+        """Detach from the optimizer, probe the last step if no probe measured it (``final_probe``, default
+        the probe's setting; see the class docstring) and close the run log (idempotent)."""
         if self._closed:
             return
         self.detach()
+        final = self.final_probe if final_probe is None else bool(final_probe)
+        stale = open_ended(self.schedule) or self.skips.skipped > self._skipped_before
+        due = final and self._stepped and self._step != self._last_probe_step and stale
+        if final and self._reducer.world_size > 1:
+            due = self._reducer.agree(due)  # a probe is collective: rank 0's skips decide for every rank
+        if due:
+            self.probe(self._step, final=True)  # a short run, or a budget that vetoed the last steps
+        elif self.skips.skipped > self._skipped_before and self.run_dir is not None and self.writes:
+            # skips after the last probe would be lost with no record to carry them: a compact one, no probe
+            self._unwritten.append({"step": self._step, "kind": "schedule", "time": time.time(),
+                                    "schedule": self.skips.to_dict()})
         if self._unwritten:
             self._write_records()  # a last try for records a failed write kept in memory
         if self._unwritten:
@@ -588,5 +596,5 @@ class GeometryProbe:
     def __enter__(self) -> "GeometryProbe":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        self.close(final_probe=False if exc_type is not None else None)  # no probe of a model that just failed

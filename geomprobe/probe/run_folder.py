@@ -1,10 +1,11 @@
 """A probe's dealings with its run folder before and around writing: refusing to overwrite a run, the step
 a resumed run continues from, whether a value can be stored at all, and the optimizer's hyperparameters the
-run's meta records."""
+run's meta records, and the meta itself."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -13,7 +14,7 @@ from ..errors import ConfigurationError
 from ..runs.encoding import Encoder
 from ..runs.reader import RunReader
 
-__all__ = ["storable", "last_step", "refuse_existing", "optimizer_hparams"]
+__all__ = ["storable", "last_step", "refuse_existing", "optimizer_hparams", "probe_meta"]
 
 
 def storable(value: Any, path: str) -> None:
@@ -58,3 +59,36 @@ def optimizer_hparams(optimizer: torch.optim.Optimizer | None) -> list[dict] | N
                 h[k] = list(v) if isinstance(v, tuple) else v
         out.append(h)
     return out
+
+
+def probe_meta(probe: Any, extra: Mapping[str, Any] | None) -> dict:
+    """The run's meta.json for a GeometryProbe: model and sizes, blocks, optimizer and its hyperparameters,
+    and the probe policy (mode, metrics, schedule, data, seed, memory, cost plan) a report and a comparison
+    read; ``extra`` (the user's) last."""
+    return {
+        "model": type(probe.model).__name__,
+        "parameters": sum(p.numel() for p in probe.model.parameters()),
+        "measured_parameters": probe.space.dim,
+        "blocks": [{"name": b.name, "size": b.size, "params": list(b.params)} for b in probe.space.blocks],
+        "optimizer": type(probe.optimizer).__name__ if probe.optimizer is not None else None,
+        "optimizer_hparams": optimizer_hparams(probe.optimizer),
+        "probe": {
+            "mode": probe.mode,
+            "metrics": probe.metric_options,
+            "schedule": repr(probe.schedule),
+            "batches": len(probe.batches),
+            "data": probe.data_policy,
+            "seed": probe.seed,
+            "hvp_method": probe.landscape_options["hvp_method"],
+            "params": probe.landscape_options["params"],
+            "group_by": probe.landscape_options["group_by"],
+            "world_size": probe._reducer.world_size,
+            "memory": {"planned": probe.memory_plan, "memory_cap": probe.memory_cap, "peak_ratio": probe.peak_ratio,
+                       "first_plan": probe._first_plan},
+            "warm_start": probe.warm is not None,
+            "cost_plan": probe.cost_plan,
+        },
+        "device": str(next(probe.model.parameters()).device),
+        "dtype": str(next(probe.model.parameters()).dtype).replace("torch.", ""),
+        **dict(extra or {}),
+    }

@@ -22,6 +22,16 @@ Every operand is evaluated at every call (no short-circuit), so a budget sees th
 trigger fires there, and ``observe`` reaches every operand, so a budget counts all probe time, including
 probes it did not gate.
 
+After each ``should_probe`` call, ``vetoed_by`` names the limits (by their ``reason``, e.g. ``"overhead
+budget 5 %"``) that vetoed a step the triggers selected, and is empty otherwise; the probe counts these
+skipped probes in its records so a report can say how many were scheduled and why they did not run.
+
+>>> s = every(10) | budget(0.5, clock=lambda: 0.0)
+>>> s.observe(0, 1.0, 0.0); s.should_probe(10, 1.0), s.vetoed_by
+(False, ('overhead budget 50 %',))
+>>> s.should_probe(11, 1.0), s.vetoed_by                     # not selected by every(10): not a skipped probe
+(False, ())
+
 >>> s = every(100) | budget(0.05)
 >>> s
 every(100) | budget(0.05)
@@ -84,6 +94,13 @@ class Schedule(abc.ABC):
     """
 
     is_limit: bool = False
+    # The limits that vetoed a step the triggers selected, at the last should_probe call (module docstring).
+    vetoed_by: tuple[str, ...] = ()
+
+    @property
+    def reason(self) -> str:
+        """How a limit is named when it vetoes a probe (its repr unless it says better)."""
+        return repr(self)
 
     @abc.abstractmethod
     def should_probe(self, step: int, now: float | None = None) -> bool:
@@ -264,6 +281,10 @@ class Budget(Schedule):
             return 0.0
         return max(self._last, self._average)
 
+    @property
+    def reason(self) -> str:
+        return f"overhead budget {100 * self.fraction:g} %"
+
     def elapsed(self, now: float | None = None) -> float:
         """Wall seconds since the first call (0 before it)."""
         return 0.0 if self._t0 is None else self._time(now) - self._t0
@@ -309,6 +330,12 @@ class _Combined(Schedule):
         # A list, not a generator under any()/all(): every operand must see every step (a budget records t0).
         return [part.should_probe(step, now) for part in self.parts]
 
+    def _vetoes(self, votes: list[bool], triggered: bool) -> tuple[str, ...]:
+        """The reasons of the limits that said no, when the triggers selected the step; else ()."""
+        if not triggered:
+            return ()
+        return tuple(dict.fromkeys(p.reason for p, v in zip(self.parts, votes) if p.is_limit and not v))
+
     def observe(self, step: int, probe_seconds: float, now: float | None = None) -> None:
         for part in self.parts:
             part.observe(step, probe_seconds, now)
@@ -334,6 +361,10 @@ class AnyOf(_Combined):
         triggers = [v for part, v in zip(self.parts, votes) if not part.is_limit]
         limits = [v for part, v in zip(self.parts, votes) if part.is_limit]
         fired = any(triggers) if triggers else True  # limits only: fire whenever they allow
+        if triggers and fired:
+            self.vetoed_by = self._vetoes(votes, True)
+        else:  # no trigger fired, but one vetoed inside (a nested ``&`` with a budget) would have
+            self.vetoed_by = tuple(dict.fromkeys(r for part in self.parts if not part.is_limit for r in part.vetoed_by))
         return fired and all(limits)
 
 
@@ -347,7 +378,13 @@ class AllOf(_Combined):
         return all(part.is_limit for part in self.parts)
 
     def should_probe(self, step: int, now: float | None = None) -> bool:
-        return all(self._votes(step, now))
+        votes = self._votes(step, now)
+        triggers = [(p, v) for p, v in zip(self.parts, votes) if not p.is_limit]
+        # selected when every trigger fired or would have but for a limit of its own
+        selected = bool(triggers) and all(v or p.vetoed_by for p, v in triggers)
+        inner = tuple(r for p, v in triggers if not v for r in p.vetoed_by)
+        self.vetoed_by = tuple(dict.fromkeys(inner + self._vetoes(votes, selected))) if selected else ()
+        return all(votes)
 
 
 class Manual(Schedule):

@@ -11,7 +11,7 @@ Typical use: ``print(report_text("runs/adam"))``, ``build_report("runs/adam")`` 
 
 from .compare import Comparison, compare_runs, render_comparison
 from .document import build_report, header_of, open_run
-from .figures import plot_run
+from .figures import plot_comparison, plot_run
 from .findings import Finding, findings
 from .sparkline import sparkline
 from .summary import Series, block_series, collect_series, cost_summary, summarize
@@ -41,6 +41,7 @@ __all__ = [
     "render_comparison",
     # figures (matplotlib, imported lazily)
     "plot_run",
+    "plot_comparison",
 ]
 from .view_figures import has_views, plot_views, view_entries  # noqa: E402
 

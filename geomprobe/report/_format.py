@@ -10,9 +10,31 @@ import numpy as np
 from rich.table import Table
 from rich.text import Text
 
-__all__ = ["fmt", "fmt_err", "fmt_steps", "jsonable", "add_row"]
+from .summary import UNRESOLVED_FRACTION
+
+__all__ = ["fmt", "fmt_err", "fmt_steps", "jsonable", "add_row", "unresolved", "UNRESOLVED_FRACTION",
+           "UNRESOLVED_LEGEND"]
 
 SIGNIFICANT = 4  # digits shown for a value; its error gets 2
+# A value whose reported error exceeds UNRESOLVED_FRACTION (50 %) of its size is unresolved: "39.36 ± 75" does
+# not tell 39 from 0 or from 100, so tables show it dim with "?", figures hollow, and findings do not build on it.
+UNRESOLVED_LEGEND = (f"? unresolved: the error exceeds {100 * UNRESOLVED_FRACTION:g} % of the value (shown dim); "
+                     "read it as not measured, or probe with more HVPs")
+
+
+def unresolved(x: Any, err: Any) -> bool:
+    """Whether ``err`` exceeds :data:`UNRESOLVED_FRACTION` of ``|x|`` (False when either is missing).
+
+    >>> unresolved(39.36, 75.0), unresolved(4755.0, 3.4e5), unresolved(3.0, 0.1), unresolved(2.0, None)
+    (True, True, False, False)
+    """
+    try:
+        v, e = float(x), float(err)
+    except (TypeError, ValueError):
+        return False
+    if isinstance(x, bool) or isinstance(err, bool) or not (math.isfinite(v) and math.isfinite(e)):
+        return False
+    return e > UNRESOLVED_FRACTION * abs(v)
 
 
 def fmt(x: Any, digits: int = SIGNIFICANT) -> str:
@@ -38,10 +60,11 @@ def fmt(x: Any, digits: int = SIGNIFICANT) -> str:
 
 
 def fmt_err(x: Any, err: Any = None) -> str:
-    """``x ± err`` (the error in 2 significant digits), or ``x`` alone when there is no finite error.
+    """``x ± err`` (the error in 2 significant digits), or ``x`` alone when there is no finite error; a
+    trailing ``?`` marks an :func:`unresolved` value.
 
-    >>> fmt_err(3.14159, 0.0123), fmt_err(2.0, None), fmt_err(2.0, 0.0)
-    ('3.142 ± 0.012', '2', '2 ± 0')
+    >>> fmt_err(3.14159, 0.0123), fmt_err(2.0, None), fmt_err(2.0, 0.0), fmt_err(39.36, 75.0)
+    ('3.142 ± 0.012', '2', '2 ± 0', '39.36 ± 75 ?')
     """
     text = fmt(x)
     if err is None or isinstance(err, bool) or x is None:
@@ -50,7 +73,9 @@ def fmt_err(x: Any, err: Any = None) -> str:
         e = float(err)
     except (TypeError, ValueError):
         return text
-    return text if not math.isfinite(e) else f"{text} ± {fmt(e, 2)}"
+    if not math.isfinite(e):
+        return text
+    return f"{text} ± {fmt(e, 2)}" + (" ?" if unresolved(x, e) else "")
 
 
 def fmt_steps(steps: list[int], limit: int = 6) -> str:

@@ -26,7 +26,7 @@ passage. So "R_med at loss 0.3" compares the runs where each first got that far,
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -37,11 +37,11 @@ from rich.table import Table
 from rich.text import Text
 
 from ..errors import ConfigurationError
-from ._format import add_row, fmt, jsonable
+from ._format import UNRESOLVED_LEGEND, add_row, fmt, jsonable, unresolved
 from .document import RunLike, open_run, placed_records
 from .summary import Series, block_series, collect_series
 
-__all__ = ["Comparison", "compare_runs", "render_comparison", "MAX_ROWS"]
+__all__ = ["Comparison", "compare_runs", "render_comparison", "probe_differences", "MAX_ROWS"]
 
 MAX_ROWS = 12  # rows of a comparison table; longer axes are thinned evenly for display (JSON keeps all)
 
@@ -59,6 +59,8 @@ class Comparison:
     steps_at: np.ndarray | None = None
     interpolated: bool = False
     paths: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    errors: dict[str, np.ndarray] = field(default_factory=dict)  # like values, where the runs report errors
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: per metric, per run, the list of values along ``axis``."""
@@ -68,6 +70,8 @@ class Comparison:
             "steps_at": None if self.steps_at is None else {n: s for n, s in zip(self.runs, self.steps_at)},
             "metrics": {p: {"label": self.labels[p], "values": dict(zip(self.runs, self.values[p]))}
                         for p in self.paths},
+            "warnings": self.warnings,
+            "errors": {p: dict(zip(self.runs, e)) for p, e in self.errors.items()},
         })
 
 
@@ -76,6 +80,44 @@ def _names(readers: Sequence[Any]) -> list[str]:
     if len(set(names)) < len(names):  # two runs called "run": tell them apart by their parent folder
         names = [f"{r.run_dir.parent.name}/{r.run_dir.name}" for r in readers]
     return names
+
+
+# What in the runs' probe policies (meta.json "probe") makes their values measure different things.
+_POLICY = (("mode", "probe modes", "the Hessian of a different function (dropout, BatchNorm statistics)"),
+           ("data", "probe data", "a different loss (other samples)"),
+           ("batches", "numbers of probe batches", "a different loss (other samples)"),
+           ("seed", "probe seeds", "other probe samples and random vectors"),
+           ("hvp_method", "HVP methods", "other precision"),
+           ("params", "measured parameters", "a different part of the model"),
+           ("group_by", "block groupings", "other per-block values"))
+
+
+def probe_differences(metas: Sequence[Mapping[str, Any]], names: Sequence[str]) -> list[str]:
+    """One warning per probe setting that differs between the runs (their ``meta.json`` ``probe`` policy):
+    values measured under another mode or on other data are not the same quantity, whatever the step.
+
+    >>> probe_differences([{"probe": {"mode": "eval"}}, {"probe": {"mode": "train"}}], ["sgd", "adam"])
+    ['the runs used different probe modes (sgd: eval, adam: train): their values measure the Hessian of a different function (dropout, BatchNorm statistics), not only a different trajectory']
+    """
+    policies = [m.get("probe") if isinstance(m.get("probe"), Mapping) else {} for m in metas]
+    out = []
+    for key, what, why in _POLICY:
+        values = [p.get(key) for p in policies]
+        if all(v is None for v in values) or all(v == values[0] for v in values):
+            continue
+        shown = ", ".join(f"{n}: {_short(v)}" for n, v in zip(names, values))
+        out.append(f"the runs used different {what} ({shown}): their values measure {why}, not only a different "
+                   "trajectory")
+    return out
+
+
+def _short(value: Any) -> str:
+    if value is None:
+        return "not recorded"
+    if isinstance(value, Mapping):
+        return ", ".join(f"{k}={_short(v)}" for k, v in value.items() if k != "indices") + \
+            (f", {len(value['indices'])} indices" if isinstance(value.get("indices"), list) else "")
+    return str(value)
 
 
 def _block_paths(records: Sequence[dict]) -> dict[str, Series]:
@@ -132,6 +174,11 @@ def _first_passage(loss: np.ndarray, level: float) -> tuple[int, float] | None:
     return i, float((loss[i - 1] - level) / (loss[i - 1] - loss[i]))
 
 
+def _errors_of(series: Series | None) -> Series | None:
+    """The series of a value's reported errors, aligned like the value (None when it reports none)."""
+    return None if series is None or series.errors is None else replace(series, values=series.errors, errors=None)
+
+
 def _by_loss(series: list[dict[str, Series]], names: list[str], paths: list[str], levels: int):
     losses = []
     for name, s in zip(names, series):
@@ -146,9 +193,11 @@ def _by_loss(series: list[dict[str, Series]], names: list[str], paths: list[str]
         raise ConfigurationError(f"the runs' loss ranges do not overlap ({ranges}); compare them --by step")
     axis = np.geomspace(hi, lo, levels) if lo > 0 else np.linspace(hi, lo, levels)
     values = {p: np.full((len(names), levels), math.nan) for p in paths}
+    errors = {p: np.full((len(names), levels), math.nan) for p in paths}
     steps_at = np.full((len(names), levels), math.nan)
     for k, (s, (steps, loss)) in enumerate(zip(series, losses)):
         aligned = {p: _at(s.get(p), steps, interpolate=False) for p in paths}
+        aligned_err = {p: _at(_errors_of(s.get(p)), steps, interpolate=False) for p in paths}
         for j, level in enumerate(axis):
             hit = _first_passage(loss, level)
             if hit is None:
@@ -159,7 +208,9 @@ def _by_loss(series: list[dict[str, Series]], names: list[str], paths: list[str]
             for p in paths:
                 a, b = aligned[p][lo_i], aligned[p][i]
                 values[p][k, j] = b if w == 1.0 else a if w == 0.0 else a + w * (b - a)
-    return axis, values, steps_at
+                ea, eb = aligned_err[p][lo_i], aligned_err[p][i]
+                errors[p][k, j] = eb if w == 1.0 else ea if w == 0.0 else max(ea, eb)  # the larger bracket: no less
+    return axis, values, steps_at, {p: e for p, e in errors.items() if np.isfinite(e).any()}
 
 
 def compare_runs(runs: Sequence[RunLike], *, by: str = "step", metrics: Sequence[str] | None = None,
@@ -183,9 +234,10 @@ def compare_runs(runs: Sequence[RunLike], *, by: str = "step", metrics: Sequence
         [p for p in dict.fromkeys(p for h in headline for p in h) if p != "lr" and not (by == "loss" and p == "loss")]
     labels = {p: next(s[p].label for s in headline + series if p in s) for p in paths}
     optimizers = [r.meta.get("optimizer") for r in readers]
+    notes = probe_differences([r.meta for r in readers], names)
     if by == "loss":
-        axis, values, steps_at = _by_loss(series, names, paths, levels)
-        return Comparison("loss", names, optimizers, axis, values, labels, steps_at, True, paths)
+        axis, values, steps_at, errors = _by_loss(series, names, paths, levels)
+        return Comparison("loss", names, optimizers, axis, values, labels, steps_at, True, paths, notes, errors)
     step_sets = [set(int(r["step"]) for r in rec if isinstance(r.get("step"), int)) for rec in records]
     if not all(step_sets):
         empty = [n for n, s in zip(names, step_sets) if not s]
@@ -199,7 +251,9 @@ def compare_runs(runs: Sequence[RunLike], *, by: str = "step", metrics: Sequence
             raise ConfigurationError("the runs probed disjoint step ranges; compare them --by loss")
     axis = np.asarray(common, dtype=np.int64)
     values = {p: np.stack([_at(s.get(p), axis, interpolate) for s in series]) for p in paths}
-    return Comparison("step", names, optimizers, axis, values, labels, None, interpolate, paths)
+    errors = {p: np.stack([_at(_errors_of(s.get(p)), axis, interpolate) for s in series]) for p in paths}
+    errors = {p: e for p, e in errors.items() if np.isfinite(e).any()}
+    return Comparison("step", names, optimizers, axis, values, labels, None, interpolate, paths, notes, errors)
 
 
 def _thin(n: int) -> list[int]:
@@ -209,14 +263,15 @@ def _thin(n: int) -> list[int]:
 
 
 def render_comparison(cmp: Comparison, console: Console) -> None:
-    """One table per value: rows along the axis (thinned to :data:`MAX_ROWS`), one column per run."""
+    """One table per value: rows along the axis (thinned to :data:`MAX_ROWS`), one column per run. (The
+    warnings in ``cmp.warnings`` are the caller's to show: the CLI prints them on stderr.)"""
     heads = [f"{n} ({o})" if o else n for n, o in zip(cmp.runs, cmp.optimizers)]
     rows = _thin(len(cmp.axis))
     axis_name = "loss" if cmp.by == "loss" else "step"
     note = " (interpolated)" if cmp.interpolated else ""
     if cmp.steps_at is not None:
-        table = Table(box=box.SIMPLE_HEAD, title=f"Step at which each run first reached the loss{note}",
-                      title_justify="left")
+        console.print(Text(f"Step at which each run first reached the loss{note}", style="italic"))
+        table = Table(box=box.SIMPLE_HEAD)
         table.add_column(axis_name, justify="right")
         for h in heads:
             table.add_column(Text(h), justify="right")
@@ -224,11 +279,22 @@ def render_comparison(cmp: Comparison, console: Console) -> None:
             add_row(table, fmt(cmp.axis[j]), *(fmt(round(s[j])) if math.isfinite(s[j]) else "—" for s in cmp.steps_at))
         console.print(table)
     for p in cmp.paths:
-        table = Table(box=box.SIMPLE_HEAD, title=Text(f"{cmp.labels[p]} ({p}) by {axis_name}{note}"),
-                      title_justify="left")
+        # the title as a line of its own: a table's title wraps to the table's width, even on a pipe
+        console.print(Text(f"{cmp.labels[p]} ({p}) by {axis_name}{note}", style="italic"))
+        table = Table(box=box.SIMPLE_HEAD)
         table.add_column(axis_name, justify="right")
         for h in heads:
             table.add_column(Text(h), justify="right")
+        errs = cmp.errors.get(p)
+        loose = False
         for j in rows:
-            add_row(table, fmt(cmp.axis[j]), *(fmt(v[j]) for v in cmp.values[p]))
+            cells = []
+            for k, v in enumerate(cmp.values[p]):
+                e = errs[k][j] if errs is not None else None
+                mark = unresolved(v[j], e)
+                loose = loose or mark
+                cells.append(Text(fmt(v[j]) + (" ?" if mark else ""), style="dim" if mark else ""))
+            add_row(table, fmt(cmp.axis[j]), *cells)
         console.print(table)
+        if loose:
+            console.print(Text(UNRESOLVED_LEGEND, style="dim"))

@@ -25,7 +25,7 @@ from ..trajectory.smoothness import smoothness_fit
 from ._format import jsonable
 from .findings import findings
 from .sparkline import sparkline
-from .summary import block_series, collect_series, cost_summary, summarize
+from .summary import block_series, collect_series, cost_summary, dropped_blocks, schedule_summary, summarize
 
 __all__ = ["build_report", "open_run", "header_of", "SPARK_WIDTH"]
 
@@ -42,7 +42,13 @@ def open_run(run: RunLike) -> RunReader:
 def placed_records(reader: RunReader) -> list[dict[str, Any]]:
     """The run's records that carry an integer ``step``, the axis of every report; others (written by hand
     or by another tool) cannot be placed on it and are left out (``build_report`` counts them)."""
-    return [r for r in reader.records if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)]
+    return [r for r in reader.records if isinstance(r.get("step"), int) and not isinstance(r.get("step"), bool)
+            and r.get("kind") != "schedule"]
+
+
+def schedule_records(reader: RunReader) -> list[dict[str, Any]]:
+    """The probes and the compact ``"kind": "schedule"`` records that carry skip counts written at close."""
+    return [r for r in reader.records if isinstance(r.get("schedule"), Mapping)]
 
 
 def header_of(meta: Mapping[str, Any]) -> dict[str, Any]:
@@ -85,13 +91,14 @@ def _summaries(series: Mapping[str, Any], headline: set[str] | None) -> dict[str
 
 
 def build_report(run: RunLike, *, per_layer: bool = False) -> dict[str, Any]:
-    """The whole report as a strict-JSON-ready dict: ``run``, ``header``, ``probes``, ``steps``, ``metrics``
+    """The whole report as a strict-JSON-ready dict: ``run``, ``header``, ``probes``, ``steps``, ``schedule``
+    (scheduled and skipped probes, :func:`~.summary.schedule_summary`), ``metrics``
     (every numeric leaf's summary; ``headline`` marks the rows the table shows), ``blocks`` (with
     ``per_layer``), ``findings``, ``trajectory`` (the (L0, L1) fit and the edge of stability) and ``cost``.
     """
     reader = open_run(run)
     records, meta = placed_records(reader), reader.meta
-    unplaced = len(reader.records) - len(records)
+    unplaced = sum(1 for r in reader.records if r.get("kind") != "schedule") - len(records)
     shown = collect_series(records)
     # The curated rows first (their labels and order are the table's), then every other numeric leaf.
     every = {**shown, **{p: s for p, s in collect_series(records, every_leaf=True).items() if p not in shown}}
@@ -107,11 +114,13 @@ def build_report(run: RunLike, *, per_layer: bool = False) -> dict[str, Any]:
         "probes": len(records),
         **({"unplaced_records": unplaced} if unplaced else {}),
         "steps": [steps[0], steps[-1]] if steps else None,
+        "schedule": schedule_summary(schedule_records(reader)) | {"probes": len(records)},
         "metrics": metrics,
-        "findings": [f.to_dict() for f in findings(records, meta)],
+        "findings": [f.to_dict() for f in findings(records, meta, schedule_records(reader))],
         "trajectory": {"smoothness": smooth, "edge_of_stability": edge_of_stability(records, meta).to_dict()},
         "cost": cost_summary(records),
     }
     if per_layer:
         doc["blocks"] = {name: _summaries(series, None) for name, series in block_series(records).items()}
+        doc["blocks_dropped"] = dropped_blocks(records)
     return jsonable(doc)

@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigurationError
-from ..trajectory.edge_of_stability import edge_of_stability
+from ..trajectory.edge_of_stability import CONTRADICTED_RATIO, edge_of_stability
 from ..trajectory.smoothness import smoothness_fit
-from ._format import fmt, fmt_err, fmt_steps
-from .summary import collect_series, summarize
+from ._format import UNRESOLVED_FRACTION, fmt, fmt_err, fmt_steps, unresolved
+from .summary import MIN_TREND_POINTS, collect_series, schedule_summary, summarize
 
-__all__ = ["Finding", "findings", "HEAVY_TAIL_ALPHA", "CONVERGED_KEYS"]
+__all__ = ["Finding", "findings", "rank_interval", "HEAVY_TAIL_ALPHA", "CONVERGED_KEYS", "MIN_TREND_POINTS",
+           "MIN_EOS_PROBES"]
 
 # Below this standardized tail index the noise is called heavy-tailed (2 is Gaussian; the estimator's spread
 # at N = 1e4 values is about 0.1, docs/metrics.md#noise), provided the reported error keeps the upper bound below 2.
@@ -36,6 +37,33 @@ HEAVY_TAIL_ALPHA = 1.8
 HEAVY_TAIL_SIGMAS = 2.0
 # Flags a metric sets when an iteration stopped short.
 CONVERGED_KEYS = ("converged", "lanczos_converged")
+# The fewest probes above the stability threshold a crossing is reported on (one probe is one sample).
+MIN_EOS_PROBES = 2
+
+
+def rank_interval(rho: float, n: int, level: float = 0.95) -> tuple[float, float]:
+    """A ``level`` confidence interval of a Spearman correlation ``rho`` from ``n`` points (Fisher's z with
+    the Bonett-Wright variance (1 + rho²/2)/(n − 3); ``n`` >= 4). Costs nothing: a closed form.
+
+    >>> [round(x, 2) for x in rank_interval(0.9, 10)]
+    [0.53, 0.98]
+    """
+    from statistics import NormalDist
+
+    r = min(max(rho, -0.9999), 0.9999)
+    half = NormalDist().inv_cdf(0.5 + level / 2) * math.sqrt((1 + r * r / 2) / (n - 3))
+    z = math.atanh(r)
+    return math.tanh(z - half), math.tanh(z + half)
+
+
+def _rank_text(rho: float | None, n: int, what: str) -> str:
+    """``; rank correlation with step 0.9 over 10 probes (95 % interval 0.58 to 0.98)``, or why none is given."""
+    if n < MIN_TREND_POINTS:
+        return f"; {n} probes are too few for a rank correlation (at least {MIN_TREND_POINTS})"
+    if rho is None or not math.isfinite(rho):
+        return ""
+    lo, hi = rank_interval(rho, n)
+    return f"; rank correlation {what} {fmt(rho, 2)} over {n} probes (95 % interval {fmt(lo, 2)} to {fmt(hi, 2)})"
 
 
 @dataclass(frozen=True)
@@ -62,11 +90,20 @@ def _edge(records: Records, meta: Mapping[str, Any]) -> list[Finding]:
     eos = edge_of_stability(records, meta)
     if not eos.applicable:
         return [Finding("edge_of_stability", "info", f"Edge of stability not assessed: {eos.reason}.", eos.to_dict())]
+    contradicted = (f" At {eos.contradicted} probe(s) η·sharpness was more than {fmt(CONTRADICTED_RATIO)}× the "
+                    "threshold while the loss kept falling, which a run past the edge could not do: the quadratic "
+                    "rule does not describe those probes (an adaptive preconditioner, or probe batches unlike the "
+                    "training batches), so they are not counted as above.") if eos.contradicted else ""
     if not eos.crossed:
         peak = f"; it peaked at {fmt(eos.peak_ratio, 3)} of the threshold (step {eos.peak_step})" \
-            if eos.peak_ratio is not None else ""
-        return [Finding("edge_of_stability", "info", f"Below the edge of stability at every probe: {eos.formula}"
-                        f"{peak}.", eos.to_dict())]
+            if eos.peak_ratio is not None and not eos.contradicted else ""
+        where = "Below the edge of stability at every probe" if not eos.contradicted else \
+            "No edge-of-stability crossing established"
+        return [Finding("edge_of_stability", "info", f"{where}: {eos.formula}{peak}.{contradicted}", eos.to_dict())]
+    if eos.probes_above < MIN_EOS_PROBES:
+        return [Finding("edge_of_stability", "info", f"η·sharpness above the stability threshold at only "
+                        f"{eos.probes_above} of {len(eos.steps)} probes (step {eos.first_step}): too little to call "
+                        f"a crossing (at least {MIN_EOS_PROBES} probes): {eos.formula}.{contradicted}", eos.to_dict())]
     stay = "to the end of the run" if eos.above_at_end and eos.episodes == 1 else \
         f"for at least {eos.duration} steps"
     text = (f"Edge of stability crossed at step {eos.first_step} and stayed above {stay} "
@@ -74,6 +111,7 @@ def _edge(records: Records, meta: Mapping[str, Any]) -> list[Finding]:
             f"threshold at step {eos.peak_step}): {eos.formula}.")
     if eos.uncertain:
         text += f" At {eos.uncertain} probe(s) the sharpness bound straddles the threshold."
+    text += contradicted
     return [Finding("edge_of_stability", "note", text, eos.to_dict())]
 
 
@@ -83,8 +121,7 @@ def _smoothness(records: Records) -> list[Finding]:
     except ConfigurationError as e:
         text = str(e)
         return [Finding("smoothness", "info", text[0].upper() + text[1:] + ".", {})]
-    rho = "" if not math.isfinite(fit.spearman) else \
-        f"; rank correlation of sharpness with gradient norm {fmt(fit.spearman, 2)}"
+    rho = _rank_text(fit.spearman, fit.points, "of sharpness with gradient norm")
     return [Finding("smoothness", "info",
                     f"(L0, L1)-smoothness: ‖∇²L‖ ≤ {fmt(fit.L0, 3)} + {fmt(fit.L1, 3)}·‖∇L‖ over {fit.points} "
                     f"probes{rho}.", fit.to_dict())]
@@ -146,13 +183,24 @@ def _rmed(records: Records) -> list[Finding]:
         s = summarize(series[path])
         if s["first"] is None or s["finite"] < 2:
             continue
+        ends = f"{fmt_err(s['first'], s['first_err'])} (step {s['first_step']}) to " \
+               f"{fmt_err(s['last'], s['last_err'])} (step {s['last_step']})"
+        unsure = s.get("unresolved_steps") or []
+        if unresolved(s["first"], s["first_err"]) or unresolved(s["last"], s["last_err"]):
+            out.append(Finding("rmed", "info", f"{what} went from {ends}, but its error exceeds "
+                               f"{fmt(100 * UNRESOLVED_FRACTION)} % of the value at {len(unsure)} of {s['finite']} "
+                               "probes: no trend is claimed (more HVPs per probe resolve it).", s))
+            continue
+        if s["finite"] < MIN_TREND_POINTS:
+            out.append(Finding("rmed", "info", f"{what} went from {ends}{_rank_text(None, s['finite'], '')}; no "
+                               "trend is claimed.", s))
+            continue
         move = {"rising": "rose", "falling": "fell", "flat": "stayed flat", "mixed": "moved without a clear trend",
                 None: "went"}[s["direction"]]
         ratio = f", ×{fmt(s['ratio'], 3)}" if s.get("ratio") else ""
-        trend = f"; rank correlation with step {fmt(s['trend'], 2)}" if s.get("trend") is not None else ""
+        trend = _rank_text(s.get("trend"), s["finite"], "with step")
         out.append(Finding("rmed", "note" if s["direction"] in ("rising", "falling") else "info",
-                           f"{what} {move} from {fmt_err(s['first'], s['first_err'])} (step {s['first_step']}) to "
-                           f"{fmt_err(s['last'], s['last_err'])} (step {s['last_step']}){ratio}{trend}.", s))
+                           f"{what} {move} from {ends}{ratio}{trend}.", s))
     last = next((r["precond"] for r in reversed(records) if isinstance(r.get("precond"), Mapping)
                  and isinstance(r["precond"].get("rmed"), (int, float)) and isinstance(r["precond"].get("raw_rmed"),
                                                                                        (int, float))), None)
@@ -204,9 +252,21 @@ def _failures(records: Records) -> list[Finding]:
             for where, items in by_where.items()]
 
 
-def findings(records: Records, meta: Mapping[str, Any]) -> list[Finding]:
-    """Every finding about the run, warnings first, then notes, then the checks that found nothing."""
-    out = _failures(records) + _unconverged(records) + _edge(records, meta)
+def _skipped(records: Records) -> list[Finding]:
+    s = schedule_summary(records)
+    if not s["skipped"]:
+        return []
+    why = ", ".join(s["skipped_by"])
+    return [Finding("schedule", "warning", f"{s['skipped']} of {s['scheduled']} scheduled probes were skipped "
+                    f"({why}): the trajectory is sampled more sparsely than asked; raise the budget or probe "
+                    "less often (a larger every(n)) so the probes you schedule run.", s)]
+
+
+def findings(records: Records, meta: Mapping[str, Any], counted: Records | None = None) -> list[Finding]:
+    """Every finding about the run, warnings first, then notes, then the checks that found nothing.
+    ``counted``: the records that carry the schedule's skip counts (default ``records``)."""
+    out = _failures(records) + _skipped(records if counted is None else counted) + _unconverged(records) \
+        + _edge(records, meta)
     for check in (_saddle, _noise, _rmed, _diagshare, _smoothness):
         out += check(records)
     order = {"warning": 0, "note": 1, "info": 2}

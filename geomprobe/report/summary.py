@@ -6,13 +6,13 @@ strings, lists, ``blocks`` and bookkeeping counts (:data:`BOOKKEEPING`) are not.
 curated rows with readable labels (:data:`KNOWN_ROWS`); any other metric shows every numeric leaf.
 
 >>> records = [{"step": s, "loss": 1 / (s + 1), "spectrum": {"lambda_max": 2.0 + s, "lambda_max_err": 0.1}}
-...            for s in range(4)]
+...            for s in range(5)]
 >>> series = collect_series(records)
 >>> list(series), series["spectrum.lambda_max"].label
 (['loss', 'spectrum.lambda_max'], 'λ_max')
 >>> s = summarize(series["spectrum.lambda_max"])
 >>> s["first"], s["last"], s["last_err"], s["direction"]
-(2.0, 5.0, 0.1, 'rising')
+(2.0, 6.0, 0.1, 'rising')
 """
 
 from __future__ import annotations
@@ -28,14 +28,15 @@ import numpy as np
 from ..runs.encoding import ARRAY_KEY
 from ..trajectory.smoothness import spearman
 
-__all__ = ["Series", "collect_series", "block_series", "summarize", "cost_summary", "metric_names",
-           "KNOWN_ROWS", "BLOCK_ROWS", "BOOKKEEPING", "TREND_RHO", "TREND_CHANGE"]
+__all__ = ["Series", "collect_series", "block_series", "dropped_blocks", "summarize", "cost_summary", "schedule_summary", "metric_names",
+           "KNOWN_ROWS", "BLOCK_ROWS", "UNRESOLVED_FRACTION", "MIN_TREND_POINTS", "BOOKKEEPING", "TREND_RHO", "TREND_CHANGE"]
 
 # Counts and sizes that describe how a value was computed, not the geometry: left out of the generic rows.
 BOOKKEEPING = frozenset({"hvps", "steps", "n_v", "m", "passes", "gradients", "samples", "coordinates",
                          "batch_size", "dim", "values", "columns", "hill_k", "size", "computed", "d", "n"})
 # Top-level record keys that are not metrics.
-NOT_METRICS = frozenset({"step", "time", "wall", "loss", "grad_norm", "lr", "cost", "errors", "approximate_hvp"})
+NOT_METRICS = frozenset({"step", "time", "wall", "loss", "grad_norm", "lr", "cost", "errors", "approximate_hvp",
+                         "schedule", "final", "skipped"})
 
 # Curated rows for the built-in metrics: (key, label). Others render every numeric leaf.
 KNOWN_ROWS: dict[str, list[tuple[str, str]]] = {
@@ -63,6 +64,11 @@ BLOCK_ROWS: dict[str, list[str]] = {
 }
 TOP_LABELS = {"loss": "loss", "grad_norm": "‖∇L‖", "lr": "learning rate"}
 
+# Above this fraction of its value, an error leaves the value unresolved (report/_format.py: how it is shown).
+UNRESOLVED_FRACTION = 0.5
+# The fewest finite values a direction is named on: a rank correlation of ±1 from n distinct points has an
+# exact two-sided p of 2/n! (n = 3: 0.33, n = 4: 0.083, n = 5: 0.017), so below 5 it is noise.
+MIN_TREND_POINTS = 5
 # A trend is "rising"/"falling" when the rank correlation with the step is at least TREND_RHO in size and
 # the value moved by more than TREND_CHANGE (relative) from first to last; "flat" when it moved less.
 TREND_RHO = 0.6
@@ -191,6 +197,30 @@ def block_series(records: Sequence[Mapping[str, Any]]) -> dict[str, dict[str, Se
     return out
 
 
+def dropped_blocks(records: Sequence[Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Per block value (``rmed.rmed``), the blocks that report it but never as a finite number (an undefined
+    R_med of a block with too few coordinates): the per-block table cannot show them and lists them instead.
+
+    >>> dropped_blocks([{"step": 0, "rmed": {"blocks": {"w": {"rmed": 2.0}, "b": {"rmed": None}}}}])
+    {'rmed.rmed': ['b']}
+    """
+    shown = block_series(records)
+    out: dict[str, list[str]] = {}
+    for name in metric_names(records):
+        wanted = BLOCK_ROWS.get(name)
+        for r in records:
+            res = r.get(name)
+            if not (isinstance(res, Mapping) and isinstance(res.get("blocks"), Mapping)):
+                continue
+            for bname, bres in res["blocks"].items():
+                for key in (wanted if wanted is not None else list(bres) if isinstance(bres, Mapping) else []):
+                    path = f"{name}.{key}"
+                    if isinstance(bres, Mapping) and key in bres and path not in shown.get(bname, {}) \
+                            and bname not in out.get(path, []):
+                        out.setdefault(path, []).append(bname)
+    return out
+
+
 def _finite_or_none(x: float) -> float | None:
     return float(x) if x is not None and math.isfinite(x) else None
 
@@ -200,7 +230,8 @@ def summarize(series: Series) -> dict[str, Any]:
 
     ``trend`` is the Spearman correlation of the value with the step (None below 3 probes), ``ratio`` is
     last/first, ``direction`` one of ``rising``, ``falling``, ``flat``, ``mixed`` (:data:`TREND_RHO`,
-    :data:`TREND_CHANGE`) or None when there are too few values.
+    :data:`TREND_CHANGE`) or None below :data:`MIN_TREND_POINTS` values or when the first or last value is
+    unresolved (its error above :data:`UNRESOLVED_FRACTION` of it); ``unresolved_steps`` lists those steps.
     """
     ok = np.isfinite(series.values)
     idx = np.flatnonzero(ok)
@@ -213,18 +244,24 @@ def summarize(series: Series) -> dict[str, Any]:
     first, last = float(series.values[i0]), float(series.values[i1])
     rho = spearman(series.steps, series.values)
     change = abs(last - first) / max(abs(first), abs(last), np.finfo(np.float64).tiny)
-    if len(idx) < 3:
-        direction = None
+    fe = _finite_or_none(err[i0]) if err is not None else None
+    le = _finite_or_none(err[i1]) if err is not None else None
+    loose_end = any(e is not None and e > UNRESOLVED_FRACTION * abs(v) for v, e in ((first, fe), (last, le)))
+    if len(idx) < MIN_TREND_POINTS or loose_end:
+        direction = None  # a rank correlation of 3 or 4 points is noise, and so is a move within the error
     elif change <= TREND_CHANGE:
         direction = "flat"
     elif math.isfinite(rho) and abs(rho) >= TREND_RHO:
         direction = "rising" if rho > 0 else "falling"
     else:
         direction = "mixed"
+    unsure = [s for s, v, e in ((int(series.steps[i]), series.values[i], err[i] if err is not None else None)
+                                for i in idx) if e is not None and math.isfinite(e) and e > UNRESOLVED_FRACTION * abs(v)]
     return out | {
-        "first": first, "first_err": _finite_or_none(err[i0]) if err is not None else None,
+        "unresolved_steps": unsure,
+        "first": first, "first_err": fe,
         "first_step": int(series.steps[i0]),
-        "last": last, "last_err": _finite_or_none(err[i1]) if err is not None else None,
+        "last": last, "last_err": le,
         "last_step": int(series.steps[i1]),
         "min": float(series.values[imin]), "min_step": int(series.steps[imin]),
         "max": float(series.values[imax]), "max_step": int(series.steps[imax]),
@@ -255,6 +292,45 @@ def cost_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     overhead = seconds / end if end else None
     return {"probes": len(records), "hvps": int(hvps), "seconds": seconds, "peak_mib": peak,
             "wall_seconds": end, "overhead": overhead}
+
+
+def schedule_summary(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """How the probes came about: ``scheduled`` (steps the schedule selected), ``skipped`` (of those, vetoed
+    by a limit), ``skipped_by`` (per limit), ``final`` (probes at the end of training) and ``recorded``
+    (whether the records carry these counts: runs written before they existed do not).
+
+    The counts in each record are cumulative within one process; a resumed run starts them again, so a
+    count that goes down marks a new segment, and the segments' last counts are added up.
+
+    >>> summary = schedule_summary([{"step": 0, "schedule": {"scheduled": 1, "skipped": 0, "skipped_by": {}}},
+    ...     {"step": 9, "final": True, "schedule": {"scheduled": 5, "skipped": 4, "skipped_by": {"budget": 4}}}])
+    >>> summary["scheduled"], summary["skipped"], summary["skipped_by"], summary["final"]
+    (5, 4, {'budget': 4}, 1)
+    """
+    total = {"scheduled": 0, "skipped": 0}
+    by: dict[str, int] = {}
+    recorded = False
+    previous: Mapping[str, Any] | None = None
+
+    def add(counts: Mapping[str, Any] | None) -> None:
+        if counts is None:
+            return
+        for key in total:
+            total[key] += int(_number(counts.get(key)) or 0)
+        for reason, n in (counts.get("skipped_by") or {}).items():
+            by[str(reason)] = by.get(str(reason), 0) + int(_number(n) or 0)
+
+    for r in records:
+        counts = r.get("schedule")
+        if not isinstance(counts, Mapping):
+            continue
+        recorded = True
+        if previous is not None and (_number(counts.get("scheduled")) or 0) < (_number(previous.get("scheduled")) or 0):
+            add(previous)  # a new process appended to the run: the previous segment is complete
+        previous = counts
+    add(previous)
+    final = sum(1 for r in records if r.get("final") is True)
+    return {"probes": len(records), **total, "skipped_by": by, "final": final, "recorded": recorded}
 
 
 def _is_step(value: Any) -> bool:

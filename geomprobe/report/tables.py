@@ -25,7 +25,7 @@ from rich.console import Console, Group
 from rich.table import Table
 from rich.text import Text
 
-from ._format import add_row, fmt, fmt_err
+from ._format import UNRESOLVED_LEGEND, add_row, fmt, fmt_err, unresolved
 from .document import RunLike, build_report
 from .explain import explain_command
 
@@ -70,45 +70,86 @@ def _header(doc: Mapping[str, Any]) -> Table:
               f"seed {p['seed']}" if p.get("seed") is not None else None]
     add_row(grid, "probe", " · ".join(x for x in policy if x) or "policy not recorded")
     steps = doc.get("steps")
-    add_row(grid, "probes", f"{doc['probes']}" + (f" (steps {steps[0]}–{steps[1]})" if steps else "")
+    add_row(grid, "probes", probes_text(doc) + (f" · steps {steps[0]}–{steps[1]}" if steps else "")
             + (f"; {doc['unplaced_records']} record(s) without an integer step left out"
                if doc.get("unplaced_records") else ""))
     return grid
 
 
-def _metrics_table(doc: Mapping[str, Any]) -> Table | Text:
+def probes_text(doc: Mapping[str, Any]) -> str:
+    """``1 of 11 scheduled (10 skipped: overhead budget 5 %)``, or the probe count alone when none was skipped.
+
+    >>> probes_text({"probes": 1, "schedule": {"scheduled": 11, "skipped": 10, "final": 0,
+    ...                                         "skipped_by": {"overhead budget 5 %": 10}}})
+    '1 of 11 scheduled (10 skipped: overhead budget 5 %)'
+    >>> probes_text({"probes": 2, "schedule": {"scheduled": 1, "skipped": 0, "final": 1, "skipped_by": {}}})
+    '2 (1 at the end of training)'
+    """
+    n, s = doc["probes"], doc.get("schedule") or {}
+    scheduled, skipped, final = s.get("scheduled", 0), s.get("skipped", 0), s.get("final", 0)
+    why = ", ".join(f"{reason}" if count == skipped else f"{reason} ×{count}"
+                    for reason, count in (s.get("skipped_by") or {}).items())
+    skips = f"{skipped} skipped: {why}" if skipped else ""
+    if skipped and not final and n == scheduled - skipped:
+        return f"{n} of {scheduled} scheduled ({skips})"
+    parts = [f"{scheduled - skipped} of {scheduled} scheduled, {skips}" if skipped else "",
+             f"{final} at the end of training" if final else ""]
+    detail = "; ".join(p for p in parts if p)
+    return f"{n} ({detail})" if detail else f"{n}"
+
+
+def _cell(s: Mapping[str, Any], which: str) -> Text:
+    """``value ± error`` of the series' first or last value, dim when unresolved."""
+    x, e = s.get(which), s.get(f"{which}_err")
+    return Text(fmt_err(x, e), style="dim" if unresolved(x, e) else "")
+
+
+def _any_unresolved(summaries: Any) -> bool:
+    return any(unresolved(s.get(w), s.get(f"{w}_err")) for s in summaries for w in ("first", "last"))
+
+
+def _metrics_table(doc: Mapping[str, Any]) -> Group | Text:
     rows = [(path, s) for path, s in doc["metrics"].items() if s.get("headline", True)]
     if not rows:
         return Text("No probes recorded yet." if not doc["probes"] else "No numeric values in the records.")
-    table = Table(box=box.SIMPLE_HEAD, title="Geometry along the run", title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD)
     for name, justify in (("metric", "left"), ("first", "right"), ("last", "right"), ("min", "right"),
                           ("max", "right"), ("trend", "left"), ("along steps", "left")):
-        table.add_column(name, justify=justify, no_wrap=name in ("metric", "along steps"))
+        table.add_column(name, justify=justify, no_wrap=True)  # a value and its error never break across lines
     for path, s in rows:
-        add_row(table, s.get("label") or path, fmt_err(s.get("first"), s.get("first_err")),
-                      fmt_err(s.get("last"), s.get("last_err")), fmt(s.get("min")), fmt(s.get("max")),
+        add_row(table, s.get("label") or path, _cell(s, "first"), _cell(s, "last"), fmt(s.get("min")), fmt(s.get("max")),
                       _DIRECTION.get(s.get("direction"), ""), s.get("sparkline", ""))
-    return table
+    legend = [UNRESOLVED_LEGEND] if _any_unresolved(s for _, s in rows) else []
+    return _titled("Geometry along the run", table, legend)
 
 
-def _blocks_table(doc: Mapping[str, Any]) -> Table | Text:
+def _titled(title: str, table: Table, notes: list[str]) -> Group:
+    # Title and notes as lines of their own, not the table's title and caption, which rich wraps to the
+    # table's width: on a pipe a line is never wrapped, on a terminal it wraps at the terminal's width.
+    return Group(Text(title, style="italic"), table, *(Text(n, style="dim") for n in notes))
+
+
+def _blocks_table(doc: Mapping[str, Any]) -> Group | Text:
     # Long format (one row per value and block) so any number of metrics and blocks fits the width.
     blocks = doc.get("blocks") or {}
     paths = list(dict.fromkeys(p for series in blocks.values() for p in series))
     if not paths:
         return Text("No per-block values in the records (metrics with blocks: rmed, diagshare, noise, precond).")
     sizes = doc["header"].get("block_sizes") or {}
-    table = Table(box=box.SIMPLE_HEAD, title="Per block", title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD)
     for name, justify in (("value", "left"), ("block", "left"), ("size", "right"), ("first", "right"),
                           ("last", "right"), ("trend", "left"), ("along steps", "left")):
-        table.add_column(name, justify=justify, no_wrap=name in ("value", "block", "along steps"))
+        table.add_column(name, justify=justify, no_wrap=True)  # block names and "x ± e" stay whole
     for path in paths:
         rows = [(name, series[path]) for name, series in blocks.items() if path in series]
         for i, (name, s) in enumerate(rows):
             add_row(table, path if i == 0 else "", name, fmt(sizes.get(name)),
-                    fmt_err(s.get("first"), s.get("first_err")), fmt_err(s.get("last"), s.get("last_err")),
+                    _cell(s, "first"), _cell(s, "last"),
                     _DIRECTION.get(s.get("direction"), ""), s.get("sparkline", ""), end_section=i == len(rows) - 1)
-    return table
+    notes = [UNRESOLVED_LEGEND] if _any_unresolved(s for series in blocks.values() for s in series.values()) else []
+    for path, names in (doc.get("blocks_dropped") or {}).items():
+        notes.append(f"not shown, {path} never finite: {', '.join(names)}")
+    return _titled("Per block", table, notes)
 
 
 def _findings(doc: Mapping[str, Any]) -> Group:

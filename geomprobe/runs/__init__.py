@@ -9,9 +9,11 @@ Layout of a run folder::
 
 Encoding (the writer applies it, the reader undoes it; the files stay strict JSON any tool can read):
 
-* Non-finite floats are written as the strings ``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` (strings, not
-  ``null``, so a diverged ``inf`` stays distinct from an undefined ``nan``) and read back as floats. A string
-  value spelled exactly so therefore also reads back as a float.
+* Non-finite floats are written as ``null`` (so pandas, polars and DuckDB read numeric columns) and named
+  under the record's ``"$nonfinite"`` object by JSON Pointer with ``"NaN"``, ``"Infinity"`` or
+  ``"-Infinity"`` (so a diverged ``inf`` stays distinct from an undefined ``nan``); the reader puts the
+  floats back (schema version 2, :mod:`geomprobe.runs.encoding`). Runs of schema version 1 wrote the
+  strings ``"NaN"``/``"Infinity"`` in place of the value; they are still read.
 * numpy scalars become Python numbers; tuples become lists; dict keys become strings (integer keys in
   decimal); paths become strings.
 * numpy arrays and torch tensors with at most ``inline_max`` elements become nested lists. Larger ones (a

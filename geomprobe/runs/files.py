@@ -18,7 +18,9 @@ __all__ = ["ARRAYS_DIR", "LOCK_FILE", "META_FILE", "RECORDS_FILE", "SCHEMA_VERSI
            "fsync_dir", "release_lock", "repair_tail", "save_npy", "take_lock", "write_durable"]
 
 
-SCHEMA_VERSION = 1
+# 1: non-finite floats as the strings "NaN"/"Infinity"/"-Infinity"; 2: as null, named under "$nonfinite"
+# (runs/encoding.py). Readers read both; a writer resumes only runs of its own version.
+SCHEMA_VERSION = 2
 
 
 META_FILE = "meta.json"

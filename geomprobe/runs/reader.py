@@ -37,7 +37,7 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
             f"run {str(run_dir)!r} has schema version {version}, newer than the {SCHEMA_VERSION} this geomprobe "
             "reads; upgrade geomprobe (pip install -U geomprobe)"
         )
-    return decode(meta)
+    return decode(meta, version)
 
 
 def _split_path(path: str | Sequence[str]) -> list[str]:
@@ -85,6 +85,7 @@ class RunReader:
         """All complete records, in the order written (re-read from disk at each access)."""
         if not self.records_path.exists():
             return []
+        version = int(self.meta.get("schema_version", SCHEMA_VERSION))
         lines = self.records_path.read_bytes().split(b"\n")
         last = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
         records = []
@@ -103,7 +104,7 @@ class RunReader:
                     f"ever truncates the last line, so the file was damaged or edited; repair or delete line "
                     f"{i + 1} to read the run"
                 ) from None
-            records.append(decode(record))
+            records.append(decode(record, version))
         return records
 
     def __len__(self) -> int:

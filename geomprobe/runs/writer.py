@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ConfigurationError
-from .encoding import ARRAY_KEY, Encoder, decode, is_tensor, tensor_to_numpy
+from .encoding import ARRAY_KEY, Encoder, decode, is_tensor, strip_nonfinite, tensor_to_numpy
 from .files import (
     ARRAYS_DIR,
     META_FILE,
@@ -114,7 +114,7 @@ class RunWriter:
         self._closed = False
         self.n_records = 0  # records in records.jsonl, counting those of a resumed run
         # Encode the meta before looking at the disk: an unstorable value fails without creating anything.
-        full_meta = {**_base_meta(), **Encoder(None).encode(dict(meta or {}), "meta")}
+        full_meta = strip_nonfinite({**_base_meta(), **Encoder(None).encode(dict(meta or {}), "meta")})
 
         state = self._inspect()
         if state == "run" and (resume or force):
@@ -141,7 +141,7 @@ class RunWriter:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         write_durable(self.run_dir / META_FILE, (json.dumps(full_meta, indent=2, allow_nan=False) + "\n").encode())
         write_durable(self.records_path, b"")
-        self.meta = decode(full_meta)
+        self.meta = decode(json.loads(json.dumps(full_meta)))
         take_lock(self.run_dir)
 
     # The folder's state decides between create, refuse, replace and resume.
@@ -226,6 +226,7 @@ class RunWriter:
         prefix = f"step{step:08d}" if has_step else f"record{self.n_records:06d}"
         for path, array, ref in encoder.pending:
             ref[ARRAY_KEY] = self._save_array(f"{prefix}-{_safe_name(path) or 'array'}", array)
+        out = strip_nonfinite(out)  # after the sidecars: the references it copies are filled in
         line = json.dumps(out, allow_nan=False, separators=(",", ":"))  # ASCII: no encoding questions anywhere
         append_line(self.records_path, (line + "\n").encode("ascii"))
         self.n_records += 1

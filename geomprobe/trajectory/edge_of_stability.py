@@ -15,6 +15,14 @@ from ``spectrum`` (``saddle``, ``density`` as fallbacks); SGD's ``weight_decay``
 update sees ``H + wd·I``. For the adaptive methods the sharpness is ``precond.lambda_max``, the top
 eigenvalue of the preconditioned Hessian from the optimizer's own state; their weight decay is ignored.
 
+The rule is linear stability of a quadratic with the preconditioner frozen. A run far past the threshold
+would see its loss explode within a few steps (at ``ratio`` 3, gradient descent's unstable component grows 5x
+per step), so a probe more than :data:`CONTRADICTED_RATIO` times past the edge after which the loss still fell
+contradicts the rule rather than showing a crossing: Adam's preconditioner adapts between steps, and the
+probe's fixed batches are not the training batches. Such probes are counted in ``contradicted`` and not as
+above; ``first_step`` and the episodes use the others. (The last probe, with no later loss, is judged by the
+loss falling into it from a probe that was past the same ratio.)
+
 Each record's learning rate is the one the probe recorded (``record["lr"]``, one per param group, so a
 schedule is followed); momentum and betas come from the run's ``meta["optimizer_hparams"]``. With several
 param groups the group with the largest learning rate is used (it is the first to become unstable).
@@ -35,7 +43,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["EdgeOfStability", "edge_of_stability", "stability_threshold", "SGD_SOURCES"]
+__all__ = ["EdgeOfStability", "edge_of_stability", "stability_threshold", "SGD_SOURCES", "CONTRADICTED_RATIO"]
+
+# Past this multiple of the threshold a probe followed by a falling loss contradicts the quadratic rule.
+CONTRADICTED_RATIO = 3.0
 
 # Where λ_max is read for SGD, first found wins.
 SGD_SOURCES = ("spectrum", "saddle", "density")
@@ -75,7 +86,8 @@ class EdgeOfStability:
     above it (a lower bound: probes are samples); ``probes_above`` counts every probe above; ``episodes``
     the separate stretches; ``above_at_end`` whether the last probe is above. ``sharpness`` includes SGD's
     ``weight_decay`` (subtract it to compare with the raw λ_max). ``uncertain`` counts probes
-    whose sharpness bound (``*_err``) straddles the threshold. ``applicable`` is False, with ``reason``,
+    whose sharpness bound (``*_err``) straddles the threshold; ``contradicted`` those far past it while the
+    loss kept falling (module docstring), which do not count as above. ``applicable`` is False, with ``reason``,
     when the run lacks what the rule needs.
     """
 
@@ -92,6 +104,7 @@ class EdgeOfStability:
     episodes: int = 0
     above_at_end: bool = False
     uncertain: int = 0
+    contradicted: int = 0
     peak_ratio: float | None = None
     peak_step: int | None = None
     weight_decay: float = 0.0
@@ -112,7 +125,8 @@ class EdgeOfStability:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready summary (per-probe arrays left out)."""
         keys = ("applicable", "reason", "optimizer", "rule", "beta", "quantity", "formula", "first_step",
-                "duration", "probes_above", "episodes", "above_at_end", "uncertain", "peak_ratio", "peak_step",
+                "duration", "probes_above", "episodes", "above_at_end", "uncertain", "contradicted", "peak_ratio",
+                "peak_step",
                 "weight_decay")
         return {k: getattr(self, k) for k in keys} | {"crossed": self.crossed, "probes": int(len(self.steps))}
 
@@ -162,6 +176,27 @@ def _formula(rule: str, update: str, beta: float, dampening: float) -> str:
     return f"η·λ_max(P½HP½) vs 2(1+μ) = {2 * (1 + beta):.4g} (μ = {beta:g})"
 
 
+def _contradicted(ratio: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Probes past :data:`CONTRADICTED_RATIO` after which the loss fell (the last: into which it fell from a
+    probe past the same ratio); False where the loss is not known.
+
+    >>> _contradicted(np.array([2000.0, 2100.0, 1900.0]), np.array([1.0, 0.8, 0.6])).tolist()
+    [True, True, True]
+    >>> _contradicted(np.array([1.2, 5.0, 5.0]), np.array([1.0, 0.8, 3.0])).tolist()
+    [False, False, False]
+    """
+    far = ratio > CONTRADICTED_RATIO
+    out = np.zeros(len(ratio), dtype=bool)
+    for i in range(len(ratio)):
+        if not far[i]:
+            continue
+        if i + 1 < len(ratio):
+            out[i] = bool(loss[i + 1] < loss[i])  # NaN compares False: an unknown loss contradicts nothing
+        elif i > 0 and far[i - 1]:
+            out[i] = bool(loss[i] < loss[i - 1])
+    return out
+
+
 def edge_of_stability(records: Sequence[Mapping[str, Any]], meta: Mapping[str, Any]) -> EdgeOfStability:
     """Compare each probe's sharpness with the optimizer's stability threshold (module docstring).
 
@@ -182,7 +217,7 @@ def edge_of_stability(records: Sequence[Mapping[str, Any]], meta: Mapping[str, A
         return EdgeOfStability(False, reason=rule, optimizer=name)
     kind, update, beta, dampening, quantity = rule
     wd = float(hp.get("weight_decay", 0.0) or 0.0) if kind == "sgd" else 0.0
-    steps, sharp, errs, lr = [], [], [], []
+    steps, sharp, errs, lr, loss = [], [], [], [], []
     for r in records:
         value, err = _sharpness(r, quantity)
         rec_lr = r.get("lr")
@@ -192,6 +227,7 @@ def edge_of_stability(records: Sequence[Mapping[str, Any]], meta: Mapping[str, A
             sharp.append(value + wd)
             errs.append(err)
             lr.append(eta)
+            loss.append(_number(r.get("loss")))
     if not steps:
         where = "the precond metric (the preconditioned sharpness)" if quantity.startswith("precond") else \
             "a lambda_max (the spectrum metric)"
@@ -200,9 +236,10 @@ def edge_of_stability(records: Sequence[Mapping[str, Any]], meta: Mapping[str, A
     steps_a, sharp_a, err_a, lr_a = (np.asarray(steps, dtype=np.int64), np.asarray(sharp), np.asarray(errs),
                                      np.asarray(lr))
     thr = np.asarray([stability_threshold(e, beta=beta, update=update, dampening=dampening) for e in lr_a])
-    above = sharp_a > thr
-    uncertain = int(np.sum(np.abs(sharp_a - thr) <= err_a))
     ratio = sharp_a / thr
+    contradicted = _contradicted(ratio, np.asarray(loss))
+    above = (sharp_a > thr) & ~contradicted
+    uncertain = int(np.sum(np.abs(sharp_a - thr) <= err_a))
     peak = int(np.nanargmax(ratio)) if np.isfinite(ratio).any() else 0
     first_step = duration = None
     episodes = int(above[0]) + int(np.sum(above[1:] & ~above[:-1]))
@@ -216,6 +253,7 @@ def edge_of_stability(records: Sequence[Mapping[str, Any]], meta: Mapping[str, A
         True, optimizer=name, rule=kind, beta=beta, quantity=quantity if kind != "sgd" else "lambda_max",
         formula=_formula(kind, update, beta, dampening), first_step=first_step, duration=duration,
         probes_above=int(above.sum()), episodes=episodes, above_at_end=bool(above[-1]), uncertain=uncertain,
+        contradicted=int(contradicted.sum()),
         peak_ratio=float(ratio[peak]) if math.isfinite(ratio[peak]) else None, peak_step=int(steps_a[peak]),
         weight_decay=wd, steps=steps_a, sharpness=sharp_a, lr=lr_a, threshold=thr,
     )
