@@ -79,12 +79,13 @@ def test_lightning_csv_logger_gets_the_probe_scalars_at_probe_steps_and_user_row
     plain = _csv_rows(tmp_path / "plain" / "version_0" / "metrics.csv")
     probed = _csv_rows(tmp_path / "probed" / "version_0" / "metrics.csv")
     records = gp.RunReader(tmp_path / "run").records
-    assert [r["step"] for r in records] == [0, 3, 6, 9]
+    assert [r["step"] for r in records] == [0, 3, 6, 9, 10]  # 10: the final probe at the end of training
+    assert records[-1].get("final") is True
 
     ours = [r for r in probed if r.get("geomprobe/loss")]
     user = [{k: v for k, v in r.items() if not k.startswith("geomprobe/")} for r in probed if not r.get("geomprobe/loss")]
     assert user == plain and len(plain) == 10  # the user's rows, values and steps exactly as without the probe
-    assert [int(r["step"]) for r in ours] == [0, 3, 6, 9]
+    assert [int(r["step"]) for r in ours] == [0, 3, 6, 9, 10]  # the final probe's scalars too
     for row, rec in zip(ours, records):
         assert not any(row[k] for k in row if k not in ("step",) and not k.startswith("geomprobe/"))
         assert float(row["geomprobe/spectrum/lambda_max"]) == pytest.approx(rec["spectrum"]["lambda_max"], rel=1e-12)

@@ -239,7 +239,7 @@ def test_lightning_probe_leaves_logs_steps_and_parameters_as_without_it(tmp_path
     assert s_plain["param_groups"][0]["lr"] == s_probed["param_groups"][0]["lr"] == 0.05 * 0.5 ** 5
     # and the probe measured: every scheduled step, no failure
     run = gp.RunReader(tmp_path / "run")
-    assert [r["step"] for r in run.records] == [0, 3, 6, 9]
+    assert [r["step"] for r in run.records] == [0, 3, 6, 9, 10]  # 10: the final probe at the end of training
     assert all("errors" not in r for r in run.records), run.records[0].get("errors")
 
 

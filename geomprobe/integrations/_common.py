@@ -47,13 +47,17 @@ class ProbeDriver:
         self._last_step = step
         return self.probe.step(step)
 
-    def close(self, step: int | None = None) -> None:
+    def close(self, step: int | None = None) -> list[dict]:
         """At train end: ask the schedule about the last step (if the step hook never saw it), then close,
-        which probes that step when the schedule skipped it (a short run, a vetoing budget)."""
-        if self.probe is not None:
-            if step is not None and step != self._last_step:
-                self.step(step)
-            self.probe.close()
+        which probes that step when the schedule skipped it (a short run, a vetoing budget). Returns the
+        records these two made, for the trainer's loggers."""
+        if self.probe is None:
+            return []
+        before = len(self.probe.records)
+        if step is not None and step != self._last_step:
+            self.step(step)
+        self.probe.close()
+        return [r for r in self.probe.records[before:] if r.get("kind") != "schedule"]  # not the skip counts
 
     @property
     def records(self) -> list[dict]:

@@ -82,4 +82,5 @@ class GeometryProbeCallback(pl.Callback):
         self._send(trainer, self._driver.step(trainer.global_step))
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._driver.close(trainer.global_step)
+        for record in self._driver.close(trainer.global_step):
+            self._send(trainer, record)

@@ -116,4 +116,5 @@ class GeometryProbeCallback(TrainerCallback):
         self._send(self._driver.step(state.global_step), args, state, control, kwargs)
 
     def on_train_end(self, args, state, control, **kwargs):
-        self._driver.close(state.global_step)
+        for record in self._driver.close(state.global_step):
+            self._send(record, args, state, control, kwargs)
