@@ -120,7 +120,7 @@ def tail_index(
     Which values share a block (``order``): with ``partitions`` > 1 (the default, ``order="random"``) the
     blocks are drawn at random, ``partitions`` times, and ``1/α̂`` is averaged over the draws. The result then
     depends only on the multiset of values (they are sorted before the seeded shuffle), not on how they were
-    laid out (the draws are seeded by ``seed`` and a hash of the sorted values): it estimates the tail
+    laid out (the draws are seeded by ``seed`` and a hash of the sorted values' quantiles): it estimates the tail
     index of the sample's marginal law, treating the values as exchangeable.
     With ``partitions=1`` (``order="given"``) the blocks are consecutive runs of the sample as given, the
     estimator exactly as written in SPEC §5: sums of neighbours, so correlated neighbours (coordinates of one
@@ -177,11 +177,14 @@ def tail_index(
     if partitions == 1:
         vals = nz[:n]
     else:
-        # The draws depend on the multiset of values only (sorted, and their hash joins the seed), so the
-        # estimate is the same for any layout of the same values, and the assignment of values to groups
-        # is a fresh random one for every sample, never a fixed function of the ranks.
+        # The draws depend on the multiset of values only (sorted; 64 of its quantiles, rounded to float32 so
+        # that rounding-level differences between two computations of one sample do not change them, join
+        # the seed), so the estimate is the same for any layout of the same values, and the assignment of
+        # values to groups is a fresh random one for every sample, never a fixed function of the ranks.
         ordered = np.sort(nz)
-        digest = int.from_bytes(hashlib.blake2b(ordered.tobytes(), digest_size=8).digest(), "little")
+        marks = ordered[np.linspace(0, N - 1, 64).astype(np.int64)].astype(np.float32)
+        digest = int.from_bytes(hashlib.blake2b(marks.tobytes() + N.to_bytes(8, "little"), digest_size=8).digest(),
+                                "little")
         rng = np.random.default_rng([int(_rng(seed, generator).integers(0, 2**62)), digest])
         vals = ordered[rng.permutation(N)[:n]]
     logabs = np.log(np.abs(vals))
