@@ -112,12 +112,13 @@ def _log_k(lam: np.ndarray, theta: np.ndarray, resid: np.ndarray, discarded: np.
 
 
 def _one_end(theta: np.ndarray, resid: np.ndarray, discarded: np.ndarray, log_beta: float, log_t: float,
-             rho: float) -> float:
+             rho: float, limit: float = math.inf) -> float:
     """Certified distance from ``theta[-1]`` up to every eigenvalue holding mass ``>= t``; ``inf`` when the
     run's own data say the start holds less than ``t`` of the extreme (then no claim is made).
 
     ``K`` is evaluated only ``rho`` (rounding) or further from the Ritz values: closer, the residual of a
     converged Ritz value has no relative accuracy left and ``K`` is noise; ``rho`` is added to the result.
+    ``limit``: only whether the distance is at most this matters (a stopping test): ``inf`` beyond it.
     """
     top = float(theta[-1])
     edge = max(top, float(discarded.max())) if discarded.size else top
@@ -130,6 +131,10 @@ def _one_end(theta: np.ndarray, resid: np.ndarray, discarded: np.ndarray, log_be
     base = edge + rho
     if _log_k(np.array([base]), theta, resid, discarded, log_beta)[0] >= target:
         return base - top + rho
+    reach = limit - (base - top + rho)
+    if reach <= 0 or (math.isfinite(reach) and _log_k(np.array([base + reach]), theta, resid, discarded,
+                                                      log_beta)[0] < target):
+        return math.inf  # K is monotone: nothing within the limit is certified
     # K is monotone above the edge: a geometric bracket, then a refinement
     steps = scale * 2.0 ** np.arange(-50, 40)
     vals = _log_k(base + steps, theta, resid, discarded, log_beta)
@@ -148,7 +153,8 @@ def _one_end(theta: np.ndarray, resid: np.ndarray, discarded: np.ndarray, log_be
 
 
 def extreme_errors(theta, resid, log_beta: float, log_t: float, *, discarded=None, exhausted: bool = False,
-                   rounding: float = 0.0, which: str = "both") -> tuple[float, float]:
+                   rounding: float = 0.0, which: str = "both",
+                   limits: tuple[float, float] = (math.inf, math.inf)) -> tuple[float, float]:
     """``(e_min, e_max)``: ``lambda_min`` lies in ``[theta_min - e_min, theta_min]`` and ``lambda_max`` in
     ``[theta_max, theta_max + e_max]``, each with probability ``>= 1 - risk`` (``log_t`` from
     :func:`log_mass_threshold`); the other side of each interval is certain (Ritz values lie inside the
@@ -162,7 +168,8 @@ def extreme_errors(theta, resid, log_beta: float, log_t: float, *, discarded=Non
     An end is ``inf`` (not certified) when its bound cannot be found or when even an eigenvalue at the
     outermost Ritz value would hold less than ``t``: the start is then visibly one of the unlucky ones,
     which keeps ``P(certified and wrong) <= risk``. ``which="largest"``/``"smallest"`` computes that end only
-    (the other is ``inf``), as a stopping test needs.
+    (the other is ``inf``), and ``limits`` (``(l_min, l_max)``) answers only whether each end is within its
+    limit (``inf`` when not), in one evaluation of ``K``: as a stopping test needs.
     Cost: no matvec; about a hundred evaluations of ``K`` over ``p`` values.
     """
     if exhausted:
@@ -172,8 +179,8 @@ def extreme_errors(theta, resid, log_beta: float, log_t: float, *, discarded=Non
     d = np.asarray(discarded if discarded is not None else [], dtype=np.float64).reshape(-1)
     if not (np.isfinite(th).all() and np.isfinite(r).all() and math.isfinite(log_beta)):
         return math.inf, math.inf
-    e_max = _one_end(th, r, d, log_beta, log_t, rounding) if which != "smallest" else math.inf
-    e_min = _one_end(-th[::-1], r[::-1], -d, log_beta, log_t, rounding) if which != "largest" else math.inf
+    e_max = _one_end(th, r, d, log_beta, log_t, rounding, limits[1]) if which != "smallest" else math.inf
+    e_min = _one_end(-th[::-1], r[::-1], -d, log_beta, log_t, rounding, limits[0]) if which != "largest" else math.inf
     return e_min, e_max
 
 

@@ -17,6 +17,7 @@ from .krylov_basis import LanczosBasis, LanczosMemory, krylov_step, lanczos_memo
 from .restarted_lanczos import restarted_lanczos
 from .ritz import (
     LanczosResult,
+    certificate_limits,
     check_lanczos_args,
     extremes_certified,
     extremes_converged,
@@ -154,7 +155,7 @@ def lanczos(
                 converged = True
                 break
             errors = extreme_errors(theta, beta * U[-1, :].abs(), log_beta, log_t, which=which,
-                                    rounding=rounding_level(dtype, gersh))
+                                    rounding=rounding_level(dtype, gersh), limits=certificate_limits(theta, tol))
             if extremes_certified(theta, errors, tol, which):
                 converged = True
                 break

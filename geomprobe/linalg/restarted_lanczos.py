@@ -24,7 +24,14 @@ import torch
 from ..errors import ConfigurationError
 from .certify import DEFAULT_RISK, extreme_errors, rounding_level, start_threshold
 from .krylov_basis import LanczosBasis, krylov_step, start_vector
-from .ritz import LanczosResult, check_lanczos_args, extremes_certified, extremes_converged, ritz_pairs
+from .ritz import (
+    LanczosResult,
+    certificate_limits,
+    check_lanczos_args,
+    extremes_certified,
+    extremes_converged,
+    ritz_pairs,
+)
 from .vectors import Matvec
 
 __all__ = ["min_basis", "restarted_lanczos"]
@@ -147,7 +154,8 @@ def restarted_lanczos(
                 converged = True
                 break
             errors = extreme_errors(theta, beta * U[-1, :].abs(), log_beta, log_t, discarded=discarded,
-                                    which=which, rounding=rounding_level(dtype, norm_bound))
+                                    which=which, rounding=rounding_level(dtype, norm_bound),
+                                    limits=certificate_limits(theta, tol))
             if extremes_certified(theta, errors, tol, which):
                 converged = True
                 break

@@ -11,7 +11,7 @@ import torch
 from ..errors import ConfigurationError
 from .vectors import check_dim
 
-__all__ = ["LanczosResult", "check_lanczos_args", "extremes_certified", "extremes_converged", "gap_bounds", "ritz_pairs", "tridiagonal"]
+__all__ = ["LanczosResult", "certificate_limits", "check_lanczos_args", "extremes_certified", "extremes_converged", "gap_bounds", "ritz_pairs", "tridiagonal"]
 
 
 @dataclass
@@ -158,3 +158,9 @@ def extremes_certified(theta: torch.Tensor, errors: tuple[float, float], tol: fl
     if which in ("both", "largest"):
         ends.append((errors[1], float(theta[-1])))
     return all(e <= tol * max(abs(t), spread) for e, t in ends)
+
+
+def certificate_limits(theta: torch.Tensor, tol: float) -> tuple[float, float]:
+    """The largest certified errors (``e_min``, ``e_max``) that :func:`extremes_certified` accepts."""
+    spread = float(theta[-1] - theta[0])
+    return tol * max(abs(float(theta[0])), spread), tol * max(abs(float(theta[-1])), spread)
