@@ -214,8 +214,8 @@ def test_end_to_end_failures_stay_below_the_stated_risk():
 
 def test_extra_hvps_of_the_certificate_over_the_family():
     # measured cost of waiting for the certificate (risk 1e-2, tol 1e-3) over the residual rule alone on
-    # 130 models of the family: median 6 HVPs more, mean 7.7, 90th percentile 15 (16 HVPs per run before);
-    # here 40 of them
+    # 260 models of the family: median 6 HVPs more, mean 5.9, 90th percentile 9, most 14 (21.5 HVPs per run
+    # against 15.6); here 40 of them
     extra = []
     for seed in range(40):
         model, loss, batches = tanh_family(seed)
@@ -223,7 +223,7 @@ def test_extra_hvps_of_the_certificate_over_the_family():
         extra.append(spectrum(land, tol=1e-3)["hvps"] - spectrum(land, tol=1e-3, risk=None)["hvps"])
     extra = np.array(extra)
     assert (extra >= 0).all()
-    assert np.median(extra) <= 8 and np.percentile(extra, 90) <= 20, (np.median(extra), np.percentile(extra, 90))
+    assert np.median(extra) <= 8 and np.percentile(extra, 90) <= 12, (np.median(extra), np.percentile(extra, 90))
 
 
 def test_a_start_without_a_random_part_certifies_nothing_and_risk_is_checked():

@@ -47,7 +47,7 @@ __all__ = ["DEFAULT_RISK", "extreme_errors", "log_christoffel", "log_mass_thresh
 
 # per end: the chance that a certified extreme is wrong. Each factor 10 asks K to grow by 100 more: on the
 # tanh family of tests/test_spectrum_certified.py the certificate costs a median 6 extra HVPs at 1e-2,
-# 10 at 1e-3 and 3 at 1e-1 (tol 1e-3).
+# 9 at 1e-3 and 2 at 1e-1 (tol 1e-3).
 DEFAULT_RISK = 1e-2
 
 

@@ -128,9 +128,9 @@ def spectrum(
     ``converged`` is True when the certified extreme errors and every reported value's residual bound are
     below ``tol * max(|theta|, spread)``; ``False`` means ``max_iter`` (default ``min(d, 300)``) ran out first
     and the bounds say how far off the values may be. Cost: one HVP per Lanczos step (``hvps``); waiting for
-    the certificate costs extra steps over the residual rule alone: on 130 random tanh MLPs of 20-150
-    parameters (tests/test_spectrum_certified.py, tol 1e-3) a median of 6 HVPs (mean 7.7, 90th percentile
-    15, against 16 per run before); on a 5.8k-parameter tanh MLP, 49-84 HVPs against 33-49. The extra
+    the certificate costs extra steps over the residual rule alone: on 260 random tanh MLPs of 20-150
+    parameters (tests/test_spectrum_certified.py, tol 1e-3) a median of 6 HVPs (mean 5.9, 90th percentile
+    9, most 14; 21.5 per run against 15.6); on a 5.8k-parameter tanh MLP, 49-58 against 33-49. The extra
     steps go where the extreme sits at a dense bulk edge, whose place the run must then actually resolve.
     ``risk`` (default 1e-2 per end) is the
     certificate's failure probability; ``bound="gap"`` reports and stops on the quadratic bounds
