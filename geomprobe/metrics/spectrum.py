@@ -118,7 +118,9 @@ def spectrum(
       Ritz-value side is certain). A residual bound alone says only that *some* eigenvalue is near a Ritz
       value; this one also bounds the mass an unseen eigenvalue beyond it could hold
       (:mod:`geomprobe.linalg.certify`, no extra HVP). ``extreme_certified`` is True when both are such
-      certificates (False only with ``risk=None``: then the residual bounds stand in, with no promise).
+      certificates. Where one is not (``risk=None``, or a run whose own data show its start too unlucky to
+      certify that end) the residual bound stands in for it, with no promise about extremeness, and
+      ``top_certified[0]``/``bottom_certified[0]`` say which.
     * ``top_err[i]``/``bottom_err[i]`` for ``i >= 1``: residual bounds, the distance to the *nearest*
       eigenvalue. One start vector sees one direction per eigenspace, so no bound from it can say that a
       value is the ``i``-th largest (a repeated eigenvalue looks simple): ``top_certified``/
@@ -132,8 +134,7 @@ def spectrum(
     parameters (tests/test_spectrum_certified.py, tol 1e-3) a median of 6 HVPs (mean 5.9, 90th percentile
     9, most 14; 21.5 per run against 15.6); on a 5.8k-parameter tanh MLP, 49-58 against 33-49. The extra
     steps go where the extreme sits at a dense bulk edge, whose place the run must then actually resolve.
-    ``risk`` (default 1e-2 per end) is the
-    certificate's failure probability; ``bound="gap"`` reports and stops on the quadratic bounds
+    ``risk`` (default 1e-2 per end) is the certificate's failure probability; ``bound="gap"`` reports and stops on the quadratic bounds
     ``min(r, r^2 / gap)`` of :func:`geomprobe.linalg.lanczos.lanczos` for the later values instead:
     several HVPs fewer for the same true accuracy, under the assumption stated there.
     ``basis_device="cpu"`` keeps the Lanczos basis in host
