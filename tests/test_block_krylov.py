@@ -34,7 +34,8 @@ def test_block_of_one_is_single_vector_lanczos():
     A = sym_with_spectrum(EIGS, seed=2)
     g = lambda: torch.Generator().manual_seed(5)
     one = block_lanczos(lambda V: V @ A, 200, block=1, tol=1e-6, generator=g())
-    ref = linalg.lanczos(lambda v: v @ A, 200, tol=1e-6, generator=g())
+    # block Lanczos stops on residual bounds alone: compare with the single-vector run without its certificate
+    ref = linalg.lanczos(lambda v: v @ A, 200, tol=1e-6, generator=g(), risk=None)
     assert one.matvecs == ref.matvecs
     assert torch.allclose(one.ritz_values, ref.ritz_values, rtol=0, atol=1e-9)
 

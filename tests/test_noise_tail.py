@@ -7,12 +7,14 @@ import pytest
 import torch
 from tolerances import (
     COVERAGE_MIN,
+    COVERAGE_SIGMAS,
     POOLED_ALPHA_ABS,
     SE_CALIBRATION,
     TAIL_MEAN_1E4,
     TAIL_MEAN_1E5,
     TAIL_STD_1E4,
     TAIL_STD_1E5,
+    Z95,
 )
 
 import geomprobe as gp
@@ -128,3 +130,72 @@ def test_bad_samples_raise_clear_errors():
         hill_index(torch.cat([x.abs(), torch.tensor([float("inf")], dtype=torch.float64)]))
     with pytest.raises(gp.ConfigurationError, match="P x m matrix"):
         noise_tail_indices(x)
+
+
+def _coverage(alphas, n, trials):
+    """(share of [alpha_lo, alpha_hi] covering the truth, share of alpha ± 1.96 alpha_err covering it)."""
+    inside = plus_minus = total = 0
+    for alpha in alphas:
+        gen = torch.Generator().manual_seed(int(alpha * 7919) + n)
+        for _ in range(trials):
+            out = tail_index(sample_sas(alpha, n, gen))
+            hi = out["alpha_hi"] if out["alpha_hi"] is not None else math.inf
+            inside += out["alpha_lo"] <= alpha <= hi
+            plus_minus += abs(out["alpha"] - alpha) <= Z95 * out["alpha_err"]
+            total += 1
+    return inside / total, plus_minus / total, total
+
+
+def _within_binomial_noise(share, level, trials):
+    return abs(share - level) <= COVERAGE_SIGMAS * math.sqrt(level * (1 - level) / trials)
+
+
+def test_the_interval_covers_at_its_stated_rate():
+    # 400 SaS samples of N = 1e4 with known alpha (100 each of 1, 1.5, 1.8, 2): the studentized interval
+    # (t with 11 df over 12 independent groups of blocks) covers at 95 % within binomial noise, both as
+    # [alpha_lo, alpha_hi] and as alpha ± 1.96 alpha_err (the previous formula: 92 % over 600 trials)
+    inside, plus_minus, total = _coverage(ALPHAS, 10**4, 100)
+    assert total == 400
+    assert _within_binomial_noise(inside, 0.95, total), inside
+    assert _within_binomial_noise(plus_minus, 0.95, total), plus_minus
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [10**3, 10**4, 10**5])
+def test_the_interval_covers_at_its_stated_rate_over_1200_samples(n):
+    inside, plus_minus, total = _coverage([1.0, 1.3, 1.5, 1.8, 2.0, 0.8], n, 200)
+    assert _within_binomial_noise(inside, 0.95, total), (n, inside)
+    assert _within_binomial_noise(plus_minus, 0.95, total), (n, plus_minus)
+
+
+def test_the_pooled_estimate_depends_on_the_values_only_not_their_layout():
+    # Gaussian noise whose coordinates are correlated within a sample (rho = 0.7): every entry is Gaussian,
+    # so the pooled law has alpha = 2. Consecutive coordinates of one sample (row-major blocks, the plain
+    # estimator on xi.reshape(-1)) sum correlated values and fake a heavy tail; the default random blocks
+    # give the pooled law's alpha, and exactly the same number for any layout of the same values.
+    g = torch.Generator().manual_seed(3)
+    P, m, rho = 400, 300, 0.7
+    xi = rho * torch.randn(P, 1, generator=g, dtype=torch.float64) + math.sqrt(1 - rho**2) * torch.randn(
+        P, m, generator=g, dtype=torch.float64)
+    xi = xi - xi.mean(0)  # noise is centred per coordinate, as the noise metric's is
+    out = noise_tail_indices(xi)
+    assert out["blocking"] == "random" and out["zeros_pooled"] == 0 and out["entries"] == P * m
+    assert abs(out["alpha_pooled"] - 2.0) <= 4 * out["alpha_pooled_err"] + 0.02, out
+    assert out["alpha_pooled_lo"] < out["alpha_pooled"] < out["alpha_pooled_hi"]
+    row_major = tail_index(xi.reshape(-1), partitions=1)
+    assert row_major["order"] == "given" and row_major["alpha"] < 1.3  # what consecutive blocks would say
+    shuffled = xi[torch.randperm(P, generator=g)][:, torch.randperm(m, generator=g)]
+    for same in (xi.T.contiguous().reshape(-1), shuffled.reshape(-1), xi.reshape(-1).flip(0)):
+        assert tail_index(same)["alpha"] == tail_index(xi.reshape(-1))["alpha"]
+    assert noise_tail_indices(shuffled)["alpha_pooled"] == out["alpha_pooled"]
+
+
+def test_dead_coordinates_are_counted_and_change_nothing_else():
+    g = torch.Generator().manual_seed(4)
+    xi = torch.randn(200, 100, generator=g, dtype=torch.float64)
+    dead = torch.cat([xi, torch.zeros(200, 25, dtype=torch.float64)], 1)  # 25 units without noise
+    a, b = noise_tail_indices(xi), noise_tail_indices(dead)
+    assert b["zeros_pooled"] == 200 * 25 and b["entries"] == 200 * 125 and b["values"] == a["values"]
+    assert b["alpha_pooled"] == a["alpha_pooled"] and b["alpha_standardized"] == a["alpha_standardized"]
+    with pytest.raises(gp.ConfigurationError, match="level must lie in"):
+        tail_index(xi.reshape(-1), level=1.5)

@@ -123,14 +123,15 @@ def test_stored_vectors_never_exceed_the_cap(monkeypatch):
 
 def test_matvecs_against_the_full_basis():
     # the measured price of bounded memory: on these spectra a basis of 16 costs at most 1.6x the matvecs
-    # of the unbounded run, a basis of 10 at most 5x (a tight cluster at the top: 4.2x)
+    # of the unbounded run, a basis of 10 at most 5.5x (a tight cluster at the top: 5.0x with both runs
+    # waiting for the extreme certificate, 509 against 101; 4.2x on the residual rule alone)
     counts = {}
     for name, eigs in SPECTRA.items():
         A = sym_with_spectrum(eigs, seed=7)
         mv = A.__rmatmul__  # v -> v @ A
         full = linalg.lanczos(mv, N, tol=1e-6, max_iter=N, generator=torch.Generator().manual_seed(1))
         counts[name] = [full.matvecs]
-        for cap, factor in ((16, 1.6), (10, 5.0)):
+        for cap, factor in ((16, 1.6), (10, 5.5)):
             r = linalg.lanczos(mv, N, tol=1e-6, max_iter=N * 4, max_basis=cap,
                                generator=torch.Generator().manual_seed(1))
             assert r.converged and r.basis_peak <= cap

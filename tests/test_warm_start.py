@@ -73,15 +73,23 @@ def test_a_new_outlier_orthogonal_to_the_kept_vectors_is_still_found():
     assert covers(out["lambda_min"], out["lambda_min_err"], 0.01)
 
 
-def test_warm_starts_spend_fewer_hvps_than_cold_along_a_trajectory():
+def test_warm_starts_cost_about_what_cold_starts_cost_once_the_extremes_are_certified():
+    # On the residual rule alone warm starts saved a fifth of the HVPs here (0.8x); they converge the known
+    # Ritz values sooner, but certifying that nothing lies beyond them needs the Krylov space to resolve the
+    # spectrum's edges whatever the start, and only the start's random part (weight mix) counts towards it.
+    # Measured: 590 HVPs warm against 551 cold over 20 probes (both ends, tol 1e-3).
     warm = WarmStart()
-    cold_hvps, warm_hvps = [], []
+    cold_hvps, warm_hvps, resid_cold, resid_warm = [], [], [], []
+    resid_start = WarmStart()
     for model, loss_fn, batch in trajectory(steps=40, every=2):
         cold_hvps.append(spectrum(gp.Landscape(model, loss_fn, batch))["hvps"])
         warm_hvps.append(spectrum(gp.Landscape(model, loss_fn, batch), warm=warm)["hvps"])
-    # the first start is cold either way; afterwards warm must save HVPs on the whole
+        resid_cold.append(spectrum(gp.Landscape(model, loss_fn, batch), risk=None)["hvps"])
+        resid_warm.append(spectrum(gp.Landscape(model, loss_fn, batch), warm=resid_start, risk=None)["hvps"])
+    # the first start is cold either way
     assert warm_hvps[0] == cold_hvps[0]
-    assert sum(warm_hvps[1:]) < 0.8 * sum(cold_hvps[1:]), (cold_hvps, warm_hvps)
+    assert sum(warm_hvps[1:]) < 1.1 * sum(cold_hvps[1:]), (cold_hvps, warm_hvps)
+    assert sum(resid_warm[1:]) < 0.8 * sum(resid_cold[1:]), (resid_cold, resid_warm)
 
 
 def test_vectors_live_on_the_host_in_the_model_dtype_and_leave_the_global_rng_alone():
@@ -176,8 +184,8 @@ def test_on_a_gpu_the_vectors_stay_on_the_host_in_the_model_dtype(dtype):
 
 
 def test_the_sharpness_alone_warm_and_cold_along_a_trajectory():
-    # which="largest": lambda_max certified at tol in about half the HVPs of both ends (12 against 25 here),
-    # and warm starts keep it covered in fewer still (8.5: 1.5x)
+    # which="largest": lambda_max certified at tol in about half the HVPs of both ends, and warm starts
+    # keep it covered in slightly fewer
     warm = WarmStart()
     both, cold, warmed = [], [], []
     for model, loss_fn, batch in trajectory(steps=40, every=4):
@@ -190,7 +198,8 @@ def test_the_sharpness_alone_warm_and_cold_along_a_trajectory():
             assert covers(out["lambda_max"], out["lambda_max_err"], top), out
             seen.append(out["hvps"])
     assert sum(cold) < 0.7 * sum(both), (both, cold)
-    assert sum(warmed[1:]) < 0.8 * sum(cold[1:]), (cold, warmed)
+    # certified (see above), warm starts still save a little at one end: 141 against 149 HVPs
+    assert sum(warmed[1:]) < sum(cold[1:]), (cold, warmed)
     print("HVPs per probe, both ends / largest cold / largest warm:", sum(both) / len(both),
           sum(cold) / len(cold), sum(warmed[1:]) / (len(warmed) - 1))
     with pytest.raises(gp.ConfigurationError, match="which must be"):

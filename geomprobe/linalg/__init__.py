@@ -3,7 +3,7 @@
 A *matvec* maps a flat vector ``(d,)`` to ``H v`` and a block ``(k, d)`` to the row-wise products. In tests
 it is a dense matrix, in use :meth:`geomprobe.Landscape.hvp`. Each module holds one family:
 :mod:`.vectors` (random vectors, the matvec type), :mod:`.lanczos` (extreme eigenvalues with residual
-bounds), :mod:`.restarted_lanczos` (the same in bounded memory), :mod:`.block_lanczos`, :mod:`.slq` (spectral density), :mod:`.traces` (Hutchinson, Hutch++,
+bounds), :mod:`.certify` (that the extremes found are the extremes), :mod:`.restarted_lanczos` (the same in bounded memory), :mod:`.block_lanczos`, :mod:`.slq` (spectral density), :mod:`.traces` (Hutchinson, Hutch++,
 deflated), :mod:`.diagonal` (Bekas) and :mod:`.exact` (columns, diagonal entries, dense matrices).
 """
 

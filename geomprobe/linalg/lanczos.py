@@ -12,9 +12,19 @@ import math
 import torch
 
 from ..errors import ConfigurationError
+from .certify import DEFAULT_RISK, extreme_errors, rounding_level, start_threshold
 from .krylov_basis import LanczosBasis, LanczosMemory, krylov_step, lanczos_memory_bytes, start_vector
 from .restarted_lanczos import restarted_lanczos
-from .ritz import LanczosResult, check_lanczos_args, extremes_converged, gap_bounds, ritz_pairs, tridiagonal
+from .ritz import (
+    LanczosResult,
+    certificate_limits,
+    check_lanczos_args,
+    extremes_certified,
+    extremes_converged,
+    gap_bounds,
+    ritz_pairs,
+    tridiagonal,
+)
 from .vectors import Matvec
 
 __all__ = [
@@ -39,6 +49,8 @@ def lanczos(
     bound: str = "residual",
     basis_device: torch.device | str | None = None,
     max_basis: int | None = None,
+    risk: float | None = DEFAULT_RISK,
+    v0_random: float = 0.0,
 ) -> LanczosResult:
     """Lanczos with full reorthogonalization for the extreme eigenvalues of a symmetric matvec.
 
@@ -49,6 +61,15 @@ def lanczos(
     ``k`` Ritz values at the requested end(s) (``which`` = ``"both"``, ``"largest"``, ``"smallest"``) have
     bounds below ``tol * max(|theta_i|, theta_max - theta_min)``, on an exact invariant subspace
     (``beta_m ~ 0``), or after ``max_iter`` steps (default ``min(dim, 300)``) with ``converged=False``.
+
+    Extremes: a residual bound does not say the extreme eigenvalue was found (an eigenvector the Krylov
+    space has barely seen leaves no residual). With a random start, ``extreme_err`` certifies it with
+    probability ``>= 1 - risk`` per end (:mod:`geomprobe.linalg.certify`, no extra matvec), and a run with
+    ``tol > 0`` stops only once the certified errors at the requested end(s) also meet ``tol``: a few more
+    steps on an isolated eigenvalue, more at a bulk edge. A given ``v0`` certifies only as
+    ``v0 = a + v0_random * z`` with ``||a|| <= 1`` and ``z`` a uniformly random unit vector independent of
+    ``H`` (the warm start); with ``v0_random=0`` (or ``risk=None``) nothing is certified
+    (``extreme_err`` is ``inf``) and the stopping rule is the residual one alone.
 
     ``bound="gap"`` replaces each bound ``r_i`` by the quadratic (Kato-Temple) bound ``min(r_i, r_i^2 / g_i)``
     with ``g_i = min_{j != i} (|theta_i - theta_j| - r_j)``, the gap to the other Ritz values less their own
@@ -92,8 +113,9 @@ def lanczos(
         return restarted_lanczos(
             matvec, dim, max_basis=max_basis, k=k, tol=tol, max_iter=max_iter, which=which, v0=v0,
             generator=generator, dtype=dtype, device=device, keep_basis=keep_basis, bound=bound,
-            basis_device=basis_device,
+            basis_device=basis_device, risk=risk, v0_random=v0_random,
         )
+    log_t = start_threshold(dim, risk, v0 is None, v0_random)
     q = start_vector(dim, v0, generator, dtype, device)
     # a fixed-length run whose basis is returned (SLQ, the deflated trace) knows its length: one block, no copy
     basis = LanczosBasis(dim, dtype, q.device if basis_device is None else torch.device(basis_device), q.device,
@@ -105,7 +127,8 @@ def lanczos(
     betas: list[float] = []
     converged = False
     theta = U = bounds = None
-    asym = 0.0
+    asym = log_beta = 0.0
+    errors = (math.inf, math.inf)
     for j in range(m_max):
         w, coeffs, beta = krylov_step(matvec, basis, cur, dim, dtype, j + 1, prev, betas[-1] if betas else 0.0)
         alpha = float(coeffs[-1])
@@ -115,6 +138,7 @@ def lanczos(
             asym = max(asym, abs(float(coeffs[-2]) - betas[-1]))
         alphas.append(alpha)
         betas.append(beta)
+        log_beta += math.log(beta) if beta > 0 else -math.inf
         last = j + 1 == m_max or j + 1 == dim
         # Gershgorin bound on ||T||: lets a fixed-length run (tol=0, as in SLQ) skip the per-step
         # eigendecomposition and still detect an exhausted Krylov space.
@@ -127,11 +151,20 @@ def lanczos(
             converged = True
             break
         if tol > 0 and extremes_converged(theta, bounds, k, tol, which):
-            converged = True
-            break
+            if log_t is None:
+                converged = True
+                break
+            errors = extreme_errors(theta, beta * U[-1, :].abs(), log_beta, log_t, which=which,
+                                    rounding=rounding_level(dtype, gersh), limits=certificate_limits(theta, tol))
+            if extremes_certified(theta, errors, tol, which):
+                converged = True
+                break
         if j + 1 < m_max:
             prev, cur = cur, basis.append_normalized(w, beta)
     steps = len(alphas)
+    if log_t is not None:
+        errors = extreme_errors(theta, beta * U[-1, :].abs(), log_beta, log_t, exhausted=exhausted or steps == dim,
+                                rounding=rounding_level(dtype, gersh))
     return LanczosResult(
         ritz_values=theta,
         bounds=bounds,
@@ -144,4 +177,8 @@ def lanczos(
         basis=basis.matrix() if keep_basis else None,
         asymmetry=asym / max(max((abs(a) for a in alphas), default=0.0) + 2 * max(betas, default=0.0), 1e-300),
         basis_peak=basis.peak,
+        extreme_err=errors,
+        risk=None if log_t is None else risk,
+        log_beta=log_beta,
+        resid=beta * U[-1, :].abs(),
     )

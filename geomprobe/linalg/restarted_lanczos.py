@@ -17,11 +17,21 @@ second pass of as many matvecs (182-202 in all).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ..errors import ConfigurationError
+from .certify import DEFAULT_RISK, extreme_errors, rounding_level, start_threshold
 from .krylov_basis import LanczosBasis, krylov_step, start_vector
-from .ritz import LanczosResult, check_lanczos_args, extremes_converged, ritz_pairs
+from .ritz import (
+    LanczosResult,
+    certificate_limits,
+    check_lanczos_args,
+    extremes_certified,
+    extremes_converged,
+    ritz_pairs,
+)
 from .vectors import Matvec
 
 __all__ = ["min_basis", "restarted_lanczos"]
@@ -63,6 +73,8 @@ def restarted_lanczos(
     keep_basis: bool = False,
     bound: str = "residual",
     basis_device: torch.device | str | None = None,
+    risk: float | None = DEFAULT_RISK,
+    v0_random: float = 0.0,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric matvec by thick-restart Lanczos, storing at most ``max_basis`` vectors.
 
@@ -74,7 +86,9 @@ def restarted_lanczos(
     basis, exactly as for plain Lanczos, since the decomposition above holds with an orthonormal basis;
     ``bound="gap"`` refines them as there. Stops on the same rule (``tol`` on the ``k`` values at the
     requested end(s)), on an invariant subspace, or after ``max_iter`` matvecs (default ``min(dim, 300)``;
-    unlike the plain run it may exceed ``dim``) with ``converged=False``.
+    unlike the plain run it may exceed ``dim``) with ``converged=False``. The extremes are certified by the
+    same rule (``extreme_err``, ``risk``, ``v0_random``): the Christoffel sum of
+    :mod:`geomprobe.linalg.certify` carries the Ritz values each restart discards.
 
     ``asymmetry`` compares each measured coupling ``(H v_j)^T v_i`` with the value the decomposition assumes
     (``beta_{j-1}``, or ``b_i`` right after a restart), relative to a bound on ``||S||``.
@@ -100,6 +114,7 @@ def restarted_lanczos(
         )
     if not 0 < keep < 1:
         raise ConfigurationError(f"keep must lie in (0, 1), the share of the basis kept at a restart; got {keep}")
+    log_t = start_threshold(dim, risk, v0 is None, v0_random)
     q = start_vector(dim, v0, generator, dtype, device)
     basis = LanczosBasis(dim, dtype, q.device if basis_device is None else torch.device(basis_device), q.device,
                          capacity=max_basis)
@@ -111,12 +126,15 @@ def restarted_lanczos(
     b = torch.zeros(0, dtype=torch.float64)  # couplings of the newest vector to the earlier ones
     coupled: list[int] = []  # where b is known from the decomposition (the rest is 0 only by symmetry)
     matvecs = restarts = 0
-    asym = norm_bound = 0.0
+    asym = norm_bound = log_beta = 0.0
+    discarded: list[float] = []  # Ritz values dropped at restarts: factors of the residual's polynomial
+    errors = (math.inf, math.inf)
     converged = False
     theta = U = bounds = None
     while True:
         w, coeffs, beta = krylov_step(matvec, basis, cur, dim, dtype, matvecs + 1, prev, beta_prev)
         matvecs += 1
+        log_beta += math.log(beta) if beta > 0 else -math.inf
         p = basis.n
         alpha = float(coeffs[-1])
         if coupled:
@@ -132,12 +150,20 @@ def restarted_lanczos(
             converged = True
             break
         if tol > 0 and extremes_converged(theta, bounds, k, tol, which):
-            converged = True
-            break
+            if log_t is None:
+                converged = True
+                break
+            errors = extreme_errors(theta, beta * U[-1, :].abs(), log_beta, log_t, discarded=discarded,
+                                    which=which, rounding=rounding_level(dtype, norm_bound),
+                                    limits=certificate_limits(theta, tol))
+            if extremes_certified(theta, errors, tol, which):
+                converged = True
+                break
         if matvecs >= m_max:
             break
         if p == max_basis:
             kept = _kept(p, k, which, keep, max_basis)
+            discarded += [float(theta[i]) for i in sorted(set(range(p)) - set(kept))]
             basis.rotate(U[:, kept])
             S = torch.diag(theta[kept])
             b = beta * U[-1, kept]
@@ -152,6 +178,9 @@ def restarted_lanczos(
             coupled = [p - 1]
             prev, cur = cur, basis.append_normalized(w, beta)
         beta_prev = beta
+    if log_t is not None:
+        errors = extreme_errors(theta, beta * U[-1, :].abs(), log_beta, log_t, discarded=discarded,
+                                exhausted=exhausted or p == dim, rounding=rounding_level(dtype, norm_bound))
     return LanczosResult(
         ritz_values=theta,
         bounds=bounds,
@@ -165,4 +194,9 @@ def restarted_lanczos(
         asymmetry=asym / max(norm_bound, 1e-300),
         restarts=restarts,
         basis_peak=basis.peak,
+        extreme_err=errors,
+        risk=None if log_t is None else risk,
+        log_beta=log_beta,
+        resid=beta * U[-1, :].abs(),
+        discarded=tuple(discarded),
     )

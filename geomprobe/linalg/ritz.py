@@ -11,13 +11,17 @@ import torch
 from ..errors import ConfigurationError
 from .vectors import check_dim
 
-__all__ = ["LanczosResult", "check_lanczos_args", "extremes_converged", "gap_bounds", "ritz_pairs", "tridiagonal"]
+__all__ = ["LanczosResult", "certificate_limits", "check_lanczos_args", "extremes_certified", "extremes_converged", "gap_bounds", "ritz_pairs", "tridiagonal"]
 
 
 @dataclass
 class LanczosResult:
     """Ritz values of ``T_m`` (ascending, float64) with residual bounds ``|lambda - theta_i| <= bounds[i]``.
 
+    ``extreme_err``: ``(e_min, e_max)`` from :func:`geomprobe.linalg.certify.extreme_errors`: with
+    probability ``>= 1 - risk`` each, ``lambda_min`` lies in ``[theta_min - e_min, theta_min]`` and ``lambda_max``
+    in ``[theta_max, theta_max + e_max]``; ``inf`` (``risk`` None) when the start was not random, so nothing
+    certifies that the extremes were found. The ``bounds`` only say that some eigenvalue lies near each value.
     ``restarts``: thick restarts of a bounded-memory run (0 for the plain run); ``basis_peak``: the most
     d-vectors the basis held at once. After a restart ``alpha`` is the diagonal of the final projected matrix
     and ``beta`` is empty (it is no longer tridiagonal), ``U`` its eigenvectors.
@@ -35,6 +39,16 @@ class LanczosResult:
     asymmetry: float = 0.0
     restarts: int = 0
     basis_peak: int = 0
+    extreme_err: tuple[float, float] = (math.inf, math.inf)
+    risk: float | None = None
+    log_beta: float = math.nan  # sum of log beta_j over every step: the scale of the residual's polynomial
+    discarded: tuple[float, ...] = field(default=(), repr=False)  # Ritz values thick restarts dropped
+    resid: torch.Tensor | None = field(default=None, repr=False)  # residual norms beta |u_{p,i}| (any bound)
+
+    @property
+    def certified(self) -> tuple[bool, bool]:
+        """Whether ``extreme_err`` certifies (``lambda_min``, ``lambda_max``): finite, from a random start."""
+        return tuple(self.risk is not None and math.isfinite(e) for e in self.extreme_err)  # type: ignore[return-value]
 
     def top(self, k: int = 1) -> tuple[list[float], list[float]]:
         """The ``k`` largest Ritz values (descending) and their bounds."""
@@ -102,6 +116,7 @@ def gap_bounds(theta: torch.Tensor, bounds: torch.Tensor) -> torch.Tensor:
 
 
 def extremes_converged(theta: torch.Tensor, bounds: torch.Tensor, k: int, tol: float, which: str) -> bool:
+    """Whether the ``k`` Ritz values at the ``which`` end(s) have bounds below ``tol * max(|theta_i|, spread)``."""
     n = len(theta)
     need = 2 * k if which == "both" else k
     if n < need or n < 2:
@@ -131,3 +146,21 @@ def ritz_pairs(S: torch.Tensor, beta: float, bound: str, dim: int) -> tuple[torc
     if exhausted:
         bounds = torch.zeros_like(bounds)
     return theta, U, bounds, exhausted
+
+
+def extremes_certified(theta: torch.Tensor, errors: tuple[float, float], tol: float, which: str) -> bool:
+    """Whether the certified extreme errors ``(e_min, e_max)`` at the ``which`` end(s) are below
+    ``tol * max(|theta|, spread)``, the scale :func:`extremes_converged` uses."""
+    spread = float(theta[-1] - theta[0])
+    ends = []
+    if which in ("both", "smallest"):
+        ends.append((errors[0], float(theta[0])))
+    if which in ("both", "largest"):
+        ends.append((errors[1], float(theta[-1])))
+    return all(e <= tol * max(abs(t), spread) for e, t in ends)
+
+
+def certificate_limits(theta: torch.Tensor, tol: float) -> tuple[float, float]:
+    """The largest certified errors (``e_min``, ``e_max``) that :func:`extremes_certified` accepts."""
+    spread = float(theta[-1] - theta[0])
+    return tol * max(abs(float(theta[0])), spread), tol * max(abs(float(theta[-1])), spread)

@@ -9,9 +9,16 @@ net optimization via Hessian eigenvalue density" (2019).
 
 Derived quantities and their errors:
 
-* ``negative_mass = mu_hat((-inf, 0))``, the fraction of negative eigenvalues; ``negative_mass_err`` is the
-  standard error over the ``n_v`` runs (each run's mass is one independent draw). It covers the Monte
-  Carlo error only: with ``m < d`` the quadrature also smears the step at 0 over the nodes near it.
+* ``negative_mass = mu_hat((-inf, 0))``, the fraction of negative eigenvalues. Two errors add up: the
+  Monte Carlo error over the ``n_v`` runs (``negative_mass_se``, each run's mass one independent draw), and
+  the quadrature's: with ``m < d`` a Gauss node near 0 stands for eigenvalues on both sides of it, which
+  is the whole error when many eigenvalues sit near zero. The Chebyshev-Markov-Stieltjes inequalities bound
+  it per run without assumptions: the run's true mass below 0 lies between its quadrature mass less the
+  weight of the last node below 0 and its quadrature mass plus the weight of the first node above
+  (no gap when the run exhausted its Krylov space). ``negative_mass_lo``/``_hi`` is the 95 % interval
+  from those per-run bounds (their means less/plus ``t_{n_v-1}`` standard errors), and
+  ``negative_mass_err`` = the mean quadrature gap (the larger side) plus ``negative_mass_se``, so that it
+  covers both parts.
 * ``lambda_max``, ``lambda_min``: the extreme nodes over all runs, each with its run's residual bound
   ``beta_m |u_{m,i}|``; ``abs_ratio = |lambda_min| / lambda_max`` with ``abs_ratio_err`` the half-width of the
   interval spanned by both values moving within their bounds (``None`` if ``lambda_max`` may be <= 0).
@@ -42,7 +49,7 @@ from ..errors import ConfigurationError
 from ..linalg.lanczos import lanczos
 from ..linalg.slq import SLQResult, slq_density
 from ..linalg.vectors import rademacher
-from ._common import checked, half_width, resolve_generator
+from ._common import checked, half_width, resolve_generator, t_quantile
 from .registry import register
 
 __all__ = ["density", "bulk_edge"]
@@ -74,6 +81,24 @@ def _weighted_median(nodes: np.ndarray, weights: np.ndarray) -> float:
     order = np.argsort(nodes)
     cw = np.cumsum(weights[order])
     return float(nodes[order][min(int(np.searchsorted(cw, 0.5 * cw[-1])), len(cw) - 1)])
+
+
+def _negative_mass_bounds(theta: np.ndarray, weights: np.ndarray, *, exact: bool) -> tuple[float, float]:
+    """Bounds on one run's true mass below 0, ``mu_z((-inf, 0))``, from its Gauss rule (nodes ascending).
+
+    Chebyshev-Markov-Stieltjes: at each node ``x_k``, ``sum_{i<k} w_i <= F(x_k - 0)`` and ``F(x_k + 0) <=
+    sum_{i<=k} w_i``. With ``x_{j-1} < 0 <= x_j``: ``F(0 - 0) >= sum_{i<j-1} w_i`` (``sum_{i<j} w_i`` when
+    ``x_j = 0``) and ``F(0 - 0) <= sum_{i<=j} w_i``. ``exact``: the run exhausted its Krylov space, so the
+    rule is the measure itself. No HVP.
+    """
+    j = int(np.searchsorted(theta, 0.0, side="left"))  # nodes below 0
+    below = float(weights[:j].sum())
+    if exact:
+        return below, below
+    at_zero = j < len(theta) and theta[j] == 0.0
+    lower = below if at_zero else below - (float(weights[j - 1]) if j > 0 else 0.0)
+    upper = below + (float(weights[j]) if j < len(theta) else 0.0)
+    return max(lower, 0.0), min(upper, 1.0)
 
 
 def _mean_se(x: np.ndarray) -> tuple[float, float | None]:
@@ -109,7 +134,7 @@ def density(
         basis_device: where the Lanczos basis lives (``"cpu"``: host memory; see krylov.lanczos).
 
     Returns the keys of the module docstring: ``grid``, ``density`` (numpy), ``arrays``, ``sigma2``,
-    ``negative_mass(_err)``, ``lambda_max(_err)``, ``lambda_min(_err)``, ``abs_ratio(_err)``, ``bulk_edge``,
+    ``negative_mass(_err, _se, _lo, _hi)``, ``lambda_max(_err)``, ``lambda_min(_err)``, ``abs_ratio(_err)``, ``bulk_edge``,
     ``outliers``, ``outlier_values``, ``outliers_mass(_err)``, ``trace(_err)``, ``converged``, ``n_v``, ``m``,
     ``hvps``.
 
@@ -147,7 +172,17 @@ def density(
     tw = [w.numpy() for w in weights]
     bd = [r.bounds.double().cpu().numpy() for r in runs]
 
-    neg, neg_err = _mean_se(np.array([w[t < 0].sum() for t, w in zip(th, tw)]))
+    neg_runs = np.array([w[t < 0].sum() for t, w in zip(th, tw)])
+    neg, neg_se = _mean_se(neg_runs)
+    bounds = np.array([_negative_mass_bounds(t, w, exact=r.steps < m or r.steps == d)
+                       for t, w, r in zip(th, tw, runs)])
+    gap = max(float((neg_runs - bounds[:, 0]).mean()), float((bounds[:, 1] - neg_runs).mean()))
+    neg_err = gap + (neg_se or 0.0)
+    lo_mean, lo_se = _mean_se(bounds[:, 0])
+    hi_mean, hi_se = _mean_se(bounds[:, 1])
+    tq = t_quantile(0.975, n_v - 1) if n_v > 1 else math.inf
+    neg_lo = max(0.0, lo_mean - tq * lo_se) if lo_se is not None else 0.0
+    neg_hi = min(1.0, hi_mean + tq * hi_se) if hi_se is not None else 1.0
     tr, tr_err = _mean_se(np.array([d * (w * t).sum() for t, w in zip(th, tw)]))
     l_hi = max(range(n_v), key=lambda i: th[i][-1])
     l_lo = min(range(n_v), key=lambda i: th[i][0])
@@ -176,6 +211,9 @@ def density(
         "sigma2": float(s2),
         "negative_mass": neg,
         "negative_mass_err": neg_err,
+        "negative_mass_se": neg_se,
+        "negative_mass_lo": neg_lo,
+        "negative_mass_hi": neg_hi,
         "lambda_max": lmax,
         "lambda_max_err": lmax_err,
         "lambda_min": lmin,

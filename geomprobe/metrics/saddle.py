@@ -5,13 +5,14 @@
     saddle  <=>  ||grad L|| <= eps_g   and   lambda_min <= -eps_H
     eps_g = 1e-3 ||grad L(w0)||,   eps_H = 1e-3 lambda_max            (defaults)
 
-``lambda_min`` and ``lambda_max`` come from one Lanczos run on HVPs, ``lambda_min`` with its residual bound
-``err = beta_m |u_{m,1}|`` (some eigenvalue lies within ``err`` of the Ritz value ``theta_min``). The
-curvature test has three outcomes:
+``lambda_min`` and ``lambda_max`` come from one Lanczos run on HVPs, ``lambda_min`` with its certified
+error ``err``: ``lambda_min`` lies in ``[theta_min - err, theta_min]`` with probability ``>= 1 - risk``
+(1e-2) over the random start (:mod:`geomprobe.linalg.certify`; a residual bound alone would say only that
+some eigenvalue lies near ``theta_min``, not that none lies below). The curvature test has three outcomes:
 
 * ``"yes"`` (certified): ``theta_min + err <= -eps_H``, so an eigenvalue at most ``-eps_H`` exists;
-* ``"no"``: Lanczos converged and ``theta_min - err > -eps_H`` (no eigenvalue Lanczos found is that
-  negative; as for every Krylov method, an eigenvector orthogonal to the start could hide one);
+* ``"no"``: Lanczos converged and ``theta_min - err > -eps_H``: no eigenvalue is that negative, with
+  probability ``>= 1 - risk``;
 * ``"uncertain"``: anything else (the bound straddles ``-eps_H``, or Lanczos stopped short).
 
 ``saddle`` is ``"yes"`` when the gradient test passes and the curvature test says yes, ``"no"`` when either
@@ -88,7 +89,8 @@ def saddle(
     Returns ``saddle`` ("yes"/"no"/"uncertain"), ``flag``, ``grad_norm``, ``eps_g``, ``grad_small``,
     ``grad_norm0``, ``grad_norm0_source`` ("given"/"current"), ``eps_h``, ``negative_curvature``
     ("yes"/"no"/"uncertain"), ``lambda_min``, ``lambda_min_err``, ``lambda_max``, ``lambda_max_err``
-    (residual bounds), ``converged``, ``hvps``.
+    (certified distances to the true extremes, as in :func:`geomprobe.metrics.spectrum`), ``converged``,
+    ``hvps``.
 
     >>> import torch
     >>> from torch import nn
@@ -111,6 +113,9 @@ def saddle(
     r = run_lanczos(land, tol=tol, max_iter=max_iter, seed=seed, generator=generator, basis_device=basis_device)
     (lmin,), (lmin_err,) = r.bottom(1)
     (lmax,), (lmax_err,) = r.top(1)
+    # the certified distances to the true extremes, where the run certifies them (a random start always does)
+    lmin_err = r.extreme_err[0] if r.certified[0] else lmin_err
+    lmax_err = r.extreme_err[1] if r.certified[1] else lmax_err
     if eps_h is None:
         eps_h = rel_h * (lmax if lmax > 0 else abs(lmin))
     curv = curvature_verdict(lmin, lmin_err, float(eps_h), bool(r.converged))
