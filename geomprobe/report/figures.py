@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -22,7 +23,7 @@ from .compare import Comparison
 from .document import RunLike, open_run, placed_records
 from .summary import collect_series
 
-__all__ = ["plot_run", "plot_comparison", "panel_note", "MAX_PANELS", "LOG_SCALE_SPAN"]
+__all__ = ["LOG_SCALE_SPAN", "MAX_PANELS", "panel_note", "plot_comparison", "plot_run"]
 
 MAX_PANELS = 12        # more values than this: the first 12 (loss and the headline metrics come first)
 LOG_SCALE_SPAN = 100.0  # a positive value spanning more than this factor gets a log axis
@@ -91,23 +92,13 @@ def plot_run(run: RunLike, path: str | os.PathLike[str], *, metrics: Sequence[st
                if failed == len(records) and records else "its records hold no measured values")
         )
 
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     footer = [note] if note else []
     if any(_loose(s).any() for s in chosen):
         footer.append(UNRESOLVED_NOTE)
     cols = min(_COLUMNS, len(chosen))
     rows = math.ceil(len(chosen) / cols)
-    bottom = 0.5 + 0.2 * len(footer)  # inches under the panels: tick labels, then the footer's lines
-    height = 2.8 * rows + bottom - 0.1
-    fig = Figure(figsize=(4.2 * cols, height))
-    FigureCanvasAgg(fig)
-    # Fixed margins rather than a layout engine: constrained layout measures every tick label and doubles
-    # the drawing time, for a grid whose label sizes are known in advance.
-    axes = fig.subplots(rows, cols, squeeze=False,
-                        gridspec_kw={"left": 0.22 / cols, "right": 0.98, "bottom": bottom / height,
-                                     "top": 1 - 0.75 / height, "hspace": 0.6, "wspace": 0.3})
+    fig, axes, height = _panel_grid(rows, cols, len(footer))
     for ax, s in zip(axes.flat, chosen):
         ok = np.isfinite(s.values)
         line = ax.plot(s.steps[ok], s.values[ok], marker="o", markersize=3, linewidth=1.2)[0]
@@ -183,8 +174,6 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, overwrite:
     target = _target(path, overwrite)
     if not cmp.paths:
         raise ConfigurationError("the comparison holds no values to plot")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
     shown = cmp.paths[:MAX_PANELS]
     cols = min(_COLUMNS, len(shown))
@@ -194,13 +183,7 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, overwrite:
     footer = ([panel_note(len(shown), len(cmp.paths), cmp.paths[len(shown):])] if len(shown) < len(cmp.paths)
               else []) + ([UNRESOLVED_NOTE] if any(loose[p].any() for p in shown if p in loose) else []) \
         + [f"warning: {w}" for w in cmp.warnings]
-    bottom = 0.5 + 0.2 * len(footer)
-    height = 2.8 * rows + bottom - 0.1
-    fig = Figure(figsize=(4.2 * cols, height))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(rows, cols, squeeze=False,
-                        gridspec_kw={"left": 0.22 / cols, "right": 0.98, "bottom": bottom / height,
-                                     "top": 1 - 0.75 / height, "hspace": 0.6, "wspace": 0.3})
+    fig, axes, height = _panel_grid(rows, cols, len(footer))
     x = np.asarray(cmp.axis, dtype=np.float64)
     labels = [f"{n} ({o})" if o else n for n, o in zip(cmp.runs, cmp.optimizers)]
     for ax, p in zip(axes.flat, shown):
@@ -225,3 +208,21 @@ def plot_comparison(cmp: Comparison, path: str | os.PathLike[str], *, overwrite:
     _footer(fig, footer, height)
     _save(fig, target, dpi, " · ".join(footer) or "all values shown")
     return target
+
+
+def _panel_grid(rows: int, cols: int, footer_lines: int) -> tuple[Any, Any, float]:
+    """A figure of ``rows x cols`` panels with room for ``footer_lines`` lines under them: (figure, axes,
+    height in inches)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    bottom = 0.5 + 0.2 * footer_lines  # inches under the panels: tick labels, then the footer's lines
+    height = 2.8 * rows + bottom - 0.1
+    fig = Figure(figsize=(4.2 * cols, height))
+    FigureCanvasAgg(fig)
+    # Fixed margins rather than a layout engine: constrained layout measures every tick label and doubles
+    # the drawing time, for a grid whose label sizes are known in advance.
+    axes = fig.subplots(rows, cols, squeeze=False,
+                        gridspec_kw={"left": 0.22 / cols, "right": 0.98, "bottom": bottom / height,
+                                     "top": 1 - 0.75 / height, "hspace": 0.6, "wspace": 0.3})
+    return fig, axes, height
