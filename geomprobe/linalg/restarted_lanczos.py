@@ -22,6 +22,7 @@ import torch
 from ..errors import ConfigurationError
 from .krylov_basis import LanczosBasis, krylov_step, start_vector
 from .ritz import LanczosResult, check_lanczos_args, extremes_converged, ritz_pairs
+from .space import VectorSpace, space_of
 from .vectors import Matvec
 
 __all__ = ["min_basis", "restarted_lanczos"]
@@ -63,6 +64,7 @@ def restarted_lanczos(
     keep_basis: bool = False,
     bound: str = "residual",
     basis_device: torch.device | str | None = None,
+    space: VectorSpace | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric matvec by thick-restart Lanczos, storing at most ``max_basis`` vectors.
 
@@ -100,9 +102,10 @@ def restarted_lanczos(
         )
     if not 0 < keep < 1:
         raise ConfigurationError(f"keep must lie in (0, 1), the share of the basis kept at a restart; got {keep}")
-    q = start_vector(dim, v0, generator, dtype, device)
-    basis = LanczosBasis(dim, dtype, q.device if basis_device is None else torch.device(basis_device), q.device,
-                         capacity=max_basis)
+    space = space_of(dim, space)  # a sharded space: slices of every vector, as in the plain run
+    q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
+    basis = LanczosBasis(space.local_dim, dtype, q.device if basis_device is None else torch.device(basis_device),
+                         q.device, capacity=max_basis, space=space)
     cur = basis.append_normalized(q, 1.0)
     prev = None  # set when the newest vector couples to the one before only (a plain Lanczos step)
     beta_prev = 0.0
