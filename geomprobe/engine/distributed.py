@@ -202,17 +202,19 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def _sharding_module(model: nn.Module) -> str | None:
     try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch builds without FSDP
         return None
     for name, module in model.named_modules():
-        if isinstance(module, (FullyShardedDataParallel, FSDPModule)):
+        if isinstance(module, FullyShardedDataParallel):
             return f"{type(module).__name__} at {name or 'the root'}"
     return None
 
 
 def refuse_sharded(model: nn.Module, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Raise :class:`ConfigurationError` if ``model`` shards its parameters across ranks (FSDP, DTensor).
+    """Raise :class:`ConfigurationError` if ``model`` shards its parameters in a way geomprobe cannot measure:
+    FSDP1 (``FullyShardedDataParallel``, flat parameters) or DTensor parameters outside FSDP2. (FSDP2 models,
+    ``fully_shard``, are measured by :class:`~geomprobe.engine.sharded_landscape.ShardedLandscape`.)
 
     HVPs against a rank-local shard would be wrong without any error, so this is checked before anything is
     measured. Sharding needs an initialized process group, so without one nothing is imported or checked.
@@ -224,8 +226,9 @@ def refuse_sharded(model: nn.Module, named_params: Iterable[tuple[str, torch.Ten
         where = next((f"DTensor parameter {n!r}" for n, p in named_params if _is_dtensor(p)), None)
     if where is not None:
         raise ConfigurationError(
-            f"geomprobe cannot yet measure a model whose parameters are sharded across ranks (found {where}); "
-            "every rank must hold whole parameters (DDP, replicas). Probe an unsharded copy instead: load a full "
+            f"geomprobe cannot yet measure a model whose parameters are sharded across ranks this way (found "
+            f"{where}); it measures FSDP2 models (torch.distributed.fsdp.fully_shard) and models whose ranks hold "
+            "whole parameters (DDP, replicas). Shard with fully_shard, or probe an unsharded copy: load a full "
             "state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
             "StateDictOptions(full_state_dict=True)) into an unwrapped model, or save a checkpoint and run "
             "`geomprobe probe`; see docs/distributed.md"

@@ -35,6 +35,7 @@ class LanczosResult:
     asymmetry: float = 0.0
     restarts: int = 0
     basis_peak: int = 0
+    matvec_error: float | None = None  # added to the bounds when the matvec is approximate (see metrics.spectrum)
 
     def top(self, k: int = 1) -> tuple[list[float], list[float]]:
         """The ``k`` largest Ritz values (descending) and their bounds."""

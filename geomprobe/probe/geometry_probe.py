@@ -44,7 +44,7 @@ from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
 from ..runs.writer import RunWriter
 from .metric_needs import basis_vectors, bounded_basis, gradient_samples
-from .options import check_metric_options, check_probe_options
+from .options import check_metric_options, check_probe_options, check_sharded_metrics
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
 from .run_folder import last_step, optimizer_hparams, refuse_existing, storable
 from .schedule import Schedule, budget, every
@@ -161,6 +161,7 @@ class GeometryProbe:
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.metric_options = self._resolve_metrics(metrics)
+        check_sharded_metrics(self.model, self.metric_options)
         self.schedule = schedule if schedule is not None else every(100) | budget(0.05)
         if not isinstance(self.schedule, Schedule):
             raise ConfigurationError(f"schedule must be a geomprobe schedule (every, at, ...), got {type(schedule).__name__}")
@@ -353,7 +354,8 @@ class GeometryProbe:
                 basis_device = plan.basis_device
             if land.graph_bytes_per_sample is not None:
                 self._graph_per_sample = land.graph_bytes_per_sample  # the next plan needs no measuring forward
-            g = float(land.grad.norm())
+            # a sharded Landscape's gradient is this rank's slice: its norm is the reduced one
+            g = float(land.grad.norm() if land.vector_space is None else land.vector_space.norm(land.grad))
             if self._grad_norm0 is None:
                 self._grad_norm0 = g
             record["loss"] = land.loss

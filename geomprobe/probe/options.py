@@ -18,11 +18,12 @@ import torch
 
 from ..engine.landscape import HVP_METHODS
 from ..engine.loss import LOSS_FORMS
+from ..engine.sharded import fully_sharded
 from ..engine.state import MODES
 from ..errors import ConfigurationError
 from ..metrics import registry
 
-__all__ = ["check_probe_options", "check_metric_options"]
+__all__ = ["check_metric_options", "check_probe_options"]
 
 # Options a probe fills in for the metrics that take them (GeometryProbe._run_metric); a user may set them too.
 PROBE_CONTEXT = ("optimizer", "noise_data", "grad_norm0", "seed", "basis_device", "max_basis", "device_vectors", "warm")
@@ -92,3 +93,18 @@ def check_metric_options(options: Mapping[str, Mapping[str, Any]]) -> None:
             raise ConfigurationError(
                 f"metric {name!r} has no option {', '.join(map(repr, unknown))}; it takes {', '.join(own)}"
             )
+
+
+# Metrics that take a sharded Landscape's slices (their Krylov kernels run on its vector space)
+SHARDED_METRICS = ("spectrum",)
+
+
+def check_sharded_metrics(model: Any, metrics: Any) -> None:
+    """Refuse, before training starts, metrics that cannot yet measure an FSDP2-sharded ``model``."""
+    if not fully_sharded(model):
+        return
+    unsupported = [n for n in metrics if n not in SHARDED_METRICS]
+    if unsupported:
+        raise ConfigurationError(
+            f"metric(s) {', '.join(map(repr, unsupported))} cannot yet measure a model sharded by FSDP2; on "
+            f"sharded models geomprobe measures {', '.join(map(repr, SHARDED_METRICS))} (see docs/distributed.md)")
