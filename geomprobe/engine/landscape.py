@@ -147,8 +147,13 @@ class Landscape:
         hvp_method: ``"autograd"`` (double backward, exact) or ``"finite-difference"``, the central difference
             ``(grad(w + eps v) - grad(w - eps v)) / 2 eps``: a flagged last resort for smooth models whose
             layers have no double backward. Wrong on ReLU networks, where a crossed kink gives errors of 100x.
+            ``"auto"`` (default): ``"autograd"``; for an FSDP2 model the exact route when its memory fits, else
+            finite differences of FSDP's own gradients with an error estimate
+            (:mod:`geomprobe.engine.sharded_landscape`).
         seed: fixes dropout masks in ``train`` mode.
         process_group: the ranks whose probe data together make the loss (see :mod:`geomprobe.engine.distributed`).
+            A model sharded by FSDP2 (``fully_shard``) gets a :class:`~geomprobe.engine.sharded_landscape.ShardedLandscape`,
+            whose flat vectors are this rank's parameter shards.
             ``None``: the default group when torch.distributed is initialized with several ranks, else this
             process alone; ``False``: this process alone. Each rank passes its own shard as ``batches``; the
             loss, gradient and HVPs are those of the union, identical on every rank.
@@ -203,7 +208,7 @@ class Landscape:
         loss_form: str = "auto",
         chunk_size: int | None = None,
         graph_budget_bytes: int | None = None,
-        hvp_method: str = "autograd",
+        hvp_method: str = "auto",
         fd_eps: float | None = None,
         seed: int = 0,
         process_group: Any = None,

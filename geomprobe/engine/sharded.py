@@ -25,7 +25,13 @@ from torch import nn
 
 from ..errors import ConfigurationError
 
-__all__ = ["ShardLayout", "fsdp_hooks_off", "fully_sharded", "is_dtensor"]
+__all__ = ["FSDPModule", "ShardLayout", "fsdp_hooks_off", "fully_sharded", "is_dtensor"]
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # pragma: no cover - torch builds without FSDP2: no module is ever one
+    class FSDPModule:  # type: ignore[no-redef]
+        pass
 
 
 def is_dtensor(t: torch.Tensor) -> bool:
@@ -38,10 +44,6 @@ def is_dtensor(t: torch.Tensor) -> bool:
 
 def fully_sharded(model: nn.Module) -> bool:
     """Whether ``model`` (or a submodule) is an FSDP2 module (``fully_shard`` was applied to it)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # pragma: no cover - torch builds without FSDP2
-        return False
     return any(isinstance(m, FSDPModule) for m in model.modules())
 
 

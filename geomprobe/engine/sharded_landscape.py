@@ -49,9 +49,9 @@ from ..linalg.space import ShardedSpace
 from .batches import batch_size, slice_batch
 from .distributed import ProcessGroupReducer
 from .landscape import Landscape, _SavedBytes
-from .memory_plan import device_memory
+from .memory_plan import MemoryBudget, device_memory
 from .paramspace import select_parameters
-from .sharded import ShardLayout, fsdp_hooks_off
+from .sharded import FSDPModule, ShardLayout, fsdp_hooks_off
 
 __all__ = ["ShardedLandscape"]
 
@@ -77,13 +77,21 @@ class ShardedLandscape(Landscape):
                 f"the probe data is spread over {self.reducer.world_size} ranks but the parameters are sharded "
                 f"over {self.layout.world}; geomprobe needs the two to be the same ranks (a 1-D FSDP2 mesh)")
         self._dparams = dparams
+        self._dparams_all = list(self.model.parameters())  # the shards, whatever is selected
         self.vector_space = ShardedSpace(self.layout.dim, self.layout.ranges, self.reducer.sum_)
         self.hvp_errors: list[float] = []
         self.route: dict = {}
         return names, dparams
 
-    def _plan(self, *args: Any) -> None:
-        # the memory planner speaks of one process's whole vectors; the sharded routes size themselves
+    def _plan(self, memory: Any, *args: Any) -> None:
+        # The memory planner speaks of one process's whole vectors; the sharded routes size themselves. A
+        # budget's cap (given, or the training peak times its ratio) bounds the exact route under "auto".
+        self._cap = None
+        if isinstance(memory, MemoryBudget):
+            caps = [memory.cap_bytes] if memory.cap_bytes else []
+            if memory.train_peak_bytes and memory.peak_ratio:
+                caps.append(int(memory.train_peak_bytes * memory.peak_ratio))
+            self._cap = min(caps) if caps else None
         return None
 
     @property
@@ -122,13 +130,17 @@ class ShardedLandscape(Landscape):
             self.route = {"hvp_route": self.hvp_method, "reason": "requested"}
             return
         per_sample = self._forward_bytes_per_sample()
+        # whole parameters, gradient, HVP input and output, and the first-order graph of this rank's data
         need = int(4 * d_bytes + GRAPH_FACTOR * per_sample * sum(batch_size(b) for b in self.batches))
-        available, _ = device_memory(self.device)
-        avail = min(self.reducer.gather_ints(-1 if available is None else int(available)))
-        fits = avail < 0 or need <= 0.9 * avail
+        available, allocated = device_memory(self.device)
+        room = -1 if available is None else int(available)
+        if self._cap is not None:
+            room = max(0, self._cap - allocated) if room < 0 else min(room, max(0, self._cap - allocated))
+        room = min(self.reducer.gather_ints(room))  # the tightest rank decides, so every rank takes one route
+        fits = room < 0 or need <= 0.9 * room
         self.hvp_method = "autograd" if fits else "finite-difference"
         self.route = {"hvp_route": self.hvp_method, "exact_bytes_estimate": need,
-                      "available_bytes": None if avail < 0 else avail,
+                      "available_bytes": None if room < 0 else room, "cap_bytes": self._cap,
                       "reason": "the exact route's memory fits" if fits else "the exact route's memory does not fit"}
 
     def _forward_bytes_per_sample(self) -> float:
@@ -148,11 +160,18 @@ class ShardedLandscape(Landscape):
     @contextlib.contextmanager
     def _grads_set_aside(self) -> Iterator[None]:
         """FSDP writes fresh ``.grad`` inside; the user's tensors (or None) are put back on exit."""
-        found = [(p, p.grad) for p in self.model.parameters()]
+        found = [(p, p.grad) for p in self._dparams_all]
         for p, _ in found:
             p.grad = None
         try:
             yield
+        except BaseException:
+            # a pass that stopped midway may leave units gathered (their whole tensors registered on the
+            # modules): put every unit back to its shards, a local operation, before anyone looks at them
+            for m in self.model.modules():
+                if isinstance(m, FSDPModule):
+                    m.reshard()
+            raise
         finally:
             for p, g in found:
                 p.grad = g

@@ -140,7 +140,7 @@ class GeometryProbe:
         memory_plan: bool = True,
         memory_cap: int | None = None,
         peak_ratio: float = DEFAULT_PEAK_RATIO,
-        hvp_method: str = "autograd",
+        hvp_method: str = "auto",
         loss_form: str = "auto",
         reduction: str = "auto",
         seed: int = 0,
