@@ -47,11 +47,11 @@ from geomprobe.metrics import spectrum
 
 CONFIGS = {
     "7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
-               "intermediate_size": 11008, "vocab_size": 32000},
+           "intermediate_size": 11008, "vocab_size": 32000},
     "1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
-               "intermediate_size": 5632, "vocab_size": 32000},
+           "intermediate_size": 5632, "vocab_size": 32000},
     "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
-                 "intermediate_size": 128, "vocab_size": 256},
+             "intermediate_size": 128, "vocab_size": 256},
 }
 
 

@@ -27,21 +27,12 @@ of an HVP on one rank only (out of memory) is not yet agreed on and leaves the o
 
 Model-sharded training (FSDP)
 -----------------------------
-What works: any data-parallel layout in which every rank holds *whole* parameters: plain replicas, DDP
-(unwrapped automatically), ZeRO-1/2 optimizers that shard only optimizer state or gradients.
-
-What does not yet: parameters sharded across ranks (``FullyShardedDataParallel``, ``fully_shard`` or any
-``DTensor`` parameter). A Landscape refuses them at construction with a :class:`~geomprobe.ConfigurationError`
-that names the first sharded parameter or module and says how to probe a whole copy (gather a full state
-dict into an unsharded model, or probe a saved checkpoint with ``geomprobe probe``). Without that check an
-HVP would silently be taken against each rank's local shard only.
-
-The plan: keep the Landscape's flat vectors sharded like the parameters. Each rank holds the slice of
-``v`` for its parameter shard; the forward all-gathers parameters as FSDP does, the double backward gives
-each rank a full-length contribution that a reduce-scatter sums and re-shards (the same collective FSDP
-uses for gradients), and the Krylov kernels run on shards with every dot product and norm all-reduced (one
-scalar collective per inner product, so Lanczos stays in lock-step). Per-block metrics then need the block
-layout of the shards; whole-vector metrics (spectrum, density, traces) need nothing more.
+A model sharded with FSDP2 (``fully_shard``) is measured by
+:class:`~geomprobe.engine.sharded_landscape.ShardedLandscape` (``Landscape(model, ...)`` returns one), with
+vectors sharded like the parameters and their inner products all-reduced (docs/distributed.md). What is
+still refused here, with a :class:`~geomprobe.ConfigurationError` naming the first sharded parameter or
+module: FSDP1 (``FullyShardedDataParallel``) and ``DTensor`` parameters outside ``fully_shard`` (tensor
+parallelism), whose HVPs would otherwise silently be taken against each rank's local shard.
 
 >>> reducer = make_reducer()          # not initialized here: the identity
 >>> reducer.world_size, reducer.rank, reducer.active
