@@ -124,6 +124,8 @@ def _landscape_results(kind: str, mesh, rank: int) -> dict:
     before = _snapshot(model, opt)
     # the parameters measured (after the step), whole, for the one-process reference
     whole = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model(Xr)  # an evaluation forward leaves the root unit gathered; a Landscape starts from the shards
 
     land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd")
     V = hvp_vectors(land.dim)
@@ -134,6 +136,12 @@ def _landscape_results(kind: str, mesh, rank: int) -> dict:
         "random": land.vector_space.gaussian(default_generator(11), torch.float64),
         "spectrum": spectrum(land, k=2, tol=1e-10), "info": land.info(),
     }
+    land.close()
+    # a selection (params=): the others stand in whole as constants
+    sub = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", params="*weight")
+    Vs = hvp_vectors(sub.dim)
+    out["sub"] = {"ranges": sub.layout.ranges, "hvp": sub.hvp(sub.layout.local_of(Vs)), "dim": sub.dim}
+    sub.close()
     fd = gp.Landscape(model, loss_fn, batches, hvp_method="finite-difference")
     out["fd_loss"], out["fd_grad"] = fd.loss, fd.grad.clone()
     out["fd_hvp"] = fd.hvp(fd.layout.local_of(V[0]))

@@ -59,6 +59,8 @@ def union(ranks) -> dict:
         V = hvp_vectors(land.dim)
         out[kind] = {"dim": land.dim, "loss": land.loss, "grad": land.grad, "V": V, "hvp": land.hvp(V),
                      "spectrum": spectrum(land, k=2, tol=1e-12, max_iter=land.dim)}
+        sub = gp.Landscape(model, loss_fn, (X, y), params="*weight")
+        out[kind]["sub"] = {"dim": sub.dim, "hvp": sub.hvp(hvp_vectors(sub.dim))}
     return out
 
 
@@ -110,6 +112,14 @@ def test_exact_route_equals_one_process_on_the_union(ranks, union, kind):
         for key in ("top", "bottom"):
             for got, ref in zip(s[key], want["spectrum"][key]):
                 assert abs(got - ref) <= EIG_TOL * abs(ref), (key, got, ref)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_parameter_selection_is_measured_with_the_others_held_whole(ranks, union, kind):
+    want = union[kind]["sub"]
+    results = [r[kind]["sub"] for r in ranks[0]]
+    assert results[0]["dim"] == want["dim"] < union[kind]["dim"]
+    assert _close(_assemble(results, "hvp", want["dim"]), want["hvp"], HVP_TOL)
 
 
 @pytest.mark.parametrize("kind", KINDS)

@@ -69,6 +69,9 @@ class ShardedLandscape(Landscape):
             raise ConfigurationError(
                 "process_group=False asks a rank to measure alone, but an FSDP2 model's parameters are sharded "
                 "across ranks; every rank of the mesh must take part (leave process_group at None)")
+        # A unit left gathered (the root after a forward without backward keeps its whole parameters
+        # registered) goes back to its shards first: a local operation, the state FSDP starts a step from.
+        self._reshard_all()
         names, dparams = select_parameters(self.model, params)
         self.layout = ShardLayout(names, dparams)
         self.reducer = ProcessGroupReducer(self.layout.group if process_group is None else process_group)
@@ -93,6 +96,11 @@ class ShardedLandscape(Landscape):
                 caps.append(int(memory.train_peak_bytes * memory.peak_ratio))
             self._cap = min(caps) if caps else None
 
+    def _reshard_all(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
     @property
     def local_dim(self) -> int:
         """Length of this rank's slice of every flat vector."""
@@ -101,7 +109,7 @@ class ShardedLandscape(Landscape):
     # ------------------------------------------------------------------ construction
     def loss_on(self, batch: Any) -> torch.Tensor:
         if self.hvp_method == "autograd" and getattr(self, "_full", None) is not None:
-            with fsdp_hooks_off(self.model, dict(zip(self.param_names, self._full))):
+            with fsdp_hooks_off(self.model, self._whole):
                 return super().loss_on(batch)
         return super().loss_on(batch)
 
@@ -112,6 +120,12 @@ class ShardedLandscape(Landscape):
         if self.hvp_method == "autograd":
             self._full = [p.detach().full_tensor().requires_grad_(True) for p in self._dparams]
             self.params = self._full
+            # every parameter stands in whole during the forward: the measured ones as leaves of the graph,
+            # the others (not selected by params=) as constants
+            self._whole = dict(zip(self.param_names, self._full))
+            for n, p in self.model.named_parameters():
+                if n not in self._whole:
+                    self._whole[n] = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
             super()._build()
             self._grad = self.layout.local_of(self._grad)
         else:
@@ -165,11 +179,8 @@ class ShardedLandscape(Landscape):
         try:
             yield
         except BaseException:
-            # a pass that stopped midway may leave units gathered (their whole tensors registered on the
-            # modules): put every unit back to its shards, a local operation, before anyone looks at them
-            for m in self.model.modules():
-                if isinstance(m, FSDPModule):
-                    m.reshard()
+            # a pass that stopped midway may leave units gathered: back to the shards before anyone looks
+            self._reshard_all()
             raise
         finally:
             for p, g in found:
@@ -293,7 +304,7 @@ class ShardedLandscape(Landscape):
 
     def close(self) -> None:
         super().close()
-        self._full = None
+        self._full = self._whole = None
         self.params = self._dparams
 
 
