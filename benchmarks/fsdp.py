@@ -171,10 +171,12 @@ def measure_route(model, batch, route: str, device, args, results) -> None:
         if land.hvp_errors:
             out["hvp_error_rel"] = land.hvp_errors[-1]
         t0 = time.perf_counter()
-        s = spectrum(land, tol=args.tol, max_iter=args.max_iter)
+        # a 7B slice is 6.7 GB in bf16: the basis lives on the host and is capped (thick restart beyond it)
+        s = spectrum(land, tol=args.tol, max_iter=args.max_iter, max_basis=args.max_basis,
+                     basis_device=args.basis_device if device.type == "cuda" else None)
         _sync(device)
         out["spectrum"] = {k: s[k] for k in ("lambda_max", "lambda_max_err", "lambda_min", "lambda_min_err",
-                                              "converged", "steps", "hvps") if k in s}
+                                              "converged", "steps", "hvps", "restarts") if k in s}
         out["spectrum"]["hvp_error"] = s.get("hvp_error")
         out["spectrum"]["seconds"] = time.perf_counter() - t0
         out["probe_seconds"] = out["build_seconds"] + out["spectrum"]["seconds"]
@@ -224,6 +226,8 @@ def main() -> None:
     ap.add_argument("--tol", type=float, default=1e-2)
     ap.add_argument("--max-iter", type=int, default=30)
     ap.add_argument("--hvps", type=int, default=3, help="HVPs timed per route")
+    ap.add_argument("--max-basis", type=int, default=8, help="Lanczos vectors stored (thick restart beyond)")
+    ap.add_argument("--basis-device", default="cpu", help="where the Lanczos basis lives on GPU runs")
     ap.add_argument("--routes", default="autograd,finite-difference")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()

@@ -92,6 +92,7 @@ def test_lanczos_on_slices_equals_the_dense_spectrum_and_both_ranks_agree():
     idx = [torch.cat([torch.arange(a, b) for a, b in r]) for r in ranges]
     world = _TwoRanks()
     results: list = [None, None]
+    restarted: list = [None, None]
 
     def run(rank: int) -> None:
         space = ShardedSpace(d, ranges[rank], sum_=world.sum_for(rank))
@@ -103,6 +104,9 @@ def test_lanczos_on_slices_equals_the_dense_spectrum_and_both_ranks_agree():
             return H[idx[rank]] @ full
 
         results[rank] = lanczos(matvec, d, k=2, tol=1e-10, generator=default_generator(7), space=space)
+        # bounded memory on slices: thick restart with 8 stored vectors, the same reductions
+        restarted[rank] = lanczos(matvec, d, k=1, tol=1e-9, generator=default_generator(7), space=space,
+                                  max_basis=8, max_iter=400)
 
     threads = [threading.Thread(target=run, args=(r,)) for r in (0, 1)]
     for t in threads:
@@ -116,6 +120,9 @@ def test_lanczos_on_slices_equals_the_dense_spectrum_and_both_ranks_agree():
     bottom, _ = a.bottom(1)
     assert top == pytest.approx([9.0, 7.5], abs=1e-9) and bottom[0] == pytest.approx(-3.0, abs=1e-9)
     assert all(e < 1e-8 for e in top_err)
+    ra, rb = restarted
+    assert ra.restarts > 0 and ra.converged and torch.equal(ra.ritz_values, rb.ritz_values)
+    assert ra.top(1)[0][0] == pytest.approx(9.0, abs=1e-8) and ra.bottom(1)[0][0] == pytest.approx(-3.0, abs=1e-8)
     # the start vector is the world-size-independent global one
     whole = lanczos(lambda v: H @ v, d, k=2, tol=1e-10, generator=default_generator(7),
                     space=ShardedSpace(d, [(0, d)]))

@@ -261,6 +261,7 @@ class ShardedLandscape(Landscape):
                 + (f" (this rank: {type(err).__name__}: {err})" if err is not None else "")
                 + "; every rank stops this measurement so that none waits in a collective") from err
         if full is not None:
+            del full  # the gathered input is not needed for the reduce-scatter (a whole d-vector at 7B: 13 GB)
             out = self.layout.reduce_scatter(out)
         self.hvps += V.shape[0]
         return out[0] if single else out
