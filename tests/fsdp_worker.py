@@ -189,6 +189,21 @@ def _probe_records(mesh, rank: int, run_dir: str, fault_rank: int) -> tuple[list
     return probe.records, losses
 
 
+def _fd_probe_record(mesh, rank: int) -> dict:
+    """One probe (at attach) of the FSDP2 MLP on the finite-difference route, kept in memory."""
+    import geomprobe as gp
+
+    model, loss_fn, X, y = make_problem("mlp")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = gp.GeometryProbe(model, loss_fn, batches, metrics={"spectrum": {"tol": 1e-6}},
+                             schedule=gp.every(100), hvp_method="finite-difference")
+    probe.attach(opt)
+    probe.close()
+    return probe.records[0]
+
+
 def _refusal(mesh, rank: int) -> str:
     """What GeometryProbe says when asked for a metric that cannot yet take a sharded Landscape."""
     import geomprobe as gp
@@ -224,6 +239,7 @@ def main(out_dir: str) -> None:
     result["records"] = json.loads(json.dumps(records))
     result["losses"] = losses
     result["refusal"] = _refusal(mesh, rank)
+    result["fd_record"] = json.loads(json.dumps(_fd_probe_record(mesh, rank)))
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     _phase(rank, "saved")
     dist.barrier()

@@ -198,6 +198,24 @@ def test_probe_writes_the_run_once_and_a_fault_on_one_rank_fails_every_rank(rank
         assert "errors" not in rec and rec["spectrum"]["converged"] and rec["spectrum"]["hvp_route"] == "autograd"
 
 
+def test_the_probe_records_the_route_and_flags_finite_differences(ranks, union):
+    (a, b), _ = ranks
+    route = a["records"][1]["cost"]["hvp_route"]  # the probe's default, "auto": chosen by measured memory
+    assert route["hvp_route"] == "autograd" and route["reason"] == "the exact route's memory fits"
+    assert 0 < route["exact_bytes_estimate"] <= 0.9 * route["available_bytes"]
+    rec = a["fd_record"]
+    assert _measured(rec) == _measured(b["fd_record"])
+    assert rec["approximate_hvp"] is True and rec["cost"]["hvp_route"]["hvp_route"] == "finite-difference"
+    s = rec["spectrum"]
+    assert s["hvp_route"] == "finite-difference" and s["hvp_error"] > 0
+    # the widened bounds hold the exact extremes of the same model (the probe ran before any step)
+    model, loss_fn, X, y = make_problem("mlp")
+    want = spectrum(gp.Landscape(model, loss_fn, (X, y)), k=1, tol=1e-12, max_iter=60)
+    assert abs(s["lambda_max"] - want["lambda_max"]) <= s["lambda_max_err"]
+    assert abs(s["lambda_min"] - want["lambda_min"]) <= s["lambda_min_err"]
+    assert abs(rec["grad_norm"] - float(gp.Landscape(model, loss_fn, (X, y)).grad.norm())) <= 1e-9 * rec["grad_norm"]
+
+
 def test_metrics_that_cannot_take_slices_are_refused_by_name(ranks):
     for r in ranks[0]:
         assert "'trace'" in r["refusal"] and "cannot yet measure a model sharded by FSDP2" in r["refusal"]

@@ -398,6 +398,8 @@ class GeometryProbe:
             "train_peak_mib": self._train_peak / 2**20 if self._train_peak is not None else None,
             "memory_plan": plan.to_dict() if plan is not None else None,
         }
+        if land is not None and land.sharded:  # which HVP route measured this probe, and why
+            record["cost"]["hvp_route"] = land.route
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)  # the next interval measures training alone
         self._last_probe_step = step
