@@ -186,11 +186,13 @@ class ShardedLandscape(Landscape):
             for p, g in found:
                 p.grad = g
 
-    def _fsdp_grad(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _fsdp_grad(self, subtract_from: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """This rank's slice of the gradient of the union's loss, by FSDP's own forward and backward (the
         reduce-scatter sums the ranks), and the weighted local loss. Every rank runs the same number of
         passes (a rank with fewer batches adds passes of weight 0), and agrees on the loss before each
-        backward. The user's ``.grad`` tensors are set aside and put back."""
+        backward. The user's ``.grad`` tensors are set aside and put back. ``subtract_from``: a slice the
+        gradient is subtracted from in place, shard by shard (no flat copy: one slice less at the peak),
+        and returned."""
         loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
         world = self.layout.world
         with self._grads_set_aside():
@@ -214,6 +216,11 @@ class ShardedLandscape(Landscape):
                     (loss * (w * world)).backward()
                     loss_acc += loss.detach().double() * w
             grads = [p.grad.to_local() if p.grad is not None else None for p in self._dparams]
+            if subtract_from is not None:
+                for piece, g in zip(self.layout.split_local(subtract_from), grads):
+                    if g is not None:
+                        piece.sub_(g)
+                return subtract_from, loss_acc
             like = self._dparams[0].to_local()
             return self.layout.flatten_local(grads, like.reshape(-1)).to(self.dtype), loss_acc
 
@@ -276,16 +283,17 @@ class ShardedLandscape(Landscape):
         saved = [t.detach().clone() for t in shards]
         steps = self.layout.split_local(v)
 
-        def grad_at(step: float) -> torch.Tensor:
+        def grad_at(step: float, subtract_from: torch.Tensor | None = None) -> torch.Tensor:
             with torch.no_grad():
                 for t, t0, dv in zip(shards, saved, steps):
                     t.copy_(t0).add_(dv.to(t.dtype), alpha=step)
-            return self._fsdp_grad()[0]
+            return self._fsdp_grad(subtract_from)[0]
 
         try:
-            # each difference is formed as soon as its second gradient exists: two slices held, not four
-            d1 = grad_at(h).sub_(grad_at(-h)).div_(2 * h)
-            d2 = grad_at(2 * h).sub_(grad_at(-2 * h)).div_(4 * h)
+            # each difference is formed in place as its second gradient arrives: at most the two differences
+            # and FSDP's fresh gradient shards are held (three slices)
+            d1 = grad_at(-h, grad_at(h)).div_(2 * h)
+            d2 = grad_at(-2 * h, grad_at(2 * h)).div_(4 * h)
         finally:
             with torch.no_grad():
                 for t, t0 in zip(shards, saved):
