@@ -122,7 +122,8 @@ def loss_fn(model, batch):
     """Next-token cross entropy, mean over the batch's tokens (``batch["input_ids"]``: ``(n, seq)``)."""
     ids = batch["input_ids"]
     logits = model(input_ids=ids).logits
-    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half types: the loss in float32
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
 def train_step(model, batch, device, results) -> None:

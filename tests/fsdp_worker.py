@@ -154,6 +154,29 @@ def _landscape_results(kind: str, mesh, rank: int) -> dict:
     return out
 
 
+def _float32_directions(mesh, rank: int) -> dict:
+    """The transformer block in float32: the finite-difference HVP along the exact route's extreme Ritz vectors
+    (directions concentrated where the curvature is) and a random one, with its reported error, and the exact
+    products to compare with."""
+    import geomprobe as gp
+    from geomprobe.linalg.vectors import default_generator
+    from geomprobe.metrics.spectrum import run_lanczos
+
+    model, loss_fn, X, y = make_problem("block")
+    model = shard_model(model.float(), mesh)
+    batches = [(X[a:b].float(), y[a:b]) for a, b in SHARDS[rank]]
+    exact = gp.Landscape(model, loss_fn, batches, hvp_method="autograd")
+    r = run_lanczos(exact, k=1, tol=1e-5, keep_basis=True)
+    rnd = exact.vector_space.gaussian(default_generator(5), torch.float32)
+    V = torch.stack([r.ritz_vector(len(r.ritz_values) - 1), r.ritz_vector(0), rnd / exact.vector_space.norm(rnd)])
+    out = {"ranges": exact.layout.ranges, "exact": exact.hvp(V).double(), "V": V.double()}
+    exact.close()
+    fd = gp.Landscape(model, loss_fn, batches, hvp_method="finite-difference")
+    out["fd"] = torch.stack([fd.hvp(v) for v in V]).double()
+    out["err"] = fd.hvp_errors[-3:]
+    return out
+
+
 def _probe_records(mesh, rank: int, run_dir: str, fault_rank: int) -> tuple[list[dict], list[float]]:
     """A GeometryProbe on the FSDP2 MLP under training; ``fault_rank``'s first probe fails inside its HVP."""
     import geomprobe as gp
@@ -230,6 +253,8 @@ def main(out_dir: str) -> None:
     rank = dist.get_rank()
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     result = {}
+    _phase(rank, "float32 directions")
+    result["f32"] = _float32_directions(mesh, rank)
     for kind in os.environ.get("KINDS", "mlp,block").split(","):
         _phase(rank, f"landscape {kind}")
         result[kind] = _landscape_results(kind, mesh, rank)

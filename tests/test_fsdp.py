@@ -160,6 +160,20 @@ def test_finite_difference_route_reports_an_error_that_covers_its_true_error(ran
     assert abs(s["lambda_min"] - want["spectrum"]["bottom"][0]) <= s["lambda_min_err"]
 
 
+def test_in_float32_the_reported_error_covers_concentrated_directions_too(ranks):
+    # Extreme Ritz vectors concentrate on a few coordinates, where a step sized for a spread vector moves the
+    # parameters far: the estimate must still cover the truth there, in a precision where truncation and
+    # rounding both matter. (On a 2-layer Llama in float32 a step scaled by the whole parameter norm gave a
+    # true error of 7.6 against 5.5 reported along the top eigenvector; this model is too small to show it.)
+    results = [r["f32"] for r in ranks[0]]
+    d = sum(b - a for r in results for a, b in r["ranges"])
+    exact, fd = _assemble(results, "exact", d), _assemble(results, "fd", d)
+    for i, err in enumerate(results[0]["err"]):
+        true = float((fd[i] - exact[i]).norm())
+        assert true <= err, (i, true, err)  # unit vectors: the relative error is the absolute one
+        assert err <= 1e-2 * max(1.0, float(exact[i].norm()))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_the_route_is_chosen_by_measured_memory_and_recorded(ranks, kind):
     for r in ranks[0]:

@@ -278,10 +278,10 @@ class ShardedLandscape(Landscape):
         if vn == 0.0:
             self.hvp_errors.append(0.0)
             return torch.zeros_like(v)
-        h = self.fd_eps or torch.finfo(self.dtype).eps ** (1 / 3) * (1.0 + self._theta_norm) / vn
         shards = [p.to_local() for p in self._dparams]
-        saved = [t.detach().clone() for t in shards]
         steps = self.layout.split_local(v)
+        h = self.fd_eps or self._fd_step(shards, steps, vn)
+        saved = [t.detach().clone() for t in shards]
 
         def grad_at(step: float, subtract_from: torch.Tensor | None = None) -> torch.Tensor:
             with torch.no_grad():
@@ -302,6 +302,22 @@ class ShardedLandscape(Landscape):
         diff = d2.sub_(d1).neg_()  # D(h) - D(2h), in place of D(2h)
         self.hvp_errors.append(2 * float(self.vector_space.norm(diff)) / vn)
         return d1.add_(diff, alpha=1 / 3)
+
+    def _fd_step(self, shards: list[torch.Tensor], steps: list[torch.Tensor], vn: float) -> float:
+        """``h = u^(1/3) (rms_v(theta) + rms(theta)) / ||v||``: each coordinate moves by about ``u^(1/3)`` of the
+        parameters' size where ``v`` lives (``rms_v``, the RMS of ``theta`` weighted by ``v_i^2``), so a ``v``
+        concentrated on a few coordinates is not moved as far as a spread one would be in total; ``rms``
+        (over all ``d`` coordinates) is the floor where ``theta`` is near 0. One all-reduce of two scalars."""
+        acc = torch.float64
+        local = torch.stack([
+            sum((t.to(acc) * dv.to(acc)).square().sum() for t, dv in zip(shards, steps)),
+            sum(t.to(acc).square().sum() for t in shards),
+        ]).reshape(2)
+        weighted, total = (float(x) for x in self.vector_space.reduce(local).tolist())
+        rms_v = math.sqrt(max(weighted, 0.0)) / vn
+        rms = math.sqrt(max(total, 0.0) / self.dim)
+        scale = rms_v + rms if rms_v + rms > 0 else 1.0
+        return torch.finfo(self.dtype).eps ** (1 / 3) * scale / vn
 
     def _check_unchanged(self) -> None:
         if getattr(self, "_closed", False):
