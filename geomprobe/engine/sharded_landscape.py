@@ -20,7 +20,8 @@ HVP routes (``hvp_method``):
   ``D(h) = (g(theta + h v) - g(theta - h v)) / 2h``, ``Hv ~ D(h) + (D(h) - D(2h)) / 3`` with the error
   estimate ``2 ||D(h) - D(2h)||`` (it holds the truncation ``~3 c h^2`` of ``D(h)``, of which the
   extrapolation keeps ``O(h^4)``, and the rounding noise, of which it keeps about ``1.3x``). ``h`` is
-  ``u^(1/3) (1 + ||theta||) / ||v||`` for the unit roundoff ``u`` of the parameters' dtype. Cost: 4 gradients
+  ``u^(1/3) (rms_v(theta) + rms(theta)) / ||v||`` for the unit roundoff ``u`` of the parameters' dtype
+  (:meth:`ShardedLandscape._fd_step`). Cost: 4 gradients
   (FSDP forward and backward passes) per vector; memory: what a training step needs, since FSDP gathers one
   unit at a time. The estimates are kept (:attr:`hvp_errors`) and enter every Lanczos bound (Lanczos with a
   perturbed matvec: some eigenvalue lies within ``beta |u_m| + sqrt(sum_j err_j^2)`` of each Ritz value).
@@ -134,8 +135,6 @@ class ShardedLandscape(Landscape):
             self._grad = grad
             if self.reducer.sum_int(int(not bool(torch.isfinite(grad).all()))):
                 raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
-        shard = self.layout.flatten_local([p.detach().to_local() for p in self._dparams], self._grad)
-        self._theta_norm = float(self.vector_space.norm(shard))
 
     def _choose_route(self) -> None:
         d_bytes = self.layout.dim * self.dtype.itemsize
