@@ -240,6 +240,40 @@ def _refusal(mesh, rank: int) -> str:
     return "no error"
 
 
+def _agreed_failures(mesh, rank: int) -> dict:
+    """What each rank raises when rank 1's probe data is NaN, on each route (its loss is not finite), and what
+    a shard placement other than FSDP2's default gives."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    import geomprobe as gp
+
+    model, loss_fn, X, y = make_problem("mlp")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    if rank == 1:
+        batches = [(torch.full_like(x, float("nan")), t) for x, t in batches]
+    out = {}
+    for route in ("autograd", "finite-difference"):
+        try:
+            gp.Landscape(model, loss_fn, batches, hvp_method=route)
+            out[route] = "no error"
+        except gp.GeomprobeError as e:
+            out[route] = f"{type(e).__name__}: {e}"
+    # the model still trains afterwards: FSDP's units were put back to their shards
+    Xr, yr = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    loss_fn(model(torch.nan_to_num(Xr)), yr).backward()
+    out["sharded_after"] = all(hasattr(p, "to_local") for p in model.parameters())
+    other = nn.Sequential(nn.Linear(4, 6)).double()  # even columns: FSDP2 shards dim 1 only evenly
+    fully_shard(other, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0))
+    try:
+        gp.Landscape(other, loss_fn, (torch.randn(5, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.long)))
+        out["placement"] = "no error"
+    except gp.ConfigurationError as e:
+        out["placement"] = str(e)
+    return out
+
+
 def _phase(rank: int, name: str) -> None:
     print(f"[rank {rank}] {name} {time.perf_counter():.1f}", file=sys.stderr, flush=True)
 
@@ -259,6 +293,8 @@ def main(out_dir: str) -> None:
         _phase(rank, f"landscape {kind}")
         result[kind] = _landscape_results(kind, mesh, rank)
         gc.collect()
+    _phase(rank, "agreed failures")
+    result["failures"] = _agreed_failures(mesh, rank)
     _phase(rank, "probe")
     records, losses = _probe_records(mesh, rank, f"{out_dir}/run", fault_rank=1)
     result["records"] = json.loads(json.dumps(records))

@@ -230,6 +230,24 @@ def test_the_probe_records_the_route_and_flags_finite_differences(ranks, union):
     assert abs(rec["grad_norm"] - float(gp.Landscape(model, loss_fn, (X, y)).grad.norm())) <= 1e-9 * rec["grad_norm"]
 
 
+def test_a_non_finite_loss_on_one_rank_stops_every_rank_on_both_routes(ranks):
+    (a, b), _ = ranks
+    # exact route: the build's agreement (rank 1 raises its own error, rank 0 a stand-in)
+    assert b["failures"]["autograd"].startswith("NonFiniteLossError: the loss on probe batch 0 is nan")
+    assert a["failures"]["autograd"].startswith("GeomprobeError: building the Landscape failed on 1 other rank(s)")
+    # finite differences: agreed before FSDP's backward, the same error on both ranks
+    for r in (a, b):
+        assert r["failures"]["finite-difference"].startswith(
+            "GeomprobeError: the loss failed or is not finite on 1 of 2 ranks at probe pass 0")
+        assert r["failures"]["sharded_after"] is True  # and training went on from the shards
+
+
+def test_shard_placements_other_than_fsdp2s_default_are_refused(ranks):
+    for r in ranks[0]:
+        msg = r["failures"]["placement"]
+        assert "'0.weight' is sharded as (Shard(dim=1),)" in msg and "not supported yet" in msg
+
+
 def test_metrics_that_cannot_take_slices_are_refused_by_name(ranks):
     for r in ranks[0]:
         assert "'trace'" in r["refusal"] and "cannot yet measure a model sharded by FSDP2" in r["refusal"]
