@@ -189,9 +189,11 @@ class Landscape:
     # the class measuring FSDP2 models; engine/sharded_landscape.py registers it (imported by the package)
     sharded_class: type | None = None
 
-    def __new__(cls, model: nn.Module, *args: Any, **kwargs: Any) -> Landscape:  # noqa: PYI034
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> Landscape:  # noqa: PYI034
         # A model under FSDP2 gets the sharded Landscape: same arguments, vectors sharded like the parameters.
-        if cls is Landscape and Landscape.sharded_class is not None and fully_sharded(unwrap_model(model)):
+        # (model may be absent when copy or pickle recreate an instance: they get the class they copy.)
+        if (cls is Landscape and Landscape.sharded_class is not None and isinstance(model, nn.Module)
+                and fully_sharded(unwrap_model(model))):
             return super().__new__(Landscape.sharded_class)
         return super().__new__(cls)
 
