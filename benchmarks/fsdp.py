@@ -126,7 +126,9 @@ def loss_fn(model, batch):
     return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
 
 
-def train_step(model, batch, device, results) -> None:
+def train_step(model, batch, device, results) -> torch.optim.Optimizer:
+    """Times a training step and a gradient; returns the optimizer, whose state stays allocated while the
+    probe is measured, as it is in training."""
     opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the parameters stay where the probe measures
 
     def step():
@@ -149,6 +151,7 @@ def train_step(model, batch, device, results) -> None:
     results["gradient_seconds"] = time.perf_counter() - t0
     opt.zero_grad(set_to_none=True)
     gc.collect()
+    return opt
 
 
 def measure_route(model, batch, route: str, device, args, results) -> None:
@@ -254,7 +257,8 @@ def main() -> None:
     batch = {"input_ids": ids}
     model = build_model(size, device, dtype, mesh, seed=rank)
     results["parameters"] = sum(p.numel() for p in model.parameters())
-    _attempt(results, "train_step", lambda: train_step(model, batch, device, results), device)
+    # the optimizer (and its state) lives on through the probe measurements, as in training
+    opt = _attempt(results, "train_step", lambda: train_step(model, batch, device, results), device)
     for route in args.routes.split(","):
         _attempt(results, f"route {route}", lambda r=route: measure_route(model, batch, r, device, args, results), device)
     _attempt(results, "auto_route", lambda: auto_route(model, batch, device, results), device)
@@ -262,6 +266,7 @@ def main() -> None:
         gathered = [torch.empty_like(ids) for _ in range(world)]
         dist.all_gather(gathered, ids)
         gathered = [{"input_ids": g} for g in gathered]
+        del opt  # frees the sharded model with its optimizer state before the one-GPU copy
         del model
         gc.collect()
         dist.barrier()
