@@ -144,13 +144,13 @@ def test_probe_at_step_zero_equals_one_process(ranks, union):
     )
 
 
-def test_sharded_parameters_are_refused_with_a_clear_error(ranks):
+def test_dtensor_parameters_outside_fsdp2_are_refused_with_a_clear_error(ranks):
     for r in ranks[0]:
         if r["sharded_error"].startswith("skipped"):
             pytest.skip(r["sharded_error"])
         assert "sharded across ranks" in r["sharded_error"] and "'0.weight'" in r["sharded_error"]
-        assert "docs/distributed.md" in r["sharded_error"]
-        assert "sharded across ranks" in r["fsdp_error"] and "at the root" in r["fsdp_error"]
+        assert "docs/distributed.md" in r["sharded_error"] and "fully_shard" in r["sharded_error"]
+        assert r["fsdp_error"] == "ShardedLandscape"  # FSDP2 models are measured, not refused
 
 
 def test_a_failure_on_one_rank_stops_every_rank(ranks):

@@ -27,21 +27,12 @@ of an HVP on one rank only (out of memory) is not yet agreed on and leaves the o
 
 Model-sharded training (FSDP)
 -----------------------------
-What works: any data-parallel layout in which every rank holds *whole* parameters: plain replicas, DDP
-(unwrapped automatically), ZeRO-1/2 optimizers that shard only optimizer state or gradients.
-
-What does not yet: parameters sharded across ranks (``FullyShardedDataParallel``, ``fully_shard`` or any
-``DTensor`` parameter). A Landscape refuses them at construction with a :class:`~geomprobe.ConfigurationError`
-that names the first sharded parameter or module and says how to probe a whole copy (gather a full state
-dict into an unsharded model, or probe a saved checkpoint with ``geomprobe probe``). Without that check an
-HVP would silently be taken against each rank's local shard only.
-
-The plan: keep the Landscape's flat vectors sharded like the parameters. Each rank holds the slice of
-``v`` for its parameter shard; the forward all-gathers parameters as FSDP does, the double backward gives
-each rank a full-length contribution that a reduce-scatter sums and re-shards (the same collective FSDP
-uses for gradients), and the Krylov kernels run on shards with every dot product and norm all-reduced (one
-scalar collective per inner product, so Lanczos stays in lock-step). Per-block metrics then need the block
-layout of the shards; whole-vector metrics (spectrum, density, traces) need nothing more.
+A model sharded with FSDP2 (``fully_shard``) is measured by
+:class:`~geomprobe.engine.sharded_landscape.ShardedLandscape` (``Landscape(model, ...)`` returns one), with
+vectors sharded like the parameters and their inner products all-reduced (docs/distributed.md). What is
+still refused here, with a :class:`~geomprobe.ConfigurationError` naming the first sharded parameter or
+module: FSDP1 (``FullyShardedDataParallel``) and ``DTensor`` parameters outside ``fully_shard`` (tensor
+parallelism), whose HVPs would otherwise silently be taken against each rank's local shard.
 
 >>> reducer = make_reducer()          # not initialized here: the identity
 >>> reducer.world_size, reducer.rank, reducer.active
@@ -202,17 +193,19 @@ def _is_dtensor(t: torch.Tensor) -> bool:
 
 def _sharding_module(model: nn.Module) -> str | None:
     try:
-        from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+        from torch.distributed.fsdp import FullyShardedDataParallel
     except ImportError:  # pragma: no cover - torch builds without FSDP
         return None
     for name, module in model.named_modules():
-        if isinstance(module, (FullyShardedDataParallel, FSDPModule)):
+        if isinstance(module, FullyShardedDataParallel):
             return f"{type(module).__name__} at {name or 'the root'}"
     return None
 
 
 def refuse_sharded(model: nn.Module, named_params: Iterable[tuple[str, torch.Tensor]]) -> None:
-    """Raise :class:`ConfigurationError` if ``model`` shards its parameters across ranks (FSDP, DTensor).
+    """Raise :class:`ConfigurationError` if ``model`` shards its parameters in a way geomprobe cannot measure:
+    FSDP1 (``FullyShardedDataParallel``, flat parameters) or DTensor parameters outside FSDP2. (FSDP2 models,
+    ``fully_shard``, are measured by :class:`~geomprobe.engine.sharded_landscape.ShardedLandscape`.)
 
     HVPs against a rank-local shard would be wrong without any error, so this is checked before anything is
     measured. Sharding needs an initialized process group, so without one nothing is imported or checked.
@@ -224,8 +217,9 @@ def refuse_sharded(model: nn.Module, named_params: Iterable[tuple[str, torch.Ten
         where = next((f"DTensor parameter {n!r}" for n, p in named_params if _is_dtensor(p)), None)
     if where is not None:
         raise ConfigurationError(
-            f"geomprobe cannot yet measure a model whose parameters are sharded across ranks (found {where}); "
-            "every rank must hold whole parameters (DDP, replicas). Probe an unsharded copy instead: load a full "
+            f"geomprobe cannot yet measure a model whose parameters are sharded across ranks this way (found "
+            f"{where}); it measures FSDP2 models (torch.distributed.fsdp.fully_shard) and models whose ranks hold "
+            "whole parameters (DDP, replicas). Shard with fully_shard, or probe an unsharded copy: load a full "
             "state dict (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
             "StateDictOptions(full_state_dict=True)) into an unwrapped model, or save a checkpoint and run "
             "`geomprobe probe`; see docs/distributed.md"

@@ -11,7 +11,8 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,12 +25,15 @@ from .doublecheck import CustomBackwardWatch, check_broken_nodes, custom_functio
 from .loss import loss_reduction, resolve_loss_form
 from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan, device_memory, host_available_bytes, plan_memory
 from .paramspace import Block, ParamSpace, select_parameters
+from .sharded import fully_sharded
 from .state import MODES, frozen
 
 __all__ = ["HVP_METHODS", "Landscape", "unwrap_model"]
 
 
-HVP_METHODS = ("autograd", "finite-difference")
+# "auto": exact double backward for a model whose ranks hold whole parameters; for an FSDP2 model, the exact
+# route when its memory fits, else finite differences of FSDP's own gradients (engine/sharded_landscape.py)
+HVP_METHODS = ("autograd", "finite-difference", "auto")
 
 
 
@@ -114,8 +118,13 @@ class Landscape:
         hvp_method: ``"autograd"`` (double backward, exact) or ``"finite-difference"``, the central difference
             ``(grad(w + eps v) - grad(w - eps v)) / 2 eps``: a flagged last resort for smooth models whose
             layers have no double backward. Wrong on ReLU networks, where a crossed kink gives errors of 100x.
+            ``"auto"`` (default): ``"autograd"``; for an FSDP2 model the exact route when its memory fits, else
+            finite differences of FSDP's own gradients with an error estimate
+            (:mod:`geomprobe.engine.sharded_landscape`).
         seed: fixes dropout masks in ``train`` mode.
         process_group: the ranks whose probe data together make the loss (see :mod:`geomprobe.engine.distributed`).
+            A model sharded by FSDP2 (``fully_shard``) gets a :class:`~geomprobe.engine.sharded_landscape.ShardedLandscape`,
+            whose flat vectors are this rank's parameter shards.
             ``None``: the default group when torch.distributed is initialized with several ranks, else this
             process alone; ``False``: this process alone. Each rank passes its own shard as ``batches``; the
             loss, gradient and HVPs are those of the union, identical on every rank.
@@ -150,6 +159,20 @@ class Landscape:
     True
     """
 
+    # set by the sharded subclass: vectors are then slices, inner products reduced (see engine/sharded_landscape)
+    vector_space = None
+    sharded = False
+    # the class measuring FSDP2 models; engine/sharded_landscape.py registers it (imported by the package)
+    sharded_class: type | None = None
+
+    def __new__(cls, model: nn.Module | None = None, *args: Any, **kwargs: Any) -> Landscape:  # noqa: PYI034
+        # A model under FSDP2 gets the sharded Landscape: same arguments, vectors sharded like the parameters.
+        # (model may be absent when copy or pickle recreate an instance: they get the class they copy.)
+        if (cls is Landscape and Landscape.sharded_class is not None and isinstance(model, nn.Module)
+                and fully_sharded(unwrap_model(model))):
+            return super().__new__(Landscape.sharded_class)
+        return super().__new__(cls)
+
     def __init__(
         self,
         model: nn.Module,
@@ -163,7 +186,7 @@ class Landscape:
         loss_form: str = "auto",
         chunk_size: int | None = None,
         graph_budget_bytes: int | None = None,
-        hvp_method: str = "autograd",
+        hvp_method: str = "auto",
         fd_eps: float | None = None,
         seed: int = 0,
         process_group: Any = None,
@@ -179,6 +202,8 @@ class Landscape:
         if chunk_size is not None and chunk_size < 1:
             raise ConfigurationError(f"chunk_size must be >= 1, got {chunk_size}")
         self.model = unwrap_model(model)
+        if hvp_method == "auto" and not self.sharded:
+            hvp_method = "autograd"
         self.loss_fn = loss_fn
         self.loss_form = resolve_loss_form(loss_fn, loss_form)
         self.reduction = loss_reduction(loss_fn, reduction)
@@ -188,9 +213,7 @@ class Landscape:
         self.fd_eps = fd_eps
         self.graph_budget_bytes = graph_budget_bytes
         self.fast_double_backward = bool(fast_double_backward)
-        self.param_names, self.params = select_parameters(self.model, params)
-        refuse_sharded(self.model, zip(self.param_names, self.params))
-        self.reducer = make_reducer(process_group)
+        self.param_names, self.params = self._select(params, process_group)
         self.space = ParamSpace(self.param_names, [p.shape for p in self.params], group_by=group_by)
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
@@ -233,6 +256,13 @@ class Landscape:
             # The probe's out-of-memory safety net starts from the settings this build ran with.
             e.memory_plan = self.plan  # type: ignore[attr-defined]
             raise
+
+    def _select(self, params: Any, process_group: Any) -> tuple[list[str], list[torch.Tensor]]:
+        """The measured parameters (names, tensors) and the reducer over the ranks holding the probe data."""
+        names, tensors = select_parameters(self.model, params)
+        refuse_sharded(self.model, zip(names, tensors))
+        self.reducer = make_reducer(process_group)
+        return names, tensors
 
     # ------------------------------------------------------------------ memory plan
     def _plan(self, memory: Any, chunk_size: int | None, micro_batch_size: int | None,
@@ -469,7 +499,7 @@ class Landscape:
         self._graphs = [None] * len(self._graphs)
         self._closed = True
 
-    def __enter__(self) -> "Landscape":
+    def __enter__(self) -> Landscape:
         return self
 
     def __exit__(self, *exc) -> None:

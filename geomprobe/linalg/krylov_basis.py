@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import ConfigurationError
+from .space import VectorSpace
 from .vectors import (
     HALF_CHUNK_ELEMENTS,
     Matvec,
@@ -25,15 +26,22 @@ __all__ = ["LanczosBasis", "LanczosMemory", "krylov_step", "lanczos_memory_bytes
 
 
 def start_vector(dim: int, v0: torch.Tensor | None, generator: torch.Generator | None, dtype: torch.dtype,
-                 device) -> torch.Tensor:
-    """The unit start vector: ``v0`` normalized, or a Gaussian drawn on ``device`` in ``dtype``."""
+                 device, space: VectorSpace | None = None) -> torch.Tensor:
+    """The unit start vector: ``v0`` normalized, or a Gaussian drawn on ``device`` in ``dtype``.
+
+    With a sharded ``space`` both are this process's slice (``v0`` of length ``space.local_dim``) and the
+    norm is the global one."""
     if v0 is None:
-        q = gaussian(dim, generator or default_generator(), dtype, device)
+        if space is None:
+            q = gaussian(dim, generator or default_generator(), dtype, device)
+        else:
+            q = space.gaussian(generator or default_generator(), dtype, device)
     else:
-        if v0.shape != (dim,):
-            raise ConfigurationError(f"v0 must have shape ({dim},), got {tuple(v0.shape)}")
+        n = dim if space is None else space.local_dim
+        if v0.shape != (n,):
+            raise ConfigurationError(f"v0 must have shape ({n},), got {tuple(v0.shape)}")
         q = v0.to(dtype=dtype, device=device if device is not None else v0.device, copy=True)
-    qn = float(vector_norm(q))
+    qn = float(vector_norm(q) if space is None else space.norm(q))
     if not math.isfinite(qn) or qn == 0:
         raise ConfigurationError("the Lanczos start vector is zero or not finite")
     return q.div_(qn)  # a Python scalar: half types scale in float32, not by a norm rounded to their precision
@@ -57,8 +65,11 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     (float64, host) and ``beta = ||w||``. One host synchronization: the coefficients and norms travel in one
     small tensor (a second only when the DGKS pass runs). A non-finite matvec shows in them (a NaN or inf
     entry of ``H v`` spreads to the coefficients or the norm), so it is caught without a pass of its own.
+    ``dim`` is the global dimension; the vectors have the basis's length (a slice in a sharded space), and
+    every inner product and norm goes through ``basis.space``.
     """
-    w = matvec(cur).reshape(dim).to(dtype)
+    space = basis.space
+    w = matvec(cur).reshape(basis.dim).to(dtype)
     if basis.offloaded or w.untyped_storage().data_ptr() in basis.storages(cur):
         # w is updated in place below and, offloaded, becomes the next input: it must not be the matvec's
         # input, the basis, or a buffer the matvec writes again
@@ -67,14 +78,14 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         w, coeffs = basis.reorthogonalize(w, passes=2)
         before = None
     else:
-        alpha = row_dots(cur[None], w)
+        alpha = space.dots(cur[None], w)
         w.sub_(prev, alpha=beta_prev)
         sub_rows(w, alpha, cur[None])
-        before = vector_norm(w)
+        before = space.norm(w)
         w, coeffs = basis.reorthogonalize(w, passes=1)
         coeffs[-1] += alpha[0]
         coeffs[-2] += beta_prev
-    beta = vector_norm(w)
+    beta = space.norm(w)
     extra = [beta.reshape(1)] + ([before.reshape(1)] if before is not None else [])
     packed = torch.cat([coeffs] + [e.to(coeffs.dtype) for e in extra]).cpu().double()
     if not bool(torch.isfinite(packed).all()):
@@ -84,7 +95,7 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     if before is not None and beta_h < REPASS * float(packed[n + 1]):
         w, c2 = basis.reorthogonalize(w, passes=1)
         coeffs = coeffs + c2.cpu().double()
-        beta_h = float(vector_norm(w))
+        beta_h = float(space.norm(w))
     return w, coeffs, beta_h
 
 
@@ -128,8 +139,10 @@ class LanczosBasis:
     STREAM = 2  # basis vectors on the device at once when the basis is offloaded
 
     def __init__(self, dim: int, dtype: torch.dtype, device, compute_device=None, capacity: int | None = None,
-                 contiguous: bool = False):
+                 contiguous: bool = False, space: VectorSpace | None = None):
+        # dim: the length of the stored vectors (this process's slice in a sharded space)
         self.dim, self.dtype, self.device = dim, dtype, device
+        self.space = space if space is not None else VectorSpace(dim)
         # one block of ``capacity`` rows, so that matrix() is a view: a basis handed back whole (fixed-length runs
         # of known length) must not be copied, which would hold it twice at the end of the run
         self.contiguous = contiguous and capacity is not None
@@ -178,10 +191,14 @@ class LanczosBasis:
     def orthogonalize(self, w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``w - V V^T w`` in place (classical Gram-Schmidt against every stored vector, one matrix product
         per block for the coefficients and one for the update) and the coefficients ``V^T w``."""
-        coeffs = [row_dots(B, w) for B in self._filled()]
-        for B, c in zip(self._filled(), coeffs):
-            sub_rows(w, c, B)
-        return w, torch.cat(coeffs)
+        blocks = list(self._filled())
+        # every block's coefficients from the same w (classical Gram-Schmidt), so one reduction serves all
+        coeffs = self.space.reduce(torch.cat([row_dots(B, w) for B in blocks]))
+        s = 0
+        for B in blocks:
+            sub_rows(w, coeffs[s : s + B.shape[0]], B)
+            s += B.shape[0]
+        return w, coeffs
 
     def reorthogonalize(self, w: torch.Tensor, passes: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
         """``w`` made orthogonal to every stored vector in place, ``passes`` times over (2: CGS2), and the
@@ -204,7 +221,7 @@ class LanczosBasis:
                 Bc = B[s : s + self.STREAM].to(w.device, non_blocking=self.pin)
                 total = None
                 for _ in range(passes):
-                    c = row_dots(Bc, w)
+                    c = self.space.dots(Bc, w)
                     sub_rows(w, c, Bc)
                     total = c if total is None else total + c
                 parts.append(total)

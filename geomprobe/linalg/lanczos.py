@@ -25,6 +25,7 @@ from .ritz import (
     ritz_pairs,
     tridiagonal,
 )
+from .space import VectorSpace, space_of
 from .vectors import Matvec
 
 __all__ = [
@@ -51,6 +52,7 @@ def lanczos(
     max_basis: int | None = None,
     risk: float | None = DEFAULT_RISK,
     v0_random: float = 0.0,
+    space: VectorSpace | None = None,
 ) -> LanczosResult:
     """Lanczos with full reorthogonalization for the extreme eigenvalues of a symmetric matvec.
 
@@ -100,6 +102,10 @@ def lanczos(
     ``max_basis``: at most this many basis vectors are stored; when the run may need more steps than that,
     :func:`geomprobe.linalg.restarted_lanczos.restarted_lanczos` runs instead (thick restart, same bounds and
     stopping rule, ``restarts`` counted, more matvecs).
+    ``space``: a :class:`~geomprobe.linalg.space.ShardedSpace` when each process holds a slice of every vector
+    (a sharded model): ``matvec`` then maps slices to slices, the random start is the same global vector
+    whatever the layout, every inner product is reduced over the holders (one small collective per
+    Gram-Schmidt pass and norm), and every process takes the same steps. ``dim`` stays the global dimension.
 
     >>> H = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> r = lanczos(lambda v: v @ H, 100, tol=1e-8)
@@ -113,13 +119,15 @@ def lanczos(
         return restarted_lanczos(
             matvec, dim, max_basis=max_basis, k=k, tol=tol, max_iter=max_iter, which=which, v0=v0,
             generator=generator, dtype=dtype, device=device, keep_basis=keep_basis, bound=bound,
-            basis_device=basis_device, risk=risk, v0_random=v0_random,
+            basis_device=basis_device, risk=risk, v0_random=v0_random, space=space,
         )
     log_t = start_threshold(dim, risk, v0 is None, v0_random)
-    q = start_vector(dim, v0, generator, dtype, device)
+    space = space_of(dim, space)
+    q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
     # a fixed-length run whose basis is returned (SLQ, the deflated trace) knows its length: one block, no copy
-    basis = LanczosBasis(dim, dtype, q.device if basis_device is None else torch.device(basis_device), q.device,
-                         capacity=m_max if tol == 0 and keep_basis else None, contiguous=tol == 0 and keep_basis)
+    basis = LanczosBasis(space.local_dim, dtype, q.device if basis_device is None else torch.device(basis_device),
+                         q.device, capacity=m_max if tol == 0 and keep_basis else None,
+                         contiguous=tol == 0 and keep_basis, space=space)
     cur = basis.append_normalized(q, 1.0)  # the newest basis vector, on the compute device
     prev = None
     del q

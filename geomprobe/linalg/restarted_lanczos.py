@@ -32,6 +32,7 @@ from .ritz import (
     extremes_converged,
     ritz_pairs,
 )
+from .space import VectorSpace, space_of
 from .vectors import Matvec
 
 __all__ = ["min_basis", "restarted_lanczos"]
@@ -75,6 +76,7 @@ def restarted_lanczos(
     basis_device: torch.device | str | None = None,
     risk: float | None = DEFAULT_RISK,
     v0_random: float = 0.0,
+    space: VectorSpace | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric matvec by thick-restart Lanczos, storing at most ``max_basis`` vectors.
 
@@ -115,9 +117,10 @@ def restarted_lanczos(
     if not 0 < keep < 1:
         raise ConfigurationError(f"keep must lie in (0, 1), the share of the basis kept at a restart; got {keep}")
     log_t = start_threshold(dim, risk, v0 is None, v0_random)
-    q = start_vector(dim, v0, generator, dtype, device)
-    basis = LanczosBasis(dim, dtype, q.device if basis_device is None else torch.device(basis_device), q.device,
-                         capacity=max_basis)
+    space = space_of(dim, space)  # a sharded space: slices of every vector, as in the plain run
+    q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
+    basis = LanczosBasis(space.local_dim, dtype, q.device if basis_device is None else torch.device(basis_device),
+                         q.device, capacity=max_basis, space=space)
     cur = basis.append_normalized(q, 1.0)
     prev = None  # set when the newest vector couples to the one before only (a plain Lanczos step)
     beta_prev = 0.0

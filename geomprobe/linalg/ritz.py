@@ -39,6 +39,7 @@ class LanczosResult:
     asymmetry: float = 0.0
     restarts: int = 0
     basis_peak: int = 0
+    matvec_error: float | None = None  # added to the bounds when the matvec is approximate (see metrics.spectrum)
     extreme_err: tuple[float, float] = (math.inf, math.inf)
     risk: float | None = None
     log_beta: float = math.nan  # sum of log beta_j over every step: the scale of the residual's polynomial

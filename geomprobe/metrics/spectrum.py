@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from ..errors import ConfigurationError
 from ..linalg.certify import DEFAULT_RISK
-from ..linalg.lanczos import LanczosResult, lanczos
+from ..linalg.lanczos import LanczosResult, extremes_converged, lanczos
 from ..linalg.vectors import default_generator
 from .registry import CostPlan, PlanContext, register
 from .ritz_vectors import keep_ritz
 
-__all__ = ["spectrum", "run_lanczos"]
+__all__ = ["run_lanczos", "spectrum"]
 
 
 def run_lanczos(
@@ -41,14 +42,36 @@ def run_lanczos(
     cacheable = generator is None and not keep_basis and hasattr(land, "results")
     if cacheable and key in land.results:
         return land.results[key]
+    mark = len(getattr(land, "hvp_errors", ()))
     r = lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
         generator=generator or default_generator(seed), dtype=land.dtype, device=land.device,
         keep_basis=keep_basis, bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk,
+        space=getattr(land, "vector_space", None),
     )
+    widen_by_matvec_error(land, r, mark, k, tol, which)
     if cacheable:
         land.results[key] = r
     return r
+
+
+def widen_by_matvec_error(land: Any, r: LanczosResult, mark: int, k: int, tol: float, which: str) -> None:
+    """Add the error estimates of the approximate HVPs this run took (``land.hvp_errors`` from ``mark`` on;
+    the sharded finite-difference route keeps them) to every bound of ``r``.
+
+    With ``H v_j`` computed to within ``e_j`` for the unit Lanczos vectors ``v_j``, the Ritz vector ``y = V u``
+    has ``||H y - theta y|| <= beta_m |u_m| + ||E u|| <= beta_m |u_m| + sqrt(sum_j e_j^2)``, so some eigenvalue
+    lies within the widened bound; the certified distances to the extremes (``extreme_err``) widen by the same
+    amount, the run having been one on ``H`` plus an error of that size along its Krylov vectors.
+    ``converged`` is re-judged on the widened bounds."""
+    errors = getattr(land, "hvp_errors", None)
+    if not errors or len(errors) <= mark or r.bounds is None:
+        return
+    delta = math.sqrt(sum(e * e for e in errors[mark:]))
+    r.bounds = r.bounds + delta
+    r.extreme_err = tuple(e + delta for e in r.extreme_err)
+    r.matvec_error = delta
+    r.converged = bool(r.converged and extremes_converged(r.ritz_values, r.bounds, k, tol, which))
 
 
 def lanczos_summary(r: LanczosResult, k: int) -> dict:
@@ -83,6 +106,7 @@ def lanczos_summary(r: LanczosResult, k: int) -> dict:
         "steps": r.steps,
         "hvps": r.matvecs,
         "hvp_asymmetry": r.asymmetry,
+        **({"hvp_error": r.matvec_error} if getattr(r, "matvec_error", None) is not None else {}),
     }
 
 
@@ -167,6 +191,8 @@ def spectrum(
         raise ConfigurationError(f"which must be 'both', 'largest' or 'smallest', got {which!r}")
     before = land.hvps
     started_warm = False
+    if getattr(land, "vector_space", None) is not None:
+        warm = None  # a warm start keeps whole vectors on the host; a sharded Landscape holds slices
     if warm is None:
         r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, which=which, seed=seed, generator=generator,
                         bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk)
@@ -184,6 +210,8 @@ def spectrum(
         out["which"] = which
     if warm is not None:
         out["warm"] = started_warm
+    if getattr(land, "sharded", False):
+        out["hvp_route"] = land.hvp_method  # which route measured it, in every record
     return out
 
 
@@ -210,8 +238,10 @@ def _warm_lanczos(land: Any, warm: Any, *, k: int, seed: int, generator: torch.G
     if cacheable and key in land.results:
         return land.results[key], False
     # the start's random part (weight warm.mix, independent of H) is what certifies the extremes
+    mark = len(getattr(land, "hvp_errors", ()))
     r = lanczos(land.hvp, land.dim, k=k, v0=v0, generator=gen, dtype=land.dtype, device=land.device,
                 keep_basis=True, v0_random=float(warm.mix) if v0 is not None else 0.0, **options)
+    widen_by_matvec_error(land, r, mark, k, options["tol"], options.get("which", "both"))
     n = len(r.ritz_values)
     top = [r.ritz_vector(i) for i in range(n - 1, max(n - k, 0) - 1, -1)]
     bottom = [r.ritz_vector(i) for i in range(min(k, n))]

@@ -46,7 +46,7 @@ from ..runs.writer import RunWriter
 from .last_update import LastUpdate, wants_last_update
 from .metric_needs import basis_vectors, bounded_basis, gradient_samples
 from .metric_spec import resolve_metrics
-from .options import check_probe_options
+from .options import check_probe_options, check_sharded_metrics
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
 from .run_folder import last_step, probe_meta, refuse_existing, storable
 from .schedule import Schedule, budget, every
@@ -153,7 +153,7 @@ class GeometryProbe:
         memory_plan: bool = True,
         memory_cap: int | None = None,
         peak_ratio: float = DEFAULT_PEAK_RATIO,
-        hvp_method: str = "autograd",
+        hvp_method: str = "auto",
         loss_form: str = "auto",
         reduction: str = "auto",
         seed: int = 0,
@@ -176,6 +176,7 @@ class GeometryProbe:
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.metric_options = resolve_metrics(metrics)  # every form, checked before training starts
+        check_sharded_metrics(self.model, self.metric_options)
         self.schedule = schedule if schedule is not None else every(100) | budget(0.05)
         if not isinstance(self.schedule, Schedule):
             raise ConfigurationError(f"schedule must be a geomprobe schedule (every, at, ...), got {type(schedule).__name__}")
@@ -341,7 +342,8 @@ class GeometryProbe:
                 basis_device = plan.basis_device
             if land.graph_bytes_per_sample is not None:
                 self._graph_per_sample = land.graph_bytes_per_sample  # the next plan needs no measuring forward
-            g = float(land.grad.norm())
+            # a sharded Landscape's gradient is this rank's slice: its norm is the reduced one
+            g = float(land.grad.norm() if land.vector_space is None else land.vector_space.norm(land.grad))
             if self._grad_norm0 is None:
                 self._grad_norm0 = g
             record["loss"] = land.loss
@@ -384,6 +386,8 @@ class GeometryProbe:
             "train_peak_mib": self._train_peak / 2**20 if self._train_peak is not None else None,
             "memory_plan": plan.to_dict() if plan is not None else None,
         }
+        if land is not None and land.sharded:  # which HVP route measured this probe, and why
+            record["cost"]["hvp_route"] = land.route
         if cuda:
             torch.cuda.reset_peak_memory_stats(device)  # the next interval measures training alone
         self._last_probe_step = step

@@ -17,11 +17,12 @@ import torch
 
 from ..engine.landscape import HVP_METHODS
 from ..engine.loss import LOSS_FORMS
+from ..engine.sharded import fully_sharded
 from ..engine.state import MODES
 from ..errors import ConfigurationError
 from .metric_spec import check_options
 
-__all__ = ["MAX_SEED", "check_metric_options", "check_probe_options"]
+__all__ = ["MAX_SEED", "check_metric_options", "check_probe_options", "check_sharded_metrics"]
 
 # numpy's legacy seeding and Lightning's seed_everything take this range; offsets added to a seed stay in
 # torch's 64-bit range.
@@ -86,3 +87,18 @@ def check_metric_options(options: Mapping[str, Mapping[str, Any]]) -> None:
     metrics that take ``**kwargs`` accept any key."""
     for name, opts in options.items():
         check_options(name, opts)
+
+
+# Metrics that take a sharded Landscape's slices (their Krylov kernels run on its vector space)
+SHARDED_METRICS = ("spectrum",)
+
+
+def check_sharded_metrics(model: Any, metrics: Any) -> None:
+    """Refuse, before training starts, metrics that cannot yet measure an FSDP2-sharded ``model``."""
+    if not fully_sharded(model):
+        return
+    unsupported = [n for n in metrics if n not in SHARDED_METRICS]
+    if unsupported:
+        raise ConfigurationError(
+            f"metric(s) {', '.join(map(repr, unsupported))} cannot yet measure a model sharded by FSDP2; on "
+            f"sharded models geomprobe measures {', '.join(map(repr, SHARDED_METRICS))} (see docs/distributed.md)")

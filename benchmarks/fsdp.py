@@ -1,0 +1,290 @@
+"""FSDP2 probing at scale: a Llama-style model sharded with ``fully_shard`` over the GPUs of one node.
+
+    torchrun --nproc-per-node 2 benchmarks/fsdp.py --out benchmarks/results/fsdp_7b.json
+    torchrun --nproc-per-node 2 benchmarks/fsdp.py --model 1b --out benchmarks/results/fsdp_1b.json
+    python -m torch.distributed.run --nproc-per-node 2 benchmarks/fsdp.py --tiny --out /tmp/fsdp_tiny.json
+
+The model (``LlamaConfig``: 7b = hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate 11008, vocab
+32000; 1b = hidden 2048, 16 layers, 32 heads, 8 KV heads, intermediate 5632) is built on the meta device,
+sharded (one FSDP unit per decoder layer, then the root) and only then materialized, so no rank ever holds
+a whole copy; weights are random (normal, std 0.02; norms 1), in bf16. Each rank gets ``--batch`` sequences of
+``--seq`` random tokens. Measured, per GPU:
+
+- one FSDP training step (forward, backward and AdamW step): seconds and peak memory; a gradient alone
+  (forward and backward): seconds;
+- for each HVP route (``autograd``: exact, whole parameters gathered once; ``finite-difference``: Richardson
+  differences of FSDP's gradients): building the Landscape, seconds per HVP (and per HVP / gradient), the
+  spectrum probe (lambda_max and lambda_min with their bounds, converged, seconds, HVPs) and the probe's
+  peak memory divided by the training step's;
+- the route ``hvp_method="auto"`` picks within 1.5x the training peak, with its reasons;
+- ``--model 1b``: the same HVP with the data on one GPU (rank 0, an unsharded copy, both ranks' data)
+  against two, the per-HVP speed-up.
+
+An out-of-memory error in any part is caught, recorded with the part's name, and the next part runs. Rank 0
+writes the JSON (``--out``) and prints it. ``--tiny``: a 2-layer model of width 64 on CPU with gloo, in
+float32, to check the script's logic anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import geomprobe as gp
+from geomprobe.engine.memory_plan import MemoryBudget
+from geomprobe.linalg.vectors import default_generator
+from geomprobe.metrics import spectrum
+
+CONFIGS = {
+    "7b": {"hidden_size": 4096, "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "intermediate_size": 11008, "vocab_size": 32000},
+    "1b": {"hidden_size": 2048, "num_hidden_layers": 16, "num_attention_heads": 32, "num_key_value_heads": 8,
+           "intermediate_size": 5632, "vocab_size": 32000},
+    "tiny": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+             "intermediate_size": 128, "vocab_size": 256},
+}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def _peak(device: torch.device) -> int | None:
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+def _attempt(results: dict, name: str, fn, device: torch.device):
+    """Run one part; an out-of-memory error (or any other) is recorded under ``name`` and the run goes on."""
+    try:
+        return fn()
+    except Exception as e:  # noqa: BLE001 - a benchmark records every failure and continues
+        results.setdefault("errors", {})[name] = f"{'OutOfMemory' if _is_oom(e) else type(e).__name__}: {str(e)[:400]}"
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        return None
+
+
+def build_model(size: str, device: torch.device, dtype: torch.dtype, mesh, seed: int):
+    """A Llama model built on the meta device, sharded, then materialized and randomly initialized shard by
+    shard (no whole copy on any rank)."""
+    from torch.distributed.fsdp import fully_shard
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(**CONFIGS[size], max_position_embeddings=4096, tie_word_embeddings=False,
+                         attn_implementation="sdpa")
+    with torch.device("meta"):
+        model = LlamaForCausalLM(config).to(dtype)
+    if mesh is not None:
+        for layer in model.model.layers:
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+    model.to_empty(device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            if name.endswith("norm.weight"):
+                local.fill_(1.0)
+            else:
+                local.copy_(torch.randn(local.shape, generator=gen, device=device, dtype=torch.float32).mul_(0.02))
+        # non-persistent buffers (the rotary frequencies) were left empty by to_empty: recompute them
+        for m in model.modules():
+            if type(m).__name__.endswith("RotaryEmbedding"):
+                fresh = type(m)(m.config)
+                for bname, buf in fresh.named_buffers(recurse=False):
+                    m._buffers[bname] = buf.to(device)
+    return model
+
+
+def loss_fn(model, batch):
+    """Next-token cross entropy, mean over the batch's tokens (``batch["input_ids"]``: ``(n, seq)``)."""
+    ids = batch["input_ids"]
+    logits = model(input_ids=ids).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # half types: the loss in float32
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+def train_step(model, batch, device, results) -> torch.optim.Optimizer:
+    """Times a training step and a gradient; returns the optimizer, whose state stays allocated while the
+    probe is measured, as it is in training."""
+    opt = torch.optim.AdamW(model.parameters(), lr=0.0)  # lr 0: the parameters stay where the probe measures
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model, batch).backward()
+        opt.step()
+
+    step()  # warm-up: optimizer state allocated, kernels chosen
+    _sync(device)
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    step()
+    _sync(device)
+    results["train_step"] = {"what": "forward + backward + AdamW step (lr 0)", "seconds": time.perf_counter() - t0,
+                             "peak_bytes": _peak(device)}
+    opt.zero_grad(set_to_none=True)
+    t0 = time.perf_counter()
+    loss_fn(model, batch).backward()
+    _sync(device)
+    results["gradient_seconds"] = time.perf_counter() - t0
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    return opt
+
+
+def measure_route(model, batch, route: str, device, args, results) -> None:
+    out = results.setdefault("routes", {}).setdefault(route, {})
+    _reset_peak(device)
+    t0 = time.perf_counter()
+    land = gp.Landscape(model, loss_fn, [batch], hvp_method=route, memory=None)
+    _sync(device)
+    out["build_seconds"] = time.perf_counter() - t0
+    try:
+        v = land.vector_space.gaussian(default_generator(1), land.dtype, land.device)
+        land.hvp(v)  # warm-up
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(args.hvps):
+            land.hvp(v)
+        _sync(device)
+        out["hvp_seconds"] = (time.perf_counter() - t0) / args.hvps
+        if results.get("gradient_seconds"):
+            out["hvp_over_gradient"] = out["hvp_seconds"] / results["gradient_seconds"]
+        if land.hvp_errors:
+            out["hvp_error_rel"] = land.hvp_errors[-1]
+        t0 = time.perf_counter()
+        # a 7B slice is 6.7 GB in bf16: the basis lives on the host and is capped (thick restart beyond it)
+        s = spectrum(land, tol=args.tol, max_iter=args.max_iter, max_basis=args.max_basis,
+                     basis_device=args.basis_device if device.type == "cuda" else None)
+        _sync(device)
+        out["spectrum"] = {k: s[k] for k in ("lambda_max", "lambda_max_err", "lambda_min", "lambda_min_err",
+                                              "converged", "steps", "hvps", "restarts") if k in s}
+        out["spectrum"]["hvp_error"] = s.get("hvp_error")
+        out["spectrum"]["seconds"] = time.perf_counter() - t0
+        out["probe_seconds"] = out["build_seconds"] + out["spectrum"]["seconds"]
+        out["info"] = land.info()
+    finally:
+        land.close()
+        del land
+        gc.collect()
+    out["peak_bytes"] = _peak(device)
+    train = results.get("train_step", {}).get("peak_bytes")
+    if out["peak_bytes"] and train:
+        out["peak_over_train"] = out["peak_bytes"] / train
+
+
+def auto_route(model, batch, device, results) -> None:
+    train = results.get("train_step", {}).get("peak_bytes")
+    budget = MemoryBudget(train_peak_bytes=train, peak_ratio=1.5) if train else None
+    land = gp.Landscape(model, loss_fn, [batch], hvp_method="auto", memory=budget or "auto")
+    results["auto_route"] = land.info()["sharded"]
+    land.close()
+
+
+def one_gpu_hvp(size: str, batches: list[torch.Tensor], device, dtype, args, results) -> None:
+    """Rank 0 alone: an unsharded copy of the model with every rank's data, the exact HVP's time."""
+    model = build_model(size, device, dtype, None, seed=0)
+    land = gp.Landscape(model, loss_fn, batches, memory=None, process_group=False)  # this rank alone
+    v = torch.randn(land.dim, generator=torch.Generator(device=device).manual_seed(1), device=device, dtype=dtype)
+    land.hvp(v)
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.hvps):
+        land.hvp(v)
+    _sync(device)
+    results["one_gpu"] = {"hvp_seconds": (time.perf_counter() - t0) / args.hvps, "peak_bytes": _peak(device),
+                          "samples": sum(int(b["input_ids"].shape[0]) for b in batches)}
+    land.close()
+    del land, model
+    gc.collect()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", choices=["7b", "1b"], default="7b")
+    ap.add_argument("--tiny", action="store_true", help="a tiny model on CPU with gloo (checks the logic)")
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--tol", type=float, default=1e-2)
+    ap.add_argument("--max-iter", type=int, default=30)
+    ap.add_argument("--hvps", type=int, default=3, help="HVPs timed per route")
+    ap.add_argument("--max-basis", type=int, default=8, help="Lanczos vectors stored (thick restart beyond)")
+    ap.add_argument("--basis-device", default="cpu", help="where the Lanczos basis lives on GPU runs")
+    ap.add_argument("--routes", default="autograd,finite-difference")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    tiny = args.tiny
+    dist.init_process_group("gloo" if tiny else "nccl")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if tiny:
+        device, dtype, size = torch.device("cpu"), torch.float32, "tiny"
+        args.seq = min(args.seq, 32)
+        torch.set_num_threads(1)
+    else:
+        local = int(os.environ.get("LOCAL_RANK", rank))
+        torch.cuda.set_device(local)
+        device, dtype, size = torch.device("cuda", local), torch.bfloat16, args.model
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device.type, (world,))
+    results: dict = {"model": size, "world_size": world, "dtype": str(dtype), "batch_per_rank": [args.batch, args.seq],
+                     "torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    vocab = CONFIGS[size]["vocab_size"]
+    ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(100 + rank)).to(device)
+    batch = {"input_ids": ids}
+    model = build_model(size, device, dtype, mesh, seed=rank)
+    results["parameters"] = sum(p.numel() for p in model.parameters())
+    # the optimizer (and its state) lives on through the probe measurements, as in training
+    opt = _attempt(results, "train_step", lambda: train_step(model, batch, device, results), device)
+    for route in args.routes.split(","):
+        _attempt(results, f"route {route}", lambda r=route: measure_route(model, batch, r, device, args, results), device)
+    _attempt(results, "auto_route", lambda: auto_route(model, batch, device, results), device)
+    if size in ("1b", "tiny"):
+        gathered = [torch.empty_like(ids) for _ in range(world)]
+        dist.all_gather(gathered, ids)
+        gathered = [{"input_ids": g} for g in gathered]
+        del opt  # frees the sharded model with its optimizer state before the one-GPU copy
+        del model
+        gc.collect()
+        dist.barrier()
+        if rank == 0:
+            _attempt(results, "one_gpu", lambda: one_gpu_hvp(size, gathered, device, dtype, args, results), device)
+            two = results.get("routes", {}).get("autograd", {}).get("hvp_seconds")
+            if two and results.get("one_gpu"):
+                results["hvp_speedup_two_over_one"] = results["one_gpu"]["hvp_seconds"] / two
+        dist.barrier()
+    if rank == 0:
+        text = json.dumps(results, indent=2, default=str)
+        print(text, flush=True)
+        if args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(text + "\n")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

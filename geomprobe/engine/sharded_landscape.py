@@ -1,0 +1,335 @@
+"""The Landscape of a model sharded by FSDP2 (``fully_shard``): vectors sharded like the parameters, two HVP
+routes.
+
+``Landscape(model, ...)`` returns this class for an FSDP2 model; every rank passes its own shard of the probe
+data, as with DDP, and the loss is that of the union. Every flat vector (the gradient, HVP inputs and
+outputs, Lanczos vectors) is this rank's *slice*: the concatenation of its parameter shards, ``d_local`` about
+``d / world`` elements (:class:`~geomprobe.engine.sharded.ShardLayout`). :attr:`vector_space` is the
+:class:`~geomprobe.linalg.space.ShardedSpace` the Krylov kernels take: inner products and norms all-reduced,
+random vectors equal to the world-size-independent global vector restricted to the slice.
+
+HVP routes (``hvp_method``):
+
+- ``"autograd"`` (exact): each parameter is all-gathered once when the Landscape is built (``full_tensor``)
+  and the first-order graph is built through those whole tensors with FSDP's hooks off
+  (:func:`~geomprobe.engine.sharded.fsdp_hooks_off`); an HVP all-gathers ``v``, runs the double backward on
+  this rank's data and reduce-scatters the result to the shards. Exact to rounding; memory: the whole
+  parameters, the gradient and the first-order graph of this rank's data, like a one-GPU probe of the model
+  (the double backward needs every layer's saved tensors at once, so per-layer gathering cannot bound it).
+- ``"finite-difference"``: Richardson-extrapolated central differences of FSDP's own sharded gradients,
+  ``D(h) = (g(theta + h v) - g(theta - h v)) / 2h``, ``Hv ~ D(h) + (D(h) - D(2h)) / 3`` with the error
+  estimate ``2 ||D(h) - D(2h)||`` (it holds the truncation ``~3 c h^2`` of ``D(h)``, of which the
+  extrapolation keeps ``O(h^4)``, and the rounding noise, of which it keeps about ``1.3x``). ``h`` is
+  ``u^(1/3) (rms_v(theta) + rms(theta)) / ||v||`` for the unit roundoff ``u`` of the parameters' dtype
+  (:meth:`ShardedLandscape._fd_step`). Cost: 4 gradients
+  (FSDP forward and backward passes) per vector; memory: what a training step needs, since FSDP gathers one
+  unit at a time. The estimates are kept (:attr:`hvp_errors`) and enter every Lanczos bound (Lanczos with a
+  perturbed matvec: some eigenvalue lies within ``beta |u_m| + sqrt(sum_j err_j^2)`` of each Ritz value).
+- ``"auto"``: the exact route when its estimated memory fits the smallest free memory over the ranks, else
+  finite differences; the choice and the numbers behind it are in :meth:`info` (``route``).
+
+The user's state is as found afterwards: parameter shards (restored bit for bit after each perturbation),
+``.grad`` (the finite-difference route lets FSDP write fresh gradients and puts the user's tensors back),
+buffers, training flags and RNG (:func:`~geomprobe.engine.state.frozen`). A failure while computing an HVP on
+one rank is agreed on: every rank raises :class:`~geomprobe.errors.GeomprobeError` for that HVP instead of
+leaving the others in a collective (for the finite-difference route, failures inside FSDP's own collectives
+are the exception).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from ..errors import ConfigurationError, GeomprobeError, NonFiniteLossError
+from ..linalg.space import ShardedSpace
+from .batches import batch_size, slice_batch
+from .distributed import ProcessGroupReducer
+from .landscape import Landscape, _SavedBytes
+from .memory_plan import MemoryBudget, device_memory
+from .paramspace import select_parameters
+from .sharded import FSDPModule, ShardLayout, fsdp_hooks_off
+
+__all__ = ["ShardedLandscape"]
+
+# the exact route's graph with create_graph: the forward's saved tensors, the backward's, and the gradients
+GRAPH_FACTOR = 3
+
+
+class ShardedLandscape(Landscape):
+    """A :class:`~geomprobe.Landscape` of an FSDP2 model; see the module docstring. Built by ``Landscape(...)``."""
+
+    sharded = True
+
+    def _select(self, params: Any, process_group: Any) -> tuple[list[str], list[torch.Tensor]]:
+        if process_group is False:
+            raise ConfigurationError(
+                "process_group=False asks a rank to measure alone, but an FSDP2 model's parameters are sharded "
+                "across ranks; every rank of the mesh must take part (leave process_group at None)")
+        # A unit left gathered (the root after a forward without backward keeps its whole parameters
+        # registered) goes back to its shards first: a local operation, the state FSDP starts a step from.
+        self._reshard_all()
+        names, dparams = select_parameters(self.model, params)
+        self.layout = ShardLayout(names, dparams)
+        self.reducer = ProcessGroupReducer(self.layout.group if process_group is None else process_group)
+        if self.reducer.world_size != self.layout.world:
+            raise ConfigurationError(
+                f"the probe data is spread over {self.reducer.world_size} ranks but the parameters are sharded "
+                f"over {self.layout.world}; geomprobe needs the two to be the same ranks (a 1-D FSDP2 mesh)")
+        self._dparams = dparams
+        self._dparams_all = list(self.model.parameters())  # the shards, whatever is selected
+        self.vector_space = ShardedSpace(self.layout.dim, self.layout.ranges, self.reducer.sum_)
+        self.hvp_errors: list[float] = []
+        self.route: dict = {}
+        return names, dparams
+
+    def _plan(self, memory: Any, *args: Any) -> None:
+        # The memory planner speaks of one process's whole vectors; the sharded routes size themselves. A
+        # budget's cap (given, or the training peak times its ratio) bounds the exact route under "auto".
+        self._cap = None
+        if isinstance(memory, MemoryBudget):
+            caps = [memory.cap_bytes] if memory.cap_bytes else []
+            if memory.train_peak_bytes and memory.peak_ratio:
+                caps.append(int(memory.train_peak_bytes * memory.peak_ratio))
+            self._cap = min(caps) if caps else None
+
+    def _reshard_all(self) -> None:
+        for m in self.model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
+
+    @property
+    def local_dim(self) -> int:
+        """Length of this rank's slice of every flat vector."""
+        return self.layout.local_dim
+
+    # ------------------------------------------------------------------ construction
+    def loss_on(self, batch: Any) -> torch.Tensor:
+        if self.hvp_method == "autograd" and getattr(self, "_full", None) is not None:
+            with fsdp_hooks_off(self.model, self._whole):
+                return super().loss_on(batch)
+        return super().loss_on(batch)
+
+    def _build(self) -> None:
+        self._passes = max(self.reducer.gather_ints(len(self.batches)))
+        self._choose_route()
+        self._dversions = [p._version for p in self._dparams]
+        if self.hvp_method == "autograd":
+            self._full = [p.detach().full_tensor().requires_grad_(True) for p in self._dparams]
+            self.params = self._full
+            # every parameter stands in whole during the forward: the measured ones as leaves of the graph,
+            # the others (not selected by params=) as constants
+            self._whole = dict(zip(self.param_names, self._full))
+            for n, p in self.model.named_parameters():
+                if n not in self._whole:
+                    self._whole[n] = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
+            super()._build()
+            self._grad = self.layout.local_of(self._grad)
+        else:
+            grad, loss = self._fsdp_grad()
+            self._loss = float(self.reducer.sum_(loss))
+            self._grad = grad
+            if self.reducer.sum_int(int(not bool(torch.isfinite(grad).all()))):
+                raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
+
+    def _choose_route(self) -> None:
+        d_bytes = self.layout.dim * self.dtype.itemsize
+        if self.hvp_method != "auto":
+            self.route = {"hvp_route": self.hvp_method, "reason": "requested"}
+            return
+        per_sample = self._forward_bytes_per_sample()
+        # whole parameters, gradient, HVP input and output, and the first-order graph of this rank's data
+        need = int(4 * d_bytes + GRAPH_FACTOR * per_sample * sum(batch_size(b) for b in self.batches))
+        available, allocated = device_memory(self.device)
+        room = -1 if available is None else int(available)
+        if self._cap is not None:
+            room = max(0, self._cap - allocated) if room < 0 else min(room, max(0, self._cap - allocated))
+        room = min(self.reducer.gather_ints(room))  # the tightest rank decides, so every rank takes one route
+        fits = room < 0 or need <= 0.9 * room
+        self.hvp_method = "autograd" if fits else "finite-difference"
+        self.route = {"hvp_route": self.hvp_method, "exact_bytes_estimate": need,
+                      "available_bytes": None if room < 0 else room, "cap_bytes": self._cap,
+                      "reason": "the exact route's memory fits" if fits else "the exact route's memory does not fit"}
+
+    def _forward_bytes_per_sample(self) -> float:
+        """Saved bytes per sample of one FSDP forward on 2 samples of this rank's first batch (every rank runs
+        it: the forward all-gathers). A backward of weight 0 follows: it completes FSDP's cycle, so that every
+        unit is resharded (a root FSDP module stays unsharded after a forward alone)."""
+        batch = self.batches[0]
+        n = batch_size(batch)
+        m = min(n, 2)
+        counter = _SavedBytes(self._dparams)
+        with self._grads_set_aside(), self.frozen(0):
+            with counter.hooks():
+                loss = self.loss_on(slice_batch(batch, n, 0, m))
+            (loss * 0.0).backward()
+        return counter.bytes / m
+
+    @contextlib.contextmanager
+    def _grads_set_aside(self) -> Iterator[None]:
+        """FSDP writes fresh ``.grad`` inside; the user's tensors (or None) are put back on exit."""
+        found = [(p, p.grad) for p in self._dparams_all]
+        for p, _ in found:
+            p.grad = None
+        try:
+            yield
+        except BaseException:
+            # a pass that stopped midway may leave units gathered: back to the shards before anyone looks
+            self._reshard_all()
+            raise
+        finally:
+            for p, g in found:
+                p.grad = g
+
+    def _fsdp_grad(self, subtract_from: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's slice of the gradient of the union's loss, by FSDP's own forward and backward (the
+        reduce-scatter sums the ranks), and the weighted local loss. Every rank runs the same number of
+        passes (a rank with fewer batches adds passes of weight 0), and agrees on the loss before each
+        backward. The user's ``.grad`` tensors are set aside and put back. ``subtract_from``: a slice the
+        gradient is subtracted from in place, shard by shard (no flat copy: one slice less at the peak),
+        and returned."""
+        loss_acc = torch.zeros((), dtype=torch.float64, device=self.device)
+        world = self.layout.world
+        with self._grads_set_aside():
+            for b in range(self._passes):
+                real = b < len(self.batches)
+                i = b if real else 0
+                with self.frozen(i):
+                    err = None
+                    try:
+                        loss = self.loss_on(self.batches[i])
+                        ok = bool(torch.isfinite(loss.detach()))
+                    except Exception as e:  # noqa: BLE001 - agreed on below, so no rank waits in the backward
+                        err, ok = e, False
+                    bad = self.reducer.sum_int(int(not ok))
+                    if bad:
+                        raise GeomprobeError(
+                            f"the loss failed or is not finite on {bad} of {world} ranks at probe pass {b}"
+                            + (f" (this rank: {type(err).__name__}: {err})" if err is not None else "")) from err
+                    w = self.weights[i] if real else 0.0
+                    # FSDP averages gradients over the ranks; the probe weights already make a sum
+                    (loss * (w * world)).backward()
+                    loss_acc += loss.detach().double() * w
+            grads = [p.grad.to_local() if p.grad is not None else None for p in self._dparams]
+            if subtract_from is not None:
+                for piece, g in zip(self.layout.split_local(subtract_from), grads):
+                    if g is not None:
+                        piece.sub_(g)
+                return subtract_from, loss_acc
+            like = self._dparams[0].to_local()
+            return self.layout.flatten_local(grads, like.reshape(-1)).to(self.dtype), loss_acc
+
+    # ------------------------------------------------------------------ queries
+    def info(self) -> dict:
+        out = super().info()
+        out["sharded"] = {"world_size": self.layout.world, "local_dim": self.local_dim, **self.route}
+        return out
+
+    def matvec_error(self, since: int = 0) -> float:
+        """``sqrt(sum_j err_j^2)`` over the HVPs since index ``since`` of :attr:`hvp_errors`: what a Krylov
+        run's bounds must grow by (0 on the exact route)."""
+        return math.sqrt(sum(e * e for e in self.hvp_errors[since:]))
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        """``H v`` for this rank's slice of one vector ``(d_local,)`` or a block ``(k, d_local)``, as slices.
+
+        Cost, exact route: one all-gather of the block, ``k`` double backward passes on this rank's data, one
+        reduce-scatter. Finite differences: 4 FSDP gradients per vector, each error estimate appended to
+        :attr:`hvp_errors` (relative to ``||v||``). Every rank must call it with its slice of the same vectors.
+        """
+        if v.dim() not in (1, 2) or v.shape[-1] != self.local_dim:
+            raise ConfigurationError(
+                f"hvp takes this rank's slice, a vector (d_local,) or a block (k, d_local) with d_local = "
+                f"{self.local_dim} (d = {self.dim} over {self.layout.world} ranks), got {tuple(v.shape)}")
+        self._check_unchanged()
+        single = v.dim() == 1
+        V = v.reshape(-1, self.local_dim).to(device=self.device, dtype=self.dtype)
+        self.widest_block = max(self.widest_block, V.shape[0])
+        full = self.layout.all_gather(V) if self.hvp_method == "autograd" else None
+        err: BaseException | None = None
+        out = None
+        try:
+            if full is not None:
+                out = torch.cat([self._hvp_chunk(full[s : s + self.chunk_size])
+                                 for s in range(0, full.shape[0], self.chunk_size)])
+            else:
+                out = torch.stack([self._fd_one(x) for x in V])
+        except Exception as e:  # noqa: BLE001 - every rank learns of it before the next collective
+            err = e
+        failed = self.reducer.sum_int(int(err is not None))
+        if failed:
+            raise GeomprobeError(
+                f"the HVP failed on {failed} of {self.layout.world} ranks"
+                + (f" (this rank: {type(err).__name__}: {err})" if err is not None else "")
+                + "; every rank stops this measurement so that none waits in a collective") from err
+        if full is not None:
+            del full  # the gathered input is not needed for the reduce-scatter (a whole d-vector at 7B: 13 GB)
+            out = self.layout.reduce_scatter(out)
+        self.hvps += V.shape[0]
+        return out[0] if single else out
+
+    def _fd_one(self, v: torch.Tensor) -> torch.Tensor:
+        vn = float(self.vector_space.norm(v))
+        if vn == 0.0:
+            self.hvp_errors.append(0.0)
+            return torch.zeros_like(v)
+        shards = [p.to_local() for p in self._dparams]
+        steps = self.layout.split_local(v)
+        h = self.fd_eps or self._fd_step(shards, steps, vn)
+        saved = [t.detach().clone() for t in shards]
+
+        def grad_at(step: float, subtract_from: torch.Tensor | None = None) -> torch.Tensor:
+            with torch.no_grad():
+                for t, t0, dv in zip(shards, saved, steps):
+                    t.copy_(t0).add_(dv.to(t.dtype), alpha=step)
+            return self._fsdp_grad(subtract_from)[0]
+
+        try:
+            # each difference is formed in place as its second gradient arrives: at most the two differences
+            # and FSDP's fresh gradient shards are held (three slices)
+            d1 = grad_at(-h, grad_at(h)).div_(2 * h)
+            d2 = grad_at(-2 * h, grad_at(2 * h)).div_(4 * h)
+        finally:
+            with torch.no_grad():
+                for t, t0 in zip(shards, saved):
+                    t.copy_(t0)
+            self._dversions = [p._version for p in self._dparams]
+        diff = d2.sub_(d1).neg_()  # D(h) - D(2h), in place of D(2h)
+        self.hvp_errors.append(2 * float(self.vector_space.norm(diff)) / vn)
+        return d1.add_(diff, alpha=1 / 3)
+
+    def _fd_step(self, shards: list[torch.Tensor], steps: list[torch.Tensor], vn: float) -> float:
+        """``h = u^(1/3) (rms_v(theta) + rms(theta)) / ||v||``: each coordinate moves by about ``u^(1/3)`` of the
+        parameters' size where ``v`` lives (``rms_v``, the RMS of ``theta`` weighted by ``v_i^2``), so a ``v``
+        concentrated on a few coordinates is not moved as far as a spread one would be in total; ``rms``
+        (over all ``d`` coordinates) is the floor where ``theta`` is near 0. One all-reduce of two scalars."""
+        acc = torch.float64
+        local = torch.stack([
+            sum((t.to(acc) * dv.to(acc)).square().sum() for t, dv in zip(shards, steps)),
+            sum(t.to(acc).square().sum() for t in shards),
+        ]).reshape(2)
+        weighted, total = (float(x) for x in self.vector_space.reduce(local).tolist())
+        rms_v = math.sqrt(max(weighted, 0.0)) / vn
+        rms = math.sqrt(max(total, 0.0) / self.dim)
+        scale = rms_v + rms if rms_v + rms > 0 else 1.0
+        return torch.finfo(self.dtype).eps ** (1 / 3) * scale / vn
+
+    def _check_unchanged(self) -> None:
+        if getattr(self, "_closed", False):
+            raise ConfigurationError("this Landscape was closed; build a new one to measure again")
+        if any(p._version != v for p, v in zip(self._dparams, self._dversions)):
+            raise ConfigurationError(
+                "the model's parameters changed since this Landscape was built (an optimizer step?); "
+                "build a new Landscape at the new parameters")
+
+    def close(self) -> None:
+        super().close()
+        self._full = self._whole = None
+        self.params = self._dparams
+
+
+Landscape.sharded_class = ShardedLandscape

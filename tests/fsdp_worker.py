@@ -1,0 +1,313 @@
+"""One rank of the 2-rank FSDP2 checks in test_fsdp.py, launched by torchrun; also the shared problems.
+
+    python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py OUT_DIR
+
+Each rank shards a float64 model with ``fully_shard`` (every layer, then the root) over a 1-D gloo mesh,
+takes its own unequal shard of the probe data (rank 0: batches of 8 and 5 samples, rank 1: one of 10) and
+saves what it measured, with the global ranges of its slice, to ``OUT_DIR/rank{r}.pt``. The test assembles
+the slices into whole vectors and compares them with one process on the union of the data.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+N_SAMPLES = 23
+SHARDS = ([(0, 8), (8, 13)], [(13, 23)])
+HVP_VECTORS = 3
+PROBE_STEPS = 4
+SEQ, WIDTH, CLASSES = 4, 8, 3
+
+
+class Block(nn.Module):
+    """A pre-norm transformer block (2 heads, causal-free softmax attention, GELU MLP) and a linear head on the
+    mean over positions: the layers of a language model, small enough for a dense float64 Hessian."""
+
+    def __init__(self, width: int = WIDTH, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.head = nn.Linear(width, CLASSES)
+        self.register_buffer("scale", torch.tensor(1.0))  # a buffer the state check watches
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, t, w = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(n, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
+        att = torch.softmax(q @ k.transpose(-1, -2) / (w // self.heads) ** 0.5, dim=-1)
+        x = x + self.proj((att @ v).transpose(1, 2).reshape(n, t, w))
+        x = x + self.mlp(self.ln2(x))
+        return self.head(x.mean(1) * self.scale)
+
+
+def make_problem(kind: str) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
+    """The float64 model (``"mlp"`` or ``"block"``), its loss and the full probe data, identical in every process."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    if kind == "mlp":
+        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
+        X = torch.randn(N_SAMPLES, 5, dtype=torch.float64, generator=g)
+    else:
+        model = Block().double()
+        X = torch.randn(N_SAMPLES, SEQ, WIDTH, dtype=torch.float64, generator=g)
+    y = torch.randint(0, CLASSES, (N_SAMPLES,), generator=g)
+    return model, nn.CrossEntropyLoss(), X, y
+
+
+def shard_model(model: nn.Module, mesh) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    for m in (model if isinstance(model, nn.Sequential) else [model.qkv, model.proj, model.mlp, model.head]):
+        if any(True for _ in m.parameters()):
+            fully_shard(m, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def hvp_vectors(dim: int) -> torch.Tensor:
+    return torch.randn(HVP_VECTORS, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+
+
+def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
+    """Everything of the user's that a probe must leave as found, copied."""
+    local = lambda t: t.to_local() if hasattr(t, "to_local") else t
+    return {
+        "params": [local(p).detach().clone() for p in model.parameters()],
+        "grads": [None if p.grad is None else local(p.grad).clone() for p in model.parameters()],
+        "grad_ids": [id(p.grad) for p in model.parameters()],
+        "buffers": [b.clone() for b in model.buffers()],
+        "opt": [{k: local(v).clone() if torch.is_tensor(v) else v for k, v in st.items()} for st in opt.state.values()],
+        "rng": torch.get_rng_state(),
+        "training": [m.training for m in model.modules()],
+    }
+
+
+def _same(a: dict, b: dict) -> dict:
+    eq = lambda x, y: (x is None and y is None) or (x is not None and y is not None and torch.equal(x, y))
+    return {
+        "params": all(eq(x, y) for x, y in zip(a["params"], b["params"])),
+        "grads": all(eq(x, y) for x, y in zip(a["grads"], b["grads"])) and a["grad_ids"] == b["grad_ids"],
+        "buffers": all(eq(x, y) for x, y in zip(a["buffers"], b["buffers"])),
+        "opt": all(x.keys() == y.keys() and all(eq(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x)
+                   for x, y in zip(a["opt"], b["opt"])),
+        "rng": torch.equal(a["rng"], b["rng"]),
+        "training": a["training"] == b["training"],
+    }
+
+
+def _landscape_results(kind: str, mesh, rank: int) -> dict:
+    import geomprobe as gp
+    from geomprobe.linalg.vectors import default_generator
+    from geomprobe.metrics import spectrum
+
+    model, loss_fn, X, y = make_problem(kind)
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    # a training step first, so that .grad and the optimizer's state hold something to protect
+    # (one forward per rank and step: FSDP's collectives need the same number of passes on every rank)
+    Xr, yr = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn(model(Xr), yr).backward()
+    opt.step()
+    loss_fn(model(Xr), yr).backward()  # .grad set again, after the step
+    model.train()
+    before = _snapshot(model, opt)
+    # the parameters measured (after the step), whole, for the one-process reference
+    whole = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        model(Xr)  # an evaluation forward leaves the root unit gathered; a Landscape starts from the shards
+
+    land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd")
+    V = hvp_vectors(land.dim)
+    out = {
+        "whole": whole, "type": type(land).__name__, "dim": land.dim, "ranges": land.layout.ranges, "n_samples": land.n_samples,
+        "loss": land.loss, "grad": land.grad.clone(), "hvp": land.hvp(land.layout.local_of(V)),
+        "hvp_single": land.hvp(land.layout.local_of(V[0])),
+        "random": land.vector_space.gaussian(default_generator(11), torch.float64),
+        "spectrum": spectrum(land, k=2, tol=1e-10), "info": land.info(),
+    }
+    land.close()
+    # a selection (params=): the others stand in whole as constants
+    sub = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", params="*weight")
+    Vs = hvp_vectors(sub.dim)
+    out["sub"] = {"ranges": sub.layout.ranges, "hvp": sub.hvp(sub.layout.local_of(Vs)), "dim": sub.dim}
+    sub.close()
+    fd = gp.Landscape(model, loss_fn, batches, hvp_method="finite-difference")
+    out["fd_loss"], out["fd_grad"] = fd.loss, fd.grad.clone()
+    out["fd_hvp"] = fd.hvp(fd.layout.local_of(V[0]))
+    out["fd_err"] = fd.hvp_errors[-1]
+    out["fd_spectrum"] = spectrum(fd, k=1, tol=1e-6)
+    auto = gp.Landscape(model, loss_fn, batches, hvp_method="auto")
+    out["auto_route"] = auto.info()["sharded"]
+    auto.close()
+    out["state"] = _same(before, _snapshot(model, opt))
+    return out
+
+
+def _float32_directions(mesh, rank: int) -> dict:
+    """The transformer block in float32: the finite-difference HVP along the exact route's extreme Ritz vectors
+    (directions concentrated where the curvature is) and a random one, with its reported error, and the exact
+    products to compare with."""
+    import geomprobe as gp
+    from geomprobe.linalg.vectors import default_generator
+    from geomprobe.metrics.spectrum import run_lanczos
+
+    model, loss_fn, X, y = make_problem("block")
+    model = shard_model(model.float(), mesh)
+    batches = [(X[a:b].float(), y[a:b]) for a, b in SHARDS[rank]]
+    exact = gp.Landscape(model, loss_fn, batches, hvp_method="autograd")
+    r = run_lanczos(exact, k=1, tol=1e-5, keep_basis=True)
+    rnd = exact.vector_space.gaussian(default_generator(5), torch.float32)
+    V = torch.stack([r.ritz_vector(len(r.ritz_values) - 1), r.ritz_vector(0), rnd / exact.vector_space.norm(rnd)])
+    out = {"ranges": exact.layout.ranges, "exact": exact.hvp(V).double(), "V": V.double()}
+    exact.close()
+    fd = gp.Landscape(model, loss_fn, batches, hvp_method="finite-difference")
+    out["fd"] = torch.stack([fd.hvp(v) for v in V]).double()
+    out["err"] = fd.hvp_errors[-3:]
+    return out
+
+
+def _probe_records(mesh, rank: int, run_dir: str, fault_rank: int) -> tuple[list[dict], list[float]]:
+    """A GeometryProbe on the FSDP2 MLP under training; ``fault_rank``'s first probe fails inside its HVP."""
+    import geomprobe as gp
+    from geomprobe.engine.sharded_landscape import ShardedLandscape
+
+    model, loss_fn, X, y = make_problem("mlp")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    Xr = torch.cat([b[0] for b in batches])
+    yr = torch.cat([b[1] for b in batches])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    original = ShardedLandscape._hvp_chunk
+
+    def broken(self, V):
+        raise RuntimeError("injected fault in the HVP")
+
+    losses = []
+    if rank == fault_rank:
+        ShardedLandscape._hvp_chunk = broken
+    try:
+        with gp.GeometryProbe(model, loss_fn, batches, metrics={"spectrum": {"tol": 1e-8}},
+                              schedule=gp.every(2), run_dir=run_dir) as probe:
+            probe.attach(opt)  # probes step 0: fails on fault_rank, so on every rank
+            ShardedLandscape._hvp_chunk = original
+            for _ in range(PROBE_STEPS):
+                opt.zero_grad()
+                loss = loss_fn(model(Xr), yr)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss))
+    finally:
+        ShardedLandscape._hvp_chunk = original
+    return probe.records, losses
+
+
+def _fd_probe_record(mesh, rank: int) -> dict:
+    """One probe (at attach) of the FSDP2 MLP on the finite-difference route, kept in memory."""
+    import geomprobe as gp
+
+    model, loss_fn, X, y = make_problem("mlp")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe = gp.GeometryProbe(model, loss_fn, batches, metrics={"spectrum": {"tol": 1e-6}},
+                             schedule=gp.every(100), hvp_method="finite-difference")
+    probe.attach(opt)
+    probe.close()
+    return probe.records[0]
+
+
+def _refusal(mesh, rank: int) -> str:
+    """What GeometryProbe says when asked for a metric that cannot yet take a sharded Landscape."""
+    import geomprobe as gp
+
+    model, loss_fn, X, y = make_problem("mlp")
+    model = shard_model(model, mesh)
+    try:
+        gp.GeometryProbe(model, loss_fn, (X, y), metrics=["spectrum", "trace"])
+    except gp.ConfigurationError as e:
+        return str(e)
+    return "no error"
+
+
+def _agreed_failures(mesh, rank: int) -> dict:
+    """What each rank raises when rank 1's probe data is NaN, on each route (its loss is not finite), and what
+    a shard placement other than FSDP2's default gives."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    import geomprobe as gp
+
+    model, loss_fn, X, y = make_problem("mlp")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    if rank == 1:
+        batches = [(torch.full_like(x, float("nan")), t) for x, t in batches]
+    out = {}
+    for route in ("autograd", "finite-difference"):
+        try:
+            gp.Landscape(model, loss_fn, batches, hvp_method=route)
+            out[route] = "no error"
+        except gp.GeomprobeError as e:
+            out[route] = f"{type(e).__name__}: {e}"
+    # the model still trains afterwards: FSDP's units were put back to their shards
+    Xr, yr = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    loss_fn(model(torch.nan_to_num(Xr)), yr).backward()
+    out["sharded_after"] = all(hasattr(p, "to_local") for p in model.parameters())
+    other = nn.Sequential(nn.Linear(4, 6)).double()  # even columns: FSDP2 shards dim 1 only evenly
+    fully_shard(other, mesh=mesh, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 else Shard(0))
+    try:
+        gp.Landscape(other, loss_fn, (torch.randn(5, 4, dtype=torch.float64), torch.zeros(5, dtype=torch.long)))
+        out["placement"] = "no error"
+    except gp.ConfigurationError as e:
+        out["placement"] = str(e)
+    return out
+
+
+def _phase(rank: int, name: str) -> None:
+    print(f"[rank {rank}] {name} {time.perf_counter():.1f}", file=sys.stderr, flush=True)
+
+
+def main(out_dir: str) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    result = {}
+    _phase(rank, "float32 directions")
+    result["f32"] = _float32_directions(mesh, rank)
+    for kind in os.environ.get("KINDS", "mlp,block").split(","):
+        _phase(rank, f"landscape {kind}")
+        result[kind] = _landscape_results(kind, mesh, rank)
+        gc.collect()
+    _phase(rank, "agreed failures")
+    result["failures"] = _agreed_failures(mesh, rank)
+    _phase(rank, "probe")
+    records, losses = _probe_records(mesh, rank, f"{out_dir}/run", fault_rank=1)
+    result["records"] = json.loads(json.dumps(records))
+    result["losses"] = losses
+    result["refusal"] = _refusal(mesh, rank)
+    result["fd_record"] = json.loads(json.dumps(_fd_probe_record(mesh, rank)))
+    torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    _phase(rank, "saved")
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
