@@ -259,8 +259,18 @@ def main() -> None:
     results["parameters"] = sum(p.numel() for p in model.parameters())
     # the optimizer (and its state) lives on through the probe measurements, as in training
     opt = _attempt(results, "train_step", lambda: train_step(model, batch, device, results), device)
+    def save() -> None:  # after each part, so a run stopped by a time limit keeps what it measured
+        if rank == 0 and args.out:
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.out).write_text(json.dumps(results, indent=2, default=str) + "\n")
+
+    save()
     for route in args.routes.split(","):
         _attempt(results, f"route {route}", lambda r=route: measure_route(model, batch, r, device, args, results), device)
+        save()
+        if rank == 0:
+            print(json.dumps({"route": route, **results.get("routes", {}).get(route, {})}, default=str)[:1500],
+                  flush=True)
     _attempt(results, "auto_route", lambda: auto_route(model, batch, device, results), device)
     if size in ("1b", "tiny"):
         gathered = [torch.empty_like(ids) for _ in range(world)]

@@ -93,3 +93,24 @@ def test_cuda_vectors_are_drawn_on_the_device_and_reproducible(dtype):
     assert all(torch.equal(draws[0].cpu(), d.cpu()) for d in draws[1:])
     z = rademacher(1 << 20, gen(9), dtype, devices[0])
     assert z.device == devices[0] and torch.equal(z, rademacher(1 << 20, gen(9), dtype, devices[0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_products_over_column_slices_equal_whole_products(monkeypatch, dtype):
+    # BLAS sizes are 32-bit: past PRODUCT_COLUMNS entries (a 7B shard has 3e9) the products go slice by slice.
+    # With the slice cut to 7 columns, every kernel must give the whole product to rounding.
+    from geomprobe.linalg import vectors as V
+
+    g = torch.Generator().manual_seed(3)
+    B = torch.randn(4, 1001, generator=g, dtype=torch.float64)
+    w = torch.randn(1001, generator=g, dtype=torch.float64)
+    c = torch.randn(4, generator=g, dtype=torch.float64).to(vectors.accumulation_dtype(dtype))  # as Lanczos has it
+    Bd, wd = B.to(dtype), w.to(dtype)
+    whole = (V.row_dots(Bd, wd), V.vector_norm(wd), V.sub_rows(wd.clone(), c, Bd))
+    monkeypatch.setattr(V, "PRODUCT_COLUMNS", 7)
+    sliced = (V.row_dots(Bd, wd), V.vector_norm(wd), V.sub_rows(wd.clone(), c, Bd))
+    tol = {torch.float64: 1e-12, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    ref = (Bd.double() @ wd.double(), wd.double().norm(), wd.double() - c.to(dtype).double() @ Bd.double())
+    for a, b, r in zip(whole, sliced, ref):
+        assert torch.allclose(a.double(), r, atol=tol * float(r.abs().max()), rtol=0)
+        assert torch.allclose(b.double(), r, atol=tol * float(r.abs().max()), rtol=0)

@@ -108,6 +108,15 @@ def _column_chunk(rows: int) -> int:
     return max(1, HALF_CHUNK_ELEMENTS // max(rows, 1))
 
 
+# Columns per matrix product: BLAS takes 32-bit sizes (a 7B model's shard on 2 GPUs has 3e9 entries, past 2^31),
+# and the fused half path's float32 scratch is one slice, not a whole float32 d-vector (12 GB there).
+PRODUCT_COLUMNS = 1 << 28
+
+
+def _column_slices(d: int):
+    return ((s, min(d, s + PRODUCT_COLUMNS)) for s in range(0, d, PRODUCT_COLUMNS))
+
+
 def _fused_half(w: torch.Tensor) -> bool:
     # CUDA matrix products take half inputs and give float32 results directly (``out_dtype``): one kernel
     # reading the basis once, where float32 slices cost a conversion pass and a launch per slice (at 124M
@@ -120,9 +129,12 @@ def row_dots(B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     product; for half types, float32 accumulation: fused on CUDA, float32 products over column slices
     elsewhere, never a full float32 copy)."""
     if w.dtype not in HALF_TYPES:
-        return B @ w
+        if w.shape[0] <= PRODUCT_COLUMNS:
+            return B @ w
+        return sum(B[:, a:b] @ w[a:b] for a, b in _column_slices(w.shape[0]))
     if _fused_half(w):
-        return torch.mm(B, w[:, None], out_dtype=torch.float32)[:, 0]
+        return sum(torch.mm(B[:, a:b], w[a:b, None], out_dtype=torch.float32)[:, 0]
+                   for a, b in _column_slices(w.shape[0]))
     acc = torch.zeros(B.shape[0], dtype=torch.float32, device=w.device)
     step = _column_chunk(B.shape[0])
     for s in range(0, w.shape[0], step):
@@ -133,13 +145,19 @@ def row_dots(B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``w - c @ B`` written into ``w`` (no temporary of length d; half types accumulate in float32)."""
     if w.dtype not in HALF_TYPES:
-        return w.addmv_(B.T, c.to(w.dtype), alpha=-1)
+        c = c.to(w.dtype)
+        for a, b in _column_slices(w.shape[0]):
+            w[a:b].addmv_(B[:, a:b].T, c, alpha=-1)
+        return w
     if _fused_half(w):
         # c @ B accumulated in float32 and subtracted in float32 (one float32 d-vector of scratch), one
         # rounding to w's type. The coefficients go in rounded to w's type: after the three-term step they are
         # rounding-sized, so their own rounding is second order; where they are not (a first pass), a second
         # pass follows.
-        return w.sub_(torch.mm(c.to(w.dtype)[None], B, out_dtype=torch.float32)[0])
+        c = c.to(w.dtype)[None]
+        for a, b in _column_slices(w.shape[0]):
+            w[a:b].sub_(torch.mm(c, B[:, a:b], out_dtype=torch.float32)[0])
+        return w
     step = _column_chunk(B.shape[0])
     for s in range(0, w.shape[0], step):
         w[s : s + step] = w[s : s + step].float() - c @ B[:, s : s + step].float()
@@ -150,9 +168,11 @@ def vector_norm(w: torch.Tensor) -> torch.Tensor:
     """``||w||`` as a 0-d tensor on ``w``'s device in :func:`accumulation_dtype` (no host synchronization)."""
     if w.dtype not in HALF_TYPES:
         return torch.linalg.vector_norm(w)
-    step = HALF_CHUNK_ELEMENTS
-    parts = [torch.linalg.vector_norm(w[s : s + step].float()) for s in range(0, w.shape[0], step)]
-    return torch.linalg.vector_norm(torch.stack(parts))
+    # float32 accumulation read straight from the half values (the reduction casts as it reads): no float32
+    # copy and one kernel per slice of PRODUCT_COLUMNS, where float32 copies of 2^24-element slices cost eight
+    # launches and a conversion pass per norm at 124M parameters
+    parts = [torch.linalg.vector_norm(w[a:b], dtype=torch.float32) for a, b in _column_slices(w.shape[0])]
+    return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
 
 
 def check_dim(dim: int) -> None:
