@@ -10,7 +10,7 @@ stream advances by exactly one number per draw."""
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -117,6 +117,39 @@ def _column_slices(d: int):
     return ((s, min(d, s + PRODUCT_COLUMNS)) for s in range(0, d, PRODUCT_COLUMNS))
 
 
+# A matrix's rows farther apart than this cannot go to BLAS at all (its leading dimension is 32-bit too), so
+# such rows are taken one at a time, each slice of a row being contiguous.
+LD_LIMIT = 2**31 - 1
+
+
+def _long_rows(B: torch.Tensor) -> bool:
+    return B.dim() == 2 and B.shape[0] > 0 and B.stride(0) > LD_LIMIT
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """``x . y`` of two contiguous slices in :func:`accumulation_dtype` (0-d, on their device)."""
+    if x.dtype not in HALF_TYPES:
+        return x @ y
+    if _fused_half(y):
+        return torch.mm(x[None], y[:, None], out_dtype=torch.float32)[0, 0]
+    return x.float() @ y.float()
+
+
+def _long_row_dots(B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    d = w.shape[0]
+    return torch.stack([sum(_row_dot(B[i, a:b], w[a:b]) for a, b in _column_slices(d)) for i in range(B.shape[0])])
+
+
+def _long_sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    c = c.to(device=w.device, dtype=accumulation_dtype(w.dtype))
+    for a, b in _column_slices(w.shape[0]):
+        acc = torch.zeros(b - a, dtype=c.dtype, device=w.device)
+        for i in range(B.shape[0]):
+            acc.addcmul_(B[i, a:b], c[i])  # the 0-d coefficient stays on the device: no host synchronization
+        w[a:b].sub_(acc)
+    return w
+
+
 def _fused_half(w: torch.Tensor) -> bool:
     # CUDA matrix products take half inputs and give float32 results directly (``out_dtype``): one kernel
     # reading the basis once, where float32 slices cost a conversion pass and a launch per slice (at 124M
@@ -128,6 +161,8 @@ def row_dots(B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``B @ w`` for rows ``B`` ``(n, d)`` and ``w`` ``(d,)`` in :func:`accumulation_dtype` (one matrix-vector
     product; for half types, float32 accumulation: fused on CUDA, float32 products over column slices
     elsewhere, never a full float32 copy)."""
+    if _long_rows(B):
+        return _long_row_dots(B, w)
     if w.dtype not in HALF_TYPES:
         if w.shape[0] <= PRODUCT_COLUMNS:
             return B @ w
@@ -144,6 +179,8 @@ def row_dots(B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     """``w - c @ B`` written into ``w`` (no temporary of length d; half types accumulate in float32)."""
+    if _long_rows(B):
+        return _long_sub_rows(w, c, B)
     if w.dtype not in HALF_TYPES:
         c = c.to(w.dtype)
         for a, b in _column_slices(w.shape[0]):
