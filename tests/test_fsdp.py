@@ -273,3 +273,31 @@ def test_the_fsdp_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     assert exact["info"]["sharded"]["hvp_route"] == "autograd" and fd["info"]["sharded"]["hvp_route"] == "finite-difference"
     assert res["auto_route"]["hvp_route"] == "autograd" and res["one_gpu"]["samples"] == 4
     assert res["hvp_speedup_two_over_one"] > 0
+
+
+@pytest.mark.parametrize("dtype, room_gib, route", [
+    (torch.float32, 100, "autograd"),            # fits: exact
+    (torch.float32, 1, "finite-difference"),     # does not fit: finite differences of FSDP's gradients
+    (torch.bfloat16, 100, "autograd"),
+    (torch.bfloat16, 1, "autograd"),             # does not fit, but bf16 differences would be rounding: exact, warned
+])
+def test_auto_route_by_simulated_memory_and_dtype(monkeypatch, dtype, room_gib, route):
+    # The route decision alone, on a stand-in with a simulated free memory (no process group needed): 1e8
+    # parameters and 4 samples of 1 GiB of saved activations need ~10 GiB on the exact route.
+    import types
+
+    from geomprobe.engine import sharded_landscape as sl
+
+    monkeypatch.setattr(sl, "device_memory", lambda device: (room_gib * 2**30, 0))
+    stub = types.SimpleNamespace(
+        layout=types.SimpleNamespace(dim=10**8), dtype=dtype, hvp_method="auto", device=torch.device("cpu"),
+        batches=[torch.zeros(4, 3)], _cap=None, reducer=types.SimpleNamespace(gather_ints=lambda x: [x]),
+        _forward_bytes_per_sample=lambda: float(2**30),
+    )
+    if dtype == torch.bfloat16 and room_gib == 1:
+        with pytest.warns(RuntimeWarning, match="finite differences are not used for bfloat16"):
+            sl.ShardedLandscape._choose_route(stub)
+    else:
+        sl.ShardedLandscape._choose_route(stub)
+    assert stub.hvp_method == route and stub.route["hvp_route"] == route
+    assert stub.route["exact_bytes_estimate"] > 2**30
