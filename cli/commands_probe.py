@@ -131,7 +131,8 @@ def _check_optimizer(spec: ProbeSpec, infos: list[CheckpointInfo], needing: list
 
 class _Progress:
     """A rich progress bar with ETA on a terminal, with a second bar for the metric running now (HVPs done
-    of planned); one plain line per checkpoint otherwise. ``quiet``: nothing."""
+    of planned; forward passes for a view, which spends most of its time on them); one plain line per
+    checkpoint otherwise. ``quiet``: nothing."""
 
     def __init__(self, console: Console, total: int, quiet: bool = False):
         self.console, self.total, self.done, self.t0 = console, total, 0, time.perf_counter()
@@ -149,11 +150,15 @@ class _Progress:
         """Inside a probe: the metric running and its HVPs done of planned (an upper bound shows as <=)."""
         if self.bar is None or e.metric is None:
             return
+        forwards = bool(e.planned_forwards)
         if e.kind == "start":
             label = f"  {e.metric} HVPs (planned {planned_text(e.planned, e.exact)})"
-            self.bar.reset(self.metric_task, total=e.planned, description=label, visible=True)
+            if forwards:
+                label = f"  {e.metric} forward passes (planned {e.planned_forwards}; HVPs {planned_text(e.planned, e.exact)})"
+            self.bar.reset(self.metric_task, total=e.planned_forwards if forwards else e.planned, description=label,
+                           visible=True)
         elif e.kind == "advance":
-            self.bar.update(self.metric_task, completed=e.hvps)
+            self.bar.update(self.metric_task, completed=e.forwards if forwards else e.hvps)
         elif e.kind == "end":
             self.bar.update(self.metric_task, visible=False)
 

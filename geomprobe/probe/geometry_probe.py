@@ -47,7 +47,7 @@ from .last_update import LastUpdate, wants_last_update
 from .metric_needs import basis_vectors, bounded_basis, gradient_samples
 from .metric_spec import resolve_metrics
 from .options import check_probe_options
-from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
+from .progress import ProbeProgress, ProgressCallback, plan_probe, resolve_progress
 from .run_folder import last_step, probe_meta, refuse_existing, storable
 from .schedule import Schedule, budget, every
 from .summary import resolve_summary
@@ -109,7 +109,8 @@ class GeometryProbe:
             Off for ``spectrum`` when ``precond`` (with its raw spectrum) runs too, since a cold
             ``spectrum`` gives ``precond`` its raw Lanczos run for free.
         progress: ``None`` (default) prints nothing, so the training loop's output is left alone; ``True``
-            prints one line on stderr per probe (HVPs per metric against the plan); a callable receives
+            prints one line on stderr per probe (HVPs per metric against the plan, and forward passes for the
+            views); a callable receives
             every :class:`~.progress.ProgressEvent` (plan, metric start/advance/end, done). The plan, each
             metric's planned HVPs and vector memory, is also in :attr:`cost_plan` and the run's ``meta.json``.
         summary: ``True`` prints one line per probe on stderr once it is recorded: the loss and each metric's
@@ -200,7 +201,7 @@ class GeometryProbe:
         self._summary = resolve_summary(summary)
         # planned before the memory plan exists: vector memory at the largest chunk the memory plan may choose
         self.cost_plan = plan_probe(self.metric_options, self.space, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
-                                    dtype=selected[0].dtype if selected else torch.float32)
+                                    dtype=selected[0].dtype if selected else torch.float32, batches=len(self.batches))
         self.records: list[dict] = []
         self.failures: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -326,7 +327,7 @@ class GeometryProbe:
             except Exception as e:
                 errors["annotate"] = self._failure("annotate", e, None)
         land = None
-        progress = ProbeProgress(self._progress, self.cost_plan, step) if self._progress is not None else None
+        progress = None if self._progress is None else ProbeProgress(self._progress, self.cost_plan, step, len(self.batches))
         if progress is not None:
             progress.begin()
         # what this probe ran with; a failure may change them for the next probe
@@ -349,7 +350,7 @@ class GeometryProbe:
             if land.approximate:
                 record["approximate_hvp"] = True
             if progress is not None:
-                count_hvps(land, progress.advance)
+                progress.count(land)
             for name, opts in self.metric_options.items():
                 land.widest_block = 0
                 if progress is not None:
@@ -375,6 +376,7 @@ class GeometryProbe:
         record["lr"] = [grp.get("lr") for grp in self.optimizer.param_groups] if self.optimizer is not None else None
         record["cost"] = {
             "hvps": land.hvps if land is not None else 0,
+            "forwards": land.forwards if land is not None else 0,
             "seconds": seconds,
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "graph_mib": land.graph_bytes / 2**20 if land is not None else None,
@@ -409,7 +411,7 @@ class GeometryProbe:
         if self._tb is not None:
             self._tb.log(record, step=step)
         if progress is not None:
-            progress.finish(record["cost"]["hvps"], seconds)
+            progress.finish(record["cost"]["hvps"], seconds, record["cost"]["forwards"])
         if self._summary is not None and self.writes:  # one line per probe, not one per rank
             self._summary(record)
         return record
