@@ -245,10 +245,13 @@ def _table(rows: list[dict]) -> Table:
 @click.option("--no-warm-start", is_flag=True,
               help="Start every Lanczos run cold instead of from the previous checkpoint's Ritz vectors.")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, progress or notes on stderr (warnings and errors still).")
+@click.option("--summary", is_flag=True,
+              help="Print one line per checkpoint on stderr once it is recorded: the loss and each metric's headline "
+                   "values with their errors (as GeometryProbe(summary=True)); printed under --quiet too.")
 @handle_errors
 def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tuple[str, dict], ...], out: str | None,
           force: bool, resume: str | None, mode: str, seed: int, samples: int | None, trust_pickle: bool,
-          as_json: bool, dry_run: bool, no_warm_start: bool, quiet: bool) -> None:
+          as_json: bool, dry_run: bool, no_warm_start: bool, quiet: bool, summary: bool) -> None:
     """Probe saved checkpoints CKPT... (files, save_pretrained folders or glob patterns) into one run.
 
     Formats: state dicts (.pt/.pth/.bin), training dicts with optimizer state, Lightning .ckpt,
@@ -306,7 +309,7 @@ def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tu
             model, spec.loss_fn, spec.probe_data, metrics=metric_options, schedule=at([i.step for i in infos]),
             run_dir=None if dry_run else out, mode=mode, noise_data=spec.noise_data, probe_samples=samples,
             seed=seed, force=force, resume=resume is not None, meta=meta, warm_start=not no_warm_start,
-            progress=progress.event,
+            progress=progress.event, summary=_summary_printer(err) if summary else False,
         )
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         if dry_run:
@@ -373,6 +376,12 @@ def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tu
     if not quiet:
         err.print(f"run written to {out}; read it with: geomprobe report {out}", markup=False, highlight=False,
                   soft_wrap=True)
+
+
+def _summary_printer(err: Console) -> Any:
+    """Each probe's summary line on stderr through the console, so that a progress bar on a terminal stays
+    below it; never wrapped (one probe, one line, as a log file holds it)."""
+    return lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _estimate(geometry: GeometryProbe) -> tuple[dict | None, str | None]:

@@ -230,7 +230,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpts):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert list(doc["cost_plan"]) == ["spectrum", "rmed"] and doc["parameters"] == 51 and doc["checkpoints"] == 3
-    assert doc["cost_plan"]["rmed"] == {"hvps": 51, "exact": True, "gradients": 0, "vector_bytes": 32 * 51 * 4}
+    assert doc["cost_plan"]["rmed"] == {"hvps": 51, "exact": True, "gradients": 0, "vector_bytes": 32 * 51 * 4,
+                                         "forwards": 0}
     assert not (tmp_path / "run").exists()
     table = run("probe", ckpts[0], "--spec", SPEC, "--dry-run")
     assert table.exit_code == 0 and "planned cost per probe" in table.stdout and "spectrum" in table.stdout
@@ -270,3 +271,22 @@ def test_an_out_path_through_a_file_is_an_error_not_a_success(tmp_path, ckpts):
     assert res.exit_code == 1 and "could not be written" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "afile" / "run"), "--budget", "10", "--probes", "1"])
     assert res.exit_code == 1 and "Not a directory" in res.output and "Traceback" not in res.output
+
+
+def test_summary_prints_one_line_per_checkpoint_on_stderr(tmp_path, ckpts):
+    """--summary: the line GeometryProbe(summary=True) prints, once per checkpoint as it is recorded, on stderr
+    (stdout keeps its one JSON document); without it (the default) no such line, with or without --quiet."""
+    from geomprobe.probe.summary import summary_line
+
+    out = tmp_path / "run"
+    result = run("probe", *ckpts, "--spec", SPEC, "--metric", "spectrum", "--metric", "rmed", "--out", out,
+                 "--quiet", "--summary", "--json")
+    assert result.exit_code == 0, result.output
+    assert [c["step"] for c in json.loads(result.stdout)["checkpoints"]] == [10, 20, 30]
+    records = RunReader(out).records
+    assert result.stderr.splitlines() == [summary_line(r) for r in records]
+    assert all(f"geomprobe step {s}: loss " in line and "lambda_max" in line and "R_med" in line
+               for s, line in zip((10, 20, 30), result.stderr.splitlines()))
+    plain = run("probe", ckpts[0], "--spec", SPEC, "--out", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    assert "geomprobe step" not in plain.stderr and "[1/1]" in plain.stderr
