@@ -48,6 +48,7 @@ from .metric_needs import basis_vectors, bounded_basis, gradient_samples
 from .metric_spec import resolve_metrics
 from .options import check_probe_options
 from .progress import ProbeProgress, ProgressCallback, plan_probe, resolve_progress
+from .resume_check import check_resumable, probe_policy
 from .run_folder import last_step, probe_meta, refuse_existing, storable
 from .schedule import Schedule, budget, every
 from .summary import resolve_summary
@@ -238,6 +239,8 @@ class GeometryProbe:
             refuse_existing(run_dir)
         # A resumed run continues its step numbering (a restarted script counts from 0 again); step()'s own
         # argument still wins for a caller that keeps the count itself.
+        if resume and run_dir is not None and self.writes:
+            check_resumable(run_dir, probe_policy(self))  # records measured otherwise would not compare
         self._resumed_step = last_step(run_dir) if resume and run_dir is not None else None
         if self._resumed_step is not None:
             self._step = self._resumed_step
