@@ -34,6 +34,7 @@ from geomprobe.probe.geometry_probe import DEFAULT_METRICS, GeometryProbe
 from geomprobe.probe.estimate import estimate_costs
 from geomprobe.probe.metric_spec import METRIC_SPEC_HELP, resolve_metrics
 from geomprobe.probe.progress import ProgressEvent, planned_text
+from geomprobe.probe.run_folder import kept_old_run
 from geomprobe.probe.schedule import at
 
 from ._common import SEED, emit_json, err_console, handle_errors, out_console
@@ -360,12 +361,18 @@ def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tu
                    "checkpoints": rows})
     else:
         out_console().print(_table(rows))
+    failed = [r for r in rows if r["errors"]]
+    if failed and kept_old_run(geometry):  # --force replaces a run only with one that measured something
+        where, message = next(iter(failed[0]["errors"].items()))
+        raise click.ClickException(
+            f"no checkpoint was measured ({len(failed)} of {len(rows)} probes failed; step {failed[0]['step']}, "
+            f"{where}: {message}), so the run in {out} was left as it was: fix the spec's model or loss_fn, or "
+            "drop the metric that fails")
     if geometry.unwritten_records:  # the probes ran, but the run log could not take them
         raise click.ClickException(
             f"the run could not be written to {out} ({geometry.write_error}); "
             f"{len(geometry.unwritten_records)} probe record(s) were lost: choose another --out"
         )
-    failed = [r for r in rows if r["errors"]]
     if failed:
         first = failed[0]
         where, message = next(iter(first["errors"].items()))

@@ -49,7 +49,7 @@ from .metric_spec import resolve_metrics
 from .options import check_probe_options
 from .progress import ProbeProgress, ProgressCallback, plan_probe, resolve_progress
 from .resume_check import check_resumable, probe_policy
-from .run_folder import last_step, probe_meta, refuse_existing, storable
+from .run_folder import last_step, probe_meta, refuse_existing, storable, unwritten_message, write_pending
 from .schedule import Schedule, budget, every
 from .summary import resolve_summary
 from .skips import SkipCounter, open_ended
@@ -95,7 +95,9 @@ class GeometryProbe:
             each record's ``cost.memory_plan`` and the first one in the run's metadata. Out-of-memory
             failures still shrink the settings for later probes (recorded as ``"oom-ladder"``).
         seed: seeds probe-data sampling, dropout masks in train mode and every metric's random vectors.
-        force / resume: replace or append to an existing run folder.
+        force / resume: replace or append to an existing run folder. ``force`` leaves the old run as it was
+            until a probe has measured something, then swaps in the new run in one step; ``resume`` refuses
+            a run measured with other metrics, options, mode, probe data or seed (:mod:`.resume_check`).
         tensorboard: a log folder for TensorBoard scalars (needs tensorboard installed).
         meta: extra JSON-ready metadata for the run.
         clock: the clock probe time is measured with (the schedule's budget sees the same seconds).
@@ -430,26 +432,9 @@ class GeometryProbe:
         return self._write_error
 
     def _write_records(self) -> None:
-        """Append the records not yet in the run log, oldest first. A write that fails (a full or read-only
-        disk, a folder that cannot be created) is a probe failure, not a training failure: warned once, the
-        records kept in memory and tried again at the next probe and at :meth:`close`."""
-        try:
-            if self.writer is None:
-                self.writer = RunWriter(
-                    self.run_dir, self._meta(self._extra_meta), force=self._force, resume=self._resume
-                )
-            while self._unwritten:
-                self.writer.append(self._unwritten[0])
-                self._unwritten.pop(0)
-        except OSError as e:
-            self._write_error = f"{type(e).__name__}: {e}"
-            self.failures["run log"] = self.failures.get("run log", 0) + 1
-            if "run log" not in self._warned:
-                self._warned.add("run log")
-                warnings.warn(
-                    f"geomprobe: writing the run log to {str(self.run_dir)!r} failed at step {self._step} "
-                    f"({self._write_error}); training continues, the records are kept in memory and written at "
-                    "the next probe or at close()", RuntimeWarning, stacklevel=4)
+        """Append the records not yet in the run log (:func:`~.run_folder.write_pending`: a failed write
+        keeps them in memory for the next try; ``force=True`` replaces a run only with a measurement)."""
+        write_pending(self)
 
     def _run_metric(self, name: str, land: Landscape, opts: dict) -> dict:
         metric = registry.get(name)
@@ -584,11 +569,7 @@ class GeometryProbe:
         if self._unwritten:
             self._write_records()  # a last try for records a failed write kept in memory
         if self._unwritten:
-            warnings.warn(
-                f"geomprobe: {len(self._unwritten)} probe record(s) could not be written to {str(self.run_dir)!r} "
-                f"({self._write_error}); they are in probe.records (steps "
-                f"{', '.join(str(r['step']) for r in self._unwritten)}): free space or fix the folder's permissions "
-                "and write them with geomprobe.RunWriter", RuntimeWarning, stacklevel=2)
+            warnings.warn(unwritten_message(self), RuntimeWarning, stacklevel=2)
         if self.writer is not None:
             try:
                 self.writer.close()
