@@ -261,6 +261,13 @@ def test_progress_inside_a_probe_on_a_terminal():
         assert "spectrum HVPs (planned <=51)" in task.description
         progress.event(ProgressEvent("end", 5, "spectrum", 3, 51, False))
         assert not progress.bar.tasks[progress.metric_task].visible
+        # a view's bar follows its forward passes, the bulk of its time
+        progress.event(ProgressEvent("start", 5, "view_line", 0, 1, True, planned_forwards=82))
+        progress.event(ProgressEvent("advance", 5, "view_line", 1, 1, True, forwards=0, planned_forwards=82))
+        progress.event(ProgressEvent("advance", 5, "view_line", 1, 1, True, forwards=4, planned_forwards=82))
+        task = progress.bar.tasks[progress.metric_task]
+        assert (task.completed, task.total) == (4, 82)
+        assert "view_line forward passes (planned 82; HVPs 1)" in task.description
     quiet = _Progress(Console(file=io.StringIO(), force_terminal=True), 1, quiet=True)
     assert quiet.bar is None
 
@@ -290,3 +297,19 @@ def test_summary_prints_one_line_per_checkpoint_on_stderr(tmp_path, ckpts):
     plain = run("probe", ckpts[0], "--spec", SPEC, "--out", tmp_path / "plain")
     assert plain.exit_code == 0, plain.output
     assert "geomprobe step" not in plain.stderr and "[1/1]" in plain.stderr
+
+
+def test_dry_run_plans_a_views_forward_passes(tmp_path, ckpts):
+    result = run("probe", ckpts[0], "--spec", SPEC, "--metric", "spectrum", "--metric",
+                 "view_line:direction=gradient,points=5", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["cost_plan"]
+    assert plan["view_line"]["forwards"] == 5 and plan["spectrum"]["forwards"] == 0  # one probe batch
+    table = run("probe", ckpts[0], "--spec", SPEC, "--metric", "view_line:direction=gradient,points=5", "--dry-run")
+    assert table.exit_code == 0, table.output
+    header = next(line for line in table.stdout.splitlines() if "metric" in line and "HVPs" in line)
+    assert "forwards" in header
+    row = next(line for line in table.stdout.splitlines() if "view_line" in line)
+    assert [c.strip() for c in row.strip("│ ").split("│")][1:3] == ["1", "5"]
+    plain = run("probe", ckpts[0], "--spec", SPEC, "--dry-run")  # no view: no column
+    assert "forwards" not in plain.stdout

@@ -164,9 +164,9 @@ def test_force_with_a_good_first_probe_leaves_only_the_new_run(tmp_path):
 def test_force_after_failed_probes_replaces_the_run_with_all_their_records(tmp_path):
     run_dir = tmp_path / "run"
     model, _, batch = first_run(run_dir)
+    probe = gp.GeometryProbe(model, FailsFirst(2), batch, metrics=METRICS, schedule=gp.every(1),
+                             run_dir=run_dir, force=True)
     with pytest.warns(RuntimeWarning) as caught:
-        probe = gp.GeometryProbe(model, FailsFirst(2), batch, metrics=METRICS, schedule=gp.every(1),
-                                 run_dir=run_dir, force=True)
         train(probe, model, nn.CrossEntropyLoss(), batch, 3)
     assert any("measured nothing" in str(w.message) for w in caught)
     records = gp.RunReader(run_dir).records
@@ -207,7 +207,7 @@ def test_a_crash_before_the_new_run_is_complete_leaves_the_old_run_byte_identica
     first_run(run_dir)
     before = snapshot(run_dir)
     code = CRASH.format(tests=str(Path(__file__).parent), where=where, run=str(run_dir))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == -9, proc.stderr  # killed, not a clean exit
     assert snapshot(run_dir) == before
     # the next force=True clears what the killed one left beside the run, and replaces the run
