@@ -219,12 +219,14 @@ def test_a_crash_before_the_new_run_is_complete_leaves_the_old_run_byte_identica
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
-@pytest.mark.parametrize("atomic", [True, False], ids=["renameat2", "two-renames"])
-def test_replace_run_swaps_in_the_new_run_with_or_without_an_atomic_exchange(tmp_path, monkeypatch, atomic):
+@pytest.mark.parametrize("how", ["renameat2", "two-renames", "in-place"])
+def test_replace_run_swaps_in_the_new_run_with_or_without_an_atomic_exchange(tmp_path, monkeypatch, how):
     from geomprobe.runs import replace
 
-    if not atomic:  # a system without renameat2: the old run is set aside, then the new one renamed in
+    if how == "two-renames":  # a system without renameat2: the old run is set aside, then the new one renamed in
         monkeypatch.setattr(replace, "_renameat2", lambda: None)
+    if how == "in-place":  # no room beside the run: replaced in place (root may write anywhere, so pretend)
+        monkeypatch.setattr(replace.os, "access", lambda *args: False)
     run_dir = tmp_path / "run"
     with gp.RunWriter(run_dir, {"which": "old"}) as w:
         w.append({"step": 0, "big": np.arange(100.0)})  # a sidecar, which must go with the old run

@@ -6,7 +6,8 @@ run (its meta and first records, sidecars included) into a hidden sibling folder
 folders: atomically where the system can (Linux ``renameat2(RENAME_EXCHANGE)``), else by two renames with the
 old run set aside under a hidden name in between (a crash in that instant leaves both runs on disk, the old one
 as ``.NAME.geomprobe-old``). Files in the folder that are not the writer's (a user's notes, a checkpoint) are
-moved into the new run before the swap, so they stay where they were.
+moved into the new run before the swap, so they stay where they were. Where the folder's parent cannot be
+written, the run is replaced in place (as ``RunWriter(force=True)``), once the new records are at hand.
 """
 
 from __future__ import annotations
@@ -107,6 +108,13 @@ def replace_run(run_dir: str | os.PathLike[str], meta: Mapping[str, Any] | None,
     check_unlocked(run_dir)  # another live process appending to it: refuse before touching anything
     staging = staging_folder(run_dir)
     _remove(staging)  # left by a replacement that was killed before its swap
+    if not os.access(run_dir.parent, os.W_OK | os.X_OK):
+        # no room beside the run (a folder the user may write into but not next to): replaced in place, the
+        # old files deleted just before the new ones are written
+        writer = RunWriter(run_dir, meta, force=True)
+        for record in records:
+            writer.append(record)
+        return writer
     try:
         with RunWriter(staging, meta) as writer:
             for record in records:
