@@ -15,7 +15,8 @@ __all__ = ["plan_table", "estimate_note"]
 
 
 def plan_table(plan: dict[str, dict], dim: int, dtype: str, estimate: dict[str, Any] | None = None) -> Table:
-    """Each metric's planned HVPs, forward passes (where any metric spends them), gradients and vector memory (``<=`` marks an iteration's upper bound), and
+    """Each metric's planned HVPs, forward passes (a column only where a metric spends them), gradients and
+    vector memory (``<=`` marks an iteration's upper bound), and
     its estimated time when ``estimate`` (:func:`geomprobe.probe.estimate.estimate_costs`) is given."""
     table = Table(title=f"planned cost per probe ({dim:,} parameters, {dtype})", title_justify="left")
     columns = [("metric", "left"), ("HVPs", "right"), ("gradients", "right"), ("vector memory", "right")]

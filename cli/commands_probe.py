@@ -155,7 +155,8 @@ class _Progress:
         if e.kind == "start":
             label = f"  {e.metric} HVPs (planned {planned_text(e.planned, e.exact)})"
             if forwards:
-                label = f"  {e.metric} forward passes (planned {e.planned_forwards}; HVPs {planned_text(e.planned, e.exact)})"
+                label = (f"  {e.metric} forward passes (planned {e.planned_forwards}; "
+                         f"HVPs {planned_text(e.planned, e.exact)})")
             self.bar.reset(self.metric_task, total=e.planned_forwards if forwards else e.planned, description=label,
                            visible=True)
         elif e.kind == "advance":

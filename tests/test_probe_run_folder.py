@@ -58,7 +58,8 @@ def test_resume_with_the_same_policy_appends(tmp_path):
 
 @pytest.mark.parametrize("change, named", [
     ({"metrics": {"spectrum": {"tol": 1e-3}}}, r"metrics spectrum:tol=0\.0001, not spectrum:tol=0\.001"),
-    ({"metrics": {"spectrum": {"tol": 1e-4}, "trace": {}}}, r"metrics spectrum:tol=0\.0001, not spectrum:tol=0\.0001 trace"),
+    ({"metrics": {"spectrum": {"tol": 1e-4}, "trace": {}}},
+     r"metrics spectrum:tol=0\.0001, not spectrum:tol=0\.0001 trace"),
     ({"mode": "train"}, r"mode 'eval', not 'train'"),
     ({"seed": 3}, r"seed 0, not 3"),
     ({"data": "two batches"}, r"probe_data 1 given batch\(es\), not 2 given batch\(es\)"),

@@ -113,9 +113,9 @@ class GeometryProbe:
             ``spectrum`` gives ``precond`` its raw Lanczos run for free.
         progress: ``None`` (default) prints nothing, so the training loop's output is left alone; ``True``
             prints one line on stderr per probe (HVPs per metric against the plan, and forward passes for the
-            views); a callable receives
-            every :class:`~.progress.ProgressEvent` (plan, metric start/advance/end, done). The plan, each
-            metric's planned HVPs and vector memory, is also in :attr:`cost_plan` and the run's ``meta.json``.
+            views); a callable receives every :class:`~.progress.ProgressEvent` (plan, metric start/advance/
+            end, done). The plan, each metric's planned HVPs, forward passes and vector memory, is also in
+            :attr:`cost_plan` and the run's ``meta.json``.
         summary: ``True`` prints one line per probe on stderr once it is recorded: the loss and each metric's
             headline values with their errors (:func:`~.summary.summary_line`); a text stream or a callable
             (``logging.info``) receives the lines instead. Default ``False``: nothing printed. Rank 0 only.
@@ -239,10 +239,10 @@ class GeometryProbe:
         self.writes = self._reducer.rank == 0
         if run_dir is not None and self.writes and not (force or resume):
             refuse_existing(run_dir)
-        # A resumed run continues its step numbering (a restarted script counts from 0 again); step()'s own
-        # argument still wins for a caller that keeps the count itself.
         if resume and run_dir is not None and self.writes:
             check_resumable(run_dir, probe_policy(self))  # records measured otherwise would not compare
+        # A resumed run continues its step numbering (a restarted script counts from 0 again); step()'s own
+        # argument still wins for a caller that keeps the count itself.
         self._resumed_step = last_step(run_dir) if resume and run_dir is not None else None
         if self._resumed_step is not None:
             self._step = self._resumed_step
@@ -332,7 +332,8 @@ class GeometryProbe:
             except Exception as e:
                 errors["annotate"] = self._failure("annotate", e, None)
         land = None
-        progress = None if self._progress is None else ProbeProgress(self._progress, self.cost_plan, step, len(self.batches))
+        progress = (None if self._progress is None
+                    else ProbeProgress(self._progress, self.cost_plan, step, len(self.batches)))
         if progress is not None:
             progress.begin()
         # what this probe ran with; a failure may change them for the next probe

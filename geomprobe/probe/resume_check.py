@@ -65,7 +65,8 @@ def _data_text(policy: Any) -> str:
         return repr(policy)
     if policy.get("source") == "dataset":
         n = len(policy.get("indices") or [])
-        return f"{n} samples drawn from a dataset with seed {policy.get('seed')} in batches of {policy.get('batch_size')}"
+        return (f"{n} samples drawn from a dataset with seed {policy.get('seed')} in batches of "
+                f"{policy.get('batch_size')}")
     if policy.get("source") == "given":
         return f"{policy.get('batches')} given batch(es)"
     return f"the first {policy.get('batches')} batch(es) of an iterable"
