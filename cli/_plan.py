@@ -15,10 +15,14 @@ __all__ = ["plan_table", "estimate_note"]
 
 
 def plan_table(plan: dict[str, dict], dim: int, dtype: str, estimate: dict[str, Any] | None = None) -> Table:
-    """Each metric's planned HVPs, gradients and vector memory (``<=`` marks an iteration's upper bound), and
+    """Each metric's planned HVPs, forward passes (a column only where a metric spends them), gradients and
+    vector memory (``<=`` marks an iteration's upper bound), and
     its estimated time when ``estimate`` (:func:`geomprobe.probe.estimate.estimate_costs`) is given."""
     table = Table(title=f"planned cost per probe ({dim:,} parameters, {dtype})", title_justify="left")
     columns = [("metric", "left"), ("HVPs", "right"), ("gradients", "right"), ("vector memory", "right")]
+    forwards = any(p.get("forwards") for p in plan.values())  # a column only when a view spends forward passes
+    if forwards:
+        columns.insert(2, ("forwards", "right"))
     if estimate is not None:
         columns.append(("est. time", "right"))
     for col, justify in columns + [("note", "left")]:
@@ -26,6 +30,8 @@ def plan_table(plan: dict[str, dict], dim: int, dtype: str, estimate: dict[str, 
     for name, p in plan.items():
         row = [name, planned_text(p["hvps"], p["exact"]),
                str(p["gradients"] or 0) if p["hvps"] is not None else "?", bytes_text(p["vector_bytes"])]
+        if forwards:
+            row.insert(2, "?" if p.get("forwards") is None else str(p["forwards"]))
         if estimate is not None:
             row.append(time_text(estimate["metrics"][name]["seconds"], p["exact"]))
         table.add_row(*row, Text(p.get("cost", "")))

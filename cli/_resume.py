@@ -4,32 +4,24 @@ checkpoints it already recorded.
 A probe run written by `geomprobe probe` keeps its command in ``meta.json`` (``probe_command``: checkpoints,
 spec, metrics with their options, mode, seed, samples, warm start). Resuming repeats that command for the
 checkpoints without a record; anything the user gives again must be what the run was made with, since a run
-whose records were measured differently cannot be compared along its steps.
+whose records were measured differently cannot be compared along its steps (the comparison is shared with
+``GeometryProbe(resume=True)``: :mod:`geomprobe.probe.resume_check`).
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any
 
 from geomprobe.errors import ConfigurationError
 from geomprobe.load.checkpoints import expand_checkpoint_paths
+from geomprobe.probe.resume_check import metrics_text, plain, same_metrics
 from geomprobe.runs.reader import RunReader
 
 __all__ = ["resumed_command"]
 
 _FLAG = {"checkpoints": "CKPT...", "spec": "--spec", "metrics": "--metric", "mode": "--mode", "seed": "--seed",
          "samples": "--samples", "warm_start": "--no-warm-start"}
-
-
-def _plain(value: Any) -> Any:
-    return json.loads(json.dumps(value))  # tuples as lists, as the run stores them
-
-
-def _metrics_text(metrics: dict) -> str:
-    return " ".join(name + (":" + ",".join(f"{k}={v}" for k, v in opts.items()) if opts else "")
-                    for name, opts in metrics.items())
 
 
 def resumed_command(run_dir: str, given_command: dict[str, Any], *, given: set[str]) -> tuple[dict, set[int]]:
@@ -49,7 +41,7 @@ def resumed_command(run_dir: str, given_command: dict[str, Any], *, given: set[s
             f"--resume {run_dir}: this run was not written by `geomprobe probe` (its meta.json holds no "
             "probe_command), so there is nothing to continue; probe into a new --out")
     for field in sorted(given):
-        mine, theirs = _plain(given_command[field]), saved.get(field)
+        mine, theirs = plain(given_command[field]), saved.get(field)
         if field == "checkpoints":
             paths = sorted(os.path.abspath(c["path"]) for c in reader.meta.get("checkpoints", []))
             if mine == theirs:
@@ -63,8 +55,8 @@ def resumed_command(run_dir: str, given_command: dict[str, Any], *, given: set[s
             raise ConfigurationError(
                 f"--resume {run_dir}: the run probes {len(paths)} other checkpoints than the {len(mine)} given; "
                 "drop CKPT... to continue the run as it was, or probe these into a new --out")
-        if mine != theirs:
-            shown = {"metrics": _metrics_text, "warm_start": lambda w: "warm starts" if w else "--no-warm-start"}
+        if not (same_metrics(theirs, mine) if field == "metrics" else mine == theirs):
+            shown = {"metrics": metrics_text, "warm_start": lambda w: "warm starts" if w else "--no-warm-start"}
             fmt = shown.get(field, repr)
             raise ConfigurationError(
                 f"--resume {run_dir}: the run was probed with {_FLAG[field]} {fmt(theirs)}, not {fmt(mine)}; "

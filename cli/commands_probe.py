@@ -34,6 +34,7 @@ from geomprobe.probe.geometry_probe import DEFAULT_METRICS, GeometryProbe
 from geomprobe.probe.estimate import estimate_costs
 from geomprobe.probe.metric_spec import METRIC_SPEC_HELP, resolve_metrics
 from geomprobe.probe.progress import ProgressEvent, planned_text
+from geomprobe.probe.run_folder import kept_old_run
 from geomprobe.probe.schedule import at
 
 from ._common import SEED, emit_json, err_console, handle_errors, out_console
@@ -131,7 +132,8 @@ def _check_optimizer(spec: ProbeSpec, infos: list[CheckpointInfo], needing: list
 
 class _Progress:
     """A rich progress bar with ETA on a terminal, with a second bar for the metric running now (HVPs done
-    of planned); one plain line per checkpoint otherwise. ``quiet``: nothing."""
+    of planned; forward passes for a view, which spends most of its time on them); one plain line per
+    checkpoint otherwise. ``quiet``: nothing."""
 
     def __init__(self, console: Console, total: int, quiet: bool = False):
         self.console, self.total, self.done, self.t0 = console, total, 0, time.perf_counter()
@@ -149,11 +151,16 @@ class _Progress:
         """Inside a probe: the metric running and its HVPs done of planned (an upper bound shows as <=)."""
         if self.bar is None or e.metric is None:
             return
+        forwards = bool(e.planned_forwards)
         if e.kind == "start":
             label = f"  {e.metric} HVPs (planned {planned_text(e.planned, e.exact)})"
-            self.bar.reset(self.metric_task, total=e.planned, description=label, visible=True)
+            if forwards:
+                label = (f"  {e.metric} forward passes (planned {e.planned_forwards}; "
+                         f"HVPs {planned_text(e.planned, e.exact)})")
+            self.bar.reset(self.metric_task, total=e.planned_forwards if forwards else e.planned, description=label,
+                           visible=True)
         elif e.kind == "advance":
-            self.bar.update(self.metric_task, completed=e.hvps)
+            self.bar.update(self.metric_task, completed=e.forwards if forwards else e.hvps)
         elif e.kind == "end":
             self.bar.update(self.metric_task, visible=False)
 
@@ -240,10 +247,13 @@ def _table(rows: list[dict]) -> Table:
 @click.option("--no-warm-start", is_flag=True,
               help="Start every Lanczos run cold instead of from the previous checkpoint's Ritz vectors.")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, progress or notes on stderr (warnings and errors still).")
+@click.option("--summary", is_flag=True,
+              help="Print one line per checkpoint on stderr once it is recorded: the loss and each metric's headline "
+                   "values with their errors (as GeometryProbe(summary=True)); printed under --quiet too.")
 @handle_errors
 def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tuple[str, dict], ...], out: str | None,
           force: bool, resume: str | None, mode: str, seed: int, samples: int | None, trust_pickle: bool,
-          as_json: bool, dry_run: bool, no_warm_start: bool, quiet: bool) -> None:
+          as_json: bool, dry_run: bool, no_warm_start: bool, quiet: bool, summary: bool) -> None:
     """Probe saved checkpoints CKPT... (files, save_pretrained folders or glob patterns) into one run.
 
     Formats: state dicts (.pt/.pth/.bin), training dicts with optimizer state, Lightning .ckpt,
@@ -301,7 +311,7 @@ def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tu
             model, spec.loss_fn, spec.probe_data, metrics=metric_options, schedule=at([i.step for i in infos]),
             run_dir=None if dry_run else out, mode=mode, noise_data=spec.noise_data, probe_samples=samples,
             seed=seed, force=force, resume=resume is not None, meta=meta, warm_start=not no_warm_start,
-            progress=progress.event,
+            progress=progress.event, summary=_summary_printer(err) if summary else False,
         )
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")
         if dry_run:
@@ -352,12 +362,18 @@ def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tu
                    "checkpoints": rows})
     else:
         out_console().print(_table(rows))
+    failed = [r for r in rows if r["errors"]]
+    if failed and kept_old_run(geometry):  # --force replaces a run only with one that measured something
+        where, message = next(iter(failed[0]["errors"].items()))
+        raise click.ClickException(
+            f"no checkpoint was measured ({len(failed)} of {len(rows)} probes failed; step {failed[0]['step']}, "
+            f"{where}: {message}), so the run in {out} was left as it was: fix the spec's model or loss_fn, or "
+            "drop the metric that fails")
     if geometry.unwritten_records:  # the probes ran, but the run log could not take them
         raise click.ClickException(
             f"the run could not be written to {out} ({geometry.write_error}); "
             f"{len(geometry.unwritten_records)} probe record(s) were lost: choose another --out"
         )
-    failed = [r for r in rows if r["errors"]]
     if failed:
         first = failed[0]
         where, message = next(iter(first["errors"].items()))
@@ -368,6 +384,12 @@ def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tu
     if not quiet:
         err.print(f"run written to {out}; read it with: geomprobe report {out}", markup=False, highlight=False,
                   soft_wrap=True)
+
+
+def _summary_printer(err: Console) -> Any:
+    """Each probe's summary line on stderr through the console, so that a progress bar on a terminal stays
+    below it; never wrapped (one probe, one line, as a log file holds it)."""
+    return lambda line: err.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def _estimate(geometry: GeometryProbe) -> tuple[dict | None, str | None]:

@@ -141,14 +141,22 @@ def test_force_with_a_broken_loss_leaves_the_good_run_untouched(tmp_path, ckpt):
     assert dry.exit_code == 1 and "loss cannot be computed" in error_line(dry)
 
 
-def test_a_failure_the_probe_records_still_replaces_the_run_under_force(tmp_path, ckpt):
-    """The pre-flight refuses only a loss that cannot run: a model without double backward is a probe failure,
-    recorded in the new run as before."""
+def test_a_probe_failure_past_the_pre_flight_still_leaves_the_run_under_force(tmp_path, ckpt):
+    """The pre-flight refuses a loss that cannot run; a model without double backward passes it and fails in
+    the probe: --force replaces a run only with one that measured something, so the good run stays as it was.
+    Into a fresh folder the failure is recorded, as before."""
     out = tmp_path / "run"
     assert run("probe", ckpt, "--spec", SPEC, "--out", out).exit_code == 0
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
     result = run("probe", ckpt, "--spec", "probe_specs:first_order_spec", "--out", out, "--force")
-    assert result.exit_code == 1 and "1 of 1 probes recorded errors" in error_line(result)
-    assert "once_differentiable" in RunReader(out).records[0]["errors"]["landscape"]
+    assert result.exit_code == 1
+    line = error_line(result)
+    assert "no checkpoint was measured (1 of 1 probes failed; step 10, landscape:" in line
+    assert f"so the run in {out} was left as it was: fix the spec's model or loss_fn" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    fresh = run("probe", ckpt, "--spec", "probe_specs:first_order_spec", "--out", tmp_path / "fresh")
+    assert fresh.exit_code == 1 and "1 of 1 probes recorded errors" in error_line(fresh)
+    assert "once_differentiable" in RunReader(tmp_path / "fresh").records[0]["errors"]["landscape"]
 
 
 # ------------------------------------------------------------------------------------------ integer tensors

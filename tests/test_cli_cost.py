@@ -47,7 +47,7 @@ def test_dry_run_estimates_each_metric_from_one_hvp_on_the_first_checkpoint(tmp_
     doc = json.loads(result.stdout)
     plan, estimate = doc["cost_plan"], doc["estimate"]
     assert plan["rmed"]["hvps"] == 40 and plan["noise"] == {"hvps": 0, "exact": True, "gradients": 256,
-                                                            "vector_bytes": None}
+                                                            "vector_bytes": None, "forwards": 0}
     _check_estimate(estimate, plan)
     assert estimate["measured_on"] == "step 10 (ckpt-10.pt)"  # the first checkpoint by step
     assert not (tmp_path / "run").exists()

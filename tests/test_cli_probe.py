@@ -230,7 +230,8 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, ckpts):
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert list(doc["cost_plan"]) == ["spectrum", "rmed"] and doc["parameters"] == 51 and doc["checkpoints"] == 3
-    assert doc["cost_plan"]["rmed"] == {"hvps": 51, "exact": True, "gradients": 0, "vector_bytes": 32 * 51 * 4}
+    assert doc["cost_plan"]["rmed"] == {"hvps": 51, "exact": True, "gradients": 0, "vector_bytes": 32 * 51 * 4,
+                                         "forwards": 0}
     assert not (tmp_path / "run").exists()
     table = run("probe", ckpts[0], "--spec", SPEC, "--dry-run")
     assert table.exit_code == 0 and "planned cost per probe" in table.stdout and "spectrum" in table.stdout
@@ -260,6 +261,13 @@ def test_progress_inside_a_probe_on_a_terminal():
         assert "spectrum HVPs (planned <=51)" in task.description
         progress.event(ProgressEvent("end", 5, "spectrum", 3, 51, False))
         assert not progress.bar.tasks[progress.metric_task].visible
+        # a view's bar follows its forward passes, the bulk of its time
+        progress.event(ProgressEvent("start", 5, "view_line", 0, 1, True, planned_forwards=82))
+        progress.event(ProgressEvent("advance", 5, "view_line", 1, 1, True, forwards=0, planned_forwards=82))
+        progress.event(ProgressEvent("advance", 5, "view_line", 1, 1, True, forwards=4, planned_forwards=82))
+        task = progress.bar.tasks[progress.metric_task]
+        assert (task.completed, task.total) == (4, 82)
+        assert "view_line forward passes (planned 82; HVPs 1)" in task.description
     quiet = _Progress(Console(file=io.StringIO(), force_terminal=True), 1, quiet=True)
     assert quiet.bar is None
 
@@ -270,3 +278,38 @@ def test_an_out_path_through_a_file_is_an_error_not_a_success(tmp_path, ckpts):
     assert res.exit_code == 1 and "could not be written" in res.output and "Traceback" not in res.output
     res = CliRunner().invoke(cli, ["demo", "--out", str(tmp_path / "afile" / "run"), "--budget", "10", "--probes", "1"])
     assert res.exit_code == 1 and "Not a directory" in res.output and "Traceback" not in res.output
+
+
+def test_summary_prints_one_line_per_checkpoint_on_stderr(tmp_path, ckpts):
+    """--summary: the line GeometryProbe(summary=True) prints, once per checkpoint as it is recorded, on stderr
+    (stdout keeps its one JSON document); without it (the default) no such line, with or without --quiet."""
+    from geomprobe.probe.summary import summary_line
+
+    out = tmp_path / "run"
+    result = run("probe", *ckpts, "--spec", SPEC, "--metric", "spectrum", "--metric", "rmed", "--out", out,
+                 "--quiet", "--summary", "--json")
+    assert result.exit_code == 0, result.output
+    assert [c["step"] for c in json.loads(result.stdout)["checkpoints"]] == [10, 20, 30]
+    records = RunReader(out).records
+    assert result.stderr.splitlines() == [summary_line(r) for r in records]
+    assert all(f"geomprobe step {s}: loss " in line and "lambda_max" in line and "R_med" in line
+               for s, line in zip((10, 20, 30), result.stderr.splitlines()))
+    plain = run("probe", ckpts[0], "--spec", SPEC, "--out", tmp_path / "plain")
+    assert plain.exit_code == 0, plain.output
+    assert "geomprobe step" not in plain.stderr and "[1/1]" in plain.stderr
+
+
+def test_dry_run_plans_a_views_forward_passes(tmp_path, ckpts):
+    result = run("probe", ckpts[0], "--spec", SPEC, "--metric", "spectrum", "--metric",
+                 "view_line:direction=gradient,points=5", "--dry-run", "--json")
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)["cost_plan"]
+    assert plan["view_line"]["forwards"] == 5 and plan["spectrum"]["forwards"] == 0  # one probe batch
+    table = run("probe", ckpts[0], "--spec", SPEC, "--metric", "view_line:direction=gradient,points=5", "--dry-run")
+    assert table.exit_code == 0, table.output
+    header = next(line for line in table.stdout.splitlines() if "metric" in line and "HVPs" in line)
+    assert "forwards" in header
+    row = next(line for line in table.stdout.splitlines() if "view_line" in line)
+    assert [c.strip() for c in row.strip("│ ").split("│")][1:3] == ["1", "5"]
+    plain = run("probe", ckpts[0], "--spec", SPEC, "--dry-run")  # no view: no column
+    assert "forwards" not in plain.stdout

@@ -56,7 +56,8 @@ def test_progress_of_every_metric_ends_at_its_own_hvps_and_within_its_plan(optio
         mine = [e for e in events if e.metric == name]
         assert [e.kind for e in mine[:1] + mine[-1:]] == ["start", "end"]
         assert mine[-1].hvps == record[name]["hvps"], name  # counted by wrapping land.hvp
-        assert sum(1 for e in mine if e.kind == "advance") <= mine[-1].hvps
+        assert sum(1 for e in mine if e.kind == "advance") <= mine[-1].hvps + mine[-1].forwards
+        assert mine[-1].forwards == record[name].get("forwards", 0) <= mine[-1].planned_forwards, name
         planned = probe.cost_plan[name]
         assert planned["hvps"] is not None, f"{name} has no planner"
         if planned["exact"]:
@@ -72,7 +73,8 @@ def test_the_plan_grows_with_the_options_and_states_vector_memory():
     model, _, _ = setting()
     space = gp.ParamSpace([n for n, _ in model.named_parameters()], [p.shape for p in model.parameters()])
     plan = plan_probe({"spectrum": {"max_iter": 20}, "trace": {"hvps": 30}, "density": {}}, space, dtype=torch.float64)
-    assert plan["spectrum"] == {"hvps": 20, "exact": False, "gradients": 0, "vector_bytes": 23 * space.dim * 8}
+    assert plan["spectrum"] == {"hvps": 20, "exact": False, "gradients": 0, "vector_bytes": 23 * space.dim * 8,
+                                "forwards": 0}
     assert plan["trace"]["hvps"] == 30 and plan["trace"]["exact"]
     assert plan["density"]["hvps"] == 10 * 80 and not plan["density"]["exact"]
     assert planned_text(20, False) == "<=20" and planned_text(30, True) == "30" and planned_text(None, True) == "?"
@@ -127,3 +129,36 @@ def test_a_failing_progress_callback_is_dropped_and_the_probe_goes_on():
     with pytest.warns(RuntimeWarning, match="progress callback failed"):
         record = probe.probe(0)
     assert calls == ["plan"] and "errors" not in record and record["spectrum"]["hvps"] > 0
+
+
+@pytest.mark.parametrize("micro", [None, 16], ids=["whole", "micro-batched"])
+def test_views_report_their_forward_passes_done_of_planned(micro):
+    """Views spend forward passes, not HVPs: the events carry them per metric against the plan (which
+    micro-batches multiply), the record's cost and the one-line report show them."""
+    model, _, (X, y) = setting()
+    batches = [(X[:32], y[:32]), (X[32:], y[32:])]
+    metrics = {"view_line": {"direction": "gradient", "points": 7},
+               "view_plane": {"u": "gradient", "v": "random", "points": [3, 4]}, "trace": {"hvps": 4, "batch": 4}}
+    events: list[ProgressEvent] = []
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), batches, metrics=metrics, progress=events.append,
+                             micro_batch_size=micro)
+    pieces = 2 if micro is None else 4  # each batch of 32 in two micro-batches of 16
+    assert {n: p["forwards"] for n, p in probe.cost_plan.items()} == {"view_line": 14, "view_plane": 24, "trace": 0}
+    record = probe.probe(0)
+    assert "errors" not in record, record.get("errors")
+    ends = {e.metric: e for e in events if e.kind == "end"}
+    assert (ends["view_line"].forwards, ends["view_line"].planned_forwards) == (7 * pieces, 7 * pieces)
+    assert (ends["view_plane"].forwards, ends["view_plane"].planned_forwards) == (12 * pieces, 12 * pieces)
+    assert ends["view_line"].forwards == record["view_line"]["forwards"]  # what the view itself says it spent
+    assert (ends["trace"].forwards, ends["trace"].planned_forwards) == (0, 0)
+    # advanced point by point: one event per point, the count rising by the batches each time
+    seen = [e.forwards for e in events if e.kind == "advance" and e.metric == "view_line" and e.forwards]
+    assert seen == [pieces * i for i in range(1, 8)]
+    assert events[-1].kind == "done" and events[-1].forwards == record["cost"]["forwards"] == 19 * pieces
+    stream = io.StringIO()
+    report = LineReporter(stream)
+    for e in events:
+        report(e)
+    line = stream.getvalue()
+    assert f"view_line 1/1 HVPs, {7 * pieces}/{7 * pieces} forwards" in line
+    assert f"HVPs, {19 * pieces} forwards in " in line and "trace 4/4)" in line  # no forwards for trace

@@ -53,13 +53,15 @@ def losses_at(land: Any, points: Iterable[torch.Tensor], *, count: int | None = 
     Cost: ``len(points) * len(land.batches)`` forward passes under ``torch.no_grad`` (no graph, no HVP).
     Exact: the same forward computation as :attr:`Landscape.loss`, so at the model's own parameters it
     reproduces that value up to the rounding of the loss's sum over batches. A non-finite loss is returned as
-    it is (a view that crosses a divergence shows it). ``count``: how many points, for ``progress``.
+    it is (a view that crosses a divergence shows it). ``count``: how many points, for ``progress``. Each
+    point's forward passes are added to the Landscape's count (:meth:`Landscape.note_forwards`).
     Under torch.distributed the losses are those of the union of every rank's shard (one collective at the end).
     """
     wrapper = _LossOf(land)
     names = [f"model.{n}" for n in land.param_names]
     batches = len(land.batches)
     total = None if count is None else count * batches
+    note = getattr(land, "note_forwards", None)  # the Landscape's count, which a probe's progress follows
     out: list[torch.Tensor] = []  # kept on the device: no host synchronization per forward pass
     with torch.no_grad():
         for theta in points:
@@ -73,6 +75,8 @@ def losses_at(land: Any, points: Iterable[torch.Tensor], *, count: int | None = 
                     value = torch.func.functional_call(wrapper, params, (batch,), strict=False)
                 loss += value.detach().double() * land.weights[b]
             out.append(loss)
+            if note is not None:
+                note(batches)
             if progress is not None:
                 progress(len(out) * batches, total if total is not None else len(out) * batches)
     if not out:

@@ -238,6 +238,7 @@ class Landscape:
         # combined loss is the loss of the union of the batches (a sum weighted as a mean was 33-50 % off)
         self.weights = [1.0 if self.reduction == "sum" else n / self.n_samples for n in self.batch_sizes]
         self.hvps = 0
+        self.forwards = 0  # forward passes at other parameters (views, a loss change): note_forwards
         self.graph_rebuilds = 0
         self.widest_block = 0  # the most vectors one hvp call has been given (the probe resets it per metric)
         # Results computed at these parameters that another metric of the same probe may ask for again
@@ -493,6 +494,11 @@ class Landscape:
         self.reducer.sum_(out)  # one collective per block of vectors, not per vector
         self.hvps += V.shape[0]
         return out[0] if single else out
+
+    def note_forwards(self, n: int) -> None:
+        """Count ``n`` forward passes spent at other parameters than the Landscape's (by
+        :func:`geomprobe.engine.evaluate.losses_at`), in :attr:`forwards`, as :meth:`hvp` counts HVPs."""
+        self.forwards += n
 
     def close(self) -> None:
         """Release the retained graphs (their memory); the Landscape cannot answer HVPs afterwards."""

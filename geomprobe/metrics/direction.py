@@ -51,9 +51,10 @@ def _ratio(x: float | None, lam: float) -> float | None:
 
 def _plan(o: dict, c: PlanContext) -> CostPlan:
     """Two HVPs (g and u in one block) and at most ``min(d, max_iter or 300)`` Lanczos steps when no Ritz
-    vectors are recorded; the basis holds one vector per step."""
+    vectors are recorded; the basis holds one vector per step. One forward pass per probe batch for the actual
+    loss change (none before the first optimizer step)."""
     m = min(c.dim, o["max_iter"] if o["max_iter"] is not None else 300)
-    return CostPlan(2 + m, exact=False, vectors=m + 5)
+    return CostPlan(2 + m, exact=False, vectors=m + 5, forwards=c.batches)
 
 
 @register("direction", plan=_plan,

@@ -30,13 +30,15 @@ class CostPlan:
     ``hvps``: the HVPs it spends, exactly when ``exact``, else the most it may spend (an iteration that stops
     once its bounds meet ``tol``). ``gradients``: gradients on other batches (gradient-noise samples).
     ``vectors``: the most vectors of length ``d`` it holds at once, so ``vectors * d * itemsize`` bytes
-    besides the Landscape's graph (``None`` where unknown).
+    besides the Landscape's graph (``None`` where unknown). ``forwards``: forward passes of the loss at other
+    parameters than the probed ones (a view's points times the probe batches), the most it may spend.
     """
 
     hvps: int
     exact: bool = True
     gradients: int = 0
     vectors: int | None = None
+    forwards: int = 0
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -45,12 +47,14 @@ class CostPlan:
 @dataclass(frozen=True)
 class PlanContext:
     """What a planner knows of the Landscape before it exists: ``dim`` coordinates in ``blocks`` (objects
-    with ``name`` and ``size``), ``chunk_size`` vectors per batched HVP, and the parameters' ``dtype``."""
+    with ``name`` and ``size``), ``chunk_size`` vectors per batched HVP, the parameters' ``dtype`` and the
+    number of probe ``batches`` (one forward pass each per point a view evaluates)."""
 
     dim: int
     blocks: Sequence[Any]
     chunk_size: int = 16
     dtype: Any = None
+    batches: int = 1
 
 
 # (options with their defaults filled in, context) -> CostPlan

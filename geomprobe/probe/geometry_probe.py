@@ -48,7 +48,8 @@ from .metric_needs import basis_vectors, bounded_basis, gradient_samples
 from .metric_spec import resolve_metrics
 from .options import check_probe_options, check_sharded_metrics
 from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
-from .run_folder import last_step, probe_meta, refuse_existing, storable
+from .resume_check import check_resumable, probe_policy
+from .run_folder import last_step, probe_meta, refuse_existing, storable, unwritten_message, write_pending
 from .schedule import Schedule, budget, every
 from .summary import resolve_summary
 from .skips import SkipCounter, open_ended
@@ -94,7 +95,9 @@ class GeometryProbe:
             each record's ``cost.memory_plan`` and the first one in the run's metadata. Out-of-memory
             failures still shrink the settings for later probes (recorded as ``"oom-ladder"``).
         seed: seeds probe-data sampling, dropout masks in train mode and every metric's random vectors.
-        force / resume: replace or append to an existing run folder.
+        force / resume: replace or append to an existing run folder. ``force`` leaves the old run as it was
+            until a probe has measured something, then swaps in the new run in one step; ``resume`` refuses
+            a run measured with other metrics, options, mode, probe data or seed (:mod:`.resume_check`).
         tensorboard: a log folder for TensorBoard scalars (needs tensorboard installed).
         meta: extra JSON-ready metadata for the run.
         clock: the clock probe time is measured with (the schedule's budget sees the same seconds).
@@ -109,9 +112,10 @@ class GeometryProbe:
             Off for ``spectrum`` when ``precond`` (with its raw spectrum) runs too, since a cold
             ``spectrum`` gives ``precond`` its raw Lanczos run for free.
         progress: ``None`` (default) prints nothing, so the training loop's output is left alone; ``True``
-            prints one line on stderr per probe (HVPs per metric against the plan); a callable receives
-            every :class:`~.progress.ProgressEvent` (plan, metric start/advance/end, done). The plan, each
-            metric's planned HVPs and vector memory, is also in :attr:`cost_plan` and the run's ``meta.json``.
+            prints one line on stderr per probe (HVPs per metric against the plan, and forward passes for the
+            views); a callable receives every :class:`~.progress.ProgressEvent` (plan, metric start/advance/
+            end, done). The plan, each metric's planned HVPs, forward passes and vector memory, is also in
+            :attr:`cost_plan` and the run's ``meta.json``.
         summary: ``True`` prints one line per probe on stderr once it is recorded: the loss and each metric's
             headline values with their errors (:func:`~.summary.summary_line`); a text stream or a callable
             (``logging.info``) receives the lines instead. Default ``False``: nothing printed. Rank 0 only.
@@ -201,7 +205,7 @@ class GeometryProbe:
         self._summary = resolve_summary(summary)
         # planned before the memory plan exists: vector memory at the largest chunk the memory plan may choose
         self.cost_plan = plan_probe(self.metric_options, self.space, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
-                                    dtype=selected[0].dtype if selected else torch.float32)
+                                    dtype=selected[0].dtype if selected else torch.float32, batches=len(self.batches))
         self.records: list[dict] = []
         self.failures: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -236,6 +240,8 @@ class GeometryProbe:
         self.writes = self._reducer.rank == 0
         if run_dir is not None and self.writes and not (force or resume):
             refuse_existing(run_dir)
+        if resume and run_dir is not None and self.writes:
+            check_resumable(run_dir, probe_policy(self))  # records measured otherwise would not compare
         # A resumed run continues its step numbering (a restarted script counts from 0 again); step()'s own
         # argument still wins for a caller that keeps the count itself.
         self._resumed_step = last_step(run_dir) if resume and run_dir is not None else None
@@ -327,7 +333,8 @@ class GeometryProbe:
             except Exception as e:
                 errors["annotate"] = self._failure("annotate", e, None)
         land = None
-        progress = ProbeProgress(self._progress, self.cost_plan, step) if self._progress is not None else None
+        progress = (None if self._progress is None
+                    else ProbeProgress(self._progress, self.cost_plan, step, len(self.batches)))
         if progress is not None:
             progress.begin()
         # what this probe ran with; a failure may change them for the next probe
@@ -351,7 +358,7 @@ class GeometryProbe:
             if land.approximate:
                 record["approximate_hvp"] = True
             if progress is not None:
-                count_hvps(land, progress.advance)
+                progress.count(land)
             for name, opts in self.metric_options.items():
                 land.widest_block = 0
                 if progress is not None:
@@ -377,6 +384,7 @@ class GeometryProbe:
         record["lr"] = [grp.get("lr") for grp in self.optimizer.param_groups] if self.optimizer is not None else None
         record["cost"] = {
             "hvps": land.hvps if land is not None else 0,
+            "forwards": land.forwards if land is not None else 0,
             "seconds": seconds,
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "graph_mib": land.graph_bytes / 2**20 if land is not None else None,
@@ -413,7 +421,7 @@ class GeometryProbe:
         if self._tb is not None:
             self._tb.log(record, step=step)
         if progress is not None:
-            progress.finish(record["cost"]["hvps"], seconds)
+            progress.finish(record["cost"]["hvps"], seconds, record["cost"]["forwards"])
         if self._summary is not None and self.writes:  # one line per probe, not one per rank
             self._summary(record)
         return record
@@ -429,26 +437,9 @@ class GeometryProbe:
         return self._write_error
 
     def _write_records(self) -> None:
-        """Append the records not yet in the run log, oldest first. A write that fails (a full or read-only
-        disk, a folder that cannot be created) is a probe failure, not a training failure: warned once, the
-        records kept in memory and tried again at the next probe and at :meth:`close`."""
-        try:
-            if self.writer is None:
-                self.writer = RunWriter(
-                    self.run_dir, self._meta(self._extra_meta), force=self._force, resume=self._resume
-                )
-            while self._unwritten:
-                self.writer.append(self._unwritten[0])
-                self._unwritten.pop(0)
-        except OSError as e:
-            self._write_error = f"{type(e).__name__}: {e}"
-            self.failures["run log"] = self.failures.get("run log", 0) + 1
-            if "run log" not in self._warned:
-                self._warned.add("run log")
-                warnings.warn(
-                    f"geomprobe: writing the run log to {str(self.run_dir)!r} failed at step {self._step} "
-                    f"({self._write_error}); training continues, the records are kept in memory and written at "
-                    "the next probe or at close()", RuntimeWarning, stacklevel=4)
+        """Append the records not yet in the run log (:func:`~.run_folder.write_pending`: a failed write
+        keeps them in memory for the next try; ``force=True`` replaces a run only with a measurement)."""
+        write_pending(self)
 
     def _run_metric(self, name: str, land: Landscape, opts: dict) -> dict:
         metric = registry.get(name)
@@ -583,11 +574,7 @@ class GeometryProbe:
         if self._unwritten:
             self._write_records()  # a last try for records a failed write kept in memory
         if self._unwritten:
-            warnings.warn(
-                f"geomprobe: {len(self._unwritten)} probe record(s) could not be written to {str(self.run_dir)!r} "
-                f"({self._write_error}); they are in probe.records (steps "
-                f"{', '.join(str(r['step']) for r in self._unwritten)}): free space or fix the folder's permissions "
-                "and write them with geomprobe.RunWriter", RuntimeWarning, stacklevel=2)
+            warnings.warn(unwritten_message(self), RuntimeWarning, stacklevel=2)
         if self.writer is not None:
             try:
                 self.writer.close()

@@ -1,10 +1,12 @@
-"""A probe's cost before it runs (the plan) and its progress while it runs (HVPs done of planned, per metric).
+"""A probe's cost before it runs (the plan) and its progress while it runs (HVPs, and forward passes where a
+metric plans them, done of planned, per metric).
 
 The plan comes from each metric's registered planner (:meth:`geomprobe.metrics.registry.Metric.plan`):
 HVPs (exact, or the most an iteration may spend), gradients, and the bytes of the vectors of length ``d``
-it holds at once. Progress counts HVPs by wrapping the Landscape's ``hvp`` for the probe's life: a call
-with a block of ``b`` vectors counts ``b``, as :attr:`Landscape.hvps` does, so the progress of a metric ends
-at the ``hvps`` the metric reports.
+it holds at once, and the forward passes at other parameters (the views' points). Progress counts HVPs by
+wrapping the Landscape's ``hvp`` for the probe's life: a call with a block of ``b`` vectors counts ``b``, as
+:attr:`Landscape.hvps` does, so the progress of a metric ends at the ``hvps`` the metric reports; forward
+passes the same way, through :meth:`Landscape.note_forwards`, ending at the ``forwards`` a view reports.
 
 :class:`GeometryProbe` takes ``progress=``: ``None`` (default) reports nothing, so a training loop's output
 is left alone, as a logging library does unless asked; ``True`` prints one line per probe on stderr once it
@@ -37,7 +39,10 @@ class ProgressEvent:
     metric begins, ``"advance"`` after each HVP call, ``"end"`` as a metric ends (``hvps`` is then its
     total, ``seconds`` its time), ``"done"`` after the probe (``hvps``: every HVP of the probe). ``hvps``
     counts HVPs of the current metric so far; ``planned`` and ``exact`` are the metric's plan (``planned``
-    is an upper bound when ``exact`` is False, ``None`` when the metric has no planner).
+    is an upper bound when ``exact`` is False, ``None`` when the metric has no planner). ``forwards`` and
+    ``planned_forwards`` are the same for forward passes at other parameters (a view's points times the probe
+    batches; ``planned_forwards`` is 0 for a metric that plans none, an upper bound for ``direction``, which
+    spends them only once there is a last step); on ``"done"`` ``forwards`` is the probe's total.
     """
 
     kind: str
@@ -48,28 +53,33 @@ class ProgressEvent:
     exact: bool = True
     plan: Mapping[str, dict] | None = None
     seconds: float | None = None
+    forwards: int = 0
+    planned_forwards: int | None = None
 
 
 ProgressCallback = Callable[[ProgressEvent], None]
 
 
 def plan_probe(metric_options: Mapping[str, Mapping[str, Any]], space: Any, *, chunk_size: int = 16,
-               dtype: torch.dtype = torch.float32) -> dict[str, dict]:
+               dtype: torch.dtype = torch.float32, batches: int = 1) -> dict[str, dict]:
     """Each metric's planned cost in the parameter space ``space`` (``dim``, ``blocks``) with parameters of
-    ``dtype``: ``hvps``, ``exact``, ``gradients`` and ``vector_bytes`` (``vectors * d * itemsize``, ``None``
-    where unknown); ``cost`` (the registered description) for a metric without a planner, whose ``hvps`` is
-    then ``None``."""
-    context = PlanContext(space.dim, list(space.blocks), chunk_size, dtype)
+    ``dtype`` on ``batches`` probe batches: ``hvps``, ``exact``, ``gradients``, ``vector_bytes`` (``vectors * d
+    * itemsize``, ``None`` where unknown) and ``forwards`` (forward passes at other parameters); ``cost`` (the
+    registered description) for a metric without a planner, whose ``hvps`` and ``forwards`` are then ``None``.
+    Costs nothing (no HVPs, no forward passes)."""
+    context = PlanContext(space.dim, list(space.blocks), chunk_size, dtype, batches)
     itemsize = dtype.itemsize
     out: dict[str, dict] = {}
     for name, options in metric_options.items():
         metric = registry.get(name)
         cost = metric.plan(dict(options), context)
         if cost is None:
-            out[name] = {"hvps": None, "exact": False, "gradients": None, "vector_bytes": None, "cost": metric.cost}
+            out[name] = {"hvps": None, "exact": False, "gradients": None, "vector_bytes": None, "forwards": None,
+                         "cost": metric.cost}
             continue
         out[name] = {"hvps": cost.hvps, "exact": cost.exact, "gradients": cost.gradients,
-                     "vector_bytes": cost.vectors * space.dim * itemsize if cost.vectors is not None else None}
+                     "vector_bytes": cost.vectors * space.dim * itemsize if cost.vectors is not None else None,
+                     "forwards": cost.forwards}
     return out
 
 
@@ -96,9 +106,13 @@ def count_hvps(land: Any, on_hvps: Callable[[int], None]) -> None:
     land.hvp = hvp
 
 
+def _forwards_text(done: int, planned: int | None) -> str:
+    return f"{done}/{planned if planned is not None else '?'} forwards"
+
+
 class LineReporter:
     """One line on ``stream`` (default: stderr) per probe, once it ends: the HVPs of each metric against
-    its plan and the probe's seconds."""
+    its plan, its forward passes against their plan where it plans any (views), and the probe's seconds."""
 
     def __init__(self, stream: Any = None):
         self.stream = stream
@@ -108,11 +122,15 @@ class LineReporter:
         if event.kind == "plan":
             self._parts = []
         elif event.kind == "end":
-            self._parts.append(f"{event.metric} {event.hvps}/{planned_text(event.planned, event.exact)}")
+            part = f"{event.metric} {event.hvps}/{planned_text(event.planned, event.exact)}"
+            if event.planned_forwards or event.forwards:
+                part += f" HVPs, {_forwards_text(event.forwards, event.planned_forwards)}"
+            self._parts.append(part)
         elif event.kind == "done":
             stream = self.stream if self.stream is not None else sys.stderr
             detail = f" ({', '.join(self._parts)})" if self._parts else ""
-            print(f"geomprobe: step {event.step}: {event.hvps} HVPs in {event.seconds:.2f} s{detail}",
+            fw = f", {event.forwards} forwards" if event.forwards else ""
+            print(f"geomprobe: step {event.step}: {event.hvps} HVPs{fw} in {event.seconds:.2f} s{detail}",
                   file=stream, flush=True)
 
 
@@ -133,14 +151,32 @@ def resolve_progress(progress: bool | ProgressCallback | None) -> ProgressCallba
 class ProbeProgress:
     """Sends one probe's events to ``callback``: :meth:`begin`, then :meth:`start` / :meth:`advance` /
     :meth:`end` around each metric, then :meth:`finish`. A callback that raises is warned about and dropped
-    for the rest of the probe, which goes on."""
+    for the rest of the probe, which goes on. ``batches``: the probe batches the plan's forward passes were
+    planned on (a Landscape that splits them into micro-batches runs more, smaller ones: :meth:`count`)."""
 
-    def __init__(self, callback: ProgressCallback, plan: Mapping[str, dict], step: int):
+    def __init__(self, callback: ProgressCallback, plan: Mapping[str, dict], step: int, batches: int = 1):
         self._callback, self.plan, self.step = callback, plan, step
         self.t0 = time.perf_counter()
         self.total = 0
+        self.total_forwards = 0
         self._name: str | None = None
         self._done = 0
+        self._forwards = 0
+        self._planned_batches, self._batches = max(1, int(batches)), max(1, int(batches))
+
+    def count(self, land: Any) -> None:
+        """Follow ``land``'s HVPs (:func:`count_hvps`) and forward passes at other parameters from now on."""
+        count_hvps(land, self.advance)
+        self._batches = max(1, len(getattr(land, "batches", ())) or self._planned_batches)
+        inner = getattr(land, "note_forwards", None)
+        if inner is None:
+            return
+
+        def note_forwards(n: int) -> None:
+            inner(n)
+            self.advance_forwards(n)
+
+        land.note_forwards = note_forwards
 
     def callback(self, event: ProgressEvent) -> None:
         # a probe never kills training: a failing progress callback is dropped for the rest of this probe
@@ -158,10 +194,14 @@ class ProbeProgress:
 
     def _event(self, kind: str, **kw: Any) -> ProgressEvent:
         p = self.plan.get(self._name or "", {})
-        return ProgressEvent(kind, self.step, self._name, self._done, p.get("hvps"), bool(p.get("exact", True)), **kw)
+        planned = p.get("forwards")
+        if planned is not None:  # planned per probe batch as given; micro-batches multiply the passes, not the work
+            planned = planned * self._batches // self._planned_batches
+        return ProgressEvent(kind, self.step, self._name, self._done, p.get("hvps"), bool(p.get("exact", True)),
+                             forwards=self._forwards, planned_forwards=planned, **kw)
 
     def start(self, name: str) -> None:
-        self._name, self._done, self._t_metric = name, 0, time.perf_counter()
+        self._name, self._done, self._forwards, self._t_metric = name, 0, 0, time.perf_counter()
         self.callback(self._event("start"))
 
     def advance(self, n: int) -> None:
@@ -169,9 +209,15 @@ class ProbeProgress:
         self.total += n
         self.callback(self._event("advance"))
 
+    def advance_forwards(self, n: int) -> None:
+        self._forwards += n
+        self.total_forwards += n
+        self.callback(self._event("advance"))
+
     def end(self) -> None:
         self.callback(self._event("end", seconds=time.perf_counter() - self._t_metric))
         self._name = None
 
-    def finish(self, hvps: int, seconds: float) -> None:
-        self.callback(ProgressEvent("done", self.step, hvps=hvps, seconds=seconds))
+    def finish(self, hvps: int, seconds: float, forwards: int | None = None) -> None:
+        total = self.total_forwards if forwards is None else forwards
+        self.callback(ProgressEvent("done", self.step, hvps=hvps, seconds=seconds, forwards=total))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from ..metrics.registry import CostPlan, PlanContext, register
-from .surface import line, plane
+from .surface import _points_pair, check_points, line, plane
 
 __all__ = ["view_line", "view_plane"]
 
@@ -24,15 +24,19 @@ def _lanczos(c: PlanContext, o: dict, names: Sequence[Any]) -> int:
 
 
 def _plan_line(o: dict, c: PlanContext) -> CostPlan:
-    """1 HVP for the quadratic model, plus Lanczos for an eigenvector (none when spectrum recorded it)."""
+    """1 HVP for the quadratic model, plus Lanczos for an eigenvector (none when spectrum recorded it);
+    ``points`` forward passes per probe batch."""
     m = _lanczos(c, o, [o["direction"]])
-    return CostPlan(1 + m, exact=m == 0, vectors=m + 4)
+    return CostPlan(1 + m, exact=m == 0, vectors=m + 4, forwards=check_points(o["points"]) * c.batches)
 
 
 def _plan_plane(o: dict, c: PlanContext) -> CostPlan:
-    """2 HVPs for the quadratic model, plus Lanczos for eigenvectors."""
+    """2 HVPs for the quadratic model, plus Lanczos for eigenvectors; one forward pass per grid point and
+    probe batch."""
     m = _lanczos(c, o, [o["u"], o["v"]])
-    return CostPlan(2 + m, exact=m == 0, vectors=m + 6)
+    pa, pb = _points_pair(o["points"])
+    na, nb = check_points(pa, "points along u"), check_points(pb, "points along v")
+    return CostPlan(2 + m, exact=m == 0, vectors=m + 6, forwards=na * nb * c.batches)
 
 
 @register("view_line", plan=_plan_line,
