@@ -47,7 +47,7 @@ from .last_update import LastUpdate, wants_last_update
 from .metric_needs import basis_vectors, bounded_basis, gradient_samples
 from .metric_spec import resolve_metrics
 from .options import check_probe_options, check_sharded_metrics
-from .progress import ProbeProgress, ProgressCallback, count_hvps, plan_probe, resolve_progress
+from .progress import ProbeProgress, ProgressCallback, plan_probe, resolve_progress
 from .resume_check import check_resumable, probe_policy
 from .run_folder import last_step, probe_meta, refuse_existing, storable, unwritten_message, write_pending
 from .schedule import Schedule, budget, every
