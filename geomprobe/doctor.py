@@ -20,7 +20,7 @@ returns one :class:`Check` per question, with status ``OK``, ``WARN`` (works, bu
 >>> X = torch.randn(8, 3)
 >>> spec = ProbeSpec(nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)), nn.CrossEntropyLoss(),
 ...                  (X, torch.zeros(8, dtype=torch.long)))
->>> sorted({c.status for c in diagnose(spec)})
+>>> sorted({c.status for c in diagnose(spec) if c.name != "threads"})  # threads depend on this machine
 ['OK']
 """
 
