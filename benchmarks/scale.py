@@ -51,6 +51,8 @@ def build(name: str, dtype: torch.dtype, device) -> tuple[torch.nn.Module, int, 
         "gpt2-124m": (GPT2Config(n_embd=768, n_layer=12, n_head=12, n_positions=1024, vocab_size=50257), 8, 512),
         "gpt2-355m": (GPT2Config(n_embd=1024, n_layer=24, n_head=16, n_positions=1024, vocab_size=50257), 8, 512),
         "gpt2-tiny": (GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=256), 4, 32),
+        # a CPU case between the tiny one and 124M (3.8M parameters): benchmarks/probe_costs.py
+        "gpt2-mid": (GPT2Config(n_embd=256, n_layer=4, n_head=4, n_positions=128, vocab_size=2048), 4, 128),
         "llama-1b": (LlamaConfig(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
                                  num_key_value_heads=8, intermediate_size=8192, vocab_size=32000,
                                  max_position_embeddings=2048), 4, 512),

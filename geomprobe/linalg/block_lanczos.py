@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .lanczos import LanczosBasis, LanczosResult, extremes_converged
-from .vectors import Matvec, check_dim, default_generator, gaussian
+from .vectors import Matvec, all_finite, check_dim, default_generator, gaussian
 
 __all__ = ["block_lanczos"]
 
@@ -67,7 +67,7 @@ def block_lanczos(
     while True:
         W = matvec(X).reshape(X.shape[0], dim).to(dtype)
         matvecs += X.shape[0]
-        if not torch.isfinite(W).all():
+        if not all_finite(W):
             raise FloatingPointError(f"the matvec returned non-finite values after {matvecs} products")
         for row in X:
             basis.append(row)

@@ -4,6 +4,7 @@ and the checks of the options every Lanczos variant shares."""
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -71,6 +72,18 @@ class LanczosResult:
         u = self.U[:, i].to(device=self.basis.device, dtype=self.basis.dtype)  # U lives on the host
         x = u @ self.basis
         return x / x.norm()
+
+    def ritz_vectors(self, indices: Sequence[int]) -> torch.Tensor:
+        """The unit Ritz vectors of Ritz values ``indices``, as rows of a ``(len(indices), d)`` tensor: the same
+        vectors as :meth:`ritz_vector` one by one (to rounding), from one pass over the basis instead of one
+        pass each (the basis is the largest thing a run holds). Needs ``keep_basis=True``. Cost: no matvec,
+        ``2 m k d`` flops."""
+        if self.basis is None:
+            raise ConfigurationError("Ritz vectors need lanczos(..., keep_basis=True)")
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        Uk = self.U[:, idx].T.to(device=self.basis.device, dtype=self.basis.dtype)  # U lives on the host
+        X = Uk @ self.basis
+        return X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
 
 
 def check_lanczos_args(dim: int, k: int, tol: float, which: str, bound: str, max_iter: int | None) -> int:

@@ -17,7 +17,7 @@ import torch
 from ..errors import ConfigurationError
 
 __all__ = [
-    "Matvec", "accumulation_dtype", "apply_rows", "check_dim", "default_generator", "device_generator",
+    "Matvec", "accumulation_dtype", "all_finite", "apply_rows", "check_dim", "default_generator", "device_generator",
     "gaussian", "rademacher", "row_dots", "sub_rows", "vector_norm",
 ]
 
@@ -210,6 +210,21 @@ def vector_norm(w: torch.Tensor) -> torch.Tensor:
     # launches and a conversion pass per norm at 124M parameters
     parts = [torch.linalg.vector_norm(w[a:b], dtype=torch.float32) for a, b in _column_slices(w.shape[0])]
     return parts[0] if len(parts) == 1 else torch.linalg.vector_norm(torch.stack(parts))
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry of ``t`` is finite: exactly ``torch.isfinite(t).all()``, at the cost of one sum.
+
+    A NaN or an infinity makes the sum non-finite, so a finite sum proves every entry finite; only a
+    non-finite sum (a bad entry, or finite entries whose sum overflows) pays for the entrywise test. The
+    entrywise test writes a boolean copy of ``t`` and reduces it, 10-45x a sum on the CPU, and this check runs
+    on every HVP's output. One host synchronization, as before. Cost: one read of ``t``, no HVP.
+    """
+    if t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def check_dim(dim: int) -> None:

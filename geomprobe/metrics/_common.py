@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigurationError, NonFiniteLossError
 from ..linalg.exact import hessian_columns
-from ..linalg.vectors import default_generator
+from ..linalg.vectors import all_finite, default_generator
 from ..stats.student import t_quantile  # noqa: F401  (the metrics import it from here)
 
 Matvec = Callable[[torch.Tensor], torch.Tensor]
@@ -59,7 +59,7 @@ def checked(matvec: Matvec, what: str = "Hessian-vector product") -> Matvec:
 
     def mv(v: torch.Tensor) -> torch.Tensor:
         out = matvec(v)
-        if not bool(torch.isfinite(out).all()):
+        if not all_finite(out):
             raise NonFiniteLossError(
                 f"a {what} returned NaN or infinite entries at the current parameters; the curvature is "
                 "not defined here (check the loss for overflow, or probe an earlier step)"

@@ -197,7 +197,8 @@ def _sampled(land: Any, chosen: list, columns: list[int], level: float, bootstra
         # (chunk, d) block (16 GB of float64 per chunk at 124M parameters).
         for s in range(0, len(cols), batch):
             part = cols[s : s + batch]
-            C = hessian_columns(mv, land.dim, part, batch=batch, dtype=land.dtype, device=land.device).abs()
+            # in place: the columns are a fresh concatenation, and a second (chunk, d) block is what runs out first
+            C = hessian_columns(mv, land.dim, part, batch=batch, dtype=land.dtype, device=land.device).abs_()
             masses = {c.name: C[:, c.start : c.stop].sum(1, dtype=torch.float64) for c in chosen}
             diag_.append(C[torch.arange(len(part)), part.to(C.device)].double().cpu())
             tot.append(torch.stack(list(masses.values())).sum(0).cpu())

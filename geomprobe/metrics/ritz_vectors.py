@@ -83,7 +83,7 @@ def extreme_ritz(land: Any, end: str, k: int = 1, *, tol: float = 1e-3, max_iter
     k = min(k, n)
     idx = list(range(n - 1, n - 1 - k, -1)) if end == "top" else list(range(k))
     values, errs = (r.top(k) if end == "top" else r.bottom(k))
-    vectors = torch.stack([r.ritz_vector(i).to(land.device) for i in idx])
+    vectors = r.ritz_vectors(idx).to(land.device)  # one pass over the basis
     r.basis = None
     keep_ritz(land, end, values, errs, vectors)
     return RitzVectors(end, values, errs, vectors)

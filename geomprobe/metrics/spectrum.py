@@ -243,12 +243,13 @@ def _warm_lanczos(land: Any, warm: Any, *, k: int, seed: int, generator: torch.G
                 keep_basis=True, v0_random=float(warm.mix) if v0 is not None else 0.0, **options)
     widen_by_matvec_error(land, r, mark, k, options["tol"], options.get("which", "both"))
     n = len(r.ritz_values)
-    top = [r.ritz_vector(i) for i in range(n - 1, max(n - k, 0) - 1, -1)]
-    bottom = [r.ritz_vector(i) for i in range(min(k, n))]
+    hi, lo = list(range(n - 1, max(n - k, 0) - 1, -1)), list(range(min(k, n)))
+    vectors = r.ritz_vectors(hi + lo)  # one pass over the basis for both ends, not one per vector
+    top, bottom = vectors[: len(hi)], vectors[len(hi) :]
     r.basis = None  # the basis is m vectors of length d: never kept past the run, nor in the cache
-    warm.keep(land, torch.stack(top), torch.stack(bottom))
-    keep_ritz(land, "top", *r.top(k), torch.stack(top))  # the direction metric and views reuse them: no HVP
-    keep_ritz(land, "bottom", *r.bottom(k), torch.stack(bottom))
+    warm.keep(land, top, bottom)
+    keep_ritz(land, "top", *r.top(k), top)  # the direction metric and views reuse them: no HVP
+    keep_ritz(land, "bottom", *r.bottom(k), bottom)
     if cacheable:
         land.results[key] = r
     return r, v0 is not None
