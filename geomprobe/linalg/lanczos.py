@@ -182,7 +182,7 @@ def lanczos(
         alpha=torch.tensor(alphas, dtype=torch.float64),
         beta=torch.tensor(betas, dtype=torch.float64),
         U=U,
-        basis=basis.matrix() if keep_basis else None,
+        basis_blocks=list(basis._filled()) if keep_basis else None,  # no copy: see LanczosResult.basis
         asymmetry=asym / max(max((abs(a) for a in alphas), default=0.0) + 2 * max(betas, default=0.0), 1e-300),
         basis_peak=basis.peak,
         extreme_err=errors,

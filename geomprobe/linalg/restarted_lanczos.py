@@ -193,7 +193,7 @@ def restarted_lanczos(
         alpha=torch.diagonal(S_new).clone(),
         beta=torch.zeros(0, dtype=torch.float64) if restarts else torch.diagonal(S_new, 1).clone(),
         U=U,
-        basis=basis.matrix() if keep_basis else None,
+        basis_blocks=list(basis._filled()) if keep_basis else None,  # no copy: see LanczosResult.basis
         asymmetry=asym / max(norm_bound, 1e-300),
         restarts=restarts,
         basis_peak=basis.peak,

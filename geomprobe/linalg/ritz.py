@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigurationError
-from .vectors import check_dim
+from .vectors import accumulation_dtype, check_dim
 
 __all__ = ["LanczosResult", "certificate_limits", "check_lanczos_args", "extremes_certified", "extremes_converged", "gap_bounds", "ritz_pairs", "tridiagonal"]
 
@@ -36,7 +36,9 @@ class LanczosResult:
     alpha: torch.Tensor
     beta: torch.Tensor
     U: torch.Tensor
-    basis: torch.Tensor | None = field(default=None, repr=False)
+    # the basis as the run stored it, in row blocks: joined into one (m, d) tensor only when :attr:`basis` is
+    # read (a copy of the whole basis, which Ritz vectors do not need)
+    basis_blocks: list[torch.Tensor] | None = field(default=None, repr=False)
     asymmetry: float = 0.0
     restarts: int = 0
     basis_peak: int = 0
@@ -62,28 +64,47 @@ class LanczosResult:
         idx = list(range(min(k, len(self.ritz_values))))
         return [float(self.ritz_values[i]) for i in idx], [float(self.bounds[i]) for i in idx]
 
+    @property
+    def basis(self) -> torch.Tensor | None:
+        """The Lanczos vectors as one ``(m, d)`` tensor (``keep_basis=True``; else None). Reading it joins the
+        stored blocks once (a copy when there are several); :meth:`ritz_vectors` reads the blocks in place."""
+        if self.basis_blocks is None:
+            return None
+        if len(self.basis_blocks) != 1:
+            self.basis_blocks = [torch.cat(self.basis_blocks)]
+        return self.basis_blocks[0]
+
+    @basis.setter
+    def basis(self, value: torch.Tensor | None) -> None:
+        self.basis_blocks = None if value is None else [value]
+
     def ritz_vector(self, i: int) -> torch.Tensor:
         """The unit Ritz vector ``V_m u_i`` of Ritz value ``i`` (negative ``i`` counts from the top).
 
         Needs ``keep_basis=True``.
         """
-        if self.basis is None:
-            raise ConfigurationError("Ritz vectors need lanczos(..., keep_basis=True)")
-        u = self.U[:, i].to(device=self.basis.device, dtype=self.basis.dtype)  # U lives on the host
-        x = u @ self.basis
-        return x / x.norm()
+        return self.ritz_vectors([i])[0]
 
     def ritz_vectors(self, indices: Sequence[int]) -> torch.Tensor:
         """The unit Ritz vectors of Ritz values ``indices``, as rows of a ``(len(indices), d)`` tensor: the same
         vectors as :meth:`ritz_vector` one by one (to rounding), from one pass over the basis instead of one
         pass each (the basis is the largest thing a run holds). Needs ``keep_basis=True``. Cost: no matvec,
         ``2 m k d`` flops."""
-        if self.basis is None:
+        if self.basis_blocks is None:
             raise ConfigurationError("Ritz vectors need lanczos(..., keep_basis=True)")
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        Uk = self.U[:, idx].T.to(device=self.basis.device, dtype=self.basis.dtype)  # U lives on the host
-        X = Uk @ self.basis
-        return X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
+        first = self.basis_blocks[0]
+        Uk = self.U[:, idx].T.to(device=first.device, dtype=first.dtype)  # U lives on the host
+        if len(self.basis_blocks) == 1:
+            X = Uk @ first
+        else:  # block by block, summed in float32 at least: the blocks are never joined into a second basis
+            X = torch.zeros(len(idx), first.shape[1], dtype=accumulation_dtype(first.dtype), device=first.device)
+            s = 0
+            for B in self.basis_blocks:
+                X += Uk[:, s : s + B.shape[0]] @ B
+                s += B.shape[0]
+        X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
+        return X.to(first.dtype)
 
 
 def check_lanczos_args(dim: int, k: int, tol: float, which: str, bound: str, max_iter: int | None) -> int:
