@@ -4,9 +4,10 @@ spends a bounded share of its wall time outside the HVPs and the Landscape's fir
 Measured on the CPU, one thread, shared machine (MLP 256-1024-1024-10, 1.3M parameters, batch 128, 64 HVPs
 each, three probes per run): 28.7-29.3 % outside before (every batched HVP's output checked for NaN
 entrywise, a boolean copy of a (16, d) block reduced on each chunk; diagshare's absolute columns a second
-(chunk, d) block), 22.7-23.2 % after (one sum proves the block finite; the absolute value taken in place).
+(chunk, d) block), 20.8-21.5 % after (one sum proves the block finite; the absolute value taken in place).
 The rest is the estimators' own O(k d) work per chunk (Rademacher and ±1 packings, float64 diagonals),
-benchmarks/probe_costs.py lists it by function. The threshold sits between the two, 3 points from each."""
+benchmarks/probe_costs.py lists it by function. The threshold sits between the two: 2.7 points under the
+best run before, 4.5 over the worst run after."""
 
 import time
 from itertools import pairwise
