@@ -139,12 +139,10 @@ def write_pending(probe: Any) -> None:
     except (OSError, ConfigurationError) as e:
         probe._write_error = f"{type(e).__name__}: {e}"
         probe.failures["run log"] = probe.failures.get("run log", 0) + 1
-        if "run log" not in probe._warned:
-            probe._warned.add("run log")
-            warnings.warn(
-                f"geomprobe: writing the run log to {str(probe.run_dir)!r} failed at step {probe._step} "
-                f"({probe._write_error}); training continues, the records are kept in memory and written at "
-                "the next probe or at close()", RuntimeWarning, stacklevel=5)
+        _warn_once(probe, "run log",
+                   f"geomprobe: writing the run log to {str(probe.run_dir)!r} failed at step {probe._step} "
+                   f"({probe._write_error}); training continues, the records are kept in memory and written at "
+                   "the next probe or at close()")
 
 
 def _withhold(probe: Any) -> None:
@@ -155,12 +153,17 @@ def _withhold(probe: Any) -> None:
         why = f" ({where}: {message})"
     probe._write_error = (f"no probe has measured anything yet{why}, so force=True has not replaced the existing "
                           f"run in {str(probe.run_dir)!r}")
-    if "run kept" not in probe._warned:
-        probe._warned.add("run kept")
-        warnings.warn(
-            f"geomprobe: the probe at step {probe._step} measured nothing{why}; the existing run in "
-            f"{str(probe.run_dir)!r} is kept as it was until a probe measures something (force=True replaces it "
-            "only then), and the records wait in memory", RuntimeWarning, stacklevel=5)
+    _warn_once(probe, "run kept",
+               f"geomprobe: the probe at step {probe._step} measured nothing{why}; the existing run in "
+               f"{str(probe.run_dir)!r} is kept as it was until a probe measures something (force=True replaces it "
+               "only then), and the records wait in memory")
+
+
+def _warn_once(probe: Any, key: str, message: str) -> None:
+    """Warn with ``message`` the first time ``key`` goes wrong in this probe's life (training goes on)."""
+    if key not in probe._warned:
+        probe._warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=6)
 
 
 def kept_old_run(probe: Any) -> bool:
