@@ -21,6 +21,7 @@ piecewise-linear Function (a hand-written ReLU, whose true second derivative is 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Self
@@ -35,6 +36,7 @@ __all__ = [
     "check_broken_nodes",
     "custom_function_nodes",
     "cut_discrepancy",
+    "no_double_backward",
     "refuse_cut",
 ]
 
@@ -192,3 +194,26 @@ def refuse_cut(found: CutDiscrepancy, functions: Sequence[str]) -> None:
         f"compute their backward outside autograd (numpy, .detach() or torch.no_grad), so the Hessian would be "
         f"silently wrong; {_REMEDY}"
     )
+
+
+# How torch words a missing double backward (the operation's name, where it gives one)
+_NO_DOUBLE_BACKWARD = re.compile(
+    r"(derivative for (?P<op>[\w.:]+) is not implemented|(?P<op2>[\w.:]+) does not support double backward"
+    r"|double backward.*not (?:supported|implemented))",
+    re.IGNORECASE,
+)
+
+
+def no_double_backward(error: BaseException) -> UnsupportedOperationError | None:
+    """The refusal to raise for ``error`` when it is torch saying an operation has no double backward (naming
+    the operation and what to do), else None. Costs nothing."""
+    m = _NO_DOUBLE_BACKWARD.search(str(error))
+    if m is None:
+        return None
+    op = m.group("op") or m.group("op2") or "an operation in the model"
+    return UnsupportedOperationError(
+        f"double backward is not implemented for {op}, so exact Hessian-vector products are "
+        "impossible through it; replace that layer, or for a smooth model pass "
+        "hvp_method='finite-difference' (approximate, flagged)"
+    )
+

@@ -11,20 +11,28 @@ from __future__ import annotations
 import math
 import re
 import warnings
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..errors import ConfigurationError, NonFiniteLossError, UnsupportedOperationError
+from ..errors import ConfigurationError, NonFiniteLossError
 from .autodiff.fastdouble import fast_double_backward
 from .batches import batch_size, call_model, is_pair, resolve_batches, slice_batch, split_batches, to_device
 from .distributed import make_reducer, refuse_sharded
-from .doublecheck import CustomBackwardWatch, check_broken_nodes, custom_function_nodes, cut_discrepancy, refuse_cut
+from .doublecheck import (
+    CustomBackwardWatch,
+    check_broken_nodes,
+    custom_function_nodes,
+    cut_discrepancy,
+    no_double_backward,
+    refuse_cut,
+)
 from .loss import loss_reduction, resolve_loss_form
 from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan, device_memory, host_available_bytes, plan_memory
 from .paramspace import Block, ParamSpace, select_parameters
+from .saved_bytes import SavedBytes
 from .sharded import fully_sharded
 from .state import MODES, frozen
 
@@ -34,16 +42,6 @@ __all__ = ["HVP_METHODS", "Landscape", "unwrap_model"]
 # "auto": exact double backward for a model whose ranks hold whole parameters; for an FSDP2 model, the exact
 # route when its memory fits, else finite differences of FSDP's own gradients (engine/sharded_landscape.py)
 HVP_METHODS = ("autograd", "finite-difference", "auto")
-
-
-
-
-_NO_DOUBLE_BACKWARD = re.compile(
-    r"(derivative for (?P<op>[\w.:]+) is not implemented|(?P<op2>[\w.:]+) does not support double backward"
-    r"|double backward.*not (?:supported|implemented))",
-    re.IGNORECASE,
-)
-
 
 _VMAP_FAILURE = re.compile(r"vmap|batching rule|Batched", re.IGNORECASE)
 
@@ -58,31 +56,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
             model = model.module
         else:
             return model
-
-
-class _SavedBytes:
-    """Counts bytes of tensors autograd saves (the graph's memory), each storage once, parameters not."""
-
-    def __init__(self, exclude: Iterable[torch.Tensor]):
-        self.exclude = {t.data_ptr() for t in exclude}
-        self.seen: set[int] = set()
-        self.bytes = 0
-
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
-        try:
-            ptr = t.untyped_storage().data_ptr()
-            if ptr not in self.seen and t.data_ptr() not in self.exclude:
-                self.seen.add(ptr)
-                self.bytes += t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):  # tensors without storage (e.g. functional wrappers)
-            pass
-        # Never the tensor itself: a saved output packed as itself refers back to its own grad_fn, a
-        # reference cycle through C++ that the garbage collector cannot see, so every graph would leak.
-        # Autograd restores the autograd metadata on unpacking; only the data must match.
-        return t.detach()
-
-    def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, lambda t: t)
 
 
 class Landscape:
@@ -316,7 +289,7 @@ class Landscape:
         n = batch_size(batch)
         m = min(n, max(2, math.ceil(n / 8))) if can_split else n
         piece = slice_batch(batch, n, 0, m)
-        counter = _SavedBytes(self.params)
+        counter = SavedBytes(self.params)
         with self.frozen(0), counter.hooks(), fast_double_backward(self.fast_double_backward):
             loss = self.loss_on(piece)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -347,7 +320,7 @@ class Landscape:
         return loss.reshape(())
 
     def _graph(self, b: int, create_graph: bool, watch: bool = False) -> tuple[list[torch.Tensor | None], torch.Tensor, int]:
-        counter = _SavedBytes(self.params)
+        counter = SavedBytes(self.params)
         with self.frozen(b), counter.hooks(), fast_double_backward(self.fast_double_backward and create_graph):
             loss = self.loss_on(self.batches[b])
             if not torch.isfinite(loss):
@@ -548,7 +521,7 @@ class Landscape:
                     )
                     return self._flat(res, V)
                 except RuntimeError as e:
-                    if _NO_DOUBLE_BACKWARD.search(str(e)) or not _VMAP_FAILURE.search(str(e)):
+                    if no_double_backward(e) is not None or not _VMAP_FAILURE.search(str(e)):
                         raise
                     # Some operations have no batching rule; one vector at a time still works.
                     self.batched_hvp = False
@@ -565,15 +538,10 @@ class Landscape:
                 rows.append(self._flat(res, V[i : i + 1], batched=False))
             return torch.cat(rows)
         except RuntimeError as e:
-            m = _NO_DOUBLE_BACKWARD.search(str(e))
-            if m is None:
+            refusal = no_double_backward(e)
+            if refusal is None:
                 raise
-            op = m.group("op") or m.group("op2") or "an operation in the model"
-            raise UnsupportedOperationError(
-                f"double backward is not implemented for {op}, so exact Hessian-vector products are "
-                "impossible through it; replace that layer, or for a smooth model pass "
-                "hvp_method='finite-difference' (approximate, flagged)"
-            ) from e
+            raise refusal from e
 
     def _flat(self, res: Sequence[torch.Tensor | None], V: torch.Tensor, batched: bool = True) -> torch.Tensor:
         if all(r is None for r in res):

@@ -54,9 +54,10 @@ from ..errors import ConfigurationError, GeomprobeError, NonFiniteLossError
 from ..linalg.space import ShardedSpace
 from .batches import batch_size, slice_batch
 from .distributed import ProcessGroupReducer
-from .landscape import Landscape, _SavedBytes
+from .landscape import Landscape
 from .memory_plan import MemoryBudget, device_memory
 from .paramspace import select_parameters
+from .saved_bytes import SavedBytes
 from .sharded import FSDPModule, ShardLayout, fsdp_hooks_off
 
 __all__ = ["ShardedLandscape"]
@@ -180,7 +181,7 @@ class ShardedLandscape(Landscape):
         batch = self.batches[0]
         n = batch_size(batch)
         m = min(n, 2)
-        counter = _SavedBytes(self._dparams)
+        counter = SavedBytes(self._dparams)
         with self._grads_set_aside(), self.frozen(0):
             with counter.hooks():
                 loss = self.loss_on(slice_batch(batch, n, 0, m))
