@@ -209,6 +209,8 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         sync(device)
         per_metric[mname] = {"seconds": time.perf_counter() - t0, "hvp_seconds": clock.seconds - h0,
                              "hvp_calls": clock.calls - c0, "hvps": out.get("hvps")}
+        # one line per finished metric, so a run stopped by a time limit still says where its time went
+        print(json.dumps({"metric": mname, **per_metric[mname]}, default=str), flush=True)
         return out
 
     probe._run_metric = timed_metric
