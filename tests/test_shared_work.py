@@ -1,4 +1,4 @@
-"""Work shared by the metrics of one probe (docs/metrics.md, "Shared work"): precond reuses spectrum's Lanczos
+"""Work shared by the metrics of one probe (docs/metrics.md#shared_work): precond reuses spectrum's Lanczos
 run and rmed's diagonal reads, saddle spectrum's run; the values are those of each metric measured alone, the
 HVPs fewer by exactly what was received, the plan counts each part once, and options that differ share nothing."""
 

@@ -10,7 +10,7 @@ A metric's planned cost, :meth:`Metric.plan`, is a :class:`CostPlan` computed be
 (defaults filled in from its signature) and the parameter space: the HVPs it will spend (exactly, or at most
 where an iteration may stop early), the gradients, and the vectors of length ``d`` it holds at once.
 
-A metric whose work includes a product another metric computes identically (docs/metrics.md, "Shared work")
+A metric whose work includes a product another metric computes identically (docs/metrics.md#shared_work)
 declares it: ``shares`` gives its :class:`SharedPart` objects from the options, ``after`` the metrics whose
 products it reuses, which a probe runs first; the probe's plan then counts each shared part once.
 """

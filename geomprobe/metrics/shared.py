@@ -1,4 +1,5 @@
-"""Products one metric computes that another metric at the same parameters reuses, with what they cost.
+"""Products one metric computes that another metric at the same parameters reuses, with what they cost
+(docs/metrics.md#shared_work).
 
 Several metrics of one probe start from the same expensive product: ``precond``'s raw spectrum is the Lanczos
 run of ``spectrum`` (and ``saddle``'s), its raw R_med the diagonal reads of ``rmed``. A product is shared only

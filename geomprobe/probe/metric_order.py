@@ -1,4 +1,4 @@
-"""The order a probe runs its metrics in, and the work they share (docs/metrics.md, "Shared work").
+"""The order a probe runs its metrics in, and the work they share (docs/metrics.md#shared_work).
 
 A metric that reuses another's product (``precond`` the raw spectrum of ``spectrum`` and the diagonal reads of
 ``rmed``) runs after it, whatever order the user listed them in (``after`` in the registry), so that the
