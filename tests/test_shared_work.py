@@ -311,3 +311,11 @@ def test_dry_run_plans_the_full_set_with_shared_parts_once(tmp_path):
     assert plan["precond"]["shared"] == ["raw spectrum from spectrum", "raw diagonal reads from rmed"]
     table = CliRunner().invoke(cli, args[:-1] + ["--metric", "spectrum", "--metric", "precond"])
     assert "raw spectrum from spectrum" in table.stdout
+
+
+def test_an_unknown_rmed_option_of_precond_is_refused_before_any_hvp():
+    model = Quadratic(torch.linspace(1.0, 5.0, 40, dtype=F64), [40])
+    land = landscape(model)
+    with pytest.raises(gp.ConfigurationError, match=r"unknown keys \['kk'\].*known: bootstrap, exact_threshold"):
+        precond(land, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), rmed_options={"kk": 3})
+    assert land.hvps == 0 and land.results == {}
