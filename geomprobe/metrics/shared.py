@@ -22,10 +22,11 @@ plans the cost of the set with each shared part counted once (``shares`` in the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
-__all__ = ["Product", "Reuse", "lanczos_key", "diagonal_key", "RAW_SPECTRUM", "RAW_DIAGONAL"]
+__all__ = ["RAW_DIAGONAL", "RAW_SPECTRUM", "Product", "Reuse", "diagonal_key", "lanczos_key"]
 
 RAW_SPECTRUM = "raw spectrum"        # a seeded cold Lanczos run on the Hessian (spectrum, precond, saddle)
 RAW_DIAGONAL = "raw diagonal reads"  # rmed's diagonal entries of the Hessian (rmed, precond)

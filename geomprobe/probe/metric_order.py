@@ -16,7 +16,7 @@ from typing import Any
 from ..metrics import registry
 from ..metrics.registry import PlanContext, SharedPart
 
-__all__ = ["run_order", "planned_sharing", "providers"]
+__all__ = ["planned_sharing", "providers", "run_order"]
 
 
 def run_order(names: Iterable[str]) -> list[str]:
