@@ -34,7 +34,9 @@ def plan_table(plan: dict[str, dict], dim: int, dtype: str, estimate: dict[str, 
             row.insert(2, "?" if p.get("forwards") is None else str(p["forwards"]))
         if estimate is not None:
             row.append(time_text(estimate["metrics"][name]["seconds"], p["exact"]))
-        table.add_row(*row, Text(p.get("cost", "")))
+        # a part another metric of the probe computes is counted there: say which (metrics/shared.py)
+        note = p.get("cost", "") or "; ".join(f"reuses {what}" for what in p.get("shared", ()))
+        table.add_row(*row, Text(note))
     return table
 
 

@@ -126,7 +126,9 @@ def test_the_lanczos_cache_never_mixes_warm_and_cold_runs():
     land = gp.Landscape(model, loss_fn, batch)
     first = spectrum(land, warm=warm)  # cold: the seeded run, stored for other metrics
     assert not first["warm"] and len(land.results) == 1
-    (cached,) = land.results.values()
+    (kept,) = land.results.values()
+    cached = kept.value
+    assert kept.source == "spectrum" and kept.hvps == first["hvps"]  # who computed it, for what
     assert cached.basis is None  # Ritz vectors were taken; the basis is not kept
     fresh = run_lanczos(gp.Landscape(model, loss_fn, batch))
     assert torch.equal(cached.ritz_values, fresh.ritz_values)

@@ -33,7 +33,7 @@ from typing import Sequence
 
 from ..errors import ConfigurationError
 
-__all__ = ["RmedPlan", "plan_rmed", "plan_columns"]
+__all__ = ["RmedPlan", "plan_rmed", "plan_columns", "scaled_candidates_hvps"]
 
 
 @dataclass(frozen=True)
@@ -96,6 +96,17 @@ def plan_rmed(sizes: Sequence[int], *, budget: int, exact_threshold: int, k: int
     rows_sample = min(rows - rows_cand, largest)
     return RmedPlan("packed", tuple(False for _ in sizes), 0, 0, rows_sample, rows_cand, screen, signs,
                     screen + signs * (rows_sample + rows_cand))
+
+
+def scaled_candidates_hvps(plan: RmedPlan, sizes: Sequence[int]) -> int:
+    """The most HVPs ``precond`` spends beyond rmed's reads (``plan``) on the candidates a scaled diagonal needs
+    for its max: ``min(top, n_l - k)`` exact entries per screened block, or ``signs * rows_cand`` packed rows;
+    none without a screen."""
+    if plan.screen == 0:
+        return 0
+    if plan.mode == "packed":
+        return plan.signs * plan.rows_cand
+    return sum(min(plan.top, n - plan.k) for n, small in zip(sizes, plan.exact_blocks) if not small)
 
 
 def plan_columns(sizes: Sequence[int], *, budget: int, k: int) -> list[int]:

@@ -1,14 +1,16 @@
 """How ``rmed`` reads a Hessian diagonal: exact entries, or packed reads of one coordinate of every block.
 
 Private to the metrics. Each function spends HVPs and returns per-block knowledge (:class:`BlockDiag`): the
-entries read, their errors (none for exact entries) and the Bekas screen. The statistics built on it (median,
+entries read, their errors (none for exact entries) and the Bekas screen. :func:`read_scaled_candidates` adds,
+to reads made for the raw diagonal, the candidates a scaled diagonal ``s_i h_i`` needs for its max (``precond``
+reuses ``rmed``'s reads this way). The statistics built on it (median,
 q99, max and their intervals) live in :mod:`geomprobe.metrics.rmed`; the plan that chooses between the two
 reads in :mod:`geomprobe.metrics._budget`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Sequence
 
 import numpy as np
@@ -19,7 +21,7 @@ from ..linalg.vectors import Matvec
 from ._budget import RmedPlan
 from ._common import exact_diagonal_chunked
 
-__all__ = ["BlockDiag", "read_exact", "read_packed"]
+__all__ = ["BlockDiag", "DiagonalReads", "read_exact", "read_packed", "read_scaled_candidates"]
 
 
 @dataclass
@@ -36,6 +38,18 @@ class BlockDiag:
     screen_se: np.ndarray | None = None
     sample_err: np.ndarray | None = None  # packed reads: standard error of each h_i (None: exact entries)
     cand_err: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class DiagonalReads:
+    """One complete pass of reads: per-block knowledge, the plan it followed, the HVPs it spent and the state
+    of the generator right after it (the statistics and any later reads continue from there, so a pass kept
+    for another metric gives that metric exactly what reading again would). Never changed once made."""
+
+    parts: tuple[BlockDiag, ...]
+    plan: RmedPlan
+    hvps: int
+    state: torch.Tensor
 
 
 def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None], *,
@@ -90,18 +104,19 @@ def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequen
     return parts, hvps
 
 
-def _screen_candidates(mean: np.ndarray, se: np.ndarray, b: Any, known: np.ndarray, scalings: Sequence, z: float,
-                       n_top: int) -> np.ndarray:
-    """The ``n_top`` unknown coordinates of block ``b`` with the largest screened upper bound, per scaling."""
-    unknown = np.ones(b.size, dtype=bool)
+def _screen_candidates(screen: np.ndarray, screen_se: np.ndarray, known: np.ndarray,
+                       scales: Sequence[torch.Tensor | None], z: float, n_top: int) -> np.ndarray:
+    """The ``n_top`` coordinates of a block outside ``known`` with the largest screened upper bound, per scaling
+    (block-local ``screen``, ``screen_se`` and ``scales``; ``None`` is no scaling)."""
+    unknown = np.ones(len(screen), dtype=bool)
     unknown[known] = False
     chosen: set[int] = set()
     n = min(n_top, int(unknown.sum()))
-    for s in scalings:
-        sc = np.ones(b.size) if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
+    for s in scales:
+        sc = 1.0 if s is None else s.abs().double().cpu().numpy()
         # Rank by the upper bound, not the point estimate: reading the coordinates that could be largest is
         # what lets the rest of the screen certify the max.
-        upper = np.where(unknown, sc * (np.abs(mean[b.start : b.stop]) + z * se[b.start : b.stop]), -np.inf)
+        upper = np.where(unknown, sc * (np.abs(screen) + z * screen_se), -np.inf)
         chosen.update(np.argpartition(-upper, n - 1)[:n].tolist() if n else [])
     return np.array(sorted(chosen), dtype=int)
 
@@ -142,7 +157,8 @@ def read_packed(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Seque
     for p in parts:
         b = p.block
         p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
-        p.cand = _screen_candidates(mean, se, b, p.sample, scalings, z, per_scaling)[: plan.rows_cand]
+        local = [None if s is None else s[b.start : b.stop] for s in scalings]
+        p.cand = _screen_candidates(p.screen, p.screen_se, p.sample, local, z, per_scaling)[: plan.rows_cand]
     est, err = packed_diagonal(matvec, dim, _rows(blocks, [p.cand for p in parts], plan.rows_cand),
                                signs=plan.signs, batch=batch, generator=generator, dtype=dtype, device=device)
     hvps += plan.signs * plan.rows_cand
@@ -166,3 +182,55 @@ def _merge_repeats(est: np.ndarray, err: np.ndarray, n: int) -> tuple[np.ndarray
     once = ~many
     se[once] = err[: n][once]
     return mean, se
+
+
+def read_scaled_candidates(matvec: Matvec, dim: int, reads: DiagonalReads, scaling: torch.Tensor, *, z: float,
+                           generator: torch.Generator, dtype: torch.dtype, device: Any,
+                           batch: int) -> tuple[list[BlockDiag], int]:
+    """``reads`` completed for the max of the scaled diagonal ``|s_i h_i|``: per screened block the ``n`` unsampled
+    coordinates of largest scaled upper bound ``s_i (|h_hat_i| + z se_i)`` are read too, those not read yet
+    (``n = plan.top`` exact entries, or ``plan.rows_cand`` packed rows under ``plan.signs`` sign patterns).
+
+    The raw reads ranked the candidates by the unscaled bound; a strong scaling moves the max elsewhere, and
+    only reading the coordinates that could hold it lets the screen certify it. Returns new per-block
+    knowledge (the raw candidates plus the new ones; ``reads`` is left as it was) and the HVPs spent: at most
+    ``plan.top`` per screened block (exact) or ``plan.signs * plan.rows_cand`` (packed); none without a screen.
+    """
+    plan = reads.plan
+    packed = plan.mode == "packed"
+    n_top = plan.rows_cand if packed else plan.top
+    new: list[np.ndarray] = []
+    for p in reads.parts:
+        if p.screen is None or p.exact or n_top == 0:
+            new.append(np.empty(0, dtype=int))
+            continue
+        b = p.block
+        chosen = _screen_candidates(p.screen, p.screen_se, p.sample, [scaling[b.start : b.stop]], z, n_top)
+        new.append(np.setdiff1d(chosen, p.cand).astype(int))
+    n_rows = max((len(c) for c in new), default=0)
+    if n_rows == 0:
+        return list(reads.parts), 0
+    if packed:
+        blocks = [p.block for p in reads.parts]
+        est, err = packed_diagonal(matvec, dim, _rows(blocks, new, n_rows), signs=plan.signs, batch=batch,
+                                   generator=generator, dtype=dtype, device=device)
+        hvps = plan.signs * n_rows
+        got = [(est[: len(c), j].numpy(), err[: len(c), j].numpy()) for j, c in enumerate(new)]
+    else:
+        idx = np.concatenate([p.block.start + c for p, c in zip(reads.parts, new)])
+        h = exact_diagonal_chunked(matvec, dim, torch.from_numpy(idx), batch=batch, dtype=dtype, device=device).numpy()
+        hvps = len(idx)
+        got, at = [], 0
+        for c in new:
+            got.append((h[at : at + len(c)], None))
+            at += len(c)
+    out = []
+    for p, c, (h, e) in zip(reads.parts, new, got):
+        if len(c) == 0:
+            out.append(p)
+            continue
+        cand_err = None if e is None else np.concatenate([p.cand_err, e])
+        out.append(replace(p, cand=np.concatenate([p.cand, c]), cand_h=np.concatenate([p.cand_h, h]),
+                           cand_err=cand_err))
+    return out, hvps
+

@@ -12,10 +12,13 @@ from typing import Any, Sequence
 
 import torch
 
+from ..linalg.certify import DEFAULT_RISK
 from . import registry
-from ._budget import plan_columns, plan_rmed
+from ._budget import RmedPlan, plan_columns, plan_rmed, scaled_candidates_hvps
 from ._common import select_blocks
-from .registry import CostPlan, PlanContext
+from .registry import CostPlan, PlanContext, SharedPart
+from .rmed import READ_OPTIONS
+from .shared import RAW_DIAGONAL, RAW_SPECTRUM, diagonal_key, lanczos_key
 
 __all__ = ["lanczos_steps"]
 
@@ -25,26 +28,9 @@ def lanczos_steps(max_iter: int | None, dim: int) -> int:
     return min(dim, max_iter if max_iter is not None else 300)
 
 
-def _rmed_hvps(blocks: Sequence[Any], *, exact_threshold: int = 1024, k: int = 512, top: int = 64,
-               screen_samples: int = 32, scalings: int = 1, **_: Any) -> int:
-    """HVPs of ``rmed``'s diagonal pass: exact small blocks, ``k`` samples and up to ``top`` candidates per
-    scaling in larger ones, and one Bekas screen shared by all large blocks."""
-    hvps, large = 0, False
-    for b in blocks:
-        if b.size <= max(exact_threshold, k + top):
-            hvps += b.size
-        else:
-            large = True
-            hvps += k + min(scalings * top, b.size - k)
-    return hvps + (screen_samples if large and top > 0 else 0)
-
-
 def _rmed(o: dict, c: PlanContext) -> CostPlan:
     # the metric's own plan within its budget hvps (exact entries, scaled down, or packed rows)
-    chosen = select_blocks(c.blocks, o["blocks"])
-    plan = plan_rmed([b.size for b in chosen], budget=o["hvps"], exact_threshold=o["exact_threshold"], k=o["k"],
-                     top=o["top"], screen_samples=o["screen_samples"], signs=o["signs"], min_k=o["min_k"])
-    return CostPlan(plan.hvps, vectors=2 * c.chunk_size)
+    return CostPlan(_rmed_plan(select_blocks(c.blocks, o["blocks"]), o).hvps, vectors=2 * c.chunk_size)
 
 
 def _diagshare(o: dict, c: PlanContext) -> CostPlan:
@@ -88,13 +74,68 @@ def _isotropy(o: dict, c: PlanContext) -> CostPlan:
     return CostPlan(m, exact=not lanczos, gradients=cap if cap is not None else o["min_samples"], vectors=m + 2)
 
 
+def _rmed_plan(blocks: Sequence[Any], o: dict) -> RmedPlan:
+    return plan_rmed([b.size for b in blocks], budget=o["hvps"], exact_threshold=o["exact_threshold"], k=o["k"],
+                     top=o["top"], screen_samples=o["screen_samples"], signs=o["signs"], min_k=o["min_k"])
+
+
+def _precond_rmed(o: dict) -> dict:
+    """precond's rmed options with rmed's defaults filled in."""
+    return registry.get("rmed").options(o["rmed_options"] or {})
+
+
 def _precond(o: dict, c: PlanContext) -> CostPlan:
     m = lanczos_steps(o["max_iter"], c.dim)
     hvps = m * (2 if o["raw"] else 1)
     if o["rmed"]:
         chosen = select_blocks(c.blocks, o["blocks"])
-        hvps += _rmed_hvps(chosen, scalings=2 if o["raw"] else 1, **(o["rmed_options"] or {}))
+        plan = _rmed_plan(chosen, _precond_rmed(o))
+        # rmed's reads, then the candidates P points to for its max
+        hvps += plan.hvps + scaled_candidates_hvps(plan, [b.size for b in chosen])
     return CostPlan(hvps, exact=False, vectors=m + 2)
+
+
+# The parts of a plan another metric may compute identically (metrics/shared.py): keys as the metrics build them.
+def _spectrum_key(o: dict, *, k: int, which: str, bound: str, max_basis: int | None, risk: float | None) -> tuple:
+    return lanczos_key(k=k, tol=o["tol"], max_iter=o["max_iter"], which=which, seed=o["seed"], bound=bound,
+                       max_basis=max_basis, risk=risk)
+
+
+def _spectrum_shares(o: dict, c: PlanContext) -> list[SharedPart]:
+    if o.get("generator") is not None:
+        return []
+    key = _spectrum_key(o, k=o["k"], which=o["which"], bound=o["bound"], max_basis=o["max_basis"], risk=o["risk"])
+    return [SharedPart(RAW_SPECTRUM, key, lanczos_steps(o["max_iter"], c.dim), exact=False)]
+
+
+def _saddle_shares(o: dict, c: PlanContext) -> list[SharedPart]:
+    if o.get("generator") is not None:
+        return []
+    key = _spectrum_key(o, k=1, which="both", bound="residual", max_basis=None, risk=DEFAULT_RISK)
+    return [SharedPart(RAW_SPECTRUM, key, lanczos_steps(o["max_iter"], c.dim), exact=False)]
+
+
+def _diagonal_part(blocks: Sequence[Any], o: dict, seed: int) -> SharedPart:
+    read = {k: o[k] for k in READ_OPTIONS}
+    return SharedPart(RAW_DIAGONAL, diagonal_key(blocks, seed=seed, **read), _rmed_plan(blocks, o).hvps)
+
+
+def _rmed_shares(o: dict, c: PlanContext) -> list[SharedPart]:
+    if o.get("generator") is not None:
+        return []
+    return [_diagonal_part(select_blocks(c.blocks, o["blocks"]), o, o["seed"])]
+
+
+def _precond_shares(o: dict, c: PlanContext) -> list[SharedPart]:
+    if o.get("generator") is not None:
+        return []
+    parts = []
+    if o["raw"]:
+        key = _spectrum_key(o, k=o["k"], which="both", bound="residual", max_basis=None, risk=DEFAULT_RISK)
+        parts.append(SharedPart(RAW_SPECTRUM, key, lanczos_steps(o["max_iter"], c.dim), exact=False))
+    if o["rmed"]:
+        parts.append(_diagonal_part(select_blocks(c.blocks, o["blocks"]), _precond_rmed(o), o["seed"]))
+    return parts
 
 
 _PLANNERS = {
@@ -105,3 +146,9 @@ _PLANNERS = {
 for _name, _planner in _PLANNERS.items():
     if _name in registry.REGISTRY and registry.REGISTRY[_name].planner is None:
         registry.set_plan(_name, _planner)
+
+_SHARERS = {"spectrum": _spectrum_shares, "saddle": _saddle_shares, "rmed": _rmed_shares, "precond": _precond_shares}
+
+for _name, _sharer in _SHARERS.items():
+    if _name in registry.REGISTRY and registry.REGISTRY[_name].shares is None:
+        registry.set_shares(_name, _sharer)

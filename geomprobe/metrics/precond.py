@@ -26,6 +26,7 @@ Reference: Staib et al. 2019; Kohler, Adolphs, Lucchi (docs/metrics.md#precond).
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Mapping
 from typing import Any, Sequence
 
@@ -34,8 +35,12 @@ import torch
 from ..errors import ConfigurationError, OptimizerStateError
 from ..linalg.lanczos import lanczos
 from ._common import checked, resolve_generator, select_blocks
+from ._reads import read_scaled_candidates
 from .registry import register
-from .rmed import diagonal_ratios
+from .rmed import READ_OPTIONS, diagonal_statistics, shared_diagonal
+from .rmed import _check_options as _check_rmed
+from .rmed import rmed as _rmed_metric
+from .shared import Reuse
 from .spectrum import lanczos_summary, run_lanczos
 
 __all__ = ["precond", "optimizer_preconditioner"]
@@ -164,6 +169,8 @@ def optimizer_preconditioner(
 
 
 _BLOCK_KEYS = ("rmed", "rmed_err", "rmed_ci", "rmed_q99", "rmed_q99_err", "rmed_q99_ci", "max_certified", "exact")
+_STAT_OPTIONS = ("level", "bootstrap")
+_RMED_DEFAULTS = {n: q.default for n, q in inspect.signature(_rmed_metric).parameters.items()}
 
 
 def _rmed_fields(res: dict, prefix: str) -> dict:
@@ -173,11 +180,44 @@ def _rmed_fields(res: dict, prefix: str) -> dict:
     return out
 
 
+def _split_rmed_options(rmed_options: dict | None) -> tuple[dict, dict]:
+    """``rmed_options`` as rmed's read options and its statistics' options (defaults filled in)."""
+    known = {k: _RMED_DEFAULTS[k] for k in READ_OPTIONS + _STAT_OPTIONS}
+    given = dict(rmed_options or {})
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise ConfigurationError(
+            f"precond's rmed_options has unknown keys {unknown}; known: {', '.join(sorted(known))} (rmed's options)"
+        )
+    merged = {**known, **given}
+    return {k: merged[k] for k in READ_OPTIONS}, {k: merged[k] for k in _STAT_OPTIONS}
+
+
+def _preconditioned_rmed(land: Any, chosen: list, p: torch.Tensor, reuse: Reuse, *, seed: int,
+                         generator: torch.Generator | None, rmed_options: dict | None) -> tuple[dict, dict, int]:
+    """R_med of ``diag(P H)`` and of ``diag(H)`` from rmed's raw diagonal reads (shared with ``rmed``; the raw
+    result is then rmed's own), completed by the candidates ``P`` points to for the preconditioned max.
+    Returns the preconditioned and raw results and the HVPs this call spent."""
+    read, stat = _split_rmed_options(rmed_options)
+    _check_rmed(read["exact_threshold"], read["k"], read["top"], read["screen_samples"], read["z"], stat["level"],
+                stat["bootstrap"], read["hvps"], read["signs"], read["min_k"])
+    reads, gen, spent = shared_diagonal(land, chosen, reuse, seed=seed, generator=generator, **read)
+    # in rmed's order of draws: its statistics first, so the raw values equal rmed's with the same options
+    (raw,) = diagonal_statistics(reads.parts, reads.plan, [None], z=read["z"], budget=read["hvps"], generator=gen,
+                                 **stat)
+    parts, more = read_scaled_candidates(land.hvp, land.dim, reads, p, z=read["z"], generator=gen, dtype=land.dtype,
+                                         device=land.device, batch=getattr(land, "chunk_size", 16))
+    (pre,) = diagonal_statistics(parts, reads.plan, [p], z=read["z"], budget=read["hvps"], generator=gen, **stat)
+    return pre, raw, spent + more
+
+
 @register(
     "precond",
-    cost="two Lanczos runs (~10-150 HVPs each; one without raw) plus rmed's cost once, raw and P sharing the "
-    "exact diagonal entries (up to 2 * top screening candidates per large block)",
+    cost="two Lanczos runs (~10-150 HVPs each; one without raw) plus rmed's diagonal reads (at most its hvps, "
+    "1024) and the candidates P points to for the preconditioned max (up to top per sampled block, or signs * "
+    "candidate rows); the raw Lanczos run and the diagonal reads are shared with spectrum and rmed in one probe",
     needs=("optimizer",),
+    after=("spectrum", "rmed"),
 )
 def precond(
     land: Any,
@@ -201,11 +241,18 @@ def precond(
         optimizer: the optimizer whose ``P`` to read (module docstring); required.
         k, tol, max_iter: Lanczos options as in ``spectrum`` (top/bottom ``k``, residual tolerance, cap).
         raw: also report the raw Hessian's values (``raw_*`` keys).
-        rmed: also compute R_med (raw and preconditioned share the HVPs).
+        rmed: also compute R_med (raw and preconditioned share the diagonal reads).
         blocks: glob patterns of the blocks R_med covers (default all).
-        rmed_options: keyword options of :func:`geomprobe.metrics.rmed.diagonal_ratios` (``k``, ``top``, ...).
+        rmed_options: keyword options of :func:`geomprobe.metrics.rmed.rmed` (``k``, ``top``, ``hvps``, ``level``,
+            ...) for the diagonal reads and their statistics.
         seed, generator: the randomness (Lanczos starts, R_med sampling).
         basis_device: where the Lanczos basis lives (``"cpu"``: host memory; see krylov.lanczos).
+
+    The raw Lanczos run is ``spectrum``'s with the same ``k``, ``tol``, ``max_iter`` and seed, and the diagonal
+    reads are ``rmed``'s with the same blocks, options and seed: on one Landscape (one probe) each is computed
+    once and shared (:mod:`geomprobe.metrics.shared`), so ``raw_*`` then equal those metrics' values and
+    ``shared`` / ``shared_hvps`` say what was received and what it cost; ``hvps`` counts only this metric's
+    own HVPs. The values do not depend on whether anything was shared.
 
     Returns the preconditioned ``lambda_max``, ``lambda_min`` with residual bounds (``*_err``), ``top``,
     ``bottom``, ``rmed``, ``rmed_err``, ``rmed_ci``, ``rmed_q99`` (``_err``, ``_ci``), ``rmed_max_certified``,
@@ -230,22 +277,24 @@ def precond(
             "precond needs the optimizer whose preconditioner to read: precond(land, optimizer=opt)"
         )
     chosen = select_blocks(land.space.blocks, blocks)
+    if rmed:
+        _split_rmed_options(rmed_options)  # a bad key before any HVP is spent
     p_list, source = optimizer_preconditioner(optimizer, land.params, land.param_names)
     p = land.space.flatten(p_list).to(dtype=land.dtype, device=land.device)
     s = p.sqrt()
-    gen = resolve_generator(seed, generator)
+    reuse = Reuse(land, "precond")
     # The product in preconditioned coordinates; works for a vector (d,) and a block (k, d) alike.
     mv = checked(lambda v: s * land.hvp(s * v), "preconditioned Hessian-vector product")
-    r = lanczos(mv, land.dim, k=k, tol=tol, max_iter=max_iter, generator=gen, dtype=land.dtype, device=land.device,
-                basis_device=basis_device)
+    r = lanczos(mv, land.dim, k=k, tol=tol, max_iter=max_iter, generator=resolve_generator(seed, generator),
+                dtype=land.dtype, device=land.device, basis_device=basis_device)
     out = lanczos_summary(r, k)
     hvps = r.matvecs
     converged = bool(r.converged)
     if raw:
-        # seeded like `spectrum`, so that a probe measuring both runs this Lanczos once (land.results)
+        # seeded like `spectrum` (its run when a probe measures both: shared, not run again)
         before = land.hvps
         rr = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, seed=seed, generator=generator,
-                         basis_device=basis_device)
+                         basis_device=basis_device, reuse=reuse)
         out.update({f"raw_{key}": v for key, v in lanczos_summary(rr, k).items() if key not in ("hvps",)})
         hvps += land.hvps - before
         converged = converged and bool(rr.converged)
@@ -255,13 +304,12 @@ def precond(
         pb = p64[b.start : b.stop]
         per_block[b.name] = {"p_min": float(pb.min()), "p_max": float(pb.max()), "p_median": float(pb.median())}
     if rmed:
-        scalings = [p, None] if raw else [p]
-        results, n = diagonal_ratios(
-            land.hvp, land.dim, chosen, scalings=scalings, generator=gen, dtype=land.dtype, device=land.device,
-            batch=getattr(land, "chunk_size", 16), **(rmed_options or {}),
-        )
+        pre, raw_res, n = _preconditioned_rmed(land, chosen, p, reuse, seed=seed, generator=generator,
+                                               rmed_options=rmed_options)
         hvps += n
-        for res, prefix in zip(results, ("", "raw_")):
+        for res, prefix in ((pre, ""), (raw_res, "raw_")):
+            if prefix and not raw:
+                continue
             out.update(_rmed_fields(res, prefix))
             for name, bres in res["blocks"].items():
                 per_block[name].update(_rmed_fields(bres, prefix))
@@ -274,5 +322,6 @@ def precond(
         "p_median": float(p64.median()),
         "hvps": hvps,
         "blocks": per_block,
+        **reuse.fields(),
     })
     return out

@@ -9,18 +9,23 @@ HVPs (a description and, where known, a function of the options) and what it nee
 A metric's planned cost, :meth:`Metric.plan`, is a :class:`CostPlan` computed before a probe from its options
 (defaults filled in from its signature) and the parameter space: the HVPs it will spend (exactly, or at most
 where an iteration may stop early), the gradients, and the vectors of length ``d`` it holds at once.
+
+A metric whose work includes a product another metric computes identically (docs/metrics.md#shared_work)
+declares it: ``shares`` gives its :class:`SharedPart` objects from the options, ``after`` the metrics whose
+products it reuses, which a probe runs first; the probe's plan then counts each shared part once.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 from ..errors import ConfigurationError
 
-__all__ = ["CostPlan", "PlanContext", "Metric", "register", "set_plan", "get", "available", "REGISTRY"]
+__all__ = ["CostPlan", "PlanContext", "SharedPart", "Metric", "register", "set_plan", "set_shares", "get", "available",
+           "REGISTRY"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,22 @@ Planner = Callable[[dict, PlanContext], CostPlan]
 
 
 @dataclass(frozen=True)
+class SharedPart:
+    """A part of a metric's planned cost that another metric of the probe may compute identically: ``what``
+    it is (``"raw spectrum"``), the ``key`` that says when two are the same (:mod:`geomprobe.metrics.shared`)
+    and its planned ``hvps`` (an upper bound unless ``exact``), included in the metric's own plan."""
+
+    what: str
+    key: tuple
+    hvps: int
+    exact: bool = True
+
+
+# (options with their defaults filled in, context) -> the metric's shareable parts
+Sharer = Callable[[dict, PlanContext], list]
+
+
+@dataclass(frozen=True)
 class Metric:
     """A registered metric: its name, function, cost in HVPs and the inputs it needs besides a Landscape."""
 
@@ -71,6 +92,8 @@ class Metric:
     needs: frozenset[str] = field(default_factory=frozenset)
     description: str = ""
     planner: Planner | None = None
+    shares: Sharer | None = None
+    after: tuple[str, ...] = ()
 
     def __call__(self, landscape: Any, **options: Any) -> dict:
         return self.fn(landscape, **options)
@@ -90,20 +113,27 @@ class Metric:
             return None
         return self.planner(self.options(options), context)
 
+    def shared_parts(self, options: dict | None, context: PlanContext) -> list[SharedPart]:
+        """The parts of the plan with ``options`` another metric may compute identically (none by default)."""
+        if self.shares is None:
+            return []
+        return list(self.shares(self.options(options), context))
+
 
 REGISTRY: dict[str, Metric] = {}
 
 
 def register(name: str, *, cost: str, needs: tuple[str, ...] = (), description: str = "",
-             plan: Planner | None = None) -> Callable:
+             plan: Planner | None = None, shares: Sharer | None = None, after: tuple[str, ...] = ()) -> Callable:
     """Decorator registering ``fn`` under ``name`` with a cost description in HVPs and, where the cost is a
-    known function of the options and the parameter space, its ``plan`` (see :class:`CostPlan`)."""
+    known function of the options and the parameter space, its ``plan`` (see :class:`CostPlan`); ``shares``
+    and ``after`` as in the module docstring."""
 
     def deco(fn: Callable[..., dict]) -> Callable[..., dict]:
         if name in REGISTRY and REGISTRY[name].fn is not fn:
             raise ConfigurationError(f"metric {name!r} is registered twice")
         doc = description or (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else description
-        REGISTRY[name] = Metric(name, fn, cost, frozenset(needs), doc or "", plan)
+        REGISTRY[name] = Metric(name, fn, cost, frozenset(needs), doc or "", plan, shares, tuple(after))
         return fn
 
     return deco
@@ -111,8 +141,12 @@ def register(name: str, *, cost: str, needs: tuple[str, ...] = (), description: 
 
 def set_plan(name: str, plan: Planner) -> None:
     """Give the metric registered as ``name`` its cost planner (for metrics registered without one)."""
-    metric = get(name)
-    REGISTRY[name] = Metric(metric.name, metric.fn, metric.cost, metric.needs, metric.description, plan)
+    REGISTRY[name] = replace(get(name), planner=plan)
+
+
+def set_shares(name: str, shares: Sharer) -> None:
+    """Give the metric registered as ``name`` its shareable parts (for metrics registered without them)."""
+    REGISTRY[name] = replace(get(name), shares=shares)
 
 
 def get(name: str) -> Metric:

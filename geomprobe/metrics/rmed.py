@@ -71,7 +71,7 @@ import torch
 
 from ..errors import ConfigurationError
 from ..linalg.vectors import Matvec, default_generator
-from ._budget import plan_rmed
+from ._budget import RmedPlan, plan_rmed
 from ._common import (
     checked,
     half_width,
@@ -83,10 +83,11 @@ from ._common import (
     stratified_quantile_ci,
     weighted_quantile,
 )
-from ._reads import BlockDiag, read_exact, read_packed
+from ._reads import BlockDiag, DiagonalReads, read_exact, read_packed
 from .registry import register
+from .shared import RAW_DIAGONAL, Reuse, diagonal_key
 
-__all__ = ["rmed", "diagonal_ratios"]
+__all__ = ["rmed", "diagonal_ratios", "read_diagonal", "diagonal_statistics", "shared_diagonal", "READ_OPTIONS"]
 
 
 def _check_options(exact_threshold: int, k: int, top: int, screen_samples: int, z: float, level: float,
@@ -259,6 +260,63 @@ def _pooled(pieces: list[dict], level: float, bootstrap: int, rng: np.random.Gen
     return out
 
 
+READ_OPTIONS = ("exact_threshold", "k", "top", "screen_samples", "z", "hvps", "signs", "min_k")
+
+
+def read_diagonal(
+    matvec: Matvec,
+    dim: int,
+    blocks: Sequence[Any],
+    *,
+    scalings: Sequence[torch.Tensor | None] = (None,),
+    exact_threshold: int = 1024,
+    k: int = 512,
+    top: int = 64,
+    screen_samples: int = 32,
+    z: float = 4.0,
+    hvps: int = 1024,
+    signs: int = 2,
+    min_k: int = 24,
+    generator: torch.Generator,
+    dtype: torch.dtype = torch.float64,
+    device: Any = None,
+    batch: int = 16,
+) -> DiagonalReads:
+    """One pass of diagonal reads within ``hvps`` HVPs (the plan of the module docstring), its screening
+    candidates the union over ``scalings``; ``generator`` is left where the statistics continue from."""
+    blocks = list(blocks)
+    plan = plan_rmed([b.size for b in blocks], budget=hvps, exact_threshold=exact_threshold, k=k, top=top,
+                     screen_samples=screen_samples, signs=signs, min_k=min_k)
+    mv = checked(matvec)
+    if plan.mode == "exact":
+        threshold = exact_threshold if plan.threshold < 0 else plan.threshold
+        parts, spent = read_exact(mv, dim, blocks, scalings, exact_threshold=threshold, k=plan.k, top=plan.top,
+                                  screen_samples=screen_samples, z=z, generator=generator, dtype=dtype, device=device,
+                                  batch=batch)
+    else:
+        parts, spent = read_packed(mv, dim, blocks, scalings, plan, z=z, generator=generator, dtype=dtype,
+                                   device=device, batch=batch)
+    return DiagonalReads(tuple(parts), plan, spent, generator.get_state())
+
+
+def diagonal_statistics(parts: Sequence[BlockDiag], plan: RmedPlan, scalings: Sequence[torch.Tensor | None], *,
+                        z: float, level: float, bootstrap: int, budget: int, generator: torch.Generator) -> list[dict]:
+    """R_med and R_q99 with their intervals, whole model and per block, of ``diag(S H S)`` for each scaling,
+    from reads already made (no HVP; the bootstrap draws from ``generator``)."""
+    rng = numpy_rng(generator)
+    results = []
+    for s in scalings:
+        per_block, pieces = {}, []
+        for p in parts:
+            res, piece = _block_result(p, s, z, level)
+            per_block[p.block.name] = res
+            pieces.append(piece)
+        whole = _pooled(pieces, level, bootstrap, rng, z)
+        whole.update({"blocks": per_block, "mode": plan.mode, "budget": budget})
+        results.append(whole)
+    return results
+
+
 def diagonal_ratios(
     matvec: Matvec,
     dim: int,
@@ -282,39 +340,44 @@ def diagonal_ratios(
 ) -> tuple[list[dict], int]:
     """R_med and R_q99 of ``diag(S H S)`` for each ``S = diag(s)`` in ``scalings`` (``None`` = identity).
 
-    The kernel behind :func:`rmed` and the preconditioned R_med of ``precond``: since
-    ``(S H S)_ii = s_i^2 H_ii``, one set of exact diagonal entries serves every scaling; pass
-    ``s^2`` (e.g. the preconditioner ``P``) as the scaling. The screening candidates are the union over
-    scalings. ``blocks`` are objects with ``name``, ``start``, ``stop`` and ``size``. Returns one result dict
-    per scaling (the whole-model values plus ``blocks``, ``mode`` and ``budget``) and the HVPs spent, never
-    more than ``hvps``. See the module docstring for the plan, the estimators and their errors.
+    The kernel behind :func:`rmed`: since ``(S H S)_ii = s_i^2 H_ii``, one set of exact diagonal entries
+    serves every scaling; pass ``s^2`` (e.g. a preconditioner ``P``) as the scaling. The screening candidates
+    are the union over scalings. ``blocks`` are objects with ``name``, ``start``, ``stop`` and ``size``. Returns
+    one result dict per scaling (the whole-model values plus ``blocks``, ``mode`` and ``budget``) and the HVPs
+    spent, never more than ``hvps``. See the module docstring for the plan, the estimators and their errors.
     """
     _check_options(exact_threshold, k, top, screen_samples, z, level, bootstrap, hvps, signs, min_k)
-    blocks = list(blocks)
-    plan = plan_rmed([b.size for b in blocks], budget=hvps, exact_threshold=exact_threshold, k=k, top=top,
-                     screen_samples=screen_samples, signs=signs, min_k=min_k)
     generator = generator or default_generator(0)
-    mv = checked(matvec)
-    if plan.mode == "exact":
-        threshold = exact_threshold if plan.threshold < 0 else plan.threshold
-        parts, spent = read_exact(mv, dim, blocks, scalings, exact_threshold=threshold, k=plan.k, top=plan.top,
-                               screen_samples=screen_samples, z=z, generator=generator, dtype=dtype, device=device,
-                               batch=batch)
-    else:
-        parts, spent = read_packed(mv, dim, blocks, scalings, plan, z=z, generator=generator, dtype=dtype,
-                                      device=device, batch=batch)
-    rng = numpy_rng(generator)
-    results = []
-    for s in scalings:
-        per_block, pieces = {}, []
-        for p in parts:
-            res, piece = _block_result(p, s, z, level)
-            per_block[p.block.name] = res
-            pieces.append(piece)
-        whole = _pooled(pieces, level, bootstrap, rng, z)
-        whole.update({"blocks": per_block, "mode": plan.mode, "budget": hvps})
-        results.append(whole)
-    return results, spent
+    reads = read_diagonal(matvec, dim, blocks, scalings=scalings, exact_threshold=exact_threshold, k=k, top=top,
+                          screen_samples=screen_samples, z=z, hvps=hvps, signs=signs, min_k=min_k, generator=generator,
+                          dtype=dtype, device=device, batch=batch)
+    results = diagonal_statistics(reads.parts, reads.plan, scalings, z=z, level=level, bootstrap=bootstrap,
+                                  budget=hvps, generator=generator)
+    return results, reads.hvps
+
+
+def shared_diagonal(land: Any, blocks: Sequence[Any], reuse: Reuse, *, seed: int, generator: torch.Generator | None,
+                    **options: Any) -> tuple[DiagonalReads, torch.Generator, int]:
+    """rmed's raw diagonal reads of ``land`` with the read ``options`` (:data:`READ_OPTIONS`), a shared product
+    (:mod:`.shared`): kept under its options and seed, so ``rmed`` and ``precond``'s raw R_med read once.
+
+    Returns the reads, a generator positioned right after them (restored from the reads when they were kept
+    by another metric, so everything drawn next is what reading again would have drawn) and the HVPs this call
+    spent (0 when it received them). A call with its own ``generator`` shares nothing (no key names it).
+    """
+    key = diagonal_key(blocks, seed=seed, **options)
+    if generator is None:
+        kept = reuse.find(key)
+        if kept is not None:
+            gen = torch.Generator()
+            gen.set_state(kept.state)
+            return kept, gen, 0
+    gen = resolve_generator(seed, generator)
+    reads = read_diagonal(land.hvp, land.dim, blocks, generator=gen, dtype=land.dtype, device=land.device,
+                          batch=getattr(land, "chunk_size", 16), **options)
+    if generator is None:
+        reuse.keep(key, RAW_DIAGONAL, reads, reads.hvps)
+    return reads, gen, reads.hvps
 
 
 @register(
@@ -374,12 +437,14 @@ def rmed(
     >>> round(out["rmed"], 6), out["rmed_err"], out["exact"], out["hvps"]
     (2.461538, 0.0, True, 4)
     """
+    _check_options(exact_threshold, k, top, screen_samples, z, level, bootstrap, hvps, signs, min_k)
     chosen = select_blocks(land.space.blocks, blocks)
-    gen = resolve_generator(seed, generator)
-    (res,), hvps = diagonal_ratios(
-        land.hvp, land.dim, chosen, exact_threshold=exact_threshold, k=k, top=top,
-        screen_samples=screen_samples, z=z, level=level, bootstrap=bootstrap, hvps=hvps, signs=signs,
-        min_k=min_k, generator=gen, dtype=land.dtype, device=land.device, batch=getattr(land, "chunk_size", 16),
-    )
-    res["hvps"] = hvps
+    reuse = Reuse(land, "rmed")
+    reads, gen, spent = shared_diagonal(land, chosen, reuse, seed=seed, generator=generator,
+                                        exact_threshold=exact_threshold, k=k, top=top, screen_samples=screen_samples,
+                                        z=z, hvps=hvps, signs=signs, min_k=min_k)
+    (res,) = diagonal_statistics(reads.parts, reads.plan, [None], z=z, level=level, bootstrap=bootstrap, budget=hvps,
+                                 generator=gen)
+    res["hvps"] = spent  # 0 when precond of this probe already read the same entries (then ``shared`` says so)
+    res.update(reuse.fields())
     return res

@@ -38,6 +38,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .registry import register
+from .shared import Reuse
 from .spectrum import run_lanczos
 
 __all__ = ["saddle", "curvature_verdict"]
@@ -58,7 +59,8 @@ def curvature_verdict(lambda_min: float, err: float, eps_h: float, converged: bo
     return "uncertain"
 
 
-@register("saddle", cost="Lanczos steps until lambda_min's bound meets tol: ~10-150 HVPs")
+@register("saddle", cost="Lanczos steps until lambda_min's bound meets tol: ~10-150 HVPs (none when spectrum of the "
+          "same probe ran the same Lanczos: tol, max_iter and seed alike)", after=("spectrum",))
 def saddle(
     land: Any,
     *,
@@ -110,7 +112,9 @@ def saddle(
     source = "given" if grad_norm0 is not None else "current"
     ref = float(grad_norm0) if grad_norm0 is not None else g
     eps_g = rel_g * ref if eps_g is None else float(eps_g)
-    r = run_lanczos(land, tol=tol, max_iter=max_iter, seed=seed, generator=generator, basis_device=basis_device)
+    before, reuse = land.hvps, Reuse(land, "saddle")
+    r = run_lanczos(land, tol=tol, max_iter=max_iter, seed=seed, generator=generator, basis_device=basis_device,
+                    reuse=reuse)
     (lmin,), (lmin_err,) = r.bottom(1)
     (lmax,), (lmax_err,) = r.top(1)
     # the certified distances to the true extremes, where the run certifies them (a random start always does)
@@ -136,5 +140,6 @@ def saddle(
         "lambda_max": lmax,
         "lambda_max_err": lmax_err,
         "converged": bool(r.converged),
-        "hvps": r.matvecs,
+        "hvps": land.hvps - before,  # 0 when the run was spectrum's (``shared`` says so)
+        **reuse.fields(),
     }

@@ -13,6 +13,7 @@ from ..linalg.lanczos import LanczosResult, extremes_converged, lanczos
 from ..linalg.vectors import default_generator
 from .registry import CostPlan, PlanContext, register
 from .ritz_vectors import keep_ritz
+from .shared import RAW_SPECTRUM, Reuse, lanczos_key
 
 __all__ = ["run_lanczos", "spectrum"]
 
@@ -31,17 +32,23 @@ def run_lanczos(
     basis_device: torch.device | str | None = None,
     max_basis: int | None = None,
     risk: float | None = DEFAULT_RISK,
+    reuse: Reuse | None = None,
 ) -> LanczosResult:
     """Lanczos on ``land.hvp`` in the Landscape's dtype and device (the raw result, Ritz vectors available).
 
-    A seeded run (no ``generator``, no basis kept) is remembered in ``land.results``: a second metric asking
-    for the same run on the same Landscape (``precond``'s raw spectrum after ``spectrum``) gets it without
-    another HVP. Where the basis lives does not change the result, so it is not part of the key.
+    A seeded run (no ``generator``, no basis kept) is a shared product (:mod:`.shared`): kept on the Landscape
+    under its options and seed, so that a second metric asking for the same run (``precond``'s raw spectrum
+    after ``spectrum``) gets it without another HVP; ``reuse`` (the asking metric's view) records who computed
+    it. Where the basis lives does not change the result, so it is not part of the key.
     """
-    key = ("lanczos", k, tol, max_iter, which, seed, bound, max_basis, risk)
-    cacheable = generator is None and not keep_basis and hasattr(land, "results")
-    if cacheable and key in land.results:
-        return land.results[key]
+    key = lanczos_key(k=k, tol=tol, max_iter=max_iter, which=which, seed=seed, bound=bound, max_basis=max_basis,
+                      risk=risk)
+    reuse = reuse if reuse is not None else Reuse(land, "a direct call")
+    cacheable = generator is None and not keep_basis
+    if cacheable:
+        kept = reuse.find(key)
+        if kept is not None:
+            return kept
     mark = len(getattr(land, "hvp_errors", ()))
     r = lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
@@ -51,7 +58,7 @@ def run_lanczos(
     )
     widen_by_matvec_error(land, r, mark, k, tol, which)
     if cacheable:
-        land.results[key] = r
+        reuse.keep(key, RAW_SPECTRUM, r, r.matvecs)
     return r
 
 
@@ -191,19 +198,21 @@ def spectrum(
         raise ConfigurationError(f"which must be 'both', 'largest' or 'smallest', got {which!r}")
     before = land.hvps
     started_warm = False
+    reuse = Reuse(land, "spectrum")
     if getattr(land, "vector_space", None) is not None:
         warm = None  # a warm start keeps whole vectors on the host; a sharded Landscape holds slices
     if warm is None:
         r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, which=which, seed=seed, generator=generator,
-                        bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk)
+                        bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk, reuse=reuse)
     else:
-        r, started_warm = _warm_lanczos(land, warm, k=k, seed=seed, generator=generator, tol=tol,
+        r, started_warm = _warm_lanczos(land, warm, reuse, k=k, seed=seed, generator=generator, tol=tol,
                                         max_iter=max_iter, bound=bound, basis_device=basis_device,
                                         max_basis=max_basis, which=which, risk=risk)
     out = lanczos_summary(r, k)
     if max_basis is not None:
         out["restarts"] = r.restarts
     out["hvps"] = land.hvps - before  # 0 when another metric of this probe already ran the same Lanczos
+    out.update(reuse.fields())  # and then it says which, and what that run cost
     if bound != "residual":
         out["bound"] = bound
     if which != "both":
@@ -215,12 +224,12 @@ def spectrum(
     return out
 
 
-def _warm_lanczos(land: Any, warm: Any, *, k: int, seed: int, generator: torch.Generator | None,
+def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, generator: torch.Generator | None,
                   **options: Any) -> tuple[LanczosResult, bool]:
     """Lanczos from ``warm``'s start vector when it has one, else the seeded cold run; keeps the new extreme
     Ritz vectors in ``warm`` for the next probe. Returns the result and whether the start was warm.
 
-    A warm run is never stored in ``land.results`` (its start is not part of any key another metric asks
+    A warm run is never kept as a shared product (its start is not part of any key another metric asks
     for), so a metric asking for the seeded cold run never receives it. A cold run here is that seeded run
     exactly and is stored under its key; when another metric already ran it, it is reused and ``warm``
     keeps its older vectors (still a valid start, as any start is).
@@ -232,11 +241,12 @@ def _warm_lanczos(land: Any, warm: Any, *, k: int, seed: int, generator: torch.G
         )
     gen = generator or default_generator(seed)
     v0 = warm.start(land, which=options.get("which", "both"), generator=gen)
-    key = ("lanczos", k, options["tol"], options["max_iter"], options.get("which", "both"), seed, options["bound"],
-           options.get("max_basis"), options.get("risk"))
-    cacheable = v0 is None and generator is None and hasattr(land, "results")
-    if cacheable and key in land.results:
-        return land.results[key], False
+    key = lanczos_key(k=k, tol=options["tol"], max_iter=options["max_iter"], which=options.get("which", "both"),
+                      seed=seed, bound=options["bound"], max_basis=options.get("max_basis"), risk=options.get("risk"))
+    cacheable = v0 is None and generator is None
+    kept = reuse.find(key) if cacheable else None
+    if kept is not None:
+        return kept, False
     # the start's random part (weight warm.mix, independent of H) is what certifies the extremes
     mark = len(getattr(land, "hvp_errors", ()))
     r = lanczos(land.hvp, land.dim, k=k, v0=v0, generator=gen, dtype=land.dtype, device=land.device,
@@ -251,5 +261,5 @@ def _warm_lanczos(land: Any, warm: Any, *, k: int, seed: int, generator: torch.G
     keep_ritz(land, "top", *r.top(k), top)  # the direction metric and views reuse them: no HVP
     keep_ritz(land, "bottom", *r.bottom(k), bottom)
     if cacheable:
-        land.results[key] = r
+        reuse.keep(key, RAW_SPECTRUM, r, r.matvecs)
     return r, v0 is not None

@@ -45,14 +45,15 @@ from ..metrics import registry
 from ..runs.writer import RunWriter
 from .last_update import LastUpdate, wants_last_update
 from .metric_needs import basis_vectors, bounded_basis, gradient_samples
+from .metric_order import providers, run_order
 from .metric_spec import resolve_metrics
 from .options import check_probe_options, check_sharded_metrics
 from .progress import ProbeProgress, ProgressCallback, plan_probe, resolve_progress
 from .resume_check import check_resumable, probe_policy
 from .run_folder import last_step, probe_meta, refuse_existing, storable, unwritten_message, write_pending
 from .schedule import Schedule, budget, every
-from .summary import resolve_summary
 from .skips import SkipCounter, open_ended
+from .summary import resolve_summary
 from .warm_start import WarmStart
 
 __all__ = ["GeometryProbe", "DEFAULT_METRICS"]
@@ -109,8 +110,8 @@ class GeometryProbe:
         warm_start: Lanczos (``spectrum``) starts from the previous probe's extreme Ritz vectors, kept on the
             host (:mod:`.warm_start`): fewer HVPs for the same bounds; each result says ``warm``. Falls back
             to a cold start at the first probe or when the parameters changed shape. ``False``: always cold.
-            Off for ``spectrum`` when ``precond`` (with its raw spectrum) runs too, since a cold
-            ``spectrum`` gives ``precond`` its raw Lanczos run for free.
+            Off for ``spectrum`` when another metric reuses its cold Lanczos run (``precond``'s raw
+            spectrum, :mod:`.metric_order`): a cold run is paid for once, a warm one would be twice.
         progress: ``None`` (default) prints nothing, so the training loop's output is left alone; ``True``
             prints one line on stderr per probe (HVPs per metric against the plan, and forward passes for the
             views); a callable receives every :class:`~.progress.ProgressEvent` (plan, metric start/advance/
@@ -204,8 +205,12 @@ class GeometryProbe:
         self._progress = resolve_progress(progress)
         self._summary = resolve_summary(summary)
         # planned before the memory plan exists: vector memory at the largest chunk the memory plan may choose
+        dtype = selected[0].dtype if selected else torch.float32
         self.cost_plan = plan_probe(self.metric_options, self.space, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
-                                    dtype=selected[0].dtype if selected else torch.float32, batches=len(self.batches))
+                                    dtype=dtype, batches=len(self.batches), seed=seed)
+        # products reused (precond: spectrum's Lanczos run, rmed's diagonal reads) are computed first, once
+        self._run_order = run_order(self.metric_options)
+        self._providers = providers(self.metric_options, self.space, seed)
         self.records: list[dict] = []
         self.failures: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -359,7 +364,8 @@ class GeometryProbe:
                 record["approximate_hvp"] = True
             if progress is not None:
                 progress.count(land)
-            for name, opts in self.metric_options.items():
+            for name in self._run_order:
+                opts = self.metric_options[name]
                 land.widest_block = 0
                 if progress is not None:
                     progress.start(name)
@@ -486,11 +492,11 @@ class GeometryProbe:
 
     def _warm_for(self, name: str) -> WarmStart | None:
         """The warm start for metric ``name``, or None when warm starts are off or would cost HVPs: a cold
-        ``spectrum`` run is shared with ``precond``'s raw spectrum (``land.results``), a warm one is not."""
+        ``spectrum`` run another metric of the probe receives (``precond``'s raw spectrum, planned by
+        :mod:`.metric_order`) is paid for once, a warm one is not shared and would be paid for twice."""
         if self.warm is None:
             return None
-        shared = "precond" in self.metric_options and self.metric_options["precond"].get("raw", True)
-        return None if name == "spectrum" and shared else self.warm
+        return None if name == "spectrum" and name in self._providers else self.warm
 
     def _shrink_micro_batches(self, ran: int | None = None) -> None:
         """Halve the probe's micro-batches and keep one first-order graph: the double backward then holds

@@ -26,6 +26,7 @@ import torch
 from ..errors import ConfigurationError
 from ..metrics import registry
 from ..metrics.registry import PlanContext
+from .metric_order import planned_sharing
 
 __all__ = ["ProgressEvent", "LineReporter", "ProbeProgress", "count_hvps", "plan_probe", "planned_text",
            "resolve_progress"]
@@ -61,13 +62,18 @@ ProgressCallback = Callable[[ProgressEvent], None]
 
 
 def plan_probe(metric_options: Mapping[str, Mapping[str, Any]], space: Any, *, chunk_size: int = 16,
-               dtype: torch.dtype = torch.float32, batches: int = 1) -> dict[str, dict]:
+               dtype: torch.dtype = torch.float32, batches: int = 1, seed: int | None = None) -> dict[str, dict]:
     """Each metric's planned cost in the parameter space ``space`` (``dim``, ``blocks``) with parameters of
     ``dtype`` on ``batches`` probe batches: ``hvps``, ``exact``, ``gradients``, ``vector_bytes`` (``vectors * d
     * itemsize``, ``None`` where unknown) and ``forwards`` (forward passes at other parameters); ``cost`` (the
     registered description) for a metric without a planner, whose ``hvps`` and ``forwards`` are then ``None``.
-    Costs nothing (no HVPs, no forward passes)."""
+
+    A part of a metric's work that a metric run before it computes identically (:mod:`.metric_order`; ``seed``
+    is the probe's, given to metrics without one) is counted once, with the metric that computes it: the
+    receiving metric's ``hvps`` leaves it out and ``shared`` names it (``["raw spectrum from spectrum"]``),
+    ``shared_hvps`` its planned HVPs. Costs nothing (no HVPs, no forward passes)."""
     context = PlanContext(space.dim, list(space.blocks), chunk_size, dtype, batches)
+    sharing = planned_sharing(metric_options, context, seed)
     itemsize = dtype.itemsize
     out: dict[str, dict] = {}
     for name, options in metric_options.items():
@@ -77,9 +83,14 @@ def plan_probe(metric_options: Mapping[str, Mapping[str, Any]], space: Any, *, c
             out[name] = {"hvps": None, "exact": False, "gradients": None, "vector_bytes": None, "forwards": None,
                          "cost": metric.cost}
             continue
-        out[name] = {"hvps": cost.hvps, "exact": cost.exact, "gradients": cost.gradients,
+        received = sharing.get(name, [])
+        hvps = cost.hvps - sum(part.hvps for part, _ in received)
+        out[name] = {"hvps": hvps, "exact": cost.exact or hvps == 0, "gradients": cost.gradients,
                      "vector_bytes": cost.vectors * space.dim * itemsize if cost.vectors is not None else None,
                      "forwards": cost.forwards}
+        if received:
+            out[name]["shared"] = [f"{part.what} from {source}" for part, source in received]
+            out[name]["shared_hvps"] = {part.what: part.hvps for part, _ in received}
     return out
 
 

@@ -1,0 +1,93 @@
+"""Products one metric computes that another metric at the same parameters reuses, with what they cost
+(docs/metrics.md#shared_work).
+
+Several metrics of one probe start from the same expensive product: ``precond``'s raw spectrum is the Lanczos
+run of ``spectrum`` (and ``saddle``'s), its raw R_med the diagonal reads of ``rmed``. A product is shared only
+when it is the same estimator: the same kernel run with the same options and the same seeded randomness, so
+that reusing it gives results bit-identical to computing it again. Its **key** names exactly that (the
+options that change the product, the seed); options that change only what is derived from it (a confidence
+level, bootstrap resamples) stay out of the key and are applied by each metric to the shared product.
+
+Products live in the Landscape's ``results`` (the parameters cannot change under a Landscape, so what is
+kept for it stays valid for its life, and goes with it); :mod:`.ritz_vectors` keeps the extreme Ritz vectors
+the same way. A product is kept only once it is complete, and no metric changes a product it receives, so a
+metric failing in between leaves the others' products as they were. Each metric reports what it received in
+its result (:meth:`Reuse.fields`): ``shared`` (``"raw spectrum from spectrum"``) and ``shared_hvps`` (what
+each received product cost the metric that computed it); its ``hvps`` counts only HVPs it spent itself.
+
+A probe runs the metrics that compute a product before those that reuse it (``after`` in the registry) and
+plans the cost of the set with each shared part counted once (``shares`` in the registry:
+:class:`~.registry.SharedPart`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = ["RAW_DIAGONAL", "RAW_SPECTRUM", "Product", "Reuse", "diagonal_key", "lanczos_key"]
+
+RAW_SPECTRUM = "raw spectrum"        # a seeded cold Lanczos run on the Hessian (spectrum, precond, saddle)
+RAW_DIAGONAL = "raw diagonal reads"  # rmed's diagonal entries of the Hessian (rmed, precond)
+
+
+@dataclass(frozen=True)
+class Product:
+    """A kept product: ``what`` it is, its ``value``, the metric that computed it (``source``) and the HVPs
+    that cost."""
+
+    what: str
+    value: Any
+    source: str
+    hvps: int
+
+
+def lanczos_key(*, k: int, tol: float, max_iter: int | None, which: str, seed: int, bound: str,
+                max_basis: int | None, risk: float | None) -> tuple:
+    """What determines a seeded cold Lanczos run on the Hessian (where its basis lives does not)."""
+    return ("lanczos", k, tol, max_iter, which, seed, bound, max_basis, risk)
+
+
+def diagonal_key(blocks: Sequence[Any], *, seed: int, exact_threshold: int, k: int, top: int, screen_samples: int,
+                 z: float, hvps: int, signs: int, min_k: int) -> tuple:
+    """What determines rmed's diagonal reads: the blocks read, the plan's options, the screen's ``z`` (it
+    picks the candidates) and the seed; not ``level`` nor ``bootstrap``, which only the statistics use."""
+    return ("diagonal", tuple(b.name for b in blocks), seed, exact_threshold, k, top, screen_samples, z, hvps,
+            signs, min_k)
+
+
+class Reuse:
+    """One metric's view of the products kept on ``land``: what it received and from whom.
+
+    ``metric`` names the metric asking; products it keeps are recorded as computed by it. A Landscape without
+    a ``results`` store (or a call with its own generator, whose randomness no key names) shares nothing.
+    """
+
+    def __init__(self, land: Any, metric: str):
+        self.metric = metric
+        self._store = getattr(land, "results", None)
+        self.received: list[Product] = []
+
+    def find(self, key: tuple) -> Any | None:
+        """The kept product's value under ``key`` (noted as received), or None when none is kept."""
+        if self._store is None:
+            return None
+        got = self._store.get(key)
+        if not isinstance(got, Product):
+            return None
+        if all(p is not got for p in self.received):
+            self.received.append(got)
+        return got.value
+
+    def keep(self, key: tuple, what: str, value: Any, hvps: int) -> None:
+        """Keep ``value`` under ``key``, computed by this metric for ``hvps`` HVPs (a complete product only)."""
+        if self._store is not None:
+            self._store[key] = Product(what, value, self.metric, int(hvps))
+
+    def fields(self) -> dict:
+        """``shared`` and ``shared_hvps`` for the metric's result; empty when it received nothing."""
+        if not self.received:
+            return {}
+        return {"shared": [f"{p.what} from {p.source}" for p in self.received],
+                "shared_hvps": {p.what: p.hvps for p in self.received}}
