@@ -373,3 +373,19 @@ def test_hugging_face_sdpa_goes_through_the_handler(kind, padded, routes):
     if kind == "gpt2" and not padded:  # small enough for a dense Hessian (a few hundred parameters)
         H = slow.hvp(torch.eye(slow.dim, dtype=torch.float64))
         assert rel(fast.hvp(V), V @ H) < EXACT
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype, tol", [(torch.float64, EXACT), (torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
+def test_cuda_matches_the_math_kernel(dtype, tol, routes):
+    """On CUDA: torch's flash / memory-efficient kernels in the forward (float64 has none: blockwise), HVPs
+    against the math kernel's in the same dtype (float32 to 1e-4, bf16 to 5e-2: both kernels round)."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    model = _hf("llama").to("cuda", dtype)
+    ids = torch.randint(0, 11, (4, 64), generator=torch.Generator().manual_seed(1)).cuda()
+    fast = gp.Landscape(model, _lm_loss, [{"input_ids": ids}])
+    slow = gp.Landscape(model, _lm_loss, [{"input_ids": ids}], fast_double_backward=False)
+    assert routes.seen and all(f == (dtype != torch.float64) for f in routes.seen)
+    V = torch.randn(2, fast.dim, generator=torch.Generator(device="cuda").manual_seed(2), device="cuda", dtype=dtype)
+    assert rel(fast.hvp(V).double(), slow.hvp(V).double()) < tol
