@@ -2,25 +2,28 @@
 
 torch's fused attention kernels (flash, memory-efficient, cuDNN, the CPU flash kernel) have no double
 backward, so a Landscape used to force the math kernel, whose graph keeps the (T x T) probabilities of every
-head: for GPT-2 124M at 512 tokens in bf16, 1.28 GB per sample, and the retained first-order graph of an
-8 x 512 probe batch (10.2 GB) was 1.8x the whole training step's peak (benchmarks/RESULTS.md §6). Inside
+head: with it the first-order graph of GPT-2 124M at 512 tokens in bf16 measured 1.28 GB per sample, and that of
+an 8 x 512 probe batch (10.2 GB) 1.8x the whole training step's peak (benchmarks/RESULTS.md §6). Inside
 :func:`~.fastdouble.fast_double_backward`, ``F.scaled_dot_product_attention`` goes through two autograd
 Functions instead:
 
 * :class:`_Attention` runs torch's own fused kernel, whichever torch picks under the user's backend settings
   (the Landscape's math-kernel forcing does not reach it), and its first backward is that kernel's backward.
-  Kept: ``q, k, v`` (the model's tensors themselves), the kernel's output and log-sum-exp: per layer
-  ``(3 D + Dv) T H`` elements plus ``T H`` floats per sample, against the math graph's ``T² H`` probabilities
-  (and, built for double backward, their gradient ``dP``: ``2 T² H`` in all). At GPT-2 124M (T = 512, H = 12,
-  D = 64) that is 4·64 = 256 elements per (token, head) instead of 2·512 = 1024.
-* :class:`_AttentionGrads`, the first backward made a Function, keeps ``dO, q, k, v`` (one more ``T H Dv``)
-  and its backward, the part a Hessian-vector product runs, recomputes ``P`` in tiles of (samples, heads,
-  query rows) whose temporaries stay within :data:`~.attnkernels.CHUNK_BYTES` (256 MiB; per vector of a
-  batched HVP) and applies the closed form of :mod:`.attnkernels`: twelve tile products, float32 for half
-  inputs.
+  It keeps ``q, k, v`` (the model's own tensors) and the kernel's output and log-sum-exp.
+* :class:`_AttentionGrads`, the first backward made a Function, keeps ``dO`` besides, and its backward, the part
+  a Hessian-vector product runs, recomputes ``P`` in tiles of (samples, heads, query rows) whose temporaries
+  stay within :data:`~.attnkernels.CHUNK_BYTES` (256 MiB per vector of a batched HVP) and applies the closed
+  form of :mod:`.attnkernels`: twelve tile products, float32 for half inputs.
+
+Memory, per layer and sample, ``H`` query heads of dimension ``D`` over ``T`` tokens: the handler keeps
+``q, k, v, O, dO`` and the log-sum-exp, ``5 T H D`` elements and ``T H`` floats; the math kernel's graph keeps the
+probabilities and, built for double backward, more ``(T x T)`` tensors (three in all measured on the CPU in
+float64, ``3 T² H``), besides ``q, k, v``. At GPT-2 124M (``T = 512, D = 64``): 320 elements per token and
+head instead of at least 1536 + 192, and the recomputation's transient is bounded whatever ``T``. The cost: an
+HVP computes ``P`` again (one more tile product and the softmax) in every attention layer.
 
 Where torch itself would pick its math kernel (float64 on CUDA, head dims no fused kernel takes), the forward
-and first backward run blockwise in :mod:`.attnkernels` too, keeping only ``q, k, v``. Values and first
+and first backward run blockwise in :mod:`.attnkernels` too, keeping only ``q, k, v`` and ``dO``. Values and first
 derivatives are torch's fused kernel's; second derivatives agree with the math kernel's to rounding (tests
 against float64 dense Hessians); third derivatives raise. Calls the closed form cannot reproduce exactly keep
 torch's path (and the math kernel): dropout, a mask that requires grad, tensor subclasses, torch.func
