@@ -13,7 +13,11 @@ Its vector-Jacobian product against upstream ``(gQ, gK, gV)`` (what a Hessian-ve
     γ = rowsum(P ⊙ G)    A = P ⊙ (G - γ)    B = (dP - δ) ⊙ G - γ ⊙ dP + W    C = P ⊙ (B - rowsum(P ⊙ B))
     d dO = P gV + A V    d Q = s (dS gK + C K)    d K = s (dSᵀ gQ + Cᵀ Q)    d V = Aᵀ dO
 
-twelve (rows x keys x head-dim) products per tile against torch's math double backward's eleven. Every term is
+twelve (rows x keys x head-dim) products per tile against torch's math double backward's eleven. The closed
+form rather than recomputing a tile's math attention and differentiating it twice with ``torch.autograd.grad``:
+on the CPU (2 x 4 heads x 256 tokens x 32) it took 0.055-0.068 s against 0.084-0.098 s in float32 (0.14-0.16
+against 0.20-0.23 in float64), the two agreeing to rounding, and it runs under the legacy vmap of batched
+Hessian-vector products, where a nested ``autograd.grad`` on batched cotangents cannot. Every term is
 row-local in the queries, so a tile needs its own query rows and all keys; key-side results are summed over
 tiles. Grouped-query heads: query head ``h`` reads key-value head ``h // g`` (``g = Hq / Hk``), so queries are
 viewed as ``(N, Hk, g, Tq, D)`` and the ``g`` query heads of a key-value head share one tile of keys.
@@ -25,7 +29,7 @@ Pure tensor code: no ``nn.Module``, no autograd (callers run it detached); it ru
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -224,12 +228,3 @@ def attention_double_backward(
     (d_dO, d_q), (d_k, d_v) = _sweep(L, _LIVE["double"], [q, dO, gq], [k, v, gk, gv], mask, kernel, budget)
     return d_dO, d_q, d_k, d_v
 
-
-def tiles(L: Layout, live: int, budget: int | None = None) -> Iterator[tuple[slice, slice, slice]]:
-    """The (samples, key-value heads, query rows) slices :func:`_sweep` visits, in order (for tests and
-    benchmarks that report the tiling)."""
-    nb, hb, rb = L.tile(live, budget)
-    for n0 in range(0, L.N, nb):
-        for h0 in range(0, L.Hk, hb):
-            for r0 in range(0, L.Tq, rb):
-                yield slice(n0, n0 + nb), slice(h0, h0 + hb), slice(r0, r0 + rb)
