@@ -202,6 +202,36 @@ def test_gradcheck_and_gradgradcheck_of_the_functions(kw, route, routes):
     assert torch.autograd.gradgradcheck(attention, (q, k, v), check_batched_grad=True)
 
 
+def _attention_hvp(fast: bool, q, k, v, **kw):
+    """Output, gradient and one HVP of ``sum(sin(attention) * w)`` in q, k, v (float64)."""
+    ps = [t.clone().requires_grad_() for t in (q, k, v)]
+    with math_attention(), fast_double_backward(fast):
+        o = F.scaled_dot_product_attention(*ps, **kw)
+        assert (type(o.grad_fn).__name__ == "_AttentionBackward") == fast
+        w = torch.randn(o.shape, generator=torch.Generator().manual_seed(1), dtype=o.dtype)
+        grads = torch.autograd.grad((torch.sin(o) * w).sum(), ps, create_graph=True)
+    V = [torch.randn(t.shape, generator=torch.Generator().manual_seed(2 + i), dtype=t.dtype) for i, t in enumerate(ps)]
+    return [o.detach()], [g.detach() for g in grads], list(torch.autograd.grad(grads, ps, V))
+
+
+@pytest.mark.parametrize("layout", ["3-d", "5-d, mask broadcast over one batch dimension", "GQA, 1 kv head"])
+def test_other_layouts_match_the_math_kernel(layout):
+    g = torch.Generator().manual_seed(11)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    if layout == "3-d":
+        args, kw = (r(3, 6, 4), r(3, 8, 4), r(3, 8, 4)), {"attn_mask": torch.rand(6, 8, generator=g) > 0.3}
+    elif layout.startswith("5-d"):  # the mask varies over the first batch dimension only: normalized by a copy
+        args, kw = (r(2, 3, 2, 6, 4), r(2, 3, 2, 6, 4), r(2, 3, 2, 6, 4)), {"attn_mask": r(2, 1, 1, 6, 6)}
+    else:
+        args, kw = (r(2, 4, 6, 4), r(2, 1, 6, 4), r(2, 1, 6, 2)), {"enable_gqa": True, "is_causal": True}
+    for ours, theirs in zip(_attention_hvp(True, *args, **kw), _attention_hvp(False, *args, **kw)):
+        for a, b in zip(ours, theirs):
+            assert rel(a, b) < EXACT
+
+
 def test_values_and_first_derivatives_are_torchs_own_kernel():
     g = torch.Generator().manual_seed(6)
     q, k, v = (torch.randn(2, 3, 16, 8, generator=g, requires_grad=True) for _ in range(3))
