@@ -109,8 +109,10 @@ class Landscape:
             own (:mod:`geomprobe.engine.autodiff.fastdouble`): convolutions on torch's forward, backward-input and
             backward-weight kernels instead of torch's formula, whose weight term runs on a slow CUDA kernel;
             layer norm and GELU in closed form, fused by inductor (CUDA only). On an H100 (strict fp32) an HVP
-            drops from 5.1 to 2.3 gradients on ResNet-18 and from 2.9 to 2.3 on a transformer. Same products
-            to rounding; ``False`` keeps torch's paths.
+            drops from 5.1 to 2.3 gradients on ResNet-18 and from 2.9 to 2.3 on a transformer. Scaled-dot-product
+            attention runs torch's fused kernel and recomputes its probabilities in bounded tiles for the HVP
+            instead of keeping them (:mod:`geomprobe.engine.autodiff.attndouble`). Same products to rounding;
+            ``False`` keeps torch's paths (attention on the math kernel).
 
     A graph that would drop second-order terms silently is refused by name (:mod:`~geomprobe.engine.doublecheck`):
     a once-differentiable Function, or a custom autograd Function whose backward leaves autograd (numpy,

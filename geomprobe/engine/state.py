@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError
+from .autodiff.attndouble import user_backends_kept
 
 __all__ = ["MODES", "frozen", "ModelSnapshot", "math_attention", "rng_preserved"]
 
@@ -53,13 +54,16 @@ def _devices_of(model: nn.Module) -> list[int]:
 
 @contextlib.contextmanager
 def math_attention() -> Iterator[None]:
-    """Run scaled-dot-product attention with the math kernel, the one that has a double backward."""
+    """Run scaled-dot-product attention with the math kernel, the one that has a double backward.
+
+    The backends enabled before are remembered: attention that geomprobe's own double backward takes
+    (engine/autodiff/attndouble.py) runs torch's fused kernel under them, keeping no (T x T) probabilities."""
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
     except ImportError:  # pragma: no cover - torch < 2.3
         yield
         return
-    with sdpa_kernel([SDPBackend.MATH]):
+    with user_backends_kept(), sdpa_kernel([SDPBackend.MATH]):
         yield
 
 

@@ -1,9 +1,11 @@
 """The context in which a Landscape builds its graph: layers whose torch double backward is slow get their own.
 
-Inside :func:`fast_double_backward`, calls of ``conv1d/2d/3d`` (:mod:`geomprobe.engine.autodiff.convdouble`), and on CUDA of
-``layer_norm`` and ``gelu`` (:mod:`geomprobe.engine.autodiff.normdouble`), build autograd functions with the same values and first derivatives as
-torch's, and a double backward that costs what the first one does. Every other call, and any call those
-functions cannot take (string padding, half precision, tensor subclasses, autocast), keeps torch's path.
+Inside :func:`fast_double_backward`, calls of ``conv1d/2d/3d`` (:mod:`geomprobe.engine.autodiff.convdouble`), on CUDA of
+``layer_norm`` and ``gelu`` (:mod:`geomprobe.engine.autodiff.normdouble`), and of ``scaled_dot_product_attention``
+(:mod:`geomprobe.engine.autodiff.attndouble`) build autograd functions with the same values and first derivatives as
+torch's, and a double backward that costs what the first one does (attention: without keeping its (T x T)
+probabilities). Every other call, and any call those functions cannot take (string padding, half-precision
+norms, dropout in attention, tensor subclasses, autocast), keeps torch's path.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
+from .attndouble import sdpa_call
 from .convdouble import conv_call
 from .normdouble import gelu_call, layer_norm_call
 
@@ -27,8 +30,9 @@ _HANDLERS = {
     torch.conv3d: functools.partial(conv_call, 3),
     F.layer_norm: layer_norm_call,
     F.gelu: gelu_call,
+    F.scaled_dot_product_attention: sdpa_call,
 }
-FAST_OPS = ("conv1d", "conv2d", "conv3d", "layer_norm", "gelu")
+FAST_OPS = ("conv1d", "conv2d", "conv3d", "layer_norm", "gelu", "scaled_dot_product_attention")
 
 
 class _FastDoubleBackward(TorchFunctionMode):
