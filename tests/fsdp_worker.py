@@ -188,19 +188,19 @@ def _probe_records(mesh, rank: int, run_dir: str, fault_rank: int) -> tuple[list
     Xr = torch.cat([b[0] for b in batches])
     yr = torch.cat([b[1] for b in batches])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    original = ShardedLandscape._hvp_chunk
+    original = ShardedLandscape._stream_backward
 
-    def broken(self, V):
+    def broken(self, *args):
         raise RuntimeError("injected fault in the HVP")
 
     losses = []
     if rank == fault_rank:
-        ShardedLandscape._hvp_chunk = broken
+        ShardedLandscape._stream_backward = broken
     try:
         with gp.GeometryProbe(model, loss_fn, batches, metrics={"spectrum": {"tol": 1e-8}},
                               schedule=gp.every(2), run_dir=run_dir) as probe:
             probe.attach(opt)  # probes step 0: fails on fault_rank, so on every rank
-            ShardedLandscape._hvp_chunk = original
+            ShardedLandscape._stream_backward = original
             for _ in range(PROBE_STEPS):
                 opt.zero_grad()
                 loss = loss_fn(model(Xr), yr)
@@ -208,7 +208,7 @@ def _probe_records(mesh, rank: int, run_dir: str, fault_rank: int) -> tuple[list
                 opt.step()
                 losses.append(float(loss))
     finally:
-        ShardedLandscape._hvp_chunk = original
+        ShardedLandscape._stream_backward = original
     return probe.records, losses
 
 

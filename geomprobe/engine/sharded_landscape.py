@@ -57,8 +57,10 @@ from .distributed import ProcessGroupReducer
 from .landscape import Landscape
 from .memory_plan import MemoryBudget, device_memory
 from .paramspace import select_parameters
+from .doublecheck import check_broken_nodes, no_double_backward
 from .saved_bytes import SavedBytes
 from .sharded import FSDPModule, ShardLayout, fsdp_hooks_off
+from .sharded_stream import StreamPass
 
 __all__ = ["ShardedLandscape"]
 
@@ -91,6 +93,8 @@ class ShardedLandscape(Landscape):
         self.vector_space = ShardedSpace(self.layout.dim, self.layout.ranges, self.reducer.sum_)
         self.hvp_errors: list[float] = []
         self.route: dict = {}
+        # the streamed exact HVP: passes run, and the most bytes of pieces that waited in one (sharded_stream)
+        self.stream_stats = {"passes": 0, "peak_held_bytes": 0}
         return names, dparams
 
     def _plan(self, memory: Any, *args: Any) -> None:
@@ -122,7 +126,8 @@ class ShardedLandscape(Landscape):
 
     def _build(self) -> None:
         self._passes = max(self.reducer.gather_ints(len(self.batches)))
-        self._choose_route()
+        if not self.route:
+            self._choose_route()
         self._dversions = [p._version for p in self._dparams]
         if self.hvp_method == "autograd":
             self._full = [p.detach().full_tensor().requires_grad_(True) for p in self._dparams]
@@ -133,14 +138,57 @@ class ShardedLandscape(Landscape):
             for n, p in self.model.named_parameters():
                 if n not in self._whole:
                     self._whole[n] = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
-            super()._build()
-            self._grad = self.layout.local_of(self._grad)
+            self._build_exact()
         else:
             grad, loss = self._fsdp_grad()
             self._loss = float(self.reducer.sum_(loss))
             self._grad = grad
             if self.reducer.sum_int(int(not bool(torch.isfinite(grad).all()))):
                 raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
+
+    def _build_exact(self) -> None:
+        """The first-order graph of every probe batch through the whole parameters (kept within
+        ``graph_budget_bytes``, the others rebuilt per HVP) and the gradient, each batch's reduce-scattered
+        parameter by parameter into this rank's slice: no whole gradient vector is formed. Every rank runs
+        the same number of passes (one per batch of the rank with most) and agrees on a failure before each
+        pass's collectives."""
+        self._grad = torch.zeros(self.local_dim, dtype=self.dtype, device=self.device)
+        pieces = self.layout.split_local(self._grad)
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = len(self._full)
+        for b in range(self._passes):
+            grads, err = None, None
+            if b < len(self.batches):
+                try:
+                    grads, loss_b, nbytes = self._graph(b, True, watch=b == 0)
+                    if b == 0:
+                        check_broken_nodes(grads)
+                        self.graph_bytes_per_sample = nbytes / max(1, self.batch_sizes[0])
+                except Exception as e:  # noqa: BLE001 - every rank learns of it before the reduce-scatters
+                    err = e
+            if err is not None:
+                self.reducer.report_failure()
+                raise err
+            self.reducer.check_others()
+            if grads is not None:
+                loss += loss_b.double() * self.weights[b]
+                kept = nbytes + sum(g.numel() * g.element_size() for g in grads if g is not None)
+                if b == 0 or self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes:
+                    self._graphs.append(grads)
+                    self.graph_bytes += nbytes
+                    self._kept_bytes += kept
+                else:
+                    self._graphs.append(None)
+            for i in range(n - 1, -1, -1):
+                g = grads[i] if grads is not None else None
+                self.layout.scatter_param_add(i, g.detach() if g is not None else None, pieces[i])
+            del grads
+        self.reducer.sum_(loss)
+        self._loss = float(loss)
+        if self.reducer.sum_int(int(not bool(torch.isfinite(self._grad).all()))):
+            raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
+        if self.reducer.sum_int(len(self.custom_functions)) > 0:
+            self._verify_custom_backward()
 
     def _choose_route(self) -> None:
         d_bytes = self.layout.dim * self.dtype.itemsize
@@ -256,8 +304,11 @@ class ShardedLandscape(Landscape):
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for this rank's slice of one vector ``(d_local,)`` or a block ``(k, d_local)``, as slices.
 
-        Cost, exact route: one all-gather of the block, ``k`` double backward passes on this rank's data, one
-        reduce-scatter. Finite differences: 4 FSDP gradients per vector, each error estimate appended to
+        Cost, exact route: ``k`` double backward passes on this rank's data. A single vector, or any block when
+        ``chunk_size`` is 1, is streamed (:meth:`_stream_pass`): its input gathered and its output
+        reduce-scattered parameter by parameter inside the double backward, no whole d-vector held; a wider
+        block with a wider chunk goes whole: one all-gather of the block, batched double backward passes
+        (``is_grads_batched``), one reduce-scatter, holding about ``3 k d`` elements. Finite differences: 4 FSDP gradients per vector, each error estimate appended to
         :attr:`hvp_errors` (relative to ``||v||``). Every rank must call it with its slice of the same vectors.
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.local_dim:
@@ -268,8 +319,20 @@ class ShardedLandscape(Landscape):
         single = v.dim() == 1
         V = v.reshape(-1, self.local_dim).to(device=self.device, dtype=self.dtype)
         self.widest_block = max(self.widest_block, V.shape[0])
+        if self.hvp_method == "autograd" and (V.shape[0] == 1 or self.chunk_size == 1 or not self.batched_hvp):
+            out = torch.zeros_like(V)
+            for x, y in zip(V, out):
+                for p in range(self._passes):
+                    err = None
+                    try:
+                        self._stream_pass(p, x, y)
+                    except Exception as e:  # noqa: BLE001 - the pass completed its collectives; agreed below
+                        err = e
+                    self._agree_hvp(err)
+            self.hvps += V.shape[0]
+            return out[0] if single else out
         full = self.layout.all_gather(V) if self.hvp_method == "autograd" else None
-        err: BaseException | None = None
+        err = None
         out = None
         try:
             if full is not None:
@@ -279,17 +342,50 @@ class ShardedLandscape(Landscape):
                 out = torch.stack([self._fd_one(x) for x in V])
         except Exception as e:  # noqa: BLE001 - every rank learns of it before the next collective
             err = e
+        self._agree_hvp(err)
+        if full is not None:
+            del full  # the gathered input is not needed for the reduce-scatter (a whole d-vector at 7B: 13 GB)
+            out = self.layout.reduce_scatter(out)
+        self.hvps += V.shape[0]
+        return out[0] if single else out
+
+    def _agree_hvp(self, err: BaseException | None) -> None:
         failed = self.reducer.sum_int(int(err is not None))
         if failed:
             raise GeomprobeError(
                 f"the HVP failed on {failed} of {self.layout.world} ranks"
                 + (f" (this rank: {type(err).__name__}: {err})" if err is not None else "")
                 + "; every rank stops this measurement so that none waits in a collective") from err
-        if full is not None:
-            del full  # the gathered input is not needed for the reduce-scatter (a whole d-vector at 7B: 13 GB)
-            out = self.layout.reduce_scatter(out)
-        self.hvps += V.shape[0]
-        return out[0] if single else out
+
+    def _stream_pass(self, b: int, v: torch.Tensor, out: torch.Tensor) -> None:
+        """Pass ``b`` of a streamed HVP (:mod:`~geomprobe.engine.sharded_stream`): the double backward
+        through probe batch ``b``'s graph (kept, or rebuilt and freed), adding this rank's part of ``H v`` to
+        ``out``; a rank with fewer batches than another takes part in the collectives with no graph. One pass
+        per batch, not one backward through every kept graph at once: autograd would run one graph's part
+        first and hold every gathered piece until the other graph used it (a whole d-vector). Cost: one
+        all-gather and one reduce-scatter of ``d`` elements in all, per pass."""
+        with StreamPass(self.layout, self._full, v, out) as sp:
+            if b < len(self._graphs):
+                graph, retain = self._graphs[b], True
+                if graph is None:
+                    graph, retain = self._graph(b, True)[0], False
+                    self.graph_rebuilds += 1
+                self._stream_backward(sp, [graph], retain)
+                del graph
+        self.stream_stats["passes"] += 1
+        self.stream_stats["peak_held_bytes"] = max(self.stream_stats["peak_held_bytes"], sp.peak_held_bytes)
+
+    def _stream_backward(self, sp: StreamPass, graphs: list, retain: bool) -> None:
+        outputs, placeholders = sp.roots(graphs)
+        if not outputs:
+            return
+        try:
+            torch.autograd.backward(outputs, placeholders, retain_graph=retain, inputs=self._full)
+        except RuntimeError as e:
+            refusal = no_double_backward(e)
+            if refusal is None:
+                raise
+            raise refusal from e
 
     def _fd_one(self, v: torch.Tensor) -> torch.Tensor:
         vn = float(self.vector_space.norm(v))
