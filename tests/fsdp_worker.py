@@ -154,6 +154,108 @@ def _landscape_results(kind: str, mesh, rank: int) -> dict:
     return out
 
 
+class Gated(nn.Module):
+    """An MLP with an extra head used only on batches whose first feature is positive: on a rank whose data
+    has none, that head's parameters get no gradient at all (a data-dependent graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        out = self.head(h)
+        if bool((x[:, 0] > 0).all()):
+            out = out + torch.tanh(self.aux(h))
+        return out
+
+
+def gated_problem() -> tuple[nn.Module, object, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The gated model, its loss ``loss_fn(model, batch)`` and the three probe batches of SHARDS: rank 0's
+    use the extra head, rank 1's does not."""
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    model = Gated().double()
+    X = torch.randn(N_SAMPLES, 5, dtype=torch.float64, generator=g)
+    X[:, 0] = torch.where(torch.arange(N_SAMPLES) < SHARDS[1][0][0], 1.0, -1.0).double() * (1 + X[:, 0].abs())
+    y = torch.randint(0, CLASSES, (N_SAMPLES,), generator=g)
+
+    def loss_fn(model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    return model, loss_fn, [(X[a:b], y[a:b]) for shard in SHARDS for a, b in shard]
+
+
+class AllocationLog:
+    """The largest tensor (elements) any operation creates inside, and the operations seen (a dispatch mode,
+    so the double backward's operations are seen as well as the collectives' buffers)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        log.largest = max(log.largest, t.numel())
+                log.ops.add(str(func))
+                return out
+
+        self.largest, self.ops, self._mode = 0, set(), Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def _stream_results(mesh, rank: int) -> dict:
+    """The streamed exact HVP (one vector at a time, parameter by parameter) against the whole-block route of
+    the same Landscape settings: kept graphs, graphs rebuilt per HVP, a parameter with no gradient on rank 1;
+    and the largest tensor created during an HVP on each route."""
+    import geomprobe as gp
+
+    from torch.distributed.fsdp import fully_shard
+
+    out = {}
+    for kind in ("mlp", "block", "gated", "wide"):
+        if kind == "wide":  # parameters outnumber any activation: a whole vector would stand out
+            model, loss_fn, _, y = make_problem("mlp")
+            X = torch.randn(N_SAMPLES, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+            model = shard_model(nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3)).double(), mesh)
+            batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+        elif kind == "gated":
+            model, loss_fn, batches = gated_problem()
+            fully_shard(model.body, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            batches = batches[:2] if rank == 0 else batches[2:]
+        else:
+            model, loss_fn, X, y = make_problem(kind)
+            model = shard_model(model, mesh)
+            batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+        r = {}
+        for name, opts in (("block", {"chunk_size": 16}), ("stream", {"chunk_size": 1}),
+                           ("rebuilt", {"chunk_size": 1, "graph_budget_bytes": 1})):
+            land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, **opts)
+            V = land.layout.local_of(hvp_vectors(land.dim))
+            with AllocationLog() as two:
+                hv = land.hvp(V[:2])
+            with AllocationLog() as one:
+                h1 = land.hvp(V[2])
+            r[name] = {"hvp": torch.cat([hv, h1[None]]), "grad": land.grad.clone(), "loss": land.loss,
+                       "largest_two": two.largest, "largest_one": one.largest, "ops": sorted(one.ops),
+                       "rebuilds": land.graph_rebuilds, "info": land.info(),
+                       "no_gradient": [n for n, g in zip(land.param_names, land._graphs[0]) if g is None]}
+            land.close()
+        r.update(ranges=land.layout.ranges, dim=land.dim, local_dim=land.local_dim,
+                 largest_param=max(p.numel() for p in land.params))
+        out[kind] = r
+    return out
+
+
 def _float32_directions(mesh, rank: int) -> dict:
     """The transformer block in float32: the finite-difference HVP along the exact route's extreme Ritz vectors
     (directions concentrated where the curvature is) and a random one, with its reported error, and the exact
@@ -293,6 +395,8 @@ def main(out_dir: str) -> None:
         _phase(rank, f"landscape {kind}")
         result[kind] = _landscape_results(kind, mesh, rank)
         gc.collect()
+    _phase(rank, "streamed HVP")
+    result["stream"] = _stream_results(mesh, rank)
     _phase(rank, "agreed failures")
     result["failures"] = _agreed_failures(mesh, rank)
     _phase(rank, "probe")

@@ -54,18 +54,17 @@ from ..errors import ConfigurationError, GeomprobeError, NonFiniteLossError
 from ..linalg.space import ShardedSpace
 from .batches import batch_size, slice_batch
 from .distributed import ProcessGroupReducer
-from .landscape import Landscape
-from .memory_plan import MemoryBudget, device_memory
-from .paramspace import select_parameters
 from .doublecheck import check_broken_nodes, no_double_backward
+from .landscape import Landscape
+from .memory_plan import MemoryBudget, MemoryPlan, device_memory, host_available_bytes
+from .paramspace import select_parameters
 from .saved_bytes import SavedBytes
 from .sharded import FSDPModule, ShardLayout, fsdp_hooks_off
+from .sharded_plan import GRAPH_FACTOR, plan_sharded_exact
 from .sharded_stream import StreamPass
 
 __all__ = ["ShardedLandscape"]
 
-# the exact route's graph with create_graph: the forward's saved tensors, the backward's, and the gradients
-GRAPH_FACTOR = 3
 
 
 class ShardedLandscape(Landscape):
@@ -97,15 +96,61 @@ class ShardedLandscape(Landscape):
         self.stream_stats = {"passes": 0, "peak_held_bytes": 0}
         return names, dparams
 
-    def _plan(self, memory: Any, *args: Any) -> None:
-        # The memory planner speaks of one process's whole vectors; the sharded routes size themselves. A
-        # budget's cap (given, or the training peak times its ratio) bounds the exact route under "auto".
-        self._cap = None
-        if isinstance(memory, MemoryBudget):
-            caps = [memory.cap_bytes] if memory.cap_bytes else []
-            if memory.train_peak_bytes and memory.peak_ratio:
-                caps.append(int(memory.train_peak_bytes * memory.peak_ratio))
-            self._cap = min(caps) if caps else None
+    def _plan(self, memory: Any, chunk_size: int | None, micro_batch_size: int | None,
+              graph_budget_bytes: int | None) -> MemoryPlan | None:
+        """The route, and for the exact route its memory plan (:mod:`~geomprobe.engine.sharded_plan`): the
+        micro-batches, the graphs kept, the chunk and where the Lanczos basis lives, within the budget of the
+        tightest rank. ``memory=None``: no plan, but ``"auto"`` still chooses the route by the free memory.
+        Costs one FSDP forward on 2 samples (every rank) unless the budget gives the graph's bytes."""
+        if isinstance(memory, MemoryPlan):
+            reason = "a memory plan was given" if self.hvp_method == "auto" else "requested"
+            self.hvp_method = "autograd" if self.hvp_method == "auto" else self.hvp_method
+            self.route = {"hvp_route": self.hvp_method, "reason": reason}
+            return memory if self.hvp_method == "autograd" else None
+        if isinstance(memory, str):
+            if memory != "auto":
+                raise ConfigurationError(f"memory must be 'auto', None, a MemoryBudget or a MemoryPlan, got {memory!r}")
+            memory = MemoryBudget()
+        elif memory is not None and not isinstance(memory, MemoryBudget):
+            raise ConfigurationError(
+                f"memory must be 'auto', None, a MemoryBudget or a MemoryPlan, got {type(memory).__name__}")
+        if self.hvp_method == "finite-difference" or (memory is None and self.hvp_method == "autograd"):
+            self.route = {"hvp_route": self.hvp_method, "reason": "requested"}
+            return None
+        overrides = {k: (v, "user") for k, v in (("chunk_size", chunk_size), ("micro_batch_size", micro_batch_size),
+                                                  ("graph_budget_bytes", graph_budget_bytes)) if v is not None}
+        budget = memory or MemoryBudget()
+        overrides.update({k: v for k, v in budget.overrides.items() if v is not None and v[0] is not None})
+        plan = self._exact_plan(budget, overrides)
+        self._choose_route(plan)
+        if memory is None or self.hvp_method != "autograd":
+            return None
+        if plan.warnings and budget.warn:
+            warnings.warn(f"geomprobe memory plan: {'; '.join(plan.warnings)}", RuntimeWarning, stacklevel=4)
+        return plan
+
+    def _exact_plan(self, budget: MemoryBudget, overrides: dict) -> MemoryPlan:
+        """The exact route's plan on this rank, from the figures of the tightest rank (least free memory, most
+        allocated); the graph's bytes per sample from the budget or one FSDP forward (every rank runs it)."""
+        per_sample, source = budget.graph_bytes_per_sample, "given"
+        if per_sample is None:
+            per_sample = GRAPH_FACTOR * self._forward_bytes_per_sample()
+            source = f"an FSDP forward's saved bytes x {GRAPH_FACTOR}"
+        available, allocated = device_memory(self.device)
+        avail = self.reducer.gather_ints(-1 if available is None else int(available))
+        allocated = max(self.reducer.gather_ints(int(allocated)))
+        can_split = not (self.mode == "train" and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()))
+        return plan_sharded_exact(
+            dim=self.layout.dim, local_dim=self.layout.local_dim, itemsize=self.dtype.itemsize,
+            whole_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            largest_param_bytes=max(p.numel() * p.element_size() for p in self._dparams),
+            batch_sizes=[batch_size(b) for b in self.batches], graph_bytes_per_sample=per_sample,
+            available_bytes=None if min(avail) < 0 else min(avail), allocated_bytes=allocated,
+            train_peak_bytes=budget.train_peak_bytes, peak_ratio=budget.peak_ratio, cap_bytes=budget.cap_bytes,
+            host_bytes=host_available_bytes(), bounded_basis=bool(budget.bounded_basis), can_split=can_split,
+            host_is_device=self.device.type == "cpu", overrides=overrides, graph_source=source,
+            **({} if budget.basis_vectors is None else {"basis_vectors": budget.basis_vectors}))
 
     def _reshard_all(self) -> None:
         for m in self.model.modules():
@@ -126,8 +171,6 @@ class ShardedLandscape(Landscape):
 
     def _build(self) -> None:
         self._passes = max(self.reducer.gather_ints(len(self.batches)))
-        if not self.route:
-            self._choose_route()
         self._dversions = [p._version for p in self._dparams]
         if self.hvp_method == "autograd":
             self._full = [p.detach().full_tensor().requires_grad_(True) for p in self._dparams]
@@ -190,37 +233,36 @@ class ShardedLandscape(Landscape):
         if self.reducer.sum_int(len(self.custom_functions)) > 0:
             self._verify_custom_backward()
 
-    def _choose_route(self) -> None:
-        d_bytes = self.layout.dim * self.dtype.itemsize
-        if self.hvp_method != "auto":
-            self.route = {"hvp_route": self.hvp_method, "reason": "requested"}
-            return
-        per_sample = self._forward_bytes_per_sample()
-        # whole parameters, gradient, HVP input and output, and the first-order graph of this rank's data
-        need = int(4 * d_bytes + GRAPH_FACTOR * per_sample * sum(batch_size(b) for b in self.batches))
-        available, allocated = device_memory(self.device)
-        room = -1 if available is None else int(available)
-        if self._cap is not None:
-            room = max(0, self._cap - allocated) if room < 0 else min(room, max(0, self._cap - allocated))
-        room = min(self.reducer.gather_ints(room))  # the tightest rank decides, so every rank takes one route
-        fits = room < 0 or need <= 0.9 * room
+    def _choose_route(self, plan: MemoryPlan) -> None:
+        """``"auto"``: the exact route when its plan fits on every rank, else finite differences, except in
+        half types (warned); an explicit route is kept. The plan's numbers are recorded either way."""
+        fits = self.reducer.sum_int(int(not plan.fits)) == 0
         half = self.dtype in (torch.bfloat16, torch.float16)
-        self.hvp_method = "autograd" if fits or half else "finite-difference"
-        if fits:
-            reason = "the exact route's memory fits"
+        if self.hvp_method != "auto":
+            reason = "requested"
+        elif fits:
+            self.hvp_method, reason = "autograd", "the exact route's memory fits"
         elif half:
+            self.hvp_method = "autograd"
             reason = (f"the exact route's memory may not fit, but finite differences in {str(self.dtype)[6:]} "
                       "are mostly rounding")
             warnings.warn(
-                f"geomprobe: the exact HVP route needs about {need / 2**30:.1f} GiB per GPU against "
-                f"{room / 2**30:.1f} GiB available and may run out of memory (recorded; training continues); "
-                f"finite differences are not used for {str(self.dtype)[6:]} parameters, whose rounding would "
-                "swamp them: probe fewer samples per rank, or keep float32 master weights and pass "
-                "hvp_method='finite-difference'", RuntimeWarning, stacklevel=3)
+                f"geomprobe: the exact HVP route needs about {plan.peak_bytes / 2**30:.1f} GiB per GPU beyond what "
+                f"is allocated, against {(plan.budget_bytes or 0) / 2**30:.1f} GiB of budget, and may run out of "
+                f"memory (recorded; training continues); finite differences are not used for "
+                f"{str(self.dtype)[6:]} parameters, whose rounding would swamp them: probe fewer samples per rank, "
+                "or keep float32 master weights and pass hvp_method='finite-difference'",
+                RuntimeWarning, stacklevel=4)
         else:
-            reason = "the exact route's memory does not fit"
-        self.route = {"hvp_route": self.hvp_method, "exact_bytes_estimate": need,
-                      "available_bytes": None if room < 0 else room, "cap_bytes": self._cap, "reason": reason}
+            self.hvp_method, reason = "finite-difference", "the exact route's memory does not fit"
+        self.route = {
+            "hvp_route": self.hvp_method, "reason": reason, "exact_bytes_estimate": plan.peak_bytes,
+            "budget_bytes": plan.budget_bytes, "budget_source": plan.budget_source,
+            "available_bytes": plan.available_bytes, "cap_bytes": plan.cap_bytes,
+            "exact_plan": {k: getattr(plan, k) for k in (
+                "micro_batch_size", "graph_budget_bytes", "chunk_size", "basis_device", "max_basis", "fits",
+                "graph_bytes_per_sample", "graph_source", "items")},
+        }
 
     def _forward_bytes_per_sample(self) -> float:
         """Saved bytes per sample of one FSDP forward on 2 samples of this rank's first batch (every rank runs
@@ -294,6 +336,10 @@ class ShardedLandscape(Landscape):
     def info(self) -> dict:
         out = super().info()
         out["sharded"] = {"world_size": self.layout.world, "local_dim": self.local_dim, **self.route}
+        if self.hvp_method == "autograd":
+            # the streamed HVPs: passes run (one per probe batch of the rank with most, per vector), and the
+            # most bytes of gathered inputs and finished outputs that waited at once in one of them
+            out["sharded"]["stream"] = {"passes_per_vector": self._passes, **self.stream_stats}
         return out
 
     def matvec_error(self, since: int = 0) -> float:

@@ -29,7 +29,9 @@ beyond the graph: the pieces in flight and waiting, and this rank's output slice
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
+from typing import Self
 
 import torch
 
@@ -89,7 +91,7 @@ class StreamPass:
                 self._handles.append(g.register_hook(lambda grad, i=i: self._input(i, grad)))
         return outputs, grads
 
-    def __enter__(self) -> StreamPass:
+    def __enter__(self) -> Self:
         for i, leaf in enumerate(self.leaves):
             leaf.grad = None
             self._handles.append(leaf.register_post_accumulate_grad_hook(lambda t, i=i: self._output(i, t)))
@@ -104,14 +106,12 @@ class StreamPass:
         if exc_type is None:
             self.finish()
             return
-        try:
-            # the other ranks go on through the schedule: this one must too, or they wait forever
+        # the other ranks go on through the schedule: this one must too, or they wait forever; the error
+        # that stopped the backward is the one to report
+        with contextlib.suppress(Exception):
             self.finish()
-        except Exception:  # noqa: BLE001 - the first error is the one to report
-            pass
-        finally:
-            self._gathered.clear()
-            self._staged.clear()
+        self._gathered.clear()
+        self._staged.clear()
 
     # ------------------------------------------------------------------ hooks
     def _gather_next(self) -> None:
