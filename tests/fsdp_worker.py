@@ -256,6 +256,29 @@ def _stream_results(mesh, rank: int) -> dict:
     return out
 
 
+PLAN_CAP, PLAN_PER_SAMPLE = 15_000_000, 1e6
+
+
+def _planned_results(mesh, rank: int) -> dict:
+    """The MLP under a memory budget its whole graphs do not fit (a stated 1 MB of graph per sample within a
+    15 MB cap): the exact route's plan cuts the batches into micro-batches, keeps what fits and rebuilds the
+    rest at every HVP; the products must not change."""
+    import geomprobe as gp
+    from geomprobe.engine.memory_plan import MemoryBudget
+
+    model, loss_fn, X, y = make_problem("mlp")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    budget = MemoryBudget(cap_bytes=PLAN_CAP, graph_bytes_per_sample=PLAN_PER_SAMPLE)
+    land = gp.Landscape(model, loss_fn, batches, hvp_method="auto", memory=budget)
+    V = land.layout.local_of(hvp_vectors(land.dim))
+    out = {"ranges": land.layout.ranges, "hvp": land.hvp(V), "grad": land.grad.clone(), "loss": land.loss,
+           "plan": land.plan.to_dict(), "batch_sizes": land.batch_sizes, "rebuilds": land.graph_rebuilds,
+           "kept": [g is not None for g in land._graphs], "info": land.info()}
+    land.close()
+    return out
+
+
 def _float32_directions(mesh, rank: int) -> dict:
     """The transformer block in float32: the finite-difference HVP along the exact route's extreme Ritz vectors
     (directions concentrated where the curvature is) and a random one, with its reported error, and the exact
@@ -397,6 +420,7 @@ def main(out_dir: str) -> None:
         gc.collect()
     _phase(rank, "streamed HVP")
     result["stream"] = _stream_results(mesh, rank)
+    result["planned"] = _planned_results(mesh, rank)
     _phase(rank, "agreed failures")
     result["failures"] = _agreed_failures(mesh, rank)
     _phase(rank, "probe")

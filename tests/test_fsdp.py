@@ -264,6 +264,33 @@ def test_no_whole_vector_is_created_during_a_streamed_hvp(ranks, kind):
         assert stream["largest_two"] <= max(2 * local, stream["largest_one"]) < 2 * d
 
 
+def test_a_tight_budget_micro_batches_and_rebuilds_graphs_with_the_same_products(ranks):
+    # 1 MB of graph per sample within a 15 MB cap (13.5 MB planned): rank 0 (8 + 5 samples) takes pieces of
+    # one sample, keeps the graphs that fit beside one rebuilt piece and the HVP's own 1 MB, and rebuilds the
+    # others at every HVP; rank 1 (10 samples) keeps all ten in the largest pieces that fit (3, 3, 3, 1)
+    (a, b), _ = ranks
+    model, loss_fn, X, y = make_problem("mlp")  # the ranks measured it as made, before any step
+    land = gp.Landscape(model, loss_fn, (X, y))
+    want = {"dim": land.dim, "hvp": land.hvp(hvp_vectors(land.dim)), "grad": land.grad, "loss": land.loss}
+    got = [r["planned"] for r in (a, b)]
+    for r, micro in zip(got, (1, 3)):
+        plan = r["plan"]
+        assert plan["micro_batch_size"] == micro and plan["fits"] and plan["budget_source"] == "memory cap"
+        assert plan["peak_bytes"] <= plan["budget_bytes"] == int(0.9 * 15_000_000)
+        assert r["info"]["sharded"]["stream"]["passes_per_vector"] == 13  # rank 0's 13 single samples
+        assert r["info"]["sharded"]["hvp_route"] == "autograd"
+    assert a["planned"]["batch_sizes"] == [1] * 13 and b["planned"]["batch_sizes"] == [3, 3, 3, 1]
+    # rank 0's plan keeps 11 pieces' graphs and bounds them; the graphs measured at build (a few hundred bytes,
+    # not the stated 1 MB) all fit that bound (rebuilt graphs: test_the_streamed_hvp_equals_the_whole_block_route)
+    plan0 = a["planned"]["plan"]
+    assert plan0["items"]["graph_rebuilt"] > 0 and plan0["graph_budget_bytes"] < 13 * plan0["items"]["graph_per_piece"]
+    assert b["planned"]["plan"]["graph_budget_bytes"] is None and b["planned"]["plan"]["items"]["graph_rebuilt"] == 0
+    assert all(a["planned"]["kept"]) and all(b["planned"]["kept"])
+    assert _close(_assemble(got, "hvp", want["dim"]), want["hvp"], HVP_TOL)
+    assert _close(_assemble(got, "grad", want["dim"]), want["grad"], HVP_TOL)
+    assert abs(got[0]["loss"] - want["loss"]) <= 1e-12 * want["loss"]
+
+
 def _measured(record: dict) -> dict:
     return {k: v for k, v in record.items() if k not in ("time", "wall", "cost", "errors")}
 
