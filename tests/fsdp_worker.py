@@ -216,9 +216,9 @@ def _stream_results(mesh, rank: int) -> dict:
     """The streamed exact HVP (one vector at a time, parameter by parameter) against the whole-block route of
     the same Landscape settings: kept graphs, graphs rebuilt per HVP, a parameter with no gradient on rank 1;
     and the largest tensor created during an HVP on each route."""
-    import geomprobe as gp
-
     from torch.distributed.fsdp import fully_shard
+
+    import geomprobe as gp
 
     out = {}
     for kind in ("mlp", "block", "gated", "wide"):
