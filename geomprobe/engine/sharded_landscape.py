@@ -12,10 +12,16 @@ HVP routes (``hvp_method``):
 
 - ``"autograd"`` (exact): each parameter is all-gathered once when the Landscape is built (``full_tensor``)
   and the first-order graph is built through those whole tensors with FSDP's hooks off
-  (:func:`~geomprobe.engine.sharded.fsdp_hooks_off`); an HVP all-gathers ``v``, runs the double backward on
-  this rank's data and reduce-scatters the result to the shards. Exact to rounding; memory: the whole
-  parameters, the gradient and the first-order graph of this rank's data, like a one-GPU probe of the model
-  (the double backward needs every layer's saved tensors at once, so per-layer gathering cannot bound it).
+  (:func:`~geomprobe.engine.sharded.fsdp_hooks_off`), one graph per probe batch (or micro-batch), kept while
+  the memory plan allows and else rebuilt at every HVP; the gradient goes to the shards parameter by
+  parameter (a reduce-scatter per parameter and batch). An HVP of one vector is *streamed*
+  (:mod:`~geomprobe.engine.sharded_stream`): the double backward on this rank's data gathers each piece of
+  ``v`` when autograd needs it and reduce-scatters each parameter's output as soon as it is finished, on a
+  schedule every rank follows; no whole d-vector exists. Exact to rounding. Memory: the whole parameters,
+  each kept graph with its whole per-parameter gradient, a few parameters in flight and slices
+  (:mod:`~geomprobe.engine.sharded_plan`); the double backward needs every layer's saved tensors at once, so
+  per-layer gathering cannot bound the graph. A wider block with a wider chunk goes whole (one all-gather of
+  the block, batched double backward, one reduce-scatter) where the plan finds room.
 - ``"finite-difference"``: Richardson-extrapolated central differences of FSDP's own sharded gradients,
   ``D(h) = (g(theta + h v) - g(theta - h v)) / 2h``, ``Hv ~ D(h) + (D(h) - D(2h)) / 3`` with the error
   estimate ``2 ||D(h) - D(2h)||`` (it holds the truncation ``~3 c h^2`` of ``D(h)``, of which the
@@ -25,8 +31,8 @@ HVP routes (``hvp_method``):
   (FSDP forward and backward passes) per vector; memory: what a training step needs, since FSDP gathers one
   unit at a time. The estimates are kept (:attr:`hvp_errors`) and enter every Lanczos bound (Lanczos with a
   perturbed matvec: some eigenvalue lies within ``beta |u_m| + sqrt(sum_j err_j^2)`` of each Ritz value).
-- ``"auto"``: the exact route when its estimated memory fits the smallest free memory over the ranks, else
-  finite differences; the choice and the numbers behind it are in :meth:`info` (``route``). Parameters in a
+- ``"auto"``: the exact route when its memory plan fits the budget (free memory, a cap, the training peak
+  times its ratio) on every rank, else finite differences; the choice and the numbers behind it are in :meth:`info` (``route``). Parameters in a
   half type (bf16, fp16) always take the exact route, with a warning where it may not fit: their unit
   roundoff (4e-3 in bf16) makes the differences mostly rounding (on a 7B Llama in bf16 the error estimate was
   358x the HVP's norm, benchmarks/RESULTS.md §8), so finite differences would only return bounds wider than
