@@ -140,7 +140,8 @@ def _landscape_results(kind: str, mesh, rank: int) -> dict:
     # a selection (params=): the others stand in whole as constants
     sub = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", params="*weight")
     Vs = hvp_vectors(sub.dim)
-    out["sub"] = {"ranges": sub.layout.ranges, "hvp": sub.hvp(sub.layout.local_of(Vs)), "dim": sub.dim}
+    out["sub"] = {"ranges": sub.layout.ranges, "hvp": sub.hvp(sub.layout.local_of(Vs)), "dim": sub.dim,
+                  "hvp_single": sub.hvp(sub.layout.local_of(Vs[0]))}  # streamed
     sub.close()
     fd = gp.Landscape(model, loss_fn, batches, hvp_method="finite-difference")
     out["fd_loss"], out["fd_grad"] = fd.loss, fd.grad.clone()

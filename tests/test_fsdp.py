@@ -120,6 +120,7 @@ def test_a_parameter_selection_is_measured_with_the_others_held_whole(ranks, uni
     results = [r[kind]["sub"] for r in ranks[0]]
     assert results[0]["dim"] == want["dim"] < union[kind]["dim"]
     assert _close(_assemble(results, "hvp", want["dim"]), want["hvp"], HVP_TOL)
+    assert _close(_assemble(results, "hvp_single", want["dim"]), want["hvp"][0], HVP_TOL)
 
 
 @pytest.mark.parametrize("kind", KINDS)
