@@ -249,7 +249,8 @@ def _stream_results(mesh, rank: int) -> dict:
             r[name] = {"hvp": torch.cat([hv, h1[None]]), "grad": land.grad.clone(), "loss": land.loss,
                        "largest_two": two.largest, "largest_one": one.largest, "ops": sorted(one.ops),
                        "rebuilds": land.graph_rebuilds, "info": land.info(),
-                       "no_gradient": [n for n, g in zip(land.param_names, land._graphs[0]) if g is None]}
+                       "no_gradient": [n for n, g in zip(land.param_names, land._graphs[0]) if g is None],
+                       "kept_as": sorted({type(g).__name__ for g in land._graphs[0] if g is not None})}
             land.close()
         r.update(ranges=land.layout.ranges, dim=land.dim, local_dim=land.local_dim,
                  largest_param=max(p.numel() for p in land.params))

@@ -229,6 +229,8 @@ def test_the_streamed_hvp_equals_the_whole_block_route(ranks, kind):
         assert res["block"]["info"]["sharded"]["stream"]["passes"] == 2  # the single vector only
         assert res["stream"]["info"]["sharded"]["stream"]["passes"] == 3 * 2  # three vectors, two batches
         assert res["stream"]["rebuilds"] == 0
+        # streamed only (chunk 1), a kept graph is held by its roots' edges: its whole gradient is freed
+        assert res["stream"]["kept_as"] == ["Root"] and res["block"]["kept_as"] == ["Tensor"]
     # the rank with two batches kept one graph and rebuilt the other at each of the three vectors
     assert ranks[0][0]["stream"][kind]["rebuilt"]["rebuilds"] == 3
 
@@ -384,7 +386,7 @@ def test_the_fsdp_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
 ])
 def test_auto_route_by_simulated_memory_and_dtype(dtype, room_gib, route):
     # The route decision alone, on a stand-in (no process group needed), from the exact route's plan with a
-    # simulated free memory: 1e8 parameters and 4 samples of 1 GiB of graph need ~8 GiB on the exact route.
+    # simulated free memory: 1e8 parameters and 4 samples of 1 GiB of graph need ~6 GiB on the exact route.
     import types
 
     from geomprobe.engine import sharded_landscape as sl
@@ -402,5 +404,5 @@ def test_auto_route_by_simulated_memory_and_dtype(dtype, room_gib, route):
     else:
         sl.ShardedLandscape._choose_route(stub, plan)
     assert stub.hvp_method == route and stub.route["hvp_route"] == route
-    assert stub.route["exact_bytes_estimate"] == plan.peak_bytes > 4 * 2**30
+    assert stub.route["exact_bytes_estimate"] == plan.peak_bytes > 2**30  # at least one sample's graph
     assert stub.route["exact_plan"]["fits"] is (room_gib == 100)

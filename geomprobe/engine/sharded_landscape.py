@@ -67,7 +67,7 @@ from .paramspace import select_parameters
 from .saved_bytes import SavedBytes
 from .sharded import FSDPModule, ShardLayout, fsdp_hooks_off
 from .sharded_plan import GRAPH_FACTOR, plan_sharded_exact
-from .sharded_stream import StreamPass
+from .sharded_stream import Root, StreamPass, roots_of
 
 __all__ = ["ShardedLandscape"]
 
@@ -219,18 +219,21 @@ class ShardedLandscape(Landscape):
                 self.reducer.report_failure()
                 raise err
             self.reducer.check_others()
+            for i in range(n - 1, -1, -1):
+                g = grads[i] if grads is not None else None
+                self.layout.scatter_param_add(i, g.detach() if g is not None else None, pieces[i])
             if grads is not None:
                 loss += loss_b.double() * self.weights[b]
-                kept = nbytes + sum(g.numel() * g.element_size() for g in grads if g is not None)
+                # streamed HVPs need the graph behind each gradient, not its value: without whole blocks to
+                # batch (chunk 1) only the roots are kept, and the whole gradient (a d-vector) is freed
+                whole = self.chunk_size > 1
+                kept = nbytes + (sum(g.numel() * g.element_size() for g in grads if g is not None) if whole else 0)
                 if b == 0 or self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes:
-                    self._graphs.append(grads)
+                    self._graphs.append(grads if whole else roots_of(grads))
                     self.graph_bytes += nbytes
                     self._kept_bytes += kept
                 else:
                     self._graphs.append(None)
-            for i in range(n - 1, -1, -1):
-                g = grads[i] if grads is not None else None
-                self.layout.scatter_param_add(i, g.detach() if g is not None else None, pieces[i])
             del grads
         self.reducer.sum_(loss)
         self._loss = float(loss)
@@ -420,12 +423,27 @@ class ShardedLandscape(Landscape):
             if b < len(self._graphs):
                 graph, retain = self._graphs[b], True
                 if graph is None:
-                    graph, retain = self._graph(b, True)[0], False
+                    graph, retain = roots_of(self._graph(b, True)[0]), False  # the whole gradient freed at once
                     self.graph_rebuilds += 1
                 self._stream_backward(sp, [graph], retain)
                 del graph
         self.stream_stats["passes"] += 1
         self.stream_stats["peak_held_bytes"] = max(self.stream_stats["peak_held_bytes"], sp.peak_held_bytes)
+
+    def _hvp_chunk(self, V: torch.Tensor) -> torch.Tensor:
+        # whole blocks (and the custom-Function check) differentiate the gradient tensors: a graph kept as
+        # roots only (chunk 1) is rebuilt for them
+        if self.hvp_method != "autograd":
+            return super()._hvp_chunk(V)
+        acc = None
+        for b in range(len(self.batches)):
+            grads = self._graphs[b]
+            if grads is None or any(isinstance(g, Root) for g in grads):
+                grads = self._graph(b, True)[0]
+                self.graph_rebuilds += 1
+            part = self._hvp_batch(grads, V)
+            acc = part if acc is None else acc.add_(part)
+        return acc
 
     def _stream_backward(self, sp: StreamPass, graphs: list, retain: bool) -> None:
         outputs, placeholders = sp.roots(graphs)

@@ -6,16 +6,21 @@ dtype, with ``D = d * itemsize`` (whole) and ``L = d_local * itemsize`` (this ra
 
 - **whole parameters**: every parameter all-gathered once (``whole_bytes``, the unselected ones too, which
   stand in as constants), and this rank's gradient slice ``L``;
-- **graphs**: per piece of ``m`` samples, its saved tensors ``s m`` and its per-parameter gradient (``D``:
-  the first-order graph's outputs are whole). Pieces are kept while they fit; the others are rebuilt at
-  every HVP, one at a time, and live during it;
+- **graphs**: per piece of ``m`` samples, its saved tensors ``s m``. Its per-parameter gradient (whole:
+  ``D``) lives only while it is built and reduce-scattered: streamed HVPs keep the graph's edges, not the
+  gradient's value (:class:`~geomprobe.engine.sharded_stream.Root`). Pieces are kept while they fit; the
+  others are rebuilt at every HVP, one at a time, and live during it;
 - **a streamed HVP** (one vector, :mod:`~geomprobe.engine.sharded_stream`): the output slice ``L``, the
   pieces in flight (``STREAM_PIECES`` times the largest parameter: one being gathered, one in use, outputs
   on their way to the reduce-scatter) and the double backward's temporaries ``HVP_GRAPH_FACTOR s m``;
 - **a Lanczos run**: its working vectors ``LANCZOS_WORK_VECTORS L`` and its basis, ``stored L`` on the
   device or none there when it lives in host memory;
 - **a batched block** of ``k > 1`` vectors, only where it fits: ``k (3 D + s m)``, the whole inputs, the
-  per-parameter outputs and their flattening (the route that gathers whole vectors).
+  per-parameter outputs and their flattening (the route that gathers whole vectors), and then every kept
+  graph holds its whole gradient again (``D`` each), which the block differentiates.
+
+The peak is the whole parameters, the gradient slice and the graphs plus the largest of: building a graph
+(its gradient ``D``), an HVP, a Lanczos run.
 
 The budget is :func:`~geomprobe.engine.memory_plan.budget_bytes`'s (the least of the training peak times its
 ratio, the free memory and a cap, less what is allocated, times the headroom), taken over the tightest rank
@@ -111,21 +116,21 @@ def plan_sharded_exact(
     def stream(m: int) -> int:
         return L + STREAM_PIECES * largest_param_bytes + int(HVP_GRAPH_FACTOR * s * m)
 
-    def layout(m: int, room: float | None) -> tuple[int, int, int, int | None]:
-        """(kept bytes, a rebuilt piece's bytes, samples kept, graph budget) for pieces of ``m``."""
+    def layout(m: int, room: float | None) -> tuple[int, int, int, int | None, int]:
+        """(kept bytes, a rebuilt piece's bytes, samples kept, graph budget, pieces kept) for pieces of ``m``."""
         pieces = [min(m, n - a) for n in batch_sizes for a in range(0, n, m)]
-        sizes = [int(s * p) + D for p in pieces]
+        sizes = [int(s * p) for p in pieces]
         if "graph_budget_bytes" in given:
             cap = given["graph_budget_bytes"][0]
         else:
             cap = None if room is None or sum(sizes) <= room else max(1, int(room))
-        kept = kept_samples = rebuilt = 0
+        kept = kept_samples = rebuilt = n_kept = 0
         for i, (p, b) in enumerate(zip(pieces, sizes)):
             if i == 0 or cap is None or kept + b <= cap:
-                kept, kept_samples = kept + b, kept_samples + p
+                kept, kept_samples, n_kept = kept + b, kept_samples + p, n_kept + 1
             else:
                 rebuilt = max(rebuilt, b)
-        return kept, rebuilt, kept_samples, cap
+        return kept, rebuilt, kept_samples, cap, n_kept
 
     candidates = [int(given["micro_batch_size"][0])] if "micro_batch_size" in given else (
         _halvings(n_max) if can_split else [n_max])
@@ -141,7 +146,7 @@ def plan_sharded_exact(
             if budget is None:
                 best = (m, *layout(m, None))
                 break
-            least = stream(m) + lanczos_work + reserve
+            least = max(D, stream(m) + lanczos_work + reserve)
             got = layout(m, budget - fixed - least)
             if got[1]:  # a rebuilt piece lives beside the kept ones during its HVP
                 got = layout(m, budget - fixed - least - got[1])
@@ -151,11 +156,11 @@ def plan_sharded_exact(
             break
     fits = best is not None
     if best is None:  # nothing fits: the least need, the largest pieces within 10 % of it
-        needs = [(fixed + k + r + stream(m) + lanczos_work + reserves[-1], m, k, r, ks, c)
-                 for m in candidates for k, r, ks, c in [layout(m, 0)]]
+        needs = [(fixed + k + r + max(D, stream(m) + lanczos_work + reserves[-1]), m, k, r, ks, c, nk)
+                 for m in candidates for k, r, ks, c, nk in [layout(m, 0)]]
         least = min(n[0] for n in needs)
         best = next(n[1:] for n in needs if n[0] <= 1.1 * least)
-    m, kept, rebuilt, _, graph_cap = best
+    m, kept, rebuilt, _, graph_cap, n_kept = best
     graphs = fixed + kept + rebuilt
     rest = None if budget is None else budget - graphs
 
@@ -168,13 +173,18 @@ def plan_sharded_exact(
     micro = value("micro_batch_size", m if m < n_max else None)
     graph_budget = value("graph_budget_bytes", graph_cap)
     per_block_vector = BLOCK_VECTORS * D + int(s * m)
+    # whole blocks need every kept graph's whole gradient (and a rebuilt one's while it lives)
+    block_grads = D * (n_kept + (1 if rebuilt else 0))
     if rest is None:
         k = max_chunk
     elif not fits:
         k = 1
     else:
-        k = int(min(max_chunk, max(1, rest // per_block_vector)))
+        k = int(min(max_chunk, max(1, (rest - block_grads) // per_block_vector)))
     chunk = int(value("chunk_size", k))
+    if chunk > 1:
+        graphs += block_grads
+        rest = None if rest is None else rest - block_grads
 
     room = None if rest is None else rest - stream(m) - lanczos_work
     host_room = -1 if host_is_device else (None if host_bytes is None else int(host_bytes * HOST_SHARE))
@@ -197,7 +207,7 @@ def plan_sharded_exact(
     basis_on_device = 0 if basis_device == "cpu" else stored * L
     hvp_phase = stream(m) if chunk == 1 else chunk * per_block_vector
     lanczos_phase = stream(m) + lanczos_work + basis_on_device
-    peak = graphs + max(hvp_phase, lanczos_phase)
+    peak = graphs + max(D, hvp_phase, lanczos_phase)
     if budget is not None and peak > budget:
         fits = False
     if budget is not None and not fits:
@@ -207,7 +217,8 @@ def plan_sharded_exact(
                         "out of memory (recorded; training continues)")
     items = {
         "whole_parameters": int(whole_bytes), "gradient_slice": L, "vector": D, "slice": L,
-        "graph_per_piece": int(s * m) + D, "graphs_kept": kept, "graph_rebuilt": rebuilt,
+        "graph_per_piece": int(s * m), "graphs_kept": kept, "graph_rebuilt": rebuilt,
+        "block_gradients": block_grads if chunk > 1 else 0, "build_gradient": D,
         "stream_hvp": stream(m), "hvp_phase": hvp_phase, "lanczos_work": lanczos_work,
         "basis_on_device": basis_on_device, "basis_full": m_req * L, "lanczos_phase": lanczos_phase,
     }

@@ -4,8 +4,9 @@ parameter by parameter, inside the double backward, so that no whole d-vector is
 The exact route differentiates the gradient ``g`` (built through whole parameter tensors) once more:
 ``Hv = d <g, v> / d theta``. A :class:`StreamPass` runs that double backward with
 
-- **placeholders** (zero-stride zeros, no memory) as the gradients of the roots ``g_i``, and a hook on each
-  ``g_i`` that swaps in the whole piece ``v_i``, all-gathered from the ranks' slices only when autograd is
+- **placeholders** (zero-stride zeros, no memory) as the gradients of the roots ``g_i`` (graph edges: the
+  values of ``g_i`` need not be kept, :class:`Root`), and a pre-hook on each root's node that swaps in the
+  whole piece ``v_i``, all-gathered from the ranks' slices only when autograd is
   about to use it, and dropped as soon as the last root of that parameter has used it;
 - a post-accumulate-grad hook on each whole parameter leaf that takes its finished output ``(Hv)_i`` off the
   leaf and reduce-scatters it into this rank's output slice at once.
@@ -37,11 +38,34 @@ import torch
 
 from .sharded import ShardLayout
 
-__all__ = ["StreamPass"]
+__all__ = ["Root", "StreamPass", "roots_of"]
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+class Root:
+    """A root of the double backward without its value: the edge into the graph that produced a gradient
+    ``g_i`` (built with ``create_graph``) and ``g_i``'s shape. The double backward needs the graph behind
+    ``g_i``, not ``g_i`` itself, so a kept graph need not hold its whole gradient (a d-vector per graph);
+    dropping the tensors frees them (autograd does not save a gradient's value to differentiate it)."""
+
+    __slots__ = ("device", "dtype", "node", "output_nr", "shape")
+
+    def __init__(self, g: torch.Tensor):
+        edge = torch.autograd.graph.get_gradient_edge(g)
+        self.node, self.output_nr = edge.node, edge.output_nr
+        self.shape, self.dtype, self.device = g.shape, g.dtype, g.device
+
+    @property
+    def edge(self) -> torch.autograd.graph.GradientEdge:
+        return torch.autograd.graph.GradientEdge(self.node, self.output_nr)
+
+
+def roots_of(grads: Sequence[torch.Tensor | None]) -> list[Root | None]:
+    """The :class:`Root` of each gradient that depends on the parameters (None for the others)."""
+    return [Root(g) if g is not None and g.requires_grad else None for g in grads]
 
 
 class StreamPass:
@@ -77,18 +101,21 @@ class StreamPass:
         self.outputs_seen: list[int] = []  # the order the outputs came in (what scatter_order should follow)
 
     # ------------------------------------------------------------------ set-up
-    def roots(self, graphs: Sequence[Sequence[torch.Tensor | None]]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """The roots of the double backward over ``graphs`` (each a per-parameter gradient list built with
-        ``create_graph``) and their placeholder gradients; hooks that swap in the gathered pieces are set."""
+    def roots(self, graphs: Sequence[Sequence[torch.Tensor | Root | None]]) -> tuple[list, list[torch.Tensor]]:
+        """The roots of the double backward over ``graphs`` (each a per-parameter list of gradients built with
+        ``create_graph``, or their :class:`Root`) as graph edges, and their placeholder gradients; a pre-hook
+        on each root's node swaps the gathered piece in for the placeholder."""
         outputs, grads = [], []
         for graph in graphs:
             for i, g in enumerate(graph):
-                if g is None or not g.requires_grad:
+                if g is None or (isinstance(g, torch.Tensor) and not g.requires_grad):
                     continue
+                root = g if isinstance(g, Root) else Root(g)
                 self._uses[i] += 1
-                outputs.append(g)
-                grads.append(torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape))
-                self._handles.append(g.register_hook(lambda grad, i=i: self._input(i, grad)))
+                outputs.append(root.edge)
+                grads.append(torch.zeros((), dtype=root.dtype, device=root.device).expand(root.shape))
+                self._handles.append(root.node.register_prehook(
+                    lambda gs, i=i, nr=root.output_nr: (*gs[:nr], self._input(i, gs[nr]), *gs[nr + 1 :])))
         return outputs, grads
 
     def __enter__(self) -> Self:
