@@ -290,8 +290,9 @@ def main() -> None:
     ap.add_argument("--micro-batch", type=int, default=None, help="samples per micro-batch (graph per piece)")
     ap.add_argument("--graph-budget", type=float, default=None,
                     help="GiB of first-order graphs kept; the others are rebuilt at every HVP")
-    ap.add_argument("--chunk", type=int, default=None, help="vectors per batched HVP (1: streamed, the default "
-                                                             "for single vectors anyway)")
+    ap.add_argument("--chunk", type=int, default=1,
+                    help="vectors per batched HVP; 1 (default): every HVP streamed, and the kept graph holds no "
+                         "whole gradient (a d-vector); more keeps it, for whole blocks")
     ap.add_argument("--skip-spectrum", action="store_true", help="build and time HVPs only")
     ap.add_argument("--skip-auto", action="store_true", help="skip the auto route's decision")
     ap.add_argument("--out", default=None)
