@@ -233,6 +233,14 @@ def test_the_streamed_hvp_equals_the_whole_block_route(ranks, kind):
         assert res["stream"]["kept_as"] == ["Root"] and res["block"]["kept_as"] == ["Tensor"]
     # the rank with two batches kept one graph and rebuilt the other at each of the three vectors
     assert ranks[0][0]["stream"][kind]["rebuilt"]["rebuilds"] == 3
+    # autograd takes the same model's hooks in the same order on both ranks (different data): inputs first
+    # layer first, outputs last layer first, as the default schedule assumes (the schedule does not rely on it)
+    orders = [r["stream"][kind]["stream"]["info"]["sharded"]["stream"]["first_order"] for r in ranks[0]]
+    if kind != "gated":
+        assert orders[0] == orders[1]
+    n = len(orders[0]["inputs"])
+    assert sorted(orders[0]["inputs"]) == sorted(orders[0]["outputs"]) == list(range(n))
+    assert orders[0]["inputs"][0] == 0 and orders[0]["outputs"][0] == n - 1
 
 
 def test_a_parameter_without_gradient_on_one_rank_is_still_reduce_scattered(ranks, gated_union):

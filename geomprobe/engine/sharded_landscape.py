@@ -427,8 +427,13 @@ class ShardedLandscape(Landscape):
                     self.graph_rebuilds += 1
                 self._stream_backward(sp, [graph], retain)
                 del graph
-        self.stream_stats["passes"] += 1
-        self.stream_stats["peak_held_bytes"] = max(self.stream_stats["peak_held_bytes"], sp.peak_held_bytes)
+        stats = self.stream_stats
+        stats["passes"] += 1
+        stats["peak_held_bytes"] = max(stats["peak_held_bytes"], sp.peak_held_bytes)
+        if "first_order" not in stats and sp.outputs_seen:
+            # the order autograd used the inputs and finished the outputs (parameter indices) in the first pass
+            # that ran a backward: the schedule holds least when it follows them
+            stats["first_order"] = {"inputs": sp.inputs_seen, "outputs": sp.outputs_seen}
 
     def _hvp_chunk(self, V: torch.Tensor) -> torch.Tensor:
         # whole blocks (and the custom-Function check) differentiate the gradient tensors: a graph kept as

@@ -98,7 +98,9 @@ class StreamPass:
         self._handles: list = []
         self._held = 0
         self.peak_held_bytes = 0  # pieces gathered ahead of use plus outputs waiting for their turn
-        self.outputs_seen: list[int] = []  # the order the outputs came in (what scatter_order should follow)
+        # the order autograd used the inputs and finished the outputs in (what the schedule should follow)
+        self.inputs_seen: list[int] = []
+        self.outputs_seen: list[int] = []
 
     # ------------------------------------------------------------------ set-up
     def roots(self, graphs: Sequence[Sequence[torch.Tensor | Root | None]]) -> tuple[list, list[torch.Tensor]]:
@@ -150,6 +152,7 @@ class StreamPass:
             self._hold(_nbytes(piece))
 
     def _input(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        self.inputs_seen.append(i)
         while i not in self._gathered:
             self._gather_next()
         piece = self._gathered[i]
