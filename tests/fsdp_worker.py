@@ -258,6 +258,41 @@ def _stream_results(mesh, rank: int) -> dict:
     return out
 
 
+def _midway_fault(mesh, rank: int) -> dict:
+    """Rank 1 fails inside the double backward, after some of the pass's collectives: every rank must raise
+    for that HVP, none may wait in a collective, and the next HVP must be right."""
+    import geomprobe as gp
+    from geomprobe.engine import sharded_stream
+
+    model, loss_fn, X, y = make_problem("block")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
+    v = land.layout.local_of(hvp_vectors(land.dim)[0])
+    original = sharded_stream.StreamPass._input
+
+    def failing(self, i, grad):
+        if i == 5:  # a parameter used after others: gathers have happened on both ranks
+            raise RuntimeError("injected fault inside the double backward")
+        return original(self, i, grad)
+
+    out = {}
+    if rank == 1:
+        sharded_stream.StreamPass._input = failing
+    try:
+        land.hvp(v)
+        out["error"] = "no error"
+    except gp.GeomprobeError as e:
+        out["error"] = str(e)
+    finally:
+        sharded_stream.StreamPass._input = original
+    out["after"] = land.hvp(v)
+    out["leaves_clean"] = all(p.grad is None for p in land.params)
+    fresh = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
+    out["fresh"] = fresh.hvp(v)
+    return out
+
+
 PLAN_CAP, PLAN_PER_SAMPLE = 15_000_000, 1e6
 
 
@@ -423,6 +458,7 @@ def main(out_dir: str) -> None:
     _phase(rank, "streamed HVP")
     result["stream"] = _stream_results(mesh, rank)
     result["planned"] = _planned_results(mesh, rank)
+    result["midway"] = _midway_fault(mesh, rank)
     _phase(rank, "agreed failures")
     result["failures"] = _agreed_failures(mesh, rank)
     _phase(rank, "probe")

@@ -275,6 +275,17 @@ def test_no_whole_vector_is_created_during_a_streamed_hvp(ranks, kind):
         assert stream["largest_two"] <= max(2 * local, stream["largest_one"]) < 2 * d
 
 
+def test_a_fault_inside_the_double_backward_on_one_rank_stops_every_rank_and_leaves_no_trace(ranks):
+    # rank 1 raises in the middle of its double backward, after collectives of the pass were issued: it
+    # completes the pass's schedule, every rank raises for that HVP (none waits), and the next HVP is right
+    (a, b), _ = ranks
+    assert "HVP failed on 1 of 2 ranks" in a["midway"]["error"] and "injected fault" not in a["midway"]["error"]
+    assert "HVP failed on 1 of 2 ranks" in b["midway"]["error"] and "injected fault inside" in b["midway"]["error"]
+    for r in (a, b):
+        assert r["midway"]["leaves_clean"]
+        assert torch.equal(r["midway"]["after"], r["midway"]["fresh"])
+
+
 def test_a_tight_budget_micro_batches_and_rebuilds_graphs_with_the_same_products(ranks):
     # 1 MB of graph per sample within a 15 MB cap (13.5 MB planned): rank 0 (8 + 5 samples) takes pieces of
     # one sample, keeps the graphs that fit beside one rebuilt piece and the HVP's own 1 MB, and rebuilds the
