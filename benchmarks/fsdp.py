@@ -154,15 +154,49 @@ def train_step(model, batch, device, results) -> torch.optim.Optimizer:
     return opt
 
 
-def measure_route(model, batch, route: str, device, args, results) -> None:
+def _allocated(device: torch.device) -> int | None:
+    return int(torch.cuda.memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _landscape_options(route: str, args, results) -> dict:
+    """The Landscape's memory settings on this route: ``--plan`` lets the exact route's memory plan choose
+    micro-batches, kept graphs and the basis within ``--peak-ratio`` x the training peak; ``--micro-batch``,
+    ``--graph-budget`` and ``--chunk`` fix them."""
+    opts: dict = {"hvp_method": route, "memory": None}
+    if args.plan and route == "autograd":
+        train = results.get("train_step", {}).get("peak_bytes")
+        opts["memory"] = MemoryBudget(train_peak_bytes=train, peak_ratio=args.peak_ratio, bounded_basis=True,
+                                      basis_vectors=args.max_iter + 1)
+    if args.micro_batch:
+        opts["micro_batch_size"] = args.micro_batch
+    if args.graph_budget is not None:
+        opts["graph_budget_bytes"] = int(args.graph_budget * 2**30)
+    if args.chunk:
+        opts["chunk_size"] = args.chunk
+    return opts
+
+
+def measure_route(model, batch, route: str, device, args, results, save) -> None:
+    """Build, time HVPs and run the spectrum probe on one route; the peak memory of each phase separately
+    (``peak_bytes``: build, HVPs, spectrum), and ``save()`` after each, so that a run stopped by its time
+    limit keeps what it measured."""
     out = results.setdefault("routes", {}).setdefault(route, {})
+    opts = _landscape_options(route, args, results)
+    out["options"] = {k: (v.__dict__ if isinstance(v, MemoryBudget) else v) for k, v in opts.items()}
+    peaks = out.setdefault("peak_bytes", {})
     _reset_peak(device)
     t0 = time.perf_counter()
-    land = gp.Landscape(model, loss_fn, [batch], hvp_method=route, memory=None)
+    land = gp.Landscape(model, loss_fn, [batch], **opts)
     _sync(device)
     out["build_seconds"] = time.perf_counter() - t0
+    peaks["build"], out["allocated_after_build"] = _peak(device), _allocated(device)
+    out["info"] = land.info()
+    if land.plan is not None:
+        out["plan"] = land.plan.to_dict()
+    save()
     try:
         v = land.vector_space.gaussian(default_generator(1), land.dtype, land.device)
+        _reset_peak(device)
         land.hvp(v)  # warm-up
         _sync(device)
         t0 = time.perf_counter()
@@ -170,15 +204,28 @@ def measure_route(model, batch, route: str, device, args, results) -> None:
             land.hvp(v)
         _sync(device)
         out["hvp_seconds"] = (time.perf_counter() - t0) / args.hvps
+        peaks["hvp"] = _peak(device)
+        del v
         if results.get("gradient_seconds"):
             out["hvp_over_gradient"] = out["hvp_seconds"] / results["gradient_seconds"]
         if land.hvp_errors:
             out["hvp_error_rel"] = land.hvp_errors[-1]
+        out["info"] = land.info()
+        save()
+        if args.skip_spectrum:
+            return
+        _reset_peak(device)
         t0 = time.perf_counter()
-        # a 7B slice is 6.7 GB in bf16: the basis lives on the host and is capped (thick restart beyond it)
-        s = spectrum(land, tol=args.tol, max_iter=args.max_iter, max_basis=args.max_basis,
-                     basis_device=args.basis_device if device.type == "cuda" else None)
+        # a 7B slice is 5.9 GB in bf16: the basis lives on the host and is capped (thick restart beyond it),
+        # unless --plan lets the memory plan place it
+        basis_device = args.basis_device if device.type == "cuda" else None
+        max_basis = args.max_basis
+        if args.plan and land.plan is not None:
+            basis_device, max_basis = land.plan.basis_device, land.plan.max_basis or args.max_basis
+        out["basis"] = {"device": basis_device or "model's", "max_basis": max_basis}
+        s = spectrum(land, tol=args.tol, max_iter=args.max_iter, max_basis=max_basis, basis_device=basis_device)
         _sync(device)
+        peaks["spectrum"] = _peak(device)
         out["spectrum"] = {k: s[k] for k in ("lambda_max", "lambda_max_err", "lambda_min", "lambda_min_err",
                                               "converged", "steps", "hvps", "restarts") if k in s}
         out["spectrum"]["hvp_error"] = s.get("hvp_error")
@@ -189,10 +236,12 @@ def measure_route(model, batch, route: str, device, args, results) -> None:
         land.close()
         del land
         gc.collect()
-    out["peak_bytes"] = _peak(device)
-    train = results.get("train_step", {}).get("peak_bytes")
-    if out["peak_bytes"] and train:
-        out["peak_over_train"] = out["peak_bytes"] / train
+        train = results.get("train_step", {}).get("peak_bytes")
+        known = [p for p in peaks.values() if p]
+        if known and train:
+            out["peak_over_train"] = {k: p / train for k, p in peaks.items() if p}
+            out["max_peak_over_train"] = max(known) / train
+        save()
 
 
 def auto_route(model, batch, device, results) -> None:
@@ -232,7 +281,20 @@ def main() -> None:
     ap.add_argument("--hvps", type=int, default=3, help="HVPs timed per route")
     ap.add_argument("--max-basis", type=int, default=8, help="Lanczos vectors stored (thick restart beyond)")
     ap.add_argument("--basis-device", default="cpu", help="where the Lanczos basis lives on GPU runs")
-    ap.add_argument("--routes", default="autograd,finite-difference")
+    ap.add_argument("--routes", default="autograd,finite-difference",
+                    help="comma-separated; in bf16 finite differences are mostly rounding (RESULTS §8)")
+    ap.add_argument("--plan", action="store_true",
+                    help="exact route: let its memory plan choose micro-batches, kept graphs and the basis "
+                         "within --peak-ratio x the training peak (default: no plan, whole batch, graph kept)")
+    ap.add_argument("--peak-ratio", type=float, default=1.5)
+    ap.add_argument("--micro-batch", type=int, default=None, help="samples per micro-batch (graph per piece)")
+    ap.add_argument("--graph-budget", type=float, default=None,
+                    help="GiB of first-order graphs kept; the others are rebuilt at every HVP")
+    ap.add_argument("--chunk", type=int, default=1,
+                    help="vectors per batched HVP; 1 (default): every HVP streamed, and the kept graph holds no "
+                         "whole gradient (a d-vector); more keeps it, for whole blocks")
+    ap.add_argument("--skip-spectrum", action="store_true", help="build and time HVPs only")
+    ap.add_argument("--skip-auto", action="store_true", help="skip the auto route's decision")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
 
@@ -266,12 +328,15 @@ def main() -> None:
 
     save()
     for route in args.routes.split(","):
-        _attempt(results, f"route {route}", lambda r=route: measure_route(model, batch, r, device, args, results), device)
+        _attempt(results, f"route {route}", lambda r=route: measure_route(model, batch, r, device, args, results, save),
+                 device)
         save()
         if rank == 0:
             print(json.dumps({"route": route, **results.get("routes", {}).get(route, {})}, default=str)[:1500],
                   flush=True)
-    _attempt(results, "auto_route", lambda: auto_route(model, batch, device, results), device)
+    if not args.skip_auto:
+        _attempt(results, "auto_route", lambda: auto_route(model, batch, device, results), device)
+        save()
     if size in ("1b", "tiny"):
         gathered = [torch.empty_like(ids) for _ in range(world)]
         dist.all_gather(gathered, ids)

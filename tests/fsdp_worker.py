@@ -140,7 +140,8 @@ def _landscape_results(kind: str, mesh, rank: int) -> dict:
     # a selection (params=): the others stand in whole as constants
     sub = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", params="*weight")
     Vs = hvp_vectors(sub.dim)
-    out["sub"] = {"ranges": sub.layout.ranges, "hvp": sub.hvp(sub.layout.local_of(Vs)), "dim": sub.dim}
+    out["sub"] = {"ranges": sub.layout.ranges, "hvp": sub.hvp(sub.layout.local_of(Vs)), "dim": sub.dim,
+                  "hvp_single": sub.hvp(sub.layout.local_of(Vs[0]))}  # streamed
     sub.close()
     fd = gp.Landscape(model, loss_fn, batches, hvp_method="finite-difference")
     out["fd_loss"], out["fd_grad"] = fd.loss, fd.grad.clone()
@@ -151,6 +152,167 @@ def _landscape_results(kind: str, mesh, rank: int) -> dict:
     out["auto_route"] = auto.info()["sharded"]
     auto.close()
     out["state"] = _same(before, _snapshot(model, opt))
+    return out
+
+
+class Gated(nn.Module):
+    """An MLP with an extra head used only on batches whose first feature is positive: on a rank whose data
+    has none, that head's parameters get no gradient at all (a data-dependent graph)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.aux = nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(7, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.tanh(self.body(x))
+        out = self.head(h)
+        if bool((x[:, 0] > 0).all()):
+            out = out + torch.tanh(self.aux(h))
+        return out
+
+
+def gated_problem() -> tuple[nn.Module, object, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """The gated model, its loss ``loss_fn(model, batch)`` and the three probe batches of SHARDS: rank 0's
+    use the extra head, rank 1's does not."""
+    g = torch.Generator().manual_seed(1)
+    torch.manual_seed(1)
+    model = Gated().double()
+    X = torch.randn(N_SAMPLES, 5, dtype=torch.float64, generator=g)
+    X[:, 0] = torch.where(torch.arange(N_SAMPLES) < SHARDS[1][0][0], 1.0, -1.0).double() * (1 + X[:, 0].abs())
+    y = torch.randint(0, CLASSES, (N_SAMPLES,), generator=g)
+
+    def loss_fn(model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    return model, loss_fn, [(X[a:b], y[a:b]) for shard in SHARDS for a, b in shard]
+
+
+class AllocationLog:
+    """The largest tensor (elements) any operation creates inside, and the operations seen (a dispatch mode,
+    so the double backward's operations are seen as well as the collectives' buffers)."""
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        log = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                for t in torch.utils._pytree.tree_leaves(out):
+                    if isinstance(t, torch.Tensor):
+                        log.largest = max(log.largest, t.numel())
+                log.ops.add(str(func))
+                return out
+
+        self.largest, self.ops, self._mode = 0, set(), Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+def _stream_results(mesh, rank: int) -> dict:
+    """The streamed exact HVP (one vector at a time, parameter by parameter) against the whole-block route of
+    the same Landscape settings: kept graphs, graphs rebuilt per HVP, a parameter with no gradient on rank 1;
+    and the largest tensor created during an HVP on each route."""
+    from torch.distributed.fsdp import fully_shard
+
+    import geomprobe as gp
+
+    out = {}
+    for kind in ("mlp", "block", "gated", "wide"):
+        if kind == "wide":  # parameters outnumber any activation: a whole vector would stand out
+            model, loss_fn, _, y = make_problem("mlp")
+            X = torch.randn(N_SAMPLES, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
+            model = shard_model(nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3)).double(), mesh)
+            batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+        elif kind == "gated":
+            model, loss_fn, batches = gated_problem()
+            fully_shard(model.body, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            batches = batches[:2] if rank == 0 else batches[2:]
+        else:
+            model, loss_fn, X, y = make_problem(kind)
+            model = shard_model(model, mesh)
+            batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+        r = {}
+        for name, opts in (("block", {"chunk_size": 16}), ("stream", {"chunk_size": 1}),
+                           ("rebuilt", {"chunk_size": 1, "graph_budget_bytes": 1})):
+            land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, **opts)
+            V = land.layout.local_of(hvp_vectors(land.dim))
+            with AllocationLog() as two:
+                hv = land.hvp(V[:2])
+            with AllocationLog() as one:
+                h1 = land.hvp(V[2])
+            r[name] = {"hvp": torch.cat([hv, h1[None]]), "grad": land.grad.clone(), "loss": land.loss,
+                       "largest_two": two.largest, "largest_one": one.largest, "ops": sorted(one.ops),
+                       "rebuilds": land.graph_rebuilds, "info": land.info(),
+                       "no_gradient": [n for n, g in zip(land.param_names, land._graphs[0]) if g is None],
+                       "kept_as": sorted({type(g).__name__ for g in land._graphs[0] if g is not None})}
+            land.close()
+        r.update(ranges=land.layout.ranges, dim=land.dim, local_dim=land.local_dim,
+                 largest_param=max(p.numel() for p in land.params))
+        out[kind] = r
+    return out
+
+
+def _midway_fault(mesh, rank: int) -> dict:
+    """Rank 1 fails inside the double backward, after some of the pass's collectives: every rank must raise
+    for that HVP, none may wait in a collective, and the next HVP must be right."""
+    import geomprobe as gp
+    from geomprobe.engine import sharded_stream
+
+    model, loss_fn, X, y = make_problem("block")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
+    v = land.layout.local_of(hvp_vectors(land.dim)[0])
+    original = sharded_stream.StreamPass._input
+
+    def failing(self, i, grad):
+        if i == 5:  # a parameter used after others: gathers have happened on both ranks
+            raise RuntimeError("injected fault inside the double backward")
+        return original(self, i, grad)
+
+    out = {}
+    if rank == 1:
+        sharded_stream.StreamPass._input = failing
+    try:
+        land.hvp(v)
+        out["error"] = "no error"
+    except gp.GeomprobeError as e:
+        out["error"] = str(e)
+    finally:
+        sharded_stream.StreamPass._input = original
+    out["after"] = land.hvp(v)
+    out["leaves_clean"] = all(p.grad is None for p in land.params)
+    fresh = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
+    out["fresh"] = fresh.hvp(v)
+    return out
+
+
+PLAN_CAP, PLAN_PER_SAMPLE = 15_000_000, 1e6
+
+
+def _planned_results(mesh, rank: int) -> dict:
+    """The MLP under a memory budget its whole graphs do not fit (a stated 1 MB of graph per sample within a
+    15 MB cap): the exact route's plan cuts the batches into micro-batches, keeps what fits and rebuilds the
+    rest at every HVP; the products must not change."""
+    import geomprobe as gp
+    from geomprobe.engine.memory_plan import MemoryBudget
+
+    model, loss_fn, X, y = make_problem("mlp")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    budget = MemoryBudget(cap_bytes=PLAN_CAP, graph_bytes_per_sample=PLAN_PER_SAMPLE)
+    land = gp.Landscape(model, loss_fn, batches, hvp_method="auto", memory=budget)
+    V = land.layout.local_of(hvp_vectors(land.dim))
+    out = {"ranges": land.layout.ranges, "hvp": land.hvp(V), "grad": land.grad.clone(), "loss": land.loss,
+           "plan": land.plan.to_dict(), "batch_sizes": land.batch_sizes, "rebuilds": land.graph_rebuilds,
+           "kept": [g is not None for g in land._graphs], "info": land.info()}
+    land.close()
     return out
 
 
@@ -188,19 +350,19 @@ def _probe_records(mesh, rank: int, run_dir: str, fault_rank: int) -> tuple[list
     Xr = torch.cat([b[0] for b in batches])
     yr = torch.cat([b[1] for b in batches])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    original = ShardedLandscape._hvp_chunk
+    original = ShardedLandscape._stream_backward
 
-    def broken(self, V):
+    def broken(self, *args):
         raise RuntimeError("injected fault in the HVP")
 
     losses = []
     if rank == fault_rank:
-        ShardedLandscape._hvp_chunk = broken
+        ShardedLandscape._stream_backward = broken
     try:
         with gp.GeometryProbe(model, loss_fn, batches, metrics={"spectrum": {"tol": 1e-8}},
                               schedule=gp.every(2), run_dir=run_dir) as probe:
             probe.attach(opt)  # probes step 0: fails on fault_rank, so on every rank
-            ShardedLandscape._hvp_chunk = original
+            ShardedLandscape._stream_backward = original
             for _ in range(PROBE_STEPS):
                 opt.zero_grad()
                 loss = loss_fn(model(Xr), yr)
@@ -208,7 +370,7 @@ def _probe_records(mesh, rank: int, run_dir: str, fault_rank: int) -> tuple[list
                 opt.step()
                 losses.append(float(loss))
     finally:
-        ShardedLandscape._hvp_chunk = original
+        ShardedLandscape._stream_backward = original
     return probe.records, losses
 
 
@@ -293,6 +455,10 @@ def main(out_dir: str) -> None:
         _phase(rank, f"landscape {kind}")
         result[kind] = _landscape_results(kind, mesh, rank)
         gc.collect()
+    _phase(rank, "streamed HVP")
+    result["stream"] = _stream_results(mesh, rank)
+    result["planned"] = _planned_results(mesh, rank)
+    result["midway"] = _midway_fault(mesh, rank)
     _phase(rank, "agreed failures")
     result["failures"] = _agreed_failures(mesh, rank)
     _phase(rank, "probe")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_worker import HVP_VECTORS, PROBE_STEPS, hvp_vectors, make_problem
+from fsdp_worker import HVP_VECTORS, PROBE_STEPS, gated_problem, hvp_vectors, make_problem
 from test_distributed import HELLO, _killed_by_signal, _torchrun
 
 import geomprobe as gp
@@ -120,6 +120,7 @@ def test_a_parameter_selection_is_measured_with_the_others_held_whole(ranks, uni
     results = [r[kind]["sub"] for r in ranks[0]]
     assert results[0]["dim"] == want["dim"] < union[kind]["dim"]
     assert _close(_assemble(results, "hvp", want["dim"]), want["hvp"], HVP_TOL)
+    assert _close(_assemble(results, "hvp_single", want["dim"]), want["hvp"][0], HVP_TOL)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -179,9 +180,16 @@ def test_the_route_is_chosen_by_measured_memory_and_recorded(ranks, kind):
     for r in ranks[0]:
         route = r[kind]["auto_route"]
         assert route["hvp_route"] == "autograd" and route["reason"] == "the exact route's memory fits"
-        assert 0 < route["exact_bytes_estimate"] <= 0.9 * route["available_bytes"]
-        assert r[kind]["info"]["sharded"] == {"world_size": 2, "local_dim": r[kind]["grad"].shape[0],
-                                              "hvp_route": "autograd", "reason": "requested"}
+        assert 0 < route["exact_bytes_estimate"] <= route["budget_bytes"] <= 0.9 * route["available_bytes"]
+        info = r[kind]["info"]["sharded"]
+        assert {k: info[k] for k in ("world_size", "local_dim", "hvp_route", "reason")} == {
+            "world_size": 2, "local_dim": r[kind]["grad"].shape[0], "hvp_route": "autograd", "reason": "requested"}
+        # the plan the exact route ran with is recorded: the whole parameters and one graph per batch kept
+        plan = info["exact_plan"]
+        assert plan["fits"] and plan["micro_batch_size"] is None and plan["graph_budget_bytes"] is None
+        assert plan["items"]["whole_parameters"] == 8 * r[kind]["dim"]
+        assert plan["items"]["graphs_kept"] > 8 * r[kind]["dim"] * len(r[kind]["info"]["batch_sizes"])
+        assert info["stream"]["passes_per_vector"] == 2  # rank 0 has two batches: every rank runs two passes
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -189,6 +197,120 @@ def test_user_state_is_bit_identical_after_probing(ranks, kind):
     for r in ranks[0]:
         assert r[kind]["state"] == {k: True for k in r[kind]["state"]}, r[kind]["state"]
         assert set(r[kind]["state"]) == {"params", "grads", "buffers", "opt", "rng", "training"}
+
+
+STREAM_KINDS = ("mlp", "block", "gated", "wide")
+
+
+@pytest.fixture(scope="module")
+def gated_union() -> dict:
+    """One process, the gated model, all three batches (two use the extra head, one does not)."""
+    model, loss_fn, batches = gated_problem()
+    land = gp.Landscape(model, loss_fn, batches)
+    return {"dim": land.dim, "hvp": land.hvp(hvp_vectors(land.dim)), "grad": land.grad, "loss": land.loss,
+            "names": land.param_names, "blocks": {b.name: b.slice for b in land.blocks}}
+
+
+def _stream_whole(ranks, kind: str, name: str, key: str = "hvp") -> torch.Tensor:
+    res = [r["stream"][kind] for r in ranks[0]]
+    return _assemble([{"ranges": r["ranges"], key: r[name][key]} for r in res], key, res[0]["dim"])
+
+
+@pytest.mark.parametrize("kind", STREAM_KINDS)
+def test_the_streamed_hvp_equals_the_whole_block_route(ranks, kind):
+    # one vector at a time, gathered and reduce-scattered parameter by parameter inside the double backward,
+    # against the same Landscape gathering whole blocks: the same products to rounding, kept graphs or rebuilt
+    block = _stream_whole(ranks, kind, "block")
+    for name in ("stream", "rebuilt"):
+        assert _close(_stream_whole(ranks, kind, name), block, 1e-12), name
+        assert _close(_stream_whole(ranks, kind, name, "grad"), _stream_whole(ranks, kind, "block", "grad"), 1e-12)
+    for r in ranks[0]:
+        res = r["stream"][kind]
+        assert res["block"]["info"]["sharded"]["stream"]["passes"] == 2  # the single vector only
+        assert res["stream"]["info"]["sharded"]["stream"]["passes"] == 3 * 2  # three vectors, two batches
+        assert res["stream"]["rebuilds"] == 0
+        # streamed only (chunk 1), a kept graph is held by its roots' edges: its whole gradient is freed
+        assert res["stream"]["kept_as"] == ["Root"] and res["block"]["kept_as"] == ["Tensor"]
+    # the rank with two batches kept one graph and rebuilt the other at each of the three vectors
+    assert ranks[0][0]["stream"][kind]["rebuilt"]["rebuilds"] == 3
+    # autograd takes the same model's hooks in the same order on both ranks (different data): inputs first
+    # layer first, outputs last layer first, as the default schedule assumes (the schedule does not rely on it)
+    orders = [r["stream"][kind]["stream"]["info"]["sharded"]["stream"]["first_order"] for r in ranks[0]]
+    if kind != "gated":
+        assert orders[0] == orders[1]
+    n = len(orders[0]["inputs"])
+    assert sorted(orders[0]["inputs"]) == sorted(orders[0]["outputs"]) == list(range(n))
+    assert orders[0]["inputs"][0] == 0 and orders[0]["outputs"][0] == n - 1
+
+
+def test_a_parameter_without_gradient_on_one_rank_is_still_reduce_scattered(ranks, gated_union):
+    # rank 1's data never reaches the extra head: its gradient there is None and its HVP part is zero, yet
+    # rank 0's part must reach rank 1's shard of it (the reduce-scatter happens on both ranks)
+    (a, b), _ = ranks
+    assert b["stream"]["gated"]["stream"]["no_gradient"] == ["aux.weight", "aux.bias"]
+    assert a["stream"]["gated"]["stream"]["no_gradient"] == []
+    want = gated_union["hvp"]
+    aux = gated_union["blocks"]["aux.weight"]
+    assert want[:, aux].abs().max() > 1e-3  # the head's curvature is there to be lost
+    for name in ("stream", "rebuilt", "block"):
+        assert _close(_stream_whole(ranks, "gated", name), want, HVP_TOL), name
+        assert _close(_stream_whole(ranks, "gated", name, "grad"), gated_union["grad"], HVP_TOL), name
+    assert abs(a["stream"]["gated"]["stream"]["loss"] - gated_union["loss"]) <= 1e-12 * gated_union["loss"]
+
+
+@pytest.mark.parametrize("kind", ("wide", "gated"))  # models whose activations are smaller than d
+def test_no_whole_vector_is_created_during_a_streamed_hvp(ranks, kind):
+    # every tensor an operation creates during the HVP (the double backward's too: its products are seen) is
+    # recorded: on the streamed route none has d elements, only this rank's slice, single parameters and
+    # activations
+    for r in ranks[0]:
+        res = r["stream"][kind]
+        d, local = res["dim"], res["local_dim"]
+        stream, block = res["stream"], res["block"]
+        assert any("mm" in op for op in stream["ops"])  # the double backward ran under the log
+        assert block["largest_two"] >= 2 * d  # the whole-block route gathers (2, d): the log sees it
+        assert stream["largest_one"] < d, (stream["largest_one"], d)
+        if kind == "wide":  # the largest is the first layer's weight, gathered whole (16 rows each)
+            assert stream["largest_one"] == res["largest_param"] == 512 < d == 643
+        assert stream["largest_two"] <= max(2 * local, stream["largest_one"]) < 2 * d
+
+
+def test_a_fault_inside_the_double_backward_on_one_rank_stops_every_rank_and_leaves_no_trace(ranks):
+    # rank 1 raises in the middle of its double backward, after collectives of the pass were issued: it
+    # completes the pass's schedule, every rank raises for that HVP (none waits), and the next HVP is right
+    (a, b), _ = ranks
+    assert "HVP failed on 1 of 2 ranks" in a["midway"]["error"] and "injected fault" not in a["midway"]["error"]
+    assert "HVP failed on 1 of 2 ranks" in b["midway"]["error"] and "injected fault inside" in b["midway"]["error"]
+    for r in (a, b):
+        assert r["midway"]["leaves_clean"]
+        assert torch.equal(r["midway"]["after"], r["midway"]["fresh"])
+
+
+def test_a_tight_budget_micro_batches_and_rebuilds_graphs_with_the_same_products(ranks):
+    # 1 MB of graph per sample within a 15 MB cap (13.5 MB planned): rank 0 (8 + 5 samples) takes pieces of
+    # one sample, keeps the graphs that fit beside one rebuilt piece and the HVP's own 1 MB, and rebuilds the
+    # others at every HVP; rank 1 (10 samples) keeps all ten in the largest pieces that fit (3, 3, 3, 1)
+    (a, b), _ = ranks
+    model, loss_fn, X, y = make_problem("mlp")  # the ranks measured it as made, before any step
+    land = gp.Landscape(model, loss_fn, (X, y))
+    want = {"dim": land.dim, "hvp": land.hvp(hvp_vectors(land.dim)), "grad": land.grad, "loss": land.loss}
+    got = [r["planned"] for r in (a, b)]
+    for r, micro in zip(got, (1, 3)):
+        plan = r["plan"]
+        assert plan["micro_batch_size"] == micro and plan["fits"] and plan["budget_source"] == "memory cap"
+        assert plan["peak_bytes"] <= plan["budget_bytes"] == int(0.9 * 15_000_000)
+        assert r["info"]["sharded"]["stream"]["passes_per_vector"] == 13  # rank 0's 13 single samples
+        assert r["info"]["sharded"]["hvp_route"] == "autograd"
+    assert a["planned"]["batch_sizes"] == [1] * 13 and b["planned"]["batch_sizes"] == [3, 3, 3, 1]
+    # rank 0's plan keeps 11 pieces' graphs and bounds them; the graphs measured at build (a few hundred bytes,
+    # not the stated 1 MB) all fit that bound (rebuilt graphs: test_the_streamed_hvp_equals_the_whole_block_route)
+    plan0 = a["planned"]["plan"]
+    assert plan0["items"]["graph_rebuilt"] > 0 and plan0["graph_budget_bytes"] < 13 * plan0["items"]["graph_per_piece"]
+    assert b["planned"]["plan"]["graph_budget_bytes"] is None and b["planned"]["plan"]["items"]["graph_rebuilt"] == 0
+    assert all(a["planned"]["kept"]) and all(b["planned"]["kept"])
+    assert _close(_assemble(got, "hvp", want["dim"]), want["hvp"], HVP_TOL)
+    assert _close(_assemble(got, "grad", want["dim"]), want["grad"], HVP_TOL)
+    assert abs(got[0]["loss"] - want["loss"]) <= 1e-12 * want["loss"]
 
 
 def _measured(record: dict) -> dict:
@@ -281,23 +403,25 @@ def test_the_fsdp_benchmark_runs_end_to_end_on_a_tiny_model(tmp_path):
     (torch.bfloat16, 100, "autograd"),
     (torch.bfloat16, 1, "autograd"),             # does not fit, but bf16 differences would be rounding: exact, warned
 ])
-def test_auto_route_by_simulated_memory_and_dtype(monkeypatch, dtype, room_gib, route):
-    # The route decision alone, on a stand-in with a simulated free memory (no process group needed): 1e8
-    # parameters and 4 samples of 1 GiB of saved activations need ~10 GiB on the exact route.
+def test_auto_route_by_simulated_memory_and_dtype(dtype, room_gib, route):
+    # The route decision alone, on a stand-in (no process group needed), from the exact route's plan with a
+    # simulated free memory: 1e8 parameters and 4 samples of 1 GiB of graph need ~6 GiB on the exact route.
     import types
 
     from geomprobe.engine import sharded_landscape as sl
+    from geomprobe.engine.sharded_plan import plan_sharded_exact
 
-    monkeypatch.setattr(sl, "device_memory", lambda device: (room_gib * 2**30, 0))
-    stub = types.SimpleNamespace(
-        layout=types.SimpleNamespace(dim=10**8), dtype=dtype, hvp_method="auto", device=torch.device("cpu"),
-        batches=[torch.zeros(4, 3)], _cap=None, reducer=types.SimpleNamespace(gather_ints=lambda x: [x]),
-        _forward_bytes_per_sample=lambda: float(2**30),
-    )
+    size = dtype.itemsize
+    plan = plan_sharded_exact(dim=10**8, local_dim=5 * 10**7, itemsize=size, whole_bytes=10**8 * size,
+                              largest_param_bytes=10**6 * size, batch_sizes=[4], graph_bytes_per_sample=2**30,
+                              available_bytes=room_gib * 2**30, host_bytes=64 * 2**30, basis_vectors=31)
+    stub = types.SimpleNamespace(dtype=dtype, hvp_method="auto", route={},
+                                 reducer=types.SimpleNamespace(sum_int=lambda x: x))
     if dtype == torch.bfloat16 and room_gib == 1:
         with pytest.warns(RuntimeWarning, match="finite differences are not used for bfloat16"):
-            sl.ShardedLandscape._choose_route(stub)
+            sl.ShardedLandscape._choose_route(stub, plan)
     else:
-        sl.ShardedLandscape._choose_route(stub)
+        sl.ShardedLandscape._choose_route(stub, plan)
     assert stub.hvp_method == route and stub.route["hvp_route"] == route
-    assert stub.route["exact_bytes_estimate"] > 2**30
+    assert stub.route["exact_bytes_estimate"] == plan.peak_bytes > 2**30  # at least one sample's graph
+    assert stub.route["exact_plan"]["fits"] is (room_gib == 100)

@@ -150,6 +150,48 @@ class ShardLayout:
         return out[:, : self.local_dim].contiguous()
 
 
+    # ---- one parameter at a time: what the streamed exact HVP moves (engine/sharded_stream.py)
+    def _param_rows(self, i: int) -> tuple[int, int, int]:
+        """(rows per rank's padded piece ``c``, elements per row, this rank's rows) of parameter ``i``."""
+        n = self.shapes[i][0]
+        row = self.sizes[i] // n if n else 0
+        a, b = _rows(n, self.world, self.rank)
+        return (math.ceil(n / self.world) if n else 0), row, b - a
+
+    def gather_param(self, i: int, local: torch.Tensor) -> torch.Tensor:
+        """Parameter ``i`` whole (its shape) from every rank's piece of it (``local``, this rank's shard shape):
+        one all-gather of ``ceil(n / world)`` rows per rank. Memory: the whole parameter plus at most
+        ``world - 1`` padding rows (the result is a view of that buffer)."""
+        c, row, mine = self._param_rows(i)
+        if c == 0 or row == 0:
+            return local.new_zeros(self.shapes[i])
+        send = local.reshape(-1)
+        if mine != c:
+            send = local.new_zeros(c * row)
+            send[: mine * row] = local.reshape(-1)
+        buf = local.new_empty(self.world * c * row)
+        torch.distributed.all_gather_into_tensor(buf, send.contiguous(), group=self.group)
+        return buf[: self.sizes[i]].view(self.shapes[i])
+
+    def scatter_param_add(self, i: int, whole: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Add the sum over ranks of parameter-shaped ``whole`` (``None``: zeros, for a rank where the
+        parameter got no gradient, so that the collective still happens) to this rank's shard ``out`` (a view
+        in the local flat vector): one reduce-scatter. Memory: the padded send buffer (the parameter's size;
+        none when its rows divide evenly) and this rank's rows."""
+        c, row, mine = self._param_rows(i)
+        if c == 0 or row == 0:
+            return
+        if whole is not None and c * self.world == self.shapes[i][0]:
+            send = whole.reshape(-1).to(out.dtype).contiguous()
+        else:
+            send = out.new_zeros(self.world * c * row)
+            if whole is not None:
+                send[: self.sizes[i]] = whole.reshape(-1)
+        recv = out.new_empty(c * row)
+        torch.distributed.reduce_scatter_tensor(recv, send, group=self.group)
+        out.add_(recv[: mine * row].view(out.shape))
+
+
 def _is_fsdp_hook(hook) -> bool:
     return type(getattr(hook, "__self__", None)).__name__ == "FSDPState"
 

@@ -12,10 +12,16 @@ HVP routes (``hvp_method``):
 
 - ``"autograd"`` (exact): each parameter is all-gathered once when the Landscape is built (``full_tensor``)
   and the first-order graph is built through those whole tensors with FSDP's hooks off
-  (:func:`~geomprobe.engine.sharded.fsdp_hooks_off`); an HVP all-gathers ``v``, runs the double backward on
-  this rank's data and reduce-scatters the result to the shards. Exact to rounding; memory: the whole
-  parameters, the gradient and the first-order graph of this rank's data, like a one-GPU probe of the model
-  (the double backward needs every layer's saved tensors at once, so per-layer gathering cannot bound it).
+  (:func:`~geomprobe.engine.sharded.fsdp_hooks_off`), one graph per probe batch (or micro-batch), kept while
+  the memory plan allows and else rebuilt at every HVP; the gradient goes to the shards parameter by
+  parameter (a reduce-scatter per parameter and batch). An HVP of one vector is *streamed*
+  (:mod:`~geomprobe.engine.sharded_stream`): the double backward on this rank's data gathers each piece of
+  ``v`` when autograd needs it and reduce-scatters each parameter's output as soon as it is finished, on a
+  schedule every rank follows; no whole d-vector exists. Exact to rounding. Memory: the whole parameters,
+  each kept graph with its whole per-parameter gradient, a few parameters in flight and slices
+  (:mod:`~geomprobe.engine.sharded_plan`); the double backward needs every layer's saved tensors at once, so
+  per-layer gathering cannot bound the graph. A wider block with a wider chunk goes whole (one all-gather of
+  the block, batched double backward, one reduce-scatter) where the plan finds room.
 - ``"finite-difference"``: Richardson-extrapolated central differences of FSDP's own sharded gradients,
   ``D(h) = (g(theta + h v) - g(theta - h v)) / 2h``, ``Hv ~ D(h) + (D(h) - D(2h)) / 3`` with the error
   estimate ``2 ||D(h) - D(2h)||`` (it holds the truncation ``~3 c h^2`` of ``D(h)``, of which the
@@ -25,8 +31,8 @@ HVP routes (``hvp_method``):
   (FSDP forward and backward passes) per vector; memory: what a training step needs, since FSDP gathers one
   unit at a time. The estimates are kept (:attr:`hvp_errors`) and enter every Lanczos bound (Lanczos with a
   perturbed matvec: some eigenvalue lies within ``beta |u_m| + sqrt(sum_j err_j^2)`` of each Ritz value).
-- ``"auto"``: the exact route when its estimated memory fits the smallest free memory over the ranks, else
-  finite differences; the choice and the numbers behind it are in :meth:`info` (``route``). Parameters in a
+- ``"auto"``: the exact route when its memory plan fits the budget (free memory, a cap, the training peak
+  times its ratio) on every rank, else finite differences; the choice and the numbers behind it are in :meth:`info` (``route``). Parameters in a
   half type (bf16, fp16) always take the exact route, with a warning where it may not fit: their unit
   roundoff (4e-3 in bf16) makes the differences mostly rounding (on a 7B Llama in bf16 the error estimate was
   358x the HVP's norm, benchmarks/RESULTS.md §8), so finite differences would only return bounds wider than
@@ -54,16 +60,17 @@ from ..errors import ConfigurationError, GeomprobeError, NonFiniteLossError
 from ..linalg.space import ShardedSpace
 from .batches import batch_size, slice_batch
 from .distributed import ProcessGroupReducer
+from .doublecheck import check_broken_nodes, no_double_backward
 from .landscape import Landscape
-from .memory_plan import MemoryBudget, device_memory
+from .memory_plan import MemoryBudget, MemoryPlan, device_memory, host_available_bytes
 from .paramspace import select_parameters
 from .saved_bytes import SavedBytes
 from .sharded import FSDPModule, ShardLayout, fsdp_hooks_off
+from .sharded_plan import GRAPH_FACTOR, plan_sharded_exact
+from .sharded_stream import Root, StreamPass, roots_of
 
 __all__ = ["ShardedLandscape"]
 
-# the exact route's graph with create_graph: the forward's saved tensors, the backward's, and the gradients
-GRAPH_FACTOR = 3
 
 
 class ShardedLandscape(Landscape):
@@ -91,17 +98,65 @@ class ShardedLandscape(Landscape):
         self.vector_space = ShardedSpace(self.layout.dim, self.layout.ranges, self.reducer.sum_)
         self.hvp_errors: list[float] = []
         self.route: dict = {}
+        # the streamed exact HVP: passes run, and the most bytes of pieces that waited in one (sharded_stream)
+        self.stream_stats = {"passes": 0, "peak_held_bytes": 0}
         return names, dparams
 
-    def _plan(self, memory: Any, *args: Any) -> None:
-        # The memory planner speaks of one process's whole vectors; the sharded routes size themselves. A
-        # budget's cap (given, or the training peak times its ratio) bounds the exact route under "auto".
-        self._cap = None
-        if isinstance(memory, MemoryBudget):
-            caps = [memory.cap_bytes] if memory.cap_bytes else []
-            if memory.train_peak_bytes and memory.peak_ratio:
-                caps.append(int(memory.train_peak_bytes * memory.peak_ratio))
-            self._cap = min(caps) if caps else None
+    def _plan(self, memory: Any, chunk_size: int | None, micro_batch_size: int | None,
+              graph_budget_bytes: int | None) -> MemoryPlan | None:
+        """The route, and for the exact route its memory plan (:mod:`~geomprobe.engine.sharded_plan`): the
+        micro-batches, the graphs kept, the chunk and where the Lanczos basis lives, within the budget of the
+        tightest rank. ``memory=None``: no plan, but ``"auto"`` still chooses the route by the free memory.
+        Costs one FSDP forward on 2 samples (every rank) unless the budget gives the graph's bytes."""
+        if isinstance(memory, MemoryPlan):
+            reason = "a memory plan was given" if self.hvp_method == "auto" else "requested"
+            self.hvp_method = "autograd" if self.hvp_method == "auto" else self.hvp_method
+            self.route = {"hvp_route": self.hvp_method, "reason": reason}
+            return memory if self.hvp_method == "autograd" else None
+        if isinstance(memory, str):
+            if memory != "auto":
+                raise ConfigurationError(f"memory must be 'auto', None, a MemoryBudget or a MemoryPlan, got {memory!r}")
+            memory = MemoryBudget()
+        elif memory is not None and not isinstance(memory, MemoryBudget):
+            raise ConfigurationError(
+                f"memory must be 'auto', None, a MemoryBudget or a MemoryPlan, got {type(memory).__name__}")
+        if self.hvp_method == "finite-difference" or (memory is None and self.hvp_method == "autograd"):
+            self.route = {"hvp_route": self.hvp_method, "reason": "requested"}
+            return None
+        overrides = {k: (v, "user") for k, v in (("chunk_size", chunk_size), ("micro_batch_size", micro_batch_size),
+                                                  ("graph_budget_bytes", graph_budget_bytes)) if v is not None}
+        budget = memory or MemoryBudget()
+        overrides.update({k: v for k, v in budget.overrides.items() if v is not None and v[0] is not None})
+        plan = self._exact_plan(budget, overrides)
+        self._choose_route(plan)
+        if memory is None or self.hvp_method != "autograd":
+            return None
+        if plan.warnings and budget.warn:
+            warnings.warn(f"geomprobe memory plan: {'; '.join(plan.warnings)}", RuntimeWarning, stacklevel=4)
+        return plan
+
+    def _exact_plan(self, budget: MemoryBudget, overrides: dict) -> MemoryPlan:
+        """The exact route's plan on this rank, from the figures of the tightest rank (least free memory, most
+        allocated); the graph's bytes per sample from the budget or one FSDP forward (every rank runs it)."""
+        per_sample, source = budget.graph_bytes_per_sample, "given"
+        if per_sample is None:
+            per_sample = GRAPH_FACTOR * self._forward_bytes_per_sample()
+            source = f"an FSDP forward's saved bytes x {GRAPH_FACTOR}"
+        available, allocated = device_memory(self.device)
+        avail = self.reducer.gather_ints(-1 if available is None else int(available))
+        allocated = max(self.reducer.gather_ints(int(allocated)))
+        can_split = not (self.mode == "train" and any(
+            isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in self.model.modules()))
+        return plan_sharded_exact(
+            dim=self.layout.dim, local_dim=self.layout.local_dim, itemsize=self.dtype.itemsize,
+            whole_bytes=sum(p.numel() * p.element_size() for p in self.model.parameters()),
+            largest_param_bytes=max(p.numel() * p.element_size() for p in self._dparams),
+            batch_sizes=[batch_size(b) for b in self.batches], graph_bytes_per_sample=per_sample,
+            available_bytes=None if min(avail) < 0 else min(avail), allocated_bytes=allocated,
+            train_peak_bytes=budget.train_peak_bytes, peak_ratio=budget.peak_ratio, cap_bytes=budget.cap_bytes,
+            host_bytes=host_available_bytes(), bounded_basis=bool(budget.bounded_basis), can_split=can_split,
+            host_is_device=self.device.type == "cpu", overrides=overrides, graph_source=source,
+            **({} if budget.basis_vectors is None else {"basis_vectors": budget.basis_vectors}))
 
     def _reshard_all(self) -> None:
         for m in self.model.modules():
@@ -122,7 +177,6 @@ class ShardedLandscape(Landscape):
 
     def _build(self) -> None:
         self._passes = max(self.reducer.gather_ints(len(self.batches)))
-        self._choose_route()
         self._dversions = [p._version for p in self._dparams]
         if self.hvp_method == "autograd":
             self._full = [p.detach().full_tensor().requires_grad_(True) for p in self._dparams]
@@ -133,8 +187,7 @@ class ShardedLandscape(Landscape):
             for n, p in self.model.named_parameters():
                 if n not in self._whole:
                     self._whole[n] = p.detach().full_tensor() if hasattr(p, "full_tensor") else p.detach()
-            super()._build()
-            self._grad = self.layout.local_of(self._grad)
+            self._build_exact()
         else:
             grad, loss = self._fsdp_grad()
             self._loss = float(self.reducer.sum_(loss))
@@ -142,37 +195,83 @@ class ShardedLandscape(Landscape):
             if self.reducer.sum_int(int(not bool(torch.isfinite(grad).all()))):
                 raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
 
-    def _choose_route(self) -> None:
-        d_bytes = self.layout.dim * self.dtype.itemsize
-        if self.hvp_method != "auto":
-            self.route = {"hvp_route": self.hvp_method, "reason": "requested"}
-            return
-        per_sample = self._forward_bytes_per_sample()
-        # whole parameters, gradient, HVP input and output, and the first-order graph of this rank's data
-        need = int(4 * d_bytes + GRAPH_FACTOR * per_sample * sum(batch_size(b) for b in self.batches))
-        available, allocated = device_memory(self.device)
-        room = -1 if available is None else int(available)
-        if self._cap is not None:
-            room = max(0, self._cap - allocated) if room < 0 else min(room, max(0, self._cap - allocated))
-        room = min(self.reducer.gather_ints(room))  # the tightest rank decides, so every rank takes one route
-        fits = room < 0 or need <= 0.9 * room
+    def _build_exact(self) -> None:
+        """The first-order graph of every probe batch through the whole parameters (kept within
+        ``graph_budget_bytes``, the others rebuilt per HVP) and the gradient, each batch's reduce-scattered
+        parameter by parameter into this rank's slice: no whole gradient vector is formed. Every rank runs
+        the same number of passes (one per batch of the rank with most) and agrees on a failure before each
+        pass's collectives."""
+        self._grad = torch.zeros(self.local_dim, dtype=self.dtype, device=self.device)
+        pieces = self.layout.split_local(self._grad)
+        loss = torch.zeros((), dtype=torch.float64, device=self.device)
+        n = len(self._full)
+        for b in range(self._passes):
+            grads, err = None, None
+            if b < len(self.batches):
+                try:
+                    grads, loss_b, nbytes = self._graph(b, True, watch=b == 0)
+                    if b == 0:
+                        check_broken_nodes(grads)
+                        self.graph_bytes_per_sample = nbytes / max(1, self.batch_sizes[0])
+                except Exception as e:  # noqa: BLE001 - every rank learns of it before the reduce-scatters
+                    err = e
+            if err is not None:
+                self.reducer.report_failure()
+                raise err
+            self.reducer.check_others()
+            for i in range(n - 1, -1, -1):
+                g = grads[i] if grads is not None else None
+                self.layout.scatter_param_add(i, g.detach() if g is not None else None, pieces[i])
+            if grads is not None:
+                loss += loss_b.double() * self.weights[b]
+                # streamed HVPs need the graph behind each gradient, not its value: without whole blocks to
+                # batch (chunk 1) only the roots are kept, and the whole gradient (a d-vector) is freed
+                whole = self.chunk_size > 1
+                kept = nbytes + (sum(g.numel() * g.element_size() for g in grads if g is not None) if whole else 0)
+                if b == 0 or self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes:
+                    self._graphs.append(grads if whole else roots_of(grads))
+                    self.graph_bytes += nbytes
+                    self._kept_bytes += kept
+                else:
+                    self._graphs.append(None)
+            del grads
+        self.reducer.sum_(loss)
+        self._loss = float(loss)
+        if self.reducer.sum_int(int(not bool(torch.isfinite(self._grad).all()))):
+            raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
+        if self.reducer.sum_int(len(self.custom_functions)) > 0:
+            self._verify_custom_backward()
+
+    def _choose_route(self, plan: MemoryPlan) -> None:
+        """``"auto"``: the exact route when its plan fits on every rank, else finite differences, except in
+        half types (warned); an explicit route is kept. The plan's numbers are recorded either way."""
+        fits = self.reducer.sum_int(int(not plan.fits)) == 0
         half = self.dtype in (torch.bfloat16, torch.float16)
-        self.hvp_method = "autograd" if fits or half else "finite-difference"
-        if fits:
-            reason = "the exact route's memory fits"
+        if self.hvp_method != "auto":
+            reason = "requested"
+        elif fits:
+            self.hvp_method, reason = "autograd", "the exact route's memory fits"
         elif half:
+            self.hvp_method = "autograd"
             reason = (f"the exact route's memory may not fit, but finite differences in {str(self.dtype)[6:]} "
                       "are mostly rounding")
             warnings.warn(
-                f"geomprobe: the exact HVP route needs about {need / 2**30:.1f} GiB per GPU against "
-                f"{room / 2**30:.1f} GiB available and may run out of memory (recorded; training continues); "
-                f"finite differences are not used for {str(self.dtype)[6:]} parameters, whose rounding would "
-                "swamp them: probe fewer samples per rank, or keep float32 master weights and pass "
-                "hvp_method='finite-difference'", RuntimeWarning, stacklevel=3)
+                f"geomprobe: the exact HVP route needs about {plan.peak_bytes / 2**30:.1f} GiB per GPU beyond what "
+                f"is allocated, against {(plan.budget_bytes or 0) / 2**30:.1f} GiB of budget, and may run out of "
+                f"memory (recorded; training continues); finite differences are not used for "
+                f"{str(self.dtype)[6:]} parameters, whose rounding would swamp them: probe fewer samples per rank, "
+                "or keep float32 master weights and pass hvp_method='finite-difference'",
+                RuntimeWarning, stacklevel=4)
         else:
-            reason = "the exact route's memory does not fit"
-        self.route = {"hvp_route": self.hvp_method, "exact_bytes_estimate": need,
-                      "available_bytes": None if room < 0 else room, "cap_bytes": self._cap, "reason": reason}
+            self.hvp_method, reason = "finite-difference", "the exact route's memory does not fit"
+        self.route = {
+            "hvp_route": self.hvp_method, "reason": reason, "exact_bytes_estimate": plan.peak_bytes,
+            "budget_bytes": plan.budget_bytes, "budget_source": plan.budget_source,
+            "available_bytes": plan.available_bytes, "cap_bytes": plan.cap_bytes,
+            "exact_plan": {k: getattr(plan, k) for k in (
+                "micro_batch_size", "graph_budget_bytes", "chunk_size", "basis_device", "max_basis", "fits",
+                "graph_bytes_per_sample", "graph_source", "items")},
+        }
 
     def _forward_bytes_per_sample(self) -> float:
         """Saved bytes per sample of one FSDP forward on 2 samples of this rank's first batch (every rank runs
@@ -246,6 +345,10 @@ class ShardedLandscape(Landscape):
     def info(self) -> dict:
         out = super().info()
         out["sharded"] = {"world_size": self.layout.world, "local_dim": self.local_dim, **self.route}
+        if self.hvp_method == "autograd":
+            # the streamed HVPs: passes run (one per probe batch of the rank with most, per vector), and the
+            # most bytes of gathered inputs and finished outputs that waited at once in one of them
+            out["sharded"]["stream"] = {"passes_per_vector": self._passes, **self.stream_stats}
         return out
 
     def matvec_error(self, since: int = 0) -> float:
@@ -256,8 +359,11 @@ class ShardedLandscape(Landscape):
     def hvp(self, v: torch.Tensor) -> torch.Tensor:
         """``H v`` for this rank's slice of one vector ``(d_local,)`` or a block ``(k, d_local)``, as slices.
 
-        Cost, exact route: one all-gather of the block, ``k`` double backward passes on this rank's data, one
-        reduce-scatter. Finite differences: 4 FSDP gradients per vector, each error estimate appended to
+        Cost, exact route: ``k`` double backward passes on this rank's data. A single vector, or any block when
+        ``chunk_size`` is 1, is streamed (:meth:`_stream_pass`): its input gathered and its output
+        reduce-scattered parameter by parameter inside the double backward, no whole d-vector held; a wider
+        block with a wider chunk goes whole: one all-gather of the block, batched double backward passes
+        (``is_grads_batched``), one reduce-scatter, holding about ``3 k d`` elements. Finite differences: 4 FSDP gradients per vector, each error estimate appended to
         :attr:`hvp_errors` (relative to ``||v||``). Every rank must call it with its slice of the same vectors.
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.local_dim:
@@ -268,8 +374,20 @@ class ShardedLandscape(Landscape):
         single = v.dim() == 1
         V = v.reshape(-1, self.local_dim).to(device=self.device, dtype=self.dtype)
         self.widest_block = max(self.widest_block, V.shape[0])
+        if self.hvp_method == "autograd" and (V.shape[0] == 1 or self.chunk_size == 1 or not self.batched_hvp):
+            out = torch.zeros_like(V)
+            for x, y in zip(V, out):
+                for p in range(self._passes):
+                    err = None
+                    try:
+                        self._stream_pass(p, x, y)
+                    except Exception as e:  # noqa: BLE001 - the pass completed its collectives; agreed below
+                        err = e
+                    self._agree_hvp(err)
+            self.hvps += V.shape[0]
+            return out[0] if single else out
         full = self.layout.all_gather(V) if self.hvp_method == "autograd" else None
-        err: BaseException | None = None
+        err = None
         out = None
         try:
             if full is not None:
@@ -279,17 +397,70 @@ class ShardedLandscape(Landscape):
                 out = torch.stack([self._fd_one(x) for x in V])
         except Exception as e:  # noqa: BLE001 - every rank learns of it before the next collective
             err = e
+        self._agree_hvp(err)
+        if full is not None:
+            del full  # the gathered input is not needed for the reduce-scatter (a whole d-vector at 7B: 13 GB)
+            out = self.layout.reduce_scatter(out)
+        self.hvps += V.shape[0]
+        return out[0] if single else out
+
+    def _agree_hvp(self, err: BaseException | None) -> None:
         failed = self.reducer.sum_int(int(err is not None))
         if failed:
             raise GeomprobeError(
                 f"the HVP failed on {failed} of {self.layout.world} ranks"
                 + (f" (this rank: {type(err).__name__}: {err})" if err is not None else "")
                 + "; every rank stops this measurement so that none waits in a collective") from err
-        if full is not None:
-            del full  # the gathered input is not needed for the reduce-scatter (a whole d-vector at 7B: 13 GB)
-            out = self.layout.reduce_scatter(out)
-        self.hvps += V.shape[0]
-        return out[0] if single else out
+
+    def _stream_pass(self, b: int, v: torch.Tensor, out: torch.Tensor) -> None:
+        """Pass ``b`` of a streamed HVP (:mod:`~geomprobe.engine.sharded_stream`): the double backward
+        through probe batch ``b``'s graph (kept, or rebuilt and freed), adding this rank's part of ``H v`` to
+        ``out``; a rank with fewer batches than another takes part in the collectives with no graph. One pass
+        per batch, not one backward through every kept graph at once: autograd would run one graph's part
+        first and hold every gathered piece until the other graph used it (a whole d-vector). Cost: one
+        all-gather and one reduce-scatter of ``d`` elements in all, per pass."""
+        with StreamPass(self.layout, self._full, v, out) as sp:
+            if b < len(self._graphs):
+                graph, retain = self._graphs[b], True
+                if graph is None:
+                    graph, retain = roots_of(self._graph(b, True)[0]), False  # the whole gradient freed at once
+                    self.graph_rebuilds += 1
+                self._stream_backward(sp, [graph], retain)
+                del graph
+        stats = self.stream_stats
+        stats["passes"] += 1
+        stats["peak_held_bytes"] = max(stats["peak_held_bytes"], sp.peak_held_bytes)
+        if "first_order" not in stats and sp.outputs_seen:
+            # the order autograd used the inputs and finished the outputs (parameter indices) in the first pass
+            # that ran a backward: the schedule holds least when it follows them
+            stats["first_order"] = {"inputs": sp.inputs_seen, "outputs": sp.outputs_seen}
+
+    def _hvp_chunk(self, V: torch.Tensor) -> torch.Tensor:
+        # whole blocks (and the custom-Function check) differentiate the gradient tensors: a graph kept as
+        # roots only (chunk 1) is rebuilt for them
+        if self.hvp_method != "autograd":
+            return super()._hvp_chunk(V)
+        acc = None
+        for b in range(len(self.batches)):
+            grads = self._graphs[b]
+            if grads is None or any(isinstance(g, Root) for g in grads):
+                grads = self._graph(b, True)[0]
+                self.graph_rebuilds += 1
+            part = self._hvp_batch(grads, V)
+            acc = part if acc is None else acc.add_(part)
+        return acc
+
+    def _stream_backward(self, sp: StreamPass, graphs: list, retain: bool) -> None:
+        outputs, placeholders = sp.roots(graphs)
+        if not outputs:
+            return
+        try:
+            torch.autograd.backward(outputs, placeholders, retain_graph=retain, inputs=self._full)
+        except RuntimeError as e:
+            refusal = no_double_backward(e)
+            if refusal is None:
+                raise
+            raise refusal from e
 
     def _fd_one(self, v: torch.Tensor) -> torch.Tensor:
         vn = float(self.vector_space.norm(v))

@@ -1,0 +1,201 @@
+"""One pass of the streamed exact HVP of an FSDP2 model: the input gathered and the output reduce-scattered
+parameter by parameter, inside the double backward, so that no whole d-vector is ever held.
+
+The exact route differentiates the gradient ``g`` (built through whole parameter tensors) once more:
+``Hv = d <g, v> / d theta``. A :class:`StreamPass` runs that double backward with
+
+- **placeholders** (zero-stride zeros, no memory) as the gradients of the roots ``g_i`` (graph edges: the
+  values of ``g_i`` need not be kept, :class:`Root`), and a pre-hook on each root's node that swaps in the
+  whole piece ``v_i``, all-gathered from the ranks' slices only when autograd is
+  about to use it, and dropped as soon as the last root of that parameter has used it;
+- a post-accumulate-grad hook on each whole parameter leaf that takes its finished output ``(Hv)_i`` off the
+  leaf and reduce-scatters it into this rank's output slice at once.
+
+**Order.** Every rank must issue the same collectives in the same order, but the hooks fire when autograd
+reaches them, at times that differ between ranks (and a parameter may get no root, or no output, on one
+rank only: data-dependent graphs). So the collectives follow a fixed schedule that timing cannot change:
+the all-gathers of every parameter in ``gather_order``, then the reduce-scatters of every parameter in
+``scatter_order``. A hook that needs a piece gathers the schedule up to it (pieces gathered ahead wait, and
+a parameter this rank does not use is gathered and dropped); an output that is ready before its turn, or
+before the last all-gather, waits in ``staged``; whatever the backward left undone is issued by
+:meth:`StreamPass.finish`, with zeros for outputs that never came. Each collective therefore happens exactly
+once per pass on every rank, in one order, whatever happens inside autograd, and ``finish`` runs even after
+a failure, so the other ranks are never left waiting. The default orders match how the double backward runs
+(it uses the first layer's gradient first, and finishes the last layer's output first, like a training
+backward), so little waits; the most that waited is kept (:attr:`StreamPass.peak_held_bytes`).
+
+Cost per pass: one all-gather and one reduce-scatter per parameter (``d`` elements each in all). Memory
+beyond the graph: the pieces in flight and waiting, and this rank's output slice.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+from typing import Self
+
+import torch
+
+from .sharded import ShardLayout
+
+__all__ = ["Root", "StreamPass", "roots_of"]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class Root:
+    """A root of the double backward without its value: the edge into the graph that produced a gradient
+    ``g_i`` (built with ``create_graph``) and ``g_i``'s shape. The double backward needs the graph behind
+    ``g_i``, not ``g_i`` itself, so a kept graph need not hold its whole gradient (a d-vector per graph);
+    dropping the tensors frees them (autograd does not save a gradient's value to differentiate it)."""
+
+    __slots__ = ("device", "dtype", "node", "output_nr", "shape")
+
+    def __init__(self, g: torch.Tensor):
+        edge = torch.autograd.graph.get_gradient_edge(g)
+        self.node, self.output_nr = edge.node, edge.output_nr
+        self.shape, self.dtype, self.device = g.shape, g.dtype, g.device
+
+    @property
+    def edge(self) -> torch.autograd.graph.GradientEdge:
+        return torch.autograd.graph.GradientEdge(self.node, self.output_nr)
+
+
+def roots_of(grads: Sequence[torch.Tensor | None]) -> list[Root | None]:
+    """The :class:`Root` of each gradient that depends on the parameters (None for the others)."""
+    return [Root(g) if g is not None and g.requires_grad else None for g in grads]
+
+
+class StreamPass:
+    """One double backward whose input ``v`` (this rank's slice) is gathered, and whose output is added to
+    ``out`` (this rank's slice), parameter by parameter (module docstring). Use as a context manager: the
+    hooks are removed, the schedule completed and the leaves' ``.grad`` cleared on exit, also after an error.
+
+    ``leaves``: the whole parameter tensors the graphs were built through (requires_grad leaves, one per
+    parameter of ``layout``). ``v``: ``(d_local,)``, needed even by a pass with no graph (a rank with fewer
+    probe batches than another), whose slice the other ranks gather.
+    """
+
+    def __init__(self, layout: ShardLayout, leaves: Sequence[torch.Tensor], v: torch.Tensor,
+                 out: torch.Tensor, gather_order: Sequence[int] | None = None,
+                 scatter_order: Sequence[int] | None = None):
+        n = len(leaves)
+        self.layout = layout
+        self.leaves = list(leaves)
+        self.v_pieces = layout.split_local(v)
+        self.out_pieces = layout.split_local(out)
+        self.gather_order = list(range(n)) if gather_order is None else list(gather_order)
+        self.scatter_order = list(range(n - 1, -1, -1)) if scatter_order is None else list(scatter_order)
+        if sorted(self.gather_order) != list(range(n)) or sorted(self.scatter_order) != list(range(n)):
+            raise ValueError("gather_order and scatter_order must each list every parameter index once")
+        self._uses = [0] * n
+        self._gathered: dict[int, torch.Tensor] = {}
+        self._staged: dict[int, torch.Tensor] = {}
+        self._next_gather = 0
+        self._next_scatter = 0
+        self._handles: list = []
+        self._held = 0
+        self.peak_held_bytes = 0  # pieces gathered ahead of use plus outputs waiting for their turn
+        # the order autograd used the inputs and finished the outputs in (what the schedule should follow)
+        self.inputs_seen: list[int] = []
+        self.outputs_seen: list[int] = []
+
+    # ------------------------------------------------------------------ set-up
+    def roots(self, graphs: Sequence[Sequence[torch.Tensor | Root | None]]) -> tuple[list, list[torch.Tensor]]:
+        """The roots of the double backward over ``graphs`` (each a per-parameter list of gradients built with
+        ``create_graph``, or their :class:`Root`) as graph edges, and their placeholder gradients; a pre-hook
+        on each root's node swaps the gathered piece in for the placeholder."""
+        outputs, grads = [], []
+        for graph in graphs:
+            for i, g in enumerate(graph):
+                if g is None or (isinstance(g, torch.Tensor) and not g.requires_grad):
+                    continue
+                root = g if isinstance(g, Root) else Root(g)
+                self._uses[i] += 1
+                outputs.append(root.edge)
+                grads.append(torch.zeros((), dtype=root.dtype, device=root.device).expand(root.shape))
+                self._handles.append(root.node.register_prehook(
+                    lambda gs, i=i, nr=root.output_nr: (*gs[:nr], self._input(i, gs[nr]), *gs[nr + 1 :])))
+        return outputs, grads
+
+    def __enter__(self) -> Self:
+        for i, leaf in enumerate(self.leaves):
+            leaf.grad = None
+            self._handles.append(leaf.register_post_accumulate_grad_hook(lambda t, i=i: self._output(i, t)))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for leaf in self.leaves:
+            leaf.grad = None
+        if exc_type is None:
+            self.finish()
+            return
+        # the other ranks go on through the schedule: this one must too, or they wait forever; the error
+        # that stopped the backward is the one to report
+        with contextlib.suppress(Exception):
+            self.finish()
+        self._gathered.clear()
+        self._staged.clear()
+
+    # ------------------------------------------------------------------ hooks
+    def _gather_next(self) -> None:
+        j = self.gather_order[self._next_gather]
+        self._next_gather += 1
+        piece = self.layout.gather_param(j, self.v_pieces[j])
+        if self._uses[j] > 0:
+            self._gathered[j] = piece
+            self._hold(_nbytes(piece))
+
+    def _input(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        self.inputs_seen.append(i)
+        while i not in self._gathered:
+            self._gather_next()
+        piece = self._gathered[i]
+        self._uses[i] -= 1
+        if self._uses[i] == 0:
+            del self._gathered[i]
+            self._held -= _nbytes(piece)
+        return piece.to(grad.dtype)
+
+    def _output(self, i: int, leaf: torch.Tensor) -> None:
+        g, leaf.grad = leaf.grad, None
+        if g is None:
+            return
+        self.outputs_seen.append(i)
+        self._staged[i] = g
+        self._hold(_nbytes(g))
+        self._flush()
+
+    def _hold(self, n: int) -> None:
+        self._held += n
+        self.peak_held_bytes = max(self.peak_held_bytes, self._held)
+
+    def _flush(self) -> None:
+        if self._next_gather < len(self.gather_order):
+            return  # every all-gather comes before the first reduce-scatter
+        while self._next_scatter < len(self.scatter_order) and self.scatter_order[self._next_scatter] in self._staged:
+            j = self.scatter_order[self._next_scatter]
+            self._scatter(j, self._staged.pop(j))
+
+    def _scatter(self, j: int, g: torch.Tensor | None) -> None:
+        self._next_scatter += 1
+        self.layout.scatter_param_add(j, g, self.out_pieces[j])
+        if g is not None:
+            self._held -= _nbytes(g)
+
+    # ------------------------------------------------------------------ completion
+    def finish(self) -> None:
+        """Issue what the backward left of the schedule: the remaining all-gathers (pieces dropped), then the
+        remaining reduce-scatters (zeros where an output never came)."""
+        while self._next_gather < len(self.gather_order):
+            self._uses[self.gather_order[self._next_gather]] = 0
+            self._gather_next()
+        self._gathered.clear()
+        while self._next_scatter < len(self.scatter_order):
+            j = self.scatter_order[self._next_scatter]
+            self._scatter(j, self._staged.pop(j, None))
