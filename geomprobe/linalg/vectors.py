@@ -19,7 +19,7 @@ from .segmented import segment_count, segmented_dots, segmented_sub
 
 __all__ = [
     "Matvec", "accumulation_dtype", "all_finite", "apply_rows", "check_dim", "default_generator", "device_generator",
-    "gaussian", "rademacher", "row_dots", "sub_rows", "vector_norm",
+    "gaussian", "rademacher", "row_dots", "scratch_columns", "sub_rows", "vector_norm",
 ]
 
 
@@ -111,7 +111,9 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 CPU_CHUNK_ELEMENTS = 1 << 20
 
 
-def _column_chunk(rows: int, device: torch.device | None = None) -> int:
+def scratch_columns(rows: int, device: torch.device | None = None) -> int:
+    """Columns per float32 slice of a ``rows``-row pass on ``device``: ``HALF_CHUNK_ELEMENTS`` float32 elements of
+    scratch at most, ``CPU_CHUNK_ELEMENTS`` on the CPU."""
     elements = HALF_CHUNK_ELEMENTS
     if device is not None and device.type == "cpu":
         elements = min(elements, CPU_CHUNK_ELEMENTS)
@@ -201,7 +203,7 @@ def _row_dot(x: torch.Tensor, y: torch.Tensor, seg: int | None) -> torch.Tensor:
         if seg is not None and _HAS_BMM_OUT_DTYPE:
             return segmented_dots(x[None], y, _count(seg, y.shape[0]), _fused_bmm)[0]
         return torch.mm(x[None], y[:, None], out_dtype=torch.float32)[0, 0]
-    slices = _column_slices(y.shape[0], _column_chunk(1, y.device))  # float32 copies a slice at a time
+    slices = _column_slices(y.shape[0], scratch_columns(1, y.device))  # float32 copies a slice at a time
     if seg is not None:
         return sum(segmented_dots(x[None, a:b], y[a:b], _count(seg, b - a), _float32_bmm)[0] for a, b in slices)
     return sum(x[a:b].float() @ y[a:b].float() for a, b in slices)
@@ -262,7 +264,7 @@ def row_dots(B: torch.Tensor, w: torch.Tensor, *, segments: int | None = None) -
         def plain(X, y):
             return torch.mm(X, y[:, None], out_dtype=torch.float32)[:, 0]
     else:
-        width, bmm = _column_chunk(B.shape[0], w.device), _float32_bmm
+        width, bmm = scratch_columns(B.shape[0], w.device), _float32_bmm
 
         def plain(X, y):
             return X.float() @ y.float()
@@ -294,7 +296,7 @@ def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int
             # product would; at the speed of a copy, where a product with one row ran at 74 GB/s on an H200
             return w.addcmul_(B[0], c[0], value=-1)
         native = not half or w.device.type == "cuda"
-        width = PRODUCT_COLUMNS if native else _column_chunk(B.shape[0], w.device)
+        width = PRODUCT_COLUMNS if native else scratch_columns(B.shape[0], w.device)
         update = _native_sub_bmm if native else _float32_sub_bmm
         for a, b in _column_slices(w.shape[0], width):
             segmented_sub(w[a:b], c, B[:, a:b], _count(seg, b - a), update)
@@ -311,7 +313,7 @@ def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int
         for a, b in _column_slices(w.shape[0]):
             w[a:b].sub_(torch.mm(c, B[:, a:b], out_dtype=torch.float32)[0])
         return w
-    step = _column_chunk(B.shape[0], w.device)
+    step = scratch_columns(B.shape[0], w.device)
     for s in range(0, w.shape[0], step):
         w[s : s + step] = w[s : s + step].float() - c @ B[:, s : s + step].float()
     return w
