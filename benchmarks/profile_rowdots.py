@@ -15,6 +15,8 @@ for half types, at that size:
 - ``unsegmented``: the library's plain path (``segments=1`` on CUDA: one batch, the product of the whole rows);
 - ``in-place addmm sub_rows``: ``w.addmm_(c, B, alpha=-1)`` in the half type (cuBLAS's float32 compute type,
   one read and write of ``w``, no float32 scratch), unsegmented;
+- ``block-diagonal sub_rows s=K``: the update as one well-shaped GEMM of K times the flops (see
+  :func:`block_diagonal_sub`), when K divides d;
 - ``sliced``: float32 copies of column slices (the path without fused kernels), and ``native mv``: the
   half-type ``torch.mv`` (float32 accumulation inside cuBLAS, result rounded to the half type), for reference.
 
@@ -50,6 +52,20 @@ def timed(fn, device, repeats: int = 5) -> float:
     return median_seconds(fn, device, repeats=repeats)
 
 
+def block_diagonal_sub(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, s: int) -> torch.Tensor:
+    """``w -= c B`` as one GEMM with s output rows instead of one: ``w`` as an (s, L) matrix, ``B`` (contiguous,
+    d = s L) as (n s, L), and an (s, n s) coefficient matrix holding ``c`` on the block diagonal. s times the
+    flops of the product (s flops per byte of ``B``: memory-bound on an H200 below ~200), but a shape cuBLAS
+    tiles well (M = s, N = L, K = n s) where the product with one output column is not. A candidate for
+    ``sub_rows`` where the segmented update stays slow; it needs d divisible by s and rows d apart."""
+    n, d = B.shape
+    C = torch.zeros(s, n, s, dtype=c.dtype, device=c.device)
+    idx = torch.arange(s, device=c.device)
+    C[idx, :, idx] = c
+    w.view(s, d // s).addmm_(C.view(s, n * s), B.view(n * s, d // s), alpha=-1)
+    return w
+
+
 def _ways(B: torch.Tensor, c: torch.Tensor, w: torch.Tensor, dtype: torch.dtype, n: int, dim: int,
           segment_counts: list[int]) -> dict:
     step = (1 << 24) // n
@@ -72,6 +88,9 @@ def _ways(B: torch.Tensor, c: torch.Tensor, w: torch.Tensor, dtype: torch.dtype,
     if n == 1:
         ways["addcmul sub_rows"] = lambda: w.clone().addcmul_(B[0], ch[0], value=-1)
         ways["native dot"] = lambda: torch.dot(B[0], w)
+    for k in (16, 64):
+        if dim % k == 0:
+            ways[f"block-diagonal sub_rows s={k}"] = lambda k=k: block_diagonal_sub(w.clone(), ch, B, k)
     for k in segment_counts:  # the library's own kernels with the segment count forced (any device)
         ways[f"segmented row_dots s={k}"] = lambda k=k: V.row_dots(B, w, segments=k)
         ways[f"segmented sub_rows s={k}"] = lambda k=k: V.sub_rows(w.clone(), c, B, segments=k)
