@@ -15,10 +15,11 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import ConfigurationError
+from .segmented import segment_count, segmented_dots, segmented_sub
 
 __all__ = [
     "Matvec", "accumulation_dtype", "all_finite", "apply_rows", "check_dim", "default_generator", "device_generator",
-    "gaussian", "rademacher", "row_dots", "sub_rows", "vector_norm",
+    "gaussian", "rademacher", "row_dots", "scratch_columns", "sub_rows", "vector_norm",
 ]
 
 
@@ -31,16 +32,16 @@ HALF_TYPES = (torch.float16, torch.bfloat16)
 HALF_CHUNK_ELEMENTS = 1 << 24
 
 
-def _probe_out_dtype() -> bool:
-    try:  # torch.mm(..., out_dtype=) exists from torch 2.8 on (CUDA kernels only)
-        torch.mm(torch.zeros(1, 1, device="meta", dtype=torch.bfloat16),
-                 torch.zeros(1, 1, device="meta", dtype=torch.bfloat16), out_dtype=torch.float32)
-        return True
+def _probe_out_dtype(op, *shape: tuple[int, ...]) -> bool:
+    try:  # torch.mm / torch.bmm (..., out_dtype=) exist from torch 2.8 on (CUDA kernels only)
+        a, b = (torch.zeros(sh, device="meta", dtype=torch.bfloat16) for sh in shape)
+        return op(a, b, out_dtype=torch.float32).dtype == torch.float32
     except (TypeError, RuntimeError, NotImplementedError):
         return False
 
 
-_HAS_OUT_DTYPE = _probe_out_dtype()
+_HAS_OUT_DTYPE = _probe_out_dtype(torch.mm, (1, 1), (1, 1))
+_HAS_BMM_OUT_DTYPE = _probe_out_dtype(torch.bmm, (1, 1, 1), (1, 1, 1))
 
 
 def default_generator(seed: int = 0) -> torch.Generator:
@@ -104,8 +105,19 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _column_chunk(rows: int) -> int:
-    return max(1, HALF_CHUNK_ELEMENTS // max(rows, 1))
+# The CPU's float32 slices of half-type products are smaller: a 64 MB temporary is a fresh mapping that the
+# allocator hands back to the system when freed, so every slice paid its page faults again (a (64, 2^22) bf16
+# basis: 994 ms per row_dots with 2^24-element slices, 167 ms with 2^20, benchmarks/RESULTS.md).
+CPU_CHUNK_ELEMENTS = 1 << 20
+
+
+def scratch_columns(rows: int, device: torch.device | None = None) -> int:
+    """Columns per float32 slice of a ``rows``-row pass on ``device``: ``HALF_CHUNK_ELEMENTS`` float32 elements of
+    scratch at most, ``CPU_CHUNK_ELEMENTS`` on the CPU."""
+    elements = HALF_CHUNK_ELEMENTS
+    if device is not None and device.type == "cpu":
+        elements = min(elements, CPU_CHUNK_ELEMENTS)
+    return max(1, elements // max(rows, 1))
 
 
 # Columns per matrix product: BLAS takes 32-bit sizes (a 7B model's shard on 2 GPUs has 3e9 entries, past 2^31),
@@ -113,8 +125,9 @@ def _column_chunk(rows: int) -> int:
 PRODUCT_COLUMNS = 1 << 28
 
 
-def _column_slices(d: int):
-    return ((s, min(d, s + PRODUCT_COLUMNS)) for s in range(0, d, PRODUCT_COLUMNS))
+def _column_slices(d: int, width: int | None = None):
+    width = PRODUCT_COLUMNS if width is None else width
+    return ((s, min(d, s + width)) for s in range(0, d, width))
 
 
 # A matrix's rows farther apart than this cannot go to BLAS at all (its leading dimension is 32-bit too), so
@@ -126,18 +139,80 @@ def _long_rows(B: torch.Tensor) -> bool:
     return B.dim() == 2 and B.shape[0] > 0 and B.stride(0) > LD_LIMIT
 
 
-def _row_dot(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+# Segments per column slice of every product (:mod:`.segmented`). None: chosen per device, on CUDA by
+# ``segment_count`` (a plain product of a few long rows leaves cuBLAS too little parallelism), elsewhere none
+# (unsegmented BLAS is the fastest on the CPU, benchmarks/RESULTS.md). An integer forces that count on every
+# device: the tests run the CUDA path's segmentation on the CPU this way.
+SEGMENTS: int | None = None
+
+
+def _tf32_matmul() -> bool:
+    try:
+        return bool(torch.backends.cuda.matmul.allow_tf32)
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def _segments(B: torch.Tensor, w: torch.Tensor, segments: int | None) -> int | None:
+    """Segments per column slice: None for the unsegmented products, 0 for :func:`segment_count` of each
+    slice, else that count."""
+    forced = SEGMENTS if segments is None else segments
+    if forced is not None and (not isinstance(forced, int) or isinstance(forced, bool) or forced < 1):
+        raise ConfigurationError(f"segments must be a positive integer or None, got {forced!r}")
+    if B.dim() != 2 or (B.shape[1] > 1 and B.stride(1) != 1) or (w.shape[0] > 1 and w.stride(0) != 1):
+        return None  # entries with gaps between them have no strided batch view; BLAS takes them as they are
+    if forced is not None:
+        return forced
+    if w.device.type != "cuda" or (w.dtype == torch.float32 and _tf32_matmul()):
+        # a batched product may round float32 inputs to TF32, where the matrix-vector products never do
+        return None
+    return 0
+
+
+def _count(seg: int, columns: int) -> int:
+    return seg or segment_count(columns)
+
+
+def _fused_bmm(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    return torch.bmm(X, Y, out_dtype=torch.float32)
+
+
+def _float32_bmm(X: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+    # half types without a fused kernel: float32 copies of the views (the caller's slices bound their size);
+    # products of half values are exact in float32, so this is the fused kernel's arithmetic
+    return torch.bmm(X.float(), Y.float())
+
+
+def _native_sub_bmm(out: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> None:
+    # on CUDA, half types too: cuBLAS accumulates in float32 and forms ``out - X Y`` in float32 before its one
+    # rounding to ``out``'s type (compute type 32F), so ``w`` is read and written once, no float32 scratch
+    out.baddbmm_(X, Y, alpha=-1)
+
+
+def _float32_sub_bmm(out: torch.Tensor, X: torch.Tensor, Y: torch.Tensor) -> None:
+    out.copy_(torch.baddbmm(out.float(), X.float(), Y.float(), alpha=-1))
+
+
+def _row_dot(x: torch.Tensor, y: torch.Tensor, seg: int | None) -> torch.Tensor:
     """``x . y`` of two contiguous slices in :func:`accumulation_dtype` (0-d, on their device)."""
     if x.dtype not in HALF_TYPES:
-        return x @ y
+        if seg is None:
+            return x @ y
+        return segmented_dots(x[None], y, _count(seg, y.shape[0]), torch.bmm)[0]
     if _fused_half(y):
+        if seg is not None and _HAS_BMM_OUT_DTYPE:
+            return segmented_dots(x[None], y, _count(seg, y.shape[0]), _fused_bmm)[0]
         return torch.mm(x[None], y[:, None], out_dtype=torch.float32)[0, 0]
-    return x.float() @ y.float()
+    slices = _column_slices(y.shape[0], scratch_columns(1, y.device))  # float32 copies a slice at a time
+    if seg is not None:
+        return sum(segmented_dots(x[None, a:b], y[a:b], _count(seg, b - a), _float32_bmm)[0] for a, b in slices)
+    return sum(x[a:b].float() @ y[a:b].float() for a, b in slices)
 
 
-def _long_row_dots(B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+def _long_row_dots(B: torch.Tensor, w: torch.Tensor, seg: int | None) -> torch.Tensor:
     d = w.shape[0]
-    return torch.stack([sum(_row_dot(B[i, a:b], w[a:b]) for a, b in _column_slices(d)) for i in range(B.shape[0])])
+    return torch.stack([sum(_row_dot(B[i, a:b], w[a:b], seg) for a, b in _column_slices(d))
+                        for i in range(B.shape[0])])
 
 
 def _long_sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
@@ -157,45 +232,88 @@ def _fused_half(w: torch.Tensor) -> bool:
     return w.device.type == "cuda" and _HAS_OUT_DTYPE
 
 
-def row_dots(B: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``B @ w`` for rows ``B`` ``(n, d)`` and ``w`` ``(d,)`` in :func:`accumulation_dtype` (one matrix-vector
-    product; for half types, float32 accumulation: fused on CUDA, float32 products over column slices
-    elsewhere, never a full float32 copy)."""
+def _sum(parts: list[torch.Tensor]) -> torch.Tensor:
+    out = parts[0]
+    for p in parts[1:]:
+        out = out + p
+    return out
+
+
+def row_dots(B: torch.Tensor, w: torch.Tensor, *, segments: int | None = None) -> torch.Tensor:
+    """``B @ w`` for rows ``B`` ``(n, d)`` and ``w`` ``(d,)`` in :func:`accumulation_dtype`.
+
+    On CUDA one strided-batched product over segments of the columns (:mod:`.segmented`; half types fused
+    with float32 accumulation), which reads at memory speed for any ``n`` where a plain ``(n x d) @ (d x 1)``
+    product does not while ``n`` is small; elsewhere one matrix-vector product (half types: float32 products
+    over column slices, never a full float32 copy). ``segments`` forces that many segments per column slice
+    on any device (default :data:`SEGMENTS`). Columns go in slices of at most ``PRODUCT_COLUMNS`` and rows
+    farther apart than ``LD_LIMIT`` one at a time (BLAS sizes are 32-bit). Cost: one read of ``B`` and ``w``,
+    no matvec. Error: a float sum of ``d`` products in the accumulation dtype (unit roundoff ``u``): at most
+    ``d u sum_j |B_ij w_j|`` per entry, in practice near ``sqrt(d) u`` times it.
+    """
+    seg = _segments(B, w, segments)
     if _long_rows(B):
-        return _long_row_dots(B, w)
+        return _long_row_dots(B, w, seg)
+    d = w.shape[0]
     if w.dtype not in HALF_TYPES:
-        if w.shape[0] <= PRODUCT_COLUMNS:
-            return B @ w
-        return sum(B[:, a:b] @ w[a:b] for a, b in _column_slices(w.shape[0]))
-    if _fused_half(w):
-        return sum(torch.mm(B[:, a:b], w[a:b, None], out_dtype=torch.float32)[:, 0]
-                   for a, b in _column_slices(w.shape[0]))
-    acc = torch.zeros(B.shape[0], dtype=torch.float32, device=w.device)
-    step = _column_chunk(B.shape[0])
-    for s in range(0, w.shape[0], step):
-        acc += B[:, s : s + step].float() @ w[s : s + step].float()
-    return acc
+        width, bmm, plain = PRODUCT_COLUMNS, torch.bmm, torch.mv
+    elif _fused_half(w):
+        width, bmm = PRODUCT_COLUMNS, _fused_bmm
+        seg = seg if _HAS_BMM_OUT_DTYPE else None  # torch.mm has out_dtype, torch.bmm not: the plain product
+
+        def plain(X, y):
+            return torch.mm(X, y[:, None], out_dtype=torch.float32)[:, 0]
+    else:
+        width, bmm = scratch_columns(B.shape[0], w.device), _float32_bmm
+
+        def plain(X, y):
+            return X.float() @ y.float()
+    if seg is None:
+        return _sum([plain(B[:, a:b], w[a:b]) for a, b in _column_slices(d, width)])
+    return _sum([segmented_dots(B[:, a:b], w[a:b], _count(seg, b - a), bmm) for a, b in _column_slices(d, width)])
 
 
-def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """``w - c @ B`` written into ``w`` (no temporary of length d; half types accumulate in float32)."""
+def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int | None = None) -> torch.Tensor:
+    """``w - c @ B`` written into ``w`` (no temporary of length d; half types accumulate in float32).
+
+    On CUDA one strided-batched update over segments of the columns (:mod:`.segmented`) that reads ``B`` and
+    ``w`` once and writes ``w`` once, and for one row a single fused elementwise pass; elsewhere a
+    matrix-vector update (half types: float32 over column slices). ``segments`` as in :func:`row_dots`.
+    Cost: one read of ``B``, no matvec. Error: per entry a float32 (float64 for float64) sum of the ``n``
+    products and ``w_j``, then one rounding to ``w``'s type. On the fused half paths (CUDA, or forced
+    segments) the coefficients go in rounded to ``w``'s type: after the three-term step they are
+    rounding-sized, so their own rounding is second order; where they are not (a first pass), a second pass
+    follows.
+    """
+    seg = _segments(B, w, segments)
     if _long_rows(B):
         return _long_sub_rows(w, c, B)
-    if w.dtype not in HALF_TYPES:
+    half = w.dtype in HALF_TYPES
+    if seg is not None:
+        c = c.to(device=w.device, dtype=w.dtype)
+        if B.shape[0] == 1:
+            # one row: an elementwise w - c B, computed in float32 for half types and rounded once, as the
+            # product would; at the speed of a copy, where a product with one row ran at 74 GB/s on an H200
+            return w.addcmul_(B[0], c[0], value=-1)
+        native = not half or w.device.type == "cuda"
+        width = PRODUCT_COLUMNS if native else scratch_columns(B.shape[0], w.device)
+        update = _native_sub_bmm if native else _float32_sub_bmm
+        for a, b in _column_slices(w.shape[0], width):
+            segmented_sub(w[a:b], c, B[:, a:b], _count(seg, b - a), update)
+        return w
+    if not half:
         c = c.to(w.dtype)
         for a, b in _column_slices(w.shape[0]):
             w[a:b].addmv_(B[:, a:b].T, c, alpha=-1)
         return w
     if _fused_half(w):
         # c @ B accumulated in float32 and subtracted in float32 (one float32 d-vector of scratch), one
-        # rounding to w's type. The coefficients go in rounded to w's type: after the three-term step they are
-        # rounding-sized, so their own rounding is second order; where they are not (a first pass), a second
-        # pass follows.
+        # rounding to w's type
         c = c.to(w.dtype)[None]
         for a, b in _column_slices(w.shape[0]):
             w[a:b].sub_(torch.mm(c, B[:, a:b], out_dtype=torch.float32)[0])
         return w
-    step = _column_chunk(B.shape[0])
+    step = scratch_columns(B.shape[0], w.device)
     for s in range(0, w.shape[0], step):
         w[s : s + step] = w[s : s + step].float() - c @ B[:, s : s + step].float()
     return w
