@@ -406,10 +406,12 @@ def test_hugging_face_sdpa_goes_through_the_handler(kind, padded, routes):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype, tol", [(torch.float64, EXACT), (torch.float32, 1e-4), (torch.bfloat16, 5e-2)])
-def test_cuda_matches_the_math_kernel(dtype, tol, routes):
-    """On CUDA: torch's flash / memory-efficient kernels in the forward (float64 has none: blockwise), HVPs
-    against the math kernel's in the same dtype (float32 to 1e-4, bf16 to 5e-2: both kernels round)."""
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_cuda_matches_the_math_kernel(dtype, routes):
+    """On CUDA: torch's flash / memory-efficient kernels in the forward (float64 has none: blockwise). float64
+    HVPs equal the math kernel's to rounding; in float32 and bf16 both kernels round differently, so each is
+    compared with the float64 HVP at the same weights: the fused route's error is at most twice the math
+    kernel's own (plus a floor of a few units of the dtype's rounding)."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA device")
     model = _hf("llama").to("cuda", dtype)
@@ -418,4 +420,12 @@ def test_cuda_matches_the_math_kernel(dtype, tol, routes):
     slow = gp.Landscape(model, _lm_loss, [{"input_ids": ids}], fast_double_backward=False)
     assert routes.seen and all(f == (dtype != torch.float64) for f in routes.seen)
     V = torch.randn(2, fast.dim, generator=torch.Generator(device="cuda").manual_seed(2), device="cuda", dtype=dtype)
-    assert rel(fast.hvp(V).double(), slow.hvp(V).double()) < tol
+    if dtype == torch.float64:
+        assert rel(fast.hvp(V), slow.hvp(V)) < EXACT
+        return
+    ref_model = _hf("llama").to("cuda", torch.float64)
+    ref_model.load_state_dict({k: v.double() for k, v in model.state_dict().items()})
+    ref = gp.Landscape(ref_model, _lm_loss, [{"input_ids": ids}], fast_double_backward=False).hvp(V.double())
+    err_fast, err_slow = rel(fast.hvp(V).double(), ref), rel(slow.hvp(V).double(), ref)
+    floor = 8 * torch.finfo(dtype).eps
+    assert err_fast <= 2 * err_slow + floor, (err_fast, err_slow)
