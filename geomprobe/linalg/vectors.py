@@ -144,6 +144,12 @@ def _long_rows(B: torch.Tensor) -> bool:
 # (unsegmented BLAS is the fastest on the CPU, benchmarks/RESULTS.md). An integer forces that count on every
 # device: the tests run the CUDA path's segmentation on the CPU this way.
 SEGMENTS: int | None = None
+# Row counts for which the automatic (CUDA) choice segments ``row_dots``: measured on an H200 at d = 124M in
+# bf16 (benchmarks/RESULTS.md §6, results/profile_rowdots_after_h200.json), segments read 2.6x faster than the
+# plain fused product at 8-22 rows, slower at 1-2 rows and at 64 and more (where cuBLAS already splits the
+# reduction). ``sub_rows`` segments only its one-row case (an elementwise pass, 7x faster); from two rows on
+# the segmented update measured no faster than the plain one (and 2.9x slower at 64 rows).
+SEGMENTED_DOT_ROWS = (4, 48)
 
 
 def _tf32_matmul() -> bool:
@@ -167,6 +173,16 @@ def _segments(B: torch.Tensor, w: torch.Tensor, segments: int | None) -> int | N
         # a batched product may round float32 inputs to TF32, where the matrix-vector products never do
         return None
     return 0
+
+
+def auto_segmented(op: str, rows: int) -> bool:
+    """Whether the automatic (CUDA) choice segments ``op`` (``"row_dots"`` or ``"sub_rows"``) on ``rows`` rows:
+    the faster of the two forms as measured (:data:`SEGMENTED_DOT_ROWS`)."""
+    if op == "row_dots":
+        return SEGMENTED_DOT_ROWS[0] <= rows < SEGMENTED_DOT_ROWS[1]
+    if op == "sub_rows":
+        return rows == 1
+    raise ValueError(f"op must be 'row_dots' or 'sub_rows', got {op!r}")
 
 
 def _count(seg: int, columns: int) -> int:
@@ -253,7 +269,10 @@ def row_dots(B: torch.Tensor, w: torch.Tensor, *, segments: int | None = None) -
     """
     seg = _segments(B, w, segments)
     if _long_rows(B):
-        return _long_row_dots(B, w, seg)
+        # one row at a time: a single row reads fastest unsegmented (0.46 against 0.64 ms on the H200)
+        return _long_row_dots(B, w, None if seg == 0 else seg)
+    if seg == 0 and not auto_segmented("row_dots", B.shape[0]):
+        seg = None
     d = w.shape[0]
     if w.dtype not in HALF_TYPES:
         width, bmm, plain = PRODUCT_COLUMNS, torch.bmm, torch.mv
@@ -286,6 +305,8 @@ def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int
     follows.
     """
     seg = _segments(B, w, segments)
+    if seg == 0 and not auto_segmented("sub_rows", B.shape[0]):
+        seg = None
     if _long_rows(B):
         return _long_sub_rows(w, c, B)
     half = w.dtype in HALF_TYPES
