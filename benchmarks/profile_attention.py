@@ -98,7 +98,7 @@ def measure_landscape(model, batch, device, fast: bool, repeats: int, grad_s: fl
     base = torch.cuda.memory_allocated() if torch.device(device).type == "cuda" else None
     with Routes() as routes:
         t0 = time.perf_counter()
-        land = Landscape(model, lm_loss, [batch], mode="eval", memory=None, fast_double_backward=fast)
+        land = Landscape(model, lm_loss, [batch], mode="eval", memory=None, recompute_attention=fast)
         sync(device)
         res["build_s"] = time.perf_counter() - t0
     res["attention_calls"] = routes.as_dict()
@@ -122,7 +122,7 @@ def measure_plan(model, batch, device, fast: bool, train_peak: int | None, peak_
     _reset_peak(device)
     budget = MemoryBudget(train_peak_bytes=train_peak, peak_ratio=peak_ratio, warn=False)
     t0 = time.perf_counter()
-    land = Landscape(model, lm_loss, [batch], mode="eval", memory=budget, fast_double_backward=fast)
+    land = Landscape(model, lm_loss, [batch], mode="eval", memory=budget, recompute_attention=fast)
     sync(device)
     res: dict = {"build_s": time.perf_counter() - t0}
     plan = land.plan

@@ -7,9 +7,9 @@ returns one :class:`Check` per question, with status ``OK``, ``WARN`` (works, bu
 * parameters: trainable count, dtype, device (half precision loses digits in double backward);
 * probe data and loss: the batches resolve and the loss is a finite scalar;
 * double backward: one batched Hessian-vector product runs and is symmetric, ``u.Hv = v.Hu``;
-* attention: scaled-dot-product attention calls, run with torch's fused kernel and geomprobe's double backward
-  (probabilities recomputed, not kept; the math kernel where that cannot be exact, e.g. dropout), and Hugging
-  Face flash-attention implementations;
+* attention: scaled-dot-product attention calls (run with torch's math kernel; with a Landscape's
+  ``recompute_attention=True``, torch's fused kernel and geomprobe's double backward, probabilities recomputed,
+  not kept), and Hugging Face flash-attention implementations;
 * BatchNorm and dropout: present or not, and what the mode does to them;
 * per-example gradients: ``torch.func.vmap`` over the loss, or the micro-batch fallback;
 * optimizer: whether ``precond`` can read the preconditioner of the spec's optimizer;
@@ -170,10 +170,10 @@ def _attention(model: nn.Module, land: Landscape | None, mode: str, seed: int) -
     if not calls and not modules:
         return Check("attention", "OK", "no attention layers or calls"), False
     found = ", ".join(f"{n} x{c}" for n, c in sorted(calls.items())) or f"{len(modules)} MultiheadAttention"
-    return Check("attention", "OK", f"{found} per forward; scaled-dot-product attention runs torch's fused kernel "
-                 "with geomprobe's double backward, or the math kernel where that cannot be exact (dropout, a mask "
-                 "with a gradient)", "with the math kernel the graph grows with sequence length squared: probe "
-                 "in eval mode or short sequences"), True
+    return Check("attention", "OK", f"{found} per forward; scaled-dot-product attention runs torch's math kernel "
+                 "(in Python, Landscape(..., recompute_attention=True) runs the fused kernel with geomprobe's double "
+                 "backward)", "with the math kernel the graph grows with sequence length squared: probe "
+                 "short sequences, or recompute_attention=True for long ones"), True
 
 
 def _double_backward(land: Landscape, seed: int, attention: bool) -> Check:

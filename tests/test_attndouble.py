@@ -115,7 +115,7 @@ def test_hvp_matches_the_dense_hessian_and_the_math_kernel(name, route, routes):
         routes.force_blockwise()
     model, loss_fn, x, y = _case(name)
     H = dense_hessian(model, loss_fn, [(x, y)])  # through torch's math kernel, forced by frozen()
-    fast = gp.Landscape(model, loss_fn, (x, y))
+    fast = gp.Landscape(model, loss_fn, (x, y), recompute_attention=True)
     slow = gp.Landscape(model, loss_fn, (x, y), fast_double_backward=False)
     fused = route == "fused" and name != "Dv != D"
     assert routes.seen and all(f == fused for f in routes.seen)
@@ -157,7 +157,7 @@ def test_many_tiles_give_the_same_products(route, routes, monkeypatch):
     if route == "blockwise":
         routes.force_blockwise()
     model, loss_fn, x, y = _case("gqa bool mask", seed=3)
-    one = gp.Landscape(model, loss_fn, (x, y))
+    one = gp.Landscape(model, loss_fn, (x, y), recompute_attention=True)
     V = torch.randn(3, one.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     a = one.hvp(V)
     # a budget of two query rows per tile, and then one: many tiles over samples, heads and rows
@@ -166,7 +166,7 @@ def test_many_tiles_give_the_same_products(route, routes, monkeypatch):
     for budget, tile in ((2 * 2 * 5 * 8 * 10, (1, 1, 2)), (1, (1, 1, 1))):
         assert L.tile(10, budget) == tile
         monkeypatch.setattr(attnkernels, "CHUNK_BYTES", budget)
-        tiled = gp.Landscape(model, loss_fn, (x, y))
+        tiled = gp.Landscape(model, loss_fn, (x, y), recompute_attention=True)
         assert rel(tiled.hvp(V), a) < EXACT
         assert rel(torch.stack([tiled.hvp(v) for v in V]), a) < EXACT
     assert L.tile(10, 10**9) == (3, 2, 5)
@@ -311,7 +311,7 @@ def test_a_models_retained_graph_drops_by_the_probabilities():
     model = Two().double()
     x = torch.randn(2, 128, 8, dtype=torch.float64)
     y = torch.tensor([0, 2])
-    fast = gp.Landscape(model, nn.CrossEntropyLoss(), (x, y), memory=None)
+    fast = gp.Landscape(model, nn.CrossEntropyLoss(), (x, y), memory=None, recompute_attention=True)
     slow = gp.Landscape(model, nn.CrossEntropyLoss(), (x, y), memory=None, fast_double_backward=False)
     probabilities = 2 * 2 * 2 * 128 * 128 * 8  # layers x samples x heads x T x T x float64
     assert (slow.graph_bytes - fast.graph_bytes) / probabilities >= 1.0
@@ -356,7 +356,7 @@ def test_calls_it_cannot_take_keep_torchs_path():
 def test_declined_dropout_keeps_the_math_kernel_and_its_hessian():
     model, loss_fn, x, y = _case("causal")
     model.sdpa["dropout_p"] = 0.5  # train mode: masks fixed by the Landscape's seed
-    fast = gp.Landscape(model, loss_fn, (x, y), mode="train")
+    fast = gp.Landscape(model, loss_fn, (x, y), mode="train", recompute_attention=True)
     slow = gp.Landscape(model, loss_fn, (x, y), mode="train", fast_double_backward=False)
     v = torch.randn(fast.dim, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     assert torch.equal(fast.hvp(v), slow.hvp(v))
@@ -392,7 +392,7 @@ def test_hugging_face_sdpa_goes_through_the_handler(kind, padded, routes):
     batch = {"input_ids": ids}
     if padded:
         batch["attention_mask"] = torch.tensor([[1] * 9, [0, 0] + [1] * 7, [1] * 9])
-    fast = gp.Landscape(model, _lm_loss, [batch])
+    fast = gp.Landscape(model, _lm_loss, [batch], recompute_attention=True)
     slow = gp.Landscape(model, _lm_loss, [batch], fast_double_backward=False)
     assert routes.seen and all(routes.seen)  # every layer's attention, through torch's fused kernel
     if not padded and kind == "llama":  # Llama passes enable_gqa=True when there is no mask
@@ -416,7 +416,7 @@ def test_cuda_matches_the_math_kernel(dtype, routes):
         pytest.skip("needs a CUDA device")
     model = _hf("llama").to("cuda", dtype)
     ids = torch.randint(0, 11, (4, 64), generator=torch.Generator().manual_seed(1)).cuda()
-    fast = gp.Landscape(model, _lm_loss, [{"input_ids": ids}])
+    fast = gp.Landscape(model, _lm_loss, [{"input_ids": ids}], recompute_attention=True)
     slow = gp.Landscape(model, _lm_loss, [{"input_ids": ids}], fast_double_backward=False)
     assert routes.seen and all(f == (dtype != torch.float64) for f in routes.seen)
     V = torch.randn(2, fast.dim, generator=torch.Generator(device="cuda").manual_seed(2), device="cuda", dtype=dtype)
@@ -429,3 +429,18 @@ def test_cuda_matches_the_math_kernel(dtype, routes):
     err_fast, err_slow = rel(fast.hvp(V).double(), ref), rel(slow.hvp(V).double(), ref)
     floor = 8 * torch.finfo(dtype).eps
     assert err_fast <= 2 * err_slow + floor, (err_fast, err_slow)
+
+
+def test_a_landscape_keeps_torch_attention_unless_asked(routes):
+    """By default the Landscape leaves attention on torch's math kernel (faster per HVP on GPT-2 124M at 512
+    tokens on an H200, benchmarks/RESULTS.md §6): the handler sees no call, the other fast paths stay on, and
+    ``recompute_attention=True`` routes every layer's attention through it with the same HVPs."""
+    model = _hf("gpt2")
+    batch = {"input_ids": torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(3))}
+    default = gp.Landscape(model, _lm_loss, [batch])
+    assert default.fast_double_backward and not default.recompute_attention
+    assert routes.seen == []
+    asked = gp.Landscape(model, _lm_loss, [batch], recompute_attention=True)
+    assert routes.seen and all(routes.seen)
+    V = torch.randn(2, default.dim, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    assert rel(asked.hvp(V), default.hvp(V)) < EXACT

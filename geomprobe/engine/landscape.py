@@ -109,10 +109,13 @@ class Landscape:
             own (:mod:`geomprobe.engine.autodiff.fastdouble`): convolutions on torch's forward, backward-input and
             backward-weight kernels instead of torch's formula, whose weight term runs on a slow CUDA kernel;
             layer norm and GELU in closed form, fused by inductor (CUDA only). On an H100 (strict fp32) an HVP
-            drops from 5.1 to 2.3 gradients on ResNet-18 and from 2.9 to 2.3 on a transformer. Scaled-dot-product
-            attention runs torch's fused kernel and recomputes its probabilities in bounded tiles for the HVP
-            instead of keeping them (:mod:`geomprobe.engine.autodiff.attndouble`). Same products to rounding;
-            ``False`` keeps torch's paths (attention on the math kernel).
+            drops from 5.1 to 2.3 gradients on ResNet-18 and from 2.9 to 2.3 on a transformer. Same products
+            to rounding; ``False`` keeps torch's paths.
+        recompute_attention: with ``fast_double_backward``, scaled-dot-product attention runs torch's fused
+            kernel and recomputes its probabilities in bounded tiles for each HVP instead of keeping them
+            (:mod:`geomprobe.engine.autodiff.attndouble`). Off by default: on GPT-2 124M (8 x 512, bf16, H200)
+            it cut the graph from 10.2 to 6.5 GB but made an HVP 1.36x slower (benchmarks/RESULTS.md §6), so
+            it pays where the probabilities dominate memory (long sequences) rather than by default.
 
     A graph that would drop second-order terms silently is refused by name (:mod:`~geomprobe.engine.doublecheck`):
     a once-differentiable Function, or a custom autograd Function whose backward leaves autograd (numpy,
@@ -167,6 +170,7 @@ class Landscape:
         process_group: Any = None,
         micro_batch_size: int | None = None,
         fast_double_backward: bool = True,
+        recompute_attention: bool = False,
         memory: MemoryBudget | MemoryPlan | str | None = "auto",
         reduction: str = "auto",
     ):
@@ -188,6 +192,7 @@ class Landscape:
         self.fd_eps = fd_eps
         self.graph_budget_bytes = graph_budget_bytes
         self.fast_double_backward = bool(fast_double_backward)
+        self.recompute_attention = bool(recompute_attention)
         self.param_names, self.params = self._select(params, process_group)
         self.space = ParamSpace(self.param_names, [p.shape for p in self.params], group_by=group_by)
         self.device = self.params[0].device
@@ -292,7 +297,8 @@ class Landscape:
         m = min(n, max(2, math.ceil(n / 8))) if can_split else n
         piece = slice_batch(batch, n, 0, m)
         counter = SavedBytes(self.params)
-        with self.frozen(0), counter.hooks(), fast_double_backward(self.fast_double_backward):
+        fast = fast_double_backward(self.fast_double_backward, self.recompute_attention)
+        with self.frozen(0), counter.hooks(), fast:
             loss = self.loss_on(piece)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
         del grads, loss
@@ -323,7 +329,8 @@ class Landscape:
 
     def _graph(self, b: int, create_graph: bool, watch: bool = False) -> tuple[list[torch.Tensor | None], torch.Tensor, int]:
         counter = SavedBytes(self.params)
-        with self.frozen(b), counter.hooks(), fast_double_backward(self.fast_double_backward and create_graph):
+        fast = fast_double_backward(self.fast_double_backward and create_graph, self.recompute_attention)
+        with self.frozen(b), counter.hooks(), fast:
             loss = self.loss_on(self.batches[b])
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(

@@ -36,9 +36,15 @@ FAST_OPS = ("conv1d", "conv2d", "conv3d", "layer_norm", "gelu", "scaled_dot_prod
 
 
 class _FastDoubleBackward(TorchFunctionMode):
+    def __init__(self, attention: bool = True) -> None:
+        super().__init__()
+        self.attention = attention
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
+        if handler is not None and not self.attention and func is F.scaled_dot_product_attention:
+            handler = None
         if handler is not None and not _autocast():
             call = handler(args, kwargs)
             if call is not None:
@@ -55,10 +61,11 @@ def _autocast() -> bool:
 
 
 @contextlib.contextmanager
-def fast_double_backward(enabled: bool = True) -> Iterator[None]:
-    """Build graphs whose double backward is fast for the operations in :data:`FAST_OPS` (see the module)."""
+def fast_double_backward(enabled: bool = True, attention: bool = True) -> Iterator[None]:
+    """Build graphs whose double backward is fast for the operations in :data:`FAST_OPS` (see the module);
+    ``attention=False`` leaves scaled-dot-product attention on torch's path."""
     if not enabled:
         yield
         return
-    with _FastDoubleBackward():
+    with _FastDoubleBackward(attention):
         yield
