@@ -24,16 +24,33 @@ planned cost of a metric can be stated before any HVP is spent and tested agains
 the largest that fits the budget (water-filling: small blocks are taken whole, the rest share equally), the
 columns left by rounding given one each to the largest unfinished blocks. Equal shares give every block's own
 interval the same footing; the whole-model estimate weighs each stratum by ``n_l / k_l``.
+
+Rounds (``rel_tol > 0``: stop once the whole-model interval is tight). Both metrics then spend their plan in
+*looks*, each a fixed amount of work whatever the budget, so that stopping at a look is the same estimator as
+a budget that ends there (the budget only caps the last look):
+
+* ``rmed``'s packed plan (:func:`packed_looks`): the screen first, then rounds of ``ROUND_HVPS // signs`` rows
+  (64 HVPs), split ``k : top`` between sampled coordinates and screened candidates *cumulatively* (after ``t``
+  rows, ``round(t top / (k + top))`` are candidate rows), until the plan's rows are read.
+* ``diagshare`` (:func:`column_looks`): look ``j`` holds ``plan_columns(budget=B_j)`` columns per block, with
+  ``B_1 = max(2 m, 64)`` (``m`` blocks: two columns each, so that every stratum has its own spread) and steps of
+  ``max(m, 64)``. The water-filling is monotone in the budget, so every look extends the previous one in every
+  block, and the split between blocks is the plan's at every look.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+import math
 from typing import Sequence
+
+import numpy as np
 
 from ..errors import ConfigurationError
 
-__all__ = ["RmedPlan", "plan_rmed", "plan_columns"]
+__all__ = ["RmedPlan", "plan_rmed", "plan_columns", "packed_looks", "column_looks", "ROUND_HVPS", "check_rel_tol"]
+
+ROUND_HVPS = 64  # HVPs per look of rmed's packed rounds (diagshare: at least this many columns per look)
 
 
 @dataclass(frozen=True)
@@ -124,3 +141,47 @@ def plan_columns(sizes: Sequence[int], *, budget: int, k: int) -> list[int]:
             cols[i] += 1
             left -= 1
     return cols
+
+
+def check_rel_tol(metric: str, rel_tol: float) -> float:
+    """``rel_tol`` as a float, or one ConfigurationError saying what a valid one is."""
+    ok = not isinstance(rel_tol, bool) and isinstance(rel_tol, (int, float, np.integer, np.floating))
+    if not ok or not math.isfinite(float(rel_tol)) or rel_tol < 0:
+        raise ConfigurationError(
+            f"{metric} needs a finite rel_tol >= 0 (the whole-model interval's half-width over the value at "
+            f"which to stop; 0 spends the whole budget), got rel_tol={rel_tol!r}"
+        )
+    return float(rel_tol)
+
+
+def packed_looks(plan: RmedPlan, *, k: int, top: int) -> list[tuple[int, int]]:
+    """Cumulative ``(sample_rows, cand_rows)`` read by each look of rmed's packed rounds (module docstring).
+
+    Every look but the last adds ``ROUND_HVPS // signs`` rows; the last ends at the plan's rows, so that the
+    looks spend ``plan.hvps`` in all. A prefix of the looks does not depend on the budget except where the
+    plan's caps (its candidate rows, the largest block) bind."""
+    if plan.mode != "packed":
+        raise ValueError("packed_looks needs a packed plan")
+    total = plan.rows_sample + plan.rows_cand
+    per = max(1, ROUND_HVPS // plan.signs)
+    share = top / (k + top) if plan.rows_cand > 0 else 0.0
+    looks = []
+    for t in list(range(per, total, per)) + [total]:
+        cand = min(plan.rows_cand, int(round(t * share)))
+        sample = t - cand
+        if sample > plan.rows_sample:  # the sample is whole (largest block): the rest of the rows are candidates
+            sample, cand = plan.rows_sample, t - plan.rows_sample
+        looks.append((sample, cand))
+    return looks
+
+
+def column_looks(sizes: Sequence[int], *, budget: int, k: int) -> list[list[int]]:
+    """Cumulative columns per block at each look of diagshare's rounds (module docstring); the last is
+    ``plan_columns(sizes, budget=budget, k=k)``."""
+    final = plan_columns(sizes, budget=budget, k=k)
+    total = sum(final)
+    m = len(sizes)
+    first, step = max(2 * m, ROUND_HVPS), max(m, ROUND_HVPS)
+    looks = [plan_columns(sizes, budget=b, k=k) for b in range(first, total, step)]
+    looks = [cols for cols in looks if sum(cols) < total]
+    return looks + [final]
