@@ -40,15 +40,15 @@ a budget that ends there (the budget only caps the last look):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import math
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import ConfigurationError
 
-__all__ = ["RmedPlan", "plan_rmed", "plan_columns", "packed_looks", "column_looks", "ROUND_HVPS", "check_rel_tol"]
+__all__ = ["ROUND_HVPS", "RmedPlan", "check_rel_tol", "column_looks", "packed_looks", "plan_columns", "plan_rmed"]
 
 ROUND_HVPS = 64  # HVPs per look of rmed's packed rounds (diagshare: at least this many columns per look)
 
@@ -167,7 +167,7 @@ def packed_looks(plan: RmedPlan, *, k: int, top: int) -> list[tuple[int, int]]:
     share = top / (k + top) if plan.rows_cand > 0 else 0.0
     looks = []
     for t in list(range(per, total, per)) + [total]:
-        cand = min(plan.rows_cand, int(round(t * share)))
+        cand = min(plan.rows_cand, round(t * share))
         sample = t - cand
         if sample > plan.rows_sample:  # the sample is whole (largest block): the rest of the rows are candidates
             sample, cand = plan.rows_sample, t - plan.rows_sample

@@ -44,7 +44,8 @@ def _rmed(o: dict, c: PlanContext) -> CostPlan:
     chosen = select_blocks(c.blocks, o["blocks"])
     plan = plan_rmed([b.size for b in chosen], budget=o["hvps"], exact_threshold=o["exact_threshold"], k=o["k"],
                      top=o["top"], screen_samples=o["screen_samples"], signs=o["signs"], min_k=o["min_k"])
-    return CostPlan(plan.hvps, vectors=2 * c.chunk_size)
+    # rel_tol reads a packed plan in rounds that may stop early: plan.hvps is then the cap
+    return CostPlan(plan.hvps, exact=not (o["rel_tol"] and plan.mode == "packed"), vectors=2 * c.chunk_size)
 
 
 def _diagshare(o: dict, c: PlanContext) -> CostPlan:
@@ -52,7 +53,8 @@ def _diagshare(o: dict, c: PlanContext) -> CostPlan:
     d = sum(b.size for b in chosen)
     if d <= min(o["exact_threshold"], o["hvps"]):
         return CostPlan(d, vectors=2 * c.chunk_size)
-    return CostPlan(sum(plan_columns([b.size for b in chosen], budget=o["hvps"], k=o["k"])), vectors=2 * c.chunk_size)
+    return CostPlan(sum(plan_columns([b.size for b in chosen], budget=o["hvps"], k=o["k"])), exact=not o["rel_tol"],
+                    vectors=2 * c.chunk_size)
 
 
 def _density(o: dict, c: PlanContext) -> CostPlan:

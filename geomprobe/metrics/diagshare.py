@@ -290,8 +290,8 @@ def _in_rounds(land: Any, chosen: list, k: int, hvps: int, level: float, bootstr
         last = i == len(looks) - 1
         d = sum(st["w"] * st["diag"].sum() for st in strata) / sum(st["w"] * st["tot"].sum() for st in strata)
         # the reported interval holds this one: a look it does not meet is not worth the bootstrap
-        quick = half_width(d, *_stratified_t(strata, "diag", "tot", level)) if d == d else None
-        if not last and (quick is None or not quick == quick or quick > rel_tol * d):
+        quick = half_width(d, *_stratified_t(strata, "diag", "tot", level)) if math.isfinite(d) else None
+        if not last and (quick is None or not math.isfinite(quick) or quick > rel_tol * d):
             continue
         out = _summarize(strata, level, bootstrap, np.random.default_rng(seed))
         if _met(out, rel_tol) or last:
@@ -322,7 +322,8 @@ def _read_columns(land: Any, chosen: list, owner: np.ndarray, glob: torch.Tensor
 
 
 @register("diagshare", cost="d HVPs up to exact_threshold (2048) and hvps (1024); above, one exact column per "
-          "HVP, min(n_l, k, c) per block (k = 256) with the cap c fitting hvps (1024) over all blocks")
+          "HVP, min(n_l, k, c) per block (k = 256) with the cap c fitting hvps (1024) over all blocks, in looks that "
+          "may stop earlier once diagshare_err <= rel_tol (0.1) x diagshare")
 def diagshare(
     land: Any,
     *,

@@ -402,7 +402,8 @@ def _in_rounds(mv: Matvec, dim: int, blocks: list, scalings: Sequence[torch.Tens
     "rmed",
     cost="at most hvps (1024) whatever the model: exact entries (one HVP each) for blocks up to exact_threshold "
     "(1024) and k + top (576) per larger block, plus screen_samples (32), when that fits, k and top scaled down "
-    "while >= min_k (24); else screen_samples + signs (2) HVPs per packed row reading one coordinate of every block",
+    "while >= min_k (24); else screen_samples + signs (2) HVPs per packed row reading one coordinate of every block, "
+    "in rounds of 64 HVPs that may stop earlier once rmed_err <= rel_tol (0.1) x rmed",
 )
 def rmed(
     land: Any,

@@ -1,0 +1,199 @@
+"""rmed and diagshare stopping once their whole-model interval is tight (``rel_tol``).
+
+What is checked: a stopped run is the fixed-budget estimator of the HVPs it spent (same seed, same values);
+``rel_tol=0`` is today's estimator (values pinned from the code before stopping existed); the intervals at the
+stop still cover the exact value over seeds (exact diagonals of tridiagonal quadratics, the dense Hessian of a
+digits MLP); the looks' schedule; the planned cost states a cap; bad ``rel_tol`` values fail with one message.
+"""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from quadratic_models import Quadratic, banded, covers, dense_share, exact_rmed, landscape
+from test_budgeted_diagonal import _floor, mlp_hessian  # noqa: F401  (the fixture)
+from tolerances import FLOAT64_EXACT, FLOAT64_REL
+from torch import nn
+
+from geomprobe import ConfigurationError, Landscape
+from geomprobe.metrics import diagshare, get, rmed
+from geomprobe.metrics._budget import ROUND_HVPS, column_looks, packed_looks, plan_columns, plan_rmed
+from geomprobe.metrics.rmed import diagonal_ratios
+from geomprobe.probe.progress import plan_probe
+
+
+def _banded(n_blocks: int, size: int, seed: int) -> Quadratic:
+    a, c = banded(n_blocks * size, seed=seed, spread=1.0, coupling=0.3)
+    return Quadratic(a, [size] * n_blocks, offdiag=c)
+
+
+def _without(out: dict, *keys: str) -> dict:
+    return {k: v for k, v in out.items() if k not in keys}
+
+
+# ------------------------------------------------------------------------------------------- same estimator
+def test_rmed_stopped_early_is_the_run_whose_budget_ends_there():
+    model = _banded(40, 3000, seed=5)
+    out = rmed(landscape(model), rel_tol=0.1, seed=0)
+    assert out["mode"] == "packed" and out["converged"] and out["budget"] == 1024 and out["hvps"] < 512
+    assert out["rmed_err"] <= 0.1 * out["rmed"]
+    # the same seed with the budget set to what was spent, and a tolerance it cannot meet: it spends it all
+    again = rmed(landscape(model), rel_tol=1e-12, hvps=out["hvps"], seed=0)
+    assert again["hvps"] == again["budget"] == out["hvps"] and not again["converged"]
+    assert _without(again, "converged", "budget") == _without(out, "converged", "budget")
+    h = model.hessian_diagonal()
+    assert covers(out["rmed_ci"], exact_rmed(h)[0]) and covers(out["rmed_q99_ci"], exact_rmed(h)[1])
+
+
+def test_diagshare_stopped_early_is_the_run_whose_budget_ends_there():
+    model = _banded(40, 3000, seed=5)
+    out = diagshare(landscape(model), rel_tol=0.05, seed=0)
+    assert out["converged"] and not out["exact"] and out["budget"] == 1024 and out["hvps"] < 512
+    assert out["diagshare_err"] <= 0.05 * out["diagshare"]
+    again = diagshare(landscape(model), rel_tol=1e-12, hvps=out["hvps"], seed=0)
+    assert again["hvps"] == again["budget"] == out["hvps"] and not again["converged"]
+    assert _without(again, "converged", "budget") == _without(out, "converged", "budget")
+    # every block is sampled, so the looks draw what one pass of that budget draws: today's estimator at the
+    # HVPs spent, up to the rounding of HVPs batched differently
+    fixed = diagshare(landscape(model), rel_tol=0, hvps=out["hvps"], seed=0)
+    for key in ("diagshare", "blockdiag_share"):
+        assert fixed[key] == pytest.approx(out[key], rel=FLOAT64_EXACT)
+        assert fixed[f"{key}_ci"] == pytest.approx(out[f"{key}_ci"], rel=FLOAT64_EXACT)
+    # a tridiagonal Hessian's share in closed form: sum |a_i| / (sum |a_i| + 2 sum |c_i|)
+    a, c = model.A.abs().sum().item(), model.c.abs().sum().item()
+    assert covers(out["diagshare_ci"], a / (a + 2 * c), rel=FLOAT64_REL)
+
+
+def test_rel_tol_zero_reproduces_the_whole_budget_estimator():
+    # pinned from the code before rel_tol existed (same model, options and seed)
+    model = _banded(40, 150, seed=5)
+    out = rmed(landscape(model), hvps=256, k=64, top=8, screen_samples=16, bootstrap=50, seed=3, rel_tol=0)
+    assert out["mode"] == "packed" and out["hvps"] == 256 and out["converged"]
+    assert out["rmed"] == 55.82886610148493
+    assert out["rmed_ci"] == [52.485394123381674, 58.4532471055999]
+    assert out["rmed_q99_ci"] == [8.271817440276541, 12.11871582717064]
+    assert out["median_ci"] == [0.9602742505803119, 1.03807287675199]
+    assert out["blocks"]["w7"]["rmed_ci"] == [8.745846315957472, 13.747317200425256]
+    out = diagshare(landscape(model), hvps=200, bootstrap=50, seed=3, rel_tol=0)
+    assert out["hvps"] == 200 and out["converged"]
+    assert out["diagshare"] == 0.7936904635674813
+    assert out["diagshare_ci"] == [0.7673579353870777, 0.8200229917478848]
+    assert out["blocks"]["w7"]["diagshare_ci"] == [0.5205842619871055, 0.8506512398132815]
+
+
+def test_exact_plans_are_untouched_by_rel_tol():
+    # a small model read whole: exact, converged, the same HVPs whatever rel_tol
+    model = _banded(2, 30, seed=1)
+    for fn in (rmed, diagshare):
+        a, b = fn(landscape(model), rel_tol=0.5, seed=0), fn(landscape(model), rel_tol=0, seed=0)
+        assert a["exact"] and a["converged"] and a["hvps"] == b["hvps"] == 60
+        assert _without(a, "converged") == _without(b, "converged")
+
+
+# ------------------------------------------------------------------------------------------- coverage
+def test_rmed_intervals_at_the_stop_cover_the_exact_ratios():
+    model = _banded(20, 300, seed=11)
+    land = landscape(model)
+    h = model.hessian_diagonal()
+    (R, Q), med = exact_rmed(h), float(np.median(h.abs()))
+    seeds = 40
+    hits, spent = np.zeros(3), []
+    for s in range(seeds):
+        (res,), n = diagonal_ratios(land.hvp, land.dim, land.space.blocks, hvps=512, k=64, top=8, screen_samples=16,
+                                    bootstrap=100, rel_tol=0.1, generator=torch.Generator().manual_seed(s))
+        assert res["mode"] == "packed" and n <= 512
+        spent.append(n)
+        hi = math.inf if res["rmed_ci"][1] is None else res["rmed_ci"][1]
+        hits += [res["rmed_ci"][0] <= R <= hi, covers(res["rmed_q99_ci"], Q), covers(res["median_ci"], med)]
+    assert np.median(spent) < 512          # the stops happen: this tests optional stopping, not the full budget
+    assert (hits / seeds >= _floor(seeds)).all(), hits / seeds
+
+
+def test_diagshare_intervals_at_the_stop_cover_the_exact_share(mlp_hessian):  # noqa: F811
+    H, sizes = mlp_hessian
+    land = landscape(Quadratic(H, sizes))
+    delta, _, bd = dense_share(H, sizes)
+    seeds = 60
+    hits, spent = np.zeros(2), []
+    for s in range(seeds):
+        out = diagshare(land, hvps=512, bootstrap=100, seed=s, rel_tol=0.05)
+        spent.append(out["hvps"])
+        hits += [covers(out["diagshare_ci"], delta, rel=FLOAT64_REL), covers(out["blockdiag_share_ci"], bd, rel=FLOAT64_REL)]
+    assert np.median(spent) < 442, spent   # the whole plan is 442 columns: the stops happen before it
+    assert (hits / seeds >= _floor(seeds)).all(), hits / seeds
+
+
+# ------------------------------------------------------------------------------------------- looks
+def test_packed_looks_keep_the_plan_split_and_end_at_the_plan():
+    opts = {"exact_threshold": 1024, "k": 512, "top": 64, "screen_samples": 32, "signs": 2, "min_k": 24}
+    sizes = [3000] * 40
+    plan = plan_rmed(sizes, budget=1024, **opts)
+    looks = packed_looks(plan, k=512, top=64)
+    assert looks[-1] == (plan.rows_sample, plan.rows_cand)
+    assert plan.screen + plan.signs * sum(looks[-1]) == plan.hvps
+    rows = [s + c for s, c in looks]
+    assert rows[:-1] == [ROUND_HVPS // 2 * (i + 1) for i in range(len(rows) - 1)]
+    for s, c in looks:
+        assert c == round((s + c) * 64 / 576)             # k : top in every look
+    # a smaller budget's looks are a prefix of these (the budget only caps the last)
+    small = plan_rmed(sizes, budget=plan.screen + 2 * rows[3], **opts)
+    assert packed_looks(small, k=512, top=64) == looks[:4]
+
+
+def test_column_looks_extend_in_every_block_and_end_at_the_plan():
+    sizes = [10, 5000, 800, 3000] + [2000] * 60
+    looks = column_looks(sizes, budget=1024, k=256)
+    assert looks[-1] == plan_columns(sizes, budget=1024, k=256) and len(looks) > 3
+    assert sum(looks[0]) == 2 * len(sizes) and min(looks[0]) == 2
+    for a, b in itertools.pairwise(looks):
+        assert all(x <= y for x, y in zip(a, b)) and sum(b) - sum(a) <= max(len(sizes), ROUND_HVPS)
+    budget = sum(looks[2])
+    assert column_looks(sizes, budget=budget, k=256) == looks[:3]
+
+
+def test_rounds_batch_their_hvps():
+    land = landscape(_banded(40, 600, seed=5))
+    calls = []
+    hvp = land.hvp
+
+    def counted(v):
+        calls.append(v.shape[0] if v.dim() == 2 else 1)
+        return hvp(v)
+
+    land.hvp = counted
+    out = rmed(land, rel_tol=1e-12, hvps=256, seed=0)
+    # every look's rows go through HVPs of the Landscape's chunk (16): only a look's or the screen's last call
+    # is short
+    looks = len(packed_looks(plan_rmed([600] * 40, budget=256, exact_threshold=1024, k=512, top=64,
+                                       screen_samples=32, signs=2, min_k=24), k=512, top=64))
+    assert out["mode"] == "packed" and sum(calls) == out["hvps"] == 256
+    assert len(calls) <= math.ceil(256 / 16) + looks + 1
+    calls.clear()
+    out = diagshare(land, rel_tol=1e-12, hvps=256, seed=0)
+    looks = len(column_looks([600] * 40, budget=256, k=256))
+    assert sum(calls) == out["hvps"] == 256 and len(calls) <= math.ceil(256 / 16) + looks
+
+
+# ------------------------------------------------------------------------------------------- plans and options
+def test_planned_cost_is_a_cap_when_the_metric_may_stop():
+    assert "may stop earlier" in get("rmed").cost and "rel_tol" in get("rmed").cost
+    assert "may stop earlier" in get("diagshare").cost and "rel_tol" in get("diagshare").cost
+    model = nn.Sequential(nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 40), nn.Tanh(), nn.Linear(40, 2))
+    g = torch.Generator().manual_seed(0)
+    land = Landscape(model, nn.CrossEntropyLoss(), (torch.randn(32, 40, generator=g), torch.randint(0, 2, (32,), generator=g)))
+    for name, options in (("rmed", {"hvps": 64}), ("diagshare", {"hvps": 64})):
+        capped = plan_probe({name: options}, land.space)[name]
+        fixed = plan_probe({name: {**options, "rel_tol": 0}}, land.space)[name]
+        assert capped["hvps"] == fixed["hvps"] <= 64 and not capped["exact"] and fixed["exact"]
+
+
+@pytest.mark.parametrize("bad", [-0.1, float("nan"), float("inf"), "0.1", True, None])
+def test_bad_rel_tol_fails_with_one_clear_message(bad):
+    land = landscape(_banded(2, 30, seed=1))
+    for fn, name in ((rmed, "rmed"), (diagshare, "diagshare")):
+        with pytest.raises(ConfigurationError, match=rf"{name} needs a finite rel_tol >= 0 .*got rel_tol="):
+            fn(land, rel_tol=bad)
+    with pytest.raises(ConfigurationError, match="rmed needs a finite rel_tol >= 0"):
+        diagonal_ratios(land.hvp, land.dim, land.space.blocks, rel_tol=-1)
