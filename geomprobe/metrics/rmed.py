@@ -144,11 +144,12 @@ def _ratio_stats(mx: float, mx_upper: float, med: float, med_ci: tuple[float, fl
 
 
 def _block_result(p: BlockDiag, s: torch.Tensor | None, z: float, level: float,
-                  unread_upper: float | None = None) -> tuple[dict, dict]:
+                  unread_upper: float | None = None, piece_only: bool = False) -> tuple[dict, dict]:
     """The block's result dict and the raw material (scaled |h| values) the whole-model pooling needs.
 
     ``unread_upper``: the screen's bound on the unread entries when the caller knows it (the rounds rank the
-    screen once), instead of a pass over the whole block."""
+    screen once), instead of a pass over the whole block. ``piece_only``: only the raw material (a look's
+    cheap check; the result dict is then empty)."""
     b = p.block
     sc = None if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
     samp = np.abs(p.sample_h) * (1.0 if sc is None else sc[p.sample])
@@ -189,6 +190,9 @@ def _block_result(p: BlockDiag, s: torch.Tensor | None, z: float, level: float,
         elif p.screen is None and unknown.any():
             screen_upper = float("inf")  # no screen: nothing bounds the unseen entries
     mx_upper = max(mx_read_upper, screen_upper)
+    if piece_only:  # what the whole-model pooling needs, without the block's own intervals
+        return {}, {"values": samp, "weights": np.full(len(samp), b.size / len(samp)), "exact": False, "mx": mx,
+                    "mx_upper": mx_upper, "mx_lower": mx_lower, "size": b.size, "scale": s_samp}
     med, q99 = float(np.median(samp)), float(np.quantile(samp, 0.99))
     bonf = 1 - (1 - level) / 2
     whole = len(p.sample) == b.size  # every coordinate read: the quantiles are the sample's, up to contamination
@@ -357,7 +361,7 @@ def _quick_met(parts: list[BlockDiag], scalings: Sequence[torch.Tensor | None], 
     part), widened by the contamination as reported. It is no wider than the reported interval up to that
     widening, so a look that fails here is not worth the bootstrap."""
     for i, s in enumerate(scalings):
-        pieces = [_block_result(p, s, z, level, unread(j, i))[1] for j, p in enumerate(parts)]
+        pieces = [_block_result(p, s, z, level, unread(j, i), piece_only=True)[1] for j, p in enumerate(parts)]
         vals = np.concatenate([pc["values"] for pc in pieces])
         wts = np.concatenate([pc["weights"] for pc in pieces])
         scale = np.concatenate([pc["scale"] for pc in pieces])
