@@ -38,7 +38,19 @@ Estimators:
   interval covered 0.93 / 0.96 / 0.93-1.0 (whole, block-diagonal, per block) at 6 columns per block, and
   0.88 / 0.92 / 0.87-0.99 at 3: below ~6 columns per block the per-block intervals undercover.
 
-Cost in HVPs: ``d`` (exact) or ``sum_l k_l <= hvps`` (sampled). Rows are restricted to the selected
+Stopping (``rel_tol``, default 0.1; 0 spends the whole budget as before): the sampled columns are read in
+looks (``geomprobe.metrics._budget.column_looks``: first two columns per block, or 64 columns, then steps of
+``max(m, 64)`` columns, every look the plan's split of its budget between blocks), each block's columns the
+prefix of one random permutation, batched across blocks. It stops at the first look where
+``diagshare_err <= rel_tol * diagshare`` or when the budget is spent; ``converged`` says which. The result at
+a look is the result of a budget that ends there (same seed), and when every block is sampled it is the
+whole-budget estimator of that budget. Intervals are reported without widening for the looks. Measured
+coverage at the stop on the digits MLP (budget 512, 200 seeds, whole / block-diagonal share): rel_tol 0.2
+(stops at 64) 0.93 / 0.96, 0.1 (64-128) 0.92 / 0.955, 0.05 (192-320) 0.935 / 0.945, 0.03 0.95 / 0.97;
+the whole budget (442 columns) 0.965 / 0.97: the stops cost no coverage beyond that of the smaller budget
+itself. A look costs the Student-t interval; the bootstrap runs only at a look that interval meets.
+
+Cost in HVPs: ``d`` (exact) or ``sum_l k_l <= hvps`` (sampled; fewer when ``rel_tol`` stops it). Rows are restricted to the selected
 blocks, so with ``blocks=`` the statistic is that of the selected coordinates' sub-Hessian.
 """
 

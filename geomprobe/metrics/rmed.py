@@ -57,8 +57,23 @@ its interval a stratified percentile bootstrap (widened by the contamination on 
 undefined ratio (a zero median) is ``None``. Coverage over seeds on a digits MLP forced to the packed plan:
 ``tests/test_budgeted_diagonal.py``.
 
+Stopping (``rel_tol``, default 0.1; 0 spends the whole budget as before): the packed plan is read in looks
+of 64 HVPs (``geomprobe.metrics._packed_rounds``: the screen first, then rows of sampled coordinates taken in
+the order of one fixed random permutation per block and of screened candidates, split ``k : top`` at every
+look), and stops at the first look whose whole-model interval has ``rmed_err <= rel_tol * rmed``, or when the
+budget is spent; ``converged`` says which, ``hvps`` what was spent, ``budget`` the cap. The result at a look
+is the result of a budget that ends there (same seed: same reads, same bootstrap), and its intervals are
+reported as they are, without widening for the looks: the rule stops on the interval's width, not on where it
+lies. Measured coverage at the stop (nominal 0.95): a tridiagonal quadratic of 20 blocks x 300, budget 512,
+rel_tol 0.1 (stops at 80-144 HVPs), 40 seeds: 1.0 / 1.0 / 0.975 (R_med, R_q99, median)
+(``tests/test_budgeted_stopping.py``). On small real networks the packed intervals stay wide (a digits MLP at
+256 HVPs: the median's interval reaches 0, the ratio's is unbounded) and no look meets 0.1: those runs spend
+their budget as before. A look costs a cheap check (the stratified median interval alone, ~0.15 s at 148
+blocks on a CPU) and the full intervals only when that check passes. The exact plan is always spent whole
+(``converged`` then says whether its interval meets ``rel_tol``).
+
 Cost in HVPs: at most ``hvps``. Exact plan: ``sum_small n + sum_large (k + top) + screen_samples`` (the last
-only if a block is large); packed plan: ``screen_samples + signs * rows``.
+only if a block is large); packed plan: ``screen_samples + signs * rows``, or fewer when ``rel_tol`` stops it.
 """
 
 from __future__ import annotations
