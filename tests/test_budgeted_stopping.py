@@ -35,7 +35,7 @@ def _without(out: dict, *keys: str) -> dict:
 
 # ------------------------------------------------------------------------------------------- same estimator
 def test_rmed_stopped_early_is_the_run_whose_budget_ends_there():
-    model = _banded(40, 3000, seed=5)
+    model = _banded(40, 1000, seed=5)
     out = rmed(landscape(model), rel_tol=0.1, seed=0)
     assert out["mode"] == "packed" and out["converged"] and out["budget"] == 1024 and out["hvps"] < 512
     assert out["rmed_err"] <= 0.1 * out["rmed"]
@@ -48,16 +48,16 @@ def test_rmed_stopped_early_is_the_run_whose_budget_ends_there():
 
 
 def test_diagshare_stopped_early_is_the_run_whose_budget_ends_there():
-    model = _banded(40, 3000, seed=5)
-    out = diagshare(landscape(model), rel_tol=0.05, seed=0)
+    model = _banded(40, 1000, seed=5)
+    out = diagshare(landscape(model), rel_tol=0.05, bootstrap=200, seed=0)
     assert out["converged"] and not out["exact"] and out["budget"] == 1024 and out["hvps"] < 512
     assert out["diagshare_err"] <= 0.05 * out["diagshare"]
-    again = diagshare(landscape(model), rel_tol=1e-12, hvps=out["hvps"], seed=0)
+    again = diagshare(landscape(model), rel_tol=1e-12, hvps=out["hvps"], bootstrap=200, seed=0)
     assert again["hvps"] == again["budget"] == out["hvps"] and not again["converged"]
     assert _without(again, "converged", "budget") == _without(out, "converged", "budget")
     # every block is sampled, so the looks draw what one pass of that budget draws: today's estimator at the
     # HVPs spent, up to the rounding of HVPs batched differently
-    fixed = diagshare(landscape(model), rel_tol=0, hvps=out["hvps"], seed=0)
+    fixed = diagshare(landscape(model), rel_tol=0, hvps=out["hvps"], bootstrap=200, seed=0)
     for key in ("diagshare", "blockdiag_share"):
         assert fixed[key] == pytest.approx(out[key], rel=FLOAT64_EXACT)
         assert fixed[f"{key}_ci"] == pytest.approx(out[f"{key}_ci"], rel=FLOAT64_EXACT)
