@@ -11,6 +11,7 @@ the value, its interval, the half-width over the value, and ``converged``.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -37,7 +38,8 @@ def one(metric, land: Landscape, device, clock: HVPClock, **options) -> dict:
     sync(device)
     secs = time.perf_counter() - t0
     x, err, ci = (out[k] for k in KEYS[metric])
-    row = {"metric": metric, "options": options, "mode": out.get("mode", "exact" if out["exact"] else "sampled"),
+    used = options.get("rel_tol", inspect.signature(fn).parameters["rel_tol"].default)
+    row = {"metric": metric, "options": options, "rel_tol": used, "mode": out.get("mode", "exact" if out["exact"] else "sampled"),
            "hvps": out["hvps"], "budget": out["budget"], "seconds": secs, "hvp_seconds": clock.seconds,
            "value": x, "err": err, "ci": ci, "rel_halfwidth": (err / abs(x)) if x and err is not None else None,
            "converged": out["converged"]}

@@ -38,7 +38,7 @@ Estimators:
   interval covered 0.93 / 0.96 / 0.93-1.0 (whole, block-diagonal, per block) at 6 columns per block, and
   0.88 / 0.92 / 0.87-0.99 at 3: below ~6 columns per block the per-block intervals undercover.
 
-Stopping (``rel_tol``, default 0.1; 0 spends the whole budget as before): the sampled columns are read in
+Stopping (``rel_tol``, default 0.2; 0 spends the whole budget as before): the sampled columns are read in
 looks (``geomprobe.metrics._budget.column_looks``: first two columns per block, or 64 columns, then steps of
 ``max(m, 64)`` columns, every look the plan's split of its budget between blocks), each block's columns the
 prefix of one random permutation, batched across blocks. It stops at the first look where
@@ -335,7 +335,7 @@ def _read_columns(land: Any, chosen: list, owner: np.ndarray, glob: torch.Tensor
 
 @register("diagshare", cost="d HVPs up to exact_threshold (2048) and hvps (1024); above, one exact column per "
           "HVP, min(n_l, k, c) per block (k = 256) with the cap c fitting hvps (1024) over all blocks, in looks that "
-          "may stop earlier once diagshare_err <= rel_tol (0.1) x diagshare")
+          "may stop earlier once diagshare_err <= rel_tol (0.2) x diagshare")
 def diagshare(
     land: Any,
     *,
@@ -345,7 +345,7 @@ def diagshare(
     level: float = 0.95,
     bootstrap: int = 1000,
     hvps: int = 1024,
-    rel_tol: float = 0.1,
+    rel_tol: float = 0.2,
     seed: int = 0,
     generator: torch.Generator | None = None,
 ) -> dict:
@@ -358,10 +358,10 @@ def diagshare(
         k: sampled columns per block above it, at most (the budget may give fewer).
         hvps: the budget in HVPs (exact columns) for all blocks together: a cap when ``rel_tol`` stops early.
         rel_tol: when sampling, stop at the first look (module docstring, "Stopping") where
-            ``diagshare_err <= rel_tol * diagshare``; 0 spends the whole budget. The default 0.1 stops once the
-            share is known to +-10 %: what it is read for, its place against the Wigner and OLS baselines,
-            is a matter of factors (network Hessians sit several times above them), so a tighter interval
-            would cost HVPs without changing the reading.
+            ``diagshare_err <= rel_tol * diagshare``; 0 spends the whole budget. The default 0.2 resolves a
+            1.5x difference ((1 + 0.2) / (1 - 0.2)) between two probes, and the share is read against the
+            Wigner and OLS baselines, from which network Hessians sit several times away: a tighter interval
+            would cost HVPs without changing the reading; the budget stays the cap.
         level, bootstrap: confidence level and resamples of the bootstrap interval.
         seed, generator: the randomness (column draws, bootstrap).
 

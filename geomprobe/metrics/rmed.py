@@ -57,7 +57,7 @@ its interval a stratified percentile bootstrap (widened by the contamination on 
 undefined ratio (a zero median) is ``None``. Coverage over seeds on a digits MLP forced to the packed plan:
 ``tests/test_budgeted_diagonal.py``.
 
-Stopping (``rel_tol``, default 0.1; 0 spends the whole budget as before): the packed plan is read in looks
+Stopping (``rel_tol``, default 0.2; 0 spends the whole budget as before): the packed plan is read in looks
 of 64 HVPs (``geomprobe.metrics._packed_rounds``: the screen first, then rows of sampled coordinates taken in
 the order of one fixed random permutation per block and of screened candidates, split ``k : top`` at every
 look), and stops at the first look whose whole-model interval has ``rmed_err <= rel_tol * rmed``, or when the
@@ -67,7 +67,7 @@ reported as they are, without widening for the looks: the rule stops on the inte
 lies. Measured coverage at the stop (nominal 0.95): a tridiagonal quadratic of 20 blocks x 300, budget 512,
 rel_tol 0.1 (stops at 80-144 HVPs), 40 seeds: 1.0 / 1.0 / 0.975 (R_med, R_q99, median)
 (``tests/test_budgeted_stopping.py``). On small real networks the packed intervals stay wide (a digits MLP at
-256 HVPs: the median's interval reaches 0, the ratio's is unbounded) and no look meets 0.1: those runs spend
+256 HVPs: the median's interval reaches 0, the ratio's is unbounded) and no look meets 0.2: those runs spend
 their budget as before. A look costs a cheap check (the stratified median interval alone, ~0.15 s at 148
 blocks on a CPU) and the full intervals only when that check passes. The exact plan is always spent whole
 (``converged`` then says whether its interval meets ``rel_tol``).
@@ -422,7 +422,7 @@ def _in_rounds(mv: Matvec, dim: int, blocks: list, scalings: Sequence[torch.Tens
     cost="at most hvps (1024) whatever the model: exact entries (one HVP each) for blocks up to exact_threshold "
     "(1024) and k + top (576) per larger block, plus screen_samples (32), when that fits, k and top scaled down "
     "while >= min_k (24); else screen_samples + signs (2) HVPs per packed row reading one coordinate of every block, "
-    "in rounds of 64 HVPs that may stop earlier once rmed_err <= rel_tol (0.1) x rmed",
+    "in rounds of 64 HVPs that may stop earlier once rmed_err <= rel_tol (0.2) x rmed",
 )
 def rmed(
     land: Any,
@@ -438,7 +438,7 @@ def rmed(
     hvps: int = 1024,
     signs: int = 2,
     min_k: int = 24,
-    rel_tol: float = 0.1,
+    rel_tol: float = 0.2,
     seed: int = 0,
     generator: torch.Generator | None = None,
 ) -> dict:
@@ -458,10 +458,10 @@ def rmed(
         signs: sign patterns per packed row (>= 2: their spread is the contamination's error).
         min_k: the fewest exact sampled coordinates per block for which the exact plan is kept.
         rel_tol: on the packed plan, stop at the first look (every 64 HVPs) where ``rmed_err <= rel_tol * rmed``
-            (module docstring, "Stopping"); 0 spends the whole budget. The default 0.1 stops once R_med is
-            known to +-10 %: finer than the differences the statistic is read for (across steps, optimizers
-            and blocks R_med moves by factors; the paper's Adam-vs-SGD gaps are 2x and more), so the HVPs a
-            tighter interval would cost buy no conclusion the user would draw differently.
+            (module docstring, "Stopping"); 0 spends the whole budget. The default 0.2: two probes whose
+            intervals of +-20 % do not overlap differ by more than (1 + 0.2) / (1 - 0.2) = 1.5x, and R_med is
+            read in factors (10 against 1000 across blocks; the paper's Adam-vs-SGD gaps are 2x and more), so
+            a tighter interval costs HVPs without changing a conclusion; the budget stays the cap.
         seed, generator: the randomness (sampled coordinates, sign patterns, screening probes, bootstrap).
 
     Returns the whole-model ``rmed``, ``rmed_err``, ``rmed_ci``, ``rmed_q99`` (``_err``, ``_ci``), ``max``,
