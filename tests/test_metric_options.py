@@ -133,7 +133,6 @@ def test_the_plan_of_a_non_default_budget_is_what_the_metric_spends(name, option
     planned, out = plan_probe({name: options}, land.space)[name], registry.get(name)(land, **options)
     assert out["hvps"] <= planned["hvps"] == plan_probe({name: fixed}, land.space)[name]["hvps"]
     assert planned["exact"] == (out["mode"] == "exact" if name == "rmed" else out["exact"])
-    assert planned["exact"] or out["hvps"] < planned["hvps"] or not out["converged"]
 
 
 def run(*args):
