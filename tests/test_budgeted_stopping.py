@@ -19,7 +19,7 @@ from torch import nn
 
 from geomprobe import ConfigurationError, Landscape
 from geomprobe.metrics import diagshare, get, rmed
-from geomprobe.metrics._budget import ROUND_HVPS, column_looks, packed_looks, plan_columns, plan_rmed
+from geomprobe.metrics._budget import MIN_COLUMNS, ROUND_HVPS, column_looks, packed_looks, plan_columns, plan_rmed
 from geomprobe.metrics.rmed import diagonal_ratios
 from geomprobe.probe.progress import plan_probe
 
@@ -146,7 +146,7 @@ def test_column_looks_extend_in_every_block_and_end_at_the_plan():
     sizes = [10, 5000, 800, 3000] + [2000] * 60
     looks = column_looks(sizes, budget=1024, k=256)
     assert looks[-1] == plan_columns(sizes, budget=1024, k=256) and len(looks) > 3
-    assert sum(looks[0]) == 2 * len(sizes) and min(looks[0]) == 2
+    assert sum(looks[0]) == MIN_COLUMNS * len(sizes) == 6 * len(sizes) and min(looks[0]) == 6
     for a, b in itertools.pairwise(looks):
         assert all(x <= y for x, y in zip(a, b)) and sum(b) - sum(a) <= max(len(sizes), ROUND_HVPS)
     budget = sum(looks[2])

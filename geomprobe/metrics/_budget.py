@@ -33,8 +33,8 @@ a budget that ends there (the budget only caps the last look):
   (64 HVPs), split ``k : top`` between sampled coordinates and screened candidates *cumulatively* (after ``t``
   rows, ``round(t top / (k + top))`` are candidate rows), until the plan's rows are read.
 * ``diagshare`` (:func:`column_looks`): look ``j`` holds ``plan_columns(budget=B_j)`` columns per block, with
-  ``B_1 = max(2 m, 64)`` (``m`` blocks: two columns each, so that every stratum has its own spread) and steps of
-  ``max(m, 64)``. The water-filling is monotone in the budget, so every look extends the previous one in every
+  ``B_1 = max(6 m, 64)`` (``m`` blocks: six columns each, below which the intervals are known to undercover,
+  docs/metrics.md#diagshare, so that no stop rests on them) and steps of ``max(m, 64)``. The water-filling is monotone in the budget, so every look extends the previous one in every
   block, and the split between blocks is the plan's at every look.
 """
 
@@ -48,9 +48,10 @@ import numpy as np
 
 from ..errors import ConfigurationError
 
-__all__ = ["ROUND_HVPS", "RmedPlan", "check_rel_tol", "column_looks", "packed_looks", "plan_columns", "plan_rmed"]
+__all__ = ["MIN_COLUMNS", "ROUND_HVPS", "RmedPlan", "check_rel_tol", "column_looks", "packed_looks", "plan_columns", "plan_rmed"]
 
 ROUND_HVPS = 64  # HVPs per look of rmed's packed rounds (diagshare: at least this many columns per look)
+MIN_COLUMNS = 6  # columns per block at diagshare's first look: below it the intervals undercover
 
 
 @dataclass(frozen=True)
@@ -181,7 +182,7 @@ def column_looks(sizes: Sequence[int], *, budget: int, k: int) -> list[list[int]
     final = plan_columns(sizes, budget=budget, k=k)
     total = sum(final)
     m = len(sizes)
-    first, step = max(2 * m, ROUND_HVPS), max(m, ROUND_HVPS)
+    first, step = max(MIN_COLUMNS * m, ROUND_HVPS), max(m, ROUND_HVPS)
     looks = [plan_columns(sizes, budget=b, k=k) for b in range(first, total, step)]
     looks = [cols for cols in looks if sum(cols) < total]
     return looks + [final]

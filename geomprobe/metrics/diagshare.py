@@ -39,8 +39,9 @@ Estimators:
   0.88 / 0.92 / 0.87-0.99 at 3: below ~6 columns per block the per-block intervals undercover.
 
 Stopping (``rel_tol``, default 0.2; 0 spends the whole budget as before): the sampled columns are read in
-looks (``geomprobe.metrics._budget.column_looks``: first two columns per block, or 64 columns, then steps of
-``max(m, 64)`` columns, every look the plan's split of its budget between blocks), each block's columns the
+looks (``geomprobe.metrics._budget.column_looks``: first six columns per block, or 64 columns, so that no
+stop rests on the intervals of fewer, which undercover (above); then steps of ``max(m, 64)`` columns, every
+look the plan's split of its budget between blocks), each block's columns the
 prefix of one random permutation, batched across blocks. It stops at the first look where
 ``diagshare_err <= rel_tol * diagshare`` or when the budget is spent; ``converged`` says which. The result at
 a look is the result of a budget that ends there (same seed), and when every block is sampled it is the
