@@ -24,16 +24,32 @@ planned cost of a metric can be stated before any HVP is spent and tested agains
 the largest that fits the budget (water-filling: small blocks are taken whole, the rest share equally), the
 columns left by rounding given one each to the largest unfinished blocks. Equal shares give every block's own
 interval the same footing; the whole-model estimate weighs each stratum by ``n_l / k_l``.
+
+Rounds (``rel_tol > 0``: stop once the whole-model interval is tight). ``diagshare`` then spends its plan in
+*looks*, each a fixed amount of work whatever the budget, so that stopping at a look is the same estimator as
+a budget that ends there (the budget only caps the last look): look ``j`` holds ``plan_columns(budget=B_j)``
+columns per block (:func:`column_looks`), with ``B_1 = max(6 m, 64)`` (``m`` blocks: six columns each, below
+which the intervals are known to undercover, docs/metrics.md#diagshare, so that no stop rests on them) and
+steps of ``max(m, 64)``. The water-filling is monotone in the budget, so every look extends the previous one
+in every block, and the split between blocks is the plan's at every look. (``rmed`` spends its whole plan: its
+reads are shared with ``precond``, and on real networks its packed interval never met a tolerance early.)
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from ..errors import ConfigurationError
 
-__all__ = ["RmedPlan", "plan_rmed", "plan_columns", "scaled_candidates_hvps"]
+__all__ = ["MIN_COLUMNS", "ROUND_HVPS", "RmedPlan", "check_rel_tol", "column_looks", "plan_columns", "plan_rmed",
+           "scaled_candidates_hvps"]
+
+ROUND_HVPS = 64  # at least this many columns per look of diagshare's rounds
+MIN_COLUMNS = 6  # columns per block at diagshare's first look: below it the intervals undercover
 
 
 @dataclass(frozen=True)
@@ -135,3 +151,26 @@ def plan_columns(sizes: Sequence[int], *, budget: int, k: int) -> list[int]:
             cols[i] += 1
             left -= 1
     return cols
+
+
+def check_rel_tol(metric: str, rel_tol: float) -> float:
+    """``rel_tol`` as a float, or one ConfigurationError saying what a valid one is."""
+    ok = not isinstance(rel_tol, bool) and isinstance(rel_tol, (int, float, np.integer, np.floating))
+    if not ok or not math.isfinite(float(rel_tol)) or rel_tol < 0:
+        raise ConfigurationError(
+            f"{metric} needs a finite rel_tol >= 0 (the whole-model interval's half-width over the value at "
+            f"which to stop; 0 spends the whole budget), got rel_tol={rel_tol!r}"
+        )
+    return float(rel_tol)
+
+
+def column_looks(sizes: Sequence[int], *, budget: int, k: int) -> list[list[int]]:
+    """Cumulative columns per block at each look of diagshare's rounds (module docstring); the last is
+    ``plan_columns(sizes, budget=budget, k=k)``."""
+    final = plan_columns(sizes, budget=budget, k=k)
+    total = sum(final)
+    m = len(sizes)
+    first, step = max(MIN_COLUMNS * m, ROUND_HVPS), max(m, ROUND_HVPS)
+    looks = [plan_columns(sizes, budget=b, k=k) for b in range(first, total, step)]
+    looks = [cols for cols in looks if sum(cols) < total]
+    return looks + [final]

@@ -38,7 +38,8 @@ def _diagshare(o: dict, c: PlanContext) -> CostPlan:
     d = sum(b.size for b in chosen)
     if d <= min(o["exact_threshold"], o["hvps"]):
         return CostPlan(d, vectors=2 * c.chunk_size)
-    return CostPlan(sum(plan_columns([b.size for b in chosen], budget=o["hvps"], k=o["k"])), vectors=2 * c.chunk_size)
+    return CostPlan(sum(plan_columns([b.size for b in chosen], budget=o["hvps"], k=o["k"])), exact=not o["rel_tol"],
+                    vectors=2 * c.chunk_size)
 
 
 def _density(o: dict, c: PlanContext) -> CostPlan:

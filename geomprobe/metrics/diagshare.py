@@ -38,7 +38,22 @@ Estimators:
   interval covered 0.93 / 0.96 / 0.93-1.0 (whole, block-diagonal, per block) at 6 columns per block, and
   0.88 / 0.92 / 0.87-0.99 at 3: below ~6 columns per block the per-block intervals undercover.
 
-Cost in HVPs: ``d`` (exact) or ``sum_l k_l <= hvps`` (sampled). Rows are restricted to the selected
+Stopping (``rel_tol``, default 0.2; 0 spends the whole budget as before): the sampled columns are read in
+looks (``geomprobe.metrics._budget.column_looks``: first six columns per block, or 64 columns, so that no
+stop rests on the intervals of fewer, which undercover (above); then steps of ``max(m, 64)`` columns, every
+look the plan's split of its budget between blocks), each block's columns the
+prefix of one random permutation, batched across blocks. It stops at the first look where
+``diagshare_err <= rel_tol * diagshare`` or when the budget is spent; ``converged`` says which. The result at
+a look is the result of a budget that ends there (same seed), and when every block is sampled it is the
+whole-budget estimator of that budget. Intervals are reported without widening for the looks. Measured
+coverage at the stop on the digits MLP (budget 512, 200 seeds, whole / block-diagonal share): rel_tol 0.2
+(stops at 64) 0.93 / 0.96, 0.1 (64-128) 0.92 / 0.955, 0.05 (192-320) 0.935 / 0.945, 0.03 0.95 / 0.97;
+the whole budget (442 columns) 0.965 / 0.97; on a heterogeneous dense Hessian of 20 blocks x 50 (100
+seeds) 0.90 at the stop (rel_tol 0.03, stops at 184-378 of 400), against 0.90 and 0.93 at fixed budgets of
+120 and 248: the stops cost no coverage beyond that of the smaller budget itself, so no widening for the looks
+is applied (a Bonferroni split over up to 15 looks would double the half-widths at every stop). A look costs the Student-t interval; the bootstrap runs only at a look that interval meets.
+
+Cost in HVPs: ``d`` (exact) or ``sum_l k_l <= hvps`` (sampled; fewer when ``rel_tol`` stops it). Rows are restricted to the selected
 blocks, so with ``blocks=`` the statistic is that of the selected coordinates' sub-Hessian.
 """
 
@@ -52,7 +67,7 @@ import torch
 
 from ..errors import ConfigurationError
 from ..linalg.exact import hessian_columns
-from ._budget import plan_columns
+from ._budget import check_rel_tol, column_looks, plan_columns
 from ._common import checked, half_width, numpy_rng, resolve_generator, select_blocks, t_quantile
 from .registry import register
 
@@ -206,7 +221,11 @@ def _sampled(land: Any, chosen: list, columns: list[int], level: float, bootstra
         strata.append({"block": b, "exact": b.size <= k, "w": b.size / len(cols),
                        "diag": torch.cat(diag_).numpy(), "tot": torch.cat(tot).numpy(),
                        "inner": torch.cat(inner).numpy()})
+    return _summarize(strata, level, bootstrap, numpy_rng(gen))
 
+
+def _summarize(strata: list[dict], level: float, bootstrap: int, rng: np.random.Generator) -> dict:
+    """Shares and their intervals from the sampled columns of every block (module docstring)."""
     def stats(draws: list[np.ndarray]) -> tuple[float, float, list[float]]:
         num = den = inn = 0.0
         per = []
@@ -218,7 +237,6 @@ def _sampled(land: Any, chosen: list, columns: list[int], level: float, bootstra
 
     full = [np.arange(len(st["diag"])) for st in strata]
     d0, bd0, per0 = stats(full)
-    rng = numpy_rng(gen)
     boots = []
     for _ in range(bootstrap):
         draws = [f if st["exact"] else rng.integers(0, len(f), len(f)) for st, f in zip(strata, full)]
@@ -254,8 +272,73 @@ def _sampled(land: Any, chosen: list, columns: list[int], level: float, bootstra
             "columns": int(sum(len(st["diag"]) for st in strata)), "blocks": blocks}
 
 
+def _met(out: dict, rel_tol: float) -> bool:
+    """The whole-model share's interval half-width is at most ``rel_tol`` times the share."""
+    x, err = out["diagshare"], out["diagshare_err"]
+    return x is not None and err is not None and err <= rel_tol * x
+
+
+def _in_rounds(land: Any, chosen: list, k: int, hvps: int, level: float, bootstrap: int, rel_tol: float,
+               gen: torch.Generator, batch: int, mv) -> dict:
+    """Column sampling in looks (``_budget.column_looks``), stopping at the first look whose whole-model
+    interval meets ``rel_tol``.
+
+    Every block's columns are the prefix of one random permutation (drawn for every block, so that which
+    blocks draw does not depend on the budget), read in batches that mix blocks; each look's bootstrap starts
+    from the same seed. The result at a look is therefore the result of a budget that ends there."""
+    perms = [torch.randperm(b.size, generator=gen) for b in chosen]
+    seed = int(torch.randint(0, 2**62, (1,), generator=gen, dtype=torch.int64))
+    reads = [{"col": np.empty(0, dtype=np.int64), "diag": np.empty(0), "tot": np.empty(0), "inner": np.empty(0)}
+             for _ in chosen]
+    looks = column_looks([b.size for b in chosen], budget=hvps, k=k)
+    have = [0] * len(chosen)
+    for i, cols in enumerate(looks):
+        owner = np.concatenate([np.full(c - h, j) for j, (c, h) in enumerate(zip(cols, have))])
+        glob = torch.cat([chosen[j].start + perms[j][h:c] for j, (c, h) in enumerate(zip(cols, have))])
+        _read_columns(land, chosen, owner, glob, reads, batch, mv)
+        have = list(cols)
+        strata = []
+        for b, r, c in zip(chosen, reads, cols):
+            order = np.argsort(r["col"], kind="stable")  # coordinate order, as a single pass reads them
+            strata.append({"block": b, "exact": c == b.size, "w": b.size / c, "diag": r["diag"][order],
+                           "tot": r["tot"][order], "inner": r["inner"][order]})
+        last = i == len(looks) - 1
+        d = sum(st["w"] * st["diag"].sum() for st in strata) / sum(st["w"] * st["tot"].sum() for st in strata)
+        # the reported interval holds this one: a look it does not meet is not worth the bootstrap
+        quick = half_width(d, *_stratified_t(strata, "diag", "tot", level)) if math.isfinite(d) else None
+        if not last and (quick is None or not math.isfinite(quick) or quick > rel_tol * d):
+            continue
+        out = _summarize(strata, level, bootstrap, np.random.default_rng(seed))
+        if _met(out, rel_tol) or last:
+            out["converged"] = _met(out, rel_tol)
+            return out
+    raise AssertionError("unreachable: the last look returns")
+
+
+def _read_columns(land: Any, chosen: list, owner: np.ndarray, glob: torch.Tensor, reads: list[dict], batch: int,
+                  mv) -> None:
+    """Columns ``H e_j`` for the coordinates ``glob`` (of blocks ``owner``), ``batch`` at a time whatever their
+    blocks, reduced on the device to three numbers each, appended to ``reads``."""
+    starts = torch.tensor([b.start for b in chosen])
+    for s in range(0, len(glob), batch):
+        part, own = glob[s : s + batch], owner[s : s + batch]
+        C = hessian_columns(mv, land.dim, part, batch=batch, dtype=land.dtype, device=land.device).abs_()
+        masses = torch.stack([C[:, c.start : c.stop].sum(1, dtype=torch.float64) for c in chosen]).cpu()
+        at = torch.arange(len(part))
+        diag = C[at, part.to(C.device)].double().cpu().numpy()
+        tot, inner = masses.sum(0).numpy(), masses[torch.from_numpy(own), at].numpy()
+        for j in np.unique(own):
+            m = own == j
+            r = reads[j]
+            r["col"] = np.concatenate([r["col"], (part[torch.from_numpy(m)] - starts[j]).numpy()])
+            r["diag"] = np.concatenate([r["diag"], diag[m]])
+            r["tot"] = np.concatenate([r["tot"], tot[m]])
+            r["inner"] = np.concatenate([r["inner"], inner[m]])
+
+
 @register("diagshare", cost="d HVPs up to exact_threshold (2048) and hvps (1024); above, one exact column per "
-          "HVP, min(n_l, k, c) per block (k = 256) with the cap c fitting hvps (1024) over all blocks")
+          "HVP, min(n_l, k, c) per block (k = 256) with the cap c fitting hvps (1024) over all blocks, in looks that "
+          "may stop earlier once diagshare_err <= rel_tol (0.2) x diagshare")
 def diagshare(
     land: Any,
     *,
@@ -265,6 +348,7 @@ def diagshare(
     level: float = 0.95,
     bootstrap: int = 1000,
     hvps: int = 1024,
+    rel_tol: float = 0.2,
     seed: int = 0,
     generator: torch.Generator | None = None,
 ) -> dict:
@@ -275,12 +359,18 @@ def diagshare(
         blocks: glob patterns of block names (default all); shares are of the selected coordinates.
         exact_threshold: up to this many selected coordinates the dense Hessian is built (``d`` HVPs).
         k: sampled columns per block above it, at most (the budget may give fewer).
-        hvps: the budget in HVPs (exact columns) for all blocks together.
+        hvps: the budget in HVPs (exact columns) for all blocks together: a cap when ``rel_tol`` stops early.
+        rel_tol: when sampling, stop at the first look (module docstring, "Stopping") where
+            ``diagshare_err <= rel_tol * diagshare``; 0 spends the whole budget. The default 0.2 resolves a
+            1.5x difference ((1 + 0.2) / (1 - 0.2)) between two probes, and the share is read against the
+            Wigner and OLS baselines, from which network Hessians sit several times away: a tighter interval
+            would cost HVPs without changing the reading; the budget stays the cap.
         level, bootstrap: confidence level and resamples of the bootstrap interval.
         seed, generator: the randomness (column draws, bootstrap).
 
     Returns ``diagshare``, ``diagshare_err``, ``diagshare_ci``, ``blockdiag_share`` (``_err``, ``_ci``), ``exact``,
-    ``columns``, ``hvps`` (never above ``budget``), ``budget``; the baselines for the same ``d`` and
+    ``columns``, ``hvps`` (spent, never above ``budget``), ``budget`` (the cap), ``converged`` (the whole-model
+    interval meets ``rel_tol``; always True with ``rel_tol=0`` or when exact); the baselines for the same ``d`` and
     ``n = land.n_samples``: ``wigner`` (:func:`wigner_baseline`), ``ols`` (:func:`ols_baseline`) and for the
     block-diagonal share ``blockdiag_wigner = sum n_l^2 / d^2`` and ``blockdiag_ols`` (every diagonal entry 1,
     every off-diagonal one ``sqrt(2/(pi n))``); and ``blocks`` with each block's share, its ``columns`` and its
@@ -303,6 +393,7 @@ def diagshare(
         )
     if isinstance(hvps, bool) or not isinstance(hvps, (int, np.integer)) or hvps < 1:
         raise ConfigurationError(f"diagshare needs an integer budget hvps >= 1, got hvps={hvps!r}")
+    rel_tol = check_rel_tol("diagshare", rel_tol)
     chosen = select_blocks(land.space.blocks, blocks)
     gen = resolve_generator(seed, generator)
     batch = getattr(land, "chunk_size", 16)
@@ -311,9 +402,13 @@ def diagshare(
     if d <= min(exact_threshold, hvps):
         idx = torch.cat([torch.arange(b.start, b.stop) for b in chosen])
         out = _exact(land, chosen, idx, batch, mv)
+        out["converged"] = True
+    elif rel_tol > 0:
+        out = _in_rounds(land, chosen, k, hvps, level, bootstrap, rel_tol, gen, batch, mv)
     else:
         columns = plan_columns([b.size for b in chosen], budget=hvps, k=k)
         out = _sampled(land, chosen, columns, level, bootstrap, gen, batch, mv)
+        out["converged"] = True
     n = int(land.n_samples)
     bw, bo = _blockdiag_baselines([b.size for b in chosen], n)
     out.update({"d": d, "n": n, "wigner": wigner_baseline(d), "ols": ols_baseline(d, n),
