@@ -236,6 +236,25 @@ def _halvings(n: int) -> list[int]:
     return out
 
 
+def place_basis(m_req: int, vector_bytes: int, room: float | None, host_bytes: int | None, *,
+                bounded_basis: bool, host_is_device: bool) -> tuple[str | None, int | None, bool]:
+    """Where a Lanczos basis of ``m_req`` vectors of ``vector_bytes`` each lives, in order of preference: on the
+    device in full, bounded on the device (at least :data:`MIN_BOUNDED_BASIS` vectors), in host memory
+    (``HOST_SHARE`` of ``host_bytes``), bounded there. Returns ``(basis_device, max_basis, placed)``;
+    ``placed`` is False when none fits (then the least setting, for the caller to warn about)."""
+    bv = max(int(vector_bytes), 1)
+    host_room = -1 if host_is_device else (None if host_bytes is None else int(host_bytes * HOST_SHARE))
+    if room is None or m_req * bv <= room:
+        return None, None, True
+    if bounded_basis and room // bv >= MIN_BOUNDED_BASIS:
+        return None, int(room // bv), True
+    if host_room is None or 0 <= host_room and m_req * bv <= host_room:
+        return "cpu", None, True
+    if bounded_basis and host_room // bv >= MIN_BOUNDED_BASIS:
+        return "cpu", int(host_room // bv), True
+    return (None if host_is_device else "cpu"), (MIN_BOUNDED_BASIS if bounded_basis else None), False
+
+
 def plan_memory(
     *,
     dim: int,
@@ -392,20 +411,9 @@ def plan_memory(
 
     # ---- the Lanczos basis: on the device in full, bounded on the device, in host memory, or bounded there
     room = None if rest is None else rest - one_hvp - lanczos_work
-    host_room = None if host_bytes is None else int(host_bytes * HOST_SHARE)
-    if host_is_device:
-        host_room = -1  # nothing to move the basis to
-    if room is None or m_req * bv <= room:
-        where, cap_basis = None, None
-    elif bounded_basis and room // bv >= MIN_BOUNDED_BASIS:
-        where, cap_basis = None, int(room // bv)
-    elif host_room is None or 0 <= host_room and m_req * bv <= host_room:
-        where, cap_basis = "cpu", None
-    elif bounded_basis and host_room // bv >= MIN_BOUNDED_BASIS:
-        where, cap_basis = "cpu", int(host_room // bv)
-    else:
-        where = None if host_is_device else "cpu"
-        cap_basis = MIN_BOUNDED_BASIS if bounded_basis else None
+    where, cap_basis, placed = place_basis(m_req, bv, room, host_bytes, bounded_basis=bounded_basis,
+                                           host_is_device=host_is_device)
+    if not placed:
         warns.append(
             f"a Lanczos basis of {m_req} vectors ({_gib(m_req * bv)}) does not fit the budget"
             + ("" if host_is_device else f" nor {HOST_SHARE:.0%} of the host's available {_gib(host_bytes or 0)}")

@@ -47,12 +47,14 @@ from .memory_plan import (
     DEFAULT_BASIS_VECTORS,
     DEFAULT_CHUNK_SIZE,
     DEFAULT_PEAK_RATIO,
-    HOST_SHARE,
     HVP_GRAPH_FACTOR,
     LANCZOS_WORK_VECTORS,
     MIN_BOUNDED_BASIS,
     MemoryPlan,
+    _halvings,
+    _pieces,
     budget_bytes,
+    place_basis,
 )
 
 __all__ = ["BLOCK_VECTORS", "GRAPH_FACTOR", "STREAM_PIECES", "plan_sharded_exact"]
@@ -63,13 +65,6 @@ __all__ = ["BLOCK_VECTORS", "GRAPH_FACTOR", "STREAM_PIECES", "plan_sharded_exact
 GRAPH_FACTOR = 3
 STREAM_PIECES = 4  # whole parameters in flight in a streamed HVP: gathered ahead, in use, output, its send buffer
 BLOCK_VECTORS = 3  # whole d-vectors per vector of a batched block: the input, the outputs, their flattening
-
-
-def _halvings(n: int) -> list[int]:
-    out = [n]
-    while out[-1] > 1:
-        out.append((out[-1] + 1) // 2)
-    return out
 
 
 def plan_sharded_exact(
@@ -118,7 +113,7 @@ def plan_sharded_exact(
 
     def layout(m: int, room: float | None) -> tuple[int, int, int, int | None, int]:
         """(kept bytes, a rebuilt piece's bytes, samples kept, graph budget, pieces kept) for pieces of ``m``."""
-        pieces = [min(m, n - a) for n in batch_sizes for a in range(0, n, m)]
+        pieces = _pieces(batch_sizes, m)
         sizes = [int(s * p) for p in pieces]
         if "graph_budget_bytes" in given:
             cap = given["graph_budget_bytes"][0]
@@ -187,18 +182,10 @@ def plan_sharded_exact(
         rest = None if rest is None else rest - block_grads
 
     room = None if rest is None else rest - stream(m) - lanczos_work
-    host_room = -1 if host_is_device else (None if host_bytes is None else int(host_bytes * HOST_SHARE))
     warns: list[str] = []
-    if room is None or m_req * L <= room:
-        where, cap_basis = None, None
-    elif bounded_basis and room // max(L, 1) >= MIN_BOUNDED_BASIS:
-        where, cap_basis = None, int(room // max(L, 1))
-    elif host_room is None or 0 <= host_room and m_req * L <= host_room:
-        where, cap_basis = "cpu", None
-    elif bounded_basis and host_room // max(L, 1) >= MIN_BOUNDED_BASIS:
-        where, cap_basis = "cpu", int(host_room // max(L, 1))
-    else:
-        where, cap_basis = (None if host_is_device else "cpu"), (MIN_BOUNDED_BASIS if bounded_basis else None)
+    where, cap_basis, placed = place_basis(m_req, L, room, host_bytes, bounded_basis=bounded_basis,
+                                           host_is_device=host_is_device)
+    if not placed:
         warns.append(f"a Lanczos basis of {m_req} slices ({m_req * L / 2**30:.2f} GiB) fits neither the budget "
                      "nor the host; Lanczos may run out of memory: lower max_iter")
     basis_device = value("basis_device", where)
