@@ -223,6 +223,7 @@ def measure_route(model, batch, route: str, device, args, results, save) -> None
         if args.plan and land.plan is not None:
             basis_device, max_basis = land.plan.basis_device, land.plan.max_basis or args.max_basis
         out["basis"] = {"device": basis_device or "model's", "max_basis": max_basis}
+        _report_progress(land, out, t0, save)
         s = spectrum(land, tol=args.tol, max_iter=args.max_iter, max_basis=max_basis, basis_device=basis_device)
         _sync(device)
         peaks["spectrum"] = _peak(device)
@@ -242,6 +243,22 @@ def measure_route(model, batch, route: str, device, args, results, save) -> None
             out["peak_over_train"] = {k: p / train for k, p in peaks.items() if p}
             out["max_peak_over_train"] = max(known) / train
         save()
+
+
+def _report_progress(land, out: dict, t0: float, save, every: int = 10) -> None:
+    """Every ``every`` HVPs of the spectrum phase: its HVPs and seconds so far in ``out["spectrum_progress"]``,
+    printed by rank 0 and saved, so that a run stopped by its time limit still says how far it got."""
+    done = [0]
+
+    def on_hvps(n: int) -> None:
+        done[0] += n
+        if done[0] % every == 0:
+            out["spectrum_progress"] = {"hvps": done[0], "seconds": round(time.perf_counter() - t0, 2)}
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(json.dumps({"spectrum_progress": out["spectrum_progress"]}), flush=True)
+            save()
+
+    gp.probe.progress.count_hvps(land, on_hvps)
 
 
 def auto_route(model, batch, device, results) -> None:

@@ -46,19 +46,37 @@ def top_nodes(fn, calls: int = 3, top: int = 25) -> list:
     return [(e.key.split(": ")[-1][:80], round(dev(e) / calls / 1e3, 3), e.count // calls) for e in rows[:top]]
 
 
+def _language_model(spec: str, device):
+    """``name:dtype`` of ``benchmarks/scale.py`` (its model, batch and loss), with a Landscape whose graph is kept
+    (``memory=None``), and the plain gradient to divide by."""
+    import scale
+
+    name, dtype = spec.split(":")
+    model, vocab, batch, tokens = scale.build(name, scale.DTYPES[dtype], device)
+    model.eval()
+    (data,) = scale.token_batches(vocab, batch, tokens, 1, device, seed=0)
+    params = list(model.parameters())
+    grad = lambda: torch.autograd.grad(scale.lm_loss(model, data), params)
+    land = gp.Landscape(model, scale.lm_loss, [data], memory=None)
+    return model, land, grad
+
+
 def main(argv=None):
     ap = model_benchmark_parser(__doc__, "transformer")
     a = ap.parse_args(argv)
     strict_fp32()
     out = {"benchmark": "profile_ops", "env": environment(a.device), "rows": []}
     for name in a.models.split(","):
-        g = torch.Generator().manual_seed(0)
-        model, loss_fn, (x, y) = models.make(name, a.batch or 128, a.device, g, small=a.small)
-        model.eval()
-        params = list(model.parameters())
-        grad = lambda: torch.autograd.grad(loss_fn(model(x), y), params)
-        land = gp.Landscape(model, loss_fn, (x, y))
-        v = torch.randn(land.dim, device=a.device)
+        if ":" in name:  # a language model of benchmarks/scale.py: "gpt2-124m:bf16"
+            model, land, grad = _language_model(name, a.device)
+        else:
+            g = torch.Generator().manual_seed(0)
+            model, loss_fn, (x, y) = models.make(name, a.batch or 128, a.device, g, small=a.small)
+            model.eval()
+            params = list(model.parameters())
+            grad = lambda: torch.autograd.grad(loss_fn(model(x), y), params)
+            land = gp.Landscape(model, loss_fn, (x, y))
+        v = torch.randn(land.dim, device=a.device, dtype=land.dtype)
         t_grad = median_seconds(grad, a.device)
         t_hvp = median_seconds(lambda: land.hvp(v), a.device)
         g_total, g_top = top_kernels(grad)

@@ -161,7 +161,7 @@ def peak_of(fn, device, reset: bool = True) -> tuple[float, int]:
 
 # ---------------------------------------------------------------------------------------------- one model
 def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, out_dir: str,
-                  noise_batches: int, peak_ratio: float = 1.5) -> dict:
+                  noise_batches: int, peak_ratio: float = 1.5, metric_options: dict | None = None) -> dict:
     dtype = DTYPES[dtype_name]
     if name == "mlp-10m":
         model = MLP().to(device=device, dtype=dtype)
@@ -209,7 +209,8 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         torch.cuda.empty_cache()
 
     run_dir = os.path.join(out_dir, f"run-{name}-{dtype_name}")
-    probe = gp.GeometryProbe(model, loss_fn, probe_data=[batch], metrics=list(metrics), noise_data=noise,
+    chosen = {m: dict((metric_options or {}).get(m, {})) for m in metrics}
+    probe = gp.GeometryProbe(model, loss_fn, probe_data=[batch], metrics=chosen, noise_data=noise,
                              schedule=gp.every(10**9), run_dir=run_dir, force=True,
                              peak_ratio=peak_ratio)
     probe.attach(opt, probe_now=False)
@@ -354,6 +355,8 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=30)
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--which", default="both", choices=["both", "largest", "smallest"], help="trajectory: the ends")
+    ap.add_argument("--metric-options", default=None,
+                    help='models: JSON of options per metric, e.g. \'{"spectrum": {"max_iter": 40}}\'')
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     strict_fp32()
@@ -376,7 +379,8 @@ def main() -> None:
             ratio = float(case[3]) if len(case) > 3 else gp.engine.memory_plan.DEFAULT_PEAK_RATIO
             if True:
                 try:
-                    r = measure_model(name, dt, metrics, args.device, out_dir, args.noise_batches, ratio)
+                    r = measure_model(name, dt, metrics, args.device, out_dir, args.noise_batches, ratio,
+                                      json.loads(args.metric_options) if args.metric_options else None)
                 except Exception as e:  # keep the other models' figures
                     r = {"model": name, "dtype": dt, "failed": f"{type(e).__name__}: {e}",
                          "trace": traceback.format_exc()[-2000:]}
