@@ -297,7 +297,7 @@ class Landscape:
         m = min(n, max(2, math.ceil(n / 8))) if can_split else n
         piece = slice_batch(batch, n, 0, m)
         counter = SavedBytes(self.params)
-        fast = fast_double_backward(self.fast_double_backward, self.recompute_attention)
+        fast = fast_double_backward(self.fast_double_backward, self.recompute_attention, self.model)
         with self.frozen(0), counter.hooks(), fast:
             loss = self.loss_on(piece)
             grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
@@ -329,7 +329,7 @@ class Landscape:
 
     def _graph(self, b: int, create_graph: bool, watch: bool = False) -> tuple[list[torch.Tensor | None], torch.Tensor, int]:
         counter = SavedBytes(self.params)
-        fast = fast_double_backward(self.fast_double_backward and create_graph, self.recompute_attention)
+        fast = fast_double_backward(self.fast_double_backward and create_graph, self.recompute_attention, self.model)
         with self.frozen(b), counter.hooks(), fast:
             loss = self.loss_on(self.batches[b])
             if not torch.isfinite(loss):

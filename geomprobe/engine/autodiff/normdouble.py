@@ -77,7 +77,40 @@ def _under_transform(t: Any) -> bool:
 
 
 def _kernel(fn: Callable, *tensors: torch.Tensor) -> Callable:
+    if tensors[0].dtype in _HALF:
+        fn = _in_float32(fn)
     return _fused(fn) if tensors[0].is_cuda else fn
+
+
+_HALF = (torch.float16, torch.bfloat16)
+_float32_forms: dict[Callable, Callable] = {}
+
+
+def _in_float32(fn: Callable) -> Callable:
+    """``fn`` evaluated in float32 on half-precision inputs, each output rounded to the dtype of the input it
+    stands for (``fn``'s outputs follow its first tensor inputs in order: ``d gy``, ``d x``, ``d w``).
+
+    torch's own half-precision kernels of these functions accumulate in float32 and round once; evaluating the
+    closed form in half would round every intermediate instead. One function per ``fn``, so that the fused
+    kernel compiled for it is reused."""
+    if fn not in _float32_forms:
+
+        def run(*args):
+            tensors = [a for a in args if isinstance(a, torch.Tensor)]
+            lifted = tuple(a.float() if isinstance(a, torch.Tensor) and a.dtype in _HALF else a for a in args)
+            outs = fn(*lifted)
+            return tuple(o.to(t.dtype) for o, t in zip(outs, _output_dtypes(fn, tensors)))
+
+        run.__name__ = f"{fn.__name__}_float32"
+        _float32_forms[fn] = run
+    return _float32_forms[fn]
+
+
+def _output_dtypes(fn: Callable, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inputs whose dtypes the outputs of ``fn`` take: layer norm ``(gy, x, w)``, gelu ``(gy, x)``."""
+    if fn is _ln_double_backward:
+        return [tensors[0], tensors[1], tensors[4]]
+    return [tensors[0], tensors[1]]
 
 
 # ---------------------------------------------------------------------------------------------- layer norm
@@ -226,9 +259,9 @@ def gelu_call(args: tuple, kwargs: dict) -> Callable[[], torch.Tensor] | None:
 
 
 def _plain(x: Any, *others: Any) -> bool:
-    """Plain float32/float64 tensors of one dtype (parameters included), no subclass with its own dispatch."""
+    """Plain floating tensors of one dtype (parameters included), no subclass with its own dispatch. Half
+    precisions (bf16, fp16) are taken: their double backward is evaluated in float32 (:func:`_in_float32`)."""
     tensors = [t for t in (x, *others) if t is not None]
-    # half precisions keep torch's path: their statistics are float32 and the formulas would mix dtypes
-    return (isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64)
+    return (isinstance(x, torch.Tensor) and x.dtype in (torch.float32, torch.float64, *_HALF)
             and all(isinstance(t, torch.Tensor) and t.dtype == x.dtype for t in tensors)
             and not torch.overrides.has_torch_function(tuple(tensors)))
