@@ -138,6 +138,11 @@ class LanczosBasis:
 
     BLOCK = 16
     STREAM = 2  # basis vectors on the device at once when the basis is offloaded
+    # Page-locked host blocks are allocated in one driver call each: 16 rows of a 1.1B-parameter model (35 GB in
+    # bf16) failed with "CUDA error: out of memory" on an H200 host with 128 GB free, which killed the probe.
+    # Offloaded blocks hold at most this many bytes (one row at least), and a refused pinned block falls back to
+    # pageable memory (slower copies, same results).
+    PIN_BLOCK_BYTES = 2**30
 
     def __init__(self, dim: int, dtype: torch.dtype, device, compute_device=None, capacity: int | None = None,
                  contiguous: bool = False, space: VectorSpace | None = None):
@@ -151,6 +156,10 @@ class LanczosBasis:
         self.compute = compute_device if compute_device is not None else device
         self.offloaded = torch.device(self.compute) != torch.device(device)
         self.pin = self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
+        if self.offloaded and not self.contiguous:
+            row_bytes = max(1, dim * torch.empty(0, dtype=dtype).element_size())
+            self.block = max(1, min(self.BLOCK, self.PIN_BLOCK_BYTES // row_bytes))
+        self.pin_refused: str | None = None  # why pinned host memory was refused, if it was
         self.capacity = capacity
         self.blocks: list[torch.Tensor] = []
         self.n = 0
@@ -164,13 +173,20 @@ class LanczosBasis:
         b, i = divmod(self.n, self.block)
         if b == len(self.blocks):
             rows = self.block if self.capacity is None else min(self.block, self.capacity - b * self.block)
-            self.blocks.append(torch.empty(rows, self.dim, dtype=self.dtype, device=self.device,
-                                           pin_memory=self.pin))
+            self.blocks.append(self._new_block(rows))
         row = self.blocks[b][i]
         row.copy_(v, non_blocking=self.pin)
         self.n += 1
         self.peak = max(self.peak, self.n)
         return v if self.offloaded else row
+
+    def _new_block(self, rows: int) -> torch.Tensor:
+        if self.pin:
+            try:
+                return torch.empty(rows, self.dim, dtype=self.dtype, device=self.device, pin_memory=True)
+            except RuntimeError as e:  # the driver refused page-locked memory: pageable memory holds the same
+                self.pin, self.pin_refused = False, str(e).splitlines()[0][:200]
+        return torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
 
     def storages(self, *extra: torch.Tensor) -> set[int]:
         """Addresses of the storages holding the basis (and ``extra``), to tell a matvec's fresh output
