@@ -73,7 +73,10 @@ class GeometryProbe:
         metrics: metric names, ``"NAME:key=value,..."`` strings, dicts with ``"name"`` and options, or a dict
             mapping names to their options (``{"spectrum": {"k": 3}}``); options are checked against each
             metric's signature at construction (:mod:`.metric_spec`).
-        schedule: when to probe (default ``every(100) | budget(0.05)``); the step counts optimizer steps.
+        schedule: when to probe (default ``every(100) | budget(0.05)``); the step counts optimizer steps. A
+            budget defers every probe, the first included, until its cost fits: before any probe ran, the cost
+            predicted from :attr:`cost_plan` and the timed training steps (:mod:`.probe_cost`), so a budget
+            never probes step 0 (no step timed yet); ``at([0]) | ...`` measures it outside the budget.
         run_dir: where the run log goes (``meta.json`` + ``records.jsonl``); ``None`` keeps records in memory.
         mode: the Landscape's mode policy, ``"eval"`` or ``"train"``.
         optimizer: for preconditioned metrics; :meth:`attach` sets it too.
