@@ -179,7 +179,7 @@ def test_a_probe_keeps_its_budget_at_every_step_including_the_first_probe(monkey
         wall = clock.t - probe._t_start
         worst.append(probe._probe_seconds - 0.05 * wall)
 
-    probe, clock = _probe_on_fake_clock(monkeypatch, lambda c: every(1) | budget(0.05, clock=c), 3000, check=check)
+    probe, _ = _probe_on_fake_clock(monkeypatch, lambda c: every(1) | budget(0.05, clock=c), 3000, check=check)
     steps = [r["step"] for r in probe.records]
     # predicted: 1.5 * (2 + 3 * 8 HVPs) * 0.125 s = 4.875 s, so the first probe waits for 19 * 4.875 s of training
     first = probe.records[0]
@@ -205,7 +205,7 @@ def test_deferred_probes_are_recorded_with_their_reason_and_expected_seconds(mon
     def check(probe, clock):
         seen.append((probe._step, probe.probe_cost.predict(), dict(probe.skips.last_skip or {})))
 
-    probe, clock = _probe_on_fake_clock(monkeypatch, lambda c: every(100) | budget(0.05, clock=c), 300,
+    probe, _ = _probe_on_fake_clock(monkeypatch, lambda c: every(100) | budget(0.05, clock=c), 300,
                                         tmp_path=tmp_path, check=check)
     # step 0 (at attach): no training step timed yet; 100, 200, 300: predicted 4.875 s does not fit in 12.5-37.5 s
     assert probe.records == []
@@ -227,7 +227,7 @@ def test_the_first_deferral_says_no_step_was_timed(monkeypatch):
 
 
 def test_explicit_probes_are_not_gated_by_the_budget(monkeypatch):
-    probe, clock = _probe_on_fake_clock(monkeypatch, lambda c: every(100) | budget(0.05, clock=c), 3)
+    probe, _ = _probe_on_fake_clock(monkeypatch, lambda c: every(100) | budget(0.05, clock=c), 3)
     record = probe.probe(3)                        # predicted 4.875 s against 0.375 s of training: runs anyway
     assert record["step"] == 3 and "spectrum" in record
     assert record["cost"]["predicted_seconds"] == 4.875

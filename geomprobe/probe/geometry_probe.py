@@ -299,7 +299,9 @@ class GeometryProbe:
     def step(self, step: int | None = None) -> dict | None:
         """Probe now if the schedule selects ``step`` (default: the probe's own step counter).
 
-        Returns the record written, or ``None`` when the schedule skipped this step.
+        Returns the record written, or ``None`` when the schedule skipped this step. The time between two
+        calls, less the probe time in it, is timed as training (per step of ``step``'s numbering): what a
+        budget predicts the first probe's cost from (:mod:`.probe_cost`).
         """
         if self._closed:
             raise ConfigurationError("this probe was closed; create a new GeometryProbe")

@@ -27,7 +27,8 @@ recorded beside it (each record's ``cost.predicted_seconds``). A metric register
 counted as ``UNPLANNED_HVPS`` HVPs (the Lanczos cap of the built-in metrics).
 
 Not covered: a step timed on a training batch smaller than the probe batches (the prediction scales with the
-step, not with the probe's samples), and a memory plan that rebuilds graphs per HVP and streams the Lanczos
+step, not with the probe's samples); ``step()`` called once per epoch rather than per optimizer step (an epoch
+is then timed as a step, and the prediction is as many times too high); and a memory plan that rebuilds graphs per HVP and streams the Lanczos
 basis from host memory, where one HVP cost 8x the kept-graph one (GPT-2 124M under a 1.5x peak, §6). The
 first probe may then take longer than predicted; from the second on the measured cost decides.
 
