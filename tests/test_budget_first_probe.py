@@ -72,8 +72,14 @@ def test_with_a_prediction_that_covers_the_probe_the_rule_holds_after_every_prob
 def test_a_prediction_that_is_not_seconds_is_refused_clearly():
     with pytest.raises(ConfigurationError, match="predict must be callable"):
         budget(0.05, predict=2.0)
-    with pytest.raises(ConfigurationError, match=r"predict\(\) must return seconds >= 0 or None, got -1\.0"):
-        budget(0.05, predict=lambda: -1.0).should_probe(0, 0.0)
+    bad = budget(0.05, predict=lambda: -1.0)
+    with pytest.warns(RuntimeWarning, match=r"predict\(\) must return seconds >= 0 or None, got -1\.0"):
+        assert not bad.should_probe(0, 100.0)             # deferred, never an exception in the optimizer hook
+    assert bad.last_cost is None and bad.cost_from == "predict() returned -1.0"
+    with pytest.warns(RuntimeWarning, match="got 'soon'"):
+        assert not budget(0.05, predict=lambda: "soon").should_probe(0, 100.0)
+    with pytest.warns(RuntimeWarning, match="got 'ZeroDivisionError: division by zero'"):
+        assert not budget(0.05, predict=lambda: 1 / 0).should_probe(0, 100.0)
 
 
 # ------------------------------------------------------------------------------------------------ the prediction

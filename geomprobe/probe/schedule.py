@@ -48,6 +48,7 @@ import math
 import numbers
 import operator
 import time
+import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -248,7 +249,8 @@ class Budget(Schedule):
 
     After each :meth:`should_probe`, ``last_cost`` is the ``c`` it used (``None`` when unknown) and
     ``cost_from`` says where it came from (``"measured"``, ``"predicted"``, ``"no training step timed
-    yet"`` or ``"unknown"``), which the probe records with a skip (:mod:`.skips`).
+    yet"`` or ``"unknown"``), which the probe records with a skip (:mod:`.skips`). A ``predict`` that fails
+    or returns no number of seconds defers probes, with one warning, until a probe has been measured.
 
     ``clock`` is read when ``now`` is not passed (seconds, monotonic); tests inject a controlled clock.
     The probe must call :meth:`observe` after each probe, or the budget never learns what probes cost.
@@ -277,6 +279,7 @@ class Budget(Schedule):
         self.predict = predict
         self.last_cost: float | None = None
         self.cost_from = "unknown"
+        self._warned = False
         self.clock = clock
         self.spent = 0.0  # seconds of probing observed so far
         self.probes = 0  # probes observed so far
@@ -300,13 +303,24 @@ class Budget(Schedule):
             return self.expected_cost, "measured"
         if self.predict is None:
             return 0.0, "unknown"
-        predicted = self.predict()
+        try:
+            predicted = self.predict()
+        except Exception as e:  # user code asked from the optimizer hook: defer, never stop training
+            predicted = f"{type(e).__name__}: {e}"
         if predicted is None:
             return None, "no training step timed yet"
-        predicted = float(predicted)
-        if not math.isfinite(predicted) or predicted < 0:
-            raise ConfigurationError(f"budget: predict() must return seconds >= 0 or None, got {predicted!r}")
-        return predicted, "predicted"
+        try:
+            seconds = float(predicted)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
+            # asked from the optimizer hook: a bad prediction defers the probe, it never stops training
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"geomprobe: budget's predict() must return seconds >= 0 or None, got {predicted!r}; "
+                              "the budget defers probes until one has been measured", RuntimeWarning, stacklevel=4)
+            return None, f"predict() returned {predicted!r}"
+        return seconds, "predicted"
 
     @property
     def reason(self) -> str:
