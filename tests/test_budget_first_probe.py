@@ -223,6 +223,8 @@ def test_deferred_probes_are_recorded_with_their_reason_and_expected_seconds(mon
     assert [r["step"] for r in records] == [300] and records[0]["final"] is True
     assert records[0]["schedule"]["skipped_by"] == {"overhead budget 5 %": 4}
     assert records[0]["schedule"]["last_skip"]["step"] == 300
+    basis = gp.RunReader(tmp_path / "run").meta["probe"]["cost_prediction"]
+    assert (basis["gradients"], basis["step_seconds"], basis["predicted_seconds"]) == (2 + 3 * 8, 0.125, 4.875)
 
 
 def test_the_first_deferral_says_no_step_was_timed(monkeypatch):
