@@ -90,6 +90,8 @@ def test_planned_gradients_count_the_build_hvps_gradients_and_forwards():
             "noise": {"hvps": 0, "gradients": 64, "forwards": 0},
             "view_line": {"hvps": 0, "gradients": 0, "forwards": 22}}
     assert planned_gradients(plan) == 2.0 + 3.0 * 40 + 64 + 0.5 * 22
+    # three probe batches: the build and every HVP run over each; noise batches and the views' passes do not
+    assert planned_gradients(plan, batches=3) == 3 * (2.0 + 3.0 * 40) + 64 + 0.5 * 22
     assert planned_gradients({"custom": {"hvps": None}}) == 2.0 + 3.0 * probe_cost.UNPLANNED_HVPS
     cost = ProbeCost(plan)
     assert cost.predict() is None
@@ -251,3 +253,13 @@ def test_the_default_schedule_gets_the_probes_prediction():
     probe2 = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (torch.randn(8, 3), torch.randint(0, 2, (8,))),
                               schedule=every(10) | own)
     assert own.predict() == 1.0 and probe2.schedule.parts[1] is own
+
+
+def test_a_probe_drawn_from_a_loader_counts_each_of_its_batches():
+    g = torch.Generator().manual_seed(0)
+    data = torch.utils.data.TensorDataset(torch.randn(40, 3, generator=g), torch.randint(0, 2, (40,), generator=g))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    probe = gp.GeometryProbe(nn.Linear(3, 2), nn.CrossEntropyLoss(), loader, probe_samples=24,
+                             metrics={"trace": {"hvps": 10, "rel_tol": 0}})
+    assert len(probe.batches) == 3                 # a training step is one loader batch; a probe HVP is three
+    assert probe.probe_cost.gradients == 3 * (2.0 + 3.0 * 10) == planned_gradients(probe.cost_plan, batches=3)

@@ -208,7 +208,7 @@ class GeometryProbe:
         self.cost_plan = plan_probe(self.metric_options, self.space, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
                                     dtype=dtype, batches=len(self.batches), seed=seed)
         # products reused (precond: spectrum's Lanczos run, rmed's diagonal reads) are computed first, once
-        self.probe_cost = ProbeCost(self.cost_plan)  # seconds before any probe ran: the budgets' first cost
+        self.probe_cost = ProbeCost(self.cost_plan, len(self.batches))  # seconds before any probe ran: the budgets' first cost
         for limit in budgets(self.schedule):
             limit.predict = limit.predict or self.probe_cost.predict
         self._run_order = run_order(self.metric_options)

@@ -4,10 +4,15 @@ Until a probe has been measured, :class:`~.schedule.Budget` has nothing to go by
 things: its plan (:func:`~.progress.plan_probe`: each metric's HVPs, gradients and forward passes, shared
 work counted once) and the seconds of the user's own training steps, timed between consecutive calls of
 :meth:`GeometryProbe.step` (the optimizer hook), less the probe time in between. A training step is about one
-forward and backward pass, so about one gradient; the prediction counts the probe in gradients and multiplies:
+forward and backward pass, so about one gradient on one batch; the prediction counts the probe in such
+gradients and multiplies:
 
-    seconds = OUTSIDE_FACTOR * step_seconds * (BUILD_GRADIENTS + HVP_GRADIENTS * hvps + gradients
+    seconds = OUTSIDE_FACTOR * step_seconds * (batches * (BUILD_GRADIENTS + HVP_GRADIENTS * hvps) + gradients
                                                + FORWARD_GRADIENTS * forwards)
+
+where ``batches`` is the number of probe batches (each HVP and the build run over all of them; drawn from a
+DataLoader they have its batch size), ``gradients`` the gradient-noise samples (one batch each) and
+``forwards`` the views' forward passes (already counted per probe batch by the plan).
 
 The factors, each at the high end of what was measured (``benchmarks/RESULTS.md``):
 
@@ -26,8 +31,8 @@ probe has been measured, the budget goes by that (:class:`~.schedule.Budget`) an
 recorded beside it (each record's ``cost.predicted_seconds``). A metric registered without a planner is
 counted as ``UNPLANNED_HVPS`` HVPs (the Lanczos cap of the built-in metrics).
 
-Not covered: a step timed on a training batch smaller than the probe batches (the prediction scales with the
-step, not with the probe's samples); ``step()`` called once per epoch rather than per optimizer step (an epoch
+Not covered: a step timed on a training batch smaller than each probe batch (the prediction scales with the
+step and the number of probe batches, not with the samples in them); ``step()`` called once per epoch rather than per optimizer step (an epoch
 is then timed as a step, and the prediction is as many times too high); and a memory plan that rebuilds graphs per HVP and streams the Lanczos
 basis from host memory, where one HVP cost 8x the kept-graph one (GPT-2 124M under a 1.5x peak, §6). The
 first probe may then take longer than predicted; from the second on the measured cost decides.
@@ -54,23 +59,26 @@ UNPLANNED_HVPS = 300
 STEP_WINDOW = 32
 
 
-def planned_gradients(cost_plan: Mapping[str, Mapping[str, Any]]) -> float:
-    """One probe's work in gradients on the probe batches, from :func:`~.progress.plan_probe`'s plan (module
-    docstring: the build, each HVP as ``HVP_GRADIENTS``, each forward pass as ``FORWARD_GRADIENTS``), before
-    ``OUTSIDE_FACTOR``. A metric without a plan counts ``UNPLANNED_HVPS`` HVPs. Costs nothing.
+def planned_gradients(cost_plan: Mapping[str, Mapping[str, Any]], batches: int = 1) -> float:
+    """One probe's work in gradients on one batch, from :func:`~.progress.plan_probe`'s plan on ``batches``
+    probe batches (module docstring: the build and each HVP over every batch, an HVP as ``HVP_GRADIENTS``, a
+    forward pass as ``FORWARD_GRADIENTS``), before ``OUTSIDE_FACTOR``. A metric without a plan counts
+    ``UNPLANNED_HVPS`` HVPs. Costs nothing.
 
     >>> planned_gradients({"spectrum": {"hvps": 40, "gradients": 0, "forwards": 0}})
     122.0
+    >>> planned_gradients({"spectrum": {"hvps": 40, "gradients": 0, "forwards": 0}}, batches=2)
+    244.0
     >>> planned_gradients({"noise": {"hvps": 0, "gradients": 64, "forwards": 0}, "mystery": {"hvps": None}})
     966.0
     """
-    total = BUILD_GRADIENTS
+    over_batches = BUILD_GRADIENTS  # the build and the HVPs run over every probe batch
+    once = 0.0
     for plan in cost_plan.values():
         hvps = plan.get("hvps")
-        total += HVP_GRADIENTS * (UNPLANNED_HVPS if hvps is None else hvps)
-        total += plan.get("gradients") or 0
-        total += FORWARD_GRADIENTS * (plan.get("forwards") or 0)
-    return float(total)
+        over_batches += HVP_GRADIENTS * (UNPLANNED_HVPS if hvps is None else hvps)
+        once += (plan.get("gradients") or 0) + FORWARD_GRADIENTS * (plan.get("forwards") or 0)
+    return float(max(1, int(batches)) * over_batches + once)
 
 
 class StepTimer:
@@ -121,13 +129,15 @@ class StepTimer:
 
 
 class ProbeCost:
-    """Predicts one probe's seconds from its plan (:func:`planned_gradients`) and the :class:`StepTimer`.
+    """Predicts one probe's seconds from its plan on ``batches`` probe batches (:func:`planned_gradients`) and
+    the :class:`StepTimer`.
 
     A :class:`~.schedule.Budget` calls :meth:`predict` for the cost of a probe while it has measured none.
     """
 
-    def __init__(self, cost_plan: Mapping[str, Mapping[str, Any]], window: int = STEP_WINDOW) -> None:
-        self.gradients = planned_gradients(cost_plan)
+    def __init__(self, cost_plan: Mapping[str, Mapping[str, Any]], batches: int = 1,
+                 window: int = STEP_WINDOW) -> None:
+        self.gradients = planned_gradients(cost_plan, batches)
         self.timer = StepTimer(window)
 
     def predict(self) -> float | None:
