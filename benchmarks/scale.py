@@ -18,6 +18,12 @@ default schedule.
     python benchmarks/scale.py models --models gpt2-124m --dtypes fp32,bf16 --metrics full --out r.json
     python benchmarks/scale.py models --models gpt2-tiny --device cpu --metrics full      # smoke run
     python benchmarks/scale.py trajectory --model gpt2-124m --steps 400 --every 40 --which largest --out t.json
+    python benchmarks/scale.py overhead --model gpt2-124m --dtypes bf16 --steps 4000 --out o.json
+    python benchmarks/scale.py overhead --model gpt2-tiny --device cpu --dtypes fp32 --steps 3000   # smoke run
+
+``overhead`` reports each probe that ran in the loop with its predicted and measured seconds, the skips, the
+training seconds and the overhead; the default schedule's budget defers the first probe until its predicted
+cost fits in 5 % of the training time so far (a few thousand GPT-2 124M steps).
 """
 
 from __future__ import annotations
@@ -305,18 +311,29 @@ def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_d
     return {"model": name, "dtype": dtype_name, "tol": tol, "which": which, "points": points, "summary": summary}
 
 
-def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str) -> dict:
-    """Training wall time with and without a GeometryProbe at its default schedule and metrics."""
-    out = {}
-    for attached in (False, True):
+def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metrics: list[str] | None = None,
+             baseline: bool = True) -> dict:
+    """Training wall time with and without a GeometryProbe at its default schedule (``every(100) |
+    budget(0.05)``) and default metrics unless ``metrics`` (``"spectrum:max_iter=40"`` forms) are given.
+
+    Reports the probes that ran inside the training loop, each with its step, the seconds the probe predicted
+    before it ran (``cost.predicted_seconds``: the plan in gradients times the timed training step,
+    ``geomprobe/probe/probe_cost.py``) and the seconds it took; the skips; the training seconds (the loop's wall
+    time less the probe seconds in it, and the loop without a probe when ``baseline``); the overhead of the loop
+    with the probe over the loop without, and apart from it the final probe ``close()`` runs after the loop.
+    The data are 64 token batches cycled, so any number of steps runs in constant memory.
+    """
+    out: dict = {"model": name, "dtype": dtype_name, "steps": steps, "metrics": metrics or "default"}
+    for attached in ((False, True) if baseline else (True,)):
         dtype = DTYPES[dtype_name]
         model, vocab, b, t = build(name, dtype, device)
         data = token_batches(vocab, b, t, 64, device, seed=3)
         opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
         probe = None
         if attached:
+            options = {"metrics": metrics} if metrics else {}
             probe = gp.GeometryProbe(model, lm_loss, probe_data=[data[0]], run_dir=os.path.join(out_dir, "overhead"),
-                                     force=True)
+                                     force=True, **options)
             probe.attach(opt)
         sync(device)
         t0 = time.perf_counter()
@@ -324,19 +341,44 @@ def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str) -> di
             opt.zero_grad(set_to_none=True)
             lm_loss(model, data[step % len(data)]).backward()
             opt.step()
+            if probe is not None and probe.records and probe.records[-1]["step"] == step + 1:
+                r = probe.records[-1]
+                print(f"probe at step {r['step']}: predicted {r['cost']['predicted_seconds']} s, "
+                      f"took {r['cost']['seconds']:.2f} s ({r['cost']['hvps']} HVPs)", flush=True)
         sync(device)
         wall = time.perf_counter() - t0
         key = "with_probe" if attached else "without"
         out[key] = {"wall_s": wall}
         if probe is not None:
-            out[key].update(probes=len(probe.records), probe_seconds=sum(r["cost"]["seconds"] for r in probe.records),
-                            hvps=[r["cost"]["hvps"] for r in probe.records])
+            ran = [{"step": r["step"], "predicted_seconds": r["cost"]["predicted_seconds"],
+                    "seconds": r["cost"]["seconds"], "hvps": r["cost"]["hvps"], "wall_s": r["wall"]}
+                   for r in probe.records]
+            probe_s = sum(r["seconds"] for r in ran)
+            out[key].update(probes=len(ran), probe_seconds=probe_s, training_seconds=wall - probe_s,
+                            probe_share=probe_s / wall if wall > 0 else None, per_probe=ran,
+                            skips=probe.skips.to_dict(), prediction=probe.probe_cost.to_dict())
+            before = len(probe.records)
+            t1 = time.perf_counter()
             probe.close()
+            sync(device)
+            final = probe.records[before:]
+            out[key]["close"] = {"seconds": time.perf_counter() - t1,
+                                 "final_probe": ({"step": final[0]["step"],
+                                                  "predicted_seconds": final[0]["cost"]["predicted_seconds"],
+                                                  "seconds": final[0]["cost"]["seconds"],
+                                                  "hvps": final[0]["cost"]["hvps"]} if final else None)}
         del model, opt, probe
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
-    out["overhead"] = out["with_probe"]["wall_s"] / out["without"]["wall_s"] - 1
-    out.update(model=name, dtype=dtype_name, steps=steps)
+    w = out["with_probe"]
+    if baseline:
+        out["training_seconds"] = out["without"]["wall_s"]
+        out["overhead"] = w["wall_s"] / out["without"]["wall_s"] - 1
+        out["overhead_with_close"] = (w["wall_s"] + w["close"]["seconds"]) / out["without"]["wall_s"] - 1
+    else:
+        out["training_seconds"] = w["training_seconds"]
+    # the budget's own measure: probe seconds over the loop's wall time (what budget(0.05) bounds)
+    out["probe_share"] = w["probe_share"]
     return out
 
 
@@ -357,6 +399,9 @@ def main() -> None:
     ap.add_argument("--which", default="both", choices=["both", "largest", "smallest"], help="trajectory: the ends")
     ap.add_argument("--metric-options", default=None,
                     help='models: JSON of options per metric, e.g. \'{"spectrum": {"max_iter": 40}}\'')
+    ap.add_argument("--probe-metrics", default=None,
+                    help="overhead: the probe's metrics, comma-separated ('spectrum:max_iter=40'); default: its defaults")
+    ap.add_argument("--no-baseline", action="store_true", help="overhead: skip the run without a probe")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     strict_fp32()
@@ -395,7 +440,9 @@ def main() -> None:
         doc["results"].append(trajectory(args.model, args.dtypes.split(",")[0], args.steps, args.every, args.device,
                                          out_dir, args.tol, args.which))
     else:
-        doc["results"].append(overhead(args.model, args.dtypes.split(",")[0], args.steps, args.device, out_dir))
+        doc["results"].append(overhead(args.model, args.dtypes.split(",")[0], args.steps, args.device, out_dir,
+                                       args.probe_metrics.split(",") if args.probe_metrics else None,
+                                       baseline=not args.no_baseline))
     save()
     print(json.dumps(doc["results"], default=str)[-3000:])
 

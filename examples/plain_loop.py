@@ -3,7 +3,9 @@
     python examples/plain_loop.py [RUN_DIR]        # default runs/example-plain; then: geomprobe report RUN_DIR
 
 A small random-init MLP learns a synthetic classification task with SGD; the probe measures the Hessian's
-extreme eigenvalues and R_med every 25 steps (never over 20 % of wall time) and once more at the end.
+extreme eigenvalues and R_med at the start, every 25 steps while that stays within 20 % of wall time, and once
+more at the end. The budget predicts a probe's cost from the training steps it has timed before it lets one
+run, so on a model this small (a probe costs more than all 100 steps) it vetoes the periodic probes.
 """
 
 import sys
@@ -23,7 +25,7 @@ loss_fn = nn.CrossEntropyLoss()
 
 probe = gp.GeometryProbe(model, loss_fn, probe_data=(X[:128], y[:128]),   # fixed probe batch
                          metrics={"spectrum": {"k": 1}, "rmed": {}},
-                         schedule=gp.every(25) | gp.budget(0.2),
+                         schedule=gp.at([0]) | (gp.every(25) & gp.budget(0.2)),  # at(): outside the budget
                          run_dir=run_dir, force=True)                    # force: replace an earlier example run
 probe.attach(optimizer)            # probes step 0 now, then after the optimizer steps the schedule selects
 for step in range(100):            # the loop itself is unchanged

@@ -337,7 +337,9 @@ def test_transformers_callback_called_outside_a_trainer_warns_and_still_probes()
 
     X, y = _data()
     model = nn.Sequential(nn.Linear(5, 3))
-    cb = GeometryProbeCallback(loss_fn=nn.CrossEntropyLoss(), probe_data=(X, y), metrics=METRICS)
+    # every(100): the default schedule's budget defers step 0, before any training step was timed
+    cb = GeometryProbeCallback(loss_fn=nn.CrossEntropyLoss(), probe_data=(X, y), metrics=METRICS,
+                               schedule=gp.every(100))
     with pytest.warns(RuntimeWarning, match="Trainer's callbacks could not be found.*run log only"):
         cb.on_train_begin(None, TrainerState(), TrainerControl(), model=model)
     assert [r["step"] for r in cb.probe.records] == [0]

@@ -141,7 +141,8 @@ def test_budget_keeps_probe_time_under_fraction_and_still_probes(step_seconds, p
     probed, history, spent = simulate(schedule, clock, steps, step_seconds, probe_seconds)
     total = clock.t
     assert spent <= 0.05 * total
-    # From the second probe on (the first one's cost cannot be known in advance), the budget holds at all times.
+    # From the second probe on, the budget holds at all times: this budget has no prediction, so its first probe
+    # is unpriced (a GeometryProbe gives its budgets one: tests/test_budget_first_probe.py).
     # The times are binary fractions, so the sums are exact and the comparison needs no tolerance.
     for spent_so_far, wall in history[1:]:
         assert spent_so_far <= 0.05 * wall

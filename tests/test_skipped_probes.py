@@ -32,6 +32,11 @@ class Ticks:
         return self.t
 
 
+def _first_and_budgeted(clock) -> gp.Schedule:
+    """Step 0 whatever the budget, then every 2 steps within 5 % (a budget alone defers step 0: no step timed)."""
+    return at([0]) | (every(2) & budget(0.05, clock=clock))
+
+
 def _train(steps: int, schedule, tmp_path=None, fail_at: int | None = None, **options):
     g = torch.Generator().manual_seed(0)
     X, y = torch.randn(32, 4, generator=g), torch.randint(0, 2, (32,), generator=g)
@@ -73,12 +78,14 @@ def test_skip_counter_counts_scheduled_and_skipped():
     s.observe(0, 1.0, 0.0)
     for step in range(1, 9):
         c.note(s, s.should_probe(step, 1.0))
-    assert c.to_dict() == {"scheduled": 4, "skipped": 4, "skipped_by": {"overhead budget 50 %": 4}}
+    assert c.to_dict() == {"scheduled": 4, "skipped": 4, "skipped_by": {"overhead budget 50 %": 4},
+                           "last_skip": {"step": None, "by": ["overhead budget 50 %"], "expected_seconds": 1.0,
+                                         "cost_from": "measured"}}
 
 
 def test_budget_skips_are_recorded_and_reported(tmp_path):
     # 20 steps, every(2): 11 scheduled; the ticking clock makes the first probe cost more than 5 % of the run
-    probe = _train(20, every(2) | budget(0.05, clock=Ticks()), tmp_path, final_probe=False, clock=Ticks())
+    probe = _train(20, _first_and_budgeted(Ticks()), tmp_path, final_probe=False, clock=Ticks())
     records = gp.RunReader(tmp_path / "run").records
     # no probe after step 0; the skips after it land in a compact record written at close
     assert [(r["step"], r.get("kind")) for r in records] == [(0, None), (20, "schedule")]
@@ -93,10 +100,12 @@ def test_budget_skips_are_recorded_and_reported(tmp_path):
 
 def test_the_last_step_gets_a_final_probe_with_the_counts(tmp_path):
     clock = Ticks()
-    _train(20, every(2) | budget(0.05, clock=clock), tmp_path, clock=clock)
+    _train(20, _first_and_budgeted(clock), tmp_path, clock=clock)
     records = gp.RunReader(tmp_path / "run").records
     assert [r["step"] for r in records] == [0, 20] and records[-1]["final"] is True
-    assert records[-1]["schedule"] == {"scheduled": 11, "skipped": 10, "skipped_by": {"overhead budget 5 %": 10}}
+    counts = {k: records[-1]["schedule"][k] for k in ("scheduled", "skipped", "skipped_by")}
+    assert counts == {"scheduled": 11, "skipped": 10, "skipped_by": {"overhead budget 5 %": 10}}
+    assert records[-1]["schedule"]["last_skip"]["step"] == 20 and records[-1]["schedule"]["last_skip"]["cost_from"] == "measured"
     assert "spectrum" in records[-1] and "final" not in records[0]
     result = CliRunner().invoke(cli, ["report", str(tmp_path / "run")])
     assert result.exit_code == 0, result.output
@@ -151,7 +160,7 @@ def test_installed_script_reports_skips_on_a_pipe(tmp_path):
     if exe is None:
         pytest.skip("the geomprobe console script is not installed")
     clock = Ticks()
-    _train(20, every(2) | budget(0.05, clock=clock), tmp_path, final_probe=False, clock=clock)
+    _train(20, _first_and_budgeted(clock), tmp_path, final_probe=False, clock=clock)
     out = subprocess.run([exe, "report", str(tmp_path / "run")], capture_output=True, text=True, timeout=120,
                          env={**os.environ, "PYTHONPATH": os.getcwd()}, check=False)
     assert out.returncode == 0, out.stderr

@@ -31,12 +31,7 @@ from ..engine.batches import first_tensor
 from ..engine.distributed import make_reducer
 from ..engine.landscape import Landscape, unwrap_model
 from ..engine.loss import loss_reduction
-from ..engine.memory_plan import (
-    DEFAULT_CHUNK_SIZE,
-    DEFAULT_PEAK_RATIO,
-    MemoryBudget,
-    read_training_peak,
-)
+from ..engine.memory_plan import DEFAULT_CHUNK_SIZE, DEFAULT_PEAK_RATIO, read_training_peak
 from ..engine.paramspace import ParamSpace, select_parameters
 from ..engine.probedata import draw_probe_batches
 from ..engine.state import rng_preserved
@@ -44,15 +39,16 @@ from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
 from ..runs.writer import RunWriter
 from .last_update import LastUpdate, wants_last_update
-from .metric_needs import basis_vectors, bounded_basis, gradient_samples
+from .metric_needs import memory_budget
 from .metric_order import providers, run_order
 from .metric_spec import resolve_metrics
 from .options import check_probe_options, check_sharded_metrics
+from .probe_cost import ProbeCost
 from .progress import ProbeProgress, ProgressCallback, plan_probe, resolve_progress
 from .resume_check import check_resumable, probe_policy
 from .run_folder import last_step, probe_meta, refuse_existing, storable, unwritten_message, write_pending
 from .schedule import Schedule, budget, every
-from .skips import SkipCounter, open_ended
+from .skips import SkipCounter, budgets, open_ended
 from .summary import resolve_summary
 from .warm_start import WarmStart
 
@@ -77,7 +73,10 @@ class GeometryProbe:
         metrics: metric names, ``"NAME:key=value,..."`` strings, dicts with ``"name"`` and options, or a dict
             mapping names to their options (``{"spectrum": {"k": 3}}``); options are checked against each
             metric's signature at construction (:mod:`.metric_spec`).
-        schedule: when to probe (default ``every(100) | budget(0.05)``); the step counts optimizer steps.
+        schedule: when to probe (default ``every(100) | budget(0.05)``); the step counts optimizer steps. A
+            budget defers every probe, the first included, until its cost fits: before any probe ran, the cost
+            predicted from :attr:`cost_plan` and the timed training steps (:mod:`.probe_cost`), so a budget
+            never probes step 0 (no step timed yet); ``at([0]) | ...`` measures it outside the budget.
         run_dir: where the run log goes (``meta.json`` + ``records.jsonl``); ``None`` keeps records in memory.
         mode: the Landscape's mode policy, ``"eval"`` or ``"train"``.
         optimizer: for preconditioned metrics; :meth:`attach` sets it too.
@@ -209,6 +208,9 @@ class GeometryProbe:
         self.cost_plan = plan_probe(self.metric_options, self.space, chunk_size=chunk_size or DEFAULT_CHUNK_SIZE,
                                     dtype=dtype, batches=len(self.batches), seed=seed)
         # products reused (precond: spectrum's Lanczos run, rmed's diagonal reads) are computed first, once
+        self.probe_cost = ProbeCost(self.cost_plan, len(self.batches))  # seconds before any probe ran: the budgets' first cost
+        for limit in budgets(self.schedule):
+            limit.predict = limit.predict or self.probe_cost.predict
         self._run_order = run_order(self.metric_options)
         self._providers = providers(self.metric_options, self.space, seed)
         self.records: list[dict] = []
@@ -297,16 +299,20 @@ class GeometryProbe:
     def step(self, step: int | None = None) -> dict | None:
         """Probe now if the schedule selects ``step`` (default: the probe's own step counter).
 
-        Returns the record written, or ``None`` when the schedule skipped this step.
+        Returns the record written, or ``None`` when the schedule skipped this step. The time between two
+        calls, less the probe time in it, is timed as training (per step of ``step``'s numbering): what a
+        budget predicts the first probe's cost from (:mod:`.probe_cost`).
         """
         if self._closed:
             raise ConfigurationError("this probe was closed; create a new GeometryProbe")
         step = self._step if step is None else int(step)
         self._step = step
         self._stepped = True
+        now = self.clock()
+        self.probe_cost.timer.mark(step, now)  # the training step that just ended, for the first probe's cost
         # Rank 0's decision binds every rank: a time budget can differ across ranks, and a probe is collective.
-        fired = self._reducer.agree(self.schedule.should_probe(step, self.clock()))
-        self.skips.note(self.schedule, fired)
+        fired = self._reducer.agree(self.schedule.should_probe(step, now))
+        self.skips.note(self.schedule, fired, step)
         if not fired:
             return None
         return self.probe(step)
@@ -326,6 +332,7 @@ class GeometryProbe:
         peak = read_training_peak(device)  # and a reset, so the record's peak is the probe's own
         if peak is not None and step > 0 and step != self._last_probe_step:
             self._train_peak = peak  # the training steps since the last probe, which reset the counter at its end
+        predicted = self.probe_cost.predict()  # recorded beside the measured seconds
         t0 = self.clock()
         record: dict[str, Any] = {"step": step, "time": time.time(), "wall": t0 - self._t_start}
         errors: dict[str, str] = {}
@@ -348,7 +355,7 @@ class GeometryProbe:
         chunk_size = self.landscape_options["chunk_size"]
         plan = None
         try:
-            land = Landscape(self.model, self.loss_fn, self.batches, memory=self._budget(), **self.landscape_options)
+            land = Landscape(self.model, self.loss_fn, self.batches, memory=memory_budget(self), **self.landscape_options)
             plan, chunk_size, micro_batch_size = land.plan, land.chunk_size, land.micro_batch_size
             if basis_device is None and plan is not None:
                 basis_device = plan.basis_device
@@ -387,11 +394,13 @@ class GeometryProbe:
                 land.close()
         seconds = self.clock() - t0
         self._probe_seconds += seconds
+        self.probe_cost.timer.exclude(seconds)
         record["lr"] = [grp.get("lr") for grp in self.optimizer.param_groups] if self.optimizer is not None else None
         record["cost"] = {
             "hvps": land.hvps if land is not None else 0,
             "forwards": land.forwards if land is not None else 0,
             "seconds": seconds,
+            "predicted_seconds": predicted,
             "peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "graph_mib": land.graph_bytes / 2**20 if land is not None else None,
             "chunk_size": chunk_size,
@@ -474,21 +483,6 @@ class GeometryProbe:
             out.setdefault("warm", False)
         storable(out, name)  # a custom metric's unstorable value fails that metric, not the record or training
         return out
-
-    def _budget(self) -> MemoryBudget | None:
-        """What the next Landscape plans within: the cap, the training peak, and the settings fixed by the user
-        or by the out-of-memory safety net (which one is recorded in the plan)."""
-        if not self.memory_plan:
-            return None
-        opts = self.landscape_options
-        fixed = {k: (opts.get(k), "oom-ladder") for k in ("chunk_size", "micro_batch_size", "graph_budget_bytes")
-                 if k in self._ladder}
-        if self._basis_device is not None:
-            fixed["basis_device"] = (self._basis_device, "oom-ladder" if "basis_device" in self._ladder else "user")
-        return MemoryBudget(cap_bytes=self.memory_cap, train_peak_bytes=self._train_peak, peak_ratio=self.peak_ratio,
-                            graph_bytes_per_sample=self._graph_per_sample, bounded_basis=bounded_basis(self.metric_options),
-                            basis_vectors=basis_vectors(self.metric_options), overrides=fixed, warn=False,
-                            gradient_samples=gradient_samples(self.metric_options))
 
     def _warm_for(self, name: str) -> WarmStart | None:
         """The warm start for metric ``name``, or None when warm starts are off or would cost HVPs: a cold

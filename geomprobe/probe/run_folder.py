@@ -93,6 +93,8 @@ def probe_meta(probe: Any, extra: Mapping[str, Any] | None) -> dict:
                        "first_plan": probe._first_plan},
             "warm_start": probe.warm is not None,
             "cost_plan": probe.cost_plan,
+            # what the budget's first-probe prediction rested on when the run started (probe_cost.py)
+            "cost_prediction": probe.probe_cost.to_dict(),
         },
         "device": str(next(probe.model.parameters()).device),
         "dtype": str(next(probe.model.parameters()).dtype).replace("torch.", ""),

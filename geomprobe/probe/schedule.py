@@ -48,6 +48,7 @@ import math
 import numbers
 import operator
 import time
+import warnings
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -235,13 +236,21 @@ class Budget(Schedule):
 
         spent + c <= fraction * (t - t0 + c)
 
-    i.e. when it would still be within budget once it has finished. ``c`` is the larger of the last probe's
-    duration and an exponential average of all of them (weight 1/2 on the newest), so a probe that got
-    slower is trusted at once and one that got faster only gradually. Before any probe has been observed
-    ``c`` is unknown and taken as 0, so the first probe is always allowed; from the second on, the
-    invariant ``spent <= fraction * (t - t0)`` holds after each probe whose cost matched the estimate, and a
-    probe that overran is paid back by waiting. Used alone, a budget fires whenever it allows: it probes as
-    often as the fraction permits.
+    i.e. when it would still be within budget once it has finished. Once a probe has been observed, ``c`` is
+    the larger of the last probe's duration and an exponential average of all of them (weight 1/2 on the
+    newest), so a probe that got slower is trusted at once and one that got faster only gradually. Before
+    that, ``c`` is ``predict()``: a :class:`~geomprobe.GeometryProbe` gives each of its budgets its prediction
+    from the probe's plan and the measured seconds of a training step (:mod:`.probe_cost`), so the first
+    probe is deferred until it fits too; while ``predict()`` returns ``None`` (no training step timed yet)
+    every probe is deferred. A budget without ``predict`` has nothing to go by and allows the first probe
+    (``c`` = 0). With ``c`` covering what a probe costs, ``spent <= fraction * (t - t0)`` holds after every
+    probe; a probe that overran is paid back by waiting. Used alone, a budget fires whenever it allows: it
+    probes as often as the fraction permits.
+
+    After each :meth:`should_probe`, ``last_cost`` is the ``c`` it used (``None`` when unknown) and
+    ``cost_from`` says where it came from (``"measured"``, ``"predicted"``, ``"no training step timed
+    yet"`` or ``"unknown"``), which the probe records with a skip (:mod:`.skips`). A ``predict`` that fails
+    or returns no number of seconds defers probes, with one warning, until a probe has been measured.
 
     ``clock`` is read when ``now`` is not passed (seconds, monotonic); tests inject a controlled clock.
     The probe must call :meth:`observe` after each probe, or the budget never learns what probes cost.
@@ -249,7 +258,8 @@ class Budget(Schedule):
 
     is_limit = True
 
-    def __init__(self, fraction: float, clock: Callable[[], float] = time.perf_counter) -> None:
+    def __init__(self, fraction: float, clock: Callable[[], float] = time.perf_counter,
+                 predict: Callable[[], float | None] | None = None) -> None:
         if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real):
             raise ConfigurationError(
                 f"budget(fraction): fraction must be a number in (0, 1), got {fraction!r}; "
@@ -263,7 +273,13 @@ class Budget(Schedule):
             )
         if not callable(clock):
             raise ConfigurationError(f"budget(fraction, clock): clock must be callable, got {clock!r}")
+        if predict is not None and not callable(predict):
+            raise ConfigurationError(f"budget(fraction, predict=): predict must be callable or None, got {predict!r}")
         self.fraction = fraction
+        self.predict = predict
+        self.last_cost: float | None = None
+        self.cost_from = "unknown"
+        self._warned = False
         self.clock = clock
         self.spent = 0.0  # seconds of probing observed so far
         self.probes = 0  # probes observed so far
@@ -276,10 +292,35 @@ class Budget(Schedule):
 
     @property
     def expected_cost(self) -> float:
-        """Seconds the next probe is expected to take (0 before any probe has been observed)."""
+        """Seconds the next probe is expected to take, from the probes observed (0 before any)."""
         if self._last is None or self._average is None:
             return 0.0
         return max(self._last, self._average)
+
+    def _cost(self) -> tuple[float | None, str]:
+        """``c`` of the rule and where it came from (class docstring)."""
+        if self._last is not None:
+            return self.expected_cost, "measured"
+        if self.predict is None:
+            return 0.0, "unknown"
+        try:
+            predicted = self.predict()
+        except Exception as e:  # user code asked from the optimizer hook: defer, never stop training
+            predicted = f"{type(e).__name__}: {e}"
+        if predicted is None:
+            return None, "no training step timed yet"
+        try:
+            seconds = float(predicted)
+        except (TypeError, ValueError):
+            seconds = math.nan
+        if not math.isfinite(seconds) or seconds < 0:
+            # asked from the optimizer hook: a bad prediction defers the probe, it never stops training
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"geomprobe: budget's predict() must return seconds >= 0 or None, got {predicted!r}; "
+                              "the budget defers probes until one has been measured", RuntimeWarning, stacklevel=4)
+            return None, f"predict() returned {predicted!r}"
+        return seconds, "predicted"
 
     @property
     def reason(self) -> str:
@@ -293,7 +334,10 @@ class Budget(Schedule):
         t = self._time(now)
         if self._t0 is None:
             self._t0 = t
-        cost = self.expected_cost
+        cost, self.cost_from = self._cost()
+        self.last_cost = cost
+        if cost is None:  # nothing to predict from yet: defer rather than guess
+            return False
         return self.spent + cost <= self.fraction * (t - self._t0 + cost)
 
     def observe(self, step: int, probe_seconds: float, now: float | None = None) -> None:
@@ -438,18 +482,24 @@ def at(steps: Iterable[int]) -> At:
     return At(steps)
 
 
-def budget(fraction: float, clock: Callable[[], float] = time.perf_counter) -> Budget:
+def budget(fraction: float, clock: Callable[[], float] = time.perf_counter,
+           predict: Callable[[], float | None] | None = None) -> Budget:
     """Probe only while probe time stays under ``fraction`` of wall time (a limit; see :class:`Budget`).
+    ``predict``: the seconds of a probe before one has been observed (a GeometryProbe sets its own).
 
     >>> t = [0.0]
-    >>> b = budget(0.1, clock=lambda: t[0])
-    >>> b.should_probe(0)          # the first probe is always allowed: its cost is not known yet
+    >>> b = budget(0.1, clock=lambda: t[0], predict=lambda: 1.0)
+    >>> b.should_probe(0)          # a probe predicted at 1 s does not fit in 0 s of training
+    False
+    >>> t[0] = 9.0
+    >>> b.should_probe(1)          # 0 + 1 <= 0.1 * (9 + 1): it fits
     True
-    >>> b.observe(0, 1.0); t[0] = 1.0
-    >>> b.should_probe(1)          # 1 s spent after 1 s: over 10 %
+    >>> t[0] = 10.0; b.observe(1, 1.0)     # it took 1 s: from now on measured costs decide
+    >>> t[0] = 11.0
+    >>> b.should_probe(2)          # 1 + 1 > 0.1 * (11 + 1)
     False
     >>> t[0] = 19.0
-    >>> b.should_probe(2)          # 1 + 1 <= 0.1 * (19 + 1)
+    >>> b.should_probe(3)          # 1 + 1 <= 0.1 * (19 + 1)
     True
     """
-    return Budget(fraction, clock)
+    return Budget(fraction, clock, predict)
