@@ -199,12 +199,28 @@ def test_a_probe_keeps_its_budget_at_every_step_including_the_first_probe(monkey
     probe.close()
 
 
-def test_without_the_prediction_the_first_probe_breaks_the_budget(monkeypatch):
-    # the old rule (a first probe costs 0): the same run probes step 0 and starts over its 5 %
+def test_a_mispredicted_probe_stops_at_its_allowance_and_the_budget_holds_anyway(monkeypatch):
+    # a prediction of 0 s (the old rule): the budget fires at step 0, but the probe carries the budget's
+    # allowance (0 s then) and stops after its first HVP; the budget expects twice that next time, and later
+    # probes run whole once they fit
+    worst = []
+
+    def check(probe, clock):
+        worst.append(probe._probe_seconds - 0.05 * (clock.t - probe._t_start))
+
     probe, clock = _probe_on_fake_clock(
-        monkeypatch, lambda c: every(1) | budget(0.05, clock=c, predict=lambda: 0.0), 50)
-    assert probe.records[0]["step"] == 0 and probe.records[0]["cost"]["seconds"] > 0.05 * (clock.t - probe._t_start)
+        monkeypatch, lambda c: every(1) | budget(0.05, clock=c, predict=lambda: 0.0), 3000, check=check)
+    first = probe.records[0]
+    assert first["step"] == 0 and first["cost"]["cut"] is True and first["cost"]["allowance_seconds"] == 0.0
+    assert "spectrum" not in first and "allowance" in first["skipped"]["spectrum"]
+    assert first["cost"]["seconds"] == HVP_SECONDS  # one HVP past the deadline at most
+    assert max(worst) <= HVP_SECONDS + 1e-12  # the rule, up to the one HVP a check waits for, at every step
+    whole = [r for r in probe.records if not r["cost"]["cut"]]
+    assert whole and all("spectrum" in r and r["cost"]["seconds"] <= r["cost"]["allowance_seconds"] for r in whole)
+    cut = [r for r in probe.records if r["cost"]["cut"]]
+    assert all(r["cost"]["seconds"] <= r["cost"]["allowance_seconds"] + HVP_SECONDS + 1e-12 for r in cut)
     probe.close()
+    assert probe.records[-1].get("final") and "cut" not in probe.records[-1]["cost"]  # close()'s probe: no deadline
 
 
 def test_deferred_probes_are_recorded_with_their_reason_and_expected_seconds(monkeypatch, tmp_path):

@@ -47,6 +47,7 @@ from .probe_cost import ProbeCost
 from .progress import ProbeProgress, ProgressCallback, plan_probe, resolve_progress
 from .resume_check import check_resumable, probe_policy
 from .run_folder import last_step, probe_meta, refuse_existing, storable, unwritten_message, write_pending
+from .allowance import OverAllowance, budgeted, settle, watch
 from .schedule import Schedule, budget, every
 from .skips import SkipCounter, budgets, open_ended
 from .summary import resolve_summary
@@ -227,7 +228,7 @@ class GeometryProbe:
         self._graph_per_sample: float | None = None
         self._last_probe_step: int | None = None
         self._first_plan: dict | None = None
-        self._probe_seconds = 0.0
+        self._probe_seconds, self._deadline = 0.0, None
         self.clock = clock
         self.annotate = annotate
         self._t_start = clock()
@@ -315,7 +316,8 @@ class GeometryProbe:
         self.skips.note(self.schedule, fired, step)
         if not fired:
             return None
-        return self.probe(step)
+        with budgeted(self, now):  # the probe stops at the budget's allowance (allowance.py)
+            return self.probe(step)
 
     # ------------------------------------------------------------------ measuring
     def probe(self, step: int, *, final: bool = False) -> dict:
@@ -371,13 +373,18 @@ class GeometryProbe:
                 record["approximate_hvp"] = True
             if progress is not None:
                 progress.count(land)
+            deadline = watch(self._deadline, land)
             for name in self._run_order:
                 opts = self.metric_options[name]
                 land.widest_block = 0
+                if deadline is not None and deadline.skips(name, skipped):
+                    continue
                 if progress is not None:
                     progress.start(name)
                 try:
                     record[name] = self._run_metric(name, land, opts)
+                except OverAllowance as e:  # the budget's allowance ran out: not a failure, the metric is skipped
+                    skipped[name] = str(e)
                 except OptimizerStateError as e:
                     # Not a failure: the optimizer holds no state yet (before its first step).
                     skipped[name] = str(e).splitlines()[0]
@@ -429,6 +436,7 @@ class GeometryProbe:
         if final:
             record["final"] = True
         self.schedule.observe(step, seconds, self.clock())
+        settle(self, record, seconds)
         self.records.append(record)
         if self.run_dir is not None and self.writes:
             self._unwritten.append(record)

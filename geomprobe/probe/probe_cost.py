@@ -26,10 +26,14 @@ The factors, each at the high end of what was measured (``benchmarks/RESULTS.md`
   statistics, the run log) was 12-36 % of a probe with everything on the device (§6), up to a third of it.
 
 An iterative metric's plan is the most HVPs it may spend (``spectrum``: ``min(d, 300)`` Lanczos steps, where
-10-150 is usual), so the prediction is an upper bound there, typically 2-8x the measured seconds; once a
-probe has been measured, the budget goes by that (:class:`~.schedule.Budget`) and this prediction is only
-recorded beside it (each record's ``cost.predicted_seconds``). A metric registered without a planner is
-counted as ``UNPLANNED_HVPS`` HVPs (the Lanczos cap of the built-in metrics).
+10-150 is usual); counted at its cap, the first probe of a GPT-2 124M run would wait for 11 minutes of training
+(a 34 s prediction for a probe that took 5 s). So a plan that is not exact counts at most ``ITERATIVE_HVPS``
+(64: the default ``spectrum`` took 37 HVPs on GPT-2 124M, 9-127 on the models of ``benchmarks/RESULTS.md``),
+and a probe whose cost was under-predicted stops at the budget's allowance (:mod:`.allowance`), so the
+budget's rule holds either way. Once a probe has been measured, the budget goes by that
+(:class:`~.schedule.Budget`) and this prediction is only recorded beside it (each record's
+``cost.predicted_seconds``). A metric registered without a planner is counted as ``UNPLANNED_HVPS`` HVPs (the
+Lanczos cap of the built-in metrics).
 
 Not covered: a step timed on a training batch smaller than each probe batch (the prediction scales with the
 step and the number of probe batches, not with the samples in them); ``step()`` called once per epoch rather than per optimizer step (an epoch
@@ -48,14 +52,15 @@ from collections import deque
 from collections.abc import Mapping
 from typing import Any
 
-__all__ = ["BUILD_GRADIENTS", "FORWARD_GRADIENTS", "HVP_GRADIENTS", "OUTSIDE_FACTOR", "STEP_WINDOW", "UNPLANNED_HVPS",
-           "ProbeCost", "StepTimer", "planned_gradients"]
+__all__ = ["BUILD_GRADIENTS", "FORWARD_GRADIENTS", "HVP_GRADIENTS", "ITERATIVE_HVPS", "OUTSIDE_FACTOR", "STEP_WINDOW",
+           "UNPLANNED_HVPS", "ProbeCost", "StepTimer", "planned_gradients"]
 
 HVP_GRADIENTS = 3.0
 BUILD_GRADIENTS = 2.0
 FORWARD_GRADIENTS = 0.5
 OUTSIDE_FACTOR = 1.5
 UNPLANNED_HVPS = 300
+ITERATIVE_HVPS = 64
 STEP_WINDOW = 32
 
 
@@ -76,7 +81,10 @@ def planned_gradients(cost_plan: Mapping[str, Mapping[str, Any]], batches: int =
     once = 0.0
     for plan in cost_plan.values():
         hvps = plan.get("hvps")
-        over_batches += HVP_GRADIENTS * (UNPLANNED_HVPS if hvps is None else hvps)
+        hvps = UNPLANNED_HVPS if hvps is None else hvps
+        if not plan.get("exact", True):  # an iteration that stops when converged: its usual spend, not its cap
+            hvps = min(hvps, ITERATIVE_HVPS)
+        over_batches += HVP_GRADIENTS * hvps
         once += (plan.get("gradients") or 0) + FORWARD_GRADIENTS * (plan.get("forwards") or 0)
     return float(max(1, int(batches)) * over_batches + once)
 

@@ -286,6 +286,7 @@ class Budget(Schedule):
         self._t0: float | None = None
         self._last: float | None = None
         self._average: float | None = None
+        self._floor = 0.0  # after a probe stopped at its allowance: the cost it is known to exceed
 
     def _time(self, now: float | None) -> float:
         return float(self.clock() if now is None else now)
@@ -295,7 +296,21 @@ class Budget(Schedule):
         """Seconds the next probe is expected to take, from the probes observed (0 before any)."""
         if self._last is None or self._average is None:
             return 0.0
-        return max(self._last, self._average)
+        return max(self._last, self._average, self._floor)
+
+    def allowance(self, now: float | None = None) -> float:
+        """The most seconds a probe starting at ``now`` may take and still end within the budget: the largest
+        ``c`` with ``spent + c <= fraction * (t - t0 + c)``. A probe allowed by :meth:`should_probe` whose cost
+        was mispredicted can be stopped when it reaches this (:mod:`.allowance`), so the rule holds at all
+        times, not only on average."""
+        t = self._time(now)
+        t0 = t if self._t0 is None else self._t0
+        return max(0.0, (self.fraction * (t - t0) - self.spent) / (1.0 - self.fraction))
+
+    def note_cut(self, seconds: float) -> None:
+        """The probe just observed was stopped at its allowance after ``seconds``, unfinished: the next one is
+        expected to cost at least twice that (and its prediction, if any, is no longer trusted)."""
+        self._floor = max(self._floor, 2.0 * float(seconds))
 
     def _cost(self) -> tuple[float | None, str]:
         """``c`` of the rule and where it came from (class docstring)."""
@@ -349,6 +364,7 @@ class Budget(Schedule):
             self._t0 = self._time(now) - seconds
         self.spent += seconds
         self.probes += 1
+        self._floor = 0.0  # a finished probe's seconds say what a probe costs (note_cut may follow)
         self._last = seconds
         self._average = seconds if self._average is None else 0.5 * (self._average + seconds)
 

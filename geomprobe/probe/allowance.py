@@ -1,0 +1,113 @@
+"""A budgeted probe stops when it reaches its allowance, so that ``budget(f)`` holds at all times.
+
+A budget allows a probe when its *expected* cost fits (:class:`~.schedule.Budget`): before any probe, a prediction
+from the plan (:mod:`.probe_cost`); after, the measured seconds. Either can be wrong: the first probe under a memory
+plan that rebuilds graphs cost 8x the kept-graph HVPs its prediction assumed (GPT-2 124M, benchmarks/RESULTS.md §6).
+So a probe the schedule fired carries a deadline, the smallest :meth:`~.schedule.Budget.allowance` of the budgets in
+the schedule: checked after every HVP and before every metric; past it, the metric in progress stops (its HVPs
+raise :class:`OverAllowance`) and the metrics not yet run are skipped, each recorded under ``skipped`` with why.
+The budget then sees the seconds spent and expects at least twice that next time (:meth:`~.schedule.Budget.note_cut`).
+
+Not under a process group: a probe is collective there, and stopping one rank mid-HVP would leave the others
+waiting; rank 0's schedule decides whether a probe starts, and a probe that starts finishes. Explicit
+:meth:`GeometryProbe.probe` calls and the final probe at ``close()`` carry no deadline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Callable, Iterator
+
+from .schedule import Schedule
+from .skips import budgets
+
+__all__ = ["Deadline", "OverAllowance", "budgeted", "deadline_for", "note_cut", "settle", "watch"]
+
+
+class OverAllowance(RuntimeError):
+    """A budgeted probe reached its allowance (module docstring)."""
+
+
+class Deadline:
+    """The clock time after which a probe stops (``at``), and whether it did (``cut``)."""
+
+    def __init__(self, at: float, allowance: float, clock: Callable[[], float]):
+        self.at, self.allowance, self.clock = at, allowance, clock
+        self.cut = False
+
+    def passed(self) -> bool:
+        if not self.cut and self.clock() > self.at:
+            self.cut = True
+        return self.cut
+
+    def reason(self) -> str:
+        return f"stopped at the overhead budget's allowance of {self.allowance:.3g} s for this probe"
+
+    def skips(self, name: str, skipped: dict) -> bool:
+        """Whether metric ``name`` is skipped because the deadline has passed (recorded in ``skipped``)."""
+        if self.passed():
+            skipped[name] = self.reason()
+        return self.cut
+
+    def check(self) -> None:
+        """Raise :class:`OverAllowance` once the deadline has passed."""
+        if self.passed():
+            raise OverAllowance(self.reason())
+
+    def watch(self, land: Any) -> None:
+        """Check after every HVP of ``land`` (its method shadowed for the Landscape's life, as progress does)."""
+        inner = land.hvp
+
+        def hvp(v):
+            self.check()
+            out = inner(v)
+            self.check()
+            return out
+
+        land.hvp = hvp
+
+
+def deadline_for(schedule: Schedule, now: float, clock: Callable[[], float], distributed: bool) -> Deadline | None:
+    """The deadline of a probe the schedule just fired at ``now``: ``now`` plus the smallest allowance of its
+    budgets; None without a budget or under a process group (module docstring)."""
+    if distributed:
+        return None
+    allowances = [b.allowance(now) for b in budgets(schedule)]
+    if not allowances:
+        return None
+    allowance = min(allowances)
+    return Deadline(now + allowance, allowance, clock) if math.isfinite(allowance) else None
+
+
+def note_cut(schedule: Schedule, deadline: Deadline | None, seconds: float) -> None:
+    """Tell every budget in ``schedule`` that the probe just observed stopped unfinished after ``seconds``."""
+    if deadline is not None and deadline.cut:
+        for b in budgets(schedule):
+            b.note_cut(seconds)
+
+
+def watch(deadline: Deadline | None, land: Any) -> Deadline | None:
+    """:meth:`Deadline.watch` ``land`` when there is a deadline; returns it."""
+    if deadline is not None:
+        deadline.watch(land)
+    return deadline
+
+
+@contextlib.contextmanager
+def budgeted(probe: Any, now: float) -> Iterator[None]:
+    """Inside, ``probe`` (a GeometryProbe whose schedule just fired at ``now``) carries its deadline."""
+    probe._deadline = deadline_for(probe.schedule, now, probe.clock, probe._reducer.world_size > 1)
+    try:
+        yield
+    finally:
+        probe._deadline = None
+
+
+def settle(probe: Any, record: dict, seconds: float) -> None:
+    """After the schedule observed the probe: its allowance and whether it was cut go into the record's cost,
+    and a cut probe raises the budgets' expected cost (:func:`note_cut`)."""
+    d = probe._deadline
+    if d is not None:
+        record["cost"].update(allowance_seconds=d.allowance, cut=d.cut)
+        note_cut(probe.schedule, d, seconds)

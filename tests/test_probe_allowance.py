@@ -1,0 +1,94 @@
+"""A budgeted probe stops at its allowance (geomprobe.probe.allowance): the budget's rule holds at all times."""
+
+import pytest
+import torch
+from torch import nn
+
+import geomprobe as gp
+from geomprobe.probe.allowance import Deadline, OverAllowance, deadline_for
+from geomprobe.probe.schedule import at, budget, every
+
+
+def test_allowance_is_the_largest_cost_the_rule_admits():
+    b = budget(0.1, clock=lambda: 0.0)
+    assert b.allowance(now=0.0) == 0.0
+    b.should_probe(0, now=0.0)  # t0 = 0
+    b.observe(0, 1.0, now=1.0)
+    # spent 1 s; at t = 20: c <= (0.1 * 20 - 1) / 0.9
+    assert b.allowance(now=20.0) == pytest.approx(1.0 / 0.9)
+    c = b.allowance(now=20.0)
+    assert b.spent + c == pytest.approx(0.1 * (20.0 + c))  # exactly on the rule's boundary
+    assert b.allowance(now=5.0) == 0.0  # behind: nothing allowed
+
+
+def test_a_cut_probe_doubles_the_expected_cost_until_a_whole_one_is_observed():
+    b = budget(0.1, clock=lambda: 0.0)
+    b.should_probe(0, now=0.0)
+    b.observe(0, 2.0, now=2.0)
+    b.note_cut(2.0)
+    assert b.expected_cost == 4.0
+    b.observe(50, 3.0, now=60.0)  # a whole probe: its seconds decide again
+    assert b.expected_cost == pytest.approx(3.0)
+
+
+def test_deadline_checks_after_every_hvp_and_the_smallest_allowance_wins():
+    t = [0.0]
+    d = deadline_for(every(1) | budget(0.5, clock=lambda: t[0]) | budget(0.1, clock=lambda: t[0]), 0.0,
+                     lambda: t[0], distributed=False)
+    assert d.allowance == 0.0
+    assert deadline_for(every(1), 0.0, lambda: 0.0, distributed=False) is None  # no budget, no deadline
+    assert deadline_for(every(1) | budget(0.1), 0.0, lambda: 0.0, distributed=True) is None  # collective probes
+
+    class Land:
+        def hvp(self, v):
+            t[0] += 1.0
+            return v
+
+    d = Deadline(at=1.5, allowance=1.5, clock=lambda: t[0])
+    t[0] = 0.0
+    land = Land()
+    d.watch(land)
+    land.hvp(torch.ones(2))  # t = 1.0: within
+    with pytest.raises(OverAllowance, match="allowance of 1.5 s"):
+        land.hvp(torch.ones(2))  # t = 2.0: past after the product
+    skipped = {}
+    assert d.skips("trace", skipped) and "allowance" in skipped["trace"]
+
+
+def test_metrics_after_the_deadline_are_skipped_and_explicit_probes_carry_none(monkeypatch):
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    t = [0.0]
+    clock = lambda: t[0]
+    original = gp.Landscape.hvp
+
+    def slow_hvp(self, v):
+        t[0] += 10.0
+        return original(self, v)
+
+    monkeypatch.setattr(gp.Landscape, "hvp", slow_hvp)
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), metrics=["spectrum", "trace"],
+                             schedule=at([3]) | budget(0.5, clock=clock, predict=lambda: 1.0), clock=clock)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    probe.attach(opt, probe_now=False)
+    for _ in range(3):
+        t[0] += 10.0  # the budget starts at the first step (t = 10); at t = 30 the allowance is 0.5 * 20 / 0.5 = 20 s
+        opt.step()
+    rec = probe.records[-1]
+    assert rec["step"] == 3 and rec["cost"]["cut"] is True and rec["cost"]["allowance_seconds"] == pytest.approx(20.0)
+    assert "spectrum" not in rec and "trace" not in rec and set(rec["skipped"]) == {"spectrum", "trace"}
+    assert "errors" not in rec  # stopping at the allowance is not a failure
+    explicit = probe.probe(4)  # whatever it costs: no deadline
+    assert "spectrum" in explicit and "trace" in explicit and "cut" not in explicit["cost"]
+    probe.close()
+
+
+def test_an_iterative_metric_is_predicted_at_its_usual_spend_not_its_cap():
+    from geomprobe.probe.probe_cost import HVP_GRADIENTS, ITERATIVE_HVPS, planned_gradients
+
+    capped = planned_gradients({"spectrum": {"hvps": 300, "exact": False, "gradients": 0, "forwards": 0}})
+    exact = planned_gradients({"rmed": {"hvps": 300, "exact": True, "gradients": 0, "forwards": 0}})
+    assert exact - capped == HVP_GRADIENTS * (300 - ITERATIVE_HVPS)
+    few = planned_gradients({"spectrum": {"hvps": 20, "exact": False, "gradients": 0, "forwards": 0}})
+    assert few == planned_gradients({"spectrum": {"hvps": 20, "exact": True, "gradients": 0, "forwards": 0}})
