@@ -38,6 +38,7 @@ from ..engine.state import rng_preserved
 from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
 from ..runs.writer import RunWriter
+from .allowance import OverAllowance, budgeted, settle, watch
 from .last_update import LastUpdate, wants_last_update
 from .metric_needs import memory_budget
 from .metric_order import providers, run_order
@@ -47,7 +48,6 @@ from .probe_cost import ProbeCost
 from .progress import ProbeProgress, ProgressCallback, plan_probe, resolve_progress
 from .resume_check import check_resumable, probe_policy
 from .run_folder import last_step, probe_meta, refuse_existing, storable, unwritten_message, write_pending
-from .allowance import OverAllowance, budgeted, settle, watch
 from .schedule import Schedule, budget, every
 from .skips import SkipCounter, budgets, open_ended
 from .summary import resolve_summary
