@@ -44,7 +44,7 @@ from ..errors import ConfigurationError, OptimizerStateError
 from ..metrics import registry
 from ..runs.writer import RunWriter
 from .last_update import LastUpdate, wants_last_update
-from .metric_needs import basis_vectors, bounded_basis, gradient_samples
+from .memory_budget import probe_budget
 from .metric_order import providers, run_order
 from .metric_spec import resolve_metrics
 from .options import check_probe_options, check_sharded_metrics
@@ -83,6 +83,8 @@ class GeometryProbe:
         optimizer: for preconditioned metrics; :meth:`attach` sets it too.
         noise_data: batches of the training batch size for gradient-noise metrics.
         params, group_by, chunk_size, hvp_method, max_batches, loss_form, reduction: passed to :class:`Landscape`.
+        recompute_attention: passed to :class:`Landscape`; ``None`` (default): each probe's memory plan chooses
+            between torch's attention and geomprobe's recomputing one (:mod:`geomprobe.engine.attention_plan`).
         micro_batch_size: measure the probe batches in pieces of this many samples, keeping one first-order
             graph and rebuilding the others per HVP (the same Hessian, less memory, slower probes).
         basis_device: where Lanczos bases live (``"cpu"``: host memory), for the metrics that run Lanczos.
@@ -159,6 +161,7 @@ class GeometryProbe:
         memory_cap: int | None = None,
         peak_ratio: float = DEFAULT_PEAK_RATIO,
         hvp_method: str = "auto",
+        recompute_attention: bool | None = None,
         loss_form: str = "auto",
         reduction: str = "auto",
         seed: int = 0,
@@ -177,7 +180,7 @@ class GeometryProbe:
         loss_reduction(loss_fn, reduction)  # a bad reduction, or a loss of reduction='none', before training starts
         check_probe_options(mode=mode, hvp_method=hvp_method, loss_form=loss_form, chunk_size=chunk_size,
                             micro_batch_size=micro_batch_size, basis_device=basis_device, seed=seed, run_dir=run_dir,
-                            memory_cap=memory_cap, peak_ratio=peak_ratio)
+                            memory_cap=memory_cap, peak_ratio=peak_ratio, recompute_attention=recompute_attention)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.metric_options = resolve_metrics(metrics)  # every form, checked before training starts
@@ -191,6 +194,7 @@ class GeometryProbe:
         self.landscape_options = dict(
             params=params, mode=mode, group_by=group_by, chunk_size=chunk_size, hvp_method=hvp_method,
             loss_form=loss_form, seed=seed, process_group=process_group, reduction=reduction,
+            recompute_attention=recompute_attention,
         )
         if micro_batch_size is not None:
             self.landscape_options.update(micro_batch_size=micro_batch_size, graph_budget_bytes=1)
@@ -222,7 +226,7 @@ class GeometryProbe:
         self.memory_plan, self.memory_cap, self.peak_ratio = bool(memory_plan), memory_cap, float(peak_ratio)
         self._ladder: set[str] = set()  # settings the out-of-memory safety net changed
         self._train_peak: int | None = None
-        self._graph_per_sample: float | None = None
+        self._graph_per_sample: dict | None = None  # the graph figures a previous probe measured (MemoryBudget's)
         self._last_probe_step: int | None = None
         self._first_plan: dict | None = None
         self._probe_seconds = 0.0
@@ -353,7 +357,7 @@ class GeometryProbe:
             if basis_device is None and plan is not None:
                 basis_device = plan.basis_device
             if land.graph_bytes_per_sample is not None:
-                self._graph_per_sample = land.graph_bytes_per_sample  # the next plan needs no measuring forward
+                self._graph_per_sample = land.plan_figures()  # the next plan needs no measuring forward
             # a sharded Landscape's gradient is this rank's slice: its norm is the reduced one
             g = float(land.grad.norm() if land.vector_space is None else land.vector_space.norm(land.grad))
             if self._grad_norm0 is None:
@@ -476,19 +480,8 @@ class GeometryProbe:
         return out
 
     def _budget(self) -> MemoryBudget | None:
-        """What the next Landscape plans within: the cap, the training peak, and the settings fixed by the user
-        or by the out-of-memory safety net (which one is recorded in the plan)."""
-        if not self.memory_plan:
-            return None
-        opts = self.landscape_options
-        fixed = {k: (opts.get(k), "oom-ladder") for k in ("chunk_size", "micro_batch_size", "graph_budget_bytes")
-                 if k in self._ladder}
-        if self._basis_device is not None:
-            fixed["basis_device"] = (self._basis_device, "oom-ladder" if "basis_device" in self._ladder else "user")
-        return MemoryBudget(cap_bytes=self.memory_cap, train_peak_bytes=self._train_peak, peak_ratio=self.peak_ratio,
-                            graph_bytes_per_sample=self._graph_per_sample, bounded_basis=bounded_basis(self.metric_options),
-                            basis_vectors=basis_vectors(self.metric_options), overrides=fixed, warn=False,
-                            gradient_samples=gradient_samples(self.metric_options))
+        """What the next Landscape plans within (:func:`~.memory_budget.probe_budget`)."""
+        return probe_budget(self)
 
     def _warm_for(self, name: str) -> WarmStart | None:
         """The warm start for metric ``name``, or None when warm starts are off or would cost HVPs: a cold
