@@ -2,7 +2,8 @@
 
 A probe's memory beyond what is already allocated when it starts (the model, its gradients, the optimizer's
 state) is counted in d-vectors of the model's dtype, ``v = d * itemsize`` bytes, and in ``s``, the bytes a
-first-order graph saves per sample (measured on a slice of the first probe batch, or by the previous probe):
+first-order graph saves per sample (measured on a slice of the first probe batch, or by the previous probe;
+with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
 
 - **graphs**: the flat gradient (``v``) and, per kept piece of ``m`` samples, its saved tensors ``s m`` and
   its gradient (``v``). A piece whose graph is not kept is rebuilt at every HVP call and lives during it.
