@@ -87,7 +87,8 @@ class Landscape:
             (a cap, the training step's peak and its ratio); a ``MemoryPlan``: exactly its settings; ``None``:
             no plan (16 vectors per chunk, whole batches, every graph kept). Explicit settings always win. The
             plan is :attr:`plan`; it measures the graph's bytes per sample on a slice of the first batch
-            (about ``1/8`` of a gradient) unless the budget gives them or sets no limit.
+            (about ``1/8`` of a gradient) unless the budget gives them or sets no limit, and once more with the
+            recomputing attention only where ``recompute_attention=None`` needs it (see that argument).
         reduction: how the loss reduces over a batch's samples, ``"mean"`` or ``"sum"``; ``"auto"`` reads a
             torch loss module's own ``reduction`` and takes ``"mean"`` otherwise (:func:`~geomprobe.engine.loss.loss_reduction`).
         hvp_method: ``"autograd"`` (double backward, exact) or ``"finite-difference"``, the central difference
