@@ -7,9 +7,10 @@ returns one :class:`Check` per question, with status ``OK``, ``WARN`` (works, bu
 * parameters: trainable count, dtype, device (half precision loses digits in double backward);
 * probe data and loss: the batches resolve and the loss is a finite scalar;
 * double backward: one batched Hessian-vector product runs and is symmetric, ``u.Hv = v.Hu``;
-* attention: scaled-dot-product attention calls (run with torch's math kernel; with a Landscape's
-  ``recompute_attention=True``, torch's fused kernel and geomprobe's double backward, probabilities recomputed,
-  not kept), and Hugging Face flash-attention implementations;
+* attention: scaled-dot-product attention calls and which attention the memory plan builds graphs with
+  (torch's math kernel, which keeps the probabilities, or torch's fused kernel with geomprobe's double
+  backward, which recomputes them: :mod:`geomprobe.engine.attention_plan`), and Hugging Face
+  flash-attention implementations;
 * BatchNorm and dropout: present or not, and what the mode does to them;
 * per-example gradients: ``torch.func.vmap`` over the loss, or the micro-batch fallback;
 * optimizer: whether ``precond`` can read the preconditioner of the spec's optimizer;
@@ -170,10 +171,18 @@ def _attention(model: nn.Module, land: Landscape | None, mode: str, seed: int) -
     if not calls and not modules:
         return Check("attention", "OK", "no attention layers or calls"), False
     found = ", ".join(f"{n} x{c}" for n, c in sorted(calls.items())) or f"{len(modules)} MultiheadAttention"
-    return Check("attention", "OK", f"{found} per forward; scaled-dot-product attention runs torch's math kernel "
-                 "(in Python, Landscape(..., recompute_attention=True) runs the fused kernel with geomprobe's double "
-                 "backward)", "with the math kernel the graph grows with sequence length squared: probe "
-                 "short sequences, or recompute_attention=True for long ones"), True
+    return Check("attention", "OK", f"{found} per forward", "torch's math kernel keeps the (T x T) probabilities in "
+                 "the graph; the memory plan switches to geomprobe's recomputing attention where torch's does not "
+                 "fit or would rebuild graphs at every HVP (in Python, recompute_attention=True / False forces "
+                 "either)"), True
+
+
+def _attention_choice(check: Check, land: Landscape) -> None:
+    """Add to the attention check which attention the Landscape's graphs were built with, and why."""
+    if check.status != "OK" or check.detail.startswith("no attention"):
+        return
+    kind = "geomprobe's recomputing attention" if land.recompute_attention else "torch's math kernel"
+    check.detail += f"; graphs built with {kind} ({land.attention.get('reason')})"
 
 
 def _double_backward(land: Landscape, seed: int, attention: bool) -> Check:
@@ -289,6 +298,7 @@ def diagnose(spec: ProbeSpec, *, mode: str = "eval", seed: int = 0, samples: int
                                 "replace that layer, or in Python use hvp_method='finite-difference'"))
         else:
             checks.append(_double_backward(land, seed, has_attention))
+            _attention_choice(attention, land)
             land.close()
         checks.append(attention)
         checks.append(_per_example(land0, spec))

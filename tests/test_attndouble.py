@@ -432,8 +432,8 @@ def test_cuda_matches_the_math_kernel(dtype, routes):
 
 
 def test_a_landscape_keeps_torch_attention_unless_asked(routes):
-    """By default the Landscape leaves attention on torch's math kernel (faster per HVP on GPT-2 124M at 512
-    tokens on an H200, benchmarks/RESULTS.md §6): the handler sees no call, the other fast paths stay on, and
+    """Where memory is roomy the default plan leaves attention on torch's math kernel (faster per HVP on GPT-2
+    124M at 512 tokens on an H200, benchmarks/RESULTS.md §6): the handler sees no call, the other fast paths stay on, and
     ``recompute_attention=True`` routes every layer's attention through it with the same HVPs."""
     model = _hf("gpt2")
     batch = {"input_ids": torch.randint(0, 11, (2, 9), generator=torch.Generator().manual_seed(3))}

@@ -18,8 +18,9 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError, NonFiniteLossError
+from .attention_plan import measure_graph, requested_label
 from .autodiff.fastdouble import fast_double_backward
-from .batches import batch_size, call_model, is_pair, resolve_batches, slice_batch, split_batches, to_device
+from .batches import batch_size, call_model, is_pair, resolve_batches, split_batches, to_device
 from .distributed import make_reducer, refuse_sharded
 from .doublecheck import (
     CustomBackwardWatch,
@@ -29,8 +30,9 @@ from .doublecheck import (
     no_double_backward,
     refuse_cut,
 )
+from .landscape_plan import plan_within
 from .loss import loss_reduction, resolve_loss_form
-from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan, device_memory, host_available_bytes, plan_memory
+from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan
 from .paramspace import Block, ParamSpace, select_parameters
 from .saved_bytes import SavedBytes
 from .sharded import fully_sharded
@@ -85,7 +87,8 @@ class Landscape:
             (a cap, the training step's peak and its ratio); a ``MemoryPlan``: exactly its settings; ``None``:
             no plan (16 vectors per chunk, whole batches, every graph kept). Explicit settings always win. The
             plan is :attr:`plan`; it measures the graph's bytes per sample on a slice of the first batch
-            (about ``1/8`` of a gradient) unless the budget gives them or sets no limit.
+            (about ``1/8`` of a gradient) unless the budget gives them or sets no limit, and once more with the
+            recomputing attention only where ``recompute_attention=None`` needs it (see that argument).
         reduction: how the loss reduces over a batch's samples, ``"mean"`` or ``"sum"``; ``"auto"`` reads a
             torch loss module's own ``reduction`` and takes ``"mean"`` otherwise (:func:`~geomprobe.engine.loss.loss_reduction`).
         hvp_method: ``"autograd"`` (double backward, exact) or ``"finite-difference"``, the central difference
@@ -113,9 +116,11 @@ class Landscape:
             to rounding; ``False`` keeps torch's paths.
         recompute_attention: with ``fast_double_backward``, scaled-dot-product attention runs torch's fused
             kernel and recomputes its probabilities in bounded tiles for each HVP instead of keeping them
-            (:mod:`geomprobe.engine.autodiff.attndouble`). Off by default: on GPT-2 124M (8 x 512, bf16, H200)
-            it cut the graph from 10.2 to 6.5 GB but made an HVP 1.36x slower (benchmarks/RESULTS.md §6), so
-            it pays where the probabilities dominate memory (long sequences) rather than by default.
+            (:mod:`geomprobe.engine.autodiff.attndouble`): on GPT-2 124M (8 x 512, bf16, H200) it cut the graph
+            from 10.2 to 6.5 GB but made an HVP 1.36x slower (benchmarks/RESULTS.md §6). ``None`` (default,
+            "auto"): the memory plan decides (:mod:`geomprobe.engine.attention_plan`): torch's attention
+            where its plan fits keeping every graph, the recomputing one where that lowers a peak that does
+            not fit or keeps more graphs; :attr:`attention` says which and why. ``True``/``False`` force it.
 
     A graph that would drop second-order terms silently is refused by name (:mod:`~geomprobe.engine.doublecheck`):
     a once-differentiable Function, or a custom autograd Function whose backward leaves autograd (numpy,
@@ -170,7 +175,7 @@ class Landscape:
         process_group: Any = None,
         micro_batch_size: int | None = None,
         fast_double_backward: bool = True,
-        recompute_attention: bool = False,
+        recompute_attention: bool | None = None,
         memory: MemoryBudget | MemoryPlan | str | None = "auto",
         reduction: str = "auto",
     ):
@@ -192,7 +197,15 @@ class Landscape:
         self.fd_eps = fd_eps
         self.graph_budget_bytes = graph_budget_bytes
         self.fast_double_backward = bool(fast_double_backward)
-        self.recompute_attention = bool(recompute_attention)
+        if recompute_attention is not None and not isinstance(recompute_attention, bool):
+            raise ConfigurationError(f"recompute_attention must be True, False or None (auto), got {recompute_attention!r}")
+        self.recompute_attention = bool(recompute_attention) and self.fast_double_backward
+        # which attention the graphs are built with and why; the memory plan's choice where it makes one
+        self.attention: dict = {"requested": requested_label(recompute_attention), "recompute": self.recompute_attention,
+                                "reason": "requested" if recompute_attention is not None else "no memory plan: torch's attention",
+                                "attention_calls": None}
+        # graph bytes per sample with torch's attention and with the recomputing one, where measured
+        self.graph_figures: dict[str, float | None] = {"math": None, "recompute": None}
         self.param_names, self.params = self._select(params, process_group)
         self.space = ParamSpace(self.param_names, [p.shape for p in self.params], group_by=group_by)
         self.device = self.params[0].device
@@ -201,7 +214,7 @@ class Landscape:
         if loss_form == "auto" and self.loss_form == "outputs" and not is_pair(self.batches[0]):
             # loss_fn(outputs, targets) cannot take a dict or a longer tuple: the user meant loss_fn(model, batch)
             self.loss_form = "model"
-        self.plan = self._plan(memory, chunk_size, micro_batch_size, graph_budget_bytes)
+        self.plan = self._plan(memory, chunk_size, micro_batch_size, graph_budget_bytes, recompute_attention)
         if self.plan is not None:  # explicit settings win over a plan given whole, as over a planned one
             chunk_size = chunk_size if chunk_size is not None else self.plan.chunk_size
             micro_batch_size = micro_batch_size if micro_batch_size is not None else self.plan.micro_batch_size
@@ -247,62 +260,36 @@ class Landscape:
 
     # ------------------------------------------------------------------ memory plan
     def _plan(self, memory: Any, chunk_size: int | None, micro_batch_size: int | None,
-              graph_budget_bytes: int | None) -> MemoryPlan | None:
+              graph_budget_bytes: int | None, recompute: bool | None = None) -> MemoryPlan | None:
         if memory is None or self.hvp_method != "autograd":
+            if self.hvp_method != "autograd" and recompute is None:
+                self.attention["reason"] = "no double backward (finite differences): torch's attention"
             return None
         if isinstance(memory, MemoryPlan):
+            chosen = (memory.attention or {}).get("recompute")
+            if recompute is None and chosen is not None and self.fast_double_backward:
+                self.recompute_attention = bool(chosen)  # a plan given whole: its attention too
+                self.attention.update(recompute=self.recompute_attention, reason="the given plan's choice")
             return memory
-        if isinstance(memory, str):
-            if memory != "auto":
-                raise ConfigurationError(
-                    f"memory must be 'auto', None, a MemoryBudget or a MemoryPlan, got {memory!r}"
-                )
-            memory = MemoryBudget()
-        if not isinstance(memory, MemoryBudget):
-            raise ConfigurationError(
-                f"memory must be 'auto', None, a MemoryBudget or a MemoryPlan, got {type(memory).__name__}"
-            )
-        overrides = {k: (v, "user") for k, v in (("chunk_size", chunk_size), ("micro_batch_size", micro_batch_size),
-                                                  ("graph_budget_bytes", graph_budget_bytes)) if v is not None}
-        overrides.update({k: v for k, v in memory.overrides.items() if v is not None and v[0] is not None})
-        available, allocated = device_memory(self.device)
-        host = host_available_bytes()
-        sizes = [batch_size(b) for b in self.batches]
-        can_split = not (self.mode == "train" and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()))
-        common = dict(
-            dim=self.space.dim, itemsize=self.dtype.itemsize, batch_sizes=sizes, available_bytes=available,
-            allocated_bytes=allocated, train_peak_bytes=memory.train_peak_bytes, peak_ratio=memory.peak_ratio,
-            cap_bytes=memory.cap_bytes, host_bytes=host, bounded_basis=bool(memory.bounded_basis),
-            can_split=can_split, gradient_samples=memory.gradient_samples, host_is_device=self.device.type == "cpu",
-            overrides=overrides,
-            **({} if memory.basis_vectors is None else {"basis_vectors": memory.basis_vectors}),
-        )
-        per_sample, source = memory.graph_bytes_per_sample, "given"
-        if per_sample is None:
-            unlimited = plan_memory(graph_bytes_per_sample=None, **common)
-            if unlimited.budget_bytes is None:
-                return unlimited  # nothing limits the probe: no need to measure the graph
-            per_sample, source = self._measure_graph_per_sample(can_split)
-        plan = plan_memory(graph_bytes_per_sample=per_sample, graph_source=source, **common)
-        if plan.warnings and memory.warn:
-            warnings.warn(f"geomprobe memory plan: {'; '.join(plan.warnings)}", RuntimeWarning, stacklevel=4)
+        plan, self.attention, figures = plan_within(self, memory, chunk_size, micro_batch_size, graph_budget_bytes,
+                                                    recompute)
+        self.recompute_attention = bool(self.attention["recompute"])
+        self.graph_figures.update(figures)
         return plan
 
-    def _measure_graph_per_sample(self, can_split: bool) -> tuple[float, str]:
-        """Saved bytes per sample of the first-order graph, from a slice of about 1/8 of the first batch
-        (at least 2 samples, for layers that normalize over the batch)."""
-        batch = self.batches[0]
-        n = batch_size(batch)
-        m = min(n, max(2, math.ceil(n / 8))) if can_split else n
-        piece = slice_batch(batch, n, 0, m)
-        counter = SavedBytes(self.params)
-        fast = fast_double_backward(self.fast_double_backward, self.recompute_attention, self.model)
-        with self.frozen(0), counter.hooks(), fast:
-            loss = self.loss_on(piece)
-            grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
-        del grads, loss
-        return counter.bytes / m, f"measured on {m} of {n} samples"
+    def plan_figures(self) -> dict:
+        """What this Landscape measured of its graph that a plan at other parameters can reuse, as
+        :class:`~geomprobe.engine.memory_plan.MemoryBudget` fields: bytes per sample with torch's attention and
+        with the recomputing one (None where not measured), and the attention calls the latter takes."""
+        figures = dict(self.graph_figures)
+        if self.graph_bytes_per_sample is not None and all(f is None for f in figures.values()):
+            figures["recompute" if self.recompute_attention else "math"] = self.graph_bytes_per_sample
+        return {"graph_bytes_per_sample": figures["math"], "recompute_graph_bytes_per_sample": figures["recompute"],
+                "attention_calls": self.attention.get("attention_calls")}
+
+    def _measure_graph_per_sample(self, can_split: bool, recompute: bool = False) -> tuple:
+        """The memory plan's measuring forward on a slice of the first batch (:func:`~.attention_plan.measure_graph`)."""
+        return measure_graph(self, can_split, recompute)
 
     # ------------------------------------------------------------------ construction
     def frozen(self, batch_index: int = 0):
@@ -330,7 +317,7 @@ class Landscape:
     def _graph(self, b: int, create_graph: bool, watch: bool = False) -> tuple[list[torch.Tensor | None], torch.Tensor, int]:
         counter = SavedBytes(self.params)
         fast = fast_double_backward(self.fast_double_backward and create_graph, self.recompute_attention, self.model)
-        with self.frozen(b), counter.hooks(), fast:
+        with self.frozen(b), counter.hooks(), fast as calls:
             loss = self.loss_on(self.batches[b])
             if not torch.isfinite(loss):
                 raise NonFiniteLossError(
@@ -345,6 +332,8 @@ class Landscape:
         if watch:
             watcher.check()
             self.custom_functions = list(dict.fromkeys(watcher.names))
+            if self.attention["attention_calls"] is None and self.fast_double_backward:
+                self.attention["attention_calls"] = calls.takeable
         return list(grads), loss.detach(), counter.bytes
 
     def _build(self) -> None:
@@ -399,6 +388,7 @@ class Landscape:
         if b == 0 and create:
             check_broken_nodes(grads)
             self.graph_bytes_per_sample = nbytes / max(1, self.batch_sizes[0])
+            self.graph_figures["recompute" if self.recompute_attention else "math"] = self.graph_bytes_per_sample
         kept = nbytes + sum(g.numel() * g.element_size() for g in grads if g is not None)
         fits = self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes
         if create and (fits or b == 0):
@@ -447,6 +437,8 @@ class Landscape:
             "graph_bytes": self.graph_bytes,
             "graphs_kept": sum(g is not None for g in self._graphs),
             "graph_rebuilds": self.graph_rebuilds,
+            "recompute_attention": self.recompute_attention,
+            "attention": {k: self.attention.get(k) for k in ("requested", "recompute", "reason", "attention_calls")},
         }
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:

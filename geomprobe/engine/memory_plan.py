@@ -2,7 +2,8 @@
 
 A probe's memory beyond what is already allocated when it starts (the model, its gradients, the optimizer's
 state) is counted in d-vectors of the model's dtype, ``v = d * itemsize`` bytes, and in ``s``, the bytes a
-first-order graph saves per sample (measured on a slice of the first probe batch, or by the previous probe):
+first-order graph saves per sample (measured on a slice of the first probe batch, or by the previous probe;
+with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
 
 - **graphs**: the flat gradient (``v``) and, per kept piece of ``m`` samples, its saved tensors ``s m`` and
   its gradient (``v``). A piece whose graph is not kept is rebuilt at every HVP call and lives during it.
@@ -92,6 +93,9 @@ class MemoryBudget:
     ``warn``: the Landscape warns when the plan does not fit (the probe warns once per run itself);
     ``gradient_samples``: a metric of the probe streams gradient samples (``noise``, ``isotropy``), so their
     phase is planned; False leaves it out (a probe without such metrics must not shrink for it).
+    ``graph_bytes_per_sample`` is the figure with torch's attention; ``recompute_graph_bytes_per_sample`` the
+    one with geomprobe's recomputing attention, and ``attention_calls`` the attention calls that one takes
+    (:mod:`~geomprobe.engine.attention_plan`), when a previous probe measured them.
     """
 
     cap_bytes: int | None = None
@@ -103,6 +107,8 @@ class MemoryBudget:
     overrides: dict[str, tuple[Any, str]] = field(default_factory=dict)
     warn: bool = True
     gradient_samples: bool = True
+    recompute_graph_bytes_per_sample: float | None = None
+    attention_calls: int | None = None
 
 
 @dataclass
@@ -113,6 +119,8 @@ class MemoryPlan:
     ``items`` the modelled bytes of each part and phase (see the module docstring), ``peak_bytes`` their
     planned peak above ``allocated_bytes``; ``sources`` says for each setting whether the plan, the user or
     the out-of-memory safety net chose it; ``fits`` is False when even the smallest plan exceeds the budget.
+    ``samples_kept``: samples whose first-order graph is kept (the others are rebuilt at every HVP call);
+    ``attention``: which attention the graphs are built with and why (:mod:`~geomprobe.engine.attention_plan`).
     """
 
     budget_bytes: int | None
@@ -144,6 +152,8 @@ class MemoryPlan:
     # d-vectors (model dtype) left on the device beside the graphs, one HVP and Lanczos' working vectors, for
     # what a metric stores itself (a Lanczos basis, a trace's Krylov basis and sketches); None: no limit
     device_vectors: int | None = None
+    samples_kept: int | None = None
+    attention: dict | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -276,6 +286,7 @@ def plan_memory(
     max_chunk: int = DEFAULT_CHUNK_SIZE,
     overrides: Mapping[str, tuple[Any, str]] | None = None,
     graph_source: str | None = None,
+    persample_graph_bytes_per_sample: float | None = None,
 ) -> MemoryPlan:
     """The settings that keep a probe within its budget, and the arithmetic behind them (module docstring).
 
@@ -286,7 +297,10 @@ def plan_memory(
     and the statistics' float64 moments) is not planned and ``persample_bytes`` is None.
     ``bounded_basis``: the Lanczos kernel can hold at most ``max_basis`` vectors. ``can_split``: probe batches
     may be cut into micro-batches (not in train mode with BatchNorm). ``host_is_device``: the model is on the CPU,
-    so host memory is the budget itself and a basis moved there saves nothing. Costs nothing (no HVP, no allocation).
+    so host memory is the budget itself and a basis moved there saves nothing.
+    ``persample_graph_bytes_per_sample``: the graph figure of per-example gradients when it differs from the
+    HVP graph's (they run torch's attention, whichever attention the HVP graphs use); default the same.
+    Costs nothing (no HVP, no allocation).
     """
     if dim < 1 or itemsize < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ConfigurationError(
@@ -312,7 +326,8 @@ def plan_memory(
     # float64 d-vectors of the statistics: mean and variance, and in the second pass a group's sums (two),
     # a view's scaled variance and the variance without the group
     stats_fixed = STATS_VECTORS * dim * 8 if gradient_samples else 0
-    row = persample_row_bytes(dim, itemsize, s) if gradient_samples else 0
+    s_row = s if persample_graph_bytes_per_sample is None else float(persample_graph_bytes_per_sample)
+    row = persample_row_bytes(dim, itemsize, s_row) if gradient_samples else 0
 
     def value(name: str, default: Any) -> Any:
         if name in given:
@@ -392,7 +407,7 @@ def plan_memory(
             needs.append((v + kept + rebuilt + minimal_phase(m, reserves[-1]), m, kept, rebuilt, kept_samples, cap))
         least = min(n[0] for n in needs)
         best = next(n[1:] for n in needs if n[0] <= 1.1 * least)
-    m, kept, rebuilt, _, graph_cap = best
+    m, kept, rebuilt, samples_kept, graph_cap = best
     micro = value("micro_batch_size", m if m < n_max else None)
     graph_budget = value("graph_budget_bytes", graph_cap)
     graphs = v + kept + rebuilt
@@ -474,6 +489,7 @@ def plan_memory(
         max_basis=max_basis, persample_bytes=per_bytes, basis_vectors=m_req, bounded_basis=bool(bounded_basis),
         peak_bytes=int(peak), fits=bool(fits), items=items, sources=sources, warnings=warns,
         graph_source=graph_source, device_vectors=None if room is None else max(0, int(room // v)),
+        samples_kept=int(samples_kept),
     )
 
 

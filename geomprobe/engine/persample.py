@@ -118,7 +118,8 @@ class PerExampleGradients:
             max_bytes = plan.persample_bytes
         if max_bytes is not None and max_bytes < 1:
             raise ConfigurationError(f"max_bytes must be >= 1, got {max_bytes}")
-        per_sample = getattr(land, "graph_bytes_per_sample", None)
+        # per-example gradients run torch's attention, whichever attention the Landscape's graphs use
+        per_sample = (getattr(land, "graph_figures", None) or {}).get("math") or getattr(land, "graph_bytes_per_sample", None)
         if per_sample is None and plan is not None:
             per_sample = plan.graph_bytes_per_sample
         #: modelled bytes of one row in flight (see ``max_bytes``)

@@ -103,11 +103,14 @@ class ShardedLandscape(Landscape):
         return names, dparams
 
     def _plan(self, memory: Any, chunk_size: int | None, micro_batch_size: int | None,
-              graph_budget_bytes: int | None) -> MemoryPlan | None:
+              graph_budget_bytes: int | None, recompute: bool | None = None) -> MemoryPlan | None:
         """The route, and for the exact route its memory plan (:mod:`~geomprobe.engine.sharded_plan`): the
         micro-batches, the graphs kept, the chunk and where the Lanczos basis lives, within the budget of the
         tightest rank. ``memory=None``: no plan, but ``"auto"`` still chooses the route by the free memory.
-        Costs one FSDP forward on 2 samples (every rank) unless the budget gives the graph's bytes."""
+        Costs one FSDP forward on 2 samples (every rank) unless the budget gives the graph's bytes. The attention
+        is not planned here (``recompute``: torch's unless forced)."""
+        if recompute is None:
+            self.attention["reason"] = "a sharded model's plan does not choose attention: torch's attention"
         if isinstance(memory, MemoryPlan):
             reason = "a memory plan was given" if self.hvp_method == "auto" else "requested"
             self.hvp_method = "autograd" if self.hvp_method == "auto" else self.hvp_method

@@ -40,7 +40,7 @@ from ..metrics import registry
 from ..runs.writer import RunWriter
 from .allowance import OverAllowance, budgeted, settle, watch
 from .last_update import LastUpdate, wants_last_update
-from .metric_needs import memory_budget
+from .memory_budget import probe_budget
 from .metric_order import providers, run_order
 from .metric_spec import resolve_metrics
 from .options import check_probe_options, check_sharded_metrics
@@ -83,6 +83,8 @@ class GeometryProbe:
         optimizer: for preconditioned metrics; :meth:`attach` sets it too.
         noise_data: batches of the training batch size for gradient-noise metrics.
         params, group_by, chunk_size, hvp_method, max_batches, loss_form, reduction: passed to :class:`Landscape`.
+        recompute_attention: passed to :class:`Landscape`; ``None`` (default): each probe's memory plan chooses
+            between torch's attention and geomprobe's recomputing one (:mod:`geomprobe.engine.attention_plan`).
         micro_batch_size: measure the probe batches in pieces of this many samples, keeping one first-order
             graph and rebuilding the others per HVP (the same Hessian, less memory, slower probes).
         basis_device: where Lanczos bases live (``"cpu"``: host memory), for the metrics that run Lanczos.
@@ -159,6 +161,7 @@ class GeometryProbe:
         memory_cap: int | None = None,
         peak_ratio: float = DEFAULT_PEAK_RATIO,
         hvp_method: str = "auto",
+        recompute_attention: bool | None = None,
         loss_form: str = "auto",
         reduction: str = "auto",
         seed: int = 0,
@@ -177,7 +180,7 @@ class GeometryProbe:
         loss_reduction(loss_fn, reduction)  # a bad reduction, or a loss of reduction='none', before training starts
         check_probe_options(mode=mode, hvp_method=hvp_method, loss_form=loss_form, chunk_size=chunk_size,
                             micro_batch_size=micro_batch_size, basis_device=basis_device, seed=seed, run_dir=run_dir,
-                            memory_cap=memory_cap, peak_ratio=peak_ratio)
+                            memory_cap=memory_cap, peak_ratio=peak_ratio, recompute_attention=recompute_attention)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.metric_options = resolve_metrics(metrics)  # every form, checked before training starts
@@ -191,6 +194,7 @@ class GeometryProbe:
         self.landscape_options = dict(
             params=params, mode=mode, group_by=group_by, chunk_size=chunk_size, hvp_method=hvp_method,
             loss_form=loss_form, seed=seed, process_group=process_group, reduction=reduction,
+            recompute_attention=recompute_attention,
         )
         if micro_batch_size is not None:
             self.landscape_options.update(micro_batch_size=micro_batch_size, graph_budget_bytes=1)
@@ -225,7 +229,7 @@ class GeometryProbe:
         self.memory_plan, self.memory_cap, self.peak_ratio = bool(memory_plan), memory_cap, float(peak_ratio)
         self._ladder: set[str] = set()  # settings the out-of-memory safety net changed
         self._train_peak: int | None = None
-        self._graph_per_sample: float | None = None
+        self._graph_per_sample: dict | None = None  # the graph figures a previous probe measured (MemoryBudget's)
         self._last_probe_step: int | None = None
         self._first_plan: dict | None = None
         self._probe_seconds, self._deadline = 0.0, None
@@ -357,12 +361,12 @@ class GeometryProbe:
         chunk_size = self.landscape_options["chunk_size"]
         plan = None
         try:
-            land = Landscape(self.model, self.loss_fn, self.batches, memory=memory_budget(self), **self.landscape_options)
+            land = Landscape(self.model, self.loss_fn, self.batches, memory=probe_budget(self), **self.landscape_options)
             plan, chunk_size, micro_batch_size = land.plan, land.chunk_size, land.micro_batch_size
             if basis_device is None and plan is not None:
                 basis_device = plan.basis_device
             if land.graph_bytes_per_sample is not None:
-                self._graph_per_sample = land.graph_bytes_per_sample  # the next plan needs no measuring forward
+                self._graph_per_sample = land.plan_figures()  # the next plan needs no measuring forward
             # a sharded Landscape's gradient is this rank's slice: its norm is the reduced one
             g = float(land.grad.norm() if land.vector_space is None else land.vector_space.norm(land.grad))
             if self._grad_norm0 is None:

@@ -48,6 +48,7 @@ def check_probe_options(
     run_dir: Any,
     memory_cap: Any,
     peak_ratio: Any,
+    recompute_attention: Any = None,
 ) -> None:
     """Raise :class:`ConfigurationError` for the first option that no probe could run with. Costs nothing."""
     if mode not in MODES:
@@ -79,6 +80,9 @@ def check_probe_options(
         math.isfinite(peak_ratio) and peak_ratio > 0
     ):
         raise ConfigurationError(f"peak_ratio must be a positive finite number, got {peak_ratio!r}")
+    if recompute_attention is not None and not isinstance(recompute_attention, bool):
+        raise ConfigurationError(
+            f"recompute_attention must be True, False or None (the memory plan chooses), got {recompute_attention!r}")
 
 
 def check_metric_options(options: Mapping[str, Mapping[str, Any]]) -> None:

@@ -90,7 +90,9 @@ def probe_meta(probe: Any, extra: Mapping[str, Any] | None) -> dict:
             "group_by": probe.landscape_options["group_by"],
             "world_size": probe._reducer.world_size,
             "memory": {"planned": probe.memory_plan, "memory_cap": probe.memory_cap, "peak_ratio": probe.peak_ratio,
-                       "first_plan": probe._first_plan},
+                       "first_plan": probe._first_plan,
+                       "recompute_attention": ("auto" if probe.landscape_options.get("recompute_attention") is None
+                                               else probe.landscape_options["recompute_attention"])},
             "warm_start": probe.warm is not None,
             "cost_plan": probe.cost_plan,
             # what the budget's first-probe prediction rested on when the run started (probe_cost.py)

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from ...errors import refuse_third_order
 from .attnkernels import Layout, attention_backward, attention_double_backward, attention_forward
 
-__all__ = ["sdpa_call", "user_backends_kept"]
+__all__ = ["sdpa_call", "sdpa_takes", "user_backends_kept"]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _kept = threading.local()
@@ -213,9 +213,9 @@ def _under_transform(t: torch.Tensor) -> bool:
     return any(check is not None and bool(check(t)) for check in checks)
 
 
-def sdpa_call(args: tuple, kwargs: dict) -> Callable[[], torch.Tensor] | None:
-    """A closure running ``F.scaled_dot_product_attention(*args, **kwargs)`` through :class:`_Attention`, or
-    None where the closed form cannot reproduce the call exactly (see the module): torch's path then."""
+def _bind(args: tuple, kwargs: dict) -> tuple | None:
+    """``(q, k, v, mask, causal, scale, gqa)`` of an ``F.scaled_dot_product_attention`` call the closed form
+    reproduces exactly, or None for a call it cannot take (see the module). Builds nothing, calls no kernel."""
     names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
     bound: dict[str, Any] = {"attn_mask": None, "dropout_p": 0.0, "is_causal": False, "scale": None,
                              "enable_gqa": False}
@@ -250,6 +250,22 @@ def sdpa_call(args: tuple, kwargs: dict) -> Callable[[], torch.Tensor] | None:
                 return None
         except RuntimeError:
             return None
+    return q, k, v, mask, causal, scale, gqa
+
+
+def sdpa_takes(args: tuple, kwargs: dict) -> bool:
+    """Whether :func:`sdpa_call` would take this call (no closure built, no kernel asked): the memory plan
+    counts such calls in its measuring forward to know whether recomputing attention can shrink the graph."""
+    return _bind(args, kwargs) is not None
+
+
+def sdpa_call(args: tuple, kwargs: dict) -> Callable[[], torch.Tensor] | None:
+    """A closure running ``F.scaled_dot_product_attention(*args, **kwargs)`` through :class:`_Attention`, or
+    None where the closed form cannot reproduce the call exactly (see the module): torch's path then."""
+    bound = _bind(args, kwargs)
+    if bound is None:
+        return None
+    q, k, v, mask, causal, scale, gqa = bound
     call = _Call(q, k, v, mask, causal, scale, gqa)
     probe = [call.four(t).detach().requires_grad_() for t in (q, k, v)]
     call.fused = _fused_choice(*probe, call.mask4, causal, scale, gqa)

@@ -13,17 +13,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .attndouble import sdpa_call
+from .attndouble import sdpa_call, sdpa_takes
 from .convdouble import conv_call
 from .normdouble import gelu_call, layer_norm_call
 
-__all__ = ["fast_double_backward", "FAST_OPS", "TANH_GELU_MODULES", "half_reduction_attention", "tanh_gelu_modules"]
+__all__ = ["AttentionCalls", "fast_double_backward", "FAST_OPS", "TANH_GELU_MODULES", "half_reduction_attention", "tanh_gelu_modules"]
 
 _HANDLERS = {
     torch.conv1d: functools.partial(conv_call, 1),
@@ -36,21 +37,42 @@ _HANDLERS = {
 FAST_OPS = ("conv1d", "conv2d", "conv3d", "layer_norm", "gelu", "scaled_dot_product_attention")
 
 
+@dataclass
+class AttentionCalls:
+    """``F.scaled_dot_product_attention`` calls seen inside :func:`fast_double_backward` (``seen``), and how many
+    of them geomprobe's recomputing double backward takes (``takeable``: taken with ``attention=True``, would be
+    taken with ``attention=False``). The memory plan reads them from its measuring forward."""
+
+    seen: int = 0
+    takeable: int = 0
+
+
 class _FastDoubleBackward(TorchFunctionMode):
     def __init__(self, attention: bool = True) -> None:
         super().__init__()
         self.attention = attention
+        self.calls = AttentionCalls()
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         handler = _HANDLERS.get(func)
-        if handler is not None and not self.attention and func is F.scaled_dot_product_attention:
-            handler = None
-        if handler is not None and not _autocast():
-            call = handler(args, kwargs)
-            if call is not None:
-                return call()
-        return func(*args, **kwargs)
+        if handler is None:
+            return func(*args, **kwargs)
+        sdpa = func is F.scaled_dot_product_attention
+        if sdpa:
+            self.calls.seen += 1
+        if _autocast():
+            return func(*args, **kwargs)
+        if sdpa and not self.attention:
+            # torch's path, but counted: whether recomputing attention could shrink this graph
+            self.calls.takeable += sdpa_takes(args, kwargs)
+            return func(*args, **kwargs)
+        call = handler(args, kwargs)
+        if call is None:
+            return func(*args, **kwargs)
+        if sdpa:
+            self.calls.takeable += 1
+        return call()
 
 
 def _autocast() -> bool:
@@ -63,9 +85,10 @@ def _autocast() -> bool:
 
 @contextlib.contextmanager
 def fast_double_backward(enabled: bool = True, attention: bool = True,
-                         model: torch.nn.Module | None = None) -> Iterator[None]:
+                         model: torch.nn.Module | None = None) -> Iterator[AttentionCalls]:
     """Build graphs whose double backward is fast for the operations in :data:`FAST_OPS` (see the module);
-    ``attention=False`` leaves scaled-dot-product attention on torch's path.
+    ``attention=False`` leaves scaled-dot-product attention on torch's path. Yields the
+    :class:`AttentionCalls` counted inside (none counted when ``enabled`` is False).
 
     Two more things hold inside, both for half-precision models (bf16, fp16), neither changing the function:
 
@@ -79,10 +102,11 @@ def fast_double_backward(enabled: bool = True, attention: bool = True,
       instead of differentiating seven operations twice.
     """
     if not enabled:
-        yield
+        yield AttentionCalls()
         return
-    with _FastDoubleBackward(attention), half_reduction_attention(), tanh_gelu_modules(model):
-        yield
+    mode = _FastDoubleBackward(attention)
+    with mode, half_reduction_attention(), tanh_gelu_modules(model):
+        yield mode.calls
 
 
 # Hugging Face's tanh-approximation GELUs written out elementwise: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).

@@ -1,0 +1,153 @@
+"""Which attention a Landscape builds its first-order graphs with, chosen by its memory plan.
+
+torch's math attention, the only scaled-dot-product kernel with a double backward, keeps the (T x T)
+probabilities (and, built for a double backward, more tensors of that size) in every graph; geomprobe's own
+double backward (:mod:`~geomprobe.engine.autodiff.attndouble`) runs torch's fused kernel and recomputes them at
+every HVP. On an H200 (GPT-2 124M, bf16, 8 x 512, benchmarks/RESULTS.md §6) the recomputing graph was 0.63x the
+math one (6.5 against 10.2 GB), but an HVP through a kept graph 1.36x slower (0.152 against 0.112 s). A graph
+that does not fit is rebuilt at every HVP call instead, which costs far more: under the 1.5x plan, micro-batches
+of one sample and 7 of 8 graphs rebuilt, an HVP took 0.96 s. Hence the rule of ``recompute_attention=None``
+("auto"), stated in :func:`choose_attention`:
+
+1. torch's attention wherever its plan fits with every graph kept, or nothing limits memory, or there is no
+   plan (``memory=None``), no double backward (finite differences) or ``fast_double_backward=False`` (whose
+   absence leaves the recomputing attention out of reach): one measuring forward, as before;
+2. otherwise, when the model calls attention in a form the recomputing double backward takes (counted in
+   that measuring forward), a second measuring forward on the same slice measures the graph with it, and the
+   plan is made again; the recomputing attention is kept when torch's plan does not fit and its planned peak
+   is lower, or when torch's plan fits only by rebuilding graphs and its own plan fits keeping more samples'
+   graphs.
+
+``True`` and ``False`` force either attention: one measuring forward, with that attention. The choice, its
+reason and both figures are recorded in :attr:`MemoryPlan.attention` and ``Landscape.info()``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .autodiff.fastdouble import AttentionCalls, fast_double_backward
+from .batches import batch_size, slice_batch
+from .memory_plan import MemoryBudget, MemoryPlan, _gib
+from .saved_bytes import SavedBytes
+
+__all__ = ["choose_attention", "measure_graph", "plan_attention", "requested_label"]
+
+TORCH, RECOMPUTE = "math", "recompute"
+
+
+def requested_label(requested: bool | None) -> str | bool:
+    return "auto" if requested is None else bool(requested)
+
+
+def measure_graph(land: Any, can_split: bool, recompute: bool) -> tuple[float, str, AttentionCalls]:
+    """Saved bytes per sample of the first-order graph of ``land`` (a Landscape), built with the recomputing
+    attention or with torch's, on a slice of about 1/8 of the first batch (at least 2 samples, for layers that
+    normalize over the batch; the whole batch where it may not be split), and the attention calls counted.
+    Cost: one forward and one first backward (``create_graph``) on that slice; exact byte count of what
+    autograd saves, each storage once, parameters not."""
+    batch = land.batches[0]
+    n = batch_size(batch)
+    m = min(n, max(2, math.ceil(n / 8))) if can_split else n
+    piece = slice_batch(batch, n, 0, m)
+    counter = SavedBytes(land.params)
+    with land.frozen(0), counter.hooks(), fast_double_backward(land.fast_double_backward, recompute, land.model) as calls:
+        loss = land.loss_on(piece)
+        grads = torch.autograd.grad(loss, land.params, create_graph=True, allow_unused=True)
+    del grads, loss
+    attention = " with recomputing attention" if recompute else ""
+    return counter.bytes / m, f"measured on {m} of {n} samples{attention}", calls
+
+
+def _summary(plan: MemoryPlan) -> dict:
+    return {"peak_bytes": plan.peak_bytes, "fits": plan.fits, "samples_kept": plan.samples_kept,
+            "micro_batch_size": plan.micro_batch_size, "graph_bytes_per_sample": plan.graph_bytes_per_sample}
+
+
+def choose_attention(torch_plan: MemoryPlan, recompute_plan: MemoryPlan) -> tuple[bool, str]:
+    """Whether to build graphs with the recomputing attention, given the plan with torch's attention (which
+    does not fit, or rebuilds graphs) and the plan with the recomputing one, and why. Pure, costs nothing.
+
+    The rule: when torch's plan does not fit, the plan with the lower planned peak (ties: torch's, faster per
+    HVP); when it fits, the recomputing attention only if its plan fits too and keeps more samples' first-order
+    graphs: each kept graph saves a forward and first backward at every HVP call, which cost several times the
+    recomputation's 1.36x (module docstring)."""
+    total = sum(torch_plan.batch_sizes)
+    t_kept, r_kept = torch_plan.samples_kept or 0, recompute_plan.samples_kept or 0
+    if not torch_plan.fits:
+        if recompute_plan.peak_bytes < torch_plan.peak_bytes:
+            return True, (f"with torch's attention the plan does not fit (peak {_gib(torch_plan.peak_bytes)} against "
+                          f"{_gib(torch_plan.budget_bytes or 0)}); recomputing attention plans a lower peak "
+                          f"({_gib(recompute_plan.peak_bytes)}{', which fits' if recompute_plan.fits else ''})")
+        return False, (f"with torch's attention the plan does not fit (peak {_gib(torch_plan.peak_bytes)}); "
+                       f"recomputing attention plans no lower peak ({_gib(recompute_plan.peak_bytes)})")
+    if recompute_plan.fits and r_kept > t_kept:
+        return True, (f"torch's attention fits by rebuilding graphs at every HVP ({t_kept} of {total} samples' "
+                      f"graphs kept); recomputing attention keeps {r_kept}")
+    return False, (f"torch's attention fits by rebuilding graphs ({t_kept} of {total} samples' graphs kept); "
+                   f"recomputing attention keeps no more ({r_kept}{'' if recompute_plan.fits else ', does not fit'})")
+
+
+def plan_attention(land: Any, memory: MemoryBudget, plan: Callable[..., MemoryPlan], can_split: bool,
+                   requested: bool | None) -> tuple[MemoryPlan, dict, dict]:
+    """The memory plan of ``land`` and the attention its graphs are built with (module docstring).
+
+    ``plan(graph_bytes_per_sample, graph_source, persample_graph_bytes_per_sample)`` plans with a figure (see
+    :func:`~geomprobe.engine.memory_plan.plan_memory`). Returns the plan (its ``attention`` set), the
+    attention record, and the figures per attention (``{"math": ..., "recompute": ...}``, bytes per sample,
+    None where not measured). Cost: no forward when ``memory`` gives the figures needed or nothing limits
+    memory; one measuring forward (:func:`measure_graph`) for the first plan, one more only where rule 2 of the
+    module applies."""
+    fast = land.fast_double_backward
+    figures: dict[str, float | None] = {TORCH: memory.graph_bytes_per_sample,
+                                        RECOMPUTE: memory.recompute_graph_bytes_per_sample}
+    calls = memory.attention_calls
+    record: dict[str, Any] = {"requested": requested_label(requested), "recompute": False, "reason": "",
+                              "attention_calls": calls, "graph_bytes_per_sample": figures, "other_plan": None}
+
+    def done(p: MemoryPlan, recompute: bool, reason: str) -> tuple[MemoryPlan, dict, dict]:
+        record.update(recompute=recompute, reason=reason, attention_calls=calls, graph_bytes_per_sample=dict(figures))
+        p.attention = record
+        return p, record, figures
+
+    first = RECOMPUTE if requested and fast else TORCH
+    per_sample, source = figures[first], "given"
+    if per_sample is None:
+        unlimited = plan(None, None, None)
+        if unlimited.budget_bytes is None:  # nothing limits the probe: nothing to measure
+            return done(unlimited, first == RECOMPUTE, _forced(requested, fast) or "no memory limit: torch's attention")
+        per_sample, source, counted = land._measure_graph_per_sample(can_split, first == RECOMPUTE)
+        figures[first], calls = per_sample, counted.takeable if fast else calls
+    first_plan = plan(per_sample, source, figures[TORCH])
+    forced = _forced(requested, fast)
+    if forced:
+        return done(first_plan, first == RECOMPUTE, forced)
+    if first_plan.budget_bytes is None:
+        return done(first_plan, False, "no memory limit: torch's attention")
+    if first_plan.fits and first_plan.samples_kept == sum(first_plan.batch_sizes):
+        return done(first_plan, False, "torch's attention fits with every graph kept")
+    if calls == 0:
+        return done(first_plan, False, "no attention call that the recomputing double backward takes")
+    other, other_source = figures[RECOMPUTE], "given"
+    if other is None:
+        other, other_source, counted = land._measure_graph_per_sample(can_split, True)
+        figures[RECOMPUTE], calls = other, counted.takeable
+        if calls == 0:
+            return done(first_plan, False, "no attention call that the recomputing double backward takes")
+    second = plan(other, other_source, figures[TORCH])
+    recompute, reason = choose_attention(first_plan, second)
+    record["other_plan"] = _summary(first_plan if recompute else second)
+    return done(second if recompute else first_plan, recompute, reason)
+
+
+def _forced(requested: bool | None, fast: bool) -> str | None:
+    """The reason for an attention the rule does not choose, or None when it does."""
+    if requested is None:
+        return None if fast else "fast_double_backward=False: torch's attention"
+    if requested and not fast:
+        return "requested, but fast_double_backward=False: torch's attention"
+    return "requested"
