@@ -10,6 +10,7 @@ from torch import nn
 import geomprobe as gp
 from geomprobe.metrics import registry
 from geomprobe.probe.progress import LineReporter, ProgressEvent, count_hvps, plan_probe, planned_text
+from geomprobe.probe.run_folder import probe_meta
 
 # every registered metric, at settings cheap enough for a 213-parameter model
 CHEAP = {
@@ -66,7 +67,7 @@ def test_progress_of_every_metric_ends_at_its_own_hvps_and_within_its_plan(optio
             assert record[name]["hvps"] <= planned["hvps"], name
     assert sum(e.hvps for e in events if e.kind == "end") == record["cost"]["hvps"]
     # the plan is kept in the run's metadata too
-    assert probe._meta(None)["probe"]["cost_plan"] == probe.cost_plan
+    assert probe_meta(probe, None)["probe"]["cost_plan"] == probe.cost_plan
 
 
 def test_the_plan_grows_with_the_options_and_states_vector_memory():

@@ -47,7 +47,7 @@ from .options import check_probe_options, check_sharded_metrics
 from .probe_cost import ProbeCost
 from .progress import ProbeProgress, ProgressCallback, plan_probe, resolve_progress
 from .resume_check import check_resumable, probe_policy
-from .run_folder import last_step, probe_meta, refuse_existing, storable, unwritten_message, write_pending
+from .run_folder import last_step, refuse_existing, storable, unwritten_message, write_pending
 from .schedule import Schedule, budget, every
 from .skips import SkipCounter, budgets, open_ended
 from .summary import resolve_summary
@@ -264,10 +264,6 @@ class GeometryProbe:
             from ..runs.tensorboard import TensorBoardWriter
 
             self._tb = TensorBoardWriter(tensorboard)
-
-    # ------------------------------------------------------------------ set-up
-    def _meta(self, extra: Mapping[str, Any] | None) -> dict:
-        return probe_meta(self, extra)
 
     # ------------------------------------------------------------------ hooking in
     def attach(self, optimizer: torch.optim.Optimizer, *, probe_now: bool = True) -> "GeometryProbe":

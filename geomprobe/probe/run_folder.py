@@ -130,12 +130,12 @@ def write_pending(probe: Any) -> None:
             if not any(measured(r, probe.metric_options) for r in probe._unwritten):
                 _withhold(probe)
                 return
-            probe.writer = replace_run(probe.run_dir, probe._meta(probe._extra_meta), probe._unwritten)
+            probe.writer = replace_run(probe.run_dir, probe_meta(probe, probe._extra_meta), probe._unwritten)
             probe._unwritten.clear()
             probe._write_error = None
             return
         if probe.writer is None:
-            probe.writer = RunWriter(probe.run_dir, probe._meta(probe._extra_meta), force=probe._force,
+            probe.writer = RunWriter(probe.run_dir, probe_meta(probe, probe._extra_meta), force=probe._force,
                                      resume=probe._resume)
         while probe._unwritten:
             probe.writer.append(probe._unwritten[0])
