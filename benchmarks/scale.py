@@ -312,7 +312,7 @@ def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_d
 
 
 def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metrics: list[str] | None = None,
-             baseline: bool = True) -> dict:
+             baseline: bool = True, baseline_steps: int | None = None) -> dict:
     """Training wall time with and without a GeometryProbe at its default schedule (``every(100) |
     budget(0.05)``) and default metrics unless ``metrics`` (``"spectrum:max_iter=40"`` forms) are given.
 
@@ -321,7 +321,9 @@ def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metri
     ``geomprobe/probe/probe_cost.py``) and the seconds it took; the skips; the training seconds (the loop's wall
     time less the probe seconds in it, and the loop without a probe when ``baseline``); the overhead of the loop
     with the probe over the loop without, and apart from it the final probe ``close()`` runs after the loop.
-    The data are 64 token batches cycled, so any number of steps runs in constant memory.
+    The data are 64 token batches cycled, so any number of steps runs in constant memory. ``baseline_steps``:
+    a shorter loop without the probe (the overhead then compares seconds per step), since a budget lets the
+    first probe in only after ~20x its cost of training, so the loop with the probe must be long.
     """
     out: dict = {"model": name, "dtype": dtype_name, "steps": steps, "metrics": metrics or "default"}
     for attached in ((False, True) if baseline else (True,)):
@@ -337,7 +339,8 @@ def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metri
             probe.attach(opt)
         sync(device)
         t0 = time.perf_counter()
-        for step in range(steps):
+        n_steps = steps if attached or not baseline_steps else int(baseline_steps)
+        for step in range(n_steps):
             opt.zero_grad(set_to_none=True)
             lm_loss(model, data[step % len(data)]).backward()
             opt.step()
@@ -348,7 +351,7 @@ def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metri
         sync(device)
         wall = time.perf_counter() - t0
         key = "with_probe" if attached else "without"
-        out[key] = {"wall_s": wall}
+        out[key] = {"wall_s": wall, "steps": n_steps}
         if probe is not None:
             ran = [{"step": r["step"], "predicted_seconds": r["cost"]["predicted_seconds"],
                     "seconds": r["cost"]["seconds"], "hvps": r["cost"]["hvps"], "wall_s": r["wall"]}
@@ -372,9 +375,10 @@ def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metri
             torch.cuda.empty_cache()
     w = out["with_probe"]
     if baseline:
-        out["training_seconds"] = out["without"]["wall_s"]
-        out["overhead"] = w["wall_s"] / out["without"]["wall_s"] - 1
-        out["overhead_with_close"] = (w["wall_s"] + w["close"]["seconds"]) / out["without"]["wall_s"] - 1
+        per_step = out["without"]["wall_s"] / out["without"]["steps"]  # the loop without the probe, per step
+        out["training_seconds"] = per_step * steps
+        out["overhead"] = w["wall_s"] / out["training_seconds"] - 1
+        out["overhead_with_close"] = (w["wall_s"] + w["close"]["seconds"]) / out["training_seconds"] - 1
     else:
         out["training_seconds"] = w["training_seconds"]
     # the budget's own measure: probe seconds over the loop's wall time (what budget(0.05) bounds)
@@ -402,6 +406,8 @@ def main() -> None:
     ap.add_argument("--probe-metrics", default=None,
                     help="overhead: the probe's metrics, comma-separated ('spectrum:max_iter=40'); default: its defaults")
     ap.add_argument("--no-baseline", action="store_true", help="overhead: skip the run without a probe")
+    ap.add_argument("--baseline-steps", type=int, default=None,
+                    help="overhead: steps of the loop without a probe (default: --steps)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     strict_fp32()
@@ -442,7 +448,7 @@ def main() -> None:
     else:
         doc["results"].append(overhead(args.model, args.dtypes.split(",")[0], args.steps, args.device, out_dir,
                                        args.probe_metrics.split(",") if args.probe_metrics else None,
-                                       baseline=not args.no_baseline))
+                                       baseline=not args.no_baseline, baseline_steps=args.baseline_steps))
     save()
     print(json.dumps(doc["results"], default=str)[-3000:])
 
