@@ -28,6 +28,7 @@ ends the output.
 
     python benchmarks/profile_rowdots.py --out r.json                                   # a GPU: bf16 and fp32
     python benchmarks/profile_rowdots.py --rows 1,2,8,16,22,64,128,300 --dtypes fp16 --ways all --out r.json
+    python benchmarks/profile_rowdots.py --dim 124439824 --rows 2,8,16,22 --dtypes bf16 --out r.json  # odd blocks
     OMP_NUM_THREADS=2 python benchmarks/profile_rowdots.py --device cpu --dim 4194304 --rows 1,2,8,22,64 --out r.json
 """
 

@@ -150,7 +150,13 @@ def test_block_count_rule():
     assert BD.block_count(1009 * 18, 10**9) == 18  # 16 does not divide it: the smallest divisor from 16 on
     assert BD.block_count(1009 * 35, 10**9) == 35
     assert BD.block_count(1009 * 2, 10**9) is None and BD.block_count(1001, 10**9) is None
-    assert BD.block_count(2000, 100) == 20 and BD.block_count(2000, 50) == 40 and BD.block_count(2000, 30) is None
+    # the largest leading dimension: 2000 = 16 x 125, 20 x 100, 25 x 80, 40 x 50, 50 x 40
+    assert BD.block_count(2000, 100) == 25 and BD.block_count(2000, 50) == 50 and BD.block_count(2000, 39) is None
+    assert BD.block_count(2020, 101) == 20  # 20 x 101: no aligned count fits
+    # blocks whose length is a multiple of 8 (16-byte aligned half rows) where a count gives them
+    assert BD.block_count(2**5 * 3**2 * 7, 10**9) == 18  # 16 leaves blocks of 126, 18 of 112
+    assert BD.block_count(2**5 * 3 * 1009, 10**9) == 16  # no count gives aligned blocks: the smallest divisor
+    assert BD.block_count(2**7 * 3 * 5, 10**9) == 16  # 120
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -159,12 +165,12 @@ def test_blockdiag_within_the_32_bit_limits(monkeypatch, dtype, calls, as_on_cud
     # would make them longer), windows of at most PRODUCT_COLUMNS (half types on the CPU: CPU_CHUNK_ELEMENTS of
     # float32 scratch) block columns; rows farther apart than LD_LIMIT are no obstacle (their stride is never
     # a leading dimension here)
-    n, d = 6, 2000
+    n, d = 6, 2048
     B, c, w, cr = residual_case(n, d, dtype, seed=13)
     monkeypatch.setattr(V, "BLOCKDIAG_DTYPES", (torch.float64, torch.float32, torch.bfloat16))
     monkeypatch.setattr(V, "PRODUCT_COLUMNS", 7)
-    monkeypatch.setattr(V, "CPU_CHUNK_ELEMENTS", 7 * 20 * (n + 2))
-    for ld_limit, k in ((V.LD_LIMIT, 16), (100, 20), (99, 25), (40, 50), (31, None)):
+    monkeypatch.setattr(V, "CPU_CHUNK_ELEMENTS", 7 * 16 * (n + 2))
+    for ld_limit, k in ((V.LD_LIMIT, 16), (100, 32), (40, 64), (31, None)):
         monkeypatch.setattr(V, "LD_LIMIT", ld_limit)
         calls.clear()
         out = V.sub_rows(w.clone(), c, B)
@@ -197,7 +203,7 @@ def test_automatic_choice_takes_the_blockdiag_update_as_stated(dtype, calls, as_
     # sub_rows_kernel names (half types), for lengths a count from 16 to 64 divides; never on the CPU
     expected = {n for n in (1, 2, 22, 23, 64, 299, 300) if V.sub_rows_kernel(n, dtype) == "block-diagonal"}
     assert expected == ({2, 22, 300} if dtype in HALF else set())
-    for d, k in ((16 * 11, 16), (18 * 11, 18), (11 * 13, None)):
+    for d, k in ((128 * 11, 16), (18 * 11, 18), (11 * 13, None)):
         for n in (1, 2, 22, 23, 64, 299, 300):
             B, c, w, cr = residual_case(n, d, dtype, seed=n)
             calls.clear()

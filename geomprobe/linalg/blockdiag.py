@@ -32,26 +32,33 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["BLOCKS_MAX", "BLOCKS_MIN", "block_count", "blockdiag_layout", "blockdiag_sub", "coefficient_matrix"]
+__all__ = ["BLOCKS_MAX", "BLOCKS_MIN", "BLOCK_ALIGN", "block_count", "blockdiag_layout", "blockdiag_sub", "coefficient_matrix"]
 
 # Blocks per row: measured on an H200 (bf16, d = 124,439,808, benchmarks/RESULTS.md §6,
-# results/profile_rowdots_after_h200.json) at K = 16 (the fastest) and K = 64 (1.3-1.7x slower than K = 16, still
-# 1.5-2.7x faster than the plain product at 2-22 and 300 rows). The automatic choice takes the smallest K of this
-# range that divides the row length: 16 where it can, a larger divisor up to 64 where 16 does not divide it.
+# results/profile_rowdots_after_h200.json) at K = 16 (the fastest) and K = 64 (1.3-1.7x slower than K = 16, and
+# 1.0-2.7x faster than the plain product at 2-22 and 300 rows). The automatic choice (:func:`block_count`) takes
+# the smallest K of this range that divides the row length: 16 where it can, a larger divisor up to 64 where 16
+# does not divide it or leaves unaligned blocks.
 BLOCKS_MIN = 16
 BLOCKS_MAX = 64
 
 Update = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
+# Block lengths that are a multiple of this keep every block 16-byte aligned (bf16) when the rows are: the stride
+# alignment tensor-core GEMM kernels want (Hopper's TMA loads require it). Not measured against unaligned
+# blocks; the choice prefers it where a count of the range gives it.
+BLOCK_ALIGN = 8
+
+
 def block_count(columns: int, max_length: int) -> int | None:
-    """The blocks ``K`` per row for the update of several rows of ``columns`` entries: the smallest
-    ``K`` in ``[BLOCKS_MIN, BLOCKS_MAX]`` that divides ``columns`` with blocks of at most ``max_length`` entries
-    (the largest leading dimension BLAS takes); None where there is none (the plain product then)."""
-    for k in range(BLOCKS_MIN, BLOCKS_MAX + 1):
-        if columns % k == 0 and columns // k <= max_length:
-            return k
-    return None
+    """The blocks ``K`` per row for the update of several rows of ``columns`` entries: the smallest ``K`` in
+    ``[BLOCKS_MIN, BLOCKS_MAX]`` that divides ``columns`` into blocks of at most ``max_length`` entries (the
+    largest leading dimension BLAS takes), among those whose block length is a multiple of ``BLOCK_ALIGN``
+    where there are any; None where no count divides ``columns`` (the plain product then)."""
+    fits = [k for k in range(BLOCKS_MIN, BLOCKS_MAX + 1) if columns % k == 0 and columns // k <= max_length]
+    aligned = [k for k in fits if (columns // k) % BLOCK_ALIGN == 0]
+    return (aligned or fits or [None])[0]
 
 
 def blockdiag_layout(B: torch.Tensor, w: torch.Tensor, blocks: int) -> bool:
