@@ -15,11 +15,12 @@ from collections.abc import Callable, Sequence
 import torch
 
 from ..errors import ConfigurationError
+from .blockdiag import block_count, blockdiag_layout, blockdiag_sub
 from .segmented import segment_count, segmented_dots, segmented_sub
 
 __all__ = [
     "Matvec", "accumulation_dtype", "all_finite", "apply_rows", "check_dim", "default_generator", "device_generator",
-    "gaussian", "rademacher", "row_dots", "scratch_columns", "sub_rows", "vector_norm",
+    "gaussian", "rademacher", "row_dots", "scratch_columns", "sub_rows", "sub_rows_kernel", "vector_norm",
 ]
 
 
@@ -175,6 +176,34 @@ def _segments(B: torch.Tensor, w: torch.Tensor, segments: int | None) -> int | N
     return 0
 
 
+# Blocks per row of the block-diagonal update (:mod:`.blockdiag`). None: the automatic (CUDA) choice below; 0: never
+# (the products before it); an integer forces that count on every device where the rows' layout allows it: the
+# tests run the CUDA path's block-diagonal update on the CPU this way.
+BLOCKS: int | None = None
+# Row counts and types for which the automatic (CUDA) choice updates ``w -= c B`` as a block-diagonal GEMM:
+# measured on an H200 at d = 124,439,808 in bf16 (benchmarks/RESULTS.md §6, results/profile_rowdots_after_h200.json,
+# ms per update at K = 16 against the fused product before it): 0.44 / 1.56 at 2 rows, 0.77 / 1.95 at 8,
+# 1.24 / 1.96 at 16, 1.76 / 4.43 at 22, 17.9 / 47.4 at 300; slower at 64 (4.19 / 3.92) and 128 (7.91 / 7.54).
+# 23-63 and 129-299 rows were not measured and keep the fused product, as does one row (an elementwise pass,
+# 0.49 ms, about the GEMM's 0.42). fp16 takes the same tensor-core path as bf16; float32 (a matrix-vector
+# product before, a different kernel from the half types' one-row GEMM) is not measured yet and keeps it.
+BLOCKDIAG_ROWS = (2, 22)  # inclusive
+BLOCKDIAG_FROM_ROWS = 300
+BLOCKDIAG_DTYPES = HALF_TYPES
+
+
+def sub_rows_kernel(rows: int, dtype: torch.dtype) -> str:
+    """The update the automatic (CUDA) choice of :func:`sub_rows` makes for ``rows`` rows of ``dtype``:
+    ``"block-diagonal"`` (:data:`BLOCKDIAG_ROWS`, :data:`BLOCKDIAG_FROM_ROWS`, :data:`BLOCKDIAG_DTYPES`; the plain
+    product instead where no block count fits the rows' layout), ``"elementwise"`` (one row) or ``"product"``
+    (the fused product), the fastest measured at each."""
+    if not isinstance(rows, int) or rows < 0:
+        raise ValueError(f"rows must be a non-negative integer, got {rows!r}")
+    if dtype in BLOCKDIAG_DTYPES and (BLOCKDIAG_ROWS[0] <= rows <= BLOCKDIAG_ROWS[1] or rows >= BLOCKDIAG_FROM_ROWS):
+        return "block-diagonal"
+    return "elementwise" if rows == 1 else "product"
+
+
 def auto_segmented(op: str, rows: int) -> bool:
     """Whether the automatic (CUDA) choice segments ``op`` (``"row_dots"`` or ``"sub_rows"``) on ``rows`` rows:
     the faster of the two forms as measured (:data:`SEGMENTED_DOT_ROWS`)."""
@@ -292,19 +321,77 @@ def row_dots(B: torch.Tensor, w: torch.Tensor, *, segments: int | None = None) -
     return _sum([segmented_dots(B[:, a:b], w[a:b], _count(seg, b - a), bmm) for a, b in _column_slices(d, width)])
 
 
-def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int | None = None) -> torch.Tensor:
+def _blocks(B: torch.Tensor, w: torch.Tensor, seg: int | None, blocks: int | None) -> int | None:
+    """Blocks per row of the block-diagonal update, or None for the other paths: a forced count where the rows'
+    layout allows it, else on CUDA (``seg == 0``) the count of :func:`.blockdiag.block_count` where
+    :func:`sub_rows_kernel` says so."""
+    forced = BLOCKS if blocks is None else blocks
+    if forced is not None and (not isinstance(forced, int) or isinstance(forced, bool) or forced < 0):
+        raise ConfigurationError(f"blocks must be a non-negative integer or None, got {forced!r}")
+    if forced == 0 or B.dim() != 2 or w.dim() != 1 or B.shape[1] != w.shape[0]:
+        return None
+    if w.device.type == "cuda" and w.dtype == torch.float32 and _tf32_matmul():
+        return None  # the GEMM would round float32 inputs to TF32, where the matrix-vector product does not
+    n, m = B.shape
+    if forced is not None:
+        k = forced
+    elif seg == 0 and sub_rows_kernel(n, w.dtype) == "block-diagonal":
+        k = block_count(m, LD_LIMIT)
+        if k is None:
+            return None  # no admissible count divides the row length: the fused product
+    else:
+        return None
+    if not blockdiag_layout(B, w, k) or m // k > LD_LIMIT:
+        return None
+    return k
+
+
+def _native_sub_mm(out: torch.Tensor, C: torch.Tensor, Y: torch.Tensor) -> None:
+    # in w's type, half types included: the GEMM accumulates in float32 (cuBLAS's compute type 32F) and forms
+    # ``out - C Y`` in float32 before its one rounding to ``out``'s type, with no float32 scratch
+    out.addmm_(C, Y, alpha=-1)
+
+
+def _float32_sub_mm(out: torch.Tensor, C: torch.Tensor, Y: torch.Tensor) -> None:
+    out.copy_(torch.addmm(out.float(), C, Y.float(), alpha=-1))
+
+
+def _blockdiag_sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, blocks: int) -> torch.Tensor:
+    # half types off CUDA go through float32 copies of column windows (their CPU products need not accumulate
+    # in float32): at most ``scratch_columns`` of them, so the windows bound the scratch
+    native = w.dtype not in HALF_TYPES or w.device.type == "cuda"
+    c = c.to(device=w.device, dtype=w.dtype)  # the coefficients rounded to w's type, as on the fused paths
+    if native:
+        blockdiag_sub(w, c, B, blocks, _native_sub_mm, PRODUCT_COLUMNS)
+    else:
+        width = scratch_columns(blocks * (B.shape[0] + 2), w.device)
+        blockdiag_sub(w, c.float(), B, blocks, _float32_sub_mm, width)
+    return w
+
+
+def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int | None = None,
+             blocks: int | None = None) -> torch.Tensor:
     """``w - c @ B`` written into ``w`` (no temporary of length d; half types accumulate in float32).
 
-    On CUDA one strided-batched update over segments of the columns (:mod:`.segmented`) that reads ``B`` and
-    ``w`` once and writes ``w`` once, and for one row a single fused elementwise pass; elsewhere a
-    matrix-vector update (half types: float32 over column slices). ``segments`` as in :func:`row_dots`.
+    On CUDA, where :func:`sub_rows_kernel` says so (half types, 2-22 rows and 300 or more, as measured), one
+    block-diagonal GEMM (:mod:`.blockdiag`) on views of ``w`` and ``B``, no scratch of length d, for rows back to
+    back whose length one of 16-64 blocks divides (blocks of at most ``LD_LIMIT`` entries); else one
+    strided-batched update over segments of the columns (:mod:`.segmented`) for one row (a single fused
+    elementwise pass), or the fused product (one float32 d-vector of scratch for half types); elsewhere a
+    matrix-vector update (half types: float32 over column slices). ``segments`` as in :func:`row_dots`;
+    ``blocks`` (default :data:`BLOCKS`) forces the block-diagonal update with that many blocks per row on any
+    device where the layout allows it (a single row, or rows back to back with ``blocks`` dividing their
+    length; the other paths otherwise), 0 turns it off.
     Cost: one read of ``B``, no matvec. Error: per entry a float32 (float64 for float64) sum of the ``n``
     products and ``w_j``, then one rounding to ``w``'s type. On the fused half paths (CUDA, or forced
-    segments) the coefficients go in rounded to ``w``'s type: after the three-term step they are
+    segments or blocks) the coefficients go in rounded to ``w``'s type: after the three-term step they are
     rounding-sized, so their own rounding is second order; where they are not (a first pass), a second pass
     follows.
     """
     seg = _segments(B, w, segments)
+    k = _blocks(B, w, seg, blocks)
+    if k is not None:
+        return _blockdiag_sub_rows(w, c, B, k)
     if seg == 0 and not auto_segmented("sub_rows", B.shape[0]):
         seg = None
     if _long_rows(B):
