@@ -92,3 +92,18 @@ def test_an_iterative_metric_is_predicted_at_its_usual_spend_not_its_cap():
     assert exact - capped == HVP_GRADIENTS * (300 - ITERATIVE_HVPS)
     few = planned_gradients({"spectrum": {"hvps": 20, "exact": False, "gradients": 0, "forwards": 0}})
     assert few == planned_gradients({"spectrum": {"hvps": 20, "exact": True, "gradients": 0, "forwards": 0}})
+
+
+def test_only_the_budgets_that_let_a_probe_in_give_it_a_deadline():
+    t = [100.0]
+    inner = budget(0.2, clock=lambda: t[0], predict=lambda: 0.0)
+    s = at([0]) | (every(25) & inner)
+    assert s.should_probe(0, 100.0)  # at([0]) fired: asked for outside any budget
+    assert s.gates() == [] and deadline_for(s, 100.0, lambda: t[0], distributed=False) is None
+    assert s.should_probe(25, 150.0)  # every(25) & budget fired
+    assert s.gates() == [inner]
+    d = deadline_for(s, 150.0, lambda: t[0], distributed=False)
+    assert d is not None and d.allowance == pytest.approx(inner.allowance(150.0)) and d.allowance > 0
+    top = budget(0.05, clock=lambda: t[0], predict=lambda: 0.0)
+    capped = at([0]) | top  # a budget at the top of | caps every trigger, at() included
+    assert capped.should_probe(0, 100.0) and capped.gates() == [top]

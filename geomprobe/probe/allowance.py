@@ -3,8 +3,8 @@
 A budget allows a probe when its *expected* cost fits (:class:`~.schedule.Budget`): before any probe, a prediction
 from the plan (:mod:`.probe_cost`); after, the measured seconds. Either can be wrong: the first probe under a memory
 plan that rebuilds graphs cost 8x the kept-graph HVPs its prediction assumed (GPT-2 124M, benchmarks/RESULTS.md §6).
-So a probe the schedule fired carries a deadline, the smallest :meth:`~.schedule.Budget.allowance` of the budgets in
-the schedule: checked after every HVP and before every metric; past it, the metric in progress stops (its HVPs
+So a probe the schedule fired carries a deadline, the smallest :meth:`~.schedule.Budget.allowance` of the budgets
+that let it in: checked after every HVP and before every metric; past it, the metric in progress stops (its HVPs
 raise :class:`OverAllowance`) and the metrics not yet run are skipped, each recorded under ``skipped`` with why.
 The budget then sees the seconds spent and expects at least twice that next time (:meth:`~.schedule.Budget.note_cut`).
 
@@ -69,11 +69,13 @@ class Deadline:
 
 
 def deadline_for(schedule: Schedule, now: float, clock: Callable[[], float], distributed: bool) -> Deadline | None:
-    """The deadline of a probe the schedule just fired at ``now``: ``now`` plus the smallest allowance of its
-    budgets; None without a budget or under a process group (module docstring)."""
+    """The deadline of a probe the schedule just fired at ``now``: ``now`` plus the smallest allowance of the
+    budgets that let it in (:meth:`~.schedule.Schedule.gates`: not those of a trigger that fired outside any
+    budget, as ``at([0])`` in ``at([0]) | (every(25) & budget(f))``); None when no budget gated it or under a
+    process group (module docstring)."""
     if distributed:
         return None
-    allowances = [b.allowance(now) for b in budgets(schedule)]
+    allowances = [b.allowance(now) for b in schedule.gates()]
     if not allowances:
         return None
     allowance = min(allowances)

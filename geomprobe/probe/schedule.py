@@ -111,6 +111,11 @@ class Schedule(abc.ABC):
         ignore it.
         """
 
+    def gates(self) -> list["Budget"]:
+        """The budgets that let the probe this schedule just fired in (its last :meth:`should_probe` returned
+        True): a probe they allowed may be stopped at their allowance (:mod:`.allowance`). None for a trigger."""
+        return []
+
     def observe(self, step: int, probe_seconds: float, now: float | None = None) -> None:
         """Learn from a probe that ran at ``step`` and took ``probe_seconds``; ``now`` is when it ended.
 
@@ -355,6 +360,9 @@ class Budget(Schedule):
             return False
         return self.spent + cost <= self.fraction * (t - self._t0 + cost)
 
+    def gates(self) -> list["Budget"]:
+        return [self]
+
     def observe(self, step: int, probe_seconds: float, now: float | None = None) -> None:
         seconds = float(probe_seconds)
         if not math.isfinite(seconds) or seconds < 0:
@@ -388,7 +396,8 @@ class _Combined(Schedule):
 
     def _votes(self, step: int, now: float | None) -> list[bool]:
         # A list, not a generator under any()/all(): every operand must see every step (a budget records t0).
-        return [part.should_probe(step, now) for part in self.parts]
+        self._last_votes = [part.should_probe(step, now) for part in self.parts]
+        return self._last_votes
 
     def _vetoes(self, votes: list[bool], triggered: bool) -> tuple[str, ...]:
         """The reasons of the limits that said no, when the triggers selected the step; else ()."""
@@ -427,6 +436,16 @@ class AnyOf(_Combined):
             self.vetoed_by = tuple(dict.fromkeys(r for part in self.parts if not part.is_limit for r in part.vetoed_by))
         return fired and all(limits)
 
+    def gates(self) -> list["Budget"]:
+        # every limit caps every trigger; a trigger that fired without a budget of its own (``at([0]) |
+        # (every(25) & budget(f))`` at step 0) asked for the probe outside any budget
+        votes = getattr(self, "_last_votes", [False] * len(self.parts))
+        out = [b for p in self.parts if p.is_limit for b in p.gates()]
+        fired = [p.gates() for p, v in zip(self.parts, votes) if v and not p.is_limit]
+        if fired and all(fired):
+            out += [b for g in fired for b in g]
+        return list(dict.fromkeys(out))
+
 
 class AllOf(_Combined):
     """``a & b & ...``: fires only when every operand fires (a limit fires when it allows)."""
@@ -445,6 +464,9 @@ class AllOf(_Combined):
         inner = tuple(r for p, v in triggers if not v for r in p.vetoed_by)
         self.vetoed_by = tuple(dict.fromkeys(inner + self._vetoes(votes, selected))) if selected else ()
         return all(votes)
+
+    def gates(self) -> list["Budget"]:
+        return list(dict.fromkeys(b for p in self.parts for b in p.gates()))
 
 
 class Manual(Schedule):
