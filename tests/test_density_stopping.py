@@ -85,7 +85,7 @@ def test_repeated_intervals_hold_at_every_look_at_once_where_plain_ones_do_not()
 
 def test_repeated_intervals_cover_at_a_relative_tolerance_stop_on_normal_draws():
     # stop at the first look whose half-width is within 20 % of the mean (mean 1, sd 0.35 per draw): plain t
-    # intervals at the stop cover 0.91, the repeated ones at least the level
+    # intervals at the stop cover 0.914 (8.8 draws on average), the repeated ones 0.971 (9.6 draws)
     X, looks = 1 + 0.35 * _walks(seed=1), range(3, 11)
     q = repeated_t(looks)
     hits = {"repeated": 0, "plain": 0}
