@@ -1,5 +1,5 @@
-"""diagshare with and without stopping at ``rel_tol``: HVPs, seconds and interval widths (issue 16). (rmed
-stopped in rounds on a branch that was not kept: its results/stopping_cpu_*rmed* files record that run.)
+"""diagshare and density with and without stopping at ``rel_tol``: HVPs, seconds and interval widths (issue 16).
+(rmed stopped in rounds on a branch that was not kept: its results/stopping_cpu_*rmed* files record that run.)
 
 Per model, each metric runs twice on the same Landscape and seed: ``rel_tol=0`` (the whole budget) and the
 default ``rel_tol``; printed and saved per run: mode, HVPs spent, budget, seconds (all, and inside HVPs),
@@ -7,6 +7,10 @@ the value, its interval, the half-width over the value, and ``converged``.
 
     python benchmarks/stopping.py --models gpt2-124m --dtype bf16 --device cuda --out r.json
     python benchmarks/stopping.py --models gpt2-mid --device cpu --hvps 256            # CPU, a smaller budget
+    python benchmarks/stopping.py --models gpt2-tiny --device cpu --metrics density --seeds 0,1,2,3,4
+
+density's "value" is the negative mass, its "err" the Monte Carlo half-width the stop tests, its "ci" the
+reported interval (``negative_mass_lo``, ``_hi``); ``hvps`` does not apply to it (``n_v`` caps its starts).
 """
 
 from __future__ import annotations
@@ -25,22 +29,24 @@ from scale import DTYPES, HVPClock, build, lm_loss, token_batches  # noqa: E402
 from timing import environment, sync  # noqa: E402
 
 from geomprobe.engine.landscape import Landscape  # noqa: E402
-from geomprobe.metrics import diagshare, rmed  # noqa: E402
+from geomprobe.metrics import density, diagshare, rmed  # noqa: E402
 
-KEYS = {"rmed": ("rmed", "rmed_err", "rmed_ci"), "diagshare": ("diagshare", "diagshare_err", "diagshare_ci")}
+KEYS = {"rmed": ("rmed", "rmed_err", "rmed_ci"), "diagshare": ("diagshare", "diagshare_err", "diagshare_ci"),
+        "density": ("negative_mass", "negative_mass_mc_err", ("negative_mass_lo", "negative_mass_hi"))}
 
 
-def one(metric, land: Landscape, device, clock: HVPClock, **options) -> dict:
-    fn = {"rmed": rmed, "diagshare": diagshare}[metric]
+def one(metric, land: Landscape, device, clock: HVPClock, seed: int = 0, **options) -> dict:
+    fn = {"rmed": rmed, "diagshare": diagshare, "density": density}[metric]
     clock.seconds = 0.0
     sync(device)
     t0 = time.perf_counter()
-    out = fn(land, seed=0, **options)
+    out = fn(land, seed=seed, **options)
     sync(device)
     secs = time.perf_counter() - t0
-    x, err, ci = (out[k] for k in KEYS[metric])
+    x, err, ci = (out[k] if isinstance(k, str) else [out[j] for j in k] for k in KEYS[metric])
     used = options.get("rel_tol", inspect.signature(fn).parameters["rel_tol"].default)
-    row = {"metric": metric, "options": options, "rel_tol": used, "mode": out.get("mode", "exact" if out["exact"] else "sampled"),
+    mode = out.get("mode", ("exact" if out["exact"] else "sampled") if "exact" in out else f"{out['n_v']} starts")
+    row = {"metric": metric, "options": options, "seed": seed, "rel_tol": used, "mode": mode,
            "hvps": out["hvps"], "budget": out["budget"], "seconds": secs, "hvp_seconds": clock.seconds,
            "value": x, "err": err, "ci": ci, "rel_halfwidth": (err / abs(x)) if x and err is not None else None,
            "converged": out["converged"]}
@@ -56,6 +62,7 @@ def main() -> None:
     ap.add_argument("--metrics", default="diagshare")
     ap.add_argument("--hvps", type=int, default=1024)
     ap.add_argument("--rel-tols", default="0,default", help="comma-separated; 'default' = the metric's default")
+    ap.add_argument("--seeds", default="0", help="comma-separated seeds, each metric and rel_tol run once per seed")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows = []
@@ -66,9 +73,12 @@ def main() -> None:
         print(f"# {name} {a.dtype}: d={land.dim}, {len(land.space.blocks)} blocks, chunk {land.chunk_size}", flush=True)
         with HVPClock(a.device) as clock:
             for metric in a.metrics.split(","):
-                for rt in a.rel_tols.split(","):
-                    opts = {"hvps": a.hvps} if rt == "default" else {"hvps": a.hvps, "rel_tol": float(rt)}
-                    rows.append({"model": name, "dtype": a.dtype, **one(metric, land, a.device, clock, **opts)})
+                for seed in (int(s) for s in a.seeds.split(",")):
+                    for rt in a.rel_tols.split(","):
+                        opts = {} if metric == "density" else {"hvps": a.hvps}
+                        opts.update({} if rt == "default" else {"rel_tol": float(rt)})
+                        rows.append({"model": name, "dtype": a.dtype,
+                                     **one(metric, land, a.device, clock, seed=seed, **opts)})
         land.close()
     if a.out:
         with open(a.out, "w") as f:

@@ -7,7 +7,10 @@ expectation. The density ``phi(t) = (1/n_v) sum tau N(t; theta, s^2)`` with ``s^
 10 000-point grid (krylov.slq_density). Reference: Ghorbani, Krishnan, Xiao, "An investigation into neural
 net optimization via Hessian eigenvalue density" (2019).
 
-Derived quantities and their errors:
+Derived quantities and their errors. Every run is one independent draw of every linear functional of the
+measure (its mass below 0, its mean, its mass above the bulk edge), so the spread over runs gives each a
+standard error; intervals are ``mean -/+ q * se`` with ``q`` the Student-t quantile at ``level`` (widened for
+the looks when the runs may stop early, "Stopping" below).
 
 * ``negative_mass = mu_hat((-inf, 0))``, the fraction of negative eigenvalues. Two errors add up: the
   Monte Carlo error over the ``n_v`` runs (``negative_mass_se``, each run's mass one independent draw), and
@@ -15,14 +18,17 @@ Derived quantities and their errors:
   is the whole error when many eigenvalues sit near zero. The Chebyshev-Markov-Stieltjes inequalities bound
   it per run without assumptions: the run's true mass below 0 lies between its quadrature mass less the
   weight of the last node below 0 and its quadrature mass plus the weight of the first node above
-  (no gap when the run exhausted its Krylov space). ``negative_mass_lo``/``_hi`` is the 95 % interval
-  from those per-run bounds (their means less/plus ``t_{n_v-1}`` standard errors), and
+  (no gap when the run exhausted its Krylov space). ``negative_mass_lo``/``_hi`` is the interval at
+  ``level`` from those per-run bounds (their means less/plus ``q`` standard errors). The part only more
+  steps ``m`` narrow is ``negative_mass_quad_err`` (half the mean gap between the bounds); the part more runs
+  narrow, ``negative_mass_mc_err``, is ``q`` times the larger of ``negative_mass_se`` and the mean of the
+  bounds' standard errors (the value's own is the larger where nodes near 0 move from run to run).
   ``negative_mass_err`` = the mean quadrature gap (the larger side) plus ``negative_mass_se``, so that it
   covers both parts.
 * ``lambda_max``, ``lambda_min``: the extreme nodes over all runs, each with its run's residual bound
   ``beta_m |u_{m,i}|``; ``abs_ratio = |lambda_min| / lambda_max`` with ``abs_ratio_err`` the half-width of the
   interval spanned by both values moving within their bounds (``None`` if ``lambda_max`` may be <= 0).
-  ``converged``: both bounds are below ``tol * max(|theta|, spread)``.
+  ``extremes_converged``: both bounds are below ``tol * max(|theta|, spread)``.
 * bulk edge and outliers. **Bulk edge** ``b``: let ``t_med`` be the median of ``mu_hat``; the bulk is the
   connected stretch of grid points around ``t_med`` where ``phi >= edge_threshold * max(phi)`` (if ``t_med``
   itself is below it, the stretch ending just below ``t_med``); ``b`` is its upper end. Outliers are
@@ -30,16 +36,38 @@ Derived quantities and their errors:
   the threshold. ``outliers`` = the largest number of Ritz values above ``b`` in any run: a certified
   lower bound on ``#{lambda > b}`` (Cauchy interlacing: the j-th largest Ritz value never exceeds the j-th
   largest eigenvalue), exact once Lanczos has resolved each outlier; it counts a repeated eigenvalue once.
-  ``outliers_mass = d mu_hat((b, inf))`` counts multiplicity, with a standard error over the runs.
-* ``trace = d mu_hat`` mean (Hutchinson with the same Rademacher starts) and its standard error.
+  ``outliers_mass = d mu_hat((b, inf))`` counts multiplicity, with a standard error over the runs and the
+  interval ``outliers_mass_lo``/``_hi``.
+* ``trace = d mu_hat`` mean (Hutchinson with the same Rademacher starts), its standard error ``trace_err`` and
+  the interval ``trace_lo``/``_hi``.
 
-Cost: ``n_v * min(m, d)`` HVPs (``hvps``). The grid and density are numpy arrays under ``grid`` and
+Stopping (``rel_tol``, default 0.2; 0 runs all ``n_v`` starts as before). The runs are looked at after each
+start from the ``min_n_v``-th (default 3, so that a spread exists) to the ``n_v``-th, and stop at the first
+look where every statistic named in ``stop_on`` (default the negative mass) has a Monte Carlo half-width ``e``
+at most ``max(rel_tol * max(|value|, quad), floor)``: ``quad`` the part of its interval more runs cannot
+narrow (the negative mass's ``negative_mass_quad_err``; 0 for the trace and the outlier mass) and ``floor``
+``mass_tol`` for the negative mass (a fraction of all eigenvalues, for masses near 0), 0 otherwise. ``m`` is
+unchanged. A plain Student-t interval at a data-chosen look covers less than its level (simulated, looks at
+3..10 starts, nominal 0.95: 0.91 for normal draws, 0.86 for skewed ones), so with stopping on, every look's
+``q`` is that of a repeated confidence interval (:mod:`geomprobe.stats.sequential`): the intervals hold at
+all looks at once with probability ``level``, hence at the stop whatever the rule, at the price of ``q`` =
+3.01 instead of 2.26 at the tenth start (3.65 instead of 2.57 at the sixth). The point estimates at a stop
+are those of ``n_v`` equal to the starts used, with ``rel_tol=0`` (same seed, same starts).
+
+Recorded: ``n_v`` (starts used), ``n_v_max``, ``hvps`` (spent), ``budget`` (``n_v_max * min(m, d)``, the cap),
+``stopped_early``, ``precision_met`` (every ``stop_on`` statistic met its tolerance; True with ``rel_tol=0``),
+``converged`` (``extremes_converged`` and ``precision_met``), ``interval_q`` (the ``q`` of the reported
+intervals) and ``stop_on``.
+
+Cost: at most ``n_v * min(m, d)`` HVPs (``budget``). The grid and density are numpy arrays under ``grid`` and
 ``density`` (named in ``arrays``, for a sidecar file); everything else is JSON-ready.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,10 +77,12 @@ from ..errors import ConfigurationError
 from ..linalg.lanczos import lanczos
 from ..linalg.slq import SLQResult, slq_density
 from ..linalg.vectors import rademacher
-from ._common import checked, half_width, resolve_generator, t_quantile
+from ..stats.sequential import repeated_t
+from ._budget import check_rel_tol
+from ._common import checked, half_width, resolve_generator
 from .registry import register
 
-__all__ = ["density", "bulk_edge"]
+__all__ = ["STATISTICS", "bulk_edge", "density"]
 
 
 def bulk_edge(grid: np.ndarray, phi: np.ndarray, t_med: float, threshold: float = 1e-4) -> float:
@@ -106,12 +136,125 @@ def _mean_se(x: np.ndarray) -> tuple[float, float | None]:
     return float(x.mean()), se
 
 
-@register("density", cost="n_v * m HVPs (10 x 80 = 800 by default)")
+STATISTICS = ("negative_mass", "trace", "outliers_mass")
+
+
+@dataclass(frozen=True)
+class _Run:
+    """One Lanczos run's quadrature (nodes ascending, float64 on the host) and what each statistic draws from it."""
+
+    theta: np.ndarray
+    weights: np.ndarray
+    bounds: np.ndarray      # residual bound of each node
+    neg: float              # quadrature mass below 0
+    neg_lo: float           # Chebyshev-Markov-Stieltjes bounds on the run's true mass below 0
+    neg_hi: float
+    trace: float            # d * sum w theta = z^T H z for a Rademacher start
+    steps: int
+    matvecs: int
+
+
+def _run(r: Any, d: int, m: int) -> _Run:
+    theta, w = r.ritz_values.double().cpu().numpy(), (r.U[0, :] ** 2).double().cpu().numpy()
+    lo, hi = _negative_mass_bounds(theta, w, exact=r.steps < m or r.steps == d)
+    return _Run(theta, w, r.bounds.double().cpu().numpy(), float(w[theta < 0].sum()), lo, hi,
+                float(d * (w * theta).sum()), int(r.steps), int(r.matvecs))
+
+
+def _interval(x: np.ndarray, q: float | None, lo: float = -math.inf, hi: float = math.inf
+              ) -> tuple[float, float | None, float | None, float | None]:
+    """Mean, standard error and the interval ``mean -/+ q se`` clipped to ``[lo, hi]`` (None without a spread)."""
+    mean, se = _mean_se(x)
+    if se is None or q is None:
+        return mean, se, None, None
+    return mean, se, max(lo, mean - q * se), min(hi, mean + q * se)
+
+
+def _shape(runs: list[_Run], d: int, grid_size: int, sigma2: float | None, edge_threshold: float) -> dict:
+    """The smoothed density, its bulk edge and each run's mass above it (``d`` times: eigenvalue counts)."""
+    slq = SLQResult([torch.from_numpy(r.theta) for r in runs], [torch.from_numpy(r.weights) for r in runs],
+                    sum(r.matvecs for r in runs))
+    grid, phi, s2 = slq_density(slq, grid_size=grid_size, sigma2=sigma2)
+    grid, phi = grid.numpy(), phi.numpy()
+    t_med = _weighted_median(np.concatenate([r.theta for r in runs]), np.concatenate([r.weights for r in runs]))
+    edge = bulk_edge(grid, phi, t_med, edge_threshold)
+    return {"grid": grid, "phi": phi, "sigma2": float(s2), "edge": edge,
+            "outliers_mass": np.array([d * r.weights[r.theta > edge].sum() for r in runs])}
+
+
+def _mc_err(q: float | None, se: float | None, lo_se: float | None, hi_se: float | None) -> float | None:
+    """The negative mass's Monte Carlo half-width: ``q`` times the larger of the value's standard error and the
+    mean of its bounds' (the interval's own part; the value's, larger where nodes near 0 move from run to run)."""
+    if q is None or se is None:
+        return None
+    return q * max(se, (lo_se + hi_se) / 2)
+
+
+def _precision(runs: list[_Run], q: float, stop_on: tuple[str, ...], rel_tol: float, mass_tol: float,
+               outliers_mass: np.ndarray | None) -> dict[str, tuple[float, float]]:
+    """Per statistic of ``stop_on``: (Monte Carlo half-width, the tolerance it must meet) (module docstring)."""
+    out = {}
+    if "negative_mass" in stop_on:
+        lo, hi = np.array([r.neg_lo for r in runs]), np.array([r.neg_hi for r in runs])
+        neg, se = _mean_se(np.array([r.neg for r in runs]))
+        quad = float(hi.mean() - lo.mean()) / 2
+        out["negative_mass"] = (_mc_err(q, se, _mean_se(lo)[1], _mean_se(hi)[1]), max(rel_tol * max(neg, quad), mass_tol))
+    if "trace" in stop_on:
+        tr, se = _mean_se(np.array([r.trace for r in runs]))
+        out["trace"] = (q * se, rel_tol * abs(tr))
+    if "outliers_mass" in stop_on:
+        om, se = _mean_se(outliers_mass)
+        out["outliers_mass"] = (q * se, rel_tol * abs(om))
+    return out
+
+
+def _check_options(n_v: Any, m: Any, grid_size: Any, edge_threshold: Any, min_n_v: Any, mass_tol: Any,
+                   level: Any, stop_on: Any) -> tuple[str, ...]:
+    def integer(x: Any) -> bool:
+        return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+    def real(x: Any) -> bool:
+        return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not (integer(n_v) and integer(m) and integer(grid_size) and n_v >= 1 and m >= 1 and grid_size >= 2
+            and real(edge_threshold) and 0 < edge_threshold < 1):
+        raise ConfigurationError(
+            f"density needs n_v >= 1, m >= 1, grid_size >= 2 and 0 < edge_threshold < 1; got n_v={n_v!r}, "
+            f"m={m!r}, grid_size={grid_size!r}, edge_threshold={edge_threshold!r}"
+        )
+    if not (integer(min_n_v) and min_n_v >= 3):
+        raise ConfigurationError(
+            f"density needs an integer min_n_v >= 3 (the starts before the first look: fewer leave no usable "
+            f"spread), got min_n_v={min_n_v!r}"
+        )
+    if not (real(mass_tol) and mass_tol >= 0):
+        raise ConfigurationError(
+            f"density needs a finite mass_tol >= 0 (the negative mass's absolute tolerance, a fraction of all "
+            f"eigenvalues), got mass_tol={mass_tol!r}"
+        )
+    if not (real(level) and 0 < level < 1):
+        raise ConfigurationError(f"density needs 0 < level < 1 (the intervals' confidence), got level={level!r}")
+    names = (stop_on,) if isinstance(stop_on, str) else tuple(stop_on) if isinstance(stop_on, (list, tuple)) else None
+    if not names or any(s not in STATISTICS for s in names):
+        raise ConfigurationError(
+            f"density's stop_on names the statistics that must meet rel_tol, one or more of "
+            f"{', '.join(STATISTICS)} (on the command line joined by +); got stop_on={stop_on!r}"
+        )
+    return tuple(dict.fromkeys(names))
+
+
+@register("density", cost="at most n_v * m HVPs (10 x 80 = 800 by default); after min_n_v (3) starts it may stop "
+          "earlier once the stop_on statistics' Monte Carlo half-widths meet rel_tol (0.2)")
 def density(
     land: Any,
     *,
     n_v: int = 10,
     m: int = 80,
+    rel_tol: float = 0.2,
+    mass_tol: float = 0.01,
+    min_n_v: int = 3,
+    stop_on: str | Sequence[str] = "negative_mass",
+    level: float = 0.95,
     grid_size: int = 10_000,
     sigma2: float | None = None,
     edge_threshold: float = 1e-4,
@@ -124,8 +267,20 @@ def density(
 
     Args:
         land: the Landscape.
-        n_v: Lanczos runs (random starts); errors shrink as 1/sqrt(n_v).
+        n_v: Lanczos runs (random starts), at most; errors shrink as 1/sqrt(runs).
         m: steps per run (moments up to 2m - 1 match); capped at ``d``.
+        rel_tol: stop at the first look (module docstring, "Stopping") where every ``stop_on`` statistic's
+            Monte Carlo half-width is at most ``rel_tol`` times its value (or its quadrature half-gap); 0 runs
+            all ``n_v``. The default 0.2 resolves a 1.5x change ((1 + 0.2) / (1 - 0.2)) between two probes,
+            the scale on which a negative mass or outlier mass moves along training.
+        mass_tol: the negative mass's tolerance is never below this absolute one (a fraction of all
+            eigenvalues), so a mass near 0 can stop too.
+        min_n_v: starts before the first look (>= 3).
+        stop_on: which of ``negative_mass``, ``trace``, ``outliers_mass`` must meet ``rel_tol`` (one name or a
+            list). The trace's single-start spread on network Hessians is of the order of the trace itself
+            (outliers dominate ``||H||_F``), so asking for it usually runs all ``n_v``; the ``trace`` metric
+            measures it for fewer HVPs.
+        level: confidence of the reported intervals.
         grid_size, sigma2: the density grid and the Gaussian smoothing variance (the default of
             docs/metrics.md#density if None).
         edge_threshold: relative density below which the bulk ends (module docstring).
@@ -134,9 +289,14 @@ def density(
         basis_device: where the Lanczos basis lives (``"cpu"``: host memory; see krylov.lanczos).
 
     Returns the keys of the module docstring: ``grid``, ``density`` (numpy), ``arrays``, ``sigma2``,
-    ``negative_mass(_err, _se, _lo, _hi)``, ``lambda_max(_err)``, ``lambda_min(_err)``, ``abs_ratio(_err)``, ``bulk_edge``,
-    ``outliers``, ``outlier_values``, ``outliers_mass(_err)``, ``trace(_err)``, ``converged``, ``n_v``, ``m``,
-    ``hvps``.
+    ``negative_mass(_err, _se, _lo, _hi, _mc_err, _quad_err)``, ``lambda_max(_err)``, ``lambda_min(_err)``,
+    ``abs_ratio(_err)``, ``bulk_edge``, ``outliers``, ``outlier_values``, ``outliers_mass(_err, _lo, _hi)``,
+    ``trace(_err, _lo, _hi)``, ``converged``, ``extremes_converged``, ``precision_met``, ``stopped_early``,
+    ``n_v``, ``n_v_max``, ``m``, ``hvps``, ``budget``, ``interval_q``, ``stop_on``.
+
+    Cost: at most ``n_v * min(m, d)`` HVPs, ``min(m, d)`` per start used. Errors: the intervals cover at
+    ``level`` (at the stop too, by their widening for the looks) as far as the runs' spread is that of normal
+    draws; the negative mass's adds the quadrature's deterministic bounds.
 
     >>> import torch
     >>> from torch import nn
@@ -146,51 +306,54 @@ def density(
     >>> land = Landscape(model, nn.MSELoss(), (X, torch.zeros(4, 1, dtype=torch.float64)))
     >>> out = density(land, n_v=4, grid_size=500)   # H = diag(0.5, 2, 4.5, 8), recovered exactly (m >= d)
     >>> round(out["lambda_max"], 9), round(out["lambda_min"], 9), out["negative_mass"], out["hvps"]
-    (8.0, 0.5, 0.0, 16)
+    (8.0, 0.5, 0.0, 12)
+    >>> out["n_v"], out["stopped_early"], out["budget"]   # every start draws the same mass: 3 are enough
+    (3, True, 16)
     >>> out["density"].shape, round(out["trace"], 9)                 # tr H = 15
     ((500,), 15.0)
     """
-    if n_v < 1 or m < 1 or grid_size < 2 or not 0 < edge_threshold < 1:
-        raise ConfigurationError(
-            f"density needs n_v >= 1, m >= 1, grid_size >= 2 and 0 < edge_threshold < 1; got n_v={n_v}, m={m}, "
-            f"grid_size={grid_size}, edge_threshold={edge_threshold}"
-        )
+    stop_on = _check_options(n_v, m, grid_size, edge_threshold, min_n_v, mass_tol, level, stop_on)
+    rel_tol = check_rel_tol("density", rel_tol)
     gen = resolve_generator(seed, generator)
     mv = checked(land.hvp)
     d = land.dim
-    runs = []
+    # the looks, and each look's multiplier of the standard error: repeated intervals when the runs may stop
+    looks = tuple(range(min(min_n_v, n_v), n_v + 1)) if rel_tol > 0 else (n_v,)
+    qs = repeated_t(looks, level) if looks[0] >= 2 else {}
+    runs: list[_Run] = []
+    met = rel_tol == 0
     for _ in range(n_v):
         z = rademacher(d, gen, land.dtype, land.device)
-        runs.append(lanczos(mv, d, tol=0.0, max_iter=m, v0=z, dtype=land.dtype, device=land.device,
-                            basis_device=basis_device))
-    nodes = [r.ritz_values.double().cpu() for r in runs]
-    weights = [(r.U[0, :] ** 2).double().cpu() for r in runs]
-    slq = SLQResult(nodes, weights, sum(r.matvecs for r in runs))
-    grid, phi, s2 = slq_density(slq, grid_size=grid_size, sigma2=sigma2)
-    grid, phi = grid.numpy(), phi.numpy()
-    th = [n.numpy() for n in nodes]
-    tw = [w.numpy() for w in weights]
-    bd = [r.bounds.double().cpu().numpy() for r in runs]
+        r = lanczos(mv, d, tol=0.0, max_iter=m, v0=z, dtype=land.dtype, device=land.device, basis_device=basis_device)
+        runs.append(_run(r, d, m))
+        n = len(runs)
+        if rel_tol > 0 and n in qs:
+            om = (_shape(runs, d, grid_size, sigma2, edge_threshold)["outliers_mass"]
+                  if "outliers_mass" in stop_on else None)
+            met = all(e <= target for e, target in _precision(runs, qs[n], stop_on, rel_tol, mass_tol, om).values())
+            if met:
+                break
+    n = len(runs)
+    q = qs.get(n)
+    shape = _shape(runs, d, grid_size, sigma2, edge_threshold)
+    th = [r.theta for r in runs]
 
-    neg_runs = np.array([w[t < 0].sum() for t, w in zip(th, tw)])
-    neg, neg_se = _mean_se(neg_runs)
-    bounds = np.array([_negative_mass_bounds(t, w, exact=r.steps < m or r.steps == d)
-                       for t, w, r in zip(th, tw, runs)])
-    gap = max(float((neg_runs - bounds[:, 0]).mean()), float((bounds[:, 1] - neg_runs).mean()))
-    neg_err = gap + (neg_se or 0.0)
-    lo_mean, lo_se = _mean_se(bounds[:, 0])
-    hi_mean, hi_se = _mean_se(bounds[:, 1])
-    tq = t_quantile(0.975, n_v - 1) if n_v > 1 else math.inf
-    neg_lo = max(0.0, lo_mean - tq * lo_se) if lo_se is not None else 0.0
-    neg_hi = min(1.0, hi_mean + tq * hi_se) if hi_se is not None else 1.0
-    tr, tr_err = _mean_se(np.array([d * (w * t).sum() for t, w in zip(th, tw)]))
-    l_hi = max(range(n_v), key=lambda i: th[i][-1])
-    l_lo = min(range(n_v), key=lambda i: th[i][0])
-    lmax, lmax_err = float(th[l_hi][-1]), float(bd[l_hi][-1])
-    lmin, lmin_err = float(th[l_lo][0]), float(bd[l_lo][0])
+    neg, neg_se = _mean_se(np.array([r.neg for r in runs]))
+    lo_b, hi_b = np.array([r.neg_lo for r in runs]), np.array([r.neg_hi for r in runs])
+    gap = max(neg - float(lo_b.mean()), float(hi_b.mean()) - neg)
+    _, lo_se, neg_lo, _ = _interval(lo_b, q, lo=0.0)
+    _, hi_se, _, neg_hi = _interval(hi_b, q, hi=1.0)
+    neg_lo, neg_hi = (0.0 if neg_lo is None else neg_lo), (1.0 if neg_hi is None else neg_hi)
+    mc_err = _mc_err(q, neg_se, lo_se, hi_se)
+    tr, tr_err, tr_lo, tr_hi = _interval(np.array([r.trace for r in runs]), q)
+    om, om_err, om_lo, om_hi = _interval(shape["outliers_mass"], q, lo=0.0)
+
+    l_hi = max(range(n), key=lambda i: th[i][-1])
+    l_lo = min(range(n), key=lambda i: th[i][0])
+    lmax, lmax_err = float(th[l_hi][-1]), float(runs[l_hi].bounds[-1])
+    lmin, lmin_err = float(th[l_lo][0]), float(runs[l_lo].bounds[0])
     spread = lmax - lmin
-    converged = all(e <= tol * max(abs(v), spread) for v, e in ((lmax, lmax_err), (lmin, lmin_err)))
-
+    extremes = all(e <= tol * max(abs(v), spread) for v, e in ((lmax, lmax_err), (lmin, lmin_err)))
     ratio = ratio_err = None
     if lmax > 0:
         ratio = abs(lmin) / lmax
@@ -199,21 +362,22 @@ def density(
             hi = (abs(lmin) + lmin_err) / (lmax - lmax_err)
             ratio_err = half_width(ratio, lo, hi)
 
-    t_med = _weighted_median(np.concatenate(th), np.concatenate(tw))
-    edge = bulk_edge(grid, phi, t_med, edge_threshold)
+    edge = shape["edge"]
     counts = [int((t > edge).sum()) for t in th]
     best = int(np.argmax(counts))
-    out_mass, out_mass_err = _mean_se(np.array([d * w[t > edge].sum() for t, w in zip(th, tw)]))
+    steps = min(m, d)
     return {
-        "grid": grid,
-        "density": phi,
+        "grid": shape["grid"],
+        "density": shape["phi"],
         "arrays": ["grid", "density"],
-        "sigma2": float(s2),
+        "sigma2": shape["sigma2"],
         "negative_mass": neg,
-        "negative_mass_err": neg_err,
+        "negative_mass_err": gap + (neg_se or 0.0),
         "negative_mass_se": neg_se,
         "negative_mass_lo": neg_lo,
         "negative_mass_hi": neg_hi,
+        "negative_mass_mc_err": mc_err,
+        "negative_mass_quad_err": float(hi_b.mean() - lo_b.mean()) / 2,
         "lambda_max": lmax,
         "lambda_max_err": lmax_err,
         "lambda_min": lmin,
@@ -223,12 +387,23 @@ def density(
         "bulk_edge": edge,
         "outliers": counts[best],
         "outlier_values": [float(v) for v in th[best][th[best] > edge][::-1]],
-        "outliers_mass": out_mass,
-        "outliers_mass_err": out_mass_err,
+        "outliers_mass": om,
+        "outliers_mass_err": om_err,
+        "outliers_mass_lo": om_lo,
+        "outliers_mass_hi": om_hi,
         "trace": tr,
         "trace_err": tr_err,
-        "converged": bool(converged),
-        "n_v": n_v,
+        "trace_lo": tr_lo,
+        "trace_hi": tr_hi,
+        "converged": bool(extremes and met),
+        "extremes_converged": bool(extremes),
+        "precision_met": bool(met),
+        "stopped_early": bool(met and rel_tol > 0 and n < n_v),
+        "stop_on": list(stop_on),
+        "interval_q": q,
+        "n_v": n,
+        "n_v_max": int(n_v),
         "m": int(max(r.steps for r in runs)),
-        "hvps": int(slq.matvecs),
+        "hvps": int(sum(r.matvecs for r in runs)),
+        "budget": int(n_v * steps),
     }

@@ -47,14 +47,14 @@ _LEAST: dict[Any, int] = {
     "min_samples": 1, "chunk_size": 1, "max_elements": 1, "tail_values": 1, "partitions": 1, "hill_k": 1,
     "n_boot": 10, "vectors": 1, "krylov_steps": 1, "batch": 1, "lanczos_max_iter": 1, "exact_threshold": 0,
     "top": 0, "screen_samples": 2, "signs": 2, "min_k": 3, "dataset_size": 2, "max_basis": 2,
-    "device_vectors": 0,
+    "device_vectors": 0, "min_n_v": 3,
     ("rmed", "k"): 3, ("diagshare", "k"): 2,
 }
 # Real options: "pos" > 0, "nonneg" >= 0, "unit" in (0, 1); all finite.
 _REAL: dict[str, str] = {
     "tol": "pos", "lanczos_tol": "pos", "z": "pos", "sigma2": "pos", "edge_threshold": "unit", "level": "unit",
     "rel_tol": "nonneg", "rel_g": "nonneg", "rel_h": "nonneg", "eps_g": "nonneg", "eps_h": "nonneg",
-    "grad_norm0": "nonneg",
+    "grad_norm0": "nonneg", "mass_tol": "nonneg",
 }
 _CHOICES: dict[Any, tuple[Any, ...]] = {
     ("spectrum", "which"): ("both", "largest", "smallest"),
