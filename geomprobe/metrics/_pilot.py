@@ -35,7 +35,7 @@ import numpy as np
 __all__ = ["LOST", "UNBOUNDED_SHARE", "block_contamination", "judge_pilot"]
 
 UNBOUNDED_SHARE = 0.5  # switch to exact entries when more than this share of blocks is contaminated
-LOST = 0.5  # a block is contaminated when z times its contamination takes this share of its median or more
+LOST = 0.25  # a block is contaminated when z times its contamination is this share of its median or more
 
 
 def block_contamination(est: np.ndarray, err: np.ndarray) -> float:

@@ -132,12 +132,20 @@ def _union(a: tuple[float, float], b: tuple[float, float]) -> tuple[float, float
     return min(a[0], b[0]), max(a[1], b[1])
 
 
+def _lower(num: float, den: float) -> float | None:
+    """A ratio interval's lower end: 0 when the denominator has no finite upper bound (a median from as few
+    as six entries at the Bonferroni level), else ``num / den`` (None where undefined)."""
+    if math.isinf(den) and math.isfinite(num):
+        return 0.0
+    return ratio(num, den)
+
+
 def _ratio_stats(mx: float, mx_upper: float, med: float, med_ci: tuple[float, float], q99: float,
                  q99_ci: tuple[float, float], med_ci_bonf: tuple[float, float], mx_lower: float | None = None) -> dict:
     r = ratio(mx, med)
-    lo, hi = ratio(mx if mx_lower is None else mx_lower, med_ci[1]), ratio(mx_upper, med_ci[0])
+    lo, hi = _lower(mx if mx_lower is None else mx_lower, med_ci[1]), ratio(mx_upper, med_ci[0])
     rq = ratio(q99, med)
-    qlo, qhi = ratio(q99_ci[0], med_ci_bonf[1]), ratio(q99_ci[1], med_ci_bonf[0])
+    qlo, qhi = _lower(q99_ci[0], med_ci_bonf[1]), ratio(q99_ci[1], med_ci_bonf[0])
     return {
         "rmed": r, "rmed_err": half_width(r, lo, hi), "rmed_ci": [lo, hi],
         "rmed_q99": rq, "rmed_q99_err": half_width(rq, qlo, qhi), "rmed_q99_ci": [qlo, qhi],
