@@ -47,6 +47,20 @@ exact entries and packs reads only when exact ones cannot reach every block:
   exceed ``max_lower``. Each block reports ``contamination``: the RMS error of its reads over its median, what
   the budget bought. The ratio of two raw Hutchinson/Bekas entries is never reported (biased: a true 16 reads
   6 from one probe).
+* **the pilot** decides between the two before the budget is committed (``geomprobe.metrics._pilot``): the
+  packed plan's first ``pilot`` (8) rows are read (``signs * pilot`` HVPs) and each block's contamination
+  ``c = RMS error / median |read|`` measured. A block is *contaminated* when ``z c >= 1/4`` (its median
+  interval would lose a quarter of the median or more to contamination, or reach 0); when more than half of
+  the blocks are, the rest of the budget goes to an exact plan with as few as 6 exact entries per sampled
+  block (``_budget.plan_fallback``; six is the fewest with a two-sided 95 % order-statistic median interval,
+  and from six the q99 ratio has no finite upper end: its interval is reported as ``[0, None]``), the
+  screen kept and what the layout leaves read as a pool of candidates across blocks; otherwise the packed
+  reads continue, the pilot's rows being their first rows (read once). The result's ``pilot`` records the
+  rows, HVPs, per-block contamination, the count of contaminated blocks, the decision and why; ``mode`` is the
+  plan followed. Measured ``c`` (median over blocks): digits MLP 0.13, digits CNN 0.2-0.96, a 150-block
+  low-rank-coupled matrix 1.43 (where contamination dominates, ``c`` saturates near 1.5); at ``c`` = 0.13
+  the packed R_med interval of the digits MLP at 256 HVPs was [0.41, 94] against [3.9, 10.7] from the
+  exact fallback (truth 4.30).
 
 Errors: ``rmed_ci = [max_lower / median_hi, max_upper / median_lo]`` (``max_lower = max`` on the exact plan)
 with ``median_lo/hi`` the ``level`` interval of the median; ``rmed_err`` is its half-width about ``rmed``
@@ -58,7 +72,8 @@ undefined ratio (a zero median) is ``None``. Coverage over seeds on a digits MLP
 ``tests/test_budgeted_diagonal.py``.
 
 Cost in HVPs: at most ``hvps``. Exact plan: ``sum_small n + sum_large (k + top) + screen_samples`` (the last
-only if a block is large); packed plan: ``screen_samples + signs * rows``.
+only if a block is large); packed plan: ``screen_samples + signs * rows`` (the pilot's rows among them), or
+``signs * pilot`` plus the fallback's exact plan (``<= hvps - signs * pilot``) when the pilot switches.
 """
 
 from __future__ import annotations
@@ -458,8 +473,9 @@ def rmed(
 
     Returns the whole-model ``rmed``, ``rmed_err``, ``rmed_ci``, ``rmed_q99`` (``_err``, ``_ci``), ``max``,
     ``max_upper``, ``max_certified``, ``median``, ``median_ci``, ``q99``, ``exact``, ``size``, ``computed``,
-    the same per block under ``blocks``, ``mode`` (``"exact"`` or ``"packed"``), ``budget`` and ``hvps`` (never
-    above ``budget``); on the packed plan also ``max_lower``, ``packed`` and per block ``contamination``.
+    the same per block under ``blocks``, ``mode`` (``"exact"`` or ``"packed"``: the plan followed), ``budget`` and
+    ``hvps`` (never above ``budget``, the pilot's included); on the packed plan also ``max_lower``, ``packed``
+    and per block ``contamination``; when the plan was packed, ``pilot`` (module docstring).
     Errors as in the module docstring: ``rmed_err`` is the half-width of an interval that holds the true ratio
     at ``level`` when ``max_certified``.
 
