@@ -130,7 +130,7 @@ def test_bad_pilot_option_fails_with_one_clear_message():
 def test_pilot_switches_to_exact_on_a_real_mlp_and_its_intervals_cover(mlp_hessian):
     H, sizes = mlp_hessian
     seeds = 40
-    mv = lambda v: v @ H                                       # noqa: E731
+    mv = lambda v: v @ H
     # min_k beyond reach forces the packed plan: the case of a model with too many blocks for the exact one
     rates, runs = _pilot_coverage(mv, torch.diagonal(H), sizes, seeds, hvps=256, min_k=10_000, **OPTS)
     for key, rate in rates.items():
@@ -149,7 +149,7 @@ def test_pilot_switches_to_exact_on_a_real_mlp_and_its_intervals_cover(mlp_hessi
     # what the switch bought over the packed reads of the same budget (the same seeds, no pilot)
     _, packed = _pilot_coverage(mv, torch.diagonal(H), sizes, 10, hvps=256, min_k=10_000, pilot=0, **OPTS)
     width = lambda runs: np.median([math.inf if r["rmed_ci"][1] is None else r["rmed_ci"][1] / r["rmed_ci"][0]
-                                    for r, _ in runs])         # noqa: E731
+                                    for r, _ in runs])
     assert all(r["mode"] == "packed" for r, _ in packed)
     assert width(switched) * 5 < width(packed), (width(switched), width(packed))
 
@@ -204,7 +204,7 @@ def test_pilot_keeps_packed_reads_when_they_are_clean_and_reads_its_rows_once():
     for key in ("rmed", "rmed_ci", "median_ci", "rmed_q99_ci", "hvps"):
         assert out[key] == alone[key], key
     assert "pilot" not in alone
-    R, Q = exact_rmed(model.hessian_diagonal())
+    R, _ = exact_rmed(model.hessian_diagonal())
     assert out["rmed_ci"][0] <= R <= out["rmed_ci"][1] and out["median_ci"][0] > 0
 
 
@@ -223,5 +223,5 @@ def test_the_pilots_hvps_are_counted_once_and_the_plan_bounds_them():
     fb = plan.fallback
     # the pilot's 16, then the fallback's own reads: sampled, screened, pooled candidates
     assert out["hvps"] == 16 + 30 * fb.k + fb.screen + sum(b["computed"] - fb.k for b in out["blocks"].values())
-    R, Q = exact_rmed(model.hessian_diagonal())
+    R, _ = exact_rmed(model.hessian_diagonal())
     assert out["rmed_ci"][0] <= R <= out["rmed_ci"][1]

@@ -35,6 +35,7 @@ all), and the intervals of both plans state what they bought.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,11 @@ __all__ = ["LOST", "UNBOUNDED_SHARE", "block_contamination", "judge_pilot"]
 
 UNBOUNDED_SHARE = 0.5  # switch to exact entries when more than this share of blocks is contaminated
 LOST = 0.25  # a block is contaminated when z times its contamination is this share of its median or more
+
+
+def _finite(x: float) -> float | None:
+    """``x``, or None where it is not finite (JSON has no inf)."""
+    return x if np.isfinite(x) else None
 
 
 def block_contamination(est: np.ndarray, err: np.ndarray) -> float:
@@ -71,7 +77,7 @@ def judge_pilot(blocks: Sequence[Any], est: np.ndarray, err: np.ndarray, *, z: f
     bad = int(np.sum(values >= threshold))
     m = len(blocks)
     share = bad / m if m else 0.0
-    finite = {k: (v if np.isfinite(v) else None) for k, v in c.items()}
+    finite = {k: _finite(v) for k, v in c.items()}
     say = (f"{bad} of {m} blocks have packed contamination >= {LOST:g}/z = {threshold:.3g} of their median |h| "
            f"(z = {z:g}): it would take their median interval's lower end below {LOST:g} of the median, or to 0")
     if share > UNBOUNDED_SHARE and fallback:
@@ -82,6 +88,7 @@ def judge_pilot(blocks: Sequence[Any], est: np.ndarray, err: np.ndarray, *, z: f
                                          f"block{need}, so the packed reads continue")
     else:
         decision, why = "packed", say + f"; at most {UNBOUNDED_SHARE:.0%} of blocks: the packed reads continue"
+    med = float(np.median(values)) if m else math.nan
     return {"rows": rows, "hvps": signs * rows, "threshold": threshold, "contamination": finite,
-            "median_contamination": float(np.median(values)) if m else None, "contaminated": bad, "blocks": m,
-            "decision": decision, "why": why}
+            "median_contamination": _finite(med), "contaminated": bad, "blocks": m, "decision": decision,
+            "why": why}

@@ -21,7 +21,8 @@ from ..linalg.vectors import Matvec
 from ._budget import RmedPlan
 from ._common import exact_diagonal_chunked
 
-__all__ = ["BlockDiag", "DiagonalReads", "PackedPilot", "read_exact", "read_packed", "read_pilot", "read_scaled_candidates"]
+__all__ = ["BlockDiag", "DiagonalReads", "PackedPilot", "read_exact", "read_packed", "read_pilot",
+           "read_scaled_candidates"]
 
 
 @dataclass
