@@ -181,7 +181,10 @@ def test_pilot_exact_intervals_cover_over_many_seeds(net, mlp_hessian, cnn_hessi
     H, sizes = mlp_hessian if net == "mlp" else cnn_hessian
     seeds = 200
     rates, runs = _pilot_coverage(lambda v: v @ H, torch.diagonal(H), sizes, seeds, hvps=128, min_k=10_000, **OPTS)
-    assert all(r["mode"] == "exact" and s <= 128 for r, s in runs)
+    assert all(r["mode"] == r["pilot"]["decision"] and s <= 128 for r, s in runs)
+    # the CNN's contamination is far past the rule's threshold; the MLP's near it (most pilots switch)
+    switched = sum(r["mode"] == "exact" for r, _ in runs) / seeds
+    assert switched == 1.0 if net == "cnn" else switched >= 0.85, switched
     for key, rate in rates.items():
         assert (rate >= _floor(seeds)).all(), (key, rate)
 
