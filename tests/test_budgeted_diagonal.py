@@ -166,7 +166,9 @@ def test_column_plan_water_fills():
 
 # ------------------------------------------------------------------------------------------- coverage
 def _rmed_coverage(H: torch.Tensor, sizes: list[int], seeds: int, budget: int, mode: str = "packed",
-                   min_k: int = 10_000) -> dict[str, np.ndarray]:
+                   min_k: int = 10_000, pilot: int = 0) -> dict[str, np.ndarray]:
+    # pilot 0: the packed reads themselves, which a pilot would replace by exact ones on these networks
+    # (their coverage with the pilot: tests/test_rmed_pilot.py)
     h = torch.diagonal(H)
     starts = np.cumsum([0] + sizes)
     truth = {"whole": exact_rmed(h)}
@@ -178,7 +180,7 @@ def _rmed_coverage(H: torch.Tensor, sizes: list[int], seeds: int, budget: int, m
     hits = {key: np.zeros(3) for key in truth}
     for s in range(seeds):
         (res,), spent = diagonal_ratios(lambda v: v @ H, H.shape[0], blocks, hvps=budget, k=64, top=8,
-                                        screen_samples=16, bootstrap=100, level=LEVEL, min_k=min_k,
+                                        screen_samples=16, bootstrap=100, level=LEVEL, min_k=min_k, pilot=pilot,
                                         generator=torch.Generator().manual_seed(s))
         assert spent <= budget and res["mode"] == mode
         for key, r in [("whole", res)] + list(res["blocks"].items()):

@@ -27,6 +27,8 @@ SAME = 1e-12  # a shared product gives the value computed again, up to nothing (
 # rmed on the sampled (exact entries) and packed plans of the 213-parameter MLP's six blocks
 SAMPLED = {"exact_threshold": 32, "k": 16, "top": 4, "screen_samples": 4, "bootstrap": 50}
 PACKED = {**SAMPLED, "hvps": 40, "min_k": 8}
+# packed by the plan, then exact by the pilot: all six blocks' packed reads are contaminated (docs/metrics.md#rmed)
+PILOT = {**SAMPLED, "hvps": 64, "min_k": 30}
 
 
 def setting(seed=0):
@@ -72,13 +74,14 @@ def without_sharing(result: dict) -> dict:
     return {k: v for k, v in result.items() if k not in ("hvps", "shared", "shared_hvps")}
 
 
-@pytest.mark.parametrize("options", [SAMPLED, PACKED], ids=["sampled", "packed"])
+@pytest.mark.parametrize("options", [SAMPLED, PACKED, PILOT], ids=["sampled", "packed", "pilot-exact"])
 def test_precond_in_a_probe_with_spectrum_and_rmed_equals_precond_alone_for_fewer_hvps(options):
     metrics = {"spectrum": {}, "rmed": options, "precond": {"rmed_options": options}}
     full, _ = probe_record(metrics)
     alone, _ = probe_record({"precond": {"rmed_options": options}})
     mode = full["rmed"]["mode"]
     assert mode == ("packed" if options is PACKED else "exact") and not full["rmed"]["exact"]
+    assert (full["rmed"].get("pilot", {}).get("decision") == "exact") == (options is PILOT)
     # the values are those of precond measured alone, to 1e-12
     assert_same(without_sharing(full["precond"]), without_sharing(alone["precond"]))
     # it spent exactly what it received less, and says what it received and what that cost
@@ -286,7 +289,7 @@ def test_the_plan_of_the_full_set_counts_each_shared_part_once():
     assert apart["precond"]["hvps"] == alone["hvps"] and "shared" not in apart["precond"]
 
 
-@pytest.mark.parametrize("options", [{}, SAMPLED, PACKED], ids=["default", "sampled", "packed"])
+@pytest.mark.parametrize("options", [{}, SAMPLED, PACKED, PILOT], ids=["default", "sampled", "packed", "pilot-exact"])
 def test_precond_spends_within_its_plan_alone_and_shared(options):
     metrics = {"spectrum": {}, "rmed": options, "precond": {"rmed_options": options}}
     for chosen in (metrics, {"precond": metrics["precond"]}):

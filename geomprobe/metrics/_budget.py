@@ -18,7 +18,15 @@ planned cost of a metric can be stated before any HVP is spent and tested agains
    coordinate of *every* block, so every block gets ``min(n_l, rows_sample)`` sampled coordinates and up to
    ``rows_cand`` screened candidates whatever the number of blocks. Rows are split between sampling and
    candidates in the ratio ``k : top``; when the rows can hold the largest block whole, every coordinate is
-   read and neither screen nor candidates are needed.
+   read and neither screen nor candidates are needed. The first ``pilot`` (8) sampled rows are a **pilot**
+   (``geomprobe.metrics._pilot``): read before the rest of the budget is committed, they measure the
+   contamination; when it would leave most blocks' median intervals unbounded, the rest of the budget goes
+   to the plan's ``fallback`` instead, else the packed reads continue from the pilot's rows.
+3. **fallback** (:func:`plan_fallback`): the exact layout of 1. scaled down to what the pilot left, with as
+   few as ``FALLBACK_MIN_K`` (6) exact coordinates per sampled block: the fewest for which a two-sided 95 %
+   order-statistic interval of the median exists (``2 * 0.5**6 < 0.05``). The screen stays (it is what
+   bounds the max) even when the scaled ``top`` rounds to 0, and what the layout leaves is a ``pool`` of
+   candidates chosen across all sampled blocks by their screened upper bound.
 
 ``diagshare`` (:func:`plan_columns`): ``k_l = min(n_l, k, c)`` exact columns per block with the cap ``c``
 the largest that fits the budget (water-filling: small blocks are taken whole, the rest share equally), the
@@ -38,23 +46,27 @@ reads are shared with ``precond``, and on real networks its packed interval neve
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import numpy as np
 
 from ..errors import ConfigurationError
 
-__all__ = ["MIN_COLUMNS", "ROUND_HVPS", "RmedPlan", "check_rel_tol", "column_looks", "plan_columns", "plan_rmed",
-           "scaled_candidates_hvps"]
+__all__ = ["FALLBACK_MIN_K", "MIN_COLUMNS", "ROUND_HVPS", "RmedPlan", "check_rel_tol", "column_looks",
+           "fallback_budget", "plan_columns", "plan_fallback", "plan_rmed", "scaled_candidates_hvps"]
 
 ROUND_HVPS = 64  # at least this many columns per look of diagshare's rounds
 MIN_COLUMNS = 6  # columns per block at diagshare's first look: below it the intervals undercover
+FALLBACK_MIN_K = 6  # exact entries per sampled block of rmed's fallback: the fewest with a 95 % median interval
 
 
 @dataclass(frozen=True)
 class RmedPlan:
-    """What ``rmed`` will compute: the mode, its per-block sizes and the HVPs it will spend (``hvps``)."""
+    """What ``rmed`` will compute: the mode, its per-block sizes and the most HVPs it may spend (``hvps``).
+
+    A packed plan with a ``fallback`` spends either ``packed_hvps`` (the pilot's rows are its first sampled
+    rows) or ``signs * pilot + fallback.hvps``, as its pilot decides; ``hvps`` is the larger."""
 
     mode: str                 # "exact" or "packed"
     exact_blocks: tuple[bool, ...]
@@ -66,6 +78,10 @@ class RmedPlan:
     signs: int = 2
     hvps: int = 0
     threshold: int = -1       # exact mode: blocks up to max(threshold, k + top) are read whole (-1: exact_threshold)
+    pool: int = 0             # exact mode: candidates chosen across all sampled blocks (the fallback's leftover)
+    pilot: int = 0            # packed mode: the first sampled rows, read before the rest is committed
+    fallback: RmedPlan | None = None  # packed mode: the exact plan of the budget the pilot leaves
+    packed_hvps: int = 0      # packed mode: what the packed reads spend, pilot included
 
 
 def _exact_cost(sizes: Sequence[int], small: Sequence[bool], k: int, top: int, screen_samples: int) -> int:
@@ -75,7 +91,7 @@ def _exact_cost(sizes: Sequence[int], small: Sequence[bool], k: int, top: int, s
 
 
 def plan_rmed(sizes: Sequence[int], *, budget: int, exact_threshold: int, k: int, top: int, screen_samples: int,
-              signs: int, min_k: int) -> RmedPlan:
+              signs: int, min_k: int, pilot: int = 0) -> RmedPlan:
     """The cheapest faithful plan for blocks of ``sizes`` within ``budget`` HVPs (module docstring)."""
     small = tuple(n <= max(exact_threshold, k + top) for n in sizes)
     cost = _exact_cost(sizes, small, k, top, screen_samples)
@@ -107,22 +123,72 @@ def plan_rmed(sizes: Sequence[int], *, budget: int, exact_threshold: int, k: int
     largest = max(sizes)
     if largest <= rows:
         # every coordinate of every block fits in the rows: read them all, nothing is left to screen
-        return RmedPlan("packed", tuple(False for _ in sizes), 0, 0, largest, 0, 0, signs, signs * largest)
-    rows_cand = min(max(1, round(rows * top / (k + top))), rows - 3) if top > 0 else 0
-    rows_sample = min(rows - rows_cand, largest)
-    return RmedPlan("packed", tuple(False for _ in sizes), 0, 0, rows_sample, rows_cand, screen, signs,
-                    screen + signs * (rows_sample + rows_cand))
+        packed = RmedPlan("packed", tuple(False for _ in sizes), 0, 0, largest, 0, 0, signs, signs * largest)
+    else:
+        rows_cand = min(max(1, round(rows * top / (k + top))), rows - 3) if top > 0 else 0
+        rows_sample = min(rows - rows_cand, largest)
+        packed = RmedPlan("packed", tuple(False for _ in sizes), 0, 0, rows_sample, rows_cand, screen, signs,
+                          screen + signs * (rows_sample + rows_cand))
+    n_pilot = min(pilot, packed.rows_sample)
+    fallback = (plan_fallback(sizes, budget=budget - signs * n_pilot, k=k, top=top, screen_samples=screen_samples)
+                if n_pilot else None)
+    most = max(packed.hvps, signs * n_pilot + (fallback.hvps if fallback else 0))
+    return replace(packed, pilot=n_pilot, fallback=fallback, packed_hvps=packed.hvps, hvps=most)
+
+
+def plan_fallback(sizes: Sequence[int], *, budget: int, k: int, top: int, screen_samples: int,
+                  min_k: int = FALLBACK_MIN_K) -> RmedPlan | None:
+    """The exact plan of rmed's fallback within ``budget`` (module docstring, 3.), or None when it cannot buy
+    ``min_k`` exact entries per sampled block.
+
+    ``k`` and ``top`` are scaled together as in the exact plan, every block larger than the scaled
+    ``k + top`` sampled; the screen is kept whenever a block is sampled and ``top > 0`` (without it nothing
+    bounds a sampled block's max), and the HVPs the layout leaves become the ``pool``."""
+    def cost(f: float) -> tuple[int, int, tuple[bool, ...], int]:
+        kf, tf = max(3, int(k * f)), int(top * f)
+        sm = tuple(n <= kf + tf for n in sizes)
+        sampled = not all(sm)
+        c = sum(n for n, s in zip(sizes, sm) if s) + (len(sizes) - sum(sm)) * (kf + tf)
+        return kf, tf, sm, c + (screen_samples if sampled and top > 0 else 0)
+
+    lo, hi = 0.0, 1.0
+    for _ in range(40):
+        f = (lo + hi) / 2
+        lo, hi = (f, hi) if cost(f)[3] <= budget else (lo, f)
+    kf, tf, sm, c = cost(lo)
+    if c > budget or (kf < min_k and not all(sm)):
+        return None
+    screened = not all(sm) and top > 0
+    pool = budget - c if screened else 0
+    return RmedPlan("exact", sm, kf, tf, screen=screen_samples if screened else 0, hvps=c + pool, threshold=0,
+                    pool=pool)
+
+
+def fallback_budget(sizes: Sequence[int], *, k: int, top: int, screen_samples: int, signs: int, pilot: int,
+                    min_k: int = FALLBACK_MIN_K) -> int:
+    """The smallest budget whose fallback buys ``min_k`` exact entries per sampled block after a pilot of
+    ``pilot`` rows (what to raise ``hvps`` to when the fallback does not fit)."""
+    f = min_k / k
+    kf, tf = max(3, int(k * f)), int(top * f)
+    while kf < min_k:  # int() rounding
+        f *= 1.01
+        kf, tf = max(3, int(k * f)), int(top * f)
+    sampled = [n for n in sizes if n > kf + tf]
+    whole = sum(n for n in sizes if n <= kf + tf)
+    return signs * pilot + whole + len(sampled) * (kf + tf) + (screen_samples if sampled and top > 0 else 0)
 
 
 def scaled_candidates_hvps(plan: RmedPlan, sizes: Sequence[int]) -> int:
     """The most HVPs ``precond`` spends beyond rmed's reads (``plan``) on the candidates a scaled diagonal needs
-    for its max: ``min(top, n_l - k)`` exact entries per screened block, or ``signs * rows_cand`` packed rows;
-    none without a screen."""
+    for its max: ``min(top, n_l - k)`` exact entries per screened block plus the ``pool``, or ``signs *
+    rows_cand`` packed rows (the larger of that and the fallback's, when a pilot may switch); none without a
+    screen."""
+    if plan.mode == "packed":
+        packed = plan.signs * plan.rows_cand if plan.screen else 0
+        return max(packed, scaled_candidates_hvps(plan.fallback, sizes)) if plan.fallback else packed
     if plan.screen == 0:
         return 0
-    if plan.mode == "packed":
-        return plan.signs * plan.rows_cand
-    return sum(min(plan.top, n - plan.k) for n, small in zip(sizes, plan.exact_blocks) if not small)
+    return sum(min(plan.top, n - plan.k) for n, small in zip(sizes, plan.exact_blocks) if not small) + plan.pool
 
 
 def plan_columns(sizes: Sequence[int], *, budget: int, k: int) -> list[int]:

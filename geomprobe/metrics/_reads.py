@@ -21,7 +21,8 @@ from ..linalg.vectors import Matvec
 from ._budget import RmedPlan
 from ._common import exact_diagonal_chunked
 
-__all__ = ["BlockDiag", "DiagonalReads", "read_exact", "read_packed", "read_scaled_candidates"]
+__all__ = ["BlockDiag", "DiagonalReads", "PackedPilot", "read_exact", "read_packed", "read_pilot",
+           "read_scaled_candidates"]
 
 
 @dataclass
@@ -47,16 +48,20 @@ class DiagonalReads:
     for another metric gives that metric exactly what reading again would). Never changed once made."""
 
     parts: tuple[BlockDiag, ...]
-    plan: RmedPlan
-    hvps: int
+    plan: RmedPlan            # the plan the parts followed (a pilot's fallback, when it switched)
+    hvps: int                 # everything spent, the pilot's reads included
     state: torch.Tensor
+    pilot: dict | None = None  # the pilot's record (:func:`geomprobe.metrics._pilot.judge_pilot`), if one ran
 
 
 def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None], *,
                exact_threshold: int, k: int, top: int, screen_samples: int, z: float,
-               generator: torch.Generator, dtype: torch.dtype, device: Any, batch: int) -> tuple[list[BlockDiag], int]:
+               generator: torch.Generator, dtype: torch.dtype, device: Any, batch: int,
+               pool: int = 0) -> tuple[list[BlockDiag], int]:
     """Exact entries: whole small blocks, ``k`` sampled + ``top`` screened per larger block (one HVP each),
-    and ``screen_samples`` Bekas probes if a block is large. Returns the per-block knowledge and HVPs spent."""
+    ``screen_samples`` Bekas probes if a block is large (none when 0), and ``pool`` more candidates chosen
+    across the larger blocks by their screened upper bound. Returns the per-block knowledge and HVPs spent
+    (at most ``sum_small n + n_large (k + top) + screen_samples + pool``)."""
     parts: list[BlockDiag] = []
     for b in blocks:
         if b.size <= max(exact_threshold, k + top):
@@ -72,7 +77,7 @@ def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequen
         p.sample_h = h[at : at + len(p.sample)]
         at += len(p.sample)
     large = [p for p in parts if not p.exact]
-    if not large or top == 0:
+    if not large or screen_samples == 0:
         return parts, hvps
     mean, se = bekas_diagonal(matvec, dim, samples=screen_samples, batch=batch, generator=generator,
                               dtype=dtype, device=device)
@@ -93,7 +98,10 @@ def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequen
             n_top = min(top, int(unknown.sum()))
             chosen.update(np.argpartition(-upper, n_top - 1)[:n_top].tolist() if n_top else [])
         p.cand = np.array(sorted(chosen), dtype=int)
-        cand_global.append(b.start + p.cand)
+    extra = _pool_candidates(large, [p.cand for p in large], scalings, z, pool)
+    for p, more in zip(large, extra):
+        p.cand = np.union1d(p.cand, more).astype(int)
+        cand_global.append(p.block.start + p.cand)
     cidx = np.concatenate(cand_global)
     hc = exact_diagonal_chunked(matvec, dim, torch.from_numpy(cidx), batch=batch, dtype=dtype, device=device).numpy()
     hvps += len(cidx)
@@ -121,6 +129,37 @@ def _screen_candidates(screen: np.ndarray, screen_se: np.ndarray, known: np.ndar
     return np.array(sorted(chosen), dtype=int)
 
 
+def _pool_candidates(parts: Sequence[BlockDiag], taken: Sequence[np.ndarray], scalings: Sequence[torch.Tensor | None],
+                     z: float, pool: int) -> list[np.ndarray]:
+    """``pool`` candidates across the screened ``parts``: the unread coordinates (outside each part's sample and
+    ``taken``) of largest screened upper bound ``s_i (|h_hat_i| + z se_i)`` over all the parts together, an
+    equal share per scaling (their union). Block-local indices per part."""
+    if pool <= 0:
+        return [np.empty(0, dtype=int) for _ in parts]
+    chosen: list[set[int]] = [set() for _ in parts]
+    per = max(1, pool // max(1, len(scalings)))
+    for s in scalings:
+        best: list[tuple[float, int, int]] = []
+        for j, p in enumerate(parts):
+            b = p.block
+            known = np.union1d(p.sample, taken[j]).astype(int)
+            # the block's own best ``per`` are the only ones that can be among the global best ``per``
+            local = _screen_candidates(p.screen, p.screen_se, known, [None if s is None else s[b.start : b.stop]],
+                                       z, per)
+            sc = 1.0 if s is None else s[b.start : b.stop][local].abs().double().cpu().numpy()
+            ub = sc * (np.abs(p.screen[local]) + z * p.screen_se[local])
+            best.extend((float(u), j, int(i)) for u, i in zip(np.atleast_1d(ub), local))
+        best.sort(key=lambda t: -t[0])
+        for _, j, i in best[:per]:
+            chosen[j].add(i)
+    out = [np.array(sorted(c), dtype=int) for c in chosen]
+    # the union over scalings may exceed the pool by rounding: trim the largest lists
+    while sum(len(c) for c in out) > pool:
+        j = max(range(len(out)), key=lambda i: len(out[i]))
+        out[j] = out[j][:-1]
+    return out
+
+
 def _rows(blocks: Sequence[Any], local: Sequence[np.ndarray], n_rows: int) -> torch.Tensor:
     """An ``(n_rows, n_blocks)`` matrix of global coordinates, column ``l`` = block l's list, -1 padded."""
     R = np.full((n_rows, len(blocks)), -1, dtype=np.int64)
@@ -129,24 +168,73 @@ def _rows(blocks: Sequence[Any], local: Sequence[np.ndarray], n_rows: int) -> to
     return torch.from_numpy(R)
 
 
-def read_packed(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None],
-                plan: RmedPlan, *, z: float, generator: torch.Generator, dtype: torch.dtype, device: Any,
-                batch: int) -> tuple[list[BlockDiag], int]:
-    """Packed reads (one coordinate of every block per row, ``plan.signs`` sign patterns): samples, then a
-    Bekas screen and its candidates. Every entry comes with the standard error of its contamination."""
-    parts, columns = [], []
+@dataclass(frozen=True)
+class PackedPilot:
+    """The sampled coordinates of a packed plan and the reads of its first ``rows`` rows (the pilot)."""
+
+    local: tuple[np.ndarray, ...]    # per block: the sampled local indices
+    columns: tuple[np.ndarray, ...]  # per block: the index read in each sampled row (repeats for small blocks)
+    est: np.ndarray                  # (rows, blocks) pilot reads
+    err: np.ndarray                  # their standard errors
+    hvps: int
+
+    @property
+    def rows(self) -> int:
+        return int(self.est.shape[0])
+
+
+def read_pilot(matvec: Matvec, dim: int, blocks: Sequence[Any], plan: RmedPlan, *, generator: torch.Generator,
+               dtype: torch.dtype, device: Any, batch: int) -> PackedPilot:
+    """Draw the packed plan's sampled coordinates and read its first ``plan.pilot`` rows (``plan.signs *
+    plan.pilot`` HVPs): what :mod:`._pilot` judges, and the first rows of :func:`read_packed` if it continues."""
+    local, columns = [], []
     for b in blocks:
-        local = torch.randperm(b.size, generator=generator)[: plan.rows_sample].sort().values.numpy()
-        parts.append(BlockDiag(b, False, local, np.empty(0), np.empty(0, int), np.empty(0)))
+        loc = torch.randperm(b.size, generator=generator)[: plan.rows_sample].sort().values.numpy()
+        local.append(loc)
         # A block smaller than the rows fills its free slots with repeat reads (fresh signs and companions):
         # its few entries get many reads, and their errors many degrees of freedom.
-        columns.append(np.resize(local, plan.rows_sample))
-    est, err = packed_diagonal(matvec, dim, _rows(blocks, columns, plan.rows_sample),
-                               signs=plan.signs, batch=batch, generator=generator, dtype=dtype, device=device)
-    hvps = plan.signs * plan.rows_sample
-    for j, p in enumerate(parts):
-        p.sample_h, p.sample_err = _merge_repeats(est[:, j].numpy(), err[:, j].numpy(), len(p.sample))
+        columns.append(np.resize(loc, plan.rows_sample))
+    est, err = _read_rows(matvec, dim, blocks, [c[: plan.pilot] for c in columns], plan.pilot, plan.signs,
+                          generator=generator, dtype=dtype, device=device, batch=batch)
+    return PackedPilot(tuple(local), tuple(columns), est, err, plan.signs * plan.pilot)
+
+
+def _read_rows(matvec: Matvec, dim: int, blocks: Sequence[Any], columns: Sequence[np.ndarray], n_rows: int,
+               signs: int, *, generator: torch.Generator, dtype: torch.dtype, device: Any,
+               batch: int) -> tuple[np.ndarray, np.ndarray]:
+    """Packed reads of ``n_rows`` rows (``signs * n_rows`` HVPs); none read when ``n_rows`` is 0."""
+    if n_rows == 0:
+        return np.zeros((0, len(blocks))), np.zeros((0, len(blocks)))
+    est, err = packed_diagonal(matvec, dim, _rows(blocks, columns, n_rows), signs=signs, batch=batch,
+                               generator=generator, dtype=dtype, device=device)
+    return est.numpy(), err.numpy()
+
+
+def read_packed(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None],
+                plan: RmedPlan, *, z: float, generator: torch.Generator, dtype: torch.dtype, device: Any,
+                batch: int, pilot: PackedPilot | None = None) -> tuple[list[BlockDiag], int]:
+    """Packed reads (one coordinate of every block per row, ``plan.signs`` sign patterns): samples, then a
+    Bekas screen and its candidates. Every entry comes with the standard error of its contamination.
+
+    The sampled rows continue from ``pilot`` (its rows are the first, not read again; without one it is read
+    here). Returns the per-block knowledge and the HVPs spent by this call, the pilot's counted only when read
+    here: ``plan.packed_hvps`` in all."""
+    hvps = 0
+    if pilot is None:
+        pilot = read_pilot(matvec, dim, blocks, plan, generator=generator, dtype=dtype, device=device, batch=batch)
+        hvps += pilot.hvps
+    rest = [c[pilot.rows :] for c in pilot.columns]
+    n_rest = plan.rows_sample - pilot.rows
+    est, err = _read_rows(matvec, dim, blocks, rest, n_rest, plan.signs, generator=generator, dtype=dtype,
+                          device=device, batch=batch)
+    hvps += plan.signs * n_rest
+    est, err = np.concatenate([pilot.est, est]), np.concatenate([pilot.err, err])
+    parts = []
+    for j, b in enumerate(blocks):
+        p = BlockDiag(b, False, pilot.local[j], np.empty(0), np.empty(0, int), np.empty(0))
+        p.sample_h, p.sample_err = _merge_repeats(est[:, j], err[:, j], len(p.sample))
         p.cand_err = np.empty(0)
+        parts.append(p)
     if plan.rows_cand == 0 or plan.screen == 0:
         return parts, hvps
     mean, se = bekas_diagonal(matvec, dim, samples=plan.screen, batch=batch, generator=generator, dtype=dtype,
@@ -194,7 +282,8 @@ def read_scaled_candidates(matvec: Matvec, dim: int, reads: DiagonalReads, scali
     The raw reads ranked the candidates by the unscaled bound; a strong scaling moves the max elsewhere, and
     only reading the coordinates that could hold it lets the screen certify it. Returns new per-block
     knowledge (the raw candidates plus the new ones; ``reads`` is left as it was) and the HVPs spent: at most
-    ``plan.top`` per screened block (exact) or ``plan.signs * plan.rows_cand`` (packed); none without a screen.
+    ``plan.top`` per screened block plus ``plan.pool`` (exact) or ``plan.signs * plan.rows_cand`` (packed); none
+    without a screen.
     """
     plan = reads.plan
     packed = plan.mode == "packed"
@@ -207,6 +296,14 @@ def read_scaled_candidates(matvec: Matvec, dim: int, reads: DiagonalReads, scali
         b = p.block
         chosen = _screen_candidates(p.screen, p.screen_se, p.sample, [scaling[b.start : b.stop]], z, n_top)
         new.append(np.setdiff1d(chosen, p.cand).astype(int))
+    if not packed and plan.pool:
+        # the pool, as rmed's reads chose it, but ranked by the scaled bound
+        screened = [j for j, p in enumerate(reads.parts) if p.screen is not None and not p.exact]
+        parts = [reads.parts[j] for j in screened]
+        more = _pool_candidates(parts, [np.union1d(p.cand, new[j]) for j, p in zip(screened, parts)], [scaling],
+                                z, plan.pool)
+        for j, m in zip(screened, more):
+            new[j] = np.union1d(new[j], m).astype(int)
     n_rows = max((len(c) for c in new), default=0)
     if n_rows == 0:
         return list(reads.parts), 0

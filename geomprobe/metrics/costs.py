@@ -29,8 +29,10 @@ def lanczos_steps(max_iter: int | None, dim: int) -> int:
 
 
 def _rmed(o: dict, c: PlanContext) -> CostPlan:
-    # the metric's own plan within its budget hvps (exact entries, scaled down, or packed rows)
-    return CostPlan(_rmed_plan(select_blocks(c.blocks, o["blocks"]), o).hvps, vectors=2 * c.chunk_size)
+    # the metric's own plan within its budget hvps (exact entries, scaled down, or packed rows); with a pilot
+    # that may switch to its exact fallback, the most either may spend
+    plan = _rmed_plan(select_blocks(c.blocks, o["blocks"]), o)
+    return CostPlan(plan.hvps, exact=plan.fallback is None, vectors=2 * c.chunk_size)
 
 
 def _diagshare(o: dict, c: PlanContext) -> CostPlan:
@@ -77,7 +79,8 @@ def _isotropy(o: dict, c: PlanContext) -> CostPlan:
 
 def _rmed_plan(blocks: Sequence[Any], o: dict) -> RmedPlan:
     return plan_rmed([b.size for b in blocks], budget=o["hvps"], exact_threshold=o["exact_threshold"], k=o["k"],
-                     top=o["top"], screen_samples=o["screen_samples"], signs=o["signs"], min_k=o["min_k"])
+                     top=o["top"], screen_samples=o["screen_samples"], signs=o["signs"], min_k=o["min_k"],
+                     pilot=o["pilot"])
 
 
 def _precond_rmed(o: dict) -> dict:
@@ -118,7 +121,8 @@ def _saddle_shares(o: dict, c: PlanContext) -> list[SharedPart]:
 
 def _diagonal_part(blocks: Sequence[Any], o: dict, seed: int) -> SharedPart:
     read = {k: o[k] for k in READ_OPTIONS}
-    return SharedPart(RAW_DIAGONAL, diagonal_key(blocks, seed=seed, **read), _rmed_plan(blocks, o).hvps)
+    plan = _rmed_plan(blocks, o)
+    return SharedPart(RAW_DIAGONAL, diagonal_key(blocks, seed=seed, **read), plan.hvps, exact=plan.fallback is None)
 
 
 def _rmed_shares(o: dict, c: PlanContext) -> list[SharedPart]:

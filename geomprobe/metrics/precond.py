@@ -200,14 +200,15 @@ def _preconditioned_rmed(land: Any, chosen: list, p: torch.Tensor, reuse: Reuse,
     Returns the preconditioned and raw results and the HVPs this call spent."""
     read, stat = _split_rmed_options(rmed_options)
     _check_rmed(read["exact_threshold"], read["k"], read["top"], read["screen_samples"], read["z"], stat["level"],
-                stat["bootstrap"], read["hvps"], read["signs"], read["min_k"])
+                stat["bootstrap"], read["hvps"], read["signs"], read["min_k"], read["pilot"])
     reads, gen, spent = shared_diagonal(land, chosen, reuse, seed=seed, generator=generator, **read)
     # in rmed's order of draws: its statistics first, so the raw values equal rmed's with the same options
     (raw,) = diagonal_statistics(reads.parts, reads.plan, [None], z=read["z"], budget=read["hvps"], generator=gen,
-                                 **stat)
+                                 pilot=reads.pilot, **stat)
     parts, more = read_scaled_candidates(land.hvp, land.dim, reads, p, z=read["z"], generator=gen, dtype=land.dtype,
                                          device=land.device, batch=getattr(land, "chunk_size", 16))
-    (pre,) = diagonal_statistics(parts, reads.plan, [p], z=read["z"], budget=read["hvps"], generator=gen, **stat)
+    (pre,) = diagonal_statistics(parts, reads.plan, [p], z=read["z"], budget=read["hvps"], generator=gen,
+                                 pilot=reads.pilot, **stat)
     return pre, raw, spent + more
 
 

@@ -50,11 +50,12 @@ def lanczos_key(*, k: int, tol: float, max_iter: int | None, which: str, seed: i
 
 
 def diagonal_key(blocks: Sequence[Any], *, seed: int, exact_threshold: int, k: int, top: int, screen_samples: int,
-                 z: float, hvps: int, signs: int, min_k: int) -> tuple:
+                 z: float, hvps: int, signs: int, min_k: int, pilot: int = 0) -> tuple:
     """What determines rmed's diagonal reads: the blocks read, the plan's options, the screen's ``z`` (it
-    picks the candidates) and the seed; not ``level`` nor ``bootstrap``, which only the statistics use."""
+    picks the candidates, and the pilot's decision) and the seed; not ``level`` nor ``bootstrap``, which only
+    the statistics use."""
     return ("diagonal", tuple(b.name for b in blocks), seed, exact_threshold, k, top, screen_samples, z, hvps,
-            signs, min_k)
+            signs, min_k, pilot)
 
 
 class Reuse:
