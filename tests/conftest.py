@@ -17,3 +17,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+# Dense Hessians of the digits MLP and CNN, computed once per module that asks (the budgeted-diagonal tests).
+@pytest.fixture(scope="module")
+def mlp_hessian():
+    from test_budgeted_diagonal import _network_hessian
+
+    return _network_hessian("mlp")
+
+
+@pytest.fixture(scope="module")
+def cnn_hessian():
+    from test_budgeted_diagonal import _network_hessian
+
+    return _network_hessian("cnn")

@@ -58,15 +58,6 @@ def _network_hessian(kind: str) -> tuple[torch.Tensor, list[int]]:
     return dense_matrix(land.hvp, land.dim, batch=64), [b.size for b in land.space.blocks]
 
 
-@pytest.fixture(scope="module")
-def mlp_hessian():
-    return _network_hessian("mlp")
-
-
-@pytest.fixture(scope="module")
-def cnn_hessian():
-    return _network_hessian("cnn")
-
 
 # ------------------------------------------------------------------------------------------- packed reads
 def test_packed_reads_are_exact_without_coupling_and_for_single_coordinates():

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from quadratic_models import Quadratic, banded, exact_rmed, landscape, spd
-from test_budgeted_diagonal import _floor, _network_hessian
+from test_budgeted_diagonal import _floor
 
 from geomprobe import ConfigurationError
 from geomprobe.metrics import rmed
@@ -56,16 +56,6 @@ def _pilot_coverage(matvec, h, sizes, seeds, **kw):
             R, Q, med = truth[key]
             hits[key] += [_hit(r["rmed_ci"], R), _hit(r["rmed_q99_ci"], Q), _hit(r["median_ci"], med)]
     return {key: v / seeds for key, v in hits.items()}, runs
-
-
-@pytest.fixture(scope="module")
-def mlp_hessian():
-    return _network_hessian("mlp")
-
-
-@pytest.fixture(scope="module")
-def cnn_hessian():
-    return _network_hessian("cnn")
 
 
 def _coupled(n_blocks: int = 150, size: int = 200, rank: int = 4, seed: int = 0):
