@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from quadratic_models import Quadratic, banded, covers, dense_share, landscape
-from test_budgeted_diagonal import _floor, mlp_hessian  # noqa: F401  (the fixture)
+from test_budgeted_diagonal import _floor
 from tolerances import FLOAT64_EXACT, FLOAT64_REL
 from torch import nn
 
