@@ -86,6 +86,7 @@ import torch
 
 from ..errors import ConfigurationError
 from ..linalg.vectors import Matvec, default_generator
+from ..stats.bootstrap import stratified_bootstrap_quantiles
 from ._budget import RmedPlan, fallback_budget, plan_rmed
 from ._common import (
     checked,
@@ -249,13 +250,9 @@ def _pooled(pieces: list[dict], level: float, bootstrap: int, rng: np.random.Gen
     med, q99 = weighted_quantile(vals, wts, 0.5), weighted_quantile(vals, wts, 0.99)
     fixed = [pc for pc in pieces if pc["exact"]]
     fixed_v = np.concatenate([pc["values"] for pc in fixed]) if fixed else np.empty(0)
-    boot_med, boot_q = np.empty(bootstrap), np.empty(bootstrap)
-    sampled = [pc for pc in pieces if not pc["exact"]]
-    for r in range(bootstrap):
-        vs = [fixed_v] + [pc["values"][rng.integers(0, len(pc["values"]), len(pc["values"]))] for pc in sampled]
-        ws = [np.ones(len(fixed_v))] + [pc["weights"] for pc in sampled]
-        v, w = np.concatenate(vs), np.concatenate(ws)
-        boot_med[r], boot_q[r] = weighted_quantile(v, w, 0.5), weighted_quantile(v, w, 0.99)
+    # each sampled block resampled with replacement, its values weighing size / sampled (constant per block)
+    strata = [(pc["values"], pc["size"] / len(pc["values"])) for pc in pieces if not pc["exact"]]
+    boot_med, boot_q = stratified_bootstrap_quantiles(fixed_v, strata, [0.5, 0.99], bootstrap, rng)
     a = 1 - level
     med_ci = (float(np.quantile(boot_med, a / 2)), float(np.quantile(boot_med, 1 - a / 2)))
     med_bonf = (float(np.quantile(boot_med, a / 4)), float(np.quantile(boot_med, 1 - a / 4)))
