@@ -107,3 +107,30 @@ def test_only_the_budgets_that_let_a_probe_in_give_it_a_deadline():
     top = budget(0.05, clock=lambda: t[0], predict=lambda: 0.0)
     capped = at([0]) | top  # a budget at the top of | caps every trigger, at() included
     assert capped.should_probe(0, 100.0) and capped.gates() == [top]
+
+
+def test_a_product_that_would_end_past_the_deadline_is_not_started():
+    t = [0.0]
+    calls = []
+
+    class Land:
+        def hvp(self, v):
+            calls.append(v.shape)
+            t[0] += 0.45 * (1 if v.dim() == 1 else v.shape[0])
+            return v
+
+    d = Deadline(at=1.5, allowance=1.5, clock=lambda: t[0])
+    t[0] = 0.3  # the build took 0.3 s: the first product is expected to take as long
+    land = Land()
+    d.watch(land)
+    land.hvp(torch.ones(3))  # 0.3 + 0.3 <= 1.5: runs (t = 0.75, 0.45 s per vector measured)
+    with pytest.raises(OverAllowance):
+        land.hvp(torch.ones(2, 3))  # 0.75 + 2 x 0.45 > 1.5: not started
+    assert calls == [torch.Size([3])] and t[0] == pytest.approx(0.75) and d.cut
+    slow = Deadline(at=1.0, allowance=1.0, clock=lambda: t[0])
+    t[0] = 0.8  # a build of 0.8 s leaves no room for a product like it
+    other = Land()
+    slow.watch(other)
+    with pytest.raises(OverAllowance):
+        other.hvp(torch.ones(3))
+    assert len(calls) == 1

@@ -4,7 +4,8 @@ A budget allows a probe when its *expected* cost fits (:class:`~.schedule.Budget
 from the plan (:mod:`.probe_cost`); after, the measured seconds. Either can be wrong: the first probe under a memory
 plan that rebuilds graphs cost 8x the kept-graph HVPs its prediction assumed (GPT-2 124M, benchmarks/RESULTS.md §6).
 So a probe the schedule fired carries a deadline, the smallest :meth:`~.schedule.Budget.allowance` of the budgets
-that let it in: checked after every HVP and before every metric; past it, the metric in progress stops (its HVPs
+that let it in: checked before every metric and around every HVP (a product that would end past it, at the last
+product's cost or, for the first, the build's, is not started); past it, the metric in progress stops (its HVPs
 raise :class:`OverAllowance`) and the metrics not yet run are skipped, each recorded under ``skipped`` with why.
 The budget then sees the seconds spent and expects at least twice that next time (:meth:`~.schedule.Budget.note_cut`).
 
@@ -35,6 +36,7 @@ class Deadline:
     def __init__(self, at: float, allowance: float, clock: Callable[[], float]):
         self.at, self.allowance, self.clock = at, allowance, clock
         self.cut = False
+        self.per_vector: float | None = None  # seconds of one HVP vector, from the last product (or the build)
 
     def passed(self) -> bool:
         if not self.cut and self.clock() > self.at:
@@ -56,12 +58,22 @@ class Deadline:
             raise OverAllowance(self.reason())
 
     def watch(self, land: Any) -> None:
-        """Check after every HVP of ``land`` (its method shadowed for the Landscape's life, as progress does)."""
+        """Check around every HVP of ``land`` (its method shadowed for the Landscape's life, as progress does):
+        a product that would end past the deadline is not started. Its cost is the last product's per vector,
+        and before the first one the seconds since the probe began (the Landscape's build: a forward and a
+        gradient with its graph, which an HVP costs about as much as, more when the memory plan rebuilds
+        graphs)."""
         inner = land.hvp
+        self.per_vector = max(0.0, self.clock() - (self.at - self.allowance))
 
         def hvp(v):
+            vectors = 1 if v.dim() == 1 else int(v.shape[0])
+            start = self.clock()
+            if not self.cut and start + self.per_vector * vectors > self.at:
+                self.cut = True
             self.check()
             out = inner(v)
+            self.per_vector = (self.clock() - start) / max(1, vectors)
             self.check()
             return out
 
