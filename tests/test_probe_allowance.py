@@ -27,7 +27,11 @@ def test_a_cut_probe_doubles_the_expected_cost_until_a_whole_one_is_observed():
     b.observe(0, 2.0, now=2.0)
     b.note_cut(2.0)
     assert b.expected_cost == 4.0
+    b.observe(30, 2.0, now=40.0)  # cut again after the same 2 s (before its first HVP, say): expect 8 s
+    b.note_cut(2.0)
+    assert b.expected_cost == 8.0
     b.observe(50, 3.0, now=60.0)  # a whole probe: its seconds decide again
+    b.note_whole()
     assert b.expected_cost == pytest.approx(3.0)
 
 

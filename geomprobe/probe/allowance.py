@@ -7,7 +7,8 @@ So a probe the schedule fired carries a deadline, the smallest :meth:`~.schedule
 that let it in: checked before every metric and around every HVP (a product that would end past it, at the last
 product's cost or, for the first, the build's, is not started); past it, the metric in progress stops (its HVPs
 raise :class:`OverAllowance`) and the metrics not yet run are skipped, each recorded under ``skipped`` with why.
-The budget then sees the seconds spent and expects at least twice that next time (:meth:`~.schedule.Budget.note_cut`).
+The budget then sees the seconds spent and expects at least twice that next time, doubling again at every
+consecutive cut (:meth:`~.schedule.Budget.note_cut`).
 
 Not under a process group: a probe is collective there, and stopping one rank mid-HVP would leave the others
 waiting; rank 0's schedule decides whether a probe starts, and a probe that starts finishes. Explicit
@@ -95,10 +96,15 @@ def deadline_for(schedule: Schedule, now: float, clock: Callable[[], float], dis
 
 
 def note_cut(schedule: Schedule, deadline: Deadline | None, seconds: float) -> None:
-    """Tell every budget in ``schedule`` that the probe just observed stopped unfinished after ``seconds``."""
-    if deadline is not None and deadline.cut:
-        for b in budgets(schedule):
+    """Tell every budget in ``schedule`` whether the probe just observed under ``deadline`` stopped unfinished
+    after ``seconds`` (:meth:`~.schedule.Budget.note_cut`) or ran to its end (:meth:`~.schedule.Budget.note_whole`)."""
+    if deadline is None:
+        return
+    for b in budgets(schedule):
+        if deadline.cut:
             b.note_cut(seconds)
+        else:
+            b.note_whole()
 
 
 def watch(deadline: Deadline | None, land: Any) -> Deadline | None:

@@ -314,8 +314,14 @@ class Budget(Schedule):
 
     def note_cut(self, seconds: float) -> None:
         """The probe just observed was stopped at its allowance after ``seconds``, unfinished: the next one is
-        expected to cost at least twice that (and its prediction, if any, is no longer trusted)."""
-        self._floor = max(self._floor, 2.0 * float(seconds))
+        expected to cost at least twice that, and twice what the last cut one was expected to (a probe cut
+        before its first HVP spends the same seconds every time, so the expectation must grow on its own,
+        or the budget would retry and cut it forever)."""
+        self._floor = max(2.0 * float(seconds), 2.0 * self._floor)
+
+    def note_whole(self) -> None:
+        """The probe just observed ran to its end within its allowance: its seconds say what a probe costs."""
+        self._floor = 0.0
 
     def _cost(self) -> tuple[float | None, str]:
         """``c`` of the rule and where it came from (class docstring)."""
@@ -372,7 +378,6 @@ class Budget(Schedule):
             self._t0 = self._time(now) - seconds
         self.spent += seconds
         self.probes += 1
-        self._floor = 0.0  # a finished probe's seconds say what a probe costs (note_cut may follow)
         self._last = seconds
         self._average = seconds if self._average is None else 0.5 * (self._average + seconds)
 
