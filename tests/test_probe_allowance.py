@@ -108,6 +108,7 @@ def test_only_the_budgets_that_let_a_probe_in_give_it_a_deadline():
     assert s.gates() == [inner]
     d = deadline_for(s, 150.0, lambda: t[0], distributed=False)
     assert d is not None and d.allowance == pytest.approx(inner.allowance(150.0)) and d.allowance > 0
+    assert d.budgets == (inner,)  # the ones told how the probe ended
     top = budget(0.05, clock=lambda: t[0], predict=lambda: 0.0)
     capped = at([0]) | top  # a budget at the top of | caps every trigger, at() included
     assert capped.should_probe(0, 100.0) and capped.gates() == [top]

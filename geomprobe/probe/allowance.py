@@ -19,10 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from typing import Any, Callable, Iterator
 
-from .schedule import Schedule
-from .skips import budgets
+from .schedule import Budget, Schedule
 
 __all__ = ["Deadline", "OverAllowance", "budgeted", "deadline_for", "note_cut", "settle", "watch"]
 
@@ -34,8 +34,9 @@ class OverAllowance(RuntimeError):
 class Deadline:
     """The clock time after which a probe stops (``at``), and whether it did (``cut``)."""
 
-    def __init__(self, at: float, allowance: float, clock: Callable[[], float]):
+    def __init__(self, at: float, allowance: float, clock: Callable[[], float], budgets: Sequence[Budget] = ()):
         self.at, self.allowance, self.clock = at, allowance, clock
+        self.budgets = tuple(budgets)  # the budgets that let the probe in: told how it ended (note_cut)
         self.cut = False
         self.per_vector: float | None = None  # seconds of one HVP vector, from the last product (or the build)
 
@@ -88,19 +89,19 @@ def deadline_for(schedule: Schedule, now: float, clock: Callable[[], float], dis
     process group (module docstring)."""
     if distributed:
         return None
-    allowances = [b.allowance(now) for b in schedule.gates()]
-    if not allowances:
+    gates = schedule.gates()
+    if not gates:
         return None
-    allowance = min(allowances)
-    return Deadline(now + allowance, allowance, clock) if math.isfinite(allowance) else None
+    allowance = min(b.allowance(now) for b in gates)
+    return Deadline(now + allowance, allowance, clock, gates) if math.isfinite(allowance) else None
 
 
-def note_cut(schedule: Schedule, deadline: Deadline | None, seconds: float) -> None:
-    """Tell every budget in ``schedule`` whether the probe just observed under ``deadline`` stopped unfinished
-    after ``seconds`` (:meth:`~.schedule.Budget.note_cut`) or ran to its end (:meth:`~.schedule.Budget.note_whole`)."""
+def note_cut(deadline: Deadline | None, seconds: float) -> None:
+    """Tell the budgets that let the probe in whether it stopped unfinished after ``seconds``
+    (:meth:`~.schedule.Budget.note_cut`) or ran to its end (:meth:`~.schedule.Budget.note_whole`)."""
     if deadline is None:
         return
-    for b in budgets(schedule):
+    for b in deadline.budgets:
         if deadline.cut:
             b.note_cut(seconds)
         else:
@@ -130,4 +131,4 @@ def settle(probe: Any, record: dict, seconds: float) -> None:
     d = probe._deadline
     if d is not None:
         record["cost"].update(allowance_seconds=d.allowance, cut=d.cut)
-        note_cut(probe.schedule, d, seconds)
+        note_cut(d, seconds)
