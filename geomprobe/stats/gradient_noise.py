@@ -33,6 +33,7 @@ import torch
 
 from ..errors import ConfigurationError, NonFiniteLossError
 from .covariance import balanced_groups, jackknife_se, moments_from_sums, trace_moments
+from .sampling import random_prefix
 
 
 class Block(Protocol):
@@ -113,17 +114,8 @@ def tail_coordinates(
     out = []
     for b in blocks:
         q = min(b.size, max(floor, math.ceil(m * b.size / d)))
-        out.append(b.start + _choose(b.size, q, generator))
+        out.append(b.start + random_prefix(b.size, q, generator))
     return torch.sort(torch.cat(out)).values
-
-
-def _choose(n: int, k: int, gen: torch.Generator) -> torch.Tensor:
-    if 4 * k >= n:
-        return torch.randperm(n, generator=gen)[:k]
-    picked = torch.unique(torch.randint(0, n, (2 * k,), generator=gen))
-    while picked.numel() < k:  # rare: too many repeats among 2k draws from n >= 4k
-        picked = torch.unique(torch.cat([picked, torch.randint(0, n, (k,), generator=gen)]))
-    return picked[torch.randperm(picked.numel(), generator=gen)[:k]]
 
 
 def _regroup(chunks: Iterable[torch.Tensor], sizes: Sequence[int], f64: dict) -> Iterator[torch.Tensor]:
