@@ -30,8 +30,8 @@ from .doublecheck import (
     no_double_backward,
     refuse_cut,
 )
-from .landscape_plan import plan_within
 from .host_stream import HostVectors, resolve_vector_device, vectors_record
+from .landscape_plan import plan_within
 from .loss import loss_reduction, resolve_loss_form
 from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan
 from .paramspace import Block, ParamSpace, select_parameters, unwrap_model
