@@ -328,3 +328,23 @@ def test_on_a_gpu_host_vectors_cross_the_bus_and_hold_no_d_vector():
     spectrum(host, tol=1e-3, max_iter=10)
     # beyond the kept graph: the double backward's temporaries and a few pieces, far below one d-vector
     assert torch.cuda.max_memory_allocated() - base < host.graph_bytes + 4 * 512 * 512 * 4 + device.dim * 4 // 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_metrics_and_views_take_the_host_gradient_and_ritz_vectors():
+    from geomprobe.metrics import registry
+    from geomprobe.views.surface import line, plane
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).cuda().double()
+    x, y = torch.randn(64, 16, device="cuda", dtype=torch.float64), torch.randint(0, 4, (64,), device="cuda")
+    device = gp.Landscape(model, nn.CrossEntropyLoss(), (x, y), memory=None)
+    host = gp.Landscape(model, nn.CrossEntropyLoss(), (x, y), memory=None, vector_device="cpu")
+    u = torch.randn(device.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    a = registry.get("direction")(device, last_update=u, tol=1e-8)
+    b = registry.get("direction")(host, last_update=u, tol=1e-8)
+    for key in ("lambda_max", "grad_curvature", "update_curvature", "grad_top_share"):
+        assert abs(a[key] - b[key]) <= 1e-8 * max(1.0, abs(a[key]))
+    assert abs(line(device, "top", points=5)["curvature"] - line(host, "top", points=5)["curvature"]) <= 1e-8
+    assert plane(host, "gradient", "top", points=(3, 3))["forwards"] > 0
