@@ -269,6 +269,38 @@ def test_the_probe_passes_vector_device_through_and_records_it(tmp_path):
     assert abs(a["lambda_min"] - b["lambda_min"]) <= 1e-10 * abs(a["lambda_max"])
 
 
+def test_the_safety_net_takes_host_vectors_after_the_basis_and_records_it(monkeypatch):
+    from geomprobe.probe import geometry_probe
+
+    monkeypatch.setattr(geometry_probe, "host_vectors_possible", lambda land: True)  # as for a CUDA model
+    module = sys.modules["geomprobe.metrics.spectrum"]
+    real, calls = module.lanczos, {"n": 0}
+
+    def oom_once(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, "lanczos", oom_once)
+    model, loss, batches, _ = make_case("tanh_mlp")
+    batch = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    # micro-batches and the basis in host memory already: Lanczos running out of memory leaves host vectors
+    probe = gp.GeometryProbe(model, loss, batch, metrics={"spectrum": {"tol": 1e-6}}, micro_batch_size=8,
+                             basis_device="cpu", schedule=gp.every(1), warm_start=False)
+    with pytest.warns(RuntimeWarning, match="spectrum failed"):
+        probe.step(0)
+        probe.step(1)
+    first, second = probe.records
+    assert first["errors"]["spectrum"].startswith("OutOfMemory") and "errors" not in second
+    assert first["cost"]["memory_plan"]["vectors"] == "device"
+    plan = second["cost"]["memory_plan"]
+    assert plan["vectors"] == "host" and plan["sources"]["vectors"] == "oom-ladder"
+    assert second["cost"]["micro_batch_size"] == 8  # not split further: this rung came first
+    want = gp.metrics.spectrum(gp.Landscape(model, loss, batch), tol=1e-6)["lambda_max"]
+    assert abs(second["spectrum"]["lambda_max"] - want) <= 1e-8 * abs(want)
+
+
 # ---------------------------------------------------------------------------------------------- spectrum
 @pytest.mark.parametrize("name", ["tanh_mlp", "transformer"])
 def test_spectrum_on_host_vectors_equals_the_device_modes(name):

@@ -39,8 +39,8 @@ from ..errors import ConfigurationError
 from .doublecheck import no_double_backward
 from .sharded_stream import Root, StreamPass, roots_of
 
-__all__ = ["HostLayout", "HostStreamPass", "HostVectors", "host_vectors_possible", "resolve_vector_device",
-           "vectors_record"]
+__all__ = ["HostLayout", "HostStreamPass", "HostVectors", "host_mode", "host_vectors_possible",
+           "resolve_vector_device", "vectors_record"]
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -244,6 +244,16 @@ def resolve_vector_device(land: Any, vector_device: Any) -> str | None:
             f"vector_device='cpu' measures one process's data, but the probe data is spread over "
             f"{land.reducer.world_size} ranks: leave vector_device at None (or pass process_group=False)")
     return "host"
+
+
+def host_mode(land: Any) -> HostVectors | None:
+    """The host-vector mode of ``land`` (after its plan) when the user or the plan chose it, else None. A plan
+    given whole that chose it for a model this process cannot stream alone (sharded, several ranks, finite
+    differences) is not followed there."""
+    chosen = land._vectors_requested or getattr(land.plan, "vectors", "device")
+    if chosen != "host" or land.sharded or land.hvp_method != "autograd" or land.reducer.world_size > 1:
+        return None
+    return HostVectors(land)
 
 
 def host_vectors_possible(land: Any) -> bool:

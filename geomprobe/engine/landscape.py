@@ -30,7 +30,7 @@ from .doublecheck import (
     no_double_backward,
     refuse_cut,
 )
-from .host_stream import HostVectors, resolve_vector_device, vectors_record
+from .host_stream import host_mode, resolve_vector_device, vectors_record
 from .landscape_plan import plan_within
 from .loss import loss_reduction, resolve_loss_form
 from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan
@@ -218,8 +218,7 @@ class Landscape:
             if graph_budget_bytes is None:
                 self.graph_budget_bytes = self.plan.graph_budget_bytes
         self.chunk_size = int(chunk_size or DEFAULT_CHUNK_SIZE)
-        host = self._vectors_requested or getattr(self.plan, "vectors", "device")
-        self.host = HostVectors(self) if host == "host" else None  # the streamed host-vector mode, or None
+        self.host = host_mode(self)  # the streamed host-vector mode (HostVectors), or None
         if micro_batch_size is not None:
             self.batches = split_batches(self.batches, micro_batch_size, self.model, mode)
         self.micro_batch_size = micro_batch_size
@@ -457,8 +456,9 @@ class Landscape:
         """Hessian-vector products ``H v`` for one flat vector ``(d,)`` or a block ``(k, d)``.
 
         Cost: ``k`` HVPs (counted in :attr:`hvps`), each about 1-2.5 gradients; vectors go through
-        ``is_grads_batched`` in chunks of :attr:`chunk_size`. Exact up to floating-point rounding (the
-        finite-difference method, if chosen, has truncation error O(eps^2) on smooth models).
+        ``is_grads_batched`` in chunks of :attr:`chunk_size`; with host vectors, one streamed pass per vector
+        and probe batch, host vectors answered on the host (:mod:`~.host_stream`). Exact up to floating-point
+        rounding (the finite-difference method, if chosen, has truncation error O(eps^2) on smooth models).
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.dim:
             raise ConfigurationError(f"hvp takes a vector (d,) or a block (k, d) with d = {self.dim}, got {tuple(v.shape)}")
