@@ -97,6 +97,45 @@ def test_bf16_host_hvps_are_the_device_mode_bits():
     assert torch.equal(host.hvp(V), device.hvp(V))
 
 
+class _DetachedSquare(torch.autograd.Function):
+    """x^2 whose backward computes on detached tensors: the HVP would drop a term, so it must be refused."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * 2 * x.detach()
+
+
+class _Squares(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5).double(), nn.Linear(5, 2).double()
+        self.act = act
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_constant_gradients_and_the_custom_function_check_stream_too():
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(3)
+    data = (torch.randn(16, 3, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64))
+    model = _Squares(nn.ReLU())
+    linear = lambda out, y: (out * y).mean()  # b.bias has a constant gradient: no root, zero Hessian rows
+    device, host = gp.Landscape(model, linear, data), gp.Landscape(model, linear, data, vector_device="cpu")
+    H = device.hvp(torch.eye(device.dim, dtype=torch.float64))
+    assert _close(host.hvp(torch.eye(host.dim, dtype=torch.float64)), H) and H.abs().max() > 1e-2
+    assert host.hvp(torch.eye(host.dim, dtype=torch.float64))[-2:].abs().max() == 0
+    # the check of custom Functions (one HVP against differences) runs through the streamed passes too
+    with pytest.raises(gp.UnsupportedOperationError, match="_DetachedSquare"):
+        gp.Landscape(_Squares(_DetachedSquare.apply), nn.MSELoss(), data, vector_device="cpu")
+
+
 # ---------------------------------------------------------------------------------------------- user state
 def _user_state(model):
     return (copy.deepcopy(model.state_dict()), [p.grad for p in model.parameters()],
