@@ -45,10 +45,11 @@ def test_host_hvps_equal_device_hvps(name, budget):
     assert got.device.type == "cpu" and got.dtype == torch.float64 and got.shape == V.shape
     assert _close(got, device.hvp(V))
     assert _close(host.hvp(V[0]), device.hvp(V[0]))  # a single vector too
+    assert _close(host.hvp(V.T.contiguous().T[1]), device.hvp(V[1]))  # and one with gaps between its entries
     assert torch.equal(host.grad, device.grad) or _close(host.grad, device.grad)
-    assert host.loss == device.loss and host.hvps == 4
+    assert host.loss == device.loss and host.hvps == 5
     # a block goes one vector at a time: one pass per vector and probe batch
-    assert host.host.stats["passes"] == 4 * len(host.batches)
+    assert host.host.stats["passes"] == 5 * len(host.batches)
     if budget == 1:
         assert host.graph_rebuilds >= 1 and host.info()["graphs_kept"] == 1
 
