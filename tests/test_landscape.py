@@ -99,9 +99,10 @@ def _assert_same_state(a, b):
     assert torch.equal(rng_a, rng_b)
 
 
+@pytest.mark.parametrize("vector_device", [None, "cpu"], ids=["device-vectors", "host-vectors"])
 @pytest.mark.parametrize("mode", ["eval", "train"])
 @pytest.mark.parametrize("name", ["cnn_bn", "dropout_train"])
-def test_model_state_bit_identical_after_use(name, mode):
+def test_model_state_bit_identical_after_use(name, mode, vector_device):
     model, loss, batches, _ = make_case(name)
     model.train()
     # a .grad present before probing must survive untouched
@@ -109,7 +110,7 @@ def test_model_state_bit_identical_after_use(name, mode):
     (out.float().pow(2).mean()).backward()
     before = _state(model)
     buffers_before = [b for b in model.buffers()]
-    with gp.Landscape(model, loss, batches, mode=mode) as land:
+    with gp.Landscape(model, loss, batches, mode=mode, vector_device=vector_device) as land:
         land.hvp(torch.ones(3, land.dim, dtype=torch.float64))
         spectrum(land, tol=1e-4)
     _assert_same_state(before, _state(model))

@@ -55,14 +55,16 @@ def train(steps, probe_kwargs=None, tmp=None, seed=0):
     return model, opt, probe
 
 
-@pytest.mark.parametrize("mode", ["eval", "train"])
-def test_training_is_bit_identical_with_a_probe(tmp_path, mode):
+# the host-vector mode (engine/host_stream.py) runs the same probes through streamed passes on the user's leaves
+@pytest.mark.parametrize("mode,vector_device", [("eval", None), ("train", None), ("train", "cpu")])
+def test_training_is_bit_identical_with_a_probe(tmp_path, mode, vector_device):
     # every metric that only needs the Landscape, at cheap settings (21 probes per run)
     metrics = {"spectrum": {"k": 2, "max_iter": 30}, "rmed": {"exact_threshold": 64, "k": 32, "top": 8,
                "screen_samples": 8, "bootstrap": 50}, "diagshare": {"exact_threshold": 64, "k": 16, "bootstrap": 50},
                "density": {"n_v": 2, "m": 10, "grid_size": 500}}
     ref_model, ref_opt, _ = train(200)
-    model, opt, probe = train(200, dict(metrics=metrics, schedule=gp.every(10), run_dir=tmp_path / "run", mode=mode))
+    model, opt, probe = train(200, dict(metrics=metrics, schedule=gp.every(10), run_dir=tmp_path / "run", mode=mode,
+                                        vector_device=vector_device))
     for a, b in zip(ref_model.state_dict().values(), model.state_dict().values()):
         assert torch.equal(a, b)
     for (ka, sa), (kb, sb) in zip(ref_opt.state_dict()["state"].items(), opt.state_dict()["state"].items()):

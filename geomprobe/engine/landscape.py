@@ -30,10 +30,11 @@ from .doublecheck import (
     no_double_backward,
     refuse_cut,
 )
+from .host_stream import host_mode, resolve_vector_device, vectors_record
 from .landscape_plan import plan_within
 from .loss import loss_reduction, resolve_loss_form
 from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan
-from .paramspace import Block, ParamSpace, select_parameters
+from .paramspace import Block, ParamSpace, select_parameters, unwrap_model
 from .saved_bytes import SavedBytes
 from .sharded import fully_sharded
 from .state import MODES, frozen
@@ -46,18 +47,6 @@ __all__ = ["HVP_METHODS", "Landscape", "unwrap_model"]
 HVP_METHODS = ("autograd", "finite-difference", "auto")
 
 _VMAP_FAILURE = re.compile(r"vmap|batching rule|Batched", re.IGNORECASE)
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The module that holds the parameters: strips DistributedDataParallel/DataParallel (``.module``) and
-    ``torch.compile`` (``._orig_mod``) wrappers, whose own forward has no double backward or adds hooks."""
-    while True:
-        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        else:
-            return model
 
 
 class Landscape:
@@ -121,6 +110,12 @@ class Landscape:
             "auto"): the memory plan decides (:mod:`geomprobe.engine.attention_plan`): torch's attention
             where its plan fits keeping every graph, the recomputing one where that lowers a peak that does
             not fit or keeps more graphs; :attr:`attention` says which and why. ``True``/``False`` force it.
+        vector_device: where HVP vectors and the gradient live (:attr:`vector_device`). ``"cpu"``: host memory
+            (:mod:`~geomprobe.engine.host_stream`): ``hvp`` takes and returns host vectors and streams them through
+            the double backward parameter by parameter, so no d-vector lives on the device (a block goes one
+            vector at a time; device vectors are still accepted and answered on the device). On a CPU model it
+            forces the same streamed passes, with no-op copies. The model's device: device vectors. ``None``
+            (default): the memory plan takes host vectors where nothing else fits (``plan.vectors``).
 
     A graph that would drop second-order terms silently is refused by name (:mod:`~geomprobe.engine.doublecheck`):
     a once-differentiable Function, or a custom autograd Function whose backward leaves autograd (numpy,
@@ -178,6 +173,7 @@ class Landscape:
         recompute_attention: bool | None = None,
         memory: MemoryBudget | MemoryPlan | str | None = "auto",
         reduction: str = "auto",
+        vector_device: str | torch.device | None = None,
     ):
         if mode not in MODES:
             raise ConfigurationError(f"mode must be one of {MODES}, got {mode!r}")
@@ -211,6 +207,7 @@ class Landscape:
         self.device = self.params[0].device
         self.dtype = self.params[0].dtype
         self.batches = [to_device(b, self.device) for b in resolve_batches(batches, max_batches)]
+        self._vectors_requested = resolve_vector_device(self, vector_device)  # the plan records the choice
         if loss_form == "auto" and self.loss_form == "outputs" and not is_pair(self.batches[0]):
             # loss_fn(outputs, targets) cannot take a dict or a longer tuple: the user meant loss_fn(model, batch)
             self.loss_form = "model"
@@ -221,6 +218,7 @@ class Landscape:
             if graph_budget_bytes is None:
                 self.graph_budget_bytes = self.plan.graph_budget_bytes
         self.chunk_size = int(chunk_size or DEFAULT_CHUNK_SIZE)
+        self.host = host_mode(self)  # the streamed host-vector mode (HostVectors), or None
         if micro_batch_size is not None:
             self.batches = split_batches(self.batches, micro_batch_size, self.model, mode)
         self.micro_batch_size = micro_batch_size
@@ -339,7 +337,7 @@ class Landscape:
     def _build(self) -> None:
         create = self.hvp_method == "autograd"
         loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        grad = torch.zeros(self.space.dim, dtype=self.dtype, device=self.device)
+        grad = self.host.new_grad() if self.host else torch.zeros(self.space.dim, dtype=self.dtype, device=self.device)
         try:
             for b in range(len(self.batches)):
                 self._build_batch(b, create, loss, grad)
@@ -384,15 +382,18 @@ class Landscape:
         """Add batch ``b``'s weighted loss and gradient to ``loss`` and ``grad``; keep its graph if it fits."""
         grads, loss_b, nbytes = self._graph(b, create, watch=create and b == 0)
         loss += loss_b.double() * self.weights[b]
-        grad += self.space.flatten([g.detach() if g is not None else None for g in grads])
+        if self.host is not None:
+            self.host.add_grad(grad, grads)
+        else:
+            grad += self.space.flatten([g.detach() if g is not None else None for g in grads])
         if b == 0 and create:
             check_broken_nodes(grads)
             self.graph_bytes_per_sample = nbytes / max(1, self.batch_sizes[0])
             self.graph_figures["recompute" if self.recompute_attention else "math"] = self.graph_bytes_per_sample
-        kept = nbytes + sum(g.numel() * g.element_size() for g in grads if g is not None)
+        kept = nbytes + (0 if self.host else sum(g.numel() * g.element_size() for g in grads if g is not None))
         fits = self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes
         if create and (fits or b == 0):
-            self._graphs.append(grads)
+            self._graphs.append(self.host.keep(grads) if self.host else grads)
             self.graph_bytes += nbytes
             self._kept_bytes += kept
         else:
@@ -415,8 +416,13 @@ class Landscape:
 
     @property
     def grad(self) -> torch.Tensor:
-        """The gradient of :attr:`loss` as a flat vector of length ``d`` (detached)."""
+        """The gradient of :attr:`loss` as a flat vector of length ``d`` (detached), on :attr:`vector_device`."""
         return self._grad
+
+    @property
+    def vector_device(self) -> torch.device:
+        """Where this Landscape's vectors live: the host (``cpu``) in the host-vector mode, else :attr:`device`."""
+        return torch.device("cpu") if self.host is not None else self.device
 
     @property
     def approximate(self) -> bool:
@@ -439,6 +445,7 @@ class Landscape:
             "graph_rebuilds": self.graph_rebuilds,
             "recompute_attention": self.recompute_attention,
             "attention": {k: self.attention.get(k) for k in ("requested", "recompute", "reason", "attention_calls")},
+            "vector_device": str(self.vector_device), "vectors": vectors_record(self),
         }
 
     def matvec(self, v: torch.Tensor) -> torch.Tensor:
@@ -449,14 +456,16 @@ class Landscape:
         """Hessian-vector products ``H v`` for one flat vector ``(d,)`` or a block ``(k, d)``.
 
         Cost: ``k`` HVPs (counted in :attr:`hvps`), each about 1-2.5 gradients; vectors go through
-        ``is_grads_batched`` in chunks of :attr:`chunk_size`. Exact up to floating-point rounding (the
-        finite-difference method, if chosen, has truncation error O(eps^2) on smooth models).
+        ``is_grads_batched`` in chunks of :attr:`chunk_size`; with host vectors, one streamed pass per vector
+        and probe batch, host vectors answered on the host (:mod:`~.host_stream`). Exact up to floating-point
+        rounding (the finite-difference method, if chosen, has truncation error O(eps^2) on smooth models).
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.dim:
             raise ConfigurationError(f"hvp takes a vector (d,) or a block (k, d) with d = {self.dim}, got {tuple(v.shape)}")
         self._check_unchanged()
         single = v.dim() == 1
-        V = v.reshape(-1, self.dim).to(device=self.device, dtype=self.dtype)
+        host = self.host is not None and v.device.type == "cpu"  # host vectors stay there (host_stream)
+        V = v.reshape(-1, self.dim).to(device=v.device if host else self.device, dtype=self.dtype)
         # noted before the work, so that an out-of-memory failure can tell whether batching was involved
         self.widest_block = max(self.widest_block, V.shape[0])
         if V.shape[0] <= self.chunk_size:
@@ -496,6 +505,8 @@ class Landscape:
             )
 
     def _hvp_chunk(self, V: torch.Tensor) -> torch.Tensor:
+        if self.host is not None:
+            return self.host.hvp_rows(V)
         if self.hvp_method == "finite-difference":
             return torch.stack([self._fd_hvp(v) for v in V])
         acc = None  # the first batch's product, fresh from autograd, accumulates the others in place

@@ -12,6 +12,7 @@ from torch import nn
 from ..errors import ConfigurationError
 from .attention_plan import plan_attention
 from .batches import batch_size
+from .host_stream import host_vectors_possible
 from .memory_plan import MemoryBudget, MemoryPlan, device_memory, host_available_bytes, plan_memory
 
 __all__ = ["plan_within"]
@@ -34,6 +35,8 @@ def plan_within(land: Any, memory: MemoryBudget | str, chunk_size: int | None, m
     overrides = {k: (v, "user") for k, v in (("chunk_size", chunk_size), ("micro_batch_size", micro_batch_size),
                                               ("graph_budget_bytes", graph_budget_bytes)) if v is not None}
     overrides.update({k: v for k, v in memory.overrides.items() if v is not None and v[0] is not None})
+    if getattr(land, "_vectors_requested", None) is not None:  # the Landscape's vector_device wins
+        overrides["vectors"] = (land._vectors_requested, "user")
     available, allocated = device_memory(land.device)
     can_split = not (land.mode == "train" and any(
         isinstance(m, nn.modules.batchnorm._BatchNorm) for m in land.model.modules()))
@@ -42,7 +45,8 @@ def plan_within(land: Any, memory: MemoryBudget | str, chunk_size: int | None, m
         available_bytes=available, allocated_bytes=allocated, train_peak_bytes=memory.train_peak_bytes,
         peak_ratio=memory.peak_ratio, cap_bytes=memory.cap_bytes, host_bytes=host_available_bytes(),
         bounded_basis=bool(memory.bounded_basis), can_split=can_split, gradient_samples=memory.gradient_samples,
-        host_is_device=land.device.type == "cpu", overrides=overrides,
+        host_is_device=land.device.type == "cpu", overrides=overrides, host_vectors=host_vectors_possible(land),
+        largest_param_bytes=max(p.numel() * p.element_size() for p in land.params),
         **({} if memory.basis_vectors is None else {"basis_vectors": memory.basis_vectors}),
     )
 

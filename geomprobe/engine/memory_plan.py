@@ -14,6 +14,11 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
 - **a Lanczos run** (one vector at a time): one HVP, its working vectors ``LANCZOS_WORK_VECTORS v`` (the kernel keeps vectors in
   the model's dtype, no float64 copies), and its basis: ``basis_vectors`` vectors on the device, none there
   when the basis lives in host memory, ``max_basis`` vectors when the bounded-memory Lanczos holds fewer.
+- **host vectors** (:mod:`~geomprobe.engine.host_stream`): none of the d-vectors above on the device (the
+  gradient, the HVP's vectors, Lanczos' working vectors and basis live in host memory); an HVP holds its
+  double backward's temporaries and one input and one output piece of the largest parameter
+  (``largest_param_bytes``) at a time; a graph rebuilt per HVP holds its gradient (``v``) until its roots
+  are taken. Batched HVPs go one vector at a time.
 - **per-example gradients** (``noise``, ``isotropy``): rows of ``2 d itemsize + PERSAMPLE_GRAPH_FACTOR s``
   bytes (the per-parameter results and their flattening, one example's forward and backward; the statistics
   take rows to float64 a slice of columns at a time), and the statistics' ``STATS_VECTORS`` float64 d-vectors.
@@ -31,7 +36,11 @@ times :data:`HEADROOM` for fragmentation. :func:`plan_memory` then chooses, each
 1. where the Lanczos basis lives: whole on the device if it fits beside one piece's graph; else, when the
    metrics' Lanczos can bound its basis, ``max_basis`` vectors on the device (at least
    :data:`MIN_BOUNDED_BASIS`); else in host memory (``basis_device="cpu"``, whole, or bounded to what
-   :data:`HOST_SHARE` of the host's RAM holds). A model on the CPU has no host to move it to.
+   :data:`HOST_SHARE` of the host's RAM holds). A model on the CPU has no host to move it to. When even the
+   basis in host memory leaves too many d-vectors on the device (the HVP's input and output and Lanczos'
+   working vectors) and the model is on CUDA in one process, the vectors go to host memory too
+   (``vectors="host"``): slower (``d`` elements over PCIe each way per HVP and probe batch, the Krylov
+   arithmetic on the CPU), but nothing of length ``d`` stays on the device;
 2. pieces of the probe batches (``micro_batch_size``: the largest that keeps the most samples' graphs beside
    that basis, the others recomputed per HVP) and how many pieces keep their graph (``graph_budget_bytes``);
 3. the vector chunk of batched HVPs (``chunk_size``, up to 16) in what the graphs leave;
@@ -121,6 +130,7 @@ class MemoryPlan:
     the out-of-memory safety net chose it; ``fits`` is False when even the smallest plan exceeds the budget.
     ``samples_kept``: samples whose first-order graph is kept (the others are rebuilt at every HVP call);
     ``attention``: which attention the graphs are built with and why (:mod:`~geomprobe.engine.attention_plan`).
+    ``vectors``: ``"host"`` when the HVP vectors live in host memory (:mod:`~geomprobe.engine.host_stream`).
     """
 
     budget_bytes: int | None
@@ -154,6 +164,9 @@ class MemoryPlan:
     device_vectors: int | None = None
     samples_kept: int | None = None
     attention: dict | None = None
+    # "host": HVP vectors, the gradient and the Lanczos vectors in host memory, streamed through each double
+    # backward parameter by parameter (engine/host_stream.py); "device": on the model's device
+    vectors: str = "device"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -287,6 +300,8 @@ def plan_memory(
     overrides: Mapping[str, tuple[Any, str]] | None = None,
     graph_source: str | None = None,
     persample_graph_bytes_per_sample: float | None = None,
+    host_vectors: bool = False,
+    largest_param_bytes: int | None = None,
 ) -> MemoryPlan:
     """The settings that keep a probe within its budget, and the arithmetic behind them (module docstring).
 
@@ -300,6 +315,9 @@ def plan_memory(
     so host memory is the budget itself and a basis moved there saves nothing.
     ``persample_graph_bytes_per_sample``: the graph figure of per-example gradients when it differs from the
     HVP graph's (they run torch's attention, whichever attention the HVP graphs use); default the same.
+    ``host_vectors``: the HVP vectors may move to host memory (a CUDA model in one process, exact HVPs); taken
+    only when no plan with device vectors fits, or when ``overrides`` sets ``vectors`` to ``"host"``.
+    ``largest_param_bytes``: the largest parameter's bytes, a host-vector HVP's piece in flight (None: not counted).
     Costs nothing (no HVP, no allocation).
     """
     if dim < 1 or itemsize < 1 or not batch_sizes or min(batch_sizes) < 1:
@@ -311,6 +329,8 @@ def plan_memory(
     for name in ("micro_batch_size", "chunk_size", "max_basis"):
         if name in given and int(given[name][0]) < 1:
             raise ConfigurationError(f"{name} must be >= 1, got {given[name][0]}")
+    if given.get("vectors", ("device",))[0] not in ("device", "host"):
+        raise ConfigurationError(f"vectors must be 'device' or 'host', got {given['vectors'][0]!r}")
     budget, source = budget_bytes(available_bytes=available_bytes, allocated_bytes=allocated_bytes,
                                   train_peak_bytes=train_peak_bytes, peak_ratio=peak_ratio, cap_bytes=cap_bytes)
     v = dim * itemsize
@@ -322,6 +342,10 @@ def plan_memory(
     sources = {k: who for k, (_, who) in given.items()}
     warns: list[str] = []
     lanczos_work = LANCZOS_WORK_VECTORS * v
+    # d-vectors on the device in the default mode: the flat gradient, each kept graph's gradient, an HVP's
+    # vectors; host vectors leave none there (a rebuilt graph's gradient lives until its roots are taken)
+    flat, kept_v, hvp_vectors = v, v, HVP_VECTORS * v
+    host = given.get("vectors", (None,))[0] == "host"
     # the gradient-sample phase, only where a metric streams gradient samples
     # float64 d-vectors of the statistics: mean and variance, and in the second pass a group's sums (two),
     # a view's scaled variance and the variance without the group
@@ -344,7 +368,7 @@ def plan_memory(
     def layout(m: int, room: float | None) -> tuple[int, int, int, int | None]:
         """(kept bytes, rebuilt-piece bytes, kept samples, graph budget) for pieces of ``m`` within ``room``."""
         pieces = _pieces(batch_sizes, m)
-        piece_bytes = [int(s * p) + v for p in pieces]
+        piece_bytes = [int(s * p) + kept_v for p in pieces]
         if "graph_budget_bytes" in given:
             cap = given["graph_budget_bytes"][0]
         elif room is None or sum(piece_bytes) <= room:
@@ -357,13 +381,13 @@ def plan_memory(
                 kept += b
                 kept_samples += p
             else:
-                rebuilt = max(rebuilt, b)
+                rebuilt = max(rebuilt, int(s * p) + v)
         return kept, rebuilt, kept_samples, cap
 
     def minimal_phase(m: int, reserve: int) -> int:
         """The least any phase needs: one HVP with a Lanczos run's working vectors and ``reserve`` bytes of its
         basis on the device, or one example's row."""
-        one_hvp = HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)
+        one_hvp = hvp_vectors + int(HVP_GRAPH_FACTOR * s * m)
         return max(one_hvp + lanczos_work + reserve, stats_fixed + row)
 
     def search(reserve: int) -> tuple | None:
@@ -372,11 +396,11 @@ def plan_memory(
             if budget is None:
                 return (m, *layout(m, None))
             least = minimal_phase(m, reserve)
-            kept, rebuilt, kept_samples, cap = layout(m, budget - v - least)
+            kept, rebuilt, kept_samples, cap = layout(m, budget - flat - least)
             if rebuilt:
                 # some graphs are rebuilt: one of them lives beside the kept ones during its HVPs
-                kept, rebuilt, kept_samples, cap = layout(m, budget - v - least - (int(s * m) + v))
-            if v + kept + rebuilt + least <= budget and (best is None or kept_samples > best[3]):
+                kept, rebuilt, kept_samples, cap = layout(m, budget - flat - least - (int(s * m) + v))
+            if flat + kept + rebuilt + least <= budget and (best is None or kept_samples > best[3]):
                 best = (m, kept, rebuilt, kept_samples, cap)
             if best is not None and best[3] == total:
                 break  # every graph kept: smaller pieces would only recompute more
@@ -391,11 +415,23 @@ def plan_memory(
         reserves.append(0)
     if given.get("basis_device", (None,))[0] == "cpu":
         reserves = [0]
+
+    def to_host() -> None:
+        nonlocal host, flat, kept_v, hvp_vectors, lanczos_work, reserves
+        host, flat, kept_v, lanczos_work, reserves = True, 0, 0, 0, [0]
+        hvp_vectors = 2 * int(largest_param_bytes or 0)  # one input piece and one output piece in flight
+
+    if host:
+        to_host()
     best = None
     for reserve in reserves:
         best = search(reserve)
         if best is not None:
             break
+    if best is None and host_vectors and not host_is_device and "vectors" not in given:
+        # even the basis in host memory leaves too many d-vectors on the device: the vectors go there too
+        to_host()
+        best = search(0)
     fits = best is not None
     if best is None:
         # Nothing fits: the pieces that need least, but no smaller than they must be. Where the d-vectors
@@ -410,15 +446,15 @@ def plan_memory(
     m, kept, rebuilt, samples_kept, graph_cap = best
     micro = value("micro_batch_size", m if m < n_max else None)
     graph_budget = value("graph_budget_bytes", graph_cap)
-    graphs = v + kept + rebuilt
+    graphs = flat + kept + rebuilt
     rest = None if budget is None else budget - graphs
 
-    # ---- batched HVPs: the widest chunk that fits beside the graphs
-    one_hvp = HVP_VECTORS * v + int(HVP_GRAPH_FACTOR * s * m)
+    # ---- batched HVPs: the widest chunk that fits beside the graphs (host vectors go one at a time)
+    one_hvp = hvp_vectors + int(HVP_GRAPH_FACTOR * s * m)
     per_vector = one_hvp + v  # in a block of several, V's per-parameter slices are copies
-    if rest is None:
+    if rest is None and not host:
         k = max_chunk
-    elif not fits:
+    elif not fits or host:
         k = 1
     else:
         k = int(min(max_chunk, max(1, rest // per_vector)))
@@ -426,8 +462,9 @@ def plan_memory(
 
     # ---- the Lanczos basis: on the device in full, bounded on the device, in host memory, or bounded there
     room = None if rest is None else rest - one_hvp - lanczos_work
-    where, cap_basis, placed = place_basis(m_req, bv, room, host_bytes, bounded_basis=bounded_basis,
-                                           host_is_device=host_is_device)
+    # host vectors: Lanczos runs on the host, so its basis lives there (in full where the host holds it)
+    where, cap_basis, placed = place_basis(m_req, bv, 0 if host and not host_is_device else room, host_bytes,
+                                           bounded_basis=bounded_basis, host_is_device=host_is_device)
     if not placed:
         warns.append(
             f"a Lanczos basis of {m_req} vectors ({_gib(m_req * bv)}) does not fit the budget"
@@ -452,6 +489,7 @@ def plan_memory(
     peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)
     if budget is not None and peak > budget:
         fits = False
+    vectors = value("vectors", "host" if host else "device")
     if budget is not None and not fits:
         limit = {"training peak": f"{peak_ratio:g} x the training step's peak",
                  "free memory": "the device's free memory", "memory cap": "memory_cap"}[source]
@@ -462,7 +500,8 @@ def plan_memory(
         warns.insert(0,
             f"the probe needs about {_gib(peak)} beyond the {_gib(allocated_bytes or 0)} allocated, but "
             f"{limit} leaves {_gib(budget)}; it runs with {what} (micro-batches of {micro or n_max}, chunks "
-            f"of {chunk}, basis {'in host memory' if basis_device == 'cpu' else 'on the device'}) and may run "
+            f"of {chunk}, basis {'in host memory' if basis_device == 'cpu' else 'on the device'}"
+            f"{', vectors in host memory' if host else ''}) and may run "
             "out of memory (recorded; training continues). Use fewer probe samples, or raise memory_cap / "
             "peak_ratio"
         )
@@ -479,6 +518,8 @@ def plan_memory(
         "lanczos_phase": lanczos_phase,
         "persample_row": row,
         "persample_phase": persample_phase,
+        "hvp_vectors": hvp_vectors,
+        "device_vectors_fixed": flat,
     }
     return MemoryPlan(
         budget_bytes=budget, budget_source=source, allocated_bytes=allocated_bytes,
@@ -489,7 +530,7 @@ def plan_memory(
         max_basis=max_basis, persample_bytes=per_bytes, basis_vectors=m_req, bounded_basis=bool(bounded_basis),
         peak_bytes=int(peak), fits=bool(fits), items=items, sources=sources, warnings=warns,
         graph_source=graph_source, device_vectors=None if room is None else max(0, int(room // v)),
-        samples_kept=int(samples_kept),
+        samples_kept=int(samples_kept), vectors=vectors,
     )
 
 

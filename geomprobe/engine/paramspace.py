@@ -15,7 +15,7 @@ from torch import nn
 
 from ..errors import ConfigurationError
 
-__all__ = ["Block", "ParamSpace", "select_parameters"]
+__all__ = ["Block", "ParamSpace", "select_parameters", "unwrap_model"]
 
 
 @dataclass(frozen=True)
@@ -132,3 +132,15 @@ def select_parameters(
             f"{type(model).__name__} has no parameter with requires_grad=True; nothing to measure"
         )
     return [n for n, _ in chosen], [p for _, p in chosen]
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module that holds the parameters: strips DistributedDataParallel/DataParallel (``.module``) and
+    ``torch.compile`` (``._orig_mod``) wrappers, whose own forward has no double backward or adds hooks."""
+    while True:
+        if hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        else:
+            return model

@@ -77,7 +77,7 @@ def direction(land: Any, *, k: int = 1, tol: float = 1e-3, max_iter: int | None 
     before = land.hvps
     ritz = extreme_ritz(land, "top", k, tol=tol, max_iter=max_iter, seed=seed, basis_device=basis_device)
     lam = ritz.values[0]
-    g = land.grad
+    g = land.grad.to(land.device)  # the host holds it in the host-vector mode; this metric works on the device
     gnorm2 = float(g.double() @ g.double())
     vectors = [g] + ([u] if last_update is not None else [])
     H = land.hvp(torch.stack(vectors))
@@ -87,7 +87,7 @@ def direction(land: Any, *, k: int = 1, tol: float = 1e-3, max_iter: int | None 
     }
     if gnorm2 > 0:
         curv = float(g.double() @ H[0].double()) / gnorm2
-        proj = ritz.vectors.double() @ g.double()
+        proj = ritz.vectors.to(g.device).double() @ g.double()
         out.update(grad_curvature=curv, grad_curvature_ratio=_ratio(curv, lam),
                    grad_top_share=float(proj @ proj) / gnorm2)
     else:

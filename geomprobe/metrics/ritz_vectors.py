@@ -27,7 +27,7 @@ _RECORDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Landscape 
 class RitzVectors:
     """``k`` extreme Ritz pairs of one end: ``values`` (descending for ``"top"``, ascending for
     ``"bottom"``), their residual bounds ``errs`` (some eigenvalue lies within each) and unit ``vectors``
-    ``(k, d)`` on the Landscape's device."""
+    ``(k, d)`` where the Landscape's vectors live (its ``vector_device``)."""
 
     def __init__(self, end: str, values: list[float], errs: list[float], vectors: torch.Tensor):
         self.end, self.values, self.errs, self.vectors = end, list(values), list(errs), vectors
@@ -73,17 +73,18 @@ def extreme_ritz(land: Any, end: str, k: int = 1, *, tol: float = 1e-3, max_iter
     if not isinstance(k, int) or k < 1:
         raise ConfigurationError(f"k must be a positive integer, got {k!r}")
     k = min(k, land.dim)
+    where = getattr(land, "vector_device", None) or land.device  # the host in the host-vector mode
     held = _held(land, end)
     if held is not None and len(held) >= k:
         return held.first(k)
     r = lanczos(land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which="largest" if end == "top" else "smallest",
-                generator=default_generator(seed), dtype=land.dtype, device=land.device, keep_basis=True,
+                generator=default_generator(seed), dtype=land.dtype, device=where, keep_basis=True,
                 basis_device=basis_device)
     n = len(r.ritz_values)
     k = min(k, n)
     idx = list(range(n - 1, n - 1 - k, -1)) if end == "top" else list(range(k))
     values, errs = (r.top(k) if end == "top" else r.bottom(k))
-    vectors = r.ritz_vectors(idx).to(land.device)  # one pass over the basis
+    vectors = r.ritz_vectors(idx).to(where)  # one pass over the basis
     r.basis = None
     keep_ritz(land, end, values, errs, vectors)
     return RitzVectors(end, values, errs, vectors)

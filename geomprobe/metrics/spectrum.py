@@ -15,7 +15,7 @@ from .registry import CostPlan, PlanContext, register
 from .ritz_vectors import keep_ritz
 from .shared import RAW_SPECTRUM, Reuse, lanczos_key
 
-__all__ = ["run_lanczos", "spectrum"]
+__all__ = ["run_lanczos", "spectrum", "vector_device"]
 
 
 def run_lanczos(
@@ -34,7 +34,9 @@ def run_lanczos(
     risk: float | None = DEFAULT_RISK,
     reuse: Reuse | None = None,
 ) -> LanczosResult:
-    """Lanczos on ``land.hvp`` in the Landscape's dtype and device (the raw result, Ritz vectors available).
+    """Lanczos on ``land.hvp`` in the Landscape's dtype, its vectors where the Landscape's live
+    (:func:`vector_device`: the host in the host-vector mode, so the Krylov arithmetic runs on the CPU and
+    the device holds no d-vector; the raw result, Ritz vectors available).
 
     A seeded run (no ``generator``, no basis kept) is a shared product (:mod:`.shared`): kept on the Landscape
     under its options and seed, so that a second metric asking for the same run (``precond``'s raw spectrum
@@ -52,7 +54,7 @@ def run_lanczos(
     mark = len(getattr(land, "hvp_errors", ()))
     r = lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
-        generator=generator or default_generator(seed), dtype=land.dtype, device=land.device,
+        generator=generator or default_generator(seed), dtype=land.dtype, device=vector_device(land),
         keep_basis=keep_basis, bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk,
         space=getattr(land, "vector_space", None),
     )
@@ -60,6 +62,12 @@ def run_lanczos(
     if cacheable:
         reuse.keep(key, RAW_SPECTRUM, r, r.matvecs)
     return r
+
+
+def vector_device(land: Any) -> torch.device:
+    """Where ``land``'s vectors live: its ``vector_device`` (host memory in the host-vector mode,
+    :mod:`geomprobe.engine.host_stream`), else its device."""
+    return getattr(land, "vector_device", None) or land.device
 
 
 def widen_by_matvec_error(land: Any, r: LanczosResult, mark: int, k: int, tol: float, which: str) -> None:
@@ -249,7 +257,7 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
         return kept, False
     # the start's random part (weight warm.mix, independent of H) is what certifies the extremes
     mark = len(getattr(land, "hvp_errors", ()))
-    r = lanczos(land.hvp, land.dim, k=k, v0=v0, generator=gen, dtype=land.dtype, device=land.device,
+    r = lanczos(land.hvp, land.dim, k=k, v0=v0, generator=gen, dtype=land.dtype, device=vector_device(land),
                 keep_basis=True, v0_random=float(warm.mix) if v0 is not None else 0.0, **options)
     widen_by_matvec_error(land, r, mark, k, options["tol"], options.get("which", "both"))
     n = len(r.ritz_values)

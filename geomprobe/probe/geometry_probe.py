@@ -29,6 +29,7 @@ from torch import nn
 
 from ..engine.batches import first_tensor
 from ..engine.distributed import make_reducer
+from ..engine.host_stream import host_vectors_possible
 from ..engine.landscape import Landscape, unwrap_model
 from ..engine.loss import loss_reduction
 from ..engine.memory_plan import DEFAULT_CHUNK_SIZE, DEFAULT_PEAK_RATIO, read_training_peak
@@ -88,7 +89,12 @@ class GeometryProbe:
         micro_batch_size: measure the probe batches in pieces of this many samples, keeping one first-order
             graph and rebuilding the others per HVP (the same Hessian, less memory, slower probes).
         basis_device: where Lanczos bases live (``"cpu"``: host memory), for the metrics that run Lanczos.
-            Both are also reached automatically, one after the other, when a probe runs out of memory.
+            Both are also reached automatically, one after the other, when a probe runs out of memory (and
+            then, on a CUDA model, host vectors: ``vector_device`` below).
+        vector_device: passed to :class:`Landscape`: ``"cpu"`` keeps every HVP vector, the gradient and
+            ``spectrum``'s Lanczos vectors in host memory, streamed through the double backward
+            (:mod:`geomprobe.engine.host_stream`); ``None`` (default): the memory plan takes host vectors when
+            nothing else fits its budget (recorded as ``vectors`` in ``cost.memory_plan``).
         memory_plan: plan each probe's memory before it runs (:mod:`geomprobe.engine.memory_plan`): settings
             left at ``None`` (``chunk_size``, ``micro_batch_size``, ``basis_device``, and the bytes per-example
             gradients take at once) are chosen so that the probe's peak stays within ``peak_ratio`` times the
@@ -157,6 +163,7 @@ class GeometryProbe:
         chunk_size: int | None = None,
         micro_batch_size: int | None = None,
         basis_device: str | None = None,
+        vector_device: str | None = None,
         memory_plan: bool = True,
         memory_cap: int | None = None,
         peak_ratio: float = DEFAULT_PEAK_RATIO,
@@ -180,7 +187,8 @@ class GeometryProbe:
         loss_reduction(loss_fn, reduction)  # a bad reduction, or a loss of reduction='none', before training starts
         check_probe_options(mode=mode, hvp_method=hvp_method, loss_form=loss_form, chunk_size=chunk_size,
                             micro_batch_size=micro_batch_size, basis_device=basis_device, seed=seed, run_dir=run_dir,
-                            memory_cap=memory_cap, peak_ratio=peak_ratio, recompute_attention=recompute_attention)
+                            memory_cap=memory_cap, peak_ratio=peak_ratio, recompute_attention=recompute_attention,
+                            vector_device=vector_device)
         self.model = unwrap_model(model)
         self.loss_fn = loss_fn
         self.metric_options = resolve_metrics(metrics)  # every form, checked before training starts
@@ -198,6 +206,8 @@ class GeometryProbe:
         )
         if micro_batch_size is not None:
             self.landscape_options.update(micro_batch_size=micro_batch_size, graph_budget_bytes=1)
+        if vector_device is not None:  # only when set: the options of runs before it stay as they were
+            self.landscape_options["vector_device"] = vector_device
         self.seed = seed
         with rng_preserved(self.model):  # a DataLoader or an augmenting dataset must not move training's RNG
             self.batches, self.data_policy = draw_probe_batches(
@@ -226,6 +236,7 @@ class GeometryProbe:
         self._updates: LastUpdate | None = None
         self._grad_norm0: float | None = None
         self._basis_device = basis_device  # set to "cpu" when out-of-memory pushes Lanczos bases off the device
+        self._vectors: str | None = None  # "host" when out-of-memory pushes every vector off the device (host_stream)
         self.memory_plan, self.memory_cap, self.peak_ratio = bool(memory_plan), memory_cap, float(peak_ratio)
         self._ladder: set[str] = set()  # settings the out-of-memory safety net changed
         self._train_peak: int | None = None
@@ -539,6 +550,11 @@ class GeometryProbe:
                     # the graph is already in pieces: the Lanczos basis is the next largest thing on the device
                     self._basis_device = "cpu"
                     self._ladder.add("basis_device")
+                elif (where != "landscape" and ran_basis == "cpu" and ran_micro and land is not None
+                      and land.host is None and host_vectors_possible(land)):
+                    # pieces, and the basis in host memory: the d-vectors left are the HVP's and Lanczos' own
+                    self._vectors = "host"
+                    self._ladder.add("vectors")
                 else:
                     self._shrink_micro_batches(ran_micro)
             if torch.cuda.is_available():

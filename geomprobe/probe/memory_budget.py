@@ -23,6 +23,8 @@ def probe_budget(probe: Any) -> MemoryBudget | None:
              if k in probe._ladder}
     if probe._basis_device is not None:
         fixed["basis_device"] = (probe._basis_device, "oom-ladder" if "basis_device" in probe._ladder else "user")
+    if getattr(probe, "_vectors", None) is not None:  # host vectors, the safety net's last rung before splitting
+        fixed["vectors"] = (probe._vectors, "oom-ladder")
     return MemoryBudget(cap_bytes=probe.memory_cap, train_peak_bytes=probe._train_peak, peak_ratio=probe.peak_ratio,
                         bounded_basis=bounded_basis(probe.metric_options),
                         basis_vectors=basis_vectors(probe.metric_options), overrides=fixed, warn=False,

@@ -49,6 +49,7 @@ def check_probe_options(
     memory_cap: Any,
     peak_ratio: Any,
     recompute_attention: Any = None,
+    vector_device: Any = None,
 ) -> None:
     """Raise :class:`ConfigurationError` for the first option that no probe could run with. Costs nothing."""
     if mode not in MODES:
@@ -83,6 +84,18 @@ def check_probe_options(
     if recompute_attention is not None and not isinstance(recompute_attention, bool):
         raise ConfigurationError(
             f"recompute_attention must be True, False or None (the memory plan chooses), got {recompute_attention!r}")
+    if vector_device is not None:
+        try:
+            torch.device(vector_device)
+        except (RuntimeError, TypeError):
+            raise ConfigurationError(
+                f"vector_device must be 'cpu' (HVP vectors in host memory), the model's device, or None (the "
+                f"memory plan chooses), got {vector_device!r}") from None
+        if torch.device(vector_device).type == "cpu" and hvp_method == "finite-difference":
+            raise ConfigurationError(
+                "vector_device='cpu' streams the exact HVP's vectors through the double backward; finite "
+                "differences hold whole vectors on the device: use hvp_method='autograd' or leave vector_device "
+                "at None")
 
 
 def check_metric_options(options: Mapping[str, Mapping[str, Any]]) -> None:

@@ -117,7 +117,8 @@ class WarmStart:
         return True
 
     def start(self, land: Any, *, which: str, generator: torch.Generator) -> torch.Tensor | None:
-        """A unit start vector on ``land``'s device and dtype for Lanczos at the ``which`` end(s), or None.
+        """A unit start vector in ``land``'s dtype, where its vectors live (``vector_device``), for Lanczos at
+        the ``which`` end(s), or None.
 
         Draws one Gaussian vector from ``generator`` when warm (none when cold, so a cold run draws the
         same start it would without a WarmStart).
@@ -132,14 +133,15 @@ class WarmStart:
         if not parts:
             self.reason = f"no kept vectors serve which={which!r}"
             return None
-        u = torch.cat(parts).to(device=land.device, dtype=torch.float32 if land.dtype.itemsize < 4 else land.dtype)
+        where = getattr(land, "vector_device", None) or land.device  # the host in the host-vector mode
+        u = torch.cat(parts).to(device=where, dtype=torch.float32 if land.dtype.itemsize < 4 else land.dtype)
         u = u.sum(0)
         un = u.norm()
         if not torch.isfinite(un) or un == 0:
             self.reason = "the kept vectors cancel or are not finite"
             return None
         self.reason = ""
-        z = gaussian(land.dim, generator, u.dtype, land.device)
+        z = gaussian(land.dim, generator, u.dtype, where)
         v0 = math.sqrt(1.0 - self.mix**2) * (u / un) + self.mix * (z / z.norm())
         return v0.to(land.dtype)
 

@@ -137,11 +137,11 @@ def resolve_direction(land: Any, spec: Any, *, normalize: str | None = None, see
             ritz = extreme_ritz(land, kind, index, tol=tol, max_iter=max_iter, seed=seed)
             if len(ritz) < index:
                 raise ConfigurationError(f"direction {spec!r}: the Hessian has only {len(ritz)} Ritz pairs here")
-            vec = ritz.vectors[index - 1]
+            vec = ritz.vectors[index - 1].to(land.device)  # on the host in the host-vector mode
             info.update(ritz_value=ritz.values[index - 1], ritz_err=ritz.errs[index - 1])
             kind = "top"
         elif spec == "gradient":
-            vec, kind = land.grad.clone(), "gradient"
+            vec, kind = land.grad.to(land.device, copy=True), "gradient"
             if float(vec.norm()) == 0:
                 raise ConfigurationError("direction 'gradient': the gradient is zero here; choose another direction")
         elif spec == "update":

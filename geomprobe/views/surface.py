@@ -80,7 +80,7 @@ def line(land: Any, direction: Any = "top", *, span: Sequence[float] = (-1.0, 1.
     t0, before = time.perf_counter(), land.hvps
     u, info = resolve_direction(land, direction, normalize=normalize, seed=seed, last_update=last_update,
                                 previous=previous, tol=tol, max_iter=max_iter, filter_1d=filter_1d)
-    slope = float(land.grad.double() @ u.double())
+    slope = float(land.grad.to(u.device).double() @ u.double())
     curvature = float(u.double() @ land.hvp(u).double())
     t = _grid(lo_hi, points)
     theta = flat_parameters(land)
@@ -135,7 +135,7 @@ def plane(land: Any, u: Any = "top", v: Any = "random", *, span: Sequence = (-1.
     if abs(cosine) > 1 - 1e-9:
         raise ConfigurationError(f"directions {info_u['direction']!r} and {info_v['direction']!r} are parallel; "
                                  "a plane needs two independent directions")
-    g = land.grad.double()
+    g = land.grad.to(du.device).double()
     slope = [float(g @ du.double()), float(g @ dv.double())]
     H = land.hvp(torch.stack([du, dv])).double()
     C = [[float(du.double() @ H[0]), float(du.double() @ H[1])], [float(dv.double() @ H[0]), float(dv.double() @ H[1])]]

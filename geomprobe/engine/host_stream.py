@@ -1,0 +1,274 @@
+"""Host vectors: the exact HVP of a model on one device whose input and output vectors live in host memory.
+
+A Lanczos run on a 1B-parameter model holds a handful of d-vectors besides its HVP (input, output, the
+three-term step's working vectors: 1.7 GB each in bf16), which is what keeps a probe above 1.5x the training
+step even with its basis in host memory. In this mode no d-vector lives on the device: :meth:`HostVectors.hvp`
+runs one double backward per probe batch (through its kept graph, or one rebuilt for the pass) in which
+
+- each parameter's piece of the host input ``v`` is copied to the device when autograd is about to use it (a
+  pre-hook on the node of each gradient root swaps it in for a zero-stride placeholder,
+  :class:`~geomprobe.engine.sharded_stream.StreamPass`), and dropped once used;
+- each parameter's finished output ``(Hv)_i`` is added into the host output as soon as autograd has summed it
+  (a hook on the parameter, which hands autograd a zero-stride placeholder back).
+
+The double backward is ``torch.autograd.grad`` with the parameters as inputs, as in the device mode: it never
+runs a parameter's gradient accumulator, so the user's ``.grad`` is never written and the user's
+post-accumulate-grad hooks (an optimizer stepping inside backward, DDP's reducer) never fire. The hooks this
+mode adds are removed after every pass, after a failure too, and each parameter's hook table is put back as
+found. Kept graphs are held as :class:`~geomprobe.engine.sharded_stream.Root` edges only: no whole gradient.
+
+Cost per HVP: the double backwards of the device mode, plus ``d`` elements copied host to device and ``d``
+device to host per probe batch (each output copy waits for the device: the pass synchronizes once per
+parameter), and the additions of the outputs on the host; the Krylov arithmetic around the HVPs runs on the
+CPU (:func:`geomprobe.metrics.spectrum`). Device memory beyond the graphs: the double backward's temporaries,
+one parameter's input piece and one output piece at a time (``2 x`` the largest parameter); building or
+rebuilding a graph holds its first-order gradients (one d-vector) until their roots are taken.
+
+On a CPU model (the tests) host and device are one: the copies are no-ops and the streamed passes are the same
+code as on CUDA, which is what lets CPU tests check this mode against the device mode to rounding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Self
+
+import torch
+
+from ..errors import ConfigurationError
+from .doublecheck import no_double_backward
+from .sharded_stream import Root, StreamPass, roots_of
+
+__all__ = ["HostLayout", "HostStreamPass", "HostVectors", "host_mode", "host_vectors_possible",
+           "resolve_vector_device", "vectors_record"]
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class HostLayout:
+    """The one-process layout a :class:`StreamPass` takes: parameter pieces as views of a flat vector, copied
+    to the model's device when gathered and added (copied, in a pass's first batch) into the flat output."""
+
+    def __init__(self, shapes: Sequence[torch.Size], device: torch.device):
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.sizes = [int(s.numel()) for s in self.shapes]
+        self.offsets = [0]
+        for n in self.sizes:
+            self.offsets.append(self.offsets[-1] + n)
+        self.dim = self.offsets[-1]
+        self.device = torch.device(device)
+
+    def split_local(self, v: torch.Tensor) -> list[torch.Tensor]:
+        """Views of the flat vector ``v`` ``(d,)`` shaped like each parameter (no copy)."""
+        if v.shape != (self.dim,):
+            raise ConfigurationError(f"a streamed HVP takes one flat vector of length {self.dim}, got {tuple(v.shape)}")
+        return [v[a:b].view(s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
+
+    def gather_param(self, i: int, piece: torch.Tensor) -> torch.Tensor:
+        """Parameter ``i``'s piece on the model's device (asynchronous from pinned host memory)."""
+        if piece.device == self.device:
+            return piece
+        return piece.to(self.device, non_blocking=piece.is_pinned())
+
+    def scatter_param_add(self, i: int, whole: torch.Tensor | None, out: torch.Tensor, fresh: bool = False) -> None:
+        """Add parameter ``i``'s output ``whole`` (on the device; None: nothing) into ``out``, its view of the flat
+        output. ``fresh``: ``out`` still holds zeros, so the output is copied straight into it (no temporary)."""
+        if whole is None:
+            return
+        if fresh:
+            out.copy_(whole)
+        else:
+            out.add_(whole.to(device=out.device, dtype=out.dtype))
+
+
+class HostStreamPass(StreamPass):
+    """One double backward of a streamed HVP in one process (module docstring): inputs copied to the device on
+    first use, outputs taken off as autograd finishes them. Reuses :class:`StreamPass`'s roots and placeholders;
+    the schedule of collectives it keeps for several ranks has no use here, so pieces move when autograd asks.
+
+    ``fresh``: ``out`` holds zeros (the first batch of a vector), so outputs are copied, not added. Use as a
+    context manager; the hooks go on entry and are removed on exit, after an error too."""
+
+    def __init__(self, layout: HostLayout, leaves: Sequence[torch.Tensor], v: torch.Tensor, out: torch.Tensor,
+                 fresh: bool = False):
+        super().__init__(layout, leaves, v, out)  # type: ignore[arg-type]
+        self.fresh = fresh
+        self._hook_tables: list[tuple[torch.Tensor, bool]] = []
+
+    def __enter__(self) -> Self:
+        for i, leaf in enumerate(self.leaves):
+            # a leaf's hooks also run on the gradient autograd.grad captures for it; a parameter without hooks
+            # of its own gets its table back as None on exit (an empty table would stay on the user's tensor)
+            self._hook_tables.append((leaf, leaf._backward_hooks is None))
+            self._handles.append(leaf.register_hook(lambda g, i=i: self._capture(i, g)))
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        for leaf, had_none in self._hook_tables:
+            if had_none and not leaf._backward_hooks:
+                leaf._backward_hooks = None
+        self._hook_tables = []
+        self._gathered.clear()
+        self._held = 0
+        if exc_type is None and self.layout.device.type == "cuda":
+            # an input copied asynchronously from pinned memory must land before the caller reuses v
+            torch.cuda.current_stream(self.layout.device).synchronize()
+
+    def _input(self, i: int, grad: torch.Tensor) -> torch.Tensor:
+        self.inputs_seen.append(i)
+        piece = self._gathered.get(i)
+        if piece is None:
+            piece = self.layout.gather_param(i, self.v_pieces[i])
+            if self._uses[i] > 1:  # held for the parameter's other roots (several graphs in one pass)
+                self._gathered[i] = piece
+                self._hold(_nbytes(piece))
+        self._uses[i] -= 1
+        if self._uses[i] == 0 and i in self._gathered:
+            del self._gathered[i]
+            self._held -= _nbytes(piece)
+        return piece.to(grad.dtype)
+
+    def _capture(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        """Parameter ``i``'s finished output: into the flat output at once; autograd keeps a placeholder."""
+        self.outputs_seen.append(i)
+        self._hold(_nbytes(g))
+        self.layout.scatter_param_add(i, g, self.out_pieces[i], fresh=self.fresh)
+        self._held -= _nbytes(g)
+        return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+
+    def finish(self) -> None:
+        """Nothing is left to issue: every piece moved when autograd asked for it."""
+
+
+class HostVectors:
+    """The host-vector mode of a :class:`~geomprobe.Landscape` (module docstring): its streamed HVPs, its
+    gradient assembled on the host, and what the passes held (:attr:`stats`)."""
+
+    def __init__(self, land: Any):
+        self.land = land
+        self.layout = HostLayout([p.shape for p in land.params], land.device)
+        self.host = torch.device("cpu")
+        self.pin = land.device.type == "cuda"
+        self.stats = {"passes": 0, "peak_held_bytes": 0}
+
+    # ------------------------------------------------------------------ build
+    def new_grad(self) -> torch.Tensor:
+        """The flat gradient's host buffer (zeros)."""
+        return torch.zeros(self.layout.dim, dtype=self.land.dtype, device=self.host)
+
+    def add_grad(self, grad: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> None:
+        """Add one batch's per-parameter gradients into the host gradient, parameter by parameter."""
+        for piece, g in zip(self.layout.split_local(grad), grads):
+            if g is not None:
+                piece.add_(g.detach().to(device=grad.device, dtype=grad.dtype))
+
+    @staticmethod
+    def keep(grads: Sequence[torch.Tensor | None]) -> list[Root | None]:
+        """What a kept graph holds in this mode: its roots, not its gradient values."""
+        return roots_of(grads)
+
+    # ------------------------------------------------------------------ products
+    def hvp_rows(self, V: torch.Tensor) -> torch.Tensor:
+        """``H v`` for each row of ``V`` ``(k, d)``, one streamed vector at a time, on ``V``'s device (the host,
+        or the model's device for metrics that keep their vectors there). Cost: ``k`` double backward passes
+        per probe batch, ``d`` elements copied each way per pass when ``V`` is on the host."""
+        out = None
+        if V.device.type == "cpu" and self.pin:
+            try:  # page-locked: the device writes each output piece straight into it
+                out = torch.empty(V.shape, dtype=V.dtype, pin_memory=True)
+            except RuntimeError:
+                self.pin = False
+        out = torch.empty_like(V) if out is None else out
+        for x, y in zip(V, out):
+            y.zero_()
+            for b in range(len(self.land.batches)):
+                self._pass(b, x, y, fresh=b == 0)
+        return out
+
+    def _pass(self, b: int, v: torch.Tensor, out: torch.Tensor, fresh: bool) -> None:
+        land = self.land
+        graph, retain = land._graphs[b], True
+        if graph is None:
+            graph, retain = roots_of(land._graph(b, True)[0]), False  # the gradient freed before the pass
+            land.graph_rebuilds += 1
+        with HostStreamPass(self.layout, land.params, v, out, fresh=fresh) as sp:
+            outputs, placeholders = sp.roots([graph])
+            if outputs:
+                try:
+                    torch.autograd.grad(outputs, land.params, placeholders, retain_graph=retain, allow_unused=True)
+                except RuntimeError as e:
+                    refusal = no_double_backward(e)
+                    if refusal is None:
+                        raise
+                    raise refusal from e
+        del graph
+        self.stats["passes"] += 1
+        self.stats["peak_held_bytes"] = max(self.stats["peak_held_bytes"], sp.peak_held_bytes)
+
+
+def resolve_vector_device(land: Any, vector_device: Any) -> str | None:
+    """``"host"``/``"device"`` for an explicit ``vector_device`` of ``land`` (a Landscape before its plan), None
+    when the plan is to choose. ``"cpu"`` asks for host vectors, the model's device for device vectors. Refuses
+    what the mode cannot serve: a sharded model (its HVPs stream between ranks already), finite differences,
+    several ranks (the host vectors would need their own reductions)."""
+    if vector_device is None:
+        return None
+    try:
+        dev = torch.device(vector_device)
+    except (RuntimeError, TypeError):
+        raise ConfigurationError(
+            f"vector_device must be 'cpu' (vectors in host memory), the model's device, or None (the memory plan "
+            f"chooses), got {vector_device!r}") from None
+    if dev.type != "cpu":
+        model = land.device
+        if dev.type != model.type or (dev.index is not None and model.index is not None and dev.index != model.index):
+            raise ConfigurationError(
+                f"vector_device={vector_device!r} is neither 'cpu' (host vectors) nor the model's device {model}; "
+                "vectors live on one of the two")
+        return "device"
+    if land.sharded:
+        raise ConfigurationError(
+            "vector_device='cpu' is for a model on one device; an FSDP2 model's HVPs already stream its vectors "
+            "between ranks parameter by parameter: leave vector_device at None")
+    if land.hvp_method != "autograd":
+        raise ConfigurationError(
+            "vector_device='cpu' streams the exact HVP's vectors through the double backward; finite differences "
+            "hold whole vectors on the device: use hvp_method='autograd' or leave vector_device at None")
+    if land.reducer.world_size > 1:
+        raise ConfigurationError(
+            f"vector_device='cpu' measures one process's data, but the probe data is spread over "
+            f"{land.reducer.world_size} ranks: leave vector_device at None (or pass process_group=False)")
+    return "host"
+
+
+def host_mode(land: Any) -> HostVectors | None:
+    """The host-vector mode of ``land`` (after its plan) when the user or the plan chose it, else None. A plan
+    given whole that chose it for a model this process cannot stream alone (sharded, several ranks, finite
+    differences) is not followed there."""
+    chosen = land._vectors_requested or getattr(land.plan, "vectors", "device")
+    if chosen != "host" or land.sharded or land.hvp_method != "autograd" or land.reducer.world_size > 1:
+        return None
+    return HostVectors(land)
+
+
+def host_vectors_possible(land: Any) -> bool:
+    """Whether the memory plan may choose host vectors for ``land``: a model on CUDA, in one process, exact HVPs."""
+    return (land.device.type == "cuda" and not land.sharded and land.hvp_method == "autograd"
+            and land.reducer.world_size == 1)
+
+
+def vectors_record(land: Any) -> dict:
+    """Where ``land``'s vectors live and who chose it (``"user"``, the memory plan, or the default), for
+    :meth:`~geomprobe.Landscape.info`."""
+    where = "host" if land.host is not None else "device"
+    if land._vectors_requested is not None:
+        return {"where": where, "source": "user"}
+    plan = land.plan
+    if plan is not None and getattr(plan, "vectors", "device") == where:
+        return {"where": where, "source": (plan.sources or {}).get("vectors", "plan")}
+    return {"where": where, "source": "default"}

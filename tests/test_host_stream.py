@@ -1,0 +1,422 @@
+"""Host vectors (engine/host_stream.py): HVPs streamed from and into host memory parameter by parameter equal the
+device mode's to float64 rounding (kept and rebuilt graphs, several batches, micro-batches, a tiny GPT-2), the
+user's parameters, buffers, ``.grad`` and hooks are as found (after a failure too), the memory plan takes the
+mode when nothing else fits and records who chose it, and spectrum runs on host vectors with the same
+eigenvalues. On the CPU host and device are one: the passes are the streamed ones, the copies no-ops."""
+
+import copy
+import sys
+
+import pytest
+import torch
+from reference import make_case
+from tolerances import FLOAT64_REL
+from torch import nn
+
+import geomprobe as gp
+from geomprobe.engine import host_stream, landscape_plan
+from geomprobe.engine.memory_plan import HEADROOM, MemoryBudget, MemoryPlan, plan_memory
+from geomprobe.metrics import spectrum
+from geomprobe.metrics.ritz_vectors import extreme_ritz
+from geomprobe.probe.warm_start import WarmStart
+
+STREAMED = 1e-12  # two routes to the same double backward, relative to the largest entry
+GiB = 2**30
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float = STREAMED) -> bool:
+    return float((a - b).abs().max()) <= tol * max(1.0, float(b.abs().max()))
+
+
+def _vectors(land, k=3, seed=1):
+    return torch.randn(k, land.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------------------------- products
+@pytest.mark.parametrize("name", ["tanh_mlp", "cnn_bn", "transformer", "dropout_train"])
+@pytest.mark.parametrize("budget", [None, 1], ids=["kept", "rebuilt"])
+def test_host_hvps_equal_device_hvps(name, budget):
+    model, loss, batches, mode = make_case(name)
+    assert len(batches) > 1  # several probe batches: one streamed pass each, summed on the host
+    device = gp.Landscape(model, loss, batches, mode=mode, graph_budget_bytes=budget)
+    host = gp.Landscape(model, loss, batches, mode=mode, graph_budget_bytes=budget, vector_device="cpu")
+    V = _vectors(device)
+    got = host.hvp(V)
+    assert got.device.type == "cpu" and got.dtype == torch.float64 and got.shape == V.shape
+    assert _close(got, device.hvp(V))
+    assert _close(host.hvp(V[0]), device.hvp(V[0]))  # a single vector too
+    assert _close(host.hvp(V.T.contiguous().T[1]), device.hvp(V[1]))  # and one with gaps between its entries
+    assert torch.equal(host.grad, device.grad) or _close(host.grad, device.grad)
+    assert host.loss == device.loss and host.hvps == 5
+    # a block goes one vector at a time: one pass per vector and probe batch
+    assert host.host.stats["passes"] == 5 * len(host.batches)
+    if budget == 1:
+        assert host.graph_rebuilds >= 1 and host.info()["graphs_kept"] == 1
+
+
+def test_kept_graphs_hold_their_roots_not_their_gradients():
+    model, loss, batches, _ = make_case("tanh_mlp")
+    land = gp.Landscape(model, loss, batches, vector_device="cpu")
+    assert all(isinstance(r, host_stream.Root) or r is None for g in land._graphs for r in g)
+    assert land.grad.device.type == "cpu"
+
+
+def test_micro_batches_and_a_tiny_gpt2_stream_the_same_products():
+    model, loss, batches, _ = make_case("tanh_mlp")
+    device = gp.Landscape(model, loss, batches)
+    split = gp.Landscape(model, loss, batches, micro_batch_size=3, graph_budget_bytes=1, vector_device="cpu")
+    V = _vectors(device, 2)
+    assert len(split.batches) > len(batches) and _close(split.hvp(V), device.hvp(V))
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_embd=8, n_layer=2, n_head=2, n_positions=16, vocab_size=11,
+                                     bos_token_id=0, eos_token_id=0)
+    torch.manual_seed(0)
+    gpt = transformers.GPT2LMHeadModel(config).double().eval()
+    ids = torch.randint(0, 11, (4, 9), generator=torch.Generator().manual_seed(1))
+
+    def lm_loss(model, batch):
+        logits = model(input_ids=batch["input_ids"]).logits[:, :-1]
+        return nn.functional.cross_entropy(logits.reshape(-1, 11), batch["input_ids"][:, 1:].reshape(-1))
+
+    data = [{"input_ids": ids[:3]}, {"input_ids": ids[3:]}]
+    for budget in (None, 1):
+        dev = gp.Landscape(gpt, lm_loss, data, graph_budget_bytes=budget)
+        host = gp.Landscape(gpt, lm_loss, data, graph_budget_bytes=budget, vector_device="cpu")
+        V = _vectors(dev, 2, seed=3)
+        assert _close(host.hvp(V), dev.hvp(V))
+
+
+def test_bf16_host_hvps_are_the_device_mode_bits():
+    model, loss, batches, _ = make_case("tanh_mlp")
+    model = model.to(torch.bfloat16)
+    batches = [(x.to(torch.bfloat16), y) for x, y in batches]
+    device = gp.Landscape(model, loss, batches)
+    host = gp.Landscape(model, loss, batches, vector_device="cpu")
+    V = _vectors(device, 2).to(torch.bfloat16)
+    # the same double backward on the same pieces, summed over the batches in the same order
+    assert torch.equal(host.hvp(V), device.hvp(V))
+
+
+class _DetachedSquare(torch.autograd.Function):
+    """x^2 whose backward computes on detached tensors: the HVP would drop a term, so it must be refused."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * x
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return g * 2 * x.detach()
+
+
+class _Squares(nn.Module):
+    def __init__(self, act):
+        super().__init__()
+        self.a, self.b = nn.Linear(3, 5).double(), nn.Linear(5, 2).double()
+        self.act = act
+
+    def forward(self, x):
+        return self.b(self.act(self.a(x)))
+
+
+def test_constant_gradients_and_the_custom_function_check_stream_too():
+    torch.manual_seed(1)
+    g = torch.Generator().manual_seed(3)
+    data = (torch.randn(16, 3, generator=g, dtype=torch.float64), torch.randn(16, 2, generator=g, dtype=torch.float64))
+    model = _Squares(nn.ReLU())
+    linear = lambda out, y: (out * y).mean()  # b.bias has a constant gradient: no root, zero Hessian rows
+    device, host = gp.Landscape(model, linear, data), gp.Landscape(model, linear, data, vector_device="cpu")
+    H = device.hvp(torch.eye(device.dim, dtype=torch.float64))
+    assert _close(host.hvp(torch.eye(host.dim, dtype=torch.float64)), H) and H.abs().max() > 1e-2
+    assert host.hvp(torch.eye(host.dim, dtype=torch.float64))[-2:].abs().max() == 0
+    # the check of custom Functions (one HVP against differences) runs through the streamed passes too
+    with pytest.raises(gp.UnsupportedOperationError, match="_DetachedSquare"):
+        gp.Landscape(_Squares(_DetachedSquare.apply), nn.MSELoss(), data, vector_device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------- user state
+def _user_state(model):
+    return (copy.deepcopy(model.state_dict()), [p.grad for p in model.parameters()],
+            [None if p.grad is None else p.grad.clone() for p in model.parameters()], torch.get_rng_state(),
+            [p._backward_hooks for p in model.parameters()])
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_parameters_buffers_grad_and_hooks_are_as_found(mode):
+    model, loss, batches, _ = make_case("cnn_bn")
+    params = list(model.parameters())
+    # one parameter with a .grad tensor, the others None; a post-accumulate-grad hook (as an optimizer stepping
+    # inside backward registers) must never fire: the streamed passes run no gradient accumulator
+    params[0].grad = torch.randn_like(params[0])
+    fired = []
+    handle = params[1].register_post_accumulate_grad_hook(lambda p: fired.append(p))
+    before = _user_state(model)
+    buffers = list(model.buffers())
+    with gp.Landscape(model, loss, batches, mode=mode, vector_device="cpu", graph_budget_bytes=1) as land:
+        land.hvp(_vectors(land, 2))
+        spectrum(land, tol=1e-4, max_iter=20)
+    sd, grads, values, rng, hooks = _user_state(model)
+    assert all(torch.equal(sd[k], before[0][k]) for k in sd)
+    assert all(a is b for a, b in zip(grads, before[1]))  # the very .grad objects (and None where None)
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(values, before[2]))
+    assert torch.equal(rng, before[3]) and all(a is b for a, b in zip(buffers, model.buffers()))
+    assert hooks == before[4] == [None] * len(params)  # no hook table left on the user's tensors
+    assert fired == []
+    handle.remove()
+
+
+def test_a_failure_inside_the_double_backward_leaves_no_hook_behind(monkeypatch):
+    model, loss, batches, _ = make_case("tanh_mlp")
+    params = list(model.parameters())
+    params[0].grad = torch.ones_like(params[0])
+    grad_before = params[0].grad
+    device = gp.Landscape(model, loss, batches)
+    land = gp.Landscape(model, loss, batches, vector_device="cpu")
+    v = _vectors(land, 1)[0]
+    real = host_stream.HostLayout.scatter_param_add
+    calls = {"n": 0}
+
+    def fail_second(self, i, whole, out, fresh=False):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("simulated failure in the middle of the double backward")
+        return real(self, i, whole, out, fresh)
+
+    monkeypatch.setattr(host_stream.HostLayout, "scatter_param_add", fail_second)
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        land.hvp(v)
+    monkeypatch.setattr(host_stream.HostLayout, "scatter_param_add", real)
+    assert params[0].grad is grad_before and torch.equal(grad_before, torch.ones_like(grad_before))
+    assert all(p.grad is None for p in params[1:]) and all(p._backward_hooks is None for p in params)
+    # the roots' pre-hooks went too: a stale one would swap the failed pass's pieces into this one
+    assert _close(land.hvp(v), device.hvp(v)) and _close(land.hvp(-2 * v), device.hvp(-2 * v))
+
+
+def test_bad_settings_are_refused_clearly():
+    model, loss, batches, _ = make_case("tanh_mlp")
+    with pytest.raises(gp.ConfigurationError, match="neither 'cpu'"):
+        gp.Landscape(model, loss, batches, vector_device="cuda:3")
+    with pytest.raises(gp.ConfigurationError, match="vector_device must be"):
+        gp.Landscape(model, loss, batches, vector_device="nowhere")
+    with pytest.raises(gp.ConfigurationError, match="finite differences"):
+        gp.Landscape(model, loss, batches, vector_device="cpu", hvp_method="finite-difference")
+    with pytest.raises(gp.ConfigurationError, match="finite differences"):
+        gp.GeometryProbe(model, loss, batches[0], vector_device="cpu", hvp_method="finite-difference")
+    with pytest.raises(gp.ConfigurationError, match="vector_device must be"):
+        gp.GeometryProbe(model, loss, batches[0], vector_device=3.5)
+    land = gp.Landscape(model, loss, batches, vector_device="cpu")
+    with pytest.raises(gp.ConfigurationError, match="hvp takes a vector"):
+        land.hvp(torch.zeros(land.dim + 1, dtype=torch.float64))
+
+
+# ---------------------------------------------------------------------------------------------- the plan
+# Figures of a model on a simulated GPU: 200M float32 parameters, 8 samples of 0.25 GiB of graph each.
+SIM = {"dim": 200_000_000, "itemsize": 4, "batch_sizes": [8], "graph_bytes_per_sample": GiB / 4,
+       "host_bytes": 1024 * GiB, "largest_param_bytes": 64 * 2**20, "gradient_samples": False}
+
+
+def test_the_plan_takes_host_vectors_only_when_nothing_else_fits():
+    v = SIM["dim"] * 4
+    roomy = plan_memory(**SIM, available_bytes=200 * GiB, host_vectors=True)
+    tight = plan_memory(**SIM, available_bytes=int(6 * GiB / HEADROOM), host_vectors=True)
+    stuck = plan_memory(**SIM, available_bytes=int(6 * GiB / HEADROOM), host_vectors=False)
+    assert roomy.vectors == "device" and roomy.fits and roomy.chunk_size > 1
+    # device vectors need the gradient, the HVP's 3 and Lanczos' 4 d-vectors at least (6 GiB < 8 x 0.75 GiB)
+    assert not stuck.fits and stuck.vectors == "device"
+    assert tight.vectors == "host" and tight.fits and tight.peak_bytes <= tight.budget_bytes
+    assert tight.sources["vectors"] == "plan" and tight.to_dict()["vectors"] == "host"
+    assert tight.chunk_size == 1 and tight.basis_device == "cpu"
+    # nothing of length d on the device: no flat gradient, no Lanczos vectors, no basis; pieces in flight only
+    assert tight.items["device_vectors_fixed"] == 0 and tight.items["lanczos_work"] == 0
+    assert tight.items["basis_on_device"] == 0 and tight.items["hvp_vectors"] == 2 * SIM["largest_param_bytes"]
+    assert tight.items["graphs_kept"] == 8 * GiB // 4  # kept graphs hold their roots, not their gradients
+    assert tight.peak_bytes < 2 * v + tight.items["graphs_kept"] + 8 * GiB // 4
+    # a model on the CPU has no host to move vectors to
+    on_cpu = plan_memory(**SIM, available_bytes=int(6 * GiB / HEADROOM), host_vectors=True, host_is_device=True)
+    assert on_cpu.vectors == "device" and not on_cpu.fits
+
+
+def test_an_explicit_vectors_setting_wins_and_is_recorded():
+    forced = plan_memory(**SIM, available_bytes=200 * GiB, host_vectors=True, overrides={"vectors": ("host", "user")})
+    assert forced.vectors == "host" and forced.sources["vectors"] == "user" and forced.chunk_size == 1
+    kept = plan_memory(**SIM, available_bytes=int(6 * GiB / HEADROOM), host_vectors=True,
+                       overrides={"vectors": ("device", "user")})
+    assert kept.vectors == "device" and kept.sources["vectors"] == "user" and not kept.fits
+    with pytest.raises(gp.ConfigurationError, match="vectors must be"):
+        plan_memory(**SIM, available_bytes=None, overrides={"vectors": ("disk", "user")})
+
+
+def _as_if_on_cuda(monkeypatch):
+    """The Landscape's plan as for a model on CUDA in one process (the CPU is then the host)."""
+    real = landscape_plan.plan_memory
+    monkeypatch.setattr(landscape_plan, "host_vectors_possible", lambda land: True)
+    monkeypatch.setattr(landscape_plan, "plan_memory", lambda **kw: real(**{**kw, "host_is_device": False}))
+
+
+def _small_budget(land_dim: int) -> MemoryBudget:
+    # 4 d-vectors of float64 and a negligible graph: device vectors need about 9, host vectors none
+    return MemoryBudget(cap_bytes=int(4 * land_dim * 8 / HEADROOM), graph_bytes_per_sample=8.0, warn=False,
+                        gradient_samples=False)
+
+
+def test_a_landscape_under_a_small_budget_takes_host_vectors_and_records_it(monkeypatch):
+    _as_if_on_cuda(monkeypatch)
+    model, loss, batches, _ = make_case("tanh_mlp")
+    ref = gp.Landscape(model, loss, batches, memory=None)
+    land = gp.Landscape(model, loss, batches, memory=_small_budget(ref.dim))
+    assert land.plan.vectors == "host" and land.plan.fits and land.host is not None
+    assert land.vector_device == torch.device("cpu")
+    assert land.info()["vectors"] == {"where": "host", "source": "plan"} and land.info()["vector_device"] == "cpu"
+    V = _vectors(ref, 2)
+    assert _close(land.hvp(V), ref.hvp(V))
+    # the user's setting beats the plan, either way, and is recorded as theirs
+    user = gp.Landscape(model, loss, batches, memory=MemoryBudget(warn=False), vector_device="cpu")
+    assert user.host is not None and user.plan.vectors == "host" and user.plan.sources["vectors"] == "user"
+    assert user.info()["vectors"] == {"where": "host", "source": "user"}
+    budget = _small_budget(ref.dim)
+    budget.overrides = {"vectors": ("device", "user")}
+    device = gp.Landscape(model, loss, batches, memory=budget)
+    assert device.host is None and device.plan.vectors == "device" and device.plan.sources["vectors"] == "user"
+    assert device.info()["vectors"] == {"where": "device", "source": "user"}
+    # a plan given whole brings its choice
+    whole = gp.Landscape(model, loss, batches, memory=MemoryPlan(**land.plan.to_dict()))
+    assert whole.host is not None and _close(whole.hvp(V), ref.hvp(V))
+    # and on a plain CPU model the plan never takes them
+    monkeypatch.undo()
+    plain = gp.Landscape(model, loss, batches, memory=_small_budget(ref.dim))
+    assert plain.host is None and plain.plan.vectors == "device"
+    assert plain.info()["vectors"]["where"] == "device"
+
+
+def test_the_probe_passes_vector_device_through_and_records_it(tmp_path):
+    model, loss, batches, _ = make_case("tanh_mlp")
+    batch = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    results = {}
+    for vd in (None, "cpu"):
+        probe = gp.GeometryProbe(model, loss, batch, metrics={"spectrum": {"tol": 1e-8}}, vector_device=vd,
+                                 run_dir=str(tmp_path / str(vd)), warm_start=False)
+        probe.step(0)
+        probe.close()
+        results[vd] = probe.records[0]
+    host = results["cpu"]["cost"]["memory_plan"]
+    assert host["vectors"] == "host" and host["sources"]["vectors"] == "user"
+    assert results[None]["cost"]["memory_plan"]["vectors"] == "device"
+    a, b = results[None]["spectrum"], results["cpu"]["spectrum"]
+    assert abs(a["lambda_max"] - b["lambda_max"]) <= 1e-10 * abs(a["lambda_max"])
+    assert abs(a["lambda_min"] - b["lambda_min"]) <= 1e-10 * abs(a["lambda_max"])
+
+
+def test_the_safety_net_takes_host_vectors_after_the_basis_and_records_it(monkeypatch):
+    from geomprobe.probe import geometry_probe
+
+    monkeypatch.setattr(geometry_probe, "host_vectors_possible", lambda land: True)  # as for a CUDA model
+    module = sys.modules["geomprobe.metrics.spectrum"]
+    real, calls = module.lanczos, {"n": 0}
+
+    def oom_once(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, "lanczos", oom_once)
+    model, loss, batches, _ = make_case("tanh_mlp")
+    batch = (torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches]))
+    # micro-batches and the basis in host memory already: Lanczos running out of memory leaves host vectors
+    probe = gp.GeometryProbe(model, loss, batch, metrics={"spectrum": {"tol": 1e-6}}, micro_batch_size=8,
+                             basis_device="cpu", schedule=gp.every(1), warm_start=False)
+    with pytest.warns(RuntimeWarning, match="spectrum failed"):
+        probe.step(0)
+    probe.step(1)
+    first, second = probe.records
+    assert first["errors"]["spectrum"].startswith("OutOfMemory") and "errors" not in second
+    assert first["cost"]["memory_plan"]["vectors"] == "device"
+    plan = second["cost"]["memory_plan"]
+    assert plan["vectors"] == "host" and plan["sources"]["vectors"] == "oom-ladder"
+    assert second["cost"]["micro_batch_size"] == 8  # not split further: this rung came first
+    want = gp.metrics.spectrum(gp.Landscape(model, loss, batch), tol=1e-6)["lambda_max"]
+    assert abs(second["spectrum"]["lambda_max"] - want) <= 1e-8 * abs(want)
+
+
+# ---------------------------------------------------------------------------------------------- spectrum
+@pytest.mark.parametrize("name", ["tanh_mlp", "transformer"])
+def test_spectrum_on_host_vectors_equals_the_device_modes(name):
+    model, loss, batches, mode = make_case(name)
+    device = gp.Landscape(model, loss, batches, mode=mode)
+    host = gp.Landscape(model, loss, batches, mode=mode, vector_device="cpu", graph_budget_bytes=1)
+    a, b = spectrum(device, k=2, tol=1e-9), spectrum(host, k=2, tol=1e-9)
+    scale = max(abs(a["lambda_max"]), abs(a["lambda_min"]))
+    for key in ("top", "bottom"):
+        assert all(abs(x - y) <= 1e-10 * scale for x, y in zip(a[key], b[key]))
+    assert a["hvps"] == b["hvps"] and b["converged"]
+    H = device.hvp(torch.eye(device.dim, dtype=torch.float64))
+    eig = torch.linalg.eigvalsh((H + H.T) / 2)
+    assert abs(b["lambda_max"] - float(eig[-1])) <= FLOAT64_REL * scale
+
+
+def test_warm_starts_and_ritz_vectors_stay_on_the_host(monkeypatch):
+    model, loss, batches, _ = make_case("tanh_mlp")
+    seen = []
+    module = sys.modules["geomprobe.metrics.spectrum"]
+    real = module.lanczos
+
+    def spy(*args, **kw):
+        seen.append(torch.device(kw["device"]))
+        return real(*args, **kw)
+
+    monkeypatch.setattr(module, "lanczos", spy)
+    host = gp.Landscape(model, loss, batches, vector_device="cpu")
+    warm = WarmStart()
+    cold = spectrum(host, tol=1e-8, warm=warm)
+    again = spectrum(host, tol=1e-8, warm=warm)
+    assert again["warm"] and not cold["warm"] and seen == [torch.device("cpu")] * 2
+    assert warm.top.device.type == "cpu" and warm.bottom.device.type == "cpu"
+    ritz = extreme_ritz(host, "top")
+    assert ritz.vectors.device.type == "cpu" and abs(ritz.values[0] - again["lambda_max"]) <= 1e-6 * abs(ritz.values[0])
+
+
+# ---------------------------------------------------------------------------------------------- on a GPU
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_host_vectors_cross_the_bus_and_hold_no_d_vector():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).cuda()
+    x, y = torch.randn(64, 512, device="cuda"), torch.randn(64, 512, device="cuda")
+    device = gp.Landscape(model, nn.MSELoss(), (x, y), memory=None)
+    host = gp.Landscape(model, nn.MSELoss(), (x, y), memory=None, vector_device="cpu")
+    v = torch.randn(device.dim, generator=torch.Generator().manual_seed(0))
+    got = host.hvp(v)
+    assert got.device.type == "cpu" and host.grad.device.type == "cpu"
+    want = device.hvp(v.cuda())
+    assert float((got - want.cpu()).abs().max()) <= 1e-3 * float(want.abs().max())
+    on_device = host.hvp(v.cuda())  # a metric's device vector is answered on the device
+    assert on_device.device.type == "cuda" and torch.allclose(on_device.cpu(), got, rtol=0, atol=1e-5)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    spectrum(host, tol=1e-3, max_iter=10)
+    # beyond the kept graph: the double backward's temporaries and a few pieces, far below one d-vector
+    assert torch.cuda.max_memory_allocated() - base < host.graph_bytes + 4 * 512 * 512 * 4 + device.dim * 4 // 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_metrics_and_views_take_the_host_gradient_and_ritz_vectors():
+    from geomprobe.metrics import registry
+    from geomprobe.views.surface import line, plane
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4)).cuda().double()
+    x, y = torch.randn(64, 16, device="cuda", dtype=torch.float64), torch.randint(0, 4, (64,), device="cuda")
+    device = gp.Landscape(model, nn.CrossEntropyLoss(), (x, y), memory=None)
+    host = gp.Landscape(model, nn.CrossEntropyLoss(), (x, y), memory=None, vector_device="cpu")
+    u = torch.randn(device.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    a = registry.get("direction")(device, last_update=u, tol=1e-8)
+    b = registry.get("direction")(host, last_update=u, tol=1e-8)
+    for key in ("lambda_max", "grad_curvature", "update_curvature", "grad_top_share"):
+        assert abs(a[key] - b[key]) <= 1e-8 * max(1.0, abs(a[key]))
+    assert abs(line(device, "top", points=5)["curvature"] - line(host, "top", points=5)["curvature"]) <= 1e-8
+    assert plane(host, "gradient", "top", points=(3, 3))["forwards"] > 0
