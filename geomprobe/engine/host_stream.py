@@ -22,7 +22,8 @@ device to host per probe batch (each output copy waits for the device: the pass 
 parameter), and the additions of the outputs on the host; the Krylov arithmetic around the HVPs runs on the
 CPU (:func:`geomprobe.metrics.spectrum`). Device memory beyond the graphs: the double backward's temporaries,
 one parameter's input piece and one output piece at a time (``2 x`` the largest parameter); building or
-rebuilding a graph holds its first-order gradients (one d-vector) until their roots are taken.
+building or rebuilding a graph never holds its whole gradient either: each parameter's gradient is taken off as
+autograd finishes it (:class:`RootCapture`), added into the host gradient at the build, and only its root kept.
 
 On a CPU model (the tests) host and device are one: the copies are no-ops and the streamed passes are the same
 code as on CUDA, which is what lets CPU tests check this mode against the device mode to rounding.
@@ -36,10 +37,10 @@ from typing import Any, Self
 import torch
 
 from ..errors import ConfigurationError
-from .doublecheck import no_double_backward
-from .sharded_stream import Root, StreamPass, roots_of
+from .doublecheck import check_broken_nodes, no_double_backward
+from .sharded_stream import Root, StreamPass
 
-__all__ = ["HostLayout", "HostStreamPass", "HostVectors", "host_mode", "host_vectors_possible",
+__all__ = ["HostLayout", "HostStreamPass", "HostVectors", "RootCapture", "host_mode", "host_vectors_possible",
            "resolve_vector_device", "vectors_record"]
 
 
@@ -145,6 +146,51 @@ class HostStreamPass(StreamPass):
         """Nothing is left to issue: every piece moved when autograd asked for it."""
 
 
+class _Edge:
+    """A gradient root seen as a tensor with a ``grad_fn`` (what the graph checks walk from)."""
+
+    __slots__ = ("grad_fn",)
+
+    def __init__(self, node: Any):
+        self.grad_fn = node
+
+
+class RootCapture:
+    """Around a first-order ``torch.autograd.grad(..., create_graph=True)``: a hook on each parameter takes its
+    gradient's :class:`Root` as soon as autograd has summed it, adds its value into the host gradient ``grad``
+    (when given) and hands autograd a zero-stride placeholder back, so the gradient's values are freed one
+    parameter at a time and no whole gradient (a d-vector on the device) ever exists; the graph behind each
+    root stays. The roots are in :attr:`roots` afterwards (None for a parameter the loss does not reach or whose
+    gradient does not depend on the parameters). Hook tables are put back as found, after a failure too."""
+
+    def __init__(self, params: Sequence[torch.Tensor], layout: HostLayout, grad: torch.Tensor | None = None):
+        self.params = list(params)
+        self.roots: list[Root | None] = [None] * len(self.params)
+        self.pieces = layout.split_local(grad) if grad is not None else None
+        self._handles: list = []
+        self._had_none: list[bool] = []
+
+    def _take(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        self.roots[i] = Root(g) if g.requires_grad else None
+        if self.pieces is not None:
+            self.pieces[i].add_(g.detach().to(device=self.pieces[i].device, dtype=self.pieces[i].dtype))
+        return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+
+    def __enter__(self) -> Self:
+        for i, p in enumerate(self.params):
+            self._had_none.append(p._backward_hooks is None)
+            self._handles.append(p.register_hook(lambda g, i=i: self._take(i, g)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        for p, had_none in zip(self.params, self._had_none):
+            if had_none and not p._backward_hooks:
+                p._backward_hooks = None
+        self._handles, self._had_none = [], []
+
+
 class HostVectors:
     """The host-vector mode of a :class:`~geomprobe.Landscape` (module docstring): its streamed HVPs, its
     gradient assembled on the host, and what the passes held (:attr:`stats`)."""
@@ -161,16 +207,15 @@ class HostVectors:
         """The flat gradient's host buffer (zeros)."""
         return torch.zeros(self.layout.dim, dtype=self.land.dtype, device=self.host)
 
-    def add_grad(self, grad: torch.Tensor, grads: Sequence[torch.Tensor | None]) -> None:
-        """Add one batch's per-parameter gradients into the host gradient, parameter by parameter."""
-        for piece, g in zip(self.layout.split_local(grad), grads):
-            if g is not None:
-                piece.add_(g.detach().to(device=grad.device, dtype=grad.dtype))
-
-    @staticmethod
-    def keep(grads: Sequence[torch.Tensor | None]) -> list[Root | None]:
-        """What a kept graph holds in this mode: its roots, not its gradient values."""
-        return roots_of(grads)
+    def graph(self, b: int, watch: bool = False, grad: torch.Tensor | None = None) -> tuple[list[Root | None], torch.Tensor, int]:
+        """Probe batch ``b``'s first-order graph as :class:`Root` edges, its loss and saved bytes, built without
+        ever holding the whole gradient (:class:`RootCapture`); each parameter's gradient is added into the
+        host ``grad`` as it finishes, when given. Cost: one gradient with its graph."""
+        capture = RootCapture(self.land.params, self.layout, grad)
+        _, loss, nbytes = self.land._graph(b, True, watch=watch, capture=capture)
+        if watch:
+            check_broken_nodes([_Edge(r.node) if r is not None else None for r in capture.roots])
+        return capture.roots, loss, nbytes
 
     # ------------------------------------------------------------------ products
     def hvp_rows(self, V: torch.Tensor) -> torch.Tensor:
@@ -194,7 +239,7 @@ class HostVectors:
         land = self.land
         graph, retain = land._graphs[b], True
         if graph is None:
-            graph, retain = roots_of(land._graph(b, True)[0]), False  # the gradient freed before the pass
+            graph, retain = self.graph(b)[0], False  # no whole gradient: roots taken as autograd finishes each
             land.graph_rebuilds += 1
         with HostStreamPass(self.layout, land.params, v, out, fresh=fresh) as sp:
             outputs, placeholders = sp.roots([graph])

@@ -8,6 +8,7 @@ vectors through ``is_grads_batched=True``, chunked to bound memory."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
 import warnings
@@ -312,7 +313,8 @@ class Landscape:
             )
         return loss.reshape(())
 
-    def _graph(self, b: int, create_graph: bool, watch: bool = False) -> tuple[list[torch.Tensor | None], torch.Tensor, int]:
+    def _graph(self, b: int, create_graph: bool, watch: bool = False,
+               capture: Any = None) -> tuple[list[torch.Tensor | None], torch.Tensor, int]:
         counter = SavedBytes(self.params)
         fast = fast_double_backward(self.fast_double_backward and create_graph, self.recompute_attention, self.model)
         with self.frozen(b), counter.hooks(), fast as calls:
@@ -323,7 +325,7 @@ class Landscape:
                     "measured here (check the learning rate, the data, or probe an earlier step)"
                 )
             nodes = custom_function_nodes([loss]) if watch else []
-            with CustomBackwardWatch(nodes) as watcher:
+            with CustomBackwardWatch(nodes) as watcher, capture or contextlib.nullcontext():
                 grads = torch.autograd.grad(
                     loss * self.weights[b], self.params, create_graph=create_graph, allow_unused=True
                 )
@@ -380,20 +382,22 @@ class Landscape:
 
     def _build_batch(self, b: int, create: bool, loss: torch.Tensor, grad: torch.Tensor) -> None:
         """Add batch ``b``'s weighted loss and gradient to ``loss`` and ``grad``; keep its graph if it fits."""
-        grads, loss_b, nbytes = self._graph(b, create, watch=create and b == 0)
-        loss += loss_b.double() * self.weights[b]
-        if self.host is not None:
-            self.host.add_grad(grad, grads)
+        if self.host is not None:  # roots and the host gradient taken parameter by parameter (host_stream)
+            grads, loss_b, nbytes = self.host.graph(b, watch=b == 0, grad=grad)
         else:
+            grads, loss_b, nbytes = self._graph(b, create, watch=create and b == 0)
             grad += self.space.flatten([g.detach() if g is not None else None for g in grads])
+        loss += loss_b.double() * self.weights[b]
         if b == 0 and create:
-            check_broken_nodes(grads)
+            if self.host is None:  # host vectors check their roots (host_stream)
+                check_broken_nodes(grads)
             self.graph_bytes_per_sample = nbytes / max(1, self.batch_sizes[0])
             self.graph_figures["recompute" if self.recompute_attention else "math"] = self.graph_bytes_per_sample
         kept = nbytes + (0 if self.host else sum(g.numel() * g.element_size() for g in grads if g is not None))
         fits = self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes
-        if create and (fits or b == 0):
-            self._graphs.append(self.host.keep(grads) if self.host else grads)
+        # the first graph is kept whatever its size, except with host vectors: there the budget may be below one
+        if create and (fits or (b == 0 and self.host is None)):
+            self._graphs.append(grads)
             self.graph_bytes += nbytes
             self._kept_bytes += kept
         else:

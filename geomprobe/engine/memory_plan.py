@@ -343,8 +343,8 @@ def plan_memory(
     warns: list[str] = []
     lanczos_work = LANCZOS_WORK_VECTORS * v
     # d-vectors on the device in the default mode: the flat gradient, each kept graph's gradient, an HVP's
-    # vectors; host vectors leave none there (a rebuilt graph's gradient lives until its roots are taken)
-    flat, kept_v, hvp_vectors = v, v, HVP_VECTORS * v
+    # vectors; host vectors leave none there (a graph's gradient leaves it parameter by parameter as it forms)
+    flat, kept_v, rebuilt_v, hvp_vectors = v, v, v, HVP_VECTORS * v
     host = given.get("vectors", (None,))[0] == "host"
     # the gradient-sample phase, only where a metric streams gradient samples
     # float64 d-vectors of the statistics: mean and variance, and in the second pass a group's sums (two),
@@ -377,11 +377,12 @@ def plan_memory(
             cap = max(1, int(room))
         kept, kept_samples, rebuilt = 0, 0, 0
         for i, (p, b) in enumerate(zip(pieces, piece_bytes)):
-            if cap is None or kept + b <= cap or i == 0:
+            # the Landscape keeps its first graph whatever its size, except with host vectors
+            if cap is None or kept + b <= cap or (i == 0 and not host):
                 kept += b
                 kept_samples += p
             else:
-                rebuilt = max(rebuilt, int(s * p) + v)
+                rebuilt = max(rebuilt, int(s * p) + rebuilt_v)
         return kept, rebuilt, kept_samples, cap
 
     def minimal_phase(m: int, reserve: int) -> int:
@@ -399,7 +400,7 @@ def plan_memory(
             kept, rebuilt, kept_samples, cap = layout(m, budget - flat - least)
             if rebuilt:
                 # some graphs are rebuilt: one of them lives beside the kept ones during its HVPs
-                kept, rebuilt, kept_samples, cap = layout(m, budget - flat - least - (int(s * m) + v))
+                kept, rebuilt, kept_samples, cap = layout(m, budget - flat - least - (int(s * m) + rebuilt_v))
             if flat + kept + rebuilt + least <= budget and (best is None or kept_samples > best[3]):
                 best = (m, kept, rebuilt, kept_samples, cap)
             if best is not None and best[3] == total:
@@ -417,8 +418,9 @@ def plan_memory(
         reserves = [0]
 
     def to_host() -> None:
-        nonlocal host, flat, kept_v, hvp_vectors, lanczos_work, reserves
-        host, flat, kept_v, lanczos_work, reserves = True, 0, 0, 0, [0]
+        nonlocal host, flat, kept_v, rebuilt_v, hvp_vectors, lanczos_work, reserves
+        # a graph is built with its gradient taken off parameter by parameter (host_stream.RootCapture)
+        host, flat, kept_v, rebuilt_v, lanczos_work, reserves = True, 0, 0, 0, 0, [0]
         hvp_vectors = 2 * int(largest_param_bytes or 0)  # one input piece and one output piece in flight
 
     if host:
@@ -507,7 +509,7 @@ def plan_memory(
         )
     items = {
         "vector": v,
-        "graph_per_piece": int(s * m) + v,
+        "graph_per_piece": int(s * m) + kept_v,
         "graphs_kept": kept,
         "graph_rebuilt": rebuilt,
         "hvp_per_vector": per_vector,
