@@ -293,6 +293,116 @@ def _midway_fault(mesh, rank: int) -> dict:
     return out
 
 
+def _build_and_host_results(mesh, rank: int) -> dict:
+    """The streamed build (chunk 1: each parameter's gradient reduce-scattered as autograd finishes it) against
+    the whole-gradient build (chunk 16), and vectors in host memory (``vector_device="cpu"``) against the
+    device: gradient slices, HVPs and spectra; and what the build's hooks saw. (On CPU the host is the
+    device: the mode is forced and recorded, and its code path runs, but both live in the same memory.)"""
+    import geomprobe as gp
+    from geomprobe.metrics import spectrum
+
+    out = {}
+    for kind in ("mlp", "block", "gated"):
+        if kind == "gated":
+            model, loss_fn, batches = gated_problem()
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model.body, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            batches = batches[:2] if rank == 0 else batches[2:]
+        else:
+            model, loss_fn, X, y = make_problem(kind)
+            model = shard_model(model, mesh)
+            batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+        r = {}
+        for name, opts in (("streamed", {"chunk_size": 1}), ("whole", {"chunk_size": 16}),
+                           ("host", {"chunk_size": 1, "vector_device": "cpu"}),
+                           ("host_rebuilt", {"chunk_size": 1, "vector_device": "cpu", "graph_budget_bytes": 1})):
+            land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, **opts)
+            V = land.layout.local_of(hvp_vectors(land.dim))
+            res = {"grad": land.grad.clone(), "loss": land.loss, "hvp": land.hvp(V),
+                   "hvp_single": land.hvp(V[0]), "info": land.info(), "rebuilds": land.graph_rebuilds,
+                   "kept_as": sorted({type(g).__name__ for g in land._graphs[0] if g is not None})}
+            if name in ("streamed", "host"):
+                res["spectrum"] = spectrum(land, k=2, tol=1e-10)
+                res["grad_device"] = str(land.grad.device)
+                res["vector_device"] = str(land.vector_device)
+            r[name] = res
+            land.close()
+        r.update(ranges=land.layout.ranges, dim=land.dim,
+                 largest_param_bytes=max(p.numel() * p.element_size() for p in land.params))
+        out[kind] = r
+    try:
+        gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, vector_device="cuda:7")
+        out["bad_device"] = "no error"
+    except gp.ConfigurationError as e:
+        out["bad_device"] = str(e)
+    return out
+
+
+def _build_fault(mesh, rank: int) -> dict:
+    """Rank 1 fails inside the streamed build's backward after the pass has issued reduce-scatters: every rank
+    must raise (none waits in a collective), the user's state must be bit-identical, and the next build must
+    equal a build on a model that never saw the fault."""
+    import geomprobe as gp
+    from geomprobe.engine import sharded_stream
+
+    model, loss_fn, X, y = make_problem("block")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    Xr, yr = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn(model(Xr), yr).backward()
+    opt.step()
+    loss_fn(model(Xr), yr).backward()
+    before = _snapshot(model, opt)
+    original = sharded_stream.BuildPass._take
+    seen = []
+
+    def failing(self, i, g):
+        seen.append(i)
+        if len(seen) == 3:  # two gradients taken and reduce-scattered already (the schedule's first two)
+            raise RuntimeError("injected fault inside the build")
+        return original(self, i, g)
+
+    out = {}
+    if rank == 1:
+        sharded_stream.BuildPass._take = failing
+    try:
+        gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
+        out["error"] = "no error"
+    except Exception as e:  # noqa: BLE001 - the test reads which error each rank raised
+        out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        sharded_stream.BuildPass._take = original
+    out["state"] = _same(before, _snapshot(model, opt))
+    out["whole"] = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+    land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
+    v = land.layout.local_of(hvp_vectors(land.dim)[0])
+    out["after"] = {"grad": land.grad.clone(), "hvp": land.hvp(v), "loss": land.loss, "ranges": land.layout.ranges}
+    land.close()
+    # inside a GeometryProbe: rank 1's build fails at the first probe; both ranks fail that probe, the user's
+    # state is as found, training goes on and the next probe measures
+    seen.clear()
+    if rank == 1:
+        sharded_stream.BuildPass._take = failing
+    try:
+        probe = gp.GeometryProbe(model, loss_fn, batches, metrics={"spectrum": {"tol": 1e-6}}, schedule=gp.every(2),
+                                 chunk_size=1, hvp_method="autograd")
+        before = _snapshot(model, opt)
+        probe.attach(opt)
+    finally:
+        sharded_stream.BuildPass._take = original
+    out["probe_state"] = _same(before, _snapshot(model, opt))
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model(Xr), yr).backward()
+        opt.step()
+    probe.close()
+    out["probe_records"] = json.loads(json.dumps(probe.records))
+    return out
+
+
 PLAN_CAP, PLAN_PER_SAMPLE = 15_000_000, 1e6
 
 
@@ -459,6 +569,9 @@ def main(out_dir: str) -> None:
     result["stream"] = _stream_results(mesh, rank)
     result["planned"] = _planned_results(mesh, rank)
     result["midway"] = _midway_fault(mesh, rank)
+    _phase(rank, "streamed build and host vectors")
+    result["host"] = _build_and_host_results(mesh, rank)
+    result["build_fault"] = _build_fault(mesh, rank)
     _phase(rank, "agreed failures")
     result["failures"] = _agreed_failures(mesh, rank)
     _phase(rank, "probe")

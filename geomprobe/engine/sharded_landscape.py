@@ -363,6 +363,7 @@ class ShardedLandscape(Landscape):
         stats = self.stream_stats
         stats["build_passes"] = stats.get("build_passes", 0) + 1
         stats["build_peak_held_bytes"] = max(stats.get("build_peak_held_bytes", 0), build.peak_held_bytes)
+        stats["build_late_gradients"] = stats.get("build_late_gradients", 0) + build.late_gradients
         if err is not None:
             self.reducer.report_failure()
             raise err

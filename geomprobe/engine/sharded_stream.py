@@ -293,6 +293,7 @@ class BuildPass:
         self.roots: list[Root | None] = [None] * n
         self.received = [False] * n
         self.outputs_seen: list[int] = []  # the order autograd finished the gradients in
+        self.late_gradients = 0  # gradients autograd returned whole instead of handing them to the hooks
         self._handles: list = []
 
     @property
@@ -321,6 +322,7 @@ class BuildPass:
         # taken now, after the fact: the same result, only its memory was held longer
         late = [(i, r) for i, r in enumerate(res) if r is not None and not self.received[i]]
         del res
+        self.late_gradients += len(late)
         for i, r in late:
             self._take(i, r)
 

@@ -52,7 +52,8 @@ def run_lanczos(
     mark = len(getattr(land, "hvp_errors", ()))
     r = lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
-        generator=generator or default_generator(seed), dtype=land.dtype, device=land.device,
+        generator=generator or default_generator(seed), dtype=land.dtype,
+        device=getattr(land, "vector_device", land.device),  # host memory where the Landscape keeps vectors there
         keep_basis=keep_basis, bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk,
         space=getattr(land, "vector_space", None),
     )
