@@ -249,8 +249,8 @@ def _stream_results(mesh, rank: int) -> dict:
             r[name] = {"hvp": torch.cat([hv, h1[None]]), "grad": land.grad.clone(), "loss": land.loss,
                        "largest_two": two.largest, "largest_one": one.largest, "ops": sorted(one.ops),
                        "rebuilds": land.graph_rebuilds, "info": land.info(),
-                       "no_gradient": [n for n, g in zip(land.param_names, land._graphs[0]) if g is None],
-                       "kept_as": sorted({type(g).__name__ for g in land._graphs[0] if g is not None})}
+                       "no_gradient": [n for n, g in zip(land.param_names, land._graphs[0] or []) if g is None],
+                       "kept_as": sorted({type(g).__name__ for g in land._graphs[0] or [] if g is not None})}
             land.close()
         r.update(ranges=land.layout.ranges, dim=land.dim, local_dim=land.local_dim,
                  largest_param=max(p.numel() for p in land.params))
@@ -322,7 +322,7 @@ def _build_and_host_results(mesh, rank: int) -> dict:
             V = land.layout.local_of(hvp_vectors(land.dim))
             res = {"grad": land.grad.clone(), "loss": land.loss, "hvp": land.hvp(V),
                    "hvp_single": land.hvp(V[0]), "info": land.info(), "rebuilds": land.graph_rebuilds,
-                   "kept_as": sorted({type(g).__name__ for g in land._graphs[0] if g is not None})}
+                   "kept_as": sorted({type(g).__name__ for g in land._graphs[0] or [] if g is not None})}
             if name in ("streamed", "host"):
                 res["spectrum"] = spectrum(land, k=2, tol=1e-10)
                 res["grad_device"] = str(land.grad.device)

@@ -280,7 +280,9 @@ class ShardedLandscape(Landscape):
             if graph is not None:
                 loss += loss_b.double() * self.weights[b]
                 kept = nbytes + extra
-                if b == 0 or self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes:
+                # a budget too small for any graph keeps none (every graph rebuilt per HVP, one at a time):
+                # the least memory, what a user asking for graph_budget_bytes=0 wants on a sharded model
+                if self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes:
                     self._graphs.append(graph)
                     self.graph_bytes += nbytes
                     self._kept_bytes += kept

@@ -10,8 +10,8 @@ dtype, with ``D = d * itemsize`` (whole) and ``L = d_local * itemsize`` (this ra
 - **graphs**: per piece of ``m`` samples, its saved tensors ``s m``. Its per-parameter gradient never exists
   whole: the build reduce-scatters each parameter's gradient as autograd finishes it and keeps the graph's
   edges, not the gradient's value (:class:`~geomprobe.engine.sharded_stream.BuildPass`), so building holds
-  ``STREAM_PIECES`` times the largest parameter beyond the graph. Pieces are kept while they fit; the
-  others are rebuilt at every HVP, one at a time, and live during it;
+  ``STREAM_PIECES`` times the largest parameter beyond the graph. Pieces are kept while they fit (none when
+  not even the first does); the others are rebuilt at every HVP, one at a time, and live during it;
 - **a streamed HVP** (one vector, :mod:`~geomprobe.engine.sharded_stream`): the output slice ``L`` (in host
   memory: none), the pieces in flight (``STREAM_PIECES`` times the largest parameter: one being gathered, one
   in use, outputs on their way to the reduce-scatter) and the double backward's temporaries
@@ -156,8 +156,8 @@ def plan_sharded_exact(
         else:
             cap = None if room is None or sum(sizes) <= room else max(1, int(room))
         kept = kept_samples = rebuilt = n_kept = 0
-        for i, (p, b) in enumerate(zip(pieces, sizes)):
-            if i == 0 or cap is None or kept + b <= cap:
+        for p, b in zip(pieces, sizes):
+            if cap is None or kept + b <= cap:
                 kept, kept_samples, n_kept = kept + b, kept_samples + p, n_kept + 1
             else:
                 rebuilt = max(rebuilt, b)
