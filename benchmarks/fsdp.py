@@ -188,6 +188,8 @@ def _landscape_options(route: str, args, results) -> dict:
         opts["chunk_size"] = args.chunk
     if args.vector_device:
         opts["vector_device"] = args.vector_device
+    if args.recompute_attention and route == "autograd":
+        opts["recompute_attention"] = True
     return opts
 
 
@@ -335,6 +337,9 @@ def main() -> None:
     ap.add_argument("--vector-device", default=None, choices=["cpu", "cuda"],
                     help="where slice-sized vectors live: cpu = host memory (the streamed HVP moves each "
                          "parameter's piece); default: the GPU, or the plan's choice with --plan")
+    ap.add_argument("--recompute-attention", action="store_true",
+                    help="exact route: recompute attention probabilities in the double backward instead of "
+                         "keeping them in the graph (smaller graph, slower HVP)")
     ap.add_argument("--host-threads", type=int, default=None,
                     help="CPU threads per rank for host-memory vectors (default: the cores over the ranks)")
     ap.add_argument("--skip-spectrum", action="store_true", help="build and time HVPs only")
