@@ -277,8 +277,9 @@ class BuildPass:
     this rank alone; the values are dropped). On exit the hooks are removed and the schedule completed, with
     zeros for parameters without gradient, also after an error, so the other ranks are never left waiting.
 
-    Memory beyond the graph: the gradients waiting for their turn (:attr:`peak_held_bytes`; with the default
-    order, last parameter first as a backward finishes them, one at a time) and a reduce-scatter's buffers.
+    Memory beyond the graph: the gradients waiting for their turn (:attr:`peak_held_bytes`; the default order,
+    last parameter first, is about the order a backward finishes them in: a few parameters' at a time, e.g. a
+    Llama layer's MLP weights, which finish before its norm's) and a reduce-scatter's buffers.
     Cost: one reduce-scatter per parameter (``d`` elements in all) per pass."""
 
     def __init__(self, layout: ShardLayout, leaves: Sequence[torch.Tensor], out: torch.Tensor | None,
