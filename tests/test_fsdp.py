@@ -502,6 +502,12 @@ def test_vectors_in_host_memory_give_the_device_modes_products_and_spectrum(rank
             for got, ref in zip(host["spectrum"][key], dev["spectrum"][key]):
                 assert abs(got - ref) <= 1e-10 * max(1.0, abs(ref)), (key, got, ref)
         assert host["spectrum"]["converged"] and host["spectrum"]["hvps"] == dev["spectrum"]["hvps"]
+        # the outputs' partial sums were formed in host memory: every contribution taken from the node that
+        # produced it, none summed in a parameter's accumulator on the device (the device mode has none)
+        stream = host["info"]["sharded"]["stream"]
+        n = len(dev["info"]["sharded"]["stream"]["first_order"]["inputs"])
+        assert stream["partials_intercepted"] >= n * stream["passes"] / 2 and stream["partials_accumulated"] == 0
+        assert "partials_intercepted" not in dev["info"]["sharded"]["stream"]
     # a budget of one byte keeps no graph: every graph rebuilt (streamed) at each of the 4 vectors
     assert [r["host"][kind]["host_rebuilt"]["rebuilds"] for r in ranks[0]] == [8, 4]
 

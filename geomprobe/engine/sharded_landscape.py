@@ -100,6 +100,7 @@ class ShardedLandscape(ExactBuild, Landscape):
     def __init__(self, model: Any, loss_fn: Any, batches: Any, *, vector_device: Any = None, **kwargs: Any):
         self._vectors_asked = vector_device
         self.vector_device: torch.device | None = None  # set by _plan, before anything is built
+        self.host_vectors = False
         self.vector_device_source = "default"
         super().__init__(model, loss_fn, batches, **kwargs)
 
@@ -145,6 +146,7 @@ class ShardedLandscape(ExactBuild, Landscape):
         else:
             where = None
         self.vector_device = torch.device("cpu") if where == "cpu" else self.device
+        self.host_vectors = where == "cpu"  # the host-memory mode, asked for or planned (on a CPU model too)
         return plan
 
     def _asked_vector_device(self) -> str | None:
@@ -455,7 +457,9 @@ class ShardedLandscape(ExactBuild, Landscape):
                     self.graph_rebuilds += 1
                 except Exception as e:  # noqa: BLE001 - raised after the pass's schedule, agreed by hvp
                     err = e
-        with StreamPass(self.layout, self._full, v, out) as sp:
+        # with vectors in host memory the outputs' partial sums are formed there too (sharded_stream)
+        partials = self.vector_device if self.host_vectors else None
+        with StreamPass(self.layout, self._full, v, out, partials_device=partials) as sp:
             if graph is not None and err is None:
                 self._stream_backward(sp, [graph], retain)
         del graph
@@ -464,6 +468,9 @@ class ShardedLandscape(ExactBuild, Landscape):
         stats = self.stream_stats
         stats["passes"] += 1
         stats["peak_held_bytes"] = max(stats["peak_held_bytes"], sp.peak_held_bytes)
+        if partials is not None:
+            stats["partials_intercepted"] = stats.get("partials_intercepted", 0) + sp.intercepted
+            stats["partials_accumulated"] = stats.get("partials_accumulated", 0) + sp.accumulated
         if "first_order" not in stats and sp.outputs_seen:
             # the order autograd used the inputs and finished the outputs (parameter indices) in the first pass
             # that ran a backward: the schedule holds least when it follows them

@@ -33,6 +33,17 @@ on the device: each parameter's piece of ``v`` is copied to the device just befo
 reduce-scattered piece of the output is added into ``out`` where it lives, so the device holds no slice-sized
 vector during the pass.
 
+**Partial sums in host memory** (``partials_device="cpu"``). A weight reaches the double backward twice: from
+the forward's product and from the first-order backward's, which used it to pass the gradient on. Both
+contributions meet in one node's input buffer (the transpose ``W.T``, or the weight's own accumulator), and
+autograd runs every node the first-order backward created before any forward node, so nearly every weight's
+first contribution waits there for its second: about 0.84 of a whole gradient at once on an MLP, whatever
+the batch. With ``partials_device`` set, each contribution is taken from the node that produces it (a
+post-hook that pushes it through the unary view and cast nodes below, down to the weight, and hands autograd
+no gradient in its place), added into a whole-parameter sum in host memory and freed on the device; the sums
+are reduce-scattered after the backward, in the schedule's order. The device then holds only the
+contributions in flight; the price is copying every contribution to the host and each sum back.
+
 **The build** (:class:`BuildPass`): the first-order backward of one probe piece with ``create_graph``, a hook
 on each whole parameter taking its gradient ``g_i`` as soon as autograd has finished it, keeping only its
 :class:`Root` (the edge the double backward starts from) and reduce-scattering ``g_i`` into this rank's
@@ -86,6 +97,15 @@ def roots_of(grads: Sequence[torch.Tensor | None]) -> list[Root | None]:
     return [Root(g) if g is not None and g.requires_grad else None for g in grads]
 
 
+# nodes that pass a gradient on unchanged but for its view or dtype: a contribution on its way to a parameter
+# can be pushed through them by hand (each is linear, one input, one output)
+_FUNNEL_NODES = frozenset({
+    "TBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0", "ViewBackward0",
+    "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0", "ToCopyBackward0", "ExpandBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0", "CloneBackward0",
+})
+
+
 class _Held:
     """Bytes of pieces waiting in a pass (gathered ahead of use, outputs staged before their turn) and their peak."""
 
@@ -111,16 +131,21 @@ class ScatterSchedule:
         if sorted(self.order) != list(range(len(self.out_pieces))):
             raise ValueError("the scatter order must list every parameter index once")
         self._staged: dict[int, torch.Tensor] = {}
+        self._unheld: set[int] = set()
         self._next = 0
 
     @property
     def done(self) -> bool:
         return self._next == len(self.order)
 
-    def stage(self, i: int, g: torch.Tensor) -> None:
-        """Parameter ``i``'s whole value, to be reduce-scattered at its turn."""
+    def stage(self, i: int, g: torch.Tensor, held: bool = True) -> None:
+        """Parameter ``i``'s whole value, to be reduce-scattered at its turn (``held``: counted as waiting on
+        the device)."""
         self._staged[i] = g
-        self.held.add(_nbytes(g))
+        if held:
+            self.held.add(_nbytes(g))
+        else:
+            self._unheld.add(i)
 
     def flush(self) -> None:
         """Issue the reduce-scatters whose turn has come and whose values are here."""
@@ -131,7 +156,7 @@ class ScatterSchedule:
     def _scatter(self, j: int, g: torch.Tensor | None) -> None:
         self._next += 1
         self.layout.scatter_param_add(j, g, self.out_pieces[j], device=self.device)
-        if g is not None:
+        if g is not None and j not in self._unheld:
             self.held.now -= _nbytes(g)
 
     def finish(self) -> None:
@@ -152,12 +177,13 @@ class StreamPass:
     ``leaves``: the whole parameter tensors the graphs were built through (requires_grad leaves, one per
     parameter of ``layout``). ``v``: ``(d_local,)``, needed even by a pass with no graph (a rank with fewer
     probe batches than another), whose slice the other ranks gather. ``v`` and ``out`` may be in host memory
-    (module docstring); the collectives run on the leaves' device.
+    (module docstring); the collectives run on the leaves' device. ``partials_device``: where the outputs'
+    partial sums are formed (module docstring, "Partial sums in host memory"); None: in autograd's buffers.
     """
 
     def __init__(self, layout: ShardLayout, leaves: Sequence[torch.Tensor], v: torch.Tensor,
                  out: torch.Tensor, gather_order: Sequence[int] | None = None,
-                 scatter_order: Sequence[int] | None = None):
+                 scatter_order: Sequence[int] | None = None, partials_device: torch.device | str | None = None):
         n = len(leaves)
         self.layout = layout
         self.leaves = list(leaves)
@@ -176,6 +202,10 @@ class StreamPass:
         # the order autograd used the inputs and finished the outputs in (what the schedule should follow)
         self.inputs_seen: list[int] = []
         self.outputs_seen: list[int] = []
+        self.partials_device = None if partials_device is None else torch.device(partials_device)
+        self._partials: dict[int, torch.Tensor] = {}
+        self.intercepted = 0  # contributions taken from their producers
+        self.accumulated = 0  # outputs that still came through a parameter's accumulator
 
     @property
     def peak_held_bytes(self) -> int:
@@ -198,7 +228,74 @@ class StreamPass:
                 grads.append(torch.zeros((), dtype=root.dtype, device=root.device).expand(root.shape))
                 self._handles.append(root.node.register_prehook(
                     lambda gs, i=i, nr=root.output_nr: (*gs[:nr], self._input(i, gs[nr]), *gs[nr + 1 :])))
+        if self.partials_device is not None and outputs:
+            self._intercept([e.node for e in outputs])
         return outputs, grads
+
+    def _intercept(self, roots: Sequence) -> None:
+        """A post-hook on every node that sends a gradient towards a parameter, through unary view and cast
+        nodes (the funnel) or straight into its accumulator: the contribution is taken there (one walk of
+        the double backward's graph)."""
+        acc = {torch.autograd.graph.get_gradient_edge(leaf).node: i for i, leaf in enumerate(self.leaves)}
+        funnel: dict = {}
+
+        def funnel_of(node):  # (parameter index, the funnel nodes from this one down) or None
+            if node in funnel:
+                return funnel[node]
+            found = None
+            if node in acc:
+                found = (acc[node], ())
+            elif type(node).__name__ in _FUNNEL_NODES:
+                below = [f for f, _ in node.next_functions if f is not None]
+                under = funnel_of(below[0]) if len(below) == 1 else None
+                found = None if under is None else (under[0], (node, *under[1]))
+            funnel[node] = found
+            return found
+
+        seen, stack, sites = set(), list(roots), {}
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if funnel_of(node) is not None:
+                continue  # reached through its producers, which hand it nothing
+            for k, (nxt, _) in enumerate(node.next_functions):
+                if nxt is None:
+                    continue
+                f = funnel_of(nxt)
+                if f is not None:
+                    sites.setdefault(node, []).append((k, *f))
+                else:
+                    stack.append(nxt)
+        for node, edges in sites.items():
+            self._handles.append(node.register_hook(self._producer_hook(edges)))
+
+    def _producer_hook(self, edges: list):
+        def hook(grad_inputs, grad_outputs):
+            grads = list(grad_inputs)
+            for k, i, chain in edges:
+                x = grads[k]
+                if x is None:
+                    continue
+                grads[k] = None
+                for node in chain:
+                    x = node(x)
+                    x = x[0] if isinstance(x, tuple) else x
+                self.intercepted += 1
+                self._add_partial(i, x)
+            return tuple(grads)
+
+        return hook
+
+    def _add_partial(self, i: int, x: torch.Tensor) -> None:
+        # always a copy: autograd's tensor may be a view of a buffer it still uses
+        x = x.detach().reshape(self.leaves[i].shape)
+        got = self._partials.get(i)
+        if got is None:
+            self._partials[i] = x.to(device=self.partials_device, dtype=self.leaves[i].dtype, copy=True)
+        else:
+            got.add_(x.to(got.device))
 
     def __enter__(self) -> Self:
         for i, leaf in enumerate(self.leaves):
@@ -220,6 +317,7 @@ class StreamPass:
         with contextlib.suppress(Exception):
             self.finish()
         self._gathered.clear()
+        self._partials = {}
         self._schedule.clear()
 
     # ------------------------------------------------------------------ hooks
@@ -247,6 +345,10 @@ class StreamPass:
         if g is None:
             return
         self.outputs_seen.append(i)
+        if self.partials_device is not None:  # a contribution no producer's hook took: into the sum too
+            self.accumulated += 1
+            self._add_partial(i, g)
+            return
         self._schedule.stage(i, g)
         self._flush()
 
@@ -263,6 +365,9 @@ class StreamPass:
             self._uses[self.gather_order[self._next_gather]] = 0
             self._gather_next()
         self._gathered.clear()
+        for i, total in self._partials.items():
+            self._schedule.stage(i, total, held=False)
+        self._partials = {}
         self._schedule.finish()
 
 
