@@ -21,8 +21,9 @@ a whole copy; weights are random (normal, std 0.02; norms 1), in bf16. Each rank
   against two, the per-HVP speed-up.
 
 ``--vector-device cpu`` keeps every slice-sized vector (the gradient, HVP inputs and outputs, Lanczos' vectors
-and basis) in host memory: the streamed HVP moves each parameter's piece to and from the device, so the GPU
-holds the training state, the whole parameters, the graph and the pieces in flight only (the Lanczos
+and basis) in host memory: the streamed HVP moves each parameter's piece to and from the device and forms its
+output's partial sums on the host, so the GPU holds the training state, the whole parameters, the graph and
+the pieces in flight only (the Lanczos
 arithmetic then runs on the host, with ``--host-threads`` threads per rank). The peak per phase is in
 ``peak_bytes`` (``build``, ``hvp``, ``spectrum``; ``spectrum_so_far`` while it runs) and the host's peak
 resident memory per rank in ``host_peak_rss_bytes``.

@@ -28,8 +28,10 @@ an HVP, a Lanczos run.
 **Vectors in host memory** (``vector_device="cpu"``): every slice-sized vector (the gradient, HVP inputs
 and outputs, Lanczos' working vectors and basis) lives in host memory, and a streamed HVP copies each
 parameter's piece of its input to the device just before its all-gather and adds each reduce-scattered
-piece of its output back; the device then holds the whole parameters, the graphs and the pieces in flight
-only. The Lanczos arithmetic runs on the host (slower per step). The plan takes it when nothing fits with
+piece of its output back, and the double backward's partial sums are formed on the host too; the device then
+holds the whole parameters, the graphs and the pieces in flight only (the double backward's temporaries are
+still counted as ``HVP_GRAPH_FACTOR s m``, which then errs high). The Lanczos arithmetic runs on the host
+(slower per step). The plan takes it when nothing fits with
 the slices on the device and the host can hold ``HOST_VECTORS`` slices.
 
 The budget is :func:`~geomprobe.engine.memory_plan.budget_bytes`'s (the least of the training peak times its
