@@ -20,6 +20,14 @@ a whole copy; weights are random (normal, std 0.02; norms 1), in bf16. Each rank
 - ``--model 1b``: the same HVP with the data on one GPU (rank 0, an unsharded copy, both ranks' data)
   against two, the per-HVP speed-up.
 
+``--vector-device cpu`` keeps every slice-sized vector (the gradient, HVP inputs and outputs, Lanczos' vectors
+and basis) in host memory: the streamed HVP moves each parameter's piece to and from the device and forms its
+output's partial sums on the host, so the GPU holds the training state, the whole parameters, the graph and
+the pieces in flight only (the Lanczos
+arithmetic then runs on the host, with ``--host-threads`` threads per rank). The peak per phase is in
+``peak_bytes`` (``build``, ``hvp``, ``spectrum``; ``spectrum_so_far`` while it runs) and the host's peak
+resident memory per rank in ``host_peak_rss_bytes``.
+
 An out-of-memory error in any part is caught, recorded with the part's name, and the next part runs. Rank 0
 writes the JSON (``--out``) and prints it. ``--tiny``: a 2-layer model of width 64 on CPU with gloo, in
 float32, to check the script's logic anywhere.
@@ -31,6 +39,7 @@ import argparse
 import gc
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -68,6 +77,11 @@ def _reset_peak(device: torch.device) -> None:
 
 def _peak(device: torch.device) -> int | None:
     return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _host_rss() -> int:
+    """This process's peak resident host memory so far (bytes; Linux reports kilobytes)."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def _is_oom(e: BaseException) -> bool:
@@ -173,6 +187,10 @@ def _landscape_options(route: str, args, results) -> dict:
         opts["graph_budget_bytes"] = int(args.graph_budget * 2**30)
     if args.chunk:
         opts["chunk_size"] = args.chunk
+    if args.vector_device:
+        opts["vector_device"] = args.vector_device
+    if args.recompute_attention and route == "autograd":
+        opts["recompute_attention"] = True
     return opts
 
 
@@ -190,12 +208,14 @@ def measure_route(model, batch, route: str, device, args, results, save) -> None
     _sync(device)
     out["build_seconds"] = time.perf_counter() - t0
     peaks["build"], out["allocated_after_build"] = _peak(device), _allocated(device)
+    rss = out.setdefault("host_peak_rss_bytes", {})
+    rss["build"] = _host_rss()
     out["info"] = land.info()
     if land.plan is not None:
         out["plan"] = land.plan.to_dict()
     save()
     try:
-        v = land.vector_space.gaussian(default_generator(1), land.dtype, land.device)
+        v = land.vector_space.gaussian(default_generator(1), land.dtype, getattr(land, "vector_device", land.device))
         _reset_peak(device)
         land.hvp(v)  # warm-up
         _sync(device)
@@ -205,6 +225,7 @@ def measure_route(model, batch, route: str, device, args, results, save) -> None
         _sync(device)
         out["hvp_seconds"] = (time.perf_counter() - t0) / args.hvps
         peaks["hvp"] = _peak(device)
+        rss["hvp"] = _host_rss()
         del v
         if results.get("gradient_seconds"):
             out["hvp_over_gradient"] = out["hvp_seconds"] / results["gradient_seconds"]
@@ -223,10 +244,12 @@ def measure_route(model, batch, route: str, device, args, results, save) -> None
         if args.plan and land.plan is not None:
             basis_device, max_basis = land.plan.basis_device, land.plan.max_basis or args.max_basis
         out["basis"] = {"device": basis_device or "model's", "max_basis": max_basis}
-        _report_progress(land, out, t0, save)
+        _report_progress(land, out, t0, save, device)
         s = spectrum(land, tol=args.tol, max_iter=args.max_iter, max_basis=max_basis, basis_device=basis_device)
         _sync(device)
         peaks["spectrum"] = _peak(device)
+        peaks.pop("spectrum_so_far", None)
+        rss["spectrum"] = _host_rss()
         out["spectrum"] = {k: s[k] for k in ("lambda_max", "lambda_max_err", "lambda_min", "lambda_min_err",
                                               "converged", "steps", "hvps", "restarts") if k in s}
         out["spectrum"]["hvp_error"] = s.get("hvp_error")
@@ -245,15 +268,17 @@ def measure_route(model, batch, route: str, device, args, results, save) -> None
         save()
 
 
-def _report_progress(land, out: dict, t0: float, save, every: int = 10) -> None:
-    """Every ``every`` HVPs of the spectrum phase: its HVPs and seconds so far in ``out["spectrum_progress"]``,
-    printed by rank 0 and saved, so that a run stopped by its time limit still says how far it got."""
+def _report_progress(land, out: dict, t0: float, save, device: torch.device, every: int = 10) -> None:
+    """Every ``every`` HVPs of the spectrum phase: its HVPs and seconds so far in ``out["spectrum_progress"]``
+    and the phase's peak memory so far (``peak_bytes["spectrum_so_far"]``), printed by rank 0 and saved, so
+    that a run stopped by its time limit still says how far it got and what it held."""
     done = [0]
 
     def on_hvps(n: int) -> None:
         done[0] += n
-        if done[0] % every == 0:
+        if done[0] % every == 0 or done[0] <= 2:
             out["spectrum_progress"] = {"hvps": done[0], "seconds": round(time.perf_counter() - t0, 2)}
+            out["peak_bytes"]["spectrum_so_far"] = _peak(device)
             if not dist.is_initialized() or dist.get_rank() == 0:
                 print(json.dumps({"spectrum_progress": out["spectrum_progress"]}), flush=True)
             save()
@@ -310,6 +335,14 @@ def main() -> None:
     ap.add_argument("--chunk", type=int, default=1,
                     help="vectors per batched HVP; 1 (default): every HVP streamed, and the kept graph holds no "
                          "whole gradient (a d-vector); more keeps it, for whole blocks")
+    ap.add_argument("--vector-device", default=None, choices=["cpu", "cuda"],
+                    help="where slice-sized vectors live: cpu = host memory (the streamed HVP moves each "
+                         "parameter's piece); default: the GPU, or the plan's choice with --plan")
+    ap.add_argument("--recompute-attention", action="store_true",
+                    help="exact route: recompute attention probabilities in the double backward instead of "
+                         "keeping them in the graph (smaller graph, slower HVP)")
+    ap.add_argument("--host-threads", type=int, default=None,
+                    help="CPU threads per rank for host-memory vectors (default: the cores over the ranks)")
     ap.add_argument("--skip-spectrum", action="store_true", help="build and time HVPs only")
     ap.add_argument("--skip-auto", action="store_true", help="skip the auto route's decision")
     ap.add_argument("--out", default=None)
@@ -326,10 +359,14 @@ def main() -> None:
         local = int(os.environ.get("LOCAL_RANK", rank))
         torch.cuda.set_device(local)
         device, dtype, size = torch.device("cuda", local), torch.bfloat16, args.model
+        if args.vector_device == "cpu" or args.host_threads:
+            # torchrun starts every rank with one thread: Lanczos on host slices needs the cores
+            torch.set_num_threads(args.host_threads or max(1, (os.cpu_count() or world) // world))
     from torch.distributed.device_mesh import init_device_mesh
 
     mesh = init_device_mesh(device.type, (world,))
     results: dict = {"model": size, "world_size": world, "dtype": str(dtype), "batch_per_rank": [args.batch, args.seq],
+                     "vector_device": args.vector_device or "model's", "threads": torch.get_num_threads(),
                      "torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     vocab = CONFIGS[size]["vocab_size"]
     ids = torch.randint(0, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(100 + rank)).to(device)

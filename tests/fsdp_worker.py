@@ -249,8 +249,8 @@ def _stream_results(mesh, rank: int) -> dict:
             r[name] = {"hvp": torch.cat([hv, h1[None]]), "grad": land.grad.clone(), "loss": land.loss,
                        "largest_two": two.largest, "largest_one": one.largest, "ops": sorted(one.ops),
                        "rebuilds": land.graph_rebuilds, "info": land.info(),
-                       "no_gradient": [n for n, g in zip(land.param_names, land._graphs[0]) if g is None],
-                       "kept_as": sorted({type(g).__name__ for g in land._graphs[0] if g is not None})}
+                       "no_gradient": [n for n, g in zip(land.param_names, land._graphs[0] or []) if g is None],
+                       "kept_as": sorted({type(g).__name__ for g in land._graphs[0] or [] if g is not None})}
             land.close()
         r.update(ranges=land.layout.ranges, dim=land.dim, local_dim=land.local_dim,
                  largest_param=max(p.numel() for p in land.params))
@@ -290,6 +290,153 @@ def _midway_fault(mesh, rank: int) -> dict:
     out["leaves_clean"] = all(p.grad is None for p in land.params)
     fresh = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
     out["fresh"] = fresh.hvp(v)
+    return out
+
+
+def _build_and_host_results(mesh, rank: int) -> dict:
+    """The streamed build (chunk 1: each parameter's gradient reduce-scattered as autograd finishes it) against
+    the whole-gradient build (chunk 16), and vectors in host memory (``vector_device="cpu"``) against the
+    device: gradient slices, HVPs and spectra; and what the build's hooks saw. (On CPU the host is the
+    device: the mode is forced and recorded, and its code path runs, but both live in the same memory.)"""
+    import geomprobe as gp
+    from geomprobe.metrics import spectrum
+
+    out = {}
+    for kind in ("mlp", "block", "gated"):
+        if kind == "gated":
+            model, loss_fn, batches = gated_problem()
+            from torch.distributed.fsdp import fully_shard
+
+            fully_shard(model.body, mesh=mesh)
+            fully_shard(model, mesh=mesh)
+            batches = batches[:2] if rank == 0 else batches[2:]
+        else:
+            model, loss_fn, X, y = make_problem(kind)
+            model = shard_model(model, mesh)
+            batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+        r = {}
+        for name, opts in (("streamed", {"chunk_size": 1}), ("whole", {"chunk_size": 16}),
+                           ("host", {"chunk_size": 1, "vector_device": "cpu"}),
+                           ("host_rebuilt", {"chunk_size": 1, "vector_device": "cpu", "graph_budget_bytes": 1})):
+            land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, **opts)
+            V = land.layout.local_of(hvp_vectors(land.dim))
+            res = {"grad": land.grad.clone(), "loss": land.loss, "hvp": land.hvp(V),
+                   "hvp_single": land.hvp(V[0]), "info": land.info(), "rebuilds": land.graph_rebuilds,
+                   "kept_as": sorted({type(g).__name__ for g in land._graphs[0] or [] if g is not None})}
+            if name in ("streamed", "host"):
+                res["spectrum"] = spectrum(land, k=2, tol=1e-10)
+                res["grad_device"] = str(land.grad.device)
+                res["vector_device"] = str(land.vector_device)
+            r[name] = res
+            land.close()
+        r.update(ranges=land.layout.ranges, dim=land.dim,
+                 largest_param_bytes=max(p.numel() * p.element_size() for p in land.params))
+        out[kind] = r
+    try:
+        gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, vector_device="cuda:7")
+        out["bad_device"] = "no error"
+    except gp.ConfigurationError as e:
+        out["bad_device"] = str(e)
+    return out
+
+
+def _peak_host_bytes(fn):
+    """``fn()`` under torch's profiler, and the most bytes torch's CPU allocator held beyond what it held at the
+    start, from every allocation and release the profiler records (an op's net allocation at its start)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = fn()
+    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
+                    for e in prof.events() if e.name == "[memory]" or e.self_cpu_memory_usage)
+    now = peak = 0
+    for _, n in deltas:
+        now += n
+        peak = max(peak, now)
+    return peak, out
+
+
+def _build_memory(mesh, rank: int) -> dict:
+    """The host memory a build holds at its peak, streamed (chunk 1) and with whole gradients (chunk 16), on an
+    MLP whose parameters (3.2 MB in float64) dwarf its activations (4 samples per rank)."""
+    import geomprobe as gp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 512), nn.Tanh(), nn.Linear(512, 512), nn.Tanh(), nn.Linear(512, 3)).double()
+    model = shard_model(model, mesh)
+    g = torch.Generator().manual_seed(7 + rank)
+    batch = (torch.randn(4, 256, dtype=torch.float64, generator=g), torch.randint(0, 3, (4,), generator=g))
+    out = {"dim": sum(p.numel() for p in model.parameters())}
+    for name, chunk in (("streamed", 1), ("whole", 16)):
+        peak, land = _peak_host_bytes(lambda c=chunk: gp.Landscape(model, nn.CrossEntropyLoss(), batch,
+                                                                  hvp_method="autograd", memory=None, chunk_size=c))
+        out[name] = {"peak": peak, "graph_bytes": land.graph_bytes, "info": land.info()}
+        land.close()
+        del land
+        gc.collect()
+    return out
+
+
+def _build_fault(mesh, rank: int) -> dict:
+    """Rank 1 fails inside the streamed build's backward after the pass has issued reduce-scatters: every rank
+    must raise (none waits in a collective), the user's state must be bit-identical, and the next build must
+    equal a build on a model that never saw the fault."""
+    import geomprobe as gp
+    from geomprobe.engine import sharded_stream
+
+    model, loss_fn, X, y = make_problem("block")
+    model = shard_model(model, mesh)
+    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    Xr, yr = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn(model(Xr), yr).backward()
+    opt.step()
+    loss_fn(model(Xr), yr).backward()
+    before = _snapshot(model, opt)
+    original = sharded_stream.BuildPass._take
+    seen = []
+
+    def failing(self, i, g):
+        seen.append(i)
+        if len(seen) == 3:  # two gradients taken and reduce-scattered already (the schedule's first two)
+            raise RuntimeError("injected fault inside the build")
+        return original(self, i, g)
+
+    out = {}
+    if rank == 1:
+        sharded_stream.BuildPass._take = failing
+    try:
+        gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
+        out["error"] = "no error"
+    except Exception as e:  # noqa: BLE001 - the test reads which error each rank raised
+        out["error"] = f"{type(e).__name__}: {e}"
+    finally:
+        sharded_stream.BuildPass._take = original
+    out["state"] = _same(before, _snapshot(model, opt))
+    out["whole"] = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
+    land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
+    v = land.layout.local_of(hvp_vectors(land.dim)[0])
+    out["after"] = {"grad": land.grad.clone(), "hvp": land.hvp(v), "loss": land.loss, "ranges": land.layout.ranges}
+    land.close()
+    # inside a GeometryProbe: rank 1's build fails at the first probe; both ranks fail that probe, the user's
+    # state is as found, training goes on and the next probe measures
+    seen.clear()
+    if rank == 1:
+        sharded_stream.BuildPass._take = failing
+    try:
+        probe = gp.GeometryProbe(model, loss_fn, batches, metrics={"spectrum": {"tol": 1e-6}}, schedule=gp.every(2),
+                                 chunk_size=1, hvp_method="autograd")
+        before = _snapshot(model, opt)
+        probe.attach(opt)
+    finally:
+        sharded_stream.BuildPass._take = original
+    out["probe_state"] = _same(before, _snapshot(model, opt))
+    for _ in range(2):
+        opt.zero_grad()
+        loss_fn(model(Xr), yr).backward()
+        opt.step()
+    probe.close()
+    out["probe_records"] = json.loads(json.dumps(probe.records))
     return out
 
 
@@ -459,6 +606,10 @@ def main(out_dir: str) -> None:
     result["stream"] = _stream_results(mesh, rank)
     result["planned"] = _planned_results(mesh, rank)
     result["midway"] = _midway_fault(mesh, rank)
+    _phase(rank, "streamed build and host vectors")
+    result["host"] = _build_and_host_results(mesh, rank)
+    result["build_fault"] = _build_fault(mesh, rank)
+    result["build_memory"] = _build_memory(mesh, rank)
     _phase(rank, "agreed failures")
     result["failures"] = _agreed_failures(mesh, rank)
     _phase(rank, "probe")

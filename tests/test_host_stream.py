@@ -440,3 +440,21 @@ def test_on_a_gpu_metrics_and_views_take_the_host_gradient_and_ritz_vectors():
         assert abs(a[key] - b[key]) <= 1e-8 * max(1.0, abs(a[key]))
     assert abs(line(device, "top", points=5)["curvature"] - line(host, "top", points=5)["curvature"]) <= 1e-8
     assert plane(host, "gradient", "top", points=(3, 3))["forwards"] > 0
+
+
+def test_the_plans_measuring_forward_takes_one_sample_unless_batch_norm_and_drops_its_gradient():
+    from geomprobe.engine.attention_plan import measure_graph
+
+    for name, least in (("tanh_mlp", 1), ("cnn_bn", 2)):
+        model, loss, batches, mode = make_case(name)
+        land = gp.Landscape(model, loss, batches, mode=mode, memory=None)
+        per_sample, source, _ = measure_graph(land, can_split=True, recompute=False)
+        n = batches[0][0].shape[0]
+        assert source.startswith(f"measured on {max(least, -(-n // 8))} of {n} samples") and per_sample > 0
+    # the gradients of the measuring backward are handed to autograd as placeholders as they form
+    model, loss, batches, mode = make_case("tanh_mlp")
+    params = [p for p in model.parameters()]
+    with host_stream.RootCapture(params) as cap:
+        grads = torch.autograd.grad(loss(model(batches[0][0]), batches[0][1]), params, create_graph=True)
+    assert all(g.stride() == (0,) * g.dim() for g in grads if g.dim())  # zero-stride: no values held
+    assert all(r is not None for r in cap.roots)

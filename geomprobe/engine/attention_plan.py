@@ -29,9 +29,11 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch import nn
 
 from .autodiff.fastdouble import AttentionCalls, fast_double_backward
 from .batches import batch_size, slice_batch
+from .host_stream import RootCapture
 from .memory_plan import MemoryBudget, MemoryPlan, _gib
 from .saved_bytes import SavedBytes
 
@@ -46,16 +48,22 @@ def requested_label(requested: bool | None) -> str | bool:
 
 def measure_graph(land: Any, can_split: bool, recompute: bool) -> tuple[float, str, AttentionCalls]:
     """Saved bytes per sample of the first-order graph of ``land`` (a Landscape), built with the recomputing
-    attention or with torch's, on a slice of about 1/8 of the first batch (at least 2 samples, for layers that
-    normalize over the batch; the whole batch where it may not be split), and the attention calls counted.
+    attention or with torch's, on a slice of about 1/8 of the first batch (at least 2 samples where a layer
+    normalizes over the batch, else at least 1; the whole batch where it may not be split), and the attention
+    calls counted.
     Cost: one forward and one first backward (``create_graph``) on that slice; exact byte count of what
     autograd saves, each storage once, parameters not."""
     batch = land.batches[0]
     n = batch_size(batch)
-    m = min(n, max(2, math.ceil(n / 8))) if can_split else n
+    # two samples only where a layer normalizes over the batch: on a 1B language model each sample's graph is
+    # GBs, and this forward's peak is the probe's own
+    least = 2 if any(isinstance(mod, nn.modules.batchnorm._BatchNorm) for mod in land.model.modules()) else 1
+    m = min(n, max(least, math.ceil(n / 8))) if can_split else n
     piece = slice_batch(batch, n, 0, m)
     counter = SavedBytes(land.params)
-    with land.frozen(0), counter.hooks(), fast_double_backward(land.fast_double_backward, recompute, land.model) as calls:
+    # each parameter's gradient is dropped as autograd finishes it (RootCapture): no whole gradient beside the graph
+    with (land.frozen(0), counter.hooks(),
+          fast_double_backward(land.fast_double_backward, recompute, land.model) as calls, RootCapture(land.params)):
         loss = land.loss_on(piece)
         grads = torch.autograd.grad(loss, land.params, create_graph=True, allow_unused=True)
     del grads, loss

@@ -115,6 +115,13 @@ class ProcessGroupReducer(Reducer):
         return int(t.item())
 
     def sum_(self, t: torch.Tensor) -> torch.Tensor:
+        dev = self._device()
+        if dev.type != "cpu" and t.device != dev:
+            # NCCL reduces device tensors only: partial sums of vectors kept in host memory (a sharded
+            # Landscape's vector_device="cpu") travel to the device and back, a few scalars each way
+            moved = t.to(dev)
+            torch.distributed.all_reduce(moved, group=self.group)
+            return t.copy_(moved)
         torch.distributed.all_reduce(t, group=self.group)
         return t
 

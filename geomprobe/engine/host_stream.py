@@ -95,6 +95,7 @@ class HostStreamPass(StreamPass):
     def __init__(self, layout: HostLayout, leaves: Sequence[torch.Tensor], v: torch.Tensor, out: torch.Tensor,
                  fresh: bool = False):
         super().__init__(layout, leaves, v, out)  # type: ignore[arg-type]
+        self.out_pieces = layout.split_local(out)
         self.fresh = fresh
         self._hook_tables: list[tuple[torch.Tensor, bool]] = []
 
@@ -115,7 +116,7 @@ class HostStreamPass(StreamPass):
                 leaf._backward_hooks = None
         self._hook_tables = []
         self._gathered.clear()
-        self._held = 0
+        self._held.now = 0
         if exc_type is None and self.layout.device.type == "cuda":
             # an input copied asynchronously from pinned memory must land before the caller reuses v
             torch.cuda.current_stream(self.layout.device).synchronize()
@@ -127,32 +128,23 @@ class HostStreamPass(StreamPass):
             piece = self.layout.gather_param(i, self.v_pieces[i])
             if self._uses[i] > 1:  # held for the parameter's other roots (several graphs in one pass)
                 self._gathered[i] = piece
-                self._hold(_nbytes(piece))
+                self._held.add(_nbytes(piece))
         self._uses[i] -= 1
         if self._uses[i] == 0 and i in self._gathered:
             del self._gathered[i]
-            self._held -= _nbytes(piece)
+            self._held.now -= _nbytes(piece)
         return piece.to(grad.dtype)
 
     def _capture(self, i: int, g: torch.Tensor) -> torch.Tensor:
         """Parameter ``i``'s finished output: into the flat output at once; autograd keeps a placeholder."""
         self.outputs_seen.append(i)
-        self._hold(_nbytes(g))
+        self._held.add(_nbytes(g))
         self.layout.scatter_param_add(i, g, self.out_pieces[i], fresh=self.fresh)
-        self._held -= _nbytes(g)
+        self._held.now -= _nbytes(g)
         return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
 
     def finish(self) -> None:
         """Nothing is left to issue: every piece moved when autograd asked for it."""
-
-
-class _Edge:
-    """A gradient root seen as a tensor with a ``grad_fn`` (what the graph checks walk from)."""
-
-    __slots__ = ("grad_fn",)
-
-    def __init__(self, node: Any):
-        self.grad_fn = node
 
 
 class RootCapture:
@@ -163,10 +155,11 @@ class RootCapture:
     root stays. The roots are in :attr:`roots` afterwards (None for a parameter the loss does not reach or whose
     gradient does not depend on the parameters). Hook tables are put back as found, after a failure too."""
 
-    def __init__(self, params: Sequence[torch.Tensor], layout: HostLayout, grad: torch.Tensor | None = None):
+    def __init__(self, params: Sequence[torch.Tensor], layout: HostLayout | None = None,
+                 grad: torch.Tensor | None = None):
         self.params = list(params)
         self.roots: list[Root | None] = [None] * len(self.params)
-        self.pieces = layout.split_local(grad) if grad is not None else None
+        self.pieces = layout.split_local(grad) if grad is not None and layout is not None else None
         self._handles: list = []
         self._had_none: list[bool] = []
 
@@ -214,7 +207,7 @@ class HostVectors:
         capture = RootCapture(self.land.params, self.layout, grad)
         _, loss, nbytes = self.land._graph(b, True, watch=watch, capture=capture)
         if watch:
-            check_broken_nodes([_Edge(r.node) if r is not None else None for r in capture.roots])
+            check_broken_nodes(capture.roots)  # a Root answers grad_fn like the gradient it stands for
         return capture.roots, loss, nbytes
 
     # ------------------------------------------------------------------ products

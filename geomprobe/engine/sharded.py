@@ -158,10 +158,13 @@ class ShardLayout:
         a, b = _rows(n, self.world, self.rank)
         return (math.ceil(n / self.world) if n else 0), row, b - a
 
-    def gather_param(self, i: int, local: torch.Tensor) -> torch.Tensor:
+    def gather_param(self, i: int, local: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
         """Parameter ``i`` whole (its shape) from every rank's piece of it (``local``, this rank's shard shape):
-        one all-gather of ``ceil(n / world)`` rows per rank. Memory: the whole parameter plus at most
-        ``world - 1`` padding rows (the result is a view of that buffer)."""
+        one all-gather of ``ceil(n / world)`` rows per rank, on ``device`` (default ``local``'s: a piece held
+        in host memory is copied there first, the only copy of it on the device). Memory: the whole parameter
+        plus at most ``world - 1`` padding rows (the result is a view of that buffer)."""
+        if device is not None and local.device != torch.device(device):
+            local = local.to(device)
         c, row, mine = self._param_rows(i)
         if c == 0 or row == 0:
             return local.new_zeros(self.shapes[i])
@@ -173,23 +176,28 @@ class ShardLayout:
         torch.distributed.all_gather_into_tensor(buf, send.contiguous(), group=self.group)
         return buf[: self.sizes[i]].view(self.shapes[i])
 
-    def scatter_param_add(self, i: int, whole: torch.Tensor | None, out: torch.Tensor) -> None:
+    def scatter_param_add(self, i: int, whole: torch.Tensor | None, out: torch.Tensor,
+                          device: torch.device | None = None) -> None:
         """Add the sum over ranks of parameter-shaped ``whole`` (``None``: zeros, for a rank where the
         parameter got no gradient, so that the collective still happens) to this rank's shard ``out`` (a view
-        in the local flat vector): one reduce-scatter. Memory: the padded send buffer (the parameter's size;
-        none when its rows divide evenly) and this rank's rows."""
+        in the local flat vector): one reduce-scatter on ``device`` (default ``whole``'s, else ``out``'s), whose
+        received rows are added to ``out`` wherever it lives (host memory: one copy of this rank's rows).
+        Memory: the padded send buffer (the parameter's size; none when its rows divide evenly) and this
+        rank's rows."""
         c, row, mine = self._param_rows(i)
         if c == 0 or row == 0:
             return
+        dev = torch.device(device) if device is not None else (whole.device if whole is not None else out.device)
         if whole is not None and c * self.world == self.shapes[i][0]:
-            send = whole.reshape(-1).to(out.dtype).contiguous()
+            send = whole.reshape(-1).to(device=dev, dtype=out.dtype).contiguous()
         else:
-            send = out.new_zeros(self.world * c * row)
+            send = torch.zeros(self.world * c * row, dtype=out.dtype, device=dev)
             if whole is not None:
                 send[: self.sizes[i]] = whole.reshape(-1)
-        recv = out.new_empty(c * row)
+        recv = torch.empty(c * row, dtype=out.dtype, device=dev)
         torch.distributed.reduce_scatter_tensor(recv, send, group=self.group)
-        out.add_(recv[: mine * row].view(out.shape))
+        del send
+        out.add_(recv[: mine * row].view(out.shape).to(out.device))
 
 
 def _is_fsdp_hook(hook) -> bool:

@@ -17,11 +17,14 @@ HVP routes (``hvp_method``):
   parameter (a reduce-scatter per parameter and batch). An HVP of one vector is *streamed*
   (:mod:`~geomprobe.engine.sharded_stream`): the double backward on this rank's data gathers each piece of
   ``v`` when autograd needs it and reduce-scatters each parameter's output as soon as it is finished, on a
-  schedule every rank follows; no whole d-vector exists. Exact to rounding. Memory: the whole parameters,
-  each kept graph with its whole per-parameter gradient, a few parameters in flight and slices
-  (:mod:`~geomprobe.engine.sharded_plan`); the double backward needs every layer's saved tensors at once, so
-  per-layer gathering cannot bound the graph. A wider block with a wider chunk goes whole (one all-gather of
-  the block, batched double backward, one reduce-scatter) where the plan finds room.
+  schedule every rank follows; no whole d-vector exists. The build is streamed the same way
+  (:class:`~geomprobe.engine.sharded_stream.BuildPass`): each parameter's gradient is reduce-scattered into
+  this rank's gradient slice as soon as autograd has finished it, and only the graph's edges are kept, so
+  the whole gradient never exists either. Exact to rounding. Memory: the whole parameters, each kept
+  graph's saved tensors, a few parameters in flight and slices (:mod:`~geomprobe.engine.sharded_plan`); the
+  double backward needs every layer's saved tensors at once, so per-layer gathering cannot bound the graph.
+  A wider block with a wider chunk goes whole (one all-gather of the block, batched double backward, one
+  reduce-scatter, and kept graphs that hold their whole gradients) where the plan finds room.
 - ``"finite-difference"``: Richardson-extrapolated central differences of FSDP's own sharded gradients,
   ``D(h) = (g(theta + h v) - g(theta - h v)) / 2h``, ``Hv ~ D(h) + (D(h) - D(2h)) / 3`` with the error
   estimate ``2 ||D(h) - D(2h)||`` (it holds the truncation ``~3 c h^2`` of ``D(h)``, of which the
@@ -37,6 +40,15 @@ HVP routes (``hvp_method``):
   roundoff (4e-3 in bf16) makes the differences mostly rounding (on a 7B Llama in bf16 the error estimate was
   358x the HVP's norm, benchmarks/RESULTS.md §8), so finite differences would only return bounds wider than
   the spectrum; ``hvp_method="finite-difference"`` still runs them when asked.
+
+**Where vectors live** (:attr:`ShardedLandscape.vector_device`): on the model's device, or with
+``vector_device="cpu"`` in host memory: the gradient slice, every HVP's input and output and (through
+``metrics.spectrum``) Lanczos' vectors and basis. A streamed HVP then copies each parameter's piece of ``v``
+to the device just before its all-gather and adds each reduce-scattered piece of the output into the host
+slice, so the device holds the whole parameters, the graphs and the pieces in flight, no slice. The exact
+route's memory plan takes this mode when the slices do not fit the budget on the device; the keyword
+argument forces it either way (recorded as the user's in :meth:`info`). Inner products of host slices
+are still reduced over the process group (a few scalars copied to the device for NCCL).
 
 The user's state is as found afterwards: parameter shards (restored bit for bit after each perturbation),
 ``.grad`` (the finite-difference route lets FSDP write fresh gradients and puts the user's tensors back),
@@ -60,23 +72,41 @@ from ..errors import ConfigurationError, GeomprobeError, NonFiniteLossError
 from ..linalg.space import ShardedSpace
 from .batches import batch_size, slice_batch
 from .distributed import ProcessGroupReducer
-from .doublecheck import check_broken_nodes, no_double_backward
+from .doublecheck import no_double_backward
 from .landscape import Landscape
 from .memory_plan import MemoryBudget, MemoryPlan, device_memory, host_available_bytes
 from .paramspace import select_parameters
 from .saved_bytes import SavedBytes
 from .sharded import FSDPModule, ShardLayout, fsdp_hooks_off
+from .sharded_build import ExactBuild
 from .sharded_plan import GRAPH_FACTOR, plan_sharded_exact
-from .sharded_stream import Root, StreamPass, roots_of
+from .sharded_stream import Root, StreamPass
 
 __all__ = ["ShardedLandscape"]
 
 
+class ShardedLandscape(ExactBuild, Landscape):
+    """A :class:`~geomprobe.Landscape` of an FSDP2 model; see the module docstring. Built by ``Landscape(...)``,
+    which takes one more keyword argument for such a model:
 
-class ShardedLandscape(Landscape):
-    """A :class:`~geomprobe.Landscape` of an FSDP2 model; see the module docstring. Built by ``Landscape(...)``."""
+    ``vector_device``: where slice-sized vectors live (the gradient, HVP inputs and outputs, the spectrum's
+    Lanczos vectors): ``"cpu"`` in host memory, or the model's device; ``None`` (default): the exact route's
+    memory plan chooses (host memory only when the slices do not fit the budget on the device), else the
+    model's device. :meth:`hvp` takes slices anywhere and returns them on :attr:`vector_device`.
+    """
 
     sharded = True
+
+    # where slice-sized vectors live: set by _plan (the base class's read-only property answers for one device)
+    vector_device = property(lambda self: self._vector_device or self.device,
+                             lambda self, where: setattr(self, "_vector_device", where))
+
+    def __init__(self, model: Any, loss_fn: Any, batches: Any, *, vector_device: Any = None, **kwargs: Any):
+        self._vectors_asked = vector_device
+        self.vector_device: torch.device | None = None  # set by _plan, before anything is built
+        self.host_vectors = False
+        self.vector_device_source = "default"
+        super().__init__(model, loss_fn, batches, **kwargs)
 
     def _select(self, params: Any, process_group: Any) -> tuple[list[str], list[torch.Tensor]]:
         if process_group is False:
@@ -109,6 +139,40 @@ class ShardedLandscape(Landscape):
         tightest rank. ``memory=None``: no plan, but ``"auto"`` still chooses the route by the free memory.
         Costs one FSDP forward on 2 samples (every rank) unless the budget gives the graph's bytes. The attention
         is not planned here (``recompute``: torch's unless forced)."""
+        asked = self._asked_vector_device()
+        plan = self._route_plan(memory, chunk_size, micro_batch_size, graph_budget_bytes, recompute, asked)
+        planned = getattr(plan, "vector_device", None) if plan is not None else None
+        if asked is not None:
+            where, self.vector_device_source = asked, "user"
+        elif plan is not None:
+            where = planned
+            self.vector_device_source = "the given plan" if isinstance(memory, MemoryPlan) else "plan"
+        else:
+            where = None
+        self.vector_device = torch.device("cpu") if where == "cpu" else self.device
+        self.host_vectors = where == "cpu"  # the host-memory mode, asked for or planned (on a CPU model too)
+        return plan
+
+    def _asked_vector_device(self) -> str | None:
+        """The user's ``vector_device`` as ``"cpu"`` or the model's device (str), checked."""
+        asked = self._vectors_asked
+        if asked is None:
+            return None
+        try:
+            dev = torch.device(asked)
+        except (RuntimeError, TypeError) as e:
+            raise ConfigurationError(f"vector_device must be 'cpu', the model's device ({self.device}) or None, "
+                                     f"got {asked!r}") from e
+        if dev.type == "cpu":
+            return "cpu"
+        if dev.type == self.device.type and dev.index in (None, self.device.index):
+            return str(self.device)
+        raise ConfigurationError(
+            f"vector_device must be 'cpu' (host memory), the model's device ({self.device}) or None (the memory "
+            f"plan's choice), got {asked!r}")
+
+    def _route_plan(self, memory: Any, chunk_size: int | None, micro_batch_size: int | None,
+                    graph_budget_bytes: int | None, recompute: bool | None, vectors: str | None) -> MemoryPlan | None:
         if recompute is None:
             self.attention["reason"] = "a sharded model's plan does not choose attention: torch's attention"
         if isinstance(memory, MemoryPlan):
@@ -127,7 +191,8 @@ class ShardedLandscape(Landscape):
             self.route = {"hvp_route": self.hvp_method, "reason": "requested"}
             return None
         overrides = {k: (v, "user") for k, v in (("chunk_size", chunk_size), ("micro_batch_size", micro_batch_size),
-                                                  ("graph_budget_bytes", graph_budget_bytes)) if v is not None}
+                                                  ("graph_budget_bytes", graph_budget_bytes),
+                                                  ("vector_device", vectors)) if v is not None}
         budget = memory or MemoryBudget()
         overrides.update({k: v for k, v in budget.overrides.items() if v is not None and v[0] is not None})
         plan = self._exact_plan(budget, overrides)
@@ -194,56 +259,9 @@ class ShardedLandscape(Landscape):
         else:
             grad, loss = self._fsdp_grad()
             self._loss = float(self.reducer.sum_(loss))
-            self._grad = grad
+            self._grad = grad.to(self.vector_device)
             if self.reducer.sum_int(int(not bool(torch.isfinite(grad).all()))):
                 raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
-
-    def _build_exact(self) -> None:
-        """The first-order graph of every probe batch through the whole parameters (kept within
-        ``graph_budget_bytes``, the others rebuilt per HVP) and the gradient, each batch's reduce-scattered
-        parameter by parameter into this rank's slice: no whole gradient vector is formed. Every rank runs
-        the same number of passes (one per batch of the rank with most) and agrees on a failure before each
-        pass's collectives."""
-        self._grad = torch.zeros(self.local_dim, dtype=self.dtype, device=self.device)
-        pieces = self.layout.split_local(self._grad)
-        loss = torch.zeros((), dtype=torch.float64, device=self.device)
-        n = len(self._full)
-        for b in range(self._passes):
-            grads, err = None, None
-            if b < len(self.batches):
-                try:
-                    grads, loss_b, nbytes = self._graph(b, True, watch=b == 0)
-                    if b == 0:
-                        check_broken_nodes(grads)
-                        self.graph_bytes_per_sample = nbytes / max(1, self.batch_sizes[0])
-                except Exception as e:  # noqa: BLE001 - every rank learns of it before the reduce-scatters
-                    err = e
-            if err is not None:
-                self.reducer.report_failure()
-                raise err
-            self.reducer.check_others()
-            for i in range(n - 1, -1, -1):
-                g = grads[i] if grads is not None else None
-                self.layout.scatter_param_add(i, g.detach() if g is not None else None, pieces[i])
-            if grads is not None:
-                loss += loss_b.double() * self.weights[b]
-                # streamed HVPs need the graph behind each gradient, not its value: without whole blocks to
-                # batch (chunk 1) only the roots are kept, and the whole gradient (a d-vector) is freed
-                whole = self.chunk_size > 1
-                kept = nbytes + (sum(g.numel() * g.element_size() for g in grads if g is not None) if whole else 0)
-                if b == 0 or self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes:
-                    self._graphs.append(grads if whole else roots_of(grads))
-                    self.graph_bytes += nbytes
-                    self._kept_bytes += kept
-                else:
-                    self._graphs.append(None)
-            del grads
-        self.reducer.sum_(loss)
-        self._loss = float(loss)
-        if self.reducer.sum_int(int(not bool(torch.isfinite(self._grad).all()))):
-            raise NonFiniteLossError("the gradient has non-finite entries at the current parameters")
-        if self.reducer.sum_int(len(self.custom_functions)) > 0:
-            self._verify_custom_backward()
 
     def _choose_route(self, plan: MemoryPlan) -> None:
         """``"auto"``: the exact route when its plan fits on every rank, else finite differences, except in
@@ -273,7 +291,7 @@ class ShardedLandscape(Landscape):
             "available_bytes": plan.available_bytes, "cap_bytes": plan.cap_bytes,
             "exact_plan": {k: getattr(plan, k) for k in (
                 "micro_batch_size", "graph_budget_bytes", "chunk_size", "basis_device", "max_basis", "fits",
-                "graph_bytes_per_sample", "graph_source", "items")},
+                "graph_bytes_per_sample", "graph_source", "items", "vector_device")},
         }
 
     def _forward_bytes_per_sample(self) -> float:
@@ -347,7 +365,9 @@ class ShardedLandscape(Landscape):
     # ------------------------------------------------------------------ queries
     def info(self) -> dict:
         out = super().info()
-        out["sharded"] = {"world_size": self.layout.world, "local_dim": self.local_dim, **self.route}
+        out["sharded"] = {"world_size": self.layout.world, "local_dim": self.local_dim, **self.route,
+                          "vector_device": str(self.vector_device), "vector_device_source": self.vector_device_source}
+        out["vectors"] = {"where": "host" if self.host_vectors else "device", "source": self.vector_device_source}
         if self.hvp_method == "autograd":
             # the streamed HVPs: passes run (one per probe batch of the rank with most, per vector), and the
             # most bytes of gathered inputs and finished outputs that waited at once in one of them
@@ -368,6 +388,11 @@ class ShardedLandscape(Landscape):
         block with a wider chunk goes whole: one all-gather of the block, batched double backward passes
         (``is_grads_batched``), one reduce-scatter, holding about ``3 k d`` elements. Finite differences: 4 FSDP gradients per vector, each error estimate appended to
         :attr:`hvp_errors` (relative to ``||v||``). Every rank must call it with its slice of the same vectors.
+
+        Slices are returned on :attr:`vector_device` (``v`` may be anywhere). In host memory a streamed HVP
+        copies each parameter's piece of ``v`` to the device just before its all-gather and adds each
+        reduce-scattered piece of the output into the host slice (no slice on the device); whole blocks and
+        finite differences take the block to the device and back.
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.local_dim:
             raise ConfigurationError(
@@ -375,7 +400,7 @@ class ShardedLandscape(Landscape):
                 f"{self.local_dim} (d = {self.dim} over {self.layout.world} ranks), got {tuple(v.shape)}")
         self._check_unchanged()
         single = v.dim() == 1
-        V = v.reshape(-1, self.local_dim).to(device=self.device, dtype=self.dtype)
+        V = v.reshape(-1, self.local_dim).to(device=self.vector_device, dtype=self.dtype)
         self.widest_block = max(self.widest_block, V.shape[0])
         if self.hvp_method == "autograd" and (V.shape[0] == 1 or self.chunk_size == 1 or not self.batched_hvp):
             out = torch.zeros_like(V)
@@ -389,7 +414,9 @@ class ShardedLandscape(Landscape):
                     self._agree_hvp(err)
             self.hvps += V.shape[0]
             return out[0] if single else out
-        full = self.layout.all_gather(V) if self.hvp_method == "autograd" else None
+        # whole blocks and finite differences work on the device; vectors kept in host memory go there and back
+        Vd = V.to(self.device)
+        full = self.layout.all_gather(Vd) if self.hvp_method == "autograd" else None
         err = None
         out = None
         try:
@@ -397,13 +424,15 @@ class ShardedLandscape(Landscape):
                 out = torch.cat([self._hvp_chunk(full[s : s + self.chunk_size])
                                  for s in range(0, full.shape[0], self.chunk_size)])
             else:
-                out = torch.stack([self._fd_one(x) for x in V])
+                out = torch.stack([self._fd_one(x) for x in Vd])
         except Exception as e:  # noqa: BLE001 - every rank learns of it before the next collective
             err = e
+        del Vd
         self._agree_hvp(err)
         if full is not None:
             del full  # the gathered input is not needed for the reduce-scatter (a whole d-vector at 7B: 13 GB)
             out = self.layout.reduce_scatter(out)
+        out = out.to(self.vector_device)
         self.hvps += V.shape[0]
         return out[0] if single else out
 
@@ -422,17 +451,31 @@ class ShardedLandscape(Landscape):
         per batch, not one backward through every kept graph at once: autograd would run one graph's part
         first and hold every gathered piece until the other graph used it (a whole d-vector). Cost: one
         all-gather and one reduce-scatter of ``d`` elements in all, per pass."""
-        with StreamPass(self.layout, self._full, v, out) as sp:
-            if b < len(self._graphs):
-                graph, retain = self._graphs[b], True
-                if graph is None:
-                    graph, retain = roots_of(self._graph(b, True)[0]), False  # the whole gradient freed at once
+        graph, retain, err = None, True, None
+        if b < len(self._graphs):
+            graph = self._graphs[b]
+            if graph is None:
+                # rebuilt before the pass's hooks are set (its backward must not reach them); a failure here
+                # still lets the pass issue its collectives, so no rank waits
+                try:
+                    graph, retain = self._rebuild_roots(b), False
                     self.graph_rebuilds += 1
+                except Exception as e:  # noqa: BLE001 - raised after the pass's schedule, agreed by hvp
+                    err = e
+        # with vectors in host memory the outputs' partial sums are formed there too (sharded_stream)
+        partials = self.vector_device if self.host_vectors else None
+        with StreamPass(self.layout, self._full, v, out, partials_device=partials) as sp:
+            if graph is not None and err is None:
                 self._stream_backward(sp, [graph], retain)
-                del graph
+        del graph
+        if err is not None:
+            raise err
         stats = self.stream_stats
         stats["passes"] += 1
         stats["peak_held_bytes"] = max(stats["peak_held_bytes"], sp.peak_held_bytes)
+        if partials is not None:
+            stats["partials_intercepted"] = stats.get("partials_intercepted", 0) + sp.intercepted
+            stats["partials_accumulated"] = stats.get("partials_accumulated", 0) + sp.accumulated
         if "first_order" not in stats and sp.outputs_seen:
             # the order autograd used the inputs and finished the outputs (parameter indices) in the first pass
             # that ran a backward: the schedule holds least when it follows them

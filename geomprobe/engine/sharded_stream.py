@@ -1,5 +1,6 @@
-"""One pass of the streamed exact HVP of an FSDP2 model: the input gathered and the output reduce-scattered
-parameter by parameter, inside the double backward, so that no whole d-vector is ever held.
+"""One pass of the streamed exact route of an FSDP2 model: the input gathered and the output reduce-scattered
+parameter by parameter, inside the backward, so that no whole d-vector is ever held. :class:`StreamPass` is
+one double backward (an HVP); :class:`BuildPass` one first-order backward (building a graph and its gradient).
 
 The exact route differentiates the gradient ``g`` (built through whole parameter tensors) once more:
 ``Hv = d <g, v> / d theta``. A :class:`StreamPass` runs that double backward with
@@ -26,6 +27,29 @@ backward), so little waits; the most that waited is kept (:attr:`StreamPass.peak
 
 Cost per pass: one all-gather and one reduce-scatter per parameter (``d`` elements each in all). Memory
 beyond the graph: the pieces in flight and waiting, and this rank's output slice.
+
+**Vectors in host memory.** ``v`` and ``out`` may live in host memory while the graph and the collectives are
+on the device: each parameter's piece of ``v`` is copied to the device just before its all-gather, and each
+reduce-scattered piece of the output is added into ``out`` where it lives, so the device holds no slice-sized
+vector during the pass.
+
+**Partial sums in host memory** (``partials_device="cpu"``). A weight reaches the double backward twice: from
+the forward's product and from the first-order backward's, which used it to pass the gradient on. Both
+contributions meet in one node's input buffer (the transpose ``W.T``, or the weight's own accumulator), and
+autograd runs every node the first-order backward created before any forward node, so nearly every weight's
+first contribution waits there for its second: about 0.84 of a whole gradient at once on an MLP, whatever
+the batch. With ``partials_device`` set, each contribution is taken from the node that produces it (a
+post-hook that pushes it through the unary view and cast nodes below, down to the weight, and hands autograd
+no gradient in its place), added into a whole-parameter sum in host memory and freed on the device; the sums
+are reduce-scattered after the backward, in the schedule's order. The device then holds only the
+contributions in flight; the price is copying every contribution to the host and each sum back.
+
+**The build** (:class:`BuildPass`): the first-order backward of one probe piece with ``create_graph``, a hook
+on each whole parameter taking its gradient ``g_i`` as soon as autograd has finished it, keeping only its
+:class:`Root` (the edge the double backward starts from) and reduce-scattering ``g_i`` into this rank's
+gradient slice, on the same kind of fixed schedule (reduce-scatters in ``scatter_order``, staged until their
+turn, the rest completed with zeros by :meth:`BuildPass.finish`, also after a failure). The whole gradient is
+never held at once: one or a few parameters' gradients wait at a time.
 """
 
 from __future__ import annotations
@@ -38,7 +62,7 @@ import torch
 
 from .sharded import ShardLayout
 
-__all__ = ["Root", "StreamPass", "roots_of"]
+__all__ = ["BuildPass", "Root", "ScatterSchedule", "StreamPass", "roots_of"]
 
 
 def _nbytes(t: torch.Tensor) -> int:
@@ -62,10 +86,87 @@ class Root:
     def edge(self) -> torch.autograd.graph.GradientEdge:
         return torch.autograd.graph.GradientEdge(self.node, self.output_nr)
 
+    @property
+    def grad_fn(self):
+        """The node that produced ``g_i``: a graph walk (engine/doublecheck.py) starts here as from ``g_i``."""
+        return self.node
+
 
 def roots_of(grads: Sequence[torch.Tensor | None]) -> list[Root | None]:
     """The :class:`Root` of each gradient that depends on the parameters (None for the others)."""
     return [Root(g) if g is not None and g.requires_grad else None for g in grads]
+
+
+# nodes that pass a gradient on unchanged but for its view or dtype: a contribution on its way to a parameter
+# can be pushed through them by hand (each is linear, one input, one output)
+_FUNNEL_NODES = frozenset({
+    "TBackward0", "TransposeBackward0", "TransposeBackward1", "PermuteBackward0", "ViewBackward0",
+    "UnsafeViewBackward0", "ReshapeAliasBackward0", "AliasBackward0", "ToCopyBackward0", "ExpandBackward0",
+    "SqueezeBackward0", "SqueezeBackward1", "SqueezeBackward2", "UnsqueezeBackward0", "CloneBackward0",
+})
+
+
+class _Held:
+    """Bytes of pieces waiting in a pass (gathered ahead of use, outputs staged before their turn) and their peak."""
+
+    __slots__ = ("now", "peak")
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    def add(self, n: int) -> None:
+        self.now += n
+        self.peak = max(self.peak, self.now)
+
+
+class ScatterSchedule:
+    """The reduce-scatters of one pass, every parameter once, in ``order``, whatever order their values come
+    in: a value that comes before its turn is staged (counted in ``held``), and :meth:`finish` issues what
+    never came with zeros. ``out_pieces``: this rank's shard of each parameter in the output slice (device or
+    host memory); ``device``: where the collectives run."""
+
+    def __init__(self, layout: ShardLayout, out_pieces: Sequence[torch.Tensor], order: Sequence[int],
+                 device: torch.device, held: _Held):
+        self.layout, self.out_pieces, self.order, self.device, self.held = layout, list(out_pieces), list(order), device, held
+        if sorted(self.order) != list(range(len(self.out_pieces))):
+            raise ValueError("the scatter order must list every parameter index once")
+        self._staged: dict[int, torch.Tensor] = {}
+        self._unheld: set[int] = set()
+        self._next = 0
+
+    @property
+    def done(self) -> bool:
+        return self._next == len(self.order)
+
+    def stage(self, i: int, g: torch.Tensor, held: bool = True) -> None:
+        """Parameter ``i``'s whole value, to be reduce-scattered at its turn (``held``: counted as waiting on
+        the device)."""
+        self._staged[i] = g
+        if held:
+            self.held.add(_nbytes(g))
+        else:
+            self._unheld.add(i)
+
+    def flush(self) -> None:
+        """Issue the reduce-scatters whose turn has come and whose values are here."""
+        while not self.done and self.order[self._next] in self._staged:
+            j = self.order[self._next]
+            self._scatter(j, self._staged.pop(j))
+
+    def _scatter(self, j: int, g: torch.Tensor | None) -> None:
+        self._next += 1
+        self.layout.scatter_param_add(j, g, self.out_pieces[j], device=self.device)
+        if g is not None and j not in self._unheld:
+            self.held.now -= _nbytes(g)
+
+    def finish(self) -> None:
+        """The rest of the schedule: staged values at their turn, zeros for values that never came."""
+        while not self.done:
+            j = self.order[self._next]
+            self._scatter(j, self._staged.pop(j, None))
+
+    def clear(self) -> None:
+        self._staged.clear()
 
 
 class StreamPass:
@@ -75,32 +176,41 @@ class StreamPass:
 
     ``leaves``: the whole parameter tensors the graphs were built through (requires_grad leaves, one per
     parameter of ``layout``). ``v``: ``(d_local,)``, needed even by a pass with no graph (a rank with fewer
-    probe batches than another), whose slice the other ranks gather.
+    probe batches than another), whose slice the other ranks gather. ``v`` and ``out`` may be in host memory
+    (module docstring); the collectives run on the leaves' device. ``partials_device``: where the outputs'
+    partial sums are formed (module docstring, "Partial sums in host memory"); None: in autograd's buffers.
     """
 
     def __init__(self, layout: ShardLayout, leaves: Sequence[torch.Tensor], v: torch.Tensor,
                  out: torch.Tensor, gather_order: Sequence[int] | None = None,
-                 scatter_order: Sequence[int] | None = None):
+                 scatter_order: Sequence[int] | None = None, partials_device: torch.device | str | None = None):
         n = len(leaves)
         self.layout = layout
         self.leaves = list(leaves)
+        self.device = self.leaves[0].device
         self.v_pieces = layout.split_local(v)
-        self.out_pieces = layout.split_local(out)
         self.gather_order = list(range(n)) if gather_order is None else list(gather_order)
-        self.scatter_order = list(range(n - 1, -1, -1)) if scatter_order is None else list(scatter_order)
-        if sorted(self.gather_order) != list(range(n)) or sorted(self.scatter_order) != list(range(n)):
+        scatter_order = list(range(n - 1, -1, -1)) if scatter_order is None else list(scatter_order)
+        if sorted(self.gather_order) != list(range(n)) or sorted(scatter_order) != list(range(n)):
             raise ValueError("gather_order and scatter_order must each list every parameter index once")
+        self._held = _Held()
+        self._schedule = ScatterSchedule(layout, layout.split_local(out), scatter_order, self.device, self._held)
         self._uses = [0] * n
         self._gathered: dict[int, torch.Tensor] = {}
-        self._staged: dict[int, torch.Tensor] = {}
         self._next_gather = 0
-        self._next_scatter = 0
         self._handles: list = []
-        self._held = 0
-        self.peak_held_bytes = 0  # pieces gathered ahead of use plus outputs waiting for their turn
         # the order autograd used the inputs and finished the outputs in (what the schedule should follow)
         self.inputs_seen: list[int] = []
         self.outputs_seen: list[int] = []
+        self.partials_device = None if partials_device is None else torch.device(partials_device)
+        self._partials: dict[int, torch.Tensor] = {}
+        self.intercepted = 0  # contributions taken from their producers
+        self.accumulated = 0  # outputs that still came through a parameter's accumulator
+
+    @property
+    def peak_held_bytes(self) -> int:
+        """The most bytes of pieces gathered ahead of use plus outputs waiting for their turn, at once."""
+        return self._held.peak
 
     # ------------------------------------------------------------------ set-up
     def roots(self, graphs: Sequence[Sequence[torch.Tensor | Root | None]]) -> tuple[list, list[torch.Tensor]]:
@@ -118,7 +228,74 @@ class StreamPass:
                 grads.append(torch.zeros((), dtype=root.dtype, device=root.device).expand(root.shape))
                 self._handles.append(root.node.register_prehook(
                     lambda gs, i=i, nr=root.output_nr: (*gs[:nr], self._input(i, gs[nr]), *gs[nr + 1 :])))
+        if self.partials_device is not None and outputs:
+            self._intercept([e.node for e in outputs])
         return outputs, grads
+
+    def _intercept(self, roots: Sequence) -> None:
+        """A post-hook on every node that sends a gradient towards a parameter, through unary view and cast
+        nodes (the funnel) or straight into its accumulator: the contribution is taken there (one walk of
+        the double backward's graph)."""
+        acc = {torch.autograd.graph.get_gradient_edge(leaf).node: i for i, leaf in enumerate(self.leaves)}
+        funnel: dict = {}
+
+        def funnel_of(node):  # (parameter index, the funnel nodes from this one down) or None
+            if node in funnel:
+                return funnel[node]
+            found = None
+            if node in acc:
+                found = (acc[node], ())
+            elif type(node).__name__ in _FUNNEL_NODES:
+                below = [f for f, _ in node.next_functions if f is not None]
+                under = funnel_of(below[0]) if len(below) == 1 else None
+                found = None if under is None else (under[0], (node, *under[1]))
+            funnel[node] = found
+            return found
+
+        seen, stack, sites = set(), list(roots), {}
+        while stack:
+            node = stack.pop()
+            if node in seen:
+                continue
+            seen.add(node)
+            if funnel_of(node) is not None:
+                continue  # reached through its producers, which hand it nothing
+            for k, (nxt, _) in enumerate(node.next_functions):
+                if nxt is None:
+                    continue
+                f = funnel_of(nxt)
+                if f is not None:
+                    sites.setdefault(node, []).append((k, *f))
+                else:
+                    stack.append(nxt)
+        for node, edges in sites.items():
+            self._handles.append(node.register_hook(self._producer_hook(edges)))
+
+    def _producer_hook(self, edges: list):
+        def hook(grad_inputs, grad_outputs):
+            grads = list(grad_inputs)
+            for k, i, chain in edges:
+                x = grads[k]
+                if x is None:
+                    continue
+                grads[k] = None
+                for node in chain:
+                    x = node(x)
+                    x = x[0] if isinstance(x, tuple) else x
+                self.intercepted += 1
+                self._add_partial(i, x)
+            return tuple(grads)
+
+        return hook
+
+    def _add_partial(self, i: int, x: torch.Tensor) -> None:
+        # always a copy: autograd's tensor may be a view of a buffer it still uses
+        x = x.detach().reshape(self.leaves[i].shape)
+        got = self._partials.get(i)
+        if got is None:
+            self._partials[i] = x.to(device=self.partials_device, dtype=self.leaves[i].dtype, copy=True)
+        else:
+            got.add_(x.to(got.device))
 
     def __enter__(self) -> Self:
         for i, leaf in enumerate(self.leaves):
@@ -140,16 +317,17 @@ class StreamPass:
         with contextlib.suppress(Exception):
             self.finish()
         self._gathered.clear()
-        self._staged.clear()
+        self._partials = {}
+        self._schedule.clear()
 
     # ------------------------------------------------------------------ hooks
     def _gather_next(self) -> None:
         j = self.gather_order[self._next_gather]
         self._next_gather += 1
-        piece = self.layout.gather_param(j, self.v_pieces[j])
+        piece = self.layout.gather_param(j, self.v_pieces[j], device=self.device)
         if self._uses[j] > 0:
             self._gathered[j] = piece
-            self._hold(_nbytes(piece))
+            self._held.add(_nbytes(piece))
 
     def _input(self, i: int, grad: torch.Tensor) -> torch.Tensor:
         self.inputs_seen.append(i)
@@ -159,7 +337,7 @@ class StreamPass:
         self._uses[i] -= 1
         if self._uses[i] == 0:
             del self._gathered[i]
-            self._held -= _nbytes(piece)
+            self._held.now -= _nbytes(piece)
         return piece.to(grad.dtype)
 
     def _output(self, i: int, leaf: torch.Tensor) -> None:
@@ -167,26 +345,17 @@ class StreamPass:
         if g is None:
             return
         self.outputs_seen.append(i)
-        self._staged[i] = g
-        self._hold(_nbytes(g))
+        if self.partials_device is not None:  # a contribution no producer's hook took: into the sum too
+            self.accumulated += 1
+            self._add_partial(i, g)
+            return
+        self._schedule.stage(i, g)
         self._flush()
-
-    def _hold(self, n: int) -> None:
-        self._held += n
-        self.peak_held_bytes = max(self.peak_held_bytes, self._held)
 
     def _flush(self) -> None:
         if self._next_gather < len(self.gather_order):
             return  # every all-gather comes before the first reduce-scatter
-        while self._next_scatter < len(self.scatter_order) and self.scatter_order[self._next_scatter] in self._staged:
-            j = self.scatter_order[self._next_scatter]
-            self._scatter(j, self._staged.pop(j))
-
-    def _scatter(self, j: int, g: torch.Tensor | None) -> None:
-        self._next_scatter += 1
-        self.layout.scatter_param_add(j, g, self.out_pieces[j])
-        if g is not None:
-            self._held -= _nbytes(g)
+        self._schedule.flush()
 
     # ------------------------------------------------------------------ completion
     def finish(self) -> None:
@@ -196,6 +365,82 @@ class StreamPass:
             self._uses[self.gather_order[self._next_gather]] = 0
             self._gather_next()
         self._gathered.clear()
-        while self._next_scatter < len(self.scatter_order):
-            j = self.scatter_order[self._next_scatter]
-            self._scatter(j, self._staged.pop(j, None))
+        for i, total in self._partials.items():
+            self._schedule.stage(i, total, held=False)
+        self._partials = {}
+        self._schedule.finish()
+
+
+class BuildPass:
+    """The first-order backward of one probe piece (module docstring, "The build"): run :meth:`backward` on
+    the piece's weighted loss inside the context. Each whole parameter's gradient ``g_i`` is taken by a hook
+    on its leaf as soon as autograd has finished it: its :class:`Root` is kept in :attr:`roots` (the graph
+    behind it, for the double backward; None where ``g_i`` does not depend on the parameters), its value
+    reduce-scattered into ``out`` (this rank's gradient slice, device or host memory) at its turn in
+    ``scatter_order``, and autograd is handed a placeholder (zero strides, no memory) instead, so the
+    gradient list ``autograd.grad`` returns holds nothing. ``out=None``: no collective (a graph rebuilt on
+    this rank alone; the values are dropped). On exit the hooks are removed and the schedule completed, with
+    zeros for parameters without gradient, also after an error, so the other ranks are never left waiting.
+
+    Memory beyond the graph: the gradients waiting for their turn (:attr:`peak_held_bytes`; the default order,
+    last parameter first, is about the order a backward finishes them in: a few parameters' at a time, e.g. a
+    Llama layer's MLP weights, which finish before its norm's) and a reduce-scatter's buffers.
+    Cost: one reduce-scatter per parameter (``d`` elements in all) per pass."""
+
+    def __init__(self, layout: ShardLayout, leaves: Sequence[torch.Tensor], out: torch.Tensor | None,
+                 scatter_order: Sequence[int] | None = None):
+        n = len(leaves)
+        self.leaves = list(leaves)
+        self.device = self.leaves[0].device
+        self._held = _Held()
+        order = list(range(n - 1, -1, -1)) if scatter_order is None else list(scatter_order)
+        self._schedule = (None if out is None else
+                          ScatterSchedule(layout, layout.split_local(out), order, self.device, self._held))
+        self.roots: list[Root | None] = [None] * n
+        self.received = [False] * n
+        self.outputs_seen: list[int] = []  # the order autograd finished the gradients in
+        self.late_gradients = 0  # gradients autograd returned whole instead of handing them to the hooks
+        self._handles: list = []
+
+    @property
+    def peak_held_bytes(self) -> int:
+        """The most bytes of gradients that waited for their reduce-scatter at once."""
+        return self._held.peak
+
+    def __enter__(self) -> Self:
+        for i, leaf in enumerate(self.leaves):
+            self._handles.append(leaf.register_hook(lambda g, i=i: self._take(i, g)))
+        return self
+
+    def _take(self, i: int, g: torch.Tensor) -> torch.Tensor:
+        self.received[i] = True
+        self.outputs_seen.append(i)
+        self.roots[i] = Root(g) if g.requires_grad else None
+        if self._schedule is not None:
+            self._schedule.stage(i, g.detach())
+            self._schedule.flush()
+        return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward of ``loss`` with ``create_graph`` through the leaves. Cost: one backward pass."""
+        res = torch.autograd.grad(loss, self.leaves, create_graph=True, allow_unused=True)
+        # a gradient the hook did not see (autograd versions that skip tensor hooks of captured inputs) is
+        # taken now, after the fact: the same result, only its memory was held longer
+        late = [(i, r) for i, r in enumerate(res) if r is not None and not self.received[i]]
+        del res
+        self.late_gradients += len(late)
+        for i, r in late:
+            self._take(i, r)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self._schedule is None:
+            return
+        if exc_type is None:
+            self._schedule.finish()
+            return
+        with contextlib.suppress(Exception):  # the others go on through the schedule: so must this rank
+            self._schedule.finish()
+        self._schedule.clear()
