@@ -16,7 +16,7 @@ import torch
 from quadratic_models import Quadratic, covers, dense_share, exact_rmed, landscape
 from test_budgeted_diagonal import _floor
 from test_shared_work import assert_same, without_sharing
-from tolerances import FLOAT64_EXACT, FLOAT64_REL
+from tolerances import FLOAT32_REL, FLOAT64_EXACT, FLOAT64_REL
 from torch import nn
 
 import geomprobe as gp
@@ -119,6 +119,29 @@ def test_stored_columns_are_the_dense_hessians_diagonal_and_block_masses():
     assert other.spent == 1 and other.received == {"rmed": 2} and land.hvps - before == 6
     assert h2[0] == h[1] and (mass2[2] == mass[0]).all()
     assert isinstance(land.results[("hessian columns",)], ColumnStore)
+
+
+def test_float32_columns_sum_their_block_masses_in_float32_within_rounding():
+    # below float64 the block norms accumulate in float32 (no float64 copy of each slice): within FLOAT32_REL of
+    # the float64 Hessian, and diagshare after rmed is still its solo self on a float32 model
+    model, data = _setting()
+    H = dense_matrix(gp.Landscape(model, nn.CrossEntropyLoss(), data).hvp, 551, batch=64)
+    model32, data32 = model.float(), (data[0].float(), data[1])
+    land = gp.Landscape(model32, nn.CrossEntropyLoss(), data32)
+    reader = ColumnReader.on(land, "diagshare")
+    idx = np.array([5, 300, 520])
+    h, mass = reader.read(idx)
+    assert mass.dtype == np.float64 and np.allclose(h, torch.diagonal(H)[idx].numpy(), rtol=FLOAT32_REL, atol=1e-6)
+    for i, j in enumerate(idx):
+        expect = [float(H[j, b.start : b.stop].abs().sum()) for b in land.space.blocks]
+        assert np.allclose(mass[i], expect, rtol=FLOAT32_REL, atol=1e-6)
+    land = gp.Landscape(model32, nn.CrossEntropyLoss(), data32)
+    rmed(land, **RMED)
+    ds = diagshare(land, **DIAG)
+    alone = diagshare(gp.Landscape(model32, nn.CrossEntropyLoss(), data32), **DIAG)
+    assert ds["shared"] == ["hessian columns from rmed"] and ds["hvps"] < alone["hvps"]
+    assert ds["diagshare"] == pytest.approx(alone["diagshare"], rel=FLOAT32_REL)
+    assert ds["diagshare_ci"] == pytest.approx(alone["diagshare_ci"], rel=FLOAT32_REL)
 
 
 def test_a_refused_call_leaves_no_store():

@@ -3,7 +3,8 @@
 Private to the metrics. Each function spends HVPs and returns per-block knowledge (:class:`BlockDiag`): the
 entries read, their errors (none for exact entries) and the Bekas screen. :func:`read_scaled_candidates` adds,
 to reads made for the raw diagonal, the candidates a scaled diagonal ``s_i h_i`` needs for its max (``precond``
-reuses ``rmed``'s reads this way). The statistics built on it (median,
+reuses ``rmed``'s reads this way). Exact entries are read as Hessian columns through a
+:class:`~geomprobe.metrics._columns.ColumnReader`, so those ``diagshare`` read are not read again. The statistics built on it (median,
 q99, max and their intervals) live in :mod:`geomprobe.metrics.rmed`; the plan that chooses between the two
 reads in :mod:`geomprobe.metrics._budget`.
 """

@@ -42,7 +42,7 @@ Stopping (``rel_tol``, default 0.2; 0 spends the whole budget as before): the sa
 looks (``geomprobe.metrics._budget.column_looks``: first six columns per block, or 64 columns, so that no
 stop rests on the intervals of fewer, which undercover (above); then steps of ``max(m, 64)`` columns, every
 look the plan's split of its budget between blocks), each block's columns the
-prefix of one random permutation, batched across blocks. It stops at the first look where
+prefix of one random order of its coordinates (``geomprobe.metrics._columns.block_order``), batched across blocks. It stops at the first look where
 ``diagshare_err <= rel_tol * diagshare`` or when the budget is spent; ``converged`` says which. The result at
 a look is the result of a budget that ends there (same seed), and when every block is sampled it is the
 whole-budget estimator of that budget. Intervals are reported without widening for the looks. Measured
@@ -53,7 +53,15 @@ seeds) 0.90 at the stop (rel_tol 0.03, stops at 184-378 of 400), against 0.90 an
 120 and 248: the stops cost no coverage beyond that of the smaller budget itself, so no widening for the looks
 is applied (a Bonferroni split over up to 15 looks would double the half-widths at every stop). A look costs the Student-t interval; the bootstrap runs only at a look that interval meets.
 
-Cost in HVPs: ``d`` (exact) or ``sum_l k_l <= hvps`` (sampled; fewer when ``rel_tol`` stops it). Rows are restricted to the selected
+Shared columns (``geomprobe.metrics._columns``, docs/metrics.md#shared_work): every column read goes to the
+Landscape's store with ``H_jj`` and its L1 norm over each block, and the columns ``rmed`` read there (its exact
+entries: the first ``k`` of the same per-block orders when the seed is the same) are not read again. Which
+columns are used is decided by the orders alone, so the estimate is the solo one (same seed: the same values,
+up to the rounding of HVPs batched otherwise); ``hvps`` counts the columns read here, ``shared_hvps`` those
+received.
+
+Cost in HVPs: ``d`` (exact) or ``sum_l k_l <= hvps`` (sampled; fewer when ``rel_tol`` stops it, or when
+``rmed`` read some of the columns). Rows are restricted to the selected
 blocks, so with ``blocks=`` the statistic is that of the selected coordinates' sub-Hessian.
 """
 

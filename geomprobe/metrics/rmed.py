@@ -20,7 +20,7 @@ exact entries and packs reads only when exact ones cannot reach every block:
   - ``n <= max(exact_threshold, k + top)``: every ``h_i = e_i^T H e_i`` exactly, one HVP each. Errors are 0
     (up to rounding).
   - larger blocks: the **median** and ``q_0.99`` from ``k`` coordinates drawn uniformly without replacement
-    and computed exactly, with distribution-free order-statistic intervals at ``level``; the **max** by
+    (the first ``k`` of the block's random order, ``geomprobe.metrics._columns.block_order``) and computed exactly, with distribution-free order-statistic intervals at ``level``; the **max** by
     screening: a Bekas estimate ``h_hat`` with per-entry standard error ``se`` (``screen_samples`` HVPs,
     shared by all blocks), then the ``top`` unknown coordinates with the largest upper bound
     ``|h_hat_i| + z se_i`` recomputed exactly. The reported max is the largest exactly known ``|h_i|``, so it
@@ -74,6 +74,10 @@ undefined ratio (a zero median) is ``None``. Coverage over seeds on a digits MLP
 Cost in HVPs: at most ``hvps``. Exact plan: ``sum_small n + sum_large (k + top) + screen_samples`` (the last
 only if a block is large); packed plan: ``screen_samples + signs * rows`` (the pilot's rows among them), or
 ``signs * pilot`` plus the fallback's exact plan (``<= hvps - signs * pilot``) when the pilot switches.
+Exact entries are the HVPs ``H e_j``: Hessian columns, kept on the Landscape and shared with ``diagshare``,
+whose columns are prefixes of the same per-block orders (``geomprobe.metrics._columns``; docs/metrics.md#shared_work).
+Those it read are not read again (``hvps`` counts the rest, ``shared_hvps`` the columns received), and the
+estimate is the solo one: the orders alone decide which entries are used.
 """
 
 from __future__ import annotations
