@@ -29,10 +29,15 @@ batch), the same randomness for everything else (the screen, the pilot, the boot
 
 What is not shared: ``rmed``'s packed reads (one HVP carries a signed coordinate of every block: it is no
 column) and its Bekas screen; ``diagshare``'s dense path for ``d <= exact_threshold`` records its columns for
-``rmed`` but cannot take any (it needs whole columns, not their block norms).
+``rmed`` but cannot take any (it needs whole columns, not their block norms); ``precond``'s own reads (it
+receives ``rmed``'s whole when their options match, :mod:`.shared`). ``rmed``'s pilot draws its packed rows'
+coordinates apart from the orders: were they the orders' prefixes, the pilot's decision would depend on the
+very entries the exact fallback then reads, and the fallback's sample would no longer be uniform given it.
 
 Cost: none of its own beyond the reads (one HVP per column not stored yet) and, per column, one pass over its
-``d`` entries for the block norms (memory speed, a small fraction of an HVP).
+``d`` entries for the block norms (memory speed, a small fraction of an HVP). Drawing a prefix costs
+O(length) for large blocks, where a whole permutation of every block (as ``diagshare`` drew before) is 124M
+entries on GPT-2.
 """
 
 from __future__ import annotations
