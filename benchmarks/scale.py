@@ -230,7 +230,8 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         sync(device)
         per_metric[mname] = {"seconds": time.perf_counter() - t0, "hvp_seconds": clock.seconds - h0,
                              "build_seconds": clock.build_seconds - b0,
-                             "hvp_calls": clock.calls - c0, "hvps": out.get("hvps")}
+                             "hvp_calls": clock.calls - c0, "hvps": out.get("hvps"),
+                             "shared_hvps": out.get("shared_hvps")}
         # one line per finished metric, so a run stopped by a time limit still says where its time went
         print(json.dumps({"metric": mname, **per_metric[mname]}, default=str), flush=True)
         return out

@@ -11,6 +11,7 @@ from click.testing import CliRunner
 from probe_specs import one_thread  # noqa: F401  (an autouse fixture)
 from quadratic_models import Quadratic, covers, exact_rmed, landscape
 from reference import TanhMLP
+from test_budgeted_diagonal import _floor
 from test_cli_probe import save_training_checkpoints
 from torch import nn
 
@@ -236,16 +237,20 @@ def test_the_preconditioned_max_is_found_where_p_puts_it():
     h = torch.cat([torch.linspace(1.0, 10.0, 120), torch.linspace(1.0, 10.0, 80)]).to(F64)
     model = Quadratic(h, [120, 80])
     p = 1.0 / h**2
-    land = landscape(model)
-    out = precond(land, optimizer=Fixed(model.parameters(), p, [120, 80]), rmed_options=SAMPLED, tol=1e-8)
     truth = (p * h).abs()
-    assert out["rmed_max_certified"] and not out["rmed_exact"]
-    assert covers(out["rmed_ci"], exact_rmed(truth)[0])
-    for name, part in (("w0", truth[:120]), ("w1", truth[120:])):
-        assert out["blocks"][name]["rmed_max_certified"], name
-        assert covers(out["blocks"][name]["rmed_ci"], exact_rmed(part)[0]), name
+    pieces = {"whole": truth, "w0": truth[:120], "w1": truth[120:]}
+    hits, seeds = dict.fromkeys(pieces, 0), 10
+    for seed in range(seeds):  # the max is certified every time; the median's interval covers at its rate
+        out = precond(landscape(model), optimizer=Fixed(model.parameters(), p, [120, 80]), rmed_options=SAMPLED,
+                      tol=1e-8, seed=seed)
+        assert out["rmed_max_certified"] and not out["rmed_exact"]
+        for name, part in pieces.items():
+            res = out if name == "whole" else out["blocks"][name]
+            assert res["rmed_max_certified"], name
+            hits[name] += covers(res["rmed_ci"], exact_rmed(part)[0])
+    assert all(n / seeds >= _floor(seeds) for n in hits.values()), hits
     # the raw values are rmed's, on its own candidates: max 10, certified
-    raw = rmed(landscape(model), **SAMPLED)
+    raw = rmed(landscape(model), **SAMPLED, seed=seed)
     assert out["raw_rmed"] == raw["rmed"] and raw["max"] == pytest.approx(10.0, rel=SAME) and raw["max_certified"]
 
 

@@ -3,7 +3,8 @@
 Private to the metrics. Each function spends HVPs and returns per-block knowledge (:class:`BlockDiag`): the
 entries read, their errors (none for exact entries) and the Bekas screen. :func:`read_scaled_candidates` adds,
 to reads made for the raw diagonal, the candidates a scaled diagonal ``s_i h_i`` needs for its max (``precond``
-reuses ``rmed``'s reads this way). The statistics built on it (median,
+reuses ``rmed``'s reads this way). Exact entries are read as Hessian columns through a
+:class:`~geomprobe.metrics._columns.ColumnReader`, so those ``diagshare`` read are not read again. The statistics built on it (median,
 q99, max and their intervals) live in :mod:`geomprobe.metrics.rmed`; the plan that chooses between the two
 reads in :mod:`geomprobe.metrics._budget`.
 """
@@ -19,6 +20,7 @@ import torch
 from ..linalg.diagonal import bekas_diagonal, packed_diagonal
 from ..linalg.vectors import Matvec
 from ._budget import RmedPlan
+from ._columns import ColumnReader, block_order
 from ._common import exact_diagonal_chunked
 
 __all__ = ["BlockDiag", "DiagonalReads", "PackedPilot", "read_exact", "read_packed", "read_pilot",
@@ -57,21 +59,29 @@ class DiagonalReads:
 def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequence[torch.Tensor | None], *,
                exact_threshold: int, k: int, top: int, screen_samples: int, z: float,
                generator: torch.Generator, dtype: torch.dtype, device: Any, batch: int,
-               pool: int = 0) -> tuple[list[BlockDiag], int]:
+               pool: int = 0, order_seed: int = 0, columns: ColumnReader | None = None) -> tuple[list[BlockDiag], int]:
     """Exact entries: whole small blocks, ``k`` sampled + ``top`` screened per larger block (one HVP each),
     ``screen_samples`` Bekas probes if a block is large (none when 0), and ``pool`` more candidates chosen
     across the larger blocks by their screened upper bound. Returns the per-block knowledge and HVPs spent
-    (at most ``sum_small n + n_large (k + top) + screen_samples + pool``)."""
+    (at most ``sum_small n + n_large (k + top) + screen_samples + pool``; columns ``columns`` already holds cost
+    none).
+
+    A larger block's ``k`` coordinates are the first ``k`` of its order drawn from ``order_seed``
+    (:func:`geomprobe.metrics._columns.block_order`): a uniform sample without replacement, and the prefix
+    ``diagshare`` takes its columns from, so the entries are read through ``columns`` (the Landscape's store:
+    a column either metric read serves both)."""
+    columns = columns or ColumnReader(matvec, dim, metric="rmed", batch=batch, dtype=dtype, device=device)
+    before = columns.spent
     parts: list[BlockDiag] = []
     for b in blocks:
         if b.size <= max(exact_threshold, k + top):
             parts.append(BlockDiag(b, True, np.arange(b.size), np.empty(0), np.empty(0, int), np.empty(0)))
         else:
-            local = torch.randperm(b.size, generator=generator)[:k].sort().values.numpy()
+            local = np.sort(block_order(order_seed, b, k))
             parts.append(BlockDiag(b, False, local, np.empty(0), np.empty(0, int), np.empty(0)))
     idx = np.concatenate([p.block.start + p.sample for p in parts])
-    h = exact_diagonal_chunked(matvec, dim, torch.from_numpy(idx), batch=batch, dtype=dtype, device=device).numpy()
-    hvps = len(idx)
+    h = columns.diagonal(idx)
+    hvps = columns.spent - before
     at = 0
     for p in parts:
         p.sample_h = h[at : at + len(p.sample)]
@@ -103,8 +113,9 @@ def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequen
         p.cand = np.union1d(p.cand, more).astype(int)
         cand_global.append(p.block.start + p.cand)
     cidx = np.concatenate(cand_global)
-    hc = exact_diagonal_chunked(matvec, dim, torch.from_numpy(cidx), batch=batch, dtype=dtype, device=device).numpy()
-    hvps += len(cidx)
+    before = columns.spent
+    hc = columns.diagonal(cidx)
+    hvps += columns.spent - before
     at = 0
     for p in large:
         p.cand_h = hc[at : at + len(p.cand)]

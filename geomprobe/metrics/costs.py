@@ -14,7 +14,8 @@ import torch
 
 from ..linalg.certify import DEFAULT_RISK
 from . import registry
-from ._budget import RmedPlan, plan_columns, plan_rmed, scaled_candidates_hvps
+from ._budget import RmedPlan, column_looks, plan_columns, plan_rmed, scaled_candidates_hvps
+from ._columns import COLUMNS, columns_key
 from ._common import select_blocks
 from .registry import CostPlan, PlanContext, SharedPart
 from .rmed import READ_OPTIONS
@@ -125,10 +126,41 @@ def _diagonal_part(blocks: Sequence[Any], o: dict, seed: int) -> SharedPart:
     return SharedPart(RAW_DIAGONAL, diagonal_key(blocks, seed=seed, **read), plan.hvps, exact=plan.fallback is None)
 
 
+def _rmed_columns(blocks: Sequence[Any], o: dict) -> list[SharedPart]:
+    # the exact plan's entries are columns of the per-block orders (metrics/_columns.py): whole blocks and the
+    # first k of the others. A packed plan reads no column, and one whose pilot may switch to exact entries
+    # reads none for certain; as a receiver it plans none either (its packed branch, as costly as its plan,
+    # takes nothing), so the plan stays an upper bound either way.
+    plan = _rmed_plan(blocks, o)
+    if plan.mode != "exact":
+        return []
+    cols = tuple((b.name, b.size if small else plan.k, b.size if small else plan.k)
+                 for b, small in zip(blocks, plan.exact_blocks))
+    return [SharedPart(COLUMNS, columns_key(o["seed"]), sum(n for _, n, _ in cols), exact=False, columns=cols)]
+
+
 def _rmed_shares(o: dict, c: PlanContext) -> list[SharedPart]:
     if o.get("generator") is not None:
         return []
-    return [_diagonal_part(select_blocks(c.blocks, o["blocks"]), o, o["seed"])]
+    chosen = select_blocks(c.blocks, o["blocks"])
+    return [_diagonal_part(chosen, o, o["seed"]), *_rmed_columns(chosen, o)]
+
+
+def _diagshare_shares(o: dict, c: PlanContext) -> list[SharedPart]:
+    # its sampled columns are prefixes of the per-block orders (at least the first look's when rel_tol may stop
+    # it); the dense path reads every selected column, which rmed may take, but can take none (it needs whole
+    # columns)
+    if o.get("generator") is not None:
+        return []
+    chosen = select_blocks(c.blocks, o["blocks"])
+    sizes = [b.size for b in chosen]
+    if sum(sizes) <= min(o["exact_threshold"], o["hvps"]):
+        cols = tuple((b.name, 0, b.size) for b in chosen)
+    else:
+        looks = column_looks(sizes, budget=o["hvps"], k=o["k"])
+        first = looks[0] if o["rel_tol"] else looks[-1]
+        cols = tuple((b.name, most, least) for b, most, least in zip(chosen, looks[-1], first))
+    return [SharedPart(COLUMNS, columns_key(o["seed"]), sum(n for _, n, _ in cols), exact=False, columns=cols)]
 
 
 def _precond_shares(o: dict, c: PlanContext) -> list[SharedPart]:
@@ -152,7 +184,8 @@ for _name, _planner in _PLANNERS.items():
     if _name in registry.REGISTRY and registry.REGISTRY[_name].planner is None:
         registry.set_plan(_name, _planner)
 
-_SHARERS = {"spectrum": _spectrum_shares, "saddle": _saddle_shares, "rmed": _rmed_shares, "precond": _precond_shares}
+_SHARERS = {"spectrum": _spectrum_shares, "saddle": _saddle_shares, "rmed": _rmed_shares, "precond": _precond_shares,
+            "diagshare": _diagshare_shares}
 
 for _name, _sharer in _SHARERS.items():
     if _name in registry.REGISTRY and registry.REGISTRY[_name].shares is None:

@@ -42,7 +42,7 @@ Stopping (``rel_tol``, default 0.2; 0 spends the whole budget as before): the sa
 looks (``geomprobe.metrics._budget.column_looks``: first six columns per block, or 64 columns, so that no
 stop rests on the intervals of fewer, which undercover (above); then steps of ``max(m, 64)`` columns, every
 look the plan's split of its budget between blocks), each block's columns the
-prefix of one random permutation, batched across blocks. It stops at the first look where
+prefix of one random order of its coordinates (``geomprobe.metrics._columns.block_order``), batched across blocks. It stops at the first look where
 ``diagshare_err <= rel_tol * diagshare`` or when the budget is spent; ``converged`` says which. The result at
 a look is the result of a budget that ends there (same seed), and when every block is sampled it is the
 whole-budget estimator of that budget. Intervals are reported without widening for the looks. Measured
@@ -53,7 +53,15 @@ seeds) 0.90 at the stop (rel_tol 0.03, stops at 184-378 of 400), against 0.90 an
 120 and 248: the stops cost no coverage beyond that of the smaller budget itself, so no widening for the looks
 is applied (a Bonferroni split over up to 15 looks would double the half-widths at every stop). A look costs the Student-t interval; the bootstrap runs only at a look that interval meets.
 
-Cost in HVPs: ``d`` (exact) or ``sum_l k_l <= hvps`` (sampled; fewer when ``rel_tol`` stops it). Rows are restricted to the selected
+Shared columns (``geomprobe.metrics._columns``, docs/metrics.md#shared_work): every column read goes to the
+Landscape's store with ``H_jj`` and its L1 norm over each block, and the columns ``rmed`` read there (its exact
+entries: the first ``k`` of the same per-block orders when the seed is the same) are not read again. Which
+columns are used is decided by the orders alone, so the estimate is the solo one (same seed: the same values,
+up to the rounding of HVPs batched otherwise); ``hvps`` counts the columns read here, ``shared_hvps`` those
+received.
+
+Cost in HVPs: ``d`` (exact) or ``sum_l k_l <= hvps`` (sampled; fewer when ``rel_tol`` stops it, or when
+``rmed`` read some of the columns). Rows are restricted to the selected
 blocks, so with ``blocks=`` the statistic is that of the selected coordinates' sub-Hessian.
 """
 
@@ -68,8 +76,10 @@ import torch
 from ..errors import ConfigurationError
 from ..linalg.exact import hessian_columns
 from ._budget import check_rel_tol, column_looks, plan_columns
+from ._columns import COLUMNS, ColumnReader, block_order, draw_order_seed
 from ._common import checked, half_width, numpy_rng, resolve_generator, select_blocks, t_quantile
 from .registry import register
+from .shared import Reuse
 
 __all__ = ["diagshare", "diagonal_share", "wigner_baseline", "ols_baseline"]
 
@@ -140,12 +150,16 @@ def _share(num: float, den: float) -> float | None:
     return num / den if den > 0 else None
 
 
-def _exact(land: Any, chosen: list, idx: torch.Tensor, batch: int, mv) -> dict:
-    # Columns chunk by chunk, keeping only the selected rows: never the full (D, d) block of columns.
+def _exact(land: Any, chosen: list, idx: torch.Tensor, batch: int, reader: ColumnReader) -> dict:
+    # Columns chunk by chunk, keeping only the selected rows: never the full (D, d) block of columns. Each
+    # column also goes to the Landscape's store, where rmed finds its diagonal entry (this path takes none:
+    # it needs whole columns, the store keeps their block norms).
     M = torch.empty(len(idx), len(idx), dtype=torch.float64)
     for s in range(0, len(idx), batch):
-        cols = hessian_columns(mv, land.dim, idx[s : s + batch], batch=batch, dtype=land.dtype, device=land.device)
+        part = idx[s : s + batch]
+        cols = hessian_columns(reader.matvec, land.dim, part, batch=batch, dtype=land.dtype, device=land.device)
         M[s : s + batch] = cols[:, idx.to(cols.device)].double().cpu()
+        reader.record(part, cols)
     M = ((M + M.T) / 2).abs()
     total = float(M.sum())
     out, inner, at = {}, 0.0, 0
@@ -201,26 +215,31 @@ def _own_t(st: dict, level: float) -> tuple[float, float]:
     return _stratified_t([{**st, "exact": False, "w": 1.0}], "diag", "inner", level)
 
 
-def _sampled(land: Any, chosen: list, columns: list[int], level: float, bootstrap: int, gen: torch.Generator,
-             batch: int, mv) -> dict:
+def _column_sums(reader: ColumnReader, chosen: list, owner: np.ndarray, glob: np.ndarray) -> tuple[np.ndarray, ...]:
+    """``|H_jj|``, ``||H e_j||_1`` over the selected blocks and ``||(H e_j)_l||_1`` over the column's own block
+    ``l = chosen[owner]`` of the columns ``glob``, from the Landscape's store (:mod:`._columns`): columns not
+    stored yet are read (one HVP each, batched across blocks), the others cost nothing."""
+    diag, mass = reader.read(glob)
+    where = {b.start: i for i, b in enumerate(reader.store.blocks)}
+    sel = np.array([where[b.start] for b in chosen], dtype=np.int64)
+    tot = mass[:, sel].sum(1)
+    inner = mass[np.arange(len(glob)), sel[owner]]
+    return np.abs(diag), tot, inner
+
+
+def _sampled(chosen: list, columns: list[int], level: float, bootstrap: int, gen: torch.Generator,
+             reader: ColumnReader) -> dict:
+    # each block's columns: the prefix of its order (shared with rmed's sample of the same seed), read at once
+    order_seed = draw_order_seed(gen)
+    local = [np.sort(block_order(order_seed, b, k)) for b, k in zip(chosen, columns)]
+    owner = np.concatenate([np.full(len(loc), j) for j, loc in enumerate(local)])
+    glob = np.concatenate([b.start + loc for b, loc in zip(chosen, local)])
+    diag, tot, inner = _column_sums(reader, chosen, owner, glob)
     strata = []
-    for b, k in zip(chosen, columns):
-        local = torch.arange(b.size) if b.size <= k else torch.randperm(b.size, generator=gen)[:k].sort().values
-        cols = b.start + local
-        diag_, tot, inner = [], [], []
-        # Columns in chunks, reduced where they live: three numbers per column leave the device, never the
-        # (chunk, d) block (16 GB of float64 per chunk at 124M parameters).
-        for s in range(0, len(cols), batch):
-            part = cols[s : s + batch]
-            # in place: the columns are a fresh concatenation, and a second (chunk, d) block is what runs out first
-            C = hessian_columns(mv, land.dim, part, batch=batch, dtype=land.dtype, device=land.device).abs_()
-            masses = {c.name: C[:, c.start : c.stop].sum(1, dtype=torch.float64) for c in chosen}
-            diag_.append(C[torch.arange(len(part)), part.to(C.device)].double().cpu())
-            tot.append(torch.stack(list(masses.values())).sum(0).cpu())
-            inner.append(masses[b.name].cpu())
-        strata.append({"block": b, "exact": b.size <= k, "w": b.size / len(cols),
-                       "diag": torch.cat(diag_).numpy(), "tot": torch.cat(tot).numpy(),
-                       "inner": torch.cat(inner).numpy()})
+    for j, (b, loc) in enumerate(zip(chosen, local)):
+        m = owner == j
+        strata.append({"block": b, "exact": len(loc) == b.size, "w": b.size / len(loc),
+                       "diag": diag[m], "tot": tot[m], "inner": inner[m]})
     return _summarize(strata, level, bootstrap, numpy_rng(gen))
 
 
@@ -278,24 +297,32 @@ def _met(out: dict, rel_tol: float) -> bool:
     return x is not None and err is not None and err <= rel_tol * x
 
 
-def _in_rounds(land: Any, chosen: list, k: int, hvps: int, level: float, bootstrap: int, rel_tol: float,
-               gen: torch.Generator, batch: int, mv) -> dict:
+def _in_rounds(chosen: list, k: int, hvps: int, level: float, bootstrap: int, rel_tol: float,
+               gen: torch.Generator, reader: ColumnReader) -> dict:
     """Column sampling in looks (``_budget.column_looks``), stopping at the first look whose whole-model
     interval meets ``rel_tol``.
 
-    Every block's columns are the prefix of one random permutation (drawn for every block, so that which
-    blocks draw does not depend on the budget), read in batches that mix blocks; each look's bootstrap starts
-    from the same seed. The result at a look is therefore the result of a budget that ends there."""
-    perms = [torch.randperm(b.size, generator=gen) for b in chosen]
+    Every block's columns are the prefix of its order (:func:`._columns.block_order`, drawn for every block
+    from the generator's first draw, so that which blocks draw does not depend on the budget, and shared with
+    rmed's sample of the same seed), read in batches that mix blocks; each look's bootstrap starts from the
+    same seed. The result at a look is therefore the result of a budget that ends there."""
+    looks = column_looks([b.size for b in chosen], budget=hvps, k=k)
+    order_seed = draw_order_seed(gen)
+    orders = [block_order(order_seed, b, c) for b, c in zip(chosen, looks[-1])]
     seed = int(torch.randint(0, 2**62, (1,), generator=gen, dtype=torch.int64))
     reads = [{"col": np.empty(0, dtype=np.int64), "diag": np.empty(0), "tot": np.empty(0), "inner": np.empty(0)}
              for _ in chosen]
-    looks = column_looks([b.size for b in chosen], budget=hvps, k=k)
     have = [0] * len(chosen)
     for i, cols in enumerate(looks):
         owner = np.concatenate([np.full(c - h, j) for j, (c, h) in enumerate(zip(cols, have))])
-        glob = torch.cat([chosen[j].start + perms[j][h:c] for j, (c, h) in enumerate(zip(cols, have))])
-        _read_columns(land, chosen, owner, glob, reads, batch, mv)
+        local = np.concatenate([orders[j][h:c] for j, (c, h) in enumerate(zip(cols, have))])
+        glob = local + np.array([b.start for b in chosen], dtype=np.int64)[owner]
+        diag, tot, inner = _column_sums(reader, chosen, owner, glob)
+        for j in np.unique(owner):
+            m = owner == j
+            r = reads[j]
+            for key, v in (("col", local[m]), ("diag", diag[m]), ("tot", tot[m]), ("inner", inner[m])):
+                r[key] = np.concatenate([r[key], v])
         have = list(cols)
         strata = []
         for b, r, c in zip(chosen, reads, cols):
@@ -313,27 +340,6 @@ def _in_rounds(land: Any, chosen: list, k: int, hvps: int, level: float, bootstr
             out["converged"] = _met(out, rel_tol)
             return out
     raise AssertionError("unreachable: the last look returns")
-
-
-def _read_columns(land: Any, chosen: list, owner: np.ndarray, glob: torch.Tensor, reads: list[dict], batch: int,
-                  mv) -> None:
-    """Columns ``H e_j`` for the coordinates ``glob`` (of blocks ``owner``), ``batch`` at a time whatever their
-    blocks, reduced on the device to three numbers each, appended to ``reads``."""
-    starts = torch.tensor([b.start for b in chosen])
-    for s in range(0, len(glob), batch):
-        part, own = glob[s : s + batch], owner[s : s + batch]
-        C = hessian_columns(mv, land.dim, part, batch=batch, dtype=land.dtype, device=land.device).abs_()
-        masses = torch.stack([C[:, c.start : c.stop].sum(1, dtype=torch.float64) for c in chosen]).cpu()
-        at = torch.arange(len(part))
-        diag = C[at, part.to(C.device)].double().cpu().numpy()
-        tot, inner = masses.sum(0).numpy(), masses[torch.from_numpy(own), at].numpy()
-        for j in np.unique(own):
-            m = own == j
-            r = reads[j]
-            r["col"] = np.concatenate([r["col"], (part[torch.from_numpy(m)] - starts[j]).numpy()])
-            r["diag"] = np.concatenate([r["diag"], diag[m]])
-            r["tot"] = np.concatenate([r["tot"], tot[m]])
-            r["inner"] = np.concatenate([r["inner"], inner[m]])
 
 
 @register("diagshare", cost="d HVPs up to exact_threshold (2048) and hvps (1024); above, one exact column per "
@@ -397,22 +403,27 @@ def diagshare(
     chosen = select_blocks(land.space.blocks, blocks)
     gen = resolve_generator(seed, generator)
     batch = getattr(land, "chunk_size", 16)
-    mv = checked(land.hvp)
+    reader = ColumnReader.on(land, "diagshare", checked(land.hvp))
+    reuse = Reuse(land, "diagshare")
     d = sum(b.size for b in chosen)
     if d <= min(exact_threshold, hvps):
         idx = torch.cat([torch.arange(b.start, b.stop) for b in chosen])
-        out = _exact(land, chosen, idx, batch, mv)
+        out = _exact(land, chosen, idx, batch, reader)
         out["converged"] = True
     elif rel_tol > 0:
-        out = _in_rounds(land, chosen, k, hvps, level, bootstrap, rel_tol, gen, batch, mv)
+        out = _in_rounds(chosen, k, hvps, level, bootstrap, rel_tol, gen, reader)
     else:
         columns = plan_columns([b.size for b in chosen], budget=hvps, k=k)
-        out = _sampled(land, chosen, columns, level, bootstrap, gen, batch, mv)
+        out = _sampled(chosen, columns, level, bootstrap, gen, reader)
         out["converged"] = True
+    for source, count in reader.received.items():
+        reuse.note(COLUMNS, source, count)
     n = int(land.n_samples)
     bw, bo = _blockdiag_baselines([b.size for b in chosen], n)
+    # hvps: only those spent here; columns rmed read are named in ``shared`` and counted in ``shared_hvps``
     out.update({"d": d, "n": n, "wigner": wigner_baseline(d), "ols": ols_baseline(d, n),
-                "blockdiag_wigner": bw, "blockdiag_ols": bo, "hvps": out["columns"], "budget": hvps})
+                "blockdiag_wigner": bw, "blockdiag_ols": bo, "hvps": reader.spent, "budget": hvps})
+    out.update(reuse.fields())
     for b in chosen:
         out["blocks"][b.name].update({"d": b.size, "wigner": wigner_baseline(b.size),
                                       "ols": ols_baseline(b.size, n)})

@@ -76,6 +76,11 @@ class SharedPart:
     key: tuple
     hvps: int
     exact: bool = True
+    # A part shared column by column (:mod:`geomprobe.metrics._columns`): per block ``(name, most, least)``,
+    # the prefix of the block's order the metric reads at most (as a receiver) and at least (as a provider).
+    # Two such parts with the same key share, per block, the receiver's most capped by what earlier metrics
+    # read at least; None for a part shared whole.
+    columns: tuple[tuple[str, int, int], ...] | None = None
 
 
 # (options with their defaults filled in, context) -> the metric's shareable parts

@@ -20,7 +20,7 @@ exact entries and packs reads only when exact ones cannot reach every block:
   - ``n <= max(exact_threshold, k + top)``: every ``h_i = e_i^T H e_i`` exactly, one HVP each. Errors are 0
     (up to rounding).
   - larger blocks: the **median** and ``q_0.99`` from ``k`` coordinates drawn uniformly without replacement
-    and computed exactly, with distribution-free order-statistic intervals at ``level``; the **max** by
+    (the first ``k`` of the block's random order, ``geomprobe.metrics._columns.block_order``) and computed exactly, with distribution-free order-statistic intervals at ``level``; the **max** by
     screening: a Bekas estimate ``h_hat`` with per-entry standard error ``se`` (``screen_samples`` HVPs,
     shared by all blocks), then the ``top`` unknown coordinates with the largest upper bound
     ``|h_hat_i| + z se_i`` recomputed exactly. The reported max is the largest exactly known ``|h_i|``, so it
@@ -74,6 +74,10 @@ undefined ratio (a zero median) is ``None``. Coverage over seeds on a digits MLP
 Cost in HVPs: at most ``hvps``. Exact plan: ``sum_small n + sum_large (k + top) + screen_samples`` (the last
 only if a block is large); packed plan: ``screen_samples + signs * rows`` (the pilot's rows among them), or
 ``signs * pilot`` plus the fallback's exact plan (``<= hvps - signs * pilot``) when the pilot switches.
+Exact entries are the HVPs ``H e_j``: Hessian columns, kept on the Landscape and shared with ``diagshare``,
+whose columns are prefixes of the same per-block orders (``geomprobe.metrics._columns``; docs/metrics.md#shared_work).
+Those it read are not read again (``hvps`` counts the rest, ``shared_hvps`` the columns received), and the
+estimate is the solo one: the orders alone decide which entries are used.
 """
 
 from __future__ import annotations
@@ -88,6 +92,7 @@ from ..errors import ConfigurationError
 from ..linalg.vectors import Matvec, default_generator
 from ..stats.bootstrap import stratified_bootstrap_quantiles
 from ._budget import RmedPlan, fallback_budget, plan_rmed
+from ._columns import COLUMNS, ColumnReader, draw_order_seed
 from ._common import (
     checked,
     half_width,
@@ -303,18 +308,26 @@ def read_diagonal(
     dtype: torch.dtype = torch.float64,
     device: Any = None,
     batch: int = 16,
+    columns: ColumnReader | None = None,
 ) -> DiagonalReads:
     """One pass of diagonal reads within ``hvps`` HVPs (the plan of the module docstring), its screening
     candidates the union over ``scalings``; ``generator`` is left where the statistics continue from.
 
     A packed plan first reads its pilot (``pilot`` rows, ``signs * pilot`` HVPs) and follows its decision
     (:mod:`._pilot`): exact entries within the budget left, or the packed reads from the pilot's rows on. The
-    reads' ``plan`` is the one followed, their ``pilot`` the pilot's record, their ``hvps`` everything spent."""
+    reads' ``plan`` is the one followed, their ``pilot`` the pilot's record, their ``hvps`` everything spent.
+
+    Exact entries are columns ``H e_j`` read through ``columns`` (:mod:`._columns`; default a private reader
+    of ``matvec``): with the Landscape's store, those ``diagshare`` already read cost nothing, and the sampled
+    coordinates are the prefixes of the per-block orders drawn from the generator's first draw, as
+    ``diagshare``'s columns are (same seed: nested samples)."""
     blocks = list(blocks)
     sizes = [b.size for b in blocks]
     plan = plan_rmed(sizes, budget=hvps, exact_threshold=exact_threshold, k=k, top=top,
                      screen_samples=screen_samples, signs=signs, min_k=min_k, pilot=pilot)
     mv = checked(matvec)
+    order_seed = draw_order_seed(generator)
+    columns = columns or ColumnReader(mv, dim, metric="rmed", batch=batch, dtype=dtype, device=device)
     record = None
     if plan.mode == "packed":
         first = read_pilot(mv, dim, blocks, plan, generator=generator, dtype=dtype, device=device, batch=batch)
@@ -332,7 +345,7 @@ def read_diagonal(
     threshold = exact_threshold if plan.threshold < 0 else plan.threshold
     parts, spent = read_exact(mv, dim, blocks, scalings, exact_threshold=threshold, k=plan.k, top=plan.top,
                               screen_samples=plan.screen, z=z, generator=generator, dtype=dtype, device=device,
-                              batch=batch, pool=plan.pool)
+                              batch=batch, pool=plan.pool, order_seed=order_seed, columns=columns)
     spent += record["hvps"] if record else 0
     return DiagonalReads(tuple(parts), plan, spent, generator.get_state(), record)
 
@@ -400,13 +413,19 @@ def diagonal_ratios(
 
 
 def shared_diagonal(land: Any, blocks: Sequence[Any], reuse: Reuse, *, seed: int, generator: torch.Generator | None,
-                    **options: Any) -> tuple[DiagonalReads, torch.Generator, int]:
+                    columns: bool = False, **options: Any) -> tuple[DiagonalReads, torch.Generator, int]:
     """rmed's raw diagonal reads of ``land`` with the read ``options`` (:data:`READ_OPTIONS`), a shared product
     (:mod:`.shared`): kept under its options and seed, so ``rmed`` and ``precond``'s raw R_med read once.
 
+    With ``columns``, the exact entries go through the Landscape's column store (:mod:`._columns`): the
+    columns ``diagshare`` read are not read again, those read here serve ``diagshare``, and what was received
+    is noted on ``reuse`` (``"hessian columns"``). Column values do not depend on who read them, so this changes
+    no estimate (beyond the rounding of HVPs batched otherwise).
+
     Returns the reads, a generator positioned right after them (restored from the reads when they were kept
     by another metric, so everything drawn next is what reading again would have drawn) and the HVPs this call
-    spent (0 when it received them). A call with its own ``generator`` shares nothing (no key names it).
+    spent (0 when it received them). A call with its own ``generator`` shares no reads (no key names it); its
+    columns are still shared, their values being free of any randomness.
     """
     key = diagonal_key(blocks, seed=seed, **options)
     if generator is None:
@@ -416,8 +435,12 @@ def shared_diagonal(land: Any, blocks: Sequence[Any], reuse: Reuse, *, seed: int
             gen.set_state(kept.state)
             return kept, gen, 0
     gen = resolve_generator(seed, generator)
+    reader = ColumnReader.on(land, reuse.metric, checked(land.hvp)) if columns else None
     reads = read_diagonal(land.hvp, land.dim, blocks, generator=gen, dtype=land.dtype, device=land.device,
-                          batch=getattr(land, "chunk_size", 16), **options)
+                          batch=getattr(land, "chunk_size", 16), columns=reader, **options)
+    if reader is not None:
+        for source, n in reader.received.items():
+            reuse.note(COLUMNS, source, n)
     if generator is None:
         reuse.keep(key, RAW_DIAGONAL, reads, reads.hvps)
     return reads, gen, reads.hvps
@@ -489,11 +512,13 @@ def rmed(
     _check_options(exact_threshold, k, top, screen_samples, z, level, bootstrap, hvps, signs, min_k, pilot)
     chosen = select_blocks(land.space.blocks, blocks)
     reuse = Reuse(land, "rmed")
-    reads, gen, spent = shared_diagonal(land, chosen, reuse, seed=seed, generator=generator,
+    reads, gen, spent = shared_diagonal(land, chosen, reuse, seed=seed, generator=generator, columns=True,
                                         exact_threshold=exact_threshold, k=k, top=top, screen_samples=screen_samples,
                                         z=z, hvps=hvps, signs=signs, min_k=min_k, pilot=pilot)
     (res,) = diagonal_statistics(reads.parts, reads.plan, [None], z=z, level=level, bootstrap=bootstrap, budget=hvps,
                                  generator=gen, pilot=reads.pilot)
-    res["hvps"] = spent  # 0 when precond of this probe already read the same entries (then ``shared`` says so)
+    # 0 when precond of this probe already read the same entries, less the columns diagshare read (``shared``
+    # names what was received, ``shared_hvps`` what it cost its reader: never counted twice)
+    res["hvps"] = spent
     res.update(reuse.fields())
     return res

@@ -2,7 +2,9 @@
 (docs/metrics.md#shared_work).
 
 Several metrics of one probe start from the same expensive product: ``precond``'s raw spectrum is the Lanczos
-run of ``spectrum`` (and ``saddle``'s), its raw R_med the diagonal reads of ``rmed``. A product is shared only
+run of ``spectrum`` (and ``saddle``'s), its raw R_med the diagonal reads of ``rmed``; ``rmed``'s exact entries
+and ``diagshare``'s sampled columns are the same HVPs ``H e_j``, kept column by column (:mod:`._columns`,
+noted with :meth:`Reuse.note`). A product is shared only
 when it is the same estimator: the same kernel run with the same options and the same seeded randomness, so
 that reusing it gives results bit-identical to computing it again. Its **key** names exactly that (the
 options that change the product, the seed); options that change only what is derived from it (a confidence
@@ -86,9 +88,23 @@ class Reuse:
         if self._store is not None:
             self._store[key] = Product(what, value, self.metric, int(hvps))
 
+    def note(self, what: str, source: str, hvps: int) -> None:
+        """Note that ``hvps`` HVPs' worth of ``what``, computed by ``source``, was received piecewise rather than
+        as one kept product (the Hessian columns of :mod:`._columns`); repeated notes add up."""
+        if hvps <= 0:
+            return
+        for i, p in enumerate(self.received):
+            if p.what == what and p.source == source:
+                self.received[i] = Product(what, None, source, p.hvps + int(hvps))
+                return
+        self.received.append(Product(what, None, source, int(hvps)))
+
     def fields(self) -> dict:
-        """``shared`` and ``shared_hvps`` for the metric's result; empty when it received nothing."""
+        """``shared`` and ``shared_hvps`` for the metric's result; empty when it received nothing. Parts of
+        one kind received from several metrics add up in ``shared_hvps``."""
         if not self.received:
             return {}
-        return {"shared": [f"{p.what} from {p.source}" for p in self.received],
-                "shared_hvps": {p.what: p.hvps for p in self.received}}
+        cost: dict[str, int] = {}
+        for p in self.received:
+            cost[p.what] = cost.get(p.what, 0) + p.hvps
+        return {"shared": [f"{p.what} from {p.source}" for p in self.received], "shared_hvps": cost}

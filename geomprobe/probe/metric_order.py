@@ -4,13 +4,16 @@ A metric that reuses another's product (``precond`` the raw spectrum of ``spectr
 ``rmed``) runs after it, whatever order the user listed them in (``after`` in the registry), so that the
 product is computed once, by the metric it belongs to, and each record says the same thing in every order.
 Which parts are shared is read from the metrics' registered :class:`~geomprobe.metrics.registry.SharedPart`
-keys before anything runs: the plan counts each once. Costs nothing (no HVP).
+keys before anything runs: the plan counts each once. ``rmed`` and ``diagshare`` share Hessian columns in part,
+in whichever order they run (no ``after``): the plan takes off the receiver the columns the earlier one reads
+for certain (``SharedPart.columns``). Costs nothing (no HVP).
 """
 
 from __future__ import annotations
 
 import inspect
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 from ..metrics import registry
@@ -49,11 +52,22 @@ def planned_sharing(metric_options: Mapping[str, Mapping[str, Any]], context: Pl
     name: a part is received when an earlier metric of the run order has a part with the same key (the same
     product, computed with the same options and seed). ``seed``: the probe's, given to metrics without one."""
     made: dict[tuple, str] = {}
+    read: dict[tuple, dict[str, int]] = {}  # parts shared by columns: per block, the prefix certainly read
     out: dict[str, list[tuple[SharedPart, str]]] = {}
     for name in run_order(metric_options):
         out[name] = []
         for part in registry.get(name).shared_parts(_options(name, metric_options[name], seed), context):
-            if part.key in made:
+            if part.columns is not None:
+                # an upper bound: the metric may find more of its columns read (another's candidates, a
+                # provider that read past its least)
+                have = read.setdefault(part.key, {})
+                n = sum(min(most, have.get(block, 0)) for block, most, _ in part.columns)
+                if n:
+                    out[name].append((replace(part, hvps=n, exact=False), made[part.key]))
+                for block, _, least in part.columns:
+                    have[block] = max(have.get(block, 0), least)
+                made.setdefault(part.key, name)
+            elif part.key in made:
                 out[name].append((part, made[part.key]))
             else:
                 made[part.key] = name

@@ -85,7 +85,8 @@ def plan_probe(metric_options: Mapping[str, Mapping[str, Any]], space: Any, *, c
             continue
         received = sharing.get(name, [])
         hvps = cost.hvps - sum(part.hvps for part, _ in received)
-        out[name] = {"hvps": hvps, "exact": cost.exact or hvps == 0, "gradients": cost.gradients,
+        exact = cost.exact and all(part.exact for part, _ in received)  # a part received in part: a bound
+        out[name] = {"hvps": hvps, "exact": exact or hvps == 0, "gradients": cost.gradients,
                      "vector_bytes": cost.vectors * space.dim * itemsize if cost.vectors is not None else None,
                      "forwards": cost.forwards}
         if received:
