@@ -19,6 +19,7 @@ import torch
 
 from ..linalg.diagonal import bekas_diagonal, packed_diagonal
 from ..linalg.vectors import Matvec
+from ..stats.sampling import random_prefix
 from ._budget import RmedPlan
 from ._columns import ColumnReader, block_order
 from ._common import exact_diagonal_chunked
@@ -200,7 +201,7 @@ def read_pilot(matvec: Matvec, dim: int, blocks: Sequence[Any], plan: RmedPlan, 
     plan.pilot`` HVPs): what :mod:`._pilot` judges, and the first rows of :func:`read_packed` if it continues."""
     local, columns = [], []
     for b in blocks:
-        loc = torch.randperm(b.size, generator=generator)[: plan.rows_sample].sort().values.numpy()
+        loc = random_prefix(b.size, min(b.size, plan.rows_sample), generator).sort().values.numpy()
         local.append(loc)
         # A block smaller than the rows fills its free slots with repeat reads (fresh signs and companions):
         # its few entries get many reads, and their errors many degrees of freedom.
