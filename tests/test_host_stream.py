@@ -330,9 +330,9 @@ def test_the_probe_passes_vector_device_through_and_records_it(tmp_path):
 
 
 def test_the_safety_net_takes_host_vectors_after_the_basis_and_records_it(monkeypatch):
-    from geomprobe.probe import geometry_probe
+    from geomprobe.probe import oom_ladder
 
-    monkeypatch.setattr(geometry_probe, "host_vectors_possible", lambda land: True)  # as for a CUDA model
+    monkeypatch.setattr(oom_ladder, "host_vectors_possible", lambda land: True)  # as for a CUDA model
     module = sys.modules["geomprobe.metrics.spectrum"]
     real, calls = module.lanczos, {"n": 0}
 

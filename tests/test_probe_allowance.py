@@ -139,3 +139,113 @@ def test_a_product_that_would_end_past_the_deadline_is_not_started():
     with pytest.raises(OverAllowance):
         other.hvp(torch.ones(3))
     assert len(calls) == 1
+
+
+def test_compile_seconds_count_each_formula_and_shape_once(monkeypatch):
+    from geomprobe.engine.autodiff import normdouble
+
+    compiles = []
+
+    def fake_compile(fn, **kw):
+        def run(*args):
+            shapes = tuple(a.shape for a in args)
+            if shapes not in compiles:  # inductor compiles a static-shape graph on its first call
+                compiles.append(shapes)
+                t[0] += 5.0
+            return fn(*args)
+        return run
+
+    t = [0.0]
+    monkeypatch.setattr(normdouble.time, "perf_counter", lambda: t[0])
+    monkeypatch.setattr(normdouble.torch, "compile", fake_compile)
+    monkeypatch.setattr(normdouble, "_compiled", {})
+    monkeypatch.setattr(normdouble, "_first_calls", set())
+    monkeypatch.setattr(normdouble, "_compile_seconds", [0.0])
+
+    def formula(x):
+        return 2 * x
+
+    fused = normdouble._fused(formula)
+    assert normdouble.compile_seconds() == 0.0
+    fused(torch.ones(3))
+    assert normdouble.compile_seconds() == 5.0
+    fused(torch.ones(3))  # the same shape: compiled already, nothing counted
+    assert normdouble.compile_seconds() == 5.0
+    fused(torch.ones(4))  # a new shape compiles again
+    assert normdouble.compile_seconds() == 10.0 and len(compiles) == 2
+
+
+def test_one_time_seconds_count_as_spent_but_not_as_what_probes_cost():
+    b = budget(0.1, clock=lambda: 0.0)
+    b.should_probe(0, now=0.0)
+    b.observe(0, 15.0, now=15.0, one_time=13.0)  # a probe whose first HVP compiled for 13 s
+    assert b.spent == 15.0 and b.expected_cost == pytest.approx(2.0)
+    b.note_cut(15.0 - 13.0)  # cut: the budget expects twice its recurring seconds, not twice 15
+    assert b.expected_cost == pytest.approx(4.0)
+    combined = every(10) & budget(0.1, clock=lambda: 0.0)
+    combined.observe(0, 3.0, 3.0, one_time=1.0)
+    assert combined.parts[1].spent == 3.0 and combined.parts[1].expected_cost == pytest.approx(2.0)
+    b.observe(1, 1.0, now=20.0, one_time=5.0)  # never below zero
+    assert b._last == 0.0
+
+
+def test_a_compiling_product_does_not_set_the_next_products_estimate(monkeypatch):
+    from geomprobe.probe import allowance
+
+    t, compiled = [0.0], [0.0]
+    monkeypatch.setattr(allowance, "compile_seconds", lambda: compiled[0])
+
+    class Land:
+        def __init__(self):
+            self.calls = 0
+
+        def hvp(self, v):
+            self.calls += 1
+            if self.calls == 1:  # the first product compiles for 8 s and computes for 0.5 s
+                compiled[0] += 8.0
+                t[0] += 8.0
+            t[0] += 0.5
+            return v
+
+    d = Deadline(at=12.0, allowance=12.0, clock=lambda: t[0])
+    t[0] = 0.5  # the build
+    land = Land()
+    d.watch(land)
+    land.hvp(torch.ones(2))  # t = 9.0
+    assert d.per_vector == pytest.approx(0.5)  # not 8.5: the next product is expected to take 0.5 s
+    land.hvp(torch.ones(2))  # 9.0 + 0.5 <= 12: started (with the compile counted it would have been refused)
+    assert land.calls == 2 and not d.cut
+
+
+def test_a_probe_records_its_one_time_seconds_and_the_budget_leaves_them_out(monkeypatch):
+    from geomprobe.probe import allowance, geometry_probe
+
+    g = torch.Generator().manual_seed(0)
+    X, y = torch.randn(16, 3, generator=g), torch.randint(0, 2, (16,), generator=g)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    t, compiled = [0.0], [0.0]
+    monkeypatch.setattr(allowance, "compile_seconds", lambda: compiled[0])
+    monkeypatch.setattr(geometry_probe, "compile_seconds", lambda: compiled[0])
+    original = gp.Landscape.hvp
+
+    def first_compiles(self, v):
+        if compiled[0] == 0.0:
+            compiled[0] += 6.0
+            t[0] += 6.0
+        t[0] += 0.01
+        return original(self, v)
+
+    monkeypatch.setattr(gp.Landscape, "hvp", first_compiles)
+    inner = budget(0.5, clock=lambda: t[0], predict=lambda: 1.0)
+    probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), metrics={"spectrum": {"max_iter": 5}},
+                             schedule=every(1) & inner, clock=lambda: t[0])
+    probe.attach(torch.optim.SGD(model.parameters(), lr=0.0), probe_now=False)
+    t[0] = 100.0
+    probe.step(1)  # the budget's wall time starts here; nothing allowed yet
+    t[0] = 200.0
+    probe.step(2)
+    rec = probe.records[-1]
+    assert rec["cost"]["one_time_seconds"] == pytest.approx(6.0) and rec["cost"]["seconds"] > 6.0
+    assert inner.spent == pytest.approx(rec["cost"]["seconds"])
+    assert inner.expected_cost == pytest.approx(rec["cost"]["seconds"] - 6.0)
+    probe.close()

@@ -8,7 +8,10 @@ that let it in: checked before every metric and around every HVP (a product that
 product's cost or, for the first, the build's, is not started); past it, the metric in progress stops (its HVPs
 raise :class:`OverAllowance`) and the metrics not yet run are skipped, each recorded under ``skipped`` with why.
 The budget then sees the seconds spent and expects at least twice that next time, doubling again at every
-consecutive cut (:meth:`~.schedule.Budget.note_cut`).
+consecutive cut (:meth:`~.schedule.Budget.note_cut`). Seconds spent compiling kernels on their first call
+(:func:`~geomprobe.engine.autodiff.normdouble.compile_seconds`; 13 s of GPT-2 124M's first HVP on an H200) count
+as spent but not as what probes cost: neither the next product's estimate nor the budget's expectation
+includes them, or a first probe cut by a one-time compile would defer every later one for twice its length.
 
 Not under a process group: a probe is collective there, and stopping one rank mid-HVP would leave the others
 waiting; rank 0's schedule decides whether a probe starts, and a probe that starts finishes. Explicit
@@ -22,7 +25,8 @@ import math
 from collections.abc import Sequence
 from typing import Any, Callable, Iterator
 
-from .schedule import Budget, Schedule
+from ..engine.autodiff.normdouble import compile_seconds
+from .schedule import Budget, Schedule, observe
 
 __all__ = ["Deadline", "OverAllowance", "budgeted", "deadline_for", "note_cut", "settle", "watch"]
 
@@ -36,6 +40,7 @@ class Deadline:
 
     def __init__(self, at: float, allowance: float, clock: Callable[[], float], budgets: Sequence[Budget] = ()):
         self.at, self.allowance, self.clock = at, allowance, clock
+        self.compiled_at_start = compile_seconds()
         self.budgets = tuple(budgets)  # the budgets that let the probe in: told how it ended (note_cut)
         self.cut = False
         self.per_vector: float | None = None  # seconds of one HVP vector, from the last product (or the build)
@@ -70,12 +75,14 @@ class Deadline:
 
         def hvp(v):
             vectors = 1 if v.dim() == 1 else int(v.shape[0])
-            start = self.clock()
+            start, compiled = self.clock(), compile_seconds()
             if not self.cut and start + self.per_vector * vectors > self.at:
                 self.cut = True
             self.check()
             out = inner(v)
-            self.per_vector = (self.clock() - start) / max(1, vectors)
+            # a product that compiled kernels on their first call costs that once: the next one will not
+            once = compile_seconds() - compiled
+            self.per_vector = max(0.0, self.clock() - start - once) / max(1, vectors)
             self.check()
             return out
 
@@ -125,10 +132,16 @@ def budgeted(probe: Any, now: float) -> Iterator[None]:
         probe._deadline = None
 
 
-def settle(probe: Any, record: dict, seconds: float) -> None:
-    """After the schedule observed the probe: its allowance and whether it was cut go into the record's cost,
-    and a cut probe raises the budgets' expected cost (:func:`note_cut`)."""
+def settle(probe: Any, record: dict, step: int, seconds: float, compiled_before: float) -> None:
+    """The schedule observes the probe (``seconds`` in all, of which the kernels compiled since
+    ``compiled_before``, :func:`compile_seconds`, are one-time: recorded as ``one_time_seconds`` and left out
+    of what the budgets expect next); its allowance and whether it was cut go into the record's cost, and a
+    cut probe raises the budgets' expected cost (:func:`note_cut`) by its recurring seconds."""
+    one_time = min(seconds, max(0.0, compile_seconds() - compiled_before))
+    if one_time > 0:
+        record["cost"]["one_time_seconds"] = one_time
+    observe(probe.schedule, step, seconds, probe.clock(), one_time)
     d = probe._deadline
     if d is not None:
         record["cost"].update(allowance_seconds=d.allowance, cut=d.cut)
-        note_cut(d, seconds)
+        note_cut(d, seconds - one_time)

@@ -27,9 +27,8 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import nn
 
-from ..engine.batches import first_tensor
+from ..engine.autodiff.normdouble import compile_seconds
 from ..engine.distributed import make_reducer
-from ..engine.host_stream import host_vectors_possible
 from ..engine.landscape import Landscape, unwrap_model
 from ..engine.loss import loss_reduction
 from ..engine.memory_plan import DEFAULT_CHUNK_SIZE, DEFAULT_PEAK_RATIO, read_training_peak
@@ -44,6 +43,7 @@ from .last_update import LastUpdate, wants_last_update
 from .memory_budget import probe_budget
 from .metric_order import providers, run_order
 from .metric_spec import resolve_metrics
+from .oom_ladder import is_oom, step_down
 from .options import check_probe_options, check_sharded_metrics
 from .probe_cost import ProbeCost
 from .progress import ProbeProgress, ProgressCallback, plan_probe, resolve_progress
@@ -57,11 +57,6 @@ from .warm_start import WarmStart
 __all__ = ["GeometryProbe", "DEFAULT_METRICS"]
 
 DEFAULT_METRICS = ("spectrum",)
-_OOM_TYPES: tuple[type[BaseException], ...] = (torch.OutOfMemoryError,) if hasattr(torch, "OutOfMemoryError") else ()
-
-
-def _is_oom(e: BaseException) -> bool:
-    return isinstance(e, _OOM_TYPES) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
 
 
 class GeometryProbe:
@@ -346,7 +341,7 @@ class GeometryProbe:
         if peak is not None and step > 0 and step != self._last_probe_step:
             self._train_peak = peak  # the training steps since the last probe, which reset the counter at its end
         predicted = self.probe_cost.predict()  # recorded beside the measured seconds
-        t0 = self.clock()
+        t0, compiled_before = self.clock(), compile_seconds()
         record: dict[str, Any] = {"step": step, "time": time.time(), "wall": t0 - self._t_start}
         errors: dict[str, str] = {}
         skipped: dict[str, str] = {}
@@ -446,8 +441,7 @@ class GeometryProbe:
         self._skipped_before = self.skips.skipped
         if final:
             record["final"] = True
-        self.schedule.observe(step, seconds, self.clock())
-        settle(self, record, seconds)
+        settle(self, record, step, seconds, compiled_before)  # the schedule observes it (allowance.py)
         self.records.append(record)
         if self.run_dir is not None and self.writes:
             self._unwritten.append(record)
@@ -511,54 +505,11 @@ class GeometryProbe:
             return None
         return None if name == "spectrum" and name in self._providers else self.warm
 
-    def _shrink_micro_batches(self, ran: int | None = None) -> None:
-        """Halve the probe's micro-batches and keep one first-order graph: the double backward then holds
-        one piece of the batch at a time (same Hessian, slower probes), so it fits where training fits."""
-        opts = self.landscape_options
-        if self.mode == "train" and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in self.model.modules()):
-            return  # splitting would change BatchNorm's batch statistics: smaller chunks are all we can do
-        current = ran or opts.get("micro_batch_size") or max(
-            (int(t.shape[0]) for b in self.batches for t in [first_tensor(b)] if t is not None and t.dim() > 0),
-            default=1,
-        )
-        opts["micro_batch_size"] = max(1, current // 2)
-        opts["graph_budget_bytes"] = 1
-        self._ladder.update(("micro_batch_size", "graph_budget_bytes"))
-
     def _failure(self, where: str, e: BaseException, land: Landscape | None) -> str:
         kind = type(e).__name__
-        if _is_oom(e):
+        if is_oom(e):
             kind = "OutOfMemory"
-            # Retry with half the vectors per batched HVP: the remaining metrics of this probe and every
-            # later probe. The failed metric's temporaries are already released with its frames. A metric
-            # that only ever asked for one vector at a time (Lanczos) gains nothing from smaller chunks, so
-            # the next rung is taken at once.
-            single = land is not None and where != "landscape" and land.widest_block <= 1
-            # from the settings that ran, the plan's included (a failed build carries its plan)
-            plan = land.plan if land is not None else getattr(e, "memory_plan", None)
-            ran_chunk = land.chunk_size if land is not None else (
-                self.landscape_options["chunk_size"] or (plan.chunk_size if plan is not None else DEFAULT_CHUNK_SIZE))
-            ran_micro = land.micro_batch_size if land is not None else (
-                self.landscape_options.get("micro_batch_size") or (plan.micro_batch_size if plan is not None else None))
-            ran_basis = self._basis_device or (plan.basis_device if plan is not None else None)
-            self.landscape_options["chunk_size"] = max(1, ran_chunk // 2)
-            self._ladder.add("chunk_size")
-            if land is not None:
-                land.chunk_size = self.landscape_options["chunk_size"]
-            if where == "landscape" or single or self.landscape_options["chunk_size"] == 1:
-                if where != "landscape" and ran_basis is None and ran_micro:
-                    # the graph is already in pieces: the Lanczos basis is the next largest thing on the device
-                    self._basis_device = "cpu"
-                    self._ladder.add("basis_device")
-                elif (where != "landscape" and ran_basis == "cpu" and ran_micro and land is not None
-                      and land.host is None and host_vectors_possible(land)):
-                    # pieces, and the basis in host memory: the d-vectors left are the HVP's and Lanczos' own
-                    self._vectors = "host"
-                    self._ladder.add("vectors")
-                else:
-                    self._shrink_micro_batches(ran_micro)
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            step_down(self, where, land, e)
         message = f"{kind}: {str(e).splitlines()[0] if str(e) else kind}"
         self.failures[where] = self.failures.get(where, 0) + 1
         key = f"{where}:{kind}"

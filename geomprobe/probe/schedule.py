@@ -369,7 +369,10 @@ class Budget(Schedule):
     def gates(self) -> list["Budget"]:
         return [self]
 
-    def observe(self, step: int, probe_seconds: float, now: float | None = None) -> None:
+    def observe(self, step: int, probe_seconds: float, now: float | None = None, one_time: float = 0.0) -> None:
+        """As :meth:`Schedule.observe`; ``one_time``: seconds of the probe that will not recur (kernels compiled on
+        their first call, :func:`~geomprobe.engine.autodiff.normdouble.compile_seconds`). They count as spent,
+        but not in what the next probe is expected to cost."""
         seconds = float(probe_seconds)
         if not math.isfinite(seconds) or seconds < 0:
             raise ConfigurationError(f"budget.observe: probe_seconds must be finite and >= 0, got {probe_seconds!r}")
@@ -378,11 +381,21 @@ class Budget(Schedule):
             self._t0 = self._time(now) - seconds
         self.spent += seconds
         self.probes += 1
-        self._last = seconds
-        self._average = seconds if self._average is None else 0.5 * (self._average + seconds)
+        cost = seconds - min(seconds, max(0.0, float(one_time)))
+        self._last = cost
+        self._average = cost if self._average is None else 0.5 * (self._average + cost)
 
     def __repr__(self) -> str:
         return f"budget({self.fraction!r})"
+
+
+def observe(schedule: Schedule, step: int, probe_seconds: float, now: float | None, one_time: float = 0.0) -> None:
+    """``schedule.observe`` with the probe's one-time seconds where the schedule takes them (budgets and their
+    combinations); a user's own Schedule keeps its three-argument ``observe``."""
+    if isinstance(schedule, (Budget, _Combined)):
+        schedule.observe(step, probe_seconds, now, one_time=one_time)
+    else:
+        schedule.observe(step, probe_seconds, now)
 
 
 class _Combined(Schedule):
@@ -410,9 +423,9 @@ class _Combined(Schedule):
             return ()
         return tuple(dict.fromkeys(p.reason for p, v in zip(self.parts, votes) if p.is_limit and not v))
 
-    def observe(self, step: int, probe_seconds: float, now: float | None = None) -> None:
+    def observe(self, step: int, probe_seconds: float, now: float | None = None, one_time: float = 0.0) -> None:
         for part in self.parts:
-            part.observe(step, probe_seconds, now)
+            observe(part, step, probe_seconds, now, one_time)
 
     def __repr__(self) -> str:
         def show(part: Schedule) -> str:

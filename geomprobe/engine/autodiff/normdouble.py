@@ -20,6 +20,7 @@ tensors on the devices in :data:`DEVICES` (CUDA) take this path: unfused, it is 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from typing import Any, Callable
 
@@ -27,7 +28,7 @@ import torch
 
 from ...errors import refuse_third_order
 
-__all__ = ["layer_norm_call", "gelu_call"]
+__all__ = ["compile_seconds", "gelu_call", "layer_norm_call"]
 
 _aten = torch.ops.aten
 # Where these functions replace torch's: the closed form only pays when fused. On the CPU, eager, it measured
@@ -35,6 +36,21 @@ _aten = torch.ops.aten
 # torch's path. Tests add "cpu" to check the formulas in float64.
 DEVICES = {"cuda"}
 _compiled: dict[Callable, Callable | None] = {}
+# The first call of a compiled formula for given input shapes compiles it (inductor, static shapes): 13 s of a
+# GPT-2 124M bf16 probe's first HVP on an H200 (benchmarks/RESULTS.md section 6, sixth round), once per process
+# and shape. Those host seconds are summed here so that a time budget can tell them from what probes cost.
+_first_calls: set[tuple] = set()
+_compile_seconds = [0.0]
+
+
+def compile_seconds() -> float:
+    """Host seconds spent so far in this process in first calls of compiled double-backward formulas (each
+    formula and input signature once): one-time costs, not a probe's recurring ones."""
+    return _compile_seconds[0]
+
+
+def _signature(fn: Callable, args: tuple) -> tuple:
+    return (fn, *((a.shape, a.dtype, a.device) if isinstance(a, torch.Tensor) else type(a) for a in args))
 
 
 def _fused(fn: Callable) -> Callable:
@@ -55,8 +71,15 @@ def _fused(fn: Callable) -> Callable:
         if any(_under_transform(a) for a in args):
             return fn(*args)
         args = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        key = _signature(fn, args)
         try:
-            return compiled(*args)
+            if key in _first_calls:
+                return compiled(*args)
+            t0 = time.perf_counter()
+            out = compiled(*args)
+            _compile_seconds[0] += time.perf_counter() - t0
+            _first_calls.add(key)
+            return out
         except Exception as e:  # noqa: BLE001 - inductor unavailable (no triton...): fall back once, say why
             _compiled[fn] = None
             warnings.warn(f"fused double backward unavailable ({type(e).__name__}: {str(e).splitlines()[0][:120]}); "
