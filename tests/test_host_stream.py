@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 from reference import make_case
+from test_double_backward_check import DetachedSquare
 from tolerances import FLOAT64_REL
 from torch import nn
 
@@ -100,20 +101,6 @@ def test_bf16_host_hvps_are_the_device_mode_bits():
     assert torch.equal(host.hvp(V), device.hvp(V))
 
 
-class _DetachedSquare(torch.autograd.Function):
-    """x^2 whose backward computes on detached tensors: the HVP would drop a term, so it must be refused."""
-
-    @staticmethod
-    def forward(ctx, x):
-        ctx.save_for_backward(x)
-        return x * x
-
-    @staticmethod
-    def backward(ctx, g):
-        (x,) = ctx.saved_tensors
-        return g * 2 * x.detach()
-
-
 class _Squares(nn.Module):
     def __init__(self, act):
         super().__init__()
@@ -135,8 +122,8 @@ def test_constant_gradients_and_the_custom_function_check_stream_too():
     assert _close(host.hvp(torch.eye(host.dim, dtype=torch.float64)), H) and H.abs().max() > 1e-2
     assert host.hvp(torch.eye(host.dim, dtype=torch.float64))[-2:].abs().max() == 0
     # the check of custom Functions (one HVP against differences) runs through the streamed passes too
-    with pytest.raises(gp.UnsupportedOperationError, match="_DetachedSquare"):
-        gp.Landscape(_Squares(_DetachedSquare.apply), nn.MSELoss(), data, vector_device="cpu")
+    with pytest.raises(gp.UnsupportedOperationError, match="DetachedSquare"):
+        gp.Landscape(_Squares(DetachedSquare.apply), nn.MSELoss(), data, vector_device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------- user state

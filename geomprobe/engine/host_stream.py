@@ -31,6 +31,7 @@ code as on CUDA, which is what lets CPU tests check this mode against the device
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -54,12 +55,8 @@ class HostLayout:
 
     def __init__(self, shapes: Sequence[torch.Size], device: torch.device):
         self.shapes = [torch.Size(s) for s in shapes]
-        self.sizes = [int(s.numel()) for s in self.shapes]
-        self.offsets = [0]
-        for n in self.sizes:
-            self.offsets.append(self.offsets[-1] + n)
-        self.dim = self.offsets[-1]
-        self.device = torch.device(device)
+        self.offsets = list(itertools.accumulate((int(s.numel()) for s in self.shapes), initial=0))
+        self.dim, self.device = self.offsets[-1], torch.device(device)
 
     def split_local(self, v: torch.Tensor) -> list[torch.Tensor]:
         """Views of the flat vector ``v`` ``(d,)`` shaped like each parameter (no copy)."""
