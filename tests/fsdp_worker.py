@@ -213,12 +213,24 @@ class AllocationLog:
         self._mode.__exit__(*exc)
 
 
+def sharded_case(kind: str, mesh, rank: int) -> tuple[nn.Module, object, list]:
+    """``make_problem(kind)`` sharded over ``mesh`` with this rank's batches, or for ``"gated"`` the model whose
+    head gets no gradient on one rank (its body and root sharded, rank 0 two batches, rank 1 the rest)."""
+    if kind == "gated":
+        from torch.distributed.fsdp import fully_shard
+
+        model, loss_fn, batches = gated_problem()
+        fully_shard(model.body, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        return model, loss_fn, batches[:2] if rank == 0 else batches[2:]
+    model, loss_fn, X, y = make_problem(kind)
+    return shard_model(model, mesh), loss_fn, [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+
+
 def _stream_results(mesh, rank: int) -> dict:
     """The streamed exact HVP (one vector at a time, parameter by parameter) against the whole-block route of
     the same Landscape settings: kept graphs, graphs rebuilt per HVP, a parameter with no gradient on rank 1;
     and the largest tensor created during an HVP on each route."""
-    from torch.distributed.fsdp import fully_shard
-
     import geomprobe as gp
 
     out = {}
@@ -228,15 +240,8 @@ def _stream_results(mesh, rank: int) -> dict:
             X = torch.randn(N_SAMPLES, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
             model = shard_model(nn.Sequential(nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 3)).double(), mesh)
             batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
-        elif kind == "gated":
-            model, loss_fn, batches = gated_problem()
-            fully_shard(model.body, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            batches = batches[:2] if rank == 0 else batches[2:]
         else:
-            model, loss_fn, X, y = make_problem(kind)
-            model = shard_model(model, mesh)
-            batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+            model, loss_fn, batches = sharded_case(kind, mesh, rank)
         r = {}
         for name, opts in (("block", {"chunk_size": 16}), ("stream", {"chunk_size": 1}),
                            ("rebuilt", {"chunk_size": 1, "graph_budget_bytes": 1})):
@@ -303,17 +308,7 @@ def _build_and_host_results(mesh, rank: int) -> dict:
 
     out = {}
     for kind in ("mlp", "block", "gated"):
-        if kind == "gated":
-            model, loss_fn, batches = gated_problem()
-            from torch.distributed.fsdp import fully_shard
-
-            fully_shard(model.body, mesh=mesh)
-            fully_shard(model, mesh=mesh)
-            batches = batches[:2] if rank == 0 else batches[2:]
-        else:
-            model, loss_fn, X, y = make_problem(kind)
-            model = shard_model(model, mesh)
-            batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+        model, loss_fn, batches = sharded_case(kind, mesh, rank)
         r = {}
         for name, opts in (("streamed", {"chunk_size": 1}), ("whole", {"chunk_size": 16}),
                            ("host", {"chunk_size": 1, "vector_device": "cpu"}),
