@@ -348,14 +348,17 @@ def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metri
             if probe is not None and probe.records and probe.records[-1]["step"] == step + 1:
                 r = probe.records[-1]
                 print(f"probe at step {r['step']}: predicted {r['cost']['predicted_seconds']} s, "
-                      f"took {r['cost']['seconds']:.2f} s ({r['cost']['hvps']} HVPs)", flush=True)
+                      f"took {r['cost']['seconds']:.2f} s ({r['cost']['hvps']} HVPs, "
+                      f"{r['cost'].get('one_time_seconds', 0.0):.2f} s compiling, cut: {r['cost'].get('cut')})",
+                      flush=True)
         sync(device)
         wall = time.perf_counter() - t0
         key = "with_probe" if attached else "without"
         out[key] = {"wall_s": wall, "steps": n_steps}
         if probe is not None:
             ran = [{"step": r["step"], "predicted_seconds": r["cost"]["predicted_seconds"],
-                    "seconds": r["cost"]["seconds"], "hvps": r["cost"]["hvps"], "wall_s": r["wall"]}
+                    "seconds": r["cost"]["seconds"], "hvps": r["cost"]["hvps"], "wall_s": r["wall"],
+                    "one_time_seconds": r["cost"].get("one_time_seconds", 0.0), "cut": r["cost"].get("cut")}
                    for r in probe.records]
             probe_s = sum(r["seconds"] for r in ran)
             out[key].update(probes=len(ran), probe_seconds=probe_s, training_seconds=wall - probe_s,
