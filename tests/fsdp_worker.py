@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from memory_peak import peak_host_bytes
 from torch import nn
 
 N_SAMPLES = 23
@@ -335,22 +336,6 @@ def _build_and_host_results(mesh, rank: int) -> dict:
     return out
 
 
-def _peak_host_bytes(fn):
-    """``fn()`` under torch's profiler, and the most bytes torch's CPU allocator held beyond what it held at the
-    start, from every allocation and release the profiler records (an op's net allocation at its start)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = fn()
-    deltas = sorted((e.time_range.start, e.cpu_memory_usage if e.name == "[memory]" else e.self_cpu_memory_usage)
-                    for e in prof.events() if e.name == "[memory]" or e.self_cpu_memory_usage)
-    now = peak = 0
-    for _, n in deltas:
-        now += n
-        peak = max(peak, now)
-    return peak, out
-
-
 def _build_memory(mesh, rank: int) -> dict:
     """The host memory a build holds at its peak, streamed (chunk 1) and with whole gradients (chunk 16), on an
     MLP whose parameters (3.2 MB in float64) dwarf its activations (4 samples per rank)."""
@@ -363,7 +348,7 @@ def _build_memory(mesh, rank: int) -> dict:
     batch = (torch.randn(4, 256, dtype=torch.float64, generator=g), torch.randint(0, 3, (4,), generator=g))
     out = {"dim": sum(p.numel() for p in model.parameters())}
     for name, chunk in (("streamed", 1), ("whole", 16)):
-        peak, land = _peak_host_bytes(lambda c=chunk: gp.Landscape(model, nn.CrossEntropyLoss(), batch,
+        peak, land = peak_host_bytes(lambda c=chunk: gp.Landscape(model, nn.CrossEntropyLoss(), batch,
                                                                   hvp_method="autograd", memory=None, chunk_size=c))
         out[name] = {"peak": peak, "graph_bytes": land.graph_bytes, "info": land.info()}
         land.close()

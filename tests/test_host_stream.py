@@ -445,3 +445,37 @@ def test_the_plans_measuring_forward_takes_one_sample_unless_batch_norm_and_drop
         grads = torch.autograd.grad(loss(model(batches[0][0]), batches[0][1]), params, create_graph=True)
     assert all(g.stride() == (0,) * g.dim() for g in grads if g.dim())  # zero-stride: no values held
     assert all(r is not None for r in cap.roots)
+
+
+def test_host_vectors_build_and_answer_without_whole_gradients_on_the_device():
+    # Parameters far outnumber activations (d = 83k in float64 over 9 layers, 4 samples): a whole vector would
+    # stand out, one layer's piece would not. On the CPU the host is the device, so the host-vector mode's own
+    # host buffers (the gradient at the build, the output of an HVP) count too: it holds one d-vector where the
+    # device mode holds at least two.
+    from memory_peak import peak_host_bytes
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(64, 96), nn.Tanh()] + [m for _ in range(7) for m in (nn.Linear(96, 96), nn.Tanh())]
+    model = nn.Sequential(*layers, nn.Linear(96, 3)).double()
+    g = torch.Generator().manual_seed(1)
+    batch = (torch.randn(4, 64, dtype=torch.float64, generator=g), torch.randint(0, 3, (4,), generator=g))
+    d_bytes = sum(p.numel() for p in model.parameters()) * 8
+    peaks, lands = {}, {}
+    for name, opts in (("device", {}), ("host", {"vector_device": "cpu"})):
+        peaks[name], lands[name] = peak_host_bytes(
+            lambda o=opts: gp.Landscape(model, nn.CrossEntropyLoss(), batch, memory=None, chunk_size=1,
+                                        graph_budget_bytes=1, **o))  # every HVP rebuilds its graph
+    # the build: the device mode's flat gradient and the gradients autograd returns together (2 d), the host
+    # mode's host gradient and one parameter's gradient at a time (d and a piece)
+    assert peaks["host"] < peaks["device"] - 0.8 * d_bytes
+    assert peaks["host"] < 1.5 * d_bytes
+    v = torch.randn(lands["host"].dim, dtype=torch.float64, generator=g)
+    for name in ("device", "host"):
+        peaks[name], out = peak_host_bytes(lambda n=name: lands[n].hvp(v))
+    assert _close(out, lands["device"].hvp(v))
+    # an HVP with its graph rebuilt: the device mode's per-parameter results and their flattening, the
+    # rebuild's whole gradient; the host mode's output and pieces in flight. Both also hold the double
+    # backward's partial sums (each weight's first contribution waits in autograd's buffers for its second:
+    # ~0.84 d, docs/distributed.md), which the sharded route takes to the host and this mode does not yet
+    assert peaks["host"] < peaks["device"] - 0.8 * d_bytes
+    assert peaks["host"] < 2.2 * d_bytes
