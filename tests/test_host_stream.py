@@ -90,15 +90,26 @@ def test_micro_batches_and_a_tiny_gpt2_stream_the_same_products():
         assert _close(host.hvp(V), dev.hvp(V))
 
 
-def test_bf16_host_hvps_are_the_device_mode_bits():
+def test_bf16_host_hvps_are_as_accurate_as_the_device_modes(monkeypatch):
     model, loss, batches, _ = make_case("tanh_mlp")
-    model = model.to(torch.bfloat16)
+    exact = gp.Landscape(model, loss, batches)  # float64: the reference
+    model = copy.deepcopy(model).to(torch.bfloat16)
     batches = [(x.to(torch.bfloat16), y) for x, y in batches]
     device = gp.Landscape(model, loss, batches)
     host = gp.Landscape(model, loss, batches, vector_device="cpu")
+    host_plain = gp.Landscape(model, loss, batches, vector_device="cpu")
     V = _vectors(device, 2).to(torch.bfloat16)
-    # the same double backward on the same pieces, summed over the batches in the same order
-    assert torch.equal(host.hvp(V), device.hvp(V))
+    ref = exact.hvp(V.double())
+    # the host mode adds each weight's contributions into its output as they come (bf16 sums in another order
+    # than autograd's): not the device mode's bits, but as far from the float64 product
+    err = lambda H: float((H.double() - ref).norm() / ref.norm())
+    h, dv = host.hvp(V), device.hvp(V)
+    assert err(h) < 2 * err(dv) + 2**-8 and err(h) < 0.05
+    # without interception the passes are the device mode's double backward, summed in its order: same bits
+    original = host_stream.HostStreamPass.__init__
+    monkeypatch.setattr(host_stream.HostStreamPass, "__init__",
+                        lambda self, *a, **k: original(self, *a, **{**k, "intercept": False}))
+    assert torch.equal(host_plain.hvp(V), dv)
 
 
 class _Squares(nn.Module):
@@ -474,8 +485,9 @@ def test_host_vectors_build_and_answer_without_whole_gradients_on_the_device():
         peaks[name], out = peak_host_bytes(lambda n=name: lands[n].hvp(v))
     assert _close(out, lands["device"].hvp(v))
     # an HVP with its graph rebuilt: the device mode's per-parameter results and their flattening, the
-    # rebuild's whole gradient; the host mode's output and pieces in flight. Both also hold the double
-    # backward's partial sums (each weight's first contribution waits in autograd's buffers for its second:
-    # ~0.84 d, docs/distributed.md), which the sharded route takes to the host and this mode does not yet
+    # rebuild's whole gradient and the double backward's partial sums (each weight's first contribution waits
+    # in autograd's buffers for its second: ~0.84 d, docs/distributed.md), 3.0 d measured; the host mode's
+    # output and pieces in flight, each contribution added into the output where it is produced: 1.26 d
+    # measured (1.99 d with the partial sums left to autograd)
     assert peaks["host"] < peaks["device"] - 0.8 * d_bytes
-    assert peaks["host"] < 2.2 * d_bytes
+    assert peaks["host"] < 1.5 * d_bytes

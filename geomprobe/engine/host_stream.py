@@ -8,8 +8,11 @@ runs one double backward per probe batch (through its kept graph, or one rebuilt
 - each parameter's piece of the host input ``v`` is copied to the device when autograd is about to use it (a
   pre-hook on the node of each gradient root swaps it in for a zero-stride placeholder,
   :class:`~geomprobe.engine.sharded_stream.StreamPass`), and dropped once used;
-- each parameter's finished output ``(Hv)_i`` is added into the host output as soon as autograd has summed it
-  (a hook on the parameter, which hands autograd a zero-stride placeholder back).
+- each contribution to a parameter's output ``(Hv)_i`` is added into the host output where it is produced (a
+  post-hook on the producing node, :meth:`StreamPass._intercept`; a weight gets two, from the forward's product
+  and from the first-order backward's, and autograd would keep the first in its buffers until the second came:
+  about 0.84 of a whole gradient at once), and what still reaches the parameter is added there (a hook on the
+  parameter, which hands autograd a zero-stride placeholder back).
 
 The double backward is ``torch.autograd.grad`` with the parameters as inputs, as in the device mode: it never
 runs a parameter's gradient accumulator, so the user's ``.grad`` is never written and the user's
@@ -17,8 +20,8 @@ post-accumulate-grad hooks (an optimizer stepping inside backward, DDP's reducer
 mode adds are removed after every pass, after a failure too, and each parameter's hook table is put back as
 found. Kept graphs are held as :class:`~geomprobe.engine.sharded_stream.Root` edges only: no whole gradient.
 
-Cost per HVP: the double backwards of the device mode, plus ``d`` elements copied host to device and ``d``
-device to host per probe batch (each output copy waits for the device: the pass synchronizes once per
+Cost per HVP: the double backwards of the device mode, plus ``d`` elements copied host to device and about
+``2 d`` device to host (the contributions) per probe batch (each output copy waits for the device: the pass synchronizes once per
 parameter), and the additions of the outputs on the host; the Krylov arithmetic around the HVPs runs on the
 CPU (:func:`geomprobe.metrics.spectrum`). Device memory beyond the graphs: the double backward's temporaries,
 one parameter's input piece and one output piece at a time (``2 x`` the largest parameter); building or
@@ -90,10 +93,12 @@ class HostStreamPass(StreamPass):
     context manager; the hooks go on entry and are removed on exit, after an error too."""
 
     def __init__(self, layout: HostLayout, leaves: Sequence[torch.Tensor], v: torch.Tensor, out: torch.Tensor,
-                 fresh: bool = False):
-        super().__init__(layout, leaves, v, out)  # type: ignore[arg-type]
+                 fresh: bool = False, intercept: bool = True):
+        # intercept: each weight's contributions are taken where they are produced (StreamPass._intercept) and
+        # added into the output at once, instead of the first waiting in autograd's buffers for the second
+        super().__init__(layout, leaves, v, out, partials_device="cpu" if intercept else None)  # type: ignore[arg-type]
         self.out_pieces = layout.split_local(out)
-        self.fresh = fresh
+        self.fresh = fresh and not intercept  # with contributions added as they come, nothing is copied over
         self._hook_tables: list[tuple[torch.Tensor, bool]] = []
 
     def __enter__(self) -> Self:
@@ -133,12 +138,19 @@ class HostStreamPass(StreamPass):
         return piece.to(grad.dtype)
 
     def _capture(self, i: int, g: torch.Tensor) -> torch.Tensor:
-        """Parameter ``i``'s finished output: into the flat output at once; autograd keeps a placeholder."""
+        """Parameter ``i``'s finished output: into the flat output at once; autograd keeps a placeholder. None
+        when every contribution was taken at its producer."""
+        if g is None:
+            return None
         self.outputs_seen.append(i)
         self._held.add(_nbytes(g))
         self.layout.scatter_param_add(i, g, self.out_pieces[i], fresh=self.fresh)
         self._held.now -= _nbytes(g)
         return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+
+    def _add_partial(self, i: int, x: torch.Tensor) -> None:
+        """A contribution to parameter ``i``'s output taken at its producer: added into the output at once."""
+        self.layout.scatter_param_add(i, x.detach().reshape(self.leaves[i].shape), self.out_pieces[i])
 
     def finish(self) -> None:
         """Nothing is left to issue: every piece moved when autograd asked for it."""
