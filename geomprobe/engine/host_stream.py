@@ -42,9 +42,9 @@ import torch
 
 from ..errors import ConfigurationError
 from .doublecheck import check_broken_nodes, no_double_backward
-from .sharded_stream import Root, StreamPass
+from .sharded_stream import Root, StreamPass, placeholder
 
-__all__ = ["HostLayout", "HostStreamPass", "HostVectors", "RootCapture", "host_mode", "host_vectors_possible",
+__all__ = ["HostLayout", "HostStreamPass", "HostVectors", "ParamHooks", "RootCapture", "host_mode", "host_vectors_possible",
            "resolve_vector_device", "vectors_record"]
 
 
@@ -84,6 +84,32 @@ class HostLayout:
             out.add_(whole.to(device=out.device, dtype=out.dtype))
 
 
+class ParamHooks:
+    """A hook ``fn(i, grad)`` on each parameter for the length of a ``with``, taken off after, a failure too. A
+    parameter without hooks of its own gets its hook table back as None (an empty table would stay on the
+    user's tensor). A parameter's hooks run on the gradient ``torch.autograd.grad`` captures for it, and what
+    the hook returns replaces that gradient."""
+
+    def __init__(self, params: Sequence[torch.Tensor], fn: Any):
+        self.params, self.fn = list(params), fn
+        self._handles: list = []
+        self._had_none: list[bool] = []
+
+    def __enter__(self) -> Self:
+        for i, p in enumerate(self.params):
+            self._had_none.append(p._backward_hooks is None)
+            self._handles.append(p.register_hook(lambda g, i=i: self.fn(i, g)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for h in self._handles:
+            h.remove()
+        for p, had_none in zip(self.params, self._had_none):
+            if had_none and not p._backward_hooks:
+                p._backward_hooks = None
+        self._handles, self._had_none = [], []
+
+
 class HostStreamPass(StreamPass):
     """One double backward of a streamed HVP in one process (module docstring): inputs copied to the device on
     first use, outputs taken off as autograd finishes them. Reuses :class:`StreamPass`'s roots and placeholders;
@@ -99,24 +125,17 @@ class HostStreamPass(StreamPass):
         super().__init__(layout, leaves, v, out, partials_device="cpu" if intercept else None)  # type: ignore[arg-type]
         self.out_pieces = layout.split_local(out)
         self.fresh = fresh and not intercept  # with contributions added as they come, nothing is copied over
-        self._hook_tables: list[tuple[torch.Tensor, bool]] = []
+        self._outputs = ParamHooks(self.leaves, self._capture)
 
     def __enter__(self) -> Self:
-        for i, leaf in enumerate(self.leaves):
-            # a leaf's hooks also run on the gradient autograd.grad captures for it; a parameter without hooks
-            # of its own gets its table back as None on exit (an empty table would stay on the user's tensor)
-            self._hook_tables.append((leaf, leaf._backward_hooks is None))
-            self._handles.append(leaf.register_hook(lambda g, i=i: self._capture(i, g)))
+        self._outputs.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        for h in self._handles:
+        for h in self._handles:  # the roots' pre-hooks and the producers' post-hooks
             h.remove()
         self._handles = []
-        for leaf, had_none in self._hook_tables:
-            if had_none and not leaf._backward_hooks:
-                leaf._backward_hooks = None
-        self._hook_tables = []
+        self._outputs.__exit__()
         self._gathered.clear()
         self._held.now = 0
         if exc_type is None and self.layout.device.type == "cuda":
@@ -146,7 +165,7 @@ class HostStreamPass(StreamPass):
         self._held.add(_nbytes(g))
         self.layout.scatter_param_add(i, g, self.out_pieces[i], fresh=self.fresh)
         self._held.now -= _nbytes(g)
-        return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+        return placeholder(g.shape, g.dtype, g.device)
 
     def _add_partial(self, i: int, x: torch.Tensor) -> None:
         """A contribution to parameter ``i``'s output taken at its producer: added into the output at once."""
@@ -169,28 +188,20 @@ class RootCapture:
         self.params = list(params)
         self.roots: list[Root | None] = [None] * len(self.params)
         self.pieces = layout.split_local(grad) if grad is not None and layout is not None else None
-        self._handles: list = []
-        self._had_none: list[bool] = []
+        self._hooks = ParamHooks(self.params, self._take)
 
     def _take(self, i: int, g: torch.Tensor) -> torch.Tensor:
         self.roots[i] = Root(g) if g.requires_grad else None
         if self.pieces is not None:
             self.pieces[i].add_(g.detach().to(device=self.pieces[i].device, dtype=self.pieces[i].dtype))
-        return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+        return placeholder(g.shape, g.dtype, g.device)
 
     def __enter__(self) -> Self:
-        for i, p in enumerate(self.params):
-            self._had_none.append(p._backward_hooks is None)
-            self._handles.append(p.register_hook(lambda g, i=i: self._take(i, g)))
+        self._hooks.__enter__()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for h in self._handles:
-            h.remove()
-        for p, had_none in zip(self.params, self._had_none):
-            if had_none and not p._backward_hooks:
-                p._backward_hooks = None
-        self._handles, self._had_none = [], []
+        self._hooks.__exit__()
 
 
 class HostVectors:

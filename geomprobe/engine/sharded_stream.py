@@ -62,11 +62,17 @@ import torch
 
 from .sharded import ShardLayout
 
-__all__ = ["BuildPass", "Root", "ScatterSchedule", "StreamPass", "roots_of"]
+__all__ = ["BuildPass", "Root", "ScatterSchedule", "StreamPass", "placeholder", "roots_of"]
 
 
 def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
+
+
+def placeholder(shape: torch.Size, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Zeros of ``shape`` that take no memory (one element, zero strides): what a hook hands autograd in place of a
+    gradient it has taken away, and the gradient a streamed pass's roots start from."""
+    return torch.zeros((), dtype=dtype, device=device).expand(shape)
 
 
 class Root:
@@ -225,7 +231,7 @@ class StreamPass:
                 root = g if isinstance(g, Root) else Root(g)
                 self._uses[i] += 1
                 outputs.append(root.edge)
-                grads.append(torch.zeros((), dtype=root.dtype, device=root.device).expand(root.shape))
+                grads.append(placeholder(root.shape, root.dtype, root.device))
                 self._handles.append(root.node.register_prehook(
                     lambda gs, i=i, nr=root.output_nr: (*gs[:nr], self._input(i, gs[nr]), *gs[nr + 1 :])))
         if self.partials_device is not None and outputs:
@@ -419,7 +425,7 @@ class BuildPass:
         if self._schedule is not None:
             self._schedule.stage(i, g.detach())
             self._schedule.flush()
-        return torch.zeros((), dtype=g.dtype, device=g.device).expand(g.shape)
+        return placeholder(g.shape, g.dtype, g.device)
 
     def backward(self, loss: torch.Tensor) -> None:
         """The backward of ``loss`` with ``create_graph`` through the leaves. Cost: one backward pass."""
