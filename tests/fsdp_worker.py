@@ -1,4 +1,4 @@
-"""One rank of the 2-rank FSDP2 checks in test_fsdp.py, launched by torchrun; also the shared problems.
+"""One rank of the 2-rank FSDP2 checks in test_fsdp.py, launched by torchrun (the problems: fsdp_problems.py).
 
     python -m torch.distributed.run --nproc_per_node=2 tests/fsdp_worker.py OUT_DIR
 
@@ -10,6 +10,7 @@ the slices into whole vectors and compares them with one process on the union of
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import os
@@ -18,65 +19,18 @@ import time
 from pathlib import Path
 
 import torch
+from fsdp_problems import (
+    N_SAMPLES,
+    PROBE_STEPS,
+    SHARDS,
+    AllocationLog,
+    hvp_vectors,
+    make_problem,
+    shard_model,
+    sharded_case,
+)
 from memory_peak import peak_host_bytes
 from torch import nn
-
-N_SAMPLES = 23
-SHARDS = ([(0, 8), (8, 13)], [(13, 23)])
-HVP_VECTORS = 3
-PROBE_STEPS = 4
-SEQ, WIDTH, CLASSES = 4, 8, 3
-
-
-class Block(nn.Module):
-    """A pre-norm transformer block (2 heads, causal-free softmax attention, GELU MLP) and a linear head on the
-    mean over positions: the layers of a language model, small enough for a dense float64 Hessian."""
-
-    def __init__(self, width: int = WIDTH, heads: int = 2):
-        super().__init__()
-        self.heads = heads
-        self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
-        self.head = nn.Linear(width, CLASSES)
-        self.register_buffer("scale", torch.tensor(1.0))  # a buffer the state check watches
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, t, w = x.shape
-        q, k, v = self.qkv(self.ln1(x)).view(n, t, 3, self.heads, w // self.heads).permute(2, 0, 3, 1, 4)
-        att = torch.softmax(q @ k.transpose(-1, -2) / (w // self.heads) ** 0.5, dim=-1)
-        x = x + self.proj((att @ v).transpose(1, 2).reshape(n, t, w))
-        x = x + self.mlp(self.ln2(x))
-        return self.head(x.mean(1) * self.scale)
-
-
-def make_problem(kind: str) -> tuple[nn.Module, nn.Module, torch.Tensor, torch.Tensor]:
-    """The float64 model (``"mlp"`` or ``"block"``), its loss and the full probe data, identical in every process."""
-    g = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    if kind == "mlp":
-        model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3)).double()
-        X = torch.randn(N_SAMPLES, 5, dtype=torch.float64, generator=g)
-    else:
-        model = Block().double()
-        X = torch.randn(N_SAMPLES, SEQ, WIDTH, dtype=torch.float64, generator=g)
-    y = torch.randint(0, CLASSES, (N_SAMPLES,), generator=g)
-    return model, nn.CrossEntropyLoss(), X, y
-
-
-def shard_model(model: nn.Module, mesh) -> nn.Module:
-    from torch.distributed.fsdp import fully_shard
-
-    for m in (model if isinstance(model, nn.Sequential) else [model.qkv, model.proj, model.mlp, model.head]):
-        if any(True for _ in m.parameters()):
-            fully_shard(m, mesh=mesh)
-    fully_shard(model, mesh=mesh)
-    return model
-
-
-def hvp_vectors(dim: int) -> torch.Tensor:
-    return torch.randn(HVP_VECTORS, dim, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
 
 def _snapshot(model: nn.Module, opt: torch.optim.Optimizer) -> dict:
@@ -156,78 +110,6 @@ def _landscape_results(kind: str, mesh, rank: int) -> dict:
     return out
 
 
-class Gated(nn.Module):
-    """An MLP with an extra head used only on batches whose first feature is positive: on a rank whose data
-    has none, that head's parameters get no gradient at all (a data-dependent graph)."""
-
-    def __init__(self):
-        super().__init__()
-        self.body, self.head, self.aux = nn.Linear(5, 7), nn.Linear(7, 3), nn.Linear(7, 3)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = torch.tanh(self.body(x))
-        out = self.head(h)
-        if bool((x[:, 0] > 0).all()):
-            out = out + torch.tanh(self.aux(h))
-        return out
-
-
-def gated_problem() -> tuple[nn.Module, object, list[tuple[torch.Tensor, torch.Tensor]]]:
-    """The gated model, its loss ``loss_fn(model, batch)`` and the three probe batches of SHARDS: rank 0's
-    use the extra head, rank 1's does not."""
-    g = torch.Generator().manual_seed(1)
-    torch.manual_seed(1)
-    model = Gated().double()
-    X = torch.randn(N_SAMPLES, 5, dtype=torch.float64, generator=g)
-    X[:, 0] = torch.where(torch.arange(N_SAMPLES) < SHARDS[1][0][0], 1.0, -1.0).double() * (1 + X[:, 0].abs())
-    y = torch.randint(0, CLASSES, (N_SAMPLES,), generator=g)
-
-    def loss_fn(model, batch):
-        return nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-    return model, loss_fn, [(X[a:b], y[a:b]) for shard in SHARDS for a, b in shard]
-
-
-class AllocationLog:
-    """The largest tensor (elements) any operation creates inside, and the operations seen (a dispatch mode,
-    so the double backward's operations are seen as well as the collectives' buffers)."""
-
-    def __enter__(self):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        log = self
-
-        class Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                for t in torch.utils._pytree.tree_leaves(out):
-                    if isinstance(t, torch.Tensor):
-                        log.largest = max(log.largest, t.numel())
-                log.ops.add(str(func))
-                return out
-
-        self.largest, self.ops, self._mode = 0, set(), Mode()
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        self._mode.__exit__(*exc)
-
-
-def sharded_case(kind: str, mesh, rank: int) -> tuple[nn.Module, object, list]:
-    """``make_problem(kind)`` sharded over ``mesh`` with this rank's batches, or for ``"gated"`` the model whose
-    head gets no gradient on one rank (its body and root sharded, rank 0 two batches, rank 1 the rest)."""
-    if kind == "gated":
-        from torch.distributed.fsdp import fully_shard
-
-        model, loss_fn, batches = gated_problem()
-        fully_shard(model.body, mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        return model, loss_fn, batches[:2] if rank == 0 else batches[2:]
-    model, loss_fn, X, y = make_problem(kind)
-    return shard_model(model, mesh), loss_fn, [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
-
-
 def _stream_results(mesh, rank: int) -> dict:
     """The streamed exact HVP (one vector at a time, parameter by parameter) against the whole-block route of
     the same Landscape settings: kept graphs, graphs rebuilt per HVP, a parameter with no gradient on rank 1;
@@ -264,34 +146,43 @@ def _stream_results(mesh, rank: int) -> dict:
     return out
 
 
+@contextlib.contextmanager
+def injected(owner: type, name: str, fails, where: str, active: bool):
+    """Inside, ``owner.name`` (a method) raises ``RuntimeError("injected fault <where>")`` on the call whose
+    arguments ``fails(*args)`` picks, when ``active`` (this rank is the faulty one); put back after."""
+    original = getattr(owner, name)
+
+    def failing(self, *args):
+        if fails(*args):
+            raise RuntimeError(f"injected fault {where}")
+        return original(self, *args)
+
+    if active:
+        setattr(owner, name, failing)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
 def _midway_fault(mesh, rank: int) -> dict:
     """Rank 1 fails inside the double backward, after some of the pass's collectives: every rank must raise
     for that HVP, none may wait in a collective, and the next HVP must be right."""
     import geomprobe as gp
     from geomprobe.engine import sharded_stream
 
-    model, loss_fn, X, y = make_problem("block")
-    model = shard_model(model, mesh)
-    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    model, loss_fn, batches = sharded_case("block", mesh, rank)
     land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
     v = land.layout.local_of(hvp_vectors(land.dim)[0])
-    original = sharded_stream.StreamPass._input
-
-    def failing(self, i, grad):
-        if i == 5:  # a parameter used after others: gathers have happened on both ranks
-            raise RuntimeError("injected fault inside the double backward")
-        return original(self, i, grad)
-
     out = {}
-    if rank == 1:
-        sharded_stream.StreamPass._input = failing
-    try:
-        land.hvp(v)
-        out["error"] = "no error"
-    except gp.GeomprobeError as e:
-        out["error"] = str(e)
-    finally:
-        sharded_stream.StreamPass._input = original
+    # parameter 5 is used after others: gathers have happened on both ranks
+    with injected(sharded_stream.StreamPass, "_input", lambda i, grad: i == 5, "inside the double backward",
+                  rank == 1):
+        try:
+            land.hvp(v)
+            out["error"] = "no error"
+        except gp.GeomprobeError as e:
+            out["error"] = str(e)
     out["after"] = land.hvp(v)
     out["leaves_clean"] = all(p.grad is None for p in land.params)
     fresh = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
@@ -364,34 +255,26 @@ def _build_fault(mesh, rank: int) -> dict:
     import geomprobe as gp
     from geomprobe.engine import sharded_stream
 
-    model, loss_fn, X, y = make_problem("block")
-    model = shard_model(model, mesh)
-    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    model, loss_fn, batches = sharded_case("block", mesh, rank)
     Xr, yr = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn(model(Xr), yr).backward()
     opt.step()
     loss_fn(model(Xr), yr).backward()
     before = _snapshot(model, opt)
-    original = sharded_stream.BuildPass._take
     seen = []
 
-    def failing(self, i, g):
+    def third(i, g):  # two gradients taken and reduce-scattered already (the schedule's first two)
         seen.append(i)
-        if len(seen) == 3:  # two gradients taken and reduce-scattered already (the schedule's first two)
-            raise RuntimeError("injected fault inside the build")
-        return original(self, i, g)
+        return len(seen) == 3
 
     out = {}
-    if rank == 1:
-        sharded_stream.BuildPass._take = failing
-    try:
-        gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
-        out["error"] = "no error"
-    except Exception as e:  # noqa: BLE001 - the test reads which error each rank raised
-        out["error"] = f"{type(e).__name__}: {e}"
-    finally:
-        sharded_stream.BuildPass._take = original
+    with injected(sharded_stream.BuildPass, "_take", third, "inside the build", rank == 1):
+        try:
+            gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
+            out["error"] = "no error"
+        except Exception as e:  # noqa: BLE001 - the test reads which error each rank raised
+            out["error"] = f"{type(e).__name__}: {e}"
     out["state"] = _same(before, _snapshot(model, opt))
     out["whole"] = {n: p.detach().full_tensor() for n, p in model.named_parameters()}
     land = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", memory=None, chunk_size=1)
@@ -401,15 +284,11 @@ def _build_fault(mesh, rank: int) -> dict:
     # inside a GeometryProbe: rank 1's build fails at the first probe; both ranks fail that probe, the user's
     # state is as found, training goes on and the next probe measures
     seen.clear()
-    if rank == 1:
-        sharded_stream.BuildPass._take = failing
-    try:
+    with injected(sharded_stream.BuildPass, "_take", third, "inside the build", rank == 1):
         probe = gp.GeometryProbe(model, loss_fn, batches, metrics={"spectrum": {"tol": 1e-6}}, schedule=gp.every(2),
                                  chunk_size=1, hvp_method="autograd")
         before = _snapshot(model, opt)
         probe.attach(opt)
-    finally:
-        sharded_stream.BuildPass._take = original
     out["probe_state"] = _same(before, _snapshot(model, opt))
     for _ in range(2):
         opt.zero_grad()
@@ -430,9 +309,7 @@ def _planned_results(mesh, rank: int) -> dict:
     import geomprobe as gp
     from geomprobe.engine.memory_plan import MemoryBudget
 
-    model, loss_fn, X, y = make_problem("mlp")
-    model = shard_model(model, mesh)
-    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    model, loss_fn, batches = sharded_case("mlp", mesh, rank)
     budget = MemoryBudget(cap_bytes=PLAN_CAP, graph_bytes_per_sample=PLAN_PER_SAMPLE)
     land = gp.Landscape(model, loss_fn, batches, hvp_method="auto", memory=budget)
     V = land.layout.local_of(hvp_vectors(land.dim))
@@ -471,9 +348,7 @@ def _probe_records(mesh, rank: int, run_dir: str, fault_rank: int) -> tuple[list
     import geomprobe as gp
     from geomprobe.engine.sharded_landscape import ShardedLandscape
 
-    model, loss_fn, X, y = make_problem("mlp")
-    model = shard_model(model, mesh)
-    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    model, loss_fn, batches = sharded_case("mlp", mesh, rank)
     Xr = torch.cat([b[0] for b in batches])
     yr = torch.cat([b[1] for b in batches])
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -505,9 +380,7 @@ def _fd_probe_record(mesh, rank: int) -> dict:
     """One probe (at attach) of the FSDP2 MLP on the finite-difference route, kept in memory."""
     import geomprobe as gp
 
-    model, loss_fn, X, y = make_problem("mlp")
-    model = shard_model(model, mesh)
-    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    model, loss_fn, batches = sharded_case("mlp", mesh, rank)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     probe = gp.GeometryProbe(model, loss_fn, batches, metrics={"spectrum": {"tol": 1e-6}},
                              schedule=gp.every(100), hvp_method="finite-difference")
@@ -537,9 +410,7 @@ def _agreed_failures(mesh, rank: int) -> dict:
 
     import geomprobe as gp
 
-    model, loss_fn, X, y = make_problem("mlp")
-    model = shard_model(model, mesh)
-    batches = [(X[a:b], y[a:b]) for a, b in SHARDS[rank]]
+    model, loss_fn, batches = sharded_case("mlp", mesh, rank)
     if rank == 1:
         batches = [(torch.full_like(x, float("nan")), t) for x, t in batches]
     out = {}

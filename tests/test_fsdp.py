@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from fsdp_worker import HVP_VECTORS, PROBE_STEPS, gated_problem, hvp_vectors, make_problem
+from fsdp_problems import HVP_VECTORS, PROBE_STEPS, gated_problem, hvp_vectors, make_problem
 from test_distributed import HELLO, _killed_by_signal, _torchrun
 
 import geomprobe as gp
