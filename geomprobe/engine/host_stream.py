@@ -123,7 +123,7 @@ class HostStreamPass(StreamPass):
         # intercept: each weight's contributions are taken where they are produced (StreamPass._intercept) and
         # added into the output at once, instead of the first waiting in autograd's buffers for the second
         super().__init__(layout, leaves, v, out, partials_device="cpu" if intercept else None)  # type: ignore[arg-type]
-        self.out_pieces = layout.split_local(out)
+        self.out_pieces = self._schedule.out_pieces  # the views of out the base class made
         self.fresh = fresh and not intercept  # with contributions added as they come, nothing is copied over
         self._outputs = ParamHooks(self.leaves, self._capture)
 
