@@ -8,11 +8,14 @@ runs one double backward per probe batch (through its kept graph, or one rebuilt
 - each parameter's piece of the host input ``v`` is copied to the device when autograd is about to use it (a
   pre-hook on the node of each gradient root swaps it in for a zero-stride placeholder,
   :class:`~geomprobe.engine.sharded_stream.StreamPass`), and dropped once used;
-- each contribution to a parameter's output ``(Hv)_i`` is added into the host output where it is produced (a
-  post-hook on the producing node, :meth:`StreamPass._intercept`; a weight gets two, from the forward's product
-  and from the first-order backward's, and autograd would keep the first in its buffers until the second came:
-  about 0.84 of a whole gradient at once), and what still reaches the parameter is added there (a hook on the
-  parameter, which hands autograd a zero-stride placeholder back).
+- each contribution to a parameter's output ``(Hv)_i`` is taken where it is produced (a post-hook on the
+  producing node, :meth:`StreamPass._intercept`; a weight gets two, from the forward's product and from the
+  first-order backward's, and autograd would keep the first in its buffers until the second came: about 0.84
+  of a whole gradient at once). A first contribution waits for the next in a reused page-locked host buffer
+  (or on the device, within ``partials_device_bytes``), the two are added on the device, and each parameter's
+  complete sum is added into the host output at once (:mod:`~geomprobe.engine.partial_sums`); what still
+  reaches the parameter is summed the same way (a hook on the parameter, which hands autograd a zero-stride
+  placeholder back). On a CPU model every contribution goes straight into the output.
 
 The double backward is ``torch.autograd.grad`` with the parameters as inputs, as in the device mode: it never
 runs a parameter's gradient accumulator, so the user's ``.grad`` is never written and the user's
@@ -20,9 +23,10 @@ post-accumulate-grad hooks (an optimizer stepping inside backward, DDP's reducer
 mode adds are removed after every pass, after a failure too, and each parameter's hook table is put back as
 found. Kept graphs are held as :class:`~geomprobe.engine.sharded_stream.Root` edges only: no whole gradient.
 
-Cost per HVP: the double backwards of the device mode, plus ``d`` elements copied host to device and about
-``2 d`` device to host (the contributions) per probe batch (each output copy waits for the device: the pass synchronizes once per
-parameter), and the additions of the outputs on the host; the Krylov arithmetic around the HVPs runs on the
+Cost per HVP: the double backwards of the device mode, plus per probe batch ``d`` elements copied host to
+device (the input, from a page-locked copy, asynchronously), about ``d`` each way for the waiting partial sums
+(asynchronous, page-locked), ``d`` device to host for the complete sums (through a reused page-locked buffer,
+one wait per parameter) and their addition on the host; the Krylov arithmetic around the HVPs runs on the
 CPU (:func:`geomprobe.metrics.spectrum`). Device memory beyond the graphs: the double backward's temporaries,
 one parameter's input piece and one output piece at a time (``2 x`` the largest parameter); building or
 building or rebuilding a graph never holds its whole gradient either: each parameter's gradient is taken off as
@@ -42,6 +46,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .doublecheck import check_broken_nodes, no_double_backward
+from .partial_sums import HostIO
 from .sharded_stream import Root, StreamPass, placeholder
 
 __all__ = ["HostLayout", "HostStreamPass", "HostVectors", "ParamHooks", "RootCapture", "host_mode", "host_vectors_possible",
@@ -73,16 +78,6 @@ class HostLayout:
             return piece
         return piece.to(self.device, non_blocking=piece.is_pinned())
 
-    def scatter_param_add(self, i: int, whole: torch.Tensor | None, out: torch.Tensor, fresh: bool = False) -> None:
-        """Add parameter ``i``'s output ``whole`` (on the device; None: nothing) into ``out``, its view of the flat
-        output. ``fresh``: ``out`` still holds zeros, so the output is copied straight into it (no temporary)."""
-        if whole is None:
-            return
-        if fresh:
-            out.copy_(whole)
-        else:
-            out.add_(whole.to(device=out.device, dtype=out.dtype))
-
 
 class ParamHooks:
     """A hook ``fn(i, grad)`` on each parameter for the length of a ``with``, taken off after, a failure too. A
@@ -112,19 +107,30 @@ class ParamHooks:
 
 class HostStreamPass(StreamPass):
     """One double backward of a streamed HVP in one process (module docstring): inputs copied to the device on
-    first use, outputs taken off as autograd finishes them. Reuses :class:`StreamPass`'s roots and placeholders;
-    the schedule of collectives it keeps for several ranks has no use here, so pieces move when autograd asks.
+    first use, outputs taken where they are produced and summed (:class:`~geomprobe.engine.partial_sums.PartialSums`),
+    each parameter's complete sum added into the host output at once. Reuses :class:`StreamPass`'s roots,
+    placeholders and producers' hooks; the schedule of collectives it keeps for several ranks has no use here,
+    so pieces move when autograd asks.
 
-    ``fresh``: ``out`` holds zeros (the first batch of a vector), so outputs are copied, not added. Use as a
-    context manager; the hooks go on entry and are removed on exit, after an error too."""
+    ``fresh``: ``out`` holds zeros (the first batch of a vector), so a parameter's first output is copied, not
+    added. ``io``: the reused host buffers of the copies; ``partials_device_bytes``: how many bytes of partial
+    sums may wait on the device; ``direct``: each contribution goes into the output at once, nothing waits
+    (default: a model on the CPU); ``spill_partials``: as :class:`StreamPass`'s. Use as a context manager; the hooks go on entry and are removed on exit,
+    after an error too."""
 
     def __init__(self, layout: HostLayout, leaves: Sequence[torch.Tensor], v: torch.Tensor, out: torch.Tensor,
-                 fresh: bool = False, intercept: bool = True):
+                 fresh: bool = False, intercept: bool = True, io: HostIO | None = None,
+                 partials_device_bytes: float = 0, direct: bool | None = None, spill_partials: bool | None = None):
         # intercept: each weight's contributions are taken where they are produced (StreamPass._intercept) and
-        # added into the output at once, instead of the first waiting in autograd's buffers for the second
-        super().__init__(layout, leaves, v, out, partials_device="cpu" if intercept else None)  # type: ignore[arg-type]
+        # summed on their own, instead of the first waiting in autograd's buffers for the second
+        super().__init__(layout, leaves, v, out, partials_device="cpu" if intercept else None,  # type: ignore[arg-type]
+                         io=io, partials_device_bytes=partials_device_bytes, spill_partials=spill_partials)
         self.out_pieces = self._schedule.out_pieces  # the views of out the base class made
-        self.fresh = fresh and not intercept  # with contributions added as they come, nothing is copied over
+        self.fresh = fresh
+        # where the output lives with the model (a CPU model), adding each contribution at once costs nothing
+        # more than summing it first, and holds nothing
+        self.direct = (self.device.type != "cuda") if direct is None else bool(direct)
+        self._written: set[int] = set()
         self._outputs = ParamHooks(self.leaves, self._capture)
 
     def __enter__(self) -> Self:
@@ -138,8 +144,12 @@ class HostStreamPass(StreamPass):
         self._outputs.__exit__()
         self._gathered.clear()
         self._held.now = 0
-        if exc_type is None and self.layout.device.type == "cuda":
-            # an input copied asynchronously from pinned memory must land before the caller reuses v
+        if exc_type is None:
+            self.finish()
+        else:
+            self._sums.clear()
+        if self.layout.device.type == "cuda":
+            # an input copied asynchronously from page-locked memory must land before the caller reuses v
             torch.cuda.current_stream(self.layout.device).synchronize()
 
     def _input(self, i: int, grad: torch.Tensor) -> torch.Tensor:
@@ -157,22 +167,44 @@ class HostStreamPass(StreamPass):
         return piece.to(grad.dtype)
 
     def _capture(self, i: int, g: torch.Tensor) -> torch.Tensor:
-        """Parameter ``i``'s finished output: into the flat output at once; autograd keeps a placeholder. None
-        when every contribution was taken at its producer."""
+        """Parameter ``i``'s output as it reaches the parameter (what no producer's hook took): into the sum, or
+        straight into the host output when nothing is intercepted; autograd keeps a placeholder."""
         if g is None:
             return None
-        self.outputs_seen.append(i)
         self._held.add(_nbytes(g))
-        self.layout.scatter_param_add(i, g, self.out_pieces[i], fresh=self.fresh)
+        if self.partials_device is not None:
+            self.accumulated += 1
+            self._add_partial(i, g)
+        else:
+            self._sum_done(i, g.detach())
         self._held.now -= _nbytes(g)
         return placeholder(g.shape, g.dtype, g.device)
 
     def _add_partial(self, i: int, x: torch.Tensor) -> None:
-        """A contribution to parameter ``i``'s output taken at its producer: added into the output at once."""
-        self.layout.scatter_param_add(i, x.detach().reshape(self.leaves[i].shape), self.out_pieces[i])
+        if self.direct:
+            self._sum_done(i, x.detach().reshape(self.leaves[i].shape))
+        else:
+            super()._add_partial(i, x)
+
+    def _sum_done(self, i: int, total: torch.Tensor) -> None:
+        """Parameter ``i``'s output (complete, or a part of it): into the host output."""
+        self.outputs_seen.append(i)
+        out = self.out_pieces[i]
+        if self.fresh and i not in self._written:
+            if self.io is None:
+                out.copy_(total)
+            else:
+                self.io.copy_to_host(out, total)
+        elif self.io is None:
+            out.add_(total.to(device=out.device, dtype=out.dtype))
+        else:
+            self.io.add_to_host(out, total)
+        self._written.add(i)
 
     def finish(self) -> None:
-        """Nothing is left to issue: every piece moved when autograd asked for it."""
+        """The sums still waiting (producers that sent nothing, counts unknown) go into the output."""
+        for i, total in self._sums.drain():
+            self._sum_done(i, total)
 
 
 class RootCapture:
@@ -184,8 +216,9 @@ class RootCapture:
     gradient does not depend on the parameters). Hook tables are put back as found, after a failure too."""
 
     def __init__(self, params: Sequence[torch.Tensor], layout: HostLayout | None = None,
-                 grad: torch.Tensor | None = None):
+                 grad: torch.Tensor | None = None, io: HostIO | None = None):
         self.params = list(params)
+        self.io = io
         self.roots: list[Root | None] = [None] * len(self.params)
         self.pieces = layout.split_local(grad) if grad is not None and layout is not None else None
         self._hooks = ParamHooks(self.params, self._take)
@@ -193,7 +226,10 @@ class RootCapture:
     def _take(self, i: int, g: torch.Tensor) -> torch.Tensor:
         self.roots[i] = Root(g) if g.requires_grad else None
         if self.pieces is not None:
-            self.pieces[i].add_(g.detach().to(device=self.pieces[i].device, dtype=self.pieces[i].dtype))
+            if self.io is not None:
+                self.io.add_to_host(self.pieces[i], g.detach())
+            else:
+                self.pieces[i].add_(g.detach().to(device=self.pieces[i].device, dtype=self.pieces[i].dtype))
         return placeholder(g.shape, g.dtype, g.device)
 
     def __enter__(self) -> Self:
@@ -212,8 +248,13 @@ class HostVectors:
         self.land = land
         self.layout = HostLayout([p.shape for p in land.params], land.device)
         self.host = torch.device("cpu")
-        self.pin = land.device.type == "cuda"
-        self.stats = {"passes": 0, "peak_held_bytes": 0}
+        self.io = HostIO(pin=land.device.type == "cuda")  # reused (page-locked) buffers of the copies
+        # bytes of the double backward's partial sums that may wait on the device (the rest wait on the host)
+        self.partials_device_bytes = 0
+        self.direct: bool | None = None  # HostStreamPass's: None, its default (contributions wait on a CUDA model)
+        self.spill_partials: bool | None = None
+        self.stats = {"passes": 0, "peak_held_bytes": 0, "partials_spilled": 0, "partials_completed_early": 0,
+                      "partials_peak_device_bytes": 0}
 
     # ------------------------------------------------------------------ build
     def new_grad(self) -> torch.Tensor:
@@ -224,7 +265,7 @@ class HostVectors:
         """Probe batch ``b``'s first-order graph as :class:`Root` edges, its loss and saved bytes, built without
         ever holding the whole gradient (:class:`RootCapture`); each parameter's gradient is added into the
         host ``grad`` as it finishes, when given. Cost: one gradient with its graph."""
-        capture = RootCapture(self.land.params, self.layout, grad)
+        capture = RootCapture(self.land.params, self.layout, grad, io=self.io)
         _, loss, nbytes = self.land._graph(b, True, watch=watch, capture=capture)
         if watch:
             check_broken_nodes(capture.roots)  # a Root answers grad_fn like the gradient it stands for
@@ -234,16 +275,11 @@ class HostVectors:
     def hvp_rows(self, V: torch.Tensor) -> torch.Tensor:
         """``H v`` for each row of ``V`` ``(k, d)``, one streamed vector at a time, on ``V``'s device (the host,
         or the model's device for metrics that keep their vectors there). Cost: ``k`` double backward passes
-        per probe batch, ``d`` elements copied each way per pass when ``V`` is on the host."""
-        out = None
-        if V.device.type == "cpu" and self.pin:
-            try:  # page-locked: the device writes each output piece straight into it
-                out = torch.empty(V.shape, dtype=V.dtype, pin_memory=True)
-            except RuntimeError:
-                self.pin = False
-        out = torch.empty_like(V) if out is None else out
+        per probe batch, ``d`` elements copied each way per pass when ``V`` is on the host, and about ``d`` more
+        each way for the partial sums that wait in host memory."""
+        out = torch.zeros_like(V)
         for x, y in zip(V, out):
-            y.zero_()
+            x = self.io.input(x)  # page-locked (a reused buffer): each piece goes to the device asynchronously
             for b in range(len(self.land.batches)):
                 self._pass(b, x, y, fresh=b == 0)
         return out
@@ -254,7 +290,9 @@ class HostVectors:
         if graph is None:
             graph, retain = self.graph(b)[0], False  # no whole gradient: roots taken as autograd finishes each
             land.graph_rebuilds += 1
-        with HostStreamPass(self.layout, land.params, v, out, fresh=fresh) as sp:
+        with HostStreamPass(self.layout, land.params, v, out, fresh=fresh, io=self.io,
+                            partials_device_bytes=self.partials_device_bytes, direct=self.direct,
+                            spill_partials=self.spill_partials) as sp:
             outputs, placeholders = sp.roots([graph])
             if outputs:
                 try:
@@ -266,7 +304,11 @@ class HostVectors:
                     raise refusal from e
         del graph
         self.stats["passes"] += 1
-        self.stats["peak_held_bytes"] = max(self.stats["peak_held_bytes"], sp.peak_held_bytes)
+        st = self.stats
+        st["peak_held_bytes"] = max(st["peak_held_bytes"], sp.peak_held_bytes)
+        st["partials_spilled"] += sp.spilled
+        st["partials_completed_early"] += sp.completed_early
+        st["partials_peak_device_bytes"] = max(st["partials_peak_device_bytes"], sp.partials_peak_device_bytes)
 
 
 def resolve_vector_device(land: Any, vector_device: Any) -> str | None:

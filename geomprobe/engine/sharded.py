@@ -19,6 +19,7 @@ import contextlib
 import math
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -164,7 +165,7 @@ class ShardLayout:
         in host memory is copied there first, the only copy of it on the device). Memory: the whole parameter
         plus at most ``world - 1`` padding rows (the result is a view of that buffer)."""
         if device is not None and local.device != torch.device(device):
-            local = local.to(device)
+            local = local.to(device, non_blocking=local.is_pinned())  # a page-locked piece: no wait
         c, row, mine = self._param_rows(i)
         if c == 0 or row == 0:
             return local.new_zeros(self.shapes[i])
@@ -177,13 +178,14 @@ class ShardLayout:
         return buf[: self.sizes[i]].view(self.shapes[i])
 
     def scatter_param_add(self, i: int, whole: torch.Tensor | None, out: torch.Tensor,
-                          device: torch.device | None = None) -> None:
+                          device: torch.device | None = None, io: Any = None) -> None:
         """Add the sum over ranks of parameter-shaped ``whole`` (``None``: zeros, for a rank where the
         parameter got no gradient, so that the collective still happens) to this rank's shard ``out`` (a view
         in the local flat vector): one reduce-scatter on ``device`` (default ``whole``'s, else ``out``'s), whose
         received rows are added to ``out`` wherever it lives (host memory: one copy of this rank's rows).
         Memory: the padded send buffer (the parameter's size; none when its rows divide evenly) and this
-        rank's rows."""
+        rank's rows. ``io``: a :class:`~geomprobe.engine.partial_sums.HostIO` whose reused buffer takes the rows
+        on their way to host memory."""
         c, row, mine = self._param_rows(i)
         if c == 0 or row == 0:
             return
@@ -197,7 +199,11 @@ class ShardLayout:
         recv = torch.empty(c * row, dtype=out.dtype, device=dev)
         torch.distributed.reduce_scatter_tensor(recv, send, group=self.group)
         del send
-        out.add_(recv[: mine * row].view(out.shape).to(out.device))
+        rows = recv[: mine * row].view(out.shape)
+        if io is not None:
+            io.add_to_host(out, rows)
+        else:
+            out.add_(rows.to(out.device))
 
 
 def _is_fsdp_hook(hook) -> bool:

@@ -91,7 +91,8 @@ class ExactBuild:
         pieces = self.layout.split_local(self._grad)
         for i in range(len(self._full) - 1, -1, -1):
             g = grads[i] if grads is not None else None
-            self.layout.scatter_param_add(i, g.detach() if g is not None else None, pieces[i], device=self.device)
+            self.layout.scatter_param_add(i, g.detach() if g is not None else None, pieces[i], device=self.device,
+                                          io=self.host_io)
         return grads, loss_b, nbytes
 
     def _build_pass(self, b: int) -> tuple[list | None, torch.Tensor | None, int]:
@@ -106,7 +107,7 @@ class ExactBuild:
         watch = real and b == 0
         err, loss, calls, nodes = None, None, None, []
         counter = SavedBytes(self.params)
-        build = BuildPass(self.layout, self._full, self._grad)
+        build = BuildPass(self.layout, self._full, self._grad, io=self.host_io)
         with contextlib.ExitStack() as stack:
             if real:
                 try:

@@ -76,6 +76,7 @@ from .doublecheck import no_double_backward
 from .landscape import Landscape
 from .memory_plan import MemoryBudget, MemoryPlan, device_memory, host_available_bytes
 from .paramspace import select_parameters
+from .partial_sums import HostIO
 from .saved_bytes import SavedBytes
 from .sharded import FSDPModule, ShardLayout, fsdp_hooks_off
 from .sharded_build import ExactBuild
@@ -105,6 +106,9 @@ class ShardedLandscape(ExactBuild, Landscape):
         self._vectors_asked = vector_device
         self.vector_device: torch.device | None = None  # set by _plan, before anything is built
         self.host_vectors = False
+        self.host_io: HostIO | None = None
+        # bytes of the double backward's partial sums that may wait on the device (the rest wait in host memory)
+        self.partials_device_bytes = 0
         self.vector_device_source = "default"
         super().__init__(model, loss_fn, batches, **kwargs)
 
@@ -151,6 +155,8 @@ class ShardedLandscape(ExactBuild, Landscape):
             where = None
         self.vector_device = torch.device("cpu") if where == "cpu" else self.device
         self.host_vectors = where == "cpu"  # the host-memory mode, asked for or planned (on a CPU model too)
+        # reused (page-locked) host buffers of the copies between the device and the host slices
+        self.host_io = HostIO(pin=self.device.type == "cuda") if self.host_vectors else None
         return plan
 
     def _asked_vector_device(self) -> str | None:
@@ -405,6 +411,7 @@ class ShardedLandscape(ExactBuild, Landscape):
         if self.hvp_method == "autograd" and (V.shape[0] == 1 or self.chunk_size == 1 or not self.batched_hvp):
             out = torch.zeros_like(V)
             for x, y in zip(V, out):
+                x = x if self.host_io is None else self.host_io.input(x)  # page-locked: pieces go asynchronously
                 for p in range(self._passes):
                     err = None
                     try:
@@ -464,7 +471,8 @@ class ShardedLandscape(ExactBuild, Landscape):
                     err = e
         # with vectors in host memory the outputs' partial sums are formed there too (sharded_stream)
         partials = self.vector_device if self.host_vectors else None
-        with StreamPass(self.layout, self._full, v, out, partials_device=partials) as sp:
+        with StreamPass(self.layout, self._full, v, out, partials_device=partials, io=self.host_io,
+                        partials_device_bytes=self.partials_device_bytes) as sp:
             if graph is not None and err is None:
                 self._stream_backward(sp, [graph], retain)
         del graph
@@ -476,6 +484,10 @@ class ShardedLandscape(ExactBuild, Landscape):
         if partials is not None:
             stats["partials_intercepted"] = stats.get("partials_intercepted", 0) + sp.intercepted
             stats["partials_accumulated"] = stats.get("partials_accumulated", 0) + sp.accumulated
+            stats["partials_spilled"] = stats.get("partials_spilled", 0) + sp.spilled
+            stats["partials_completed_early"] = stats.get("partials_completed_early", 0) + sp.completed_early
+            stats["partials_peak_device_bytes"] = max(stats.get("partials_peak_device_bytes", 0),
+                                                      sp.partials_peak_device_bytes)
         if "first_order" not in stats and sp.outputs_seen:
             # the order autograd used the inputs and finished the outputs (parameter indices) in the first pass
             # that ran a backward: the schedule holds least when it follows them
@@ -564,6 +576,8 @@ class ShardedLandscape(ExactBuild, Landscape):
 
     def close(self) -> None:
         super().close()
+        if self.host_io is not None:
+            self.host_io.clear()
         self._full = self._whole = None
         self.params = self._dparams
 

@@ -40,9 +40,12 @@ autograd runs every node the first-order backward created before any forward nod
 first contribution waits there for its second: about 0.84 of a whole gradient at once on an MLP, whatever
 the batch. With ``partials_device`` set, each contribution is taken from the node that produces it (a
 post-hook that pushes it through the unary view and cast nodes below, down to the weight, and hands autograd
-no gradient in its place), added into a whole-parameter sum in host memory and freed on the device; the sums
-are reduce-scattered after the backward, in the schedule's order. The device then holds only the
-contributions in flight; the price is copying every contribution to the host and each sum back.
+no gradient in its place; the walk also counts each parameter's producers). A first contribution waits for
+the next in a reused page-locked host buffer (or on the device, within ``partials_device_bytes``), the two
+are added on the device, and a parameter's sum goes to the reduce-scatter schedule as soon as its last
+producer has sent (:mod:`~geomprobe.engine.partial_sums`; sums whose count is unknown at the end of the
+backward). The device then holds only the contributions in flight and the complete sums waiting for their
+turn; the price is about ``d`` elements copied each way, asynchronously.
 
 **The build** (:class:`BuildPass`): the first-order backward of one probe piece with ``create_graph``, a hook
 on each whole parameter taking its gradient ``g_i`` as soon as autograd has finished it, keeping only its
@@ -60,6 +63,8 @@ from typing import Self
 
 import torch
 
+from ..errors import GeomprobeError
+from .partial_sums import HostIO, PartialSums
 from .sharded import ShardLayout
 
 __all__ = ["BuildPass", "Root", "ScatterSchedule", "StreamPass", "placeholder", "roots_of"]
@@ -132,12 +137,14 @@ class ScatterSchedule:
     host memory); ``device``: where the collectives run."""
 
     def __init__(self, layout: ShardLayout, out_pieces: Sequence[torch.Tensor], order: Sequence[int],
-                 device: torch.device, held: _Held):
+                 device: torch.device, held: _Held, io: HostIO | None = None):
         self.layout, self.out_pieces, self.order, self.device, self.held = layout, list(out_pieces), list(order), device, held
+        self.io = io
         if sorted(self.order) != list(range(len(self.out_pieces))):
             raise ValueError("the scatter order must list every parameter index once")
         self._staged: dict[int, torch.Tensor] = {}
         self._unheld: set[int] = set()
+        self._issued: set[int] = set()
         self._next = 0
 
     @property
@@ -146,7 +153,13 @@ class ScatterSchedule:
 
     def stage(self, i: int, g: torch.Tensor, held: bool = True) -> None:
         """Parameter ``i``'s whole value, to be reduce-scattered at its turn (``held``: counted as waiting on
-        the device)."""
+        the device). A second value for a parameter still waiting is added to the first."""
+        if i in self._issued:
+            raise GeomprobeError(f"parameter {i}'s output came after its reduce-scatter was issued; the pass's "
+                                 "count of its contributions was wrong")
+        if i in self._staged:
+            self._staged[i] = self._staged[i] + g.to(self._staged[i].device)  # out of place: g may be autograd's
+            return
         self._staged[i] = g
         if held:
             self.held.add(_nbytes(g))
@@ -161,7 +174,8 @@ class ScatterSchedule:
 
     def _scatter(self, j: int, g: torch.Tensor | None) -> None:
         self._next += 1
-        self.layout.scatter_param_add(j, g, self.out_pieces[j], device=self.device)
+        self._issued.add(j)
+        self.layout.scatter_param_add(j, g, self.out_pieces[j], device=self.device, io=self.io)
         if g is not None and j not in self._unheld:
             self.held.now -= _nbytes(g)
 
@@ -184,12 +198,17 @@ class StreamPass:
     parameter of ``layout``). ``v``: ``(d_local,)``, needed even by a pass with no graph (a rank with fewer
     probe batches than another), whose slice the other ranks gather. ``v`` and ``out`` may be in host memory
     (module docstring); the collectives run on the leaves' device. ``partials_device``: where the outputs'
-    partial sums are formed (module docstring, "Partial sums in host memory"); None: in autograd's buffers.
+    partial sums wait between contributions (module docstring, "Partial sums in host memory"; up to
+    ``partials_device_bytes`` of them on the device); None: in autograd's buffers. ``io``: the reused host
+    buffers of the copies (:class:`~geomprobe.engine.partial_sums.HostIO`; None: plain copies).
+    ``spill_partials``: whether partial sums beyond ``partials_device_bytes`` wait in ``io``'s host buffers
+    (default: on a CUDA model).
     """
 
     def __init__(self, layout: ShardLayout, leaves: Sequence[torch.Tensor], v: torch.Tensor,
                  out: torch.Tensor, gather_order: Sequence[int] | None = None,
-                 scatter_order: Sequence[int] | None = None, partials_device: torch.device | str | None = None):
+                 scatter_order: Sequence[int] | None = None, partials_device: torch.device | str | None = None,
+                 io: HostIO | None = None, partials_device_bytes: float = 0, spill_partials: bool | None = None):
         n = len(leaves)
         self.layout = layout
         self.leaves = list(leaves)
@@ -200,7 +219,8 @@ class StreamPass:
         if sorted(self.gather_order) != list(range(n)) or sorted(scatter_order) != list(range(n)):
             raise ValueError("gather_order and scatter_order must each list every parameter index once")
         self._held = _Held()
-        self._schedule = ScatterSchedule(layout, layout.split_local(out), scatter_order, self.device, self._held)
+        self.io = io
+        self._schedule = ScatterSchedule(layout, layout.split_local(out), scatter_order, self.device, self._held, io)
         self._uses = [0] * n
         self._gathered: dict[int, torch.Tensor] = {}
         self._next_gather = 0
@@ -209,7 +229,7 @@ class StreamPass:
         self.inputs_seen: list[int] = []
         self.outputs_seen: list[int] = []
         self.partials_device = None if partials_device is None else torch.device(partials_device)
-        self._partials: dict[int, torch.Tensor] = {}
+        self._sums = PartialSums({}, self._sum_done, self.device, partials_device_bytes, io, spill_partials)
         self.intercepted = 0  # contributions taken from their producers
         self.accumulated = 0  # outputs that still came through a parameter's accumulator
 
@@ -217,6 +237,21 @@ class StreamPass:
     def peak_held_bytes(self) -> int:
         """The most bytes of pieces gathered ahead of use plus outputs waiting for their turn, at once."""
         return self._held.peak
+
+    @property
+    def spilled(self) -> int:
+        """Partial sums that waited in host memory for their next contribution."""
+        return self._sums.spilled
+
+    @property
+    def completed_early(self) -> int:
+        """Partial sums handed on as soon as their last producer sent its contribution."""
+        return self._sums.completed
+
+    @property
+    def partials_peak_device_bytes(self) -> int:
+        """The most bytes of partial sums that waited on the device at once."""
+        return self._sums.peak_device_bytes
 
     # ------------------------------------------------------------------ set-up
     def roots(self, graphs: Sequence[Sequence[torch.Tensor | Root | None]]) -> tuple[list, list[torch.Tensor]]:
@@ -235,13 +270,15 @@ class StreamPass:
                 self._handles.append(root.node.register_prehook(
                     lambda gs, i=i, nr=root.output_nr: (*gs[:nr], self._input(i, gs[nr]), *gs[nr + 1 :])))
         if self.partials_device is not None and outputs:
-            self._intercept([e.node for e in outputs])
+            self._sums.expected = self._intercept([e.node for e in outputs])
         return outputs, grads
 
-    def _intercept(self, roots: Sequence) -> None:
+    def _intercept(self, roots: Sequence) -> dict[int, int]:
         """A post-hook on every node that sends a gradient towards a parameter, through unary view and cast
         nodes (the funnel) or straight into its accumulator: the contribution is taken there (one walk of
-        the double backward's graph)."""
+        the double backward's graph). Returns how many producers send to each parameter, for the parameters
+        every contribution of which is taken this way (one whose gradient path starts at a root is left out:
+        autograd itself feeds that root, so its count is unknown)."""
         acc = {torch.autograd.graph.get_gradient_edge(leaf).node: i for i, leaf in enumerate(self.leaves)}
         funnel: dict = {}
 
@@ -258,13 +295,15 @@ class StreamPass:
             funnel[node] = found
             return found
 
-        seen, stack, sites = set(), list(roots), {}
+        seen, stack, sites, uncounted = set(), list(roots), {}, set()
         while stack:
             node = stack.pop()
             if node in seen:
                 continue
             seen.add(node)
             if funnel_of(node) is not None:
+                if node in roots:
+                    uncounted.add(funnel_of(node)[0])
                 continue  # reached through its producers, which hand it nothing
             for k, (nxt, _) in enumerate(node.next_functions):
                 if nxt is None:
@@ -274,8 +313,12 @@ class StreamPass:
                     sites.setdefault(node, []).append((k, *f))
                 else:
                     stack.append(nxt)
+        counts: dict[int, int] = {}
         for node, edges in sites.items():
             self._handles.append(node.register_hook(self._producer_hook(edges)))
+            for _, i, _ in edges:
+                counts[i] = counts.get(i, 0) + 1
+        return {i: c for i, c in counts.items() if i not in uncounted}
 
     def _producer_hook(self, edges: list):
         def hook(grad_inputs, grad_outputs):
@@ -295,13 +338,14 @@ class StreamPass:
         return hook
 
     def _add_partial(self, i: int, x: torch.Tensor) -> None:
-        # always a copy: autograd's tensor may be a view of a buffer it still uses
-        x = x.detach().reshape(self.leaves[i].shape)
-        got = self._partials.get(i)
-        if got is None:
-            self._partials[i] = x.to(device=self.partials_device, dtype=self.leaves[i].dtype, copy=True)
-        else:
-            got.add_(x.to(got.device))
+        leaf = self.leaves[i]
+        self._sums.add(i, x.detach().reshape(leaf.shape).to(leaf.dtype))
+
+    def _sum_done(self, i: int, total: torch.Tensor) -> None:
+        """Parameter ``i``'s output is complete: to the reduce-scatter schedule at once."""
+        self.outputs_seen.append(i)
+        self._schedule.stage(i, total)
+        self._flush()
 
     def __enter__(self) -> Self:
         for i, leaf in enumerate(self.leaves):
@@ -323,7 +367,7 @@ class StreamPass:
         with contextlib.suppress(Exception):
             self.finish()
         self._gathered.clear()
-        self._partials = {}
+        self._sums.clear()
         self._schedule.clear()
 
     # ------------------------------------------------------------------ hooks
@@ -350,11 +394,11 @@ class StreamPass:
         g, leaf.grad = leaf.grad, None
         if g is None:
             return
-        self.outputs_seen.append(i)
         if self.partials_device is not None:  # a contribution no producer's hook took: into the sum too
             self.accumulated += 1
             self._add_partial(i, g)
             return
+        self.outputs_seen.append(i)
         self._schedule.stage(i, g)
         self._flush()
 
@@ -371,10 +415,12 @@ class StreamPass:
             self._uses[self.gather_order[self._next_gather]] = 0
             self._gather_next()
         self._gathered.clear()
-        for i, total in self._partials.items():
-            self._schedule.stage(i, total, held=False)
-        self._partials = {}
+        for i, total in self._sums.drain():
+            self._schedule.stage(i, total)
         self._schedule.finish()
+        if self.io is not None and self.device.type == "cuda":
+            # the input's page-locked buffer is reused for the next vector: its pieces must have landed
+            torch.cuda.current_stream(self.device).synchronize()
 
 
 class BuildPass:
@@ -394,14 +440,14 @@ class BuildPass:
     Cost: one reduce-scatter per parameter (``d`` elements in all) per pass."""
 
     def __init__(self, layout: ShardLayout, leaves: Sequence[torch.Tensor], out: torch.Tensor | None,
-                 scatter_order: Sequence[int] | None = None):
+                 scatter_order: Sequence[int] | None = None, io: HostIO | None = None):
         n = len(leaves)
         self.leaves = list(leaves)
         self.device = self.leaves[0].device
         self._held = _Held()
         order = list(range(n - 1, -1, -1)) if scatter_order is None else list(scatter_order)
         self._schedule = (None if out is None else
-                          ScatterSchedule(layout, layout.split_local(out), order, self.device, self._held))
+                          ScatterSchedule(layout, layout.split_local(out), order, self.device, self._held, io))
         self.roots: list[Root | None] = [None] * n
         self.received = [False] * n
         self.outputs_seen: list[int] = []  # the order autograd finished the gradients in
