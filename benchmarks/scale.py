@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import sys
@@ -186,7 +187,8 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         noise = token_batches(vocab, b, t, noise_batches, device, seed=2)
         loss_fn = lm_loss
     d = sum(p.numel() for p in model.parameters())
-    res: dict = {"model": name, "dtype": dtype_name, "params": d, "peak_ratio": peak_ratio, "batch": list(batch["input_ids"].shape if isinstance(batch, dict) else batch[0].shape)}
+    cuda = torch.device(device).type == "cuda"
+    res: dict = {"allocated_at_start_bytes": torch.cuda.memory_allocated() if cuda else None, "model": name, "dtype": dtype_name, "params": d, "peak_ratio": peak_ratio, "batch": list(batch["input_ids"].shape if isinstance(batch, dict) else batch[0].shape)}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5)
     params = [p for p in model.parameters() if p.requires_grad]
 
@@ -237,7 +239,9 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         return out
 
     probe._run_metric = timed_metric
-    if torch.device(device).type == "cuda":
+    if cuda:
+        # no collection here: what the HVP timing's Landscape left allocated is what a user's loop would carry
+        res["allocated_before_probe_bytes"] = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     train_step()  # the interval a probe in a loop reads the training peak from (it plans within 1.5x of it)
     with HVPClock(device) as clock:
@@ -444,6 +448,7 @@ def main() -> None:
                 brief = {k: r.get(k) for k in ("model", "dtype", "params", "peak_ratio", "hvp_over_grad", "probe_seconds",
                                                 "probe_over_train_peak", "outside_share", "probe_hvps", "failed")}
                 print(json.dumps(brief, default=str), flush=True)
+                gc.collect()  # the next case starts from nothing, whatever this one left behind
                 if torch.device(args.device).type == "cuda":
                     torch.cuda.empty_cache()
     elif args.what == "trajectory":
