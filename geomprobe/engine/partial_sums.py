@@ -28,6 +28,8 @@ sent nothing).
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable, Iterator
 
 import torch
@@ -126,7 +128,9 @@ class PartialSums:
         self.expected = dict(expected)
         self.device = torch.device(device)
         self.spill = (self.device.type == "cuda") if spill is None else bool(spill)
-        self.done = done
+        # a bound method is held weakly: its owner (a pass) holds this object, and a strong reference back would
+        # be a cycle keeping the pass (and the vectors it views) alive until Python's garbage collector runs
+        self._done = weakref.WeakMethod(done) if inspect.ismethod(done) else (lambda: done)
         self.device_bytes = device_bytes
         self.io = io
         self._count: dict[int, int] = {}
@@ -144,7 +148,7 @@ class PartialSums:
         total = self._take(i, x)
         if n == self.expected.get(i, -1):
             self.completed += 1
-            self.done(i, x if total is None else total)
+            self._done()(i, x if total is None else total)
             return
         self._hold(i, x.clone() if total is None else total)
 
