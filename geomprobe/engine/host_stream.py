@@ -277,8 +277,15 @@ class HostVectors:
         or the model's device for metrics that keep their vectors there). Cost: ``k`` double backward passes
         per probe batch, ``d`` elements copied each way per pass when ``V`` is on the host, and about ``d`` more
         each way for the partial sums that wait in host memory."""
-        out = torch.zeros_like(V)
+        out = None
+        if V.device.type == "cpu" and self.io.pin:
+            try:  # page-locked (torch caches such blocks): complete sums are copied straight into it
+                out = torch.empty(V.shape, dtype=V.dtype, pin_memory=True)
+            except RuntimeError:
+                out = None
+        out = torch.empty_like(V) if out is None else out
         for x, y in zip(V, out):
+            y.zero_()
             x = self.io.input(x)  # page-locked (a reused buffer): each piece goes to the device asynchronously
             for b in range(len(self.land.batches)):
                 self._pass(b, x, y, fresh=b == 0)
