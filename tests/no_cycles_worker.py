@@ -6,7 +6,8 @@ gloo on CPU) outlives it: launched by torchrun,
 Each rank builds Landscapes of the float64 MLP of fsdp_problems.py on its own shard of the data, on each route
 (exact, exact with host vectors, exact with every graph rebuilt and a failure on rank 1 in a product, finite
 differences, and a build that fails on rank 1), uses, closes and drops them with Python's garbage collector
-off, and saves to ``OUT_DIR/rank{r}.json`` what remained allocated of what each allocated.
+off, runs a GeometryProbe probe likewise, and saves to ``OUT_DIR/rank{r}.json`` what remained allocated of
+what each allocated.
 """
 
 from __future__ import annotations
@@ -56,6 +57,11 @@ def _life(mesh, rank: int, options: dict, fail: str | None = None) -> dict:
         except gp.GeomprobeError as e:
             record["raised"] = type(e).__name__
         land.close()
+        land.close()  # twice: harmless
+        try:
+            land.hvp(V[0])
+        except gp.ConfigurationError as e:
+            record["after_close"] = str(e)
         return land
 
     run({})  # once before measuring: FSDP's lazy state and first-call caches are not the Landscape's
@@ -71,6 +77,50 @@ def _life(mesh, rank: int, options: dict, fail: str | None = None) -> dict:
         out["alive"] = allocations.alive()[:8]
         out["alive_bytes"] = allocations.alive_bytes()
         out["allocations"] = len(allocations._made)
+    return out
+
+
+def _probe_life(mesh, rank: int) -> dict:
+    """The second GeometryProbe probe of the FSDP2 MLP (spectrum; a sharded Landscape takes no warm start, so
+    the probe keeps no vector): whether its Landscapes are gone and which of the storages it allocated remain,
+    besides any warm start's vectors."""
+    import geomprobe as gp
+    from geomprobe.probe import geometry_probe
+
+    model, loss_fn, batches = sharded_case("mlp", mesh, rank)
+    X, y = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    built: list = []
+
+    def watched(*args, **kwargs):
+        land = gp.Landscape(*args, **kwargs)
+        built.append(weakref.ref(land))
+        return land
+
+    original, geometry_probe.Landscape = geometry_probe.Landscape, watched
+    try:
+        probe = gp.GeometryProbe(model, loss_fn, batches, metrics={"spectrum": {"tol": 1e-6}},
+                                 schedule=gp.every(1), hvp_method="autograd", progress=lambda event: None)
+        probe.attach(opt)  # probes step 0, cold
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        opt.step()  # probes step 1, warm
+        out: dict = {}
+        with collector_off():
+            allocations = Allocations()
+            with allocations:
+                record = probe.probe(2)
+            warm = probe.warm
+            kept = {t.untyped_storage().data_ptr() for t in (warm.top, warm.bottom) if t is not None}
+            out["errors"] = record.get("errors")
+            out["warm"] = record["spectrum"]["warm"]
+            out["landscapes_alive"] = sum(r() is not None for r in built)
+            out["alive_besides_warm"] = allocations.alive(besides=kept)
+            out["warm_kept"] = len(kept & allocations.alive_pointers())
+            out["allocations"] = len(allocations._made)
+        probe.close(final_probe=False)
+    finally:
+        geometry_probe.Landscape = original
     return out
 
 
@@ -90,6 +140,7 @@ def main(out_dir: str) -> None:
         "failing_build": ({"hvp_method": "autograd"}, "build"),
     }
     result = {name: _life(mesh, rank, options, fail) for name, (options, fail) in cases.items()}
+    result["probe"] = _probe_life(mesh, rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

@@ -56,9 +56,9 @@ class Allocations(TorchDispatchMode):
                     self._made.append((StorageWeakRef(s), s.nbytes(), str(func), s.data_ptr()))
         return out
 
-    def alive(self) -> list[tuple[int, str]]:
-        """(bytes, operation) of each storage allocated inside and not freed yet."""
-        return [(n, op) for ref, n, op, _ in self._made if not ref.expired()]
+    def alive(self, besides: set[int] | frozenset[int] = frozenset()) -> list[tuple[int, str]]:
+        """(bytes, operation) of each storage allocated inside and not freed yet, but for those at ``besides``."""
+        return [(n, op) for ref, n, op, ptr in self._made if not ref.expired() and ptr not in besides]
 
     def alive_pointers(self) -> set[int]:
         return {ptr for ref, _, _, ptr in self._made if not ref.expired()}
@@ -433,3 +433,16 @@ def test_a_sharded_landscape_frees_everything_without_the_collector(sharded_rank
         assert all("raised" in r[case] for r in sharded_ranks), "every rank raises when one fails"
     else:
         assert all("raised" not in r[case] for r in sharded_ranks)
+    if case != "failing_build":  # closed twice, then asked for a product: one clear message on every rank
+        assert all(r[case]["after_close"] == "this Landscape was closed; build a new one to measure again"
+                   for r in sharded_ranks)
+
+
+def test_a_sharded_probe_keeps_nothing(sharded_ranks):
+    """A GeometryProbe probe of the FSDP2 model: its Landscapes are gone and nothing it allocated remains (a
+    sharded spectrum takes no warm start, so no Ritz vector is kept either)."""
+    for rank, result in enumerate(sharded_ranks):
+        got = result["probe"]
+        assert got["errors"] is None and got["warm"] is False, (rank, got)
+        assert got["allocations"] > 100, (rank, got)
+        assert got["landscapes_alive"] == 0 and got["alive_besides_warm"] == [] and got["warm_kept"] == 0, (rank, got)
