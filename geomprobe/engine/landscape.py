@@ -9,7 +9,6 @@ vectors through ``is_grads_batched=True``, chunked to bound memory."""
 from __future__ import annotations
 
 import contextlib
-import inspect
 import math
 import re
 import warnings
@@ -489,15 +488,13 @@ class Landscape:
         self.forwards += n
 
     def close(self) -> None:
-        """Release what this Landscape holds for further products: the retained graphs, the results cached for
-        other metrics (:attr:`results`, vectors among them) and wrappers set on its methods (a probe's progress
-        and deadline). Afterwards an HVP raises :class:`~geomprobe.errors.ConfigurationError`; the loss, the
-        gradient, the counts and :meth:`info` remain. Closing twice is harmless. Nothing of the Landscape is
-        held in a reference cycle, so dropping the last reference frees the rest at once, closed or not."""
+        """Release the retained graphs, the results cached for other metrics (:attr:`results`) and wrappers set
+        on its methods (a probe's); an HVP then raises ConfigurationError, while loss, grad and :meth:`info`
+        remain. Closing twice is harmless. A Landscape is in no reference cycle: dropping it frees the rest."""
         self._graphs = [None] * len(getattr(self, "_graphs", ()))
-        getattr(self, "results", {}).clear()  # cleared in place: a metric may still hold the dict
+        getattr(self, "results", {}).clear()  # in place: a metric may still hold the dict
         cls = type(self)
-        for name in [k for k, v in vars(self).items() if callable(v) and inspect.isfunction(getattr(cls, k, None))]:
+        for name in [k for k, v in vars(self).items() if callable(v) and callable(getattr(cls, k, None))]:
             delattr(self, name)  # a wrapper closing over this Landscape would be a cycle
         self._closed = True
 
