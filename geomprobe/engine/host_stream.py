@@ -38,7 +38,9 @@ code as on CUDA, which is what lets CPU tests check this mode against the device
 
 from __future__ import annotations
 
+import inspect
 import itertools
+import weakref
 from collections.abc import Sequence
 from typing import Any, Self
 
@@ -86,9 +88,16 @@ class ParamHooks:
     the hook returns replaces that gradient."""
 
     def __init__(self, params: Sequence[torch.Tensor], fn: Any):
-        self.params, self.fn = list(params), fn
+        self.params = list(params)
+        # a bound method is held weakly: its owner holds this object, and a strong reference back would make a
+        # cycle that keeps the owner's roots (a whole graph) alive until Python's garbage collector runs
+        self._fn = weakref.WeakMethod(fn) if inspect.ismethod(fn) else (lambda: fn)
         self._handles: list = []
         self._had_none: list[bool] = []
+
+    @property
+    def fn(self) -> Any:
+        return self._fn()
 
     def __enter__(self) -> Self:
         for i, p in enumerate(self.params):
@@ -245,7 +254,9 @@ class HostVectors:
     gradient assembled on the host, and what the passes held (:attr:`stats`)."""
 
     def __init__(self, land: Any):
-        self.land = land
+        # the Landscape holds this object (land.host): a strong reference back would be a cycle keeping its
+        # graphs and vectors alive after the last user reference goes, until Python's garbage collector runs
+        self._land = weakref.ref(land)
         self.layout = HostLayout([p.shape for p in land.params], land.device)
         self.host = torch.device("cpu")
         self.io = HostIO(pin=land.device.type == "cuda")  # reused (page-locked) buffers of the copies
@@ -255,6 +266,14 @@ class HostVectors:
         self.spill_partials: bool | None = None
         self.stats = {"passes": 0, "peak_held_bytes": 0, "partials_spilled": 0, "partials_completed_early": 0,
                       "partials_peak_device_bytes": 0}
+
+    @property
+    def land(self) -> Any:
+        """The Landscape these vectors serve (held weakly: it owns them)."""
+        land = self._land()
+        if land is None:
+            raise ConfigurationError("the Landscape of these host vectors is gone; build a new Landscape to measure again")
+        return land
 
     # ------------------------------------------------------------------ build
     def new_grad(self) -> torch.Tensor:

@@ -488,8 +488,14 @@ class Landscape:
         self.forwards += n
 
     def close(self) -> None:
-        """Release the retained graphs (their memory); the Landscape cannot answer HVPs afterwards."""
-        self._graphs = [None] * len(self._graphs)
+        """Release the retained graphs, the results cached for other metrics (:attr:`results`) and wrappers set
+        on its methods (a probe's); an HVP then raises ConfigurationError, while loss, grad and :meth:`info`
+        remain. Closing twice is harmless. A Landscape is in no reference cycle: dropping it frees the rest."""
+        self._graphs = [None] * len(getattr(self, "_graphs", ()))
+        getattr(self, "results", {}).clear()  # in place: a metric may still hold the dict
+        cls = type(self)
+        for name in [k for k, v in vars(self).items() if callable(v) and callable(getattr(cls, k, None))]:
+            delattr(self, name)  # a wrapper closing over this Landscape would be a cycle
         self._closed = True
 
     def __enter__(self) -> Landscape:

@@ -86,7 +86,10 @@ class ExactBuild:
                 err = e
         if err is not None:
             self.reducer.report_failure()
-            raise err
+            try:
+                raise err
+            finally:
+                err = None  # a caught exception kept in a local and its traceback would be a cycle with this frame
         self.reducer.check_others()
         pieces = self.layout.split_local(self._grad)
         for i in range(len(self._full) - 1, -1, -1):
@@ -125,7 +128,10 @@ class ExactBuild:
                     err = e
             if err is not None:
                 self.reducer.report_failure()
-                raise err
+                try:
+                    raise err
+                finally:
+                    err = None  # no cycle of this frame and err's traceback (as above)
             self.reducer.check_others()
             with build:
                 if real:
@@ -144,7 +150,10 @@ class ExactBuild:
         stats["build_late_gradients"] = stats.get("build_late_gradients", 0) + build.late_gradients
         if err is not None:
             self.reducer.report_failure()
-            raise err
+            try:
+                raise err
+            finally:
+                err = None  # a caught exception kept in a local and its traceback would be a cycle with this frame
         self.reducer.check_others()
         if not real:
             return None, None, 0

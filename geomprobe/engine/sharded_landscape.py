@@ -85,6 +85,11 @@ from .sharded_stream import Root, StreamPass
 
 __all__ = ["ShardedLandscape"]
 
+# A caught exception kept in a local (``err = e``: the ranks agree on a failure before it is raised) is
+# cleared once raised ("err = None" in a finally): its traceback holds the frame and the frame holds it, a
+# reference cycle that only Python's garbage collector frees, and with it every tensor the frame held (a
+# graph's roots, a pass's vectors).
+
 
 class ShardedLandscape(ExactBuild, Landscape):
     """A :class:`~geomprobe.Landscape` of an FSDP2 model; see the module docstring. Built by ``Landscape(...)``,
@@ -352,9 +357,12 @@ class ShardedLandscape(ExactBuild, Landscape):
                         err, ok = e, False
                     bad = self.reducer.sum_int(int(not ok))
                     if bad:
-                        raise GeomprobeError(
-                            f"the loss failed or is not finite on {bad} of {world} ranks at probe pass {b}"
-                            + (f" (this rank: {type(err).__name__}: {err})" if err is not None else "")) from err
+                        try:
+                            raise GeomprobeError(
+                                f"the loss failed or is not finite on {bad} of {world} ranks at probe pass {b}"
+                                + (f" (this rank: {type(err).__name__}: {err})" if err is not None else "")) from err
+                        finally:
+                            err = None  # no cycle of this frame and err's traceback (top of module)
                     w = self.weights[i] if real else 0.0
                     # FSDP averages gradients over the ranks; the probe weights already make a sum
                     (loss * (w * world)).backward()
@@ -418,7 +426,10 @@ class ShardedLandscape(ExactBuild, Landscape):
                         self._stream_pass(p, x, y)
                     except Exception as e:  # noqa: BLE001 - the pass completed its collectives; agreed below
                         err = e
-                    self._agree_hvp(err)
+                    try:
+                        self._agree_hvp(err)
+                    finally:
+                        err = None  # no cycle of this frame and err's traceback (top of module)
             self.hvps += V.shape[0]
             return out[0] if single else out
         # whole blocks and finite differences work on the device; vectors kept in host memory go there and back
@@ -435,7 +446,10 @@ class ShardedLandscape(ExactBuild, Landscape):
         except Exception as e:  # noqa: BLE001 - every rank learns of it before the next collective
             err = e
         del Vd
-        self._agree_hvp(err)
+        try:
+            self._agree_hvp(err)
+        finally:
+            err = None  # no cycle of this frame and err's traceback (top of module)
         if full is not None:
             del full  # the gathered input is not needed for the reduce-scatter (a whole d-vector at 7B: 13 GB)
             out = self.layout.reduce_scatter(out)
@@ -477,7 +491,10 @@ class ShardedLandscape(ExactBuild, Landscape):
                 self._stream_backward(sp, [graph], retain)
         del graph
         if err is not None:
-            raise err
+            try:
+                raise err
+            finally:
+                err = None  # no cycle of this frame and err's traceback (top of module)
         stats = self.stream_stats
         stats["passes"] += 1
         stats["peak_held_bytes"] = max(stats["peak_held_bytes"], sp.peak_held_bytes)

@@ -117,6 +117,24 @@ _FUNNEL_NODES = frozenset({
 })
 
 
+def _funnel_of(node, acc: dict, memo: dict):
+    """(parameter index, the funnel nodes from ``node`` down) when ``node`` leads to a parameter's accumulator
+    (in ``acc``) through funnel nodes only, else None; memoized in ``memo``. A module-level function, not a
+    closure calling itself: such a closure is a reference cycle (function, cell) that would keep ``memo``'s
+    graph nodes alive until Python's garbage collector runs."""
+    if node in memo:
+        return memo[node]
+    found = None
+    if node in acc:
+        found = (acc[node], ())
+    elif type(node).__name__ in _FUNNEL_NODES:
+        below = [f for f, _ in node.next_functions if f is not None]
+        under = _funnel_of(below[0], acc, memo) if len(below) == 1 else None
+        found = None if under is None else (under[0], (node, *under[1]))
+    memo[node] = found
+    return found
+
+
 class _Held:
     """Bytes of pieces waiting in a pass (gathered ahead of use, outputs staged before their turn) and their peak."""
 
@@ -281,34 +299,21 @@ class StreamPass:
         autograd itself feeds that root, so its count is unknown)."""
         acc = {torch.autograd.graph.get_gradient_edge(leaf).node: i for i, leaf in enumerate(self.leaves)}
         funnel: dict = {}
-
-        def funnel_of(node):  # (parameter index, the funnel nodes from this one down) or None
-            if node in funnel:
-                return funnel[node]
-            found = None
-            if node in acc:
-                found = (acc[node], ())
-            elif type(node).__name__ in _FUNNEL_NODES:
-                below = [f for f, _ in node.next_functions if f is not None]
-                under = funnel_of(below[0]) if len(below) == 1 else None
-                found = None if under is None else (under[0], (node, *under[1]))
-            funnel[node] = found
-            return found
-
-        seen, stack, sites, uncounted = set(), list(roots), {}, set()
+        seen, stack, sites, uncounted, starts = set(), list(roots), {}, set(), set(roots)
         while stack:
             node = stack.pop()
             if node in seen:
                 continue
             seen.add(node)
-            if funnel_of(node) is not None:
-                if node in roots:
-                    uncounted.add(funnel_of(node)[0])
+            found = _funnel_of(node, acc, funnel)
+            if found is not None:
+                if node in starts:
+                    uncounted.add(found[0])
                 continue  # reached through its producers, which hand it nothing
             for k, (nxt, _) in enumerate(node.next_functions):
                 if nxt is None:
                     continue
-                f = funnel_of(nxt)
+                f = _funnel_of(nxt, acc, funnel)
                 if f is not None:
                     sites.setdefault(node, []).append((k, *f))
                 else:

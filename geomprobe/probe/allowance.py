@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterator
 
 from ..engine.autodiff.normdouble import compile_seconds
 from .schedule import Budget, Schedule, observe
+from .shadow import shadow
 
 __all__ = ["Deadline", "OverAllowance", "budgeted", "deadline_for", "note_cut", "settle", "watch"]
 
@@ -70,23 +71,25 @@ class Deadline:
         and before the first one the seconds since the probe began (the Landscape's build: a forward and a
         gradient with its graph, which an HVP costs about as much as, more when the memory plan rebuilds
         graphs)."""
-        inner = land.hvp
         self.per_vector = max(0.0, self.clock() - (self.at - self.allowance))
 
-        def hvp(v):
-            vectors = 1 if v.dim() == 1 else int(v.shape[0])
-            start, compiled = self.clock(), compile_seconds()
-            if not self.cut and start + self.per_vector * vectors > self.at:
-                self.cut = True
-            self.check()
-            out = inner(v)
-            # a product that compiled kernels on their first call costs that once: the next one will not
-            once = compile_seconds() - compiled
-            self.per_vector = max(0.0, self.clock() - start - once) / max(1, vectors)
-            self.check()
-            return out
+        def wrap(inner: Callable) -> Callable:
+            def hvp(v):
+                vectors = 1 if v.dim() == 1 else int(v.shape[0])
+                start, compiled = self.clock(), compile_seconds()
+                if not self.cut and start + self.per_vector * vectors > self.at:
+                    self.cut = True
+                self.check()
+                out = inner(v)
+                # a product that compiled kernels on their first call costs that once: the next one will not
+                once = compile_seconds() - compiled
+                self.per_vector = max(0.0, self.clock() - start - once) / max(1, vectors)
+                self.check()
+                return out
 
-        land.hvp = hvp
+            return hvp
+
+        shadow(land, "hvp", wrap)  # no reference back to the Landscape (shadow.py)
 
 
 def deadline_for(schedule: Schedule, now: float, clock: Callable[[], float], distributed: bool) -> Deadline | None:

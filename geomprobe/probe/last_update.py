@@ -33,11 +33,13 @@ class LastUpdate:
     def __init__(self, optimizer: torch.optim.Optimizer, params: list[torch.Tensor]):
         self.params = params
         self._before: list[torch.Tensor] | None = None
-        self._flat: tuple[Any, torch.Tensor | None] | None = None  # (Landscape ref, step): one flatten per probe
+        # Landscape -> its flat step: one flatten per probe, dropped with the Landscape (a d-vector that would
+        # otherwise stay through the next training step, until the next optimizer step)
+        self._flat: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._handle = optimizer.register_step_pre_hook(self._pre)
 
     def _pre(self, optimizer: Any, args: Any, kwargs: Any) -> None:
-        self._flat = None
+        self._flat.clear()
         with torch.no_grad():
             if self._before is None:
                 self._before = [p.detach().clone() for p in self.params]
@@ -48,13 +50,13 @@ class LastUpdate:
     def step_of(self, land: Any) -> torch.Tensor | None:
         """The last step as a flat vector of ``land``'s parameters, or None before the first step (or when the
         Landscape measures other parameters than those tracked)."""
-        if self._flat is not None and self._flat[0]() is land:
-            return self._flat[1]
+        if land in self._flat:
+            return self._flat[land]
         step = None
         if self._before is not None and len(land.params) == len(self.params) and all(
                 a is b for a, b in zip(land.params, self.params)):
             step = land.space.flatten([p.detach() - b for p, b in zip(self.params, self._before)])
-        self._flat = (weakref.ref(land), step)  # released with the step at the next optimizer step
+        self._flat[land] = step  # released with the Landscape, or at the next optimizer step
         return step
 
     def remove(self) -> None:

@@ -27,6 +27,7 @@ from ..errors import ConfigurationError
 from ..metrics import registry
 from ..metrics.registry import PlanContext
 from .metric_order import planned_sharing
+from .shadow import shadow
 
 __all__ = ["ProgressEvent", "LineReporter", "ProbeProgress", "count_hvps", "plan_probe", "planned_text",
            "resolve_progress"]
@@ -108,14 +109,15 @@ def count_hvps(land: Any, on_hvps: Callable[[int], None]) -> None:
     The Landscape's method is shadowed by an instance attribute for the Landscape's remaining life (a probe
     builds one per probe); the products themselves are unchanged.
     """
-    inner = land.hvp
+    def wrap(inner: Callable) -> Callable:
+        def hvp(v):
+            out = inner(v)
+            on_hvps(1 if v.dim() == 1 else int(v.shape[0]))
+            return out
 
-    def hvp(v):
-        out = inner(v)
-        on_hvps(1 if v.dim() == 1 else int(v.shape[0]))
-        return out
+        return hvp
 
-    land.hvp = hvp
+    shadow(land, "hvp", wrap)  # no reference back to the Landscape: nothing of it outlives the probe
 
 
 def _forwards_text(done: int, planned: int | None) -> str:
@@ -180,15 +182,17 @@ class ProbeProgress:
         """Follow ``land``'s HVPs (:func:`count_hvps`) and forward passes at other parameters from now on."""
         count_hvps(land, self.advance)
         self._batches = max(1, len(getattr(land, "batches", ())) or self._planned_batches)
-        inner = getattr(land, "note_forwards", None)
-        if inner is None:
+        if getattr(land, "note_forwards", None) is None:
             return
 
-        def note_forwards(n: int) -> None:
-            inner(n)
-            self.advance_forwards(n)
+        def wrap(inner: Callable) -> Callable:
+            def note_forwards(n: int) -> None:
+                inner(n)
+                self.advance_forwards(n)
 
-        land.note_forwards = note_forwards
+            return note_forwards
+
+        shadow(land, "note_forwards", wrap)
 
     def callback(self, event: ProgressEvent) -> None:
         # a probe never kills training: a failing progress callback is dropped for the rest of this probe
