@@ -141,3 +141,30 @@ def test_host_hvps_with_waiting_sums_equal_device_hvps(name, device_bytes):
         assert st["partials_spilled"] == 0 and st["partials_peak_device_bytes"] > 0
     else:
         assert st["partials_peak_device_bytes"] <= device_bytes
+
+
+def test_a_pass_is_freed_without_the_garbage_collector():
+    import gc
+    import weakref
+
+    model, loss, batches, mode = make_case("tanh_mlp")
+    host = gp.Landscape(model, loss, batches, mode=mode, graph_budget_bytes=1, vector_device="cpu")
+    host.host.direct, host.host.spill_partials = False, True
+    seen = []
+    from geomprobe.engine import host_stream
+
+    real_init = host_stream.HostStreamPass.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        seen.append(weakref.ref(self))
+
+    host_stream.HostStreamPass.__init__ = init
+    gc.disable()
+    try:
+        out = host.hvp(_vectors(host, 1)[0])
+        assert seen and all(r() is None for r in seen)  # no cycle (pass -> sums -> bound method -> pass) keeps it
+    finally:
+        gc.enable()
+        host_stream.HostStreamPass.__init__ = real_init
+    assert out.shape == (host.dim,)
