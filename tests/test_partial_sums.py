@@ -168,3 +168,14 @@ def test_a_pass_is_freed_without_the_garbage_collector():
         gc.enable()
         host_stream.HostStreamPass.__init__ = real_init
     assert out.shape == (host.dim,)
+
+
+def test_close_releases_the_host_buffers():
+    model, loss, batches, mode = make_case("tanh_mlp")
+    host = gp.Landscape(model, loss, batches, mode=mode, graph_budget_bytes=1, vector_device="cpu")
+    host.host.direct, host.host.spill_partials = False, True
+    host.hvp(_vectors(host, 1)[0])
+    io = host.host.io
+    assert io.nbytes() > 0  # the spilled sums' buffers, kept for the next product
+    host.close()
+    assert io.nbytes() == 0

@@ -31,6 +31,7 @@ from .doublecheck import (
     no_double_backward,
     refuse_cut,
 )
+from .finite_difference import fd_hvp, fd_step
 from .host_stream import host_mode, resolve_vector_device, vectors_record
 from .landscape_plan import plan_within
 from .loss import loss_reduction, resolve_loss_form
@@ -374,7 +375,7 @@ class Landscape:
             v = torch.randn(self.dim, generator=gen, dtype=torch.float64)
             v = (v / v.norm()).to(device=self.device, dtype=self.dtype)
             hv = self.reducer.sum_(self._hvp_chunk(v[None]))[0]
-            found = cut_discrepancy(hv, lambda e, v=v: self.reducer.sum_(self._fd_hvp(v, e)), self._fd_step(v), tol, blocks)
+            found = cut_discrepancy(hv, lambda e, v=v: self.reducer.sum_(fd_hvp(self, v, e)), fd_step(self, v), tol, blocks)
             if found.consistent:
                 refuse_cut(found, self.custom_functions)
             if not found.relative > tol:
@@ -496,6 +497,8 @@ class Landscape:
         cls = type(self)
         for name in [k for k, v in vars(self).items() if callable(v) and callable(getattr(cls, k, None))]:
             delattr(self, name)  # a wrapper closing over this Landscape would be a cycle
+        if getattr(self, "host", None) is not None:
+            self.host.io.clear()  # the host mode's page-locked buffers
         self._closed = True
 
     def __enter__(self) -> Landscape:
@@ -518,7 +521,7 @@ class Landscape:
         if self.host is not None:
             return self.host.hvp_rows(V)
         if self.hvp_method == "finite-difference":
-            return torch.stack([self._fd_hvp(v) for v in V])
+            return torch.stack([fd_hvp(self, v) for v in V])
         acc = None  # the first batch's product, fresh from autograd, accumulates the others in place
         for b in range(len(self.batches)):
             grads = self._graphs[b]
@@ -570,36 +573,3 @@ class Landscape:
             return torch.zeros_like(V)
         flat = self.space.flatten(res, batch_dims=1 if batched else 0)
         return flat.reshape(V.shape)
-
-    def _full_grad(self) -> torch.Tensor:
-        g = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        for b in range(len(self.batches)):
-            grads = self._graph(b, False)[0]
-            g += self.space.flatten([x.detach() if x is not None else None for x in grads])
-        return g
-
-    def _fd_step(self, v: torch.Tensor) -> float:
-        """The central difference's step: balances truncation O(eps^2) against rounding O(u/eps)."""
-        w = torch.cat([p.detach().reshape(-1) for p in self.params])
-        return self.fd_eps or (torch.finfo(self.dtype).eps ** (1 / 3)) * (1.0 + float(w.norm())) / float(v.norm())
-
-    def _fd_hvp(self, v: torch.Tensor, eps: float | None = None) -> torch.Tensor:
-        if float(v.norm()) == 0.0:
-            return torch.zeros_like(v)
-        eps = eps or self._fd_step(v)
-        saved = [p.detach().clone() for p in self.params]
-        try:
-            with torch.no_grad():
-                for p, dv in zip(self.params, self.space.split(v)):
-                    p.add_(dv, alpha=eps)
-            g_plus = self._full_grad()
-            with torch.no_grad():
-                for p, dv in zip(self.params, self.space.split(v)):
-                    p.add_(dv, alpha=-2 * eps)
-            g_minus = self._full_grad()
-        finally:
-            with torch.no_grad():
-                for p, s in zip(self.params, saved):
-                    p.copy_(s)
-            self._versions = [p._version for p in self.params]
-        return (g_plus - g_minus) / (2 * eps)
