@@ -31,6 +31,7 @@ values are exact in float32.
 
 from __future__ import annotations
 
+import itertools
 import threading
 from collections.abc import Sequence
 
@@ -125,21 +126,6 @@ def _find_row(groups: Sequence[torch.Tensor], v: torch.Tensor) -> tuple[int, int
     return None
 
 
-class _Rows:
-    """The rows of one chunk's columns, group by group, loaded on first use into one scratch (one group at a
-    time: the passes visit each group once per chunk, the group of the three-term vectors first)."""
-
-    def __init__(self, groups: Sequence[torch.Tensor], a: int, b: int, acc: torch.dtype):
-        self.groups, self.a, self.b, self.acc = groups, a, b, acc
-        self.g: int | None = None
-        self.loaded: torch.Tensor | None = None
-
-    def __getitem__(self, g: int) -> torch.Tensor:
-        if g != self.g:
-            self.g, self.loaded = g, _load(self.groups[g][:, self.a : self.b], "rows", self.acc)
-        return self.loaded
-
-
 def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
                  pre: Sequence[tuple[torch.Tensor, float]] = (), sub: torch.Tensor | None = None,
                  dots: bool = False, norm: bool = False, width: int | None = None,
@@ -161,7 +147,7 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
     per chunk (tests: chunks that do not divide d). Error: see the module docstring; the update adds one
     float32 (float64) rounding per term before the one rounding to ``w``'s type.
     """
-    if not is_host(w, *groups, *(v for v, _ in pre)):
+    if w.device.type != "cpu" or any(G.device.type != "cpu" for G in groups):
         raise ValueError("lanczos_pass takes host (CPU) tensors only")
     if sub is not None and dots and len(groups) > 1:
         raise ValueError("sub together with dots needs a single row group (apply every group's update first)")
@@ -169,7 +155,7 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
     d = w.shape[0]
     sizes = [G.shape[0] for G in groups]
     n = sum(sizes)
-    starts = [sum(sizes[:g]) for g in range(len(groups))]
+    starts = list(itertools.accumulate(sizes, initial=0))
     where = [_find_row(groups, v) for v, _ in pre]
     # the group holding a pre vector is loaded first, so the three-term step reads it with the rest
     home = next((p[0] for p in where if p is not None), None)
@@ -187,26 +173,40 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
         a, b = ci * cols, min(d, (ci + 1) * cols)
         wc = w[a:b]
         wf = _load(wc, "w", acc)
-        rows = _Rows(groups, a, b, acc)
+        # one group's rows of this chunk in scratch at a time, loaded on first use: every group is visited
+        # once per step of the chunk, the group of the three-term vectors first
+        loaded_g, rows = None, None
         for k, ((v, coef), pos) in enumerate(zip(pre, where)):
             if coef == 0.0:
                 continue
-            vf = rows[pos[0]][pos[1]] if pos is not None and pos[0] == home else _load(v[a:b], f"pre{k}", acc)
+            if pos is not None and pos[0] == home:
+                if loaded_g != home:
+                    loaded_g, rows = home, _load(groups[home][:, a:b], "rows", acc)
+                vf = rows[pos[1]]
+            else:
+                vf = _load(v[a:b], f"pre{k}", acc)
             wf.sub_(vf, alpha=coef)
         if sub_acc is not None:
             for g in order:
-                wf.addmv_(rows[g].T, sub_acc[starts[g] : starts[g] + sizes[g]], alpha=-1)
+                if loaded_g != g:
+                    loaded_g, rows = g, _load(groups[g][:, a:b], "rows", acc)
+                wf.addmv_(rows.T, sub_acc[starts[g] : starts[g + 1]], alpha=-1)
         if update and wf is not wc:
             wc.copy_(wf)  # the one rounding to w's type
             if dots or norm:
                 wf.copy_(wc)  # the products are those of the stored vector
         if dots:
             for g in order:
-                torch.mv(rows[g], wf, out=dot_parts[ci, starts[g] : starts[g] + sizes[g]])
+                if loaded_g != g:
+                    loaded_g, rows = g, _load(groups[g][:, a:b], "rows", acc)
+                torch.mv(rows, wf, out=dot_parts[ci, starts[g] : starts[g + 1]])
         if norm:
             torch.dot(wf, wf, out=norm_parts[ci])
-    out_dots = dot_parts.to(torch.float64).sum(0) if dots else None
-    out_norm = norm_parts.to(torch.float64).sum() if norm else None
+    out_dots = out_norm = None
+    if dots:
+        out_dots = dot_parts[0].to(torch.float64) if chunks == 1 else dot_parts.to(torch.float64).sum(0)
+    if norm:
+        out_norm = norm_parts[0].to(torch.float64) if chunks == 1 else norm_parts.to(torch.float64).sum()
     return out_dots, out_norm
 
 
