@@ -172,6 +172,8 @@ def run(d: int, dtype: torch.dtype, diag: torch.Tensor, steps: int, max_basis: i
         "max_basis": max_basis, "steps": n, "restarts": r.restarts, "basis_peak": r.basis_peak,
         "seconds_per_step": (wall - mv.seconds) / n, "matvec_seconds_per_step": mv.seconds / n,
         "page_faults_per_step": (faults - mv.faults) / n, "matvec_page_faults_per_step": mv.faults / n,
+        # the basis's first touch (its rows are written once each) against what the steps add beyond it
+        "basis_page_faults_per_step": r.basis_peak * d * diag.new_empty(0, dtype=dtype).element_size() / 4096 / n,
         "top": top, "top_bounds": top_b, "bottom": bottom, "bottom_bounds": bottom_b,
         "functions": linalg_functions(stats, n), "torch_ops": torch_ops(stats, n),
     }
@@ -190,7 +192,8 @@ def table(result: dict) -> str:
             cap = "no cap" if r["max_basis"] is None else f"max_basis {r['max_basis']}"
             lines.append(f"  Lanczos ({cap}, {r['steps']} steps, {r['restarts']} restarts): "
                          f"{r['seconds_per_step']:.3f} s/step outside the matvec (matvec {r['matvec_seconds_per_step']:.3f}), "
-                         f"{r['page_faults_per_step']:.0f} page faults/step; top {r['top'][0]:.6f}")
+                         f"{r['page_faults_per_step']:.0f} page faults/step ({r['basis_page_faults_per_step']:.0f} the basis's first "
+                         f"touch); top {r['top'][0]:.6f}")
             for f in r["functions"][:8]:
                 lines.append(f"    {f['function']:<40} {f['seconds_per_step']:>8.3f} s/step {f['calls_per_step']:>8.1f} calls")
     return "\n".join(lines)
@@ -208,14 +211,23 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--skip-kernels", action="store_true")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--reuse-output", action="store_true", help="the matvec writes into one buffer")
+    ap.add_argument("--chunk-elements", type=float, default=None,
+                    help="host_arith.HOST_CHUNK_ELEMENTS (float32 scratch per chunk; to tune it on a host)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     if a.threads is not None:
         torch.set_num_threads(a.threads)
     d = int(a.dim)
+    if a.chunk_elements is not None:
+        try:
+            from geomprobe.linalg import host_arith
+        except ImportError:  # the code before the chunked host passes has no such setting
+            ap.error("--chunk-elements needs geomprobe.linalg.host_arith")
+        host_arith.HOST_CHUNK_ELEMENTS = int(a.chunk_elements)
     if d < 16 or a.max_basis < 5 or a.steps < 1:
         ap.error("need --dim >= 16, --max-basis >= 5 (k=1 at both ends), --steps >= 1")
-    result = {"environment": environment("cpu"), "threads": torch.get_num_threads(), "dim": d, "cases": []}
+    result = {"environment": environment("cpu"), "threads": torch.get_num_threads(), "dim": d,
+              "chunk_elements": a.chunk_elements, "cases": []}
     diag = spectrum(d)
     for name in a.dtypes.split(","):
         dtype = DTYPES[name]

@@ -295,3 +295,20 @@ def test_host_passes_allocate_nothing_of_the_vectors_length(monkeypatch):
     basis_and_start = {6 * d * 2, d * 2}  # the basis block and the start vector are the run's own storage
     big = [e.cpu_memory_usage for e in p.events() if e.cpu_memory_usage >= d and e.cpu_memory_usage not in basis_and_start]
     assert big == []
+
+
+def test_a_sharded_draw_by_threads_equals_the_serial_draw(monkeypatch):
+    # the pieces of a sharded random vector drawn by a pool of threads: the serial draw's values, for ranges
+    # that split pieces, share pieces between neighbouring ranges and end mid-piece
+    from geomprobe.linalg import space as S
+
+    monkeypatch.setattr(S, "RANDOM_CHUNK", 1000)
+    monkeypatch.setattr(S, "_SERIAL_COPY", 300)
+    space = S.ShardedSpace(50_000, [(5, 700), (701, 2500), (2500, 2501), (9_000, 31_234)])
+    drawn = []
+    for threads in (1, 3):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        drawn.append(space.gaussian(V.default_generator(4), torch.bfloat16))
+    assert torch.equal(drawn[0], drawn[1]) and drawn[0].shape == (space.local_dim,)
+    whole = S.ShardedSpace(50_000, [(0, 50_000)]).gaussian(V.default_generator(4), torch.bfloat16)
+    assert torch.equal(drawn[1], torch.cat([whole[5:700], whole[701:2501], whole[9_000:31_234]]))
