@@ -136,14 +136,14 @@ class Matvec:
         return w
 
 
-def linalg_functions(stats: pstats.Stats, steps: int) -> list[dict]:
+def linalg_functions(stats: pstats.Stats, steps: int, top: int = 20) -> list[dict]:
     rows = []
     for (path, _line, name), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():
         if f"geomprobe{os.sep}linalg" in path:
             rows.append({"function": f"{os.path.basename(path)[:-3]}.{name}", "calls_per_step": ncalls / steps,
                          "seconds_per_step": cumtime / steps, "own_seconds_per_step": tottime / steps})
     rows.sort(key=lambda r: -r["seconds_per_step"])
-    return rows
+    return rows[:top]
 
 
 def torch_ops(stats: pstats.Stats, steps: int, top: int = 8) -> list[dict]:
