@@ -22,6 +22,14 @@ DTYPES = [torch.bfloat16, torch.float16, torch.float32, torch.float64]
 D = 1001  # a prime number of columns: no chunk width below divides it
 
 
+@pytest.fixture(params=["matrix-vector", "elementwise"])
+def products(request, monkeypatch):
+    """Both forms of a chunk's products: BLAS matrix-vector products (one or two threads) and the elementwise
+    products with row sums that every thread shares (forced here whatever the thread count)."""
+    monkeypatch.setattr(HA, "PARALLEL_PRODUCTS_FROM_THREADS", 10**6 if request.param == "matrix-vector" else 1)
+    return request.param
+
+
 def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
@@ -39,7 +47,7 @@ def dot_bound(B: torch.Tensor, w: torch.Tensor, width: int) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 40])
 @pytest.mark.parametrize("width", [77, 1000, None])
-def test_dots_and_norms_equal_the_float64_reference(dtype, rows, width):
+def test_dots_and_norms_equal_the_float64_reference(dtype, rows, width, products):
     B, w = data(rows, dtype, seed=rows)
     got = HA.host_dots(B, w, width=width)
     ref = B.double() @ w.double()
@@ -54,7 +62,7 @@ def test_dots_and_norms_equal_the_float64_reference(dtype, rows, width):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rows", [1, 2, 6, 17])
 @pytest.mark.parametrize("width", [64, 333, None])
-def test_sub_rows_rounds_once_from_the_float_accumulation(dtype, rows, width):
+def test_sub_rows_rounds_once_from_the_float_accumulation(dtype, rows, width, products):
     B, w = data(rows, dtype, seed=10 + rows)
     c = torch.randn(rows, generator=gen(rows), dtype=torch.float64)
     ref = w.double() - c @ B.double()
@@ -89,7 +97,7 @@ def test_the_public_kernels_take_the_host_path_for_half_types(dtype, monkeypatch
     assert torch.equal(out, HA.host_sub(w.clone(), c, B))
 
 
-def test_empty_and_one_row_bases():
+def test_empty_and_one_row_bases(products):
     for dtype in DTYPES:
         B, w = data(3, dtype)
         assert HA.host_dots(B[:0], w).shape == (0,)
@@ -115,7 +123,7 @@ def test_strided_rows_and_rows_past_the_32_bit_leading_dimension(monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_fused_pass_equals_its_steps(dtype):
+def test_the_fused_pass_equals_its_steps(dtype, products):
     # three-term step, then the products of the stored (rounded) vector and its norm, from one pass; the same
     # with the second three-term vector in another group (read on its own)
     B, w = data(6, dtype, seed=5)
@@ -136,7 +144,7 @@ def test_the_fused_pass_equals_its_steps(dtype):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
-def test_rotation_in_place_and_ritz_vectors(dtype):
+def test_rotation_in_place_and_ritz_vectors(dtype, products):
     g = gen(9)
     basis = LanczosBasis(D, dtype, "cpu", capacity=20)
     assert basis.on_host
@@ -220,7 +228,7 @@ def _step_pair(dtype, prev_given, repass=False):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("prev_given", [True, False])
-def test_the_fused_step_equals_the_generic_step(dtype, prev_given, monkeypatch):
+def test_the_fused_step_equals_the_generic_step(dtype, prev_given, monkeypatch, products):
     # CGS2 and the three-term step, and the DGKS repass; the coefficients and beta as the unfused step gives
     # them, to the accumulation's rounding (float64: to FLOAT64_EXACT)
     monkeypatch.setattr(HA, "HOST_CHUNK_ELEMENTS", 700)
@@ -243,7 +251,7 @@ def test_the_fused_step_equals_the_generic_step(dtype, prev_given, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("max_basis", [8, None])
-def test_host_lanczos_on_a_known_spectrum_as_before(dtype, max_basis, monkeypatch):
+def test_host_lanczos_on_a_known_spectrum_as_before(dtype, max_basis, monkeypatch, products):
     # a diagonal with outliers at both ends and a bulk: the host run (chunks that do not divide d) finds the
     # extremes within its bounds (plus the matvec's own rounding) and agrees with the unfused step's run
     monkeypatch.setattr(HA, "HOST_CHUNK_ELEMENTS", 4096)

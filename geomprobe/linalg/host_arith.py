@@ -15,8 +15,11 @@ step's arithmetic runs on the CPU. The generic torch forms of that arithmetic ar
 Here every pass walks the columns in chunks: a chunk of each half-precision row is converted into a float32
 scratch buffer that lives as long as the thread (:data:`HOST_CHUNK_ELEMENTS` elements for the rows, so the
 chunk stays in cache while it is used; float32 and float64 rows are used in place), the products are
-float32 matrix-vector products over the chunk (multi-threaded BLAS, float64 for float64 vectors), the updated
-chunk is rounded once back to the vector's type, and the partial sums of the chunks are added in float64.
+float32 (float64 for float64 vectors) matrix-vector products over the chunk on one or two threads and
+elementwise products with row sums, which every torch thread shares, from
+:data:`PARALLEL_PRODUCTS_FROM_THREADS` threads on (the matrix-vector products ran on one thread only), the
+updated chunk is rounded once back to the vector's type, and the partial sums of the chunks are added in
+float64.
 A Lanczos step's passes are fused (:func:`lanczos_pass`): the three-term step, the Gram-Schmidt
 coefficients and the norm before the update come from one read of the basis, the update and the norm after it
 from a second.
@@ -38,7 +41,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
-    "HOST_CHUNK_ELEMENTS", "columns", "host_dots", "host_norm_sq", "host_rotate", "host_sub", "is_host",
+    "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "columns", "host_dots", "host_norm_sq", "host_rotate", "host_sub", "is_host",
     "lanczos_pass", "row_groups",
 ]
 
@@ -56,6 +59,13 @@ MIN_COLUMNS = 1 << 15
 GROUP_ROWS = 16
 # BLAS sizes are 32-bit: rows farther apart than this go through the scratch even when already float32
 LD_LIMIT = 2**31 - 1
+# From this many torch threads on, a chunk's products are elementwise torch operations (a product into scratch
+# and a row sum for the dots, one scaled row at a time for the update), which run on every thread, instead of
+# the matrix-vector products, which ran on one thread whatever the setting (a (6, 299593) float32 chunk in
+# cache, benchmarks/RESULTS.md §6: torch.mv 134 us at one thread and 136 at two; the product and sum 395 and
+# 161 us; addmv_ 115 and 114 us, the row updates 194 and 119 us). On one or two threads the matrix-vector
+# products stay the faster.
+PARALLEL_PRODUCTS_FROM_THREADS = 3
 
 
 def is_host(*tensors: torch.Tensor) -> bool:
@@ -169,6 +179,10 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
     norm_parts = torch.empty(chunks, dtype=acc) if norm else None
     sub_acc = None if sub is None else sub.to(dtype=acc)
     update = bool(pre) or sub is not None
+    parallel = torch.get_num_threads() >= PARALLEL_PRODUCTS_FROM_THREADS
+    sub_lists = None
+    if parallel and sub_acc is not None:
+        sub_lists = [sub_acc[starts[g] : starts[g + 1]].tolist() for g in range(len(groups))]
     for ci in range(chunks):
         a, b = ci * cols, min(d, (ci + 1) * cols)
         wc = w[a:b]
@@ -190,7 +204,11 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
             for g in order:
                 if loaded_g != g:
                     loaded_g, rows = g, _load(groups[g][:, a:b], "rows", acc)
-                wf.addmv_(rows.T, sub_acc[starts[g] : starts[g + 1]], alpha=-1)
+                if parallel:
+                    for i, coef in enumerate(sub_lists[g]):
+                        wf.add_(rows[i], alpha=-coef)
+                else:
+                    wf.addmv_(rows.T, sub_acc[starts[g] : starts[g + 1]], alpha=-1)
         if update and wf is not wc:
             wc.copy_(wf)  # the one rounding to w's type
             if dots or norm:
@@ -199,7 +217,11 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
             for g in order:
                 if loaded_g != g:
                     loaded_g, rows = g, _load(groups[g][:, a:b], "rows", acc)
-                torch.mv(rows, wf, out=dot_parts[ci, starts[g] : starts[g + 1]])
+                out = dot_parts[ci, starts[g] : starts[g + 1]]
+                if parallel:
+                    torch.sum(torch.mul(rows, wf, out=_SCRATCH.get("prod", acc, tuple(rows.shape))), 1, out=out)
+                else:
+                    torch.mv(rows, wf, out=out)
         if norm:
             torch.dot(wf, wf, out=norm_parts[ci])
     out_dots = out_norm = None
