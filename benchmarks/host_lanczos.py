@@ -191,11 +191,12 @@ def table(result: dict) -> str:
         for r in case["runs"]:
             cap = "no cap" if r["max_basis"] is None else f"max_basis {r['max_basis']}"
             lines.append(f"  Lanczos ({cap}, {r['steps']} steps, {r['restarts']} restarts): "
-                         f"{r['seconds_per_step']:.3f} s/step outside the matvec (matvec {r['matvec_seconds_per_step']:.3f}), "
-                         f"{r['page_faults_per_step']:.0f} page faults/step ({r['basis_page_faults_per_step']:.0f} the basis's first "
-                         f"touch); top {r['top'][0]:.6f}")
+                         f"{r['seconds_per_step']:.3f} s/step outside the matvec "
+                         f"(matvec {r['matvec_seconds_per_step']:.3f}), {r['page_faults_per_step']:.0f} page faults/step "
+                         f"({r['basis_page_faults_per_step']:.0f} the basis's first touch); top {r['top'][0]:.6f}")
             for f in r["functions"][:8]:
-                lines.append(f"    {f['function']:<40} {f['seconds_per_step']:>8.3f} s/step {f['calls_per_step']:>8.1f} calls")
+                lines.append(f"    {f['function']:<40} {f['seconds_per_step']:>8.3f} s/step "
+                             f"{f['calls_per_step']:>8.1f} calls")
     return "\n".join(lines)
 
 
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> dict:
     for name in a.dtypes.split(","):
         dtype = DTYPES[name]
         case = {"dtype": name, "dim": d, "floor": floor(d, dtype, a.repeats)}
-        case["kernels"] = [] if a.skip_kernels else kernels(d, dtype, [1, a.max_basis], a.repeats, case["floor"]["GBps"])
+        case["kernels"] = [] if a.skip_kernels else kernels(d, dtype, [1, a.max_basis], a.repeats,
+                                                            case["floor"]["GBps"])
         case["runs"] = [run(d, dtype, diag, a.steps, a.max_basis, a.reuse_output)]
         if not a.skip_unbounded:
             case["runs"].append(run(d, dtype, diag, a.unbounded_steps, None, a.reuse_output))

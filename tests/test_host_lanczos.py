@@ -219,7 +219,8 @@ def _step_pair(dtype, prev_given, repass=False):
             KB_forced = KB.forced_kernels
             KB.forced_kernels = lambda: True
         try:
-            out.append(krylov_step(lambda v, hv=hv: hv.clone(), basis, cur, d, dtype, 1, prev, 0.5 if prev_given else 0.0))
+            beta_prev = 0.5 if prev_given else 0.0
+            out.append(krylov_step(lambda v, hv=hv: hv.clone(), basis, cur, d, dtype, 1, prev, beta_prev))
         finally:
             if not fused:
                 KB.forced_kernels = KB_forced
@@ -301,7 +302,8 @@ def test_host_passes_allocate_nothing_of_the_vectors_length(monkeypatch):
         lanczos(mv, d, k=1, tol=1e-12, max_iter=12, dtype=torch.bfloat16, device="cpu", max_basis=6,
                 generator=gen(1))
     basis_and_start = {6 * d * 2, d * 2}  # the basis block and the start vector are the run's own storage
-    big = [e.cpu_memory_usage for e in p.events() if e.cpu_memory_usage >= d and e.cpu_memory_usage not in basis_and_start]
+    big = [e.cpu_memory_usage for e in p.events()
+           if e.cpu_memory_usage >= d and e.cpu_memory_usage not in basis_and_start]
     assert big == []
 
 

@@ -41,11 +41,9 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
-    "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "columns", "host_dots", "host_norm_sq", "host_rotate", "host_sub", "is_host",
-    "lanczos_pass", "row_groups",
+    "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "columns", "host_dots", "host_norm_sq", "host_rotate",
+    "host_sub", "is_host", "lanczos_pass", "row_groups",
 ]
-
-HALF_TYPES = (torch.float16, torch.bfloat16)
 
 # float32 elements of row scratch per chunk (8 MB): large enough that a chunk's few operations cost little
 # Python next to the bytes they move (about 10 us each against ~0.2 ms of memory traffic at 40 GB/s), small

@@ -21,7 +21,8 @@ from .segmented import segment_count, segmented_dots, segmented_sub
 
 __all__ = [
     "Matvec", "accumulation_dtype", "all_finite", "apply_rows", "check_dim", "default_generator", "device_generator",
-    "forced_kernels", "gaussian", "rademacher", "row_dots", "scratch_columns", "sub_rows", "sub_rows_kernel", "vector_norm",
+    "forced_kernels", "gaussian", "rademacher", "row_dots", "scratch_columns", "sub_rows", "sub_rows_kernel",
+    "vector_norm",
 ]
 
 
