@@ -101,16 +101,17 @@ def test_bounds_cover_the_truth_over_many_seeds():
 
 
 def test_stored_vectors_never_exceed_the_cap(monkeypatch):
-    # counted independently of the kernel's own report: rows allocated and rows filled after every append
+    # counted independently of the kernel's own report: rows allocated and rows filled after every row stored
+    # (``_next_row`` hands out every stored row: a plain append's and a host basis's normalized one)
     seen = []
-    orig = krylov_basis.LanczosBasis.append
+    orig = krylov_basis.LanczosBasis._next_row
 
-    def counting_append(self, v):
-        out = orig(self, v)
+    def counting_next_row(self):
+        out = orig(self)
         seen.append((self.n, sum(b.shape[0] for b in self.blocks)))
         return out
 
-    monkeypatch.setattr(krylov_basis.LanczosBasis, "append", counting_append)
+    monkeypatch.setattr(krylov_basis.LanczosBasis, "_next_row", counting_next_row)
     A = sym_with_spectrum(SPECTRA["dense_edges"], seed=6)
     for cap in (5, 11, 16, 21, 40):
         seen.clear()

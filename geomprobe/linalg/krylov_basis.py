@@ -9,6 +9,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import ConfigurationError
+from .host_arith import host_rotate, lanczos_pass, row_groups
 from .space import VectorSpace
 from .vectors import (
     HALF_CHUNK_ELEMENTS,
@@ -16,6 +17,7 @@ from .vectors import (
     accumulation_dtype,
     check_dim,
     default_generator,
+    forced_kernels,
     gaussian,
     row_dots,
     scratch_columns,
@@ -75,6 +77,8 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         # w is updated in place below and, offloaded, becomes the next input: it must not be the matvec's
         # input, the basis, or a buffer the matvec writes again
         w = w.clone()
+    if basis.on_host and not forced_kernels():
+        return _host_step(w, basis, cur, prev, beta_prev, step)
     if prev is None:
         w, coeffs = basis.reorthogonalize(w, passes=2)
         before = None
@@ -98,6 +102,55 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         coeffs = coeffs + c2.cpu().double()
         beta_h = float(space.norm(w))
     return w, coeffs, beta_h
+
+
+def _finite_or_raise(t: torch.Tensor, step: int) -> None:
+    if not bool(torch.isfinite(t).all()):
+        raise FloatingPointError(f"the matvec returned non-finite values at Lanczos step {step}")
+
+
+def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: torch.Tensor | None,
+               beta_prev: float, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`krylov_step` after the matvec, for a basis and vectors in host memory: the same arithmetic in
+    fused chunked passes (:func:`.host_arith.lanczos_pass`), so the basis is read as often as the
+    algorithm needs and ``w`` is never copied.
+
+    Three-term step (``prev`` given): ``alpha = v^T w`` (a read of ``v`` and ``w``), then one pass forming
+    ``w - beta_prev prev - alpha v`` with the Gram-Schmidt coefficients and its norm (one read of the basis,
+    ``prev`` and ``v`` among it), then one pass applying the coefficients with the norm after (a second read);
+    the DGKS repass only when it is due. Without ``prev`` (CGS2): the coefficients, then the first update with
+    the second coefficients in the same pass (one group of rows; else two passes), then the second update
+    with the norm: three reads of the basis instead of four. One reduction of the coefficients and norms per
+    pass (a sharded space). The coefficients are float64 throughout."""
+    space = basis.space
+    groups = row_groups(list(basis._filled()))
+    before = None
+    if prev is None:
+        c1 = space.reduce(lanczos_pass(w, groups, dots=True)[0])
+        if len(groups) == 1:
+            c2 = space.reduce(lanczos_pass(w, groups, sub=c1, dots=True)[0])
+        else:
+            lanczos_pass(w, groups, sub=c1)
+            c2 = space.reduce(lanczos_pass(w, groups, dots=True)[0])
+        coeffs = c1 + c2
+    else:
+        alpha = float(space.reduce(lanczos_pass(w, [cur[None]], dots=True)[0])[0])  # a NaN shows at the end
+        c, before_sq = lanczos_pass(w, groups, pre=[(prev, beta_prev), (cur, alpha)], dots=True, norm=True)
+        both = space.reduce(torch.cat([c, before_sq[None]]))
+        coeffs, before = both[:-1], float(both[-1].clamp_min(0).sqrt())
+        c2 = coeffs
+        coeffs = coeffs.clone()
+        coeffs[-1] += alpha
+        coeffs[-2] += beta_prev
+    nsq = space.reduce(lanczos_pass(w, groups, sub=c2, norm=True)[1][None])
+    _finite_or_raise(torch.cat([coeffs, nsq]), step)
+    beta = float(nsq[0].clamp_min(0).sqrt())
+    if before is not None and beta < REPASS * before:
+        c3 = space.reduce(lanczos_pass(w, groups, dots=True)[0])
+        nsq = space.reduce(lanczos_pass(w, groups, sub=c3, norm=True)[1][None])
+        coeffs = coeffs + c3
+        beta = float(nsq[0].clamp_min(0).sqrt())
+    return w, coeffs, beta
 
 
 class LanczosMemory(NamedTuple):
@@ -156,6 +209,8 @@ class LanczosBasis:
         self.compute = compute_device if compute_device is not None else device
         self.offloaded = torch.device(self.compute) != torch.device(device)
         self.pin = self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
+        # basis and working vectors in host memory: the steps' arithmetic takes the chunked CPU passes
+        self.on_host = not self.offloaded and torch.device(device).type == "cpu"
         if self.offloaded and not self.contiguous:
             row_bytes = max(1, dim * torch.empty(0, dtype=dtype).element_size())
             self.block = max(1, min(self.BLOCK, self.PIN_BLOCK_BYTES // row_bytes))
@@ -168,17 +223,21 @@ class LanczosBasis:
     def append(self, v: torch.Tensor) -> torch.Tensor:
         """Store ``v`` as the next basis vector; return it as it lives on the compute device (a row of a
         block when the basis is there, ``v`` itself when offloaded)."""
+        row = self._next_row()
+        row.copy_(v, non_blocking=self.pin)
+        return v if self.offloaded else row
+
+    def _next_row(self) -> torch.Tensor:
+        """The next free row (allocating its block when needed), counted as stored."""
         if self.capacity is not None and self.n >= self.capacity:
             raise RuntimeError(f"the Lanczos basis is full ({self.capacity} vectors)")
         b, i = divmod(self.n, self.block)
         if b == len(self.blocks):
             rows = self.block if self.capacity is None else min(self.block, self.capacity - b * self.block)
             self.blocks.append(self._new_block(rows))
-        row = self.blocks[b][i]
-        row.copy_(v, non_blocking=self.pin)
         self.n += 1
         self.peak = max(self.peak, self.n)
-        return v if self.offloaded else row
+        return self.blocks[b][i]
 
     def _new_block(self, rows: int) -> torch.Tensor:
         if self.pin:
@@ -195,7 +254,12 @@ class LanczosBasis:
             t.untyped_storage().data_ptr() for t in extra}
 
     def append_normalized(self, w: torch.Tensor, beta: float) -> torch.Tensor:
-        """Append ``w / beta`` (``w`` is scaled in place, no temporary)."""
+        """Append ``w / beta`` (``w`` is scaled in place, no temporary; in host memory the quotient is written
+        straight into the basis row, one pass instead of two, and ``w`` is left as it was)."""
+        if self.on_host and beta != 1.0:
+            row = self._next_row()
+            torch.div(w, beta, out=row)  # the same operation as w.div_(beta), its result stored in the row
+            return row
         return self.append(w.div_(beta) if beta != 1.0 else w)
 
     def _filled(self):
@@ -253,6 +317,12 @@ class LanczosBasis:
         allocated. Cost: ``2 n l d`` flops, no matvec.
         """
         n, l = self.n, Y.shape[1]
+        if self.on_host:
+            # chunks through reusable scratch (:func:`.host_arith.host_rotate`): no fresh slices per chunk
+            targets = [self.blocks[b // self.block][: min(self.block, l - b)] for b in range(0, l, self.block)]
+            host_rotate(list(self._filled()), Y, targets)
+            self.n = l
+            return
         acc = accumulation_dtype(self.dtype)
         Yt = Y.T.to(device=self.compute, dtype=acc)
         blocks = list(self._filled())

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import ConfigurationError
+from .host_arith import host_rotate, is_host
 from .vectors import accumulation_dtype, check_dim
 
 __all__ = ["LanczosResult", "certificate_limits", "check_lanczos_args", "extremes_certified", "extremes_converged", "gap_bounds", "ritz_pairs", "tridiagonal"]
@@ -94,6 +95,8 @@ class LanczosResult:
             raise ConfigurationError("Ritz vectors need lanczos(..., keep_basis=True)")
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         first = self.basis_blocks[0]
+        if is_host(first):
+            return _host_ritz_vectors(self.basis_blocks, self.U[:, idx])
         Uk = self.U[:, idx].T.to(device=first.device, dtype=first.dtype)  # U lives on the host
         if len(self.basis_blocks) == 1:
             X = Uk @ first
@@ -105,6 +108,20 @@ class LanczosResult:
                 s += B.shape[0]
         X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
         return X.to(first.dtype)
+
+
+def _host_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor) -> torch.Tensor:
+    """``V Uk`` normalized, for a basis in host memory: one chunked pass over the basis through reusable float32
+    scratch (:func:`.host_arith.host_rotate`), written once into the result, then each row divided by its
+    norm in place. Half types are rounded twice (the product, then the quotient): at most ``2u`` relative
+    per entry besides the float32 sums, where the single-block product before rounded ``Uk`` to the basis's
+    type too."""
+    first = blocks[0]
+    out = torch.empty(Uk.shape[1], first.shape[1], dtype=first.dtype)
+    sq = host_rotate(blocks, Uk, [out], norms=True)
+    for i in range(out.shape[0]):
+        out[i].div_(float(sq[i].sqrt()))  # a Python scalar: no float32 copy of the row (mixed types on the CPU)
+    return out
 
 
 def check_lanczos_args(dim: int, k: int, tol: float, which: str, bound: str, max_iter: int | None) -> int:

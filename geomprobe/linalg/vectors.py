@@ -16,11 +16,13 @@ import torch
 
 from ..errors import ConfigurationError
 from .blockdiag import block_count, blockdiag_layout, blockdiag_sub
+from .host_arith import host_dots, host_norm_sq, host_sub, is_host
 from .segmented import segment_count, segmented_dots, segmented_sub
 
 __all__ = [
     "Matvec", "accumulation_dtype", "all_finite", "apply_rows", "check_dim", "default_generator", "device_generator",
-    "gaussian", "rademacher", "row_dots", "scratch_columns", "sub_rows", "sub_rows_kernel", "vector_norm",
+    "forced_kernels", "gaussian", "rademacher", "row_dots", "scratch_columns", "sub_rows", "sub_rows_kernel",
+    "vector_norm",
 ]
 
 
@@ -95,9 +97,15 @@ def gaussian(shape: Sequence[int] | int, generator: torch.Generator, dtype: torc
         return torch.randn(shape, generator=g, dtype=dtype, device=dev)
     out = torch.empty(shape, dtype=dtype, device=dev)
     flat = out.view(-1)
+    # on the CPU one float32 buffer serves every slice: a fresh 64 MB draw per slice paid its page faults
+    # each time (180 slices at 3e9 entries); the draws, and so the values, are the same
+    buf = torch.empty(min(HALF_CHUNK_ELEMENTS, flat.numel()), dtype=torch.float32) if dev.type == "cpu" else None
     for s in range(0, flat.numel(), HALF_CHUNK_ELEMENTS):
         n = min(HALF_CHUNK_ELEMENTS, flat.numel() - s)
-        flat[s : s + n] = torch.randn(n, generator=g, dtype=torch.float32, device=dev)
+        if buf is None:
+            flat[s : s + n] = torch.randn(n, generator=g, dtype=torch.float32, device=dev)
+        else:
+            flat[s : s + n] = torch.randn(n, generator=g, dtype=torch.float32, out=buf[:n])
     return out
 
 
@@ -190,6 +198,12 @@ BLOCKS: int | None = None
 BLOCKDIAG_ROWS = (2, 22)  # inclusive
 BLOCKDIAG_FROM_ROWS = 300
 BLOCKDIAG_DTYPES = HALF_TYPES
+
+
+def forced_kernels() -> bool:
+    """Whether :data:`SEGMENTS` or :data:`BLOCKS` force the CUDA kernels on every device (the tests run them on
+    the CPU so): the host-memory Lanczos step then goes through :func:`row_dots` / :func:`sub_rows` too."""
+    return SEGMENTS is not None or bool(BLOCKS)
 
 
 def sub_rows_kernel(rows: int, dtype: torch.dtype) -> str:
@@ -289,14 +303,19 @@ def row_dots(B: torch.Tensor, w: torch.Tensor, *, segments: int | None = None) -
 
     On CUDA one strided-batched product over segments of the columns (:mod:`.segmented`; half types fused
     with float32 accumulation), which reads at memory speed for any ``n`` where a plain ``(n x d) @ (d x 1)``
-    product does not while ``n`` is small; elsewhere one matrix-vector product (half types: float32 products
-    over column slices, never a full float32 copy). ``segments`` forces that many segments per column slice
+    product does not while ``n`` is small; elsewhere one matrix-vector product (half types on the CPU: float32
+    products over column chunks converted into reusable scratch, :func:`.host_arith.host_dots`, summed in
+    float64; never a full float32 copy). ``segments`` forces that many segments per column slice
     on any device (default :data:`SEGMENTS`). Columns go in slices of at most ``PRODUCT_COLUMNS`` and rows
     farther apart than ``LD_LIMIT`` one at a time (BLAS sizes are 32-bit). Cost: one read of ``B`` and ``w``,
     no matvec. Error: a float sum of ``d`` products in the accumulation dtype (unit roundoff ``u``): at most
     ``d u sum_j |B_ij w_j|`` per entry, in practice near ``sqrt(d) u`` times it.
     """
     seg = _segments(B, w, segments)
+    if seg is None and w.dtype in HALF_TYPES and B.dim() == 2 and is_host(B, w):
+        # float32 products over chunks converted into reusable scratch (:mod:`.host_arith`), where float32
+        # copies of slices were fresh allocations converted on one thread
+        return host_dots(B, w).to(torch.float32)
     if _long_rows(B):
         # one row at a time: a single row reads fastest unsegmented (0.46 against 0.64 ms on the H200)
         return _long_row_dots(B, w, None if seg == 0 else seg)
@@ -378,7 +397,8 @@ def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int
     back whose length one of 16-64 blocks divides (blocks of at most ``LD_LIMIT`` entries); else one
     strided-batched update over segments of the columns (:mod:`.segmented`) for one row (a single fused
     elementwise pass), or the fused product (one float32 d-vector of scratch for half types); elsewhere a
-    matrix-vector update (half types: float32 over column slices). ``segments`` as in :func:`row_dots`;
+    matrix-vector update (half types on the CPU: float32 over column chunks in reusable scratch,
+    :func:`.host_arith.host_sub`). ``segments`` as in :func:`row_dots`;
     ``blocks`` (default :data:`BLOCKS`) forces the block-diagonal update with that many blocks per row on any
     device where the layout allows it (a single row, or rows back to back with ``blocks`` dividing their
     length; the other paths otherwise), 0 turns it off.
@@ -394,6 +414,8 @@ def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int
         return _blockdiag_sub_rows(w, c, B, k)
     if seg == 0 and not auto_segmented("sub_rows", B.shape[0]):
         seg = None
+    if seg is None and w.dtype in HALF_TYPES and B.dim() == 2 and is_host(B, w):
+        return host_sub(w, c, B)  # chunked through reusable float32 scratch, as row_dots
     if _long_rows(B):
         return _long_sub_rows(w, c, B)
     half = w.dtype in HALF_TYPES
@@ -431,6 +453,10 @@ def vector_norm(w: torch.Tensor) -> torch.Tensor:
     """``||w||`` as a 0-d tensor on ``w``'s device in :func:`accumulation_dtype` (no host synchronization)."""
     if w.dtype not in HALF_TYPES:
         return torch.linalg.vector_norm(w)
+    if is_host(w):
+        # the CPU's reduction with dtype=float32 converts the whole vector first (a fresh float32 d-vector,
+        # one thread): chunks through reusable scratch instead, summed in float64
+        return host_norm_sq(w).sqrt().to(torch.float32)
     # float32 accumulation read straight from the half values (the reduction casts as it reads): no float32
     # copy and one kernel per slice of PRODUCT_COLUMNS, where float32 copies of 2^24-element slices cost eight
     # launches and a conversion pass per norm at 124M parameters
