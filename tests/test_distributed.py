@@ -61,15 +61,20 @@ def _killed_by_signal(done: subprocess.CompletedProcess) -> bool:
     return bool(codes) and all(c < 0 for c in codes)
 
 
-@pytest.fixture(scope="module")
-def ranks(tmp_path_factory) -> tuple[list[dict], Path]:
+def run_two_ranks(worker: Path, out: Path, fsdp: bool = False) -> None:
+    """Run ``worker out`` on two gloo ranks under torchrun and assert it succeeded; skip (with why) where torch
+    has no gloo (or no FSDP2, with ``fsdp``) or where two gloo processes cannot run on this machine at all."""
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available in this build")
-    out = tmp_path_factory.mktemp("two_ranks")
-    done = _torchrun(WORKER, str(out))
+    if fsdp:
+        try:
+            from torch.distributed.fsdp import fully_shard  # noqa: F401
+        except ImportError:
+            pytest.skip("this torch build has no FSDP2 (torch.distributed.fsdp.fully_shard)")
+    done = _torchrun(worker, str(out))
     if done.returncode != 0 and _killed_by_signal(done):
         # A rank killed by a signal inside torch's C++ with no Python error of its own: once more, then judge.
-        done = _torchrun(WORKER, str(out))
+        done = _torchrun(worker, str(out))
     if done.returncode != 0:
         # Tell a machine on which two gloo processes cannot run at all from a failure of geomprobe's own.
         hello = out / "hello.py"
@@ -78,6 +83,12 @@ def ranks(tmp_path_factory) -> tuple[list[dict], Path]:
         if bare.returncode != 0:
             pytest.skip(f"two gloo processes cannot run on this machine: {bare.stderr[-1500:]}")
     assert done.returncode == 0, done.stderr[-6000:]
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory) -> tuple[list[dict], Path]:
+    out = tmp_path_factory.mktemp("two_ranks")
+    run_two_ranks(WORKER, out)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)], out
 
 

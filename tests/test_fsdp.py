@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from fsdp_problems import HVP_VECTORS, PROBE_STEPS, gated_problem, hvp_vectors, make_problem
-from test_distributed import HELLO, _killed_by_signal, _torchrun
+from test_distributed import _torchrun, run_two_ranks
 
 import geomprobe as gp
 from geomprobe.linalg.space import ShardedSpace
@@ -29,22 +29,8 @@ KINDS = ("mlp", "block")
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> tuple[list[dict], Path]:
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this build")
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        pytest.skip("this torch build has no FSDP2 (torch.distributed.fsdp.fully_shard)")
     out = tmp_path_factory.mktemp("fsdp_ranks")
-    done = _torchrun(WORKER, str(out))
-    if done.returncode != 0 and _killed_by_signal(done):
-        done = _torchrun(WORKER, str(out))
-    if done.returncode != 0:
-        hello = out / "hello.py"
-        hello.write_text(HELLO)
-        if _torchrun(hello).returncode != 0:
-            pytest.skip("two gloo processes cannot run on this machine")
-    assert done.returncode == 0, done.stderr[-6000:]
+    run_two_ranks(WORKER, out, fsdp=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in (0, 1)], out
 
 

@@ -396,25 +396,10 @@ SHARDED_CASES = ("exact", "exact_host", "exact_failing_hvp", "finite_difference"
 def sharded_ranks(tmp_path_factory) -> list[dict]:
     """Two gloo ranks (tests/no_cycles_worker.py): each rank's record of what every sharded Landscape it built
     left allocated once closed and dropped with the collector off."""
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available in this build")
-    try:
-        from torch.distributed.fsdp import fully_shard  # noqa: F401
-    except ImportError:
-        pytest.skip("this torch build has no FSDP2 (torch.distributed.fsdp.fully_shard)")
-    from test_distributed import HELLO, _killed_by_signal, _torchrun
+    from test_distributed import run_two_ranks
 
     out = tmp_path_factory.mktemp("no_cycles_ranks")
-    worker = Path(__file__).with_name("no_cycles_worker.py")
-    done = _torchrun(worker, str(out))
-    if done.returncode != 0 and _killed_by_signal(done):
-        done = _torchrun(worker, str(out))
-    if done.returncode != 0:
-        hello = out / "hello.py"
-        hello.write_text(HELLO)
-        if _torchrun(hello).returncode != 0:
-            pytest.skip("two gloo processes cannot run on this machine")
-    assert done.returncode == 0, done.stderr[-6000:]
+    run_two_ranks(Path(__file__).with_name("no_cycles_worker.py"), out, fsdp=True)
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
