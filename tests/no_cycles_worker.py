@@ -24,6 +24,16 @@ from fsdp_problems import sharded_case
 from test_no_cycles import Allocations, collector_off
 
 
+def _settle() -> None:
+    """Let gloo's worker thread let go of the last collective's tensors: it drops its reference to a finished
+    work only when it takes the next one, so a scalar of the probe's last agreement could still be held for a
+    moment after ``wait()`` returned (seen once in eight runs: one 8-byte tensor alive on both ranks). A barrier
+    is a next collective; its own tensor is allocated outside the recording."""
+    import torch.distributed as dist
+
+    dist.barrier()
+
+
 def _life(mesh, rank: int, options: dict, fail: str | None = None) -> dict:
     """One Landscape's life with the collector off: what it left allocated, whether it is still alive and
     what it raised. ``fail``: ``"hvp"`` makes rank 1's loss raise once the graphs are built (every HVP
@@ -73,6 +83,7 @@ def _life(mesh, rank: int, options: dict, fail: str | None = None) -> dict:
             land = run(out)
         ref = weakref.ref(land) if land is not None else None
         del land
+        _settle()
         out["landscape_alive"] = ref is not None and ref() is not None
         out["alive"] = allocations.alive()[:8]
         out["alive_bytes"] = allocations.alive_bytes()
@@ -114,6 +125,7 @@ def _probe_life(mesh, rank: int) -> dict:
             kept = {t.untyped_storage().data_ptr() for t in (warm.top, warm.bottom) if t is not None}
             out["errors"] = record.get("errors")
             out["warm"] = record["spectrum"]["warm"]
+            _settle()
             out["landscapes_alive"] = sum(r() is not None for r in built)
             out["alive_besides_warm"] = allocations.alive(besides=kept)
             out["warm_kept"] = len(kept & allocations.alive_pointers())
