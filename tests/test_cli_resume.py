@@ -40,6 +40,14 @@ def ckpts(tmp_path_factory):
     return save_training_checkpoints(tmp_path_factory.mktemp("ckpts"))
 
 
+def _count_new(land, seen: list) -> None:
+    """Count ``land`` in ``seen`` the first time it is seen. Marked on the object, not by ``id()``: a closed
+    Landscape is freed at once (no reference cycle holds it), so the next one may get the same address."""
+    if not getattr(land, "_seen_by_test", False):
+        land._seen_by_test = True
+        seen.append(len(seen))
+
+
 def interrupt_in_landscape(monkeypatch, nth: int) -> list:
     """Raise KeyboardInterrupt at the first block HVP (trace's, after spectrum's single vectors) of the
     ``nth`` Landscape built: the middle of the nth checkpoint's probe."""
@@ -47,8 +55,7 @@ def interrupt_in_landscape(monkeypatch, nth: int) -> list:
     inner = Landscape.hvp
 
     def hvp(self, v):
-        if id(self) not in seen:
-            seen.append(id(self))
+        _count_new(self, seen)
         if len(seen) == nth and v.dim() == 2:
             raise KeyboardInterrupt
         return inner(self, v)
@@ -112,8 +119,7 @@ def _raise_always(inner, after: int):
     seen: list[int] = []
 
     def hvp(self, v):
-        if id(self) not in seen:
-            seen.append(id(self))
+        _count_new(self, seen)
         if len(seen) > after:
             raise KeyboardInterrupt
         return inner(self, v)
