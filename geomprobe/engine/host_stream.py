@@ -61,7 +61,7 @@ def _nbytes(t: torch.Tensor) -> int:
 
 class HostLayout:
     """The one-process layout a :class:`StreamPass` takes: parameter pieces as views of a flat vector, copied
-    to the model's device when gathered and added (copied, in a pass's first batch) into the flat output."""
+    to the model's device when gathered (outputs go into the flat output through :class:`HostStreamPass`)."""
 
     def __init__(self, shapes: Sequence[torch.Size], device: torch.device):
         self.shapes = [torch.Size(s) for s in shapes]
@@ -264,8 +264,7 @@ class HostVectors:
         self.partials_device_bytes = 0
         self.direct: bool | None = None  # HostStreamPass's: None, its default (contributions wait on a CUDA model)
         self.spill_partials: bool | None = None
-        self.stats = {"passes": 0, "peak_held_bytes": 0, "partials_spilled": 0, "partials_completed_early": 0,
-                      "partials_peak_device_bytes": 0}
+        self.stats = {"passes": 0, "peak_held_bytes": 0}  # and the passes' partial sums (StreamPass.note_partials)
 
     @property
     def land(self) -> Any:
@@ -332,9 +331,7 @@ class HostVectors:
         self.stats["passes"] += 1
         st = self.stats
         st["peak_held_bytes"] = max(st["peak_held_bytes"], sp.peak_held_bytes)
-        st["partials_spilled"] += sp.spilled
-        st["partials_completed_early"] += sp.completed_early
-        st["partials_peak_device_bytes"] = max(st["partials_peak_device_bytes"], sp.partials_peak_device_bytes)
+        sp.note_partials(st)
 
 
 def resolve_vector_device(land: Any, vector_device: Any) -> str | None:

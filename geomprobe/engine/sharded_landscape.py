@@ -499,12 +499,7 @@ class ShardedLandscape(ExactBuild, Landscape):
         stats["passes"] += 1
         stats["peak_held_bytes"] = max(stats["peak_held_bytes"], sp.peak_held_bytes)
         if partials is not None:
-            stats["partials_intercepted"] = stats.get("partials_intercepted", 0) + sp.intercepted
-            stats["partials_accumulated"] = stats.get("partials_accumulated", 0) + sp.accumulated
-            stats["partials_spilled"] = stats.get("partials_spilled", 0) + sp.spilled
-            stats["partials_completed_early"] = stats.get("partials_completed_early", 0) + sp.completed_early
-            stats["partials_peak_device_bytes"] = max(stats.get("partials_peak_device_bytes", 0),
-                                                      sp.partials_peak_device_bytes)
+            sp.note_partials(stats)
         if "first_order" not in stats and sp.outputs_seen:
             # the order autograd used the inputs and finished the outputs (parameter indices) in the first pass
             # that ran a backward: the schedule holds least when it follows them

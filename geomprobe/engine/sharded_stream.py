@@ -256,20 +256,15 @@ class StreamPass:
         """The most bytes of pieces gathered ahead of use plus outputs waiting for their turn, at once."""
         return self._held.peak
 
-    @property
-    def spilled(self) -> int:
-        """Partial sums that waited in host memory for their next contribution."""
-        return self._sums.spilled
-
-    @property
-    def completed_early(self) -> int:
-        """Partial sums handed on as soon as their last producer sent its contribution."""
-        return self._sums.completed
-
-    @property
-    def partials_peak_device_bytes(self) -> int:
-        """The most bytes of partial sums that waited on the device at once."""
-        return self._sums.peak_device_bytes
+    def note_partials(self, stats: dict) -> None:
+        """Add this pass's partial-sum figures into ``stats`` (counts summed over passes, the device peak as a
+        maximum): contributions taken at their producers and through accumulators, sums that waited in host
+        memory, sums handed on as soon as their last producer sent."""
+        sums = self._sums
+        for key, n in (("partials_intercepted", self.intercepted), ("partials_accumulated", self.accumulated),
+                       ("partials_spilled", sums.spilled), ("partials_completed_early", sums.completed)):
+            stats[key] = stats.get(key, 0) + n
+        stats["partials_peak_device_bytes"] = max(stats.get("partials_peak_device_bytes", 0), sums.peak_device_bytes)
 
     # ------------------------------------------------------------------ set-up
     def roots(self, graphs: Sequence[Sequence[torch.Tensor | Root | None]]) -> tuple[list, list[torch.Tensor]]:
