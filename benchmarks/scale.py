@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
+import pstats
 import gc
 import json
 import os
@@ -166,9 +168,19 @@ def peak_of(fn, device, reset: bool = True) -> tuple[float, int]:
     return time.perf_counter() - t0, (torch.cuda.max_memory_allocated() if cuda else 0)
 
 
+def profile_rows_of(prof: cProfile.Profile, rows: int) -> dict:
+    """The ``rows`` functions of most own time and of most cumulative time, with calls and seconds."""
+    st = pstats.Stats(prof)
+    entries = [(f"{os.path.basename(k[0])}:{k[1]}:{k[2]}", v[1], v[2], v[3]) for k, v in st.stats.items()]
+    pick = lambda i: [{"function": e[0], "calls": e[1], "own_s": round(e[2], 4), "cumulative_s": round(e[3], 4)}
+                      for e in sorted(entries, key=lambda e: -e[i])[:rows]]
+    return {"by_own": pick(2), "by_cumulative": pick(3)}
+
+
 # ---------------------------------------------------------------------------------------------- one model
 def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, out_dir: str,
-                  noise_batches: int, peak_ratio: float = 1.5, metric_options: dict | None = None) -> dict:
+                  noise_batches: int, peak_ratio: float = 1.5, metric_options: dict | None = None,
+                  profile_rows: int = 0) -> dict:
     dtype = DTYPES[dtype_name]
     if name == "mlp-10m":
         model = MLP().to(device=device, dtype=dtype)
@@ -244,8 +256,15 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         res["allocated_before_probe_bytes"] = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
     train_step()  # the interval a probe in a loop reads the training peak from (it plans within 1.5x of it)
+    prof = cProfile.Profile() if profile_rows else None
     with HVPClock(device) as clock:
+        if prof is not None:
+            prof.enable()
         seconds, _ = peak_of(lambda: probe.probe(1), device, reset=False)
+        if prof is not None:
+            prof.disable()
+    if prof is not None:  # HVPs synchronize at both ends (HVPClock): what is left is the probe's own work
+        res["profile"] = profile_rows_of(prof, profile_rows)
     record = probe.records[-1]
     peak = int(record["cost"]["peak_mib"] * 2**20) if record["cost"].get("peak_mib") else 0  # the probe's own
     probe.close()
@@ -274,8 +293,9 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
 
 # ---------------------------------------------------------------------------------------------- trajectory
 def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_dir: str, tol: float,
-               which: str = "both") -> dict:
-    """Spectrum cold and warm at each probe point of an AdamW run; then overhead at the default schedule."""
+               which: str = "both", risk: float | None = 1e-2) -> dict:
+    """Spectrum cold and warm at each probe point of an AdamW run (``risk``: the extremes' certificate, None
+    for residual bounds only; the warm start is forced, whatever WarmStart's policy would choose)."""
     from geomprobe.linalg.vectors import default_generator
     from geomprobe.metrics.spectrum import spectrum
     from geomprobe.probe.warm_start import WarmStart
@@ -286,14 +306,14 @@ def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_d
     probe_batch = token_batches(vocab, b, t, 1, device, seed=1)[0]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     points = []
-    ws = WarmStart()
+    ws = WarmStart(certified=True)  # measure the warm start itself, also where its policy would start cold
     for step in range(steps + 1):
         if step % every == 0:
             land = Landscape(model, lm_loss, [probe_batch], mode="eval")
             h0 = land.hvps
-            warm = spectrum(land, tol=tol, seed=step, warm=ws, which=which)  # first: cold (nothing kept), then warm
+            warm = spectrum(land, tol=tol, seed=step, warm=ws, which=which, risk=risk)  # first: cold, then warm
             h1 = land.hvps
-            cold = spectrum(land, tol=tol, generator=default_generator(10**6 + step), which=which)  # a fresh cold start
+            cold = spectrum(land, tol=tol, generator=default_generator(10**6 + step), which=which, risk=risk)
             h2 = land.hvps
             land.close()
             points.append({"step": step, "warm_started": warm.get("warm"), "warm_hvps": h1 - h0, "cold_hvps": h2 - h1,
@@ -313,7 +333,8 @@ def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_d
                "warm_mean_hvps": sum(p["warm_hvps"] for p in warm_pts) / max(len(warm_pts), 1)}
     summary["ratio"] = summary["cold_mean_hvps"] / summary["warm_mean_hvps"] if summary["warm_mean_hvps"] else None
     print(json.dumps(summary), flush=True)
-    return {"model": name, "dtype": dtype_name, "tol": tol, "which": which, "points": points, "summary": summary}
+    return {"model": name, "dtype": dtype_name, "tol": tol, "which": which, "risk": risk, "points": points,
+            "summary": summary}
 
 
 def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metrics: list[str] | None = None,
@@ -416,6 +437,8 @@ def main() -> None:
     ap.add_argument("--no-baseline", action="store_true", help="overhead: skip the run without a probe")
     ap.add_argument("--baseline-steps", type=int, default=None,
                     help="overhead: steps of the loop without a probe (default: --steps)")
+    ap.add_argument("--risk", default="1e-2", help="trajectory: the certificate's risk, or 'none' (residual bounds)")
+    ap.add_argument("--profile", type=int, default=0, help="models: list this many cProfile rows of the probe")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     strict_fp32()
@@ -439,7 +462,8 @@ def main() -> None:
             if True:
                 try:
                     r = measure_model(name, dt, metrics, args.device, out_dir, args.noise_batches, ratio,
-                                      json.loads(args.metric_options) if args.metric_options else None)
+                                      json.loads(args.metric_options) if args.metric_options else None,
+                                      profile_rows=args.profile)
                 except Exception as e:  # keep the other models' figures
                     r = {"model": name, "dtype": dt, "failed": f"{type(e).__name__}: {e}",
                          "trace": traceback.format_exc()[-2000:]}
@@ -453,7 +477,8 @@ def main() -> None:
                     torch.cuda.empty_cache()
     elif args.what == "trajectory":
         doc["results"].append(trajectory(args.model, args.dtypes.split(",")[0], args.steps, args.every, args.device,
-                                         out_dir, args.tol, args.which))
+                                         out_dir, args.tol, args.which,
+                                         None if args.risk == "none" else float(args.risk)))
     else:
         doc["results"].append(overhead(args.model, args.dtypes.split(",")[0], args.steps, args.device, out_dir,
                                        args.probe_metrics.split(",") if args.probe_metrics else None,

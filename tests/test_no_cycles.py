@@ -365,7 +365,7 @@ def test_a_probe_keeps_only_its_warm_start(monkeypatch, vector_device):
     events: list = []
     probe = gp.GeometryProbe(model, loss_fn, batches, metrics=["spectrum", "rmed", "direction"],
                              schedule=gp.every(1), progress=events.append, summary=False,
-                             vector_device=vector_device)
+                             vector_device=vector_device, warm_start=True)  # warm even when certified
     probe.attach(opt, probe_now=False)
     for _ in range(2):
         opt.zero_grad()

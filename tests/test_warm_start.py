@@ -92,6 +92,27 @@ def test_warm_starts_cost_about_what_cold_starts_cost_once_the_extremes_are_cert
     assert sum(resid_warm[1:]) < 0.8 * sum(resid_cold[1:]), (resid_cold, resid_warm)
 
 
+def test_the_auto_policy_spends_what_the_cheaper_start_costs_along_a_trajectory():
+    # certified: the auto policy's run is the seeded cold run itself (the same HVPs to the one), and forced
+    # warm starts cost more; residual bounds only: the auto policy starts warm and saves a fifth or more
+    auto, forced = WarmStart(certified=False), WarmStart(certified=True)
+    resid_auto = WarmStart(certified=False)
+    cold, via_auto, via_forced, resid_cold, resid_warm = [], [], [], [], []
+    for model, loss_fn, batch in trajectory(steps=40, every=2):
+        cold.append(spectrum(gp.Landscape(model, loss_fn, batch))["hvps"])
+        out = spectrum(gp.Landscape(model, loss_fn, batch), warm=auto)
+        assert out["warm"] is False and out["converged"] and out["extreme_certified"]
+        via_auto.append(out["hvps"])
+        via_forced.append(spectrum(gp.Landscape(model, loss_fn, batch), warm=forced)["hvps"])
+        resid_cold.append(spectrum(gp.Landscape(model, loss_fn, batch), risk=None)["hvps"])
+        out = spectrum(gp.Landscape(model, loss_fn, batch), warm=resid_auto, risk=None)
+        resid_warm.append(out["hvps"])
+    assert via_auto == cold
+    assert sum(via_forced[1:]) > sum(via_auto[1:]), (via_auto, via_forced)
+    assert sum(resid_warm[1:]) < 0.8 * sum(resid_cold[1:]), (resid_cold, resid_warm)
+    assert auto.top is not None  # the vectors are still kept: a later uncertified run may start from them
+
+
 def test_vectors_live_on_the_host_in_the_model_dtype_and_leave_the_global_rng_alone():
     model, loss_fn, batch = next(trajectory(steps=0, every=1))
     model = model.float()
@@ -160,9 +181,17 @@ def test_the_probe_records_warm_starts_and_can_turn_them_off():
         records = [probe.probe(0)] + [probe.probe(i) for i, _ in enumerate(points, 1)]
         return probe, records
 
+    # the default ("auto"): certified runs start cold, and say why; residual-bound runs start warm
     probe, records = probe_run()
+    assert [r["spectrum"]["warm"] for r in records] == [False, False, False]
+    assert all("certifies its extremes" in r["spectrum"]["cold_because"] for r in records[1:])
+    assert isinstance(probe.warm, WarmStart) and not probe.warm.certified
+    probe, records = probe_run(metrics={"spectrum": {"risk": None}})
     assert [r["spectrum"]["warm"] for r in records] == [False, True, True]
-    assert isinstance(probe.warm, WarmStart)
+    probe, records = probe_run(warm_start=True)
+    assert [r["spectrum"]["warm"] for r in records] == [False, True, True] and probe.warm.certified
+    with pytest.raises(gp.ConfigurationError, match="warm_start must be 'auto', True or False"):
+        probe_run(warm_start="yes")
     probe, records = probe_run(warm_start=False)
     assert probe.warm is None and [r["spectrum"]["warm"] for r in records] == [False, False, False]
     # precond's raw spectrum is spectrum's cold run for free: no warm start for spectrum then

@@ -23,7 +23,6 @@ from .ritz import (
     extremes_converged,
     gap_bounds,
     ritz_pairs,
-    tridiagonal,
 )
 from .space import VectorSpace, space_of
 from .vectors import Matvec
@@ -154,7 +153,7 @@ def lanczos(
         if tol == 0 and not last and beta > 1e-12 * gersh * math.sqrt(dim):
             prev, cur = cur, basis.append_normalized(w, beta)
             continue
-        theta, U, bounds, exhausted = ritz_pairs(tridiagonal(alphas, betas[:-1]), beta, bound, dim)
+        theta, U, bounds, exhausted = ritz_pairs((alphas, betas[:-1]), beta, bound, dim)
         if exhausted or j + 1 == dim:
             converged = True
             break

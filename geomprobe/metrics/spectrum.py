@@ -227,6 +227,8 @@ def spectrum(
         out["which"] = which
     if warm is not None:
         out["warm"] = started_warm
+        if not started_warm and getattr(warm, "reason", ""):
+            out["cold_because"] = warm.reason
     if getattr(land, "sharded", False):
         out["hvp_route"] = land.hvp_method  # which route measured it, in every record
     return out
@@ -248,7 +250,7 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
             f"{type(warm).__name__}; pass warm=None for a cold start"
         )
     gen = generator or default_generator(seed)
-    v0 = warm.start(land, which=options.get("which", "both"), generator=gen)
+    v0 = warm.start(land, which=options.get("which", "both"), generator=gen, risk=options.get("risk"))
     key = lanczos_key(k=k, tol=options["tol"], max_iter=options["max_iter"], which=options.get("which", "both"),
                       seed=seed, bound=options["bound"], max_basis=options.get("max_basis"), risk=options.get("risk"))
     cacheable = v0 is None and generator is None
