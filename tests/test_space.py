@@ -127,3 +127,32 @@ def test_lanczos_on_slices_equals_the_dense_spectrum_and_both_ranks_agree():
     whole = lanczos(lambda v: H @ v, d, k=2, tol=1e-10, generator=default_generator(7),
                     space=ShardedSpace(d, [(0, d)]))
     assert a.steps == whole.steps and torch.allclose(a.ritz_values, whole.ritz_values, atol=1e-12)
+
+
+def test_a_large_host_vector_is_drawn_by_threads_as_the_one_range_sharded_space_draws_it(monkeypatch):
+    from geomprobe.linalg import space as space_mod
+    from geomprobe.linalg.krylov_basis import start_vector
+    from geomprobe.linalg.vectors import gaussian
+
+    monkeypatch.setattr(space_mod, "PARALLEL_DRAW_FROM", 1000)
+    d = 200_003  # not a multiple of the pieces
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            drawn = VectorSpace(d).gaussian(torch.Generator().manual_seed(3), dtype)
+            pieces = ShardedSpace(d, [(0, d)]).gaussian(torch.Generator().manual_seed(3), dtype)
+            assert drawn.dtype == dtype and torch.equal(drawn, pieces)
+        x = VectorSpace(d).gaussian(torch.Generator().manual_seed(4), torch.float64)
+        # standard normal: mean within 5 standard errors of 0, variance within 5 of 1 (sd of s^2 is sqrt(2/d))
+        assert abs(float(x.mean())) < 5 / d**0.5 and abs(float(x.var()) - 1) < 5 * (2 / d) ** 0.5
+        q = start_vector(d, None, torch.Generator().manual_seed(3), torch.float32, "cpu")
+        pieces = ShardedSpace(d, [(0, d)]).gaussian(torch.Generator().manual_seed(3), torch.float32)
+        assert torch.allclose(q, pieces / pieces.norm(), rtol=0, atol=1e-7)
+        torch.set_num_threads(1)  # one thread: the plain single draw, as below the threshold
+        plain = VectorSpace(d).gaussian(torch.Generator().manual_seed(3), torch.float32)
+        assert torch.equal(plain, gaussian(d, torch.Generator().manual_seed(3), torch.float32))
+    finally:
+        torch.set_num_threads(threads)
+    small = VectorSpace(999).gaussian(torch.Generator().manual_seed(3), torch.float32)
+    assert torch.equal(small, gaussian(999, torch.Generator().manual_seed(3), torch.float32))

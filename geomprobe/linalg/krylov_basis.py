@@ -18,7 +18,6 @@ from .vectors import (
     check_dim,
     default_generator,
     forced_kernels,
-    gaussian,
     row_dots,
     scratch_columns,
     sub_rows,
@@ -35,8 +34,8 @@ def start_vector(dim: int, v0: torch.Tensor | None, generator: torch.Generator |
     With a sharded ``space`` both are this process's slice (``v0`` of length ``space.local_dim``) and the
     norm is the global one."""
     if v0 is None:
-        if space is None:
-            q = gaussian(dim, generator or default_generator(), dtype, device)
+        if space is None:  # a large host vector is drawn by threads (VectorSpace.gaussian)
+            q = VectorSpace(dim).gaussian(generator or default_generator(), dtype, device)
         else:
             q = space.gaussian(generator or default_generator(), dtype, device)
     else:

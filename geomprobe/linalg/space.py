@@ -35,7 +35,7 @@ import torch
 from ..errors import ConfigurationError
 from .vectors import HALF_TYPES, gaussian, rademacher, row_dots, sub_rows, vector_norm
 
-__all__ = ["RANDOM_CHUNK", "ShardedSpace", "VectorSpace", "space_of"]
+__all__ = ["PARALLEL_DRAW_FROM", "RANDOM_CHUNK", "ShardedSpace", "VectorSpace", "space_of"]
 
 # Elements per independently seeded piece of a sharded random vector: large enough that the per-piece
 # generator set-up is negligible, small enough that the pieces a rank draws beyond its own ranges are cheap.
@@ -45,6 +45,12 @@ RANDOM_CHUNK = 1 << 16
 _SERIAL_COPY = 1 << 14
 
 _GOLDEN = 0x9E3779B97F4A7C15  # odd 64-bit constant spreading piece indices over the seed space
+
+# From this many entries on, a whole vector in host memory is drawn as the world-size-1 sharded space draws it:
+# in seeded pieces by a pool of threads. A CPU normal draw runs on one thread: ~5 s for the 1.1e9-entry start
+# vector of a 1B model in host-vector mode, a seventh of its three-step probe (benchmarks/RESULTS.md §6).
+# Below it the plain single draw stays (small vectors, and every test's values).
+PARALLEL_DRAW_FROM = 1 << 25
 
 
 class VectorSpace:
@@ -75,8 +81,18 @@ class VectorSpace:
         return vector_norm(w)
 
     def gaussian(self, generator: torch.Generator, dtype: torch.dtype, device=None) -> torch.Tensor:
-        """This process's part of a standard normal vector of length ``dim`` (one seed drawn from ``generator``)."""
+        """This process's part of a standard normal vector of length ``dim`` (one seed drawn from ``generator``).
+
+        In host memory from :data:`PARALLEL_DRAW_FROM` entries on, with more than one torch thread: the
+        pieces of :class:`ShardedSpace` drawn by a pool of threads (a stream of its own, reproducible per seed,
+        the same whatever the number of threads); else one draw (:func:`~.vectors.gaussian`)."""
+        if self._threaded_draw(device):
+            return ShardedSpace(self.dim, [(0, self.dim)]).gaussian(generator, dtype, device)
         return gaussian(self.dim, generator, dtype, device)
+
+    def _threaded_draw(self, device) -> bool:
+        on_host = device is None or torch.device(device).type == "cpu"
+        return not self.sharded and on_host and self.dim >= PARALLEL_DRAW_FROM and torch.get_num_threads() > 1
 
     def rademacher(self, generator: torch.Generator, dtype: torch.dtype, device=None) -> torch.Tensor:
         """This process's part of a +-1 vector of length ``dim`` (one seed drawn from ``generator``)."""
