@@ -245,7 +245,9 @@ def _table(rows: list[dict]) -> Table:
               help="Check the inputs (the loss is computed once on the first checkpoint) and print each metric's "
                    "planned HVPs, gradients, memory and a time estimated from one HVP measured there; write nothing.")
 @click.option("--no-warm-start", is_flag=True,
-              help="Start every Lanczos run cold instead of from the previous checkpoint's Ritz vectors.")
+              help="Start every Lanczos run cold. By default a run without the extremes' certificate "
+                   "(spectrum:risk=none) starts from the previous checkpoint's Ritz vectors; a certified run "
+                   "starts cold either way, where a warm start costs more HVPs than it saves.")
 @click.option("-q", "--quiet", is_flag=True, help="No plan, progress or notes on stderr (warnings and errors still).")
 @click.option("--summary", is_flag=True,
               help="Print one line per checkpoint on stderr once it is recorded: the loss and each metric's headline "
@@ -310,7 +312,7 @@ def probe(checkpoints: tuple[str, ...], spec_name: str | None, metrics: tuple[tu
         geometry = GeometryProbe(
             model, spec.loss_fn, spec.probe_data, metrics=metric_options, schedule=at([i.step for i in infos]),
             run_dir=None if dry_run else out, mode=mode, noise_data=spec.noise_data, probe_samples=samples,
-            seed=seed, force=force, resume=resume is not None, meta=meta, warm_start=not no_warm_start,
+            seed=seed, force=force, resume=resume is not None, meta=meta, warm_start="auto" if not no_warm_start else False,
             progress=progress.event, summary=_summary_printer(err) if summary else False,
         )
         dtype = str(next(model.parameters()).dtype).replace("torch.", "")

@@ -216,8 +216,13 @@ def test_planned_cost_is_shown_before_probing_and_checkpoints_start_warm(tmp_pat
     assert cells["spectrum"][1] == "<=51" and cells["trace"][1] == "96"  # Lanczos: at most d steps; trace: exact
     assert cells["spectrum"][3] == f"{(51 + 3) * 51 * 4 / 1024:.1f} KiB"  # the Lanczos basis
     records = RunReader(tmp_path / "run").records
-    assert [r["spectrum"]["warm"] for r in records] == [False, True, True]
+    # a certified spectrum starts cold and says why; without the certificate the checkpoints start warm
+    assert [r["spectrum"]["warm"] for r in records] == [False, False, False]
+    assert "certifies its extremes" in records[1]["spectrum"]["cold_because"]
     assert all(r["cost"]["hvps"] <= 51 + 96 for r in records)
+    resid = run("probe", *ckpts, "--spec", SPEC, "--metric", "spectrum:risk=none", "--out", tmp_path / "resid", "-q")
+    assert resid.exit_code == 0, resid.output
+    assert [r["spectrum"]["warm"] for r in RunReader(tmp_path / "resid").records] == [False, True, True]
     assert RunReader(tmp_path / "run").meta["probe"]["cost_plan"]["trace"]["hvps"] == 96
     cold = run("probe", *ckpts, "--spec", SPEC, "--out", tmp_path / "cold", "--no-warm-start")
     assert cold.exit_code == 0, cold.output
