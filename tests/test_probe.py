@@ -77,8 +77,11 @@ def test_training_is_bit_identical_with_a_probe(tmp_path, mode, vector_device):
     assert r["spectrum"]["lambda_max"] >= r["spectrum"]["lambda_min"]
     assert r["cost"]["hvps"] >= r["spectrum"]["hvps"] > 0 and r["cost"]["seconds"] > 0
     assert r["lr"] == [1e-2]
-    # Lanczos started warm from the previous probe's Ritz vectors (kept on the host) at every later probe
-    assert [rec["spectrum"]["warm"] for rec in records] == [False] + [True] * (len(records) - 1)
+    # spectrum starts cold at every probe: density takes its seeded run as its first start (a warm run is no
+    # SLQ sample), one start of m = 10 steps fewer
+    assert [rec["spectrum"]["warm"] for rec in records] == [False] * len(records)
+    assert all(rec["density"]["shared"] == ["raw spectrum from spectrum"] for rec in records)
+    assert all(rec["density"]["hvps"] == 10 for rec in records)
 
 
 def test_meta_names_model_optimizer_policy_and_data(tmp_path):

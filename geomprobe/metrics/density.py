@@ -59,8 +59,43 @@ Recorded: ``n_v`` (starts used), ``n_v_max``, ``hvps`` (spent), ``budget`` (``n_
 ``converged`` (``extremes_converged`` and ``precision_met``), ``interval_q`` (the ``q`` of the reported
 intervals) and ``stop_on``.
 
-Cost: at most ``n_v * min(m, d)`` HVPs (``budget``). The grid and density are numpy arrays under ``grid`` and
-``density`` (named in ``arrays``, for a sidecar file); everything else is JSON-ready.
+First start from spectrum's run. When the Landscape holds a seeded cold Lanczos run from density's own
+``seed`` (``spectrum``'s, or ``precond``'s or ``saddle``'s raw run; :mod:`.shared`, under its start key),
+density takes it as its first start: its nodes ``theta_i`` and weights ``U_{1i}^2`` are one SLQ sample, its
+trace sample ``d sum_i w_i theta_i = d u^T H u``, and only the other ``n_v - 1`` starts are drawn and run
+(``hvps`` counts those; ``shared``/``shared_hvps`` name the run received and what it cost its metric,
+``received_steps`` its nodes). A warm-started run, a run with a given generator (no key names its randomness)
+or one from another seed is never kept there, and a call with its own ``generator`` takes nothing. Why the
+estimates and intervals stay what they claim:
+
+* Independence. That run started from the Gaussian vector seeded by the first number of the seed's
+  generator, the number density's first Rademacher start would be seeded by; density skips that number and
+  draws its other starts from the following ones, exactly the starts 2, 3, ... of a run without it. The
+  starts are independent as before: the received one is the draw it replaces, in another law.
+* Unbiasedness. The start is ``u = g / |g|`` with ``g`` Gaussian, uniform on the sphere, so ``E[u u^T] =
+  I / d``, as for a Rademacher ``z / sqrt(d)``: every run's measure ``mu_u = sum_j (q_j^T u)^2
+  delta(lambda_j)`` has the spectral measure as its mean, so the trace sample is unbiased and the per-run
+  Chebyshev-Markov-Stieltjes bounds, which hold for every start and every number of nodes, still bracket the
+  true negative mass in expectation.
+* Coverage. The draws are independent with the same mean (the trace, the masses of ``mu_u``) but the first
+  one's variance differs (``2d/(d+2) (||H||_F^2 - tr(H)^2/d)`` for the trace against the Rademacher ``2
+  (||H||_F^2 - sum_i H_ii^2)``). For independent draws with a common mean, ``E[s^2] = (1/n) sum sigma_i^2 =
+  n Var(mean)``: the standard error still estimates the mean's spread without bias, and draws whose means
+  differ (the negative mass's bounds) only widen it. What remains is the normal approximation of a mean whose
+  terms are not identically distributed, one term of ``n``; the repeated intervals keep their level on that
+  basis as before (``tests/test_density_shared.py``: coverage of exact negative masses and traces over many
+  seeds with the first start received, and its failure when a warm run is taken instead).
+* Nodes. The run has the steps its own stopping rule took (``spectrum``: its bounds at ``tol``), more or
+  fewer than ``m``. All are used: a Gauss rule of ``s`` nodes is a quadrature of the same start (exact to
+  degree ``2s - 1``, its negative-mass bounds as valid, its trace sample the same), and more nodes than ``m``
+  only sharpen it. Refusing a run shorter than ``m`` would select starts by their own stopping time (a run
+  stops early when its start sits well in the extreme eigenvectors), which biases every statistic; a short
+  rule costs only a wider quadrature gap of that one start, which ``negative_mass_quad_err`` and the
+  interval report. A run whose Krylov space was exhausted is exact, as for density's own runs.
+
+Cost: at most ``n_v * min(m, d)`` HVPs (``budget``; ``(n_v - 1) * min(m, d)`` with a received first start).
+The grid and density are numpy arrays under ``grid`` and ``density`` (named in ``arrays``, for a sidecar
+file); everything else is JSON-ready.
 """
 
 from __future__ import annotations
@@ -76,11 +111,12 @@ import torch
 from ..errors import ConfigurationError
 from ..linalg.lanczos import lanczos
 from ..linalg.slq import SLQResult, slq_density
-from ..linalg.vectors import rademacher
+from ..linalg.vectors import device_generator, rademacher
 from ..stats.sequential import repeated_t
 from ._budget import check_rel_tol
 from ._common import checked, half_width, resolve_generator
-from .registry import register
+from .registry import PlanContext, SharedPart, register
+from .shared import RAW_SPECTRUM, Reuse, start_key
 
 __all__ = ["STATISTICS", "bulk_edge", "density"]
 
@@ -152,6 +188,7 @@ class _Run:
     trace: float            # d * sum w theta = z^T H z for a Rademacher start
     steps: int
     matvecs: int
+    received: bool = False  # another metric's run (module docstring), not spent here
 
 
 def _run(r: Any, d: int, m: int) -> _Run:
@@ -159,6 +196,27 @@ def _run(r: Any, d: int, m: int) -> _Run:
     lo, hi = _negative_mass_bounds(theta, w, exact=r.steps < m or r.steps == d)
     return _Run(theta, w, r.bounds.double().cpu().numpy(), float(w[theta < 0].sum()), lo, hi,
                 float(d * (w * theta).sum()), int(r.steps), int(r.matvecs))
+
+
+def _received_run(r: Any, d: int) -> _Run:
+    """The first start from a Lanczos run another metric made (module docstring): its own Gauss rule, the
+    residual bounds ``beta |u_{s,i}|`` (widened by its matvec error, if any) whatever bound it stopped on, and
+    exact only where its Krylov space was exhausted (it may have stopped on its bounds before ``m``)."""
+    if not (getattr(r, "U", None) is not None and getattr(r, "ritz_values", None) is not None
+            and getattr(r, "steps", 0) >= 1 and not getattr(r, "restarts", 0)):
+        raise ConfigurationError(
+            f"density's first_run must be a plain Lanczos run of the Hessian (a LanczosResult without thick "
+            f"restarts) from a random start independent of density's other starts; got {type(r).__name__}"
+        )
+    theta, w = r.ritz_values.double().cpu().numpy(), (r.U[0, :] ** 2).double().cpu().numpy()
+    resid = r.resid if getattr(r, "resid", None) is not None else r.bounds
+    resid = resid.double().cpu().numpy() + (getattr(r, "matvec_error", None) or 0.0)
+    # beta_s = ||beta_s U[-1, :]||, the rows of U being orthonormal; the rule of lanczos' exhaustion test
+    beta = float(np.linalg.norm(r.resid.double().cpu().numpy())) if getattr(r, "resid", None) is not None else math.inf
+    exact = r.steps >= d or beta <= 1e-12 * max(float(np.abs(theta).max()), 1e-300) * math.sqrt(d)
+    lo, hi = _negative_mass_bounds(theta, w, exact=exact)
+    return _Run(theta, w, resid, float(w[theta < 0].sum()), lo, hi, float(d * (w * theta).sum()), int(r.steps), 0,
+                received=True)
 
 
 def _interval(x: np.ndarray, q: float | None, lo: float = -math.inf, hi: float = math.inf
@@ -243,8 +301,18 @@ def _check_options(n_v: Any, m: Any, grid_size: Any, edge_threshold: Any, min_n_
     return tuple(dict.fromkeys(names))
 
 
-@register("density", cost="at most n_v * m HVPs (10 x 80 = 800 by default); after min_n_v (3) starts it may stop "
-          "earlier once the stop_on statistics' Monte Carlo half-widths meet rel_tol (0.2)")
+def _shares(o: dict, c: PlanContext) -> list[SharedPart]:
+    """The first start, ``min(m, d)`` HVPs, received from a seeded cold Lanczos run from the same seed run
+    before density (:func:`geomprobe.probe.metric_order.planned_sharing` names that run's start); nothing with
+    density's own generator or a run handed in."""
+    if o.get("generator") is not None or o.get("first_run") is not None:
+        return []
+    return [SharedPart(RAW_SPECTRUM, start_key(o["seed"]), min(c.dim, o["m"]), exact=False)]
+
+
+@register("density", cost="at most n_v * m HVPs (10 x 80 = 800 by default; one start fewer after spectrum's Lanczos "
+          "run of the same seed, its first start); after min_n_v (3) starts it may stop earlier once the stop_on "
+          "statistics' Monte Carlo half-widths meet rel_tol (0.2)", shares=_shares, after=("spectrum", "saddle", "precond"))
 def density(
     land: Any,
     *,
@@ -262,6 +330,7 @@ def density(
     seed: int = 0,
     generator: torch.Generator | None = None,
     basis_device: torch.device | str | None = None,
+    first_run: Any = None,
 ) -> dict:
     """SLQ spectral density with negative mass, |lambda_min|/lambda_max and the outliers above the bulk.
 
@@ -287,14 +356,20 @@ def density(
         tol: relative residual bound under which the extremes count as converged.
         seed, generator: the randomness (Rademacher starts).
         basis_device: where the Lanczos basis lives (``"cpu"``: host memory; see krylov.lanczos).
+        first_run: a :class:`~geomprobe.linalg.lanczos.LanczosResult` to take as the first start (module
+            docstring, "First start"), as density takes spectrum's run of the same seed from the Landscape by
+            itself; the caller answers for its start being random, cold and independent of the seed's numbers
+            after the first (which seed the other starts). None: the run kept on the Landscape, if any.
 
     Returns the keys of the module docstring: ``grid``, ``density`` (numpy), ``arrays``, ``sigma2``,
     ``negative_mass(_err, _se, _lo, _hi, _mc_err, _quad_err)``, ``lambda_max(_err)``, ``lambda_min(_err)``,
     ``abs_ratio(_err)``, ``bulk_edge``, ``outliers``, ``outlier_values``, ``outliers_mass(_err, _lo, _hi)``,
     ``trace(_err, _lo, _hi)``, ``converged``, ``extremes_converged``, ``precision_met``, ``stopped_early``,
-    ``n_v``, ``n_v_max``, ``m``, ``hvps``, ``budget``, ``interval_q``, ``stop_on``.
+    ``n_v``, ``n_v_max``, ``m``, ``hvps``, ``budget``, ``interval_q``, ``stop_on``; with a first start
+    received, ``received_steps`` (its nodes) and, when taken from the Landscape, ``shared``/``shared_hvps``.
 
-    Cost: at most ``n_v * min(m, d)`` HVPs, ``min(m, d)`` per start used. Errors: the intervals cover at
+    Cost: at most ``n_v * min(m, d)`` HVPs, ``min(m, d)`` per start used, none for a received first start.
+    Errors: the intervals cover at
     ``level`` (at the stop too, by their widening for the looks) as far as the runs' spread is that of normal
     draws; the negative mass's adds the quadrature's deterministic bounds.
 
@@ -317,15 +392,18 @@ def density(
     gen = resolve_generator(seed, generator)
     mv = checked(land.hvp)
     d = land.dim
+    reuse = Reuse(land, "density")
+    if first_run is None and generator is None:
+        first_run = reuse.find(start_key(seed))  # spectrum's run from this seed's first number, if kept
+    runs: list[_Run] = []
+    if first_run is not None:
+        runs.append(_received_run(first_run, d))
+        device_generator(gen)  # the number that seeded that run's start: the other starts use the next ones
     # the looks, and each look's multiplier of the standard error: repeated intervals when the runs may stop
     looks = tuple(range(min(min_n_v, n_v), n_v + 1)) if rel_tol > 0 else (n_v,)
     qs = repeated_t(looks, level) if looks[0] >= 2 else {}
-    runs: list[_Run] = []
     met = rel_tol == 0
-    for _ in range(n_v):
-        z = rademacher(d, gen, land.dtype, land.device)
-        r = lanczos(mv, d, tol=0.0, max_iter=m, v0=z, dtype=land.dtype, device=land.device, basis_device=basis_device)
-        runs.append(_run(r, d, m))
+    while True:
         n = len(runs)
         if rel_tol > 0 and n in qs:
             om = (_shape(runs, d, grid_size, sigma2, edge_threshold)["outliers_mass"]
@@ -333,7 +411,13 @@ def density(
             met = all(e <= target for e, target in _precision(runs, qs[n], stop_on, rel_tol, mass_tol, om).values())
             if met:
                 break
+        if n >= n_v:
+            break
+        z = rademacher(d, gen, land.dtype, land.device)
+        r = lanczos(mv, d, tol=0.0, max_iter=m, v0=z, dtype=land.dtype, device=land.device, basis_device=basis_device)
+        runs.append(_run(r, d, m))
     n = len(runs)
+    own = [r for r in runs if not r.received]
     q = qs.get(n)
     shape = _shape(runs, d, grid_size, sigma2, edge_threshold)
     th = [r.theta for r in runs]
@@ -403,7 +487,9 @@ def density(
         "interval_q": q,
         "n_v": n,
         "n_v_max": int(n_v),
-        "m": int(max(r.steps for r in runs)),
-        "hvps": int(sum(r.matvecs for r in runs)),
-        "budget": int(n_v * steps),
+        "m": int(max(r.steps for r in own)) if own else steps,
+        "hvps": int(sum(r.matvecs for r in own)),
+        "budget": int((n_v - (len(runs) - len(own))) * steps),
+        **({"received_steps": runs[0].steps} if len(own) < len(runs) else {}),
+        **reuse.fields(),
     }

@@ -17,6 +17,10 @@ metric failing in between leaves the others' products as they were. Each metric 
 its result (:meth:`Reuse.fields`): ``shared`` (``"raw spectrum from spectrum"``) and ``shared_hvps`` (what
 each received product cost the metric that computed it); its ``hvps`` counts only HVPs it spent itself.
 
+A seeded cold Lanczos run is also kept under its **start** (:func:`start_key`: the seed alone), whatever options
+stopped it: every such run from one seed starts from the same Gaussian vector, so any of them (the longest) is
+a Gauss quadrature of that start's spectral measure, one SLQ sample that ``density`` takes as its first start.
+
 A probe runs the metrics that compute a product before those that reuse it (``after`` in the registry) and
 plans the cost of the set with each shared part counted once (``shares`` in the registry:
 :class:`~.registry.SharedPart`).
@@ -28,7 +32,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RAW_DIAGONAL", "RAW_SPECTRUM", "Product", "Reuse", "diagonal_key", "lanczos_key"]
+__all__ = ["RAW_DIAGONAL", "RAW_SPECTRUM", "Product", "Reuse", "diagonal_key", "lanczos_key", "start_key", "start_of"]
 
 RAW_SPECTRUM = "raw spectrum"        # a seeded cold Lanczos run on the Hessian (spectrum, precond, saddle)
 RAW_DIAGONAL = "raw diagonal reads"  # rmed's diagonal entries of the Hessian (rmed, precond)
@@ -49,6 +53,19 @@ def lanczos_key(*, k: int, tol: float, max_iter: int | None, which: str, seed: i
                 max_basis: int | None, risk: float | None) -> tuple:
     """What determines a seeded cold Lanczos run on the Hessian (where its basis lives does not)."""
     return ("lanczos", k, tol, max_iter, which, seed, bound, max_basis, risk)
+
+
+def start_key(seed: int) -> tuple:
+    """The seeded cold Lanczos runs from ``seed``'s start (its first Gaussian draw), whatever stopped them."""
+    return ("lanczos start", seed)
+
+
+def start_of(key: tuple) -> tuple | None:
+    """The :func:`start_key` of the run a :func:`lanczos_key` names, or None: for another product, or a run in
+    bounded memory (``max_basis`` set), whose thick restarts leave no Gauss rule of its start."""
+    if len(key) != 9 or key[0] != "lanczos" or key[7] is not None:
+        return None
+    return start_key(key[5])
 
 
 def diagonal_key(blocks: Sequence[Any], *, seed: int, exact_threshold: int, k: int, top: int, screen_samples: int,
@@ -82,6 +99,11 @@ class Reuse:
         if all(p is not got for p in self.received):
             self.received.append(got)
         return got.value
+
+    def held(self, key: tuple) -> Any | None:
+        """The value kept under ``key`` without noting it as received (to compare before keeping), or None."""
+        got = self._store.get(key) if self._store is not None else None
+        return got.value if isinstance(got, Product) else None
 
     def keep(self, key: tuple, what: str, value: Any, hvps: int) -> None:
         """Keep ``value`` under ``key``, computed by this metric for ``hvps`` HVPs (a complete product only)."""
