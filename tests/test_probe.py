@@ -77,8 +77,8 @@ def test_training_is_bit_identical_with_a_probe(tmp_path, mode, vector_device):
     assert r["spectrum"]["lambda_max"] >= r["spectrum"]["lambda_min"]
     assert r["cost"]["hvps"] >= r["spectrum"]["hvps"] > 0 and r["cost"]["seconds"] > 0
     assert r["lr"] == [1e-2]
-    # spectrum starts cold at every probe: density takes its seeded run as its first start (a warm run is no
-    # SLQ sample), one start of m = 10 steps fewer
+    # a certified spectrum starts cold at every probe (warm_start="auto"), and density takes the first 10 steps
+    # of its seeded run as its first start: one start of m = 10 steps fewer
     assert [rec["spectrum"]["warm"] for rec in records] == [False] * len(records)
     assert all(rec["density"]["shared"] == ["raw spectrum from spectrum"] for rec in records)
     assert all(rec["density"]["hvps"] == 10 for rec in records)

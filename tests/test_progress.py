@@ -77,9 +77,7 @@ def test_the_plan_grows_with_the_options_and_states_vector_memory():
     assert plan["spectrum"] == {"hvps": 20, "exact": False, "gradients": 0, "vector_bytes": 23 * space.dim * 8,
                                 "forwards": 0}
     assert plan["trace"]["hvps"] == 30 and plan["trace"]["exact"]
-    # spectrum's run (the same seed) is density's first start: 9 of its 10 starts of 80 steps are its own
-    assert plan["density"]["hvps"] == 9 * 80 and not plan["density"]["exact"]
-    assert plan["density"]["shared"] == ["raw spectrum from spectrum"]
+    assert plan["density"]["hvps"] == 10 * 80 and not plan["density"]["exact"]
     assert planned_text(20, False) == "<=20" and planned_text(30, True) == "30" and planned_text(None, True) == "?"
 
 

@@ -60,40 +60,42 @@ Recorded: ``n_v`` (starts used), ``n_v_max``, ``hvps`` (spent), ``budget`` (``n_
 intervals) and ``stop_on``.
 
 First start from spectrum's run. When the Landscape holds a seeded cold Lanczos run from density's own
-``seed`` (``spectrum``'s, or ``precond``'s or ``saddle``'s raw run; :mod:`.shared`, under its start key),
-density takes it as its first start: its nodes ``theta_i`` and weights ``U_{1i}^2`` are one SLQ sample, its
-trace sample ``d sum_i w_i theta_i = d u^T H u``, and only the other ``n_v - 1`` starts are drawn and run
-(``hvps`` counts those; ``shared``/``shared_hvps`` name the run received and what it cost its metric,
-``received_steps`` its nodes). A warm-started run, a run with a given generator (no key names its randomness)
-or one from another seed is never kept there, and a call with its own ``generator`` takes nothing. Why the
-estimates and intervals stay what they claim:
+``seed`` (``spectrum``'s, or ``saddle``'s or ``precond``'s raw run, in full memory; :mod:`.shared` finds it
+by its start), density's first start is that run's start ``u``, the unit Gaussian vector the seed's first
+number seeds, and its other starts are the Rademacher vectors of the following numbers, exactly the starts 2,
+3, ... of a call without it. The first start's ``min(m, d)`` steps are the run's first ones (the same
+recurrence from the same vector): when the run took at least that many (or exhausted its Krylov space)
+density reads them off its tridiagonal for no HVP (``first_start`` is ``"taken"``, ``shared``/``shared_hvps``
+name the run and what it cost its metric, ``hvps`` counts the other starts only); when it stopped earlier on
+its bounds, density runs ``u`` to ``min(m, d)`` steps itself (``"rerun"``, ``min(m, d)`` HVPs, nothing
+received). A warm-started run, a run with a given generator (no key names its randomness), one from another
+seed or in bounded memory (``max_basis``) is never kept there, and a call with its own ``generator`` or on a
+sharded Landscape looks for none. Why the estimates and intervals stay what they claim:
 
-* Independence. That run started from the Gaussian vector seeded by the first number of the seed's
-  generator, the number density's first Rademacher start would be seeded by; density skips that number and
-  draws its other starts from the following ones, exactly the starts 2, 3, ... of a run without it. The
-  starts are independent as before: the received one is the draw it replaces, in another law.
-* Unbiasedness. The start is ``u = g / |g|`` with ``g`` Gaussian, uniform on the sphere, so ``E[u u^T] =
-  I / d``, as for a Rademacher ``z / sqrt(d)``: every run's measure ``mu_u = sum_j (q_j^T u)^2
-  delta(lambda_j)`` has the spectral measure as its mean, so the trace sample is unbiased and the per-run
-  Chebyshev-Markov-Stieltjes bounds, which hold for every start and every number of nodes, still bracket the
-  true negative mass in expectation.
+* Same rule, whatever the run. The first start is the ``min(m, d)``-step Gauss rule of ``u`` in both cases, so
+  its law does not depend on how long the run was. Taking a short run's nodes instead would mix rules of
+  different degrees, whose negative masses differ systematically (gpt2-tiny: 0.69 from spectrum's 38 nodes
+  against ~0.25 from 80: the standard error tripled and stopping took 10 starts instead of 3), and falling
+  back to a Rademacher start when the run is short would select ``u`` by its own stopping time (a run stops
+  early where its start sits well in the extreme eigenvectors), which biases every statistic. Whether a run
+  is there at all depends on the metrics and options of the probe, not on ``u``.
+* Independence. ``u`` comes from the seed's first number and the other starts from the later ones, as
+  density's own starts always did: independent as before.
+* Unbiasedness. ``u = g / |g|`` is uniform on the sphere, so ``E[u u^T] = I / d``, as for a Rademacher ``z /
+  sqrt(d)``: the run's measure ``mu_u = sum_j (q_j^T u)^2 delta(lambda_j)`` has the spectral measure as its
+  mean, so its trace sample ``d sum_i w_i theta_i = d u^T H u`` is unbiased and its Chebyshev-Markov-Stieltjes
+  bounds, which hold for every start, bracket the true negative mass in expectation.
 * Coverage. The draws are independent with the same mean (the trace, the masses of ``mu_u``) but the first
-  one's variance differs (``2d/(d+2) (||H||_F^2 - tr(H)^2/d)`` for the trace against the Rademacher ``2
-  (||H||_F^2 - sum_i H_ii^2)``). For independent draws with a common mean, ``E[s^2] = (1/n) sum sigma_i^2 =
-  n Var(mean)``: the standard error still estimates the mean's spread without bias, and draws whose means
-  differ (the negative mass's bounds) only widen it. What remains is the normal approximation of a mean whose
-  terms are not identically distributed, one term of ``n``; the repeated intervals keep their level on that
-  basis as before (``tests/test_density_shared.py``: coverage of exact negative masses and traces over many
-  seeds with the first start received, and its failure when a warm run is taken instead).
-* Nodes. The run has the steps its own stopping rule took (``spectrum``: its bounds at ``tol``), more or
-  fewer than ``m``. All are used: a Gauss rule of ``s`` nodes is a quadrature of the same start (exact to
-  degree ``2s - 1``, its negative-mass bounds as valid, its trace sample the same), and more nodes than ``m``
-  only sharpen it. Refusing a run shorter than ``m`` would select starts by their own stopping time (a run
-  stops early when its start sits well in the extreme eigenvectors), which biases every statistic; a short
-  rule costs only a wider quadrature gap of that one start, which ``negative_mass_quad_err`` and the
-  interval report. A run whose Krylov space was exhausted is exact, as for density's own runs.
+  one's variance differs (the trace: ``2d/(d+2) (||H||_F^2 - tr(H)^2/d)`` against the Rademacher ``2
+  (||H||_F^2 - sum_i H_ii^2)``). For independent draws with a common mean ``E[s^2] = (1/n) sum sigma_i^2 = n
+  Var(mean)``: the standard error still estimates the mean's spread without bias, and draws whose means
+  differ (the negative mass's bounds) only widen it. What remains is the normal approximation of a mean of
+  terms not identically distributed, one of ``n`` (at the extreme, ``n - 1`` equal draws and one off by
+  ``e``, the mean is off by ``e/n`` and its standard error is ``|e|/n``, so any ``q >= 1`` covers); the
+  repeated intervals keep their level on that basis as before (``tests/test_density_shared.py``: coverage of
+  exact negative masses and traces over many seeds with the first start taken).
 
-Cost: at most ``n_v * min(m, d)`` HVPs (``budget``; ``(n_v - 1) * min(m, d)`` with a received first start).
+Cost: at most ``n_v * min(m, d)`` HVPs (``budget``; ``(n_v - 1) * min(m, d)`` with a first start taken).
 The grid and density are numpy arrays under ``grid`` and ``density`` (named in ``arrays``, for a sidecar
 file); everything else is JSON-ready.
 """
@@ -110,13 +112,15 @@ import torch
 
 from ..errors import ConfigurationError
 from ..linalg.lanczos import lanczos
+from ..linalg.ritz import ritz_pairs
 from ..linalg.slq import SLQResult, slq_density
-from ..linalg.vectors import device_generator, rademacher
+from ..linalg.vectors import device_generator, gaussian, rademacher
 from ..stats.sequential import repeated_t
 from ._budget import check_rel_tol
 from ._common import checked, half_width, resolve_generator
-from .registry import PlanContext, SharedPart, register
-from .shared import RAW_SPECTRUM, Reuse, start_key
+from .registry import register
+from .shared import Reuse
+from .spectrum import vector_device
 
 __all__ = ["STATISTICS", "bulk_edge", "density"]
 
@@ -198,25 +202,30 @@ def _run(r: Any, d: int, m: int) -> _Run:
                 float(d * (w * theta).sum()), int(r.steps), int(r.matvecs))
 
 
-def _received_run(r: Any, d: int) -> _Run:
-    """The first start from a Lanczos run another metric made (module docstring): its own Gauss rule, the
-    residual bounds ``beta |u_{s,i}|`` (widened by its matvec error, if any) whatever bound it stopped on, and
-    exact only where its Krylov space was exhausted (it may have stopped on its bounds before ``m``)."""
-    if not (getattr(r, "U", None) is not None and getattr(r, "ritz_values", None) is not None
-            and getattr(r, "steps", 0) >= 1 and not getattr(r, "restarts", 0)):
+def _taken_run(r: Any, m: int, d: int) -> _Run | None:
+    """The first ``min(m, d)`` steps of another metric's Lanczos run as one of density's starts (module
+    docstring, "First start"), or None when it stopped earlier without exhausting its Krylov space.
+
+    The run's tridiagonal's leading ``n x n`` block and its ``n``-th ``beta`` are what an ``n``-step run from
+    the same start computes, so the Gauss rule, residual bounds and exactness are those of :func:`_run` on
+    density's own run from that start; no HVP."""
+    if not (isinstance(getattr(r, "alpha", None), torch.Tensor) and isinstance(getattr(r, "beta", None), torch.Tensor)
+            and isinstance(getattr(r, "steps", None), int) and r.steps >= 1 and not getattr(r, "restarts", 0)
+            and len(r.alpha) == len(r.beta) == r.steps):
         raise ConfigurationError(
-            f"density's first_run must be a plain Lanczos run of the Hessian (a LanczosResult without thick "
-            f"restarts) from a random start independent of density's other starts; got {type(r).__name__}"
+            f"density's first_run must be a plain Lanczos run of the Hessian (a LanczosResult of "
+            f"geomprobe.linalg.lanczos without thick restarts) from a random start independent of density's "
+            f"other starts; got {type(r).__name__}"
         )
-    theta, w = r.ritz_values.double().cpu().numpy(), (r.U[0, :] ** 2).double().cpu().numpy()
-    resid = r.resid if getattr(r, "resid", None) is not None else r.bounds
-    resid = resid.double().cpu().numpy() + (getattr(r, "matvec_error", None) or 0.0)
-    # beta_s = ||beta_s U[-1, :]||, the rows of U being orthonormal; the rule of lanczos' exhaustion test
-    beta = float(np.linalg.norm(r.resid.double().cpu().numpy())) if getattr(r, "resid", None) is not None else math.inf
-    exact = r.steps >= d or beta <= 1e-12 * max(float(np.abs(theta).max()), 1e-300) * math.sqrt(d)
-    lo, hi = _negative_mass_bounds(theta, w, exact=exact)
-    return _Run(theta, w, resid, float(w[theta < 0].sum()), lo, hi, float(d * (w * theta).sum()), int(r.steps), 0,
-                received=True)
+    n = min(r.steps, m, d)
+    alpha, beta = r.alpha[:n].tolist(), r.beta[:n].tolist()
+    theta, U, bounds, exhausted = ritz_pairs((alpha, beta[:-1]), beta[-1], "residual", d)
+    if n < min(m, d) and not exhausted:
+        return None
+    theta, w = theta.double().cpu().numpy(), (U[0, :] ** 2).double().cpu().numpy()
+    lo, hi = _negative_mass_bounds(theta, w, exact=n < m or n == d)
+    return _Run(theta, w, bounds.double().cpu().numpy(), float(w[theta < 0].sum()), lo, hi,
+                float(d * (w * theta).sum()), n, 0, received=True)
 
 
 def _interval(x: np.ndarray, q: float | None, lo: float = -math.inf, hi: float = math.inf
@@ -301,18 +310,10 @@ def _check_options(n_v: Any, m: Any, grid_size: Any, edge_threshold: Any, min_n_
     return tuple(dict.fromkeys(names))
 
 
-def _shares(o: dict, c: PlanContext) -> list[SharedPart]:
-    """The first start, ``min(m, d)`` HVPs, received from a seeded cold Lanczos run from the same seed run
-    before density (:func:`geomprobe.probe.metric_order.planned_sharing` names that run's start); nothing with
-    density's own generator or a run handed in."""
-    if o.get("generator") is not None or o.get("first_run") is not None:
-        return []
-    return [SharedPart(RAW_SPECTRUM, start_key(o["seed"]), min(c.dim, o["m"]), exact=False)]
-
-
-@register("density", cost="at most n_v * m HVPs (10 x 80 = 800 by default; one start fewer after spectrum's Lanczos "
-          "run of the same seed, its first start); after min_n_v (3) starts it may stop earlier once the stop_on "
-          "statistics' Monte Carlo half-widths meet rel_tol (0.2)", shares=_shares, after=("spectrum", "saddle", "precond"))
+@register("density", cost="at most n_v * m HVPs (10 x 80 = 800 by default; one start fewer when spectrum's Lanczos "
+          "run of the same seed took m steps or more: its first start); after min_n_v (3) starts it may stop earlier "
+          "once the stop_on statistics' Monte Carlo half-widths meet rel_tol (0.2)",
+          after=("spectrum", "saddle", "precond"))
 def density(
     land: Any,
     *,
@@ -354,24 +355,25 @@ def density(
             docs/metrics.md#density if None).
         edge_threshold: relative density below which the bulk ends (module docstring).
         tol: relative residual bound under which the extremes count as converged.
-        seed, generator: the randomness (Rademacher starts).
+        seed, generator: the randomness (Rademacher starts; the first one Gaussian after a run from the seed).
         basis_device: where the Lanczos basis lives (``"cpu"``: host memory; see krylov.lanczos).
-        first_run: a :class:`~geomprobe.linalg.lanczos.LanczosResult` to take as the first start (module
-            docstring, "First start"), as density takes spectrum's run of the same seed from the Landscape by
-            itself; the caller answers for its start being random, cold and independent of the seed's numbers
+        first_run: a :class:`~geomprobe.linalg.lanczos.LanczosResult` whose first ``min(m, d)`` steps are
+            the first start (module docstring, "First start"), as density takes spectrum's run of the same seed
+            from the Landscape by itself; it must have taken that many steps (or exhausted its Krylov space),
+            and the caller answers for its start being random, cold and independent of the seed's numbers
             after the first (which seed the other starts). None: the run kept on the Landscape, if any.
 
     Returns the keys of the module docstring: ``grid``, ``density`` (numpy), ``arrays``, ``sigma2``,
     ``negative_mass(_err, _se, _lo, _hi, _mc_err, _quad_err)``, ``lambda_max(_err)``, ``lambda_min(_err)``,
     ``abs_ratio(_err)``, ``bulk_edge``, ``outliers``, ``outlier_values``, ``outliers_mass(_err, _lo, _hi)``,
     ``trace(_err, _lo, _hi)``, ``converged``, ``extremes_converged``, ``precision_met``, ``stopped_early``,
-    ``n_v``, ``n_v_max``, ``m``, ``hvps``, ``budget``, ``interval_q``, ``stop_on``; with a first start
-    received, ``received_steps`` (its nodes) and, when taken from the Landscape, ``shared``/``shared_hvps``.
+    ``n_v``, ``n_v_max``, ``m``, ``hvps``, ``budget``, ``interval_q``, ``stop_on``; ``first_start``
+    (``"taken"`` or ``"rerun"``) where the first start is another run's, and ``shared``/``shared_hvps`` where
+    it was taken from the Landscape.
 
-    Cost: at most ``n_v * min(m, d)`` HVPs, ``min(m, d)`` per start used, none for a received first start.
-    Errors: the intervals cover at
-    ``level`` (at the stop too, by their widening for the looks) as far as the runs' spread is that of normal
-    draws; the negative mass's adds the quadrature's deterministic bounds.
+    Cost: at most ``n_v * min(m, d)`` HVPs, ``min(m, d)`` per start used, none for a first start taken.
+    Errors: the intervals cover at ``level`` (at the stop too, by their widening for the looks) as far as the
+    runs' spread is that of normal draws; the negative mass's adds the quadrature's deterministic bounds.
 
     >>> import torch
     >>> from torch import nn
@@ -393,12 +395,32 @@ def density(
     mv = checked(land.hvp)
     d = land.dim
     reuse = Reuse(land, "density")
-    if first_run is None and generator is None:
-        first_run = reuse.find(start_key(seed))  # spectrum's run from this seed's first number, if kept
     runs: list[_Run] = []
+    first, first_start = None, ""
     if first_run is not None:
-        runs.append(_received_run(first_run, d))
-        device_generator(gen)  # the number that seeded that run's start: the other starts use the next ones
+        first = _taken_run(first_run, m, d)
+        if first is None:
+            raise ConfigurationError(
+                f"density's first_run took {first_run.steps} steps, fewer than m={m}, and did not exhaust its "
+                f"Krylov space: run it to m steps (lanczos(..., tol=0, max_iter=m)) or leave first_run out"
+            )
+    elif generator is None and getattr(land, "vector_space", None) is None:
+        key = reuse.longest_from(seed)  # a seeded cold run from this seed's start (spectrum's), if any
+        if key is not None:
+            first = _taken_run(reuse.held(key), m, d)
+            if first is not None:
+                reuse.find(key)  # received: its metric paid for it
+            else:  # it stopped short of m: the same start, run here (module docstring, "Same rule")
+                u = gaussian(d, gen, land.dtype, vector_device(land))
+                r = lanczos(mv, d, tol=0.0, max_iter=m, v0=u.to(land.device), dtype=land.dtype, device=land.device,
+                            basis_device=basis_device)
+                del u
+                runs.append(_run(r, d, m))
+                first_start = "rerun"
+    if first is not None:
+        runs.append(first)
+        first_start = "taken"
+        device_generator(gen)  # the number that seeded the run's start: the other starts use the next ones
     # the looks, and each look's multiplier of the standard error: repeated intervals when the runs may stop
     looks = tuple(range(min(min_n_v, n_v), n_v + 1)) if rel_tol > 0 else (n_v,)
     qs = repeated_t(looks, level) if looks[0] >= 2 else {}
@@ -490,6 +512,6 @@ def density(
         "m": int(max(r.steps for r in own)) if own else steps,
         "hvps": int(sum(r.matvecs for r in own)),
         "budget": int((n_v - (len(runs) - len(own))) * steps),
-        **({"received_steps": runs[0].steps} if len(own) < len(runs) else {}),
+        **({"first_start": first_start} if first_start else {}),
         **reuse.fields(),
     }

@@ -13,9 +13,9 @@ from ..linalg.lanczos import LanczosResult, extremes_converged, lanczos
 from ..linalg.vectors import default_generator
 from .registry import CostPlan, PlanContext, register
 from .ritz_vectors import keep_ritz
-from .shared import RAW_SPECTRUM, Reuse, lanczos_key, start_key
+from .shared import RAW_SPECTRUM, Reuse, lanczos_key
 
-__all__ = ["keep_start", "run_lanczos", "spectrum", "vector_device"]
+__all__ = ["run_lanczos", "spectrum", "vector_device"]
 
 
 def run_lanczos(
@@ -41,8 +41,7 @@ def run_lanczos(
     A seeded run (no ``generator``, no basis kept) is a shared product (:mod:`.shared`): kept on the Landscape
     under its options and seed, so that a second metric asking for the same run (``precond``'s raw spectrum
     after ``spectrum``) gets it without another HVP; ``reuse`` (the asking metric's view) records who computed
-    it. Where the basis lives does not change the result, so it is not part of the key. It is also kept under
-    its start alone (:func:`keep_start`), where ``density`` takes it as its first SLQ start.
+    it. Where the basis lives does not change the result, so it is not part of the key.
     """
     key = lanczos_key(k=k, tol=tol, max_iter=max_iter, which=which, seed=seed, bound=bound, max_basis=max_basis,
                       risk=risk)
@@ -62,20 +61,7 @@ def run_lanczos(
     widen_by_matvec_error(land, r, mark, k, tol, which)
     if cacheable:
         reuse.keep(key, RAW_SPECTRUM, r, r.matvecs)
-        keep_start(reuse, seed, r)
     return r
-
-
-def keep_start(reuse: Reuse, seed: int, r: LanczosResult) -> None:
-    """Keep the seeded cold run ``r`` under its start (:func:`~.shared.start_key`) for ``density``, unless a
-    run from the same start with at least as many steps is kept already (the same start vector, so the longer
-    Krylov space holds the shorter: its Gauss rule matches more moments). A run with thick restarts is not a
-    Gauss rule of its start and is never kept there. No HVP."""
-    if r.restarts or r.U is None:
-        return
-    held = reuse.held(start_key(seed))
-    if held is None or held.steps < r.steps:
-        reuse.keep(start_key(seed), RAW_SPECTRUM, r, r.matvecs)
 
 
 def vector_device(land: Any) -> torch.device:
@@ -286,5 +272,4 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
     keep_ritz(land, "bottom", *r.bottom(k), bottom)
     if cacheable:
         reuse.keep(key, RAW_SPECTRUM, r, r.matvecs)
-        keep_start(reuse, seed, r)
     return r, v0 is not None

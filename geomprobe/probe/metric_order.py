@@ -6,10 +6,7 @@ product is computed once, by the metric it belongs to, and each record says the 
 Which parts are shared is read from the metrics' registered :class:`~geomprobe.metrics.registry.SharedPart`
 keys before anything runs: the plan counts each once. ``rmed`` and ``diagshare`` share Hessian columns in part,
 in whichever order they run (no ``after``): the plan takes off the receiver the columns the earlier one reads
-for certain (``SharedPart.columns``). A seeded cold Lanczos run (``spectrum``'s, ``saddle``'s, ``precond``'s raw
-one) also serves ``density`` as its first start when their seeds agree, whatever its stopping options: such a
-part is made under its start too (:func:`~geomprobe.metrics.shared.start_of`), unless the metric was handed a
-warm start of its own, which may leave no seeded cold run. Costs nothing (no HVP).
+for certain (``SharedPart.columns``). Costs nothing (no HVP).
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ from typing import Any
 
 from ..metrics import registry
 from ..metrics.registry import PlanContext, SharedPart
-from ..metrics.shared import start_of
 
 __all__ = ["planned_sharing", "providers", "run_order"]
 
@@ -60,8 +56,7 @@ def planned_sharing(metric_options: Mapping[str, Mapping[str, Any]], context: Pl
     out: dict[str, list[tuple[SharedPart, str]]] = {}
     for name in run_order(metric_options):
         out[name] = []
-        options = _options(name, metric_options[name], seed)
-        for part in registry.get(name).shared_parts(options, context):
+        for part in registry.get(name).shared_parts(_options(name, metric_options[name], seed), context):
             if part.columns is not None:
                 # an upper bound: the metric may find more of its columns read (another's candidates, a
                 # provider that read past its least)
@@ -76,9 +71,6 @@ def planned_sharing(metric_options: Mapping[str, Mapping[str, Any]], context: Pl
                 out[name].append((part, made[part.key]))
             else:
                 made[part.key] = name
-            start = start_of(part.key) if options.get("warm") is None else None
-            if start is not None:  # the cold run's start, density's first (metrics/shared.py)
-                made.setdefault(start, name)
     return out
 
 
