@@ -74,11 +74,12 @@ sharded Landscape looks for none. Why the estimates and intervals stay what they
 
 * Same rule, whatever the run. The first start is the ``min(m, d)``-step Gauss rule of ``u`` in both cases, so
   its law does not depend on how long the run was. Taking a short run's nodes instead would mix rules of
-  different degrees, whose negative masses differ systematically (gpt2-tiny: 0.69 from spectrum's 38 nodes
-  against ~0.25 from 80: the standard error tripled and stopping took 10 starts instead of 3), and falling
-  back to a Rademacher start when the run is short would select ``u`` by its own stopping time (a run stops
-  early where its start sits well in the extreme eigenvectors), which biases every statistic. Whether a run
-  is there at all depends on the metrics and options of the probe, not on ``u``.
+  different degrees, whose negative masses differ systematically (gpt2-tiny, fp32: 0.69 below 0 from
+  spectrum's 38 nodes against ~0.25 from 80; the half-width at three starts tripled and the probe ran all 10
+  starts instead of 3), and falling back to a Rademacher start when the run is short would select ``u`` by
+  its own stopping time (a run stops early where its start sits well in the extreme eigenvectors), which
+  biases every statistic. Whether a run is there at all depends on the metrics and options of the probe, not
+  on ``u``.
 * Independence. ``u`` comes from the seed's first number and the other starts from the later ones, as
   density's own starts always did: independent as before.
 * Unbiasedness. ``u = g / |g|`` is uniform on the sphere, so ``E[u u^T] = I / d``, as for a Rademacher ``z /
