@@ -77,9 +77,12 @@ def test_training_is_bit_identical_with_a_probe(tmp_path, mode, vector_device):
     assert r["spectrum"]["lambda_max"] >= r["spectrum"]["lambda_min"]
     assert r["cost"]["hvps"] >= r["spectrum"]["hvps"] > 0 and r["cost"]["seconds"] > 0
     assert r["lr"] == [1e-2]
-    # a certified spectrum starts cold at every probe (a warm start costs it more HVPs than it saves)
+    # a certified spectrum starts cold at every probe (warm_start="auto"), and density takes the first 10 steps
+    # of its seeded run as its first start: one start of m = 10 steps fewer
     assert [rec["spectrum"]["warm"] for rec in records] == [False] * len(records)
     assert all("certifies its extremes" in rec["spectrum"]["cold_because"] for rec in records[1:])
+    assert all(rec["density"]["shared"] == ["raw spectrum from spectrum"] for rec in records)
+    assert all(rec["density"]["hvps"] == 10 for rec in records)
 
 
 def test_meta_names_model_optimizer_policy_and_data(tmp_path):

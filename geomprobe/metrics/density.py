@@ -59,8 +59,46 @@ Recorded: ``n_v`` (starts used), ``n_v_max``, ``hvps`` (spent), ``budget`` (``n_
 ``converged`` (``extremes_converged`` and ``precision_met``), ``interval_q`` (the ``q`` of the reported
 intervals) and ``stop_on``.
 
-Cost: at most ``n_v * min(m, d)`` HVPs (``budget``). The grid and density are numpy arrays under ``grid`` and
-``density`` (named in ``arrays``, for a sidecar file); everything else is JSON-ready.
+First start from spectrum's run. When the Landscape holds a seeded cold Lanczos run from density's own
+``seed`` (``spectrum``'s, or ``saddle``'s or ``precond``'s raw run, in full memory; :mod:`.shared` finds it
+by its start), density's first start is that run's start ``u``, the unit Gaussian vector the seed's first
+number seeds, and its other starts are the Rademacher vectors of the following numbers, exactly the starts 2,
+3, ... of a call without it. The first start's ``min(m, d)`` steps are the run's first ones (the same
+recurrence from the same vector): when the run took at least that many (or exhausted its Krylov space)
+density reads them off its tridiagonal for no HVP (``first_start`` is ``"taken"``, ``shared``/``shared_hvps``
+name the run and what it cost its metric, ``hvps`` counts the other starts only); when it stopped earlier on
+its bounds, density runs ``u`` to ``min(m, d)`` steps itself (``"rerun"``, ``min(m, d)`` HVPs, nothing
+received). A warm-started run, a run with a given generator (no key names its randomness), one from another
+seed or in bounded memory (``max_basis``) is never kept there, and a call with its own ``generator`` or on a
+sharded Landscape looks for none. Why the estimates and intervals stay what they claim:
+
+* Same rule, whatever the run. The first start is the ``min(m, d)``-step Gauss rule of ``u`` in both cases, so
+  its law does not depend on how long the run was. Taking a short run's nodes instead would mix rules of
+  different degrees, whose negative masses differ systematically (gpt2-tiny, fp32: 0.69 below 0 from
+  spectrum's 38 nodes against ~0.25 from 80; the half-width at three starts tripled and the probe ran all 10
+  starts instead of 3), and falling back to a Rademacher start when the run is short would select ``u`` by
+  its own stopping time (a run stops early where its start sits well in the extreme eigenvectors), which
+  biases every statistic. Whether a run is there at all depends on the metrics and options of the probe, not
+  on ``u``.
+* Independence. ``u`` comes from the seed's first number and the other starts from the later ones, as
+  density's own starts always did: independent as before.
+* Unbiasedness. ``u = g / |g|`` is uniform on the sphere, so ``E[u u^T] = I / d``, as for a Rademacher ``z /
+  sqrt(d)``: the run's measure ``mu_u = sum_j (q_j^T u)^2 delta(lambda_j)`` has the spectral measure as its
+  mean, so its trace sample ``d sum_i w_i theta_i = d u^T H u`` is unbiased and its Chebyshev-Markov-Stieltjes
+  bounds, which hold for every start, bracket the true negative mass in expectation.
+* Coverage. The draws are independent with the same mean (the trace, the masses of ``mu_u``) but the first
+  one's variance differs (the trace: ``2d/(d+2) (||H||_F^2 - tr(H)^2/d)`` against the Rademacher ``2
+  (||H||_F^2 - sum_i H_ii^2)``). For independent draws with a common mean ``E[s^2] = (1/n) sum sigma_i^2 = n
+  Var(mean)``: the standard error still estimates the mean's spread without bias, and draws whose means
+  differ (the negative mass's bounds) only widen it. What remains is the normal approximation of a mean of
+  terms not identically distributed, one of ``n`` (at the extreme, ``n - 1`` equal draws and one off by
+  ``e``, the mean is off by ``e/n`` and its standard error is ``|e|/n``, so any ``q >= 1`` covers); the
+  repeated intervals keep their level on that basis as before (``tests/test_density_shared.py``: coverage of
+  exact negative masses and traces over many seeds with the first start taken).
+
+Cost: at most ``n_v * min(m, d)`` HVPs (``budget``; ``(n_v - 1) * min(m, d)`` with a first start taken).
+The grid and density are numpy arrays under ``grid`` and ``density`` (named in ``arrays``, for a sidecar
+file); everything else is JSON-ready.
 """
 
 from __future__ import annotations
@@ -75,12 +113,15 @@ import torch
 
 from ..errors import ConfigurationError
 from ..linalg.lanczos import lanczos
+from ..linalg.ritz import ritz_pairs
 from ..linalg.slq import SLQResult, slq_density
-from ..linalg.vectors import rademacher
+from ..linalg.vectors import device_generator, gaussian, rademacher
 from ..stats.sequential import repeated_t
 from ._budget import check_rel_tol
 from ._common import checked, half_width, resolve_generator
 from .registry import register
+from .shared import Reuse
+from .spectrum import vector_device
 
 __all__ = ["STATISTICS", "bulk_edge", "density"]
 
@@ -152,6 +193,7 @@ class _Run:
     trace: float            # d * sum w theta = z^T H z for a Rademacher start
     steps: int
     matvecs: int
+    received: bool = False  # another metric's run (module docstring), not spent here
 
 
 def _run(r: Any, d: int, m: int) -> _Run:
@@ -159,6 +201,32 @@ def _run(r: Any, d: int, m: int) -> _Run:
     lo, hi = _negative_mass_bounds(theta, w, exact=r.steps < m or r.steps == d)
     return _Run(theta, w, r.bounds.double().cpu().numpy(), float(w[theta < 0].sum()), lo, hi,
                 float(d * (w * theta).sum()), int(r.steps), int(r.matvecs))
+
+
+def _taken_run(r: Any, m: int, d: int) -> _Run | None:
+    """The first ``min(m, d)`` steps of another metric's Lanczos run as one of density's starts (module
+    docstring, "First start"), or None when it stopped earlier without exhausting its Krylov space.
+
+    The run's tridiagonal's leading ``n x n`` block and its ``n``-th ``beta`` are what an ``n``-step run from
+    the same start computes, so the Gauss rule, residual bounds and exactness are those of :func:`_run` on
+    density's own run from that start; no HVP."""
+    if not (isinstance(getattr(r, "alpha", None), torch.Tensor) and isinstance(getattr(r, "beta", None), torch.Tensor)
+            and isinstance(getattr(r, "steps", None), int) and r.steps >= 1 and not getattr(r, "restarts", 0)
+            and len(r.alpha) == len(r.beta) == r.steps):
+        raise ConfigurationError(
+            f"density's first_run must be a plain Lanczos run of the Hessian (a LanczosResult of "
+            f"geomprobe.linalg.lanczos without thick restarts) from a random start independent of density's "
+            f"other starts; got {type(r).__name__}"
+        )
+    n = min(r.steps, m, d)
+    alpha, beta = r.alpha[:n].tolist(), r.beta[:n].tolist()
+    theta, U, bounds, exhausted = ritz_pairs((alpha, beta[:-1]), beta[-1], "residual", d)
+    if n < min(m, d) and not exhausted:
+        return None
+    theta, w = theta.double().cpu().numpy(), (U[0, :] ** 2).double().cpu().numpy()
+    lo, hi = _negative_mass_bounds(theta, w, exact=n < m or n == d)
+    return _Run(theta, w, bounds.double().cpu().numpy(), float(w[theta < 0].sum()), lo, hi,
+                float(d * (w * theta).sum()), n, 0, received=True)
 
 
 def _interval(x: np.ndarray, q: float | None, lo: float = -math.inf, hi: float = math.inf
@@ -243,8 +311,10 @@ def _check_options(n_v: Any, m: Any, grid_size: Any, edge_threshold: Any, min_n_
     return tuple(dict.fromkeys(names))
 
 
-@register("density", cost="at most n_v * m HVPs (10 x 80 = 800 by default); after min_n_v (3) starts it may stop "
-          "earlier once the stop_on statistics' Monte Carlo half-widths meet rel_tol (0.2)")
+@register("density", cost="at most n_v * m HVPs (10 x 80 = 800 by default; one start fewer when spectrum's Lanczos "
+          "run of the same seed took m steps or more: its first start); after min_n_v (3) starts it may stop earlier "
+          "once the stop_on statistics' Monte Carlo half-widths meet rel_tol (0.2)",
+          after=("spectrum", "saddle", "precond"))
 def density(
     land: Any,
     *,
@@ -262,6 +332,7 @@ def density(
     seed: int = 0,
     generator: torch.Generator | None = None,
     basis_device: torch.device | str | None = None,
+    first_run: Any = None,
 ) -> dict:
     """SLQ spectral density with negative mass, |lambda_min|/lambda_max and the outliers above the bulk.
 
@@ -285,18 +356,25 @@ def density(
             docs/metrics.md#density if None).
         edge_threshold: relative density below which the bulk ends (module docstring).
         tol: relative residual bound under which the extremes count as converged.
-        seed, generator: the randomness (Rademacher starts).
+        seed, generator: the randomness (Rademacher starts; the first one Gaussian after a run from the seed).
         basis_device: where the Lanczos basis lives (``"cpu"``: host memory; see krylov.lanczos).
+        first_run: a :class:`~geomprobe.linalg.lanczos.LanczosResult` whose first ``min(m, d)`` steps are
+            the first start (module docstring, "First start"), as density takes spectrum's run of the same seed
+            from the Landscape by itself; it must have taken that many steps (or exhausted its Krylov space),
+            and the caller answers for its start being random, cold and independent of the seed's numbers
+            after the first (which seed the other starts). None: the run kept on the Landscape, if any.
 
     Returns the keys of the module docstring: ``grid``, ``density`` (numpy), ``arrays``, ``sigma2``,
     ``negative_mass(_err, _se, _lo, _hi, _mc_err, _quad_err)``, ``lambda_max(_err)``, ``lambda_min(_err)``,
     ``abs_ratio(_err)``, ``bulk_edge``, ``outliers``, ``outlier_values``, ``outliers_mass(_err, _lo, _hi)``,
     ``trace(_err, _lo, _hi)``, ``converged``, ``extremes_converged``, ``precision_met``, ``stopped_early``,
-    ``n_v``, ``n_v_max``, ``m``, ``hvps``, ``budget``, ``interval_q``, ``stop_on``.
+    ``n_v``, ``n_v_max``, ``m``, ``hvps``, ``budget``, ``interval_q``, ``stop_on``; ``first_start``
+    (``"taken"`` or ``"rerun"``) where the first start is another run's, and ``shared``/``shared_hvps`` where
+    it was taken from the Landscape.
 
-    Cost: at most ``n_v * min(m, d)`` HVPs, ``min(m, d)`` per start used. Errors: the intervals cover at
-    ``level`` (at the stop too, by their widening for the looks) as far as the runs' spread is that of normal
-    draws; the negative mass's adds the quadrature's deterministic bounds.
+    Cost: at most ``n_v * min(m, d)`` HVPs, ``min(m, d)`` per start used, none for a first start taken.
+    Errors: the intervals cover at ``level`` (at the stop too, by their widening for the looks) as far as the
+    runs' spread is that of normal draws; the negative mass's adds the quadrature's deterministic bounds.
 
     >>> import torch
     >>> from torch import nn
@@ -317,15 +395,38 @@ def density(
     gen = resolve_generator(seed, generator)
     mv = checked(land.hvp)
     d = land.dim
+    reuse = Reuse(land, "density")
+    runs: list[_Run] = []
+    first, first_start = None, ""
+    if first_run is not None:
+        first = _taken_run(first_run, m, d)
+        if first is None:
+            raise ConfigurationError(
+                f"density's first_run took {first_run.steps} steps, fewer than m={m}, and did not exhaust its "
+                f"Krylov space: run it to m steps (lanczos(..., tol=0, max_iter=m)) or leave first_run out"
+            )
+    elif generator is None and getattr(land, "vector_space", None) is None:
+        key = reuse.longest_from(seed)  # a seeded cold run from this seed's start (spectrum's), if any
+        if key is not None:
+            first = _taken_run(reuse.held(key), m, d)
+            if first is not None:
+                reuse.find(key)  # received: its metric paid for it
+            else:  # it stopped short of m: the same start, run here (module docstring, "Same rule")
+                u = gaussian(d, gen, land.dtype, vector_device(land))
+                r = lanczos(mv, d, tol=0.0, max_iter=m, v0=u.to(land.device), dtype=land.dtype, device=land.device,
+                            basis_device=basis_device)
+                del u
+                runs.append(_run(r, d, m))
+                first_start = "rerun"
+    if first is not None:
+        runs.append(first)
+        first_start = "taken"
+        device_generator(gen)  # the number that seeded the run's start: the other starts use the next ones
     # the looks, and each look's multiplier of the standard error: repeated intervals when the runs may stop
     looks = tuple(range(min(min_n_v, n_v), n_v + 1)) if rel_tol > 0 else (n_v,)
     qs = repeated_t(looks, level) if looks[0] >= 2 else {}
-    runs: list[_Run] = []
     met = rel_tol == 0
-    for _ in range(n_v):
-        z = rademacher(d, gen, land.dtype, land.device)
-        r = lanczos(mv, d, tol=0.0, max_iter=m, v0=z, dtype=land.dtype, device=land.device, basis_device=basis_device)
-        runs.append(_run(r, d, m))
+    while True:
         n = len(runs)
         if rel_tol > 0 and n in qs:
             om = (_shape(runs, d, grid_size, sigma2, edge_threshold)["outliers_mass"]
@@ -333,7 +434,13 @@ def density(
             met = all(e <= target for e, target in _precision(runs, qs[n], stop_on, rel_tol, mass_tol, om).values())
             if met:
                 break
+        if n >= n_v:
+            break
+        z = rademacher(d, gen, land.dtype, land.device)
+        r = lanczos(mv, d, tol=0.0, max_iter=m, v0=z, dtype=land.dtype, device=land.device, basis_device=basis_device)
+        runs.append(_run(r, d, m))
     n = len(runs)
+    own = [r for r in runs if not r.received]
     q = qs.get(n)
     shape = _shape(runs, d, grid_size, sigma2, edge_threshold)
     th = [r.theta for r in runs]
@@ -403,7 +510,9 @@ def density(
         "interval_q": q,
         "n_v": n,
         "n_v_max": int(n_v),
-        "m": int(max(r.steps for r in runs)),
-        "hvps": int(sum(r.matvecs for r in runs)),
-        "budget": int(n_v * steps),
+        "m": int(max(r.steps for r in own)) if own else steps,
+        "hvps": int(sum(r.matvecs for r in own)),
+        "budget": int((n_v - (len(runs) - len(own))) * steps),
+        **({"first_start": first_start} if first_start else {}),
+        **reuse.fields(),
     }

@@ -17,6 +17,11 @@ metric failing in between leaves the others' products as they were. Each metric 
 its result (:meth:`Reuse.fields`): ``shared`` (``"raw spectrum from spectrum"``) and ``shared_hvps`` (what
 each received product cost the metric that computed it); its ``hvps`` counts only HVPs it spent itself.
 
+Seeded cold Lanczos runs in full memory are also found by their **start** (:meth:`Reuse.longest_from`: the seed
+alone), whatever options stopped them: every such run from one seed starts from the same Gaussian vector and
+takes the same first steps, so the longest holds the first ``m`` steps of all, from which ``density`` takes
+its first SLQ start.
+
 A probe runs the metrics that compute a product before those that reuse it (``after`` in the registry) and
 plans the cost of the set with each shared part counted once (``shares`` in the registry:
 :class:`~.registry.SharedPart`).
@@ -28,7 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RAW_DIAGONAL", "RAW_SPECTRUM", "Product", "Reuse", "diagonal_key", "lanczos_key"]
+__all__ = ["RAW_DIAGONAL", "RAW_SPECTRUM", "Product", "Reuse", "diagonal_key", "lanczos_key", "start_of"]
 
 RAW_SPECTRUM = "raw spectrum"        # a seeded cold Lanczos run on the Hessian (spectrum, precond, saddle)
 RAW_DIAGONAL = "raw diagonal reads"  # rmed's diagonal entries of the Hessian (rmed, precond)
@@ -49,6 +54,15 @@ def lanczos_key(*, k: int, tol: float, max_iter: int | None, which: str, seed: i
                 max_basis: int | None, risk: float | None) -> tuple:
     """What determines a seeded cold Lanczos run on the Hessian (where its basis lives does not)."""
     return ("lanczos", k, tol, max_iter, which, seed, bound, max_basis, risk)
+
+
+def start_of(key: tuple) -> int | None:
+    """The seed of the run a :func:`lanczos_key` names (its start is the Gaussian vector the seed's first number
+    seeds), or None: for another product, or a run in bounded memory (``max_basis``), whose thick restarts
+    replace its tridiagonal and whose restarting depends on its start."""
+    if not (isinstance(key, tuple) and len(key) == 9 and key[0] == "lanczos" and key[7] is None):
+        return None
+    return key[5]
 
 
 def diagonal_key(blocks: Sequence[Any], *, seed: int, exact_threshold: int, k: int, top: int, screen_samples: int,
@@ -82,6 +96,22 @@ class Reuse:
         if all(p is not got for p in self.received):
             self.received.append(got)
         return got.value
+
+    def held(self, key: tuple) -> Any | None:
+        """The value kept under ``key`` without noting it as received (to compare before keeping), or None."""
+        got = self._store.get(key) if self._store is not None else None
+        return got.value if isinstance(got, Product) else None
+
+    def longest_from(self, seed: int) -> tuple | None:
+        """The key of the kept seeded cold Lanczos run from ``seed``'s start (:func:`start_of`) with the most
+        steps (the first kept of equals), or None. Runs from one start take the same first steps, so the
+        longest holds those of all. Notes nothing (:meth:`find` does); no HVP."""
+        best: tuple | None = None
+        for key, got in (self._store or {}).items():
+            if start_of(key) == seed and isinstance(got, Product) and (
+                    best is None or got.value.steps > self._store[best].value.steps):
+                best = key
+        return best
 
     def keep(self, key: tuple, what: str, value: Any, hvps: int) -> None:
         """Keep ``value`` under ``key``, computed by this metric for ``hvps`` HVPs (a complete product only)."""
