@@ -244,10 +244,10 @@ def collect_noise(
         v = stats.views[k]
         mv = mean if s is None else mean * s
         v.mean_norm2 = float(mv @ mv)
-        v.block_mean_norm2 = [float(mv[b.slice] @ mv[b.slice]) for b in blocks]
+        v.block_mean_norm2 = _block_norms2(mv, blocks)
         M2v = M2 if s is None else M2 * s * s
         v.cv = _cv(M2v)
-        v.block_cv = [_cv(M2v[b.slice]) for b in blocks]
+        v.block_cv = _block_cvs(M2v, blocks)
         if exact:
             _exact_moments(stats, v, held, s)
         else:
@@ -259,6 +259,22 @@ def _cv(M2: torch.Tensor) -> float | None:
     """``std(c)/mean(c)`` over coordinates of per-coordinate variances ``c`` (scale-free, so M2 will do)."""
     m = float(M2.mean())
     return float(M2.std(correction=0)) / m if m > 0 and M2.numel() > 0 else None
+
+
+def _block_norms2(x: torch.Tensor, blocks: Sequence[Block]) -> list[float]:
+    """``‖x_b‖²`` per block, each the dot product a per-block read took, read from the device at once."""
+    if not blocks:
+        return []
+    return torch.stack([x[b.slice] @ x[b.slice] for b in blocks]).tolist()
+
+
+def _block_cvs(M2: torch.Tensor, blocks: Sequence[Block]) -> list[float | None]:
+    """:func:`_cv` of every block's slice of ``M2``: its means and standard deviations computed per block where
+    ``M2`` lives and read at once (one wait for the device per call, not two per block)."""
+    if not blocks:
+        return []
+    ms = torch.stack([torch.stack([M2[b.slice].mean(), M2[b.slice].std(correction=0)]) for b in blocks]).tolist()
+    return [sd / m if m > 0 and b.stop > b.start else None for b, (m, sd) in zip(blocks, ms)]
 
 
 def _group_sums(stats: NoiseStats, v: ViewStats, rows: torch.Tensor, mean: torch.Tensor, s: torch.Tensor | None,
@@ -290,12 +306,12 @@ def _group_sums(stats: NoiseStats, v: ViewStats, rows: torch.Tensor, mean: torch
     v.block_sq[g] = block_sq
     v.g_snorm2.append(float(sg @ sg))
     v.g_sdot.append(float(sg @ mv))
-    v.g_block_snorm2.append([float(sg[b.slice] @ sg[b.slice]) for b in stats.blocks])
+    v.g_block_snorm2.append(_block_norms2(sg, stats.blocks))
     # Per-coordinate variance without this group: the rest has mean ḡ − s_g/n_R (in ξ units).
     n_R = stats.P - r
     M2_R = M2v - y2_sum - sg * sg / n_R
     v.cv_R.append(_cv(M2_R))
-    v.block_cv_R.append([_cv(M2_R[b.slice]) for b in stats.blocks])
+    v.block_cv_R.append(_block_cvs(M2_R, stats.blocks))
     if G is not None:
         v.moments_R.append(trace_moments(G))  # this group's own moments; pooled later
 
