@@ -457,3 +457,41 @@ def test_block_tails_equal_the_per_block_formula():
         assert (e["alpha"], e["alpha_standardized"], e["scale_heterogeneity"]) == (
             t["alpha_pooled"], t["alpha_standardized"], t["scale_heterogeneity"])
         assert e["trace_cov"] == tr["trace"]
+
+
+def test_overlapping_blocks_are_those_of_the_full_scan():
+    rng = np.random.default_rng(0)
+    blocks = _blocks([int(n) for n in rng.integers(0, 9, 40)])  # empty blocks among them
+    d = blocks[-1].stop
+    ov = gn._Overlaps(blocks)
+    assert ov.ordered
+    for _ in range(300):
+        a = int(rng.integers(0, d))
+        cs = slice(a, min(d, a + int(rng.integers(1, 25))))
+        full = [j for j, b in enumerate(blocks) if max(b.start, cs.start) < min(b.stop, cs.stop)]
+        got = list(ov(cs))
+        assert [j for j in got if blocks[j].size] == full
+        assert all(blocks[j].size == 0 or j in full for j in got)
+    shuffled = [blocks[3], blocks[1], blocks[2]]
+    assert not gn._Overlaps(shuffled).ordered and list(gn._Overlaps(shuffled)(slice(0, 1))) == [0, 1, 2]
+
+
+def test_group_sums_by_bisection_equal_the_full_scan(monkeypatch):
+    """Many column slices (a small max_elements) and ragged blocks: the sums bit for bit those of the scan
+    over every block at every slice."""
+    g = torch.Generator().manual_seed(1)
+    blocks = _blocks([1, 37, 5, 120, 2, 64])
+    X = torch.randn(40, blocks[-1].stop, generator=g, dtype=torch.float64)
+
+    def run():
+        return gn.collect_noise(_Rows(X, 8), blocks, max_elements=2048, generator=torch.Generator().manual_seed(0))
+
+    fast = run()
+    monkeypatch.setattr(gn._Overlaps, "__call__", lambda self, cs: range(len(self.starts)))
+    slow = run()
+    a, b = fast.views["raw"], slow.views["raw"]
+    assert not fast.exact and torch.equal(a.block_sq, b.block_sq) and torch.equal(a.sq, b.sq)
+    assert a.g_block_snorm2 == b.g_block_snorm2 and a.block_cv_R == b.block_cv_R and a.block_cv == b.block_cv
+    direct = ((X - X.mean(0)) ** 2)
+    ref = torch.stack([direct[:, bl.slice].sum(1) for bl in blocks], 1)
+    assert torch.allclose(a.block_sq, ref, rtol=1e-12, atol=0)

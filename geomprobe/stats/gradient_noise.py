@@ -24,6 +24,7 @@ Cost: P gradients per pass; O(P·d) arithmetic plus O(P²·d) for an exact Gram 
 
 from __future__ import annotations
 
+import bisect
 import math
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -261,6 +262,22 @@ def _cv(M2: torch.Tensor) -> float | None:
     return float(M2.std(correction=0)) / m if m > 0 and M2.numel() > 0 else None
 
 
+class _Overlaps:
+    """Which blocks overlap a slice of columns. For blocks in order without overlap (a parameter space's) only
+    those, found by bisection, so a pass over column slices takes slices + blocks steps, not slices x blocks
+    (35,000 a group on GPT-2); every block otherwise."""
+
+    def __init__(self, blocks: Sequence[Block]):
+        self.starts = [b.start for b in blocks]
+        self.stops = [b.stop for b in blocks]
+        self.ordered = all(self.stops[i] <= self.starts[i + 1] for i in range(len(blocks) - 1))
+
+    def __call__(self, cs: slice) -> range:
+        if not self.ordered:
+            return range(len(self.starts))
+        return range(bisect.bisect_right(self.stops, cs.start), bisect.bisect_left(self.starts, cs.stop))
+
+
 def _block_norms2(x: torch.Tensor, blocks: Sequence[Block]) -> list[float]:
     """``‖x_b‖²`` per block, each the dot product a per-block read took, read from the device at once."""
     if not blocks:
@@ -288,13 +305,15 @@ def _group_sums(stats: NoiseStats, v: ViewStats, rows: torch.Tensor, mean: torch
     sg = torch.empty(d, **f64)
     y2_sum = torch.empty(d, **f64)
     G = torch.zeros(r, r, **f64) if gram else None
+    overlapping = _Overlaps(stats.blocks)
     for cs in _column_slices(d, r, max_elements):
         y = rows[:, cs].to(**f64) - mean[cs]
         if s is not None:
             y *= s[cs]
         y2 = y * y
         sq += y2.sum(1)
-        for j, b in enumerate(stats.blocks):
+        for j in overlapping(cs):
+            b = stats.blocks[j]
             lo, hi = max(b.start, cs.start), min(b.stop, cs.stop)
             if lo < hi:
                 block_sq[:, j] += y2[:, lo - cs.start : hi - cs.start].sum(1)
