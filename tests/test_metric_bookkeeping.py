@@ -495,3 +495,43 @@ def test_group_sums_by_bisection_equal_the_full_scan(monkeypatch):
     direct = ((X - X.mean(0)) ** 2)
     ref = torch.stack([direct[:, bl.slice].sum(1) for bl in blocks], 1)
     assert torch.allclose(a.block_sq, ref, rtol=1e-12, atol=0)
+
+
+def test_column_batches_equal_hessian_columns_and_allocate_once(monkeypatch):
+    from geomprobe.errors import ConfigurationError
+    from geomprobe.linalg.exact import hessian_columns
+    from geomprobe.metrics._common import column_batches, exact_diagonal_chunked
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(23, 23, generator=g, dtype=torch.float64)
+    H = A + A.T
+    seen = []
+
+    def mv(V):
+        seen.append(V.clone())
+        return V @ H
+
+    idx = torch.tensor([5, 0, 22, 5, 7, 13, 1])  # a repeat, the ends, a ragged last batch of 3
+    got = list(column_batches(mv, 23, idx, batch=4, dtype=torch.float64, device=None))
+    ref = hessian_columns(lambda V: V @ H, 23, idx, batch=4, dtype=torch.float64)
+    assert [p.tolist() for p, _ in got] == [[5, 0, 22, 5], [7, 13, 1]]
+    assert torch.equal(torch.cat([c for _, c in got]), ref)
+    # every batch saw exactly its own unit vectors (the ones of the last batch were cleared)
+    assert torch.equal(seen[1], torch.eye(23, dtype=torch.float64)[[7, 13, 1]])
+    assert torch.equal(exact_diagonal_chunked(mv, 23, idx, batch=4, dtype=torch.float64, device=None),
+                       H[idx, idx])
+    zeros = {"n": 0}
+    real = torch.zeros
+
+    def counting(*a, **k):
+        zeros["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "zeros", counting)
+    list(column_batches(mv, 23, torch.arange(23), batch=2, dtype=torch.float64, device=None))
+    assert zeros["n"] == 1  # one block of unit vectors for 12 batches
+    monkeypatch.setattr(torch, "zeros", real)
+    with pytest.raises(ConfigurationError, match="column indices"):
+        list(column_batches(mv, 23, torch.tensor([3, 23]), batch=4, dtype=torch.float64, device=None))
+    assert list(column_batches(mv, 23, torch.tensor([], dtype=torch.long), batch=4, dtype=torch.float64,
+                               device=None)) == []
