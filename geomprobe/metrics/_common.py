@@ -7,6 +7,7 @@ HVP-heavy work stays in :mod:`geomprobe.linalg`.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
 from typing import Any, Callable, Iterator, Sequence
 
@@ -140,6 +141,7 @@ def _binom_cdf(n: int, p: float) -> list[float]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)  # every block of a plan asks for the same few (n, p, level): O(n) each
 def order_stat_ranks(n: int, p: float, level: float) -> tuple[int, int]:
     """1-based ranks ``(l, u)`` with ``P(x_(l) <= xi_p <= x_(u)) >= level`` for a sample of size ``n``.
 
