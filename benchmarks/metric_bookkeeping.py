@@ -90,8 +90,8 @@ def main() -> None:
     diag = torch.cat([torch.exp(torch.randn(b.size, generator=g, dtype=torch.float64) + j % 7) for j, b in
                       enumerate(blocks)])
     p = torch.exp(torch.randn(d, generator=g)).to(torch.float64)
-    opts = dict(exact_threshold=0, k=6, top=2, screen_samples=32, z=4.0, hvps=2048, signs=2, min_k=3, pilot=0,
-                batch=16, dtype=torch.float64)
+    opts = {"exact_threshold": 0, "k": 6, "top": 2, "screen_samples": 32, "z": 4.0, "hvps": 2048, "signs": 2,
+            "min_k": 3, "pilot": 0, "batch": 16, "dtype": torch.float64}
     res: dict = {"environment": environment("cpu"), "args": vars(args), "dim": d, "blocks": len(blocks), "runs": []}
     for rep in range(args.repeats):
         row = {}
@@ -125,16 +125,19 @@ def main() -> None:
         class Rows:
             """64 gradients of heavy-tailed noise, made afresh 8 at a time (the same on both passes)."""
 
+            def __init__(self, seed: int):
+                self.seed = seed
+
             def __len__(self):
                 return 64
 
             def __iter__(self):
                 for a in range(0, 64, 8):
-                    gr = torch.Generator().manual_seed(1000 * rep + a)
+                    gr = torch.Generator().manual_seed(1000 * self.seed + a)
                     yield torch.randn(8, d, generator=gr) / torch.rand(8, d, generator=gr).add_(0.05)
 
         t0 = time.perf_counter()
-        stats = collect_noise(Rows(), blocks, generator=torch.Generator().manual_seed(rep))
+        stats = collect_noise(Rows(rep), blocks, generator=torch.Generator().manual_seed(rep))
         row["noise_collect"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         _block_tails(stats, 16, 0)
