@@ -48,7 +48,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..linalg.exact import hessian_columns
+from ._common import column_batches
 
 __all__ = ["COLUMNS", "ColumnReader", "ColumnStore", "block_order", "columns_key", "draw_order_seed"]
 
@@ -177,10 +177,9 @@ class ColumnReader:
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         store = self.store
         missing = [j for j in dict.fromkeys(idx.tolist()) if j not in store.index]
-        for s in range(0, len(missing), self.batch):
-            part = torch.tensor(missing[s : s + self.batch], dtype=torch.long)
-            self.record(part, hessian_columns(self.matvec, self.dim, part, batch=self.batch, dtype=self.dtype,
-                                              device=self.device))
+        for part, C in column_batches(self.matvec, self.dim, torch.tensor(missing, dtype=torch.long),
+                                      batch=self.batch, dtype=self.dtype, device=self.device):
+            self.record(part, C)
         for j in idx.tolist():
             if j not in self._own and j not in self._counted:
                 self._counted.add(j)

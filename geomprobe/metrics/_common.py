@@ -7,14 +7,14 @@ HVP-heavy work stays in :mod:`geomprobe.linalg`.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import math
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import ConfigurationError, NonFiniteLossError
-from ..linalg.exact import hessian_columns
 from ..linalg.vectors import all_finite, default_generator
 from ..stats.student import t_quantile  # noqa: F401  (the metrics import it from here)
 
@@ -69,6 +69,31 @@ def checked(matvec: Matvec, what: str = "Hessian-vector product") -> Matvec:
     return mv
 
 
+def column_batches(matvec: Matvec, dim: int, idx: torch.Tensor, *, batch: int, dtype: torch.dtype,
+                   device: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """``(part, C)`` for consecutive parts of ``idx`` of at most ``batch`` indices, ``C[i] = H e_part[i]`` the
+    rows ``matvec`` returned (its own tensor: the caller may overwrite it). Cost: one HVP per index.
+
+    :func:`geomprobe.linalg.exact.hessian_columns` of each part, without its two full-size passes per part: a
+    fresh zero block of unit vectors (here one block, its few ones moved from part to part) and the
+    concatenation of its single result (a copy of every ``(batch, d)`` block; on the CPU a pass over 16 x d
+    entries costs about what the HVP's own elementwise work does). Same values."""
+    idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+    if idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= dim):
+        raise ConfigurationError(f"column indices must lie in [0, {dim}), got range [{int(idx.min())}, {int(idx.max())}]")
+    if not idx.numel():
+        return
+    E = torch.zeros(min(batch, idx.numel()), dim, dtype=dtype, device=device)
+    rows = torch.arange(E.shape[0], device=E.device)
+    for s in range(0, idx.numel(), batch):
+        part = idx[s : s + batch]
+        n, at = part.numel(), part.to(E.device)
+        E[rows[:n], at] = 1
+        # the matvec returns before the ones are cleared, and on a device the clearing is queued after it
+        yield part, matvec(E[:n]).reshape(n, dim)
+        E[rows[:n], at] = 0
+
+
 def exact_diagonal_chunked(matvec: Matvec, dim: int, idx: torch.Tensor, *, batch: int, dtype: torch.dtype,
                            device: Any) -> torch.Tensor:
     """Exact ``H_jj`` for ``j`` in ``idx`` (float64, CPU), ``batch`` columns at a time.
@@ -78,9 +103,8 @@ def exact_diagonal_chunked(matvec: Matvec, dim: int, idx: torch.Tensor, *, batch
     """
     idx = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
     out = torch.empty(idx.numel(), dtype=torch.float64)
-    for s in range(0, idx.numel(), batch):
-        part = idx[s : s + batch]
-        cols = hessian_columns(matvec, dim, part, batch=batch, dtype=dtype, device=device)
+    for s, (part, cols) in zip(range(0, idx.numel(), batch),
+                               column_batches(matvec, dim, idx, batch=batch, dtype=dtype, device=device)):
         out[s : s + batch] = cols[torch.arange(part.numel()), part.to(cols.device)].double().cpu()
     return out
 
@@ -117,6 +141,7 @@ def _binom_cdf(n: int, p: float) -> list[float]:
     return out
 
 
+@functools.lru_cache(maxsize=1024)  # every block of a plan asks for the same few (n, p, level): O(n) each
 def order_stat_ranks(n: int, p: float, level: float) -> tuple[int, int]:
     """1-based ranks ``(l, u)`` with ``P(x_(l) <= xi_p <= x_(u)) >= level`` for a sample of size ``n``.
 

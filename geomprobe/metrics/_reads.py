@@ -95,21 +95,14 @@ def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequen
     mean, se = mean.double().cpu().numpy(), se.double().cpu().numpy()
     hvps += screen_samples
     cand_global: list[np.ndarray] = []
+    bound = screen_bound(mean, se, z)  # one pass over the model, sliced per block below
+    host = host_scales(scalings)
     for p in large:
         b = p.block
         p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
-        unknown = np.ones(b.size, dtype=bool)
-        unknown[p.sample] = False
-        chosen: set[int] = set()
-        for s in scalings:
-            sc = np.ones(b.size) if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
-            # Rank by the upper bound, not the point estimate: recomputing the coordinates that could be
-            # largest is what lets the remaining screen certify the max.
-            upper = np.where(unknown, sc * (np.abs(p.screen) + z * p.screen_se), -np.inf)
-            n_top = min(top, int(unknown.sum()))
-            chosen.update(np.argpartition(-upper, n_top - 1)[:n_top].tolist() if n_top else [])
-        p.cand = np.array(sorted(chosen), dtype=int)
-    extra = _pool_candidates(large, [p.cand for p in large], scalings, z, pool)
+        p.cand = _screen_candidates(bound[b.start : b.stop], p.sample,
+                                    [None if s is None else s[b.start : b.stop] for s in host], top)
+    extra = _pool_candidates(large, [p.cand for p in large], host, z, pool)
     for p, more in zip(large, extra):
         p.cand = np.union1d(p.cand, more).astype(int)
         cand_global.append(p.block.start + p.cand)
@@ -124,42 +117,57 @@ def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequen
     return parts, hvps
 
 
-def _screen_candidates(screen: np.ndarray, screen_se: np.ndarray, known: np.ndarray,
-                       scales: Sequence[torch.Tensor | None], z: float, n_top: int) -> np.ndarray:
-    """The ``n_top`` coordinates of a block outside ``known`` with the largest screened upper bound, per scaling
-    (block-local ``screen``, ``screen_se`` and ``scales``; ``None`` is no scaling)."""
-    unknown = np.ones(len(screen), dtype=bool)
-    unknown[known] = False
+def host_scales(scalings: Sequence[torch.Tensor | None]) -> list[np.ndarray | None]:
+    """``|s|`` of each scaling as one float64 host array (``None`` stays ``None``): one device->host copy per
+    scaling, where slicing the tensor per block cost one copy (and one wait for the device) per block."""
+    return [None if s is None else s.detach().abs().double().cpu().numpy() for s in scalings]
+
+
+def screen_bound(screen: np.ndarray, screen_se: np.ndarray, z: float) -> np.ndarray:
+    """The screened upper bound ``|h_hat_i| + z se_i`` of every coordinate (one vectorized pass)."""
+    return np.abs(screen) + z * screen_se
+
+
+def _screen_candidates(bound: np.ndarray, known: np.ndarray, scales: Sequence[np.ndarray | None],
+                       n_top: int) -> np.ndarray:
+    """The ``n_top`` coordinates of a block outside ``known`` with the largest screened upper bound ``bound``
+    (:func:`screen_bound`, block-local) times ``|s|``, per scaling (block-local host arrays of
+    :func:`host_scales`; ``None`` is no scaling). Cost: one pass over the block per scaling."""
+    n = min(n_top, len(bound) - len(np.unique(known)))
     chosen: set[int] = set()
-    n = min(n_top, int(unknown.sum()))
-    for s in scales:
-        sc = 1.0 if s is None else s.abs().double().cpu().numpy()
+    if n <= 0:
+        return np.empty(0, dtype=int)
+    for sc in scales:
         # Rank by the upper bound, not the point estimate: reading the coordinates that could be largest is
-        # what lets the rest of the screen certify the max.
-        upper = np.where(unknown, sc * (np.abs(screen) + z * screen_se), -np.inf)
-        chosen.update(np.argpartition(-upper, n - 1)[:n].tolist() if n else [])
+        # what lets the rest of the screen certify the max. The known ones are masked by -inf in place of a
+        # whole-block mask and np.where (the same array, two passes fewer).
+        upper = bound * sc if sc is not None else bound.copy()
+        upper[known] = -np.inf
+        np.negative(upper, out=upper)
+        chosen.update(np.argpartition(upper, n - 1)[:n].tolist())
     return np.array(sorted(chosen), dtype=int)
 
 
-def _pool_candidates(parts: Sequence[BlockDiag], taken: Sequence[np.ndarray], scalings: Sequence[torch.Tensor | None],
+def _pool_candidates(parts: Sequence[BlockDiag], taken: Sequence[np.ndarray], scalings: Sequence[np.ndarray | None],
                      z: float, pool: int) -> list[np.ndarray]:
     """``pool`` candidates across the screened ``parts``: the unread coordinates (outside each part's sample and
     ``taken``) of largest screened upper bound ``s_i (|h_hat_i| + z se_i)`` over all the parts together, an
-    equal share per scaling (their union). Block-local indices per part."""
+    equal share per scaling (their union; ``scalings`` as :func:`host_scales` gives them, whole-model).
+    Block-local indices per part."""
     if pool <= 0:
         return [np.empty(0, dtype=int) for _ in parts]
     chosen: list[set[int]] = [set() for _ in parts]
     per = max(1, pool // max(1, len(scalings)))
+    bounds = [screen_bound(p.screen, p.screen_se, z) for p in parts]
+    known = [np.union1d(p.sample, t).astype(int) for p, t in zip(parts, taken)]
     for s in scalings:
         best: list[tuple[float, int, int]] = []
         for j, p in enumerate(parts):
             b = p.block
-            known = np.union1d(p.sample, taken[j]).astype(int)
+            sc = None if s is None else s[b.start : b.stop]
             # the block's own best ``per`` are the only ones that can be among the global best ``per``
-            local = _screen_candidates(p.screen, p.screen_se, known, [None if s is None else s[b.start : b.stop]],
-                                       z, per)
-            sc = 1.0 if s is None else s[b.start : b.stop][local].abs().double().cpu().numpy()
-            ub = sc * (np.abs(p.screen[local]) + z * p.screen_se[local])
+            local = _screen_candidates(bounds[j], known[j], [sc], per)
+            ub = (1.0 if sc is None else sc[local]) * bounds[j][local]
             best.extend((float(u), j, int(i)) for u, i in zip(np.atleast_1d(ub), local))
         best.sort(key=lambda t: -t[0])
         for _, j, i in best[:per]:
@@ -254,11 +262,12 @@ def read_packed(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Seque
     mean, se = mean.double().cpu().numpy(), se.double().cpu().numpy()
     hvps += plan.screen
     per_scaling = max(1, plan.rows_cand // len(scalings))  # their union then fits the candidate rows
+    bound, host = screen_bound(mean, se, z), host_scales(scalings)
     for p in parts:
         b = p.block
         p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
-        local = [None if s is None else s[b.start : b.stop] for s in scalings]
-        p.cand = _screen_candidates(p.screen, p.screen_se, p.sample, local, z, per_scaling)[: plan.rows_cand]
+        local = [None if s is None else s[b.start : b.stop] for s in host]
+        p.cand = _screen_candidates(bound[b.start : b.stop], p.sample, local, per_scaling)[: plan.rows_cand]
     est, err = packed_diagonal(matvec, dim, _rows(blocks, [p.cand for p in parts], plan.rows_cand),
                                signs=plan.signs, batch=batch, generator=generator, dtype=dtype, device=device)
     hvps += plan.signs * plan.rows_cand
@@ -301,18 +310,20 @@ def read_scaled_candidates(matvec: Matvec, dim: int, reads: DiagonalReads, scali
     packed = plan.mode == "packed"
     n_top = plan.rows_cand if packed else plan.top
     new: list[np.ndarray] = []
+    (host,) = host_scales([scaling])
     for p in reads.parts:
         if p.screen is None or p.exact or n_top == 0:
             new.append(np.empty(0, dtype=int))
             continue
         b = p.block
-        chosen = _screen_candidates(p.screen, p.screen_se, p.sample, [scaling[b.start : b.stop]], z, n_top)
+        chosen = _screen_candidates(screen_bound(p.screen, p.screen_se, z), p.sample, [host[b.start : b.stop]],
+                                    n_top)
         new.append(np.setdiff1d(chosen, p.cand).astype(int))
     if not packed and plan.pool:
         # the pool, as rmed's reads chose it, but ranked by the scaled bound
         screened = [j for j, p in enumerate(reads.parts) if p.screen is not None and not p.exact]
         parts = [reads.parts[j] for j in screened]
-        more = _pool_candidates(parts, [np.union1d(p.cand, new[j]) for j, p in zip(screened, parts)], [scaling],
+        more = _pool_candidates(parts, [np.union1d(p.cand, new[j]) for j, p in zip(screened, parts)], [host],
                                 z, plan.pool)
         for j, m in zip(screened, more):
             new[j] = np.union1d(new[j], m).astype(int)

@@ -243,25 +243,49 @@ def _sampled(chosen: list, columns: list[int], level: float, bootstrap: int, gen
     return _summarize(strata, level, bootstrap, numpy_rng(gen))
 
 
-def _summarize(strata: list[dict], level: float, bootstrap: int, rng: np.random.Generator) -> dict:
-    """Shares and their intervals from the sampled columns of every block (module docstring)."""
-    def stats(draws: list[np.ndarray]) -> tuple[float, float, list[float]]:
-        num = den = inn = 0.0
-        per = []
+def _share_stats(strata: list[dict], draws: list[np.ndarray]) -> np.ndarray:
+    """Rows ``[diagshare, blockdiag_share, per-block shares...]`` of the resamples ``draws`` (per stratum an
+    ``(R, k_l)`` array of column indices; R rows at once). Each sum runs over one row of ``k_l`` values, so
+    every figure is the one a resample's own 1-D sum gives, bit for bit."""
+    R = draws[0].shape[0] if draws else 0
+    num, den, inn = np.zeros(R), np.zeros(R), np.zeros(R)
+    per = []
+    with np.errstate(divide="ignore", invalid="ignore"):
         for st, ix in zip(strata, draws):
-            dg, tt, ii = st["diag"][ix].sum(), st["tot"][ix].sum(), st["inner"][ix].sum()
+            dg, tt, ii = st["diag"][ix].sum(1), st["tot"][ix].sum(1), st["inner"][ix].sum(1)
             num, den, inn = num + st["w"] * dg, den + st["w"] * tt, inn + st["w"] * ii
-            per.append(dg / ii if ii > 0 else np.nan)
-        return (num / den if den > 0 else np.nan), (inn / den if den > 0 else np.nan), per
+            per.append(np.where(ii > 0, dg / ii, np.nan))
+        pos = den > 0
+        cols = [np.where(pos, num / den, np.nan), np.where(pos, inn / den, np.nan)] + per
+    return np.stack(cols, axis=1)
 
-    full = [np.arange(len(st["diag"])) for st in strata]
-    d0, bd0, per0 = stats(full)
-    boots = []
-    for _ in range(bootstrap):
-        draws = [f if st["exact"] else rng.integers(0, len(f), len(f)) for st, f in zip(strata, full)]
-        dd, bb, pp = stats(draws)
-        boots.append([dd, bb] + pp)
-    B = np.array(boots)
+
+def _resamples(strata: list[dict], bootstrap: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Per stratum the ``(bootstrap, k_l)`` column indices of every resample (an exact stratum keeps all its
+    columns), drawn in one call: ``integers`` with one upper bound per entry draws the stream that one call
+    per resample and stratum, in that order, drew (resample-major, strata in order)."""
+    ks = [len(st["diag"]) for st in strata]
+    sampled = [j for j, st in enumerate(strata) if not st["exact"]]
+    highs = np.concatenate([np.full(ks[j], ks[j], dtype=np.int64) for j in sampled]) if sampled else None
+    flat = (rng.integers(0, np.tile(highs, bootstrap)).reshape(bootstrap, -1)
+            if sampled and bootstrap > 0 else np.zeros((bootstrap, 0), dtype=np.int64))
+    out, at = [], 0
+    for j, st in enumerate(strata):
+        if st["exact"]:
+            out.append(np.broadcast_to(np.arange(ks[j]), (bootstrap, ks[j])))
+        else:
+            out.append(flat[:, at : at + ks[j]])
+            at += ks[j]
+    return out
+
+
+def _summarize(strata: list[dict], level: float, bootstrap: int, rng: np.random.Generator) -> dict:
+    """Shares and their intervals from the sampled columns of every block (module docstring). Host work: one
+    vectorized pass per stratum over all ``bootstrap`` resamples (no loop over resamples)."""
+    full = [np.arange(len(st["diag"]))[None, :] for st in strata]
+    first = _share_stats(strata, full)[0]
+    d0, bd0, per0 = first[0], first[1], list(first[2:])
+    B = _share_stats(strata, _resamples(strata, bootstrap, rng))
     a = 1 - level
     lo, hi = np.nanquantile(B, a / 2, axis=0), np.nanquantile(B, 1 - a / 2, axis=0)
     # The wider of the bootstrap and the linearized interval: the bootstrap is too narrow at few columns.

@@ -105,7 +105,7 @@ from ._common import (
     weighted_quantile,
 )
 from ._pilot import judge_pilot
-from ._reads import BlockDiag, DiagonalReads, read_exact, read_packed, read_pilot
+from ._reads import BlockDiag, DiagonalReads, host_scales, read_exact, read_packed, read_pilot, screen_bound
 from .registry import register
 from .shared import RAW_DIAGONAL, Reuse, diagonal_key
 
@@ -173,10 +173,13 @@ def _ratio_stats(mx: float, mx_upper: float, med: float, med_ci: tuple[float, fl
     }
 
 
-def _block_result(p: BlockDiag, s: torch.Tensor | None, z: float, level: float) -> tuple[dict, dict]:
-    """The block's result dict and the raw material (scaled |h| values) the whole-model pooling needs."""
+def _block_result(p: BlockDiag, s: np.ndarray | None, z: float, level: float) -> tuple[dict, dict]:
+    """The block's result dict and the raw material (scaled |h| values) the whole-model pooling needs.
+
+    ``s``: the whole model's ``|scaling|`` on the host (:func:`._reads.host_scales`), or None. Cost: no HVP;
+    host work of order the block's size only when it was screened (the bound of its unread entries)."""
     b = p.block
-    sc = None if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
+    sc = None if s is None else s[b.start : b.stop]
     samp = np.abs(p.sample_h) * (1.0 if sc is None else sc[p.sample])
     if p.exact:
         med, q99, mx = float(np.median(samp)), float(np.quantile(samp, 0.99)), float(samp.max())
@@ -202,14 +205,17 @@ def _block_result(p: BlockDiag, s: torch.Tensor | None, z: float, level: float) 
         lower = np.minimum(lower, np.maximum(np.abs(p.screen[at]) - z * p.screen_se[at], 0.0) * sc_at)
         upper = np.maximum(upper, (np.abs(p.screen[at]) + z * p.screen_se[at]) * sc_at)
     mx_lower, mx_read_upper = float(lower.max()), float(upper.max())
-    unknown = np.ones(b.size, dtype=bool)
-    unknown[p.sample] = False
-    unknown[p.cand] = False
+    known = np.union1d(p.sample, p.cand).astype(np.int64)
     screen_upper = -np.inf
-    if p.screen is not None and unknown.any():
-        ub = (np.abs(p.screen) + z * p.screen_se)[unknown]
-        screen_upper = float((ub * (1.0 if sc is None else sc[unknown])).max())
-    elif p.screen is None and unknown.any():
+    if p.screen is not None and len(known) < b.size:
+        # the unread entries' bound: the read ones masked by -inf in one block-sized array (a max is exact in
+        # any order, so this is the masked max the boolean selection took, in fewer passes)
+        ub = screen_bound(p.screen, p.screen_se, z)
+        if sc is not None:
+            ub *= sc
+        ub[known] = -np.inf
+        screen_upper = float(ub.max())
+    elif p.screen is None and len(known) < b.size:
         screen_upper = float("inf")  # no screen: nothing bounds the unseen entries
     mx_upper = max(mx_read_upper, screen_upper)
     med, q99 = float(np.median(samp)), float(np.quantile(samp, 0.99))
@@ -358,7 +364,7 @@ def diagonal_statistics(parts: Sequence[BlockDiag], plan: RmedPlan, scalings: Se
     record, is reported under ``pilot``."""
     rng = numpy_rng(generator)
     results = []
-    for s in scalings:
+    for s in host_scales(scalings):
         per_block, pieces = {}, []
         for p in parts:
             res, piece = _block_result(p, s, z, level)

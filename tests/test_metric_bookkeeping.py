@@ -1,0 +1,537 @@
+"""The metrics' host work outside their HVPs, vectorized over blocks: each rewritten function against the
+per-block formula it replaced (a slow reference kept here), bit for bit, on random inputs with the edge cases
+(a block of one entry, ties, zero entries, every coordinate known); and the number of device->host reads per
+call, which no longer grows with the number of blocks."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+import geomprobe.metrics.diagshare
+import geomprobe.metrics.precond
+import geomprobe.metrics.rmed  # noqa: F401
+from geomprobe.metrics._budget import plan_rmed
+from geomprobe.metrics._common import quantile_ci
+from geomprobe.metrics._reads import BlockDiag, _pool_candidates, _screen_candidates, host_scales, screen_bound
+from geomprobe.metrics.noise import _block_tails, noise_tail_indices
+from geomprobe.stats import gradient_noise as gn
+
+ds = sys.modules["geomprobe.metrics.diagshare"]
+pc = sys.modules["geomprobe.metrics.precond"]
+rm = sys.modules["geomprobe.metrics.rmed"]
+
+
+@dataclass(frozen=True)
+class _Block:
+    name: str
+    start: int
+    stop: int
+
+    @property
+    def size(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def slice(self) -> slice:
+        return slice(self.start, self.stop)
+
+
+def _blocks(sizes) -> list[_Block]:
+    out, at = [], 0
+    for j, n in enumerate(sizes):
+        out.append(_Block(f"b{j}", at, at + n))
+        at += n
+    return out
+
+
+@contextlib.contextmanager
+def _count_reads():
+    """Counts every way a tensor's values reach the host: ``cpu``, ``item``, ``tolist``, ``float``, ``int``,
+    ``bool`` (on a GPU each waits for the device)."""
+    calls = {"n": 0}
+    names = ("cpu", "item", "tolist", "__float__", "__int__", "__bool__")
+    saved = {k: getattr(torch.Tensor, k) for k in names}
+
+    def wrap(f):
+        def g(*a, **k):
+            calls["n"] += 1
+            return f(*a, **k)
+        return g
+
+    try:
+        for k in names:
+            setattr(torch.Tensor, k, wrap(saved[k]))
+        yield calls
+    finally:
+        for k, f in saved.items():
+            setattr(torch.Tensor, k, f)
+
+
+# ----------------------------------------------------------------------------------- slow references
+def _old_screen_candidates(screen, screen_se, known, scales, z, n_top):
+    unknown = np.ones(len(screen), dtype=bool)
+    unknown[known] = False
+    chosen: set[int] = set()
+    n = min(n_top, int(unknown.sum()))
+    for s in scales:
+        sc = 1.0 if s is None else s.abs().double().cpu().numpy()
+        upper = np.where(unknown, sc * (np.abs(screen) + z * screen_se), -np.inf)
+        chosen.update(np.argpartition(-upper, n - 1)[:n].tolist() if n else [])
+    return np.array(sorted(chosen), dtype=int)
+
+
+def _old_pool_candidates(parts, taken, scalings, z, pool):
+    if pool <= 0:
+        return [np.empty(0, dtype=int) for _ in parts]
+    chosen: list[set[int]] = [set() for _ in parts]
+    per = max(1, pool // max(1, len(scalings)))
+    for s in scalings:
+        best = []
+        for j, p in enumerate(parts):
+            b = p.block
+            known = np.union1d(p.sample, taken[j]).astype(int)
+            local = _old_screen_candidates(p.screen, p.screen_se, known,
+                                           [None if s is None else s[b.start : b.stop]], z, per)
+            sc = 1.0 if s is None else s[b.start : b.stop][local].abs().double().cpu().numpy()
+            ub = sc * (np.abs(p.screen[local]) + z * p.screen_se[local])
+            best.extend((float(u), j, int(i)) for u, i in zip(np.atleast_1d(ub), local))
+        best.sort(key=lambda t: -t[0])
+        for _, j, i in best[:per]:
+            chosen[j].add(i)
+    out = [np.array(sorted(c), dtype=int) for c in chosen]
+    while sum(len(c) for c in out) > pool:
+        j = max(range(len(out)), key=lambda i: len(out[i]))
+        out[j] = out[j][:-1]
+    return out
+
+
+def _old_block_result(p, s, z, level):
+    b = p.block
+    sc = None if s is None else s[b.start : b.stop].abs().double().cpu().numpy()
+    samp = np.abs(p.sample_h) * (1.0 if sc is None else sc[p.sample])
+    if p.exact:
+        med, q99, mx = float(np.median(samp)), float(np.quantile(samp, 0.99)), float(samp.max())
+        out = {"max": mx, "max_upper": mx, "max_certified": True, "median": med, "median_ci": [med, med],
+               "q99": q99, "exact": True, "size": b.size, "computed": b.size}
+        out.update(rm._ratio_stats(mx, mx, med, (med, med), q99, (q99, q99), (med, med)))
+        return out, {"values": samp, "weights": np.ones(len(samp)), "exact": True, "mx": mx, "mx_upper": mx,
+                     "mx_lower": mx, "computed": b.size, "size": b.size, "scale": np.zeros(len(samp))}
+    packed = p.sample_err is not None
+    cand = np.abs(p.cand_h) * (1.0 if sc is None else sc[p.cand])
+    s_samp = rm._noise_scale(p.sample_err * (1.0 if sc is None else sc[p.sample])) if packed else np.zeros(len(samp))
+    s_cand = rm._noise_scale(p.cand_err * (1.0 if sc is None else sc[p.cand])) if packed else np.zeros(len(cand))
+    read, read_s = np.concatenate([samp, cand]), np.concatenate([s_samp, s_cand])
+    mx = float(read.max())
+    lower, upper = np.maximum(read - z * read_s, 0.0), read + z * read_s
+    if packed and p.screen is not None:
+        at = np.concatenate([p.sample, p.cand])
+        sc_at = 1.0 if sc is None else sc[at]
+        lower = np.minimum(lower, np.maximum(np.abs(p.screen[at]) - z * p.screen_se[at], 0.0) * sc_at)
+        upper = np.maximum(upper, (np.abs(p.screen[at]) + z * p.screen_se[at]) * sc_at)
+    mx_lower, mx_read_upper = float(lower.max()), float(upper.max())
+    unknown = np.ones(b.size, dtype=bool)
+    unknown[p.sample] = False
+    unknown[p.cand] = False
+    screen_upper = -np.inf
+    if p.screen is not None and unknown.any():
+        ub = (np.abs(p.screen) + z * p.screen_se)[unknown]
+        screen_upper = float((ub * (1.0 if sc is None else sc[unknown])).max())
+    elif p.screen is None and unknown.any():
+        screen_upper = float("inf")
+    mx_upper = max(mx_read_upper, screen_upper)
+    med, q99 = float(np.median(samp)), float(np.quantile(samp, 0.99))
+    bonf = 1 - (1 - level) / 2
+    whole = len(p.sample) == b.size
+    med_ci = (med, med) if whole else quantile_ci(samp, 0.5, level)
+    med_bonf = (med, med) if whole else quantile_ci(samp, 0.5, bonf)
+    ceiling = mx_upper if np.isfinite(mx_upper) else None
+    q99_ci = (q99, q99) if whole else quantile_ci(samp, 0.99, bonf, ceiling=ceiling)
+    if packed:
+        med_ci, med_bonf = rm._widen(med_ci, samp, s_samp, z), rm._widen(med_bonf, samp, s_samp, z)
+        q99_ci = rm._widen(q99_ci, samp, s_samp, z)
+        q99_ci = (q99_ci[0], min(q99_ci[1], mx_upper))
+    certified = bool(screen_upper <= mx_lower) if packed else bool(mx_upper <= mx)
+    out = {"max": mx, "max_upper": mx_upper if np.isfinite(mx_upper) else None, "max_certified": certified,
+           "median": med, "median_ci": list(med_ci), "q99": q99, "exact": False, "size": b.size,
+           "computed": int(len(p.sample) + len(p.cand))}
+    if packed:
+        out.update({"max_lower": mx_lower, "packed": True,
+                    "contamination": float(np.sqrt(np.mean(s_samp**2)) / med) if med > 0 else None})
+    out.update(rm._ratio_stats(mx, mx_upper, med, med_ci, q99, q99_ci, med_bonf, mx_lower))
+    return out, {"values": samp, "weights": np.full(len(samp), b.size / len(samp)), "exact": False,
+                 "mx": mx, "mx_upper": mx_upper, "mx_lower": mx_lower, "computed": out["computed"],
+                 "size": b.size, "scale": s_samp, "certified": certified}
+
+
+def _old_summarize(strata, level, bootstrap, rng):
+    def stats(draws):
+        num = den = inn = 0.0
+        per = []
+        for st, ix in zip(strata, draws):
+            dg, tt, ii = st["diag"][ix].sum(), st["tot"][ix].sum(), st["inner"][ix].sum()
+            num, den, inn = num + st["w"] * dg, den + st["w"] * tt, inn + st["w"] * ii
+            per.append(dg / ii if ii > 0 else np.nan)
+        return (num / den if den > 0 else np.nan), (inn / den if den > 0 else np.nan), per
+
+    full = [np.arange(len(st["diag"])) for st in strata]
+    d0, bd0, per0 = stats(full)
+    boots = []
+    for _ in range(bootstrap):
+        draws = [f if st["exact"] else rng.integers(0, len(f), len(f)) for st, f in zip(strata, full)]
+        dd, bb, pp = stats(draws)
+        boots.append([dd, bb] + pp)
+    return (d0, bd0, per0), np.array(boots)
+
+
+def _same(a, b) -> bool:
+    """Equal, bit for bit, through dicts, lists and arrays (NaN equals NaN)."""
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, np.ndarray):
+        return np.array_equal(a, b, equal_nan=a.dtype.kind == "f")
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a):
+        return math.isnan(b)
+    return a == b and type(a) is type(b)
+
+
+# ----------------------------------------------------------------------------------- rmed's reads
+def _bound_with_ties(rng, n):
+    """A screen whose upper bounds tie: repeated values and exact zeros (dead coordinates)."""
+    mean = rng.choice([0.0, 1.0, -1.0, 2.5], n) * rng.choice([1.0, 1.0, 0.5], n)
+    se = rng.choice([0.0, 0.25], n)
+    return mean, se
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_screen_candidates_equal_the_masked_formula(seed):
+    rng = np.random.default_rng(seed)
+    z = 4.0
+    for n in (1, 2, 7, 64, 513):
+        if seed % 2:
+            mean, se = _bound_with_ties(rng, n)
+        else:
+            mean, se = rng.normal(size=n), rng.random(n)
+        for n_known in sorted({0, n // 3, n - 1, n}):
+            known = rng.choice(n, n_known, replace=False)
+            s = torch.tensor(rng.normal(size=n) * (rng.random(n) > 0.2), dtype=torch.float32)  # zeros in it
+            for scales in ([None], [s], [None, s]):
+                for n_top in (0, 1, 5, n + 3):
+                    old = _old_screen_candidates(mean, se, known, scales, z, n_top)
+                    new = _screen_candidates(screen_bound(mean, se, z), known, host_scales(scales), n_top)
+                    assert np.array_equal(old, new), (n, n_known, n_top)
+
+
+def _screened_parts(rng, sizes, ties: bool):
+    blocks = _blocks(sizes)
+    d = blocks[-1].stop
+    mean, se = _bound_with_ties(rng, d) if ties else (rng.normal(size=d), rng.random(d))
+    parts = []
+    for b in blocks:
+        k = min(b.size, int(rng.integers(1, 6)))
+        sample = np.sort(rng.choice(b.size, k, replace=False))
+        p = BlockDiag(b, False, sample, rng.normal(size=k), np.empty(0, int), np.empty(0))
+        p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
+        rest = np.setdiff1d(np.arange(b.size), sample)
+        p.cand = np.sort(rng.choice(rest, min(len(rest), int(rng.integers(0, 3))), replace=False))
+        p.cand_h = rng.normal(size=len(p.cand))
+        parts.append(p)
+    return parts, d
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_pool_candidates_equal_the_per_block_formula(seed):
+    rng = np.random.default_rng(seed)
+    parts, d = _screened_parts(rng, [1, 3, 40, 9, 200, 2], ties=bool(seed % 2))
+    s = torch.tensor(rng.normal(size=d), dtype=torch.float64)
+    for scalings in ([None], [s], [None, s]):
+        for pool in (0, 1, 7, 40):
+            taken = [p.cand for p in parts]
+            old = _old_pool_candidates(parts, taken, scalings, 4.0, pool)
+            new = _pool_candidates(parts, taken, host_scales(scalings), 4.0, pool)
+            assert all(np.array_equal(a, b) for a, b in zip(old, new))
+
+
+def _all_kinds_of_parts(rng):
+    """Exact blocks (one of one entry), sampled exact entries with and without a screen, packed reads with
+    their errors, a block whose every coordinate was read, tied and zero entries."""
+    blocks = _blocks([1, 5, 60, 33, 120, 8, 8])
+    d = blocks[-1].stop
+    mean, se = _bound_with_ties(rng, d)
+    parts = []
+    for j, b in enumerate(blocks):
+        if j <= 1:
+            h = rng.choice([0.0, 1.0, -2.0], b.size)
+            parts.append(BlockDiag(b, True, np.arange(b.size), h, np.empty(0, int), np.empty(0)))
+            continue
+        k = b.size if j == 5 else min(b.size - 2, 12)
+        sample = np.sort(rng.choice(b.size, k, replace=False))
+        h = rng.choice([0.0, 0.5, 3.0, -3.0], k) + (0 if j == 3 else rng.normal(size=k))
+        p = BlockDiag(b, False, sample, h, np.empty(0, int), np.empty(0))
+        rest = np.setdiff1d(np.arange(b.size), sample)
+        p.cand = np.sort(rng.choice(rest, min(len(rest), 2), replace=False))
+        p.cand_h = rng.normal(size=len(p.cand))
+        if j != 6:  # block 6: no screen (the unread entries are unbounded)
+            p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
+        if j in (4, 5):  # packed reads
+            p.sample_err, p.cand_err = rng.random(k), rng.random(len(p.cand))
+        parts.append(p)
+    return parts, d
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_block_result_equals_the_per_block_formula(seed):
+    rng = np.random.default_rng(seed)
+    parts, d = _all_kinds_of_parts(rng)
+    s = torch.tensor(rng.normal(size=d) * (rng.random(d) > 0.1), dtype=torch.float32)
+    for scaling in (None, s):
+        (host,) = host_scales([scaling])
+        for p in parts:
+            assert _same(_old_block_result(p, scaling, 4.0, 0.95), rm._block_result(p, host, 4.0, 0.95))
+
+
+def test_diagonal_statistics_reads_the_scaling_once_whatever_the_blocks():
+    """One device->host read per scaling (the whole |s|), where one per block was made before."""
+    counts = []
+    for n_blocks in (3, 30):
+        rng = np.random.default_rng(0)
+        blocks = _blocks([1] + [50] * (n_blocks - 1))
+        d = blocks[-1].stop
+        parts = []
+        for b in blocks:
+            if b.size == 1:
+                parts.append(BlockDiag(b, True, np.arange(1), rng.normal(size=1), np.empty(0, int), np.empty(0)))
+                continue
+            p = BlockDiag(b, False, np.arange(10), rng.normal(size=10), np.arange(10, 12), rng.normal(size=2))
+            p.screen, p.screen_se = rng.normal(size=50), rng.random(50)
+            parts.append(p)
+        plan = plan_rmed([b.size for b in blocks], budget=10**6, exact_threshold=1, k=10, top=2, screen_samples=2,
+                         signs=2, min_k=3, pilot=0)
+        s = torch.rand(d, dtype=torch.float64) + 0.5
+        gen = torch.Generator().manual_seed(0)
+        with _count_reads() as c:
+            rm.diagonal_statistics(parts, plan, [None, s], z=4.0, level=0.95, bootstrap=20, budget=10**6,
+                                   generator=gen)
+        counts.append(c["n"])
+    assert counts[0] == counts[1] <= 4, counts
+
+
+# ----------------------------------------------------------------------------------- diagshare
+def _strata(rng, ks, exact_at=()):
+    out = []
+    for j, k in enumerate(ks):
+        n = k if j in exact_at else k * 3 + 1
+        diag = np.abs(rng.normal(size=k)) * rng.choice([0.0, 1.0, 1.0], k)  # zero diagonals
+        inner = diag + np.abs(rng.normal(size=k)) * (j != 1)  # block 1: inner 0 where diag is 0
+        tot = inner + np.abs(rng.normal(size=k))
+        if j == 2:
+            diag[:] = inner[:] = tot[:] = np.round(tot, 0)  # ties
+        out.append({"block": _Block(f"b{j}", 0, n), "exact": j in exact_at, "w": n / k,
+                    "diag": diag, "tot": tot, "inner": inner})
+    return out
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_diagshare_resamples_equal_the_loop_over_resamples(seed):
+    """Same draws from the same stream (one call with one bound per entry), same sums bit for bit."""
+    rng0 = np.random.default_rng(seed)
+    strata = _strata(rng0, [1, 4, 7, 1, 30, 2, 9], exact_at=(3, 6))
+    if seed == 0:
+        for st in strata:
+            st["inner"][:] = 0.0  # every share undefined
+    old_point, old_boot = _old_summarize(strata, 0.95, 150, np.random.default_rng(seed + 100))
+    rng = np.random.default_rng(seed + 100)
+    full = [np.arange(len(st["diag"]))[None, :] for st in strata]
+    first = ds._share_stats(strata, full)[0]
+    boot = ds._share_stats(strata, ds._resamples(strata, 150, rng))
+    assert np.array_equal(boot, old_boot, equal_nan=True)
+    assert _same([float(first[0]), float(first[1])], [float(old_point[0]), float(old_point[1])])
+    assert np.array_equal(first[2:], np.array(old_point[2], dtype=float), equal_nan=True)
+    # and the stream is left where the loop left it
+    ref = np.random.default_rng(seed + 100)
+    _old_summarize(strata, 0.95, 150, ref)
+    assert rng.integers(0, 2**62) == ref.integers(0, 2**62)
+
+
+def test_diagshare_summary_draws_once_whatever_the_resamples():
+    strata = _strata(np.random.default_rng(3), [5, 8, 3, 12])
+    calls = {"n": 0}
+
+    class Counting:
+        def __init__(self, rng):
+            self.rng = rng
+
+        def integers(self, *a, **k):
+            calls["n"] += 1
+            return self.rng.integers(*a, **k)
+
+    out = ds._summarize(strata, 0.95, 400, Counting(np.random.default_rng(1)))
+    assert calls["n"] == 1
+    lo, hi = out["diagshare_ci"]
+    assert lo <= out["diagshare"] <= hi and 0 < out["diagshare_err"] < 1
+
+
+def test_diagshare_all_exact_draws_nothing():
+    strata = _strata(np.random.default_rng(4), [3, 2], exact_at=(0, 1))
+    rng, ref = np.random.default_rng(5), np.random.default_rng(5)
+    out = ds._summarize(strata, 0.95, 50, rng)
+    assert rng.integers(0, 2**62) == ref.integers(0, 2**62)
+    assert out["exact"] and out["diagshare_err"] == 0.0
+    num = sum(st["diag"].sum() for st in strata)
+    assert out["diagshare"] == pytest.approx(num / sum(st["tot"].sum() for st in strata), rel=1e-14)
+
+
+# ----------------------------------------------------------------------------------- precond, noise
+def test_p_ranges_equal_per_block_reads_and_read_once():
+    torch.manual_seed(0)
+    counts = []
+    for n_blocks in (2, 40):
+        blocks = _blocks([1] + [7] * (n_blocks - 1))
+        p = torch.rand(blocks[-1].stop, dtype=torch.float32)
+        p[3:6] = 0.25  # ties
+        with _count_reads() as c:
+            got = pc._p_ranges(p, blocks)
+        counts.append(c["n"])
+        for b in blocks:
+            pb = p[b.start : b.stop]
+            assert got[b.name] == {"p_min": float(pb.min()), "p_max": float(pb.max()), "p_median": float(pb.median())}
+    assert counts == [1, 1]
+    assert pc._p_ranges(torch.ones(3), []) == {}
+
+
+def test_block_norms_and_cvs_equal_per_block_formulas_and_read_once():
+    g = torch.Generator().manual_seed(0)
+    counts = []
+    for n_blocks in (3, 50):
+        blocks = _blocks([1] + [6] * (n_blocks - 2) + [4])
+        x = torch.randn(blocks[-1].stop, generator=g, dtype=torch.float64)
+        x[-4:] = 0.0  # a block without variance: cv undefined
+        with _count_reads() as c:
+            norms, cvs = gn._block_norms2(x, blocks), gn._block_cvs(x.abs(), blocks)
+        counts.append(c["n"])
+        assert norms == [float(x[b.slice] @ x[b.slice]) for b in blocks]
+        assert cvs == [gn._cv(x.abs()[b.slice]) for b in blocks]
+        assert cvs[-1] is None and cvs[0] == 0.0
+    assert counts == [2, 2]
+
+
+class _Rows:
+    def __init__(self, X, step=16):
+        self.X, self.step = X, step
+
+    def __len__(self):
+        return self.X.shape[0]
+
+    def __iter__(self):
+        for a in range(0, len(self), self.step):
+            yield self.X[a : a + self.step]
+
+
+def _noise_stats(n_blocks, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    blocks = _blocks([300] * n_blocks)
+    scale = torch.exp(torch.randn(blocks[-1].stop, generator=g, dtype=torch.float64))
+    X = torch.randn(64, blocks[-1].stop, generator=g, dtype=torch.float64) * scale
+    X[:, :5] = 0.0  # coordinates without noise
+    return gn.collect_noise(_Rows(X), blocks, generator=torch.Generator().manual_seed(seed))
+
+
+def test_block_tails_equal_the_per_block_formula():
+    stats = _noise_stats(4)
+    out = _block_tails(stats, 4, 0)
+    raw = stats.views["raw"]
+    for j, b in enumerate(stats.blocks):
+        cols = (stats.coords >= b.start) & (stats.coords < b.stop)
+        t = noise_tail_indices(stats.sub[:, cols], partitions=4, seed=2 + 2 * j)
+        tr = gn.trace_estimates(stats, raw, block=j)
+        e = out[b.name]
+        assert e["coordinates"] == int(cols.sum())
+        assert (e["alpha"], e["alpha_standardized"], e["scale_heterogeneity"]) == (
+            t["alpha_pooled"], t["alpha_standardized"], t["scale_heterogeneity"])
+        assert e["trace_cov"] == tr["trace"]
+
+
+def test_overlapping_blocks_are_those_of_the_full_scan():
+    rng = np.random.default_rng(0)
+    blocks = _blocks([int(n) for n in rng.integers(0, 9, 40)])  # empty blocks among them
+    d = blocks[-1].stop
+    ov = gn._Overlaps(blocks)
+    assert ov.ordered
+    for _ in range(300):
+        a = int(rng.integers(0, d))
+        cs = slice(a, min(d, a + int(rng.integers(1, 25))))
+        full = [j for j, b in enumerate(blocks) if max(b.start, cs.start) < min(b.stop, cs.stop)]
+        got = list(ov(cs))
+        assert [j for j in got if blocks[j].size] == full
+        assert all(blocks[j].size == 0 or j in full for j in got)
+    shuffled = [blocks[3], blocks[1], blocks[2]]
+    assert not gn._Overlaps(shuffled).ordered and list(gn._Overlaps(shuffled)(slice(0, 1))) == [0, 1, 2]
+
+
+def test_group_sums_by_bisection_equal_the_full_scan(monkeypatch):
+    """Many column slices (a small max_elements) and ragged blocks: the sums bit for bit those of the scan
+    over every block at every slice."""
+    g = torch.Generator().manual_seed(1)
+    blocks = _blocks([1, 37, 5, 120, 2, 64])
+    X = torch.randn(40, blocks[-1].stop, generator=g, dtype=torch.float64)
+
+    def run():
+        return gn.collect_noise(_Rows(X, 8), blocks, max_elements=2048, generator=torch.Generator().manual_seed(0))
+
+    fast = run()
+    monkeypatch.setattr(gn._Overlaps, "__call__", lambda self, cs: range(len(self.starts)))
+    slow = run()
+    a, b = fast.views["raw"], slow.views["raw"]
+    assert not fast.exact and torch.equal(a.block_sq, b.block_sq) and torch.equal(a.sq, b.sq)
+    assert a.g_block_snorm2 == b.g_block_snorm2 and a.block_cv_R == b.block_cv_R and a.block_cv == b.block_cv
+    direct = ((X - X.mean(0)) ** 2)
+    ref = torch.stack([direct[:, bl.slice].sum(1) for bl in blocks], 1)
+    assert torch.allclose(a.block_sq, ref, rtol=1e-12, atol=0)
+
+
+def test_column_batches_equal_hessian_columns_and_allocate_once(monkeypatch):
+    from geomprobe.errors import ConfigurationError
+    from geomprobe.linalg.exact import hessian_columns
+    from geomprobe.metrics._common import column_batches, exact_diagonal_chunked
+
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(23, 23, generator=g, dtype=torch.float64)
+    H = A + A.T
+    seen = []
+
+    def mv(V):
+        seen.append(V.clone())
+        return V @ H
+
+    idx = torch.tensor([5, 0, 22, 5, 7, 13, 1])  # a repeat, the ends, a ragged last batch of 3
+    got = list(column_batches(mv, 23, idx, batch=4, dtype=torch.float64, device=None))
+    ref = hessian_columns(lambda V: V @ H, 23, idx, batch=4, dtype=torch.float64)
+    assert [p.tolist() for p, _ in got] == [[5, 0, 22, 5], [7, 13, 1]]
+    assert torch.equal(torch.cat([c for _, c in got]), ref)
+    # every batch saw exactly its own unit vectors (the ones of the last batch were cleared)
+    assert torch.equal(seen[1], torch.eye(23, dtype=torch.float64)[[7, 13, 1]])
+    assert torch.equal(exact_diagonal_chunked(mv, 23, idx, batch=4, dtype=torch.float64, device=None),
+                       H[idx, idx])
+    zeros = {"n": 0}
+    real = torch.zeros
+
+    def counting(*a, **k):
+        zeros["n"] += 1
+        return real(*a, **k)
+
+    monkeypatch.setattr(torch, "zeros", counting)
+    list(column_batches(mv, 23, torch.arange(23), batch=2, dtype=torch.float64, device=None))
+    assert zeros["n"] == 1  # one block of unit vectors for 12 batches
+    monkeypatch.setattr(torch, "zeros", real)
+    with pytest.raises(ConfigurationError, match="column indices"):
+        list(column_batches(mv, 23, torch.tensor([3, 23]), batch=4, dtype=torch.float64, device=None))
+    assert list(column_batches(mv, 23, torch.tensor([], dtype=torch.long), batch=4, dtype=torch.float64,
+                               device=None)) == []
