@@ -24,6 +24,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import environment  # noqa: E402
 
+from geomprobe.engine.paramspace import Block  # noqa: E402
 from geomprobe.metrics import _reads  # noqa: E402
 from geomprobe.metrics.diagshare import _summarize  # noqa: E402
 from geomprobe.metrics.noise import _block_tails  # noqa: E402
@@ -31,17 +32,8 @@ from geomprobe.metrics.rmed import diagonal_ratios, diagonal_statistics, read_di
 from geomprobe.stats.gradient_noise import collect_noise  # noqa: E402
 
 
-class Block:
-    def __init__(self, name: str, start: int, stop: int):
-        self.name, self.start, self.stop = name, start, stop
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def slice(self) -> slice:
-        return slice(self.start, self.stop)
+def block(name: str, start: int, stop: int) -> Block:
+    return Block(name, start, stop, (name,))
 
 
 def gpt2_blocks(shrink: int) -> list[Block]:
@@ -58,7 +50,7 @@ def gpt2_blocks(shrink: int) -> list[Block]:
     out, at = [], 0
     for name, n in sizes:
         n = max(1, n // shrink)
-        out.append(Block(name, at, at + n))
+        out.append(block(name, at, at + n))
         at += n
     return out
 

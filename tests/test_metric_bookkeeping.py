@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import torch
 import geomprobe.metrics.diagshare
 import geomprobe.metrics.precond
 import geomprobe.metrics.rmed  # noqa: F401
+from geomprobe.engine.paramspace import Block
 from geomprobe.metrics._budget import plan_rmed
 from geomprobe.metrics._common import quantile_ci
 from geomprobe.metrics._reads import BlockDiag, _pool_candidates, _screen_candidates, host_scales, screen_bound
@@ -28,22 +28,11 @@ pc = sys.modules["geomprobe.metrics.precond"]
 rm = sys.modules["geomprobe.metrics.rmed"]
 
 
-@dataclass(frozen=True)
-class _Block:
-    name: str
-    start: int
-    stop: int
-
-    @property
-    def size(self) -> int:
-        return self.stop - self.start
-
-    @property
-    def slice(self) -> slice:
-        return slice(self.start, self.stop)
+def _Block(name: str, start: int, stop: int) -> Block:
+    return Block(name, start, stop, (name,))
 
 
-def _blocks(sizes) -> list[_Block]:
+def _blocks(sizes) -> list[Block]:
     out, at = [], 0
     for j, n in enumerate(sizes):
         out.append(_Block(f"b{j}", at, at + n))
