@@ -24,6 +24,7 @@ from fsdp_problems import (
     PROBE_STEPS,
     SHARDS,
     AllocationLog,
+    end_worker,
     hvp_vectors,
     make_problem,
     shard_model,
@@ -471,10 +472,7 @@ def main(out_dir: str) -> None:
     result["fd_record"] = json.loads(json.dumps(_fd_probe_record(mesh, rank)))
     torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     _phase(rank, "saved")
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    end_worker()
 
 
 if __name__ == "__main__":

@@ -14,13 +14,12 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 import sys
 import weakref
 from pathlib import Path
 
 import torch
-from fsdp_problems import sharded_case
+from fsdp_problems import end_worker, sharded_case
 from test_no_cycles import Allocations, collector_off
 
 
@@ -154,10 +153,7 @@ def main(out_dir: str) -> None:
     result = {name: _life(mesh, rank, options, fail) for name, (options, fail) in cases.items()}
     result["probe"] = _probe_life(mesh, rank)
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    dist.destroy_process_group()
-    sys.stdout.flush()
-    os._exit(0)
+    end_worker()
 
 
 if __name__ == "__main__":
