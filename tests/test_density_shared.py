@@ -367,3 +367,37 @@ def test_the_combined_intervals_cover_over_300_seeds(m, options, first):
     cov, got = _coverage(40, 4, m, seeds, **options)
     assert (cov >= _floor(len(seeds))).all(), cov
     assert got == {first}
+
+
+class _Diagonal(_Matrix):
+    """A diagonal matrix of any size, read as spectrum and density read a Landscape."""
+
+    def __init__(self, diag: torch.Tensor):
+        self.diag, self.dim, self.dtype, self.device = diag, diag.shape[0], diag.dtype, diag.device
+        self.hvps, self.results = 0, {}
+
+    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+        self.hvps += 1 if v.dim() == 1 else v.shape[0]
+        return v * self.diag
+
+
+def test_a_rerun_starts_from_spectrums_start_also_when_a_large_host_vector_is_drawn_by_threads(monkeypatch):
+    # beyond one random piece (linalg/space.py) the threaded draw and the single draw differ: the rerun must
+    # take spectrum's start itself, so its trace sample is d u^T A u for spectrum's u
+    from geomprobe.linalg import space as space_mod
+    from geomprobe.linalg.krylov_basis import start_vector
+
+    d = 2 * space_mod.RANDOM_CHUNK + 7
+    monkeypatch.setattr(space_mod, "PARALLEL_DRAW_FROM", 1000)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        diag = torch.linspace(-1.0, 3.0, d, dtype=F64)
+        land = _Diagonal(diag)
+        sp = spectrum(land, max_iter=6)  # stops short of m: density reruns its start
+        out = density(land, n_v=1, m=10, rel_tol=0, grid_size=50)
+        u = start_vector(d, None, default_generator(0), F64, "cpu")
+        assert sp["steps"] == 6 and out["first_start"] == "rerun" and out["hvps"] == 10
+        assert out["trace"] == pytest.approx(d * float(u @ (diag * u)), rel=1e-10)
+    finally:
+        torch.set_num_threads(threads)

@@ -115,7 +115,8 @@ from ..errors import ConfigurationError
 from ..linalg.lanczos import lanczos
 from ..linalg.ritz import ritz_pairs
 from ..linalg.slq import SLQResult, slq_density
-from ..linalg.vectors import device_generator, gaussian, rademacher
+from ..linalg.space import VectorSpace
+from ..linalg.vectors import device_generator, rademacher
 from ..stats.sequential import repeated_t
 from ._budget import check_rel_tol
 from ._common import checked, half_width, resolve_generator
@@ -412,7 +413,8 @@ def density(
             if first is not None:
                 reuse.find(key)  # received: its metric paid for it
             else:  # it stopped short of m: the same start, run here (module docstring, "Same rule")
-                u = gaussian(d, gen, land.dtype, vector_device(land))
+                # drawn as spectrum's start_vector draws it (a large host vector by threads: VectorSpace)
+                u = VectorSpace(d).gaussian(gen, land.dtype, vector_device(land))
                 r = lanczos(mv, d, tol=0.0, max_iter=m, v0=u.to(land.device), dtype=land.dtype, device=land.device,
                             basis_device=basis_device)
                 del u
