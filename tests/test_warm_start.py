@@ -110,7 +110,7 @@ def test_the_auto_policy_spends_what_the_cheaper_start_costs_along_a_trajectory(
     assert via_auto == cold
     assert sum(via_forced[1:]) > sum(via_auto[1:]), (via_auto, via_forced)
     assert sum(resid_warm[1:]) < 0.8 * sum(resid_cold[1:]), (resid_cold, resid_warm)
-    assert auto.top is not None  # the vectors are still kept: a later uncertified run may start from them
+    assert auto.top is None and resid_auto.top is not None  # kept only where a start will use them
 
 
 def test_vectors_live_on_the_host_in_the_model_dtype_and_leave_the_global_rng_alone():

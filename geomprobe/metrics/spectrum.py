@@ -267,7 +267,9 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
     vectors = r.ritz_vectors(hi + lo)  # one pass over the basis for both ends, not one per vector
     top, bottom = vectors[: len(hi)], vectors[len(hi) :]
     r.basis = None  # the basis is m vectors of length d: never kept past the run, nor in the cache
-    warm.keep(land, top, bottom)
+    serves = getattr(warm, "serves", None)
+    if serves is None or serves(options.get("risk")):  # a start that will stay cold needs no copy on the host
+        warm.keep(land, top, bottom)
     keep_ritz(land, "top", *r.top(k), top)  # the direction metric and views reuse them: no HVP
     keep_ritz(land, "bottom", *r.bottom(k), bottom)
     if cacheable:

@@ -42,7 +42,7 @@ probe warm against 16.0 cold**; a 0.12M-parameter GPT-2 on the CPU, a probe ever
 (``risk=None``, residual bounds only) the same 0.12M model: **12.0 warm against 22.1 cold**. Hence the
 ``certified`` switch: ``WarmStart(certified=False)`` (what :class:`GeometryProbe` uses by default) starts
 warm only the runs that do not certify their extremes, and a certified run starts from the seeded random
-vector it would start from without a WarmStart, still keeping its Ritz vectors; ``certified=True`` (the
+vector it would start from without a WarmStart and keeps no vectors for it; ``certified=True`` (the
 class's default, for a caller who built one on purpose) warm-starts every run.
 
 The vectors live on the host, in the model's dtype (``2 k`` vectors of length ``d``, at most
@@ -143,7 +143,7 @@ class WarmStart:
         same start it would without a WarmStart). ``risk``: the run's certificate (None: none); with one and
         ``certified=False`` the start is cold.
         """
-        if risk is not None and not self.certified:
+        if not self.serves(risk):
             self.reason = ("a run that certifies its extremes starts cold: kept Ritz vectors make its certificate "
                            "cost more HVPs than they save (WarmStart(certified=True) to force)")
             return None
@@ -168,6 +168,11 @@ class WarmStart:
         z = gaussian(land.dim, generator, u.dtype, where)
         v0 = math.sqrt(1.0 - self.mix**2) * (u / un) + self.mix * (z / z.norm())
         return v0.to(land.dtype)
+
+    def serves(self, risk: float | None) -> bool:
+        """Whether a run with this ``risk`` (None: no certificate) starts warm, so that its Ritz vectors are
+        worth keeping for the next one."""
+        return risk is None or self.certified
 
     def keep(self, land: Any, top: torch.Tensor, bottom: torch.Tensor) -> None:
         """Keep the unit Ritz vectors ``top`` (k, d) and ``bottom`` (k, d) of ``land`` for the next start."""
