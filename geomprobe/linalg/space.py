@@ -92,7 +92,7 @@ class VectorSpace:
 
     def _threaded_draw(self, device) -> bool:
         on_host = device is None or torch.device(device).type == "cpu"
-        return not self.sharded and on_host and self.dim >= PARALLEL_DRAW_FROM and torch.get_num_threads() > 1
+        return on_host and self.dim >= PARALLEL_DRAW_FROM and torch.get_num_threads() > 1  # (sharded: overridden)
 
     def rademacher(self, generator: torch.Generator, dtype: torch.dtype, device=None) -> torch.Tensor:
         """This process's part of a +-1 vector of length ``dim`` (one seed drawn from ``generator``)."""
