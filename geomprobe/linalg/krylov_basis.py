@@ -24,7 +24,7 @@ from .vectors import (
     vector_norm,
 )
 
-__all__ = ["LanczosBasis", "LanczosMemory", "krylov_step", "lanczos_memory_bytes", "start_vector"]
+__all__ = ["LanczosBasis", "LanczosMemory", "krylov_step", "lanczos_memory_bytes", "orthogonalize_step", "start_vector"]
 
 
 def start_vector(dim: int, v0: torch.Tensor | None, generator: torch.Generator | None, dtype: torch.dtype,
@@ -55,9 +55,14 @@ REPASS = 1 / math.sqrt(2)
 
 
 def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int, dtype: torch.dtype,
-                step: int, prev: torch.Tensor | None = None, beta_prev: float = 0.0,
+                step: int, prev: torch.Tensor | None = None, beta_prev: float = 0.0, *, local: bool = False,
                 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One expansion of the Krylov basis: ``w = H v`` orthogonalized against every stored vector.
+
+    ``local=True`` (with ``prev``; partial reorthogonalization, :mod:`.orthogonality`): the Gram-Schmidt pass
+    runs against ``prev`` and ``v`` only, not the whole basis, and the coefficients returned are those two
+    (``[prev^T H v, v^T H v]``); :func:`orthogonalize_step` adds the whole-basis pass when the estimate asks.
+    Cost then: a few reads of three d-vectors whatever the basis's size (an offloaded basis is not touched).
 
     With ``prev`` (the vector before ``v``, coupled to it by ``beta_prev``) the three-term step
     ``w - alpha v - beta_prev prev`` comes first and one Gram-Schmidt pass over the whole basis removes what
@@ -76,8 +81,9 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         # w is updated in place below and, offloaded, becomes the next input: it must not be the matvec's
         # input, the basis, or a buffer the matvec writes again
         w = w.clone()
+    local = local and prev is not None
     if basis.on_host and not forced_kernels():
-        return _host_step(w, basis, cur, prev, beta_prev, step)
+        return _host_step(w, basis, cur, prev, beta_prev, step, local)
     if prev is None:
         w, coeffs = basis.reorthogonalize(w, passes=2)
         before = None
@@ -86,7 +92,7 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         w.sub_(prev, alpha=beta_prev)
         sub_rows(w, alpha, cur[None])
         before = space.norm(w)
-        w, coeffs = basis.reorthogonalize(w, passes=1)
+        w, coeffs = _local_pass(w, space, prev, cur) if local else basis.reorthogonalize(w, passes=1)
         coeffs[-1] += alpha[0]
         coeffs[-2] += beta_prev
     beta = space.norm(w)
@@ -97,10 +103,51 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     n = coeffs.shape[0]
     coeffs, beta_h = packed[:n], float(packed[n])
     if before is not None and beta_h < REPASS * float(packed[n + 1]):
-        w, c2 = basis.reorthogonalize(w, passes=1)
+        w, c2 = _local_pass(w, space, prev, cur) if local else basis.reorthogonalize(w, passes=1)
         coeffs = coeffs + c2.cpu().double()
         beta_h = float(space.norm(w))
     return w, coeffs, beta_h
+
+
+def _local_pass(w: torch.Tensor, space: VectorSpace, prev: torch.Tensor, cur: torch.Tensor,
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """One classical Gram-Schmidt pass of ``w`` against ``prev`` and ``cur`` only, in place; the two
+    coefficients (the same order as the whole-basis pass ends with)."""
+    c = torch.cat([space.dots(prev[None], w), space.dots(cur[None], w)])
+    sub_rows(w, c[:1], prev[None])
+    sub_rows(w, c[1:], cur[None])
+    return w, c
+
+
+def orthogonalize_step(basis: LanczosBasis, w: torch.Tensor, beta: float, step: int) -> tuple[torch.Tensor, float]:
+    """The whole-basis Gram-Schmidt pass that partial reorthogonalization adds to a local step when its
+    estimate asks (:class:`.orthogonality.OrthogonalityEstimate`): ``w`` (of norm ``beta``) against every
+    stored vector, in place, a second pass when the first removed most of the norm (DGKS); returns ``w`` and
+    its new norm. The coefficients are rounding-level corrections and are not added to ``T`` (which stays the
+    three-term recurrence's). Cost: two reads of the basis (four with the second pass), no matvec."""
+    space = basis.space
+    if basis.on_host and not forced_kernels():
+        groups = row_groups(list(basis._filled()))
+        before = beta
+        for _ in range(2):
+            c = space.reduce(lanczos_pass(w, groups, dots=True)[0])
+            nsq = space.reduce(lanczos_pass(w, groups, sub=c, norm=True)[1][None])
+            _finite_or_raise(torch.cat([c, nsq]), step)
+            beta = float(nsq[0].clamp_min(0).sqrt())
+            if beta >= REPASS * before:
+                break
+            before = beta
+        return w, beta
+    before = beta
+    for _ in range(2):
+        w, _c = basis.reorthogonalize(w, passes=1)
+        beta = float(space.norm(w))
+        if not math.isfinite(beta):
+            raise FloatingPointError(f"the matvec returned non-finite values at Lanczos step {step}")
+        if beta >= REPASS * before:
+            break
+        before = beta
+    return w, beta
 
 
 def _finite_or_raise(t: torch.Tensor, step: int) -> None:
@@ -109,7 +156,7 @@ def _finite_or_raise(t: torch.Tensor, step: int) -> None:
 
 
 def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: torch.Tensor | None,
-               beta_prev: float, step: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+               beta_prev: float, step: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
     """:func:`krylov_step` after the matvec, for a basis and vectors in host memory: the same arithmetic in
     fused chunked passes (:func:`.host_arith.lanczos_pass`), so the basis is read as often as the
     algorithm needs and ``w`` is never copied.
@@ -120,9 +167,10 @@ def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: to
     the DGKS repass only when it is due. Without ``prev`` (CGS2): the coefficients, then the first update with
     the second coefficients in the same pass (one group of rows; else two passes), then the second update
     with the norm: three reads of the basis instead of four. One reduction of the coefficients and norms per
-    pass (a sharded space). The coefficients are float64 throughout."""
+    pass (a sharded space). The coefficients are float64 throughout. ``local``: the passes run over ``prev``
+    and ``v`` alone (:func:`krylov_step`)."""
     space = basis.space
-    groups = row_groups(list(basis._filled()))
+    groups = [prev[None], cur[None]] if local else row_groups(list(basis._filled()))
     before = None
     if prev is None:
         c1 = space.reduce(lanczos_pass(w, groups, dots=True)[0])

@@ -4,7 +4,7 @@ and the checks of the options every Lanczos variant shares."""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -50,6 +50,7 @@ class LanczosResult:
     log_beta: float = math.nan  # sum of log beta_j over every step: the scale of the residual's polynomial
     discarded: tuple[float, ...] = field(default=(), repr=False)  # Ritz values thick restarts dropped
     resid: torch.Tensor | None = field(default=None, repr=False)  # residual norms beta |u_{p,i}| (any bound)
+    reorthogonalizations: int = 0  # steps orthogonalized against the whole basis (every step: full)
 
     @property
     def certified(self) -> tuple[bool, bool]:
@@ -197,17 +198,21 @@ def eigh_tridiagonal(alphas: list[float], off: list[float]) -> tuple[torch.Tenso
 
 
 def ritz_pairs(S: torch.Tensor | tuple[list[float], list[float]], beta: float, bound: str,
-               dim: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+               dim: int, widen: Callable[[torch.Tensor], torch.Tensor] | None = None,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Ritz values (ascending) and vectors of the projected matrix ``S`` with their bounds, and whether the
     Krylov space is exhausted (``beta`` at rounding level against ``max |theta|``: the bounds are then 0).
     ``S`` may be given as ``(alphas, off)``, a tridiagonal's diagonal and off-diagonal
     (:func:`eigh_tridiagonal`).
 
     The bound of ``theta_i`` is ``beta |u_{m,i}|`` (the residual ``||H y_i - theta_i y_i||``), or with
-    ``bound="gap"`` the quadratic :func:`gap_bounds`.
+    ``bound="gap"`` the quadratic :func:`gap_bounds`. ``widen(U)``: factors (one per Ritz value) multiplying
+    the residuals first (a basis that is orthogonal only to a tolerance, :mod:`.orthogonality`).
     """
     theta, U = eigh_tridiagonal(*S) if isinstance(S, tuple) else torch.linalg.eigh(S)
     bounds = beta * U[-1, :].abs()
+    if widen is not None:
+        bounds = bounds * widen(U)
     if bound == "gap":
         bounds = gap_bounds(theta, bounds)
     scale = max(float(theta.abs().max()), 1e-300)

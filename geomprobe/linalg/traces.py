@@ -170,8 +170,8 @@ def deflated_trace(
         )
     generator = generator or default_generator()
     lz = lanczos(matvec, dim, tol=0.0, max_iter=min(k, dim), generator=generator, dtype=dtype, device=device,
-                 keep_basis=True)
-    V = lz.basis  # (m, d), orthonormal rows
+                 keep_basis=True, reorth="full")
+    V = lz.basis  # (m, d), orthonormal rows: the projection below needs them to rounding, not semi-orthogonal
     m = V.shape[0]
     T = torch.diag(lz.alpha)
     if m > 1:

@@ -1,0 +1,230 @@
+"""Partial reorthogonalization (geomprobe.linalg.orthogonality): the same Lanczos answers as full
+reorthogonalization on matrices with known spectra, a basis kept semi-orthogonal, and a fraction of the reads."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from tolerances import BF16_REL
+
+from geomprobe import ConfigurationError, linalg
+from geomprobe.linalg import krylov_basis, orthogonality
+from geomprobe.linalg.certify import rounding_level
+from geomprobe.linalg.orthogonality import OrthogonalityEstimate, orthogonality_eps
+
+
+def sym_with_spectrum(eigs, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigs)
+    Q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    return (Q @ torch.diag(torch.as_tensor(eigs, dtype=torch.float64)) @ Q.T).to(dtype)
+
+
+SPECTRA = {
+    # a few outliers over a bulk: the top Ritz values converge to working precision early, which is where
+    # plain Lanczos loses orthogonality and grows ghost copies
+    "outliers": torch.cat([torch.linspace(-1, 1, 594, dtype=torch.float64), torch.tensor([4.0, 6.0, 9.0, 10.0, 12.0, 30.0])]),
+    "cluster_at_top": torch.cat([torch.linspace(0, 1, 590, dtype=torch.float64), 5 + 1e-3 * torch.arange(10.0, dtype=torch.float64)]),
+    "dense_edges": torch.linspace(-3, 2, 600, dtype=torch.float64) ** 3,
+}
+
+
+def _gram_off(V: torch.Tensor) -> float:
+    V = V.double()
+    return float((V @ V.T - torch.eye(V.shape[0], dtype=torch.float64)).abs().max())
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(SPECTRA))
+def test_partial_gives_the_full_runs_answers_and_its_bounds_cover_the_truth(name, dtype):
+    eigs = SPECTRA[name]
+    A = sym_with_spectrum(eigs, seed=3, dtype=dtype)
+    tol = 1e-6 if dtype == torch.float64 else 1e-4
+    runs = {mode: linalg.lanczos(lambda v: v @ A, len(eigs), k=2, tol=tol, max_iter=600, dtype=dtype,
+                                 generator=torch.Generator().manual_seed(5), reorth=mode, keep_basis=True)
+            for mode in ("full", "partial")}
+    full, part = runs["full"], runs["partial"]
+    assert full.converged and part.converged
+    # the same steps to the one or two: the scalars differ by rounding only
+    assert abs(part.steps - full.steps) <= 2
+    true_top, true_bottom = float(eigs.max()), float(eigs.min())
+    scale = float(eigs.abs().max())
+    # the matrix itself is rounded to dtype: its eigenvalues move by up to this (the bounds are about A as stored)
+    slack = rounding_level(dtype, scale)
+    for r in (full, part):
+        (t,), (e,) = r.top(1)
+        (b,), (eb,) = r.bottom(1)
+        # residual bounds: some eigenvalue within each; the extremes themselves within tol (certified)
+        assert np.abs(eigs.numpy() - t).min() <= e + slack
+        assert np.abs(eigs.numpy() - b).min() <= eb + slack
+        assert abs(t - true_top) <= tol * scale * 1.01 + r.extreme_err[1] + slack
+        assert abs(b - true_bottom) <= tol * scale * 1.01 + r.extreme_err[0] + slack
+        assert true_top <= t + r.extreme_err[1] + slack
+        assert true_bottom >= b - r.extreme_err[0] - slack
+    assert part.top(1)[0][0] == pytest.approx(full.top(1)[0][0], rel=10 * tol)
+    # a fraction of the whole-basis passes, and the basis stays semi-orthogonal
+    assert full.reorthogonalizations == full.steps
+    # fewer whole-basis passes (an outlier converged to working precision early still asks for one every
+    # few steps: measured 45 of 74 in float32; the dense spectra far fewer)
+    assert part.reorthogonalizations < part.steps
+    if name != "outliers":
+        assert part.reorthogonalizations <= part.steps // 2
+    eps = orthogonality_eps(dtype, len(eigs))
+    assert _gram_off(part.basis) <= 2 * math.sqrt(eps)
+
+
+def test_without_the_passes_plain_lanczos_grows_ghosts_which_partial_prevents(monkeypatch):
+    # the control that makes the test above meaningful: 300 float32 steps on outliers over a bulk lose
+    # orthogonality completely when no whole-basis pass ever runs, and the top eigenvalue comes out twice
+    eigs = SPECTRA["outliers"]
+    A = sym_with_spectrum(eigs, seed=3, dtype=torch.float32)
+
+    def run():
+        return linalg.lanczos(lambda v: v @ A, 600, tol=0.0, max_iter=300, dtype=torch.float32,
+                              generator=torch.Generator().manual_seed(1), keep_basis=True)
+
+    good = run()
+    assert good.reorthogonalizations >= 2  # the estimate asked for passes here
+    assert _gram_off(good.basis) <= 2 * math.sqrt(orthogonality_eps(torch.float32, 600))
+    ghosts_good = int((good.ritz_values - 30.0).abs().lt(1e-3).sum())
+    assert ghosts_good == 1
+
+    advance = OrthogonalityEstimate.advance
+    monkeypatch.setattr(OrthogonalityEstimate, "advance", lambda self, a, b, n: advance(self, a, b, n) and False)
+    bad = run()
+    assert bad.reorthogonalizations == 0
+    assert _gram_off(bad.basis) > 0.1
+    assert int((bad.ritz_values - 30.0).abs().lt(1e-3).sum()) >= 2  # a ghost copy of lambda_max
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(SPECTRA))
+def test_the_estimate_stays_above_the_measured_inner_products(name, dtype, monkeypatch):
+    # Simon's recurrence with the pessimistic sign of its rounding term: at every step its largest estimate
+    # over the new vector's inner products is at least the measured one (before any pass resets both)
+    eigs = SPECTRA[name]
+    A = sym_with_spectrum(eigs, seed=4, dtype=dtype)
+    seen = []
+    advance = OrthogonalityEstimate.advance
+
+    def spy(self, a, b, n):
+        due = advance(self, a, b, n)
+        seen.append((len(a), float(np.abs(self._cur[:-1]).max()), due))
+        return due
+
+    monkeypatch.setattr(OrthogonalityEstimate, "advance", spy)
+    store = {}
+    append = krylov_basis.LanczosBasis.append_normalized
+
+    def keep(self, w, beta):
+        out = append(self, w, beta)
+        store["basis"] = self
+        return out
+
+    monkeypatch.setattr(krylov_basis.LanczosBasis, "append_normalized", keep)
+    r = linalg.lanczos(lambda v: v @ A, 600, tol=0.0, max_iter=250, dtype=dtype,
+                       generator=torch.Generator().manual_seed(2), keep_basis=True)
+    V = r.basis.double()
+    G = (V @ V.T - torch.eye(V.shape[0], dtype=torch.float64)).abs()
+    checked = 0
+    # below ~sqrt(d) eps the measured products are the float64 Gram matrix's own rounding, not the basis's
+    floor = 10 * math.sqrt(600) * torch.finfo(torch.float64).eps
+    for step, est, due in seen:
+        if due or step >= V.shape[0]:
+            continue
+        measured = float(G[step, :step].max())
+        assert measured <= max(est, floor), (step, measured, est)
+        checked += 1
+    assert checked > 50
+
+
+def test_half_precision_partial_run_converges_to_the_full_runs_values():
+    eigs = torch.cat([torch.linspace(-1, 1, 1998, dtype=torch.float64), torch.tensor([5.0, 8.0], dtype=torch.float64)])
+    A = sym_with_spectrum(eigs, seed=11).float()
+
+    def mv16(v):
+        return (v.float() @ A).bfloat16()
+
+    full = linalg.lanczos(mv16, 2000, tol=1e-3, dtype=torch.bfloat16, reorth="full",
+                          generator=torch.Generator().manual_seed(0))
+    part = linalg.lanczos(mv16, 2000, tol=1e-3, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    assert full.converged and part.converged
+    assert part.top(1)[0][0] == pytest.approx(8.0, rel=BF16_REL)
+    assert part.bottom(1)[0][0] == pytest.approx(-1.0, rel=BF16_REL)
+    assert part.reorthogonalizations < full.reorthogonalizations
+
+
+def test_host_vectors_take_the_same_partial_run_as_the_plain_kernels():
+    # a basis in host memory runs the fused host passes (host_arith): the same decisions and values
+    eigs = SPECTRA["outliers"]
+    A = sym_with_spectrum(eigs, seed=6, dtype=torch.float32)
+    runs = []
+    for forced in (False, True):
+        with _force(forced):
+            runs.append(linalg.lanczos(lambda v: v @ A, 600, k=1, tol=1e-4, dtype=torch.float32,
+                                       generator=torch.Generator().manual_seed(7)))
+    host, plain = runs
+    assert host.steps == plain.steps and host.reorthogonalizations == plain.reorthogonalizations
+    torch.testing.assert_close(host.ritz_values, plain.ritz_values, rtol=1e-5, atol=1e-5)
+
+
+class _force:
+    """Route host vectors through the plain (device) kernels, as the library's own switch does."""
+
+    def __init__(self, on: bool):
+        self.on = on
+
+    def __enter__(self):
+        self._mp = pytest.MonkeyPatch()
+        self._mp.setattr(krylov_basis, "forced_kernels", lambda: self.on)
+        return self
+
+    def __exit__(self, *exc):
+        self._mp.undo()
+
+
+def test_partial_reads_the_basis_only_at_its_passes(monkeypatch):
+    # whole-basis reads: every step under "full", only the flagged steps under "partial"
+    eigs = SPECTRA["dense_edges"]
+    A = sym_with_spectrum(eigs, seed=2, dtype=torch.float32)
+    widths = []
+    reorth = krylov_basis.LanczosBasis.reorthogonalize
+
+    def count(self, w, passes=2):
+        widths.append(self.n)
+        return reorth(self, w, passes)
+
+    with _force(True):
+        monkeypatch.setattr(krylov_basis.LanczosBasis, "reorthogonalize", count)
+        for mode in ("full", "partial"):
+            widths.clear()
+            r = linalg.lanczos(lambda v: v @ A, 600, tol=1e-4, dtype=torch.float32, reorth=mode,
+                               generator=torch.Generator().manual_seed(3))
+            rows = sum(widths)
+            if mode == "full":
+                full_rows, full_steps = rows, r.steps
+            else:
+                assert r.reorthogonalizations < r.steps / 3
+                # the first step's pass over one vector, then only the flagged steps (and DGKS repasses)
+                assert len(widths) <= 1 + 2 * r.reorthogonalizations
+    assert full_rows >= full_steps * (full_steps - 1) / 2
+    assert rows < full_rows / 3
+
+
+def test_bad_reorth_option_is_refused():
+    with pytest.raises(ConfigurationError, match="reorth must be one of"):
+        linalg.lanczos(lambda v: v, 10, reorth="selective")
+
+
+def test_bound_factors_follow_the_estimated_norm_of_each_ritz_vector():
+    est = OrthogonalityEstimate(torch.float32, 1000)
+    est._omega = np.array([[0.0, 0.1, 0.0], [0.1, 0.0, 0.0], [0.0, 0.0, 0.0]])
+    U = np.eye(3)
+    np.testing.assert_allclose(est.bound_factors(U), [1.0, 1.0, 1.0])  # unit coordinate vectors: no spread
+    u = np.array([[1.0], [1.0], [0.0]]) / math.sqrt(2)
+    # |u|^T |W| |u| = 2 * 0.1 * 0.5 = 0.1
+    np.testing.assert_allclose(est.bound_factors(u), [1 / math.sqrt(0.9)])
+    est._omega[0, 1] = est._omega[1, 0] = 0.6
+    assert est.bound_factors(u)[0] == math.inf
+    assert orthogonality.orthogonality_eps(torch.bfloat16, 10**8) == pytest.approx(2.0**-7 / 1e4)
