@@ -143,21 +143,26 @@ SPECTRA = {
 
 
 @pytest.mark.parametrize("name", sorted(SPECTRA))
-@pytest.mark.parametrize("max_basis", [None, 10])
-def test_no_eigenvalue_holds_more_of_the_start_than_the_christoffel_bound(name, max_basis):
+@pytest.mark.parametrize("max_basis,reorth", [(None, "full"), (None, "partial"), (10, "full")])
+def test_no_eigenvalue_holds_more_of_the_start_than_the_christoffel_bound(name, max_basis, reorth):
     # the inequality the certificate rests on, mu({lambda}) <= 1 / K(lambda), checked at every eigenvalue
-    # farther than rounding from the Ritz values, after plain and thick-restarted runs of several lengths
+    # farther than rounding from the Ritz values, after plain and thick-restarted runs of several lengths.
+    # A semi-orthogonal basis (partial reorthogonalization) moves T by O(sqrt(eps)) per step at most: the
+    # bound then holds to m sqrt(eps) in the log (measured: 2e-7 at 90 steps, against 1.4e-6 allowed), a
+    # relative change of the certified mass that no risk level notices
     eigs = SPECTRA[name]
     A, Q = sym_with_spectrum(eigs, seed=4)
     start = torch.randn(200, generator=torch.Generator().manual_seed(9), dtype=torch.float64)
     mass = ((Q.T @ (start / start.norm())) ** 2).numpy()
     for steps in (12, 40, 90):
-        r = linalg.lanczos(A.__rmatmul__, 200, tol=0.0, max_iter=steps, v0=start, max_basis=max_basis)
+        r = linalg.lanczos(A.__rmatmul__, 200, tol=0.0, max_iter=steps, v0=start, max_basis=max_basis,
+                           reorth=reorth)
         near = (eigs[:, None] - r.ritz_values[None, :]).abs().min(1).values.numpy()
         far = near > 1e3 * rounding_level(torch.float64, float(eigs.abs().max()))
         bound = -log_christoffel(r, eigs.numpy())
+        slack = 1e-8 if reorth == "full" else steps * math.sqrt(torch.finfo(torch.float64).eps)
         assert far.sum() > 100
-        assert (np.log(mass[far]) <= bound[far] + 1e-8).all(), (steps, (np.log(mass) - bound)[far].max())
+        assert (np.log(mass[far]) <= bound[far] + slack).all(), (steps, (np.log(mass) - bound)[far].max())
 
 
 def test_the_closed_form_christoffel_sum_matches_the_three_term_recurrence():

@@ -245,7 +245,7 @@ class LanczosBasis:
     PIN_BLOCK_BYTES = 2**30
 
     def __init__(self, dim: int, dtype: torch.dtype, device, compute_device=None, capacity: int | None = None,
-                 contiguous: bool = False, space: VectorSpace | None = None):
+                 contiguous: bool = False, space: VectorSpace | None = None, pin: bool = True):
         # dim: the length of the stored vectors (this process's slice in a sharded space)
         self.dim, self.dtype, self.device = dim, dtype, device
         self.space = space if space is not None else VectorSpace(dim)
@@ -255,7 +255,10 @@ class LanczosBasis:
         self.block = capacity if self.contiguous else self.BLOCK
         self.compute = compute_device if compute_device is not None else device
         self.offloaded = torch.device(self.compute) != torch.device(device)
-        self.pin = self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
+        # page-locked blocks copy at twice the speed but cost ~0.6 s per GB to allocate (4.6 s of a 50 s GPT-2
+        # probe): they pay where every row crosses the bus again at each step (full reorthogonalization), not
+        # where a row is written once and read at a few passes (``pin=False``)
+        self.pin = pin and self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
         # basis and working vectors in host memory: the steps' arithmetic takes the chunked CPU passes
         self.on_host = not self.offloaded and torch.device(device).type == "cpu"
         if self.offloaded and not self.contiguous:

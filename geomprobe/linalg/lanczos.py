@@ -113,7 +113,7 @@ def lanczos(
     with ``reorth="full"``, two reads of the stored basis per step (``2 m d`` at step ``m``; four with a
     second pass), with ``"partial"`` a few reads of three d-vectors per step and that only where due; memory
     ``m d`` in ``dtype`` plus two d-vectors (:func:`~geomprobe.linalg.krylov_basis.lanczos_memory_bytes`). ``tol=0`` runs exactly ``max_iter`` steps.
-    ``basis_device="cpu"`` keeps the ``m`` basis vectors in (pinned) host memory, so the accelerator holds
+    ``basis_device="cpu"`` keeps the ``m`` basis vectors in host memory (page-locked for ``reorth="full"``), so the accelerator holds
     only a few vectors of length ``d``; each step then streams the basis through once (block by block,
     each piece applied in place), which costs about ``m d`` bytes of transfer per step.
     ``max_basis``: at most this many basis vectors are stored; when the run may need more steps than that,
@@ -146,7 +146,7 @@ def lanczos(
     # a fixed-length run whose basis is returned (SLQ, the deflated trace) knows its length: one block, no copy
     basis = LanczosBasis(space.local_dim, dtype, q.device if basis_device is None else torch.device(basis_device),
                          q.device, capacity=m_max if tol == 0 and keep_basis else None,
-                         contiguous=tol == 0 and keep_basis, space=space)
+                         contiguous=tol == 0 and keep_basis, space=space, pin=reorth == "full")
     cur = basis.append_normalized(q, 1.0)  # the newest basis vector, on the compute device
     prev = None
     del q
@@ -177,7 +177,7 @@ def lanczos(
         # Gershgorin bound on ||T||: lets a fixed-length run (tol=0, as in SLQ) skip the per-step
         # eigendecomposition and still detect an exhausted Krylov space.
         gersh = max(abs(a) for a in alphas) + 2 * max(betas)
-        if ortho is not None and ortho.advance(alphas, betas, gersh):
+        if ortho is not None and ortho.advance(alphas, betas, gersh, asym):
             w, beta = orthogonalize_step(basis, w, beta, j + 1)
             betas[-1] = beta
             ortho.orthogonalized()

@@ -92,21 +92,25 @@ class OrthogonalityEstimate:
         self._omega = np.zeros((0, 0))
         self._signs = np.random.default_rng(0)  # fixed: the same run takes the same passes
 
-    def advance(self, alphas: list[float], betas: list[float], norm: float) -> bool:
+    def advance(self, alphas: list[float], betas: list[float], norm: float, asymmetry: float = 0.0) -> bool:
         """Estimate ``w_{j+1,k}`` for the new vector (step ``j = len(alphas) - 1``) and say whether it must be
         orthogonalized against the whole basis (the estimate passes :attr:`threshold`, or the previous vector
-        was). ``norm``: a bound on ``||H||`` (the Gershgorin bound of ``T``)."""
+        was). ``norm``: a bound on ``||H||`` (the Gershgorin bound of ``T``). ``asymmetry``: the largest
+        ``|(H v_j)^T v_{j-1} - beta_{j-1}|`` seen so far, the matvec's own error along the basis: the recurrence
+        assumes a symmetric matvec, and an HVP off by 1e-4 relative (fp32 through cuDNN) injects that much
+        loss of orthogonality at every step, far above rounding (twice it is taken, for both terms)."""
         j = len(alphas) - 1
         a = np.asarray(alphas, dtype=np.float64)
         b = np.asarray(betas, dtype=np.float64)
         bj = b[j] if b[j] > 0 else np.finfo(np.float64).tiny
-        local = self.psi * max(norm, 0.0) / bj
+        inject = max(self.psi * max(norm, 0.0), 2.0 * asymmetry)
+        local = inject / bj
         new = np.empty(j + 2)
         if j >= 1:
             cur, prev = self._cur, self._prev
             t = b[:j] * cur[1 : j + 1] + (a[:j] - a[j]) * cur[:j] - b[j - 1] * prev[:j]
             t[1:] += b[: j - 1] * cur[: j - 1]
-            t += np.where(t >= 0, 1.0, -1.0) * self.psi * norm
+            t += np.where(t >= 0, 1.0, -1.0) * inject
             new[:j] = t / bj
         # the local pass keeps the new vector orthogonal to the last two to rounding
         new[max(j - 1, 0) : j + 1] = local
@@ -152,8 +156,12 @@ class OrthogonalityEstimate:
         ``||H y - theta y|| / ||y|| <= beta_m |u_m| / sqrt(1 - |u|^T |W_off| |u|)`` (``inf`` when that may reach
         0). ``U``: the eigenvectors of ``T_m`` as columns. Cost: ``O(m^3)`` float64 operations, no vector read."""
         m = U.shape[0]
+        W = self._omega[:m, :m]
+        worst = float(W.sum(axis=1).max()) if m else 0.0  # >= |u|^T |W| |u| for every unit u (Gershgorin)
+        if worst < 1e-6:  # every factor within 1e-6 of 1: one bound for all, O(m^2) instead of O(m^3)
+            return np.full(U.shape[1], 1.0 / math.sqrt(1.0 - worst))
         A = np.abs(U)
-        spread = np.einsum("ki,ki->i", A, self._omega[:m, :m] @ A)
+        spread = np.einsum("ki,ki->i", A, W @ A)
         out = np.full(spread.shape, math.inf)
         ok = spread < 0.5
         out[ok] = 1.0 / np.sqrt(1.0 - spread[ok])

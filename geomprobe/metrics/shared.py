@@ -52,7 +52,8 @@ class Product:
 
 def lanczos_key(*, k: int, tol: float, max_iter: int | None, which: str, seed: int, bound: str,
                 max_basis: int | None, risk: float | None) -> tuple:
-    """What determines a seeded cold Lanczos run on the Hessian (where its basis lives does not)."""
+    """What determines a seeded cold Lanczos run on the Hessian (where its basis lives does not, nor whether it
+    was reorthogonalized fully or partially: the same run to rounding)."""
     return ("lanczos", k, tol, max_iter, which, seed, bound, max_basis, risk)
 
 

@@ -33,6 +33,7 @@ def run_lanczos(
     max_basis: int | None = None,
     risk: float | None = DEFAULT_RISK,
     reuse: Reuse | None = None,
+    reorth: str = "partial",
 ) -> LanczosResult:
     """Lanczos on ``land.hvp`` in the Landscape's dtype, its vectors where the Landscape's live
     (:func:`vector_device`: the host in the host-vector mode, so the Krylov arithmetic runs on the CPU and
@@ -56,7 +57,7 @@ def run_lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
         generator=generator or default_generator(seed), dtype=land.dtype, device=vector_device(land),
         keep_basis=keep_basis, bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk,
-        space=getattr(land, "vector_space", None),
+        space=getattr(land, "vector_space", None), reorth=reorth,
     )
     widen_by_matvec_error(land, r, mark, k, tol, which)
     if cacheable:
@@ -121,6 +122,7 @@ def lanczos_summary(r: LanczosResult, k: int) -> dict:
         "steps": r.steps,
         "hvps": r.matvecs,
         "hvp_asymmetry": r.asymmetry,
+        "reorthogonalizations": r.reorthogonalizations,
         **({"hvp_error": r.matvec_error} if getattr(r, "matvec_error", None) is not None else {}),
     }
 
@@ -146,6 +148,7 @@ def spectrum(
     warm: Any = None,
     which: str = "both",
     risk: float | None = DEFAULT_RISK,
+    reorth: str = "partial",
 ) -> dict:
     """The Hessian's ``k`` largest and ``k`` smallest eigenvalues by Lanczos on HVPs, each with its bound.
 
@@ -180,7 +183,10 @@ def spectrum(
     ``basis_device="cpu"`` keeps the Lanczos basis in host
     memory, so that on a GPU the probe needs little more than its graph (``micro_batch_size`` bounds that).
     ``max_basis`` caps the stored Lanczos vectors (thick restart beyond it, the same bounds and certificate,
-    more HVPs; the result then says ``restarts``).
+    more HVPs; the result then says ``restarts``). ``reorth``: ``"partial"`` (default) orthogonalizes a step
+    against the whole basis only where an estimate of the vectors' inner products asks
+    (:mod:`geomprobe.linalg.orthogonality`), ``"full"`` at every step; the same values and bounds to
+    rounding, ``reorthogonalizations`` in the result counts the whole-basis passes (each reads the basis twice).
 
     ``warm``: a :class:`geomprobe.probe.warm_start.WarmStart` (what :class:`GeometryProbe` passes along a
     trajectory): Lanczos starts from the previous call's extreme Ritz vectors mixed with a random component,
@@ -211,11 +217,12 @@ def spectrum(
         warm = None  # a warm start keeps whole vectors on the host; a sharded Landscape holds slices
     if warm is None:
         r = run_lanczos(land, k=k, tol=tol, max_iter=max_iter, which=which, seed=seed, generator=generator,
-                        bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk, reuse=reuse)
+                        bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk, reuse=reuse,
+                        reorth=reorth)
     else:
         r, started_warm = _warm_lanczos(land, warm, reuse, k=k, seed=seed, generator=generator, tol=tol,
                                         max_iter=max_iter, bound=bound, basis_device=basis_device,
-                                        max_basis=max_basis, which=which, risk=risk)
+                                        max_basis=max_basis, which=which, risk=risk, reorth=reorth)
     out = lanczos_summary(r, k)
     if max_basis is not None:
         out["restarts"] = r.restarts
