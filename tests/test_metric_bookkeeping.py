@@ -236,8 +236,18 @@ def _assert_same_choice(new, old, upper, ref, ties):
     assert np.array_equal(np.sort(upper[new]), np.sort(upper[old]))
 
 
+@pytest.fixture(params=["host", "device"])
+def top_way(request, monkeypatch):
+    """Each way of taking a block's top-k (:func:`_screen._top_host` reads the device, ``_top_device`` never,
+    as on a GPU), both run here on the CPU."""
+    from geomprobe.metrics import _screen as scr
+
+    monkeypatch.setattr(scr, "_top", getattr(scr, f"_top_{request.param}"))
+    return getattr(scr, f"_top_{request.param}")
+
+
 @pytest.mark.parametrize("seed", range(12))
-def test_screen_candidates_equal_the_masked_formula(seed):
+def test_screen_candidates_equal_the_masked_formula(seed, top_way):
     rng = np.random.default_rng(seed)
     z = 4.0
     ties = bool(seed % 2)
@@ -281,7 +291,7 @@ def _screened_parts(rng, sizes, ties: bool):
 
 
 @pytest.mark.parametrize("seed", range(8))
-def test_pool_candidates_equal_the_per_block_formula(seed):
+def test_pool_candidates_equal_the_per_block_formula(seed, top_way):
     rng = np.random.default_rng(seed)
     ties = bool(seed % 2)
     parts, d, screen = _screened_parts(rng, [1, 3, 40, 9, 200, 2], ties=ties)
@@ -307,7 +317,7 @@ def test_pool_candidates_equal_the_per_block_formula(seed):
 
 
 @pytest.mark.parametrize("seed", range(6))
-def test_candidates_and_pool_of_one_call_equal_the_old_read_exact_steps(seed):
+def test_candidates_and_pool_of_one_call_equal_the_old_read_exact_steps(seed, top_way):
     """read_exact's top candidates and then the pool outside them, in one call, as the old two steps."""
     rng = np.random.default_rng(seed)
     parts, d, screen = _screened_parts(rng, [1, 2, 50, 9, 300, 4, 77], ties=False)
@@ -325,14 +335,15 @@ def test_candidates_and_pool_of_one_call_equal_the_old_read_exact_steps(seed):
             assert all(np.array_equal(a, b) for a, b in zip(extra, old_extra))
 
 
-def test_top_breaks_ties_to_the_lower_index_and_skips_known_ones():
-    from geomprobe.metrics._screen import _top
-
+def test_top_breaks_ties_to_the_lower_index_and_skips_known_ones(top_way):
+    _top = top_way
     ub = torch.tensor([1.0, 3.0, 2.0, 3.0, 2.0, 2.0, -np.inf, 2.0], dtype=torch.float64)
     v, i = _top(ub.clone(), 4)
     assert v.tolist() == [3.0, 3.0, 2.0, 2.0] and sorted(i.tolist()) == [1, 2, 3, 4]
     for _ in range(3):  # the same whatever the call
         assert torch.equal(_top(ub.clone(), 4)[1], i)
+    v, i = _top(ub.clone(), 2)  # no tie straddles the cut-off
+    assert v.tolist() == [3.0, 3.0] and sorted(i.tolist()) == [1, 3]
     v, i = _top(ub.clone(), 50)  # more asked than there are: every entry, the known one last
     assert len(i) == 8 and v[-1] == -np.inf and i[-1] == 6
     zeros = torch.zeros(1000, dtype=torch.float64)

@@ -42,13 +42,23 @@ class Screen:
     def device(self) -> torch.device:
         return self.mean.device
 
-    def bound(self, start: int, stop: int, z: float, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def bound(self, start: int, stop: int, z: float, scale: torch.Tensor | None = None, *,
+              out: torch.Tensor | None = None, tmp: torch.Tensor | None = None) -> torch.Tensor:
         """``|h_hat_i| + z se_i`` (times ``|s_i|`` for a flat ``scale`` on the screen's device) of coordinates
-        ``start:stop``: a fresh float64 tensor (free to mask in place), one pass over the block per factor."""
-        out = self.se[start:stop] * z
-        out += self.mean[start:stop].abs()
+        ``start:stop``, float64, free to mask in place: written into ``out`` (and ``tmp``, float64 buffers of
+        the block's size at least) when given, a fresh tensor otherwise. One pass over the block per factor.
+
+        Each operation is rounded once, as the host formula's (``z se`` and the sum are two roundings: no
+        fused multiply-add), so the bound is that formula's bit for bit."""
+        n = stop - start
+        out = torch.empty(n, dtype=torch.float64, device=self.device) if out is None else out[:n]
+        tmp = torch.empty(n, dtype=torch.float64, device=self.device) if tmp is None else tmp[:n]
+        torch.mul(self.se[start:stop], z, out=out)
+        torch.abs(self.mean[start:stop], out=tmp)
+        out += tmp
         if scale is not None:
-            out *= scale[start:stop].abs().double()
+            tmp.copy_(scale[start:stop])  # to float64 first, exactly: |s| as the host formula took it
+            out *= tmp.abs_()
         return out
 
 
@@ -63,14 +73,62 @@ def _flat_scale(s: torch.Tensor | None, device: torch.device) -> torch.Tensor | 
     return None if s is None else s.detach().reshape(-1).to(device)
 
 
+class _Work:
+    """Float64 buffers of the largest block's size, reused block after block: a fresh block-sized tensor per
+    block and factor cost more in allocation (page faults, on a host) than the arithmetic in it."""
+
+    def __init__(self, screen: Screen, blocks: Sequence[Any]):
+        self.screen = screen
+        size = max((b.size for b in blocks), default=0)
+        self.out = torch.empty(size, dtype=torch.float64, device=screen.device)
+        self.tmp = torch.empty(size, dtype=torch.float64, device=screen.device)
+
+    def masked(self, b: Any, z: float, scale: torch.Tensor | None,
+               known: Sequence[torch.Tensor | None]) -> torch.Tensor:
+        """The block's bound with the coordinates of ``known`` (block-local device indices) set to ``-inf``: a
+        view of the buffer, valid until the next call."""
+        ub = self.screen.bound(b.start, b.stop, z, scale, out=self.out, tmp=self.tmp)
+        for idx in known:
+            if idx is not None and idx.numel():
+                ub.index_fill_(0, idx, -np.inf)
+        return ub
+
+
 def _top(ub: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``min(n, len(ub))`` largest entries of ``ub`` and their indices, ties at the cut-off to the lowest
-    indices. Values sorted descending. Two passes over ``ub`` (its top-k, then the tied entries' indices),
-    fixed output shapes, so nothing waits for the device."""
+    indices; values sorted descending. :func:`_top_host` on a host, :func:`_top_device` elsewhere: the same
+    result, the one reading the device when it is free to, the other never."""
+    return (_top_host if ub.device.type == "cpu" else _top_device)(ub, n)
+
+
+def _none(device: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty(0, dtype=torch.float64, device=device), torch.empty(0, dtype=torch.long, device=device)
+
+
+def _top_host(ub: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_top` by one top-k pass, and a pass over the entries equal to the k-th only when one of them is
+    left out (the (k+1)-th, read with the top k, says so at no cost; elsewhere the tied entries are all in the
+    top k and that pass would change nothing)."""
     m = ub.numel()
     k = min(n, m)
     if k <= 0:
-        return ub.new_empty(0), torch.empty(0, dtype=torch.long, device=ub.device)
+        return _none(ub.device)
+    v, i = torch.topk(ub, min(k + 1, m))
+    if k == m or not bool(v[k - 1] == v[k]):
+        return v[:k], i[:k]
+    v, i = v[:k], i[:k]
+    above = int((v > v[k - 1]).sum())  # entries above the cut-off: all in the top k, first in sorted order
+    tied = torch.nonzero(ub == v[k - 1]).reshape(-1)[: k - above]  # ascending: the lowest tied indices
+    return v, torch.cat([i[:above], tied])
+
+
+def _top_device(ub: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_top` with fixed output shapes, so that nothing waits for the device: one top-k pass, then the
+    ``k`` lowest indices among the entries equal to the k-th (a second top-k, over their indices)."""
+    m = ub.numel()
+    k = min(n, m)
+    if k <= 0:
+        return _none(ub.device)
     v, i = torch.topk(ub, k)
     thr = v[k - 1 :]
     above = (v > thr).sum()  # entries above the cut-off are all in the top k, first in the sorted values
@@ -117,13 +175,16 @@ def screen_candidates(screen: Screen, blocks: Sequence[Any], known: Sequence[np.
     dev = screen.device
     scales = [_flat_scale(s, dev) for s in scalings]
     known_d = _on(dev, known)
-    tops = [[_top(_masked(screen, b, z, sc, [known_d[j]]), n_top) for j, b in enumerate(blocks)] for sc in scales]
+    work = _Work(screen, blocks)
+    none = _none(dev)
+    tops = [[_top(work.masked(b, z, sc, [known_d[j]]), n_top) if n_top > 0 else none for j, b in enumerate(blocks)]
+            for sc in scales]
     per = max(1, pool // max(1, len(scalings))) if pool > 0 else 0
     pools: list[list[tuple[torch.Tensor, torch.Tensor]]] = []
     if per:
         taken_d = _on(dev, taken) if taken is not None else [None] * len(blocks)
         mask = [[known_d[j], taken_d[j]] + [t[j][1] for t in tops] for j in range(len(blocks))]
-        pools = [[_top(_masked(screen, b, z, sc, mask[j]), per) for j, b in enumerate(blocks)] for sc in scales]
+        pools = [[_top(work.masked(b, z, sc, mask[j]), per) for j, b in enumerate(blocks)] for sc in scales]
     host = iter(_fetch([x for stage in (tops, pools) for row in stage for pair in row for x in pair]))
     got = [[_ranked(next(host), next(host)) for _ in blocks] for _ in tops]
     cand = [np.unique(np.concatenate([g[j][1] for g in got])) if got else np.empty(0, np.int64)
@@ -147,16 +208,6 @@ def screen_candidates(screen: Screen, blocks: Sequence[Any], known: Sequence[np.
         j = max(range(len(extra)), key=lambda i: len(extra[i]))
         extra[j] = extra[j][:-1]
     return cand, extra
-
-
-def _masked(screen: Screen, b: Any, z: float, scale: torch.Tensor | None,
-            known: Sequence[torch.Tensor | None]) -> torch.Tensor:
-    """The block's bound with the coordinates of ``known`` (block-local device indices) set to ``-inf``."""
-    ub = screen.bound(b.start, b.stop, z, scale)
-    for idx in known:
-        if idx is not None and idx.numel():
-            ub.index_fill_(0, idx, -np.inf)
-    return ub
 
 
 @dataclass(frozen=True)
@@ -196,10 +247,11 @@ def screen_facts(parts: Sequence[Any], scalings: Sequence[torch.Tensor | None], 
             send += [p.screen.mean[ix], p.screen.se[ix]]
     unread = [p.screen is not None and not p.exact and len(np.union1d(p.sample, p.cand)) < p.block.size
               for p in parts]
+    work = {id(sv): _Work(sv, [p.block for p in parts if p.screen is sv]) for sv in screens}
     for sc in scales:
         if sc is not None:
             send += [sc[ix].abs().double() for ix in idx_d]
-        maxima = [_masked(p.screen, p.block, z, sc, [samp_d[j], loc_d[j]]).max().reshape(1)
+        maxima = [work[id(p.screen)].masked(p.block, z, sc, [samp_d[j], loc_d[j]]).max().reshape(1)
                   for j, p in enumerate(parts) if unread[j]]
         if maxima:
             send.append(torch.cat(maxima))
