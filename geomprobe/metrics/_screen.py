@@ -236,9 +236,10 @@ def screen_facts(parts: Sequence[Any], scalings: Sequence[torch.Tensor | None], 
     screens = [p.screen for p in parts if p.screen is not None and not p.exact]
     dev = screens[0].device if screens else next((s.device for s in scalings if s is not None), torch.device("cpu"))
     reads = [np.concatenate([p.sample, p.cand]).astype(np.int64) for p in parts]
-    idx_d = _on(dev, [p.block.start + r for p, r in zip(parts, reads)])
-    loc_d = _on(dev, [np.asarray(p.cand, dtype=np.int64) for p in parts])
-    samp_d = _on(dev, [np.asarray(p.sample, dtype=np.int64) for p in parts])
+    n = len(parts)
+    on = _on(dev, [p.block.start + r for p, r in zip(parts, reads)] + [p.cand for p in parts]
+             + [p.sample for p in parts])
+    idx_d, loc_d, samp_d = on[:n], on[n : 2 * n], on[2 * n :]
     scales = [_flat_scale(s, dev) for s in scalings]
     send: list[torch.Tensor] = []
     packed = [p.sample_err is not None and p.screen is not None and not p.exact for p in parts]
@@ -247,7 +248,8 @@ def screen_facts(parts: Sequence[Any], scalings: Sequence[torch.Tensor | None], 
             send += [p.screen.mean[ix], p.screen.se[ix]]
     unread = [p.screen is not None and not p.exact and len(np.union1d(p.sample, p.cand)) < p.block.size
               for p in parts]
-    work = {id(sv): _Work(sv, [p.block for p in parts if p.screen is sv]) for sv in screens}
+    distinct = {id(sv): sv for sv in screens}
+    work = {k: _Work(sv, [p.block for p in parts if p.screen is sv]) for k, sv in distinct.items()}
     for sc in scales:
         if sc is not None:
             send += [sc[ix].abs().double() for ix in idx_d]
@@ -263,13 +265,13 @@ def screen_facts(parts: Sequence[Any], scalings: Sequence[torch.Tensor | None], 
         mx = iter(next(host) if any(unread) else ())
         row = []
         for p, g, (a, e), u in zip(parts, gathered, at, unread):
-            n = len(p.sample)
+            k = len(p.sample)
             if u:
                 upper = float(next(mx))
             elif p.screen is None and not p.exact and len(np.union1d(p.sample, p.cand)) < p.block.size:
                 upper = float("inf")  # no screen: nothing bounds the unseen entries
             else:
                 upper = -np.inf
-            row.append(ScreenFacts(None if g is None else g[:n], None if g is None else g[n:], a, e, upper))
+            row.append(ScreenFacts(None if g is None else g[:k], None if g is None else g[k:], a, e, upper))
         out.append(row)
     return out
