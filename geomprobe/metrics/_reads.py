@@ -5,10 +5,10 @@ entries read, their errors (none for exact entries) and the Bekas screen. :func:
 to reads made for the raw diagonal, the candidates a scaled diagonal ``s_i h_i`` needs for its max (``precond``
 reuses ``rmed``'s reads this way). The Bekas screen stays on the device it was computed on
 (:class:`~geomprobe.metrics._screen.Screen`, shared by every block of a pass), and the candidates are chosen
-there (:func:`~geomprobe.metrics._screen.screen_candidates`): only their indices come to the host. Exact entries are read as Hessian columns through a
-:class:`~geomprobe.metrics._columns.ColumnReader`, so those ``diagshare`` read are not read again. The statistics built on it (median,
-q99, max and their intervals) live in :mod:`geomprobe.metrics.rmed`; the plan that chooses between the two
-reads in :mod:`geomprobe.metrics._budget`.
+there (:func:`~geomprobe.metrics._screen.screen_candidates`): only their indices come to the host. Exact
+entries are read as Hessian columns through a :class:`~geomprobe.metrics._columns.ColumnReader`, so those
+``diagshare`` read are not read again. The statistics built on it (median, q99, max and their intervals) live
+in :mod:`geomprobe.metrics.rmed`; the plan that chooses between the two reads in :mod:`geomprobe.metrics._budget`.
 """
 
 from __future__ import annotations
