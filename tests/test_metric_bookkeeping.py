@@ -411,6 +411,27 @@ def test_no_whole_model_array_crosses_to_the_host_while_reading():
     assert all(p.screen is parts[1].screen for p in parts[1:]) and parts[0].screen is None
 
 
+def test_the_device_way_reads_the_device_once_per_call_whatever_the_blocks(monkeypatch):
+    """With the top-k a GPU takes (fixed shapes), choosing candidates and pool, and the statistics' screen
+    facts, read the device once per call: nothing waits for it block by block."""
+    from geomprobe.metrics import _screen as scr
+
+    monkeypatch.setattr(scr, "_top", scr._top_device)
+    counts = []
+    for n_blocks in (3, 30):
+        rng = np.random.default_rng(0)
+        parts, d, screen = _screened_parts(rng, [1] + [40] * (n_blocks - 1), ties=True)
+        s = torch.rand(d, dtype=torch.float64)
+        blocks = [p.block for p in parts]
+        with _count_reads() as c:
+            screen_candidates(screen, blocks, [p.sample for p in parts], [None, s], 3, 4.0, pool=7,
+                              taken=[p.cand for p in parts])
+        with _count_reads() as f:
+            screen_facts(parts, [None, s], 4.0)
+        counts.append((c["n"], f["n"]))
+    assert counts == [(1, 1), (1, 1)], counts
+
+
 def _all_kinds_of_parts(rng):
     """Exact blocks (one of one entry), sampled exact entries with and without a screen, packed reads with
     their errors, a block whose every coordinate was read, tied and zero entries."""
