@@ -3,10 +3,12 @@
 Private to the metrics. Each function spends HVPs and returns per-block knowledge (:class:`BlockDiag`): the
 entries read, their errors (none for exact entries) and the Bekas screen. :func:`read_scaled_candidates` adds,
 to reads made for the raw diagonal, the candidates a scaled diagonal ``s_i h_i`` needs for its max (``precond``
-reuses ``rmed``'s reads this way). Exact entries are read as Hessian columns through a
-:class:`~geomprobe.metrics._columns.ColumnReader`, so those ``diagshare`` read are not read again. The statistics built on it (median,
-q99, max and their intervals) live in :mod:`geomprobe.metrics.rmed`; the plan that chooses between the two
-reads in :mod:`geomprobe.metrics._budget`.
+reuses ``rmed``'s reads this way). The Bekas screen stays on the device it was computed on
+(:class:`~geomprobe.metrics._screen.Screen`, shared by every block of a pass), and the candidates are chosen
+there (:func:`~geomprobe.metrics._screen.screen_candidates`): only their indices come to the host. Exact
+entries are read as Hessian columns through a :class:`~geomprobe.metrics._columns.ColumnReader`, so those
+``diagshare`` read are not read again. The statistics built on it (median, q99, max and their intervals) live
+in :mod:`geomprobe.metrics.rmed`; the plan that chooses between the two reads in :mod:`geomprobe.metrics._budget`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from ..stats.sampling import random_prefix
 from ._budget import RmedPlan
 from ._columns import ColumnReader, block_order
 from ._common import exact_diagonal_chunked
+from ._screen import Screen, screen_candidates
 
 __all__ = ["BlockDiag", "DiagonalReads", "PackedPilot", "read_exact", "read_packed", "read_pilot",
            "read_scaled_candidates"]
@@ -38,8 +41,7 @@ class BlockDiag:
     sample_h: np.ndarray      # their h_i
     cand: np.ndarray          # local indices recomputed after screening
     cand_h: np.ndarray
-    screen: np.ndarray | None = None      # Bekas mean over the block
-    screen_se: np.ndarray | None = None
+    screen: Screen | None = None          # the whole model's Bekas screen, on its device (None: not screened)
     sample_err: np.ndarray | None = None  # packed reads: standard error of each h_i (None: exact entries)
     cand_err: np.ndarray | None = None
 
@@ -90,23 +92,16 @@ def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequen
     large = [p for p in parts if not p.exact]
     if not large or screen_samples == 0:
         return parts, hvps
-    mean, se = bekas_diagonal(matvec, dim, samples=screen_samples, batch=batch, generator=generator,
-                              dtype=dtype, device=device)
-    mean, se = mean.double().cpu().numpy(), se.double().cpu().numpy()
+    screen = Screen(*bekas_diagonal(matvec, dim, samples=screen_samples, batch=batch, generator=generator,
+                                    dtype=dtype, device=device))
     hvps += screen_samples
-    cand_global: list[np.ndarray] = []
-    bound = screen_bound(mean, se, z)  # one pass over the model, sliced per block below
-    host = host_scales(scalings)
-    for p in large:
-        b = p.block
-        p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
-        p.cand = _screen_candidates(bound[b.start : b.stop], p.sample,
-                                    [None if s is None else s[b.start : b.stop] for s in host], top)
-    extra = _pool_candidates(large, [p.cand for p in large], host, z, pool)
-    for p, more in zip(large, extra):
-        p.cand = np.union1d(p.cand, more).astype(int)
-        cand_global.append(p.block.start + p.cand)
-    cidx = np.concatenate(cand_global)
+    # candidates and pool chosen where the screen lives: only their indices come to the host
+    cand, extra = screen_candidates(screen, [p.block for p in large], [p.sample for p in large], scalings, top, z,
+                                    pool=pool)
+    for p, c, more in zip(large, cand, extra):
+        p.screen = screen
+        p.cand = np.union1d(c, more).astype(int)
+    cidx = np.concatenate([p.block.start + p.cand for p in large])
     before = columns.spent
     hc = columns.diagonal(cidx)
     hvps += columns.spent - before
@@ -115,69 +110,6 @@ def read_exact(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Sequen
         p.cand_h = hc[at : at + len(p.cand)]
         at += len(p.cand)
     return parts, hvps
-
-
-def host_scales(scalings: Sequence[torch.Tensor | None]) -> list[np.ndarray | None]:
-    """``|s|`` of each scaling as one float64 host array (``None`` stays ``None``): one device->host copy per
-    scaling, where slicing the tensor per block cost one copy (and one wait for the device) per block."""
-    return [None if s is None else s.detach().abs().double().cpu().numpy() for s in scalings]
-
-
-def screen_bound(screen: np.ndarray, screen_se: np.ndarray, z: float) -> np.ndarray:
-    """The screened upper bound ``|h_hat_i| + z se_i`` of every coordinate (one vectorized pass)."""
-    return np.abs(screen) + z * screen_se
-
-
-def _screen_candidates(bound: np.ndarray, known: np.ndarray, scales: Sequence[np.ndarray | None],
-                       n_top: int) -> np.ndarray:
-    """The ``n_top`` coordinates of a block outside ``known`` with the largest screened upper bound ``bound``
-    (:func:`screen_bound`, block-local) times ``|s|``, per scaling (block-local host arrays of
-    :func:`host_scales`; ``None`` is no scaling). Cost: one pass over the block per scaling."""
-    n = min(n_top, len(bound) - len(np.unique(known)))
-    chosen: set[int] = set()
-    if n <= 0:
-        return np.empty(0, dtype=int)
-    for sc in scales:
-        # Rank by the upper bound, not the point estimate: reading the coordinates that could be largest is
-        # what lets the rest of the screen certify the max. The known ones are masked by -inf in place of a
-        # whole-block mask and np.where (the same array, two passes fewer).
-        upper = bound * sc if sc is not None else bound.copy()
-        upper[known] = -np.inf
-        np.negative(upper, out=upper)
-        chosen.update(np.argpartition(upper, n - 1)[:n].tolist())
-    return np.array(sorted(chosen), dtype=int)
-
-
-def _pool_candidates(parts: Sequence[BlockDiag], taken: Sequence[np.ndarray], scalings: Sequence[np.ndarray | None],
-                     z: float, pool: int) -> list[np.ndarray]:
-    """``pool`` candidates across the screened ``parts``: the unread coordinates (outside each part's sample and
-    ``taken``) of largest screened upper bound ``s_i (|h_hat_i| + z se_i)`` over all the parts together, an
-    equal share per scaling (their union; ``scalings`` as :func:`host_scales` gives them, whole-model).
-    Block-local indices per part."""
-    if pool <= 0:
-        return [np.empty(0, dtype=int) for _ in parts]
-    chosen: list[set[int]] = [set() for _ in parts]
-    per = max(1, pool // max(1, len(scalings)))
-    bounds = [screen_bound(p.screen, p.screen_se, z) for p in parts]
-    known = [np.union1d(p.sample, t).astype(int) for p, t in zip(parts, taken)]
-    for s in scalings:
-        best: list[tuple[float, int, int]] = []
-        for j, p in enumerate(parts):
-            b = p.block
-            sc = None if s is None else s[b.start : b.stop]
-            # the block's own best ``per`` are the only ones that can be among the global best ``per``
-            local = _screen_candidates(bounds[j], known[j], [sc], per)
-            ub = (1.0 if sc is None else sc[local]) * bounds[j][local]
-            best.extend((float(u), j, int(i)) for u, i in zip(np.atleast_1d(ub), local))
-        best.sort(key=lambda t: -t[0])
-        for _, j, i in best[:per]:
-            chosen[j].add(i)
-    out = [np.array(sorted(c), dtype=int) for c in chosen]
-    # the union over scalings may exceed the pool by rounding: trim the largest lists
-    while sum(len(c) for c in out) > pool:
-        j = max(range(len(out)), key=lambda i: len(out[i]))
-        out[j] = out[j][:-1]
-    return out
 
 
 def _rows(blocks: Sequence[Any], local: Sequence[np.ndarray], n_rows: int) -> torch.Tensor:
@@ -257,17 +189,14 @@ def read_packed(matvec: Matvec, dim: int, blocks: Sequence[Any], scalings: Seque
         parts.append(p)
     if plan.rows_cand == 0 or plan.screen == 0:
         return parts, hvps
-    mean, se = bekas_diagonal(matvec, dim, samples=plan.screen, batch=batch, generator=generator, dtype=dtype,
-                              device=device)
-    mean, se = mean.double().cpu().numpy(), se.double().cpu().numpy()
+    screen = Screen(*bekas_diagonal(matvec, dim, samples=plan.screen, batch=batch, generator=generator,
+                                    dtype=dtype, device=device))
     hvps += plan.screen
     per_scaling = max(1, plan.rows_cand // len(scalings))  # their union then fits the candidate rows
-    bound, host = screen_bound(mean, se, z), host_scales(scalings)
-    for p in parts:
-        b = p.block
-        p.screen, p.screen_se = mean[b.start : b.stop], se[b.start : b.stop]
-        local = [None if s is None else s[b.start : b.stop] for s in host]
-        p.cand = _screen_candidates(bound[b.start : b.stop], p.sample, local, per_scaling)[: plan.rows_cand]
+    cand, _ = screen_candidates(screen, blocks, [p.sample for p in parts], scalings, per_scaling, z)
+    for p, c in zip(parts, cand):
+        p.screen = screen
+        p.cand = c.astype(int)[: plan.rows_cand]
     est, err = packed_diagonal(matvec, dim, _rows(blocks, [p.cand for p in parts], plan.rows_cand),
                                signs=plan.signs, batch=batch, generator=generator, dtype=dtype, device=device)
     hvps += plan.signs * plan.rows_cand
@@ -309,24 +238,17 @@ def read_scaled_candidates(matvec: Matvec, dim: int, reads: DiagonalReads, scali
     plan = reads.plan
     packed = plan.mode == "packed"
     n_top = plan.rows_cand if packed else plan.top
-    new: list[np.ndarray] = []
-    (host,) = host_scales([scaling])
-    for p in reads.parts:
-        if p.screen is None or p.exact or n_top == 0:
-            new.append(np.empty(0, dtype=int))
-            continue
-        b = p.block
-        chosen = _screen_candidates(screen_bound(p.screen, p.screen_se, z), p.sample, [host[b.start : b.stop]],
-                                    n_top)
-        new.append(np.setdiff1d(chosen, p.cand).astype(int))
-    if not packed and plan.pool:
-        # the pool, as rmed's reads chose it, but ranked by the scaled bound
-        screened = [j for j, p in enumerate(reads.parts) if p.screen is not None and not p.exact]
+    new: list[np.ndarray] = [np.empty(0, dtype=int) for _ in reads.parts]
+    screened = [j for j, p in enumerate(reads.parts) if p.screen is not None and not p.exact]
+    pool = 0 if packed else plan.pool
+    if screened and (n_top > 0 or pool > 0):
         parts = [reads.parts[j] for j in screened]
-        more = _pool_candidates(parts, [np.union1d(p.cand, new[j]) for j, p in zip(screened, parts)], [host],
-                                z, plan.pool)
-        for j, m in zip(screened, more):
-            new[j] = np.union1d(new[j], m).astype(int)
+        # ranked where the screen lives (one screen for all the parts: it is read once per pass); the pool,
+        # as rmed's reads chose it, but ranked by the scaled bound, outside the candidates old and new
+        chosen, more = screen_candidates(parts[0].screen, [p.block for p in parts], [p.sample for p in parts],
+                                         [scaling], n_top, z, pool=pool, taken=[p.cand for p in parts])
+        for j, p, c, m in zip(screened, parts, chosen, more):
+            new[j] = np.union1d(np.setdiff1d(c, p.cand), m).astype(int)
     n_rows = max((len(c) for c in new), default=0)
     if n_rows == 0:
         return list(reads.parts), 0

@@ -105,7 +105,8 @@ from ._common import (
     weighted_quantile,
 )
 from ._pilot import judge_pilot
-from ._reads import BlockDiag, DiagonalReads, host_scales, read_exact, read_packed, read_pilot, screen_bound
+from ._reads import BlockDiag, DiagonalReads, read_exact, read_packed, read_pilot
+from ._screen import ScreenFacts, screen_facts
 from .registry import register
 from .shared import RAW_DIAGONAL, Reuse, diagonal_key
 
@@ -173,14 +174,14 @@ def _ratio_stats(mx: float, mx_upper: float, med: float, med_ci: tuple[float, fl
     }
 
 
-def _block_result(p: BlockDiag, s: np.ndarray | None, z: float, level: float) -> tuple[dict, dict]:
+def _block_result(p: BlockDiag, f: ScreenFacts, z: float, level: float) -> tuple[dict, dict]:
     """The block's result dict and the raw material (scaled |h| values) the whole-model pooling needs.
 
-    ``s``: the whole model's ``|scaling|`` on the host (:func:`._reads.host_scales`), or None. Cost: no HVP;
-    host work of order the block's size only when it was screened (the bound of its unread entries)."""
+    ``f``: what the statistics need of the screen and the scaling at this block (:func:`._screen.screen_facts`:
+    ``|s|`` at the read coordinates, the screen there, the bound of the unread ones). Cost: no HVP; host work
+    of order the block's reads."""
     b = p.block
-    sc = None if s is None else s[b.start : b.stop]
-    samp = np.abs(p.sample_h) * (1.0 if sc is None else sc[p.sample])
+    samp = np.abs(p.sample_h) * (1.0 if f.sc_sample is None else f.sc_sample)
     if p.exact:
         med, q99, mx = float(np.median(samp)), float(np.quantile(samp, 0.99)), float(samp.max())
         out = {"max": mx, "max_upper": mx, "max_certified": True, "median": med, "median_ci": [med, med],
@@ -189,10 +190,12 @@ def _block_result(p: BlockDiag, s: np.ndarray | None, z: float, level: float) ->
         return out, {"values": samp, "weights": np.ones(len(samp)), "exact": True, "mx": mx, "mx_upper": mx,
                      "mx_lower": mx, "computed": b.size, "size": b.size, "scale": np.zeros(len(samp))}
     packed = p.sample_err is not None
-    cand = np.abs(p.cand_h) * (1.0 if sc is None else sc[p.cand])
+    sc_samp = 1.0 if f.sc_sample is None else f.sc_sample
+    sc_cand = 1.0 if f.sc_cand is None else f.sc_cand
+    cand = np.abs(p.cand_h) * sc_cand
     # Contamination scales of packed reads (0 for exact entries): they bracket each read entry by +- z scale.
-    s_samp = _noise_scale(p.sample_err * (1.0 if sc is None else sc[p.sample])) if packed else np.zeros(len(samp))
-    s_cand = _noise_scale(p.cand_err * (1.0 if sc is None else sc[p.cand])) if packed else np.zeros(len(cand))
+    s_samp = _noise_scale(p.sample_err * sc_samp) if packed else np.zeros(len(samp))
+    s_cand = _noise_scale(p.cand_err * sc_cand) if packed else np.zeros(len(cand))
     read, read_s = np.concatenate([samp, cand]), np.concatenate([s_samp, s_cand])
     mx = float(read.max())
     lower, upper = np.maximum(read - z * read_s, 0.0), read + z * read_s
@@ -200,23 +203,12 @@ def _block_result(p: BlockDiag, s: np.ndarray | None, z: float, level: float) ->
         # A read's own error has few degrees of freedom and reads 0 whenever the sign patterns happen to
         # agree on a coupled pair; the screen's bracket (many probes) is independent of it. Either one holding
         # is enough for the union of the two brackets, which is what bounds the max.
-        at = np.concatenate([p.sample, p.cand])
-        sc_at = 1.0 if sc is None else sc[at]
-        lower = np.minimum(lower, np.maximum(np.abs(p.screen[at]) - z * p.screen_se[at], 0.0) * sc_at)
-        upper = np.maximum(upper, (np.abs(p.screen[at]) + z * p.screen_se[at]) * sc_at)
+        sc_at = 1.0 if f.sc_sample is None else np.concatenate([f.sc_sample, f.sc_cand])
+        lower = np.minimum(lower, np.maximum(np.abs(f.mean_at) - z * f.se_at, 0.0) * sc_at)
+        upper = np.maximum(upper, (np.abs(f.mean_at) + z * f.se_at) * sc_at)
     mx_lower, mx_read_upper = float(lower.max()), float(upper.max())
-    known = np.union1d(p.sample, p.cand).astype(np.int64)
-    screen_upper = -np.inf
-    if p.screen is not None and len(known) < b.size:
-        # the unread entries' bound: the read ones masked by -inf in one block-sized array (a max is exact in
-        # any order, so this is the masked max the boolean selection took, in fewer passes)
-        ub = screen_bound(p.screen, p.screen_se, z)
-        if sc is not None:
-            ub *= sc
-        ub[known] = -np.inf
-        screen_upper = float(ub.max())
-    elif p.screen is None and len(known) < b.size:
-        screen_upper = float("inf")  # no screen: nothing bounds the unseen entries
+    # the unread entries' bound, taken where the screen lives (inf with none: nothing bounds them)
+    screen_upper = f.unread_upper
     mx_upper = max(mx_read_upper, screen_upper)
     med, q99 = float(np.median(samp)), float(np.quantile(samp, 0.99))
     bonf = 1 - (1 - level) / 2
@@ -364,10 +356,11 @@ def diagonal_statistics(parts: Sequence[BlockDiag], plan: RmedPlan, scalings: Se
     record, is reported under ``pilot``."""
     rng = numpy_rng(generator)
     results = []
-    for s in host_scales(scalings):
+    # one pass over the screen per scaling, one device->host copy in all, whatever the number of blocks
+    for facts in screen_facts(parts, scalings, z):
         per_block, pieces = {}, []
-        for p in parts:
-            res, piece = _block_result(p, s, z, level)
+        for p, f in zip(parts, facts):
+            res, piece = _block_result(p, f, z, level)
             per_block[p.block.name] = res
             pieces.append(piece)
         whole = _pooled(pieces, level, bootstrap, rng, z)
