@@ -105,7 +105,8 @@ def lanczos(
     ``reorth``: ``"full"`` runs the Gram-Schmidt pass over the whole basis at every step; ``"partial"``
     (default, :mod:`.orthogonality`) runs it against the two newest vectors only and adds the whole-basis pass
     at the steps where Simon's estimate of the vectors' inner products passes ``sqrt(eps)`` (and the step
-    after): the same Ritz values and bounds to rounding (the residual bounds widened by
+    after), and at every step once such passes come back to back (a dominant outlier, half precision: the
+    estimate's own steps would then cost more than they save): the same Ritz values and bounds to rounding (the residual bounds widened by
     ``1 / sqrt(1 - (m - 1) level)`` for the estimated level of the inner products, at most ~2 % at 100 float32
     steps), at a fraction of the reads. ``result.reorthogonalizations`` counts the whole-basis passes.
 
@@ -146,7 +147,7 @@ def lanczos(
     # a fixed-length run whose basis is returned (SLQ, the deflated trace) knows its length: one block, no copy
     basis = LanczosBasis(space.local_dim, dtype, q.device if basis_device is None else torch.device(basis_device),
                          q.device, capacity=m_max if tol == 0 and keep_basis else None,
-                         contiguous=tol == 0 and keep_basis, space=space, pin=reorth == "full")
+                         contiguous=tol == 0 and keep_basis, space=space)
     cur = basis.append_normalized(q, 1.0)  # the newest basis vector, on the compute device
     prev = None
     del q
@@ -165,8 +166,9 @@ def lanczos(
         return r if widen is None else r * widen(U)
 
     for j in range(m_max):
+        partial = ortho is not None and not ortho.always
         w, coeffs, beta = krylov_step(matvec, basis, cur, dim, dtype, j + 1, prev, betas[-1] if betas else 0.0,
-                                      local=ortho is not None)
+                                      local=partial)
         alpha = float(coeffs[-1])
         if j > 0:
             # (H v_j)^T v_{j-1} must equal v_j^T H v_{j-1} = beta_{j-1}: the difference is free evidence of
@@ -177,10 +179,12 @@ def lanczos(
         # Gershgorin bound on ||T||: lets a fixed-length run (tol=0, as in SLQ) skip the per-step
         # eigendecomposition and still detect an exhausted Krylov space.
         gersh = max(abs(a) for a in alphas) + 2 * max(betas)
-        if ortho is not None and ortho.advance(alphas, betas, gersh, asym):
+        if partial and ortho.advance(alphas, betas, gersh, asym):
             w, beta = orthogonalize_step(basis, w, beta, j + 1)
             betas[-1] = beta
             ortho.orthogonalized()
+        elif ortho is not None and not partial:  # passes came back to back: whole-basis steps from here on
+            ortho.full_step()
         log_beta += math.log(beta) if beta > 0 else -math.inf
         last = j + 1 == m_max or j + 1 == dim
         if tol == 0 and not last and beta > 1e-12 * gersh * math.sqrt(dim):
