@@ -269,3 +269,35 @@ def test_bound_factors_follow_the_estimated_norm_of_each_ritz_vector():
     est._omega[0, 1] = est._omega[1, 0] = 0.6
     assert est.bound_factors(u)[0] == math.inf
     assert orthogonality.orthogonality_eps(torch.bfloat16, 10**8) == pytest.approx(2.0**-7 / 1e4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_ritz_vectors_streamed_through_the_compute_device_equal_the_host_formula(dtype):
+    # an offloaded basis (host rows, a run on an accelerator) forms its Ritz vectors on the accelerator, a row
+    # at a time; here the "accelerator" is the CPU itself, which runs the same code
+    from geomprobe.linalg.ritz import _host_ritz_vectors, _streamed_ritz_vectors
+
+    g = torch.Generator().manual_seed(0)
+    blocks = [torch.randn(5, 3001, generator=g).to(dtype), torch.randn(3, 3001, generator=g).to(dtype)]
+    U = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0][:, [0, 7]]
+    got = _streamed_ritz_vectors(blocks, U, torch.device("cpu"))
+    want = _host_ritz_vectors(blocks, U)
+    ref = U.T @ torch.cat(blocks).double()
+    ref /= ref.norm(dim=1, keepdim=True)
+    assert got.dtype == dtype and got.shape == (2, 3001)
+    tol = 1e-2 if dtype == torch.bfloat16 else (1e-6 if dtype == torch.float32 else 1e-12)
+    torch.testing.assert_close(got.double(), ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(got.double(), want.double(), rtol=tol, atol=tol)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_offloaded_run_forms_its_ritz_vectors_on_the_device():
+    eigs = SPECTRA["outliers"]
+    A = sym_with_spectrum(eigs, seed=3, dtype=torch.float32).cuda()
+    r = linalg.lanczos(lambda v: v @ A, 600, k=1, tol=1e-4, dtype=torch.float32, device="cuda",
+                       basis_device="cpu", keep_basis=True, generator=torch.Generator().manual_seed(0))
+    assert r.compute_device.type == "cuda" and r.basis_blocks[0].device.type == "cpu"
+    y = r.ritz_vectors([-1])[0]
+    assert y.device.type == "cpu"
+    resid = float(((A @ y.cuda()) - r.top(1)[0][0] * y.cuda()).norm())
+    assert resid <= 10 * r.top(1)[1][0] + 1e-4

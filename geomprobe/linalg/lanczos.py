@@ -219,6 +219,7 @@ def lanczos(
         beta=torch.tensor(betas, dtype=torch.float64),
         U=U,
         basis_blocks=list(basis._filled()) if keep_basis else None,  # no copy: see LanczosResult.basis
+        compute_device=torch.device(basis.compute) if basis.offloaded else None,
         asymmetry=asym / max(max((abs(a) for a in alphas), default=0.0) + 2 * max(betas, default=0.0), 1e-300),
         basis_peak=basis.peak,
         extreme_err=errors,

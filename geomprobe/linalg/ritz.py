@@ -12,7 +12,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .host_arith import host_rotate, is_host
-from .vectors import accumulation_dtype, check_dim
+from .vectors import accumulation_dtype, check_dim, scratch_columns
 
 __all__ = ["LanczosResult", "certificate_limits", "check_lanczos_args", "eigh_tridiagonal", "extremes_certified", "extremes_converged", "gap_bounds", "ritz_pairs", "tridiagonal"]
 
@@ -50,6 +50,8 @@ class LanczosResult:
     log_beta: float = math.nan  # sum of log beta_j over every step: the scale of the residual's polynomial
     discarded: tuple[float, ...] = field(default=(), repr=False)  # Ritz values thick restarts dropped
     resid: torch.Tensor | None = field(default=None, repr=False)  # residual norms beta |u_{p,i}| (any bound)
+    # where the run computed, when its basis was offloaded to host memory (Ritz vectors are formed there)
+    compute_device: torch.device | None = field(default=None, repr=False)
     reorthogonalizations: int = 0  # steps orthogonalized against the whole basis (every step: full)
 
     @property
@@ -97,6 +99,8 @@ class LanczosResult:
             raise ConfigurationError("Ritz vectors need lanczos(..., keep_basis=True)")
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         first = self.basis_blocks[0]
+        if is_host(first) and self.compute_device is not None and self.compute_device.type != "cpu":
+            return _streamed_ritz_vectors(self.basis_blocks, self.U[:, idx], self.compute_device)
         if is_host(first):
             return _host_ritz_vectors(self.basis_blocks, self.U[:, idx])
         Uk = self.U[:, idx].T.to(device=first.device, dtype=first.dtype)  # U lives on the host
@@ -110,6 +114,29 @@ class LanczosResult:
                 s += B.shape[0]
         X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
         return X.to(first.dtype)
+
+
+def _streamed_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``V Uk`` normalized for a basis offloaded to host memory by a run on ``device``: the rows cross the bus
+    once, a few at a time, and are summed on the device in float32 (float64 for float64); the result comes
+    back to the host in the basis's type, where the host arithmetic would have formed it. Measured on GPT-2
+    124M in bf16 (30 rows, the 1.5x plan): the host's pass took 6.8 s; this one reads 7.5 GB over the bus.
+    Device memory: ``k`` accumulators and two rows at a time."""
+    first = blocks[0]
+    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+    U = Uk.T.to(device=device, dtype=acc)
+    d = first.shape[1]
+    X = torch.zeros(U.shape[0], d, dtype=acc, device=device)
+    step = scratch_columns(U.shape[0] + 1, device)  # converted slices of a row: no float32 copy of a whole row
+    i = 0
+    for B in blocks:
+        for r in range(B.shape[0]):
+            row = B[r].to(device, non_blocking=B.is_pinned())
+            for c in range(0, d, step):
+                X[:, c : c + step].addmm_(U[:, i : i + 1], row[None, c : c + step].to(acc))
+            i += 1
+    X /= torch.linalg.vector_norm(X, dim=1, keepdim=True)
+    return X.to(first.dtype).cpu()
 
 
 def _host_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor) -> torch.Tensor:
