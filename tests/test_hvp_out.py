@@ -382,3 +382,17 @@ def test_matvec_into_with_a_landscape_and_with_a_wrapper_that_hides_out():
     wrapped = lambda x: land.hvp(x)  # a probe-style wrapper with no out: computed and copied
     buf2 = torch.empty_like(v)
     assert matvec_into(wrapped, v, buf2) is buf2 and _bits(buf2, want)
+
+
+def test_matvec_with_out_under_a_probe_wrapper_that_has_none():
+    from geomprobe.probe.progress import count_hvps
+
+    land = _land()
+    v = torch.randn(land.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    want = land.hvp(v)
+    counted = []
+    count_hvps(land, counted.append)  # shadows land.hvp with hvp(v), as a probe does
+    assert not takes_out(land.hvp)
+    buf = torch.empty_like(v)
+    assert land.matvec(v, out=buf) is buf and _bits(buf, want)
+    assert counted == [1]

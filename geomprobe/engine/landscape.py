@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError, NonFiniteLossError
+from ..linalg.vectors import matvec_into
 from .attention_plan import measure_graph, requested_label
 from .autodiff.fastdouble import fast_double_backward
 from .batches import batch_size, call_model, is_pair, resolve_batches, split_batches, to_device
@@ -455,8 +456,10 @@ class Landscape:
         }
 
     def matvec(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Alias of :meth:`hvp`, the matvec the Krylov kernels take (with ``out``, written into it)."""
-        return self.hvp(v) if out is None else self.hvp(v, out=out)
+        """Alias of :meth:`hvp`, the matvec the Krylov kernels take. With ``out``, the product is written into it
+        through :func:`~geomprobe.linalg.vectors.matvec_into`: a wrapper set on ``hvp`` that has no ``out`` (a
+        probe's counters) is called without it and its result copied in."""
+        return self.hvp(v) if out is None else matvec_into(self.hvp, v, out)
 
     def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Hessian-vector products ``H v`` for one flat vector ``(d,)`` or a block ``(k, d)``.
@@ -472,6 +475,7 @@ class Landscape:
         autograd makes (each probe batch's results are copied, then added, into ``out``): a reused buffer
         spares the CPU a fresh mapping of a large vector, and its page faults, at every product. Host vectors
         and finite differences compute their result and copy it in. The values are bit-identical either way.
+        A bad ``out`` is refused before any work; a product that fails midway leaves ``out`` partly written.
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.dim:
             raise ConfigurationError(f"hvp takes a vector (d,) or a block (k, d) with d = {self.dim}, got {tuple(v.shape)}")

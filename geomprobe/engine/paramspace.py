@@ -110,7 +110,7 @@ class ParamSpace:
         ref = next((t for t in tensors if t is not None), None)
         if ref is None and out is None:
             raise ConfigurationError("flatten needs at least one tensor that is not None")
-        lead = (ref.shape[:batch_dims] if ref is not None else out.shape[:-1])
+        lead = ref.shape[:batch_dims] if ref is not None else out.shape[:-1]
         if out is not None:
             return self._flatten_into(tensors, lead, out, accumulate)
         parts = [
@@ -137,6 +137,7 @@ class ParamSpace:
                     piece.copy_(t.reshape(*lead, -1))
             return out
         return torch.cat([t.reshape(*lead, -1) for t in tensors], dim=-1, out=out)
+
 
 def select_parameters(
     model: nn.Module, params: str | Sequence[str] | None = None
