@@ -1,6 +1,7 @@
 """What every kernel shares: the matvec type, seeded random vectors (Rademacher, Gaussian) drawn on the target
-device without touching the global RNG, applying a matvec to the rows of a block, and inner products that
-accumulate in float32 for half-precision vectors.
+device without touching the global RNG, applying a matvec to the rows of a block, a matvec's product written
+into the caller's buffer (:func:`matvec_into`), and inner products that accumulate in float32 for
+half-precision vectors.
 
 A *matvec* maps a flat vector ``(d,)`` to ``H v`` and a block ``(k, d)`` to ``(H V^T)^T`` (row-wise
 products). Randomness comes from an explicit CPU ``torch.Generator``: each draw takes one 63-bit seed from it
