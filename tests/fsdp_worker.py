@@ -92,6 +92,7 @@ def _landscape_results(kind: str, mesh, rank: int) -> dict:
         "random": land.vector_space.gaussian(default_generator(11), torch.float64),
         "spectrum": spectrum(land, k=2, tol=1e-10), "info": land.info(),
     }
+    out["out"] = _written_into_out(land, land.layout.local_of(V), out["hvp"], out["hvp_single"])
     land.close()
     # a selection (params=): the others stand in whole as constants
     sub = gp.Landscape(model, loss_fn, batches, hvp_method="autograd", params="*weight")
@@ -104,11 +105,31 @@ def _landscape_results(kind: str, mesh, rank: int) -> dict:
     out["fd_hvp"] = fd.hvp(fd.layout.local_of(V[0]))
     out["fd_err"] = fd.hvp_errors[-1]
     out["fd_spectrum"] = spectrum(fd, k=1, tol=1e-6)
+    v0 = fd.layout.local_of(V[0])
+    buf = torch.full_like(v0, float("nan"))
+    out["fd_out"] = fd.hvp(v0, out=buf) is buf and torch.equal(buf, out["fd_hvp"])
     auto = gp.Landscape(model, loss_fn, batches, hvp_method="auto")
     out["auto_route"] = auto.info()["sharded"]
     auto.close()
     out["state"] = _same(before, _snapshot(model, opt))
     return out
+
+
+def _written_into_out(land, V: torch.Tensor, block: torch.Tensor, single: torch.Tensor) -> dict:
+    """hvp(v, out=buf) on the whole-block and the streamed route: buf returned, the bits of hvp(v); a buffer
+    of the wrong shape refused on every rank before any collective (the next product still runs)."""
+    from geomprobe.errors import ConfigurationError
+
+    res = {}
+    for name, v, want in (("block", V, block), ("streamed", V[0], single)):
+        buf = torch.full_like(v, float("nan"))
+        res[name] = land.hvp(v, out=buf) is buf and torch.equal(buf, want)
+    try:
+        land.hvp(V[0], out=torch.empty(3, dtype=V.dtype))
+    except ConfigurationError as e:
+        res["refused"] = str(e)
+    res["after"] = torch.equal(land.hvp(V[0]), single)
+    return res
 
 
 def _stream_results(mesh, rank: int) -> dict:

@@ -101,6 +101,16 @@ def test_exact_route_equals_one_process_on_the_union(ranks, union, kind):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+def test_products_written_into_a_buffer_are_the_same_bits_on_every_route(ranks, kind):
+    # hvp(v, out=buf): the whole block (gathered, batched, reduce-scattered, copied in), one streamed vector
+    # (its pieces added straight into buf) and finite differences give buf back holding hvp(v)'s bits
+    for r in ranks[0]:
+        got = r[kind]["out"]
+        assert got["block"] and got["streamed"] and got["after"] and r[kind]["fd_out"]
+        assert "out has shape (3,); the result has shape" in got["refused"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_a_parameter_selection_is_measured_with_the_others_held_whole(ranks, union, kind):
     want = union[kind]["sub"]
     results = [r[kind]["sub"] for r in ranks[0]]

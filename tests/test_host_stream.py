@@ -485,10 +485,11 @@ def test_host_vectors_build_and_answer_without_whole_gradients_on_the_device():
     for name in ("device", "host"):
         peaks[name], out = peak_host_bytes(lambda n=name: lands[n].hvp(v))
     assert _close(out, lands["device"].hvp(v))
-    # an HVP with its graph rebuilt: the device mode's per-parameter results and their flattening, the
+    # an HVP with its graph rebuilt: the device mode's per-parameter results copied into its output, the
     # rebuild's whole gradient and the double backward's partial sums (each weight's first contribution waits
-    # in autograd's buffers for its second: ~0.84 d, docs/distributed.md), 3.0 d measured; the host mode's
-    # output and pieces in flight, each contribution added into the output where it is produced: 1.26 d
-    # measured (1.99 d with the partial sums left to autograd)
-    assert peaks["host"] < peaks["device"] - 0.8 * d_bytes
+    # in autograd's buffers for its second: ~0.84 d, docs/distributed.md), 2.0 d measured (3.0 d while the
+    # results were flattened into a fresh vector and its row copied once more); the host mode's output and
+    # pieces in flight, each contribution added into the output where it is produced: 1.26 d measured (1.99 d
+    # with the partial sums left to autograd)
+    assert peaks["host"] < peaks["device"] - 0.6 * d_bytes
     assert peaks["host"] < 1.5 * d_bytes

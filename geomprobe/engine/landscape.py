@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError, NonFiniteLossError
+from ..linalg.vectors import matvec_into
 from .attention_plan import measure_graph, requested_label
 from .autodiff.fastdouble import fast_double_backward
 from .batches import batch_size, call_model, is_pair, resolve_batches, split_batches, to_device
@@ -33,6 +34,7 @@ from .doublecheck import (
 )
 from .finite_difference import fd_hvp, fd_step
 from .host_stream import host_mode, resolve_vector_device, vectors_record
+from .hvp_out import check_out
 from .landscape_plan import plan_within
 from .loss import loss_reduction, resolve_loss_form
 from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan
@@ -453,35 +455,50 @@ class Landscape:
             "vector_device": str(self.vector_device), "vectors": vectors_record(self),
         }
 
-    def matvec(self, v: torch.Tensor) -> torch.Tensor:
-        """Alias of :meth:`hvp`, the matvec the Krylov kernels take."""
-        return self.hvp(v)
+    def matvec(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Alias of :meth:`hvp`, the matvec the Krylov kernels take. With ``out``, the product is written into it
+        through :func:`~geomprobe.linalg.vectors.matvec_into`: a wrapper set on ``hvp`` that has no ``out`` (a
+        probe's counters) is called without it and its result copied in."""
+        return self.hvp(v) if out is None else matvec_into(self.hvp, v, out)
 
-    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+    def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Hessian-vector products ``H v`` for one flat vector ``(d,)`` or a block ``(k, d)``.
 
         Cost: ``k`` HVPs (counted in :attr:`hvps`), each about 1-2.5 gradients; vectors go through
         ``is_grads_batched`` in chunks of :attr:`chunk_size`; with host vectors, one streamed pass per vector
         and probe batch, host vectors answered on the host (:mod:`~.host_stream`). Exact up to floating-point
         rounding (the finite-difference method, if chosen, has truncation error O(eps^2) on smooth models).
+
+        ``out``: a tensor of the result's shape (``v``'s), the Landscape's dtype and the result's device (the
+        host for host vectors, else :attr:`device`), not overlapping ``v``; the products are written into it
+        and it is returned. On the exact route no d-sized tensor is allocated beside the per-parameter results
+        autograd makes (each probe batch's results are copied, then added, into ``out``): a reused buffer
+        spares the CPU a fresh mapping of a large vector, and its page faults, at every product. Host vectors
+        and finite differences compute their result and copy it in. The values are bit-identical either way.
+        A bad ``out`` is refused before any work; a product that fails midway leaves ``out`` partly written.
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.dim:
             raise ConfigurationError(f"hvp takes a vector (d,) or a block (k, d) with d = {self.dim}, got {tuple(v.shape)}")
         self._check_unchanged()
         single = v.dim() == 1
         host = self.host is not None and v.device.type == "cpu"  # host vectors stay there (host_stream)
+        if out is not None:
+            check_out(out, v, self.dtype, v.device if host else self.device)
         V = v.reshape(-1, self.dim).to(device=v.device if host else self.device, dtype=self.dtype)
         # noted before the work, so that an out-of-memory failure can tell whether batching was involved
         self.widest_block = max(self.widest_block, V.shape[0])
+        res = None if out is None else out.view(V.shape)  # (1, d) for a vector: a view, out is written
         if V.shape[0] <= self.chunk_size:
-            out = self._hvp_chunk(V)  # no output buffer beside the result: at 1B parameters each is GBs
+            res = self._hvp_chunk(V, res)  # no output buffer beside the result: at 1B parameters each is GBs
         else:
-            out = torch.empty_like(V)
+            res = torch.empty_like(V) if res is None else res
             for s in range(0, V.shape[0], self.chunk_size):
-                out[s : s + self.chunk_size] = self._hvp_chunk(V[s : s + self.chunk_size])
-        self.reducer.sum_(out)  # one collective per block of vectors, not per vector
+                self._hvp_chunk(V[s : s + self.chunk_size], res[s : s + self.chunk_size])
+        self.reducer.sum_(res)  # one collective per block of vectors, not per vector
         self.hvps += V.shape[0]
-        return out[0] if single else out
+        if out is not None:
+            return out
+        return res[0] if single else res
 
     def note_forwards(self, n: int) -> None:
         """Count ``n`` forward passes spent at other parameters than the Landscape's (by
@@ -517,26 +534,31 @@ class Landscape:
                 "build a new Landscape at the new parameters"
             )
 
-    def _hvp_chunk(self, V: torch.Tensor) -> torch.Tensor:
-        if self.host is not None:
-            return self.host.hvp_rows(V)
-        if self.hvp_method == "finite-difference":
-            return torch.stack([fd_hvp(self, v) for v in V])
-        acc = None  # the first batch's product, fresh from autograd, accumulates the others in place
+    def _hvp_chunk(self, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``H V`` for the rows of ``V`` (at most :attr:`chunk_size`), written into ``out`` if given (and returned).
+        The first probe batch's products are flattened into the result, the others added into it per parameter."""
+        if self.host is not None or self.hvp_method == "finite-difference":
+            res = self.host.hvp_rows(V) if self.host is not None else torch.stack([fd_hvp(self, v) for v in V])
+            return res if out is None else out.copy_(res)
+        if out is None:
+            out = torch.empty_like(V)  # what the flattening allocated before: one result, no second buffer
         for b in range(len(self.batches)):
             grads = self._graphs[b]
             if grads is None:
                 grads = self._graph(b, True)[0]
                 self.graph_rebuilds += 1
-            part = self._hvp_batch(grads, V)
-            acc = part if acc is None else acc.add_(part)
-        return acc
+            self._hvp_batch(grads, V, out, accumulate=b > 0)
+        return out
 
-    def _hvp_batch(self, grads: list[torch.Tensor | None], V: torch.Tensor) -> torch.Tensor:
+    def _hvp_batch(self, grads: list[torch.Tensor | None], V: torch.Tensor, out: torch.Tensor | None = None,
+                   accumulate: bool = False) -> torch.Tensor:
+        """One probe batch's products of the rows of ``V``, written (or with ``accumulate`` added) into ``out``."""
+        if out is None:
+            out, accumulate = torch.empty_like(V), False
         parts = self.space.split(V)
         outs = [(g, p) for g, p in zip(grads, parts) if g is not None and g.requires_grad]
         if not outs:
-            return torch.zeros_like(V)
+            return out if accumulate else out.zero_()
         try:
             if V.shape[0] > 1 and self.batched_hvp:
                 try:
@@ -544,7 +566,7 @@ class Landscape:
                         [g for g, _ in outs], self.params, [p for _, p in outs],
                         retain_graph=True, allow_unused=True, is_grads_batched=True,
                     )
-                    return self._flat(res, V)
+                    return self._flat(res, out, accumulate)
                 except RuntimeError as e:
                     if no_double_backward(e) is not None or not _VMAP_FAILURE.search(str(e)):
                         raise
@@ -554,22 +576,21 @@ class Landscape:
                         f"batched HVPs are not supported by this model ({str(e).splitlines()[0][:120]}); "
                         "falling back to one vector at a time", RuntimeWarning, stacklevel=3,
                     )
-            rows = []
             for i in range(V.shape[0]):
                 res = torch.autograd.grad(
                     [g for g, _ in outs], self.params, [p[i] for _, p in outs],
                     retain_graph=True, allow_unused=True,
                 )
-                rows.append(self._flat(res, V[i : i + 1], batched=False))
-            return torch.cat(rows)
+                self._flat(res, out[i], accumulate)
+            return out
         except RuntimeError as e:
             refusal = no_double_backward(e)
             if refusal is None:
                 raise
             raise refusal from e
 
-    def _flat(self, res: Sequence[torch.Tensor | None], V: torch.Tensor, batched: bool = True) -> torch.Tensor:
+    def _flat(self, res: Sequence[torch.Tensor | None], out: torch.Tensor, accumulate: bool) -> torch.Tensor:
+        """Per-parameter results (``None``: zero) flattened into ``out``, or added into it with ``accumulate``."""
         if all(r is None for r in res):
-            return torch.zeros_like(V)
-        flat = self.space.flatten(res, batch_dims=1 if batched else 0)
-        return flat.reshape(V.shape)
+            return out if accumulate else out.zero_()
+        return self.space.flatten(res, batch_dims=out.dim() - 1, out=out, accumulate=accumulate)

@@ -7,8 +7,8 @@ of named blocks (one per parameter tensor, or one per module). ParamSpace is the
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Sequence
 
 import torch
 from torch import nn
@@ -92,20 +92,51 @@ class ParamSpace:
         lead = v.shape[:-1]
         return [v[..., a:b].reshape(*lead, *s) for a, b, s in zip(self.offsets, self.offsets[1:], self.shapes)]
 
-    def flatten(self, tensors: Iterable[torch.Tensor | None], *, batch_dims: int = 0) -> torch.Tensor:
-        """Concatenate per-parameter tensors (``None`` = zeros) into flat vectors of shape ``(..., d)``."""
+    def flatten(self, tensors: Iterable[torch.Tensor | None], *, batch_dims: int = 0,
+                out: torch.Tensor | None = None, accumulate: bool = False) -> torch.Tensor:
+        """Concatenate per-parameter tensors (``None`` = zeros) into flat vectors of shape ``(..., d)``.
+
+        With ``out`` (shape ``(..., d)``, the leading ``batch_dims`` dimensions of the tensors) the result is
+        written into ``out`` and ``out`` is returned: one ``torch.cat(..., out=out)`` when ``out`` is contiguous,
+        else one copy per parameter into its slice; no d-sized tensor is allocated. With ``accumulate`` the
+        tensors are added into ``out`` instead, parameter by parameter (``None`` adds nothing): the same values
+        as adding a fresh flattening, elementwise, without making it. Cost: one pass over ``d`` elements.
+        """
         tensors = list(tensors)
         if len(tensors) != len(self.names):
             raise ConfigurationError(f"got {len(tensors)} tensors for {len(self.names)} parameters")
+        if accumulate and out is None:
+            raise ConfigurationError("flatten(accumulate=True) adds into a given out; pass out")
         ref = next((t for t in tensors if t is not None), None)
-        if ref is None:
+        if ref is None and out is None:
             raise ConfigurationError("flatten needs at least one tensor that is not None")
-        lead = ref.shape[:batch_dims]
+        lead = ref.shape[:batch_dims] if ref is not None else out.shape[:-1]
+        if out is not None:
+            return self._flatten_into(tensors, lead, out, accumulate)
         parts = [
             (t.reshape(*lead, -1) if t is not None else ref.new_zeros(*lead, n))
             for t, n in zip(tensors, self.sizes)
         ]
         return torch.cat(parts, dim=-1)
+
+    def _flatten_into(self, tensors: list[torch.Tensor | None], lead: torch.Size, out: torch.Tensor,
+                      accumulate: bool) -> torch.Tensor:
+        if tuple(out.shape) != (*lead, self.dim):
+            raise ConfigurationError(
+                f"flatten's out has shape {tuple(out.shape)}, expected {(*lead, self.dim)} (the tensors' leading "
+                "dimensions and d)")
+        if accumulate or not out.is_contiguous() or any(t is None for t in tensors):
+            for t, a, b in zip(tensors, self.offsets, self.offsets[1:]):
+                piece = out[..., a:b]
+                if t is None:
+                    if not accumulate:
+                        piece.zero_()
+                elif accumulate:
+                    piece.add_(t.reshape(*lead, -1))
+                else:
+                    piece.copy_(t.reshape(*lead, -1))
+            return out
+        return torch.cat([t.reshape(*lead, -1) for t in tensors], dim=-1, out=out)
 
 
 def select_parameters(

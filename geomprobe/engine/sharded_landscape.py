@@ -73,6 +73,7 @@ from ..linalg.space import ShardedSpace
 from .batches import batch_size, slice_batch
 from .distributed import ProcessGroupReducer
 from .doublecheck import no_double_backward
+from .hvp_out import check_out
 from .landscape import Landscape
 from .memory_plan import MemoryBudget, MemoryPlan, device_memory, host_available_bytes
 from .paramspace import select_parameters
@@ -393,7 +394,7 @@ class ShardedLandscape(ExactBuild, Landscape):
         run's bounds must grow by (0 on the exact route)."""
         return math.sqrt(sum(e * e for e in self.hvp_errors[since:]))
 
-    def hvp(self, v: torch.Tensor) -> torch.Tensor:
+    def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``H v`` for this rank's slice of one vector ``(d_local,)`` or a block ``(k, d_local)``, as slices.
 
         Cost, exact route: ``k`` double backward passes on this rank's data. A single vector, or any block when
@@ -407,18 +408,24 @@ class ShardedLandscape(ExactBuild, Landscape):
         copies each parameter's piece of ``v`` to the device just before its all-gather and adds each
         reduce-scattered piece of the output into the host slice (no slice on the device); whole blocks and
         finite differences take the block to the device and back.
+
+        ``out`` (``v``'s shape, the Landscape's dtype, on :attr:`vector_device`, not overlapping ``v``): the
+        slices are written into it and it is returned; a streamed vector adds its pieces straight into it, whole
+        blocks and finite differences copy their result in. Same values as without it.
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.local_dim:
             raise ConfigurationError(
                 f"hvp takes this rank's slice, a vector (d_local,) or a block (k, d_local) with d_local = "
                 f"{self.local_dim} (d = {self.dim} over {self.layout.world} ranks), got {tuple(v.shape)}")
         self._check_unchanged()
+        if out is not None:
+            check_out(out, v, self.dtype, self.vector_device)
         single = v.dim() == 1
         V = v.reshape(-1, self.local_dim).to(device=self.vector_device, dtype=self.dtype)
         self.widest_block = max(self.widest_block, V.shape[0])
         if self.hvp_method == "autograd" and (V.shape[0] == 1 or self.chunk_size == 1 or not self.batched_hvp):
-            out = torch.zeros_like(V)
-            for x, y in zip(V, out):
+            res = torch.zeros_like(V) if out is None else out.view(V.shape).zero_()
+            for x, y in zip(V, res):
                 x = x if self.host_io is None else self.host_io.input(x)  # page-locked: pieces go asynchronously
                 for p in range(self._passes):
                     err = None
@@ -431,18 +438,18 @@ class ShardedLandscape(ExactBuild, Landscape):
                     finally:
                         err = None  # no cycle of this frame and err's traceback (top of module)
             self.hvps += V.shape[0]
-            return out[0] if single else out
+            return out if out is not None else res[0] if single else res
         # whole blocks and finite differences work on the device; vectors kept in host memory go there and back
         Vd = V.to(self.device)
         full = self.layout.all_gather(Vd) if self.hvp_method == "autograd" else None
         err = None
-        out = None
+        res = None
         try:
             if full is not None:
-                out = torch.cat([self._hvp_chunk(full[s : s + self.chunk_size])
+                res = torch.cat([self._hvp_chunk(full[s : s + self.chunk_size])
                                  for s in range(0, full.shape[0], self.chunk_size)])
             else:
-                out = torch.stack([self._fd_one(x) for x in Vd])
+                res = torch.stack([self._fd_one(x) for x in Vd])
         except Exception as e:  # noqa: BLE001 - every rank learns of it before the next collective
             err = e
         del Vd
@@ -452,10 +459,13 @@ class ShardedLandscape(ExactBuild, Landscape):
             err = None  # no cycle of this frame and err's traceback (top of module)
         if full is not None:
             del full  # the gathered input is not needed for the reduce-scatter (a whole d-vector at 7B: 13 GB)
-            out = self.layout.reduce_scatter(out)
-        out = out.to(self.vector_device)
+            res = self.layout.reduce_scatter(res)
         self.hvps += V.shape[0]
-        return out[0] if single else out
+        if out is not None:
+            out.view(V.shape).copy_(res)
+            return out
+        res = res.to(self.vector_device)
+        return res[0] if single else res
 
     def _agree_hvp(self, err: BaseException | None) -> None:
         failed = self.reducer.sum_int(int(err is not None))
@@ -505,20 +515,19 @@ class ShardedLandscape(ExactBuild, Landscape):
             # that ran a backward: the schedule holds least when it follows them
             stats["first_order"] = {"inputs": sp.inputs_seen, "outputs": sp.outputs_seen}
 
-    def _hvp_chunk(self, V: torch.Tensor) -> torch.Tensor:
+    def _hvp_chunk(self, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         # whole blocks (and the custom-Function check) differentiate the gradient tensors: a graph kept as
         # roots only (chunk 1) is rebuilt for them
         if self.hvp_method != "autograd":
-            return super()._hvp_chunk(V)
-        acc = None
+            return super()._hvp_chunk(V, out)
+        out = torch.empty_like(V) if out is None else out
         for b in range(len(self.batches)):
             grads = self._graphs[b]
             if grads is None or any(isinstance(g, Root) for g in grads):
                 grads = self._graph(b, True)[0]
                 self.graph_rebuilds += 1
-            part = self._hvp_batch(grads, V)
-            acc = part if acc is None else acc.add_(part)
-        return acc
+            self._hvp_batch(grads, V, out, accumulate=b > 0)
+        return out
 
     def _stream_backward(self, sp: StreamPass, graphs: list, retain: bool) -> None:
         outputs, placeholders = sp.roots(graphs)
