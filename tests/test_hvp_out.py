@@ -384,15 +384,72 @@ def test_matvec_into_with_a_landscape_and_with_a_wrapper_that_hides_out():
     assert matvec_into(wrapped, v, buf2) is buf2 and _bits(buf2, want)
 
 
-def test_matvec_with_out_under_a_probe_wrapper_that_has_none():
+def test_matvec_with_out_under_a_wrapper_that_has_none():
+    from geomprobe.probe.shadow import shadow
+
+    land = _land()
+    v = torch.randn(land.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
+    want = land.hvp(v)
+    counted = []
+
+    def wrap(inner):
+        def hvp(v):  # a user's wrapper without out
+            counted.append(1)
+            return inner(v)
+        return hvp
+
+    shadow(land, "hvp", wrap)
+    assert not takes_out(land.hvp)
+    buf = torch.empty_like(v)
+    assert land.matvec(v, out=buf) is buf and _bits(buf, want)
+    assert counted == [1]
+
+
+def test_the_probes_wrappers_pass_out_on_to_the_landscape():
+    # the probe's counters on land.hvp (progress, allowance) take out and hand it down, so a Krylov kernel's
+    # reused buffer reaches Landscape.hvp itself: no d-sized product of its own
     from geomprobe.probe.progress import count_hvps
 
     land = _land()
     v = torch.randn(land.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(10))
     want = land.hvp(v)
     counted = []
-    count_hvps(land, counted.append)  # shadows land.hvp with hvp(v), as a probe does
-    assert not takes_out(land.hvp)
-    buf = torch.empty_like(v)
-    assert land.matvec(v, out=buf) is buf and _bits(buf, want)
+    count_hvps(land, counted.append)
+    assert takes_out(land.hvp)
+    buf = torch.full_like(v, float("nan"))
+    seen = []
+    inner = type(land).hvp
+
+    def spy(self, v, out=None):
+        seen.append(out)
+        return inner(self, v, out=out)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(type(land), "hvp", spy)
+        # the shadow wraps the bound method it found when the wrapper was installed; rebuild it on the spy
+        land2 = _land()
+        count_hvps(land2, counted.append)
+        assert land2.hvp(v, out=buf) is buf and _bits(buf, want)
+    assert seen and seen[-1] is buf
     assert counted == [1]
+
+
+def test_lanczos_on_host_vectors_writes_every_product_into_one_buffer(monkeypatch):
+    # the Krylov step keeps no product (the basis stores w / beta): one buffer serves every step, and the run
+    # is the one a matvec without out gives, bit for bit
+    from geomprobe import linalg
+
+    land = _land()
+    seen = []
+    inner = type(land).hvp
+
+    def spy(self, v, out=None):
+        seen.append(None if out is None else out.data_ptr())
+        return inner(self, v, out=out)
+
+    monkeypatch.setattr(type(land), "hvp", spy)
+    run = dict(tol=0.0, max_iter=12, dtype=land.dtype)
+    a = linalg.lanczos(land.hvp, land.dim, generator=torch.Generator().manual_seed(3), **run)
+    assert len(seen) == 12 and None not in seen and len(set(seen)) == 1
+    b = linalg.lanczos(lambda v: land.hvp(v), land.dim, generator=torch.Generator().manual_seed(3), **run)
+    assert torch.equal(a.ritz_values, b.ritz_values) and torch.equal(a.beta, b.beta)

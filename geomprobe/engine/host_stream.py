@@ -290,18 +290,25 @@ class HostVectors:
         return capture.roots, loss, nbytes
 
     # ------------------------------------------------------------------ products
-    def hvp_rows(self, V: torch.Tensor) -> torch.Tensor:
+    def hvp_rows(self, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``H v`` for each row of ``V`` ``(k, d)``, one streamed vector at a time, on ``V``'s device (the host,
         or the model's device for metrics that keep their vectors there). Cost: ``k`` double backward passes
         per probe batch, ``d`` elements copied each way per pass when ``V`` is on the host, and about ``d`` more
-        each way for the partial sums that wait in host memory."""
-        out = None
+        each way for the partial sums that wait in host memory. ``out``: written into and returned when the
+        copies can go there as they would into the page-locked result (page-locked itself, or no page-locking
+        in use); else the result is formed as without it and copied in."""
+        if out is not None:
+            if V.device.type != "cpu" or not self.io.pin or out.is_pinned():
+                return self._rows_into(V, out)
+            return out.copy_(self.hvp_rows(V))
         if V.device.type == "cpu" and self.io.pin:
             try:  # page-locked (torch caches such blocks): complete sums are copied straight into it
                 out = torch.empty(V.shape, dtype=V.dtype, pin_memory=True)
             except RuntimeError:
                 out = None
-        out = torch.empty_like(V) if out is None else out
+        return self._rows_into(V, torch.empty_like(V) if out is None else out)
+
+    def _rows_into(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         for x, y in zip(V, out):
             y.zero_()
             x = self.io.input(x)  # page-locked (a reused buffer): each piece goes to the device asynchronously

@@ -537,8 +537,10 @@ class Landscape:
     def _hvp_chunk(self, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``H V`` for the rows of ``V`` (at most :attr:`chunk_size`), written into ``out`` if given (and returned).
         The first probe batch's products are flattened into the result, the others added into it per parameter."""
-        if self.host is not None or self.hvp_method == "finite-difference":
-            res = self.host.hvp_rows(V) if self.host is not None else torch.stack([fd_hvp(self, v) for v in V])
+        if self.host is not None:
+            return self.host.hvp_rows(V, out)  # into out where its copies can go (host_stream.hvp_rows)
+        if self.hvp_method == "finite-difference":
+            res = torch.stack([fd_hvp(self, v) for v in V])
             return res if out is None else out.copy_(res)
         if out is None:
             out = torch.empty_like(V)  # what the flattening allocated before: one result, no second buffer

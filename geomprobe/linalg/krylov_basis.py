@@ -18,9 +18,11 @@ from .vectors import (
     check_dim,
     default_generator,
     forced_kernels,
+    matvec_into,
     row_dots,
     scratch_columns,
     sub_rows,
+    takes_out,
     vector_norm,
 )
 
@@ -76,7 +78,12 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     every inner product and norm goes through ``basis.space``.
     """
     space = basis.space
-    w = matvec(cur).reshape(basis.dim).to(dtype)
+    if basis.on_host and takes_out(matvec):
+        # the product written into one buffer reused step after step: on the CPU a fresh 40 MB vector per
+        # product paid its page faults every time (the step never keeps w: the basis gets w / beta)
+        w = matvec_into(matvec, cur, basis.work_buffer())
+    else:
+        w = matvec(cur).reshape(basis.dim).to(dtype)
     if basis.offloaded or w.untyped_storage().data_ptr() in basis.storages(cur):
         # w is updated in place below and, offloaded, becomes the next input: it must not be the matvec's
         # input, the basis, or a buffer the matvec writes again
@@ -270,6 +277,20 @@ class LanczosBasis:
         self.blocks: list[torch.Tensor] = []
         self.n = 0
         self.peak = 0
+
+    def work_buffer(self) -> torch.Tensor:
+        """A ``(dim,)`` vector in the basis's type and place, allocated once per basis, for the products of a
+        basis in host memory (:func:`krylov_step`)."""
+        if getattr(self, "_work", None) is None:
+            self._work = None
+            if torch.cuda.is_available():  # a matvec streaming through an accelerator copies into it directly
+                try:
+                    self._work = torch.empty(self.dim, dtype=self.dtype, device=self.device, pin_memory=True)
+                except RuntimeError:
+                    self._work = None
+            if self._work is None:
+                self._work = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+        return self._work
 
     def append(self, v: torch.Tensor) -> torch.Tensor:
         """Store ``v`` as the next basis vector; return it as it lives on the compute device (a row of a

@@ -35,4 +35,6 @@ def shadow(obj: Any, name: str, wrap: Callable[[Callable], Callable]) -> None:
             raise ConfigurationError(f"the {kind} whose {name}() this wrapper calls no longer exists")
         return fn(*args, **kwargs)
 
+    # what inner calls now, for a wrapper that needs its signature (whether it takes out=, linalg.vectors)
+    inner.target = lambda: earlier if earlier is not None else method()  # type: ignore[attr-defined]
     setattr(obj, name, wrap(inner))
