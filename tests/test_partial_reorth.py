@@ -283,7 +283,7 @@ def test_ritz_vectors_streamed_through_the_compute_device_equal_the_host_formula
     g = torch.Generator().manual_seed(0)
     blocks = [torch.randn(5, 3001, generator=g).to(dtype), torch.randn(3, 3001, generator=g).to(dtype)]
     U = torch.linalg.qr(torch.randn(8, 8, generator=g, dtype=torch.float64))[0][:, [0, 7]]
-    got = _streamed_ritz_vectors(blocks, U, torch.device("cpu"))
+    got = _streamed_ritz_vectors(blocks, U, torch.device("cpu")).cpu()
     want = _host_ritz_vectors(blocks, U)
     ref = U.T @ torch.cat(blocks).double()
     ref /= ref.norm(dim=1, keepdim=True)

@@ -14,7 +14,7 @@ from ..errors import ConfigurationError
 from .host_arith import host_rotate, is_host
 from .vectors import accumulation_dtype, check_dim, scratch_columns
 
-__all__ = ["LanczosResult", "certificate_limits", "check_lanczos_args", "eigh_tridiagonal", "extremes_certified", "extremes_converged", "gap_bounds", "ritz_pairs", "tridiagonal"]
+__all__ = ["LanczosResult", "certificate_limits", "form_ritz_vectors", "check_lanczos_args", "eigh_tridiagonal", "extremes_certified", "extremes_converged", "gap_bounds", "ritz_pairs", "tridiagonal"]
 
 
 @dataclass
@@ -98,28 +98,37 @@ class LanczosResult:
         if self.basis_blocks is None:
             raise ConfigurationError("Ritz vectors need lanczos(..., keep_basis=True)")
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        first = self.basis_blocks[0]
-        if is_host(first) and self.compute_device is not None and self.compute_device.type != "cpu":
-            return _streamed_ritz_vectors(self.basis_blocks, self.U[:, idx], self.compute_device)
-        if is_host(first):
-            return _host_ritz_vectors(self.basis_blocks, self.U[:, idx])
-        Uk = self.U[:, idx].T.to(device=first.device, dtype=first.dtype)  # U lives on the host
-        if len(self.basis_blocks) == 1:
-            X = Uk @ first
-        else:  # block by block, summed in float32 at least: the blocks are never joined into a second basis
-            X = torch.zeros(len(idx), first.shape[1], dtype=accumulation_dtype(first.dtype), device=first.device)
-            s = 0
-            for B in self.basis_blocks:
-                X += Uk[:, s : s + B.shape[0]] @ B
-                s += B.shape[0]
-        X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
-        return X.to(first.dtype)
+        X = form_ritz_vectors(self.basis_blocks, self.U[:, idx], self.compute_device)
+        return X.cpu() if is_host(self.basis_blocks[0]) else X
+
+
+def form_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor, compute_device: torch.device | None = None,
+                      ) -> torch.Tensor:
+    """The unit vectors ``V Uk`` (rows) of a basis stored in ``blocks``, in the basis's type, where the run
+    computes: on the blocks' device, or on ``compute_device`` for a basis offloaded to host memory (the rows
+    streamed over the bus). Cost: one pass over the basis, no matvec."""
+    first = blocks[0]
+    if is_host(first) and compute_device is not None and torch.device(compute_device).type != "cpu":
+        return _streamed_ritz_vectors(blocks, Uk, torch.device(compute_device))
+    if is_host(first):
+        return _host_ritz_vectors(blocks, Uk)
+    Uk = Uk.T.to(device=first.device, dtype=first.dtype)  # U lives on the host
+    if len(blocks) == 1:
+        X = Uk @ first
+    else:  # block by block, summed in float32 at least: the blocks are never joined into a second basis
+        X = torch.zeros(Uk.shape[0], first.shape[1], dtype=accumulation_dtype(first.dtype), device=first.device)
+        s = 0
+        for B in blocks:
+            X += Uk[:, s : s + B.shape[0]] @ B
+            s += B.shape[0]
+    X = X / torch.linalg.vector_norm(X, dim=1, keepdim=True)
+    return X.to(first.dtype)
 
 
 def _streamed_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor, device: torch.device) -> torch.Tensor:
     """``V Uk`` normalized for a basis offloaded to host memory by a run on ``device``: the rows cross the bus
-    once, a few at a time, and are summed on the device in float32 (float64 for float64); the result comes
-    back to the host in the basis's type, where the host arithmetic would have formed it. Measured on GPT-2
+    once, a row at a time, and are summed on the device in float32 (float64 for float64); the result stays
+    there, in the basis's type (:meth:`LanczosResult.ritz_vectors` brings it to the host). Measured on GPT-2
     124M in bf16 (30 rows, the 1.5x plan): the host's pass took 6.8 s; this one reads 7.5 GB over the bus.
     Device memory: ``k`` accumulators and two rows at a time."""
     first = blocks[0]
@@ -136,7 +145,7 @@ def _streamed_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor, device:
                 X[:, c : c + step].addmm_(U[:, i : i + 1], row[None, c : c + step].to(acc))
             i += 1
     X /= torch.linalg.vector_norm(X, dim=1, keepdim=True)
-    return X.to(first.dtype).cpu()
+    return X.to(first.dtype)
 
 
 def _host_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor) -> torch.Tensor:
