@@ -4,6 +4,7 @@ one expansion step against it, the start vector, and the memory a run of a given
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -58,13 +59,15 @@ REPASS = 1 / math.sqrt(2)
 
 def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int, dtype: torch.dtype,
                 step: int, prev: torch.Tensor | None = None, beta_prev: float = 0.0, *, local: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+                extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One expansion of the Krylov basis: ``w = H v`` orthogonalized against every stored vector.
 
     ``local=True`` (with ``prev``; partial reorthogonalization, :mod:`.orthogonality`): the Gram-Schmidt pass
     runs against ``prev`` and ``v`` only, not the whole basis, and the coefficients returned are those two
     (``[prev^T H v, v^T H v]``); :func:`orthogonalize_step` adds the whole-basis pass when the estimate asks.
     Cost then: a few reads of three d-vectors whatever the basis's size (an offloaded basis is not touched).
+    ``extra``: unit vectors on the compute device (converged Ritz vectors, selective orthogonalization) that
+    the local pass also removes; their coefficients come first in those returned.
 
     With ``prev`` (the vector before ``v``, coupled to it by ``beta_prev``) the three-term step
     ``w - alpha v - beta_prev prev`` comes first and one Gram-Schmidt pass over the whole basis removes what
@@ -90,7 +93,7 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         w = w.clone()
     local = local and prev is not None
     if basis.on_host and not forced_kernels():
-        return _host_step(w, basis, cur, prev, beta_prev, step, local)
+        return _host_step(w, basis, cur, prev, beta_prev, step, local, extra)
     if prev is None:
         w, coeffs = basis.reorthogonalize(w, passes=2)
         before = None
@@ -99,7 +102,7 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         w.sub_(prev, alpha=beta_prev)
         sub_rows(w, alpha, cur[None])
         before = space.norm(w)
-        w, coeffs = _local_pass(w, space, prev, cur) if local else basis.reorthogonalize(w, passes=1)
+        w, coeffs = _local_pass(w, space, prev, cur, extra) if local else basis.reorthogonalize(w, passes=1)
         coeffs[-1] += alpha[0]
         coeffs[-2] += beta_prev
     beta = space.norm(w)
@@ -110,19 +113,20 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     n = coeffs.shape[0]
     coeffs, beta_h = packed[:n], float(packed[n])
     if before is not None and beta_h < REPASS * float(packed[n + 1]):
-        w, c2 = _local_pass(w, space, prev, cur) if local else basis.reorthogonalize(w, passes=1)
+        w, c2 = _local_pass(w, space, prev, cur, extra) if local else basis.reorthogonalize(w, passes=1)
         coeffs = coeffs + c2.cpu().double()
         beta_h = float(space.norm(w))
     return w, coeffs, beta_h
 
 
 def _local_pass(w: torch.Tensor, space: VectorSpace, prev: torch.Tensor, cur: torch.Tensor,
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One classical Gram-Schmidt pass of ``w`` against ``prev`` and ``cur`` only, in place; the two
-    coefficients (the same order as the whole-basis pass ends with)."""
-    c = torch.cat([space.dots(prev[None], w), space.dots(cur[None], w)])
-    sub_rows(w, c[:1], prev[None])
-    sub_rows(w, c[1:], cur[None])
+                extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    """One classical Gram-Schmidt pass of ``w`` against ``extra``, ``prev`` and ``cur`` only, in place; their
+    coefficients in that order (``prev``'s and ``cur``'s last, as the whole-basis pass ends with them)."""
+    rows = [*extra, prev, cur]
+    c = torch.cat([space.dots(r[None], w) for r in rows])
+    for i, r in enumerate(rows):
+        sub_rows(w, c[i : i + 1], r[None])
     return w, c
 
 
@@ -163,7 +167,8 @@ def _finite_or_raise(t: torch.Tensor, step: int) -> None:
 
 
 def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: torch.Tensor | None,
-               beta_prev: float, step: int, local: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+               beta_prev: float, step: int, local: bool = False, extra: Sequence[torch.Tensor] = (),
+               ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """:func:`krylov_step` after the matvec, for a basis and vectors in host memory: the same arithmetic in
     fused chunked passes (:func:`.host_arith.lanczos_pass`), so the basis is read as often as the
     algorithm needs and ``w`` is never copied.
@@ -177,7 +182,7 @@ def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: to
     pass (a sharded space). The coefficients are float64 throughout. ``local``: the passes run over ``prev``
     and ``v`` alone (:func:`krylov_step`)."""
     space = basis.space
-    groups = [prev[None], cur[None]] if local else row_groups(list(basis._filled()))
+    groups = [*(y[None] for y in extra), prev[None], cur[None]] if local else row_groups(list(basis._filled()))
     before = None
     if prev is None:
         c1 = space.reduce(lanczos_pass(w, groups, dots=True)[0])

@@ -21,10 +21,11 @@ from .krylov_basis import (
     orthogonalize_step,
     start_vector,
 )
-from .orthogonality import REORTH_MODES, OrthogonalityEstimate
+from .orthogonality import REORTH_MODES, SELECTIVE_ENDS, OrthogonalityEstimate
 from .restarted_lanczos import restarted_lanczos
 from .ritz import (
     LanczosResult,
+    form_ritz_vectors,
     certificate_limits,
     check_lanczos_args,
     extremes_certified,
@@ -33,12 +34,32 @@ from .ritz import (
     ritz_pairs,
 )
 from .space import VectorSpace, space_of
-from .vectors import Matvec
+from .vectors import Matvec, sub_rows
 
 __all__ = [
     "LanczosBasis", "LanczosMemory", "LanczosResult", "extremes_converged", "gap_bounds", "lanczos",
     "lanczos_memory_bytes",
 ]
+
+
+def _keep_ritz(basis: LanczosBasis, Uk: torch.Tensor, kept: list[torch.Tensor], w: torch.Tensor,
+               ) -> tuple[torch.Tensor, float]:
+    """Form the Ritz vectors ``V Uk`` (one pass over the basis, on the compute device), orthonormalize them
+    against ``kept`` and each other, append them to ``kept``, and remove their part from ``w`` in place;
+    returns ``w`` and its new norm."""
+    space = basis.space
+    Y = form_ritz_vectors(list(basis._filled()), Uk, basis.compute if basis.offloaded else None)
+    for y in Y:
+        y = y.to(device=w.device).contiguous()
+        for _ in range(2):  # twice is enough
+            for q in kept:
+                sub_rows(y, space.dots(q[None], y), q[None])
+        n = float(space.norm(y))
+        if n <= 0.5:  # (nearly) in the span of the kept ones already
+            continue
+        kept.append(y.div_(n))
+        sub_rows(w, space.dots(y[None], w), y[None])
+    return w, float(space.norm(w))
 
 
 def lanczos(
@@ -105,8 +126,12 @@ def lanczos(
     ``reorth``: ``"full"`` runs the Gram-Schmidt pass over the whole basis at every step; ``"partial"``
     (default, :mod:`.orthogonality`) runs it against the two newest vectors only and adds the whole-basis pass
     at the steps where Simon's estimate of the vectors' inner products passes ``sqrt(eps)`` (and the step
-    after), and at every step once such passes come back to back (a dominant outlier, half precision: the
-    estimate's own steps would then cost more than they save): the same Ritz values and bounds to rounding (the residual bounds widened by
+    after). Once such passes come back to back (an eigenvalue far outside the rest has converged, and
+    orthogonality leaks along its Ritz vector at every step) the run keeps the converged Ritz vectors at the
+    ends on the compute device and removes them from each new vector (selective orthogonalization: Paige's
+    theorem puts the loss there), or, where that does not hold (a matvec with its own asymmetric error, half
+    precision over few entries, Ritz vectors converging inside the spectrum or more than two at an end),
+    orthogonalizes every step against the whole basis: the same Ritz values and bounds to rounding (the residual bounds widened by
     ``1 / sqrt(1 - (m - 1) level)`` for the estimated level of the inner products, at most ~2 % at 100 float32
     steps), at a fraction of the reads. ``result.reorthogonalizations`` counts the whole-basis passes.
 
@@ -165,10 +190,13 @@ def lanczos(
         r = beta * U[-1, :].abs()
         return r if widen is None else r * widen(U)
 
+    kept: list[torch.Tensor] = []  # converged Ritz vectors of the selective regime, on the compute device
+    kept_theta: list[float] = []
     for j in range(m_max):
         partial = ortho is not None and not ortho.always
+        selective = partial and ortho.selective
         w, coeffs, beta = krylov_step(matvec, basis, cur, dim, dtype, j + 1, prev, betas[-1] if betas else 0.0,
-                                      local=partial)
+                                      local=partial, extra=kept if selective else ())
         alpha = float(coeffs[-1])
         if j > 0:
             # (H v_j)^T v_{j-1} must equal v_j^T H v_{j-1} = beta_{j-1}: the difference is free evidence of
@@ -179,12 +207,30 @@ def lanczos(
         # Gershgorin bound on ||T||: lets a fixed-length run (tol=0, as in SLQ) skip the per-step
         # eigendecomposition and still detect an exhausted Krylov space.
         gersh = max(abs(a) for a in alphas) + 2 * max(betas)
-        if partial and ortho.advance(alphas, betas, gersh, asym):
+        if selective:
+            ortho.selective_step()
+        elif partial and ortho.advance(alphas, betas, gersh, asym):
             w, beta = orthogonalize_step(basis, w, beta, j + 1)
             betas[-1] = beta
             ortho.orthogonalized()
         elif ortho is not None and not partial:  # passes came back to back: whole-basis steps from here on
             ortho.full_step()
+        if ortho is not None and ortho.selective and not ortho.always:
+            # the Ritz vectors converged by now join the kept ones and w loses its part along them; one that
+            # converged away from the ends (or more than the ends hold) ends the selective regime
+            th, Uj, _, _ = ritz_pairs((alphas, betas[:-1]), beta, bound, dim)
+            new, at_ends = ortho.good(th.numpy(), (beta * Uj[-1, :].abs()).numpy(), gersh, kept_theta)
+            if new and (not at_ends or len(kept) + len(new) > 2 * SELECTIVE_ENDS):
+                ortho.always, ortho.selective = True, False
+                kept.clear()
+                w, beta = orthogonalize_step(basis, w, beta, j + 1)
+                betas[-1] = beta
+                ortho.full_passes += 1
+            elif new:
+                w, beta = _keep_ritz(basis, Uj[:, new], kept, w)
+                kept_theta += [float(th[i]) for i in new]
+                betas[-1] = beta
+                ortho.full_passes += 1  # forming them read the basis once
         log_beta += math.log(beta) if beta > 0 else -math.inf
         last = j + 1 == m_max or j + 1 == dim
         if tol == 0 and not last and beta > 1e-12 * gersh * math.sqrt(dim):
@@ -206,6 +252,7 @@ def lanczos(
         if j + 1 < m_max:
             prev, cur = cur, basis.append_normalized(w, beta)
     steps = len(alphas)
+    kept.clear()
     if log_t is not None:
         errors = extreme_errors(theta, resid(beta, U), log_beta, log_t, exhausted=exhausted or steps == dim,
                                 rounding=rounding_level(dtype, gersh))

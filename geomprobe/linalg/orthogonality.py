@@ -32,11 +32,14 @@ import torch
 __all__ = ["REORTH_MODES", "OrthogonalityEstimate", "injection_eps", "orthogonality_eps"]
 
 REORTH_MODES = ("partial", "full")
-# A pass the estimate asks for within this many steps of the previous pair ends the partial regime: the run
-# then orthogonalizes every step against the whole basis (as "full" does) without the local pass and the
-# second synchronization a partial pass adds. Measured on GPT-2 124M in bf16 (an outlier 35x the bulk): 96 of
-# 99 steps were passes, and the partial run spent 1.5 s more outside its HVPs than the full one.
+# A pass the estimate asks for within this many steps of the previous pair ends the estimated regime: an
+# eigenvalue far outside the rest has converged and orthogonality leaks along its Ritz vector at every step
+# (GPT-2 124M in bf16, an outlier 35x the bulk: a pass at 96 of 99 steps, and 1.5 s more outside its HVPs than
+# the full run before this rule). The run then either keeps the few converged Ritz vectors at the ends on the
+# compute device and orthogonalizes each step against them alone (selective orthogonalization, Parlett and
+# Scott 1979), or, where that does not hold, orthogonalizes every step against the whole basis.
 SWITCH_WINDOW = 3
+SELECTIVE_ENDS = 2  # converged Ritz vectors the selective regime keeps at each end (d-vectors on the device)
 ASYMMETRY_FLOOR = 0.1  # asymmetry below this times sqrt(eps) ||T|| is taken for the inner products' rounding
 EXACT_ENDS = 8  # Ritz vectors at each end whose bound factor is computed exactly (bound_factors)
 # The measured inner products stayed below the estimate at 30 (largest ratio 0.74 over three spectra, two seeds,
@@ -101,6 +104,8 @@ class OrthogonalityEstimate:
         self._signs = np.random.default_rng(0)  # fixed: the same run takes the same passes
         self._last_pass = -SWITCH_WINDOW - 1    # the step of the last pass
         self.always = False                     # passes come back to back: every step is one from now on
+        self.selective = False                  # ... or selective orthogonalization against converged Ritz vectors
+        self.spread_eps = self.psi / INJECTION_SAFETY  # one step's rounding along a fixed direction
 
     def advance(self, alphas: list[float], betas: list[float], norm: float, asymmetry: float = 0.0) -> bool:
         """Estimate ``w_{j+1,k}`` for the new vector (step ``j = len(alphas) - 1``) and say whether it must be
@@ -138,10 +143,39 @@ class OrthogonalityEstimate:
         # a pass the estimate asked for forces the next one; a forced pass ends the episode
         self._chain = due and not forced
         if due and not forced and self.steps - self._last_pass <= SWITCH_WINDOW:
-            self.always = True
+            # selective orthogonalization where the loss is the converged Ritz vectors' (Paige): a symmetric
+            # matvec whose rounding, spread over the vector, stays far below the threshold over a whole run;
+            # else (a matvec with its own asymmetric error; half-precision vectors of few entries, whose
+            # rounding leaks orthogonality along every direction) whole-basis steps
+            if own == 0.0 and self.spread_eps * math.sqrt(300) < 0.1 * self.threshold:
+                self.selective = True
+            else:
+                self.always = True
         if not due:
             self.level = max(self.level, worst)
         return due
+
+    def selective_step(self) -> None:
+        """A step of the selective regime: the new vector is kept orthogonal to the converged Ritz vectors, where
+        Paige's theorem puts all loss of orthogonality of a symmetric run, so its inner products are taken at
+        the semi-orthogonal level :attr:`threshold` (for the bound factors)."""
+        self.steps += 1
+        self._store(self.steps, np.full(self.steps + 1, self.threshold))
+        self.level = max(self.level, self.threshold)
+
+    def good(self, theta: np.ndarray, resid: np.ndarray, norm: float, kept: list[float]) -> tuple[list[int], bool]:
+        """The Ritz pairs converged far enough for the vectors to lose orthogonality along them (residual
+        ``<= psi ||T|| / threshold``; Paige: the loss is ``~psi ||T|| / residual``) that are not among ``kept``
+        (values), and whether they all lie at the ends (:data:`SELECTIVE_ENDS` each): one converged in the
+        interior ends the selective regime."""
+        n = len(theta)
+        # Paige: the vectors' part along a Ritz vector of residual r settles near (injected loss) / r; it stays
+        # below the threshold unless r <= psi ||T|| / threshold (at the bulk's edges r hovers just above that)
+        limit = self.psi * max(norm, 0.0) / self.threshold
+        close = 1e-8 * max(norm, 1e-300)
+        new = [i for i in np.flatnonzero(resid <= limit).tolist() if all(abs(theta[i] - t) > close for t in kept)]
+        ends = all(i < SELECTIVE_ENDS or i >= n - SELECTIVE_ENDS for i in new)
+        return new, ends
 
     def full_step(self) -> None:
         """A step orthogonalized against the whole basis in the "always" regime (no estimate needed: its inner
