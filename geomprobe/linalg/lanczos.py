@@ -25,11 +25,11 @@ from .orthogonality import REORTH_MODES, SELECTIVE_ENDS, OrthogonalityEstimate
 from .restarted_lanczos import restarted_lanczos
 from .ritz import (
     LanczosResult,
-    form_ritz_vectors,
     certificate_limits,
     check_lanczos_args,
     extremes_certified,
     extremes_converged,
+    form_ritz_vectors,
     gap_bounds,
     ritz_pairs,
 )

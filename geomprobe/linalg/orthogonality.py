@@ -225,7 +225,6 @@ class OrthogonalityEstimate:
         # product on a shared host took milliseconds a step)
         spread = np.full(U.shape[1], worst)
         A = np.abs(U)
-        last = A[-1, :]
         n = U.shape[1]
         for i in sorted(set(range(min(EXACT_ENDS, n))) | set(range(max(n - EXACT_ENDS, 0), n))):
             spread[i] = float(A[:, i] @ (W @ A[:, i]))
