@@ -337,3 +337,14 @@ def test_an_isolated_outlier_is_kept_and_later_steps_orthogonalize_against_it_al
     assert _gram_off(part.basis) <= 2 * math.sqrt(orthogonality_eps(torch.float32, d))
     assert part.top(1)[0][0] == pytest.approx(100.0, rel=1e-6)
     assert part.bottom(1)[0][0] == pytest.approx(full.bottom(1)[0][0], abs=1e-3)
+
+
+def test_the_result_says_how_the_run_orthogonalized():
+    eigs = SPECTRA["outliers"]
+    A = sym_with_spectrum(eigs, seed=3, dtype=torch.float32)
+    assert linalg.lanczos(lambda v: v @ A, 600, tol=0.0, max_iter=200, dtype=torch.float32,
+                          reorth="full").reorth_regime == "full"
+    regime = linalg.lanczos(lambda v: v @ A, 600, tol=0.0, max_iter=200, dtype=torch.float32).reorth_regime
+    assert regime.startswith("selective from step") and "whole-basis from step" in regime
+    dense = sym_with_spectrum(SPECTRA["dense_edges"], seed=2, dtype=torch.float32)
+    assert linalg.lanczos(lambda v: v @ dense, 600, tol=1e-4, dtype=torch.float32).reorth_regime == "estimated"

@@ -222,6 +222,8 @@ def lanczos(
             new, at_ends = ortho.good(th.numpy(), (beta * Uj[-1, :].abs()).numpy(), gersh, kept_theta)
             if new and (not at_ends or len(kept) + len(new) > 2 * SELECTIVE_ENDS):
                 ortho.always, ortho.selective = True, False
+                why = "a Ritz vector converged inside the spectrum" if not at_ends else "more Ritz vectors than kept"
+                ortho.regime += f", whole-basis from step {j + 1} ({why})"
                 kept.clear()
                 w, beta = orthogonalize_step(basis, w, beta, j + 1)
                 betas[-1] = beta
@@ -274,4 +276,5 @@ def lanczos(
         log_beta=log_beta,
         resid=resid(beta, U),
         reorthogonalizations=steps if ortho is None else ortho.full_passes,
+        reorth_regime="full" if ortho is None else ortho.regime,
     )

@@ -105,6 +105,7 @@ class OrthogonalityEstimate:
         self._last_pass = -SWITCH_WINDOW - 1    # the step of the last pass
         self.always = False                     # passes come back to back: every step is one from now on
         self.selective = False                  # ... or selective orthogonalization against converged Ritz vectors
+        self.regime = "estimated"               # how the run ended up orthogonalizing, and from which step why
         self.spread_eps = self.psi / INJECTION_SAFETY  # one step's rounding along a fixed direction
 
     def advance(self, alphas: list[float], betas: list[float], norm: float, asymmetry: float = 0.0) -> bool:
@@ -149,8 +150,11 @@ class OrthogonalityEstimate:
             # rounding leaks orthogonality along every direction) whole-basis steps
             if own == 0.0 and self.spread_eps * math.sqrt(300) < 0.1 * self.threshold:
                 self.selective = True
+                self.regime = f"selective from step {self.steps}"
             else:
                 self.always = True
+                why = "the matvec's asymmetry" if own > 0.0 else "the storage rounding over few entries"
+                self.regime = f"whole-basis from step {self.steps} ({why})"
         if not due:
             self.level = max(self.level, worst)
         return due

@@ -53,6 +53,7 @@ class LanczosResult:
     # where the run computed, when its basis was offloaded to host memory (Ritz vectors are formed there)
     compute_device: torch.device | None = field(default=None, repr=False)
     reorthogonalizations: int = 0  # steps orthogonalized against the whole basis (every step: full)
+    reorth_regime: str = "full"  # "full", "estimated", or how and from which step partial orthogonalization went on
 
     @property
     def certified(self) -> tuple[bool, bool]:

@@ -123,6 +123,7 @@ def lanczos_summary(r: LanczosResult, k: int) -> dict:
         "hvps": r.matvecs,
         "hvp_asymmetry": r.asymmetry,
         "reorthogonalizations": r.reorthogonalizations,
+        "reorth_regime": r.reorth_regime,
         **({"hvp_error": r.matvec_error} if getattr(r, "matvec_error", None) is not None else {}),
     }
 
