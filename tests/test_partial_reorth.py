@@ -348,3 +348,9 @@ def test_the_result_says_how_the_run_orthogonalized():
     assert regime.startswith("selective from step") and "whole-basis from step" in regime
     dense = sym_with_spectrum(SPECTRA["dense_edges"], seed=2, dtype=torch.float32)
     assert linalg.lanczos(lambda v: v @ dense, 600, tol=1e-4, dtype=torch.float32).reorth_regime == "estimated"
+
+
+def test_a_bounded_memory_run_says_it_reorthogonalized_every_step():
+    A = sym_with_spectrum(SPECTRA["dense_edges"], seed=2, dtype=torch.float64)
+    r = linalg.lanczos(lambda v: v @ A, 600, tol=1e-6, max_basis=20, generator=torch.Generator().manual_seed(0))
+    assert r.restarts > 0 and r.reorthogonalizations == r.matvecs and r.reorth_regime == "full (thick restart)"

@@ -201,5 +201,7 @@ def restarted_lanczos(
         risk=None if log_t is None else risk,
         log_beta=log_beta,
         resid=beta * U[-1, :].abs(),
+        reorthogonalizations=matvecs,  # every step against the whole (bounded) basis
+        reorth_regime="full (thick restart)",
         discarded=tuple(discarded),
     )
