@@ -231,9 +231,9 @@ def test_partial_reads_the_basis_only_at_its_passes(monkeypatch):
 
 
 def test_passes_that_come_back_to_back_switch_the_run_to_whole_basis_steps(monkeypatch):
-    # float32, an outlier 30x the bulk: after the outlier converges, the estimate asks for a pass every few
-    # steps; once one comes within SWITCH_WINDOW of the last, every later step is a plain whole-basis step
-    # (no local pass first), and the answers stay those of the full run
+    # float32, outliers over a bulk, 200 of 600 steps: once passes come within SWITCH_WINDOW of each other the
+    # run goes selective, and when more Ritz vectors converge than it keeps, every later step is a plain
+    # whole-basis step (no local pass first); the answers stay those of the full run
     eigs = SPECTRA["outliers"]
     A = sym_with_spectrum(eigs, seed=3, dtype=torch.float32)
     calls = []

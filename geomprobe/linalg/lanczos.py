@@ -215,10 +215,12 @@ def lanczos(
             ortho.orthogonalized()
         elif ortho is not None and not partial:  # passes came back to back: whole-basis steps from here on
             ortho.full_step()
+        pairs = None  # this step's Ritz pairs, once formed
         if ortho is not None and ortho.selective and not ortho.always:
             # the Ritz vectors converged by now join the kept ones and w loses its part along them; one that
             # converged away from the ends (or more than the ends hold) ends the selective regime
-            th, Uj, _, _ = ritz_pairs((alphas, betas[:-1]), beta, bound, dim)
+            pairs = ritz_pairs((alphas, betas[:-1]), beta, bound, dim, widen=widen)
+            th, Uj = pairs[0], pairs[1]
             new, at_ends = ortho.good(th.numpy(), (beta * Uj[-1, :].abs()).numpy(), gersh, kept_theta)
             if new and (not at_ends or len(kept) + len(new) > 2 * SELECTIVE_ENDS):
                 ortho.always, ortho.selective = True, False
@@ -233,12 +235,16 @@ def lanczos(
                 kept_theta += [float(th[i]) for i in new]
                 betas[-1] = beta
                 ortho.full_passes += 1  # forming them read the basis once
+            if new:
+                pairs = None  # beta changed: the bounds below are formed again
         log_beta += math.log(beta) if beta > 0 else -math.inf
         last = j + 1 == m_max or j + 1 == dim
         if tol == 0 and not last and beta > 1e-12 * gersh * math.sqrt(dim):
             prev, cur = cur, basis.append_normalized(w, beta)
             continue
-        theta, U, bounds, exhausted = ritz_pairs((alphas, betas[:-1]), beta, bound, dim, widen=widen)
+        if pairs is None:
+            pairs = ritz_pairs((alphas, betas[:-1]), beta, bound, dim, widen=widen)
+        theta, U, bounds, exhausted = pairs
         if exhausted or j + 1 == dim:
             converged = True
             break
