@@ -25,26 +25,42 @@ def _blocks(sizes) -> list[Block]:
 
 
 @contextlib.contextmanager
-def _count_reads():
-    """Counts every way a tensor's values reach the host: ``cpu``, ``item``, ``tolist``, ``float``, ``int``,
-    ``bool`` (on a GPU each waits for the device)."""
-    calls = {"n": 0}
-    names = ("cpu", "item", "tolist", "__float__", "__int__", "__bool__")
+def _spy_tensor_methods(names, record):
+    """While open, every call of the ``torch.Tensor`` methods ``names`` first calls ``record(tensor)``."""
     saved = {k: getattr(torch.Tensor, k) for k in names}
 
     def wrap(f):
-        def g(*a, **k):
-            calls["n"] += 1
-            return f(*a, **k)
+        def g(self, *a, **k):
+            record(self)
+            return f(self, *a, **k)
         return g
 
     try:
         for k in names:
             setattr(torch.Tensor, k, wrap(saved[k]))
-        yield calls
+        yield
     finally:
         for k, f in saved.items():
             setattr(torch.Tensor, k, f)
+
+
+@contextlib.contextmanager
+def _count_reads():
+    """Counts every way a tensor's values reach the host: ``cpu``, ``item``, ``tolist``, ``float``, ``int``,
+    ``bool`` (on a GPU each waits for the device)."""
+    calls = {"n": 0}
+    with _spy_tensor_methods(("cpu", "item", "tolist", "__float__", "__int__", "__bool__"),
+                             lambda t: calls.__setitem__("n", calls["n"] + 1)):
+        yield calls
+
+
+@contextlib.contextmanager
+def _count_elements():
+    """Every device->host crossing (``cpu``, ``numpy``, ``tolist``, ``item``) with the number of elements it
+    carried."""
+    sizes: list[int] = []
+    with _spy_tensor_methods(("cpu", "numpy", "tolist", "item"), lambda t: sizes.append(t.numel())):
+        yield sizes
 
 
 def _same(a, b) -> bool:

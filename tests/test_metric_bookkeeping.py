@@ -6,14 +6,13 @@ call, which no longer grows with the number of blocks."""
 
 from __future__ import annotations
 
-import contextlib
 import sys
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
-from bookkeeping_helpers import _blocks, _count_reads, _same
+from bookkeeping_helpers import _blocks, _count_elements, _count_reads, _same
 
 import geomprobe.metrics.rmed  # noqa: F401
 from geomprobe.metrics._budget import plan_rmed
@@ -280,29 +279,6 @@ def test_top_breaks_ties_to_the_lower_index_and_skips_known_ones(top_way):
     assert len(c) == 0  # every coordinate known: nothing to read
     (c,), (e,) = screen_candidates(screen, _blocks([10]), [np.array([0, 2])], [None], 3, 4.0, pool=4)
     assert c.tolist() == [1, 3, 4] and e.tolist() == [5, 6, 7, 8]
-
-
-@contextlib.contextmanager
-def _count_elements():
-    """Every device->host crossing (``cpu``, ``numpy``, ``tolist``, ``item``) with the number of elements it
-    carried."""
-    sizes: list[int] = []
-    names = ("cpu", "numpy", "tolist", "item")
-    saved = {k: getattr(torch.Tensor, k) for k in names}
-
-    def wrap(f):
-        def g(self, *a, **k):
-            sizes.append(self.numel())
-            return f(self, *a, **k)
-        return g
-
-    try:
-        for k in names:
-            setattr(torch.Tensor, k, wrap(saved[k]))
-        yield sizes
-    finally:
-        for k, f in saved.items():
-            setattr(torch.Tensor, k, f)
 
 
 def test_no_whole_model_array_crosses_to_the_host_while_reading():
