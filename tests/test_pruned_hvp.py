@@ -11,6 +11,7 @@ from torch import nn
 import geomprobe as gp
 import geomprobe.engine.landscape as landscape_module
 from geomprobe.engine.pruned_outputs import MIN_ROWS, kept_outputs, nonzero_parts, part_mask
+from geomprobe.metrics._columns import top_aligned
 
 _DENSE: dict = {}
 
@@ -236,3 +237,57 @@ def test_only_blocks_on_the_exact_device_route_are_inspected():
     assert part_mask(fd, V) is None
     host = gp.Landscape(model, loss, batches, mode=mode, vector_device="cpu")
     assert host.host is not None and part_mask(host, V) is None
+
+
+# ------------------------------------------------------------------------------ how column chunks are formed
+def test_top_aligned_sorts_and_puts_the_short_piece_at_the_bottom():
+    idx = [40, 3, 17, 9, 30, 22, 1, 35, 11, 5]
+    assert top_aligned(idx, 4) == [[1, 3], [5, 9, 11, 17, 22, 30, 35, 40]]
+    assert top_aligned(idx[:8], 4) == [sorted(idx[:8])]  # divides: one piece
+    assert top_aligned([], 16) == []
+    assert top_aligned([7, 2], 16) == [[2, 7]]
+
+
+def _deep_mlp():
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 9)]
+    for _ in range(4):
+        layers += [nn.Tanh(), nn.Linear(9, 9)]
+    model = nn.Sequential(*layers, nn.Tanh(), nn.Linear(9, 3)).double()
+    g = torch.Generator().manual_seed(0)
+    return model, (torch.randn(40, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (40,), generator=g))
+
+
+def test_column_reads_come_in_sorted_chunks_of_neighbouring_blocks_aligned_to_the_top():
+    from geomprobe.metrics.diagshare import diagshare
+    from geomprobe.metrics.precond import precond
+
+    model, data = _deep_mlp()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    nn.CrossEntropyLoss()(model(data[0]), data[1]).backward()
+    opt.step()  # the preconditioner's state; the Landscape is built at the new parameters
+    opt.zero_grad()
+    land = gp.Landscape(model, nn.CrossEntropyLoss(), data, chunk_size=8)
+    inner, chunks = land.hvp, []
+
+    def recording(v, out=None):
+        V = v.reshape(-1, land.dim)
+        if V.shape[0] > 1 and bool((V.count_nonzero(1) == 1).all()) and bool((V.sum(1) == 1).all()):
+            chunks.append(V.argmax(1).tolist())  # a chunk of columns e_j
+        return inner(v) if out is None else inner(v, out=out)
+
+    land.hvp = recording
+    options = {"exact_threshold": 0, "k": 7, "top": 3, "screen_samples": 4, "bootstrap": 20}
+    precond(land, optimizer=opt, rmed_options=options, max_iter=8)  # rmed's reads, then the scaled candidates
+    diagshare(land, exact_threshold=0, k=11, hvps=200, bootstrap=20, rel_tol=0)  # tops up rmed's columns
+    assert len(chunks) >= 6
+    passes = [[chunks[0]]]
+    for c in chunks[1:]:  # a pass is a run of chunks each above the last
+        (passes[-1].append(c) if c[0] > passes[-1][-1][-1] else passes.append([c]))
+    assert len(passes) >= 3  # rmed's sample, its candidates, precond's scaled candidates (diagshare's top-up)
+    for p in passes:
+        # sorted within and across chunks: a chunk holds the columns of a run of blocks that the pass reads
+        assert all(c == sorted(c) for c in p)
+        # every chunk but the lowest is full: the short one, where there is one, is the dearest (lowest) place
+        assert all(len(c) == land.chunk_size for c in p[1:]), [len(c) for c in p]
+    assert any(len(p[0]) < land.chunk_size for p in passes)  # the alignment was put to the test
