@@ -10,8 +10,9 @@ answering None (every output kept, the code before the change). Per model, in on
   ``land.hvp`` of 16 one-hot columns of that block (random coordinates; a block smaller than 16 is topped up
   from the next blocks, as the reads do), pruned and unpruned alternately (``--repeats`` each, medians), and
   the largest difference of their products (0.0: bit-identical);
-* a dense block of 16 and a single dense vector, pruned and unpruned: what finding zero parts costs where
-  there are none (a single vector is never inspected), and the inspection alone (``nonzero_parts``);
+* a dense block of 16 and a single dense vector, pruned and unpruned: what looking for zero parts costs where
+  there are none (a single vector is never inspected), and the inspection alone (``part_mask`` of a chunk of
+  columns and of the dense block, and the full scan ``nonzero_parts`` that the dense block is spared);
 * ``rmed`` (``--rmed-hvps``, seed 0) on the Landscape, unpruned then pruned (its stored columns cleared in
   between), with both results' whole-model figures (equal up to the rounding of batched rows).
 
@@ -42,7 +43,7 @@ from timing import dump, environment, sync
 
 import geomprobe.engine.landscape as landscape_module
 from geomprobe.engine.landscape import Landscape
-from geomprobe.engine.pruned_outputs import nonzero_parts
+from geomprobe.engine.pruned_outputs import nonzero_parts, part_mask
 from geomprobe.metrics.rmed import rmed
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp64": torch.float64}
@@ -169,14 +170,15 @@ def measure(name: str, args) -> dict:
     res["dense_block"] = paired(land, dense, args.repeats, device)
     res["single_vector"] = paired(land, dense[0], args.repeats, device)
     col = columns(land, land.blocks[n // 2].start, g)
-    inspect: dict[str, list[float]] = {"columns": [], "dense": []}
+    inspect: dict[str, list[float]] = {"columns": [], "dense": [], "dense_full_scan": []}
     for _ in range(max(3, args.repeats)):
-        for kind, V in (("columns", col), ("dense", dense)):
-            inspect[kind].append(timed(lambda V=V: nonzero_parts(V, land.space.offsets), device))
+        for kind, fn in (("columns", lambda: part_mask(land, col)), ("dense", lambda: part_mask(land, dense)),
+                         ("dense_full_scan", lambda: nonzero_parts(dense, land.space.offsets))):
+            inspect[kind].append(timed(fn, device))
     res["inspection_s"] = {k: statistics.median(t) for k, t in inspect.items()}
     print(f"{name} dense block x{res['dense_block']['speedup']:.3f}, single vector "
           f"x{res['single_vector']['speedup']:.3f}, inspection {res['inspection_s']}", flush=True)
-    del dense, col
+    dense = col = None  # freed before rmed
     if args.rmed_hvps > 0:
         for label in ("unpruned", "pruned"):
             land.results.clear()  # no column read by the other run

@@ -10,7 +10,8 @@ from torch import nn
 
 import geomprobe as gp
 import geomprobe.engine.landscape as landscape_module
-from geomprobe.engine.pruned_outputs import MIN_ROWS, kept_outputs, nonzero_parts, part_mask
+from geomprobe.engine import pruned_outputs
+from geomprobe.engine.pruned_outputs import MIN_ROWS, dense_at_starts, kept_outputs, nonzero_parts, part_mask
 from geomprobe.metrics._columns import top_aligned
 
 _DENSE: dict = {}
@@ -227,12 +228,26 @@ def test_kept_outputs_needs_a_nonzero_part_in_some_row_and_a_graph():
     assert [j for j, _, _ in kept_outputs(g, parts, None)] == [0, 2]
 
 
-def test_only_blocks_on_the_exact_device_route_are_inspected():
+def test_dense_at_starts_decides_dense_blocks_from_one_entry_per_part():
+    offsets = [0, 3, 3, 7, 8]
+    V = torch.zeros(2, 8)
+    V[0, 0], V[1, 3], V[0, 7] = 1.0, -1.0, 2.0  # the first coordinate of every nonempty slice, in some row
+    assert dense_at_starts(V, offsets)
+    V[1, 3], V[1, 4] = 0.0, 5.0                 # slice [3, 7) nonzero, but not at its start: scan it
+    assert not dense_at_starts(V, offsets)
+    assert not dense_at_starts(V, [0, 0])
+
+
+def test_only_blocks_on_the_exact_device_route_are_inspected(monkeypatch):
     model, loss, batches, mode = make_case("tanh_mlp")
     land = gp.Landscape(model, loss, batches, mode=mode)
     V = _columns(land.dim, range(MIN_ROWS))
     assert part_mask(land, V[:1]) is None  # a lone vector pays nothing
     assert part_mask(land, V).shape == (MIN_ROWS, len(land.params))
+    scans = []
+    monkeypatch.setattr(pruned_outputs, "nonzero_parts", lambda *a: scans.append(1))
+    dense = torch.randn(4, land.dim, dtype=torch.float64)
+    assert part_mask(land, dense) is None and not scans  # nothing to leave out, found without a scan
     fd = gp.Landscape(model, loss, batches, mode=mode, hvp_method="finite-difference")
     assert part_mask(fd, V) is None
     host = gp.Landscape(model, loss, batches, mode=mode, vector_device="cpu")

@@ -12,8 +12,10 @@ keep their terms. A NaN part counts as nonzero, so it still poisons its product 
 
 Finding the zero parts costs two reads of the block and one host sync (:func:`nonzero_parts`); it is done only
 for blocks of at least :data:`MIN_ROWS` vectors on the exact device route (:func:`part_mask`), where the column
-reads come from and where the sync is small beside the chunk's products. A single dense vector (Lanczos) pays
-nothing. Host vectors (:mod:`~.host_stream`), finite differences and the sharded route are unchanged.
+reads come from and where the sync is small beside the chunk's products, and not for a block whose every part
+is nonzero at its first coordinate (a dense block: a gather of one entry per part decides it). A single
+vector (a Lanczos step) pays nothing. Host vectors (:mod:`~.host_stream`), finite differences and the sharded
+route are unchanged.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["MIN_ROWS", "kept_outputs", "nonzero_parts", "part_mask"]
+__all__ = ["MIN_ROWS", "dense_at_starts", "kept_outputs", "nonzero_parts", "part_mask"]
 
 MIN_ROWS = 2  # blocks from this many vectors look for zero parts; a lone vector is a dense Lanczos step
 
@@ -46,14 +48,27 @@ def nonzero_parts(V: torch.Tensor, offsets: Sequence[int]) -> torch.Tensor:
     return found
 
 
+def dense_at_starts(V: torch.Tensor, offsets: Sequence[int]) -> bool:
+    """Whether every nonempty slice of ``V`` has a nonzero entry in its first coordinate in some row: then no
+    part is zero and nothing can be left out (a dense block: Rademacher, Gaussian, Lanczos). Cost: a gather of
+    ``k x P`` entries and one host sync, instead of a read of the whole block."""
+    starts = [a for a, b in pairwise(offsets) if b > a]
+    if not starts:
+        return False
+    return bool(V[:, torch.tensor(starts, device=V.device)].ne(0).any(0).all())
+
+
 def part_mask(land: Any, V: torch.Tensor) -> torch.Tensor | None:
     """The nonzero parts of the block ``V`` (:func:`nonzero_parts`) where the Landscape ``land`` can leave zero
     outputs out: exact double backward on the device, at least :data:`MIN_ROWS` vectors, two or more
-    parameters. ``None`` elsewhere: every output is kept, at no cost."""
+    parameters, and not every part nonzero at its first coordinate (:func:`dense_at_starts`). ``None``
+    elsewhere: every output is kept (at no cost; a dense block pays the gather). Cost: no HVP; a block of
+    columns pays one read of the block and two host syncs, a fraction of a percent of its products."""
     if (V.shape[0] < MIN_ROWS or land.hvp_method != "autograd" or land.host is not None or land.sharded
             or len(land.params) < 2):
         return None
-    return nonzero_parts(V, land.space.offsets)
+    offsets = land.space.offsets
+    return None if dense_at_starts(V, offsets) else nonzero_parts(V, offsets)
 
 
 def kept_outputs(grads: Sequence[torch.Tensor | None], parts: Sequence[torch.Tensor],
