@@ -465,10 +465,11 @@ class Landscape:
     def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Hessian-vector products ``H v`` for one flat vector ``(d,)`` or a block ``(k, d)``.
 
-        Cost: ``k`` HVPs (counted in :attr:`hvps`), each about 1-2.5 gradients; vectors go through
-        ``is_grads_batched`` in chunks of :attr:`chunk_size`; with host vectors, one streamed pass per vector
-        and probe batch, host vectors answered on the host (:mod:`~.host_stream`). Exact up to floating-point
-        rounding (the finite-difference method, if chosen, has truncation error O(eps^2) on smooth models).
+        Cost: ``k`` HVPs (counted in :attr:`hvps`), each about 1-2.5 gradients, less for a block of Hessian
+        columns (parts zero in every row are left out: :mod:`~.pruned_outputs`); vectors go through
+        ``is_grads_batched`` in chunks of :attr:`chunk_size`; with host vectors, one streamed pass per vector and
+        probe batch, answered on the host (:mod:`~.host_stream`). Exact up to floating-point rounding (finite
+        differences, if chosen, have truncation error O(eps^2) on smooth models).
 
         ``out``: a tensor of the result's shape (``v``'s), the Landscape's dtype and the result's device (the
         host for host vectors, else :attr:`device`), not overlapping ``v``; the products are written into it
@@ -538,9 +539,8 @@ class Landscape:
 
     def _hvp_chunk(self, V: torch.Tensor, out: torch.Tensor | None = None,
                    mask: torch.Tensor | None = None) -> torch.Tensor:
-        """``H V`` for the rows of ``V`` (at most :attr:`chunk_size`), written into ``out`` if given (and returned).
-        The first probe batch's products are flattened into the result, the others added into it per parameter;
-        ``mask``: the rows' nonzero parts (:func:`~.pruned_outputs.part_mask`), zero ones left out."""
+        """``H V`` for the rows of ``V`` (at most :attr:`chunk_size`; ``mask``: their nonzero parts, the others left
+        out), into ``out`` if given (and returned): the first probe batch's products flattened, the others added."""
         if self.host is not None:
             return self.host.hvp_rows(V, out)  # into out where its copies can go (host_stream.hvp_rows)
         if self.hvp_method == "finite-difference":
