@@ -306,3 +306,18 @@ def test_column_reads_come_in_sorted_chunks_of_neighbouring_blocks_aligned_to_th
         # every chunk but the lowest is full: the short one, where there is one, is the dearest (lowest) place
         assert all(len(c) == land.chunk_size for c in p[1:]), [len(c) for c in p]
     assert any(len(p[0]) < land.chunk_size for p in passes)  # the alignment was put to the test
+
+
+@pytest.mark.parametrize("name", ["causal", "gqa bool mask"])
+def test_the_recomputing_attention_takes_pruned_chunks_exactly(name):
+    # its double backward is a Function that receives zero or missing gradients where outputs were left out
+    from test_attndouble import _case as attention_case
+
+    model, loss_fn, x, y = attention_case(name)
+    H = dense_hessian(model, loss_fn, [(x, y)])
+    land = gp.Landscape(model, loss_fn, (x, y), recompute_attention=True)
+    assert land.recompute_attention
+    scale = max(1.0, H.abs().max().item())
+    for blk in land.blocks:  # the columns of each block alone: q, k and v's gradients apart
+        V = _columns(land.dim, range(blk.start, min(blk.stop, blk.start + 5)))
+        assert torch.allclose(land.hvp(V), V @ H, rtol=0, atol=FLOAT64_EXACT * scale), blk.name
