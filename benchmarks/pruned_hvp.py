@@ -13,8 +13,9 @@ answering None (every output kept, the code before the change). Per model, in on
 * a dense block of 16 and a single dense vector, pruned and unpruned: what looking for zero parts costs where
   there are none (a single vector is never inspected), and the inspection alone (``part_mask`` of a chunk of
   columns and of the dense block, and the full scan ``nonzero_parts`` that the dense block is spared);
-* ``rmed`` (``--rmed-hvps``, seed 0) on the Landscape, unpruned then pruned (its stored columns cleared in
-  between), with both results' whole-model figures (equal up to the rounding of batched rows).
+* ``rmed`` (``--rmed-hvps``, seed 0) on the Landscape, unpruned then pruned (``--rmed-repeats`` times,
+  alternated; its stored columns cleared before each), its seconds and the seconds inside ``land.hvp``, with
+  both results' whole-model figures (equal up to the rounding of batched rows).
 
 Models: ``gpt2-cpu`` (a random-init Hugging Face GPT-2, 6 layers, width 256, 4 heads, vocab 1000, 4 x 64
 tokens), ``gpt2-124m`` (8 x 512 tokens, ``benchmarks/scale.py``'s), ``mlp-deep`` (``--depth`` tanh layers of
@@ -144,13 +145,37 @@ def rmed_figures(out: dict) -> dict:
     return {k: out.get(k) for k in ("rmed", "rmed_err", "rmed_q99", "max", "median", "mode", "hvps")}
 
 
-def measure(name: str, args) -> dict:
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    model, loss_fn, batches = build(name, dtype, device, args.depth, args.width)
-    land = Landscape(model, loss_fn, batches, mode="eval")
-    res: dict = {"model": name, "dtype": args.dtype, "dim": land.dim, "parameters": len(land.params),
-                 "chunk_size": land.chunk_size, "batch": [list(v.shape) for b in batches
-                                                          for v in (b.values() if isinstance(b, dict) else b[:1])]}
+def rmed_run(land: Landscape, hvps: int, device, without_pruning: bool) -> dict:
+    """One ``rmed`` on ``land`` (its stored columns cleared first): seconds, seconds inside ``land.hvp``, HVPs
+    and the whole-model figures."""
+    land.results.clear()  # no column read by another run
+    inner, inside = land.hvp, [0.0]
+
+    def clocked(v, out=None):
+        sync(device)
+        t0 = time.perf_counter()
+        r = inner(v) if out is None else inner(v, out=out)
+        sync(device)
+        inside[0] += time.perf_counter() - t0
+        return r
+
+    land.hvp = clocked
+    try:
+        with unpruned() if without_pruning else contextlib.nullcontext():
+            h0 = land.hvps
+            sync(device)
+            t0 = time.perf_counter()
+            out = rmed(land, hvps=hvps, seed=0)
+            sync(device)
+            seconds = time.perf_counter() - t0
+    finally:
+        del land.hvp
+    return {"seconds": seconds, "hvp_seconds": inside[0], "hvps": land.hvps - h0, **rmed_figures(out)}
+
+
+def chunk_timings(name: str, land: Landscape, args, device) -> dict:
+    """The per-position column chunks, the dense block, the single vector and the inspection alone."""
+    res: dict = {}
     g = torch.Generator().manual_seed(0)
     n = len(land.blocks)
     at = sorted(set(np.linspace(0, n - 1, min(args.positions, n)).round().astype(int).tolist()))
@@ -178,20 +203,30 @@ def measure(name: str, args) -> dict:
     res["inspection_s"] = {k: statistics.median(t) for k, t in inspect.items()}
     print(f"{name} dense block x{res['dense_block']['speedup']:.3f}, single vector "
           f"x{res['single_vector']['speedup']:.3f}, inspection {res['inspection_s']}", flush=True)
-    dense = col = None  # freed before rmed
+    return res
+
+
+def measure(name: str, args) -> dict:
+    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    model, loss_fn, batches = build(name, dtype, device, args.depth, args.width)
+    land = Landscape(model, loss_fn, batches, mode="eval")
+    res: dict = {"model": name, "dtype": args.dtype, "dim": land.dim, "parameters": len(land.params),
+                 "chunk_size": land.chunk_size, "batch": [list(v.shape) for b in batches
+                                                          for v in (b.values() if isinstance(b, dict) else b[:1])]}
+    if args.positions > 0:
+        res.update(chunk_timings(name, land, args, device))
     if args.rmed_hvps > 0:
-        for label in ("unpruned", "pruned"):
-            land.results.clear()  # no column read by the other run
-            with unpruned() if label == "unpruned" else contextlib.nullcontext():
-                h0 = land.hvps
-                sync(device)
-                t0 = time.perf_counter()
-                out = rmed(land, hvps=args.rmed_hvps, seed=0)
-                sync(device)
-                res[f"rmed_{label}"] = {"seconds": time.perf_counter() - t0, "hvps": land.hvps - h0,
-                                        **rmed_figures(out)}
-            print(f"{name} rmed {label}: {res[f'rmed_{label}']}", flush=True)
+        runs: dict[str, list[dict]] = {"unpruned": [], "pruned": []}
+        for _ in range(args.rmed_repeats):  # alternated, so that a host's changing load falls on both
+            for label in ("unpruned", "pruned"):
+                runs[label].append(rmed_run(land, args.rmed_hvps, device, label == "unpruned"))
+                print(f"{name} rmed {label}: {runs[label][-1]}", flush=True)
+        for label, got in runs.items():
+            res[f"rmed_{label}"] = {**got[-1], "seconds": statistics.median(r["seconds"] for r in got),
+                                    "hvp_seconds": statistics.median(r["hvp_seconds"] for r in got),
+                                    "all_seconds": [r["seconds"] for r in got]}
         res["rmed_speedup"] = res["rmed_unpruned"]["seconds"] / res["rmed_pruned"]["seconds"]
+        res["rmed_hvp_speedup"] = res["rmed_unpruned"]["hvp_seconds"] / res["rmed_pruned"]["hvp_seconds"]
     land.close()
     return res
 
@@ -201,9 +236,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--models", default="gpt2-cpu,mlp-deep")
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
-    ap.add_argument("--positions", type=int, default=8, help="block positions timed, bottom to top")
+    ap.add_argument("--positions", type=int, default=8, help="block positions timed, bottom to top; 0: rmed only")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rmed-hvps", type=int, default=1024, help="rmed's budget; 0: no rmed timing")
+    ap.add_argument("--rmed-repeats", type=int, default=1, help="rmed runs each way, alternated (medians)")
     ap.add_argument("--depth", type=int, default=16, help="mlp-deep: hidden layers")
     ap.add_argument("--width", type=int, default=512, help="mlp-deep: width")
     ap.add_argument("--out", default=None)
