@@ -240,7 +240,7 @@ def test_columns_read_before_a_failure_serve_the_other_metric_unchanged():
     inner, calls = land.hvp, []
 
     def failing(v):
-        calls.append(1)
+        calls.append(v.reshape(-1, land.dim).shape[0])
         if len(calls) > 3:  # after three chunks of columns
             raise RuntimeError("boom")
         return inner(v)
@@ -250,7 +250,7 @@ def test_columns_read_before_a_failure_serve_the_other_metric_unchanged():
         rmed(land, **RMED)
     land.hvp = inner
     stored = len(land.results[("hessian columns",)].index)
-    assert stored == 3 * land.chunk_size
+    assert stored == sum(calls[:3]) > 2 * land.chunk_size  # the first chunk may be short (aligned to the top)
     ds = diagshare(land, **DIAG)
     alone = diagshare(gp.Landscape(model, nn.CrossEntropyLoss(), data), **DIAG)
     assert_same(without_sharing(ds), without_sharing(alone))

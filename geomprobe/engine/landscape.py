@@ -39,6 +39,7 @@ from .landscape_plan import plan_within
 from .loss import loss_reduction, resolve_loss_form
 from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan
 from .paramspace import Block, ParamSpace, select_parameters, unwrap_model
+from .pruned_outputs import kept_outputs, part_mask
 from .saved_bytes import SavedBytes
 from .sharded import fully_sharded
 from .state import MODES, frozen
@@ -464,10 +465,11 @@ class Landscape:
     def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Hessian-vector products ``H v`` for one flat vector ``(d,)`` or a block ``(k, d)``.
 
-        Cost: ``k`` HVPs (counted in :attr:`hvps`), each about 1-2.5 gradients; vectors go through
-        ``is_grads_batched`` in chunks of :attr:`chunk_size`; with host vectors, one streamed pass per vector
-        and probe batch, host vectors answered on the host (:mod:`~.host_stream`). Exact up to floating-point
-        rounding (the finite-difference method, if chosen, has truncation error O(eps^2) on smooth models).
+        Cost: ``k`` HVPs (counted in :attr:`hvps`), each about 1-2.5 gradients, less for a block of Hessian
+        columns (parts zero in every row are left out: :mod:`~.pruned_outputs`); vectors go through
+        ``is_grads_batched`` in chunks of :attr:`chunk_size`; with host vectors, one streamed pass per vector and
+        probe batch, answered on the host (:mod:`~.host_stream`). Exact up to floating-point rounding (finite
+        differences, if chosen, have truncation error O(eps^2) on smooth models).
 
         ``out``: a tensor of the result's shape (``v``'s), the Landscape's dtype and the result's device (the
         host for host vectors, else :attr:`device`), not overlapping ``v``; the products are written into it
@@ -488,12 +490,13 @@ class Landscape:
         # noted before the work, so that an out-of-memory failure can tell whether batching was involved
         self.widest_block = max(self.widest_block, V.shape[0])
         res = None if out is None else out.view(V.shape)  # (1, d) for a vector: a view, out is written
+        mask = part_mask(self, V)  # a block's zero parts, read once: their outputs are left out (pruned_outputs)
         if V.shape[0] <= self.chunk_size:
-            res = self._hvp_chunk(V, res)  # no output buffer beside the result: at 1B parameters each is GBs
+            res = self._hvp_chunk(V, res, mask)  # no output buffer beside the result: at 1B parameters each is GBs
         else:
             res = torch.empty_like(V) if res is None else res
-            for s in range(0, V.shape[0], self.chunk_size):
-                self._hvp_chunk(V[s : s + self.chunk_size], res[s : s + self.chunk_size])
+            for s in range(0, V.shape[0], c := self.chunk_size):
+                self._hvp_chunk(V[s : s + c], res[s : s + c], None if mask is None else mask[s : s + c])
         self.reducer.sum_(res)  # one collective per block of vectors, not per vector
         self.hvps += V.shape[0]
         if out is not None:
@@ -534,9 +537,10 @@ class Landscape:
                 "build a new Landscape at the new parameters"
             )
 
-    def _hvp_chunk(self, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``H V`` for the rows of ``V`` (at most :attr:`chunk_size`), written into ``out`` if given (and returned).
-        The first probe batch's products are flattened into the result, the others added into it per parameter."""
+    def _hvp_chunk(self, V: torch.Tensor, out: torch.Tensor | None = None,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``H V`` for the rows of ``V`` (at most :attr:`chunk_size`; ``mask``: their nonzero parts, the others left
+        out), into ``out`` if given (and returned): the first probe batch's products flattened, the others added."""
         if self.host is not None:
             return self.host.hvp_rows(V, out)  # into out where its copies can go (host_stream.hvp_rows)
         if self.hvp_method == "finite-difference":
@@ -549,25 +553,23 @@ class Landscape:
             if grads is None:
                 grads = self._graph(b, True)[0]
                 self.graph_rebuilds += 1
-            self._hvp_batch(grads, V, out, accumulate=b > 0)
+            self._hvp_batch(grads, V, out, accumulate=b > 0, mask=mask)
         return out
 
     def _hvp_batch(self, grads: list[torch.Tensor | None], V: torch.Tensor, out: torch.Tensor | None = None,
-                   accumulate: bool = False) -> torch.Tensor:
-        """One probe batch's products of the rows of ``V``, written (or with ``accumulate`` added) into ``out``."""
+                   accumulate: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """One probe batch's products of the rows of ``V``, written (or with ``accumulate`` added) into ``out``;
+        outputs whose part is zero in every row (``mask``; in a row, one vector at a time) are left out."""
         if out is None:
             out, accumulate = torch.empty_like(V), False
-        parts = self.space.split(V)
-        outs = [(g, p) for g, p in zip(grads, parts) if g is not None and g.requires_grad]
+        outs = kept_outputs(grads, self.space.split(V), mask)
         if not outs:
             return out if accumulate else out.zero_()
         try:
             if V.shape[0] > 1 and self.batched_hvp:
                 try:
-                    res = torch.autograd.grad(
-                        [g for g, _ in outs], self.params, [p for _, p in outs],
-                        retain_graph=True, allow_unused=True, is_grads_batched=True,
-                    )
+                    res = torch.autograd.grad([g for _, g, _ in outs], self.params, [p for _, _, p in outs],
+                                              retain_graph=True, allow_unused=True, is_grads_batched=True)
                     return self._flat(res, out, accumulate)
                 except RuntimeError as e:
                     if no_double_backward(e) is not None or not _VMAP_FAILURE.search(str(e)):
@@ -579,10 +581,9 @@ class Landscape:
                         "falling back to one vector at a time", RuntimeWarning, stacklevel=3,
                     )
             for i in range(V.shape[0]):
-                res = torch.autograd.grad(
-                    [g for g, _ in outs], self.params, [p[i] for _, p in outs],
-                    retain_graph=True, allow_unused=True,
-                )
+                row = outs if mask is None else [o for o in outs if mask[i, o[0]]]
+                res = torch.autograd.grad([g for _, g, _ in row], self.params, [p[i] for _, _, p in row],
+                                          retain_graph=True, allow_unused=True) if row else [None]
                 self._flat(res, out[i], accumulate)
             return out
         except RuntimeError as e:

@@ -50,7 +50,7 @@ import torch
 
 from ._common import column_batches
 
-__all__ = ["COLUMNS", "ColumnReader", "ColumnStore", "block_order", "columns_key", "draw_order_seed"]
+__all__ = ["COLUMNS", "ColumnReader", "ColumnStore", "block_order", "columns_key", "draw_order_seed", "top_aligned"]
 
 COLUMNS = "hessian columns"   # what a metric reports as received (``shared``, ``shared_hvps``)
 _STORE_KEY = ("hessian columns",)
@@ -99,6 +99,21 @@ def block_order(order_seed: int, block: Any, length: int) -> np.ndarray:
     return order[:length]
 
 
+def top_aligned(idx: Sequence[int], batch: int) -> list[list[int]]:
+    """``idx`` sorted (block order) and cut where chunks of ``batch`` columns end at its top: the short first
+    piece (``len % batch`` columns, none if it divides), then the rest, which ``column_batches`` reads ``batch``
+    at a time. Same columns, any order given.
+
+    Why: an HVP of one-hot columns leaves out the gradients of the blocks it does not touch
+    (:mod:`geomprobe.engine.pruned_outputs`), so a chunk costs about what its lowest block (furthest from the
+    loss, in the usual order of registration) costs. Sorted, a chunk spans a few neighbouring blocks; aligned
+    to the top, every full chunk starts as high as it can, and the short chunk takes the dearest place. Costs
+    no HVP."""
+    order = sorted(int(j) for j in idx)
+    cut = len(order) % batch if batch > 0 else 0
+    return [piece for piece in (order[:cut], order[cut:]) if piece]
+
+
 class ColumnStore:
     """The columns read on one Landscape, by global coordinate: ``H_jj``, the L1 norm of ``H e_j`` over each of
     ``blocks`` (none when empty: a store that serves ``rmed`` only) and the metric that read it.
@@ -136,7 +151,7 @@ class ColumnStore:
 
 class ColumnReader:
     """One metric call's access to the columns: those not stored yet are read (one HVP each, ``batch`` at a
-    time, in the order asked) and stored; ``spent`` counts the HVPs this call ran, ``received`` the columns it
+    time, in the chunks of :func:`top_aligned`) and stored; ``spent`` counts the HVPs this call ran, ``received`` the columns it
     used that another metric had read (by that metric's name, each coordinate once).
 
     ``store``: a :class:`ColumnStore`, or a function returning one at the first read (the Landscape's store is
@@ -177,9 +192,10 @@ class ColumnReader:
         idx = np.asarray(idx, dtype=np.int64).reshape(-1)
         store = self.store
         missing = [j for j in dict.fromkeys(idx.tolist()) if j not in store.index]
-        for part, C in column_batches(self.matvec, self.dim, torch.tensor(missing, dtype=torch.long),
-                                      batch=self.batch, dtype=self.dtype, device=self.device):
-            self.record(part, C)
+        for piece in top_aligned(missing, self.batch):
+            for part, C in column_batches(self.matvec, self.dim, torch.tensor(piece, dtype=torch.long),
+                                          batch=self.batch, dtype=self.dtype, device=self.device):
+                self.record(part, C)
         for j in idx.tolist():
             if j not in self._own and j not in self._counted:
                 self._counted.add(j)

@@ -23,7 +23,7 @@ from ..linalg.diagonal import bekas_diagonal, packed_diagonal
 from ..linalg.vectors import Matvec
 from ..stats.sampling import random_prefix
 from ._budget import RmedPlan
-from ._columns import ColumnReader, block_order
+from ._columns import ColumnReader, block_order, top_aligned
 from ._common import exact_diagonal_chunked
 from ._screen import Screen, screen_candidates
 
@@ -260,7 +260,12 @@ def read_scaled_candidates(matvec: Matvec, dim: int, reads: DiagonalReads, scali
         got = [(est[: len(c), j].numpy(), err[: len(c), j].numpy()) for j, c in enumerate(new)]
     else:
         idx = np.concatenate([p.block.start + c for p, c in zip(reads.parts, new)])
-        h = exact_diagonal_chunked(matvec, dim, torch.from_numpy(idx), batch=batch, dtype=dtype, device=device).numpy()
+        # chunks aligned to the top as the column reads are (_columns.top_aligned): the same entries, cheaper
+        # products; they come back sorted, and go back to idx's order
+        h = np.empty(len(idx))
+        h[np.argsort(idx, kind="stable")] = np.concatenate([
+            exact_diagonal_chunked(matvec, dim, torch.tensor(piece), batch=batch, dtype=dtype, device=device).numpy()
+            for piece in top_aligned(idx, batch)])
         hvps = len(idx)
         got, at = [], 0
         for c in new:
