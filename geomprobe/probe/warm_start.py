@@ -63,6 +63,17 @@ from ..linalg.vectors import gaussian
 
 __all__ = ["WarmStart"]
 
+# the fit compares vectors whose inner products lie within 1e-3 of 1: summed in float64, a column chunk at a time
+_DOT_CHUNK = 1 << 20
+
+
+def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    """``x . y`` of two host vectors, summed in float64 over chunks (no float64 copy of a whole vector)."""
+    total = 0.0
+    for a in range(0, x.shape[0], _DOT_CHUNK):
+        total += float(torch.dot(x[a : a + _DOT_CHUNK].double(), y[a : a + _DOT_CHUNK].double()))
+    return total
+
 
 class WarmStart:
     """The previous probe's extreme Ritz vectors, kept on the host, and the start vector built from them.
@@ -73,6 +84,9 @@ class WarmStart:
         certified: warm-start runs that certify their extremes too (``risk`` set). ``False`` starts those
             cold, where a warm start costs more HVPs than it saves (see above); runs with ``risk=None`` start
             warm either way.
+        extrapolate: start each end from its leading Ritz vector moved on along its last step,
+            ``u + g (u - u_prev)``, with the gain ``g`` in ``[0, 1]`` fitted per end along the trajectory (see
+            above); ``False``: the kept vectors as they are (the start of earlier versions).
 
     :meth:`start` returns ``None`` (a cold start) when nothing is kept yet, or when the vectors were kept
     for another model or other parameter shapes or dtype; :attr:`reason` then says why (empty after a warm
@@ -93,7 +107,7 @@ class WarmStart:
     (False, True, True)
     """
 
-    def __init__(self, *, mix: float = 0.1, max_vectors: int = 8, certified: bool = True):
+    def __init__(self, *, mix: float = 0.1, max_vectors: int = 8, certified: bool = True, extrapolate: bool = True):
         if not 0.0 < mix < 1.0:
             raise ConfigurationError(
                 f"mix must lie in (0, 1), got {mix!r}: it is the weight of the random part of the start vector "
@@ -103,9 +117,15 @@ class WarmStart:
             raise ConfigurationError(f"max_vectors must be >= 1, got {max_vectors!r}; pass warm_start=False for cold starts")
         self.mix = float(mix)
         self.max_vectors = int(max_vectors)
+        if not isinstance(extrapolate, bool):
+            raise ConfigurationError(f"extrapolate must be True or False, got {extrapolate!r}")
         self.certified = bool(certified)
+        self.extrapolate = extrapolate
         self.top: torch.Tensor | None = None  # (n, d) on the host, unit rows, descending Ritz values
         self.bottom: torch.Tensor | None = None  # (n, d), ascending
+        # the leading vector of each end one probe earlier (host, unit), and each end's fitted gain
+        self.previous: dict[str, torch.Tensor] = {}
+        self.gain: dict[str, float] = {"top": 0.0, "bottom": 0.0}
         self._signature: tuple | None = None
         self._model: weakref.ref | None = None
         self.reason = "no vectors kept yet"
@@ -119,7 +139,12 @@ class WarmStart:
         """Forget the kept vectors; the next start is cold."""
         self.top = self.bottom = None
         self._signature = self._model = None
+        self._forget_motion()
         self.reason = reason
+
+    def _forget_motion(self) -> None:
+        self.previous = {}
+        self.gain = {"top": 0.0, "bottom": 0.0}
 
     def matches(self, land: Any) -> bool:
         """Whether the kept vectors belong to ``land``'s model and parameter space (sets :attr:`reason`)."""
@@ -149,17 +174,17 @@ class WarmStart:
             return None
         if not self.matches(land):
             return None
-        parts = []
-        if which in ("both", "largest") and self.top is not None:
-            parts.append(self.top)
-        if which in ("both", "smallest") and self.bottom is not None:
-            parts.append(self.bottom)
-        if not parts:
+        ends = [e for e, w in (("top", ("both", "largest")), ("bottom", ("both", "smallest")))
+                if which in w and getattr(self, e) is not None]
+        if not ends:
             self.reason = f"no kept vectors serve which={which!r}"
             return None
         where = getattr(land, "vector_device", None) or land.device  # the host in the host-vector mode
-        u = torch.cat(parts).to(device=where, dtype=torch.float32 if land.dtype.itemsize < 4 else land.dtype)
-        u = u.sum(0)
+        work = torch.float32 if land.dtype.itemsize < 4 else land.dtype
+        u = None
+        for end in ends:
+            part = self._end_start(end, where, work)
+            u = part if u is None else u.add_(part)
         un = u.norm()
         if not torch.isfinite(un) or un == 0:
             self.reason = "the kept vectors cancel or are not finite"
@@ -169,15 +194,74 @@ class WarmStart:
         v0 = math.sqrt(1.0 - self.mix**2) * (u / un) + self.mix * (z / z.norm())
         return v0.to(land.dtype)
 
+    def _end_start(self, end: str, where: Any, work: torch.dtype) -> torch.Tensor:
+        """One end's part of the start, in ``work`` on ``where``: its kept vectors summed, the leading one
+        moved on by the end's gain along its last step (a unit vector before the sum)."""
+        kept = getattr(self, end)
+        u = kept.to(device=where, dtype=work).sum(0)
+        prev, g = self.previous.get(end), self.gain[end]
+        if self.extrapolate and prev is not None and g > 0:
+            lead = kept[0].to(device=where, dtype=work)
+            p = prev.to(device=where, dtype=work)
+            c = _dot(kept[0], prev)
+            s = 1.0 if c >= 0 else -1.0  # a Ritz vector's sign is arbitrary: step from the aligned one
+            # lead + g (lead - s p) has norm^2 (1 + g)^2 + g^2 - 2 g (1 + g) |c| for unit lead and p
+            norm = math.sqrt(max((1 + g) ** 2 + g * g - 2 * g * (1 + g) * abs(c), 1e-30))
+            moved = lead.mul(1 + g).sub_(p, alpha=g * s).div_(norm)
+            u.sub_(lead).add_(moved)
+        return u
+
+    @staticmethod
+    def fitted_gain(c: float, a: float, b: float) -> float | None:
+        """The gain ``g`` for which ``u + g (u - s p)`` (``s = sign c``) points nearest to the new vector ``q``:
+        the least-squares fit ``q ~ alpha u + beta (u - s p)``, ``g = beta / alpha``, from ``c = u.p``,
+        ``a = q.u``, ``b = q.p`` for unit ``u``, ``p``, ``q`` (the sign of ``q`` cancels). None when the vectors did
+        not move (``|c| ~ 1``: no direction to extrapolate along) or ``q`` has no part along the plane."""
+        s = 1.0 if c >= 0 else -1.0
+        det = 1.0 - c * c  # Gram determinant of (u, u - s p)
+        if det < 1e-12:
+            return None
+        e, f, bq = 1.0 - s * c, 2.0 - 2.0 * s * c, a - s * b
+        alpha = (f * a - e * bq) / det
+        beta = (bq - e * a) / det
+        if abs(alpha) < 1e-12:
+            return None
+        return beta / alpha
+
     def serves(self, risk: float | None) -> bool:
         """Whether a run with this ``risk`` (None: no certificate) starts warm, so that its Ritz vectors are
         worth keeping for the next one."""
         return risk is None or self.certified
 
     def keep(self, land: Any, top: torch.Tensor, bottom: torch.Tensor) -> None:
-        """Keep the unit Ritz vectors ``top`` (k, d) and ``bottom`` (k, d) of ``land`` for the next start."""
+        """Keep the unit Ritz vectors ``top`` (k, d) and ``bottom`` (k, d) of ``land`` for the next start.
+
+        When the vectors kept before belong to the same model and space, each end's gain is refitted first:
+        ``g* =`` :meth:`fitted_gain` of the new leading vector against the last two, then
+        ``gain <- clip((gain + g*) / 2, 0, 1)`` (half the last gain: one noisy step does not decide it; clipped:
+        ``g < 0`` would step back towards an older vector, ``g > 1`` overshoots). Cost: three dot products of
+        length ``d`` per end on the host, no HVP."""
         per_end = max(1, self.max_vectors // 2)
-        self.top = top[:per_end].detach().to("cpu", dtype=land.dtype, copy=True)
-        self.bottom = bottom[:per_end].detach().to("cpu", dtype=land.dtype, copy=True)
+        reason = self.reason  # matches() below must not change what the last start said
+        new_top = top[:per_end].detach().to("cpu", dtype=land.dtype, copy=True)
+        new_bottom = bottom[:per_end].detach().to("cpu", dtype=land.dtype, copy=True)
+        if self._signature is not None and self.matches(land):
+            for end, new in (("top", new_top), ("bottom", new_bottom)):
+                self._refit(end, getattr(self, end), new)
+        else:
+            self._forget_motion()
+        self.top, self.bottom = new_top, new_bottom
         self._signature = self._signature_of(land)
         self._model = weakref.ref(land.model)
+        self.reason = reason
+
+    def _refit(self, end: str, old: torch.Tensor | None, new: torch.Tensor) -> None:
+        if old is None:
+            return
+        prev = self.previous.get(end)
+        if prev is not None:
+            c, a, b = _dot(old[0], prev), _dot(new[0], old[0]), _dot(new[0], prev)
+            g = self.fitted_gain(c, a, b) if all(map(math.isfinite, (c, a, b))) else None
+            if g is not None:
+                self.gain[end] = min(max(0.5 * (self.gain[end] + g), 0.0), 1.0)
+        self.previous[end] = old[0].clone()
