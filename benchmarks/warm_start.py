@@ -152,7 +152,11 @@ def measure(name: str, optimizer: str, *, every: int, steps: int, tol: float, se
     seconds = time.perf_counter() - t0
     for p in probes.values():
         p.close()
-    runs = {k: [r["spectrum"] for r in p.records] for k, p in probes.items()}
+    runs = {k: [r.get("spectrum") for r in p.records] for k, p in probes.items()}
+    # a probe point where any start's run failed (recorded by the probe, training went on) is left out of
+    # the comparison for all three
+    ok = [all(isinstance(runs[k][i], dict) and "hvps" in runs[k][i] for k in runs) for i in range(len(runs["warm"]))]
+    runs = {k: [r for r, good in zip(rows, ok) if good] for k, rows in runs.items()}
     cold, warm, plain = runs["cold"], runs["warm"], runs["plain"]
 
     def mean(rows):  # after the first probe, which is cold for every start
@@ -163,7 +167,8 @@ def measure(name: str, optimizer: str, *, every: int, steps: int, tol: float, se
 
     out = {
         "case": name, "optimizer": optimizer, "parameters": probes["warm"].space.dim, "every": every,
-        "steps": steps, "tol": tol, "risk": risk, "probes": len(warm), "seconds": seconds,
+        "steps": steps, "tol": tol, "risk": risk, "probes": len(warm), "failed_points": ok.count(False),
+        "seconds": seconds,
         "loss_first": probes["warm"].records[0]["loss"], "loss_last": probes["warm"].records[-1]["loss"],
         "cold_hvps": [r["hvps"] for r in cold], "warm_hvps": [r["hvps"] for r in warm],
         "plain_hvps": [r["hvps"] for r in plain],

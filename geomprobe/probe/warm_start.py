@@ -1,35 +1,64 @@
-"""Warm starts along a trajectory: Lanczos at one probe starts from the previous probe's Ritz vectors.
+"""Warm starts along a trajectory: Lanczos at one probe starts from the previous probe's Ritz vectors, moved on.
 
 Between two probes of a training run the parameters move a little, and so do the Hessian's extreme
 eigenvectors. A Lanczos start close to them reaches the same residual bounds in fewer HVPs than a random
 start, whose component along the top eigenvector is about ``1/sqrt(d)``. The start for ``which="both"`` must
-serve both ends at once: it is the normalized sum of the kept top and bottom Ritz vectors, mixed with a
-random Gaussian component of weight :attr:`WarmStart.mix`,
+serve both ends at once: it is the normalized sum of one start per end, mixed with a random Gaussian
+component of weight :attr:`WarmStart.mix`,
 
-    v0 = sqrt(1 - mix^2) * u / ||u|| + mix * z / ||z||,    u = sum of the kept Ritz vectors,
+    v0 = sqrt(1 - mix^2) * u / ||u|| + mix * z / ||z||,    u = x_top + x_bottom,
 
 so that no eigendirection is excluded from the Krylov space: a new outlier orthogonal to the old vectors
 still emerges, only a few steps later than from a cold start. The residual bounds and ``converged`` do not
 depend on the start, so a warm run certifies exactly what a cold run does: the extreme certificate
 (:mod:`geomprobe.linalg.certify`) credits only the random component, whose weight ``mix`` is passed on.
 
-The savings measured below were on the residual rule alone. Once ``converged`` also waits for the
-certificate that nothing lies beyond the extremes, most of them go: the warm start converges the known Ritz
-values sooner, but the certificate needs the Krylov space to resolve the spectrum's edges whatever the start.
-On the float64 tanh-MLP trajectory of tests/test_warm_start.py: both ends, 590 HVPs warm against 551 cold
-over 20 probes (mix 0.1; 573 at mix 0.5); the largest end alone (tol 1e-4, a probe every 4 steps), 141 against 149.
+**Moving the vectors on.** Each end's start ``x`` is its kept leading Ritz vector ``u`` stepped on along its
+last move, ``x = (u + g (u - s p)) / ||.||`` with ``p`` the leading vector one probe earlier (``s`` its sign
+against ``u``; further kept vectors of the end are added as they are). The gain ``g`` of each end is fitted
+along the trajectory itself: after every run, the new leading vector ``q`` is projected on the plane of
+``u`` and ``u - s p``, ``q ~ alpha u + beta (u - s p)``, whose ``g* = beta / alpha`` is the step that would have
+pointed best (three dot products of length ``d``, no HVP), and ``g <- clip((g + g*) / 2, 0, 1)``. Where the
+eigenvectors drift (AdamW on a GPT-2: the angle the top eigenvector turns per step is mostly the same
+direction from one step to the next) the gains settle near 1; where they jump about (a noisy trajectory,
+or probes far apart) the fits turn negative and the gain stays 0, the plain start of earlier versions,
+which ``extrapolate=False`` keeps. Why the start is one vector and not a block: Lanczos from the sum of the
+two ends builds one polynomial that grows at both ends of the spectrum at once; measured on a 0.13M GPT-2
+(AdamW, one step apart), a block start (Rayleigh-Ritz on the kept vectors, then residual or block-Krylov
+expansion, 2 HVPs per block step) took 19-20 HVPs where Lanczos from the sum took 14, and adding the
+second Ritz vector of each end to the start or to the subspace did not pay for its HVPs (the new
+leading vector lies 97-99 % inside the old one and only 0.2-1 % more inside the old top eight: it moves out
+of the old Krylov space, into the bulk).
 
-Chosen by measurement on a 26k-parameter MLP on digits (SGD, tol 1e-3, which="both", a probe every 5
+Measured with residual bounds (``risk=None``, tol 1e-3, both ends; CPU, ``benchmarks/warm_start.py``,
+``benchmarks/results/warm_start_cpu.json``): a randomly initialised Hugging Face GPT-2 (2 layers, width 64,
+vocabulary 500, 0.13M parameters) trained by AdamW (lr 3e-4) on random tokens, a probe every step over
+100 steps: **6.5 HVPs per probe moved on against 19.9 cold (3.1x)** and 8.2 with the plain start (2.4x); a
+probe every 5 steps: 11.1 against 19.9 (1.8x; plain 11.6, 1.7x). No warm run missed an extreme eigenvalue the
+cold run found. GPT2_BIG_PLACEHOLDER
+
+The savings above are on the residual rule alone. Once ``converged`` also waits for the certificate that
+nothing lies beyond the extremes, most of them go (see "When a warm start pays" below): the warm start
+converges the known Ritz values sooner, but the certificate needs the Krylov space to resolve the spectrum's
+edges whatever the start. On the float64 tanh-MLP trajectory of tests/test_warm_start.py, with the plain
+start: both ends, 590 HVPs warm against 551 cold over 20 probes (mix 0.1; 573 at mix 0.5); the largest end
+alone (tol 1e-4, a probe every 4 steps), 141 against 149.
+
+The plain start was chosen by measurement on a 26k-parameter MLP on digits (SGD, tol 1e-3, which="both", a probe every 5
 steps): one vector per end beat two or four per end (15.6 HVPs per probe against 18.4 and 20.8; cold 26.5);
 weighting the two ends 1:1, 1:2, 1:4 or 2:1 changed the mean by under 1 HVP, and the bottom vector alone did
 as well as both (the bottom end, often at a dense bulk edge, takes most steps), so the two are summed with
 equal weights; ``mix`` between 0.03 and 0.3 made no measurable difference, and 0.1 is kept. On a 110k-parameter
 transformer (SGD, every 5 steps) mix 0.3 cost 37.3 HVPs per probe against 36.4 at 0.1 (cold 56.6).
-``benchmarks/warm_start.py`` measures warm against cold along training runs of an MLP, a CNN and a small
-transformer (``benchmarks/results/warm_start_cpu.json``, CPU): 1.5-2.0x fewer HVPs per probe with a probe
-every 5 steps, 1.0-1.7x every 20. A Krylov space can miss an extreme eigenvalue whatever its start (its
-bounds certify that some eigenvalue lies within them): over those 312 probes the warm start missed one the
-cold start found once, the cold start twice.
+The random share ``mix`` is the floor of what a good start can save: a 10 % random part takes as many
+Lanczos steps to filter out as a vector that turned by a tenth of a radian (on the rotating spectra of
+tests/test_warm_extrapolate.py the moved start saves a quarter at ``mix`` 0.01 and little at 0.1), but
+along the GPT-2 trajectory above the vectors' own error dominates (``mix`` 0.01 saved 0.1 HVP per probe),
+and a smaller random part finds a new outlier later, so 0.1 is kept. ``benchmarks/warm_start.py`` measured
+the plain start against cold along training runs of an MLP, a CNN and a small transformer (CPU, an earlier
+version): 1.5-2.0x fewer HVPs per probe with a probe every 5 steps, 1.0-1.7x every 20. A Krylov space can
+miss an extreme eigenvalue whatever its start (its bounds certify that some eigenvalue lies within them):
+over those 312 probes the warm start missed one the cold start found once, the cold start twice.
 
 **When a warm start pays.** The extreme certificate reads the start's spectral measure, and the kept Ritz
 vectors put two large atoms of it at the ends: near an atom of mass ``m`` the Christoffel sum stays below
