@@ -31,11 +31,16 @@ leading vector lies 97-99 % inside the old one and only 0.2-1 % more inside the 
 of the old Krylov space, into the bulk).
 
 Measured with residual bounds (``risk=None``, tol 1e-3, both ends; CPU, ``benchmarks/warm_start.py``,
-``benchmarks/results/warm_start_cpu.json``): a randomly initialised Hugging Face GPT-2 (2 layers, width 64,
+``benchmarks/results/warm_start_gpt2_cpu.json``): a randomly initialised Hugging Face GPT-2 (2 layers, width 64,
 vocabulary 500, 0.13M parameters) trained by AdamW (lr 3e-4) on random tokens, a probe every step over
 100 steps: **6.5 HVPs per probe moved on against 19.9 cold (3.1x)** and 8.2 with the plain start (2.4x); a
 probe every 5 steps: 11.1 against 19.9 (1.8x; plain 11.6, 1.7x). No warm run missed an extreme eigenvalue the
-cold run found. GPT2_BIG_PLACEHOLDER
+cold run found. A 4-layer, width-128 GPT-2 (0.86M): 8.5 against 17.4 one step apart (2.0x; plain 8.9),
+11.4 against 16.7 five steps apart (1.5x; plain 11.3); the 0.12M GPT-2 of ``benchmarks/scale.py trajectory``
+one step apart: 8.35 against 19.7 (2.4x; plain 9.35), ``lambda_max`` alone 6.4 against 16.9 (2.6x). Where
+probes lie further apart or the trajectory is noisy (an MLP or a small transformer under SGD with momentum,
+a probe every 5 steps) the moved start is within about an HVP of the plain one, either way
+(benchmarks/RESULTS.md, section 6, "Warm starts moved on along the trajectory").
 
 The savings above are on the residual rule alone. Once ``converged`` also waits for the certificate that
 nothing lies beyond the extremes, most of them go (see "When a warm start pays" below): the warm start
@@ -75,8 +80,9 @@ vector it would start from without a WarmStart and keeps no vectors for it; ``ce
 class's default, for a caller who built one on purpose) warm-starts every run.
 
 The vectors live on the host, in the model's dtype (``2 k`` vectors of length ``d``, at most
-``max_vectors``); they never touch the model, and the random component comes from the metric's own
-generator, so a warm start moves neither the parameters nor the global RNG.
+``max_vectors``, and the leading vector of each end one probe earlier: two more); they never touch the
+model, and the random component comes from the metric's own generator, so a warm start moves neither the
+parameters nor the global RNG.
 """
 
 from __future__ import annotations
