@@ -12,12 +12,14 @@ bf16 weights; and a 10M-parameter MLP on the CPU. Per model and dtype, measured 
   which are counted apart).
 
 ``trajectory`` trains GPT-2 with AdamW and probes ``spectrum`` along the way, cold and warm (from the previous
-probe's Ritz vectors) at each probe point, and measures the probe's overhead on training wall time at the
+probe's Ritz vectors moved on along their last step, and with the plain start of earlier versions unless
+``--no-plain``) at each probe point, and ``overhead`` measures the probe's overhead on training wall time at the
 default schedule.
 
     python benchmarks/scale.py models --models gpt2-124m --dtypes fp32,bf16 --metrics full --out r.json
     python benchmarks/scale.py models --models gpt2-tiny --device cpu --metrics full      # smoke run
     python benchmarks/scale.py trajectory --model gpt2-124m --steps 400 --every 40 --which largest --out t.json
+    python benchmarks/scale.py trajectory --model gpt2-tiny --device cpu --dtypes fp32 --steps 20 --every 1 --risk none
     python benchmarks/scale.py overhead --model gpt2-124m --dtypes bf16 --steps 4000 --out o.json
     python benchmarks/scale.py overhead --model gpt2-tiny --device cpu --dtypes fp32 --steps 3000   # smoke run
 
@@ -294,9 +296,13 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
 
 # ---------------------------------------------------------------------------------------------- trajectory
 def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_dir: str, tol: float,
-               which: str = "both", risk: float | None = 1e-2) -> dict:
+               which: str = "both", risk: float | None = 1e-2, plain: bool = True) -> dict:
     """Spectrum cold and warm at each probe point of an AdamW run (``risk``: the extremes' certificate, None
-    for residual bounds only; the warm start is forced, whatever WarmStart's policy would choose)."""
+    for residual bounds only; the warm start is forced, whatever WarmStart's policy would choose). ``warm``
+    is the default start (the kept Ritz vectors moved on along their last step by the fitted gains),
+    ``plain`` (unless ``plain=False``) the start of earlier versions, ``WarmStart(extrapolate=False)``, from
+    its own kept vectors. ``missed``: probes where a start's extreme lies inside the cold run's (by more than
+    its bound and rounding): the cold run found an eigenvalue that the warm one did not."""
     from geomprobe.linalg.vectors import default_generator
     from geomprobe.metrics.spectrum import spectrum
     from geomprobe.probe.warm_start import WarmStart
@@ -307,32 +313,61 @@ def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_d
     probe_batch = token_batches(vocab, b, t, 1, device, seed=1)[0]
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4)
     points = []
-    ws = WarmStart(certified=True)  # measure the warm start itself, also where its policy would start cold
+    # measure the warm starts themselves, also where the probe's policy would start cold
+    starts = {"warm": WarmStart(certified=True)}
+    if plain:
+        starts["plain"] = WarmStart(certified=True, extrapolate=False)
+    rounding = 16 * torch.finfo(torch.float32 if dtype.itemsize < 4 else dtype).eps
+
+    def missed(run: dict, cold: dict) -> int:  # at the requested end(s) only: the other is not converged
+        slack = rounding * max(abs(cold["lambda_max"]), abs(cold["lambda_min"]))
+        top = which != "smallest" and cold["lambda_max"] - run["lambda_max"] > run["lambda_max_err"] + slack
+        bottom = which != "largest" and run["lambda_min"] - cold["lambda_min"] > run["lambda_min_err"] + slack
+        return int(top) + int(bottom)
+
     for step in range(steps + 1):
         if step % every == 0:
             land = Landscape(model, lm_loss, [probe_batch], mode="eval")
+            runs, hvps = {}, {}
+            for i, (key, ws) in enumerate(starts.items()):  # the first probe: cold, then warm
+                h0 = land.hvps
+                # a seed of its own for each: a first (cold) run must not be the other's cached run, which
+                # would leave this start without vectors
+                runs[key] = spectrum(land, tol=tol, seed=step + 500_000 * i, warm=ws, which=which, risk=risk)
+                hvps[key] = land.hvps - h0
             h0 = land.hvps
-            warm = spectrum(land, tol=tol, seed=step, warm=ws, which=which, risk=risk)  # first: cold, then warm
-            h1 = land.hvps
             cold = spectrum(land, tol=tol, generator=default_generator(10**6 + step), which=which, risk=risk)
-            h2 = land.hvps
+            cold_hvps = land.hvps - h0
             land.close()
-            points.append({"step": step, "warm_started": warm.get("warm"), "warm_hvps": h1 - h0, "cold_hvps": h2 - h1,
-                           "lambda_max": cold["lambda_max"], "lambda_max_err": cold["lambda_max_err"],
-                           "warm_lambda_max": warm["lambda_max"], "warm_lambda_max_err": warm["lambda_max_err"],
-                           "lambda_min": cold["lambda_min"], "lambda_min_err": cold["lambda_min_err"],
-                           "warm_lambda_min": warm["lambda_min"], "warm_lambda_min_err": warm["lambda_min_err"],
-                           "cold_converged": cold["converged"], "warm_converged": warm["converged"]})
+            warm = runs["warm"]
+            point = {"step": step, "warm_started": warm.get("warm"), "warm_hvps": hvps["warm"], "cold_hvps": cold_hvps,
+                     "lambda_max": cold["lambda_max"], "lambda_max_err": cold["lambda_max_err"],
+                     "warm_lambda_max": warm["lambda_max"], "warm_lambda_max_err": warm["lambda_max_err"],
+                     "lambda_min": cold["lambda_min"], "lambda_min_err": cold["lambda_min_err"],
+                     "warm_lambda_min": warm["lambda_min"], "warm_lambda_min_err": warm["lambda_min_err"],
+                     "cold_converged": cold["converged"], "warm_converged": warm["converged"],
+                     "warm_missed": missed(warm, cold), "gains": dict(starts["warm"].gain)}
+            if plain:
+                point.update(plain_hvps=hvps["plain"], plain_converged=runs["plain"]["converged"],
+                             plain_missed=missed(runs["plain"], cold))
+            points.append(point)
             print(json.dumps(points[-1]), flush=True)
         if step < steps:
             opt.zero_grad(set_to_none=True)
             lm_loss(model, data[step % len(data)]).backward()
             opt.step()
     warm_pts = [p for p in points if p["warm_started"]]
+    n = max(len(warm_pts), 1)
     summary = {"probes": len(warm_pts),
-               "cold_mean_hvps": sum(p["cold_hvps"] for p in warm_pts) / max(len(warm_pts), 1),
-               "warm_mean_hvps": sum(p["warm_hvps"] for p in warm_pts) / max(len(warm_pts), 1)}
+               "cold_mean_hvps": sum(p["cold_hvps"] for p in warm_pts) / n,
+               "warm_mean_hvps": sum(p["warm_hvps"] for p in warm_pts) / n,
+               "warm_missed": sum(p["warm_missed"] for p in points)}
     summary["ratio"] = summary["cold_mean_hvps"] / summary["warm_mean_hvps"] if summary["warm_mean_hvps"] else None
+    if plain:
+        summary["plain_mean_hvps"] = sum(p["plain_hvps"] for p in warm_pts) / n
+        summary["plain_ratio"] = (summary["cold_mean_hvps"] / summary["plain_mean_hvps"]
+                                  if summary["plain_mean_hvps"] else None)
+        summary["plain_missed"] = sum(p["plain_missed"] for p in points)
     print(json.dumps(summary), flush=True)
     return {"model": name, "dtype": dtype_name, "tol": tol, "which": which, "risk": risk, "points": points,
             "summary": summary}
@@ -439,6 +474,8 @@ def main() -> None:
     ap.add_argument("--baseline-steps", type=int, default=None,
                     help="overhead: steps of the loop without a probe (default: --steps)")
     ap.add_argument("--risk", default="1e-2", help="trajectory: the certificate's risk, or 'none' (residual bounds)")
+    ap.add_argument("--no-plain", action="store_true",
+                    help="trajectory: skip the plain warm start of earlier versions (WarmStart(extrapolate=False))")
     ap.add_argument("--profile", type=int, default=0, help="models: list this many cProfile rows of the probe")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -479,7 +516,7 @@ def main() -> None:
     elif args.what == "trajectory":
         doc["results"].append(trajectory(args.model, args.dtypes.split(",")[0], args.steps, args.every, args.device,
                                          out_dir, args.tol, args.which,
-                                         None if args.risk == "none" else float(args.risk)))
+                                         None if args.risk == "none" else float(args.risk), plain=not args.no_plain))
     else:
         doc["results"].append(overhead(args.model, args.dtypes.split(",")[0], args.steps, args.device, out_dir,
                                        args.probe_metrics.split(",") if args.probe_metrics else None,

@@ -190,8 +190,11 @@ def spectrum(
     rounding, ``reorthogonalizations`` in the result counts the whole-basis passes (each reads the basis twice).
 
     ``warm``: a :class:`geomprobe.probe.warm_start.WarmStart` (what :class:`GeometryProbe` passes along a
-    trajectory): Lanczos starts from the previous call's extreme Ritz vectors mixed with a random component,
-    and the new ones are kept for the next call; ``warm`` in the result says whether this start was warm.
+    trajectory): Lanczos starts from the previous call's extreme Ritz vectors, each moved on along its last
+    step by a gain fitted along the trajectory (``WarmStart(extrapolate=False)``: as kept), mixed with a random
+    component, and the new ones are kept for the next call; ``warm`` in the result says whether this start
+    was warm. With residual bounds (``risk=None``) on a 0.13M-parameter GPT-2 under AdamW, a probe every
+    step: 6.5 HVPs per probe against 19.9 cold (CPU, benchmarks/warm_start.py).
     The bounds and ``converged`` mean what they mean for a cold start: the certificate counts only the random
     component (weight ``warm.mix``), so it asks a little more of the run; only the number of HVPs changes.
 
