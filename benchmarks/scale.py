@@ -296,8 +296,9 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
 
 # ---------------------------------------------------------------------------------------------- trajectory
 def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_dir: str, tol: float,
-               which: str = "both", risk: float | None = 1e-2, plain: bool = True) -> dict:
-    """Spectrum cold and warm at each probe point of an AdamW run (``risk``: the extremes' certificate, None
+               which: str = "both", risk: float | None = 1e-2, plain: bool = True, first: int = 0) -> dict:
+    """Spectrum cold and warm at each probe point of an AdamW run from step ``first`` on (the steps before it train
+    without probes: a later stretch of the trajectory; ``risk``: the extremes' certificate, None
     for residual bounds only; the warm start is forced, whatever WarmStart's policy would choose). ``warm``
     is the default start (the kept Ritz vectors moved on along their last step by the fitted gains),
     ``plain`` (unless ``plain=False``) the start of earlier versions, ``WarmStart(extrapolate=False)``, from
@@ -326,7 +327,7 @@ def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_d
         return int(top) + int(bottom)
 
     for step in range(steps + 1):
-        if step % every == 0:
+        if step >= first and (step - first) % every == 0:
             land = Landscape(model, lm_loss, [probe_batch], mode="eval")
             runs, hvps = {}, {}
             for i, (key, ws) in enumerate(starts.items()):  # the first probe: cold, then warm
@@ -464,6 +465,7 @@ def main() -> None:
     ap.add_argument("--noise-batches", type=int, default=64)
     ap.add_argument("--steps", type=int, default=300)
     ap.add_argument("--every", type=int, default=30)
+    ap.add_argument("--first", type=int, default=0, help="trajectory: the first probed step (train before it)")
     ap.add_argument("--tol", type=float, default=1e-3)
     ap.add_argument("--which", default="both", choices=["both", "largest", "smallest"], help="trajectory: the ends")
     ap.add_argument("--metric-options", default=None,
@@ -516,7 +518,8 @@ def main() -> None:
     elif args.what == "trajectory":
         doc["results"].append(trajectory(args.model, args.dtypes.split(",")[0], args.steps, args.every, args.device,
                                          out_dir, args.tol, args.which,
-                                         None if args.risk == "none" else float(args.risk), plain=not args.no_plain))
+                                         None if args.risk == "none" else float(args.risk), plain=not args.no_plain,
+                                         first=args.first))
     else:
         doc["results"].append(overhead(args.model, args.dtypes.split(",")[0], args.steps, args.device, out_dir,
                                        args.probe_metrics.split(",") if args.probe_metrics else None,
