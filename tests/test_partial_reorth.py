@@ -99,13 +99,9 @@ def test_without_the_passes_plain_lanczos_grows_ghosts_which_partial_prevents(mo
     assert int((bad.ritz_values - 30.0).abs().lt(1e-3).sum()) >= 2  # a ghost copy of lambda_max
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("name", sorted(SPECTRA))
-def test_the_estimate_stays_above_the_measured_inner_products(name, dtype, monkeypatch):
-    # Simon's recurrence with the pessimistic sign of its rounding term: at every step its largest estimate
-    # over the new vector's inner products is at least the measured one (before any pass resets both)
-    eigs = SPECTRA[name]
-    A = sym_with_spectrum(eigs, seed=4, dtype=dtype)
+def _spy_estimates(monkeypatch) -> list:
+    """(step, largest estimated inner product of the new vector, pass due) at every step, recorded as the run goes;
+    the estimate runs at every step, never the switch to whole-basis steps."""
     seen = []
     advance = OrthogonalityEstimate.advance
 
@@ -115,7 +111,18 @@ def test_the_estimate_stays_above_the_measured_inner_products(name, dtype, monke
         return due
 
     monkeypatch.setattr(OrthogonalityEstimate, "advance", spy)
-    monkeypatch.setattr(orthogonality, "SWITCH_WINDOW", -1)  # the estimate at every step, never the switch
+    monkeypatch.setattr(orthogonality, "SWITCH_WINDOW", -1)
+    return seen
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("name", sorted(SPECTRA))
+def test_the_estimate_stays_above_the_measured_inner_products(name, dtype, monkeypatch):
+    # Simon's recurrence with the pessimistic sign of its rounding term: at every step its largest estimate
+    # over the new vector's inner products is at least the measured one (before any pass resets both)
+    eigs = SPECTRA[name]
+    A = sym_with_spectrum(eigs, seed=4, dtype=dtype)
+    seen = _spy_estimates(monkeypatch)
     store = {}
     append = krylov_basis.LanczosBasis.append_normalized
 
@@ -374,16 +381,7 @@ def test_the_estimate_stays_above_the_inner_products_of_a_transformers_hvps(monk
     tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     land = Landscape(model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss,
                      [{"input_ids": tokens}], mode="eval")
-    seen = []
-    advance = OrthogonalityEstimate.advance
-
-    def spy(self, a, *rest):
-        due = advance(self, a, *rest)
-        seen.append((len(a), float(np.abs(self._cur[:-1]).max()), due))
-        return due
-
-    monkeypatch.setattr(OrthogonalityEstimate, "advance", spy)
-    monkeypatch.setattr(orthogonality, "SWITCH_WINDOW", -1)
+    seen = _spy_estimates(monkeypatch)
     r = linalg.lanczos(land.hvp, land.dim, tol=0.0, max_iter=40, dtype=torch.float32,
                        generator=torch.Generator().manual_seed(0), keep_basis=True)
     V = r.basis.double()
