@@ -21,9 +21,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import DTYPES, MLP, build, lm_loss, token_batches  # noqa: E402
+from scale import DTYPES, MLP, build, lm_loss, token_batches
 
-from geomprobe import Landscape  # noqa: E402
+from geomprobe import Landscape
 
 lanczos_module = importlib.import_module("geomprobe.linalg.lanczos")  # the module, not the function it exports
 
@@ -83,7 +83,7 @@ def growth(name: str, dtype_name: str, steps: int, device: str) -> dict:
     real_advance = orthogonality.OrthogonalityEstimate.advance
 
     def never(self, alphas, betas, norm, asymmetry=0.0):
-        due = real_advance(self, alphas, betas, norm, asymmetry)
+        real_advance(self, alphas, betas, norm, asymmetry)
         asked.append((len(alphas), float(abs(self._cur[:-1]).max()), float(self.threshold)))
         self.always = self.selective = False
         self._force = self._chain = False

@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scale import DTYPES, build, lm_loss, token_batches  # noqa: E402
+from scale import DTYPES, build, lm_loss, token_batches
 
-from geomprobe import Landscape  # noqa: E402
+from geomprobe import Landscape
 
 lanczos_module = importlib.import_module("geomprobe.linalg.lanczos")  # the module, not the function it exports
 
