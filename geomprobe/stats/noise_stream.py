@@ -56,6 +56,14 @@ class Scratch:
             buf = self.flat[(name, dtype)] = torch.empty(r * w, dtype=dtype, device=self.device)
         return buf[: r * w].view(r, w)
 
+    def add_into(self, total: torch.Tensor, x: torch.Tensor) -> None:
+        """``total += x`` for a float64 ``total`` and a narrower ``x``: on the CPU through a reused float64 copy
+        (torch's mixed-precision add makes a fresh one: 9.8 ms against 3.8 at 3.7M entries); elsewhere one
+        kernel, which converts as it reads."""
+        if total.device.type == "cpu" and x.dtype != total.dtype:
+            x = self.get("wide", total.dtype, 1, x.numel())[0].copy_(x.reshape(-1)).view(x.shape)
+        total += x
+
 
 class FirstPass:
     """Pass 1 over the rows: ``Σ g_p`` in float64 (rows of at most float32 precision add up exactly; float64
@@ -105,7 +113,7 @@ class FirstPass:
                     self.total[cs] += y.sum(0)
                 else:
                     for i in range(r):  # row by row into float64: exact, where a float32 sum over rows rounds
-                        self.total[cs] += x[i]
+                        self.scratch.add_into(self.total[cs], x[i])
             else:
                 self._chan(x, cs)
             if self.held is not None:
@@ -284,9 +292,9 @@ def piece_sums(sq: torch.Tensor, block_sq: torch.Tensor, rows: torch.Tensor, mea
         y2 = torch.mul(y, y, out=scratch.get("y2", mean.dtype, r, w))
         parts.append(y2.sum(1))
         block_parts.extend(y2[:, lo:hi].sum(1) for _, lo, hi in here)
-        acc.sg[cs] += y[0] if r == 1 else y.sum(0)
+        scratch.add_into(acc.sg[cs], y[0] if r == 1 else y.sum(0))
         if acc.y2 is not None:
-            acc.y2[cs] += y2[0] if r == 1 else y2.sum(0)
+            scratch.add_into(acc.y2[cs], y2[0] if r == 1 else y2.sum(0))
         if acc.gram is not None:
             yd = y.double()
             acc.gram.addmm_(yd, yd.T)
