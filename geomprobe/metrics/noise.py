@@ -14,6 +14,8 @@ batches (``torch.func.vmap``, or micro-batches of one where vmap cannot run; ``m
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any
 
@@ -26,8 +28,17 @@ from ..stats.gradient_noise import DEFAULT_MAX_ELEMENTS, NoiseStats, collect_noi
 from ..stats.tails import MIN_HILL_SAMPLES, hill_index, sample_sas, tail_index
 from .registry import register
 
-__all__ = ["noise", "tail_index", "hill_index", "sample_sas", "noise_tail_indices", "gradient_source",
-           "HETEROGENEITY_GAP", "MIN_NOISE_SAMPLES", "DEFAULT_MAX_SAMPLES"]
+__all__ = [
+    "DEFAULT_MAX_SAMPLES",
+    "HETEROGENEITY_GAP",
+    "MIN_NOISE_SAMPLES",
+    "gradient_source",
+    "hill_index",
+    "noise",
+    "noise_tail_indices",
+    "sample_sas",
+    "tail_index",
+]
 
 MIN_NOISE_SAMPLES = 50     # docs/metrics.md#noise: P >= 50 noise samples
 DEFAULT_MAX_SAMPLES = 256  # a DataLoader given as noise_data is read this far, not for a whole epoch
@@ -134,33 +145,97 @@ def noise_tail_indices(xi: torch.Tensor, *, partitions: int = 16, seed: int = 0)
     }
 
 
-def _block_tails(stats: NoiseStats, partitions: int, seed: int) -> dict[str, dict]:
-    """Per block: the tail indices of its coordinates' noise and its noise trace with a jackknife error.
+def _block_tail_entry(sub: torch.Tensor, partitions: int, seed: int) -> dict[str, Any]:
+    """One block's tail indices from its columns ``sub`` of the noise sample (host work), or why there are none."""
+    entry: dict[str, Any] = {"coordinates": sub.shape[1]}
+    try:
+        t = noise_tail_indices(sub, partitions=partitions, seed=seed)
+        entry.update(alpha=t["alpha_pooled"], alpha_err=t["alpha_pooled_err"],
+                     alpha_standardized=t["alpha_standardized"],
+                     alpha_standardized_err=t["alpha_standardized_err"],
+                     scale_heterogeneity=t["scale_heterogeneity"])
+    except ConfigurationError as e:  # a block too small, or without noise: say why, keep the others
+        entry.update(alpha=None, alpha_err=None, alpha_standardized=None, alpha_standardized_err=None,
+                     scale_heterogeneity=None, note=str(e))
+    return entry
+
+
+def _block_columns(coords: np.ndarray, blocks: Any) -> list[tuple[int, int]]:
+    """Each block's columns of the noise sample: the contiguous run of the sorted ``coords`` inside it."""
+    return [tuple(int(i) for i in np.searchsorted(coords, [b.start, b.stop], side="left")) for b in blocks]
+
+
+def _block_tail_indices(sub: torch.Tensor, coords: np.ndarray, blocks: Any, partitions: int,
+                        seed: int) -> dict[str, dict]:
+    """Per block: the tail indices of its coordinates' noise (block ``j`` seeded ``seed + 2 + 2j``), from the
+    host copy ``sub`` of the noise sample and its sorted coordinates ``coords``."""
+    return {b.name: _block_tail_entry(sub[:, lo:hi], partitions, seed + 2 + 2 * j)
+            for j, (b, (lo, hi)) in enumerate(zip(blocks, _block_columns(coords, blocks)))}
+
+
+def _block_tails(stats: NoiseStats, partitions: int, seed: int,
+                 tails: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Per block: the tail indices of its coordinates' noise (``tails`` when already computed, from
+    :func:`_block_tail_indices`) and its noise trace with a jackknife error.
 
     What they read is brought to the host once (the noise sample, its sorted coordinates, the per-block
     squared norms), not once per block: each copy from the device waits for it, and a GPT-2 probe made
-    ~150 of them here. The block's coordinates are a contiguous run of the sorted ``coords``."""
-    out: dict[str, dict] = {}
-    sub = stats.sub.detach().double().cpu()
-    coords = stats.coords.cpu().numpy()
+    ~150 of them here."""
+    if tails is None:
+        tails = _block_tail_indices(stats.sub.detach().double().cpu(), stats.coords.cpu().numpy(), stats.blocks,
+                                    partitions, seed)
     raw = stats.views["raw"]
     view = replace(raw, block_sq=raw.block_sq.detach().cpu())
+    out: dict[str, dict] = {}
     for j, b in enumerate(stats.blocks):
-        lo, hi = (int(i) for i in np.searchsorted(coords, [b.start, b.stop], side="left"))
-        entry: dict[str, Any] = {"coordinates": hi - lo}
-        try:
-            t = noise_tail_indices(sub[:, lo:hi], partitions=partitions, seed=seed + 2 + 2 * j)
-            entry.update(alpha=t["alpha_pooled"], alpha_err=t["alpha_pooled_err"],
-                         alpha_standardized=t["alpha_standardized"],
-                         alpha_standardized_err=t["alpha_standardized_err"],
-                         scale_heterogeneity=t["scale_heterogeneity"])
-        except ConfigurationError as e:  # a block too small, or without noise: say why, keep the others
-            entry.update(alpha=None, alpha_err=None, alpha_standardized=None, alpha_standardized_err=None,
-                         scale_heterogeneity=None, note=str(e))
+        entry = dict(tails[b.name])
         tr = trace_estimates(stats, view, block=j)
         entry["trace_cov"], entry["trace_cov_err"] = with_error(tr["trace"], tr["trace_R"])
         out[b.name] = entry
     return out
+
+
+TAIL_WORKERS = 4  # threads for the tail indices at most (one per spare core, so never more than the host has)
+
+
+class _TailsBeside:
+    """The tail indices computed in worker threads while the second pass over the gradients runs: they read
+    only the tail sample, complete after the first pass, and are host work (numpy's shuffles, about 1.2 s for
+    GPT-2 124M's 148 blocks on one core) that would otherwise wait for the gradients, or make them wait.
+
+    Every estimate is one independent job, seeded as before (the pooled sample ``seed``, block ``j``
+    ``seed + 2 + 2j``), so the results do not depend on the number of workers or their order; numpy's
+    shuffles, the bulk of the work, release the interpreter lock, so the jobs run side by side and beside the
+    second pass. Workers: one per core beyond the one driving the gradients, at most :data:`TAIL_WORKERS`."""
+
+    def __init__(self, blocks: Any, partitions: int, seed: int, workers: int | None = None):
+        self.blocks, self.partitions, self.seed = list(blocks), partitions, seed
+        if workers is None:
+            workers = max(1, min(TAIL_WORKERS, (os.cpu_count() or 1) - 1))
+        self.pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="geomprobe-noise-tails")
+        self.pooled: Future | None = None
+        self.per_block: list[Future] = []
+
+    def start(self, sub: torch.Tensor, coords: torch.Tensor) -> None:
+        """``collect_noise``'s ``on_tail_sample``: the sample's host copies (one read), then the jobs, the
+        largest first so that the workers finish together."""
+        sub_h, coords_h = sub.detach().double().cpu(), coords.cpu().numpy()
+        self.pooled = self.pool.submit(noise_tail_indices, sub_h, partitions=self.partitions, seed=self.seed)
+        cols = _block_columns(coords_h, self.blocks)
+        order = sorted(range(len(self.blocks)), key=lambda j: cols[j][0] - cols[j][1])
+        jobs = {j: self.pool.submit(_block_tail_entry, sub_h[:, cols[j][0]:cols[j][1]], self.partitions,
+                                    self.seed + 2 + 2 * j) for j in order}
+        self.per_block = [jobs[j] for j in range(len(self.blocks))]
+
+    def result(self) -> tuple[dict, dict[str, dict]]:
+        """The pooled tail indices and each block's, waiting for the jobs (an error of the pooled estimate
+        is raised here)."""
+        assert self.pooled is not None, "collect_noise did not report its tail sample"
+        return self.pooled.result(), {b.name: f.result() for b, f in zip(self.blocks, self.per_block)}
+
+    def close(self) -> None:
+        # never waits: after a failure elsewhere the jobs under way finish alone and their results are dropped
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 @register(
@@ -215,16 +290,22 @@ def noise(
     src = gradient_source(land, noise_data, min_samples=min_samples, max_samples=max_samples,
                           chunk_size=chunk_size, method=method)
     gen = torch.Generator().manual_seed(seed)
-    stats = collect_noise(src, land.blocks, tail_values=tail_values, max_elements=max_elements, generator=gen,
-                          device=land.device)
-    raw = stats.views["raw"]
-
-    if not float(raw.sq.sum()) > 0:
-        raise ConfigurationError(
-            f"all {stats.P} gradient samples are equal: there is no noise to measure (identical examples or "
-            "batches, or parameters the loss does not depend on)"
-        )
-    tails = noise_tail_indices(stats.sub, partitions=partitions, seed=seed)
+    beside = _TailsBeside(land.blocks, partitions, seed)
+    try:
+        # this metric reads neither the moments of the covariance nor per-coordinate variances: skipping them
+        # leaves the second pass streaming, with nothing held
+        stats = collect_noise(src, land.blocks, tail_values=tail_values, max_elements=max_elements, generator=gen,
+                              device=land.device, moments=False, coordinate_variance=False,
+                              on_tail_sample=beside.start)
+        raw = stats.views["raw"]
+        if not float(raw.sq.sum()) > 0:
+            raise ConfigurationError(
+                f"all {stats.P} gradient samples are equal: there is no noise to measure (identical examples or "
+                "batches, or parameters the loss does not depend on)"
+            )
+        tails, block_tail_indices = beside.result()
+    finally:
+        beside.close()
     norms = raw.sq.sqrt()
     norms = norms[norms > 0]  # a sample exactly at the mean has no direction, and Hill needs logs
     if norms.numel() >= MIN_HILL_SAMPLES:
@@ -275,7 +356,7 @@ def noise(
         diff = float((stats.mean - ref).norm()) / max(float(ref.norm()), 1e-300)
         out["mean_grad_rel_diff"] = diff
     out.update(
-        blocks=_block_tails(stats, partitions, seed),
+        blocks=_block_tails(stats, partitions, seed, block_tail_indices),
         exact=stats.exact,
         passes=stats.passes,
         gradients=stats.P * stats.passes,

@@ -3,38 +3,67 @@
 The noise metrics read a gradient source (:mod:`geomprobe.engine.persample`) through :func:`collect_noise`, which
 keeps only what the estimates need:
 
-- the per-coordinate mean and variance of the samples (``2d`` numbers, Chan's parallel update);
+- the per-coordinate mean of the samples and, when asked (``coordinate_variance``), their variance (``2d``
+  numbers, Chan's parallel update);
 - the samples on a fixed random subset of coordinates (``P × m``, ``m`` capped by ``tail_values``) for the
   tail indices, stratified so every block has enough values;
 - per sample: ``‖ξ_p‖²``, per-block ``‖ξ_p‖²`` and projections on given directions;
 - per group of samples (for the delete-a-group jackknife): the sums that leave-one-group-out estimates need,
-  and unbiased moments ``tr Σ, (tr Σ)², tr Σ²`` (:func:`~geomprobe.stats.covariance.trace_moments`).
+  and, when asked (``moments``), unbiased moments ``tr Σ, (tr Σ)², tr Σ²``
+  (:func:`~geomprobe.stats.covariance.trace_moments`).
 
 Each statistic is computed for one or more *views* of the noise, ``s ⊙ ξ`` for a diagonal scaling ``s``
 (``None`` = the raw noise; the preconditioned noise ``Pξ`` is the view ``s = diag P``).
 
-Memory: when the samples (``P·d``) and their Gram matrix (``P²``) fit in ``max_elements`` they are held
+Passes: when the samples (``P·d``) and their Gram matrix (``P²``) fit in ``max_elements`` they are held
 (float64) and the Gram matrix is exact: one pass. Otherwise two passes over the source (the first finds
-``ḡ``), holding groups of ``c = max(8, min(max_elements/d, sqrt(max_elements)))`` samples, and the moments
-of ``Σ`` come from each group's own Gram matrix (still unbiased, with more variance). A group's rows stay in
-the source's dtype and are taken to float64 a slice of columns at a time (``max_elements / 4`` values), so
-beyond the rows themselves the statistics hold a few float64 d-vectors (mean, variance, a group's sums).
-Cost: P gradients per pass; O(P·d) arithmetic plus O(P²·d) for an exact Gram matrix.
+``ḡ``) in groups of ``c = max(8, min(max_elements/d, sqrt(max_elements)))`` samples; the moments of ``Σ`` then
+come from each group's own Gram matrix (still unbiased, with more variance), for which a group's rows are
+held in the source's dtype. Without ``moments`` nothing is held: the second pass takes each block of rows
+as the source yields it.
+
+Precision: a row is taken a slice of columns at a time (``max_elements / 4`` values) into two reused
+buffers in its own precision, float32 at least (float64 rows stay float64): the centered noise
+``ξ = g − ḡ`` (``ḡ`` rounded to that precision), its square, and their sums over a slice's rows or a
+block's columns, each a float32 reduction (pairwise: relative error a few units of 2⁻²⁴) added into float64
+totals. Against float64 arithmetic throughout, every sum agrees to ``1e-6`` relative for float32 rows
+(``tests/test_noise_stream.py``), below the rows' own rounding; ``ḡ``, the group sums, Chan's update, the
+projections and the Gram matrices are float64. Nothing waits for the device inside a pass: finiteness and
+the groups' sums are read once after it.
+
+Memory beyond the source's rows: ``ḡ`` in float64 and in the compute precision, one float64 group sum per
+view (its squares too with ``coordinate_variance``, ``M2`` in pass 1), two slice buffers; with ``moments``
+one group of rows. Cost: P gradients per pass; O(P·d) arithmetic plus O(P·c·d) for the Gram matrices.
 """
 
 from __future__ import annotations
 
-import bisect
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
 
-from ..errors import ConfigurationError, NonFiniteLossError
+from ..errors import ConfigurationError
 from .covariance import balanced_groups, jackknife_se, moments_from_sums, trace_moments
+from .noise_stream import (
+    FirstPass,
+    GroupSums,
+    Overlaps,
+    Scratch,
+    SlicePlans,
+    column_slices,
+    compute_dtype,
+    piece_sums,
+    regroup,
+    stream_pieces,
+)
 from .sampling import random_prefix
+
+# the names the streaming helpers had here (tests patch _column_slices and _Overlaps)
+_column_slices = column_slices
+_Overlaps = Overlaps
 
 
 class Block(Protocol):
@@ -51,7 +80,7 @@ class Block(Protocol):
     def slice(self) -> slice: ...
 
 
-__all__ = ["NoiseStats", "ViewStats", "collect_noise", "tail_coordinates", "DEFAULT_MAX_ELEMENTS"]
+__all__ = ["DEFAULT_MAX_ELEMENTS", "NoiseStats", "ViewStats", "collect_noise", "tail_coordinates"]
 
 DEFAULT_MAX_ELEMENTS = 2**24  # 128 MiB of float64 held at once
 _MIN_GROUP = 8
@@ -89,7 +118,7 @@ class NoiseStats:
     groups: list[slice]
     blocks: list[Block]
     mean: torch.Tensor                    # (d,) ḡ, float64
-    var: torch.Tensor                     # (d,) per-coordinate variance, divisor P − 1
+    var: torch.Tensor | None              # (d,) per-coordinate variance, divisor P − 1 (if asked)
     coords: torch.Tensor                  # (m,) sorted coordinate indices
     sub: torch.Tensor                     # (P, m) centered noise on those coordinates
     views: dict[str, ViewStats]
@@ -119,40 +148,6 @@ def tail_coordinates(
     return torch.sort(torch.cat(out)).values
 
 
-def _regroup(chunks: Iterable[torch.Tensor], sizes: Sequence[int], f64: dict) -> Iterator[torch.Tensor]:
-    """Re-cut a stream of row blocks into blocks of exactly ``sizes`` rows (on the given device, in their own
-    dtype)."""
-    buf: list[torch.Tensor] = []
-    have = 0
-    it = iter(sizes)
-    want = next(it, None)
-    for c in chunks:
-        # kept in the source's dtype and on its device: converted to float64 a slice of columns at a time
-        c = c.detach().to(device=f64["device"])
-        while c.shape[0] > 0 and want is not None:
-            take = min(want - have, c.shape[0])
-            buf.append(c[:take])
-            have += take
-            c = c[take:]
-            if have == want:
-                yield torch.cat(buf)
-                buf, have = [], 0
-                want = next(it, None)
-    if want is not None:
-        raise ConfigurationError("the gradient source gave fewer samples on a second pass than on the first")
-
-
-def _check_finite(rows: torch.Tensor, offset: int) -> None:
-    if bool(torch.isfinite(rows.sum())):  # the common case in one read of the rows (see linalg.vectors.all_finite)
-        return
-    bad = ~torch.isfinite(rows).all(1)
-    if bool(bad.any()):
-        p = offset + int(bad.nonzero()[0])
-        raise NonFiniteLossError(
-            f"gradient sample {p} has non-finite entries at the current parameters; the noise is undefined here"
-        )
-
-
 def collect_noise(
     source: Any,
     blocks: Sequence[Block],
@@ -164,14 +159,25 @@ def collect_noise(
     groups: int = 20,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    moments: bool = True,
+    coordinate_variance: bool = True,
+    on_tail_sample: Callable[[torch.Tensor, torch.Tensor], Any] | None = None,
 ) -> NoiseStats:
     """Stream the gradient samples of ``source`` (an iterable of ``(c, d)`` row blocks with ``len`` = P) once
     or twice and keep the statistics listed in the module docstring.
 
     ``views`` maps a name to a diagonal scaling ``(d,)`` or None (default ``{"raw": None}``); ``directions``
     ``(k, d)`` are unit vectors to project each view's noise on; ``groups`` is the number of jackknife groups
-    when the samples are held (otherwise one per held group of rows). Sums are float64 on ``device`` (the
-    model's; default CPU); the coordinate subset comes from ``generator`` (CPU).
+    when the samples are held (otherwise one per group of ``c`` rows). ``moments=False`` skips the moments of
+    ``Σ`` (``ViewStats.moments`` stay NaN) and with them the held groups of the second pass;
+    ``coordinate_variance=False`` skips the per-coordinate variance (``var`` None, the ``cv`` fields None and
+    empty). ``on_tail_sample(sub, coords)`` is called once the tail sample is complete (after the first pass),
+    so a caller can start on it while the second pass runs. Sums are float64 on ``device`` (the model's;
+    default CPU); the coordinate subset comes from ``generator`` (CPU).
+
+    Cost: P gradients, twice when they are not held; the arithmetic and its precision in the module docstring.
+    Errors: :class:`~geomprobe.errors.NonFiniteLossError` names the first sample with a non-finite entry;
+    a source that gives another number of samples than its ``len`` on either pass is a ConfigurationError.
     """
     P = len(source)
     blocks = list(blocks)
@@ -188,72 +194,121 @@ def collect_noise(
     # Held rows (P x d) and the Gram matrix (P x P) must both fit; otherwise groups of c rows at a time.
     c = max(_MIN_GROUP, min(max_elements // d, math.isqrt(max_elements)))
     exact = P <= c
-    if exact:
-        group_slices = balanced_groups(P, min(groups, P))
-    else:
-        group_slices = balanced_groups(P, math.ceil(P / c))
+    group_slices = balanced_groups(P, min(groups, P) if exact else math.ceil(P / c))
+    scratch = Scratch(dev)
 
-    # ---- pass 1: mean and variance per coordinate, the tail subset, projections (and all rows if they fit)
-    mean = torch.zeros(d, **f64)
-    M2 = torch.zeros(d, **f64)
-    held = torch.empty(P, d, **f64) if exact else None
-    sub = torch.empty(P, coords.numel(), **f64)
-    proj = {k: (None if dirs is None else torch.empty(P, dirs.shape[0], **f64)) for k in scales}
-    n = 0
+    # ---- pass 1: the mean (and variance) per coordinate, the tail subset, projections (all rows if they fit)
+    first = FirstPass(P, d, coords, dev, variance=coordinate_variance, held=exact, dirs=dirs, scales=scales,
+                       max_elements=max_elements, scratch=scratch, slices=_column_slices)
     for rows in source:
-        rows = rows.detach().to(device=dev)
-        r = rows.shape[0]
-        if n + r > P:
-            raise ConfigurationError(f"the gradient source gave more than its stated {P} samples")
-        _check_finite(rows, n)
-        for k in proj:
-            if proj[k] is not None:
-                proj[k][n : n + r] = 0
-        # float64 a slice of columns at a time: a whole block of rows in float64, and its temporaries, would
-        # be several times the rows themselves (24-32 GB at 124M parameters)
-        for cs in _column_slices(d, r, max_elements):
-            x = rows[:, cs].to(**f64)
-            mc = x.mean(0)
-            m2c = ((x - mc) ** 2).sum(0)
-            delta = mc - mean[cs]
-            mean[cs] += delta * (r / (n + r))
-            M2[cs] += m2c + delta**2 * (n * r / (n + r))
-            for k, s in scales.items():
-                if dirs is not None:
-                    proj[k][n : n + r] += x @ (dirs[:, cs] if s is None else dirs[:, cs] * s[cs]).T
-            if held is not None:
-                held[n : n + r, cs] = x
-        sub[n : n + r] = rows[:, coords].to(**f64)
-        n += r
-    if n != P:
-        raise ConfigurationError(f"the gradient source gave {n} samples, expected {P}")
-    var = M2 / (P - 1)
-    stats = NoiseStats(P, d, exact, 1 if exact else 2, group_slices, blocks, mean, var, coords,
-                       sub - mean[coords], {})
+        first.add(rows)
+    mean, M2 = first.finish()
+    scratch.flat.clear()  # the second pass takes its buffers in its own precision
+    stats = NoiseStats(P, d, exact, 1 if exact else 2, group_slices, blocks, mean,
+                       None if M2 is None else M2 / (P - 1), coords, first.sub - mean[coords], {})
+    if on_tail_sample is not None:
+        on_tail_sample(stats.sub, stats.coords)
 
     # ---- pass 2: centered per-sample and per-group sums for every view
     B = len(blocks)
     for k, s in scales.items():
-        stats.views[k] = ViewStats(s, torch.empty(P, **f64), torch.empty(P, B, **f64), proj[k])
-    sizes = [g.stop - g.start for g in group_slices]
-    rows_iter = (held[g] for g in group_slices) if exact else _regroup(source, sizes, f64)
-    for gi, (g, rows) in enumerate(zip(group_slices, rows_iter)):
+        stats.views[k] = ViewStats(s, torch.zeros(P, **f64), torch.zeros(P, B, **f64), first.proj[k])
+    cdt = torch.float64 if exact else compute_dtype(first.dtype or torch.float32)
+    mean_c = mean.to(cdt)
+    whole = exact or moments  # a group's rows arrive together (held, or regrouped for its Gram matrix)
+    sums = {}
+    for k, s in scales.items():
+        if whole and sums:
+            sums[k] = next(iter(sums.values()))  # one view after another: one set of group sums serves all
+        else:
+            sums[k] = GroupSums(d, dev, with_squares=coordinate_variance)
+    view_c = {k: (None if s is None else s.to(cdt)) for k, s in scales.items()}
+    view_mean = {k: (mean if s is None else mean * s) for k, s in scales.items()}
+    plans = SlicePlans(blocks, d, max_elements, dev, slices=_column_slices)
+    if exact:
+        pieces: Iterator[tuple[int, int, torch.Tensor, bool]] = (
+            (gi, g.start, first.held[g], True) for gi, g in enumerate(group_slices))  # type: ignore[index]
+    elif moments:
+        sizes = [g.stop - g.start for g in group_slices]
+        pieces = ((gi, g.start, rows, True)
+                  for gi, (g, rows) in enumerate(zip(group_slices, regroup(source, sizes, dev))))
+    else:
+        pieces = stream_pieces(source, group_slices, dev)
+    for gi, n0, rows, last in pieces:
+        r = rows.shape[0]
         for k, s in scales.items():
-            _group_sums(stats, stats.views[k], rows, mean, s, M2 if s is None else M2 * s * s, g,
-                        mean if s is None else mean * s, gram=not exact, max_elements=max_elements)
+            acc = sums[k]
+            if moments and not exact:
+                acc.gram = torch.zeros(r, r, **f64)
+            v = stats.views[k]
+            piece_sums(v.sq[n0 : n0 + r], v.block_sq[n0 : n0 + r], rows, mean_c, view_c[k], acc, plans.get(r), scratch)
+            if last:
+                g = group_slices[gi]
+                M2v = None if M2 is None else (M2 if s is None else M2 * s * s)
+                _close_group(stats, stats.views[k], acc, view_mean[k], M2v, P - (g.stop - g.start))
+    scratch.flat.clear()
+    sums.clear()
     for k, s in scales.items():
         v = stats.views[k]
-        mv = mean if s is None else mean * s
-        v.mean_norm2 = float(mv @ mv)
-        v.block_mean_norm2 = _block_norms2(mv, blocks)
-        M2v = M2 if s is None else M2 * s * s
-        v.cv = _cv(M2v)
-        v.block_cv = _block_cvs(M2v, blocks)
-        if exact:
-            _exact_moments(stats, v, held, s)
-        else:
+        _read_view(stats, v, view_mean[k])
+        if M2 is not None:
+            M2v = M2 if s is None else M2 * s * s
+            v.cv = _cv(M2v)
+            v.block_cv = _block_cvs(M2v, blocks)
+        if moments and exact:
+            _exact_moments(stats, v, first.held, s)
+        elif moments:
             _pooled_moments(stats, v)
     return stats
+
+
+def _block_dots(x: torch.Tensor, blocks: Sequence[Block]) -> torch.Tensor:
+    """``‖x_b‖²`` per block, stacked where ``x`` lives (float64, ``(B,)``)."""
+    if not blocks:
+        return torch.zeros(0, dtype=torch.float64, device=x.device)
+    return torch.stack([x[b.slice] @ x[b.slice] for b in blocks])
+
+
+def _close_group(stats: NoiseStats, v: ViewStats, acc: GroupSums, mv: torch.Tensor, M2v: torch.Tensor | None,
+                 n_R: int) -> None:
+    """A finished group's sums for view ``v``, kept on the device (read once by :func:`_read_view`)."""
+    sg = acc.sg
+    v.g_snorm2.append(sg @ sg)
+    v.g_sdot.append(sg @ mv)
+    v.g_block_snorm2.append(_block_dots(sg, stats.blocks))
+    if acc.y2 is not None and M2v is not None:
+        # Per-coordinate variance without this group: the rest has mean ḡ − s_g/n_R (in ξ units).
+        M2_R = M2v - acc.y2 - sg * sg / n_R
+        v.cv_R.append(_cv(M2_R))
+        v.block_cv_R.append(_block_cvs(M2_R, stats.blocks))
+    if acc.gram is not None:
+        v.moments_R.append(trace_moments(acc.gram))  # this group's own moments; pooled later
+    acc.reset()
+
+
+def _read_view(stats: NoiseStats, v: ViewStats, mv: torch.Tensor) -> None:
+    """Bring a view's group sums, ``‖s⊙ḡ‖²`` per block and whole, to the host in one read; check that the
+    squares stayed finite (float32 squares overflow past ``|ξ| ≈ 1.8e19``)."""
+    G, B = len(stats.groups), len(stats.blocks)
+    dev = mv.device
+    packed = torch.cat([
+        (mv @ mv).reshape(1), _block_dots(mv, stats.blocks),
+        torch.stack(v.g_snorm2), torch.stack(v.g_sdot),
+        torch.stack(v.g_block_snorm2).reshape(-1) if B else torch.zeros(0, dtype=torch.float64, device=dev),
+        torch.isfinite(v.sq).all().double().reshape(1),
+    ]).tolist()
+    if packed[-1] != 1.0:
+        p = int((~torch.isfinite(v.sq)).nonzero()[0])
+        raise ConfigurationError(
+            f"the noise of gradient sample {p} overflows float32 when squared (entries beyond ~1.8e19 in "
+            "magnitude); scale the loss down so that its gradients are measurable"
+        )
+    v.mean_norm2 = packed[0]
+    v.block_mean_norm2 = packed[1 : 1 + B]
+    at = 1 + B
+    v.g_snorm2, v.g_sdot = packed[at : at + G], packed[at + G : at + 2 * G]
+    at += 2 * G
+    v.g_block_snorm2 = [packed[at + i * B : at + (i + 1) * B] for i in range(G)]
 
 
 def _cv(M2: torch.Tensor) -> float | None:
@@ -262,27 +317,11 @@ def _cv(M2: torch.Tensor) -> float | None:
     return float(M2.std(correction=0)) / m if m > 0 and M2.numel() > 0 else None
 
 
-class _Overlaps:
-    """Which blocks overlap a slice of columns. For blocks in order without overlap (a parameter space's) only
-    those, found by bisection, so a pass over column slices takes slices + blocks steps, not slices x blocks
-    (35,000 a group on GPT-2); every block otherwise."""
-
-    def __init__(self, blocks: Sequence[Block]):
-        self.starts = [b.start for b in blocks]
-        self.stops = [b.stop for b in blocks]
-        self.ordered = all(self.stops[i] <= self.starts[i + 1] for i in range(len(blocks) - 1))
-
-    def __call__(self, cs: slice) -> range:
-        if not self.ordered:
-            return range(len(self.starts))
-        return range(bisect.bisect_right(self.stops, cs.start), bisect.bisect_left(self.starts, cs.stop))
-
-
 def _block_norms2(x: torch.Tensor, blocks: Sequence[Block]) -> list[float]:
     """``‖x_b‖²`` per block, each the dot product a per-block read took, read from the device at once."""
     if not blocks:
         return []
-    return torch.stack([x[b.slice] @ x[b.slice] for b in blocks]).tolist()
+    return _block_dots(x, blocks).tolist()
 
 
 def _block_cvs(M2: torch.Tensor, blocks: Sequence[Block]) -> list[float | None]:
@@ -292,55 +331,6 @@ def _block_cvs(M2: torch.Tensor, blocks: Sequence[Block]) -> list[float | None]:
         return []
     ms = torch.stack([torch.stack([M2[b.slice].mean(), M2[b.slice].std(correction=0)]) for b in blocks]).tolist()
     return [sd / m if m > 0 and b.stop > b.start else None for b, (m, sd) in zip(blocks, ms)]
-
-
-def _group_sums(stats: NoiseStats, v: ViewStats, rows: torch.Tensor, mean: torch.Tensor, s: torch.Tensor | None,
-                M2v: torch.Tensor, g: slice, mv: torch.Tensor, *, gram: bool, max_elements: int) -> None:
-    """One group's sums for view ``v``: ``y = (rows - mean) * s``, taken a slice of columns at a time in float64
-    (the group's rows stay in their own dtype), so memory beyond the rows is a few d-vectors and one slice."""
-    f64 = {"dtype": torch.float64, "device": mean.device}
-    r, d = rows.shape[0], mean.shape[0]
-    sq = torch.zeros(r, **f64)
-    block_sq = torch.zeros(r, len(stats.blocks), **f64)
-    sg = torch.empty(d, **f64)
-    y2_sum = torch.empty(d, **f64)
-    G = torch.zeros(r, r, **f64) if gram else None
-    overlapping = _Overlaps(stats.blocks)
-    for cs in _column_slices(d, r, max_elements):
-        y = rows[:, cs].to(**f64) - mean[cs]
-        if s is not None:
-            y *= s[cs]
-        y2 = y * y
-        sq += y2.sum(1)
-        for j in overlapping(cs):
-            b = stats.blocks[j]
-            lo, hi = max(b.start, cs.start), min(b.stop, cs.stop)
-            if lo < hi:
-                block_sq[:, j] += y2[:, lo - cs.start : hi - cs.start].sum(1)
-        sg[cs] = y.sum(0)
-        y2_sum[cs] = y2.sum(0)
-        if G is not None:
-            G += y @ y.T
-    v.sq[g] = sq
-    v.block_sq[g] = block_sq
-    v.g_snorm2.append(float(sg @ sg))
-    v.g_sdot.append(float(sg @ mv))
-    v.g_block_snorm2.append(_block_norms2(sg, stats.blocks))
-    # Per-coordinate variance without this group: the rest has mean ḡ − s_g/n_R (in ξ units).
-    n_R = stats.P - r
-    M2_R = M2v - y2_sum - sg * sg / n_R
-    v.cv_R.append(_cv(M2_R))
-    v.block_cv_R.append(_block_cvs(M2_R, stats.blocks))
-    if G is not None:
-        v.moments_R.append(trace_moments(G))  # this group's own moments; pooled later
-
-
-def _column_slices(d: int, rows: int, max_elements: int) -> Iterator[slice]:
-    """Slices of columns holding about ``max_elements / 4`` entries of ``rows`` rows each (a float64 slice and
-    its temporaries stay within ``max_elements`` values)."""
-    step = max(1, max_elements // (4 * max(rows, 1)))
-    for a in range(0, d, step):
-        yield slice(a, min(a + step, d))
 
 
 def _pooled_moments(stats: NoiseStats, v: ViewStats) -> None:

@@ -26,7 +26,7 @@ import torch
 from ..errors import ConfigurationError
 from .student import t_quantile
 
-__all__ = ["tail_index", "hill_index", "sample_sas", "MIN_TAIL_SAMPLES", "MIN_HILL_SAMPLES"]
+__all__ = ["MIN_HILL_SAMPLES", "MIN_TAIL_SAMPLES", "hill_index", "sample_sas", "tail_index"]
 
 MIN_TAIL_SAMPLES = 100  # K1 and K2 of at least 10: below this the estimate says little
 MIN_HILL_SAMPLES = 20
@@ -190,12 +190,15 @@ def tail_index(
     logabs = np.log(np.abs(vals))
     starts = np.concatenate([[0], np.cumsum(sizes * k1)])
     sums = np.zeros(G)
+    v = vals.copy() if partitions > 1 else vals
     with np.errstate(divide="ignore"):  # a block sum of exactly 0 gives -inf, reported below
         for _ in range(partitions):
             if partitions > 1:  # reshuffle within each group only: the groups stay independent
-                v = np.concatenate([vals[a:b][rng.permutation(b - a)] for a, b in itertools.pairwise(starts)])
-            else:
-                v = vals
+                # each draw shuffles a fresh copy of vals in place: the swaps permutation(b - a) would make,
+                # from the same stream, so the same blocks as gathering by it, without the index array
+                np.copyto(v, vals)
+                for a, b in itertools.pairwise(starts):
+                    rng.shuffle(v[a:b])
             Z = np.log(np.abs(v.reshape(k2, k1).sum(1)))
             sums += np.bincount(group_of_block, weights=Z, minlength=G)
     # the mean of log|X| over each group does not depend on the shuffle
