@@ -348,9 +348,9 @@ def test_a_wrapped_hvp_called_after_its_landscape_is_gone_says_so():
 @pytest.mark.parametrize("vector_device", [None, "cpu"], ids=["device", "host"])
 def test_a_probe_keeps_only_its_warm_start(monkeypatch, vector_device):
     """One ``GeometryProbe`` probe (progress followed, a metric taking the last update, spectrum with its warm
-    start): afterwards its Landscape is gone and of everything it allocated only the warm start's two Ritz
-    vectors remain (the previous probe's extreme eigenvectors, 2 d float64 numbers on the host, kept on
-    purpose), besides the numbers of the record."""
+    start): afterwards its Landscape is gone and of everything it allocated only the warm start's vectors
+    remain (this probe's two extreme Ritz vectors and the previous probe's, 4 d float64 numbers on the host,
+    kept on purpose: the start is moved on along their difference), besides the numbers of the record."""
     built: list[weakref.ref] = []
 
     class Watched(gp.Landscape):
@@ -380,10 +380,12 @@ def test_a_probe_keeps_only_its_warm_start(monkeypatch, vector_device):
         assert [r() for r in built] == [None] * 3
         alive = allocations.alive()
         warm = probe.warm
-        assert sorted(n for n, _ in alive) == [dim * 8, dim * 8], alive
+        # the Ritz vectors kept for the next start, and the ones before them, which moving the start on reads
+        assert sorted(n for n, _ in alive) == [dim * 8] * 4, alive
         assert warm.top.shape == warm.bottom.shape == (1, dim) and warm.top.device.type == "cpu"
-        assert allocations.alive_pointers() == {warm.top.untyped_storage().data_ptr(),
-                                                warm.bottom.untyped_storage().data_ptr()}
+        assert sorted(warm.previous) == ["bottom", "top"]
+        kept = [warm.top, warm.bottom, warm.previous["top"], warm.previous["bottom"]]
+        assert allocations.alive_pointers() == {t.untyped_storage().data_ptr() for t in kept}
     assert any(e.kind == "advance" for e in events)
     probe.close(final_probe=False)
 
