@@ -1,5 +1,5 @@
 """Helpers of the bookkeeping tests (tests/test_metric_bookkeeping.py, tests/test_bookkeeping_shares_noise.py):
-blocks of given sizes, a counter of the ways tensor values reach the host, and a NaN-aware deep equality."""
+blocks of given sizes, gradient rows in blocks, a counter of the ways tensor values reach the host, and a NaN-aware deep equality."""
 
 from __future__ import annotations
 
@@ -14,6 +14,21 @@ from geomprobe.engine.paramspace import Block
 
 def _Block(name: str, start: int, stop: int) -> Block:
     return Block(name, start, stop, (name,))
+
+
+class _Rows:
+    """Rows of ``X`` in blocks of ``step`` (the last one shorter), the same on every pass: gradient samples as
+    ``collect_noise`` reads them."""
+
+    def __init__(self, X, step=16):
+        self.X, self.step = X, step
+
+    def __len__(self):
+        return self.X.shape[0]
+
+    def __iter__(self):
+        for a in range(0, len(self), self.step):
+            yield self.X[a : a + self.step]
 
 
 def _blocks(sizes) -> list[Block]:

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from bookkeeping_helpers import _Block, _blocks, _count_reads, _same
+from bookkeeping_helpers import _Block, _blocks, _count_reads, _Rows, _same
 
 import geomprobe.metrics.diagshare
 import geomprobe.metrics.precond  # noqa: F401
@@ -139,17 +139,6 @@ def test_block_norms_and_cvs_equal_per_block_formulas_and_read_once():
         assert cvs[-1] is None and cvs[0] == 0.0
     assert counts == [2, 2]
 
-
-class _Rows:
-    def __init__(self, X, step=16):
-        self.X, self.step = X, step
-
-    def __len__(self):
-        return self.X.shape[0]
-
-    def __iter__(self):
-        for a in range(0, len(self), self.step):
-            yield self.X[a : a + self.step]
 
 
 def _noise_stats(n_blocks, seed=0):

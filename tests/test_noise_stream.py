@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from bookkeeping_helpers import _blocks
+from bookkeeping_helpers import _blocks, _Rows
 from memory_peak import peak_host_bytes
 from tolerances import FLOAT64_EXACT
 from torch import nn
@@ -25,20 +25,6 @@ noise_module = importlib.import_module("geomprobe.metrics.noise")
 
 STREAM_REL = 1e-6  # float32 slices with float64 totals against float64 throughout (module docstring)
 ROUNDING = 2.0**-24  # a float32 entry's rounding: what centering in float32 adds to each |ξ_pi|, per |ḡ_i| + |ξ_pi|
-
-
-class _Rows:
-    """Rows of ``X`` in blocks of ``step`` (the last one shorter), the same on every pass."""
-
-    def __init__(self, X, step):
-        self.X, self.step = X, step
-
-    def __len__(self):
-        return self.X.shape[0]
-
-    def __iter__(self):
-        for a in range(0, len(self), self.step):
-            yield self.X[a : a + self.step]
 
 
 def _data(P=40, sizes=(1, 37, 5, 120, 2, 64), dtype=torch.float64, seed=0, offset=3.0):
