@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .certify import DEFAULT_RISK, extreme_errors, rounding_level, start_threshold
+from .delayed_lanczos import delayed_due, run_delayed
 from .krylov_basis import (
     LanczosBasis,
     LanczosMemory,
@@ -192,7 +193,35 @@ def lanczos(
 
     kept: list[torch.Tensor] = []  # converged Ritz vectors of the selective regime, on the compute device
     kept_theta: list[float] = []
-    for j in range(m_max):
+    extra_matvecs = 0  # products the tridiagonal does not use (the delayed loop's last, a handed-back step's)
+    delayed_from = 0  # the step from which whole-basis passes ran beside the products
+    exhausted = False
+
+    def delayed_test(beta_m: float) -> bool:
+        # the stopping rule below, for a tridiagonal the delayed loop has just completed
+        nonlocal theta, U, bounds, exhausted, converged, errors, log_beta, beta
+        while ortho is not None and ortho.steps < len(alphas):  # every delayed step is a whole-basis pass
+            ortho.full_step()
+        beta = beta_m
+        log_beta = sum(math.log(b) if b > 0 else -math.inf for b in betas)
+        theta, U, bounds, exhausted = ritz_pairs((alphas, betas[:-1]), beta_m, bound, dim, widen=widen)
+        if exhausted or len(alphas) == dim:
+            converged = True
+            return True
+        if extremes_converged(theta, bounds, k, tol, which):
+            if log_t is None:
+                converged = True
+                return True
+            gersh = max(abs(a) for a in alphas) + 2 * max(betas)
+            errors = extreme_errors(theta, resid(beta_m, U), log_beta, log_t, which=which,
+                                    rounding=rounding_level(dtype, gersh), limits=certificate_limits(theta, tol))
+            if extremes_certified(theta, errors, tol, which):
+                converged = True
+                return True
+        return len(alphas) >= m_max
+
+    while len(alphas) < m_max:
+        j = len(alphas)
         partial = ortho is not None and not ortho.always
         selective = partial and ortho.selective
         w, coeffs, beta = krylov_step(matvec, basis, cur, dim, dtype, j + 1, prev, betas[-1] if betas else 0.0,
@@ -257,6 +286,16 @@ def lanczos(
             if extremes_certified(theta, errors, tol, which):
                 converged = True
                 break
+        if j + 1 < m_max and tol > 0 and delayed_due(basis, ortho is None or ortho.always, j + 1):
+            # every later step takes a whole-basis pass over a basis in host memory: each pass now runs beside
+            # the next product (delayed_lanczos.py) instead of between two
+            state = run_delayed(matvec, basis, cur, prev, w, beta, alphas, betas, delayed_test)
+            extra_matvecs += state.extra_matvecs
+            delayed_from = delayed_from or j + 2
+            if state.stop:
+                break
+            cur, prev, w, beta = state.cur, state.prev, state.w, state.beta
+            j = len(alphas) - 1
         if j + 1 < m_max:
             prev, cur = cur, basis.append_normalized(w, beta)
     steps = len(alphas)
@@ -269,7 +308,7 @@ def lanczos(
         bounds=bounds,
         steps=steps,
         converged=converged,
-        matvecs=steps,
+        matvecs=steps + extra_matvecs,
         alpha=torch.tensor(alphas, dtype=torch.float64),
         beta=torch.tensor(betas, dtype=torch.float64),
         U=U,
@@ -281,6 +320,7 @@ def lanczos(
         risk=None if log_t is None else risk,
         log_beta=log_beta,
         resid=resid(beta, U),
-        reorthogonalizations=steps if ortho is None else ortho.full_passes,
-        reorth_regime="full" if ortho is None else ortho.regime,
+        reorthogonalizations=steps if ortho is None else ortho.full_passes,  # delayed steps included
+        reorth_regime=("full" if ortho is None else ortho.regime)
+        + (f", passes beside the products from step {delayed_from}" if delayed_from else ""),
     )

@@ -1,0 +1,142 @@
+"""The delayed whole-basis pass (linalg/delayed_lanczos.py): the projection of each step runs beside the next
+product, the product corrected afterwards through the Lanczos relation. Checked against the ordinary loop
+(same tridiagonal to rounding), known spectra (bounds cover the truth), an exhausted Krylov space, a network's
+bf16 HVPs, and on a GPU the offloaded basis it exists for."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+
+from geomprobe.linalg import delayed_lanczos
+from geomprobe.linalg.krylov_basis import LanczosBasis
+
+lanczos_module = importlib.import_module("geomprobe.linalg.lanczos")
+
+
+def _force_delayed(monkeypatch, from_step: int = 3) -> None:
+    # on the CPU the basis is never offloaded: let the loop hand over anyway, from an early step
+    monkeypatch.setattr(lanczos_module, "delayed_due", lambda basis, every, steps: every and steps >= from_step)
+
+
+def _known(d: int, dtype: torch.dtype, seed: int = 1, distinct: int | None = None):
+    g = torch.Generator().manual_seed(seed)
+    if distinct is None:
+        ev = torch.cat([torch.tensor([40.0, 25.0]), torch.rand(d - 3, generator=g, dtype=torch.float64) * 2 - 1,
+                        torch.tensor([-6.0])]).double()
+    else:  # an invariant subspace of dimension `distinct` holds any start vector's Krylov space
+        ev = torch.linspace(-3.0, 9.0, distinct, dtype=torch.float64).repeat_interleave(d // distinct)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    H = (Q * ev) @ Q.T
+    Hd = H.to(dtype)
+    return (lambda v: Hd @ v), ev
+
+
+def _run(mv, d, dtype, **kw):
+    return lanczos_module.lanczos(mv, d, dtype=dtype, generator=torch.Generator().manual_seed(0), keep_basis=True,
+                                  **kw)
+
+
+def test_the_delayed_run_gives_the_full_runs_tridiagonal_and_bounds_that_cover_the_spectrum(monkeypatch):
+    mv, ev = _known(1500, torch.float64)
+    plain = _run(mv, 1500, torch.float64, tol=1e-10, reorth="full")
+    _force_delayed(monkeypatch)
+    late = _run(mv, 1500, torch.float64, tol=1e-10, reorth="full")
+    assert "passes beside the products from step 4" in late.reorth_regime
+    assert late.steps == plain.steps and late.matvecs == plain.matvecs + 1  # the last step's product, unused
+    torch.testing.assert_close(late.alpha, plain.alpha, rtol=0, atol=1e-11 * 40)
+    torch.testing.assert_close(late.beta, plain.beta, rtol=0, atol=1e-11 * 40)
+    V = late.basis
+    assert float((V @ V.T - torch.eye(V.shape[0], dtype=torch.float64)).abs().max()) < 1e-13
+    for theta, b in zip(late.ritz_values.tolist(), late.bounds.tolist()):
+        assert float((ev - theta).abs().min()) <= b + 1e-12 * 40
+    assert late.converged and abs(late.ritz_values[-1] - 40.0) < 1e-9 and abs(late.ritz_values[0] + 6.0) < 1e-9
+
+
+def test_a_long_float32_run_stays_orthogonal_and_matches_the_full_run(monkeypatch):
+    # 200 steps into a dense bulk: the candidate's parts along the basis stay at rounding level (a correction
+    # that left the stored vectors' terms to the next projection grew them by ||T|| / beta a step, and gave up
+    # every four steps on this matrix)
+    mv, _ = _known(2000, torch.float32)
+    plain = _run(mv, 2000, torch.float32, tol=0.0, max_iter=200, reorth="full")
+    _force_delayed(monkeypatch)
+    late = _run(mv, 2000, torch.float32, tol=1e-12, max_iter=200, reorth="full")
+    assert late.steps == 200 and late.matvecs == 201
+    V = late.basis.double()
+    assert float((V @ V.T - torch.eye(200, dtype=torch.float64)).abs().max()) < 2e-6
+    torch.testing.assert_close(late.ritz_values[-3:], plain.ritz_values[-3:], rtol=1e-6, atol=0)
+    torch.testing.assert_close(late.ritz_values[:3], plain.ritz_values[:3], rtol=0, atol=1e-5)
+
+
+def test_an_exhausted_krylov_space_ends_the_delayed_run_with_every_eigenvalue(monkeypatch):
+    mv, ev = _known(600, torch.float64, distinct=24)
+    _force_delayed(monkeypatch)
+    r = _run(mv, 600, torch.float64, tol=1e-12, reorth="full")
+    assert r.converged and r.steps == 24
+    torch.testing.assert_close(r.ritz_values, torch.unique(ev), rtol=0, atol=1e-10)
+
+
+def test_the_partial_runs_whole_basis_regime_hands_over_and_agrees_on_a_transformers_bf16_hvps(monkeypatch):
+    transformers = pytest.importorskip("transformers")
+    from geomprobe import Landscape
+
+    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=256,
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = transformers.GPT2LMHeadModel(config).to(torch.bfloat16)
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    land = Landscape(model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss,
+                     [{"input_ids": tokens}], mode="eval")
+    kw = dict(tol=1e-3, max_iter=120, risk=None)
+    plain = _run(land.hvp, land.dim, torch.bfloat16, **kw)
+    _force_delayed(monkeypatch, from_step=8)
+    late = _run(land.hvp, land.dim, torch.bfloat16, **kw)
+    assert "the matvec's asymmetry" in late.reorth_regime and "passes beside the products" in late.reorth_regime
+    assert late.converged and abs(late.steps - plain.steps) <= 3
+    # two bf16 runs agree only to the product's own error (their products differ in rounding): 5e-3 of ||T||
+    scale = float(plain.ritz_values.abs().max())
+    assert abs(float(late.ritz_values[-1] - plain.ritz_values[-1])) < 5e-3 * scale
+    assert abs(float(late.ritz_values[0] - plain.ritz_values[0])) < 5e-3 * scale
+    V = late.basis.float()
+    assert float((V @ V.T - torch.eye(V.shape[0])).abs().max()) < 2e-2  # bf16 storage of each row: 2^-8
+
+
+def test_the_delayed_loop_runs_only_for_a_basis_offloaded_from_a_cuda_device():
+    cpu = LanczosBasis(10, torch.float32, "cpu")
+    assert not delayed_lanczos.delayed_due(cpu, True, 50)
+
+    class Offloaded:
+        offloaded, compute = True, torch.device("cuda", 0)
+        space = cpu.space
+
+    assert delayed_lanczos.delayed_due(Offloaded(), True, delayed_lanczos.DELAYED_FROM_STEP)
+    assert not delayed_lanczos.delayed_due(Offloaded(), True, delayed_lanczos.DELAYED_FROM_STEP - 1)
+    assert not delayed_lanczos.delayed_due(Offloaded(), False, 50)  # passes only where the estimate asks
+
+
+def test_tridiag_quadratic_form():
+    a, b, c = [1.0, 2.0, 3.0], [0.5, -1.0], [0.3, -0.2, 0.7]
+    T = torch.diag(torch.tensor(a)) + torch.diag(torch.tensor(b), 1) + torch.diag(torch.tensor(b), -1)
+    want = float(torch.tensor(c) @ T @ torch.tensor(c))
+    assert math.isclose(delayed_lanczos._tridiag_quadratic(a, b, c), want, rel_tol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_a_gpu_an_offloaded_basis_takes_the_delayed_loop_and_gives_the_ordinary_runs_values(monkeypatch):
+    d = 4000
+    g = torch.Generator().manual_seed(3)
+    ev = torch.cat([torch.tensor([30.0]), torch.rand(d - 1, generator=g, dtype=torch.float64)])
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    H = ((Q * ev) @ Q.T).float().cuda()
+    kw = dict(tol=1e-6, dtype=torch.float32, device="cuda", basis_device="cpu", reorth="full", risk=None)
+    late = lanczos_module.lanczos(lambda v: H @ v, d, generator=torch.Generator().manual_seed(0), **kw)
+    assert "passes beside the products" in late.reorth_regime
+    monkeypatch.setattr(lanczos_module, "delayed_due", lambda *a: False)
+    plain = lanczos_module.lanczos(lambda v: H @ v, d, generator=torch.Generator().manual_seed(0), **kw)
+    assert late.matvecs == plain.matvecs + 1
+    torch.testing.assert_close(late.ritz_values[-1], plain.ritz_values[-1], rtol=1e-6, atol=0)
+    torch.testing.assert_close(late.ritz_values[0], plain.ritz_values[0], rtol=0, atol=1e-5)
