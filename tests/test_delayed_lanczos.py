@@ -140,3 +140,31 @@ def test_on_a_gpu_an_offloaded_basis_takes_the_delayed_loop_and_gives_the_ordina
     assert late.matvecs == plain.matvecs + 1
     torch.testing.assert_close(late.ritz_values[-1], plain.ritz_values[-1], rtol=1e-6, atol=0)
     torch.testing.assert_close(late.ritz_values[0], plain.ritz_values[0], rtol=0, atol=1e-5)
+
+
+def test_a_capped_run_restarts_only_once_its_basis_is_full_and_resumes_from_it(monkeypatch):
+    # the bounded-memory run was the restarted loop from its first step: now the plain loop runs until the cap,
+    # so a run that converges earlier is the plain run (every step fully orthogonalized), and one that does not
+    # continues with thick restarts from the full basis, its first steps counted once
+    mv, ev = _known(1200, torch.float64)
+    full = _run(mv, 1200, torch.float64, tol=1e-10, reorth="full")
+    roomy = _run(mv, 1200, torch.float64, tol=1e-10, max_basis=full.steps + 25)
+    assert roomy.restarts == 0 and roomy.steps == full.steps and roomy.reorth_regime == "full"
+    torch.testing.assert_close(roomy.ritz_values, full.ritz_values, rtol=0, atol=1e-12)
+    # a dense bulk's edge at tol 1e-10 takes more than 30 vectors: restarts, from the plain run's 30
+    g = torch.Generator().manual_seed(4)
+    ev2 = torch.rand(1200, generator=g, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(1200, 1200, generator=g, dtype=torch.float64))
+    H2 = (Q * ev2) @ Q.T
+    mv2 = lambda v: H2 @ v  # noqa: E731
+    calls = []
+    inner = lanczos_module.restarted_lanczos
+    monkeypatch.setattr(lanczos_module, "restarted_lanczos",
+                        lambda *a, **kw: calls.append(kw.get("resume")) or inner(*a, **kw))
+    tight = lanczos_module.lanczos(mv2, 1200, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                                   tol=1e-6, max_basis=30, max_iter=3000, which="largest", k=2)
+    assert len(calls) == 1 and calls[0] is not None and calls[0].matvecs == 30
+    assert tight.restarts >= 1 and tight.converged and tight.basis_peak <= 30
+    top = torch.sort(ev2, descending=True).values[:2]
+    for (theta, b), want in zip(zip(*tight.top(2)), top.tolist()):
+        assert abs(theta - want) <= b + 1e-9

@@ -73,7 +73,7 @@ class DelayedState:
     """Where the delayed loop ended: ``stop`` (the test asked for it; ``beta`` the residual coupling of the last
     tridiagonal, ``alphas``/``betas`` as the ordinary loop keeps them) or a hand-back (``stop`` False:
     ``cur``/``prev`` the last two stored vectors and ``w`` the next one, orthogonalized, of norm ``beta``, for the
-    ordinary loop to continue from). ``extra_matvecs``: products taken that the tridiagonal does not use."""
+    ordinary loop to continue from; on a stop ``w`` is that residual too). ``extra_matvecs``: products taken that the tridiagonal does not use."""
 
     stop: bool
     beta: float
@@ -172,7 +172,8 @@ def run_delayed(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, prev: to
         betas[-1] = beta_m
         if test(beta_m):
             settle()
-            return DelayedState(stop=True, beta=beta_m, extra_matvecs=1)
+            # z = n q_{m+1}: the residual beta_m q_{m+1}, for a thick restart to continue from
+            return DelayedState(stop=True, beta=beta_m, w=z.mul_(raw_norm), extra_matvecs=1)
         if n < REPASS:
             # the projection removed most of x, where one pass is not enough: the ordinary loop takes the step
             # from z projected once more (this product is not used)

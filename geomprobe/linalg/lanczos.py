@@ -13,7 +13,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .certify import DEFAULT_RISK, extreme_errors, rounding_level, start_threshold
-from .delayed_lanczos import delayed_due, run_delayed
+from .delayed_lanczos import DELAYED_FROM_STEP, delayed_due, run_delayed
 from .krylov_basis import (
     LanczosBasis,
     LanczosMemory,
@@ -23,7 +23,7 @@ from .krylov_basis import (
     start_vector,
 )
 from .orthogonality import REORTH_MODES, SELECTIVE_ENDS, OrthogonalityEstimate
-from .restarted_lanczos import restarted_lanczos
+from .restarted_lanczos import RestartFrom, restarted_lanczos
 from .ritz import (
     LanczosResult,
     certificate_limits,
@@ -161,12 +161,18 @@ def lanczos(
         raise ConfigurationError(f"reorth must be one of {REORTH_MODES}, got {reorth!r}")
     if max_basis is not None and (not isinstance(max_basis, int) or max_basis < 1):
         raise ConfigurationError(f"max_basis must be a positive integer or None (no cap), got {max_basis!r}")
-    if max_basis is not None and max_basis < m_max:
-        return restarted_lanczos(
-            matvec, dim, max_basis=max_basis, k=k, tol=tol, max_iter=max_iter, which=which, v0=v0,
-            generator=generator, dtype=dtype, device=device, keep_basis=keep_basis, bound=bound,
-            basis_device=basis_device, risk=risk, v0_random=v0_random, space=space,
-        )
+    capped = max_basis is not None and max_basis < m_max
+    restart_options = {"max_basis": max_basis, "k": k, "tol": tol, "max_iter": max_iter, "which": which, "v0": v0,
+                           "generator": generator, "dtype": dtype, "device": device, "keep_basis": keep_basis, "bound": bound,
+                           "basis_device": basis_device, "risk": risk, "v0_random": v0_random, "space": space}
+    if capped and (tol == 0 or max_basis < 2 * DELAYED_FROM_STEP):
+        return restarted_lanczos(matvec, dim, **restart_options)
+    # a capped run (tol > 0) runs the plain loop, every step fully orthogonalized as the restarted run's are,
+    # until its basis is full, and restarts only then: most runs converge before (a GPT-2 124M bf16 spectrum:
+    # ~100 steps under a cap of 266), and their passes over an offloaded basis run beside the products
+    limit = max_basis if capped else m_max
+    if capped:
+        reorth = "full"
     log_t = start_threshold(dim, risk, v0 is None, v0_random)
     space = space_of(dim, space)
     q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
@@ -218,9 +224,9 @@ def lanczos(
             if extremes_certified(theta, errors, tol, which):
                 converged = True
                 return True
-        return len(alphas) >= m_max
+        return len(alphas) >= limit
 
-    while len(alphas) < m_max:
+    while len(alphas) < limit:
         j = len(alphas)
         partial = ortho is not None and not ortho.always
         selective = partial and ortho.selective
@@ -286,18 +292,24 @@ def lanczos(
             if extremes_certified(theta, errors, tol, which):
                 converged = True
                 break
-        if j + 1 < m_max and tol > 0 and delayed_due(basis, ortho is None or ortho.always, j + 1):
+        if j + 1 < limit and tol > 0 and delayed_due(basis, ortho is None or ortho.always, j + 1):
             # every later step takes a whole-basis pass over a basis in host memory: each pass now runs beside
             # the next product (delayed_lanczos.py) instead of between two
             state = run_delayed(matvec, basis, cur, prev, w, beta, alphas, betas, delayed_test)
             extra_matvecs += state.extra_matvecs
             delayed_from = delayed_from or j + 2
             if state.stop:
+                w = state.w
                 break
             cur, prev, w, beta = state.cur, state.prev, state.w, state.beta
             j = len(alphas) - 1
-        if j + 1 < m_max:
+        if j + 1 < limit:
             prev, cur = cur, basis.append_normalized(w, beta)
+    if capped and not converged and len(alphas) < m_max:
+        # the basis is full: the thick-restart run continues from this one's decomposition
+        return restarted_lanczos(matvec, dim, **restart_options, resume=RestartFrom(
+            basis=basis, cur=cur, alphas=alphas, betas=betas, w=w, beta=beta, matvecs=len(alphas) + extra_matvecs,
+            log_beta=log_beta, asymmetry=asym))
     steps = len(alphas)
     kept.clear()
     if log_t is not None:

@@ -18,6 +18,7 @@ second pass of as many matvecs (182-202 in all).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -57,6 +58,24 @@ def _kept(p: int, k: int, which: str, keep: float, capacity: int) -> list[int]:
     return list(range(per_end)) + list(range(p - per_end, p))
 
 
+@dataclass
+class RestartFrom:
+    """A plain Lanczos run whose basis is full (:func:`geomprobe.linalg.lanczos.lanczos` with ``max_basis``):
+    its stored basis (every vector orthogonalized against the whole basis), ``cur`` the newest vector on the
+    compute device, the tridiagonal's ``alphas`` and ``betas`` (the last the residual's norm ``beta``), the
+    residual ``w`` (orthogonalized, not stored), the matvecs it took, ``sum log beta`` and its asymmetry."""
+
+    basis: LanczosBasis
+    cur: torch.Tensor
+    alphas: list[float]
+    betas: list[float]
+    w: torch.Tensor
+    beta: float
+    matvecs: int
+    log_beta: float
+    asymmetry: float
+
+
 def restarted_lanczos(
     matvec: Matvec,
     dim: int,
@@ -77,6 +96,7 @@ def restarted_lanczos(
     risk: float | None = DEFAULT_RISK,
     v0_random: float = 0.0,
     space: VectorSpace | None = None,
+    resume: RestartFrom | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric matvec by thick-restart Lanczos, storing at most ``max_basis`` vectors.
 
@@ -99,6 +119,8 @@ def restarted_lanczos(
     kept vectors) and gives up the discarded directions, so a run takes more matvecs than an unbounded one
     (measured in tests/test_restarted_lanczos.py). Memory: ``max_basis`` d-vectors for the basis plus two
     (:func:`geomprobe.linalg.krylov_basis.lanczos_memory_bytes`); the result's ``basis_peak`` never exceeds the cap.
+    ``resume``: a plain run that filled its ``max_basis`` vectors (:class:`RestartFrom`); the run restarts from it
+    at once (its matvecs counted) instead of from a start vector.
 
     >>> H = torch.diag(torch.arange(1.0, 401.0, dtype=torch.float64))
     >>> r = restarted_lanczos(lambda v: v @ H, 400, max_basis=12, tol=1e-6, max_iter=2000)
@@ -118,13 +140,8 @@ def restarted_lanczos(
         raise ConfigurationError(f"keep must lie in (0, 1), the share of the basis kept at a restart; got {keep}")
     log_t = start_threshold(dim, risk, v0 is None, v0_random)
     space = space_of(dim, space)  # a sharded space: slices of every vector, as in the plain run
-    q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
-    basis = LanczosBasis(space.local_dim, dtype, q.device if basis_device is None else torch.device(basis_device),
-                         q.device, capacity=max_basis, space=space)
-    cur = basis.append_normalized(q, 1.0)
     prev = None  # set when the newest vector couples to the one before only (a plain Lanczos step)
     beta_prev = 0.0
-    del q
     S = torch.zeros(0, 0, dtype=torch.float64)
     b = torch.zeros(0, dtype=torch.float64)  # couplings of the newest vector to the earlier ones
     coupled: list[int] = []  # where b is known from the decomposition (the rest is 0 only by symmetry)
@@ -134,6 +151,36 @@ def restarted_lanczos(
     errors = (math.inf, math.inf)
     converged = False
     theta = U = bounds = None
+
+    def restart(p: int, w: torch.Tensor, beta: float) -> torch.Tensor:
+        # keep the Ritz vectors of the ends, continue from the residual; returns the new newest vector
+        nonlocal S, b, coupled, restarts, prev
+        kept = _kept(p, k, which, keep, max_basis)
+        discarded.extend(float(theta[i]) for i in sorted(set(range(p)) - set(kept)))
+        basis.rotate(U[:, kept])
+        S = torch.diag(theta[kept])
+        b = beta * U[-1, kept]
+        coupled = list(range(len(kept)))
+        restarts += 1
+        prev = None
+        return basis.append_normalized(w, beta)
+
+    if resume is None:
+        q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
+        basis = LanczosBasis(space.local_dim, dtype, q.device if basis_device is None else torch.device(basis_device),
+                             q.device, capacity=max_basis, space=space)
+        cur = basis.append_normalized(q, 1.0)
+        del q
+    else:
+        basis, beta = resume.basis, resume.beta
+        matvecs, log_beta, asym = resume.matvecs, resume.log_beta, resume.asymmetry
+        S_new = torch.diag(torch.tensor(resume.alphas, dtype=torch.float64))
+        off = torch.tensor(resume.betas[:-1], dtype=torch.float64)
+        S_new += torch.diag(off, 1) + torch.diag(off, -1)
+        norm_bound = float(S_new.abs().sum(1).max()) + beta
+        theta, U, bounds, exhausted = ritz_pairs(S_new, beta, bound, dim)
+        cur = restart(basis.n, resume.w, beta)
+        beta_prev = beta
     while True:
         w, coeffs, beta = krylov_step(matvec, basis, cur, dim, dtype, matvecs + 1, prev, beta_prev)
         matvecs += 1
@@ -165,15 +212,7 @@ def restarted_lanczos(
         if matvecs >= m_max:
             break
         if p == max_basis:
-            kept = _kept(p, k, which, keep, max_basis)
-            discarded += [float(theta[i]) for i in sorted(set(range(p)) - set(kept))]
-            basis.rotate(U[:, kept])
-            S = torch.diag(theta[kept])
-            b = beta * U[-1, kept]
-            coupled = list(range(len(kept)))
-            restarts += 1
-            prev = None
-            cur = basis.append_normalized(w, beta)
+            cur = restart(p, w, beta)
         else:
             S = S_new
             b = torch.zeros(p, dtype=torch.float64)
