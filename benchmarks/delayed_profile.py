@@ -76,6 +76,8 @@ def main() -> None:
                      "next_enqueue_ms": None if nxt is None else 1e3 * nxt})
     out = {"info": info, "steps": rows}
     med = {k: statistics.median(r[k] for r in rows) for k in ("side_ms", "hvp_ms", "hvp_host_ms", "enqueue_ms")} if rows else {}
+    med["gap_s_total"] = sum(r["gap_ms"] for r in rows if r["gap_ms"] is not None) / 1e3
+    med["side_s_total"] = sum(r["side_ms"] for r in rows) / 1e3
     out["median"] = med
     Path(a.out).write_text(json.dumps(out, indent=1))
     print(json.dumps({"info": info, "median": med, "n": len(rows)}))

@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .host_arith import host_rotate, lanczos_pass, row_groups
+from .pinned_blocks import PinnedAhead
 from .space import VectorSpace
 from .vectors import (
     HALF_CHUNK_ELEMENTS,
@@ -278,6 +279,8 @@ class LanczosBasis:
             row_bytes = max(1, dim * torch.empty(0, dtype=dtype).element_size())
             self.block = max(1, min(self.BLOCK, self.PIN_BLOCK_BYTES // row_bytes))
         self.pin_refused: str | None = None  # why pinned host memory was refused, if it was
+        # page-locked blocks come one ahead, allocated on another thread while the products run (pinned_blocks.py)
+        self.pinned = PinnedAhead(dim, dtype, self.block, capacity) if self.pin else None
         self.capacity = capacity
         self.blocks: list[torch.Tensor] = []
         self.n = 0
@@ -319,7 +322,7 @@ class LanczosBasis:
     def _new_block(self, rows: int) -> torch.Tensor:
         if self.pin:
             try:
-                return torch.empty(rows, self.dim, dtype=self.dtype, device=self.device, pin_memory=True)
+                return self.pinned.take(rows)
             except RuntimeError as e:  # the driver refused page-locked memory: pageable memory holds the same
                 self.pin, self.pin_refused = False, str(e).splitlines()[0][:200]
         return torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)

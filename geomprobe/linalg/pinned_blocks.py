@@ -1,0 +1,66 @@
+"""Page-locked host blocks for an offloaded Lanczos basis, each allocated one block ahead on another thread.
+
+Page-locking costs about 0.6 s per GB (the driver faults in and pins every page): under the 1.5x plan a GPT-2
+124M bf16 run stores a 1 GiB block of four rows every fourth step, and each allocation held the step's thread
+for ~0.6 s before the next product could start (14 of the 46 s outside the products of a 98-step run,
+benchmarks/RESULTS.md section 6, eleventh round). Allocated while the products run, the next block is ready
+when the basis reaches it. Memory: at most one block beyond the rows stored (``LanczosBasis.PIN_BLOCK_BYTES``),
+released to torch's pinned-memory cache when the basis is dropped, where the next run finds it."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+__all__ = ["PinnedAhead"]
+
+
+class PinnedAhead:
+    """Hands out page-locked ``(rows, dim)`` blocks of ``dtype``; after each, starts allocating the next block
+    (``block`` rows, fewer where ``capacity`` caps the total) on a daemon thread. A refused allocation raises
+    ``RuntimeError`` from :meth:`take`, as the direct allocation would."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, block: int, capacity: int | None = None):
+        self.dim, self.dtype, self.block, self.capacity = dim, dtype, block, capacity
+        self.allocated = 0  # rows in blocks handed out
+        self._thread: threading.Thread | None = None
+        self._box: dict = {}
+
+    def _alloc(self, rows: int) -> torch.Tensor:
+        return torch.empty(rows, self.dim, dtype=self.dtype, pin_memory=True)
+
+    def take(self, rows: int) -> torch.Tensor:
+        """A page-locked block of ``rows`` rows: the one allocated ahead when it has that many, else a new one."""
+        out = None
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            box, self._box = self._box, {}
+            if "error" in box:
+                raise box["error"]
+            if box.get("block") is not None and box["block"].shape[0] == rows:
+                out = box["block"]
+        if out is None:
+            out = self._alloc(rows)
+        self.allocated += rows
+        following = self.block if self.capacity is None else min(self.block, self.capacity - self.allocated)
+        if following > 0:
+            box = self._box
+
+            def work() -> None:
+                try:
+                    box["block"] = self._alloc(following)
+                except RuntimeError as e:  # refused: the next take() raises it, where the caller falls back
+                    box["error"] = e
+
+            self._thread = threading.Thread(target=work, name="geomprobe-pinned-ahead", daemon=True)
+            self._thread.start()
+        return out
+
+    def close(self) -> None:
+        """Wait for a block still being allocated and drop it."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self._box = {}

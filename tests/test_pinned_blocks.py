@@ -1,0 +1,61 @@
+"""Page-locked basis blocks allocated one ahead on another thread (linalg/pinned_blocks.py): the block handed
+out is the one allocated ahead, sizes follow the basis's cap, a refusal reaches the caller, at most one block is
+allocated beyond those handed out. Page-locked memory needs CUDA: the allocation itself is replaced here (and
+taken for real where a GPU is present)."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from geomprobe.linalg.pinned_blocks import PinnedAhead
+
+
+class _Counting(PinnedAhead):
+    def __init__(self, *a, fail_at: int | None = None, **kw):
+        super().__init__(*a, **kw)
+        self.calls: list[tuple[int, str]] = []
+        self.fail_at = fail_at
+
+    def _alloc(self, rows):
+        self.calls.append((rows, threading.current_thread().name))
+        if self.fail_at is not None and len(self.calls) == self.fail_at:
+            raise RuntimeError("CUDA error: out of memory")
+        return torch.empty(rows, self.dim, dtype=self.dtype)
+
+
+def test_each_block_after_the_first_was_allocated_ahead_on_another_thread():
+    p = _Counting(8, torch.bfloat16, block=4)
+    blocks = [p.take(4) for _ in range(3)]
+    p.close()
+    assert [b.shape for b in blocks] == [(4, 8)] * 3
+    assert p.calls[0][1] == threading.current_thread().name  # the first one is needed at once
+    assert all(name == "geomprobe-pinned-ahead" for _, name in p.calls[1:])
+    assert len(p.calls) == 4  # three handed out, one ahead: never more than one beyond
+
+
+def test_the_cap_cuts_the_last_block_and_stops_allocating_ahead():
+    p = _Counting(8, torch.float32, block=4, capacity=10)
+    sizes = [p.take(4).shape[0], p.take(4).shape[0], p.take(2).shape[0]]
+    p.close()
+    assert sizes == [4, 4, 2]
+    assert [r for r, _ in p.calls] == [4, 4, 2]  # nothing allocated past the cap
+
+
+def test_a_block_of_another_size_is_allocated_directly_and_a_refusal_reaches_the_caller():
+    p = _Counting(8, torch.float32, block=4)
+    p.take(4)
+    assert p.take(3).shape == (3, 8)  # the one ahead had 4 rows
+    q = _Counting(8, torch.float32, block=4, fail_at=2)
+    q.take(4)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        q.take(4)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
+def test_real_blocks_are_page_locked():
+    p = PinnedAhead(1024, torch.bfloat16, block=2)
+    assert p.take(2).is_pinned() and p.take(2).is_pinned()
+    p.close()
