@@ -91,7 +91,7 @@ def test_the_partial_runs_whole_basis_regime_hands_over_and_agrees_on_a_transfor
     tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
     land = Landscape(model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss,
                      [{"input_ids": tokens}], mode="eval")
-    kw = dict(tol=1e-3, max_iter=120, risk=None)
+    kw = {"tol": 1e-3, "max_iter": 120, "risk": None}
     plain = _run(land.hvp, land.dim, torch.bfloat16, **kw)
     _force_delayed(monkeypatch, from_step=8)
     late = _run(land.hvp, land.dim, torch.bfloat16, **kw)
@@ -132,7 +132,7 @@ def test_on_a_gpu_an_offloaded_basis_takes_the_delayed_loop_and_gives_the_ordina
     ev = torch.cat([torch.tensor([30.0]), torch.rand(d - 1, generator=g, dtype=torch.float64)])
     Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
     H = ((Q * ev) @ Q.T).float().cuda()
-    kw = dict(tol=1e-6, dtype=torch.float32, device="cuda", basis_device="cpu", reorth="full", risk=None)
+    kw = {"tol": 1e-6, "dtype": torch.float32, "device": "cuda", "basis_device": "cpu", "reorth": "full", "risk": None}
     late = lanczos_module.lanczos(lambda v: H @ v, d, generator=torch.Generator().manual_seed(0), **kw)
     assert "passes beside the products" in late.reorth_regime
     monkeypatch.setattr(lanczos_module, "delayed_due", lambda *a: False)
@@ -146,7 +146,7 @@ def test_a_capped_run_restarts_only_once_its_basis_is_full_and_resumes_from_it(m
     # the bounded-memory run was the restarted loop from its first step: now the plain loop runs until the cap,
     # so a run that converges earlier is the plain run (every step fully orthogonalized), and one that does not
     # continues with thick restarts from the full basis, its first steps counted once
-    mv, ev = _known(1200, torch.float64)
+    mv, _ev = _known(1200, torch.float64)
     full = _run(mv, 1200, torch.float64, tol=1e-10, reorth="full")
     roomy = _run(mv, 1200, torch.float64, tol=1e-10, max_basis=full.steps + 25)
     assert roomy.restarts == 0 and roomy.steps == full.steps and roomy.reorth_regime == "full"
@@ -156,7 +156,7 @@ def test_a_capped_run_restarts_only_once_its_basis_is_full_and_resumes_from_it(m
     ev2 = torch.rand(1200, generator=g, dtype=torch.float64)
     Q, _ = torch.linalg.qr(torch.randn(1200, 1200, generator=g, dtype=torch.float64))
     H2 = (Q * ev2) @ Q.T
-    mv2 = lambda v: H2 @ v  # noqa: E731
+    mv2 = lambda v: H2 @ v
     calls = []
     inner = lanczos_module.restarted_lanczos
     monkeypatch.setattr(lanczos_module, "restarted_lanczos",

@@ -28,7 +28,11 @@ class _Counting(PinnedAhead):
 
 def test_each_block_after_the_first_was_allocated_ahead_on_another_thread():
     p = _Counting(8, torch.bfloat16, block=4)
-    blocks = [p.take(4) for _ in range(3)]
+    blocks = []
+    for _ in range(3):
+        blocks.append(p.take(4))
+        p.kick()
+        p.kick()  # one block ahead at most, however often kicked
     p.close()
     assert [b.shape for b in blocks] == [(4, 8)] * 3
     assert p.calls[0][1] == threading.current_thread().name  # the first one is needed at once
@@ -38,7 +42,10 @@ def test_each_block_after_the_first_was_allocated_ahead_on_another_thread():
 
 def test_the_cap_cuts_the_last_block_and_stops_allocating_ahead():
     p = _Counting(8, torch.float32, block=4, capacity=10)
-    sizes = [p.take(4).shape[0], p.take(4).shape[0], p.take(2).shape[0]]
+    sizes = []
+    for rows in (4, 4, 2):
+        sizes.append(p.take(rows).shape[0])
+        p.kick()
     p.close()
     assert sizes == [4, 4, 2]
     assert [r for r, _ in p.calls] == [4, 4, 2]  # nothing allocated past the cap
@@ -47,9 +54,11 @@ def test_the_cap_cuts_the_last_block_and_stops_allocating_ahead():
 def test_a_block_of_another_size_is_allocated_directly_and_a_refusal_reaches_the_caller():
     p = _Counting(8, torch.float32, block=4)
     p.take(4)
+    p.kick()
     assert p.take(3).shape == (3, 8)  # the one ahead had 4 rows
     q = _Counting(8, torch.float32, block=4, fail_at=2)
     q.take(4)
+    q.kick()
     with pytest.raises(RuntimeError, match="out of memory"):
         q.take(4)
 
@@ -57,5 +66,16 @@ def test_a_block_of_another_size_is_allocated_directly_and_a_refusal_reaches_the
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked memory needs CUDA")
 def test_real_blocks_are_page_locked():
     p = PinnedAhead(1024, torch.bfloat16, block=2)
-    assert p.take(2).is_pinned() and p.take(2).is_pinned()
+    a = p.take(2)
+    p.kick()
+    assert a.is_pinned() and p.take(2).is_pinned()
     p.close()
+
+
+def test_nothing_is_allocated_ahead_until_kicked():
+    p = _Counting(8, torch.float32, block=4)
+    p.take(4)
+    assert len(p.calls) == 1
+    p.kick()
+    p.close()
+    assert len(p.calls) == 2

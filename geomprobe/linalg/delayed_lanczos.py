@@ -91,28 +91,36 @@ def _tridiag_quadratic(alphas: list[float], betas: list[float], c: list[float]) 
     return s
 
 
+def _rows(basis: LanczosBasis, device: torch.device, tail: torch.Tensor | None):
+    """The stored rows one at a time on ``device`` (copied over when offloaded), then ``tail`` (a row not
+    stored yet, already there)."""
+    for B in basis._filled():
+        for r in range(B.shape[0]):
+            yield B[r : r + 1].to(device, non_blocking=basis.pin)
+    if tail is not None:
+        yield tail[None]
+
+
 def _project(basis: LanczosBasis, device: torch.device, z: torch.Tensor, u: torch.Tensor,
-             ab: torch.Tensor) -> torch.Tensor:
-    """One read of the stored rows ``q_0 .. q_m`` (a row at a time, the previous one kept): ``z`` projected
-    against them in place (modified Gram-Schmidt), their coefficients ``c`` returned (on the device), and
-    ``Q (T_m c)`` subtracted from ``u`` in place, ``T_m`` the tridiagonal of ``ab = [alphas | betas]``
-    (``(T c)_k = beta_{k-1} c_{k-1} + alpha_k c_k + beta_k c_{k+1}``: row ``k``'s term waits for ``c_{k+1}``,
-    so the previous row stays on the device). No host synchronization."""
-    m1 = basis.n
+             ab: torch.Tensor, tail: torch.Tensor | None = None) -> torch.Tensor:
+    """One read of the rows ``q_0 .. q_m`` (the stored ones, then ``tail``; a row at a time, the previous one
+    kept): ``z`` projected against them in place (modified Gram-Schmidt), their coefficients ``c`` returned (on
+    the device), and ``Q (T_m c)`` subtracted from ``u`` in place, ``T_m`` the tridiagonal of
+    ``ab = [alphas | betas]`` (``(T c)_k = beta_{k-1} c_{k-1} + alpha_k c_k + beta_k c_{k+1}``: row ``k``'s term
+    waits for ``c_{k+1}``, so the previous row stays on the device). No host synchronization."""
+    m1 = basis.n + (tail is not None)
     alphas, betas = ab[:m1], ab[m1:]
     cs: list[torch.Tensor] = []
     last = None
-    for B in basis._filled():
-        for r in range(B.shape[0]):
-            row = B[r : r + 1].to(device, non_blocking=basis.pin)
-            ck = row_dots(row, z)
-            sub_rows(z, ck, row)
-            cs.append(ck)
-            if last is not None:
-                k = len(cs) - 2
-                t = alphas[k] * cs[k] + betas[k] * cs[k + 1] + (betas[k - 1] * cs[k - 1] if k > 0 else 0.0)
-                sub_rows(u, t, last)
-            last = row
+    for row in _rows(basis, device, tail):
+        ck = row_dots(row, z)
+        sub_rows(z, ck, row)
+        cs.append(ck)
+        if last is not None:
+            k = len(cs) - 2
+            t = alphas[k] * cs[k] + betas[k] * cs[k + 1] + (betas[k - 1] * cs[k - 1] if k > 0 else 0.0)
+            sub_rows(u, t, last)
+        last = row
     k = len(cs) - 1
     t = alphas[k] * cs[k] + (betas[k - 1] * cs[k - 1] if k > 0 else 0.0)
     sub_rows(u, t, last)
@@ -155,10 +163,13 @@ def run_delayed(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, prev: to
         if side is not None:
             side.wait_stream(main)
         with on_side():
-            if basis.n < len(alphas):
-                basis.append(cur)  # formed in the last step; its copy to host memory runs on this stream
-            c_dev = _project(basis, device, z, u, ab)
+            tail = cur if basis.n < len(alphas) else None  # q_m, formed in the last step, not stored yet
+            c_dev = _project(basis, device, z, u, ab, tail)
             zz = row_dots(z[None], z).to(acc)
+            if tail is not None:
+                # stored after the reads are queued: its copy out, and the allocation of the next page-locked
+                # block it may start (pinned_blocks.py), then run beside the product
+                basis.append(tail)
         y = matvec(x).reshape(basis.dim).to(basis.dtype)
         if side is not None:
             main.wait_stream(side)

@@ -305,6 +305,8 @@ class LanczosBasis:
         block when the basis is there, ``v`` itself when offloaded)."""
         row = self._next_row()
         row.copy_(v, non_blocking=self.pin)
+        if self.pinned is not None:
+            self.pinned.kick()  # after the copy: the allocation beside it would stall it (pinned_blocks.py)
         return v if self.offloaded else row
 
     def _next_row(self) -> torch.Tensor:
