@@ -27,11 +27,11 @@ info: dict = {}
 def instrument() -> None:
     project, run = D._project, D.run_delayed
 
-    def timed_project(basis, device, z, u, ab):
+    def timed_project(basis, device, z, u, ab, tail=None):
         s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         t0 = time.perf_counter()
         s.record()
-        c = project(basis, device, z, u, ab)
+        c = project(basis, device, z, u, ab, tail)
         e.record()
         steps.append({"side": (s, e), "rows": basis.n, "enqueue_s": time.perf_counter() - t0, "t_start": t0})
         info.update(pin=basis.pin, pin_refused=basis.pin_refused, offloaded=basis.offloaded)
