@@ -168,3 +168,31 @@ def test_a_capped_run_restarts_only_once_its_basis_is_full_and_resumes_from_it(m
     top = torch.sort(ev2, descending=True).values[:2]
     for (theta, b), want in zip(zip(*tight.top(2)), top.tolist()):
         assert abs(theta - want) <= b + 1e-9
+
+
+def test_a_step_the_delayed_loop_cannot_project_in_one_pass_goes_back_to_the_ordinary_loop(monkeypatch):
+    # every delayed step handed back (as where one classical pass removes most of the candidate): the ordinary
+    # loop continues from the candidate projected again, with the previous vector read back from the basis
+    mv, ev = _known(1500, torch.float64)
+    plain = _run(mv, 1500, torch.float64, tol=1e-10, reorth="full")
+    _force_delayed(monkeypatch)
+    monkeypatch.setattr(delayed_lanczos, "REPASS", 1.5)
+    back = _run(mv, 1500, torch.float64, tol=1e-10, reorth="full")
+    handed = back.steps - 3  # from step 4 on, each step's product is taken twice
+    assert back.matvecs == plain.matvecs + handed and back.steps == plain.steps
+    torch.testing.assert_close(back.alpha, plain.alpha, rtol=0, atol=1e-11 * 40)
+    torch.testing.assert_close(back.beta, plain.beta, rtol=0, atol=1e-11 * 40)
+
+
+def test_the_metrics_allow_the_delayed_loop_only_where_the_plan_leaves_room_for_its_vectors():
+    from types import SimpleNamespace
+
+    from geomprobe.metrics._common import delayed_fits
+
+    v = 250 * 2**20
+    plan = SimpleNamespace(budget_bytes=6 * 2**30, peak_bytes=6 * 2**30 - 2 * v, items={"vector": v})
+    assert delayed_fits(SimpleNamespace(plan=plan))
+    plan.peak_bytes += 1
+    assert not delayed_fits(SimpleNamespace(plan=plan))
+    assert delayed_fits(SimpleNamespace(plan=None))  # no plan, no budget: the device's memory is the limit
+    assert delayed_fits(SimpleNamespace(plan=SimpleNamespace(budget_bytes=None)))

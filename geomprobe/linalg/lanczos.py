@@ -83,6 +83,7 @@ def lanczos(
     v0_random: float = 0.0,
     space: VectorSpace | None = None,
     reorth: str = "partial",
+    delayed: bool = True,
 ) -> LanczosResult:
     """Lanczos with partial (default) or full reorthogonalization for the extreme eigenvalues of a symmetric
     matvec.
@@ -146,6 +147,12 @@ def lanczos(
     ``max_basis``: at most this many basis vectors are stored; when the run may need more steps than that,
     :func:`geomprobe.linalg.restarted_lanczos.restarted_lanczos` runs instead (thick restart, same bounds and
     stopping rule, ``restarts`` counted, more matvecs).
+    ``delayed``: where every remaining step takes a whole-basis pass over a basis offloaded from a CUDA device
+    (from step :data:`~geomprobe.linalg.delayed_lanczos.DELAYED_FROM_STEP` on), each pass runs on a second
+    stream beside the next product, which is corrected through the Lanczos relation
+    (:mod:`~geomprobe.linalg.delayed_lanczos`: the same tridiagonal to the order of the product's own error, one
+    product more per run, :data:`~geomprobe.linalg.delayed_lanczos.DELAYED_EXTRA_VECTORS` more d-vectors on the
+    device); ``False`` keeps the passes between the products.
     ``space``: a :class:`~geomprobe.linalg.space.ShardedSpace` when each process holds a slice of every vector
     (a sharded model): ``matvec`` then maps slices to slices, the random start is the same global vector
     whatever the layout, every inner product is reduced over the holders (one small collective per
@@ -292,10 +299,10 @@ def lanczos(
             if extremes_certified(theta, errors, tol, which):
                 converged = True
                 break
-        if j + 1 < limit and tol > 0 and delayed_due(basis, ortho is None or ortho.always, j + 1):
+        if delayed and j + 1 < limit and tol > 0 and delayed_due(basis, ortho is None or ortho.always, j + 1):
             # every later step takes a whole-basis pass over a basis in host memory: each pass now runs beside
             # the next product (delayed_lanczos.py) instead of between two
-            state = run_delayed(matvec, basis, cur, prev, w, beta, alphas, betas, delayed_test)
+            state = run_delayed(matvec, basis, cur, w, beta, alphas, betas, delayed_test)
             extra_matvecs += state.extra_matvecs
             delayed_from = delayed_from or j + 2
             if state.stop:
