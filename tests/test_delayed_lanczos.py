@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from lanczos_helpers import tiny_gpt2_landscape
 
 from geomprobe.linalg import delayed_lanczos
 from geomprobe.linalg.krylov_basis import LanczosBasis
@@ -80,17 +81,7 @@ def test_an_exhausted_krylov_space_ends_the_delayed_run_with_every_eigenvalue(mo
 
 
 def test_the_partial_runs_whole_basis_regime_hands_over_and_agrees_on_a_transformers_bf16_hvps(monkeypatch):
-    transformers = pytest.importorskip("transformers")
-    from geomprobe import Landscape
-
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=256,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.GPT2LMHeadModel(config).to(torch.bfloat16)
-    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
-    land = Landscape(model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss,
-                     [{"input_ids": tokens}], mode="eval")
+    land = tiny_gpt2_landscape(torch.bfloat16)
     kw = {"tol": 1e-3, "max_iter": 120, "risk": None}
     plain = _run(land.hvp, land.dim, torch.bfloat16, **kw)
     _force_delayed(monkeypatch, from_step=8)
@@ -173,7 +164,7 @@ def test_a_capped_run_restarts_only_once_its_basis_is_full_and_resumes_from_it(m
 def test_a_step_the_delayed_loop_cannot_project_in_one_pass_goes_back_to_the_ordinary_loop(monkeypatch):
     # every delayed step handed back (as where one classical pass removes most of the candidate): the ordinary
     # loop continues from the candidate projected again, with the previous vector read back from the basis
-    mv, ev = _known(1500, torch.float64)
+    mv, _ = _known(1500, torch.float64)
     plain = _run(mv, 1500, torch.float64, tol=1e-10, reorth="full")
     _force_delayed(monkeypatch)
     monkeypatch.setattr(delayed_lanczos, "REPASS", 1.5)

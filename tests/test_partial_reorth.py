@@ -7,6 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from lanczos_helpers import tiny_gpt2_landscape
 from tolerances import BF16_REL
 
 from geomprobe import ConfigurationError, linalg
@@ -370,17 +371,7 @@ def test_the_estimate_stays_above_the_inner_products_of_a_transformers_hvps(monk
     # a network's HVP rounds inside its layers and its error lies where the basis does: along a basis vector
     # it leaks ~0.3 eps ||T|| per step, not the eps / sqrt(d) of rounding spread evenly over d entries (the
     # injection before: this tiny GPT-2's measured inner products then ran 4x above the estimate from step 12)
-    transformers = pytest.importorskip("transformers")
-    from geomprobe import Landscape
-
-    config = transformers.GPT2Config(n_embd=64, n_layer=2, n_head=2, n_positions=64, vocab_size=256,
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model = transformers.GPT2LMHeadModel(config)
-    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
-    land = Landscape(model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss,
-                     [{"input_ids": tokens}], mode="eval")
+    land = tiny_gpt2_landscape(torch.float32)
     seen = _spy_estimates(monkeypatch)
     r = linalg.lanczos(land.hvp, land.dim, tol=0.0, max_iter=40, dtype=torch.float32,
                        generator=torch.Generator().manual_seed(0), keep_basis=True)
