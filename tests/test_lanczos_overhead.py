@@ -69,3 +69,26 @@ def test_spectrum_time_goes_to_hvps_at_three_million_parameters():
     share, out = _outside_share(land, spent, tol=1e-3, max_iter=150, seed=1)
     assert out["converged"]
     assert share <= OUTSIDE_SHARE_CPU, (share, out["hvps"])
+
+
+def test_the_tridiagonal_solver_is_imported_beside_the_first_product():
+    # a fresh process: scipy.linalg (~0.2 s to import) is loaded on a thread started before the first product,
+    # which here waits until the import has finished, and the run's own import finds it loaded
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, threading, torch\n"
+        "from geomprobe.linalg import lanczos\n"
+        "assert 'scipy.linalg' not in sys.modules\n"
+        "names = []\n"
+        "def mv(v):\n"
+        "    if not names:\n"
+        "        names.extend(t.name for t in threading.enumerate())\n"
+        "        [t.join() for t in threading.enumerate() if t.name == 'geomprobe-import-scipy']\n"
+        "        assert 'scipy.linalg' in sys.modules\n"
+        "    return v * torch.arange(1.0, 51.0, dtype=torch.float64)\n"
+        "r = lanczos(mv, 50, tol=1e-8)\n"
+        "assert 'geomprobe-import-scipy' in names and r.converged, names\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -32,6 +32,7 @@ from .ritz import (
     extremes_converged,
     form_ritz_vectors,
     gap_bounds,
+    prefetch_solver,
     ritz_pairs,
 )
 from .space import VectorSpace, space_of
@@ -181,6 +182,7 @@ def lanczos(
     if capped:
         reorth = "full"
     log_t = start_threshold(dim, risk, v0 is None, v0_random)
+    prefetch_solver()  # the Ritz problem's solver imported beside the first product
     space = space_of(dim, space)
     q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
     # a fixed-length run whose basis is returned (SLQ, the deflated trace) knows its length: one block, no copy
