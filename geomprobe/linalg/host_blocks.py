@@ -10,11 +10,12 @@ whenever the kernel says no:
 - ``madvise(MADV_HUGEPAGE)`` on a block when :data:`HUGE_PAGES` asks and the kernel's transparent-huge-page
   mode is ``madvise`` (the usual default; ``always`` needs nothing, ``never`` gets nothing): the block then
   faults 2 MiB at a time, ~20 faults a row instead of ~10k. Off by default: see :data:`HUGE_PAGES`.
-- ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+) of the next row in a background thread started when a row is
-  taken (:class:`RowPrefetcher`): the pages exist when the step writes the row, and the faulting ran on another
-  core during the matvec. Only when the process leaves a core free (torch's threads fewer than the cores it may
-  run on): otherwise the thread would take its time from the matvec's threads and gain nothing. The call does
-  not change the memory's contents, so the row's values never depend on when it ran.
+- ``madvise(MADV_POPULATE_WRITE)`` (Linux 5.14+) of the next row on a background thread when a row is taken
+  (:class:`RowPrefetcher`): the pages exist when the step writes the row, and the faulting ran on another core
+  during the matvec. Only where a core is free (:func:`free_core`): otherwise the thread would take its time
+  from the matvec's. Where none is, the row is populated by the same call on the writing thread just before
+  its first write, which costs less than faulting page by page. The call does not change the memory's
+  contents, so the row's values never depend on when it ran.
 
 Neither changes a value anywhere; neither allocates beyond the block asked for.
 """
@@ -32,8 +33,8 @@ import threading
 import torch
 
 __all__ = [
-    "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "advise_huge_pages", "free_core", "populate", "prefetch_wanted",
-    "thp_mode",
+    "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "advise_huge_pages", "free_core", "populate", "populate_wanted",
+    "prefetch_wanted", "thp_mode",
 ]
 
 MADV_HUGEPAGE = 14  # <asm-generic/mman-common.h>
@@ -48,6 +49,10 @@ THP_ENABLED = "/sys/kernel/mm/transparent_hugepage/enabled"
 HUGE_PAGES = False
 # Touching the next row ahead: None chooses by the machine (free_core); True / False force (tests, benchmarks).
 PREFETCH: bool | None = None
+# A fresh row not touched ahead is populated just before its first write, on the writing thread: the kernel
+# fills the range in one call instead of taking a fault per page (15 ms a 40 MB row against 18-26 ms by faults
+# on the host of benchmarks/RESULTS.md §6). False: the write faults its pages (tests, benchmarks).
+POPULATE = True
 
 _libc = None
 _populate_refused = False  # the kernel answered EINVAL once (no MADV_POPULATE_WRITE): not asked again
@@ -131,13 +136,27 @@ def populate(t: torch.Tensor) -> bool:
 
 
 def free_core() -> bool:
-    """Whether this process leaves a CPU core free beside torch's own threads (fewer intra-op threads than the
-    cores it may run on), where a background thread's work costs the matvec nothing."""
+    """Whether a CPU core is free beside torch's own threads, where a background thread's work costs the matvec
+    nothing: fewer intra-op threads than the cores this process may run on, and the machine's load (the
+    one-minute average, which counts this process's own threads too) leaving at least half a core idle. A
+    core that other processes use would be shared with the matvec's thread instead."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    return torch.get_num_threads() < cores
+    threads = torch.get_num_threads()
+    if threads >= cores:
+        return False
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):
+        load = 0.0
+    return cores - max(load, threads) >= 0.5
+
+
+def populate_wanted() -> bool:
+    """Whether a fresh basis row is populated before its first write (:data:`POPULATE`, the kernel permitting)."""
+    return POPULATE and not _populate_refused
 
 
 def prefetch_wanted() -> bool:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .host_arith import host_rotate, lanczos_pass, row_groups
-from .host_blocks import RowPrefetcher, advise_huge_pages, prefetch_wanted
+from .host_blocks import RowPrefetcher, advise_huge_pages, populate, populate_wanted, prefetch_wanted
 from .space import VectorSpace
 from .vectors import (
     HALF_CHUNK_ELEMENTS,
@@ -292,8 +292,11 @@ class LanczosBasis:
         self.pin_refused: str | None = None  # why pinned host memory was refused, if it was
         self.capacity = capacity
         # a host basis faults its next row in on another core while the matvec runs (.host_blocks), where one
-        # is free: the first write of a fresh 40 MB row cost 20-50 ms of page faults on the step's own thread
-        self.prefetcher = RowPrefetcher() if self.on_host and prefetch_wanted() else None
+        # is free, else populates a fresh row just before writing it: the first write of a fresh 40 MB row cost
+        # 18-50 ms of page faults on the step's own thread
+        self.populate_rows = self.on_host and populate_wanted()
+        self.prefetcher = RowPrefetcher() if self.populate_rows and prefetch_wanted() else None
+        self.touched = 0  # rows below this one have been written or populated (a rotation keeps them)
         self.blocks: list[torch.Tensor] = []
         self.n = 0
         self.peak = 0
@@ -324,13 +327,17 @@ class LanczosBasis:
         if self.capacity is not None and self.n >= self.capacity:
             raise RuntimeError(f"the Lanczos basis is full ({self.capacity} vectors)")
         row = self._row(self.n)
+        if self.populate_rows and self.n >= self.touched:
+            populate(row)  # not touched ahead (the first row, or no free core): one call, not a fault per page
+            self.touched = self.n + 1
         self.n += 1
         self.peak = max(self.peak, self.n)
-        if self.prefetcher is not None and (self.capacity is None or self.n < self.capacity):
+        if self.prefetcher is not None and self.n >= self.touched and (self.capacity is None or self.n < self.capacity):
             # the row after this one, faulted in while the next matvec runs; its block is allocated now if it
             # starts one (address space only). At most one row beyond the stored ones is in memory: a run of
             # m steps stores m rows and the memory plan counts m + 1 (engine/memory_plan.py)
             self.prefetcher.start(self._row(self.n))
+            self.touched = self.n + 1
         return row
 
     def _row(self, k: int) -> torch.Tensor:
