@@ -17,7 +17,10 @@ whenever the kernel says no:
   its first write, which costs less than faulting page by page. The call does not change the memory's
   contents, so the row's values never depend on when it ran.
 
-Neither changes a value anywhere; neither allocates beyond the block asked for.
+A block of :data:`MAP_BYTES` or more is also a mapping of its own (:func:`host_block`), released on the
+background thread when the basis is dropped, where a core is free.
+
+None of this changes a value anywhere or allocates beyond the block asked for.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import mmap
 import os
 import queue
 import threading
@@ -33,8 +37,8 @@ import threading
 import torch
 
 __all__ = [
-    "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "advise_huge_pages", "free_core", "populate", "populate_wanted",
-    "prefetch_wanted", "thp_mode",
+    "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "advise_huge_pages", "free_core", "host_block", "populate",
+    "populate_wanted", "prefetch_wanted", "thp_mode",
 ]
 
 MADV_HUGEPAGE = 14  # <asm-generic/mman-common.h>
@@ -53,8 +57,14 @@ PREFETCH: bool | None = None
 # fills the range in one call instead of taking a fault per page (15 ms a 40 MB row against 18-26 ms by faults
 # on the host of benchmarks/RESULTS.md §6). False: the write faults its pages (tests, benchmarks).
 POPULATE = True
+# A host block of this many bytes or more is a mapping of its own, unmapped on the background thread when its
+# last view dies, where a core is free (:func:`host_block`): releasing the 87 rows of the 10M MLP's basis
+# (3.5 GB, 870k pages) took 0.22-0.25 s of its spectrum on the caller's thread. False: torch's allocator.
+MAP_BYTES = 64 << 20
+ASYNC_RELEASE = True
 
 _libc = None
+_mapper = None
 _populate_refused = False  # the kernel answered EINVAL once (no MADV_POPULATE_WRITE): not asked again
 
 
@@ -71,6 +81,62 @@ def _madvise():
         except (OSError, AttributeError):
             _libc = False
     return _libc or None
+
+
+def _mmap():
+    """libc's ``(mmap, munmap)``, or None where there are none."""
+    global _mapper
+    if _mapper is None:
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            mm, mu = lib.mmap, lib.munmap
+            mm.restype, mm.argtypes = ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                                                       ctypes.c_int, ctypes.c_long]
+            mu.restype, mu.argtypes = ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]
+            _mapper = (mm, mu)
+        except (OSError, AttributeError):
+            _mapper = False
+    return _mapper or None
+
+
+class _Mapping:
+    """An anonymous mapping, unmapped when this object dies: on the background thread where a core is free,
+    else at once."""
+
+    __slots__ = ("addr", "length")
+
+    def __init__(self, addr: int, length: int) -> None:
+        self.addr, self.length = addr, length
+
+    def __del__(self) -> None:
+        # at interpreter shutdown the module's globals may be gone already: the system reclaims the memory then
+        with contextlib.suppress(Exception):
+            unmap = _mmap()[1]
+            if free_core():
+                _WORKER.submit(unmap, self.addr, self.length)
+            else:
+                unmap(self.addr, self.length)
+
+
+def host_block(rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized ``(rows, dim)`` host tensor, as ``torch.empty`` gives, for a basis block. One of
+    :data:`MAP_BYTES` or more is an anonymous mapping of its own (page-aligned), and when its last view dies
+    the mapping is released on the background thread where a core is free (:func:`free_core`), else at once.
+    Releases still pending are waited for before a new mapping is taken, so a basis dropped and a new one
+    allocated are never both in memory. Falls back to ``torch.empty`` where mapping is not available or fails.
+    Cost: one system call; no page touched."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    nbytes = rows * dim * item
+    fns = _mmap() if ASYNC_RELEASE and nbytes >= MAP_BYTES else None
+    if fns is None:
+        return torch.empty(rows, dim, dtype=dtype)
+    _WORKER.flush()
+    addr = fns[0](None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        return torch.empty(rows, dim, dtype=dtype)
+    buf = (ctypes.c_char * nbytes).from_address(addr)
+    buf._mapping = _Mapping(addr, nbytes)  # dies with the buffer, which the tensor's storage holds
+    return torch.frombuffer(buf, dtype=dtype).view(rows, dim)
 
 
 def thp_mode(path: str = THP_ENABLED) -> str:
@@ -187,6 +253,11 @@ class _Worker:
             done = threading.Event()
             self._queue.put((fn, args, done))
         return done
+
+    def flush(self) -> None:
+        """Return once every call queued so far has run (at once where the thread never started here)."""
+        if self._queue is not None and self._pid == os.getpid():
+            self.submit(lambda: None).wait()
 
     @staticmethod
     def _run(q: queue.SimpleQueue) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .host_arith import host_rotate, lanczos_pass, row_groups
-from .host_blocks import RowPrefetcher, advise_huge_pages, populate, populate_wanted, prefetch_wanted
+from .host_blocks import RowPrefetcher, advise_huge_pages, host_block, populate, populate_wanted, prefetch_wanted
 from .space import VectorSpace
 from .vectors import (
     HALF_CHUNK_ELEMENTS,
@@ -354,9 +354,10 @@ class LanczosBasis:
                 return torch.empty(rows, self.dim, dtype=self.dtype, device=self.device, pin_memory=True)
             except RuntimeError as e:  # the driver refused page-locked memory: pageable memory holds the same
                 self.pin, self.pin_refused = False, str(e).splitlines()[0][:200]
-        block = torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
-        if self.on_host:  # 2 MiB pages where the kernel grants them: ~500x fewer faults on first touch
-            advise_huge_pages(block)
+        if not self.on_host:
+            return torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
+        block = host_block(rows, self.dim, self.dtype)  # released on a free core when the basis is dropped
+        advise_huge_pages(block)  # 2 MiB pages where asked and granted: ~500x fewer faults on first touch
         return block
 
     def storages(self, *extra: torch.Tensor) -> set[int]:
