@@ -339,16 +339,89 @@ def test_fresh_rows_are_populated_once_before_their_first_write(monkeypatch):
     assert seen == [] and not plain.populate_rows and plain.prefetcher is None
 
 
-def test_a_busy_machine_has_no_free_core(monkeypatch):
-    monkeypatch.setattr(HB.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
-    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    monkeypatch.setattr(HB.os, "getloadavg", lambda: (1.1, 1.0, 1.0))
-    assert HB.free_core()  # this process's thread and an idle core
-    monkeypatch.setattr(HB.os, "getloadavg", lambda: (2.0, 1.0, 1.0))
-    assert not HB.free_core()  # another process runs on the second core
+# ---------------------------------------------------------------------------------------------- mapped blocks
+def mapped(addr: int) -> bool:
+    """Whether ``addr`` lies in a mapping of this process (/proc/self/maps)."""
+    with open("/proc/self/maps") as f:
+        for line in f:
+            lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
+            if lo <= addr < hi:
+                return True
+    return False
 
-    def no_load():
-        raise OSError("no load average here")
 
-    monkeypatch.setattr(HB.os, "getloadavg", no_load)
-    assert HB.free_core()  # unknown load: the thread count decides
+@pytest.fixture
+def small_maps(monkeypatch):
+    monkeypatch.setattr(HB, "MAP_BYTES", 1 << 20)
+    monkeypatch.setattr(HB, "ASYNC_RELEASE", True)
+    if HB._mmap() is None or not LINUX:
+        pytest.skip("no libc mmap here")
+
+
+@pytest.mark.parametrize("background", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_mapped_block_holds_values_and_is_released_with_its_last_view(small_maps, monkeypatch, background, dtype):
+    monkeypatch.setattr(HB, "free_core", lambda: background)
+    rows, dim = 4, 300_001
+    B = HB.host_block(rows, dim, dtype)
+    assert B.shape == (rows, dim) and B.dtype == dtype and B.is_contiguous()
+    addr = B.data_ptr()
+    assert addr % PAGE == 0 and mapped(addr)
+    x = torch.randn(rows, dim, generator=gen(0)).to(dtype)
+    B.copy_(x)
+    row = B[2]
+    del B
+    HB._WORKER.flush()
+    assert mapped(addr) and torch.equal(row, x[2])  # a view keeps the mapping
+    del row
+    if background:
+        HB._WORKER.flush()
+    assert not mapped(addr)  # released: at once, or by the background thread
+
+
+def test_pending_releases_finish_before_a_new_block_is_mapped(small_maps, monkeypatch):
+    import threading
+
+    monkeypatch.setattr(HB, "free_core", lambda: True)
+    gate = threading.Event()
+    B = HB.host_block(2, 1 << 20, torch.float32)
+    addr = B.data_ptr()
+    HB._WORKER.submit(gate.wait, 10)  # the thread busy: the release below queues behind it
+    del B
+    assert mapped(addr)  # queued, not yet released
+    threading.Timer(0.2, gate.set).start()
+    C = HB.host_block(2, 1 << 20, torch.float32)  # waits for the queue: the old block is gone first
+    assert not mapped(addr) and mapped(C.data_ptr())
+
+
+def test_mapping_falls_back_to_torch_empty(monkeypatch):
+    calls = []
+    monkeypatch.setattr(HB, "MAP_BYTES", 1 << 10)
+    monkeypatch.setattr(HB, "_mmap", lambda: (lambda *a: calls.append(a) or ctypes.c_void_p(-1).value,
+                                              lambda *a: calls.append(("unmap", *a))))
+    B = HB.host_block(3, 1000, torch.float32)  # the mapping fails (MAP_FAILED): torch's memory instead
+    assert B.shape == (3, 1000) and len(calls) == 1
+    B.fill_(2.0)
+    assert float(B.sum()) == 6000.0
+    monkeypatch.setattr(HB, "ASYNC_RELEASE", False)
+    assert HB.host_block(3, 1000, torch.float32).shape == (3, 1000) and len(calls) == 1  # not asked
+    monkeypatch.setattr(HB, "ASYNC_RELEASE", True)
+    monkeypatch.setattr(HB, "MAP_BYTES", 1 << 30)
+    assert HB.host_block(3, 1000, torch.float32).shape == (3, 1000) and len(calls) == 1  # small: not mapped
+    monkeypatch.setattr(HB, "MAP_BYTES", 1 << 10)
+    monkeypatch.setattr(HB, "_mmap", lambda: None)  # no libc
+    assert HB.host_block(3, 1000, torch.float32).shape == (3, 1000)
+
+
+def test_a_dropped_basis_releases_every_block(small_maps, monkeypatch, prefetch):
+    monkeypatch.setattr(HB, "free_core", lambda: True)
+    d = 1 << 18
+    basis = LanczosBasis(d, torch.float32, "cpu")
+    for i in range(20):
+        basis.append_normalized(torch.ones(d), 1.0 + i)
+    addrs = [b.data_ptr() for b in basis.blocks]
+    assert len(addrs) == 2 and all(mapped(a) for a in addrs)
+    basis.prefetcher.wait()
+    del basis
+    HB._WORKER.flush()
+    assert not any(mapped(a) for a in addrs)

@@ -202,22 +202,17 @@ def populate(t: torch.Tensor) -> bool:
 
 
 def free_core() -> bool:
-    """Whether a CPU core is free beside torch's own threads, where a background thread's work costs the matvec
-    nothing: fewer intra-op threads than the cores this process may run on, and the machine's load (the
-    one-minute average, which counts this process's own threads too) leaving at least half a core idle. A
-    core that other processes use would be shared with the matvec's thread instead."""
+    """Whether this process leaves a CPU core free beside torch's own threads (fewer intra-op threads than the
+    cores it may run on), where a background thread's work costs the matvec nothing. The thread count is the
+    user's statement of the cores the job takes; other processes' load is not judged (the one-minute load
+    average, tried, still counted a benchmark run that had just ended and turned the prefetch off for the
+    next). Where another process does hold the spare core, the background call shares a core with the matvec
+    and costs about what the same call on the matvec's thread would."""
     try:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    threads = torch.get_num_threads()
-    if threads >= cores:
-        return False
-    try:
-        load = os.getloadavg()[0]
-    except (AttributeError, OSError):
-        load = 0.0
-    return cores - max(load, threads) >= 0.5
+    return torch.get_num_threads() < cores
 
 
 def populate_wanted() -> bool:
