@@ -24,15 +24,15 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from timing import environment  # noqa: E402
+from timing import environment
 
-from geomprobe.linalg import host_blocks as HB  # noqa: E402
-from geomprobe.linalg.krylov_basis import LanczosBasis  # noqa: E402
+from geomprobe.linalg import host_blocks as HB
+from geomprobe.linalg.krylov_basis import LanczosBasis
 
-MODES = {"fault": dict(HUGE_PAGES=False, PREFETCH=False, POPULATE=False),
-         "populate": dict(HUGE_PAGES=False, PREFETCH=False, POPULATE=True),
-         "prefetch": dict(HUGE_PAGES=False, PREFETCH=True, POPULATE=True),
-         "huge": dict(HUGE_PAGES=True, PREFETCH=False, POPULATE=False)}
+MODES = {"fault": {"HUGE_PAGES": False, "PREFETCH": False, "POPULATE": False},
+         "populate": {"HUGE_PAGES": False, "PREFETCH": False, "POPULATE": True},
+         "prefetch": {"HUGE_PAGES": False, "PREFETCH": True, "POPULATE": True},
+         "huge": {"HUGE_PAGES": True, "PREFETCH": False, "POPULATE": False}}
 
 
 def one(mode: str, d: int, rows: int, matvec_ms: float) -> dict:
@@ -78,7 +78,7 @@ def main() -> None:
     finally:
         for k, v in saved.items():
             setattr(HB, k, v)
-    out = {"environment": environment(), "args": vars(args), "thp_mode": HB.thp_mode(), "results": results}
+    out = {"environment": environment("cpu"), "args": vars(args), "thp_mode": HB.thp_mode(), "results": results}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)
