@@ -89,15 +89,17 @@ def test_huge_pages_on_this_kernel_change_no_value(monkeypatch):
 # ---------------------------------------------------------------------------------------------- populate
 @pytest.mark.skipif(not LINUX, reason="MADV_POPULATE_WRITE is Linux's")
 def test_populate_faults_the_pages_in_and_keeps_the_values(monkeypatch):
+    import mmap
+
     monkeypatch.setattr(HB, "_populate_refused", False)
-    n = 16 << 20  # 64 MB: served by a fresh mapping, every page untouched
-    t = torch.empty(n // 4)
+    n = 16 << 20  # 64 MB mappings of their own, every page untouched (not memory an allocator kept)
+    fresh = [mmap.mmap(-1, n) for _ in range(2)]
+    t, u = (torch.frombuffer(m, dtype=torch.float32) for m in fresh)
     if not HB.populate(t):
         pytest.skip("this kernel has no MADV_POPULATE_WRITE (before 5.14)")
     f0 = thread_faults()
     t.fill_(1.5)  # the write finds its pages: at most the partial pages at the ends fault
     assert thread_faults() - f0 <= 4
-    u = torch.empty(n // 4)
     f0 = thread_faults()
     u.fill_(1.5)  # the same write on fresh pages faults every page: what populate saved
     assert thread_faults() - f0 >= n // PAGE // 2
@@ -383,15 +385,21 @@ def test_pending_releases_finish_before_a_new_block_is_mapped(small_maps, monkey
     import threading
 
     monkeypatch.setattr(HB, "free_core", lambda: True)
+    mm, mu = HB._mmap()
+    events = []
+    monkeypatch.setattr(HB, "_mmap", lambda: (lambda *a: events.append("map") or mm(*a),
+                                              lambda *a: events.append("unmap") or mu(*a)))
     gate = threading.Event()
     B = HB.host_block(2, 1 << 20, torch.float32)
     addr = B.data_ptr()
     HB._WORKER.submit(gate.wait, 10)  # the thread busy: the release below queues behind it
     del B
-    assert mapped(addr)  # queued, not yet released
+    assert mapped(addr) and events == ["map"]  # queued, not yet released
     threading.Timer(0.2, gate.set).start()
     C = HB.host_block(2, 1 << 20, torch.float32)  # waits for the queue: the old block is gone first
-    assert not mapped(addr) and mapped(C.data_ptr())
+    assert events == ["map", "unmap", "map"] and mapped(C.data_ptr())  # (the kernel may reuse the address)
+    del C
+    HB._WORKER.flush()
 
 
 def test_mapping_falls_back_to_torch_empty(monkeypatch):
