@@ -14,8 +14,8 @@ whenever the kernel says no:
   (:class:`RowPrefetcher`): the pages exist when the step writes the row, and the faulting ran on another core
   during the matvec. Only where a core is free (:func:`free_core`): otherwise the thread would take its time
   from the matvec's. Where none is, the row is populated by the same call on the writing thread just before
-  its first write, which costs less than faulting page by page. The call does not change the memory's
-  contents, so the row's values never depend on when it ran.
+  its first write: one call instead of a fault per page, measured from no saving to 15 % of the faults' time.
+  The call does not change the memory's contents, so the row's values never depend on when it ran.
 
 A block of :data:`MAP_BYTES` or more is also a mapping of its own (:func:`host_block`), released on the
 background thread when the basis is dropped, where a core is free.
@@ -54,8 +54,9 @@ HUGE_PAGES = False
 # Touching the next row ahead: None chooses by the machine (free_core); True / False force (tests, benchmarks).
 PREFETCH: bool | None = None
 # A fresh row not touched ahead is populated just before its first write, on the writing thread: the kernel
-# fills the range in one call instead of taking a fault per page (15 ms a 40 MB row against 18-26 ms by faults
-# on the host of benchmarks/RESULTS.md §6). False: the write faults its pages (tests, benchmarks).
+# fills the range in one call instead of taking a fault per page (on the host of benchmarks/RESULTS.md §6,
+# whole runs 1.36-1.40 s against 1.56-1.65 s for the 10M MLP's 87 rows; benchmarks/first_touch.py 17-24 ms a
+# row against 19, within its noise). False: the write faults its pages (tests, benchmarks).
 POPULATE = True
 # A host block of this many bytes or more is a mapping of its own, unmapped on the background thread when its
 # last view dies, where a core is free (:func:`host_block`): releasing the 87 rows of the 10M MLP's basis
