@@ -193,7 +193,9 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
                   profile_rows: int = 0) -> dict:
     dtype = DTYPES[dtype_name]
     if name == "mlp-10m":
-        model = MLP().to(device=device, dtype=dtype)
+        with torch.random.fork_rng(devices=[]):  # fixed weights: runs of two versions take the same steps
+            torch.manual_seed(0)
+            model = MLP().to(device=device, dtype=dtype)
         g = torch.Generator().manual_seed(0)
         batch = (torch.randn(256, 784, generator=g).to(device, dtype), torch.randint(0, 10, (256,), generator=g).to(device))
         ce = torch.nn.CrossEntropyLoss()

@@ -268,16 +268,32 @@ def host_rotate(blocks: Sequence[torch.Tensor], Y: torch.Tensor, targets: Sequen
         raise ValueError(f"Y must be ({n}, {l}) for {n} rows into {sum(T.shape[0] for T in targets)}")
     Yt = Y.T.to(dtype=acc).contiguous()
     d = first.shape[1]
+    # rows already in the accumulation type go to BLAS where they lie, block by block (a product per block
+    # summed into the chunk's result): copying them into scratch first cost more than the products (0.5 of a
+    # 0.7 s pass over 87 rows of 10M float32 entries, 0.27-0.30 s without); half-precision rows are converted
+    # into scratch
+    direct = all(B.dtype == acc and B.stride(1) == 1 and B.stride(0) <= LD_LIMIT for B in blocks)
     cols = columns(n + l - 1, width)
     parts = []
     for a in range(0, d, cols):
         b = min(d, a + cols)
-        X = _SCRATCH.get("rotate_in", acc, (n, b - a))
-        s = 0
-        for B in blocks:
-            X[s : s + B.shape[0]].copy_(B[:, a:b])
-            s += B.shape[0]
-        Z = torch.mm(Yt, X, out=_SCRATCH.get("rotate_out", acc, (l, b - a)))
+        Z = _SCRATCH.get("rotate_out", acc, (l, b - a))
+        if direct:
+            s = 0
+            for B in blocks:
+                Ys = Yt[:, s : s + B.shape[0]]
+                if s == 0:
+                    torch.mm(Ys, B[:, a:b], out=Z)
+                else:
+                    Z.addmm_(Ys, B[:, a:b])
+                s += B.shape[0]
+        else:
+            X = _SCRATCH.get("rotate_in", acc, (n, b - a))
+            s = 0
+            for B in blocks:
+                X[s : s + B.shape[0]].copy_(B[:, a:b])
+                s += B.shape[0]
+            torch.mm(Yt, X, out=Z)
         if norms:
             parts.append(torch.linalg.vector_norm(Z, dim=1).to(torch.float64).square())
         s = 0

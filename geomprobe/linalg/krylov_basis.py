@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .host_arith import host_rotate, lanczos_pass, row_groups
+from .host_blocks import RowPrefetcher, advise_huge_pages, host_block, populate, populate_wanted, prefetch_wanted
 from .pinned_blocks import PinnedAhead
 from .space import VectorSpace
 from .vectors import (
@@ -175,9 +176,11 @@ def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: to
     algorithm needs and ``w`` is never copied.
 
     Three-term step (``prev`` given): ``alpha = v^T w`` (a read of ``v`` and ``w``), then one pass forming
-    ``w - beta_prev prev - alpha v`` with the Gram-Schmidt coefficients and its norm (one read of the basis,
-    ``prev`` and ``v`` among it), then one pass applying the coefficients with the norm after (a second read);
-    the DGKS repass only when it is due. Without ``prev`` (CGS2): the coefficients, then the first update with
+    ``w - beta_prev prev - alpha v`` with the Gram-Schmidt coefficients ``c`` (one read of the basis, ``prev``
+    and ``v`` among it), then one pass applying the coefficients with the norm after (a second read); the
+    DGKS repass only when it is due, judged on the norm before the update taken as ``sqrt(beta^2 + ||c||^2)``
+    (orthonormal rows) or, with ``extra`` rows, which are not orthogonal to ``prev`` and ``v``, swept in the
+    first pass. Without ``prev`` (CGS2): the coefficients, then the first update with
     the second coefficients in the same pass (one group of rows; else two passes), then the second update
     with the norm: three reads of the basis instead of four. One reduction of the coefficients and norms per
     pass (a sharded space). The coefficients are float64 throughout. ``local``: the passes run over ``prev``
@@ -195,16 +198,25 @@ def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: to
         coeffs = c1 + c2
     else:
         alpha = float(space.reduce(lanczos_pass(w, [cur[None]], dots=True)[0])[0])  # a NaN shows at the end
-        c, before_sq = lanczos_pass(w, groups, pre=[(prev, beta_prev), (cur, alpha)], dots=True, norm=True)
-        both = space.reduce(torch.cat([c, before_sq[None]]))
-        coeffs, before = both[:-1], float(both[-1].clamp_min(0).sqrt())
-        c2 = coeffs
-        coeffs = coeffs.clone()
+        # kept Ritz vectors (``extra``) are not orthogonal to prev and v: there the norm before is swept
+        c2, before_sq = lanczos_pass(w, groups, pre=[(prev, beta_prev), (cur, alpha)], dots=True, norm=bool(extra))
+        if before_sq is None:
+            c2 = space.reduce(c2)
+        else:
+            both = space.reduce(torch.cat([c2, before_sq[None]]))
+            c2, before = both[:-1], float(both[-1].clamp_min(0).sqrt())
+        coeffs = c2.clone()
         coeffs[-1] += alpha
         coeffs[-2] += beta_prev
     nsq = space.reduce(lanczos_pass(w, groups, sub=c2, norm=True)[1][None])
     _finite_or_raise(torch.cat([coeffs, nsq]), step)
     beta = float(nsq[0].clamp_min(0).sqrt())
+    if prev is not None and before is None:
+        # the norm before the update, for the DGKS test only: w - B^T c with c = B w and orthonormal rows B
+        # has ||w||^2 = beta^2 + ||c||^2 (to the rows' orthogonality: eps for prev and v, which each step makes
+        # orthogonal, ~sqrt(eps) for a semi-orthogonal whole basis, far inside the test's factor 1/sqrt(2));
+        # a sweep of w for its own norm cost 1.5 ms of a 19 ms step at d = 1e7
+        before = math.sqrt(max(float(nsq[0]), 0.0) + float(c2.square().sum()))
     if before is not None and beta < REPASS * before:
         c3 = space.reduce(lanczos_pass(w, groups, dots=True)[0])
         nsq = space.reduce(lanczos_pass(w, groups, sub=c3, norm=True)[1][None])
@@ -282,6 +294,12 @@ class LanczosBasis:
         # page-locked blocks come one ahead, allocated on another thread while the products run (pinned_blocks.py)
         self.pinned = PinnedAhead(dim, dtype, self.block, capacity) if self.pin else None
         self.capacity = capacity
+        # a host basis faults its next row in on another core while the matvec runs (.host_blocks), where one
+        # is free, else populates a fresh row just before writing it: the first write of a fresh 40 MB row cost
+        # 18-50 ms of page faults on the step's own thread
+        self.populate_rows = self.on_host and populate_wanted()
+        self.prefetcher = RowPrefetcher() if self.populate_rows and prefetch_wanted() else None
+        self.touched = 0  # rows below this one have been written or populated (a rotation keeps them)
         self.blocks: list[torch.Tensor] = []
         self.n = 0
         self.peak = 0
@@ -313,12 +331,26 @@ class LanczosBasis:
         """The next free row (allocating its block when needed), counted as stored."""
         if self.capacity is not None and self.n >= self.capacity:
             raise RuntimeError(f"the Lanczos basis is full ({self.capacity} vectors)")
-        b, i = divmod(self.n, self.block)
+        row = self._row(self.n)
+        if self.populate_rows and self.n >= self.touched:
+            populate(row)  # not touched ahead (the first row, or no free core): one call, not a fault per page
+            self.touched = self.n + 1
+        self.n += 1
+        self.peak = max(self.peak, self.n)
+        if self.prefetcher is not None and self.n >= self.touched and (self.capacity is None or self.n < self.capacity):
+            # the row after this one, faulted in while the next matvec runs; its block is allocated now if it
+            # starts one (address space only). At most one row beyond the stored ones is in memory: a run of
+            # m steps stores m rows and the memory plan counts m + 1 (engine/memory_plan.py)
+            self.prefetcher.start(self._row(self.n))
+            self.touched = self.n + 1
+        return row
+
+    def _row(self, k: int) -> torch.Tensor:
+        """Row ``k`` of the blocks, allocating its block when it is the first row past them."""
+        b, i = divmod(k, self.block)
         if b == len(self.blocks):
             rows = self.block if self.capacity is None else min(self.block, self.capacity - b * self.block)
             self.blocks.append(self._new_block(rows))
-        self.n += 1
-        self.peak = max(self.peak, self.n)
         return self.blocks[b][i]
 
     def _new_block(self, rows: int) -> torch.Tensor:
@@ -327,7 +359,11 @@ class LanczosBasis:
                 return self.pinned.take(rows)
             except RuntimeError as e:  # the driver refused page-locked memory: pageable memory holds the same
                 self.pin, self.pin_refused = False, str(e).splitlines()[0][:200]
-        return torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
+        if not self.on_host:
+            return torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
+        block = host_block(rows, self.dim, self.dtype)  # released on a free core when the basis is dropped
+        advise_huge_pages(block)  # 2 MiB pages where asked and granted: ~500x fewer faults on first touch
+        return block
 
     def storages(self, *extra: torch.Tensor) -> set[int]:
         """Addresses of the storages holding the basis (and ``extra``), to tell a matvec's fresh output
