@@ -13,7 +13,9 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   are not contiguous).
 - **a Lanczos run** (one vector at a time): one HVP, its working vectors ``LANCZOS_WORK_VECTORS v`` (the kernel keeps vectors in
   the model's dtype, no float64 copies), and its basis: ``basis_vectors`` vectors on the device, none there
-  when the basis lives in host memory, ``max_basis`` vectors when the bounded-memory Lanczos holds fewer.
+  when the basis lives in host memory, ``max_basis`` vectors when the bounded-memory Lanczos holds fewer;
+  with the basis in host memory, two more (``items["delayed_work"]``) where they fit, for the passes that run
+  beside the products (:mod:`~geomprobe.linalg.delayed_lanczos`).
 - **host vectors** (:mod:`~geomprobe.engine.host_stream`): none of the d-vectors above on the device (the
   gradient, the HVP's vectors, Lanczos' working vectors and basis live in host memory); an HVP holds its
   double backward's temporaries and one input and one output piece of the largest parameter
@@ -69,6 +71,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from ..errors import ConfigurationError
+from ..linalg.delayed_lanczos import DELAYED_EXTRA_VECTORS
 
 __all__ = [
     "MemoryBudget", "MemoryPlan", "plan_memory", "budget_bytes", "device_memory", "host_available_bytes",
@@ -486,7 +489,14 @@ def plan_memory(
     per_bytes = value("persample_bytes", per_bytes)
 
     hvp_phase = one_hvp if chunk == 1 else chunk * per_vector
-    lanczos_phase = one_hvp + lanczos_work + basis_on_device
+    # passes over a basis offloaded from a CUDA device run beside the products (linalg/delayed_lanczos.py) where
+    # the budget holds the two more d-vectors that loop keeps on the device; else between the products
+    delayed_work = 0
+    if basis_device == "cpu" and not host and not host_is_device:
+        extra = DELAYED_EXTRA_VECTORS * v
+        if budget is None or graphs + one_hvp + lanczos_work + extra <= budget:
+            delayed_work = extra
+    lanczos_phase = one_hvp + lanczos_work + basis_on_device + delayed_work
     persample_phase = stats_fixed + (row if per_bytes is None or row == 0 else max(row, (per_bytes // row) * row))
     peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)
     if budget is not None and peak > budget:
@@ -515,6 +525,7 @@ def plan_memory(
         "hvp_per_vector": per_vector,
         "hvp_phase": hvp_phase,
         "lanczos_work": lanczos_work,
+        "delayed_work": delayed_work,
         "basis_on_device": basis_on_device,
         "basis_full": m_req * bv,
         "lanczos_phase": lanczos_phase,

@@ -241,14 +241,11 @@ def stratified_quantile_ci(strata: Sequence[tuple[np.ndarray, int, bool]], p: fl
 def delayed_fits(land: Any) -> bool:
     """Whether a Lanczos run on ``land`` may run its passes over an offloaded basis beside the products
     (:mod:`geomprobe.linalg.delayed_lanczos`), which holds
-    :data:`~geomprobe.linalg.delayed_lanczos.DELAYED_EXTRA_VECTORS` more d-vectors on the device than the memory
-    plan counts for a Lanczos run: where the plan's budget leaves room for them above its planned peak (always
-    without a budget)."""
-    from ..linalg.delayed_lanczos import DELAYED_EXTRA_VECTORS
-
+    :data:`~geomprobe.linalg.delayed_lanczos.DELAYED_EXTRA_VECTORS` more d-vectors on the device: where the
+    memory plan counted them (``items["delayed_work"]``, when it put the basis in host memory and its budget
+    held them); always without a budget."""
     plan = getattr(land, "plan", None)
-    budget = getattr(plan, "budget_bytes", None)
-    if budget is None:
+    if getattr(plan, "budget_bytes", None) is None:
         return True
-    vector = plan.items.get("vector", 0) if isinstance(getattr(plan, "items", None), dict) else 0
-    return budget - plan.peak_bytes >= DELAYED_EXTRA_VECTORS * vector
+    items = plan.items if isinstance(getattr(plan, "items", None), dict) else {}
+    return items.get("delayed_work", 0) > 0
