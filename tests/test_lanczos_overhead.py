@@ -92,3 +92,20 @@ def test_the_tridiagonal_solver_is_imported_beside_the_first_product():
         "assert 'geomprobe-import-scipy' in names and r.converged, names\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_a_geometry_probe_loads_the_solver_when_built_not_in_its_first_probe():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, torch\n"
+        "from torch import nn\n"
+        "import geomprobe as gp\n"
+        "assert 'scipy.linalg' not in sys.modules\n"
+        "m = nn.Linear(3, 1)\n"
+        "gp.GeometryProbe(m, nn.MSELoss(), (torch.randn(4, 3), torch.randn(4, 1)), metrics=['spectrum'],\n"
+        "                 schedule=gp.manual(), run_dir=None)\n"
+        "assert 'scipy.linalg' in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
