@@ -6,7 +6,6 @@ bf16 HVPs, and on a GPU the offloaded basis it exists for."""
 from __future__ import annotations
 
 import importlib
-import math
 
 import pytest
 import torch
@@ -107,13 +106,6 @@ def test_the_delayed_loop_runs_only_for_a_basis_offloaded_from_a_cuda_device():
     assert delayed_lanczos.delayed_due(Offloaded(), True, delayed_lanczos.DELAYED_FROM_STEP)
     assert not delayed_lanczos.delayed_due(Offloaded(), True, delayed_lanczos.DELAYED_FROM_STEP - 1)
     assert not delayed_lanczos.delayed_due(Offloaded(), False, 50)  # passes only where the estimate asks
-
-
-def test_tridiag_quadratic_form():
-    a, b, c = [1.0, 2.0, 3.0], [0.5, -1.0], [0.3, -0.2, 0.7]
-    T = torch.diag(torch.tensor(a)) + torch.diag(torch.tensor(b), 1) + torch.diag(torch.tensor(b), -1)
-    want = float(torch.tensor(c) @ T @ torch.tensor(c))
-    assert math.isclose(delayed_lanczos._tridiag_quadratic(a, b, c), want, rel_tol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -1,4 +1,4 @@
-"""Lanczos steps whose whole-basis Gram-Schmidt pass runs one step behind, beside the next matvec.
+"""Lanczos steps whose whole-basis Gram-Schmidt pass runs beside the matvec, the product corrected afterwards.
 
 A basis offloaded to host memory is read over the bus at every whole-basis pass (``m d`` bytes at step ``m``),
 and where every step needs one (a half-precision HVP leaks ``~2e-3 beta`` per step along the basis, so
@@ -10,25 +10,26 @@ input is the vector it produces. It does not need to: the matvec is linear and t
 normalized) before its projection is known and the product be corrected afterwards.
 
 Step, with ``Q = [q_0 .. q_m]`` stored and orthonormal, ``T_m`` the tridiagonal so far and ``beta_m`` the
-coupling to the next vector: the matvec computes ``y = H x`` while a second stream reads the basis once,
-forming ``c = Q^T x`` (and writing out the previous step's vector, see below). Then, exactly in exact
-arithmetic, with ``n = ||x - Q c|| = sqrt(1 - ||c||^2)``::
+coupling to the next vector: the matvec computes ``y = H x`` while a second stream reads the basis once, a row
+at a time, projecting a copy of ``x`` against it (modified Gram-Schmidt: ``z = x - Q c``, ``c = Q^T x``) and
+accumulating ``Q T_m c`` (row ``k``'s coefficient ``beta_{k-1} c_{k-1} + alpha_k c_k + beta_k c_{k+1}``, so the
+previous row stays on the device). Then, exactly in exact arithmetic, with ``n = ||z||``::
 
-    q_{m+1} = (x - Q c) / n
+    q_{m+1} = z / n
     H Q c   = Q T_m c + beta_m c_m q_{m+1}                           (the Lanczos relation)
-    Q^T y   = (H Q)^T x = T_m c + beta_m n e_m                        (symmetry of H)
-    alpha_{m+1} = q_{m+1}^T H q_{m+1} = (x^T y - c^T T_m c - 2 beta_m n c_m) / n^2
+    H q_{m+1} = (y - Q T_m c - beta_m c_m q_{m+1}) / n
+    alpha_{m+1} = q_{m+1}^T H q_{m+1} = z^T y / n^2 - beta_m c_m / n  (q_{m+1} orthogonal to Q)
 
-and the next candidate, ``H q_{m+1} - alpha_{m+1} q_{m+1} - beta_m q_m`` up to terms in the span of the stored
-vectors (which the next step's projection removes), is ``(y - alpha_{m+1} x) / n - beta_m q_m``: no basis vector
-beyond ``q_m`` (on the device) is read to form it. ``q_{m+1}`` itself is written out during the next matvec
-(``x - Q c`` in the same read of the basis that forms the next ``c``), and ``beta_{m+1} = ||raw|| n'`` once the
-next ``c'`` is known. Each step then reads the basis once, on its own stream, while the matvec runs: on a GPU
-the copies take the copy engines and the products a few percent of the device, and the step's time outside
-the matvec is its two host synchronizations.
+and the next candidate ``w = H q_{m+1} - alpha_{m+1} q_{m+1} - beta_m q_m`` is formed on the device from ``y``,
+the accumulated ``Q T_m c``, ``q_{m+1}`` and ``q_m``: its parts along the basis are the product's own leak, as
+after the ordinary three-term step (leaving ``Q T_m c`` to the next projection instead grows them by
+``||T|| / beta`` a step). ``beta_{m+1} = ||w|| n'`` once the next projection is known, and ``q_{m+1}`` is stored
+during the next product. Each step reads the basis once, on its own stream, while the matvec runs: on a GPU the
+copies take the copy engines and the products a few percent of the device, and the step's time outside the
+matvec is its two host synchronizations.
 
 What is dropped, and its size: the relation ``H Q = Q T + beta q e^T`` holds to the local error of the run (the
-matvec's own error along the basis, and rounding), so the product's correction ``H Q c`` carries that error
+matvec's own error along the basis, and rounding), so the product's correction ``Q T_m c`` carries that error
 times ``|c|``, the loss of orthogonality one step leaks (``|c| ~ 2e-3`` for bf16 products, rounding for float32
 and float64): a second-order term, ``~4e-6 beta`` relative for bf16, against the first-order error of the
 product itself. The projection is classical Gram-Schmidt once per step, as the full run's; when it removes
@@ -90,13 +91,6 @@ class DelayedState:
     w: torch.Tensor | None = None
     extra_matvecs: int = 0
     exhausted: bool = False
-
-
-def _tridiag_quadratic(alphas: list[float], betas: list[float], c: list[float]) -> float:
-    """``c^T T c`` for the tridiagonal with diagonal ``alphas`` and off-diagonal ``betas`` (float64, O(m))."""
-    s = sum(a * ci * ci for a, ci in zip(alphas, c))
-    s += 2.0 * sum(b * c[i] * c[i + 1] for i, b in enumerate(betas[: len(c) - 1]))
-    return s
 
 
 def _row(basis: LanczosBasis, k: int) -> torch.Tensor:

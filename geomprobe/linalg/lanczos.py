@@ -212,28 +212,30 @@ def lanczos(
     delayed_from = 0  # the step from which whole-basis passes ran beside the products
     exhausted = False
 
+    def settled(beta_m: float, gersh: float) -> bool:
+        # the stopping rule on this step's Ritz pairs: an exhausted space, or the extremes within tol (and
+        # certified, from a random start); sets the certified errors as it goes
+        nonlocal errors
+        if exhausted or len(alphas) == dim:
+            return True
+        if tol > 0 and extremes_converged(theta, bounds, k, tol, which):
+            if log_t is None:
+                return True
+            errors = extreme_errors(theta, resid(beta_m, U), log_beta, log_t, which=which,
+                                    rounding=rounding_level(dtype, gersh), limits=certificate_limits(theta, tol))
+            return extremes_certified(theta, errors, tol, which)
+        return False
+
     def delayed_test(beta_m: float) -> bool:
-        # the stopping rule below, for a tridiagonal the delayed loop has just completed
-        nonlocal theta, U, bounds, exhausted, converged, errors, log_beta, beta
+        # the same rule, for a tridiagonal the delayed loop has just completed (and the step limit)
+        nonlocal theta, U, bounds, exhausted, converged, log_beta, beta
         while ortho is not None and ortho.steps < len(alphas):  # every delayed step is a whole-basis pass
             ortho.full_step()
         beta = beta_m
         log_beta = sum(math.log(b) if b > 0 else -math.inf for b in betas)
         theta, U, bounds, exhausted = ritz_pairs((alphas, betas[:-1]), beta_m, bound, dim, widen=widen)
-        if exhausted or len(alphas) == dim:
-            converged = True
-            return True
-        if extremes_converged(theta, bounds, k, tol, which):
-            if log_t is None:
-                converged = True
-                return True
-            gersh = max(abs(a) for a in alphas) + 2 * max(betas)
-            errors = extreme_errors(theta, resid(beta_m, U), log_beta, log_t, which=which,
-                                    rounding=rounding_level(dtype, gersh), limits=certificate_limits(theta, tol))
-            if extremes_certified(theta, errors, tol, which):
-                converged = True
-                return True
-        return len(alphas) >= limit
+        converged = settled(beta_m, max(abs(a) for a in alphas) + 2 * max(betas))
+        return converged or len(alphas) >= limit
 
     while len(alphas) < limit:
         j = len(alphas)
@@ -289,18 +291,9 @@ def lanczos(
         if pairs is None:
             pairs = ritz_pairs((alphas, betas[:-1]), beta, bound, dim, widen=widen)
         theta, U, bounds, exhausted = pairs
-        if exhausted or j + 1 == dim:
+        if settled(beta, gersh):
             converged = True
             break
-        if tol > 0 and extremes_converged(theta, bounds, k, tol, which):
-            if log_t is None:
-                converged = True
-                break
-            errors = extreme_errors(theta, resid(beta, U), log_beta, log_t, which=which,
-                                    rounding=rounding_level(dtype, gersh), limits=certificate_limits(theta, tol))
-            if extremes_certified(theta, errors, tol, which):
-                converged = True
-                break
         if delayed and j + 1 < limit and tol > 0 and delayed_due(basis, ortho is None or ortho.always, j + 1):
             # every later step takes a whole-basis pass over a basis in host memory: each pass now runs beside
             # the next product (delayed_lanczos.py) instead of between two
