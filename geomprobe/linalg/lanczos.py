@@ -13,6 +13,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .certify import DEFAULT_RISK, extreme_errors, rounding_level, start_threshold
+from .delayed_host import delayed_host_due, run_delayed_host
 from .delayed_lanczos import DELAYED_FROM_STEP, delayed_due, run_delayed
 from .krylov_basis import (
     LanczosBasis,
@@ -84,7 +85,7 @@ def lanczos(
     v0_random: float = 0.0,
     space: VectorSpace | None = None,
     reorth: str = "partial",
-    delayed: bool = True,
+    delayed: bool | str = True,
 ) -> LanczosResult:
     """Lanczos with partial (default) or full reorthogonalization for the extreme eigenvalues of a symmetric
     matvec.
@@ -153,7 +154,10 @@ def lanczos(
     stream beside the next product, which is corrected through the Lanczos relation
     (:mod:`~geomprobe.linalg.delayed_lanczos`: the same tridiagonal to the order of the product's own error, one
     product more per run, :data:`~geomprobe.linalg.delayed_lanczos.DELAYED_EXTRA_VECTORS` more d-vectors on the
-    device); ``False`` keeps the passes between the products.
+    device); ``False`` keeps the passes between the products. ``"host"`` (a matvec that runs on an accelerator
+    and takes host vectors, the host-vector mode) also runs them beside the products where basis and vectors
+    are in host memory, on a CPU thread (:mod:`~geomprobe.linalg.delayed_host`, from step
+    :data:`~geomprobe.linalg.delayed_host.DELAYED_HOST_FROM_STEP`; four host d-vectors besides the basis).
     ``space``: a :class:`~geomprobe.linalg.space.ShardedSpace` when each process holds a slice of every vector
     (a sharded model): ``matvec`` then maps slices to slices, the random start is the same global vector
     whatever the layout, every inner product is reduced over the holders (one small collective per
@@ -294,10 +298,13 @@ def lanczos(
         if settled(beta, gersh):
             converged = True
             break
-        if delayed and j + 1 < limit and tol > 0 and delayed_due(basis, ortho is None or ortho.always, j + 1):
+        every = ortho is None or ortho.always
+        host_loop = delayed == "host" and delayed_host_due(basis, every, j + 1)
+        if delayed and j + 1 < limit and tol > 0 and (host_loop or delayed_due(basis, every, j + 1)):
             # every later step takes a whole-basis pass over a basis in host memory: each pass now runs beside
-            # the next product (delayed_lanczos.py) instead of between two
-            state = run_delayed(matvec, basis, cur, w, beta, alphas, betas, delayed_test)
+            # the next product (delayed_lanczos.py; on a host thread, delayed_host.py) instead of between two
+            loop = run_delayed_host if host_loop else run_delayed
+            state = loop(matvec, basis, cur, w, beta, alphas, betas, delayed_test)
             extra_matvecs += state.extra_matvecs
             delayed_from = delayed_from or j + 2
             if state.stop:
