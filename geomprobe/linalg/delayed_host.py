@@ -31,6 +31,7 @@ step back to the ordinary loop where one projection is not enough (``n < 1/sqrt(
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -100,7 +101,12 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
     step = len(alphas)
     pending: tuple[torch.Tensor, float] | None = None  # q_m as Z and ||Z||, to be stored by the next worker call
 
+    # seconds by part, for benchmarks: the products, the worker's projections, the main thread's wait for them
+    # after each product, and its two passes
+    timing = {"steps": 0, "matvec": 0.0, "worker": 0.0, "wait": 0.0, "passes": 0.0}
+
     def project(pending, r):
+        t0 = time.perf_counter()
         row = None
         if pending is not None:
             row = basis._next_row()
@@ -109,15 +115,22 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
         c = lanczos_pass(X, groups, dots=True)[0] / r
         t = _tridiagonal_times(alphas, betas, c)
         nsq = host_project(X, groups, c * r, t, Z, U)
+        timing["worker"] += time.perf_counter() - t0
         return row, c, nsq
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lanczos-projection") as worker:
         while True:
             job = worker.submit(project, pending, r)
+            t0 = time.perf_counter()
             try:
                 matvec_into(matvec, X, Y)
             finally:
+                t1 = time.perf_counter()
                 row, c, nsq = job.result()  # the worker is never left writing into buffers a failure drops
+            t2 = time.perf_counter()
+            timing["steps"] += 1
+            timing["matvec"] += t1 - t0
+            timing["wait"] += t2 - t1
             if row is not None:
                 cur = row
             step += 1
@@ -129,7 +142,7 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
             betas[-1] = beta_m
             if test(beta_m):
                 # Z = beta_m q_{m+1}: the residual, for a thick restart to continue from
-                return DelayedState(stop=True, beta=beta_m, w=Z, extra_matvecs=1)
+                return DelayedState(stop=True, beta=beta_m, w=Z, extra_matvecs=1, timing=timing)
             if n < REPASS:
                 # one projection removed most of X: the ordinary loop takes the step from Z projected once more
                 # (this product is not used)
@@ -140,8 +153,9 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
                 b = math.sqrt(max(float(nsq2), 0.0))
                 betas[-1] = b
                 prev = basis.blocks[(basis.n - 2) // basis.block][(basis.n - 2) % basis.block]
-                return DelayedState(stop=False, beta=b, cur=cur, prev=prev, w=Z, extra_matvecs=1)
+                return DelayedState(stop=False, beta=b, cur=cur, prev=prev, w=Z, extra_matvecs=1, timing=timing)
             s = beta_m * c_m / n
+            t0 = time.perf_counter()
             # W' into Y's place, with Z . Y read before it is overwritten
             zy = float(host_combine(Y, [(Y, 1 / (r * n)), (U, 1 / n), (Z, -s / nz), (cur, -beta_m)],
                                     before=[(2, 0)])[0])
@@ -150,6 +164,7 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
             r_sq = float(host_combine(X, [(Y, 1.0), (Z, -alpha / nz)], after=[-1])[0])
             _finite(torch.tensor([zy, r_sq]), step)
             r = math.sqrt(max(r_sq, 0.0))
+            timing["passes"] += time.perf_counter() - t0
             betas.append(r)  # provisional: beta_{m+1} = ||Z'|| once the next projection is known
             pending = (Z, nz)
             scale = max(abs(alpha), max(betas[:-1], default=0.0), 1e-300)
@@ -158,4 +173,4 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
                 torch.div(Z, nz, out=basis._next_row())
                 betas[-1] = 0.0
                 test(0.0)
-                return DelayedState(stop=True, beta=0.0, exhausted=True)
+                return DelayedState(stop=True, beta=0.0, exhausted=True, timing=timing)

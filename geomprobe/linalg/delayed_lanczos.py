@@ -91,6 +91,7 @@ class DelayedState:
     w: torch.Tensor | None = None
     extra_matvecs: int = 0
     exhausted: bool = False
+    timing: dict[str, float] | None = None  # seconds by part, where the loop keeps them (delayed_host.py)
 
 
 def _row(basis: LanczosBasis, k: int) -> torch.Tensor:
