@@ -1,11 +1,22 @@
 #!/bin/bash
-# the twelfth round's device call: the host-vector mode's Lanczos with its projection on a CPU thread beside
-# the streamed HVP (linalg/delayed_host.py), on the 1B Llama under the default 1.5x plan, against the same run
-# with the passes between the products, in one call; the GPU test of the loop first.
+# the twelfth round's device call: host passes split by columns over single-threaded workers
+# (linalg/host_pool.py) against the undivided passes, then the host-vector mode's Lanczos with its projection on
+# a CPU thread beside the streamed HVP (linalg/delayed_host.py) on the 1B Llama under the default 1.5x plan,
+# against the same run with the passes between the products, in one call; the GPU test of the loop first.
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-timeout 120 python3 -m pytest -q -p no:randomly tests/test_delayed_host.py > $OUT/tests.log 2>&1
-tail -3 $OUT/tests.log
+timeout 100 python3 -m pytest -q -p no:randomly tests/test_delayed_host.py tests/test_host_pool.py > $OUT/tests.log 2>&1
+tail -n 2 $OUT/tests.log
+H="--dim 2e8 --threads 16 --dtypes bf16 --max-basis 8 --skip-unbounded --steps 10 --repeats 3"
+timeout 100 python3 benchmarks/host_lanczos.py $H --out $OUT/host_lanczos_split.json > $OUT/h.log 2>&1
+timeout 100 python3 -c "
+import runpy, sys
+import geomprobe.linalg.host_pool as hp
+hp.column_ranges = lambda d, parts, align=1: [(0, d)]
+sys.argv = ['benchmarks/host_lanczos.py'] + '$H --out $OUT/host_lanczos_undivided.json'.split()
+runpy.run_path('benchmarks/host_lanczos.py', run_name='__main__')
+" >> $OUT/h.log 2>&1
+grep -A9 "copy floor" $OUT/h.log
 run() {  # name, host loop on|off, cases, metric options, seconds
 timeout "$5" python3 - "$1" "$2" "$3" "$4" <<'PY' >> $OUT/a.log 2>&1
 import importlib, json, os, runpy, sys
@@ -27,16 +38,15 @@ sys.argv = ["benchmarks/scale.py", "models", "--cases", cases, "--metric-options
 runpy.run_path("benchmarks/scale.py", run_name="__main__")
 PY
 }
-run llama_bf16_host on llama-1b:bf16:spectrum '{"spectrum":{"max_iter":16}}' 200
-run llama_bf16_plain off llama-1b:bf16:spectrum '{"spectrum":{"max_iter":16}}' 230
-run llama_fp32_host on llama-1b:fp32:spectrum '{"spectrum":{"max_iter":10}}' 150
+run llama_bf16_host on llama-1b:bf16:spectrum '{"spectrum":{"max_iter":12}}' 200
+run llama_bf16_plain off llama-1b:bf16:spectrum '{"spectrum":{"max_iter":12}}' 240
 rm -rf $OUT/run-* 2>/dev/null
 ls $OUT
-for f in $OUT/llama_*[a-z0-9].json; do [ -f "$f" ] || continue; case "$f" in *_timing.json) continue;; esac; python3 -c "
+for f in $OUT/llama_bf16_host.json $OUT/llama_bf16_plain.json; do [ -f "$f" ] || continue; python3 -c "
 import json; d=json.load(open('$f'))['results'][0]; m=d['metrics']['spectrum']; s=d['spectrum']
 print('$f'.split('/')[-1], 'probe', round(d['probe_seconds'],1), 'hvps', d['probe_hvps'], 'hvp_s', round(d['probe_hvp_seconds'],1),
  'outside', round(m['outside_seconds'],1), round(m['outside_share'],3), 'peak', round(d['probe_over_train_peak'],3),
  'lmax', s['lambda_max'], s['lambda_max_err'], 'lmin', s['lambda_min'], s['lambda_min_err'], 'steps', s['steps'], s.get('reorth_regime'))
 "; done
 cat $OUT/*_timing.json 2>/dev/null; echo
-grep -h "Error\|error" $OUT/a.log | grep -v transformers | tail -5 | cut -c1-300
+grep -h "Error\|error" $OUT/a.log $OUT/h.log | grep -v transformers | tail -5 | cut -c1-300

@@ -40,6 +40,7 @@ import torch
 from .delayed_lanczos import DelayedState
 from .host_arith import lanczos_pass, row_groups
 from .host_fused import host_combine, host_project
+from .host_pool import host_threads
 from .krylov_basis import REPASS, LanczosBasis
 from .vectors import Matvec, matvec_into
 
@@ -99,6 +100,8 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
     Z, U = torch.empty_like(X), torch.empty_like(X)
     r = beta
     step = len(alphas)
+    # the projection's column workers leave one of the caller's cores to the thread that drives the matvec
+    side_threads = max(1, host_threads() - 1)
     pending: tuple[torch.Tensor, float] | None = None  # q_m as Z and ||Z||, to be stored by the next worker call
 
     # seconds by part, for benchmarks: the products, the worker's projections, the main thread's wait for them
@@ -112,9 +115,9 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
             row = basis._next_row()
             torch.div(pending[0], pending[1], out=row)
         groups = row_groups(list(basis._filled()))
-        c = lanczos_pass(X, groups, dots=True)[0] / r
+        c = lanczos_pass(X, groups, dots=True, threads=side_threads)[0] / r
         t = _tridiagonal_times(alphas, betas, c)
-        nsq = host_project(X, groups, c * r, t, Z, U)
+        nsq = host_project(X, groups, c * r, t, Z, U, threads=side_threads)
         timing["worker"] += time.perf_counter() - t0
         return row, c, nsq
 
