@@ -77,13 +77,15 @@ def test_split_passes_agree_with_the_undivided_pass(dtype):
         comb = host_combine(out, [(out, 0.5), (B[1], -1.0)], before=[(0, 1)], after=[-1], threads=threads)
         results[threads] = (w, dots, w2, nsq, z, u, zn, out, comb)
     one, split = results[1], results[3]
+    # updates act column by column: the same roundings whatever the chunks; inner products are float32 sums
+    # over each worker's (smaller) chunks, so they agree to float32 rounding of those sums
     for a, b in zip(one, split):
         if isinstance(a, tuple):
             for x, y in zip(a, b):
-                torch.testing.assert_close(x, y, rtol=1e-12, atol=0)
+                torch.testing.assert_close(x, y, rtol=1e-4, atol=5e-2)  # 3M float32 products
         elif isinstance(a, float):
-            assert abs(a - b) <= 1e-12 * abs(a)
+            assert abs(a - b) <= 1e-5 * abs(a)
         elif a.dtype == dtype:
-            assert torch.equal(a, b)  # the same chunks: the same roundings, column by column
+            assert torch.equal(a, b)
         else:
-            torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-3)

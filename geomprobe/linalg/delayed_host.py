@@ -50,6 +50,8 @@ __all__ = ["DELAYED_HOST_FROM_STEP", "delayed_host_due", "run_delayed_host"]
 # already costs about a product (bf16 rows at ~10 GB/s on 16 cores), so the one extra matvec a delayed run takes
 # is repaid within a step or two.
 DELAYED_HOST_FROM_STEP = 4
+# share of the caller's threads the projection beside the matvec takes
+SIDE_SHARE = 0.5
 
 
 def delayed_host_due(basis: LanczosBasis, every_step: bool, steps: int) -> bool:
@@ -100,8 +102,10 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
     Z, U = torch.empty_like(X), torch.empty_like(X)
     r = beta
     step = len(alphas)
-    # the projection's column workers leave one of the caller's cores to the thread that drives the matvec
-    side_threads = max(1, host_threads() - 1)
+    # the projection's column workers take part of the caller's cores: the streamed matvec does host work of its
+    # own (its input's page-locked copy, the partial sums added on the host), and with every core busy beside
+    # it a 1B model's products took 5.2 s instead of 2.4 (benchmarks/RESULTS.md section 6, twelfth round)
+    side_threads = max(1, int(host_threads() * SIDE_SHARE))
     pending: tuple[torch.Tensor, float] | None = None  # q_m as Z and ||Z||, to be stored by the next worker call
 
     # seconds by part, for benchmarks: the products, the worker's projections, the main thread's wait for them

@@ -40,7 +40,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .host_pool import split_columns
+from .host_pool import split_columns, worker_columns
 
 __all__ = [
     "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "columns", "host_dots", "host_norm_sq", "host_rotate",
@@ -163,10 +163,12 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
     if sub is not None and dots and len(groups) > 1:
         raise ValueError("sub together with dots needs a single row group (apply every group's update first)")
     cols = columns(max((G.shape[0] for G in groups), default=0), width)
+    if width is None:
+        cols = worker_columns(w.shape[0], cols, threads)
 
     def part(a: int, b: int):
         return _pass_range(w[a:b], [G[:, a:b] for G in groups], [(v[a:b], c) for v, c in pre], sub, dots, norm,
-                           width)
+                           cols)
 
     parts = split_columns(w.shape[0], part, threads=threads, align=cols)
     if len(parts) == 1:

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from .host_arith import _SCRATCH, PARALLEL_PRODUCTS_FROM_THREADS, _acc, _load, columns
-from .host_pool import split_columns
+from .host_pool import split_columns, worker_columns
 
 __all__ = ["host_combine", "host_project"]
 
@@ -44,8 +44,10 @@ def host_project(x: torch.Tensor, groups: Sequence[torch.Tensor], c: torch.Tenso
     if c.numel() != n or t.numel() != n:
         raise ValueError(f"c and t must have {n} entries (one per row), got {c.numel()} and {t.numel()}")
     cols = columns(max(sizes, default=0) + 1, width)
+    if width is None:
+        cols = worker_columns(x.shape[0], cols, threads)
     parts = split_columns(x.shape[0], lambda a, b: _project_range(
-        x[a:b], [G[:, a:b] for G in groups], c, t, z[a:b], u[a:b], width), threads=threads, align=cols)
+        x[a:b], [G[:, a:b] for G in groups], c, t, z[a:b], u[a:b], cols), threads=threads, align=cols)
     return float(sum(parts))
 
 
@@ -109,6 +111,8 @@ def host_combine(out: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]],
     if any(i in aliased for i in after):
         raise ValueError("an inner product after the pass cannot name the term that out overwrites")
     cols = columns(len(vecs), width)
+    if width is None:
+        cols = worker_columns(out.shape[0], cols, threads)
     parts = split_columns(out.shape[0], lambda a, b: _combine_range(
         out[a:b], [(v[a:b], coef) for v, coef in terms], before, after, cols), threads=threads, align=cols)
     return torch.stack(parts).sum(0)

@@ -11,8 +11,9 @@ its own: ``torch.set_num_threads(1)`` in a worker leaves the caller's threads as
 inner products are added in float64. Python holds the interpreter lock only between operations, which each
 take a chunk's worth of memory traffic.
 
-The split changes the order in which chunks' partial sums are added (not the chunks' own float32 sums when
-the ranges are whole chunks), so results agree with the undivided pass to float64 rounding of those sums; with
+Each worker takes its share of the undivided pass's cache-sized chunk (:func:`worker_columns`). Updates act
+column by column and round the same whatever the chunks; inner products are float32 sums over the smaller
+chunks, added in float64, so they agree with the undivided pass's to float32 rounding of a chunk's sum. With
 one thread (or a vector shorter than :data:`MIN_RANGE` columns a worker) the pass runs undivided on the
 calling thread, bit for bit as before.
 """
@@ -27,7 +28,7 @@ from typing import TypeVar
 
 import torch
 
-__all__ = ["MIN_RANGE", "column_ranges", "host_threads", "split_columns"]
+__all__ = ["MIN_RANGE", "column_ranges", "host_threads", "split_columns", "worker_columns"]
 
 T = TypeVar("T")
 
@@ -68,6 +69,16 @@ def column_ranges(d: int, parts: int, align: int = 1) -> list[tuple[int, int]]:
     step = -(-d // parts)
     step = -(-step // align) * align
     return [(a, min(d, a + step)) for a in range(0, d, step)]
+
+
+def worker_columns(d: int, cols: int, threads: int | None = None, floor: int = 1 << 15) -> int:
+    """Columns per chunk for a pass of ``cols`` columns per chunk undivided, when :func:`split_columns` splits it
+    over its workers: each worker's chunk is its share of the cache-sized one (``cols`` over the workers, at
+    least ``floor``). 16 workers each holding the whole chunk's float32 scratch (4-8 MB) left the last-level
+    cache and made one-row bf16 passes 1.6-2.6x slower than undivided (benchmarks/RESULTS.md section 6,
+    twelfth round)."""
+    workers = len(column_ranges(d, threads if threads is not None else host_threads()))
+    return cols if workers == 1 else max(min(floor, cols), cols // workers)
 
 
 def split_columns(d: int, fn: Callable[[int, int], T], *, threads: int | None = None, align: int = 1) -> list[T]:
