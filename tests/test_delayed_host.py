@@ -180,9 +180,10 @@ def test_the_host_loop_runs_only_where_asked_for_host_bases_and_never_sharded():
     # delayed=True (the default) keeps a CPU run's passes between the products: its matvec shares the cores
     mv, _ = _known(400, torch.float64)
     assert "beside" not in _run(mv, 400, torch.float64, tol=1e-10, reorth="full").reorth_regime
-    # the metrics ask for it where a CUDA model's HVPs stream host vectors
-    assert delayed_fits(SimpleNamespace(host=object(), device=torch.device("cuda", 0), plan=None)) == "host"
-    assert delayed_fits(SimpleNamespace(host=None, device=torch.device("cpu"), plan=None)) is True
+    # the metrics do not ask for it (opt-in: measured slower on the 1B model, module docstring): a host-vector
+    # plan counts no delayed work, so they keep the passes between the products
+    host_plan = SimpleNamespace(budget_bytes=7 * 10**9, items={"delayed_work": 0})
+    assert delayed_fits(SimpleNamespace(host=object(), device=torch.device("cuda", 0), plan=host_plan)) is False
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
@@ -243,10 +244,10 @@ def test_on_a_gpu_host_vector_hvps_take_the_host_loop_and_give_the_ordinary_runs
     tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1)).cuda()
     land = Landscape(model, lambda m, b: m(input_ids=b["input_ids"], labels=b["input_ids"]).loss,
                      [{"input_ids": tokens}], mode="eval", vector_device="cpu")
-    assert land.host is not None and delayed_fits(land) == "host"
+    assert land.host is not None
     kw = {"tol": 1e-6, "dtype": torch.float32, "device": "cpu", "reorth": "full", "risk": None}
     late = lanczos_module.lanczos(land.hvp, land.dim, generator=torch.Generator().manual_seed(0),
-                                  delayed=delayed_fits(land), **kw)
+                                  delayed="host", **kw)
     plain = lanczos_module.lanczos(land.hvp, land.dim, generator=torch.Generator().manual_seed(0), delayed=False,
                                    **kw)
     assert "beside the products" in late.reorth_regime and late.matvecs == plain.matvecs + 1

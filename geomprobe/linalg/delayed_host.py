@@ -40,7 +40,6 @@ import torch
 from .delayed_lanczos import DelayedState
 from .host_arith import lanczos_pass, row_groups
 from .host_fused import host_combine, host_project
-from .host_pool import host_threads
 from .krylov_basis import REPASS, LanczosBasis
 from .vectors import Matvec, matvec_into
 
@@ -105,7 +104,7 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
     # the projection's column workers take part of the caller's cores: the streamed matvec does host work of its
     # own (its input's page-locked copy, the partial sums added on the host), and with every core busy beside
     # it a 1B model's products took 5.2 s instead of 2.4 (benchmarks/RESULTS.md section 6, twelfth round)
-    side_threads = max(1, int(host_threads() * SIDE_SHARE))
+    side_threads = max(1, int(torch.get_num_threads() * SIDE_SHARE))
     pending: tuple[torch.Tensor, float] | None = None  # q_m as Z and ||Z||, to be stored by the next worker call
 
     # seconds by part, for benchmarks: the products, the worker's projections, the main thread's wait for them
@@ -119,13 +118,15 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
             row = basis._next_row()
             torch.div(pending[0], pending[1], out=row)
         groups = row_groups(list(basis._filled()))
-        c = lanczos_pass(X, groups, dots=True, threads=side_threads)[0] / r
+        c = lanczos_pass(X, groups, dots=True)[0] / r
         t = _tridiagonal_times(alphas, betas, c)
-        nsq = host_project(X, groups, c * r, t, Z, U, threads=side_threads)
+        nsq = host_project(X, groups, c * r, t, Z, U)
         timing["worker"] += time.perf_counter() - t0
         return row, c, nsq
 
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lanczos-projection") as worker:
+    # torch's thread count is per thread: the worker's setting leaves the caller's as it was
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="lanczos-projection",
+                            initializer=torch.set_num_threads, initargs=(side_threads,)) as worker:
         while True:
             job = worker.submit(project, pending, r)
             t0 = time.perf_counter()

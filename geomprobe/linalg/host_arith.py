@@ -40,8 +40,6 @@ from collections.abc import Sequence
 
 import torch
 
-from .host_pool import split_columns, worker_columns
-
 __all__ = [
     "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "columns", "host_dots", "host_norm_sq", "host_rotate",
     "host_sub", "is_host", "lanczos_pass", "row_groups",
@@ -138,7 +136,7 @@ def _find_row(groups: Sequence[torch.Tensor], v: torch.Tensor) -> tuple[int, int
 
 def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
                  pre: Sequence[tuple[torch.Tensor, float]] = (), sub: torch.Tensor | None = None,
-                 dots: bool = False, norm: bool = False, width: int | None = None, threads: int | None = None,
+                 dots: bool = False, norm: bool = False, width: int | None = None,
                  ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """One pass over the columns of ``w`` ``(d,)`` and the basis rows ``groups`` (2-D tensors ``(r_g, d)``, ``n``
     rows in all, in order), in chunks, doing in turn on each chunk:
@@ -155,33 +153,12 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
     what was not asked). Cost: one read of ``w`` and of the rows (plus the ``pre`` vectors not among them),
     one write of ``w`` when it is updated, no matvec, no allocation of length d. ``width`` forces the columns
     per chunk (tests: chunks that do not divide d). Error: see the module docstring; the update adds one
-    float32 (float64) rounding per term before the one rounding to ``w``'s type. ``threads``: workers over
-    column ranges (:func:`.host_pool.split_columns`; default torch's threads of the calling thread).
+    float32 (float64) rounding per term before the one rounding to ``w``'s type.
     """
     if w.device.type != "cpu" or any(G.device.type != "cpu" for G in groups):
         raise ValueError("lanczos_pass takes host (CPU) tensors only")
     if sub is not None and dots and len(groups) > 1:
         raise ValueError("sub together with dots needs a single row group (apply every group's update first)")
-    cols = columns(max((G.shape[0] for G in groups), default=0), width)
-    if width is None:
-        cols = worker_columns(w.shape[0], cols, threads)
-
-    def part(a: int, b: int):
-        return _pass_range(w[a:b], [G[:, a:b] for G in groups], [(v[a:b], c) for v, c in pre], sub, dots, norm,
-                           cols)
-
-    parts = split_columns(w.shape[0], part, threads=threads, align=cols)
-    if len(parts) == 1:
-        return parts[0]
-    out_dots = torch.stack([p[0] for p in parts]).sum(0) if dots else None
-    out_norm = torch.stack([p[1] for p in parts]).sum() if norm else None
-    return out_dots, out_norm
-
-
-def _pass_range(w: torch.Tensor, groups: Sequence[torch.Tensor], pre: Sequence[tuple[torch.Tensor, float]],
-                sub: torch.Tensor | None, dots: bool, norm: bool, width: int | None,
-                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """:func:`lanczos_pass` over the columns it is given, on the calling thread."""
     acc = _acc(w.dtype)
     d = w.shape[0]
     sizes = [G.shape[0] for G in groups]

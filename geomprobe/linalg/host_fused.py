@@ -17,7 +17,6 @@ from collections.abc import Sequence
 import torch
 
 from .host_arith import _SCRATCH, PARALLEL_PRODUCTS_FROM_THREADS, _acc, _load, columns
-from .host_pool import split_columns, worker_columns
 
 __all__ = ["host_combine", "host_project"]
 
@@ -28,7 +27,7 @@ def _check_host(*tensors: torch.Tensor) -> None:
 
 
 def host_project(x: torch.Tensor, groups: Sequence[torch.Tensor], c: torch.Tensor, t: torch.Tensor,
-                 z: torch.Tensor, u: torch.Tensor, *, width: int | None = None, threads: int | None = None) -> float:
+                 z: torch.Tensor, u: torch.Tensor, *, width: int | None = None) -> float:
     """``z = x - c @ B`` and ``u = -(t @ B)`` for the ``n`` rows ``B`` of ``groups`` (2-D ``(r_g, d)``), from one
     read of the rows and of ``x``; returns ``||z||^2`` (float) of ``z`` as stored (after its rounding).
 
@@ -36,26 +35,14 @@ def host_project(x: torch.Tensor, groups: Sequence[torch.Tensor], c: torch.Tenso
     (a matvec may read it meanwhile); ``z`` and ``u`` are written, never read, and must not overlap ``x`` or
     the rows. Cost: one read of the rows and of ``x``, one write each of ``z`` and ``u``, no matvec, no
     allocation of length d. Error: one float32 rounding per term (float64 for float64 vectors) before the one
-    rounding to the vectors' type; the norm as :mod:`.host_arith` states. ``threads``: workers over column
-    ranges (:func:`.host_pool.split_columns`)."""
+    rounding to the vectors' type; the norm as :mod:`.host_arith` states."""
     _check_host(x, z, u, *groups)
+    acc = _acc(x.dtype)
+    d = x.shape[0]
     sizes = [G.shape[0] for G in groups]
     n = sum(sizes)
     if c.numel() != n or t.numel() != n:
         raise ValueError(f"c and t must have {n} entries (one per row), got {c.numel()} and {t.numel()}")
-    cols = columns(max(sizes, default=0) + 1, width)
-    if width is None:
-        cols = worker_columns(x.shape[0], cols, threads)
-    parts = split_columns(x.shape[0], lambda a, b: _project_range(
-        x[a:b], [G[:, a:b] for G in groups], c, t, z[a:b], u[a:b], cols), threads=threads, align=cols)
-    return float(sum(parts))
-
-
-def _project_range(x: torch.Tensor, groups: Sequence[torch.Tensor], c: torch.Tensor, t: torch.Tensor,
-                   z: torch.Tensor, u: torch.Tensor, width: int | None) -> float:
-    acc = _acc(x.dtype)
-    d = x.shape[0]
-    sizes = [G.shape[0] for G in groups]
     c_acc, t_acc = c.reshape(-1).to("cpu", acc), t.reshape(-1).to("cpu", acc)
     parallel = torch.get_num_threads() >= PARALLEL_PRODUCTS_FROM_THREADS
     starts = [0]
@@ -92,7 +79,7 @@ def _project_range(x: torch.Tensor, groups: Sequence[torch.Tensor], c: torch.Ten
 
 def host_combine(out: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]], *,
                  before: Sequence[tuple[int, int]] = (), after: Sequence[int] = (),
-                 width: int | None = None, threads: int | None = None) -> torch.Tensor:
+                 width: int | None = None) -> torch.Tensor:
     """``out = sum_k a_k v_k`` for ``terms = [(v_k, a_k)]`` in one chunked pass, with inner products taken from
     the same read: ``before`` pairs ``(i, j)`` give ``v_i . v_j`` of the terms as they were, ``after`` indices
     ``i`` give ``out . v_i`` of the result as stored (``-1``: ``out . out``). Returns the inner products
@@ -101,28 +88,17 @@ def host_combine(out: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]],
     ``out`` may be one of the terms (each chunk of every term is read before the chunk of ``out`` is written);
     ``after`` must not name a term that is ``out`` (its old values are gone). Cost: one read of each term, one
     write of ``out``, no allocation of length d. Error: one float32 (float64) rounding per term before the one
-    rounding to ``out``'s type; the inner products as :mod:`.host_arith` states. ``threads``: workers over
-    column ranges (:func:`.host_pool.split_columns`)."""
+    rounding to ``out``'s type; the inner products as :mod:`.host_arith` states."""
     vecs = [v for v, _ in terms]
     _check_host(out, *vecs)
+    acc = _acc(out.dtype)
+    d = out.shape[0]
     if any(v.shape != out.shape for v in vecs):
         raise ValueError(f"every term must have the shape of out {tuple(out.shape)}")
     aliased = {i for i, v in enumerate(vecs) if v.data_ptr() == out.data_ptr()}
     if any(i in aliased for i in after):
         raise ValueError("an inner product after the pass cannot name the term that out overwrites")
     cols = columns(len(vecs), width)
-    if width is None:
-        cols = worker_columns(out.shape[0], cols, threads)
-    parts = split_columns(out.shape[0], lambda a, b: _combine_range(
-        out[a:b], [(v[a:b], coef) for v, coef in terms], before, after, cols), threads=threads, align=cols)
-    return torch.stack(parts).sum(0)
-
-
-def _combine_range(out: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]], before: Sequence[tuple[int, int]],
-                   after: Sequence[int], cols: int) -> torch.Tensor:
-    vecs = [v for v, _ in terms]
-    acc = _acc(out.dtype)
-    d = out.shape[0]
     chunks = (d + cols - 1) // cols
     parts = torch.zeros(max(chunks, 1), len(before) + len(after), dtype=acc)
     for ci in range(chunks):
