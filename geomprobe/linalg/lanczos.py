@@ -154,10 +154,11 @@ def lanczos(
     stream beside the next product, which is corrected through the Lanczos relation
     (:mod:`~geomprobe.linalg.delayed_lanczos`: the same tridiagonal to the order of the product's own error, one
     product more per run, :data:`~geomprobe.linalg.delayed_lanczos.DELAYED_EXTRA_VECTORS` more d-vectors on the
-    device); ``False`` keeps the passes between the products. ``"host"`` (a matvec that runs on an accelerator
-    and takes host vectors, the host-vector mode) also runs them beside the products where basis and vectors
-    are in host memory, on a CPU thread (:mod:`~geomprobe.linalg.delayed_host`, from step
-    :data:`~geomprobe.linalg.delayed_host.DELAYED_HOST_FROM_STEP`; four host d-vectors besides the basis).
+    device); ``False`` keeps the passes between the products. ``"host"`` (opt-in, for a matvec that runs on an
+    accelerator and takes host vectors) also runs them beside the products where basis and vectors are in host
+    memory, on a CPU thread (:mod:`~geomprobe.linalg.delayed_host`, from step
+    :data:`~geomprobe.linalg.delayed_host.DELAYED_HOST_FROM_STEP`; four host d-vectors besides the basis;
+    measured slower on a 1B bf16 model, whose streamed products need the same host).
     ``space``: a :class:`~geomprobe.linalg.space.ShardedSpace` when each process holds a slice of every vector
     (a sharded model): ``matvec`` then maps slices to slices, the random start is the same global vector
     whatever the layout, every inner product is reduced over the holders (one small collective per
