@@ -238,17 +238,12 @@ def stratified_quantile_ci(strata: Sequence[tuple[np.ndarray, int, bool]], p: fl
     return lo, hi
 
 
-def delayed_fits(land: Any) -> bool | str:
+def delayed_fits(land: Any) -> bool:
     """Whether a Lanczos run on ``land`` may run its passes over an offloaded basis beside the products
     (:mod:`geomprobe.linalg.delayed_lanczos`), which holds
     :data:`~geomprobe.linalg.delayed_lanczos.DELAYED_EXTRA_VECTORS` more d-vectors on the device: where the
     memory plan counted them (``items["delayed_work"]``, when it put the basis in host memory and its budget
-    held them); always without a budget. ``"host"`` for a model on a CUDA device whose HVPs stream host vectors
-    (the host-vector mode): there the passes run on a CPU thread beside the products
-    (:mod:`geomprobe.linalg.delayed_host`, host memory only)."""
-    device = getattr(land, "device", None)
-    if getattr(land, "host", None) is not None and device is not None and torch.device(device).type == "cuda":
-        return "host"
+    held them); always without a budget."""
     plan = getattr(land, "plan", None)
     if getattr(plan, "budget_bytes", None) is None:
         return True
