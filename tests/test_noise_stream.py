@@ -217,10 +217,10 @@ def _mlp_case(dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_the_noise_metric_reproduces_the_previous_implementation(dtype):
-    """Moments, ratios and their jackknife errors to 1e-6; the pooled tail indices exactly (their random
-    blocks are seeded by a float32 digest of the sample, which the mean's last bits do not reach here; a small
-    block's digest can change with them, so per-block tail indices are the same estimator on possibly other
-    draws)."""
+    """Moments, ratios and their jackknife errors to 1e-6; the pooled tail indices within three of their stated
+    errors (their random blocks are seeded by a digest of the float32 sample, whose last bits another CPU's
+    vector width can change: on one machine the previous implementation's values to the last bit, on another
+    1.2 errors away, the same estimator on other draws)."""
     land, batches = _mlp_case(getattr(torch, dtype))
     out = noise_module.noise(land, noise_data=batches, max_elements=20000, tail_values=64 * 500, n_boot=50)
     assert not out["exact"] and out["passes"] == 2 and out["gradients"] == 128
@@ -229,7 +229,7 @@ def test_the_noise_metric_reproduces_the_previous_implementation(dtype):
             got = [b["trace_cov"] for b in out["blocks"].values()]
             assert got == pytest.approx(value, rel=STREAM_REL)
         elif key.startswith("alpha"):
-            assert out[key] == pytest.approx(value, rel=1e-12), key
+            assert abs(out[key] - value) <= 3 * out[key + "_err"], key
         else:
             assert out[key] == pytest.approx(value, rel=STREAM_REL), key
 
