@@ -232,3 +232,22 @@ def test_on_a_gpu_host_vector_hvps_take_the_host_loop_and_give_the_ordinary_runs
     torch.testing.assert_close(late.ritz_values[-1], plain.ritz_values[-1], rtol=1e-5, atol=0)
     scale = float(plain.ritz_values.abs().max())
     torch.testing.assert_close(late.ritz_values[0], plain.ritz_values[0], rtol=0, atol=1e-5 * scale)
+
+
+def test_a_capped_host_run_hands_its_residual_to_the_restarted_loop(monkeypatch):
+    # a dense bulk's top edge at tol 1e-6 needs more than 30 vectors: the host loop stops at the cap and the
+    # thick restart continues from its residual (the loop's buffer), the bounds covering the truth
+    g = torch.Generator().manual_seed(4)
+    ev = torch.rand(1200, generator=g, dtype=torch.float64)
+    Q, _ = torch.linalg.qr(torch.randn(1200, 1200, generator=g, dtype=torch.float64))
+    H = (Q * ev) @ Q.T
+    stops = []
+    inner = lanczos_module.run_delayed_host
+    monkeypatch.setattr(lanczos_module, "run_delayed_host", lambda *a: stops.append(inner(*a)) or stops[-1])
+    r = lanczos_module.lanczos(lambda v: H @ v, 1200, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                               tol=1e-6, max_basis=30, max_iter=3000, which="largest", k=2, delayed="host")
+    assert len(stops) == 1 and stops[0].stop and not stops[0].exhausted
+    assert r.restarts >= 1 and r.converged and r.basis_peak <= 30
+    top = torch.sort(ev, descending=True).values[:2]
+    for (theta, b), want in zip(zip(*r.top(2)), top.tolist()):
+        assert abs(theta - want) <= b + 1e-9
