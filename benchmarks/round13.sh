@@ -19,6 +19,7 @@ timeout 60 python3 -c "
 import importlib, runpy, sys, torch
 D = importlib.import_module('geomprobe.linalg.delayed_lanczos')
 L = importlib.import_module('geomprobe.linalg.lanczos')
+importlib.import_module('geomprobe.metrics.spectrum').delayed_fits = lambda land: True  # the plan counts nothing here
 L.delayed_due = lambda basis, every, steps: (every and torch.device(basis.compute).type == 'cuda'
                                              and not basis.space.sharded and steps >= D.DELAYED_FROM_STEP)
 sys.argv = ['$S', 'models', '--cases', 'gpt2-124m:bf16:spectrum:100', '--out', '$OUT/gpt2_124m_bf16_resident_delayed.json']
