@@ -245,7 +245,8 @@ def test_a_capped_host_run_hands_its_residual_to_the_restarted_loop(monkeypatch)
     inner = lanczos_module.run_delayed_host
     monkeypatch.setattr(lanczos_module, "run_delayed_host", lambda *a: stops.append(inner(*a)) or stops[-1])
     r = lanczos_module.lanczos(lambda v: H @ v, 1200, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
-                               tol=1e-6, max_basis=30, max_iter=3000, which="largest", k=2, delayed="host")
+                               tol=1e-6, max_basis=30, max_iter=3000, which="largest", k=2, delayed="host",
+                               reorth="full")
     assert len(stops) == 1 and stops[0].stop and not stops[0].exhausted
     assert r.restarts >= 1 and r.converged and r.basis_peak <= 30
     top = torch.sort(ev, descending=True).values[:2]

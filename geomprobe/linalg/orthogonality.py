@@ -227,6 +227,11 @@ class OrthogonalityEstimate:
         self._omega[i, :i] = np.abs(row[:i])
         self._omega[:i, i] = self._omega[i, :i]
 
+    def gram_spread(self, m: int) -> float:
+        """Gershgorin's bound ``max_i sum_k |w_{ik}|`` on ``||V^T V - I||`` for the first ``m`` vectors: any
+        combination ``y = V s`` of them has ``||y||^2 >= (1 - spread) ||s||^2``."""
+        return float(self._omega[:m, :m].sum(axis=1).max()) if m else 0.0
+
     def bound_factors(self, U: np.ndarray) -> np.ndarray:
         """The factor by which each residual bound ``beta_m |u_{m,i}|`` widens for the Ritz vector ``V u_i`` of a
         basis whose inner products are the estimated ``w``: ``||V u||^2 >= 1 - |u|^T |W_off| |u|``, so

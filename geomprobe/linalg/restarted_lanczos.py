@@ -61,9 +61,12 @@ def _kept(p: int, k: int, which: str, keep: float, capacity: int) -> list[int]:
 @dataclass
 class RestartFrom:
     """A plain Lanczos run whose basis is full (:func:`geomprobe.linalg.lanczos.lanczos` with ``max_basis``):
-    its stored basis (every vector orthogonalized against the whole basis), ``cur`` the newest vector on the
-    compute device, the tridiagonal's ``alphas`` and ``betas`` (the last the residual's norm ``beta``), the
-    residual ``w`` (orthogonalized, not stored), the matvecs it took, ``sum log beta`` and its asymmetry."""
+    its stored basis (orthonormal, or semi-orthogonal after partial reorthogonalization), ``cur`` the newest
+    vector on the compute device, the tridiagonal's ``alphas`` and ``betas`` (the last the residual's norm
+    ``beta``), the residual ``w`` (orthogonal to the whole basis, not stored), the matvecs it took, ``sum log
+    beta`` and its asymmetry. ``widen``: ``1 / sqrt(1 - s)`` for a bound ``s`` on ``||V^T V - I||`` of that
+    basis, by which every later residual bound widens (any combination of its vectors has a norm of at least
+    ``sqrt(1 - s)`` times its coefficients'). ``passes``: the whole-basis passes it took."""
 
     basis: LanczosBasis
     cur: torch.Tensor
@@ -74,6 +77,8 @@ class RestartFrom:
     matvecs: int
     log_beta: float
     asymmetry: float
+    widen: float = 1.0
+    passes: int | None = None
 
 
 def restarted_lanczos(
@@ -151,6 +156,9 @@ def restarted_lanczos(
     errors = (math.inf, math.inf)
     converged = False
     theta = U = bounds = None
+    widen_by = 1.0 if resume is None else resume.widen
+    # a semi-orthogonal basis handed over: every residual bound widens by the same factor (RestartFrom)
+    widen = None if widen_by == 1.0 else (lambda U: torch.full((U.shape[1],), widen_by, dtype=torch.float64))
 
     def restart(p: int, w: torch.Tensor, beta: float) -> torch.Tensor:
         # keep the Ritz vectors of the ends, continue from the residual; returns the new newest vector
@@ -178,7 +186,7 @@ def restarted_lanczos(
         off = torch.tensor(resume.betas[:-1], dtype=torch.float64)
         S_new += torch.diag(off, 1) + torch.diag(off, -1)
         norm_bound = float(S_new.abs().sum(1).max()) + beta
-        theta, U, bounds, exhausted = ritz_pairs(S_new, beta, bound, dim)
+        theta, U, bounds, exhausted = ritz_pairs(S_new, beta, bound, dim, widen=widen)
         cur = restart(basis.n, resume.w, beta)
         beta_prev = beta
     while True:
@@ -195,7 +203,7 @@ def restarted_lanczos(
         S_new[p - 1, : p - 1] = b
         S_new[p - 1, p - 1] = alpha
         norm_bound = max(norm_bound, float(S_new.abs().sum(1).max()) + beta)
-        theta, U, bounds, exhausted = ritz_pairs(S_new, beta, bound, dim)
+        theta, U, bounds, exhausted = ritz_pairs(S_new, beta, bound, dim, widen=widen)
         if exhausted or p == dim:
             converged = True
             break
@@ -203,7 +211,7 @@ def restarted_lanczos(
             if log_t is None:
                 converged = True
                 break
-            errors = extreme_errors(theta, beta * U[-1, :].abs(), log_beta, log_t, discarded=discarded,
+            errors = extreme_errors(theta, widen_by * beta * U[-1, :].abs(), log_beta, log_t, discarded=discarded,
                                     which=which, rounding=rounding_level(dtype, norm_bound),
                                     limits=certificate_limits(theta, tol))
             if extremes_certified(theta, errors, tol, which):
@@ -221,7 +229,7 @@ def restarted_lanczos(
             prev, cur = cur, basis.append_normalized(w, beta)
         beta_prev = beta
     if log_t is not None:
-        errors = extreme_errors(theta, beta * U[-1, :].abs(), log_beta, log_t, discarded=discarded,
+        errors = extreme_errors(theta, widen_by * beta * U[-1, :].abs(), log_beta, log_t, discarded=discarded,
                                 exhausted=exhausted or p == dim, rounding=rounding_level(dtype, norm_bound))
     return LanczosResult(
         ritz_values=theta,
@@ -239,8 +247,11 @@ def restarted_lanczos(
         extreme_err=errors,
         risk=None if log_t is None else risk,
         log_beta=log_beta,
-        resid=beta * U[-1, :].abs(),
-        reorthogonalizations=matvecs,  # every step against the whole (bounded) basis
-        reorth_regime="full (thick restart)",
+        resid=widen_by * beta * U[-1, :].abs(),
+        # every restarted step against the whole (bounded) basis, and what the plain run before it took
+        reorthogonalizations=matvecs if resume is None or resume.passes is None
+        else resume.passes + matvecs - resume.matvecs,
+        reorth_regime="full (thick restart)" if resume is None or resume.passes is None or resume.passes >= resume.matvecs
+        else "partial until the cap, then full (thick restart)",
         discarded=tuple(discarded),
     )
