@@ -146,9 +146,12 @@ def lanczos(
     ``basis_device="cpu"`` keeps the ``m`` basis vectors in host memory (page-locked for ``reorth="full"``), so the accelerator holds
     only a few vectors of length ``d``; each step then streams the basis through once (block by block,
     each piece applied in place), which costs about ``m d`` bytes of transfer per step.
-    ``max_basis``: at most this many basis vectors are stored; when the run may need more steps than that,
-    :func:`geomprobe.linalg.restarted_lanczos.restarted_lanczos` runs instead (thick restart, same bounds and
-    stopping rule, ``restarts`` counted, more matvecs).
+    ``max_basis``: at most this many basis vectors are stored; when the run may need more steps than that, it
+    runs as above (reorthogonalizing as ``reorth`` asks) until the basis is full and
+    :func:`geomprobe.linalg.restarted_lanczos.restarted_lanczos` continues from it (thick restart, same stopping
+    rule, ``restarts`` counted, more matvecs; a semi-orthogonal basis hands over a residual orthogonal to all of
+    it, one pass, and the later bounds widen by its estimated departure from orthonormality, ~1e-4 relative in
+    float32); with ``tol=0`` or a cap below ``2 * DELAYED_FROM_STEP`` the restarted run takes it from the start.
     ``delayed``: where every remaining step takes a whole-basis pass over a basis offloaded from a CUDA device
     (from step :data:`~geomprobe.linalg.delayed_lanczos.DELAYED_FROM_STEP` on), each pass runs on a second
     stream beside the next product, which is corrected through the Lanczos relation
