@@ -94,3 +94,19 @@ def test_the_cap_saves_the_passes_it_used_to_force():
     assert part.reorthogonalizations < 0.5 * full.reorthogonalizations
     torch.testing.assert_close(part.ritz_values[-1], full.ritz_values[-1], rtol=1e-5, atol=0)
     torch.testing.assert_close(part.ritz_values[0], full.ritz_values[0], rtol=1e-5, atol=0)
+
+
+def test_a_capped_runs_blocks_stop_at_the_cap(monkeypatch):
+    # whole 16-row blocks held up to 15 vectors more than the memory plan counted (a cap of 30: 32 rows)
+    from geomprobe.linalg.krylov_basis import LanczosBasis
+
+    rows = []
+    inner = LanczosBasis._new_block
+    monkeypatch.setattr(LanczosBasis, "_new_block", lambda self, r: rows.append(r) or inner(self, r))
+    ev = _bulk(900, 2)
+    H = _matrix(ev, 2)
+    r = lanczos_module.lanczos(lambda v: H @ v, 900, dtype=torch.float64, generator=torch.Generator().manual_seed(0),
+                               tol=1e-6, max_basis=30, max_iter=2000, k=2, risk=None)
+    assert r.restarts >= 1 and r.converged
+    # the plain run's blocks (16 + 14), then the restarted run reuses that basis
+    assert sum(rows) == 30 and max(rows) == 16

@@ -361,10 +361,16 @@ def test_the_result_says_how_the_run_orthogonalized():
     assert linalg.lanczos(lambda v: v @ dense, 600, tol=1e-4, dtype=torch.float32).reorth_regime == "estimated"
 
 
-def test_a_bounded_memory_run_says_it_reorthogonalized_every_step():
+def test_a_bounded_memory_run_says_how_it_reorthogonalized():
+    # partially until the cap, then every restarted step against the whole (bounded) basis
     A = sym_with_spectrum(SPECTRA["dense_edges"], seed=2, dtype=torch.float64)
     r = linalg.lanczos(lambda v: v @ A, 600, tol=1e-6, max_basis=20, generator=torch.Generator().manual_seed(0))
-    assert r.restarts > 0 and r.reorthogonalizations == r.matvecs and r.reorth_regime == "full (thick restart)"
+    assert r.restarts > 0 and r.reorth_regime == "partial until the cap, then full (thick restart)"
+    assert r.matvecs - 20 < r.reorthogonalizations < r.matvecs
+    full = linalg.lanczos(lambda v: v @ A, 600, tol=1e-6, max_basis=20, generator=torch.Generator().manual_seed(0),
+                          reorth="full")
+    assert full.reorthogonalizations == full.matvecs and full.reorth_regime == "full (thick restart)"
+    assert full.basis_peak <= 20 and r.basis_peak <= 20
 
 
 def test_the_estimate_stays_above_the_inner_products_of_a_transformers_hvps(monkeypatch):

@@ -24,7 +24,7 @@ from .krylov_basis import (
     start_vector,
 )
 from .orthogonality import REORTH_MODES, SELECTIVE_ENDS, OrthogonalityEstimate
-from .restarted_lanczos import RestartFrom, restarted_lanczos
+from .restarted_lanczos import RestartFrom, min_basis, restarted_lanczos
 from .ritz import (
     LanczosResult,
     certificate_limits,
@@ -151,7 +151,7 @@ def lanczos(
     :func:`geomprobe.linalg.restarted_lanczos.restarted_lanczos` continues from it (thick restart, same stopping
     rule, ``restarts`` counted, more matvecs; a semi-orthogonal basis hands over a residual orthogonal to all of
     it, one pass, and the later bounds widen by its estimated departure from orthonormality, ~1e-4 relative in
-    float32); with ``tol=0`` or a cap below ``2 * DELAYED_FROM_STEP`` the restarted run takes it from the start.
+    float32); with ``tol=0`` the restarted run takes it from the start.
     ``delayed``: where every remaining step takes a whole-basis pass over a basis offloaded from a CUDA device
     (from step :data:`~geomprobe.linalg.delayed_lanczos.DELAYED_FROM_STEP` on), each pass runs on a second
     stream beside the next product, which is corrected through the Lanczos relation
@@ -181,7 +181,7 @@ def lanczos(
     restart_options = {"max_basis": max_basis, "k": k, "tol": tol, "max_iter": max_iter, "which": which, "v0": v0,
                            "generator": generator, "dtype": dtype, "device": device, "keep_basis": keep_basis, "bound": bound,
                            "basis_device": basis_device, "risk": risk, "v0_random": v0_random, "space": space}
-    if capped and (tol == 0 or max_basis < 2 * DELAYED_FROM_STEP):
+    if capped and (tol == 0 or max_basis < min_basis(k, which)):  # (the restarted run names a cap too small)
         return restarted_lanczos(matvec, dim, **restart_options)
     # a capped run (tol > 0) runs the plain loop until its basis is full, and restarts only then: most runs
     # converge before (a GPT-2 124M bf16 spectrum: ~100 steps under a cap of 266), and their passes over an
@@ -194,8 +194,10 @@ def lanczos(
     space = space_of(dim, space)
     q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
     # a fixed-length run whose basis is returned (SLQ, the deflated trace) knows its length: one block, no copy
+    # a capped run's blocks stop at the cap (whole 16-row blocks would hold up to 15 vectors more than the memory
+    # plan counted)
     basis = LanczosBasis(space.local_dim, dtype, q.device if basis_device is None else torch.device(basis_device),
-                         q.device, capacity=m_max if tol == 0 and keep_basis else None,
+                         q.device, capacity=max_basis if capped else (m_max if tol == 0 and keep_basis else None),
                          contiguous=tol == 0 and keep_basis, space=space)
     cur = basis.append_normalized(q, 1.0)  # the newest basis vector, on the compute device
     prev = None
