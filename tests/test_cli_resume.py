@@ -247,8 +247,11 @@ def test_sigint_to_the_installed_command_then_resume(tmp_path, ckpts, monkeypatc
     monkeypatch.setenv("SLOW_AT_CALL", "0")  # never slow while counting
     before_second = _loss_calls_per_probe(f"{spec}:spec")  # the pre-flight and the first checkpoint's probe
     env = {**os.environ, "SLOW_MARKER": str(marker), "SLOW_AT_CALL": str(before_second + 1), "OMP_NUM_THREADS": "1"}
+    # a shell's background job starts with SIGINT ignored, and an ignored signal stays ignored in children: the
+    # command must see Ctrl-C as a user's terminal delivers it
     proc = subprocess.Popen([exe, "probe", *map(str, ckpts), "--spec", f"{spec}:spec", "--out", str(out),
-                             "--no-warm-start"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                             "--no-warm-start"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 120
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
