@@ -44,10 +44,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-from .delayed_lanczos import DelayedState
+from .delayed_lanczos import DelayedState, _row
 from .host_arith import lanczos_pass, row_groups
 from .host_fused import host_combine, host_project
-from .krylov_basis import REPASS, LanczosBasis
+from .krylov_basis import REPASS, LanczosBasis, host_vector, orthogonalize_step
 from .vectors import Matvec, matvec_into
 
 __all__ = ["DELAYED_HOST_FROM_STEP", "delayed_host_due", "run_delayed_host"]
@@ -65,17 +65,6 @@ def delayed_host_due(basis: LanczosBasis, every_step: bool, steps: int) -> bool:
     loop: its basis and vectors are in host memory, its remaining steps all take a whole-basis pass, it is not
     sharded, and it has :data:`DELAYED_HOST_FROM_STEP` vectors."""
     return every_step and basis.on_host and not basis.space.sharded and steps >= DELAYED_HOST_FROM_STEP
-
-
-def _host_vector(like: torch.Tensor) -> torch.Tensor:
-    """A host vector like ``like``, page-locked where an accelerator may read it (a streamed HVP's input pieces
-    then copy asynchronously)."""
-    if torch.cuda.is_available():
-        try:
-            return torch.empty_like(like, device="cpu", pin_memory=True)
-        except RuntimeError:
-            pass
-    return torch.empty_like(like, device="cpu")
 
 
 def _tridiagonal_times(alphas: list[float], betas: list[float], c: torch.Tensor) -> torch.Tensor:
@@ -102,7 +91,7 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
     vector orthogonalized and not stored); ``test(beta_m)`` says whether the run stops at the final ``T_m``.
     Cost: one matvec per step, one more per run; two reads of the basis per step on the worker; two fused
     passes over five d-vectors between products. Host memory: four d-vectors besides the basis."""
-    X = _host_vector(w)
+    X = host_vector(w.shape[0], w.dtype)  # page-locked: the product's pieces copy asynchronously
     X.copy_(w)
     Y = basis.work_buffer()  # w may be it: X holds the copy
     Z, U = torch.empty_like(X), torch.empty_like(X)
@@ -161,14 +150,10 @@ def run_delayed_host(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, w: 
             if n < REPASS:
                 # one projection removed most of X: the ordinary loop takes the step from Z projected once more
                 # (this product is not used)
-                groups = row_groups(list(basis._filled()))
-                c2 = lanczos_pass(Z, groups, dots=True)[0]
-                nsq2 = lanczos_pass(Z, groups, sub=c2, norm=True)[1]
-                _finite(torch.cat([c2, nsq2[None]]), step)
-                b = math.sqrt(max(float(nsq2), 0.0))
+                Z, b = orthogonalize_step(basis, Z, nz, step)
                 betas[-1] = b
-                prev = basis.blocks[(basis.n - 2) // basis.block][(basis.n - 2) % basis.block]
-                return DelayedState(stop=False, beta=b, cur=cur, prev=prev, w=Z, extra_matvecs=1, timing=timing)
+                return DelayedState(stop=False, beta=b, cur=cur, prev=_row(basis, basis.n - 2), w=Z, extra_matvecs=1,
+                                    timing=timing)
             s = beta_m * c_m / n
             t0 = time.perf_counter()
             # W' into Y's place, with Z . Y read before it is overwritten

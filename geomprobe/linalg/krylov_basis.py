@@ -29,7 +29,10 @@ from .vectors import (
     vector_norm,
 )
 
-__all__ = ["LanczosBasis", "LanczosMemory", "krylov_step", "lanczos_memory_bytes", "orthogonalize_step", "start_vector"]
+__all__ = [
+    "LanczosBasis", "LanczosMemory", "host_vector", "krylov_step", "lanczos_memory_bytes", "orthogonalize_step",
+    "start_vector",
+]
 
 
 def start_vector(dim: int, v0: torch.Tensor | None, generator: torch.Generator | None, dtype: torch.dtype,
@@ -52,6 +55,17 @@ def start_vector(dim: int, v0: torch.Tensor | None, generator: torch.Generator |
     if not math.isfinite(qn) or qn == 0:
         raise ConfigurationError("the Lanczos start vector is zero or not finite")
     return q.div_(qn)  # a Python scalar: half types scale in float32, not by a norm rounded to their precision
+
+
+def host_vector(dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """An uninitialized ``(dim,)`` host vector, page-locked where an accelerator is present (a matvec streaming
+    through it copies into or out of it asynchronously), else pageable."""
+    if torch.cuda.is_available():
+        try:
+            return torch.empty(dim, dtype=dtype, pin_memory=True)
+        except RuntimeError:  # the driver refused page-locked memory: pageable memory holds the same
+            pass
+    return torch.empty(dim, dtype=dtype)
 
 
 # DGKS criterion: a second Gram-Schmidt pass only when the first removed more than this share of the norm
@@ -308,14 +322,7 @@ class LanczosBasis:
         """A ``(dim,)`` vector in the basis's type and place, allocated once per basis, for the products of a
         basis in host memory (:func:`krylov_step`)."""
         if getattr(self, "_work", None) is None:
-            self._work = None
-            if torch.cuda.is_available():  # a matvec streaming through an accelerator copies into it directly
-                try:
-                    self._work = torch.empty(self.dim, dtype=self.dtype, device=self.device, pin_memory=True)
-                except RuntimeError:
-                    self._work = None
-            if self._work is None:
-                self._work = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+            self._work = host_vector(self.dim, self.dtype)
         return self._work
 
     def append(self, v: torch.Tensor) -> torch.Tensor:
