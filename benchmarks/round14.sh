@@ -11,7 +11,7 @@ run() {  # limit name case max_iter
   echo "$(date +%T) start $2" >> $OUT/a.log
   timeout $1 python3 $S models --cases $3 --metric-options "{\"spectrum\":{\"max_iter\":$4}}" \
     --out $OUT/$2.json >> $OUT/a.log 2>&1
-  echo "$(date +%T) end $2 rc $?" >> $OUT/a.log
+  rc=$?; echo "$(date +%T) end $2 rc $rc" >> $OUT/a.log
 }
 run 150 gpt2_124m_fp32_plan gpt2-124m:fp32:spectrum 40
 run 130 gpt2_355m_bf16_plan gpt2-355m:bf16:spectrum 30

@@ -292,7 +292,8 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         errors=record.get("errors"), cost=record["cost"], train_peak_read_by_probe_mib=record["cost"].get("train_peak_mib"),
         spectrum={k: record["spectrum"].get(k) for k in ("lambda_max", "lambda_max_err", "lambda_min",
                                                           "lambda_min_err", "converged", "hvps", "steps",
-                                                          "reorthogonalizations", "reorth_regime")}
+                                                          "reorthogonalizations", "reorth_regime",
+                                                          "hvp_asymmetry")}
         if isinstance(record.get("spectrum"), dict) else None,
     )
     grad_like = per_metric.get("noise", {}).get("seconds", 0.0)  # gradients, not the probe's own work
