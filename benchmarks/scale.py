@@ -188,6 +188,18 @@ def profile_rows_of(prof: cProfile.Profile, rows: int) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- one model
+def hvp_clock_lines(t0: float, every: int = 5):
+    """A progress callback: a line on stderr at each metric's start and end and every ``every`` HVPs, with the
+    seconds since ``t0``, so that a case a time limit kills still says how far it got and how fast it went."""
+
+    def report(ev) -> None:
+        if ev.kind in ("start", "end") or (ev.kind == "advance" and ev.hvps % every == 0):
+            print(f"[{time.perf_counter() - t0:8.1f} s] {ev.kind} {ev.metric} hvps {ev.hvps}", file=sys.stderr,
+                  flush=True)
+
+    return report
+
+
 def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, out_dir: str,
                   noise_batches: int, peak_ratio: float = 1.5, metric_options: dict | None = None,
                   profile_rows: int = 0) -> dict:
@@ -244,7 +256,7 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
     chosen = {m: dict((metric_options or {}).get(m, {})) for m in metrics}
     probe = gp.GeometryProbe(model, loss_fn, probe_data=[batch], metrics=chosen, noise_data=noise,
                              schedule=gp.every(10**9), run_dir=run_dir, force=True,
-                             peak_ratio=peak_ratio)
+                             peak_ratio=peak_ratio, progress=hvp_clock_lines(time.perf_counter()))
     probe.attach(opt, probe_now=False)
     per_metric: dict[str, dict] = {}
     run_metric = probe._run_metric
