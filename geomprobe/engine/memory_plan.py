@@ -15,7 +15,11 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   the model's dtype, no float64 copies), and its basis: ``basis_vectors`` vectors on the device, none there
   when the basis lives in host memory, ``max_basis`` vectors when the bounded-memory Lanczos holds fewer;
   with the basis in host memory, two more (``items["delayed_work"]``) where they fit, for the passes that run
-  beside the products (:mod:`~geomprobe.linalg.delayed_lanczos`).
+  beside the products (:mod:`~geomprobe.linalg.delayed_lanczos`); with float32 or float64 vectors,
+  ``SELECTIVE_VECTORS`` more (``items["selective_work"]``) where they fit beside the basis, for the converged
+  Ritz vectors selective orthogonalization keeps (:mod:`~geomprobe.linalg.orthogonality`; never with the
+  delayed loop's two, which run only once every step is a whole-basis pass). Where they do not fit, the
+  metrics run Lanczos with ``selective=False`` (whole-basis steps instead).
 - **host vectors** (:mod:`~geomprobe.engine.host_stream`): none of the d-vectors above on the device (the
   gradient, the HVP's vectors, Lanczos' working vectors and basis live in host memory); an HVP holds its
   double backward's temporaries and one input and one output piece of the largest parameter
@@ -72,6 +76,7 @@ import torch
 
 from ..errors import ConfigurationError
 from ..linalg.delayed_lanczos import DELAYED_EXTRA_VECTORS
+from ..linalg.orthogonality import SELECTIVE_VECTORS
 
 __all__ = [
     "MemoryBudget", "MemoryPlan", "plan_memory", "budget_bytes", "device_memory", "host_available_bytes",
@@ -279,6 +284,17 @@ def place_basis(m_req: int, vector_bytes: int, room: float | None, host_bytes: i
     if bounded_basis and host_room // bv >= MIN_BOUNDED_BASIS:
         return "cpu", int(host_room // bv), True
     return (None if host_is_device else "cpu"), (MIN_BOUNDED_BASIS if bounded_basis else None), False
+
+
+def selective_room(need: int, itemsize: int, on_device: bool, room: int | None) -> int:
+    """The bytes a plan counts for selective orthogonalization's kept Ritz vectors (``need``, on the compute
+    device): all of them where ``room`` (what the budget leaves beside the Lanczos phase; None: no budget) holds
+    them and the vectors are float32 or float64; else 0, and the run goes without (``selective=False``). A
+    half-precision product's own asymmetry keeps its runs out of that regime (:mod:`~geomprobe.linalg
+    .orthogonality`), so nothing is held for them; vectors in host memory take none of the device's."""
+    if not on_device or itemsize < 4:
+        return 0
+    return need if room is None or need <= room else 0
 
 
 def plan_memory(
@@ -496,7 +512,9 @@ def plan_memory(
         extra = DELAYED_EXTRA_VECTORS * v
         if budget is None or graphs + one_hvp + lanczos_work + extra <= budget:
             delayed_work = extra
-    lanczos_phase = one_hvp + lanczos_work + basis_on_device + delayed_work
+    selective_work = selective_room(SELECTIVE_VECTORS * v, itemsize, not host,
+                                    None if budget is None else budget - graphs - one_hvp - lanczos_work - basis_on_device)
+    lanczos_phase = one_hvp + lanczos_work + basis_on_device + max(delayed_work, selective_work)
     persample_phase = stats_fixed + (row if per_bytes is None or row == 0 else max(row, (per_bytes // row) * row))
     peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)
     if budget is not None and peak > budget:
@@ -526,6 +544,7 @@ def plan_memory(
         "hvp_phase": hvp_phase,
         "lanczos_work": lanczos_work,
         "delayed_work": delayed_work,
+        "selective_work": selective_work,
         "basis_on_device": basis_on_device,
         "basis_full": m_req * bv,
         "lanczos_phase": lanczos_phase,

@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..linalg.orthogonality import SELECTIVE_VECTORS
 from .memory_plan import (
     DEFAULT_BASIS_VECTORS,
     DEFAULT_CHUNK_SIZE,
@@ -75,6 +76,7 @@ from .memory_plan import (
     _pieces,
     budget_bytes,
     place_basis,
+    selective_room,
 )
 
 __all__ = ["BLOCK_VECTORS", "GRAPH_FACTOR", "HOST_VECTORS", "STREAM_PIECES", "ShardedMemoryPlan", "plan_sharded_exact"]
@@ -248,7 +250,9 @@ def plan_sharded_exact(
     basis_on_device = 0 if basis_device == "cpu" or (basis_device is None and not on_device) else stored * L
     build_phase = D if chunk > 1 else pieces_bytes
     hvp_phase = stream(m, on_device) if chunk == 1 else chunk * per_block_vector
-    lanczos_phase = stream(m, on_device) + lanczos_work(on_device) + basis_on_device
+    selective_work = selective_room(SELECTIVE_VECTORS * L, itemsize, on_device, None if budget is None else
+                                    budget - graphs - stream(m, on_device) - lanczos_work(on_device) - basis_on_device)
+    lanczos_phase = stream(m, on_device) + lanczos_work(on_device) + basis_on_device + selective_work
     peak = graphs + max(build_phase, hvp_phase, lanczos_phase)
     if budget is not None and peak > budget:
         fits = False
@@ -262,7 +266,8 @@ def plan_sharded_exact(
         "graph_per_piece": int(s * m), "graphs_kept": kept, "graph_rebuilt": rebuilt,
         "block_gradients": block_grads if chunk > 1 else 0, "build_gradient": build_phase,
         "stream_hvp": stream(m, on_device), "hvp_phase": hvp_phase, "lanczos_work": lanczos_work(on_device),
-        "basis_on_device": basis_on_device, "basis_full": m_req * L, "lanczos_phase": lanczos_phase,
+        "basis_on_device": basis_on_device, "basis_full": m_req * L, "selective_work": selective_work,
+        "lanczos_phase": lanczos_phase,
         "host_vectors": 0 if on_device else host_need + (0 if basis_on_device else stored * L),
     }
     return ShardedMemoryPlan(

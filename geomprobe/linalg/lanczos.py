@@ -86,6 +86,7 @@ def lanczos(
     space: VectorSpace | None = None,
     reorth: str = "partial",
     delayed: bool | str = True,
+    selective: bool = True,
 ) -> LanczosResult:
     """Lanczos with partial (default) or full reorthogonalization for the extreme eigenvalues of a symmetric
     matvec.
@@ -162,6 +163,9 @@ def lanczos(
     memory, on a CPU thread (:mod:`~geomprobe.linalg.delayed_host`, from step
     :data:`~geomprobe.linalg.delayed_host.DELAYED_HOST_FROM_STEP`; four host d-vectors besides the basis;
     measured slower on a 1B bf16 model, whose streamed products need the same host).
+    ``selective``: whether the partial regime may keep converged Ritz vectors on the compute device (up to
+    :data:`~geomprobe.linalg.orthogonality.SELECTIVE_VECTORS` d-vectors beside the basis); ``False`` (a memory
+    plan without room for them) takes whole-basis steps where it would have, with the same Ritz values.
     ``space``: a :class:`~geomprobe.linalg.space.ShardedSpace` when each process holds a slice of every vector
     (a sharded model): ``matvec`` then maps slices to slices, the random start is the same global vector
     whatever the layout, every inner product is reduced over the holders (one small collective per
@@ -208,7 +212,7 @@ def lanczos(
     theta = U = bounds = None
     asym = log_beta = 0.0
     errors = (math.inf, math.inf)
-    ortho = OrthogonalityEstimate(dtype, dim) if reorth == "partial" else None
+    ortho = OrthogonalityEstimate(dtype, dim, selective=selective) if reorth == "partial" else None
     # Ritz vectors of a semi-orthogonal basis are not quite unit vectors: their residuals widen (orthogonality.py)
     widen = None if ortho is None else (lambda U: torch.from_numpy(ortho.bound_factors(U.numpy())))
 

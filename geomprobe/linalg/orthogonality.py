@@ -30,7 +30,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["REORTH_MODES", "OrthogonalityEstimate", "injection_eps", "orthogonality_eps", "spread_eps"]
+__all__ = ["REORTH_MODES", "SELECTIVE_VECTORS", "OrthogonalityEstimate", "injection_eps", "orthogonality_eps", "spread_eps"]
 
 REORTH_MODES = ("partial", "full")
 # A pass the estimate asks for within this many steps of the previous pair ends the estimated regime: an
@@ -41,6 +41,7 @@ REORTH_MODES = ("partial", "full")
 # Scott 1979), or, where that does not hold, orthogonalizes every step against the whole basis.
 SWITCH_WINDOW = 3
 SELECTIVE_ENDS = 2  # converged Ritz vectors the selective regime keeps at each end (d-vectors on the device)
+SELECTIVE_VECTORS = 2 * SELECTIVE_ENDS  # the most it holds: what a memory plan counts for it
 ASYMMETRY_FLOOR = 0.1  # asymmetry below this times sqrt(eps) ||T|| is taken for the inner products' rounding
 EXACT_ENDS = 8  # Ritz vectors at each end whose bound factor is computed exactly (bound_factors)
 # The measured inner products stayed below the estimate at 30 (largest ratio 0.74 over three spectra, two seeds,
@@ -90,7 +91,9 @@ class OrthogonalityEstimate:
     the norm of the unnormalized next vector after its three-term step and its local pass against ``v_j`` and
     ``v_{j-1}``) and a bound on ``||H||``; it returns whether that vector must be orthogonalized against the
     whole basis before it is stored. After such a pass, call :meth:`orthogonalized`. Cost: ``O(j)`` float64
-    operations per step, no matvec, no vector read.
+    operations per step, no matvec, no vector read. ``selective=False``: where passes come back to back the run
+    goes to whole-basis steps even where selective orthogonalization would hold (a memory plan without room for
+    the :data:`SELECTIVE_VECTORS` Ritz vectors it keeps).
 
     The estimate: with ``H v_i = beta_{i-1} v_{i-1} + alpha_i v_i + beta_i v_{i+1} + f_i`` and ``||f_i|| <=
     eps ||H||``, symmetry of ``H`` gives, for ``k < j``::
@@ -103,7 +106,7 @@ class OrthogonalityEstimate:
     measured ``V^T V`` on matrices whose Ritz values converge to working precision.
     """
 
-    def __init__(self, dtype: torch.dtype, dim: int, *, threshold: float | None = None):
+    def __init__(self, dtype: torch.dtype, dim: int, *, threshold: float | None = None, selective: bool = True):
         self.eps = orthogonality_eps(dtype, dim)
         self.psi = injection_eps(dtype, dim)
         self.acc_eps = torch.finfo(torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype).eps
@@ -120,6 +123,7 @@ class OrthogonalityEstimate:
         self._last_pass = -SWITCH_WINDOW - 1    # the step of the last pass
         self.always = False                     # passes come back to back: every step is one from now on
         self.selective = False                  # ... or selective orthogonalization against converged Ritz vectors
+        self.may_keep = bool(selective)         # False: no room for the Ritz vectors selective orthogonalization keeps
         self.regime = "estimated"               # how the run ended up orthogonalizing, and from which step why
         self.spread_eps = spread_eps(dtype, dim)  # one step's storage rounding along a fixed direction
 
@@ -163,12 +167,14 @@ class OrthogonalityEstimate:
             # matvec whose rounding, spread over the vector, stays far below the threshold over a whole run;
             # else (a matvec with its own asymmetric error; half-precision vectors of few entries, whose
             # rounding leaks orthogonality along every direction) whole-basis steps
-            if own == 0.0 and self.spread_eps * math.sqrt(300) < 0.1 * self.threshold:
+            holds = own == 0.0 and self.spread_eps * math.sqrt(300) < 0.1 * self.threshold
+            if holds and self.may_keep:
                 self.selective = True
                 self.regime = f"selective from step {self.steps}"
             else:
                 self.always = True
-                why = "the matvec's asymmetry" if own > 0.0 else "the storage rounding over few entries"
+                why = ("no room for the converged Ritz vectors" if holds else
+                       "the matvec's asymmetry" if own > 0.0 else "the storage rounding over few entries")
                 self.regime = f"whole-basis from step {self.steps} ({why})"
         if not due:
             self.level = max(self.level, worst)

@@ -238,6 +238,26 @@ def stratified_quantile_ci(strata: Sequence[tuple[np.ndarray, int, bool]], p: fl
     return lo, hi
 
 
+def plan_options(land: Any) -> dict[str, bool]:
+    """The Lanczos options a memory plan decides for runs on ``land``: ``delayed`` (:func:`delayed_fits`) and
+    ``selective`` (:func:`selective_fits`)."""
+    return {"delayed": delayed_fits(land), "selective": selective_fits(land)}
+
+
+def selective_fits(land: Any) -> bool:
+    """Whether a Lanczos run on ``land`` may keep converged Ritz vectors for selective orthogonalization (up to
+    :data:`~geomprobe.linalg.orthogonality.SELECTIVE_VECTORS` d-vectors beside its basis): where the memory plan
+    counted them (``items["selective_work"]``), where the vectors live in host memory (none on the device), and
+    always without a budget. Else the run takes whole-basis steps where it would have kept them."""
+    plan = getattr(land, "plan", None)
+    if getattr(plan, "budget_bytes", None) is None:
+        return True
+    if getattr(plan, "vectors", None) == "host" or getattr(plan, "vector_device", None) == "cpu":
+        return True
+    items = plan.items if isinstance(getattr(plan, "items", None), dict) else {}
+    return items.get("selective_work", 0) > 0
+
+
 def delayed_fits(land: Any) -> bool:
     """Whether a Lanczos run on ``land`` may run its passes over an offloaded basis beside the products
     (:mod:`geomprobe.linalg.delayed_lanczos`), which holds

@@ -119,7 +119,7 @@ from ..linalg.space import VectorSpace
 from ..linalg.vectors import device_generator, rademacher
 from ..stats.sequential import repeated_t
 from ._budget import check_rel_tol
-from ._common import checked, half_width, resolve_generator
+from ._common import checked, half_width, resolve_generator, selective_fits
 from .registry import register
 from .shared import Reuse
 from .spectrum import vector_device
@@ -416,7 +416,7 @@ def density(
                 # drawn as spectrum's start_vector draws it (a large host vector by threads: VectorSpace)
                 u = VectorSpace(d).gaussian(gen, land.dtype, vector_device(land))
                 r = lanczos(mv, d, tol=0.0, max_iter=m, v0=u.to(land.device), dtype=land.dtype, device=land.device,
-                            basis_device=basis_device)
+                            basis_device=basis_device, selective=selective_fits(land))
                 del u
                 runs.append(_run(r, d, m))
                 first_start = "rerun"
@@ -439,7 +439,8 @@ def density(
         if n >= n_v:
             break
         z = rademacher(d, gen, land.dtype, land.device)
-        r = lanczos(mv, d, tol=0.0, max_iter=m, v0=z, dtype=land.dtype, device=land.device, basis_device=basis_device)
+        r = lanczos(mv, d, tol=0.0, max_iter=m, v0=z, dtype=land.dtype, device=land.device, basis_device=basis_device,
+                    selective=selective_fits(land))
         runs.append(_run(r, d, m))
     n = len(runs)
     own = [r for r in runs if not r.received]

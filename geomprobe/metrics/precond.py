@@ -34,7 +34,7 @@ import torch
 
 from ..errors import ConfigurationError, OptimizerStateError
 from ..linalg.lanczos import lanczos
-from ._common import checked, delayed_fits, resolve_generator, select_blocks
+from ._common import checked, plan_options, resolve_generator, select_blocks
 from ._reads import read_scaled_candidates
 from .registry import register
 from .rmed import READ_OPTIONS, diagonal_statistics, shared_diagonal
@@ -300,7 +300,7 @@ def precond(
     # The product in preconditioned coordinates; works for a vector (d,) and a block (k, d) alike.
     mv = checked(lambda v: s * land.hvp(s * v), "preconditioned Hessian-vector product")
     r = lanczos(mv, land.dim, k=k, tol=tol, max_iter=max_iter, generator=resolve_generator(seed, generator),
-                dtype=land.dtype, device=land.device, basis_device=basis_device, delayed=delayed_fits(land))
+                dtype=land.dtype, device=land.device, basis_device=basis_device, **plan_options(land))
     out = lanczos_summary(r, k)
     hvps = r.matvecs
     converged = bool(r.converged)

@@ -17,7 +17,7 @@ import torch
 from ..errors import ConfigurationError
 from ..linalg.lanczos import lanczos
 from ..linalg.vectors import default_generator
-from ._common import delayed_fits
+from ._common import plan_options
 
 __all__ = ["RitzVectors", "extreme_ritz", "keep_ritz"]
 
@@ -80,7 +80,7 @@ def extreme_ritz(land: Any, end: str, k: int = 1, *, tol: float = 1e-3, max_iter
         return held.first(k)
     r = lanczos(land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which="largest" if end == "top" else "smallest",
                 generator=default_generator(seed), dtype=land.dtype, device=where, keep_basis=True,
-                basis_device=basis_device, delayed=delayed_fits(land))
+                basis_device=basis_device, **plan_options(land))
     n = len(r.ritz_values)
     k = min(k, n)
     idx = list(range(n - 1, n - 1 - k, -1)) if end == "top" else list(range(k))

@@ -11,7 +11,7 @@ from ..errors import ConfigurationError
 from ..linalg.certify import DEFAULT_RISK
 from ..linalg.lanczos import LanczosResult, extremes_converged, lanczos
 from ..linalg.vectors import default_generator
-from ._common import delayed_fits
+from ._common import plan_options
 from .registry import CostPlan, PlanContext, register
 from .ritz_vectors import keep_ritz
 from .shared import RAW_SPECTRUM, Reuse, lanczos_key
@@ -58,7 +58,7 @@ def run_lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
         generator=generator or default_generator(seed), dtype=land.dtype, device=vector_device(land),
         keep_basis=keep_basis, bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk,
-        space=getattr(land, "vector_space", None), reorth=reorth, delayed=delayed_fits(land),
+        space=getattr(land, "vector_space", None), reorth=reorth, **plan_options(land),
     )
     widen_by_matvec_error(land, r, mark, k, tol, which)
     if cacheable:
@@ -272,7 +272,7 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
     # the start's random part (weight warm.mix, independent of H) is what certifies the extremes
     mark = len(getattr(land, "hvp_errors", ()))
     r = lanczos(land.hvp, land.dim, k=k, v0=v0, generator=gen, dtype=land.dtype, device=vector_device(land),
-                keep_basis=True, v0_random=float(warm.mix) if v0 is not None else 0.0, delayed=delayed_fits(land),
+                keep_basis=True, v0_random=float(warm.mix) if v0 is not None else 0.0, **plan_options(land),
                 **options)
     widen_by_matvec_error(land, r, mark, k, options["tol"], options.get("which", "both"))
     n = len(r.ritz_values)
