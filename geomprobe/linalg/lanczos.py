@@ -151,8 +151,10 @@ def lanczos(
     runs as above (reorthogonalizing as ``reorth`` asks) until the basis is full and
     :func:`geomprobe.linalg.restarted_lanczos.restarted_lanczos` continues from it (thick restart, same stopping
     rule, ``restarts`` counted, more matvecs; a semi-orthogonal basis hands over a residual orthogonal to all of
-    it, one pass, and the later bounds widen by its estimated departure from orthonormality, ~1e-4 relative in
-    float32); with ``tol=0`` the restarted run takes it from the start.
+    it, one pass, and the restarted run goes on reorthogonalizing partially with the same estimate, which
+    follows the kept Ritz vectors through each restart and widens the later bounds by the basis's estimated
+    departure from orthonormality, ~1e-3 relative at most in float32); with ``tol=0`` the restarted run takes it
+    from the start (every step a pass).
     ``delayed``: where every remaining step takes a whole-basis pass over a basis offloaded from a CUDA device
     (from step :data:`~geomprobe.linalg.delayed_lanczos.DELAYED_FROM_STEP` on), each pass runs on a second
     stream beside the next product, which is corrected through the Lanczos relation
@@ -328,7 +330,8 @@ def lanczos(
         # the basis is full: the thick-restart run continues from this one's decomposition. A semi-orthogonal
         # basis (partial reorthogonalization) hands over a residual orthogonal to all of it (one pass, unless
         # every step took one), so that the kept Ritz vectors' couplings are the decomposition's; their own
-        # inner products stay at the estimated level, by which the restarted bounds widen
+        # inner products stay at the estimated level, by which the restarted bounds widen, and the restarted
+        # run goes on partially with the same estimate unless every step had come to take a pass
         widen_by = 1.0
         if ortho is not None:
             if not ortho.always:
@@ -340,7 +343,8 @@ def lanczos(
         return restarted_lanczos(matvec, dim, **restart_options, resume=RestartFrom(
             basis=basis, cur=cur, alphas=alphas, betas=betas, w=w, beta=beta, matvecs=len(alphas) + extra_matvecs,
             log_beta=log_beta, asymmetry=asym, widen=widen_by,
-            passes=ortho.full_passes if ortho is not None else len(alphas)))
+            passes=ortho.full_passes if ortho is not None else len(alphas),
+            ortho=ortho if ortho is not None and not ortho.always else None))
     steps = len(alphas)
     kept.clear()
     if log_t is not None:

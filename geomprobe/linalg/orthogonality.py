@@ -137,20 +137,51 @@ class OrthogonalityEstimate:
         j = len(alphas) - 1
         a = np.asarray(alphas, dtype=np.float64)
         b = np.asarray(betas, dtype=np.float64)
-        bj = b[j] if b[j] > 0 else np.finfo(np.float64).tiny
-        # the measured asymmetry includes the rounding of its own inner products, which grows with d (7 eps ||T||
-        # for a float32 CPU HVP of a 0.9M-parameter MLP, more at 10M, where taking it whole asked for a pass at
-        # 85 of 93 steps); only what exceeds ASYMMETRY_FLOOR sqrt(eps) ||T|| is taken for the matvec's own error
-        own = max(0.0, asymmetry - ASYMMETRY_FLOOR * math.sqrt(self.acc_eps) * max(norm, 0.0))
-        inject = max(self.psi * max(norm, 0.0), 2.0 * own)
-        local = inject / bj
+        own, inject = self._injection(norm, asymmetry)
         new = np.empty(j + 2)
         if j >= 1:
             cur, prev = self._cur, self._prev
             t = b[:j] * cur[1 : j + 1] + (a[:j] - a[j]) * cur[:j] - b[j - 1] * prev[:j]
             t[1:] += b[: j - 1] * cur[: j - 1]
-            t += np.where(t >= 0, 1.0, -1.0) * inject
-            new[:j] = t / bj
+            new[:j] = self._signed(t, inject) / self._beta(b[j])
+        return self._decide(new, j, inject / self._beta(b[j]), own)
+
+    def advance_projected(self, S: np.ndarray, beta: float, beta_prev: float, norm: float,
+                          asymmetry: float = 0.0) -> bool:
+        """:meth:`advance` for a basis whose projection ``S = V^T H V`` (``(j+1) x (j+1)``, its last vector
+        ``v_j`` the newest, ``S[j, j] = alpha_j``) is not tridiagonal: the thick restart's arrowhead of kept Ritz
+        vectors followed by a tridiagonal (:mod:`.restarted_lanczos`). The new vector ``beta v_{j+1} = H v_j -
+        alpha_j v_j - beta_prev v_{j-1}`` has, for ``k < j - 1``, ``beta w_{j+1,k} = sum_l S_{kl} w_{j,l} -
+        alpha_j w_{j,k} - beta_prev w_{j-1,k}`` plus the rounding and asymmetry terms, the tridiagonal
+        recurrence when ``S`` is tridiagonal. Call it only for a three-term step whose predecessor is known
+        (``v_{j-1}``): the first step after a restart is orthogonalized whole (:meth:`passed`). Cost ``O(j^2)``
+        float64 operations."""
+        S = np.asarray(S, dtype=np.float64)
+        j = S.shape[0] - 1
+        own, inject = self._injection(norm, asymmetry)
+        cur, prev = self._cur, self._prev
+        new = np.empty(j + 2)
+        t = S[:j, :] @ cur[: j + 1] - S[j, j] * cur[:j] - beta_prev * prev[:j]
+        new[:j] = self._signed(t, inject) / self._beta(beta)
+        return self._decide(new, j, inject / self._beta(beta), own)
+
+    def _injection(self, norm: float, asymmetry: float) -> tuple[float, float]:
+        # the measured asymmetry includes the rounding of its own inner products, which grows with d (7 eps ||T||
+        # for a float32 CPU HVP of a 0.9M-parameter MLP, more at 10M, where taking it whole asked for a pass at
+        # 85 of 93 steps); only what exceeds ASYMMETRY_FLOOR sqrt(eps) ||T|| is taken for the matvec's own error
+        own = max(0.0, asymmetry - ASYMMETRY_FLOOR * math.sqrt(self.acc_eps) * max(norm, 0.0))
+        return own, max(self.psi * max(norm, 0.0), 2.0 * own)
+
+    @staticmethod
+    def _beta(beta: float) -> float:
+        return beta if beta > 0 else float(np.finfo(np.float64).tiny)
+
+    @staticmethod
+    def _signed(t: np.ndarray, inject: float) -> np.ndarray:
+        # the rounding term with the sign that makes |w| grow (the usual pessimistic choice)
+        return t + np.where(t >= 0, 1.0, -1.0) * inject
+
+    def _decide(self, new: np.ndarray, j: int, local: float, own: float) -> bool:
         # the local pass keeps the new vector orthogonal to the last two to rounding
         new[max(j - 1, 0) : j + 1] = local
         new[j + 1] = 1.0
@@ -179,6 +210,42 @@ class OrthogonalityEstimate:
         if not due:
             self.level = max(self.level, worst)
         return due
+
+    def passed(self) -> None:
+        """The newest vector's own step ran a whole-basis pass (the first step after a thick restart, whose
+        vector couples to every kept Ritz vector): its inner products are at rounding level. Not a pass the
+        estimate asked for (the back-to-back rule does not see it)."""
+        j = len(self._cur) - 1
+        new = np.empty(j + 2)
+        new[: j + 1] = self.psi * np.where(self._signs.random(j + 1) < 0.5, -1.0, 1.0)
+        new[j + 1] = 1.0
+        self._prev, self._cur = self._cur, new
+        self._store(j + 1, new)
+        self.steps += 1
+        self.full_passes += 1
+
+    def restarted(self, U: np.ndarray) -> None:
+        """A thick restart replaced the ``p`` stored vectors ``V`` by the ``l`` Ritz vectors ``Y = V U``
+        (``U``: ``p x l``, orthonormal columns) and appended the residual, made orthogonal to every old vector
+        first. ``Y^T Y - I = U^T E U`` with ``E = V^T V - I``, so ``||Y^T Y - I|| <= ||E|| <= rho(|W|)`` for the
+        estimated entries ``|W| >= |E|`` (Perron), plus the rotation's rounding: the kept block is stored as
+        ``sigma I``, which bounds every quadratic form of it (what :meth:`bound_factors` and
+        :meth:`gram_spread` read; the recurrence reads only the newest vectors' rows). An entrywise bound
+        ``|U|^T |W| |U|`` would grow by up to ``p`` at every restart. The residual's inner product with ``y_i``
+        is at most ``psi ||u_i||_1``. The estimate continues from there (:meth:`passed` for the first step,
+        then :meth:`advance_projected`). Cost: one ``p x p`` symmetric eigenvalue problem."""
+        U = np.abs(np.asarray(U, dtype=np.float64))
+        p, l = U.shape
+        W = self._omega[:p, :p]
+        sigma = (float(np.linalg.eigvalsh(W)[-1]) if p else 0.0) + self.psi * p
+        r = self.psi * U.sum(axis=0)
+        self._omega = np.zeros((2 * (l + 2), 2 * (l + 2)))
+        self._omega[:l, :l] = sigma * np.eye(l)
+        self._omega[l, :l] = self._omega[:l, l] = r
+        self._cur = np.append(r * np.where(self._signs.random(l) < 0.5, -1.0, 1.0), 1.0)
+        self._prev = np.zeros(0)
+        self._force = self._chain = False
+        self.level = max(self.level, sigma)
 
     def selective_step(self) -> None:
         """A step of the selective regime: the new vector is kept orthogonal to the converged Ritz vectors, where

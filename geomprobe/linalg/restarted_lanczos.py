@@ -24,7 +24,8 @@ import torch
 
 from ..errors import ConfigurationError
 from .certify import DEFAULT_RISK, extreme_errors, rounding_level, start_threshold
-from .krylov_basis import LanczosBasis, krylov_step, start_vector
+from .krylov_basis import LanczosBasis, krylov_step, orthogonalize_step, start_vector
+from .orthogonality import OrthogonalityEstimate
 from .ritz import (
     LanczosResult,
     certificate_limits,
@@ -66,7 +67,9 @@ class RestartFrom:
     ``beta``), the residual ``w`` (orthogonal to the whole basis, not stored), the matvecs it took, ``sum log
     beta`` and its asymmetry. ``widen``: ``1 / sqrt(1 - s)`` for a bound ``s`` on ``||V^T V - I||`` of that
     basis, by which every later residual bound widens (any combination of its vectors has a norm of at least
-    ``sqrt(1 - s)`` times its coefficients'). ``passes``: the whole-basis passes it took."""
+    ``sqrt(1 - s)`` times its coefficients'). ``passes``: the whole-basis passes it took. ``ortho``: its
+    orthogonality estimate, when it reorthogonalized partially and not yet at every step: the restarted run
+    then goes on partially (its bounds widened by the estimate instead of ``widen``)."""
 
     basis: LanczosBasis
     cur: torch.Tensor
@@ -79,6 +82,7 @@ class RestartFrom:
     asymmetry: float
     widen: float = 1.0
     passes: int | None = None
+    ortho: OrthogonalityEstimate | None = None
 
 
 def restarted_lanczos(
@@ -105,8 +109,9 @@ def restarted_lanczos(
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric matvec by thick-restart Lanczos, storing at most ``max_basis`` vectors.
 
-    Expands like :func:`geomprobe.linalg.lanczos.lanczos` (each new vector orthogonalized twice against the
-    whole stored basis); when ``max_basis`` vectors are stored it keeps the Ritz vectors of the ``keep``
+    Expands like :func:`geomprobe.linalg.lanczos.lanczos` (each new vector orthogonalized against the whole
+    stored basis, or, resumed from a partially reorthogonalized run, against its two predecessors and the whole
+    basis only at each restart's first step and where the estimate asks: ``resume.ortho``); when ``max_basis`` vectors are stored it keeps the Ritz vectors of the ``keep``
     share of the basis (0.6 by default, split evenly between the two ends for ``which="both"``, never fewer
     than ``k`` per end) and continues from the residual direction ``v_{p+1}``. Bounds: for every reported
     Ritz value, ``|lambda - theta_i| <= ||H y_i - theta_i y_i|| = beta_p |u_{p,i}|`` in the current (restarted)
@@ -156,15 +161,28 @@ def restarted_lanczos(
     errors = (math.inf, math.inf)
     converged = False
     theta = U = bounds = None
-    widen_by = 1.0 if resume is None else resume.widen
-    # a semi-orthogonal basis handed over: every residual bound widens by the same factor (RestartFrom)
-    widen = None if widen_by == 1.0 else (lambda U: torch.full((U.shape[1],), widen_by, dtype=torch.float64))
+    # a run handed over with its orthogonality estimate goes on reorthogonalizing partially: the estimate follows
+    # the kept Ritz vectors through each restart and widens every bound by its Ritz vector's estimated norm
+    ortho = resume.ortho if resume is not None and resume.ortho is not None and not resume.ortho.always else None
+    widen_by = 1.0 if resume is None or ortho is not None else resume.widen
+    if ortho is not None:
+        def widen(U: torch.Tensor) -> torch.Tensor:
+            return torch.from_numpy(ortho.bound_factors(U.numpy()))
+    else:
+        # a semi-orthogonal basis handed over: every residual bound widens by the same factor (RestartFrom)
+        widen = None if widen_by == 1.0 else (lambda U: torch.full((U.shape[1],), widen_by, dtype=torch.float64))
+
+    def resid(beta: float, U: torch.Tensor) -> torch.Tensor:
+        r = beta * U[-1, :].abs()
+        return r if widen is None else r * widen(U)
 
     def restart(p: int, w: torch.Tensor, beta: float) -> torch.Tensor:
         # keep the Ritz vectors of the ends, continue from the residual; returns the new newest vector
         nonlocal S, b, coupled, restarts, prev
         kept = _kept(p, k, which, keep, max_basis)
         discarded.extend(float(theta[i]) for i in sorted(set(range(p)) - set(kept)))
+        if ortho is not None:
+            ortho.restarted(U[:, kept].numpy())
         basis.rotate(U[:, kept])
         S = torch.diag(theta[kept])
         b = beta * U[-1, kept]
@@ -190,12 +208,16 @@ def restarted_lanczos(
         cur = restart(basis.n, resume.w, beta)
         beta_prev = beta
     while True:
-        w, coeffs, beta = krylov_step(matvec, basis, cur, dim, dtype, matvecs + 1, prev, beta_prev)
+        # partially: a three-term step against its two predecessors alone, and the whole basis only where the
+        # estimate asks; the first step after a restart (its vector couples to every kept one) is whole
+        local = ortho is not None and not ortho.always and prev is not None
+        w, coeffs, beta = krylov_step(matvec, basis, cur, dim, dtype, matvecs + 1, prev, beta_prev, local=local)
         matvecs += 1
-        log_beta += math.log(beta) if beta > 0 else -math.inf
         p = basis.n
         alpha = float(coeffs[-1])
-        if coupled:
+        if local:  # the coefficients are the predecessor's and its own: the coupling measured is beta_prev's
+            asym = max(asym, abs(float(coeffs[-2]) - float(b[coupled[-1]])))
+        elif coupled:
             asym = max(asym, float((coeffs[coupled] - b[coupled]).abs().max()))
         S_new = torch.zeros(p, p, dtype=torch.float64)
         S_new[: p - 1, : p - 1] = S
@@ -203,6 +225,15 @@ def restarted_lanczos(
         S_new[p - 1, : p - 1] = b
         S_new[p - 1, p - 1] = alpha
         norm_bound = max(norm_bound, float(S_new.abs().sum(1).max()) + beta)
+        whole = not local  # w orthogonal to the whole basis
+        if local:
+            if ortho.advance_projected(S_new.numpy(), beta, beta_prev, norm_bound, asym):
+                w, beta = orthogonalize_step(basis, w, beta, matvecs)
+                ortho.orthogonalized()
+                whole = True
+        elif ortho is not None:
+            ortho.passed()
+        log_beta += math.log(beta) if beta > 0 else -math.inf
         theta, U, bounds, exhausted = ritz_pairs(S_new, beta, bound, dim, widen=widen)
         if exhausted or p == dim:
             converged = True
@@ -211,7 +242,7 @@ def restarted_lanczos(
             if log_t is None:
                 converged = True
                 break
-            errors = extreme_errors(theta, widen_by * beta * U[-1, :].abs(), log_beta, log_t, discarded=discarded,
+            errors = extreme_errors(theta, resid(beta, U), log_beta, log_t, discarded=discarded,
                                     which=which, rounding=rounding_level(dtype, norm_bound),
                                     limits=certificate_limits(theta, tol))
             if extremes_certified(theta, errors, tol, which):
@@ -220,6 +251,9 @@ def restarted_lanczos(
         if matvecs >= m_max:
             break
         if p == max_basis:
+            if not whole:  # the restart takes the residual as orthogonal to the whole basis
+                w, beta = orthogonalize_step(basis, w, beta, matvecs)
+                ortho.full_passes += 1
             cur = restart(p, w, beta)
         else:
             S = S_new
@@ -229,7 +263,7 @@ def restarted_lanczos(
             prev, cur = cur, basis.append_normalized(w, beta)
         beta_prev = beta
     if log_t is not None:
-        errors = extreme_errors(theta, widen_by * beta * U[-1, :].abs(), log_beta, log_t, discarded=discarded,
+        errors = extreme_errors(theta, resid(beta, U), log_beta, log_t, discarded=discarded,
                                 exhausted=exhausted or p == dim, rounding=rounding_level(dtype, norm_bound))
     return LanczosResult(
         ritz_values=theta,
@@ -247,11 +281,26 @@ def restarted_lanczos(
         extreme_err=errors,
         risk=None if log_t is None else risk,
         log_beta=log_beta,
-        resid=widen_by * beta * U[-1, :].abs(),
-        # every restarted step against the whole (bounded) basis, and what the plain run before it took
-        reorthogonalizations=matvecs if resume is None or resume.passes is None
-        else resume.passes + matvecs - resume.matvecs,
-        reorth_regime="full (thick restart)" if resume is None or resume.passes is None or resume.passes >= resume.matvecs
-        else "partial until the cap, then full (thick restart)",
+        resid=resid(beta, U),
+        reorthogonalizations=passes_of(resume, ortho, matvecs),
+        reorth_regime=regime_of(resume, ortho),
         discarded=tuple(discarded),
     )
+
+
+def passes_of(resume: RestartFrom | None, ortho: OrthogonalityEstimate | None, matvecs: int) -> int:
+    """The run's whole-basis passes: the estimate's count (the plain run's and the restarted steps'), or every
+    restarted step's plus what the plain run before it took."""
+    if ortho is not None:
+        return ortho.full_passes
+    return matvecs if resume is None or resume.passes is None else resume.passes + matvecs - resume.matvecs
+
+
+def regime_of(resume: RestartFrom | None, ortho: OrthogonalityEstimate | None) -> str:
+    """How the run reorthogonalized, for :attr:`LanczosResult.reorth_regime`."""
+    if ortho is not None:
+        return ("partial until the cap and after it (thick restart)" if not ortho.always
+                else f"partial until the cap, then {ortho.regime} (thick restart)")
+    if resume is None or resume.passes is None or resume.passes >= resume.matvecs:
+        return "full (thick restart)"
+    return "partial until the cap, then full (thick restart)"
