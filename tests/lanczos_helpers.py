@@ -1,8 +1,11 @@
 """Helpers of the Lanczos tests (tests/test_partial_reorth.py, tests/test_delayed_lanczos.py,
-tests/test_delayed_host.py): the Landscape of a tiny GPT-2 language model, whose HVPs round inside a chain of
-layers as a network's do, and a dense matrix with a known spectrum."""
+tests/test_delayed_host.py, tests/test_selective_room.py): the Landscape of a tiny GPT-2 language model, whose
+HVPs round inside a chain of layers as a network's do, a dense matrix with a known spectrum, and a run that goes
+selective."""
 
 from __future__ import annotations
+
+import sys
 
 import pytest
 import torch
@@ -65,3 +68,28 @@ def assert_agrees_on_bf16_hvps(late, plain) -> None:
     assert abs(float(late.ritz_values[0] - plain.ritz_values[0])) < 5e-3 * scale
     V = late.basis.float()
     assert float((V @ V.T - torch.eye(V.shape[0])).abs().max()) < 2e-2
+
+
+def outlier_run(monkeypatch, reorth: str = "partial", selective: bool = True):
+    """Float32 Lanczos (tol 1e-4, seed 0) on a 3000 x 3000 matrix with one eigenvalue 100x its bulk in [-1, 1]:
+    once the outlier converges, orthogonality leaks along its Ritz vector at every step, and a partial run goes
+    selective. Returns ``(eigenvalues, result, kept)``, ``kept`` the number of Ritz vectors held after each
+    time the run kept one (``_keep_ritz``, spied on through ``monkeypatch``)."""
+    d = 3000
+    eigs = torch.cat([torch.linspace(-1, 1, d - 1, dtype=torch.float64), torch.tensor([100.0], dtype=torch.float64)])
+    g = torch.Generator().manual_seed(2)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    A = (Q @ torch.diag(eigs) @ Q.T).to(torch.float32)  # as test_partial_reorth.sym_with_spectrum
+    lz = sys.modules["geomprobe.linalg.lanczos"]
+    kept: list[int] = []
+    keep = lz._keep_ritz
+
+    def spy(basis, Uk, vectors, w):
+        out = keep(basis, Uk, vectors, w)
+        kept.append(len(vectors))
+        return out
+
+    monkeypatch.setattr(lz, "_keep_ritz", spy)
+    r = lz.lanczos(lambda v: v @ A, d, tol=1e-4, max_iter=400, dtype=torch.float32, reorth=reorth, keep_basis=True,
+                   generator=torch.Generator().manual_seed(0), selective=selective)
+    return eigs, r, kept

@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from lanczos_helpers import tiny_gpt2_landscape
+from lanczos_helpers import outlier_run, tiny_gpt2_landscape
 from tolerances import BF16_REL
 
 from geomprobe import ConfigurationError, linalg
@@ -319,33 +319,14 @@ def test_an_isolated_outlier_is_kept_and_later_steps_orthogonalize_against_it_al
     # leaks along its Ritz vector at every step; the run keeps that vector on the device and removes it from each
     # new vector (selective orthogonalization) instead of a whole-basis pass per step, until a bulk edge's Ritz
     # vectors converge too; the basis stays semi-orthogonal and the answers are the full run's
-    d = 3000
-    eigs = torch.cat([torch.linspace(-1, 1, d - 1, dtype=torch.float64), torch.tensor([100.0], dtype=torch.float64)])
-    A = sym_with_spectrum(eigs, seed=2, dtype=torch.float32)
-    lz = sys.modules["geomprobe.linalg.lanczos"]
-    kept = []
-    keep = lz._keep_ritz
-
-    def spy(basis, Uk, vectors, w):
-        out = keep(basis, Uk, vectors, w)
-        kept.append(len(vectors))
-        return out
-
-    monkeypatch.setattr(lz, "_keep_ritz", spy)
-
-    def run(reorth):
-        return linalg.lanczos(lambda v: v @ A, d, tol=1e-4, max_iter=400, dtype=torch.float32, reorth=reorth,
-                              keep_basis=True, generator=torch.Generator().manual_seed(0))
-
-    full = run("full")
-    kept.clear()
-    part = run("partial")
+    _, full, _ = outlier_run(monkeypatch, "full")
+    _, part, kept = outlier_run(monkeypatch)
     assert kept and kept[0] == 1  # the outlier's vector, first
     # the regime starts at the outlier's convergence; the bulk's top edge converging to a third Ritz vector at
     # that end ends it (at step 14 with the product's rounding injected at eps ||T|| per step, injection_eps)
     assert part.reorth_regime.startswith("selective from step")
     assert part.converged and part.reorthogonalizations <= part.steps - 5
-    assert _gram_off(part.basis) <= 2 * math.sqrt(orthogonality_eps(torch.float32, d))
+    assert _gram_off(part.basis) <= 2 * math.sqrt(orthogonality_eps(torch.float32, 3000))
     assert part.top(1)[0][0] == pytest.approx(100.0, rel=1e-6)
     assert part.bottom(1)[0][0] == pytest.approx(full.bottom(1)[0][0], abs=1e-3)
 

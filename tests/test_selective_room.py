@@ -8,10 +8,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_partial_reorth import sym_with_spectrum
+from lanczos_helpers import outlier_run
 
 import geomprobe as gp
-from geomprobe import linalg
 from geomprobe.engine.memory_plan import HEADROOM, plan_memory
 from geomprobe.engine.sharded_plan import plan_sharded_exact
 from geomprobe.linalg.orthogonality import SELECTIVE_VECTORS
@@ -71,30 +70,10 @@ def test_the_sharded_plan_counts_them_per_slice():
     assert plan_sharded_exact(**{**kw, "itemsize": 2}).items["selective_work"] == 0
 
 
-def _outlier_run(selective: bool, monkeypatch, kept: list):
-    # float32, one eigenvalue 100x the bulk: the run goes selective once the outlier converges (test_partial_reorth)
-    d = 3000
-    eigs = torch.cat([torch.linspace(-1, 1, d - 1, dtype=torch.float64), torch.tensor([100.0], dtype=torch.float64)])
-    A = sym_with_spectrum(eigs, seed=2, dtype=torch.float32)
-    lz = sys.modules["geomprobe.linalg.lanczos"]
-    keep = lz._keep_ritz
-
-    def spy(basis, Uk, vectors, w):
-        out = keep(basis, Uk, vectors, w)
-        kept.append(len(vectors))
-        return out
-
-    monkeypatch.setattr(lz, "_keep_ritz", spy)
-    return eigs, linalg.lanczos(lambda v: v @ A, d, tol=1e-4, max_iter=400, dtype=torch.float32, keep_basis=True,
-                                generator=torch.Generator().manual_seed(0), selective=selective)
-
-
 def test_without_room_the_run_keeps_no_ritz_vector_and_gives_the_same_answers(monkeypatch):
-    kept: list = []
-    eigs, held = _outlier_run(True, monkeypatch, kept)
+    eigs, held, kept = outlier_run(monkeypatch)
     assert kept and held.reorth_regime.startswith("selective from step")
-    kept.clear()
-    _, bare = _outlier_run(False, monkeypatch, kept)
+    _, bare, kept = outlier_run(monkeypatch, selective=False)
     assert not kept  # not one Ritz vector held beside the basis
     assert bare.reorth_regime.startswith("whole-basis from step")
     assert "no room for the converged Ritz vectors" in bare.reorth_regime
