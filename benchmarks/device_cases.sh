@@ -19,5 +19,5 @@ print('$f'.split('/')[-1], 'probe', round(d['probe_seconds'],1), 'hvps', d['prob
  'vectors', p.get('vectors'), 'mb', p.get('micro_batch_size'))
 "; done
   grep -E '^[0-9:]{8} (start|end)|^\[ *[0-9.]+ s\] (start|end)' $OUT/a.log
-  grep -h "Error\|error" $OUT/a.log | grep -v transformers | tail -5 | cut -c1-300
+  grep -h "Error" $OUT/a.log | grep -v "transformers\|^{\|^\[{" | tail -5 | cut -c1-300
 }
