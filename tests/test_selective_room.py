@@ -62,7 +62,8 @@ def test_half_precision_and_host_vectors_hold_none_on_the_device():
 def test_the_sharded_plan_counts_them_per_slice():
     GiB = 2**30
     kw = {"dim": 2 * 10**8, "local_dim": 10**8, "itemsize": 4, "whole_bytes": GiB, "batch_sizes": [4],
-          "graph_bytes_per_sample": 10**7, "available_bytes": 40 * GiB, "host_bytes": 100 * GiB, "largest_param_bytes": 10**8}
+          "graph_bytes_per_sample": 10**7, "available_bytes": 40 * GiB, "host_bytes": 100 * GiB,
+          "largest_param_bytes": 10**8}
     p = plan_sharded_exact(**kw)
     L = p.items["slice"]
     assert p.items["selective_work"] == SELECTIVE_VECTORS * L

@@ -512,8 +512,8 @@ def plan_memory(
         extra = DELAYED_EXTRA_VECTORS * v
         if budget is None or graphs + one_hvp + lanczos_work + extra <= budget:
             delayed_work = extra
-    selective_work = selective_room(SELECTIVE_VECTORS * v, itemsize, not host,
-                                    None if budget is None else budget - graphs - one_hvp - lanczos_work - basis_on_device)
+    left = None if budget is None else budget - graphs - one_hvp - lanczos_work - basis_on_device
+    selective_work = selective_room(SELECTIVE_VECTORS * v, itemsize, not host, left)
     lanczos_phase = one_hvp + lanczos_work + basis_on_device + max(delayed_work, selective_work)
     persample_phase = stats_fixed + (row if per_bytes is None or row == 0 else max(row, (per_bytes // row) * row))
     peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)

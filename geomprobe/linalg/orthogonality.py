@@ -30,7 +30,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["REORTH_MODES", "SELECTIVE_VECTORS", "OrthogonalityEstimate", "injection_eps", "orthogonality_eps", "spread_eps"]
+__all__ = ["REORTH_MODES", "SELECTIVE_VECTORS", "OrthogonalityEstimate", "injection_eps", "orthogonality_eps",
+           "spread_eps"]
 
 REORTH_MODES = ("partial", "full")
 # A pass the estimate asks for within this many steps of the previous pair ends the estimated regime: an
@@ -124,6 +125,7 @@ class OrthogonalityEstimate:
         self.always = False                     # passes come back to back: every step is one from now on
         self.selective = False                  # ... or selective orthogonalization against converged Ritz vectors
         self.may_keep = bool(selective)         # False: no room for the Ritz vectors selective orthogonalization keeps
+        self.keep_none_why = "no room for the converged Ritz vectors"  # why not, for the regime's description
         self.regime = "estimated"               # how the run ended up orthogonalizing, and from which step why
         self.spread_eps = spread_eps(dtype, dim)  # one step's storage rounding along a fixed direction
 
@@ -204,7 +206,7 @@ class OrthogonalityEstimate:
                 self.regime = f"selective from step {self.steps}"
             else:
                 self.always = True
-                why = ("no room for the converged Ritz vectors" if holds else
+                why = (self.keep_none_why if holds else
                        "the matvec's asymmetry" if own > 0.0 else "the storage rounding over few entries")
                 self.regime = f"whole-basis from step {self.steps} ({why})"
         if not due:

@@ -111,13 +111,15 @@ def restarted_lanczos(
 
     Expands like :func:`geomprobe.linalg.lanczos.lanczos` (each new vector orthogonalized against the whole
     stored basis, or, resumed from a partially reorthogonalized run, against its two predecessors and the whole
-    basis only at each restart's first step and where the estimate asks: ``resume.ortho``); when ``max_basis`` vectors are stored it keeps the Ritz vectors of the ``keep``
-    share of the basis (0.6 by default, split evenly between the two ends for ``which="both"``, never fewer
-    than ``k`` per end) and continues from the residual direction ``v_{p+1}``. Bounds: for every reported
-    Ritz value, ``|lambda - theta_i| <= ||H y_i - theta_i y_i|| = beta_p |u_{p,i}|`` in the current (restarted)
-    basis, exactly as for plain Lanczos, since the decomposition above holds with an orthonormal basis;
-    ``bound="gap"`` refines them as there. Stops on the same rule (``tol`` on the ``k`` values at the
-    requested end(s)), on an invariant subspace, or after ``max_iter`` matvecs (default ``min(dim, 300)``;
+    basis only at each restart's first step and where the estimate asks: ``resume.ortho``); when
+    ``max_basis`` vectors are stored it keeps the Ritz vectors of the ``keep`` share of the basis (0.6 by
+    default, split evenly between the two ends for ``which="both"``, never fewer than ``k`` per end) and
+    continues from the residual direction ``v_{p+1}``. Bounds: for every reported Ritz value,
+    ``|lambda - theta_i| <= ||H y_i - theta_i y_i|| = beta_p |u_{p,i}|`` in the current (restarted) basis,
+    exactly as for plain Lanczos, since the decomposition above holds with an orthonormal basis; a
+    semi-orthogonal one widens each by its Ritz vector's estimated norm (``widen``, or the estimate's
+    :meth:`~.orthogonality.OrthogonalityEstimate.bound_factors`); ``bound="gap"`` refines them as there.
+    Stops on the same rule (``tol`` on the ``k`` values at the requested end(s)), on an invariant subspace, or after ``max_iter`` matvecs (default ``min(dim, 300)``;
     unlike the plain run it may exceed ``dim``) with ``converged=False``. The extremes are certified by the
     same rule (``extreme_err``, ``risk``, ``v0_random``): the Christoffel sum of
     :mod:`geomprobe.linalg.certify` carries the Ritz values each restart discards.
@@ -164,6 +166,8 @@ def restarted_lanczos(
     # a run handed over with its orthogonality estimate goes on reorthogonalizing partially: the estimate follows
     # the kept Ritz vectors through each restart and widens every bound by its Ritz vector's estimated norm
     ortho = resume.ortho if resume is not None and resume.ortho is not None and not resume.ortho.always else None
+    if ortho is not None:  # passes back to back go to whole-basis steps: selective orthogonalization is not here
+        ortho.may_keep, ortho.keep_none_why = False, "the thick restart keeps no Ritz vectors aside"
     widen_by = 1.0 if resume is None or ortho is not None else resume.widen
     if ortho is not None:
         def widen(U: torch.Tensor) -> torch.Tensor:
