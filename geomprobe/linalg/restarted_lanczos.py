@@ -121,8 +121,9 @@ def restarted_lanczos(
     :meth:`~.orthogonality.OrthogonalityEstimate.bound_factors`); ``bound="gap"`` refines them as there.
     Stops on the same rule (``tol`` on the ``k`` values at the requested end(s)), on an invariant subspace,
     or after ``max_iter`` matvecs (default ``min(dim, 300)``; unlike the plain run it may exceed ``dim``)
-    with ``converged=False``. The extremes are certified by the same rule (``extreme_err``, ``risk``, ``v0_random``): the Christoffel sum of
-    :mod:`geomprobe.linalg.certify` carries the Ritz values each restart discards.
+    with ``converged=False``. The extremes are certified by the same rule (``extreme_err``, ``risk``,
+    ``v0_random``): the Christoffel sum of :mod:`geomprobe.linalg.certify` carries the Ritz values each
+    restart discards.
 
     ``asymmetry`` compares each measured coupling ``(H v_j)^T v_i`` with the value the decomposition assumes
     (``beta_{j-1}``, or ``b_i`` right after a restart), relative to a bound on ``||S||``.
