@@ -122,6 +122,9 @@ def test_lanczos_on_slices_equals_the_dense_spectrum_and_both_ranks_agree():
     assert all(e < 1e-8 for e in top_err)
     ra, rb = restarted
     assert ra.restarts > 0 and ra.converged and torch.equal(ra.ritz_values, rb.ritz_values)
+    # partially after the cap too: both ranks take the same passes (each one a collective)
+    assert ra.reorth_regime == rb.reorth_regime == "partial until the cap and after it (thick restart)"
+    assert ra.reorthogonalizations == rb.reorthogonalizations < ra.matvecs
     assert ra.top(1)[0][0] == pytest.approx(9.0, abs=1e-8) and ra.bottom(1)[0][0] == pytest.approx(-3.0, abs=1e-8)
     # the start vector is the world-size-independent global one
     whole = lanczos(lambda v: H @ v, d, k=2, tol=1e-10, generator=default_generator(7),
