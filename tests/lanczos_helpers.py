@@ -5,6 +5,7 @@ selective."""
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import pytest
@@ -70,16 +71,22 @@ def assert_agrees_on_bf16_hvps(late, plain) -> None:
     assert float((V @ V.T - torch.eye(V.shape[0])).abs().max()) < 2e-2
 
 
+@functools.lru_cache(maxsize=1)
+def _outlier_matrix(d: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # built once per session: its QR takes seconds and every run reads it only
+    eigs = torch.cat([torch.linspace(-1, 1, d - 1, dtype=torch.float64), torch.tensor([100.0], dtype=torch.float64)])
+    g = torch.Generator().manual_seed(2)
+    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
+    return eigs, (Q @ torch.diag(eigs) @ Q.T).to(torch.float32)  # as test_partial_reorth.sym_with_spectrum
+
+
 def outlier_run(monkeypatch, reorth: str = "partial", selective: bool = True):
     """Float32 Lanczos (tol 1e-4, seed 0) on a 3000 x 3000 matrix with one eigenvalue 100x its bulk in [-1, 1]:
     once the outlier converges, orthogonality leaks along its Ritz vector at every step, and a partial run goes
     selective. Returns ``(eigenvalues, result, kept)``, ``kept`` the number of Ritz vectors held after each
     time the run kept one (``_keep_ritz``, spied on through ``monkeypatch``)."""
     d = 3000
-    eigs = torch.cat([torch.linspace(-1, 1, d - 1, dtype=torch.float64), torch.tensor([100.0], dtype=torch.float64)])
-    g = torch.Generator().manual_seed(2)
-    Q, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
-    A = (Q @ torch.diag(eigs) @ Q.T).to(torch.float32)  # as test_partial_reorth.sym_with_spectrum
+    eigs, A = _outlier_matrix(d)
     lz = sys.modules["geomprobe.linalg.lanczos"]
     kept: list[int] = []
     keep = lz._keep_ritz
