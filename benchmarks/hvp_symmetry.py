@@ -11,8 +11,8 @@ alone and together, the symmetry defect of random pairs::
 and the repeatability of one product (``||H u - H' u|| / ||H u||``, the same vector twice): a product that is not
 the same function from call to call (a rebuilt graph that differs) shows there first. Settings: everything
 resident (the reference), one sample per micro-batch with every graph kept, graphs rebuilt at every product
-(``graph_budget_bytes=1``), vectors in host memory, and recomputed attention, each on its own, then the default
-plan's combination. One process, one line per setting, the JSON at ``--out``.
+(``graph_budget_bytes=1``), vectors in host memory, and recomputed attention, each on its own, and the default
+plan's combination (first, after one AdamW step, as a probe in a training loop plans). One process, one line per setting, the JSON at ``--out``.
 
     python benchmarks/hvp_symmetry.py --model gpt2-355m --dtype fp32 --out results/hvp_symmetry_355m_h200.json
     python benchmarks/hvp_symmetry.py --model gpt2-tiny --device cpu --dtype fp32 --pairs 2     # smoke run
@@ -34,13 +34,14 @@ from scale import DTYPES, build, lm_loss, token_batches  # noqa: E402
 from geomprobe.engine.landscape import Landscape  # noqa: E402
 
 SETTINGS = {  # name: Landscape keywords (memory=None: exactly these settings, no plan)
+    # first, while the device's peak is still the training step's (the plan reads it)
+    "default_plan": {"memory": "auto"},
     "resident": {},
     "micro_batch_1": {"micro_batch_size": 1},
     "rebuilt": {"micro_batch_size": 1, "graph_budget_bytes": 1},
     "host_vectors": {"vector_device": "cpu"},
     "recompute_attention": {"recompute_attention": True},
     "host_rebuilt": {"micro_batch_size": 1, "graph_budget_bytes": 1, "vector_device": "cpu"},
-    "default_plan": {"memory": "auto"},
 }
 
 
