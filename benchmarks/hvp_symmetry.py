@@ -12,7 +12,8 @@ and the repeatability of one product (``||H u - H' u|| / ||H u||``, the same vec
 the same function from call to call (a rebuilt graph that differs) shows there first. Settings: everything
 resident (the reference), one sample per micro-batch with every graph kept, graphs rebuilt at every product
 (``graph_budget_bytes=1``), vectors in host memory, and recomputed attention, each on its own, and the default
-plan's combination (first, after one AdamW step, as a probe in a training loop plans). One process, one line per setting, the JSON at ``--out``.
+plan's combination (first, after one AdamW step, as a probe in a training loop plans). One process, one line
+per setting, the JSON at ``--out``.
 
     python benchmarks/hvp_symmetry.py --model gpt2-355m --dtype fp32 --out results/hvp_symmetry_355m_h200.json
     python benchmarks/hvp_symmetry.py --model gpt2-tiny --device cpu --dtype fp32 --pairs 2     # smoke run
