@@ -178,6 +178,10 @@ class OrthogonalityEstimate:
     def _beta(beta: float) -> float:
         return beta if beta > 0 else float(np.finfo(np.float64).tiny)
 
+    def _random_signs(self, n: int) -> np.ndarray:
+        # a pass leaves rounding of random sign (the run's fixed generator: the same run takes the same passes)
+        return np.where(self._signs.random(n) < 0.5, -1.0, 1.0)
+
     @staticmethod
     def _signed(t: np.ndarray, inject: float) -> np.ndarray:
         # the rounding term with the sign that makes |w| grow (the usual pessimistic choice)
@@ -219,7 +223,7 @@ class OrthogonalityEstimate:
         estimate asked for (the back-to-back rule does not see it)."""
         j = len(self._cur) - 1
         new = np.empty(j + 2)
-        new[: j + 1] = self.psi * np.where(self._signs.random(j + 1) < 0.5, -1.0, 1.0)
+        new[: j + 1] = self.psi * self._random_signs(j + 1)
         new[j + 1] = 1.0
         self._prev, self._cur = self._cur, new
         self._store(j + 1, new)
@@ -244,7 +248,7 @@ class OrthogonalityEstimate:
         self._omega = np.zeros((2 * (l + 2), 2 * (l + 2)))
         self._omega[:l, :l] = sigma * np.eye(l)
         self._omega[l, :l] = self._omega[:l, l] = r
-        self._cur = np.append(r * np.where(self._signs.random(l) < 0.5, -1.0, 1.0), 1.0)
+        self._cur = np.append(r * self._random_signs(l), 1.0)
         self._prev = np.zeros(0)
         self._force = self._chain = False
         self.level = max(self.level, sigma)
@@ -286,7 +290,7 @@ class OrthogonalityEstimate:
         # a pass leaves the rounding of its own update, of random sign: a constant row would start the recurrence
         # with almost none of its fastest-growing mode, which the measured inner products do have (the estimate
         # then fell 500x below them on a dense spectrum)
-        self._cur[:j] = self.psi * np.where(self._signs.random(j) < 0.5, -1.0, 1.0)
+        self._cur[:j] = self.psi * self._random_signs(j)
         self._store(j, self._cur)
         self._force = self._chain
         self._chain = False
