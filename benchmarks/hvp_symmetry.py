@@ -4,12 +4,16 @@ GPT-2 355M in fp32 under the default 1.5x plan (vectors in host memory, one samp
 graphs rebuilt at every product, torch's attention) measured a Lanczos asymmetry of 5.7e-5 of ||T||, about 1,000x
 what a resident fp32 GPT-2 124M shows, which sends its spectrum to a whole-basis pass at every step
 (benchmarks/RESULTS.md section 6, thirteenth round). This script takes one model and measures, for each setting
-alone and together, the symmetry defect of random pairs::
+alone and together, the symmetry defect of Krylov pairs::
 
-    |u^T H v - v^T H u| / (||H u|| ||v||)      (u, v independent unit Gaussian vectors in the model's dtype)
+    |u^T H v - v^T H u| / ||H u||      (u a random unit vector, v = H u / ||H u||, in the model's dtype)
 
-and the repeatability of one product (``||H u - H' u|| / ||H u||``, the same vector twice): a product that is not
-the same function from call to call (a rebuilt graph that differs) shows there first. Settings: everything
+which is Lanczos' own asymmetry measure at its first step (``(H v_1)^T v_0 - beta_0`` over ``||T||``). Random
+independent pairs do not show a product's error: it lies where ``H``'s range does, and a random ``u`` sees about
+``1 / sqrt(d)`` of it (the first run of this script measured 7.5e-11 that way on the plan that Lanczos found
+asymmetric at 5.7e-5). Also the repeatability of one product (``||H u - H' u|| / ||H u||``, the same vector
+twice): a product that is not the same function from call to call (a rebuilt graph that differs) shows there
+first, and the median seconds of a product. Settings: everything
 resident (the reference), one sample per micro-batch with every graph kept, graphs rebuilt at every product
 (``graph_budget_bytes=1``), vectors in host memory, and recomputed attention, each on its own, and the default
 plan's combination (first, after one AdamW step, as a probe in a training loop plans). One process, one line
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -46,23 +51,45 @@ SETTINGS = {  # name: Landscape keywords (memory=None: exactly these settings, n
 }
 
 
+def _dot(x: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.dot(x.double(), y.double()))
+
+
 def defects(land: Landscape, pairs: int, dtype: torch.dtype, seed: int = 0) -> dict:
-    """The symmetry defect of ``pairs`` random pairs (largest and median) and one product's repeatability."""
-    g = torch.Generator().manual_seed(seed)
+    """The symmetry defect of ``pairs`` Krylov pairs (largest and median), one product's repeatability and the
+    median seconds of a product (module docstring). Vectors are drawn and compared where the Landscape keeps
+    them (the device, or the host in host-vector mode), in float64 there."""
     where = land.vector_device if getattr(land, "vector_device", None) is not None else land.device
-    sym = []
-    rep = None
+    g = torch.Generator(device=where).manual_seed(seed)
+    sym, seconds, rep = [], [], None
+
+    def hvp(x: torch.Tensor) -> torch.Tensor:
+        if land.device.type == "cuda":
+            torch.cuda.synchronize(land.device)
+        t0 = time.perf_counter()
+        y = land.hvp(x)
+        if land.device.type == "cuda":
+            torch.cuda.synchronize(land.device)
+        seconds.append(time.perf_counter() - t0)
+        return y
+
     for i in range(pairs):
-        u, v = (torch.randn(land.dim, generator=g, dtype=torch.float64) for _ in range(2))
-        u, v = (x / x.norm() for x in (u, v))
-        Hu = land.hvp(u.to(where, dtype)).double().cpu()
-        Hv = land.hvp(v.to(where, dtype)).double().cpu()
-        sym.append(float((u @ Hv - v @ Hu).abs() / max(float(Hu.norm()), 1e-300)))
+        u = torch.randn(land.dim, generator=g, device=where, dtype=torch.float32)
+        u = u.div_(u.norm()).to(dtype)
+        Hu = hvp(u)
+        n = math.sqrt(_dot(Hu, Hu))
+        v = (Hu.double() / max(n, 1e-300)).to(dtype)
+        Hv = hvp(v)
+        sym.append(abs(_dot(u, Hv) - _dot(v, Hu)) / max(n, 1e-300))
         if i == 0:
-            again = land.hvp(u.to(where, dtype)).double().cpu()
-            rep = float((again - Hu).norm() / max(float(Hu.norm()), 1e-300))
+            d = hvp(u).double().sub_(Hu.double())
+            rep = math.sqrt(_dot(d, d)) / max(n, 1e-300)
+            del d
+        del u, v, Hu, Hv
     sym.sort()
-    return {"symmetry_max": sym[-1], "symmetry_median": sym[len(sym) // 2], "repeat": rep, "pairs": pairs}
+    seconds.sort()
+    return {"symmetry_max": sym[-1], "symmetry_median": sym[len(sym) // 2], "repeat": rep, "pairs": pairs,
+            "hvp_seconds": seconds[len(seconds) // 2]}
 
 
 def main() -> None:

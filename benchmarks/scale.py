@@ -263,6 +263,11 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
     run_metric = probe._run_metric
 
     def timed_metric(mname, land, opts):
+        if not per_metric and land.plan is not None:  # the plan before any HVP: a killed case still says it
+            keys = ("vectors", "basis_device", "max_basis", "micro_batch_size", "samples_kept", "chunk_size",
+                    "budget_bytes", "peak_bytes")
+            print(json.dumps({"plan": {k: getattr(land.plan, k, None) for k in keys},
+                              "attention": land.plan.attention}, default=str), flush=True)
         sync(device)
         h0, c0, b0, t0 = clock.seconds, clock.calls, clock.build_seconds, time.perf_counter()
         out = run_metric(mname, land, opts)
