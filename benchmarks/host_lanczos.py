@@ -118,18 +118,24 @@ def kernels(d: int, dtype: torch.dtype, rows: list[int], repeats: int, floor_gbp
 
 
 class Matvec:
-    """``diag * v`` in the vectors' type, timed; a fresh output per call unless ``reuse``."""
+    """``diag * v`` in the vectors' type, timed; a fresh output per call unless ``reuse``. ``wide``: the product
+    of a half-precision model on float32 vectors (the host-vector Landscape's): ``v`` read in ``dtype``, the
+    result given back in float32."""
 
-    def __init__(self, diag: torch.Tensor, dtype: torch.dtype, reuse: bool):
+    def __init__(self, diag: torch.Tensor, dtype: torch.dtype, reuse: bool, wide: bool = False):
         self.diag = diag.to(dtype)
-        self.out = torch.empty_like(self.diag) if reuse else None
+        self.wide = wide
+        self.out = torch.empty_like(self.diag, dtype=torch.float32 if wide else dtype) if reuse else None
         self.seconds = 0.0
         self.faults = 0
         self.calls = 0
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
         f0, t0 = minflt(), time.perf_counter()
-        w = torch.mul(self.diag, v, out=self.out) if self.out is not None else self.diag * v
+        if self.wide:
+            w = torch.mul(self.diag, v.to(self.diag.dtype)).float()
+        else:
+            w = torch.mul(self.diag, v, out=self.out) if self.out is not None else self.diag * v
         self.seconds += time.perf_counter() - t0
         self.faults += minflt() - f0
         self.calls += 1
@@ -155,13 +161,14 @@ def torch_ops(stats: pstats.Stats, steps: int, top: int = 8) -> list[dict]:
     return rows[:top]
 
 
-def run(d: int, dtype: torch.dtype, diag: torch.Tensor, steps: int, max_basis: int | None, reuse: bool) -> dict:
-    mv = Matvec(diag, dtype, reuse)
+def run(d: int, dtype: torch.dtype, diag: torch.Tensor, steps: int, max_basis: int | None, reuse: bool,
+        wide: bool = False) -> dict:
+    mv = Matvec(diag, dtype, reuse, wide)
     prof = cProfile.Profile()
     f0, t0 = minflt(), time.perf_counter()
     prof.enable()
     r = lanczos(mv, d, k=1, tol=1e-12, max_iter=steps, which="both", generator=V.default_generator(0),
-                dtype=dtype, device="cpu", max_basis=max_basis)
+                dtype=dtype, device="cpu", max_basis=max_basis, basis_dtype=torch.float32 if wide else None)
     prof.disable()
     wall, faults = time.perf_counter() - t0, minflt() - f0
     stats = pstats.Stats(prof)
@@ -203,7 +210,8 @@ def table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dim", type=float, default=1e8, help="entries per vector (50-200M on a big host)")
-    ap.add_argument("--dtypes", default="bf16,fp32")
+    ap.add_argument("--dtypes", default="bf16,fp32", help="of bf16, fp16, fp32, fp64, and bf16w / fp16w: a half "
+                    "product on a float32 basis")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--max-basis", type=int, default=6, help="the bounded run's cap (thick restart)")
     ap.add_argument("--steps", type=int, default=20, help="matvecs of the bounded run")
@@ -231,13 +239,16 @@ def main(argv: list[str] | None = None) -> dict:
               "chunk_elements": a.chunk_elements, "cases": []}
     diag = spectrum(d)
     for name in a.dtypes.split(","):
-        dtype = DTYPES[name]
-        case = {"dtype": name, "dim": d, "floor": floor(d, dtype, a.repeats)}
-        case["kernels"] = [] if a.skip_kernels else kernels(d, dtype, [1, a.max_basis], a.repeats,
+        # "bf16w": a bf16 product on a float32 basis (Lanczos' basis_dtype, as the host-vector mode runs it)
+        wide = name.endswith("w")
+        dtype = DTYPES[name[:-1] if wide else name]
+        rows = torch.float32 if wide else dtype
+        case = {"dtype": name, "dim": d, "floor": floor(d, rows, a.repeats)}
+        case["kernels"] = [] if a.skip_kernels else kernels(d, rows, [1, a.max_basis], a.repeats,
                                                             case["floor"]["GBps"])
-        case["runs"] = [run(d, dtype, diag, a.steps, a.max_basis, a.reuse_output)]
+        case["runs"] = [run(d, dtype, diag, a.steps, a.max_basis, a.reuse_output, wide)]
         if not a.skip_unbounded:
-            case["runs"].append(run(d, dtype, diag, a.unbounded_steps, None, a.reuse_output))
+            case["runs"].append(run(d, dtype, diag, a.unbounded_steps, None, a.reuse_output, wide))
         result["cases"].append(case)
         print(table({"threads": result["threads"], "cases": [case]}), flush=True)
     if a.out:

@@ -311,7 +311,9 @@ class HostVectors:
     def _rows_into(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         for x, y in zip(V, out):
             y.zero_()
-            x = self.io.input(x)  # page-locked (a reused buffer): each piece goes to the device asynchronously
+            # page-locked (a reused buffer): each piece goes to the device asynchronously; float32 vectors of a
+            # half-precision model are rounded to its type here, so half the bytes cross the bus
+            x = self.io.input(x, dtype=self.land.dtype)
             for b in range(len(self.land.batches)):
                 self._pass(b, x, y, fresh=b == 0)
         return out
@@ -339,6 +341,12 @@ class HostVectors:
         st = self.stats
         st["peak_held_bytes"] = max(st["peak_held_bytes"], sp.peak_held_bytes)
         sp.note_partials(st)
+
+
+def wide_host_vectors(model_dtype: torch.dtype, vector_dtype: torch.dtype) -> bool:
+    """Whether host vectors of ``vector_dtype`` are float32 vectors of a half-precision model, which the host mode
+    takes as they are (:meth:`HostVectors.hvp_rows`) instead of converting them whole to the model's type."""
+    return vector_dtype == torch.float32 and model_dtype in (torch.float16, torch.bfloat16)
 
 
 def resolve_vector_device(land: Any, vector_device: Any) -> str | None:

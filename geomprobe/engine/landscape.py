@@ -33,7 +33,7 @@ from .doublecheck import (
     refuse_cut,
 )
 from .finite_difference import fd_hvp, fd_step
-from .host_stream import host_mode, resolve_vector_device, vectors_record
+from .host_stream import host_mode, resolve_vector_device, vectors_record, wide_host_vectors
 from .hvp_out import check_out
 from .landscape_plan import plan_within
 from .loss import loss_reduction, resolve_loss_form
@@ -471,8 +471,9 @@ class Landscape:
         probe batch, answered on the host (:mod:`~.host_stream`). Exact up to floating-point rounding (finite
         differences, if chosen, have truncation error O(eps^2) on smooth models).
 
-        ``out``: a tensor of the result's shape (``v``'s), the Landscape's dtype and the result's device (the
-        host for host vectors, else :attr:`device`), not overlapping ``v``; the products are written into it
+        ``out``: a tensor of the result's shape (``v``'s), the Landscape's dtype (float32 for float32 host vectors
+        of a half-precision model: those are rounded to the model's type on their way to the device and their
+        results summed in float32) and the result's device (the host for host vectors, else :attr:`device`), not overlapping ``v``; the products are written into it
         and it is returned. On the exact route no d-sized tensor is allocated beside the per-parameter results
         autograd makes (each probe batch's results are copied, then added, into ``out``): a reused buffer
         spares the CPU a fresh mapping of a large vector, and its page faults, at every product. Host vectors
@@ -484,9 +485,12 @@ class Landscape:
         self._check_unchanged()
         single = v.dim() == 1
         host = self.host is not None and v.device.type == "cpu"  # host vectors stay there (host_stream)
+        # float32 host vectors of a half-precision model (a Lanczos basis kept in float32 on the host) stay
+        # float32: rounded to the model's type as they are copied for the device, the result summed in float32
+        dtype = torch.float32 if host and wide_host_vectors(self.dtype, v.dtype) else self.dtype
         if out is not None:
-            check_out(out, v, self.dtype, v.device if host else self.device)
-        V = v.reshape(-1, self.dim).to(device=v.device if host else self.device, dtype=self.dtype)
+            check_out(out, v, dtype, v.device if host else self.device)
+        V = v.reshape(-1, self.dim).to(device=v.device if host else self.device, dtype=dtype)
         # noted before the work, so that an out-of-memory failure can tell whether batching was involved
         self.widest_block = max(self.widest_block, V.shape[0])
         res = None if out is None else out.view(V.shape)  # (1, d) for a vector: a view, out is written

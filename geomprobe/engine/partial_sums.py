@@ -69,11 +69,13 @@ class HostIO:
 
     def add_to_host(self, dst: torch.Tensor, src: torch.Tensor) -> None:
         """``dst += src`` for a host tensor ``dst`` and a device tensor ``src`` of its shape: one copy into the
-        reused staging buffer (waits for the device) and one addition on the host. Same device: one addition."""
+        reused staging buffer (waits for the device) and one addition on the host. Same device: one addition.
+        A wider ``dst`` (float32 sums of a half-precision model's products) is staged in its own type, converted
+        on the device on the way: a CPU addition of mixed types converts its whole input into a fresh buffer."""
         if src.device == dst.device:
             dst.add_(src.to(dst.dtype))
             return
-        buf = self._flat(self._staging, src.dtype, src.numel(), src.dtype).view(src.shape)
+        buf = self._flat(self._staging, dst.dtype, src.numel(), dst.dtype).view(src.shape)
         buf.copy_(src)
         dst.add_(buf)
 
@@ -87,14 +89,15 @@ class HostIO:
         buf.copy_(src)
         dst.copy_(buf)
 
-    def input(self, v: torch.Tensor, slot: int = 0) -> torch.Tensor:
+    def input(self, v: torch.Tensor, slot: int = 0, dtype: torch.dtype | None = None) -> torch.Tensor:
         """``v`` (host memory, flat) in a page-locked buffer, so that its pieces go to the device asynchronously:
         ``v`` itself when it is page-locked already (or page-locking is off), else a copy in the reused buffer
-        ``slot``. The caller must not reuse the slot before the device has read it (a pass synchronizes at
-        its end)."""
-        if not self.pin or v.is_pinned() or v.device.type != "cpu":
+        ``slot``. ``dtype``: the copy in that type (rounded to it; a pinned ``v`` of another type is copied too).
+        The caller must not reuse the slot before the device has read it (a pass synchronizes at its end)."""
+        dtype = v.dtype if dtype is None else dtype
+        if v.device.type != "cpu" or v.dtype == dtype and (not self.pin or v.is_pinned()):
             return v
-        buf = self._flat(self._inputs, (slot, v.dtype), v.numel(), v.dtype)
+        buf = self._flat(self._inputs, (slot, dtype), v.numel(), dtype)
         buf.copy_(v.reshape(-1))
         return buf.view(v.shape)
 

@@ -42,7 +42,7 @@ import torch
 
 __all__ = [
     "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "columns", "host_dots", "host_norm_sq", "host_rotate",
-    "host_sub", "is_host", "lanczos_pass", "row_groups",
+    "host_round", "host_sub", "is_host", "lanczos_pass", "row_groups",
 ]
 
 # float32 elements of row scratch per chunk (8 MB): large enough that a chunk's few operations cost little
@@ -244,6 +244,22 @@ def host_sub(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, width: int | 
     if B.shape[0] > 0:
         lanczos_pass(w, row_groups([B]), sub=c.reshape(-1).to("cpu"), width=width)
     return w
+
+
+def host_round(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Round the entries of the host vector ``x`` to the nearest values of ``dtype`` (round to nearest even), in
+    place, ``x`` keeping its own type: a float32 row holding exactly what a half-precision product will read.
+    In chunks through scratch (no allocation of length d); one read and one write of ``x``. Returns ``x``."""
+    if x.dtype == dtype:
+        return x
+    flat = x.reshape(-1)
+    step = HOST_CHUNK_ELEMENTS
+    for a in range(0, flat.numel(), step):
+        part = flat[a : a + step]
+        buf = _SCRATCH.get("round", dtype, tuple(part.shape))
+        buf.copy_(part)
+        part.copy_(buf)
+    return x
 
 
 def host_norm_sq(w: torch.Tensor, *, width: int | None = None) -> torch.Tensor:

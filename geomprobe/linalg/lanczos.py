@@ -87,6 +87,7 @@ def lanczos(
     reorth: str = "partial",
     delayed: bool | str = True,
     selective: bool = True,
+    basis_dtype: torch.dtype | None = None,
 ) -> LanczosResult:
     """Lanczos with partial (default) or full reorthogonalization for the extreme eigenvalues of a symmetric
     matvec.
@@ -165,6 +166,13 @@ def lanczos(
     memory, on a CPU thread (:mod:`~geomprobe.linalg.delayed_host`, from step
     :data:`~geomprobe.linalg.delayed_host.DELAYED_HOST_FROM_STEP`; four host d-vectors besides the basis;
     measured slower on a 1B bf16 model, whose streamed products need the same host).
+    ``basis_dtype``: the type the basis and the working vectors are kept in when wider than ``dtype`` (the
+    matvec's type, which still sets every rounding level): float32 for a half-precision model whose vectors live
+    in host memory, where float32 rows run at copy speed and half-precision ones at a quarter of it (converted
+    chunk by chunk; benchmarks/RESULTS.md section 6). Each stored vector is rounded to ``dtype``'s values
+    (:class:`~geomprobe.linalg.krylov_basis.LanczosBasis` ``round_to``), so the matvec reads exactly what is
+    stored; the products come back as the matvec gives them (float32 for a host-vector Landscape), and the
+    arithmetic between products stays float32. Twice the basis's bytes; the matvec must take such vectors.
     ``selective``: whether the partial regime may keep converged Ritz vectors on the compute device (up to
     :data:`~geomprobe.linalg.orthogonality.SELECTIVE_VECTORS` d-vectors beside the basis); ``False`` (a memory
     plan without room for them) takes whole-basis steps where it would have, with the same Ritz values.
@@ -186,7 +194,10 @@ def lanczos(
     capped = max_basis is not None and max_basis < m_max
     restart_options = {"max_basis": max_basis, "k": k, "tol": tol, "max_iter": max_iter, "which": which, "v0": v0,
                            "generator": generator, "dtype": dtype, "device": device, "keep_basis": keep_basis, "bound": bound,
-                           "basis_device": basis_device, "risk": risk, "v0_random": v0_random, "space": space}
+                           "basis_device": basis_device, "risk": risk, "v0_random": v0_random, "space": space,
+                           "basis_dtype": basis_dtype}
+    if basis_dtype not in (None, dtype) and delayed == "host":
+        delayed = True  # the host loop writes rows of the matvec's type (delayed_host.py): the plain passes here
     if capped and (tol == 0 or max_basis < min_basis(k, which)):  # (the restarted run names a cap too small)
         return restarted_lanczos(matvec, dim, **restart_options)
     # a capped run (tol > 0) runs the plain loop until its basis is full, and restarts only then: most runs
@@ -202,9 +213,10 @@ def lanczos(
     # a fixed-length run whose basis is returned (SLQ, the deflated trace) knows its length: one block, no copy
     # a capped run's blocks stop at the cap (whole 16-row blocks would hold up to 15 vectors more than the memory
     # plan counted)
-    basis = LanczosBasis(space.local_dim, dtype, q.device if basis_device is None else torch.device(basis_device),
-                         q.device, capacity=max_basis if capped else (m_max if tol == 0 and keep_basis else None),
-                         contiguous=tol == 0 and keep_basis, space=space)
+    basis = LanczosBasis(space.local_dim, basis_dtype or dtype,
+                         q.device if basis_device is None else torch.device(basis_device), q.device,
+                         capacity=max_basis if capped else (m_max if tol == 0 and keep_basis else None),
+                         contiguous=tol == 0 and keep_basis, space=space, round_to=dtype)
     cur = basis.append_normalized(q, 1.0)  # the newest basis vector, on the compute device
     prev = None
     del q

@@ -106,6 +106,7 @@ def restarted_lanczos(
     v0_random: float = 0.0,
     space: VectorSpace | None = None,
     resume: RestartFrom | None = None,
+    basis_dtype: torch.dtype | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric matvec by thick-restart Lanczos, storing at most ``max_basis`` vectors.
 
@@ -132,6 +133,7 @@ def restarted_lanczos(
     kept vectors) and gives up the discarded directions, so a run takes more matvecs than an unbounded one
     (measured in tests/test_restarted_lanczos.py). Memory: ``max_basis`` d-vectors for the basis plus two
     (:func:`geomprobe.linalg.krylov_basis.lanczos_memory_bytes`); the result's ``basis_peak`` never exceeds the cap.
+    ``basis_dtype``: as :func:`~geomprobe.linalg.lanczos.lanczos`'s (a resumed run keeps its basis's).
     ``resume``: a plain run that filled its ``max_basis`` vectors (:class:`RestartFrom`); the run restarts from it
     at once (its matvecs counted) instead of from a start vector.
 
@@ -198,8 +200,9 @@ def restarted_lanczos(
 
     if resume is None:
         q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
-        basis = LanczosBasis(space.local_dim, dtype, q.device if basis_device is None else torch.device(basis_device),
-                             q.device, capacity=max_basis, space=space)
+        basis = LanczosBasis(space.local_dim, basis_dtype or dtype,
+                             q.device if basis_device is None else torch.device(basis_device), q.device,
+                             capacity=max_basis, space=space, round_to=dtype)
         cur = basis.append_normalized(q, 1.0)
         del q
     else:
