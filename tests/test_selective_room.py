@@ -45,7 +45,7 @@ def test_the_plan_counts_the_kept_ritz_vectors_where_they_fit():
     assert tight.items["selective_work"] == 0 and tight.peak_bytes <= tight.budget_bytes
     assert tight.peak_bytes == need - SELECTIVE_VECTORS * v
     assert not selective_fits(SimpleNamespace(plan=tight))
-    assert plan_options(SimpleNamespace(plan=tight)) == {"delayed": False, "selective": False, "basis_dtype": None}
+    assert plan_options(SimpleNamespace(plan=tight)) == {"delayed": False, "selective": False}
 
 
 def test_half_precision_and_host_vectors_hold_none_on_the_device():

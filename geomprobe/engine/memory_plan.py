@@ -24,8 +24,7 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   gradient, the HVP's vectors, Lanczos' working vectors and basis live in host memory); an HVP holds its
   double backward's temporaries and one input and one output piece of the largest parameter
   (``largest_param_bytes``) at a time; a graph rebuilt per HVP holds its gradient (``v``) until its roots
-  are taken. Batched HVPs go one vector at a time. The basis's rows are float32 there
-  (:data:`HOST_BASIS_ITEMSIZE`) for a half-precision model too: the CPU's kernels run 3-4x faster on them.
+  are taken. Batched HVPs go one vector at a time.
 - **per-example gradients** (``noise``, ``isotropy``): rows of ``2 d itemsize + PERSAMPLE_GRAPH_FACTOR s``
   bytes (the per-parameter results and their flattening, one example's forward and backward; the statistics
   take rows to float64 a slice of columns at a time), and the statistics' ``STATS_VECTORS`` float64 d-vectors.
@@ -95,7 +94,6 @@ HVP_GRAPH_FACTOR = 1.0        # a double backward's temporaries per vector, rela
 STATS_VECTORS = 6            # float64 d-vectors the gradient-noise statistics hold (see plan_memory)
 LANCZOS_WORK_VECTORS = 4      # w, the newest and previous basis vectors, a Ritz vector
 PERSAMPLE_GRAPH_FACTOR = 2.0  # one example's forward and backward in vmap, relative to its saved bytes
-HOST_BASIS_ITEMSIZE = 4       # bytes per entry of a Lanczos row with host vectors (float32 for half models)
 
 
 @dataclass
@@ -439,15 +437,10 @@ def plan_memory(
         reserves = [0]
 
     def to_host() -> None:
-        nonlocal host, flat, kept_v, rebuilt_v, hvp_vectors, lanczos_work, reserves, bv
+        nonlocal host, flat, kept_v, rebuilt_v, hvp_vectors, lanczos_work, reserves
         # a graph is built with its gradient taken off parameter by parameter (host_stream.RootCapture)
         host, flat, kept_v, rebuilt_v, lanczos_work, reserves = True, 0, 0, 0, 0, [0]
-        # a half-precision model's host basis is kept in float32 (metrics._common.plan_options): 4 bytes a row entry
-        bv = max(bv, dim * HOST_BASIS_ITEMSIZE)
-        # one input piece and one output piece in flight; a half-precision model's output piece is widened to
-        # float32 on the device before it is summed on the host (HostIO.add_to_host)
-        hvp_vectors = (2 + (HOST_BASIS_ITEMSIZE // itemsize if itemsize < HOST_BASIS_ITEMSIZE else 0)) * int(
-            largest_param_bytes or 0)
+        hvp_vectors = 2 * int(largest_param_bytes or 0)  # one input piece and one output piece in flight
 
     if host:
         to_host()

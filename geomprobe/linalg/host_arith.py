@@ -14,22 +14,23 @@ step's arithmetic runs on the CPU. The generic torch forms of that arithmetic ar
 
 Here every pass walks the columns in chunks: a chunk of each half-precision row is converted into a float32
 scratch buffer that lives as long as the thread (:data:`HOST_CHUNK_ELEMENTS` elements for the rows, so the
-chunk stays in cache while it is used; float32 and float64 rows are used in place), the products are
-float32 (float64 for float64 vectors) matrix-vector products over the chunk on one or two threads and
-elementwise products with row sums, which every torch thread shares, from
-:data:`PARALLEL_PRODUCTS_FROM_THREADS` threads on (the matrix-vector products ran on one thread only), the
-updated chunk is rounded once back to the vector's type, and the partial sums of the chunks are added in
-float64.
+chunk stays in cache while it is used; float32 and float64 rows are used in place), the inner products and
+norms are float32 (float64 for float64 vectors) elementwise products with pairwise row sums
+(:func:`chunk_dot`), the updates matrix-vector products over the chunk on one or two threads and scaled rows,
+which every torch thread shares, from :data:`PARALLEL_PRODUCTS_FROM_THREADS` threads on (the matrix-vector
+products ran on one thread only), the updated chunk is rounded once back to the vector's type, and the partial
+sums of the chunks are added in float64.
 A Lanczos step's passes are fused (:func:`lanczos_pass`): the three-term step, the Gram-Schmidt
 coefficients and the norm before the update come from one read of the basis, the update and the norm after it
 from a second.
 
 Every function here takes CPU tensors; the CUDA paths of :mod:`.vectors` are separate and unchanged.
 
-Error of every inner product here: per chunk a float32 sum (float64 for float64 vectors) of at most
-``columns`` products, ``|err| <= columns * u * sum_j |x_j y_j|`` with ``u`` that type's unit roundoff (in
-practice ``sqrt(columns) * u`` times it), the chunks' sums then added in float64; products of half-precision
-values are exact in float32.
+Error of every inner product here: per chunk a pairwise float32 sum (float64 for float64 vectors) of at most
+``columns`` products, ``|err| <= log2(columns) * u * sum_j |x_j y_j|`` with ``u`` that type's unit roundoff,
+the chunks' sums then added in float64; products of half-precision values are exact in float32. (Summed in
+order, as a BLAS ``dot`` or matrix-vector product does, the bound is ``columns * u`` times it, and it was
+reached: see :func:`chunk_dot`.)
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
-    "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "columns", "host_dots", "host_norm_sq", "host_rotate",
-    "host_round", "host_sub", "is_host", "lanczos_pass", "row_groups",
+    "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "chunk_dot", "columns", "host_dots", "host_norm_sq",
+    "host_rotate", "host_round", "host_sub", "is_host", "lanczos_pass", "row_groups",
 ]
 
 # float32 elements of row scratch per chunk (8 MB): large enough that a chunk's few operations cost little
@@ -57,12 +58,11 @@ MIN_COLUMNS = 1 << 15
 GROUP_ROWS = 16
 # BLAS sizes are 32-bit: rows farther apart than this go through the scratch even when already float32
 LD_LIMIT = 2**31 - 1
-# From this many torch threads on, a chunk's products are elementwise torch operations (a product into scratch
-# and a row sum for the dots, one scaled row at a time for the update), which run on every thread, instead of
-# the matrix-vector products, which ran on one thread whatever the setting (a (6, 299593) float32 chunk in
-# cache, benchmarks/RESULTS.md §6: torch.mv 134 us at one thread and 136 at two; the product and sum 395 and
-# 161 us; addmv_ 115 and 114 us, the row updates 194 and 119 us). On one or two threads the matrix-vector
-# products stay the faster.
+# From this many torch threads on, a chunk's updates are one scaled row at a time, which runs on every thread,
+# instead of the matrix-vector product, which ran on one thread whatever the setting (a (6, 299593) float32
+# chunk in cache, benchmarks/RESULTS.md §6: addmv_ 115 and 114 us at one and two threads, the row updates 194
+# and 119 us). The inner products are a product and a pairwise sum at any thread count (chunk_dot: torch.mv
+# was faster, 134 us against 395 at one thread, but summed in order).
 PARALLEL_PRODUCTS_FROM_THREADS = 3
 
 
@@ -119,6 +119,16 @@ def _load(x: torch.Tensor, slot: str, acc: torch.dtype) -> torch.Tensor:
     buf = _SCRATCH.get(slot, acc, tuple(x.shape))
     buf.copy_(x)
     return buf
+
+
+def chunk_dot(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``x . y`` of two 1-D chunks of one type into the 0-d ``out``: their product in scratch, then torch's
+    pairwise sum. BLAS's ``dot`` sums the products one after another (per SIMD lane): on a vector whose mass
+    sits in a few entries, a Lanczos vector along a converged outlier, a 700k-entry float32 norm came out 2.9e-5
+    off (1.2e-4 with ``vector_norm``) against 3e-7 summed pairwise, and Lanczos took the wrong norms for its
+    matvec's asymmetry (a whole-basis pass at every step of an exactly symmetric product). Cost: one write and
+    read of a cache-sized scratch chunk more."""
+    return torch.sum(torch.mul(x, y, out=_SCRATCH.get("dot", x.dtype, tuple(x.shape))), 0, out=out)
 
 
 def _find_row(groups: Sequence[torch.Tensor], v: torch.Tensor) -> tuple[int, int] | None:
@@ -215,13 +225,11 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
             for g in order:
                 if loaded_g != g:
                     loaded_g, rows = g, _load(groups[g][:, a:b], "rows", acc)
+                # products and pairwise row sums (chunk_dot's reason; a matrix-vector product sums them in order)
                 out = dot_parts[ci, starts[g] : starts[g + 1]]
-                if parallel:
-                    torch.sum(torch.mul(rows, wf, out=_SCRATCH.get("prod", acc, tuple(rows.shape))), 1, out=out)
-                else:
-                    torch.mv(rows, wf, out=out)
+                torch.sum(torch.mul(rows, wf, out=_SCRATCH.get("prod", acc, tuple(rows.shape))), 1, out=out)
         if norm:
-            torch.dot(wf, wf, out=norm_parts[ci])
+            chunk_dot(wf, wf, norm_parts[ci])
     out_dots = out_norm = None
     if dots:
         out_dots = dot_parts[0].to(torch.float64) if chunks == 1 else dot_parts.to(torch.float64).sum(0)
@@ -311,7 +319,8 @@ def host_rotate(blocks: Sequence[torch.Tensor], Y: torch.Tensor, targets: Sequen
                 s += B.shape[0]
             torch.mm(Yt, X, out=Z)
         if norms:
-            parts.append(torch.linalg.vector_norm(Z, dim=1).to(torch.float64).square())
+            sq = torch.mul(Z, Z, out=_SCRATCH.get("rotate_sq", acc, tuple(Z.shape)))
+            parts.append(torch.sum(sq, 1).to(torch.float64))  # pairwise, as chunk_dot
         s = 0
         for T in targets:
             T[:, a:b].copy_(Z[s : s + T.shape[0]])

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .host_arith import _SCRATCH, PARALLEL_PRODUCTS_FROM_THREADS, _acc, _load, columns
+from .host_arith import _SCRATCH, PARALLEL_PRODUCTS_FROM_THREADS, _acc, _load, chunk_dot, columns
 
 __all__ = ["host_combine", "host_project"]
 
@@ -73,7 +73,7 @@ def host_project(x: torch.Tensor, groups: Sequence[torch.Tensor], c: torch.Tenso
         u[a:b].copy_(uf)
         if z.dtype != acc:
             zf.copy_(z[a:b])  # the norm is that of the stored vector
-        torch.dot(zf, zf, out=norm_parts[ci])
+        chunk_dot(zf, zf, norm_parts[ci])
     return float(norm_parts.to(torch.float64).sum()) if chunks else 0.0
 
 
@@ -105,7 +105,7 @@ def host_combine(out: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]],
         a, b = ci * cols, min(d, (ci + 1) * cols)
         loaded = [_load(v[a:b], f"term{k}", acc) for k, v in enumerate(vecs)]
         for p, (i, j) in enumerate(before):
-            torch.dot(loaded[i], loaded[j], out=parts[ci, p])
+            chunk_dot(loaded[i], loaded[j], parts[ci, p])
         of = _SCRATCH.get("combined", acc, (b - a,))
         for k, (f, (_, coef)) in enumerate(zip(loaded, terms)):
             if k == 0:
@@ -116,5 +116,5 @@ def host_combine(out: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]],
         if out.dtype != acc:
             of.copy_(out[a:b])  # the products are those of the stored vector
         for p, i in enumerate(after):
-            torch.dot(of, of if i == -1 else loaded[i], out=parts[ci, len(before) + p])
+            chunk_dot(of, of if i == -1 else loaded[i], parts[ci, len(before) + p])
     return parts.to(torch.float64).sum(0)

@@ -454,12 +454,14 @@ def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int
 
 def vector_norm(w: torch.Tensor) -> torch.Tensor:
     """``||w||`` as a 0-d tensor on ``w``'s device in :func:`accumulation_dtype` (no host synchronization)."""
+    if is_host(w) and w.dtype != torch.float64:
+        # the CPU's reduction with dtype=float32 converts a half vector whole first (a fresh float32 d-vector,
+        # one thread), and its float32 norm sums the squares one after another: 3.6e-4 relative on a Gaussian of
+        # 5e7 entries, which Lanczos read as its matvec's asymmetry. Chunks through reusable scratch instead,
+        # each a pairwise sum, the chunks summed in float64 (host_arith.lanczos_pass)
+        return host_norm_sq(w).sqrt().to(accumulation_dtype(w.dtype))
     if w.dtype not in HALF_TYPES:
         return torch.linalg.vector_norm(w)
-    if is_host(w):
-        # the CPU's reduction with dtype=float32 converts the whole vector first (a fresh float32 d-vector,
-        # one thread): chunks through reusable scratch instead, summed in float64
-        return host_norm_sq(w).sqrt().to(torch.float32)
     # float32 accumulation read straight from the half values (the reduction casts as it reads): no float32
     # copy and one kernel per slice of PRODUCT_COLUMNS, where float32 copies of 2^24-element slices cost eight
     # launches and a conversion pass per norm at 124M parameters

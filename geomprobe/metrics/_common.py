@@ -14,7 +14,6 @@ from typing import Any, Callable, Iterator, Sequence
 import numpy as np
 import torch
 
-from ..engine.host_stream import wide_host_vectors
 from ..errors import ConfigurationError, NonFiniteLossError
 from ..linalg.vectors import all_finite, default_generator
 from ..stats.student import t_quantile  # noqa: F401  (the metrics import it from here)
@@ -239,21 +238,11 @@ def stratified_quantile_ci(strata: Sequence[tuple[np.ndarray, int, bool]], p: fl
     return lo, hi
 
 
-def plan_options(land: Any) -> dict[str, Any]:
-    """The Lanczos options a memory plan decides for runs on ``land``: ``delayed`` (:func:`delayed_fits`),
-    ``selective`` (:func:`selective_fits`) and ``basis_dtype`` (:func:`host_basis_dtype`)."""
-    return {"delayed": delayed_fits(land), "selective": selective_fits(land), "basis_dtype": host_basis_dtype(land)}
-
-
-def host_basis_dtype(land: Any) -> torch.dtype | None:
-    """float32 where ``land``'s vectors live in host memory (:mod:`geomprobe.engine.host_stream`) and its model is
-    half precision, else None (the model's type): the Lanczos arithmetic then runs on the CPU, whose kernels
-    take float32 rows at copy speed and half-precision ones at about a quarter of it (each chunk converted
-    first). The memory plan counts such rows at 4 bytes an entry
-    (:data:`~geomprobe.engine.memory_plan.HOST_BASIS_ITEMSIZE`)."""
-    if getattr(land, "host", None) is None or not wide_host_vectors(land.dtype, torch.float32):
-        return None
-    return torch.float32
+def plan_options(land: Any) -> dict[str, bool]:
+    """The Lanczos options a memory plan decides for runs on ``land``: ``delayed`` (:func:`delayed_fits`) and
+    ``selective`` (:func:`selective_fits`). (A float32 host basis for a half-precision model, Lanczos'
+    ``basis_dtype``, is not one of them: measured slower on the 1B Llama, benchmarks/RESULTS.md section 6.)"""
+    return {"delayed": delayed_fits(land), "selective": selective_fits(land)}
 
 
 def selective_fits(land: Any) -> bool:
