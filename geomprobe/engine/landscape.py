@@ -473,8 +473,8 @@ class Landscape:
 
         ``out``: a tensor of the result's shape (``v``'s), the Landscape's dtype (float32 for float32 host vectors
         of a half-precision model: those are rounded to the model's type on their way to the device and their
-        results summed in float32) and the result's device (the host for host vectors, else :attr:`device`), not overlapping ``v``; the products are written into it
-        and it is returned. On the exact route no d-sized tensor is allocated beside the per-parameter results
+        results summed in float32) and the result's device (the host for host vectors, else :attr:`device`),
+        not overlapping ``v``; the products are written into it and it is returned. On the exact route no d-sized tensor is allocated beside the per-parameter results
         autograd makes (each probe batch's results are copied, then added, into ``out``): a reused buffer
         spares the CPU a fresh mapping of a large vector, and its page faults, at every product. Host vectors
         and finite differences compute their result and copy it in. The values are bit-identical either way.

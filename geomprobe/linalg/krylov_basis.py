@@ -275,8 +275,8 @@ class LanczosBasis:
     a few combinations of itself in place, which is how a thick restart stays within the cap.
 
     ``round_to``: the type of the matvec's vectors when the rows are kept in a wider one (a half-precision
-    model's basis in host memory kept in float32, whose CPU kernels run 3-4x faster than on half-precision
-    rows). Every appended vector is rounded to ``round_to``'s values in place, so the row a product reads is
+    model's basis in host memory kept in float32, which the CPU reads without converting it: Lanczos'
+    ``basis_dtype``). Every appended vector is rounded to ``round_to``'s values in place, so the row a product reads is
     exactly what the product's type holds: the Lanczos relation is the one a basis of ``round_to`` rows has,
     and the arithmetic between the products keeps float32 (no rounding of ``w`` to half precision per step).
     """

@@ -168,8 +168,10 @@ def lanczos(
     measured slower on a 1B bf16 model, whose streamed products need the same host).
     ``basis_dtype``: the type the basis and the working vectors are kept in when wider than ``dtype`` (the
     matvec's type, which still sets every rounding level): float32 for a half-precision model whose vectors live
-    in host memory, where float32 rows run at copy speed and half-precision ones at a quarter of it (converted
-    chunk by chunk; benchmarks/RESULTS.md section 6). Each stored vector is rounded to ``dtype``'s values
+    in host memory, where the CPU converts half-precision rows chunk by chunk (2.9x the step time of float32 rows
+    on a 2-core host; about the same on an H200's 16-core host at 3.5e8 entries, where the 1B Llama's streamed
+    products, summed in float32, also came out slower: benchmarks/RESULTS.md section 6, fourteenth round; so
+    the metrics do not ask for it). Each stored vector is rounded to ``dtype``'s values
     (:class:`~geomprobe.linalg.krylov_basis.LanczosBasis` ``round_to``), so the matvec reads exactly what is
     stored; the products come back as the matvec gives them (float32 for a host-vector Landscape), and the
     arithmetic between products stays float32. Twice the basis's bytes; the matvec must take such vectors.
