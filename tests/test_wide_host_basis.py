@@ -136,3 +136,14 @@ def test_lanczos_on_a_host_landscapes_float32_vectors_finds_its_extremes():
     assert abs(float(r.ritz_values[0]) - ref["lambda_min"]) <= float(r.bounds[0]) + 0.05 * scale
     # not a default: measured slower on the 1B Llama's host-vector plan (benchmarks/RESULTS.md section 6)
     assert set(plan_options(host)) == {"delayed", "selective"}
+
+
+def test_a_basis_narrower_than_the_product_is_refused():
+    mv, _, _ = _bf16_product(50)
+    for bad in (torch.bfloat16, torch.int32):
+        try:
+            lanczos(mv, 50, dtype=torch.float32, basis_dtype=bad, device="cpu")
+        except ConfigurationError as e:
+            assert "basis_dtype" in str(e) and "at least as precise" in str(e)
+        else:
+            raise AssertionError(f"basis_dtype={bad} was accepted for a float32 product")

@@ -198,6 +198,10 @@ def lanczos(
                            "generator": generator, "dtype": dtype, "device": device, "keep_basis": keep_basis, "bound": bound,
                            "basis_device": basis_device, "risk": risk, "v0_random": v0_random, "space": space,
                            "basis_dtype": basis_dtype}
+    if basis_dtype is not None and (not basis_dtype.is_floating_point
+                                    or torch.finfo(basis_dtype).eps > torch.finfo(dtype).eps):
+        raise ConfigurationError(f"basis_dtype must be a floating type at least as precise as dtype ({dtype}), got "
+                                 f"{basis_dtype}: pass None to keep the basis in {dtype}")
     if basis_dtype not in (None, dtype) and delayed == "host":
         delayed = True  # the host loop writes rows of the matvec's type (delayed_host.py): the plain passes here
     if capped and (tol == 0 or max_basis < min_basis(k, which)):  # (the restarted run names a cap too small)
