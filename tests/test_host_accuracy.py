@@ -10,7 +10,7 @@ import torch
 from geomprobe.linalg import host_arith as ha
 from geomprobe.linalg.host_fused import host_combine, host_project
 from geomprobe.linalg.lanczos import lanczos
-from geomprobe.linalg.vectors import vector_norm
+from geomprobe.linalg.vectors import row_dots, vector_norm
 
 U32 = 2**-24  # float32's unit roundoff
 
@@ -33,6 +33,9 @@ def test_norms_and_dots_of_spiky_vectors_are_accurate_to_a_few_roundoffs():
     assert float((dots - exact_dots).abs().max()) <= 20 * U32 * exact_nsq
     assert abs(float(nsq) - exact_nsq) <= 20 * U32 * exact_nsq
     assert abs(float(ha.host_norm_sq(y)) - exact_nsq) <= 20 * U32 * exact_nsq
+    # the generic row products on the CPU too (Ritz vectors kept by selective orthogonalization, sharded norms)
+    got = row_dots(B, y)
+    assert got.dtype == torch.float32 and float((got.double() - exact_dots).abs().max()) <= 20 * U32 * exact_nsq
     # the fused passes of the host loop too (their norms and products)
     z, u = torch.zeros(n), torch.zeros(n)
     got = host_project(y, [B[:1]], torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64), z, u)

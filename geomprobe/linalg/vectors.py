@@ -306,18 +306,20 @@ def row_dots(B: torch.Tensor, w: torch.Tensor, *, segments: int | None = None) -
 
     On CUDA one strided-batched product over segments of the columns (:mod:`.segmented`; half types fused
     with float32 accumulation), which reads at memory speed for any ``n`` where a plain ``(n x d) @ (d x 1)``
-    product does not while ``n`` is small; elsewhere one matrix-vector product (half types on the CPU: float32
-    products over column chunks converted into reusable scratch, :func:`.host_arith.host_dots`, summed in
-    float64; never a full float32 copy). ``segments`` forces that many segments per column slice
+    product does not while ``n`` is small; elsewhere one matrix-vector product (half and float32 types on the
+    CPU: float32 products over column chunks, half types converted into reusable scratch, each chunk summed
+    pairwise and the chunks in float64, :func:`.host_arith.host_dots`; never a full float32 copy). ``segments`` forces that many segments per column slice
     on any device (default :data:`SEGMENTS`). Columns go in slices of at most ``PRODUCT_COLUMNS`` and rows
     farther apart than ``LD_LIMIT`` one at a time (BLAS sizes are 32-bit). Cost: one read of ``B`` and ``w``,
     no matvec. Error: a float sum of ``d`` products in the accumulation dtype (unit roundoff ``u``): at most
-    ``d u sum_j |B_ij w_j|`` per entry, in practice near ``sqrt(d) u`` times it.
+    ``d u sum_j |B_ij w_j|`` per entry where summed in order (float64 on the CPU; CUDA's reductions sum in a
+    tree, ``log2(d) u`` in practice), ``log2(columns) u`` times it on the CPU's chunks.
     """
     seg = _segments(B, w, segments)
-    if seg is None and w.dtype in HALF_TYPES and B.dim() == 2 and is_host(B, w):
-        # float32 products over chunks converted into reusable scratch (:mod:`.host_arith`), where float32
-        # copies of slices were fresh allocations converted on one thread
+    if seg is None and w.dtype != torch.float64 and B.dim() == 2 and is_host(B, w):
+        # float32 products over chunks (half types converted into reusable scratch: float32 copies of slices
+        # were fresh allocations converted on one thread) summed pairwise (:func:`.host_arith.chunk_dot`: a
+        # matrix-vector product sums in order, 1e-5-5e-4 off on vectors with a few large entries)
         return host_dots(B, w).to(torch.float32)
     if _long_rows(B):
         # one row at a time: a single row reads fastest unsegmented (0.46 against 0.64 ms on the H200)
