@@ -344,8 +344,10 @@ class HostVectors:
 
 
 def wide_host_vectors(model_dtype: torch.dtype, vector_dtype: torch.dtype) -> bool:
-    """Whether host vectors of ``vector_dtype`` are float32 vectors of a half-precision model, which the host mode
-    takes as they are (:meth:`HostVectors.hvp_rows`) instead of converting them whole to the model's type."""
+    """Whether host vectors of ``vector_dtype`` are float32 vectors of a half-precision model (a Lanczos basis
+    kept in float32 on the host), which the host mode takes as they are (:meth:`HostVectors.hvp_rows`: rounded
+    to the model's type as they are copied for the device, the results summed in float32) instead of
+    converting them whole to the model's type."""
     return vector_dtype == torch.float32 and model_dtype in (torch.float16, torch.bfloat16)
 
 

@@ -471,23 +471,19 @@ class Landscape:
         probe batch, answered on the host (:mod:`~.host_stream`). Exact up to floating-point rounding (finite
         differences, if chosen, have truncation error O(eps^2) on smooth models).
 
-        ``out``: a tensor of the result's shape (``v``'s), the Landscape's dtype (float32 for float32 host vectors
-        of a half-precision model: those are rounded to the model's type on their way to the device and their
-        results summed in float32) and the result's device (the host for host vectors, else :attr:`device`),
-        not overlapping ``v``; the products are written into it and it is returned. On the exact route no d-sized tensor is allocated beside the per-parameter results
-        autograd makes (each probe batch's results are copied, then added, into ``out``): a reused buffer
-        spares the CPU a fresh mapping of a large vector, and its page faults, at every product. Host vectors
-        and finite differences compute their result and copy it in. The values are bit-identical either way.
-        A bad ``out`` is refused before any work; a product that fails midway leaves ``out`` partly written.
+        ``out``: the result's shape (``v``'s), dtype (the Landscape's; float32 for float32 host vectors of a half
+        model, rounded on their way to the device, summed in float32) and device (the host for host vectors, else
+        :attr:`device`), not overlapping ``v``; written into and returned. On the exact route no d-sized tensor
+        is allocated beside autograd's per-parameter results (each probe batch's are copied, then added, into
+        ``out``): a reused buffer spares the CPU a fresh mapping of a large vector, and its page faults, at every
+        product. Host vectors and finite differences compute their result and copy it in (the same bits). A bad
+        ``out`` is refused before any work; a failure midway leaves it partly written.
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.dim:
             raise ConfigurationError(f"hvp takes a vector (d,) or a block (k, d) with d = {self.dim}, got {tuple(v.shape)}")
         self._check_unchanged()
-        single = v.dim() == 1
-        host = self.host is not None and v.device.type == "cpu"  # host vectors stay there (host_stream)
-        # float32 host vectors of a half-precision model (a Lanczos basis kept in float32 on the host) stay
-        # float32: rounded to the model's type as they are copied for the device, the result summed in float32
-        dtype = torch.float32 if host and wide_host_vectors(self.dtype, v.dtype) else self.dtype
+        single, host = v.dim() == 1, self.host is not None and v.device.type == "cpu"  # host vectors stay there
+        dtype = v.dtype if host and wide_host_vectors(self.dtype, v.dtype) else self.dtype  # (host_stream)
         if out is not None:
             check_out(out, v, dtype, v.device if host else self.device)
         V = v.reshape(-1, self.dim).to(device=v.device if host else self.device, dtype=dtype)

@@ -121,14 +121,16 @@ def _load(x: torch.Tensor, slot: str, acc: torch.dtype) -> torch.Tensor:
     return buf
 
 
-def chunk_dot(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """``x . y`` of two 1-D chunks of one type into the 0-d ``out``: their product in scratch, then torch's
-    pairwise sum. BLAS's ``dot`` sums the products one after another (per SIMD lane): on a vector whose mass
-    sits in a few entries, a Lanczos vector along a converged outlier, a 700k-entry float32 norm came out 2.9e-5
-    off (1.2e-4 with ``vector_norm``) against 3e-7 summed pairwise, and Lanczos took the wrong norms for its
-    matvec's asymmetry (a whole-basis pass at every step of an exactly symmetric product). Cost: one write and
-    read of a cache-sized scratch chunk more."""
-    return torch.sum(torch.mul(x, y, out=_SCRATCH.get("dot", x.dtype, tuple(x.shape))), 0, out=out)
+def chunk_dot(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The inner products of the rows of ``x`` (a 1-D chunk, or 2-D rows of one) with ``y`` (broadcast along them),
+    into ``out`` (0-d, or one entry per row; None: a new tensor): their products in scratch, then torch's pairwise
+    sum along the last dimension. BLAS's ``dot`` sums the products one after another (per SIMD lane): on a vector
+    whose mass sits in a few entries, a Lanczos vector along a converged outlier, a 700k-entry float32 norm came out
+    2.9e-5 off (1.2e-4 with ``vector_norm``) against 3e-7 summed pairwise, and Lanczos took the wrong norms for its
+    matvec's asymmetry (a whole-basis pass at every step of an exactly symmetric product). Cost: one write and read
+    of a cache-sized scratch chunk more."""
+    prod = torch.mul(x, y, out=_SCRATCH.get("dot", x.dtype, tuple(x.shape)))
+    return torch.sum(prod, -1) if out is None else torch.sum(prod, -1, out=out)
 
 
 def _find_row(groups: Sequence[torch.Tensor], v: torch.Tensor) -> tuple[int, int] | None:
@@ -225,9 +227,7 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
             for g in order:
                 if loaded_g != g:
                     loaded_g, rows = g, _load(groups[g][:, a:b], "rows", acc)
-                # products and pairwise row sums (chunk_dot's reason; a matrix-vector product sums them in order)
-                out = dot_parts[ci, starts[g] : starts[g + 1]]
-                torch.sum(torch.mul(rows, wf, out=_SCRATCH.get("prod", acc, tuple(rows.shape))), 1, out=out)
+                chunk_dot(rows, wf, dot_parts[ci, starts[g] : starts[g + 1]])  # not mv: it sums in order
         if norm:
             chunk_dot(wf, wf, norm_parts[ci])
     out_dots = out_norm = None
@@ -319,8 +319,7 @@ def host_rotate(blocks: Sequence[torch.Tensor], Y: torch.Tensor, targets: Sequen
                 s += B.shape[0]
             torch.mm(Yt, X, out=Z)
         if norms:
-            sq = torch.mul(Z, Z, out=_SCRATCH.get("rotate_sq", acc, tuple(Z.shape)))
-            parts.append(torch.sum(sq, 1).to(torch.float64))  # pairwise, as chunk_dot
+            parts.append(chunk_dot(Z, Z).to(torch.float64))
         s = 0
         for T in targets:
             T[:, a:b].copy_(Z[s : s + T.shape[0]])

@@ -19,7 +19,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .blockdiag import block_count, blockdiag_layout, blockdiag_sub
-from .host_arith import host_dots, host_norm_sq, host_sub, is_host
+from .host_arith import chunk_dot, host_dots, host_norm_sq, host_sub, is_host
 from .segmented import segment_count, segmented_dots, segmented_sub
 
 __all__ = [
@@ -309,21 +309,20 @@ SMALL_HOST_PRODUCT = 1 << 18
 def row_dots(B: torch.Tensor, w: torch.Tensor, *, segments: int | None = None) -> torch.Tensor:
     """``B @ w`` for rows ``B`` ``(n, d)`` and ``w`` ``(d,)`` in :func:`accumulation_dtype`.
 
-    On CUDA one strided-batched product over segments of the columns (:mod:`.segmented`; half types fused
-    with float32 accumulation), which reads at memory speed for any ``n`` where a plain ``(n x d) @ (d x 1)``
-    product does not while ``n`` is small; elsewhere one matrix-vector product (half and float32 types on the
-    CPU: float32 products over column chunks, half types converted into reusable scratch, each chunk summed
-    pairwise and the chunks in float64, :func:`.host_arith.host_dots`; never a full float32 copy). ``segments`` forces that many segments per column slice
-    on any device (default :data:`SEGMENTS`). Columns go in slices of at most ``PRODUCT_COLUMNS`` and rows
-    farther apart than ``LD_LIMIT`` one at a time (BLAS sizes are 32-bit). Cost: one read of ``B`` and ``w``,
-    no matvec. Error: a float sum of ``d`` products in the accumulation dtype (unit roundoff ``u``): at most
-    ``d u sum_j |B_ij w_j|`` per entry where summed in order (float64 on the CPU; CUDA's reductions sum in a
-    tree, ``log2(d) u`` in practice), ``log2(columns) u`` times it on the CPU's chunks.
-    """
+    On CUDA one strided-batched product over segments of the columns (:mod:`.segmented`; half types fused with
+    float32 accumulation), which reads at memory speed for any ``n`` where a plain ``(n x d) @ (d x 1)`` product
+    does not while ``n`` is small; elsewhere one matrix-vector product (half and float32 types on the CPU: float32
+    products over column chunks, half types converted into reusable scratch, each chunk summed pairwise and the
+    chunks in float64, :func:`.host_arith.host_dots`; never a full float32 copy). ``segments`` forces that many
+    segments per column slice on any device (default :data:`SEGMENTS`). Columns go in slices of at most
+    ``PRODUCT_COLUMNS`` and rows farther apart than ``LD_LIMIT`` one at a time (BLAS sizes are 32-bit). Cost: one
+    read of ``B`` and ``w``, no matvec. Error: a float sum of ``d`` products in the accumulation dtype (unit
+    roundoff ``u``): at most ``d u sum_j |B_ij w_j|`` per entry where summed in order (float64 on the CPU; CUDA's
+    reductions sum in a tree, ``log2(d) u`` in practice), ``log2(columns) u`` times it on the CPU's chunks."""
     seg = _segments(B, w, segments)
     if seg is None and w.dtype != torch.float64 and B.dim() == 2 and is_host(B, w):
         if B.dtype == w.dtype == torch.float32 and B.numel() <= SMALL_HOST_PRODUCT:
-            return torch.sum(torch.mul(B, w), 1)  # pairwise, as below, without the chunk loop's overhead
+            return chunk_dot(B, w)  # pairwise, as below, without the chunk loop's overhead
         # float32 products over chunks (half types converted into reusable scratch: float32 copies of slices
         # were fresh allocations converted on one thread) summed pairwise (:func:`.host_arith.chunk_dot`: a
         # matrix-vector product sums in order, 1e-5-5e-4 off on vectors with a few large entries)
