@@ -124,7 +124,9 @@ def _mlp(width: int, seed: int = 0):
 
 @pytest.mark.parametrize(("metrics", "low", "high"), [
     ({"trace": {"hvps": 64, "rel_tol": 0}}, 0.7, 4.0),   # an exact plan: measured 1.2-2.0x on the CPU
-    (["spectrum"], 1.0, 15.0),                           # min(d, 300) Lanczos steps planned, ~40-70 spent: 4-7x
+    # 64 HVPs counted (ITERATIVE_HVPS), 54 spent; this 22k-parameter MLP's Lanczos steps are bound by Python, not
+    # by its HVPs: measured 1.14-1.37x on the CPU (the 4-7x once written here was before the certified stop)
+    (["spectrum"], 0.7, 15.0),
 ])
 def test_the_prediction_on_a_small_model_is_within_its_stated_factor_of_the_measured_seconds(metrics, low, high):
     model, X, y = _mlp(128)

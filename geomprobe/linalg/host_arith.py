@@ -121,6 +121,9 @@ def _load(x: torch.Tensor, slot: str, acc: torch.dtype) -> torch.Tensor:
     return buf
 
 
+SMALL_CHUNK = 1 << 16  # entries up to which chunk_dot's product is not written into scratch
+
+
 def chunk_dot(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """The inner products of the rows of ``x`` (a 1-D chunk, or 2-D rows of one) with ``y`` (broadcast along them),
     into ``out`` (0-d, or one entry per row; None: a new tensor): their products in scratch, then torch's pairwise
@@ -129,7 +132,8 @@ def chunk_dot(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None)
     2.9e-5 off (1.2e-4 with ``vector_norm``) against 3e-7 summed pairwise, and Lanczos took the wrong norms for its
     matvec's asymmetry (a whole-basis pass at every step of an exactly symmetric product). Cost: one write and read
     of a cache-sized scratch chunk more."""
-    prod = torch.mul(x, y, out=_SCRATCH.get("dot", x.dtype, tuple(x.shape)))
+    # a small chunk's product is a fresh tensor: cheaper than the scratch's lookup at a Lanczos step of a small model
+    prod = torch.mul(x, y) if x.numel() <= SMALL_CHUNK else torch.mul(x, y, out=_SCRATCH.get("dot", x.dtype, x.shape))
     return torch.sum(prod, -1) if out is None else torch.sum(prod, -1, out=out)
 
 

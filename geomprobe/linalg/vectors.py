@@ -462,6 +462,8 @@ def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int
 
 def vector_norm(w: torch.Tensor) -> torch.Tensor:
     """``||w||`` as a 0-d tensor on ``w``'s device in :func:`accumulation_dtype` (no host synchronization)."""
+    if is_host(w) and w.dtype == torch.float32 and w.numel() <= SMALL_HOST_PRODUCT:
+        return chunk_dot(w, w).sqrt()  # pairwise, without the chunked pass's per-call overhead
     if is_host(w) and w.dtype != torch.float64:
         # the CPU's reduction with dtype=float32 converts a half vector whole first (a fresh float32 d-vector,
         # one thread), and its float32 norm sums the squares one after another: 3.6e-4 relative on a Gaussian of
