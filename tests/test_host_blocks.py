@@ -138,6 +138,21 @@ def test_no_prefetch_without_a_free_core(monkeypatch):
     assert HB.prefetch_wanted() is False
 
 
+def test_prefetch_beside_a_gpu_product_even_without_a_free_core(monkeypatch):
+    # with CUDA initialized the host basis serves a product on the GPU, whose device time leaves the CPU waiting
+    monkeypatch.setattr(HB, "PREFETCH", None)
+    monkeypatch.setattr(HB, "_populate_refused", False)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 10**6)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert HB.accelerator_in_use() is False and HB.prefetch_wanted() is False
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert HB.accelerator_in_use() is True and HB.prefetch_wanted() is True
+    assert LanczosBasis(1000, torch.float32, "cpu").prefetcher is not None
+    monkeypatch.setattr(HB, "_populate_refused", True)  # a kernel without MADV_POPULATE_WRITE: never
+    assert HB.prefetch_wanted() is False
+
+
 def test_a_failing_prefetch_is_no_error_and_the_worker_goes_on():
     done = HB._WORKER.submit(lambda: 1 / 0)
     assert done.wait(10)

@@ -136,7 +136,8 @@ def test_graph_budget_rebuilds_graphs_with_the_same_answer():
     tight = gp.Landscape(model, loss, batches, mode=mode, graph_budget_bytes=1)
     V = torch.randn(3, kept.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(kept.hvp(V), tight.hvp(V), rtol=0, atol=FLOAT64_EXACT)
-    assert tight.info()["graphs_kept"] == 1 and tight.graph_rebuilds >= 1
+    # a budget below one graph keeps none, the first included: every batch's graph is rebuilt per product
+    assert tight.info()["graphs_kept"] == 0 and tight.graph_rebuilds >= len(tight.batches)
     assert kept.graph_rebuilds == 0 and kept.graph_bytes > 0
 
 
@@ -278,7 +279,7 @@ def test_micro_batches_give_the_same_hessian_in_less_memory():
     V = torch.randn(3, whole.dim, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
     assert abs(split.loss - whole.loss) <= FLOAT64_EXACT
     assert torch.allclose(split.hvp(V), whole.hvp(V), rtol=0, atol=FLOAT64_EXACT)
-    assert split.info()["graphs_kept"] == 1 and split.graph_bytes < whole.graph_bytes
+    assert split.info()["graphs_kept"] == 0 and split.graph_bytes == 0 < whole.graph_bytes  # none fit: all rebuilt
 
 
 def test_micro_batches_refused_for_batchnorm_in_train_mode():

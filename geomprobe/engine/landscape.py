@@ -399,8 +399,7 @@ class Landscape:
             self.graph_figures["recompute" if self.recompute_attention else "math"] = self.graph_bytes_per_sample
         kept = nbytes + (0 if self.host else sum(g.numel() * g.element_size() for g in grads if g is not None))
         fits = self.graph_budget_bytes is None or self._kept_bytes + kept <= self.graph_budget_bytes
-        # the first graph is kept whatever its size, except with host vectors: there the budget may be below one
-        if create and (fits or (b == 0 and self.host is None)):
+        if create and fits:  # the first graph too: a budget below one graph rebuilds every graph per HVP
             self._graphs.append(grads)
             self.graph_bytes += nbytes
             self._kept_bytes += kept
@@ -554,6 +553,7 @@ class Landscape:
                 grads = self._graph(b, True)[0]
                 self.graph_rebuilds += 1
             self._hvp_batch(grads, V, out, accumulate=b > 0, mask=mask)
+            del grads  # a rebuilt graph is freed before the next is built, not held beside it
         return out
 
     def _hvp_batch(self, grads: list[torch.Tensor | None], V: torch.Tensor, out: torch.Tensor | None = None,

@@ -395,9 +395,11 @@ def plan_memory(
         else:
             cap = max(1, int(room))
         kept, kept_samples, rebuilt = 0, 0, 0
-        for i, (p, b) in enumerate(zip(pieces, piece_bytes)):
-            # the Landscape keeps its first graph whatever its size, except with host vectors
-            if cap is None or kept + b <= cap or (i == 0 and not host):
+        for p, b in zip(pieces, piece_bytes):
+            # a graph is kept only where it fits, the first too: under a budget below one graph every graph
+            # is rebuilt per HVP, which keeps the vectors on the device (GPT-2 355M at 1.5x: a product 1.79 s
+            # against 3.9 s for host vectors, benchmarks/RESULTS.md §6)
+            if cap is None or kept + b <= cap:
                 kept += b
                 kept_samples += p
             else:

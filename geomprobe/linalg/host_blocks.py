@@ -37,8 +37,8 @@ import threading
 import torch
 
 __all__ = [
-    "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "advise_huge_pages", "free_core", "host_block", "populate",
-    "populate_wanted", "prefetch_wanted", "thp_mode",
+    "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "accelerator_in_use", "advise_huge_pages", "free_core",
+    "host_block", "populate", "populate_wanted", "prefetch_wanted", "thp_mode",
 ]
 
 MADV_HUGEPAGE = 14  # <asm-generic/mman-common.h>
@@ -221,11 +221,20 @@ def populate_wanted() -> bool:
     return POPULATE and not _populate_refused
 
 
+def accelerator_in_use() -> bool:
+    """Whether this process has initialized CUDA: a basis in host memory then most likely serves a matvec on the
+    GPU (the host-vector mode), whose device work leaves torch's CPU threads waiting for most of a product."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
 def prefetch_wanted() -> bool:
-    """Whether a basis in host memory touches its next row ahead (:data:`PREFETCH`, else :func:`free_core`)."""
+    """Whether a basis in host memory touches its next row ahead (:data:`PREFETCH`, else :func:`free_core` or
+    :func:`accelerator_in_use`). Beside a GPU's product the background faults cost the product little even with
+    torch on every core: GPT-2 355M bf16 on host vectors (16 of 16 cores), 10 steps, 70.9 s with the rows faulted
+    on the main thread, 58.4 s with them faulted beside the products (benchmarks/RESULTS.md §6)."""
     if PREFETCH is not None:
         return PREFETCH and not _populate_refused
-    return not _populate_refused and free_core()
+    return not _populate_refused and (free_core() or accelerator_in_use())
 
 
 class _Worker:
