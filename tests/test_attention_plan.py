@@ -109,6 +109,30 @@ def test_the_rule_on_simulated_plans():
     assert choose_attention(t, _plan(math_s, 40 * MiB))[0] is False
 
 
+def test_one_more_graph_kept_does_not_pay_for_slower_products():
+    # GPT-2 355M fp32 on an H200 under the 1.5x plan (benchmarks/RESULTS.md section 6): in pieces of one sample
+    # torch's attention keeps no graph and the recomputing one keeps one; products took 2.83 s with the
+    # recomputing attention against 1.79 s with torch's and every graph rebuilt
+    fig = dict(dim=354_823_168, itemsize=4, batch_sizes=[8], available_bytes=143_573_041_152,
+               allocated_bytes=5_747_458_048, train_peak_bytes=18_921_759_744, host_bytes=132_929_122_304,
+               basis_vectors=13, bounded_basis=True, gradient_samples=False, host_vectors=True,
+               largest_param_bytes=50257 * 1024 * 4)
+    t, r = plan_memory(**fig, graph_bytes_per_sample=3133884428.0), plan_memory(**fig, graph_bytes_per_sample=2027374988.0)
+    assert t.fits and r.fits and t.micro_batch_size == r.micro_batch_size == 1
+    assert (t.samples_kept, r.samples_kept) == (0, 1)
+    recompute, reason = choose_attention(t, r)
+    assert not recompute and "predicted 1.20x the time per HVP" in reason
+    # at the same pieces, keeping every graph where torch's keeps none pays (8 x 2.1 x 1.36 < 8 x 2.1 + 8) ...
+    same = {"micro_batch_size": (1, "user")}
+    t = plan_memory(**fig, graph_bytes_per_sample=3133884428.0, overrides=same)
+    r = plan_memory(**{**fig, "train_peak_bytes": 10**11}, graph_bytes_per_sample=2027374988.0, overrides=same)
+    assert (t.samples_kept, r.samples_kept) == (0, 8) and choose_attention(t, r)[0] is True
+    # ... and larger pieces win whatever the graphs kept
+    whole = plan_memory(**{**fig, "train_peak_bytes": 10**11}, graph_bytes_per_sample=2027374988.0)
+    assert whole.micro_batch_size is None and choose_attention(t, whole)[0] is True
+    assert "micro-batches of 8" in choose_attention(t, whole)[1]
+
+
 def test_the_plan_records_samples_kept():
     p = _plan(4 * MiB, 40 * MiB)
     pieces = p.micro_batch_size or 8

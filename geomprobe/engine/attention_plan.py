@@ -15,8 +15,10 @@ of one sample and 7 of 8 graphs rebuilt, an HVP took 0.96 s. Hence the rule of `
 2. otherwise, when the model calls attention in a form the recomputing double backward takes (counted in
    that measuring forward), a second measuring forward on the same slice measures the graph with it, and the
    plan is made again; the recomputing attention is kept when torch's plan does not fit and its planned peak
-   is lower, or when torch's plan fits only by rebuilding graphs and its own plan fits keeping more samples'
-   graphs.
+   is lower, or when torch's plan fits only by rebuilding graphs and its own plan fits keeping enough more
+   samples' graphs to pay for its slower products (:func:`choose_attention`): on GPT-2 355M under the 1.5x plan
+   torch's attention kept 0 of 8 graphs and the recomputing one 1, and the products took 2.83 s with it
+   against 1.79 s for torch's with every graph rebuilt (benchmarks/RESULTS.md §6).
 
 ``True`` and ``False`` force either attention: one measuring forward, with that attention. The choice, its
 reason and both figures are recorded in :attr:`MemoryPlan.attention` and ``Landscape.info()``.
@@ -76,14 +78,25 @@ def _summary(plan: MemoryPlan) -> dict:
             "micro_batch_size": plan.micro_batch_size, "graph_bytes_per_sample": plan.graph_bytes_per_sample}
 
 
+# an HVP through a kept graph with the recomputing attention, relative to torch's (the module docstring)
+RECOMPUTE_SLOWDOWN = 1.36
+# a double backward through a kept graph, relative to rebuilding that graph (a forward and a first backward, about
+# a gradient): HVP / gradient 2.07-2.13 on GPT-2 124M-355M and the 1B Llama on an H200 (benchmarks/RESULTS.md)
+HVP_PER_REBUILD = 2.1
+
+
 def choose_attention(torch_plan: MemoryPlan, recompute_plan: MemoryPlan) -> tuple[bool, str]:
     """Whether to build graphs with the recomputing attention, given the plan with torch's attention (which
     does not fit, or rebuilds graphs) and the plan with the recomputing one, and why. Pure, costs nothing.
 
     The rule: when torch's plan does not fit, the plan with the lower planned peak (ties: torch's, faster per
-    HVP); when it fits, the recomputing attention only if its plan fits too and keeps more samples' first-order
-    graphs: each kept graph saves a forward and first backward at every HVP call, which cost several times the
-    recomputation's 1.36x (module docstring)."""
+    HVP); when it fits, the recomputing attention only if its plan fits too and either cuts the batch into larger
+    micro-batches (a GPU runs small pieces far below its speed: GPT-2 355M fp32, 8 x 512, an HVP 0.47 s whole
+    and 1.20 s in pieces of one sample, graphs kept) or, at the same pieces, its products are predicted faster.
+    Per sample, in units of rebuilding a graph (a forward and first backward), an HVP costs
+    :data:`HVP_PER_REBUILD` through a kept graph with torch's attention, :data:`RECOMPUTE_SLOWDOWN` times that
+    with the recomputing one, plus 1 for each graph rebuilt; so the recomputing attention must keep more than
+    ``(RECOMPUTE_SLOWDOWN - 1) * HVP_PER_REBUILD`` (0.76) of the samples more than torch's does."""
     total = sum(torch_plan.batch_sizes)
     t_kept, r_kept = torch_plan.samples_kept or 0, recompute_plan.samples_kept or 0
     if not torch_plan.fits:
@@ -93,11 +106,21 @@ def choose_attention(torch_plan: MemoryPlan, recompute_plan: MemoryPlan) -> tupl
                           f"({_gib(recompute_plan.peak_bytes)}{', which fits' if recompute_plan.fits else ''})")
         return False, (f"with torch's attention the plan does not fit (peak {_gib(torch_plan.peak_bytes)}); "
                        f"recomputing attention plans no lower peak ({_gib(recompute_plan.peak_bytes)})")
-    if recompute_plan.fits and r_kept > t_kept:
+    t_cost = total * HVP_PER_REBUILD + (total - t_kept)  # per HVP, in graph rebuilds
+    r_cost = total * HVP_PER_REBUILD * RECOMPUTE_SLOWDOWN + (total - r_kept)
+    t_piece, r_piece = (p.micro_batch_size or max(p.batch_sizes) for p in (torch_plan, recompute_plan))
+    if recompute_plan.fits and r_piece > t_piece:
         return True, (f"torch's attention fits by rebuilding graphs at every HVP ({t_kept} of {total} samples' "
-                      f"graphs kept); recomputing attention keeps {r_kept}")
+                      f"graphs kept, micro-batches of {t_piece}); recomputing attention keeps {r_kept} in "
+                      f"micro-batches of {r_piece}")
+    if recompute_plan.fits and r_cost < t_cost:
+        return True, (f"torch's attention fits by rebuilding graphs at every HVP ({t_kept} of {total} samples' "
+                      f"graphs kept); recomputing attention keeps {r_kept}, predicted {r_cost / t_cost:.2f}x the "
+                      f"time per HVP")
+    why = ("does not fit" if not recompute_plan.fits else
+           f"predicted {r_cost / t_cost:.2f}x the time per HVP: its slower products cost more than the rebuilds saved")
     return False, (f"torch's attention fits by rebuilding graphs ({t_kept} of {total} samples' graphs kept); "
-                   f"recomputing attention keeps no more ({r_kept}{'' if recompute_plan.fits else ', does not fit'})")
+                   f"recomputing attention keeps {r_kept}, {why}")
 
 
 def plan_attention(land: Any, memory: MemoryBudget, plan: Callable[..., MemoryPlan], can_split: bool,
