@@ -36,7 +36,7 @@ def test_rebuilt_micro_batch_graphs_are_freed_after_each_hvp():
     before = _live_tensors()
     for _ in range(5):
         land.hvp(v)
-    assert land.info()["graph_rebuilds"] == 6 * 3  # three of four micro-batches rebuilt per HVP
+    assert land.info()["graph_rebuilds"] == 6 * 4  # a budget below one graph: all four micro-batches rebuilt per HVP
     assert _live_tensors() == before
 
 

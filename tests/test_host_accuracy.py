@@ -66,3 +66,22 @@ def test_an_exactly_symmetric_float32_product_is_not_taken_for_asymmetric():
     assert r.asymmetry < 2e-7
     assert "asymmetry" not in r.reorth_regime and r.reorthogonalizations <= 6
     assert abs(float(r.ritz_values[-1]) - 8.0) < 1e-5
+
+
+def test_chunk_norm_sq_by_row_norms_matches_the_exact_square_norm():
+    # row norms of NORM_ROW entries (in order within a row, pairwise over rows) and the tail's products
+    out = torch.empty(())
+    for n in (ha.NORM_ROW - 1, ha.NORM_ROW, 5 * ha.NORM_ROW + 17, 1_000_003):
+        x = _spiky(n, n)
+        exact = float(x.double().square().sum())
+        assert abs(float(ha.chunk_norm_sq(x, out)) - exact) <= 20 * U32 * exact, n
+    # similar entries, many of them: where a sum in order drifts (3.6e-4 at 5e7 entries)
+    x = torch.rand(3_000_000, generator=torch.Generator().manual_seed(3))
+    exact = float(x.double().square().sum())
+    assert abs(float(ha.chunk_norm_sq(x, out)) - exact) <= 20 * U32 * exact
+    # a strided chunk takes the pairwise product instead; float64 keeps float64
+    y = torch.randn(2 * 4096, generator=torch.Generator().manual_seed(4))[::2]
+    assert abs(float(ha.chunk_norm_sq(y, out)) - float(y.double().square().sum())) <= 20 * U32 * float(y.double().square().sum())
+    z = torch.randn(4097, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    o64 = torch.empty((), dtype=torch.float64)
+    assert abs(float(ha.chunk_norm_sq(z, o64)) - float(z.square().sum())) <= 1e-13 * float(z.square().sum())

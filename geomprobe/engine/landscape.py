@@ -114,7 +114,7 @@ class Landscape:
             from 10.2 to 6.5 GB but made an HVP 1.36x slower (benchmarks/RESULTS.md §6). ``None`` (default,
             "auto"): the memory plan decides (:mod:`geomprobe.engine.attention_plan`): torch's attention
             where its plan fits keeping every graph, the recomputing one where that lowers a peak that does
-            not fit or keeps more graphs; :attr:`attention` says which and why. ``True``/``False`` force it.
+            not fit or is predicted faster; :attr:`attention` says which and why. ``True``/``False`` force it.
         vector_device: where HVP vectors and the gradient live (:attr:`vector_device`). ``"cpu"``: host memory
             (:mod:`~geomprobe.engine.host_stream`): ``hvp`` takes and returns host vectors and streams them through
             the double backward parameter by parameter, so no d-vector lives on the device (a block goes one

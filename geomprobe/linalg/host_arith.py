@@ -42,7 +42,7 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
-    "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "chunk_dot", "columns", "host_dots", "host_norm_sq",
+    "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "chunk_dot", "chunk_norm_sq", "columns", "host_dots", "host_norm_sq",
     "host_rotate", "host_round", "host_sub", "is_host", "lanczos_pass", "row_groups",
 ]
 
@@ -135,6 +135,28 @@ def chunk_dot(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor | None = None)
     # a small chunk's product is a fresh tensor: cheaper than the scratch's lookup at a Lanczos step of a small model
     prod = torch.mul(x, y) if x.numel() <= SMALL_CHUNK else torch.mul(x, y, out=_SCRATCH.get("dot", x.dtype, x.shape))
     return torch.sum(prod, -1) if out is None else torch.sum(prod, -1, out=out)
+
+
+NORM_ROW = 256  # entries per row of chunk_norm_sq's row norms: summed in order, at most this many per row
+
+
+def chunk_norm_sq(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``||x||^2`` of a 1-D chunk into ``out`` (0-d, ``x``'s type): the norms of rows of :data:`NORM_ROW`
+    entries (one read of ``x``, nothing written at its length), their squares summed pairwise, and the tail's
+    products. :func:`chunk_dot` of ``x`` with itself writes the products into scratch and reads them back: on
+    one thread a 2M-entry float32 chunk took 330 us that way against 200 us here. Error: at most
+    ``NORM_ROW * u`` relative per row (summed in order within it), ``log2(rows) * u`` over the rows; on a
+    vector whose mass sits in a few entries 6e-8 relative (the pairwise sum 1.7e-7, BLAS ``dot`` 6.5e-5)."""
+    n = x.numel()
+    main = n - n % NORM_ROW
+    if main == 0 or not x.is_contiguous():
+        return chunk_dot(x, x, out)
+    r = torch.linalg.vector_norm(x[:main].view(-1, NORM_ROW), dim=1)
+    torch.sum(r.mul_(r), 0, out=out)
+    if main < n:
+        tail = x[main:]
+        out += torch.sum(tail * tail)
+    return out
 
 
 def _find_row(groups: Sequence[torch.Tensor], v: torch.Tensor) -> tuple[int, int] | None:
@@ -233,7 +255,7 @@ def lanczos_pass(w: torch.Tensor, groups: Sequence[torch.Tensor], *,
                     loaded_g, rows = g, _load(groups[g][:, a:b], "rows", acc)
                 chunk_dot(rows, wf, dot_parts[ci, starts[g] : starts[g + 1]])  # not mv: it sums in order
         if norm:
-            chunk_dot(wf, wf, norm_parts[ci])
+            chunk_norm_sq(wf, norm_parts[ci])
     out_dots = out_norm = None
     if dots:
         out_dots = dot_parts[0].to(torch.float64) if chunks == 1 else dot_parts.to(torch.float64).sum(0)

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .host_arith import _SCRATCH, PARALLEL_PRODUCTS_FROM_THREADS, _acc, _load, chunk_dot, columns
+from .host_arith import _SCRATCH, PARALLEL_PRODUCTS_FROM_THREADS, _acc, _load, chunk_dot, chunk_norm_sq, columns
 
 __all__ = ["host_combine", "host_project"]
 
@@ -73,7 +73,7 @@ def host_project(x: torch.Tensor, groups: Sequence[torch.Tensor], c: torch.Tenso
         u[a:b].copy_(uf)
         if z.dtype != acc:
             zf.copy_(z[a:b])  # the norm is that of the stored vector
-        chunk_dot(zf, zf, norm_parts[ci])
+        chunk_norm_sq(zf, norm_parts[ci])
     return float(norm_parts.to(torch.float64).sum()) if chunks else 0.0
 
 

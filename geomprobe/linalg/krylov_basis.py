@@ -282,6 +282,7 @@ class LanczosBasis:
     """
 
     BLOCK = 16
+    PIN = True  # an offloaded basis in page-locked blocks unless told otherwise (``pin``; benchmarks: --pin)
     STREAM = 2  # basis vectors on the device at once when the basis is offloaded
     # Page-locked host blocks are allocated in one driver call each: 16 rows of a 1.1B-parameter model (35 GB in
     # bf16) failed with "CUDA error: out of memory" on an H200 host with 128 GB free, which killed the probe.
@@ -290,7 +291,7 @@ class LanczosBasis:
     PIN_BLOCK_BYTES = 2**30
 
     def __init__(self, dim: int, dtype: torch.dtype, device, compute_device=None, capacity: int | None = None,
-                 contiguous: bool = False, space: VectorSpace | None = None, pin: bool = True,
+                 contiguous: bool = False, space: VectorSpace | None = None, pin: bool | None = None,
                  round_to: torch.dtype | None = None):
         # dim: the length of the stored vectors (this process's slice in a sharded space)
         self.dim, self.dtype, self.device = dim, dtype, device
@@ -306,6 +307,7 @@ class LanczosBasis:
         # torch keeps them for later probes) but stream twice as fast: measured on GPT-2 124M bf16 under the
         # 1.5x plan, pageable blocks cost 16.5 s of copies where page-locked ones cost 11 s plus 3.3 s to
         # allocate, with a pass nearly every step (``pin=False`` for a basis written once and rarely read)
+        pin = self.PIN if pin is None else pin
         self.pin = pin and self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
         # basis and working vectors in host memory: the steps' arithmetic takes the chunked CPU passes
         self.on_host = not self.offloaded and torch.device(device).type == "cpu"
