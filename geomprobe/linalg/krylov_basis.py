@@ -282,7 +282,7 @@ class LanczosBasis:
     """
 
     BLOCK = 16
-    PIN = True  # an offloaded basis in page-locked blocks unless told otherwise (``pin``; benchmarks: --pin)
+    PIN: bool | None = None  # page-locked offloaded blocks: None chooses by type (__init__); benchmarks: --pin
     STREAM = 2  # basis vectors on the device at once when the basis is offloaded
     # Page-locked host blocks are allocated in one driver call each: 16 rows of a 1.1B-parameter model (35 GB in
     # bf16) failed with "CUDA error: out of memory" on an H200 host with 128 GB free, which killed the probe.
@@ -306,8 +306,15 @@ class LanczosBasis:
         # page-locked blocks cost ~0.6 s per GB to allocate (4.6 s of a 50 s GPT-2 probe, once per process:
         # torch keeps them for later probes) but stream twice as fast: measured on GPT-2 124M bf16 under the
         # 1.5x plan, pageable blocks cost 16.5 s of copies where page-locked ones cost 11 s plus 3.3 s to
-        # allocate, with a pass nearly every step (``pin=False`` for a basis written once and rarely read)
+        # allocate, with a pass nearly every step. Their allocation, though on another thread, also stalls the
+        # products beside it: GPT-2 355M fp32 under the 1.5x plan (12 rows of 1.42 GB, no whole-basis pass),
+        # products 33.4 s with page-locked blocks, 20.8 s with pageable ones (whose first writes then cost
+        # 18.5 s outside, now faulted in beside the products). So by default (``pin=None``, :attr:`PIN`
+        # None) only half-precision rows, which a whole-basis pass reads back at nearly every step, are
+        # page-locked; float32 and float64 rows, written once and rarely read, are pageable.
         pin = self.PIN if pin is None else pin
+        if pin is None:
+            pin = dtype in (torch.float16, torch.bfloat16)
         self.pin = pin and self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
         # basis and working vectors in host memory: the steps' arithmetic takes the chunked CPU passes
         self.on_host = not self.offloaded and torch.device(device).type == "cpu"
@@ -321,7 +328,9 @@ class LanczosBasis:
         # a host basis faults its next row in on another core while the matvec runs (.host_blocks), where one
         # is free, else populates a fresh row just before writing it: the first write of a fresh 40 MB row cost
         # 18-50 ms of page faults on the step's own thread
-        self.populate_rows = self.on_host and populate_wanted()
+        # (and so are the pageable rows of an offloaded basis, which the copy from the device would fault in)
+        pageable = self.offloaded and not self.pin and torch.device(device).type == "cpu"
+        self.populate_rows = (self.on_host or pageable) and populate_wanted()
         self.prefetcher = RowPrefetcher() if self.populate_rows and prefetch_wanted() else None
         self.touched = 0  # rows below this one have been written or populated (a rotation keeps them)
         self.blocks: list[torch.Tensor] = []
@@ -379,7 +388,7 @@ class LanczosBasis:
                 return self.pinned.take(rows)
             except RuntimeError as e:  # the driver refused page-locked memory: pageable memory holds the same
                 self.pin, self.pin_refused = False, str(e).splitlines()[0][:200]
-        if not self.on_host:
+        if torch.device(self.device).type != "cpu":
             return torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
         block = host_block(rows, self.dim, self.dtype)  # released on a free core when the basis is dropped
         advise_huge_pages(block)  # 2 MiB pages where asked and granted: ~500x fewer faults on first touch
