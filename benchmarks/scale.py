@@ -508,15 +508,15 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true",
                     help="trajectory: skip the plain warm start of earlier versions (WarmStart(extrapolate=False))")
     ap.add_argument("--profile", type=int, default=0, help="models: list this many cProfile rows of the probe")
-    ap.add_argument("--pin", default="auto", choices=["auto", "on", "off"],
-                    help="an offloaded Lanczos basis in page-locked (on) or pageable (off) host memory; auto: by type")
+    ap.add_argument("--pin", default="on", choices=["on", "off"],
+                    help="an offloaded Lanczos basis in page-locked (on, the default) or pageable (off) host memory")
     ap.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                     help="whether a host basis faults in its next row beside the product (auto: where a core is free)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     strict_fp32()
     gp.linalg.host_blocks.PREFETCH = {"auto": None, "on": True, "off": False}[args.prefetch]
-    gp.linalg.krylov_basis.LanczosBasis.PIN = {"auto": None, "on": True, "off": False}[args.pin]
+    gp.linalg.krylov_basis.LanczosBasis.PIN = args.pin == "on"
     out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
     doc = {"environment": environment(args.device), "args": vars(args), "results": []}
 

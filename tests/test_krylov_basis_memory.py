@@ -36,27 +36,25 @@ def test_one_row_per_block_when_a_row_exceeds_the_bound_and_device_bases_keep_th
     assert LanczosBasis(1000, torch.bfloat16, "cpu", capacity=5, contiguous=True).block == 5
 
 
-def test_only_half_precision_offloaded_rows_are_page_locked_by_default_and_pageable_rows_are_populated(monkeypatch):
-    # page-locking stalled the products beside it (GPT-2 355M fp32: 33.4 s of products against 20.8 pageable);
-    # half-precision rows are read back by a whole-basis pass at nearly every step, where page-locked copies pay
+
+def test_pageable_offloaded_rows_are_populated_before_the_copy_writes_them(monkeypatch):
+    # page-locked by default (LanczosBasis.PIN); pageable where told, or where the driver refuses, and then each
+    # fresh row is populated in one call (beside the product where a prefetcher runs) instead of being faulted
+    # in page by page by the copy from the device
     import geomprobe.linalg.krylov_basis as kb
 
-    monkeypatch.setattr(LanczosBasis, "PIN", None)
-    assert LanczosBasis(1000, torch.bfloat16, "cpu", compute_device="cuda").pin is True
-    assert LanczosBasis(1000, torch.float16, "cpu", compute_device="cuda").pin is True
+    assert LanczosBasis(1000, torch.float32, "cpu", compute_device="cuda").pin is True
     touched = []
     monkeypatch.setattr(kb, "populate", lambda t: touched.append(t.data_ptr()) or True)
     monkeypatch.setattr(kb, "populate_wanted", lambda: True)
     monkeypatch.setattr(kb, "prefetch_wanted", lambda: False)
-    basis = LanczosBasis(1000, torch.float32, "cpu", compute_device="cuda")
+    basis = LanczosBasis(1000, torch.float32, "cpu", compute_device="cuda", pin=False)
     assert basis.pin is False and basis.pinned is None and basis.populate_rows
     rows = torch.randn(3, 1000, generator=torch.Generator().manual_seed(1))
     for r in rows:
         basis.append(r)
     assert torch.equal(basis.matrix(), rows)
-    # each fresh pageable row is populated before the copy writes it (one call, not a fault per page)
     assert touched == [basis.blocks[0][i].data_ptr() for i in range(3)]
-    # told so, float32 rows are page-locked too, and an explicit setting wins over the class default
-    assert LanczosBasis(1000, torch.float32, "cpu", compute_device="cuda", pin=True).pin is True
-    monkeypatch.setattr(LanczosBasis, "PIN", False)
+    monkeypatch.setattr(LanczosBasis, "PIN", False)  # the class default, where pin is not given
     assert LanczosBasis(1000, torch.bfloat16, "cpu", compute_device="cuda").pin is False
+    assert LanczosBasis(1000, torch.bfloat16, "cpu", compute_device="cuda", pin=True).pin is True

@@ -282,7 +282,7 @@ class LanczosBasis:
     """
 
     BLOCK = 16
-    PIN: bool | None = None  # page-locked offloaded blocks: None chooses by type (__init__); benchmarks: --pin
+    PIN = True  # offloaded blocks page-locked where ``pin`` is not given (benchmarks: scale.py --pin)
     STREAM = 2  # basis vectors on the device at once when the basis is offloaded
     # Page-locked host blocks are allocated in one driver call each: 16 rows of a 1.1B-parameter model (35 GB in
     # bf16) failed with "CUDA error: out of memory" on an H200 host with 128 GB free, which killed the probe.
@@ -307,14 +307,12 @@ class LanczosBasis:
         # torch keeps them for later probes) but stream twice as fast: measured on GPT-2 124M bf16 under the
         # 1.5x plan, pageable blocks cost 16.5 s of copies where page-locked ones cost 11 s plus 3.3 s to
         # allocate, with a pass nearly every step. Their allocation, though on another thread, also stalls the
-        # products beside it: GPT-2 355M fp32 under the 1.5x plan (12 rows of 1.42 GB, no whole-basis pass),
-        # products 33.4 s with page-locked blocks, 20.8 s with pageable ones (whose first writes then cost
-        # 18.5 s outside, now faulted in beside the products). So by default (``pin=None``, :attr:`PIN`
-        # None) only half-precision rows, which a whole-basis pass reads back at nearly every step, are
-        # page-locked; float32 and float64 rows, written once and rarely read, are pageable.
+        # products beside it, so that the two cost about the same on a float32 run without passes: GPT-2 355M
+        # fp32 under the 1.5x plan (12 rows of 1.42 GB) reached its 10th product at 30.7 s page-locked
+        # (products 33.4 s of 38.6), 29.8 s pageable (products 20.8 s, first writes 18.5 s outside) and 28.8 s
+        # pageable with each row faulted in beside the product; bf16 rows (whole-basis passes) 22.6 s
+        # page-locked against 25.6-27.8 s pageable (benchmarks/RESULTS.md §6). Page-locked by default.
         pin = self.PIN if pin is None else pin
-        if pin is None:
-            pin = dtype in (torch.float16, torch.bfloat16)
         self.pin = pin and self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
         # basis and working vectors in host memory: the steps' arithmetic takes the chunked CPU passes
         self.on_host = not self.offloaded and torch.device(device).type == "cpu"
