@@ -117,7 +117,8 @@ def test_one_more_graph_kept_does_not_pay_for_slower_products():
                allocated_bytes=5_747_458_048, train_peak_bytes=18_921_759_744, host_bytes=132_929_122_304,
                basis_vectors=13, bounded_basis=True, gradient_samples=False, host_vectors=True,
                largest_param_bytes=50257 * 1024 * 4)
-    t, r = plan_memory(**fig, graph_bytes_per_sample=3133884428.0), plan_memory(**fig, graph_bytes_per_sample=2027374988.0)
+    t = plan_memory(**fig, graph_bytes_per_sample=3133884428.0)
+    r = plan_memory(**fig, graph_bytes_per_sample=2027374988.0)
     assert t.fits and r.fits and t.micro_batch_size == r.micro_batch_size == 1
     assert (t.samples_kept, r.samples_kept) == (0, 1)
     recompute, reason = choose_attention(t, r)

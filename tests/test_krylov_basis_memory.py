@@ -23,7 +23,8 @@ def test_offloaded_blocks_are_bounded_and_a_refused_pin_falls_back_to_pageable(m
     for r in rows:
         basis.append(r)
     monkeypatch.setattr(torch, "empty", real_empty)
-    assert calls[0] is True and len(calls) > 3 and not any(calls[1:])  # refused once, then pageable without asking again
+    # refused once, then pageable without asking again
+    assert calls[0] is True and len(calls) > 3 and not any(calls[1:])
     assert basis.pin is False and "out of memory" in basis.pin_refused
     assert [b.shape[0] for b in basis.blocks] == [3, 3, 3]
     assert torch.equal(basis.matrix(), rows)

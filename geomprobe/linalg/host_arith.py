@@ -42,8 +42,8 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
-    "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "chunk_dot", "chunk_norm_sq", "columns", "host_dots", "host_norm_sq",
-    "host_rotate", "host_round", "host_sub", "is_host", "lanczos_pass", "row_groups",
+    "HOST_CHUNK_ELEMENTS", "PARALLEL_PRODUCTS_FROM_THREADS", "chunk_dot", "chunk_norm_sq", "columns", "host_dots",
+    "host_norm_sq", "host_rotate", "host_round", "host_sub", "is_host", "lanczos_pass", "row_groups",
 ]
 
 # float32 elements of row scratch per chunk (8 MB): large enough that a chunk's few operations cost little
