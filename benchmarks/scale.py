@@ -202,7 +202,10 @@ def hvp_clock_lines(t0: float, every: int = 5):
 
 def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, out_dir: str,
                   noise_batches: int, peak_ratio: float = 1.5, metric_options: dict | None = None,
-                  profile_rows: int = 0) -> dict:
+                  profile_rows: int = 0, repeat: int = 1) -> dict:
+    """One model's figures (module docstring) from one probe; with ``repeat`` > 1, that many probes in the same
+    process, a training step before each later one (the steady state of a probe in a loop: page-locked memory
+    cached, spectrum warm-started), each later probe summarized in ``res["later_probes"]``."""
     dtype = DTYPES[dtype_name]
     if name == "mlp-10m":
         with torch.random.fork_rng(devices=[]):  # fixed weights: runs of two versions take the same steps
@@ -297,7 +300,6 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         res["profile"] = profile_rows_of(prof, profile_rows)
     record = probe.records[-1]
     peak = int(record["cost"]["peak_mib"] * 2**20) if record["cost"].get("peak_mib") else 0  # the probe's own
-    probe.close()
     for mname, m in per_metric.items():
         # outside HVPs and gradients: a graph (re)build inside the metric is a gradient
         m["outside_seconds"] = m["seconds"] - m["hvp_seconds"] - m["build_seconds"]
@@ -319,6 +321,25 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
     res["build_seconds"] = clock.build_seconds
     res["outside_share"] = (seconds - total_hvp_grad) / seconds if seconds > 0 else None
     res["outside_share_counting_builds"] = (seconds - clock.seconds - grad_like) / seconds if seconds > 0 else None
+    res["later_probes"] = []
+    for i in range(1, repeat):
+        train_step()  # new parameters, as along a trajectory; the probe warm-starts from the last one's vectors
+        per_metric.clear()
+        with HVPClock(device) as clock:
+            seconds, _ = peak_of(lambda: probe.probe(1 + i), device, reset=False)
+        record = probe.records[-1]
+        later = {"probe_seconds": seconds, "probe_hvps": record["cost"]["hvps"], "probe_hvp_seconds": clock.seconds,
+                 "peak_mib": record["cost"].get("peak_mib"), "errors": record.get("errors"), "metrics": {}}
+        for mname, m in per_metric.items():
+            out = m["seconds"] - m["hvp_seconds"] - m["build_seconds"]
+            later["metrics"][mname] = {**m, "outside_seconds": out,
+                                       "outside_share": out / m["seconds"] if m["seconds"] > 0 else None}
+        if isinstance(record.get("spectrum"), dict):
+            later["spectrum"] = {k: record["spectrum"].get(k) for k in ("lambda_max", "converged", "hvps", "steps",
+                                                                        "reorth_regime")}
+        print(json.dumps({"later_probe": i, **later}, default=str), flush=True)
+        res["later_probes"].append(later)
+    probe.close()
     del probe, opt, model
     return res
 
@@ -508,6 +529,8 @@ def main() -> None:
     ap.add_argument("--no-plain", action="store_true",
                     help="trajectory: skip the plain warm start of earlier versions (WarmStart(extrapolate=False))")
     ap.add_argument("--profile", type=int, default=0, help="models: list this many cProfile rows of the probe")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="models: probes per model in one process, a training step before each later one")
     ap.add_argument("--pin", default="on", choices=["on", "off"],
                     help="an offloaded Lanczos basis in page-locked (on, the default) or pageable (off) host memory")
     ap.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
@@ -538,7 +561,7 @@ def main() -> None:
                 try:
                     r = measure_model(name, dt, metrics, args.device, out_dir, args.noise_batches, ratio,
                                       json.loads(args.metric_options) if args.metric_options else None,
-                                      profile_rows=args.profile)
+                                      profile_rows=args.profile, repeat=args.repeat)
                 except Exception as e:  # keep the other models' figures
                     r = {"model": name, "dtype": dt, "failed": f"{type(e).__name__}: {e}",
                          "trace": traceback.format_exc()[-2000:]}
