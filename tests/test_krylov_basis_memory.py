@@ -6,7 +6,13 @@ from geomprobe.linalg.krylov_basis import LanczosBasis
 
 
 def test_offloaded_blocks_are_bounded_and_a_refused_pin_falls_back_to_pageable(monkeypatch):
+    import geomprobe.linalg.krylov_basis as kb
+
     monkeypatch.setattr(LanczosBasis, "PIN_BLOCK_BYTES", 3 * 1000 * 4)  # three float32 rows of 1000
+    touched = []
+    monkeypatch.setattr(kb, "populate", lambda t: touched.append(t.data_ptr()) or True)
+    monkeypatch.setattr(kb, "populate_wanted", lambda: True)
+    monkeypatch.setattr(kb, "prefetch_wanted", lambda: False)
     basis = LanczosBasis(1000, torch.float32, "cpu", compute_device="cuda", pin=True)
     assert basis.offloaded and basis.block == 3
     calls = []
@@ -28,6 +34,8 @@ def test_offloaded_blocks_are_bounded_and_a_refused_pin_falls_back_to_pageable(m
     assert basis.pin is False and "out of memory" in basis.pin_refused
     assert [b.shape[0] for b in basis.blocks] == [3, 3, 3]
     assert torch.equal(basis.matrix(), rows)
+    # the pageable rows that replaced the refused ones are populated before the copies write them
+    assert basis.populate_rows and touched == [basis.blocks[k // 3][k % 3].data_ptr() for k in range(7)]
 
 
 def test_one_row_per_block_when_a_row_exceeds_the_bound_and_device_bases_keep_their_blocks(monkeypatch):

@@ -327,13 +327,18 @@ class LanczosBasis:
         # is free, else populates a fresh row just before writing it: the first write of a fresh 40 MB row cost
         # 18-50 ms of page faults on the step's own thread
         # (and so are the pageable rows of an offloaded basis, which the copy from the device would fault in)
-        pageable = self.offloaded and not self.pin and torch.device(device).type == "cpu"
-        self.populate_rows = (self.on_host or pageable) and populate_wanted()
-        self.prefetcher = RowPrefetcher() if self.populate_rows and prefetch_wanted() else None
+        self._plan_touching()
         self.touched = 0  # rows below this one have been written or populated (a rotation keeps them)
         self.blocks: list[torch.Tensor] = []
         self.n = 0
         self.peak = 0
+
+    def _plan_touching(self) -> None:
+        """Whether fresh rows are populated before their first write, and ahead on another thread: host rows,
+        the basis's own or an offloaded basis's pageable ones (again when the driver refuses page-locking)."""
+        pageable = self.offloaded and not self.pin and torch.device(self.device).type == "cpu"
+        self.populate_rows = (self.on_host or pageable) and populate_wanted()
+        self.prefetcher = RowPrefetcher() if self.populate_rows and prefetch_wanted() else None
 
     def work_buffer(self) -> torch.Tensor:
         """A ``(dim,)`` vector in the basis's type and place, allocated once per basis, for the products of a
@@ -386,6 +391,7 @@ class LanczosBasis:
                 return self.pinned.take(rows)
             except RuntimeError as e:  # the driver refused page-locked memory: pageable memory holds the same
                 self.pin, self.pin_refused = False, str(e).splitlines()[0][:200]
+                self._plan_touching()
         if torch.device(self.device).type != "cpu":
             return torch.empty(rows, self.dim, dtype=self.dtype, device=self.device)
         block = host_block(rows, self.dim, self.dtype)  # released on a free core when the basis is dropped
