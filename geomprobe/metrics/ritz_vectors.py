@@ -85,7 +85,6 @@ def extreme_ritz(land: Any, end: str, k: int = 1, *, tol: float = 1e-3, max_iter
     k = min(k, n)
     idx = list(range(n - 1, n - 1 - k, -1)) if end == "top" else list(range(k))
     values, errs = (r.top(k) if end == "top" else r.bottom(k))
-    vectors = r.ritz_vectors(idx).to(where)  # one pass over the basis
-    r.basis = None
+    vectors = r.take_ritz_vectors([idx])[0].to(where)  # one pass over the basis, which is released
     keep_ritz(land, end, values, errs, vectors)
     return RitzVectors(end, values, errs, vectors)

@@ -277,9 +277,9 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
     widen_by_matvec_error(land, r, mark, k, options["tol"], options.get("which", "both"))
     n = len(r.ritz_values)
     hi, lo = list(range(n - 1, max(n - k, 0) - 1, -1)), list(range(min(k, n)))
-    vectors = r.ritz_vectors(hi + lo)  # one pass over the basis for both ends, not one per vector
-    top, bottom = vectors[: len(hi)], vectors[len(hi) :]
-    r.basis = None  # the basis is m vectors of length d: never kept past the run, nor in the cache
+    # one pass over the basis for both ends, not one per vector; the basis (m vectors of length d) is never kept
+    # past the run nor in the cache, and a host basis's own rows take the vectors (no fresh host memory)
+    top, bottom = r.take_ritz_vectors([hi, lo])
     serves = getattr(warm, "serves", None)
     if serves is None or serves(options.get("risk")):  # a start that will stay cold needs no copy on the host
         warm.keep(land, top, bottom)

@@ -278,8 +278,7 @@ class WarmStart:
         length ``d`` per end on the host, no HVP."""
         per_end = max(1, self.max_vectors // 2)
         reason = self.reason  # matches() below must not change what the last start said
-        new_top = top[:per_end].detach().to("cpu", dtype=land.dtype, copy=True)
-        new_bottom = bottom[:per_end].detach().to("cpu", dtype=land.dtype, copy=True)
+        new_top, new_bottom = self._host_copy(top[:per_end], land.dtype), self._host_copy(bottom[:per_end], land.dtype)
         if self._signature is not None and self.matches(land):
             for end, new in (("top", new_top), ("bottom", new_bottom)):
                 self._refit(end, getattr(self, end), new)
@@ -290,6 +289,28 @@ class WarmStart:
         self._model = weakref.ref(land.model)
         self.reason = reason
 
+    @staticmethod
+    def _host_copy(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``x`` in host memory in ``dtype``, taken as it is when it already lives there (unless it is a small
+        part of a larger pageable tensor): the vectors a run hands over are its own
+        (:meth:`.LanczosResult.take_ritz_vectors`), and neither this class nor the metrics sharing them write
+        into them. From a device, a page-locked copy (torch caches page-locked
+        blocks, so from the second probe on it costs no allocation; a fresh pageable copy faults in every
+        page, ~0.7 s/GB), pageable where the driver refuses."""
+        x = x.detach()
+        if x.device.type == "cpu":
+            # a few rows of a larger pageable tensor are copied out: a view would hold all of it
+            whole = x.is_pinned() or x.untyped_storage().nbytes() <= 2 * x.numel() * x.element_size()
+            return x.to(dtype) if whole else x.to(dtype, copy=True)
+        out = None
+        if x.device.type == "cuda":
+            try:
+                out = torch.empty(x.shape, dtype=dtype, pin_memory=True)
+            except RuntimeError:
+                pass
+        out = torch.empty(x.shape, dtype=dtype) if out is None else out
+        return out.copy_(x)
+
     def _refit(self, end: str, old: torch.Tensor | None, new: torch.Tensor) -> None:
         if old is None:
             return
@@ -299,4 +320,5 @@ class WarmStart:
             g = self.fitted_gain(c, a, b) if all(map(math.isfinite, (c, a, b))) else None
             if g is not None:
                 self.gain[end] = min(max(0.5 * (self.gain[end] + g), 0.0), 1.0)
-        self.previous[end] = old[0].clone()
+        # a single row is its whole storage: no copy (a fresh host copy of a 355M-parameter row is 1.4 GB)
+        self.previous[end] = old[0] if old.shape[0] == 1 else old[0].clone()

@@ -1,0 +1,111 @@
+"""Ritz vectors written into a spent basis's own rows (``LanczosResult.take_ritz_vectors``): the same unit
+vectors as a fresh copy, against a diagonal matrix whose eigenvectors are coordinate vectors, with no fresh host
+memory where a block holds them; and warm starts that keep host vectors without copying them."""
+
+import pytest
+import torch
+
+from geomprobe import ConfigurationError, linalg
+from geomprobe.linalg.ritz import spent_rows
+from geomprobe.probe.warm_start import WarmStart
+
+D = 200_000  # several column chunks of the host rotation, so writing into its own input rows is exercised
+
+
+def diagonal_run():
+    # outliers at both ends of a bulk: the extreme eigenvectors are the coordinate vectors e_7 (top) and e_11
+    eig = torch.linspace(-1.0, 1.0, D, dtype=torch.float64)[torch.randperm(D, generator=torch.Generator().manual_seed(1))]
+    eig[7], eig[11], eig[5] = 10.0, -6.0, 8.0
+    r = linalg.lanczos(lambda v: v * eig, D, k=1, tol=1e-8, max_iter=60, keep_basis=True,
+                       generator=torch.Generator().manual_seed(0))
+    assert r.converged
+    return r
+
+
+def own_rows(blocks):
+    # every row a block of its own (the layout of an offloaded basis whose rows exceed a page-locked block)
+    return [B[i : i + 1].clone() for B in blocks for i in range(B.shape[0])]
+
+
+def test_single_row_blocks_take_the_vectors_in_place_and_equal_the_formed_ones():
+    r = diagonal_run()
+    n = len(r.ritz_values)
+    want = r.ritz_vectors([n - 1, n - 2, 0])
+    r.basis_blocks = own_rows(r.basis_blocks)
+    storages = {B.untyped_storage().data_ptr() for B in r.basis_blocks}
+    top, pair, bottom = r.take_ritz_vectors([[n - 1], [n - 1, n - 2], [0]])
+    assert r.basis_blocks is None  # released: a second use is refused with the fix
+    with pytest.raises(ConfigurationError, match="keep_basis=True"):
+        r.take_ritz_vectors([[0]])
+    assert top.shape == (1, D) and pair.shape == (2, D) and bottom.shape == (1, D)
+    # one-row groups went into the basis's rows; the two-row group fits no one-row block: fresh memory
+    assert top.untyped_storage().data_ptr() in storages and bottom.untyped_storage().data_ptr() in storages
+    assert top.untyped_storage().data_ptr() != bottom.untyped_storage().data_ptr()
+    assert pair.untyped_storage().data_ptr() not in storages
+    for got, ref in ((top[0], want[0]), (pair[0], want[0]), (pair[1], want[1]), (bottom[0], want[2])):
+        torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+    assert abs(float(top[0, 7])) > 1 - 1e-8 and abs(float(pair[1, 5])) > 1 - 1e-6 and abs(float(bottom[0, 11])) > 1 - 1e-8
+    assert float(top[0].norm()) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_page_locked_blocks_take_several_groups_rows_that_are_also_the_inputs(monkeypatch):
+    # a page-locked block holds any group that fits in its unclaimed rows (torch keeps such blocks cached, so a
+    # whole block held for a few rows costs nothing); the rows written are rows the rotation also reads
+    r = diagonal_run()
+    n = len(r.ritz_values)
+    want = r.ritz_vectors([n - 1, n - 2, 0])
+    monkeypatch.setattr(torch.Tensor, "is_pinned", lambda self: True)
+    first = r.basis_blocks[0]
+    assert first.shape[0] >= 3
+    top, bottom = r.take_ritz_vectors([[n - 1, n - 2], [0]])
+    ptr, row = first.untyped_storage().data_ptr(), D * first.element_size()
+    assert top.data_ptr() == ptr and bottom.data_ptr() == ptr + 2 * row  # rows 0-1 and 2 of the first block
+    torch.testing.assert_close(top, want[:2], rtol=0, atol=1e-12)
+    torch.testing.assert_close(bottom, want[2:], rtol=0, atol=1e-12)
+
+
+def test_pageable_rows_are_taken_only_where_the_view_is_the_whole_storage():
+    big = torch.zeros(16, 10)
+    alone = torch.zeros(1, 10)
+    got = spent_rows([big[:1], alone, big[1:3]], [1, 1, 2, 0])
+    # the first filled row of a 16-row block would hold all 16 rows; the one-row block is its own storage; a
+    # 2-row view of the larger block is refused too; an empty group takes nothing
+    assert got[0].data_ptr() == alone.data_ptr() and got[1] is None and got[2] is None and got[3] is None
+
+
+def test_warm_start_keeps_host_vectors_without_copying_them():
+    class Land:
+        model = torch.nn.Linear(2, 2)
+        params = list(model.parameters())
+        param_names = ["weight", "bias"]
+        dim, dtype = 6, torch.float32
+
+    land = Land()
+    warm = WarmStart(max_vectors=2)
+    tops = [torch.nn.functional.normalize(torch.randn(1, 6), dim=1) for _ in range(3)]
+    bottoms = [torch.nn.functional.normalize(torch.randn(1, 6), dim=1) for _ in range(3)]
+    for t, b in zip(tops, bottoms):
+        warm.keep(land, t, b)
+    assert warm.top.data_ptr() == tops[-1].data_ptr() and warm.bottom.data_ptr() == bottoms[-1].data_ptr()
+    assert warm.previous["top"].data_ptr() == tops[-2].data_ptr()  # the last probe's vector, not a copy
+    # a few rows of a larger pageable tensor are copied out (a view would hold the rest)
+    many = torch.nn.functional.normalize(torch.randn(5, 6), dim=1)
+    warm.keep(land, many, many)
+    assert warm.top.data_ptr() != many.data_ptr() and torch.equal(warm.top, many[:1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_an_offloaded_run_takes_its_vectors_into_its_page_locked_rows():
+    eig = torch.linspace(-1.0, 1.0, D, dtype=torch.float32, device="cuda")
+    eig[7], eig[11] = 10.0, -6.0
+    r = linalg.lanczos(lambda v: v * eig, D, k=1, tol=1e-6, dtype=torch.float32, device="cuda", basis_device="cpu",
+                       keep_basis=True, generator=torch.Generator().manual_seed(0))
+    n = len(r.ritz_values)
+    want = r.ritz_vectors([n - 1, 0])
+    storages = {B.untyped_storage().data_ptr() for B in r.basis_blocks}
+    assert r.basis_blocks[0].is_pinned()
+    top, bottom = r.take_ritz_vectors([[n - 1], [0]])
+    assert top.is_pinned() and top.untyped_storage().data_ptr() in storages
+    torch.testing.assert_close(torch.cat([top, bottom]), want, rtol=0, atol=1e-6)
+    assert abs(float(top[0, 7])) > 1 - 1e-4 and abs(float(bottom[0, 11])) > 1 - 1e-4
