@@ -308,7 +308,8 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
     res.update(
         probe_seconds=seconds, probe_peak_bytes=peak,
         probe_over_train_peak=peak / res["train_peak_bytes"] if res["train_peak_bytes"] else None,
-        probe_hvps=record["cost"]["hvps"], probe_hvp_seconds=clock.seconds, metrics=per_metric,
+        # a copy of the metrics: later probes (--repeat) refill per_metric
+        probe_hvps=record["cost"]["hvps"], probe_hvp_seconds=clock.seconds, metrics=dict(per_metric),
         errors=record.get("errors"), cost=record["cost"], train_peak_read_by_probe_mib=record["cost"].get("train_peak_mib"),
         spectrum={k: record["spectrum"].get(k) for k in ("lambda_max", "lambda_max_err", "lambda_min",
                                                           "lambda_min_err", "converged", "hvps", "steps",
