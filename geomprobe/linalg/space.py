@@ -33,7 +33,6 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from ..errors import ConfigurationError
-from .host_blocks import advise_huge_pages, populate
 from .vectors import HALF_TYPES, gaussian, rademacher, row_dots, sub_rows, vector_norm
 
 __all__ = ["PARALLEL_DRAW_FROM", "RANDOM_CHUNK", "ShardedSpace", "VectorSpace", "space_of"]
@@ -136,13 +135,13 @@ class ShardedSpace(VectorSpace):
         return self.reduce(local)[0].clamp_min(0).sqrt()
 
     def _draw(self, generator: torch.Generator, dtype: torch.dtype, device, fill: Callable,
-              parallel: bool = False, fill_into: Callable | None = None) -> torch.Tensor:
+              parallel: bool = False) -> torch.Tensor:
         # one draw from the caller's generator per vector, as in the plain space
         base = int(torch.randint(0, 2**63 - 1, (1,), generator=generator, device=generator.device))
         dev = torch.device("cpu") if device is None else torch.device(device)
         out = torch.empty(self.local_dim, dtype=dtype, device=dev)
         if parallel and dev.type == "cpu" and torch.get_num_threads() > 1:
-            return self._draw_threads(base, out, fill, fill_into)
+            return self._draw_threads(base, out, fill)
         pos = 0
         cached: tuple[int, torch.Tensor] | None = None  # neighbouring ranges often share a piece
         for a, b in self.ranges:
@@ -157,23 +156,14 @@ class ShardedSpace(VectorSpace):
                 pos += hi - lo
         return out
 
-    def _draw_threads(self, base: int, out: torch.Tensor, fill: Callable,
-                      fill_into: Callable | None = None) -> torch.Tensor:
+    def _draw_threads(self, base: int, out: torch.Tensor, fill: Callable) -> torch.Tensor:
         """The CPU draw with its pieces drawn and copied into ``out`` by a pool of threads (a piece's generator
         and draw depend on its index only, and the pieces fill disjoint parts of ``out``, so the values are
         the serial draw's). A CPU normal draw is single-threaded: at 3e9 entries of a 7B model's shard the
         serial loop takes ~14 s (0.23 s at 5e7 here) before the first Lanczos step; torch releases the
         interpreter lock while drawing, so ``torch.get_num_threads()`` threads draw at once. Each thread
         copies in slices below torch's parallel grain, so no copy starts a thread team of its own inside a
-        pool thread.
-
-        ``out`` is faulted in by one call first (huge pages where granted), and a piece that fills a whole
-        stretch of ``out`` in the draw's type is drawn straight into it (``fill_into``): otherwise every piece
-        allocated its own draw and every thread faulted in its share of ``out``, and the threads queued on the
-        process's page-table lock. On the 1B Llama's 1.1e9-entry float32 start vector (16 threads of an H200
-        host) the draw took 11.7 s, 94 M entries/s, less than one thread draws alone."""
-        advise_huge_pages(out)
-        populate(out)
+        pool thread."""
         spans: dict[int, list[tuple[int, int, int]]] = {}
         pos = 0
         for a, b in self.ranges:
@@ -184,12 +174,7 @@ class ShardedSpace(VectorSpace):
 
         def piece(c: int) -> None:
             g = torch.Generator().manual_seed((base + c * _GOLDEN) % (2**63 - 1))
-            n = min(RANDOM_CHUNK, self.dim - c * RANDOM_CHUNK)
-            if fill_into is not None and len(spans[c]) == 1 and spans[c][0][1] - spans[c][0][0] == n:
-                at = spans[c][0][2]
-                fill_into(out[at : at + n], g)  # the same values as fill(n, g): the same draw, written in place
-                return
-            values = fill(n, g, out.device)
+            values = fill(min(RANDOM_CHUNK, self.dim - c * RANDOM_CHUNK), g, out.device)
             for lo, hi, at in spans[c]:
                 for s in range(lo, hi, _SERIAL_COPY):
                     e = min(hi, s + _SERIAL_COPY)
@@ -203,9 +188,8 @@ class ShardedSpace(VectorSpace):
     def gaussian(self, generator: torch.Generator, dtype: torch.dtype, device=None) -> torch.Tensor:
         # half types: drawn in float32 and rounded, as the plain space does
         draw = torch.float32 if dtype in HALF_TYPES else dtype
-        into = None if draw != dtype else (lambda t, g: torch.randn(t.shape, generator=g, dtype=draw, out=t))
         return self._draw(generator, dtype, device, lambda n, g, dev: torch.randn(n, generator=g, dtype=draw, device=dev),
-                          parallel=True, fill_into=into)
+                          parallel=True)
 
     def rademacher(self, generator: torch.Generator, dtype: torch.dtype, device=None) -> torch.Tensor:
         return self._draw(generator, dtype, device,
