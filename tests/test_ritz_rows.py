@@ -109,3 +109,28 @@ def test_an_offloaded_run_takes_its_vectors_into_its_page_locked_rows():
     assert top.is_pinned() and top.untyped_storage().data_ptr() in storages
     torch.testing.assert_close(torch.cat([top, bottom]), want, rtol=0, atol=1e-6)
     assert abs(float(top[0, 7])) > 1 - 1e-4 and abs(float(bottom[0, 11])) > 1 - 1e-4
+
+
+def test_a_spectrum_keeps_one_copy_of_its_ritz_vectors_for_the_warm_start_and_the_views():
+    # the warm start and the recorded Ritz pairs (the direction metric, the views) share the vectors the run
+    # handed over: no second host copy of each d-vector at the end of every spectrum
+    from reference import TanhMLP, dense_hessian
+
+    import geomprobe as gp
+    from geomprobe.metrics import spectrum
+    from geomprobe.metrics.ritz_vectors import extreme_ritz
+
+    torch.manual_seed(0)
+    model = TanhMLP().double()
+    X, y = torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))
+    loss_fn = torch.nn.CrossEntropyLoss()
+    land = gp.Landscape(model, loss_fn, (X, y))
+    warm = WarmStart()
+    out = spectrum(land, tol=1e-8, warm=warm)
+    top = extreme_ritz(land, "top")  # the recorded pair: no HVP
+    assert warm.top.data_ptr() == top.vectors.data_ptr()
+    assert top.values[0] == pytest.approx(out["lambda_max"], rel=1e-12)
+    # and it is the top eigenvector of the dense float64 Hessian, to the run's bound
+    evals, evecs = torch.linalg.eigh(dense_hessian(model, loss_fn, [(X, y)]))
+    assert top.values[0] == pytest.approx(float(evals[-1]), rel=1e-8)
+    assert abs(float(top.vectors[0] @ evecs[:, -1])) == pytest.approx(1.0, abs=1e-6)
