@@ -349,8 +349,9 @@ def test_a_wrapped_hvp_called_after_its_landscape_is_gone_says_so():
 def test_a_probe_keeps_only_its_warm_start(monkeypatch, vector_device):
     """One ``GeometryProbe`` probe (progress followed, a metric taking the last update, spectrum with its warm
     start): afterwards its Landscape is gone and of everything it allocated only the warm start's vectors
-    remain (this probe's two extreme Ritz vectors and the previous probe's, 4 d float64 numbers on the host,
-    kept on purpose: the start is moved on along their difference), besides the numbers of the record."""
+    remain (this probe's two extreme Ritz vectors, 2 d float64 numbers on the host, kept on purpose), besides
+    the numbers of the record; the previous probe's vectors, which the start is moved on along, stay as that
+    probe left them (not copied)."""
     built: list[weakref.ref] = []
 
     class Watched(gp.Landscape):
@@ -372,6 +373,7 @@ def test_a_probe_keeps_only_its_warm_start(monkeypatch, vector_device):
         loss_fn(model(X), y).backward()
         opt.step()  # probes after each step: the second one warm
     dim = sum(p.numel() for p in model.parameters())
+    before = (probe.warm.top, probe.warm.bottom)
     with collector_off():
         allocations = Allocations()
         with allocations:
@@ -380,12 +382,13 @@ def test_a_probe_keeps_only_its_warm_start(monkeypatch, vector_device):
         assert [r() for r in built] == [None] * 3
         alive = allocations.alive()
         warm = probe.warm
-        # the Ritz vectors kept for the next start, and the ones before them, which moving the start on reads
-        assert sorted(n for n, _ in alive) == [dim * 8] * 4, alive
+        # the Ritz vectors kept for the next start; the ones before them, which moving the start on reads, are
+        # the previous probe's own
+        assert sorted(n for n, _ in alive) == [dim * 8] * 2, alive
         assert warm.top.shape == warm.bottom.shape == (1, dim) and warm.top.device.type == "cpu"
         assert sorted(warm.previous) == ["bottom", "top"]
-        kept = [warm.top, warm.bottom, warm.previous["top"], warm.previous["bottom"]]
-        assert allocations.alive_pointers() == {t.untyped_storage().data_ptr() for t in kept}
+        assert [warm.previous[e].data_ptr() for e in ("top", "bottom")] == [t.data_ptr() for t in before]
+        assert allocations.alive_pointers() == {t.untyped_storage().data_ptr() for t in (warm.top, warm.bottom)}
     assert any(e.kind == "advance" for e in events)
     probe.close(final_probe=False)
 
