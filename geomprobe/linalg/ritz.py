@@ -113,9 +113,10 @@ class LanczosResult:
         A basis in host memory is spent once the pass over it is done, so the vectors are written into its own
         rows wherever a group fits in a block that holds nothing else worth freeing (page-locked blocks, which
         torch's pinned-memory cache keeps in any case, or a block of exactly the group's rows) instead of into
-        fresh host memory: on GPT-2 355M in float32 the copy of the two vectors into fresh pageable memory took
-        2.0 s of a 38.6 s spectrum, against a copy into page-locked rows at bus speed. Values as
-        :meth:`ritz_vectors` (the same arithmetic). Cost: one pass over the basis, no matvec."""
+        fresh host memory: on GPT-2 355M in float32 (H200, the 1.5x plan) the copy of the two vectors into fresh
+        pageable memory took 2.0 s, and the spectrum's time outside its products fell from 3.9 to 2.1 s with the
+        copy into page-locked rows (benchmarks/RESULTS.md §6, sixteenth round). Values as :meth:`ritz_vectors`
+        (the same arithmetic). Cost: one pass over the basis, no matvec."""
         if self.basis_blocks is None:
             raise ConfigurationError("Ritz vectors need lanczos(..., keep_basis=True)")
         blocks = self.basis_blocks
