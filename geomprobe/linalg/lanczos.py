@@ -14,7 +14,7 @@ import torch
 from ..errors import ConfigurationError
 from .certify import DEFAULT_RISK, extreme_errors, rounding_level, start_threshold
 from .delayed_host import delayed_host_due, run_delayed_host
-from .delayed_lanczos import DELAYED_FROM_STEP, delayed_due, run_delayed
+from .delayed_lanczos import delayed_due, run_delayed
 from .krylov_basis import (
     LanczosBasis,
     LanczosMemory,
