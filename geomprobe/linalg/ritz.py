@@ -17,7 +17,9 @@ from ..errors import ConfigurationError
 from .host_arith import host_rotate, is_host
 from .vectors import accumulation_dtype, check_dim, scratch_columns
 
-__all__ = ["LanczosResult", "certificate_limits", "form_ritz_vectors", "spent_rows", "check_lanczos_args", "eigh_tridiagonal", "extremes_certified", "extremes_converged", "gap_bounds", "prefetch_solver", "ritz_pairs", "tridiagonal"]
+__all__ = ["LanczosResult", "certificate_limits", "form_ritz_vectors", "spent_rows", "check_lanczos_args",
+           "eigh_tridiagonal", "extremes_certified", "extremes_converged", "gap_bounds", "prefetch_solver",
+           "ritz_pairs", "tridiagonal"]
 
 
 @dataclass
@@ -205,6 +207,12 @@ def _host_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor,
     return out
 
 
+def _pinned(t: torch.Tensor) -> bool:
+    """Whether host tensor ``t`` is page-locked; False without asking where CUDA was never initialized (no
+    page-locked memory can exist then, and the query must not create a CUDA context for a CPU run)."""
+    return torch.cuda.is_available() and torch.cuda.is_initialized() and t.is_pinned()
+
+
 def spent_rows(blocks: list[torch.Tensor], sizes: Sequence[int]) -> list[torch.Tensor | None]:
     """For each group of ``sizes[i]`` rows, a ``(sizes[i], d)`` view of rows of a spent basis's ``blocks`` to
     write results into, or None where none fits: the first page-locked block with that many rows unclaimed
@@ -216,7 +224,7 @@ def spent_rows(blocks: list[torch.Tensor], sizes: Sequence[int]) -> list[torch.T
     for n in sizes:
         found = None
         for j, B in enumerate(blocks):
-            if B.is_pinned():
+            if _pinned(B):
                 fits = B.shape[0] - used[j] >= n
             else:  # the whole storage, not the filled rows of a larger block
                 fits = used[j] == 0 and B.shape[0] == n and B.untyped_storage().nbytes() == B.numel() * B.element_size()
