@@ -2,6 +2,8 @@
 vectors as a fresh copy, against a diagonal matrix whose eigenvectors are coordinate vectors, with no fresh host
 memory where a block holds them; and warm starts that keep host vectors without copying them."""
 
+import sys
+
 import pytest
 import torch
 
@@ -137,3 +139,62 @@ def test_a_spectrum_keeps_one_copy_of_its_ritz_vectors_for_the_warm_start_and_th
     evals, evecs = torch.linalg.eigh(dense_hessian(model, loss_fn, [(X, y)]))
     assert top.values[0] == pytest.approx(float(evals[-1]), rel=1e-8)
     assert abs(float(top.vectors[0] @ evecs[:, -1])) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_offered_host_tensors_take_the_groups_no_block_takes():
+    r = diagonal_run()
+    n = len(r.ritz_values)
+    want = r.ritz_vectors([n - 1, 0])
+    top_out, wrong = torch.empty(1, D, dtype=torch.float64), torch.empty(1, D, dtype=torch.float32)
+    top, bottom = r.take_ritz_vectors([[n - 1], [0]], out=[top_out, wrong])
+    assert top.data_ptr() == top_out.data_ptr()  # written where offered
+    assert bottom.data_ptr() != wrong.data_ptr() and bottom.dtype == torch.float64  # the wrong type: fresh memory
+    torch.testing.assert_close(torch.cat([top, bottom]), want, rtol=0, atol=1e-12)
+    r = diagonal_run()
+    with pytest.raises(ConfigurationError, match="one tensor \\(or None\\) per group"):
+        r.take_ritz_vectors([[0], [1]], out=[None])
+
+
+def test_blocks_populated_ahead_only_where_a_thread_runs_beside_the_caller(monkeypatch):
+    from geomprobe.linalg import host_blocks
+
+    monkeypatch.setattr(host_blocks, "MAP_BYTES", 1 << 12)
+    monkeypatch.setattr(host_blocks, "PREFETCH", False)
+    assert host_blocks.populated_ahead(2, 4096, torch.float32) is None  # nothing beside the caller: fresh later
+    monkeypatch.setattr(host_blocks, "PREFETCH", True)
+    block = host_blocks.populated_ahead(2, 4096, torch.float32)
+    assert block is not None and block.shape == (2, 4096) and block.dtype == torch.float32
+    assert host_blocks.populated_ahead(1, 16, torch.float32) is None  # below MAP_BYTES: a fresh tensor is as cheap
+    host_blocks._WORKER.flush()
+    block.fill_(1.0)
+    assert float(block.sum()) == 2 * 4096
+
+
+def test_a_host_spectrum_writes_its_ritz_vectors_into_blocks_populated_during_the_run(monkeypatch):
+    from reference import TanhMLP
+
+    import geomprobe as gp
+    from geomprobe.linalg import host_blocks
+    from geomprobe.metrics.spectrum import spectrum
+
+    spectrum_module = sys.modules["geomprobe.metrics.spectrum"]  # the package exports the function by that name
+
+    monkeypatch.setattr(host_blocks, "MAP_BYTES", 1)
+    monkeypatch.setattr(host_blocks, "PREFETCH", True)
+    made = []
+
+    def recording(rows, dim, dtype):
+        block = host_blocks.populated_ahead(rows, dim, dtype)
+        made.append(block)
+        return block
+
+    monkeypatch.setattr(spectrum_module, "populated_ahead", recording)
+    torch.manual_seed(0)
+    land = gp.Landscape(TanhMLP().double(), torch.nn.CrossEntropyLoss(),
+                        (torch.randn(32, 6, dtype=torch.float64), torch.randint(0, 3, (32,))))
+    warm = WarmStart()
+    out = spectrum(land, tol=1e-8, warm=warm)
+    assert len(made) == 2 and all(b is not None for b in made)  # allocated before the run, one per end
+    assert warm.top.data_ptr() == made[0].data_ptr() and warm.bottom.data_ptr() == made[1].data_ptr()
+    assert float(warm.top[0].norm()) == pytest.approx(1.0, abs=1e-12)
+    assert out["converged"]

@@ -38,7 +38,7 @@ import torch
 
 __all__ = [
     "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "accelerator_in_use", "advise_huge_pages", "free_core",
-    "host_block", "populate", "populate_wanted", "prefetch_wanted", "thp_mode",
+    "host_block", "populate", "populate_wanted", "populated_ahead", "prefetch_wanted", "thp_mode",
 ]
 
 MADV_HUGEPAGE = 14  # <asm-generic/mman-common.h>
@@ -276,6 +276,22 @@ class _Worker:
 
 
 _WORKER = _Worker()
+
+
+def populated_ahead(rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """A fresh ``(rows, dim)`` host block whose pages the background thread starts faulting in now, for
+    results written at the end of a run (a spectrum's Ritz vectors), so that their first write does not take
+    the faults on the caller's thread; None where nothing would run beside the caller (:func:`prefetch_wanted`)
+    or the block is below :data:`MAP_BYTES` (then a fresh tensor costs as much). Values uninitialized. Measured
+    on the CPU (two threads, ten 0.4 GB float32 rows): two Ritz vectors took 0.63-1.48 s into fresh memory and
+    0.40-0.42 s into populated memory. Cost: one system call here; the faults on the background thread."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    if rows < 1 or rows * dim * item < MAP_BYTES or not (populate_wanted() and prefetch_wanted()):
+        return None
+    block = host_block(rows, dim, dtype)
+    advise_huge_pages(block)
+    _WORKER.submit(populate, block)  # the queued call holds the block until it has run
+    return block
 
 
 class RowPrefetcher:

@@ -107,7 +107,8 @@ class LanczosResult:
         X = form_ritz_vectors(self.basis_blocks, self.U[:, idx], self.compute_device)
         return X.cpu() if is_host(self.basis_blocks[0]) else X
 
-    def take_ritz_vectors(self, groups: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    def take_ritz_vectors(self, groups: Sequence[Sequence[int]],
+                          out: Sequence[torch.Tensor | None] | None = None) -> list[torch.Tensor]:
         """The unit Ritz vectors of each group of indices, one ``(len(group), d)`` tensor per group, and the
         basis released (:attr:`basis_blocks` None afterwards): the last use of a basis kept for its Ritz
         vectors, as at the end of a spectrum run that keeps them for the next probe's warm start.
@@ -117,8 +118,10 @@ class LanczosResult:
         torch's pinned-memory cache keeps in any case, or a block of exactly the group's rows) instead of into
         fresh host memory: on GPT-2 355M in float32 (H200, the 1.5x plan) the copy of the two vectors into fresh
         pageable memory took 2.0 s, and the spectrum's time outside its products fell from 3.9 to 2.1 s with the
-        copy into page-locked rows (benchmarks/RESULTS.md §6, sixteenth round). Values as :meth:`ritz_vectors`
-        (the same arithmetic). Cost: one pass over the basis, no matvec."""
+        copy into page-locked rows (benchmarks/RESULTS.md §6, sixteenth round). ``out``: host tensors offered per
+        group for the groups no block takes (:func:`.host_blocks.populated_ahead`'s, faulted in beside the run),
+        used where one is ``(len(group), d)`` in the basis's type; else fresh memory. Values as
+        :meth:`ritz_vectors` (the same arithmetic). Cost: one pass over the basis, no matvec."""
         if self.basis_blocks is None:
             raise ConfigurationError("Ritz vectors need lanczos(..., keep_basis=True)")
         blocks = self.basis_blocks
@@ -129,8 +132,15 @@ class LanczosResult:
             self.basis_blocks = None
             return list(torch.split(X, sizes))
         rows = spent_rows(blocks, sizes)
-        out = [r if r is not None else torch.empty(n, blocks[0].shape[1], dtype=blocks[0].dtype)
-               for r, n in zip(rows, sizes)]
+        d, dtype = blocks[0].shape[1], blocks[0].dtype
+        offered = list(out) if out is not None else [None] * len(sizes)
+        if len(offered) != len(sizes):
+            raise ConfigurationError(f"out must offer one tensor (or None) per group: {len(offered)} for {len(sizes)}")
+        out = []
+        for r, n, o in zip(rows, sizes, offered):
+            fits = (o is not None and o.device.type == "cpu" and tuple(o.shape) == (n, d) and o.dtype == dtype
+                    and o.is_contiguous())
+            out.append(r if r is not None else o if fits else torch.empty(n, d, dtype=dtype))
         compute = self.compute_device
         if compute is not None and torch.device(compute).type != "cpu":
             X = _streamed_ritz_vectors(blocks, Uk, torch.device(compute))

@@ -9,6 +9,7 @@ import torch
 
 from ..errors import ConfigurationError
 from ..linalg.certify import DEFAULT_RISK
+from ..linalg.host_blocks import populated_ahead
 from ..linalg.lanczos import LanczosResult, extremes_converged, lanczos
 from ..linalg.vectors import default_generator
 from ._common import plan_options
@@ -271,6 +272,9 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
         return kept, False
     # the start's random part (weight warm.mix, independent of H) is what certifies the extremes
     mark = len(getattr(land, "hvp_errors", ()))
+    # host vectors: the Ritz vectors' host memory is faulted in beside the products, not at the end
+    ahead = ([populated_ahead(k, land.dim, land.dtype) for _ in ("top", "bottom")]
+             if torch.device(vector_device(land)).type == "cpu" else None)
     r = lanczos(land.hvp, land.dim, k=k, v0=v0, generator=gen, dtype=land.dtype, device=vector_device(land),
                 keep_basis=True, v0_random=float(warm.mix) if v0 is not None else 0.0, **plan_options(land),
                 **options)
@@ -278,8 +282,9 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
     n = len(r.ritz_values)
     hi, lo = list(range(n - 1, max(n - k, 0) - 1, -1)), list(range(min(k, n)))
     # one pass over the basis for both ends, not one per vector; the basis (m vectors of length d) is never kept
-    # past the run nor in the cache, and a host basis's own rows take the vectors (no fresh host memory)
-    top, bottom = r.take_ritz_vectors([hi, lo])
+    # past the run nor in the cache; page-locked basis rows, else the blocks populated ahead, take the vectors
+    out = None if ahead is None else [a if a is None else a[: len(g)] for a, g in zip(ahead, (hi, lo))]
+    top, bottom = r.take_ritz_vectors([hi, lo], out=out)
     serves = getattr(warm, "serves", None)
     if serves is None or serves(options.get("risk")):  # a start that will stay cold needs no copy on the host
         warm.keep(land, top, bottom)
