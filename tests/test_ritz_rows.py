@@ -162,12 +162,13 @@ def test_blocks_populated_ahead_only_where_a_thread_runs_beside_the_caller(monke
     monkeypatch.setattr(host_blocks, "PREFETCH", False)
     assert host_blocks.populated_ahead(2, 4096, torch.float32) is None  # nothing beside the caller: fresh later
     monkeypatch.setattr(host_blocks, "PREFETCH", True)
+    faulted: list[tuple[int, int]] = []
+    monkeypatch.setattr(host_blocks, "populate", lambda t: faulted.append((t.data_ptr(), t.numel())) or True)
     block = host_blocks.populated_ahead(2, 4096, torch.float32)
     assert block is not None and block.shape == (2, 4096) and block.dtype == torch.float32
     assert host_blocks.populated_ahead(1, 16, torch.float32) is None  # below MAP_BYTES: a fresh tensor is as cheap
     host_blocks._WORKER.flush()
-    block.fill_(1.0)
-    assert float(block.sum()) == 2 * 4096
+    assert faulted == [(block.data_ptr(), 2 * 4096)]  # the whole block, once, on the background thread
 
 
 def test_a_host_spectrum_writes_its_ritz_vectors_into_blocks_populated_during_the_run(monkeypatch):
