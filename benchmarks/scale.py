@@ -277,6 +277,7 @@ def trajectory(name: str, dtype_name: str, steps: int, every: int, device, out_d
 
 
 WARMUP_STEPS = 50  # untimed steps before the loop without the probe (the probed loop's are in its long run)
+MARK_EVERY = 500  # steps between the overhead loops' synchronized time marks
 
 
 def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metrics: list[str] | None = None,
@@ -291,10 +292,16 @@ def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metri
     with the probe over the loop without, and apart from it the final probe ``close()`` runs after the loop.
     The data are 64 token batches cycled, so any number of steps runs in constant memory. ``baseline_steps``:
     a shorter loop without the probe (the overhead then compares seconds per step), since a budget lets the
-    first probe in only after ~20x its cost of training, so the loop with the probe must be long.
+    first probe in only after ~20x its cost of training, so the loop with the probe must be long; it runs once
+    before and once after the loop with the probe, and the baseline is their mean pace. Each loop also reports
+    its pace per ``MARK_EVERY`` steps (``ms_per_step_by_interval``).
     """
     out: dict = {"model": name, "dtype": dtype_name, "steps": steps, "metrics": metrics or "default"}
-    for attached in ((False, True) if baseline else (True,)):
+    # the loop without the probe runs before and after the one with it: a GPU's clocks drift over a long run
+    # (round31: the probed loop ran its steps 9 % slower than the short loop before it, before its first
+    # probe, with a hook measured at 0.03 ms a step), so the two short loops bracket the long one
+    for attached, key in ((False, "without"), (True, "with_probe"), (False, "without_after")) if baseline else (
+            (True, "with_probe"),):
         dtype = DTYPES[dtype_name]
         model, vocab, b, t = build(name, dtype, device)
         data = token_batches(vocab, b, t, 64, device, seed=3)
@@ -319,8 +326,12 @@ def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metri
             probe.attach(opt)
         sync(device)
         t0 = time.perf_counter()
+        marks = [(0, 0.0)]  # (step, seconds): the steps' pace along the loop, synchronized every MARK_EVERY steps
         for step in range(n_steps):
             train_step(step)
+            if (step + 1) % MARK_EVERY == 0:
+                sync(device)
+                marks.append((step + 1, time.perf_counter() - t0))
             if probe is not None and probe.records and probe.records[-1]["step"] == step + 1:
                 r = probe.records[-1]
                 print(f"probe at step {r['step']}: predicted {r['cost']['predicted_seconds']} s, "
@@ -329,8 +340,9 @@ def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metri
                       flush=True)
         sync(device)
         wall = time.perf_counter() - t0
-        key = "with_probe" if attached else "without"
-        out[key] = {"wall_s": wall, "steps": n_steps}
+        out[key] = {"wall_s": wall, "steps": n_steps,
+                    "ms_per_step_by_interval": [[b, round(1e3 * (tb - ta) / (b - a), 3)]
+                                                for (a, ta), (b, tb) in zip(marks, marks[1:])]}
         if probe is not None:
             ran = [{"step": r["step"], "predicted_seconds": r["cost"]["predicted_seconds"],
                     "seconds": r["cost"]["seconds"], "hvps": r["cost"]["hvps"], "wall_s": r["wall"],
@@ -355,7 +367,10 @@ def overhead(name: str, dtype_name: str, steps: int, device, out_dir: str, metri
             torch.cuda.empty_cache()
     w = out["with_probe"]
     if baseline:
-        per_step = out["without"]["wall_s"] / out["without"]["steps"]  # the loop without the probe, per step
+        # the loops without the probe, per step: before and after the long loop with it
+        per_step = (out["without"]["wall_s"] + out["without_after"]["wall_s"]) / (
+            out["without"]["steps"] + out["without_after"]["steps"])
+        out["ms_per_step_without"] = [1e3 * out[k]["wall_s"] / out[k]["steps"] for k in ("without", "without_after")]
         out["training_seconds"] = per_step * steps
         out["overhead"] = w["wall_s"] / out["training_seconds"] - 1
         out["overhead_with_close"] = (w["wall_s"] + w["close"]["seconds"]) / out["training_seconds"] - 1
