@@ -10,6 +10,7 @@ from typing import NamedTuple
 import torch
 
 from ..errors import ConfigurationError
+from .device_draw import drawn_on_device, draws_elsewhere
 from .host_arith import host_rotate, host_round, lanczos_pass, row_groups
 from .host_blocks import RowPrefetcher, advise_huge_pages, host_block, populate, populate_wanted, prefetch_wanted
 from .pinned_blocks import PinnedAhead
@@ -31,7 +32,7 @@ from .vectors import (
 
 __all__ = [
     "LanczosBasis", "LanczosMemory", "host_vector", "krylov_step", "lanczos_memory_bytes", "orthogonalize_step",
-    "start_vector",
+    "start_basis", "start_vector",
 ]
 
 
@@ -55,6 +56,36 @@ def start_vector(dim: int, v0: torch.Tensor | None, generator: torch.Generator |
     if not math.isfinite(qn) or qn == 0:
         raise ConfigurationError("the Lanczos start vector is zero or not finite")
     return q.div_(qn)  # a Python scalar: half types scale in float32, not by a norm rounded to their precision
+
+
+def start_basis(space: VectorSpace, v0: torch.Tensor | None, generator: torch.Generator | None, dtype: torch.dtype,
+                device, *, basis_dtype: torch.dtype | None = None, basis_device=None, capacity: int | None = None,
+                contiguous: bool = False, draw_device=None) -> tuple[LanczosBasis, torch.Tensor]:
+    """A Lanczos run's basis (:class:`LanczosBasis` of ``basis_dtype or dtype`` on ``basis_device``, else where the
+    vectors live; ``capacity``, ``contiguous`` as it takes them) holding the unit start vector
+    (:func:`start_vector`), and that vector as the compute device holds it.
+
+    ``draw_device``: where a random start is drawn when the vectors live in host memory and it is an
+    accelerator (:func:`.device_draw.drawn_on_device`; the host-vector mode, whose CPU draw of a 1B model's start
+    took about a product's time): a host basis of the vectors' own type takes the draw straight into its first
+    row, written once. Elsewhere, and for a given ``v0`` or a sharded space, it is not used. Cost: no matvec."""
+    sharded = space if space.sharded else None
+    if v0 is None and sharded is None and draws_elsewhere(device, draw_device):
+        home = torch.device("cpu")
+        basis = LanczosBasis(space.local_dim, basis_dtype or dtype, home if basis_device is None else
+                             torch.device(basis_device), home, capacity=capacity, contiguous=contiguous, space=space,
+                             round_to=dtype)
+        gen = generator or default_generator()
+        if basis.on_host and basis.round_to is None:
+            row = basis._next_row()
+            drawn_on_device(space.dim, gen, dtype, draw_device, out=row, unit=True)
+            return basis, row
+        return basis, basis.append_normalized(drawn_on_device(space.dim, gen, dtype, draw_device, unit=True), 1.0)
+    q = start_vector(space.dim, v0, generator, dtype, device, sharded)
+    basis = LanczosBasis(space.local_dim, basis_dtype or dtype, q.device if basis_device is None else
+                         torch.device(basis_device), q.device, capacity=capacity, contiguous=contiguous, space=space,
+                         round_to=dtype)
+    return basis, basis.append_normalized(q, 1.0)
 
 
 def host_vector(dim: int, dtype: torch.dtype) -> torch.Tensor:

@@ -21,7 +21,7 @@ from .krylov_basis import (
     krylov_step,
     lanczos_memory_bytes,
     orthogonalize_step,
-    start_vector,
+    start_basis,
 )
 from .orthogonality import REORTH_MODES, SELECTIVE_ENDS, OrthogonalityEstimate
 from .restarted_lanczos import RestartFrom, min_basis, restarted_lanczos
@@ -88,6 +88,7 @@ def lanczos(
     delayed: bool | str = True,
     selective: bool = True,
     basis_dtype: torch.dtype | None = None,
+    draw_device: torch.device | str | None = None,
 ) -> LanczosResult:
     """Lanczos with partial (default) or full reorthogonalization for the extreme eigenvalues of a symmetric
     matvec.
@@ -183,6 +184,11 @@ def lanczos(
     whatever the layout, every inner product is reduced over the holders (one small collective per
     Gram-Schmidt pass and norm), and every process takes the same steps. ``dim`` stays the global dimension.
 
+    ``draw_device``: where a random start of host vectors (``device`` the CPU) is drawn when it is an accelerator
+    (the host-vector mode passes the model's device): drawn there a piece at a time and written once into the
+    basis's first row (:func:`~geomprobe.linalg.krylov_basis.start_basis`); reproducible per seed on devices of
+    one kind, not the values of the CPU's draw of that seed.
+
     >>> H = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> r = lanczos(lambda v: v @ H, 100, tol=1e-8)
     >>> round(r.top(1)[0][0], 6), round(r.bottom(1)[0][0], 6), r.converged
@@ -197,7 +203,7 @@ def lanczos(
     restart_options = {"max_basis": max_basis, "k": k, "tol": tol, "max_iter": max_iter, "which": which, "v0": v0,
                            "generator": generator, "dtype": dtype, "device": device, "keep_basis": keep_basis, "bound": bound,
                            "basis_device": basis_device, "risk": risk, "v0_random": v0_random, "space": space,
-                           "basis_dtype": basis_dtype}
+                           "basis_dtype": basis_dtype, "draw_device": draw_device}
     if basis_dtype is not None and (not basis_dtype.is_floating_point
                                     or torch.finfo(basis_dtype).eps > torch.finfo(dtype).eps):
         raise ConfigurationError(f"basis_dtype must be a floating type at least as precise as dtype ({dtype}), got "
@@ -215,17 +221,13 @@ def lanczos(
     log_t = start_threshold(dim, risk, v0 is None, v0_random)
     prefetch_solver()  # the Ritz problem's solver imported beside the first product
     space = space_of(dim, space)
-    q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
     # a fixed-length run whose basis is returned (SLQ, the deflated trace) knows its length: one block, no copy
     # a capped run's blocks stop at the cap (whole 16-row blocks would hold up to 15 vectors more than the memory
     # plan counted)
-    basis = LanczosBasis(space.local_dim, basis_dtype or dtype,
-                         q.device if basis_device is None else torch.device(basis_device), q.device,
-                         capacity=max_basis if capped else (m_max if tol == 0 and keep_basis else None),
-                         contiguous=tol == 0 and keep_basis, space=space, round_to=dtype)
-    cur = basis.append_normalized(q, 1.0)  # the newest basis vector, on the compute device
-    prev = None
-    del q
+    basis, cur = start_basis(space, v0, generator, dtype, device, basis_dtype=basis_dtype, basis_device=basis_device,
+                             capacity=max_basis if capped else (m_max if tol == 0 and keep_basis else None),
+                             contiguous=tol == 0 and keep_basis, draw_device=draw_device)
+    prev = None  # cur: the newest basis vector, on the compute device
     alphas: list[float] = []
     betas: list[float] = []
     converged = False

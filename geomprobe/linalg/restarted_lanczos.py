@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .certify import DEFAULT_RISK, extreme_errors, rounding_level, start_threshold
-from .krylov_basis import LanczosBasis, krylov_step, orthogonalize_step, start_vector
+from .krylov_basis import LanczosBasis, krylov_step, orthogonalize_step, start_basis
 from .orthogonality import OrthogonalityEstimate
 from .ritz import (
     LanczosResult,
@@ -107,6 +107,7 @@ def restarted_lanczos(
     space: VectorSpace | None = None,
     resume: RestartFrom | None = None,
     basis_dtype: torch.dtype | None = None,
+    draw_device: torch.device | str | None = None,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric matvec by thick-restart Lanczos, storing at most ``max_basis`` vectors.
 
@@ -133,7 +134,8 @@ def restarted_lanczos(
     kept vectors) and gives up the discarded directions, so a run takes more matvecs than an unbounded one
     (measured in tests/test_restarted_lanczos.py). Memory: ``max_basis`` d-vectors for the basis plus two
     (:func:`geomprobe.linalg.krylov_basis.lanczos_memory_bytes`); the result's ``basis_peak`` never exceeds the cap.
-    ``basis_dtype``: as :func:`~geomprobe.linalg.lanczos.lanczos`'s (a resumed run keeps its basis's).
+    ``basis_dtype``, ``draw_device``: as :func:`~geomprobe.linalg.lanczos.lanczos`'s (a resumed run keeps its basis
+    and drew its start already).
     ``resume``: a plain run that filled its ``max_basis`` vectors (:class:`RestartFrom`); the run restarts from it
     at once (its matvecs counted) instead of from a start vector.
 
@@ -199,12 +201,8 @@ def restarted_lanczos(
         return basis.append_normalized(w, beta)
 
     if resume is None:
-        q = start_vector(dim, v0, generator, dtype, device, space if space.sharded else None)
-        basis = LanczosBasis(space.local_dim, basis_dtype or dtype,
-                             q.device if basis_device is None else torch.device(basis_device), q.device,
-                             capacity=max_basis, space=space, round_to=dtype)
-        cur = basis.append_normalized(q, 1.0)
-        del q
+        basis, cur = start_basis(space, v0, generator, dtype, device, basis_dtype=basis_dtype,
+                                 basis_device=basis_device, capacity=max_basis, draw_device=draw_device)
     else:
         basis, beta = resume.basis, resume.beta
         matvecs, log_beta, asym = resume.matvecs, resume.log_beta, resume.asymmetry

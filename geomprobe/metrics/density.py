@@ -112,6 +112,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigurationError
+from ..linalg.device_draw import drawn_on_device, draws_elsewhere
 from ..linalg.lanczos import lanczos
 from ..linalg.ritz import ritz_pairs
 from ..linalg.slq import SLQResult, slq_density
@@ -413,8 +414,11 @@ def density(
             if first is not None:
                 reuse.find(key)  # received: its metric paid for it
             else:  # it stopped short of m: the same start, run here (module docstring, "Same rule")
-                # drawn as spectrum's start_vector draws it (a large host vector by threads: VectorSpace)
-                u = VectorSpace(d).gaussian(gen, land.dtype, vector_device(land))
+                # drawn as spectrum's start is drawn (krylov_basis.start_basis: host vectors on the model's
+                # accelerator, else a large host vector by threads, VectorSpace)
+                where = vector_device(land)
+                u = (drawn_on_device(d, gen, land.dtype, land.device, unit=True) if draws_elsewhere(where, land.device)
+                     else VectorSpace(d).gaussian(gen, land.dtype, where))
                 r = lanczos(mv, d, tol=0.0, max_iter=m, v0=u.to(land.device), dtype=land.dtype, device=land.device,
                             basis_device=basis_device, selective=selective_fits(land))
                 del u

@@ -59,7 +59,7 @@ def run_lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
         generator=generator or default_generator(seed), dtype=land.dtype, device=vector_device(land),
         keep_basis=keep_basis, bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk,
-        space=getattr(land, "vector_space", None), reorth=reorth, **plan_options(land),
+        space=getattr(land, "vector_space", None), reorth=reorth, draw_device=land.device, **plan_options(land),
     )
     widen_by_matvec_error(land, r, mark, k, tol, which)
     if cacheable:

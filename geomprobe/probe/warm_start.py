@@ -94,6 +94,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigurationError
+from ..linalg.device_draw import drawn_on_device, draws_elsewhere
 from ..linalg.vectors import gaussian
 
 __all__ = ["WarmStart"]
@@ -225,7 +226,9 @@ class WarmStart:
             self.reason = "the kept vectors cancel or are not finite"
             return None
         self.reason = ""
-        z = gaussian(land.dim, generator, u.dtype, where)
+        # host vectors draw on the model's accelerator (a CPU draw of a 1B model's vector took seconds)
+        z = (drawn_on_device(land.dim, generator, u.dtype, land.device, unit=True)
+             if draws_elsewhere(where, land.device) else gaussian(land.dim, generator, u.dtype, where))
         v0 = math.sqrt(1.0 - self.mix**2) * (u / un) + self.mix * (z / z.norm())
         return v0.to(land.dtype)
 

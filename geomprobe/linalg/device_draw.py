@@ -1,0 +1,106 @@
+"""Gaussian vectors in host memory whose entries are drawn on an accelerator.
+
+In the host-vector mode (:mod:`geomprobe.engine.host_stream`) a Lanczos start vector of a 1B-parameter model is
+1.1e9 entries in host memory. Drawn on the CPU it took 3.4 s on an H200's 16-core host (threads, each a piece
+of :class:`~.space.ShardedSpace`'s stream: benchmarks/RESULTS.md section 6, sixteenth round), about a product's
+time, before the first product could start; a normal draw on the GPU takes milliseconds. Here the entries are
+drawn on the accelerator a piece at a time (:data:`DRAW_PIECE` entries, a few hundred MB of device memory at
+most, nothing the memory plan needs to count beside an HVP's graphs), scaled there when a unit vector is asked
+for (its norm from a first pass over the same stream, which costs one more draw and no copy), and copied into
+the host vector through two reused page-locked buffers, so the device draws and copies the next piece while
+the host copies the last one out: the host writes the vector once.
+
+The values come from :func:`~.vectors.device_generator` of the caller's generator on the accelerator: the
+same for one seed on devices of one kind, and not the values a CPU draw of the same seed gives (a CPU-only
+machine draws that start instead). Half types are drawn in float32 and rounded, as :func:`~.vectors.gaussian`
+does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .vectors import HALF_TYPES, device_generator
+
+__all__ = ["DRAW_PIECE", "drawn_on_device", "draws_elsewhere"]
+
+# entries per piece: 256 MB of float32 on the device, 2 x 128-256 MB of page-locked staging on the host
+DRAW_PIECE = 1 << 26
+
+
+def draws_elsewhere(device, draw_device) -> bool:
+    """Whether a vector living on ``device`` is drawn on ``draw_device`` instead: a host vector (``device`` the
+    CPU) whose draws go to an accelerator that is present."""
+    if draw_device is None:
+        return False
+    here, there = torch.device("cpu" if device is None else device), torch.device(draw_device)
+    return here.type == "cpu" and there.type == "cuda" and torch.cuda.is_available()
+
+
+def drawn_on_device(dim: int, generator: torch.Generator, dtype: torch.dtype, draw_device,
+                    *, out: torch.Tensor | None = None, unit: bool = False, piece: int = DRAW_PIECE) -> torch.Tensor:
+    """A standard normal vector of ``dim`` entries in host memory (``out`` when given: a ``(dim,)`` host tensor of
+    ``dtype``, written once), its entries drawn on ``draw_device`` from one seed drawn from ``generator``;
+    ``unit=True``: divided by its norm (of the values as stored in ``dtype``; the quotient taken on the device
+    in float32, float64 for float64 vectors, and rounded once).
+
+    Cost: no matvec; one (two with ``unit``) draws of ``dim`` normals on the device, ``dim`` entries copied to
+    the host; device memory one piece of ``piece`` entries in float32 (and its rounding), host memory two
+    page-locked pieces besides ``out``. Error of the unit vector's norm: the float32 sum of a piece's squares
+    (pairwise, ``log2(piece) u`` relative), the pieces added in float64, and one rounding per entry.
+    """
+    if dim < 1:
+        raise ValueError(f"dim must be positive, got {dim}")
+    if out is None:
+        out = torch.empty(dim, dtype=dtype)
+    elif out.shape != (dim,) or out.dtype != dtype or out.device.type != "cpu":
+        raise ValueError(f"out must be a ({dim},) host tensor of {dtype}, got {tuple(out.shape)} {out.dtype} on "
+                         f"{out.device}")
+    dev = torch.device(draw_device)
+    seed = int(device_generator(generator, dev).initial_seed())
+    draw_type = torch.float32 if dtype in HALF_TYPES else dtype
+    piece = max(1, min(int(piece), dim))
+
+    def pieces():
+        g = torch.Generator(device=dev).manual_seed(seed)  # the same stream on every pass
+        for s in range(0, dim, piece):
+            n = min(piece, dim - s)
+            x = torch.randn(n, generator=g, dtype=draw_type, device=dev)
+            yield s, n, (x if draw_type == dtype else x.to(dtype))
+
+    scale = 1.0
+    if unit:
+        sq = torch.zeros((), dtype=torch.float64, device=dev)
+        for _, _, x in pieces():
+            xf = x if x.dtype == draw_type else x.to(draw_type)
+            sq += torch.sum(xf * xf).to(torch.float64)
+        norm = math.sqrt(float(sq))
+        if not math.isfinite(norm) or norm == 0:
+            raise FloatingPointError("the drawn vector's norm is zero or not finite")
+        scale = 1.0 / norm
+    pin = dev.type == "cuda"
+    staging = [torch.empty(piece, dtype=dtype, pin_memory=pin) for _ in range(2)]
+    pending = None  # (event, buffer, start, length): a piece on its way to the host
+    for k, (s, n, x) in enumerate(pieces()):
+        if unit:
+            x = (x if x.dtype == draw_type else x.to(draw_type)).mul_(scale).to(dtype)
+        buf = staging[k % 2]  # its last piece (k - 2) was copied out at step k - 1
+        buf[:n].copy_(x, non_blocking=pin)
+        event = None
+        if pin:
+            event = torch.cuda.Event()
+            event.record()
+        if pending is not None:
+            _land(out, *pending)
+        pending = (event, buf, s, n)
+    if pending is not None:
+        _land(out, *pending)
+    return out
+
+
+def _land(out: torch.Tensor, event, buf: torch.Tensor, s: int, n: int) -> None:
+    if event is not None:
+        event.synchronize()
+    out[s : s + n].copy_(buf[:n])
