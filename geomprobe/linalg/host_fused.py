@@ -106,15 +106,18 @@ def host_combine(out: torch.Tensor, terms: Sequence[tuple[torch.Tensor, float]],
         loaded = [_load(v[a:b], f"term{k}", acc) for k, v in enumerate(vecs)]
         for p, (i, j) in enumerate(before):
             chunk_dot(loaded[i], loaded[j], parts[ci, p])
-        of = _SCRATCH.get("combined", acc, (b - a,))
+        # straight into out where it holds the accumulation type and is not a term (no scratch, no copy)
+        direct = out.dtype == acc and not aliased
+        of = out[a:b] if direct else _SCRATCH.get("combined", acc, (b - a,))
         for k, (f, (_, coef)) in enumerate(zip(loaded, terms)):
             if k == 0:
                 torch.mul(f, coef, out=of)
             else:
                 of.add_(f, alpha=coef)
-        out[a:b].copy_(of)
-        if out.dtype != acc:
-            of.copy_(out[a:b])  # the products are those of the stored vector
+        if not direct:
+            out[a:b].copy_(of)
+            if out.dtype != acc:
+                of.copy_(out[a:b])  # the products are those of the stored vector
         for p, i in enumerate(after):
             chunk_dot(of, of if i == -1 else loaded[i], parts[ci, len(before) + p])
     return parts.to(torch.float64).sum(0)
