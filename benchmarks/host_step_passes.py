@@ -1,11 +1,15 @@
-"""The passes of one host-vector Lanczos step, timed with and without the deferred update.
+"""The passes of one host-vector Lanczos step, timed as ``krylov_basis._host_step`` takes them and with its
+update deferred to the pass that writes the next row.
 
 A three-term step on host vectors (``krylov_basis._host_step``, local regime) reads and writes d-vectors in
 four passes: ``alpha`` (``w`` and ``v``), the three-term update with its Gram-Schmidt coefficients, the update
-by them with the norm, and the quotient into the next basis row. With the update deferred
-(``krylov_basis.DEFER_UPDATE``) the coefficients' pass also takes the norm and one pass writes
-``(w - B^T c) / beta`` into the row. This times both sequences on populated vectors (no first-touch faults,
-which dominate ``host_lanczos.py``'s fast synthetic runs), each part alone, and a copy as the floor.
+by them with the norm, and the quotient into the next basis row. Deferred, the coefficients' pass also takes
+the norm (``beta^2 = ||w||^2 - ||c||^2``) and one pass writes ``(w - B^T c) / beta`` into the row: two fewer
+passes of twelve. This times both sequences on populated vectors (no first-touch faults, which dominate
+``host_lanczos.py``'s fast synthetic runs) and a copy as the floor. The deferred step was built and measured
+(benchmarks/RESULTS.md section 6, seventeenth round): 95-109 ms against 102-115 ms on a 2-core host at two
+threads, 147 against 144 ms at one, and on the H200's host no faster within the runs' noise (the 1B Llama's
+fp32 steps 5-10: 26.9 s deferred, 26.1 s applied, round32), so the step applies its update as before.
 
     OMP_NUM_THREADS=2 python benchmarks/host_step_passes.py --dim 5e7 --threads 2
 """

@@ -2,7 +2,8 @@
 # One nvidia-h200 call, about 6 minutes: the 1B Llama's fp32 spectrum on host vectors (10 steps) with the start
 # drawn on the GPU (krylov_basis.start_basis) and the steps' update deferred to the row's pass
 # (krylov_basis.DEFER_UPDATE), then the same with the update applied at once (--defer off); round29: 74.7 s,
-# 30.7 s outside, with neither.
+# 30.7 s outside, with neither. (The deferred update and scale.py's --defer were taken out after this run:
+# no faster on the device, benchmarks/host_step_passes.py.)
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 . benchmarks/device_cases.sh

@@ -414,11 +414,8 @@ def main() -> None:
                     help="an offloaded Lanczos basis in page-locked (on, the default) or pageable (off) host memory")
     ap.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                     help="whether a host basis faults in its next row beside the product (auto: where a core is free)")
-    ap.add_argument("--defer", default="on", choices=["on", "off"],
-                    help="host-vector Lanczos steps leave their update to the append (krylov_basis.DEFER_UPDATE)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    gp.linalg.krylov_basis.DEFER_UPDATE = args.defer == "on"
     strict_fp32()
     gp.linalg.host_blocks.PREFETCH = {"auto": None, "on": True, "off": False}[args.prefetch]
     gp.linalg.krylov_basis.LanczosBasis.PIN = args.pin == "on"

@@ -13,7 +13,6 @@ from ..errors import ConfigurationError
 from .device_draw import drawn_on_device, draws_elsewhere
 from .host_arith import host_rotate, host_round, lanczos_pass, row_groups
 from .host_blocks import RowPrefetcher, advise_huge_pages, host_block, populate, populate_wanted, prefetch_wanted
-from .host_fused import host_combine
 from .pinned_blocks import PinnedAhead
 from .space import VectorSpace
 from .vectors import (
@@ -100,11 +99,6 @@ def host_vector(dim: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.empty(dim, dtype=dtype)
 
 
-# Whether host steps leave their Gram-Schmidt update to the append (krylov_step's defer; benchmarks switch it off
-# to compare). benchmarks/host_step_passes.py, a 5e7-entry float32 step on a 2-core host: 95-109 ms with it
-# against 102-115 ms without at two threads, 147 against 144 ms at one (the pass's arithmetic, not its bytes,
-# bounds a single thread)
-DEFER_UPDATE = True
 # DGKS criterion: a second Gram-Schmidt pass only when the first removed more than this share of the norm
 # (the new vector was nearly in the span of the basis); after the three-term step that is rare.
 REPASS = 1 / math.sqrt(2)
@@ -112,7 +106,7 @@ REPASS = 1 / math.sqrt(2)
 
 def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int, dtype: torch.dtype,
                 step: int, prev: torch.Tensor | None = None, beta_prev: float = 0.0, *, local: bool = False,
-                extra: Sequence[torch.Tensor] = (), defer: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+                extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One expansion of the Krylov basis: ``w = H v`` orthogonalized against every stored vector.
 
     ``local=True`` (with ``prev``; partial reorthogonalization, :mod:`.orthogonality`): the Gram-Schmidt pass
@@ -132,12 +126,6 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     entry of ``H v`` spreads to the coefficients or the norm), so it is caught without a pass of its own.
     ``dim`` is the global dimension; the vectors have the basis's length (a slice in a sharded space), and
     every inner product and norm goes through ``basis.space``.
-
-    ``defer`` (a basis in host memory, a three-term step without ``extra``): the Gram-Schmidt correction is
-    left pending on the basis and applied in the same pass that normalizes ``w`` into its row
-    (:meth:`LanczosBasis.append_normalized`), or by :meth:`LanczosBasis.settle` before any other use of ``w``;
-    ``beta`` is then the corrected vector's norm, ``sqrt(||w||^2 - ||c||^2)`` (orthonormal rows), and the step
-    reads the vectors twice fewer (:func:`_host_step`).
     """
     space = basis.space
     if basis.on_host and takes_out(matvec):
@@ -152,7 +140,7 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         w = w.clone()
     local = local and prev is not None
     if basis.on_host and not forced_kernels():
-        return _host_step(w, basis, cur, prev, beta_prev, step, local, extra, defer and DEFER_UPDATE)
+        return _host_step(w, basis, cur, prev, beta_prev, step, local, extra)
     if prev is None:
         w, coeffs = basis.reorthogonalize(w, passes=2)
         before = None
@@ -196,7 +184,6 @@ def orthogonalize_step(basis: LanczosBasis, w: torch.Tensor, beta: float, step: 
     its new norm. The coefficients are rounding-level corrections and are not added to ``T`` (which stays the
     three-term recurrence's). Cost: two reads of the basis (four with the second pass), no matvec."""
     space = basis.space
-    w = basis.settle(w)  # a deferred correction (krylov_step's defer) first: the pass sees w as the step left it
     if basis.on_host and not forced_kernels():
         groups = row_groups(list(basis._filled()))
         before = beta
@@ -228,7 +215,7 @@ def _finite_or_raise(t: torch.Tensor, step: int) -> None:
 
 def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: torch.Tensor | None,
                beta_prev: float, step: int, local: bool = False, extra: Sequence[torch.Tensor] = (),
-               defer: bool = False) -> tuple[torch.Tensor, torch.Tensor, float]:
+               ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """:func:`krylov_step` after the matvec, for a basis and vectors in host memory: the same arithmetic in
     fused chunked passes (:func:`.host_arith.lanczos_pass`), so the basis is read as often as the
     algorithm needs and ``w`` is never copied.
@@ -242,13 +229,7 @@ def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: to
     the second coefficients in the same pass (one group of rows; else two passes), then the second update
     with the norm: three reads of the basis instead of four. One reduction of the coefficients and norms per
     pass (a sharded space). The coefficients are float64 throughout. ``local``: the passes run over ``prev``
-    and ``v`` alone (:func:`krylov_step`).
-
-    ``defer`` (three-term step, no ``extra``): the first pass also takes ``||w||^2``, and the update is not
-    applied here: ``beta = sqrt(||w||^2 - ||c||^2)`` for orthonormal rows, and the basis applies ``c`` when it
-    writes ``(w - B^T c) / beta`` into the next row (one pass where the update and the quotient took two: of a
-    local step's twelve reads and writes of d-vectors, two fewer), unless the DGKS test asks for a second pass,
-    which then runs here as without ``defer``."""
+    and ``v`` alone (:func:`krylov_step`)."""
     space = basis.space
     groups = [*(y[None] for y in extra), prev[None], cur[None]] if local else row_groups(list(basis._filled()))
     before = None
@@ -262,11 +243,8 @@ def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: to
         coeffs = c1 + c2
     else:
         alpha = float(space.reduce(lanczos_pass(w, [cur[None]], dots=True)[0])[0])  # a NaN shows at the end
-        # kept Ritz vectors (``extra``) are not orthogonal to prev and v: there the norm before is swept; so it is
-        # for a deferred update, whose norm after comes from it
-        defer = defer and not extra
-        c2, before_sq = lanczos_pass(w, groups, pre=[(prev, beta_prev), (cur, alpha)], dots=True,
-                                     norm=bool(extra) or defer)
+        # kept Ritz vectors (``extra``) are not orthogonal to prev and v: there the norm before is swept
+        c2, before_sq = lanczos_pass(w, groups, pre=[(prev, beta_prev), (cur, alpha)], dots=True, norm=bool(extra))
         if before_sq is None:
             c2 = space.reduce(c2)
         else:
@@ -275,12 +253,6 @@ def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: to
         coeffs = c2.clone()
         coeffs[-1] += alpha
         coeffs[-2] += beta_prev
-        if defer:
-            _finite_or_raise(torch.cat([coeffs, torch.tensor([before], dtype=torch.float64)]), step)
-            beta = math.sqrt(max(before * before - float(c2.square().sum()), 0.0))
-            if beta >= REPASS * before:
-                basis.defer_correction(w, groups, c2)
-                return w, coeffs, beta
     nsq = space.reduce(lanczos_pass(w, groups, sub=c2, norm=True)[1][None])
     _finite_or_raise(torch.cat([coeffs, nsq]), step)
     beta = float(nsq[0].clamp_min(0).sqrt())
@@ -391,8 +363,6 @@ class LanczosBasis:
         self.blocks: list[torch.Tensor] = []
         self.n = 0
         self.peak = 0
-        # a Gram-Schmidt update left for the append to apply (krylov_step's defer): (w, row groups, coefficients)
-        self._pending: tuple[torch.Tensor, list[torch.Tensor], torch.Tensor] | None = None
 
     def _plan_touching(self) -> None:
         """Whether fresh rows are populated before their first write, and ahead on another thread: host rows,
@@ -465,35 +435,9 @@ class LanczosBasis:
         return {b.untyped_storage().data_ptr() for b in self.blocks} | {
             t.untyped_storage().data_ptr() for t in extra}
 
-    def defer_correction(self, w: torch.Tensor, groups: list[torch.Tensor], c: torch.Tensor) -> None:
-        """Leave ``w -= B^T c`` (``B`` the rows of ``groups``, host memory) to the next append of ``w``, which
-        applies it in the pass that writes the quotient (:meth:`append_normalized`), or to :meth:`settle`."""
-        self._pending = (w, list(groups), c)
-
-    def settle(self, w: torch.Tensor) -> torch.Tensor:
-        """``w`` with the update left pending on it (:meth:`defer_correction`) applied in place (one pass over
-        it and the rows); ``w`` as it is when nothing is pending on it."""
-        pending, self._pending = self._pending, None
-        if pending is not None and pending[0] is w:
-            lanczos_pass(w, pending[1], sub=pending[2])
-        elif pending is not None:
-            self._pending = pending
-        return w
-
     def append_normalized(self, w: torch.Tensor, beta: float) -> torch.Tensor:
         """Append ``w / beta`` (``w`` is scaled in place, no temporary; in host memory the quotient is written
-        straight into the basis row, one pass instead of two, and ``w`` is left as it was). An update pending on
-        ``w`` (:meth:`defer_correction`) is applied in the same pass: ``(w - B^T c) / beta`` into the row, ``w``
-        left without it."""
-        pending, self._pending = self._pending, None  # (only a host step defers: _host_step)
-        if pending is not None and pending[0] is w:
-            _, groups, c = pending
-            rows = [r for G in groups for r in G]
-            inv = 1.0 / beta
-            terms = [(w, inv)] + [(r, -float(ck) * inv) for r, ck in zip(rows, c.tolist())]
-            row = self._next_row()
-            host_combine(row, terms)
-            return row if self.round_to is None else self._round(row)
+        straight into the basis row, one pass instead of two, and ``w`` is left as it was)."""
         if self.on_host and beta != 1.0:
             row = self._next_row()
             torch.div(w, beta, out=row)  # the same operation as w.div_(beta), its result stored in the row

@@ -277,10 +277,8 @@ def lanczos(
         j = len(alphas)
         partial = ortho is not None and not ortho.always
         selective = partial and ortho.selective
-        # the step's Gram-Schmidt update may be left to the append of w (host vectors: one pass fewer), or to
-        # basis.settle before any other use of w below
         w, coeffs, beta = krylov_step(matvec, basis, cur, dim, dtype, j + 1, prev, betas[-1] if betas else 0.0,
-                                      local=partial, extra=kept if selective else (), defer=True)
+                                      local=partial, extra=kept if selective else ())
         alpha = float(coeffs[-1])
         if j > 0:
             # (H v_j)^T v_{j-1} must equal v_j^T H v_{j-1} = beta_{j-1}: the difference is free evidence of
@@ -315,7 +313,7 @@ def lanczos(
                 betas[-1] = beta
                 ortho.full_passes += 1
             elif new:
-                w, beta = _keep_ritz(basis, Uj[:, new], kept, basis.settle(w))
+                w, beta = _keep_ritz(basis, Uj[:, new], kept, w)
                 kept_theta += [float(th[i]) for i in new]
                 betas[-1] = beta
                 ortho.full_passes += 1  # forming them read the basis once
@@ -338,7 +336,7 @@ def lanczos(
             # every later step takes a whole-basis pass over a basis in host memory: each pass now runs beside
             # the next product (delayed_lanczos.py; on a host thread, delayed_host.py) instead of between two
             loop = run_delayed_host if host_loop else run_delayed
-            state = loop(matvec, basis, cur, basis.settle(w), beta, alphas, betas, delayed_test)
+            state = loop(matvec, basis, cur, w, beta, alphas, betas, delayed_test)
             extra_matvecs += state.extra_matvecs
             delayed_from = delayed_from or j + 2
             if state.stop:
@@ -355,7 +353,6 @@ def lanczos(
         # inner products stay at the estimated level, by which the restarted bounds widen, and the restarted
         # run goes on partially with the same estimate unless every step had come to take a pass
         widen_by = 1.0
-        w = basis.settle(w)
         if ortho is not None:
             if not ortho.always:
                 w, beta = orthogonalize_step(basis, w, beta, len(alphas))
