@@ -4,8 +4,8 @@ In the host-vector mode (:mod:`geomprobe.engine.host_stream`) a Lanczos start ve
 1.1e9 entries in host memory. Drawn on the CPU it took 3.4 s on an H200's 16-core host (threads, each a piece
 of :class:`~.space.ShardedSpace`'s stream: benchmarks/RESULTS.md section 6, sixteenth round), about a product's
 time, before the first product could start; a normal draw on the GPU takes milliseconds. Here the entries are
-drawn on the accelerator a piece at a time (:data:`DRAW_PIECE` entries, a few hundred MB of device memory at
-most, nothing the memory plan needs to count beside an HVP's graphs), scaled there when a unit vector is asked
+drawn on the accelerator a piece at a time (:data:`DRAW_PIECE` entries, 64 MB of float32 device memory and
+its square, nothing the memory plan needs to count beside an HVP's graphs), scaled there when a unit vector is asked
 for (its norm from a first pass over the same stream, which costs one more draw and no copy), and copied into
 the host vector through two reused page-locked buffers, so the device draws and copies the next piece while
 the host copies the last one out: the host writes the vector once.
@@ -26,8 +26,9 @@ from .vectors import HALF_TYPES, device_generator
 
 __all__ = ["DRAW_PIECE", "drawn_on_device", "draws_elsewhere"]
 
-# entries per piece: 256 MB of float32 on the device, 2 x 128-256 MB of page-locked staging on the host
-DRAW_PIECE = 1 << 26
+# entries per piece: 64 MB of float32 on the device and 2 x 32-64 MB of page-locked staging on the host, whose
+# allocation (~0.6 s per GB, once: torch caches page-locked blocks) stays small; ~70 pieces for a 1.1B model
+DRAW_PIECE = 1 << 24
 
 
 def draws_elsewhere(device, draw_device) -> bool:
