@@ -10,11 +10,15 @@ scratch, which bounds the host passes over half-precision rows.
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+from pathlib import Path
 import time
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import host_kernel_args
 
 from geomprobe.linalg.host_arith import HOST_CHUNK_ELEMENTS, chunk_dot, chunk_norm_sq
 
@@ -30,14 +34,7 @@ def median_seconds(fn, repeats: int) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=float, default=2e7)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = host_kernel_args(__doc__, 2e7, 5)
     d = int(args.dim)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(d, generator=g)

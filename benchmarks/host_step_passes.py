@@ -16,26 +16,23 @@ fp32 steps 5-10: 26.9 s deferred, 26.1 s applied, round32), so the step applies 
 
 from __future__ import annotations
 
-import argparse
 import json
+import sys
+from pathlib import Path
 import statistics
 import time
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import host_kernel_args
 
 from geomprobe.linalg.host_arith import lanczos_pass
 from geomprobe.linalg.host_fused import host_combine
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dim", type=float, default=5e7)
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=6)
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = host_kernel_args(__doc__, 5e7, 6)
     d = int(args.dim)
     g = torch.Generator().manual_seed(0)
     prev, cur, y = (torch.randn(d, generator=g) for _ in range(3))

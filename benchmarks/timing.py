@@ -70,6 +70,20 @@ def model_benchmark_parser(doc: str | None, models: str) -> argparse.ArgumentPar
     return ap
 
 
+def host_kernel_args(doc: str | None, dim: float, repeats: int) -> argparse.Namespace:
+    """The options of the host-kernel benchmarks (--dim, --threads, --repeats, --out), parsed, with torch's thread
+    count set from --threads."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--dim", type=float, default=dim)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--repeats", type=int, default=repeats)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
+
+
 def train_step_peak(model, loss_fn, x, y, optimizer, steps: int = 1) -> int:
     """Peak CUDA bytes of the last of ``steps`` training steps, above what was allocated before it."""
     peak = 0
