@@ -401,3 +401,37 @@ def test_a_rerun_starts_from_spectrums_start_also_when_a_large_host_vector_is_dr
         assert out["trace"] == pytest.approx(d * float(u @ (diag * u)), rel=1e-10)
     finally:
         torch.set_num_threads(threads)
+
+
+def test_a_rerun_starts_from_spectrums_start_also_when_it_is_drawn_on_an_accelerator(monkeypatch):
+    # host vectors draw their start on the model's accelerator (linalg/device_draw.py): the CPU plays it here,
+    # and density's rerun must draw the same start spectrum did, not the CPU's draw of the seed
+    import importlib
+
+    from geomprobe.linalg import krylov_basis
+    from geomprobe.linalg.device_draw import drawn_on_device
+    from geomprobe.linalg.krylov_basis import start_vector
+
+    density_mod = importlib.import_module("geomprobe.metrics.density")  # the module: the package exports the metric
+
+    elsewhere = lambda device, draw_device: draw_device is not None  # noqa: E731
+    drawn = []
+
+    def counted(*a, **k):
+        drawn.append(a[0])
+        return drawn_on_device(*a, **k)
+
+    for mod in (krylov_basis, density_mod):
+        monkeypatch.setattr(mod, "draws_elsewhere", elsewhere)
+        monkeypatch.setattr(mod, "drawn_on_device", counted)
+    d = 300
+    diag = torch.linspace(-1.0, 3.0, d, dtype=F64)
+    land = _Diagonal(diag)
+    sp = spectrum(land, max_iter=6)
+    out = density(land, n_v=1, m=10, rel_tol=0, grid_size=50)
+    u = drawn_on_device(d, default_generator(0), F64, "cpu", unit=True)
+    assert sp["steps"] == 6 and out["first_start"] == "rerun" and out["hvps"] == 10
+    assert out["trace"] == pytest.approx(d * float(u @ (diag * u)), rel=1e-10)
+    assert drawn == [d, d]  # spectrum's start and density's rerun both drawn there
+    # (on the CPU a draw of one piece is the plain draw of the seed: the same start either way)
+    assert torch.allclose(u, start_vector(d, None, default_generator(0), F64, "cpu"), rtol=0, atol=1e-15)
