@@ -199,3 +199,31 @@ def test_the_certified_extremes_of_capped_partial_runs_cover_at_their_stated_rat
             misses += (r.bottom(1)[0][0] - float(ev.min()) > e_min) + (float(ev.max()) - r.top(1)[0][0] > e_max)
             runs += 1
     assert runs == 60 and misses <= 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("seed", range(2))
+def test_an_offloaded_capped_run_restarts_with_the_guarantees_of_a_resident_one(seed, monkeypatch):
+    """The same capped runs as above with the vectors on the GPU and the basis offloaded to host memory (the
+    1.5x plan's route): the estimate still bounds ||V^T V - I||, the regime stays partial, and the extremes and
+    matvecs are the resident run's. (Forcing the offloaded route on the CPU mixes the host kernels into it and
+    is not evidence either way; this runs it where it runs.)"""
+    ev = _bulk(1500, seed)
+    H = _matrix(ev, seed).to(torch.float64).cuda()
+    seen = _kept_estimates(monkeypatch)
+    kw = {"dtype": torch.float64, "tol": 1e-6, "max_basis": 25, "max_iter": 3000, "k": 2, "risk": None}
+    off = lanczos_module.lanczos(lambda v: H @ v, 1500, generator=torch.Generator().manual_seed(seed),
+                                 keep_basis=True, device="cuda", basis_device="cpu", **kw)
+    assert seen
+    estimate = seen[-1]  # the offloaded run's, before the resident run adds its own
+    res = lanczos_module.lanczos(lambda v: H @ v, 1500, generator=torch.Generator().manual_seed(seed),
+                                 keep_basis=True, device="cuda", **kw)
+    assert off.restarts >= 8 and off.converged
+    assert off.reorth_regime == res.reorth_regime
+    assert abs(off.matvecs - res.matvecs) <= 2  # rounding apart (the offloaded pass goes a few rows at a time)
+    assert abs(off.top(1)[0][0] - float(ev.max())) < 1e-5 and abs(off.bottom(1)[0][0] - float(ev.min())) < 1e-5
+    V = off.basis.double().cpu()
+    E = (V @ V.T - torch.eye(V.shape[0], dtype=torch.float64)).numpy()
+    W = estimate._omega[: V.shape[0], : V.shape[0]]
+    assert np.linalg.norm(E, 2) <= np.linalg.eigvalsh(W)[-1]
