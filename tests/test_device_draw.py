@@ -130,3 +130,21 @@ def test_cuda_draw_through_page_locked_staging():
     assert torch.equal(x, _expected(dim, 11, piece, torch.float32, "cuda"))
     u = drawn_on_device(dim, torch.Generator().manual_seed(11), torch.bfloat16, "cuda", piece=piece, unit=True)
     assert abs(float(u.double().norm()) - 1) < 1e-2
+
+
+def test_refused_page_locked_staging_falls_back_to_pageable(monkeypatch):
+    from geomprobe.linalg import device_draw
+
+    real_empty = torch.empty
+
+    def refusing(*args, pin_memory=False, **kwargs):
+        if pin_memory:
+            raise RuntimeError("CUDA error: out of memory")
+        return real_empty(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "empty", refusing)
+    bufs, pinned = device_draw._staging(64, torch.float32, True)
+    assert not pinned and len(bufs) == 2 and all(b.shape == (64,) and not b.is_pinned() for b in bufs)
+    monkeypatch.setattr(torch, "empty", real_empty)
+    bufs, pinned = device_draw._staging(64, torch.float32, False)
+    assert not pinned

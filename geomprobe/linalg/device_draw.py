@@ -81,8 +81,7 @@ def drawn_on_device(dim: int, generator: torch.Generator, dtype: torch.dtype, dr
         if not math.isfinite(norm) or norm == 0:
             raise FloatingPointError("the drawn vector's norm is zero or not finite")
         scale = 1.0 / norm
-    pin = dev.type == "cuda"
-    staging = [torch.empty(piece, dtype=dtype, pin_memory=pin) for _ in range(2)]
+    staging, pin = _staging(piece, dtype, dev.type == "cuda")
     pending = None  # (event, buffer, start, length): a piece on its way to the host
     for k, (s, n, x) in enumerate(pieces()):
         if unit:
@@ -99,6 +98,17 @@ def drawn_on_device(dim: int, generator: torch.Generator, dtype: torch.dtype, dr
     if pending is not None:
         _land(out, *pending)
     return out
+
+
+def _staging(piece: int, dtype: torch.dtype, pin: bool) -> tuple[list[torch.Tensor], bool]:
+    """Two host buffers of ``piece`` entries, page-locked when ``pin`` and the driver grants it (else pageable:
+    the copies then wait, the values are the same); and whether they are page-locked."""
+    if pin:
+        try:
+            return [torch.empty(piece, dtype=dtype, pin_memory=True) for _ in range(2)], True
+        except RuntimeError:  # the driver refused page-locked memory
+            pass
+    return [torch.empty(piece, dtype=dtype) for _ in range(2)], False
 
 
 def _land(out: torch.Tensor, event, buf: torch.Tensor, s: int, n: int) -> None:
