@@ -148,3 +148,38 @@ def test_refused_page_locked_staging_falls_back_to_pageable(monkeypatch):
     monkeypatch.setattr(torch, "empty", real_empty)
     bufs, pinned = device_draw._staging(64, torch.float32, False)
     assert not pinned
+
+
+def test_the_probes_spectrum_draws_its_cold_start_there_too(monkeypatch):
+    """spectrum with a WarmStart (the probe's route) and no kept vectors yet starts cold: from the start drawn
+    on the accelerator, the CPU playing it; the same run as spectrum without a WarmStart."""
+    from torch import nn
+
+    import geomprobe as gp
+    from geomprobe.metrics import spectrum
+    from geomprobe.probe import WarmStart
+
+    drawn = []
+
+    def counted(*a, **k):
+        drawn.append(a[0])
+        return drawn_on_device(*a, **k)
+
+    monkeypatch.setattr(krylov_basis, "draws_elsewhere", lambda device, draw_device: draw_device is not None)
+    monkeypatch.setattr(krylov_basis, "drawn_on_device", counted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+    data = (torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64))
+    land = gp.Landscape(model, nn.MSELoss(), data)
+    warm = spectrum(land, k=1, tol=1e-8, warm=WarmStart())
+    assert drawn == [land.dim]
+    cold = spectrum(gp.Landscape(model, nn.MSELoss(), data), k=1, tol=1e-8)
+    assert drawn == [land.dim, land.dim]
+    assert warm["lambda_max"] == pytest.approx(cold["lambda_max"], rel=1e-12)
+    exact = float(torch.linalg.eigvalsh(_dense(land)).max())  # the dense float64 Hessian, column by column
+    assert abs(warm["lambda_max"] - exact) <= max(warm["lambda_max_err"], 1e-8 * abs(exact))
+
+
+def _dense(land) -> torch.Tensor:
+    eye = torch.eye(land.dim, dtype=torch.float64)
+    return torch.stack([land.hvp(e) for e in eye])

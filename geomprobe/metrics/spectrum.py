@@ -276,8 +276,8 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
     ahead = ([populated_ahead(k, land.dim, land.dtype) for _ in ("top", "bottom")]
              if torch.device(vector_device(land)).type == "cpu" else None)
     r = lanczos(land.hvp, land.dim, k=k, v0=v0, generator=gen, dtype=land.dtype, device=vector_device(land),
-                keep_basis=True, v0_random=float(warm.mix) if v0 is not None else 0.0, **plan_options(land),
-                **options)
+                keep_basis=True, v0_random=float(warm.mix) if v0 is not None else 0.0, draw_device=land.device,
+                **plan_options(land), **options)
     widen_by_matvec_error(land, r, mark, k, options["tol"], options.get("which", "both"))
     n = len(r.ritz_values)
     hi, lo = list(range(n - 1, max(n - k, 0) - 1, -1)), list(range(min(k, n)))

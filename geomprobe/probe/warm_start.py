@@ -226,10 +226,14 @@ class WarmStart:
             self.reason = "the kept vectors cancel or are not finite"
             return None
         self.reason = ""
-        # host vectors draw on the model's accelerator (a CPU draw of a 1B model's vector took seconds)
-        z = (drawn_on_device(land.dim, generator, u.dtype, land.device, unit=True)
-             if draws_elsewhere(where, land.device) else gaussian(land.dim, generator, u.dtype, where))
-        v0 = math.sqrt(1.0 - self.mix**2) * (u / un) + self.mix * (z / z.norm())
+        # host vectors draw on the model's accelerator (a CPU draw of a 1B model's vector took seconds), as a
+        # unit vector: no second pass over it for its norm
+        if draws_elsewhere(where, land.device):
+            z = drawn_on_device(land.dim, generator, u.dtype, land.device, unit=True)
+        else:
+            z = gaussian(land.dim, generator, u.dtype, where)
+            z = z / z.norm()
+        v0 = math.sqrt(1.0 - self.mix**2) * (u / un) + self.mix * z
         return v0.to(land.dtype)
 
     def _end_start(self, end: str, where: Any, work: torch.dtype) -> torch.Tensor:
