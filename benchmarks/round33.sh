@@ -5,7 +5,7 @@
 # 30.7 s outside).
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
-timeout 150 python3 -m pytest -q -x -m gpu tests/ -p no:randomly > $OUT/gpu_tests.log 2>&1; echo "gpu tests rc $?" >> $OUT/gpu_tests.log
+timeout 150 python3 -m pytest -q -m gpu tests/ -p no:randomly > $OUT/gpu_tests.log 2>&1; echo "gpu tests rc $?" >> $OUT/gpu_tests.log
 timeout 60 python3 -m pytest -q tests/test_device_draw.py -p no:randomly > $OUT/draw_tests.log 2>&1; echo "draw tests rc $?" >> $OUT/draw_tests.log
 tail -15 $OUT/gpu_tests.log; tail -4 $OUT/draw_tests.log
 . benchmarks/device_cases.sh
