@@ -17,6 +17,7 @@ from torch import nn
 import geomprobe as gp
 from geomprobe.engine import host_stream, landscape_plan
 from geomprobe.engine.memory_plan import HEADROOM, MemoryBudget, MemoryPlan, plan_memory
+from geomprobe.linalg import device_draw
 from geomprobe.metrics import spectrum
 from geomprobe.metrics.ritz_vectors import extreme_ritz
 from geomprobe.probe.warm_start import WarmStart
@@ -421,7 +422,10 @@ def test_warm_starts_and_ritz_vectors_stay_on_the_host(monkeypatch):
 # ---------------------------------------------------------------------------------------------- on a GPU
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_a_gpu_host_vectors_cross_the_bus_and_hold_no_d_vector():
+def test_on_a_gpu_host_vectors_cross_the_bus_and_hold_no_d_vector(monkeypatch):
+    # the start is drawn on the GPU a piece at a time; at this size one default piece is the whole vector, so
+    # pieces of a sixteenth of it show that the draw holds one piece, not a d-vector
+    monkeypatch.setattr(device_draw, "DRAW_PIECE", 1 << 17)
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).cuda()
     x, y = torch.randn(64, 512, device="cuda"), torch.randn(64, 512, device="cuda")
@@ -440,6 +444,7 @@ def test_on_a_gpu_host_vectors_cross_the_bus_and_hold_no_d_vector():
     spectrum(host, tol=1e-3, max_iter=10)
     # beyond the kept graph: the double backward's temporaries and a few pieces, far below one d-vector
     assert torch.cuda.max_memory_allocated() - base < host.graph_bytes + 4 * 512 * 512 * 4 + device.dim * 4 // 2
+    assert device.dim > 16 * device_draw.DRAW_PIECE
 
 
 @pytest.mark.gpu

@@ -41,15 +41,15 @@ def draws_elsewhere(device, draw_device) -> bool:
 
 
 def drawn_on_device(dim: int, generator: torch.Generator, dtype: torch.dtype, draw_device,
-                    *, out: torch.Tensor | None = None, unit: bool = False, piece: int = DRAW_PIECE) -> torch.Tensor:
+                    *, out: torch.Tensor | None = None, unit: bool = False, piece: int | None = None) -> torch.Tensor:
     """A standard normal vector of ``dim`` entries in host memory (``out`` when given: a ``(dim,)`` host tensor of
     ``dtype``, written once), its entries drawn on ``draw_device`` from one seed drawn from ``generator``;
     ``unit=True``: divided by its norm (of the values as stored in ``dtype``; the quotient taken on the device
     in float32, float64 for float64 vectors, and rounded once).
 
     Cost: no matvec; one (two with ``unit``) draws of ``dim`` normals on the device, ``dim`` entries copied to
-    the host; device memory one piece of ``piece`` entries in float32 (and its rounding), host memory two
-    page-locked pieces besides ``out``. Error of the unit vector's norm: the float32 sum of a piece's squares
+    the host; device memory one piece of ``piece`` (default :data:`DRAW_PIECE`) entries in float32 (and its
+    rounding for half types), host memory two page-locked pieces besides ``out``. Error of the unit vector's norm: the float32 sum of a piece's squares
     (pairwise, ``log2(piece) u`` relative), the pieces added in float64, and one rounding per entry.
     """
     if dim < 1:
@@ -62,21 +62,25 @@ def drawn_on_device(dim: int, generator: torch.Generator, dtype: torch.dtype, dr
     dev = torch.device(draw_device)
     seed = int(device_generator(generator, dev).initial_seed())
     draw_type = torch.float32 if dtype in HALF_TYPES else dtype
-    piece = max(1, min(int(piece), dim))
+    piece = max(1, min(int(DRAW_PIECE if piece is None else piece), dim))
 
     def pieces():
         g = torch.Generator(device=dev).manual_seed(seed)  # the same stream on every pass
         for s in range(0, dim, piece):
             n = min(piece, dim - s)
             x = torch.randn(n, generator=g, dtype=draw_type, device=dev)
-            yield s, n, (x if draw_type == dtype else x.to(dtype))
+            if draw_type != dtype:
+                x = x.to(dtype)
+            yield s, n, x
+            del x  # the consumer has dropped its reference too: the next piece may take this one's memory
 
     scale = 1.0
     if unit:
         sq = torch.zeros((), dtype=torch.float64, device=dev)
         for _, _, x in pieces():
-            xf = x if x.dtype == draw_type else x.to(draw_type)
-            sq += torch.sum(xf * xf).to(torch.float64)
+            # the norm read as the values are stored, accumulated in draw_type with no squared copy
+            sq += torch.linalg.vector_norm(x, dtype=draw_type).to(torch.float64).square()
+            del x  # before the next piece is drawn: one piece on the device at a time
         norm = math.sqrt(float(sq))
         if not math.isfinite(norm) or norm == 0:
             raise FloatingPointError("the drawn vector's norm is zero or not finite")
@@ -92,6 +96,7 @@ def drawn_on_device(dim: int, generator: torch.Generator, dtype: torch.dtype, dr
         if pin:
             event = torch.cuda.Event()
             event.record()
+        del x  # the copy is queued on the stream that frees it: the next draw may reuse its memory
         if pending is not None:
             _land(out, *pending)
         pending = (event, buf, s, n)

@@ -377,9 +377,15 @@ def _blocks(B: torch.Tensor, w: torch.Tensor, seg: int | None, blocks: int | Non
 
 
 def _native_sub_mm(out: torch.Tensor, C: torch.Tensor, Y: torch.Tensor) -> None:
-    # in w's type, half types included: the GEMM accumulates in float32 (cuBLAS's compute type 32F) and forms
-    # ``out - C Y`` in float32 before its one rounding to ``out``'s type, with no float32 scratch
+    # float32 and float64: the GEMM forms ``out - C Y`` in its own type, one rounding, no scratch
     out.addmm_(C, Y, alpha=-1)
+
+
+def _half_sub_mm(out: torch.Tensor, C: torch.Tensor, Y: torch.Tensor) -> None:
+    # half types: ``C Y`` accumulated and returned in float32, subtracted in float32, rounded once. An in-place
+    # half ``addmm_`` rounds ``C Y`` to the half type before adding ``out`` (torch 2.11 on an H200: 44-671 times
+    # the one-rounding bound, benchmarks/results/cuda_rounding_r34_h200.json)
+    out.sub_(torch.mm(C, Y, out_dtype=torch.float32))
 
 
 def _float32_sub_mm(out: torch.Tensor, C: torch.Tensor, Y: torch.Tensor) -> None:
@@ -387,12 +393,14 @@ def _float32_sub_mm(out: torch.Tensor, C: torch.Tensor, Y: torch.Tensor) -> None
 
 
 def _blockdiag_sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, blocks: int) -> torch.Tensor:
-    # half types off CUDA go through float32 copies of column windows (their CPU products need not accumulate
-    # in float32): at most ``scratch_columns`` of them, so the windows bound the scratch
-    native = w.dtype not in HALF_TYPES or w.device.type == "cuda"
+    # half types accumulate in float32 through scratch of at most HALF_CHUNK_ELEMENTS entries: the product's
+    # float32 result on CUDA, float32 copies of column windows elsewhere (CPU half products need not accumulate
+    # in float32), so the windows bound the scratch
     c = c.to(device=w.device, dtype=w.dtype)  # the coefficients rounded to w's type, as on the fused paths
-    if native:
+    if w.dtype not in HALF_TYPES:
         blockdiag_sub(w, c, B, blocks, _native_sub_mm, PRODUCT_COLUMNS)
+    elif _fused_half(w):
+        blockdiag_sub(w, c, B, blocks, _half_sub_mm, max(1, HALF_CHUNK_ELEMENTS // blocks))
     else:
         width = scratch_columns(blocks * (B.shape[0] + 2), w.device)
         blockdiag_sub(w, c.float(), B, blocks, _float32_sub_mm, width)
@@ -403,9 +411,10 @@ def sub_rows(w: torch.Tensor, c: torch.Tensor, B: torch.Tensor, *, segments: int
              blocks: int | None = None) -> torch.Tensor:
     """``w - c @ B`` written into ``w`` (no temporary of length d; half types accumulate in float32).
 
-    On CUDA, where :func:`sub_rows_kernel` says so (half types, 2-22 rows and 300 or more, as measured), one
-    block-diagonal GEMM (:mod:`.blockdiag`) on views of ``w`` and ``B``, no scratch of length d, for rows back to
-    back whose length one of 16-64 blocks divides (blocks of at most ``LD_LIMIT`` entries); else one
+    On CUDA, where :func:`sub_rows_kernel` says so (half types, 2-22 rows and 300 or more, as measured),
+    block-diagonal GEMMs (:mod:`.blockdiag`) on views of ``w`` and ``B`` with float32 results in scratch of at
+    most :data:`HALF_CHUNK_ELEMENTS` entries, for rows back to back whose length one of 16-64 blocks divides
+    (blocks of at most ``LD_LIMIT`` entries); else one
     strided-batched update over segments of the columns (:mod:`.segmented`) for one row (a single fused
     elementwise pass), or the fused product (one float32 d-vector of scratch for half types); elsewhere a
     matrix-vector update (half types on the CPU: float32 over column chunks in reusable scratch,
