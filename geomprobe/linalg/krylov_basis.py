@@ -473,8 +473,15 @@ class LanczosBasis:
         """``w`` made orthogonal to every stored vector in place, ``passes`` times over (2: CGS2), and the
         total coefficients of all passes (``V^T w`` to working precision).
 
-        On the compute device: global passes. Offloaded: one pass over the basis, ``STREAM`` vectors at a
-        time, each piece brought over once and applied ``passes`` times, so the basis crosses the bus once.
+        On the compute device: global passes. Offloaded, ``STREAM`` vectors at a time: with ``passes=1`` one read
+        of the basis, each piece's coefficients taken from ``w`` as the earlier pieces left it (the step's
+        three-term part has removed nearly all of ``w``'s projection, so this differs from the classical pass in
+        the second order only); with ``passes >= 2`` (a first step, or the first after a restart, whose
+        coefficients are of the order of ``||w||``) the classical first pass, all coefficients from the same
+        ``w`` (one read for them, one to subtract them), then the remaining passes a piece at a time (one more
+        read). Piece by piece from the start, the later pieces' coefficients would carry ``V_j^T V_i c_i``: at the
+        semi-orthogonality a partial run keeps (``sqrt(eps)``) that read as the matvec's asymmetry and lost
+        orthogonality (||V^T V - I|| up to 1e-3 in float64 after a few restarts).
         """
         if not self.offloaded:
             w, total = self.orthogonalize(w)
@@ -482,19 +489,31 @@ class LanczosBasis:
                 w, c = self.orthogonalize(w)
                 total = total + c
             return w, total
+        first = None
+        if passes >= 2:
+            first = torch.cat([self.space.dots(Bc, w) for Bc in self._streamed(w.device)])
+            s = 0
+            for Bc in self._streamed(w.device):
+                sub_rows(w, first[s : s + Bc.shape[0]], Bc)
+                s += Bc.shape[0]
+            passes -= 1
         parts = []
+        for Bc in self._streamed(w.device):
+            total = None
+            for _ in range(passes):
+                c = self.space.dots(Bc, w)
+                sub_rows(w, c, Bc)
+                total = c if total is None else total + c
+            parts.append(total)
+        rest = torch.cat(parts)
+        return w, rest if first is None else first + rest
+
+    def _streamed(self, device):
+        """The stored rows on ``device``, ``STREAM`` at a time: a whole block on the device would be the largest
+        allocation of a memory-bounded probe (16 vectors = 0.7 GB for ResNet-18)."""
         for B in self._filled():
-            # a few vectors at a time: a whole block on the device would be the largest allocation of a
-            # memory-bounded probe (16 vectors = 0.7 GB for ResNet-18)
             for s in range(0, B.shape[0], self.STREAM):
-                Bc = B[s : s + self.STREAM].to(w.device, non_blocking=self.pin)
-                total = None
-                for _ in range(passes):
-                    c = self.space.dots(Bc, w)
-                    sub_rows(w, c, Bc)
-                    total = c if total is None else total + c
-                parts.append(total)
-        return w, torch.cat(parts)
+                yield B[s : s + self.STREAM].to(device, non_blocking=self.pin)
 
     def rotate(self, Y: torch.Tensor) -> None:
         """Replace the basis ``V`` (``n`` rows) by the ``l`` rows of ``Y^T V`` for ``Y`` ``(n, l)``, in place.
