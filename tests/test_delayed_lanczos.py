@@ -76,12 +76,15 @@ def test_the_delayed_loop_runs_only_for_a_basis_offloaded_from_a_cuda_device():
     assert not delayed_lanczos.delayed_due(cpu, True, 50)
 
     class Offloaded:
-        offloaded, compute = True, torch.device("cuda", 0)
+        offloaded, compute, lean = True, torch.device("cuda", 0), False
         space = cpu.space
 
     assert delayed_lanczos.delayed_due(Offloaded(), True, delayed_lanczos.DELAYED_FROM_STEP)
     assert not delayed_lanczos.delayed_due(Offloaded(), True, delayed_lanczos.DELAYED_FROM_STEP - 1)
     assert not delayed_lanczos.delayed_due(Offloaded(), False, 50)  # passes only where the estimate asks
+    lean = Offloaded()
+    lean.lean = True  # a lean basis keeps two d-vectors on the device: the loop would hold more
+    assert not delayed_lanczos.delayed_due(lean, True, 50)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

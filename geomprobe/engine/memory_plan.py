@@ -24,7 +24,10 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   gradient, the HVP's vectors, Lanczos' working vectors and basis live in host memory); an HVP holds its
   double backward's temporaries and one input and one output piece of the largest parameter
   (``largest_param_bytes``) at a time; a graph rebuilt per HVP holds its gradient (``v``) until its roots
-  are taken. Batched HVPs go one vector at a time.
+  are taken. Batched HVPs go one vector at a time. With ``working_vectors="device"`` (asked for through
+  ``overrides``) Lanczos keeps its working vectors on the device and its basis in host memory (``lean``,
+  :func:`~geomprobe.linalg.lanczos.lanczos`): ``LEAN_WORK_VECTORS`` d-vectors beside each product, three
+  between products.
 - **per-example gradients** (``noise``, ``isotropy``): rows of ``2 d itemsize + PERSAMPLE_GRAPH_FACTOR s``
   bytes (the per-parameter results and their flattening, one example's forward and backward; the statistics
   take rows to float64 a slice of columns at a time), and the statistics' ``STATS_VECTORS`` float64 d-vectors.
@@ -93,6 +96,7 @@ HVP_VECTORS = 3               # d-vectors per vector of an HVP: V, the per-param
 HVP_GRAPH_FACTOR = 1.0        # a double backward's temporaries per vector, relative to the piece's saved bytes
 STATS_VECTORS = 6            # float64 d-vectors the gradient-noise statistics hold (see plan_memory)
 LANCZOS_WORK_VECTORS = 4      # w, the newest and previous basis vectors, a Ritz vector
+LEAN_WORK_VECTORS = 2         # a lean run's device vectors beside a product: the newest and the product's output
 PERSAMPLE_GRAPH_FACTOR = 2.0  # one example's forward and backward in vmap, relative to its saved bytes
 
 
@@ -175,6 +179,9 @@ class MemoryPlan:
     # "host": HVP vectors, the gradient and the Lanczos vectors in host memory, streamed through each double
     # backward parameter by parameter (engine/host_stream.py); "device": on the model's device
     vectors: str = "device"
+    # with host vectors, where Lanczos' working vectors live: "host" (the Krylov arithmetic on the CPU) or
+    # "device" (two d-vectors on the model's device, the basis in host memory: lanczos(lean=True)); None otherwise
+    working_vectors: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -350,6 +357,10 @@ def plan_memory(
             raise ConfigurationError(f"{name} must be >= 1, got {given[name][0]}")
     if given.get("vectors", ("device",))[0] not in ("device", "host"):
         raise ConfigurationError(f"vectors must be 'device' or 'host', got {given['vectors'][0]!r}")
+    if given.get("working_vectors", ("host",))[0] not in ("device", "host"):
+        raise ConfigurationError(
+            f"working_vectors must be 'host' or 'device' (the host-vector mode's Lanczos vectors), got "
+            f"{given['working_vectors'][0]!r}")
     budget, source = budget_bytes(available_bytes=available_bytes, allocated_bytes=allocated_bytes,
                                   train_peak_bytes=train_peak_bytes, peak_ratio=peak_ratio, cap_bytes=cap_bytes)
     v = dim * itemsize
@@ -516,7 +527,14 @@ def plan_memory(
             delayed_work = extra
     left = None if budget is None else budget - graphs - one_hvp - lanczos_work - basis_on_device
     selective_work = selective_room(SELECTIVE_VECTORS * v, itemsize, not host, left)
-    lanczos_phase = one_hvp + lanczos_work + basis_on_device + max(delayed_work, selective_work)
+    # host vectors whose Lanczos runs keep their working vectors on the device (lean, linalg/lanczos.py): the
+    # newest vector and the product's output beside each product, those two and the previous row between them.
+    # Chosen only where asked (``working_vectors``): the host-mode HVP phase is not calibrated for it yet
+    working = value("working_vectors", "host") if host else None
+    lean_work = LEAN_WORK_VECTORS * v if working == "device" else 0
+    hvp_phase = hvp_phase + lean_work
+    lanczos_phase = max(one_hvp + lanczos_work + basis_on_device + max(delayed_work, selective_work),
+                        lean_work + v)
     persample_phase = stats_fixed + (row if per_bytes is None or row == 0 else max(row, (per_bytes // row) * row))
     peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)
     if budget is not None and peak > budget:
@@ -545,6 +563,7 @@ def plan_memory(
         "hvp_per_vector": per_vector,
         "hvp_phase": hvp_phase,
         "lanczos_work": lanczos_work,
+        "lean_work": lean_work,
         "delayed_work": delayed_work,
         "selective_work": selective_work,
         "basis_on_device": basis_on_device,
@@ -564,7 +583,7 @@ def plan_memory(
         max_basis=max_basis, persample_bytes=per_bytes, basis_vectors=m_req, bounded_basis=bool(bounded_basis),
         peak_bytes=int(peak), fits=bool(fits), items=items, sources=sources, warnings=warns,
         graph_source=graph_source, device_vectors=None if room is None else max(0, int(room // v)),
-        samples_kept=int(samples_kept), vectors=vectors,
+        samples_kept=int(samples_kept), vectors=vectors, working_vectors=working,
     )
 
 

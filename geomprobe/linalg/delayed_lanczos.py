@@ -72,8 +72,8 @@ DELAYED_EXTRA_VECTORS = 2
 def delayed_due(basis: LanczosBasis, every_step: bool, steps: int) -> bool:
     """Whether a run continues in the delayed loop: its basis is offloaded from a CUDA device to host memory,
     its remaining steps all take a whole-basis pass (``every_step``), and it has :data:`DELAYED_FROM_STEP`
-    vectors."""
-    return (every_step and basis.offloaded and torch.device(basis.compute).type == "cuda"
+    vectors; never for a lean basis (the loop holds more d-vectors on the device than it keeps)."""
+    return (every_step and basis.offloaded and not basis.lean and torch.device(basis.compute).type == "cuda"
             and not basis.space.sharded and steps >= DELAYED_FROM_STEP)
 
 

@@ -60,7 +60,7 @@ def start_vector(dim: int, v0: torch.Tensor | None, generator: torch.Generator |
 
 def start_basis(space: VectorSpace, v0: torch.Tensor | None, generator: torch.Generator | None, dtype: torch.dtype,
                 device, *, basis_dtype: torch.dtype | None = None, basis_device=None, capacity: int | None = None,
-                contiguous: bool = False, draw_device=None) -> tuple[LanczosBasis, torch.Tensor]:
+                contiguous: bool = False, draw_device=None, lean: bool = False) -> tuple[LanczosBasis, torch.Tensor]:
     """A Lanczos run's basis (:class:`LanczosBasis` of ``basis_dtype or dtype`` on ``basis_device``, else where the
     vectors live; ``capacity``, ``contiguous`` as it takes them) holding the unit start vector
     (:func:`start_vector`), and that vector as the compute device holds it.
@@ -68,7 +68,8 @@ def start_basis(space: VectorSpace, v0: torch.Tensor | None, generator: torch.Ge
     ``draw_device``: where a random start is drawn when the vectors live in host memory and it is an
     accelerator (:func:`.device_draw.drawn_on_device`; the host-vector mode, whose CPU draw of a 1B model's start
     took about a product's time): a host basis of the vectors' own type takes the draw straight into its first
-    row, written once. Elsewhere, and for a given ``v0`` or a sharded space, it is not used. Cost: no matvec."""
+    row, written once. Elsewhere, and for a given ``v0`` or a sharded space, it is not used. ``lean``: the basis
+    keeps two d-vectors on the compute device (:class:`LanczosBasis`'s ``lean``). Cost: no matvec."""
     sharded = space if space.sharded else None
     if v0 is None and sharded is None and draws_elsewhere(device, draw_device):
         home = torch.device("cpu")
@@ -84,7 +85,7 @@ def start_basis(space: VectorSpace, v0: torch.Tensor | None, generator: torch.Ge
     q = start_vector(space.dim, v0, generator, dtype, device, sharded)
     basis = LanczosBasis(space.local_dim, basis_dtype or dtype, q.device if basis_device is None else
                          torch.device(basis_device), q.device, capacity=capacity, contiguous=contiguous, space=space,
-                         round_to=dtype)
+                         round_to=dtype, lean=lean)
     return basis, basis.append_normalized(q, 1.0)
 
 
@@ -128,16 +129,23 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     every inner product and norm goes through ``basis.space``.
     """
     space = basis.space
-    if basis.on_host and takes_out(matvec):
+    owned = basis.lean and takes_out(matvec)
+    if owned:
+        # written into the lean basis's other device vector: the product's input and output are the only
+        # d-vectors on the device while it runs
+        w = matvec_into(matvec, cur, basis.out_buffer(cur))
+    elif basis.on_host and takes_out(matvec):
         # the product written into one buffer reused step after step: on the CPU a fresh 40 MB vector per
         # product paid its page faults every time (the step never keeps w: the basis gets w / beta)
         w = matvec_into(matvec, cur, basis.work_buffer())
     else:
         w = matvec(cur).reshape(basis.dim).to(basis.dtype)
-    if basis.offloaded or w.untyped_storage().data_ptr() in basis.storages(cur):
+    if not owned and (basis.offloaded or w.untyped_storage().data_ptr() in basis.storages(cur)):
         # w is updated in place below and, offloaded, becomes the next input: it must not be the matvec's
         # input, the basis, or a buffer the matvec writes again
         w = w.clone()
+    if prev is not None and prev.device != w.device:
+        prev = prev.to(w.device, non_blocking=basis.pin)  # a lean basis's previous row, read after the product
     local = local and prev is not None
     if basis.on_host and not forced_kernels():
         return _host_step(w, basis, cur, prev, beta_prev, step, local, extra)
@@ -323,7 +331,7 @@ class LanczosBasis:
 
     def __init__(self, dim: int, dtype: torch.dtype, device, compute_device=None, capacity: int | None = None,
                  contiguous: bool = False, space: VectorSpace | None = None, pin: bool | None = None,
-                 round_to: torch.dtype | None = None):
+                 round_to: torch.dtype | None = None, lean: bool = False):
         # dim: the length of the stored vectors (this process's slice in a sharded space)
         self.dim, self.dtype, self.device = dim, dtype, device
         self.round_to = None if round_to is None or round_to == dtype else round_to
@@ -333,7 +341,9 @@ class LanczosBasis:
         self.contiguous = contiguous and capacity is not None
         self.block = capacity if self.contiguous else self.BLOCK
         self.compute = compute_device if compute_device is not None else device
-        self.offloaded = torch.device(self.compute) != torch.device(device)
+        # lean: the compute device keeps the newest vector and the next product's output only (below)
+        self.lean = bool(lean)
+        self.offloaded = torch.device(self.compute) != torch.device(device) or self.lean
         # page-locked blocks cost ~0.6 s per GB to allocate (4.6 s of a 50 s GPT-2 probe, once per process:
         # torch keeps them for later probes) but stream twice as fast: measured on GPT-2 124M bf16 under the
         # 1.5x plan, pageable blocks cost 16.5 s of copies where page-locked ones cost 11 s plus 3.3 s to
@@ -347,6 +357,9 @@ class LanczosBasis:
         self.pin = pin and self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
         # basis and working vectors in host memory: the steps' arithmetic takes the chunked CPU passes
         self.on_host = not self.offloaded and torch.device(device).type == "cpu"
+        if self.lean:
+            self.STREAM = 1  # a whole-basis pass brings one row to the device at a time
+        self._pair: list[torch.Tensor | None] = [None, None]  # the lean basis's two device vectors
         if self.offloaded and not self.contiguous:
             row_bytes = max(1, dim * torch.empty(0, dtype=dtype).element_size())
             self.block = max(1, min(self.BLOCK, self.PIN_BLOCK_BYTES // row_bytes))
@@ -377,6 +390,28 @@ class LanczosBasis:
         if getattr(self, "_work", None) is None:
             self._work = host_vector(self.dim, self.dtype)
         return self._work
+
+    def out_buffer(self, cur: torch.Tensor) -> torch.Tensor:
+        """For a lean basis: the device vector the next product is written into, the one of its two that does not
+        hold ``cur`` (allocated at first use). The product's output becomes the next ``cur``, so the two
+        alternate and the compute device holds two d-vectors across the run."""
+        held = cur.untyped_storage().data_ptr()
+        for i, t in enumerate(self._pair):
+            if t is None:
+                t = self._pair[i] = torch.empty(self.dim, dtype=self.dtype, device=self.compute)
+            if t.untyped_storage().data_ptr() != held:
+                return t
+        raise RuntimeError("both of the lean basis's device vectors hold the current one")  # pragma: no cover
+
+    def predecessor(self, cur: torch.Tensor) -> torch.Tensor:
+        """What the next step takes as its previous vector, given the newest one ``cur`` before the next is
+        appended: ``cur`` itself, or for a lean basis its stored row (host memory; the step reads it onto the
+        device after its product, so no third d-vector sits on the device during the product)."""
+        return self._row(self.n - 1) if self.lean else cur
+
+    def release_work(self) -> None:
+        """Drop the lean basis's device vectors (the run is over; its caller's references are the last)."""
+        self._pair = [None, None]
 
     def append(self, v: torch.Tensor) -> torch.Tensor:
         """Store ``v`` as the next basis vector; return it as it lives on the compute device (a row of a

@@ -89,6 +89,7 @@ def lanczos(
     selective: bool = True,
     basis_dtype: torch.dtype | None = None,
     draw_device: torch.device | str | None = None,
+    lean: bool = False,
 ) -> LanczosResult:
     """Lanczos with partial (default) or full reorthogonalization for the extreme eigenvalues of a symmetric
     matvec.
@@ -189,6 +190,14 @@ def lanczos(
     basis's first row (:func:`~geomprobe.linalg.krylov_basis.start_basis`); reproducible per seed on devices of
     one kind, not the values of the CPU's draw of that seed.
 
+    ``lean``: with the basis in host memory (``basis_device="cpu"``) and the vectors on ``device``, the device
+    holds two d-vectors across the run: the newest vector and the next product's output, written through the
+    matvec's ``out`` (the two alternate); the previous vector is read back from its stored row after each
+    product, a whole-basis pass brings one row at a time, and neither the delayed loop nor selective
+    orthogonalization (each keeps more vectors there) runs. The same arithmetic as the offloaded run otherwise.
+    For a matvec whose vectors may live on the device but whose memory leaves room for no third d-vector
+    beside a product (the host-vector mode's 1B-parameter models: benchmarks/RESULTS.md section 6).
+
     >>> H = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> r = lanczos(lambda v: v @ H, 100, tol=1e-8)
     >>> round(r.top(1)[0][0], 6), round(r.bottom(1)[0][0], 6), r.converged
@@ -203,7 +212,9 @@ def lanczos(
     restart_options = {"max_basis": max_basis, "k": k, "tol": tol, "max_iter": max_iter, "which": which, "v0": v0,
                            "generator": generator, "dtype": dtype, "device": device, "keep_basis": keep_basis, "bound": bound,
                            "basis_device": basis_device, "risk": risk, "v0_random": v0_random, "space": space,
-                           "basis_dtype": basis_dtype, "draw_device": draw_device}
+                           "basis_dtype": basis_dtype, "draw_device": draw_device, "lean": lean}
+    if lean:
+        delayed, selective = False, False  # each would hold more d-vectors on the device than a lean run does
     if basis_dtype is not None and (not basis_dtype.is_floating_point
                                     or torch.finfo(basis_dtype).eps > torch.finfo(dtype).eps):
         raise ConfigurationError(f"basis_dtype must be a floating type at least as precise as dtype ({dtype}), got "
@@ -226,7 +237,7 @@ def lanczos(
     # plan counted)
     basis, cur = start_basis(space, v0, generator, dtype, device, basis_dtype=basis_dtype, basis_device=basis_device,
                              capacity=max_basis if capped else (m_max if tol == 0 and keep_basis else None),
-                             contiguous=tol == 0 and keep_basis, draw_device=draw_device)
+                             contiguous=tol == 0 and keep_basis, draw_device=draw_device, lean=lean)
     prev = None  # cur: the newest basis vector, on the compute device
     alphas: list[float] = []
     betas: list[float] = []
@@ -322,7 +333,7 @@ def lanczos(
         log_beta += math.log(beta) if beta > 0 else -math.inf
         last = j + 1 == m_max or j + 1 == dim
         if tol == 0 and not last and beta > 1e-12 * gersh * math.sqrt(dim):
-            prev, cur = cur, basis.append_normalized(w, beta)
+            prev, cur = basis.predecessor(cur), basis.append_normalized(w, beta)
             continue
         if pairs is None:
             pairs = ritz_pairs((alphas, betas[:-1]), beta, bound, dim, widen=widen)
@@ -345,7 +356,7 @@ def lanczos(
             cur, prev, w, beta = state.cur, state.prev, state.w, state.beta
             j = len(alphas) - 1
         if j + 1 < limit:
-            prev, cur = cur, basis.append_normalized(w, beta)
+            prev, cur = basis.predecessor(cur), basis.append_normalized(w, beta)
     if capped and not converged and len(alphas) < m_max:
         # the basis is full: the thick-restart run continues from this one's decomposition. A semi-orthogonal
         # basis (partial reorthogonalization) hands over a residual orthogonal to all of it (one pass, unless
@@ -367,6 +378,7 @@ def lanczos(
             ortho=ortho if ortho is not None and not ortho.always else None))
     steps = len(alphas)
     kept.clear()
+    basis.release_work()
     if log_t is not None:
         errors = extreme_errors(theta, resid(beta, U), log_beta, log_t, exhausted=exhausted or steps == dim,
                                 rounding=rounding_level(dtype, gersh))

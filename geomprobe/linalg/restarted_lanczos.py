@@ -108,6 +108,7 @@ def restarted_lanczos(
     resume: RestartFrom | None = None,
     basis_dtype: torch.dtype | None = None,
     draw_device: torch.device | str | None = None,
+    lean: bool = False,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric matvec by thick-restart Lanczos, storing at most ``max_basis`` vectors.
 
@@ -134,7 +135,7 @@ def restarted_lanczos(
     kept vectors) and gives up the discarded directions, so a run takes more matvecs than an unbounded one
     (measured in tests/test_restarted_lanczos.py). Memory: ``max_basis`` d-vectors for the basis plus two
     (:func:`geomprobe.linalg.krylov_basis.lanczos_memory_bytes`); the result's ``basis_peak`` never exceeds the cap.
-    ``basis_dtype``, ``draw_device``: as :func:`~geomprobe.linalg.lanczos.lanczos`'s (a resumed run keeps its basis
+    ``basis_dtype``, ``draw_device``, ``lean``: as :func:`~geomprobe.linalg.lanczos.lanczos`'s (a resumed run keeps its basis
     and drew its start already).
     ``resume``: a plain run that filled its ``max_basis`` vectors (:class:`RestartFrom`); the run restarts from it
     at once (its matvecs counted) instead of from a start vector.
@@ -202,7 +203,7 @@ def restarted_lanczos(
 
     if resume is None:
         basis, cur = start_basis(space, v0, generator, dtype, device, basis_dtype=basis_dtype,
-                                 basis_device=basis_device, capacity=max_basis, draw_device=draw_device)
+                                 basis_device=basis_device, capacity=max_basis, draw_device=draw_device, lean=lean)
     else:
         basis, beta = resume.basis, resume.beta
         matvecs, log_beta, asym = resume.matvecs, resume.log_beta, resume.asymmetry
@@ -266,11 +267,12 @@ def restarted_lanczos(
             b = torch.zeros(p, dtype=torch.float64)
             b[-1] = beta
             coupled = [p - 1]
-            prev, cur = cur, basis.append_normalized(w, beta)
+            prev, cur = basis.predecessor(cur), basis.append_normalized(w, beta)
         beta_prev = beta
     if log_t is not None:
         errors = extreme_errors(theta, resid(beta, U), log_beta, log_t, discarded=discarded,
                                 exhausted=exhausted or p == dim, rounding=rounding_level(dtype, norm_bound))
+    basis.release_work()
     return LanczosResult(
         ritz_values=theta,
         bounds=bounds,

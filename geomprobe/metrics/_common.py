@@ -245,6 +245,18 @@ def plan_options(land: Any) -> dict[str, bool]:
     return {"delayed": delayed_fits(land), "selective": selective_fits(land)}
 
 
+def lanczos_placement(land: Any, basis_device: Any = None) -> dict[str, Any]:
+    """Where a metric's Lanczos run on ``land`` keeps its vectors: ``device``, ``basis_device`` and ``lean`` for
+    :func:`~geomprobe.linalg.lanczos.lanczos`. Where the Landscape's vectors live (host memory in the host-vector
+    mode), the basis where asked; but with host vectors and a plan whose ``working_vectors`` is ``"device"``,
+    the working vectors on the model's device with the basis in host memory, two d-vectors there (lean)."""
+    plan = getattr(land, "plan", None)
+    where = getattr(land, "vector_device", None) or land.device
+    if getattr(plan, "working_vectors", None) == "device" and torch.device(where).type == "cpu":
+        return {"device": land.device, "basis_device": "cpu", "lean": True}
+    return {"device": where, "basis_device": basis_device, "lean": False}
+
+
 def selective_fits(land: Any) -> bool:
     """Whether a Lanczos run on ``land`` may keep converged Ritz vectors for selective orthogonalization (up to
     :data:`~geomprobe.linalg.orthogonality.SELECTIVE_VECTORS` d-vectors beside its basis): where the memory plan

@@ -12,7 +12,7 @@ from ..linalg.certify import DEFAULT_RISK
 from ..linalg.host_blocks import populated_ahead
 from ..linalg.lanczos import LanczosResult, extremes_converged, lanczos
 from ..linalg.vectors import default_generator
-from ._common import plan_options
+from ._common import lanczos_placement, plan_options
 from .registry import CostPlan, PlanContext, register
 from .ritz_vectors import keep_ritz
 from .shared import RAW_SPECTRUM, Reuse, lanczos_key
@@ -39,7 +39,8 @@ def run_lanczos(
 ) -> LanczosResult:
     """Lanczos on ``land.hvp`` in the Landscape's dtype, its vectors where the Landscape's live
     (:func:`vector_device`: the host in the host-vector mode, so the Krylov arithmetic runs on the CPU and
-    the device holds no d-vector; the raw result, Ritz vectors available).
+    the device holds no d-vector; or, where the memory plan says so, two d-vectors on the device and the basis
+    on the host: :func:`._common.lanczos_placement`; the raw result, Ritz vectors available).
 
     A seeded run (no ``generator``, no basis kept) is a shared product (:mod:`.shared`): kept on the Landscape
     under its options and seed, so that a second metric asking for the same run (``precond``'s raw spectrum
@@ -57,8 +58,8 @@ def run_lanczos(
     mark = len(getattr(land, "hvp_errors", ()))
     r = lanczos(
         land.hvp, land.dim, k=k, tol=tol, max_iter=max_iter, which=which,
-        generator=generator or default_generator(seed), dtype=land.dtype, device=vector_device(land),
-        keep_basis=keep_basis, bound=bound, basis_device=basis_device, max_basis=max_basis, risk=risk,
+        generator=generator or default_generator(seed), dtype=land.dtype, **lanczos_placement(land, basis_device),
+        keep_basis=keep_basis, bound=bound, max_basis=max_basis, risk=risk,
         space=getattr(land, "vector_space", None), reorth=reorth, draw_device=land.device, **plan_options(land),
     )
     widen_by_matvec_error(land, r, mark, k, tol, which)
@@ -275,8 +276,9 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
     # host vectors: the Ritz vectors' host memory is faulted in beside the products, not at the end
     ahead = ([populated_ahead(k, land.dim, land.dtype) for _ in ("top", "bottom")]
              if torch.device(vector_device(land)).type == "cpu" else None)
-    r = lanczos(land.hvp, land.dim, k=k, v0=v0, generator=gen, dtype=land.dtype, device=vector_device(land),
-                keep_basis=True, v0_random=float(warm.mix) if v0 is not None else 0.0, draw_device=land.device,
+    place = lanczos_placement(land, options.pop("basis_device", None))
+    r = lanczos(land.hvp, land.dim, k=k, v0=v0, generator=gen, dtype=land.dtype, **place, keep_basis=True,
+                v0_random=float(warm.mix) if v0 is not None else 0.0, draw_device=land.device,
                 **plan_options(land), **options)
     widen_by_matvec_error(land, r, mark, k, options["tol"], options.get("which", "both"))
     n = len(r.ritz_values)

@@ -1,0 +1,184 @@
+"""Lean Lanczos (``lanczos(lean=True)``): the working vectors on the compute device with two d-vectors there, the
+basis in host memory, the previous vector read back from its row after each product. Checked against the
+resident run on matrices with known spectra (float64: the same steps, values and bounds to rounding), through
+restarts, and through a host-vector Landscape whose plan asks for it (the spectrum's values as on the host)."""
+
+from __future__ import annotations
+
+import importlib
+
+import numpy as np
+import pytest
+import torch
+from reference import make_case
+from torch import nn
+
+import geomprobe as gp
+from geomprobe.engine.memory_plan import MemoryBudget, plan_memory
+from geomprobe.linalg import krylov_basis
+from geomprobe.metrics import spectrum
+from geomprobe.metrics._common import lanczos_placement
+
+lanczos_module = importlib.import_module("geomprobe.linalg.lanczos")
+
+
+def _matrix(ev: torch.Tensor, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(len(ev), len(ev), generator=g, dtype=torch.float64))
+    return (Q * ev) @ Q.T
+
+
+class Product:
+    """``H v`` written into ``out`` when given; records where each product was written."""
+
+    def __init__(self, H: torch.Tensor):
+        self.H, self.outs, self.fresh = H, [], 0
+
+    def __call__(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if out is None:
+            self.fresh += 1
+            return self.H @ v
+        self.outs.append(out.untyped_storage().data_ptr())
+        return torch.mv(self.H, v, out=out)
+
+
+def _spectrum(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(100 + seed)
+    return torch.cat([torch.rand(n - 3, generator=g, dtype=torch.float64) * 2 - 1,
+                      torch.tensor([3.0, 2.5, -2.0], dtype=torch.float64)])
+
+
+@pytest.mark.parametrize("reorth", ["partial", "full"])
+def test_a_lean_run_takes_the_resident_runs_steps_through_two_output_buffers(reorth, monkeypatch):
+    ev = _spectrum(600, 0)
+    H = _matrix(ev, 0)
+    seen_prev = []
+    step = krylov_basis.krylov_step
+
+    def spy(matvec, basis, cur, dim, dtype, j, prev=None, *a, **k):
+        if prev is not None:
+            seen_prev.append(any(prev.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                                 for b in basis.blocks))
+        return step(matvec, basis, cur, dim, dtype, j, prev, *a, **k)
+
+    monkeypatch.setattr(lanczos_module, "krylov_step", spy)
+    kw = {"dtype": torch.float64, "tol": 1e-8, "k": 2, "reorth": reorth, "max_iter": 200}
+    mv = Product(H)
+    lean = lanczos_module.lanczos(mv, 600, generator=torch.Generator().manual_seed(1), lean=True,
+                                  basis_device="cpu", **kw)
+    monkeypatch.setattr(lanczos_module, "krylov_step", step)
+    res = lanczos_module.lanczos(lambda v: H @ v, 600, generator=torch.Generator().manual_seed(1), **kw)
+    assert lean.converged and lean.matvecs == res.matvecs
+    assert np.allclose(lean.ritz_values.numpy(), res.ritz_values.numpy(), rtol=0, atol=1e-10)
+    for theta, b in zip(lean.ritz_values.tolist(), lean.bounds.tolist()):
+        assert float((ev - theta).abs().min()) <= b + 1e-12
+    # every product but the first (from the start vector) went into one of two alternating buffers
+    assert mv.fresh == 0 and len(mv.outs) == lean.matvecs and len(set(mv.outs)) == 2
+    assert all(a != b for a, b in zip(mv.outs, mv.outs[1:]))
+    # the previous vector came from its stored row every step, never from a third working vector
+    assert seen_prev and all(seen_prev)
+    assert "beside the products" not in lean.reorth_regime
+
+
+def test_a_lean_run_without_an_out_parameter_copies_each_product():
+    ev = _spectrum(300, 1)
+    H = _matrix(ev, 1)
+    r = lanczos_module.lanczos(lambda v: H @ v, 300, dtype=torch.float64, tol=1e-8, k=1, lean=True,
+                               basis_device="cpu", generator=torch.Generator().manual_seed(2))
+    ref = lanczos_module.lanczos(lambda v: H @ v, 300, dtype=torch.float64, tol=1e-8, k=1,
+                                 generator=torch.Generator().manual_seed(2))
+    assert r.converged and r.matvecs == ref.matvecs
+    assert abs(r.top(1)[0][0] - 3.0) < 1e-8 and abs(r.bottom(1)[0][0] + 2.0) < 1e-8
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_a_capped_lean_run_restarts_with_the_guarantees_of_a_resident_one(seed):
+    # the offloaded route's restart test (test_capped_partial.py) with the lean basis: partial throughout, the
+    # same extremes and matvecs, ||V^T V - I|| small
+    ev = _spectrum(1500, seed)
+    H = _matrix(ev, seed)
+    kw = {"dtype": torch.float64, "tol": 1e-6, "max_basis": 25, "max_iter": 3000, "k": 2, "risk": None}
+    mv = Product(H)
+    lean = lanczos_module.lanczos(mv, 1500, generator=torch.Generator().manual_seed(seed), keep_basis=True,
+                                  lean=True, basis_device="cpu", **kw)
+    res = lanczos_module.lanczos(lambda v: H @ v, 1500, generator=torch.Generator().manual_seed(seed), **kw)
+    assert lean.restarts >= 8 and lean.converged and len(set(mv.outs)) == 2
+    assert lean.reorth_regime == res.reorth_regime == "partial until the cap and after it (thick restart)"
+    assert abs(lean.matvecs - res.matvecs) <= 2
+    assert abs(lean.top(1)[0][0] - 3.0) < 1e-5 and abs(lean.bottom(1)[0][0] + 2.0) < 1e-5
+    V = lean.basis.double()
+    assert float(torch.linalg.matrix_norm(V @ V.T - torch.eye(V.shape[0], dtype=torch.float64), 2)) < 1e-7
+
+
+def test_the_plan_counts_lean_working_vectors_only_where_asked_and_refuses_a_bad_value():
+    GiB = 2**30
+    sim = {"dim": 200_000_000, "itemsize": 4, "batch_sizes": [8], "graph_bytes_per_sample": GiB / 4,
+           "host_bytes": 1024 * GiB, "largest_param_bytes": 64 * 2**20, "gradient_samples": False,
+           "available_bytes": 200 * GiB, "host_vectors": True}
+    v = sim["dim"] * 4
+    host = plan_memory(**sim, overrides={"vectors": ("host", "user")})
+    lean = plan_memory(**sim, overrides={"vectors": ("host", "user"), "working_vectors": ("device", "user")})
+    assert host.working_vectors == "host" and host.items["lean_work"] == 0
+    assert lean.working_vectors == "device" and lean.sources["working_vectors"] == "user"
+    assert lean.items["lean_work"] == 2 * v and lean.items["hvp_phase"] == host.items["hvp_phase"] + 2 * v
+    assert lean.peak_bytes >= host.peak_bytes + 2 * v - 1
+    device = plan_memory(**sim)  # device vectors: the setting has nothing to place
+    assert device.vectors == "device" and device.working_vectors is None
+    with pytest.raises(gp.ConfigurationError, match="working_vectors must be"):
+        plan_memory(**sim, overrides={"working_vectors": ("gpu", "user")})
+
+
+class _Land:
+    def __init__(self, device, vector_device, working):
+        self.device, self.vector_device = torch.device(device), vector_device
+        self.plan = type("Plan", (), {"working_vectors": working})()
+
+
+def test_lanczos_placement_follows_the_plan():
+    assert lanczos_placement(_Land("cuda", "cpu", "device")) == {"device": torch.device("cuda"),
+                                                                  "basis_device": "cpu", "lean": True}
+    assert lanczos_placement(_Land("cuda", "cpu", "host"), None)["device"] == "cpu"
+    assert lanczos_placement(_Land("cuda", None, None), "cpu") == {"device": torch.device("cuda"),
+                                                                    "basis_device": "cpu", "lean": False}
+
+
+def test_a_host_vector_landscape_whose_plan_asks_runs_its_spectrum_lean(monkeypatch):
+    model, loss, batches, _ = make_case("tanh_mlp")
+    calls = []
+    real = lanczos_module.lanczos
+    spectrum_module = importlib.import_module("geomprobe.metrics.spectrum")
+    monkeypatch.setattr(spectrum_module, "lanczos", lambda *a, **k: calls.append(k.get("lean")) or real(*a, **k))
+    budget = MemoryBudget(warn=False, gradient_samples=False,
+                          overrides={"working_vectors": ("device", "user")})
+    lean = gp.Landscape(model, loss, batches, memory=budget, vector_device="cpu")
+    host = gp.Landscape(model, loss, batches, memory=MemoryBudget(warn=False, gradient_samples=False),
+                        vector_device="cpu")
+    assert lean.plan.working_vectors == "device" and host.plan.working_vectors == "host"
+    a = spectrum(lean, tol=1e-8, k=2)
+    b = spectrum(host, tol=1e-8, k=2)
+    assert calls == [True, False]
+    assert a["lambda_max"] == pytest.approx(b["lambda_max"], rel=1e-9)
+    assert a["lambda_min"] == pytest.approx(b["lambda_min"], rel=1e-9, abs=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_a_lean_spectrum_holds_two_d_vectors_and_gives_the_host_runs_values():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).cuda()
+    x, y = torch.randn(64, 512, device="cuda"), torch.randn(64, 512, device="cuda")
+    budget = MemoryBudget(warn=False, gradient_samples=False, overrides={"working_vectors": ("device", "user")})
+    lean = gp.Landscape(model, nn.MSELoss(), (x, y), memory=budget, vector_device="cpu")
+    host = gp.Landscape(model, nn.MSELoss(), (x, y), memory=MemoryBudget(warn=False, gradient_samples=False),
+                        vector_device="cpu")
+    b = spectrum(host, tol=1e-4, max_iter=30)
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    a = spectrum(lean, tol=1e-4, max_iter=30)
+    peak = torch.cuda.max_memory_allocated() - base
+    assert a["lambda_max"] == pytest.approx(b["lambda_max"], rel=1e-4)
+    # two working vectors, a third between products (the previous row, or a Ritz accumulator at the end) and
+    # the products' own temporaries: below four d-vectors beside the graph
+    assert peak < lean.graph_bytes + 4 * lean.dim * 4
+    assert torch.cuda.memory_allocated() - base < lean.dim * 4  # nothing of length d left on the device
