@@ -16,7 +16,7 @@ import json; d=json.load(open('$f'))['results'][0]; m=d['metrics']['spectrum']; 
 print('$f'.split('/')[-1], 'probe', round(d['probe_seconds'],1), 'hvps', d['probe_hvps'], 'hvp_s', round(d['probe_hvp_seconds'],1),
  'outside', round(m['outside_seconds'],1), round(m['outside_share'],3), 'peak', round(d['probe_over_train_peak'] or 0,3),
  'steps', s['steps'], s.get('reorth_regime'), 'asym', s.get('hvp_asymmetry'), 'basis', p.get('basis_device'),
- 'vectors', p.get('vectors'), 'mb', p.get('micro_batch_size'))
+ 'vectors', p.get('vectors'), 'working', p.get('working_vectors'), 'mb', p.get('micro_batch_size'))
 "; done
   grep -E '^[0-9:]{8} (start|end)|^\[ *[0-9.]+ s\] (start|end)' $OUT/a.log
   grep -h "Error" $OUT/a.log | grep -v "transformers\|^{\|^\[{" | tail -5 | cut -c1-300

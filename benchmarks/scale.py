@@ -414,8 +414,19 @@ def main() -> None:
                     help="an offloaded Lanczos basis in page-locked (on, the default) or pageable (off) host memory")
     ap.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                     help="whether a host basis faults in its next row beside the product (auto: where a core is free)")
+    ap.add_argument("--working", default="plan", choices=["plan", "host", "device"],
+                    help="host-vector plans: Lanczos' working vectors on the host, or on the device with the basis in "
+                         "host memory (lean); plan: as the memory plan decides")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.working != "plan":
+        plan_memory = gp.engine.landscape_plan.plan_memory
+
+        def with_working(**kw):
+            return plan_memory(**{**kw, "overrides": {**(kw.get("overrides") or {}),
+                                                      "working_vectors": (args.working, "benchmark")}})
+
+        gp.engine.landscape_plan.plan_memory = with_working
     strict_fp32()
     gp.linalg.host_blocks.PREFETCH = {"auto": None, "on": True, "off": False}[args.prefetch]
     gp.linalg.krylov_basis.LanczosBasis.PIN = args.pin == "on"
