@@ -199,3 +199,24 @@ def test_a_host_spectrum_writes_its_ritz_vectors_into_blocks_populated_during_th
     assert warm.top.data_ptr() == made[0].data_ptr() and warm.bottom.data_ptr() == made[1].data_ptr()
     assert float(warm.top[0].norm()) == pytest.approx(1.0, abs=1e-12)
     assert out["converged"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_streamed_ritz_vectors_into_host_rows_go_a_slice_of_columns_at_a_time(dtype, monkeypatch):
+    # the offloaded run's pass into host targets, here with the CPU as the "device": slices of 30,000 columns
+    # (a ragged last one), the same vectors as the host's pass, also when the targets are the basis's own rows
+    monkeypatch.setattr(ritz, "RITZ_COLUMNS", 30_000)
+    r = diagonal_run()
+    n = len(r.ritz_values)
+    blocks = [B.to(dtype) for B in own_rows(r.basis_blocks)]
+    Uk = r.U[:, [n - 1, 0]]
+    want = ritz.form_ritz_vectors([B.double() for B in blocks], Uk)
+    fresh = [torch.empty(1, D, dtype=dtype), torch.empty(1, D, dtype=dtype)]
+    ritz._streamed_ritz_into(blocks, Uk, torch.device("cpu"), fresh)
+    # one rounding of the sum to the type and one of the quotient
+    tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(torch.cat(fresh).double(), want, rtol=0, atol=tol)
+    own = [blocks[0], blocks[1]]  # written in place: each slice is read by every row before it is written
+    ritz._streamed_ritz_into(blocks, Uk, torch.device("cpu"), own)
+    torch.testing.assert_close(torch.cat(own).double(), want, rtol=0, atol=tol)
+    assert abs(float(own[0][0, 7])) > 1 - 1e-2 and abs(float(own[1][0, 11])) > 1 - 1e-2

@@ -143,9 +143,8 @@ class LanczosResult:
             out.append(r if r is not None else o if fits else torch.empty(n, d, dtype=dtype))
         compute = self.compute_device
         if compute is not None and torch.device(compute).type != "cpu":
-            X = _streamed_ritz_vectors(blocks, Uk, torch.device(compute))
-            for target, part in zip(out, torch.split(X, sizes)):  # after the pass: the rows have been read
-                target.copy_(part)
+            if Uk.shape[1]:
+                _streamed_ritz_into(blocks, Uk, torch.device(compute), [t for t in out if t.shape[0]])
         elif Uk.shape[1]:
             _host_ritz_vectors(blocks, Uk, [t for t in out if t.shape[0]])
         self.basis_blocks = None
@@ -196,6 +195,47 @@ def _streamed_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor, device:
             i += 1
     X /= torch.linalg.vector_norm(X, dim=1, keepdim=True)
     return X.to(first.dtype)
+
+
+# columns of the Ritz vectors formed on the device at a time when they go to host memory: the accumulators and
+# a row's slice stay far below one d-vector (0.75 GB of float32 for two vectors at most)
+RITZ_COLUMNS = 1 << 26
+
+
+def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: torch.device,
+                        targets: list[torch.Tensor]) -> None:
+    """``V Uk`` normalized into host ``targets`` (2-D tensors holding the rows in order) for a basis offloaded to
+    host memory by a run on ``device``: :data:`RITZ_COLUMNS` columns at a time, each row's slice brought over
+    and added into float32 (float64 for float64) accumulators there, the slice of the result copied to the host
+    with its squared norms; then each target row divided by its norm on the host. Every row crosses the bus
+    once, as in :func:`_streamed_ritz_vectors`, but the device holds ``k + 1`` slices instead of ``k`` float32
+    d-vectors and a row: the 1B Llama's two bf16 Ritz vectors took 11 GB there, more than its products. Half
+    types are rounded twice (the slice, then the quotient), as on the host's pass. Cost: one pass over the basis, a host pass over the targets, no matvec."""
+    first = blocks[0]
+    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+    U = Uk.T.to(device=device, dtype=acc)
+    k, d = U.shape[0], first.shape[1]
+    sq = torch.zeros(k, dtype=torch.float64, device=device)
+    for c in range(0, d, RITZ_COLUMNS):
+        e = min(d, c + RITZ_COLUMNS)
+        X = torch.zeros(k, e - c, dtype=acc, device=device)
+        i = 0
+        for B in blocks:
+            for r in range(B.shape[0]):
+                X.addmm_(U[:, i : i + 1], B[r, c:e].to(device, non_blocking=_pinned(B)).to(acc)[None])
+                i += 1
+        sq += torch.linalg.vector_norm(X, dim=1).double().square()
+        Xc = X.to(first.dtype)
+        s = 0
+        for T in targets:
+            T[:, c:e].copy_(Xc[s : s + T.shape[0]])
+            s += T.shape[0]
+    norms = sq.sqrt().cpu()
+    i = 0
+    for T in targets:
+        for row in T:
+            row.div_(float(norms[i]))  # a Python scalar: no float32 copy of the row (mixed types on the CPU)
+            i += 1
 
 
 def _host_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor,
