@@ -14,6 +14,7 @@ from .device_draw import drawn_on_device, draws_elsewhere
 from .host_arith import host_rotate, host_round, lanczos_pass, row_groups
 from .host_blocks import RowPrefetcher, advise_huge_pages, host_block, populate, populate_wanted, prefetch_wanted
 from .pinned_blocks import PinnedAhead
+from .row_copies import RowCopies
 from .space import VectorSpace
 from .vectors import (
     HALF_CHUNK_ELEMENTS,
@@ -145,6 +146,7 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         # input, the basis, or a buffer the matvec writes again
         w = w.clone()
     if prev is not None and prev.device != w.device:
+        basis.rows_readable()
         prev = prev.to(w.device, non_blocking=basis.pin)  # a lean basis's previous row, read after the product
     local = local and prev is not None
     if basis.on_host and not forced_kernels():
@@ -341,8 +343,7 @@ class LanczosBasis:
         self.contiguous = contiguous and capacity is not None
         self.block = capacity if self.contiguous else self.BLOCK
         self.compute = compute_device if compute_device is not None else device
-        # lean: the compute device keeps the newest vector and the next product's output only (below)
-        self.lean = bool(lean)
+        self.lean = bool(lean)  # the compute device keeps the newest vector and the product's output only
         self.offloaded = torch.device(self.compute) != torch.device(device) or self.lean
         # page-locked blocks cost ~0.6 s per GB to allocate (4.6 s of a 50 s GPT-2 probe, once per process:
         # torch keeps them for later probes) but stream twice as fast: measured on GPT-2 124M bf16 under the
@@ -366,6 +367,7 @@ class LanczosBasis:
         self.pin_refused: str | None = None  # why pinned host memory was refused, if it was
         # page-locked blocks come one ahead, allocated on another thread while the products run (pinned_blocks.py)
         self.pinned = PinnedAhead(dim, dtype, self.block, capacity) if self.pin else None
+        self.copies = RowCopies(self.compute) if self.lean and self.pin else None
         self.capacity = capacity
         # a host basis faults its next row in on another core while the matvec runs (.host_blocks), where one
         # is free, else populates a fresh row just before writing it: the first write of a fresh 40 MB row cost
@@ -392,14 +394,15 @@ class LanczosBasis:
         return self._work
 
     def out_buffer(self, cur: torch.Tensor) -> torch.Tensor:
-        """For a lean basis: the device vector the next product is written into, the one of its two that does not
-        hold ``cur`` (allocated at first use). The product's output becomes the next ``cur``, so the two
-        alternate and the compute device holds two d-vectors across the run."""
+        """A lean basis's device vector for the next product's output: of its two, the one not holding ``cur``
+        (allocated at first use). The output becomes the next ``cur``: the two alternate."""
         held = cur.untyped_storage().data_ptr()
         for i, t in enumerate(self._pair):
             if t is None:
                 t = self._pair[i] = torch.empty(self.dim, dtype=self.dtype, device=self.compute)
             if t.untyped_storage().data_ptr() != held:
+                if self.copies is not None:
+                    self.copies.writable(t)  # its copy into the basis has read it
                 return t
         raise RuntimeError("both of the lean basis's device vectors hold the current one")  # pragma: no cover
 
@@ -409,9 +412,17 @@ class LanczosBasis:
         device after its product, so no third d-vector sits on the device during the product)."""
         return self._row(self.n - 1) if self.lean else cur
 
+    def rows_readable(self) -> None:
+        """Order the next reads of stored rows after their copies (a lean basis's side stream: .row_copies)."""
+        if self.copies is not None:
+            self.copies.readable()
+
     def release_work(self) -> None:
-        """Drop the lean basis's device vectors (the run is over; its caller's references are the last)."""
+        """Drop the lean basis's device vectors (the run is over; its caller's references are the last) and wait
+        for its rows' copies."""
         self._pair = [None, None]
+        if self.copies is not None:
+            self.copies.finish()
 
     def append(self, v: torch.Tensor) -> torch.Tensor:
         """Store ``v`` as the next basis vector; return it as it lives on the compute device (a row of a
@@ -420,7 +431,10 @@ class LanczosBasis:
         if self.round_to is not None:
             self._round(v)  # before the copy: the vector the compute device keeps is the stored one
         row = self._next_row()
-        row.copy_(v, non_blocking=self.pin)
+        if self.copies is not None:
+            self.copies.copy(row, v)  # beside the next product, which reads v too (row_copies.py)
+        else:
+            row.copy_(v, non_blocking=self.pin)
         if self.pinned is not None:
             self.pinned.kick()  # after the copy: the allocation beside it would stall it (pinned_blocks.py)
         return v if self.offloaded else row
@@ -524,6 +538,7 @@ class LanczosBasis:
                 w, c = self.orthogonalize(w)
                 total = total + c
             return w, total
+        self.rows_readable()
         first = None
         if passes >= 2:
             first = torch.cat([self.space.dots(Bc, w) for Bc in self._streamed(w.device)])
@@ -559,6 +574,7 @@ class LanczosBasis:
         allocated. Cost: ``2 n l d`` flops, no matvec.
         """
         n, l = self.n, Y.shape[1]
+        self.rows_readable()
         if self.on_host:
             # chunks through reusable scratch (:func:`.host_arith.host_rotate`): no fresh slices per chunk
             targets = [self.blocks[b // self.block][: min(self.block, l - b)] for b in range(0, l, self.block)]
