@@ -122,6 +122,7 @@ def test_lanczos_from_the_device_drawn_start(monkeypatch):
     assert torch.equal(r.basis_blocks[0][0], q0)
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_draw_through_page_locked_staging():
     dim, piece = 3_000_001, 1 << 20
