@@ -24,7 +24,8 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   gradient, the HVP's vectors, Lanczos' working vectors and basis live in host memory); an HVP holds its
   double backward's temporaries and one input and one output piece of the largest parameter
   (``largest_param_bytes``) at a time; a graph rebuilt per HVP holds its gradient (``v``) until its roots
-  are taken. Batched HVPs go one vector at a time. With ``working_vectors="device"`` (asked for through
+  are taken, and where every graph is rebuilt the double backward's temporaries count ``REBUILT_HVP_FACTOR s m``
+  (it frees the graph as it goes). Batched HVPs go one vector at a time. With ``working_vectors="device"`` (asked for through
   ``overrides``) Lanczos keeps its working vectors on the device and its basis in host memory (``lean``,
   :func:`~geomprobe.linalg.lanczos.lanczos`): ``LEAN_WORK_VECTORS`` d-vectors beside each product, three
   between products.
@@ -94,6 +95,11 @@ HOST_SHARE = 0.5              # of the host's available RAM a host-resident basi
 MIN_BOUNDED_BASIS = 20        # fewer stored vectors than this and a restarted Lanczos barely converges
 HVP_VECTORS = 3               # d-vectors per vector of an HVP: V, the per-parameter results, their flattening
 HVP_GRAPH_FACTOR = 1.0        # a double backward's temporaries per vector, relative to the piece's saved bytes
+# the same for a graph rebuilt per HVP with host vectors, which the double backward frees as it goes: measured
+# beyond the graph and two pieces on the 1.1B Llama (one sample per graph, H200), 0.04 (fp32: 6.85 GB in all for
+# a 6.57 GB graph) and 0.27 (bf16: 3.77 GB for 2.77 GB) of the graph's bytes, where 1.0 had planned 13.7 and
+# 5.8 GB (benchmarks/RESULTS.md section 6, seventeenth and eighteenth rounds)
+REBUILT_HVP_FACTOR = 0.35
 STATS_VECTORS = 6            # float64 d-vectors the gradient-noise statistics hold (see plan_memory)
 LANCZOS_WORK_VECTORS = 4      # w, the newest and previous basis vectors, a Ritz vector
 LEAN_WORK_VECTORS = 2         # a lean run's device vectors beside a product: the newest and the product's output
@@ -484,7 +490,11 @@ def plan_memory(
     rest = None if budget is None else budget - graphs
 
     # ---- batched HVPs: the widest chunk that fits beside the graphs (host vectors go one at a time)
-    one_hvp = hvp_vectors + int(HVP_GRAPH_FACTOR * s * m)
+    # host vectors with every graph rebuilt: a rebuilt graph's double backward frees its saved tensors as it
+    # goes, so its working memory beyond the graph is a fraction of it (REBUILT_HVP_FACTOR); a kept graph's
+    # (retain_graph) comes on top of it whole
+    factor = REBUILT_HVP_FACTOR if host and kept == 0 and rebuilt > 0 else HVP_GRAPH_FACTOR
+    one_hvp = hvp_vectors + int(factor * s * m)
     per_vector = one_hvp + v  # in a block of several, V's per-parameter slices are copies
     if rest is None and not host:
         k = max_chunk
@@ -528,13 +538,16 @@ def plan_memory(
     left = None if budget is None else budget - graphs - one_hvp - lanczos_work - basis_on_device
     selective_work = selective_room(SELECTIVE_VECTORS * v, itemsize, not host, left)
     # host vectors whose Lanczos runs keep their working vectors on the device (lean, linalg/lanczos.py): the
-    # newest vector and the product's output beside each product, those two and the previous row between them.
-    # Chosen only where asked (``working_vectors``): the host-mode HVP phase is not calibrated for it yet
+    # newest vector and the product's output beside each product, those two and the previous row between them;
+    # for half types a float32 d-vector more (the 1.1B Llama's lean runs peaked 2.45 fp32 and 3.3 bf16 d-vectors
+    # above its host-vector runs, benchmarks/RESULTS.md section 6, eighteenth round). Only where asked
+    # (``working_vectors``): on that model it is faster but above 1.5x, and its time outside the products is
+    # the rows' traffic
     working = value("working_vectors", "host") if host else None
-    lean_work = LEAN_WORK_VECTORS * v if working == "device" else 0
+    lean_work = (LEAN_WORK_VECTORS * v + (4 * dim if itemsize < 4 else 0)) if working == "device" else 0
     hvp_phase = hvp_phase + lean_work
     lanczos_phase = max(one_hvp + lanczos_work + basis_on_device + max(delayed_work, selective_work),
-                        lean_work + v)
+                        lean_work + v if lean_work else 0)
     persample_phase = stats_fixed + (row if per_bytes is None or row == 0 else max(row, (per_bytes // row) * row))
     peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)
     if budget is not None and peak > budget:
