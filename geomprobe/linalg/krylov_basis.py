@@ -14,7 +14,7 @@ from .device_draw import drawn_on_device, draws_elsewhere
 from .host_arith import host_rotate, host_round, lanczos_pass, row_groups
 from .host_blocks import RowPrefetcher, advise_huge_pages, host_block, populate, populate_wanted, prefetch_wanted
 from .pinned_blocks import PinnedAhead
-from .row_copies import RowCopies
+from .lean_vectors import LeanVectors
 from .space import VectorSpace
 from .vectors import (
     HALF_CHUNK_ELEMENTS,
@@ -134,7 +134,7 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     if owned:
         # written into the lean basis's other device vector: the product's input and output are the only
         # d-vectors on the device while it runs
-        w = matvec_into(matvec, cur, basis.out_buffer(cur))
+        w = matvec_into(matvec, cur, basis.lean_vectors.out_buffer(cur))
     elif basis.on_host and takes_out(matvec):
         # the product written into one buffer reused step after step: on the CPU a fresh 40 MB vector per
         # product paid its page faults every time (the step never keeps w: the basis gets w / beta)
@@ -360,14 +360,13 @@ class LanczosBasis:
         self.on_host = not self.offloaded and torch.device(device).type == "cpu"
         if self.lean:
             self.STREAM = 1  # a whole-basis pass brings one row to the device at a time
-        self._pair: list[torch.Tensor | None] = [None, None]  # the lean basis's two device vectors
         if self.offloaded and not self.contiguous:
             row_bytes = max(1, dim * torch.empty(0, dtype=dtype).element_size())
             self.block = max(1, min(self.BLOCK, self.PIN_BLOCK_BYTES // row_bytes))
         self.pin_refused: str | None = None  # why pinned host memory was refused, if it was
         # page-locked blocks come one ahead, allocated on another thread while the products run (pinned_blocks.py)
         self.pinned = PinnedAhead(dim, dtype, self.block, capacity) if self.pin else None
-        self.copies = RowCopies(self.compute) if self.lean and self.pin else None
+        self.lean_vectors = (LeanVectors(dim, dtype, self.compute, side_stream=self.pin) if self.lean else None)
         self.capacity = capacity
         # a host basis faults its next row in on another core while the matvec runs (.host_blocks), where one
         # is free, else populates a fresh row just before writing it: the first write of a fresh 40 MB row cost
@@ -393,19 +392,6 @@ class LanczosBasis:
             self._work = host_vector(self.dim, self.dtype)
         return self._work
 
-    def out_buffer(self, cur: torch.Tensor) -> torch.Tensor:
-        """A lean basis's device vector for the next product's output: of its two, the one not holding ``cur``
-        (allocated at first use). The output becomes the next ``cur``: the two alternate."""
-        held = cur.untyped_storage().data_ptr()
-        for i, t in enumerate(self._pair):
-            if t is None:
-                t = self._pair[i] = torch.empty(self.dim, dtype=self.dtype, device=self.compute)
-            if t.untyped_storage().data_ptr() != held:
-                if self.copies is not None:
-                    self.copies.writable(t)  # its copy into the basis has read it
-                return t
-        raise RuntimeError("both of the lean basis's device vectors hold the current one")  # pragma: no cover
-
     def predecessor(self, cur: torch.Tensor) -> torch.Tensor:
         """What the next step takes as its previous vector, given the newest one ``cur`` before the next is
         appended: ``cur`` itself, or for a lean basis its stored row (host memory; the step reads it onto the
@@ -413,16 +399,20 @@ class LanczosBasis:
         return self._row(self.n - 1) if self.lean else cur
 
     def rows_readable(self) -> None:
-        """Order the next reads of stored rows after their copies (a lean basis's side stream: .row_copies)."""
-        if self.copies is not None:
-            self.copies.readable()
+        """Order the next reads of stored rows after their copies (a lean basis's side stream: .lean_vectors)."""
+        if self.lean_vectors is not None:
+            self.lean_vectors.readable()
 
     def release_work(self) -> None:
-        """Drop the lean basis's device vectors (the run is over; its caller's references are the last) and wait
-        for its rows' copies."""
-        self._pair = [None, None]
-        if self.copies is not None:
-            self.copies.finish()
+        """Drop a lean basis's device vectors and wait for its rows' copies (the run is over)."""
+        if self.lean_vectors is not None:
+            self.lean_vectors.release()
+
+    def __del__(self) -> None:
+        try:  # a run that failed midway: its rows' copies end before the rows are freed
+            self.release_work()
+        except Exception:  # noqa: BLE001 - interpreter shutdown, or a construction that failed early
+            pass
 
     def append(self, v: torch.Tensor) -> torch.Tensor:
         """Store ``v`` as the next basis vector; return it as it lives on the compute device (a row of a
@@ -431,8 +421,8 @@ class LanczosBasis:
         if self.round_to is not None:
             self._round(v)  # before the copy: the vector the compute device keeps is the stored one
         row = self._next_row()
-        if self.copies is not None:
-            self.copies.copy(row, v)  # beside the next product, which reads v too (row_copies.py)
+        if self.lean_vectors is not None:
+            self.lean_vectors.store(row, v, self.pin)  # beside the next product, which reads v too
         else:
             row.copy_(v, non_blocking=self.pin)
         if self.pinned is not None:

@@ -1,4 +1,5 @@
-"""Device-to-host copies of a lean Lanczos basis's rows on a CUDA stream of their own, beside the next product.
+"""A lean Lanczos basis's device side: its two alternating d-vectors, and its rows' copies to the host on a CUDA
+stream of their own, beside the next product.
 
 A lean run (:func:`~geomprobe.linalg.lanczos.lanczos` with ``lean=True``) stores each new vector into a
 page-locked host row and hands the same device vector to the next product as its input. On the product's own
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["RowCopies"]
+__all__ = ["LeanVectors", "RowCopies"]
 
 
 class RowCopies:
@@ -52,3 +53,46 @@ class RowCopies:
         """Wait on the host for every copy (the rows are read on the host, or the run is over)."""
         self.stream.synchronize()
         self._buffers.clear()
+
+
+class LeanVectors:
+    """The two device vectors of a lean basis (the newest vector and the next product's output, which alternate)
+    and the copies of its rows: on a side stream (:class:`RowCopies`) where the rows are page-locked on a CUDA
+    host, else plain copies."""
+
+    def __init__(self, dim: int, dtype: torch.dtype, device, side_stream: bool) -> None:
+        self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
+        self.pair: list[torch.Tensor | None] = [None, None]
+        self.copies = RowCopies(self.device) if side_stream else None
+
+    def out_buffer(self, cur: torch.Tensor) -> torch.Tensor:
+        """The device vector for the next product's output: of the two, the one not holding ``cur`` (allocated at
+        first use), once its pending copy has read it. The output becomes the next ``cur``: the two alternate."""
+        held = cur.untyped_storage().data_ptr()
+        for i, t in enumerate(self.pair):
+            if t is None:
+                t = self.pair[i] = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+            if t.untyped_storage().data_ptr() != held:
+                if self.copies is not None:
+                    self.copies.writable(t)
+                return t
+        raise RuntimeError("both of the lean basis's device vectors hold the current one")  # pragma: no cover
+
+    def store(self, row: torch.Tensor, v: torch.Tensor, non_blocking: bool) -> None:
+        """``v`` into the host ``row``: beside the next product where a side stream runs the copies."""
+        if self.copies is not None:
+            self.copies.copy(row, v)
+        else:
+            row.copy_(v, non_blocking=non_blocking)
+
+    def readable(self) -> None:
+        """Order the next reads of stored rows after their copies."""
+        if self.copies is not None:
+            self.copies.readable()
+
+    def release(self) -> None:
+        """Drop the two vectors (the run is over; its caller's references are the last) and wait for the copies,
+        before the rows they write may be freed."""
+        self.pair = [None, None]
+        if self.copies is not None:
+            self.copies.finish()
