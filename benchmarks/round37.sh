@@ -12,9 +12,9 @@
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 . benchmarks/device_cases.sh
-S="benchmarks/scale.py --profile 40" run 200 llama_1b_fp32_host10_profile llama-1b:fp32:spectrum 10
+S="benchmarks/scale.py --profile 40" run 180 llama_1b_fp32_host10_profile llama-1b:fp32:spectrum 10
 S="benchmarks/scale.py --working device --repeat 2" run 200 llama_1b_fp32_lean10_repeat llama-1b:fp32:spectrum 10
-run 150 gpt2_124m_bf16_spectrum gpt2-124m:bf16:spectrum 300
+run 130 gpt2_124m_bf16_spectrum gpt2-124m:bf16:spectrum 300
 timeout 60 python3 benchmarks/profile_rowdots.py --rows 2,8,16,22,300 --dtypes bf16 \
   --out $OUT/profile_rowdots_halfsub_h200.json > $OUT/rowdots.log 2>&1; tail -20 $OUT/rowdots.log
 summary
