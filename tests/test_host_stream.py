@@ -543,5 +543,6 @@ def test_the_host_vector_plan_covers_the_measured_peak_of_rebuilt_graphs_without
                        host_vectors=True, basis_vectors=11, bounded_basis=True,
                        overrides={"working_vectors": ("device", "user")})
     lean_measured = {"fp32": 35403154944, "bf16": 19948300800}[case] - allocated
-    assert lean.working_vectors == "device" and lean_measured <= lean.peak_bytes <= 1.5 * lean_measured
+    # (between products the lean vectors do not sit beside a rebuilt graph: counting them so planned 13.8 GB in bf16)
+    assert lean.working_vectors == "device" and lean_measured <= lean.peak_bytes <= 1.2 * lean_measured
     assert not lean.fits and p.fits

@@ -546,10 +546,11 @@ def plan_memory(
     working = value("working_vectors", "host") if host else None
     lean_work = (LEAN_WORK_VECTORS * v + (4 * dim if itemsize < 4 else 0)) if working == "device" else 0
     hvp_phase = hvp_phase + lean_work
-    lanczos_phase = max(one_hvp + lanczos_work + basis_on_device + max(delayed_work, selective_work),
-                        lean_work + v if lean_work else 0)
+    lanczos_phase = one_hvp + lanczos_work + basis_on_device + max(delayed_work, selective_work)
     persample_phase = stats_fixed + (row if per_bytes is None or row == 0 else max(row, (per_bytes // row) * row))
     peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)
+    if lean_work:  # between products: the two vectors and the previous row, beside the kept graphs only
+        peak = max(peak, flat + kept + lean_work + v)
     if budget is not None and peak > budget:
         fits = False
     vectors = value("vectors", "host" if host else "device")
