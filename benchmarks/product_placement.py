@@ -1,0 +1,83 @@
+"""Where a host-vector Landscape's product reads its input and writes its output, and what each costs.
+
+The 1B Llama's host-vector products took 4.4 s in fp32 with input and output in host memory and 2.15 s with both
+on the GPU (lean Lanczos, benchmarks/RESULTS.md section 6, eighteenth round), but two device d-vectors beside the
+product put the probe over 1.5x its training peak. A product reading its input from host memory (streamed per
+parameter, as the host mode does) and writing its output on the device would hold one. This times the three
+placements on one Landscape under its default plan (host vectors at 1.5x on the 1B model), with each one's
+device peak above the memory allocated before it, and checks that the three products agree.
+
+    python benchmarks/product_placement.py --model llama-1b --dtype fp32 --repeats 3 --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from scale_setup import DTYPES, build, lm_loss, token_batches
+
+import geomprobe as gp
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="llama-1b")
+    ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dev = torch.device(a.device)
+    cuda = dev.type == "cuda"
+    model, vocab, batch, tokens = build(a.model, DTYPES[a.dtype], dev)
+    data = token_batches(vocab, batch, tokens, 1, dev, seed=0)
+    land = gp.Landscape(model, lm_loss, data, vector_device="cpu" if not cuda else None)
+    if land.host is None:  # the plan kept device vectors (a small model): ask for host vectors
+        land = gp.Landscape(model, lm_loss, data, vector_device="cpu")
+    g = torch.Generator().manual_seed(0)
+    v_host = torch.randn(land.dim, generator=g).to(land.dtype)
+    v_dev = v_host.to(dev)
+    placements = {"host_in_host_out": (v_host, torch.empty_like(v_host)),
+                  "device_in_device_out": (v_dev, torch.empty_like(v_dev)),
+                  "host_in_device_out": (v_host, torch.empty_like(v_dev))}
+    res = {"model": a.model, "dtype": a.dtype, "dim": land.dim, "plan_vectors": land.plan.vectors if land.plan else None}
+    outs = {}
+    for name, (v, out) in placements.items():
+        times, peak, err = [], None, None
+        for _ in range(a.repeats):
+            if cuda:
+                torch.cuda.synchronize()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+            t = time.perf_counter()
+            try:
+                if name == "host_in_device_out":
+                    # Landscape.hvp answers a host vector in host memory: the streamed pass itself is asked here
+                    land.host._rows_into(v.view(1, -1), out.view(1, -1))
+                else:
+                    land.hvp(v, out=out)
+            except Exception as e:  # noqa: BLE001 - recorded: a placement the mode refuses
+                err = f"{type(e).__name__}: {e}"[:300]
+                break
+            if cuda:
+                torch.cuda.synchronize()
+                peak = torch.cuda.max_memory_allocated() - base
+            times.append(time.perf_counter() - t)
+        outs[name] = None if err else out.detach().to("cpu", torch.float64)
+        res[name] = {"seconds": times, "median_s": sorted(times)[len(times) // 2] if times else None,
+                     "peak_bytes": peak, "error": err}
+        print(name, res[name], flush=True)
+    ref = outs["host_in_host_out"]
+    for name, o in outs.items():
+        if o is not None and ref is not None:
+            res[name]["rel_diff_to_host"] = float((o - ref).norm() / ref.norm())
+    print(json.dumps(res, indent=1))
+    if a.out:
+        json.dump(res, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
