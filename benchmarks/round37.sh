@@ -8,9 +8,8 @@
 #   torch's cache, which shows the lean run without the rows' allocation (round35: 91.1 s page-locked, 48.6 s
 #   pageable, 2.15 s a product, 23.2-49.5 s outside);
 # - GPT-2 124M bf16's default spectrum after the float32 block-diagonal update (round35 cut it at 80 s);
-# - the block-diagonal update's speed against the fused product (profile_rowdots.py, bf16);
-# - if time is left (a second call otherwise): the 1B fp32 product with its input on the host and its output on
-#   the device (benchmarks/product_placement.py), against host/host and device/device, with each one's peak.
+# - the block-diagonal update's speed against the fused product (profile_rowdots.py, bf16).
+# (round38.sh, a second call: where the 1B's products read and write, and every GPU test.)
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
 . benchmarks/device_cases.sh
@@ -20,5 +19,3 @@ run 130 gpt2_124m_bf16_spectrum gpt2-124m:bf16:spectrum 300
 timeout 60 python3 benchmarks/profile_rowdots.py --rows 2,8,16,22,300 --dtypes bf16 \
   --out $OUT/profile_rowdots_halfsub_h200.json > $OUT/rowdots.log 2>&1; tail -20 $OUT/rowdots.log
 summary
-timeout 150 python3 benchmarks/product_placement.py --model llama-1b --dtype fp32 --repeats 2 \
-  --out $OUT/product_placement_llama_1b_fp32.json > $OUT/placement.log 2>&1; tail -5 $OUT/placement.log
