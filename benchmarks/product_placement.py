@@ -43,7 +43,8 @@ def main() -> None:
     placements = {"host_in_host_out": (v_host, torch.empty_like(v_host)),
                   "device_in_device_out": (v_dev, torch.empty_like(v_dev)),
                   "host_in_device_out": (v_host, torch.empty_like(v_dev))}
-    res = {"model": a.model, "dtype": a.dtype, "dim": land.dim, "plan_vectors": land.plan.vectors if land.plan else None}
+    res = {"model": a.model, "dtype": a.dtype, "dim": land.dim,
+           "plan_vectors": land.plan.vectors if land.plan else None}
     outs = {}
     for name, (v, out) in placements.items():
         times, peak, err = [], None, None

@@ -25,9 +25,9 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   double backward's temporaries and one input and one output piece of the largest parameter
   (``largest_param_bytes``) at a time; a graph rebuilt per HVP holds its gradient (``v``) until its roots
   are taken, and where every graph is rebuilt the double backward's temporaries count ``REBUILT_HVP_FACTOR s m``
-  (it frees the graph as it goes). Batched HVPs go one vector at a time. With ``working_vectors="device"`` (asked for through
-  ``overrides``) Lanczos keeps its working vectors on the device and its basis in host memory (``lean``,
-  :func:`~geomprobe.linalg.lanczos.lanczos`): ``LEAN_WORK_VECTORS`` d-vectors beside each product, three
+  (it frees the graph as it goes). Batched HVPs go one vector at a time. With ``working_vectors="device"``
+  (asked for through ``overrides``) Lanczos keeps its working vectors on the device and its basis in host memory
+  (``lean``, :func:`~geomprobe.linalg.lanczos.lanczos`): ``LEAN_WORK_VECTORS`` d-vectors beside each product, three
   between products.
 - **per-example gradients** (``noise``, ``isotropy``): rows of ``2 d itemsize + PERSAMPLE_GRAPH_FACTOR s``
   bytes (the per-parameter results and their flattening, one example's forward and backward; the statistics

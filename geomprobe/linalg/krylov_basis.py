@@ -13,8 +13,8 @@ from ..errors import ConfigurationError
 from .device_draw import drawn_on_device, draws_elsewhere
 from .host_arith import host_rotate, host_round, lanczos_pass, row_groups
 from .host_blocks import RowPrefetcher, advise_huge_pages, host_block, populate, populate_wanted, prefetch_wanted
-from .pinned_blocks import PinnedAhead
 from .lean_vectors import LeanVectors
+from .pinned_blocks import PinnedAhead
 from .space import VectorSpace
 from .vectors import (
     HALF_CHUNK_ELEMENTS,
@@ -366,7 +366,7 @@ class LanczosBasis:
         self.pin_refused: str | None = None  # why pinned host memory was refused, if it was
         # page-locked blocks come one ahead, allocated on another thread while the products run (pinned_blocks.py)
         self.pinned = PinnedAhead(dim, dtype, self.block, capacity) if self.pin else None
-        self.lean_vectors = (LeanVectors(dim, dtype, self.compute, side_stream=self.pin) if self.lean else None)
+        self.lean_vectors = LeanVectors(dim, dtype, self.compute, side_stream=self.pin) if self.lean else None
         self.capacity = capacity
         # a host basis faults its next row in on another core while the matvec runs (.host_blocks), where one
         # is free, else populates a fresh row just before writing it: the first write of a fresh 40 MB row cost

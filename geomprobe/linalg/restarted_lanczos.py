@@ -135,8 +135,8 @@ def restarted_lanczos(
     kept vectors) and gives up the discarded directions, so a run takes more matvecs than an unbounded one
     (measured in tests/test_restarted_lanczos.py). Memory: ``max_basis`` d-vectors for the basis plus two
     (:func:`geomprobe.linalg.krylov_basis.lanczos_memory_bytes`); the result's ``basis_peak`` never exceeds the cap.
-    ``basis_dtype``, ``draw_device``, ``lean``: as :func:`~geomprobe.linalg.lanczos.lanczos`'s (a resumed run keeps its basis
-    and drew its start already).
+    ``basis_dtype``, ``draw_device``, ``lean``: as :func:`~geomprobe.linalg.lanczos.lanczos`'s (a resumed run keeps
+    its basis and drew its start already).
     ``resume``: a plain run that filled its ``max_basis`` vectors (:class:`RestartFrom`); the run restarts from it
     at once (its matvecs counted) instead of from a start vector.
 

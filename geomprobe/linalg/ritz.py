@@ -210,7 +210,8 @@ def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: to
     with its squared norms; then each target row divided by its norm on the host. Every row crosses the bus
     once, as in :func:`_streamed_ritz_vectors`, but the device holds ``k + 1`` slices instead of ``k`` float32
     d-vectors and a row: the 1B Llama's two bf16 Ritz vectors took 11 GB there, more than its products. Half
-    types are rounded twice (the slice, then the quotient), as on the host's pass. Cost: one pass over the basis, a host pass over the targets, no matvec."""
+    types are rounded twice (the slice, then the quotient), as on the host's pass. Cost: one pass over the basis,
+    a host pass over the targets, no matvec."""
     first = blocks[0]
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     U = Uk.T.to(device=device, dtype=acc)
