@@ -13,7 +13,8 @@ from ..errors import ConfigurationError
 from .attention_plan import plan_attention
 from .batches import batch_size
 from .host_stream import host_vectors_possible
-from .memory_plan import MemoryBudget, MemoryPlan, device_memory, host_available_bytes, plan_memory
+from .memory_plan import MemoryBudget, MemoryPlan, plan_memory
+from .memory_readings import device_memory, host_available_bytes
 
 __all__ = ["plan_within"]
 

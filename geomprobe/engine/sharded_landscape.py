@@ -75,7 +75,8 @@ from .distributed import ProcessGroupReducer
 from .doublecheck import no_double_backward
 from .hvp_out import check_out
 from .landscape import Landscape
-from .memory_plan import MemoryBudget, MemoryPlan, device_memory, host_available_bytes
+from .memory_plan import MemoryBudget, MemoryPlan
+from .memory_readings import device_memory, host_available_bytes
 from .paramspace import select_parameters
 from .partial_sums import HostIO
 from .saved_bytes import SavedBytes

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .host_arith import host_rotate, is_host
-from .vectors import accumulation_dtype, check_dim, scratch_columns
+from .vectors import accumulation_dtype, check_dim
 
 __all__ = ["LanczosResult", "certificate_limits", "form_ritz_vectors", "spent_rows", "check_lanczos_args",
            "eigh_tridiagonal", "extremes_certified", "extremes_converged", "gap_bounds", "prefetch_solver",
@@ -175,43 +175,31 @@ def form_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor, compute_devi
 
 
 def _streamed_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``V Uk`` normalized for a basis offloaded to host memory by a run on ``device``: the rows cross the bus
-    once, a row at a time, and are summed on the device in float32 (float64 for float64); the result stays
-    there, in the basis's type (:meth:`LanczosResult.ritz_vectors` brings it to the host). Measured on GPT-2
-    124M in bf16 (30 rows, the 1.5x plan): the host's pass took 6.8 s; this one reads 7.5 GB over the bus.
-    Device memory: ``k`` accumulators and two rows at a time."""
+    """``V Uk`` normalized for a basis offloaded to host memory by a run on ``device``, the result there in the
+    basis's type (:meth:`LanczosResult.ritz_vectors` brings it to the host): :func:`_streamed_ritz_into` with
+    the result as its target. Measured on GPT-2 124M in bf16 (30 rows, the 1.5x plan): the host's pass took
+    6.8 s; this one reads 7.5 GB over the bus. Device memory: the result and ``k + 1`` slices."""
     first = blocks[0]
-    acc = torch.float64 if first.dtype == torch.float64 else torch.float32
-    U = Uk.T.to(device=device, dtype=acc)
-    d = first.shape[1]
-    X = torch.zeros(U.shape[0], d, dtype=acc, device=device)
-    step = scratch_columns(U.shape[0] + 1, device)  # converted slices of a row: no float32 copy of a whole row
-    i = 0
-    for B in blocks:
-        for r in range(B.shape[0]):
-            row = B[r].to(device, non_blocking=B.is_pinned())
-            for c in range(0, d, step):
-                X[:, c : c + step].addmm_(U[:, i : i + 1], row[None, c : c + step].to(acc))
-            i += 1
-    X /= torch.linalg.vector_norm(X, dim=1, keepdim=True)
-    return X.to(first.dtype)
+    X = torch.empty(Uk.shape[1], first.shape[1], dtype=first.dtype, device=device)
+    _streamed_ritz_into(blocks, Uk, device, [X])
+    return X
 
 
-# columns of the Ritz vectors formed on the device at a time when they go to host memory: the accumulators and
-# a row's slice stay far below one d-vector (0.75 GB of float32 for two vectors at most)
+# columns of the Ritz vectors formed on the device at a time: the accumulators and a row's slice stay far below
+# one d-vector (0.75 GB of float32 for two vectors at most)
 RITZ_COLUMNS = 1 << 26
 
 
 def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: torch.device,
                         targets: list[torch.Tensor]) -> None:
-    """``V Uk`` normalized into host ``targets`` (2-D tensors holding the rows in order) for a basis offloaded to
-    host memory by a run on ``device``: :data:`RITZ_COLUMNS` columns at a time, each row's slice brought over
-    and added into float32 (float64 for float64) accumulators there, the slice of the result copied to the host
-    with its squared norms; then each target row divided by its norm on the host. Every row crosses the bus
-    once, as in :func:`_streamed_ritz_vectors`, but the device holds ``k + 1`` slices instead of ``k`` float32
-    d-vectors and a row: the 1B Llama's two bf16 Ritz vectors took 11 GB there, more than its products. Half
-    types are rounded twice (the slice, then the quotient), as on the host's pass. Cost: one pass over the basis,
-    a host pass over the targets, no matvec."""
+    """``V Uk`` normalized into ``targets`` (2-D tensors holding the rows in order, on the host or on ``device``)
+    for a basis offloaded to host memory by a run on ``device``: :data:`RITZ_COLUMNS` columns at a time, each
+    row's slice brought over and added into float32 (float64 for float64) accumulators there, the slice of the
+    result copied to its targets with its squared norms; then each target row divided by its norm where it
+    lives. Every row crosses the bus once; the device holds ``k + 1`` slices, where whole float32 accumulators
+    and a row took 11 GB for the 1B Llama's two bf16 Ritz vectors, more than its products. Half types are
+    rounded twice (the slice, then the quotient), as on the host's pass. Cost: one pass over the basis, a pass
+    over the targets, no matvec."""
     first = blocks[0]
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     U = Uk.T.to(device=device, dtype=acc)

@@ -31,7 +31,8 @@ from ..engine.autodiff.normdouble import compile_seconds
 from ..engine.distributed import make_reducer
 from ..engine.landscape import Landscape, unwrap_model
 from ..engine.loss import loss_reduction
-from ..engine.memory_plan import DEFAULT_CHUNK_SIZE, DEFAULT_PEAK_RATIO, read_training_peak
+from ..engine.memory_plan import DEFAULT_CHUNK_SIZE, DEFAULT_PEAK_RATIO
+from ..engine.memory_readings import read_training_peak
 from ..engine.paramspace import ParamSpace, select_parameters
 from ..engine.probedata import draw_probe_batches
 from ..engine.state import rng_preserved
