@@ -177,8 +177,15 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
     for i in range(1, repeat):
         train_step()  # new parameters, as along a trajectory; the probe warm-starts from the last one's vectors
         per_metric.clear()
+        last_prof = cProfile.Profile() if profile_rows and i == repeat - 1 else None  # the steady probe's costs
         with HVPClock(device) as clock:
+            if last_prof is not None:
+                last_prof.enable()
             seconds, _ = peak_of(lambda: probe.probe(1 + i), device, reset=False)
+            if last_prof is not None:
+                last_prof.disable()
+        if last_prof is not None:
+            res["later_profile"] = profile_rows_of(last_prof, profile_rows)
         record = probe.records[-1]
         later = {"probe_seconds": seconds, "probe_hvps": record["cost"]["hvps"], "probe_hvp_seconds": clock.seconds,
                  "peak_mib": record["cost"].get("peak_mib"), "errors": record.get("errors"), "metrics": {}}
