@@ -15,6 +15,7 @@ from .host_arith import host_rotate, host_round, lanczos_pass, row_groups
 from .host_blocks import RowPrefetcher, advise_huge_pages, host_block, populate, populate_wanted, prefetch_wanted
 from .lean_vectors import LeanVectors
 from .pinned_blocks import PinnedAhead
+from .pinned_memory import pinned_empty
 from .space import VectorSpace
 from .vectors import (
     HALF_CHUNK_ELEMENTS,
@@ -94,6 +95,9 @@ def host_vector(dim: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized ``(dim,)`` host vector, page-locked where an accelerator is present (a matvec streaming
     through it copies into or out of it asynchronously), else pageable."""
     if torch.cuda.is_available():
+        exact = pinned_empty((dim,), dtype)  # not rounded up to a power of two (pinned_memory.py)
+        if exact is not None:
+            return exact
         try:
             return torch.empty(dim, dtype=dtype, pin_memory=True)
         except RuntimeError:  # the driver refused page-locked memory: pageable memory holds the same

@@ -13,6 +13,8 @@ import threading
 
 import torch
 
+from .pinned_memory import pinned_empty
+
 __all__ = ["PinnedAhead"]
 
 
@@ -34,7 +36,8 @@ class PinnedAhead:
         self._due = False
 
     def _alloc(self, rows: int) -> torch.Tensor:
-        return torch.empty(rows, self.dim, dtype=self.dtype, pin_memory=True)
+        exact = pinned_empty((rows, self.dim), self.dtype)  # not rounded up to a power of two (pinned_memory.py)
+        return exact if exact is not None else torch.empty(rows, self.dim, dtype=self.dtype, pin_memory=True)
 
     def take(self, rows: int) -> torch.Tensor:
         """A page-locked block of ``rows`` rows: the one allocated ahead when it has that many, else a new one."""

@@ -37,6 +37,7 @@ from ..engine.paramspace import ParamSpace, select_parameters
 from ..engine.probedata import draw_probe_batches
 from ..engine.state import rng_preserved
 from ..errors import ConfigurationError, OptimizerStateError
+from ..linalg.pinned_memory import release_pool
 from ..linalg.ritz import prefetch_solver
 from ..metrics import registry
 from ..runs.writer import RunWriter
@@ -568,6 +569,7 @@ class GeometryProbe:
                 pass  # every record that could be written was fsync'd when appended
         if self._tb is not None:
             self._tb.close()
+        release_pool()  # the page-locked blocks kept for the next probe: there is none (pinned_memory.py)
         self._closed = True
 
     def __enter__(self) -> "GeometryProbe":

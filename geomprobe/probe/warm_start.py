@@ -95,6 +95,7 @@ import torch
 
 from ..errors import ConfigurationError
 from ..linalg.device_draw import drawn_on_device, draws_elsewhere
+from ..linalg.pinned_memory import pinned_empty
 from ..linalg.vectors import gaussian
 
 __all__ = ["WarmStart"]
@@ -311,6 +312,8 @@ class WarmStart:
             return x.to(dtype) if whole else x.to(dtype, copy=True)
         out = None
         if x.device.type == "cuda":
+            out = pinned_empty(tuple(x.shape), dtype)  # exact size, pooled for the next probe (pinned_memory.py)
+        if out is None and x.device.type == "cuda":
             try:
                 out = torch.empty(x.shape, dtype=dtype, pin_memory=True)
             except RuntimeError:

@@ -1,0 +1,216 @@
+"""Page-locked host memory of exactly the size asked, kept in a pool for the next probe.
+
+torch's page-locked allocator rounds every block up to a power of two before it asks the driver: a 4.4 GB row of
+a 1B-parameter float32 model takes 8 GiB of locked memory, and the driver pins every page of it (~0.6 s per GB).
+A lean 1B spectrum of ten rows spent ~50 s of its first probe there (75.8 s against 25.7 s for the next probe,
+which found the blocks in torch's cache; benchmarks/RESULTS.md §6), and afterwards torch's cache held ~80 GB of
+locked host memory.
+
+Here a block of :data:`EXACT_FROM_BYTES` or more is an anonymous mapping of its own size, its pages faulted in on
+several threads at once (``MADV_POPULATE_WRITE`` over slices), then registered with the driver
+(``cudaHostRegister``). When the last view of a block dies it goes back to a pool keyed by its size, where the
+next request of that size takes it without a driver call (a probe in a training loop asks for the same sizes each
+time); past :data:`POOL_FRACTION` of the host's memory a released block is unregistered and unmapped instead.
+:func:`release_pool` empties the pool (``GeometryProbe.close`` calls it).
+
+Reuse and the device: a block handed back may still be read or written by a copy queued on a CUDA stream. Its
+owners wait for the copies of their own side streams before they drop it (``RowCopies.finish``); the pool also
+records an event on the current stream when the block comes back and waits for it before handing the block out
+again. Nothing here changes a value; where registration is unavailable or refused, :func:`pinned_empty` answers
+None and the caller takes its usual route.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import mmap
+import os
+import threading
+
+import torch
+
+from . import host_blocks
+
+__all__ = ["EXACT_FROM_BYTES", "POOL_FRACTION", "pinned_empty", "pool_stats", "release_pool"]
+
+EXACT_FROM_BYTES = 64 << 20  # below this torch's rounding wastes little and its cache serves well
+POOL_FRACTION = 0.5  # of the host's physical memory, at most, kept locked in the pool between requests
+POPULATE_THREADS = 8  # threads faulting a new block's pages in before it is registered
+ENABLED = True  # False: every request answers None (the callers' torch route; benchmarks compare the two)
+
+_lock = threading.RLock()  # re-entrant: a block may die (and come back) inside a locked region, by the GC
+_pool: dict[int, list[tuple[int, object]]] = {}  # nbytes -> [(address, event recorded when it came back)]
+_stats = {"mapped": 0, "reused": 0, "released": 0, "refused": 0, "pooled_bytes": 0, "live_bytes": 0}
+
+
+class _Block:
+    """One registered mapping; when the buffer holding it dies (with the last view of the tensor), the block goes
+    back to the pool or is released."""
+
+    __slots__ = ("addr", "nbytes")
+
+    def __init__(self, addr: int, nbytes: int) -> None:
+        self.addr, self.nbytes = addr, nbytes
+
+    def __del__(self) -> None:
+        # at interpreter shutdown the module's globals may be gone already: the system reclaims the memory then
+        with contextlib.suppress(Exception):
+            _give_back(self.addr, self.nbytes)
+
+
+def _cudart():
+    return torch.cuda.cudart()
+
+
+def _ok(result) -> bool:
+    try:
+        return int(result) == 0
+    except (TypeError, ValueError):
+        return str(result).endswith("success")
+
+
+def _register(addr: int, nbytes: int) -> bool:
+    """Page-lock ``[addr, addr + nbytes)`` for the driver (tests replace this on hosts without CUDA)."""
+    return _ok(_cudart().cudaHostRegister(addr, nbytes, 0))
+
+
+def _unregister(addr: int) -> None:
+    _cudart().cudaHostUnregister(addr)
+
+
+def _usable() -> bool:
+    return (ENABLED and torch.cuda.is_available() and torch.cuda.is_initialized()
+            and hasattr(_cudart(), "cudaHostRegister") and hasattr(_cudart(), "cudaHostUnregister"))
+
+
+def _host_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - every Linux answers
+        return 0
+
+
+def _event():
+    if not torch.cuda.is_available() or not torch.cuda.is_initialized():
+        return None
+    ev = torch.cuda.Event()
+    ev.record(torch.cuda.current_stream())
+    return ev
+
+
+def _free(addr: int, nbytes: int) -> None:
+    _unregister(addr)
+    host_blocks._mmap()[1](addr, nbytes)
+
+
+def _give_back(addr: int, nbytes: int) -> None:
+    with _lock:
+        _stats["live_bytes"] -= nbytes
+        keep = _stats["pooled_bytes"] + nbytes <= POOL_FRACTION * _host_bytes()
+        if keep:
+            _pool.setdefault(nbytes, []).append((addr, _event()))
+            _stats["pooled_bytes"] += nbytes
+            return
+        _stats["released"] += 1
+    if host_blocks.free_core():  # unpinning and unmapping gigabytes takes a while: beside the caller where it can
+        host_blocks._WORKER.submit(_free, addr, nbytes)
+    else:
+        _free(addr, nbytes)
+
+
+def _populate(addr: int, nbytes: int) -> None:
+    """Fault the mapping's pages in on up to :data:`POPULATE_THREADS` threads (the kernel's work, which runs in
+    parallel; registration then pins pages that exist). Where the kernel refuses, registration faults them."""
+    if not host_blocks.populate_wanted():
+        return
+    page = mmap.PAGESIZE
+    parts = max(1, min(POPULATE_THREADS, nbytes // (64 << 20)))
+    step = -(-nbytes // parts // page) * page
+    views = []
+    for a in range(0, nbytes, step):
+        n = min(step, nbytes - a)
+        views.append(torch.frombuffer((ctypes.c_char * n).from_address(addr + a), dtype=torch.uint8))
+    threads = [threading.Thread(target=host_blocks.populate, args=(v,), daemon=True) for v in views[1:]]
+    for t in threads:
+        t.start()
+    host_blocks.populate(views[0])
+    for t in threads:
+        t.join()
+
+
+def _map_registered(nbytes: int) -> int | None:
+    fns = host_blocks._mmap()
+    if fns is None:
+        return None
+    host_blocks._WORKER.flush()  # blocks still being released first: never both in memory
+    addr = fns[0](None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    if addr is None or addr == ctypes.c_void_p(-1).value:
+        return None
+    _populate(addr, nbytes)
+    if _register(addr, nbytes):
+        return addr
+    fns[1](addr, nbytes)
+    return None
+
+
+def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """An uninitialized page-locked host tensor of ``shape`` and ``dtype`` taking exactly its bytes (module
+    docstring): from the pool where a block of that size waits there, else a new registered mapping. None where
+    the block is below :data:`EXACT_FROM_BYTES`, CUDA is not in use, or the mapping or registration failed (the
+    pool is emptied and the registration tried once more first): the caller then allocates as before. Cost: a
+    new block pins its pages (the driver's time for its bytes, not the next power of two's); a pooled one none."""
+    numel = 1
+    for s in shape:
+        numel *= int(s)
+    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    if nbytes < EXACT_FROM_BYTES or not _usable():
+        return None
+    with _lock:
+        waiting = _pool.get(nbytes)
+        entry = waiting.pop() if waiting else None
+        if entry is not None:
+            _stats["pooled_bytes"] -= nbytes
+            _stats["reused"] += 1
+    if entry is not None:
+        addr, ev = entry
+        if ev is not None:
+            ev.synchronize()  # a copy queued before the block came back has finished with it
+    else:
+        addr = _map_registered(nbytes)
+        if addr is None and _stats["pooled_bytes"] > 0:
+            release_pool()
+            addr = _map_registered(nbytes)
+        if addr is None:
+            with _lock:
+                _stats["refused"] += 1
+            return None
+        with _lock:
+            _stats["mapped"] += 1
+    with _lock:
+        _stats["live_bytes"] += nbytes
+    buf = (ctypes.c_char * nbytes).from_address(addr)
+    buf._block = _Block(addr, nbytes)  # dies with the buffer, which the tensor's storage holds
+    return torch.frombuffer(buf, dtype=dtype).view(*shape)
+
+
+def release_pool() -> int:
+    """Unregister and unmap every block waiting in the pool; returns the bytes released. Blocks in use are not
+    touched (each goes back to the pool, or is released, when its last view dies)."""
+    with _lock:
+        entries = [(nbytes, addr, ev) for nbytes, lst in _pool.items() for addr, ev in lst]
+        _pool.clear()
+        _stats["pooled_bytes"] = 0
+        _stats["released"] += len(entries)
+    for nbytes, addr, ev in entries:
+        if ev is not None:
+            ev.synchronize()
+        _free(addr, nbytes)
+    return sum(e[0] for e in entries)
+
+
+def pool_stats() -> dict:
+    """Counts of this process's exact-size blocks: ``mapped`` (new registrations), ``reused`` (taken from the
+    pool), ``released``, ``refused``, and the bytes ``pooled`` and ``live`` (in use) now."""
+    with _lock:
+        return dict(_stats)
