@@ -231,11 +231,18 @@ def test_the_plan_takes_host_vectors_only_when_nothing_else_fits():
     assert tight.vectors == "host" and tight.fits and tight.peak_bytes <= tight.budget_bytes
     assert tight.sources["vectors"] == "plan" and tight.to_dict()["vectors"] == "host"
     assert tight.chunk_size == 1 and tight.basis_device == "cpu"
+    # the budget has room for a lean run's working vectors beside every graph: the plan takes it
+    assert tight.working_vectors == "device" and tight.sources["working_vectors"] == "plan"
+    assert tight.items["lean_work"] == 2 * v
     # nothing of length d on the device: no flat gradient, no Lanczos vectors, no basis; pieces in flight only
     assert tight.items["device_vectors_fixed"] == 0 and tight.items["lanczos_work"] == 0
     assert tight.items["basis_on_device"] == 0 and tight.items["hvp_vectors"] == 2 * SIM["largest_param_bytes"]
     assert tight.items["graphs_kept"] == 8 * GiB // 4  # kept graphs hold their roots, not their gradients
-    assert tight.peak_bytes < 2 * v + tight.items["graphs_kept"] + 8 * GiB // 4
+    assert tight.peak_bytes - tight.items["lean_work"] < 2 * v + tight.items["graphs_kept"] + 8 * GiB // 4
+    host_only = plan_memory(**SIM, available_bytes=int(6 * GiB / HEADROOM), host_vectors=True,
+                            overrides={"working_vectors": ("host", "user")})
+    assert host_only.vectors == "host" and host_only.working_vectors == "host" and host_only.items["lean_work"] == 0
+    assert host_only.peak_bytes < 2 * v + host_only.items["graphs_kept"] + 8 * GiB // 4
     # a model on the CPU has no host to move vectors to
     on_cpu = plan_memory(**SIM, available_bytes=int(6 * GiB / HEADROOM), host_vectors=True, host_is_device=True)
     assert on_cpu.vectors == "device" and not on_cpu.fits

@@ -14,7 +14,7 @@ from reference import make_case
 from torch import nn
 
 import geomprobe as gp
-from geomprobe.engine.memory_plan import MemoryBudget, plan_memory
+from geomprobe.engine.memory_plan import HEADROOM, MemoryBudget, plan_memory
 from geomprobe.linalg import krylov_basis
 from geomprobe.metrics import spectrum
 from geomprobe.metrics._common import lanczos_placement
@@ -128,6 +128,34 @@ def test_the_plan_counts_lean_working_vectors_only_where_asked_and_refuses_a_bad
         plan_memory(**sim, overrides={"working_vectors": ("gpu", "user")})
 
 
+def test_the_plan_chooses_lean_vectors_where_it_moved_the_vectors_to_the_host_and_they_fit():
+    # the 1.1B Llama in fp32 (benchmarks/results/scale_r30a_llama_1b_fp32_host_h200.json): a training peak that
+    # leaves room for the lean run's three d-vectors but not for device vectors
+    sim = {"dim": 1104218112, "itemsize": 4, "batch_sizes": [4], "graph_bytes_per_sample": 6568241164.0,
+           "allocated_bytes": 17735664640, "available_bytes": 131584834560, "host_bytes": 132 * 10**9,
+           "largest_param_bytes": 32000 * 2048 * 4, "gradient_samples": False, "host_vectors": True,
+           "basis_vectors": 11, "bounded_basis": True}
+    forced = plan_memory(**sim, train_peak_bytes=23282894848, overrides={"working_vectors": ("device", "user")})
+    need = forced.peak_bytes
+
+    def at(budget, **kw):  # the training peak whose 1.5x leaves ``budget`` (after the plan's headroom)
+        return plan_memory(**sim, train_peak_bytes=int((budget / HEADROOM + sim["allocated_bytes"]) / 1.5) + 1,
+                           **kw)
+
+    roomy = at(need + 2**30)
+    assert roomy.vectors == "host" and roomy.sources["vectors"] == "plan"
+    assert roomy.working_vectors == "device" and roomy.sources["working_vectors"] == "plan"
+    assert roomy.fits and roomy.peak_bytes <= roomy.budget_bytes and roomy.items["lean_work"] == 2 * sim["dim"] * 4
+    assert roomy.samples_kept == 0  # the room goes to the lean vectors, not to a kept graph
+    tight = at(need - 2**30)
+    assert tight.vectors == "host" and tight.working_vectors == "host" and tight.fits
+    assert tight.items["lean_work"] == 0 and tight.peak_bytes < need
+    # vectors put on the host by the user stay there whole; an explicit choice of the working vectors stands
+    assert at(need + 2**30, overrides={"vectors": ("host", "user")}).working_vectors == "host"
+    kept = at(need + 2**30, overrides={"working_vectors": ("host", "user")})
+    assert kept.working_vectors == "host" and kept.sources["working_vectors"] == "user"
+
+
 class _Land:
     def __init__(self, device, vector_device, working):
         self.device, self.vector_device = torch.device(device), vector_device
@@ -182,3 +210,39 @@ def test_on_a_gpu_a_lean_spectrum_holds_two_d_vectors_and_gives_the_host_runs_va
     # the products' own temporaries: below four d-vectors beside the graph
     assert peak < lean.graph_bytes + 4 * lean.dim * 4
     assert torch.cuda.memory_allocated() - base < lean.dim * 4  # nothing of length d left on the device
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_a_plan_that_moves_the_vectors_to_the_host_chooses_lean_where_it_fits():
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)]).cuda()
+    x, y = torch.randn(64, 1024, device="cuda"), torch.randn(64, 1024, device="cuda")
+    ref = gp.Landscape(model, nn.MSELoss(), (x, y), memory=MemoryBudget(warn=False, gradient_samples=False))
+    want = spectrum(ref, tol=1e-5, max_iter=40)
+    v = ref.dim * 4
+    del ref
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    base = torch.cuda.memory_allocated()
+    chosen = None
+    for k in np.arange(2.0, 12.0, 0.5):  # caps from tight to roomy: the first whose plan is lean
+        land = gp.Landscape(model, nn.MSELoss(), (x, y), memory=MemoryBudget(
+            warn=False, gradient_samples=False, cap_bytes=int(base + k * v)))
+        if land.plan.vectors == "device":
+            break
+        if land.plan.working_vectors == "device":
+            chosen = land
+            break
+        del land
+    assert chosen is not None, "no cap gave a lean plan between host vectors and device vectors"
+    assert chosen.plan.sources["working_vectors"] == "plan" and chosen.plan.fits
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    got = spectrum(chosen, tol=1e-5, max_iter=40)
+    peak = torch.cuda.max_memory_allocated() - start
+    assert got["lambda_max"] == pytest.approx(want["lambda_max"], rel=1e-4)
+    assert got["lambda_min"] == pytest.approx(want["lambda_min"], rel=1e-3, abs=1e-3 * abs(want["lambda_max"]))
+    # within the plan (its figures count the graphs the Landscape holds already) plus cuBLAS's workspace
+    assert peak <= chosen.plan.peak_bytes + (32 << 20)

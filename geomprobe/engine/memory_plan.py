@@ -26,7 +26,8 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   (``largest_param_bytes``) at a time; a graph rebuilt per HVP holds its gradient (``v``) until its roots
   are taken, and where every graph is rebuilt the double backward's temporaries count ``REBUILT_HVP_FACTOR s m``
   (it frees the graph as it goes). Batched HVPs go one vector at a time. With ``working_vectors="device"``
-  (asked for through ``overrides``) Lanczos keeps its working vectors on the device and its basis in host memory
+  (asked for through ``overrides``, or chosen where the plan moved the vectors to the host itself and this
+  fits the budget) Lanczos keeps its working vectors on the device and its basis in host memory
   (``lean``, :func:`~geomprobe.linalg.lanczos.lanczos`): ``LEAN_WORK_VECTORS`` d-vectors beside each product, three
   between products.
 - **per-example gradients** (``noise``, ``isotropy``): rows of ``2 d itemsize + PERSAMPLE_GRAPH_FACTOR s``
@@ -308,6 +309,7 @@ def plan_memory(
     ``largest_param_bytes``: the largest parameter's bytes, a host-vector HVP's piece in flight (None: not counted).
     Costs nothing (no HVP, no allocation).
     """
+    args = dict(locals())  # this call's arguments, for the lean variant (_lean_plan)
     if dim < 1 or itemsize < 1 or not batch_sizes or min(batch_sizes) < 1:
         raise ConfigurationError(
             f"a memory plan needs dim >= 1, itemsize >= 1 and non-empty batches, got dim={dim}, "
@@ -496,9 +498,8 @@ def plan_memory(
     # host vectors whose Lanczos runs keep their working vectors on the device (lean, linalg/lanczos.py): the
     # newest vector and the product's output beside each product, those two and the previous row between them;
     # for half types a float32 d-vector more (the 1.1B Llama's lean runs peaked 2.45 fp32 and 3.3 bf16 d-vectors
-    # above its host-vector runs, benchmarks/RESULTS.md section 6, eighteenth round). Only where asked
-    # (``working_vectors``): on that model it is faster but above 1.5x, and its time outside the products is
-    # the rows' traffic
+    # above its host-vector runs, benchmarks/RESULTS.md section 6, eighteenth round). Where asked
+    # (``working_vectors``); chosen by :func:`_lean_plan` where the plan moved the vectors to the host itself
     working = value("working_vectors", "host") if host else None
     lean_work = (LEAN_WORK_VECTORS * v + (4 * dim if itemsize < 4 else 0)) if working == "device" else 0
     hvp_phase = hvp_phase + lean_work
@@ -544,6 +545,10 @@ def plan_memory(
         "hvp_vectors": hvp_vectors,
         "device_vectors_fixed": flat,
     }
+    if host and budget is not None and "vectors" not in given and "working_vectors" not in given:
+        lean = _lean_plan(args, given)
+        if lean is not None:
+            return lean
     return MemoryPlan(
         budget_bytes=budget, budget_source=source, allocated_bytes=allocated_bytes,
         available_bytes=available_bytes, train_peak_bytes=train_peak_bytes, peak_ratio=float(peak_ratio),
@@ -555,6 +560,23 @@ def plan_memory(
         graph_source=graph_source, device_vectors=None if room is None else max(0, int(room // v)),
         samples_kept=int(samples_kept), vectors=vectors, working_vectors=working,
     )
+
+
+def _lean_plan(args: dict, given: dict) -> MemoryPlan | None:
+    """The plan of the same call with the vectors in host memory and Lanczos' working vectors on the device
+    (lean), where it fits the budget: first with the graphs laid out as without them, then with every graph
+    rebuilt; None where neither fits. Where it fits, lean is the faster of the two placements: its products read
+    and write device vectors and its arithmetic runs on the device, where the host placement streams every
+    product's input and output and runs each step's passes on the host (1.1B Llama fp32, H200: 2.15 s against
+    4.4 s a product; a probe 56.8 / 30.8 s first / later against 71.3 / 62.4 s, benchmarks/RESULTS.md section 6,
+    nineteenth round), worth more than a kept graph, which saves one forward of its piece per product."""
+    tries = [{}] + ([] if "graph_budget_bytes" in given else [{"graph_budget_bytes": (0, "plan")}])
+    for extra in tries:
+        over = {**given, **extra, "vectors": ("host", "plan"), "working_vectors": ("device", "plan")}
+        plan = plan_memory(**{**args, "overrides": over})
+        if plan.fits:
+            return plan
+    return None
 
 
 def _gib(n: float) -> str:

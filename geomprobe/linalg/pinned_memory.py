@@ -163,7 +163,7 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | N
     numel = 1
     for s in shape:
         numel *= int(s)
-    nbytes = numel * torch.empty(0, dtype=dtype).element_size()
+    nbytes = numel * dtype.itemsize
     if nbytes < EXACT_FROM_BYTES or not _usable():
         return None
     with _lock:
