@@ -448,3 +448,67 @@ def test_a_dropped_basis_releases_every_block(small_maps, monkeypatch, prefetch)
     del basis
     HB._WORKER.flush()
     assert not any(mapped(a) for a in addrs)
+
+
+@pytest.fixture
+def keeping(small_maps, monkeypatch):
+    """A probe counted in (released mappings kept); the kept ones released after."""
+    monkeypatch.setattr(HB, "_keepers", 0)
+    monkeypatch.setattr(HB, "_kept", {})
+    monkeypatch.setattr(HB, "_kept_total", 0)
+    monkeypatch.setattr(HB, "free_core", lambda: False)
+    HB.keep_released(True)
+    yield
+    HB.release_kept()
+
+
+def test_a_probe_keeps_released_mappings_for_the_next_block_of_their_size(keeping):
+    B = HB.host_block(2, 1 << 20, torch.float32)
+    addr = B.data_ptr()
+    B.fill_(3.0)
+    del B
+    assert mapped(addr) and HB.kept_bytes() == 8 << 20  # kept, not unmapped
+    C = HB.host_block(4, 1 << 19, torch.float32)  # the same bytes: the same mapping, its pages in place
+    assert C.data_ptr() == addr and HB.kept_bytes() == 0 and float(C[0, 0]) == 3.0
+    D = HB.host_block(3, 1 << 20, torch.float32)  # another size: a new mapping
+    assert D.data_ptr() != addr
+    del C, D
+    assert HB.kept_bytes() == (8 << 20) + (12 << 20)
+    HB.keep_released(False)  # the last probe out: everything kept is released
+    assert HB.kept_bytes() == 0 and not mapped(addr)
+
+
+def test_kept_mappings_stay_under_their_share_and_nothing_is_kept_without_a_probe(keeping, monkeypatch):
+    monkeypatch.setattr(HB, "KEEP_FRACTION", (10 << 20) / HB._physical_bytes())  # room for one 8 MiB block
+    A, B = HB.host_block(2, 1 << 20, torch.float32), HB.host_block(2, 1 << 20, torch.float32)
+    a, b = A.data_ptr(), B.data_ptr()
+    del A
+    del B
+    assert HB.kept_bytes() == 8 << 20 and mapped(a) and not mapped(b)
+    HB.keep_released(True)  # two probes in: one out keeps them
+    HB.keep_released(False)
+    assert HB.kept_bytes() == 8 << 20
+    HB.keep_released(False)
+    assert HB.kept_bytes() == 0 and not mapped(a)
+    C = HB.host_block(2, 1 << 20, torch.float32)
+    c = C.data_ptr()
+    del C
+    assert HB.kept_bytes() == 0 and not mapped(c)  # no probe in: released at once
+
+
+def test_a_probe_counts_itself_in_at_its_first_probe_and_out_at_close(monkeypatch):
+    from reference import TanhMLP
+
+    import geomprobe as gp
+
+    calls = []
+    monkeypatch.setattr("geomprobe.probe.geometry_probe.keep_released", lambda on: calls.append(on))
+    X, y = torch.randn(32, 6, generator=gen(0), dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen(1))
+    model = TanhMLP().double()
+    probe = gp.GeometryProbe(model, torch.nn.CrossEntropyLoss(), (X, y), metrics={"spectrum": {"max_iter": 5}})
+    assert calls == []
+    probe.probe(0)
+    probe.probe(1)
+    probe.close()
+    probe.close()
+    assert calls == [True, False]

@@ -143,3 +143,18 @@ def test_on_a_gpu_an_exact_block_is_page_locked_and_carries_asynchronous_copies(
     del again
     gc.collect()
     assert pinned_memory.release_pool() == 4 * n
+
+
+def test_the_host_memory_a_plan_reads_counts_the_pooled_blocks(fake_driver, monkeypatch):
+    from geomprobe.engine import memory_readings
+
+    monkeypatch.setattr(memory_readings, "_os_available_bytes", lambda: 10**9)
+    assert memory_readings.host_available_bytes() == 10**9
+    t = pinned_memory.pinned_empty((20000,), torch.float32)
+    del t
+    gc.collect()
+    assert memory_readings.host_available_bytes() == 10**9 + 80000  # the next probe takes it back first
+    monkeypatch.setattr(memory_readings, "kept_bytes", lambda: 5)  # and the basis mappings kept (host_blocks.py)
+    assert memory_readings.host_available_bytes() == 10**9 + 80005
+    monkeypatch.setattr(memory_readings, "_os_available_bytes", lambda: None)
+    assert memory_readings.host_available_bytes() is None

@@ -38,6 +38,7 @@ import torch
 
 __all__ = [
     "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "accelerator_in_use", "advise_huge_pages", "free_core",
+    "keep_released", "kept_bytes", "release_kept",
     "host_block", "populate", "populate_wanted", "populated_ahead", "prefetch_wanted", "thp_mode",
 ]
 
@@ -100,9 +101,84 @@ def _mmap():
     return _mapper or None
 
 
+# Mappings released while a probe of a training loop runs (keep_released) are kept for the next probe's blocks of
+# the same size, their pages in place: each probe of the 1.1B Llama's default plan faulted its fresh rows in for
+# 4.5 s and unmapped them for 2.3 s (cProfile of a later probe, benchmarks/RESULTS.md section 6, nineteenth
+# round). At most this share of the host's memory is kept; all of it is released when the last probe closes.
+KEEP_FRACTION = 0.25
+_keep_lock = threading.RLock()  # re-entrant: a mapping may die (and be kept) inside a locked region, by the GC
+_keepers = 0
+_kept: dict[int, list[int]] = {}
+_kept_total = 0
+
+
+def keep_released(on: bool) -> None:
+    """Count a probe in (``True``) or out (``False``). While any is in, a released block mapping is kept for a later
+    :func:`host_block` of its size (up to :data:`KEEP_FRACTION` of the host's memory) instead of unmapped; when
+    the last one goes out, every kept mapping is released (:func:`release_kept`)."""
+    global _keepers
+    with _keep_lock:
+        _keepers = max(0, _keepers + (1 if on else -1))
+        last = _keepers == 0
+    if last:
+        release_kept()
+
+
+def kept_bytes() -> int:
+    """Bytes of released mappings kept for reuse now."""
+    return _kept_total
+
+
+def release_kept() -> int:
+    """Unmap every kept mapping (on the background thread where a core is free); returns the bytes released."""
+    global _kept_total
+    with _keep_lock:
+        entries = [(length, addr) for length, addrs in _kept.items() for addr in addrs]
+        _kept.clear()
+        _kept_total = 0
+    for length, addr in entries:
+        _unmap(addr, length)
+    return sum(length for length, _ in entries)
+
+
+def _keep(addr: int, length: int) -> bool:
+    global _kept_total
+    with _keep_lock:
+        if _keepers == 0 or _kept_total + length > KEEP_FRACTION * _physical_bytes():
+            return False
+        _kept.setdefault(length, []).append(addr)
+        _kept_total += length
+        return True
+
+
+def _take(length: int) -> int | None:
+    global _kept_total
+    with _keep_lock:
+        addrs = _kept.get(length)
+        if not addrs:
+            return None
+        _kept_total -= length
+        return addrs.pop()
+
+
+def _physical_bytes() -> int:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # pragma: no cover - every Linux answers
+        return 0
+
+
+def _unmap(addr: int, length: int) -> None:
+    unmap = _mmap()[1]
+    if free_core():
+        _WORKER.submit(unmap, addr, length)
+    else:
+        unmap(addr, length)
+
+
 class _Mapping:
-    """An anonymous mapping, unmapped when this object dies: on the background thread where a core is free,
-    else at once."""
+    """An anonymous mapping, kept for reuse when this object dies while a probe keeps released mappings
+    (:func:`keep_released`), else unmapped: on the background thread where a core is free, else at once."""
 
     __slots__ = ("addr", "length")
 
@@ -112,29 +188,29 @@ class _Mapping:
     def __del__(self) -> None:
         # at interpreter shutdown the module's globals may be gone already: the system reclaims the memory then
         with contextlib.suppress(Exception):
-            unmap = _mmap()[1]
-            if free_core():
-                _WORKER.submit(unmap, self.addr, self.length)
-            else:
-                unmap(self.addr, self.length)
+            if not _keep(self.addr, self.length):
+                _unmap(self.addr, self.length)
 
 
 def host_block(rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialized ``(rows, dim)`` host tensor, as ``torch.empty`` gives, for a basis block. One of
     :data:`MAP_BYTES` or more is an anonymous mapping of its own (page-aligned), and when its last view dies
-    the mapping is released on the background thread where a core is free (:func:`free_core`), else at once.
-    Releases still pending are waited for before a new mapping is taken, so a basis dropped and a new one
-    allocated are never both in memory. Falls back to ``torch.empty`` where mapping is not available or fails.
-    Cost: one system call; no page touched."""
+    the mapping is released on the background thread where a core is free (:func:`free_core`), else at once,
+    or kept for the next block of its size while a probe keeps released mappings (:func:`keep_released`), which
+    then takes it with its pages in place. Releases still pending are waited for before a new mapping is taken,
+    so a basis dropped and a new one allocated are never both in memory. Falls back to ``torch.empty`` where
+    mapping is not available or fails. Cost: one system call (none for a kept mapping); no page touched."""
     item = torch.empty(0, dtype=dtype).element_size()
     nbytes = rows * dim * item
     fns = _mmap() if ASYNC_RELEASE and nbytes >= MAP_BYTES else None
     if fns is None:
         return torch.empty(rows, dim, dtype=dtype)
-    _WORKER.flush()
-    addr = fns[0](None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-    if addr is None or addr == ctypes.c_void_p(-1).value:
-        return torch.empty(rows, dim, dtype=dtype)
+    addr = _take(nbytes)
+    if addr is None:
+        _WORKER.flush()
+        addr = fns[0](None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if addr is None or addr == ctypes.c_void_p(-1).value:
+            return torch.empty(rows, dim, dtype=dtype)
     buf = (ctypes.c_char * nbytes).from_address(addr)
     buf._mapping = _Mapping(addr, nbytes)  # dies with the buffer, which the tensor's storage holds
     return torch.frombuffer(buf, dtype=dtype).view(rows, dim)

@@ -37,6 +37,7 @@ from ..engine.paramspace import ParamSpace, select_parameters
 from ..engine.probedata import draw_probe_batches
 from ..engine.state import rng_preserved
 from ..errors import ConfigurationError, OptimizerStateError
+from ..linalg.host_blocks import keep_released
 from ..linalg.pinned_memory import release_pool
 from ..linalg.ritz import prefetch_solver
 from ..metrics import registry
@@ -255,6 +256,7 @@ class GeometryProbe:
         self.annotate = annotate
         self._t_start = clock()
         self._closed = False
+        self._keeps_blocks = False  # counted among the probes keeping released basis mappings (host_blocks.py)
         self.final_probe = bool(final_probe)
         self.skips = SkipCounter()
         self._skipped_before = 0  # skips counted when the last probe ran
@@ -343,6 +345,10 @@ class GeometryProbe:
         (``final``: marked as the probe at the end of training)."""
         # an optimizer stepped under no_grad or inference_mode still gets its probe: HVPs need autograd; and
         # whatever the probe draws (noise_data batches, a dataset's augmentation) leaves training's RNG alone
+        if not self._keeps_blocks:
+            # basis mappings a probe releases wait for the next one's, their pages in place (host_blocks.py)
+            keep_released(True)
+            self._keeps_blocks = True
         with torch.inference_mode(False), torch.enable_grad(), rng_preserved(self.model):
             return self._probe(step, final)
 
@@ -570,6 +576,9 @@ class GeometryProbe:
         if self._tb is not None:
             self._tb.close()
         release_pool()  # the page-locked blocks kept for the next probe: there is none (pinned_memory.py)
+        if self._keeps_blocks:
+            keep_released(False)  # the last probe out releases the mappings kept
+            self._keeps_blocks = False
         self._closed = True
 
     def __enter__(self) -> "GeometryProbe":
