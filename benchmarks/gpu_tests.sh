@@ -5,6 +5,6 @@
 set -u
 limit=${1:-170}
 shift || true
-timeout "$limit" python3 -m pytest -v -m gpu -p no:randomly "${@:-tests/}" 2>&1 \
-  | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|error" | sed 's/ *\[ *[0-9]*%\]//' | cut -c1-200
+timeout "$limit" python3 -m pytest -v -rfE --tb=line -m gpu -p no:randomly "${@:-tests/}" 2>&1 \
+  | grep -E "PASSED|FAILED|ERROR|SKIPPED|passed|failed|error|Error|assert" | sed 's/ *\[ *[0-9]*%\]//' | cut -c1-400
 echo "gpu tests rc ${PIPESTATUS[0]}"
