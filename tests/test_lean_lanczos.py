@@ -192,13 +192,25 @@ def test_a_host_vector_landscape_whose_plan_asks_runs_its_spectrum_lean(monkeypa
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_a_lean_spectrum_holds_two_d_vectors_and_gives_the_host_runs_values():
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(512, 512) for _ in range(8)]).cuda()
-    x, y = torch.randn(64, 512, device="cuda"), torch.randn(64, 512, device="cuda")
+    model, x, y = _gpu_mlp(512)
     budget = MemoryBudget(warn=False, gradient_samples=False, overrides={"working_vectors": ("device", "user")})
     lean = gp.Landscape(model, nn.MSELoss(), (x, y), memory=budget, vector_device="cpu")
     host = gp.Landscape(model, nn.MSELoss(), (x, y), memory=MemoryBudget(warn=False, gradient_samples=False),
                         vector_device="cpu")
+    _lean_as_host_on_gpu(lean, host)
+
+
+def _gpu_mlp(width: int):
+    """Eight linear layers of ``width`` on the GPU and a batch of 64 for an MSE loss."""
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(8)]).cuda()
+    return model, torch.randn(64, width, device="cuda"), torch.randn(64, width, device="cuda")
+
+
+def _lean_as_host_on_gpu(lean, host) -> None:
+    """The lean run's spectrum against the host placement's, and its device memory: two working vectors, a third
+    between products (the previous row, or a Ritz accumulator at the end) and the products' own temporaries,
+    below four d-vectors beside the graph, and nothing of length d left afterwards."""
     b = spectrum(host, tol=1e-4, max_iter=30)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -206,18 +218,14 @@ def test_on_a_gpu_a_lean_spectrum_holds_two_d_vectors_and_gives_the_host_runs_va
     a = spectrum(lean, tol=1e-4, max_iter=30)
     peak = torch.cuda.max_memory_allocated() - base
     assert a["lambda_max"] == pytest.approx(b["lambda_max"], rel=1e-4)
-    # two working vectors, a third between products (the previous row, or a Ritz accumulator at the end) and
-    # the products' own temporaries: below four d-vectors beside the graph
     assert peak < lean.graph_bytes + 4 * lean.dim * 4
-    assert torch.cuda.memory_allocated() - base < lean.dim * 4  # nothing of length d left on the device
+    assert torch.cuda.memory_allocated() - base < lean.dim * 4
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_on_a_gpu_a_plan_that_moves_the_vectors_to_the_host_chooses_lean_where_it_fits():
-    torch.manual_seed(0)
-    model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)]).cuda()
-    x, y = torch.randn(64, 1024, device="cuda"), torch.randn(64, 1024, device="cuda")
+    model, x, y = _gpu_mlp(1024)
     v = sum(p.numel() for p in model.parameters()) * 4
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -240,12 +248,4 @@ def test_on_a_gpu_a_plan_that_moves_the_vectors_to_the_host_chooses_lean_where_i
         warn=False, gradient_samples=False, cap_bytes=int(base + k * v),
         overrides={"working_vectors": ("host", "user")}))
     assert host.plan.vectors == "host" and host.plan.working_vectors == "host"
-    want = spectrum(host, tol=1e-4, max_iter=30)
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    start = torch.cuda.memory_allocated()
-    got = spectrum(chosen, tol=1e-4, max_iter=30)
-    peak = torch.cuda.max_memory_allocated() - start
-    assert got["lambda_max"] == pytest.approx(want["lambda_max"], rel=1e-4)
-    # the two working vectors, a third between products and the products' temporaries (as where it is asked)
-    assert peak < chosen.graph_bytes + 4 * v
+    _lean_as_host_on_gpu(chosen, host)
