@@ -10,6 +10,18 @@ torch.backends.cudnn.allow_tf32 = False
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _no_kept_mappings():
+    """Each test starts and ends with no probe keeping released basis mappings (a probe a test leaves open would
+    keep them for every later test)."""
+    from geomprobe.linalg import host_blocks
+
+    yield
+    host_blocks._keepers = 0
+    host_blocks.release_kept()
+    host_blocks._WORKER.flush()
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

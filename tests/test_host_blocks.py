@@ -512,3 +512,21 @@ def test_a_probe_counts_itself_in_at_its_first_probe_and_out_at_close(monkeypatc
     probe.close()
     probe.close()
     assert calls == [True, False]
+
+
+def test_a_probe_collected_without_close_counts_itself_out(monkeypatch):
+    import gc
+
+    from reference import TanhMLP
+
+    import geomprobe as gp
+
+    calls = []
+    monkeypatch.setattr("geomprobe.probe.geometry_probe.keep_released", lambda on: calls.append(on))
+    X, y = torch.randn(32, 6, generator=gen(0), dtype=torch.float64), torch.randint(0, 3, (32,), generator=gen(1))
+    probe = gp.GeometryProbe(TanhMLP().double(), torch.nn.CrossEntropyLoss(), (X, y),
+                             metrics={"spectrum": {"max_iter": 5}})
+    probe.probe(0)
+    del probe
+    gc.collect()
+    assert calls == [True, False]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import inspect
 import time
 import warnings
+import weakref
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -256,7 +257,7 @@ class GeometryProbe:
         self.annotate = annotate
         self._t_start = clock()
         self._closed = False
-        self._keeps_blocks = False  # counted among the probes keeping released basis mappings (host_blocks.py)
+        self._keeps_blocks: weakref.finalize | None = None  # counts it out of host_blocks.keep_released
         self.final_probe = bool(final_probe)
         self.skips = SkipCounter()
         self._skipped_before = 0  # skips counted when the last probe ran
@@ -345,10 +346,11 @@ class GeometryProbe:
         (``final``: marked as the probe at the end of training)."""
         # an optimizer stepped under no_grad or inference_mode still gets its probe: HVPs need autograd; and
         # whatever the probe draws (noise_data batches, a dataset's augmentation) leaves training's RNG alone
-        if not self._keeps_blocks:
-            # basis mappings a probe releases wait for the next one's, their pages in place (host_blocks.py)
+        if self._keeps_blocks is None:
+            # basis mappings a probe releases wait for the next one's, their pages in place (host_blocks.py);
+            # counted out at close(), or when the probe is collected without one
             keep_released(True)
-            self._keeps_blocks = True
+            self._keeps_blocks = weakref.finalize(self, keep_released, False)
         with torch.inference_mode(False), torch.enable_grad(), rng_preserved(self.model):
             return self._probe(step, final)
 
@@ -576,9 +578,8 @@ class GeometryProbe:
         if self._tb is not None:
             self._tb.close()
         release_pool()  # the page-locked blocks kept for the next probe: there is none (pinned_memory.py)
-        if self._keeps_blocks:
-            keep_released(False)  # the last probe out releases the mappings kept
-            self._keeps_blocks = False
+        if self._keeps_blocks is not None:
+            self._keeps_blocks()  # counted out (once): the last probe out releases the mappings kept
         self._closed = True
 
     def __enter__(self) -> "GeometryProbe":
