@@ -17,9 +17,9 @@ def _no_kept_mappings():
     from geomprobe.linalg import host_blocks
 
     yield
-    host_blocks._keepers = 0
-    host_blocks.release_kept()
-    host_blocks._WORKER.flush()
+    if host_blocks._keepers or host_blocks.kept_bytes():
+        host_blocks._keepers = 0
+        host_blocks.release_kept()
 
 
 def pytest_collection_modifyitems(config, items):
