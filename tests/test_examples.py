@@ -27,7 +27,13 @@ def run_script(path: Path, *args: str, cwd: Path, timeout: int = 240) -> subproc
                           timeout=timeout, check=False)
 
 
-@pytest.mark.parametrize("script", sorted(EXAMPLES))
+# The plain loop runs in the default suite; the others take 9-12 s each (the frameworks' imports, a checkpoint run)
+# and their integrations have fast tests of their own (test_integrations.py, test_cli_probe.py): `-m slow`.
+SLOW_EXAMPLES = {"lightning_loop.py", "hf_trainer.py", "checkpoint_probing.py"}
+
+
+@pytest.mark.parametrize("script", [pytest.param(s, marks=pytest.mark.slow) if s in SLOW_EXAMPLES else s
+                                    for s in sorted(EXAMPLES)])
 def test_example_runs_and_writes_its_run(script, tmp_path):
     needs, sub, last = EXAMPLES[script]
     if needs is not None and importlib.util.find_spec(needs) is None:
