@@ -454,8 +454,7 @@ def test_a_dropped_basis_releases_every_block(small_maps, monkeypatch, prefetch)
 def keeping(small_maps, monkeypatch):
     """A probe counted in (released mappings kept); the kept ones released after."""
     monkeypatch.setattr(HB, "_keepers", 0)
-    monkeypatch.setattr(HB, "_kept", {})
-    monkeypatch.setattr(HB, "_kept_total", 0)
+    HB.release_kept()
     monkeypatch.setattr(HB, "free_core", lambda: False)
     HB.keep_released(True)
     yield
@@ -479,7 +478,7 @@ def test_a_probe_keeps_released_mappings_for_the_next_block_of_their_size(keepin
 
 
 def test_kept_mappings_stay_under_their_share_and_nothing_is_kept_without_a_probe(keeping, monkeypatch):
-    monkeypatch.setattr(HB, "KEEP_FRACTION", (10 << 20) / HB._physical_bytes())  # room for one 8 MiB block
+    monkeypatch.setattr(HB, "KEEP_FRACTION", (10 << 20) / HB.physical_bytes())  # room for one 8 MiB block
     A, B = HB.host_block(2, 1 << 20, torch.float32), HB.host_block(2, 1 << 20, torch.float32)
     a, b = A.data_ptr(), B.data_ptr()
     del A

@@ -12,6 +12,7 @@ from reference import TanhMLP
 
 import geomprobe as gp
 from geomprobe.linalg import krylov_basis, pinned_memory
+from geomprobe.linalg.size_pool import physical_bytes
 from geomprobe.probe import geometry_probe
 
 PAGE = 4096
@@ -31,7 +32,7 @@ def fake_driver(monkeypatch):
     monkeypatch.setattr(pinned_memory, "_unregister", lambda addr: calls["unregister"].append(addr))
     monkeypatch.setattr(pinned_memory, "_event", lambda: None)
     monkeypatch.setattr(pinned_memory, "EXACT_FROM_BYTES", PAGE)
-    monkeypatch.setattr(pinned_memory, "_pool", {})
+    pinned_memory.release_pool()  # empty (no CUDA here); its counts start at zero
     monkeypatch.setattr(pinned_memory, "_stats", {k: 0 for k in pinned_memory._stats})
     yield calls
     gc.collect()
@@ -69,7 +70,7 @@ def test_past_the_cap_a_dead_block_is_released_and_release_pool_empties_the_pool
     a = pinned_memory.pinned_empty((20000,), torch.float32)
     b = pinned_memory.pinned_empty((20000,), torch.float32)
     addr_a, addr_b = a.data_ptr(), b.data_ptr()
-    host = pinned_memory._host_bytes()
+    host = physical_bytes()
     monkeypatch.setattr(pinned_memory, "POOL_FRACTION", 100000 / host)  # room for one block of 80 kB
     del a
     gc.collect()

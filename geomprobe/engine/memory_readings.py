@@ -17,8 +17,8 @@ __all__ = ["device_memory", "host_available_bytes", "read_training_peak"]
 def host_available_bytes() -> int | None:
     """RAM the host can still give (``MemAvailable`` of /proc/meminfo, else free pages), counting the blocks this
     process keeps for reuse (:mod:`~geomprobe.linalg.pinned_memory`'s page-locked pool and the basis mappings
-    :func:`~geomprobe.linalg.host_blocks.keep_released` keeps: the next probe's blocks come from there first, and without them a later probe would plan as if the first one's rows were still
-    held); None if unknown."""
+    :func:`~geomprobe.linalg.host_blocks.keep_released` keeps): the next probe's blocks come from there first, and
+    without them a later probe would plan as if the first one's rows were still held. None if unknown."""
     free = _os_available_bytes()
     return None if free is None else free + pool_stats()["pooled_bytes"] + kept_bytes()
 

@@ -36,9 +36,11 @@ import threading
 
 import torch
 
+from .size_pool import SizePool, physical_bytes
+
 __all__ = [
     "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "accelerator_in_use", "advise_huge_pages", "free_core",
-    "keep_released", "kept_bytes", "release_kept",
+    "keep_released", "kept_bytes", "map_anonymous", "release_kept", "unmap_now_or_beside",
     "host_block", "populate", "populate_wanted", "populated_ahead", "prefetch_wanted", "thp_mode",
 ]
 
@@ -106,10 +108,8 @@ def _mmap():
 # 4.5 s and unmapped them for 2.3 s (cProfile of a later probe, benchmarks/RESULTS.md section 6, nineteenth
 # round). At most this share of the host's memory is kept; all of it is released when the last probe closes.
 KEEP_FRACTION = 0.25
-_keep_lock = threading.RLock()  # re-entrant: a mapping may die (and be kept) inside a locked region, by the GC
+_keep_lock = threading.Lock()
 _keepers = 0
-_kept: dict[int, list[int]] = {}
-_kept_total = 0
 
 
 def keep_released(on: bool) -> None:
@@ -126,54 +126,36 @@ def keep_released(on: bool) -> None:
 
 def kept_bytes() -> int:
     """Bytes of released mappings kept for reuse now."""
-    return _kept_total
+    return _KEPT.bytes
 
 
 def release_kept() -> int:
     """Unmap every kept mapping (on the background thread where a core is free); returns the bytes released."""
-    global _kept_total
-    with _keep_lock:
-        entries = [(length, addr) for length, addrs in _kept.items() for addr in addrs]
-        _kept.clear()
-        _kept_total = 0
-    for length, addr in entries:
-        _unmap(addr, length)
-    return sum(length for length, _ in entries)
+    return _KEPT.release()
 
 
-def _keep(addr: int, length: int) -> bool:
-    global _kept_total
-    with _keep_lock:
-        if _keepers == 0 or _kept_total + length > KEEP_FRACTION * _physical_bytes():
-            return False
-        _kept.setdefault(length, []).append(addr)
-        _kept_total += length
-        return True
-
-
-def _take(length: int) -> int | None:
-    global _kept_total
-    with _keep_lock:
-        addrs = _kept.get(length)
-        if not addrs:
-            return None
-        _kept_total -= length
-        return addrs.pop()
-
-
-def _physical_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - every Linux answers
-        return 0
-
-
-def _unmap(addr: int, length: int) -> None:
+def unmap_now_or_beside(addr: int, length: int) -> None:
+    """Unmap ``[addr, addr + length)``: on the background thread where a core is free, else at once."""
     unmap = _mmap()[1]
     if free_core():
         _WORKER.submit(unmap, addr, length)
     else:
         unmap(addr, length)
+
+
+def map_anonymous(nbytes: int) -> int | None:
+    """The address of a fresh private anonymous mapping of ``nbytes`` (no page touched), once the releases still
+    pending have run; None where mapping is unavailable or fails."""
+    fns = _mmap()
+    if fns is None:
+        return None
+    _WORKER.flush()  # a basis dropped and a new one allocated are never both in memory
+    addr = fns[0](None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    return None if addr is None or addr == ctypes.c_void_p(-1).value else addr
+
+
+_KEPT = SizePool(lambda: KEEP_FRACTION * physical_bytes() if _keepers else 0.0,
+                 lambda addr, length, _tag: unmap_now_or_beside(addr, length))
 
 
 class _Mapping:
@@ -188,8 +170,8 @@ class _Mapping:
     def __del__(self) -> None:
         # at interpreter shutdown the module's globals may be gone already: the system reclaims the memory then
         with contextlib.suppress(Exception):
-            if not _keep(self.addr, self.length):
-                _unmap(self.addr, self.length)
+            if not _KEPT.put(self.addr, self.length):
+                unmap_now_or_beside(self.addr, self.length)
 
 
 def host_block(rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -200,17 +182,13 @@ def host_block(rows: int, dim: int, dtype: torch.dtype) -> torch.Tensor:
     then takes it with its pages in place. Releases still pending are waited for before a new mapping is taken,
     so a basis dropped and a new one allocated are never both in memory. Falls back to ``torch.empty`` where
     mapping is not available or fails. Cost: one system call (none for a kept mapping); no page touched."""
-    item = torch.empty(0, dtype=dtype).element_size()
-    nbytes = rows * dim * item
-    fns = _mmap() if ASYNC_RELEASE and nbytes >= MAP_BYTES else None
-    if fns is None:
+    nbytes = rows * dim * dtype.itemsize
+    if not ASYNC_RELEASE or nbytes < MAP_BYTES:
         return torch.empty(rows, dim, dtype=dtype)
-    addr = _take(nbytes)
+    kept = _KEPT.take(nbytes)
+    addr = kept[0] if kept is not None else map_anonymous(nbytes)
     if addr is None:
-        _WORKER.flush()
-        addr = fns[0](None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-        if addr is None or addr == ctypes.c_void_p(-1).value:
-            return torch.empty(rows, dim, dtype=dtype)
+        return torch.empty(rows, dim, dtype=dtype)
     buf = (ctypes.c_char * nbytes).from_address(addr)
     buf._mapping = _Mapping(addr, nbytes)  # dies with the buffer, which the tensor's storage holds
     return torch.frombuffer(buf, dtype=dtype).view(rows, dim)

@@ -25,12 +25,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import mmap
-import os
 import threading
 
 import torch
 
 from . import host_blocks
+from .size_pool import SizePool, physical_bytes
 
 __all__ = ["EXACT_FROM_BYTES", "POOL_FRACTION", "pinned_empty", "pool_stats", "release_pool"]
 
@@ -39,9 +39,8 @@ POOL_FRACTION = 0.5  # of the host's physical memory, at most, kept locked in th
 POPULATE_THREADS = 8  # threads faulting a new block's pages in before it is registered
 ENABLED = True  # False: every request answers None (the callers' torch route; benchmarks compare the two)
 
-_lock = threading.RLock()  # re-entrant: a block may die (and come back) inside a locked region, by the GC
-_pool: dict[int, list[tuple[int, object]]] = {}  # nbytes -> [(address, event recorded when it came back)]
-_stats = {"mapped": 0, "reused": 0, "released": 0, "refused": 0, "pooled_bytes": 0, "live_bytes": 0}
+_lock = threading.Lock()
+_stats = {"mapped": 0, "reused": 0, "released": 0, "refused": 0, "live_bytes": 0}
 
 
 class _Block:
@@ -84,13 +83,6 @@ def _usable() -> bool:
             and hasattr(_cudart(), "cudaHostRegister") and hasattr(_cudart(), "cudaHostUnregister"))
 
 
-def _host_bytes() -> int:
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # pragma: no cover - every Linux answers
-        return 0
-
-
 def _event():
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return None
@@ -99,20 +91,27 @@ def _event():
     return ev
 
 
-def _free(addr: int, nbytes: int) -> None:
+def _free(addr: int, nbytes: int, event=None) -> None:
+    if event is not None:
+        event.synchronize()  # a copy queued before the block came back has finished with it
+    _count("released")
     _unregister(addr)
     host_blocks._mmap()[1](addr, nbytes)
 
 
-def _give_back(addr: int, nbytes: int) -> None:
+def _count(key: str, n: int = 1) -> None:
     with _lock:
-        _stats["live_bytes"] -= nbytes
-        keep = _stats["pooled_bytes"] + nbytes <= POOL_FRACTION * _host_bytes()
-        if keep:
-            _pool.setdefault(nbytes, []).append((addr, _event()))
-            _stats["pooled_bytes"] += nbytes
-            return
-        _stats["released"] += 1
+        _stats[key] += n
+
+
+# released blocks by size, each with the event recorded on the current stream when it came back
+_POOL = SizePool(lambda: POOL_FRACTION * physical_bytes(), _free)
+
+
+def _give_back(addr: int, nbytes: int) -> None:
+    _count("live_bytes", -nbytes)
+    if _POOL.put(addr, nbytes, _event()):
+        return
     if host_blocks.free_core():  # unpinning and unmapping gigabytes takes a while: beside the caller where it can
         host_blocks._WORKER.submit(_free, addr, nbytes)
     else:
@@ -140,17 +139,13 @@ def _populate(addr: int, nbytes: int) -> None:
 
 
 def _map_registered(nbytes: int) -> int | None:
-    fns = host_blocks._mmap()
-    if fns is None:
-        return None
-    host_blocks._WORKER.flush()  # blocks still being released first: never both in memory
-    addr = fns[0](None, nbytes, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
-    if addr is None or addr == ctypes.c_void_p(-1).value:
+    addr = host_blocks.map_anonymous(nbytes)
+    if addr is None:
         return None
     _populate(addr, nbytes)
     if _register(addr, nbytes):
         return addr
-    fns[1](addr, nbytes)
+    host_blocks._mmap()[1](addr, nbytes)
     return None
 
 
@@ -166,29 +161,22 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | N
     nbytes = numel * dtype.itemsize
     if nbytes < EXACT_FROM_BYTES or not _usable():
         return None
-    with _lock:
-        waiting = _pool.get(nbytes)
-        entry = waiting.pop() if waiting else None
-        if entry is not None:
-            _stats["pooled_bytes"] -= nbytes
-            _stats["reused"] += 1
+    entry = _POOL.take(nbytes)
     if entry is not None:
-        addr, ev = entry
-        if ev is not None:
-            ev.synchronize()  # a copy queued before the block came back has finished with it
+        addr, event = entry
+        if event is not None:
+            event.synchronize()  # a copy queued before the block came back has finished with it
+        _count("reused")
     else:
         addr = _map_registered(nbytes)
-        if addr is None and _stats["pooled_bytes"] > 0:
+        if addr is None and _POOL.bytes > 0:
             release_pool()
             addr = _map_registered(nbytes)
         if addr is None:
-            with _lock:
-                _stats["refused"] += 1
+            _count("refused")
             return None
-        with _lock:
-            _stats["mapped"] += 1
-    with _lock:
-        _stats["live_bytes"] += nbytes
+        _count("mapped")
+    _count("live_bytes", nbytes)
     buf = (ctypes.c_char * nbytes).from_address(addr)
     buf._block = _Block(addr, nbytes)  # dies with the buffer, which the tensor's storage holds
     return torch.frombuffer(buf, dtype=dtype).view(*shape)
@@ -197,20 +185,11 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | N
 def release_pool() -> int:
     """Unregister and unmap every block waiting in the pool; returns the bytes released. Blocks in use are not
     touched (each goes back to the pool, or is released, when its last view dies)."""
-    with _lock:
-        entries = [(nbytes, addr, ev) for nbytes, lst in _pool.items() for addr, ev in lst]
-        _pool.clear()
-        _stats["pooled_bytes"] = 0
-        _stats["released"] += len(entries)
-    for nbytes, addr, ev in entries:
-        if ev is not None:
-            ev.synchronize()
-        _free(addr, nbytes)
-    return sum(e[0] for e in entries)
+    return _POOL.release()
 
 
 def pool_stats() -> dict:
     """Counts of this process's exact-size blocks: ``mapped`` (new registrations), ``reused`` (taken from the
     pool), ``released``, ``refused``, and the bytes ``pooled`` and ``live`` (in use) now."""
     with _lock:
-        return dict(_stats)
+        return {**_stats, "pooled_bytes": _POOL.bytes}
