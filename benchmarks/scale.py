@@ -48,12 +48,13 @@ from timing import environment, strict_fp32, sync  # noqa: E402
 import geomprobe as gp  # noqa: E402
 from geomprobe.engine.landscape import Landscape  # noqa: E402
 
+from memory_history import MemoryHistory  # noqa: E402
 from scale_setup import FULL, DTYPES, MLP, HVPClock, build, hvp_clock_lines, lm_loss, median_time, peak_of, profile_rows_of, stream_sync, token_batches  # noqa: E402,F401  (re-exported: other benchmarks import them from here)
 
 
 def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, out_dir: str,
                   noise_batches: int, peak_ratio: float = 1.5, metric_options: dict | None = None,
-                  profile_rows: int = 0, repeat: int = 1) -> dict:
+                  profile_rows: int = 0, repeat: int = 1, memory_history: bool = False) -> dict:
     """One model's figures (module docstring) from one probe; with ``repeat`` > 1, that many probes in the same
     process, a training step before each later one (the steady state of a probe in a loop: page-locked memory
     cached, spectrum warm-started), each later probe summarized in ``res["later_probes"]``."""
@@ -141,12 +142,15 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         torch.cuda.reset_peak_memory_stats()
     train_step()  # the interval a probe in a loop reads the training peak from (it plans within 1.5x of it)
     prof = cProfile.Profile() if profile_rows else None
-    with HVPClock(device) as clock:
+    history = MemoryHistory(device) if memory_history and cuda and repeat == 1 else contextlib.nullcontext()
+    with HVPClock(device) as clock, history:
         if prof is not None:
             prof.enable()
         seconds, _ = peak_of(lambda: probe.probe(1), device, reset=False)
         if prof is not None:
             prof.disable()
+    if isinstance(history, MemoryHistory):
+        res["memory_at_peak"] = history.summary()
     if prof is not None:  # HVPs synchronize at both ends (HVPClock): what is left is the probe's own work
         res["profile"] = profile_rows_of(prof, profile_rows)
     record = probe.records[-1]
@@ -178,12 +182,15 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         train_step()  # new parameters, as along a trajectory; the probe warm-starts from the last one's vectors
         per_metric.clear()
         last_prof = cProfile.Profile() if profile_rows and i == repeat - 1 else None  # the steady probe's costs
-        with HVPClock(device) as clock:
+        history = MemoryHistory(device) if memory_history and cuda and i == repeat - 1 else contextlib.nullcontext()
+        with HVPClock(device) as clock, history:
             if last_prof is not None:
                 last_prof.enable()
             seconds, _ = peak_of(lambda: probe.probe(1 + i), device, reset=False)
             if last_prof is not None:
                 last_prof.disable()
+        if isinstance(history, MemoryHistory):
+            res["memory_at_peak"] = history.summary()
         if last_prof is not None:
             res["later_profile"] = profile_rows_of(last_prof, profile_rows)
         record = probe.records[-1]
@@ -424,6 +431,8 @@ def main() -> None:
     ap.add_argument("--working", default="plan", choices=["plan", "host", "device"],
                     help="host-vector plans: Lanczos' working vectors on the host, or on the device with the basis in "
                          "host memory (lean); plan: as the memory plan decides")
+    ap.add_argument("--memory-history", action="store_true",
+                    help="models: what is live at the last probe's peak, by where it was allocated (CUDA)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     if args.working != "plan":
@@ -458,7 +467,8 @@ def main() -> None:
                 try:
                     r = measure_model(name, dt, metrics, args.device, out_dir, args.noise_batches, ratio,
                                       json.loads(args.metric_options) if args.metric_options else None,
-                                      profile_rows=args.profile, repeat=args.repeat)
+                                      profile_rows=args.profile, repeat=args.repeat,
+                                      memory_history=args.memory_history)
                 except Exception as e:  # keep the other models' figures
                     r = {"model": name, "dtype": dt, "failed": f"{type(e).__name__}: {e}",
                          "trace": traceback.format_exc()[-2000:]}
