@@ -20,6 +20,39 @@ import torch
 from scale_setup import DTYPES, build, lm_loss, token_batches
 
 import geomprobe as gp
+from geomprobe.engine import saved_bytes
+
+saved_bytes.SavedBytes.hooks = lambda self: torch.autograd.graph.saved_tensors_hooks(self.pack, unpack)
+
+
+plain_pack = saved_bytes.SavedBytes.pack
+
+
+def offloading_pack(limit: float):
+    """SavedBytes.pack that moves saved tensors of 1 MB or more (not parameters) to page-locked host memory until
+    ``limit`` bytes of a graph have moved; they come back to the device when the double backward unpacks them."""
+
+    def pack(self, t):
+        out = plain_pack(self, t)
+        moved = getattr(self, "moved", 0)
+        nb = t.numel() * t.element_size()
+        if t.device.type != "cuda" or nb < 2**20 or moved + nb > limit or t.data_ptr() in self.exclude:
+            return out
+        self.moved = moved + nb
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        return Moved(host, t.device)
+
+    return pack
+
+
+class Moved:
+    def __init__(self, host, device):
+        self.host, self.device = host, device
+
+
+def unpack(t):
+    return t.host.to(t.device, non_blocking=True) if isinstance(t, Moved) else t
 
 
 def main() -> None:
@@ -28,6 +61,9 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--offload-gb", default="",
+                    help="comma-separated GB of each rebuilt graph's saved tensors moved to host memory while the "
+                         "graph waits (device input and output; an experiment on SavedBytes.pack)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     dev = torch.device(a.device)
@@ -42,7 +78,10 @@ def main() -> None:
     v_dev = v_host.to(dev)
     placements = {"host_in_host_out": (v_host, torch.empty_like(v_host)),
                   "device_in_device_out": (v_dev, torch.empty_like(v_dev)),
-                  "host_in_device_out": (v_host, torch.empty_like(v_dev))}
+                  "host_in_device_out": (v_host, torch.empty_like(v_dev)),
+                  "device_in_host_out": (v_dev, torch.empty_like(v_host).pin_memory() if cuda else torch.empty_like(v_host))}
+    for gb in [float(x) for x in a.offload_gb.split(",") if x]:
+        placements[f"device_in_device_out_offload_{gb:g}gb"] = (v_dev, torch.empty_like(v_dev))
     res = {"model": a.model, "dtype": a.dtype, "dim": land.dim,
            "plan_vectors": land.plan.vectors if land.plan else None}
     outs = {}
@@ -55,7 +94,9 @@ def main() -> None:
                 base = torch.cuda.memory_allocated()
             t = time.perf_counter()
             try:
-                if name == "host_in_device_out":
+                offload = float(name.rsplit("_", 1)[1][:-2]) * 1e9 if "offload" in name else 0.0
+                saved_bytes.SavedBytes.pack = offloading_pack(offload) if offload else plain_pack
+                if name in ("host_in_device_out", "device_in_host_out"):
                     # Landscape.hvp answers a host vector in host memory: the streamed pass itself is asked here
                     land.host._rows_into(v.view(1, -1), out.view(1, -1))
                 else:
