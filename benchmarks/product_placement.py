@@ -21,6 +21,7 @@ from scale_setup import DTYPES, build, lm_loss, token_batches
 
 import geomprobe as gp
 from geomprobe.engine import saved_bytes
+from geomprobe.engine.memory_plan import MemoryBudget
 
 saved_bytes.SavedBytes.hooks = lambda self: torch.autograd.graph.saved_tensors_hooks(self.pack, unpack)
 
@@ -70,9 +71,11 @@ def main() -> None:
     cuda = dev.type == "cuda"
     model, vocab, batch, tokens = build(a.model, DTYPES[a.dtype], dev)
     data = token_batches(vocab, batch, tokens, 1, dev, seed=0)
-    land = gp.Landscape(model, lm_loss, data, vector_device="cpu" if not cuda else None)
-    if land.host is None:  # the plan kept device vectors (a small model): ask for host vectors
-        land = gp.Landscape(model, lm_loss, data, vector_device="cpu")
+    # the 1B's plan at 1.5x its training peak: host vectors, micro-batches of one sample, every graph rebuilt for
+    # each product (a Landscape built here, without the optimizer's state, would have room to keep its graphs)
+    memory = MemoryBudget(warn=False, overrides={"micro_batch_size": (1, "benchmark"),
+                                                    "graph_budget_bytes": (0, "benchmark")})
+    land = gp.Landscape(model, lm_loss, data, vector_device="cpu", memory=memory)
     g = torch.Generator().manual_seed(0)
     v_host = torch.randn(land.dim, generator=g).to(land.dtype)
     v_dev = v_host.to(dev)
