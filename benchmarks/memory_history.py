@@ -27,7 +27,7 @@ def _where(frames: list[dict], depth: int = 3) -> str:
 class MemoryHistory:
     """Record the device's allocations inside a ``with`` block; :meth:`summary` replays them to the peak."""
 
-    def __init__(self, device, max_entries: int = 400_000, rows: int = 20):
+    def __init__(self, device, max_entries: int = 3_000_000, rows: int = 20):
         self.device, self.max_entries, self.rows = torch.device(device), max_entries, rows
         self.snapshot: dict | None = None
         self.start_bytes = 0
