@@ -140,9 +140,8 @@ def test_the_plan_chooses_lean_vectors_where_it_moved_the_vectors_to_the_host_an
     forced = plan_memory(**sim, train_peak_bytes=23282894848, overrides={"working_vectors": ("device", "user")})
     need = forced.peak_bytes
 
-    def at(budget, **kw):  # the training peak whose 1.5x leaves ``budget`` (after the plan's headroom)
-        return plan_memory(**sim, train_peak_bytes=int((budget / HEADROOM + sim["allocated_bytes"]) / 1.5) + 1,
-                           **kw)
+    def at(budget, **kw):  # the training peak whose 1.5x leaves ``budget`` (the lean plan takes it whole)
+        return plan_memory(**sim, train_peak_bytes=int((budget + sim["allocated_bytes"]) / 1.5) + 1, **kw)
 
     roomy = at(need + 2**30)
     assert roomy.vectors == "host" and roomy.sources["vectors"] == "plan"
@@ -156,6 +155,20 @@ def test_the_plan_chooses_lean_vectors_where_it_moved_the_vectors_to_the_host_an
     assert at(need + 2**30, overrides={"vectors": ("host", "user")}).working_vectors == "host"
     kept = at(need + 2**30, overrides={"working_vectors": ("host", "user")})
     assert kept.working_vectors == "host" and kept.sources["working_vectors"] == "user"
+    # the measured training peak: lean, planned within 1.5x (measured 1.44x after the first step's fourth d-vector
+    # went, twentieth round); the host placement's own plan keeps the headroom
+    real = plan_memory(**sim, train_peak_bytes=23282894848)
+    assert real.working_vectors == "device" and real.budget_source == "training peak"
+    assert (real.peak_bytes + sim["allocated_bytes"]) / 23282894848 <= 1.5
+    assert real.budget_bytes == int(1.5 * 23282894848 - sim["allocated_bytes"])
+    assert tight.budget_bytes == int((1.5 * (int((need - 2**30 + sim["allocated_bytes"]) / 1.5) + 1)
+                                      - sim["allocated_bytes"]) * HEADROOM)
+    # free device memory is a hard limit: it keeps the headroom for the lean plan too
+    free = dict(sim, available_bytes=need + 2**30)
+    hard = plan_memory(**free, train_peak_bytes=23282894848)
+    assert hard.working_vectors == "host"
+    assert plan_memory(**dict(sim, available_bytes=int((need + 2**30) / HEADROOM)),
+                       train_peak_bytes=10**12).working_vectors == "device"
 
 
 class _Land:

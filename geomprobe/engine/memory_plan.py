@@ -96,9 +96,11 @@ HVP_VECTORS = 3               # d-vectors per vector of an HVP: V, the per-param
 HVP_GRAPH_FACTOR = 1.0        # a double backward's temporaries per vector, relative to the piece's saved bytes
 # the same for a graph rebuilt per HVP with host vectors, which the double backward frees as it goes: measured
 # beyond the graph and two pieces on the 1.1B Llama (one sample per graph, H200), 0.04 (fp32: 6.85 GB in all for
-# a 6.57 GB graph) and 0.27 (bf16: 3.77 GB for 2.77 GB) of the graph's bytes, where 1.0 had planned 13.7 and
-# 5.8 GB (benchmarks/RESULTS.md section 6, seventeenth and eighteenth rounds)
-REBUILT_HVP_FACTOR = 0.35
+# a 6.57 GB graph, again in the twentieth round) and 0.27 (bf16: 3.77 GB for 2.77 GB) of the graph's bytes, where
+# 1.0 had planned 13.7 and 5.8 GB (benchmarks/RESULTS.md section 6, seventeenth and eighteenth rounds): half types
+# take float32 temporaries beside their half graph
+REBUILT_HVP_FACTOR = 0.35      # half types
+REBUILT_HVP_FACTOR_FULL = 0.1  # float32 and float64
 STATS_VECTORS = 6            # float64 d-vectors the gradient-noise statistics hold (see plan_memory)
 LANCZOS_WORK_VECTORS = 4      # w, the newest and previous basis vectors, a Ritz vector
 LEAN_WORK_VECTORS = 2         # a lean run's device vectors beside a product: the newest and the product's output
@@ -207,23 +209,27 @@ def budget_bytes(
     train_peak_bytes: int | None = None,
     peak_ratio: float = DEFAULT_PEAK_RATIO,
     cap_bytes: int | None = None,
+    target_headroom: float = HEADROOM,
 ) -> tuple[int | None, str]:
     """The bytes a probe may add to what is allocated, and which limit set it (module docstring); ``(None,
-    "no limit")`` when nothing is known. Negative when a limit is already exceeded."""
+    "no limit")`` when nothing is known. Negative when a limit is already exceeded. Each limit is taken times
+    :data:`HEADROOM`, the training peak's times ``target_headroom`` (the lean plan's: see :func:`_lean_plan`)."""
     if not peak_ratio > 0:
         raise ConfigurationError(f"peak_ratio must be > 0, got {peak_ratio}")
     allocated = int(allocated_bytes or 0)
     limits: list[tuple[float, str]] = []
     if train_peak_bytes is not None:
-        limits.append((peak_ratio * train_peak_bytes - allocated, "training peak"))
+        value = peak_ratio * train_peak_bytes - allocated
+        limits.append((value * target_headroom if value > 0 else value, "training peak"))
     if available_bytes is not None:
-        limits.append((available_bytes, "free memory"))
+        limits.append((available_bytes * HEADROOM if available_bytes > 0 else available_bytes, "free memory"))
     if cap_bytes is not None:
-        limits.append((cap_bytes - allocated, "memory cap"))
+        value = cap_bytes - allocated
+        limits.append((value * HEADROOM if value > 0 else value, "memory cap"))
     if not limits:
         return None, "no limit"
     value, source = min(limits, key=lambda t: t[0])
-    return int(value * HEADROOM) if value > 0 else int(value), source
+    return int(value), source
 
 
 def _pieces(batch_sizes: Sequence[int], m: int) -> list[int]:
@@ -291,6 +297,7 @@ def plan_memory(
     persample_graph_bytes_per_sample: float | None = None,
     host_vectors: bool = False,
     largest_param_bytes: int | None = None,
+    target_headroom: float = HEADROOM,
 ) -> MemoryPlan:
     """The settings that keep a probe within its budget, and the arithmetic behind them (module docstring).
 
@@ -307,6 +314,7 @@ def plan_memory(
     ``host_vectors``: the HVP vectors may move to host memory (a CUDA model in one process, exact HVPs); taken
     only when no plan with device vectors fits, or when ``overrides`` sets ``vectors`` to ``"host"``.
     ``largest_param_bytes``: the largest parameter's bytes, a host-vector HVP's piece in flight (None: not counted).
+    ``target_headroom``: the share of the training-peak limit planned for (:func:`budget_bytes`).
     Costs nothing (no HVP, no allocation).
     """
     args = dict(locals())  # this call's arguments, for the lean variant (_lean_plan)
@@ -326,7 +334,8 @@ def plan_memory(
             f"working_vectors must be 'host' or 'device' (the host-vector mode's Lanczos vectors), got "
             f"{given['working_vectors'][0]!r}")
     budget, source = budget_bytes(available_bytes=available_bytes, allocated_bytes=allocated_bytes,
-                                  train_peak_bytes=train_peak_bytes, peak_ratio=peak_ratio, cap_bytes=cap_bytes)
+                                  train_peak_bytes=train_peak_bytes, peak_ratio=peak_ratio, cap_bytes=cap_bytes,
+                                  target_headroom=target_headroom)
     v = dim * itemsize
     bv = dim * (basis_itemsize or itemsize)
     m_req = min(int(basis_vectors), dim + 1)
@@ -451,7 +460,9 @@ def plan_memory(
     # host vectors with every graph rebuilt: a rebuilt graph's double backward frees its saved tensors as it
     # goes, so its working memory beyond the graph is a fraction of it (REBUILT_HVP_FACTOR); a kept graph's
     # (retain_graph) comes on top of it whole
-    factor = REBUILT_HVP_FACTOR if host and kept == 0 and rebuilt > 0 else HVP_GRAPH_FACTOR
+    factor = HVP_GRAPH_FACTOR
+    if host and kept == 0 and rebuilt > 0:
+        factor = REBUILT_HVP_FACTOR if itemsize < 4 else REBUILT_HVP_FACTOR_FULL
     one_hvp = hvp_vectors + int(factor * s * m)
     per_vector = one_hvp + v  # in a block of several, V's per-parameter slices are copies
     if rest is None and not host:
@@ -569,11 +580,17 @@ def _lean_plan(args: dict, given: dict) -> MemoryPlan | None:
     and write device vectors and its arithmetic runs on the device, where the host placement streams every
     product's input and output and runs each step's passes on the host (1.1B Llama fp32, H200: 2.15 s against
     4.4 s a product; a probe 56.8 / 30.8 s first / later against 71.3 / 62.4 s, benchmarks/RESULTS.md section 6,
-    nineteenth round), worth more than a kept graph, which saves one forward of its piece per product."""
+    nineteenth round), worth more than a kept graph, which saves one forward of its piece per product.
+
+    Against the training-peak target the lean plan takes that limit whole (no :data:`HEADROOM`): the headroom
+    stands for the allocator's fragmentation, which the target (a ratio of allocated bytes) does not count, and
+    for small tensors, which at the sizes that send vectors to the host are megabytes beside gigabytes; the
+    plan's items already err high (the 1.1B Llama's lean fp32 run: planned 16.6 GB above its start, measured
+    15.7 GB, 1.44x its training step, twentieth round). Device memory limits (free memory, a cap) keep it."""
     tries = [{}] + ([] if "graph_budget_bytes" in given else [{"graph_budget_bytes": (0, "plan")}])
     for extra in tries:
         over = {**given, **extra, "vectors": ("host", "plan"), "working_vectors": ("device", "plan")}
-        plan = plan_memory(**{**args, "overrides": over})
+        plan = plan_memory(**{**args, "overrides": over, "target_headroom": 1.0})
         if plan.fits:
             return plan
     return None
