@@ -116,6 +116,28 @@ def test_an_offloaded_run_takes_its_vectors_into_its_page_locked_rows():
     assert abs(float(top[0, 7])) > 1 - 1e-4 and abs(float(bottom[0, 11])) > 1 - 1e-4
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_lean_run_forms_its_ritz_vectors_whole_in_the_room_its_working_vectors_left():
+    eig = torch.linspace(-1.0, 1.0, D, dtype=torch.float32, device="cuda")
+    eig[7], eig[11] = 10.0, -6.0
+    r = linalg.lanczos(lambda v: v * eig, D, k=1, tol=1e-6, dtype=torch.float32, device="cuda", basis_device="cpu",
+                       keep_basis=True, lean=True, generator=torch.Generator().manual_seed(0))
+    assert r.work_room_bytes == 2 * D * 4
+    n = len(r.ritz_values)
+    want = r.ritz_vectors([n - 1, 0])
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    top, bottom = r.take_ritz_vectors([[n - 1], [0]])
+    peak = torch.cuda.max_memory_allocated() - base
+    assert top.is_pinned() and bottom.is_pinned()
+    torch.testing.assert_close(torch.cat([top, bottom]), want, rtol=0, atol=1e-6)
+    assert float(top[0].norm()) == pytest.approx(1.0, abs=1e-6)
+    assert abs(float(top[0, 7])) > 1 - 1e-4 and abs(float(bottom[0, 11])) > 1 - 1e-4
+    assert 2 * D * 4 <= peak <= 3 * D * 4 + 2**20  # the two accumulators, a row's slice and a rounded slice
+
+
 def test_a_spectrum_keeps_one_copy_of_its_ritz_vectors_for_the_warm_start_and_the_views():
     # the warm start and the recorded Ritz pairs (the direction metric, the views) share the vectors the run
     # handed over: no second host copy of each d-vector at the end of every spectrum
@@ -201,10 +223,12 @@ def test_a_host_spectrum_writes_its_ritz_vectors_into_blocks_populated_during_th
     assert out["converged"]
 
 
+@pytest.mark.parametrize("whole", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
-def test_streamed_ritz_vectors_into_host_rows_go_a_slice_of_columns_at_a_time(dtype, monkeypatch):
+def test_streamed_ritz_vectors_into_host_rows_go_a_slice_of_columns_at_a_time(dtype, whole, monkeypatch):
     # the offloaded run's pass into host targets, here with the CPU as the "device": slices of 30,000 columns
-    # (a ragged last one), the same vectors as the host's pass, also when the targets are the basis's own rows
+    # (a ragged last one), the same vectors as the host's pass, also when the targets are the basis's own rows;
+    # whole: the accumulators whole on the "device", divided there and copied out once (a lean run's room)
     monkeypatch.setattr(ritz, "RITZ_COLUMNS", 30_000)
     r = diagonal_run()
     n = len(r.ritz_values)
@@ -212,11 +236,11 @@ def test_streamed_ritz_vectors_into_host_rows_go_a_slice_of_columns_at_a_time(dt
     Uk = r.U[:, [n - 1, 0]]
     want = ritz.form_ritz_vectors([B.double() for B in blocks], Uk)
     fresh = [torch.empty(1, D, dtype=dtype), torch.empty(1, D, dtype=dtype)]
-    ritz._streamed_ritz_into(blocks, Uk, torch.device("cpu"), fresh)
+    ritz._streamed_ritz_into(blocks, Uk, torch.device("cpu"), fresh, whole=whole)
     # one rounding of the sum to the type and one of the quotient
     tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(torch.cat(fresh).double(), want, rtol=0, atol=tol)
     own = [blocks[0], blocks[1]]  # written in place: each slice is read by every row before it is written
-    ritz._streamed_ritz_into(blocks, Uk, torch.device("cpu"), own)
+    ritz._streamed_ritz_into(blocks, Uk, torch.device("cpu"), own, whole=whole)
     torch.testing.assert_close(torch.cat(own).double(), want, rtol=0, atol=tol)
     assert abs(float(own[0][0, 7])) > 1 - 1e-2 and abs(float(own[1][0, 11])) > 1 - 1e-2

@@ -349,15 +349,9 @@ class LanczosBasis:
         self.compute = compute_device if compute_device is not None else device
         self.lean = bool(lean)  # the compute device keeps the newest vector and the product's output only
         self.offloaded = torch.device(self.compute) != torch.device(device) or self.lean
-        # page-locked blocks cost ~0.6 s per GB to allocate (4.6 s of a 50 s GPT-2 probe, once per process:
-        # torch keeps them for later probes) but stream twice as fast: measured on GPT-2 124M bf16 under the
-        # 1.5x plan, pageable blocks cost 16.5 s of copies where page-locked ones cost 11 s plus 3.3 s to
-        # allocate, with a pass nearly every step. Their allocation, though on another thread, also stalls the
-        # products beside it, so that the two cost about the same on a float32 run without passes: GPT-2 355M
-        # fp32 under the 1.5x plan (12 rows of 1.42 GB) reached its 10th product at 30.7 s page-locked
-        # (products 33.4 s of 38.6), 29.8 s pageable (products 20.8 s, first writes 18.5 s outside) and 28.8 s
-        # pageable with each row faulted in beside the product; bf16 rows (whole-basis passes) 22.6 s
-        # page-locked against 25.6-27.8 s pageable (benchmarks/RESULTS.md §6). Page-locked by default.
+        # page-locked blocks cost time to allocate (exact-size ones 1.35 s for a 4.4 GB row, pooled for later
+        # probes: pinned_memory.py) but stream twice as fast as pageable ones, whose first writes also stall the
+        # step (GPT-2 124M/355M and the 1.1B Llama under the 1.5x plan, benchmarks/RESULTS.md section 6).
         pin = self.PIN if pin is None else pin
         self.pin = pin and self.offloaded and torch.device(device).type == "cpu" and torch.device(self.compute).type == "cuda"
         # basis and working vectors in host memory: the steps' arithmetic takes the chunked CPU passes
@@ -536,19 +530,13 @@ class LanczosBasis:
         first = None
         if passes >= 2:
             dots: list[torch.Tensor] = []
-            self._each_streamed(w.device, lambda Bc: dots.append(self.space.dots(Bc, w)))
+            self._each_streamed(w.device, lambda Bc, i: dots.append(self.space.dots(Bc, w)))
             first = torch.cat(dots)
-            at = [0]
-
-            def subtract(Bc: torch.Tensor) -> None:
-                sub_rows(w, first[at[0] : at[0] + Bc.shape[0]], Bc)
-                at[0] += Bc.shape[0]
-
-            self._each_streamed(w.device, subtract)
+            self._each_streamed(w.device, lambda Bc, i: sub_rows(w, first[i : i + Bc.shape[0]], Bc))
             passes -= 1
         parts: list[torch.Tensor] = []
 
-        def piecewise(Bc: torch.Tensor) -> None:
+        def piecewise(Bc: torch.Tensor, i: int) -> None:
             total = None
             for _ in range(passes):
                 c = self.space.dots(Bc, w)
@@ -561,18 +549,18 @@ class LanczosBasis:
         return w, rest if first is None else first + rest
 
     def _each_streamed(self, device, fn) -> None:
-        """``fn`` on the stored rows brought to ``device``, ``STREAM`` at a time: a whole block on the device would
-        be the largest allocation of a memory-bounded probe (16 vectors = 0.7 GB for ResNet-18). Each piece is
-        dropped when ``fn`` returns, before the next is copied: a loop over a generator of pieces holds the last
-        one in its variable while the next is made, two pieces on the device at once (a lean run's first step
-        held four d-vectors of the 1.1B Llama, 1.52x its training step, where three fit)."""
+        """``fn(rows, i)`` on the stored rows brought to ``device`` ``STREAM`` at a time (``i``: the first row's index),
+        each dropped before the next is copied (a loop over a generator of pieces holds the last while the next is
+        made: the 1.1B Llama's lean first step held four d-vectors, 1.52x its training step, where three fit)."""
+        i = 0
         for B in self._filled():
             for s in range(0, B.shape[0], self.STREAM):
-                fn(self._on_compute(B[s : s + self.STREAM], device))
+                rows = B[s : s + self.STREAM]
+                fn(self._on_compute(rows, device), i)
+                i += rows.shape[0]
 
     def _on_compute(self, rows: torch.Tensor, device) -> torch.Tensor:
-        """Stored ``rows`` on ``device`` (a copy where the basis is offloaded; asynchronous from page-locked rows)."""
-        return rows.to(device, non_blocking=self.pin)
+        return rows.to(device, non_blocking=self.pin)  # asynchronous from page-locked rows
 
     def rotate(self, Y: torch.Tensor) -> None:
         """Replace the basis ``V`` (``n`` rows) by the ``l`` rows of ``Y^T V`` for ``Y`` ``(n, l)``, in place.

@@ -15,7 +15,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["LeanVectors", "RowCopies"]
+__all__ = ["LeanVectors", "RowCopies", "lean_work_bytes"]
+
+
+def lean_work_bytes(dim: int, dtype: torch.dtype) -> int:
+    """Device bytes a lean run's working vectors take (its two vectors, and a float32 one for half types, as the
+    memory plan counts them): free again once the run is over, for its Ritz vectors."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    return 2 * dim * itemsize + (4 * dim if itemsize < 4 else 0)
 
 
 class RowCopies:

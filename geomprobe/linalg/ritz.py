@@ -57,6 +57,9 @@ class LanczosResult:
     resid: torch.Tensor | None = field(default=None, repr=False)  # residual norms beta |u_{p,i}| (any bound)
     # where the run computed, when its basis was offloaded to host memory (Ritz vectors are formed there)
     compute_device: torch.device | None = field(default=None, repr=False)
+    # bytes the compute device may hold for the Ritz vectors once the run is over: a lean run's two working
+    # vectors, released at its end (memory_plan's lean_work); 0: only slices of them
+    work_room_bytes: int = field(default=0, repr=False)
     reorthogonalizations: int = 0  # steps orthogonalized against the whole basis (every step: full)
     reorth_regime: str = "full"  # "full", "estimated", or how and from which step partial orthogonalization went on
 
@@ -144,7 +147,8 @@ class LanczosResult:
         compute = self.compute_device
         if compute is not None and torch.device(compute).type != "cpu":
             if Uk.shape[1]:
-                _streamed_ritz_into(blocks, Uk, torch.device(compute), [t for t in out if t.shape[0]])
+                whole = Uk.shape[1] * d * accumulation_dtype(dtype).itemsize <= self.work_room_bytes
+                _streamed_ritz_into(blocks, Uk, torch.device(compute), [t for t in out if t.shape[0]], whole=whole)
         elif Uk.shape[1]:
             _host_ritz_vectors(blocks, Uk, [t for t in out if t.shape[0]])
         self.basis_blocks = None
@@ -191,40 +195,61 @@ RITZ_COLUMNS = 1 << 26
 
 
 def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: torch.device,
-                        targets: list[torch.Tensor]) -> None:
+                        targets: list[torch.Tensor], whole: bool = False) -> None:
     """``V Uk`` normalized into ``targets`` (2-D tensors holding the rows in order, on the host or on ``device``)
     for a basis offloaded to host memory by a run on ``device``: :data:`RITZ_COLUMNS` columns at a time, each
-    row's slice brought over and added into float32 (float64 for float64) accumulators there, the slice of the
-    result copied to its targets with its squared norms; then each target row divided by its norm where it
-    lives. Every row crosses the bus once; the device holds ``k + 1`` slices, where whole float32 accumulators
-    and a row took 11 GB for the 1B Llama's two bf16 Ritz vectors, more than its products. Half types are
-    rounded twice (the slice, then the quotient), as on the host's pass. Cost: one pass over the basis, a pass
-    over the targets, no matvec."""
+    row's slice brought over and added into float32 (float64 for float64) accumulators there. Every row crosses
+    the bus once. Half types are rounded twice (the slice, then the quotient), as on the host's pass.
+
+    With ``whole`` (the device holds ``k`` whole accumulators: a lean run's released working vectors) the
+    vectors are divided by their norms there and copied out once, asynchronously into page-locked targets:
+    no pass over them on the host (the 1.1B Llama's two fp32 Ritz vectors took 1.76 s the other way, with a
+    blocking copy per slice and the division on the host). Else the device holds ``k + 1`` slices (whole float32
+    accumulators and a row took 11 GB for its two bf16 Ritz vectors, more than its products), each slice of the
+    result copied to its targets with its squared norms, then each target row divided where it lives. Cost: one
+    pass over the basis, a pass over the targets, no matvec."""
     first = blocks[0]
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     U = Uk.T.to(device=device, dtype=acc)
     k, d = U.shape[0], first.shape[1]
     sq = torch.zeros(k, dtype=torch.float64, device=device)
+    X = torch.zeros(k, d, dtype=acc, device=device) if whole else None
+    async_out = all(T.device == device or _pinned(T) for T in targets)
     for c in range(0, d, RITZ_COLUMNS):
         e = min(d, c + RITZ_COLUMNS)
-        X = torch.zeros(k, e - c, dtype=acc, device=device)
+        Xs = X[:, c:e] if whole else torch.zeros(k, e - c, dtype=acc, device=device)
         i = 0
         for B in blocks:
             for r in range(B.shape[0]):
-                X.addmm_(U[:, i : i + 1], B[r, c:e].to(device, non_blocking=_pinned(B)).to(acc)[None])
+                Xs.addmm_(U[:, i : i + 1], B[r, c:e].to(device, non_blocking=_pinned(B)).to(acc)[None])
                 i += 1
-        sq += torch.linalg.vector_norm(X, dim=1).double().square()
-        Xc = X.to(first.dtype)
-        s = 0
-        for T in targets:
-            T[:, c:e].copy_(Xc[s : s + T.shape[0]])
-            s += T.shape[0]
-    norms = sq.sqrt().cpu()
+        sq += torch.linalg.vector_norm(Xs, dim=1).double().square()
+        if not whole:
+            _copy_rows(Xs.to(first.dtype), targets, c, e, async_out)
+    if whole:
+        X.div_(sq.sqrt().to(acc)[:, None])
+        for c in range(0, d, RITZ_COLUMNS):
+            e = min(d, c + RITZ_COLUMNS)
+            _copy_rows(X[:, c:e].to(first.dtype), targets, c, e, async_out)
+        if async_out and device.type == "cuda":
+            torch.cuda.current_stream(device).synchronize()
+        return
+    norms = sq.sqrt().cpu()  # waits for the copies on this stream too
     i = 0
     for T in targets:
         for row in T:
             row.div_(float(norms[i]))  # a Python scalar: no float32 copy of the row (mixed types on the CPU)
             i += 1
+
+
+def _copy_rows(Xs: torch.Tensor, targets: list[torch.Tensor], c: int, e: int, non_blocking: bool) -> None:
+    """Rows of ``Xs`` (columns ``c:e`` of the stacked result) into the targets' columns ``c:e``, in order;
+    ``non_blocking`` where every target is page-locked or on the device (the caller synchronizes before
+    reading them on the host; the slice's memory is reused only by later work on this stream)."""
+    s = 0
+    for T in targets:
+        T[:, c:e].copy_(Xs[s : s + T.shape[0]], non_blocking=non_blocking)
+        s += T.shape[0]
 
 
 def _host_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor,
