@@ -25,7 +25,7 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   double backward's temporaries and one input and one output piece of the largest parameter
   (``largest_param_bytes``) at a time; a graph rebuilt per HVP holds its gradient (``v``) until its roots
   are taken, and where every graph is rebuilt the double backward's temporaries count ``REBUILT_HVP_FACTOR s m``
-  (it frees the graph as it goes). Batched HVPs go one vector at a time. With ``working_vectors="device"``
+  (``REBUILT_HVP_FACTOR_FULL`` for float32 and float64; it frees the graph as it goes). Batched HVPs go one vector at a time. With ``working_vectors="device"``
   (asked for through ``overrides``, or chosen where the plan moved the vectors to the host itself and this
   fits the budget) Lanczos keeps its working vectors on the device and its basis in host memory
   (``lean``, :func:`~geomprobe.linalg.lanczos.lanczos`): ``LEAN_WORK_VECTORS`` d-vectors beside each product, three
@@ -42,7 +42,8 @@ graphs plus the largest phase. The budget for it is the least of
 - the memory the device can still give (free plus cached by torch's allocator; on the CPU, available RAM),
 - ``memory_cap - allocated`` for a cap the user sets,
 
-times :data:`HEADROOM` for fragmentation. :func:`plan_memory` then chooses, each only as far as needed:
+times :data:`HEADROOM` for fragmentation (a lean plan takes the training-peak target whole: :func:`_lean_plan`).
+:func:`plan_memory` then chooses, each only as far as needed:
 
 1. where the Lanczos basis lives: whole on the device if it fits beside one piece's graph; else, when the
    metrics' Lanczos can bound its basis, ``max_basis`` vectors on the device (at least
@@ -96,9 +97,8 @@ HVP_VECTORS = 3               # d-vectors per vector of an HVP: V, the per-param
 HVP_GRAPH_FACTOR = 1.0        # a double backward's temporaries per vector, relative to the piece's saved bytes
 # the same for a graph rebuilt per HVP with host vectors, which the double backward frees as it goes: measured
 # beyond the graph and two pieces on the 1.1B Llama (one sample per graph, H200), 0.04 (fp32: 6.85 GB in all for
-# a 6.57 GB graph, again in the twentieth round) and 0.27 (bf16: 3.77 GB for 2.77 GB) of the graph's bytes, where
-# 1.0 had planned 13.7 and 5.8 GB (benchmarks/RESULTS.md section 6, seventeenth and eighteenth rounds): half types
-# take float32 temporaries beside their half graph
+# a 6.57 GB graph) and 0.27 (bf16: 3.77 GB for 2.77 GB) of the graph's bytes, where 1.0 had planned 13.7 and
+# 5.8 GB (benchmarks/RESULTS.md section 6, seventeenth, eighteenth and twentieth rounds)
 REBUILT_HVP_FACTOR = 0.35      # half types
 REBUILT_HVP_FACTOR_FULL = 0.1  # float32 and float64
 STATS_VECTORS = 6            # float64 d-vectors the gradient-noise statistics hold (see plan_memory)
@@ -460,9 +460,8 @@ def plan_memory(
     # host vectors with every graph rebuilt: a rebuilt graph's double backward frees its saved tensors as it
     # goes, so its working memory beyond the graph is a fraction of it (REBUILT_HVP_FACTOR); a kept graph's
     # (retain_graph) comes on top of it whole
-    factor = HVP_GRAPH_FACTOR
-    if host and kept == 0 and rebuilt > 0:
-        factor = REBUILT_HVP_FACTOR if itemsize < 4 else REBUILT_HVP_FACTOR_FULL
+    factor = (REBUILT_HVP_FACTOR if itemsize < 4 else REBUILT_HVP_FACTOR_FULL) if host and kept == 0 and rebuilt > 0 \
+        else HVP_GRAPH_FACTOR
     one_hvp = hvp_vectors + int(factor * s * m)
     per_vector = one_hvp + v  # in a block of several, V's per-parameter slices are copies
     if rest is None and not host:
@@ -580,13 +579,10 @@ def _lean_plan(args: dict, given: dict) -> MemoryPlan | None:
     and write device vectors and its arithmetic runs on the device, where the host placement streams every
     product's input and output and runs each step's passes on the host (1.1B Llama fp32, H200: 2.15 s against
     4.4 s a product; a probe 56.8 / 30.8 s first / later against 71.3 / 62.4 s, benchmarks/RESULTS.md section 6,
-    nineteenth round), worth more than a kept graph, which saves one forward of its piece per product.
-
-    Against the training-peak target the lean plan takes that limit whole (no :data:`HEADROOM`): the headroom
-    stands for the allocator's fragmentation, which the target (a ratio of allocated bytes) does not count, and
-    for small tensors, which at the sizes that send vectors to the host are megabytes beside gigabytes; the
-    plan's items already err high (the 1.1B Llama's lean fp32 run: planned 16.6 GB above its start, measured
-    15.7 GB, 1.44x its training step, twentieth round). Device memory limits (free memory, a cap) keep it."""
+    nineteenth round), worth more than a kept graph, which saves one forward of its piece per product. It takes
+    the training-peak target whole (no :data:`HEADROOM`, kept for free memory and a cap): the headroom is for
+    fragmentation, which that target (allocated bytes) does not count; its items err high already (the 1.1B
+    Llama fp32: planned 16.6 GB above its start, measured 15.7 GB, 1.44x its training step, twentieth round)."""
     tries = [{}] + ([] if "graph_budget_bytes" in given else [{"graph_budget_bytes": (0, "plan")}])
     for extra in tries:
         over = {**given, **extra, "vectors": ("host", "plan"), "working_vectors": ("device", "plan")}
