@@ -16,15 +16,4 @@ bash benchmarks/gpu_tests.sh 100 tests/test_pinned_memory.py tests/test_lean_lan
 S="benchmarks/scale.py --working device --repeat 2" run 195 llama_1b_fp32_lean10_exact llama-1b:fp32:spectrum 10
 S="benchmarks/scale.py --repeat 2" run 200 llama_1b_fp32_host10_exact llama-1b:fp32:spectrum 10
 summary
-python3 - <<'PY'
-import json, glob
-for f in sorted(glob.glob(__import__("os").environ["OUT"] + "/llama*.json")):
-    try:
-        r = json.load(open(f))["results"][0]
-    except Exception:
-        continue
-    for lp in r.get("later_probes", []):
-        m = lp["metrics"]["spectrum"]
-        print(f.split("/")[-1], "later", round(lp["probe_seconds"], 1), "hvp", round(lp["probe_hvp_seconds"], 1),
-              "outside", round(m["outside_seconds"], 2), round(m["outside_share"], 3), "peak_mib", lp["peak_mib"])
-PY
+python3 benchmarks/later_summary.py

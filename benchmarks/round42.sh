@@ -11,22 +11,4 @@ grep -E "FAILED|ERROR|passed|failed|rc |assert|Error" $OUT/gpu_tests.log | tail 
 S="benchmarks/scale.py --working device --repeat 2 --profile 40 --memory-history" run 200 llama_1b_fp32_lean10_history llama-1b:fp32:spectrum 10
 S="benchmarks/scale.py --repeat 2 --profile 40" run 215 llama_1b_fp32_host10_kept llama-1b:fp32:spectrum 10
 summary
-python3 - <<'PY'
-import json, glob
-for f in sorted(glob.glob(__import__("os").environ["OUT"] + "/llama*.json")):
-    try:
-        r = json.load(open(f))["results"][0]
-    except Exception:
-        continue
-    for lp in r.get("later_probes", []):
-        m = lp["metrics"]["spectrum"]
-        print(f.split("/")[-1], "later", round(lp["probe_seconds"], 1), "hvp", round(lp["probe_hvp_seconds"], 1),
-              "outside", round(m["outside_seconds"], 2), round(m["outside_share"], 3), "peak_mib", lp["peak_mib"])
-    h = r.get("memory_at_peak")
-    if h:
-        print("peak above start GiB", round(h["peak_above_start_bytes"] / 2**30, 3), "start GiB", round(h["start_bytes"] / 2**30, 3))
-        for row in h["at_peak"][:14]:
-            print(f'  {row["bytes"] / 2**30:7.3f} GiB {row["blocks"]:5d}  {row["where"][:230]}')
-    for row in (r.get("later_profile") or {}).get("by_own", [])[:14]:
-        print(f'  own {row["own_s"]:7.3f} cum {row["cumulative_s"]:7.3f} {row["calls"]:6d} {row["function"][:90]}')
-PY
+python3 benchmarks/later_summary.py --memory --profile 14

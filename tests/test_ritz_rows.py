@@ -99,13 +99,18 @@ def test_warm_start_keeps_host_vectors_without_copying_them():
     assert warm.top.data_ptr() != many.data_ptr() and torch.equal(warm.top, many[:1])
 
 
+def _offloaded_diagonal_run(lean: bool = False):
+    """Lanczos on the GPU for a diagonal matrix with outliers at 7 (10) and 11 (-6), its basis in host memory."""
+    eig = torch.linspace(-1.0, 1.0, D, dtype=torch.float32, device="cuda")
+    eig[7], eig[11] = 10.0, -6.0
+    return linalg.lanczos(lambda v: v * eig, D, k=1, tol=1e-6, dtype=torch.float32, device="cuda",
+                          basis_device="cpu", keep_basis=True, lean=lean, generator=torch.Generator().manual_seed(0))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_an_offloaded_run_takes_its_vectors_into_its_page_locked_rows():
-    eig = torch.linspace(-1.0, 1.0, D, dtype=torch.float32, device="cuda")
-    eig[7], eig[11] = 10.0, -6.0
-    r = linalg.lanczos(lambda v: v * eig, D, k=1, tol=1e-6, dtype=torch.float32, device="cuda", basis_device="cpu",
-                       keep_basis=True, generator=torch.Generator().manual_seed(0))
+    r = _offloaded_diagonal_run()
     n = len(r.ritz_values)
     want = r.ritz_vectors([n - 1, 0])
     storages = {B.untyped_storage().data_ptr() for B in r.basis_blocks}
@@ -119,10 +124,7 @@ def test_an_offloaded_run_takes_its_vectors_into_its_page_locked_rows():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_lean_run_forms_its_ritz_vectors_whole_in_the_room_its_working_vectors_left():
-    eig = torch.linspace(-1.0, 1.0, D, dtype=torch.float32, device="cuda")
-    eig[7], eig[11] = 10.0, -6.0
-    r = linalg.lanczos(lambda v: v * eig, D, k=1, tol=1e-6, dtype=torch.float32, device="cuda", basis_device="cpu",
-                       keep_basis=True, lean=True, generator=torch.Generator().manual_seed(0))
+    r = _offloaded_diagonal_run(lean=True)
     assert r.work_room_bytes == 2 * D * 4
     n = len(r.ritz_values)
     want = r.ritz_vectors([n - 1, 0])
