@@ -24,12 +24,12 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   gradient, the HVP's vectors, Lanczos' working vectors and basis live in host memory); an HVP holds its
   double backward's temporaries and one input and one output piece of the largest parameter
   (``largest_param_bytes``) at a time; a graph rebuilt per HVP holds its gradient (``v``) until its roots
-  are taken, and where every graph is rebuilt the double backward's temporaries count ``REBUILT_HVP_FACTOR s m``
-  (``REBUILT_HVP_FACTOR_FULL`` for float32 and float64; it frees the graph as it goes). Batched HVPs go one vector at a time. With ``working_vectors="device"``
-  (asked for through ``overrides``, or chosen where the plan moved the vectors to the host itself and this
-  fits the budget) Lanczos keeps its working vectors on the device and its basis in host memory
-  (``lean``, :func:`~geomprobe.linalg.lanczos.lanczos`): ``LEAN_WORK_VECTORS`` d-vectors beside each product, three
-  between products.
+  are taken; where every graph is rebuilt the double backward's temporaries count ``REBUILT_HVP_FACTOR s m``
+  (``_FULL`` for float32 and float64; it frees the graph as it goes). HVPs go one vector at a time. With
+  ``working_vectors="device"`` (asked for through ``overrides``, or chosen where the plan moved the vectors to
+  the host itself and this fits) Lanczos keeps its working vectors on the device, its basis in host memory
+  (``lean``, :func:`~geomprobe.linalg.lanczos.lanczos`): ``LEAN_WORK_VECTORS`` d-vectors beside each product,
+  three between products.
 - **per-example gradients** (``noise``, ``isotropy``): rows of ``2 d itemsize + PERSAMPLE_GRAPH_FACTOR s``
   bytes (the per-parameter results and their flattening, one example's forward and backward; the statistics
   take rows to float64 a slice of columns at a time), and the statistics' ``STATS_VECTORS`` float64 d-vectors.
