@@ -6,8 +6,6 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
-import torch
-
 _spec = importlib.util.spec_from_file_location(
     "memory_history", pathlib.Path(__file__).parents[1] / "benchmarks" / "memory_history.py")
 memory_history = importlib.util.module_from_spec(_spec)
