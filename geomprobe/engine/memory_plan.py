@@ -11,13 +11,13 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   the vectors in, the per-parameter results and their flattening, and each vector's double backward through
   the piece's graph; for ``k > 1`` one more ``k v``, the per-parameter slices of the block (copied, as they
   are not contiguous).
-- **a Lanczos run** (one vector at a time): one HVP, its working vectors ``LANCZOS_WORK_VECTORS v`` (the kernel keeps vectors in
-  the model's dtype, no float64 copies), and its basis: ``basis_vectors`` vectors on the device, none there
-  when the basis lives in host memory, ``max_basis`` vectors when the bounded-memory Lanczos holds fewer;
-  with the basis in host memory, two more (``items["delayed_work"]``) where they fit, for the passes that run
-  beside the products (:mod:`~geomprobe.linalg.delayed_lanczos`); with float32 or float64 vectors,
-  ``SELECTIVE_VECTORS`` more (``items["selective_work"]``) where they fit beside the basis, for the converged
-  Ritz vectors selective orthogonalization keeps (:mod:`~geomprobe.linalg.orthogonality`; never with the
+- **a Lanczos run** (one vector at a time): one HVP, its working vectors ``LANCZOS_WORK_VECTORS v`` (the kernel
+  keeps vectors in the model's dtype, no float64 copies), and its basis: ``basis_vectors`` vectors on the
+  device, none there when the basis lives in host memory, ``max_basis`` vectors when the bounded-memory
+  Lanczos holds fewer; with the basis in host memory, two more (``items["delayed_work"]``) where they fit, for
+  the passes that run beside the products (:mod:`~geomprobe.linalg.delayed_lanczos`); with float32 or float64
+  vectors, ``SELECTIVE_VECTORS`` more (``items["selective_work"]``) where they fit beside the basis, for the
+  converged Ritz vectors selective orthogonalization keeps (:mod:`~geomprobe.linalg.orthogonality`; never with the
   delayed loop's two, which run only once every step is a whole-basis pass). Where they do not fit, the
   metrics run Lanczos with ``selective=False`` (whole-basis steps instead).
 - **host vectors** (:mod:`~geomprobe.engine.host_stream`): none of the d-vectors above on the device (the
@@ -73,7 +73,6 @@ the safety net. The arithmetic is a model, not a measurement; the record keeps b
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping, Sequence
 
@@ -81,18 +80,26 @@ from ..errors import ConfigurationError
 from ..linalg.delayed_lanczos import DELAYED_EXTRA_VECTORS
 from ..linalg.orthogonality import SELECTIVE_VECTORS
 from .memory_readings import device_memory, host_available_bytes, read_training_peak
+from .plan_limits import (
+    DEFAULT_PEAK_RATIO,
+    HEADROOM,
+    HOST_SHARE,
+    MIN_BOUNDED_BASIS,
+    _halvings,
+    _pieces,
+    budget_bytes,
+    place_basis,
+    selective_room,
+)
 
 __all__ = [
     "MemoryBudget", "MemoryPlan", "plan_memory", "budget_bytes", "device_memory", "host_available_bytes",
-    "read_training_peak", "persample_row_bytes", "DEFAULT_PEAK_RATIO", "DEFAULT_CHUNK_SIZE",
+    "read_training_peak", "persample_row_bytes", "DEFAULT_PEAK_RATIO", "DEFAULT_CHUNK_SIZE", "HEADROOM", "HOST_SHARE",
+    "MIN_BOUNDED_BASIS", "place_basis", "selective_room",
 ]
 
-DEFAULT_PEAK_RATIO = 1.5      # probe peak <= 1.5 x the training step's peak (issue 16)
 DEFAULT_CHUNK_SIZE = 16       # vectors per batched HVP when memory allows
 DEFAULT_BASIS_VECTORS = 301   # Lanczos' default max_iter (300) plus its start vector
-HEADROOM = 0.9                # of the budget planned for: the allocator's fragmentation and small tensors
-HOST_SHARE = 0.5              # of the host's available RAM a host-resident basis may take
-MIN_BOUNDED_BASIS = 20        # fewer stored vectors than this and a restarted Lanczos barely converges
 HVP_VECTORS = 3               # d-vectors per vector of an HVP: V, the per-parameter results, their flattening
 HVP_GRAPH_FACTOR = 1.0        # a double backward's temporaries per vector, relative to the piece's saved bytes
 # the same for a graph rebuilt per HVP with host vectors, which the double backward frees as it goes: measured
@@ -202,77 +209,6 @@ def persample_row_bytes(dim: int, itemsize: int, graph_bytes_per_sample: float |
 
 
 # ---------------------------------------------------------------------------------------------- planning
-def budget_bytes(
-    *,
-    available_bytes: int | None,
-    allocated_bytes: int | None = 0,
-    train_peak_bytes: int | None = None,
-    peak_ratio: float = DEFAULT_PEAK_RATIO,
-    cap_bytes: int | None = None,
-    target_headroom: float = HEADROOM,
-) -> tuple[int | None, str]:
-    """The bytes a probe may add to what is allocated, and which limit set it (module docstring); ``(None,
-    "no limit")`` when nothing is known. Negative when a limit is already exceeded. Each limit is taken times
-    :data:`HEADROOM`, the training peak's times ``target_headroom`` (the lean plan's: see :func:`_lean_plan`)."""
-    if not peak_ratio > 0:
-        raise ConfigurationError(f"peak_ratio must be > 0, got {peak_ratio}")
-    allocated = int(allocated_bytes or 0)
-    limits: list[tuple[float, str]] = []
-    if train_peak_bytes is not None:
-        value = peak_ratio * train_peak_bytes - allocated
-        limits.append((value * target_headroom if value > 0 else value, "training peak"))
-    if available_bytes is not None:
-        limits.append((available_bytes * HEADROOM if available_bytes > 0 else available_bytes, "free memory"))
-    if cap_bytes is not None:
-        value = cap_bytes - allocated
-        limits.append((value * HEADROOM if value > 0 else value, "memory cap"))
-    if not limits:
-        return None, "no limit"
-    value, source = min(limits, key=lambda t: t[0])
-    return int(value), source
-
-
-def _pieces(batch_sizes: Sequence[int], m: int) -> list[int]:
-    return [min(m, n - a) for n in batch_sizes for a in range(0, n, m)]
-
-
-def _halvings(n: int) -> list[int]:
-    out = [n]
-    while out[-1] > 1:
-        out.append(max(1, math.ceil(out[-1] / 2)))
-    return out
-
-
-def place_basis(m_req: int, vector_bytes: int, room: float | None, host_bytes: int | None, *,
-                bounded_basis: bool, host_is_device: bool) -> tuple[str | None, int | None, bool]:
-    """Where a Lanczos basis of ``m_req`` vectors of ``vector_bytes`` each lives, in order of preference: on the
-    device in full, bounded on the device (at least :data:`MIN_BOUNDED_BASIS` vectors), in host memory
-    (``HOST_SHARE`` of ``host_bytes``), bounded there. Returns ``(basis_device, max_basis, placed)``;
-    ``placed`` is False when none fits (then the least setting, for the caller to warn about)."""
-    bv = max(int(vector_bytes), 1)
-    host_room = -1 if host_is_device else (None if host_bytes is None else int(host_bytes * HOST_SHARE))
-    if room is None or m_req * bv <= room:
-        return None, None, True
-    if bounded_basis and room // bv >= MIN_BOUNDED_BASIS:
-        return None, int(room // bv), True
-    if host_room is None or 0 <= host_room and m_req * bv <= host_room:
-        return "cpu", None, True
-    if bounded_basis and host_room // bv >= MIN_BOUNDED_BASIS:
-        return "cpu", int(host_room // bv), True
-    return (None if host_is_device else "cpu"), (MIN_BOUNDED_BASIS if bounded_basis else None), False
-
-
-def selective_room(need: int, itemsize: int, on_device: bool, room: int | None) -> int:
-    """The bytes a plan counts for selective orthogonalization's kept Ritz vectors (``need``, on the compute
-    device): all of them where ``room`` (what the budget leaves beside the Lanczos phase; None: no budget) holds
-    them and the vectors are float32 or float64; else 0, and the run goes without (``selective=False``). A
-    half-precision product's own asymmetry keeps its runs out of that regime (:mod:`~geomprobe.linalg
-    .orthogonality`), so nothing is held for them; vectors in host memory take none of the device's."""
-    if not on_device or itemsize < 4:
-        return 0
-    return need if room is None or need <= room else 0
-
-
 def plan_memory(
     *,
     dim: int,
