@@ -28,8 +28,8 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   (``_FULL`` for float32 and float64; it frees the graph as it goes). HVPs go one vector at a time. With
   ``working_vectors="device"`` (asked for through ``overrides``, or chosen where the plan moved the vectors to
   the host itself and this fits) Lanczos keeps its working vectors on the device, its basis in host memory
-  (``lean``, :func:`~geomprobe.linalg.lanczos.lanczos`): ``LEAN_WORK_VECTORS`` d-vectors beside each product,
-  three between products.
+  (``lean``, :func:`~geomprobe.linalg.lanczos.lanczos`): two d-vectors beside each product (and a float32 one
+  for half types: :func:`~geomprobe.linalg.lean_vectors.lean_work_bytes`), three between products.
 - **per-example gradients** (``noise``, ``isotropy``): rows of ``2 d itemsize + PERSAMPLE_GRAPH_FACTOR s``
   bytes (the per-parameter results and their flattening, one example's forward and backward; the statistics
   take rows to float64 a slice of columns at a time), and the statistics' ``STATS_VECTORS`` float64 d-vectors.
@@ -78,6 +78,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigurationError
 from ..linalg.delayed_lanczos import DELAYED_EXTRA_VECTORS
+from ..linalg.lean_vectors import lean_work_bytes
 from ..linalg.orthogonality import SELECTIVE_VECTORS
 from .memory_readings import device_memory, host_available_bytes, read_training_peak
 from .plan_limits import (
@@ -110,7 +111,6 @@ REBUILT_HVP_FACTOR = 0.35      # half types
 REBUILT_HVP_FACTOR_FULL = 0.1  # float32 and float64
 STATS_VECTORS = 6            # float64 d-vectors the gradient-noise statistics hold (see plan_memory)
 LANCZOS_WORK_VECTORS = 4      # w, the newest and previous basis vectors, a Ritz vector
-LEAN_WORK_VECTORS = 2         # a lean run's device vectors beside a product: the newest and the product's output
 PERSAMPLE_GRAPH_FACTOR = 2.0  # one example's forward and backward in vmap, relative to its saved bytes
 
 
@@ -447,7 +447,7 @@ def plan_memory(
     # above its host-vector runs, benchmarks/RESULTS.md section 6, eighteenth round). Where asked
     # (``working_vectors``); chosen by :func:`_lean_plan` where the plan moved the vectors to the host itself
     working = value("working_vectors", "host") if host else None
-    lean_work = (LEAN_WORK_VECTORS * v + (4 * dim if itemsize < 4 else 0)) if working == "device" else 0
+    lean_work = lean_work_bytes(dim, itemsize) if working == "device" else 0
     hvp_phase = hvp_phase + lean_work
     lanczos_phase = one_hvp + lanczos_work + basis_on_device + max(delayed_work, selective_work)
     persample_phase = stats_fixed + (row if per_bytes is None or row == 0 else max(row, (per_bytes // row) * row))

@@ -394,7 +394,7 @@ def lanczos(
         U=U,
         basis_blocks=list(basis._filled()) if keep_basis else None,  # no copy: see LanczosResult.basis
         compute_device=torch.device(basis.compute) if basis.offloaded else None,
-        work_room_bytes=lean_work_bytes(basis.dim, basis.dtype) if basis.lean else 0,
+        work_room_bytes=lean_work_bytes(basis.dim, basis.dtype.itemsize) if basis.lean else 0,
         asymmetry=asym / max(max((abs(a) for a in alphas), default=0.0) + 2 * max(betas, default=0.0), 1e-300),
         basis_peak=basis.peak,
         extreme_err=errors,

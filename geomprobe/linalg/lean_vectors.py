@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["LeanVectors", "RowCopies", "lean_work_bytes"]
+__all__ = ["LEAN_WORK_VECTORS", "LeanVectors", "RowCopies", "lean_work_bytes"]
+
+LEAN_WORK_VECTORS = 2  # a lean run's device vectors beside a product: the newest and the product's output
 
 
-def lean_work_bytes(dim: int, dtype: torch.dtype) -> int:
-    """Device bytes a lean run's working vectors take (its two vectors, and a float32 one for half types, as the
-    memory plan counts them): free again once the run is over, for its Ritz vectors."""
-    itemsize = torch.empty(0, dtype=dtype).element_size()
-    return 2 * dim * itemsize + (4 * dim if itemsize < 4 else 0)
+def lean_work_bytes(dim: int, itemsize: int) -> int:
+    """Device bytes a lean run's working vectors take: its two vectors of ``itemsize`` bytes an entry, and a float32
+    one for half types (the memory plan's ``lean_work``); free again once the run is over, for its Ritz vectors."""
+    return LEAN_WORK_VECTORS * dim * itemsize + (4 * dim if itemsize < 4 else 0)
 
 
 class RowCopies:
