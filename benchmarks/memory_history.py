@@ -44,8 +44,9 @@ class MemoryHistory:
         torch.cuda.memory._record_memory_history(enabled=None)
 
     def summary(self) -> dict:
-        """The peak above the start, when in the trace it came (event index of all), and the live blocks then
-        grouped by where they were allocated (bytes, count), largest first."""
+        """The peak above the start, when in the trace it came (event index of all), the live blocks then
+        grouped by where they were allocated (bytes, count), largest first, and the highest figure reached right
+        after an allocation from each place (``peaks_by_allocation``: the peaks of the phases)."""
         traces = self.snapshot["device_traces"][self.device.index or 0]
         live: dict[int, tuple[int, list]] = {}
         total = peak = 0
@@ -59,6 +60,20 @@ class MemoryHistory:
                 total -= live.pop(ev["addr"])[0]
             if total > peak:
                 peak, peak_at = total, i
+        # the most allocated right after an allocation, by where that allocation was made: each phase's own peak
+        # (a product's graph, a step's vectors, the Ritz pass), not only the stretch's highest
+        local: dict[str, int] = defaultdict(int)
+        live.clear()
+        total = 0
+        for ev in traces:
+            if ev.get("action") == "alloc":
+                live[ev["addr"]] = (ev["size"], ev.get("frames", []))
+                total += ev["size"]
+                key = _where(ev.get("frames", []), depth=2)
+                local[key] = max(local[key], total)
+            elif ev.get("action") == "free_completed" and ev["addr"] in live:
+                total -= live.pop(ev["addr"])[0]
+        by_phase = sorted(local.items(), key=lambda kv: -kv[1])[:8]
         # the live set at the peak: replay once more up to it
         live.clear()
         for ev in traces[: peak_at + 1]:
@@ -74,4 +89,5 @@ class MemoryHistory:
         rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[: self.rows]
         return {"start_bytes": self.start_bytes, "peak_above_start_bytes": peak, "events": len(traces),
                 "peak_event": peak_at,
-                "at_peak": [{"where": k, "bytes": v[0], "blocks": v[1]} for k, v in rows]}
+                "at_peak": [{"where": k, "bytes": v[0], "blocks": v[1]} for k, v in rows],
+                "peaks_by_allocation": [{"where": k, "bytes": v} for k, v in by_phase]}

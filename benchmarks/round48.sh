@@ -1,5 +1,5 @@
 #!/bin/bash
-# Planned for the next session (one nvidia-h200 call, ~8 minutes; not run yet): every GPU test by name (the
+# Ran in round48 (results/scale_r48_*, gpu_tests_r48_h200.log; its GPU tests cut by their 170 s limit): every GPU test by name (the
 # session that wrote this ran only the lean, Ritz, restart and delayed files), then the 1B Llama's bf16 spectrum
 # with lean working vectors forced (its 1.79x was measured while a whole-basis pass held a fourth d-vector, a
 # float32 row in bf16 runs), two probes, the later one with its memory peak by allocating frames.

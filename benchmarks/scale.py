@@ -49,7 +49,17 @@ import geomprobe as gp  # noqa: E402
 from geomprobe.engine.landscape import Landscape  # noqa: E402
 
 from memory_history import MemoryHistory  # noqa: E402
+from geomprobe.linalg.pinned_blocks import ahead_stats  # noqa: E402
+from geomprobe.linalg.pinned_memory import pool_stats  # noqa: E402
 from scale_setup import FULL, DTYPES, MLP, HVPClock, build, hvp_clock_lines, lm_loss, median_time, peak_of, profile_rows_of, stream_sync, token_batches  # noqa: E402,F401  (re-exported: other benchmarks import them from here)
+
+
+def pinned_counts(before: dict | None = None) -> dict:
+    """Page-locked memory work so far (the exact-size pool's blocks mapped and reused, the blocks allocated ahead
+    and their seconds), or since ``before``."""
+    now = {**{f"pool_{k}": v for k, v in pool_stats().items() if isinstance(v, (int, float))},
+           **{f"ahead_{k}": v for k, v in ahead_stats().items()}}
+    return now if before is None else {k: v - before.get(k, 0) for k, v in now.items()}
 
 
 def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, out_dir: str,
@@ -146,9 +156,11 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
     with HVPClock(device) as clock, history:
         if prof is not None:
             prof.enable()
+        pinned = pinned_counts()
         seconds, _ = peak_of(lambda: probe.probe(1), device, reset=False)
         if prof is not None:
             prof.disable()
+    res["pinned"] = pinned_counts(pinned)
     if isinstance(history, MemoryHistory):
         res["memory_at_peak"] = history.summary()
     if prof is not None:  # HVPs synchronize at both ends (HVPClock): what is left is the probe's own work
@@ -186,16 +198,19 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         with HVPClock(device) as clock, history:
             if last_prof is not None:
                 last_prof.enable()
+            pinned = pinned_counts()
             seconds, _ = peak_of(lambda: probe.probe(1 + i), device, reset=False)
             if last_prof is not None:
                 last_prof.disable()
+        pinned = pinned_counts(pinned)
         if isinstance(history, MemoryHistory):
             res["memory_at_peak"] = history.summary()
         if last_prof is not None:
             res["later_profile"] = profile_rows_of(last_prof, profile_rows)
         record = probe.records[-1]
         later = {"probe_seconds": seconds, "probe_hvps": record["cost"]["hvps"], "probe_hvp_seconds": clock.seconds,
-                 "peak_mib": record["cost"].get("peak_mib"), "errors": record.get("errors"), "metrics": {}}
+                 "peak_mib": record["cost"].get("peak_mib"), "errors": record.get("errors"), "metrics": {},
+                 "pinned": pinned}
         for mname, m in per_metric.items():
             out = m["seconds"] - m["hvp_seconds"] - m["build_seconds"]
             later["metrics"][mname] = {**m, "outside_seconds": out,
@@ -428,7 +443,7 @@ def main() -> None:
                     help="an offloaded Lanczos basis in page-locked (on, the default) or pageable (off) host memory")
     ap.add_argument("--prefetch", default="auto", choices=["auto", "on", "off"],
                     help="whether a host basis faults in its next row beside the product (auto: where a core is free)")
-    ap.add_argument("--working", default="plan", choices=["plan", "host", "device"],
+    ap.add_argument("--working", default="plan", choices=["plan", "host", "device", "streamed"],
                     help="host-vector plans: Lanczos' working vectors on the host, or on the device with the basis in "
                          "host memory (lean); plan: as the memory plan decides")
     ap.add_argument("--memory-history", action="store_true",

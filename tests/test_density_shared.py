@@ -74,7 +74,7 @@ def _land(A: torch.Tensor):
 
 
 def _start(d: int, seed: int) -> torch.Tensor:
-    """spectrum's start from ``seed``: the unit Gaussian vector of the seed's first number (krylov_basis)."""
+    """spectrum's start from ``seed``: the unit Gaussian vector of the seed's first number (krylov_start)."""
     u = gaussian(d, default_generator(seed), F64)
     return u / u.norm()
 
@@ -385,7 +385,7 @@ def test_a_rerun_starts_from_spectrums_start_also_when_a_large_host_vector_is_dr
     # beyond one random piece (linalg/space.py) the threaded draw and the single draw differ: the rerun must
     # take spectrum's start itself, so its trace sample is d u^T A u for spectrum's u
     from geomprobe.linalg import space as space_mod
-    from geomprobe.linalg.krylov_basis import start_vector
+    from geomprobe.linalg.krylov_start import start_vector
 
     d = 2 * space_mod.RANDOM_CHUNK + 7
     monkeypatch.setattr(space_mod, "PARALLEL_DRAW_FROM", 1000)
@@ -408,9 +408,9 @@ def test_a_rerun_starts_from_spectrums_start_also_when_it_is_drawn_on_an_acceler
     # and density's rerun must draw the same start spectrum did, not the CPU's draw of the seed
     import importlib
 
-    from geomprobe.linalg import krylov_basis
+    from geomprobe.linalg import krylov_start
     from geomprobe.linalg.device_draw import drawn_on_device
-    from geomprobe.linalg.krylov_basis import start_vector
+    from geomprobe.linalg.krylov_start import start_vector
 
     density_mod = importlib.import_module("geomprobe.metrics.density")  # the module: the package exports the metric
 
@@ -421,7 +421,7 @@ def test_a_rerun_starts_from_spectrums_start_also_when_it_is_drawn_on_an_acceler
         drawn.append(a[0])
         return drawn_on_device(*a, **k)
 
-    for mod in (krylov_basis, density_mod):
+    for mod in (krylov_start, density_mod):
         monkeypatch.setattr(mod, "draws_elsewhere", elsewhere)
         monkeypatch.setattr(mod, "drawn_on_device", counted)
     d = 300

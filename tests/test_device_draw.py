@@ -1,5 +1,5 @@
 """Host vectors drawn on an accelerator (linalg/device_draw.py) and the Lanczos start that takes them
-(krylov_basis.start_basis): the pieces reproduce the device's own stream, a unit vector is one, the draw lands
+(krylov_start.start_basis): the pieces reproduce the device's own stream, a unit vector is one, the draw lands
 in the basis's first row, and the run is the run of that start. On the CPU the draw device is the CPU itself
 (the same code, without page-locked staging); the GPU test draws on CUDA."""
 
@@ -8,9 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from geomprobe.linalg import krylov_basis
+from geomprobe.linalg import krylov_start
 from geomprobe.linalg.device_draw import drawn_on_device, draws_elsewhere
-from geomprobe.linalg.krylov_basis import start_basis
+from geomprobe.linalg.krylov_start import start_basis
 from geomprobe.linalg.lanczos import lanczos
 from geomprobe.linalg.space import VectorSpace
 from geomprobe.linalg.vectors import device_generator
@@ -75,7 +75,7 @@ def test_draws_elsewhere_only_for_host_vectors_and_an_accelerator(monkeypatch):
 
 def _draw_here(monkeypatch):
     """start_basis as on a machine with an accelerator, whose part the CPU plays (draw_device="cpu")."""
-    monkeypatch.setattr(krylov_basis, "draws_elsewhere", lambda device, draw_device: draw_device is not None)
+    monkeypatch.setattr(krylov_start, "draws_elsewhere", lambda device, draw_device: draw_device is not None)
 
 
 def test_start_lands_in_the_first_row(monkeypatch):
@@ -166,8 +166,8 @@ def test_the_probes_spectrum_draws_its_cold_start_there_too(monkeypatch):
         drawn.append(a[0])
         return drawn_on_device(*a, **k)
 
-    monkeypatch.setattr(krylov_basis, "draws_elsewhere", lambda device, draw_device: draw_device is not None)
-    monkeypatch.setattr(krylov_basis, "drawn_on_device", counted)
+    monkeypatch.setattr(krylov_start, "draws_elsewhere", lambda device, draw_device: draw_device is not None)
+    monkeypatch.setattr(krylov_start, "drawn_on_device", counted)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 1)).double()
     data = (torch.randn(32, 6, dtype=torch.float64), torch.randn(32, 1, dtype=torch.float64))

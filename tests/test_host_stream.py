@@ -544,13 +544,15 @@ def test_the_host_vector_plan_covers_the_measured_peak_of_rebuilt_graphs_without
     assert p.vectors == "host" and p.micro_batch_size == 1 and p.samples_kept == 0
     assert measured <= p.peak_bytes <= 1.5 * measured and p.fits
     # and with lean working vectors, in all: fp32 33.42 GB (scale_r45/r47_llama_1b_fp32_plan10*.json, after the
-    # first step's fourth d-vector went; 35.40 GB before), bf16 19.95 GB (scale_r35_llama_1b_bf16_lean10*.json,
-    # with that vector)
+    # first step's fourth d-vector went; 35.40 GB before). (bf16: 18.14 GB, scale_r48, peaked in the Ritz pass's
+    # float32 accumulators, with whole-basis passes holding four d-vectors: neither is left to plan)
     lean = plan_memory(**figures, overrides={"working_vectors": ("device", "user")})
-    lean_measured = {"fp32": 33420954624, "bf16": 19948300800}[case] - allocated
-    # (between products the lean vectors do not sit beside a rebuilt graph: counting them so planned 13.8 GB in bf16)
-    assert lean.working_vectors == "device" and lean_measured <= lean.peak_bytes <= 1.2 * lean_measured
-    # the plan's own choice: lean where it fits 1.5x the training peak whole (fp32: planned 1.47x), else the host
+    if case == "fp32":
+        lean_measured = 33420954624 - allocated
+        # (between products the lean vectors do not sit beside a rebuilt graph)
+        assert lean.working_vectors == "device" and lean_measured <= lean.peak_bytes <= 1.2 * lean_measured
+    # the plan's own choice: lean where it fits 1.5x the training peak whole (fp32: planned 1.47x), else lean with
+    # each product's input read from its host row (bf16), else the host
     chosen = plan_memory(**figures)
-    assert chosen.working_vectors == {"fp32": "device", "bf16": "host"}[case] and chosen.fits
+    assert chosen.working_vectors == {"fp32": "device", "bf16": "streamed"}[case] and chosen.fits
     assert (chosen.peak_bytes + allocated) / train_peak <= 1.5

@@ -31,17 +31,32 @@ def _matrix(ev: torch.Tensor, seed: int) -> torch.Tensor:
 
 
 class Product:
-    """``H v`` written into ``out`` when given; records where each product was written."""
+    """``H v`` written into ``out`` when given; records which buffer each product was written into, and (with a
+    ``basis`` set, a lean one) whether its input was a stored row and which of the basis's two device vectors
+    held memory meanwhile."""
 
     def __init__(self, H: torch.Tensor):
         self.H, self.outs, self.fresh = H, [], 0
+        self.basis, self.from_rows, self.alive = None, [], []
 
     def __call__(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         if out is None:
             self.fresh += 1
             return self.H @ v
-        self.outs.append(out.untyped_storage().data_ptr())
+        self.outs.append(id(out))
+        if self.basis is not None:
+            self.from_rows.append(_is_row(self.basis, v))
+            self.alive.append(_alive(self.basis))
         return torch.mv(self.H, v, out=out)
+
+
+def _is_row(basis, v: torch.Tensor) -> bool:
+    return any(v.untyped_storage().data_ptr() == b.untyped_storage().data_ptr() for b in basis.blocks)
+
+
+def _alive(basis) -> int:
+    """How many of a lean basis's two device vectors hold memory."""
+    return sum(t is not None and t.untyped_storage().nbytes() > 0 for t in basis.lean_vectors.pair)
 
 
 def _spectrum(n: int, seed: int) -> torch.Tensor:
@@ -74,12 +89,59 @@ def test_a_lean_run_takes_the_resident_runs_steps_through_two_output_buffers(reo
     assert np.allclose(lean.ritz_values.numpy(), res.ritz_values.numpy(), rtol=0, atol=1e-10)
     for theta, b in zip(lean.ritz_values.tolist(), lean.bounds.tolist()):
         assert float((ev - theta).abs().min()) <= b + 1e-12
-    # every product but the first (from the start vector) went into one of two alternating buffers
+    # every product went into one of two alternating buffers
     assert mv.fresh == 0 and len(mv.outs) == lean.matvecs and len(set(mv.outs)) == 2
     assert all(a != b for a, b in zip(mv.outs, mv.outs[1:]))
     # the previous vector came from its stored row every step, never from a third working vector
     assert seen_prev and all(seen_prev)
     assert "beside the products" not in lean.reorth_regime
+
+
+@pytest.mark.parametrize("mode", ["device", "streamed"])
+@pytest.mark.parametrize("reorth", ["partial", "full"])
+def test_a_lean_run_holds_its_input_only_where_asked_and_gives_the_newest_vector_back_after_its_step(
+        mode, reorth, monkeypatch):
+    # streamed: each product reads its input from the newest vector's stored row and only its output holds device
+    # memory meanwhile; both modes: a whole-basis pass (every step with reorth="full") holds w alone of the two,
+    # beside the row it streams. The values and products are the resident run's.
+    ev = _spectrum(400, 3)
+    H = _matrix(ev, 3)
+    mv = Product(H)
+    passes = []
+    step, reorth_pass = krylov_basis.krylov_step, LanczosBasis.reorthogonalize
+
+    def spy(matvec, basis, *a, **k):
+        mv.basis = basis
+        return step(matvec, basis, *a, **k)
+
+    def counted(self, w, *a, **k):
+        passes.append(_alive(self))
+        return reorth_pass(self, w, *a, **k)
+
+    monkeypatch.setattr(lanczos_module, "krylov_step", spy)
+    monkeypatch.setattr(LanczosBasis, "reorthogonalize", counted)
+    kw = {"dtype": torch.float64, "tol": 1e-8, "k": 2, "reorth": reorth, "max_iter": 200}
+    lean = lanczos_module.lanczos(mv, 400, generator=torch.Generator().manual_seed(4), lean=mode,
+                                  basis_device="cpu", **kw)
+    monkeypatch.setattr(lanczos_module, "krylov_step", step)
+    monkeypatch.setattr(LanczosBasis, "reorthogonalize", reorth_pass)
+    res = lanczos_module.lanczos(lambda v: H @ v, 400, generator=torch.Generator().manual_seed(4), **kw)
+    assert lean.converged and lean.matvecs == res.matvecs
+    assert np.allclose(lean.ritz_values.numpy(), res.ritz_values.numpy(), rtol=0, atol=1e-10)
+    assert len(mv.from_rows) == lean.matvecs and all(r == (mode == "streamed") for r in mv.from_rows)
+    assert set(mv.alive) == {1 if mode == "streamed" else 2}
+    assert passes and max(passes) == 1
+    assert len(set(mv.outs)) == 2
+
+
+def test_a_lean_mode_is_named_or_refused():
+    from geomprobe.linalg.lean_vectors import lean_mode, lean_step_bytes, lean_work_bytes
+    assert [lean_mode(x) for x in (False, None, True, "device", "streamed")] == [
+        None, None, "device", "device", "streamed"]
+    with pytest.raises(ValueError, match="lean must be"):
+        lean_mode("host")
+    assert lean_work_bytes(10, 2) == 40 and lean_work_bytes(10, 2, "streamed") == 20
+    assert lean_step_bytes(10, 4) == 120
 
 
 def test_a_lean_run_without_an_out_parameter_copies_each_product():
@@ -148,9 +210,14 @@ def test_the_plan_chooses_lean_vectors_where_it_moved_the_vectors_to_the_host_an
     assert roomy.working_vectors == "device" and roomy.sources["working_vectors"] == "plan"
     assert roomy.fits and roomy.peak_bytes <= roomy.budget_bytes and roomy.items["lean_work"] == 2 * sim["dim"] * 4
     assert roomy.samples_kept == 0  # the room goes to the lean vectors, not to a kept graph
+    # a GiB short of it: the products read their inputs from the host rows, one d-vector less beside them
     tight = at(need - 2**30)
-    assert tight.vectors == "host" and tight.working_vectors == "host" and tight.fits
-    assert tight.items["lean_work"] == 0 and tight.peak_bytes < need
+    assert tight.vectors == "host" and tight.working_vectors == "streamed" and tight.fits
+    assert tight.items["lean_work"] == sim["dim"] * 4 and tight.peak_bytes < need
+    streamed = plan_memory(**sim, train_peak_bytes=23282894848, overrides={"working_vectors": ("streamed", "user")})
+    tighter = at(streamed.peak_bytes - 2**30)
+    assert tighter.vectors == "host" and tighter.working_vectors == "host"
+    assert tighter.items["lean_work"] == 0 and tighter.peak_bytes < streamed.peak_bytes
     # vectors put on the host by the user stay there whole; an explicit choice of the working vectors stands
     assert at(need + 2**30, overrides={"vectors": ("host", "user")}).working_vectors == "host"
     kept = at(need + 2**30, overrides={"working_vectors": ("host", "user")})
@@ -161,12 +228,13 @@ def test_the_plan_chooses_lean_vectors_where_it_moved_the_vectors_to_the_host_an
     assert real.working_vectors == "device" and real.budget_source == "training peak"
     assert (real.peak_bytes + sim["allocated_bytes"]) / 23282894848 <= 1.5
     assert real.budget_bytes == int(1.5 * 23282894848 - sim["allocated_bytes"])
-    assert tight.budget_bytes == int((1.5 * (int((need - 2**30 + sim["allocated_bytes"]) / 1.5) + 1)
-                                      - sim["allocated_bytes"]) * HEADROOM)
+    assert tighter.budget_bytes == int((1.5 * (int((streamed.peak_bytes - 2**30 + sim["allocated_bytes"]) / 1.5) + 1)
+                                        - sim["allocated_bytes"]) * HEADROOM)
     # free device memory is a hard limit: it keeps the headroom for the lean plan too
-    free = dict(sim, available_bytes=need + 2**30)
-    hard = plan_memory(**free, train_peak_bytes=23282894848)
-    assert hard.working_vectors == "host"
+    hard = plan_memory(**dict(sim, available_bytes=need + 2**30), train_peak_bytes=23282894848)
+    assert hard.working_vectors == "streamed"
+    harder = plan_memory(**dict(sim, available_bytes=streamed.peak_bytes + 2**30), train_peak_bytes=23282894848)
+    assert harder.working_vectors == "host"
     assert plan_memory(**dict(sim, available_bytes=int((need + 2**30) / HEADROOM)),
                        train_peak_bytes=10**12).working_vectors == "device"
 
@@ -215,6 +283,20 @@ def test_on_a_gpu_a_lean_spectrum_holds_two_d_vectors_and_gives_the_host_runs_va
     _lean_as_host_on_gpu(lean, host)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_a_streamed_spectrum_holds_three_d_vectors_and_gives_the_host_runs_values():
+    # each product reads its input from the host row: at most w, the newest and the previous vector between
+    # products, the output alone beside a product
+    model, x, y = _gpu_mlp(512)
+    budget = MemoryBudget(warn=False, gradient_samples=False, overrides={"working_vectors": ("streamed", "user")})
+    lean = gp.Landscape(model, nn.MSELoss(), (x, y), memory=budget, vector_device="cpu")
+    host = gp.Landscape(model, nn.MSELoss(), (x, y), memory=MemoryBudget(warn=False, gradient_samples=False),
+                        vector_device="cpu")
+    assert lanczos_placement(lean)["lean"] == "streamed"
+    _lean_as_host_on_gpu(lean, host, vectors=3)
+
+
 def _gpu_mlp(width: int):
     """Eight linear layers of ``width`` on the GPU and a batch of 64 for an MSE loss."""
     torch.manual_seed(0)
@@ -222,11 +304,11 @@ def _gpu_mlp(width: int):
     return model, torch.randn(64, width, device="cuda"), torch.randn(64, width, device="cuda")
 
 
-def _lean_as_host_on_gpu(lean, host) -> None:
+def _lean_as_host_on_gpu(lean, host, vectors: int = 4) -> None:
     """The lean run's spectrum against the host placement's, and its device memory: two working vectors, a third
     between products (the previous row, or a Ritz accumulator at the end) and the products' own temporaries,
-    below four d-vectors beside the graphs (those kept, and one rebuilt for a product where the plan rebuilds
-    them), and nothing of length d left afterwards."""
+    below ``vectors`` d-vectors (four; three for streamed inputs) beside the graphs (those kept, and one rebuilt
+    for a product where the plan rebuilds them), and nothing of length d left afterwards."""
     b = spectrum(host, tol=1e-4, max_iter=30)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
@@ -234,7 +316,7 @@ def _lean_as_host_on_gpu(lean, host) -> None:
     a = spectrum(lean, tol=1e-4, max_iter=30)
     peak = torch.cuda.max_memory_allocated() - base
     assert a["lambda_max"] == pytest.approx(b["lambda_max"], rel=1e-4)
-    assert peak < lean.graph_bytes + lean.plan.items["graph_rebuilt"] + 4 * lean.dim * 4
+    assert peak < lean.graph_bytes + lean.plan.items["graph_rebuilt"] + vectors * lean.dim * 4
     assert torch.cuda.memory_allocated() - base < lean.dim * 4
 
 
@@ -297,3 +379,18 @@ def test_a_lean_whole_basis_pass_holds_one_streamed_row_on_the_device_at_a_time(
     assert torch.allclose(w, w0 - Q @ (Q.T @ w0), atol=1e-12)
     assert torch.allclose(c, Q.T @ w0, atol=1e-12)
     assert float((Q.T @ w).abs().max()) < 1e-13
+
+
+def test_the_1b_llama_in_bf16_plans_streamed_inputs_within_its_training_peaks_one_and_a_half():
+    # measured (benchmarks/results/scale_r48_llama_1b_bf16_lean10_fixed_h200.json): with both lean vectors on the
+    # device it peaked at 1.63x its training step; the plan now reads each product's input from its host row
+    sim = {"dim": 1104218112, "itemsize": 2, "batch_sizes": [4], "graph_bytes_per_sample": 2772003084.0,
+           "allocated_bytes": 8906114048, "available_bytes": 140399705088, "host_bytes": 133240119296,
+           "largest_param_bytes": 32000 * 2048 * 2, "gradient_samples": False, "host_vectors": True,
+           "basis_vectors": 11, "bounded_basis": True}
+    plan = plan_memory(**sim, train_peak_bytes=11117696000)
+    assert plan.vectors == "host" and plan.working_vectors == "streamed" and plan.fits
+    assert (plan.peak_bytes + sim["allocated_bytes"]) / 11117696000 <= 1.5
+    device = plan_memory(**sim, train_peak_bytes=11117696000, overrides={"working_vectors": ("device", "user")})
+    assert not device.fits and device.peak_bytes > plan.peak_bytes  # its product: two d-vectors and the graph
+    assert plan.peak_bytes == plan.items["device_vectors_fixed"] + 3 * sim["dim"] * 2  # streamed: the step's three

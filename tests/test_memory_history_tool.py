@@ -36,3 +36,7 @@ def test_the_replay_finds_the_peak_and_groups_what_was_live_by_our_frames():
     assert rows == {"krylov_basis.py:41 start_vector": (100, 1), "krylov_basis.py:74 out_buffer": (50, 1),
                     "krylov_basis.py:560 _on_compute": (30, 1)}
     assert [r["bytes"] for r in out["at_peak"]] == [100, 50, 30]
+    # each place's own highest figure, right after one of its allocations
+    phases = {r["where"]: r["bytes"] for r in out["peaks_by_allocation"]}
+    assert phases == {"krylov_basis.py:41 start_vector": 100, "krylov_basis.py:74 out_buffer": 150,
+                      "krylov_basis.py:560 _on_compute": 180, "?": 140}

@@ -79,3 +79,42 @@ def test_nothing_is_allocated_ahead_until_kicked():
     p.kick()
     p.close()
     assert len(p.calls) == 2
+
+
+def test_blocks_allocated_ahead_are_counted_with_their_time():
+    from geomprobe.linalg import pinned_blocks
+    before = pinned_blocks.ahead_stats()
+    p = _Counting(8, torch.float32, block=2, capacity=6)
+    for _ in range(3):
+        p.take(2)
+        p.kick()
+    p.close()
+    after = pinned_blocks.ahead_stats()
+    assert after["blocks"] - before["blocks"] == 2 and after["bytes"] - before["bytes"] == 2 * 2 * 8 * 4
+    assert after["seconds"] >= before["seconds"]
+
+
+def test_a_lanczos_run_allocates_no_page_locked_block_ahead_beyond_its_step_limit(monkeypatch):
+    # an offloaded basis of a run of at most 7 steps stores at most 7 rows: its blocks allocated ahead stop there
+    # (a block allocated beside the run's last pass stalls that pass's copies from page-locked rows)
+    import importlib
+
+    from geomprobe.linalg import krylov_basis
+    lanczos_module = importlib.import_module("geomprobe.linalg.lanczos")
+    made = []
+    init = krylov_basis.LanczosBasis.__init__
+
+    def basis_init(self, *a, **k):
+        made.append(k.get("rows_limit"))
+        init(self, *a, **k)
+
+    monkeypatch.setattr(krylov_basis.LanczosBasis, "__init__", basis_init)
+    H = torch.diag(torch.linspace(-1, 2, 50, dtype=torch.float64))
+    lanczos_module.lanczos(lambda v: H @ v, 50, max_iter=7, tol=1e-12, dtype=torch.float64)
+    assert made == [7]
+    # and an offloaded basis (page-locked rows for a CUDA run; nothing is allocated here) caps its blocks ahead
+    seen = []
+    monkeypatch.setattr(krylov_basis, "PinnedAhead", lambda dim, dtype, block, cap=None: seen.append(cap))
+    krylov_basis.LanczosBasis(50, torch.float64, "cpu", compute_device="cuda", pin=True, rows_limit=7)
+    krylov_basis.LanczosBasis(50, torch.float64, "cpu", compute_device="cuda", pin=True, capacity=5, rows_limit=7)
+    assert seen == [7, 5]

@@ -134,7 +134,7 @@ def test_lanczos_on_slices_equals_the_dense_spectrum_and_both_ranks_agree():
 
 def test_a_large_host_vector_is_drawn_by_threads_as_the_one_range_sharded_space_draws_it(monkeypatch):
     from geomprobe.linalg import space as space_mod
-    from geomprobe.linalg.krylov_basis import start_vector
+    from geomprobe.linalg.krylov_start import start_vector
     from geomprobe.linalg.vectors import gaussian
 
     monkeypatch.setattr(space_mod, "PARALLEL_DRAW_FROM", 1000)

@@ -296,9 +296,10 @@ class HostVectors:
         per probe batch, ``d`` elements copied each way per pass when ``V`` is on the host, and about ``d`` more
         each way for the partial sums that wait in host memory. ``out``: written into and returned when the
         copies can go there as they would into the page-locked result (page-locked itself, or no page-locking
-        in use); else the result is formed as without it and copied in."""
+        in use, or on the device: a lean Lanczos run's output, its input streamed from a host row); else the result
+        is formed as without it and copied in."""
         if out is not None:
-            if V.device.type != "cpu" or not self.io.pin or out.is_pinned():
+            if V.device.type != "cpu" or not self.io.pin or out.is_pinned() or out.device.type != "cpu":
                 return self._rows_into(V, out)
             return out.copy_(self.hvp_rows(V))
         if V.device.type == "cpu" and self.io.pin:

@@ -471,8 +471,8 @@ class Landscape:
         differences, if chosen, have truncation error O(eps^2) on smooth models).
 
         ``out``: the result's shape (``v``'s), dtype (the Landscape's; float32 for float32 host vectors of a half
-        model, rounded on their way to the device, summed in float32) and device (the host for host vectors, else
-        :attr:`device`), not overlapping ``v``; written into and returned. On the exact route no d-sized tensor
+        model, rounded on their way to the device, summed in float32) and device (for host vectors the host or
+        :attr:`device`, else :attr:`device`), not overlapping ``v``; written into and returned. On the exact route no d-sized tensor
         is allocated beside autograd's per-parameter results (each probe batch's are copied, then added, into
         ``out``): a reused buffer spares the CPU a fresh mapping of a large vector, and its page faults, at every
         product. Host vectors and finite differences compute their result and copy it in (the same bits). A bad
@@ -484,7 +484,7 @@ class Landscape:
         single, host = v.dim() == 1, self.host is not None and v.device.type == "cpu"  # host vectors stay there
         dtype = v.dtype if host and wide_host_vectors(self.dtype, v.dtype) else self.dtype  # (host_stream)
         if out is not None:
-            check_out(out, v, dtype, v.device if host else self.device)
+            check_out(out, v, dtype, v.device if host and getattr(out, "device", None) == v.device else self.device)
         V = v.reshape(-1, self.dim).to(device=v.device if host else self.device, dtype=dtype)
         # noted before the work, so that an out-of-memory failure can tell whether batching was involved
         self.widest_block = max(self.widest_block, V.shape[0])

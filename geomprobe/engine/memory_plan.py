@@ -28,8 +28,10 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   (``_FULL`` for float32 and float64; it frees the graph as it goes). HVPs go one vector at a time. With
   ``working_vectors="device"`` (asked for through ``overrides``, or chosen where the plan moved the vectors to
   the host itself and this fits) Lanczos keeps its working vectors on the device, its basis in host memory
-  (``lean``, :func:`~geomprobe.linalg.lanczos.lanczos`): two d-vectors beside each product (and a float32 one
-  for half types: :func:`~geomprobe.linalg.lean_vectors.lean_work_bytes`), three between products.
+  (``lean``, :func:`~geomprobe.linalg.lanczos.lanczos`): two d-vectors beside each product
+  (:func:`~geomprobe.linalg.lean_vectors.lean_work_bytes`), three between products (``lean_step_bytes``).
+  ``working_vectors="streamed"`` is the same with each product reading its input from the stored host row: one
+  d-vector beside each product (its output), slower products (the input crosses the bus per parameter).
 - **per-example gradients** (``noise``, ``isotropy``): rows of ``2 d itemsize + PERSAMPLE_GRAPH_FACTOR s``
   bytes (the per-parameter results and their flattening, one example's forward and backward; the statistics
   take rows to float64 a slice of columns at a time), and the statistics' ``STATS_VECTORS`` float64 d-vectors.
@@ -78,7 +80,7 @@ from typing import Any, Mapping, Sequence
 
 from ..errors import ConfigurationError
 from ..linalg.delayed_lanczos import DELAYED_EXTRA_VECTORS
-from ..linalg.lean_vectors import lean_work_bytes
+from ..linalg.lean_vectors import LEAN_MODES, lean_step_bytes, lean_work_bytes
 from ..linalg.orthogonality import SELECTIVE_VECTORS
 from .memory_readings import device_memory, host_available_bytes, read_training_peak
 from .plan_limits import (
@@ -193,8 +195,9 @@ class MemoryPlan:
     # "host": HVP vectors, the gradient and the Lanczos vectors in host memory, streamed through each double
     # backward parameter by parameter (engine/host_stream.py); "device": on the model's device
     vectors: str = "device"
-    # with host vectors, where Lanczos' working vectors live: "host" (the Krylov arithmetic on the CPU) or
-    # "device" (two d-vectors on the model's device, the basis in host memory: lanczos(lean=True)); None otherwise
+    # with host vectors, where Lanczos' working vectors live: "host" (the Krylov arithmetic on the CPU),
+    # "device" (two d-vectors on the model's device, the basis in host memory: lanczos(lean=True)) or "streamed"
+    # (the same, each product reading its input from the host row: lanczos(lean="streamed")); None otherwise
     working_vectors: str | None = None
 
     def to_dict(self) -> dict:
@@ -265,9 +268,9 @@ def plan_memory(
             raise ConfigurationError(f"{name} must be >= 1, got {given[name][0]}")
     if given.get("vectors", ("device",))[0] not in ("device", "host"):
         raise ConfigurationError(f"vectors must be 'device' or 'host', got {given['vectors'][0]!r}")
-    if given.get("working_vectors", ("host",))[0] not in ("device", "host"):
+    if given.get("working_vectors", ("host",))[0] not in ("device", "host", *LEAN_MODES):
         raise ConfigurationError(
-            f"working_vectors must be 'host' or 'device' (the host-vector mode's Lanczos vectors), got "
+            f"working_vectors must be 'host', 'device' or 'streamed' (the host-vector mode's Lanczos vectors), got "
             f"{given['working_vectors'][0]!r}")
     budget, source = budget_bytes(available_bytes=available_bytes, allocated_bytes=allocated_bytes,
                                   train_peak_bytes=train_peak_bytes, peak_ratio=peak_ratio, cap_bytes=cap_bytes,
@@ -442,18 +445,17 @@ def plan_memory(
     left = None if budget is None else budget - graphs - one_hvp - lanczos_work - basis_on_device
     selective_work = selective_room(SELECTIVE_VECTORS * v, itemsize, not host, left)
     # host vectors whose Lanczos runs keep their working vectors on the device (lean, linalg/lanczos.py): the
-    # newest vector and the product's output beside each product, those two and the previous row between them;
-    # for half types a float32 d-vector more (the 1.1B Llama's lean runs peaked 2.45 fp32 and 3.3 bf16 d-vectors
-    # above its host-vector runs, benchmarks/RESULTS.md section 6, eighteenth round). Where asked
+    # newest vector and the product's output beside each product (the output alone where the product reads its
+    # input from the host row, "streamed"), w, the newest vector and the previous row between them. Where asked
     # (``working_vectors``); chosen by :func:`_lean_plan` where the plan moved the vectors to the host itself
     working = value("working_vectors", "host") if host else None
-    lean_work = lean_work_bytes(dim, itemsize) if working == "device" else 0
+    lean_work = lean_work_bytes(dim, itemsize, working) if working in LEAN_MODES else 0
     hvp_phase = hvp_phase + lean_work
     lanczos_phase = one_hvp + lanczos_work + basis_on_device + max(delayed_work, selective_work)
     persample_phase = stats_fixed + (row if per_bytes is None or row == 0 else max(row, (per_bytes // row) * row))
     peak = graphs + max(hvp_phase, lanczos_phase, persample_phase)
-    if lean_work:  # between products: the two vectors and the previous row, beside the kept graphs only
-        peak = max(peak, flat + kept + lean_work + v)
+    if lean_work:  # between products: w, the newest vector and the previous row, beside the kept graphs only
+        peak = max(peak, flat + kept + lean_step_bytes(dim, itemsize))
     if budget is not None and peak > budget:
         fits = False
     vectors = value("vectors", "host" if host else "device")
@@ -511,7 +513,8 @@ def plan_memory(
 def _lean_plan(args: dict, given: dict) -> MemoryPlan | None:
     """The plan of the same call with the vectors in host memory and Lanczos' working vectors on the device
     (lean), where it fits the budget: first with the graphs laid out as without them, then with every graph
-    rebuilt; None where neither fits. Where it fits, lean is the faster of the two placements: its products read
+    rebuilt, first with each product's input on the device, then read from its host row (``"streamed"``: one
+    d-vector less beside the product, the input crossing the bus in it); None where none fits. Where it fits, lean is the faster of the two placements: its products read
     and write device vectors and its arithmetic runs on the device, where the host placement streams every
     product's input and output and runs each step's passes on the host (1.1B Llama fp32, H200: 2.15 s against
     4.4 s a product; a probe 56.8 / 30.8 s first / later against 71.3 / 62.4 s, benchmarks/RESULTS.md section 6,
@@ -520,11 +523,12 @@ def _lean_plan(args: dict, given: dict) -> MemoryPlan | None:
     fragmentation, which that target (allocated bytes) does not count; its items err high already (the 1.1B
     Llama fp32: planned 16.6 GB above its start, measured 15.7 GB, 1.44x its training step, twentieth round)."""
     tries = [{}] + ([] if "graph_budget_bytes" in given else [{"graph_budget_bytes": (0, "plan")}])
-    for extra in tries:
-        over = {**given, **extra, "vectors": ("host", "plan"), "working_vectors": ("device", "plan")}
-        plan = plan_memory(**{**args, "overrides": over, "target_headroom": 1.0})
-        if plan.fits:
-            return plan
+    for mode in LEAN_MODES:
+        for extra in tries:
+            over = {**given, **extra, "vectors": ("host", "plan"), "working_vectors": (mode, "plan")}
+            plan = plan_memory(**{**args, "overrides": over, "target_headroom": 1.0})
+            if plan.fits:
+                return plan
     return None
 
 

@@ -1,5 +1,6 @@
 """The Krylov basis of a Lanczos run: its vectors stored in fixed blocks (on the compute device or offloaded),
-one expansion step against it, the start vector, and the memory a run of a given basis size needs."""
+one expansion step against it, and the memory a run of a given basis size needs (the start vector and a run's
+first basis: :mod:`.krylov_start`)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,9 @@ from typing import NamedTuple
 import torch
 
 from ..errors import ConfigurationError
-from .device_draw import drawn_on_device, draws_elsewhere
 from .host_arith import host_rotate, host_round, lanczos_pass, row_groups
 from .host_blocks import RowPrefetcher, advise_huge_pages, host_block, populate, populate_wanted, prefetch_wanted
-from .lean_vectors import LeanVectors
+from .lean_vectors import LeanVectors, lean_mode
 from .pinned_blocks import PinnedAhead
 from .pinned_memory import pinned_empty
 from .space import VectorSpace
@@ -22,73 +22,17 @@ from .vectors import (
     Matvec,
     accumulation_dtype,
     check_dim,
-    default_generator,
     forced_kernels,
     matvec_into,
     row_dots,
     scratch_columns,
     sub_rows,
     takes_out,
-    vector_norm,
 )
 
 __all__ = [
     "LanczosBasis", "LanczosMemory", "host_vector", "krylov_step", "lanczos_memory_bytes", "orthogonalize_step",
-    "start_basis", "start_vector",
 ]
-
-
-def start_vector(dim: int, v0: torch.Tensor | None, generator: torch.Generator | None, dtype: torch.dtype,
-                 device, space: VectorSpace | None = None) -> torch.Tensor:
-    """The unit start vector: ``v0`` normalized, or a Gaussian drawn on ``device`` in ``dtype``.
-
-    With a sharded ``space`` both are this process's slice (``v0`` of length ``space.local_dim``) and the
-    norm is the global one."""
-    if v0 is None:
-        if space is None:  # a large host vector is drawn by threads (VectorSpace.gaussian)
-            q = VectorSpace(dim).gaussian(generator or default_generator(), dtype, device)
-        else:
-            q = space.gaussian(generator or default_generator(), dtype, device)
-    else:
-        n = dim if space is None else space.local_dim
-        if v0.shape != (n,):
-            raise ConfigurationError(f"v0 must have shape ({n},), got {tuple(v0.shape)}")
-        q = v0.to(dtype=dtype, device=device if device is not None else v0.device, copy=True)
-    qn = float(vector_norm(q) if space is None else space.norm(q))
-    if not math.isfinite(qn) or qn == 0:
-        raise ConfigurationError("the Lanczos start vector is zero or not finite")
-    return q.div_(qn)  # a Python scalar: half types scale in float32, not by a norm rounded to their precision
-
-
-def start_basis(space: VectorSpace, v0: torch.Tensor | None, generator: torch.Generator | None, dtype: torch.dtype,
-                device, *, basis_dtype: torch.dtype | None = None, basis_device=None, capacity: int | None = None,
-                contiguous: bool = False, draw_device=None, lean: bool = False) -> tuple[LanczosBasis, torch.Tensor]:
-    """A Lanczos run's basis (:class:`LanczosBasis` of ``basis_dtype or dtype`` on ``basis_device``, else where the
-    vectors live; ``capacity``, ``contiguous`` as it takes them) holding the unit start vector
-    (:func:`start_vector`), and that vector as the compute device holds it.
-
-    ``draw_device``: where a random start is drawn when the vectors live in host memory and it is an
-    accelerator (:func:`.device_draw.drawn_on_device`; the host-vector mode, whose CPU draw of a 1B model's start
-    took about a product's time): a host basis of the vectors' own type takes the draw straight into its first
-    row, written once. Elsewhere, and for a given ``v0`` or a sharded space, it is not used. ``lean``: the basis
-    keeps two d-vectors on the compute device (:class:`LanczosBasis`'s ``lean``). Cost: no matvec."""
-    sharded = space if space.sharded else None
-    if v0 is None and sharded is None and draws_elsewhere(device, draw_device):
-        home = torch.device("cpu")
-        basis = LanczosBasis(space.local_dim, basis_dtype or dtype, home if basis_device is None else
-                             torch.device(basis_device), home, capacity=capacity, contiguous=contiguous, space=space,
-                             round_to=dtype)
-        gen = generator or default_generator()
-        if basis.on_host and basis.round_to is None:
-            row = basis._next_row()
-            drawn_on_device(space.dim, gen, dtype, draw_device, out=row, unit=True)
-            return basis, row
-        return basis, basis.append_normalized(drawn_on_device(space.dim, gen, dtype, draw_device, unit=True), 1.0)
-    q = start_vector(space.dim, v0, generator, dtype, device, sharded)
-    basis = LanczosBasis(space.local_dim, basis_dtype or dtype, q.device if basis_device is None else
-                         torch.device(basis_device), q.device, capacity=capacity, contiguous=contiguous, space=space,
-                         round_to=dtype, lean=lean)
-    return basis, basis.append_normalized(q, 1.0)
 
 
 def host_vector(dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -134,11 +78,16 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     every inner product and norm goes through ``basis.space``.
     """
     space = basis.space
-    owned = basis.lean and takes_out(matvec)
+    lean = basis.lean_vectors
+    owned = lean is not None and takes_out(matvec)
     if owned:
         # written into the lean basis's other device vector: the product's input and output are the only
-        # d-vectors on the device while it runs
-        w = matvec_into(matvec, cur, basis.lean_vectors.out_buffer(cur))
+        # d-vectors on the device while it runs (the output alone where the input is read from its row)
+        out = lean.out_buffer(cur)
+        row = basis.newest_row()
+        w = matvec_into(matvec, lean.input_for(cur, row), out)
+        if prev is not None:
+            lean.refill(cur, row)  # for the three-term step (a first step's passes stream its row instead)
     elif basis.on_host and takes_out(matvec):
         # the product written into one buffer reused step after step: on the CPU a fresh 40 MB vector per
         # product paid its page faults every time (the step never keeps w: the basis gets w / beta)
@@ -156,6 +105,8 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     if basis.on_host and not forced_kernels():
         return _host_step(w, basis, cur, prev, beta_prev, step, local, extra)
     if prev is None:
+        if lean is not None:
+            lean.give_back(cur)  # the passes stream its row with the others
         w, coeffs = basis.reorthogonalize(w, passes=2)
         before = None
     else:
@@ -163,6 +114,9 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         w.sub_(prev, alpha=beta_prev)
         sub_rows(w, alpha, cur[None])
         before = space.norm(w)
+        if lean is not None and not local:  # a whole-basis pass holds w and one streamed row, not these two
+            lean.give_back(cur)
+            prev = None
         w, coeffs = _local_pass(w, space, prev, cur, extra) if local else basis.reorthogonalize(w, passes=1)
         coeffs[-1] += alpha[0]
         coeffs[-2] += beta_prev
@@ -177,6 +131,8 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         w, c2 = _local_pass(w, space, prev, cur, extra) if local else basis.reorthogonalize(w, passes=1)
         coeffs = coeffs + c2.cpu().double()
         beta_h = float(space.norm(w))
+    if lean is not None:
+        lean.give_back(cur)  # no caller reads it again: the next step's previous vector is its stored row
     return w, coeffs, beta_h
 
 
@@ -337,7 +293,9 @@ class LanczosBasis:
 
     def __init__(self, dim: int, dtype: torch.dtype, device, compute_device=None, capacity: int | None = None,
                  contiguous: bool = False, space: VectorSpace | None = None, pin: bool | None = None,
-                 round_to: torch.dtype | None = None, lean: bool = False):
+                 round_to: torch.dtype | None = None, lean: bool | str = False, rows_limit: int | None = None):
+        # rows_limit: the most rows the run can store (its step limit), where no capacity caps them: no
+        # page-locked block is allocated ahead beyond it
         # dim: the length of the stored vectors (this process's slice in a sharded space)
         self.dim, self.dtype, self.device = dim, dtype, device
         self.round_to = None if round_to is None or round_to == dtype else round_to
@@ -347,7 +305,9 @@ class LanczosBasis:
         self.contiguous = contiguous and capacity is not None
         self.block = capacity if self.contiguous else self.BLOCK
         self.compute = compute_device if compute_device is not None else device
-        self.lean = bool(lean)  # the compute device keeps the newest vector and the product's output only
+        # the compute device keeps the newest vector and the product's output only (or the output alone)
+        self.lean_mode = lean_mode(lean)
+        self.lean = self.lean_mode is not None
         self.offloaded = torch.device(self.compute) != torch.device(device) or self.lean
         # page-locked blocks cost time to allocate (exact-size ones 1.35 s for a 4.4 GB row, pooled for later
         # probes: pinned_memory.py) but stream twice as fast as pageable ones, whose first writes also stall the
@@ -363,8 +323,10 @@ class LanczosBasis:
             self.block = max(1, min(self.BLOCK, self.PIN_BLOCK_BYTES // row_bytes))
         self.pin_refused: str | None = None  # why pinned host memory was refused, if it was
         # page-locked blocks come one ahead, allocated on another thread while the products run (pinned_blocks.py)
-        self.pinned = PinnedAhead(dim, dtype, self.block, capacity) if self.pin else None
-        self.lean_vectors = LeanVectors(dim, dtype, self.compute, side_stream=self.pin) if self.lean else None
+        ahead_cap = capacity if capacity is not None else rows_limit
+        self.pinned = PinnedAhead(dim, dtype, self.block, ahead_cap) if self.pin else None
+        self.lean_vectors = (LeanVectors(dim, dtype, self.compute, side_stream=self.pin, mode=self.lean_mode)
+                             if self.lean else None)
         self.capacity = capacity
         # a host basis faults its next row in on another core while the matvec runs (.host_blocks), where one
         # is free, else populates a fresh row just before writing it: the first write of a fresh 40 MB row cost
@@ -389,6 +351,10 @@ class LanczosBasis:
         if getattr(self, "_work", None) is None:
             self._work = host_vector(self.dim, self.dtype)
         return self._work
+
+    def newest_row(self) -> torch.Tensor:
+        """The stored row of the newest vector (for a lean basis in host memory; the product may read it)."""
+        return self._row(self.n - 1)
 
     def predecessor(self, cur: torch.Tensor) -> torch.Tensor:
         """What the next step takes as its previous vector, given the newest one ``cur`` before the next is

@@ -21,9 +21,9 @@ from .krylov_basis import (
     krylov_step,
     lanczos_memory_bytes,
     orthogonalize_step,
-    start_basis,
 )
-from .lean_vectors import lean_work_bytes
+from .krylov_start import start_basis
+from .lean_vectors import lean_step_bytes
 from .orthogonality import REORTH_MODES, SELECTIVE_ENDS, OrthogonalityEstimate
 from .restarted_lanczos import RestartFrom, min_basis, restarted_lanczos
 from .ritz import (
@@ -90,7 +90,7 @@ def lanczos(
     selective: bool = True,
     basis_dtype: torch.dtype | None = None,
     draw_device: torch.device | str | None = None,
-    lean: bool = False,
+    lean: bool | str = False,
 ) -> LanczosResult:
     """Lanczos with partial (default) or full reorthogonalization for the extreme eigenvalues of a symmetric
     matvec.
@@ -188,7 +188,7 @@ def lanczos(
 
     ``draw_device``: where a random start of host vectors (``device`` the CPU) is drawn when it is an accelerator
     (the host-vector mode passes the model's device): drawn there a piece at a time and written once into the
-    basis's first row (:func:`~geomprobe.linalg.krylov_basis.start_basis`); reproducible per seed on devices of
+    basis's first row (:func:`~geomprobe.linalg.krylov_start.start_basis`); reproducible per seed on devices of
     one kind, not the values of the CPU's draw of that seed.
 
     ``lean``: with the basis in host memory (``basis_device="cpu"``) and the vectors on ``device``, the device
@@ -198,6 +198,11 @@ def lanczos(
     orthogonalization (each keeps more vectors there) runs. The same arithmetic as the offloaded run otherwise.
     For a matvec whose vectors may live on the device but whose memory leaves room for no third d-vector
     beside a product (the host-vector mode's 1B-parameter models: benchmarks/RESULTS.md section 6).
+    ``lean="streamed"``: the same, but each product reads its input from the newest vector's stored row (a
+    matvec that takes host input, e.g. the host-vector mode's), so the device holds only the product's output
+    while it runs; the newest vector's device memory is given back meanwhile and filled again from its row for
+    the three-term step. Between products: ``w``, the newest and the previous vector at most, ``w`` and one row
+    in a whole-basis pass (:mod:`.lean_vectors`).
 
     >>> H = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> r = lanczos(lambda v: v @ H, 100, tol=1e-8)
@@ -238,7 +243,8 @@ def lanczos(
     # plan counted)
     basis, cur = start_basis(space, v0, generator, dtype, device, basis_dtype=basis_dtype, basis_device=basis_device,
                              capacity=max_basis if capped else (m_max if tol == 0 and keep_basis else None),
-                             contiguous=tol == 0 and keep_basis, draw_device=draw_device, lean=lean)
+                             contiguous=tol == 0 and keep_basis, draw_device=draw_device, lean=lean,
+                             rows_limit=limit)
     prev = None  # cur: the newest basis vector, on the compute device
     alphas: list[float] = []
     betas: list[float] = []
@@ -394,7 +400,7 @@ def lanczos(
         U=U,
         basis_blocks=list(basis._filled()) if keep_basis else None,  # no copy: see LanczosResult.basis
         compute_device=torch.device(basis.compute) if basis.offloaded else None,
-        work_room_bytes=lean_work_bytes(basis.dim, basis.dtype.itemsize) if basis.lean else 0,
+        work_room_bytes=lean_step_bytes(basis.dim, basis.dtype.itemsize) if basis.lean else 0,
         asymmetry=asym / max(max((abs(a) for a in alphas), default=0.0) + 2 * max(betas, default=0.0), 1e-300),
         basis_peak=basis.peak,
         extreme_err=errors,

@@ -9,21 +9,52 @@ Two orderings then have to be kept by hand: the vector's buffer is written again
 writes its output there) only after its copy has finished, and a stored row is read back (the previous vector
 after a product, a whole-basis pass, a rotation, the Ritz vectors) only after it has been written. Copies run in
 order on their stream, so waiting for the newest one covers every row.
+
+A lean run with its inputs from the host (``lean="streamed"``) holds one d-vector on the device during each
+product, its output: the product reads its input from the stored row, and the newest vector's device memory is
+given back meanwhile (``storage.resize_(0)``, which leaves every reference to the tensor valid) and filled again
+from that row after the product, for the three-term step. Either way the newest vector is given back after that
+step (no caller reads it later), so a whole-basis pass holds ``w`` and one streamed row, and the step at most
+``w``, the newest vector and the previous one (:data:`LEAN_STEP_VECTORS`). The 1.1B Llama in bf16 peaked at
+four d-vectors in its whole-basis passes (the newest and previous vectors beside ``w`` and a streamed row),
+1.63x its training step where 1.5x was asked (benchmarks/RESULTS.md section 6, twenty-first round).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["LEAN_WORK_VECTORS", "LeanVectors", "RowCopies", "lean_work_bytes"]
+__all__ = ["LEAN_MODES", "LEAN_PRODUCT_VECTORS", "LEAN_STEP_VECTORS", "LeanVectors", "RowCopies",
+           "lean_step_bytes", "lean_work_bytes"]
 
-LEAN_WORK_VECTORS = 2  # a lean run's device vectors beside a product: the newest and the product's output
+# a lean run's device d-vectors beside a product: the newest and the product's output, or the output alone where
+# the product reads its input from the host ("streamed")
+LEAN_PRODUCT_VECTORS = {"device": 2, "streamed": 1}
+LEAN_MODES = tuple(LEAN_PRODUCT_VECTORS)
+LEAN_STEP_VECTORS = 3  # between products: w, the newest vector and the previous row (a pass: w and one row)
 
 
-def lean_work_bytes(dim: int, itemsize: int) -> int:
-    """Device bytes a lean run's working vectors take: its two vectors of ``itemsize`` bytes an entry, and a float32
-    one for half types (the memory plan's ``lean_work``); free again once the run is over, for its Ritz vectors."""
-    return LEAN_WORK_VECTORS * dim * itemsize + (4 * dim if itemsize < 4 else 0)
+def lean_mode(lean) -> str | None:
+    """The lean mode a ``lean`` argument names: None (not lean), ``"device"`` (True) or ``"streamed"``."""
+    if lean is False or lean is None:
+        return None
+    if lean is True or lean == "device":
+        return "device"
+    if lean == "streamed":
+        return "streamed"
+    raise ValueError(f"lean must be False, True, 'device' or 'streamed', got {lean!r}")
+
+
+def lean_work_bytes(dim: int, itemsize: int, mode: str = "device") -> int:
+    """Device bytes a lean run's working vectors take beside a product (:data:`LEAN_PRODUCT_VECTORS` of
+    ``itemsize`` bytes an entry; the memory plan's ``lean_work``)."""
+    return LEAN_PRODUCT_VECTORS[mode] * dim * itemsize
+
+
+def lean_step_bytes(dim: int, itemsize: int) -> int:
+    """Device bytes a lean run's step takes between products (:data:`LEAN_STEP_VECTORS`), free again once the run
+    is over: the room its Ritz vectors are formed in (:meth:`.ritz.LanczosResult.take_ritz_vectors`)."""
+    return LEAN_STEP_VECTORS * dim * itemsize
 
 
 class RowCopies:
@@ -68,10 +99,44 @@ class LeanVectors:
     and the copies of its rows: on a side stream (:class:`RowCopies`) where the rows are page-locked on a CUDA
     host, else plain copies."""
 
-    def __init__(self, dim: int, dtype: torch.dtype, device, side_stream: bool) -> None:
+    def __init__(self, dim: int, dtype: torch.dtype, device, side_stream: bool, mode: str = "device") -> None:
         self.dim, self.dtype, self.device = dim, dtype, torch.device(device)
+        self.mode = mode
         self.pair: list[torch.Tensor | None] = [None, None]
         self.copies = RowCopies(self.device) if side_stream else None
+
+    def adopt(self, v: torch.Tensor) -> None:
+        """Take the run's first vector (a fresh tensor: the start vector) as one of the two, so that it is given
+        back like the others."""
+        if v.shape == (self.dim,) and v.is_contiguous() and v.storage_offset() == 0:
+            self.pair[0] = v
+
+    def _own(self, v: torch.Tensor) -> bool:
+        ptr = v.untyped_storage().data_ptr()
+        return ptr != 0 and any(t is not None and t.untyped_storage().data_ptr() == ptr for t in self.pair)
+
+    def give_back(self, v: torch.Tensor) -> None:
+        """Free ``v``'s device memory where it is one of the two (its stored row keeps its values); references to it
+        stay valid and :meth:`refill` or :meth:`out_buffer` allocate it again."""
+        if self._own(v):
+            v.untyped_storage().resize_(0)
+
+    def refill(self, v: torch.Tensor, row: torch.Tensor) -> None:
+        """Allocate a given-back ``v`` again and copy its stored ``row`` into it (in order on this stream)."""
+        storage = v.untyped_storage()
+        if storage.nbytes() == 0:
+            storage.resize_(self.dim * v.element_size())
+            v.copy_(row, non_blocking=row.is_pinned())
+
+    def input_for(self, cur: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
+        """The next product's input: ``cur`` itself, or in the streamed mode its stored ``row`` once written, with
+        ``cur``'s device memory given back until :meth:`refill`."""
+        if self.mode != "streamed":
+            return cur
+        if self.copies is not None:
+            self.copies.finish()  # the row is read on the host's side: its copy must have ended
+        self.give_back(cur)
+        return row
 
     def out_buffer(self, cur: torch.Tensor) -> torch.Tensor:
         """The device vector for the next product's output: of the two, the one not holding ``cur`` (allocated at
@@ -80,6 +145,9 @@ class LeanVectors:
         for i, t in enumerate(self.pair):
             if t is None:
                 t = self.pair[i] = torch.empty(self.dim, dtype=self.dtype, device=self.device)
+            if t.untyped_storage().nbytes() == 0:  # given back: a fresh block (the allocator orders its reuse)
+                t.untyped_storage().resize_(self.dim * t.element_size())
+                return t
             if t.untyped_storage().data_ptr() != held:
                 if self.copies is not None:
                     self.copies.writable(t)

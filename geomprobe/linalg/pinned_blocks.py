@@ -10,12 +10,21 @@ released to torch's pinned-memory cache when the basis is dropped, where the nex
 from __future__ import annotations
 
 import threading
+import time
 
 import torch
 
 from .pinned_memory import pinned_empty
 
-__all__ = ["PinnedAhead"]
+__all__ = ["PinnedAhead", "ahead_stats"]
+
+_stats = {"blocks": 0, "bytes": 0, "seconds": 0.0}  # blocks allocated ahead in this process, and their time
+
+
+def ahead_stats() -> dict:
+    """How many page-locked blocks were allocated ahead in this process, their bytes and the seconds it took (on
+    the background threads; copies to and from page-locked memory may wait meanwhile)."""
+    return dict(_stats)
 
 
 class PinnedAhead:
@@ -66,10 +75,15 @@ class PinnedAhead:
         box = self._box
 
         def work() -> None:
+            t0 = time.perf_counter()
             try:
                 box["block"] = self._alloc(following)
             except RuntimeError as e:  # refused: the next take() raises it, where the caller falls back
                 box["error"] = e
+                return
+            _stats["blocks"] += 1
+            _stats["bytes"] += box["block"].numel() * box["block"].element_size()
+            _stats["seconds"] += time.perf_counter() - t0
 
         self._thread = threading.Thread(target=work, name="geomprobe-pinned-ahead", daemon=True)
         self._thread.start()

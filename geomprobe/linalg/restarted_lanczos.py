@@ -24,7 +24,9 @@ import torch
 
 from ..errors import ConfigurationError
 from .certify import DEFAULT_RISK, extreme_errors, rounding_level, start_threshold
-from .krylov_basis import LanczosBasis, krylov_step, orthogonalize_step, start_basis
+from .krylov_basis import LanczosBasis, krylov_step, orthogonalize_step
+from .krylov_start import start_basis
+from .lean_vectors import lean_step_bytes
 from .orthogonality import OrthogonalityEstimate
 from .ritz import (
     LanczosResult,
@@ -108,7 +110,7 @@ def restarted_lanczos(
     resume: RestartFrom | None = None,
     basis_dtype: torch.dtype | None = None,
     draw_device: torch.device | str | None = None,
-    lean: bool = False,
+    lean: bool | str = False,
 ) -> LanczosResult:
     """Extreme eigenvalues of a symmetric matvec by thick-restart Lanczos, storing at most ``max_basis`` vectors.
 
@@ -283,6 +285,7 @@ def restarted_lanczos(
         beta=torch.zeros(0, dtype=torch.float64) if restarts else torch.diagonal(S_new, 1).clone(),
         U=U,
         basis_blocks=list(basis._filled()) if keep_basis else None,  # no copy: see LanczosResult.basis
+        work_room_bytes=lean_step_bytes(basis.dim, basis.dtype.itemsize) if basis.lean else 0,
         asymmetry=asym / max(norm_bound, 1e-300),
         restarts=restarts,
         basis_peak=basis.peak,

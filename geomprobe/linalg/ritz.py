@@ -147,8 +147,10 @@ class LanczosResult:
         compute = self.compute_device
         if compute is not None and torch.device(compute).type != "cpu":
             if Uk.shape[1]:
-                whole = Uk.shape[1] * d * accumulation_dtype(dtype).itemsize <= self.work_room_bytes
-                _streamed_ritz_into(blocks, Uk, torch.device(compute), [t for t in out if t.shape[0]], whole=whole)
+                whole = whole_room(Uk.shape[1], d, dtype, self.work_room_bytes)
+                rows = whole is not None and (Uk.shape[1] + 1) * d * whole.itemsize <= self.work_room_bytes
+                _streamed_ritz_into(blocks, Uk, torch.device(compute), [t for t in out if t.shape[0]], whole=whole,
+                                    rows=rows)
         elif Uk.shape[1]:
             _host_ritz_vectors(blocks, Uk, [t for t in out if t.shape[0]])
         self.basis_blocks = None
@@ -194,43 +196,95 @@ def _streamed_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor, device:
 RITZ_COLUMNS = 1 << 26
 
 
+# how the basis's rows reach the device in an offloaded run's Ritz pass: "rows" (each whole, in one copy, where the
+# room holds one beside whole float32/float64 accumulators of the rows' own type), "slices" (RITZ_COLUMNS columns
+# of each row at a time), or "auto" (rows where they fit, else slices)
+RITZ_COPIES = "auto"
+
+
+def ritz_copies(whole: torch.dtype | None, rows: bool, dtype: torch.dtype) -> str:
+    """How an offloaded run's Ritz pass brings rows of ``dtype`` over (:data:`RITZ_COPIES`): ``"rows"`` only for
+    whole accumulators of the rows' own type (float32, float64) with room for a row beside them."""
+    fits = rows and whole == accumulation_dtype(dtype) == dtype
+    if RITZ_COPIES == "auto":
+        return "rows" if fits else "slices"
+    return RITZ_COPIES if fits else "slices"
+
+
+def whole_room(k: int, d: int, dtype: torch.dtype, room: int) -> torch.dtype | None:
+    """The type in which ``k`` Ritz vectors of length ``d`` are held whole on the device within ``room`` bytes
+    (:func:`_streamed_ritz_into`): the accumulation type, else (half types) their own type beside accumulators of
+    :data:`RITZ_COLUMNS` columns, else None (slices only)."""
+    acc = accumulation_dtype(dtype)
+    if k * d * acc.itemsize <= room:
+        return acc
+    if acc != dtype and k * (d * dtype.itemsize + min(d, RITZ_COLUMNS) * acc.itemsize) <= room:
+        return dtype
+    return None
+
+
 def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: torch.device,
-                        targets: list[torch.Tensor], whole: bool = False) -> None:
+                        targets: list[torch.Tensor], whole: torch.dtype | bool | None = None,
+                        rows: bool = False) -> None:
     """``V Uk`` normalized into ``targets`` (2-D tensors holding the rows in order, on the host or on ``device``)
     for a basis offloaded to host memory by a run on ``device``: :data:`RITZ_COLUMNS` columns at a time, each
     row's slice brought over and added into float32 (float64 for float64) accumulators there. Every row crosses
     the bus once. Half types are rounded twice (the slice, then the quotient), as on the host's pass.
 
-    With ``whole`` (the device holds ``k`` whole accumulators: a lean run's released working vectors) the
-    vectors are divided by their norms there and copied out once, asynchronously into page-locked targets:
-    no pass over them on the host (the 1.1B Llama's two fp32 Ritz vectors took 1.76 s the other way, with a
-    blocking copy per slice and the division on the host). Else the device holds ``k + 1`` slices (whole float32
-    accumulators and a row took 11 GB for its two bf16 Ritz vectors, more than its products), each slice of the
-    result copied to its targets with its squared norms, then each target row divided where it lives. Cost: one
-    pass over the basis, a pass over the targets, no matvec."""
+    With ``whole`` (the type of ``k`` whole vectors the device holds: a lean run's released working vectors,
+    :func:`whole_room`) the vectors are divided by their norms there and copied out once, asynchronously into
+    page-locked targets: no pass over them on the host (the 1.1B Llama's two fp32 Ritz vectors took 1.76 s the
+    other way, with a blocking copy per slice and the division on the host). Whole in a half type (its float32
+    accumulators one slice of columns at a time; two float32 vectors of the 1.1B Llama in bf16 were its run's
+    peak, 8.8 GB) the slices are rounded into them and divided in float32 slice by slice. Else the device holds
+    ``k + 1`` slices (whole float32 accumulators and a row took 11 GB for its two bf16 Ritz vectors, more than
+    its products), each slice of the result copied to its targets with its squared norms, then each target row
+    divided where it lives. ``rows``: the room also holds one whole row beside whole accumulators of the row's
+    own type: each row then crosses in one copy (:data:`RITZ_COPIES`). Cost: one pass over the basis, a pass over
+    the targets, no matvec."""
     first = blocks[0]
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
+    if whole is True:
+        whole = acc
     U = Uk.T.to(device=device, dtype=acc)
     k, d = U.shape[0], first.shape[1]
     sq = torch.zeros(k, dtype=torch.float64, device=device)
-    X = torch.zeros(k, d, dtype=acc, device=device) if whole else None
+    X = torch.zeros(k, d, dtype=acc, device=device) if whole == acc else None
+    if whole and whole != acc:
+        X = torch.empty(k, d, dtype=whole, device=device)
     async_out = all(T.device == device or _pinned(T) for T in targets)
-    for c in range(0, d, RITZ_COLUMNS):
-        e = min(d, c + RITZ_COLUMNS)
-        Xs = X[:, c:e] if whole else torch.zeros(k, e - c, dtype=acc, device=device)
+    pinned = [_pinned(B) for B in blocks]
+    if ritz_copies(whole, rows, first.dtype) == "rows":
+        # each row crosses the bus in one copy and is added whole: a few large copies and products, where the
+        # 1.1B Llama's fp32 pass of 17 slices of 10 rows took 1.6 s for 44 GB (0.83 s at the bus's speed)
         i = 0
-        for B in blocks:
+        for B, pin in zip(blocks, pinned):
             for r in range(B.shape[0]):
-                Xs.addmm_(U[:, i : i + 1], B[r, c:e].to(device, non_blocking=_pinned(B)).to(acc)[None])
+                X.addmm_(U[:, i : i + 1], B[r].to(device, non_blocking=pin).to(acc)[None])
                 i += 1
-        sq += torch.linalg.vector_norm(Xs, dim=1).double().square()
-        if not whole:
-            _copy_rows(Xs.to(first.dtype), targets, c, e, async_out)
-    if whole:
-        X.div_(sq.sqrt().to(acc)[:, None])
+        sq += torch.linalg.vector_norm(X, dim=1).double().square()
+    else:
         for c in range(0, d, RITZ_COLUMNS):
             e = min(d, c + RITZ_COLUMNS)
-            _copy_rows(X[:, c:e].to(first.dtype), targets, c, e, async_out)
+            Xs = X[:, c:e] if whole == acc else torch.zeros(k, e - c, dtype=acc, device=device)
+            i = 0
+            for B, pin in zip(blocks, pinned):
+                for r in range(B.shape[0]):
+                    Xs.addmm_(U[:, i : i + 1], B[r, c:e].to(device, non_blocking=pin).to(acc)[None])
+                    i += 1
+            sq += torch.linalg.vector_norm(Xs, dim=1).double().square()
+            if whole and whole != acc:
+                X[:, c:e].copy_(Xs)
+            elif not whole:
+                _copy_rows(Xs.to(first.dtype), targets, c, e, async_out)
+    if whole:
+        norms = sq.sqrt().to(acc)[:, None]
+        if whole == acc:
+            X.div_(norms)
+        for c in range(0, d, RITZ_COLUMNS):
+            e = min(d, c + RITZ_COLUMNS)
+            part = X[:, c:e].to(first.dtype) if whole == acc else X[:, c:e].to(acc).div_(norms).to(first.dtype)
+            _copy_rows(part, targets, c, e, async_out)
         if async_out and device.type == "cuda":
             torch.cuda.current_stream(device).synchronize()
         return

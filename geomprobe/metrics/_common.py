@@ -249,11 +249,13 @@ def lanczos_placement(land: Any, basis_device: Any = None) -> dict[str, Any]:
     """Where a metric's Lanczos run on ``land`` keeps its vectors: ``device``, ``basis_device`` and ``lean`` for
     :func:`~geomprobe.linalg.lanczos.lanczos`. Where the Landscape's vectors live (host memory in the host-vector
     mode), the basis where asked; but with host vectors and a plan whose ``working_vectors`` is ``"device"``,
-    the working vectors on the model's device with the basis in host memory, two d-vectors there (lean)."""
+    the working vectors on the model's device with the basis in host memory, two d-vectors there (lean; one
+    where the plan's ``working_vectors`` is ``"streamed"``: each product reads its input from the host row)."""
     plan = getattr(land, "plan", None)
     where = getattr(land, "vector_device", None) or land.device
-    if getattr(plan, "working_vectors", None) == "device" and torch.device(where).type == "cpu":
-        return {"device": land.device, "basis_device": "cpu", "lean": True}
+    working = getattr(plan, "working_vectors", None)
+    if working in ("device", "streamed") and torch.device(where).type == "cpu":
+        return {"device": land.device, "basis_device": "cpu", "lean": True if working == "device" else working}
     return {"device": where, "basis_device": basis_device, "lean": False}
 
 

@@ -414,7 +414,7 @@ def density(
             if first is not None:
                 reuse.find(key)  # received: its metric paid for it
             else:  # it stopped short of m: the same start, run here (module docstring, "Same rule")
-                # drawn as spectrum's start is drawn (krylov_basis.start_basis: host vectors on the model's
+                # drawn as spectrum's start is drawn (krylov_start.start_basis: host vectors on the model's
                 # accelerator, else a large host vector by threads, VectorSpace)
                 where = vector_device(land)
                 u = (drawn_on_device(d, gen, land.dtype, land.device, unit=True) if draws_elsewhere(where, land.device)

@@ -1,0 +1,74 @@
+"""An offloaded Lanczos run's Ritz pass (linalg/ritz.py ``_streamed_ritz_into``) on page-locked host rows of a
+1B-parameter model's length: each row whole in one copy ("rows") against RITZ_COLUMNS-column slices ("slices"),
+with the bus's own speed for the same bytes (one copy per row, and per slice) beside them.
+
+    python benchmarks/ritz_pass.py --dim 1104218112 --rows 4 --repeats 3 --out r.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from geomprobe.linalg import ritz
+from geomprobe.linalg.pinned_memory import pinned_empty
+
+
+def timed(fn, repeats: int) -> list[list[float]]:
+    """[seconds until ``fn`` returned (the host's own time, blocking included), seconds until the device was
+    done] per repeat."""
+    out = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        out.append([round(t1 - t0, 4), round(time.perf_counter() - t0, 4)])
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dim", type=int, default=1104218112)
+    ap.add_argument("--rows", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    dev = torch.device("cuda")
+    t0 = time.perf_counter()
+    blocks = []
+    for _ in range(a.rows):
+        B = pinned_empty((1, a.dim), torch.float32)
+        B = B if B is not None else torch.empty(1, a.dim, pin_memory=True)
+        B.fill_(0.5)  # the values do not matter to the times
+        blocks.append(B)
+    setup = time.perf_counter() - t0
+    Uk = torch.randn(a.rows, 2, dtype=torch.float64)
+    targets = [torch.empty(1, a.dim).pin_memory(), torch.empty(1, a.dim).pin_memory()]
+    gb = a.rows * a.dim * 4 / 1e9
+    res = {"dim": a.dim, "rows": a.rows, "gb": gb, "setup_s": setup, "pinned": [B.is_pinned() for B in blocks]}
+    row = torch.empty(a.dim, device=dev)
+    res["copy_rows_s"] = timed(lambda: [row.copy_(B[0], non_blocking=True) for B in blocks], a.repeats)
+    cols = ritz.RITZ_COLUMNS
+    res["copy_slices_s"] = timed(lambda: [row[c:c + cols].copy_(B[0, c:c + cols], non_blocking=True)
+                                          for B in blocks for c in range(0, a.dim, cols)], a.repeats)
+    row = None  # freed before the passes
+    for mode, rows in (("slices", False), ("rows", True)):
+        ritz.RITZ_COPIES = mode
+        res[f"pass_{mode}_s"] = timed(lambda: ritz._streamed_ritz_into(blocks, Uk, dev, targets,
+                                                                       whole=torch.float32, rows=rows), a.repeats)
+        res[f"pass_{mode}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+        torch.cuda.reset_peak_memory_stats()
+    for k in [k for k in res if k.endswith("_s") and isinstance(res[k], list)]:
+        res[k[:-2] + "_gbps"] = [round(gb / t[1], 1) for t in res[k]]
+    print(json.dumps(res))
+    if a.out:
+        json.dump(res, open(a.out, "w"), indent=1)
+
+
+if __name__ == "__main__":
+    main()
