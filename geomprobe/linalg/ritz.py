@@ -246,8 +246,12 @@ def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: to
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     if whole is True:
         whole = acc
-    U = Uk.T.to(device=device, dtype=acc)
-    k, d = U.shape[0], first.shape[1]
+    # the coefficients as Python numbers: each row is added into each accumulator by one elementwise kernel that
+    # reads the row in its own type. A rank-one addmm_ per row (k x 1 times 1 x d) ran at ~160 GB/s and held the
+    # host until it finished: 1.36 s of the 1.1B Llama's fp32 pass of 10 rows, 23.7 GB/s in all against the
+    # bus's 54 GB/s (benchmarks/ritz_pass.py, RESULTS.md section 6)
+    coef = Uk.to(torch.float64).tolist()
+    k, d = Uk.shape[1], first.shape[1]
     sq = torch.zeros(k, dtype=torch.float64, device=device)
     X = torch.zeros(k, d, dtype=acc, device=device) if whole == acc else None
     if whole and whole != acc:
@@ -260,7 +264,7 @@ def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: to
         i = 0
         for B, pin in zip(blocks, pinned):
             for r in range(B.shape[0]):
-                X.addmm_(U[:, i : i + 1], B[r].to(device, non_blocking=pin).to(acc)[None])
+                _add_row(X, coef[i], B[r].to(device, non_blocking=pin))
                 i += 1
         sq += torch.linalg.vector_norm(X, dim=1).double().square()
     else:
@@ -270,7 +274,7 @@ def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: to
             i = 0
             for B, pin in zip(blocks, pinned):
                 for r in range(B.shape[0]):
-                    Xs.addmm_(U[:, i : i + 1], B[r, c:e].to(device, non_blocking=pin).to(acc)[None])
+                    _add_row(Xs, coef[i], B[r, c:e].to(device, non_blocking=pin))
                     i += 1
             sq += torch.linalg.vector_norm(Xs, dim=1).double().square()
             if whole and whole != acc:
@@ -294,6 +298,12 @@ def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: to
         for row in T:
             row.div_(float(norms[i]))  # a Python scalar: no float32 copy of the row (mixed types on the CPU)
             i += 1
+
+
+def _add_row(X: torch.Tensor, coef: list[float], row: torch.Tensor) -> None:
+    """``X[j] += coef[j] row`` for each accumulator row ``j``, in ``X``'s type (the row converted as it is read)."""
+    for j, c in enumerate(coef):
+        X[j].add_(row, alpha=c)
 
 
 def _copy_rows(Xs: torch.Tensor, targets: list[torch.Tensor], c: int, e: int, non_blocking: bool) -> None:
