@@ -1,6 +1,7 @@
 """An offloaded Lanczos run's Ritz pass (linalg/ritz.py ``_streamed_ritz_into``) on page-locked host rows of a
 1B-parameter model's length: each row whole in one copy ("rows") against RITZ_COLUMNS-column slices ("slices"),
-with the bus's own speed for the same bytes (one copy per row, and per slice) beside them.
+with the bus's own speed for the same bytes (one copy per row, and per slice) beside them, and two experiments on
+the host's wait in the pass (one device row reused for every copy; two alternating, copied on a side stream).
 
     python benchmarks/ritz_pass.py --dim 1104218112 --rows 4 --repeats 3 --out r.json
 """
@@ -63,6 +64,40 @@ def main() -> None:
                                                                        whole=torch.float32, rows=rows), a.repeats)
         res[f"pass_{mode}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
         torch.cuda.reset_peak_memory_stats()
+    # experiments for the host's wait in the pass: one device row reused for every copy (no allocation per row),
+    # and two reused alternately with the copies on a stream of their own (a row's copy beside the last one's adds)
+    X = torch.zeros(2, a.dim, device=dev)
+    coef = Uk.tolist()
+    buf = torch.empty(a.dim, device=dev)
+
+    def reused() -> None:
+        for i, B in enumerate(blocks):
+            buf.copy_(B[0], non_blocking=True)
+            for j in range(2):
+                X[j].add_(buf, alpha=coef[i][j])
+
+    res["pass_reused_row_s"] = timed(reused, a.repeats)
+    buf = None
+    side = torch.cuda.Stream()
+    bufs = [torch.empty(a.dim, device=dev), torch.empty(a.dim, device=dev)]
+    done = [torch.cuda.Event(), torch.cuda.Event()]
+
+    def alternating() -> None:
+        main = torch.cuda.current_stream()
+        for i, B in enumerate(blocks):
+            b, ready = bufs[i % 2], torch.cuda.Event()
+            side.wait_event(done[i % 2])  # its last adds have read it
+            with torch.cuda.stream(side):
+                b.copy_(B[0], non_blocking=True)
+                ready.record(side)
+            main.wait_event(ready)
+            for j in range(2):
+                X[j].add_(b, alpha=coef[i][j])
+            done[i % 2].record(main)
+
+    for e in done:
+        e.record(torch.cuda.current_stream())
+    res["pass_two_rows_side_stream_s"] = timed(alternating, a.repeats)
     for k in [k for k in res if k.endswith("_s") and isinstance(res[k], list)]:
         res[k[:-2] + "_gbps"] = [round(gb / t[1], 1) for t in res[k]]
     print(json.dumps(res))

@@ -274,27 +274,17 @@ def test_a_host_vector_landscape_whose_plan_asks_runs_its_spectrum_lean(monkeypa
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_a_gpu_a_lean_spectrum_holds_two_d_vectors_and_gives_the_host_runs_values():
+@pytest.mark.parametrize("mode", ["device", "streamed"])
+def test_on_a_gpu_a_lean_spectrum_holds_its_d_vectors_and_gives_the_host_runs_values(mode):
+    # device inputs: two working vectors beside each product; streamed: each product reads its input from the host
+    # row, the output alone beside it (at most w, the newest and the previous vector between products)
     model, x, y = _gpu_mlp(512)
-    budget = MemoryBudget(warn=False, gradient_samples=False, overrides={"working_vectors": ("device", "user")})
+    budget = MemoryBudget(warn=False, gradient_samples=False, overrides={"working_vectors": (mode, "user")})
     lean = gp.Landscape(model, nn.MSELoss(), (x, y), memory=budget, vector_device="cpu")
     host = gp.Landscape(model, nn.MSELoss(), (x, y), memory=MemoryBudget(warn=False, gradient_samples=False),
                         vector_device="cpu")
-    _lean_as_host_on_gpu(lean, host)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_on_a_gpu_a_streamed_spectrum_holds_three_d_vectors_and_gives_the_host_runs_values():
-    # each product reads its input from the host row: at most w, the newest and the previous vector between
-    # products, the output alone beside a product
-    model, x, y = _gpu_mlp(512)
-    budget = MemoryBudget(warn=False, gradient_samples=False, overrides={"working_vectors": ("streamed", "user")})
-    lean = gp.Landscape(model, nn.MSELoss(), (x, y), memory=budget, vector_device="cpu")
-    host = gp.Landscape(model, nn.MSELoss(), (x, y), memory=MemoryBudget(warn=False, gradient_samples=False),
-                        vector_device="cpu")
-    assert lanczos_placement(lean)["lean"] == "streamed"
-    _lean_as_host_on_gpu(lean, host, vectors=3)
+    assert lanczos_placement(lean)["lean"] == (True if mode == "device" else "streamed")
+    _lean_as_host_on_gpu(lean, host, vectors=4 if mode == "device" else 3)
 
 
 def _gpu_mlp(width: int):

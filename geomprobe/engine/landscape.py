@@ -471,9 +471,9 @@ class Landscape:
         differences, if chosen, have truncation error O(eps^2) on smooth models).
 
         ``out``: the result's shape (``v``'s), dtype (the Landscape's; float32 for float32 host vectors of a half
-        model, rounded on their way to the device, summed in float32) and device (for host vectors the host or
-        :attr:`device`, else :attr:`device`), not overlapping ``v``; written into and returned. On the exact route no d-sized tensor
-        is allocated beside autograd's per-parameter results (each probe batch's are copied, then added, into
+        model, rounded on their way to the device, summed in float32) and device (:attr:`device`, or for host
+        vectors also the host), not overlapping ``v``; written into and returned. On the exact route no d-sized
+        tensor is allocated beside autograd's per-parameter results (each probe batch's are copied, then added, into
         ``out``): a reused buffer spares the CPU a fresh mapping of a large vector, and its page faults, at every
         product. Host vectors and finite differences compute their result and copy it in (the same bits). A bad
         ``out`` is refused before any work; a failure midway leaves it partly written.

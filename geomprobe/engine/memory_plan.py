@@ -511,17 +511,18 @@ def plan_memory(
 
 
 def _lean_plan(args: dict, given: dict) -> MemoryPlan | None:
-    """The plan of the same call with the vectors in host memory and Lanczos' working vectors on the device
-    (lean), where it fits the budget: first with the graphs laid out as without them, then with every graph
-    rebuilt, first with each product's input on the device, then read from its host row (``"streamed"``: one
-    d-vector less beside the product, the input crossing the bus in it); None where none fits. Where it fits, lean is the faster of the two placements: its products read
-    and write device vectors and its arithmetic runs on the device, where the host placement streams every
-    product's input and output and runs each step's passes on the host (1.1B Llama fp32, H200: 2.15 s against
-    4.4 s a product; a probe 56.8 / 30.8 s first / later against 71.3 / 62.4 s, benchmarks/RESULTS.md section 6,
-    nineteenth round), worth more than a kept graph, which saves one forward of its piece per product. It takes
-    the training-peak target whole (no :data:`HEADROOM`, kept for free memory and a cap): the headroom is for
-    fragmentation, which that target (allocated bytes) does not count; its items err high already (the 1.1B
-    Llama fp32: planned 16.6 GB above its start, measured 15.7 GB, 1.44x its training step, twentieth round)."""
+    """The plan of the same call with the vectors in host memory and Lanczos' working vectors on the device (lean),
+    where it fits the budget: first with the graphs laid out as without them, then with every graph rebuilt, first
+    with each product's input on the device, then read from its host row (``"streamed"``: one d-vector less beside
+    the product, the input crossing the bus in it); None where none fits. Where it fits, lean is the faster of the
+    two placements: its products read and write device vectors and its arithmetic runs on the device, where the
+    host placement streams every product's input and output and runs each step's passes on the host (1.1B Llama
+    fp32, H200: 2.15 s against 4.4 s a product; a probe 56.8 / 30.8 s first / later against 71.3 / 62.4 s,
+    benchmarks/RESULTS.md section 6, nineteenth round), worth more than a kept graph, which saves one forward of
+    its piece per product. It takes the training-peak target whole (no :data:`HEADROOM`, kept for free memory and a
+    cap): the headroom is for fragmentation, which that target (allocated bytes) does not count; its items err high
+    already (the 1.1B Llama fp32: planned 16.6 GB above its start, measured 15.7 GB, 1.44x its training step,
+    twentieth round)."""
     tries = [{}] + ([] if "graph_budget_bytes" in given else [{"graph_budget_bytes": (0, "plan")}])
     for mode in LEAN_MODES:
         for extra in tries:
