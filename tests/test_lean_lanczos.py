@@ -155,8 +155,9 @@ def test_a_lean_run_without_an_out_parameter_copies_each_product():
     assert abs(r.top(1)[0][0] - 3.0) < 1e-8 and abs(r.bottom(1)[0][0] + 2.0) < 1e-8
 
 
+@pytest.mark.parametrize("mode", [True, "streamed"])
 @pytest.mark.parametrize("seed", range(2))
-def test_a_capped_lean_run_restarts_with_the_guarantees_of_a_resident_one(seed):
+def test_a_capped_lean_run_restarts_with_the_guarantees_of_a_resident_one(seed, mode):
     # the offloaded route's restart test (test_capped_partial.py) with the lean basis: partial throughout, the
     # same extremes and matvecs, ||V^T V - I|| small
     ev = _spectrum(1500, seed)
@@ -164,7 +165,7 @@ def test_a_capped_lean_run_restarts_with_the_guarantees_of_a_resident_one(seed):
     kw = {"dtype": torch.float64, "tol": 1e-6, "max_basis": 25, "max_iter": 3000, "k": 2, "risk": None}
     mv = Product(H)
     lean = lanczos_module.lanczos(mv, 1500, generator=torch.Generator().manual_seed(seed), keep_basis=True,
-                                  lean=True, basis_device="cpu", **kw)
+                                  lean=mode, basis_device="cpu", **kw)
     res = lanczos_module.lanczos(lambda v: H @ v, 1500, generator=torch.Generator().manual_seed(seed), **kw)
     assert lean.restarts >= 8 and lean.converged and len(set(mv.outs)) == 2
     assert lean.reorth_regime == res.reorth_regime == "partial until the cap and after it (thick restart)"
