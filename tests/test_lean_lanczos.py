@@ -138,8 +138,10 @@ def test_a_lean_mode_is_named_or_refused():
     from geomprobe.linalg.lean_vectors import lean_mode, lean_step_bytes, lean_work_bytes
     assert [lean_mode(x) for x in (False, None, True, "device", "streamed")] == [
         None, None, "device", "device", "streamed"]
-    with pytest.raises(ValueError, match="lean must be"):
+    with pytest.raises(gp.ConfigurationError, match="lean must be"):
         lean_mode("host")
+    with pytest.raises(gp.ConfigurationError, match="lean must be"):  # before any work
+        lanczos_module.lanczos(lambda v: v, 10, lean="gpu", basis_device="cpu", dtype=torch.float64)
     assert lean_work_bytes(10, 2) == 40 and lean_work_bytes(10, 2, "streamed") == 20
     assert lean_step_bytes(10, 4) == 120
 

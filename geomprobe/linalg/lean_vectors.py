@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import ConfigurationError
+
 __all__ = ["LEAN_MODES", "LEAN_PRODUCT_VECTORS", "LEAN_STEP_VECTORS", "LeanVectors", "RowCopies",
            "lean_step_bytes", "lean_work_bytes"]
 
@@ -42,7 +44,8 @@ def lean_mode(lean) -> str | None:
         return "device"
     if lean == "streamed":
         return "streamed"
-    raise ValueError(f"lean must be False, True, 'device' or 'streamed', got {lean!r}")
+    raise ConfigurationError(f"lean must be False, True, 'device' or 'streamed' (each product's input read from its "
+                             f"host row), got {lean!r}")
 
 
 def lean_work_bytes(dim: int, itemsize: int, mode: str = "device") -> int:
