@@ -261,20 +261,23 @@ def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: to
     if ritz_copies(whole, rows, first.dtype) == "rows":
         # each row crosses the bus in one copy and is added whole: a few large copies and products, where the
         # 1.1B Llama's fp32 pass of 17 slices of 10 rows took 1.6 s for 44 GB (0.83 s at the bus's speed)
+        # one device row reused for every copy (in order on this stream: a copy waits for the adds reading it)
+        buf = torch.empty(d, dtype=first.dtype, device=device)
         i = 0
         for B, pin in zip(blocks, pinned):
             for r in range(B.shape[0]):
-                _add_row(X, coef[i], B[r].to(device, non_blocking=pin))
+                _add_row(X, coef[i], buf.copy_(B[r], non_blocking=pin))
                 i += 1
         sq += torch.linalg.vector_norm(X, dim=1).double().square()
     else:
+        buf = torch.empty(min(d, RITZ_COLUMNS), dtype=first.dtype, device=device)
         for c in range(0, d, RITZ_COLUMNS):
             e = min(d, c + RITZ_COLUMNS)
             Xs = X[:, c:e] if whole == acc else torch.zeros(k, e - c, dtype=acc, device=device)
             i = 0
             for B, pin in zip(blocks, pinned):
                 for r in range(B.shape[0]):
-                    _add_row(Xs, coef[i], B[r, c:e].to(device, non_blocking=pin))
+                    _add_row(Xs, coef[i], buf[: e - c].copy_(B[r, c:e], non_blocking=pin))
                     i += 1
             sq += torch.linalg.vector_norm(Xs, dim=1).double().square()
             if whole and whole != acc:
