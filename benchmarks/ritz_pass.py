@@ -1,7 +1,8 @@
 """An offloaded Lanczos run's Ritz pass (linalg/ritz.py ``_streamed_ritz_into``) on page-locked host rows of a
 1B-parameter model's length: each row whole in one copy ("rows") against RITZ_COLUMNS-column slices ("slices"),
 with the bus's own speed for the same bytes (one copy per row, and per slice) beside them, and two experiments on
-the host's wait in the pass (one device row reused for every copy; two alternating, copied on a side stream).
+the host's wait in the pass (a fresh device row per copy, as whole-basis passes still do; one reused for every
+copy, as the Ritz pass now does; two alternating, copied on a side stream).
 
     python benchmarks/ritz_pass.py --dim 1104218112 --rows 4 --repeats 3 --out r.json
 """
@@ -78,6 +79,14 @@ def main() -> None:
 
     res["pass_reused_row_s"] = timed(reused, a.repeats)
     buf = None
+
+    def fresh() -> None:  # the pass as it was until round52's commit: a fresh device row per copy
+        for i, B in enumerate(blocks):
+            row = B[0].to(dev, non_blocking=True)
+            for j in range(2):
+                X[j].add_(row, alpha=coef[i][j])
+
+    res["pass_fresh_row_s"] = timed(fresh, a.repeats)
     side = torch.cuda.Stream()
     bufs = [torch.empty(a.dim, device=dev), torch.empty(a.dim, device=dev)]
     done = [torch.cuda.Event(), torch.cuda.Event()]
