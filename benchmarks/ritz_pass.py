@@ -1,8 +1,8 @@
 """An offloaded Lanczos run's Ritz pass (linalg/ritz.py ``_streamed_ritz_into``) on page-locked host rows of a
 1B-parameter model's length: each row whole in one copy ("rows") against RITZ_COLUMNS-column slices ("slices"),
-with the bus's own speed for the same bytes (one copy per row, and per slice) beside them, and two experiments on
-the host's wait in the pass (a fresh device row per copy, as whole-basis passes still do; one reused for every
-copy, as the Ritz pass now does; two alternating, copied on a side stream).
+with the bus's own speed for the same bytes (one copy per row, and per slice) beside them, and three ways to feed
+the adds (a fresh device row per copy; one reused for every copy, as the Ritz pass now does; two alternating,
+copied on a side stream). The library's passes also copy the two results back (``bus_gbps`` counts both ways).
 
     python benchmarks/ritz_pass.py --dim 1104218112 --rows 4 --repeats 3 --out r.json
 """
@@ -109,6 +109,8 @@ def main() -> None:
     res["pass_two_rows_side_stream_s"] = timed(alternating, a.repeats)
     for k in [k for k in res if k.endswith("_s") and isinstance(res[k], list)]:
         res[k[:-2] + "_gbps"] = [round(gb / t[1], 1) for t in res[k]]
+    for k in ("pass_slices_s", "pass_rows_s"):  # rows in, the two results out
+        res[k[:-2] + "_bus_gbps"] = [round(gb * (a.rows + 2) / a.rows / t[1], 1) for t in res[k]]
     print(json.dumps(res))
     if a.out:
         json.dump(res, open(a.out, "w"), indent=1)

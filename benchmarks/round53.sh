@@ -1,7 +1,7 @@
 #!/bin/bash
 # Planned for the next session (one nvidia-h200 call, ~7 minutes; not run yet): every GPU test by name (round48's
-# 170 s limit cut the set after test_segmented_products.py), the Ritz pass's experiments on the host's wait
-# (benchmarks/ritz_pass.py: a reused device row, two rows copied on a side stream), then the 1B Llama fp32
+# 170 s limit cut the set after test_segmented_products.py), the Ritz pass against the bus's speed
+# (benchmarks/ritz_pass.py: fresh, reused and side-stream rows), then the 1B Llama fp32
 # spectrum under the default plan, two probes, cProfile of both (the first probe's 13 % outside).
 set -u
 python3 -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1
