@@ -1,8 +1,8 @@
 """An offloaded Lanczos run's Ritz pass (linalg/ritz.py ``_streamed_ritz_into``) on page-locked host rows of a
-1B-parameter model's length: each row whole in one copy ("rows") against RITZ_COLUMNS-column slices ("slices"),
-with the bus's own speed for the same bytes (one copy per row, and per slice) beside them, and three ways to feed
-the adds (a fresh device row per copy; one reused for every copy, as the Ritz pass now does; two alternating,
-copied on a side stream). The library's passes also copy the two results back (``bus_gbps`` counts both ways).
+1B-parameter model's length (RITZ_COLUMNS-column slices of each row), with the bus's own speed for the same bytes
+(one copy per row, and per slice) beside it, and three ways to feed the adds (a fresh device row per copy; one
+reused for every copy, as the library's slices are; two alternating, copied on a side stream). The library's pass
+also copies the two results back (``bus_gbps`` counts both ways).
 
     python benchmarks/ritz_pass.py --dim 1104218112 --rows 4 --repeats 3 --out r.json
 """
@@ -59,12 +59,10 @@ def main() -> None:
     res["copy_slices_s"] = timed(lambda: [row[c:c + cols].copy_(B[0, c:c + cols], non_blocking=True)
                                           for B in blocks for c in range(0, a.dim, cols)], a.repeats)
     row = None  # freed before the passes
-    for mode, rows in (("slices", False), ("rows", True)):
-        ritz.RITZ_COPIES = mode
-        res[f"pass_{mode}_s"] = timed(lambda: ritz._streamed_ritz_into(blocks, Uk, dev, targets,
-                                                                       whole=torch.float32, rows=rows), a.repeats)
-        res[f"pass_{mode}_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
-        torch.cuda.reset_peak_memory_stats()
+    res["pass_slices_s"] = timed(lambda: ritz._streamed_ritz_into(blocks, Uk, dev, targets, whole=torch.float32),
+                                 a.repeats)
+    res["pass_slices_peak_gb"] = torch.cuda.max_memory_allocated() / 1e9
+    torch.cuda.reset_peak_memory_stats()
     # experiments for the host's wait in the pass: one device row reused for every copy (no allocation per row),
     # and two reused alternately with the copies on a stream of their own (a row's copy beside the last one's adds)
     X = torch.zeros(2, a.dim, device=dev)
@@ -109,7 +107,7 @@ def main() -> None:
     res["pass_two_rows_side_stream_s"] = timed(alternating, a.repeats)
     for k in [k for k in res if k.endswith("_s") and isinstance(res[k], list)]:
         res[k[:-2] + "_gbps"] = [round(gb / t[1], 1) for t in res[k]]
-    for k in ("pass_slices_s", "pass_rows_s"):  # rows in, the two results out
+    for k in ("pass_slices_s",):  # rows in, the two results out
         res[k[:-2] + "_bus_gbps"] = [round(gb * (a.rows + 2) / a.rows / t[1], 1) for t in res[k]]
     print(json.dumps(res))
     if a.out:

@@ -225,7 +225,7 @@ def test_a_host_spectrum_writes_its_ritz_vectors_into_blocks_populated_during_th
     assert out["converged"]
 
 
-@pytest.mark.parametrize("whole", [None, "acc", "own", "rows"])
+@pytest.mark.parametrize("whole", [None, "acc", "own"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_streamed_ritz_vectors_into_host_rows_go_a_slice_of_columns_at_a_time(dtype, whole, monkeypatch):
     # the offloaded run's pass into host targets, here with the CPU as the "device": slices of 30,000 columns
@@ -233,21 +233,19 @@ def test_streamed_ritz_vectors_into_host_rows_go_a_slice_of_columns_at_a_time(dt
     # whole: the accumulators whole on the "device", divided there and copied out once (a lean run's room), or
     # the vectors whole in their own type beside one slice's accumulators
     monkeypatch.setattr(ritz, "RITZ_COLUMNS", 30_000)
-    # rows: whole rows in one copy each (where accumulators of the rows' own type and a row fit)
-    rows = whole == "rows"
-    whole = {None: None, "acc": ritz.accumulation_dtype(dtype), "own": dtype, "rows": dtype}[whole]
+    whole = {None: None, "acc": ritz.accumulation_dtype(dtype), "own": dtype}[whole]
     r = diagonal_run()
     n = len(r.ritz_values)
     blocks = [B.to(dtype) for B in own_rows(r.basis_blocks)]
     Uk = r.U[:, [n - 1, 0]]
     want = ritz.form_ritz_vectors([B.double() for B in blocks], Uk)
     fresh = [torch.empty(1, D, dtype=dtype), torch.empty(1, D, dtype=dtype)]
-    ritz._streamed_ritz_into(blocks, Uk, torch.device("cpu"), fresh, whole=whole, rows=rows)
+    ritz._streamed_ritz_into(blocks, Uk, torch.device("cpu"), fresh, whole=whole)
     # one rounding of the sum to the type and one of the quotient
     tol = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 8e-3}[dtype]
     torch.testing.assert_close(torch.cat(fresh).double(), want, rtol=0, atol=tol)
     own = [blocks[0], blocks[1]]  # written in place: each slice is read by every row before it is written
-    ritz._streamed_ritz_into(blocks, Uk, torch.device("cpu"), own, whole=whole, rows=rows)
+    ritz._streamed_ritz_into(blocks, Uk, torch.device("cpu"), own, whole=whole)
     torch.testing.assert_close(torch.cat(own).double(), want, rtol=0, atol=tol)
     assert abs(float(own[0][0, 7])) > 1 - 1e-2 and abs(float(own[1][0, 11])) > 1 - 1e-2
 
@@ -264,13 +262,3 @@ def test_ritz_vectors_are_held_whole_in_the_widest_type_their_room_holds():
     assert ritz.whole_room(1, d, torch.float64, d * 8) == torch.float64
     assert ritz.whole_room(2, d, torch.float32, 0) is None
 
-
-def test_whole_rows_cross_in_one_copy_only_with_accumulators_of_their_type_and_room_for_a_row(monkeypatch):
-    f32, bf16 = torch.float32, torch.bfloat16
-    assert ritz.ritz_copies(f32, True, f32) == "rows"
-    assert ritz.ritz_copies(f32, False, f32) == "slices"  # no room for a row beside the accumulators
-    assert ritz.ritz_copies(bf16, True, bf16) == "slices"  # a half type's rows would need a float32 copy
-    assert ritz.ritz_copies(f32, True, bf16) == "slices"
-    assert ritz.ritz_copies(None, True, f32) == "slices"
-    monkeypatch.setattr(ritz, "RITZ_COPIES", "slices")  # forced (benchmarks compare the two)
-    assert ritz.ritz_copies(f32, True, f32) == "slices"

@@ -31,7 +31,7 @@ with the attention that :mod:`~geomprobe.engine.attention_plan` chooses):
   (``lean``, :func:`~geomprobe.linalg.lanczos.lanczos`): two d-vectors beside each product
   (:func:`~geomprobe.linalg.lean_vectors.lean_work_bytes`), three between products (``lean_step_bytes``).
   ``working_vectors="streamed"`` is the same with each product reading its input from the stored host row: one
-  d-vector beside each product (its output), slower products (the input crosses the bus per parameter).
+  d-vector beside each product (its output); the input crosses the bus inside each product.
 - **per-example gradients** (``noise``, ``isotropy``): rows of ``2 d itemsize + PERSAMPLE_GRAPH_FACTOR s``
   bytes (the per-parameter results and their flattening, one example's forward and backward; the statistics
   take rows to float64 a slice of columns at a time), and the statistics' ``STATS_VECTORS`` float64 d-vectors.
@@ -268,7 +268,7 @@ def plan_memory(
             raise ConfigurationError(f"{name} must be >= 1, got {given[name][0]}")
     if given.get("vectors", ("device",))[0] not in ("device", "host"):
         raise ConfigurationError(f"vectors must be 'device' or 'host', got {given['vectors'][0]!r}")
-    if given.get("working_vectors", ("host",))[0] not in ("device", "host", *LEAN_MODES):
+    if given.get("working_vectors", ("host",))[0] not in ("host", *LEAN_MODES):
         raise ConfigurationError(
             f"working_vectors must be 'host', 'device' or 'streamed' (the host-vector mode's Lanczos vectors), got "
             f"{given['working_vectors'][0]!r}")

@@ -129,7 +129,7 @@ class LeanVectors:
         storage = v.untyped_storage()
         if storage.nbytes() == 0:
             storage.resize_(self.dim * v.element_size())
-            v.copy_(row, non_blocking=row.is_pinned())
+            v.copy_(row, non_blocking=self.copies is not None)  # page-locked rows have a side stream
 
     def input_for(self, cur: torch.Tensor, row: torch.Tensor) -> torch.Tensor:
         """The next product's input: ``cur`` itself, or in the streamed mode its stored ``row`` once written, with

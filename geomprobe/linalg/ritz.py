@@ -57,8 +57,8 @@ class LanczosResult:
     resid: torch.Tensor | None = field(default=None, repr=False)  # residual norms beta |u_{p,i}| (any bound)
     # where the run computed, when its basis was offloaded to host memory (Ritz vectors are formed there)
     compute_device: torch.device | None = field(default=None, repr=False)
-    # bytes the compute device may hold for the Ritz vectors once the run is over: a lean run's two working
-    # vectors, released at its end (memory_plan's lean_work); 0: only slices of them
+    # bytes the compute device may hold for the Ritz vectors once the run is over: a lean run's working vectors
+    # between products, released at its end (lean_vectors.lean_step_bytes); 0: only slices of them
     work_room_bytes: int = field(default=0, repr=False)
     reorthogonalizations: int = 0  # steps orthogonalized against the whole basis (every step: full)
     reorth_regime: str = "full"  # "full", "estimated", or how and from which step partial orthogonalization went on
@@ -148,9 +148,7 @@ class LanczosResult:
         if compute is not None and torch.device(compute).type != "cpu":
             if Uk.shape[1]:
                 whole = whole_room(Uk.shape[1], d, dtype, self.work_room_bytes)
-                rows = whole is not None and (Uk.shape[1] + 1) * d * whole.itemsize <= self.work_room_bytes
-                _streamed_ritz_into(blocks, Uk, torch.device(compute), [t for t in out if t.shape[0]], whole=whole,
-                                    rows=rows)
+                _streamed_ritz_into(blocks, Uk, torch.device(compute), [t for t in out if t.shape[0]], whole=whole)
         elif Uk.shape[1]:
             _host_ritz_vectors(blocks, Uk, [t for t in out if t.shape[0]])
         self.basis_blocks = None
@@ -196,21 +194,6 @@ def _streamed_ritz_vectors(blocks: list[torch.Tensor], Uk: torch.Tensor, device:
 RITZ_COLUMNS = 1 << 26
 
 
-# how the basis's rows reach the device in an offloaded run's Ritz pass: "rows" (each whole, in one copy, where the
-# room holds one beside whole float32/float64 accumulators of the rows' own type), "slices" (RITZ_COLUMNS columns
-# of each row at a time), or "auto" (rows where they fit, else slices)
-RITZ_COPIES = "auto"
-
-
-def ritz_copies(whole: torch.dtype | None, rows: bool, dtype: torch.dtype) -> str:
-    """How an offloaded run's Ritz pass brings rows of ``dtype`` over (:data:`RITZ_COPIES`): ``"rows"`` only for
-    whole accumulators of the rows' own type (float32, float64) with room for a row beside them."""
-    fits = rows and whole == accumulation_dtype(dtype) == dtype
-    if RITZ_COPIES == "auto":
-        return "rows" if fits else "slices"
-    return RITZ_COPIES if fits else "slices"
-
-
 def whole_room(k: int, d: int, dtype: torch.dtype, room: int) -> torch.dtype | None:
     """The type in which ``k`` Ritz vectors of length ``d`` are held whole on the device within ``room`` bytes
     (:func:`_streamed_ritz_into`): the accumulation type, else (half types) their own type beside accumulators of
@@ -224,8 +207,7 @@ def whole_room(k: int, d: int, dtype: torch.dtype, room: int) -> torch.dtype | N
 
 
 def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: torch.device,
-                        targets: list[torch.Tensor], whole: torch.dtype | bool | None = None,
-                        rows: bool = False) -> None:
+                        targets: list[torch.Tensor], whole: torch.dtype | bool | None = None) -> None:
     """``V Uk`` normalized into ``targets`` (2-D tensors holding the rows in order, on the host or on ``device``)
     for a basis offloaded to host memory by a run on ``device``: :data:`RITZ_COLUMNS` columns at a time, each
     row's slice brought over and added into float32 (float64 for float64) accumulators there. Every row crosses
@@ -239,9 +221,9 @@ def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: to
     peak, 8.8 GB) the slices are rounded into them and divided in float32 slice by slice. Else the device holds
     ``k + 1`` slices (whole float32 accumulators and a row took 11 GB for its two bf16 Ritz vectors, more than
     its products), each slice of the result copied to its targets with its squared norms, then each target row
-    divided where it lives. ``rows``: the room also holds one whole row beside whole accumulators of the row's
-    own type: each row then crosses in one copy (:data:`RITZ_COPIES`). Cost: one pass over the basis, a pass over
-    the targets, no matvec."""
+    divided where it lives. The pass runs at the bus's speed (rows in, results out: 51.5 GB/s on an H200,
+    benchmarks/ritz_pass.py), whole rows or slices alike. Cost: one pass over the basis, a pass over the targets,
+    no matvec."""
     first = blocks[0]
     acc = torch.float64 if first.dtype == torch.float64 else torch.float32
     if whole is True:
@@ -258,32 +240,21 @@ def _streamed_ritz_into(blocks: list[torch.Tensor], Uk: torch.Tensor, device: to
         X = torch.empty(k, d, dtype=whole, device=device)
     async_out = all(T.device == device or _pinned(T) for T in targets)
     pinned = [_pinned(B) for B in blocks]
-    if ritz_copies(whole, rows, first.dtype) == "rows":
-        # each row crosses the bus in one copy and is added whole: a few large copies and products, where the
-        # 1.1B Llama's fp32 pass of 17 slices of 10 rows took 1.6 s for 44 GB (0.83 s at the bus's speed)
-        # one device row reused for every copy (in order on this stream: a copy waits for the adds reading it)
-        buf = torch.empty(d, dtype=first.dtype, device=device)
+    # one device slice reused for every copy (in order on this stream: a copy waits for the adds reading it)
+    buf = torch.empty(min(d, RITZ_COLUMNS), dtype=first.dtype, device=device)
+    for c in range(0, d, RITZ_COLUMNS):
+        e = min(d, c + RITZ_COLUMNS)
+        Xs = X[:, c:e] if whole == acc else torch.zeros(k, e - c, dtype=acc, device=device)
         i = 0
         for B, pin in zip(blocks, pinned):
             for r in range(B.shape[0]):
-                _add_row(X, coef[i], buf.copy_(B[r], non_blocking=pin))
+                _add_row(Xs, coef[i], buf[: e - c].copy_(B[r, c:e], non_blocking=pin))
                 i += 1
-        sq += torch.linalg.vector_norm(X, dim=1).double().square()
-    else:
-        buf = torch.empty(min(d, RITZ_COLUMNS), dtype=first.dtype, device=device)
-        for c in range(0, d, RITZ_COLUMNS):
-            e = min(d, c + RITZ_COLUMNS)
-            Xs = X[:, c:e] if whole == acc else torch.zeros(k, e - c, dtype=acc, device=device)
-            i = 0
-            for B, pin in zip(blocks, pinned):
-                for r in range(B.shape[0]):
-                    _add_row(Xs, coef[i], buf[: e - c].copy_(B[r, c:e], non_blocking=pin))
-                    i += 1
-            sq += torch.linalg.vector_norm(Xs, dim=1).double().square()
-            if whole and whole != acc:
-                X[:, c:e].copy_(Xs)
-            elif not whole:
-                _copy_rows(Xs.to(first.dtype), targets, c, e, async_out)
+        sq += torch.linalg.vector_norm(Xs, dim=1).double().square()
+        if whole and whole != acc:
+            X[:, c:e].copy_(Xs)
+        elif not whole:
+            _copy_rows(Xs.to(first.dtype), targets, c, e, async_out)
     if whole:
         norms = sq.sqrt().to(acc)[:, None]
         if whole == acc:
