@@ -159,3 +159,47 @@ def test_the_host_memory_a_plan_reads_counts_the_pooled_blocks(fake_driver, monk
     assert memory_readings.host_available_bytes() == 10**9 + 80005
     monkeypatch.setattr(memory_readings, "_os_available_bytes", lambda: None)
     assert memory_readings.host_available_bytes() is None
+
+
+def test_a_warmed_block_waits_in_the_pool_and_the_next_request_of_its_size_takes_it(fake_driver, monkeypatch):
+    import threading
+    gate = threading.Event()
+    register = pinned_memory._register
+
+    def slow(addr, nbytes):  # the driver still pinning when the request comes
+        gate.wait(5)
+        return register(addr, nbytes)
+
+    monkeypatch.setattr(pinned_memory, "_register", slow)
+    assert pinned_memory.warm(80000)
+    assert not pinned_memory.warm(80000)  # warming already
+    threading.Timer(0.2, gate.set).start()
+    t = pinned_memory.pinned_empty((20000,), torch.float32)  # waits for the warming block, maps no second one
+    stats = pinned_memory.pool_stats()
+    assert len(fake_driver["register"]) == 1 and fake_driver["register"][0][0] == t.data_ptr()
+    assert stats["warmed"] == 1 and stats["mapped"] == 1 and stats["reused"] == 1 and stats["pooled_bytes"] == 0
+    del t
+    gc.collect()
+    assert not pinned_memory.warm(80000)  # pooled already
+    assert not pinned_memory.warm(100)  # below the exact-size threshold: torch's allocator serves it
+    monkeypatch.setattr(pinned_memory, "_usable", lambda: False)
+    assert not pinned_memory.warm(160000)
+
+
+def test_a_lean_plan_warms_its_first_row_block_before_the_graph_is_built(monkeypatch):
+    # the Landscape asks for the block a lean basis's first rows take (one row per block past PIN_BLOCK_BYTES)
+    from geomprobe.engine import landscape as landscape_module
+    from geomprobe.engine.memory_plan import MemoryBudget
+    asked = []
+    monkeypatch.setattr(krylov_basis, "warm", lambda nbytes: asked.append(nbytes) or True)
+    monkeypatch.setattr(landscape_module, "warm_lean_rows", krylov_basis.warm_lean_rows)
+    model = TanhMLP().double()
+    X, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
+    budget = MemoryBudget(warn=False, gradient_samples=False, overrides={"working_vectors": ("device", "user")})
+    land = gp.Landscape(model, torch.nn.CrossEntropyLoss(), (X, y), memory=budget, vector_device="cpu")
+    assert land.plan.working_vectors == "device" and asked == []  # a CPU model: no page-locked rows
+    row = land.dim * 8
+    assert krylov_basis.warm_lean_rows(land.dim, torch.float64)
+    assert asked == [min(krylov_basis.LanczosBasis.BLOCK, krylov_basis.LanczosBasis.PIN_BLOCK_BYTES // row) * row]
+    big = 2**29  # 4 GiB float64 rows: one row a block
+    assert krylov_basis.warm_lean_rows(big, torch.float64) and asked[-1] == big * 8

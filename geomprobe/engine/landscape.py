@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -19,9 +18,12 @@ import torch
 from torch import nn
 
 from ..errors import ConfigurationError, NonFiniteLossError
-from ..linalg.vectors import matvec_into
+from ..linalg.krylov_basis import warm_lean_rows
+from ..linalg.lean_vectors import LEAN_MODES
+from ..linalg.vectors import matvec_into, wait_added
 from .attention_plan import measure_graph, requested_label
 from .autodiff.fastdouble import fast_double_backward
+from .batch_products import BatchProducts
 from .batches import batch_size, call_model, is_pair, resolve_batches, split_batches, to_device
 from .distributed import make_reducer, refuse_sharded
 from .doublecheck import (
@@ -29,7 +31,6 @@ from .doublecheck import (
     check_broken_nodes,
     custom_function_nodes,
     cut_discrepancy,
-    no_double_backward,
     refuse_cut,
 )
 from .finite_difference import fd_hvp, fd_step
@@ -39,7 +40,7 @@ from .landscape_plan import plan_within
 from .loss import loss_reduction, resolve_loss_form
 from .memory_plan import DEFAULT_CHUNK_SIZE, MemoryBudget, MemoryPlan
 from .paramspace import Block, ParamSpace, select_parameters, unwrap_model
-from .pruned_outputs import kept_outputs, part_mask
+from .pruned_outputs import part_mask
 from .saved_bytes import SavedBytes
 from .sharded import fully_sharded
 from .state import MODES, frozen
@@ -51,10 +52,8 @@ __all__ = ["HVP_METHODS", "Landscape", "unwrap_model"]
 # route when its memory fits, else finite differences of FSDP's own gradients (engine/sharded_landscape.py)
 HVP_METHODS = ("autograd", "finite-difference", "auto")
 
-_VMAP_FAILURE = re.compile(r"vmap|batching rule|Batched", re.IGNORECASE)
 
-
-class Landscape:
+class Landscape(BatchProducts):
     """The loss surface of ``model`` at its current parameters on fixed probe batches.
 
     Args:
@@ -247,6 +246,8 @@ class Landscape:
         self.custom_functions: list[str] = []  # user autograd Functions in the graph (checked at build)
         self._graphs: list[list[torch.Tensor | None] | None] = []
         self._versions = [p._version for p in self.params]
+        if self.plan is not None and self.plan.working_vectors in LEAN_MODES and self.device.type == "cuda":
+            warm_lean_rows(self.dim, self.dtype)  # a lean run's first page-locked row, mapped while the graph builds
         try:
             self._build()
         except Exception as e:
@@ -455,13 +456,13 @@ class Landscape:
             "vector_device": str(self.vector_device), "vectors": vectors_record(self),
         }
 
-    def matvec(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def matvec(self, v: torch.Tensor, out: torch.Tensor | None = None, add=False) -> torch.Tensor:
         """Alias of :meth:`hvp`, the matvec the Krylov kernels take. With ``out``, the product is written into it
-        through :func:`~geomprobe.linalg.vectors.matvec_into`: a wrapper set on ``hvp`` that has no ``out`` (a
-        probe's counters) is called without it and its result copied in."""
-        return self.hvp(v) if out is None else matvec_into(self.hvp, v, out)
+        (added onto it with ``add``) through :func:`~geomprobe.linalg.vectors.matvec_into`: a wrapper set on
+        ``hvp`` that has no ``out`` (a probe's counters) is called without it and its result copied in."""
+        return self.hvp(v) if out is None else matvec_into(self.hvp, v, out, add)
 
-    def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None, add=False) -> torch.Tensor:
         """Hessian-vector products ``H v`` for one flat vector ``(d,)`` or a block ``(k, d)``.
 
         Cost: ``k`` HVPs (counted in :attr:`hvps`), each about 1-2.5 gradients, less for a block of Hessian
@@ -477,25 +478,36 @@ class Landscape:
         ``out``): a reused buffer spares the CPU a fresh mapping of a large vector, and its page faults, at every
         product. Host vectors and finite differences compute their result and copy it in (the same bits). A bad
         ``out`` is refused before any work; a failure midway leaves it partly written.
+
+        ``add`` (with ``out``): the product is added onto ``out``'s values, not written over them; ``True``, or a CUDA
+        event of a copy into ``out`` still running on another stream, waited for just before the first write (after
+        the first probe batch's graph is built), so the copy runs beside it (a lean Lanczos step's previous vector,
+        :mod:`~geomprobe.linalg.krylov_basis`). Over ranks those values count once.
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.dim:
             raise ConfigurationError(f"hvp takes a vector (d,) or a block (k, d) with d = {self.dim}, got {tuple(v.shape)}")
         self._check_unchanged()
         single, host = v.dim() == 1, self.host is not None and v.device.type == "cpu"  # host vectors stay there
         dtype = v.dtype if host and wide_host_vectors(self.dtype, v.dtype) else self.dtype  # (host_stream)
+        added = add is not False and add is not None
+        if added and out is None:
+            raise ConfigurationError("hvp's add needs out, the buffer whose values the product is added onto")
         if out is not None:
             check_out(out, v, dtype, v.device if host and getattr(out, "device", None) == v.device else self.device)
         V = v.reshape(-1, self.dim).to(device=v.device if host else self.device, dtype=dtype)
         # noted before the work, so that an out-of-memory failure can tell whether batching was involved
         self.widest_block = max(self.widest_block, V.shape[0])
         res = None if out is None else out.view(V.shape)  # (1, d) for a vector: a view, out is written
+        if added and self.reducer.rank != 0:  # out's values count once in the sum over ranks
+            wait_added(add)
+            res.zero_()
         mask = part_mask(self, V)  # a block's zero parts, read once: their outputs are left out (pruned_outputs)
         if V.shape[0] <= self.chunk_size:
-            res = self._hvp_chunk(V, res, mask)  # no output buffer beside the result: at 1B parameters each is GBs
+            res = self._hvp_chunk(V, res, mask, add)  # no output buffer beside the result: at 1B parameters, GBs
         else:
             res = torch.empty_like(V) if res is None else res
             for s in range(0, V.shape[0], c := self.chunk_size):
-                self._hvp_chunk(V[s : s + c], res[s : s + c], None if mask is None else mask[s : s + c])
+                self._hvp_chunk(V[s : s + c], res[s : s + c], None if mask is None else mask[s : s + c], add)
         self.reducer.sum_(res)  # one collective per block of vectors, not per vector
         self.hvps += V.shape[0]
         if out is not None:
@@ -537,14 +549,17 @@ class Landscape:
             )
 
     def _hvp_chunk(self, V: torch.Tensor, out: torch.Tensor | None = None,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
+                   mask: torch.Tensor | None = None, add=False) -> torch.Tensor:
         """``H V`` for the rows of ``V`` (at most :attr:`chunk_size`; ``mask``: their nonzero parts, the others left
-        out), into ``out`` if given (and returned): the first probe batch's products flattened, the others added."""
+        out), into ``out`` if given (and returned): the first probe batch's products flattened, the others added
+        (every one added with ``add``, :meth:`hvp`)."""
+        added = add is not False and add is not None
         if self.host is not None:
-            return self.host.hvp_rows(V, out)  # into out where its copies can go (host_stream.hvp_rows)
+            return self.host.hvp_rows(V, out, add=add)  # into out where its copies can go (host_stream.hvp_rows)
         if self.hvp_method == "finite-difference":
             res = torch.stack([fd_hvp(self, v) for v in V])
-            return res if out is None else out.copy_(res)
+            wait_added(add)
+            return res if out is None else out.add_(res) if added else out.copy_(res)
         if out is None:
             out = torch.empty_like(V)  # what the flattening allocated before: one result, no second buffer
         for b in range(len(self.batches)):
@@ -552,48 +567,6 @@ class Landscape:
             if grads is None:
                 grads = self._graph(b, True)[0]
                 self.graph_rebuilds += 1
-            self._hvp_batch(grads, V, out, accumulate=b > 0, mask=mask)
+            self._hvp_batch(grads, V, out, accumulate=b > 0 or added, mask=mask, ready=add if b == 0 else None)
             del grads  # a rebuilt graph is freed before the next is built, not held beside it
         return out
-
-    def _hvp_batch(self, grads: list[torch.Tensor | None], V: torch.Tensor, out: torch.Tensor | None = None,
-                   accumulate: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """One probe batch's products of the rows of ``V``, written (or with ``accumulate`` added) into ``out``;
-        outputs whose part is zero in every row (``mask``; in a row, one vector at a time) are left out."""
-        if out is None:
-            out, accumulate = torch.empty_like(V), False
-        outs = kept_outputs(grads, self.space.split(V), mask)
-        if not outs:
-            return out if accumulate else out.zero_()
-        try:
-            if V.shape[0] > 1 and self.batched_hvp:
-                try:
-                    res = torch.autograd.grad([g for _, g, _ in outs], self.params, [p for _, _, p in outs],
-                                              retain_graph=True, allow_unused=True, is_grads_batched=True)
-                    return self._flat(res, out, accumulate)
-                except RuntimeError as e:
-                    if no_double_backward(e) is not None or not _VMAP_FAILURE.search(str(e)):
-                        raise
-                    # Some operations have no batching rule; one vector at a time still works.
-                    self.batched_hvp = False
-                    warnings.warn(
-                        f"batched HVPs are not supported by this model ({str(e).splitlines()[0][:120]}); "
-                        "falling back to one vector at a time", RuntimeWarning, stacklevel=3,
-                    )
-            for i in range(V.shape[0]):
-                row = outs if mask is None else [o for o in outs if mask[i, o[0]]]
-                res = torch.autograd.grad([g for _, g, _ in row], self.params, [p[i] for _, _, p in row],
-                                          retain_graph=True, allow_unused=True) if row else [None]
-                self._flat(res, out[i], accumulate)
-            return out
-        except RuntimeError as e:
-            refusal = no_double_backward(e)
-            if refusal is None:
-                raise
-            raise refusal from e
-
-    def _flat(self, res: Sequence[torch.Tensor | None], out: torch.Tensor, accumulate: bool) -> torch.Tensor:
-        """Per-parameter results (``None``: zero) flattened into ``out``, or added into it with ``accumulate``."""
-        if all(r is None for r in res):
-            return out if accumulate else out.zero_()
-        return self.space.flatten(res, batch_dims=out.dim() - 1, out=out, accumulate=accumulate)

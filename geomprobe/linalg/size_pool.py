@@ -44,6 +44,11 @@ class SizePool:
             self.bytes += nbytes
             return True
 
+    def has(self, nbytes: int) -> bool:
+        """Whether a block of exactly ``nbytes`` is kept."""
+        with self._lock:
+            return bool(self._blocks.get(nbytes))
+
     def take(self, nbytes: int) -> tuple[int, object] | None:
         """A kept block of exactly ``nbytes``, removed from the pool, or None."""
         with self._lock:

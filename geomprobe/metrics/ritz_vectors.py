@@ -10,6 +10,7 @@ is held beside the Landscape (a weak mapping), not in it, and goes with it.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -19,7 +20,7 @@ from ..linalg.lanczos import lanczos
 from ..linalg.vectors import default_generator
 from ._common import plan_options
 
-__all__ = ["RitzVectors", "extreme_ritz", "keep_ritz"]
+__all__ = ["LazyRitzPair", "RitzVectors", "extreme_ritz", "keep_ritz"]
 
 ENDS = ("top", "bottom")
 _RECORDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Landscape -> {end: RitzVectors}
@@ -28,10 +29,24 @@ _RECORDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Landscape 
 class RitzVectors:
     """``k`` extreme Ritz pairs of one end: ``values`` (descending for ``"top"``, ascending for
     ``"bottom"``), their residual bounds ``errs`` (some eigenvalue lies within each) and unit ``vectors``
-    ``(k, d)`` where the Landscape's vectors live (its ``vector_device``)."""
+    ``(k, d)`` where the Landscape's vectors live (its ``vector_device``). ``vectors`` may be given as a callable
+    that forms them (:class:`LazyRitzPair`), called the first time they are read."""
 
-    def __init__(self, end: str, values: list[float], errs: list[float], vectors: torch.Tensor):
-        self.end, self.values, self.errs, self.vectors = end, list(values), list(errs), vectors
+    def __init__(self, end: str, values: list[float], errs: list[float],
+                 vectors: torch.Tensor | Callable[[], torch.Tensor]):
+        self.end, self.values, self.errs = end, list(values), list(errs)
+        self._vectors = vectors
+
+    @property
+    def vectors(self) -> torch.Tensor:
+        if callable(self._vectors):
+            self._vectors = self._vectors().detach()
+        return self._vectors
+
+    @property
+    def formed(self) -> bool:
+        """Whether the vectors exist yet (False while a lazy pair has not been read)."""
+        return not callable(self._vectors)
 
     def __len__(self) -> int:
         return len(self.values)
@@ -47,14 +62,42 @@ def _held(land: Any, end: str) -> RitzVectors | None:
         return None
 
 
-def keep_ritz(land: Any, end: str, values: list[float], errs: list[float], vectors: torch.Tensor) -> None:
-    """Record ``end``'s Ritz pairs of ``land`` for later metrics and views (kept when more than held)."""
+class LazyRitzPair:
+    """Both ends' Ritz vectors of one Lanczos run whose basis lies in host memory, formed in one pass over it
+    (:meth:`~geomprobe.linalg.ritz.LanczosResult.take_ritz_vectors`) the first time either end is read: a probe
+    whose later metrics never read them (no warm start kept, no ``direction`` or view at the same parameters) never
+    pays for the pass (bus-bound for a lean run: ~1 s of the 1.1B Llama's float32 later probe, 2.3 s outside its
+    products; benchmarks/RESULTS.md section 6). Until then the basis stays where it is, in host memory (page-locked
+    rows go back to their pool with it), held by the Landscape's record and dropped with it. Cost: the pass, once,
+    when read; none otherwise."""
+
+    def __init__(self, result: Any, groups: list[list[int]], out: Any = None):
+        self._result, self._groups, self._out = result, groups, out
+        self._vectors: list[torch.Tensor] | None = None
+
+    def vectors(self) -> list[torch.Tensor]:
+        """Each group's vectors (the pass runs now if it has not)."""
+        if self._vectors is None:
+            self._vectors = self._result.take_ritz_vectors(self._groups, out=self._out)
+            self._result = self._out = None  # the basis is spent: only the vectors remain
+        return self._vectors
+
+    def end(self, i: int) -> Callable[[], torch.Tensor]:
+        """A callable giving group ``i``'s vectors, for :func:`keep_ritz`."""
+        return lambda: self.vectors()[i]
+
+
+def keep_ritz(land: Any, end: str, values: list[float], errs: list[float],
+              vectors: torch.Tensor | Callable[[], torch.Tensor]) -> None:
+    """Record ``end``'s Ritz pairs of ``land`` for later metrics and views (kept when more than held); ``vectors``
+    may be a callable forming them when first read (:class:`LazyRitzPair`)."""
     if end not in ENDS:
         return
     held = _held(land, end)
     if held is None or len(held) < len(values):
         try:
-            _RECORDED.setdefault(land, {})[end] = RitzVectors(end, values, errs, vectors.detach())
+            kept = vectors if callable(vectors) else vectors.detach()
+            _RECORDED.setdefault(land, {})[end] = RitzVectors(end, values, errs, kept)
         except TypeError:
             pass
 

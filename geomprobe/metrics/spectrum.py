@@ -11,10 +11,10 @@ from ..errors import ConfigurationError
 from ..linalg.certify import DEFAULT_RISK
 from ..linalg.host_blocks import populated_ahead
 from ..linalg.lanczos import LanczosResult, extremes_converged, lanczos
-from ..linalg.vectors import default_generator
+from ..linalg.vectors import default_generator, is_host
 from ._common import lanczos_placement, plan_options
 from .registry import CostPlan, PlanContext, register
-from .ritz_vectors import keep_ritz
+from .ritz_vectors import LazyRitzPair, keep_ritz
 from .shared import RAW_SPECTRUM, Reuse, lanczos_key
 
 __all__ = ["run_lanczos", "spectrum", "vector_device"]
@@ -248,6 +248,16 @@ def spectrum(
     return out
 
 
+def forms_later(land: Any, r: LanczosResult) -> bool:
+    """Whether a spectrum's Ritz vectors that no warm start keeps wait until a later metric reads them
+    (:class:`~geomprobe.metrics.ritz_vectors.LazyRitzPair`): for a model on an accelerator whose basis lies in host
+    memory (a lean or host-vector run), where the pass over it crosses the bus or runs on the host and holding
+    the basis holds no device memory. A model on the CPU forms them at once: its basis would hold the memory the
+    next metric plans with."""
+    return (r.basis_blocks is not None and is_host(r.basis_blocks[0])
+            and torch.device(getattr(land, "device", "cpu")).type != "cpu")
+
+
 def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, generator: torch.Generator | None,
                   **options: Any) -> tuple[LanczosResult, bool]:
     """Lanczos from ``warm``'s start vector when it has one, else the seeded cold run; keeps the new extreme
@@ -287,12 +297,15 @@ def _warm_lanczos(land: Any, warm: Any, reuse: Reuse, *, k: int, seed: int, gene
     # one pass over the basis for both ends, not one per vector; the basis (m vectors of length d) is never kept
     # past the run nor in the cache; page-locked basis rows, else the blocks populated ahead, take the vectors
     out = None if ahead is None else [a if a is None else a[: len(g)] for a, g in zip(ahead, (hi, lo))]
-    top, bottom = r.take_ritz_vectors([hi, lo], out=out)
+    pair = LazyRitzPair(r, [hi, lo], out)
     serves = getattr(warm, "serves", None)
-    if serves is None or serves(options.get("risk")):  # a start that will stay cold needs no copy on the host
-        warm.keep(land, top, bottom)
-    keep_ritz(land, "top", *r.top(k), top)  # the direction metric and views reuse them: no HVP
-    keep_ritz(land, "bottom", *r.bottom(k), bottom)
+    keeps = serves is None or serves(options.get("risk"))  # a start that will stay cold needs no copy on the host
+    if keeps or not forms_later(land, r):
+        top, bottom = pair.vectors()
+        if keeps:
+            warm.keep(land, top, bottom)
+    keep_ritz(land, "top", *r.top(k), pair.end(0))  # the direction metric and views reuse them: no HVP
+    keep_ritz(land, "bottom", *r.bottom(k), pair.end(1))
     if cacheable:
         reuse.keep(key, RAW_SPECTRUM, r, r.matvecs)
     return r, v0 is not None
