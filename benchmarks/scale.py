@@ -34,7 +34,6 @@ import argparse
 import contextlib
 import cProfile
 import gc
-import importlib
 import json
 import os
 import sys
@@ -447,9 +446,6 @@ def main() -> None:
     ap.add_argument("--working", default="plan", choices=["plan", "host", "device", "streamed"],
                     help="host-vector plans: Lanczos' working vectors on the host, or on the device with the basis in "
                          "host memory (lean); plan: as the memory plan decides")
-    ap.add_argument("--prefill", default="on", choices=["on", "off"],
-                    help="a lean Lanczos step's previous vector added into the product's output beside the product "
-                         "(on, the default), or read after the product at every step (off)")
     ap.add_argument("--memory-history", action="store_true",
                     help="models: what is live at the last probe's peak, by where it was allocated (CUDA)")
     ap.add_argument("--out", default=None)
@@ -465,7 +461,6 @@ def main() -> None:
     strict_fp32()
     gp.linalg.host_blocks.PREFETCH = {"auto": None, "on": True, "off": False}[args.prefetch]
     gp.linalg.krylov_basis.LanczosBasis.PIN = args.pin == "on"
-    importlib.import_module("geomprobe.linalg.lanczos").PREFILL = args.prefill == "on"
     out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else os.getcwd()
     doc = {"environment": environment(args.device), "args": vars(args), "results": []}
 

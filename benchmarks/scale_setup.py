@@ -92,12 +92,12 @@ class HVPClock:
     def __enter__(self):
         clock = self
 
-        def timed(land, v, out=None, add=False):
+        def timed(land, v, out=None):
             # the calling stream only: a Lanczos run's read of an offloaded basis runs on a second stream beside
             # the product (linalg/delayed_lanczos.py), and a device-wide wait here would serialize the two
             stream_sync(clock.device)
             t0 = time.perf_counter()
-            out = clock._orig(land, v, out=out, add=add)
+            out = clock._orig(land, v, out=out)
             stream_sync(clock.device)
             clock.seconds += time.perf_counter() - t0
             clock.calls += 1

@@ -17,6 +17,7 @@ from geomprobe.metrics.ritz_vectors import extreme_ritz
 from geomprobe.probe.warm_start import WarmStart
 
 spectrum_module = importlib.import_module("geomprobe.metrics.spectrum")
+geometry_probe_module = importlib.import_module("geomprobe.probe.geometry_probe")
 
 
 @pytest.fixture
@@ -94,3 +95,27 @@ def test_on_a_gpu_a_host_vector_spectrum_forms_its_ritz_vectors_when_the_directi
     ritz = extreme_ritz(land, "top")
     assert passes == [1] and ritz.vectors.device.type == "cpu"
     assert ritz.values[0] == pytest.approx(out["lambda_max"], rel=1e-12)
+
+
+def test_a_probe_drops_an_unread_basis_once_no_remaining_metric_reads_ritz_vectors(monkeypatch, passes):
+    # spectrum then trace: after the spectrum nothing reads its Ritz vectors, so its basis goes before trace runs;
+    # spectrum then direction: the direction reads them (one pass) and needs no Lanczos of its own
+    from torch import nn
+
+    from geomprobe.metrics import ritz_vectors
+    monkeypatch.setattr(spectrum_module, "forms_later", lambda land, r: True)
+    dropped = []
+    real = ritz_vectors.drop_unformed
+    monkeypatch.setattr(geometry_probe_module, "drop_unformed", lambda land: dropped.append(real(land)) or dropped[-1])
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    X, y = torch.randn(16, 6, dtype=torch.float64), torch.randint(0, 3, (16,))
+    for metrics, reads in ((["spectrum", "trace"], False), (["spectrum", "direction"], True)):
+        dropped.clear()
+        passes.clear()
+        probe = gp.GeometryProbe(model, nn.CrossEntropyLoss(), (X, y), metrics=metrics)
+        record = probe.probe(0)
+        probe.close()
+        assert "spectrum" in record and not record.get("errors"), record.get("errors")
+        assert passes == ([1] if reads else [])
+        assert sum(dropped) == (0 if reads else 2)  # both ends of the unread pair, dropped before trace ran

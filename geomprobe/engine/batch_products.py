@@ -10,7 +10,6 @@ from collections.abc import Sequence
 
 import torch
 
-from ..linalg.vectors import wait_added
 from .doublecheck import no_double_backward
 from .pruned_outputs import kept_outputs
 
@@ -24,14 +23,12 @@ class BatchProducts:
     ``batched_hvp`` of the Landscape)."""
 
     def _hvp_batch(self, grads: list[torch.Tensor | None], V: torch.Tensor, out: torch.Tensor | None = None,
-                   accumulate: bool = False, mask: torch.Tensor | None = None, ready=None) -> torch.Tensor:
+                   accumulate: bool = False, mask: torch.Tensor | None = None) -> torch.Tensor:
         """One probe batch's products of the rows of ``V``, written (or with ``accumulate`` added) into ``out``;
-        outputs whose part is zero in every row (``mask``; in a row, one vector at a time) are left out.
-        ``ready``: waited for before the first write into ``out`` (:func:`~geomprobe.linalg.vectors.wait_added`)."""
+        outputs whose part is zero in every row (``mask``; in a row, one vector at a time) are left out."""
         if out is None:
             out, accumulate = torch.empty_like(V), False
         outs = kept_outputs(grads, self.space.split(V), mask)
-        wait_added(ready)  # after the graph's forward and backward were queued: a copy into out ran beside them
         if not outs:
             return out if accumulate else out.zero_()
         try:

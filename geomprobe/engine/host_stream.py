@@ -47,7 +47,6 @@ from typing import Any, Self
 import torch
 
 from ..errors import ConfigurationError
-from ..linalg.vectors import wait_added
 from .doublecheck import check_broken_nodes, no_double_backward
 from .partial_sums import HostIO
 from .sharded_stream import Root, StreamPass, placeholder
@@ -291,20 +290,18 @@ class HostVectors:
         return capture.roots, loss, nbytes
 
     # ------------------------------------------------------------------ products
-    def hvp_rows(self, V: torch.Tensor, out: torch.Tensor | None = None, add=False) -> torch.Tensor:
+    def hvp_rows(self, V: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``H v`` for each row of ``V`` ``(k, d)``, one streamed vector at a time, on ``V``'s device (the host,
         or the model's device for metrics that keep their vectors there). Cost: ``k`` double backward passes
         per probe batch, ``d`` elements copied each way per pass when ``V`` is on the host, and about ``d`` more
         each way for the partial sums that wait in host memory. ``out``: written into and returned when the
         copies can go there as they would into the page-locked result (page-locked itself, or no page-locking
         in use, or on the device: a lean Lanczos run's output, its input streamed from a host row); else the result
-        is formed as without it and copied in. ``add``: added onto ``out``'s values (``Landscape.hvp``)."""
+        is formed as without it and copied in."""
         if out is not None:
             if V.device.type != "cpu" or not self.io.pin or out.is_pinned() or out.device.type != "cpu":
-                return self._rows_into(V, out, add)
-            res = self.hvp_rows(V)
-            wait_added(add)
-            return out.add_(res) if add is not False and add is not None else out.copy_(res)
+                return self._rows_into(V, out)
+            return out.copy_(self.hvp_rows(V))
         if V.device.type == "cpu" and self.io.pin:
             try:  # page-locked (torch caches such blocks): complete sums are copied straight into it
                 out = torch.empty(V.shape, dtype=V.dtype, pin_memory=True)
@@ -312,25 +309,22 @@ class HostVectors:
                 out = None
         return self._rows_into(V, torch.empty_like(V) if out is None else out)
 
-    def _rows_into(self, V: torch.Tensor, out: torch.Tensor, add=False) -> torch.Tensor:
-        added = add is not False and add is not None
+    def _rows_into(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         for x, y in zip(V, out):
-            if not added:
-                y.zero_()
+            y.zero_()
             # page-locked (a reused buffer): each piece goes to the device asynchronously; float32 vectors of a
             # half-precision model are rounded to its type here, so half the bytes cross the bus
             x = self.io.input(x, dtype=self.land.dtype)
             for b in range(len(self.land.batches)):
-                self._pass(b, x, y, fresh=b == 0 and not added, ready=add if b == 0 else None)
+                self._pass(b, x, y, fresh=b == 0)
         return out
 
-    def _pass(self, b: int, v: torch.Tensor, out: torch.Tensor, fresh: bool, ready=None) -> None:
+    def _pass(self, b: int, v: torch.Tensor, out: torch.Tensor, fresh: bool) -> None:
         land = self.land
         graph, retain = land._graphs[b], True
         if graph is None:
             graph, retain = self.graph(b)[0], False  # no whole gradient: roots taken as autograd finishes each
             land.graph_rebuilds += 1
-        wait_added(ready)  # the graph's forward ran beside a copy into out that the pass now adds onto
         with HostStreamPass(self.layout, land.params, v, out, fresh=fresh, io=self.io,
                             partials_device_bytes=self.partials_device_bytes, direct=self.direct,
                             spill_partials=self.spill_partials) as sp:

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import ConfigurationError, NonFiniteLossError
 from ..linalg.krylov_basis import warm_lean_rows
 from ..linalg.lean_vectors import LEAN_MODES
-from ..linalg.vectors import matvec_into, wait_added
+from ..linalg.vectors import matvec_into
 from .attention_plan import measure_graph, requested_label
 from .autodiff.fastdouble import fast_double_backward
 from .batch_products import BatchProducts
@@ -456,13 +456,13 @@ class Landscape(BatchProducts):
             "vector_device": str(self.vector_device), "vectors": vectors_record(self),
         }
 
-    def matvec(self, v: torch.Tensor, out: torch.Tensor | None = None, add=False) -> torch.Tensor:
+    def matvec(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Alias of :meth:`hvp`, the matvec the Krylov kernels take. With ``out``, the product is written into it
-        (added onto it with ``add``) through :func:`~geomprobe.linalg.vectors.matvec_into`: a wrapper set on
-        ``hvp`` that has no ``out`` (a probe's counters) is called without it and its result copied in."""
-        return self.hvp(v) if out is None else matvec_into(self.hvp, v, out, add)
+        through :func:`~geomprobe.linalg.vectors.matvec_into`: a wrapper set on ``hvp`` that has no ``out`` (a
+        probe's counters) is called without it and its result copied in."""
+        return self.hvp(v) if out is None else matvec_into(self.hvp, v, out)
 
-    def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None, add=False) -> torch.Tensor:
+    def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Hessian-vector products ``H v`` for one flat vector ``(d,)`` or a block ``(k, d)``.
 
         Cost: ``k`` HVPs (counted in :attr:`hvps`), each about 1-2.5 gradients, less for a block of Hessian
@@ -478,36 +478,25 @@ class Landscape(BatchProducts):
         ``out``): a reused buffer spares the CPU a fresh mapping of a large vector, and its page faults, at every
         product. Host vectors and finite differences compute their result and copy it in (the same bits). A bad
         ``out`` is refused before any work; a failure midway leaves it partly written.
-
-        ``add`` (with ``out``): the product is added onto ``out``'s values, not written over them; ``True``, or a CUDA
-        event of a copy into ``out`` still running on another stream, waited for just before the first write (after
-        the first probe batch's graph is built), so the copy runs beside it (a lean Lanczos step's previous vector,
-        :mod:`~geomprobe.linalg.krylov_basis`). Over ranks those values count once.
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.dim:
             raise ConfigurationError(f"hvp takes a vector (d,) or a block (k, d) with d = {self.dim}, got {tuple(v.shape)}")
         self._check_unchanged()
         single, host = v.dim() == 1, self.host is not None and v.device.type == "cpu"  # host vectors stay there
         dtype = v.dtype if host and wide_host_vectors(self.dtype, v.dtype) else self.dtype  # (host_stream)
-        added = add is not False and add is not None
-        if added and out is None:
-            raise ConfigurationError("hvp's add needs out, the buffer whose values the product is added onto")
         if out is not None:
             check_out(out, v, dtype, v.device if host and getattr(out, "device", None) == v.device else self.device)
         V = v.reshape(-1, self.dim).to(device=v.device if host else self.device, dtype=dtype)
         # noted before the work, so that an out-of-memory failure can tell whether batching was involved
         self.widest_block = max(self.widest_block, V.shape[0])
         res = None if out is None else out.view(V.shape)  # (1, d) for a vector: a view, out is written
-        if added and self.reducer.rank != 0:  # out's values count once in the sum over ranks
-            wait_added(add)
-            res.zero_()
         mask = part_mask(self, V)  # a block's zero parts, read once: their outputs are left out (pruned_outputs)
         if V.shape[0] <= self.chunk_size:
-            res = self._hvp_chunk(V, res, mask, add)  # no output buffer beside the result: at 1B parameters, GBs
+            res = self._hvp_chunk(V, res, mask)  # no output buffer beside the result: at 1B parameters each is GBs
         else:
             res = torch.empty_like(V) if res is None else res
             for s in range(0, V.shape[0], c := self.chunk_size):
-                self._hvp_chunk(V[s : s + c], res[s : s + c], None if mask is None else mask[s : s + c], add)
+                self._hvp_chunk(V[s : s + c], res[s : s + c], None if mask is None else mask[s : s + c])
         self.reducer.sum_(res)  # one collective per block of vectors, not per vector
         self.hvps += V.shape[0]
         if out is not None:
@@ -549,17 +538,14 @@ class Landscape(BatchProducts):
             )
 
     def _hvp_chunk(self, V: torch.Tensor, out: torch.Tensor | None = None,
-                   mask: torch.Tensor | None = None, add=False) -> torch.Tensor:
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
         """``H V`` for the rows of ``V`` (at most :attr:`chunk_size`; ``mask``: their nonzero parts, the others left
-        out), into ``out`` if given (and returned): the first probe batch's products flattened, the others added
-        (every one added with ``add``, :meth:`hvp`)."""
-        added = add is not False and add is not None
+        out), into ``out`` if given (and returned): the first probe batch's products flattened, the others added."""
         if self.host is not None:
-            return self.host.hvp_rows(V, out, add=add)  # into out where its copies can go (host_stream.hvp_rows)
+            return self.host.hvp_rows(V, out)  # into out where its copies can go (host_stream.hvp_rows)
         if self.hvp_method == "finite-difference":
             res = torch.stack([fd_hvp(self, v) for v in V])
-            wait_added(add)
-            return res if out is None else out.add_(res) if added else out.copy_(res)
+            return res if out is None else out.copy_(res)
         if out is None:
             out = torch.empty_like(V)  # what the flattening allocated before: one result, no second buffer
         for b in range(len(self.batches)):
@@ -567,6 +553,6 @@ class Landscape(BatchProducts):
             if grads is None:
                 grads = self._graph(b, True)[0]
                 self.graph_rebuilds += 1
-            self._hvp_batch(grads, V, out, accumulate=b > 0 or added, mask=mask, ready=add if b == 0 else None)
+            self._hvp_batch(grads, V, out, accumulate=b > 0, mask=mask)
             del grads  # a rebuilt graph is freed before the next is built, not held beside it
         return out

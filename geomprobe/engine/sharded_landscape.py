@@ -70,7 +70,6 @@ import torch
 
 from ..errors import ConfigurationError, GeomprobeError, NonFiniteLossError
 from ..linalg.space import ShardedSpace
-from ..linalg.vectors import wait_added
 from .batches import batch_size, slice_batch
 from .distributed import ProcessGroupReducer
 from .doublecheck import no_double_backward
@@ -397,7 +396,7 @@ class ShardedLandscape(ExactBuild, FiniteDifferences, Landscape):
         run's bounds must grow by (0 on the exact route)."""
         return math.sqrt(sum(e * e for e in self.hvp_errors[since:]))
 
-    def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None, add=False) -> torch.Tensor:
+    def hvp(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """``H v`` for this rank's slice of one vector ``(d_local,)`` or a block ``(k, d_local)``, as slices.
 
         Cost, exact route: ``k`` double backward passes on this rank's data. A single vector, or any block when
@@ -414,27 +413,20 @@ class ShardedLandscape(ExactBuild, FiniteDifferences, Landscape):
 
         ``out`` (``v``'s shape, the Landscape's dtype, on :attr:`vector_device`, not overlapping ``v``): the
         slices are written into it and it is returned; a streamed vector adds its pieces straight into it, whole
-        blocks and finite differences copy their result in. Same values as without it. ``add``: the product is
-        added onto ``out``'s values (``Landscape.hvp``; each rank's own slice).
+        blocks and finite differences copy their result in. Same values as without it.
         """
         if v.dim() not in (1, 2) or v.shape[-1] != self.local_dim:
             raise ConfigurationError(
                 f"hvp takes this rank's slice, a vector (d_local,) or a block (k, d_local) with d_local = "
                 f"{self.local_dim} (d = {self.dim} over {self.layout.world} ranks), got {tuple(v.shape)}")
         self._check_unchanged()
-        added = add is not False and add is not None
-        if added and out is None:
-            raise ConfigurationError("hvp's add needs out, the buffer whose values the product is added onto")
         if out is not None:
             check_out(out, v, self.dtype, self.vector_device)
         single = v.dim() == 1
         V = v.reshape(-1, self.local_dim).to(device=self.vector_device, dtype=self.dtype)
         self.widest_block = max(self.widest_block, V.shape[0])
         if self.hvp_method == "autograd" and (V.shape[0] == 1 or self.chunk_size == 1 or not self.batched_hvp):
-            res = torch.zeros_like(V) if out is None else out.view(V.shape)
-            wait_added(add)
-            if out is not None and not added:
-                res.zero_()
+            res = torch.zeros_like(V) if out is None else out.view(V.shape).zero_()
             for x, y in zip(V, res):
                 x = x if self.host_io is None else self.host_io.input(x)  # page-locked: pieces go asynchronously
                 for p in range(self._passes):
@@ -472,8 +464,7 @@ class ShardedLandscape(ExactBuild, FiniteDifferences, Landscape):
             res = self.layout.reduce_scatter(res)
         self.hvps += V.shape[0]
         if out is not None:
-            wait_added(add)
-            out.view(V.shape).add_(res) if added else out.view(V.shape).copy_(res)
+            out.view(V.shape).copy_(res)
             return out
         res = res.to(self.vector_device)
         return res[0] if single else res

@@ -13,6 +13,7 @@ import torch
 from ..errors import ConfigurationError
 from .host_arith import host_rotate, host_round, lanczos_pass, row_groups
 from .host_blocks import RowPrefetcher, advise_huge_pages, host_block, populate, populate_wanted, prefetch_wanted
+from .lean_pass import lean_whole_step
 from .lean_vectors import LeanVectors, lean_mode
 from .pinned_blocks import PinnedAhead
 from .pinned_memory import pinned_empty, warm
@@ -27,7 +28,6 @@ from .vectors import (
     row_dots,
     scratch_columns,
     sub_rows,
-    takes_add,
     takes_out,
 )
 
@@ -55,17 +55,9 @@ def host_vector(dim: int, dtype: torch.dtype) -> torch.Tensor:
 REPASS = 1 / math.sqrt(2)
 
 
-def adds_previous(matvec: Matvec, basis: LanczosBasis, prev: torch.Tensor | None) -> bool:
-    """Whether :func:`krylov_step` with ``prefill`` can write ``-beta_prev prev`` into the product's output before the
-    product and have the matvec add onto it: a lean basis (``prev`` is a host row, read onto the device beside the
-    product instead of after it) and a matvec that adds (:func:`~geomprobe.linalg.vectors.takes_add`)."""
-    return prev is not None and basis.lean_vectors is not None and takes_add(matvec)
-
-
 def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int, dtype: torch.dtype,
                 step: int, prev: torch.Tensor | None = None, beta_prev: float = 0.0, *, local: bool = False,
-                extra: Sequence[torch.Tensor] = (), prefill: bool = False,
-                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+                extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor, float]:
     """One expansion of the Krylov basis: ``w = H v`` orthogonalized against every stored vector.
 
     ``local=True`` (with ``prev``; partial reorthogonalization, :mod:`.orthogonality`): the Gram-Schmidt pass
@@ -85,28 +77,18 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
     entry of ``H v`` spreads to the coefficients or the norm), so it is caught without a pass of its own.
     ``dim`` is the global dimension; the vectors have the basis's length (a slice in a sharded space), and
     every inner product and norm goes through ``basis.space``.
-
-    ``prefill`` (where :func:`adds_previous`): the lean step's previous vector is copied from its row into the
-    product's output, scaled by ``-beta_prev``, on the rows' side stream while the product builds its graph, and the
-    matvec adds onto it: the copy (4.4 GB, 83 ms for a 1B float32 model) no longer waits after the product. The
-    local pass then runs against ``v`` alone (the ``prev`` coefficient returned is ``beta_prev``, no measurement of
-    the matvec's asymmetry); a whole-basis pass still streams ``prev``'s row with the others.
     """
     space = basis.space
     lean = basis.lean_vectors
     owned = lean is not None and takes_out(matvec)
-    added = prefill and owned and adds_previous(matvec, basis, prev)
     if owned:
         # written into the lean basis's other device vector: the product's input and output are the only
         # d-vectors on the device while it runs (the output alone where the input is read from its row)
         out = lean.out_buffer(cur)
         row = basis.newest_row()
-        x = lean.input_for(cur, row)  # (streamed: waits for the rows' copies, so the prefill is queued after it)
-        if added:
-            basis.rows_readable()
-        w = matvec_into(matvec, x, out, lean.prefill(out, prev, -beta_prev) if added else False)
-        if prev is not None:
-            lean.refill(cur, row)  # for the three-term step (a first step's passes stream its row instead)
+        w = matvec_into(matvec, lean.input_for(cur, row), out)
+        if prev is not None and local:
+            lean.refill(cur, row)  # for the three-term step (a whole-basis step's pass streams it, .lean_pass)
     elif basis.on_host and takes_out(matvec):
         # the product written into one buffer reused step after step: on the CPU a fresh 40 MB vector per
         # product paid its page faults every time (the step never keeps w: the basis gets w / beta)
@@ -117,7 +99,8 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         # w is updated in place below and, offloaded, becomes the next input: it must not be the matvec's
         # input, the basis, or a buffer the matvec writes again
         w = w.clone()
-    if prev is not None and prev.device != w.device and not added:
+    whole_lean = lean is not None and prev is not None and not local  # one read of each row (.lean_pass)
+    if prev is not None and prev.device != w.device and not whole_lean:
         basis.rows_readable()
         prev = prev.to(w.device, non_blocking=basis.pin)  # a lean basis's previous row, read after the product
     local = local and prev is not None
@@ -128,16 +111,14 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
             lean.give_back(cur)  # the passes stream its row with the others
         w, coeffs = basis.reorthogonalize(w, passes=2)
         before = None
+    elif whole_lean:
+        w, coeffs, before = lean_whole_step(basis, w, cur, beta_prev)
+        prev = None
     else:
         alpha = space.dots(cur[None], w)
-        if not added:
-            w.sub_(prev, alpha=beta_prev)
+        w.sub_(prev, alpha=beta_prev)
         sub_rows(w, alpha, cur[None])
         before = space.norm(w)
-        if added or (lean is not None and not local):  # a whole-basis pass holds w and one streamed row
-            if not local:
-                lean.give_back(cur)
-            prev = None
         w, coeffs = _local_pass(w, space, prev, cur, extra) if local else basis.reorthogonalize(w, passes=1)
         coeffs[-1] += alpha[0]
         coeffs[-2] += beta_prev
@@ -160,13 +141,12 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
 def _local_pass(w: torch.Tensor, space: VectorSpace, prev: torch.Tensor, cur: torch.Tensor,
                 extra: Sequence[torch.Tensor] = ()) -> tuple[torch.Tensor, torch.Tensor]:
     """One classical Gram-Schmidt pass of ``w`` against ``extra``, ``prev`` and ``cur`` only, in place; their
-    coefficients in that order (``prev``'s and ``cur``'s last, as the whole-basis pass ends with them). ``prev``
-    None (a prefilled step, :func:`krylov_step`): against ``extra`` and ``cur``, ``prev``'s coefficient 0."""
-    rows = [*extra, prev, cur] if prev is not None else [*extra, cur]
+    coefficients in that order (``prev``'s and ``cur``'s last, as the whole-basis pass ends with them)."""
+    rows = [*extra, prev, cur]
     c = torch.cat([space.dots(r[None], w) for r in rows])
     for i, r in enumerate(rows):
         sub_rows(w, c[i : i + 1], r[None])
-    return w, c if prev is not None else torch.cat([c[:-1], c.new_zeros(1), c[-1:]])
+    return w, c
 
 
 def orthogonalize_step(basis: LanczosBasis, w: torch.Tensor, beta: float, step: int) -> tuple[torch.Tensor, float]:

@@ -18,7 +18,6 @@ from .delayed_lanczos import delayed_due, run_delayed
 from .krylov_basis import (
     LanczosBasis,
     LanczosMemory,
-    adds_previous,
     krylov_step,
     lanczos_memory_bytes,
     orthogonalize_step,
@@ -45,21 +44,6 @@ __all__ = [
     "LanczosBasis", "LanczosMemory", "LanczosResult", "extremes_converged", "gap_bounds", "lanczos",
     "lanczos_memory_bytes",
 ]
-
-
-# A lean run's local steps measure the matvec's asymmetry (the local pass's coefficient on the previous vector)
-# at the first ASYMMETRY_STEPS steps that have a previous vector and every ASYMMETRY_EVERY-th after; at its other
-# steps the previous vector is added into the product's output beside the product (krylov_step's prefill), and
-# the orthogonality estimate carries its inner product with the new vector (OrthogonalityEstimate.advance).
-ASYMMETRY_STEPS = 2
-ASYMMETRY_EVERY = 4
-PREFILL = True  # False: every lean step reads its previous vector after the product (benchmarks compare the two)
-
-
-def measures_asymmetry(j: int) -> bool:
-    """Whether the local step with index ``j`` (the product of ``v_j``) reads the previous vector after its product,
-    measuring ``(H v_j)^T v_{j-1} - beta_{j-1}``, the matvec's asymmetry."""
-    return j <= ASYMMETRY_STEPS or j % ASYMMETRY_EVERY == 0
 
 
 def _keep_ritz(basis: LanczosBasis, Uk: torch.Tensor, kept: list[torch.Tensor], w: torch.Tensor,
@@ -311,14 +295,10 @@ def lanczos(
         j = len(alphas)
         partial = ortho is not None and not ortho.always
         selective = partial and ortho.selective
-        # a lean run's previous vector goes into the product's output beside the product, except at the local steps
-        # that measure the matvec's asymmetry (a whole-basis pass measures it at every step)
-        prefill = PREFILL and adds_previous(matvec, basis, prev) and (not partial or not measures_asymmetry(j))
         w, coeffs, beta = krylov_step(matvec, basis, cur, dim, dtype, j + 1, prev, betas[-1] if betas else 0.0,
-                                      local=partial, extra=kept if selective else (), prefill=prefill)
+                                      local=partial, extra=kept if selective else ())
         alpha = float(coeffs[-1])
-        local_prev = not (prefill and partial)  # the local pass ran against the previous vector too
-        if j > 0 and local_prev:
+        if j > 0:
             # (H v_j)^T v_{j-1} must equal v_j^T H v_{j-1} = beta_{j-1}: the difference is free evidence of
             # the matvec's rounding error (an fp32 HVP through cuDNN can be off by 1e-4 relative)
             asym = max(asym, abs(float(coeffs[-2]) - betas[-1]))
@@ -329,7 +309,7 @@ def lanczos(
         gersh = max(abs(a) for a in alphas) + 2 * max(betas)
         if selective:
             ortho.selective_step()
-        elif partial and ortho.advance(alphas, betas, gersh, asym, local_prev=local_prev):
+        elif partial and ortho.advance(alphas, betas, gersh, asym):
             w, beta = orthogonalize_step(basis, w, beta, j + 1)
             betas[-1] = beta
             ortho.orthogonalized()

@@ -80,17 +80,6 @@ class RowCopies:
         self._buffers[v.untyped_storage().data_ptr()] = event
         self._last = event
 
-    def fill(self, out: torch.Tensor, row: torch.Tensor, scale: float) -> torch.cuda.Event:
-        """``out = scale * row`` on the side stream (after the current stream's work so far, which may still read
-        ``out``; ``row``'s own copy ran earlier on this stream); returns the event its user waits for."""
-        self.stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(self.stream):
-            out.copy_(row, non_blocking=True)
-            out.mul_(scale)
-        event = torch.cuda.Event()
-        event.record(self.stream)
-        return event
-
     def writable(self, buffer: torch.Tensor) -> None:
         """The current stream waits until ``buffer``'s pending copy (if any) has read it."""
         event = self._buffers.pop(buffer.untyped_storage().data_ptr(), None)
@@ -151,17 +140,6 @@ class LeanVectors:
             self.copies.finish()  # the row is read on the host's side: its copy must have ended
         self.give_back(cur)
         return row
-
-    def prefill(self, out: torch.Tensor, row: torch.Tensor, scale: float):
-        """``out = scale * row`` before a product that adds onto ``out`` (a step's previous vector,
-        :func:`~geomprobe.linalg.krylov_basis.krylov_step`): on the side stream, beside the product's start, where
-        the rows have one (the CUDA event returned is what the product waits for before its first write into
-        ``out``), else here (``True``)."""
-        if self.copies is not None:
-            return self.copies.fill(out, row, scale)
-        out.copy_(row)
-        out.mul_(scale)
-        return True
 
     def out_buffer(self, cur: torch.Tensor) -> torch.Tensor:
         """The device vector for the next product's output: of the two, the one not holding ``cur`` (allocated at

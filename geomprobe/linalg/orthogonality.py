@@ -129,17 +129,13 @@ class OrthogonalityEstimate:
         self.regime = "estimated"               # how the run ended up orthogonalizing, and from which step why
         self.spread_eps = spread_eps(dtype, dim)  # one step's storage rounding along a fixed direction
 
-    def advance(self, alphas: list[float], betas: list[float], norm: float, asymmetry: float = 0.0, *,
-                local_prev: bool = True) -> bool:
+    def advance(self, alphas: list[float], betas: list[float], norm: float, asymmetry: float = 0.0) -> bool:
         """Estimate ``w_{j+1,k}`` for the new vector (step ``j = len(alphas) - 1``) and say whether it must be
         orthogonalized against the whole basis (the estimate passes :attr:`threshold`, or the previous vector
         was). ``norm``: a bound on ``||H||`` (the Gershgorin bound of ``T``). ``asymmetry``: the largest
         ``|(H v_j)^T v_{j-1} - beta_{j-1}|`` seen so far, the matvec's own error along the basis: the recurrence
         assumes a symmetric matvec, and an HVP off by 1e-4 relative (fp32 through cuDNN) injects that much
-        loss of orthogonality at every step, far above rounding (twice it is taken, for both terms).
-        ``local_prev=False``: the step's local pass ran against ``v_j`` alone (a lean step that added ``v_{j-1}``
-        into its product, :func:`~geomprobe.linalg.krylov_basis.krylov_step`), so ``w_{j+1,j-1}`` is the
-        recurrence's, as in Simon's original scheme, not the local pass's rounding."""
+        loss of orthogonality at every step, far above rounding (twice it is taken, for both terms)."""
         j = len(alphas) - 1
         a = np.asarray(alphas, dtype=np.float64)
         b = np.asarray(betas, dtype=np.float64)
@@ -150,7 +146,7 @@ class OrthogonalityEstimate:
             t = b[:j] * cur[1 : j + 1] + (a[:j] - a[j]) * cur[:j] - b[j - 1] * prev[:j]
             t[1:] += b[: j - 1] * cur[: j - 1]
             new[:j] = self._signed(t, inject) / self._beta(b[j])
-        return self._decide(new, j, inject / self._beta(b[j]), own, local_prev)
+        return self._decide(new, j, inject / self._beta(b[j]), own)
 
     def advance_projected(self, S: np.ndarray, beta: float, beta_prev: float, norm: float,
                           asymmetry: float = 0.0) -> bool:
@@ -191,10 +187,9 @@ class OrthogonalityEstimate:
         # the rounding term with the sign that makes |w| grow (the usual pessimistic choice)
         return t + np.where(t >= 0, 1.0, -1.0) * inject
 
-    def _decide(self, new: np.ndarray, j: int, local: float, own: float, local_prev: bool = True) -> bool:
-        # the local pass keeps the new vector orthogonal to the last two to rounding (the last one only without
-        # local_prev: then the recurrence's value stands for the one before)
-        new[max(j - 1, 0) if local_prev else j : j + 1] = local
+    def _decide(self, new: np.ndarray, j: int, local: float, own: float) -> bool:
+        # the local pass keeps the new vector orthogonal to the last two to rounding
+        new[max(j - 1, 0) : j + 1] = local
         new[j + 1] = 1.0
         self._prev, self._cur = self._cur, new
         self._store(j + 1, new)

@@ -18,13 +18,13 @@ import torch
 from ..errors import ConfigurationError
 from .blockdiag import block_count, blockdiag_layout, blockdiag_sub
 from .host_arith import chunk_dot, host_dots, host_norm_sq, host_sub, is_host
-from .matvec_out import matvec_into, takes_add, takes_out, wait_added
+from .matvec_out import matvec_into, takes_out
 from .segmented import segment_count, segmented_dots, segmented_sub
 
 __all__ = [
     "Matvec", "accumulation_dtype", "all_finite", "apply_rows", "check_dim", "default_generator", "device_generator",
     "forced_kernels", "gaussian", "matvec_into", "rademacher", "row_dots", "scratch_columns", "sub_rows",
-    "sub_rows_kernel", "takes_add", "takes_out", "vector_norm", "wait_added",
+    "sub_rows_kernel", "takes_out", "vector_norm",
 ]
 
 

@@ -20,7 +20,7 @@ from ..linalg.lanczos import lanczos
 from ..linalg.vectors import default_generator
 from ._common import plan_options
 
-__all__ = ["LazyRitzPair", "RitzVectors", "extreme_ritz", "keep_ritz"]
+__all__ = ["RITZ_READERS", "LazyRitzPair", "RitzVectors", "drop_unformed", "extreme_ritz", "keep_ritz"]
 
 ENDS = ("top", "bottom")
 _RECORDED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Landscape -> {end: RitzVectors}
@@ -46,7 +46,7 @@ class RitzVectors:
     @property
     def formed(self) -> bool:
         """Whether the vectors exist yet (False while a lazy pair has not been read)."""
-        return not callable(self._vectors)
+        return not callable(self._vectors) or bool(getattr(self._vectors, "formed", False))
 
     def __len__(self) -> int:
         return len(self.values)
@@ -82,9 +82,43 @@ class LazyRitzPair:
             self._result = self._out = None  # the basis is spent: only the vectors remain
         return self._vectors
 
+    @property
+    def formed(self) -> bool:
+        return self._vectors is not None
+
     def end(self, i: int) -> Callable[[], torch.Tensor]:
-        """A callable giving group ``i``'s vectors, for :func:`keep_ritz`."""
-        return lambda: self.vectors()[i]
+        """A callable giving group ``i``'s vectors, for :func:`keep_ritz` (its ``formed``: the pair's)."""
+        return _End(self, i)
+
+
+class _End:
+    def __init__(self, pair: LazyRitzPair, i: int):
+        self.pair, self.i = pair, i
+
+    @property
+    def formed(self) -> bool:
+        return self.pair.formed
+
+    def __call__(self) -> torch.Tensor:
+        return self.pair.vectors()[self.i]
+
+
+# metrics that read the Ritz vectors a spectrum records (the views only for their "top"/"bottom" directions)
+RITZ_READERS = frozenset({"direction", "view_line", "view_plane"})
+
+
+def drop_unformed(land: Any) -> int:
+    """Forget ``land``'s recorded Ritz pairs whose vectors were never formed (a :class:`LazyRitzPair` nobody read),
+    so that their basis is released now rather than with the Landscape: a probe calls it once none of its remaining
+    metrics is among :data:`RITZ_READERS`. Returns how many ends were dropped."""
+    try:
+        held = _RECORDED.get(land, {})
+    except TypeError:
+        return 0
+    unformed = [end for end, r in held.items() if not r.formed]
+    for end in unformed:
+        del held[end]
+    return len(unformed)
 
 
 def keep_ritz(land: Any, end: str, values: list[float], errs: list[float],

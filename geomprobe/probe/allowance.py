@@ -75,13 +75,13 @@ class Deadline:
         self.per_vector = max(0.0, self.clock() - (self.at - self.allowance))
 
         def wrap(inner: Callable) -> Callable:
-            def hvp(v, out=None, add=False):
+            def hvp(v, out=None):
                 vectors = 1 if v.dim() == 1 else int(v.shape[0])
                 start, compiled = self.clock(), compile_seconds()
                 if not self.cut and start + self.per_vector * vectors > self.at:
                     self.cut = True
                 self.check()
-                out = inner(v) if out is None else matvec_into(inner.target(), v, out, add)
+                out = inner(v) if out is None else matvec_into(inner.target(), v, out)
                 # a product that compiled kernels on their first call costs that once: the next one will not
                 once = compile_seconds() - compiled
                 self.per_vector = max(0.0, self.clock() - start - once) / max(1, vectors)

@@ -42,6 +42,7 @@ from ..linalg.host_blocks import keep_released
 from ..linalg.pinned_memory import release_pool
 from ..linalg.ritz import prefetch_solver
 from ..metrics import registry
+from ..metrics.ritz_vectors import RITZ_READERS, drop_unformed
 from ..runs.writer import RunWriter
 from .allowance import OverAllowance, budgeted, settle, watch
 from .last_update import LastUpdate, wants_last_update
@@ -400,7 +401,9 @@ class GeometryProbe:
             if progress is not None:
                 progress.count(land)
             deadline = watch(self._deadline, land)
-            for name in self._run_order:
+            for i, name in enumerate(self._run_order):
+                if not RITZ_READERS.intersection(self._run_order[i:]):
+                    drop_unformed(land)  # a spectrum's basis kept for Ritz vectors no metric left will read
                 opts = self.metric_options[name]
                 land.widest_block = 0
                 if deadline is not None and deadline.skips(name, skipped):
@@ -424,6 +427,7 @@ class GeometryProbe:
             errors["landscape"] = self._failure("landscape", e, land)
         finally:
             if land is not None:
+                drop_unformed(land)
                 land.close()
         seconds = self.clock() - t0
         self._probe_seconds += seconds

@@ -111,8 +111,8 @@ def count_hvps(land: Any, on_hvps: Callable[[int], None]) -> None:
     builds one per probe); the products themselves are unchanged.
     """
     def wrap(inner: Callable) -> Callable:
-        def hvp(v, out=None, add=False):  # out passed on: a Krylov kernel's reused buffer (linalg.vectors.matvec_into)
-            out = inner(v) if out is None else matvec_into(inner.target(), v, out, add)
+        def hvp(v, out=None):  # out passed on: a Krylov kernel's reused buffer (linalg.vectors.matvec_into)
+            out = inner(v) if out is None else matvec_into(inner.target(), v, out)
             on_hvps(1 if v.dim() == 1 else int(v.shape[0]))
             return out
 
