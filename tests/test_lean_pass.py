@@ -10,32 +10,13 @@ import importlib
 import numpy as np
 import pytest
 import torch
+from test_lean_lanczos import Product, _matrix, _spectrum
 
 from geomprobe.linalg import krylov_basis
 from geomprobe.linalg.krylov_basis import LanczosBasis
 from geomprobe.linalg.lean_vectors import LeanVectors
 
 lanczos_module = importlib.import_module("geomprobe.linalg.lanczos")
-
-
-def _matrix(ev: torch.Tensor, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    Q, _ = torch.linalg.qr(torch.randn(len(ev), len(ev), generator=g, dtype=torch.float64))
-    return (Q * ev) @ Q.T
-
-
-def _spectrum(n: int, seed: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(100 + seed)
-    return torch.cat([torch.rand(n - 3, generator=g, dtype=torch.float64) * 2 - 1,
-                      torch.tensor([3.0, 2.5, -2.0], dtype=torch.float64)])
-
-
-class Product:
-    def __init__(self, H: torch.Tensor):
-        self.H = H
-
-    def __call__(self, v: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        return self.H @ v if out is None else torch.mv(self.H, v, out=out)
 
 
 @pytest.mark.parametrize("mode", ["device", "streamed"])
