@@ -14,7 +14,7 @@ from torch.utils._pytree import tree_flatten
 import geomprobe as gp
 from geomprobe.engine.paramspace import ParamSpace
 from geomprobe.errors import ConfigurationError
-from geomprobe.linalg import matvec_out
+from geomprobe.linalg import vectors
 from geomprobe.linalg.vectors import matvec_into, takes_out
 
 
@@ -361,7 +361,7 @@ def test_takes_out_reads_each_signature_once(monkeypatch):
         calls.append(f)
         return real(f, *a, **kw)
 
-    monkeypatch.setattr(matvec_out.inspect, "signature", counting)
+    monkeypatch.setattr(vectors.inspect, "signature", counting)
     for _ in range(5):  # a new bound method at every access: keyed by its function
         matvec_into(op.with_out, torch.ones(3), torch.empty(3))
         matvec_into(op.without, torch.ones(3), torch.empty(3))

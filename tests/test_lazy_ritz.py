@@ -61,6 +61,27 @@ def test_a_host_basis_forms_its_ritz_vectors_only_when_read_and_as_the_eager_pas
     assert float(torch.linalg.vector_norm(H @ y - top.values[0] * y)) <= top.errs[0] + 1e-10
 
 
+def test_dropping_an_unread_pair_releases_the_basis_also_from_the_cached_run(passes, monkeypatch):
+    # the seeded cold run stays in the Landscape's cache for other metrics (its values): the dropped pair must take
+    # the basis from it, as the pass would have, or the rows would stay for the Landscape's life
+    from geomprobe.metrics import ritz_vectors
+    monkeypatch.setattr(spectrum_module, "forms_later", lambda land, r: True)
+    results = []
+    real_init = ritz_vectors.LazyRitzPair.__init__
+
+    def spy(self, result, *a, **k):
+        results.append(result)
+        real_init(self, result, *a, **k)
+
+    monkeypatch.setattr(ritz_vectors.LazyRitzPair, "__init__", spy)
+    land = _land("cpu")
+    spectrum(land, tol=1e-8, k=1, warm=WarmStart(certified=False), risk=1e-2)
+    assert len(results) == 1 and results[0].basis_blocks is not None and passes == []
+    assert ritz_vectors.drop_unformed(land) == 2
+    assert results[0].basis_blocks is None and passes == []
+    assert ritz_vectors.drop_unformed(land) == 0
+
+
 def test_a_model_on_the_cpu_forms_them_at_once(passes):
     land = _land("cpu")  # its basis in host memory would hold what the next metric plans with
     spectrum(land, tol=1e-8, k=1, warm=WarmStart(certified=False), risk=1e-2)

@@ -247,8 +247,7 @@ def warm_lean_rows(dim: int, dtype: torch.dtype) -> bool:
     ``dim``-vectors of ``dtype`` stores its first rows (:func:`.pinned_memory.warm`): a Landscape whose plan runs
     its Lanczos vectors lean calls it before building its graph, so the first probe's first row is ready when its
     run starts. False where nothing starts (a small block, CUDA not in use, one pooled or warming already)."""
-    row = max(1, dim * torch.empty(0, dtype=dtype).element_size())
-    return warm(max(1, min(LanczosBasis.BLOCK, LanczosBasis.PIN_BLOCK_BYTES // row)) * row)
+    return warm(LanczosBasis.offloaded_block_rows(dim, dtype) * dim * torch.empty(0, dtype=dtype).element_size())
 
 
 class LanczosMemory(NamedTuple):
@@ -330,8 +329,7 @@ class LanczosBasis:
         if self.lean:
             self.STREAM = 1  # a whole-basis pass brings one row to the device at a time
         if self.offloaded and not self.contiguous:
-            row_bytes = max(1, dim * torch.empty(0, dtype=dtype).element_size())
-            self.block = max(1, min(self.BLOCK, self.PIN_BLOCK_BYTES // row_bytes))
+            self.block = self.offloaded_block_rows(dim, dtype)
         self.pin_refused: str | None = None  # why pinned host memory was refused, if it was
         # page-locked blocks come one ahead, allocated on another thread while the products run (pinned_blocks.py)
         ahead_cap = capacity if capacity is not None else rows_limit
@@ -348,6 +346,13 @@ class LanczosBasis:
         self.blocks: list[torch.Tensor] = []
         self.n = 0
         self.peak = 0
+
+    @classmethod
+    def offloaded_block_rows(cls, dim: int, dtype: torch.dtype) -> int:
+        """Rows per block of an offloaded basis of ``dim``-vectors of ``dtype``: :attr:`BLOCK`, fewer where they
+        would pass :attr:`PIN_BLOCK_BYTES`, one at least."""
+        row_bytes = max(1, dim * torch.empty(0, dtype=dtype).element_size())
+        return max(1, min(cls.BLOCK, cls.PIN_BLOCK_BYTES // row_bytes))
 
     def _plan_touching(self) -> None:
         """Whether fresh rows are populated before their first write, and ahead on another thread: host rows,

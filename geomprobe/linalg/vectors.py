@@ -11,6 +11,8 @@ stream advances by exactly one number per draw."""
 
 from __future__ import annotations
 
+import inspect
+import weakref
 from collections.abc import Callable, Sequence
 
 import torch
@@ -18,7 +20,6 @@ import torch
 from ..errors import ConfigurationError
 from .blockdiag import block_count, blockdiag_layout, blockdiag_sub
 from .host_arith import chunk_dot, host_dots, host_norm_sq, host_sub, is_host
-from .matvec_out import matvec_into, takes_out
 from .segmented import segment_count, segmented_dots, segmented_sub
 
 __all__ = [
@@ -510,3 +511,53 @@ def check_dim(dim: int) -> None:
 def apply_rows(matvec: Matvec, V: torch.Tensor, batch: int) -> torch.Tensor:
     """``matvec`` on the rows of ``V``, ``batch`` rows per call."""
     return torch.cat([matvec(V[s : s + batch]).reshape(-1, V.shape[1]) for s in range(0, V.shape[0], batch)])
+
+
+# Whether a matvec takes ``out``, per function: a bound method is keyed by its function (``land.hvp`` is a new
+# bound method at every attribute access, its signature the same), anything else by itself; weak keys, so a
+# matvec's entry goes with it.
+_TAKES_OUT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def takes_out(matvec: Callable) -> bool:
+    """Whether ``matvec`` has a parameter named ``out`` that can be passed by keyword (``**kwargs`` alone does
+    not count: a wrapper that forwards them may reach a matvec without ``out``). Read once per callable with
+    :func:`inspect.signature` and cached; a callable whose signature cannot be read counts as without."""
+    key = getattr(matvec, "__func__", matvec)
+    try:
+        return _TAKES_OUT[key]
+    except (KeyError, TypeError):
+        pass
+    try:
+        param = inspect.signature(matvec).parameters.get("out")
+    except (TypeError, ValueError):
+        param = None
+    found = param is not None and param.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                                 inspect.Parameter.KEYWORD_ONLY)
+    try:
+        _TAKES_OUT[key] = found
+    except TypeError:
+        pass  # not weakly referable: read again at the next call
+    return found
+
+
+def matvec_into(matvec: Callable, v: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``matvec(v)`` written into ``out``; always returns ``out``.
+
+    A matvec that takes ``out`` (:func:`takes_out`, e.g. ``Landscape.hvp``) is called as ``matvec(v, out=out)``
+    and writes there itself: no product-sized allocation of its own. Any other (a plain ``lambda v: A @ v``)
+    is called as ``matvec(v)`` and its fresh product copied into ``out`` (one pass over ``out``, converted to
+    ``out``'s dtype): the same values either way, and the caller's buffer holds them in both cases. A product
+    of another shape than ``out`` raises ConfigurationError. Cost: one matvec (``k`` for a ``(k, d)`` block).
+    """
+    if takes_out(matvec):
+        res = matvec(v, out=out)
+        if res is out:
+            return out
+    else:
+        res = matvec(v)
+    if not isinstance(res, torch.Tensor) or res.shape != out.shape:
+        got = tuple(res.shape) if isinstance(res, torch.Tensor) else type(res).__name__
+        raise ConfigurationError(f"the matvec returned {got} for a product written into a buffer of shape "
+                                 f"{tuple(out.shape)}; it must return the product of v's shape")
+    return out.copy_(res)

@@ -86,6 +86,13 @@ class LazyRitzPair:
     def formed(self) -> bool:
         return self._vectors is not None
 
+    def release(self) -> None:
+        """Give up the vectors unformed: the run's basis is released (its result, which a metric cache may still
+        hold for its values, keeps no basis), as the pass would have."""
+        if self._result is not None:
+            self._result.basis_blocks = None
+        self._result = self._out = None
+
     def end(self, i: int) -> Callable[[], torch.Tensor]:
         """A callable giving group ``i``'s vectors, for :func:`keep_ritz` (its ``formed``: the pair's)."""
         return _End(self, i)
@@ -99,6 +106,9 @@ class _End:
     def formed(self) -> bool:
         return self.pair.formed
 
+    def release(self) -> None:
+        self.pair.release()
+
     def __call__(self) -> torch.Tensor:
         return self.pair.vectors()[self.i]
 
@@ -109,15 +119,16 @@ RITZ_READERS = frozenset({"direction", "view_line", "view_plane"})
 
 def drop_unformed(land: Any) -> int:
     """Forget ``land``'s recorded Ritz pairs whose vectors were never formed (a :class:`LazyRitzPair` nobody read),
-    so that their basis is released now rather than with the Landscape: a probe calls it once none of its remaining
-    metrics is among :data:`RITZ_READERS`. Returns how many ends were dropped."""
+    so that their basis is released now rather than with the Landscape (or with a cached Lanczos result that still
+    holds it): a probe calls it once none of its remaining metrics is among :data:`RITZ_READERS`. Returns how many
+    ends were dropped."""
     try:
         held = _RECORDED.get(land, {})
     except TypeError:
         return 0
     unformed = [end for end, r in held.items() if not r.formed]
     for end in unformed:
-        del held[end]
+        held.pop(end)._vectors.release()  # the basis goes now, also from a result a metric cache holds
     return len(unformed)
 
 
