@@ -24,6 +24,7 @@ from .krylov_basis import (
 )
 from .krylov_start import start_basis
 from .lean_vectors import lean_step_bytes
+from .measured_reorth import measured_step, sketched_gram
 from .orthogonality import REORTH_MODES, SELECTIVE_ENDS, OrthogonalityEstimate
 from .restarted_lanczos import RestartFrom, min_basis, restarted_lanczos
 from .ritz import (
@@ -91,6 +92,7 @@ def lanczos(
     basis_dtype: torch.dtype | None = None,
     draw_device: torch.device | str | None = None,
     lean: bool | str = False,
+    sketch: bool | None = None,
 ) -> LanczosResult:
     """Lanczos with partial (default) or full reorthogonalization for the extreme eigenvalues of a symmetric
     matvec.
@@ -203,6 +205,14 @@ def lanczos(
     while it runs; the newest vector's device memory is given back meanwhile and filled again from its row for
     the three-term step. Between products: ``w``, the newest and the previous vector at most, ``w`` and one row
     in a whole-basis pass (:mod:`.lean_vectors`).
+    ``sketch`` (None: where the vectors are on an accelerator, whose sketches cost a few milliseconds; on the
+    CPU they cost about as much as a product): a run of half-precision vectors with ``tol > 0`` and no delayed
+    loop sketches each vector (two ``2^19``-bucket sign sketches at most, on the host: :mod:`.sketched_gram`); where the product's
+    asymmetry would send every later step to a whole-basis pass, the inner products are then measured instead and
+    a pass runs only when one may exceed ``min(sqrt(asymmetry / ||T||), sqrt(tol / 10))``
+    (:mod:`.measured_reorth`; the regime reads "sketched from step ..."; the certified errors include
+    ``level^2 ||T||``). Cost: one read of each vector on its device and its random signs, and a few
+    milliseconds on the host a step.
 
     >>> H = torch.diag(torch.arange(1.0, 101.0, dtype=torch.float64))
     >>> r = lanczos(lambda v: v @ H, 100, tol=1e-8)
@@ -253,8 +263,18 @@ def lanczos(
     asym = log_beta = 0.0
     errors = (math.inf, math.inf)
     ortho = OrthogonalityEstimate(dtype, dim, selective=selective) if reorth == "partial" else None
+    # a half-precision product's asymmetry would send the estimate to a whole-basis pass at every step: its
+    # vectors' inner products are sketched from the first so that the run can measure them instead
+    gram = sketched_gram(ortho, dtype, dim, (cur.device.type != "cpu" if sketch is None else sketch)
+                        and not delayed and tol > 0)
+    if gram is not None:
+        gram.push(cur)
     # Ritz vectors of a semi-orthogonal basis are not quite unit vectors: their residuals widen (orthogonality.py)
     widen = None if ortho is None else (lambda U: torch.from_numpy(ortho.bound_factors(U.numpy())))
+
+    def floor(gersh: float) -> float:
+        # the rounding floor of the certified errors, and what a measured run's looser orthogonality adds to it
+        return rounding_level(dtype, gersh) + (ortho.semi_floor(gersh) if ortho is not None else 0.0)
 
     def resid(beta: float, U: torch.Tensor) -> torch.Tensor:
         r = beta * U[-1, :].abs()
@@ -276,7 +296,7 @@ def lanczos(
             if log_t is None:
                 return True
             errors = extreme_errors(theta, resid(beta_m, U), log_beta, log_t, which=which,
-                                    rounding=rounding_level(dtype, gersh), limits=certificate_limits(theta, tol))
+                                    rounding=floor(gersh), limits=certificate_limits(theta, tol))
             return extremes_certified(theta, errors, tol, which)
         return False
 
@@ -307,8 +327,12 @@ def lanczos(
         # Gershgorin bound on ||T||: lets a fixed-length run (tol=0, as in SLQ) skip the per-step
         # eigendecomposition and still detect an exhausted Krylov space.
         gersh = max(abs(a) for a in alphas) + 2 * max(betas)
+        measured_now = partial and ortho.measured and not selective
         if selective:
             ortho.selective_step()
+        elif measured_now:
+            w, beta = measured_step(gram, ortho, basis, w, beta, j + 1, ortho.measured_threshold(gersh, asym, tol))
+            betas[-1] = beta
         elif partial and ortho.advance(alphas, betas, gersh, asym):
             w, beta = orthogonalize_step(basis, w, beta, j + 1)
             betas[-1] = beta
@@ -337,6 +361,8 @@ def lanczos(
                 ortho.full_passes += 1  # forming them read the basis once
             if new:
                 pairs = None  # beta changed: the bounds below are formed again
+        if gram is not None and beta > 0:
+            gram.push(None if measured_now else w, beta)  # the measured step sketched w already
         log_beta += math.log(beta) if beta > 0 else -math.inf
         last = j + 1 == m_max or j + 1 == dim
         if tol == 0 and not last and beta > 1e-12 * gersh * math.sqrt(dim):
@@ -372,6 +398,8 @@ def lanczos(
         # run goes on partially with the same estimate unless every step had come to take a pass
         widen_by = 1.0
         if ortho is not None:
+            if ortho.measured:  # the restarted loop runs the estimate: whole-basis steps from here, as before
+                ortho.always = True
             if not ortho.always:
                 w, beta = orthogonalize_step(basis, w, beta, len(alphas))
                 betas[-1] = beta
@@ -388,7 +416,7 @@ def lanczos(
     basis.release_work()
     if log_t is not None:
         errors = extreme_errors(theta, resid(beta, U), log_beta, log_t, exhausted=exhausted or steps == dim,
-                                rounding=rounding_level(dtype, gersh))
+                                rounding=floor(gersh))
     return LanczosResult(
         ritz_values=theta,
         bounds=bounds,

@@ -128,6 +128,8 @@ class OrthogonalityEstimate:
         self.keep_none_why = "no room for the converged Ritz vectors"  # why not, for the regime's description
         self.regime = "estimated"               # how the run ended up orthogonalizing, and from which step why
         self.spread_eps = spread_eps(dtype, dim)  # one step's storage rounding along a fixed direction
+        self.may_measure = False                # the run sketches its vectors (.sketched_gram): may measure instead
+        self.measured = False                   # ... and does: each step's inner products are measured
 
     def advance(self, alphas: list[float], betas: list[float], norm: float, asymmetry: float = 0.0) -> bool:
         """Estimate ``w_{j+1,k}`` for the new vector (step ``j = len(alphas) - 1``) and say whether it must be
@@ -208,6 +210,11 @@ class OrthogonalityEstimate:
             if holds and self.may_keep:
                 self.selective = True
                 self.regime = f"selective from step {self.steps}"
+            elif own > 0.0 and self.may_measure:
+                # the inner products are measured from sketches from here on (.sketched_gram): a pass only when
+                # they really exceed the level the product's own error allows (measured_threshold)
+                self.measured = True
+                self.regime = f"sketched from step {self.steps} (the matvec's asymmetry)"
             else:
                 self.always = True
                 why = (self.keep_none_why if holds else
@@ -274,6 +281,37 @@ class OrthogonalityEstimate:
         new = [i for i in np.flatnonzero(resid <= limit).tolist() if all(abs(theta[i] - t) > close for t in kept)]
         ends = all(i < SELECTIVE_ENDS or i >= n - SELECTIVE_ENDS for i in new)
         return new, ends
+
+    def measured_threshold(self, norm: float, asymmetry: float, tol: float) -> float:
+        """The level the measured regime keeps the inner products under: ``sqrt(a / ||T||)`` for a matvec whose
+        asymmetry along the basis is ``a``, within ``sqrt(tol / 10)``, and not below ``sqrt(eps)`` (the
+        estimate's). Semi-orthogonality at ``eta`` keeps ``T`` the projection of ``H`` to ``O(eta^2 ||H||)``
+        (Simon 1984): at that level ``T`` is as accurate as the product itself is symmetric, and
+        :meth:`semi_floor` adds ``eta^2 ||T||`` (at most a tenth of the tolerance) to the certified errors."""
+        own = math.sqrt(max(asymmetry, 0.0) / norm) if norm > 0 else 0.0
+        return max(self.threshold, min(own, math.sqrt(max(tol, 0.0) / 10.0)))
+
+    def measured_step(self, bounds: np.ndarray, passed: bool = False) -> None:
+        """A step of the measured regime: the new vector's inner products with every stored one are at most
+        ``bounds`` (measured, :class:`.sketched_gram.SketchedGram`), after a whole-basis pass where ``passed``."""
+        self.steps += 1
+        self.full_passes += int(passed)
+        row = np.minimum(np.asarray(bounds, dtype=np.float64), 1.0)
+        self.level = max(self.level, float(row.max()) if row.size else 0.0)
+        self._store(self.steps, np.append(row, 1.0))
+
+    def spread_with(self, row: np.ndarray) -> float:
+        """:meth:`gram_spread` of the stored vectors with one more whose inner products with them are ``row``."""
+        row = np.asarray(row, dtype=np.float64)
+        n = row.size
+        sums = self._omega[:n, :n].sum(axis=1) + row if self._omega.shape[0] >= n else row
+        return float(max(sums.max(initial=0.0), row.sum()))
+
+    def semi_floor(self, norm: float) -> float:
+        """What the measured regime's looser orthogonality adds to the run's rounding floor: ``level^2 ||T||``
+        (0 in the estimated regimes, whose level stays within ``sqrt(eps)`` and adds at most ``eps ||T||``,
+        below :func:`.certify.rounding_level`)."""
+        return self.level ** 2 * max(norm, 0.0) if self.measured else 0.0
 
     def full_step(self) -> None:
         """A step orthogonalized against the whole basis in the "always" regime (no estimate needed: its inner
