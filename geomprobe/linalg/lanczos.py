@@ -327,6 +327,10 @@ def lanczos(
         # Gershgorin bound on ||T||: lets a fixed-length run (tol=0, as in SLQ) skip the per-step
         # eigendecomposition and still detect an exhausted Krylov space.
         gersh = max(abs(a) for a in alphas) + 2 * max(betas)
+        if gram is not None and partial and not selective and not ortho.measured and ortho.asymmetric(gersh, asym):
+            # the estimate would take the asymmetry with its worst sign at every step and soon ask for a pass at
+            # each: measured from the first step that shows it
+            ortho.measured, ortho.regime = True, f"sketched from step {j + 1} (the matvec's asymmetry)"
         measured_now = partial and ortho.measured and not selective
         if selective:
             ortho.selective_step()

@@ -282,6 +282,11 @@ class OrthogonalityEstimate:
         ends = all(i < SELECTIVE_ENDS or i >= n - SELECTIVE_ENDS for i in new)
         return new, ends
 
+    def asymmetric(self, norm: float, asymmetry: float) -> bool:
+        """Whether the matvec's measured asymmetry exceeds what the inner products' own rounding explains (the
+        part :meth:`advance` injects at every step)."""
+        return self._injection(norm, asymmetry)[0] > 0.0
+
     def measured_threshold(self, norm: float, asymmetry: float, tol: float) -> float:
         """The level the measured regime keeps the inner products under: ``sqrt(a / ||T||)`` for a matvec whose
         asymmetry along the basis is ``a``, within ``sqrt(tol / 10)``, and not below ``sqrt(eps)`` (the

@@ -78,18 +78,20 @@ class SignHashSketch:
         gen = self._generator(v.device)
         out = torch.zeros((2, m), dtype=torch.float32, device=v.device)
         step = max(m, CHUNK // m * m)
+        # u x with u in {0, 1} is exact in v's own type: no float32 copy of the chunk; sums accumulate in float32
+        kind = v.dtype if v.is_floating_point() else torch.float32
         for start in range(0, self.dim, step):
-            x = v[start : start + step].to(torch.float32)  # a view of a float32 v: only read below
+            x = v[start : start + step].to(kind)  # only read below
             n = x.numel()
             if n % m:  # the tail: buckets past its end get nothing
                 x = torch.nn.functional.pad(x, (0, m - n % m))
-            total = x.view(-1, m).sum(0)
+            total = x.view(-1, m).sum(0, dtype=torch.float32)
             for k in range(2):
                 # sum r_i x_i with r = 2u - 1, u in {0, 1}: 2 sum u_i x_i - sum x_i
-                u = torch.randint(0, 2, (n,), generator=gen, device=v.device, dtype=torch.float32)
+                u = torch.randint(0, 2, (n,), generator=gen, device=v.device, dtype=kind)
                 if n % m:
                     u = torch.nn.functional.pad(u, (0, m - n % m))
-                out[k].add_(u.mul_(x).view(-1, m).sum(0), alpha=2.0).sub_(total)
+                out[k].add_(u.mul_(x).view(-1, m).sum(0, dtype=torch.float32), alpha=2.0).sub_(total)
         return out
 
 
