@@ -47,6 +47,7 @@ from typing import Any, Self
 import torch
 
 from ..errors import ConfigurationError
+from ..linalg.lean_vectors import take_pending
 from .doublecheck import check_broken_nodes, no_double_backward
 from .partial_sums import HostIO
 from .sharded_stream import Root, StreamPass, placeholder
@@ -312,19 +313,30 @@ class HostVectors:
     def _rows_into(self, V: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         for x, y in zip(V, out):
             y.zero_()
+            # a lean Lanczos row whose copy from the device may still run: read after it (lean_vectors.py)
+            ready = take_pending(x)
             # page-locked (a reused buffer): each piece goes to the device asynchronously; float32 vectors of a
             # half-precision model are rounded to its type here, so half the bytes cross the bus
-            x = self.io.input(x, dtype=self.land.dtype)
+            staged = self.io.input(x, dtype=self.land.dtype) if ready is None else None
+            if staged is None:
+                if self.io.input_is(x, dtype=self.land.dtype):  # read only by copies on this device's stream
+                    staged = x
+                else:  # read on the host first
+                    ready.synchronize()
+                    ready, staged = None, self.io.input(x, dtype=self.land.dtype)
             for b in range(len(self.land.batches)):
-                self._pass(b, x, y, fresh=b == 0)
+                self._pass(b, staged, y, fresh=b == 0, ready=ready if b == 0 else None)
         return out
 
-    def _pass(self, b: int, v: torch.Tensor, out: torch.Tensor, fresh: bool) -> None:
+    def _pass(self, b: int, v: torch.Tensor, out: torch.Tensor, fresh: bool,
+              ready: torch.cuda.Event | None = None) -> None:
         land = self.land
         graph, retain = land._graphs[b], True
         if graph is None:
             graph, retain = self.graph(b)[0], False  # no whole gradient: roots taken as autograd finishes each
             land.graph_rebuilds += 1
+        if ready is not None:  # v's copy from the device ran beside the rebuild; the pieces' copies come after it
+            torch.cuda.current_stream(self.layout.device).wait_event(ready)
         with HostStreamPass(self.layout, land.params, v, out, fresh=fresh, io=self.io,
                             partials_device_bytes=self.partials_device_bytes, direct=self.direct,
                             spill_partials=self.spill_partials) as sp:

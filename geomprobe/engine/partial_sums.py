@@ -95,11 +95,16 @@ class HostIO:
         ``slot``. ``dtype``: the copy in that type (rounded to it; a pinned ``v`` of another type is copied too).
         The caller must not reuse the slot before the device has read it (a pass synchronizes at its end)."""
         dtype = v.dtype if dtype is None else dtype
-        if v.device.type != "cpu" or v.dtype == dtype and (not self.pin or v.is_pinned()):
+        if self.input_is(v, dtype):
             return v
         buf = self._flat(self._inputs, (slot, dtype), v.numel(), dtype)
         buf.copy_(v.reshape(-1))
         return buf.view(v.shape)
+
+    def input_is(self, v: torch.Tensor, dtype: torch.dtype | None = None) -> bool:
+        """Whether :meth:`input` returns ``v`` itself (no copy on the host)."""
+        dtype = v.dtype if dtype is None else dtype
+        return v.device.type != "cpu" or v.dtype == dtype and (not self.pin or v.is_pinned())
 
     def spill_buffer(self, i: int, like: torch.Tensor) -> torch.Tensor:
         """Parameter ``i``'s host buffer for a waiting partial sum (``like``'s shape and dtype), kept across

@@ -87,6 +87,7 @@ def krylov_step(matvec: Matvec, basis: LanczosBasis, cur: torch.Tensor, dim: int
         out = lean.out_buffer(cur)
         row = basis.newest_row()
         w = matvec_into(matvec, lean.input_for(cur, row), out)
+        basis.rows_readable()  # a streamed input's copy may have run beside the product: later reads wait for it
         if prev is not None and local:
             lean.refill(cur, row)  # for the three-term step (a whole-basis step's pass streams it, .lean_pass)
     elif basis.on_host and takes_out(matvec):

@@ -111,6 +111,7 @@ class SketchedGram:
         self.sketch = SignHashSketch(dim, size, seed)
         self.z = float(z)
         self._rows = torch.empty((0, 2, size), dtype=torch.float32)
+        self._work = self._rows
         self.count = 0
         self._last: torch.Tensor | None = None
 
@@ -134,9 +135,11 @@ class SketchedGram:
         self._last = s
         if self.count == 0:
             return np.zeros(0), np.zeros(0)
-        a = self._rows[: self.count] * s  # (count, 2, m): each bucket's product, for each sketch
-        est = a.sum(2).mean(1).double()
-        var = (a[:, 0] - a[:, 1]).square_().sum(1).double() / 4.0
+        if self._work.shape[0] < self.count:  # reused: a fresh (count, 2, m) product paid its page faults each step
+            self._work = torch.empty_like(self._rows)
+        a = torch.mul(self._rows[: self.count], s, out=self._work[: self.count])  # each bucket's product
+        est = a.sum(2, dtype=torch.float64).mean(1)
+        var = a[:, 0].sub_(a[:, 1]).square_().sum(1, dtype=torch.float64) / 4.0
         est_np = est.numpy()
         return est_np, np.abs(est_np) + self.z * np.sqrt(var.numpy())
 
