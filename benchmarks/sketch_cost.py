@@ -46,7 +46,8 @@ def main() -> None:
     apply_s = (time.perf_counter() - t) / 5
     extra = (torch.cuda.max_memory_allocated() - base) if dev.type == "cuda" else 0
     rows.append({"what": "sketch on device", "dim": a.dim, "dtype": a.dtype, "buckets": gram.size,
-                 "seconds": apply_s, "device_bytes_beside": extra, "gb_per_s": v.numel() * v.element_size() / apply_s / 1e9})
+                 "seconds": apply_s, "device_bytes_beside": extra,
+                 "gb_per_s": v.numel() * v.element_size() / apply_s / 1e9})
     for k in sorted(int(x) for x in a.stored.split(",")):
         while gram.count < k:
             gram.push(v, 1.0)

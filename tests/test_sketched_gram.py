@@ -15,7 +15,7 @@ import geomprobe.linalg.measured_reorth as measured_reorth
 from geomprobe.linalg.lanczos import lanczos
 from geomprobe.linalg.measured_reorth import sketched_gram
 from geomprobe.linalg.orthogonality import OrthogonalityEstimate
-from geomprobe.linalg.sketched_gram import SKETCH_MAX, SketchedGram, SignHashSketch, sketch_size
+from geomprobe.linalg.sketched_gram import SKETCH_MAX, SignHashSketch, SketchedGram, sketch_size
 
 
 def _pair(d: int, c: float, gen: torch.Generator, heavy: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,8 +176,8 @@ def test_on_a_gpu_a_lean_streamed_bf16_spectrum_measures_its_inner_products():
     import torch.nn as nn
 
     import geomprobe as gp
-    from geomprobe.metrics import spectrum
     from geomprobe.engine.memory_plan import MemoryBudget
+    from geomprobe.metrics import spectrum
 
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Linear(1024, 1024) for _ in range(8)]).cuda().to(torch.bfloat16)
@@ -192,3 +192,27 @@ def test_on_a_gpu_a_lean_streamed_bf16_spectrum_measures_its_inner_products():
     assert "sketched" in a["reorth_regime"] or a["reorthogonalizations"] == 0, a["reorth_regime"]
     scale = max(abs(b["lambda_max"]), abs(b["lambda_min"]))
     assert abs(a["lambda_max"] - b["lambda_max"]) <= a["lambda_max_err"] + b["lambda_max_err"] + 1e-2 * scale
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_products_run_there_and_agree_with_the_hosts():
+    """Vectors on the GPU: their sketches are stored page-locked and multiplied on the device, in pieces of
+    ROWS_AT_ONCE; the estimates and bounds equal the host's arithmetic on the same sketches, and cover the truth."""
+    d, m = 1 << 20, 1 << 14
+    gen = torch.Generator().manual_seed(5)
+    gram = SketchedGram(d, m, seed=9)
+    xs = []
+    for i in range(20):  # more than ROWS_AT_ONCE stored
+        x, _ = _pair(d, 0.0, gen)
+        xs.append(x.float().cuda())
+        gram.push(xs[-1])
+    assert gram._rows.is_pinned()
+    _, y = _pair(d, 0.01, gen)
+    y = (0.01 * xs[0].double().cpu() + y * 0.5).float().cuda()
+    est, bound = gram.measure(y, 2.0)
+    truth = (torch.stack(xs).double() @ (y.double() / 2.0)).cpu().numpy()
+    host_est, host_var = gram._products_host(gram._last)
+    assert np.allclose(est, host_est.numpy(), rtol=1e-4, atol=1e-6)
+    assert np.allclose(bound, np.abs(host_est.numpy()) + gram.z * np.sqrt(host_var.numpy()), rtol=1e-4, atol=1e-6)
+    assert (np.abs(truth) <= bound).all()

@@ -207,9 +207,9 @@ def lanczos(
     in a whole-basis pass (:mod:`.lean_vectors`).
     ``sketch`` (None: where the vectors are on an accelerator, whose sketches cost a few milliseconds; on the
     CPU they cost about as much as a product): a run of half-precision vectors with ``tol > 0`` and no delayed
-    loop sketches each vector (two ``2^19``-bucket sign sketches at most, on the host: :mod:`.sketched_gram`); where the product's
-    asymmetry would send every later step to a whole-basis pass, the inner products are then measured instead and
-    a pass runs only when one may exceed ``min(sqrt(asymmetry / ||T||), sqrt(tol / 10))``
+    loop sketches each vector (two ``2^19``-bucket sign sketches at most, on the host: :mod:`.sketched_gram`);
+    where the product's asymmetry would send every later step to a whole-basis pass, the inner products are
+    then measured instead and a pass runs only when one may exceed ``min(sqrt(asymmetry / ||T||), sqrt(tol / 10))``
     (:mod:`.measured_reorth`; the regime reads "sketched from step ..."; the certified errors include
     ``level^2 ||T||``). Cost: one read of each vector on its device and its random signs, and a few
     milliseconds on the host a step.

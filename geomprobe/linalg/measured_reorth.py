@@ -11,7 +11,6 @@ at most 1.16x; past it every step takes a pass, as before). The bounds of the ke
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .krylov_basis import LanczosBasis, orthogonalize_step
