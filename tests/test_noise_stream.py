@@ -173,7 +173,8 @@ def test_non_finite_and_overflowing_rows_are_named():
 
 def test_tail_index_draws_are_those_of_the_gather_by_permutation():
     """The in-place shuffle of each group draws the blocks the gathered permutation drew: the previous
-    implementation's outputs, to the last bit."""
+    implementation's outputs, to rounding (a float64 reduction's order differs by an ulp between numpy builds;
+    other draws would move them in the second digit)."""
     cases = [(1.3, 5000, 16, 1.402285161829309, 0.02922958032921716),
              (2.0, 20000, 16, 2.021171939572155, 0.0065768570086159675),
              (1.7, 3001, 5, 1.6238512566430068, 0.0295038339350069)]
@@ -182,7 +183,8 @@ def test_tail_index_draws_are_those_of_the_gather_by_permutation():
     for alpha, n, parts, a_old, err_old in cases:
         x = sample_sas(alpha, n, torch.Generator().manual_seed(int(10 * alpha)))
         out = tail_index(x, partitions=parts, seed=3)
-        assert (out["alpha"], out["inv_alpha_err"]) == (a_old, err_old)
+        assert out["alpha"] == pytest.approx(a_old, rel=1e-12)
+        assert out["inv_alpha_err"] == pytest.approx(err_old, rel=1e-12)
 
 
 # The previous implementation (float64 passes, tail indices after the statistics) on a fixed case: a tanh MLP

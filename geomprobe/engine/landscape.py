@@ -51,6 +51,9 @@ __all__ = ["HVP_METHODS", "Landscape", "unwrap_model"]
 # "auto": exact double backward for a model whose ranks hold whole parameters; for an FSDP2 model, the exact
 # route when its memory fits, else finite differences of FSDP's own gradients (engine/sharded_landscape.py)
 HVP_METHODS = ("autograd", "finite-difference", "auto")
+# a lean plan's first Lanczos rows page-locked while the graph builds (2.2 GB each for a 1.1B model in bf16):
+# registered later, beside the streamed products, they kept the first probe waiting (pinned_memory.warm)
+WARM_ROWS = 6
 
 
 class Landscape(BatchProducts):
@@ -247,7 +250,8 @@ class Landscape(BatchProducts):
         self._graphs: list[list[torch.Tensor | None] | None] = []
         self._versions = [p._version for p in self.params]
         if self.plan is not None and self.plan.working_vectors in LEAN_MODES and self.device.type == "cuda":
-            warm_lean_rows(self.dim, self.dtype)  # a lean run's first page-locked row, mapped while the graph builds
+            # a lean run's first page-locked rows, mapped while the graph builds (not beside the products)
+            warm_lean_rows(self.dim, self.dtype, min(self.plan.basis_vectors, WARM_ROWS))
         try:
             self._build()
         except Exception as e:
