@@ -51,9 +51,10 @@ __all__ = ["HVP_METHODS", "Landscape", "unwrap_model"]
 # "auto": exact double backward for a model whose ranks hold whole parameters; for an FSDP2 model, the exact
 # route when its memory fits, else finite differences of FSDP's own gradients (engine/sharded_landscape.py)
 HVP_METHODS = ("autograd", "finite-difference", "auto")
-# a lean plan's first Lanczos rows page-locked while the graph builds (2.2 GB each for a 1.1B model in bf16):
-# registered later, beside the streamed products, they kept the first probe waiting (pinned_memory.warm)
-WARM_ROWS = 6
+# a lean plan's first Lanczos rows page-locked while the graph builds (2.2 GB each for a 1.1B model in bf16). One:
+# six took the 1.1B Llama's bf16 first probe's waits for rows from ~1.9 to ~1.5 s but its build from 3.1 to 10.3 s
+# (registration contends with the build's own copies), benchmarks/RESULTS.md section 6, twenty-third round
+WARM_ROWS = 1
 
 
 class Landscape(BatchProducts):

@@ -157,9 +157,9 @@ def warm(nbytes: int, count: int = 1) -> bool:
     """Map and register blocks of ``nbytes`` on a background thread, one after another, until ``count`` of them
     wait in the pool, where the next :func:`pinned_empty` of that size takes one (waiting for the next while they
     are still being mapped): a probe's first lean Lanczos rows, mapped while its Landscape builds the graph, not
-    on the step's thread before a product (1.35 s for a 4.4 GB row). Mapped beside the products instead, one
-    ahead, the 1.1B Llama's bf16 rows kept its first probe waiting ~1.9 s (the driver serializes registration with
-    the streamed products' copies). False where nothing starts: below :data:`EXACT_FROM_BYTES`, CUDA not in use,
+    on the step's thread before a product (1.35 s for a 4.4 GB row). Registration contends with the copies
+    running meanwhile (six 2.2 GB blocks beside the 1.1B Llama's build took it from 3.1 to 10.3 s), so a Landscape
+    warms one. False where nothing starts: below :data:`EXACT_FROM_BYTES`, CUDA not in use,
     ``count`` blocks of that size pooled already, or a thread warming that size."""
     if nbytes < EXACT_FROM_BYTES or not _usable() or count < 1:
         return False
