@@ -402,14 +402,14 @@ def lanczos(
         # run goes on partially with the same estimate unless every step had come to take a pass
         widen_by = 1.0
         if ortho is not None:
-            if ortho.measured:  # the restarted loop runs the estimate: whole-basis steps from here, as before
-                ortho.always = True
-            if not ortho.always:
+            if not ortho.always:  # (a measured step's residual too: its bounds allowed up to eta)
                 w, beta = orthogonalize_step(basis, w, beta, len(alphas))
                 betas[-1] = beta
                 ortho.full_passes += 1
             spread = ortho.gram_spread(basis.n)
             widen_by = 1.0 / math.sqrt(1.0 - spread) if spread < 0.5 else math.inf
+            if ortho.measured:  # the restarted loop has no sketches: whole-basis steps from here, as before
+                ortho.always = True
         return restarted_lanczos(matvec, dim, **restart_options, resume=RestartFrom(
             basis=basis, cur=cur, alphas=alphas, betas=betas, w=w, beta=beta, matvecs=len(alphas) + extra_matvecs,
             log_beta=log_beta, asymmetry=asym, widen=widen_by,
