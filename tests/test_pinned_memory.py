@@ -186,41 +186,12 @@ def test_a_warmed_block_waits_in_the_pool_and_the_next_request_of_its_size_takes
     assert not pinned_memory.warm(160000)
 
 
-def test_warming_several_blocks_hands_each_out_as_it_is_mapped(fake_driver, monkeypatch):
-    """count=3: blocks mapped one after another into the pool; a request takes the first as soon as it is there
-    (not after all three), later requests the others, and nothing more is mapped than asked."""
-    import threading
-    gates = [threading.Event() for _ in range(3)]
-    register = pinned_memory._register
-    done: list[int] = []
-
-    def slow(addr, nbytes):
-        gates[len(done)].wait(5)
-        done.append(addr)
-        return register(addr, nbytes)
-
-    monkeypatch.setattr(pinned_memory, "_register", slow)
-    assert pinned_memory.warm(80000, count=3)
-    assert not pinned_memory.warm(80000, count=5)  # a thread warms that size already
-    gates[0].set()
-    a = pinned_memory.pinned_empty((20000,), torch.float32)  # the first block, while the second still waits
-    assert len(done) == 1 and a.data_ptr() == done[0]
-    gates[1].set()
-    gates[2].set()
-    b = pinned_memory.pinned_empty((20000,), torch.float32)
-    c = pinned_memory.pinned_empty((20000,), torch.float32)
-    stats = pinned_memory.pool_stats()
-    assert stats["warmed"] == 3 and stats["mapped"] == 3 and stats["reused"] == 3
-    assert {a.data_ptr(), b.data_ptr(), c.data_ptr()} == set(done)
-    assert not pinned_memory.warm(80000, count=0)
-
-
 def test_a_lean_plan_warms_its_first_row_block_before_the_graph_is_built(monkeypatch):
     # the Landscape asks for the block a lean basis's first rows take (one row per block past PIN_BLOCK_BYTES)
     from geomprobe.engine import landscape as landscape_module
     from geomprobe.engine.memory_plan import MemoryBudget
     asked = []
-    monkeypatch.setattr(krylov_basis, "warm", lambda nbytes, count=1: asked.append((nbytes, count)) or True)
+    monkeypatch.setattr(krylov_basis, "warm", lambda nbytes: asked.append(nbytes) or True)
     monkeypatch.setattr(landscape_module, "warm_lean_rows", krylov_basis.warm_lean_rows)
     model = TanhMLP().double()
     X, y = torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
@@ -229,9 +200,6 @@ def test_a_lean_plan_warms_its_first_row_block_before_the_graph_is_built(monkeyp
     assert land.plan.working_vectors == "device" and asked == []  # a CPU model: no page-locked rows
     row = land.dim * 8
     assert krylov_basis.warm_lean_rows(land.dim, torch.float64)
-    per = min(krylov_basis.LanczosBasis.BLOCK, krylov_basis.LanczosBasis.PIN_BLOCK_BYTES // row)
-    assert asked == [(per * row, 1)]
+    assert asked == [min(krylov_basis.LanczosBasis.BLOCK, krylov_basis.LanczosBasis.PIN_BLOCK_BYTES // row) * row]
     big = 2**29  # 4 GiB float64 rows: one row a block
-    assert krylov_basis.warm_lean_rows(big, torch.float64) and asked[-1] == (big * 8, 1)
-    assert krylov_basis.warm_lean_rows(big, torch.float64, 6) and asked[-1] == (big * 8, 6)  # six blocks
-    assert krylov_basis.warm_lean_rows(land.dim, torch.float64, per + 1) and asked[-1] == (per * row, 2)
+    assert krylov_basis.warm_lean_rows(big, torch.float64) and asked[-1] == big * 8

@@ -315,17 +315,14 @@ class HostVectors:
             y.zero_()
             # a lean Lanczos row whose copy from the device may still run: read after it (lean_vectors.py)
             ready = take_pending(x)
+            if ready is not None and not self.io.input_is(x, dtype=self.land.dtype):
+                ready.synchronize()  # copied on the host below: its values must be there first
+                ready = None
             # page-locked (a reused buffer): each piece goes to the device asynchronously; float32 vectors of a
             # half-precision model are rounded to its type here, so half the bytes cross the bus
-            staged = self.io.input(x, dtype=self.land.dtype) if ready is None else None
-            if staged is None:
-                if self.io.input_is(x, dtype=self.land.dtype):  # read only by copies on this device's stream
-                    staged = x
-                else:  # read on the host first
-                    ready.synchronize()
-                    ready, staged = None, self.io.input(x, dtype=self.land.dtype)
+            x = self.io.input(x, dtype=self.land.dtype)
             for b in range(len(self.land.batches)):
-                self._pass(b, staged, y, fresh=b == 0, ready=ready if b == 0 else None)
+                self._pass(b, x, y, fresh=b == 0, ready=ready if b == 0 else None)
         return out
 
     def _pass(self, b: int, v: torch.Tensor, out: torch.Tensor, fresh: bool,

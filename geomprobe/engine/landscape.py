@@ -51,10 +51,6 @@ __all__ = ["HVP_METHODS", "Landscape", "unwrap_model"]
 # "auto": exact double backward for a model whose ranks hold whole parameters; for an FSDP2 model, the exact
 # route when its memory fits, else finite differences of FSDP's own gradients (engine/sharded_landscape.py)
 HVP_METHODS = ("autograd", "finite-difference", "auto")
-# a lean plan's first Lanczos rows page-locked while the graph builds (2.2 GB each for a 1.1B model in bf16). One:
-# six took the 1.1B Llama's bf16 first probe's waits for rows from ~1.9 to ~1.5 s but its build from 3.1 to 10.3 s
-# (registration contends with the build's own copies), benchmarks/RESULTS.md section 6, twenty-third round
-WARM_ROWS = 1
 
 
 class Landscape(BatchProducts):
@@ -251,8 +247,9 @@ class Landscape(BatchProducts):
         self._graphs: list[list[torch.Tensor | None] | None] = []
         self._versions = [p._version for p in self.params]
         if self.plan is not None and self.plan.working_vectors in LEAN_MODES and self.device.type == "cuda":
-            # a lean run's first page-locked rows, mapped while the graph builds (not beside the products)
-            warm_lean_rows(self.dim, self.dtype, min(self.plan.basis_vectors, WARM_ROWS))
+            # a lean run's first page-locked row, mapped while the graph builds; more rows warmed here took the 1.1B
+            # Llama's bf16 build from 3.1 to 10.3 s (registration contends with its copies; RESULTS.md section 6)
+            warm_lean_rows(self.dim, self.dtype)
         try:
             self._build()
         except Exception as e:

@@ -243,14 +243,12 @@ def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: to
     return w, coeffs, beta
 
 
-def warm_lean_rows(dim: int, dtype: torch.dtype, rows: int = 1) -> bool:
-    """Start mapping, on a background thread, the page-locked blocks in which an offloaded or lean basis of
-    ``dim``-vectors of ``dtype`` stores its first ``rows`` rows (:func:`.pinned_memory.warm`; at least one block):
-    a Landscape whose plan runs its Lanczos vectors lean calls it before building its graph, so that the first
-    probe's first rows are ready when its run reaches them. False where nothing starts (small blocks, CUDA not in
-    use, as many pooled already, or a thread warming them)."""
-    per = LanczosBasis.offloaded_block_rows(dim, dtype)
-    return warm(per * dim * torch.empty(0, dtype=dtype).element_size(), count=max(1, -(-int(rows) // per)))
+def warm_lean_rows(dim: int, dtype: torch.dtype) -> bool:
+    """Start mapping, on a background thread, the page-locked block in which an offloaded or lean basis of
+    ``dim``-vectors of ``dtype`` stores its first rows (:func:`.pinned_memory.warm`): a Landscape whose plan runs
+    its Lanczos vectors lean calls it before building its graph, so the first probe's first row is ready when its
+    run starts. False where nothing starts (a small block, CUDA not in use, one pooled or warming already)."""
+    return warm(LanczosBasis.offloaded_block_rows(dim, dtype) * dim * torch.empty(0, dtype=dtype).element_size())
 
 
 class LanczosMemory(NamedTuple):

@@ -16,20 +16,19 @@ import torch
 from .krylov_basis import LanczosBasis, orthogonalize_step
 from .orthogonality import OrthogonalityEstimate
 from .sketched_gram import SketchedGram, sketch_size
+from .vectors import HALF_TYPES
 
 __all__ = ["SPREAD_LIMIT", "measured_step", "sketched_gram"]
 
 SPREAD_LIMIT = 0.25
-HALF = (torch.float16, torch.bfloat16)
 
 
 def sketched_gram(ortho: OrthogonalityEstimate | None, dtype: torch.dtype, dim: int, on: bool) -> SketchedGram | None:
     """The sketches a run keeps so that it may measure its inner products: for partial reorthogonalization of
     half-precision vectors (whose products are asymmetric at ~1e-3 of ``||T||``; float32 products are at 1e-7 and
     the estimate serves) long enough to sketch (:func:`.sketched_gram.sketch_size`), when ``on``; else None."""
-    if not on or ortho is None or dtype not in HALF or sketch_size(dim) is None:
+    if not on or ortho is None or dtype not in HALF_TYPES or sketch_size(dim) is None:
         return None
-    ortho.may_measure = True
     return SketchedGram(dim)
 
 

@@ -128,8 +128,7 @@ class OrthogonalityEstimate:
         self.keep_none_why = "no room for the converged Ritz vectors"  # why not, for the regime's description
         self.regime = "estimated"               # how the run ended up orthogonalizing, and from which step why
         self.spread_eps = spread_eps(dtype, dim)  # one step's storage rounding along a fixed direction
-        self.may_measure = False                # the run sketches its vectors (.sketched_gram): may measure instead
-        self.measured = False                   # ... and does: each step's inner products are measured
+        self.measured = False                   # each step's inner products are measured (.measured_reorth)
 
     def advance(self, alphas: list[float], betas: list[float], norm: float, asymmetry: float = 0.0) -> bool:
         """Estimate ``w_{j+1,k}`` for the new vector (step ``j = len(alphas) - 1``) and say whether it must be
@@ -210,11 +209,6 @@ class OrthogonalityEstimate:
             if holds and self.may_keep:
                 self.selective = True
                 self.regime = f"selective from step {self.steps}"
-            elif own > 0.0 and self.may_measure:
-                # the inner products are measured from sketches from here on (.sketched_gram): a pass only when
-                # they really exceed the level the product's own error allows (measured_threshold)
-                self.measured = True
-                self.regime = f"sketched from step {self.steps} (the matvec's asymmetry)"
             else:
                 self.always = True
                 why = (self.keep_none_why if holds else

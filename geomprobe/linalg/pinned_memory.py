@@ -150,59 +150,42 @@ def _map_registered(nbytes: int) -> int | None:
 
 
 _warming: dict[int, threading.Thread] = {}  # blocks being mapped ahead into the pool, by byte size
-_warmed = threading.Condition()  # notified each time a warming thread puts a block in the pool (or stops)
 
 
-def warm(nbytes: int, count: int = 1) -> bool:
-    """Map and register blocks of ``nbytes`` on a background thread, one after another, until ``count`` of them
-    wait in the pool, where the next :func:`pinned_empty` of that size takes one (waiting for the next while they
-    are still being mapped): a probe's first lean Lanczos rows, mapped while its Landscape builds the graph, not
-    on the step's thread before a product (1.35 s for a 4.4 GB row). Registration contends with the copies
-    running meanwhile (six 2.2 GB blocks beside the 1.1B Llama's build took it from 3.1 to 10.3 s), so a Landscape
-    warms one. False where nothing starts: below :data:`EXACT_FROM_BYTES`, CUDA not in use,
-    ``count`` blocks of that size pooled already, or a thread warming that size."""
-    if nbytes < EXACT_FROM_BYTES or not _usable() or count < 1:
+def warm(nbytes: int) -> bool:
+    """Map and register one block of ``nbytes`` on a background thread and leave it in the pool, where the next
+    :func:`pinned_empty` of that size takes it (and waits for it while it is still being mapped): a probe's first
+    lean Lanczos row, mapped while its Landscape builds the graph, not on the step's thread before the first product
+    (1.35 s for a 4.4 GB row). False where nothing starts: below :data:`EXACT_FROM_BYTES`, CUDA not in use, or a
+    block of that size pooled or warming already."""
+    if nbytes < EXACT_FROM_BYTES or not _usable():
         return False
     with _lock:
-        todo = count - _POOL.count(nbytes)  # blocks taken meanwhile are not mapped again
-        if nbytes in _warming or todo <= 0:
+        if nbytes in _warming or _POOL.has(nbytes):
             return False
 
         def work() -> None:
             try:
-                for _ in range(todo):
-                    addr = _map_registered(nbytes)
-                    if addr is None:
-                        break
+                addr = _map_registered(nbytes)
+                if addr is not None:
                     _count("mapped")
                     _count("warmed")
                     if not _POOL.put(addr, nbytes, None):
                         _free(addr, nbytes)
-                        break
-                    with _warmed:
-                        _warmed.notify_all()
             finally:
                 with _lock:
                     _warming.pop(nbytes, None)
-                with _warmed:
-                    _warmed.notify_all()
 
         thread = _warming[nbytes] = threading.Thread(target=work, name="geomprobe-pinned-warm", daemon=True)
     thread.start()
     return True
 
 
-def _take_warmed(nbytes: int) -> tuple[int, object] | None:
-    """A pooled block of ``nbytes``, waiting while a thread warming that size may still put one there."""
-    with _warmed:
-        while True:
-            entry = _POOL.take(nbytes)
-            if entry is not None:
-                return entry
-            with _lock:
-                if nbytes not in _warming:
-                    return None
-            _warmed.wait(timeout=1.0)
+def _wait_warming(nbytes: int) -> None:
+    with _lock:
+        thread = _warming.get(nbytes)
+    if thread is not None:
+        thread.join()
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
@@ -217,7 +200,8 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | N
     nbytes = numel * dtype.itemsize
     if nbytes < EXACT_FROM_BYTES or not _usable():
         return None
-    entry = _take_warmed(nbytes)  # a block of this size being mapped ahead (warm) comes sooner than a new one
+    _wait_warming(nbytes)  # a block of this size being mapped ahead (warm) comes sooner than a new one
+    entry = _POOL.take(nbytes)
     if entry is not None:
         addr, event = entry
         if event is not None:

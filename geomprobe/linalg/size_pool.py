@@ -49,11 +49,6 @@ class SizePool:
         with self._lock:
             return bool(self._blocks.get(nbytes))
 
-    def count(self, nbytes: int) -> int:
-        """How many blocks of exactly ``nbytes`` are kept."""
-        with self._lock:
-            return len(self._blocks.get(nbytes, ()))
-
     def take(self, nbytes: int) -> tuple[int, object] | None:
         """A kept block of exactly ``nbytes``, removed from the pool, or None."""
         with self._lock:
