@@ -34,6 +34,7 @@ import argparse
 import contextlib
 import cProfile
 import gc
+import importlib
 import json
 import os
 import sys
@@ -51,7 +52,7 @@ from geomprobe.engine.landscape import Landscape  # noqa: E402
 from memory_history import MemoryHistory  # noqa: E402
 from geomprobe.linalg.pinned_blocks import ahead_stats  # noqa: E402
 from geomprobe.linalg.pinned_memory import pool_stats  # noqa: E402
-from scale_setup import FULL, DTYPES, MLP, HVPClock, build, hvp_clock_lines, lm_loss, median_time, peak_of, profile_rows_of, stream_sync, token_batches  # noqa: E402,F401  (re-exported: other benchmarks import them from here)
+from scale_setup import FULL, DTYPES, MLP, HVPClock, build, hvp_clock_lines, lm_loss, median_time, peak_of, profile_rows_of, span_gaps, stream_sync, token_batches  # noqa: E402,F401  (re-exported: other benchmarks import them from here)
 
 
 def pinned_counts(before: dict | None = None) -> dict:
@@ -157,10 +158,13 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         if prof is not None:
             prof.enable()
         pinned = pinned_counts()
+        t_start = time.perf_counter()
         seconds, _ = peak_of(lambda: probe.probe(1), device, reset=False)
+        t_end = time.perf_counter()
         if prof is not None:
             prof.disable()
     res["pinned"] = pinned_counts(pinned)
+    res["gaps_ms"] = span_gaps(clock.spans, t_start, t_end)
     if isinstance(history, MemoryHistory):
         res["memory_at_peak"] = history.summary()
     if prof is not None:  # HVPs synchronize at both ends (HVPClock): what is left is the probe's own work
@@ -199,7 +203,9 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
             if last_prof is not None:
                 last_prof.enable()
             pinned = pinned_counts()
+            t_start = time.perf_counter()
             seconds, _ = peak_of(lambda: probe.probe(1 + i), device, reset=False)
+            t_end = time.perf_counter()
             if last_prof is not None:
                 last_prof.disable()
         pinned = pinned_counts(pinned)
@@ -210,7 +216,7 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         record = probe.records[-1]
         later = {"probe_seconds": seconds, "probe_hvps": record["cost"]["hvps"], "probe_hvp_seconds": clock.seconds,
                  "peak_mib": record["cost"].get("peak_mib"), "errors": record.get("errors"), "metrics": {},
-                 "pinned": pinned}
+                 "pinned": pinned, "gaps_ms": span_gaps(clock.spans, t_start, t_end)}
         for mname, m in per_metric.items():
             out = m["seconds"] - m["hvp_seconds"] - m["build_seconds"]
             later["metrics"][mname] = {**m, "outside_seconds": out,
@@ -448,8 +454,15 @@ def main() -> None:
                          "host memory (lean); plan: as the memory plan decides")
     ap.add_argument("--memory-history", action="store_true",
                     help="models: what is live at the last probe's peak, by where it was allocated (CUDA)")
+    ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=JSON",
+                    help="set a geomprobe module constant before running (A/B runs), e.g. "
+                         "linalg.sketched_gram.POOLED=false")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    for item in args.set:
+        where, value = item.split("=", 1)
+        mod, name = where.rsplit(".", 1)
+        setattr(importlib.import_module(f"geomprobe.{mod}"), name, json.loads(value))
     if args.working != "plan":
         plan_memory = gp.engine.landscape_plan.plan_memory
 

@@ -86,6 +86,7 @@ class HVPClock:
 
     def __init__(self, device):
         self.device, self.seconds, self.calls, self.build_seconds = device, 0.0, 0, 0.0
+        self.spans: list[tuple[float, float]] = []  # each HVP's start and end (perf_counter): the gaps between
         self._orig = Landscape.hvp
         self._orig_build = Landscape._build
 
@@ -99,7 +100,9 @@ class HVPClock:
             t0 = time.perf_counter()
             out = clock._orig(land, v, out=out)
             stream_sync(clock.device)
-            clock.seconds += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            clock.seconds += t1 - t0
+            clock.spans.append((t0, t1))
             clock.calls += 1
             return out
 
@@ -146,13 +149,29 @@ def peak_of(fn, device, reset: bool = True) -> tuple[float, int]:
     return time.perf_counter() - t0, (torch.cuda.max_memory_allocated() if cuda else 0)
 
 
-def profile_rows_of(prof: cProfile.Profile, rows: int) -> dict:
-    """The ``rows`` functions of most own time and of most cumulative time, with calls and seconds."""
+def profile_rows_of(prof: cProfile.Profile, rows: int, callers_of: int = 8) -> dict:
+    """The ``rows`` functions of most own time and of most cumulative time, with calls and seconds, and for the
+    ``callers_of`` functions of most own time the callers that spent it (seconds each)."""
     st = pstats.Stats(prof)
-    entries = [(f"{os.path.basename(k[0])}:{k[1]}:{k[2]}", v[1], v[2], v[3]) for k, v in st.stats.items()]
+    name = lambda k: f"{os.path.basename(k[0])}:{k[1]}:{k[2]}"
+    entries = [(name(k), v[1], v[2], v[3], k) for k, v in st.stats.items()]
     pick = lambda i: [{"function": e[0], "calls": e[1], "own_s": round(e[2], 4), "cumulative_s": round(e[3], 4)}
                       for e in sorted(entries, key=lambda e: -e[i])[:rows]]
-    return {"by_own": pick(2), "by_cumulative": pick(3)}
+    callers = {}
+    for e in sorted(entries, key=lambda e: -e[2])[:callers_of]:
+        by = st.stats[e[4]][4]
+        callers[e[0]] = [{"caller": name(k), "calls": v[1], "own_s": round(v[2], 4)}
+                         for k, v in sorted(by.items(), key=lambda kv: -kv[1][2])[:6]]
+    return {"by_own": pick(2), "by_cumulative": pick(3), "callers": callers}
+
+
+def span_gaps(spans: list[tuple[float, float]], t0: float, t1: float) -> dict:
+    """Milliseconds outside the HVPs of one probe: before the first, between each two, after the last."""
+    if not spans:
+        return {"before": round((t1 - t0) * 1e3, 1), "between": [], "after": 0.0}
+    return {"before": round((spans[0][0] - t0) * 1e3, 1),
+            "between": [round((b[0] - a[1]) * 1e3, 1) for a, b in zip(spans, spans[1:])],
+            "after": round((t1 - spans[-1][1]) * 1e3, 1)}
 
 
 # ---------------------------------------------------------------------------------------------- one model

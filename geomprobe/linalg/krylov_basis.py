@@ -17,6 +17,7 @@ from .lean_pass import lean_whole_step
 from .lean_vectors import LeanVectors, lean_mode
 from .pinned_blocks import PinnedAhead
 from .pinned_memory import pinned_empty, warm
+from .sketched_gram import warm_store
 from .space import VectorSpace
 from .vectors import (
     HALF_CHUNK_ELEMENTS,
@@ -247,8 +248,11 @@ def warm_lean_rows(dim: int, dtype: torch.dtype) -> bool:
     """Start mapping, on a background thread, the page-locked block in which an offloaded or lean basis of
     ``dim``-vectors of ``dtype`` stores its first rows (:func:`.pinned_memory.warm`): a Landscape whose plan runs
     its Lanczos vectors lean calls it before building its graph, so the first probe's first row is ready when its
-    run starts. False where nothing starts (a small block, CUDA not in use, one pooled or warming already)."""
-    return warm(LanczosBasis.offloaded_block_rows(dim, dtype) * dim * torch.empty(0, dtype=dtype).element_size())
+    run starts; and the block of the run's first sketch store, where it keeps sketches
+    (:func:`.sketched_gram.warm_store`). False where nothing starts (a small block, CUDA not in use, one pooled or
+    warming already)."""
+    store = warm_store(dim, dtype)
+    return warm(LanczosBasis.offloaded_block_rows(dim, dtype) * dim * torch.empty(0, dtype=dtype).element_size()) or store
 
 
 class LanczosMemory(NamedTuple):

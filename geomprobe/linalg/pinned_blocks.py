@@ -18,12 +18,15 @@ from .pinned_memory import pinned_empty
 
 __all__ = ["PinnedAhead", "ahead_stats"]
 
-_stats = {"blocks": 0, "bytes": 0, "seconds": 0.0}  # blocks allocated ahead in this process, and their time
+# blocks allocated ahead in this process, their time, and the time their takers waited for them (or for a block
+# allocated on the spot)
+_stats = {"blocks": 0, "bytes": 0, "seconds": 0.0, "waited": 0.0}
 
 
 def ahead_stats() -> dict:
     """How many page-locked blocks were allocated ahead in this process, their bytes and the seconds it took (on
-    the background threads; copies to and from page-locked memory may wait meanwhile)."""
+    the background threads; copies to and from page-locked memory may wait meanwhile), and the seconds the
+    callers of :meth:`PinnedAhead.take` waited (``waited``)."""
     return dict(_stats)
 
 
@@ -51,6 +54,7 @@ class PinnedAhead:
     def take(self, rows: int) -> torch.Tensor:
         """A page-locked block of ``rows`` rows: the one allocated ahead when it has that many, else a new one."""
         out = None
+        t0 = time.perf_counter()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
@@ -61,6 +65,7 @@ class PinnedAhead:
                 out = box["block"]
         if out is None:
             out = self._alloc(rows)
+        _stats["waited"] += time.perf_counter() - t0
         self.allocated += rows
         self._due = True
         return out

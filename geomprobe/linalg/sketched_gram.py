@@ -33,7 +33,11 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["CHUNK", "SKETCH_MAX", "SKETCH_MIN", "SKETCH_Z", "SignHashSketch", "SketchedGram", "sketch_size"]
+from .pinned_memory import pinned_empty, warm
+from .vectors import HALF_TYPES
+
+__all__ = ["CHUNK", "SKETCH_MAX", "SKETCH_MIN", "SKETCH_Z", "SignHashSketch", "SketchedGram", "sketch_size",
+           "warm_store"]
 
 SKETCH_MAX = 1 << 19  # buckets at most: sigma ~ 1e-3 for spread unit vectors, 4 MB for a vector's two sketches
 SKETCH_MIN = 1 << 10  # fewer buckets measure nothing a threshold could use (sigma ~ 0.02)
@@ -41,6 +45,12 @@ BUCKET_ENTRIES = 16   # entries per bucket at least (fewer: the sketch is as lar
 SKETCH_Z = 4.0        # bounds are |estimate| + z sigma
 CHUNK = 1 << 24       # entries sketched at once: a few float32 chunks (64 MB each) beside the vector
 ROWS_AT_ONCE = 16     # stored sketches on the accelerator at once in a measurement (64 MB, twice that with products)
+STORE_ROWS = 16       # stored sketches a run's first store holds (64 MB at 2^19 buckets); it doubles when full
+# The store of an accelerator's run is page-locked. From torch's page-locked allocator its first 64 MB waited in a
+# 1.1B model's first probe for the driver, which was registering the run's next 2.2 GB row on another thread; an
+# exact-size block (pinned_memory.py) is mapped while the Landscape builds (warm_store) and pooled for the next
+# probe. False: torch's allocator (benchmarks compare the two).
+POOLED = True
 
 
 def sketch_size(dim: int) -> int | None:
@@ -51,6 +61,21 @@ def sketch_size(dim: int) -> int | None:
     if m < SKETCH_MIN:
         return None
     return 1 << (m.bit_length() - 1)
+
+
+def _store_bytes(size: int, rows: int = STORE_ROWS) -> int:
+    return rows * 2 * size * 4
+
+
+def warm_store(dim: int, dtype: torch.dtype) -> bool:
+    """Start mapping the page-locked block of the first sketch store of a run over ``dim``-vectors of ``dtype`` on a
+    background thread (:func:`.pinned_memory.warm`), where such a run keeps sketches (a half-precision type, long
+    enough vectors) and the block is large enough to pool: a Landscape whose Lanczos vectors live in host memory
+    calls it before its build. False where nothing starts."""
+    size = sketch_size(dim)
+    if not POOLED or dtype not in HALF_TYPES or size is None:
+        return False
+    return warm(_store_bytes(size))
 
 
 class SignHashSketch:
@@ -125,8 +150,11 @@ class SketchedGram:
 
     def _room(self, pin: bool) -> None:
         if self.count == self._rows.shape[0]:
-            grown = torch.empty((max(16, 2 * self.count), 2, self.size), dtype=torch.float32,
-                                pin_memory=pin and torch.cuda.is_available())
+            shape = (max(STORE_ROWS, 2 * self.count), 2, self.size)
+            pin = pin and torch.cuda.is_available()
+            grown = pinned_empty(shape, torch.float32) if pin and POOLED else None
+            if grown is None:
+                grown = torch.empty(shape, dtype=torch.float32, pin_memory=pin)
             grown[: self.count] = self._rows[: self.count]
             self._rows = grown
 
