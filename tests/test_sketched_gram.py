@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import geomprobe.linalg.measured_reorth as measured_reorth
+from geomprobe.linalg import sketched_gram as sg
 from geomprobe.linalg.lanczos import lanczos
 from geomprobe.linalg.measured_reorth import sketched_gram
 from geomprobe.linalg.orthogonality import OrthogonalityEstimate
@@ -79,6 +80,27 @@ def test_sketch_is_reproducible_and_scales_linearly():
     n2 = float(v.double() @ v.double())
     assert abs(float(a[0].double().square().sum()) / n2 - 1) < 6 * math.sqrt(2 / m)
     assert torch.equal(v, v.clone())  # (the input is only read)
+
+
+@pytest.mark.parametrize("signs", ["bytes", "draws"])
+def test_each_entry_gets_one_fair_independent_sign_per_sketch(monkeypatch, signs):
+    # the sketch of a coordinate vector e_i is exactly +-1 in bucket i mod m of each sketch and 0 elsewhere; over
+    # 4000 entries the signs are balanced and the two sketches' signs agree half the time (binomial, 4 sigma)
+    monkeypatch.setattr(sg, "SIGNS", signs)
+    d, m = 4000, 1024
+    sk = SignHashSketch(d, m, seed=11)
+    rows = torch.stack([sk.apply(e) for e in torch.eye(d)])  # (d, 2, m)
+    idx = torch.arange(d)
+    signs_at = rows[idx, :, idx % m]  # (d, 2)
+    assert torch.equal(signs_at.abs(), torch.ones(d, 2))
+    assert float(rows.abs().sum()) == 2 * d  # nothing outside each entry's own bucket
+    half, sd = d / 2, math.sqrt(d) / 2
+    for k in range(2):
+        assert abs(float((signs_at[:, k] > 0).sum()) - half) < 4 * sd
+    assert abs(float((signs_at[:, 0] == signs_at[:, 1]).sum()) - half) < 4 * sd
+    # and linear: a vector's sketch is the sum of its entries' signed buckets
+    v = torch.randn(d, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    assert torch.allclose(sk.apply(v.float()).double(), torch.einsum("i,ikm->km", v, rows.double()), atol=1e-4)
 
 
 def test_bad_input_says_what_was_wrong():
