@@ -62,7 +62,8 @@ def main() -> None:
             print(json.dumps(rows[-1]), flush=True)
     if a.out:
         with open(a.out, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "torch": torch.__version__, "rows": rows}, f, indent=1)
+            name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu"
+            json.dump({"device": name, "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
