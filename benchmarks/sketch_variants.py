@@ -1,6 +1,6 @@
-"""Ways to draw a sign sketch's random signs on the device (linalg/sketched_gram.py SIGNS), timed side by side on
-one d-vector at three chunk sizes (CHUNK): one random draw per entry, and random bytes read as eight bits each. One
-JSON line per variant.
+"""Ways to draw a sign sketch's random signs on the device (linalg/sketched_gram.py), timed side by side on
+one d-vector at three chunk sizes (CHUNK): the library's random draw per entry, and random bytes read as eight bits
+each (bytes_apply). One JSON line per variant.
 
     python3 benchmarks/sketch_variants.py --dim 1104218112 --out sketch_variants.json
 """
@@ -14,6 +14,25 @@ import time
 import torch
 
 from geomprobe.linalg import sketched_gram as sg
+
+
+def bytes_apply(v: torch.Tensor, m: int, chunk: int, seed: int = 0x5EED) -> torch.Tensor:
+    """The library's two sketches with their signs read eight at a time from random bytes (not kept: slower on an
+    H200, whose random draws cost less than the shifts)."""
+    gen = torch.Generator(device=v.device).manual_seed(seed)
+    shifts = torch.arange(8, device=v.device, dtype=torch.uint8)
+    out = torch.zeros((2, m), dtype=torch.float32, device=v.device)
+    step = max(m, chunk // m * m)
+    for start in range(0, v.numel(), step):
+        x = v[start : start + step]
+        if x.numel() % m:
+            x = torch.nn.functional.pad(x, (0, m - x.numel() % m))
+        total = x.view(-1, m).sum(0, dtype=torch.float32)
+        for k in range(2):
+            b = torch.empty(-(-x.numel() // 8), dtype=torch.uint8, device=v.device).random_(0, 256, generator=gen)
+            u = b[:, None].bitwise_right_shift(shifts).bitwise_and_(1).view(-1)[: x.numel()]
+            out[k].add_(u.mul(x).view(-1, m).sum(0, dtype=torch.float32), alpha=2.0).sub_(total)
+    return out
 
 
 def _sync() -> None:
@@ -52,12 +71,12 @@ def main() -> None:
     m = sg.sketch_size(a.dim)
     rows = []
     for signs in ("draws", "bytes"):
-        sg.SIGNS = signs
         for chunk in (1 << 24, 1 << 26, 1 << 27):
             sg.CHUNK = chunk
             sk = sg.SignHashSketch(a.dim, m)
+            fn = (lambda: sk.apply(v)) if signs == "draws" else (lambda: bytes_apply(v, m, chunk))
             base = _reset()
-            s = timed(lambda: sk.apply(v))
+            s = timed(fn)
             rows.append({"signs": signs, "chunk": chunk, "ms": round(s * 1e3, 2), "beside_mb": _beside(base)})
             print(json.dumps(rows[-1]), flush=True)
     if a.out:
