@@ -40,19 +40,34 @@ import os
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from memory_history import MemoryHistory  # noqa: E402
+from scale_setup import (  # noqa: E402,F401  (re-exported: other benchmarks import them from here)
+    DTYPES,
+    FULL,
+    MLP,
+    CallTimers,
+    HVPClock,
+    build,
+    hvp_clock_lines,
+    lm_loss,
+    median_time,
+    peak_of,
+    profile_rows_of,
+    span_gaps,
+    stream_sync,
+    token_batches,
+)
 from timing import environment, strict_fp32, sync  # noqa: E402
 
 import geomprobe as gp  # noqa: E402
 from geomprobe.engine.landscape import Landscape  # noqa: E402
-
-from memory_history import MemoryHistory  # noqa: E402
 from geomprobe.linalg.pinned_blocks import ahead_stats  # noqa: E402
 from geomprobe.linalg.pinned_memory import pool_stats  # noqa: E402
-from scale_setup import FULL, DTYPES, MLP, HVPClock, build, hvp_clock_lines, lm_loss, median_time, peak_of, profile_rows_of, span_gaps, stream_sync, token_batches  # noqa: E402,F401  (re-exported: other benchmarks import them from here)
 
 
 def pinned_counts(before: dict | None = None) -> dict:
@@ -65,7 +80,8 @@ def pinned_counts(before: dict | None = None) -> dict:
 
 def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, out_dir: str,
                   noise_batches: int, peak_ratio: float = 1.5, metric_options: dict | None = None,
-                  profile_rows: int = 0, repeat: int = 1, memory_history: bool = False) -> dict:
+                  profile_rows: int = 0, repeat: int = 1, memory_history: bool = False,
+                  time_calls: Sequence[str] = ()) -> dict:
     """One model's figures (module docstring) from one probe; with ``repeat`` > 1, that many probes in the same
     process, a training step before each later one (the steady state of a probe in a loop: page-locked memory
     cached, spectrum warm-started), each later probe summarized in ``res["later_probes"]``."""
@@ -154,7 +170,7 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
     train_step()  # the interval a probe in a loop reads the training peak from (it plans within 1.5x of it)
     prof = cProfile.Profile() if profile_rows else None
     history = MemoryHistory(device) if memory_history and cuda and repeat == 1 else contextlib.nullcontext()
-    with HVPClock(device) as clock, history:
+    with HVPClock(device) as clock, history, CallTimers(time_calls) as timers:
         if prof is not None:
             prof.enable()
         pinned = pinned_counts()
@@ -165,6 +181,7 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
             prof.disable()
     res["pinned"] = pinned_counts(pinned)
     res["gaps_ms"] = span_gaps(clock.spans, t_start, t_end)
+    res["calls_ms"] = timers.report()
     if isinstance(history, MemoryHistory):
         res["memory_at_peak"] = history.summary()
     if prof is not None:  # HVPs synchronize at both ends (HVPClock): what is left is the probe's own work
@@ -199,7 +216,7 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         per_metric.clear()
         last_prof = cProfile.Profile() if profile_rows and i == repeat - 1 else None  # the steady probe's costs
         history = MemoryHistory(device) if memory_history and cuda and i == repeat - 1 else contextlib.nullcontext()
-        with HVPClock(device) as clock, history:
+        with HVPClock(device) as clock, history, CallTimers(time_calls) as timers:
             if last_prof is not None:
                 last_prof.enable()
             pinned = pinned_counts()
@@ -216,7 +233,8 @@ def measure_model(name: str, dtype_name: str, metrics: tuple[str, ...], device, 
         record = probe.records[-1]
         later = {"probe_seconds": seconds, "probe_hvps": record["cost"]["hvps"], "probe_hvp_seconds": clock.seconds,
                  "peak_mib": record["cost"].get("peak_mib"), "errors": record.get("errors"), "metrics": {},
-                 "pinned": pinned, "gaps_ms": span_gaps(clock.spans, t_start, t_end)}
+                 "pinned": pinned, "gaps_ms": span_gaps(clock.spans, t_start, t_end),
+                 "calls_ms": timers.report()}
         for mname, m in per_metric.items():
             out = m["seconds"] - m["hvp_seconds"] - m["build_seconds"]
             later["metrics"][mname] = {**m, "outside_seconds": out,
@@ -454,6 +472,9 @@ def main() -> None:
                          "host memory (lean); plan: as the memory plan decides")
     ap.add_argument("--memory-history", action="store_true",
                     help="models: what is live at the last probe's peak, by where it was allocated (CUDA)")
+    ap.add_argument("--time-calls", default="", metavar="MODULE:ATTR,...",
+                    help="models: host seconds and calls of these geomprobe functions in each probe, e.g. "
+                         "linalg.lanczos:start_basis,linalg.sketched_gram:SketchedGram.measure")
     ap.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=JSON",
                     help="set a geomprobe module constant before running (A/B runs), e.g. "
                          "linalg.sketched_gram.POOLED=false")
@@ -496,7 +517,8 @@ def main() -> None:
                     r = measure_model(name, dt, metrics, args.device, out_dir, args.noise_batches, ratio,
                                       json.loads(args.metric_options) if args.metric_options else None,
                                       profile_rows=args.profile, repeat=args.repeat,
-                                      memory_history=args.memory_history)
+                                      memory_history=args.memory_history,
+                                      time_calls=[c for c in args.time_calls.split(",") if c])
                 except Exception as e:  # keep the other models' figures
                     r = {"model": name, "dtype": dt, "failed": f"{type(e).__name__}: {e}",
                          "trace": traceback.format_exc()[-2000:]}

@@ -5,10 +5,12 @@ CPU MLP, the token batches, and the timers of HVPs, peaks and profiles."""
 from __future__ import annotations
 
 import cProfile
+import importlib
 import os
 import pstats
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -163,6 +165,47 @@ def profile_rows_of(prof: cProfile.Profile, rows: int, callers_of: int = 8) -> d
         callers[e[0]] = [{"caller": name(k), "calls": v[1], "own_s": round(v[2], 4)}
                          for k, v in sorted(by.items(), key=lambda kv: -kv[1][2])[:6]]
     return {"by_own": pick(2), "by_cumulative": pick(3), "callers": callers}
+
+
+class CallTimers:
+    """Host seconds and calls of named functions while in a ``with`` (each ``"module:attr"`` or
+    ``"module:Class.attr"`` under ``geomprobe``, replaced by a timing wrapper and put back after): where a probe's
+    time outside its products goes, without a profiler's own cost."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = list(names)
+        self.totals: dict[str, list] = {}
+        self._undo: list = []
+
+    def __enter__(self):
+        for name in self.names:
+            mod, attr = name.split(":")
+            owner = importlib.import_module(f"geomprobe.{mod}")
+            *path, last = attr.split(".")
+            for p in path:
+                owner = getattr(owner, p)
+            fn = getattr(owner, last)
+            tally = self.totals.setdefault(name, [0.0, 0])
+
+            def timed(*a, _fn=fn, _tally=tally, **k):
+                t0 = time.perf_counter()
+                try:
+                    return _fn(*a, **k)
+                finally:
+                    _tally[0] += time.perf_counter() - t0
+                    _tally[1] += 1
+
+            setattr(owner, last, timed)
+            self._undo.append((owner, last, fn))
+        return self
+
+    def __exit__(self, *exc):
+        for owner, last, fn in reversed(self._undo):
+            setattr(owner, last, fn)
+        self._undo = []
+
+    def report(self) -> dict:
+        return {k: {"ms": round(v[0] * 1e3, 1), "calls": v[1]} for k, v in self.totals.items()}
 
 
 def span_gaps(spans: list[tuple[float, float]], t0: float, t1: float) -> dict:
