@@ -21,3 +21,12 @@ for lp in r.get('later_probes', []):
     print('later gaps', lp.get('gaps_ms'))
     for k, v in lp.get('calls_ms', {}).items(): print('  ', k, v)
 "
+# page-locked blocks backed by transparent huge pages: the driver pins 2 MiB pages (registration time per block in
+# pinned ahead_seconds; the first probe's products and gaps)
+S="benchmarks/scale.py --repeat 2 --set linalg.pinned_memory.HUGE_PAGES=true" run 200 llama_1b_bf16_huge llama-1b:bf16:spectrum 10
+python3 -c "
+import json; d=json.load(open('$OUT/llama_1b_bf16_huge.json')); r=d['results'][0]
+print('thp', d['environment'].get('transparent_huge_pages'), 'first', round(r['probe_hvp_seconds'], 2), 'hvp s', 'gaps', r.get('gaps_ms'), 'pinned', r.get('pinned'))
+for lp in r.get('later_probes', []): print('later gaps', lp.get('gaps_ms'), round(lp['probe_hvp_seconds'], 2))
+"
+summary

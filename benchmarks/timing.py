@@ -46,6 +46,7 @@ def environment(device) -> dict:
         import geomprobe
 
         info["geomprobe"] = geomprobe.__version__
+        info["transparent_huge_pages"] = geomprobe.linalg.host_blocks.thp_mode()
     except ImportError:  # pragma: no cover
         pass
     return info

@@ -39,7 +39,8 @@ import torch
 from .size_pool import SizePool, physical_bytes
 
 __all__ = [
-    "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "accelerator_in_use", "advise_huge_pages", "free_core",
+    "HUGE_PAGE", "THP_ENABLED", "RowPrefetcher", "accelerator_in_use", "advise_huge_pages", "advise_huge_range",
+    "free_core",
     "keep_released", "kept_bytes", "map_anonymous", "release_kept", "unmap_now_or_beside",
     "host_block", "populate", "populate_wanted", "populated_ahead", "prefetch_wanted", "thp_mode",
 ]
@@ -229,9 +230,20 @@ def advise_huge_pages(t: torch.Tensor, mode: str | None = None) -> bool:
         return True
     if mode != "madvise" or not HUGE_PAGES:
         return False
+    return advise_huge_range(t.data_ptr(), t.numel() * t.element_size(), mode)
+
+
+def advise_huge_range(addr: int, nbytes: int, mode: str | None = None) -> bool:
+    """``madvise(MADV_HUGEPAGE)`` on the 2 MiB-aligned part of ``[addr, addr + nbytes)`` (memory not yet touched)
+    where the kernel's mode (:func:`thp_mode`, or ``mode``) is ``"madvise"``, whatever :data:`HUGE_PAGES` says
+    (the caller decided); True also for mode ``"always"``, where nothing needs asking. Changes no value."""
+    mode = thp_mode() if mode is None else mode
+    if mode == "always":
+        return True
     fn = _madvise()
-    start, length = _span(t, HUGE_PAGE)
-    if fn is None or length == 0:
+    start = -(-addr // HUGE_PAGE) * HUGE_PAGE
+    length = max(0, (addr + nbytes) // HUGE_PAGE * HUGE_PAGE - start)
+    if mode != "madvise" or fn is None or length == 0:
         return False
     return fn(start, length, MADV_HUGEPAGE) == 0
 
