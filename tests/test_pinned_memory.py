@@ -203,3 +203,44 @@ def test_a_lean_plan_warms_its_first_row_block_before_the_graph_is_built(monkeyp
     assert asked == [min(krylov_basis.LanczosBasis.BLOCK, krylov_basis.LanczosBasis.PIN_BLOCK_BYTES // row) * row]
     big = 2**29  # 4 GiB float64 rows: one row a block
     assert krylov_basis.warm_lean_rows(big, torch.float64) and asked[-1] == big * 8
+
+
+def test_a_runs_first_sketch_store_is_the_block_mapped_while_the_landscape_built(fake_driver, monkeypatch):
+    # a half-precision run on an accelerator keeps its sketches page-locked: the store's first block is mapped
+    # ahead (warm_store, beside the Landscape's build) and taken from the pool, no registration on the run's thread
+    from geomprobe.linalg import sketched_gram
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    dim = 1 << 20
+    size = sketched_gram.sketch_size(dim)
+    nbytes = sketched_gram.STORE_ROWS * 2 * size * 4
+    assert not sketched_gram.warm_store(dim, torch.float32)  # float32 runs keep no sketches
+    assert sketched_gram.warm_store(dim, torch.bfloat16)
+    pinned_memory._wait_warming(nbytes)
+    assert [n for _, n in fake_driver["register"]] == [nbytes]
+    addr = fake_driver["register"][0][0]
+    gram = sketched_gram.SketchedGram(dim)
+    gram._room(pin=True)
+    assert gram._rows.data_ptr() == addr and gram._rows.shape == (sketched_gram.STORE_ROWS, 2, size)
+    assert len(fake_driver["register"]) == 1 and pinned_memory.pool_stats()["reused"] == 1
+    monkeypatch.setattr(sketched_gram, "POOLED", False)  # torch's allocator instead (here: no CUDA, plain memory)
+    assert not sketched_gram.warm_store(dim, torch.bfloat16)
+    other = sketched_gram.SketchedGram(dim)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    other._room(pin=True)
+    assert other._rows.shape == (sketched_gram.STORE_ROWS, 2, size) and len(fake_driver["register"]) == 1
+
+
+def test_huge_pages_for_a_page_locked_block_are_asked_before_its_pages_exist(fake_driver, monkeypatch):
+    from geomprobe.linalg import host_blocks
+
+    order = []
+    monkeypatch.setattr(host_blocks, "advise_huge_range", lambda addr, n, mode=None: order.append(("advise", n)))
+    monkeypatch.setattr(pinned_memory, "_populate", lambda addr, n: order.append(("populate", n)))
+    monkeypatch.setattr(pinned_memory, "HUGE_PAGES", True)
+    t = pinned_memory.pinned_empty((1 << 20,), torch.float32)
+    assert t is not None and order == [("advise", 4 << 20), ("populate", 4 << 20)]
+    monkeypatch.setattr(pinned_memory, "HUGE_PAGES", False)  # the default: the kernel's own choice
+    order.clear()
+    assert pinned_memory.pinned_empty((1 << 19,), torch.float32) is not None
+    assert order == [("populate", 2 << 20)]
