@@ -262,3 +262,24 @@ def test_on_a_gpu_the_products_run_there_and_agree_with_the_hosts():
     assert np.allclose(est, host_est.numpy(), rtol=1e-4, atol=1e-6)
     assert np.allclose(bound, np.abs(host_est.numpy()) + gram.z * np.sqrt(host_var.numpy()), rtol=1e-4, atol=1e-6)
     assert (np.abs(truth) <= bound).all()
+
+
+def test_the_warm_up_measurement_uses_the_runs_kernels_and_measures_right():
+    # what warm_store runs beside a Landscape's build: a real measurement whose bound covers the known product
+    from geomprobe.linalg.sketched_gram import SKETCH_MIN, small_measurement, warm_store
+
+    for dtype in (torch.bfloat16, torch.float16):
+        est, bound = small_measurement(torch.device("cpu"), dtype)
+        assert est.shape == (1,) and np.isfinite(est).all() and abs(2 * SKETCH_MIN) <= bound[0]
+        assert abs(est[0] - 2 * SKETCH_MIN) < 0.2 * 2 * SKETCH_MIN
+    assert not warm_store(1 << 20, torch.float32, "cpu")  # float32 runs keep no sketches: nothing to warm
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_the_warm_up_runs_on_the_gpu_beside_the_caller():
+    from geomprobe.linalg.sketched_gram import small_measurement, warm_store
+
+    assert warm_store(1 << 20, torch.bfloat16, "cuda")
+    est, bound = small_measurement(torch.device("cuda"), torch.bfloat16)
+    assert np.isfinite(est).all() and bound[0] >= 2048

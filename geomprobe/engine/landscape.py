@@ -247,9 +247,10 @@ class Landscape(BatchProducts):
         self._graphs: list[list[torch.Tensor | None] | None] = []
         self._versions = [p._version for p in self.params]
         if self.plan is not None and self.plan.working_vectors in LEAN_MODES and self.device.type == "cuda":
-            # a lean run's first page-locked row, mapped while the graph builds; more rows warmed here took the 1.1B
-            # Llama's bf16 build from 3.1 to 10.3 s (registration contends with its copies; RESULTS.md section 6)
-            warm_lean_rows(self.dim, self.dtype)
+            # a lean run's first page-locked row (and its sketches' store and kernels), mapped and loaded while the
+            # graph builds; more rows warmed here took the 1.1B Llama's bf16 build from 3.1 to 10.3 s
+            # (registration contends with its copies; RESULTS.md section 6)
+            warm_lean_rows(self.dim, self.dtype, self.device)
         try:
             self._build()
         except Exception as e:

@@ -244,15 +244,16 @@ def _host_step(w: torch.Tensor, basis: LanczosBasis, cur: torch.Tensor, prev: to
     return w, coeffs, beta
 
 
-def warm_lean_rows(dim: int, dtype: torch.dtype) -> bool:
+def warm_lean_rows(dim: int, dtype: torch.dtype, device: torch.device | str | None = None) -> bool:
     """Start mapping, on a background thread, the page-locked block in which an offloaded or lean basis of
     ``dim``-vectors of ``dtype`` stores its first rows (:func:`.pinned_memory.warm`): a Landscape whose plan runs
     its Lanczos vectors lean calls it before building its graph, so the first probe's first row is ready when its
-    run starts; and the block of the run's first sketch store, where it keeps sketches
-    (:func:`.sketched_gram.warm_store`). False where nothing starts (a small block, CUDA not in use, one pooled or
-    warming already)."""
-    store = warm_store(dim, dtype)
-    return warm(LanczosBasis.offloaded_block_rows(dim, dtype) * dim * torch.empty(0, dtype=dtype).element_size()) or store
+    run starts; and, where the run keeps sketches, its first sketch store's block and the sketch's kernels on the
+    compute ``device`` (:func:`.sketched_gram.warm_store`). False where nothing starts (a small block, CUDA not in
+    use, one pooled or warming already)."""
+    store = warm_store(dim, dtype, device)
+    row_bytes = dim * torch.empty(0, dtype=dtype).element_size()
+    return warm(LanczosBasis.offloaded_block_rows(dim, dtype) * row_bytes) or store
 
 
 class LanczosMemory(NamedTuple):

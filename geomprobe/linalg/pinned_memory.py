@@ -38,9 +38,12 @@ EXACT_FROM_BYTES = 64 << 20  # below this torch's rounding wastes little and its
 POOL_FRACTION = 0.5  # of the host's physical memory, at most, kept locked in the pool between requests
 POPULATE_THREADS = 8  # threads faulting a new block's pages in before it is registered
 ENABLED = True  # False: every request answers None (the callers' torch route; benchmarks compare the two)
-# True: a new block asks for transparent huge pages before its pages are faulted in (host_blocks.advise_huge_range),
-# so that the driver pins 2 MiB pages instead of 4 KiB ones. Off unless measured to help on the host at hand.
-HUGE_PAGES = False
+# A new block asks for transparent huge pages before its pages are faulted in (host_blocks.advise_huge_range), so
+# that the driver pins 2 MiB pages instead of 4 KiB ones: on an H200's host (mode "madvise") a 2.2 GB row took
+# 0.40 s to map and register against 0.79-1.32 s, and the 1.1B Llama's first bf16 spectrum, whose products run
+# beside those registrations, 20.8 s against 25.8-28.5 s (benchmarks/RESULTS.md section 6, twenty-fourth round).
+# (Pageable basis rows keep host_blocks.HUGE_PAGES, off: measured slower on a virtual machine's CPU host.)
+HUGE_PAGES = True
 
 _lock = threading.Lock()
 _stats = {"mapped": 0, "reused": 0, "released": 0, "refused": 0, "warmed": 0, "live_bytes": 0}
