@@ -6,9 +6,10 @@ A lean 1B spectrum of ten rows spent ~50 s of its first probe there (75.8 s agai
 which found the blocks in torch's cache; benchmarks/RESULTS.md §6), and afterwards torch's cache held ~80 GB of
 locked host memory.
 
-Here a block of :data:`EXACT_FROM_BYTES` or more is an anonymous mapping of its own size, its pages faulted in on
-several threads at once (``MADV_POPULATE_WRITE`` over slices), then registered with the driver
-(``cudaHostRegister``). When the last view of a block dies it goes back to a pool keyed by its size, where the
+Here a block of :data:`EXACT_FROM_BYTES` or more is an anonymous mapping of its own size, backed by transparent
+huge pages where the kernel grants them (:data:`HUGE_PAGES`: the driver then pins 2 MiB pages, about twice as fast),
+its pages faulted in on several threads at once (``MADV_POPULATE_WRITE`` over slices), then registered with the
+driver (``cudaHostRegister``). When the last view of a block dies it goes back to a pool keyed by its size, where the
 next request of that size takes it without a driver call (a probe in a training loop asks for the same sizes each
 time); past :data:`POOL_FRACTION` of the host's memory a released block is unregistered and unmapped instead.
 :func:`release_pool` empties the pool (``GeometryProbe.close`` calls it).
