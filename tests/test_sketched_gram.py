@@ -275,11 +275,30 @@ def test_the_warm_up_measurement_uses_the_runs_kernels_and_measures_right():
     assert not warm_store(1 << 20, torch.float32, "cpu")  # float32 runs keep no sketches: nothing to warm
 
 
+def test_the_kernels_are_loaded_once_a_process_for_each_device_and_type(monkeypatch):
+    import threading
+
+    import geomprobe.linalg.sketched_gram as sg
+
+    loads = []
+    monkeypatch.setattr(sg, "_load_kernels", lambda device, dtype: loads.append((str(device), dtype)))
+    monkeypatch.setattr(sg, "_LOADED", set())
+    monkeypatch.setattr(sg, "POOLED", False)  # the store's block aside: only the kernels start anything here
+    before = set(threading.enumerate())
+    assert sg.warm_store(1 << 20, torch.bfloat16, "cuda:0")
+    assert not sg.warm_store(1 << 20, torch.bfloat16, "cuda:0")  # loaded already: nothing starts
+    assert sg.warm_store(1 << 20, torch.float16, "cuda:0")  # another type's kernels
+    assert not sg.warm_store(1 << 20, torch.bfloat16, None) and not sg.warm_store(1 << 20, torch.bfloat16, "cpu")
+    for t in set(threading.enumerate()) - before:
+        t.join()
+    assert sorted(loads, key=str) == sorted([("cuda:0", torch.bfloat16), ("cuda:0", torch.float16)], key=str)
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_the_warm_up_runs_on_the_gpu_beside_the_caller():
     from geomprobe.linalg.sketched_gram import small_measurement, warm_store
 
-    assert warm_store(1 << 20, torch.bfloat16, "cuda")
+    warm_store(1 << 20, torch.bfloat16, "cuda")
     est, bound = small_measurement(torch.device("cuda"), torch.bfloat16)
     assert np.isfinite(est).all() and bound[0] >= 2048

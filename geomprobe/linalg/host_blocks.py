@@ -207,13 +207,15 @@ def thp_mode(path: str = THP_ENABLED) -> str:
     return text[start + 1 : end] if 0 <= start < end else "unavailable"
 
 
+def _aligned(addr: int, nbytes: int, align: int) -> tuple[int, int]:
+    """The ``align``-aligned part ``(start, length)`` of ``[addr, addr + nbytes)`` (length 0 if none)."""
+    start = -(-addr // align) * align
+    return start, max(0, (addr + nbytes) // align * align - start)
+
+
 def _span(t: torch.Tensor, align: int) -> tuple[int, int]:
     """The ``align``-aligned part ``(start, length)`` of the memory of contiguous ``t`` (length 0 if none)."""
-    a = t.data_ptr()
-    n = t.numel() * t.element_size()
-    start = -(-a // align) * align
-    end = (a + n) // align * align
-    return start, max(0, end - start)
+    return _aligned(t.data_ptr(), t.numel() * t.element_size(), align)
 
 
 def advise_huge_pages(t: torch.Tensor, mode: str | None = None) -> bool:
@@ -241,8 +243,7 @@ def advise_huge_range(addr: int, nbytes: int, mode: str | None = None) -> bool:
     if mode == "always":
         return True
     fn = _madvise()
-    start = -(-addr // HUGE_PAGE) * HUGE_PAGE
-    length = max(0, (addr + nbytes) // HUGE_PAGE * HUGE_PAGE - start)
+    start, length = _aligned(addr, nbytes, HUGE_PAGE)
     if mode != "madvise" or fn is None or length == 0:
         return False
     return fn(start, length, MADV_HUGEPAGE) == 0

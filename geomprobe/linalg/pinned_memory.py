@@ -41,8 +41,9 @@ POPULATE_THREADS = 8  # threads faulting a new block's pages in before it is reg
 ENABLED = True  # False: every request answers None (the callers' torch route; benchmarks compare the two)
 # A new block asks for transparent huge pages before its pages are faulted in (host_blocks.advise_huge_range), so
 # that the driver pins 2 MiB pages instead of 4 KiB ones: on an H200's host (mode "madvise") a 2.2 GB row took
-# 0.40 s to map and register against 0.79-1.32 s, and the 1.1B Llama's first bf16 spectrum, whose products run
-# beside those registrations, 20.8 s against 25.8-28.5 s (benchmarks/RESULTS.md section 6, twenty-fourth round).
+# 0.40-0.66 s to map and register against 0.79-0.98 s, and the ten products of the 1.1B Llama's first bf16
+# spectrum, which run beside those registrations, 16.0-17.4 s against 19.8-21.6 s (benchmarks/RESULTS.md section 6,
+# twenty-fourth round).
 # (Pageable basis rows keep host_blocks.HUGE_PAGES, off: measured slower on a virtual machine's CPU host.)
 HUGE_PAGES = True
 

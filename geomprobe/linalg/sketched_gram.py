@@ -69,21 +69,28 @@ def _store_bytes(size: int, rows: int = STORE_ROWS) -> int:
     return rows * 2 * size * 4
 
 
+_LOADED: set = set()  # (device, dtype) whose sketch kernels a warm-up thread has loaded in this process
+
+
 def warm_store(dim: int, dtype: torch.dtype, device: torch.device | str | None = None) -> bool:
     """Start mapping the page-locked block of the first sketch store of a run over ``dim``-vectors of ``dtype`` on a
     background thread (:func:`.pinned_memory.warm`), where such a run keeps sketches (a half-precision type, long
     enough vectors) and the block is large enough to pool; and, with a CUDA ``device``, sketch a small vector of
-    ``dtype`` there on another thread, so that the kernels a sketch and its measurement launch are loaded before
-    the run's first one (the 1.1B Llama's first bf16 probe: ~0.8 s more in its first measurements than a later
-    probe's). A Landscape whose Lanczos vectors live in host memory calls it before its build. False where
-    nothing starts."""
+    ``dtype`` there on another thread (once a process for each device and type), so that the kernels a sketch and
+    its measurement launch are loaded before the run's first one (the 1.1B Llama's first bf16 probe: ~0.8 s more
+    in its first measurements than a later probe's). A Landscape whose Lanczos vectors live in host memory calls
+    it before its build. False where nothing starts."""
     size = sketch_size(dim)
     if dtype not in HALF_TYPES or size is None:
         return False
-    kernels = device is not None and torch.device(device).type == "cuda"
-    if kernels:
-        threading.Thread(target=_load_kernels, args=(torch.device(device), dtype), daemon=True,
-                         name="geomprobe-sketch-warm").start()
+    kernels = False
+    if device is not None and torch.device(device).type == "cuda":
+        key = (str(torch.device(device)), dtype)
+        kernels = key not in _LOADED  # once a process: loaded kernels stay loaded
+        if kernels:
+            _LOADED.add(key)
+            threading.Thread(target=_load_kernels, args=(torch.device(device), dtype), daemon=True,
+                             name="geomprobe-sketch-warm").start()
     return (POOLED and warm(_store_bytes(size))) or kernels
 
 
